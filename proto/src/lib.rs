@@ -1,0 +1,60 @@
+//! `claw-proto`: the `claw.v1` API shared by every Claw component.
+//!
+//! - [`v1`]: code generated from `proto/claw/v1/*.proto` (messages, tonic
+//!   clients and servers).
+//! - [`validate`]: field validation of backends, pools, client keys and agents.
+//!   The control plane enforces it; `clawctl apply --dry-run` runs the same code.
+//! - [`active_hours`]: the `HH:MM-HH:MM` active window of an agent.
+//! - [`redact`]: masking of provider keys and the hand-written `Debug` of every
+//!   message that carries a secret.
+//! - [`serde_fmt`]: how enums and timestamps look in `-o json|yaml`.
+//!
+//! This crate does no I/O.
+
+pub mod active_hours;
+pub mod redact;
+pub mod serde_fmt;
+pub mod validate;
+
+/// Generated `claw.v1` messages and services.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("claw.v1");
+
+    /// Encoded file descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("claw_descriptor");
+}
+
+pub use v1::Pool;
+
+impl Pool {
+    /// The name operators type and read: `primary` or `fallback`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Primary | Pool::Unspecified => "primary",
+            Pool::Fallback => "fallback",
+        }
+    }
+
+    /// Parses `primary` / `fallback` (case-insensitive).
+    pub fn parse(s: &str) -> Option<Pool> {
+        match s.to_ascii_lowercase().as_str() {
+            "primary" => Some(Pool::Primary),
+            "fallback" => Some(Pool::Fallback),
+            _ => None,
+        }
+    }
+}
+
+impl v1::ChangeAction {
+    /// Lowercase name: `create`, `update`, `delete`, `unchanged`.
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::ChangeAction::Unspecified => "unspecified",
+            v1::ChangeAction::Create => "create",
+            v1::ChangeAction::Update => "update",
+            v1::ChangeAction::Delete => "delete",
+            v1::ChangeAction::Unchanged => "unchanged",
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Secrets never reach logs: provider keys are shown masked, and every message
+//! that can carry a plaintext secret has a hand-written `Debug` that redacts it.
+
+use std::fmt;
+
+use crate::v1;
+
+/// Masks a provider key the way operators recognise it: `sk-abc…wxyz`.
+/// Short keys are fully hidden so the mask never reveals most of a key.
+pub fn mask_key(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.is_empty() {
+        return String::new();
+    }
+    if chars.len() < 12 {
+        return "…".to_string();
+    }
+    let head: String = chars[..6].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+const REDACTED: &str = "<redacted>";
+
+fn redacted(present: bool) -> &'static str {
+    if present { REDACTED } else { "" }
+}
+
+impl fmt::Debug for v1::Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("label", &self.label)
+            .field("base_url", &self.base_url)
+            .field("api_key", &redacted(!self.api_key.is_empty()))
+            .field("pool", &self.pool)
+            .field("rpm", &self.rpm)
+            .field("tpm", &self.tpm)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("weight", &self.weight)
+            .field("enabled", &self.enabled)
+            .field("models", &self.models)
+            .field("status", &self.status)
+            .field("api_key_ref", &self.api_key_ref)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::UpdateBackendRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpdateBackendRequest")
+            .field("backend", &self.backend)
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("pool", &self.pool)
+            .field("rpm", &self.rpm)
+            .field("tpm", &self.tpm)
+            .field("enabled", &self.enabled)
+            .field("replace_models", &self.replace_models)
+            .field("models", &self.models)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::RotateMasterKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateMasterKeyRequest")
+            .field("new_master_key", &redacted(!self.new_master_key.is_empty()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreateClientKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateClientKeyResponse")
+            .field("key", &self.key)
+            .field("secret", &redacted(!self.secret.is_empty()))
+            .field("config_version", &self.config_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreatedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedSecret")
+            .field("name", &self.name)
+            .field("secret", &redacted(!self.secret.is_empty()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::SnapshotBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotBackend")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &redacted(!self.api_key.is_empty()))
+            .field("pool", &self.pool)
+            .field("rpm", &self.rpm)
+            .field("tpm", &self.tpm)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("weight", &self.weight)
+            .field("enabled", &self.enabled)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_shows_only_the_ends() {
+        assert_eq!(mask_key("sk-abcdefghijklmnwxyz"), "sk-abc…wxyz");
+        assert_eq!(mask_key("short"), "…");
+        assert_eq!(mask_key(""), "");
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let secret = "sk-live-verysecretvalue-1234";
+        let b = v1::Backend {
+            api_key: secret.into(),
+            ..Default::default()
+        };
+        let s = v1::SnapshotBackend {
+            api_key: secret.into(),
+            ..Default::default()
+        };
+        let u = v1::UpdateBackendRequest {
+            api_key: Some(secret.into()),
+            ..Default::default()
+        };
+        let r = v1::RotateMasterKeyRequest {
+            new_master_key: secret.into(),
+        };
+        let c = v1::CreateBackendRequest {
+            backend: Some(b.clone()),
+        };
+        for out in [
+            format!("{b:?}"),
+            format!("{s:?}"),
+            format!("{u:?}"),
+            format!("{r:?}"),
+            format!("{c:?}"),
+            format!("{b:#?}"),
+        ] {
+            assert!(!out.contains("verysecret"), "leaked in {out}");
+        }
+    }
+}

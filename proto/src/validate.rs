@@ -1,0 +1,491 @@
+//! Validation of configuration resources, shared by the control plane (which
+//! enforces it) and `clawctl` (which runs it before sending, e.g. for
+//! `apply --dry-run`). Each error names the field it is about.
+//!
+//! `normalize_*` fill in defaults first; `validate_*` then check the result.
+
+use std::collections::HashSet;
+
+use crate::Pool;
+use crate::active_hours::ActiveHours;
+use crate::v1::{Agent, Backend, ClientKey, ModelMapping, PoolSettings};
+
+/// A field that failed validation, e.g. `rpm: must be > 0`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Proto field path (`models[1].canonical`, `backends[0].rpm`).
+    pub field: String,
+    /// What is wrong, for humans.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the field path, e.g. `rpm` becomes `backends[2].rpm`.
+    pub fn within(mut self, prefix: &str) -> Self {
+        self.field = format!("{prefix}.{}", self.field);
+        self
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, FieldError>;
+
+/// Largest accepted checklist, in bytes.
+pub const MAX_CHECKLIST_BYTES: usize = 64 * 1024;
+/// Largest accepted prompt override, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Default heartbeat interval: 30 minutes.
+pub const DEFAULT_INTERVAL_SECONDS: u64 = 30 * 60;
+/// Longest heartbeat interval: 7 days.
+pub const MAX_INTERVAL_SECONDS: u64 = 7 * 24 * 3600;
+/// Default upstream timeout of a backend.
+pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 120_000;
+/// Prefix of server-assigned backend ids.
+pub const BACKEND_ID_PREFIX: &str = "be_";
+/// Prefix of server-assigned client key ids.
+pub const CLIENT_KEY_ID_PREFIX: &str = "ck_";
+
+/// Names of backends, client keys and agent ids: an ASCII letter or digit,
+/// then letters, digits, `.`, `_`, `-`; at most 63 characters.
+pub fn name(field: &str, value: &str) -> Result {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    if value.len() > 63 {
+        return Err(FieldError::new(field, "must be at most 63 characters"));
+    }
+    let mut bytes = value.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !first_ok || !rest_ok {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{value:?} must start with a letter or digit and contain only letters, digits, '.', '_' and '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An `http` or `https` URL with a host and no embedded credentials.
+pub fn http_url(field: &str, value: &str) -> Result {
+    let url = url::Url::parse(value)
+        .map_err(|e| FieldError::new(field, format!("{value:?} is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(FieldError::new(
+            field,
+            format!("scheme must be http or https, got {:?}", url.scheme()),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(FieldError::new(field, "must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(FieldError::new(
+            field,
+            "must not embed credentials; give the API key separately",
+        ));
+    }
+    Ok(())
+}
+
+/// An IANA time zone name known to the bundled tz database.
+pub fn timezone(field: &str, value: &str) -> Result<jiff::tz::TimeZone> {
+    jiff::tz::TimeZone::get(value)
+        .map_err(|_| FieldError::new(field, format!("unknown IANA time zone {value:?}")))
+}
+
+/// Parses an active window; empty means always active.
+pub fn active_hours(field: &str, value: &str) -> Result<Option<ActiveHours>> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse::<ActiveHours>()
+        .map(Some)
+        .map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+fn max_len(field: &str, value: &str, max: usize) -> Result {
+    if value.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn model_name(field: &str, value: &str) -> Result {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    max_len(field, value, 256)?;
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(
+            field,
+            format!("{value:?} must not contain whitespace"),
+        ));
+    }
+    Ok(())
+}
+
+fn cost(field: &str, value: f64) -> Result {
+    if !value.is_finite() || value < 0.0 {
+        return Err(FieldError::new(field, "must be a finite number >= 0"));
+    }
+    Ok(())
+}
+
+/// Fills in backend defaults: primary pool, weight 1, timeout, native id =
+/// canonical name.
+pub fn normalize_backend(b: &mut Backend) {
+    b.name = b.name.trim().to_string();
+    b.base_url = b.base_url.trim().trim_end_matches('/').to_string();
+    if b.pool == Pool::Unspecified as i32 {
+        b.pool = Pool::Primary as i32;
+    }
+    if b.weight == 0 {
+        b.weight = 1;
+    }
+    if b.timeout_ms == 0 {
+        b.timeout_ms = DEFAULT_BACKEND_TIMEOUT_MS;
+    }
+    for m in &mut b.models {
+        m.canonical = m.canonical.trim().to_string();
+        m.native = m.native.trim().to_string();
+        if m.native.is_empty() {
+            m.native = m.canonical.clone();
+        }
+    }
+}
+
+/// Validates one model mapping.
+pub fn validate_model_mapping(m: &ModelMapping) -> Result {
+    model_name("canonical", &m.canonical)?;
+    model_name("native", &m.native)?;
+    cost("input_cost_per_token", m.input_cost_per_token)?;
+    cost("output_cost_per_token", m.output_cost_per_token)?;
+    cost("cache_read_cost_per_token", m.cache_read_cost_per_token)?;
+    cost("cache_write_cost_per_token", m.cache_write_cost_per_token)?;
+    Ok(())
+}
+
+/// Validates a (normalized) backend. `require_key` is true on create.
+pub fn validate_backend(b: &Backend, require_key: bool) -> Result {
+    name("name", &b.name)?;
+    if b.name.starts_with(BACKEND_ID_PREFIX) {
+        return Err(FieldError::new(
+            "name",
+            format!("must not start with {BACKEND_ID_PREFIX:?} (reserved for ids)"),
+        ));
+    }
+    max_len("label", &b.label, 256)?;
+    http_url("base_url", &b.base_url)?;
+    if require_key && b.api_key.is_empty() {
+        return Err(FieldError::new("api_key", "is required"));
+    }
+    api_key("api_key", &b.api_key)?;
+    max_len("api_key_ref", &b.api_key_ref, 1024)?;
+    match Pool::try_from(b.pool) {
+        Ok(Pool::Primary | Pool::Fallback) => {}
+        _ => return Err(FieldError::new("pool", "must be primary or fallback")),
+    }
+    if b.rpm == 0 {
+        return Err(FieldError::new("rpm", "must be > 0"));
+    }
+    if b.tpm == Some(0) {
+        return Err(FieldError::new(
+            "tpm",
+            "must be > 0 when set (leave it unset for no limit)",
+        ));
+    }
+    if !(100..=3_600_000).contains(&b.timeout_ms) {
+        return Err(FieldError::new(
+            "timeout_ms",
+            "must be between 100 ms and 1 hour",
+        ));
+    }
+    if b.weight > 1000 {
+        return Err(FieldError::new("weight", "must be between 1 and 1000"));
+    }
+    let mut seen = HashSet::new();
+    for (i, m) in b.models.iter().enumerate() {
+        validate_model_mapping(m).map_err(|e| e.within(&format!("models[{i}]")))?;
+        if !seen.insert(m.canonical.as_str()) {
+            return Err(FieldError::new(
+                format!("models[{i}].canonical"),
+                format!("{:?} is mapped twice", m.canonical),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A provider key: printable, no whitespace, at most 4 KiB. Empty is allowed
+/// here (it means "unchanged" on update); creation checks presence.
+pub fn api_key(field: &str, value: &str) -> Result {
+    max_len(field, value, 4096)?;
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        // Never echo the value: it is a secret.
+        return Err(FieldError::new(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Default settings of a pool.
+pub fn default_pool_settings(pool: Pool) -> PoolSettings {
+    PoolSettings {
+        pool: pool as i32,
+        cooldown_base_ms: 5_000,
+        cooldown_max_ms: 300_000,
+        exponential: true,
+        emergency_fraction: 0.05,
+        max_retries: 2,
+        queue_depth: 256,
+        queue_timeout_ms: 30_000,
+        request_timeout_ms: 600_000,
+    }
+}
+
+/// Validates pool settings.
+pub fn validate_pool_settings(p: &PoolSettings) -> Result {
+    match Pool::try_from(p.pool) {
+        Ok(Pool::Primary | Pool::Fallback) => {}
+        _ => return Err(FieldError::new("pool", "must be primary or fallback")),
+    }
+    if p.cooldown_base_ms == 0 {
+        return Err(FieldError::new("cooldown_base_ms", "must be > 0"));
+    }
+    if p.cooldown_max_ms < p.cooldown_base_ms {
+        return Err(FieldError::new(
+            "cooldown_max_ms",
+            "must be >= cooldown_base_ms",
+        ));
+    }
+    if p.cooldown_max_ms > 24 * 3_600_000 {
+        return Err(FieldError::new(
+            "cooldown_max_ms",
+            "must be at most 24 hours",
+        ));
+    }
+    if !p.emergency_fraction.is_finite() || !(0.0..=1.0).contains(&p.emergency_fraction) {
+        return Err(FieldError::new(
+            "emergency_fraction",
+            "must be between 0 and 1",
+        ));
+    }
+    if p.max_retries > 10 {
+        return Err(FieldError::new("max_retries", "must be at most 10"));
+    }
+    if p.queue_depth > 100_000 {
+        return Err(FieldError::new("queue_depth", "must be at most 100000"));
+    }
+    if p.request_timeout_ms == 0 || p.request_timeout_ms > 3_600_000 {
+        return Err(FieldError::new(
+            "request_timeout_ms",
+            "must be between 1 ms and 1 hour",
+        ));
+    }
+    if p.queue_timeout_ms > p.request_timeout_ms {
+        return Err(FieldError::new(
+            "queue_timeout_ms",
+            "must be <= request_timeout_ms",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a client key description.
+pub fn validate_client_key(k: &ClientKey) -> Result {
+    name("name", &k.name)?;
+    if k.name.starts_with(CLIENT_KEY_ID_PREFIX) {
+        return Err(FieldError::new(
+            "name",
+            format!("must not start with {CLIENT_KEY_ID_PREFIX:?} (reserved for ids)"),
+        ));
+    }
+    for (i, m) in k.models.iter().enumerate() {
+        model_name(&format!("models[{i}]"), m)?;
+    }
+    Ok(())
+}
+
+/// Fills in agent defaults: name = id, 30-minute interval, UTC.
+pub fn normalize_agent(a: &mut Agent) {
+    a.id = a.id.trim().to_string();
+    a.active_hours = a.active_hours.trim().to_string();
+    a.timezone = a.timezone.trim().to_string();
+    if a.name.trim().is_empty() {
+        a.name = a.id.clone();
+    }
+    if a.interval_seconds == 0 {
+        a.interval_seconds = DEFAULT_INTERVAL_SECONDS;
+    }
+    if a.timezone.is_empty() {
+        a.timezone = "UTC".to_string();
+    }
+}
+
+/// Validates a (normalized) agent.
+pub fn validate_agent(a: &Agent) -> Result {
+    name("id", &a.id)?;
+    max_len("name", &a.name, 256)?;
+    model_name("model", &a.model)?;
+    if a.interval_seconds == 0 || a.interval_seconds > MAX_INTERVAL_SECONDS {
+        return Err(FieldError::new(
+            "interval_seconds",
+            "must be between 1 second and 7 days",
+        ));
+    }
+    active_hours("active_hours", &a.active_hours)?;
+    timezone("timezone", &a.timezone)?;
+    max_len("checklist", &a.checklist, MAX_CHECKLIST_BYTES)?;
+    if !a.webhook_url.is_empty() {
+        http_url("webhook_url", &a.webhook_url)?;
+    }
+    max_len("pause_note", &a.pause_note, 1024)?;
+    max_len("prompt", &a.prompt, MAX_PROMPT_BYTES)?;
+    if a.run_timeout_seconds > 24 * 3600 {
+        return Err(FieldError::new(
+            "run_timeout_seconds",
+            "must be at most 24 hours",
+        ));
+    }
+    if a.catch_up_seconds > MAX_INTERVAL_SECONDS {
+        return Err(FieldError::new(
+            "catch_up_seconds",
+            "must be at most 7 days",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Backend {
+        let mut b = Backend {
+            name: "openai-1".into(),
+            base_url: "https://api.example.com/v1/".into(),
+            api_key: "sk-test-1234567890".into(),
+            rpm: 60,
+            models: vec![ModelMapping {
+                canonical: "gpt-4o".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        normalize_backend(&mut b);
+        b
+    }
+
+    #[test]
+    fn normalized_backend_is_valid_with_defaults() {
+        let b = backend();
+        assert_eq!(validate_backend(&b, true), Ok(()));
+        assert_eq!(b.base_url, "https://api.example.com/v1");
+        assert_eq!(b.models[0].native, "gpt-4o");
+        assert_eq!(b.pool, Pool::Primary as i32);
+    }
+
+    #[test]
+    fn backend_errors_name_the_field() {
+        let field = |f: fn(&mut Backend)| {
+            let mut b = backend();
+            f(&mut b);
+            validate_backend(&b, true).expect_err("invalid").field
+        };
+        assert_eq!(field(|b| b.rpm = 0), "rpm");
+        assert_eq!(field(|b| b.base_url = "ftp://x".into()), "base_url");
+        assert_eq!(field(|b| b.base_url = "https://u:p@x".into()), "base_url");
+        assert_eq!(field(|b| b.name = "bad name".into()), "name");
+        assert_eq!(field(|b| b.name = "be_123".into()), "name");
+        assert_eq!(field(|b| b.api_key = String::new()), "api_key");
+        assert_eq!(field(|b| b.pool = 7), "pool");
+        assert_eq!(field(|b| b.tpm = Some(0)), "tpm");
+        assert_eq!(
+            field(|b| b.models[0].input_cost_per_token = -1.0),
+            "models[0].input_cost_per_token"
+        );
+        assert_eq!(
+            field(|b| b.models.push(b.models[0].clone())),
+            "models[1].canonical"
+        );
+    }
+
+    #[test]
+    fn agent_validation() {
+        let mut a = Agent {
+            id: "a1".into(),
+            model: "gpt-4o".into(),
+            ..Default::default()
+        };
+        normalize_agent(&mut a);
+        assert_eq!(validate_agent(&a), Ok(()));
+        assert_eq!(a.timezone, "UTC");
+        assert_eq!(a.interval_seconds, DEFAULT_INTERVAL_SECONDS);
+        let bad = |f: fn(&mut Agent)| {
+            let mut b = a.clone();
+            f(&mut b);
+            validate_agent(&b).expect_err("invalid").field
+        };
+        assert_eq!(bad(|a| a.timezone = "Mars/Olympus".into()), "timezone");
+        assert_eq!(
+            bad(|a| a.active_hours = "09:00-09:00".into()),
+            "active_hours"
+        );
+        assert_eq!(
+            bad(|a| a.active_hours = "25:00-26:00".into()),
+            "active_hours"
+        );
+        assert_eq!(bad(|a| a.webhook_url = "ftp://x".into()), "webhook_url");
+        assert_eq!(
+            bad(|a| a.checklist = "x".repeat(MAX_CHECKLIST_BYTES + 1)),
+            "checklist"
+        );
+        assert_eq!(bad(|a| a.model = String::new()), "model");
+        assert!(
+            validate_agent(&Agent {
+                timezone: "Asia/Shanghai".into(),
+                ..a.clone()
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn pool_settings_validation() {
+        let p = default_pool_settings(Pool::Primary);
+        assert_eq!(validate_pool_settings(&p), Ok(()));
+        let bad = PoolSettings {
+            emergency_fraction: 1.5,
+            ..p
+        };
+        assert_eq!(
+            validate_pool_settings(&bad).expect_err("invalid").field,
+            "emergency_fraction"
+        );
+        let bad = PoolSettings {
+            cooldown_max_ms: 1,
+            ..p
+        };
+        assert_eq!(
+            validate_pool_settings(&bad).expect_err("invalid").field,
+            "cooldown_max_ms"
+        );
+    }
+}
