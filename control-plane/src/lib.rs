@@ -1,0 +1,1 @@
+//! Claw Gateway control plane (being built).

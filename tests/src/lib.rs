@@ -1,0 +1,1 @@
+//! Claw Gateway cross-process test harness (being built).
