@@ -1,1 +1,28 @@
-//! Claw Gateway control plane (being built).
+//! `claw-control-plane`: the Claw Gateway control plane. It owns the
+//! configuration (backends, pools, client keys, agents) and its secrets, and
+//! serves the `claw.v1` gRPC admin API that `clawctl` talks to.
+//!
+//! Modules, from the edge inwards:
+//!
+//! - [`config`]: the typed [`Config`] (data dir, master key, tokens), parsed
+//!   once in `main`.
+//! - [`server`]: [`server::run`] wires everything on already-bound gRPC and
+//!   HTTP listeners and shuts down gracefully.
+//! - [`api`]: one file per gRPC service, the bearer-token [`api::auth`]
+//!   interceptor, and the single `CatalogError` → `tonic::Status` conversion.
+//! - [`http`]: `/healthz` and `/metrics` on the HTTP listener.
+//! - [`metrics`]: metric names, the Prometheus recorder and the gRPC
+//!   request-metrics layer.
+//! - [`proxies`]: the in-memory registry of connected data-plane proxies.
+//! - [`catalog`]: typed, versioned, durable configuration: validation,
+//!   uniqueness, config version bumps, apply/export, master key rotation.
+//! - [`crypto`]: the master key and AES-256-GCM-SIV sealing of secrets.
+//! - [`store`]: the small engine-agnostic storage trait and its sled
+//!   implementation.
+
+pub mod catalog;
+pub mod config;
+pub mod crypto;
+pub mod store;
+
+pub use config::Config;

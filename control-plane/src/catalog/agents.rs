@@ -1,0 +1,343 @@
+//! Agents: caller-chosen unique ids, a display name (not unique) and the
+//! heartbeat schedule.
+
+use claw_proto::v1::{Agent, UpdateAgentRequest};
+use claw_proto::validate::{self, FieldError};
+
+use super::records::{self, AgentRecord, FieldDiff};
+use super::{Catalog, CatalogError, Result};
+use crate::store::{Tree, Txn};
+
+const KIND: &str = "agent";
+
+/// Clears output-only fields of a spec before storing it.
+pub(super) fn storable_spec(mut a: Agent) -> Agent {
+    a.created_at = None;
+    a.updated_at = None;
+    a
+}
+
+/// The configuration fields in which two (normalized) agents differ.
+pub(super) fn diff(old: &Agent, new: &Agent) -> FieldDiff {
+    let mut d = FieldDiff::default();
+    d.check("name", &old.name, &new.name);
+    d.check("model", &old.model, &new.model);
+    d.check(
+        "interval_seconds",
+        &old.interval_seconds,
+        &new.interval_seconds,
+    );
+    d.check("active_hours", &old.active_hours, &new.active_hours);
+    d.check("timezone", &old.timezone, &new.timezone);
+    d.check("checklist", &old.checklist, &new.checklist);
+    d.check("webhook_url", &old.webhook_url, &new.webhook_url);
+    d.check("enabled", &old.enabled, &new.enabled);
+    d.check("pause_note", &old.pause_note, &new.pause_note);
+    d.check("prompt", &old.prompt, &new.prompt);
+    d.check(
+        "run_timeout_seconds",
+        &old.run_timeout_seconds,
+        &new.run_timeout_seconds,
+    );
+    d.check(
+        "catch_up_seconds",
+        &old.catch_up_seconds,
+        &new.catch_up_seconds,
+    );
+    d
+}
+
+/// Writes an agent inside a transaction; `is_new` enforces id uniqueness.
+pub(super) fn put(txn: &dyn Txn, rec: &AgentRecord, is_new: bool) -> Result<()> {
+    let spec = rec.spec.as_ref().ok_or_else(missing_spec)?;
+    if is_new && txn.get(Tree::Agents, spec.id.as_bytes())?.is_some() {
+        return Err(CatalogError::exists(
+            "id",
+            format!("agent {:?} already exists", spec.id),
+        ));
+    }
+    txn.insert(Tree::Agents, spec.id.as_bytes(), &records::encode(rec))?;
+    Ok(())
+}
+
+/// Removes an agent inside a transaction.
+pub(super) fn remove(txn: &dyn Txn, id: &str) -> Result<()> {
+    txn.remove(Tree::Agents, id.as_bytes())?;
+    Ok(())
+}
+
+fn missing_spec() -> CatalogError {
+    CatalogError::Corrupt("agent record without a spec".into())
+}
+
+/// The API view of a record.
+pub(super) fn view(rec: &AgentRecord) -> Result<Agent> {
+    let mut a = rec.spec.clone().ok_or_else(missing_spec)?;
+    a.created_at = records::timestamp(rec.created_at_ms);
+    a.updated_at = records::timestamp(rec.updated_at_ms);
+    Ok(a)
+}
+
+/// Normalizes and validates an agent.
+pub(super) fn check(a: &mut Agent) -> Result<()> {
+    validate::normalize_agent(a);
+    validate::validate_agent(a).map_err(CatalogError::invalid)
+}
+
+impl Catalog {
+    /// Every agent, ordered by id.
+    pub fn list_agents(&self) -> Result<Vec<Agent>> {
+        // The tree is keyed by id, so the scan is already in id order.
+        self.agent_records()?.iter().map(view).collect()
+    }
+
+    /// Every agent record, for the heartbeat scheduler.
+    pub fn agent_records(&self) -> Result<Vec<AgentRecord>> {
+        self.scan_records(Tree::Agents)
+    }
+
+    /// One agent by id or, failing that, by its (unambiguous) name.
+    pub fn get_agent(&self, ident: &str) -> Result<Agent> {
+        view(&self.load_agent(ident)?)
+    }
+
+    /// Stores a new agent with defaults filled in.
+    pub async fn create_agent(&self, mut a: Agent) -> Result<(Agent, u64)> {
+        check(&mut a)?;
+        let guard = self.lock().await;
+        let now = records::now_ms();
+        let rec = AgentRecord {
+            spec: Some(storable_spec(a)),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let (_, version) = self
+            .commit(&guard, |txn| {
+                put(txn, &rec, true)?;
+                Ok(((), true))
+            })
+            .await?;
+        Ok((view(&rec)?, version))
+    }
+
+    /// Patches an agent with the fields set in `req`, then validates it.
+    pub async fn update_agent(&self, req: UpdateAgentRequest) -> Result<(Agent, u64)> {
+        let guard = self.lock().await;
+        let old = self.load_agent(&req.agent)?;
+        let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
+        let mut a = patch(old_spec.clone(), &req);
+        check(&mut a)?;
+        self.store_agent_change(&guard, old, &old_spec, a).await
+    }
+
+    /// Enables or pauses an agent. Pausing records `pause_note`; enabling
+    /// clears it.
+    pub async fn set_agent_enabled(
+        &self,
+        ident: &str,
+        enabled: bool,
+        pause_note: &str,
+    ) -> Result<(Agent, u64)> {
+        let guard = self.lock().await;
+        let old = self.load_agent(ident)?;
+        let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
+        let mut a = old_spec.clone();
+        a.enabled = enabled;
+        a.pause_note = if enabled {
+            String::new()
+        } else {
+            pause_note.trim().to_string()
+        };
+        check(&mut a)?;
+        self.store_agent_change(&guard, old, &old_spec, a).await
+    }
+
+    /// Deletes an agent by id or name.
+    pub async fn delete_agent(&self, ident: &str) -> Result<u64> {
+        let guard = self.lock().await;
+        let rec = self.load_agent(ident)?;
+        let id = rec.spec.map(|s| s.id).unwrap_or_default();
+        let (_, version) = self
+            .commit(&guard, |txn| {
+                remove(txn, &id)?;
+                Ok(((), true))
+            })
+            .await?;
+        Ok(version)
+    }
+
+    /// Number of agents.
+    pub fn agent_count(&self) -> Result<usize> {
+        Ok(self.store.len(Tree::Agents)?)
+    }
+
+    async fn store_agent_change(
+        &self,
+        guard: &tokio::sync::MutexGuard<'_, ()>,
+        old: AgentRecord,
+        old_spec: &Agent,
+        new: Agent,
+    ) -> Result<(Agent, u64)> {
+        if diff(old_spec, &new).is_empty() {
+            return Ok((view(&old)?, self.config_version()));
+        }
+        let rec = AgentRecord {
+            spec: Some(storable_spec(new)),
+            created_at_ms: old.created_at_ms,
+            updated_at_ms: records::now_ms(),
+        };
+        let (_, version) = self
+            .commit(guard, |txn| {
+                put(txn, &rec, false)?;
+                Ok(((), true))
+            })
+            .await?;
+        Ok((view(&rec)?, version))
+    }
+
+    fn load_agent(&self, ident: &str) -> Result<AgentRecord> {
+        let ident = ident.trim();
+        if ident.is_empty() {
+            return Err(CatalogError::invalid(FieldError::new(
+                "agent",
+                "is required (an id or a name)",
+            )));
+        }
+        if let Some(raw) = self.store.get(Tree::Agents, ident.as_bytes())? {
+            return records::decode(Tree::Agents, &raw);
+        }
+        // Names are not unique: accept one only when it is unambiguous.
+        let mut matches = self
+            .agent_records()?
+            .into_iter()
+            .filter(|r| r.spec.as_ref().is_some_and(|s| s.name == ident));
+        match (matches.next(), matches.next()) {
+            (Some(rec), None) => Ok(rec),
+            (Some(_), Some(_)) => Err(CatalogError::invalid(FieldError::new(
+                "agent",
+                format!("name {ident:?} matches several agents; use the agent id"),
+            ))),
+            (None, _) => Err(CatalogError::not_found(KIND, ident)),
+        }
+    }
+}
+
+/// Applies the set fields of an update request to a stored spec.
+fn patch(mut a: Agent, req: &UpdateAgentRequest) -> Agent {
+    let set = |slot: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            slot.clone_from(v);
+        }
+    };
+    set(&mut a.name, &req.name);
+    set(&mut a.model, &req.model);
+    set(&mut a.active_hours, &req.active_hours);
+    set(&mut a.timezone, &req.timezone);
+    set(&mut a.checklist, &req.checklist);
+    set(&mut a.webhook_url, &req.webhook_url);
+    set(&mut a.pause_note, &req.pause_note);
+    set(&mut a.prompt, &req.prompt);
+    if let Some(v) = req.interval_seconds {
+        a.interval_seconds = v;
+    }
+    if let Some(v) = req.enabled {
+        a.enabled = v;
+    }
+    if let Some(v) = req.run_timeout_seconds {
+        a.run_timeout_seconds = v;
+    }
+    if let Some(v) = req.catch_up_seconds {
+        a.catch_up_seconds = v;
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    fn agent(id: &str) -> Agent {
+        Agent {
+            id: id.into(),
+            model: "gpt-4o".into(),
+            enabled: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn create_with_defaults_and_duplicate_ids() {
+        let (_dir, c) = catalog().await;
+        let (a, _) = c.create_agent(agent("a1")).await.expect("create");
+        assert_eq!((a.name.as_str(), a.timezone.as_str()), ("a1", "UTC"));
+        assert_eq!(a.interval_seconds, validate::DEFAULT_INTERVAL_SECONDS);
+        let err = c.create_agent(agent("a1")).await.expect_err("dup");
+        assert_eq!(err.to_string(), r#"id: agent "a1" already exists"#);
+    }
+
+    #[tokio::test]
+    async fn invalid_agents_name_the_field_and_store_nothing() {
+        let (_dir, c) = catalog().await;
+        let cases: [(&str, fn(&mut Agent)); 4] = [
+            ("timezone", |a| a.timezone = "Mars/Olympus".into()),
+            ("active_hours", |a| a.active_hours = "09:00-09:00".into()),
+            ("active_hours", |a| a.active_hours = "25:00-26:00".into()),
+            ("webhook_url", |a| a.webhook_url = "not a url".into()),
+        ];
+        for (field, f) in cases {
+            let mut a = agent("a1");
+            f(&mut a);
+            let err = c.create_agent(a).await.expect_err("invalid");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+        }
+        assert_eq!(c.agent_count().expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn update_pause_and_lookup_by_name() {
+        let (_dir, c) = catalog().await;
+        let mut a = agent("a1");
+        a.name = "Alice".into();
+        c.create_agent(a).await.expect("create");
+        c.create_agent(agent("a2")).await.expect("create");
+        let (u, v) = c
+            .update_agent(UpdateAgentRequest {
+                agent: "Alice".into(),
+                active_hours: Some("22:00-06:00".into()),
+                timezone: Some("Asia/Shanghai".into()),
+                ..Default::default()
+            })
+            .await
+            .expect("update");
+        assert_eq!(
+            (u.id.as_str(), u.active_hours.as_str()),
+            ("a1", "22:00-06:00")
+        );
+        let (p, v2) = c
+            .set_agent_enabled("a1", false, "maintenance")
+            .await
+            .expect("pause");
+        assert_eq!(
+            (p.enabled, p.pause_note.as_str(), v2),
+            (false, "maintenance", v + 1)
+        );
+        let (e, _) = c
+            .set_agent_enabled("a1", true, "ignored")
+            .await
+            .expect("enable");
+        assert_eq!((e.enabled, e.pause_note.as_str()), (true, ""));
+        let ids: Vec<_> = c
+            .list_agents()
+            .expect("list")
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(ids, ["a1", "a2"]);
+        c.delete_agent("Alice").await.expect("delete");
+        assert_eq!(
+            c.get_agent("a1").expect_err("gone").to_string(),
+            r#"agent "a1" not found"#
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! Client keys: the bearer secrets clients present to the proxies. The server
+//! generates each secret (`claw-` + 43 base64url characters from 32 random
+//! bytes), returns it once, and stores only its SHA-256 (indexed, so a proxy
+//! can authenticate by hash) and a short prefix for recognition.
+
+use base64::Engine as _;
+use claw_proto::v1::ClientKey;
+use claw_proto::validate::{self, CLIENT_KEY_ID_PREFIX};
+use rand::RngCore as _;
+
+use super::records::{self, ClientKeyRecord, FieldDiff};
+use super::{Catalog, CatalogError, Result};
+use crate::crypto::sha256_hex;
+use crate::store::{Tree, Txn};
+
+const KIND: &str = "client key";
+/// Every client key secret starts with this, so leaked keys are greppable.
+pub const SECRET_PREFIX: &str = "claw-";
+/// How many leading characters of a secret are kept as its `prefix`.
+pub const PREFIX_LEN: usize = 12;
+
+/// A freshly generated client key secret with what is stored about it.
+pub(super) struct NewSecret {
+    /// The secret; returned to the caller once, never stored.
+    pub secret: String,
+    /// Lowercase hex SHA-256 of the secret.
+    pub sha256: String,
+    /// The first [`PREFIX_LEN`] characters.
+    pub prefix: String,
+}
+
+pub(super) fn generate_secret() -> NewSecret {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = format!(
+        "{SECRET_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    NewSecret {
+        sha256: sha256_hex(secret.as_bytes()),
+        prefix: secret.chars().take(PREFIX_LEN).collect(),
+        secret,
+    }
+}
+
+/// Cleans a requested key: server-owned fields cleared, name trimmed.
+pub(super) fn normalize(k: &mut ClientKey) {
+    k.id.clear();
+    k.prefix.clear();
+    k.created_at = None;
+    k.internal = false;
+    k.name = k.name.trim().to_string();
+    for m in &mut k.models {
+        *m = m.trim().to_string();
+    }
+}
+
+/// The configuration fields in which two keys differ.
+pub(super) fn diff(old: &ClientKey, new: &ClientKey) -> FieldDiff {
+    let mut d = FieldDiff::default();
+    d.check("models", &old.models, &new.models);
+    d.check("rpm", &old.rpm, &new.rpm);
+    d
+}
+
+/// Builds the record of a new key with a fresh id and secret.
+pub(super) fn new_record(mut spec: ClientKey, now: i64) -> (ClientKeyRecord, String) {
+    let s = generate_secret();
+    spec.id = super::new_id(CLIENT_KEY_ID_PREFIX);
+    spec.prefix = s.prefix;
+    let rec = ClientKeyRecord {
+        spec: Some(spec),
+        secret_sha256: s.sha256,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    (rec, s.secret)
+}
+
+/// Writes a key and its indexes inside a transaction; `is_new` enforces name
+/// uniqueness and indexes the hash.
+pub(super) fn put(txn: &dyn Txn, rec: &ClientKeyRecord, is_new: bool) -> Result<()> {
+    let spec = rec.spec.as_ref().ok_or_else(missing_spec)?;
+    if is_new {
+        if txn
+            .get(Tree::ClientKeyNames, spec.name.as_bytes())?
+            .is_some()
+        {
+            return Err(CatalogError::exists(
+                "name",
+                format!("client key {:?} already exists", spec.name),
+            ));
+        }
+        txn.insert(
+            Tree::ClientKeyNames,
+            spec.name.as_bytes(),
+            spec.id.as_bytes(),
+        )?;
+        txn.insert(
+            Tree::ClientKeyHashes,
+            rec.secret_sha256.as_bytes(),
+            spec.id.as_bytes(),
+        )?;
+    }
+    txn.insert(Tree::ClientKeys, spec.id.as_bytes(), &records::encode(rec))?;
+    Ok(())
+}
+
+/// Removes a key and its indexes inside a transaction.
+pub(super) fn remove(txn: &dyn Txn, rec: &ClientKeyRecord) -> Result<()> {
+    let spec = rec.spec.as_ref().ok_or_else(missing_spec)?;
+    txn.remove(Tree::ClientKeys, spec.id.as_bytes())?;
+    txn.remove(Tree::ClientKeyNames, spec.name.as_bytes())?;
+    txn.remove(Tree::ClientKeyHashes, rec.secret_sha256.as_bytes())?;
+    Ok(())
+}
+
+fn missing_spec() -> CatalogError {
+    CatalogError::Corrupt("client key record without a spec".into())
+}
+
+/// The API view of a record (never the secret or its hash).
+pub(super) fn view(rec: &ClientKeyRecord) -> Result<ClientKey> {
+    let mut k = rec.spec.clone().ok_or_else(missing_spec)?;
+    k.created_at = records::timestamp(rec.created_at_ms);
+    Ok(k)
+}
+
+impl Catalog {
+    /// Every client key, ordered by name.
+    pub fn list_client_keys(&self) -> Result<Vec<ClientKey>> {
+        let mut out = self
+            .client_key_records()?
+            .iter()
+            .map(view)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Every client key record (with secret hashes), for snapshot building.
+    pub fn client_key_records(&self) -> Result<Vec<ClientKeyRecord>> {
+        self.scan_records(Tree::ClientKeys)
+    }
+
+    /// One client key by id or name.
+    pub fn get_client_key(&self, ident: &str) -> Result<ClientKey> {
+        view(&self.load_client_key(ident)?)
+    }
+
+    /// The key whose secret hashes to `sha256_hex`, if any.
+    pub fn client_key_by_hash(&self, sha256_hex: &str) -> Result<Option<ClientKey>> {
+        match self
+            .store
+            .get(Tree::ClientKeyHashes, sha256_hex.as_bytes())?
+        {
+            Some(id) => {
+                let id = String::from_utf8_lossy(&id).into_owned();
+                let rec: ClientKeyRecord = self.load(Tree::ClientKeys, KIND, &id)?;
+                Ok(Some(view(&rec)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Creates a key and returns it with its secret, which is not stored and
+    /// cannot be shown again.
+    pub async fn create_client_key(&self, mut k: ClientKey) -> Result<(ClientKey, String, u64)> {
+        normalize(&mut k);
+        validate::validate_client_key(&k).map_err(CatalogError::invalid)?;
+        let guard = self.lock().await;
+        let (rec, secret) = new_record(k, records::now_ms());
+        let (_, version) = self
+            .commit(&guard, |txn| {
+                put(txn, &rec, true)?;
+                Ok(((), true))
+            })
+            .await?;
+        Ok((view(&rec)?, secret, version))
+    }
+
+    /// Revokes a key by id or name. Internal keys belong to the control plane
+    /// and cannot be deleted this way.
+    pub async fn delete_client_key(&self, ident: &str) -> Result<u64> {
+        let guard = self.lock().await;
+        let rec = self.load_client_key(ident)?;
+        if rec.spec.as_ref().is_some_and(|s| s.internal) {
+            return Err(CatalogError::FailedPrecondition(format!(
+                "client key {:?} is internal to the control plane and cannot be deleted",
+                ident.trim()
+            )));
+        }
+        let (_, version) = self
+            .commit(&guard, |txn| {
+                remove(txn, &rec)?;
+                Ok(((), true))
+            })
+            .await?;
+        Ok(version)
+    }
+
+    /// Number of client keys (internal ones included).
+    pub fn client_key_count(&self) -> Result<usize> {
+        Ok(self.store.len(Tree::ClientKeys)?)
+    }
+
+    pub(super) fn load_client_key(&self, ident: &str) -> Result<ClientKeyRecord> {
+        let id = self.resolve_id(Tree::ClientKeys, Tree::ClientKeyNames, KIND, ident)?;
+        self.load(Tree::ClientKeys, KIND, &id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    #[tokio::test]
+    async fn secret_is_returned_once_and_only_its_hash_is_stored() {
+        let (_dir, c) = catalog().await;
+        let (k, secret, v) = c
+            .create_client_key(ClientKey {
+                name: "app".into(),
+                models: vec!["gpt-4o".into()],
+                rpm: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+        assert_eq!(v, c.config_version());
+        assert!(k.id.starts_with("ck_") && k.id.len() == 19);
+        assert!(
+            secret.starts_with("claw-") && secret.len() == 48,
+            "{secret}"
+        );
+        assert_eq!(k.prefix, &secret[..PREFIX_LEN]);
+        let by_hash = c
+            .client_key_by_hash(&sha256_hex(secret.as_bytes()))
+            .expect("lookup")
+            .expect("found");
+        assert_eq!(by_hash.id, k.id);
+        for (_, raw) in c.store.scan(Tree::ClientKeys).expect("scan") {
+            assert!(!String::from_utf8_lossy(&raw).contains(&secret[5..]));
+        }
+        assert_eq!(c.get_client_key("app").expect("by name").id, k.id);
+        assert_eq!(c.get_client_key(&k.id).expect("by id").name, "app");
+
+        let err = c
+            .create_client_key(ClientKey {
+                name: "app".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("dup");
+        assert_eq!(err.to_string(), r#"name: client key "app" already exists"#);
+
+        c.delete_client_key("app").await.expect("delete");
+        assert!(
+            c.client_key_by_hash(&sha256_hex(secret.as_bytes()))
+                .expect("lookup")
+                .is_none()
+        );
+        assert_eq!(c.list_client_keys().expect("list").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_keys_name_the_field() {
+        let (_dir, c) = catalog().await;
+        let err = c
+            .create_client_key(ClientKey {
+                name: "ck_x".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("reserved");
+        assert!(err.to_string().starts_with("name: "));
+        assert_eq!(c.client_key_count().expect("count"), 0);
+    }
+}

@@ -1,0 +1,154 @@
+//! The storage engine behind the catalog, reduced to what we need: point
+//! reads, ordered scans, multi-tree transactions and a durable flush.
+//!
+//! The trait is deliberately small and engine-agnostic so that sled (the only
+//! implementation today, in [`sled`]) can be swapped. Keys and values are
+//! bytes; typing lives one layer up, in [`crate::catalog`].
+//!
+//! A new kind of data (usage buckets, cooldown events, heartbeat runs) gets a
+//! new [`Tree`] variant and nothing else.
+
+pub mod sled;
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+
+/// The trees (tables) of the store. Each resource has one tree keyed by id,
+/// plus index trees that map a unique attribute to the id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tree {
+    /// Schema version, config version, master key id.
+    Meta,
+    /// Backend id → backend record.
+    Backends,
+    /// Backend name → backend id (uniqueness of names).
+    BackendNames,
+    /// Pool name (`primary`, `fallback`) → pool settings record.
+    Pools,
+    /// Client key id → client key record.
+    ClientKeys,
+    /// Client key name → client key id.
+    ClientKeyNames,
+    /// Lowercase hex SHA-256 of a client key secret → client key id.
+    ClientKeyHashes,
+    /// Agent id → agent record.
+    Agents,
+}
+
+impl Tree {
+    /// Every tree, in a fixed order.
+    pub const ALL: [Tree; 8] = [
+        Tree::Meta,
+        Tree::Backends,
+        Tree::BackendNames,
+        Tree::Pools,
+        Tree::ClientKeys,
+        Tree::ClientKeyNames,
+        Tree::ClientKeyHashes,
+        Tree::Agents,
+    ];
+
+    /// The trees holding configuration; configuration transactions span
+    /// these.
+    pub const CONFIG: [Tree; 8] = Tree::ALL;
+
+    /// The on-disk name of the tree. Never change one: it is the schema.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Meta => "meta",
+            Tree::Backends => "backends",
+            Tree::BackendNames => "backend_names",
+            Tree::Pools => "pools",
+            Tree::ClientKeys => "client_keys",
+            Tree::ClientKeyNames => "client_key_names",
+            Tree::ClientKeyHashes => "client_key_hashes",
+            Tree::Agents => "agents",
+        }
+    }
+}
+
+/// A failure of the storage engine.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine reported an error (I/O, corruption, ...).
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    /// A concurrent transaction conflicted; the engine retries the closure.
+    /// Callers of [`Store::transaction`] never see it.
+    #[error("transaction conflict")]
+    Conflict,
+    /// A transaction touched a tree it did not declare (a programming error).
+    #[error("tree {0:?} is not part of this transaction")]
+    TreeNotInTransaction(Tree),
+}
+
+/// Returned by a transaction body to make the engine roll back.
+#[derive(Debug, Clone, Copy)]
+pub struct Rollback;
+
+/// Reads and writes inside a transaction. Writes become visible atomically
+/// when the transaction commits, and not at all if it rolls back.
+pub trait Txn {
+    /// Reads a key (sees this transaction's own writes).
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes a key.
+    fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Removes a key, returning the old value.
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// A transaction body as the engine sees it: it may run more than once (on
+/// conflicts), so it must not have side effects outside the transaction.
+pub type TxnBody<'a> = dyn Fn(&dyn Txn) -> Result<(), Rollback> + 'a;
+
+/// A boxed future, to keep [`Store`] object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A key-value storage engine with named trees.
+pub trait Store: Send + Sync + 'static {
+    /// Reads one key.
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every entry of a tree in key order.
+    fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Number of entries in a tree.
+    fn len(&self, tree: Tree) -> Result<usize, StoreError>;
+    /// Runs `body` atomically over `trees`. Returns `Ok(true)` when it
+    /// committed and `Ok(false)` when the body rolled back.
+    fn transaction(&self, trees: &[Tree], body: &TxnBody<'_>) -> Result<bool, StoreError>;
+    /// Makes every committed write durable.
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Whether the engine answers reads (for `/healthz`).
+    fn check(&self) -> Result<(), StoreError> {
+        self.get(Tree::Meta, b"schema_version").map(|_| ())
+    }
+}
+
+impl dyn Store {
+    /// Runs a typed transaction: `body` returns a value or an error of the
+    /// caller's type; an error rolls everything back and is returned as is.
+    pub fn transact<T, E>(
+        &self,
+        trees: &[Tree],
+        body: impl Fn(&dyn Txn) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        // The engine may run the body several times; keep the last outcome.
+        let outcome: RefCell<Option<Result<T, E>>> = RefCell::new(None);
+        let committed = self.transaction(trees, &|txn| {
+            let result = body(txn);
+            let failed = result.is_err();
+            *outcome.borrow_mut() = Some(result);
+            if failed { Err(Rollback) } else { Ok(()) }
+        })?;
+        match outcome.into_inner() {
+            Some(result) => {
+                debug_assert_eq!(committed, result.is_ok());
+                result
+            }
+            None => Err(StoreError::Engine("transaction body never ran".into()).into()),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! [`Store`] on sled 0.34: one sled tree per [`Tree`], multi-tree
+//! transactions through sled's `Transactional` impl for slices of trees.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::Path;
+
+use sled::Transactional as _;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+
+use super::{BoxFuture, Rollback, Store, StoreError, Tree, Txn, TxnBody};
+
+/// The sled-backed store. Cheap to share behind an `Arc`.
+pub struct SledStore {
+    db: sled::Db,
+    trees: HashMap<Tree, sled::Tree>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+fn engine(e: sled::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`. The directory is created
+    /// with mode 0700 when missing: it holds encrypted secrets and hashes.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        create_private_dir(dir)
+            .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", dir.display())))?;
+        let mut trees = HashMap::new();
+        for t in Tree::ALL {
+            trees.insert(t, db.open_tree(t.name()).map_err(engine)?);
+        }
+        Ok(SledStore { db, trees })
+    }
+
+    fn tree(&self, t: Tree) -> Result<&sled::Tree, StoreError> {
+        self.trees
+            .get(&t)
+            .ok_or(StoreError::TreeNotInTransaction(t))
+    }
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+/// The view a transaction body gets: sled's transactional trees, plus a flag
+/// recording whether sled reported a conflict (so the body's error is turned
+/// back into a retry rather than a rollback).
+struct SledTxn<'a> {
+    trees: &'a [Tree],
+    views: &'a [TransactionalTree],
+    conflict: Cell<bool>,
+}
+
+impl SledTxn<'_> {
+    fn view(&self, tree: Tree) -> Result<&TransactionalTree, StoreError> {
+        self.trees
+            .iter()
+            .position(|t| *t == tree)
+            .and_then(|i| self.views.get(i))
+            .ok_or(StoreError::TreeNotInTransaction(tree))
+    }
+
+    fn map(&self, e: UnabortableTransactionError) -> StoreError {
+        match e {
+            UnabortableTransactionError::Conflict => {
+                self.conflict.set(true);
+                StoreError::Conflict
+            }
+            UnabortableTransactionError::Storage(e) => engine(e),
+        }
+    }
+}
+
+impl Txn for SledTxn<'_> {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.view(tree)?.get(key).map_err(|e| self.map(e))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.view(tree)?
+            .insert(key, value)
+            .map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.view(tree)?.remove(key).map_err(|e| self.map(e))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let v = self.tree(tree)?.get(key).map_err(engine)?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.tree(tree)?
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn len(&self, tree: Tree) -> Result<usize, StoreError> {
+        Ok(self.tree(tree)?.len())
+    }
+
+    fn transaction(&self, trees: &[Tree], body: &TxnBody<'_>) -> Result<bool, StoreError> {
+        let sled_trees = trees
+            .iter()
+            .map(|t| self.tree(*t).cloned())
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = sled_trees
+            .as_slice()
+            .transaction(|views: &Vec<TransactionalTree>| {
+                let txn = SledTxn {
+                    trees,
+                    views,
+                    conflict: Cell::new(false),
+                };
+                match body(&txn) {
+                    Ok(()) => Ok(()),
+                    Err(Rollback) if txn.conflict.get() => {
+                        Err(ConflictableTransactionError::Conflict)
+                    }
+                    Err(Rollback) => Err(ConflictableTransactionError::Abort(())),
+                }
+            });
+        match result {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(engine(e)),
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.db.flush_async().await.map_err(engine)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        (dir, store)
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum TestError {
+        #[error("store: {0}")]
+        Store(#[from] StoreError),
+        #[error("abort")]
+        Abort,
+    }
+
+    #[test]
+    fn transactions_are_atomic_across_trees() {
+        let (_dir, s) = store();
+        let s: &dyn Store = &s;
+        let r: Result<(), TestError> = s.transact(&[Tree::Backends, Tree::BackendNames], |t| {
+            t.insert(Tree::Backends, b"be_1", b"record")?;
+            t.insert(Tree::BackendNames, b"b1", b"be_1")?;
+            Err(TestError::Abort)
+        });
+        assert!(matches!(r, Err(TestError::Abort)));
+        assert_eq!(s.get(Tree::Backends, b"be_1").expect("get"), None);
+        assert_eq!(s.get(Tree::BackendNames, b"b1").expect("get"), None);
+
+        let v: Result<u32, TestError> = s.transact(&[Tree::Backends, Tree::BackendNames], |t| {
+            t.insert(Tree::Backends, b"be_1", b"record")?;
+            t.insert(Tree::BackendNames, b"b1", b"be_1")?;
+            // Reads see the transaction's own writes.
+            assert_eq!(t.get(Tree::Backends, b"be_1")?, Some(b"record".to_vec()));
+            Ok(7)
+        });
+        assert_eq!(v.expect("committed"), 7);
+        assert_eq!(
+            s.get(Tree::BackendNames, b"b1").expect("get"),
+            Some(b"be_1".to_vec())
+        );
+        assert_eq!(s.len(Tree::Backends).expect("len"), 1);
+        assert_eq!(s.scan(Tree::Backends).expect("scan").len(), 1);
+    }
+
+    #[test]
+    fn undeclared_trees_are_refused() {
+        let (_dir, s) = store();
+        let s: &dyn Store = &s;
+        let r: Result<(), TestError> =
+            s.transact(&[Tree::Meta], |t| Ok(t.insert(Tree::Agents, b"a", b"b")?));
+        assert!(matches!(
+            r,
+            Err(TestError::Store(StoreError::TreeNotInTransaction(
+                Tree::Agents
+            )))
+        ));
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        {
+            let s = SledStore::open(&path).expect("open");
+            let d: &dyn Store = &s;
+            let r: Result<(), StoreError> =
+                d.transact(&[Tree::Meta], |t| t.insert(Tree::Meta, b"k", b"v"));
+            r.expect("commit");
+            s.flush().await.expect("flush");
+        }
+        let s = SledStore::open(&path).expect("reopen");
+        assert_eq!(s.get(Tree::Meta, b"k").expect("get"), Some(b"v".to_vec()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+}
