@@ -1,0 +1,261 @@
+//! `clawctl agent add|list|get|update|rm|enable|disable`: agents and their
+//! heartbeat schedules. Durations are typed as `30m`/`1h30m` and sent as the
+//! API's whole seconds.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use claw_proto::v1::{
+    Agent, CreateAgentRequest, DeleteAgentRequest, GetAgentRequest, ListAgentsRequest,
+    SetAgentEnabledRequest, UpdateAgentRequest,
+};
+
+use crate::cli::{AgentAddArgs, AgentCmd, AgentSettings, AgentUpdateArgs};
+use crate::duration;
+use crate::output::{self, Details, Table};
+use crate::session::Session;
+
+/// Runs an `agent` verb.
+pub async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> {
+    match cmd {
+        AgentCmd::Add(args) => {
+            let agent = new_agent(args)?;
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(
+                    conn.agents()
+                        .create_agent(CreateAgentRequest { agent: Some(agent) }),
+                )
+                .await?;
+            print_one(session, &resp.agent.unwrap_or_default())
+        }
+        AgentCmd::List => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.agents().list_agents(ListAgentsRequest {}))
+                .await?;
+            session.emit(&resp.agents, |out| table(&resp.agents).write(out))
+        }
+        AgentCmd::Get(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.agents().get_agent(GetAgentRequest { agent: t.id }))
+                .await?;
+            let agent = resp.agent.unwrap_or_default();
+            session.emit(&agent, |out| details(&agent).write(out))
+        }
+        AgentCmd::Update(args) => {
+            let req = update_request(args)?;
+            let conn = session.connect().await?;
+            let resp = conn.call(conn.agents().update_agent(req)).await?;
+            print_one(session, &resp.agent.unwrap_or_default())
+        }
+        AgentCmd::Rm(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.agents().delete_agent(DeleteAgentRequest {
+                    agent: t.id.clone(),
+                }))
+                .await?;
+            session.emit(&resp, |out| writeln!(out, "agent/{} deleted", t.id))
+        }
+        AgentCmd::Enable(t) => set_enabled(session, t.id, true, String::new()).await,
+        AgentCmd::Disable { target, note } => set_enabled(session, target.id, false, note).await,
+    }
+}
+
+async fn set_enabled(
+    session: &Session,
+    agent: String,
+    enabled: bool,
+    pause_note: String,
+) -> anyhow::Result<()> {
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(conn.agents().set_agent_enabled(SetAgentEnabledRequest {
+            agent,
+            enabled,
+            pause_note,
+        }))
+        .await?;
+    print_one(session, &resp.agent.unwrap_or_default())
+}
+
+fn print_one(session: &Session, a: &Agent) -> anyhow::Result<()> {
+    session.emit(a, |out| table(std::slice::from_ref(a)).write(out))
+}
+
+/// The settings flags, converted and with files read.
+struct Settings {
+    interval_seconds: Option<u64>,
+    active_hours: Option<String>,
+    timezone: Option<String>,
+    checklist: Option<String>,
+    webhook_url: Option<String>,
+    prompt: Option<String>,
+    run_timeout_seconds: Option<u64>,
+    catch_up_seconds: Option<u64>,
+}
+
+fn settings(s: AgentSettings) -> anyhow::Result<Settings> {
+    let secs = |flag: &str, d: Option<Duration>| -> anyhow::Result<Option<u64>> {
+        d.map(|d| duration::to_secs(d).map_err(|e| anyhow!("--{flag}: {e}")))
+            .transpose()
+    };
+    Ok(Settings {
+        interval_seconds: secs("interval", s.interval)?,
+        active_hours: s.active_hours,
+        timezone: s.timezone,
+        checklist: s
+            .checklist_file
+            .as_deref()
+            .map(|p| read_text("--checklist-file", p))
+            .transpose()?,
+        webhook_url: s.webhook,
+        prompt: s
+            .prompt_file
+            .as_deref()
+            .map(|p| read_text("--prompt-file", p))
+            .transpose()?,
+        run_timeout_seconds: secs("run-timeout", s.run_timeout)?,
+        catch_up_seconds: secs("catch-up", s.catch_up)?,
+    })
+}
+
+/// Reads a text file, or standard input for `-`.
+fn read_text(flag: &str, path: &Path) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("{flag}: cannot read standard input"))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("{flag}: cannot read {}: {e}", path.display()))
+}
+
+fn new_agent(args: AgentAddArgs) -> anyhow::Result<Agent> {
+    let s = settings(args.settings)?;
+    Ok(Agent {
+        id: args.id,
+        name: args.name.unwrap_or_default(),
+        model: args.model,
+        interval_seconds: s.interval_seconds.unwrap_or(0),
+        active_hours: s.active_hours.unwrap_or_default(),
+        timezone: s.timezone.unwrap_or_default(),
+        checklist: s.checklist.unwrap_or_default(),
+        webhook_url: s.webhook_url.unwrap_or_default(),
+        enabled: !args.disabled,
+        prompt: s.prompt.unwrap_or_default(),
+        run_timeout_seconds: s.run_timeout_seconds.unwrap_or(0),
+        catch_up_seconds: s.catch_up_seconds.unwrap_or(0),
+        ..Default::default()
+    })
+}
+
+fn update_request(args: AgentUpdateArgs) -> anyhow::Result<UpdateAgentRequest> {
+    let s = settings(args.settings)?;
+    Ok(UpdateAgentRequest {
+        agent: args.id,
+        name: args.name,
+        model: args.model,
+        interval_seconds: s.interval_seconds,
+        active_hours: s.active_hours,
+        timezone: s.timezone,
+        checklist: s.checklist,
+        webhook_url: s.webhook_url,
+        enabled: args.enabled,
+        pause_note: args.note,
+        prompt: s.prompt,
+        run_timeout_seconds: s.run_timeout_seconds,
+        catch_up_seconds: s.catch_up_seconds,
+    })
+}
+
+fn status(a: &Agent) -> &'static str {
+    if a.enabled { "enabled" } else { "paused" }
+}
+
+/// One row per agent.
+pub fn table(agents: &[Agent]) -> Table {
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "MODEL",
+        "STATUS",
+        "INTERVAL",
+        "ACTIVE HOURS",
+        "TIMEZONE",
+        "WEBHOOK",
+    ]);
+    for a in agents {
+        t.row(vec![
+            a.id.clone(),
+            a.name.clone(),
+            a.model.clone(),
+            status(a).to_string(),
+            duration::format_secs(a.interval_seconds),
+            if a.active_hours.is_empty() {
+                "always".to_string()
+            } else {
+                a.active_hours.clone()
+            },
+            a.timezone.clone(),
+            a.webhook_url.clone(),
+        ]);
+    }
+    t
+}
+
+fn details(a: &Agent) -> Details {
+    let or_default = |secs: u64, default: &str| {
+        if secs == 0 {
+            default.to_string()
+        } else {
+            duration::format_secs(secs)
+        }
+    };
+    Details::new()
+        .field("ID", &a.id)
+        .field("Name", &a.name)
+        .field("Model", &a.model)
+        .field("Status", status(a))
+        .field("Pause note", &a.pause_note)
+        .field("Interval", duration::format_secs(a.interval_seconds))
+        .field(
+            "Active hours",
+            if a.active_hours.is_empty() {
+                "always"
+            } else {
+                &a.active_hours
+            },
+        )
+        .field("Timezone", &a.timezone)
+        .field("Webhook", &a.webhook_url)
+        .field("Run timeout", or_default(a.run_timeout_seconds, "default"))
+        .field("Catch up", or_default(a.catch_up_seconds, "one interval"))
+        .field("Created", output::timestamp(&a.created_at))
+        .field("Updated", output::timestamp(&a.updated_at))
+        .field(
+            "Prompt",
+            if a.prompt.is_empty() {
+                "built-in".to_string()
+            } else {
+                multiline(&a.prompt)
+            },
+        )
+        .field("Checklist", multiline(&a.checklist))
+}
+
+/// Forces the multi-line layout of [`Details`] for free text.
+fn multiline(text: &str) -> String {
+    let text = text.trim_end();
+    if text.is_empty() || text.contains('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
+    }
+}

@@ -1,0 +1,373 @@
+//! `clawctl backend add|list|get|update|rm|enable|disable`, and the
+//! `--model CANONICAL[=NATIVE][,in=..,out=..]` spec.
+
+use anyhow::Context;
+use claw_proto::Pool;
+use claw_proto::v1::{
+    Backend, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest, ListBackendsRequest,
+    ModelMapping, SetBackendEnabledRequest, UpdateBackendRequest,
+};
+
+use crate::api_key::KeySource;
+use crate::cli::{ApiKeyArgs, BackendAddArgs, BackendCmd, BackendUpdateArgs, NewApiKeyArgs};
+use crate::duration;
+use crate::output::{self, Details, Table};
+use crate::session::Session;
+
+/// Runs a `backend` verb.
+pub async fn run(session: &Session, cmd: BackendCmd) -> anyhow::Result<()> {
+    match cmd {
+        BackendCmd::Add(args) => add(session, args).await,
+        BackendCmd::List => list(session).await,
+        BackendCmd::Get(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(
+                    conn.backends()
+                        .get_backend(GetBackendRequest { backend: t.name }),
+                )
+                .await?;
+            let b = resp.backend.unwrap_or_default();
+            session.emit(&b, |out| details(&b).write(out))
+        }
+        BackendCmd::Update(args) => update(session, args).await,
+        BackendCmd::Rm(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.backends().delete_backend(DeleteBackendRequest {
+                    backend: t.name.clone(),
+                }))
+                .await?;
+            session.emit(&resp, |out| writeln!(out, "backend/{} deleted", t.name))
+        }
+        BackendCmd::Enable(t) => set_enabled(session, t.name, true).await,
+        BackendCmd::Disable(t) => set_enabled(session, t.name, false).await,
+    }
+}
+
+async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
+    let source = key_source(args.key);
+    // Read the key before connecting: a missing variable or file sends nothing.
+    let api_key = source.read().with_context(|| flag_of(&source))?;
+    let api_key_ref = source.reference()?;
+    let backend = Backend {
+        name: args.name,
+        label: args.label.unwrap_or_default(),
+        base_url: args.url,
+        api_key,
+        api_key_ref,
+        pool: Pool::from(args.pool) as i32,
+        rpm: args.rpm,
+        tpm: args.tpm,
+        timeout_ms: args.timeout.map(ms).transpose()?.unwrap_or(0),
+        weight: args.weight.unwrap_or(0),
+        enabled: !args.disabled,
+        models: args.models,
+        ..Default::default()
+    };
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(conn.backends().create_backend(CreateBackendRequest {
+            backend: Some(backend),
+        }))
+        .await?;
+    print_one(session, &resp.backend.unwrap_or_default())
+}
+
+async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()> {
+    let mut req = UpdateBackendRequest {
+        backend: args.backend,
+        name: args.name,
+        label: args.label,
+        base_url: args.url,
+        pool: args.pool.map(|p| Pool::from(p) as i32).unwrap_or(0),
+        rpm: args.rpm,
+        tpm: args.tpm,
+        timeout_ms: args.timeout.map(ms).transpose()?,
+        weight: args.weight,
+        enabled: args.enabled,
+        replace_models: !args.models.is_empty() || args.clear_models,
+        models: args.models,
+        ..Default::default()
+    };
+    if let Some(source) = new_key_source(args.key) {
+        req.api_key = Some(source.read().with_context(|| flag_of(&source))?);
+        req.api_key_ref = Some(source.reference()?);
+    }
+    let conn = session.connect().await?;
+    let resp = conn.call(conn.backends().update_backend(req)).await?;
+    print_one(session, &resp.backend.unwrap_or_default())
+}
+
+async fn list(session: &Session) -> anyhow::Result<()> {
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(conn.backends().list_backends(ListBackendsRequest {}))
+        .await?;
+    session.emit(&resp.backends, |out| table(&resp.backends).write(out))
+}
+
+async fn set_enabled(session: &Session, backend: String, enabled: bool) -> anyhow::Result<()> {
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(
+            conn.backends()
+                .set_backend_enabled(SetBackendEnabledRequest { backend, enabled }),
+        )
+        .await?;
+    print_one(session, &resp.backend.unwrap_or_default())
+}
+
+fn print_one(session: &Session, b: &Backend) -> anyhow::Result<()> {
+    session.emit(b, |out| table(std::slice::from_ref(b)).write(out))
+}
+
+fn ms(d: std::time::Duration) -> anyhow::Result<u64> {
+    duration::to_millis(d).map_err(|e| anyhow::anyhow!("--timeout: {e}"))
+}
+
+fn key_source(args: ApiKeyArgs) -> KeySource {
+    match (args.api_key_env, args.api_key_file) {
+        (Some(var), _) => KeySource::Env(var),
+        (None, Some(path)) => KeySource::File(path),
+        // clap guarantees exactly one of the three.
+        (None, None) => KeySource::Stdin,
+    }
+}
+
+fn new_key_source(args: NewApiKeyArgs) -> Option<KeySource> {
+    match (args.api_key_env, args.api_key_file, args.api_key_stdin) {
+        (Some(var), _, _) => Some(KeySource::Env(var)),
+        (None, Some(path), _) => Some(KeySource::File(path)),
+        (None, None, true) => Some(KeySource::Stdin),
+        (None, None, false) => None,
+    }
+}
+
+fn flag_of(source: &KeySource) -> &'static str {
+    match source {
+        KeySource::Env(_) => "--api-key-env",
+        KeySource::File(_) => "--api-key-file",
+        KeySource::Stdin => "--api-key-stdin",
+    }
+}
+
+/// The list view: one row per backend.
+pub fn table(backends: &[Backend]) -> Table {
+    let mut t = Table::new(&[
+        "NAME", "ID", "POOL", "STATUS", "RPM", "TPM", "MODELS", "URL", "API KEY",
+    ]);
+    for b in backends {
+        t.row(vec![
+            b.name.clone(),
+            b.id.clone(),
+            pool_name(b.pool).to_string(),
+            status(b),
+            b.rpm.to_string(),
+            b.tpm.map(|t| t.to_string()).unwrap_or_default(),
+            b.models
+                .iter()
+                .map(|m| m.canonical.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            b.base_url.clone(),
+            b.api_key.clone(),
+        ]);
+    }
+    t
+}
+
+fn status(b: &Backend) -> String {
+    if !b.status.is_empty() {
+        return b.status.clone();
+    }
+    if b.enabled { "enabled" } else { "disabled" }.to_string()
+}
+
+/// `primary`/`fallback` for an enum field as prost stores it.
+pub fn pool_name(pool: i32) -> &'static str {
+    Pool::try_from(pool).map(Pool::name).unwrap_or("unknown")
+}
+
+fn details(b: &Backend) -> Details {
+    let mut models = Table::new(&[
+        "CANONICAL",
+        "NATIVE",
+        "IN $/MTOK",
+        "OUT $/MTOK",
+        "CACHE READ $/MTOK",
+        "CACHE WRITE $/MTOK",
+        "CONTEXT",
+        "MAX TOKENS",
+    ]);
+    for m in &b.models {
+        models.row(vec![
+            m.canonical.clone(),
+            m.native.clone(),
+            per_million(m.input_cost_per_token),
+            per_million(m.output_cost_per_token),
+            per_million(m.cache_read_cost_per_token),
+            per_million(m.cache_write_cost_per_token),
+            count(m.context_window),
+            count(m.max_tokens),
+        ]);
+    }
+    let mut rendered = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = models.write(&mut rendered);
+    let models = if b.models.is_empty() {
+        "none".to_string()
+    } else {
+        String::from_utf8_lossy(&rendered).trim_end().to_string() + "\n"
+    };
+    Details::new()
+        .field("Name", &b.name)
+        .field("ID", &b.id)
+        .field("Label", &b.label)
+        .field("URL", &b.base_url)
+        .field("API key", &b.api_key)
+        .field("Key source", &b.api_key_ref)
+        .field("Pool", pool_name(b.pool))
+        .field("Status", status(b))
+        .field("RPM", b.rpm.to_string())
+        .field(
+            "TPM",
+            b.tpm.map_or("unlimited".to_string(), |t| t.to_string()),
+        )
+        .field("Timeout", duration::format_ms(b.timeout_ms))
+        .field("Weight", b.weight.to_string())
+        .field("Created", output::timestamp(&b.created_at))
+        .field("Updated", output::timestamp(&b.updated_at))
+        .field("Models", models)
+}
+
+fn per_million(usd_per_token: f64) -> String {
+    let v = usd_per_token * 1e6;
+    let s = format!("{v:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn count(n: u32) -> String {
+    if n == 0 { String::new() } else { n.to_string() }
+}
+
+/// Parses `CANONICAL[=NATIVE][,in=X,out=Y,cache_read=X,cache_write=X,context=N,max_tokens=N]`.
+/// Prices are USD per token; without `=NATIVE` the native id is the
+/// canonical name.
+pub fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
+    let mut parts = spec.split(',');
+    let head = parts.next().unwrap_or_default().trim();
+    let (canonical, native) = match head.split_once('=') {
+        Some((c, n)) => (c.trim(), n.trim()),
+        None => (head, head),
+    };
+    if canonical.is_empty() || native.is_empty() {
+        return Err(format!(
+            "{spec:?}: expected CANONICAL[=NATIVE][,in=USD,out=USD,...]"
+        ));
+    }
+    let mut m = ModelMapping {
+        canonical: canonical.to_string(),
+        native: native.to_string(),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
+        if seen.contains(&key) {
+            return Err(format!("{key} is given twice"));
+        }
+        seen.push(key);
+        match key {
+            "in" => m.input_cost_per_token = price(key, value)?,
+            "out" => m.output_cost_per_token = price(key, value)?,
+            "cache_read" => m.cache_read_cost_per_token = price(key, value)?,
+            "cache_write" => m.cache_write_cost_per_token = price(key, value)?,
+            "context" => m.context_window = tokens(key, value)?,
+            "max_tokens" => m.max_tokens = tokens(key, value)?,
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}; expected in, out, cache_read, cache_write, context or max_tokens"
+                ));
+            }
+        }
+    }
+    Ok(m)
+}
+
+fn price(key: &str, value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "{key}={value}: expected a price in USD per token, e.g. 0.0000025"
+        )),
+    }
+}
+
+fn tokens(key: &str, value: &str) -> Result<u32, String> {
+    value
+        .parse::<u32>()
+        .map_err(|_| format!("{key}={value}: expected a whole number of tokens"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_spec_without_native_maps_to_itself() {
+        let m = parse_model_spec("gpt-4o").expect("valid");
+        assert_eq!(
+            (m.canonical.as_str(), m.native.as_str()),
+            ("gpt-4o", "gpt-4o")
+        );
+        assert_eq!(m.input_cost_per_token, 0.0);
+    }
+
+    #[test]
+    fn model_spec_with_native_prices_and_limits() {
+        let m = parse_model_spec(
+            "gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=1e-5,cache_read=0.00000125,cache_write=0,context=128000,max_tokens=16384",
+        )
+        .expect("valid");
+        assert_eq!(m.canonical, "gpt-4o");
+        assert_eq!(m.native, "gpt-4o-2024-08-06");
+        assert_eq!(m.input_cost_per_token, 0.0000025);
+        assert_eq!(m.output_cost_per_token, 0.00001);
+        assert_eq!(m.cache_read_cost_per_token, 0.00000125);
+        assert_eq!(m.context_window, 128_000);
+        assert_eq!(m.max_tokens, 16_384);
+        let m = parse_model_spec("llama3,in=0.1").expect("valid");
+        assert_eq!(m.native, "llama3");
+        let m = parse_model_spec("a=accounts/x/models/y=z").expect("valid");
+        assert_eq!(m.native, "accounts/x/models/y=z");
+    }
+
+    #[test]
+    fn model_spec_errors() {
+        for bad in [
+            "",
+            "=native",
+            "gpt=",
+            "gpt,in",
+            "gpt,in=abc",
+            "gpt,in=-1",
+            "gpt,in=NaN",
+            "gpt,context=1.5",
+            "gpt,price=1",
+            "gpt,in=1,in=2",
+        ] {
+            assert!(parse_model_spec(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn prices_per_million_tokens_are_readable() {
+        assert_eq!(per_million(0.0000025), "2.5");
+        assert_eq!(per_million(0.00001), "10");
+        assert_eq!(per_million(0.0), "0");
+    }
+}

@@ -1,0 +1,682 @@
+//! The command line: every verb, flag and its help, parsed with clap.
+//!
+//! `--server`, `--token` and `-o` are global (before or after the verb).
+//! `--timeout` (the RPC deadline) is accepted before the verb and on every
+//! leaf verb except `backend add|update`, where `--timeout` is the backend's
+//! own upstream timeout; see [`parse`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use claw_proto::v1::ModelMapping;
+
+use crate::client::Token;
+use crate::output::Format;
+
+const ROOT_EXAMPLES: &str = "\
+Examples:
+  export CLAW_SERVER=http://127.0.0.1:50051 CLAW_ADMIN_TOKEN=...
+  clawctl backend add openai-1 --url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY \\
+      --rpm 600 --model gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=0.00001
+  clawctl backend list -o json
+  clawctl key add app --models gpt-4o --rpm 120
+  clawctl agent add a1 --model gpt-4o --interval 30m --active-hours 09:00-18:00 --tz Asia/Shanghai
+  clawctl export -f claw.yaml && clawctl apply -f claw.yaml --dry-run";
+
+/// Operate a Claw Gateway: backends, pools, client keys, agents and the
+/// cluster, through the control plane's gRPC API.
+#[derive(Debug, Parser)]
+#[command(name = "clawctl", version, after_help = ROOT_EXAMPLES)]
+pub struct Cli {
+    /// Control plane gRPC URL (http:// or https://).
+    #[arg(
+        long,
+        global = true,
+        env = "CLAW_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
+    pub server: String,
+
+    /// Admin token, sent as `authorization: Bearer TOKEN` on every call.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAW_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<Token>,
+
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+
+    /// PEM CA certificate to trust for an https:// control plane.
+    #[arg(long, global = true, env = "CLAW_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Deadline of the connection and of each call, e.g. 10s.
+    #[arg(
+        long = "timeout",
+        id = RPC_TIMEOUT,
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = crate::duration::parse
+    )]
+    pub rpc_timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Clap id of the RPC deadline flag (spelled `--timeout`).
+const RPC_TIMEOUT: &str = "rpc_timeout";
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage provider backends (OpenAI-compatible endpoints).
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show or change the settings of the primary and fallback pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Manage client keys (the secret is printed once, at creation).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Manage agents and their heartbeat schedules.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Rotate the master key that encrypts stored provider keys.
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCmd),
+    /// Show the configuration version, master key id and resource counts.
+    Snapshot,
+    /// List data-plane proxies and the configuration version each applied.
+    Proxies,
+    /// Write the whole configuration as YAML (secrets only by reference).
+    Export(ExportArgs),
+    /// Make the configuration match a YAML document written by `export`.
+    Apply(ApplyArgs),
+}
+
+/// A backend, client key or agent named by its name or id.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// Name or id.
+    #[arg(value_name = "NAME|ID")]
+    pub name: String,
+}
+
+// ---------------------------------------------------------------- backend
+
+/// `clawctl backend ...`
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// Create a backend.
+    #[command(after_help = "\
+Examples:
+  clawctl backend add openai-1 --url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY \\
+      --rpm 600 --tpm 100000 --model gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=0.00001
+  clawctl backend add local --url http://10.0.0.5:8000/v1 --api-key-file /etc/claw/local.key \\
+      --pool fallback --model llama3 --model gpt-4o-mini=llama3,context=8192
+  printf %s \"$KEY\" | clawctl backend add b2 --url https://x.example/v1 --api-key-stdin")]
+    Add(BackendAddArgs),
+    /// List backends.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one backend, with its model mappings.
+    Get(Target),
+    /// Change a backend; only the given flags change.
+    #[command(after_help = "\
+Examples:
+  clawctl backend update openai-1 --rpm 900 --tpm 0
+  clawctl backend update openai-1 --api-key-env OPENAI_API_KEY_NEW
+  clawctl backend update openai-1 --model gpt-4o --model gpt-4o-mini   # replaces all mappings")]
+    Update(BackendUpdateArgs),
+    /// Delete a backend.
+    #[command(visible_alias = "delete")]
+    Rm(Target),
+    /// Let a backend receive traffic again.
+    Enable(Target),
+    /// Stop sending traffic to a backend (its configuration is kept).
+    Disable(Target),
+}
+
+/// Where the API key of a new backend comes from (exactly one).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ApiKeyArgs {
+    /// Read the API key from this environment variable (recorded as
+    /// `env:VAR` so `export` can name it).
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// Read the API key from this file (recorded as `file:<absolute path>`).
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+    /// Read the API key from standard input.
+    #[arg(long)]
+    pub api_key_stdin: bool,
+}
+
+/// A new API key for an existing backend (at most one source).
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct NewApiKeyArgs {
+    /// Read the new API key from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// Read the new API key from this file.
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+    /// Read the new API key from standard input.
+    #[arg(long)]
+    pub api_key_stdin: bool,
+}
+
+/// Flags of `backend add`.
+#[derive(Debug, Args)]
+pub struct BackendAddArgs {
+    /// Unique name: letters, digits, '.', '_' and '-'.
+    pub name: String,
+    /// Base URL of the OpenAI-compatible API, e.g. https://api.openai.com/v1.
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+    #[command(flatten)]
+    pub key: ApiKeyArgs,
+    /// Pool: primary backends are tried before fallback ones.
+    #[arg(long, value_enum, default_value_t = PoolArg::Primary)]
+    pub pool: PoolArg,
+    /// Requests per minute for the whole fleet.
+    #[arg(long, default_value_t = 60, value_name = "N")]
+    pub rpm: u32,
+    /// Tokens per minute for the whole fleet (default: unlimited).
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u32>,
+    /// Upstream timeout (default 120s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub timeout: Option<Duration>,
+    /// Relative weight within the pool, 1-1000 (default 1).
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+    /// Free-form label for humans.
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
+    /// A model the backend serves; repeat for several. Format:
+    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N]
+    #[arg(long = "model", value_name = "SPEC", value_parser = crate::backend::parse_model_spec)]
+    pub models: Vec<ModelMapping>,
+    /// Create the backend disabled.
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+/// Flags of `backend update`.
+#[derive(Debug, Args)]
+pub struct BackendUpdateArgs {
+    /// Name or id of the backend.
+    #[arg(value_name = "NAME|ID")]
+    pub backend: String,
+    /// Rename the backend.
+    #[arg(long, value_name = "NEW")]
+    pub name: Option<String>,
+    /// New base URL.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    #[command(flatten)]
+    pub key: NewApiKeyArgs,
+    /// Move to another pool.
+    #[arg(long, value_enum)]
+    pub pool: Option<PoolArg>,
+    /// Requests per minute for the whole fleet.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u32>,
+    /// Tokens per minute for the whole fleet; 0 removes the limit.
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u32>,
+    /// Upstream timeout.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub timeout: Option<Duration>,
+    /// Relative weight within the pool, 1-1000.
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+    /// Free-form label for humans.
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
+    /// Replace the whole model list (repeat for several); same format as for
+    /// `backend add`.
+    #[arg(long = "model", value_name = "SPEC", value_parser = crate::backend::parse_model_spec)]
+    pub models: Vec<ModelMapping>,
+    /// Remove every model mapping.
+    #[arg(long, conflicts_with = "models")]
+    pub clear_models: bool,
+    /// Enable or disable the backend.
+    #[arg(long, value_name = "true|false", action = ArgAction::Set)]
+    pub enabled: Option<bool>,
+}
+
+/// The pool names operators type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolArg {
+    /// Tried first.
+    Primary,
+    /// Tried when no primary backend can take the request.
+    Fallback,
+}
+
+impl From<PoolArg> for claw_proto::Pool {
+    fn from(p: PoolArg) -> claw_proto::Pool {
+        match p {
+            PoolArg::Primary => claw_proto::Pool::Primary,
+            PoolArg::Fallback => claw_proto::Pool::Fallback,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- pool
+
+/// `clawctl pool ...`
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Show the settings of one pool, or of both.
+    Show {
+        /// The pool; both when omitted.
+        #[arg(value_enum)]
+        pool: Option<PoolArg>,
+    },
+    /// Change pool settings; only the given flags change.
+    #[command(after_help = "\
+Examples:
+  clawctl pool set primary --cooldown-base 5s --cooldown-max 5m --max-retries 3
+  clawctl pool set fallback --queue-depth 512 --queue-timeout 1m --exponential false")]
+    Set(PoolSetArgs),
+}
+
+/// Flags of `pool set`.
+#[derive(Debug, Args)]
+pub struct PoolSetArgs {
+    /// The pool to change.
+    #[arg(value_enum)]
+    pub pool: PoolArg,
+    /// First cooldown after a 429.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub cooldown_base: Option<Duration>,
+    /// Longest cooldown.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub cooldown_max: Option<Duration>,
+    /// Double the cooldown on each consecutive 429.
+    #[arg(long, value_name = "true|false", action = ArgAction::Set)]
+    pub exponential: Option<bool>,
+    /// Fraction of the normal rate admitted while every backend cools (0-1).
+    #[arg(long, value_name = "FRACTION")]
+    pub emergency_fraction: Option<f64>,
+    /// Retries on other backends after the first attempt.
+    #[arg(long, value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// Requests that may wait for capacity.
+    #[arg(long, value_name = "N")]
+    pub queue_depth: Option<u32>,
+    /// How long a request may wait in the queue.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub queue_timeout: Option<Duration>,
+    /// Deadline of a whole request, retries included.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub request_timeout: Option<Duration>,
+}
+
+// ---------------------------------------------------------------- key
+
+/// `clawctl key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create a client key and print its secret (shown only once).
+    #[command(after_help = "\
+Examples:
+  clawctl key add app --models gpt-4o,gpt-4o-mini --rpm 120
+  SECRET=$(clawctl key add ci -o json | jq -r .secret)")]
+    Add(KeyAddArgs),
+    /// List client keys.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one client key.
+    Get(Target),
+    /// Revoke a client key.
+    #[command(visible_alias = "delete")]
+    Rm(Target),
+}
+
+/// Flags of `key add`.
+#[derive(Debug, Args)]
+pub struct KeyAddArgs {
+    /// Unique name of the key.
+    pub name: String,
+    /// Canonical models the key may use, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    pub models: Vec<String>,
+    /// Requests per minute for this key across the fleet (default: unlimited).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub rpm: u32,
+}
+
+// ---------------------------------------------------------------- agent
+
+/// `clawctl agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    /// Create an agent with a heartbeat schedule.
+    #[command(after_help = "\
+Examples:
+  clawctl agent add a1 --model gpt-4o --interval 30m --active-hours 09:00-18:00 \\
+      --tz Asia/Shanghai --checklist-file HEARTBEAT.md --webhook https://hooks.example/a1
+  clawctl agent add nightly --model gpt-4o-mini --interval 1h30m --active-hours 22:00-06:00")]
+    Add(AgentAddArgs),
+    /// List agents.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one agent, with its checklist.
+    Get(AgentTarget),
+    /// Change an agent; only the given flags change.
+    #[command(after_help = "\
+Examples:
+  clawctl agent update a1 --interval 1h --active-hours ''     # always active
+  clawctl agent update a1 --checklist-file HEARTBEAT.md --enabled true")]
+    Update(AgentUpdateArgs),
+    /// Delete an agent.
+    #[command(visible_alias = "delete")]
+    Rm(AgentTarget),
+    /// Resume an agent's heartbeat.
+    Enable(AgentTarget),
+    /// Pause an agent's heartbeat.
+    Disable {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Why it is paused, for other operators.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        note: String,
+    },
+}
+
+/// An agent named by id or name.
+#[derive(Debug, Args)]
+pub struct AgentTarget {
+    /// Agent id or name.
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
+/// Settings shared by `agent add` and `agent update`.
+#[derive(Debug, Args)]
+pub struct AgentSettings {
+    /// Heartbeat interval, e.g. 30m or 1h30m (default 30m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub interval: Option<Duration>,
+    /// Local active window HH:MM-HH:MM (overnight wraps; '' = always).
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    pub active_hours: Option<String>,
+    /// IANA time zone of the active window (default UTC).
+    #[arg(long = "tz", visible_alias = "timezone", value_name = "ZONE")]
+    pub timezone: Option<String>,
+    /// File with the heartbeat checklist (HEARTBEAT.md); '-' reads stdin.
+    #[arg(long, value_name = "PATH")]
+    pub checklist_file: Option<PathBuf>,
+    /// Where non-OK heartbeat replies are delivered ('' = nowhere).
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// File with a prompt replacing the built-in heartbeat prompt.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
+    /// Per-run timeout (default min(interval, 10m)).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub run_timeout: Option<Duration>,
+    /// How late a missed run may still fire after downtime (default one interval).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub catch_up: Option<Duration>,
+}
+
+/// Flags of `agent add`.
+#[derive(Debug, Args)]
+pub struct AgentAddArgs {
+    /// Agent id: lowercase letters, digits, '.', '_' and '-'.
+    pub id: String,
+    /// Canonical model the heartbeat runs on.
+    #[arg(long, value_name = "MODEL")]
+    pub model: String,
+    /// Display name (default: the id).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub settings: AgentSettings,
+    /// Create the agent paused.
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+/// Flags of `agent update`.
+#[derive(Debug, Args)]
+pub struct AgentUpdateArgs {
+    /// Agent id or name.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Canonical model the heartbeat runs on.
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Display name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub settings: AgentSettings,
+    /// Resume (true) or pause (false) the heartbeat.
+    #[arg(long, value_name = "true|false", action = ArgAction::Set)]
+    pub enabled: Option<bool>,
+    /// Note explaining why the agent is paused.
+    #[arg(long, value_name = "TEXT")]
+    pub note: Option<String>,
+}
+
+// ---------------------------------------------------------------- cluster
+
+/// `clawctl master-key ...`
+#[derive(Debug, Subcommand)]
+pub enum MasterKeyCmd {
+    /// Re-encrypt every stored secret under a new master key.
+    #[command(after_help = "\
+Example:
+  openssl rand -hex 32 > new.key && clawctl master-key rotate --new-key-file new.key
+Then restart the control plane with CLAW_MASTER_KEY_FILE=new.key (or CLAW_MASTER_KEY).")]
+    Rotate {
+        /// File holding the new key: 64 hex characters.
+        #[arg(long, value_name = "PATH")]
+        new_key_file: PathBuf,
+    },
+}
+
+/// Flags of `export`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  clawctl export > claw.yaml
+  clawctl export -f claw.yaml")]
+pub struct ExportArgs {
+    /// Write to this file instead of standard output.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+/// Flags of `apply`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Provider keys are read by clawctl from the variables and files the document
+names (api_key_env / api_key_file) and sent once; relative key file paths are
+relative to the document's directory.
+
+Examples:
+  clawctl apply -f claw.yaml --dry-run
+  clawctl apply -f claw.yaml --prune
+  clawctl export | clawctl --server http://other:50051 apply -f -")]
+pub struct ApplyArgs {
+    /// The YAML document; '-' reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: String,
+    /// Validate and show what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Delete backends, client keys and agents that are not in the document.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+// ---------------------------------------------------------------- parsing
+
+/// The command definition, with the RPC `--timeout` added to every leaf verb
+/// that does not have a `--timeout` of its own.
+pub fn command() -> clap::Command {
+    with_rpc_timeout(Cli::command(), true)
+}
+
+fn with_rpc_timeout(mut cmd: clap::Command, root: bool) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    if names.is_empty() && !root {
+        let has_own = cmd.get_arguments().any(|a| a.get_long() == Some("timeout"));
+        if !has_own {
+            cmd = cmd.arg(
+                clap::Arg::new(RPC_TIMEOUT)
+                    .long("timeout")
+                    .value_name("DURATION")
+                    .value_parser(crate::duration::parse)
+                    .help("Deadline of the connection and of each call (default 30s)"),
+            );
+        }
+        return cmd;
+    }
+    for name in names {
+        cmd = cmd.mut_subcommand(name, |c| with_rpc_timeout(c, false));
+    }
+    cmd
+}
+
+/// Parses the process arguments; on a usage error clap prints it and exits
+/// with status 2 (0 for `--help`/`--version`).
+pub fn parse() -> Cli {
+    match try_parse_from(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    }
+}
+
+/// Parses arguments (the first is the program name).
+pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+    if let Some(t) = leaf_rpc_timeout(&matches) {
+        cli.rpc_timeout = t;
+    }
+    Ok(cli)
+}
+
+/// The `--timeout` given after the verb, if any.
+fn leaf_rpc_timeout(matches: &ArgMatches) -> Option<Duration> {
+    let mut current = matches.subcommand()?.1;
+    while let Some((_, sub)) = current.subcommand() {
+        current = sub;
+    }
+    // Only leaf verbs without a `--timeout` of their own have this id.
+    current
+        .try_get_one::<Duration>(RPC_TIMEOUT)
+        .ok()
+        .flatten()
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        try_parse_from(std::iter::once("clawctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_before_and_after_the_verb() {
+        let before =
+            parse(&["-o", "json", "--server", "http://x:1", "backend", "list"]).expect("valid");
+        let after =
+            parse(&["backend", "list", "-o", "json", "--server", "http://x:1"]).expect("valid");
+        for cli in [before, after] {
+            assert_eq!(cli.output, Format::Json);
+            assert_eq!(cli.server, "http://x:1");
+        }
+    }
+
+    #[test]
+    fn timeout_is_the_rpc_deadline_except_on_backend_add_and_update() {
+        let cli = parse(&["--timeout", "5s", "backend", "list"]).expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(5));
+        let cli = parse(&["backend", "list", "--timeout", "7s"]).expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(7));
+        let cli = parse(&["snapshot", "--timeout", "2s"]).expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(2));
+        let cli = parse(&[
+            "--timeout",
+            "9s",
+            "backend",
+            "add",
+            "b1",
+            "--url",
+            "http://u",
+            "--api-key-env",
+            "K",
+            "--timeout",
+            "2m",
+        ])
+        .expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(9));
+        match cli.command {
+            Command::Backend(BackendCmd::Add(a)) => {
+                assert_eq!(a.timeout, Some(Duration::from_secs(120)));
+                assert_eq!(a.rpm, 60);
+                assert_eq!(a.key.api_key_env.as_deref(), Some("K"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn backend_add_needs_exactly_one_key_source() {
+        assert!(parse(&["backend", "add", "b", "--url", "http://u"]).is_err());
+        assert!(
+            parse(&[
+                "backend",
+                "add",
+                "b",
+                "--url",
+                "http://u",
+                "--api-key-env",
+                "A",
+                "--api-key-stdin"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn token_is_not_shown_in_help() {
+        let help = command().render_long_help().to_string();
+        assert!(help.contains("[env: CLAW_ADMIN_TOKEN]"), "{help}");
+    }
+}

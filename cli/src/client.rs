@@ -1,0 +1,277 @@
+//! The connection to the control plane: the gRPC channel (plain or TLS), the
+//! admin token sent with every call, and the translation of every failure into
+//! the one line `clawctl` prints (`not found: backend "x" not found`).
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use claw_proto::v1::{
+    agent_service_client::AgentServiceClient, backend_service_client::BackendServiceClient,
+    client_key_service_client::ClientKeyServiceClient,
+    cluster_service_client::ClusterServiceClient, pool_service_client::PoolServiceClient,
+};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// The admin token. Its `Debug` never shows the value.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl FromStr for Token {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Token, String> {
+        Ok(Token(s.trim().to_string()))
+    }
+}
+
+/// Where and how to connect; parsed once from the global flags.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Control plane URL, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// Admin token; calls without one are rejected by the server.
+    pub token: Option<Token>,
+    /// Connect timeout and deadline of every call.
+    pub timeout: Duration,
+    /// Extra CA certificate (PEM) to trust for `https://` servers.
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Adds `authorization: Bearer TOKEN` to every request.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Auth>;
+
+/// An established connection to the control plane.
+pub struct Connection {
+    channel: Channel,
+    auth: Auth,
+    server: String,
+    timeout: Duration,
+}
+
+impl Connection {
+    /// Connects eagerly, so an unreachable server is reported as such before
+    /// any request is attempted.
+    pub async fn connect(opts: &ConnectOptions) -> anyhow::Result<Connection> {
+        let server = normalize_server(&opts.server);
+        let auth = Auth(match &opts.token {
+            Some(Token(t)) if !t.is_empty() => {
+                let mut value: MetadataValue<Ascii> =
+                    format!("Bearer {t}").parse().map_err(|_| {
+                        anyhow!(
+                            "the admin token contains characters that cannot be sent in a header"
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            _ => None,
+        });
+        let mut endpoint = Endpoint::from_shared(server.clone())
+            .map_err(|e| anyhow!("invalid --server URL {server:?}: {e}"))?
+            .connect_timeout(opts.timeout)
+            .timeout(opts.timeout);
+        if server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(path) = &opts.ca_cert {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| anyhow!("TLS setup for {server}: {}", innermost(&e)))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow!("cannot reach control plane at {server}: {}", innermost(&e)))?;
+        Ok(Connection {
+            channel,
+            auth,
+            server,
+            timeout: opts.timeout,
+        })
+    }
+
+    /// The backend service.
+    pub fn backends(&self) -> BackendServiceClient<Authed> {
+        BackendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// The pool settings service.
+    pub fn pools(&self) -> PoolServiceClient<Authed> {
+        PoolServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// The client key service.
+    pub fn keys(&self) -> ClientKeyServiceClient<Authed> {
+        ClientKeyServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// The agent service.
+    pub fn agents(&self) -> AgentServiceClient<Authed> {
+        AgentServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// The cluster service (snapshot, proxies, master key, apply/export).
+    pub fn cluster(&self) -> ClusterServiceClient<Authed> {
+        ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// Awaits a call and turns a failure into the one-line error users see.
+    pub async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> anyhow::Result<T> {
+        call.await
+            .map(Response::into_inner)
+            .map_err(|status| anyhow!(describe_status(&status, &self.server, self.timeout)))
+    }
+}
+
+/// Accepts `host:port` as shorthand for `http://host:port`.
+fn normalize_server(server: &str) -> String {
+    let server = server.trim().trim_end_matches('/');
+    if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+/// The message of the deepest error in a chain: for a refused connection,
+/// "Connection refused (os error 111)" rather than "transport error".
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+/// The words of a gRPC status code, as shown in errors.
+pub fn code_words(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// `<code words>: <server message>`, with transport failures phrased as such.
+pub fn describe_status(status: &Status, server: &str, timeout: Duration) -> String {
+    let timed_out = std::error::Error::source(status)
+        .is_some_and(|s| s.downcast_ref::<tonic::TimeoutExpired>().is_some());
+    if timed_out || status.code() == Code::DeadlineExceeded && status.message().is_empty() {
+        return format!(
+            "deadline exceeded: no answer from {server} within {} (see --timeout)",
+            crate::duration::format(timeout)
+        );
+    }
+    let message = status.message().trim();
+    if status.code() == Code::Unavailable {
+        let reason = if message.is_empty() {
+            "unavailable"
+        } else {
+            message
+        };
+        return format!("cannot reach control plane at {server}: {reason}");
+    }
+    if message.is_empty() {
+        code_words(status.code()).to_string()
+    } else {
+        format!("{}: {message}", code_words(status.code()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_as_code_words_and_message() {
+        let t = Duration::from_secs(30);
+        let s = "http://127.0.0.1:50051";
+        assert_eq!(
+            describe_status(&Status::invalid_argument("rpm: must be > 0"), s, t),
+            "invalid argument: rpm: must be > 0"
+        );
+        assert_eq!(
+            describe_status(
+                &Status::unauthenticated("missing or invalid admin token"),
+                s,
+                t
+            ),
+            "unauthenticated: missing or invalid admin token"
+        );
+        assert_eq!(
+            describe_status(&Status::not_found("backend \"x\" not found"), s, t),
+            "not found: backend \"x\" not found"
+        );
+        assert_eq!(
+            describe_status(&Status::unavailable("tcp connect error"), s, t),
+            "cannot reach control plane at http://127.0.0.1:50051: tcp connect error"
+        );
+        assert_eq!(
+            describe_status(&Status::internal(""), s, t),
+            "internal error"
+        );
+    }
+
+    #[test]
+    fn server_shorthand_gets_a_scheme() {
+        assert_eq!(
+            normalize_server("127.0.0.1:50051"),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(normalize_server("https://cp:443/"), "https://cp:443");
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t: Token = "admintoken-0123456789".parse().expect("infallible");
+        assert!(!format!("{t:?}").contains("admintoken"));
+    }
+}

@@ -1,0 +1,659 @@
+//! The YAML document of `clawctl export` and `clawctl apply`: the whole
+//! configuration, with secrets only by reference.
+//!
+//! ```yaml
+//! backends:
+//!   - name: openai-1
+//!     label: ""
+//!     base_url: https://api.example.com/v1
+//!     api_key_env: OPENAI_API_KEY        # or: api_key_file: /path/to/key
+//!     pool: primary
+//!     rpm: 600
+//!     tpm: 100000                        # optional; omitted = unlimited
+//!     timeout: 2m
+//!     weight: 1
+//!     enabled: true
+//!     models:
+//!       - canonical: gpt-4o
+//!         native: gpt-4o-2024-08-06
+//!         input_cost_per_token: 0.0000025
+//!         output_cost_per_token: 0.00001
+//!         cache_read_cost_per_token: 0
+//!         cache_write_cost_per_token: 0
+//!         context_window: 128000
+//!         max_tokens: 16384
+//! pools:                                 # a pool left out is left unchanged
+//!   primary: {cooldown_base: 5s, cooldown_max: 5m, exponential: true, emergency_fraction: 0.05,
+//!             max_retries: 2, queue_depth: 256, queue_timeout: 30s, request_timeout: 10m}
+//! client_keys:
+//!   - {name: app, models: [gpt-4o], rpm: 0}
+//! agents:
+//!   - {id: a1, name: A1, model: gpt-4o, interval: 30m, active_hours: "09:00-18:00",
+//!      timezone: Asia/Shanghai, checklist: "...", webhook_url: "", enabled: true,
+//!      pause_note: "", prompt: "", run_timeout: 0s, catch_up: 0s}
+//! ```
+//!
+//! Every field except the names (and `base_url`, `model`) is optional and
+//! defaults like the corresponding `add` verb. Unknown fields are rejected.
+//! This module is pure: reading key files and variables happens in `apply`.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use claw_proto::Pool;
+use claw_proto::v1::{Agent, Backend, ClientKey, ClusterConfig, ModelMapping, PoolSettings};
+use claw_proto::validate::{self, FieldError};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::api_key::KeySource;
+use crate::duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    /// Provider backends.
+    #[serde(default)]
+    pub backends: Vec<BackendDoc>,
+    /// Pool settings; a pool that is left out is left unchanged.
+    #[serde(default, skip_serializing_if = "PoolsDoc::is_empty")]
+    pub pools: PoolsDoc,
+    /// Client keys (their secrets are never part of the document).
+    #[serde(default)]
+    pub client_keys: Vec<ClientKeyDoc>,
+    /// Agents and their heartbeat schedules.
+    #[serde(default)]
+    pub agents: Vec<AgentDoc>,
+}
+
+/// A backend, its key given by reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendDoc {
+    pub name: String,
+    #[serde(default)]
+    pub label: String,
+    pub base_url: String,
+    /// Environment variable holding the API key (of `clawctl`'s environment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// File holding the API key; relative to the document's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
+    #[serde(default)]
+    pub pool: PoolName,
+    #[serde(default = "default_rpm")]
+    pub rpm: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    #[serde(default = "default_backend_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub models: Vec<ModelDoc>,
+}
+
+/// A model mapping; `native` defaults to `canonical`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDoc {
+    pub canonical: String,
+    #[serde(default)]
+    pub native: String,
+    #[serde(default)]
+    pub input_cost_per_token: f64,
+    #[serde(default)]
+    pub output_cost_per_token: f64,
+    #[serde(default)]
+    pub cache_read_cost_per_token: f64,
+    #[serde(default)]
+    pub cache_write_cost_per_token: f64,
+    #[serde(default)]
+    pub context_window: u32,
+    #[serde(default)]
+    pub max_tokens: u32,
+}
+
+/// `primary` or `fallback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolName {
+    #[default]
+    Primary,
+    Fallback,
+}
+
+impl From<PoolName> for Pool {
+    fn from(p: PoolName) -> Pool {
+        match p {
+            PoolName::Primary => Pool::Primary,
+            PoolName::Fallback => Pool::Fallback,
+        }
+    }
+}
+
+/// The two pools; either may be left out.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<PoolDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<PoolDoc>,
+}
+
+impl PoolsDoc {
+    fn is_empty(&self) -> bool {
+        self.primary.is_none() && self.fallback.is_none()
+    }
+}
+
+/// Settings of one pool; omitted fields take the built-in defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolDoc {
+    pub cooldown_base: Dur,
+    pub cooldown_max: Dur,
+    pub exponential: bool,
+    pub emergency_fraction: f64,
+    pub max_retries: u32,
+    pub queue_depth: u32,
+    pub queue_timeout: Dur,
+    pub request_timeout: Dur,
+}
+
+impl Default for PoolDoc {
+    fn default() -> PoolDoc {
+        PoolDoc::from(&validate::default_pool_settings(Pool::Primary))
+    }
+}
+
+/// A client key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeyDoc {
+    pub name: String,
+    /// Canonical models the key may use; empty means all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requests per minute; 0 means unlimited.
+    #[serde(default)]
+    pub rpm: u32,
+}
+
+/// An agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDoc {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub model: String,
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    #[serde(default)]
+    pub active_hours: String,
+    #[serde(default)]
+    pub timezone: String,
+    #[serde(default)]
+    pub checklist: String,
+    #[serde(default)]
+    pub webhook_url: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub pause_note: String,
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub run_timeout: Dur,
+    #[serde(default)]
+    pub catch_up: Dur,
+}
+
+fn default_rpm() -> u32 {
+    60
+}
+fn default_backend_timeout() -> Dur {
+    Dur(Duration::from_millis(validate::DEFAULT_BACKEND_TIMEOUT_MS))
+}
+fn default_interval() -> Dur {
+    Dur(Duration::from_secs(validate::DEFAULT_INTERVAL_SECONDS))
+}
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// A duration written as `30s`, `5m`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&duration::format(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 30s, 5m or 1h30m")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
+                duration::parse(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// A syntax or schema error in a document, at a 1-based line and column
+/// when the parser knows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ParseError {
+    /// `FILE:LINE:COL: what`, on one line.
+    pub fn in_file(&self, file: &str) -> String {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => format!("{file}:{l}:{c}: {}", self.message),
+            _ => format!("{file}: {}", self.message),
+        }
+    }
+
+    fn from_yaml(e: &serde_norway::Error) -> ParseError {
+        // The location is reported separately, as FILE:LINE:COL.
+        let message = strip_locations(&e.to_string().replace('\n', " "));
+        let location = e.location();
+        ParseError {
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            message,
+        }
+    }
+}
+
+/// Removes every " at line N column M" the YAML parser puts in its messages.
+fn strip_locations(message: &str) -> String {
+    const AT: &str = " at line ";
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(i) = rest.find(AT) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + AT.len()..];
+        let digits = |s: &str| s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let n = digits(after);
+        match after[n..].strip_prefix(" column ") {
+            Some(col) if n > 0 && digits(col) > 0 => rest = &col[digits(col)..],
+            _ => {
+                out.push_str(AT);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Parses a document. An empty document is an error, so a truncated file is
+/// never mistaken for "no configuration".
+pub fn parse(text: &str) -> Result<Document, ParseError> {
+    let value: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| ParseError::from_yaml(&e))?;
+    if value.is_null() {
+        return Err(ParseError {
+            line: None,
+            column: None,
+            message: "the document is empty".to_string(),
+        });
+    }
+    serde_norway::from_str(text).map_err(|e| ParseError::from_yaml(&e))
+}
+
+/// Renders a document as YAML.
+pub fn to_yaml(doc: &Document) -> anyhow::Result<String> {
+    Ok(serde_norway::to_string(doc)?)
+}
+
+// ------------------------------------------------------------ proto -> doc
+
+/// An exported document and the backends whose key had no reference.
+#[derive(Debug)]
+pub struct Exported {
+    pub document: Document,
+    /// Names of backends exported with a made-up `api_key_env`.
+    pub unreferenced: Vec<String>,
+}
+
+/// Converts an `ExportConfig` answer. Internal client keys (minted by the
+/// control plane for itself) are left out: they are not operator config.
+pub fn from_config(cfg: &ClusterConfig) -> Exported {
+    let mut unreferenced = Vec::new();
+    let backends = cfg
+        .backends
+        .iter()
+        .map(|b| {
+            let (env, file) = if let Some(var) = b.api_key_ref.strip_prefix("env:") {
+                (Some(var.to_string()), None)
+            } else if let Some(path) = b.api_key_ref.strip_prefix("file:") {
+                (None, Some(path.to_string()))
+            } else {
+                unreferenced.push(b.name.clone());
+                (Some(placeholder_env(&b.name)), None)
+            };
+            BackendDoc {
+                name: b.name.clone(),
+                label: b.label.clone(),
+                base_url: b.base_url.clone(),
+                api_key_env: env,
+                api_key_file: file,
+                pool: match Pool::try_from(b.pool) {
+                    Ok(Pool::Fallback) => PoolName::Fallback,
+                    _ => PoolName::Primary,
+                },
+                rpm: b.rpm,
+                tpm: b.tpm,
+                timeout: Dur(Duration::from_millis(b.timeout_ms)),
+                weight: b.weight,
+                enabled: b.enabled,
+                models: b.models.iter().map(ModelDoc::from).collect(),
+            }
+        })
+        .collect();
+    let mut pools = PoolsDoc::default();
+    for p in &cfg.pools {
+        match Pool::try_from(p.pool) {
+            Ok(Pool::Primary) => pools.primary = Some(PoolDoc::from(p)),
+            Ok(Pool::Fallback) => pools.fallback = Some(PoolDoc::from(p)),
+            _ => {}
+        }
+    }
+    let client_keys = cfg
+        .client_keys
+        .iter()
+        .filter(|k| !k.internal)
+        .map(|k| ClientKeyDoc {
+            name: k.name.clone(),
+            models: k.models.clone(),
+            rpm: k.rpm,
+        })
+        .collect();
+    let agents = cfg.agents.iter().map(AgentDoc::from).collect();
+    Exported {
+        document: Document {
+            backends,
+            pools,
+            client_keys,
+            agents,
+        },
+        unreferenced,
+    }
+}
+
+/// `CLAW_API_KEY_<NAME>` in upper snake case: `openai-1` → `CLAW_API_KEY_OPENAI_1`.
+pub fn placeholder_env(name: &str) -> String {
+    let snake: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("CLAW_API_KEY_{snake}")
+}
+
+impl From<&ModelMapping> for ModelDoc {
+    fn from(m: &ModelMapping) -> ModelDoc {
+        ModelDoc {
+            canonical: m.canonical.clone(),
+            native: m.native.clone(),
+            input_cost_per_token: m.input_cost_per_token,
+            output_cost_per_token: m.output_cost_per_token,
+            cache_read_cost_per_token: m.cache_read_cost_per_token,
+            cache_write_cost_per_token: m.cache_write_cost_per_token,
+            context_window: m.context_window,
+            max_tokens: m.max_tokens,
+        }
+    }
+}
+
+impl From<&PoolSettings> for PoolDoc {
+    fn from(p: &PoolSettings) -> PoolDoc {
+        let ms = |v: u64| Dur(Duration::from_millis(v));
+        PoolDoc {
+            cooldown_base: ms(p.cooldown_base_ms),
+            cooldown_max: ms(p.cooldown_max_ms),
+            exponential: p.exponential,
+            emergency_fraction: p.emergency_fraction,
+            max_retries: p.max_retries,
+            queue_depth: p.queue_depth,
+            queue_timeout: ms(p.queue_timeout_ms),
+            request_timeout: ms(p.request_timeout_ms),
+        }
+    }
+}
+
+impl From<&Agent> for AgentDoc {
+    fn from(a: &Agent) -> AgentDoc {
+        let secs = |v: u64| Dur(Duration::from_secs(v));
+        AgentDoc {
+            id: a.id.clone(),
+            name: a.name.clone(),
+            model: a.model.clone(),
+            interval: secs(a.interval_seconds),
+            active_hours: a.active_hours.clone(),
+            timezone: a.timezone.clone(),
+            checklist: a.checklist.clone(),
+            webhook_url: a.webhook_url.clone(),
+            enabled: a.enabled,
+            pause_note: a.pause_note.clone(),
+            prompt: a.prompt.clone(),
+            run_timeout: secs(a.run_timeout_seconds),
+            catch_up: secs(a.catch_up_seconds),
+        }
+    }
+}
+
+// ------------------------------------------------------------ doc -> proto
+
+/// The configuration to send, with keys still to be read.
+#[derive(Debug)]
+pub struct Desired {
+    /// Normalized and validated; every `api_key` is empty, `api_key_ref` set.
+    pub config: ClusterConfig,
+    /// Per backend (same order), where its key comes from.
+    pub keys: Vec<Option<KeySource>>,
+}
+
+/// Converts a document into the `ApplyConfig` configuration, then normalizes
+/// and validates it with the same rules as the server. Errors name the field
+/// as `backends[2].rpm`. Relative `api_key_file` paths are resolved against
+/// `base_dir` (which should be absolute).
+pub fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, FieldError> {
+    let mut config = ClusterConfig::default();
+    let mut keys = Vec::new();
+    for (i, b) in doc.backends.iter().enumerate() {
+        let at = |field: &str| format!("backends[{i}].{field}");
+        let key = match (&b.api_key_env, &b.api_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new(
+                    at("api_key_file"),
+                    "give either api_key_env or api_key_file, not both",
+                ));
+            }
+            (Some(var), None) if var.trim().is_empty() => {
+                return Err(FieldError::new(at("api_key_env"), "must name a variable"));
+            }
+            (None, Some(path)) if path.trim().is_empty() => {
+                return Err(FieldError::new(at("api_key_file"), "must name a file"));
+            }
+            (Some(var), None) => Some(KeySource::Env(var.trim().to_string())),
+            (None, Some(path)) => Some(KeySource::File(base_dir.join(path.trim()))),
+            (None, None) => None,
+        };
+        let api_key_ref = match &key {
+            Some(KeySource::Env(var)) => format!("env:{var}"),
+            Some(KeySource::File(path)) => match path.to_str() {
+                Some(p) => format!("file:{p}"),
+                None => return Err(FieldError::new(at("api_key_file"), "must be UTF-8")),
+            },
+            Some(KeySource::Stdin) | None => String::new(),
+        };
+        let mut backend = Backend {
+            name: b.name.clone(),
+            label: b.label.clone(),
+            base_url: b.base_url.clone(),
+            api_key_ref,
+            pool: Pool::from(b.pool) as i32,
+            rpm: b.rpm,
+            tpm: b.tpm,
+            timeout_ms: duration::to_millis(b.timeout.0)
+                .map_err(|e| FieldError::new(at("timeout"), e))?,
+            weight: b.weight,
+            enabled: b.enabled,
+            models: b.models.iter().map(ModelMapping::from).collect(),
+            ..Default::default()
+        };
+        validate::normalize_backend(&mut backend);
+        validate::validate_backend(&backend, false)
+            .map_err(|e| e.within(&format!("backends[{i}]")))?;
+        unique(&config.backends, |x| &x.name, &backend.name, || at("name"))?;
+        config.backends.push(backend);
+        keys.push(key);
+    }
+    for (name, pool, p) in [
+        ("primary", Pool::Primary, &doc.pools.primary),
+        ("fallback", Pool::Fallback, &doc.pools.fallback),
+    ] {
+        if let Some(p) = p {
+            let settings = p
+                .to_settings(pool)
+                .map_err(|e| e.within(&format!("pools.{name}")))?;
+            validate::validate_pool_settings(&settings)
+                .map_err(|e| e.within(&format!("pools.{name}")))?;
+            config.pools.push(settings);
+        }
+    }
+    for (i, k) in doc.client_keys.iter().enumerate() {
+        let key = ClientKey {
+            name: k.name.trim().to_string(),
+            models: k.models.iter().map(|m| m.trim().to_string()).collect(),
+            rpm: k.rpm,
+            ..Default::default()
+        };
+        validate::validate_client_key(&key).map_err(|e| e.within(&format!("client_keys[{i}]")))?;
+        unique(
+            &config.client_keys,
+            |x| &x.name,
+            &key.name,
+            || format!("client_keys[{i}].name"),
+        )?;
+        config.client_keys.push(key);
+    }
+    for (i, a) in doc.agents.iter().enumerate() {
+        let mut agent = a
+            .to_agent()
+            .map_err(|e| e.within(&format!("agents[{i}]")))?;
+        validate::normalize_agent(&mut agent);
+        validate::validate_agent(&agent).map_err(|e| e.within(&format!("agents[{i}]")))?;
+        unique(
+            &config.agents,
+            |x| &x.id,
+            &agent.id,
+            || format!("agents[{i}].id"),
+        )?;
+        config.agents.push(agent);
+    }
+    Ok(Desired { config, keys })
+}
+
+fn unique<T>(
+    existing: &[T],
+    key: impl Fn(&T) -> &String,
+    value: &str,
+    field: impl FnOnce() -> String,
+) -> Result<(), FieldError> {
+    if existing.iter().any(|x| key(x) == value) {
+        return Err(FieldError::new(
+            field(),
+            format!("{value:?} is defined twice"),
+        ));
+    }
+    Ok(())
+}
+
+impl From<&ModelDoc> for ModelMapping {
+    fn from(m: &ModelDoc) -> ModelMapping {
+        ModelMapping {
+            canonical: m.canonical.clone(),
+            native: m.native.clone(),
+            input_cost_per_token: m.input_cost_per_token,
+            output_cost_per_token: m.output_cost_per_token,
+            cache_read_cost_per_token: m.cache_read_cost_per_token,
+            cache_write_cost_per_token: m.cache_write_cost_per_token,
+            context_window: m.context_window,
+            max_tokens: m.max_tokens,
+        }
+    }
+}
+
+impl PoolDoc {
+    fn to_settings(&self, pool: Pool) -> Result<PoolSettings, FieldError> {
+        let ms =
+            |field: &str, d: Dur| duration::to_millis(d.0).map_err(|e| FieldError::new(field, e));
+        Ok(PoolSettings {
+            pool: pool as i32,
+            cooldown_base_ms: ms("cooldown_base", self.cooldown_base)?,
+            cooldown_max_ms: ms("cooldown_max", self.cooldown_max)?,
+            exponential: self.exponential,
+            emergency_fraction: self.emergency_fraction,
+            max_retries: self.max_retries,
+            queue_depth: self.queue_depth,
+            queue_timeout_ms: ms("queue_timeout", self.queue_timeout)?,
+            request_timeout_ms: ms("request_timeout", self.request_timeout)?,
+        })
+    }
+}
+
+impl AgentDoc {
+    fn to_agent(&self) -> Result<Agent, FieldError> {
+        let secs =
+            |field: &str, d: Dur| duration::to_secs(d.0).map_err(|e| FieldError::new(field, e));
+        Ok(Agent {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            model: self.model.clone(),
+            interval_seconds: secs("interval", self.interval)?,
+            active_hours: self.active_hours.clone(),
+            timezone: self.timezone.clone(),
+            checklist: self.checklist.clone(),
+            webhook_url: self.webhook_url.clone(),
+            enabled: self.enabled,
+            pause_note: self.pause_note.clone(),
+            prompt: self.prompt.clone(),
+            run_timeout_seconds: secs("run_timeout", self.run_timeout)?,
+            catch_up_seconds: secs("catch_up", self.catch_up)?,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

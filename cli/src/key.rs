@@ -1,0 +1,115 @@
+//! `clawctl key add|list|get|rm`: the keys clients use to call the proxies.
+//! The secret exists only in the answer to `add` and is printed that once.
+
+use anyhow::Context;
+use claw_proto::v1::{
+    ClientKey, CreateClientKeyRequest, DeleteClientKeyRequest, GetClientKeyRequest,
+    ListClientKeysRequest,
+};
+
+use crate::cli::{KeyAddArgs, KeyCmd};
+use crate::output::{self, Table};
+use crate::session::Session;
+
+/// Runs a `key` verb.
+pub async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeyCmd::Add(args) => add(session, args).await,
+        KeyCmd::List => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.keys().list_client_keys(ListClientKeysRequest {}))
+                .await?;
+            session.emit(&resp.keys, |out| table(&resp.keys).write(out))
+        }
+        KeyCmd::Get(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(
+                    conn.keys()
+                        .get_client_key(GetClientKeyRequest { key: t.name }),
+                )
+                .await?;
+            let key = resp.key.unwrap_or_default();
+            session.emit(&key, |out| table(std::slice::from_ref(&key)).write(out))
+        }
+        KeyCmd::Rm(t) => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.keys().delete_client_key(DeleteClientKeyRequest {
+                    key: t.name.clone(),
+                }))
+                .await?;
+            session.emit(&resp, |out| writeln!(out, "key/{} deleted", t.name))
+        }
+    }
+}
+
+async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
+    let models = args
+        .models
+        .into_iter()
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(conn.keys().create_client_key(CreateClientKeyRequest {
+            key: Some(ClientKey {
+                name: args.name,
+                models,
+                rpm: args.rpm,
+                ..Default::default()
+            }),
+        }))
+        .await?;
+    let key = resp.key.clone().unwrap_or_default();
+    // -o json|yaml: the ClientKey fields plus "secret", as one object.
+    let mut value = serde_json::to_value(&key).context("serializing the key")?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(
+            "secret".to_string(),
+            serde_json::Value::String(resp.secret.clone()),
+        );
+    }
+    session.emit(&value, |out| {
+        table(std::slice::from_ref(&key)).write(out)?;
+        writeln!(out)?;
+        writeln!(out, "secret: {}", resp.secret)?;
+        writeln!(
+            out,
+            "This secret is shown only once and cannot be retrieved again: store it now."
+        )
+    })
+}
+
+/// One row per client key.
+pub fn table(keys: &[ClientKey]) -> Table {
+    let mut t = Table::new(&["NAME", "ID", "PREFIX", "MODELS", "RPM", "CREATED"]);
+    for k in keys {
+        let models = if k.models.is_empty() {
+            "*".to_string()
+        } else {
+            k.models.join(",")
+        };
+        let rpm = if k.rpm == 0 {
+            "unlimited".to_string()
+        } else {
+            k.rpm.to_string()
+        };
+        let name = if k.internal {
+            format!("{} (internal)", k.name)
+        } else {
+            k.name.clone()
+        };
+        t.row(vec![
+            name,
+            k.id.clone(),
+            k.prefix.clone(),
+            models,
+            rpm,
+            output::timestamp(&k.created_at),
+        ]);
+    }
+    t
+}

@@ -1,0 +1,80 @@
+//! `clawctl`: the operator CLI of Claw Gateway. It drives the control plane
+//! over gRPC only, never sled or the proxies.
+//!
+//! - [`cli`]: every verb and flag (clap), with help and examples.
+//! - [`session`]: one invocation: connect options and the `-o` format.
+//! - [`client`]: the gRPC connection, the admin token on every call, and
+//!   gRPC failures as one line (`not found: backend "x" not found`).
+//! - [`output`]: tables, `key: value` views, JSON and YAML.
+//! - [`duration`]: `30s`/`5m`/`1h30m` to and from the API's ms/s fields.
+//! - [`api_key`]: reading provider keys from env/file/stdin and their
+//!   `env:`/`file:` references.
+//! - [`backend`], [`pool`], [`key`], [`agent`], [`cluster`]: the verbs of
+//!   each resource (`cluster`: snapshot, proxies, master key).
+//! - [`document`]: the YAML document of `export`/`apply` and its conversion
+//!   to and from the API's `ClusterConfig`; [`apply`]: those two verbs.
+//!
+//! Errors surface as a single `error: ...` line (see `main.rs`); secrets are
+//! never printed except a client key's secret, once, at creation.
+
+pub mod agent;
+pub mod api_key;
+pub mod apply;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod document;
+pub mod duration;
+pub mod key;
+pub mod output;
+pub mod pool;
+pub mod session;
+
+use cli::{Cli, Command};
+use client::ConnectOptions;
+use session::Session;
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let session = Session {
+        connect: ConnectOptions {
+            server: cli.server,
+            token: cli.token,
+            timeout: cli.rpc_timeout,
+            ca_cert: cli.ca_cert,
+        },
+        format: cli.output,
+    };
+    match cli.command {
+        Command::Backend(cmd) => backend::run(&session, cmd).await,
+        Command::Pool(cmd) => pool::run(&session, cmd).await,
+        Command::Key(cmd) => key::run(&session, cmd).await,
+        Command::Agent(cmd) => agent::run(&session, cmd).await,
+        Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
+        Command::Snapshot => cluster::snapshot(&session).await,
+        Command::Proxies => cluster::proxies(&session).await,
+        Command::Export(args) => apply::export(&session, args).await,
+        Command::Apply(args) => apply::apply(&session, args).await,
+    }
+}
+
+/// The one line printed for an error: its context chain joined with `: `,
+/// with any line breaks from server messages flattened.
+pub fn error_line(err: &anyhow::Error) -> String {
+    format!("{err:#}")
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// True when the error is stdout being closed early (`clawctl ... | head`),
+/// which is not a failure worth reporting.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

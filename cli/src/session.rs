@@ -1,0 +1,44 @@
+//! One invocation of `clawctl`: how to reach the control plane and how to
+//! print what comes back.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::client::{ConnectOptions, Connection};
+use crate::output::{self, Format};
+
+/// The global flags, parsed once and handed to every verb.
+#[derive(Debug)]
+pub struct Session {
+    /// Where to connect and with which token.
+    pub connect: ConnectOptions,
+    /// The `-o` format.
+    pub format: Format,
+}
+
+impl Session {
+    /// Connects to the control plane. Verbs call this only after everything
+    /// they read locally (keys, files) is in hand, so a local error sends
+    /// nothing.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        Connection::connect(&self.connect).await
+    }
+
+    /// Prints `value` in the session's format; `table` writes the human view.
+    pub fn emit<T, F>(&self, value: &T, table: F) -> anyhow::Result<()>
+    where
+        T: Serialize + ?Sized,
+        F: FnOnce(&mut dyn Write) -> io::Result<()>,
+    {
+        let mut out = io::stdout().lock();
+        output::emit(&mut out, self.format, value, table)?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// Prints a warning on standard error (never a secret).
+pub fn warn(message: impl std::fmt::Display) {
+    eprintln!("warning: {message}");
+}
