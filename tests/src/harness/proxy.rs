@@ -1,0 +1,249 @@
+//! The real `claw-data-plane` proxy as a child process.
+
+use super::ControlPlane;
+use super::binary::{DATA_PLANE, binary_path};
+use super::child::{
+    ChildProcess, DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT, Spec, StartError, read_from,
+};
+use super::http;
+use super::logs::LogDir;
+use super::wait::wait_until;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// How long [`Proxy::wait_ready`] waits for `/readyz`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Options for starting a proxy; get one from [`Proxy::builder`].
+#[derive(Debug, Clone)]
+pub struct ProxyBuilder {
+    control_plane: String,
+    proxy_token: String,
+    node_id: String,
+    env: Vec<(OsString, Option<OsString>)>,
+    args: Vec<OsString>,
+    start_timeout: Duration,
+}
+
+impl ProxyBuilder {
+    /// A proxy of the control plane at `control_plane_url` (`http://grpc-addr`).
+    pub fn new(control_plane_url: impl Into<String>, proxy_token: impl Into<String>) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        Self {
+            control_plane: control_plane_url.into(),
+            proxy_token: proxy_token.into(),
+            node_id: format!(
+                "proxy-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+            env: Vec::new(),
+            args: Vec::new(),
+            start_timeout: DEFAULT_START_TIMEOUT,
+        }
+    }
+
+    /// The node id it reports (unique per test process by default).
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.node_id = id.into();
+        self
+    }
+
+    /// Overrides the proxy token (e.g. a wrong one).
+    pub fn proxy_token(mut self, token: impl Into<String>) -> Self {
+        self.proxy_token = token.into();
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), None));
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// Starts it (listening; not necessarily ready: see [`Proxy::wait_ready`]).
+    ///
+    /// # Panics
+    /// When it does not come up, with its output.
+    #[track_caller]
+    pub fn start(self) -> Proxy {
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start(self) -> Result<Proxy, StartError> {
+        let mut proxy = Proxy {
+            process: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs: LogDir::new(&self.node_id),
+            options: self,
+        };
+        proxy.spawn(None)?;
+        Ok(proxy)
+    }
+}
+
+/// A running `claw-data-plane`. Killed on drop.
+#[derive(Debug)]
+pub struct Proxy {
+    process: Option<ChildProcess>,
+    addr: SocketAddr,
+    logs: LogDir,
+    options: ProxyBuilder,
+}
+
+impl Proxy {
+    /// Starts a proxy of `cp` and returns once it listens.
+    #[track_caller]
+    pub fn start(cp: &ControlPlane) -> Self {
+        Self::builder(cp).start()
+    }
+
+    /// Options for a proxy of `cp`.
+    pub fn builder(cp: &ControlPlane) -> ProxyBuilder {
+        ProxyBuilder::new(cp.grpc_url(), cp.proxy_token())
+    }
+
+    fn spawn(&mut self, addr: Option<SocketAddr>) -> Result<(), StartError> {
+        let o = &self.options;
+        let mut args: Vec<OsString> = vec![
+            "--addr".into(),
+            addr.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string())
+                .into(),
+            "--control-plane".into(),
+            o.control_plane.clone().into(),
+            "--node-id".into(),
+            o.node_id.clone().into(),
+        ];
+        args.extend(o.args.iter().cloned());
+        let mut env = vec![(
+            "CLAW_PROXY_TOKEN".into(),
+            Some(o.proxy_token.clone().into()),
+        )];
+        env.extend(o.env.iter().cloned());
+        let spec = Spec {
+            label: format!("claw-data-plane {}", o.node_id),
+            program: binary_path(DATA_PLANE),
+            args,
+            env,
+            log_path: self.log_path(),
+            start_timeout: o.start_timeout,
+        };
+        let (process, listening) = ChildProcess::spawn(&spec)?;
+        self.addr = listening.get("http").ok_or_else(|| StartError {
+            label: spec.label.clone(),
+            reason: format!("its `listening` line has no `http=` address: {listening:?}"),
+            status: None,
+            output: read_from(&spec.log_path, 0),
+        })?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ip:port` (the OpenAI API is under `/v1`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://ip:port/v1`, the base URL for OpenAI clients.
+    pub fn openai_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.options.node_id
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildProcess::pid)
+    }
+
+    /// Whether `GET /readyz` answers 200 right now.
+    pub fn is_ready(&self) -> bool {
+        http::request(self.addr, "GET", "/readyz", None, Duration::from_secs(2))
+            .is_ok_and(|r| r.status == 200)
+    }
+
+    /// Waits until `GET /readyz` is 200 (it holds a config snapshot).
+    ///
+    /// # Panics
+    /// After [`READY_TIMEOUT`], with its log.
+    #[track_caller]
+    pub fn wait_ready(&self) {
+        self.wait_ready_timeout(READY_TIMEOUT);
+    }
+
+    #[track_caller]
+    pub fn wait_ready_timeout(&self, timeout: Duration) {
+        assert!(
+            wait_until(timeout, || self.is_ready()),
+            "proxy {} at {} not ready within {timeout:?}; log:\n{}",
+            self.node_id(),
+            self.addr,
+            self.logs()
+        );
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.logs.file("data-plane.log")
+    }
+
+    /// Everything logged so far, across restarts.
+    pub fn logs(&self) -> String {
+        read_from(&self.log_path(), 0)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(ChildProcess::is_running)
+    }
+
+    /// SIGTERM and wait; the exit status, or `None` if not running.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut process = self.process.take()?;
+        Some(process.terminate(DEFAULT_STOP_TIMEOUT))
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill9(&mut self) -> Option<ExitStatus> {
+        let mut process = self.process.take()?;
+        Some(process.kill9())
+    }
+
+    /// Stops it (if running) and starts it again on the same port.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(Some(self.addr))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}

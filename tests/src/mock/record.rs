@@ -1,0 +1,286 @@
+//! The mock's record of what it received and sent: the source of truth that
+//! tests compare the gateway's own accounting against.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// How a request ended, from the mock's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Outcome {
+    /// A 2xx answer, fully written (`"ok"`).
+    Ok,
+    /// A non-2xx answer, scripted or not (`"429"`, `"500"`, `"401"`…).
+    Status(u16),
+    /// The mock dropped the connection on purpose (`"reset"`).
+    Reset,
+    /// The peer went away before the answer was complete (`"client_gone"`).
+    ClientGone,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Ok => f.write_str("ok"),
+            Outcome::Status(s) => write!(f, "{s}"),
+            Outcome::Reset => f.write_str("reset"),
+            Outcome::ClientGone => f.write_str("client_gone"),
+        }
+    }
+}
+
+impl From<Outcome> for String {
+    fn from(o: Outcome) -> Self {
+        o.to_string()
+    }
+}
+
+impl TryFrom<String> for Outcome {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "ok" => Ok(Outcome::Ok),
+            "reset" => Ok(Outcome::Reset),
+            "client_gone" => Ok(Outcome::ClientGone),
+            other => other
+                .parse()
+                .map(Outcome::Status)
+                .map_err(|_| format!("unknown outcome `{other}`")),
+        }
+    }
+}
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    /// Arrival order, from 1.
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    /// The request body's `model`, when it has one.
+    pub model: Option<String>,
+    /// Every header, names lowercased; repeated headers joined with `", "`.
+    pub headers: BTreeMap<String, String>,
+    /// The parsed JSON body (`null` when absent or not JSON).
+    pub body: serde_json::Value,
+    pub stream: bool,
+    /// Whether `stream_options.include_usage` was `true`.
+    pub include_usage: bool,
+    pub prompt_tokens: u64,
+    /// Completion tokens actually written: for a stream cut short, the content
+    /// chunks sent before the cut.
+    pub completion_tokens_sent: u64,
+    /// HTTP status of the response head, `None` when none was sent.
+    pub status: Option<u16>,
+    pub outcome: Outcome,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// From arrival to the end of the response (or of the connection).
+    pub duration_ms: u64,
+}
+
+impl RecordedRequest {
+    /// A header's value by (case-insensitive) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+/// Counters over all requests, kept even when the record is disabled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Requests received on `/v1/*`.
+    pub requests: u64,
+    /// Received but not finished yet (e.g. streams being written).
+    pub in_flight: u64,
+    /// Requests that asked for `stream: true`.
+    pub streams: u64,
+    pub ok: u64,
+    /// Non-2xx answers.
+    pub http_errors: u64,
+    pub resets: u64,
+    pub client_gone: u64,
+    /// Prompt tokens of requests that got a 2xx head (billable ones).
+    pub prompt_tokens: u64,
+    pub completion_tokens_sent: u64,
+    /// One-shot script actions not consumed yet.
+    pub script_pending: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    finished: AtomicU64,
+    streams: AtomicU64,
+    ok: AtomicU64,
+    http_errors: AtomicU64,
+    resets: AtomicU64,
+    client_gone: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens_sent: AtomicU64,
+}
+
+/// Where finished requests go.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    enabled: bool,
+    counters: Counters,
+    records: Mutex<Vec<RecordedRequest>>,
+}
+
+impl Recorder {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            counters: Counters::default(),
+            records: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Counts an arrival and returns its sequence number.
+    pub(crate) fn arrive(&self) -> u64 {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn finish(&self, record: RecordedRequest) {
+        let c = &self.counters;
+        if record.stream {
+            c.streams.fetch_add(1, Ordering::Relaxed);
+        }
+        let counter = match record.outcome {
+            Outcome::Ok => &c.ok,
+            Outcome::Status(_) => &c.http_errors,
+            Outcome::Reset => &c.resets,
+            Outcome::ClientGone => &c.client_gone,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if record.status.is_some_and(|s| (200..300).contains(&s)) {
+            c.prompt_tokens
+                .fetch_add(record.prompt_tokens, Ordering::Relaxed);
+        }
+        c.completion_tokens_sent
+            .fetch_add(record.completion_tokens_sent, Ordering::Relaxed);
+        if self.enabled {
+            self.lock().push(record);
+        }
+        // Last, so that a test seeing `in_flight == 0` also sees the record.
+        c.finished.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
+        let mut records = self.lock().clone();
+        records.sort_by_key(|r| r.seq);
+        records
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        let c = &self.counters;
+        let finished = c.finished.load(Ordering::Acquire);
+        let requests = c.requests.load(Ordering::Relaxed);
+        Totals {
+            requests,
+            in_flight: requests.saturating_sub(finished),
+            streams: c.streams.load(Ordering::Relaxed),
+            ok: c.ok.load(Ordering::Relaxed),
+            http_errors: c.http_errors.load(Ordering::Relaxed),
+            resets: c.resets.load(Ordering::Relaxed),
+            client_gone: c.client_gone.load(Ordering::Relaxed),
+            prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens_sent: c.completion_tokens_sent.load(Ordering::Relaxed),
+            script_pending: 0,
+        }
+    }
+
+    /// Forgets the record and zeroes the counters (in-flight requests still
+    /// finish into the fresh state).
+    pub(crate) fn reset(&self) {
+        self.lock().clear();
+        let c = &self.counters;
+        let in_flight = c
+            .requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(c.finished.load(Ordering::Acquire));
+        for counter in [
+            &c.streams,
+            &c.ok,
+            &c.http_errors,
+            &c.resets,
+            &c.client_gone,
+            &c.prompt_tokens,
+            &c.completion_tokens_sent,
+            &c.finished,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        c.requests.store(in_flight, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedRequest>> {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A request being answered. Dropping it files the record, so whichever way
+/// the answer ends (written, cut, or abandoned by the peer) it is counted once.
+pub(crate) struct RecordGuard {
+    recorder: std::sync::Arc<Recorder>,
+    record: Option<RecordedRequest>,
+    started: Instant,
+}
+
+impl RecordGuard {
+    pub(crate) fn new(recorder: std::sync::Arc<Recorder>, mut record: RecordedRequest) -> Self {
+        record.timestamp_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self {
+            recorder,
+            record: Some(record),
+            started: Instant::now(),
+        }
+    }
+
+    fn record(&mut self) -> &mut RecordedRequest {
+        self.record
+            .as_mut()
+            .expect("the record is only taken in Drop")
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.record.as_ref().map_or(0, |r| r.seq)
+    }
+
+    pub(crate) fn set_status(&mut self, status: u16) {
+        self.record().status = Some(status);
+    }
+
+    pub(crate) fn add_sent(&mut self, tokens: u64) {
+        self.record().completion_tokens_sent += tokens;
+    }
+
+    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
+        self.record().outcome = outcome;
+    }
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.duration_ms =
+                u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.recorder.finish(record);
+        }
+    }
+}
