@@ -20,9 +20,16 @@
 //! - [`store`]: the small engine-agnostic storage trait and its sled
 //!   implementation.
 
+pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod crypto;
+pub mod http;
+pub mod metrics;
+pub mod proxies;
+pub mod server;
 pub mod store;
 
 pub use config::Config;
+pub use server::run;
+pub mod heartbeat;

@@ -1,1 +1,211 @@
-fn main() {}
+//! `claw-control-plane`: flags and environment, logging, signals. Everything
+//! else lives in the library (`claw_control_plane::server`).
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use claw_control_plane::config::{self, Config};
+use claw_control_plane::crypto;
+use claw_control_plane::server::Server;
+use tokio::net::TcpListener;
+
+/// The Claw Gateway control plane: stores backends (API keys encrypted),
+/// pools, client keys and agents, and serves the claw.v1 gRPC admin API.
+#[derive(Debug, Parser)]
+#[command(
+    name = "claw-control-plane",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Every flag can also be set through the environment variable shown. \
+Logs go to stderr; RUST_LOG filters them (default: info). Once both listeners are bound, \
+one line `listening grpc=<addr> http=<addr>` is printed to stdout. SIGTERM or ctrl-c \
+stops the server gracefully.\n\n\
+First start:\n  export CLAW_MASTER_KEY=$(claw-control-plane keygen)\n  \
+export CLAW_ADMIN_TOKEN=$(claw-control-plane token)\n  \
+export CLAW_PROXY_TOKEN=$(claw-control-plane token)\n  claw-control-plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a fresh random master key (64 hex characters) and exit.
+    Keygen,
+    /// Print a fresh random token (for CLAW_ADMIN_TOKEN or CLAW_PROXY_TOKEN) and exit.
+    Token,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address of the gRPC API (clawctl, proxies). Port 0 picks a free port.
+    #[arg(long, env = "CLAW_CP_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    grpc_addr: SocketAddr,
+
+    /// Address of the HTTP listener serving /healthz and /metrics.
+    #[arg(long, env = "CLAW_CP_HTTP_ADDR", default_value = "127.0.0.1:9091")]
+    http_addr: SocketAddr,
+
+    /// Directory of the database; created with mode 0700 if missing.
+    #[arg(long, env = "CLAW_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+
+    /// Master key, 64 hex characters (`claw-control-plane keygen`). Prefer
+    /// the environment variable or --master-key-file: command lines are
+    /// visible to other users.
+    #[arg(
+        long,
+        env = "CLAW_MASTER_KEY",
+        hide_env_values = true,
+        value_name = "HEX"
+    )]
+    master_key: Option<String>,
+
+    /// File holding the master key (64 hex characters; whitespace ignored).
+    #[arg(long, env = "CLAW_MASTER_KEY_FILE", value_name = "PATH")]
+    master_key_file: Option<PathBuf>,
+
+    /// Token clawctl must present (`authorization: Bearer <token>`); at least 16 characters.
+    #[arg(
+        long,
+        env = "CLAW_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    admin_token: Option<String>,
+
+    /// Token data-plane proxies must present; at least 16 characters, different from the admin token.
+    #[arg(
+        long,
+        env = "CLAW_PROXY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    proxy_token: Option<String>,
+
+    /// Log format on stderr.
+    #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Keygen) => return print_line(&crypto::generate_master_key_hex()),
+        Some(Command::Token) => return print_line(&crypto::generate_token()),
+        None => {}
+    }
+    init_logging(cli.serve.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("claw-control-plane: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli.serve)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("claw-control-plane: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_line(line: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let master_key =
+        config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
+    let config = Config::new(
+        args.data_dir,
+        master_key,
+        args.admin_token,
+        args.proxy_token,
+    )?;
+    let server = Server::open(config).await?;
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", args.grpc_addr))?;
+    let http = TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", args.http_addr))?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    {
+        // The contract with supervisors and tests: exactly this one line.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening grpc={grpc_addr} http={http_addr}")?;
+        out.flush()?;
+    }
+    server.serve(grpc, http, shutdown_signal()).await
+}
+
+/// Completes on SIGTERM or ctrl-c (SIGINT).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("received ctrl-c"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for ctrl-c");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                tracing::info!("received SIGTERM");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

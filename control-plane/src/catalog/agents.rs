@@ -279,7 +279,8 @@ mod tests {
     #[tokio::test]
     async fn invalid_agents_name_the_field_and_store_nothing() {
         let (_dir, c) = catalog().await;
-        let cases: [(&str, fn(&mut Agent)); 4] = [
+        type Case = (&'static str, fn(&mut Agent));
+        let cases: [Case; 4] = [
             ("timezone", |a| a.timezone = "Mars/Olympus".into()),
             ("active_hours", |a| a.active_hours = "09:00-09:00".into()),
             ("active_hours", |a| a.active_hours = "25:00-26:00".into()),

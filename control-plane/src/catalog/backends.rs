@@ -42,16 +42,16 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
 /// enforcing name uniqueness. `old_name` is the name it had before (for
 /// renames); `None` for a new backend.
 pub(super) fn put(txn: &dyn Txn, rec: &BackendRecord, old_name: Option<&str>) -> Result<()> {
-    let spec = rec.spec.as_ref().ok_or_else(|| missing_spec())?;
+    let spec = rec.spec.as_ref().ok_or_else(missing_spec)?;
     let (id, name) = (spec.id.as_str(), spec.name.as_str());
     if old_name != Some(name) {
-        if let Some(owner) = txn.get(Tree::BackendNames, name.as_bytes())? {
-            if owner != id.as_bytes() {
-                return Err(CatalogError::exists(
-                    "name",
-                    format!("backend {name:?} already exists"),
-                ));
-            }
+        if let Some(owner) = txn.get(Tree::BackendNames, name.as_bytes())?
+            && owner != id.as_bytes()
+        {
+            return Err(CatalogError::exists(
+                "name",
+                format!("backend {name:?} already exists"),
+            ));
         }
         if let Some(old) = old_name {
             txn.remove(Tree::BackendNames, old.as_bytes())?;

@@ -98,6 +98,9 @@ pub trait Txn {
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// A transaction body as the engine sees it: it may run more than once (on
 /// conflicts), so it must not have side effects outside the transaction.
 pub type TxnBody<'a> = dyn Fn(&dyn Txn) -> Result<(), Rollback> + 'a;
@@ -110,7 +113,7 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one key.
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every entry of a tree in key order.
-    fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, tree: Tree) -> Result<Vec<Entry>, StoreError>;
     /// Number of entries in a tree.
     fn len(&self, tree: Tree) -> Result<usize, StoreError>;
     /// Runs `body` atomically over `trees`. Returns `Ok(true)` when it

@@ -10,7 +10,7 @@ use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 
-use super::{BoxFuture, Rollback, Store, StoreError, Tree, Txn, TxnBody};
+use super::{BoxFuture, Entry, Rollback, Store, StoreError, Tree, Txn, TxnBody};
 
 /// The sled-backed store. Cheap to share behind an `Arc`.
 pub struct SledStore {
@@ -123,7 +123,7 @@ impl Store for SledStore {
         Ok(v.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, tree: Tree) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, tree: Tree) -> Result<Vec<Entry>, StoreError> {
         self.tree(tree)?
             .iter()
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))

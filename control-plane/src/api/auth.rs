@@ -1,0 +1,140 @@
+//! Bearer-token authentication for gRPC services.
+//!
+//! Every `claw.v1` admin service (and reflection) is wrapped in a
+//! [`TokenAuth`] built from the admin token; the proxy-facing discovery
+//! service gets a second instance built from the proxy token. Tokens are
+//! compared in constant time over their SHA-256 digests (fixed length, so not
+//! even the length leaks).
+//!
+//! gRPC health (`grpc.health.v1.Health`) is deliberately unauthenticated:
+//! Kubernetes and load-balancer probes cannot send headers, and it reveals
+//! nothing but serving status.
+
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::config::Token;
+
+/// An interceptor that admits requests carrying
+/// `authorization: Bearer <token>` for one token.
+#[derive(Clone)]
+pub struct TokenAuth {
+    expected: Arc<[u8; 32]>,
+    rejection: &'static str,
+}
+
+impl std::fmt::Debug for TokenAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenAuth")
+            .field("rejection", &self.rejection)
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+impl TokenAuth {
+    /// Admits holders of the admin token.
+    pub fn admin(token: &Token) -> Self {
+        TokenAuth {
+            expected: Arc::new(digest(token.as_bytes())),
+            rejection: "missing or invalid admin token",
+        }
+    }
+
+    /// Admits holders of the proxy token.
+    pub fn proxy(token: &Token) -> Self {
+        TokenAuth {
+            expected: Arc::new(digest(token.as_bytes())),
+            rejection: "missing or invalid proxy token",
+        }
+    }
+
+    /// Whether request metadata carries the expected bearer token.
+    pub fn admits(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+        let Some(value) = metadata.get("authorization").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Some((scheme, token)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return false;
+        }
+        digest(token.trim().as_bytes())
+            .ct_eq(self.expected.as_ref())
+            .into()
+    }
+}
+
+impl Interceptor for TokenAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.admits(request.metadata()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(self.rejection))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(s: &str) -> Token {
+        Token::new("T", Some(s.into())).expect("valid")
+    }
+
+    fn request(auth: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(a) = auth {
+            r.metadata_mut()
+                .insert("authorization", a.parse().expect("ascii"));
+        }
+        r
+    }
+
+    #[test]
+    fn only_the_right_bearer_token_passes() {
+        let mut admin = TokenAuth::admin(&token("admin-token-0123456789"));
+        assert!(
+            admin
+                .call(request(Some("Bearer admin-token-0123456789")))
+                .is_ok()
+        );
+        assert!(
+            admin
+                .call(request(Some("bearer admin-token-0123456789")))
+                .is_ok()
+        );
+        for bad in [
+            None,
+            Some("Bearer proxy-token-0123456789"),
+            Some("admin-token-0123456789"),
+            Some("Basic admin-token-0123456789"),
+            Some("Bearer admin-token-012345678"),
+            Some("Bearer "),
+        ] {
+            let err = admin.call(request(bad)).expect_err("rejected");
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+            assert_eq!(err.message(), "missing or invalid admin token");
+        }
+        let mut proxy = TokenAuth::proxy(&token("proxy-token-0123456789"));
+        assert!(
+            proxy
+                .call(request(Some("Bearer proxy-token-0123456789")))
+                .is_ok()
+        );
+        assert!(
+            proxy
+                .call(request(Some("Bearer admin-token-0123456789")))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! `claw.v1.ClientKeyService`.
+
+use claw_proto::v1::client_key_service_server::ClientKeyService;
+use claw_proto::v1::*;
+use tonic::Request;
+
+use super::{RpcResult, SharedCatalog, ok, required};
+
+/// Serves client keys from the catalog.
+#[derive(Debug, Clone)]
+pub struct ClientKeyApi {
+    catalog: SharedCatalog,
+}
+
+impl ClientKeyApi {
+    /// A service over `catalog`.
+    pub fn new(catalog: SharedCatalog) -> Self {
+        ClientKeyApi { catalog }
+    }
+}
+
+#[tonic::async_trait]
+impl ClientKeyService for ClientKeyApi {
+    async fn create_client_key(
+        &self,
+        request: Request<CreateClientKeyRequest>,
+    ) -> RpcResult<CreateClientKeyResponse> {
+        let key = required(request.into_inner().key, "key")?;
+        let (key, secret, config_version) = self.catalog.create_client_key(key).await?;
+        tracing::info!(key = %key.id, name = %key.name, prefix = %key.prefix, config_version, "client key created");
+        ok(CreateClientKeyResponse {
+            key: Some(key),
+            secret,
+            config_version,
+        })
+    }
+
+    async fn get_client_key(
+        &self,
+        request: Request<GetClientKeyRequest>,
+    ) -> RpcResult<GetClientKeyResponse> {
+        let key = self.catalog.get_client_key(&request.into_inner().key)?;
+        ok(GetClientKeyResponse { key: Some(key) })
+    }
+
+    async fn list_client_keys(
+        &self,
+        _request: Request<ListClientKeysRequest>,
+    ) -> RpcResult<ListClientKeysResponse> {
+        ok(ListClientKeysResponse {
+            keys: self.catalog.list_client_keys()?,
+        })
+    }
+
+    async fn delete_client_key(
+        &self,
+        request: Request<DeleteClientKeyRequest>,
+    ) -> RpcResult<DeleteClientKeyResponse> {
+        let ident = request.into_inner().key;
+        let config_version = self.catalog.delete_client_key(&ident).await?;
+        tracing::info!(key = %ident, config_version, "client key deleted");
+        ok(DeleteClientKeyResponse { config_version })
+    }
+}

@@ -1,0 +1,127 @@
+//! `claw.v1.ClusterService`: snapshot info, proxies, master key rotation,
+//! whole-config export and apply.
+
+use std::sync::Arc;
+
+use claw_proto::v1::cluster_service_server::ClusterService;
+use claw_proto::v1::*;
+use tonic::{Request, Status};
+
+use super::{RpcResult, SharedCatalog, ok};
+use crate::catalog::ApplyRequest;
+use crate::crypto::MasterKey;
+use crate::metrics;
+use crate::proxies::ProxyRegistry;
+
+/// Serves cluster-wide operations.
+#[derive(Debug, Clone)]
+pub struct ClusterApi {
+    catalog: SharedCatalog,
+    proxies: Arc<ProxyRegistry>,
+}
+
+impl ClusterApi {
+    /// A service over `catalog` and the proxy registry.
+    pub fn new(catalog: SharedCatalog, proxies: Arc<ProxyRegistry>) -> Self {
+        ClusterApi { catalog, proxies }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn get_snapshot_info(
+        &self,
+        _request: Request<GetSnapshotInfoRequest>,
+    ) -> RpcResult<GetSnapshotInfoResponse> {
+        let info = self.catalog.info()?;
+        ok(GetSnapshotInfoResponse {
+            config_version: info.config_version,
+            schema_version: info.schema_version,
+            master_key_id: info.master_key_id.to_string(),
+            backends: count(info.backends),
+            client_keys: count(info.client_keys),
+            agents: count(info.agents),
+            proxies_connected: count(self.proxies.connected_count()),
+        })
+    }
+
+    async fn list_proxies(
+        &self,
+        _request: Request<ListProxiesRequest>,
+    ) -> RpcResult<ListProxiesResponse> {
+        ok(ListProxiesResponse {
+            proxies: self.proxies.list().iter().map(|p| p.to_proto()).collect(),
+            config_version: self.catalog.config_version(),
+        })
+    }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<RotateMasterKeyRequest>,
+    ) -> RpcResult<RotateMasterKeyResponse> {
+        let new_key = MasterKey::from_hex(&request.into_inner().new_master_key).map_err(|_| {
+            Status::invalid_argument("new_master_key: must be exactly 64 hex characters (32 bytes)")
+        })?;
+        let report = self.catalog.rotate_master_key(new_key).await?;
+        metrics::master_key_rotated();
+        tracing::info!(
+            old_key_id = %report.old_key_id,
+            new_key_id = %report.new_key_id,
+            reencrypted = report.reencrypted,
+            "master key rotated"
+        );
+        ok(RotateMasterKeyResponse {
+            old_key_id: report.old_key_id.to_string(),
+            new_key_id: report.new_key_id.to_string(),
+            reencrypted: count(report.reencrypted),
+        })
+    }
+
+    async fn export_config(
+        &self,
+        _request: Request<ExportConfigRequest>,
+    ) -> RpcResult<ExportConfigResponse> {
+        let (config, config_version) = self.catalog.export().await?;
+        ok(ExportConfigResponse {
+            config: Some(config),
+            config_version,
+        })
+    }
+
+    async fn apply_config(
+        &self,
+        request: Request<ApplyConfigRequest>,
+    ) -> RpcResult<ApplyConfigResponse> {
+        let req = request.into_inner();
+        let (dry_run, prune) = (req.dry_run, req.prune);
+        let outcome = self
+            .catalog
+            .apply(ApplyRequest {
+                config: req.config.unwrap_or_default(),
+                dry_run,
+                prune,
+            })
+            .await?;
+        let changed = outcome
+            .changes
+            .iter()
+            .filter(|c| c.action != ChangeAction::Unchanged as i32)
+            .count();
+        tracing::info!(
+            dry_run,
+            prune,
+            changed,
+            config_version = outcome.config_version,
+            "configuration applied"
+        );
+        ok(ApplyConfigResponse {
+            changes: outcome.changes,
+            config_version: outcome.config_version,
+            created_secrets: outcome.created_secrets,
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP listener for operators and probes (hyper 1):
+//!
+//! - `GET /healthz`: `200 ok` while the store answers reads, `503` otherwise.
+//! - `GET /metrics`: Prometheus text exposition (see [`crate::metrics`]).
+//! - anything else: `404`.
+//!
+//! It carries no secrets and needs no token; bind it to a private address.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::catalog::Catalog;
+
+/// How long open connections get to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Checked by `/healthz`.
+    pub catalog: Arc<Catalog>,
+    /// Rendered by `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// Routes one request.
+pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let method_ok = matches!(*request.method(), Method::GET | Method::HEAD);
+    match request.uri().path() {
+        "/healthz" | "/metrics" if !method_ok => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        ),
+        "/healthz" => match state.catalog.check() {
+            Ok(()) => text(StatusCode::OK, PLAIN, "ok\n"),
+            Err(e) => {
+                tracing::warn!(error = %e, "health check failed");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "store unavailable\n",
+                )
+            }
+        },
+        "/metrics" => {
+            crate::metrics::record_catalog(&state.catalog);
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.render(),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` turns true, then lets open
+/// connections finish (up to a timeout).
+pub async fn serve(listener: TcpListener, state: HttpState, mut shutdown: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let response = respond(&state, &req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+                    }
+                });
+            }
+            () = crate::server::stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("http connections did not close in time");
+        }
+    }
+}

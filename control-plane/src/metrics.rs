@@ -1,0 +1,209 @@
+//! Prometheus metrics: names, the process-wide recorder, catalog gauges and
+//! a tower layer that counts and times every gRPC request.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `claw_cp_grpc_requests_total` | counter | `method`, `code` |
+//! | `claw_cp_grpc_request_duration_seconds` | histogram | `method` |
+//! | `claw_cp_config_version` | gauge | |
+//! | `claw_cp_backends` / `claw_cp_client_keys` / `claw_cp_agents` | gauge | |
+//! | `claw_cp_master_key_rotations_total` | counter | |
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::catalog::Catalog;
+
+/// gRPC requests by method and status code.
+pub const GRPC_REQUESTS_TOTAL: &str = "claw_cp_grpc_requests_total";
+/// gRPC request latency by method.
+pub const GRPC_REQUEST_DURATION_SECONDS: &str = "claw_cp_grpc_request_duration_seconds";
+/// Current configuration version.
+pub const CONFIG_VERSION: &str = "claw_cp_config_version";
+/// Number of backends.
+pub const BACKENDS: &str = "claw_cp_backends";
+/// Number of client keys.
+pub const CLIENT_KEYS: &str = "claw_cp_client_keys";
+/// Number of agents.
+pub const AGENTS: &str = "claw_cp_agents";
+/// Master key rotations since start.
+pub const MASTER_KEY_ROTATIONS_TOTAL: &str = "claw_cp_master_key_rotations_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The process-wide Prometheus handle. The first call installs the global
+/// recorder; later calls (a second server in the same test process) reuse
+/// it. If another recorder was installed first, metrics go there and the
+/// returned handle renders an empty page.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = match builder.set_buckets_for_metric(
+                Matcher::Full(GRPC_REQUEST_DURATION_SECONDS.to_string()),
+                LATENCY_BUCKETS,
+            ) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "latency buckets rejected; using summaries");
+                    PrometheusBuilder::new()
+                }
+            };
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if let Err(e) = metrics::set_global_recorder(recorder) {
+                tracing::warn!(error = %e, "a metrics recorder was already installed");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        GRPC_REQUESTS_TOTAL,
+        "gRPC requests by method and status code"
+    );
+    metrics::describe_histogram!(
+        GRPC_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "gRPC request latency"
+    );
+    metrics::describe_gauge!(CONFIG_VERSION, "Current configuration version");
+    metrics::describe_gauge!(BACKENDS, "Configured backends");
+    metrics::describe_gauge!(CLIENT_KEYS, "Configured client keys");
+    metrics::describe_gauge!(AGENTS, "Configured agents");
+    metrics::describe_counter!(
+        MASTER_KEY_ROTATIONS_TOTAL,
+        "Master key rotations since the process started"
+    );
+}
+
+/// Sets the catalog gauges from the current state.
+pub fn record_catalog(catalog: &Catalog) {
+    metrics::gauge!(CONFIG_VERSION).set(catalog.config_version() as f64);
+    match catalog.info() {
+        Ok(info) => {
+            metrics::gauge!(BACKENDS).set(info.backends as f64);
+            metrics::gauge!(CLIENT_KEYS).set(info.client_keys as f64);
+            metrics::gauge!(AGENTS).set(info.agents as f64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count catalog resources"),
+    }
+}
+
+/// Counts a successful master key rotation.
+pub fn master_key_rotated() {
+    metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(1);
+}
+
+/// Keeps `/metrics` initialized with every gauge and counter at zero.
+pub fn touch() {
+    metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(0);
+}
+
+/// Counts and times every gRPC request passing through the server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner }
+    }
+}
+
+/// The service made by [`GrpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+/// The status code of a response whose status is in its headers (errors,
+/// which tonic sends trailers-only); a response without one is a success
+/// whose `grpc-status: 0` follows in the trailers.
+fn response_code(headers: &http::HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+        .unwrap_or(tonic::Code::Ok)
+}
+
+/// The method label. Unknown methods (answered `Unimplemented`) share one
+/// label so that callers cannot create unbounded label values.
+fn method_label(path: &str, code: tonic::Code) -> String {
+    if code == tonic::Code::Unimplemented {
+        "unknown".to_string()
+    } else {
+        path.trim_start_matches('/').to_string()
+    }
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let start = Instant::now();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let code = match &result {
+                Ok(response) => response_code(response.headers()),
+                Err(_) => tonic::Code::Internal,
+            };
+            let method = method_label(&path, code);
+            metrics::histogram!(GRPC_REQUEST_DURATION_SECONDS, "method" => method.clone())
+                .record(start.elapsed().as_secs_f64());
+            metrics::counter!(GRPC_REQUESTS_TOTAL, "method" => method, "code" => format!("{code:?}"))
+                .increment(1);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(response_code(&h), tonic::Code::Ok);
+        h.insert("grpc-status", http::HeaderValue::from_static("16"));
+        assert_eq!(response_code(&h), tonic::Code::Unauthenticated);
+        assert_eq!(
+            method_label("/claw.v1.BackendService/ListBackends", tonic::Code::Ok),
+            "claw.v1.BackendService/ListBackends"
+        );
+        assert_eq!(method_label("/x/y", tonic::Code::Unimplemented), "unknown");
+    }
+
+    #[test]
+    fn handle_can_be_taken_twice() {
+        let a = handle();
+        let b = handle();
+        metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(0);
+        assert_eq!(a.render(), b.render());
+    }
+}

@@ -1,0 +1,264 @@
+//! Wires the control plane together on already-bound listeners: the
+//! catalog over the sled store, the authenticated gRPC services, gRPC health
+//! and reflection, the HTTP listener, metrics; and shuts it all down
+//! gracefully.
+//!
+//! Authentication: every `claw.v1` service and reflection require the admin
+//! token. gRPC health is open on purpose: probes cannot send headers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use claw_proto::v1::agent_service_server::{self, AgentServiceServer};
+use claw_proto::v1::backend_service_server::{self, BackendServiceServer};
+use claw_proto::v1::client_key_service_server::{self, ClientKeyServiceServer};
+use claw_proto::v1::cluster_service_server::{self, ClusterServiceServer};
+use claw_proto::v1::pool_service_server::{self, PoolServiceServer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
+
+use crate::api::agent::AgentApi;
+use crate::api::auth::TokenAuth;
+use crate::api::backend::BackendApi;
+use crate::api::client_key::ClientKeyApi;
+use crate::api::cluster::ClusterApi;
+use crate::api::pool::PoolApi;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::http::{self, HttpState};
+use crate::metrics::{self, GrpcMetricsLayer};
+use crate::proxies::ProxyRegistry;
+use crate::store::Store;
+use crate::store::sled::SledStore;
+
+/// The gRPC services this server reports in `grpc.health.v1`.
+const SERVICES: [&str; 5] = [
+    backend_service_server::SERVICE_NAME,
+    pool_service_server::SERVICE_NAME,
+    client_key_service_server::SERVICE_NAME,
+    agent_service_server::SERVICE_NAME,
+    cluster_service_server::SERVICE_NAME,
+];
+
+/// How often the Prometheus recorder drops stale histogram samples.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// A control plane whose store is open and checked, not yet serving. Lets
+/// `main` refuse to start (wrong key, newer schema) before it announces its
+/// listeners.
+pub struct Server {
+    config: Config,
+    catalog: Arc<Catalog>,
+    proxies: Arc<ProxyRegistry>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("data_dir", &self.config.data_dir)
+            .field("catalog", &self.catalog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the data directory and the catalog, checking the schema version
+    /// and the master key.
+    pub async fn open(config: Config) -> anyhow::Result<Server> {
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&config.data_dir).with_context(|| {
+                format!("opening data directory {}", config.data_dir.display())
+            })?);
+        let catalog = Catalog::open(store, config.master_key.clone())
+            .await
+            .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            config_version = catalog.config_version(),
+            master_key_id = %catalog.master_key_id(),
+            "catalog open"
+        );
+        Ok(Server {
+            config,
+            catalog: Arc::new(catalog),
+            proxies: Arc::new(ProxyRegistry::new()),
+        })
+    }
+
+    /// The catalog (for embedding and tests).
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The proxy registry (filled by the discovery stream).
+    pub fn proxies(&self) -> &Arc<ProxyRegistry> {
+        &self.proxies
+    }
+
+    /// Serves gRPC and HTTP until `shutdown` completes; then stops accepting,
+    /// lets in-flight requests finish, and flushes the store.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let Server {
+            config,
+            catalog,
+            proxies,
+        } = self;
+        let prometheus = metrics::handle();
+        metrics::touch();
+        metrics::record_catalog(&catalog);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in SERVICES {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let admin = TokenAuth::admin(&config.admin_token);
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(claw_proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .context("building gRPC reflection")?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("building gRPC reflection")?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut grpc_stop = stop_rx.clone();
+        let router = tonic::transport::Server::builder()
+            .layer(GrpcMetricsLayer)
+            .add_service(health_service)
+            .add_service(InterceptedService::new(reflection_v1, admin.clone()))
+            .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
+            .add_service(BackendServiceServer::with_interceptor(
+                BackendApi::new(catalog.clone()),
+                admin.clone(),
+            ))
+            .add_service(PoolServiceServer::with_interceptor(
+                PoolApi::new(catalog.clone()),
+                admin.clone(),
+            ))
+            .add_service(ClientKeyServiceServer::with_interceptor(
+                ClientKeyApi::new(catalog.clone()),
+                admin.clone(),
+            ))
+            .add_service(AgentServiceServer::with_interceptor(
+                AgentApi::new(catalog.clone()),
+                admin.clone(),
+            ))
+            .add_service(ClusterServiceServer::with_interceptor(
+                ClusterApi::new(catalog.clone(), proxies.clone()),
+                admin,
+            ));
+        let grpc_addr = grpc.local_addr().ok();
+        let http_addr = http.local_addr().ok();
+        let mut grpc_task = tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                stopped(&mut grpc_stop).await
+            }),
+        );
+        let http_task = tokio::spawn(http::serve(
+            http,
+            HttpState {
+                catalog: catalog.clone(),
+                metrics: prometheus.clone(),
+            },
+            stop_rx.clone(),
+        ));
+        let gauges = tokio::spawn(keep_gauges(catalog.clone(), stop_rx.clone()));
+        let upkeep = tokio::spawn(upkeep(prometheus, stop_rx));
+        tracing::info!(grpc = ?grpc_addr, http = ?http_addr, "serving");
+
+        let early = tokio::select! {
+            () = shutdown => None,
+            result = &mut grpc_task => Some(result),
+        };
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        for name in SERVICES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = stop_tx.send(true);
+        let grpc_result = match early {
+            Some(result) => result,
+            None => grpc_task.await,
+        };
+        if let Err(e) = http_task.await {
+            tracing::warn!(error = %e, "http server task failed");
+        }
+        let _ = gauges.await;
+        let _ = upkeep.await;
+        catalog.flush().await.context("flushing the store")?;
+        grpc_result
+            .context("gRPC server task failed")?
+            .context("gRPC server failed")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs the control plane on already-bound listeners until `shutdown`
+/// completes. Opens the store in `config.data_dir`, refusing a data
+/// directory with a newer schema or sealed under another master key.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Server::open(config)
+        .await?
+        .serve(grpc, http, shutdown)
+        .await
+}
+
+/// Completes once `stop` turns true (or its sender is gone). The borrow of
+/// the channel value ends inside, so callers' futures stay `Send`.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Updates the catalog gauges whenever the configuration version changes.
+async fn keep_gauges(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+    let mut versions = catalog.subscribe();
+    loop {
+        tokio::select! {
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                metrics::record_catalog(&catalog);
+            }
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Periodic recorder maintenance (required when the recorder is installed
+/// without the exporter's own HTTP listener).
+async fn upkeep(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
