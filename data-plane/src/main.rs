@@ -1,6 +1,139 @@
-//! `claw-data-plane`: the OpenAI-compatible proxy (built in the data-plane issue).
+//! `claw-data-plane`: flags, environment, logging and signals; the proxy
+//! itself is the library.
 
-fn main() {
-    eprintln!("claw-data-plane: not implemented yet");
-    std::process::exit(2);
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use claw_data_plane::{Config, ServerLimits};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Claw Gateway data-plane proxy: an OpenAI-compatible HTTP API.
+#[derive(Parser)]
+#[command(name = "claw-data-plane", version, about)]
+struct Args {
+    /// HTTP listen address (port 0 picks a free port).
+    #[arg(long, env = "CLAW_DP_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Control plane gRPC endpoint.
+    #[arg(
+        long,
+        env = "CLAW_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    control_plane: String,
+    /// Node id of this proxy (default: host name).
+    #[arg(long, env = "CLAW_NODE_ID")]
+    node_id: Option<String>,
+    /// Token authenticating this proxy to the control plane.
+    #[arg(long, env = "CLAW_PROXY_TOKEN", hide_env_values = true)]
+    proxy_token: String,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "CLAW_DP_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Time allowed to receive a request's headers.
+    #[arg(long, env = "CLAW_DP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Time allowed to receive a whole request body.
+    #[arg(long, env = "CLAW_DP_BODY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// Idle keep-alive connections are closed after this.
+    #[arg(long, env = "CLAW_DP_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// How long in-flight requests may finish on shutdown.
+    #[arg(long, env = "CLAW_DP_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Log format on stderr.
+    #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "claw-data-plane".to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if args.proxy_token.trim().is_empty() {
+        anyhow::bail!("--proxy-token (CLAW_PROXY_TOKEN) must not be empty");
+    }
+    let mut config = Config::control_plane(
+        args.node_id.clone().unwrap_or_else(host_name),
+        args.control_plane.clone(),
+        args.proxy_token.clone(),
+    );
+    config.limits = ServerLimits {
+        max_body_bytes: args.max_body_bytes,
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
+        idle_timeout: args.idle_timeout,
+        drain_timeout: args.drain_timeout,
+    };
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening http={local}")?;
+        out.flush()?;
+    }
+    tracing::info!(addr = %local, node_id = %config.node_id, control_plane = %args.control_plane, "claw-data-plane started");
+    claw_data_plane::run(config, listener, shutdown_signal()).await?;
+    tracing::info!("claw-data-plane stopped");
+    Ok(())
 }

@@ -1,0 +1,68 @@
+//! The response body every handler returns: either bytes the proxy produced
+//! itself or an upstream body passed through [`crate::stream`]. An enum, not a
+//! boxed trait object, so the hot path does not allocate for it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::retry::Tracker;
+use crate::stream::UpstreamBody;
+
+/// Boxed error of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Response body of the proxy. The upstream variant is large but moved only
+/// once into hyper; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum ProxyBody {
+    /// A complete body produced by the proxy (errors, `/v1/models`, health).
+    Full(Option<Bytes>),
+    /// An upstream response streamed through to the client.
+    Upstream(UpstreamBody<Incoming, Tracker>),
+}
+
+impl ProxyBody {
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b: Bytes = bytes.into();
+        ProxyBody::Full(if b.is_empty() { None } else { Some(b) })
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upstream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Upstream(s) => s.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Typed configuration of the proxy library. `main.rs` parses flags and
+//! environment into it; nothing below reads the environment.
+
+use std::fmt;
+use std::time::Duration;
+
+use claw_proto::v1;
+
+/// Where the configuration snapshot comes from.
+#[derive(Clone)]
+pub enum ConfigSource {
+    /// A control plane's `DiscoveryService.StreamConfig`.
+    ControlPlane {
+        /// gRPC endpoint, e.g. `http://127.0.0.1:50051`.
+        url: String,
+        /// Proxy token, sent as `authorization: Bearer …`.
+        proxy_token: String,
+    },
+    /// A fixed snapshot (tests, benchmarks); no control plane.
+    Static(Box<v1::Snapshot>),
+}
+
+impl fmt::Debug for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::ControlPlane { url, .. } => f
+                .debug_struct("ControlPlane")
+                .field("url", url)
+                .field("proxy_token", &"<redacted>")
+                .finish(),
+            ConfigSource::Static(s) => f
+                .debug_struct("Static")
+                .field("version", &s.version)
+                .field("backends", &s.backends.len())
+                .finish(),
+        }
+    }
+}
+
+/// Limits that protect the server from bad or slow clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest accepted request body (413 above).
+    pub max_body_bytes: usize,
+    /// Time from the first byte of a request to the end of its headers.
+    pub header_timeout: Duration,
+    /// Time to receive a whole request body (408 after).
+    pub body_timeout: Duration,
+    /// Idle keep-alive connections are closed after this.
+    pub idle_timeout: Duration,
+    /// How long in-flight requests may finish after shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_body_bytes: 16 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Configuration of a proxy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Stable id of this proxy (sent on the discovery stream).
+    pub node_id: String,
+    /// Where the snapshot comes from.
+    pub source: ConfigSource,
+    /// Server limits.
+    pub limits: ServerLimits,
+    /// Capacity of the request-outcome channel.
+    pub events_capacity: usize,
+}
+
+impl Config {
+    /// A proxy fed by a control plane.
+    pub fn control_plane(
+        node_id: impl Into<String>,
+        url: impl Into<String>,
+        proxy_token: impl Into<String>,
+    ) -> Self {
+        Config {
+            node_id: node_id.into(),
+            source: ConfigSource::ControlPlane {
+                url: url.into(),
+                proxy_token: proxy_token.into(),
+            },
+            limits: ServerLimits::default(),
+            events_capacity: 65_536,
+        }
+    }
+
+    /// A proxy serving a fixed snapshot, with no control plane (tests,
+    /// benchmarks). The snapshot is applied as version `max(snapshot.version, 1)`.
+    pub fn static_snapshot(snapshot: v1::Snapshot) -> Self {
+        Config {
+            node_id: "static".into(),
+            source: ConfigSource::Static(Box::new(snapshot)),
+            limits: ServerLimits::default(),
+            events_capacity: 65_536,
+        }
+    }
+}

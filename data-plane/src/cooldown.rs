@@ -1,0 +1,282 @@
+//! Cooldowns after upstream 429s.
+//!
+//! A backend that answers 429 is cooled at once: for the upstream's
+//! `Retry-After` when given (seconds or an HTTP date), else for
+//! `base·2^(n-1)` capped at `max` (or a flat `base` when the pool is not
+//! exponential), `n` being the number of consecutive 429s (reset by a
+//! success). [`Cooldowns`] is the handle the discovery stream uses to apply a
+//! cooldown learned from another proxy ([`Cooldowns::apply_remote`]) and to
+//! hear about the ones this proxy starts ([`Cooldowns::subscribe`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::snapshot::SnapshotStore;
+
+/// The longest cooldown accepted from a `Retry-After` header.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// How a pool cools its backends (from `PoolSettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CooldownPolicy {
+    /// First cooldown.
+    pub base: Duration,
+    /// Cap.
+    pub max: Duration,
+    /// Doubling per consecutive 429.
+    pub exponential: bool,
+}
+
+impl CooldownPolicy {
+    /// The cooldown after the `n`-th consecutive 429 (n ≥ 1).
+    pub fn backoff(&self, n: u32) -> Duration {
+        if !self.exponential {
+            return self.base.min(self.max);
+        }
+        let shift = n.saturating_sub(1).min(32);
+        self.base
+            .checked_mul(1u32 << shift.min(31))
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`).
+/// Returns `None` for anything unparsable; caps at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value.to_str().ok()?.trim();
+    let d = if let Ok(secs) = s.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(secs) = s.parse::<f64>() {
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+    } else {
+        let at = httpdate::parse_http_date(s).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    until: Option<Instant>,
+    consecutive: u32,
+}
+
+/// Cooldown state of one backend.
+#[derive(Debug, Default)]
+pub struct Cooldown {
+    inner: Mutex<Inner>,
+}
+
+impl Cooldown {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the backend stops cooling, if it is cooling at `now`.
+    pub fn cooling_until(&self, now: Instant) -> Option<Instant> {
+        self.lock().until.filter(|u| *u > now)
+    }
+
+    /// Records a 429 and starts (or extends) the cooldown. Returns the end
+    /// of the cooldown and the consecutive count.
+    pub fn on_rate_limited(
+        &self,
+        policy: &CooldownPolicy,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> (Instant, u32) {
+        let mut g = self.lock();
+        g.consecutive = g.consecutive.saturating_add(1);
+        let d = retry_after.unwrap_or_else(|| policy.backoff(g.consecutive));
+        let until = now + d;
+        g.until = Some(g.until.map_or(until, |u| u.max(until)));
+        (until, g.consecutive)
+    }
+
+    /// A successful answer resets the consecutive count.
+    pub fn on_success(&self) {
+        self.lock().consecutive = 0;
+    }
+
+    /// Applies a cooldown learned elsewhere; keeps the later end.
+    pub fn apply(&self, until: Instant, consecutive: u32) {
+        let mut g = self.lock();
+        g.until = Some(g.until.map_or(until, |u| u.max(until)));
+        g.consecutive = g.consecutive.max(consecutive);
+    }
+
+    /// The consecutive 429 count.
+    pub fn consecutive(&self) -> u32 {
+        self.lock().consecutive
+    }
+}
+
+/// A cooldown this proxy started after a 429, for reporting to the control plane.
+#[derive(Debug, Clone)]
+pub struct CooldownEvent {
+    /// Backend id.
+    pub backend_id: Arc<str>,
+    /// End of the cooldown (monotonic clock).
+    pub until: Instant,
+    /// End of the cooldown (wall clock), for the wire.
+    pub until_wall: SystemTime,
+    /// Consecutive 429s so far.
+    pub consecutive: u32,
+    /// The upstream's `Retry-After`, if it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+/// Handle on the cooldowns of every backend in the current snapshot.
+#[derive(Clone)]
+pub struct Cooldowns {
+    store: SnapshotStore,
+    events: broadcast::Sender<CooldownEvent>,
+}
+
+impl Cooldowns {
+    /// A handle over `store`'s backends.
+    pub fn new(store: SnapshotStore) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Cooldowns { store, events }
+    }
+
+    /// Applies a cooldown learned from another proxy. Returns false when the
+    /// backend is not in the current snapshot.
+    pub fn apply_remote(&self, backend_id: &str, until: Instant, consecutive: u32) -> bool {
+        let Some(snap) = self.store.load() else {
+            return false;
+        };
+        match snap.backend(backend_id) {
+            Some(b) => {
+                b.runtime.cooldown.apply(until, consecutive);
+                tracing::info!(backend = %backend_id, consecutive, "applied remote cooldown");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Receives every cooldown this proxy starts.
+    pub fn subscribe(&self) -> broadcast::Receiver<CooldownEvent> {
+        self.events.subscribe()
+    }
+
+    /// Cools `backend_id` after a 429 and emits a [`CooldownEvent`].
+    pub(crate) fn start_local(
+        &self,
+        backend_id: &Arc<str>,
+        cooldown: &Cooldown,
+        policy: &CooldownPolicy,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Instant {
+        let (until, consecutive) = cooldown.on_rate_limited(policy, retry_after, now);
+        let d = until.saturating_duration_since(now);
+        tracing::info!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, consecutive, "cooling backend after 429");
+        let _ = self.events.send(CooldownEvent {
+            backend_id: backend_id.clone(),
+            until,
+            until_wall: SystemTime::now() + d,
+            consecutive,
+            retry_after,
+        });
+        until
+    }
+
+    /// Backends of the current snapshot cooling at `now`.
+    pub fn active(&self, now: Instant) -> usize {
+        self.store.load().map_or(0, |s| {
+            s.backends()
+                .filter(|b| b.runtime.cooldown.cooling_until(now).is_some())
+                .count()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(exponential: bool) -> CooldownPolicy {
+        CooldownPolicy {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            exponential,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = policy(true);
+        assert_eq!(p.backoff(1), Duration::from_secs(5));
+        assert_eq!(p.backoff(2), Duration::from_secs(10));
+        assert_eq!(p.backoff(3), Duration::from_secs(20));
+        assert_eq!(p.backoff(7), Duration::from_secs(300));
+        assert_eq!(p.backoff(1000), Duration::from_secs(300));
+        assert_eq!(policy(false).backoff(9), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            parse_retry_after(&h("7"), now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after(&h(" 2 "), now),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_retry_after(&h("1.5"), now),
+            Some(Duration::from_millis(1500))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let v = HeaderValue::from_str(&date).unwrap();
+        assert_eq!(parse_retry_after(&v, now), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        let v = HeaderValue::from_str(&past).unwrap();
+        assert_eq!(parse_retry_after(&v, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(&h("soon"), now), None);
+        assert_eq!(parse_retry_after(&h("-3"), now), None);
+        assert_eq!(
+            parse_retry_after(&h("99999999999"), now),
+            Some(MAX_RETRY_AFTER)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_429s_back_off_and_success_resets() {
+        let c = Cooldown::default();
+        let p = policy(true);
+        let now = Instant::now();
+        let (u1, n1) = c.on_rate_limited(&p, None, now);
+        assert_eq!((u1 - now, n1), (Duration::from_secs(5), 1));
+        let (u2, n2) = c.on_rate_limited(&p, None, now);
+        assert_eq!((u2 - now, n2), (Duration::from_secs(10), 2));
+        assert_eq!(c.cooling_until(now), Some(u2));
+        assert_eq!(c.cooling_until(u2), None);
+        c.on_success();
+        let (u3, n3) = c.on_rate_limited(&p, Some(Duration::from_secs(2)), u2);
+        assert_eq!((u3 - u2, n3), (Duration::from_secs(2), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_cooldowns_keep_the_later_end() {
+        let c = Cooldown::default();
+        let now = Instant::now();
+        c.apply(now + Duration::from_secs(10), 2);
+        c.apply(now + Duration::from_secs(5), 1);
+        assert_eq!(c.cooling_until(now), Some(now + Duration::from_secs(10)));
+        assert_eq!(c.consecutive(), 2);
+    }
+}

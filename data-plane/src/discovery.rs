@@ -1,0 +1,246 @@
+//! The discovery client: one bidirectional `DiscoveryService.StreamConfig`
+//! stream to the control plane (xDS-style).
+//!
+//! The first message names this proxy and the version it holds; every
+//! response is applied and answered with an ACK (`response_nonce`, applied
+//! version) or a NACK (`error_detail`, the version still held). When the
+//! stream is lost the proxy keeps serving its last good snapshot and
+//! reconnects with jittered exponential backoff (1 s, ×1.6, capped at 30 s,
+//! reset after a healthy stream).
+//!
+//! Responses are handled by [`Dispatcher`], which owns everything a message
+//! may change; incremental messages (cooldowns, rate shares) become new arms
+//! of [`Dispatcher::handle`] on the same stream.
+
+use std::time::Duration;
+
+use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
+use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+use crate::cooldown::Cooldowns;
+use crate::snapshot::SnapshotStore;
+
+/// A stream that lived this long counts as healthy (resets the backoff).
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct DiscoveryConfig {
+    /// Control plane URL.
+    pub url: String,
+    /// Proxy token.
+    pub proxy_token: String,
+    /// This proxy's node id.
+    pub node_id: String,
+}
+
+/// Jittered exponential backoff.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    factor: f64,
+    max: Duration,
+    current: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_secs(1), 1.6, Duration::from_secs(30))
+    }
+}
+
+impl Backoff {
+    /// Starts at `initial`, multiplies by `factor`, never above `max`.
+    pub fn new(initial: Duration, factor: f64, max: Duration) -> Self {
+        Backoff {
+            initial,
+            factor,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay; `unit` in `[0, 1)` picks the jitter (±20 %).
+    pub fn next_delay(&mut self, unit: f64) -> Duration {
+        let base = self.current.min(self.max);
+        self.current = base.mul_f64(self.factor).min(self.max);
+        base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)).min(self.max)
+    }
+
+    /// After a healthy stream.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+/// Applies what the control plane sends and builds the replies.
+#[derive(Clone)]
+pub struct Dispatcher {
+    node_id: String,
+    store: SnapshotStore,
+    /// For incremental cooldown messages (next issue).
+    #[allow(dead_code)]
+    cooldowns: Cooldowns,
+}
+
+impl Dispatcher {
+    /// A dispatcher updating `store`.
+    pub fn new(node_id: String, store: SnapshotStore, cooldowns: Cooldowns) -> Self {
+        Dispatcher {
+            node_id,
+            store,
+            cooldowns,
+        }
+    }
+
+    /// The first message of a stream.
+    pub fn hello(&self) -> StreamConfigRequest {
+        StreamConfigRequest {
+            node_id: self.node_id.clone(),
+            version: self.store.version(),
+            response_nonce: String::new(),
+            error_detail: String::new(),
+        }
+    }
+
+    /// Applies one response; returns the ACK or NACK.
+    pub fn handle(&self, msg: StreamConfigResponse) -> StreamConfigRequest {
+        let result = match &msg.snapshot {
+            Some(s) => self.store.apply(msg.version, s),
+            None => Err(crate::snapshot::SnapshotError::Missing),
+        };
+        match result {
+            Ok(()) => StreamConfigRequest {
+                node_id: self.node_id.clone(),
+                version: msg.version,
+                response_nonce: msg.nonce,
+                error_detail: String::new(),
+            },
+            Err(e) => {
+                tracing::warn!(version = msg.version, error = %e, "rejected configuration snapshot");
+                StreamConfigRequest {
+                    node_id: self.node_id.clone(),
+                    version: self.store.version(),
+                    response_nonce: msg.nonce,
+                    error_detail: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the discovery stream forever (abort the task to stop it).
+pub async fn run(config: DiscoveryConfig, dispatcher: Dispatcher) {
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        let mut got_response = false;
+        match stream_once(&config, &dispatcher, &mut got_response).await {
+            Ok(()) => tracing::warn!("discovery stream closed by the control plane"),
+            Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
+        }
+        metrics::gauge!("claw_dp_discovery_connected").set(0.0);
+        if got_response && started.elapsed() >= HEALTHY_AFTER {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting to the control plane"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn stream_once(
+    config: &DiscoveryConfig,
+    dispatcher: &Dispatcher,
+    got_response: &mut bool,
+) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(config.url.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = DiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(dispatcher.hello()).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
+        .parse()
+        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
+    request.metadata_mut().insert("authorization", token);
+    let mut inbound = client.stream_config(request).await?.into_inner();
+    metrics::gauge!("claw_dp_discovery_connected").set(1.0);
+    tracing::info!(url = %config.url, "discovery stream open");
+    while let Some(msg) = inbound.message().await? {
+        *got_response = true;
+        let reply = dispatcher.handle(msg);
+        tx.send(reply).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use claw_proto::v1;
+
+    #[test]
+    fn backoff_grows_caps_and_resets() {
+        let mut b = Backoff::default();
+        let mid: Vec<u64> = (0..10)
+            .map(|_| b.next_delay(0.5).as_millis() as u64)
+            .collect();
+        assert_eq!(&mid[..4], &[1000, 1600, 2560, 4096]);
+        assert_eq!(*mid.last().unwrap(), 30_000);
+        assert!(b.next_delay(0.0) >= Duration::from_secs(24));
+        assert!(b.next_delay(0.99) <= Duration::from_secs(30));
+        b.reset();
+        assert_eq!(b.next_delay(0.5), Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn acks_applied_and_nacks_rejected_snapshots() {
+        let store = SnapshotStore::default();
+        let d = Dispatcher::new("n1".into(), store.clone(), Cooldowns::new(store.clone()));
+        assert_eq!(d.hello().version, 0);
+        let ok = d.handle(StreamConfigResponse {
+            version: 4,
+            nonce: "a".into(),
+            snapshot: Some(v1::Snapshot {
+                version: 4,
+                ..Default::default()
+            }),
+        });
+        assert_eq!(
+            (
+                ok.version,
+                ok.response_nonce.as_str(),
+                ok.error_detail.as_str()
+            ),
+            (4, "a", "")
+        );
+        let stale = d.handle(StreamConfigResponse {
+            version: 3,
+            nonce: "b".into(),
+            snapshot: Some(v1::Snapshot::default()),
+        });
+        assert_eq!((stale.version, stale.response_nonce.as_str()), (4, "b"));
+        assert!(stale.error_detail.contains("older"));
+        let empty = d.handle(StreamConfigResponse {
+            version: 5,
+            nonce: "c".into(),
+            snapshot: None,
+        });
+        assert!(!empty.error_detail.is_empty());
+        assert_eq!(d.hello().version, 4);
+    }
+}

@@ -1,0 +1,200 @@
+//! `claw-data-plane`: the Claw Gateway proxy — the OpenAI-compatible HTTP API
+//! that routes, rate-limits, cools down, retries and streams.
+//!
+//! The request path is a stack of tower layers, outermost first:
+//!
+//! 1. [`auth`] — `Authorization: Bearer <client key>` → SHA-256 → key (401).
+//! 2. [`limits`] — the key's rpm (429) and allowed models (403).
+//! 3. [`route`] — reads and parses the body once (400/408/413), resolves the
+//!    canonical model (404) and selects backends in routing order.
+//! 4. [`retry`] — per-attempt selection, 429 cooldowns, outlier ejection,
+//!    queueing, retries before the first byte; tracks the response to its end.
+//! 5. [`upstream`] — the pooled HTTP(S) client and header hygiene.
+//!
+//! Around it:
+//!
+//! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
+//! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
+//!   runtime state (buckets, cooldowns, queues) carried across snapshots.
+//! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK, backoff).
+//! - [`ratelimit`] — token buckets (backend rpm/tpm × share, key rpm, emergency).
+//! - [`cooldown`] — 429 cooldowns, `Retry-After`, and the hooks to apply remote
+//!   cooldowns and hear about local ones.
+//! - [`outlier`] — passive ejection of failing backends.
+//! - [`queue`] — the bounded priority queue for rate-limited requests.
+//! - [`stream`] — pass-through response bodies, SSE error event on mid-stream failure.
+//! - [`body`] — the response body type.
+//! - [`error`] — the one renderer of OpenAI-format errors.
+//! - [`events`] — per-request [`events::RequestOutcome`]s into a bounded channel.
+//! - [`metrics`] — Prometheus metrics (`/metrics`).
+//! - [`server`] — connections, timeouts, health/readiness, panics, draining.
+//!
+//! [`run`] serves a bound listener until a shutdown future resolves;
+//! [`Proxy`] does the same and exposes the hooks (cooldowns, rate shares,
+//! outcomes) the reporting side plugs into.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod cooldown;
+pub mod discovery;
+pub mod error;
+pub mod events;
+pub mod limits;
+pub mod metrics;
+pub mod outlier;
+pub mod queue;
+pub mod ratelimit;
+pub mod retry;
+pub mod route;
+pub mod server;
+pub mod snapshot;
+pub mod stream;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+
+pub use config::{Config, ConfigSource, ServerLimits};
+pub use cooldown::{CooldownEvent, Cooldowns};
+pub use events::RequestOutcome;
+pub use snapshot::SnapshotStore;
+
+/// A proxy, before it serves: its hooks can be taken first.
+pub struct Proxy {
+    config: Config,
+    store: SnapshotStore,
+    cooldowns: Cooldowns,
+    events: events::EventSink,
+    outcomes: Option<mpsc::Receiver<RequestOutcome>>,
+}
+
+impl Proxy {
+    /// Builds a proxy; a static snapshot is applied at once.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let store = SnapshotStore::default();
+        if let ConfigSource::Static(snap) = &config.source {
+            store
+                .apply(snap.version.max(1), &with_version(snap))
+                .context("invalid static snapshot")?;
+        }
+        let cooldowns = Cooldowns::new(store.clone());
+        let (events, outcomes) = events::channel(config.events_capacity);
+        Ok(Proxy {
+            config,
+            store,
+            cooldowns,
+            events,
+            outcomes: Some(outcomes),
+        })
+    }
+
+    /// The snapshot store (current configuration).
+    pub fn store(&self) -> &SnapshotStore {
+        &self.store
+    }
+
+    /// The cooldown handle: apply remote cooldowns, subscribe to local ones.
+    pub fn cooldowns(&self) -> &Cooldowns {
+        &self.cooldowns
+    }
+
+    /// Local cooldown events (shorthand for `cooldowns().subscribe()`).
+    pub fn subscribe_cooldowns(&self) -> broadcast::Receiver<CooldownEvent> {
+        self.cooldowns.subscribe()
+    }
+
+    /// Takes the request-outcome receiver. If nobody takes it, outcomes are
+    /// drained and discarded.
+    pub fn take_outcomes(&mut self) -> Option<mpsc::Receiver<RequestOutcome>> {
+        self.outcomes.take()
+    }
+
+    /// Sets this proxy's share of a backend's cluster-wide rpm/tpm. Returns
+    /// false when the backend is not in the current snapshot.
+    pub fn set_rate_share(&self, backend_id: &str, share: f64) -> bool {
+        let Some(snap) = self.store.load() else {
+            return false;
+        };
+        match snap.backend(backend_id) {
+            Some(b) => {
+                b.runtime.set_share(share, tokio::time::Instant::now());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then drains.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        metrics::install();
+        if let Some(rx) = self.outcomes.take() {
+            tokio::spawn(events::discard(rx));
+        }
+        let discovery = match &self.config.source {
+            ConfigSource::ControlPlane { url, proxy_token } => {
+                let dispatcher = discovery::Dispatcher::new(
+                    self.config.node_id.clone(),
+                    self.store.clone(),
+                    self.cooldowns.clone(),
+                );
+                let cfg = discovery::DiscoveryConfig {
+                    url: url.clone(),
+                    proxy_token: proxy_token.clone(),
+                    node_id: self.config.node_id.clone(),
+                };
+                Some(tokio::spawn(discovery::run(cfg, dispatcher)))
+            }
+            ConfigSource::Static(_) => None,
+        };
+        let client = upstream::client()?;
+        let retry = retry::RetryLayer::new(
+            self.cooldowns.clone(),
+            outlier::OutlierPolicy::default(),
+            self.events.clone(),
+        );
+        let stack = server::stack(
+            self.store.clone(),
+            &self.config.limits,
+            retry,
+            upstream::Upstream::new(client),
+        );
+        let state = Arc::new(server::AppState {
+            store: self.store.clone(),
+            cooldowns: self.cooldowns.clone(),
+            draining: AtomicBool::new(false),
+            stack,
+            limits: self.config.limits.clone(),
+        });
+        server::serve(listener, state, shutdown).await;
+        if let Some(d) = discovery {
+            d.abort();
+        }
+        Ok(())
+    }
+}
+
+fn with_version(s: &claw_proto::v1::Snapshot) -> claw_proto::v1::Snapshot {
+    let mut s = s.clone();
+    s.version = s.version.max(1);
+    s
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves, then drains
+/// in-flight requests (up to the drain timeout) and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Proxy::new(config)?.serve(listener, shutdown).await
+}

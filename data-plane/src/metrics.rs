@@ -1,0 +1,87 @@
+//! Prometheus metrics, served on `/metrics`.
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `claw_dp_requests_total` | counter | `model`, `backend`, `status` |
+//! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
+//! | `claw_dp_retries_total` | counter | |
+//! | `claw_dp_cooldowns_active` | gauge | |
+//! | `claw_dp_queue_depth` | gauge | |
+//! | `claw_dp_snapshot_version` | gauge | |
+//! | `claw_dp_discovery_connected` | gauge | |
+//! | `claw_dp_events_dropped_total` | counter | |
+//! | `gen_ai_server_time_to_first_token_seconds` | histogram | `gen_ai_request_model` |
+//! | `gen_ai_server_request_duration_seconds` | histogram | `gen_ai_request_model` |
+//! | `gen_ai_client_token_usage` | histogram | `gen_ai_request_model`, `gen_ai_token_type` |
+//!
+//! The recorder is process-global; the first proxy in a process installs it.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+];
+
+/// Installs the Prometheus recorder once per process. Returns false when
+/// another recorder was already installed (metrics then go there).
+pub fn install() -> bool {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Prefix("gen_ai_server_".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gen_ai_client_token_usage".into()),
+                        TOKEN_BUCKETS,
+                    )
+                });
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .is_some()
+}
+
+/// Renders the Prometheus text format.
+pub fn render() -> String {
+    match HANDLE.get() {
+        Some(Some(h)) => {
+            h.run_upkeep();
+            h.render()
+        }
+        _ => String::new(),
+    }
+}
+
+/// A `&'static str` for common statuses, so labels do not allocate.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

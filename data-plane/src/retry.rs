@@ -1,0 +1,485 @@
+//! The retry layer: picks a backend per attempt ([`crate::route::select`]),
+//! sends the attempt through the upstream service, and reacts to the answer.
+//!
+//! - 429: the backend is cooled at once ([`crate::cooldown`]) and the request
+//!   moves to the next candidate.
+//! - 5xx, connect errors, timeouts: count towards outlier ejection
+//!   ([`crate::outlier`]) and move to the next candidate.
+//! - Anything else is the answer and streams to the client.
+//!
+//! Retries happen only before the first byte reaches the client (an answer is
+//! never retried once its body starts), up to the pool's `max_retries` and
+//! the request deadline. When every usable candidate is rate-limited the
+//! request waits in the model's queue. A [`Tracker`] follows the response body
+//! to its end and then records metrics and the [`RequestOutcome`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::body::ProxyBody;
+use crate::cooldown::{Cooldowns, parse_retry_after};
+use crate::error::ApiError;
+use crate::events::{EventSink, RequestOutcome, Usage};
+use crate::limits::retry_after_secs;
+use crate::metrics::status_label;
+use crate::outlier::OutlierPolicy;
+use crate::queue::{Priority, QueueExit};
+use crate::route::{Routed, Selection, select};
+use crate::snapshot::{Backend, Candidate};
+use crate::stream::{End, Observer, UpstreamBody};
+use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
+
+/// Largest non-streaming JSON body inspected for `usage`.
+const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
+
+struct Shared {
+    cooldowns: Cooldowns,
+    outlier: OutlierPolicy,
+    events: EventSink,
+}
+
+/// Layer of [`Retry`].
+#[derive(Clone)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+impl RetryLayer {
+    /// Cools through `cooldowns`, ejects per `outlier`, reports to `events`.
+    pub fn new(cooldowns: Cooldowns, outlier: OutlierPolicy, events: EventSink) -> Self {
+        RetryLayer {
+            shared: Arc::new(Shared {
+                cooldowns,
+                outlier,
+                events,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Retries attempts across candidates.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Routed> for Retry<S>
+where
+    S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Routed) -> Self::Future {
+        let inner = self.inner.clone();
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(run(inner, shared, r).await) })
+    }
+}
+
+/// Counts a request in flight on a backend until dropped.
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    fn new(b: Arc<Backend>) -> Self {
+        b.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(b)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn bit(i: usize) -> u128 {
+    1u128 << i
+}
+
+fn build_request(r: &Routed, c: &Candidate) -> Option<Request<Full<Bytes>>> {
+    let uri: http::Uri = format!("{}{}", c.backend.base_url, r.path_and_query)
+        .parse()
+        .ok()?;
+    let mut body = r.body.clone();
+    body.insert("model".into(), Value::String(c.native.to_string()));
+    let bytes = serde_json::to_vec(&body).ok()?;
+    let mut req = Request::new(Full::new(Bytes::from(bytes)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = r.headers.clone();
+    let h = req.headers_mut();
+    h.insert(header::AUTHORIZATION, c.backend.authorization.clone());
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Some(req)
+}
+
+enum Admission {
+    Go(usize, bool),
+    Stop(ApiError),
+}
+
+async fn admit(r: &Routed, tried: u128, deadline: Instant) -> Admission {
+    let settings = &r.route.settings;
+    let direct = select(&r.route, tried, r.est_tokens, Instant::now());
+    let wait = match direct {
+        Selection::Admitted { index, emergency } => return Admission::Go(index, emergency),
+        Selection::Unavailable { retry_after } => {
+            return Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)));
+        }
+        Selection::RateLimited { wait } => wait,
+    };
+    let queue_deadline = deadline.min(Instant::now() + settings.queue_timeout);
+    let mut last_wait = wait;
+    let waited = r
+        .route
+        .queue
+        .wait(
+            r.priority,
+            settings.queue_depth as usize,
+            queue_deadline,
+            |now| match select(&r.route, tried, r.est_tokens, now) {
+                Selection::Admitted { index, emergency } => Ok((index, emergency)),
+                Selection::RateLimited { wait } => {
+                    last_wait = wait;
+                    Err(Some(wait))
+                }
+                Selection::Unavailable { .. } => Err(None),
+            },
+        )
+        .await;
+    match waited {
+        Ok((i, e)) => Admission::Go(i, e),
+        Err(QueueExit::Full | QueueExit::TimedOut) => {
+            Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(last_wait)))
+        }
+        Err(QueueExit::GaveUp) => match select(&r.route, tried, r.est_tokens, Instant::now()) {
+            Selection::Admitted { index, emergency } => Admission::Go(index, emergency),
+            Selection::RateLimited { wait } => {
+                Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(wait)))
+            }
+            Selection::Unavailable { retry_after } => {
+                Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)))
+            }
+        },
+    }
+}
+
+fn attempt_metric(backend: &Backend, outcome: &'static str) {
+    metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.id.clone(), "outcome" => outcome).increment(1);
+}
+
+async fn run<S>(mut inner: S, shared: Arc<Shared>, r: Routed) -> Response<ProxyBody>
+where
+    S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
+{
+    let settings = &r.route.settings;
+    let deadline = r.started + settings.request_timeout;
+    let max_attempts = settings.max_retries.saturating_add(1);
+    let mut tried: u128 = 0;
+    let mut attempts: u32 = 0;
+    let mut last_error: Option<ApiError> = None;
+
+    while attempts < max_attempts {
+        let now = Instant::now();
+        if now >= deadline {
+            last_error = Some(ApiError::gateway_timeout());
+            break;
+        }
+        let (index, emergency) = match admit(&r, tried, deadline).await {
+            Admission::Go(i, e) => (i, e),
+            Admission::Stop(e) => {
+                // After a failed attempt, its error explains more than "no capacity".
+                if last_error.is_none() || e.status == StatusCode::TOO_MANY_REQUESTS {
+                    last_error = Some(e);
+                }
+                break;
+            }
+        };
+        if attempts > 0 {
+            metrics::counter!("claw_dp_retries_total").increment(1);
+        }
+        attempts += 1;
+        tried |= bit(index);
+        let cand = &r.route.candidates[index];
+        let backend = &cand.backend;
+        let guard = InFlight::new(backend.clone());
+        let Some(request) = build_request(&r, cand) else {
+            last_error = Some(ApiError::bad_gateway());
+            continue;
+        };
+        let timeout = backend
+            .timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let result = match inner.ready().await {
+            Ok(svc) => svc.call(Attempt { request, timeout }).await,
+            Err(e) => Err(e),
+        };
+        let now = Instant::now();
+        let rt = &backend.runtime;
+        match result {
+            Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => {
+                attempt_metric(backend, "rate_limited");
+                let retry_after = res
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let policy = r.snapshot.pool(backend.pool).cooldown;
+                let until = shared.cooldowns.start_local(
+                    &backend.id,
+                    &rt.cooldown,
+                    &policy,
+                    retry_after,
+                    now,
+                );
+                last_error = Some(ApiError::capacity_rate_limited(retry_after_secs(
+                    until.saturating_duration_since(now),
+                )));
+            }
+            Ok(res) if res.status().is_server_error() => {
+                attempt_metric(backend, "server_error");
+                tracing::debug!(backend = %backend.name, status = res.status().as_u16(), "upstream server error");
+                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
+                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+                }
+                last_error = Some(ApiError::bad_gateway());
+            }
+            Ok(res) => {
+                attempt_metric(
+                    backend,
+                    if res.status().is_success() {
+                        "success"
+                    } else {
+                        "client_error"
+                    },
+                );
+                rt.cooldown.on_success();
+                rt.outlier.on_success(now);
+                if emergency {
+                    tracing::info!(backend = %backend.name, "emergency admission while cooling");
+                }
+                return respond(&shared, &r, cand, res, guard, attempts);
+            }
+            Err(e) => {
+                attempt_metric(backend, e.label());
+                if e == UpstreamError::Connect {
+                    // Nothing reached the backend: give its tokens back.
+                    rt.rpm.refund(1.0);
+                    if backend.tpm.is_some() {
+                        rt.tpm.refund(r.est_tokens);
+                    }
+                }
+                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
+                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+                }
+                last_error = Some(if e == UpstreamError::Timeout {
+                    ApiError::gateway_timeout()
+                } else {
+                    ApiError::bad_gateway()
+                });
+            }
+        }
+    }
+    let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
+    let latency = r.started.elapsed();
+    metrics::counter!("claw_dp_requests_total", "model" => r.route.model.clone(), "backend" => "", "status" => status_label(err.status.as_u16())).increment(1);
+    metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => r.route.model.clone()).record(latency.as_secs_f64());
+    shared.events.emit(RequestOutcome {
+        client_key_id: r.key.id.clone(),
+        agent_id: r.agent_id.clone(),
+        model: r.route.model.clone(),
+        backend_id: None,
+        status: err.status.as_u16(),
+        streamed: r.stream,
+        priority: r.priority,
+        latency,
+        ttft: None,
+        attempts,
+        usage: None,
+        end: None,
+        cost: None,
+    });
+    err.into_response()
+}
+
+fn respond(
+    shared: &Arc<Shared>,
+    r: &Routed,
+    cand: &Candidate,
+    res: Response<Incoming>,
+    guard: InFlight,
+    attempts: u32,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let sse = content_type.starts_with("text/event-stream");
+    let json = content_type.contains("json");
+    if sse {
+        // The proxy may append an error event; the length would be wrong.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let tracker = Tracker {
+        events: shared.events.clone(),
+        _in_flight: guard,
+        backend: cand.backend.clone(),
+        input_cost: cand.input_cost_per_token,
+        output_cost: cand.output_cost_per_token,
+        model: r.route.model.clone(),
+        key_id: r.key.id.clone(),
+        agent_id: r.agent_id.clone(),
+        status: parts.status,
+        streamed: r.stream,
+        priority: r.priority,
+        started: r.started,
+        first_byte: None,
+        attempts,
+        est_tokens: r.est_tokens,
+        collected: (json && !sse && parts.status.is_success()).then(Vec::new),
+        collected_len: 0,
+    };
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream(UpstreamBody::new(body, sse, tracker)),
+    )
+}
+
+/// Follows a response body to its end, then records metrics, reconciles the
+/// tpm reservation and emits the [`RequestOutcome`].
+pub struct Tracker {
+    events: EventSink,
+    _in_flight: InFlight,
+    backend: Arc<Backend>,
+    input_cost: f64,
+    output_cost: f64,
+    model: Arc<str>,
+    key_id: Arc<str>,
+    agent_id: Option<String>,
+    status: StatusCode,
+    streamed: bool,
+    priority: Priority,
+    started: Instant,
+    first_byte: Option<Instant>,
+    attempts: u32,
+    est_tokens: f64,
+    collected: Option<Vec<Bytes>>,
+    collected_len: usize,
+}
+
+impl Tracker {
+    fn usage(&mut self) -> Option<Usage> {
+        let chunks = self.collected.take()?;
+        let mut buf = Vec::with_capacity(self.collected_len);
+        for c in &chunks {
+            buf.extend_from_slice(c);
+        }
+        let v: Value = serde_json::from_slice(&buf).ok()?;
+        Usage::from_json(&v)
+    }
+}
+
+impl Observer for Tracker {
+    fn on_data(&mut self, chunk: &Bytes) {
+        if self.first_byte.is_none() {
+            let now = Instant::now();
+            self.first_byte = Some(now);
+            if self.streamed {
+                metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => self.model.clone())
+                    .record((now - self.started).as_secs_f64());
+            }
+        }
+        if let Some(c) = self.collected.as_mut() {
+            self.collected_len += chunk.len();
+            if self.collected_len > MAX_USAGE_BODY {
+                self.collected = None;
+            } else {
+                c.push(chunk.clone());
+            }
+        }
+    }
+
+    fn on_end(&mut self, end: End) {
+        let latency = self.started.elapsed();
+        let usage = if end == End::Complete {
+            self.usage()
+        } else {
+            None
+        };
+        let model = self.model.clone();
+        metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
+        metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone())
+            .record(latency.as_secs_f64());
+        let mut cost = None;
+        if let Some(u) = usage {
+            metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "input")
+                .record(u.prompt_tokens as f64);
+            metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output")
+                .record(u.completion_tokens as f64);
+            cost = Some(
+                u.prompt_tokens as f64 * self.input_cost
+                    + u.completion_tokens as f64 * self.output_cost,
+            );
+            if self.backend.tpm.is_some() {
+                self.backend
+                    .runtime
+                    .tpm
+                    .reconcile(self.est_tokens, u.total_tokens as f64);
+            }
+        }
+        self.events.emit(RequestOutcome {
+            client_key_id: self.key_id.clone(),
+            agent_id: self.agent_id.take(),
+            model,
+            backend_id: Some(self.backend.id.clone()),
+            status: self.status.as_u16(),
+            streamed: self.streamed,
+            priority: self.priority,
+            latency,
+            ttft: self.first_byte.map(|t| t - self.started),
+            attempts: self.attempts,
+            usage,
+            end: Some(end),
+            cost,
+        });
+    }
+}

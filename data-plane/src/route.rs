@@ -1,0 +1,569 @@
+//! Routing: the layer that reads and parses the request body once, resolves
+//! the canonical model to its [`Route`] and hands a typed [`Routed`] request
+//! to the retry layer; and [`select`], which picks the backend for an attempt.
+//!
+//! Selection follows DESIGN "Routing order": candidates are the enabled
+//! backends mapping the model that are neither cooling nor ejected; the
+//! primary pool before the fallback pool; within a pool the least loaded
+//! (in-flight ÷ weight, ties rotated). A candidate whose token bucket is
+//! empty is skipped; if all usable ones are rate-limited the caller queues;
+//! if all are cooling, the emergency bucket of the soonest-recovering one
+//! may admit; otherwise the model is unavailable until the soonest recovery.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use claw_proto::Pool;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Body;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::auth::Authenticated;
+use crate::body::{BoxError, ProxyBody};
+use crate::error::ApiError;
+use crate::limits::check_model;
+use crate::queue::Priority;
+use crate::snapshot::{Candidate, ClientKey, Route, Snapshot};
+use crate::upstream::upstream_headers;
+
+/// Candidates beyond this many per model are ignored (bitmask width).
+pub const MAX_CANDIDATES: usize = 128;
+
+/// A parsed, routed request on its way to the retry layer.
+pub struct Routed {
+    /// The snapshot the request is served under.
+    pub snapshot: Arc<Snapshot>,
+    /// The client key.
+    pub key: Arc<ClientKey>,
+    /// The model's route.
+    pub route: Arc<Route>,
+    /// Upstream path after the base URL (`/chat/completions`), with query.
+    pub path_and_query: String,
+    /// Headers to forward (already filtered).
+    pub headers: HeaderMap,
+    /// The JSON body; `model` is rewritten per attempt.
+    pub body: Map<String, Value>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Scheduling class.
+    pub priority: Priority,
+    /// `x-claw-agent-id`.
+    pub agent_id: Option<String>,
+    /// Estimated tokens (max output + prompt estimate), reserved on tpm.
+    pub est_tokens: f64,
+    /// Arrival time.
+    pub started: Instant,
+}
+
+/// What [`select`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Use `route.candidates[index]`; its tokens are taken.
+    Admitted {
+        /// Candidate index.
+        index: usize,
+        /// Admitted by the emergency bucket while cooling.
+        emergency: bool,
+    },
+    /// Usable candidates exist but all are at their rate limit.
+    RateLimited {
+        /// Until the soonest token.
+        wait: Duration,
+    },
+    /// Nothing can take the request now.
+    Unavailable {
+        /// Until the soonest candidate is usable again.
+        retry_after: Duration,
+    },
+}
+
+fn bit(i: usize) -> u128 {
+    1u128 << i
+}
+
+fn less_loaded(a: &Candidate, b: &Candidate) -> bool {
+    let la = u64::from(a.backend.runtime.in_flight.load(Ordering::Relaxed));
+    let lb = u64::from(b.backend.runtime.in_flight.load(Ordering::Relaxed));
+    la * u64::from(b.backend.weight) < lb * u64::from(a.backend.weight)
+}
+
+fn admit(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration> {
+    let rt = &c.backend.runtime;
+    rt.rpm.try_acquire(1.0, now)?;
+    if c.backend.tpm.is_some()
+        && let Err(w) = rt.tpm.try_acquire(tokens, now)
+    {
+        rt.rpm.refund(1.0);
+        return Err(w);
+    }
+    Ok(())
+}
+
+/// Picks the candidate for the next attempt, skipping those in `tried`
+/// (a bitmask of candidate indices), and takes its tokens.
+pub fn select(route: &Route, tried: u128, tokens: f64, now: Instant) -> Selection {
+    let cands = &route.candidates[..route.candidates.len().min(MAX_CANDIDATES)];
+    let n = cands.len();
+    if n == 0 {
+        return Selection::Unavailable {
+            retry_after: Duration::from_secs(1),
+        };
+    }
+    let rot = route.next_rotation() % n;
+    let mut checked = tried;
+    let mut soonest: Option<Instant> = None;
+    let mut soonest_cooling: Option<(usize, Instant)> = None;
+    for (i, c) in cands.iter().enumerate() {
+        if tried & bit(i) != 0 {
+            continue;
+        }
+        let cool = c.backend.runtime.cooldown.cooling_until(now);
+        let ejected = c.backend.runtime.outlier.ejected_until(now);
+        if let Some(until) = cool.max(ejected) {
+            checked |= bit(i);
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            if let (Some(c), None) = (cool, ejected)
+                && soonest_cooling.is_none_or(|(_, s)| c < s)
+            {
+                soonest_cooling = Some((i, c));
+            }
+        }
+    }
+    let mut min_wait: Option<Duration> = None;
+    for pool in [Pool::Primary, Pool::Fallback] {
+        loop {
+            let mut best: Option<usize> = None;
+            for k in 0..n {
+                let i = (rot + k) % n;
+                if checked & bit(i) != 0 || cands[i].backend.pool != pool {
+                    continue;
+                }
+                if best.is_none_or(|b| less_loaded(&cands[i], &cands[b])) {
+                    best = Some(i);
+                }
+            }
+            let Some(i) = best else { break };
+            checked |= bit(i);
+            match admit(&cands[i], tokens, now) {
+                Ok(()) => {
+                    return Selection::Admitted {
+                        index: i,
+                        emergency: false,
+                    };
+                }
+                Err(w) => min_wait = Some(min_wait.map_or(w, |m| m.min(w))),
+            }
+        }
+    }
+    if let Some(wait) = min_wait {
+        return Selection::RateLimited { wait };
+    }
+    if let Some((i, _)) = soonest_cooling
+        && cands[i]
+            .backend
+            .runtime
+            .emergency
+            .try_acquire(1.0, now)
+            .is_ok()
+    {
+        return Selection::Admitted {
+            index: i,
+            emergency: true,
+        };
+    }
+    Selection::Unavailable {
+        retry_after: soonest.map_or(Duration::from_secs(1), |u| u - now),
+    }
+}
+
+/// Layer of [`RouteService`].
+#[derive(Clone)]
+pub struct RouteLayer {
+    max_body_bytes: usize,
+    body_timeout: Duration,
+}
+
+impl RouteLayer {
+    /// Bodies above `max_body_bytes` get 413; slower than `body_timeout`, 408.
+    pub fn new(max_body_bytes: usize, body_timeout: Duration) -> Self {
+        RouteLayer {
+            max_body_bytes,
+            body_timeout,
+        }
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+    fn layer(&self, inner: S) -> RouteService<S> {
+        RouteService {
+            inner,
+            params: self.clone(),
+        }
+    }
+}
+
+/// Parses and routes requests; serves `GET /v1/models`.
+#[derive(Clone)]
+pub struct RouteService<S> {
+    inner: S,
+    params: RouteLayer,
+}
+
+fn endpoint(method: &Method, path: &str) -> Result<Option<&'static str>, ApiError> {
+    let suffix = match path {
+        "/v1/models" => {
+            return if method == Method::GET {
+                Ok(None)
+            } else {
+                Err(ApiError::method_not_allowed())
+            };
+        }
+        "/v1/chat/completions" => "/chat/completions",
+        "/v1/completions" => "/completions",
+        "/v1/embeddings" => "/embeddings",
+        _ => return Err(ApiError::not_found()),
+    };
+    if method == Method::POST {
+        Ok(Some(suffix))
+    } else {
+        Err(ApiError::method_not_allowed())
+    }
+}
+
+async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
+        Err(_) => Err(ApiError::request_timeout()),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::payload_too_large(max))
+        }
+        Ok(Err(_)) => Err(ApiError::bad_request("Could not read the request body.")),
+    }
+}
+
+/// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
+pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
+    let max_out = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(0);
+    max_out as f64 + (body_len as f64 / 4.0).ceil()
+}
+
+/// Parses a JSON request body into its top-level object and canonical model.
+pub fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}.")))?;
+    let Value::Object(map) = v else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+        ));
+    };
+    match map.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => {
+            let m = m.clone();
+            Ok((map, m))
+        }
+        _ => Err(ApiError::bad_model()),
+    }
+}
+
+impl<S, B> Service<Request<B>> for RouteService<S>
+where
+    S: Service<Routed, Response = Response<ProxyBody>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let params = self.params.clone();
+        Box::pin(async move {
+            match route_request(req, &params, started).await {
+                Ok(routed) => inner.call(routed).await,
+                Err(e) => Ok(e),
+            }
+        })
+    }
+}
+
+async fn route_request<B>(
+    req: Request<B>,
+    params: &RouteLayer,
+    started: Instant,
+) -> Result<Routed, Response<ProxyBody>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let Some(auth) = parts.extensions.get::<Authenticated>().cloned() else {
+        return Err(ApiError::internal().into_response());
+    };
+    let suffix = match endpoint(&parts.method, parts.uri.path()) {
+        Err(e) => return Err(reject(e, &auth)),
+        Ok(None) => {
+            let mut res = Response::new(ProxyBody::full(auth.snapshot.models_body(&auth.key)));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return Err(res);
+        }
+        Ok(Some(s)) => s,
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > params.max_body_bytes as u64) {
+        return Err(reject(
+            ApiError::payload_too_large(params.max_body_bytes),
+            &auth,
+        ));
+    }
+    let bytes = read_body(body, params.max_body_bytes, params.body_timeout)
+        .await
+        .map_err(|e| reject(e, &auth))?;
+    let (body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth))?;
+    check_model(&auth.key, &model).map_err(|e| reject(e, &auth))?;
+    let Some(route) = auth.snapshot.route(&model).cloned() else {
+        return Err(reject(ApiError::model_not_found(&model), &auth));
+    };
+    let stream = suffix != "/embeddings" && body.get("stream") == Some(&Value::Bool(true));
+    let priority = match parts.headers.get("x-claw-priority") {
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"background") => Priority::Background,
+        _ => Priority::Interactive,
+    };
+    let agent_id = parts
+        .headers
+        .get("x-claw-agent-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(256).collect());
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{suffix}?{q}"),
+        None => suffix.to_string(),
+    };
+    let est_tokens = estimate_tokens(&body, bytes.len());
+    Ok(Routed {
+        snapshot: auth.snapshot,
+        key: auth.key,
+        route,
+        path_and_query,
+        headers: upstream_headers(&parts.headers),
+        body,
+        stream,
+        priority,
+        agent_id,
+        est_tokens,
+        started,
+    })
+}
+
+fn reject(e: ApiError, auth: &Authenticated) -> Response<ProxyBody> {
+    tracing::debug!(key = %auth.key.name, status = e.status.as_u16(), code = ?e.code, "rejected request");
+    if e.status != StatusCode::NOT_FOUND || e.code == Some("model_not_found") {
+        metrics::counter!("claw_dp_requests_total", "model" => "", "backend" => "", "status" => crate::metrics::status_label(e.status.as_u16())).increment(1);
+    }
+    e.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::compile;
+    use crate::snapshot::tests::{backend, key};
+    use claw_proto::v1;
+
+    fn route_of(backends: Vec<v1::SnapshotBackend>) -> (Snapshot, Arc<Route>) {
+        let s = v1::Snapshot {
+            version: 1,
+            backends,
+            pools: vec![],
+            client_keys: vec![key("ck", "s")],
+            models: vec![],
+        };
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        let r = c.route("m").unwrap().clone();
+        (c, r)
+    }
+
+    fn id(r: &Route, s: Selection) -> &str {
+        match s {
+            Selection::Admitted { index, .. } => &r.candidates[index].backend.id,
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn primary_before_fallback_and_least_loaded_within_a_pool() {
+        let (_s, r) = route_of(vec![
+            backend("fb", Pool::Fallback, &[("m", "m")]),
+            backend("p1", Pool::Primary, &[("m", "m")]),
+            backend("p2", Pool::Primary, &[("m", "m")]),
+        ]);
+        let now = Instant::now();
+        r.candidates[0]
+            .backend
+            .runtime
+            .in_flight
+            .store(5, Ordering::Relaxed);
+        assert_eq!(id(&r, select(&r, 0, 1.0, now)), "p2");
+        r.candidates[1]
+            .backend
+            .runtime
+            .in_flight
+            .store(9, Ordering::Relaxed);
+        assert_eq!(id(&r, select(&r, 0, 1.0, now)), "p1");
+        // Both primaries tried: fallback.
+        assert_eq!(id(&r, select(&r, 0b11, 1.0, now)), "fb");
+        assert!(matches!(
+            select(&r, 0b111, 1.0, now),
+            Selection::Unavailable { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ties_rotate() {
+        let (_s, r) = route_of(vec![
+            backend("a", Pool::Primary, &[("m", "m")]),
+            backend("b", Pool::Primary, &[("m", "m")]),
+        ]);
+        let now = Instant::now();
+        let first = id(&r, select(&r, 0, 1.0, now)).to_string();
+        let second = id(&r, select(&r, 0, 1.0, now)).to_string();
+        assert_ne!(first, second);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weight_divides_load() {
+        let mut heavy = backend("heavy", Pool::Primary, &[("m", "m")]);
+        heavy.weight = 4;
+        let (_s, r) = route_of(vec![backend("light", Pool::Primary, &[("m", "m")]), heavy]);
+        r.candidates[0]
+            .backend
+            .runtime
+            .in_flight
+            .store(1, Ordering::Relaxed);
+        r.candidates[1]
+            .backend
+            .runtime
+            .in_flight
+            .store(3, Ordering::Relaxed);
+        assert_eq!(id(&r, select(&r, 0, 1.0, Instant::now())), "heavy");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooling_skips_rate_limited_queues_all_cooling_uses_emergency() {
+        let mut a = backend("a", Pool::Primary, &[("m", "m")]);
+        a.rpm = 1;
+        let mut b = backend("b", Pool::Fallback, &[("m", "m")]);
+        b.rpm = 20; // emergency 0.05 × 20 = 1 per minute
+        let (_s, r) = route_of(vec![a, b]);
+        let now = Instant::now();
+        assert_eq!(id(&r, select(&r, 0, 1.0, now)), "a");
+        // a is out of tokens: b.
+        assert_eq!(id(&r, select(&r, 0, 1.0, now)), "b");
+        // Only a (rate-limited) left untried.
+        assert!(matches!(
+            select(&r, 0b10, 1.0, now),
+            Selection::RateLimited { .. }
+        ));
+        // Cool both: emergency admits once on the soonest-recovering, then 503.
+        r.candidates[0]
+            .backend
+            .runtime
+            .cooldown
+            .apply(now + Duration::from_secs(30), 1);
+        r.candidates[1]
+            .backend
+            .runtime
+            .cooldown
+            .apply(now + Duration::from_secs(10), 1);
+        assert_eq!(
+            select(&r, 0, 1.0, now),
+            Selection::Admitted {
+                index: 1,
+                emergency: true
+            }
+        );
+        assert_eq!(
+            select(&r, 0, 1.0, now),
+            Selection::Unavailable {
+                retry_after: Duration::from_secs(10)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_backends_are_skipped() {
+        let (_s, r) = route_of(vec![
+            backend("a", Pool::Primary, &[("m", "m")]),
+            backend("b", Pool::Primary, &[("m", "m")]),
+        ]);
+        let now = Instant::now();
+        let p = crate::outlier::OutlierPolicy::default();
+        for _ in 0..5 {
+            r.candidates[0].backend.runtime.outlier.on_failure(&p, now);
+        }
+        for _ in 0..4 {
+            assert_eq!(id(&r, select(&r, 0, 1.0, now)), "b");
+        }
+    }
+
+    #[test]
+    fn body_parsing_rejects_bad_input() {
+        assert!(parse_body(b"{not json").is_err());
+        assert!(parse_body(b"[1,2]").is_err());
+        assert!(parse_body(b"{\"messages\":[]}").is_err());
+        assert!(parse_body(b"{\"model\":42}").is_err());
+        assert!(parse_body(b"{\"model\":\"\"}").is_err());
+        assert!(parse_body(b"{\"model\":\"m\xff\"}").is_err());
+        assert!(parse_body(b"").is_err());
+        let (map, m) = parse_body(br#"{"model":"gpt","max_tokens":100}"#).unwrap();
+        assert_eq!(m, "gpt");
+        assert_eq!(estimate_tokens(&map, 400), 200.0);
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            endpoint(&Method::POST, "/v1/chat/completions"),
+            Ok(Some("/chat/completions"))
+        );
+        assert_eq!(endpoint(&Method::GET, "/v1/models"), Ok(None));
+        assert_eq!(
+            endpoint(&Method::GET, "/v1/embeddings").unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            endpoint(&Method::POST, "/v1/nope").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -1,0 +1,706 @@
+//! The configuration snapshot, compiled for the hot path.
+//!
+//! The control plane sends a `claw.v1.Snapshot`; [`compile`] validates it and
+//! turns it into routing tables: canonical model → candidate backends in pool
+//! order, client key SHA-256 → key, pool settings. [`SnapshotStore`] holds the
+//! current one in an `ArcSwap`, so every request reads it without a lock.
+//!
+//! Runtime state that must survive a configuration change — token buckets,
+//! cooldowns, outlier ejections, in-flight counts, wait queues — lives in
+//! `Arc`s that [`compile`] carries over from the previous snapshot by backend
+//! id, key id and model name.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use claw_proto::Pool;
+use claw_proto::v1;
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::cooldown::{Cooldown, CooldownPolicy};
+use crate::outlier::Outlier;
+use crate::queue::WaitQueue;
+use crate::ratelimit::TokenBucket;
+
+/// Why a snapshot was rejected (sent back as the NACK's `error_detail`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The response carried no snapshot.
+    #[error("response has no snapshot")]
+    Missing,
+    /// The snapshot's own version disagrees with the response's.
+    #[error("snapshot version {inner} does not match response version {outer}")]
+    VersionMismatch {
+        /// `StreamConfigResponse.version`.
+        outer: u64,
+        /// `Snapshot.version`.
+        inner: u64,
+    },
+    /// Older than the snapshot already applied.
+    #[error("version {got} is older than the applied version {held}")]
+    Stale {
+        /// Offered version.
+        got: u64,
+        /// Held version.
+        held: u64,
+    },
+    /// A field is invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid(msg.into())
+}
+
+/// Settings of a pool, as typed values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Which pool.
+    pub pool: Pool,
+    /// Cooldown after 429s.
+    pub cooldown: CooldownPolicy,
+    /// Fraction of the normal rate admitted while every candidate cools.
+    pub emergency_fraction: f64,
+    /// Retries on other backends after the first attempt.
+    pub max_retries: u32,
+    /// Requests that may wait for a rate-limit token.
+    pub queue_depth: u32,
+    /// How long a request may wait in the queue.
+    pub queue_timeout: Duration,
+    /// Deadline of a whole request including retries.
+    pub request_timeout: Duration,
+}
+
+impl PoolConfig {
+    fn from_proto(p: &v1::PoolSettings) -> Result<Self, SnapshotError> {
+        claw_proto::validate::validate_pool_settings(p)
+            .map_err(|e| invalid(format!("pool settings: {e}")))?;
+        Ok(PoolConfig {
+            pool: Pool::try_from(p.pool).unwrap_or(Pool::Primary),
+            cooldown: CooldownPolicy {
+                base: Duration::from_millis(p.cooldown_base_ms),
+                max: Duration::from_millis(p.cooldown_max_ms),
+                exponential: p.exponential,
+            },
+            emergency_fraction: p.emergency_fraction,
+            max_retries: p.max_retries,
+            queue_depth: p.queue_depth,
+            queue_timeout: Duration::from_millis(p.queue_timeout_ms),
+            request_timeout: Duration::from_millis(p.request_timeout_ms),
+        })
+    }
+
+    /// The defaults of `pool`.
+    pub fn default_for(pool: Pool) -> Self {
+        let p = claw_proto::validate::default_pool_settings(pool);
+        // The defaults are valid by construction; fall back field by field
+        // rather than panic if that ever changes.
+        Self::from_proto(&p).unwrap_or(PoolConfig {
+            pool,
+            cooldown: CooldownPolicy {
+                base: Duration::from_secs(5),
+                max: Duration::from_secs(300),
+                exponential: true,
+            },
+            emergency_fraction: 0.05,
+            max_retries: 2,
+            queue_depth: 256,
+            queue_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(600),
+        })
+    }
+}
+
+/// State of a backend that outlives snapshots.
+#[derive(Debug)]
+pub struct BackendRuntime {
+    /// Requests currently in flight to this backend.
+    pub in_flight: AtomicU32,
+    /// Requests per minute × share.
+    pub rpm: TokenBucket,
+    /// Tokens per minute × share (used only when the backend has a tpm).
+    pub tpm: TokenBucket,
+    /// `emergency_fraction × rpm` × share, used while every candidate cools.
+    pub emergency: TokenBucket,
+    /// 429 cooldown.
+    pub cooldown: Cooldown,
+    /// Passive outlier detection.
+    pub outlier: Outlier,
+}
+
+impl BackendRuntime {
+    fn new(rpm: u32, tpm: u32, emergency: f64, now: Instant) -> Self {
+        BackendRuntime {
+            in_flight: AtomicU32::new(0),
+            rpm: TokenBucket::per_minute(rpm, now),
+            tpm: TokenBucket::per_minute(tpm, now),
+            emergency: TokenBucket::with_rate(emergency, now),
+            cooldown: Cooldown::default(),
+            outlier: Outlier::default(),
+        }
+    }
+
+    /// Sets this proxy's share of the backend's cluster-wide limits.
+    pub fn set_share(&self, share: f64, now: Instant) {
+        self.rpm.set_share(share, now);
+        self.tpm.set_share(share, now);
+        self.emergency.set_share(share, now);
+    }
+}
+
+/// A backend of the snapshot.
+#[derive(Debug)]
+pub struct Backend {
+    /// Backend id (`be_…`).
+    pub id: Arc<str>,
+    /// Backend name, for logs.
+    pub name: String,
+    /// Pool.
+    pub pool: Pool,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// `Bearer <provider key>`, marked sensitive.
+    pub authorization: HeaderValue,
+    /// Upstream timeout (to response headers).
+    pub timeout: Duration,
+    /// Relative weight within the pool (≥ 1).
+    pub weight: u32,
+    /// Tokens per minute limit, if any.
+    pub tpm: Option<u32>,
+    /// Disabled backends are never candidates.
+    pub enabled: bool,
+    /// State carried across snapshots.
+    pub runtime: Arc<BackendRuntime>,
+}
+
+/// A backend able to serve a model, with the model's native id.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// The backend's own model id (`model` is rewritten to it).
+    pub native: Arc<str>,
+    /// USD per prompt token.
+    pub input_cost_per_token: f64,
+    /// USD per completion token.
+    pub output_cost_per_token: f64,
+}
+
+/// Everything needed to route one canonical model.
+#[derive(Debug)]
+pub struct Route {
+    /// Canonical model name.
+    pub model: Arc<str>,
+    /// Enabled backends serving it: primary pool first, then fallback.
+    pub candidates: Vec<Candidate>,
+    /// Settings that govern the request (the primary pool's when the model
+    /// has a primary candidate, else the fallback's).
+    pub settings: PoolConfig,
+    /// Requests waiting for a rate-limit token.
+    pub queue: Arc<WaitQueue>,
+    /// Rotates the tie-break among equally loaded backends.
+    pub rotation: AtomicUsize,
+}
+
+impl std::fmt::Debug for WaitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitQueue")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Route {
+    /// Settings of the pool a candidate belongs to.
+    pub fn next_rotation(&self) -> usize {
+        self.rotation.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A client key.
+#[derive(Debug)]
+pub struct ClientKey {
+    /// Key id (`ck_…`).
+    pub id: Arc<str>,
+    /// Key name.
+    pub name: String,
+    /// Canonical models allowed; empty means all.
+    pub models: HashSet<String>,
+    /// Per-key requests per minute, if limited.
+    pub rpm: Option<Arc<TokenBucket>>,
+}
+
+impl ClientKey {
+    /// True when the key may use `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.contains(model)
+    }
+}
+
+/// A compiled, validated snapshot.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Configuration version.
+    pub version: u64,
+    backends: Vec<Arc<Backend>>,
+    by_id: HashMap<Arc<str>, usize>,
+    routes: HashMap<String, Arc<Route>>,
+    keys: HashMap<[u8; 32], Arc<ClientKey>>,
+    pools: [PoolConfig; 2],
+    models: Vec<String>,
+    models_body: Bytes,
+    created: u64,
+}
+
+impl Snapshot {
+    /// Every backend, enabled or not.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.backends.iter()
+    }
+
+    /// A backend by id.
+    pub fn backend(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.by_id.get(id).and_then(|i| self.backends.get(*i))
+    }
+
+    /// The route of a canonical model.
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
+        self.routes.get(model)
+    }
+
+    /// The client key whose secret hashes to `sha256`.
+    pub fn key(&self, sha256: &[u8; 32]) -> Option<&Arc<ClientKey>> {
+        self.keys.get(sha256)
+    }
+
+    /// Settings of `pool`.
+    pub fn pool(&self, pool: Pool) -> &PoolConfig {
+        match pool {
+            Pool::Fallback => &self.pools[1],
+            _ => &self.pools[0],
+        }
+    }
+
+    /// Canonical models served.
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    /// The `/v1/models` body for a key: precomputed when the key may use
+    /// every model.
+    pub fn models_body(&self, key: &ClientKey) -> Bytes {
+        if key.models.is_empty() {
+            return self.models_body.clone();
+        }
+        render_models(self.models.iter().filter(|m| key.allows(m)), self.created)
+    }
+}
+
+fn render_models<'a>(models: impl Iterator<Item = &'a String>, created: u64) -> Bytes {
+    let data: Vec<serde_json::Value> = models
+        .map(|m| serde_json::json!({"id": m, "object": "model", "created": created, "owned_by": "claw"}))
+        .collect();
+    Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+}
+
+fn parse_base_url(id: &str, raw: &str) -> Result<String, SnapshotError> {
+    let url =
+        url::Url::parse(raw).map_err(|e| invalid(format!("backend `{id}`: base_url: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(format!(
+            "backend `{id}`: base_url must be an http(s) URL with a host"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(format!(
+            "backend `{id}`: base_url must not contain credentials"
+        )));
+    }
+    let base = raw.trim_end_matches('/').to_string();
+    let probe = format!("{base}/chat/completions");
+    probe
+        .parse::<http::Uri>()
+        .map_err(|_| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
+    Ok(base)
+}
+
+fn parse_sha256(id: &str, hex_str: &str) -> Result<[u8; 32], SnapshotError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_str.trim().to_ascii_lowercase(), &mut out).map_err(|_| {
+        invalid(format!(
+            "client key `{id}`: secret_sha256 must be 64 hex characters"
+        ))
+    })?;
+    Ok(out)
+}
+
+/// Validates `snap` (delivered as `version`) and compiles it, carrying the
+/// runtime state over from `previous`.
+pub fn compile(
+    version: u64,
+    snap: &v1::Snapshot,
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<Snapshot, SnapshotError> {
+    if snap.version != 0 && snap.version != version {
+        return Err(SnapshotError::VersionMismatch {
+            outer: version,
+            inner: snap.version,
+        });
+    }
+    if let Some(prev) = previous
+        && version < prev.version
+    {
+        return Err(SnapshotError::Stale {
+            got: version,
+            held: prev.version,
+        });
+    }
+
+    let mut pools = [
+        PoolConfig::default_for(Pool::Primary),
+        PoolConfig::default_for(Pool::Fallback),
+    ];
+    for p in &snap.pools {
+        let cfg = PoolConfig::from_proto(p)?;
+        let i = usize::from(cfg.pool == Pool::Fallback);
+        pools[i] = cfg;
+    }
+
+    let mut backends = Vec::with_capacity(snap.backends.len());
+    let mut by_id = HashMap::new();
+    for b in &snap.backends {
+        if b.id.is_empty() {
+            return Err(invalid("backend with an empty id"));
+        }
+        if by_id.contains_key(b.id.as_str()) {
+            return Err(invalid(format!("duplicate backend id `{}`", b.id)));
+        }
+        let base_url = parse_base_url(&b.id, &b.base_url)?;
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {}", b.api_key)).map_err(|_| {
+                invalid(format!(
+                    "backend `{}`: api_key is not a valid header value",
+                    b.id
+                ))
+            })?;
+        authorization.set_sensitive(true);
+        let pool = match Pool::try_from(b.pool) {
+            Ok(Pool::Fallback) => Pool::Fallback,
+            _ => Pool::Primary,
+        };
+        if b.rpm == 0 {
+            return Err(invalid(format!("backend `{}`: rpm must be > 0", b.id)));
+        }
+        for m in &b.models {
+            if m.canonical.is_empty() || m.native.is_empty() {
+                return Err(invalid(format!(
+                    "backend `{}`: model mappings need a canonical and a native name",
+                    b.id
+                )));
+            }
+        }
+        let emergency =
+            pools[usize::from(pool == Pool::Fallback)].emergency_fraction * f64::from(b.rpm);
+        let tpm = b.tpm.filter(|t| *t > 0);
+        let runtime = match previous.and_then(|p| p.backend(&b.id)) {
+            Some(old) => {
+                let rt = old.runtime.clone();
+                rt.rpm.set_limit(f64::from(b.rpm), now);
+                rt.tpm.set_limit(f64::from(tpm.unwrap_or(0)), now);
+                rt.emergency.set_limit(emergency, now);
+                rt
+            }
+            None => Arc::new(BackendRuntime::new(b.rpm, tpm.unwrap_or(0), emergency, now)),
+        };
+        let id: Arc<str> = Arc::from(b.id.as_str());
+        by_id.insert(id.clone(), backends.len());
+        backends.push(Arc::new(Backend {
+            id,
+            name: b.name.clone(),
+            pool,
+            base_url,
+            authorization,
+            timeout: Duration::from_millis(if b.timeout_ms == 0 {
+                claw_proto::validate::DEFAULT_BACKEND_TIMEOUT_MS
+            } else {
+                b.timeout_ms
+            }),
+            weight: b.weight.max(1),
+            tpm,
+            enabled: b.enabled,
+            runtime,
+        }));
+    }
+
+    // Routes: enabled backends with a mapping, primary pool first (stable
+    // within a pool, so the snapshot's order breaks ties).
+    let mut candidates: HashMap<String, Vec<Candidate>> = HashMap::new();
+    for (b, proto) in backends.iter().zip(&snap.backends) {
+        if !b.enabled {
+            continue;
+        }
+        for m in &proto.models {
+            let list = candidates.entry(m.canonical.clone()).or_default();
+            if list.iter().any(|c| Arc::ptr_eq(&c.backend, b)) {
+                continue;
+            }
+            list.push(Candidate {
+                backend: b.clone(),
+                native: Arc::from(m.native.as_str()),
+                input_cost_per_token: m.input_cost_per_token,
+                output_cost_per_token: m.output_cost_per_token,
+            });
+        }
+    }
+    let mut routes = HashMap::with_capacity(candidates.len());
+    for (model, mut list) in candidates {
+        list.sort_by_key(|c| c.backend.pool == Pool::Fallback);
+        let governing = list.first().map_or(Pool::Primary, |c| c.backend.pool);
+        let queue = previous
+            .and_then(|p| p.route(&model))
+            .map(|r| r.queue.clone())
+            .unwrap_or_default();
+        routes.insert(
+            model.clone(),
+            Arc::new(Route {
+                model: Arc::from(model.as_str()),
+                candidates: list,
+                settings: pools[usize::from(governing == Pool::Fallback)].clone(),
+                queue,
+                rotation: AtomicUsize::new(0),
+            }),
+        );
+    }
+
+    let mut keys = HashMap::with_capacity(snap.client_keys.len());
+    for k in &snap.client_keys {
+        let digest = parse_sha256(&k.id, &k.secret_sha256)?;
+        let old = previous.and_then(|p| p.keys.values().find(|o| *o.id == *k.id));
+        let rpm = (k.rpm > 0).then(|| match old.and_then(|o| o.rpm.clone()) {
+            Some(b) => {
+                b.set_limit(f64::from(k.rpm), now);
+                b
+            }
+            None => Arc::new(TokenBucket::per_minute(k.rpm, now)),
+        });
+        let key = Arc::new(ClientKey {
+            id: Arc::from(k.id.as_str()),
+            name: k.name.clone(),
+            models: k.models.iter().cloned().collect(),
+            rpm,
+        });
+        if keys.insert(digest, key).is_some() {
+            return Err(invalid(format!("client key `{}`: duplicate secret", k.id)));
+        }
+    }
+
+    let mut models: Vec<String> = if snap.models.is_empty() {
+        routes.keys().cloned().collect()
+    } else {
+        snap.models.clone()
+    };
+    models.sort();
+    models.dedup();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let models_body = render_models(models.iter(), created);
+
+    Ok(Snapshot {
+        version,
+        backends,
+        by_id,
+        routes,
+        keys,
+        pools,
+        models,
+        models_body,
+        created,
+    })
+}
+
+/// Holds the current snapshot; cloning shares it.
+#[derive(Clone, Default)]
+pub struct SnapshotStore {
+    current: Arc<ArcSwapOption<Snapshot>>,
+}
+
+impl SnapshotStore {
+    /// The current snapshot, if one was applied.
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// The applied version (0 = none).
+    pub fn version(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |s| s.version)
+    }
+
+    /// Validates and applies a snapshot delivered as `version`. On error the
+    /// previous snapshot stays in place.
+    pub fn apply(&self, version: u64, snap: &v1::Snapshot) -> Result<(), SnapshotError> {
+        let prev = self.load();
+        let compiled = compile(version, snap, prev.as_deref(), Instant::now())?;
+        let (backends, models) = (compiled.backends.len(), compiled.models.len());
+        self.current.store(Some(Arc::new(compiled)));
+        metrics::gauge!("claw_dp_snapshot_version").set(version as f64);
+        tracing::info!(version, backends, models, "applied configuration snapshot");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    pub(crate) fn backend(id: &str, pool: Pool, models: &[(&str, &str)]) -> v1::SnapshotBackend {
+        v1::SnapshotBackend {
+            id: id.into(),
+            name: id.into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key: format!("sk-{id}"),
+            pool: pool as i32,
+            rpm: 600,
+            tpm: None,
+            timeout_ms: 0,
+            weight: 1,
+            enabled: true,
+            models: models
+                .iter()
+                .map(|(c, n)| v1::ModelMapping {
+                    canonical: (*c).into(),
+                    native: (*n).into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn key(id: &str, secret: &str) -> v1::SnapshotClientKey {
+        v1::SnapshotClientKey {
+            id: id.into(),
+            name: id.into(),
+            secret_sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
+            models: vec![],
+            rpm: 0,
+        }
+    }
+
+    fn snap(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {
+        v1::Snapshot {
+            version: 0,
+            backends,
+            pools: vec![],
+            client_keys: vec![key("ck_1", "secret")],
+            models: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn candidates_are_primary_first_and_disabled_are_skipped() {
+        let mut off = backend("be_off", Pool::Primary, &[("gpt", "x")]);
+        off.enabled = false;
+        let s = snap(vec![
+            backend("be_fb", Pool::Fallback, &[("gpt", "gpt-fb")]),
+            off,
+            backend("be_p", Pool::Primary, &[("gpt", "gpt-p")]),
+        ]);
+        let c = compile(3, &s, None, Instant::now()).unwrap();
+        let r = c.route("gpt").unwrap();
+        let ids: Vec<&str> = r.candidates.iter().map(|c| &*c.backend.id).collect();
+        assert_eq!(ids, vec!["be_p", "be_fb"]);
+        assert_eq!(&*r.candidates[0].native, "gpt-p");
+        assert_eq!(r.settings.pool, Pool::Primary);
+        assert_eq!(c.models(), ["gpt".to_string()]);
+        assert!(c.backend("be_off").is_some());
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_snapshots() {
+        let now = Instant::now();
+        let dup = snap(vec![
+            backend("be_a", Pool::Primary, &[]),
+            backend("be_a", Pool::Primary, &[]),
+        ]);
+        assert!(matches!(
+            compile(1, &dup, None, now),
+            Err(SnapshotError::Invalid(_))
+        ));
+        let mut bad_url = backend("be_a", Pool::Primary, &[]);
+        bad_url.base_url = "not a url".into();
+        assert!(compile(1, &snap(vec![bad_url]), None, now).is_err());
+        let mut ftp = backend("be_a", Pool::Primary, &[]);
+        ftp.base_url = "ftp://x/v1".into();
+        assert!(compile(1, &snap(vec![ftp]), None, now).is_err());
+        let mut bad_key = snap(vec![]);
+        bad_key.client_keys[0].secret_sha256 = "zz".into();
+        assert!(compile(1, &bad_key, None, now).is_err());
+        let mut mismatch = snap(vec![]);
+        mismatch.version = 5;
+        assert!(matches!(
+            compile(4, &mismatch, None, now),
+            Err(SnapshotError::VersionMismatch { .. })
+        ));
+        let held = compile(7, &snap(vec![]), None, now).unwrap();
+        assert!(matches!(
+            compile(6, &snap(vec![]), Some(&held), now),
+            Err(SnapshotError::Stale { got: 6, held: 7 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn runtime_state_survives_a_new_snapshot() {
+        let now = Instant::now();
+        let s = snap(vec![backend("be_a", Pool::Primary, &[("m", "n")])]);
+        let first = compile(1, &s, None, now).unwrap();
+        first
+            .backend("be_a")
+            .unwrap()
+            .runtime
+            .cooldown
+            .apply(now + Duration::from_secs(9), 1);
+        let second = compile(2, &s, Some(&first), now).unwrap();
+        assert!(Arc::ptr_eq(
+            &first.backend("be_a").unwrap().runtime,
+            &second.backend("be_a").unwrap().runtime
+        ));
+        assert!(Arc::ptr_eq(
+            &first.route("m").unwrap().queue,
+            &second.route("m").unwrap().queue
+        ));
+    }
+
+    #[tokio::test]
+    async fn store_keeps_previous_on_error() {
+        let store = SnapshotStore::default();
+        store.apply(2, &snap(vec![])).unwrap();
+        assert!(store.apply(1, &snap(vec![])).is_err());
+        assert_eq!(store.version(), 2);
+    }
+
+    #[tokio::test]
+    async fn models_body_is_filtered_per_key() {
+        let mut s = snap(vec![backend(
+            "be_a",
+            Pool::Primary,
+            &[("a", "a"), ("b", "b")],
+        )]);
+        s.client_keys[0].models = vec!["b".into()];
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        let digest: [u8; 32] = sha2::Sha256::digest(b"secret").into();
+        let k = c.key(&digest).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&c.models_body(k)).unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"].as_array().unwrap().len(), 1);
+        assert_eq!(v["data"][0]["id"], "b");
+        assert_eq!(v["data"][0]["owned_by"], "claw");
+    }
+}
