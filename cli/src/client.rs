@@ -202,8 +202,9 @@ pub fn code_words(code: Code) -> &'static str {
 
 /// `<code words>: <server message>`, with transport failures phrased as such.
 pub fn describe_status(status: &Status, server: &str, timeout: Duration) -> String {
-    let timed_out = std::error::Error::source(status)
-        .is_some_and(|s| s.downcast_ref::<tonic::TimeoutExpired>().is_some());
+    // tonic reports its own client-side deadline as `cancelled: Timeout expired`.
+    let timed_out = status.code() == Code::Cancelled
+        && status.message() == tonic::TimeoutExpired(()).to_string();
     if timed_out || status.code() == Code::DeadlineExceeded && status.message().is_empty() {
         return format!(
             "deadline exceeded: no answer from {server} within {} (see --timeout)",

@@ -324,9 +324,9 @@ pub fn parse(text: &str) -> Result<Document, ParseError> {
     serde_norway::from_str(text).map_err(|e| ParseError::from_yaml(&e))
 }
 
-/// Renders a document as YAML.
+/// Renders a document as YAML, in the layout of the example above.
 pub fn to_yaml(doc: &Document) -> anyhow::Result<String> {
-    Ok(serde_norway::to_string(doc)?)
+    emit::document(&serde_norway::to_value(doc)?)
 }
 
 // ------------------------------------------------------------ proto -> doc
@@ -655,5 +655,6 @@ impl AgentDoc {
     }
 }
 
+mod emit;
 #[cfg(test)]
 mod tests;

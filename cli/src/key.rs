@@ -1,11 +1,12 @@
 //! `clawctl key add|list|get|rm`: the keys clients use to call the proxies.
 //! The secret exists only in the answer to `add` and is printed that once.
 
-use anyhow::Context;
 use claw_proto::v1::{
     ClientKey, CreateClientKeyRequest, DeleteClientKeyRequest, GetClientKeyRequest,
     ListClientKeysRequest,
 };
+
+use serde::Serialize;
 
 use crate::cli::{KeyAddArgs, KeyCmd};
 use crate::output::{self, Table};
@@ -65,13 +66,10 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
         .await?;
     let key = resp.key.clone().unwrap_or_default();
     // -o json|yaml: the ClientKey fields plus "secret", as one object.
-    let mut value = serde_json::to_value(&key).context("serializing the key")?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert(
-            "secret".to_string(),
-            serde_json::Value::String(resp.secret.clone()),
-        );
-    }
+    let value = KeyWithSecret {
+        key: &key,
+        secret: &resp.secret,
+    };
     session.emit(&value, |out| {
         table(std::slice::from_ref(&key)).write(out)?;
         writeln!(out)?;
@@ -81,6 +79,15 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
             "This secret is shown only once and cannot be retrieved again: store it now."
         )
     })
+}
+
+/// A created key as printed by `-o json|yaml`: the key's fields, then its
+/// secret.
+#[derive(Serialize)]
+struct KeyWithSecret<'a> {
+    #[serde(flatten)]
+    key: &'a ClientKey,
+    secret: &'a str,
 }
 
 /// One row per client key.

@@ -157,20 +157,24 @@ fn export_then_apply_round_trips_through_yaml() {
 fn export_writes_the_documented_shape() {
     let yaml = to_yaml(&from_config(&exported_config()).document).expect("serializable");
     for expected in [
-        "backends:\n- name: openai-1\n",
-        "  api_key_env: OPENAI_API_KEY\n",
-        "  api_key_file: /etc/claw/local.key\n",
-        "  pool: fallback\n",
-        "  timeout: 2m\n",
-        "  timeout: 1s500ms\n",
-        "  tpm: 100000\n",
+        "backends:\n  - name: openai-1\n    label: main account\n",
+        "    api_key_env: OPENAI_API_KEY\n",
+        "    api_key_file: /etc/claw/local.key\n",
+        "    pool: fallback\n",
+        "    timeout: 2m\n",
+        "    timeout: 1s500ms\n",
+        "    tpm: 100000\n",
+        "    models:\n      - canonical: gpt-4o\n        native: gpt-4o-2024-08-06\n        input_cost_per_token: 0.0000025\n",
+        "        cache_write_cost_per_token: 0\n",
         "pools:\n  primary:\n    cooldown_base: 5s\n    cooldown_max: 5m\n",
         "    request_timeout: 10m\n",
-        "client_keys:\n- name: app\n",
-        "agents:\n- id: a1\n",
-        "  interval: 1h30m\n",
-        "  run_timeout: 1m30s\n",
-        "  catch_up: 0s\n",
+        "client_keys:\n  - name: app\n    models:\n      - gpt-4o\n    rpm: 120\n",
+        "  - name: all\n    models: []\n    rpm: 0\n",
+        "agents:\n  - id: a1\n",
+        "    interval: 1h30m\n",
+        "    checklist: |\n      # HEARTBEAT\n",
+        "    run_timeout: 1m30s\n",
+        "    catch_up: 0s\n",
     ] {
         assert!(yaml.contains(expected), "missing {expected:?} in\n{yaml}");
     }
