@@ -161,6 +161,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.proxy_token,
     )?;
     let server = Server::open(config).await?;
+    let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("binding the gRPC address {}", args.grpc_addr))?;
@@ -174,12 +175,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(out, "listening grpc={grpc_addr} http={http_addr}")?;
         out.flush()?;
     }
-    server.serve(grpc, http, shutdown_signal()).await
+    server.serve(grpc, http, shutdown).await
 }
 
-/// Completes on SIGTERM or ctrl-c (SIGINT).
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on SIGTERM or ctrl-c (SIGINT). The handlers are installed
+/// here, eagerly, so a signal sent right after the `listening` line is never
+/// met by the default action (which would kill the process uncleanly).
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("received SIGTERM"),
+            _ = interrupt.recv() => tracing::info!("received ctrl-c"),
+        }
+    })
+}
+
+/// Completes on ctrl-c.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         match tokio::signal::ctrl_c().await {
             Ok(()) => tracing::info!("received ctrl-c"),
             Err(e) => {
@@ -187,25 +205,5 @@ async fn shutdown_signal() {
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-                tracing::info!("received SIGTERM");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
+    })
 }

@@ -1,0 +1,281 @@
+//! The gRPC API end to end, in process: the real server on port 0 with
+//! tonic clients.
+
+use std::time::Duration;
+
+use claw_control_plane::config::Config;
+use claw_control_plane::crypto::MasterKey;
+use claw_control_plane::server::Server;
+use claw_proto::v1::backend_service_client::BackendServiceClient;
+use claw_proto::v1::cluster_service_client::ClusterServiceClient;
+use claw_proto::v1::*;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const ADMIN: &str = "admin-token-0123456789";
+const PROXY: &str = "proxy-token-0123456789";
+const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const KEY2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    channel: Channel,
+    http: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::new(
+            dir.path().join("data"),
+            MasterKey::from_hex(KEY1).expect("key"),
+            Some(ADMIN.into()),
+            Some(PROXY.into()),
+        )
+        .expect("config");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let grpc_addr = grpc.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = Server::open(config).await.expect("opens");
+        let task = tokio::spawn(server.serve(grpc, http, async move {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+            .expect("uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connects");
+        Harness {
+            _dir: dir,
+            channel,
+            http: http_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn with_token(
+        &self,
+        token: Option<&'static str>,
+    ) -> InterceptedService<
+        Channel,
+        impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<>,
+    > {
+        InterceptedService::new(self.channel.clone(), move |mut r: Request<()>| {
+            if let Some(t) = token {
+                let v: MetadataValue<_> = format!("Bearer {t}").parse().expect("ascii");
+                r.metadata_mut().insert("authorization", v);
+            }
+            Ok(r)
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("joins").expect("clean shutdown");
+        }
+    }
+}
+
+fn backend(name: &str) -> Backend {
+    Backend {
+        name: name.into(),
+        base_url: "https://api.example.com/v1".into(),
+        api_key: "sk-test-abcdefghijklmnop".into(),
+        rpm: 60,
+        enabled: true,
+        ..Default::default()
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("writes");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("reads");
+    out
+}
+
+#[tokio::test]
+async fn admin_rpcs_require_the_admin_token() {
+    let h = Harness::start().await;
+    for token in [None, Some(PROXY), Some("admin-token-wrong-value")] {
+        let mut c = BackendServiceClient::new(h.with_token(token));
+        let err = c
+            .list_backends(ListBackendsRequest {})
+            .await
+            .expect_err("rejected");
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert_eq!(err.message(), "missing or invalid admin token");
+    }
+    let mut c = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    assert!(c.list_backends(ListBackendsRequest {}).await.is_ok());
+
+    // Health is open to probes without a token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(h.channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "claw.v1.BackendService".into(),
+        })
+        .await
+        .expect("health answers");
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn backend_errors_map_to_status_codes_naming_the_field() {
+    let h = Harness::start().await;
+    let mut c = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    let created = c
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend("b1")),
+        })
+        .await
+        .expect("created")
+        .into_inner();
+    let b = created.backend.expect("backend");
+    assert_eq!(b.api_key, "sk-tes…mnop");
+    assert!(created.config_version > 1);
+
+    let err = c
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend("b1")),
+        })
+        .await
+        .expect_err("duplicate");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(err.message(), r#"name: backend "b1" already exists"#);
+
+    let mut bad = backend("b2");
+    bad.rpm = 0;
+    let err = c
+        .create_backend(CreateBackendRequest { backend: Some(bad) })
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "rpm: must be > 0");
+
+    let err = c
+        .get_backend(GetBackendRequest {
+            backend: "missing".into(),
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), r#"backend "missing" not found"#);
+
+    let got = c
+        .get_backend(GetBackendRequest {
+            backend: b.id.clone(),
+        })
+        .await
+        .expect("by id")
+        .into_inner();
+    assert_eq!(got.backend.expect("backend").name, "b1");
+
+    let metrics = http_get(h.http, "/metrics").await;
+    assert!(
+        metrics.contains("claw_cp_grpc_requests_total{method=\"claw.v1.BackendService/CreateBackend\",code=\"AlreadyExists\"}"),
+        "{metrics}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_info_rotation_and_apply() {
+    let h = Harness::start().await;
+    let mut backends = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    backends
+        .create_backend(CreateBackendRequest {
+            backend: Some(backend("b1")),
+        })
+        .await
+        .expect("created");
+    let mut c = ClusterServiceClient::new(h.with_token(Some(ADMIN)));
+    let info = c
+        .get_snapshot_info(GetSnapshotInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(
+        (info.backends, info.proxies_connected, info.schema_version),
+        (1, 0, 1)
+    );
+    let old_id = info.master_key_id;
+
+    let err = c
+        .rotate_master_key(RotateMasterKeyRequest {
+            new_master_key: "nothex".into(),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("new_master_key: "));
+    assert!(!err.message().contains("nothex"));
+    let r = c
+        .rotate_master_key(RotateMasterKeyRequest {
+            new_master_key: KEY2.into(),
+        })
+        .await
+        .expect("rotated")
+        .into_inner();
+    assert_eq!((r.old_key_id, r.reencrypted), (old_id, 1));
+    let got = backends
+        .get_backend(GetBackendRequest {
+            backend: "b1".into(),
+        })
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(got.backend.expect("backend").api_key, "sk-tes…mnop");
+
+    let exported = c
+        .export_config(ExportConfigRequest {})
+        .await
+        .expect("export")
+        .into_inner();
+    let applied = c
+        .apply_config(ApplyConfigRequest {
+            config: exported.config,
+            dry_run: false,
+            prune: true,
+        })
+        .await
+        .expect("apply")
+        .into_inner();
+    assert_eq!(applied.config_version, exported.config_version);
+    assert!(
+        applied
+            .changes
+            .iter()
+            .all(|c| c.action == ChangeAction::Unchanged as i32)
+    );
+    let proxies = c
+        .list_proxies(ListProxiesRequest {})
+        .await
+        .expect("proxies")
+        .into_inner();
+    assert!(proxies.proxies.is_empty());
+    h.stop().await;
+}
