@@ -45,6 +45,13 @@ const SERVICES: [&str; 5] = [
     cluster_service_server::SERVICE_NAME,
 ];
 
+/// Infrastructure services advertised by reflection next to [`SERVICES`].
+const REFLECTED_INFRA: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// How often the Prometheus recorder drops stale histogram samples.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
@@ -124,10 +131,15 @@ impl Server {
                 .await;
         }
         let admin = TokenAuth::admin(&config.admin_token);
+        // Advertise only what is served (the descriptor set also describes
+        // services of later milestones).
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(claw_proto::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            SERVICES.iter().chain(&REFLECTED_INFRA).fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(claw_proto::v1::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, name| b.with_service_name(*name),
+            )
         };
         let reflection_v1 = reflection()
             .build_v1()

@@ -279,3 +279,52 @@ async fn cluster_info_rotation_and_apply() {
     assert!(proxies.proxies.is_empty());
     h.stop().await;
 }
+
+#[tokio::test]
+async fn reflection_lists_services_for_the_admin_only() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let h = Harness::start().await;
+    let list = || {
+        tokio_stream::once(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+    };
+    let mut anonymous = ServerReflectionClient::new(h.with_token(None));
+    let err = match anonymous.server_reflection_info(list()).await {
+        Err(e) => e,
+        Ok(r) => r.into_inner().message().await.expect_err("stream rejected"),
+    };
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut admin = ServerReflectionClient::new(h.with_token(Some(ADMIN)));
+    let mut stream = admin
+        .server_reflection_info(list())
+        .await
+        .expect("reflection answers")
+        .into_inner();
+    let response = stream.message().await.expect("message").expect("one");
+    let Some(MessageResponse::ListServicesResponse(services)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = services.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "claw.v1.BackendService",
+        "claw.v1.ClusterService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    assert!(
+        !names.iter().any(|n| n == "claw.v1.DiscoveryService"),
+        "not served yet"
+    );
+    h.stop().await;
+}
