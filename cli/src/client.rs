@@ -99,12 +99,16 @@ impl Connection {
             .connect_timeout(opts.timeout)
             .timeout(opts.timeout);
         if server.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(path) = &opts.ca_cert {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
+            // A given CA replaces the system roots: a private control plane's
+            // certificate is then trusted only through that CA.
+            let tls = match &opts.ca_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                }
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| anyhow!("TLS setup for {server}: {}", innermost(&e)))?;
@@ -211,7 +215,16 @@ pub fn describe_status(status: &Status, server: &str, timeout: Duration) -> Stri
             crate::duration::format(timeout)
         );
     }
-    let message = status.message().trim();
+    // Statuses made on this side of the wire carry the failure as a source;
+    // its innermost message is the useful part ("connection reset").
+    let mut message = status.message().trim().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        let cause = innermost(source);
+        if !cause.is_empty() && !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    let message = message.trim_start_matches(": ");
     if status.code() == Code::Unavailable {
         let reason = if message.is_empty() {
             "unavailable"
