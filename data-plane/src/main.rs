@@ -80,28 +80,23 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves on SIGTERM or ctrl-c. The handlers are installed before the
+/// listening line is printed, so a supervisor's SIGTERM is never missed.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        let term = term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown signal received");
+        tracing::info!("shutdown signal received");
+    })
 }
 
 #[tokio::main]
@@ -123,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
     };
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
@@ -133,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(addr = %local, node_id = %config.node_id, control_plane = %args.control_plane, "claw-data-plane started");
-    claw_data_plane::run(config, listener, shutdown_signal()).await?;
+    claw_data_plane::run(config, listener, shutdown).await?;
     tracing::info!("claw-data-plane stopped");
     Ok(())
 }

@@ -6,11 +6,14 @@
 //! the client first receives an SSE `error` event, then the body ends with an
 //! error, so the client never mistakes a truncated stream for a complete one.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
 
 use crate::body::BoxError;
 
@@ -41,10 +44,15 @@ impl Observer for () {
     fn on_end(&mut self, _: End) {}
 }
 
+/// Time the connection gets to flush the SSE error event before the body
+/// fails: hyper drops unflushed bytes when a body errors.
+const FLUSH_BEFORE_ERROR: Duration = Duration::from_millis(10);
+
 enum State {
     Streaming,
-    /// The SSE error event was sent; the next poll yields this error.
-    Failing(BoxError),
+    /// The SSE error event was handed over; after a short flush delay the
+    /// body yields this error.
+    Failing(BoxError, Pin<Box<Sleep>>),
     Done,
 }
 
@@ -90,7 +98,13 @@ where
         let this = self.get_mut();
         match std::mem::replace(&mut this.state, State::Done) {
             State::Done => return Poll::Ready(None),
-            State::Failing(e) => return Poll::Ready(Some(Err(e))),
+            State::Failing(e, mut flush) => {
+                if flush.as_mut().poll(cx).is_pending() {
+                    this.state = State::Failing(e, flush);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Some(Err(e)));
+            }
             State::Streaming => this.state = State::Streaming,
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -98,6 +112,12 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(o)) = (frame.data_ref(), this.observer.as_mut()) {
                     o.on_data(data);
+                }
+                // A body of known length is complete when its last byte is
+                // read; hyper may drop it without polling for the end.
+                if this.inner.is_end_stream() {
+                    this.state = State::Done;
+                    this.finish(End::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -111,7 +131,8 @@ where
                 tracing::debug!(error = %e, "upstream body failed mid-stream");
                 this.finish(End::UpstreamError);
                 if this.sse {
-                    this.state = State::Failing(e);
+                    this.state =
+                        State::Failing(e, Box::pin(tokio::time::sleep(FLUSH_BEFORE_ERROR)));
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                         SSE_UPSTREAM_DISCONNECTED,
                     )))))
@@ -126,7 +147,7 @@ where
     fn is_end_stream(&self) -> bool {
         match self.state {
             State::Streaming => self.inner.is_end_stream(),
-            State::Failing(_) => false,
+            State::Failing(..) => false,
             State::Done => true,
         }
     }
