@@ -33,6 +33,30 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     ".claw.v1.Agent.updated_at",
     ".claw.v1.Proxy.connected_since",
     ".claw.v1.Proxy.last_seen",
+    ".claw.v1.UsageEvent.time",
+    ".claw.v1.UpstreamFailure.time",
+    ".claw.v1.AgentActivity.last_seen",
+    ".claw.v1.BackendSuccess.time",
+    ".claw.v1.UsageFilter.start",
+    ".claw.v1.UsageFilter.end",
+    ".claw.v1.HourlyUsage.hour",
+    ".claw.v1.CooldownEvent.started_at",
+    ".claw.v1.CooldownEvent.until",
+    ".claw.v1.ListCooldownEventsRequest.start",
+    ".claw.v1.ListCooldownEventsRequest.end",
+    ".claw.v1.HeartbeatRun.nominal_time",
+    ".claw.v1.HeartbeatRun.started_at",
+    ".claw.v1.HeartbeatRun.finished_at",
+    ".claw.v1.NextSlot.time",
+];
+
+/// Other enum-typed fields and the `serde_fmt` function that names them.
+const ENUM_FIELDS: &[(&str, &str)] = &[
+    (".claw.v1.ConfigChange.action", "change_action"),
+    (".claw.v1.UsageEvent.priority", "priority"),
+    (".claw.v1.UpstreamFailure.kind", "failure_kind"),
+    (".claw.v1.HeartbeatRun.trigger", "run_trigger"),
+    (".claw.v1.HeartbeatRun.status", "run_status"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -58,11 +82,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute(
             ".claw.v1.SnapshotBackend.api_key",
             "#[serde(skip_serializing)]",
-        )
-        .field_attribute(
-            ".claw.v1.ConfigChange.action",
-            "#[serde(serialize_with = \"crate::serde_fmt::change_action\")]",
         );
+    for (field, func) in ENUM_FIELDS {
+        builder = builder.field_attribute(
+            field,
+            format!("#[serde(serialize_with = \"crate::serde_fmt::{func}\")]"),
+        );
+    }
     for f in POOL_FIELDS {
         builder =
             builder.field_attribute(f, "#[serde(serialize_with = \"crate::serde_fmt::pool\")]");

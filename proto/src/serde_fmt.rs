@@ -22,6 +22,36 @@ pub fn change_action<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error
     }
 }
 
+/// Generates a serializer that names a prost enum by its proto value name
+/// without the enum prefix, lowercased (`RUN_STATUS_DEAD_LETTER` → `dead_letter`).
+macro_rules! enum_by_short_name {
+    ($fn_name:ident, $ty:ty, $prefix:literal) => {
+        #[doc = concat!("Serializes a `", stringify!($ty), "` field by its short lowercase name.")]
+        pub fn $fn_name<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+            match <$ty>::try_from(*value) {
+                Ok(v) => s.serialize_str(&short_name(v.as_str_name(), $prefix)),
+                Err(_) => s.serialize_i32(*value),
+            }
+        }
+    };
+}
+
+/// `RUN_STATUS_DEAD_LETTER` with prefix `RUN_STATUS_` → `dead_letter`;
+/// the `_UNSPECIFIED` value becomes the empty string.
+pub fn short_name(full: &str, prefix: &str) -> String {
+    let short = full.strip_prefix(prefix).unwrap_or(full);
+    if short == "UNSPECIFIED" {
+        String::new()
+    } else {
+        short.to_ascii_lowercase()
+    }
+}
+
+enum_by_short_name!(priority, crate::v1::Priority, "PRIORITY_");
+enum_by_short_name!(failure_kind, crate::v1::FailureKind, "FAILURE_KIND_");
+enum_by_short_name!(run_trigger, crate::v1::RunTrigger, "RUN_TRIGGER_");
+enum_by_short_name!(run_status, crate::v1::RunStatus, "RUN_STATUS_");
+
 /// Serializes an optional timestamp as an RFC 3339 string (or null).
 pub fn timestamp<S: Serializer>(
     value: &Option<prost_types::Timestamp>,
@@ -60,5 +90,18 @@ mod tests {
         assert_eq!(v["pool"], "fallback");
         assert_eq!(v["base_url"], "");
         assert_eq!(v["created_at"], "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn run_enums_use_short_lowercase_names() {
+        let r = crate::v1::HeartbeatRun {
+            status: crate::v1::RunStatus::DeadLetter as i32,
+            trigger: crate::v1::RunTrigger::Manual as i32,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).expect("serializable");
+        assert_eq!(v["status"], "dead_letter");
+        assert_eq!(v["trigger"], "manual");
+        assert_eq!(v["nominal_time"], serde_json::Value::Null);
     }
 }
