@@ -207,10 +207,10 @@ impl Proxy {
     pub fn wait_ready_timeout(&self, timeout: Duration) {
         assert!(
             wait_until(timeout, || self.is_ready()),
-            "proxy {} at {} not ready within {timeout:?}; log:\n{}",
+            "proxy {} at {} not ready within {timeout:?} (its log is printed below, file {})",
             self.node_id(),
             self.addr,
-            self.logs()
+            self.log_path().display()
         );
     }
 
