@@ -418,7 +418,10 @@ fn assert_same_stored_key(cp: &ControlPlane, key: &str) {
         .clone();
     assert_eq!(backend["action"], "update", "{other}");
     let fields = backend["fields"].as_array().expect("fields");
-    assert!(fields.contains(&serde_json::json!("api_key")), "a different key is an update: {other}");
+    assert!(
+        fields.contains(&serde_json::json!("api_key")),
+        "a different key is an update: {other}"
+    );
 }
 
 #[tokio::test]
@@ -726,8 +729,10 @@ async fn export_then_apply_on_an_empty_server_reproduces_the_config() {
 fn authed<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Some(t) = token {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().expect("ascii token"));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("ascii token"),
+        );
     }
     r
 }
