@@ -12,6 +12,8 @@ const SECRET_BEARING: &[&str] = &[
     ".claw.v1.CreateClientKeyResponse",
     ".claw.v1.CreatedSecret",
     ".claw.v1.SnapshotBackend",
+    ".claw.v1.Agent",
+    ".claw.v1.UpdateAgentRequest",
 ];
 
 /// Enum-typed fields, serialized by name ("primary") instead of number.

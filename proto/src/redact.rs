@@ -109,6 +109,55 @@ impl fmt::Debug for v1::SnapshotBackend {
     }
 }
 
+impl fmt::Debug for v1::Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("interval_seconds", &self.interval_seconds)
+            .field("active_hours", &self.active_hours)
+            .field("timezone", &self.timezone)
+            .field("checklist_bytes", &self.checklist.len())
+            .field("webhook_url", &self.webhook_url)
+            .field("enabled", &self.enabled)
+            .field("pause_note", &self.pause_note)
+            .field("run_timeout_seconds", &self.run_timeout_seconds)
+            .field("catch_up_seconds", &self.catch_up_seconds)
+            .field("stagger", &self.stagger)
+            .field("isolated_session", &self.isolated_session)
+            .field("busy_window_seconds", &self.busy_window_seconds)
+            .field("busy_defer_max_seconds", &self.busy_defer_max_seconds)
+            .field("webhook_secret", &redacted(!self.webhook_secret.is_empty()))
+            .field("webhook_secret_ref", &self.webhook_secret_ref)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::UpdateAgentRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpdateAgentRequest")
+            .field("agent", &self.agent)
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("interval_seconds", &self.interval_seconds)
+            .field("active_hours", &self.active_hours)
+            .field("timezone", &self.timezone)
+            .field("webhook_url", &self.webhook_url)
+            .field("enabled", &self.enabled)
+            .field("stagger", &self.stagger)
+            .field("isolated_session", &self.isolated_session)
+            .field("busy_window_seconds", &self.busy_window_seconds)
+            .field("busy_defer_max_seconds", &self.busy_defer_max_seconds)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| REDACTED),
+            )
+            .field("webhook_secret_ref", &self.webhook_secret_ref)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,12 @@ pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_INTERVAL_SECONDS: u64 = 30 * 60;
 /// Longest heartbeat interval: 7 days.
 pub const MAX_INTERVAL_SECONDS: u64 = 7 * 24 * 3600;
+/// Default busy window of an agent: interactive traffic within 2 minutes.
+pub const DEFAULT_BUSY_WINDOW_SECONDS: u64 = 120;
+/// Default cap on deferring a heartbeat slot: 10 minutes.
+pub const DEFAULT_BUSY_DEFER_MAX_SECONDS: u64 = 600;
+/// Longest run timeout an agent falls back to: 10 minutes.
+pub const MAX_DEFAULT_RUN_TIMEOUT_SECONDS: u64 = 600;
 /// Default upstream timeout of a backend.
 pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 120_000;
 /// Prefix of server-assigned backend ids.
@@ -337,6 +343,46 @@ pub fn normalize_agent(a: &mut Agent) {
     if a.timezone.is_empty() {
         a.timezone = "UTC".to_string();
     }
+    if a.stagger.is_none() {
+        a.stagger = Some(true);
+    }
+    a.webhook_secret_ref = a.webhook_secret_ref.trim().to_string();
+}
+
+/// The run timeout an agent gets: its own, or `min(interval, 10 min)`.
+pub fn effective_run_timeout_seconds(a: &Agent) -> u64 {
+    if a.run_timeout_seconds > 0 {
+        a.run_timeout_seconds
+    } else {
+        a.interval_seconds.clamp(1, MAX_DEFAULT_RUN_TIMEOUT_SECONDS)
+    }
+}
+
+/// The catch-up window an agent gets: its own, or one interval.
+pub fn effective_catch_up_seconds(a: &Agent) -> u64 {
+    if a.catch_up_seconds > 0 {
+        a.catch_up_seconds
+    } else {
+        a.interval_seconds
+    }
+}
+
+/// The busy window an agent gets: its own, or 120 s.
+pub fn effective_busy_window_seconds(a: &Agent) -> u64 {
+    if a.busy_window_seconds > 0 {
+        a.busy_window_seconds
+    } else {
+        DEFAULT_BUSY_WINDOW_SECONDS
+    }
+}
+
+/// The deferral cap an agent gets: its own, or 10 minutes.
+pub fn effective_busy_defer_max_seconds(a: &Agent) -> u64 {
+    if a.busy_defer_max_seconds > 0 {
+        a.busy_defer_max_seconds
+    } else {
+        DEFAULT_BUSY_DEFER_MAX_SECONDS
+    }
 }
 
 /// Validates a (normalized) agent.
@@ -368,6 +414,31 @@ pub fn validate_agent(a: &Agent) -> Result {
         return Err(FieldError::new(
             "catch_up_seconds",
             "must be at most 7 days",
+        ));
+    }
+    if a.busy_window_seconds > 24 * 3600 {
+        return Err(FieldError::new(
+            "busy_window_seconds",
+            "must be at most 24 hours",
+        ));
+    }
+    if a.busy_defer_max_seconds > 24 * 3600 {
+        return Err(FieldError::new(
+            "busy_defer_max_seconds",
+            "must be at most 24 hours",
+        ));
+    }
+    if !a.webhook_secret.is_empty() && a.webhook_secret.chars().count() < 16 {
+        return Err(FieldError::new(
+            "webhook_secret",
+            "must be at least 16 characters",
+        ));
+    }
+    max_len("webhook_secret", &a.webhook_secret, 1024)?;
+    if !a.webhook_secret_ref.is_empty() && !a.webhook_secret_ref.starts_with("env:") {
+        return Err(FieldError::new(
+            "webhook_secret_ref",
+            "must be env:VARIABLE",
         ));
     }
     Ok(())

@@ -4,17 +4,24 @@
 use claw_proto::v1::{Agent, UpdateAgentRequest};
 use claw_proto::validate::{self, FieldError};
 
-use super::records::{self, AgentRecord, FieldDiff};
+use super::records::{self, AgentRecord, FieldDiff, SealedRecord};
 use super::{Catalog, CatalogError, Result};
 use crate::store::{Tree, Txn};
 
 const KIND: &str = "agent";
 
-/// Clears output-only fields of a spec before storing it.
+/// Clears output-only fields of a spec before storing it. The webhook
+/// secret is stored sealed in the record, never in the spec.
 pub(super) fn storable_spec(mut a: Agent) -> Agent {
     a.created_at = None;
     a.updated_at = None;
+    a.webhook_secret.clear();
     a
+}
+
+/// Associated data sealing an agent's webhook secret to its id.
+pub(super) fn secret_aad(id: &str) -> Vec<u8> {
+    format!("agent:{id}").into_bytes()
 }
 
 /// The configuration fields in which two (normalized) agents differ.
@@ -44,6 +51,27 @@ pub(super) fn diff(old: &Agent, new: &Agent) -> FieldDiff {
         &old.catch_up_seconds,
         &new.catch_up_seconds,
     );
+    d.check("stagger", &old.stagger, &new.stagger);
+    d.check(
+        "isolated_session",
+        &old.isolated_session,
+        &new.isolated_session,
+    );
+    d.check(
+        "busy_window_seconds",
+        &old.busy_window_seconds,
+        &new.busy_window_seconds,
+    );
+    d.check(
+        "busy_defer_max_seconds",
+        &old.busy_defer_max_seconds,
+        &new.busy_defer_max_seconds,
+    );
+    d.check(
+        "webhook_secret_ref",
+        &old.webhook_secret_ref,
+        &new.webhook_secret_ref,
+    );
     d
 }
 
@@ -70,13 +98,20 @@ fn missing_spec() -> CatalogError {
     CatalogError::Corrupt("agent record without a spec".into())
 }
 
-/// The API view of a record.
+/// The API view of a record. A webhook secret shows as a fixed mask (its
+/// presence, never any of its characters).
 pub(super) fn view(rec: &AgentRecord) -> Result<Agent> {
     let mut a = rec.spec.clone().ok_or_else(missing_spec)?;
     a.created_at = records::timestamp(rec.created_at_ms);
     a.updated_at = records::timestamp(rec.updated_at_ms);
+    if rec.webhook_secret.is_some() {
+        a.webhook_secret = SECRET_MASK.to_string();
+    }
     Ok(a)
 }
+
+/// What the API shows instead of a stored webhook secret.
+pub const SECRET_MASK: &str = "…";
 
 /// Normalizes and validates an agent.
 pub(super) fn check(a: &mut Agent) -> Result<()> {
@@ -96,6 +131,46 @@ impl Catalog {
         self.scan_records(Tree::Agents)
     }
 
+    /// One agent record by exact id (`None` when absent), for the heartbeat
+    /// scheduler's point reads.
+    pub fn agent_record(&self, id: &str) -> Result<Option<AgentRecord>> {
+        match self.store.get(Tree::Agents, id.as_bytes())? {
+            Some(raw) => Ok(Some(records::decode(Tree::Agents, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The plaintext webhook secret of an agent record, if it has one.
+    /// Never log the result.
+    pub fn agent_webhook_secret(&self, rec: &AgentRecord) -> Result<Option<String>> {
+        let spec = rec.spec.as_ref().ok_or_else(missing_spec)?;
+        match &rec.webhook_secret {
+            Some(sealed) => Ok(Some(
+                self.open_secret(&sealed.to_sealed()?, &secret_aad(&spec.id))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Seals a webhook secret for agent `id` under the current master key.
+    pub(super) fn seal_webhook_secret(&self, id: &str, secret: &str) -> Result<SealedRecord> {
+        Ok(SealedRecord::from(
+            self.current_key()
+                .seal(secret.as_bytes(), &secret_aad(id))?,
+        ))
+    }
+
+    /// Replaces an agent's checklist (its HEARTBEAT.md); bumps the version
+    /// like any agent update.
+    pub async fn set_agent_checklist(&self, ident: &str, checklist: &str) -> Result<(Agent, u64)> {
+        self.update_agent(UpdateAgentRequest {
+            agent: ident.to_string(),
+            checklist: Some(checklist.to_string()),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// One agent by id or, failing that, by its (unambiguous) name.
     pub fn get_agent(&self, ident: &str) -> Result<Agent> {
         view(&self.load_agent(ident)?)
@@ -106,10 +181,15 @@ impl Catalog {
         check(&mut a)?;
         let guard = self.lock().await;
         let now = records::now_ms();
+        let webhook_secret = match a.webhook_secret.as_str() {
+            "" => None,
+            s => Some(self.seal_webhook_secret(&a.id, s)?),
+        };
         let rec = AgentRecord {
             spec: Some(storable_spec(a)),
             created_at_ms: now,
             updated_at_ms: now,
+            webhook_secret,
         };
         let (_, version) = self
             .commit(&guard, |txn| {
@@ -126,8 +206,19 @@ impl Catalog {
         let old = self.load_agent(&req.agent)?;
         let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
         let mut a = patch(old_spec.clone(), &req);
+        // Validate a new secret like any field; the stored one stays sealed.
+        a.webhook_secret = req.webhook_secret.clone().unwrap_or_default();
         check(&mut a)?;
-        self.store_agent_change(&guard, old, &old_spec, a).await
+        let secret = match req.webhook_secret.as_deref() {
+            None => SecretChange::Keep,
+            Some("") => SecretChange::Clear,
+            Some(s) => match self.agent_webhook_secret(&old)? {
+                Some(current) if current == s => SecretChange::Keep,
+                _ => SecretChange::Set(self.seal_webhook_secret(&old_spec.id, s)?),
+            },
+        };
+        self.store_agent_change_with_secret(&guard, old, &old_spec, a, secret)
+            .await
     }
 
     /// Enables or pauses an agent. Pausing records `pause_note`; enabling
@@ -178,13 +269,32 @@ impl Catalog {
         old_spec: &Agent,
         new: Agent,
     ) -> Result<(Agent, u64)> {
-        if diff(old_spec, &new).is_empty() {
+        self.store_agent_change_with_secret(guard, old, old_spec, new, SecretChange::Keep)
+            .await
+    }
+
+    async fn store_agent_change_with_secret(
+        &self,
+        guard: &tokio::sync::MutexGuard<'_, ()>,
+        old: AgentRecord,
+        old_spec: &Agent,
+        new: Agent,
+        secret: SecretChange,
+    ) -> Result<(Agent, u64)> {
+        let webhook_secret = match secret {
+            SecretChange::Keep => old.webhook_secret.clone(),
+            SecretChange::Clear => None,
+            SecretChange::Set(s) => Some(s),
+        };
+        let secret_changed = webhook_secret != old.webhook_secret;
+        if diff(old_spec, &new).is_empty() && !secret_changed {
             return Ok((view(&old)?, self.config_version()));
         }
         let rec = AgentRecord {
             spec: Some(storable_spec(new)),
             created_at_ms: old.created_at_ms,
             updated_at_ms: records::now_ms(),
+            webhook_secret,
         };
         let (_, version) = self
             .commit(guard, |txn| {
@@ -222,6 +332,13 @@ impl Catalog {
     }
 }
 
+/// What an update does to the sealed webhook secret.
+enum SecretChange {
+    Keep,
+    Clear,
+    Set(SealedRecord),
+}
+
 /// Applies the set fields of an update request to a stored spec.
 fn patch(mut a: Agent, req: &UpdateAgentRequest) -> Agent {
     let set = |slot: &mut String, v: &Option<String>| {
@@ -249,6 +366,19 @@ fn patch(mut a: Agent, req: &UpdateAgentRequest) -> Agent {
     if let Some(v) = req.catch_up_seconds {
         a.catch_up_seconds = v;
     }
+    if let Some(v) = req.stagger {
+        a.stagger = Some(v);
+    }
+    if let Some(v) = req.isolated_session {
+        a.isolated_session = v;
+    }
+    if let Some(v) = req.busy_window_seconds {
+        a.busy_window_seconds = v;
+    }
+    if let Some(v) = req.busy_defer_max_seconds {
+        a.busy_defer_max_seconds = v;
+    }
+    set(&mut a.webhook_secret_ref, &req.webhook_secret_ref);
     a
 }
 
@@ -293,6 +423,52 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
         }
         assert_eq!(c.agent_count().expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn webhook_secret_is_sealed_masked_and_changeable() {
+        let (_dir, c) = catalog().await;
+        let mut a = agent("a1");
+        a.webhook_secret = "whsec-0123456789abcdef".into();
+        let (created, v1) = c.create_agent(a).await.expect("create");
+        assert_eq!(created.webhook_secret, SECRET_MASK);
+        assert_eq!(created.stagger, Some(true), "stagger defaults on");
+        for (_, raw) in c.store.scan(Tree::Agents).expect("scan") {
+            assert!(!String::from_utf8_lossy(&raw).contains("0123456789abcdef"));
+        }
+        let rec = c.agent_record("a1").expect("read").expect("exists");
+        assert_eq!(
+            c.agent_webhook_secret(&rec).expect("open").as_deref(),
+            Some("whsec-0123456789abcdef")
+        );
+        // The same secret again is a no-op; a new one bumps the version.
+        let same = UpdateAgentRequest {
+            agent: "a1".into(),
+            webhook_secret: Some("whsec-0123456789abcdef".into()),
+            ..Default::default()
+        };
+        assert_eq!(c.update_agent(same).await.expect("same").1, v1);
+        let (_, v2) = c
+            .update_agent(UpdateAgentRequest {
+                agent: "a1".into(),
+                webhook_secret: Some(String::new()),
+                ..Default::default()
+            })
+            .await
+            .expect("clear");
+        assert_eq!(v2, v1 + 1);
+        let rec = c.agent_record("a1").expect("read").expect("exists");
+        assert_eq!(c.agent_webhook_secret(&rec).expect("open"), None);
+        assert!(format!("{:?}", c.get_agent("a1").expect("get")).contains("webhook_secret"));
+        let err = c
+            .update_agent(UpdateAgentRequest {
+                agent: "a1".into(),
+                webhook_secret: Some("short".into()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("short");
+        assert!(err.to_string().starts_with("webhook_secret: "), "{err}");
     }
 
     #[tokio::test]

@@ -355,17 +355,34 @@ impl Catalog {
             match existing.remove(&a.id) {
                 None => {
                     plan.record("agent", &a.id, ChangeAction::Create, vec![]);
+                    let webhook_secret = match a.webhook_secret.as_str() {
+                        "" => None,
+                        s => Some(self.seal_webhook_secret(&a.id, s)?),
+                    };
                     plan.ops.push(Op::PutAgent(
                         Box::new(AgentRecord {
                             spec: Some(agents::storable_spec(a)),
                             created_at_ms: now,
                             updated_at_ms: now,
+                            webhook_secret,
                         }),
                         true,
                     ));
                 }
                 Some(old) => {
-                    let diff = agents::diff(&old.spec.clone().unwrap_or_default(), &a);
+                    let mut diff = agents::diff(&old.spec.clone().unwrap_or_default(), &a);
+                    // An empty secret keeps the stored one (like backend keys);
+                    // a given one is compared by decrypting, never echoed.
+                    let webhook_secret = match a.webhook_secret.as_str() {
+                        "" => old.webhook_secret.clone(),
+                        s if self.agent_webhook_secret(&old)?.as_deref() == Some(s) => {
+                            old.webhook_secret.clone()
+                        }
+                        s => {
+                            diff.0.push("webhook_secret");
+                            Some(self.seal_webhook_secret(&a.id, s)?)
+                        }
+                    };
                     if diff.is_empty() {
                         plan.record("agent", &a.id, ChangeAction::Unchanged, vec![]);
                         continue;
@@ -376,6 +393,7 @@ impl Catalog {
                             spec: Some(agents::storable_spec(a)),
                             created_at_ms: old.created_at_ms,
                             updated_at_ms: now,
+                            webhook_secret,
                         }),
                         false,
                     ));

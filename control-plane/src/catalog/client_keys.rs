@@ -73,6 +73,7 @@ pub(super) fn new_record(mut spec: ClientKey, now: i64) -> (ClientKeyRecord, Str
         secret_sha256: s.sha256,
         created_at_ms: now,
         updated_at_ms: now,
+        sealed_secret: None,
     };
     (rec, s.secret)
 }
@@ -199,6 +200,45 @@ impl Catalog {
         Ok(version)
     }
 
+    /// The secret of the internal client key `name`, minting the key when it
+    /// does not exist yet. The control plane authenticates to the proxies
+    /// with it (heartbeat runs); the key travels in the snapshot as a hash
+    /// like any other, while its secret is stored sealed under the master
+    /// key (with the key id as associated data) so that a restart keeps it.
+    /// Never log the result.
+    pub async fn ensure_internal_client_key(&self, name: &str) -> Result<String> {
+        let guard = self.lock().await;
+        if let Some(id) = self.store.get(Tree::ClientKeyNames, name.as_bytes())? {
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let rec: ClientKeyRecord = self.load(Tree::ClientKeys, KIND, &id)?;
+            let internal = rec.spec.as_ref().is_some_and(|s| s.internal);
+            return match (&rec.sealed_secret, internal) {
+                (Some(sealed), true) => self.open_secret(&sealed.to_sealed()?, id.as_bytes()),
+                _ => Err(CatalogError::FailedPrecondition(format!(
+                    "client key {name:?} exists but is not the control plane's internal key; \
+                     delete or rename it"
+                ))),
+            };
+        }
+        let spec = ClientKey {
+            name: name.to_string(),
+            internal: true,
+            ..Default::default()
+        };
+        validate::validate_client_key(&spec).map_err(CatalogError::invalid)?;
+        let (mut rec, secret) = new_record(spec, records::now_ms());
+        let id = rec.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        rec.sealed_secret = Some(super::records::SealedRecord::from(
+            self.current_key().seal(secret.as_bytes(), id.as_bytes())?,
+        ));
+        self.commit(&guard, |txn| {
+            put(txn, &rec, true)?;
+            Ok(((), true))
+        })
+        .await?;
+        Ok(secret)
+    }
+
     /// Number of client keys (internal ones included).
     pub fn client_key_count(&self) -> Result<usize> {
         Ok(self.store.len(Tree::ClientKeys)?)
@@ -261,6 +301,43 @@ mod tests {
                 .is_none()
         );
         assert_eq!(c.list_client_keys().expect("list").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn internal_key_is_minted_once_and_survives_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        let first = {
+            let c = open_at(&path, KEY1).await.expect("open");
+            let s = c
+                .ensure_internal_client_key("claw-heartbeat")
+                .await
+                .expect("mint");
+            let v = c.config_version();
+            let again = c
+                .ensure_internal_client_key("claw-heartbeat")
+                .await
+                .expect("reuse");
+            assert_eq!((s.as_str(), c.config_version()), (again.as_str(), v));
+            let k = c.get_client_key("claw-heartbeat").expect("get");
+            assert!(k.internal);
+            assert!(c.delete_client_key("claw-heartbeat").await.is_err());
+            for (_, raw) in c.store.scan(Tree::ClientKeys).expect("scan") {
+                assert!(!String::from_utf8_lossy(&raw).contains(&s[5..]));
+            }
+            s
+        };
+        let c = open_at(&path, KEY1).await.expect("reopen");
+        let s = c
+            .ensure_internal_client_key("claw-heartbeat")
+            .await
+            .expect("reuse");
+        assert_eq!(s, first);
+        assert!(
+            c.client_key_by_hash(&sha256_hex(s.as_bytes()))
+                .expect("lookup")
+                .is_some()
+        );
     }
 
     #[tokio::test]

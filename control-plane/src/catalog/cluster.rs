@@ -5,7 +5,7 @@ use std::sync::Arc;
 use claw_proto::v1::ClusterConfig;
 use claw_proto::validate::FieldError;
 
-use super::records::{self, BackendRecord, SealedRecord};
+use super::records::{self, AgentRecord, BackendRecord, ClientKeyRecord, SealedRecord};
 use super::{Catalog, CatalogError, META_MASTER_KEY_ID, Result, SCHEMA_VERSION};
 use crate::crypto::{KeyId, MasterKey};
 use crate::store::Tree;
@@ -66,11 +66,15 @@ impl Catalog {
             .into_iter()
             .filter(|k| !k.internal)
             .collect();
+        let mut agents = self.list_agents()?;
+        for a in &mut agents {
+            a.webhook_secret.clear();
+        }
         let config = ClusterConfig {
             backends,
             pools: self.list_pools()?,
             client_keys,
-            agents: self.list_agents()?,
+            agents,
         };
         Ok((config, self.config_version()))
     }
@@ -101,18 +105,52 @@ impl Catalog {
                 ..rec
             });
         }
+        // Agents' webhook secrets and internal client keys' secrets too.
+        let mut agents = Vec::new();
+        for rec in self.agent_records()? {
+            let Some(secret) = self.agent_webhook_secret(&rec)? else {
+                continue;
+            };
+            let id = rec.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+            let sealed = new.seal(secret.as_bytes(), &super::agents::secret_aad(&id))?;
+            agents.push(AgentRecord {
+                webhook_secret: Some(SealedRecord::from(sealed)),
+                ..rec
+            });
+        }
+        let mut keys = Vec::new();
+        for rec in self.client_key_records()? {
+            let Some(sealed) = &rec.sealed_secret else {
+                continue;
+            };
+            let id = rec.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+            let secret = self.open_secret(&sealed.to_sealed()?, id.as_bytes())?;
+            let sealed = new.seal(secret.as_bytes(), id.as_bytes())?;
+            keys.push(ClientKeyRecord {
+                sealed_secret: Some(SealedRecord::from(sealed)),
+                ..rec
+            });
+        }
+        let reencrypted = resealed.len() + agents.len() + keys.len();
         self.keys_write().pending = Some(new.clone());
         let new_id = new.id().as_str().as_bytes().to_vec();
-        let committed = self
-            .store
-            .transact(&[Tree::Backends, Tree::Meta], |txn| -> Result<()> {
-                for rec in &resealed {
-                    let id = rec.spec.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
-                    txn.insert(Tree::Backends, id.as_bytes(), &records::encode(rec))?;
-                }
-                txn.insert(Tree::Meta, META_MASTER_KEY_ID, &new_id)?;
-                Ok(())
-            });
+        let trees = [Tree::Backends, Tree::Agents, Tree::ClientKeys, Tree::Meta];
+        let committed = self.store.transact(&trees, |txn| -> Result<()> {
+            for rec in &resealed {
+                let id = rec.spec.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
+                txn.insert(Tree::Backends, id.as_bytes(), &records::encode(rec))?;
+            }
+            for rec in &agents {
+                let id = rec.spec.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
+                txn.insert(Tree::Agents, id.as_bytes(), &records::encode(rec))?;
+            }
+            for rec in &keys {
+                let id = rec.spec.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
+                txn.insert(Tree::ClientKeys, id.as_bytes(), &records::encode(rec))?;
+            }
+            txn.insert(Tree::Meta, META_MASTER_KEY_ID, &new_id)?;
+            Ok(())
+        });
         if let Err(e) = committed {
             self.keys_write().pending = None;
             return Err(e);
@@ -126,7 +164,7 @@ impl Catalog {
         Ok(RotationReport {
             old_key_id: current.id().clone(),
             new_key_id: new.id().clone(),
-            reencrypted: resealed.len(),
+            reencrypted,
         })
     }
 }

@@ -87,6 +87,11 @@ pub struct ClientKeyRecord {
     /// Last change, unix ms.
     #[prost(int64, tag = "4")]
     pub updated_at_ms: i64,
+    /// The secret itself, sealed, for internal keys only: the control plane
+    /// presents it to the proxies (heartbeat runs). Operator keys never
+    /// have one.
+    #[prost(message, optional, tag = "5")]
+    pub sealed_secret: Option<SealedRecord>,
 }
 
 /// A stored agent.
@@ -101,6 +106,9 @@ pub struct AgentRecord {
     /// Last change, unix ms.
     #[prost(int64, tag = "3")]
     pub updated_at_ms: i64,
+    /// The webhook HMAC secret, sealed with `agent:{id}` as associated data.
+    #[prost(message, optional, tag = "4")]
+    pub webhook_secret: Option<SealedRecord>,
 }
 
 /// Stored settings of a pool.

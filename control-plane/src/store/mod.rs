@@ -34,11 +34,39 @@ pub enum Tree {
     ClientKeyHashes,
     /// Agent id → agent record.
     Agents,
+    /// Agent id → heartbeat cursor (next fire time, schedule fingerprint).
+    HeartbeatCursors,
+    /// `agent id \0 be u64 nominal ms` → heartbeat run record.
+    HeartbeatRuns,
+    /// `be u64 nominal ms \0 agent id` → empty: runs by time (listing, pruning).
+    HeartbeatRunsByTime,
+    /// Run key → empty: runs not yet finished (running, deferred), for recovery.
+    HeartbeatOpen,
+    /// Run key → webhook delivery outbox entry.
+    HeartbeatOutbox,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 8] = [
+    pub const ALL: [Tree; 13] = [
+        Tree::Meta,
+        Tree::Backends,
+        Tree::BackendNames,
+        Tree::Pools,
+        Tree::ClientKeys,
+        Tree::ClientKeyNames,
+        Tree::ClientKeyHashes,
+        Tree::Agents,
+        Tree::HeartbeatCursors,
+        Tree::HeartbeatRuns,
+        Tree::HeartbeatRunsByTime,
+        Tree::HeartbeatOpen,
+        Tree::HeartbeatOutbox,
+    ];
+
+    /// The trees holding configuration; configuration transactions span
+    /// these.
+    pub const CONFIG: [Tree; 8] = [
         Tree::Meta,
         Tree::Backends,
         Tree::BackendNames,
@@ -48,10 +76,6 @@ impl Tree {
         Tree::ClientKeyHashes,
         Tree::Agents,
     ];
-
-    /// The trees holding configuration; configuration transactions span
-    /// these.
-    pub const CONFIG: [Tree; 8] = Tree::ALL;
 
     /// The on-disk name of the tree. Never change one: it is the schema.
     pub fn name(self) -> &'static str {
@@ -64,6 +88,11 @@ impl Tree {
             Tree::ClientKeyNames => "client_key_names",
             Tree::ClientKeyHashes => "client_key_hashes",
             Tree::Agents => "agents",
+            Tree::HeartbeatCursors => "heartbeat_cursors",
+            Tree::HeartbeatRuns => "heartbeat_runs",
+            Tree::HeartbeatRunsByTime => "heartbeat_runs_by_time",
+            Tree::HeartbeatOpen => "heartbeat_open",
+            Tree::HeartbeatOutbox => "heartbeat_outbox",
         }
     }
 }
@@ -116,6 +145,28 @@ pub trait Store: Send + Sync + 'static {
     fn scan(&self, tree: Tree) -> Result<Vec<Entry>, StoreError>;
     /// Number of entries in a tree.
     fn len(&self, tree: Tree) -> Result<usize, StoreError>;
+    /// At most `limit` entries with keys in `[start, end)` (`end: None` runs
+    /// to the end of the tree), in key order or, with `reverse`, descending.
+    /// The default filters a full scan; engines override it.
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut all: Vec<Entry> = self
+            .scan(tree)?
+            .into_iter()
+            .filter(|(k, _)| k.as_slice() >= start && end.is_none_or(|e| k.as_slice() < e))
+            .collect();
+        if reverse {
+            all.reverse();
+        }
+        all.truncate(limit);
+        Ok(all)
+    }
     /// Runs `body` atomically over `trees`. Returns `Ok(true)` when it
     /// committed and `Ok(false)` when the body rolled back.
     fn transaction(&self, trees: &[Tree], body: &TxnBody<'_>) -> Result<bool, StoreError>;

@@ -134,6 +134,31 @@ impl Store for SledStore {
         Ok(self.tree(tree)?.len())
     }
 
+    fn range(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        use std::ops::Bound;
+        let t = self.tree(tree)?;
+        let upper = match end {
+            Some(e) => Bound::Excluded(e),
+            None => Bound::Unbounded,
+        };
+        let iter = t.range::<&[u8], _>((Bound::Included(start), upper));
+        let pick = |kv: sled::Result<(sled::IVec, sled::IVec)>| {
+            kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine)
+        };
+        if reverse {
+            iter.rev().take(limit).map(pick).collect()
+        } else {
+            iter.take(limit).map(pick).collect()
+        }
+    }
+
     fn transaction(&self, trees: &[Tree], body: &TxnBody<'_>) -> Result<bool, StoreError> {
         let sled_trees = trees
             .iter()
