@@ -118,6 +118,12 @@ async fn main() -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
     };
+    // Every stream holds two sockets (client and upstream): raise the soft
+    // open-files limit to the hard one so thousands of streams fit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

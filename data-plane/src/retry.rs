@@ -130,13 +130,15 @@ fn bit(i: usize) -> u128 {
     1u128 << i
 }
 
-fn build_request(r: &Routed, c: &Candidate) -> Option<Request<Full<Bytes>>> {
+/// Builds the upstream request; `model` is rewritten in place (the body is
+/// re-serialised per attempt, never deep-cloned).
+fn build_request(r: &mut Routed, c: &Candidate) -> Option<Request<Full<Bytes>>> {
     let uri: http::Uri = format!("{}{}", c.backend.base_url, r.path_and_query)
         .parse()
         .ok()?;
-    let mut body = r.body.clone();
-    body.insert("model".into(), Value::String(c.native.to_string()));
-    let bytes = serde_json::to_vec(&body).ok()?;
+    r.body
+        .insert("model".into(), Value::String(c.native.to_string()));
+    let bytes = serde_json::to_vec(&r.body).ok()?;
     let mut req = Request::new(Full::new(Bytes::from(bytes)));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
@@ -205,7 +207,7 @@ fn attempt_metric(backend: &Backend, outcome: &'static str) {
     metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.id.clone(), "outcome" => outcome).increment(1);
 }
 
-async fn run<S>(mut inner: S, shared: Arc<Shared>, r: Routed) -> Response<ProxyBody>
+async fn run<S>(mut inner: S, shared: Arc<Shared>, mut r: Routed) -> Response<ProxyBody>
 where
     S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
 {
@@ -237,10 +239,11 @@ where
         }
         attempts += 1;
         tried |= bit(index);
-        let cand = &r.route.candidates[index];
+        let route = r.route.clone();
+        let cand = &route.candidates[index];
         let backend = &cand.backend;
         let guard = InFlight::new(backend.clone());
-        let Some(request) = build_request(&r, cand) else {
+        let Some(request) = build_request(&mut r, cand) else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
