@@ -533,3 +533,29 @@ async fn shutdown_drains_in_flight_streams() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_key_over_its_rpm_gets_429_with_retry_after() {
+    let a = mock("a").await;
+    let mut snap = snapshot(vec![backend(
+        "a",
+        &a.url(),
+        Pool::Primary,
+        &[("gpt", "mock-model")],
+    )]);
+    snap.client_keys[0].rpm = 1;
+    let p = TestProxy::start(snap).await;
+    assert_eq!(p.chat("gpt").await.status(), 200);
+    let res = p.chat("gpt").await;
+    let ra: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&ra), "{ra}");
+    let (status, v) = error_of(res).await;
+    assert_eq!(status, 429);
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(a.totals().requests, 1);
+    p.shutdown().await.unwrap();
+}
