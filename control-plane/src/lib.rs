@@ -13,9 +13,13 @@
 //! - [`http`]: `/healthz` and `/metrics` on the HTTP listener.
 //! - [`metrics`]: metric names, the Prometheus recorder and the gRPC
 //!   request-metrics layer.
-//! - [`proxies`]: the in-memory registry of connected data-plane proxies.
+//! - [`discovery`]: `DiscoveryService.StreamConfig`, the proxies' stream:
+//!   debounced snapshot publishing, per-stream sessions, ACK/NACK by nonce.
+//! - [`proxies`]: the in-memory registry of data-plane proxies and the
+//!   channels to their streams.
 //! - [`catalog`]: typed, versioned, durable configuration: validation,
-//!   uniqueness, config version bumps, apply/export, master key rotation.
+//!   uniqueness, config version bumps, apply/export, master key rotation,
+//!   consistent snapshots for the proxies.
 //! - [`crypto`]: the master key and AES-256-GCM-SIV sealing of secrets.
 //! - [`store`]: the small engine-agnostic storage trait and its sled
 //!   implementation.
@@ -24,6 +28,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod crypto;
+pub mod discovery;
 pub mod http;
 pub mod metrics;
 pub mod proxies;

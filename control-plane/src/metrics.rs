@@ -8,6 +8,18 @@
 //! | `claw_cp_config_version` | gauge | |
 //! | `claw_cp_backends` / `claw_cp_client_keys` / `claw_cp_agents` | gauge | |
 //! | `claw_cp_master_key_rotations_total` | counter | |
+//! | `claw_cp_proxies_connected` | gauge | |
+//! | `claw_cp_proxy_acked_version_min` | gauge | |
+//! | `claw_cp_snapshot_version` | gauge | |
+//! | `claw_cp_snapshots_sent_total` | counter | |
+//! | `claw_cp_snapshot_nacks_total` | counter | |
+//! | `claw_cp_snapshot_build_seconds` | histogram | |
+//! | `claw_cp_snapshot_build_errors_total` | counter | |
+//!
+//! The fleet's progress is one gauge, the lowest version acknowledged by a
+//! connected proxy, rather than a gauge per node id: node ids default to
+//! host names, which churn with every deployment, and a per-node series
+//! would outlive its proxy.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +45,21 @@ pub const CLIENT_KEYS: &str = "claw_cp_client_keys";
 pub const AGENTS: &str = "claw_cp_agents";
 /// Master key rotations since start.
 pub const MASTER_KEY_ROTATIONS_TOTAL: &str = "claw_cp_master_key_rotations_total";
+/// Proxies with an open discovery stream.
+pub const PROXIES_CONNECTED: &str = "claw_cp_proxies_connected";
+/// Lowest configuration version acknowledged by a connected proxy (0 when
+/// none is connected or one has acknowledged nothing yet).
+pub const PROXY_ACKED_VERSION_MIN: &str = "claw_cp_proxy_acked_version_min";
+/// Version of the snapshot the discovery stream currently distributes.
+pub const SNAPSHOT_VERSION: &str = "claw_cp_snapshot_version";
+/// Snapshots sent to proxies.
+pub const SNAPSHOTS_SENT_TOTAL: &str = "claw_cp_snapshots_sent_total";
+/// Snapshots proxies rejected.
+pub const SNAPSHOT_NACKS_TOTAL: &str = "claw_cp_snapshot_nacks_total";
+/// Time to build one snapshot (consistent read and decryption).
+pub const SNAPSHOT_BUILD_SECONDS: &str = "claw_cp_snapshot_build_seconds";
+/// Snapshot builds that failed (the previous snapshot stays in force).
+pub const SNAPSHOT_BUILD_ERRORS_TOTAL: &str = "claw_cp_snapshot_build_errors_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -46,11 +73,18 @@ pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new();
-            let builder = match builder.set_buckets_for_metric(
-                Matcher::Full(GRPC_REQUEST_DURATION_SECONDS.to_string()),
-                LATENCY_BUCKETS,
-            ) {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(GRPC_REQUEST_DURATION_SECONDS.to_string()),
+                    LATENCY_BUCKETS,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SNAPSHOT_BUILD_SECONDS.to_string()),
+                        LATENCY_BUCKETS,
+                    )
+                });
+            let builder = match builder {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "latency buckets rejected; using summaries");
@@ -86,6 +120,26 @@ fn describe() {
         MASTER_KEY_ROTATIONS_TOTAL,
         "Master key rotations since the process started"
     );
+    metrics::describe_gauge!(PROXIES_CONNECTED, "Proxies with an open discovery stream");
+    metrics::describe_gauge!(
+        PROXY_ACKED_VERSION_MIN,
+        "Lowest configuration version acknowledged by a connected proxy"
+    );
+    metrics::describe_gauge!(
+        SNAPSHOT_VERSION,
+        "Configuration version of the snapshot being distributed"
+    );
+    metrics::describe_counter!(SNAPSHOTS_SENT_TOTAL, "Snapshots sent to proxies");
+    metrics::describe_counter!(SNAPSHOT_NACKS_TOTAL, "Snapshots rejected by proxies");
+    metrics::describe_histogram!(
+        SNAPSHOT_BUILD_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to read and decrypt one configuration snapshot"
+    );
+    metrics::describe_counter!(
+        SNAPSHOT_BUILD_ERRORS_TOTAL,
+        "Snapshot builds that failed; the previous snapshot stays in force"
+    );
 }
 
 /// Sets the catalog gauges from the current state.
@@ -106,9 +160,41 @@ pub fn master_key_rotated() {
     metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(1);
 }
 
+/// Sets the fleet gauges: connected proxies and the lowest version one of
+/// them acknowledged.
+pub fn record_proxies(connected: usize, min_acked_version: u64) {
+    metrics::gauge!(PROXIES_CONNECTED).set(connected as f64);
+    metrics::gauge!(PROXY_ACKED_VERSION_MIN).set(min_acked_version as f64);
+}
+
+/// Records a snapshot build: its duration, and the version now distributed
+/// (`None` when the build failed).
+pub fn snapshot_built(seconds: f64, version: Option<u64>) {
+    metrics::histogram!(SNAPSHOT_BUILD_SECONDS).record(seconds);
+    match version {
+        Some(v) => metrics::gauge!(SNAPSHOT_VERSION).set(v as f64),
+        None => metrics::counter!(SNAPSHOT_BUILD_ERRORS_TOTAL).increment(1),
+    }
+}
+
+/// Counts a snapshot sent to a proxy.
+pub fn snapshot_sent() {
+    metrics::counter!(SNAPSHOTS_SENT_TOTAL).increment(1);
+}
+
+/// Counts a snapshot a proxy rejected.
+pub fn snapshot_nacked() {
+    metrics::counter!(SNAPSHOT_NACKS_TOTAL).increment(1);
+}
+
 /// Keeps `/metrics` initialized with every gauge and counter at zero.
 pub fn touch() {
     metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(0);
+    metrics::counter!(SNAPSHOTS_SENT_TOTAL).increment(0);
+    metrics::counter!(SNAPSHOT_NACKS_TOTAL).increment(0);
+    metrics::counter!(SNAPSHOT_BUILD_ERRORS_TOTAL).increment(0);
+    metrics::gauge!(PROXIES_CONNECTED).increment(0.0);
+    metrics::gauge!(PROXY_ACKED_VERSION_MIN).increment(0.0);
 }
 
 /// Counts and times every gRPC request passing through the server.

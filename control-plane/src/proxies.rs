@@ -1,15 +1,38 @@
 //! The in-memory registry of data-plane proxies seen on the discovery
-//! stream. It is empty until the discovery service (next milestone) fills
-//! it; `ListProxies` and `GetSnapshotInfo` read it. Nothing here is
-//! persisted: a restarted control plane learns its proxies again when they
-//! reconnect.
+//! stream, keyed by node id. The discovery service writes it; `ListProxies`
+//! and `GetSnapshotInfo` read it. Nothing here is persisted: a restarted
+//! control plane learns its proxies again when they reconnect.
+//!
+//! Each open stream is a *connection* with its own [`ConnectionId`] and the
+//! sending half of its [`Push`] channel, through which any module can reach
+//! one proxy ([`ProxyRegistry::sender`]) or all of them
+//! ([`ProxyRegistry::senders`]). A node id that connects again replaces its
+//! older connection: the newer stream wins, the registry drops the older
+//! stream's sender (which ends that stream), and the older stream's updates
+//! and cleanup, carrying a stale connection id, are ignored.
+//!
+//! Proxies whose stream closed stay listed (`connected = false`, with their
+//! last contact) for [`DEFAULT_RETENTION`], so `clawctl proxies` shows the
+//! recently gone, then disappear.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use claw_proto::v1;
+use tokio::sync::mpsc;
 
 use crate::catalog::records::{now_ms, timestamp};
+use crate::discovery::Push;
+use crate::metrics;
+
+/// How long a disconnected proxy stays listed.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
+
+/// Longest NACK reason kept (in bytes); proxies' error details are theirs
+/// to choose, the registry's memory is not.
+pub const MAX_NACK_REASON: usize = 512;
 
 /// What the control plane knows about one proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -26,7 +49,7 @@ pub struct ProxyState {
     pub last_nack_reason: String,
     /// Whether its stream is open now.
     pub connected: bool,
-    /// Last message from it, unix ms.
+    /// Last message from it (or the end of its stream), unix ms.
     pub last_seen_ms: i64,
 }
 
@@ -45,81 +68,288 @@ impl ProxyState {
     }
 }
 
-/// Proxies by node id. Cheap to read; written on stream events only.
-#[derive(Debug, Default)]
-pub struct ProxyRegistry {
-    proxies: RwLock<BTreeMap<String, ProxyState>>,
+/// Identifies one stream of a proxy, so that a replaced stream cannot touch
+/// the state of the stream that replaced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(u64);
+
+/// The open stream of a connected proxy.
+#[derive(Debug)]
+struct Live {
+    id: ConnectionId,
+    tx: mpsc::Sender<Push>,
 }
 
+#[derive(Debug)]
+struct Entry {
+    state: ProxyState,
+    live: Option<Live>,
+}
+
+/// Proxies by node id. Cheap to read; written on stream events only.
+#[derive(Debug)]
+pub struct ProxyRegistry {
+    entries: RwLock<BTreeMap<String, Entry>>,
+    next_connection: AtomicU64,
+    retention: Duration,
+}
+
+impl Default for ProxyRegistry {
+    fn default() -> Self {
+        Self::with_retention(DEFAULT_RETENTION)
+    }
+}
+
+/// The outcome of [`ProxyRegistry::connect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connected {
+    /// The new stream's id, for every later call about it.
+    pub id: ConnectionId,
+    /// Whether an older stream of the same node id was replaced.
+    pub replaced: bool,
+}
+
+type Map = BTreeMap<String, Entry>;
+
 impl ProxyRegistry {
-    /// An empty registry.
+    /// An empty registry keeping disconnected proxies for
+    /// [`DEFAULT_RETENTION`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ProxyState>> {
-        // A poisoned lock means a panic mid-update of a plain map entry;
-        // the map is still usable.
-        self.proxies.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ProxyState>> {
-        self.proxies.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a proxy that opened a stream.
-    pub fn connected(&self, node_id: &str, peer_address: &str) {
-        let now = now_ms();
-        let mut map = self.write();
-        let p = map.entry(node_id.to_string()).or_default();
-        p.node_id = node_id.to_string();
-        p.peer_address = peer_address.to_string();
-        p.connected_since_ms = now;
-        p.last_seen_ms = now;
-        p.connected = true;
-    }
-
-    /// Applies `f` to a known proxy and marks it seen now.
-    pub fn update(&self, node_id: &str, f: impl FnOnce(&mut ProxyState)) {
-        if let Some(p) = self.write().get_mut(node_id) {
-            f(p);
-            p.last_seen_ms = now_ms();
+    /// An empty registry keeping disconnected proxies for `retention`.
+    pub fn with_retention(retention: Duration) -> Self {
+        ProxyRegistry {
+            entries: RwLock::new(BTreeMap::new()),
+            next_connection: AtomicU64::new(1),
+            retention,
         }
     }
 
-    /// Records a proxy whose stream closed; it stays listed as disconnected.
-    pub fn disconnected(&self, node_id: &str) {
-        self.update(node_id, |p| p.connected = false);
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Map> {
+        // A poisoned lock means a panic mid-update of a plain map entry;
+        // the map is still usable.
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every proxy, ordered by node id.
+    /// Prunes, runs `f` on the map, and refreshes the fleet gauges.
+    fn mutate<T>(&self, f: impl FnOnce(&mut Map, i64) -> T) -> T {
+        let now = now_ms();
+        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        self.prune_locked(&mut map, now);
+        let out = f(&mut map, now);
+        record_gauges(&map);
+        out
+    }
+
+    fn prune_locked(&self, map: &mut Map, now: i64) {
+        let retention = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        map.retain(|_, e| {
+            e.live.is_some() || now.saturating_sub(e.state.last_seen_ms) <= retention
+        });
+    }
+
+    /// Records a proxy that opened a stream whose responses `tx` feeds.
+    /// Replaces (and thereby ends) an older stream of the same node id;
+    /// what was learnt about the node (acked version, last NACK) is kept.
+    pub fn connect(&self, node_id: &str, peer_address: &str, tx: mpsc::Sender<Push>) -> Connected {
+        let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
+        self.mutate(|map, now| {
+            let entry = map.entry(node_id.to_string()).or_insert_with(|| Entry {
+                state: ProxyState {
+                    node_id: node_id.to_string(),
+                    ..ProxyState::default()
+                },
+                live: None,
+            });
+            let replaced = entry.live.replace(Live { id, tx }).is_some();
+            let s = &mut entry.state;
+            s.peer_address = peer_address.to_string();
+            s.connected_since_ms = now;
+            s.last_seen_ms = now;
+            s.connected = true;
+            Connected { id, replaced }
+        })
+    }
+
+    /// Applies `f` to the node's state if `conn` is still its stream, and
+    /// marks it seen. Returns whether it was.
+    fn update(&self, node_id: &str, conn: ConnectionId, f: impl FnOnce(&mut ProxyState)) -> bool {
+        self.mutate(|map, now| match map.get_mut(node_id) {
+            Some(e) if e.live.as_ref().is_some_and(|l| l.id == conn) => {
+                f(&mut e.state);
+                e.state.last_seen_ms = now;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Records a message from the proxy.
+    pub fn seen(&self, node_id: &str, conn: ConnectionId) {
+        self.update(node_id, conn, |_| {});
+    }
+
+    /// Records that the proxy applied `version`.
+    pub fn acked(&self, node_id: &str, conn: ConnectionId, version: u64) {
+        self.update(node_id, conn, |s| s.acked_version = version);
+    }
+
+    /// Records that the proxy rejected a snapshot, keeping at most
+    /// [`MAX_NACK_REASON`] bytes of its reason.
+    pub fn nacked(&self, node_id: &str, conn: ConnectionId, reason: &str) {
+        let reason = bound_reason(reason);
+        self.update(node_id, conn, |s| s.last_nack_reason = reason);
+    }
+
+    /// Records that stream `conn` of the node ended. The node stays listed
+    /// as disconnected unless a newer stream already replaced `conn`.
+    /// Returns whether `conn` was the node's stream.
+    pub fn disconnect(&self, node_id: &str, conn: ConnectionId) -> bool {
+        self.mutate(|map, now| match map.get_mut(node_id) {
+            Some(e) if e.live.as_ref().is_some_and(|l| l.id == conn) => {
+                e.live = None;
+                e.state.connected = false;
+                e.state.last_seen_ms = now;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// The channel to a connected proxy's stream.
+    pub fn sender(&self, node_id: &str) -> Option<mpsc::Sender<Push>> {
+        self.read()
+            .get(node_id)
+            .and_then(|e| e.live.as_ref())
+            .map(|l| l.tx.clone())
+    }
+
+    /// The channels to every connected proxy's stream, by node id.
+    pub fn senders(&self) -> Vec<(String, mpsc::Sender<Push>)> {
+        self.read()
+            .iter()
+            .filter_map(|(id, e)| e.live.as_ref().map(|l| (id.clone(), l.tx.clone())))
+            .collect()
+    }
+
+    /// Every proxy listed (connected, or gone for less than the
+    /// retention), ordered by node id.
     pub fn list(&self) -> Vec<ProxyState> {
-        self.read().values().cloned().collect()
+        self.mutate(|map, _| map.values().map(|e| e.state.clone()).collect())
     }
 
     /// How many proxies have an open stream.
     pub fn connected_count(&self) -> usize {
-        self.read().values().filter(|p| p.connected).count()
+        self.read().values().filter(|e| e.live.is_some()).count()
     }
+}
+
+/// Sets the fleet gauges from the registry's contents.
+fn record_gauges(map: &Map) {
+    let connected = map.values().filter(|e| e.live.is_some());
+    let count = connected.clone().count();
+    let min_acked = connected.map(|e| e.state.acked_version).min().unwrap_or(0);
+    metrics::record_proxies(count, min_acked);
+}
+
+/// A proxy-supplied reason cut to [`MAX_NACK_REASON`] bytes, fit to keep
+/// and to log.
+pub(crate) fn bound_reason(reason: &str) -> String {
+    truncate(reason, MAX_NACK_REASON)
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary, marked with an
+/// ellipsis when cut.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn channel() -> (mpsc::Sender<Push>, mpsc::Receiver<Push>) {
+        mpsc::channel(1)
+    }
+
     #[test]
     fn registry_tracks_connections_in_node_order() {
         let r = ProxyRegistry::new();
         assert!(r.list().is_empty());
-        r.connected("p2", "10.0.0.2:1");
-        r.connected("p1", "10.0.0.1:1");
-        r.update("p1", |p| p.acked_version = 7);
-        r.disconnected("p2");
+        let (tx2, _rx2) = channel();
+        let (tx1, _rx1) = channel();
+        let p2 = r.connect("p2", "10.0.0.2:1", tx2);
+        let p1 = r.connect("p1", "10.0.0.1:1", tx1);
+        assert!(!p1.replaced);
+        r.acked("p1", p1.id, 7);
+        r.nacked("p1", p1.id, "bad url");
+        assert!(r.disconnect("p2", p2.id));
         let list = r.list();
         assert_eq!(list[0].node_id, "p1");
         assert_eq!(list[0].acked_version, 7);
-        assert!(!list[1].connected);
+        assert_eq!(list[0].last_nack_reason, "bad url");
+        assert_eq!(list[0].peer_address, "10.0.0.1:1");
+        assert!(list[0].connected);
+        assert!(!list[1].connected, "gone proxies stay listed");
         assert_eq!(r.connected_count(), 1);
         assert!(list[0].to_proto().connected_since.is_some());
+        assert_eq!(r.senders().len(), 1);
+        assert!(r.sender("p1").is_some() && r.sender("p2").is_none());
+    }
+
+    #[test]
+    fn a_newer_stream_wins_and_the_older_ones_cleanup_is_ignored() {
+        let r = ProxyRegistry::new();
+        let (old_tx, mut old_rx) = channel();
+        let old = r.connect("p", "10.0.0.1:1", old_tx);
+        r.acked("p", old.id, 3);
+        let (new_tx, _new_rx) = channel();
+        let new = r.connect("p", "10.0.0.1:2", new_tx);
+        assert!(new.replaced);
+        assert_ne!(old.id, new.id);
+        // The registry let go of the older stream's channel: it is closed.
+        assert!(old_rx.try_recv().is_err() && old_rx.is_closed());
+
+        r.acked("p", old.id, 99);
+        assert!(!r.disconnect("p", old.id));
+        let p = &r.list()[0];
+        assert!(p.connected);
+        assert_eq!(
+            p.acked_version, 3,
+            "kept from the older stream, not overwritten by it"
+        );
+        assert_eq!(p.peer_address, "10.0.0.1:2");
+        assert!(r.disconnect("p", new.id));
+        assert!(!r.list()[0].connected);
+    }
+
+    #[test]
+    fn disconnected_proxies_are_pruned_after_the_retention() {
+        let r = ProxyRegistry::with_retention(Duration::ZERO);
+        let (tx, _rx) = channel();
+        let c = r.connect("p", "a", tx);
+        assert_eq!(r.list().len(), 1, "connected proxies are never pruned");
+        r.disconnect("p", c.id);
+        // Give the clock a millisecond so the entry is strictly older.
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(r.list().is_empty());
+    }
+
+    #[test]
+    fn nack_reasons_are_bounded_at_a_char_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(400);
+        let t = truncate(&long, MAX_NACK_REASON);
+        assert!(t.len() <= MAX_NACK_REASON, "{}", t.len());
+        assert!(t.ends_with('…'));
     }
 }

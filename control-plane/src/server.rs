@@ -3,8 +3,13 @@
 //! and reflection, the HTTP listener, metrics; and shuts it all down
 //! gracefully.
 //!
-//! Authentication: every `claw.v1` service and reflection require the admin
-//! token. gRPC health is open on purpose: probes cannot send headers.
+//! Authentication: every `claw.v1` admin service and reflection require the
+//! admin token; the proxy-facing `DiscoveryService` requires the proxy
+//! token (and only it: neither token opens the other's services). gRPC
+//! health is open on purpose: probes cannot send headers.
+//!
+//! Shutdown order: stop accepting, end the discovery streams (the sessions
+//! watch the same stop signal), let unary calls finish, flush the store.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +20,7 @@ use claw_proto::v1::agent_service_server::{self, AgentServiceServer};
 use claw_proto::v1::backend_service_server::{self, BackendServiceServer};
 use claw_proto::v1::client_key_service_server::{self, ClientKeyServiceServer};
 use claw_proto::v1::cluster_service_server::{self, ClusterServiceServer};
+use claw_proto::v1::discovery_service_server::{self, DiscoveryServiceServer};
 use claw_proto::v1::pool_service_server::{self, PoolServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -30,6 +36,7 @@ use crate::api::cluster::ClusterApi;
 use crate::api::pool::PoolApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::discovery::{self, Debounce, DiscoveryApi};
 use crate::http::{self, HttpState};
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::proxies::ProxyRegistry;
@@ -37,12 +44,13 @@ use crate::store::Store;
 use crate::store::sled::SledStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
-const SERVICES: [&str; 5] = [
+const SERVICES: [&str; 6] = [
     backend_service_server::SERVICE_NAME,
     pool_service_server::SERVICE_NAME,
     client_key_service_server::SERVICE_NAME,
     agent_service_server::SERVICE_NAME,
     cluster_service_server::SERVICE_NAME,
+    discovery_service_server::SERVICE_NAME,
 ];
 
 /// Infrastructure services advertised by reflection next to [`SERVICES`].
@@ -54,6 +62,12 @@ const REFLECTED_INFRA: [&str; 3] = [
 
 /// How often the Prometheus recorder drops stale histogram samples.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// HTTP/2 pings on idle connections, so a proxy that vanished without
+/// closing its stream (host gone, network cut) is noticed and listed as
+/// disconnected within interval + timeout.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A control plane whose store is open and checked, not yet serving. Lets
 /// `main` refuse to start (wrong key, newer schema) before it announces its
@@ -131,6 +145,7 @@ impl Server {
                 .await;
         }
         let admin = TokenAuth::admin(&config.admin_token);
+        let proxy_auth = TokenAuth::proxy(&config.proxy_token);
         // Advertise only what is served (the descriptor set also describes
         // services of later milestones).
         let reflection = || {
@@ -150,7 +165,11 @@ impl Server {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut grpc_stop = stop_rx.clone();
+        let (snapshots, publisher) =
+            discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
         let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .layer(GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
@@ -174,6 +193,10 @@ impl Server {
             .add_service(ClusterServiceServer::with_interceptor(
                 ClusterApi::new(catalog.clone(), proxies.clone()),
                 admin,
+            ))
+            .add_service(DiscoveryServiceServer::with_interceptor(
+                DiscoveryApi::new(catalog.clone(), proxies, snapshots, stop_rx.clone()),
+                proxy_auth,
             ));
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
@@ -214,6 +237,7 @@ impl Server {
         }
         let _ = gauges.await;
         let _ = upkeep.await;
+        let _ = publisher.await;
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

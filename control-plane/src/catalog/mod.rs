@@ -19,8 +19,9 @@
 //!   bump the version because the configuration it describes is unchanged.
 //!
 //! Submodules: [`records`] (what is stored), `backends`, `pools`,
-//! `client_keys`, `agents`, `cluster` (info, export, key rotation) and
-//! `apply` (whole-config apply).
+//! `client_keys`, `agents`, `cluster` (info, export, key rotation),
+//! `apply` (whole-config apply) and `snapshot` (the consistent,
+//! decrypted view the discovery stream sends to proxies).
 
 mod agents;
 mod apply;
@@ -29,6 +30,7 @@ mod client_keys;
 mod cluster;
 mod pools;
 pub mod records;
+mod snapshot;
 
 use std::sync::{Arc, RwLock};
 

@@ -1,0 +1,110 @@
+//! `claw.v1.DiscoveryService`: configuration distribution to data-plane
+//! proxies (xDS-style), authenticated with the proxy token.
+//!
+//! - [`publish`]: one task follows the catalog's configuration version,
+//!   debounces bursts of writes (quiet 30 ms, at most 200 ms) and builds
+//!   one snapshot per version, shared by every stream.
+//! - `session`: one task per stream: hello (must carry `node_id`),
+//!   registration in the [`ProxyRegistry`], snapshot pushes, ACK/NACK
+//!   bookkeeping by nonce, cleanup.
+//! - `nonce`: unique nonces per response.
+//!
+//! The same stream will carry incremental messages (cooldowns, rate
+//! shares): any module reaches one proxy or all of them through the
+//! [`Push`] senders the registry holds, and the session stamps a nonce on
+//! each message it forwards.
+//!
+//! Shutdown: when the control plane stops, every session ends its response
+//! stream itself (long-lived streams would otherwise hold the gRPC server's
+//! graceful shutdown open forever). Proxies keep serving their snapshot and
+//! reconnect.
+
+mod nonce;
+pub mod publish;
+mod session;
+
+use std::sync::Arc;
+
+use claw_proto::v1::discovery_service_server::DiscoveryService;
+use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::Catalog;
+use crate::proxies::ProxyRegistry;
+
+pub use publish::{Debounce, Latest};
+
+/// Responses buffered per stream before sending waits for the proxy.
+const OUTBOUND_CAPACITY: usize = 8;
+
+/// A message another module wants delivered on one proxy's stream.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// Send this response; the stream stamps its nonce.
+    Message(StreamConfigResponse),
+}
+
+/// What every stream shares.
+#[derive(Debug)]
+struct Shared {
+    catalog: Arc<Catalog>,
+    registry: Arc<ProxyRegistry>,
+    snapshots: Latest,
+    stop: watch::Receiver<bool>,
+    nonces: nonce::Nonces,
+}
+
+/// Serves `StreamConfig`.
+#[derive(Debug, Clone)]
+pub struct DiscoveryApi {
+    shared: Arc<Shared>,
+}
+
+impl DiscoveryApi {
+    /// A service distributing the snapshots `snapshots` publishes (see
+    /// [`publish::spawn`]), recording proxies in `registry`, and ending
+    /// every stream once `stop` turns true.
+    pub fn new(
+        catalog: Arc<Catalog>,
+        registry: Arc<ProxyRegistry>,
+        snapshots: Latest,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        DiscoveryApi {
+            shared: Arc::new(Shared {
+                catalog,
+                registry,
+                snapshots,
+                stop,
+                nonces: nonce::Nonces::default(),
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DiscoveryService for DiscoveryApi {
+    type StreamConfigStream = ReceiverStream<Result<StreamConfigResponse, Status>>;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<StreamConfigRequest>>,
+    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        // Answer with the response headers at once and read the hello in
+        // the session: a client may wait for headers before it sends.
+        tokio::spawn(session::run(
+            self.shared.clone(),
+            peer,
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
