@@ -199,3 +199,128 @@ fn starts_on_port_zero_serves_http_and_exits_cleanly_on_sigterm() {
     let (running, _, _) = start(c);
     assert!(sigterm_and_wait(running).success());
 }
+
+/// The `clawctl` binary next to ours in the shared target directory, if the
+/// workspace built it (it belongs to another package, so cargo gives no
+/// `CARGO_BIN_EXE_` for it).
+fn clawctl() -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(BIN)
+        .with_file_name(format!("clawctl{}", std::env::consts::EXE_SUFFIX));
+    path.is_file().then_some(path)
+}
+
+#[test]
+fn sigterm_with_a_connected_proxy_stream_exits_promptly_and_cleanly() {
+    use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
+    use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = command(&dir.path().join("data"));
+    c.env("CLAW_MASTER_KEY", KEY1);
+    let (running, grpc, http) = start(c);
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = rt.block_on(async {
+        tx.send(StreamConfigRequest {
+            node_id: "edge-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("hello queued");
+        let mut client = DiscoveryServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connects");
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {PROXY}").parse().expect("ascii"),
+        );
+        let mut inbound = client
+            .stream_config(request)
+            .await
+            .expect("stream opens")
+            .into_inner();
+        let first: StreamConfigResponse = inbound
+            .message()
+            .await
+            .expect("healthy")
+            .expect("a snapshot");
+        tx.send(StreamConfigRequest {
+            node_id: "edge-1".into(),
+            version: first.version,
+            response_nonce: first.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ack queued");
+        inbound
+    });
+
+    // The real `clawctl proxies -o json` lists the proxy with its ACK.
+    if let Some(clawctl) = clawctl() {
+        let mut listed = String::new();
+        for _ in 0..50 {
+            let out = Command::new(&clawctl)
+                .args(["proxies", "-o", "json"])
+                .env("CLAW_SERVER", format!("http://{grpc}"))
+                .env("CLAW_ADMIN_TOKEN", ADMIN)
+                .output()
+                .expect("clawctl runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            let proxies: serde_json::Value = serde_json::from_str(&listed).expect("json");
+            let p = &proxies[0];
+            if p["acked_version"].as_u64().is_some_and(|v| v > 0)
+                || p["acked_version"].as_str().is_some_and(|v| v != "0")
+            {
+                assert_eq!(p["node_id"], "edge-1", "{listed}");
+                assert_eq!(p["connected"], true, "{listed}");
+                assert!(
+                    p["peer_address"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                    "{listed}"
+                );
+                listed.clear();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            listed.is_empty(),
+            "the ACK never showed in clawctl: {listed}"
+        );
+    } else {
+        eprintln!("clawctl not built; skipping the `clawctl proxies` check");
+    }
+
+    let metrics = http_get(&http, "/metrics");
+    for name in [
+        "claw_cp_proxies_connected 1",
+        "claw_cp_snapshots_sent_total 1",
+        "claw_cp_snapshot_nacks_total 0",
+        "claw_cp_proxy_acked_version_min",
+        "claw_cp_snapshot_build_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
+
+    let started = std::time::Instant::now();
+    let status = sigterm_and_wait(running);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for the open stream",
+        started.elapsed()
+    );
+    // The proxy saw its stream end rather than hang.
+    let end = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), inbound.message()).await });
+    assert!(end.is_ok(), "the stream did not end");
+    drop(tx);
+}
