@@ -232,6 +232,7 @@ mod tests {
             version: 3,
             nonce: "b".into(),
             snapshot: Some(v1::Snapshot::default()),
+            ..Default::default()
         });
         assert_eq!((stale.version, stale.response_nonce.as_str()), (4, "b"));
         assert!(stale.error_detail.contains("older"));
@@ -239,6 +240,7 @@ mod tests {
             version: 5,
             nonce: "c".into(),
             snapshot: None,
+            ..Default::default()
         });
         assert!(!empty.error_detail.is_empty());
         assert_eq!(d.hello().version, 4);

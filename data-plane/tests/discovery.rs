@@ -110,6 +110,7 @@ async fn applies_acks_nacks_and_reconnects() {
         version: 3,
         nonce: "n1".into(),
         snapshot: Some(snap.clone()),
+        ..Default::default()
     }))
     .await
     .unwrap();
@@ -133,6 +134,7 @@ async fn applies_acks_nacks_and_reconnects() {
         version: 4,
         nonce: "n2".into(),
         snapshot: Some(bad),
+        ..Default::default()
     }))
     .await
     .unwrap();

@@ -262,6 +262,7 @@ impl Session {
             version,
             nonce: String::new(),
             snapshot: Some(Snapshot::clone(&snapshot)),
+            ..Default::default()
         };
         self.send(response, Some(version), stop).await?;
         metrics::snapshot_sent();
