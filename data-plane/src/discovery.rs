@@ -219,6 +219,7 @@ mod tests {
                 version: 4,
                 ..Default::default()
             }),
+            ..Default::default()
         });
         assert_eq!(
             (
