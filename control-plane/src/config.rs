@@ -87,6 +87,8 @@ pub struct Config {
     pub admin_token: Token,
     /// Opens the proxy-facing API (data-plane proxies).
     pub proxy_token: Token,
+    /// The heartbeat scheduler: proxy URL, retention, webhook delivery.
+    pub heartbeat: crate::heartbeat::runtime::HeartbeatSettings,
 }
 
 impl Config {
@@ -108,6 +110,7 @@ impl Config {
             master_key,
             admin_token,
             proxy_token,
+            heartbeat: Default::default(),
         })
     }
 }

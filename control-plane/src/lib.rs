@@ -28,6 +28,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod crypto;
+pub mod fleet;
 pub mod discovery;
 pub mod http;
 pub mod metrics;

@@ -98,6 +98,44 @@ struct ServeArgs {
     )]
     proxy_token: Option<String>,
 
+    /// Proxy the heartbeat runs are sent through.
+    #[arg(
+        long,
+        env = "CLAW_HEARTBEAT_PROXY",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
+    heartbeat_proxy: String,
+
+    /// HMAC-SHA256 key signing heartbeat webhooks of agents without their own secret.
+    #[arg(
+        long,
+        env = "CLAW_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    webhook_secret: Option<String>,
+
+    /// Heartbeat run logs older than this are pruned.
+    #[arg(long, env = "CLAW_HEARTBEAT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    heartbeat_retention: std::time::Duration,
+
+    /// Webhook delivery attempts before an alert is dead-lettered.
+    #[arg(long, env = "CLAW_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    webhook_max_attempts: u32,
+
+    /// Age after which a failing webhook delivery is dead-lettered.
+    #[arg(long, env = "CLAW_WEBHOOK_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    webhook_max_age: std::time::Duration,
+
+    /// First webhook retry backoff cap (doubles per attempt, full jitter).
+    #[arg(long, env = "CLAW_WEBHOOK_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    webhook_backoff_base: std::time::Duration,
+
+    /// Largest webhook retry backoff cap.
+    #[arg(long, env = "CLAW_WEBHOOK_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
+    webhook_backoff_max: std::time::Duration,
+
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -154,12 +192,20 @@ fn init_logging(format: LogFormat) {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let master_key =
         config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
-    let config = Config::new(
+    let mut config = Config::new(
         args.data_dir,
         master_key,
         args.admin_token,
         args.proxy_token,
     )?;
+    let hb = &mut config.heartbeat;
+    hb.proxy_url = args.heartbeat_proxy;
+    hb.scheduler.retention = args.heartbeat_retention;
+    hb.delivery.max_attempts = args.webhook_max_attempts;
+    hb.delivery.max_age = args.webhook_max_age;
+    hb.delivery.base_backoff = args.webhook_backoff_base;
+    hb.delivery.max_backoff = args.webhook_backoff_max.max(args.webhook_backoff_base);
+    hb.delivery.global_secret = args.webhook_secret.filter(|s| !s.trim().is_empty());
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(args.grpc_addr)

@@ -21,6 +21,7 @@ use claw_proto::v1::backend_service_server::{self, BackendServiceServer};
 use claw_proto::v1::client_key_service_server::{self, ClientKeyServiceServer};
 use claw_proto::v1::cluster_service_server::{self, ClusterServiceServer};
 use claw_proto::v1::discovery_service_server::{self, DiscoveryServiceServer};
+use claw_proto::v1::heartbeat_service_server::{self, HeartbeatServiceServer};
 use claw_proto::v1::pool_service_server::{self, PoolServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,6 +34,7 @@ use crate::api::auth::TokenAuth;
 use crate::api::backend::BackendApi;
 use crate::api::client_key::ClientKeyApi;
 use crate::api::cluster::ClusterApi;
+use crate::api::heartbeat::HeartbeatApi;
 use crate::api::pool::PoolApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -44,13 +46,14 @@ use crate::store::Store;
 use crate::store::sled::SledStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
-const SERVICES: [&str; 6] = [
+const SERVICES: [&str; 7] = [
     backend_service_server::SERVICE_NAME,
     pool_service_server::SERVICE_NAME,
     client_key_service_server::SERVICE_NAME,
     agent_service_server::SERVICE_NAME,
     cluster_service_server::SERVICE_NAME,
     discovery_service_server::SERVICE_NAME,
+    heartbeat_service_server::SERVICE_NAME,
 ];
 
 /// Infrastructure services advertised by reflection next to [`SERVICES`].
@@ -167,6 +170,12 @@ impl Server {
         let mut grpc_stop = stop_rx.clone();
         let (snapshots, publisher) =
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
+        let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
+            catalog.clone(),
+            config.heartbeat.clone(),
+            stop_rx.clone(),
+        )
+        .context("starting the heartbeat scheduler")?;
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -192,6 +201,10 @@ impl Server {
             ))
             .add_service(ClusterServiceServer::with_interceptor(
                 ClusterApi::new(catalog.clone(), proxies.clone()),
+                admin.clone(),
+            ))
+            .add_service(HeartbeatServiceServer::with_interceptor(
+                HeartbeatApi::new(catalog.clone(), heartbeats),
                 admin,
             ))
             .add_service(DiscoveryServiceServer::with_interceptor(
@@ -238,6 +251,9 @@ impl Server {
         let _ = gauges.await;
         let _ = upkeep.await;
         let _ = publisher.await;
+        for task in heartbeat_tasks {
+            let _ = task.await;
+        }
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod backend;
 pub mod client_key;
 pub mod cluster;
+pub mod heartbeat;
 pub mod pool;
 
 use tonic::Status;

@@ -1,5 +1,5 @@
-//! Pure logic of agent heartbeats: no I/O, no storage, no async. The
-//! scheduler (claims, runs, delivery, run logs) is built around these.
+//! Agent heartbeats. The pure core (no I/O, no clock) and the machinery
+//! built around it.
 //!
 //! * [`slots`] — the cadence: the wall-clock anchored, staggered slot grid,
 //!   active windows in the agent's time zone (overnight, `24:00`, DST), the
@@ -9,9 +9,26 @@
 //! * [`reply`] — whether a reply is `HEARTBEAT_OK` (suppressed) or an alert to
 //!   deliver, and the bounded excerpt kept in the run log.
 //!
-//! Everything takes the current time as an argument (never reads a clock),
-//! so tests drive it with fixed timestamps.
+//! * [`scheduler`] — the task that owns every agent's cadence: timer,
+//!   claims, skips and deferrals, manual runs, restart recovery, retention.
+//! * [`runs`] — the durable run log (one record per slot), cursors, and
+//!   the single-transaction commit the scheduler writes through.
+//! * [`dispatch`] — the run itself: a chat completion through a proxy.
+//! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
+//!   dead-lettered, at least once.
+//! * [`metrics`] — the `claw_heartbeat_*` metrics.
+//! * [`runtime`] — starts it all inside the server (internal client key,
+//!   settings).
+//!
+//! The pure modules take the current time as an argument (never read a
+//! clock), so tests drive them with fixed timestamps.
 
 pub mod checklist;
+pub mod delivery;
+pub mod dispatch;
+pub mod metrics;
 pub mod reply;
+pub mod runs;
+pub mod runtime;
+pub mod scheduler;
 pub mod slots;

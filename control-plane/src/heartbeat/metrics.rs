@@ -1,0 +1,96 @@
+//! Heartbeat metrics (registered in [`crate::metrics`]'s recorder).
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `claw_heartbeat_runs_total` | counter | `outcome`, `skip_reason` |
+//! | `claw_heartbeat_dispatch_lag_seconds` | histogram | |
+//! | `claw_heartbeat_agent_status` | gauge | `agent` (1 = last slot ok/suppressed/delivered) |
+//! | `claw_heartbeat_consecutive_failures` | gauge | `agent` |
+//! | `claw_heartbeat_missed_total` | counter | |
+//! | `claw_heartbeat_dead_letters_total` | counter | |
+//! | `claw_heartbeat_outbox_depth` | gauge | |
+
+use claw_proto::v1::RunStatus;
+
+/// Terminal run outcomes by status and skip reason.
+pub const RUNS_TOTAL: &str = "claw_heartbeat_runs_total";
+/// Actual start − nominal slot time.
+pub const DISPATCH_LAG_SECONDS: &str = "claw_heartbeat_dispatch_lag_seconds";
+/// 1 when the agent's last slot ended ok/suppressed/delivered, else 0.
+pub const AGENT_STATUS: &str = "claw_heartbeat_agent_status";
+/// Failed, missed or dead-lettered slots in a row.
+pub const CONSECUTIVE_FAILURES: &str = "claw_heartbeat_consecutive_failures";
+/// Slots that passed while the control plane was down.
+pub const MISSED_TOTAL: &str = "claw_heartbeat_missed_total";
+/// Alerts that exhausted their delivery attempts.
+pub const DEAD_LETTERS_TOTAL: &str = "claw_heartbeat_dead_letters_total";
+/// Deliveries waiting in the outbox.
+pub const OUTBOX_DEPTH: &str = "claw_heartbeat_outbox_depth";
+
+/// Buckets of the dispatch lag histogram, in seconds.
+pub const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Describes the metrics and initializes the unlabeled ones at zero.
+pub fn describe() {
+    metrics::describe_counter!(RUNS_TOTAL, "Heartbeat slots by terminal outcome");
+    metrics::describe_histogram!(
+        DISPATCH_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "Heartbeat run start minus the slot's nominal time"
+    );
+    metrics::describe_gauge!(
+        AGENT_STATUS,
+        "1 when the agent's last heartbeat ended ok/suppressed/delivered, 0 when failing"
+    );
+    metrics::describe_gauge!(
+        CONSECUTIVE_FAILURES,
+        "Heartbeat slots failed, missed or dead-lettered in a row"
+    );
+    metrics::describe_counter!(MISSED_TOTAL, "Heartbeat slots missed during downtime");
+    metrics::describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Heartbeat alerts dead-lettered after every delivery attempt"
+    );
+    metrics::describe_gauge!(OUTBOX_DEPTH, "Heartbeat alerts waiting for delivery");
+    metrics::counter!(MISSED_TOTAL).increment(0);
+    metrics::counter!(DEAD_LETTERS_TOTAL).increment(0);
+}
+
+/// The lowercase name of a status (`dead_letter`).
+pub fn status_name(s: RunStatus) -> String {
+    claw_proto::serde_fmt::short_name(s.as_str_name(), "RUN_STATUS_")
+}
+
+/// Counts a terminal outcome.
+pub fn outcome(status: RunStatus, skip_reason: &str) {
+    metrics::counter!(RUNS_TOTAL, "outcome" => status_name(status), "skip_reason" => skip_reason.to_string())
+        .increment(1);
+    match status {
+        RunStatus::Missed => metrics::counter!(MISSED_TOTAL).increment(1),
+        RunStatus::DeadLetter => metrics::counter!(DEAD_LETTERS_TOTAL).increment(1),
+        _ => {}
+    }
+}
+
+/// Sets an agent's health gauges.
+pub fn agent_health(agent: &str, healthy: bool, consecutive_failures: u32) {
+    metrics::gauge!(AGENT_STATUS, "agent" => agent.to_string()).set(if healthy {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(CONSECUTIVE_FAILURES, "agent" => agent.to_string())
+        .set(f64::from(consecutive_failures));
+}
+
+/// Records a dispatch lag.
+pub fn dispatch_lag(seconds: f64) {
+    metrics::histogram!(DISPATCH_LAG_SECONDS).record(seconds.max(0.0));
+}
+
+/// Sets the outbox depth.
+pub fn outbox_depth(n: usize) {
+    metrics::gauge!(OUTBOX_DEPTH).set(n as f64);
+}
