@@ -44,11 +44,22 @@ pub enum Tree {
     HeartbeatOpen,
     /// Run key → webhook delivery outbox entry.
     HeartbeatOutbox,
+    /// `node id \0 stream epoch` → which report batches were stored
+    /// (idempotency of the report stream).
+    ReportBatches,
+    /// `be u64 hour ms | dims` → usage totals of one hour (see `stats::keys`).
+    UsageHourly,
+    /// `be u64 day ms | pool \0 dims` → usage totals of one UTC day.
+    UsageDaily,
+    /// Backend id → fleet-wide cooldown state (absolute time).
+    CooldownState,
+    /// `be u64 start ms | backend \0 node \0 seq` → cooldown history event.
+    CooldownEvents,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 13] = [
+    pub const ALL: [Tree; 18] = [
         Tree::Meta,
         Tree::Backends,
         Tree::BackendNames,
@@ -62,6 +73,11 @@ impl Tree {
         Tree::HeartbeatRunsByTime,
         Tree::HeartbeatOpen,
         Tree::HeartbeatOutbox,
+        Tree::ReportBatches,
+        Tree::UsageHourly,
+        Tree::UsageDaily,
+        Tree::CooldownState,
+        Tree::CooldownEvents,
     ];
 
     /// The trees holding configuration; configuration transactions span
@@ -93,6 +109,11 @@ impl Tree {
             Tree::HeartbeatRunsByTime => "heartbeat_runs_by_time",
             Tree::HeartbeatOpen => "heartbeat_open",
             Tree::HeartbeatOutbox => "heartbeat_outbox",
+            Tree::ReportBatches => "report_batches",
+            Tree::UsageHourly => "usage_hourly",
+            Tree::UsageDaily => "usage_daily",
+            Tree::CooldownState => "cooldown_state",
+            Tree::CooldownEvents => "cooldown_events",
         }
     }
 }
