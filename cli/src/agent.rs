@@ -63,6 +63,7 @@ pub async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> {
         }
         AgentCmd::Enable(t) => set_enabled(session, t.id, true, String::new()).await,
         AgentCmd::Disable { target, note } => set_enabled(session, target.id, false, note).await,
+        AgentCmd::Next { target, count } => crate::heartbeat::next(session, target.id, count).await,
     }
 }
 
@@ -97,6 +98,12 @@ struct Settings {
     prompt: Option<String>,
     run_timeout_seconds: Option<u64>,
     catch_up_seconds: Option<u64>,
+    stagger: Option<bool>,
+    isolated_session: Option<bool>,
+    busy_window_seconds: Option<u64>,
+    busy_defer_max_seconds: Option<u64>,
+    /// The secret read from `--webhook-secret-env` and that variable's ref.
+    webhook_secret: Option<(String, String)>,
 }
 
 fn settings(s: AgentSettings) -> anyhow::Result<Settings> {
@@ -121,6 +128,28 @@ fn settings(s: AgentSettings) -> anyhow::Result<Settings> {
             .transpose()?,
         run_timeout_seconds: secs("run-timeout", s.run_timeout)?,
         catch_up_seconds: secs("catch-up", s.catch_up)?,
+        stagger: match (s.stagger, s.no_stagger) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        isolated_session: s.isolated_session,
+        busy_window_seconds: secs("busy-window", s.busy_window)?,
+        busy_defer_max_seconds: secs("busy-defer-max", s.busy_defer_max)?,
+        webhook_secret: s
+            .webhook_secret_env
+            .map(|var| -> anyhow::Result<(String, String)> {
+                let value = std::env::var(&var).map_err(|_| {
+                    anyhow!("--webhook-secret-env: environment variable {var} is not set")
+                })?;
+                let reference = if value.is_empty() {
+                    String::new()
+                } else {
+                    format!("env:{var}")
+                };
+                Ok((value, reference))
+            })
+            .transpose()?,
     })
 }
 
@@ -152,6 +181,12 @@ fn new_agent(args: AgentAddArgs) -> anyhow::Result<Agent> {
         prompt: s.prompt.unwrap_or_default(),
         run_timeout_seconds: s.run_timeout_seconds.unwrap_or(0),
         catch_up_seconds: s.catch_up_seconds.unwrap_or(0),
+        stagger: s.stagger,
+        isolated_session: s.isolated_session.unwrap_or(false),
+        busy_window_seconds: s.busy_window_seconds.unwrap_or(0),
+        busy_defer_max_seconds: s.busy_defer_max_seconds.unwrap_or(0),
+        webhook_secret: s.webhook_secret.clone().map(|w| w.0).unwrap_or_default(),
+        webhook_secret_ref: s.webhook_secret.map(|w| w.1).unwrap_or_default(),
         ..Default::default()
     })
 }
@@ -172,6 +207,12 @@ fn update_request(args: AgentUpdateArgs) -> anyhow::Result<UpdateAgentRequest> {
         prompt: s.prompt,
         run_timeout_seconds: s.run_timeout_seconds,
         catch_up_seconds: s.catch_up_seconds,
+        stagger: s.stagger,
+        isolated_session: s.isolated_session,
+        busy_window_seconds: s.busy_window_seconds,
+        busy_defer_max_seconds: s.busy_defer_max_seconds,
+        webhook_secret: s.webhook_secret.clone().map(|w| w.0),
+        webhook_secret_ref: s.webhook_secret.map(|w| w.1),
     })
 }
 
@@ -237,6 +278,23 @@ fn details(a: &Agent) -> Details {
         .field("Webhook", &a.webhook_url)
         .field("Run timeout", or_default(a.run_timeout_seconds, "default"))
         .field("Catch up", or_default(a.catch_up_seconds, "one interval"))
+        .field("Stagger", output::yes_no(a.stagger.unwrap_or(true)))
+        .field("Isolated session", output::yes_no(a.isolated_session))
+        .field("Busy window", or_default(a.busy_window_seconds, "2m"))
+        .field(
+            "Busy defer max",
+            or_default(a.busy_defer_max_seconds, "10m"),
+        )
+        .field(
+            "Webhook secret",
+            if a.webhook_secret.is_empty() {
+                "global (CLAW_WEBHOOK_SECRET) if set".to_string()
+            } else if a.webhook_secret_ref.is_empty() {
+                "set".to_string()
+            } else {
+                format!("set ({})", a.webhook_secret_ref)
+            },
+        )
         .field("Created", output::timestamp(&a.created_at))
         .field("Updated", output::timestamp(&a.updated_at))
         .field(

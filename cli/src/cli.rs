@@ -90,6 +90,9 @@ pub enum Command {
     /// Manage agents and their heartbeat schedules.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Run heartbeats now, read their logs, edit checklists.
+    #[command(subcommand)]
+    Heartbeat(HeartbeatCmd),
     /// Rotate the master key that encrypts stored provider keys.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCmd),
@@ -397,6 +400,64 @@ Examples:
         #[arg(long, value_name = "TEXT", default_value = "")]
         note: String,
     },
+    /// Show the agent's next heartbeat times and why each was chosen.
+    Next {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// How many slots (at most 100).
+        #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 5)]
+        count: u32,
+    },
+}
+
+// ---------------------------------------------------------------- heartbeat
+
+/// `clawctl heartbeat ...`
+#[derive(Debug, Subcommand)]
+pub enum HeartbeatCmd {
+    /// Fire an agent's heartbeat now (bypasses active hours; merges with a run in flight).
+    Run {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// Wait for the run to finish and show its outcome.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show heartbeat run logs, newest first.
+    #[command(after_help = "\
+Examples:
+  clawctl heartbeat logs a1 --limit 20
+  clawctl heartbeat logs -o json | jq '.[] | select(.status == \"failed\")'")]
+    Logs {
+        /// Agent id or name (default: every agent).
+        #[arg(value_name = "ID")]
+        agent: Option<String>,
+        /// At most this many runs.
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show or replace an agent's checklist (its HEARTBEAT.md).
+    #[command(subcommand)]
+    Checklist(ChecklistCmd),
+}
+
+/// `clawctl heartbeat checklist ...`
+#[derive(Debug, Subcommand)]
+pub enum ChecklistCmd {
+    /// Print the checklist.
+    Get(AgentTarget),
+    /// Replace the checklist from a file or standard input.
+    #[command(after_help = "\
+Examples:
+  clawctl heartbeat checklist set a1 -f HEARTBEAT.md
+  printf '- [ ] check the inbox\\n' | clawctl heartbeat checklist set a1")]
+    Set {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// File to read ('-' or absent: standard input).
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// An agent named by id or name.
@@ -434,6 +495,24 @@ pub struct AgentSettings {
     /// How late a missed run may still fire after downtime (default one interval).
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
     pub catch_up: Option<Duration>,
+    /// Put slots on round multiples of the interval instead of a per-agent phase.
+    #[arg(long, conflicts_with = "stagger")]
+    pub no_stagger: bool,
+    /// Spread slots by a stable per-agent phase (the default).
+    #[arg(long)]
+    pub stagger: bool,
+    /// Give each run its own session (agent:ID:heartbeat:UNIX_MS); 'false' to share one.
+    #[arg(long, value_name = "true|false", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub isolated_session: Option<bool>,
+    /// Interactive traffic within this window defers the heartbeat (default 2m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub busy_window: Option<Duration>,
+    /// Longest deferral while busy or without capacity, then skipped (default 10m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub busy_defer_max: Option<Duration>,
+    /// Environment variable holding the webhook HMAC secret ('' value clears it).
+    #[arg(long, value_name = "VAR")]
+    pub webhook_secret_env: Option<String>,
 }
 
 /// Flags of `agent add`.

@@ -145,6 +145,16 @@ impl Connection {
         AgentServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    /// The heartbeat service (runs, logs, checklists).
+    pub fn heartbeats(
+        &self,
+    ) -> claw_proto::v1::heartbeat_service_client::HeartbeatServiceClient<Authed> {
+        claw_proto::v1::heartbeat_service_client::HeartbeatServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())

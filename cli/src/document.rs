@@ -213,6 +213,30 @@ pub struct AgentDoc {
     pub run_timeout: Dur,
     #[serde(default)]
     pub catch_up: Dur,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub stagger: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub isolated_session: bool,
+    #[serde(default, skip_serializing_if = "Dur::is_zero")]
+    pub busy_window: Dur,
+    #[serde(default, skip_serializing_if = "Dur::is_zero")]
+    pub busy_defer_max: Dur,
+    /// Variable holding the webhook HMAC secret (read by `apply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_env: Option<String>,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Dur {
+    fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
 }
 
 fn default_rpm() -> u32 {
@@ -467,6 +491,14 @@ impl From<&Agent> for AgentDoc {
             prompt: a.prompt.clone(),
             run_timeout: secs(a.run_timeout_seconds),
             catch_up: secs(a.catch_up_seconds),
+            stagger: a.stagger.unwrap_or(true),
+            isolated_session: a.isolated_session,
+            busy_window: secs(a.busy_window_seconds),
+            busy_defer_max: secs(a.busy_defer_max_seconds),
+            webhook_secret_env: a
+                .webhook_secret_ref
+                .strip_prefix("env:")
+                .map(str::to_string),
         }
     }
 }
@@ -650,6 +682,24 @@ impl AgentDoc {
             prompt: self.prompt.clone(),
             run_timeout_seconds: secs("run_timeout", self.run_timeout)?,
             catch_up_seconds: secs("catch_up", self.catch_up)?,
+            stagger: Some(self.stagger),
+            isolated_session: self.isolated_session,
+            busy_window_seconds: secs("busy_window", self.busy_window)?,
+            busy_defer_max_seconds: secs("busy_defer_max", self.busy_defer_max)?,
+            webhook_secret: match &self.webhook_secret_env {
+                Some(var) => std::env::var(var).map_err(|_| {
+                    FieldError::new(
+                        "webhook_secret_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?,
+                None => String::new(),
+            },
+            webhook_secret_ref: self
+                .webhook_secret_env
+                .as_ref()
+                .map(|v| format!("env:{v}"))
+                .unwrap_or_default(),
             ..Default::default()
         })
     }

@@ -26,6 +26,7 @@ pub mod client;
 pub mod cluster;
 pub mod document;
 pub mod duration;
+pub mod heartbeat;
 pub mod key;
 pub mod output;
 pub mod pool;
@@ -51,6 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool(cmd) => pool::run(&session, cmd).await,
         Command::Key(cmd) => key::run(&session, cmd).await,
         Command::Agent(cmd) => agent::run(&session, cmd).await,
+        Command::Heartbeat(cmd) => heartbeat::run(&session, cmd).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,

@@ -107,6 +107,12 @@ fn exported_config() -> ClusterConfig {
             catch_up_seconds: 0,
             created_at: ts,
             updated_at: ts,
+            stagger: Some(true),
+            isolated_session: true,
+            busy_window_seconds: 300,
+            busy_defer_max_seconds: 0,
+            webhook_secret: String::new(),
+            webhook_secret_ref: String::new(),
         }],
     }
 }
