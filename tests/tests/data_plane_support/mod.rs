@@ -1,0 +1,278 @@
+//! A gateway cluster for the data-plane acceptance tests: the real
+//! `claw-control-plane`, real `claw-data-plane` proxies and in-process mock
+//! upstreams, configured with the real `clawctl`.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use claw_tests::harness::{ControlPlane, Proxy, wait_until};
+use claw_tests::mock::{MockConfig, MockUpstream};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The provider key the primary mock demands: proving that the proxy
+/// replaced the client's credentials with the backend's.
+pub const PRIMARY_KEY: &str = "sk-up-primary-0123456789";
+/// The fallback mock's provider key.
+pub const FALLBACK_KEY: &str = "sk-up-fallback-0123456789";
+/// The canonical chat model, served by both backends.
+pub const CHAT: &str = "chat";
+/// The primary's native id for [`CHAT`].
+pub const CHAT_NATIVE_PRIMARY: &str = "native-chat-primary";
+/// The fallback's native id for [`CHAT`].
+pub const CHAT_NATIVE_FALLBACK: &str = "native-chat-fallback";
+/// The canonical embedding model (primary only).
+pub const EMBED: &str = "embed";
+/// Its native id.
+pub const EMBED_NATIVE: &str = "native-embed";
+
+/// How long configuration may take to reach the proxies. Generous: after a
+/// control-plane restart a proxy may be in a multi-second reconnect backoff.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Options of a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of proxies.
+    pub proxies: usize,
+    /// Extra proxy flags (timeouts, body limit).
+    pub proxy_args: Vec<String>,
+    /// Requests per minute of both backends.
+    pub rpm: u32,
+    /// Mock configuration shared by both upstreams (name and key are set).
+    pub mock: MockConfig,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            proxies: 2,
+            proxy_args: Vec::new(),
+            rpm: 100_000,
+            mock: MockConfig::default(),
+        }
+    }
+}
+
+/// A control plane, its proxies, a primary and a fallback mock upstream,
+/// and a client key.
+pub struct Cluster {
+    // Field order is drop order: proxies before the control plane.
+    pub proxies: Vec<Proxy>,
+    pub cp: ControlPlane,
+    pub primary: MockUpstream,
+    pub fallback: MockUpstream,
+    /// The client key's secret.
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Two proxies, defaults everywhere.
+    pub fn start() -> Self {
+        Self::with(ClusterOptions::default())
+    }
+
+    /// Starts everything, configures it with `clawctl` and waits until every
+    /// proxy is ready and has ACKed the configuration.
+    pub fn with(o: ClusterOptions) -> Self {
+        let primary = MockUpstream::start_blocking(
+            o.mock
+                .clone()
+                .name("primary")
+                .api_key(PRIMARY_KEY)
+                .models([CHAT_NATIVE_PRIMARY, EMBED_NATIVE]),
+        );
+        let fallback = MockUpstream::start_blocking(
+            o.mock
+                .clone()
+                .name("fallback")
+                .api_key(FALLBACK_KEY)
+                .models([CHAT_NATIVE_FALLBACK]),
+        );
+        let cp = ControlPlane::start();
+        let rpm = o.rpm.to_string();
+        add_backend(
+            &cp,
+            "primary",
+            &primary.url(),
+            PRIMARY_KEY,
+            &[
+                "--rpm",
+                &rpm,
+                "--model",
+                &format!("{CHAT}={CHAT_NATIVE_PRIMARY}"),
+                "--model",
+                &format!("{EMBED}={EMBED_NATIVE}"),
+            ],
+        );
+        add_backend(
+            &cp,
+            "fallback",
+            &fallback.url(),
+            FALLBACK_KEY,
+            &[
+                "--pool",
+                "fallback",
+                "--rpm",
+                &rpm,
+                "--model",
+                &format!("{CHAT}={CHAT_NATIVE_FALLBACK}"),
+            ],
+        );
+        let key = cp
+            .clawctl(&["key", "add", "tests", "-o", "json"])
+            .assert_ok()
+            .json()["secret"]
+            .as_str()
+            .expect("`key add -o json` prints the secret")
+            .to_owned();
+        let proxies: Vec<Proxy> = (0..o.proxies)
+            .map(|i| {
+                Proxy::builder(&cp)
+                    .node_id(format!("dp-{}-{i}", std::process::id()))
+                    .args(o.proxy_args.iter())
+                    .start()
+            })
+            .collect();
+        for p in &proxies {
+            p.wait_ready();
+        }
+        let cluster = Self {
+            proxies,
+            cp,
+            primary,
+            fallback,
+            key,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("a reqwest client"),
+        };
+        cluster.wait_synced();
+        cluster
+    }
+
+    /// The first proxy.
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxies[0]
+    }
+
+    /// The control plane's current config version.
+    pub fn config_version(&self) -> u64 {
+        config_version(&self.cp)
+    }
+
+    /// Waits until every proxy has ACKed the current config version, and
+    /// returns it.
+    ///
+    /// # Panics
+    /// After [`SYNC_TIMEOUT`], with what `clawctl proxies` showed.
+    #[track_caller]
+    pub fn wait_synced(&self) -> u64 {
+        let want = self.config_version();
+        let nodes: Vec<&str> = self.proxies.iter().map(Proxy::node_id).collect();
+        let mut last = BTreeMap::new();
+        let ok = wait_until(SYNC_TIMEOUT, || {
+            last = acked_versions(&self.cp);
+            nodes.iter().all(|n| last.get(*n) == Some(&want))
+        });
+        assert!(
+            ok,
+            "proxies {nodes:?} did not ACK config version {want} within {SYNC_TIMEOUT:?}; \
+             `clawctl proxies` shows {last:?}"
+        );
+        want
+    }
+
+    /// `POST {proxy}/v1/{path}` with the client key and a JSON body.
+    pub async fn post(&self, proxy: &Proxy, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/{path}", proxy.url()))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/{path} via {}: {e}", proxy.node_id()))
+    }
+
+    /// A chat completion for `model` through `proxy`.
+    pub async fn chat(&self, proxy: &Proxy, model: &str) -> reqwest::Response {
+        self.post(proxy, "chat/completions", &chat_body(model, false))
+            .await
+    }
+}
+
+/// A small chat request.
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello from the acceptance tests"}],
+        "max_tokens": 8,
+        "stream": stream,
+    })
+}
+
+/// `clawctl backend add NAME --url URL --api-key-env KEY_VAR EXTRA…`.
+pub fn add_backend(cp: &ControlPlane, name: &str, url: &str, key: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "backend",
+        "add",
+        name,
+        "--url",
+        url,
+        "--api-key-env",
+        "CLAW_TEST_UPSTREAM_KEY",
+        "-o",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    cp.clawctl_with_env(&args, &[("CLAW_TEST_UPSTREAM_KEY", key)])
+        .assert_ok()
+        .json()
+}
+
+/// `clawctl snapshot -o json` → `config_version`.
+pub fn config_version(cp: &ControlPlane) -> u64 {
+    cp.clawctl(&["snapshot", "-o", "json"]).assert_ok().json()["config_version"]
+        .as_u64()
+        .expect("config_version is a number")
+}
+
+/// `clawctl proxies -o json` → node id → acked version (connected ones only).
+pub fn acked_versions(cp: &ControlPlane) -> BTreeMap<String, u64> {
+    let out = cp.clawctl(&["proxies", "-o", "json"]);
+    if !out.success() {
+        return BTreeMap::new();
+    }
+    out.json()
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|p| p["connected"].as_bool().unwrap_or(true))
+                .filter_map(|p| {
+                    Some((
+                        p["node_id"].as_str()?.to_owned(),
+                        p["acked_version"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts an OpenAI-format error body (`{"error":{"message","type",…}}`)
+/// and returns it.
+#[track_caller]
+pub fn assert_openai_error(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {body}"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+            && v["error"]["type"].is_string(),
+        "not an OpenAI-format error: {body}"
+    );
+    v
+}
