@@ -101,9 +101,10 @@ impl Cooldown {
         (until, g.consecutive)
     }
 
-    /// A successful answer resets the consecutive count.
-    pub fn on_success(&self) {
-        self.lock().consecutive = 0;
+    /// A successful answer resets the consecutive count; returns the count
+    /// it had (> 0: the backend recovered from 429s).
+    pub fn on_success(&self) -> u32 {
+        std::mem::take(&mut self.lock().consecutive)
     }
 
     /// Applies a cooldown learned elsewhere; keeps the later end.
@@ -132,6 +133,8 @@ pub struct CooldownEvent {
     pub consecutive: u32,
     /// The upstream's `Retry-After`, if it sent one.
     pub retry_after: Option<Duration>,
+    /// The cooldown applied.
+    pub cooldown: Duration,
 }
 
 /// Handle on the cooldowns of every backend in the current snapshot.
@@ -170,6 +173,7 @@ impl Cooldowns {
     }
 
     /// Cools `backend_id` after a 429 and emits a [`CooldownEvent`].
+    /// Returns the end of the cooldown and the consecutive count.
     pub(crate) fn start_local(
         &self,
         backend_id: &Arc<str>,
@@ -177,7 +181,7 @@ impl Cooldowns {
         policy: &CooldownPolicy,
         retry_after: Option<Duration>,
         now: Instant,
-    ) -> Instant {
+    ) -> (Instant, u32) {
         let (until, consecutive) = cooldown.on_rate_limited(policy, retry_after, now);
         let d = until.saturating_duration_since(now);
         tracing::info!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, consecutive, "cooling backend after 429");
@@ -187,8 +191,9 @@ impl Cooldowns {
             until_wall: SystemTime::now() + d,
             consecutive,
             retry_after,
+            cooldown: d,
         });
-        until
+        (until, consecutive)
     }
 
     /// Backends of the current snapshot cooling at `now`.

@@ -1,44 +1,23 @@
-//! Per-request outcomes, for usage reports and activity tracking.
+//! What the request path tells the reporting side.
 //!
-//! After each proxied request the proxy builds a [`RequestOutcome`] and
-//! `try_send`s it into a bounded channel: the hot path never waits on the
-//! consumer, and a full channel drops (and counts) the outcome instead. The
-//! consumer is a no-op drain until usage reporting lands.
+//! - After each proxied request the proxy builds a [`RequestOutcome`].
+//! - As they happen: upstream failures (429s with the cooldown applied,
+//!   server errors, connect errors, timeouts, broken streams), the first
+//!   success on a backend after 429s, and agents seen on interactive traffic
+//!   ([`Signal`]).
+//!
+//! Both go through bounded channels with `try_send`: the hot path never waits
+//! on the consumer (the report collector, [`crate::report`]); a full channel
+//! drops (and counts) the item instead.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
 use crate::queue::Priority;
 use crate::stream::End;
-
-/// Token usage reported by the upstream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt (input) tokens.
-    pub prompt_tokens: u64,
-    /// Completion (output) tokens.
-    pub completion_tokens: u64,
-    /// Total tokens.
-    pub total_tokens: u64,
-}
-
-impl Usage {
-    /// Reads an OpenAI `usage` object.
-    pub fn from_json(v: &serde_json::Value) -> Option<Usage> {
-        let u = v.get("usage")?;
-        let get = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
-        let prompt_tokens = get("prompt_tokens").unwrap_or(0);
-        let completion_tokens = get("completion_tokens").unwrap_or(0);
-        let total_tokens = get("total_tokens").unwrap_or(prompt_tokens + completion_tokens);
-        Some(Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens,
-        })
-    }
-}
+pub use crate::usage::Usage;
 
 /// What happened to one proxied request.
 #[derive(Debug, Clone)]
@@ -63,18 +42,81 @@ pub struct RequestOutcome {
     pub ttft: Option<Duration>,
     /// Upstream attempts made.
     pub attempts: u32,
-    /// Usage, when a non-streaming JSON response carried it.
+    /// Usage: from the answer (JSON body or the stream's usage chunk), or
+    /// estimated when the stream ended without one (see `usage_estimated`).
     pub usage: Option<Usage>,
+    /// True when `usage` is an estimate (prompt from the request size,
+    /// completion from the content events seen).
+    pub usage_estimated: bool,
     /// How the body ended (`None` for answers the proxy produced itself).
     pub end: Option<End>,
     /// USD cost from the model mapping, when usage is known.
     pub cost: Option<f64>,
 }
 
+/// What went wrong with an upstream attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// 429.
+    RateLimited,
+    /// 5xx, or the connection failed after the request was sent.
+    ServerError,
+    /// The connection could not be established.
+    Connect,
+    /// No response head in time.
+    Timeout,
+    /// The answer's body broke off mid-stream.
+    StreamBroken,
+}
+
+/// One failed upstream attempt.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// When it happened.
+    pub at: SystemTime,
+    /// Backend id.
+    pub backend_id: Arc<str>,
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// Upstream HTTP status, when there was one.
+    pub status: Option<u16>,
+    /// The upstream's `Retry-After` (429s).
+    pub retry_after: Option<Duration>,
+    /// Consecutive 429s this proxy has seen from the backend (429s).
+    pub consecutive: u32,
+    /// Cooldown this proxy applied (429s).
+    pub cooldown: Option<Duration>,
+    /// Short description, no secrets.
+    pub summary: &'static str,
+}
+
+/// Something the control plane should hear about as it happens.
+#[derive(Debug, Clone)]
+pub enum Signal {
+    /// An upstream attempt failed.
+    Failure(Failure),
+    /// A backend answered after one or more 429s (resets the fleet's
+    /// consecutive count).
+    Recovered {
+        /// Backend id.
+        backend_id: Arc<str>,
+        /// When.
+        at: SystemTime,
+    },
+    /// An agent was seen on interactive traffic.
+    Activity {
+        /// `x-claw-agent-id`.
+        agent_id: String,
+        /// When.
+        at: SystemTime,
+    },
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<RequestOutcome>,
+    signals: mpsc::Sender<Signal>,
 }
 
 impl EventSink {
@@ -84,16 +126,35 @@ impl EventSink {
             metrics::counter!("claw_dp_events_dropped_total").increment(1);
         }
     }
+
+    /// Sends without waiting; drops the signal when the channel is full.
+    pub fn signal(&self, signal: Signal) {
+        if self.signals.try_send(signal).is_err() {
+            metrics::counter!("claw_dp_events_dropped_total").increment(1);
+        }
+    }
 }
 
-/// A bounded outcome channel.
-pub fn channel(capacity: usize) -> (EventSink, mpsc::Receiver<RequestOutcome>) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    (EventSink { tx }, rx)
+/// The receiving sides.
+pub struct EventStreams {
+    /// Request outcomes.
+    pub outcomes: mpsc::Receiver<RequestOutcome>,
+    /// Failures, recoveries, activity.
+    pub signals: mpsc::Receiver<Signal>,
 }
 
-/// The consumer until usage reporting exists: drains and discards.
-pub async fn discard(mut rx: mpsc::Receiver<RequestOutcome>) {
+/// Bounded outcome and signal channels of `capacity` each.
+pub fn channel(capacity: usize) -> (EventSink, EventStreams) {
+    let (tx, outcomes) = mpsc::channel(capacity.max(1));
+    let (stx, signals) = mpsc::channel(capacity.max(1));
+    (
+        EventSink { tx, signals: stx },
+        EventStreams { outcomes, signals },
+    )
+}
+
+/// The consumer when nothing reports: drains and discards.
+pub async fn discard<T>(mut rx: mpsc::Receiver<T>) {
     while rx.recv().await.is_some() {}
 }
 
@@ -109,9 +170,23 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 3,
                 completion_tokens: 4,
-                total_tokens: 7
+                total_tokens: 7,
+                cached_tokens: 0,
             })
         );
         assert_eq!(Usage::from_json(&serde_json::json!({})), None);
+    }
+
+    #[tokio::test]
+    async fn full_channels_drop_instead_of_waiting() {
+        let (sink, mut streams) = channel(1);
+        let s = || Signal::Recovered {
+            backend_id: Arc::from("b"),
+            at: SystemTime::now(),
+        };
+        sink.signal(s());
+        sink.signal(s());
+        assert!(streams.signals.try_recv().is_ok());
+        assert!(streams.signals.try_recv().is_err());
     }
 }

@@ -51,6 +51,7 @@ pub mod server;
 pub mod snapshot;
 pub mod stream;
 pub mod upstream;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub struct Proxy {
     cooldowns: Cooldowns,
     events: events::EventSink,
     outcomes: Option<mpsc::Receiver<RequestOutcome>>,
+    signals: Option<mpsc::Receiver<events::Signal>>,
 }
 
 impl Proxy {
@@ -84,13 +86,14 @@ impl Proxy {
                 .context("invalid static snapshot")?;
         }
         let cooldowns = Cooldowns::new(store.clone());
-        let (events, outcomes) = events::channel(config.events_capacity);
+        let (events, streams) = events::channel(config.events_capacity);
         Ok(Proxy {
             config,
             store,
             cooldowns,
             events,
-            outcomes: Some(outcomes),
+            outcomes: Some(streams.outcomes),
+            signals: Some(streams.signals),
         })
     }
 
@@ -138,6 +141,9 @@ impl Proxy {
     ) -> anyhow::Result<()> {
         metrics::install();
         if let Some(rx) = self.outcomes.take() {
+            tokio::spawn(events::discard(rx));
+        }
+        if let Some(rx) = self.signals.take() {
             tokio::spawn(events::discard(rx));
         }
         let discovery = match &self.config.source {

@@ -32,7 +32,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::body::ProxyBody;
 use crate::cooldown::{Cooldowns, parse_retry_after};
 use crate::error::ApiError;
-use crate::events::{EventSink, RequestOutcome, Usage};
+use crate::events::{EventSink, Failure, FailureKind, RequestOutcome, Signal, Usage};
 use crate::limits::retry_after_secs;
 use crate::metrics::status_label;
 use crate::outlier::OutlierPolicy;
@@ -41,6 +41,7 @@ use crate::route::{Routed, Selection, select};
 use crate::snapshot::{Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
+use crate::usage::{Prices, SseTally, SseUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -217,6 +218,14 @@ where
     let mut tried: u128 = 0;
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
+    if r.priority == Priority::Interactive
+        && let Some(agent_id) = &r.agent_id
+    {
+        shared.events.signal(Signal::Activity {
+            agent_id: agent_id.clone(),
+            at: SystemTime::now(),
+        });
+    }
 
     while attempts < max_attempts {
         let now = Instant::now();
@@ -227,6 +236,12 @@ where
         let (index, emergency) = match admit(&r, tried, deadline).await {
             Admission::Go(i, e) => (i, e),
             Admission::Stop(e) => {
+                // Demand: the request wanted every candidate it could not get.
+                for (i, c) in r.route.candidates.iter().enumerate() {
+                    if tried & bit(i) == 0 {
+                        c.backend.runtime.demand.record(r.est_tokens);
+                    }
+                }
                 // After a failed attempt, its error explains more than "no capacity".
                 if last_error.is_none() || e.status == StatusCode::TOO_MANY_REQUESTS {
                     last_error = Some(e);
@@ -243,6 +258,7 @@ where
         let cand = &route.candidates[index];
         let backend = &cand.backend;
         let guard = InFlight::new(backend.clone());
+        backend.runtime.demand.record(r.est_tokens);
         let Some(request) = build_request(&mut r, cand) else {
             last_error = Some(ApiError::bad_gateway());
             continue;
@@ -264,13 +280,23 @@ where
                     .get(header::RETRY_AFTER)
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 let policy = r.snapshot.pool(backend.pool).cooldown;
-                let until = shared.cooldowns.start_local(
+                let (until, consecutive) = shared.cooldowns.start_local(
                     &backend.id,
                     &rt.cooldown,
                     &policy,
                     retry_after,
                     now,
                 );
+                shared.events.signal(Signal::Failure(Failure {
+                    at: SystemTime::now(),
+                    backend_id: backend.id.clone(),
+                    kind: FailureKind::RateLimited,
+                    status: Some(429),
+                    retry_after,
+                    consecutive,
+                    cooldown: Some(until.saturating_duration_since(now)),
+                    summary: "rate limited (429)",
+                }));
                 last_error = Some(ApiError::capacity_rate_limited(retry_after_secs(
                     until.saturating_duration_since(now),
                 )));
@@ -278,6 +304,12 @@ where
             Ok(res) if res.status().is_server_error() => {
                 attempt_metric(backend, "server_error");
                 tracing::debug!(backend = %backend.name, status = res.status().as_u16(), "upstream server error");
+                shared.events.signal(failure(
+                    backend,
+                    FailureKind::ServerError,
+                    Some(res.status().as_u16()),
+                    "upstream server error",
+                ));
                 if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
                     tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
                 }
@@ -292,7 +324,12 @@ where
                         "client_error"
                     },
                 );
-                rt.cooldown.on_success();
+                if rt.cooldown.on_success() > 0 {
+                    shared.events.signal(Signal::Recovered {
+                        backend_id: backend.id.clone(),
+                        at: SystemTime::now(),
+                    });
+                }
                 rt.outlier.on_success(now);
                 if emergency {
                     tracing::info!(backend = %backend.name, "emergency admission while cooling");
@@ -301,6 +338,15 @@ where
             }
             Err(e) => {
                 attempt_metric(backend, e.label());
+                let (kind, summary) = match e {
+                    UpstreamError::Connect => (FailureKind::Connect, "connect error"),
+                    UpstreamError::Timeout => (FailureKind::Timeout, "no response in time"),
+                    UpstreamError::Failed => (
+                        FailureKind::ServerError,
+                        "connection failed after the request was sent",
+                    ),
+                };
+                shared.events.signal(failure(backend, kind, None, summary));
                 if e == UpstreamError::Connect {
                     // Nothing reached the backend: give its tokens back.
                     rt.rpm.refund(1.0);
@@ -335,10 +381,29 @@ where
         ttft: None,
         attempts,
         usage: None,
+        usage_estimated: false,
         end: None,
         cost: None,
     });
     err.into_response()
+}
+
+fn failure(
+    backend: &Backend,
+    kind: FailureKind,
+    status: Option<u16>,
+    summary: &'static str,
+) -> Signal {
+    Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind,
+        status,
+        retry_after: None,
+        consecutive: 0,
+        cooldown: None,
+        summary,
+    })
 }
 
 fn respond(
@@ -366,8 +431,7 @@ fn respond(
         events: shared.events.clone(),
         _in_flight: guard,
         backend: cand.backend.clone(),
-        input_cost: cand.input_cost_per_token,
-        output_cost: cand.output_cost_per_token,
+        prices: cand.prices,
         model: r.route.model.clone(),
         key_id: r.key.id.clone(),
         agent_id: r.agent_id.clone(),
@@ -378,13 +442,23 @@ fn respond(
         first_byte: None,
         attempts,
         est_tokens: r.est_tokens,
+        est_prompt_tokens: r.est_prompt_tokens,
         collected: (json && !sse && parts.status.is_success()).then(Vec::new),
         collected_len: 0,
     };
-    Response::from_parts(
-        parts,
-        ProxyBody::Upstream(UpstreamBody::new(body, sse, tracker)),
-    )
+    let success = parts.status.is_success();
+    let mut body = UpstreamBody::new(body, sse, tracker);
+    if sse
+        && success
+        && let Some(mode) = r.stream_usage
+    {
+        body = body.with_scanner(SseUsage::new(mode.strip()));
+    }
+    if success {
+        // A client leaving mid-answer does not stop the accounting.
+        body = body.drain_until(r.started + r.route.settings.request_timeout);
+    }
+    Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
 /// Follows a response body to its end, then records metrics, reconciles the
@@ -393,8 +467,7 @@ pub struct Tracker {
     events: EventSink,
     _in_flight: InFlight,
     backend: Arc<Backend>,
-    input_cost: f64,
-    output_cost: f64,
+    prices: Prices,
     model: Arc<str>,
     key_id: Arc<str>,
     agent_id: Option<String>,
@@ -405,19 +478,42 @@ pub struct Tracker {
     first_byte: Option<Instant>,
     attempts: u32,
     est_tokens: f64,
+    est_prompt_tokens: u64,
     collected: Option<Vec<Bytes>>,
     collected_len: usize,
 }
 
 impl Tracker {
-    fn usage(&mut self) -> Option<Usage> {
+    /// Usage of a JSON answer collected whole.
+    fn json_usage(&mut self) -> Option<Usage> {
         let chunks = self.collected.take()?;
+        if let [one] = chunks.as_slice() {
+            return Usage::from_body(one);
+        }
         let mut buf = Vec::with_capacity(self.collected_len);
         for c in &chunks {
             buf.extend_from_slice(c);
         }
-        let v: Value = serde_json::from_slice(&buf).ok()?;
-        Usage::from_json(&v)
+        Usage::from_body(&buf)
+    }
+
+    /// Usage of the answer and whether it is an estimate: a stream that
+    /// ended without a usage chunk is counted from its content events.
+    fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
+        match sse {
+            Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
+            Some(t) => {
+                let (p, c) = (self.est_prompt_tokens, t.content_events);
+                let u = Usage {
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    total_tokens: p + c,
+                    cached_tokens: 0,
+                };
+                (Some(u), true)
+            }
+            None => (self.json_usage(), false),
+        }
     }
 }
 
@@ -441,13 +537,17 @@ impl Observer for Tracker {
         }
     }
 
-    fn on_end(&mut self, end: End) {
+    fn on_end(&mut self, end: End, sse: Option<SseTally>) {
         let latency = self.started.elapsed();
-        let usage = if end == End::Complete {
-            self.usage()
-        } else {
-            None
-        };
+        let (usage, usage_estimated) = self.usage(sse);
+        if end == End::UpstreamError {
+            self.events.signal(failure(
+                &self.backend,
+                FailureKind::StreamBroken,
+                None,
+                "the answer broke off mid-stream",
+            ));
+        }
         let model = self.model.clone();
         metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
         metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone())
@@ -458,10 +558,7 @@ impl Observer for Tracker {
                 .record(u.prompt_tokens as f64);
             metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output")
                 .record(u.completion_tokens as f64);
-            cost = Some(
-                u.prompt_tokens as f64 * self.input_cost
-                    + u.completion_tokens as f64 * self.output_cost,
-            );
+            cost = Some(u.cost(&self.prices));
             if self.backend.tpm.is_some() {
                 self.backend
                     .runtime
@@ -481,6 +578,7 @@ impl Observer for Tracker {
             ttft: self.first_byte.map(|t| t - self.started),
             attempts: self.attempts,
             usage,
+            usage_estimated,
             end: Some(end),
             cost,
         });

@@ -34,6 +34,7 @@ use crate::limits::check_model;
 use crate::queue::Priority;
 use crate::snapshot::{Candidate, ClientKey, Route, Snapshot};
 use crate::upstream::upstream_headers;
+use crate::usage::{StreamUsage, request_stream_usage};
 
 /// Candidates beyond this many per model are ignored (bitmask width).
 pub const MAX_CANDIDATES: usize = 128;
@@ -60,6 +61,11 @@ pub struct Routed {
     pub agent_id: Option<String>,
     /// Estimated tokens (max output + prompt estimate), reserved on tpm.
     pub est_tokens: f64,
+    /// Estimated prompt tokens (the fallback when a stream reports no usage).
+    pub est_prompt_tokens: u64,
+    /// For streaming completions: whether the client asked for usage or the
+    /// proxy did on its behalf ([`crate::usage::request_stream_usage`]).
+    pub stream_usage: Option<StreamUsage>,
     /// Arrival time.
     pub started: Instant,
 }
@@ -261,7 +267,12 @@ pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64))
         .unwrap_or(0);
-    max_out as f64 + (body_len as f64 / 4.0).ceil()
+    max_out as f64 + prompt_estimate(body_len) as f64
+}
+
+/// About four bytes of request body per prompt token.
+pub fn prompt_estimate(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
 }
 
 /// Parses a JSON request body into its top-level object and canonical model.
@@ -350,7 +361,7 @@ where
     let bytes = read_body(body, params.max_body_bytes, params.body_timeout)
         .await
         .map_err(|e| reject(e, &auth))?;
-    let (body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth))?;
+    let (mut body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth))?;
     check_model(&auth.key, &model).map_err(|e| reject(e, &auth))?;
     let Some(route) = auth.snapshot.route(&model).cloned() else {
         return Err(reject(ApiError::model_not_found(&model), &auth));
@@ -370,6 +381,7 @@ where
         None => suffix.to_string(),
     };
     let est_tokens = estimate_tokens(&body, bytes.len());
+    let stream_usage = (stream && suffix != "/embeddings").then(|| request_stream_usage(&mut body));
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
@@ -381,6 +393,8 @@ where
         priority,
         agent_id,
         est_tokens,
+        est_prompt_tokens: prompt_estimate(bytes.len()),
+        stream_usage,
         started,
     })
 }

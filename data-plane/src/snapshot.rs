@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -26,6 +26,7 @@ use crate::cooldown::{Cooldown, CooldownPolicy};
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
 use crate::ratelimit::TokenBucket;
+use crate::usage::Prices;
 
 /// Why a snapshot was rejected (sent back as the NACK's `error_detail`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +133,8 @@ pub struct BackendRuntime {
     pub cooldown: Cooldown,
     /// Passive outlier detection.
     pub outlier: Outlier,
+    /// Demand since the last report batch.
+    pub demand: Demand,
 }
 
 impl BackendRuntime {
@@ -143,14 +146,46 @@ impl BackendRuntime {
             emergency: TokenBucket::with_rate(emergency, now),
             cooldown: Cooldown::default(),
             outlier: Outlier::default(),
+            demand: Demand::default(),
         }
     }
 
     /// Sets this proxy's share of the backend's cluster-wide limits.
     pub fn set_share(&self, share: f64, now: Instant) {
-        self.rpm.set_share(share, now);
-        self.tpm.set_share(share, now);
-        self.emergency.set_share(share, now);
+        self.set_shares(share, share, now);
+    }
+
+    /// Sets this proxy's shares of the backend's rpm (the emergency bucket
+    /// follows it) and tpm.
+    pub fn set_shares(&self, rpm_share: f64, tpm_share: f64, now: Instant) {
+        self.rpm.set_share(rpm_share, now);
+        self.tpm.set_share(tpm_share, now);
+        self.emergency.set_share(rpm_share, now);
+    }
+}
+
+/// What this proxy wanted from a backend since the last report batch:
+/// relaxed atomics, swapped out by the report collector.
+#[derive(Debug, Default)]
+pub struct Demand {
+    requests: AtomicU64,
+    tokens: AtomicU64,
+}
+
+impl Demand {
+    /// Counts one request of `tokens` estimated tokens.
+    pub fn record(&self, tokens: f64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.tokens
+            .fetch_add(tokens.max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    /// Requests and tokens since the previous call.
+    pub fn take(&self) -> (u64, u64) {
+        (
+            self.requests.swap(0, Ordering::Relaxed),
+            self.tokens.swap(0, Ordering::Relaxed),
+        )
     }
 }
 
@@ -186,10 +221,8 @@ pub struct Candidate {
     pub backend: Arc<Backend>,
     /// The backend's own model id (`model` is rewritten to it).
     pub native: Arc<str>,
-    /// USD per prompt token.
-    pub input_cost_per_token: f64,
-    /// USD per completion token.
-    pub output_cost_per_token: f64,
+    /// USD per token of the mapping (prompt, completion, cached prompt).
+    pub prices: Prices,
 }
 
 /// Everything needed to route one canonical model.
@@ -454,8 +487,11 @@ pub fn compile(
             list.push(Candidate {
                 backend: b.clone(),
                 native: Arc::from(m.native.as_str()),
-                input_cost_per_token: m.input_cost_per_token,
-                output_cost_per_token: m.output_cost_per_token,
+                prices: Prices {
+                    input: m.input_cost_per_token,
+                    output: m.output_cost_per_token,
+                    cache_read: m.cache_read_cost_per_token,
+                },
             });
         }
     }

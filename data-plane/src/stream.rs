@@ -5,6 +5,14 @@
 //! and how the body ended. If the upstream dies mid-stream on an SSE response
 //! the client first receives an SSE `error` event, then the body ends with an
 //! error, so the client never mistakes a truncated stream for a complete one.
+//!
+//! Two optional extras, both for exact usage accounting:
+//!
+//! - an [`SseUsage`] scanner reads the stream's usage and removes the usage
+//!   chunk the proxy asked for on the client's behalf ([`crate::usage`]);
+//! - a drain deadline: when the client goes away mid-answer the rest of the
+//!   upstream body is read in the background (until the request deadline),
+//!   so the observer still learns what the upstream produced.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,10 +20,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
+use crate::usage::{SseTally, SseUsage};
 
 /// The SSE event sent to the client when the upstream disconnects mid-stream.
 pub const SSE_UPSTREAM_DISCONNECTED: &[u8] = b"data: {\"error\":{\"message\":\"The upstream backend disconnected mid-stream.\",\"type\":\"upstream_error\",\"code\":\"upstream_disconnected\"}}\n\n";
@@ -27,21 +37,24 @@ pub enum End {
     Complete,
     /// The upstream body failed (reset, timeout, protocol error).
     UpstreamError,
-    /// The client went away before the body finished.
+    /// The client went away before the body finished (the rest may still
+    /// have been drained for accounting).
     ClientGone,
 }
 
 /// Watches a body on its way to the client.
 pub trait Observer: Send + 'static {
-    /// Called for each data chunk, before it is handed to the client.
+    /// Called for each data chunk as the upstream sent it, before it is
+    /// handed to the client.
     fn on_data(&mut self, chunk: &Bytes);
-    /// Called exactly once when the body ends, however it ends.
-    fn on_end(&mut self, end: End);
+    /// Called exactly once when the body ends, however it ends, with what
+    /// the SSE scanner saw (when there was one).
+    fn on_end(&mut self, end: End, sse: Option<SseTally>);
 }
 
 impl Observer for () {
     fn on_data(&mut self, _: &Bytes) {}
-    fn on_end(&mut self, _: End) {}
+    fn on_end(&mut self, _: End, _: Option<SseTally>) {}
 }
 
 /// Time the connection gets to flush the SSE error event before the body
@@ -57,34 +70,62 @@ enum State {
 }
 
 /// An upstream body passed through to the client.
-pub struct UpstreamBody<B, O: Observer> {
-    inner: B,
+pub struct UpstreamBody<B, O>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    O: Observer,
+{
+    /// `None` once handed to a background drain.
+    inner: Option<B>,
     sse: bool,
+    scanner: Option<SseUsage>,
+    drain_until: Option<Instant>,
     state: State,
     observer: Option<O>,
 }
 
-impl<B, O: Observer> UpstreamBody<B, O> {
+impl<B, O> UpstreamBody<B, O>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    O: Observer,
+{
     /// Wraps `inner`; `sse` enables the error event on mid-stream failure.
     pub fn new(inner: B, sse: bool, observer: O) -> Self {
         UpstreamBody {
-            inner,
+            inner: Some(inner),
             sse,
+            scanner: None,
+            drain_until: None,
             state: State::Streaming,
             observer: Some(observer),
         }
     }
 
+    /// Scans the body as SSE for usage (and strips the injected usage).
+    pub fn with_scanner(mut self, scanner: SseUsage) -> Self {
+        self.scanner = Some(scanner);
+        self
+    }
+
+    /// Keeps reading the upstream body until `deadline` if the client goes
+    /// away before its end.
+    pub fn drain_until(mut self, deadline: Instant) -> Self {
+        self.drain_until = Some(deadline);
+        self
+    }
+
     fn finish(&mut self, end: End) {
         if let Some(mut o) = self.observer.take() {
-            o.on_end(end);
+            o.on_end(end, self.scanner.as_ref().map(SseUsage::tally));
         }
     }
 }
 
 impl<B, O> Body for UpstreamBody<B, O>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     O: Observer + Unpin,
 {
@@ -107,38 +148,67 @@ where
             }
             State::Streaming => this.state = State::Streaming,
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(o)) = (frame.data_ref(), this.observer.as_mut()) {
-                    o.on_data(data);
-                }
-                // A body of known length is complete when its last byte is
-                // read; hyper may drop it without polling for the end.
-                if this.inner.is_end_stream() {
-                    this.state = State::Done;
-                    this.finish(End::Complete);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
                 this.state = State::Done;
-                this.finish(End::Complete);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let e: BoxError = e.into();
-                tracing::debug!(error = %e, "upstream body failed mid-stream");
-                this.finish(End::UpstreamError);
-                if this.sse {
-                    this.state =
-                        State::Failing(e, Box::pin(tokio::time::sleep(FLUSH_BEFORE_ERROR)));
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                        SSE_UPSTREAM_DISCONNECTED,
-                    )))))
-                } else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(&mut *inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(other) => return Poll::Ready(Some(Ok(other))),
+                    };
+                    if let Some(o) = this.observer.as_mut() {
+                        o.on_data(&data);
+                    }
+                    let mut out = match this.scanner.as_mut() {
+                        Some(s) => s.feed(data),
+                        None => data,
+                    };
+                    // A body of known length is complete when its last byte is
+                    // read; hyper may drop it without polling for the end.
+                    if inner.is_end_stream() {
+                        if let Some(s) = this.scanner.as_mut() {
+                            let rest = s.finish();
+                            if !rest.is_empty() {
+                                out = [out, rest].concat().into();
+                            }
+                        }
+                        this.state = State::Done;
+                        this.finish(End::Complete);
+                        if out.is_empty() {
+                            return Poll::Ready(None);
+                        }
+                    } else if out.is_empty() {
+                        // An incomplete event held back: read on.
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(None) => {
                     this.state = State::Done;
-                    Poll::Ready(Some(Err(e)))
+                    let rest = this
+                        .scanner
+                        .as_mut()
+                        .map_or_else(Bytes::new, SseUsage::finish);
+                    this.finish(End::Complete);
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    tracing::debug!(error = %e, "upstream body failed mid-stream");
+                    this.finish(End::UpstreamError);
+                    if this.sse {
+                        this.state =
+                            State::Failing(e, Box::pin(tokio::time::sleep(FLUSH_BEFORE_ERROR)));
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                            SSE_UPSTREAM_DISCONNECTED,
+                        )))));
+                    }
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
                 }
             }
         }
@@ -146,26 +216,78 @@ where
 
     fn is_end_stream(&self) -> bool {
         match self.state {
-            State::Streaming => self.inner.is_end_stream(),
+            State::Streaming => self.inner.as_ref().is_none_or(Body::is_end_stream),
             State::Failing(..) => false,
             State::Done => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Streaming if !self.sse => self.inner.size_hint(),
-            State::Done => SizeHint::with_exact(0),
+        match (&self.state, &self.inner) {
+            (State::Streaming, Some(inner)) if !self.sse && self.scanner.is_none() => {
+                inner.size_hint()
+            }
+            (State::Done, _) => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }
 }
 
-impl<B, O: Observer> Drop for UpstreamBody<B, O> {
+impl<B, O> Drop for UpstreamBody<B, O>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    O: Observer,
+{
     fn drop(&mut self) {
         // Dropped before the end: the client went away (or the server shut down).
-        self.finish(End::ClientGone);
+        let Some(observer) = self.observer.take() else {
+            return;
+        };
+        if let (State::Streaming, Some(deadline), Ok(rt)) = (
+            &self.state,
+            self.drain_until,
+            tokio::runtime::Handle::try_current(),
+        ) && let Some(inner) = self.inner.take()
+        {
+            rt.spawn(drain(inner, self.scanner.take(), observer, deadline));
+            return;
+        }
+        let mut observer = observer;
+        observer.on_end(End::ClientGone, self.scanner.as_ref().map(SseUsage::tally));
     }
+}
+
+/// Reads what is left of an upstream body after the client left, so the
+/// observer learns the real usage; bounded by the request deadline.
+async fn drain<B, O>(
+    mut inner: B,
+    mut scanner: Option<SseUsage>,
+    mut observer: O,
+    deadline: Instant,
+) where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    O: Observer,
+{
+    let read = async {
+        while let Some(frame) = inner.frame().await {
+            let Ok(frame) = frame else { return };
+            if let Some(data) = frame.data_ref() {
+                observer.on_data(data);
+                if let Some(s) = scanner.as_mut() {
+                    s.observe(data);
+                }
+            }
+        }
+        if let Some(s) = scanner.as_mut() {
+            s.finish();
+        }
+    };
+    if tokio::time::timeout_at(deadline, read).await.is_err() {
+        tracing::debug!("request deadline passed while draining an abandoned answer");
+    }
+    observer.on_end(End::ClientGone, scanner.as_ref().map(SseUsage::tally));
 }
 
 #[cfg(test)]
@@ -182,7 +304,7 @@ mod tests {
                 g.0 += 1;
             }
         }
-        fn on_end(&mut self, end: End) {
+        fn on_end(&mut self, end: End, _: Option<SseTally>) {
             if let Ok(mut g) = self.0.lock() {
                 g.1 = Some(end);
             }
@@ -191,7 +313,7 @@ mod tests {
 
     fn body_of(
         items: Vec<Result<&'static str, &'static str>>,
-    ) -> impl Body<Data = Bytes, Error = BoxError> + Unpin {
+    ) -> impl Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static {
         let frames = items.into_iter().map(|i| match i {
             Ok(s) => Ok(Frame::data(Bytes::from_static(s.as_bytes()))),
             Err(e) => Err(BoxError::from(e)),
@@ -215,6 +337,79 @@ mod tests {
         assert!(b.frame().await.is_none());
         assert_eq!(seen.0.lock().unwrap().1, Some(End::UpstreamError));
         assert_eq!(seen.0.lock().unwrap().0, 1);
+    }
+
+    type Ended = Option<(End, Option<SseTally>)>;
+    #[derive(Clone, Default)]
+    struct Tallied(Arc<Mutex<Ended>>);
+    impl Observer for Tallied {
+        fn on_data(&mut self, _: &Bytes) {}
+        fn on_end(&mut self, end: End, sse: Option<SseTally>) {
+            if let Ok(mut g) = self.0.lock() {
+                *g = Some((end, sse));
+            }
+        }
+    }
+
+    const USAGE_EVENT: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+
+    #[tokio::test]
+    async fn usage_chunk_is_stripped_and_counted() {
+        let seen = Tallied::default();
+        let mut b = UpstreamBody::new(
+            body_of(vec![
+                Ok("data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\ndata: {\"choi"),
+                Ok("ces\":[],\"usage\":{\"prompt_tokens\":3,"),
+                Ok("\"completion_tokens\":2}}\n\n"),
+                Ok("data: [DONE]\n\n"),
+            ]),
+            true,
+            seen.clone(),
+        )
+        .with_scanner(SseUsage::new(true));
+        let mut got = Vec::new();
+        while let Some(f) = b.frame().await {
+            got.extend_from_slice(&f.unwrap().into_data().unwrap());
+        }
+        assert_eq!(
+            std::str::from_utf8(&got).unwrap(),
+            "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: [DONE]\n\n"
+        );
+        let (end, tally) = seen.0.lock().unwrap().unwrap();
+        assert_eq!(end, End::Complete);
+        let tally = tally.unwrap();
+        assert_eq!(tally.content_events, 1);
+        assert_eq!(tally.usage.map(|u| u.total_tokens), Some(5));
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_body_is_drained_for_its_usage() {
+        let seen = Tallied::default();
+        let mut b = UpstreamBody::new(
+            body_of(vec![
+                Ok("data: {\"choices\":[{\"text\":\"a\"}]}\n\n"),
+                Ok("data: {\"choices\":[{\"text\":\"b\"}]}\n\n"),
+                Ok(USAGE_EVENT),
+            ]),
+            true,
+            seen.clone(),
+        )
+        .with_scanner(SseUsage::new(true))
+        .drain_until(Instant::now() + Duration::from_secs(5));
+        b.frame().await.unwrap().unwrap();
+        drop(b);
+        for _ in 0..100 {
+            if seen.0.lock().unwrap().is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let (end, tally) = seen.0.lock().unwrap().unwrap();
+        assert_eq!(end, End::ClientGone);
+        let tally = tally.unwrap();
+        assert_eq!(tally.content_events, 2);
+        assert_eq!(tally.usage.map(|u| u.completion_tokens), Some(2));
     }
 
     #[tokio::test]

@@ -1,0 +1,612 @@
+//! Token usage of upstream answers, streamed or not, whether or not the
+//! client asked for it.
+//!
+//! - Non-streaming answers: [`Usage::from_body`] reads the JSON body's `usage`.
+//! - Streams (`/v1/chat/completions`, `/v1/completions`): the route layer
+//!   calls [`request_stream_usage`], which sets
+//!   `stream_options.include_usage = true` on the upstream request when the
+//!   client did not. [`SseUsage`] then follows the SSE stream event by event
+//!   (events split across network chunks included), keeps the usage of the
+//!   final usage chunk and counts content events as a fallback. When the
+//!   client did not ask for usage it also removes what asking added — the
+//!   usage-only event and the `"usage":null` member of every other event —
+//!   so the client receives exactly the bytes of a call without
+//!   `include_usage`.
+//!
+//! Scanning is incremental and allocation-free on the common path: an event
+//! that arrives whole in one chunk is inspected in place; only an event split
+//! across chunks is copied (into a small carry buffer), and only an event
+//! that must change is rewritten.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value};
+
+/// Token usage reported by the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens, cached ones included.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+    /// Total tokens.
+    pub total_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache
+    /// (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
+}
+
+/// USD prices of one model mapping.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prices {
+    /// Per prompt token.
+    pub input: f64,
+    /// Per completion token.
+    pub output: f64,
+    /// Per cached prompt token; 0 means "not set": cached tokens then cost
+    /// as much as other prompt tokens.
+    pub cache_read: f64,
+}
+
+impl Usage {
+    /// Reads an OpenAI `usage` object from a parsed answer.
+    pub fn from_json(v: &Value) -> Option<Usage> {
+        let u = v.get("usage")?;
+        UsageJson::deserialize(u).ok().map(Usage::from)
+    }
+
+    /// Reads the `usage` member of a whole JSON answer without building a
+    /// DOM of the rest.
+    pub fn from_body(body: &[u8]) -> Option<Usage> {
+        #[derive(Deserialize)]
+        struct Answer {
+            usage: Option<UsageJson>,
+        }
+        serde_json::from_slice::<Answer>(body)
+            .ok()?
+            .usage
+            .map(Usage::from)
+    }
+
+    /// USD cost at `prices`.
+    pub fn cost(&self, prices: &Prices) -> f64 {
+        let cached = self.cached_tokens.min(self.prompt_tokens);
+        let cache_price = if prices.cache_read > 0.0 {
+            prices.cache_read
+        } else {
+            prices.input
+        };
+        (self.prompt_tokens - cached) as f64 * prices.input
+            + cached as f64 * cache_price
+            + self.completion_tokens as f64 * prices.output
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct UsageJson {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PromptDetails {
+    cached_tokens: u64,
+}
+
+impl From<UsageJson> for Usage {
+    fn from(u: UsageJson) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u
+                .total_tokens
+                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+            cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+        }
+    }
+}
+
+/// What [`request_stream_usage`] did to a streaming request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// The client asked for usage itself: pass the stream through untouched.
+    ClientAsked,
+    /// The proxy asked for it: strip the usage from what the client receives.
+    Injected,
+    /// `stream_options` is not an object: leave the request alone (the
+    /// upstream will answer 400) and the stream untouched.
+    Untouched,
+}
+
+impl StreamUsage {
+    /// True when the client must not see the usage the proxy asked for.
+    pub fn strip(self) -> bool {
+        self == StreamUsage::Injected
+    }
+}
+
+/// Makes a streaming chat or text completion request ask for usage.
+pub fn request_stream_usage(body: &mut Map<String, Value>) -> StreamUsage {
+    match body.get_mut("stream_options") {
+        None | Some(Value::Null) => {
+            let mut opts = Map::new();
+            opts.insert("include_usage".into(), Value::Bool(true));
+            body.insert("stream_options".into(), Value::Object(opts));
+            StreamUsage::Injected
+        }
+        Some(Value::Object(opts)) => {
+            if opts.get("include_usage") == Some(&Value::Bool(true)) {
+                StreamUsage::ClientAsked
+            } else {
+                opts.insert("include_usage".into(), Value::Bool(true));
+                StreamUsage::Injected
+            }
+        }
+        Some(_) => StreamUsage::Untouched,
+    }
+}
+
+/// What a stream told about its usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SseTally {
+    /// From the stream's usage chunk, if one was seen.
+    pub usage: Option<Usage>,
+    /// Events that carried generated text (a fallback count of completion
+    /// tokens: one content event is about one token).
+    pub content_events: u64,
+}
+
+/// An event larger than this stops the scanning: the stream is passed
+/// through untouched from there on and the content count is the fallback.
+const MAX_EVENT: usize = 1024 * 1024;
+
+/// Incremental SSE scanner: usage, content events, and (when `strip`) the
+/// removal of the usage the proxy asked for. See the module docs.
+#[derive(Debug)]
+pub struct SseUsage {
+    strip: bool,
+    /// Bytes of an event not complete yet. When stripping, these were not
+    /// handed to the client yet; otherwise they were and are kept for parsing.
+    carry: BytesMut,
+    tally: SseTally,
+    gave_up: bool,
+}
+
+/// What to do with one event when stripping.
+enum Edit {
+    Keep,
+    Drop,
+    /// Remove this byte range of the event.
+    Cut(usize, usize),
+}
+
+impl SseUsage {
+    /// A scanner; `strip` removes the usage the client did not ask for.
+    pub fn new(strip: bool) -> Self {
+        SseUsage {
+            strip,
+            carry: BytesMut::new(),
+            tally: SseTally::default(),
+            gave_up: false,
+        }
+    }
+
+    /// What was seen so far.
+    pub fn tally(&self) -> SseTally {
+        self.tally
+    }
+
+    /// Scans a chunk and returns what the client receives of it (possibly
+    /// empty while an event is incomplete).
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.gave_up {
+            return chunk;
+        }
+        if !self.strip {
+            self.observe(&chunk);
+            return chunk;
+        }
+        let buf = if self.carry.is_empty() {
+            chunk
+        } else {
+            self.carry.extend_from_slice(&chunk);
+            self.carry.split().freeze()
+        };
+        // `out` is only built once an event must change; until then the
+        // answer is a zero-copy prefix of `buf`.
+        let mut out: Option<BytesMut> = None;
+        let mut start = 0;
+        while let Some(end) = event_end(&buf, start) {
+            let ev = &buf[start..end];
+            match self.event(ev) {
+                Edit::Keep => {
+                    if let Some(o) = out.as_mut() {
+                        o.extend_from_slice(ev);
+                    }
+                }
+                Edit::Drop => {
+                    out.get_or_insert_with(|| BytesMut::from(&buf[..start]));
+                }
+                Edit::Cut(a, b) => {
+                    let o = out.get_or_insert_with(|| BytesMut::from(&buf[..start]));
+                    o.extend_from_slice(&ev[..a]);
+                    o.extend_from_slice(&ev[b..]);
+                }
+            }
+            start = end;
+        }
+        let rest = &buf[start..];
+        let mut complete_end = start;
+        if rest.len() > MAX_EVENT {
+            self.gave_up = true;
+            complete_end = buf.len();
+            if let Some(o) = out.as_mut() {
+                o.extend_from_slice(rest);
+            }
+        } else if !rest.is_empty() {
+            self.carry.extend_from_slice(rest);
+        }
+        match out {
+            Some(o) => o.freeze(),
+            None => buf.slice(..complete_end),
+        }
+    }
+
+    /// Scans a chunk that is not forwarded (already forwarded, or drained
+    /// after the client left).
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if self.gave_up {
+            return;
+        }
+        if self.carry.is_empty() {
+            let start = self.scan(chunk);
+            self.keep_rest(&chunk[start..]);
+        } else {
+            self.carry.extend_from_slice(chunk);
+            let joined = self.carry.split();
+            let start = self.scan(&joined);
+            self.keep_rest(&joined[start..]);
+        }
+    }
+
+    /// The end of the stream: returns held-back bytes of an unterminated
+    /// last event (they go to the client as they are, after being scanned).
+    pub fn finish(&mut self) -> Bytes {
+        if self.carry.is_empty() {
+            return Bytes::new();
+        }
+        let rest = self.carry.split().freeze();
+        let edit = self.event(&rest);
+        if !self.strip {
+            return Bytes::new();
+        }
+        match edit {
+            Edit::Keep => rest,
+            Edit::Drop => Bytes::new(),
+            Edit::Cut(a, b) => {
+                let mut o = BytesMut::with_capacity(rest.len());
+                o.extend_from_slice(&rest[..a]);
+                o.extend_from_slice(&rest[b..]);
+                o.freeze()
+            }
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8]) -> usize {
+        let mut start = 0;
+        while let Some(end) = event_end(buf, start) {
+            let _ = self.event(&buf[start..end]);
+            start = end;
+        }
+        start
+    }
+
+    fn keep_rest(&mut self, rest: &[u8]) {
+        if rest.len() > MAX_EVENT {
+            self.gave_up = true;
+            self.carry = BytesMut::new();
+        } else {
+            self.carry.extend_from_slice(rest);
+        }
+    }
+
+    /// Inspects one complete event (blank line included).
+    fn event(&mut self, ev: &[u8]) -> Edit {
+        let Some((data_start, data)) = data_field(ev) else {
+            return Edit::Keep;
+        };
+        if find(data, b"\"usage\":{").is_some() {
+            #[derive(Deserialize)]
+            struct Chunk {
+                choices: Option<Vec<IgnoredAny>>,
+                usage: Option<UsageJson>,
+            }
+            if let Ok(c) = serde_json::from_slice::<Chunk>(data)
+                && let Some(u) = c.usage
+            {
+                self.tally.usage = Some(u.into());
+                if c.choices.is_none_or(|c| c.is_empty()) {
+                    return if self.strip { Edit::Drop } else { Edit::Keep };
+                }
+            }
+        }
+        if has_text(data) {
+            self.tally.content_events += 1;
+        }
+        if self.strip
+            && let Some((a, b)) = usage_null(data)
+        {
+            return Edit::Cut(data_start + a, data_start + b);
+        }
+        Edit::Keep
+    }
+}
+
+/// The end (exclusive) of the first complete event at or after `from`: the
+/// index after its blank line (`\n\n` or `\r\n\r\n`).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = buf.get(i..)?.iter().position(|b| *b == b'\n') {
+        let nl = i + p;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => i = nl + 1,
+        }
+    }
+    None
+}
+
+/// The value of the event's `data:` field and its offset in the event.
+fn data_field(ev: &[u8]) -> Option<(usize, &[u8])> {
+    let mut offset = 0;
+    for line in ev.split(|b| *b == b'\n') {
+        let line_len = line.len() + 1;
+        if let Some(v) = line.strip_prefix(b"data:") {
+            let (skip, v) = match v.strip_prefix(b" ") {
+                Some(v) => (6, v),
+                None => (5, v),
+            };
+            let v = v.strip_suffix(b"\r").unwrap_or(v);
+            return Some((offset + skip, v));
+        }
+        offset += line_len;
+    }
+    None
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// True when a chunk carries generated text: a non-empty `content`, `text`
+/// or tool-call `arguments` string.
+fn has_text(data: &[u8]) -> bool {
+    [
+        &b"\"content\":\""[..],
+        &b"\"text\":\""[..],
+        &b"\"arguments\":\""[..],
+    ]
+    .iter()
+    .any(|k| find(data, k).is_some_and(|at| data.get(at + k.len()).is_some_and(|b| *b != b'"')))
+}
+
+/// The `"usage":null` member the upstream adds to every event when usage
+/// was asked for, with its separating comma: the range to cut.
+fn usage_null(data: &[u8]) -> Option<(usize, usize)> {
+    const KEY: &[u8] = b"\"usage\":null";
+    let at = find(data, KEY)?;
+    let end = at + KEY.len();
+    if at > 0 && data[at - 1] == b',' && matches!(data.get(end), Some(b'}' | b',')) {
+        Some((at - 1, end))
+    } else if at > 0 && data[at - 1] == b'{' && data.get(end) == Some(&b',') {
+        Some((at, end + 1))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chat stream as an OpenAI-compatible upstream sends it, with or
+    /// without `include_usage`.
+    fn stream(usage: bool) -> Vec<u8> {
+        let suffix = if usage { ",\"usage\":null}" } else { "}" };
+        let mut s = String::new();
+        let head = r#"data: {"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":["#;
+        s.push_str(&format!(
+            "{head}{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]{suffix}\n\n"
+        ));
+        for t in ["Hello", " wor\\\"usage\\\":{ld", " !"] {
+            s.push_str(&format!(
+                "{head}{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]{suffix}\n\n"
+            ));
+        }
+        s.push_str(&format!(
+            "{head}{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{suffix}\n\n"
+        ));
+        if usage {
+            s.push_str(&format!(
+                "{head}],\"usage\":{{\"prompt_tokens\":11,\"completion_tokens\":3,\"total_tokens\":14,\"prompt_tokens_details\":{{\"cached_tokens\":4}}}}}}\n\n"
+            ));
+        }
+        s.push_str("data: [DONE]\n\n");
+        s.into_bytes()
+    }
+
+    const EXPECTED: Usage = Usage {
+        prompt_tokens: 11,
+        completion_tokens: 3,
+        total_tokens: 14,
+        cached_tokens: 4,
+    };
+
+    /// Feeds `input` cut at `cuts` and returns what the client got.
+    fn run(scanner: &mut SseUsage, input: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            let c = c.clamp(prev, input.len());
+            out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(&input[prev..c])));
+            prev = c;
+        }
+        out.extend_from_slice(&scanner.finish());
+        out
+    }
+
+    #[test]
+    fn stripping_gives_the_bytes_of_a_call_without_usage_at_every_split() {
+        let with = stream(true);
+        let without = stream(false);
+        // Every single cut point, and pairs of cut points around each event border.
+        for a in 0..=with.len() {
+            let mut s = SseUsage::new(true);
+            assert_eq!(run(&mut s, &with, &[a]), without, "cut at {a}");
+            assert_eq!(s.tally().usage, Some(EXPECTED), "cut at {a}");
+            assert_eq!(s.tally().content_events, 3);
+        }
+        for a in (0..with.len()).step_by(7) {
+            for b in (a..with.len()).step_by(13) {
+                let mut s = SseUsage::new(true);
+                assert_eq!(run(&mut s, &with, &[a, b, b + 1]), without, "{a} {b}");
+                assert_eq!(s.tally().usage, Some(EXPECTED));
+            }
+        }
+        // One byte at a time.
+        let cuts: Vec<usize> = (1..with.len()).collect();
+        let mut s = SseUsage::new(true);
+        assert_eq!(run(&mut s, &with, &cuts), without);
+        assert_eq!(s.tally().usage, Some(EXPECTED));
+    }
+
+    #[test]
+    fn passthrough_reads_usage_at_every_split_and_changes_nothing() {
+        let with = stream(true);
+        for a in 0..=with.len() {
+            let mut s = SseUsage::new(false);
+            assert_eq!(run(&mut s, &with, &[a, a + 3]), with, "cut at {a}");
+            assert_eq!(s.tally().usage, Some(EXPECTED));
+            assert_eq!(s.tally().content_events, 3);
+        }
+        let mut s = SseUsage::new(false);
+        s.observe(&with[..100]);
+        s.observe(&with[100..]);
+        assert_eq!(s.tally().usage, Some(EXPECTED));
+    }
+
+    #[test]
+    fn whole_events_pass_without_copies() {
+        let without = stream(false);
+        let chunk = Bytes::from(without.clone());
+        let mut s = SseUsage::new(true);
+        let out = s.feed(chunk.clone());
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        assert_eq!(out.len(), chunk.len());
+        assert_eq!(s.tally().content_events, 3);
+        assert_eq!(s.tally().usage, None);
+    }
+
+    #[test]
+    fn crlf_events_and_unterminated_tails() {
+        let input = b"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\r\n\r\ndata: [DONE]";
+        for a in 0..input.len() {
+            let mut s = SseUsage::new(true);
+            let out = run(&mut s, input, &[a]);
+            assert_eq!(
+                out, b"data: {\"choices\":[{\"text\":\"a\"}]}\r\n\r\ndata: [DONE]",
+                "cut at {a}"
+            );
+            assert_eq!(
+                s.tally().usage,
+                Some(Usage {
+                    prompt_tokens: 2,
+                    completion_tokens: 1,
+                    total_tokens: 3,
+                    cached_tokens: 0
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn usage_inside_the_last_content_chunk_is_kept() {
+        let input = b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n";
+        let mut s = SseUsage::new(true);
+        assert_eq!(run(&mut s, input, &[]), input.to_vec());
+        assert_eq!(s.tally().usage.map(|u| u.prompt_tokens), Some(5));
+    }
+
+    #[test]
+    fn oversized_events_stop_the_scan_but_not_the_stream() {
+        let mut big = b"data: {\"x\":\"".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_EVENT + 10));
+        let mut s = SseUsage::new(true);
+        let mut out = s.feed(Bytes::copy_from_slice(&big)).to_vec();
+        out.extend_from_slice(&s.feed(Bytes::from_static(b"\"}\n\n")));
+        out.extend_from_slice(&s.finish());
+        big.extend_from_slice(b"\"}\n\n");
+        assert_eq!(out, big);
+    }
+
+    #[test]
+    fn request_side_asks_for_usage_once() {
+        let mut b: Map<String, Value> =
+            serde_json::from_str(r#"{"model":"m","stream":true}"#).unwrap();
+        assert_eq!(request_stream_usage(&mut b), StreamUsage::Injected);
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        let mut b: Map<String, Value> = serde_json::from_str(
+            r#"{"stream_options":{"include_usage":false,"continuous_usage_stats":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(request_stream_usage(&mut b), StreamUsage::Injected);
+        assert_eq!(b["stream_options"]["continuous_usage_stats"], true);
+        let mut b: Map<String, Value> =
+            serde_json::from_str(r#"{"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(request_stream_usage(&mut b), StreamUsage::ClientAsked);
+        let mut b: Map<String, Value> = serde_json::from_str(r#"{"stream_options":"x"}"#).unwrap();
+        assert_eq!(request_stream_usage(&mut b), StreamUsage::Untouched);
+    }
+
+    #[test]
+    fn bodies_and_cost() {
+        let u = Usage::from_body(
+            br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+                cached_tokens: 4
+            }
+        );
+        let embeddings =
+            Usage::from_body(br#"{"data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#)
+                .unwrap();
+        assert_eq!(
+            (embeddings.prompt_tokens, embeddings.completion_tokens),
+            (8, 0)
+        );
+        assert_eq!(Usage::from_body(b"{\"usage\":"), None);
+        let p = Prices {
+            input: 1.0,
+            output: 10.0,
+            cache_read: 0.25,
+        };
+        assert_eq!(u.cost(&p), 6.0 + 1.0 + 50.0);
+        let no_cache_price = Prices {
+            cache_read: 0.0,
+            ..p
+        };
+        assert_eq!(u.cost(&no_cache_price), 10.0 + 50.0);
+    }
+}
