@@ -89,6 +89,10 @@ pub struct Config {
     pub proxy_token: Token,
     /// The heartbeat scheduler: proxy URL, retention, webhook delivery.
     pub heartbeat: crate::heartbeat::runtime::HeartbeatSettings,
+    /// Retention of usage buckets, cooldown events and report batch records.
+    pub retention: crate::stats::Retention,
+    /// Rate-share assignment tunables.
+    pub shares: crate::shares::ShareSettings,
 }
 
 impl Config {
@@ -111,6 +115,8 @@ impl Config {
             admin_token,
             proxy_token,
             heartbeat: Default::default(),
+            retention: Default::default(),
+            shares: Default::default(),
         })
     }
 }

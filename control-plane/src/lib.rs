@@ -23,17 +23,28 @@
 //! - [`crypto`]: the master key and AES-256-GCM-SIV sealing of secrets.
 //! - [`store`]: the small engine-agnostic storage trait and its sled
 //!   implementation.
+//! - [`report`]: the fleet loop's ingestion: report batches stored exactly
+//!   once, fleet state updated and pushed after the ACK.
+//! - [`cooldowns`]: fleet-wide cooldowns after 429s (absolute time,
+//!   persisted) and their history.
+//! - [`shares`]: each proxy's share of every backend's rpm/tpm, so the fleet
+//!   never admits more than the limit.
+//! - [`stats`]: usage buckets (hourly, daily), their queries and retention.
 
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod cooldowns;
 pub mod crypto;
-pub mod fleet;
 pub mod discovery;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod proxies;
+pub mod report;
 pub mod server;
+pub mod shares;
+pub mod stats;
 pub mod store;
 
 pub use config::Config;

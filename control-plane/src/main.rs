@@ -120,6 +120,18 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_HEARTBEAT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     heartbeat_retention: std::time::Duration,
 
+    /// Hourly usage buckets older than this are pruned.
+    #[arg(long, env = "CLAW_RETENTION_HOURLY", default_value = "14d", value_parser = humantime::parse_duration)]
+    retention_hourly: std::time::Duration,
+
+    /// Daily usage buckets older than this are pruned.
+    #[arg(long, env = "CLAW_RETENTION_DAILY", default_value = "400d", value_parser = humantime::parse_duration)]
+    retention_daily: std::time::Duration,
+
+    /// Cooldown events older than this are pruned.
+    #[arg(long, env = "CLAW_RETENTION_COOLDOWNS", default_value = "30d", value_parser = humantime::parse_duration)]
+    retention_cooldowns: std::time::Duration,
+
     /// Webhook delivery attempts before an alert is dead-lettered.
     #[arg(long, env = "CLAW_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     webhook_max_attempts: u32,
@@ -206,6 +218,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     hb.delivery.base_backoff = args.webhook_backoff_base;
     hb.delivery.max_backoff = args.webhook_backoff_max.max(args.webhook_backoff_base);
     hb.delivery.global_secret = args.webhook_secret.filter(|s| !s.trim().is_empty());
+    config.retention.hourly = args.retention_hourly;
+    config.retention.daily = args.retention_daily;
+    config.retention.cooldown_events = args.retention_cooldowns;
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(args.grpc_addr)

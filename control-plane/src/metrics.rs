@@ -9,6 +9,7 @@
 //! | `claw_cp_backends` / `claw_cp_client_keys` / `claw_cp_agents` | gauge | |
 //! | `claw_cp_master_key_rotations_total` | counter | |
 //! | `claw_heartbeat_*` | | see [`crate::heartbeat::metrics`] |
+//! | `claw_cp_report_*`, `claw_cp_cooldowns_active`, `claw_cp_rate_share_*` | | see [`crate::report::metrics`] |
 //! | `claw_cp_proxies_connected` | gauge | |
 //! | `claw_cp_proxy_acked_version_min` | gauge | |
 //! | `claw_cp_snapshot_version` | gauge | |
@@ -89,6 +90,12 @@ pub fn handle() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(crate::heartbeat::metrics::DISPATCH_LAG_SECONDS.to_string()),
                         crate::heartbeat::metrics::LAG_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::report::metrics::REPORT_LAG_SECONDS.to_string()),
+                        crate::report::metrics::LAG_BUCKETS,
                     )
                 });
             let builder = match builder {

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use claw_proto::v1;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::catalog::records::{now_ms, timestamp};
 use crate::discovery::Push;
@@ -92,6 +92,8 @@ pub struct ProxyRegistry {
     entries: RwLock<BTreeMap<String, Entry>>,
     next_connection: AtomicU64,
     retention: Duration,
+    /// Bumped whenever a stream opens or closes ([`ProxyRegistry::subscribe`]).
+    membership: watch::Sender<u64>,
 }
 
 impl Default for ProxyRegistry {
@@ -124,6 +126,7 @@ impl ProxyRegistry {
             entries: RwLock::new(BTreeMap::new()),
             next_connection: AtomicU64::new(1),
             retention,
+            membership: watch::channel(0).0,
         }
     }
 
@@ -155,7 +158,7 @@ impl ProxyRegistry {
     /// what was learnt about the node (acked version, last NACK) is kept.
     pub fn connect(&self, node_id: &str, peer_address: &str, tx: mpsc::Sender<Push>) -> Connected {
         let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
-        self.mutate(|map, now| {
+        let connected = self.mutate(|map, now| {
             let entry = map.entry(node_id.to_string()).or_insert_with(|| Entry {
                 state: ProxyState {
                     node_id: node_id.to_string(),
@@ -170,7 +173,9 @@ impl ProxyRegistry {
             s.last_seen_ms = now;
             s.connected = true;
             Connected { id, replaced }
-        })
+        });
+        self.membership.send_modify(|n| *n += 1);
+        connected
     }
 
     /// Applies `f` to the node's state if `conn` is still its stream, and
@@ -207,7 +212,7 @@ impl ProxyRegistry {
     /// as disconnected unless a newer stream already replaced `conn`.
     /// Returns whether `conn` was the node's stream.
     pub fn disconnect(&self, node_id: &str, conn: ConnectionId) -> bool {
-        self.mutate(|map, now| match map.get_mut(node_id) {
+        let gone = self.mutate(|map, now| match map.get_mut(node_id) {
             Some(e) if e.live.as_ref().is_some_and(|l| l.id == conn) => {
                 e.live = None;
                 e.state.connected = false;
@@ -215,7 +220,17 @@ impl ProxyRegistry {
                 true
             }
             _ => false,
-        })
+        });
+        if gone {
+            self.membership.send_modify(|n| *n += 1);
+        }
+        gone
+    }
+
+    /// A receiver that changes whenever a proxy's stream opens or closes
+    /// (rate shares and cooldown catch-up follow it).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.membership.subscribe()
     }
 
     /// The channel to a connected proxy's stream.

@@ -4,8 +4,8 @@
 //! gracefully.
 //!
 //! Authentication: every `claw.v1` admin service and reflection require the
-//! admin token; the proxy-facing `DiscoveryService` requires the proxy
-//! token (and only it: neither token opens the other's services). gRPC
+//! admin token; the proxy-facing `DiscoveryService` and `ReportService`
+//! require the proxy token (and only it: neither token opens the other's services). gRPC
 //! health is open on purpose: probes cannot send headers.
 //!
 //! Shutdown order: stop accepting, end the discovery streams (the sessions
@@ -23,6 +23,8 @@ use claw_proto::v1::cluster_service_server::{self, ClusterServiceServer};
 use claw_proto::v1::discovery_service_server::{self, DiscoveryServiceServer};
 use claw_proto::v1::heartbeat_service_server::{self, HeartbeatServiceServer};
 use claw_proto::v1::pool_service_server::{self, PoolServiceServer};
+use claw_proto::v1::report_service_server::{self, ReportServiceServer};
+use claw_proto::v1::stats_service_server::{self, StatsServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -36,6 +38,8 @@ use crate::api::client_key::ClientKeyApi;
 use crate::api::cluster::ClusterApi;
 use crate::api::heartbeat::HeartbeatApi;
 use crate::api::pool::PoolApi;
+use crate::api::report::ReportApi;
+use crate::api::stats::StatsApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::discovery::{self, Debounce, DiscoveryApi};
@@ -46,7 +50,7 @@ use crate::store::Store;
 use crate::store::sled::SledStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
-const SERVICES: [&str; 7] = [
+const SERVICES: [&str; 9] = [
     backend_service_server::SERVICE_NAME,
     pool_service_server::SERVICE_NAME,
     client_key_service_server::SERVICE_NAME,
@@ -54,6 +58,8 @@ const SERVICES: [&str; 7] = [
     cluster_service_server::SERVICE_NAME,
     discovery_service_server::SERVICE_NAME,
     heartbeat_service_server::SERVICE_NAME,
+    report_service_server::SERVICE_NAME,
+    stats_service_server::SERVICE_NAME,
 ];
 
 /// Infrastructure services advertised by reflection next to [`SERVICES`].
@@ -176,6 +182,22 @@ impl Server {
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;
+        let fleet = Arc::new(
+            crate::report::Fleet::open(
+                catalog.clone(),
+                proxies.clone(),
+                heartbeats.activity.clone(),
+                heartbeats.capacity.clone(),
+                config.shares,
+            )
+            .context("loading the fleet cooldowns")?,
+        );
+        let fleet_task = tokio::spawn(fleet.clone().run(stop_rx.clone()));
+        let retention_task = tokio::spawn(crate::stats::retention::run(
+            catalog.heartbeat_store(),
+            config.retention,
+            stop_rx.clone(),
+        ));
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -205,7 +227,15 @@ impl Server {
             ))
             .add_service(HeartbeatServiceServer::with_interceptor(
                 HeartbeatApi::new(catalog.clone(), heartbeats),
+                admin.clone(),
+            ))
+            .add_service(StatsServiceServer::with_interceptor(
+                StatsApi::new(crate::stats::Stats::new(catalog.clone()), fleet.clone()),
                 admin,
+            ))
+            .add_service(ReportServiceServer::with_interceptor(
+                ReportApi::new(fleet, stop_rx.clone()),
+                proxy_auth.clone(),
             ))
             .add_service(DiscoveryServiceServer::with_interceptor(
                 DiscoveryApi::new(catalog.clone(), proxies, snapshots, stop_rx.clone()),
@@ -254,6 +284,8 @@ impl Server {
         for task in heartbeat_tasks {
             let _ = task.await;
         }
+        let _ = fleet_task.await;
+        let _ = retention_task.await;
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

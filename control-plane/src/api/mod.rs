@@ -16,6 +16,8 @@ pub mod client_key;
 pub mod cluster;
 pub mod heartbeat;
 pub mod pool;
+pub mod report;
+pub mod stats;
 
 use tonic::Status;
 

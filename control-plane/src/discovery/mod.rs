@@ -11,8 +11,8 @@
 //!
 //! The same stream will carry incremental messages (cooldowns, rate
 //! shares): any module reaches one proxy or all of them through the
-//! [`Push`] senders the registry holds, and the session stamps a nonce on
-//! each message it forwards.
+//! [`Push`] senders the registry holds. Incremental messages (no snapshot)
+//! carry no nonce and expect no answer.
 //!
 //! Shutdown: when the control plane stops, every session ends its response
 //! stream itself (long-lived streams would otherwise hold the gRPC server's

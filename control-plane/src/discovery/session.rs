@@ -221,7 +221,12 @@ impl Session {
                 }
                 push = pushes.recv() => match push {
                     Some(Push::Message(response)) => {
-                        if let Err(end) = self.send(response, None, &mut stop).await {
+                        let sent = if response.snapshot.is_none() {
+                            self.send_incremental(response, &mut stop).await
+                        } else {
+                            self.send(response, None, &mut stop).await
+                        };
+                        if let Err(end) = sent {
                             return end;
                         }
                     }
@@ -297,6 +302,25 @@ impl Session {
             snapshot_version,
         });
         Ok(())
+    }
+
+    /// Sends an incremental message (cooldowns, rate shares): no nonce and
+    /// nothing remembered, since proxies do not answer those (remembering
+    /// them would push snapshot nonces out of `outstanding`).
+    async fn send_incremental(
+        &mut self,
+        mut response: StreamConfigResponse,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        response.nonce.clear();
+        tokio::select! {
+            biased;
+            () = stopped(stop) => Err(End::Shutdown),
+            sent = self.out.send(Ok(response)) => match sent {
+                Ok(()) => Ok(()),
+                Err(_) => Err(End::Lost("response stream closed".into())),
+            },
+        }
     }
 
     /// Handles an ACK or NACK (or a repeated hello).

@@ -1,0 +1,184 @@
+//! What report ingestion, cooldowns and rate shares need to know about the
+//! configured backends (name, pool, limits, cooldown policy), cached per
+//! configuration version so the hot path never decodes the catalog.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use claw_proto::v1::{Pool, PoolSettings};
+
+use crate::catalog::Catalog;
+
+/// How a pool cools a backend after a 429 (when the proxy did not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CooldownPolicy {
+    /// First cooldown.
+    pub base_ms: u64,
+    /// Cap.
+    pub max_ms: u64,
+    /// Doubling with each consecutive 429.
+    pub exponential: bool,
+}
+
+impl Default for CooldownPolicy {
+    fn default() -> Self {
+        CooldownPolicy {
+            base_ms: 5_000,
+            max_ms: 300_000,
+            exponential: true,
+        }
+    }
+}
+
+impl CooldownPolicy {
+    /// `base·2^(n-1)` capped at `max` (or `base` when not exponential).
+    pub fn duration_ms(&self, consecutive: u32) -> u64 {
+        let n = consecutive.max(1) - 1;
+        let d = if self.exponential {
+            self.base_ms
+                .saturating_mul(1u64.checked_shl(n.min(63)).unwrap_or(u64::MAX))
+        } else {
+            self.base_ms
+        };
+        d.min(self.max_ms.max(self.base_ms))
+    }
+
+    fn of(p: &PoolSettings) -> Self {
+        CooldownPolicy {
+            base_ms: p.cooldown_base_ms,
+            max_ms: p.cooldown_max_ms,
+            exponential: p.exponential,
+        }
+    }
+}
+
+/// One configured backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendInfo {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `primary` or `fallback`.
+    pub pool: &'static str,
+    /// Whether it serves traffic.
+    pub enabled: bool,
+    /// Fleet-wide requests per minute (0 = unlimited).
+    pub rpm: u32,
+    /// Fleet-wide tokens per minute (0 = unlimited).
+    pub tpm: u64,
+    /// Its pool's cooldown policy.
+    pub cooldown: CooldownPolicy,
+}
+
+/// Backends by id.
+pub type Backends = HashMap<String, BackendInfo>;
+
+/// The pool name used for usage no backend answered.
+pub const NO_POOL: &str = "none";
+
+/// Backends by id, rebuilt when the configuration version moves.
+pub struct Directory {
+    catalog: Arc<Catalog>,
+    cache: RwLock<(u64, Arc<Backends>)>,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory").finish_non_exhaustive()
+    }
+}
+
+fn pool_name(pool: i32) -> &'static str {
+    if pool == Pool::Fallback as i32 {
+        "fallback"
+    } else {
+        "primary"
+    }
+}
+
+impl Directory {
+    /// An empty cache over `catalog` (filled on first use).
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Directory {
+            catalog,
+            cache: RwLock::new((0, Arc::new(HashMap::new()))),
+        }
+    }
+
+    /// The backends of the current configuration. On a catalog error the
+    /// previous view is kept (and the error logged).
+    pub fn backends(&self) -> Arc<Backends> {
+        let version = self.catalog.config_version();
+        {
+            let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            if c.0 == version {
+                return c.1.clone();
+            }
+        }
+        match self.build() {
+            Ok(map) => {
+                let map = Arc::new(map);
+                *self.cache.write().unwrap_or_else(|p| p.into_inner()) = (version, map.clone());
+                map
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read backends; using the previous view");
+                self.cache
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .1
+                    .clone()
+            }
+        }
+    }
+
+    fn build(&self) -> Result<Backends, crate::catalog::CatalogError> {
+        let pools = self.catalog.list_pools()?;
+        let policy = |pool: &str| {
+            pools
+                .iter()
+                .find(|p| pool_name(p.pool) == pool)
+                .map(CooldownPolicy::of)
+                .unwrap_or_default()
+        };
+        Ok(self
+            .catalog
+            .backend_records()?
+            .into_iter()
+            .filter_map(|r| r.spec)
+            .map(|b| {
+                let pool = pool_name(b.pool);
+                let info = BackendInfo {
+                    id: b.id.clone(),
+                    name: b.name,
+                    pool,
+                    enabled: b.enabled,
+                    rpm: b.rpm,
+                    tpm: b.tpm.map(u64::from).unwrap_or(0),
+                    cooldown: policy(pool),
+                };
+                (b.id, info)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooldowns_double_up_to_the_cap() {
+        let p = CooldownPolicy::default();
+        assert_eq!(p.duration_ms(0), 5_000);
+        assert_eq!(p.duration_ms(1), 5_000);
+        assert_eq!(p.duration_ms(3), 20_000);
+        assert_eq!(p.duration_ms(40), 300_000);
+        let flat = CooldownPolicy {
+            exponential: false,
+            ..p
+        };
+        assert_eq!(flat.duration_ms(5), 5_000);
+    }
+}

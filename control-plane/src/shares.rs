@@ -1,0 +1,754 @@
+//! Cluster-wide rate limits: each connected proxy's share of every
+//! backend's rpm and tpm.
+//!
+//! **Targets.** Per backend and per limit, the connected proxies' recent
+//! demand (an EWMA of the `demand` in their report batches, what they were
+//! asked for, admitted or not) is divided max-min fairly ([`targets`]): a
+//! proxy wanting less than an equal part gets what it wants (with 10 %
+//! headroom), the rest is split among the others; what nobody wants is
+//! split equally; every proxy keeps a floor (10 % of the equal share) so an
+//! idle proxy can still admit its first requests; shares are renormalized
+//! to sum to 1. Without demand the split is equal. Targets are recomputed
+//! every tick (1 s) but only adopted when one moved by more than 5 points
+//! or the set of proxies changed, so shares do not flap.
+//!
+//! **Grants never over-commit the limit, transients included.** A proxy
+//! enforces its share over a trailing minute, so after its share drops it
+//! may still have admitted up to its *old* share in the last minute. The
+//! control plane therefore tracks, per proxy, the highest share it held in
+//! the last window `W` (a minute plus a margin for propagation), and, when
+//! reports are fresh, a tighter bound: what it reported wanting in the
+//! window plus the share it held since its last report. Decreases are
+//! granted at once; increases only out of the headroom
+//! `1 − Σ max(held_p, grant_p)` ([`allocate`]). Hence at every instant
+//! `Σ_p max(held_p, grant_p) ≤ 1`: whatever window the upstream counts,
+//! the proxies together admit at most the limit in it (given a proxy limiter
+//! that admits at most `share × limit` in any trailing minute). A proxy
+//! that disconnects keeps its reservation for `W` (proxies keep their last
+//! share for a minute when they lose the control plane). A new proxy may
+//! therefore start with a small share that grows as older reservations age
+//! out.
+//!
+//! Each proxy is sent `RateShares` only when its shares (or the proxy
+//! count) changed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::discovery::Push;
+use crate::report::directory::{BackendInfo, Directory};
+
+/// Tunables of the share assignment.
+#[derive(Debug, Clone, Copy)]
+pub struct ShareSettings {
+    /// How long a proxy's past share counts against the others (a minute,
+    /// the limiters' window, plus propagation margin).
+    pub window: Duration,
+    /// Re-evaluation period.
+    pub tick: Duration,
+    /// Floor per proxy, as a fraction of the equal share.
+    pub floor: f64,
+    /// Time constant of the demand EWMA.
+    pub ewma_tau: Duration,
+    /// Smallest target move (absolute share) that is adopted.
+    pub retarget: f64,
+    /// Headroom on a proxy's demand when it wants less than an equal part.
+    pub headroom: f64,
+    /// Age of a report's newest event when it arrives, at most.
+    pub report_margin: Duration,
+}
+
+impl Default for ShareSettings {
+    fn default() -> Self {
+        ShareSettings {
+            window: Duration::from_secs(62),
+            tick: Duration::from_secs(1),
+            floor: 0.1,
+            ewma_tau: Duration::from_secs(10),
+            retarget: 0.05,
+            headroom: 1.1,
+            report_margin: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Max-min fair shares of a limit (per minute; 0 = none) between proxies
+/// wanting `demand` (per minute) each; see the module docs.
+pub fn targets(demand: &[f64], limit: f64, s: &ShareSettings) -> Vec<f64> {
+    let n = demand.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let equal = 1.0 / n as f64;
+    if limit <= 0.0 || demand.iter().all(|d| *d <= 0.0) {
+        return vec![equal; n];
+    }
+    let want: Vec<f64> = demand
+        .iter()
+        .map(|d| (d.max(0.0) * s.headroom / limit).min(1.0))
+        .collect();
+    let mut share = vec![0.0; n];
+    let mut open: Vec<usize> = (0..n).collect();
+    let mut left = 1.0;
+    // Water-filling: satisfy everyone wanting less than the fair part.
+    loop {
+        let fair = left / open.len() as f64;
+        let (small, big): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| want[i] <= fair);
+        if small.is_empty() {
+            for &i in &big {
+                share[i] = fair;
+            }
+            left = 0.0;
+            break;
+        }
+        for &i in &small {
+            share[i] = want[i];
+            left -= want[i];
+        }
+        open = big;
+        if open.is_empty() {
+            break;
+        }
+    }
+    // Leftover (everyone satisfied) is split equally.
+    let extra = left.max(0.0) / n as f64;
+    let floor = s.floor * equal;
+    for x in &mut share {
+        *x = (*x + extra).max(floor);
+    }
+    let sum: f64 = share.iter().sum();
+    share.iter().map(|x| x / sum).collect()
+}
+
+/// One proxy's input to [`allocate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slot {
+    /// Where its share should go.
+    pub target: f64,
+    /// Its share now.
+    pub current: f64,
+    /// The most it may have used in the trailing window (≥ 0).
+    pub held: f64,
+}
+
+/// New shares: decreases at once, increases out of the headroom
+/// `1 − Σ max(held, share after decreases)`, split in proportion to what
+/// each proxy still lacks. Keeps `Σ max(held, new) ≤ max(1, Σ max(held,
+/// current))`.
+pub fn allocate(slots: &[Slot]) -> Vec<f64> {
+    let lowered: Vec<f64> = slots.iter().map(|s| s.current.min(s.target)).collect();
+    let committed: Vec<f64> = slots
+        .iter()
+        .zip(&lowered)
+        .map(|(s, g)| s.held.max(*g))
+        .collect();
+    let headroom = (1.0 - committed.iter().sum::<f64>()).max(0.0);
+    let lack: Vec<f64> = slots
+        .iter()
+        .zip(&committed)
+        .map(|(s, c)| (s.target - c).max(0.0))
+        .collect();
+    let total_lack: f64 = lack.iter().sum();
+    let scale = if total_lack <= headroom {
+        1.0
+    } else {
+        headroom / total_lack
+    };
+    slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if s.target <= committed[i] {
+                // Up to what it already holds costs nothing.
+                s.target.max(lowered[i])
+            } else {
+                committed[i] + lack[i] * scale
+            }
+        })
+        .collect()
+}
+
+/// A share over time: the changes of the last window.
+#[derive(Debug, Default)]
+struct History {
+    /// `(since, share)`, oldest first; the last is in effect now.
+    changes: VecDeque<(Instant, f64)>,
+}
+
+impl History {
+    fn current(&self) -> f64 {
+        self.changes.back().map_or(0.0, |c| c.1)
+    }
+
+    fn set(&mut self, now: Instant, share: f64) {
+        if (self.current() - share).abs() > 1e-12 || self.changes.is_empty() {
+            self.changes.push_back((now, share));
+        }
+    }
+
+    /// Highest share in effect at any time since `from`.
+    fn max_since(&self, from: Instant) -> f64 {
+        let mut max = 0.0f64;
+        for (i, (t, v)) in self.changes.iter().enumerate() {
+            let next = self.changes.get(i + 1).map(|c| c.0);
+            // In effect during [t, next); counts if that overlaps [from, ∞).
+            if next.is_none_or(|n| n > from) {
+                max = max.max(*v);
+            }
+            let _ = t;
+        }
+        max
+    }
+
+    fn prune(&mut self, before: Instant) {
+        while self.changes.len() > 1 && self.changes.get(1).is_some_and(|c| c.0 <= before) {
+            self.changes.pop_front();
+        }
+    }
+}
+
+/// Demand per second, smoothed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rate {
+    requests: f64,
+    tokens: f64,
+}
+
+/// Per-second sums of reported demand over the window.
+#[derive(Debug, Default)]
+struct Window {
+    seconds: VecDeque<(Instant, Rate)>,
+}
+
+impl Window {
+    fn add(&mut self, now: Instant, requests: f64, tokens: f64) {
+        match self.seconds.back_mut() {
+            Some((t, r)) if now.duration_since(*t) < Duration::from_secs(1) => {
+                r.requests += requests;
+                r.tokens += tokens;
+            }
+            _ => self.seconds.push_back((now, Rate { requests, tokens })),
+        }
+    }
+
+    fn sum_since(&mut self, from: Instant) -> Rate {
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(t, _)| *t + Duration::from_secs(1) < from)
+        {
+            self.seconds.pop_front();
+        }
+        self.seconds.iter().fold(Rate::default(), |a, (_, r)| Rate {
+            requests: a.requests + r.requests,
+            tokens: a.tokens + r.tokens,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Grant {
+    rpm: History,
+    tpm: History,
+    target_rpm: f64,
+    target_tpm: f64,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    tx: Option<mpsc::Sender<Push>>,
+    gone_at: Option<Instant>,
+    demand: HashMap<String, Rate>,
+    demand_at: Option<Instant>,
+    reported: HashMap<String, Window>,
+    last_report: Option<Instant>,
+    grants: HashMap<String, Grant>,
+    pushed: Option<RateShares>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    nodes: BTreeMap<String, Node>,
+    /// Connected node ids at the last targeting, to detect changes.
+    members: Vec<String>,
+}
+
+/// The rate-share assigner. Fed by report ingestion ([`Shares::observe`])
+/// and by the proxy registry ([`Shares::set_members`]); [`Shares::run`]
+/// re-evaluates every tick.
+pub struct Shares {
+    inner: Mutex<Inner>,
+    settings: ShareSettings,
+    directory: Arc<Directory>,
+    config_version: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for Shares {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shares")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A backend's limits, per minute (0 = none).
+fn limits(b: &BackendInfo) -> (f64, f64) {
+    (f64::from(b.rpm), b.tpm as f64)
+}
+
+impl Shares {
+    /// An assigner for the backends of `directory`; pushed messages carry
+    /// `config_version()`.
+    pub fn new(
+        settings: ShareSettings,
+        directory: Arc<Directory>,
+        config_version: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        Shares {
+            inner: Mutex::new(Inner::default()),
+            settings,
+            directory,
+            config_version: Box::new(config_version),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ShareSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in a stored report batch of `node`: its demand.
+    pub fn observe(&self, batch: &StreamReportsRequest) {
+        let now = Instant::now();
+        let tau = self.settings.ewma_tau.as_secs_f64();
+        let mut inner = self.lock();
+        let node = inner.nodes.entry(batch.node_id.clone()).or_default();
+        let dt = node
+            .demand_at
+            .map_or(1.0, |t| now.duration_since(t).as_secs_f64())
+            .max(0.05);
+        let alpha = 1.0 - (-dt / tau).exp();
+        let mut seen: HashMap<&str, (f64, f64)> = HashMap::new();
+        for d in &batch.demand {
+            let e = seen.entry(&d.backend_id).or_default();
+            e.0 += d.requests as f64;
+            e.1 += d.tokens as f64;
+        }
+        // Backends without demand in this batch decay towards zero.
+        let keys: Vec<String> = node.demand.keys().cloned().collect();
+        for k in keys {
+            if !seen.contains_key(k.as_str())
+                && let Some(r) = node.demand.get_mut(&k)
+            {
+                r.requests *= 1.0 - alpha;
+                r.tokens *= 1.0 - alpha;
+            }
+        }
+        for (backend, (req, tok)) in seen {
+            let r = node.demand.entry(backend.to_string()).or_default();
+            r.requests += alpha * (req / dt - r.requests);
+            r.tokens += alpha * (tok / dt - r.tokens);
+            node.reported
+                .entry(backend.to_string())
+                .or_default()
+                .add(now, req, tok);
+        }
+        node.demand_at = Some(now);
+        node.last_report = Some(now);
+    }
+
+    /// Sets the connected proxies (and their channels). Returns whether the
+    /// set changed.
+    pub fn set_members(&self, members: Vec<(String, mpsc::Sender<Push>)>) -> bool {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut changed = false;
+        for (id, node) in inner.nodes.iter_mut() {
+            let still = members.iter().find(|(m, _)| m == id);
+            match (still, &node.tx) {
+                (Some((_, tx)), Some(old)) if tx.same_channel(old) => {}
+                (Some((_, tx)), _) => {
+                    // A new stream: it has been sent nothing yet.
+                    node.tx = Some(tx.clone());
+                    node.gone_at = None;
+                    node.pushed = None;
+                    changed = true;
+                }
+                (None, Some(_)) => {
+                    node.tx = None;
+                    node.gone_at = Some(now);
+                    node.pushed = None;
+                    for g in node.grants.values_mut() {
+                        g.rpm.set(now, 0.0);
+                        g.tpm.set(now, 0.0);
+                        g.target_rpm = 0.0;
+                        g.target_tpm = 0.0;
+                    }
+                    changed = true;
+                }
+                (None, None) => {}
+            }
+        }
+        for (id, tx) in members {
+            if let std::collections::btree_map::Entry::Vacant(slot) = inner.nodes.entry(id) {
+                slot.insert(Node {
+                    tx: Some(tx),
+                    ..Node::default()
+                });
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Re-evaluates every share and returns the messages to push, by
+    /// proxy.
+    pub fn evaluate(&self) -> Vec<(mpsc::Sender<Push>, StreamConfigResponse)> {
+        let now = Instant::now();
+        let s = self.settings;
+        let backends = self.directory.backends();
+        let mut inner = self.lock();
+        let window_start = now.checked_sub(s.window).unwrap_or(now);
+        // Forget proxies gone for longer than the window.
+        inner
+            .nodes
+            .retain(|_, n| n.tx.is_some() || n.gone_at.is_some_and(|g| g > window_start));
+        let members: Vec<String> = inner
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.tx.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let membership_changed = members != inner.members;
+        inner.members = members.clone();
+        let ids: Vec<String> = inner.nodes.keys().cloned().collect();
+        let mut ordered: Vec<&BackendInfo> = backends
+            .values()
+            .filter(|b| b.enabled && (b.rpm > 0 || b.tpm > 0))
+            .collect();
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        for b in &ordered {
+            let (rpm, tpm) = limits(b);
+            for dim in [Dim::Rpm, Dim::Tpm] {
+                let limit = if dim == Dim::Rpm { rpm } else { tpm };
+                self.evaluate_one(
+                    &mut inner,
+                    &ids,
+                    &members,
+                    b,
+                    dim,
+                    limit,
+                    membership_changed,
+                    now,
+                );
+            }
+        }
+        // Messages for proxies whose shares changed.
+        let mut out = Vec::new();
+        let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        let version = (self.config_version)();
+        for id in &members {
+            let Some(node) = inner.nodes.get_mut(id) else {
+                continue;
+            };
+            let shares = RateShares {
+                proxy_count: count,
+                backends: ordered
+                    .iter()
+                    .map(|b| {
+                        let g = node.grants.get(&b.id);
+                        BackendShare {
+                            backend_id: b.id.clone(),
+                            rpm_share: round(g.map_or(0.0, |g| g.rpm.current())),
+                            tpm_share: round(g.map_or(0.0, |g| g.tpm.current())),
+                        }
+                    })
+                    .collect(),
+            };
+            if node.pushed.as_ref() != Some(&shares)
+                && let Some(tx) = &node.tx
+            {
+                node.pushed = Some(shares.clone());
+                out.push((
+                    tx.clone(),
+                    StreamConfigResponse {
+                        version,
+                        rate_shares: Some(shares),
+                        ..Default::default()
+                    },
+                ));
+            }
+            for g in node.grants.values_mut() {
+                g.rpm.prune(window_start);
+                g.tpm.prune(window_start);
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate_one(
+        &self,
+        inner: &mut Inner,
+        ids: &[String],
+        members: &[String],
+        b: &BackendInfo,
+        dim: Dim,
+        limit: f64,
+        membership_changed: bool,
+        now: Instant,
+    ) {
+        let s = &self.settings;
+        let window_start = now.checked_sub(s.window).unwrap_or(now);
+        // Fresh targets for the connected proxies.
+        let demand: Vec<f64> = members
+            .iter()
+            .map(|id| {
+                inner.nodes.get(id).map_or(0.0, |n| {
+                    let r = n.demand.get(&b.id).copied().unwrap_or_default();
+                    let per_s = if dim == Dim::Rpm {
+                        r.requests
+                    } else {
+                        r.tokens
+                    };
+                    // Demand not refreshed by reports decays.
+                    let stale = n
+                        .demand_at
+                        .map_or(0.0, |t| now.duration_since(t).as_secs_f64() - 2.0)
+                        .max(0.0);
+                    per_s * 60.0 * (-stale / s.ewma_tau.as_secs_f64()).exp()
+                })
+            })
+            .collect();
+        let fresh = targets(&demand, limit, s);
+        let moved = members.iter().zip(&fresh).any(|(id, t)| {
+            let old = inner
+                .nodes
+                .get(id)
+                .and_then(|n| n.grants.get(&b.id))
+                .map_or(0.0, |g| dim.target(g));
+            (old - t).abs() > s.retarget
+        });
+        let never = members.iter().any(|id| {
+            inner
+                .nodes
+                .get(id)
+                .is_none_or(|n| !n.grants.contains_key(&b.id))
+        });
+        if membership_changed || moved || never {
+            for (id, t) in members.iter().zip(&fresh) {
+                if let Some(n) = inner.nodes.get_mut(id) {
+                    *dim.target_mut(n.grants.entry(b.id.clone()).or_default()) = *t;
+                }
+            }
+        }
+        // Grants, over every node still holding a reservation.
+        let slots: Vec<Slot> = ids
+            .iter()
+            .map(|id| {
+                let n = inner.nodes.get_mut(id).expect("ids come from the map");
+                let last_report = n.last_report;
+                let reported = n
+                    .reported
+                    .get_mut(&b.id)
+                    .map(|w| w.sum_since(window_start))
+                    .unwrap_or_default();
+                let g = n.grants.entry(b.id.clone()).or_default();
+                let h = dim.history(g);
+                let mut held = h.max_since(window_start);
+                if let Some(lr) = last_report
+                    && limit > 0.0
+                {
+                    let since = lr.checked_sub(s.report_margin).unwrap_or(lr);
+                    let used = if dim == Dim::Rpm {
+                        reported.requests
+                    } else {
+                        reported.tokens
+                    };
+                    held = held.min(used / limit + h.max_since(since));
+                }
+                Slot {
+                    target: if n.tx.is_some() { dim.target(g) } else { 0.0 },
+                    current: h.current(),
+                    held,
+                }
+            })
+            .collect();
+        let granted = allocate(&slots);
+        for (id, g) in ids.iter().zip(granted) {
+            if let Some(n) = inner.nodes.get_mut(id) {
+                let grant = n.grants.entry(b.id.clone()).or_default();
+                dim.history_mut(grant).set(now, g);
+            }
+        }
+    }
+
+    /// The shares currently granted to `node`: `(backend, rpm, tpm)`.
+    pub fn granted(&self, node: &str) -> Vec<(String, f64, f64)> {
+        let inner = self.lock();
+        let mut v: Vec<_> = inner
+            .nodes
+            .get(node)
+            .map(|n| {
+                n.grants
+                    .iter()
+                    .map(|(b, g)| (b.clone(), g.rpm.current(), g.tpm.current()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// Shares are sent rounded down to 1e-6 (never up: the sum stays ≤ 1).
+fn round(x: f64) -> f64 {
+    (x.clamp(0.0, 1.0) * 1e6).floor() / 1e6
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dim {
+    Rpm,
+    Tpm,
+}
+
+impl Dim {
+    fn target(self, g: &Grant) -> f64 {
+        match self {
+            Dim::Rpm => g.target_rpm,
+            Dim::Tpm => g.target_tpm,
+        }
+    }
+    fn target_mut(self, g: &mut Grant) -> &mut f64 {
+        match self {
+            Dim::Rpm => &mut g.target_rpm,
+            Dim::Tpm => &mut g.target_tpm,
+        }
+    }
+    fn history(self, g: &Grant) -> &History {
+        match self {
+            Dim::Rpm => &g.rpm,
+            Dim::Tpm => &g.tpm,
+        }
+    }
+    fn history_mut(self, g: &mut Grant) -> &mut History {
+        match self {
+            Dim::Rpm => &mut g.rpm,
+            Dim::Tpm => &mut g.tpm,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s() -> ShareSettings {
+        ShareSettings::default()
+    }
+
+    fn close(a: &[f64], b: &[f64]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9)
+    }
+
+    #[test]
+    fn without_demand_the_split_is_equal() {
+        assert!(close(&targets(&[0.0, 0.0], 60.0, &s()), &[0.5, 0.5]));
+        assert!(close(&targets(&[0.0; 4], 60.0, &s()), &[0.25; 4]));
+        assert!(close(&targets(&[5.0, 9.0], 0.0, &s()), &[0.5, 0.5]));
+    }
+
+    #[test]
+    fn demand_weights_the_split_max_min_fairly_with_a_floor() {
+        // Both saturate the limit: fair halves.
+        assert!(close(&targets(&[480.0, 120.0], 60.0, &s()), &[0.5, 0.5]));
+        // One wants 10 of 60: it gets 11 (headroom), the other the rest.
+        let t = targets(&[10.0, 200.0], 60.0, &s());
+        assert!((t[0] - 11.0 / 60.0).abs() < 1e-9, "{t:?}");
+        assert!((t.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        // An idle proxy keeps the floor (10 % of the equal share).
+        let t = targets(&[0.0, 600.0], 60.0, &s());
+        assert!((t[0] - 0.05 / 1.05).abs() < 1e-9, "{t:?}");
+        // Everyone satisfied: the leftover is split equally.
+        let t = targets(&[6.0, 12.0], 60.0, &s());
+        assert!(t[1] > t[0] && (t.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn increases_wait_for_headroom_and_the_commitment_never_exceeds_one() {
+        // Two proxies at 0.5 each, both used it; two more join.
+        let slots = [
+            Slot {
+                target: 0.25,
+                current: 0.5,
+                held: 0.5,
+            },
+            Slot {
+                target: 0.25,
+                current: 0.5,
+                held: 0.5,
+            },
+            Slot {
+                target: 0.25,
+                current: 0.0,
+                held: 0.0,
+            },
+            Slot {
+                target: 0.25,
+                current: 0.0,
+                held: 0.0,
+            },
+        ];
+        let g = allocate(&slots);
+        assert!(close(&g, &[0.25, 0.25, 0.0, 0.0]), "{g:?}");
+        // Once the old reservations aged out, the newcomers get theirs.
+        let aged: Vec<Slot> = slots
+            .iter()
+            .zip(&g)
+            .map(|(s, g)| Slot {
+                target: s.target,
+                current: *g,
+                held: *g,
+            })
+            .collect();
+        assert!(close(&allocate(&aged), &[0.25; 4]));
+        // Partial headroom is split by what each still lacks.
+        let g = allocate(&[
+            Slot {
+                target: 0.5,
+                current: 0.6,
+                held: 0.7,
+            },
+            Slot {
+                target: 0.5,
+                current: 0.2,
+                held: 0.2,
+            },
+        ]);
+        assert!(close(&g, &[0.5, 0.3]), "{g:?}");
+        let committed: f64 = [0.7f64.max(g[0]), 0.2f64.max(g[1])].iter().sum();
+        assert!(committed <= 1.0 + 1e-12);
+    }
+
+    #[test]
+    fn history_remembers_the_highest_share_of_the_window() {
+        let t0 = Instant::now();
+        let mut h = History::default();
+        h.set(t0, 0.5);
+        h.set(t0 + Duration::from_secs(10), 0.25);
+        assert_eq!(h.max_since(t0 + Duration::from_secs(5)), 0.5);
+        assert_eq!(h.max_since(t0 + Duration::from_secs(11)), 0.25);
+        h.prune(t0 + Duration::from_secs(11));
+        assert_eq!(h.changes.len(), 1);
+        assert_eq!(h.current(), 0.25);
+    }
+}
