@@ -474,7 +474,10 @@ impl Shares {
                     })
                     .collect(),
             };
-            if node.pushed.as_ref() != Some(&shares)
+            // Nothing to say while no backend has a limit.
+            let worth = !shares.backends.is_empty() || node.pushed.is_some();
+            if worth
+                && node.pushed.as_ref() != Some(&shares)
                 && let Some(tx) = &node.tx
             {
                 node.pushed = Some(shares.clone());

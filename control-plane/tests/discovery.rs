@@ -196,6 +196,11 @@ impl Harness {
     }
 }
 
+/// Rate shares and cooldowns: no snapshot, no nonce, no answer expected.
+fn is_incremental(r: &StreamConfigResponse) -> bool {
+    r.snapshot.is_none() && r.nonce.is_empty()
+}
+
 /// The proxy's side of one stream.
 struct ProxyStream {
     node: String,
@@ -204,18 +209,30 @@ struct ProxyStream {
 }
 
 impl ProxyStream {
-    /// The next response (fails the test after 5 s).
+    /// The next response that needs an answer, skipping incremental
+    /// messages (rate shares, cooldowns) (fails the test after 5 s).
     async fn next(&mut self) -> StreamConfigResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.inbound.message())
-            .await
-            .expect("a response within 5 s")
-            .expect("stream healthy")
-            .expect("stream open")
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(5), self.inbound.message())
+                .await
+                .expect("a response within 5 s")
+                .expect("stream healthy")
+                .expect("stream open");
+            if !is_incremental(&r) {
+                return r;
+            }
+        }
     }
 
-    /// Asserts that nothing arrives for [`QUIET`].
+    /// Asserts that nothing but incremental messages arrives for [`QUIET`].
     async fn expect_silence(&mut self) {
-        if let Ok(msg) = tokio::time::timeout(QUIET, self.inbound.message()).await {
+        let deadline = tokio::time::Instant::now() + QUIET;
+        while let Ok(msg) = tokio::time::timeout_at(deadline, self.inbound.message()).await {
+            if let Ok(Some(r)) = &msg
+                && is_incremental(r)
+            {
+                continue;
+            }
             panic!("expected no response, got {msg:?}");
         }
     }
