@@ -64,6 +64,32 @@ impl Default for ServerLimits {
     }
 }
 
+/// How usage and failure reports are batched ([`crate::report`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportSettings {
+    /// A batch is cut at least this often while connected (and at once
+    /// after a 429, so cooldowns spread fast).
+    pub flush_interval: std::time::Duration,
+    /// A batch is cut as soon as it holds this many events.
+    pub max_batch_events: usize,
+    /// Unacknowledged events kept for resending; beyond it the oldest
+    /// batches are dropped (and counted).
+    pub max_buffered_events: usize,
+    /// On shutdown, how long to wait for the last batches to be acknowledged.
+    pub shutdown_grace: std::time::Duration,
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings {
+            flush_interval: std::time::Duration::from_millis(100),
+            max_batch_events: 500,
+            max_buffered_events: 10_000,
+            shutdown_grace: std::time::Duration::from_secs(3),
+        }
+    }
+}
+
 /// Configuration of a proxy.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -75,6 +101,8 @@ pub struct Config {
     pub limits: ServerLimits,
     /// Capacity of the request-outcome channel.
     pub events_capacity: usize,
+    /// Report batching (used with a control plane).
+    pub report: ReportSettings,
 }
 
 impl Config {
@@ -92,6 +120,7 @@ impl Config {
             },
             limits: ServerLimits::default(),
             events_capacity: 65_536,
+            report: ReportSettings::default(),
         }
     }
 
@@ -103,6 +132,7 @@ impl Config {
             source: ConfigSource::Static(Box::new(snapshot)),
             limits: ServerLimits::default(),
             events_capacity: 65_536,
+            report: ReportSettings::default(),
         }
     }
 }

@@ -9,8 +9,15 @@
 //! reset after a healthy stream).
 //!
 //! Responses are handled by [`Dispatcher`], which owns everything a message
-//! may change; incremental messages (cooldowns, rate shares) become new arms
-//! of [`Dispatcher::handle`] on the same stream.
+//! may change. A response without a snapshot is incremental — cooldowns
+//! other proxies started, this proxy's rate shares — and gets no answer:
+//!
+//! - a `CooldownUpdate` cools the backend until `now + remaining_ms` (the
+//!   receipt time, so clock skew between machines does not matter); updates
+//!   this proxy itself caused (`source_node_id`) are ignored;
+//! - `RateShares` go to [`Fleet::apply_shares`].
+//!
+//! The stream's up/down state feeds [`Fleet`]'s degraded-mode timer.
 
 use std::time::Duration;
 
@@ -22,7 +29,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 
-use crate::cooldown::Cooldowns;
+use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
+use crate::fleet::Fleet;
 use crate::snapshot::SnapshotStore;
 
 /// A stream that lived this long counts as healthy (resets the backoff).
@@ -83,19 +91,24 @@ impl Backoff {
 pub struct Dispatcher {
     node_id: String,
     store: SnapshotStore,
-    /// For incremental cooldown messages (next issue).
-    #[allow(dead_code)]
     cooldowns: Cooldowns,
+    fleet: Fleet,
 }
 
 impl Dispatcher {
-    /// A dispatcher updating `store`.
-    pub fn new(node_id: String, store: SnapshotStore, cooldowns: Cooldowns) -> Self {
+    /// A dispatcher updating `store`, `cooldowns` and `fleet`.
+    pub fn new(node_id: String, store: SnapshotStore, cooldowns: Cooldowns, fleet: Fleet) -> Self {
         Dispatcher {
             node_id,
             store,
             cooldowns,
+            fleet,
         }
+    }
+
+    /// The fleet state this dispatcher updates.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
     }
 
     /// The first message of a stream.
@@ -108,13 +121,35 @@ impl Dispatcher {
         }
     }
 
-    /// Applies one response; returns the ACK or NACK.
-    pub fn handle(&self, msg: StreamConfigResponse) -> StreamConfigRequest {
-        let result = match &msg.snapshot {
-            Some(s) => self.store.apply(msg.version, s),
-            None => Err(crate::snapshot::SnapshotError::Missing),
-        };
-        match result {
+    /// Applies one response: the snapshot first (so shares and cooldowns
+    /// can name backends it adds), then rate shares, then cooldowns. Returns
+    /// the ACK or NACK of a snapshot; `None` for an incremental message.
+    pub fn handle(&self, msg: StreamConfigResponse) -> Option<StreamConfigRequest> {
+        let reply = msg.snapshot.as_ref().map(|s| {
+            let result = self.store.apply(msg.version, s);
+            if result.is_ok() {
+                self.fleet.reapply();
+            }
+            result
+        });
+        if let Some(shares) = &msg.rate_shares {
+            self.fleet.apply_shares(shares);
+        }
+        let now = Instant::now();
+        for c in &msg.cooldowns {
+            if c.source_node_id == self.node_id {
+                continue;
+            }
+            let remaining = Duration::from_millis(c.remaining_ms).min(MAX_RETRY_AFTER);
+            if !self
+                .cooldowns
+                .apply_remote(&c.backend_id, now + remaining, c.consecutive)
+            {
+                tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot");
+            }
+        }
+        let result = reply?;
+        Some(match result {
             Ok(()) => StreamConfigRequest {
                 node_id: self.node_id.clone(),
                 version: msg.version,
@@ -130,7 +165,7 @@ impl Dispatcher {
                     error_detail: e.to_string(),
                 }
             }
-        }
+        })
     }
 }
 
@@ -145,6 +180,7 @@ pub async fn run(config: DiscoveryConfig, dispatcher: Dispatcher) {
             Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
         }
         metrics::gauge!("claw_dp_discovery_connected").set(0.0);
+        dispatcher.fleet.set_connected(false);
         if got_response && started.elapsed() >= HEALTHY_AFTER {
             backoff.reset();
         }
@@ -179,11 +215,13 @@ async fn stream_once(
     request.metadata_mut().insert("authorization", token);
     let mut inbound = client.stream_config(request).await?.into_inner();
     metrics::gauge!("claw_dp_discovery_connected").set(1.0);
+    dispatcher.fleet.set_connected(true);
     tracing::info!(url = %config.url, "discovery stream open");
     while let Some(msg) = inbound.message().await? {
         *got_response = true;
-        let reply = dispatcher.handle(msg);
-        tx.send(reply).await?;
+        if let Some(reply) = dispatcher.handle(msg) {
+            tx.send(reply).await?;
+        }
     }
     Ok(())
 }
@@ -210,17 +248,24 @@ mod tests {
     #[tokio::test]
     async fn acks_applied_and_nacks_rejected_snapshots() {
         let store = SnapshotStore::default();
-        let d = Dispatcher::new("n1".into(), store.clone(), Cooldowns::new(store.clone()));
+        let d = Dispatcher::new(
+            "n1".into(),
+            store.clone(),
+            Cooldowns::new(store.clone()),
+            Fleet::new(store.clone()),
+        );
         assert_eq!(d.hello().version, 0);
-        let ok = d.handle(StreamConfigResponse {
-            version: 4,
-            nonce: "a".into(),
-            snapshot: Some(v1::Snapshot {
+        let ok = d
+            .handle(StreamConfigResponse {
                 version: 4,
+                nonce: "a".into(),
+                snapshot: Some(v1::Snapshot {
+                    version: 4,
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
+            })
+            .unwrap();
         assert_eq!(
             (
                 ok.version,
@@ -229,21 +274,95 @@ mod tests {
             ),
             (4, "a", "")
         );
-        let stale = d.handle(StreamConfigResponse {
-            version: 3,
-            nonce: "b".into(),
-            snapshot: Some(v1::Snapshot::default()),
-            ..Default::default()
-        });
+        let stale = d
+            .handle(StreamConfigResponse {
+                version: 3,
+                nonce: "b".into(),
+                snapshot: Some(v1::Snapshot::default()),
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!((stale.version, stale.response_nonce.as_str()), (4, "b"));
         assert!(stale.error_detail.contains("older"));
-        let empty = d.handle(StreamConfigResponse {
-            version: 5,
-            nonce: "c".into(),
-            snapshot: None,
+        // Without a snapshot: incremental, no answer.
+        let incremental = d.handle(StreamConfigResponse {
+            version: 4,
             ..Default::default()
         });
-        assert!(!empty.error_detail.is_empty());
+        assert!(incremental.is_none());
         assert_eq!(d.hello().version, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn incremental_cooldowns_and_shares_apply_without_an_answer() {
+        use crate::snapshot::tests::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = Dispatcher::new(
+            "me".into(),
+            store.clone(),
+            Cooldowns::new(store.clone()),
+            Fleet::new(store.clone()),
+        );
+        let snap = v1::Snapshot {
+            version: 2,
+            backends: vec![
+                backend("a", Pool::Primary, &[("m", "m")]),
+                backend("b", Pool::Primary, &[("m", "m")]),
+            ],
+            ..Default::default()
+        };
+        assert!(
+            d.handle(StreamConfigResponse {
+                version: 2,
+                nonce: "n".into(),
+                snapshot: Some(snap),
+                ..Default::default()
+            })
+            .is_some()
+        );
+        let now = Instant::now();
+        let update = |id: &str, source: &str, ms: u64| v1::CooldownUpdate {
+            backend_id: id.into(),
+            until_unix_ms: 0,
+            remaining_ms: ms,
+            consecutive: 3,
+            source_node_id: source.into(),
+        };
+        let reply = d.handle(StreamConfigResponse {
+            version: 2,
+            cooldowns: vec![
+                update("a", "other", 5_000),
+                update("b", "me", 5_000),
+                update("ghost", "other", 5_000),
+            ],
+            rate_shares: Some(v1::RateShares {
+                proxy_count: 2,
+                backends: vec![v1::BackendShare {
+                    backend_id: "b".into(),
+                    rpm_share: 0.3,
+                    tpm_share: 0.6,
+                }],
+            }),
+            ..Default::default()
+        });
+        assert!(reply.is_none());
+        let s = store.load().unwrap();
+        let a = &s.backend("a").unwrap().runtime;
+        let b = &s.backend("b").unwrap().runtime;
+        assert_eq!(
+            a.cooldown.cooling_until(now),
+            Some(now + Duration::from_secs(5))
+        );
+        assert_eq!(a.cooldown.consecutive(), 3);
+        assert_eq!(
+            b.cooldown.cooling_until(now),
+            None,
+            "our own 429 echoed back"
+        );
+        assert_eq!((b.rpm.share(), b.tpm.share()), (0.3, 0.6));
+        // Unlisted: the fair share of two proxies.
+        assert_eq!(a.rpm.share(), 0.5);
+        assert_eq!(d.fleet().proxy_count(), 2);
     }
 }

@@ -16,16 +16,25 @@
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
 //! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
 //!   runtime state (buckets, cooldowns, queues) carried across snapshots.
-//! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK, backoff).
+//! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
+//!   of snapshots, incremental cooldowns and rate shares, backoff).
+//! - [`fleet`] — this proxy's shares of cluster-wide limits, the fleet size,
+//!   degraded mode when the control plane is gone for a minute.
+//! - [`report`] — the `StreamReports` stream: numbered batches of usage,
+//!   failures, activity and demand; bounded resend buffer.
+//! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
+//!   for stream usage and hiding it from clients that did not.
 //! - [`ratelimit`] — token buckets (backend rpm/tpm × share, key rpm, emergency).
 //! - [`cooldown`] — 429 cooldowns, `Retry-After`, and the hooks to apply remote
 //!   cooldowns and hear about local ones.
 //! - [`outlier`] — passive ejection of failing backends.
 //! - [`queue`] — the bounded priority queue for rate-limited requests.
-//! - [`stream`] — pass-through response bodies, SSE error event on mid-stream failure.
+//! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
+//!   failure, background drain of answers whose client left.
 //! - [`body`] — the response body type.
 //! - [`error`] — the one renderer of OpenAI-format errors.
-//! - [`events`] — per-request [`events::RequestOutcome`]s into a bounded channel.
+//! - [`events`] — per-request [`events::RequestOutcome`]s and failure/activity
+//!   [`events::Signal`]s into bounded channels.
 //! - [`metrics`] — Prometheus metrics (`/metrics`).
 //! - [`server`] — connections, timeouts, health/readiness, panics, draining.
 //!
@@ -40,11 +49,13 @@ pub mod cooldown;
 pub mod discovery;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
 pub mod queue;
 pub mod ratelimit;
+pub mod report;
 pub mod retry;
 pub mod route;
 pub mod server;
@@ -59,11 +70,12 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use config::{Config, ConfigSource, ServerLimits};
+pub use config::{Config, ConfigSource, ReportSettings, ServerLimits};
 pub use cooldown::{CooldownEvent, Cooldowns};
 pub use events::RequestOutcome;
+pub use fleet::Fleet;
 pub use snapshot::SnapshotStore;
 
 /// A proxy, before it serves: its hooks can be taken first.
@@ -71,6 +83,7 @@ pub struct Proxy {
     config: Config,
     store: SnapshotStore,
     cooldowns: Cooldowns,
+    fleet: Fleet,
     events: events::EventSink,
     outcomes: Option<mpsc::Receiver<RequestOutcome>>,
     signals: Option<mpsc::Receiver<events::Signal>>,
@@ -87,10 +100,12 @@ impl Proxy {
         }
         let cooldowns = Cooldowns::new(store.clone());
         let (events, streams) = events::channel(config.events_capacity);
+        let fleet = Fleet::new(store.clone());
         Ok(Proxy {
             config,
             store,
             cooldowns,
+            fleet,
             events,
             outcomes: Some(streams.outcomes),
             signals: Some(streams.signals),
@@ -105,6 +120,11 @@ impl Proxy {
     /// The cooldown handle: apply remote cooldowns, subscribe to local ones.
     pub fn cooldowns(&self) -> &Cooldowns {
         &self.cooldowns
+    }
+
+    /// Rate shares, fleet size and degraded mode.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
     }
 
     /// Local cooldown events (shorthand for `cooldowns().subscribe()`).
@@ -140,28 +160,48 @@ impl Proxy {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         metrics::install();
-        if let Some(rx) = self.outcomes.take() {
-            tokio::spawn(events::discard(rx));
-        }
-        if let Some(rx) = self.signals.take() {
-            tokio::spawn(events::discard(rx));
-        }
-        let discovery = match &self.config.source {
+        // Outcomes someone took are not reported: the reporter gets a closed channel.
+        let outcomes = self.outcomes.take().unwrap_or_else(|| mpsc::channel(1).1);
+        let signals = self.signals.take().unwrap_or_else(|| mpsc::channel(1).1);
+        let mut background = Vec::new();
+        let (report_stop, report_stopped) = oneshot::channel::<()>();
+        let mut reporter = None;
+        match &self.config.source {
             ConfigSource::ControlPlane { url, proxy_token } => {
                 let dispatcher = discovery::Dispatcher::new(
                     self.config.node_id.clone(),
                     self.store.clone(),
                     self.cooldowns.clone(),
+                    self.fleet.clone(),
                 );
                 let cfg = discovery::DiscoveryConfig {
                     url: url.clone(),
                     proxy_token: proxy_token.clone(),
                     node_id: self.config.node_id.clone(),
                 };
-                Some(tokio::spawn(discovery::run(cfg, dispatcher)))
+                background.push(tokio::spawn(discovery::run(cfg, dispatcher)));
+                background.push(tokio::spawn(self.fleet.clone().watch_degraded()));
+                let rcfg = report::ReportConfig {
+                    url: url.clone(),
+                    proxy_token: proxy_token.clone(),
+                    node_id: self.config.node_id.clone(),
+                    settings: self.config.report.clone(),
+                };
+                reporter = Some(tokio::spawn(report::run(
+                    rcfg,
+                    self.store.clone(),
+                    outcomes,
+                    signals,
+                    async move {
+                        let _ = report_stopped.await;
+                    },
+                )));
             }
-            ConfigSource::Static(_) => None,
-        };
+            ConfigSource::Static(_) => {
+                background.push(tokio::spawn(events::discard(outcomes)));
+                background.push(tokio::spawn(events::discard(signals)));
+            }
+        }
         let client = upstream::client()?;
         let retry = retry::RetryLayer::new(
             self.cooldowns.clone(),
@@ -182,8 +222,16 @@ impl Proxy {
             limits: self.config.limits.clone(),
         });
         server::serve(listener, state, shutdown).await;
-        if let Some(d) = discovery {
-            d.abort();
+        // The last reports get a short grace to be acknowledged.
+        let _ = report_stop.send(());
+        if let Some(r) = reporter {
+            let grace = self.config.report.shutdown_grace + std::time::Duration::from_secs(1);
+            if tokio::time::timeout(grace, r).await.is_err() {
+                tracing::warn!("report stream did not finish in time");
+            }
+        }
+        for task in background {
+            task.abort();
         }
         Ok(())
     }

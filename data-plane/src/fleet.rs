@@ -1,0 +1,291 @@
+//! What this proxy knows about the fleet it belongs to: its share of every
+//! backend's cluster-wide limits, the fleet size, and degraded mode.
+//!
+//! The control plane divides each backend's `rpm` and `tpm` between the
+//! connected proxies and sends every proxy its shares on the discovery
+//! stream ([`Fleet::apply_shares`]). A backend not listed in an update keeps
+//! its share; a backend that never had one (new in a snapshot) starts at
+//! `1 ÷ proxy count` — the fair share — until the control plane assigns it.
+//!
+//! **Degraded mode.** A proxy that loses the discovery stream keeps its last
+//! shares for [`DEGRADED_AFTER`] (one minute): the control plane may just be
+//! restarting, and the other proxies' shares are unchanged. After that it
+//! switches every backend to `1 ÷ last known proxy count`, in both
+//! directions. A share that was *higher* (demand-weighted) shrinks: the
+//! other proxies may still be up, cut off from the control plane in the same
+//! way and each falling back to the same rule, and only equal shares are
+//! guaranteed to sum to at most the limit when nobody can coordinate. A share
+//! that was lower grows to the same fair share for the same reason. The
+//! gauge `claw_dp_degraded_mode` is 1 meanwhile, and returns to 0 when shares
+//! arrive again after a reconnect.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use claw_proto::v1::RateShares;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::snapshot::SnapshotStore;
+
+/// How long the discovery stream may be down before degraded mode.
+pub const DEGRADED_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Connected proxies at the last update (0 = never told).
+    proxy_count: u32,
+    /// Last assigned `(rpm, tpm)` share per backend id.
+    assigned: HashMap<String, (f64, f64)>,
+    degraded: bool,
+}
+
+impl Inner {
+    fn fair_share(&self) -> f64 {
+        1.0 / f64::from(self.proxy_count.max(1))
+    }
+
+    fn share_of(&self, backend_id: &str) -> (f64, f64) {
+        if self.degraded {
+            let f = self.fair_share();
+            return (f, f);
+        }
+        self.assigned.get(backend_id).copied().unwrap_or_else(|| {
+            let f = self.fair_share();
+            (f, f)
+        })
+    }
+}
+
+/// Handle on the fleet state; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    store: SnapshotStore,
+    inner: Arc<Mutex<Inner>>,
+    connected: Arc<watch::Sender<bool>>,
+}
+
+impl Fleet {
+    /// Fleet state applied to `store`'s backends.
+    pub fn new(store: SnapshotStore) -> Self {
+        Fleet {
+            store,
+            inner: Arc::default(),
+            connected: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies an update from the control plane; leaves degraded mode.
+    pub fn apply_shares(&self, shares: &RateShares) {
+        let mut g = self.lock();
+        if shares.proxy_count > 0 {
+            g.proxy_count = shares.proxy_count;
+        }
+        for b in &shares.backends {
+            g.assigned
+                .insert(b.backend_id.clone(), (b.rpm_share, b.tpm_share));
+        }
+        if g.degraded {
+            g.degraded = false;
+            metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+            tracing::info!(
+                proxy_count = g.proxy_count,
+                "rate shares received: leaving degraded mode"
+            );
+        }
+        self.apply_locked(&g);
+    }
+
+    /// Applies the shares to the backends of the current snapshot (after a
+    /// new snapshot, for backends it adds).
+    pub fn reapply(&self) {
+        let g = self.lock();
+        self.apply_locked(&g);
+    }
+
+    fn apply_locked(&self, g: &Inner) {
+        let Some(snap) = self.store.load() else {
+            return;
+        };
+        let now = Instant::now();
+        for b in snap.backends() {
+            let (rpm, tpm) = g.share_of(&b.id);
+            b.runtime.set_shares(rpm, tpm, now);
+        }
+    }
+
+    /// Switches every backend to `1 ÷ last known proxy count`.
+    pub fn enter_degraded(&self) {
+        let mut g = self.lock();
+        if !g.degraded {
+            g.degraded = true;
+            metrics::gauge!("claw_dp_degraded_mode").set(1.0);
+            tracing::warn!(
+                proxy_count = g.proxy_count,
+                share = g.fair_share(),
+                "control plane unreachable for a minute: degraded mode, equal shares"
+            );
+        }
+        self.apply_locked(&g);
+    }
+
+    /// True in degraded mode.
+    pub fn degraded(&self) -> bool {
+        self.lock().degraded
+    }
+
+    /// The last known number of proxies (0 = never told).
+    pub fn proxy_count(&self) -> u32 {
+        self.lock().proxy_count
+    }
+
+    /// The `(rpm, tpm)` share a backend gets now.
+    pub fn share_of(&self, backend_id: &str) -> (f64, f64) {
+        self.lock().share_of(backend_id)
+    }
+
+    /// Records whether the discovery stream is up.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.send_replace(up);
+    }
+
+    /// Enters degraded mode once the discovery stream has been down for
+    /// [`DEGRADED_AFTER`]; runs until aborted.
+    pub async fn watch_degraded(self) {
+        metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+        let mut rx = self.connected.subscribe();
+        loop {
+            if rx.wait_for(|up| !*up).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DEGRADED_AFTER) => self.enter_degraded(),
+                r = rx.wait_for(|up| *up) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            if rx.wait_for(|up| *up).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::backend;
+    use claw_proto::Pool;
+    use claw_proto::v1;
+
+    fn store() -> SnapshotStore {
+        let s = SnapshotStore::default();
+        s.apply(
+            1,
+            &v1::Snapshot {
+                version: 1,
+                backends: vec![
+                    backend("a", Pool::Primary, &[("m", "m")]),
+                    backend("b", Pool::Primary, &[("m", "m")]),
+                ],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn rpm_share(s: &SnapshotStore, id: &str) -> f64 {
+        s.load().unwrap().backend(id).unwrap().runtime.rpm.share()
+    }
+
+    fn shares(count: u32, list: &[(&str, f64)]) -> RateShares {
+        RateShares {
+            proxy_count: count,
+            backends: list
+                .iter()
+                .map(|(id, s)| v1::BackendShare {
+                    backend_id: (*id).into(),
+                    rpm_share: *s,
+                    tpm_share: *s / 2.0,
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unlisted_backends_keep_their_share() {
+        let s = store();
+        let f = Fleet::new(s.clone());
+        f.apply_shares(&shares(4, &[("a", 0.7), ("b", 0.1)]));
+        f.apply_shares(&shares(4, &[("a", 0.4)]));
+        assert_eq!(rpm_share(&s, "a"), 0.4);
+        assert_eq!(rpm_share(&s, "b"), 0.1);
+        let tpm = s.load().unwrap().backend("a").unwrap().runtime.tpm.share();
+        assert_eq!(tpm, 0.2);
+        assert_eq!(f.proxy_count(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn degraded_after_a_minute_down_then_back_on_new_shares() {
+        let s = store();
+        let f = Fleet::new(s.clone());
+        f.set_connected(true);
+        f.apply_shares(&shares(4, &[("a", 0.7), ("b", 0.05)]));
+        let watcher = tokio::spawn(f.clone().watch_degraded());
+        tokio::task::yield_now().await;
+
+        // Down for 59 s: the last shares hold.
+        f.set_connected(false);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(!f.degraded());
+        assert_eq!(rpm_share(&s, "a"), 0.7);
+        // A reconnect before the minute re-arms the timer.
+        f.set_connected(true);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        f.set_connected(false);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(!f.degraded());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(f.degraded());
+        // Both directions: 0.7 shrinks, 0.05 grows, to 1 ÷ 4.
+        assert_eq!(rpm_share(&s, "a"), 0.25);
+        assert_eq!(rpm_share(&s, "b"), 0.25);
+
+        // Reconnected: still degraded until shares arrive.
+        f.set_connected(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(f.degraded());
+        f.apply_shares(&shares(2, &[("a", 0.5)]));
+        assert!(!f.degraded());
+        assert_eq!(rpm_share(&s, "a"), 0.5);
+        assert_eq!(rpm_share(&s, "b"), 0.05);
+        watcher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_backends_start_at_the_fair_share() {
+        let s = SnapshotStore::default();
+        let f = Fleet::new(s.clone());
+        f.apply_shares(&shares(3, &[]));
+        s.apply(
+            1,
+            &v1::Snapshot {
+                version: 1,
+                backends: vec![backend("new", Pool::Primary, &[("m", "m")])],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        f.reapply();
+        assert!((rpm_share(&s, "new") - 1.0 / 3.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,699 @@
+//! The report client: one bidirectional `ReportService.StreamReports`
+//! stream to the control plane, carrying what this proxy observed.
+//!
+//! A single collector task owns everything; the request path only
+//! `try_send`s into its channels ([`crate::events`]) and bumps per-backend
+//! demand counters, so it never waits on reporting.
+//!
+//! - **Batches.** Usage per request, upstream failures, recoveries after
+//!   429s, agent activity (aggregated per agent) and per-backend demand are
+//!   gathered into a batch that is cut every `flush_interval` (100 ms) while
+//!   connected, as soon as it holds `max_batch_events` (500), and at once
+//!   after a 429 (cooldowns must spread within milliseconds). Empty batches
+//!   are not sent; while disconnected a batch grows until it is full.
+//! - **Numbering.** `stream_epoch` is random per process; `seq` counts from 1.
+//!   The control plane stores a batch once per (node, epoch, seq).
+//! - **Buffer.** Cut batches stay in a bounded buffer ([`ReportBuffer`],
+//!   `max_buffered_events` = 10,000 events) until an ACK's `acked_seq`
+//!   releases every batch up to it. After a reconnect every unacknowledged
+//!   batch is resent, in order; an acknowledged batch is never resent. When
+//!   the buffer overflows the oldest batches are dropped whole; the count goes
+//!   to `claw_dp_report_dropped_events_total`, a warning, and the cumulative
+//!   `dropped_events` of every later batch.
+//! - **Connection.** Same address and proxy token as discovery; a bare hello
+//!   (`seq` 0) opens the stream; reconnects use the discovery backoff.
+//! - **Shutdown.** The pending batch is cut and the collector waits up to
+//!   `shutdown_grace` for the buffer to be acknowledged.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use claw_proto::v1::report_service_client::ReportServiceClient;
+use claw_proto::v1::{
+    AgentActivity, BackendDemand, BackendSuccess, FailureKind as WireFailureKind,
+    Priority as WirePriority, StreamReportsRequest, StreamReportsResponse, UpstreamFailure,
+    UsageEvent,
+};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+use crate::config::ReportSettings;
+use crate::discovery::Backoff;
+use crate::events::{Failure, FailureKind, RequestOutcome, Signal};
+use crate::queue::Priority;
+use crate::snapshot::SnapshotStore;
+use crate::stream::End;
+
+/// A stream that lived this long with an ACK counts as healthy (resets the backoff).
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// Where to report and how to batch.
+#[derive(Clone)]
+pub struct ReportConfig {
+    /// Control plane URL.
+    pub url: String,
+    /// Proxy token.
+    pub proxy_token: String,
+    /// This proxy's node id.
+    pub node_id: String,
+    /// Batching.
+    pub settings: ReportSettings,
+}
+
+struct Buffered {
+    seq: u64,
+    events: usize,
+    msg: StreamReportsRequest,
+}
+
+/// Batches cut but not acknowledged yet, oldest first.
+pub struct ReportBuffer {
+    batches: VecDeque<Buffered>,
+    events: usize,
+    max_events: usize,
+    next_seq: u64,
+    /// Highest seq handed to the current stream (0 after a reconnect).
+    sent_upto: u64,
+    dropped: u64,
+}
+
+impl ReportBuffer {
+    /// A buffer holding at most `max_events` events.
+    pub fn new(max_events: usize) -> Self {
+        ReportBuffer {
+            batches: VecDeque::new(),
+            events: 0,
+            max_events: max_events.max(1),
+            next_seq: 1,
+            sent_upto: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Numbers `msg` (`events` events) and keeps it; drops the oldest
+    /// batches first when it would not fit. Returns the events dropped.
+    pub fn push(&mut self, mut msg: StreamReportsRequest, events: usize) -> u64 {
+        let mut dropped = 0;
+        while self.events + events > self.max_events
+            && let Some(old) = self.batches.pop_front()
+        {
+            self.events -= old.events;
+            dropped += old.events as u64;
+        }
+        self.dropped += dropped;
+        msg.seq = self.next_seq;
+        msg.dropped_events = self.dropped;
+        self.next_seq += 1;
+        self.events += events;
+        self.batches.push_back(Buffered {
+            seq: msg.seq,
+            events,
+            msg,
+        });
+        dropped
+    }
+
+    /// Releases every batch up to `acked_seq`; returns how many.
+    pub fn ack(&mut self, acked_seq: u64) -> usize {
+        let mut n = 0;
+        while self.batches.front().is_some_and(|b| b.seq <= acked_seq) {
+            if let Some(b) = self.batches.pop_front() {
+                self.events -= b.events;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// True when a batch was not handed to the current stream yet.
+    pub fn has_unsent(&self) -> bool {
+        self.batches.back().is_some_and(|b| b.seq > self.sent_upto)
+    }
+
+    /// The next batch to hand to the current stream, in order.
+    pub fn next_to_send(&mut self) -> Option<StreamReportsRequest> {
+        let b = self.batches.iter().find(|b| b.seq > self.sent_upto)?;
+        self.sent_upto = b.seq;
+        Some(b.msg.clone())
+    }
+
+    /// A new stream: everything unacknowledged is sent again.
+    pub fn rewind(&mut self) {
+        self.sent_upto = 0;
+    }
+
+    /// Events held.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// Events dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Batches held.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// The batch being filled.
+#[derive(Default)]
+struct Pending {
+    usage: Vec<UsageEvent>,
+    failures: Vec<UpstreamFailure>,
+    successes: Vec<BackendSuccess>,
+    activity: HashMap<String, (SystemTime, u32)>,
+    /// A 429 is waiting: cut now.
+    urgent: bool,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.usage.len() + self.failures.len() + self.successes.len() + self.activity.len()
+    }
+}
+
+/// Turns events into batches.
+pub struct Collector {
+    node_id: String,
+    epoch: String,
+    store: SnapshotStore,
+    max_batch: usize,
+    pending: Pending,
+    requests: u64,
+    buffer: ReportBuffer,
+}
+
+impl Collector {
+    /// A collector for `node_id`, reading demand from `store`'s backends.
+    pub fn new(node_id: String, store: SnapshotStore, settings: &ReportSettings) -> Self {
+        Collector {
+            node_id,
+            epoch: format!("{:016x}", rand::random::<u64>()),
+            store,
+            max_batch: settings.max_batch_events.max(1),
+            pending: Pending::default(),
+            requests: 0,
+            buffer: ReportBuffer::new(settings.max_buffered_events),
+        }
+    }
+
+    /// This process's stream epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The unacknowledged batches.
+    pub fn buffer(&mut self) -> &mut ReportBuffer {
+        &mut self.buffer
+    }
+
+    /// The bare hello that opens a stream.
+    pub fn hello(&self) -> StreamReportsRequest {
+        StreamReportsRequest {
+            node_id: self.node_id.clone(),
+            stream_epoch: self.epoch.clone(),
+            dropped_events: self.buffer.dropped(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a request outcome.
+    pub fn outcome(&mut self, o: RequestOutcome) {
+        self.requests += 1;
+        let request_id = format!("{}-{}", self.epoch, self.requests);
+        self.pending.usage.push(usage_event(o, request_id));
+    }
+
+    /// Adds a failure, recovery or activity signal.
+    pub fn signal(&mut self, s: Signal) {
+        match s {
+            Signal::Failure(f) => {
+                self.pending.urgent |= f.kind == FailureKind::RateLimited;
+                self.pending.failures.push(failure(f));
+            }
+            Signal::Recovered { backend_id, at } => self.pending.successes.push(BackendSuccess {
+                backend_id: backend_id.to_string(),
+                time: Some(at.into()),
+            }),
+            Signal::Activity { agent_id, at } => {
+                let e = self.pending.activity.entry(agent_id).or_insert((at, 0));
+                e.0 = e.0.max(at);
+                e.1 += 1;
+            }
+        }
+    }
+
+    /// True when the pending batch must be cut now (full, or a 429 waits).
+    pub fn due(&self) -> bool {
+        self.pending.urgent || self.pending.len() >= self.max_batch
+    }
+
+    /// Cuts the pending batch (with the demand since the last cut) into the
+    /// buffer. Returns false when there was nothing to cut.
+    pub fn cut(&mut self) -> bool {
+        let demand = self.take_demand();
+        let p = std::mem::take(&mut self.pending);
+        let events = p.len() + demand.len();
+        if events == 0 {
+            return false;
+        }
+        let msg = StreamReportsRequest {
+            node_id: self.node_id.clone(),
+            stream_epoch: self.epoch.clone(),
+            seq: 0,
+            usage: p.usage,
+            failures: p.failures,
+            activity: p
+                .activity
+                .into_iter()
+                .map(|(agent_id, (at, n))| AgentActivity {
+                    agent_id,
+                    last_seen: Some(at.into()),
+                    requests: n,
+                })
+                .collect(),
+            successes: p.successes,
+            dropped_events: 0,
+            demand,
+        };
+        let dropped = self.buffer.push(msg, events);
+        if dropped > 0 {
+            metrics::counter!("claw_dp_report_dropped_events_total").increment(dropped);
+            tracing::warn!(
+                dropped,
+                dropped_total = self.buffer.dropped(),
+                buffered = self.buffer.events(),
+                "report buffer full: dropped the oldest unacknowledged events"
+            );
+        }
+        metrics::gauge!("claw_dp_report_buffered_events").set(self.buffer.events() as f64);
+        true
+    }
+
+    fn take_demand(&self) -> Vec<BackendDemand> {
+        let Some(snap) = self.store.load() else {
+            return Vec::new();
+        };
+        snap.backends()
+            .filter_map(|b| {
+                let (requests, tokens) = b.runtime.demand.take();
+                (requests > 0).then(|| BackendDemand {
+                    backend_id: b.id.to_string(),
+                    requests,
+                    tokens,
+                })
+            })
+            .collect()
+    }
+}
+
+fn usage_event(o: RequestOutcome, request_id: String) -> UsageEvent {
+    let now = SystemTime::now();
+    let started = now.checked_sub(o.latency).unwrap_or(now);
+    let u = o.usage.unwrap_or_default();
+    UsageEvent {
+        request_id,
+        time: Some(started.into()),
+        client_key_id: o.client_key_id.to_string(),
+        agent_id: o.agent_id.unwrap_or_default(),
+        model: o.model.to_string(),
+        backend_id: o.backend_id.map(|b| b.to_string()).unwrap_or_default(),
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_tokens: u.cached_tokens,
+        cost: o.cost.unwrap_or(0.0),
+        latency_ms: millis(o.latency),
+        ttft_ms: o.ttft.map_or(0, millis),
+        status: u32::from(o.status),
+        streamed: o.streamed,
+        priority: match o.priority {
+            Priority::Interactive => WirePriority::Interactive,
+            Priority::Background => WirePriority::Background,
+        } as i32,
+        attempts: o.attempts,
+        client_disconnected: o.end == Some(End::ClientGone),
+    }
+}
+
+fn failure(f: Failure) -> UpstreamFailure {
+    UpstreamFailure {
+        time: Some(f.at.into()),
+        backend_id: f.backend_id.to_string(),
+        kind: match f.kind {
+            FailureKind::RateLimited => WireFailureKind::RateLimited,
+            FailureKind::ServerError => WireFailureKind::ServerError,
+            FailureKind::Connect => WireFailureKind::Connect,
+            FailureKind::Timeout => WireFailureKind::Timeout,
+            FailureKind::StreamBroken => WireFailureKind::StreamBroken,
+        } as i32,
+        status: f.status.map_or(0, u32::from),
+        retry_after_ms: f.retry_after.map_or(0, millis),
+        consecutive: f.consecutive,
+        cooldown_ms: f.cooldown.map_or(0, millis),
+        summary: f.summary.to_string(),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+type Link = (
+    mpsc::Sender<StreamReportsRequest>,
+    Streaming<StreamReportsResponse>,
+);
+type Connecting = Pin<Box<dyn Future<Output = anyhow::Result<Link>> + Send>>;
+
+async fn connect(config: ReportConfig, hello: StreamReportsRequest) -> anyhow::Result<Link> {
+    let channel = Endpoint::from_shared(config.url.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = ReportServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(hello).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
+        .parse()
+        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
+    request.metadata_mut().insert("authorization", token);
+    let inbound = client.stream_reports(request).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+async fn next_ack(
+    inbound: &mut Option<Streaming<StreamReportsResponse>>,
+) -> Option<Result<StreamReportsResponse, tonic::Status>> {
+    match inbound {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn reserve(
+    tx: Option<&mpsc::Sender<StreamReportsRequest>>,
+    ready: bool,
+) -> Result<mpsc::OwnedPermit<StreamReportsRequest>, mpsc::error::SendError<()>> {
+    match tx {
+        Some(tx) if ready => tx.clone().reserve_owned().await,
+        _ => std::future::pending().await,
+    }
+}
+
+async fn connected(c: &mut Option<Connecting>) -> anyhow::Result<Link> {
+    match c {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the collector and the report stream until `shutdown` resolves, then
+/// flushes (bounded by the shutdown grace) and returns.
+pub async fn run(
+    config: ReportConfig,
+    store: SnapshotStore,
+    mut outcomes: mpsc::Receiver<RequestOutcome>,
+    mut signals: mpsc::Receiver<Signal>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut c = Collector::new(config.node_id.clone(), store, &config.settings);
+    let mut tick = tokio::time::interval(config.settings.flush_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut backoff = Backoff::default();
+    let mut tx: Option<mpsc::Sender<StreamReportsRequest>> = None;
+    let mut inbound: Option<Streaming<StreamReportsResponse>> = None;
+    let mut connecting: Option<Connecting> = Some(Box::pin(connect(config.clone(), c.hello())));
+    let mut retry_at: Option<Instant> = None;
+    let mut stream_started = Instant::now();
+    let mut acked_on_stream = false;
+    let (mut outcomes_open, mut signals_open) = (true, true);
+    let mut grace: Option<Instant> = None;
+    metrics::gauge!("claw_dp_report_connected").set(0.0);
+    tokio::pin!(shutdown);
+
+    loop {
+        if grace.is_some() && c.buffer.is_empty() {
+            break;
+        }
+        let ready = c.buffer.has_unsent();
+        let mut lost: Option<String> = None;
+        tokio::select! {
+            o = outcomes.recv(), if outcomes_open => match o {
+                Some(o) => {
+                    c.outcome(o);
+                    if c.due() {
+                        c.cut();
+                    }
+                }
+                None => outcomes_open = false,
+            },
+            s = signals.recv(), if signals_open => match s {
+                Some(s) => {
+                    c.signal(s);
+                    if c.due() {
+                        c.cut();
+                    }
+                }
+                None => signals_open = false,
+            },
+            _ = tick.tick() => {
+                // While disconnected a batch grows until it is full.
+                if tx.is_some() || c.due() {
+                    c.cut();
+                }
+            }
+            ack = next_ack(&mut inbound) => match ack {
+                Some(Ok(resp)) => {
+                    let n = c.buffer.ack(resp.acked_seq);
+                    if n > 0 {
+                        acked_on_stream = true;
+                        metrics::counter!("claw_dp_report_batches_acked_total").increment(n as u64);
+                        metrics::gauge!("claw_dp_report_buffered_events").set(c.buffer.events() as f64);
+                    }
+                }
+                Some(Err(e)) => lost = Some(e.to_string()),
+                None => lost = Some("closed by the control plane".into()),
+            },
+            permit = reserve(tx.as_ref(), ready) => match permit {
+                Ok(permit) => {
+                    if let Some(msg) = c.buffer.next_to_send() {
+                        permit.send(msg);
+                        metrics::counter!("claw_dp_report_batches_sent_total").increment(1);
+                    }
+                }
+                Err(_) => lost = Some("request stream closed".into()),
+            },
+            link = connected(&mut connecting) => {
+                connecting = None;
+                match link {
+                    Ok((t, i)) => {
+                        tx = Some(t);
+                        inbound = Some(i);
+                        c.buffer.rewind();
+                        stream_started = Instant::now();
+                        acked_on_stream = false;
+                        metrics::gauge!("claw_dp_report_connected").set(1.0);
+                        tracing::info!(url = %config.url, epoch = %c.epoch, unacked = c.buffer.len(), "report stream open");
+                    }
+                    Err(e) => lost = Some(format!("{e:#}")),
+                }
+            }
+            _ = until(retry_at) => {
+                retry_at = None;
+                connecting = Some(Box::pin(connect(config.clone(), c.hello())));
+            }
+            _ = until(grace) => break,
+            _ = &mut shutdown, if grace.is_none() => {
+                c.cut();
+                grace = Some(Instant::now() + config.settings.shutdown_grace);
+            }
+        }
+        if let Some(reason) = lost {
+            tx = None;
+            inbound = None;
+            metrics::gauge!("claw_dp_report_connected").set(0.0);
+            if acked_on_stream && stream_started.elapsed() >= HEALTHY_AFTER {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tracing::warn!(error = %reason, delay_ms = millis(delay), unacked = c.buffer.len(), "report stream lost; reconnecting");
+            retry_at = Some(Instant::now() + delay);
+        }
+    }
+    if !c.buffer.is_empty() {
+        tracing::warn!(
+            unacked_batches = c.buffer.len(),
+            events = c.buffer.events(),
+            "shutting down with unacknowledged reports"
+        );
+    }
+    metrics::gauge!("claw_dp_report_connected").set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn batch() -> StreamReportsRequest {
+        StreamReportsRequest::default()
+    }
+
+    #[test]
+    fn numbers_from_one_and_resends_unacked_in_order_after_a_reconnect() {
+        let mut b = ReportBuffer::new(100);
+        for _ in 0..4 {
+            b.push(batch(), 5);
+        }
+        let sent: Vec<u64> = std::iter::from_fn(|| b.next_to_send().map(|m| m.seq)).collect();
+        assert_eq!(sent, vec![1, 2, 3, 4]);
+        assert!(!b.has_unsent());
+        assert_eq!(b.ack(2), 2);
+        assert_eq!(b.events(), 10);
+        b.rewind();
+        let resent: Vec<u64> = std::iter::from_fn(|| b.next_to_send().map(|m| m.seq)).collect();
+        assert_eq!(resent, vec![3, 4], "acked batches are never resent");
+        // A late or repeated ACK is harmless.
+        assert_eq!(b.ack(1), 0);
+        assert_eq!(b.ack(4), 2);
+        assert!(b.is_empty());
+        b.push(batch(), 1);
+        assert_eq!(b.next_to_send().map(|m| m.seq), Some(5));
+    }
+
+    #[test]
+    fn overflow_drops_the_oldest_and_counts_cumulatively() {
+        let mut b = ReportBuffer::new(10);
+        assert_eq!(b.push(batch(), 4), 0);
+        assert_eq!(b.push(batch(), 4), 0);
+        assert_eq!(b.push(batch(), 4), 4, "batch 1 goes");
+        assert_eq!(b.events(), 8);
+        assert_eq!(b.push(batch(), 7), 8, "batches 2 and 3 go");
+        let left: Vec<(u64, u64)> =
+            std::iter::from_fn(|| b.next_to_send().map(|m| (m.seq, m.dropped_events))).collect();
+        assert_eq!(left, vec![(4, 12)]);
+        assert_eq!(b.dropped(), 12);
+        assert_eq!(b.events(), 7);
+    }
+
+    fn outcome(agent: Option<&str>) -> RequestOutcome {
+        RequestOutcome {
+            client_key_id: Arc::from("ck"),
+            agent_id: agent.map(String::from),
+            model: Arc::from("m"),
+            backend_id: Some(Arc::from("b")),
+            status: 200,
+            streamed: true,
+            priority: Priority::Interactive,
+            latency: Duration::from_millis(250),
+            ttft: Some(Duration::from_millis(20)),
+            attempts: 1,
+            usage: Some(crate::usage::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                total_tokens: 7,
+                cached_tokens: 1,
+            }),
+            usage_estimated: false,
+            end: Some(End::ClientGone),
+            cost: Some(0.5),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_carry_usage_activity_failures_and_demand() {
+        let store = SnapshotStore::default();
+        store
+            .apply(
+                1,
+                &claw_proto::v1::Snapshot {
+                    version: 1,
+                    backends: vec![crate::snapshot::tests::backend(
+                        "b",
+                        claw_proto::Pool::Primary,
+                        &[("m", "m")],
+                    )],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let settings = ReportSettings {
+            max_batch_events: 3,
+            ..Default::default()
+        };
+        let mut c = Collector::new("n1".into(), store.clone(), &settings);
+        assert!(!c.cut(), "empty batches are not cut");
+        let rt = store.load().unwrap().backend("b").unwrap().runtime.clone();
+        rt.demand.record(10.0);
+        rt.demand.record(5.0);
+        c.outcome(outcome(Some("ag")));
+        let now = SystemTime::now();
+        for _ in 0..3 {
+            c.signal(Signal::Activity {
+                agent_id: "ag".into(),
+                at: now,
+            });
+        }
+        assert!(!c.due());
+        c.signal(Signal::Failure(Failure {
+            at: now,
+            backend_id: Arc::from("b"),
+            kind: FailureKind::RateLimited,
+            status: Some(429),
+            retry_after: Some(Duration::from_secs(2)),
+            consecutive: 2,
+            cooldown: Some(Duration::from_secs(2)),
+            summary: "rate limited",
+        }));
+        assert!(c.due(), "a 429 is sent at once");
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        assert_eq!((m.seq, m.node_id.as_str()), (1, "n1"));
+        assert_eq!(m.stream_epoch.len(), 16);
+        let u = &m.usage[0];
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+            (3, 4, 1)
+        );
+        assert!(u.client_disconnected && u.streamed);
+        assert_eq!((u.latency_ms, u.ttft_ms, u.cost), (250, 20, 0.5));
+        assert_eq!(u.agent_id, "ag");
+        assert_eq!(m.activity.len(), 1);
+        assert_eq!(m.activity[0].requests, 3);
+        let f = &m.failures[0];
+        assert_eq!(f.kind, WireFailureKind::RateLimited as i32);
+        assert_eq!(
+            (f.retry_after_ms, f.consecutive, f.cooldown_ms, f.status),
+            (2000, 2, 2000, 429)
+        );
+        assert_eq!(m.demand.len(), 1);
+        assert_eq!((m.demand[0].requests, m.demand[0].tokens), (2, 15));
+        assert!(!c.due());
+        assert!(!c.cut(), "demand was taken");
+    }
+}
