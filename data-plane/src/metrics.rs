@@ -10,6 +10,12 @@
 //! | `claw_dp_snapshot_version` | gauge | |
 //! | `claw_dp_discovery_connected` | gauge | |
 //! | `claw_dp_events_dropped_total` | counter | |
+//! | `claw_dp_report_connected` | gauge | |
+//! | `claw_dp_report_batches_sent_total` | counter | |
+//! | `claw_dp_report_batches_acked_total` | counter | |
+//! | `claw_dp_report_buffered_events` | gauge | |
+//! | `claw_dp_report_dropped_events_total` | counter | |
+//! | `claw_dp_degraded_mode` | gauge | |
 //! | `gen_ai_server_time_to_first_token_seconds` | histogram | `gen_ai_request_model` |
 //! | `gen_ai_server_request_duration_seconds` | histogram | `gen_ai_request_model` |
 //! | `gen_ai_client_token_usage` | histogram | `gen_ai_request_model`, `gen_ai_token_type` |
