@@ -93,6 +93,9 @@ pub enum Command {
     /// Run heartbeats now, read their logs, edit checklists.
     #[command(subcommand)]
     Heartbeat(HeartbeatCmd),
+    /// Usage totals, hourly and daily usage, and the cooldown history.
+    #[command(subcommand)]
+    Stats(crate::stats::StatsCmd),
     /// Rotate the master key that encrypts stored provider keys.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCmd),

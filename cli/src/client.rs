@@ -155,6 +155,14 @@ impl Connection {
         )
     }
 
+    /// The stats service (usage totals, hourly/daily usage, cooldowns).
+    pub fn stats(&self) -> claw_proto::v1::stats_service_client::StatsServiceClient<Authed> {
+        claw_proto::v1::stats_service_client::StatsServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())

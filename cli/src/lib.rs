@@ -11,6 +11,8 @@
 //!   `env:`/`file:` references.
 //! - [`backend`], [`pool`], [`key`], [`agent`], [`cluster`]: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
+//! - [`stats`]: `stats total|hourly|daily|cooldowns` over the usage and
+//!   cooldown history.
 //! - [`document`]: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; [`apply`]: those two verbs.
 //!
@@ -31,6 +33,7 @@ pub mod key;
 pub mod output;
 pub mod pool;
 pub mod session;
+pub mod stats;
 
 use cli::{Cli, Command};
 use client::ConnectOptions;
@@ -53,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(cmd) => key::run(&session, cmd).await,
         Command::Agent(cmd) => agent::run(&session, cmd).await,
         Command::Heartbeat(cmd) => heartbeat::run(&session, cmd).await,
+        Command::Stats(cmd) => stats::run(&session, cmd).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
