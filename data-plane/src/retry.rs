@@ -218,6 +218,17 @@ where
     let mut tried: u128 = 0;
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
+    let mut abandoned = Abandoned {
+        shared: shared.clone(),
+        key_id: r.key.id.clone(),
+        model: r.route.model.clone(),
+        agent_id: r.agent_id.clone(),
+        streamed: r.stream,
+        priority: r.priority,
+        started: r.started,
+        attempts: 0,
+        armed: true,
+    };
     if r.priority == Priority::Interactive
         && let Some(agent_id) = &r.agent_id
     {
@@ -253,6 +264,7 @@ where
             metrics::counter!("claw_dp_retries_total").increment(1);
         }
         attempts += 1;
+        abandoned.attempts = attempts;
         tried |= bit(index);
         let route = r.route.clone();
         let cand = &route.candidates[index];
@@ -334,6 +346,7 @@ where
                 if emergency {
                     tracing::info!(backend = %backend.name, "emergency admission while cooling");
                 }
+                abandoned.armed = false;
                 return respond(&shared, &r, cand, res, guard, attempts);
             }
             Err(e) => {
@@ -365,6 +378,7 @@ where
             }
         }
     }
+    abandoned.armed = false;
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
     let latency = r.started.elapsed();
     metrics::counter!("claw_dp_requests_total", "model" => r.route.model.clone(), "backend" => "", "status" => status_label(err.status.as_u16())).increment(1);
@@ -386,6 +400,48 @@ where
         cost: None,
     });
     err.into_response()
+}
+
+/// Accounts a request whose client left before any answer (hyper drops the
+/// request future): waiting in the queue or for an upstream's response head.
+/// It is reported with status 499 and no usage — the upstream, cut off before
+/// its head, produced nothing billable.
+struct Abandoned {
+    shared: Arc<Shared>,
+    key_id: Arc<str>,
+    model: Arc<str>,
+    agent_id: Option<String>,
+    streamed: bool,
+    priority: Priority,
+    started: Instant,
+    attempts: u32,
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let latency = self.started.elapsed();
+        metrics::counter!("claw_dp_requests_total", "model" => self.model.clone(), "backend" => "", "status" => "499").increment(1);
+        self.shared.events.emit(RequestOutcome {
+            client_key_id: self.key_id.clone(),
+            agent_id: self.agent_id.take(),
+            model: self.model.clone(),
+            backend_id: None,
+            status: 499,
+            streamed: self.streamed,
+            priority: self.priority,
+            latency,
+            ttft: None,
+            attempts: self.attempts,
+            usage: None,
+            usage_estimated: false,
+            end: Some(End::ClientGone),
+            cost: None,
+        });
+    }
 }
 
 fn failure(

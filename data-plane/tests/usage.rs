@@ -216,3 +216,35 @@ async fn embeddings_and_non_streaming_answers_are_priced() {
     assert_eq!(o.cost, Some(u.prompt_tokens as f64 * 0.5 + 16.0 * 2.0));
     p.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_is_counted_as_499() {
+    let up = mock(
+        "a",
+        MockConfig::default().latency(Duration::from_millis(800)),
+    )
+    .await;
+    let mut p = TestProxy::start(snapshot(vec![backend(
+        "a",
+        &up.url(),
+        Pool::Primary,
+        &[("mock-model", "mock-model")],
+    )]))
+    .await;
+    let res = reqwest::Client::new()
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .header("x-claw-agent-id", "ag-1")
+        .timeout(Duration::from_millis(150))
+        .json(&serde_json::json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await;
+    assert!(res.is_err(), "the client gave up");
+    let o = p.next_outcome().await;
+    assert_eq!(o.status, 499);
+    assert_eq!(o.end, Some(claw_data_plane::stream::End::ClientGone));
+    assert_eq!(o.attempts, 1);
+    assert_eq!(o.agent_id.as_deref(), Some("ag-1"));
+    assert!(o.usage.is_none());
+    p.shutdown().await.unwrap();
+}
