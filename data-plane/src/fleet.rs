@@ -101,6 +101,23 @@ impl Fleet {
         self.apply_locked(&g);
     }
 
+    /// Assigns one backend's shares by hand (tests, tools); kept like an
+    /// assignment from the control plane. False when the backend is not in
+    /// the current snapshot.
+    pub fn set_share(&self, backend_id: &str, rpm_share: f64, tpm_share: f64) -> bool {
+        let known = self
+            .store
+            .load()
+            .is_some_and(|s| s.backend(backend_id).is_some());
+        if known {
+            let mut g = self.lock();
+            g.assigned
+                .insert(backend_id.to_string(), (rpm_share, tpm_share));
+            self.apply_locked(&g);
+        }
+        known
+    }
+
     /// Applies the shares to the backends of the current snapshot (after a
     /// new snapshot, for backends it adds).
     pub fn reapply(&self) {

@@ -138,19 +138,11 @@ impl Proxy {
         self.outcomes.take()
     }
 
-    /// Sets this proxy's share of a backend's cluster-wide rpm/tpm. Returns
-    /// false when the backend is not in the current snapshot.
+    /// Sets this proxy's share of a backend's cluster-wide rpm/tpm (as if
+    /// the control plane had assigned it). Returns false when the backend is
+    /// not in the current snapshot.
     pub fn set_rate_share(&self, backend_id: &str, share: f64) -> bool {
-        let Some(snap) = self.store.load() else {
-            return false;
-        };
-        match snap.backend(backend_id) {
-            Some(b) => {
-                b.runtime.set_share(share, tokio::time::Instant::now());
-                true
-            }
-            None => false,
-        }
+        self.fleet.set_share(backend_id, share, share)
     }
 
     /// Serves `listener` until `shutdown` resolves, then drains.

@@ -457,7 +457,7 @@ pub async fn run(
     tokio::pin!(shutdown);
 
     loop {
-        if grace.is_some() && c.buffer.is_empty() {
+        if grace.is_some() && c.buffer.is_empty() && c.pending.len() == 0 {
             break;
         }
         let ready = c.buffer.has_unsent();
@@ -529,6 +529,13 @@ pub async fn run(
             }
             _ = until(grace) => break,
             _ = &mut shutdown, if grace.is_none() => {
+                // What the last requests left in the channels goes too.
+                while let Ok(o) = outcomes.try_recv() {
+                    c.outcome(o);
+                }
+                while let Ok(s) = signals.try_recv() {
+                    c.signal(s);
+                }
                 c.cut();
                 grace = Some(Instant::now() + config.settings.shutdown_grace);
             }
