@@ -486,6 +486,8 @@ pub async fn run(
                 if tx.is_some() || c.due() {
                     c.cut();
                 }
+                metrics::gauge!("claw_dp_report_buffered_events")
+                    .set((c.buffer.events() + c.pending.len()) as f64);
             }
             ack = next_ack(&mut inbound) => match ack {
                 Some(Ok(resp)) => {

@@ -320,7 +320,8 @@ impl SseUsage {
         let Some((data_start, data)) = data_field(ev) else {
             return Edit::Keep;
         };
-        if find(data, b"\"usage\":{").is_some() {
+        let m = Marks::of(data);
+        if m.usage_object {
             #[derive(Deserialize)]
             struct Chunk {
                 choices: Option<Vec<IgnoredAny>>,
@@ -335,11 +336,11 @@ impl SseUsage {
                 }
             }
         }
-        if has_text(data) {
+        if m.text {
             self.tally.content_events += 1;
         }
         if self.strip
-            && let Some((a, b)) = usage_null(data)
+            && let Some((a, b)) = m.usage_null.and_then(|at| usage_null(data, at))
         {
             return Edit::Cut(data_start + a, data_start + b);
         }
@@ -380,34 +381,109 @@ fn data_field(ev: &[u8]) -> Option<(usize, &[u8])> {
     None
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// What one pass over an event's JSON finds. Keys are recognised at each
+/// `"`: inside JSON strings quotes are escaped (`\"`), so generated text
+/// can never fake them.
+#[derive(Debug, Default)]
+struct Marks {
+    /// A `"usage":{…}` member (parse the event).
+    usage_object: bool,
+    /// Offset of a `"usage":null` member.
+    usage_null: Option<usize>,
+    /// Generated text: a non-empty `content`, `text` or tool-call `arguments` string.
+    text: bool,
 }
 
-/// True when a chunk carries generated text: a non-empty `content`, `text`
-/// or tool-call `arguments` string.
-fn has_text(data: &[u8]) -> bool {
-    [
-        &b"\"content\":\""[..],
-        &b"\"text\":\""[..],
-        &b"\"arguments\":\""[..],
-    ]
-    .iter()
-    .any(|k| find(data, k).is_some_and(|at| data.get(at + k.len()).is_some_and(|b| *b != b'"')))
+impl Marks {
+    fn of(data: &[u8]) -> Marks {
+        let mut m = Marks::default();
+        let nonempty_string =
+            |v: &[u8]| v.first() == Some(&b'"') && v.get(1).is_some_and(|b| *b != b'"');
+        let mut i = 0;
+        while let Some(p) = data
+            .get(i..)
+            .and_then(|d| d.iter().position(|b| *b == b'"'))
+        {
+            let at = i + p;
+            let rest = &data[at..];
+            match rest.get(1) {
+                Some(b'u') => {
+                    if let Some(v) = value_of(rest, b"\"usage\"") {
+                        if rest[v..].starts_with(b"{") {
+                            m.usage_object = true;
+                        } else if rest[v..].starts_with(b"null") {
+                            m.usage_null.get_or_insert(at);
+                        }
+                    }
+                }
+                Some(b'c') => {
+                    m.text |=
+                        value_of(rest, b"\"content\"").is_some_and(|v| nonempty_string(&rest[v..]));
+                }
+                Some(b't') => {
+                    m.text |=
+                        value_of(rest, b"\"text\"").is_some_and(|v| nonempty_string(&rest[v..]));
+                }
+                Some(b'a') => {
+                    m.text |= value_of(rest, b"\"arguments\"")
+                        .is_some_and(|v| nonempty_string(&rest[v..]));
+                }
+                _ => {}
+            }
+            i = at + 1;
+        }
+        m
+    }
 }
 
-/// The `"usage":null` member the upstream adds to every event when usage
-/// was asked for, with its separating comma: the range to cut.
-fn usage_null(data: &[u8]) -> Option<(usize, usize)> {
-    const KEY: &[u8] = b"\"usage\":null";
-    let at = find(data, KEY)?;
-    let end = at + KEY.len();
-    if at > 0 && data[at - 1] == b',' && matches!(data.get(end), Some(b'}' | b',')) {
-        Some((at - 1, end))
-    } else if at > 0 && data[at - 1] == b'{' && data.get(end) == Some(&b',') {
-        Some((at, end + 1))
-    } else {
-        None
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t')
+}
+
+/// When `rest` starts with the member name `key`: the offset of its value
+/// (after the colon and any blanks around it).
+fn value_of(rest: &[u8], key: &[u8]) -> Option<usize> {
+    if !rest.starts_with(key) {
+        return None;
+    }
+    let mut i = key.len();
+    while rest.get(i).is_some_and(|b| is_ws(*b)) {
+        i += 1;
+    }
+    if rest.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    while rest.get(i).is_some_and(|b| is_ws(*b)) {
+        i += 1;
+    }
+    Some(i)
+}
+
+/// The `"usage":null` member at `at` with its separating comma: the range
+/// to cut (the upstream adds it to every event when usage was asked for).
+fn usage_null(data: &[u8], at: usize) -> Option<(usize, usize)> {
+    let end = at + value_of(&data[at..], b"\"usage\"")? + b"null".len();
+    let mut before = at;
+    while before > 0 && is_ws(data[before - 1]) {
+        before -= 1;
+    }
+    let mut after = end;
+    while data.get(after).is_some_and(|b| is_ws(*b)) {
+        after += 1;
+    }
+    match (before.checked_sub(1).map(|i| data[i]), data.get(after)) {
+        // `…, "usage": null}` or `…, "usage": null, …`: cut from the comma.
+        (Some(b','), Some(b'}' | b',')) => Some((before - 1, end)),
+        // `{"usage": null, …`: cut through the next comma and blanks.
+        (Some(b'{'), Some(b',')) => {
+            let mut next = after + 1;
+            while data.get(next).is_some_and(|b| is_ws(*b)) {
+                next += 1;
+            }
+            Some((at, next))
+        }
+        _ => None,
     }
 }
 
@@ -533,6 +609,18 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn blanks_around_colons_are_understood() {
+        let input = b"data: {\"choices\": [{\"delta\": {\"content\": \"x\"}}], \"usage\": null}\n\ndata: {\"usage\": null, \"choices\": [{\"text\": \"y\"}]}\n\ndata: {\"choices\": [], \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 2}}\n\n";
+        let mut s = SseUsage::new(true);
+        assert_eq!(
+            std::str::from_utf8(&run(&mut s, input, &[30])).unwrap(),
+            "data: {\"choices\": [{\"delta\": {\"content\": \"x\"}}]}\n\ndata: {\"choices\": [{\"text\": \"y\"}]}\n\n"
+        );
+        assert_eq!(s.tally().content_events, 2);
+        assert_eq!(s.tally().usage.map(|u| u.total_tokens), Some(7));
     }
 
     #[test]
