@@ -103,6 +103,9 @@ pub struct Config {
     pub events_capacity: usize,
     /// Report batching (used with a control plane).
     pub report: ReportSettings,
+    /// How long the control plane may be unreachable before the proxy
+    /// falls back to equal rate shares ([`crate::fleet::DEGRADED_AFTER`]).
+    pub degraded_after: std::time::Duration,
 }
 
 impl Config {
@@ -121,6 +124,7 @@ impl Config {
             limits: ServerLimits::default(),
             events_capacity: 65_536,
             report: ReportSettings::default(),
+            degraded_after: crate::fleet::DEGRADED_AFTER,
         }
     }
 
@@ -133,6 +137,7 @@ impl Config {
             limits: ServerLimits::default(),
             events_capacity: 65_536,
             report: ReportSettings::default(),
+            degraded_after: crate::fleet::DEGRADED_AFTER,
         }
     }
 }

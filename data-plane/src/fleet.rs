@@ -8,7 +8,8 @@
 //! `1 ÷ proxy count` — the fair share — until the control plane assigns it.
 //!
 //! **Degraded mode.** A proxy that loses the discovery stream keeps its last
-//! shares for [`DEGRADED_AFTER`] (one minute): the control plane may just be
+//! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes it):
+//! the control plane may just be
 //! restarting, and the other proxies' shares are unchanged. After that it
 //! switches every backend to `1 ÷ last known proxy count`, in both
 //! directions. A share that was *higher* (demand-weighted) shrinks: the
@@ -29,7 +30,8 @@ use tokio::time::Instant;
 
 use crate::snapshot::SnapshotStore;
 
-/// How long the discovery stream may be down before degraded mode.
+/// How long the discovery stream may be down before degraded mode, by
+/// default ([`crate::Config::degraded_after`]).
 pub const DEGRADED_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
@@ -172,8 +174,8 @@ impl Fleet {
     }
 
     /// Enters degraded mode once the discovery stream has been down for
-    /// [`DEGRADED_AFTER`]; runs until aborted.
-    pub async fn watch_degraded(self) {
+    /// `after` ([`DEGRADED_AFTER`] by default); runs until aborted.
+    pub async fn watch_degraded(self, after: Duration) {
         metrics::gauge!("claw_dp_degraded_mode").set(0.0);
         let mut rx = self.connected.subscribe();
         loop {
@@ -181,7 +183,7 @@ impl Fleet {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(DEGRADED_AFTER) => self.enter_degraded(),
+                _ = tokio::time::sleep(after) => self.enter_degraded(),
                 r = rx.wait_for(|up| *up) => {
                     if r.is_err() {
                         return;
@@ -257,7 +259,7 @@ mod tests {
         let f = Fleet::new(s.clone());
         f.set_connected(true);
         f.apply_shares(&shares(4, &[("a", 0.7), ("b", 0.05)]));
-        let watcher = tokio::spawn(f.clone().watch_degraded());
+        let watcher = tokio::spawn(f.clone().watch_degraded(DEGRADED_AFTER));
         tokio::task::yield_now().await;
 
         // Down for 59 s: the last shares hold.

@@ -172,7 +172,11 @@ impl Proxy {
                     node_id: self.config.node_id.clone(),
                 };
                 background.push(tokio::spawn(discovery::run(cfg, dispatcher)));
-                background.push(tokio::spawn(self.fleet.clone().watch_degraded()));
+                background.push(tokio::spawn(
+                    self.fleet
+                        .clone()
+                        .watch_degraded(self.config.degraded_after),
+                ));
                 let rcfg = report::ReportConfig {
                     url: url.clone(),
                     proxy_token: proxy_token.clone(),

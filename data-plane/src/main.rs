@@ -50,6 +50,10 @@ struct Args {
     /// How long in-flight requests may finish on shutdown.
     #[arg(long, env = "CLAW_DP_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// How long the control plane may be unreachable before degraded mode
+    /// (equal rate shares); shorter values are for tests.
+    #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    degraded_after: Duration,
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -118,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
     };
+    config.degraded_after = args.degraded_after;
     // Every stream holds two sockets (client and upstream): raise the soft
     // open-files limit to the hard one so thousands of streams fit.
     match rlimit::increase_nofile_limit(u64::MAX) {
