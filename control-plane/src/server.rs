@@ -243,11 +243,11 @@ impl Server {
             ));
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
-        let mut grpc_task = tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-                stopped(&mut grpc_stop).await
-            }),
-        );
+        let mut grpc_task =
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                no_delay(TcpListenerStream::new(grpc)),
+                async move { stopped(&mut grpc_stop).await },
+            ));
         let http_task = tokio::spawn(http::serve(
             http,
             HttpState {
@@ -308,6 +308,22 @@ pub async fn run(
         .await?
         .serve(grpc, http, shutdown)
         .await
+}
+
+/// Disables Nagle's algorithm on every accepted connection: small pushes
+/// (cooldowns, shares, ACKs) would otherwise wait up to 40 ms for the
+/// peer's delayed ACK. (tonic sets it only on listeners it binds itself.)
+fn no_delay(
+    incoming: TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    incoming.map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        Ok(conn)
+    })
 }
 
 /// Completes once `stop` turns true (or its sender is gone). The borrow of

@@ -651,3 +651,70 @@ async fn shares_split_equally_follow_demand_and_are_reassigned_on_disconnect() {
         p.share(&b1, |x| x > 0.3).await.expect("reassigned");
     }
 }
+
+/// Ingest throughput on this machine (`cargo test --release -- --ignored`).
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn ingest_throughput() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let now = now_ms();
+    let (proxies, batches, per_batch) = (4u64, 100u64, 100u64);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..proxies {
+        let mut r = h.reporter(&format!("p{p}"), "e").await;
+        let b1 = b1.clone();
+        tasks.push(tokio::spawn(async move {
+            for seq in 1..=batches {
+                let mut b = r.batch(seq);
+                b.usage = (0..per_batch)
+                    .map(|i| {
+                        usage(
+                            &b1,
+                            &format!("k{}", i % 5),
+                            &format!("a{}", i % 20),
+                            now,
+                            3,
+                            4,
+                        )
+                    })
+                    .collect();
+                r.send(b).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("reporter");
+    }
+    let events = proxies * batches * per_batch;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{events} events in {secs:.2} s: {:.0} events/s, {:.1} ms/batch",
+        events as f64 / secs,
+        secs * 1000.0 / (proxies * batches) as f64
+    );
+    assert_eq!(h.totals(UsageFilter::default()).await.requests, events);
+
+    // 429 → push latency to another proxy.
+    let mut b = h.proxy("listener").await;
+    b.wait(Duration::from_secs(5), |n, _| n > 0)
+        .await
+        .expect("snapshot");
+    let mut r = h.reporter("src", "e").await;
+    let mut lat = Vec::new();
+    for seq in 1..=50u64 {
+        let mut batch = r.batch(seq);
+        batch.failures = vec![rate_limited(&b1, 1_000 + seq * 1_000)];
+        let t = std::time::Instant::now();
+        r.tx.send(batch).await.expect("send");
+        b.wait(Duration::from_secs(5), |_, m| !m.cooldowns.is_empty())
+            .await
+            .expect("push");
+        lat.push(t.elapsed());
+        let _ = r.acks.message().await;
+    }
+    lat.sort();
+    println!("429 → push p50 {:?} p99 {:?}", lat[25], lat[49]);
+}
