@@ -328,13 +328,130 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
     assert_eq!(interrupted, 1, "the run killed mid-flight is failed, once");
 }
 
-#[tokio::test]
-#[ignore = "needs report stream (issue 4)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
-    // With proxy → control plane activity reports: send interactive requests
-    // with `x-claw-agent-id: agent-d` through the proxy for longer than the
-    // agent's busy window + deferral cap (e.g. --busy-window 10s
-    // --busy-defer-max 3s, interval 2s), then expect its slots to end
-    // `skipped` with skip_reason `busy` and the mock to have seen no
-    // request with the heartbeat session key `agent:agent-d:heartbeat`.
+    let upstream = MockUpstream::start(
+        MockConfig::default()
+            .name("d")
+            .api_key("sk-test-key-0123456789"),
+    )
+    .await;
+    upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    let (fwd, target) = forwarder().await;
+    let cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{fwd}"))
+        .start();
+    add_backend(&cp, "d", &upstream.url(), "m-d");
+    let secret = cp
+        .clawctl(&["key", "add", "chat-app", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("secret")
+        .to_string();
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    *target.lock().expect("lock") = Some(proxy.addr());
+
+    // The agent is in a live conversation before its first slot and stays
+    // in it for longer than the busy window + deferral cap of several slots.
+    let client = reqwest::Client::new();
+    let chat = |client: reqwest::Client, url: String, secret: String| async move {
+        client
+            .post(format!("{url}/chat/completions"))
+            .bearer_auth(secret)
+            .header("x-claw-agent-id", "agent-d")
+            .json(&serde_json::json!({
+                "model": "m-d",
+                "messages": [{"role": "user", "content": "are you there?"}]
+            }))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chat(client.clone(), proxy.openai_url(), secret.clone()).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never accepted the client key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let talking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let conversation = {
+        let (client, url, secret, talking) = (
+            client.clone(),
+            proxy.openai_url(),
+            secret.clone(),
+            talking.clone(),
+        );
+        tokio::spawn(async move {
+            while talking.load(std::sync::atomic::Ordering::Relaxed) {
+                chat(client.clone(), url.clone(), secret.clone()).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cp.clawctl_stdin(
+        &[
+            "agent",
+            "add",
+            "agent-d",
+            "--model",
+            "m-d",
+            "--interval",
+            "2s",
+            "--busy-window",
+            "5s",
+            "--busy-defer-max",
+            "3s",
+            "--checklist-file",
+            "-",
+        ],
+        "- [ ] check the queue\n",
+    )
+    .assert_ok();
+
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let d = runs(&cp, "agent-d");
+        let busy = d
+            .iter()
+            .filter(|r| status(r) == "skipped" && r["skip_reason"] == "busy")
+            .count();
+        if busy >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "D: {d:#?}\n{}", cp.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    talking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = conversation.await;
+
+    let d = runs(&cp, "agent-d");
+    assert!(
+        d.iter()
+            .all(|r| matches!(status(r), "skipped" | "deferred")),
+        "no heartbeat ran while the agent was busy: {d:#?}"
+    );
+    let heartbeat_calls = upstream
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.header("x-claw-session-key")
+                .is_some_and(|k| k.starts_with("agent:agent-d:heartbeat"))
+        })
+        .count();
+    assert_eq!(heartbeat_calls, 0, "no LLM call for a busy agent");
+    // Every busy skip has its own slot: one record per slot.
+    let mut slots: Vec<&str> = d
+        .iter()
+        .filter_map(|r| r["nominal_time"].as_str())
+        .collect();
+    let n = slots.len();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), n, "one record per slot: {d:#?}");
 }
