@@ -56,6 +56,9 @@ impl Inner {
     }
 }
 
+/// Longest the head of a queue sleeps before asking the buckets again.
+pub const HEAD_RECHECK: Duration = Duration::from_millis(250);
+
 /// A priority wait queue.
 #[derive(Default)]
 pub struct WaitQueue {
@@ -136,9 +139,12 @@ impl WaitQueue {
                     Err(None) => return Err(QueueExit::GaveUp),
                     Err(Some(wait)) => {
                         // Wake at the soonest token, or earlier if a request
-                        // of higher priority takes the head.
+                        // of higher priority takes the head. Never sleep
+                        // longer than HEAD_RECHECK: the buckets can change
+                        // under the head (a larger rate share, a new
+                        // snapshot), and a share of 0 reports no token ever.
                         let wake = now
-                            .checked_add(wait.max(Duration::from_millis(1)))
+                            .checked_add(wait.clamp(Duration::from_millis(1), HEAD_RECHECK))
                             .unwrap_or(deadline)
                             .min(deadline);
                         tokio::select! {
@@ -261,5 +267,26 @@ mod tests {
             .await;
         assert_eq!(r, Err(QueueExit::GaveUp));
         assert!(q.is_empty());
+    }
+
+    /// Regression: a head told "no token ever" (a rate share of 0) slept
+    /// until its deadline and missed the share that arrived meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn the_head_rechecks_when_told_to_wait_forever() {
+        let q = Arc::new(WaitQueue::default());
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let share_at = start + Duration::from_secs(2);
+        let r = q
+            .wait(Priority::Interactive, 4, deadline, |now| {
+                if now >= share_at {
+                    Ok(now)
+                } else {
+                    Err(Some(Duration::MAX))
+                }
+            })
+            .await
+            .expect("admitted once the share arrives");
+        assert!(r - share_at <= HEAD_RECHECK, "admitted at {:?}", r - start);
     }
 }
