@@ -10,7 +10,11 @@
 //!   gathered into a batch that is cut every `flush_interval` (100 ms) while
 //!   connected, as soon as it holds `max_batch_events` (500), and at once
 //!   after a 429 (cooldowns must spread within milliseconds). Empty batches
-//!   are not sent; while disconnected a batch grows until it is full.
+//!   are not sent, except one after [`IDLE_BATCH_EVERY`] (1 s) without any
+//!   batch while connected and fully acknowledged: the control plane reads
+//!   a proxy's silence as "may have used its whole rate share" and holds
+//!   that share against the others for a minute, so an idle proxy says it
+//!   used nothing. While disconnected a batch grows until it is full.
 //! - **Numbering.** `stream_epoch` is random per process; `seq` counts from 1.
 //!   The control plane stores a batch once per (node, epoch, seq).
 //! - **Buffer.** Cut batches stay in a bounded buffer ([`ReportBuffer`],
@@ -196,7 +200,13 @@ pub struct Collector {
     pending: Pending,
     requests: u64,
     buffer: ReportBuffer,
+    /// When the last batch was cut.
+    last_cut: Instant,
 }
+
+/// How long a connected, idle proxy stays silent before it sends an empty
+/// batch (see the module docs).
+pub const IDLE_BATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Collector {
     /// A collector for `node_id`, reading demand from `store`'s backends.
@@ -209,6 +219,7 @@ impl Collector {
             pending: Pending::default(),
             requests: 0,
             buffer: ReportBuffer::new(settings.max_buffered_events),
+            last_cut: Instant::now(),
         }
     }
 
@@ -266,12 +277,27 @@ impl Collector {
     /// Cuts the pending batch (with the demand since the last cut) into the
     /// buffer. Returns false when there was nothing to cut.
     pub fn cut(&mut self) -> bool {
+        self.cut_batch(false)
+    }
+
+    /// Cuts an empty batch when nothing was cut for [`IDLE_BATCH_EVERY`] and
+    /// every batch was acknowledged (a batch with events when there are
+    /// any). Returns whether a batch was cut.
+    pub fn keepalive(&mut self) -> bool {
+        if !self.buffer.is_empty() || self.last_cut.elapsed() < IDLE_BATCH_EVERY {
+            return false;
+        }
+        self.cut_batch(true)
+    }
+
+    fn cut_batch(&mut self, even_empty: bool) -> bool {
         let demand = self.take_demand();
         let p = std::mem::take(&mut self.pending);
         let events = p.len() + demand.len();
-        if events == 0 {
+        if events == 0 && !even_empty {
             return false;
         }
+        self.last_cut = Instant::now();
         let msg = StreamReportsRequest {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
@@ -483,8 +509,8 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 // While disconnected a batch grows until it is full.
-                if tx.is_some() || c.due() {
-                    c.cut();
+                if (tx.is_some() || c.due()) && !c.cut() && tx.is_some() {
+                    c.keepalive();
                 }
                 metrics::gauge!("claw_dp_report_buffered_events")
                     .set((c.buffer.events() + c.pending.len()) as f64);
@@ -704,5 +730,26 @@ mod tests {
         assert_eq!((m.demand[0].requests, m.demand[0].tokens), (2, 15));
         assert!(!c.due());
         assert!(!c.cut(), "demand was taken");
+    }
+
+    /// Regression: an idle proxy never reported, so the control plane held
+    /// its whole past share against the others for a minute (a proxy that
+    /// joined after it got a rate share of 0).
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connected_proxy_sends_an_empty_batch_every_second() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        assert!(!c.keepalive(), "not idle long enough");
+        tokio::time::advance(IDLE_BATCH_EVERY).await;
+        assert!(c.keepalive());
+        assert_eq!(c.buffer().len(), 1);
+        tokio::time::advance(IDLE_BATCH_EVERY).await;
+        assert!(!c.keepalive(), "the last one is not acknowledged yet");
+        c.buffer().ack(1);
+        assert!(c.keepalive());
+        assert!(!c.keepalive(), "one per idle second");
     }
 }
