@@ -15,7 +15,7 @@
 //!
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
 //! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
-//!   runtime state (buckets, cooldowns, queues) carried across snapshots.
+//!   runtime state (rate limiters, cooldowns, queues) carried across snapshots.
 //! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
 //!   of snapshots, incremental cooldowns and rate shares, backoff).
 //! - [`fleet`] — this proxy's shares of cluster-wide limits, the fleet size,
@@ -24,7 +24,8 @@
 //!   failures, activity and demand; bounded resend buffer.
 //! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
 //!   for stream usage and hiding it from clients that did not.
-//! - [`ratelimit`] — token buckets (backend rpm/tpm × share, key rpm, emergency).
+//! - [`ratelimit`] — GCRA rate limiters: at most `share × limit` plus a
+//!   small burst in any trailing minute (backend rpm/tpm, emergency, key rpm).
 //! - [`cooldown`] — 429 cooldowns, `Retry-After`, and the hooks to apply remote
 //!   cooldowns and hear about local ones.
 //! - [`outlier`] — passive ejection of failing backends.

@@ -1,4 +1,4 @@
-//! Per-client-key limits: the key's requests per minute (a token bucket,
+//! Per-client-key limits: the key's requests per minute (a rate limiter,
 //! checked before the body is even read) and the key's allowed models
 //! ([`check_model`], called by the route layer once the model is known).
 

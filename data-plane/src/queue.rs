@@ -2,11 +2,12 @@
 //! rate limit. One queue per canonical model; interactive requests are served
 //! before `x-claw-priority: background` ones, FIFO within a priority.
 //!
-//! Only the head of the queue polls the token buckets (sleeping until the
-//! soonest token); the others sleep on their own [`Notify`] until they become
-//! the head, so waiting costs no CPU and there is no thundering herd. A ticket
-//! leaves the queue when dropped (admitted, timed out or the client went away)
-//! and wakes the next head.
+//! Only the head of the queue polls the rate limiters (sleeping until the
+//! soonest conforming instant they answer, re-checking every
+//! [`HEAD_RECHECK`]); the others sleep on their own [`Notify`] until they
+//! become the head, so waiting costs no CPU and there is no thundering
+//! herd. A ticket leaves the queue when dropped (admitted, timed out or the
+//! client went away) and wakes the next head.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -1,144 +1,235 @@
-//! Token buckets for per-minute limits (backend rpm/tpm, client key rpm, the
-//! emergency bucket).
+//! Rate limiters for per-minute limits: backend rpm and tpm (× this proxy's
+//! share of the cluster-wide limit), the emergency limiter, client key rpm.
 //!
-//! A bucket holds at most one minute's worth of its effective limit and
-//! refills continuously. The effective limit is `limit × share`: `share` is
-//! this proxy's part of a cluster-wide limit (1.0 until the control plane
-//! assigns shares) and can be changed at run time. Each bucket has its own
-//! small lock, so there is no global lock on the hot path; times are passed in
-//! so tests drive them with paused tokio time.
+//! **Semantics: GCRA, written as a meter.** A [`RateLimiter`] admits at the
+//! rate `r = limit × share ÷ 60 s`. It keeps a *level* `L` ≥ 0: units
+//! (requests or tokens) admitted and not yet paid for by the passing of time.
+//! `L` drains at `r`. A request of cost `c` *conforms* when `L ≤ S` (the
+//! slack, below); it is then admitted and `L += c`. This is the generic cell
+//! rate algorithm with its theoretical arrival time `TAT = now + L ÷ r`,
+//! kept in units rather than time so that a rate change neither forgives nor
+//! invents debt.
+//!
+//! **The bound.** Take any window of length `T` and the admissions in it,
+//! the last one of cost `c_k` at `t_k`. Just before `t_k` the level was at
+//! most `S`, and it had grown by every earlier admission of the window and
+//! drained by at most `∫ r dt` over the window, so
+//!
+//! ```text
+//! admitted in any window of length T  ≤  S + c_k + ∫ r dt  ≤  burst + r_max · T
+//! ```
+//!
+//! with `burst = S + c_max` and `r_max` the highest rate held during the
+//! window. For a backend ([`Burst::Tolerance`]) `S = r × TOLERANCE` (50 ms
+//! of the rate), so its rpm limiter admits at most `share × rpm + 1 +
+//! r × 50 ms` requests in any trailing minute, where `share` is the highest
+//! share it held in that minute — the premise of the control plane's share
+//! assignment (`control-plane/src/shares.rs`). Across `N` proxies whose
+//! shares sum to at most 1 the upstream sees at most `rpm + N + rpm ÷ 1200`
+//! in any minute. The slack only absorbs late wake-ups (a queued request
+//! woken a millisecond after its instant does not lose that millisecond of
+//! rate), so a greedy client gets the full rate.
+//!
+//! **Share and limit changes** take effect at once: the level is drained at
+//! the old rate up to the change, then drains at the new one. A lowered
+//! share keeps the whole debt (old admissions are never forgiven); a raised
+//! share drains it faster — more rate, never a lump. An idle limiter has
+//! `L = 0` and lets one request (plus the slack) through at once, whatever
+//! its history.
+//!
+//! **Reservations.** The tpm limiter is charged the request's estimated
+//! tokens at admission; [`RateLimiter::reconcile`] then moves the level by
+//! `actual − reserved`, never below empty, which leaves it at or above the
+//! level it would have had if the admission had cost `actual` from the start,
+//! so the bound holds for the tokens actually used. A request costlier than
+//! the slack is admitted only by an empty limiter and then holds the others
+//! back for `c ÷ r`.
+//!
+//! **Wait answers.** A refusal carries the time until the next conforming
+//! instant, `(L − S) ÷ r`, which the queue sleeps for; at a rate of 0
+//! nothing conforms (`Duration::MAX`).
+//!
+//! Each limiter has its own small lock (a few float operations under it), so
+//! there is no global lock on the hot path; times are passed in so tests
+//! drive them with paused tokio time.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How late after its conforming instant a request may come and still find
+/// the rate it was owed (the slack of backend limiters).
+pub const TOLERANCE: Duration = Duration::from_millis(50);
+
+/// How much a limiter admits back to back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Burst {
+    /// Slack `S = r × τ`: pacing at the rate, with late wake-ups forgiven
+    /// up to `τ`. Backends (rpm, tpm, emergency): the upstream's limit.
+    Tolerance(Duration),
+    /// Slack `S = one minute's worth − 1`: an idle limiter admits a whole
+    /// minute back to back, then paces. Client keys: a per-client allowance
+    /// a client may spend in one go (at most `2 × rpm` in a minute), not a
+    /// contract with an upstream.
+    Minute,
+}
+
 #[derive(Debug)]
 struct Inner {
     limit_per_min: f64,
     share: f64,
-    tokens: f64,
+    burst: Burst,
+    /// Units admitted and not yet drained, ≥ 0.
+    level: f64,
+    /// Time the level was last drained to.
     last: Instant,
 }
 
 impl Inner {
-    fn effective(&self) -> f64 {
-        self.limit_per_min * self.share
+    /// Units per second.
+    fn rate(&self) -> f64 {
+        self.limit_per_min * self.share / 60.0
     }
 
-    fn capacity(&self) -> f64 {
-        let e = self.effective();
-        if e <= 0.0 { 0.0 } else { e.max(1.0) }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        let cap = self.capacity();
-        if self.tokens < cap {
-            self.tokens = (self.tokens + elapsed * self.effective() / 60.0).min(cap);
+    fn slack(&self) -> f64 {
+        let r = self.rate();
+        match self.burst {
+            Burst::Tolerance(tau) => r * tau.as_secs_f64(),
+            Burst::Minute => (r * 60.0 - 1.0).max(0.0),
         }
     }
 
-    /// Tokens that must be present before `n` may be taken: a request larger
-    /// than the whole bucket is admitted once the bucket is full.
-    fn needed(&self, n: f64) -> f64 {
-        n.min(self.capacity())
+    fn drain(&mut self, now: Instant) {
+        if now > self.last {
+            let elapsed = (now - self.last).as_secs_f64();
+            self.level = (self.level - elapsed * self.rate()).max(0.0);
+            self.last = now;
+        }
     }
 
-    fn wait_for(&self, n: f64) -> Duration {
-        let rate = self.effective() / 60.0;
-        if rate <= 0.0 {
+    fn conforms(&self) -> bool {
+        // The epsilon absorbs float rounding at the exact instant a wait
+        // answer pointed to.
+        self.rate() > 0.0 && self.level <= self.slack() + 1e-9 * (1.0 + self.level)
+    }
+
+    fn wait(&self) -> Duration {
+        let r = self.rate();
+        if r <= 0.0 {
             return Duration::MAX;
         }
-        let missing = (self.needed(n) - self.tokens).max(0.0);
-        Duration::from_secs_f64(missing / rate)
+        let missing = self.level - self.slack();
+        if missing <= 0.0 {
+            return Duration::ZERO;
+        }
+        // Rounded up to the nanosecond: at `now + wait` the request conforms.
+        let nanos = (missing / r * 1e9).ceil();
+        if nanos >= u64::MAX as f64 {
+            Duration::MAX
+        } else {
+            Duration::from_nanos(nanos as u64)
+        }
     }
 }
 
-/// A token bucket with a per-minute limit.
+/// A GCRA rate limiter with a per-minute limit × share; see the module docs.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub struct RateLimiter {
     inner: Mutex<Inner>,
 }
 
-impl TokenBucket {
-    /// A full bucket admitting `limit_per_min` per minute.
-    pub fn per_minute(limit_per_min: u32, now: Instant) -> Self {
-        Self::with_rate(f64::from(limit_per_min), now)
-    }
-
-    /// A full bucket with a fractional per-minute rate (the emergency bucket).
-    pub fn with_rate(limit_per_min: f64, now: Instant) -> Self {
-        let mut inner = Inner {
-            limit_per_min: limit_per_min.max(0.0),
-            share: 1.0,
-            tokens: 0.0,
-            last: now,
-        };
-        inner.tokens = inner.capacity();
-        TokenBucket {
-            inner: Mutex::new(inner),
+impl RateLimiter {
+    /// An idle limiter admitting `limit_per_min × share` per minute (share 1
+    /// until [`RateLimiter::set_share`]).
+    pub fn new(limit_per_min: f64, burst: Burst, now: Instant) -> Self {
+        RateLimiter {
+            inner: Mutex::new(Inner {
+                limit_per_min: finite_non_negative(limit_per_min),
+                share: 1.0,
+                burst,
+                level: 0.0,
+                last: now,
+            }),
         }
     }
 
+    /// A backend limiter (rpm, tpm or emergency): paced, [`TOLERANCE`] slack.
+    pub fn backend(limit_per_min: f64, now: Instant) -> Self {
+        Self::new(limit_per_min, Burst::Tolerance(TOLERANCE), now)
+    }
+
+    /// A client key limiter: a minute's worth back to back, then paced.
+    pub fn client(limit_per_min: f64, now: Instant) -> Self {
+        Self::new(limit_per_min, Burst::Minute, now)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A poisoned bucket only means a panic elsewhere mid-update; its
+        // A poisoned limiter only means a panic elsewhere mid-update; its
         // numbers are still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `n` tokens, or tells how long until they would be available.
+    /// Admits a request of cost `n` if it conforms now, or tells how long
+    /// until the next conforming instant.
     pub fn try_acquire(&self, n: f64, now: Instant) -> Result<(), Duration> {
         let mut g = self.lock();
-        g.refill(now);
-        if g.capacity() > 0.0 && g.tokens + 1e-9 >= g.needed(n) {
-            g.tokens -= n;
+        g.drain(now);
+        if g.conforms() {
+            g.level += n.max(0.0);
             Ok(())
         } else {
-            Err(g.wait_for(n))
+            Err(g.wait())
         }
     }
 
-    /// How long until `n` tokens are available (zero if they are now).
-    pub fn time_until(&self, n: f64, now: Instant) -> Duration {
+    /// How long until a request conforms (zero if one does now).
+    pub fn time_until(&self, now: Instant) -> Duration {
         let mut g = self.lock();
-        g.refill(now);
-        g.wait_for(n)
+        g.drain(now);
+        if g.conforms() {
+            Duration::ZERO
+        } else {
+            g.wait()
+        }
     }
 
-    /// Gives back `n` tokens (an attempt that never reached the upstream, or a
-    /// reservation larger than the actual use).
+    /// Takes back an admission of cost `n` (an attempt that never reached
+    /// the upstream); never below empty.
     pub fn refund(&self, n: f64) {
         let mut g = self.lock();
-        let cap = g.capacity();
-        g.tokens = (g.tokens + n).min(cap);
+        g.level = (g.level - n.max(0.0)).max(0.0);
     }
 
-    /// Takes `n` more tokens even if that drives the bucket negative (actual
-    /// use larger than the reservation).
+    /// Charges `n` more (actual use above the reservation), conforming or not.
     pub fn force_take(&self, n: f64) {
-        self.lock().tokens -= n;
+        self.lock().level += n.max(0.0);
     }
 
-    /// Changes the per-minute limit (a new snapshot), keeping the level.
+    /// Reconciles a reservation of `reserved` with the `actual` use: the
+    /// level moves by the difference, never below empty.
+    pub fn reconcile(&self, reserved: f64, actual: f64) {
+        let mut g = self.lock();
+        g.level = (g.level + actual - reserved).max(0.0);
+    }
+
+    /// Changes the per-minute limit (a new snapshot), keeping the debt.
     pub fn set_limit(&self, limit_per_min: f64, now: Instant) {
         let mut g = self.lock();
-        g.refill(now);
-        g.limit_per_min = limit_per_min.max(0.0);
-        g.tokens = g.tokens.min(g.capacity());
+        g.drain(now);
+        g.limit_per_min = finite_non_negative(limit_per_min);
     }
 
-    /// Sets this proxy's share of the limit, in `[0, 1]`.
+    /// Sets this proxy's share of the limit, in `[0, 1]`, effective at once
+    /// and keeping the debt.
     pub fn set_share(&self, share: f64, now: Instant) {
         let mut g = self.lock();
-        g.refill(now);
+        g.drain(now);
         g.share = if share.is_finite() {
             share.clamp(0.0, 1.0)
         } else {
             1.0
         };
-        g.tokens = g.tokens.min(g.capacity());
     }
 
     /// The current share.
@@ -146,69 +237,16 @@ impl TokenBucket {
         self.lock().share
     }
 
-    /// Reconciles a reservation of `reserved` tokens with the `actual` use.
-    pub fn reconcile(&self, reserved: f64, actual: f64) {
-        if actual < reserved {
-            self.refund(reserved - actual);
-        } else if actual > reserved {
-            self.force_take(actual - reserved);
-        }
+    /// Units per minute admitted now (`limit × share`).
+    pub fn per_minute(&self) -> f64 {
+        let g = self.lock();
+        g.limit_per_min * g.share
     }
+}
+
+fn finite_non_negative(x: f64) -> f64 {
+    if x.is_finite() { x.max(0.0) } else { 0.0 }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn starts_full_and_refills_over_a_minute() {
-        let now = Instant::now();
-        let b = TokenBucket::per_minute(60, now);
-        for _ in 0..60 {
-            assert!(b.try_acquire(1.0, now).is_ok());
-        }
-        let wait = b.try_acquire(1.0, now).unwrap_err();
-        assert!(wait <= Duration::from_millis(1001) && wait >= Duration::from_millis(999));
-        assert!(b.try_acquire(1.0, now + Duration::from_secs(1)).is_ok());
-        assert!(b.try_acquire(1.0, now + Duration::from_secs(1)).is_err());
-        // Never more than a minute's worth.
-        let later = now + Duration::from_secs(3600);
-        for _ in 0..60 {
-            assert!(b.try_acquire(1.0, later).is_ok());
-        }
-        assert!(b.try_acquire(1.0, later).is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn share_scales_the_limit() {
-        let now = Instant::now();
-        let b = TokenBucket::per_minute(100, now);
-        b.set_share(0.1, now);
-        for _ in 0..10 {
-            assert!(b.try_acquire(1.0, now).is_ok());
-        }
-        assert!(b.try_acquire(1.0, now).is_err());
-        assert_eq!(b.share(), 0.1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn zero_limit_admits_nothing_and_fractions_get_one_token() {
-        let now = Instant::now();
-        let z = TokenBucket::with_rate(0.0, now);
-        assert_eq!(z.try_acquire(1.0, now), Err(Duration::MAX));
-        let f = TokenBucket::with_rate(0.5, now);
-        assert!(f.try_acquire(1.0, now).is_ok());
-        assert!(f.try_acquire(1.0, now).is_err());
-        assert!(f.try_acquire(1.0, now + Duration::from_secs(120)).is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn oversized_reservation_needs_a_full_bucket_and_reconcile_refunds() {
-        let now = Instant::now();
-        let b = TokenBucket::per_minute(1000, now);
-        assert!(b.try_acquire(5000.0, now).is_ok());
-        assert!(b.try_acquire(1.0, now).is_err());
-        b.reconcile(5000.0, 100.0);
-        assert!(b.try_acquire(900.0, now).is_ok());
-    }
-}
+mod tests;

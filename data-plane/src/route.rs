@@ -5,9 +5,9 @@
 //! Selection follows DESIGN "Routing order": candidates are the enabled
 //! backends mapping the model that are neither cooling nor ejected; the
 //! primary pool before the fallback pool; within a pool the least loaded
-//! (in-flight ÷ weight, ties rotated). A candidate whose token bucket is
-//! empty is skipped; if all usable ones are rate-limited the caller queues;
-//! if all are cooling, the emergency bucket of the soonest-recovering one
+//! (in-flight ÷ weight, ties rotated). A candidate whose rate limiter
+//! refuses is skipped; if all usable ones are rate-limited the caller queues;
+//! if all are cooling, the emergency limiter of the soonest-recovering one
 //! may admit; otherwise the model is unavailable until the soonest recovery.
 
 use std::convert::Infallible;
@@ -77,12 +77,12 @@ pub enum Selection {
     Admitted {
         /// Candidate index.
         index: usize,
-        /// Admitted by the emergency bucket while cooling.
+        /// Admitted by the emergency limiter while cooling.
         emergency: bool,
     },
     /// Usable candidates exist but all are at their rate limit.
     RateLimited {
-        /// Until the soonest token.
+        /// Until the soonest conforming instant of a candidate.
         wait: Duration,
     },
     /// Nothing can take the request now.
@@ -545,8 +545,11 @@ mod tests {
         for _ in 0..5 {
             r.candidates[0].backend.runtime.outlier.on_failure(&p, now);
         }
-        for _ in 0..4 {
-            assert_eq!(id(&r, select(&r, 0, 1.0, now)), "b");
+        // A second apart: the limiters pace requests at the rate (600 rpm),
+        // they no longer admit a minute's worth at one instant.
+        for i in 0..4 {
+            let at = now + Duration::from_secs(i);
+            assert_eq!(id(&r, select(&r, 0, 1.0, at)), "b");
         }
     }
 

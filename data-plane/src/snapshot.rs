@@ -5,7 +5,7 @@
 //! order, client key SHA-256 → key, pool settings. [`SnapshotStore`] holds the
 //! current one in an `ArcSwap`, so every request reads it without a lock.
 //!
-//! Runtime state that must survive a configuration change — token buckets,
+//! Runtime state that must survive a configuration change — rate limiters,
 //! cooldowns, outlier ejections, in-flight counts, wait queues — lives in
 //! `Arc`s that [`compile`] carries over from the previous snapshot by backend
 //! id, key id and model name.
@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::cooldown::{Cooldown, CooldownPolicy};
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::RateLimiter;
 use crate::usage::Prices;
 
 /// Why a snapshot was rejected (sent back as the NACK's `error_detail`).
@@ -124,11 +124,11 @@ pub struct BackendRuntime {
     /// Requests currently in flight to this backend.
     pub in_flight: AtomicU32,
     /// Requests per minute × share.
-    pub rpm: TokenBucket,
+    pub rpm: RateLimiter,
     /// Tokens per minute × share (used only when the backend has a tpm).
-    pub tpm: TokenBucket,
+    pub tpm: RateLimiter,
     /// `emergency_fraction × rpm` × share, used while every candidate cools.
-    pub emergency: TokenBucket,
+    pub emergency: RateLimiter,
     /// 429 cooldown.
     pub cooldown: Cooldown,
     /// Passive outlier detection.
@@ -141,9 +141,9 @@ impl BackendRuntime {
     fn new(rpm: u32, tpm: u32, emergency: f64, now: Instant) -> Self {
         BackendRuntime {
             in_flight: AtomicU32::new(0),
-            rpm: TokenBucket::per_minute(rpm, now),
-            tpm: TokenBucket::per_minute(tpm, now),
-            emergency: TokenBucket::with_rate(emergency, now),
+            rpm: RateLimiter::backend(f64::from(rpm), now),
+            tpm: RateLimiter::backend(f64::from(tpm), now),
+            emergency: RateLimiter::backend(emergency, now),
             cooldown: Cooldown::default(),
             outlier: Outlier::default(),
             demand: Demand::default(),
@@ -155,7 +155,7 @@ impl BackendRuntime {
         self.set_shares(share, share, now);
     }
 
-    /// Sets this proxy's shares of the backend's rpm (the emergency bucket
+    /// Sets this proxy's shares of the backend's rpm (the emergency limiter
     /// follows it) and tpm.
     pub fn set_shares(&self, rpm_share: f64, tpm_share: f64, now: Instant) {
         self.rpm.set_share(rpm_share, now);
@@ -266,7 +266,7 @@ pub struct ClientKey {
     /// Canonical models allowed; empty means all.
     pub models: HashSet<String>,
     /// Per-key requests per minute, if limited.
-    pub rpm: Option<Arc<TokenBucket>>,
+    pub rpm: Option<Arc<RateLimiter>>,
 }
 
 impl ClientKey {
@@ -524,7 +524,7 @@ pub fn compile(
                 b.set_limit(f64::from(k.rpm), now);
                 b
             }
-            None => Arc::new(TokenBucket::per_minute(k.rpm, now)),
+            None => Arc::new(RateLimiter::client(f64::from(k.rpm), now)),
         });
         let key = Arc::new(ClientKey {
             id: Arc::from(k.id.as_str()),

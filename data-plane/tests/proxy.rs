@@ -219,21 +219,19 @@ async fn all_cooling_admits_emergency_then_503_with_retry_after() {
 async fn rate_limited_requests_wait_in_the_queue() {
     let a = mock("a").await;
     let mut be = backend("a", &a.url(), Pool::Primary, &[("gpt", "mock-model")]);
-    be.rpm = 60; // one token per second
+    be.rpm = 60; // one request per second
     let mut snap = snapshot(vec![be]);
     let mut pool = claw_proto::validate::default_pool_settings(Pool::Primary);
     pool.queue_timeout_ms = 3_000;
     pool.queue_depth = 1;
     snap.pools = vec![pool];
     let p = TestProxy::start(snap).await;
-    // Empty the bucket.
+    // Take this second's request: the next conforms in just under a second.
+    // (The limiter paces at the rate; taking 60 at once would block it for
+    // a minute, where the old bucket merely emptied.)
     let s = p.store.load().unwrap();
     let rt = &s.backend("a").unwrap().runtime;
-    assert!(
-        rt.rpm
-            .try_acquire(60.0, tokio::time::Instant::now())
-            .is_ok()
-    );
+    assert!(rt.rpm.try_acquire(1.0, tokio::time::Instant::now()).is_ok());
 
     let t = Instant::now();
     let first = p.chat("gpt");
