@@ -17,8 +17,16 @@
 //!   this proxy itself caused (`source_node_id`) are ignored;
 //! - `RateShares` go to [`Fleet::apply_shares`].
 //!
+//! Incremental messages may arrive before the first snapshot (or name a
+//! backend a later snapshot adds): rate shares are kept by [`Fleet`] per
+//! backend id and applied with every snapshot; a cooldown for a backend not
+//! in the snapshot is kept (until it would have ended) and applied as soon
+//! as a snapshot brings the backend.
+//!
 //! The stream's up/down state feeds [`Fleet`]'s degraded-mode timer.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
@@ -93,6 +101,9 @@ pub struct Dispatcher {
     store: SnapshotStore,
     cooldowns: Cooldowns,
     fleet: Fleet,
+    /// Remote cooldowns for backends not in the snapshot yet: `(until,
+    /// consecutive)` per backend id.
+    early: Arc<Mutex<HashMap<String, (Instant, u32)>>>,
 }
 
 impl Dispatcher {
@@ -103,6 +114,7 @@ impl Dispatcher {
             store,
             cooldowns,
             fleet,
+            early: Arc::default(),
         }
     }
 
@@ -129,6 +141,7 @@ impl Dispatcher {
             let result = self.store.apply(msg.version, s);
             if result.is_ok() {
                 self.fleet.reapply();
+                self.apply_early_cooldowns(Instant::now());
             }
             result
         });
@@ -141,11 +154,18 @@ impl Dispatcher {
                 continue;
             }
             let remaining = Duration::from_millis(c.remaining_ms).min(MAX_RETRY_AFTER);
+            let until = now + remaining;
             if !self
                 .cooldowns
-                .apply_remote(&c.backend_id, now + remaining, c.consecutive)
+                .apply_remote(&c.backend_id, until, c.consecutive)
             {
-                tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot");
+                tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot yet: kept");
+                let mut early = self.lock_early();
+                early.retain(|_, (u, _)| *u > now);
+                let e = early
+                    .entry(c.backend_id.clone())
+                    .or_insert((until, c.consecutive));
+                *e = (e.0.max(until), e.1.max(c.consecutive));
             }
         }
         let result = reply?;
@@ -166,6 +186,21 @@ impl Dispatcher {
                 }
             }
         })
+    }
+}
+
+impl Dispatcher {
+    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies the kept cooldowns whose backend the snapshot now has;
+    /// forgets those that ended.
+    fn apply_early_cooldowns(&self, now: Instant) {
+        let mut early = self.lock_early();
+        early.retain(|id, (until, consecutive)| {
+            *until > now && !self.cooldowns.apply_remote(id, *until, *consecutive)
+        });
     }
 }
 
@@ -364,5 +399,82 @@ mod tests {
         // Unlisted: the fair share of two proxies.
         assert_eq!(a.rpm.share(), 0.5);
         assert_eq!(d.fleet().proxy_count(), 2);
+    }
+
+    /// Regression: a cooldown or rate share pushed before the first
+    /// snapshot was dropped (the backend was unknown), so the proxy sent to
+    /// a cooling backend and used the fair share instead of its own.
+    #[tokio::test(start_paused = true)]
+    async fn incremental_messages_before_the_first_snapshot_apply_once_it_arrives() {
+        use crate::snapshot::tests::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = Dispatcher::new(
+            "me".into(),
+            store.clone(),
+            Cooldowns::new(store.clone()),
+            Fleet::new(store.clone()),
+        );
+        let start = Instant::now();
+        let update = |id: &str, ms: u64| v1::CooldownUpdate {
+            backend_id: id.into(),
+            until_unix_ms: 0,
+            remaining_ms: ms,
+            consecutive: 2,
+            source_node_id: "other".into(),
+        };
+        let early = d.handle(StreamConfigResponse {
+            version: 0,
+            cooldowns: vec![update("a", 10_000), update("b", 1_000)],
+            rate_shares: Some(v1::RateShares {
+                proxy_count: 3,
+                backends: vec![v1::BackendShare {
+                    backend_id: "a".into(),
+                    rpm_share: 0.7,
+                    tpm_share: 0.2,
+                }],
+            }),
+            ..Default::default()
+        });
+        assert!(early.is_none());
+        assert!(store.load().is_none());
+        // The snapshot comes 2 s later: b's cooldown has ended meanwhile.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let snap = v1::Snapshot {
+            version: 1,
+            backends: vec![
+                backend("a", Pool::Primary, &[("m", "m")]),
+                backend("b", Pool::Primary, &[("m", "m")]),
+            ],
+            ..Default::default()
+        };
+        assert!(
+            d.handle(StreamConfigResponse {
+                version: 1,
+                nonce: "n".into(),
+                snapshot: Some(snap),
+                ..Default::default()
+            })
+            .is_some()
+        );
+        let s = store.load().unwrap();
+        let (a, b) = (
+            &s.backend("a").unwrap().runtime,
+            &s.backend("b").unwrap().runtime,
+        );
+        let now = Instant::now();
+        assert_eq!(
+            a.cooldown.cooling_until(now),
+            Some(start + Duration::from_secs(10))
+        );
+        assert_eq!(a.cooldown.consecutive(), 2);
+        assert_eq!((a.rpm.share(), a.tpm.share()), (0.7, 0.2));
+        assert_eq!(
+            b.cooldown.cooling_until(now),
+            None,
+            "ended before the snapshot"
+        );
+        assert!((b.rpm.share() - 1.0 / 3.0).abs() < 1e-9);
+        assert!(d.lock_early().is_empty());
     }
 }

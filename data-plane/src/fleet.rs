@@ -6,6 +6,9 @@
 //! stream ([`Fleet::apply_shares`]). A backend not listed in an update keeps
 //! its share; a backend that never had one (new in a snapshot) starts at
 //! `1 ÷ proxy count` — the fair share — until the control plane assigns it.
+//! Shares are kept by backend id, so shares that arrive before the first
+//! snapshot (or before the snapshot that adds a backend) apply with it.
+//! Each backend's limiters ([`crate::ratelimit`]) take a new share at once.
 //!
 //! **Degraded mode.** A proxy that loses the discovery stream keeps its last
 //! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes it):
