@@ -202,6 +202,10 @@ pub struct Collector {
     buffer: ReportBuffer,
     /// When the last batch was cut.
     last_cut: Instant,
+    /// Silence after which an empty batch is cut: [`IDLE_BATCH_EVERY`] less
+    /// one flush tick, so that checked every tick batches leave at least
+    /// every [`IDLE_BATCH_EVERY`].
+    idle_after: Duration,
 }
 
 /// How long a connected, idle proxy stays silent before it sends an empty
@@ -220,6 +224,7 @@ impl Collector {
             requests: 0,
             buffer: ReportBuffer::new(settings.max_buffered_events),
             last_cut: Instant::now(),
+            idle_after: IDLE_BATCH_EVERY.saturating_sub(settings.flush_interval),
         }
     }
 
@@ -280,11 +285,12 @@ impl Collector {
         self.cut_batch(false)
     }
 
-    /// Cuts an empty batch when nothing was cut for [`IDLE_BATCH_EVERY`] and
+    /// Cuts an empty batch when nothing was cut for [`IDLE_BATCH_EVERY`]
+    /// (less a flush tick) and
     /// every batch was acknowledged (a batch with events when there are
     /// any). Returns whether a batch was cut.
     pub fn keepalive(&mut self) -> bool {
-        if !self.buffer.is_empty() || self.last_cut.elapsed() < IDLE_BATCH_EVERY {
+        if !self.buffer.is_empty() || self.last_cut.elapsed() < self.idle_after {
             return false;
         }
         self.cut_batch(true)

@@ -346,3 +346,56 @@ async fn a_429_is_reported_at_once_and_remote_cooldowns_apply() {
     assert_eq!(b.totals().requests, before);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_reports_every_second_and_its_demand_rides_along() {
+    let up = MockUpstream::start(MockConfig::default().api_key("sk-up-a")).await;
+    let mut h = Harness::start(
+        "node-idle",
+        snapshot(vec![backend(
+            "a",
+            &up.url(),
+            Pool::Primary,
+            &[("mock-model", "mock-model")],
+        )]),
+    )
+    .await;
+    let (mut s, out) = h.next_stream().await;
+    assert_eq!(recv(&mut s).await.seq, 0);
+    // Idle: an (empty) batch at least every second, each acknowledged.
+    let mut at = Vec::new();
+    let mut seqs = Vec::new();
+    while at.len() < 4 {
+        let b = recv(&mut s).await;
+        at.push(std::time::Instant::now());
+        seqs.push(b.seq);
+        out.send(Ok(StreamReportsResponse { acked_seq: b.seq }))
+            .await
+            .unwrap();
+    }
+    for w in at.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(500) && gap <= Duration::from_millis(1_150),
+            "{gap:?} between idle batches"
+        );
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // A request: the next batches carry its demand for backend a.
+    assert_eq!(h.post(chat(false)).await.status(), 200);
+    let mut demand = 0;
+    while demand == 0 {
+        let b = recv(&mut s).await;
+        demand += b
+            .demand
+            .iter()
+            .filter(|d| d.backend_id == "a")
+            .map(|d| d.requests)
+            .sum::<u64>();
+        out.send(Ok(StreamReportsResponse { acked_seq: b.seq }))
+            .await
+            .unwrap();
+    }
+    assert_eq!(demand, 1);
+    h.shutdown().await;
+}
