@@ -2,32 +2,55 @@
 //! backend's rpm and tpm.
 //!
 //! **Targets.** Per backend and per limit, the connected proxies' recent
-//! demand (an EWMA of the `demand` in their report batches, what they were
-//! asked for, admitted or not) is divided max-min fairly ([`targets`]): a
-//! proxy wanting less than an equal part gets what it wants (with 10 %
-//! headroom), the rest is split among the others; what nobody wants is
-//! split equally; every proxy keeps a floor (10 % of the equal share) so an
-//! idle proxy can still admit its first requests; shares are renormalized
-//! to sum to 1. Without demand the split is equal. Targets are recomputed
-//! every tick (1 s) but only adopted when one moved by more than 5 points
-//! or the set of proxies changed, so shares do not flap.
+//! demand (an EWMA, time constant 2 s, of the `demand` in their report
+//! batches: what they were asked for, admitted or not) is divided max-min
+//! fairly ([`targets`]): a proxy wanting less than an equal part gets what
+//! it wants (with 10 % headroom), the rest is split among the others; what
+//! nobody wants is split equally; every proxy keeps a floor (10 % of the
+//! equal share) so an idle proxy can still admit its first requests; shares
+//! are renormalized to sum to 1. Without demand the split is equal. Targets
+//! are recomputed every tick (1 s) but only adopted when one moved by more
+//! than 4 points or the set of proxies changed, so shares do not flap. An
+//! 80/20 skew between two proxies converges in a few seconds.
 //!
-//! **Grants never over-commit the limit, transients included.** A proxy
-//! enforces its share over a trailing minute, so after its share drops it
-//! may still have admitted up to its *old* share in the last minute. The
-//! control plane therefore tracks, per proxy, the highest share it held in
-//! the last window `W` (a minute plus a margin for propagation), and, when
-//! reports are fresh, a tighter bound: what it reported wanting in the
-//! window plus the share it held since its last report. Decreases are
-//! granted at once; increases only out of the headroom
-//! `1 − Σ max(held_p, grant_p)` ([`allocate`]). Hence at every instant
-//! `Σ_p max(held_p, grant_p) ≤ 1`: whatever window the upstream counts,
-//! the proxies together admit at most the limit in it (given a proxy limiter
-//! that admits at most `share × limit` in any trailing minute). A proxy
-//! that disconnects keeps its reservation for `W` (proxies keep their last
-//! share for a minute when they lose the control plane). A new proxy may
-//! therefore start with a small share that grows as older reservations age
-//! out.
+//! **Why current shares suffice.** A proxy paces every backend with a GCRA
+//! limiter (`data-plane/src/ratelimit.rs`): in any window it admits at most
+//! `burst + limit ÷ 60 s × ∫ share(t) dt`, `share(t)` being the share it
+//! applies at `t`. Summed over the proxies, the upstream sees at most
+//! `N × burst + limit ÷ 60 s × ∫ Σ_p share_p(t) dt` in any window: at most
+//! the limit (plus one small burst per proxy) as long as the shares the
+//! proxies *apply* sum to at most 1 **at every instant**. Nothing a proxy
+//! held a minute ago matters (that was a token bucket's need: after a
+//! decrease it could still spend a full bucket of the old share).
+//!
+//! **Invariant: `Σ_p reserved_p ≤ 1` at every instant**, per backend and
+//! limit, where `reserved_p` bounds the share proxy `p` may be applying:
+//!
+//! - a *connected* proxy: the highest share granted to it in the last
+//!   `propagation` (2 s). A lowered share travels to the proxy on its
+//!   discovery stream (milliseconds); until it arrives the proxy applies the
+//!   old one, so the freed part is granted to others only `propagation`
+//!   after the lowering was pushed — a raise on B can never overtake the
+//!   lowering on A it was paid by;
+//! - a *disconnected* proxy: the highest share it held in the `propagation`
+//!   before its stream ended (a lowering pushed just before may never have
+//!   arrived), for `disconnected_hold` (62 s) after it went. A proxy that
+//!   loses the control plane keeps serving on its last share for a minute
+//!   (`--degraded-after`) before degraded mode, so its share cannot be
+//!   reclaimed quickly; only connected proxies' lowered shares can. After
+//!   the hold it is forgotten (dead, or in degraded mode at `1 ÷ last known
+//!   proxy count`, which nobody can coordinate — see the data plane's
+//!   `fleet.rs`). If it reconnects meanwhile, its reservation carries over;
+//! - a proxy never seen reserves nothing: a new proxy process applies a
+//!   share of 0 until its first `RateShares` (`data-plane/src/fleet.rs`).
+//!
+//! Decreases are granted at once; increases only out of the headroom
+//! `1 − Σ_p max(reserved_p, share_p)` ([`allocate`]), so the invariant holds
+//! through every transition. A new proxy starts with what is free and gets
+//! its fair share `propagation` (plus a tick) after the others were lowered.
+//! Caveat: a restarted control plane knows no past grant; proxies keep
+//! their previous shares until its first push (milliseconds after they
+//! reconnect).
 //!
 //! Each proxy is sent `RateShares` only when its shares (or the proxy
 //! count) changed.
@@ -41,14 +64,18 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::discovery::Push;
-use crate::report::directory::{BackendInfo, Directory};
+use crate::report::directory::{BackendInfo, Backends, Directory};
 
 /// Tunables of the share assignment.
 #[derive(Debug, Clone, Copy)]
 pub struct ShareSettings {
-    /// How long a proxy's past share counts against the others (a minute,
-    /// the limiters' window, plus propagation margin).
-    pub window: Duration,
+    /// How long a connected proxy's lowered share still counts against the
+    /// others: the time for the push to reach it, with margin.
+    pub propagation: Duration,
+    /// How long a disconnected proxy's share stays reserved: it keeps
+    /// serving on it for a minute (the proxies' `--degraded-after`), plus
+    /// margin.
+    pub disconnected_hold: Duration,
     /// Re-evaluation period.
     pub tick: Duration,
     /// Floor per proxy, as a fraction of the equal share.
@@ -59,20 +86,18 @@ pub struct ShareSettings {
     pub retarget: f64,
     /// Headroom on a proxy's demand when it wants less than an equal part.
     pub headroom: f64,
-    /// Age of a report's newest event when it arrives, at most.
-    pub report_margin: Duration,
 }
 
 impl Default for ShareSettings {
     fn default() -> Self {
         ShareSettings {
-            window: Duration::from_secs(62),
+            propagation: Duration::from_secs(2),
+            disconnected_hold: Duration::from_secs(62),
             tick: Duration::from_secs(1),
             floor: 0.1,
-            ewma_tau: Duration::from_secs(10),
-            retarget: 0.05,
+            ewma_tau: Duration::from_secs(2),
+            retarget: 0.04,
             headroom: 1.1,
-            report_margin: Duration::from_secs(1),
         }
     }
 }
@@ -132,7 +157,7 @@ pub struct Slot {
     pub target: f64,
     /// Its share now.
     pub current: f64,
-    /// The most it may have used in the trailing window (≥ 0).
+    /// The most it may be applying now (≥ 0): its reservation.
     pub held: f64,
 }
 
@@ -173,7 +198,7 @@ pub fn allocate(slots: &[Slot]) -> Vec<f64> {
         .collect()
 }
 
-/// A share over time: the changes of the last window.
+/// A share over time: the changes of the last `propagation`.
 #[derive(Debug, Default)]
 struct History {
     /// `(since, share)`, oldest first; the last is in effect now.
@@ -219,38 +244,6 @@ struct Rate {
     tokens: f64,
 }
 
-/// Per-second sums of reported demand over the window.
-#[derive(Debug, Default)]
-struct Window {
-    seconds: VecDeque<(Instant, Rate)>,
-}
-
-impl Window {
-    fn add(&mut self, now: Instant, requests: f64, tokens: f64) {
-        match self.seconds.back_mut() {
-            Some((t, r)) if now.duration_since(*t) < Duration::from_secs(1) => {
-                r.requests += requests;
-                r.tokens += tokens;
-            }
-            _ => self.seconds.push_back((now, Rate { requests, tokens })),
-        }
-    }
-
-    fn sum_since(&mut self, from: Instant) -> Rate {
-        while self
-            .seconds
-            .front()
-            .is_some_and(|(t, _)| *t + Duration::from_secs(1) < from)
-        {
-            self.seconds.pop_front();
-        }
-        self.seconds.iter().fold(Rate::default(), |a, (_, r)| Rate {
-            requests: a.requests + r.requests,
-            tokens: a.tokens + r.tokens,
-        })
-    }
-}
-
 #[derive(Debug, Default)]
 struct Grant {
     rpm: History,
@@ -265,8 +258,6 @@ struct Node {
     gone_at: Option<Instant>,
     demand: HashMap<String, Rate>,
     demand_at: Option<Instant>,
-    reported: HashMap<String, Window>,
-    last_report: Option<Instant>,
     grants: HashMap<String, Grant>,
     pushed: Option<RateShares>,
 }
@@ -284,7 +275,7 @@ struct Inner {
 pub struct Shares {
     inner: Mutex<Inner>,
     settings: ShareSettings,
-    directory: Arc<Directory>,
+    backends: Box<dyn Fn() -> Arc<Backends> + Send + Sync>,
     config_version: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
@@ -309,10 +300,19 @@ impl Shares {
         directory: Arc<Directory>,
         config_version: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
+        Self::with_backends(settings, move || directory.backends(), config_version)
+    }
+
+    /// An assigner for the backends `backends()` lists (tests).
+    pub fn with_backends(
+        settings: ShareSettings,
+        backends: impl Fn() -> Arc<Backends> + Send + Sync + 'static,
+        config_version: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
         Shares {
             inner: Mutex::new(Inner::default()),
             settings,
-            directory,
+            backends: Box::new(backends),
             config_version: Box::new(config_version),
         }
     }
@@ -357,19 +357,15 @@ impl Shares {
             let r = node.demand.entry(backend.to_string()).or_default();
             r.requests += alpha * (req / dt - r.requests);
             r.tokens += alpha * (tok / dt - r.tokens);
-            node.reported
-                .entry(backend.to_string())
-                .or_default()
-                .add(now, req, tok);
         }
         node.demand_at = Some(now);
-        node.last_report = Some(now);
     }
 
     /// Sets the connected proxies (and their channels). Returns whether the
     /// set changed.
     pub fn set_members(&self, members: Vec<(String, mpsc::Sender<Push>)>) -> bool {
         let now = Instant::now();
+        let recent = now.checked_sub(self.settings.propagation).unwrap_or(now);
         let mut inner = self.lock();
         let mut changed = false;
         for (id, node) in inner.nodes.iter_mut() {
@@ -384,14 +380,20 @@ impl Shares {
                     changed = true;
                 }
                 (None, Some(_)) => {
+                    // It keeps serving on its last share (a lowering pushed
+                    // in the last `propagation` may not have arrived): that
+                    // stays reserved, frozen, until it reconnects or the
+                    // hold ends.
                     node.tx = None;
                     node.gone_at = Some(now);
                     node.pushed = None;
                     for g in node.grants.values_mut() {
-                        g.rpm.set(now, 0.0);
-                        g.tpm.set(now, 0.0);
-                        g.target_rpm = 0.0;
-                        g.target_tpm = 0.0;
+                        for dim in [Dim::Rpm, Dim::Tpm] {
+                            let h = dim.history_mut(g);
+                            let last = h.max_since(recent);
+                            h.set(now, last);
+                            *dim.target_mut(g) = last;
+                        }
                     }
                     changed = true;
                 }
@@ -415,13 +417,14 @@ impl Shares {
     pub fn evaluate(&self) -> Vec<(mpsc::Sender<Push>, StreamConfigResponse)> {
         let now = Instant::now();
         let s = self.settings;
-        let backends = self.directory.backends();
+        let backends = (self.backends)();
         let mut inner = self.lock();
-        let window_start = now.checked_sub(s.window).unwrap_or(now);
-        // Forget proxies gone for longer than the window.
+        let recent = now.checked_sub(s.propagation).unwrap_or(now);
+        // Forget proxies gone for longer than the hold.
+        let hold_start = now.checked_sub(s.disconnected_hold).unwrap_or(now);
         inner
             .nodes
-            .retain(|_, n| n.tx.is_some() || n.gone_at.is_some_and(|g| g > window_start));
+            .retain(|_, n| n.tx.is_some() || n.gone_at.is_some_and(|g| g > hold_start));
         let members: Vec<String> = inner
             .nodes
             .iter()
@@ -490,9 +493,11 @@ impl Shares {
                     },
                 ));
             }
+        }
+        for node in inner.nodes.values_mut() {
             for g in node.grants.values_mut() {
-                g.rpm.prune(window_start);
-                g.tpm.prune(window_start);
+                g.rpm.prune(recent);
+                g.tpm.prune(recent);
             }
         }
         out
@@ -511,7 +516,7 @@ impl Shares {
         now: Instant,
     ) {
         let s = &self.settings;
-        let window_start = now.checked_sub(s.window).unwrap_or(now);
+        let recent = now.checked_sub(s.propagation).unwrap_or(now);
         // Fresh targets for the connected proxies.
         let demand: Vec<f64> = members
             .iter()
@@ -554,35 +559,28 @@ impl Shares {
                 }
             }
         }
-        // Grants, over every node still holding a reservation.
+        // Grants, over every node still holding a reservation: a
+        // connected one the most it was granted in the last `propagation`,
+        // a disconnected one its frozen last share.
         let slots: Vec<Slot> = ids
             .iter()
             .map(|id| {
                 let n = inner.nodes.get_mut(id).expect("ids come from the map");
-                let last_report = n.last_report;
-                let reported = n
-                    .reported
-                    .get_mut(&b.id)
-                    .map(|w| w.sum_since(window_start))
-                    .unwrap_or_default();
+                let connected = n.tx.is_some();
                 let g = n.grants.entry(b.id.clone()).or_default();
                 let h = dim.history(g);
-                let mut held = h.max_since(window_start);
-                if let Some(lr) = last_report
-                    && limit > 0.0
-                {
-                    let since = lr.checked_sub(s.report_margin).unwrap_or(lr);
-                    let used = if dim == Dim::Rpm {
-                        reported.requests
-                    } else {
-                        reported.tokens
-                    };
-                    held = held.min(used / limit + h.max_since(since));
-                }
-                Slot {
-                    target: if n.tx.is_some() { dim.target(g) } else { 0.0 },
-                    current: h.current(),
-                    held,
+                if connected {
+                    Slot {
+                        target: dim.target(g),
+                        current: h.current(),
+                        held: h.max_since(recent),
+                    }
+                } else {
+                    Slot {
+                        target: h.current(),
+                        current: h.current(),
+                        held: h.current(),
+                    }
                 }
             })
             .collect();
@@ -740,6 +738,282 @@ mod tests {
         assert!(close(&g, &[0.5, 0.3]), "{g:?}");
         let committed: f64 = [0.7f64.max(g[0]), 0.2f64.max(g[1])].iter().sum();
         assert!(committed <= 1.0 + 1e-12);
+    }
+
+    fn limited(rpm: u32) -> Arc<Backends> {
+        let b = BackendInfo {
+            id: "b1".into(),
+            name: "b1".into(),
+            pool: "primary",
+            enabled: true,
+            rpm,
+            tpm: 0,
+            cooldown: Default::default(),
+        };
+        Arc::new(HashMap::from([(b.id.clone(), b)]))
+    }
+
+    /// A fleet of simulated proxies in front of `Shares` (paused time):
+    /// pushes reach each proxy after a delay below `propagation`.
+    struct Sim {
+        shares: Shares,
+        proxies: Vec<SimProxy>,
+        /// `(deliver at, proxy, rpm share)`.
+        in_flight: Vec<(Instant, usize, f64)>,
+        rng: u64,
+    }
+
+    struct SimProxy {
+        id: String,
+        tx: mpsc::Sender<Push>,
+        _rx: mpsc::Receiver<Push>,
+        connected: bool,
+        /// The rpm share it applies now.
+        applied: f64,
+        /// Requests offered per second.
+        offered: f64,
+    }
+
+    impl Sim {
+        fn new(n: usize, rpm: u32) -> Sim {
+            let shares = Shares::with_backends(s(), move || limited(rpm), || 1);
+            let proxies = (0..n)
+                .map(|i| {
+                    let (tx, rx) = mpsc::channel(8);
+                    SimProxy {
+                        id: format!("p{i}"),
+                        tx,
+                        _rx: rx,
+                        connected: true,
+                        applied: 0.0,
+                        offered: 0.0,
+                    }
+                })
+                .collect();
+            let mut sim = Sim {
+                shares,
+                proxies,
+                in_flight: Vec::new(),
+                rng: 7,
+            };
+            sim.members();
+            sim
+        }
+
+        fn members(&mut self) {
+            self.shares.set_members(
+                self.proxies
+                    .iter()
+                    .filter(|p| p.connected)
+                    .map(|p| (p.id.clone(), p.tx.clone()))
+                    .collect(),
+            );
+        }
+
+        fn delay(&mut self) -> Duration {
+            self.rng = self
+                .rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Up to 1.9 s: below `propagation`.
+            Duration::from_millis((self.rng >> 33) % 1_900)
+        }
+
+        fn evaluate(&mut self) {
+            let now = Instant::now();
+            for (tx, m) in self.shares.evaluate() {
+                let p = self
+                    .proxies
+                    .iter()
+                    .position(|p| p.tx.same_channel(&tx))
+                    .expect("a proxy");
+                let share = m.rate_shares.expect("shares").backends[0].rpm_share;
+                // In order on the proxy's stream.
+                let after = self
+                    .in_flight
+                    .iter()
+                    .filter(|x| x.1 == p)
+                    .map(|x| x.0)
+                    .max()
+                    .unwrap_or(now);
+                let at = (now + self.delay()).max(after);
+                self.in_flight.push((at, p, share));
+            }
+        }
+
+        fn report(&self, p: usize, requests: u64) {
+            self.shares.observe(&StreamReportsRequest {
+                node_id: self.proxies[p].id.clone(),
+                demand: vec![claw_proto::v1::BackendDemand {
+                    backend_id: "b1".into(),
+                    requests,
+                    tokens: 0,
+                }],
+                ..Default::default()
+            });
+        }
+
+        /// Runs for `secs` in 10 ms steps (pushes delivered in order per
+        /// proxy, reports and ticks every second); checks that the applied
+        /// shares never sum above 1 and returns the requests served per
+        /// second of the limit (`Σ min(offered, share × rpm)`), averaged.
+        async fn run(&mut self, secs: u64, rpm: f64) -> f64 {
+            let step = Duration::from_millis(10);
+            let mut served = 0.0;
+            let steps = secs * 100;
+            for i in 0..steps {
+                tokio::time::advance(step).await;
+                let now = Instant::now();
+                self.in_flight.sort_by_key(|x| x.0);
+                while self.in_flight.first().is_some_and(|x| x.0 <= now) {
+                    let (_, p, share) = self.in_flight.remove(0);
+                    self.proxies[p].applied = share;
+                }
+                let sum: f64 = self.proxies.iter().map(|p| p.applied).sum();
+                assert!(sum <= 1.0 + 1e-9, "applied shares sum to {sum}");
+                served += self
+                    .proxies
+                    .iter()
+                    .map(|p| p.offered.min(p.applied * rpm / 60.0) * 0.01)
+                    .sum::<f64>();
+                if i % 100 == 50 {
+                    for p in 0..self.proxies.len() {
+                        if self.proxies[p].connected {
+                            self.report(p, self.proxies[p].offered.round() as u64);
+                        }
+                    }
+                }
+                if i % 100 == 0 {
+                    self.evaluate();
+                }
+            }
+            served / (rpm / 60.0 * secs as f64)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_80_20_skew_uses_the_limit_within_seconds_and_applied_shares_never_exceed_it() {
+        let rpm = 600.0;
+        let mut sim = Sim::new(2, 600);
+        // Idle: equal halves.
+        sim.run(5, rpm).await;
+        assert!(close(
+            &[sim.proxies[0].applied, sim.proxies[1].applied],
+            &[0.5, 0.5]
+        ));
+        // 80/20 at 1.5 × the limit: p1 wants 0.3, p0 needs 0.67.
+        sim.proxies[0].offered = 12.0;
+        sim.proxies[1].offered = 3.0;
+        let first = sim.run(6, rpm).await;
+        assert!(sim.proxies[0].applied > 0.63, "{}", sim.proxies[0].applied);
+        let then = sim.run(14, rpm).await;
+        assert!(then > 0.95, "{then}");
+        // Over 20 s, as in the fleet test: ≥ 90 % of the limit.
+        let used = (first * 6.0 + then * 14.0) / 20.0;
+        assert!(used >= 0.9, "{used}");
+        // The skew flips: p1 gets most of it within ten seconds or so
+        // (p0's demand has to decay first).
+        sim.proxies[0].offered = 3.0;
+        sim.proxies[1].offered = 12.0;
+        sim.run(12, rpm).await;
+        assert!(sim.proxies[1].applied > 0.6, "{}", sim.proxies[1].applied);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_share_goes_to_others_only_after_propagation() {
+        let sim = Sim::new(2, 600);
+        sim.shares.evaluate();
+        let t0 = Instant::now();
+        // p0 busy, p1 idle: p1 is lowered at once, p0 raised 2 s later.
+        let mut lowered = None;
+        let mut raised = None;
+        for i in 0..60u64 {
+            if i % 10 == 0 {
+                sim.report(0, 50);
+                sim.report(1, 0);
+            }
+            sim.shares.evaluate();
+            let now = Instant::now();
+            let g0 = sim.shares.granted("p0")[0].1;
+            let g1 = sim.shares.granted("p1")[0].1;
+            if g1 < 0.5 && lowered.is_none() {
+                lowered = Some(now);
+            }
+            if g0 > 0.5 && raised.is_none() {
+                raised = Some(now);
+            }
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let (lowered, raised) = (lowered.expect("lowered"), raised.expect("raised"));
+        assert!(
+            raised >= lowered + s().propagation,
+            "{:?}",
+            raised - lowered
+        );
+        assert!(raised - t0 < Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disconnected_proxys_share_stays_reserved_for_the_hold() {
+        let rpm = 600.0;
+        let mut sim = Sim::new(2, 600);
+        sim.proxies[0].offered = 12.0;
+        sim.proxies[1].offered = 12.0;
+        sim.run(5, rpm).await;
+        // p1 loses the control plane: it keeps serving on its half.
+        sim.proxies[1].connected = false;
+        sim.members();
+        sim.run(55, rpm).await;
+        assert!(close(&[sim.shares.granted("p0")[0].1], &[0.5]));
+        assert!(close(&[sim.shares.granted("p1")[0].1], &[0.5]));
+        // (It was in fact gone; alive, it would now be in degraded mode.)
+        sim.proxies[1].applied = 0.0;
+        // After the hold it is forgotten and p0 gets all of it.
+        sim.run(10, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[1.0]));
+        assert!(sim.shares.granted("p1").is_empty());
+
+        // A proxy that reconnects within the hold keeps its reservation until
+        // it was told its new share.
+        let mut sim = Sim::new(2, 600);
+        sim.run(3, rpm).await;
+        sim.proxies[1].connected = false;
+        sim.members();
+        sim.run(5, rpm).await;
+        let (tx, rx) = mpsc::channel(8);
+        sim.proxies[1].tx = tx;
+        sim.proxies[1]._rx = rx;
+        sim.proxies[1].connected = true;
+        sim.members();
+        // `run` checks the applied shares throughout.
+        sim.run(5, rpm).await;
+        assert!(close(
+            &[sim.proxies[0].applied, sim.proxies[1].applied],
+            &[0.5, 0.5]
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn newcomers_get_their_share_after_the_others_were_lowered() {
+        let rpm = 600.0;
+        let mut sim = Sim::new(4, 600);
+        for p in &mut sim.proxies[2..] {
+            p.connected = false;
+        }
+        sim.members();
+        for p in &mut sim.proxies {
+            p.offered = 12.0;
+        }
+        sim.run(5, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[0.5]));
+        for p in &mut sim.proxies[2..] {
+            p.connected = true;
+        }
+        sim.members();
+        sim.run(5, rpm).await;
+        for p in &sim.proxies {
+            assert!((p.applied - 0.25).abs() < 1e-9, "{}", p.applied);
+        }
     }
 
     #[test]

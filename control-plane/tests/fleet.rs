@@ -42,10 +42,10 @@ struct Harness {
 /// Shares settle in tests within a fraction of a second.
 fn fast_shares() -> ShareSettings {
     ShareSettings {
-        window: Duration::from_millis(300),
+        propagation: Duration::from_millis(100),
+        disconnected_hold: Duration::from_millis(300),
         tick: Duration::from_millis(50),
         ewma_tau: Duration::from_millis(300),
-        report_margin: Duration::from_millis(50),
         ..ShareSettings::default()
     }
 }
