@@ -108,7 +108,10 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher updating `store`, `cooldowns` and `fleet`.
+    /// The fleet waits for the control plane's first rate shares
+    /// ([`Fleet::await_shares`]).
     pub fn new(node_id: String, store: SnapshotStore, cooldowns: Cooldowns, fleet: Fleet) -> Self {
+        fleet.await_shares();
         Dispatcher {
             node_id,
             store,

@@ -10,6 +10,17 @@
 //! snapshot (or before the snapshot that adds a backend) apply with it.
 //! Each backend's limiters ([`crate::ratelimit`]) take a new share at once.
 //!
+//! **Before the first shares.** A proxy with a control plane
+//! ([`Fleet::await_shares`], set by the discovery dispatcher) starts every
+//! backend at a share of **0**: the other proxies may already hold the
+//! whole limit, and the control plane reserves nothing for a proxy it has
+//! not granted anything (`control-plane/src/shares.rs`). Requests wait in
+//! the queue meanwhile; the control plane pushes shares right after the
+//! proxy connects, so that is milliseconds. If no `RateShares` arrives
+//! within [`FIRST_SHARES_TIMEOUT`] of the first snapshot, the proxy falls
+//! back to `1 ÷ max(1, last known proxy count)` rather than stay shut. A
+//! proxy without a control plane (static snapshot) never waits: share 1.
+//!
 //! **Degraded mode.** A proxy that loses the discovery stream keeps its last
 //! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes it):
 //! the control plane may just be
@@ -37,6 +48,11 @@ use crate::snapshot::SnapshotStore;
 /// default ([`crate::Config::degraded_after`]).
 pub const DEGRADED_AFTER: Duration = Duration::from_secs(60);
 
+/// How long after the first snapshot a proxy with a control plane waits
+/// for its first rate shares (at share 0) before it falls back to the fair
+/// share.
+pub const FIRST_SHARES_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Connected proxies at the last update (0 = never told).
@@ -44,6 +60,9 @@ struct Inner {
     /// Last assigned `(rpm, tpm)` share per backend id.
     assigned: HashMap<String, (f64, f64)>,
     degraded: bool,
+    /// A control plane is configured and has sent no shares yet: backends
+    /// without an assignment get 0.
+    awaiting: bool,
 }
 
 impl Inner {
@@ -57,6 +76,9 @@ impl Inner {
             return (f, f);
         }
         self.assigned.get(backend_id).copied().unwrap_or_else(|| {
+            if self.awaiting {
+                return (0.0, 0.0);
+            }
             let f = self.fair_share();
             (f, f)
         })
@@ -69,6 +91,8 @@ pub struct Fleet {
     store: SnapshotStore,
     inner: Arc<Mutex<Inner>>,
     connected: Arc<watch::Sender<bool>>,
+    /// Whether a snapshot has been applied.
+    snapshot_seen: Arc<watch::Sender<bool>>,
 }
 
 impl Fleet {
@@ -78,7 +102,22 @@ impl Fleet {
             store,
             inner: Arc::default(),
             connected: Arc::new(watch::Sender::new(false)),
+            snapshot_seen: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// A control plane assigns the shares: until its first `RateShares`
+    /// (or [`FIRST_SHARES_TIMEOUT`] after the first snapshot, see
+    /// [`Fleet::watch_degraded`]) backends get a share of 0.
+    pub fn await_shares(&self) {
+        let mut g = self.lock();
+        g.awaiting = true;
+        self.apply_locked(&g);
+    }
+
+    /// True while waiting for the control plane's first shares.
+    pub fn awaiting_shares(&self) -> bool {
+        self.lock().awaiting
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -91,6 +130,7 @@ impl Fleet {
         if shares.proxy_count > 0 {
             g.proxy_count = shares.proxy_count;
         }
+        g.awaiting = false;
         for b in &shares.backends {
             g.assigned
                 .insert(b.backend_id.clone(), (b.rpm_share, b.tpm_share));
@@ -134,6 +174,8 @@ impl Fleet {
         let Some(snap) = self.store.load() else {
             return;
         };
+        self.snapshot_seen
+            .send_if_modified(|seen| !std::mem::replace(seen, true));
         let now = Instant::now();
         for b in snap.backends() {
             let (rpm, tpm) = g.share_of(&b.id);
@@ -177,8 +219,37 @@ impl Fleet {
     }
 
     /// Enters degraded mode once the discovery stream has been down for
-    /// `after` ([`DEGRADED_AFTER`] by default); runs until aborted.
+    /// `after` ([`DEGRADED_AFTER`] by default), and falls back to the fair
+    /// share when the first shares are late ([`FIRST_SHARES_TIMEOUT`]);
+    /// runs until aborted.
     pub async fn watch_degraded(self, after: Duration) {
+        tokio::join!(
+            self.clone().first_shares_fallback(FIRST_SHARES_TIMEOUT),
+            self.degraded_loop(after)
+        );
+    }
+
+    /// Ends the wait for the first shares `after` the first snapshot.
+    async fn first_shares_fallback(self, after: Duration) {
+        let mut seen = self.snapshot_seen.subscribe();
+        if seen.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(after).await;
+        let mut g = self.lock();
+        if g.awaiting {
+            g.awaiting = false;
+            tracing::warn!(
+                proxy_count = g.proxy_count,
+                share = g.fair_share(),
+                "no rate shares from the control plane since the first snapshot: \
+                 1 ÷ last known proxy count until they arrive"
+            );
+            self.apply_locked(&g);
+        }
+    }
+
+    async fn degraded_loop(self, after: Duration) {
         metrics::gauge!("claw_dp_degraded_mode").set(0.0);
         let mut rx = self.connected.subscribe();
         loop {
@@ -291,6 +362,67 @@ mod tests {
         assert_eq!(rpm_share(&s, "a"), 0.5);
         assert_eq!(rpm_share(&s, "b"), 0.05);
         watcher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_control_plane_backends_keep_the_whole_limit() {
+        let s = store();
+        let f = Fleet::new(s.clone());
+        f.reapply();
+        assert_eq!(rpm_share(&s, "a"), 1.0);
+        assert!(!f.awaiting_shares());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_control_plane_backends_wait_at_zero_for_the_first_shares() {
+        let s = SnapshotStore::default();
+        let f = Fleet::new(s.clone());
+        f.await_shares();
+        let watcher = tokio::spawn(f.clone().watch_degraded(DEGRADED_AFTER));
+        s.apply(1, &two_backends()).unwrap();
+        f.reapply();
+        assert_eq!(rpm_share(&s, "a"), 0.0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rpm_share(&s, "a"), 0.0);
+        // The first shares: assigned or, for unlisted backends, fair.
+        f.apply_shares(&shares(2, &[("a", 0.7)]));
+        assert!(!f.awaiting_shares());
+        assert_eq!(rpm_share(&s, "a"), 0.7);
+        assert_eq!(rpm_share(&s, "b"), 0.5);
+        // No late fallback overrides them.
+        tokio::time::sleep(FIRST_SHARES_TIMEOUT * 2).await;
+        assert_eq!(rpm_share(&s, "a"), 0.7);
+        watcher.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_shares_a_proxy_falls_back_to_the_fair_share_after_the_timeout() {
+        let s = SnapshotStore::default();
+        let f = Fleet::new(s.clone());
+        f.await_shares();
+        let watcher = tokio::spawn(f.clone().watch_degraded(DEGRADED_AFTER));
+        // The clock starts at the first snapshot, not at startup.
+        tokio::time::sleep(FIRST_SHARES_TIMEOUT * 3).await;
+        s.apply(1, &two_backends()).unwrap();
+        f.reapply();
+        tokio::time::sleep(FIRST_SHARES_TIMEOUT - Duration::from_millis(100)).await;
+        assert_eq!(rpm_share(&s, "a"), 0.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!f.awaiting_shares());
+        // No proxy count known yet: 1 ÷ max(1, 0).
+        assert_eq!(rpm_share(&s, "a"), 1.0);
+        watcher.abort();
+    }
+
+    fn two_backends() -> v1::Snapshot {
+        v1::Snapshot {
+            version: 1,
+            backends: vec![
+                backend("a", Pool::Primary, &[("m", "m")]),
+                backend("b", Pool::Primary, &[("m", "m")]),
+            ],
+            ..Default::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -53,6 +53,27 @@ impl DiscoveryService for Cp {
         }))
         .await
         .unwrap();
+        // The whole limit, as a control plane with one proxy would grant
+        // (without shares the proxy waits at share 0 for a few seconds).
+        tx.send(Ok(StreamConfigResponse {
+            version: self.snapshot.version,
+            rate_shares: Some(claw_proto::v1::RateShares {
+                proxy_count: 1,
+                backends: self
+                    .snapshot
+                    .backends
+                    .iter()
+                    .map(|b| claw_proto::v1::BackendShare {
+                        backend_id: b.id.clone(),
+                        rpm_share: 1.0,
+                        tpm_share: 1.0,
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         // Keep reading ACKs so the stream stays open.
         tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
         let _ = self.discovery.send(tx.clone()).await;
