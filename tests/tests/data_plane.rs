@@ -291,8 +291,10 @@ async fn with_every_backend_cooling_the_emergency_bucket_admits_a_few_then_503_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_backend_rate_wait_in_the_queue_and_then_succeed() {
-    // 30 rpm on each backend: buckets of 30 requests, refilled one token
-    // every 2 s. A lone proxy gets the whole rate.
+    // 30 rpm on each backend, paced: an idle limiter admits one request at
+    // once, then one every 2 s. A lone proxy gets the whole rate. The
+    // first request takes the primary, the second the fallback; from the
+    // third on, requests wait in the queue for the next conforming instant.
     let c = Cluster::with(ClusterOptions {
         proxies: 1,
         rpm: 30,
@@ -301,7 +303,7 @@ async fn requests_over_the_backend_rate_wait_in_the_queue_and_then_succeed() {
     let proxy = c.proxy();
     let mut queued = Vec::new();
     let mut sent = 0u64;
-    while sent < 100 && queued.len() < 2 {
+    while sent < 20 && queued.len() < 2 {
         let started = Instant::now();
         let res = c.chat(proxy, CHAT).await;
         let took = started.elapsed();
@@ -311,10 +313,9 @@ async fn requests_over_the_backend_rate_wait_in_the_queue_and_then_succeed() {
             200,
             "a rate-limited request is queued, not refused"
         );
-        // Only once both buckets (60 requests, primary then fallback) are
-        // drained can a request wait; a slow answer before that is just a
-        // busy machine.
-        if sent > 55 && took > Duration::from_millis(300) {
+        // Only once both backends took a request can one wait; a slow
+        // answer before that is just a busy machine.
+        if sent > 2 && took > Duration::from_millis(300) {
             queued.push(took);
         }
     }
@@ -335,7 +336,7 @@ async fn requests_over_the_backend_rate_wait_in_the_queue_and_then_succeed() {
         "every request reached an upstream exactly once"
     );
     assert!(
-        p.ok >= 30 && f.ok >= 30,
+        p.ok >= 1 && f.ok >= 1,
         "primary first, then fallback: {p:?} {f:?}"
     );
 }
