@@ -34,7 +34,9 @@ cleanup() { trap - INT TERM EXIT; kill "${pids[@]}" 2>/dev/null || true; wait 2>
 trap cleanup INT TERM EXIT
 
 # start NAME CMD… — runs CMD with logs in $STATE/NAME.log and waits for its
-# "listening …" line; prints that line.
+# "listening …" line, which it leaves in $LISTEN. Never call it in a
+# subshell (`$(start …)`): the pid would not reach `pids` and Ctrl-C would
+# leave the process running.
 start() {
   local name=$1; shift
   local out="$STATE/$name.out"
@@ -42,16 +44,16 @@ start() {
   "$@" > "$out" 2> "$STATE/$name.log" &
   pids+=($!)
   for _ in $(seq 1 300); do
-    if grep -q '^listening' "$out"; then head -n1 "$out"; return 0; fi
+    if grep -q '^listening' "$out"; then LISTEN="$(head -n1 "$out")"; return 0; fi
     if ! kill -0 "${pids[-1]}" 2>/dev/null; then echo "$name failed to start; see $STATE/$name.log:" >&2; tail -n 20 "$STATE/$name.log" >&2; exit 1; fi
     sleep 0.1
   done
   echo "$name did not start in 30 s; see $STATE/$name.log" >&2; exit 1
 }
 
-start control-plane "$BIN/claw-control-plane" --data-dir "$STATE/data" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" >/dev/null
-mock_line=$(start mock-upstream "$BIN/claw-mock-upstream" --addr 127.0.0.1:0 --api-key mock-provider-key --name demo-upstream --chunk-delay 20ms)
-MOCK_ADDR="${mock_line#*http=}"
+start control-plane "$BIN/claw-control-plane" --data-dir "$STATE/data" --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR"
+start mock-upstream "$BIN/claw-mock-upstream" --addr 127.0.0.1:0 --api-key mock-provider-key --name demo-upstream --chunk-delay 20ms
+MOCK_ADDR="${LISTEN#*http=}"
 
 export DEMO_PROVIDER_KEY=mock-provider-key
 CTL="$BIN/clawctl"
@@ -68,8 +70,20 @@ else
   (umask 077; printf '%s\n' "$CLIENT_KEY" > "$STATE/client.key")
 fi
 
-start proxy "$BIN/claw-data-plane" --addr "$DP_ADDR" --control-plane "$CLAW_SERVER" --node-id quickstart-proxy >/dev/null
+start proxy "$BIN/claw-data-plane" --addr "$DP_ADDR" --control-plane "$CLAW_SERVER" --node-id quickstart-proxy
 for _ in $(seq 1 100); do curl -fs "http://$DP_ADDR/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+# Self-check: one real completion through the proxy (its rate share arrives
+# from the control plane just after the snapshot, so allow a few seconds).
+answered=""
+for _ in $(seq 1 100); do
+  if curl -fs "http://$DP_ADDR/v1/chat/completions" -H "Authorization: Bearer $CLIENT_KEY" \
+      -H 'Content-Type: application/json' \
+      -d '{"model":"demo-model","messages":[{"role":"user","content":"ping"}]}' >/dev/null 2>&1; then
+    answered=1; break
+  fi
+  sleep 0.1
+done
+[ -n "$answered" ] || echo "warning: the proxy did not answer a test completion yet; see $STATE/proxy.log" >&2
 
 cat <<MSG
 
