@@ -114,6 +114,11 @@ async fn a_config_change_reaches_both_proxies_and_is_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_outlive_a_killed_control_plane_and_catch_up_when_it_returns() {
     let mut c = Cluster::start();
+    // Both serve before the crash (a proxy holds its requests until the
+    // control plane has sent its first rate shares).
+    for p in &c.proxies {
+        assert_eq!(c.chat(p, CHAT).await.status(), 200, "via {}", p.node_id());
+    }
     c.cp.kill9();
 
     // Both keep answering from their last snapshot (and stay ready), also
