@@ -354,7 +354,8 @@ async fn master_key_rotation_online_then_restart_with_the_new_key() {
 
     // The old key no longer opens the data directory; the new one does.
     cp.stop();
-    let refused = cp.try_start_with_master_key(&cp.master_key().to_string());
+    let same_key = cp.master_key().to_owned();
+    let refused = cp.try_start_with_master_key(&same_key);
     assert!(
         refused.contains("key id") || refused.contains("master key"),
         "the old key is refused with a clear message: {refused}"
