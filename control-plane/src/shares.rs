@@ -2,16 +2,18 @@
 //! backend's rpm and tpm.
 //!
 //! **Targets.** Per backend and per limit, the connected proxies' recent
-//! demand (an EWMA, time constant 2 s, of the `demand` in their report
-//! batches: what they were asked for, admitted or not) is divided max-min
-//! fairly ([`targets`]): a proxy wanting less than an equal part gets what
-//! it wants (with 10 % headroom), the rest is split among the others; what
-//! nobody wants is split equally; every proxy keeps a floor (10 % of the
-//! equal share) so an idle proxy can still admit its first requests; shares
-//! are renormalized to sum to 1. Without demand the split is equal. Targets
-//! are recomputed every tick (1 s) but only adopted when one moved by more
-//! than 4 points or the set of proxies changed, so shares do not flap. An
-//! 80/20 skew between two proxies converges in a few seconds.
+//! demand (an EWMA of the `demand` in their report batches — what they
+//! were asked for, admitted or not — capped at the whole limit, with a
+//! time constant of 2 s or 12 requests of the rpm, whichever is longer) is
+//! divided max-min fairly ([`targets`]): a proxy wanting less than an
+//! equal part gets what it wants (with 10 % headroom), the rest is split
+//! among the others; what nobody wants is split equally; every proxy keeps
+//! a floor (10 % of the equal share) so an idle proxy can still admit its
+//! first requests; shares are renormalized to sum to 1. Without demand the
+//! split is equal. Targets are recomputed every tick (1 s) but only adopted
+//! when one moved by more than 4 points or the set of proxies changed, so
+//! shares do not flap. An 80/20 skew between two proxies converges in a
+//! few seconds at rpm 600, in about twenty at rpm 60.
 //!
 //! **Why current shares suffice.** A proxy paces every backend with a GCRA
 //! limiter (`data-plane/src/ratelimit.rs`): in any window it admits at most
@@ -80,8 +82,12 @@ pub struct ShareSettings {
     pub tick: Duration,
     /// Floor per proxy, as a fraction of the equal share.
     pub floor: f64,
-    /// Time constant of the demand EWMA.
+    /// Time constant of the demand EWMA (at least).
     pub ewma_tau: Duration,
+    /// The demand EWMA of a backend spans at least this many requests of
+    /// its rpm, so a low limit is not judged on a handful of requests
+    /// (rpm 60: 12 s; rpm 600 and up: `ewma_tau`).
+    pub ewma_requests: f64,
     /// Smallest target move (absolute share) that is adopted.
     pub retarget: f64,
     /// Headroom on a proxy's demand when it wants less than an equal part.
@@ -96,6 +102,7 @@ impl Default for ShareSettings {
             tick: Duration::from_secs(1),
             floor: 0.1,
             ewma_tau: Duration::from_secs(2),
+            ewma_requests: 12.0,
             retarget: 0.04,
             headroom: 1.1,
         }
@@ -326,17 +333,29 @@ impl Shares {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes in a stored report batch of `node`: its demand.
+    /// Takes in a stored report batch of `node`: its demand, capped at the
+    /// backend's whole limit (wanting more than all of it weighs no more,
+    /// and a capped average falls below the fair part sooner when the
+    /// demand moves to another proxy).
     pub fn observe(&self, batch: &StreamReportsRequest) {
         let now = Instant::now();
         let tau = self.settings.ewma_tau.as_secs_f64();
+        let backends = (self.backends)();
         let mut inner = self.lock();
         let node = inner.nodes.entry(batch.node_id.clone()).or_default();
         let dt = node
             .demand_at
             .map_or(1.0, |t| now.duration_since(t).as_secs_f64())
             .max(0.05);
-        let alpha = 1.0 - (-dt / tau).exp();
+        let alpha = |backend: &str| {
+            let rpm = backends.get(backend).map_or(0.0, |b| f64::from(b.rpm));
+            let tau = if rpm > 0.0 {
+                tau.max(self.settings.ewma_requests * 60.0 / rpm)
+            } else {
+                tau
+            };
+            1.0 - (-dt / tau).exp()
+        };
         let mut seen: HashMap<&str, (f64, f64)> = HashMap::new();
         for d in &batch.demand {
             let e = seen.entry(&d.backend_id).or_default();
@@ -349,14 +368,24 @@ impl Shares {
             if !seen.contains_key(k.as_str())
                 && let Some(r) = node.demand.get_mut(&k)
             {
-                r.requests *= 1.0 - alpha;
-                r.tokens *= 1.0 - alpha;
+                let a = alpha(&k);
+                r.requests *= 1.0 - a;
+                r.tokens *= 1.0 - a;
             }
         }
         for (backend, (req, tok)) in seen {
+            let (rpm, tpm) = backends.get(backend).map_or((0.0, 0.0), limits);
+            let cap = |per_s: f64, per_min: f64| {
+                if per_min > 0.0 {
+                    per_s.min(per_min / 60.0)
+                } else {
+                    per_s
+                }
+            };
+            let a = alpha(backend);
             let r = node.demand.entry(backend.to_string()).or_default();
-            r.requests += alpha * (req / dt - r.requests);
-            r.tokens += alpha * (tok / dt - r.tokens);
+            r.requests += a * (cap(req / dt, rpm) - r.requests);
+            r.tokens += a * (cap(tok / dt, tpm) - r.tokens);
         }
         node.demand_at = Some(now);
     }

@@ -46,6 +46,7 @@ fn fast_shares() -> ShareSettings {
         disconnected_hold: Duration::from_millis(300),
         tick: Duration::from_millis(50),
         ewma_tau: Duration::from_millis(300),
+        ewma_requests: 0.3,
         ..ShareSettings::default()
     }
 }
