@@ -619,7 +619,8 @@ async fn shares_split_equally_follow_demand_and_are_reassigned_on_disconnect() {
     }
     assert!(last.iter().sum::<f64>() <= 1.0 + 1e-9);
 
-    // Demand: p1 wants far more than p2; p3 and p4 are idle.
+    // Demand: p1 wants more than the limit (rpm 60), p2 reports wanting
+    // nothing; p3 and p4 report nothing.
     let mut r1 = h.reporter("p1", "e1").await;
     let mut r2 = h.reporter("p2", "e2").await;
     for seq in 1..=12 {
@@ -633,7 +634,7 @@ async fn shares_split_equally_follow_demand_and_are_reassigned_on_disconnect() {
         let mut b = r2.batch(seq);
         b.demand = vec![BackendDemand {
             backend_id: b1.clone(),
-            requests: 1,
+            requests: 0,
             tokens: 0,
         }];
         r2.send(b).await;
