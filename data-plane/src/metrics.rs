@@ -22,7 +22,9 @@
 //!
 //! The recorder is process-global; the first proxy in a process installs it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -89,5 +91,40 @@ pub fn status_label(status: u16) -> &'static str {
         s if s < 400 => "3xx",
         s if s < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// Metric handles of one (model, backend) pair for a successful answer,
+/// registered once instead of looked up (labels allocated, key hashed) per
+/// request.
+pub struct CandidateMetrics {
+    /// `claw_dp_upstream_attempts_total{outcome="success"}`.
+    pub attempt_success: Counter,
+    /// `claw_dp_requests_total{status="200"}`.
+    pub requests_ok: Counter,
+    /// `gen_ai_server_request_duration_seconds`.
+    pub duration: Histogram,
+    /// `gen_ai_client_token_usage{gen_ai_token_type="input"}`.
+    pub tokens_input: Histogram,
+    /// `gen_ai_client_token_usage{gen_ai_token_type="output"}`.
+    pub tokens_output: Histogram,
+}
+
+impl CandidateMetrics {
+    /// Registers the handles of `model` served by `backend`.
+    pub fn new(model: &Arc<str>, backend: &Arc<str>) -> Self {
+        CandidateMetrics {
+            attempt_success: metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.clone(), "outcome" => "success"),
+            requests_ok: metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => backend.clone(), "status" => "200"),
+            duration: metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone()),
+            tokens_input: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "input"),
+            tokens_output: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output"),
+        }
+    }
+}
+
+impl std::fmt::Debug for CandidateMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CandidateMetrics")
     }
 }

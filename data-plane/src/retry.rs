@@ -16,8 +16,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -25,7 +25,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use serde_json::Value;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
@@ -34,7 +33,7 @@ use crate::cooldown::{Cooldowns, parse_retry_after};
 use crate::error::ApiError;
 use crate::events::{EventSink, Failure, FailureKind, RequestOutcome, Signal, Usage};
 use crate::limits::retry_after_secs;
-use crate::metrics::status_label;
+use crate::metrics::{CandidateMetrics, status_label};
 use crate::outlier::OutlierPolicy;
 use crate::queue::{Priority, QueueExit};
 use crate::route::{Routed, Selection, select};
@@ -131,16 +130,14 @@ fn bit(i: usize) -> u128 {
     1u128 << i
 }
 
-/// Builds the upstream request; `model` is rewritten in place (the body is
-/// re-serialised per attempt, never deep-cloned).
+/// Builds the upstream request with `model` set to the candidate's native id
+/// (spliced into the client's bytes, or re-serialised for a rewritten body).
 fn build_request(r: &mut Routed, c: &Candidate) -> Option<Request<Full<Bytes>>> {
     let uri: http::Uri = format!("{}{}", c.backend.base_url, r.path_and_query)
         .parse()
         .ok()?;
-    r.body
-        .insert("model".into(), Value::String(c.native.to_string()));
-    let bytes = serde_json::to_vec(&r.body).ok()?;
-    let mut req = Request::new(Full::new(Bytes::from(bytes)));
+    let bytes = r.body.with_model(&c.native)?;
+    let mut req = Request::new(Full::new(bytes));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
     *req.headers_mut() = r.headers.clone();
@@ -328,14 +325,11 @@ where
                 last_error = Some(ApiError::bad_gateway());
             }
             Ok(res) => {
-                attempt_metric(
-                    backend,
-                    if res.status().is_success() {
-                        "success"
-                    } else {
-                        "client_error"
-                    },
-                );
+                if res.status().is_success() {
+                    cand.metrics(&r.route.model).attempt_success.increment(1);
+                } else {
+                    attempt_metric(backend, "client_error");
+                }
                 if rt.cooldown.on_success() > 0 {
                     shared.events.signal(Signal::Recovered {
                         backend_id: backend.id.clone(),
@@ -487,6 +481,7 @@ fn respond(
         events: shared.events.clone(),
         _in_flight: guard,
         backend: cand.backend.clone(),
+        metrics: cand.metrics.clone(),
         prices: cand.prices,
         model: r.route.model.clone(),
         key_id: r.key.id.clone(),
@@ -523,6 +518,7 @@ pub struct Tracker {
     events: EventSink,
     _in_flight: InFlight,
     backend: Arc<Backend>,
+    metrics: Arc<OnceLock<CandidateMetrics>>,
     prices: Prices,
     model: Arc<str>,
     key_id: Arc<str>,
@@ -605,15 +601,19 @@ impl Observer for Tracker {
             ));
         }
         let model = self.model.clone();
-        metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
-        metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone())
-            .record(latency.as_secs_f64());
+        let m = self
+            .metrics
+            .get_or_init(|| CandidateMetrics::new(&model, &self.backend.id));
+        if self.status == StatusCode::OK {
+            m.requests_ok.increment(1);
+        } else {
+            metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
+        }
+        m.duration.record(latency.as_secs_f64());
         let mut cost = None;
         if let Some(u) = usage {
-            metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "input")
-                .record(u.prompt_tokens as f64);
-            metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output")
-                .record(u.completion_tokens as f64);
+            m.tokens_input.record(u.prompt_tokens as f64);
+            m.tokens_output.record(u.completion_tokens as f64);
             cost = Some(u.cost(&self.prices));
             if self.backend.tpm.is_some() {
                 self.backend

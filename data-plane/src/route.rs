@@ -23,6 +23,8 @@ use claw_proto::Pool;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tower::{Layer, Service};
@@ -52,7 +54,7 @@ pub struct Routed {
     /// Headers to forward (already filtered).
     pub headers: HeaderMap,
     /// The JSON body; `model` is rewritten per attempt.
-    pub body: Map<String, Value>,
+    pub body: RequestBody,
     /// `stream: true`.
     pub stream: bool,
     /// Scheduling class.
@@ -261,6 +263,42 @@ where
     }
 }
 
+/// A request body on its way upstream, with `model` rewritten per attempt.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The client's bytes, forwarded as they are except for the `model`
+    /// value at `model` (its JSON string, quotes included), which is
+    /// replaced by the native id.
+    Raw {
+        /// The body as received.
+        bytes: Bytes,
+        /// Byte range of the `model` value.
+        model: std::ops::Range<usize>,
+    },
+    /// A body that changes structurally (a stream asking for usage):
+    /// parsed whole and serialised per attempt.
+    Json(Map<String, Value>),
+}
+
+impl RequestBody {
+    /// The body to send with `model` set to `native`.
+    pub fn with_model(&mut self, native: &str) -> Option<Bytes> {
+        match self {
+            RequestBody::Raw { bytes, model } => {
+                let mut out = Vec::with_capacity(bytes.len() - model.len() + native.len() + 2 + 8);
+                out.extend_from_slice(&bytes[..model.start]);
+                serde_json::to_writer(&mut out, native).ok()?;
+                out.extend_from_slice(&bytes[model.end..]);
+                Some(Bytes::from(out))
+            }
+            RequestBody::Json(map) => {
+                map.insert("model".into(), Value::String(native.to_string()));
+                serde_json::to_vec(map).ok().map(Bytes::from)
+            }
+        }
+    }
+}
+
 /// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
 pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
     let max_out = ["max_completion_tokens", "max_tokens"]
@@ -291,6 +329,181 @@ pub fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError
         }
         _ => Err(ApiError::bad_model()),
     }
+}
+
+/// What routing needs from a body, read without building a `Value`.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The canonical model.
+    pub model: String,
+    /// Byte range of the `model` value (a JSON string, quotes included).
+    pub model_span: std::ops::Range<usize>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`, when an unsigned integer.
+    pub max_out: Option<u64>,
+}
+
+/// The shape of a JSON value as far as routing cares. Deserialising it goes
+/// through `deserialize_any` all the way down, exactly like `Value` does, so
+/// it accepts and rejects the same documents, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    True,
+    U64(u64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Shape;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Shape, E> {
+                Ok(if b { Shape::True } else { Shape::Other })
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Shape, E> {
+                Ok(Shape::U64(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Shape, E> {
+                Ok(u64::try_from(n).map_or(Shape::Other, Shape::U64))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_none<E>(self) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Shape, A::Error> {
+                while a.next_element::<Shape>()?.is_some() {}
+                Ok(Shape::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Shape, A::Error> {
+                while a.next_key::<Shape>()?.is_some() {
+                    a.next_value::<Shape>()?;
+                }
+                Ok(Shape::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Model,
+    Stream,
+    MaxCompletionTokens,
+    MaxTokens,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "model" => Key::Model,
+                    "stream" => Key::Stream,
+                    "max_completion_tokens" => Key::MaxCompletionTokens,
+                    "max_tokens" => Key::MaxTokens,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct Top<'a> {
+    model: &'a RawValue,
+    stream: bool,
+    max_out: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Top<'de>, A::Error> {
+                let mut model: Option<&'de RawValue> = None;
+                let (mut stream, mut mct, mut mt) = (Shape::Other, Shape::Other, Shape::Other);
+                while let Some(k) = a.next_key::<Key>()? {
+                    match k {
+                        Key::Model => {
+                            // A repeated `model` takes the general path.
+                            if model.replace(a.next_value()?).is_some() {
+                                return Err(de::Error::custom("duplicate model"));
+                            }
+                        }
+                        Key::Stream => stream = a.next_value()?,
+                        Key::MaxCompletionTokens => mct = a.next_value()?,
+                        Key::MaxTokens => mt = a.next_value()?,
+                        Key::Other => {
+                            a.next_value::<Shape>()?;
+                        }
+                    }
+                }
+                let max_out = [mct, mt].into_iter().find_map(|s| match s {
+                    Shape::U64(n) => Some(n),
+                    _ => None,
+                });
+                Ok(Top {
+                    model: model.ok_or_else(|| de::Error::custom("no model"))?,
+                    stream: stream == Shape::True,
+                    max_out,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Reads `model`, `stream` and the output cap of a body without building a
+/// `Value`, validating it as [`parse_body`] would. `None` whenever the body
+/// is anything but a valid object with one non-empty string `model`: the
+/// caller then takes [`parse_body`], which answers exactly as before.
+pub fn scan_body(bytes: &[u8]) -> Option<Scanned> {
+    let top: Top<'_> = serde_json::from_slice(bytes).ok()?;
+    let raw = top.model.get();
+    if !raw.starts_with('"') {
+        return None;
+    }
+    // A plain string is its own content; escapes are decoded (and checked).
+    let inner = &raw[1..raw.len() - 1];
+    let model = if inner.contains('\\') {
+        serde_json::from_str::<String>(raw).ok()?
+    } else {
+        inner.to_string()
+    };
+    if model.is_empty() {
+        return None;
+    }
+    let start = raw.as_ptr() as usize - bytes.as_ptr() as usize;
+    Some(Scanned {
+        model,
+        model_span: start..start + raw.len(),
+        stream: top.stream,
+        max_out: top.max_out,
+    })
 }
 
 impl<S, B> Service<Request<B>> for RouteService<S>
@@ -361,12 +574,31 @@ where
     let bytes = read_body(body, params.max_body_bytes, params.body_timeout)
         .await
         .map_err(|e| reject(e, &auth))?;
-    let (mut body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth))?;
+    // Only a stream asking for usage changes the body's structure; anything
+    // else is forwarded as received with `model` spliced in.
+    let scanned = scan_body(&bytes).filter(|s| !(s.stream && suffix != "/embeddings"));
+    let (body, model, stream, est_tokens, stream_usage) = match scanned {
+        Some(s) => {
+            let est = s.max_out.unwrap_or(0) as f64 + prompt_estimate(bytes.len()) as f64;
+            let body = RequestBody::Raw {
+                bytes: bytes.clone(),
+                model: s.model_span,
+            };
+            // `stream` is only set here on embeddings, which never stream.
+            (body, s.model, false, est, None)
+        }
+        None => {
+            let (mut body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth))?;
+            let stream = suffix != "/embeddings" && body.get("stream") == Some(&Value::Bool(true));
+            let est = estimate_tokens(&body, bytes.len());
+            let stream_usage = stream.then(|| request_stream_usage(&mut body));
+            (RequestBody::Json(body), model, stream, est, stream_usage)
+        }
+    };
     check_model(&auth.key, &model).map_err(|e| reject(e, &auth))?;
     let Some(route) = auth.snapshot.route(&model).cloned() else {
         return Err(reject(ApiError::model_not_found(&model), &auth));
     };
-    let stream = suffix != "/embeddings" && body.get("stream") == Some(&Value::Bool(true));
     let priority = match parts.headers.get("x-claw-priority") {
         Some(v) if v.as_bytes().eq_ignore_ascii_case(b"background") => Priority::Background,
         _ => Priority::Interactive,
@@ -380,14 +612,12 @@ where
         Some(q) => format!("{suffix}?{q}"),
         None => suffix.to_string(),
     };
-    let est_tokens = estimate_tokens(&body, bytes.len());
-    let stream_usage = (stream && suffix != "/embeddings").then(|| request_stream_usage(&mut body));
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
         route,
         path_and_query,
-        headers: upstream_headers(&parts.headers),
+        headers: upstream_headers(parts.headers),
         body,
         stream,
         priority,
@@ -565,6 +795,76 @@ mod tests {
         let (map, m) = parse_body(br#"{"model":"gpt","max_tokens":100}"#).unwrap();
         assert_eq!(m, "gpt");
         assert_eq!(estimate_tokens(&map, 400), 200.0);
+    }
+
+    #[test]
+    fn scanning_agrees_with_parsing() {
+        let bodies: &[&[u8]] = &[
+            br#"{"model":"gpt","max_tokens":100}"#,
+            br#" { "messages" : [ {"role":"user","content":"h\u00e9 \"x\""} ], "model" : "gpt" , "stream":false } "#,
+            br#"{"model":"g\u0070t","max_completion_tokens":7,"max_tokens":9}"#,
+            br#"{"model":"gpt","max_completion_tokens":1.5,"max_tokens":9}"#,
+            br#"{"model":"gpt","max_tokens":-0}"#,
+            br#"{"model":"gpt","max_tokens":-3}"#,
+            br#"{"model":"gpt","max_tokens":1e2}"#,
+            br#"{"model":"gpt","max_tokens":18446744073709551616}"#,
+            br#"{"model":"gpt","stream":true}"#,
+            br#"{"mod\u0065l":"gpt","stream":"true"}"#,
+            br#"{"model":"a","model":"b"}"#,
+            br#"{"model":"gpt","x":"\ud800"}"#,
+            br#"{"model":"\ud800"}"#,
+            br#"{"model":"gpt","x":[1,2,{"a":null}]} x"#,
+            br#"{"model":"gpt","x":"a	b"}"#,
+            b"{\"model\":\"gpt\",\"x\":\"\xff\"}",
+            br#"{"model":null}"#,
+            br#"{"model":["gpt"]}"#,
+            br#"{"model":""}"#,
+            br#"{"model":"gpt",}"#,
+            br#"{"model":"gpt","n":01}"#,
+            br#"[1,2]"#,
+            b"",
+        ];
+        for b in bodies {
+            let parsed = parse_body(b);
+            match scan_body(b) {
+                Some(s) => {
+                    let (map, m) = parsed
+                        .unwrap_or_else(|_| panic!("scan accepted {}", String::from_utf8_lossy(b)));
+                    assert_eq!(s.model, m);
+                    assert_eq!(s.stream, map.get("stream") == Some(&Value::Bool(true)));
+                    assert_eq!(
+                        s.max_out.unwrap_or(0) as f64 + prompt_estimate(b.len()) as f64,
+                        estimate_tokens(&map, b.len())
+                    );
+                    let mut raw = RequestBody::Raw {
+                        bytes: Bytes::copy_from_slice(b),
+                        model: s.model_span,
+                    };
+                    let sent: Value =
+                        serde_json::from_slice(&raw.with_model("n\"é").unwrap()).unwrap();
+                    let mut want = map.clone();
+                    want.insert("model".into(), Value::String("n\"é".into()));
+                    assert_eq!(sent, Value::Object(want));
+                }
+                None => {
+                    // Only the general path's cases: errors, or a repeated model.
+                    assert!(parsed.is_err() || b.starts_with(br#"{"model":"a","model""#));
+                }
+            }
+        }
+        // Deeply nested values: both reject past serde_json's recursion limit.
+        for depth in [100, 126, 127, 128, 200] {
+            let b = format!(
+                "{{\"model\":\"m\",\"x\":{}{}}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            assert_eq!(
+                scan_body(b.as_bytes()).is_some(),
+                parse_body(b.as_bytes()).is_ok(),
+                "depth {depth}"
+            );
+        }
     }
 
     #[test]

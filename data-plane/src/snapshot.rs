@@ -11,8 +11,8 @@
 //! id, key id and model name.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -23,6 +23,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::cooldown::{Cooldown, CooldownPolicy};
+use crate::metrics::CandidateMetrics;
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
 use crate::ratelimit::RateLimiter;
@@ -223,6 +224,16 @@ pub struct Candidate {
     pub native: Arc<str>,
     /// USD per token of the mapping (prompt, completion, cached prompt).
     pub prices: Prices,
+    /// Metric handles of the pair, registered on first use.
+    pub metrics: Arc<OnceLock<CandidateMetrics>>,
+}
+
+impl Candidate {
+    /// The metric handles of this (model, backend) pair.
+    pub fn metrics(&self, model: &Arc<str>) -> &CandidateMetrics {
+        self.metrics
+            .get_or_init(|| CandidateMetrics::new(model, &self.backend.id))
+    }
 }
 
 /// Everything needed to route one canonical model.
@@ -492,6 +503,7 @@ pub fn compile(
                     output: m.output_cost_per_token,
                     cache_read: m.cache_read_cost_per_token,
                 },
+                metrics: Arc::default(),
             });
         }
     }

@@ -158,8 +158,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// client's headers without hop-by-hop ones, `host`, its credentials,
 /// `content-length` (recomputed) and `accept-encoding` (so the proxy sees
 /// plain bodies for SSE error events and usage).
-pub fn upstream_headers(client: &HeaderMap) -> HeaderMap {
-    let mut h = client.clone();
+pub fn upstream_headers(mut h: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut h);
     for n in [
         header::HOST,
@@ -203,7 +202,7 @@ mod tests {
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let out = upstream_headers(&h);
+        let out = upstream_headers(h.clone());
         let mut keys: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         keys.sort_unstable();
         assert_eq!(
