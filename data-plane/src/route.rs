@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use claw_proto::Pool;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -248,18 +247,61 @@ fn endpoint(method: &Method, path: &str) -> Result<Option<&'static str>, ApiErro
     }
 }
 
+/// How much of an oversized body is read and thrown away before answering
+/// 413, and for how long: without this "lingering" read, a client still
+/// uploading gets a connection reset instead of the 413 (the kernel resets a
+/// socket closed with unread data), as nginx's `lingering_close` avoids.
+const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
+const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(2);
+
 async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
-        Err(_) => Err(ApiError::request_timeout()),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::payload_too_large(max))
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut oversize: Option<(usize, tokio::time::Instant)> = None;
+    loop {
+        let until = match oversize {
+            Some((_, drain_until)) => drain_until.min(deadline),
+            None => deadline,
+        };
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) if oversize.is_some() => return Err(ApiError::payload_too_large(max)),
+            Err(_) => return Err(ApiError::request_timeout()),
+            Ok(None) => break,
+            Ok(Some(Err(_))) if oversize.is_some() => {
+                return Err(ApiError::payload_too_large(max));
+            }
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::bad_request("Could not read the request body."));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        match &mut oversize {
+            Some((drained, _)) => {
+                *drained += data.len();
+                if *drained > OVERSIZE_DRAIN_BYTES {
+                    return Err(ApiError::payload_too_large(max));
+                }
+            }
+            None if buf.len() + data.len() > max => {
+                buf.clear();
+                let drain_until = tokio::time::Instant::now() + OVERSIZE_DRAIN_TIME;
+                oversize = Some((data.len(), drain_until));
+            }
+            None => buf.extend_from_slice(&data),
         }
-        Ok(Err(_)) => Err(ApiError::bad_request("Could not read the request body.")),
+    }
+    match oversize {
+        Some(_) => Err(ApiError::payload_too_large(max)),
+        None => Ok(buf.freeze()),
     }
 }
 
@@ -565,7 +607,9 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > params.max_body_bytes as u64) {
+    // A declared oversize within the drain budget is read (and thrown away)
+    // by `read_body`, so the client sees the 413 rather than a reset.
+    if declared.is_some_and(|n| n > (params.max_body_bytes + OVERSIZE_DRAIN_BYTES) as u64) {
         return Err(reject(
             ApiError::payload_too_large(params.max_body_bytes),
             &auth,
