@@ -552,15 +552,20 @@ async fn offer(c: &Cluster, load: Load, run: Duration) -> Statuses {
             let interval = Duration::from_secs_f64(60.0 / per_min);
             let mut tasks = Vec::new();
             let mut i = 0u32;
+            let mut others = 0usize;
             while start.elapsed() < run {
                 let at = start + interval.mul_f64(f64::from(i));
                 tokio::time::sleep_until(at.into()).await;
-                // Deterministic split: `first` of every 100 go to proxy 0.
-                let slot = i % 100;
-                let n = if slot < first || urls.len() == 1 {
+                // Deterministic and interleaved: `first` % to proxy 0 spread
+                // evenly (i·first/100 steps up), the rest round-robin over
+                // the others, so no proxy sees bursts.
+                let to_first = (u64::from(i) + 1) * u64::from(first) / 100
+                    > u64::from(i) * u64::from(first) / 100;
+                let n = if to_first || urls.len() == 1 {
                     0
                 } else {
-                    1 + (slot as usize) % (urls.len() - 1)
+                    others += 1;
+                    1 + (others - 1) % (urls.len() - 1)
                 };
                 let answer = send(&urls[n]);
                 tasks.push(tokio::spawn(async move { (n, answer.await) }));
