@@ -1,0 +1,36 @@
+//! `claw-tls`: TLS for Claw Gateway's listeners and internal links, on
+//! rustls with the ring provider (no OpenSSL).
+//!
+//! - [`pem`]: reading PEM certificate chains, private keys and CA bundles,
+//!   with errors ([`TlsError`]) that name the file.
+//! - [`reload`]: [`CertResolver`], a rustls certificate resolver that
+//!   re-reads its certificate and key when the files change (cert-manager
+//!   rotation) and keeps the previous pair when the new one is unusable.
+//! - [`server`]: the `ServerConfig` of a listener, and [`server::incoming`],
+//!   TCP accept with the handshakes off the accept path (for tonic's
+//!   `serve_with_incoming`).
+//! - [`client`]: a `ClientConfig` trusting one CA bundle.
+//! - `test_pki` (feature `test-pki`): a throwaway CA and a `localhost`
+//!   server certificate, generated with rcgen, for tests.
+//!
+//! The crate reads files and spawns one watcher thread per resolver; it
+//! never binds sockets.
+
+pub mod client;
+pub mod pem;
+pub mod reload;
+pub mod server;
+
+pub use pem::TlsError;
+pub use reload::{CertPaths, CertResolver};
+pub use server::{ALPN_H2, ALPN_HTTP11, reloading_server_config, server_config};
+
+/// The crypto provider every config of this crate uses. Explicit (not the
+/// process default), so a dependency enabling another provider cannot make
+/// config building ambiguous.
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(any(test, feature = "test-pki"))]
+pub mod test_pki;
