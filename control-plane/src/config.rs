@@ -49,6 +49,14 @@ pub enum ConfigError {
         "CLAW_ADMIN_TOKEN and CLAW_PROXY_TOKEN must differ: a proxy must not hold admin rights"
     )]
     SameTokens,
+    /// Only one of the TLS certificate and key was given.
+    #[error("{given} is set but {missing} is not: TLS needs both the certificate and its key")]
+    HalfTls {
+        /// The flag that was given.
+        given: &'static str,
+        /// The flag that is missing.
+        missing: &'static str,
+    },
 }
 
 /// A bearer token. Its `Debug` never shows the value.
@@ -93,6 +101,9 @@ pub struct Config {
     pub retention: crate::stats::Retention,
     /// Rate-share assignment tunables.
     pub shares: crate::shares::ShareSettings,
+    /// Certificate and key of both listeners (gRPC and HTTP); `None`
+    /// serves plain text. Reloaded when the files change.
+    pub tls: Option<claw_tls::CertPaths>,
 }
 
 impl Config {
@@ -117,7 +128,30 @@ impl Config {
             heartbeat: Default::default(),
             retention: Default::default(),
             shares: Default::default(),
+            tls: None,
         })
+    }
+}
+
+/// The listeners' TLS files from `--tls-cert` and `--tls-key`: both (TLS)
+/// or neither (plain text).
+pub fn tls_paths(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<claw_tls::CertPaths>, ConfigError> {
+    const CERT: &str = "--tls-cert (CLAW_CP_TLS_CERT)";
+    const KEY: &str = "--tls-key (CLAW_CP_TLS_KEY)";
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(claw_tls::CertPaths { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::HalfTls {
+            given: CERT,
+            missing: KEY,
+        }),
+        (None, Some(_)) => Err(ConfigError::HalfTls {
+            given: KEY,
+            missing: CERT,
+        }),
     }
 }
 
@@ -191,6 +225,23 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("secret-value"), "{dbg}");
         assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(tls_paths(None, None).expect("plain"), None);
+        let both = tls_paths(p("c.pem"), p("k.pem"))
+            .expect("tls")
+            .expect("some");
+        assert_eq!(both.cert, PathBuf::from("c.pem"));
+        let msg = tls_paths(p("c.pem"), None).expect_err("half").to_string();
+        assert!(msg.contains("--tls-key (CLAW_CP_TLS_KEY) is not"), "{msg}");
+        let msg = tls_paths(None, p("k.pem")).expect_err("half").to_string();
+        assert!(
+            msg.contains("--tls-cert (CLAW_CP_TLS_CERT) is not"),
+            "{msg}"
+        );
     }
 
     #[test]

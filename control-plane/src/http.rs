@@ -5,20 +5,23 @@
 //! - anything else: `404`.
 //!
 //! It carries no secrets and needs no token; bind it to a private address.
+//! With TLS configured it speaks TLS only (probes: `scheme: HTTPS`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use claw_tls::tokio_rustls::TlsAcceptor;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -83,10 +86,16 @@ pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Byte
     }
 }
 
-/// Serves HTTP on `listener` until `shutdown` turns true, then lets open
-/// connections finish (up to a timeout).
-pub async fn serve(listener: TcpListener, state: HttpState, mut shutdown: watch::Receiver<bool>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Serves HTTP (over TLS when `tls` is given) on `listener` until
+/// `shutdown` turns true, then lets open connections finish (up to a
+/// timeout).
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tls = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -100,18 +109,16 @@ pub async fn serve(listener: TcpListener, state: HttpState, mut shutdown: watch:
                         continue;
                     }
                 };
-                let state = state.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let response = respond(&state, &req);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let (state, tls, watcher) = (state.clone(), tls.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+                    let Some(tls) = tls else {
+                        return serve_connection(stream, state, watcher, peer).await;
+                    };
+                    let handshake = tls.accept(stream);
+                    match tokio::time::timeout(claw_tls::server::HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, state, watcher, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
             }
@@ -124,5 +131,25 @@ pub async fn serve(listener: TcpListener, state: HttpState, mut shutdown: watch:
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
             tracing::warn!("http connections did not close in time");
         }
+    }
+}
+
+/// Serves one (plain or TLS) connection, ending it gracefully on shutdown.
+async fn serve_connection<S>(
+    stream: S,
+    state: HttpState,
+    watcher: Watcher,
+    peer: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let response = respond(&state, &req);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "http connection ended with an error");
     }
 }

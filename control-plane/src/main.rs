@@ -107,6 +107,22 @@ struct ServeArgs {
     )]
     heartbeat_proxy: String,
 
+    /// CA bundle (PEM) the heartbeat proxy's certificate must chain to, for an
+    /// https:// CLAW_HEARTBEAT_PROXY with a private certificate; without it the
+    /// public (webpki) roots are used.
+    #[arg(long, env = "CLAW_HEARTBEAT_PROXY_CA", value_name = "PATH")]
+    heartbeat_proxy_ca: Option<PathBuf>,
+
+    /// Certificate chain (PEM, leaf first) for TLS on both listeners (gRPC
+    /// and HTTP health/metrics); needs --tls-key. Re-read when the file
+    /// changes, so a rotated certificate is served without a restart.
+    #[arg(long, env = "CLAW_CP_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, RSA or EC) of --tls-cert.
+    #[arg(long, env = "CLAW_CP_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+
     /// HMAC-SHA256 key signing heartbeat webhooks of agents without their own secret.
     #[arg(
         long,
@@ -202,6 +218,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tls = config::tls_paths(args.tls_cert, args.tls_key)?;
     let master_key =
         config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
     let mut config = Config::new(
@@ -212,6 +229,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     let hb = &mut config.heartbeat;
     hb.proxy_url = args.heartbeat_proxy;
+    hb.proxy_ca = args.heartbeat_proxy_ca;
     hb.scheduler.retention = args.heartbeat_retention;
     hb.delivery.max_attempts = args.webhook_max_attempts;
     hb.delivery.max_age = args.webhook_max_age;
@@ -221,6 +239,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.retention.hourly = args.retention_hourly;
     config.retention.daily = args.retention_daily;
     config.retention.cooldown_events = args.retention_cooldowns;
+    config.tls = tls;
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(args.grpc_addr)

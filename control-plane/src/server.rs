@@ -8,6 +8,10 @@
 //! require the proxy token (and only it: neither token opens the other's services). gRPC
 //! health is open on purpose: probes cannot send headers.
 //!
+//! TLS: with `config.tls`, both listeners speak TLS only (same certificate,
+//! reloaded when its files change; see [`claw_tls::reload`]); gRPC offers
+//! ALPN `h2`, the HTTP listener `h2` and `http/1.1`.
+//!
 //! Shutdown order: stop accepting, end the discovery streams (the sessions
 //! watch the same stop signal), let unary calls finish, flush the store.
 
@@ -85,6 +89,7 @@ pub struct Server {
     config: Config,
     catalog: Arc<Catalog>,
     proxies: Arc<ProxyRegistry>,
+    tls: Option<Arc<claw_tls::CertResolver>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -97,9 +102,19 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Opens the data directory and the catalog, checking the schema version
-    /// and the master key.
+    /// Loads the TLS certificate and key (when configured) and the heartbeat
+    /// proxy's CA, then opens the data directory and the catalog, checking
+    /// the schema version and the master key.
     pub async fn open(config: Config) -> anyhow::Result<Server> {
+        // Files first: a bad certificate is refused before anything is opened.
+        let tls = config
+            .tls
+            .clone()
+            .map(claw_tls::CertResolver::load)
+            .transpose()?;
+        if let Some(ca) = &config.heartbeat.proxy_ca {
+            claw_tls::pem::read_ca(ca).context("--heartbeat-proxy-ca")?;
+        }
         let store: Arc<dyn Store> =
             Arc::new(SledStore::open(&config.data_dir).with_context(|| {
                 format!("opening data directory {}", config.data_dir.display())
@@ -117,6 +132,7 @@ impl Server {
             config,
             catalog: Arc::new(catalog),
             proxies: Arc::new(ProxyRegistry::new()),
+            tls,
         })
     }
 
@@ -142,7 +158,27 @@ impl Server {
             config,
             catalog,
             proxies,
+            tls,
         } = self;
+        let (grpc_tls, http_tls) = match tls {
+            Some(resolver) => {
+                resolver
+                    .watch(claw_tls::reload::RELOAD_INTERVAL)
+                    .context("TLS")?;
+                tracing::info!(cert = %resolver.paths().cert.display(), "serving TLS");
+                (
+                    Some(claw_tls::server_config(
+                        resolver.clone(),
+                        &[claw_tls::ALPN_H2],
+                    )?),
+                    Some(claw_tls::server_config(
+                        resolver,
+                        &[claw_tls::ALPN_H2, claw_tls::ALPN_HTTP11],
+                    )?),
+                )
+            }
+            None => (None, None),
+        };
         let prometheus = metrics::handle();
         metrics::touch();
         metrics::record_catalog(&catalog);
@@ -243,17 +279,25 @@ impl Server {
             ));
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
+        let grpc_stopped = async move { stopped(&mut grpc_stop).await };
         let mut grpc_task =
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                no_delay(TcpListenerStream::new(grpc)),
-                async move { stopped(&mut grpc_stop).await },
-            ));
+            match grpc_tls {
+                Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+                    claw_tls::server::incoming(grpc, tls),
+                    grpc_stopped,
+                )),
+                None => tokio::spawn(router.serve_with_incoming_shutdown(
+                    no_delay(TcpListenerStream::new(grpc)),
+                    grpc_stopped,
+                )),
+            };
         let http_task = tokio::spawn(http::serve(
             http,
             HttpState {
                 catalog: catalog.clone(),
                 metrics: prometheus.clone(),
             },
+            http_tls,
             stop_rx.clone(),
         ));
         let gauges = tokio::spawn(keep_gauges(catalog.clone(), stop_rx.clone()));

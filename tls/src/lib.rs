@@ -23,7 +23,11 @@ pub mod server;
 
 pub use pem::TlsError;
 pub use reload::{CertPaths, CertResolver};
+/// Re-exported so users build acceptors on the same versions.
+pub use rustls;
 pub use server::{ALPN_H2, ALPN_HTTP11, reloading_server_config, server_config};
+/// Re-exported so users build acceptors on the same versions.
+pub use tokio_rustls;
 
 /// The crypto provider every config of this crate uses. Explicit (not the
 /// process default), so a dependency enabling another provider cannot make

@@ -32,20 +32,34 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the HTTP client (webpki roots, HTTP/1.1).
 pub fn http_client() -> anyhow::Result<HttpClient> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?;
+    Ok(client_over(https))
+}
+
+/// Like [`http_client`], but an `https://` peer must present a certificate
+/// issued by the CA bundle at `ca` (`--heartbeat-proxy-ca`), not by a public
+/// root. Used only for the runs, so webhooks keep the public roots.
+pub fn http_client_trusting(ca: &std::path::Path) -> anyhow::Result<HttpClient> {
+    let tls = claw_tls::client::client_config(ca)?;
+    Ok(client_over(
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls),
+    ))
+}
+
+fn client_over(
+    https: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    let https = https.https_or_http().enable_http1().wrap_connector(http);
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+        .build(https)
 }
 
 /// What a run sends.

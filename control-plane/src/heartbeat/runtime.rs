@@ -23,6 +23,9 @@ pub const INTERNAL_KEY_NAME: &str = "claw-heartbeat";
 pub struct HeartbeatSettings {
     /// Base URL of the proxy runs are sent through (`CLAW_HEARTBEAT_PROXY`).
     pub proxy_url: String,
+    /// CA bundle the proxy's certificate is checked against instead of the
+    /// public roots (`CLAW_HEARTBEAT_PROXY_CA`, for an `https://` proxy).
+    pub proxy_ca: Option<std::path::PathBuf>,
     /// Retention and pruning.
     pub scheduler: SchedulerConfig,
     /// Webhook retries and the global secret (`CLAW_WEBHOOK_SECRET`).
@@ -33,6 +36,7 @@ impl Default for HeartbeatSettings {
     fn default() -> Self {
         HeartbeatSettings {
             proxy_url: "http://127.0.0.1:8080".to_string(),
+            proxy_ca: None,
             scheduler: SchedulerConfig::default(),
             delivery: DeliveryConfig::default(),
         }
@@ -111,9 +115,13 @@ pub fn start(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     let client = super::dispatch::http_client()?;
+    let proxy_client = match &settings.proxy_ca {
+        Some(ca) => super::dispatch::http_client_trusting(ca)?,
+        None => client.clone(),
+    };
     let dispatcher = Arc::new(LazyKeyDispatcher {
         catalog: catalog.clone(),
-        client: client.clone(),
+        client: proxy_client,
         proxy_url: settings.proxy_url.clone(),
         inner: tokio::sync::OnceCell::new(),
     });
