@@ -11,8 +11,9 @@ use claw_proto::v1;
 pub enum ConfigSource {
     /// A control plane's `DiscoveryService.StreamConfig`.
     ControlPlane {
-        /// gRPC endpoint, e.g. `http://127.0.0.1:50051`.
-        url: String,
+        /// gRPC endpoint, e.g. `http://127.0.0.1:50051`, and for
+        /// `https://` the CA its certificate must chain to.
+        url: crate::cp_channel::ControlPlaneUrl,
         /// Proxy token, sent as `authorization: Bearer …`.
         proxy_token: String,
     },
@@ -112,7 +113,7 @@ impl Config {
     /// A proxy fed by a control plane.
     pub fn control_plane(
         node_id: impl Into<String>,
-        url: impl Into<String>,
+        url: impl Into<crate::cp_channel::ControlPlaneUrl>,
         proxy_token: impl Into<String>,
     ) -> Self {
         Config {

@@ -35,7 +35,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
 use crate::fleet::Fleet;
@@ -47,8 +46,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct DiscoveryConfig {
-    /// Control plane URL.
-    pub url: String,
+    /// Control plane URL (and CA).
+    pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
     pub proxy_token: String,
     /// This proxy's node id.
@@ -236,13 +235,7 @@ async fn stream_once(
     dispatcher: &Dispatcher,
     got_response: &mut bool,
 ) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(config.url.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    let channel = crate::cp_channel::connect(&config.url).await?;
     let mut client = DiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     tx.send(dispatcher.hello()).await?;

@@ -14,6 +14,9 @@
 //! Around it:
 //!
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
+//! - [`cp_channel`] — the gRPC channel to the control plane (plain or TLS,
+//!   public roots or `--control-plane-ca`), shared by discovery and report.
+//! - [`tls`] — the TLS server config of the HTTP listener (reloading cert).
 //! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
 //!   runtime state (rate limiters, cooldowns, queues) carried across snapshots.
 //! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
@@ -47,6 +50,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod cooldown;
+pub mod cp_channel;
 pub mod discovery;
 pub mod error;
 pub mod events;
@@ -62,6 +66,7 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod stream;
+pub mod tls;
 pub mod upstream;
 pub mod usage;
 

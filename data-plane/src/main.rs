@@ -29,6 +29,10 @@ struct Args {
         default_value = "http://127.0.0.1:50051"
     )]
     control_plane: String,
+    /// CA bundle (PEM) an https:// control plane's certificate must chain
+    /// to, instead of the public (webpki) roots.
+    #[arg(long, env = "CLAW_CONTROL_PLANE_CA", value_name = "PATH")]
+    control_plane_ca: Option<std::path::PathBuf>,
     /// Node id of this proxy (default: host name).
     #[arg(long, env = "CLAW_NODE_ID")]
     node_id: Option<String>,
@@ -110,9 +114,14 @@ async fn main() -> anyhow::Result<()> {
     if args.proxy_token.trim().is_empty() {
         anyhow::bail!("--proxy-token (CLAW_PROXY_TOKEN) must not be empty");
     }
+    let control_plane = claw_data_plane::cp_channel::ControlPlaneUrl {
+        url: args.control_plane.clone(),
+        ca: args.control_plane_ca.clone(),
+    };
+    control_plane.check()?;
     let mut config = Config::control_plane(
         args.node_id.clone().unwrap_or_else(host_name),
-        args.control_plane.clone(),
+        control_plane,
         args.proxy_token.clone(),
     );
     config.limits = ServerLimits {

@@ -49,7 +49,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
 use crate::config::ReportSettings;
 use crate::discovery::Backoff;
@@ -64,8 +63,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Where to report and how to batch.
 #[derive(Clone)]
 pub struct ReportConfig {
-    /// Control plane URL.
-    pub url: String,
+    /// Control plane URL (and CA).
+    pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
     pub proxy_token: String,
     /// This proxy's node id.
@@ -415,13 +414,7 @@ type Link = (
 type Connecting = Pin<Box<dyn Future<Output = anyhow::Result<Link>> + Send>>;
 
 async fn connect(config: ReportConfig, hello: StreamReportsRequest) -> anyhow::Result<Link> {
-    let channel = Endpoint::from_shared(config.url.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    let channel = crate::cp_channel::connect(&config.url).await?;
     let mut client = ReportServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     tx.send(hello).await?;
