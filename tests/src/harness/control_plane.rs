@@ -26,6 +26,19 @@ pub struct ControlPlaneBuilder {
     env: Vec<(OsString, Option<OsString>)>,
     args: Vec<OsString>,
     start_timeout: Duration,
+    tls: Option<TlsFiles>,
+}
+
+/// The PEM files of a control plane serving TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// `--tls-cert`.
+    pub cert: PathBuf,
+    /// `--tls-key`.
+    pub key: PathBuf,
+    /// The CA clients trust it through (`clawctl --ca-cert`,
+    /// `claw-data-plane --control-plane-ca`).
+    pub ca: PathBuf,
 }
 
 impl Default for ControlPlaneBuilder {
@@ -38,6 +51,7 @@ impl Default for ControlPlaneBuilder {
             env: Vec::new(),
             args: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -96,6 +110,14 @@ impl ControlPlaneBuilder {
         S: Into<OsString>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Serves both listeners over TLS (`--tls-cert`, `--tls-key`); the
+    /// URLs become `https://`, `clawctl` gets `--ca-cert` and proxies of
+    /// [`super::Proxy::builder`] `--control-plane-ca`.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
         self
     }
 
@@ -185,6 +207,14 @@ impl ControlPlane {
             "--http-addr".into(),
             http.into(),
         ];
+        if let Some(tls) = &o.tls {
+            args.extend([
+                "--tls-cert".into(),
+                tls.cert.clone().into(),
+                "--tls-key".into(),
+                tls.key.clone().into(),
+            ]);
+        }
         args.extend(o.args.iter().cloned());
         let mut env: Vec<(OsString, Option<OsString>)> = vec![
             ("CLAW_MASTER_KEY".into(), Some(o.master_key.clone().into())),
@@ -229,14 +259,28 @@ impl ControlPlane {
         self.http_addr
     }
 
-    /// `http://ip:port` of the gRPC API (for `clawctl --server` and proxies).
+    /// `http://ip:port` (`https://` with TLS) of the gRPC API (for
+    /// `clawctl --server` and proxies).
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("{}://{}", self.scheme(), self.grpc_addr)
     }
 
-    /// `http://ip:port` of the health/metrics listener.
+    /// `http://ip:port` (`https://` with TLS) of the health/metrics listener.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("{}://{}", self.scheme(), self.http_addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Its TLS files, when it serves TLS.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.options.tls.as_ref()
     }
 
     pub fn admin_token(&self) -> &str {
@@ -360,9 +404,13 @@ impl ControlPlane {
     /// A `clawctl` command with `--server` and `--token` set, to add env,
     /// stdin or run asynchronously.
     pub fn ctl<S: AsRef<str>>(&self, args: &[S]) -> CtlCommand {
-        CtlCommand::new(args)
+        let cmd = CtlCommand::new(args)
             .server(&self.grpc_url())
-            .token(self.admin_token())
+            .token(self.admin_token());
+        match &self.options.tls {
+            Some(tls) => cmd.ca_cert(&tls.ca),
+            None => cmd,
+        }
     }
 
     /// Runs `clawctl --server … --token <admin> ARGS…`.

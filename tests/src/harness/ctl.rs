@@ -103,6 +103,13 @@ impl CtlCommand {
         self
     }
 
+    /// Sets `--ca-cert PATH` (the CA of a TLS control plane).
+    pub fn ca_cert(mut self, path: &std::path::Path) -> Self {
+        self.global
+            .extend(["--ca-cert".to_owned(), path.display().to_string()]);
+        self
+    }
+
     /// Sets `--token TOKEN`.
     pub fn token(mut self, token: &str) -> Self {
         self.global.extend(["--token".to_owned(), token.to_owned()]);

@@ -40,7 +40,7 @@ mod wait;
 
 pub use binary::binary_path;
 pub use child::{DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT, Listening, StartError};
-pub use control_plane::{ControlPlane, ControlPlaneBuilder};
+pub use control_plane::{ControlPlane, ControlPlaneBuilder, TlsFiles};
 pub use ctl::{CTL_TIMEOUT, CtlCommand, CtlOutput};
 pub use logs::{KEEP_LOGS_ENV, LogDir};
 pub use mock_process::MockUpstreamProcess;

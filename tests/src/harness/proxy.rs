@@ -83,6 +83,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Keeps the encrypted last-known-good snapshot at `path`
+    /// (`--snapshot-cache PATH`).
+    pub fn snapshot_cache(self, path: impl Into<OsString>) -> Self {
+        self.arg("--snapshot-cache").arg(path)
+    }
+
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
@@ -125,9 +131,14 @@ impl Proxy {
         Self::builder(cp).start()
     }
 
-    /// Options for a proxy of `cp`.
+    /// Options for a proxy of `cp` (with `--control-plane-ca` when `cp`
+    /// serves TLS).
     pub fn builder(cp: &ControlPlane) -> ProxyBuilder {
-        ProxyBuilder::new(cp.grpc_url(), cp.proxy_token())
+        let builder = ProxyBuilder::new(cp.grpc_url(), cp.proxy_token());
+        match cp.tls() {
+            Some(tls) => builder.arg("--control-plane-ca").arg(&tls.ca),
+            None => builder,
+        }
     }
 
     fn spawn(&mut self, addr: Option<SocketAddr>) -> Result<(), StartError> {

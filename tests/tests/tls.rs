@@ -1,0 +1,269 @@
+//! TLS on every control-plane listener and on the proxy → control plane
+//! link, with real processes and certificates generated at test time
+//! (rcgen: a CA and a server certificate for `localhost` / 127.0.0.1).
+
+mod data_plane_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claw_tests::harness::{ControlPlane, CtlCommand, Proxy, TlsFiles, http, wait_until};
+use claw_tests::mock::{MockConfig, MockUpstream};
+use claw_tls::test_pki::TestPki;
+use claw_tls::tokio_rustls::TlsConnector;
+use data_plane_support::{
+    CHAT, CHAT_NATIVE_PRIMARY, PRIMARY_KEY, SYNC_TIMEOUT, acked_versions, add_backend, chat_body,
+    config_version,
+};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A fresh CA and server certificate, written into a temp dir.
+struct Pki {
+    dir: TempDir,
+    files: TlsFiles,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new();
+    let paths = pki.write_server(dir.path());
+    let files = TlsFiles {
+        cert: paths.cert,
+        key: paths.key,
+        ca: pki.write_ca(dir.path()),
+    };
+    Pki { dir, files }
+}
+
+fn tls_control_plane(pki: &Pki) -> ControlPlane {
+    ControlPlane::builder().tls(pki.files.clone()).start()
+}
+
+/// `GET path` over TLS (trusting `ca`, SNI `localhost`): status and body.
+async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
+    let mut config = claw_tls::client::client_config(ca).expect("client config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = claw_tls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the control plane's HTTP listener");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    // A peer may end TLS without close_notify after `connection: close`.
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+/// The `claw-control-plane: error: …` line of a failed start.
+fn error_line(output: &str) -> &str {
+    output
+        .lines()
+        .find(|l| l.starts_with("claw-control-plane: error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{output}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clawctl_reaches_a_tls_control_plane_only_through_its_ca() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki);
+    assert!(cp.grpc_url().starts_with("https://"));
+    // The harness passes `--ca-cert ca.pem`.
+    let list = cp.clawctl(&["backend", "list", "-o", "json"]).assert_ok();
+    assert_eq!(list.json(), serde_json::json!([]));
+
+    // Without the CA the public roots cannot vouch for a private certificate.
+    let out = CtlCommand::new(&["backend", "list"])
+        .server(&cp.grpc_url())
+        .token(cp.admin_token())
+        .run()
+        .assert_err();
+    let stderr = out.stderr.trim();
+    assert_eq!(stderr.lines().count(), 1, "not one line: {out}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{out}");
+
+    // Another CA is no better.
+    let other = self::pki();
+    CtlCommand::new(&["backend", "list"])
+        .server(&cp.grpc_url())
+        .token(cp.admin_token())
+        .ca_cert(&other.files.ca)
+        .run()
+        .assert_err_contains("certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_clients_get_nothing_from_the_tls_ports() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki);
+    for addr in [cp.http_addr(), cp.grpc_addr()] {
+        let reply = http::request(addr, "GET", "/healthz", None, Duration::from_secs(5));
+        assert!(
+            reply.as_ref().is_err(),
+            "plain HTTP to the TLS port {addr} got an answer: {reply:?}"
+        );
+    }
+    // clawctl over plain http:// to the TLS gRPC port fails too.
+    CtlCommand::new(&["backend", "list"])
+        .server(&format!("http://{}", cp.grpc_addr()))
+        .token(cp.admin_token())
+        .timeout(Duration::from_secs(30))
+        .run()
+        .assert_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_listener_answers_over_tls() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki);
+    assert!(cp.http_url().starts_with("https://"));
+    let (status, body) = https_get(cp.http_addr(), &pki.files.ca, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = https_get(cp.http_addr(), &pki.files.ca, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("claw_cp_config_version"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_gets_its_snapshot_over_tls_and_serves_a_completion() {
+    let pki = pki();
+    let upstream = MockUpstream::start_blocking(
+        MockConfig::default()
+            .name("primary")
+            .api_key(PRIMARY_KEY)
+            .models([CHAT_NATIVE_PRIMARY]),
+    );
+    let cp = tls_control_plane(&pki);
+    add_backend(
+        &cp,
+        "primary",
+        &upstream.url(),
+        PRIMARY_KEY,
+        &["--model", &format!("{CHAT}={CHAT_NATIVE_PRIMARY}")],
+    );
+    let key = cp
+        .clawctl(&["key", "add", "tls-test", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+
+    // The harness passes `--control-plane https://… --control-plane-ca ca.pem`.
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    let version = config_version(&cp);
+    assert!(
+        wait_until(SYNC_TIMEOUT, || acked_versions(&cp).get(proxy.node_id())
+            == Some(&version)),
+        "`clawctl proxies` never showed {} at version {version}: {:?}",
+        proxy.node_id(),
+        acked_versions(&cp)
+    );
+    assert!(proxy.logs().contains("discovery stream open"));
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", proxy.openai_url()))
+        .bearer_auth(&key)
+        .json(&chat_body(CHAT, false))
+        .send()
+        .await
+        .expect("chat completion");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_does_not_trust_the_certificate_stays_unready_and_says_why() {
+    let pki = pki();
+    let other = self::pki();
+    let cp = tls_control_plane(&pki);
+    let proxy = claw_tests::harness::ProxyBuilder::new(cp.grpc_url(), cp.proxy_token())
+        .args(["--control-plane-ca".as_ref(), other.files.ca.as_os_str()])
+        .start();
+    assert!(
+        wait_until(Duration::from_secs(15), || proxy
+            .logs()
+            .contains("cannot connect to the control plane")),
+        "no connect error logged:\n{}",
+        proxy.logs()
+    );
+    assert!(!proxy.is_ready());
+    let logs = proxy.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("cannot connect to the control plane"))
+        .expect("the line");
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+}
+
+#[test]
+fn a_missing_or_garbage_key_file_is_a_one_line_error_naming_it() {
+    let pki = pki();
+    let missing = pki.dir.path().join("missing.key");
+    let err = ControlPlane::builder()
+        .tls(TlsFiles {
+            key: missing,
+            ..pki.files.clone()
+        })
+        .try_start()
+        .expect_err("started without its key");
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    let line = error_line(&err.output);
+    assert!(
+        line.contains("TLS key file") && line.contains("missing.key"),
+        "{line}"
+    );
+
+    let garbage = pki.dir.path().join("garbage.key");
+    std::fs::write(&garbage, "this is not a key\n").expect("write");
+    let err = ControlPlane::builder()
+        .tls(TlsFiles {
+            key: garbage,
+            ..pki.files.clone()
+        })
+        .try_start()
+        .expect_err("started with a garbage key");
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    let line = error_line(&err.output);
+    assert!(line.contains("garbage.key"), "{line}");
+
+    let garbage_cert = pki.dir.path().join("garbage.pem");
+    std::fs::write(&garbage_cert, "-----BEGIN CERTIFICATE-----\nnope\n").expect("write");
+    let err = ControlPlane::builder()
+        .tls(TlsFiles {
+            cert: garbage_cert,
+            ..pki.files.clone()
+        })
+        .try_start()
+        .expect_err("started with a garbage certificate");
+    assert!(error_line(&err.output).contains("garbage.pem"), "{err}");
+}
+
+#[test]
+fn a_certificate_without_its_key_names_the_missing_flag() {
+    let pki = pki();
+    let err = ControlPlane::builder()
+        .args(["--tls-cert".as_ref(), pki.files.cert.as_os_str()])
+        .try_start()
+        .expect_err("started with half a TLS configuration");
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    let line = error_line(&err.output);
+    assert!(line.contains("--tls-key"), "{line}");
+}
