@@ -2,6 +2,7 @@
 //! environment into it; nothing below reads the environment.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use claw_proto::v1;
@@ -107,6 +108,9 @@ pub struct Config {
     /// How long the control plane may be unreachable before the proxy
     /// falls back to equal rate shares ([`crate::fleet::DEGRADED_AFTER`]).
     pub degraded_after: std::time::Duration,
+    /// Where to keep the encrypted last-known-good snapshot (the
+    /// `snapshot_cache` module); `None` keeps nothing on disk.
+    pub snapshot_cache: Option<PathBuf>,
 }
 
 impl Config {
@@ -126,6 +130,7 @@ impl Config {
             events_capacity: 65_536,
             report: ReportSettings::default(),
             degraded_after: crate::fleet::DEGRADED_AFTER,
+            snapshot_cache: None,
         }
     }
 
@@ -139,6 +144,7 @@ impl Config {
             events_capacity: 65_536,
             report: ReportSettings::default(),
             degraded_after: crate::fleet::DEGRADED_AFTER,
+            snapshot_cache: None,
         }
     }
 }

@@ -24,8 +24,24 @@
 //! as a snapshot brings the backend.
 //!
 //! The stream's up/down state feeds [`Fleet`]'s degraded-mode timer.
+//!
+//! With a snapshot cache ([`Dispatcher::with_snapshot_cache`]), [`run`]
+//! first loads the cached last-known-good snapshot (before it connects, so
+//! the proxy serves at once even when the control plane is down) and every
+//! snapshot applied afterwards is handed to the cache's background writer.
+//! The hello then reports the cached version. The first snapshot from the
+//! control plane after a cached start replaces the cached one even when its
+//! version is lower: a control plane restored to an older version is still
+//! the authority.
+
+// The module belongs at the crate root (`src/snapshot_cache.rs`); it is
+// declared here until `lib.rs` declares it. TODO(lead): move to lib.rs.
+#[path = "snapshot_cache.rs"]
+pub mod snapshot_cache;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +55,7 @@ use tonic::metadata::MetadataValue;
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
 use crate::fleet::Fleet;
 use crate::snapshot::SnapshotStore;
+use snapshot_cache::{CacheWriter, SnapshotCache};
 
 /// A stream that lived this long counts as healthy (resets the backoff).
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -103,6 +120,11 @@ pub struct Dispatcher {
     /// Remote cooldowns for backends not in the snapshot yet: `(until,
     /// consecutive)` per backend id.
     early: Arc<Mutex<HashMap<String, (Instant, u32)>>>,
+    /// Where applied snapshots are persisted, if anywhere.
+    cache: Option<CacheWriter>,
+    /// The held snapshot came from the cache and the control plane has not
+    /// replaced it yet: its next snapshot is taken whatever its version.
+    from_cache: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
@@ -117,7 +139,27 @@ impl Dispatcher {
             cooldowns,
             fleet,
             early: Arc::default(),
+            cache: None,
+            from_cache: Arc::default(),
         }
+    }
+
+    /// Persists every applied snapshot to an encrypted cache file at `path`
+    /// (keyed by `proxy_token`), and makes [`run`] start from it; `None`
+    /// leaves the dispatcher as it is.
+    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &str) -> Self {
+        self.cache = path
+            .map(|p| CacheWriter::new(SnapshotCache::new(p, proxy_token, self.node_id.clone())));
+        self
+    }
+
+    /// Loads the snapshot cache, if one is configured and usable, into the
+    /// store (blocking: it reads the file). Returns the version loaded.
+    pub fn load_cache(&self) -> Option<u64> {
+        let version = self.cache.as_ref()?.cache().load_into(&self.store)?;
+        self.from_cache.store(true, Ordering::Release);
+        self.fleet.reapply();
+        Some(version)
     }
 
     /// The fleet state this dispatcher updates.
@@ -138,12 +180,20 @@ impl Dispatcher {
     /// Applies one response: the snapshot first (so shares and cooldowns
     /// can name backends it adds), then rate shares, then cooldowns. Returns
     /// the ACK or NACK of a snapshot; `None` for an incremental message.
-    pub fn handle(&self, msg: StreamConfigResponse) -> Option<StreamConfigRequest> {
-        let reply = msg.snapshot.as_ref().map(|s| {
-            let result = self.store.apply(msg.version, s);
+    pub fn handle(&self, mut msg: StreamConfigResponse) -> Option<StreamConfigRequest> {
+        let reply = msg.snapshot.take().map(|s| {
+            let result = if self.from_cache.load(Ordering::Acquire) {
+                self.store.replace(msg.version, &s)
+            } else {
+                self.store.apply(msg.version, &s)
+            };
             if result.is_ok() {
+                self.from_cache.store(false, Ordering::Release);
                 self.fleet.reapply();
                 self.apply_early_cooldowns(Instant::now());
+                if let Some(cache) = &self.cache {
+                    cache.submit(msg.version, Arc::new(s));
+                }
             }
             result
         });
@@ -206,13 +256,31 @@ impl Dispatcher {
     }
 }
 
-/// Runs the discovery stream forever (abort the task to stop it).
+/// Runs the discovery stream forever (abort the task to stop it). With a
+/// snapshot cache, loads it first and writes applied snapshots to it.
 pub async fn run(config: DiscoveryConfig, dispatcher: Dispatcher) {
+    let writer = dispatcher.cache.clone();
+    if writer.is_some() {
+        // Before the first connect: serve the cached snapshot at once.
+        let d = dispatcher.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || d.load_cache()).await {
+            tracing::warn!(error = %e, "loading the snapshot cache failed");
+        }
+    }
+    let write = async move {
+        if let Some(w) = writer {
+            w.run().await;
+        }
+    };
+    tokio::join!(write, stream_forever(&config, &dispatcher));
+}
+
+async fn stream_forever(config: &DiscoveryConfig, dispatcher: &Dispatcher) {
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
         let mut got_response = false;
-        match stream_once(&config, &dispatcher, &mut got_response).await {
+        match stream_once(config, dispatcher, &mut got_response).await {
             Ok(()) => tracing::warn!("discovery stream closed by the control plane"),
             Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
         }
@@ -472,5 +540,117 @@ mod tests {
         );
         assert!((b.rpm.share() - 1.0 / 3.0).abs() < 1e-9);
         assert!(d.lock_early().is_empty());
+    }
+
+    fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {
+        Dispatcher::new(
+            "n1".into(),
+            store.clone(),
+            Cooldowns::new(store.clone()),
+            Fleet::new(store.clone()),
+        )
+        .with_snapshot_cache(Some(path), "proxy-token")
+    }
+
+    fn one_backend(version: u64, model: &str) -> v1::Snapshot {
+        use crate::snapshot::tests::backend;
+        v1::Snapshot {
+            version,
+            backends: vec![backend("a", claw_proto::Pool::Primary, &[(model, model)])],
+            ..Default::default()
+        }
+    }
+
+    fn push(version: u64, snapshot: v1::Snapshot) -> StreamConfigResponse {
+        StreamConfigResponse {
+            version,
+            nonce: format!("n{version}"),
+            snapshot: Some(snapshot),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_start_takes_the_control_planes_snapshot_even_when_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        SnapshotCache::new(&path, "proxy-token", "n1")
+            .write(9, &one_backend(9, "cached"))
+            .unwrap();
+        let store = SnapshotStore::default();
+        let d = cached_dispatcher(&path, &store);
+        assert_eq!(d.load_cache(), Some(9));
+        assert_eq!(d.hello().version, 9, "the hello reports the cached version");
+        // A control plane restored to version 5 is still the authority.
+        let ack = d.handle(push(5, one_backend(5, "restored"))).unwrap();
+        assert_eq!((ack.version, ack.error_detail.as_str()), (5, ""));
+        assert!(store.load().unwrap().route("restored").is_some());
+        // From then on the usual rule: nothing older than what is held.
+        let nack = d.handle(push(4, one_backend(4, "older"))).unwrap();
+        assert_eq!(nack.version, 5);
+        assert!(nack.error_detail.contains("older"));
+    }
+
+    #[tokio::test]
+    async fn a_start_without_a_cache_still_rejects_older_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::default();
+        let d = cached_dispatcher(&dir.path().join("absent"), &store);
+        assert_eq!(d.load_cache(), None);
+        assert!(
+            d.handle(push(6, one_backend(6, "m")))
+                .unwrap()
+                .error_detail
+                .is_empty()
+        );
+        assert!(
+            !d.handle(push(5, one_backend(5, "m")))
+                .unwrap()
+                .error_detail
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn run_serves_the_cache_before_connecting_and_persists_applied_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache");
+        let cache = SnapshotCache::new(&path, "proxy-token", "n1");
+        cache.write(3, &one_backend(3, "cached")).unwrap();
+        let store = SnapshotStore::default();
+        let d = cached_dispatcher(&path, &store);
+        let config = DiscoveryConfig {
+            // Nothing listens there: the stream never opens.
+            url: "http://127.0.0.1:9".into(),
+            proxy_token: "proxy-token".into(),
+            node_id: "n1".into(),
+        };
+        let task = tokio::spawn(run(config, d.clone()));
+        let mut loaded = false;
+        for _ in 0..500 {
+            if store.version() == 3 {
+                loaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(loaded, "the cached snapshot was not applied");
+        // A snapshot applied afterwards reaches the file.
+        assert!(
+            d.handle(push(4, one_backend(4, "pushed")))
+                .unwrap()
+                .error_detail
+                .is_empty()
+        );
+        let mut written = false;
+        for _ in 0..500 {
+            if cache.read().ok().flatten().is_some_and(|(v, _)| v == 4) {
+                written = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert!(written, "the applied snapshot was not written to the cache");
     }
 }

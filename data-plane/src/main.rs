@@ -58,6 +58,12 @@ struct Args {
     /// (equal rate shares); shorter values are for tests.
     #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     degraded_after: Duration,
+    /// Keep an encrypted last-known-good snapshot at this path (written
+    /// after every applied snapshot, loaded at start-up so the proxy serves
+    /// while the control plane is down). Sealed with a key derived from the
+    /// proxy token. Off by default.
+    #[arg(long, env = "CLAW_DP_SNAPSHOT_CACHE")]
+    snapshot_cache: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -132,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
     };
     config.degraded_after = args.degraded_after;
+    config.snapshot_cache = args.snapshot_cache.clone();
     // Every stream holds two sockets (client and upstream): raise the soft
     // open-files limit to the hard one so thousands of streams fit.
     match rlimit::increase_nofile_limit(u64::MAX) {

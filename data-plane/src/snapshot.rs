@@ -392,18 +392,29 @@ pub fn compile(
     previous: Option<&Snapshot>,
     now: Instant,
 ) -> Result<Snapshot, SnapshotError> {
-    if snap.version != 0 && snap.version != version {
-        return Err(SnapshotError::VersionMismatch {
-            outer: version,
-            inner: snap.version,
-        });
-    }
     if let Some(prev) = previous
         && version < prev.version
     {
         return Err(SnapshotError::Stale {
             got: version,
             held: prev.version,
+        });
+    }
+    compile_any_version(version, snap, previous, now)
+}
+
+/// [`compile`] without the staleness check: `version` may be older than
+/// `previous`'s (the runtime state is still carried over).
+fn compile_any_version(
+    version: u64,
+    snap: &v1::Snapshot,
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<Snapshot, SnapshotError> {
+    if snap.version != 0 && snap.version != version {
+        return Err(SnapshotError::VersionMismatch {
+            outer: version,
+            inner: snap.version,
         });
     }
 
@@ -594,6 +605,28 @@ impl SnapshotStore {
     /// Validates and applies a snapshot delivered as `version`. On error the
     /// previous snapshot stays in place.
     pub fn apply(&self, version: u64, snap: &v1::Snapshot) -> Result<(), SnapshotError> {
+        self.apply_with(version, snap, compile)
+    }
+
+    /// Like [`SnapshotStore::apply`], but also takes a version older than
+    /// the applied one. For the control plane's first snapshot after a
+    /// start from the snapshot cache: the control plane is authoritative,
+    /// even when it was restored to an older version than the cache holds.
+    pub fn replace(&self, version: u64, snap: &v1::Snapshot) -> Result<(), SnapshotError> {
+        self.apply_with(version, snap, compile_any_version)
+    }
+
+    fn apply_with(
+        &self,
+        version: u64,
+        snap: &v1::Snapshot,
+        compile: fn(
+            u64,
+            &v1::Snapshot,
+            Option<&Snapshot>,
+            Instant,
+        ) -> Result<Snapshot, SnapshotError>,
+    ) -> Result<(), SnapshotError> {
         let prev = self.load();
         let compiled = compile(version, snap, prev.as_deref(), Instant::now())?;
         let (backends, models) = (compiled.backends.len(), compiled.models.len());
