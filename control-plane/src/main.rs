@@ -1,7 +1,7 @@
 //! `claw-control-plane`: flags and environment, logging, signals. Everything
 //! else lives in the library (`claw_control_plane::server`).
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
     version,
     args_conflicts_with_subcommands = true,
     after_help = "Every flag can also be set through the environment variable shown. \
-Logs go to stderr; RUST_LOG filters them (default: info). Once both listeners are bound, \
+Logs go to stderr; RUST_LOG filters them (default: info). Traces are exported over \
+OpenTelemetry when OTEL_EXPORTER_OTLP_ENDPOINT is set (see the README). Once both listeners are bound, \
 one line `listening grpc=<addr> http=<addr>` is printed to stdout. SIGTERM or ctrl-c \
 stops the server gracefully.\n\n\
 First start:\n  export CLAW_MASTER_KEY=$(claw-control-plane keygen)\n  \
@@ -176,7 +177,6 @@ fn main() -> ExitCode {
         Some(Command::Token) => return print_line(&crypto::generate_token()),
         None => {}
     }
-    init_logging(cli.serve.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,7 +187,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cli.serve)) {
+    let telemetry = match init_logging(&runtime, cli.serve.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("claw-control-plane: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(serve(cli.serve));
+    // Outside async code, with the runtime still alive: the last spans go out.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("claw-control-plane: error: {e:#}");
@@ -204,17 +214,18 @@ fn print_line(line: &str) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Logs to stderr (`RUST_LOG`, default info) and, when an OTLP endpoint is
+/// set, traces over OpenTelemetry (built inside `runtime`, which exports them).
+fn init_logging(
+    runtime: &tokio::runtime::Runtime,
+    format: LogFormat,
+) -> Result<claw_telemetry::Telemetry, claw_telemetry::InitError> {
+    let format = match format {
+        LogFormat::Text => claw_telemetry::LogFormat::Text,
+        LogFormat::Json => claw_telemetry::LogFormat::Json,
+    };
+    let _runtime = runtime.enter();
+    claw_telemetry::init(&claw_telemetry::Options::new("claw-control-plane", format))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -82,16 +82,19 @@ fn host_name() -> String {
         .unwrap_or_else(|| "claw-data-plane".to_string())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Logs to stderr (`RUST_LOG`, default info) and, when an OTLP endpoint is
+/// set, traces over OpenTelemetry. Runs inside the runtime, which exports them.
+fn init_logging(format: LogFormat) -> anyhow::Result<claw_telemetry::Telemetry> {
+    let format = match format {
+        LogFormat::Text => claw_telemetry::LogFormat::Text,
+        LogFormat::Json => claw_telemetry::LogFormat::Json,
+    };
+    let options = claw_telemetry::Options {
+        // As before: tracing-subscriber's default colouring.
+        ansi: None,
+        ..claw_telemetry::Options::new("claw-data-plane", format)
+    };
+    Ok(claw_telemetry::init(&options)?)
 }
 
 /// Resolves on SIGTERM or ctrl-c. The handlers are installed before the
@@ -116,7 +119,7 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    let telemetry = init_logging(args.log_format)?;
     if args.proxy_token.trim().is_empty() {
         anyhow::bail!("--proxy-token (CLAW_PROXY_TOKEN) must not be empty");
     }
@@ -158,5 +161,6 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %local, node_id = %config.node_id, control_plane = %args.control_plane, "claw-data-plane started");
     claw_data_plane::run(config, listener, shutdown).await?;
     tracing::info!("claw-data-plane stopped");
+    telemetry.shutdown_async().await;
     Ok(())
 }
