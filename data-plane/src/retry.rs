@@ -12,6 +12,10 @@
 //! the request deadline. When every usable candidate is rate-limited the
 //! request waits in the model's queue. A [`Tracker`] follows the response body
 //! to its end and then records metrics and the [`RequestOutcome`].
+//!
+//! When traces are exported, each attempt gets a child span of the request's
+//! ([`claw_telemetry::genai`]) whose `traceparent` goes upstream; otherwise
+//! the spans are [`tracing::Span::none`] and cost nothing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use claw_telemetry::genai;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -268,10 +273,19 @@ where
         let backend = &cand.backend;
         let guard = InFlight::new(backend.clone());
         backend.runtime.demand.record(r.est_tokens);
-        let Some(request) = build_request(&mut r, cand) else {
+        let Some(mut request) = build_request(&mut r, cand) else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
+        let attempt_span = genai::attempt_span(
+            &r.span,
+            &r.path_and_query,
+            &cand.native,
+            &backend.id,
+            &backend.base_url,
+            attempts,
+        );
+        genai::inject(&attempt_span, request.headers_mut());
         let timeout = backend
             .timeout
             .min(deadline.saturating_duration_since(Instant::now()));
@@ -279,6 +293,9 @@ where
             Ok(svc) => svc.call(Attempt { request, timeout }).await,
             Err(e) => Err(e),
         };
+        if !attempt_span.is_none() {
+            end_attempt_span(&attempt_span, &result);
+        }
         let now = Instant::now();
         let rt = &backend.runtime;
         match result {
@@ -377,6 +394,11 @@ where
     let latency = r.started.elapsed();
     metrics::counter!("claw_dp_requests_total", "model" => r.route.model.clone(), "backend" => "", "status" => status_label(err.status.as_u16())).increment(1);
     metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => r.route.model.clone()).record(latency.as_secs_f64());
+    if !r.span.is_none() {
+        genai::record_retries(&r.span, attempts);
+        let error_type = err.code.unwrap_or(err.kind);
+        genai::end_request(&r.span, err.status.as_u16(), None, Some(error_type));
+    }
     shared.events.emit(RequestOutcome {
         client_key_id: r.key.id.clone(),
         agent_id: r.agent_id.clone(),
@@ -438,6 +460,20 @@ impl Drop for Abandoned {
     }
 }
 
+/// Records how an attempt ended on its span: the status, and `error.type`
+/// for an error status or no response.
+fn end_attempt_span(span: &tracing::Span, result: &Result<Response<Incoming>, UpstreamError>) {
+    match result {
+        Ok(res) => {
+            let status = res.status();
+            let error =
+                (status.is_client_error() || status.is_server_error()).then(|| status.as_str());
+            genai::end_attempt(span, Some(status.as_u16()), error);
+        }
+        Err(e) => genai::end_attempt(span, None, Some(e.label())),
+    }
+}
+
 fn failure(
     backend: &Backend,
     kind: FailureKind,
@@ -477,7 +513,15 @@ fn respond(
         // The proxy may append an error event; the length would be wrong.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    genai::record_backend(
+        &r.span,
+        &cand.native,
+        &cand.backend.id,
+        &cand.backend.base_url,
+        attempts,
+    );
     let tracker = Tracker {
+        span: r.span.clone(),
         events: shared.events.clone(),
         _in_flight: guard,
         backend: cand.backend.clone(),
@@ -515,6 +559,8 @@ fn respond(
 /// Follows a response body to its end, then records metrics, reconciles the
 /// tpm reservation and emits the [`RequestOutcome`].
 pub struct Tracker {
+    /// The request's span: it ends when the body does.
+    span: tracing::Span,
     events: EventSink,
     _in_flight: InFlight,
     backend: Arc<Backend>,
@@ -592,6 +638,15 @@ impl Observer for Tracker {
     fn on_end(&mut self, end: End, sse: Option<SseTally>) {
         let latency = self.started.elapsed();
         let (usage, usage_estimated) = self.usage(sse);
+        if !self.span.is_none() {
+            let error = if end == End::UpstreamError {
+                Some("stream_broken")
+            } else {
+                self.status.is_server_error().then(|| self.status.as_str())
+            };
+            let tokens = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+            genai::end_request(&self.span, self.status.as_u16(), tokens, error);
+        }
         if end == End::UpstreamError {
             self.events.signal(failure(
                 &self.backend,

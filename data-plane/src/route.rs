@@ -69,6 +69,9 @@ pub struct Routed {
     pub stream_usage: Option<StreamUsage>,
     /// Arrival time.
     pub started: Instant,
+    /// The request's trace span ([`tracing::Span::none`] unless traces are
+    /// exported, see [`claw_telemetry::genai`]).
+    pub span: tracing::Span,
 }
 
 /// What [`select`] decided.
@@ -570,7 +573,12 @@ where
         let params = self.params.clone();
         Box::pin(async move {
             match route_request(req, &params, started).await {
-                Ok(routed) => inner.call(routed).await,
+                Ok(routed) if routed.span.is_none() => inner.call(routed).await,
+                Ok(routed) => {
+                    use tracing::Instrument as _;
+                    let span = routed.span.clone();
+                    inner.call(routed).instrument(span).await
+                }
                 Err(e) => Ok(e),
             }
         })
@@ -656,6 +664,8 @@ where
         Some(q) => format!("{suffix}?{q}"),
         None => suffix.to_string(),
     };
+    let span =
+        claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
@@ -670,6 +680,7 @@ where
         est_prompt_tokens: prompt_estimate(bytes.len()),
         stream_usage,
         started,
+        span,
     })
 }
 
