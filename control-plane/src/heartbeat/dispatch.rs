@@ -67,6 +67,10 @@ fn client_over(
 pub struct RunRequest {
     /// The agent (`x-claw-agent-id`).
     pub agent_id: String,
+    /// The run's id (for its trace span).
+    pub run_id: String,
+    /// `schedule` or `manual` (for its trace span).
+    pub trigger: &'static str,
     /// The canonical model.
     pub model: String,
     /// The system message.
@@ -141,13 +145,73 @@ impl Dispatcher for ProxyDispatcher {
         let client = self.client.clone();
         let endpoint = self.endpoint.clone();
         let key = self.key.clone();
+        let span = run_span(&req);
         Box::pin(async move {
             let timeout = req.timeout;
-            match tokio::time::timeout(timeout, call(client, endpoint, key, req)).await {
+            let result = match tokio::time::timeout(
+                timeout,
+                call(client, endpoint, key, req, &span),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(format!("timed out after {}s", timeout.as_secs_f64())),
-            }
+            };
+            record_outcome(&span, &result);
+            result
         })
+    }
+}
+
+/// The span of one run, when traces are exported: the proxy's request span
+/// joins its trace through the `traceparent` the run sends.
+fn run_span(req: &RunRequest) -> tracing::Span {
+    if !claw_telemetry::traces_enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        target: claw_telemetry::TARGET,
+        "heartbeat.run",
+        otel.name = %format_args!("heartbeat {}", req.agent_id),
+        otel.kind = "client",
+        claw.agent.id = %req.agent_id,
+        claw.heartbeat.run_id = %req.run_id,
+        claw.heartbeat.trigger = req.trigger,
+        gen_ai.operation.name = "chat",
+        gen_ai.request.model = %req.model,
+        claw.heartbeat.outcome = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// `suppressed` (a `HEARTBEAT_OK` reply), `alert` (anything else) or `failed`.
+fn record_outcome(span: &tracing::Span, result: &Result<RunReply, String>) {
+    if span.is_none() {
+        return;
+    }
+    match result {
+        Ok(reply) => {
+            let outcome = match super::reply::classify(&reply.content) {
+                super::reply::ReplyKind::Suppressed => "suppressed",
+                super::reply::ReplyKind::Alert(_) => "alert",
+            };
+            span.record("claw.heartbeat.outcome", outcome);
+            // As i64: tracing-opentelemetry exports a u64 as a string.
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            span.record("gen_ai.usage.input_tokens", tokens(reply.prompt_tokens));
+            span.record(
+                "gen_ai.usage.output_tokens",
+                tokens(reply.completion_tokens),
+            );
+        }
+        Err(_) => {
+            span.record("claw.heartbeat.outcome", "failed");
+            span.record("error.type", "heartbeat_failed");
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }
 
@@ -156,6 +220,7 @@ async fn call(
     endpoint: String,
     key: Arc<str>,
     req: RunRequest,
+    span: &tracing::Span,
 ) -> Result<RunReply, String> {
     let body = serde_json::json!({
         "model": req.model,
@@ -165,7 +230,7 @@ async fn call(
         ],
         "stream": false,
     });
-    let request = http::Request::post(&endpoint)
+    let mut request = http::Request::post(&endpoint)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
         .header("x-claw-priority", "background")
@@ -173,6 +238,7 @@ async fn call(
         .header("x-claw-session-key", &req.session_key)
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| format!("building the request: {e}"))?;
+    claw_telemetry::propagation::inject(span, request.headers_mut());
     let response = client
         .request(request)
         .await

@@ -840,6 +840,16 @@ impl Scheduler {
         }
         let req = RunRequest {
             agent_id: key.agent_id.clone(),
+            run_id: rec
+                .run
+                .as_ref()
+                .map(|r| r.run_id.clone())
+                .unwrap_or_default(),
+            trigger: if trigger == RunTrigger::Manual {
+                "manual"
+            } else {
+                "schedule"
+            },
             model: agent.model.clone(),
             prompt: if agent.prompt.trim().is_empty() {
                 dispatch::DEFAULT_PROMPT.to_string()
