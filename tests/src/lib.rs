@@ -8,6 +8,9 @@
 //! - [`harness`]: starts the real binaries (`claw-control-plane`,
 //!   `claw-data-plane`, `clawctl`, `claw-mock-upstream`) as child processes on
 //!   ephemeral loopback ports with temp dirs, and tears them down on drop.
+//! - [`otlp`]: a fake OpenTelemetry collector (OTLP/HTTP and OTLP/gRPC) that
+//!   records the spans the binaries export.
 
 pub mod harness;
 pub mod mock;
+pub mod otlp;
