@@ -51,7 +51,10 @@ pub fn install() -> bool {
                     )
                 });
             match builder.and_then(|b| b.install_recorder()) {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    spawn_upkeep(h.clone());
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
@@ -59,6 +62,27 @@ pub fn install() -> bool {
             }
         })
         .is_some()
+}
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes `/metrics`.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Histogram samples are buffered until the next render or upkeep: without
+/// one, a proxy nobody scrapes would keep every sample (tens of bytes per
+/// request, forever). A plain thread, so it runs whatever the runtimes do.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("claw-dp-metrics".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "metrics upkeep thread not started");
+    }
 }
 
 /// Renders the Prometheus text format.
