@@ -111,9 +111,24 @@ pub struct Config {
     /// Where to keep the encrypted last-known-good snapshot (the
     /// `snapshot_cache` module); `None` keeps nothing on disk.
     pub snapshot_cache: Option<PathBuf>,
+    /// Threads serving HTTP, each with its own connections and upstream
+    /// pool; 0 = one per available core.
+    pub serve_threads: usize,
+    /// TLS for the HTTP listener ([`crate::tls::server_config`]); `None`
+    /// serves plain HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Config {
+    /// The number of serving threads: `serve_threads`, or one per
+    /// available core when it is 0.
+    pub fn serving_threads(&self) -> usize {
+        match self.serve_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// A proxy fed by a control plane.
     pub fn control_plane(
         node_id: impl Into<String>,
@@ -131,6 +146,8 @@ impl Config {
             report: ReportSettings::default(),
             degraded_after: crate::fleet::DEGRADED_AFTER,
             snapshot_cache: None,
+            serve_threads: 0,
+            tls: None,
         }
     }
 
@@ -145,6 +162,8 @@ impl Config {
             report: ReportSettings::default(),
             degraded_after: crate::fleet::DEGRADED_AFTER,
             snapshot_cache: None,
+            serve_threads: 0,
+            tls: None,
         }
     }
 }

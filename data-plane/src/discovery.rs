@@ -34,11 +34,6 @@
 //! version is lower: a control plane restored to an older version is still
 //! the authority.
 
-// The module belongs at the crate root (`src/snapshot_cache.rs`); it is
-// declared here until `lib.rs` declares it. TODO(lead): move to lib.rs.
-#[path = "snapshot_cache.rs"]
-pub mod snapshot_cache;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,7 +50,7 @@ use tonic::metadata::MetadataValue;
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
 use crate::fleet::Fleet;
 use crate::snapshot::SnapshotStore;
-use snapshot_cache::{CacheWriter, SnapshotCache};
+use crate::snapshot_cache::{CacheWriter, SnapshotCache};
 
 /// A stream that lived this long counts as healthy (resets the backoff).
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);

@@ -21,6 +21,8 @@
 //!   runtime state (rate limiters, cooldowns, queues) carried across snapshots.
 //! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
 //!   of snapshots, incremental cooldowns and rate shares, backoff).
+//! - [`snapshot_cache`] — the optional encrypted last-known-good snapshot on
+//!   disk, loaded before the first connection.
 //! - [`fleet`] — this proxy's shares of cluster-wide limits, the fleet size,
 //!   degraded mode when the control plane is gone for a minute.
 //! - [`report`] — the `StreamReports` stream: numbered batches of usage,
@@ -65,6 +67,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod snapshot_cache;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
@@ -171,7 +174,8 @@ impl Proxy {
                     self.store.clone(),
                     self.cooldowns.clone(),
                     self.fleet.clone(),
-                );
+                )
+                .with_snapshot_cache(self.config.snapshot_cache.as_deref(), proxy_token);
                 let cfg = discovery::DiscoveryConfig {
                     url: url.clone(),
                     proxy_token: proxy_token.clone(),
@@ -204,26 +208,31 @@ impl Proxy {
                 background.push(tokio::spawn(events::discard(signals)));
             }
         }
-        let client = upstream::client()?;
         let retry = retry::RetryLayer::new(
             self.cooldowns.clone(),
             outlier::OutlierPolicy::default(),
             self.events.clone(),
         );
-        let stack = server::stack(
-            self.store.clone(),
-            &self.config.limits,
-            retry,
-            upstream::Upstream::new(client),
-        );
+        let (store, limits) = (self.store.clone(), self.config.limits.clone());
+        let workers = server::Workers {
+            threads: self.config.serving_threads(),
+            make_stack: Box::new(move || {
+                Ok(server::stack(
+                    store.clone(),
+                    &limits,
+                    retry.clone(),
+                    upstream::Upstream::new(upstream::client()?),
+                ))
+            }),
+            tls: self.config.tls.clone(),
+        };
         let state = Arc::new(server::AppState {
             store: self.store.clone(),
             cooldowns: self.cooldowns.clone(),
             draining: AtomicBool::new(false),
-            stack,
             limits: self.config.limits.clone(),
         });
-        server::serve(listener, state, shutdown).await;
+        let served = server::serve(listener, state, workers, shutdown).await;
         // The last reports get a short grace to be acknowledged.
         let _ = report_stop.send(());
         if let Some(r) = reporter {
@@ -235,7 +244,7 @@ impl Proxy {
         for task in background {
             task.abort();
         }
-        Ok(())
+        served
     }
 }
 

@@ -58,6 +58,28 @@ struct Args {
     /// (equal rate shares); shorter values are for tests.
     #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     degraded_after: Duration,
+    /// Threads serving HTTP (0 = one per available core). Each owns its
+    /// client connections and upstream connection pool, so a request never
+    /// hops between threads.
+    #[arg(long, env = "CLAW_DP_SERVE_THREADS", default_value_t = 0)]
+    serve_threads: usize,
+    /// Serve HTTPS: certificate chain (PEM, leaf first). Needs --tls-key.
+    /// Both files are re-read when they change (cert-manager rotation).
+    #[arg(
+        long,
+        env = "CLAW_DP_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Serve HTTPS: private key (PEM). Needs --tls-cert.
+    #[arg(
+        long,
+        env = "CLAW_DP_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     /// Keep an encrypted last-known-good snapshot at this path (written
     /// after every applied snapshot, loaded at start-up so the proxy serves
     /// while the control plane is down). Sealed with a key derived from the
@@ -116,7 +138,9 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-#[tokio::main]
+// This runtime only accepts connections and runs the control-plane streams;
+// requests are served by `serve_threads` threads of their own.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = init_logging(args.log_format)?;
@@ -142,6 +166,10 @@ async fn main() -> anyhow::Result<()> {
     };
     config.degraded_after = args.degraded_after;
     config.snapshot_cache = args.snapshot_cache.clone();
+    config.serve_threads = args.serve_threads;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(claw_data_plane::tls::server_config(cert, key)?);
+    }
     // Every stream holds two sockets (client and upstream): raise the soft
     // open-files limit to the hard one so thousands of streams fit.
     match rlimit::increase_nofile_limit(u64::MAX) {

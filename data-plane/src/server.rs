@@ -16,20 +16,23 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
+use claw_tls::tokio_rustls::TlsAcceptor;
 use futures::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -42,6 +45,7 @@ use crate::limits::{Limits, LimitsLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{RouteLayer, RouteService};
 use crate::snapshot::SnapshotStore;
+use crate::tls::HANDSHAKE_TIMEOUT;
 use crate::upstream::Upstream;
 
 /// The request path: auth → limits → route → retry → upstream.
@@ -62,7 +66,7 @@ pub fn stack(
         .service(upstream)
 }
 
-/// What every connection shares.
+/// What every connection shares, across all serving threads.
 pub struct AppState {
     /// Current snapshot.
     pub store: SnapshotStore,
@@ -70,10 +74,18 @@ pub struct AppState {
     pub cooldowns: Cooldowns,
     /// Set once shutdown starts.
     pub draining: AtomicBool,
-    /// The request path.
-    pub stack: Stack,
     /// Server limits.
     pub limits: ServerLimits,
+}
+
+/// What one serving thread owns: the shared state and its own request
+/// stack (with its own upstream connection pool, so a request's upstream
+/// connection is driven by the thread that serves its client).
+struct Worker {
+    app: Arc<AppState>,
+    stack: Stack,
+    /// Set when the listener speaks TLS.
+    tls: Option<TlsAcceptor>,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -84,7 +96,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r
 }
 
-async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let state = &worker.app;
     let path = req.uri().path();
     match path {
         "/healthz" => return text(StatusCode::OK, "ok\n"),
@@ -110,7 +123,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<ProxyB
         p if p.starts_with("/v1/") => {}
         _ => return ApiError::not_found().into_response(),
     }
-    let fut = state.stack.clone().oneshot(req);
+    let fut = worker.stack.clone().oneshot(req);
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(Ok(res)) => res,
         Ok(Err(never)) => match never {},
@@ -269,13 +282,168 @@ impl Body for Guarded {
     }
 }
 
-/// Serves `listener` until `shutdown` resolves, then drains.
+/// How connections are spread over serving threads.
+///
+/// Each serving thread runs its own single-threaded tokio runtime with its
+/// own request stack and upstream connection pool: a request — the client
+/// connection, the stack, the upstream connection that answers it — stays
+/// on one thread, with no cross-thread wake-ups (the multi-threaded
+/// runtime's work stealing moved the upstream connection's task to the other
+/// core and back, which showed in the latency tail). One accept loop hands
+/// each new connection to the thread with the fewest open connections.
+pub struct Workers {
+    /// Number of serving threads (at least 1).
+    pub threads: usize,
+    /// Builds one thread's request stack.
+    pub make_stack: Box<dyn Fn() -> anyhow::Result<Stack> + Send + Sync>,
+    /// Serve TLS with this configuration (see [`crate::tls`]) instead of
+    /// plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The accept loop's handle on one serving thread.
+struct WorkerHandle {
+    conns: mpsc::UnboundedSender<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+    done: oneshot::Receiver<()>,
+}
+
+fn spawn_worker(
+    index: usize,
+    worker: Worker,
+    builder: Arc<http1::Builder>,
+) -> anyhow::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (done_tx, done) = oneshot::channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    let open_w = open.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a serving thread's runtime")?;
+    std::thread::Builder::new()
+        .name(format!("claw-dp-serve-{index}"))
+        .spawn(move || {
+            runtime.block_on(serve_worker(rx, Arc::new(worker), builder, open_w));
+            // Dropping the runtime cancels what is left after the drain
+            // deadline (abandoned-stream drains, idle pool connections).
+            drop(runtime);
+            let _ = done_tx.send(());
+        })
+        .context("starting a serving thread")?;
+    Ok(WorkerHandle {
+        conns: tx,
+        open,
+        done,
+    })
+}
+
+/// One serving thread: serves the connections it is handed until the
+/// accept loop closes the channel, then drains.
+async fn serve_worker(
+    mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    worker: Arc<Worker>,
+    builder: Arc<http1::Builder>,
+    open: Arc<AtomicUsize>,
+) {
+    let graceful = GracefulShutdown::new();
+    while let Some(stream) = conns.recv().await {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "could not register an accepted connection");
+                continue;
+            }
+        };
+        let conn_state = Arc::new(ConnState::new());
+        let io = Watched {
+            io: stream,
+            state: conn_state.clone(),
+        };
+        // Subscribed now, so a shutdown that starts during a TLS handshake
+        // still reaches this connection.
+        let watcher = graceful.watcher();
+        let (worker, builder, open) = (worker.clone(), builder.clone(), open.clone());
+        tokio::spawn(async move {
+            match worker.tls.clone() {
+                None => serve_connection(io, conn_state, &worker, &builder, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(tls, conn_state, &worker, &builder, watcher).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    if tokio::time::timeout(worker.app.limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with requests still in flight");
+    }
+}
+
+/// Serves HTTP/1.1 on one (plain or TLS) connection until it ends, is idle
+/// or slow for too long, or is drained.
+async fn serve_connection<I>(
+    io: I,
+    conn_state: Arc<ConnState>,
+    worker: &Arc<Worker>,
+    builder: &http1::Builder,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let w = worker.clone();
+    let cs = conn_state.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let guard = cs.begin();
+        let w = w.clone();
+        async move {
+            let res = handle(w, req).await;
+            Ok::<_, Infallible>(res.map(|body| Guarded {
+                body,
+                _guard: guard,
+            }))
+        }
+    });
+    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %e, "connection ended with an error");
+        },
+        _ = watchdog(conn_state, worker.app.limits.clone()) => {
+            tracing::debug!("closing idle or slow connection");
+        }
+    }
+}
+
+/// The serving thread with the fewest open connections; ties go to the
+/// first one at or after `next` (round-robin).
+fn least_loaded(handles: &[WorkerHandle], next: usize) -> usize {
+    let n = handles.len();
+    let open = |i: usize| handles[i].open.load(Ordering::Relaxed);
+    (0..n)
+        .map(|k| (next + k) % n)
+        .min_by_key(|&i| open(i))
+        .unwrap_or(0)
+}
+
+/// Serves `listener` on `workers.threads` serving threads until `shutdown`
+/// resolves, then stops accepting, answers `/readyz` with 503 and lets
+/// in-flight requests and streams finish up to the drain timeout.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
+    workers: Workers,
     shutdown: impl std::future::Future<Output = ()>,
-) {
-    let graceful = GracefulShutdown::new();
+) -> anyhow::Result<()> {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -283,6 +451,17 @@ pub async fn serve(
         .keep_alive(true)
         .max_buf_size(256 * 1024);
     let builder = Arc::new(builder);
+    let mut handles = Vec::with_capacity(workers.threads.max(1));
+    for i in 0..workers.threads.max(1) {
+        let worker = Worker {
+            app: state.clone(),
+            stack: (workers.make_stack)()?,
+            tls: workers.tls.clone().map(TlsAcceptor::from),
+        };
+        handles.push(spawn_worker(i, worker, builder.clone())?);
+    }
+    tracing::debug!(threads = handles.len(), "serving threads started");
+    let mut next = 0usize;
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -298,44 +477,72 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn_state = Arc::new(ConnState::new());
-        let io = TokioIo::new(Watched {
-            io: stream,
-            state: conn_state.clone(),
-        });
-        let app = state.clone();
-        let cs = conn_state.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let guard = cs.begin();
-            let app = app.clone();
-            async move {
-                let res = handle(app, req).await;
-                Ok::<_, Infallible>(res.map(|body| Guarded {
-                    body,
-                    _guard: guard,
-                }))
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hand over an accepted connection");
+                continue;
             }
-        });
-        let conn = graceful.watch(builder.serve_connection(io, svc));
-        let limits = state.limits.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                },
-                _ = watchdog(conn_state, limits) => {
-                    tracing::debug!("closing idle or slow connection");
-                }
-            }
-        });
+        };
+        let best = least_loaded(&handles, next);
+        next = best + 1;
+        let h = &handles[best];
+        h.open.fetch_add(1, Ordering::Relaxed);
+        if h.conns.send(stream).is_err() {
+            h.open.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(thread = best, "a serving thread is gone");
+        }
     }
     drop(listener);
     state.draining.store(true, Ordering::Relaxed);
     tracing::info!("draining connections");
-    if tokio::time::timeout(state.limits.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout passed with requests still in flight");
+    let mut done = Vec::with_capacity(handles.len());
+    for h in handles {
+        drop(h.conns);
+        done.push(h.done);
+    }
+    for d in done {
+        // The thread's drain has its own deadline; an error means it ended early.
+        let _ = d.await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handles(open: &[usize]) -> Vec<WorkerHandle> {
+        open.iter()
+            .map(|&n| WorkerHandle {
+                conns: mpsc::unbounded_channel().0,
+                open: Arc::new(AtomicUsize::new(n)),
+                done: oneshot::channel().1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connections_go_to_the_least_loaded_thread_ties_round_robin() {
+        assert_eq!(least_loaded(&handles(&[3, 1, 2]), 0), 1);
+        assert_eq!(least_loaded(&handles(&[3, 1, 2]), 2), 1);
+        // Ties: the first at or after `next`.
+        assert_eq!(least_loaded(&handles(&[0, 0, 0]), 0), 0);
+        assert_eq!(least_loaded(&handles(&[0, 0, 0]), 1), 1);
+        assert_eq!(least_loaded(&handles(&[0, 0, 0]), 5), 2);
+        assert_eq!(least_loaded(&handles(&[1]), 7), 0);
+    }
+
+    #[test]
+    fn a_burst_of_connections_is_spread_evenly() {
+        let hs = handles(&[0, 0]);
+        let mut next = 0;
+        for _ in 0..64 {
+            let i = least_loaded(&hs, next);
+            hs[i].open.fetch_add(1, Ordering::Relaxed);
+            next = i + 1;
+        }
+        assert_eq!(hs[0].open.load(Ordering::Relaxed), 32);
+        assert_eq!(hs[1].open.load(Ordering::Relaxed), 32);
     }
 }
