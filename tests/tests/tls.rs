@@ -44,6 +44,13 @@ fn tls_control_plane(pki: &Pki) -> ControlPlane {
 
 /// `GET path` over TLS (trusting `ca`, SNI `localhost`): status and body.
 async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
+    https_request(addr, ca, &format!("GET {path} HTTP/1.1\r\n"), "").await
+}
+
+/// One HTTP/1.1 request over TLS (trusting `ca`, SNI `localhost`): `head`
+/// is the request line plus any headers (each ending in CRLF); `host`,
+/// `content-length` and `connection: close` are added. Status and body.
+async fn https_request(addr: SocketAddr, ca: &Path, head: &str, body: &str) -> (u16, String) {
     let mut config = claw_tls::client::client_config(ca).expect("client config");
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -51,8 +58,11 @@ async fn https_get(addr: SocketAddr, ca: &Path, path: &str) -> (u16, String) {
     let mut tls = TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .expect("TLS handshake with the control plane's HTTP listener");
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+        .expect("TLS handshake");
+    let request = format!(
+        "{head}host: localhost\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
     tls.write_all(request.as_bytes()).await.expect("write");
     let mut raw = Vec::new();
     // A peer may end TLS without close_notify after `connection: close`.
@@ -266,4 +276,101 @@ fn a_certificate_without_its_key_names_the_missing_flag() {
     assert!(err.status.is_some_and(|s| !s.success()), "{err}");
     let line = error_line(&err.output);
     assert!(line.contains("--tls-key"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_a_certificate_serves_https_only() {
+    let pki = pki();
+    let upstream = MockUpstream::start_blocking(
+        MockConfig::default()
+            .name("primary")
+            .api_key(PRIMARY_KEY)
+            .models([CHAT_NATIVE_PRIMARY]),
+    );
+    let cp = ControlPlane::start();
+    add_backend(
+        &cp,
+        "primary",
+        &upstream.url(),
+        PRIMARY_KEY,
+        &["--model", &format!("{CHAT}={CHAT_NATIVE_PRIMARY}")],
+    );
+    let key = cp
+        .clawctl(&["key", "add", "https-client", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    let proxy = Proxy::builder(&cp)
+        .args([
+            "--tls-cert".as_ref(),
+            pki.files.cert.as_os_str(),
+            "--tls-key".as_ref(),
+            pki.files.key.as_os_str(),
+        ])
+        .start();
+
+    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let (status, _) = https_get(proxy.addr(), &pki.files.ca, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready over TLS:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = chat_body(CHAT, false).to_string();
+    let (status, answer) = https_request(
+        proxy.addr(),
+        &pki.files.ca,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+        ),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("json answer");
+    assert!(
+        answer["choices"][0]["message"]["content"].is_string(),
+        "{answer}"
+    );
+
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = reqwest::Client::new()
+        .get(format!("{}/healthz", proxy.url()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+}
+
+#[test]
+fn a_proxy_certificate_without_its_key_is_refused() {
+    let pki = pki();
+    let cp = ControlPlane::start();
+    let err = Proxy::builder(&cp)
+        .args(["--tls-cert".as_ref(), pki.files.cert.as_os_str()])
+        .try_start()
+        .expect_err("started with half a TLS configuration");
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    assert!(err.output.contains("--tls-key"), "{err}");
+    let garbage = pki.dir.path().join("garbage.key");
+    std::fs::write(&garbage, "not a key").expect("write");
+    let err = Proxy::builder(&cp)
+        .args([
+            "--tls-cert".as_ref(),
+            pki.files.cert.as_os_str(),
+            "--tls-key".as_ref(),
+            garbage.as_os_str(),
+        ])
+        .try_start()
+        .expect_err("started with a garbage key");
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    assert!(err.output.contains("garbage.key"), "{err}");
 }
