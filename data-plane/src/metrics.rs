@@ -8,6 +8,8 @@
 //! | `claw_dp_cooldowns_active` | gauge | |
 //! | `claw_dp_queue_depth` | gauge | |
 //! | `claw_dp_snapshot_version` | gauge | |
+//! | `claw_dp_snapshot_cache_writes_total` | counter | `result` |
+//! | `claw_dp_snapshot_cache_loaded_version` | gauge | |
 //! | `claw_dp_discovery_connected` | gauge | |
 //! | `claw_dp_events_dropped_total` | counter | |
 //! | `claw_dp_report_connected` | gauge | |
