@@ -54,7 +54,10 @@ log "open files limit $(ulimit -n)"
 
 log "building (release)"
 cargo build --release -q -p claw-tests --bins -p claw-control-plane -p claw-data-plane -p clawctl
+# The proxy as the image ships it: the `production` profile (fat LTO).
+cargo build --profile production -q -p claw-data-plane
 BIN="$ROOT/target/release"
+DP_BIN="$ROOT/target/production/claw-data-plane"
 
 WORK="$(mktemp -d /tmp/claw-bench-XXXXXX)"
 pids=()
@@ -111,7 +114,7 @@ export BENCH_UPSTREAM_KEY=sk-bench-upstream
 "$BIN/clawctl" backend add bench-streams --url "http://$SMOCK_ADDR/v1" --api-key-env BENCH_UPSTREAM_KEY \
   --rpm 1000000000 --model bench-stream=mock-model >/dev/null
 CLAW_KEY="$("$BIN/clawctl" key add bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
-start proxy "$BIN/claw-data-plane" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-proxy
+start proxy "$DP_BIN" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-proxy
 DP_ADDR="${LISTEN#*http=}"
 DP_PID="${pids[-1]}"
 wait_http "http://$DP_ADDR/readyz"
