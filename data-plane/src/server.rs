@@ -462,6 +462,7 @@ pub async fn serve(
     }
     tracing::debug!(threads = handles.len(), "serving threads started");
     let mut next = 0usize;
+    let mut failed = None;
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -484,13 +485,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let best = least_loaded(&handles, next);
-        next = best + 1;
-        let h = &handles[best];
-        h.open.fetch_add(1, Ordering::Relaxed);
-        if h.conns.send(stream).is_err() {
-            h.open.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!(thread = best, "a serving thread is gone");
+        match dispatch(&mut handles, &mut next, stream) {
+            Ok(()) => {}
+            Err(gone) => {
+                failed = Some(gone);
+                break;
+            }
         }
     }
     drop(listener);
@@ -505,7 +505,40 @@ pub async fn serve(
         // The thread's drain has its own deadline; an error means it ended early.
         let _ = d.await;
     }
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Hands `stream` to the least-loaded serving thread. A thread that is gone
+/// (it can only end by panicking) is dropped from `handles` and the next one
+/// tried; with none left the error stops the server, so that its supervisor
+/// restarts it instead of it accepting connections nobody serves.
+fn dispatch(
+    handles: &mut Vec<WorkerHandle>,
+    next: &mut usize,
+    mut stream: std::net::TcpStream,
+) -> anyhow::Result<()> {
+    while !handles.is_empty() {
+        let best = least_loaded(handles, *next);
+        *next = best + 1;
+        let h = &handles[best];
+        h.open.fetch_add(1, Ordering::Relaxed);
+        match h.conns.send(stream) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::SendError(back)) => {
+                stream = back;
+                tracing::error!(
+                    thread = best,
+                    left = handles.len() - 1,
+                    "a serving thread is gone"
+                );
+                handles.remove(best);
+            }
+        }
+    }
+    anyhow::bail!("every serving thread is gone")
 }
 
 #[cfg(test)]
@@ -544,5 +577,39 @@ mod tests {
         }
         assert_eq!(hs[0].open.load(Ordering::Relaxed), 32);
         assert_eq!(hs[1].open.load(Ordering::Relaxed), 32);
+    }
+
+    fn socket() -> std::net::TcpStream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect")
+    }
+
+    #[test]
+    fn a_dead_serving_thread_is_skipped_and_none_left_is_an_error() {
+        let (live_tx, mut live_rx) = mpsc::unbounded_channel();
+        let (dead_tx, dead_rx) = mpsc::unbounded_channel();
+        drop(dead_rx);
+        let mut hs = vec![
+            WorkerHandle {
+                conns: dead_tx,
+                open: Arc::new(AtomicUsize::new(0)),
+                done: oneshot::channel().1,
+            },
+            WorkerHandle {
+                conns: live_tx,
+                open: Arc::new(AtomicUsize::new(5)),
+                done: oneshot::channel().1,
+            },
+        ];
+        let mut next = 0;
+        // The dead thread has fewer connections, so it is tried first.
+        dispatch(&mut hs, &mut next, socket()).expect("the live thread takes it");
+        assert_eq!(hs.len(), 1);
+        assert!(live_rx.try_recv().is_ok());
+        assert_eq!(hs[0].open.load(Ordering::Relaxed), 6);
+        drop(live_rx);
+        let err = dispatch(&mut hs, &mut next, socket()).expect_err("nobody left");
+        assert!(err.to_string().contains("every serving thread is gone"));
+        assert!(hs.is_empty());
     }
 }
