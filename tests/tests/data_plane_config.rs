@@ -4,33 +4,10 @@
 
 mod data_plane_support;
 
-use claw_tests::harness::{Proxy, wait_until_async};
+use claw_tests::harness::wait_until_async;
 use claw_tests::mock::{MockConfig, MockUpstream};
 use data_plane_support::*;
-use serde_json::Value;
 use std::time::Duration;
-
-/// The ids in `GET /v1/models` of `proxy`, or empty on any failure.
-async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
-    let Ok(res) = c
-        .http
-        .get(format!("{}/v1/models", proxy.url()))
-        .bearer_auth(&c.key)
-        .send()
-        .await
-    else {
-        return Vec::new();
-    };
-    let v: Value = res.json().await.unwrap_or_default();
-    v["data"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Waits until every proxy lists `model`.
 async fn wait_for_model(c: &Cluster, model: &str) {

@@ -105,31 +105,6 @@ async fn webhook() -> (SocketAddr, Arc<Mutex<Received>>) {
     (addr, state)
 }
 
-/// A TCP forwarder on a port known before the proxy starts (the control
-/// plane needs CLAW_HEARTBEAT_PROXY at startup, the proxy needs the control
-/// plane first).
-async fn forwarder() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-    let t = target.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let to = *t.lock().expect("lock");
-            tokio::spawn(async move {
-                let Some(to) = to else { return };
-                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    });
-    (addr, target)
-}
-
 fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
     cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
         .assert_ok()
@@ -180,10 +155,10 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
     .await;
     alert.set_always(Some(Action::reply("ALERT: the disk is 97% full")));
     let (hook, received) = webhook().await;
-    let (fwd, target) = forwarder().await;
+    let fwd = claw_tests::harness::Forwarder::start().await;
 
     let mut cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{fwd}"))
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
         .env("CLAW_WEBHOOK_SECRET", SECRET)
         .env("CLAW_WEBHOOK_BACKOFF_BASE", "200ms")
         .start();
@@ -223,7 +198,7 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
 
     let proxy = Proxy::start(&cp);
     proxy.wait_ready();
-    *target.lock().expect("lock") = Some(proxy.addr());
+    fwd.point_to(proxy.addr());
 
     // Let a few slots pass (the first may race the internal key reaching
     // the proxy's snapshot; it then fails visibly, which is fine).
@@ -337,9 +312,9 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
     )
     .await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
-    let (fwd, target) = forwarder().await;
+    let fwd = claw_tests::harness::Forwarder::start().await;
     let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{fwd}"))
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
         .start();
     add_backend(&cp, "d", &upstream.url(), "m-d");
     let secret = cp
@@ -351,7 +326,7 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
         .to_string();
     let proxy = Proxy::start(&cp);
     proxy.wait_ready();
-    *target.lock().expect("lock") = Some(proxy.addr());
+    fwd.point_to(proxy.addr());
 
     // The agent is in a live conversation before its first slot and stays
     // in it for longer than the busy window + deferral cap of several slots.

@@ -8,7 +8,6 @@ mod data_plane_support;
 
 use claw_tests::harness::{ControlPlane, Proxy, grep_dir, wait_until, wait_until_async};
 use data_plane_support::*;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,28 +41,6 @@ fn wait_cache_written(proxy: &Proxy, version: u64) {
         "version {version} never written to the cache:\n{}",
         proxy.logs()
     );
-}
-
-/// The ids in `GET /v1/models`, or empty on any failure.
-async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
-    let Ok(res) = c
-        .http
-        .get(format!("{}/v1/models", proxy.url()))
-        .bearer_auth(&c.key)
-        .send()
-        .await
-    else {
-        return Vec::new();
-    };
-    let v: Value = res.json().await.unwrap_or_default();
-    v["data"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(unix)]

@@ -77,6 +77,32 @@ async fn https_request(addr: SocketAddr, ca: &Path, head: &str, body: &str) -> (
     (status, body)
 }
 
+/// A mock upstream registered on `cp` as the `primary` backend serving
+/// `CHAT`, and a new client key's secret.
+fn chat_backend_and_key(cp: &ControlPlane) -> (MockUpstream, String) {
+    let upstream = MockUpstream::start_blocking(
+        MockConfig::default()
+            .name("primary")
+            .api_key(PRIMARY_KEY)
+            .models([CHAT_NATIVE_PRIMARY]),
+    );
+    add_backend(
+        cp,
+        "primary",
+        &upstream.url(),
+        PRIMARY_KEY,
+        &["--model", &format!("{CHAT}={CHAT_NATIVE_PRIMARY}")],
+    );
+    let key = cp
+        .clawctl(&["key", "add", "tls-test", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    (upstream, key)
+}
+
 /// The `claw-control-plane: error: …` line of a failed start.
 fn error_line(output: &str) -> &str {
     output
@@ -149,27 +175,8 @@ async fn the_health_listener_answers_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_gets_its_snapshot_over_tls_and_serves_a_completion() {
     let pki = pki();
-    let upstream = MockUpstream::start_blocking(
-        MockConfig::default()
-            .name("primary")
-            .api_key(PRIMARY_KEY)
-            .models([CHAT_NATIVE_PRIMARY]),
-    );
     let cp = tls_control_plane(&pki);
-    add_backend(
-        &cp,
-        "primary",
-        &upstream.url(),
-        PRIMARY_KEY,
-        &["--model", &format!("{CHAT}={CHAT_NATIVE_PRIMARY}")],
-    );
-    let key = cp
-        .clawctl(&["key", "add", "tls-test", "-o", "json"])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let (_upstream, key) = chat_backend_and_key(&cp);
 
     // The harness passes `--control-plane https://… --control-plane-ca ca.pem`.
     let proxy = Proxy::start(&cp);
@@ -281,27 +288,8 @@ fn a_certificate_without_its_key_names_the_missing_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_with_a_certificate_serves_https_only() {
     let pki = pki();
-    let upstream = MockUpstream::start_blocking(
-        MockConfig::default()
-            .name("primary")
-            .api_key(PRIMARY_KEY)
-            .models([CHAT_NATIVE_PRIMARY]),
-    );
     let cp = ControlPlane::start();
-    add_backend(
-        &cp,
-        "primary",
-        &upstream.url(),
-        PRIMARY_KEY,
-        &["--model", &format!("{CHAT}={CHAT_NATIVE_PRIMARY}")],
-    );
-    let key = cp
-        .clawctl(&["key", "add", "https-client", "-o", "json"])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned();
+    let (_upstream, key) = chat_backend_and_key(&cp);
     let proxy = Proxy::builder(&cp)
         .args([
             "--tls-cert".as_ref(),

@@ -13,15 +13,12 @@
 //!   exported, nothing is logged about it, and the client's `traceparent`
 //!   reaches the upstream untouched.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claw_tests::harness::{ControlPlane, ControlPlaneBuilder, Proxy, ProxyBuilder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use claw_tests::otlp::{FakeCollector, ReceivedSpan};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 const PROVIDER_KEY: &str = "sk-up-traced-0123456789abcdef";
 const MODEL: &str = "chat";
@@ -78,30 +75,6 @@ fn parse_traceparent(h: &str) -> (String, String) {
     assert_eq!(parts.len(), 4, "not a traceparent: {h:?}");
     assert_eq!(parts[0], "00", "{h:?}");
     (parts[1].to_owned(), parts[2].to_owned())
-}
-
-/// A TCP forwarder on a port known before the proxy starts (the control
-/// plane needs its heartbeat proxy at startup, the proxy the control plane).
-async fn forwarder() -> (SocketAddr, Arc<Mutex<Option<SocketAddr>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-    let t = target.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let to = *t.lock().expect("lock");
-            tokio::spawn(async move {
-                let Some(to) = to else { return };
-                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    });
-    (addr, target)
 }
 
 /// A backend serving [`MODEL`] as [`NATIVE`] at `url`, and a client key
@@ -188,9 +161,9 @@ async fn chat_completions_and_heartbeat_runs_are_traced_through_the_proxy_to_the
     )
     .await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
-    let (fwd, target) = forwarder().await;
+    let fwd = claw_tests::harness::Forwarder::start().await;
     let cp = clean_cp(ControlPlane::builder())
-        .heartbeat_proxy(format!("http://{fwd}"))
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
@@ -216,7 +189,7 @@ async fn chat_completions_and_heartbeat_runs_are_traced_through_the_proxy_to_the
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .start();
     proxy.wait_ready();
-    *target.lock().expect("lock") = Some(proxy.addr());
+    fwd.point_to(proxy.addr());
 
     // A client request in the client's trace.
     let reply = chat(

@@ -261,6 +261,28 @@ pub fn acked_versions(cp: &ControlPlane) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+/// The ids in `GET /v1/models` of `proxy`, or empty on any failure.
+pub async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
+    let Ok(res) = c
+        .http
+        .get(format!("{}/v1/models", proxy.url()))
+        .bearer_auth(&c.key)
+        .send()
+        .await
+    else {
+        return Vec::new();
+    };
+    let v: Value = res.json().await.unwrap_or_default();
+    v["data"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Asserts an OpenAI-format error body (`{"error":{"message","type",…}}`)
 /// and returns it.
 #[track_caller]
