@@ -3,25 +3,21 @@
 
 use std::time::Duration;
 
-use claw_control_plane::config::Config;
-use claw_control_plane::crypto::{MasterKey, sha256_hex};
-use claw_control_plane::server::Server;
+mod common;
+use claw_control_plane::crypto::sha256_hex;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::client_key_service_client::ClientKeyServiceClient;
 use claw_proto::v1::cluster_service_client::ClusterServiceClient;
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::*;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use common::*;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
-const ADMIN: &str = "admin-token-0123456789";
-const PROXY: &str = "proxy-token-0123456789";
-const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 /// Long enough for a debounced push (at most 200 ms) to have arrived.
 const QUIET: Duration = Duration::from_millis(600);
 
@@ -32,41 +28,21 @@ type Authed = InterceptedService<
 
 struct Harness {
     _dir: tempfile::TempDir,
-    channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: InProcess,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.server
+    }
 }
 
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = Config::new(
-            dir.path().join("data"),
-            MasterKey::from_hex(KEY1).expect("key"),
-            Some(ADMIN.into()),
-            Some(PROXY.into()),
-        )
-        .expect("config");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let grpc_addr = grpc.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::open(config).await.expect("opens");
-        let task = tokio::spawn(server.serve(grpc, http, async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .expect("uri")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connects");
-        Harness {
-            _dir: dir,
-            channel,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        let server = InProcess::start(config(dir.path().join("data"))).await;
+        Harness { _dir: dir, server }
     }
 
     fn authed(&self, token: Option<&'static str>) -> Authed {
@@ -183,16 +159,7 @@ impl Harness {
     }
 
     async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("the server stops promptly")
-                .expect("joins")
-                .expect("clean shutdown");
-        }
+        self.server.stop().await;
     }
 }
 

@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use claw_control_plane::config::Config;
-use claw_control_plane::crypto::MasterKey;
-use claw_control_plane::server::Server;
+mod common;
 use claw_control_plane::shares::ShareSettings;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::client_key_service_client::ClientKeyServiceClient;
@@ -15,17 +13,14 @@ use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::report_service_client::ReportServiceClient;
 use claw_proto::v1::stats_service_client::StatsServiceClient;
 use claw_proto::v1::*;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use common::*;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
-const ADMIN: &str = "admin-token-0123456789";
-const PROXY: &str = "proxy-token-0123456789";
-const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const HOUR_MS: i64 = 3_600_000;
 
 type Authed = InterceptedService<
@@ -34,9 +29,14 @@ type Authed = InterceptedService<
 >;
 
 struct Harness {
-    channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: InProcess,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.server
+    }
 }
 
 /// Shares settle in tests within a fraction of a second.
@@ -53,31 +53,10 @@ fn fast_shares() -> ShareSettings {
 
 impl Harness {
     async fn start(data: PathBuf) -> Harness {
-        let mut config = Config::new(
-            data,
-            MasterKey::from_hex(KEY1).expect("key"),
-            Some(ADMIN.into()),
-            Some(PROXY.into()),
-        )
-        .expect("config");
+        let mut config = config(data);
         config.shares = fast_shares();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let grpc_addr = grpc.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::open(config).await.expect("opens");
-        let task = tokio::spawn(server.serve(grpc, http, async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connects");
         Harness {
-            channel,
-            stop: Some(stop),
-            task: Some(task),
+            server: InProcess::start(config).await,
         }
     }
 
@@ -219,16 +198,7 @@ impl Harness {
     }
 
     async fn shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .expect("stops")
-                .expect("joins")
-                .expect("clean shutdown");
-        }
+        self.server.stop().await;
     }
 }
 

@@ -1,66 +1,35 @@
 //! The gRPC API end to end, in process: the real server on port 0 with
 //! tonic clients.
 
-use std::time::Duration;
-
-use claw_control_plane::config::Config;
-use claw_control_plane::crypto::MasterKey;
-use claw_control_plane::server::Server;
+mod common;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::cluster_service_client::ClusterServiceClient;
 use claw_proto::v1::*;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use common::*;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-const ADMIN: &str = "admin-token-0123456789";
-const PROXY: &str = "proxy-token-0123456789";
-const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const KEY2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
 struct Harness {
     _dir: tempfile::TempDir,
-    channel: Channel,
-    http: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: InProcess,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.server
+    }
 }
 
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = Config::new(
-            dir.path().join("data"),
-            MasterKey::from_hex(KEY1).expect("key"),
-            Some(ADMIN.into()),
-            Some(PROXY.into()),
-        )
-        .expect("config");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let grpc_addr = grpc.local_addr().expect("addr");
-        let http_addr = http.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::open(config).await.expect("opens");
-        let task = tokio::spawn(server.serve(grpc, http, async move {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .expect("uri")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connects");
-        Harness {
-            _dir: dir,
-            channel,
-            http: http_addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        let server = InProcess::start(config(dir.path().join("data"))).await;
+        Harness { _dir: dir, server }
     }
 
     fn with_token(
@@ -80,12 +49,7 @@ impl Harness {
     }
 
     async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.expect("joins").expect("clean shutdown");
-        }
+        self.server.stop().await;
     }
 }
 
