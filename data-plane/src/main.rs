@@ -61,7 +61,12 @@ struct Args {
     /// Threads serving HTTP (0 = one per available core). Each owns its
     /// client connections and upstream connection pool, so a request never
     /// hops between threads.
-    #[arg(long, env = "CLAW_DP_SERVE_THREADS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "CLAW_DP_SERVE_THREADS",
+        default_value_t = 0,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024)
+    )]
     serve_threads: usize,
     /// Serve HTTPS: certificate chain (PEM, leaf first). Needs --tls-key.
     /// Both files are re-read when they change (cert-manager rotation).

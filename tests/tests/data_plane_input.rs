@@ -272,3 +272,16 @@ fn slow_or_idle_clients_cannot_hold_a_socket() {
     );
     assert_still_serves(&c);
 }
+
+#[test]
+fn an_out_of_range_serve_threads_is_refused_naming_the_flag() {
+    let cp = claw_tests::harness::ControlPlane::start();
+    for bad in ["5000", "abc"] {
+        let err = claw_tests::harness::Proxy::builder(&cp)
+            .args(["--serve-threads", bad])
+            .try_start()
+            .expect_err("started with a bad --serve-threads");
+        assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+        assert!(err.output.contains("--serve-threads"), "{err}");
+    }
+}
