@@ -36,6 +36,8 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     ".claw.v1.Proxy.connected_since",
     ".claw.v1.Proxy.last_seen",
     ".claw.v1.UsageEvent.time",
+    ".claw.v1.UsageAggregate.first_time",
+    ".claw.v1.UsageAggregate.last_time",
     ".claw.v1.UpstreamFailure.time",
     ".claw.v1.AgentActivity.last_seen",
     ".claw.v1.BackendSuccess.time",

@@ -390,6 +390,79 @@ async fn a_batch_is_stored_once_even_when_resent_and_across_a_restart() {
     assert_eq!(err.code(), Code::Unauthenticated);
 }
 
+/// What proxies send: usage summed per bucket. Stored once like any batch,
+/// in the bucket of its hour, and added to per-request events (what older
+/// proxies send) in the same totals.
+#[tokio::test]
+async fn usage_aggregates_are_stored_once_in_their_hour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let now = now_ms();
+    let earlier = now - 2 * 3_600_000;
+    let row = |agent: &str, at: i64, requests: u64, prompt: u64| UsageAggregate {
+        first_time: ts(at),
+        last_time: ts(at),
+        client_key_id: "ck".into(),
+        agent_id: agent.into(),
+        model: "gpt-4o".into(),
+        backend_id: b1.clone(),
+        totals: Some(UsageTotals {
+            requests,
+            errors: 1,
+            prompt_tokens: prompt,
+            completion_tokens: requests,
+            total_tokens: prompt + requests,
+            cost: 0.5,
+            streamed: 1,
+            latency_ms_sum: 100 * requests,
+            ..Default::default()
+        }),
+    };
+
+    let mut r = h.reporter("p1", "epoch-1").await;
+    let mut batch = r.batch(1);
+    batch.usage_aggregates = vec![row("a1", now, 5, 50), row("", earlier, 2, 20)];
+    batch.usage = vec![usage(&b1, "ck", "a1", now, 10, 5)];
+    r.send(batch.clone()).await;
+    r.send(batch).await; // resent: acknowledged, not applied
+
+    let t = h.totals(UsageFilter::default()).await;
+    assert_eq!((t.requests, t.errors, t.streamed), (8, 2, 3));
+    assert_eq!((t.prompt_tokens, t.completion_tokens), (80, 12));
+    assert_eq!((t.total_tokens, t.latency_ms_sum), (92, 800));
+    assert!((t.cost - 1.25).abs() < 1e-9, "{}", t.cost);
+    let agent = h
+        .totals(UsageFilter {
+            agent: "a1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!((agent.requests, agent.prompt_tokens), (6, 60));
+    let last_hour = h
+        .totals(UsageFilter {
+            start: ts(now - 3_600_000),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(last_hour.requests, 6, "the earlier row is in its own hour");
+
+    // A row without its sums is refused whole, naming the field.
+    let mut bad = r.batch(2);
+    bad.usage_aggregates = vec![row("a1", now, 1, 1), UsageAggregate::default()];
+    r.tx.send(bad).await.expect("send");
+    let err = tokio::time::timeout(Duration::from_secs(5), r.acks.message())
+        .await
+        .expect("answer within 5 s")
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("usage_aggregates[1].totals"),
+        "{err:?}"
+    );
+    assert_eq!(h.totals(UsageFilter::default()).await.requests, 8);
+}
+
 #[tokio::test]
 async fn totals_hourly_and_daily_answer_filters_by_name_and_time() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -5,7 +5,10 @@
 //! `try_send`s into its channels ([`crate::events`]) and bumps per-backend
 //! demand counters, so it never waits on reporting.
 //!
-//! - **Batches.** Usage per request, upstream failures, recoveries after
+//! - **Batches.** Usage (summed per usage bucket: UTC hour, client key,
+//!   agent, model, backend — one `UsageAggregate` per bucket, not one event
+//!   per request, so a batch's size and the control plane's work to store it
+//!   do not grow with the request rate), upstream failures, recoveries after
 //!   429s, agent activity (aggregated per agent) and per-backend demand are
 //!   gathered into a batch that is cut every `flush_interval` (100 ms) while
 //!   connected, as soon as it holds `max_batch_events` (500), and at once
@@ -17,11 +20,13 @@
 //!   batch while connected and fully acknowledged: the control plane reads
 //!   a proxy's silence as "may have used its whole rate share" and holds
 //!   that share against the others for a minute, so an idle proxy says it
-//!   used nothing. While disconnected a batch grows until it is full.
+//!   used nothing. While disconnected a batch grows until it is full (its
+//!   usage keeps summing into the buckets it already holds).
 //! - **Numbering.** `stream_epoch` is random per process; `seq` counts from 1.
 //!   The control plane stores a batch once per (node, epoch, seq).
 //! - **Buffer.** Cut batches stay in a bounded buffer ([`ReportBuffer`],
-//!   `max_buffered_events` = 10,000 events) until an ACK's `acked_seq`
+//!   `max_buffered_events` = 10,000 events; a usage bucket counts as one)
+//!   until an ACK's `acked_seq`
 //!   releases every batch up to it. After a reconnect every unacknowledged
 //!   batch is resent, in order; an acknowledged batch is never resent. When
 //!   the buffer overflows the oldest batches are dropped whole; the count goes
@@ -35,13 +40,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use claw_proto::v1::report_service_client::ReportServiceClient;
 use claw_proto::v1::{
     AgentActivity, BackendDemand, BackendSuccess, FailureKind as WireFailureKind,
-    Priority as WirePriority, StreamReportsRequest, StreamReportsResponse, UpstreamFailure,
-    UsageEvent,
+    StreamReportsRequest, StreamReportsResponse, UpstreamFailure, UsageAggregate, UsageTotals,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -53,9 +58,7 @@ use tonic::metadata::MetadataValue;
 use crate::config::ReportSettings;
 use crate::discovery::Backoff;
 use crate::events::{Failure, FailureKind, RequestOutcome, Signal};
-use crate::queue::Priority;
 use crate::snapshot::SnapshotStore;
-use crate::stream::End;
 
 /// A stream that lived this long with an ACK counts as healthy (resets the backoff).
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -176,10 +179,29 @@ impl ReportBuffer {
     }
 }
 
+/// The usage bucket a request is summed into: what the control plane keys
+/// its hourly usage by.
+#[derive(Hash, PartialEq, Eq)]
+struct UsageKey {
+    /// UTC hours since the Unix epoch, of the request's start.
+    hour: u64,
+    client_key_id: Arc<str>,
+    agent_id: Option<String>,
+    model: Arc<str>,
+    backend_id: Option<Arc<str>>,
+}
+
+/// The requests of one bucket since the last cut.
+struct UsageSum {
+    first: SystemTime,
+    last: SystemTime,
+    totals: UsageTotals,
+}
+
 /// The batch being filled.
 #[derive(Default)]
 struct Pending {
-    usage: Vec<UsageEvent>,
+    usage: HashMap<UsageKey, UsageSum>,
     failures: Vec<UpstreamFailure>,
     successes: Vec<BackendSuccess>,
     activity: HashMap<String, (SystemTime, u32)>,
@@ -200,7 +222,6 @@ pub struct Collector {
     store: SnapshotStore,
     max_batch: usize,
     pending: Pending,
-    requests: u64,
     buffer: ReportBuffer,
     /// When the last batch was cut.
     last_cut: Instant,
@@ -223,7 +244,6 @@ impl Collector {
             store,
             max_batch: settings.max_batch_events.max(1),
             pending: Pending::default(),
-            requests: 0,
             buffer: ReportBuffer::new(settings.max_buffered_events),
             last_cut: Instant::now(),
             idle_after: IDLE_BATCH_EVERY.saturating_sub(settings.flush_interval),
@@ -250,11 +270,28 @@ impl Collector {
         }
     }
 
-    /// Adds a request outcome.
-    pub fn outcome(&mut self, o: RequestOutcome) {
-        self.requests += 1;
-        let request_id = format!("{}-{}", self.epoch, self.requests);
-        self.pending.usage.push(usage_event(o, request_id));
+    /// Adds a request outcome to its usage bucket.
+    pub fn outcome(&mut self, mut o: RequestOutcome) {
+        let now = SystemTime::now();
+        let started = now.checked_sub(o.latency).unwrap_or(now);
+        let hour = started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 3600);
+        let key = UsageKey {
+            hour,
+            client_key_id: o.client_key_id.clone(),
+            agent_id: o.agent_id.take(),
+            model: o.model.clone(),
+            backend_id: o.backend_id.clone(),
+        };
+        let sum = self.pending.usage.entry(key).or_insert_with(|| UsageSum {
+            first: started,
+            last: started,
+            totals: UsageTotals::default(),
+        });
+        sum.first = sum.first.min(started);
+        sum.last = sum.last.max(started);
+        add_outcome(&mut sum.totals, &o);
     }
 
     /// Adds a failure, recovery or activity signal.
@@ -310,7 +347,20 @@ impl Collector {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
             seq: 0,
-            usage: p.usage,
+            usage: Vec::new(),
+            usage_aggregates: p
+                .usage
+                .into_iter()
+                .map(|(k, s)| UsageAggregate {
+                    first_time: Some(s.first.into()),
+                    last_time: Some(s.last.into()),
+                    client_key_id: k.client_key_id.to_string(),
+                    agent_id: k.agent_id.unwrap_or_default(),
+                    model: k.model.to_string(),
+                    backend_id: k.backend_id.map(|b| b.to_string()).unwrap_or_default(),
+                    totals: Some(s.totals),
+                })
+                .collect(),
             failures: p.failures,
             activity: p
                 .activity
@@ -356,32 +406,22 @@ impl Collector {
     }
 }
 
-fn usage_event(o: RequestOutcome, request_id: String) -> UsageEvent {
-    let now = SystemTime::now();
-    let started = now.checked_sub(o.latency).unwrap_or(now);
+/// Adds one request to a bucket's sums (as the control plane counts a
+/// request: an error is a status of 400 or more; total = prompt +
+/// completion).
+fn add_outcome(t: &mut UsageTotals, o: &RequestOutcome) {
     let u = o.usage.unwrap_or_default();
-    UsageEvent {
-        request_id,
-        time: Some(started.into()),
-        client_key_id: o.client_key_id.to_string(),
-        agent_id: o.agent_id.unwrap_or_default(),
-        model: o.model.to_string(),
-        backend_id: o.backend_id.map(|b| b.to_string()).unwrap_or_default(),
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        cached_tokens: u.cached_tokens,
-        cost: o.cost.unwrap_or(0.0),
-        latency_ms: millis(o.latency),
-        ttft_ms: o.ttft.map_or(0, millis),
-        status: u32::from(o.status),
-        streamed: o.streamed,
-        priority: match o.priority {
-            Priority::Interactive => WirePriority::Interactive,
-            Priority::Background => WirePriority::Background,
-        } as i32,
-        attempts: o.attempts,
-        client_disconnected: o.end == Some(End::ClientGone),
-    }
+    t.requests = t.requests.saturating_add(1);
+    t.errors = t.errors.saturating_add(u64::from(o.status >= 400));
+    t.prompt_tokens = t.prompt_tokens.saturating_add(u.prompt_tokens);
+    t.completion_tokens = t.completion_tokens.saturating_add(u.completion_tokens);
+    t.cached_tokens = t.cached_tokens.saturating_add(u.cached_tokens);
+    t.total_tokens = t
+        .total_tokens
+        .saturating_add(u.prompt_tokens.saturating_add(u.completion_tokens));
+    t.cost += o.cost.filter(|c| c.is_finite()).unwrap_or(0.0);
+    t.streamed = t.streamed.saturating_add(u64::from(o.streamed));
+    t.latency_ms_sum = t.latency_ms_sum.saturating_add(millis(o.latency));
 }
 
 fn failure(f: Failure) -> UpstreamFailure {
@@ -602,7 +642,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::queue::Priority;
+    use crate::stream::End;
 
     fn batch() -> StreamReportsRequest {
         StreamReportsRequest::default()
@@ -719,14 +760,23 @@ mod tests {
         let m = c.buffer().next_to_send().unwrap();
         assert_eq!((m.seq, m.node_id.as_str()), (1, "n1"));
         assert_eq!(m.stream_epoch.len(), 16);
-        let u = &m.usage[0];
+        assert!(m.usage.is_empty(), "usage goes summed per bucket");
+        let u = &m.usage_aggregates[0];
+        let t = u.totals.as_ref().unwrap();
         assert_eq!(
-            (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
-            (3, 4, 1)
+            (
+                t.requests,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.cached_tokens
+            ),
+            (1, 3, 4, 1)
         );
-        assert!(u.client_disconnected && u.streamed);
-        assert_eq!((u.latency_ms, u.ttft_ms, u.cost), (250, 20, 0.5));
-        assert_eq!(u.agent_id, "ag");
+        assert_eq!((t.streamed, t.latency_ms_sum, t.cost), (1, 250, 0.5));
+        assert_eq!(
+            (u.agent_id.as_str(), u.model.as_str(), u.backend_id.as_str()),
+            ("ag", "m", "b")
+        );
         assert_eq!(m.activity.len(), 1);
         assert_eq!(m.activity[0].requests, 3);
         let f = &m.failures[0];
@@ -739,6 +789,92 @@ mod tests {
         assert_eq!((m.demand[0].requests, m.demand[0].tokens), (2, 15));
         assert!(!c.due());
         assert!(!c.cut(), "demand was taken");
+    }
+
+    /// Requests are summed per (hour, key, agent, model, backend): a batch
+    /// carries one row per bucket whatever the request count, and the rows
+    /// add up to exactly what the requests were.
+    #[test]
+    fn usage_is_summed_per_bucket() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        for i in 0..1000u64 {
+            let mut o = outcome(if i % 2 == 0 { Some("even") } else { None });
+            o.status = if i % 10 == 0 { 500 } else { 200 };
+            o.streamed = i % 4 == 0;
+            o.usage = Some(crate::usage::Usage {
+                prompt_tokens: i,
+                completion_tokens: 1,
+                total_tokens: i + 1,
+                cached_tokens: 0,
+            });
+            c.outcome(o);
+        }
+        let mut other = outcome(None);
+        other.backend_id = None;
+        other.status = 503;
+        other.usage = None;
+        other.cost = None;
+        c.outcome(other);
+        assert!(!c.due(), "1001 requests are 3 rows, not a full batch");
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        let mut rows: Vec<_> = m
+            .usage_aggregates
+            .iter()
+            .map(|a| {
+                let t = a.totals.unwrap();
+                let (first, last) = (a.first_time.unwrap(), a.last_time.unwrap());
+                assert!(first.seconds <= last.seconds);
+                assert_eq!(
+                    first.seconds / 3600,
+                    last.seconds / 3600,
+                    "one hour per row"
+                );
+                (a.agent_id.clone(), a.backend_id.clone(), t)
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let (none_nobackend, none, even) = (&rows[0].2, &rows[1].2, &rows[2].2);
+        assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("", ""));
+        assert_eq!((none_nobackend.requests, none_nobackend.errors), (1, 1));
+        assert_eq!(none_nobackend.total_tokens, 0);
+        assert_eq!((none.requests, even.requests), (500, 500));
+        assert_eq!((none.errors, even.errors), (0, 100));
+        assert_eq!(even.streamed, 250);
+        let prompt: u64 = (0..1000).sum();
+        assert_eq!(none.prompt_tokens + even.prompt_tokens, prompt);
+        assert_eq!(none.total_tokens + even.total_tokens, prompt + 1000);
+        assert_eq!(none.latency_ms_sum + even.latency_ms_sum, 250 * 1000);
+        assert!((none.cost + even.cost - 500.0).abs() < 1e-9);
+    }
+
+    /// Requests that started in different UTC hours land in different rows.
+    #[test]
+    fn usage_rows_do_not_span_hours() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        c.outcome(outcome(None));
+        let mut old = outcome(None);
+        old.latency = Duration::from_secs(2 * 3600);
+        c.outcome(old);
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        assert_eq!(m.usage_aggregates.len(), 2);
+        let mut hours: Vec<i64> = m
+            .usage_aggregates
+            .iter()
+            .map(|a| a.first_time.unwrap().seconds / 3600)
+            .collect();
+        hours.sort_unstable();
+        assert!(hours[1] - hours[0] >= 1, "{hours:?}");
     }
 
     /// Regression: an idle proxy never reported, so the control plane held

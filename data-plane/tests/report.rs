@@ -189,13 +189,21 @@ async fn recv(s: &mut Streaming<StreamReportsRequest>) -> StreamReportsRequest {
         .expect("stream open")
 }
 
-/// Reads batches until `n` usage events arrived; returns the batches.
+/// Requests summed in a batch's usage rows.
+fn requests(b: &StreamReportsRequest) -> u64 {
+    b.usage_aggregates
+        .iter()
+        .map(|a| a.totals.as_ref().map_or(0, |t| t.requests))
+        .sum()
+}
+
+/// Reads batches until the usage of `n` requests arrived; returns the batches.
 async fn batches_until_usage(
     s: &mut Streaming<StreamReportsRequest>,
-    n: usize,
+    n: u64,
 ) -> Vec<StreamReportsRequest> {
     let mut out: Vec<StreamReportsRequest> = Vec::new();
-    while out.iter().map(|b| b.usage.len()).sum::<usize>() < n {
+    while out.iter().map(requests).sum::<u64>() < n {
         out.push(recv(s).await);
     }
     out
@@ -222,7 +230,7 @@ async fn batches_are_numbered_acked_and_resent_after_a_dropped_stream() {
     let (mut s1, out1) = h.next_stream().await;
     let hello = recv(&mut s1).await;
     assert_eq!((hello.node_id.as_str(), hello.seq), ("node-r", 0));
-    assert!(hello.usage.is_empty());
+    assert!(hello.usage.is_empty() && hello.usage_aggregates.is_empty());
     let epoch = hello.stream_epoch.clone();
 
     // Three requests, one at a time: three batches (20 ms flushes).
@@ -238,13 +246,35 @@ async fn batches_are_numbered_acked_and_resent_after_a_dropped_stream() {
     assert!(first.iter().all(|b| b.stream_epoch == epoch));
     // Usage equals the mock's record, streams without include_usage included.
     let records = up.wait_for_requests(3, Duration::from_secs(5)).await;
-    let usage: Vec<_> = first.iter().flat_map(|b| b.usage.clone()).collect();
-    for (u, r) in usage.iter().zip(&records) {
-        assert_eq!(u.prompt_tokens, r.prompt_tokens);
-        assert_eq!(u.completion_tokens, r.completion_tokens_sent);
-        assert_eq!(u.backend_id, "a");
-        assert_eq!(u.status, 200);
-    }
+    assert!(
+        first.iter().all(|b| b.usage.is_empty()),
+        "usage goes summed"
+    );
+    let rows: Vec<_> = first
+        .iter()
+        .flat_map(|b| b.usage_aggregates.clone())
+        .collect();
+    assert!(
+        rows.iter()
+            .all(|a| a.backend_id == "a" && a.model == "mock-model")
+    );
+    let sum = |f: fn(&claw_proto::v1::UsageTotals) -> u64| -> u64 {
+        rows.iter().map(|a| f(a.totals.as_ref().unwrap())).sum()
+    };
+    assert_eq!(sum(|t| t.requests), 3);
+    assert_eq!(sum(|t| t.errors), 0);
+    assert_eq!(sum(|t| t.streamed), 2);
+    assert_eq!(
+        sum(|t| t.prompt_tokens),
+        records.iter().map(|r| r.prompt_tokens).sum::<u64>()
+    );
+    assert_eq!(
+        sum(|t| t.completion_tokens),
+        records
+            .iter()
+            .map(|r| r.completion_tokens_sent)
+            .sum::<u64>()
+    );
     let demand: u64 = first
         .iter()
         .flat_map(|b| &b.demand)
@@ -291,7 +321,7 @@ async fn batches_are_numbered_acked_and_resent_after_a_dropped_stream() {
     // Nothing to resend: at most an idle proxy's empty batch, numbered on.
     let quiet = tokio::time::timeout(Duration::from_millis(300), s3.message()).await;
     if let Ok(Ok(Some(b))) = &quiet {
-        assert!(b.seq > top && b.usage.is_empty(), "a resend: {b:?}");
+        assert!(b.seq > top && requests(b) == 0, "a resend: {b:?}");
     } else {
         assert!(quiet.is_err(), "nothing to resend: {quiet:?}");
     }

@@ -61,6 +61,7 @@ impl ReportService for ReportApi {
 
 fn is_empty(b: &StreamReportsRequest) -> bool {
     b.usage.is_empty()
+        && b.usage_aggregates.is_empty()
         && b.failures.is_empty()
         && b.activity.is_empty()
         && b.successes.is_empty()
@@ -78,6 +79,11 @@ fn check(b: &StreamReportsRequest) -> Result<(), Status> {
         return Err(Status::invalid_argument(
             "stream_epoch: is required (at most 253 bytes)",
         ));
+    }
+    if let Some(i) = b.usage_aggregates.iter().position(|a| a.totals.is_none()) {
+        return Err(Status::invalid_argument(format!(
+            "usage_aggregates[{i}].totals: is required"
+        )));
     }
     Ok(())
 }

@@ -70,9 +70,9 @@ pub fn batch(result: &'static str) {
 }
 
 /// Counts events of a stored batch.
-pub fn events(kind: &'static str, n: usize) {
+pub fn events(kind: &'static str, n: u64) {
     if n > 0 {
-        metrics::counter!(REPORT_EVENTS_TOTAL, "kind" => kind).increment(n as u64);
+        metrics::counter!(REPORT_EVENTS_TOTAL, "kind" => kind).increment(n);
     }
 }
 

@@ -304,6 +304,21 @@ fn aggregate(
 ) -> (Buckets, Buckets) {
     let mut hourly: Buckets = HashMap::new();
     let mut daily: Buckets = HashMap::new();
+    let mut add = |at: i64, dims: Dims, t: &UsageTotals| {
+        let pool = if dims.backend.is_empty() {
+            NO_POOL
+        } else {
+            backends.get(&dims.backend).map_or("unknown", |b| b.pool)
+        };
+        let day = keys::daily(keys::day_of(at), pool, &dims);
+        totals::add(
+            hourly
+                .entry(keys::hourly(keys::hour_of(at), &dims))
+                .or_default(),
+            t,
+        );
+        totals::add(daily.entry(day).or_default(), t);
+    };
     for e in &batch.usage {
         let at = e.time.as_ref().map(crate::stats::ms_of).unwrap_or(now);
         let dims = Dims {
@@ -312,24 +327,23 @@ fn aggregate(
             client_key: e.client_key_id.clone(),
             agent: e.agent_id.clone(),
         };
-        let pool = if e.backend_id.is_empty() {
-            NO_POOL
-        } else {
-            backends.get(&e.backend_id).map_or("unknown", |b| b.pool)
+        add(at, dims, &totals::of_event(e));
+    }
+    for a in &batch.usage_aggregates {
+        let Some(t) = &a.totals else { continue };
+        let at = a
+            .first_time
+            .as_ref()
+            .or(a.last_time.as_ref())
+            .map(crate::stats::ms_of)
+            .unwrap_or(now);
+        let dims = Dims {
+            backend: a.backend_id.clone(),
+            model: a.model.clone(),
+            client_key: a.client_key_id.clone(),
+            agent: a.agent_id.clone(),
         };
-        let t = totals::of_event(e);
-        totals::add(
-            hourly
-                .entry(keys::hourly(keys::hour_of(at), &dims))
-                .or_default(),
-            &t,
-        );
-        totals::add(
-            daily
-                .entry(keys::daily(keys::day_of(at), pool, &dims))
-                .or_default(),
-            &t,
-        );
+        add(at, dims, &totals::sanitized(t));
     }
     (hourly, daily)
 }
@@ -340,15 +354,27 @@ fn record_event_metrics(batch: &StreamReportsRequest, now: i64) {
         .iter()
         .filter(|f| f.kind == FailureKind::RateLimited as i32)
         .count();
-    metrics::events("usage", batch.usage.len());
-    metrics::events("rate_limited", limited);
-    metrics::events("failure", batch.failures.len() - limited);
-    metrics::events("success", batch.successes.len());
-    metrics::events("activity", batch.activity.len());
+    let summed: u64 = batch
+        .usage_aggregates
+        .iter()
+        .filter_map(|a| a.totals.as_ref())
+        .map(|t| t.requests)
+        .sum();
+    metrics::events("usage", (batch.usage.len() as u64).saturating_add(summed));
+    metrics::events("rate_limited", limited as u64);
+    metrics::events("failure", (batch.failures.len() - limited) as u64);
+    metrics::events("success", batch.successes.len() as u64);
+    metrics::events("activity", batch.activity.len() as u64);
     let times = batch
         .usage
         .iter()
         .filter_map(|e| e.time.as_ref())
+        .chain(
+            batch
+                .usage_aggregates
+                .iter()
+                .filter_map(|a| a.first_time.as_ref()),
+        )
         .chain(batch.failures.iter().filter_map(|f| f.time.as_ref()))
         .chain(batch.successes.iter().filter_map(|s| s.time.as_ref()))
         .chain(batch.activity.iter().filter_map(|a| a.last_seen.as_ref()));

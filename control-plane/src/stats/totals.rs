@@ -18,6 +18,15 @@ pub fn of_event(e: &UsageEvent) -> UsageTotals {
     }
 }
 
+/// A proxy's sums as stored: a cost that is not a finite number counts as 0
+/// (as in [`of_event`]), so one bad row cannot poison a bucket.
+pub fn sanitized(t: &UsageTotals) -> UsageTotals {
+    UsageTotals {
+        cost: if t.cost.is_finite() { t.cost } else { 0.0 },
+        ..*t
+    }
+}
+
 /// Adds `b` into `a`.
 pub fn add(a: &mut UsageTotals, b: &UsageTotals) {
     a.requests = a.requests.saturating_add(b.requests);
