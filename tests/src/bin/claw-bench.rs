@@ -191,8 +191,11 @@ fn percentiles(mut v: Vec<Duration>) -> serde_json::Value {
     serde_json::json!({
         "samples": v.len(),
         "p50_us": at(0.50),
+        "p75_us": at(0.75),
         "p90_us": at(0.90),
+        "p95_us": at(0.95),
         "p99_us": at(0.99),
+        "p999_us": at(0.999),
         "max_us": at(1.0),
     })
 }
