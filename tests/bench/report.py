@@ -120,8 +120,10 @@ def main() -> int:
         "repetitions, targets interleaved within each repetition. Added latency = through X minus direct, "
         f"per repetition. nginx: `worker_processes auto`, upstream `keepalive 128`, `keepalive_requests 1000000`, `proxy_buffering off`. "
         f"LiteLLM: `litellm --num_workers {a.litellm_workers}` (its production mode is several uvicorn workers; "
-        "one per core here), `model_list` with `api_base` pointing at the same mock, master key, no database. "
-        "Our proxy: one `claw-data-plane` built with the `production` profile the image ships (fat LTO), one single-threaded tokio runtime per core (connections spread least-loaded, each thread with its own upstream pool), fed by `claw-control-plane`."
+        "one per core here), `model_list` with `api_base` pointing at the same mock, master key, no database; "
+        "paused with SIGSTOP while the other targets are measured (its idle workers' background loops "
+        "otherwise show in their c=1 tails). "
+        "Our proxy: one `claw-data-plane` built with the `production` profile the image ships (fat LTO), one single-threaded tokio runtime per core (connections spread least-loaded, each thread with its own upstream pool), fed by `claw-control-plane` (to which it reports usage summed per bucket every 100 ms)."
     )
     w("")
     w("| target | p50 @ c=1 | p99 @ c=1 | added p50 | added p99 | RPS @ c=64 | p99 @ c=64 | errors |")
