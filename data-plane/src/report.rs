@@ -291,7 +291,7 @@ impl Collector {
         });
         sum.first = sum.first.min(started);
         sum.last = sum.last.max(started);
-        add_outcome(&mut sum.totals, &o);
+        sum.totals += &request_totals(&o);
     }
 
     /// Adds a failure, recovery or activity signal.
@@ -406,22 +406,22 @@ impl Collector {
     }
 }
 
-/// Adds one request to a bucket's sums (as the control plane counts a
-/// request: an error is a status of 400 or more; total = prompt +
-/// completion).
-fn add_outcome(t: &mut UsageTotals, o: &RequestOutcome) {
+/// One request's usage, counted as the control plane counts a stored
+/// `UsageEvent`: an error is a status of 400 or more; total = prompt +
+/// completion; a cost that is not a number counts as 0.
+fn request_totals(o: &RequestOutcome) -> UsageTotals {
     let u = o.usage.unwrap_or_default();
-    t.requests = t.requests.saturating_add(1);
-    t.errors = t.errors.saturating_add(u64::from(o.status >= 400));
-    t.prompt_tokens = t.prompt_tokens.saturating_add(u.prompt_tokens);
-    t.completion_tokens = t.completion_tokens.saturating_add(u.completion_tokens);
-    t.cached_tokens = t.cached_tokens.saturating_add(u.cached_tokens);
-    t.total_tokens = t
-        .total_tokens
-        .saturating_add(u.prompt_tokens.saturating_add(u.completion_tokens));
-    t.cost += o.cost.filter(|c| c.is_finite()).unwrap_or(0.0);
-    t.streamed = t.streamed.saturating_add(u64::from(o.streamed));
-    t.latency_ms_sum = t.latency_ms_sum.saturating_add(millis(o.latency));
+    UsageTotals {
+        requests: 1,
+        errors: u64::from(o.status >= 400),
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_tokens: u.cached_tokens,
+        total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
+        cost: o.cost.filter(|c| c.is_finite()).unwrap_or(0.0),
+        streamed: u64::from(o.streamed),
+        latency_ms_sum: millis(o.latency),
+    }
 }
 
 fn failure(f: Failure) -> UpstreamFailure {

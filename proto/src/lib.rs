@@ -27,6 +27,22 @@ pub mod v1 {
 
 pub use v1::Pool;
 
+/// Sums usage: how a proxy sums its requests per bucket and the control
+/// plane its stored buckets, so both count the same way. Saturating.
+impl std::ops::AddAssign<&v1::UsageTotals> for v1::UsageTotals {
+    fn add_assign(&mut self, b: &v1::UsageTotals) {
+        self.requests = self.requests.saturating_add(b.requests);
+        self.errors = self.errors.saturating_add(b.errors);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(b.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(b.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(b.cached_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(b.total_tokens);
+        self.cost += b.cost;
+        self.streamed = self.streamed.saturating_add(b.streamed);
+        self.latency_ms_sum = self.latency_ms_sum.saturating_add(b.latency_ms_sum);
+    }
+}
+
 impl Pool {
     /// The name operators type and read: `primary` or `fallback`.
     pub fn name(self) -> &'static str {

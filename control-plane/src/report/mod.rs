@@ -145,7 +145,7 @@ impl Fleet {
                         .get(tree, key)?
                         .map(|raw| totals::decode(&raw))
                         .unwrap_or_default();
-                    totals::add(&mut t, delta);
+                    t += delta;
                     txn.insert(tree, key, &totals::encode(&t))?;
                 }
             }
@@ -311,13 +311,10 @@ fn aggregate(
             backends.get(&dims.backend).map_or("unknown", |b| b.pool)
         };
         let day = keys::daily(keys::day_of(at), pool, &dims);
-        totals::add(
-            hourly
-                .entry(keys::hourly(keys::hour_of(at), &dims))
-                .or_default(),
-            t,
-        );
-        totals::add(daily.entry(day).or_default(), t);
+        *hourly
+            .entry(keys::hourly(keys::hour_of(at), &dims))
+            .or_default() += t;
+        *daily.entry(day).or_default() += t;
     };
     for e in &batch.usage {
         let at = e.time.as_ref().map(crate::stats::ms_of).unwrap_or(now);

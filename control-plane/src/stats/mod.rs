@@ -214,11 +214,11 @@ impl Stats {
             keys::day_of(end)
         };
         if first < last {
-            self.daily_into(f, first, last, |_, _, t| totals::add(&mut sum, &t))?;
-            self.hourly_into(f, start, first, |_, _, t| totals::add(&mut sum, &t))?;
-            self.hourly_into(f, last, end, |_, _, t| totals::add(&mut sum, &t))?;
+            self.daily_into(f, first, last, |_, _, t| sum += &t)?;
+            self.hourly_into(f, start, first, |_, _, t| sum += &t)?;
+            self.hourly_into(f, last, end, |_, _, t| sum += &t)?;
         } else {
-            self.hourly_into(f, start, end, |_, _, t| totals::add(&mut sum, &t))?;
+            self.hourly_into(f, start, end, |_, _, t| sum += &t)?;
         }
         Ok(sum)
     }
@@ -227,7 +227,7 @@ impl Stats {
     pub fn hourly(&self, f: &Filter) -> Result<Vec<v1::HourlyUsage>, CatalogError> {
         let mut rows: BTreeMap<(i64, String, String), UsageTotals> = BTreeMap::new();
         self.hourly_into(f, f.start(), f.end(), |hour, d, t| {
-            totals::add(rows.entry((hour, d.backend, d.model)).or_default(), &t);
+            *rows.entry((hour, d.backend, d.model)).or_default() += &t;
         })?;
         Ok(rows
             .into_iter()
@@ -244,7 +244,7 @@ impl Stats {
     pub fn daily(&self, f: &Filter) -> Result<Vec<v1::DailyUsage>, CatalogError> {
         let mut rows: BTreeMap<(i64, String), UsageTotals> = BTreeMap::new();
         self.daily_into(f, f.start(), f.end(), |day, pool, t| {
-            totals::add(rows.entry((day, pool)).or_default(), &t);
+            *rows.entry((day, pool)).or_default() += &t;
         })?;
         Ok(rows
             .into_iter()

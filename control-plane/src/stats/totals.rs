@@ -27,19 +27,6 @@ pub fn sanitized(t: &UsageTotals) -> UsageTotals {
     }
 }
 
-/// Adds `b` into `a`.
-pub fn add(a: &mut UsageTotals, b: &UsageTotals) {
-    a.requests = a.requests.saturating_add(b.requests);
-    a.errors = a.errors.saturating_add(b.errors);
-    a.prompt_tokens = a.prompt_tokens.saturating_add(b.prompt_tokens);
-    a.completion_tokens = a.completion_tokens.saturating_add(b.completion_tokens);
-    a.cached_tokens = a.cached_tokens.saturating_add(b.cached_tokens);
-    a.total_tokens = a.total_tokens.saturating_add(b.total_tokens);
-    a.cost += b.cost;
-    a.streamed = a.streamed.saturating_add(b.streamed);
-    a.latency_ms_sum = a.latency_ms_sum.saturating_add(b.latency_ms_sum);
-}
-
 /// Decodes a stored bucket; a corrupt one counts as empty (and is logged)
 /// rather than failing every query that touches it.
 pub fn decode(raw: &[u8]) -> UsageTotals {
@@ -73,7 +60,7 @@ mod tests {
             ..Default::default()
         };
         let mut t = of_event(&e);
-        add(&mut t, &of_event(&UsageEvent::default()));
+        t += &of_event(&UsageEvent::default());
         assert_eq!(t.requests, 2);
         assert_eq!(t.errors, 1);
         assert_eq!(t.total_tokens, 15);
