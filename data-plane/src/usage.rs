@@ -58,7 +58,25 @@ impl Usage {
 
     /// Reads the `usage` member of a whole JSON answer without building a
     /// DOM of the rest.
+    ///
+    /// A byte scan ([`top_level_member`]) finds the top-level `usage` value
+    /// and only that value is deserialized: the answer's other members
+    /// (the completion text, mostly) are stepped over, not parsed. Whatever
+    /// the scan does not expect — escapes in a key, a repeated `usage`,
+    /// unbalanced brackets, trailing bytes — goes to serde for the whole
+    /// body, which decides as before.
     pub fn from_body(body: &[u8]) -> Option<Usage> {
+        match top_level_member(body, b"usage") {
+            Member::Found(value) => serde_json::from_slice::<Option<UsageJson>>(&body[value])
+                .ok()?
+                .map(Usage::from),
+            Member::Absent => None,
+            Member::Unsure => Self::from_body_parsed(body),
+        }
+    }
+
+    /// [`Usage::from_body`] by serde alone.
+    fn from_body_parsed(body: &[u8]) -> Option<Usage> {
         #[derive(Deserialize)]
         struct Answer {
             usage: Option<UsageJson>,
@@ -80,6 +98,141 @@ impl Usage {
         (self.prompt_tokens - cached) as f64 * prices.input
             + cached as f64 * cache_price
             + self.completion_tokens as f64 * prices.output
+    }
+}
+
+/// What [`top_level_member`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Member {
+    /// The member's value spans these bytes.
+    Found(std::ops::Range<usize>),
+    /// The object has no such member.
+    Absent,
+    /// Not a shape the scan vouches for: parse it properly.
+    Unsure,
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// `b[i]` opens a string: the index after its closing quote.
+fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+        if b[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
+}
+
+/// `b[i]` starts a value: the index after it. Strings and brackets are
+/// followed exactly (up to 128 levels); scalars are taken as the run of
+/// bytes a number or literal can hold.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            // One bit per open bracket: 1 for an object.
+            let mut stack: u128 = 0;
+            let mut depth = 0u32;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    c @ (b'{' | b'[') => {
+                        if depth == 128 {
+                            return None;
+                        }
+                        stack = (stack << 1) | u128::from(c == b'{');
+                        depth += 1;
+                    }
+                    c @ (b'}' | b']') => {
+                        if depth == 0 || (stack & 1 == 1) != (c == b'}') {
+                            return None;
+                        }
+                        stack >>= 1;
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let n = b[i..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.'))
+                .count();
+            (n > 0).then_some(i + n)
+        }
+    }
+}
+
+/// Finds the value of the top-level member `key` of the JSON object `b`
+/// by stepping over the others. `Unsure` whenever the body is not plainly
+/// one object whose keys need no unescaping and that holds `key` at most
+/// once.
+fn top_level_member(b: &[u8], key: &[u8]) -> Member {
+    let scan = || -> Option<Option<std::ops::Range<usize>>> {
+        let mut i = skip_ws(b, 0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let mut found = None;
+        if b.get(i) == Some(&b'}') {
+            i += 1;
+        } else {
+            loop {
+                if b.get(i) != Some(&b'"') {
+                    return None;
+                }
+                let end = skip_string(b, i)?;
+                let name = &b[i + 1..end - 1];
+                if name.contains(&b'\\') {
+                    return None;
+                }
+                i = skip_ws(b, end);
+                if b.get(i) != Some(&b':') {
+                    return None;
+                }
+                let start = skip_ws(b, i + 1);
+                i = skip_value(b, start)?;
+                if name == key {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(start..i);
+                }
+                i = skip_ws(b, i);
+                match b.get(i) {
+                    Some(b',') => i = skip_ws(b, i + 1),
+                    Some(b'}') => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        (skip_ws(b, i) == b.len()).then_some(found)
+    };
+    match scan() {
+        Some(Some(range)) => Member::Found(range),
+        Some(None) => Member::Absent,
+        None => Member::Unsure,
     }
 }
 
@@ -660,6 +813,80 @@ mod tests {
         assert_eq!(request_stream_usage(&mut b), StreamUsage::ClientAsked);
         let mut b: Map<String, Value> = serde_json::from_str(r#"{"stream_options":"x"}"#).unwrap();
         assert_eq!(request_stream_usage(&mut b), StreamUsage::Untouched);
+    }
+
+    /// Answers a provider may send, odd ones included, with what the scan
+    /// makes of them.
+    const ANSWERS: &[(&str, &str)] = &[
+        (
+            r#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            "found",
+        ),
+        (
+            r#" { "id" : "a\"b\\" , "choices" : [ {"m":{"c":"}]{[\u0041"}} , [] , {} ] , "usage" : {"prompt_tokens":3,"completion_tokens":4,"total_tokens":9} } "#,
+            "found",
+        ),
+        (
+            r#"{"n":-1.5e+3,"t":true,"f":false,"z":null,"usage":{"prompt_tokens":5},"after":{"usage":{"prompt_tokens":99}}}"#,
+            "found",
+        ),
+        (
+            r#"{"nested":{"usage":{"prompt_tokens":99}},"x":1}"#,
+            "absent",
+        ),
+        (r#"{}"#, "absent"),
+        (r#"{"usage":null}"#, "found"),
+        (r#"{"usage":"lots"}"#, "found"),
+        (r#"{"usage":{"prompt_tokens":"x"}}"#, "found"),
+        (r#"{"usag\u0065":{"prompt_tokens":7}}"#, "unsure"),
+        (
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            "unsure",
+        ),
+        (r#"{"a":[1,2}],"usage":{"prompt_tokens":1}}"#, "unsure"),
+        (r#"{"usage":{"prompt_tokens":1}} trailing"#, "unsure"),
+        (r#"{"usage":{"prompt_tokens":1}"#, "unsure"),
+        (r#"{"a":"unterminated"#, "unsure"),
+        (r#"[{"usage":{"prompt_tokens":1}}]"#, "unsure"),
+        (r#"{"a" 1}"#, "unsure"),
+        (r#"{"a":1 2}"#, "unsure"),
+        (r#"{"a":}"#, "unsure"),
+        ("", "unsure"),
+    ];
+
+    #[test]
+    fn the_usage_scan_agrees_with_serde() {
+        for (body, expected) in ANSWERS {
+            let scanned = top_level_member(body.as_bytes(), b"usage");
+            let kind = match scanned {
+                Member::Found(_) => "found",
+                Member::Absent => "absent",
+                Member::Unsure => "unsure",
+            };
+            assert_eq!(kind, *expected, "{body}");
+            assert_eq!(
+                Usage::from_body(body.as_bytes()),
+                Usage::from_body_parsed(body.as_bytes()),
+                "{body}"
+            );
+        }
+        // The value's exact bytes.
+        let body = br#"{"a":[{"b":"]"}],"usage" : {"prompt_tokens":1} ,"c":2}"#;
+        let Member::Found(r) = top_level_member(body, b"usage") else {
+            panic!("usage not found");
+        };
+        assert_eq!(&body[r], br#"{"prompt_tokens":1}"#);
+        // Brackets nested past what the scan tracks: serde decides.
+        let deep = format!(
+            r#"{{"a":{}{},"usage":{{"prompt_tokens":1}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(top_level_member(deep.as_bytes(), b"usage"), Member::Unsure);
+        assert_eq!(
+            Usage::from_body(deep.as_bytes()),
+            Usage::from_body_parsed(deep.as_bytes())
+        );
     }
 
     #[test]
