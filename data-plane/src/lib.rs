@@ -221,7 +221,7 @@ impl Proxy {
                     store.clone(),
                     &limits,
                     retry.clone(),
-                    upstream::Upstream::new(upstream::client()?),
+                    upstream::Upstream::new(upstream::connector()?),
                 ))
             }),
             tls: self.config.tls.clone(),

@@ -27,7 +27,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use claw_telemetry::genai;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ use crate::limits::retry_after_secs;
 use crate::metrics::{CandidateMetrics, status_label};
 use crate::outlier::OutlierPolicy;
 use crate::queue::{Priority, QueueExit};
-use crate::route::{Routed, Selection, select};
+use crate::route::{MAX_CANDIDATES, Routed, Selection, select};
 use crate::snapshot::{Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
@@ -137,21 +137,23 @@ fn bit(i: usize) -> u128 {
 
 /// Builds the upstream request with `model` set to the candidate's native id
 /// (spliced into the client's bytes, or re-serialised for a rewritten body).
-fn build_request(r: &mut Routed, c: &Candidate) -> Option<Request<Full<Bytes>>> {
-    let uri: http::Uri = format!("{}{}", c.backend.base_url, r.path_and_query)
-        .parse()
-        .ok()?;
+/// The last attempt a request can make takes the client's headers instead
+/// of copying them.
+fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Full<Bytes>>> {
+    let target = &c.backend.target;
+    let uri = target.uri(r.path, r.query.as_deref())?;
     let bytes = r.body.with_model(&c.native)?;
     let mut req = Request::new(Full::new(bytes));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
-    *req.headers_mut() = r.headers.clone();
+    *req.headers_mut() = if last {
+        std::mem::take(&mut r.headers)
+    } else {
+        r.headers.clone()
+    };
     let h = req.headers_mut();
     h.insert(header::AUTHORIZATION, c.backend.authorization.clone());
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::HOST, target.host().clone());
     Some(req)
 }
 
@@ -273,13 +275,16 @@ where
         let backend = &cand.backend;
         let guard = InFlight::new(backend.clone());
         backend.runtime.demand.record(r.est_tokens);
-        let Some(mut request) = build_request(&mut r, cand) else {
+        // No attempt follows one that has used up the retries or the candidates.
+        let last = attempts >= max_attempts
+            || tried.count_ones() as usize >= route.candidates.len().min(MAX_CANDIDATES);
+        let Some(mut request) = build_request(&mut r, cand, last) else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
         let attempt_span = genai::attempt_span(
             &r.span,
-            &r.path_and_query,
+            r.path,
             &cand.native,
             &backend.id,
             &backend.base_url,
@@ -290,7 +295,14 @@ where
             .timeout
             .min(deadline.saturating_duration_since(Instant::now()));
         let result = match inner.ready().await {
-            Ok(svc) => svc.call(Attempt { request, timeout }).await,
+            Ok(svc) => {
+                svc.call(Attempt {
+                    request,
+                    target: backend.target.clone(),
+                    timeout,
+                })
+                .await
+            }
             Err(e) => Err(e),
         };
         if !attempt_span.is_none() {

@@ -48,8 +48,10 @@ pub struct Routed {
     pub key: Arc<ClientKey>,
     /// The model's route.
     pub route: Arc<Route>,
-    /// Upstream path after the base URL (`/chat/completions`), with query.
-    pub path_and_query: String,
+    /// Upstream path after the base URL (`/chat/completions`).
+    pub path: &'static str,
+    /// The client's query string, if any.
+    pub query: Option<String>,
     /// Headers to forward (already filtered).
     pub headers: HeaderMap,
     /// The JSON body; `model` is rewritten per attempt.
@@ -660,17 +662,14 @@ where
         .get("x-claw-agent-id")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(256).collect());
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{suffix}?{q}"),
-        None => suffix.to_string(),
-    };
     let span =
         claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
         route,
-        path_and_query,
+        path: suffix,
+        query: parts.uri.query().map(str::to_string),
         headers: upstream_headers(parts.headers),
         body,
         stream,

@@ -27,6 +27,7 @@ use crate::metrics::CandidateMetrics;
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
 use crate::ratelimit::RateLimiter;
+use crate::upstream::UpstreamTarget;
 use crate::usage::Prices;
 
 /// Why a snapshot was rejected (sent back as the NACK's `error_detail`).
@@ -201,6 +202,8 @@ pub struct Backend {
     pub pool: Pool,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
+    /// The base URL split for building each attempt's URI.
+    pub target: Arc<UpstreamTarget>,
     /// `Bearer <provider key>`, marked sensitive.
     pub authorization: HeaderValue,
     /// Upstream timeout (to response headers).
@@ -353,7 +356,7 @@ fn render_models<'a>(models: impl Iterator<Item = &'a String>, created: u64) -> 
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
 }
 
-fn parse_base_url(id: &str, raw: &str) -> Result<String, SnapshotError> {
+fn parse_base_url(id: &str, raw: &str) -> Result<(String, Arc<UpstreamTarget>), SnapshotError> {
     let url =
         url::Url::parse(raw).map_err(|e| invalid(format!("backend `{id}`: base_url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -367,11 +370,10 @@ fn parse_base_url(id: &str, raw: &str) -> Result<String, SnapshotError> {
         )));
     }
     let base = raw.trim_end_matches('/').to_string();
-    let probe = format!("{base}/chat/completions");
-    probe
-        .parse::<http::Uri>()
-        .map_err(|_| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
-    Ok(base)
+    let target = UpstreamTarget::parse(&base)
+        .filter(|t| t.uri("/chat/completions", None).is_some())
+        .ok_or_else(|| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
+    Ok((base, Arc::new(target)))
 }
 
 fn parse_sha256(id: &str, hex_str: &str) -> Result<[u8; 32], SnapshotError> {
@@ -437,7 +439,7 @@ fn compile_any_version(
         if by_id.contains_key(b.id.as_str()) {
             return Err(invalid(format!("duplicate backend id `{}`", b.id)));
         }
-        let base_url = parse_base_url(&b.id, &b.base_url)?;
+        let (base_url, target) = parse_base_url(&b.id, &b.base_url)?;
         let mut authorization =
             HeaderValue::from_str(&format!("Bearer {}", b.api_key)).map_err(|_| {
                 invalid(format!(
@@ -481,6 +483,7 @@ fn compile_any_version(
             name: b.name.clone(),
             pool,
             base_url,
+            target,
             authorization,
             timeout: Duration::from_millis(if b.timeout_ms == 0 {
                 claw_proto::validate::DEFAULT_BACKEND_TIMEOUT_MS
