@@ -167,7 +167,15 @@ async fn a_429_on_the_primary_is_answered_by_the_fallback_and_cools_the_primary(
     let proxy = c.proxy();
     c.primary.push(Action::rate_limited(None));
 
-    let res = c.chat(proxy, CHAT).await;
+    let res = c
+        .http
+        .post(format!("{}/v1/chat/completions", proxy.url()))
+        .bearer_auth(&c.key)
+        .header("x-request-tag", "retried-7")
+        .json(&chat_body(CHAT, false))
+        .send()
+        .await
+        .expect("POST through the proxy");
     assert_eq!(res.status(), 200);
     assert_eq!(mock_name(&res), "fallback");
     let fb = c
@@ -179,6 +187,13 @@ async fn a_429_on_the_primary_is_answered_by_the_fallback_and_cools_the_primary(
         fb[0].header("authorization"),
         Some(format!("Bearer {FALLBACK_KEY}").as_str())
     );
+    // Both attempts carry the client's own headers and their upstream's
+    // `Host`.
+    let first = c.primary.wait_for_requests(1, Duration::from_secs(5)).await;
+    for (seen, mock) in [(&first[0], &c.primary), (&fb[0], &c.fallback)] {
+        assert_eq!(seen.header("x-request-tag"), Some("retried-7"), "{seen:?}");
+        assert_eq!(seen.header("host"), Some(mock.addr().to_string().as_str()));
+    }
     assert_eq!(c.primary.totals().http_errors, 1);
 
     // The primary cools (5 s by default): the next requests go straight to
