@@ -181,7 +181,7 @@ impl ReportBuffer {
 
 /// The usage bucket a request is summed into: what the control plane keys
 /// its hourly usage by.
-#[derive(Hash, PartialEq, Eq)]
+#[derive(Clone, Hash, PartialEq, Eq)]
 struct UsageKey {
     /// UTC hours since the Unix epoch, of the request's start.
     hour: u64,
@@ -198,10 +198,74 @@ struct UsageSum {
     totals: UsageTotals,
 }
 
+impl UsageKey {
+    /// Whether `o`, started in `hour`, belongs to this bucket.
+    fn holds(&self, hour: u64, o: &RequestOutcome) -> bool {
+        self.hour == hour
+            && self.client_key_id == o.client_key_id
+            && self.model == o.model
+            && self.backend_id == o.backend_id
+            && self.agent_id == o.agent_id
+    }
+}
+
+/// Usage sums by bucket, in the order the buckets appeared. Consecutive
+/// requests mostly share a bucket (one agent's calls through one backend),
+/// so the bucket of the previous request is compared first: a few
+/// comparisons instead of building and hashing a key for each request.
+#[derive(Default)]
+struct UsageBuckets {
+    index: HashMap<UsageKey, usize>,
+    sums: Vec<(UsageKey, UsageSum)>,
+    /// Index in `sums` of the previous request's bucket.
+    last: usize,
+}
+
+impl UsageBuckets {
+    fn len(&self) -> usize {
+        self.sums.len()
+    }
+
+    fn add(&mut self, o: &mut RequestOutcome, hour: u64, started: SystemTime) {
+        let i = match self.sums.get(self.last) {
+            Some((k, _)) if k.holds(hour, o) => self.last,
+            _ => {
+                let key = UsageKey {
+                    hour,
+                    client_key_id: o.client_key_id.clone(),
+                    agent_id: o.agent_id.take(),
+                    model: o.model.clone(),
+                    backend_id: o.backend_id.clone(),
+                };
+                match self.index.get(&key) {
+                    Some(&i) => i,
+                    None => {
+                        self.index.insert(key.clone(), self.sums.len());
+                        self.sums.push((
+                            key,
+                            UsageSum {
+                                first: started,
+                                last: started,
+                                totals: UsageTotals::default(),
+                            },
+                        ));
+                        self.sums.len() - 1
+                    }
+                }
+            }
+        };
+        self.last = i;
+        let sum = &mut self.sums[i].1;
+        sum.first = sum.first.min(started);
+        sum.last = sum.last.max(started);
+        sum.totals += &request_totals(o);
+    }
+}
+
 /// The batch being filled.
 #[derive(Default)]
 struct Pending {
-    usage: HashMap<UsageKey, UsageSum>,
+    usage: UsageBuckets,
     failures: Vec<UpstreamFailure>,
     successes: Vec<BackendSuccess>,
     activity: HashMap<String, (SystemTime, u32)>,
@@ -277,21 +341,7 @@ impl Collector {
         let hour = started
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() / 3600);
-        let key = UsageKey {
-            hour,
-            client_key_id: o.client_key_id.clone(),
-            agent_id: o.agent_id.take(),
-            model: o.model.clone(),
-            backend_id: o.backend_id.clone(),
-        };
-        let sum = self.pending.usage.entry(key).or_insert_with(|| UsageSum {
-            first: started,
-            last: started,
-            totals: UsageTotals::default(),
-        });
-        sum.first = sum.first.min(started);
-        sum.last = sum.last.max(started);
-        sum.totals += &request_totals(&o);
+        self.pending.usage.add(&mut o, hour, started);
     }
 
     /// Adds a failure, recovery or activity signal.
@@ -350,6 +400,7 @@ impl Collector {
             usage: Vec::new(),
             usage_aggregates: p
                 .usage
+                .sums
                 .into_iter()
                 .map(|(k, s)| UsageAggregate {
                     first_time: Some(s.first.into()),
@@ -794,6 +845,44 @@ mod tests {
     /// Requests are summed per (hour, key, agent, model, backend): a batch
     /// carries one row per bucket whatever the request count, and the rows
     /// add up to exactly what the requests were.
+    #[test]
+    fn runs_of_one_bucket_and_returns_to_an_earlier_one_sum_alike() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        // Agents in runs, coming back to earlier buckets: a, a, a, b, b, a, c, a.
+        let order = ["a", "a", "a", "b", "b", "a", "c", "a"];
+        for (i, agent) in order.iter().enumerate() {
+            let mut o = outcome(Some(agent));
+            o.usage = Some(crate::usage::Usage {
+                prompt_tokens: 1 << i,
+                completion_tokens: 0,
+                total_tokens: 1 << i,
+                cached_tokens: 0,
+            });
+            c.outcome(o);
+        }
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        let mut rows: Vec<(String, u64, u64)> = m
+            .usage_aggregates
+            .iter()
+            .map(|a| {
+                let t = a.totals.unwrap();
+                (a.agent_id.clone(), t.requests, t.prompt_tokens)
+            })
+            .collect();
+        rows.sort();
+        let expected = |agent: &str| -> (String, u64, u64) {
+            let mine = order.iter().enumerate().filter(|(_, a)| **a == agent);
+            let (n, tokens) = mine.fold((0, 0), |(n, t), (i, _)| (n + 1, t + (1u64 << i)));
+            (agent.to_string(), n, tokens)
+        };
+        assert_eq!(rows, vec![expected("a"), expected("b"), expected("c")]);
+    }
+
     #[test]
     fn usage_is_summed_per_bucket() {
         let mut c = Collector::new(
