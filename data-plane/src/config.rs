@@ -84,7 +84,7 @@ pub struct ReportSettings {
 impl Default for ReportSettings {
     fn default() -> Self {
         ReportSettings {
-            flush_interval: std::time::Duration::from_millis(100),
+            flush_interval: std::time::Duration::from_secs(1),
             max_batch_events: 500,
             max_buffered_events: 10_000,
             shutdown_grace: std::time::Duration::from_secs(3),

@@ -8,12 +8,15 @@
 //!
 //! Both go through bounded channels with `try_send`: the hot path never waits
 //! on the consumer (the report collector, [`crate::report`]); a full channel
-//! drops (and counts) the item instead.
+//! drops (and counts) the item instead. The collector drains outcomes on its
+//! own tick; once a quarter of the outcome channel is in use the sender also
+//! wakes it ([`EventStreams::backlog`]), so a busy proxy's outcomes are
+//! drained long before the channel could fill.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::queue::Priority;
 use crate::stream::End;
@@ -117,6 +120,9 @@ pub enum Signal {
 pub struct EventSink {
     tx: mpsc::Sender<RequestOutcome>,
     signals: mpsc::Sender<Signal>,
+    backlog: Arc<Notify>,
+    /// Free outcome slots below which `backlog` is notified.
+    low_water: usize,
 }
 
 impl EventSink {
@@ -124,6 +130,8 @@ impl EventSink {
     pub fn emit(&self, outcome: RequestOutcome) {
         if self.tx.try_send(outcome).is_err() {
             metrics::counter!("claw_dp_events_dropped_total").increment(1);
+        } else if self.tx.capacity() < self.low_water {
+            self.backlog.notify_one();
         }
     }
 
@@ -141,15 +149,29 @@ pub struct EventStreams {
     pub outcomes: mpsc::Receiver<RequestOutcome>,
     /// Failures, recoveries, activity.
     pub signals: mpsc::Receiver<Signal>,
+    /// Notified when a quarter of the outcome channel is in use: drain it
+    /// before the next tick.
+    pub backlog: Arc<Notify>,
 }
 
 /// Bounded outcome and signal channels of `capacity` each.
 pub fn channel(capacity: usize) -> (EventSink, EventStreams) {
-    let (tx, outcomes) = mpsc::channel(capacity.max(1));
-    let (stx, signals) = mpsc::channel(capacity.max(1));
+    let capacity = capacity.max(1);
+    let (tx, outcomes) = mpsc::channel(capacity);
+    let (stx, signals) = mpsc::channel(capacity);
+    let backlog = Arc::new(Notify::new());
     (
-        EventSink { tx, signals: stx },
-        EventStreams { outcomes, signals },
+        EventSink {
+            tx,
+            signals: stx,
+            backlog: backlog.clone(),
+            low_water: capacity - capacity / 4,
+        },
+        EventStreams {
+            outcomes,
+            signals,
+            backlog,
+        },
     )
 }
 
@@ -175,6 +197,40 @@ mod tests {
             })
         );
         assert_eq!(Usage::from_json(&serde_json::json!({})), None);
+    }
+
+    #[tokio::test]
+    async fn a_quarter_full_outcome_channel_wakes_the_collector() {
+        let (sink, streams) = channel(8);
+        let woken = streams.backlog.notified();
+        tokio::pin!(woken);
+        // Registered before the sends, as the collector's select is.
+        assert!(futures::poll!(woken.as_mut()).is_pending());
+        sink.emit(outcome());
+        assert!(futures::poll!(woken.as_mut()).is_pending(), "1 of 8 in use");
+        sink.emit(outcome());
+        assert!(futures::poll!(woken.as_mut()).is_pending(), "2 of 8 in use");
+        sink.emit(outcome());
+        assert!(futures::poll!(woken.as_mut()).is_ready(), "3 of 8 in use");
+    }
+
+    fn outcome() -> RequestOutcome {
+        RequestOutcome {
+            client_key_id: Arc::from("ck"),
+            agent_id: None,
+            model: Arc::from("m"),
+            backend_id: None,
+            status: 200,
+            streamed: false,
+            priority: Priority::Interactive,
+            latency: Duration::from_millis(1),
+            ttft: None,
+            attempts: 1,
+            usage: None,
+            usage_estimated: false,
+            end: None,
+            cost: None,
+        }
     }
 
     #[tokio::test]

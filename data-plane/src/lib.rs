@@ -95,6 +95,8 @@ pub struct Proxy {
     fleet: Fleet,
     events: events::EventSink,
     outcomes: Option<mpsc::Receiver<RequestOutcome>>,
+    /// Notified when the outcome channel fills up ([`events::EventStreams::backlog`]).
+    backlog: Arc<tokio::sync::Notify>,
     signals: Option<mpsc::Receiver<events::Signal>>,
 }
 
@@ -118,6 +120,7 @@ impl Proxy {
             events,
             outcomes: Some(streams.outcomes),
             signals: Some(streams.signals),
+            backlog: streams.backlog,
         })
     }
 
@@ -197,6 +200,7 @@ impl Proxy {
                     rcfg,
                     self.store.clone(),
                     outcomes,
+                    self.backlog.clone(),
                     signals,
                     async move {
                         let _ = report_stopped.await;

@@ -58,6 +58,13 @@ struct Args {
     /// (equal rate shares); shorter values are for tests.
     #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     degraded_after: Duration,
+    /// How often usage, failures and demand go to the control plane in a
+    /// batch (10ms to 1s). A 429 is reported at once regardless; a longer
+    /// interval means fewer batches for the control plane to store (each
+    /// is flushed to disk before it is acknowledged), a shorter one fresher
+    /// usage figures and rate-share demand.
+    #[arg(long, env = "CLAW_DP_REPORT_INTERVAL", default_value = "1s", value_parser = report_interval)]
+    report_interval: Duration,
     /// Threads serving HTTP (0 = one per available core). Each owns its
     /// client connections and upstream connection pool, so a request never
     /// hops between threads.
@@ -94,6 +101,14 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn report_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if !(Duration::from_millis(10)..=Duration::from_secs(1)).contains(&d) {
+        return Err(format!("must be between 10ms and 1s, got {s}"));
+    }
+    Ok(d)
 }
 
 fn host_name() -> String {
@@ -172,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
     config.degraded_after = args.degraded_after;
     config.snapshot_cache = args.snapshot_cache.clone();
     config.serve_threads = args.serve_threads;
+    config.report.flush_interval = args.report_interval;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(claw_data_plane::tls::server_config(cert, key)?);
     }
