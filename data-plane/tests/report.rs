@@ -111,6 +111,16 @@ struct Harness {
 
 impl Harness {
     async fn start(node: &str, snapshot: claw_proto::v1::Snapshot) -> Self {
+        Self::start_with(node, snapshot, |_| {}).await
+    }
+
+    /// Like [`Harness::start`], with `tweak` applied to the proxy's config
+    /// (20 ms report ticks unless it says otherwise).
+    async fn start_with(
+        node: &str,
+        snapshot: claw_proto::v1::Snapshot,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let (dtx, discovery) = mpsc::channel(4);
         let (rtx, reports) = mpsc::channel(4);
         let cp = std::sync::Arc::new(Cp {
@@ -128,6 +138,7 @@ impl Harness {
         );
         let mut config = Config::control_plane(node, format!("http://{cp_addr}"), "proxy-secret");
         config.report.flush_interval = Duration::from_millis(20);
+        tweak(&mut config);
         let proxy = Proxy::new(config).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -325,6 +336,49 @@ async fn batches_are_numbered_acked_and_resent_after_a_dropped_stream() {
     } else {
         assert!(quiet.is_err(), "nothing to resend: {quiet:?}");
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_outcome_channel_is_drained_before_the_tick() {
+    let up = MockUpstream::start(MockConfig::default().api_key("sk-up-a")).await;
+    // Room for 8 outcomes, a batch a second: 40 requests in well under a
+    // second fit only if the collector drains before its tick.
+    let mut h = Harness::start_with(
+        "node-f",
+        snapshot(vec![backend(
+            "a",
+            &up.url(),
+            Pool::Primary,
+            &[("mock-model", "mock-model")],
+        )]),
+        |c| {
+            c.events_capacity = 8;
+            c.report.flush_interval = Duration::from_secs(1);
+        },
+    )
+    .await;
+    let (mut s, _out) = h.next_stream().await;
+    assert_eq!(recv(&mut s).await.seq, 0);
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        let res = h.post(chat(false)).await;
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+    }
+    let sent_in = started.elapsed();
+    let batches = batches_until_usage(&mut s, 40).await;
+    assert_eq!(batches.iter().map(requests).sum::<u64>(), 40);
+    let metrics = reqwest::get(format!("http://{}/metrics", h.proxy))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("claw_dp_events_dropped_total"),
+        "outcomes were dropped (40 requests took {sent_in:?}):\n{metrics}"
+    );
     h.shutdown().await;
 }
 
