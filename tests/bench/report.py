@@ -123,7 +123,7 @@ def main() -> int:
         "one per core here), `model_list` with `api_base` pointing at the same mock, master key, no database; "
         "paused with SIGSTOP while the other targets are measured (its idle workers' background loops "
         "otherwise show in their c=1 tails). "
-        "Our proxy: one `claw-data-plane` built with the `production` profile the image ships (fat LTO), one single-threaded tokio runtime per core (connections spread least-loaded, each thread with its own upstream pool), fed by `claw-control-plane` (to which it reports usage summed per bucket every 100 ms)."
+        "Our proxy: one `claw-data-plane` built with the `production` profile the image ships (fat LTO), one single-threaded tokio runtime per core (connections spread least-loaded, each thread with its own pool of upstream connections), fed by `claw-control-plane` (to which it reports usage summed per bucket once a second, the default `--report-interval`)."
     )
     w("")
     w("| target | p50 @ c=1 | p99 @ c=1 | added p50 | added p99 | RPS @ c=64 | p99 @ c=64 | errors |")
