@@ -15,7 +15,9 @@
 //!   before acknowledging it, and ten a second per proxy showed in the
 //!   request path's latency tail) while
 //!   connected, as soon as it holds `max_batch_events` (500), and at once
-//!   after a 429 (cooldowns must spread within milliseconds). Request
+//!   after a 429 (cooldowns must spread within milliseconds) or when an
+//!   agent quiet for [`ACTIVITY_QUIET`] starts a conversation (its heartbeat
+//!   may be due any moment). Request
 //!   outcomes are drained from their channel on that tick rather than
 //!   received one by one, so the request path never wakes the collector;
 //!   signals (429s, recoveries, activity) still wake it at once. Empty batches
@@ -296,7 +298,16 @@ pub struct Collector {
     /// one flush tick, so that checked every tick batches leave at least
     /// every [`IDLE_BATCH_EVERY`].
     idle_after: Duration,
+    /// When each agent's activity last left in a batch (pruned after
+    /// [`ACTIVITY_QUIET`]).
+    agents_reported: HashMap<String, Instant>,
 }
+
+/// An agent not reported active for this long starts a conversation with
+/// its next request: that activity is cut at once, not on the tick, so the
+/// control plane can skip a heartbeat due in the next second. Activity of a
+/// conversation already reported rides on the tick.
+pub const ACTIVITY_QUIET: Duration = Duration::from_secs(10);
 
 /// How long a connected, idle proxy stays silent before it sends an empty
 /// batch (see the module docs).
@@ -314,6 +325,7 @@ impl Collector {
             buffer: ReportBuffer::new(settings.max_buffered_events),
             last_cut: Instant::now(),
             idle_after: IDLE_BATCH_EVERY.saturating_sub(settings.flush_interval),
+            agents_reported: HashMap::new(),
         }
     }
 
@@ -359,6 +371,10 @@ impl Collector {
                 time: Some(at.into()),
             }),
             Signal::Activity { agent_id, at } => {
+                self.pending.urgent |= self
+                    .agents_reported
+                    .get(&agent_id)
+                    .is_none_or(|t| t.elapsed() >= ACTIVITY_QUIET);
                 let e = self.pending.activity.entry(agent_id).or_insert((at, 0));
                 e.0 = e.0.max(at);
                 e.1 += 1;
@@ -395,7 +411,13 @@ impl Collector {
         if events == 0 && !even_empty {
             return false;
         }
-        self.last_cut = Instant::now();
+        let now = Instant::now();
+        self.last_cut = now;
+        self.agents_reported
+            .retain(|_, t| now.saturating_duration_since(*t) < ACTIVITY_QUIET);
+        for agent in p.activity.keys() {
+            self.agents_reported.insert(agent.clone(), now);
+        }
         let msg = StreamReportsRequest {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
@@ -807,7 +829,7 @@ mod tests {
                 at: now,
             });
         }
-        assert!(!c.due());
+        assert!(c.due(), "the start of a conversation is cut at once");
         c.signal(Signal::Failure(Failure {
             at: now,
             backend_id: Arc::from("b"),
@@ -981,6 +1003,34 @@ mod tests {
     /// Regression: an idle proxy never reported, so the control plane held
     /// its whole past share against the others for a minute (a proxy that
     /// joined after it got a rate share of 0).
+    #[tokio::test(start_paused = true)]
+    async fn the_start_of_a_conversation_is_reported_at_once() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        let seen = |agent: &str| Signal::Activity {
+            agent_id: agent.into(),
+            at: SystemTime::now(),
+        };
+        c.signal(seen("a"));
+        assert!(c.due(), "a new conversation does not wait for the tick");
+        assert!(c.cut());
+        // The same conversation goes on: on the tick.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        c.signal(seen("a"));
+        assert!(!c.due());
+        // Another agent starts one.
+        c.signal(seen("b"));
+        assert!(c.due());
+        assert!(c.cut());
+        // `a` quiet for longer than ACTIVITY_QUIET: a new conversation again.
+        tokio::time::advance(ACTIVITY_QUIET).await;
+        c.signal(seen("a"));
+        assert!(c.due());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_idle_connected_proxy_sends_an_empty_batch_every_second() {
         // Ticks shorter than the idle second.
