@@ -28,16 +28,37 @@ fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
+/// How long [`SledStore::open`] waits for the data directory's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledStore {
-    /// Opens (or creates) the database in `dir`. The directory is created
-    /// with mode 0700 when missing: it holds encrypted secrets and hashes.
+    /// Opens (or creates) the database in `dir`, waiting up to
+    /// [`LOCK_WAIT`] for its lock. The directory is created with mode 0700
+    /// when missing: it holds encrypted secrets and hashes.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         create_private_dir(dir)
             .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| StoreError::Engine(format!("cannot open {}: {e}", dir.display())))?;
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                // A store this process just dropped lets go of the lock a
+                // moment later (sled's flusher thread); another live
+                // control plane never does.
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(StoreError::Engine(format!(
+                        "cannot open {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        };
         let mut trees = HashMap::new();
         for t in Tree::ALL {
             trees.insert(t, db.open_tree(t.name()).map_err(engine)?);
@@ -254,6 +275,20 @@ mod tests {
                 Tree::Agents
             )))
         ));
+    }
+
+    #[test]
+    fn a_directory_held_by_a_live_store_is_refused_after_the_lock_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data");
+        let _held = SledStore::open(&path).expect("open");
+        let started = std::time::Instant::now();
+        let Err(StoreError::Engine(msg)) = SledStore::open(&path) else {
+            panic!("a held directory opened twice");
+        };
+        assert!(started.elapsed() >= LOCK_WAIT);
+        assert!(msg.contains("could not acquire lock"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
     }
 
     #[tokio::test]
