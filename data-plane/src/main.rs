@@ -59,10 +59,11 @@ struct Args {
     #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     degraded_after: Duration,
     /// How often usage, failures and demand go to the control plane in a
-    /// batch (10ms to 1s). A 429 is reported at once regardless; a longer
-    /// interval means fewer batches for the control plane to store (each
-    /// is flushed to disk before it is acknowledged), a shorter one fresher
-    /// usage figures and rate-share demand.
+    /// batch (10ms to 1s). A 429, and the first request of an agent quiet
+    /// for 10 s, are reported at once regardless; a longer interval means
+    /// fewer batches for the control plane to store (each is flushed to
+    /// disk before it is acknowledged), a shorter one fresher usage figures
+    /// and rate-share demand.
     #[arg(long, env = "CLAW_DP_REPORT_INTERVAL", default_value = "1s", value_parser = report_interval)]
     report_interval: Duration,
     /// Threads serving HTTP (0 = one per available core). Each owns its
