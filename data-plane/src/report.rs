@@ -876,9 +876,8 @@ mod tests {
         assert!(!c.cut(), "demand was taken");
     }
 
-    /// Requests are summed per (hour, key, agent, model, backend): a batch
-    /// carries one row per bucket whatever the request count, and the rows
-    /// add up to exactly what the requests were.
+    /// A request that lands in the previous request's bucket (the shortcut)
+    /// and one that returns to an earlier bucket (the map) sum alike.
     #[test]
     fn runs_of_one_bucket_and_returns_to_an_earlier_one_sum_alike() {
         let mut c = Collector::new(
@@ -917,6 +916,9 @@ mod tests {
         assert_eq!(rows, vec![expected("a"), expected("b"), expected("c")]);
     }
 
+    /// Requests are summed per (hour, key, agent, model, backend): a batch
+    /// carries one row per bucket whatever the request count, and the rows
+    /// add up to exactly what the requests were.
     #[test]
     fn usage_is_summed_per_bucket() {
         let mut c = Collector::new(

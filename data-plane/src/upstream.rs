@@ -608,7 +608,18 @@ mod tests {
                 .expect("answer");
             assert_eq!(body(res).await, "ok");
             // The connection goes back to the pool from its own task.
-            tokio::task::yield_now().await;
+            for _ in 0..1000 {
+                let pooled = {
+                    let pool = up.pool.lock().expect("pool");
+                    pool.idle
+                        .get(&*target.pool_key)
+                        .is_some_and(|l| !l.is_empty())
+                };
+                if pooled {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
