@@ -5,6 +5,7 @@
 //! - [`validate`]: field validation of backends, pools, client keys and agents.
 //!   The control plane enforces it; `clawctl apply --dry-run` runs the same code.
 //! - [`active_hours`]: the `HH:MM-HH:MM` active window of an agent.
+//! - [`cooldown`]: the one cooldown backoff formula both planes apply.
 //! - [`redact`]: masking of provider keys and the hand-written `Debug` of every
 //!   message that carries a secret.
 //! - [`serde_fmt`]: how enums and timestamps look in `-o json|yaml`.
@@ -12,6 +13,7 @@
 //! This crate does no I/O.
 
 pub mod active_hours;
+pub mod cooldown;
 pub mod redact;
 pub mod serde_fmt;
 pub mod validate;
