@@ -213,7 +213,7 @@ pub struct BackendAddArgs {
     pub label: Option<String>,
     /// A model the backend serves; repeat for several. Format:
     /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N]
-    #[arg(long = "model", value_name = "SPEC", value_parser = crate::backend::parse_model_spec)]
+    #[arg(long = "model", value_name = "SPEC", value_parser = crate::model_spec::parse_model_spec)]
     pub models: Vec<ModelMapping>,
     /// Create the backend disabled.
     #[arg(long)]
@@ -254,7 +254,7 @@ pub struct BackendUpdateArgs {
     pub label: Option<String>,
     /// Replace the whole model list (repeat for several); same format as for
     /// `backend add`.
-    #[arg(long = "model", value_name = "SPEC", value_parser = crate::backend::parse_model_spec)]
+    #[arg(long = "model", value_name = "SPEC", value_parser = crate::model_spec::parse_model_spec)]
     pub models: Vec<ModelMapping>,
     /// Remove every model mapping.
     #[arg(long, conflicts_with = "models")]

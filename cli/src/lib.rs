@@ -7,10 +7,12 @@
 //!   gRPC failures as one line (`not found: backend "x" not found`).
 //! - [`output`]: tables, `key: value` views, JSON and YAML.
 //! - [`duration`]: `30s`/`5m`/`1h30m` to and from the API's ms/s fields.
+//! - [`model_spec`]: the `--model CANONICAL[=NATIVE][,in=..,out=..]` spec.
 //! - [`api_key`]: reading provider keys from env/file/stdin and their
 //!   `env:`/`file:` references.
 //! - [`backend`], [`pool`], [`key`], [`agent`], [`cluster`]: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
+//! - [`heartbeat`]: `heartbeat run|logs|checklist get|set`.
 //! - [`stats`]: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
 //! - [`document`]: the YAML document of `export`/`apply` and its conversion
@@ -30,6 +32,7 @@ pub mod document;
 pub mod duration;
 pub mod heartbeat;
 pub mod key;
+pub mod model_spec;
 pub mod output;
 pub mod pool;
 pub mod session;

@@ -21,19 +21,19 @@ status=0
 run() {
     name=$1
     shift
-    out=$(env "$@" cargo test --release -q -p claw-tests --test fleet -- \
+    out=$(env "$@" cargo test --release -q -p claw-tests --test integration -- \
         --ignored --nocapture --test-threads 1 --exact "$name" 2>&1) || status=1
     printf '%s\n' "$out" >>"$log"
     printf '%s\n' "$out" | grep -oE 'RESULT.*|panicked at.*|p99 .* target .*|only .* used|requests reached .*' || true
 }
 for w in $what; do
     case "$w" in
-    cooldown) run bench_cooldown_propagation ;;
-    config) run bench_config_propagation ;;
+    cooldown) run fleet::bench_cooldown_propagation ;;
+    config) run fleet::bench_config_propagation ;;
     rate)
         for p in 2 4; do
             for load in even skew; do
-                run bench_rate_limit CLAW_BENCH_PROXIES=$p CLAW_BENCH_LOAD=$load
+                run fleet::bench_rate_limit CLAW_BENCH_PROXIES=$p CLAW_BENCH_LOAD=$load
             done
         done
         ;;

@@ -6,10 +6,8 @@
 //! Configuration distribution and control-plane failures are in
 //! `data_plane_config.rs`; bad input in `data_plane_input.rs`.
 
-mod data_plane_support;
-
 use claw_tests::mock::{Action, Outcome};
-use data_plane_support::*;
+use crate::data_plane_support::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};

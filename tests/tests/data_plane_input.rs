@@ -2,9 +2,7 @@
 //! an OpenAI-format error, nothing reaches the upstream, slow clients cannot
 //! hold sockets, and the proxy keeps serving afterwards.
 
-mod data_plane_support;
-
-use data_plane_support::*;
+use crate::data_plane_support::*;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

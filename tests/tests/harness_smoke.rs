@@ -132,7 +132,7 @@ fn no_child_outlives_a_test_process_that_dies_without_unwinding() {
     let out = std::process::Command::new(exe)
         .args([
             "--exact",
-            "aborting_helper",
+            "harness_smoke::aborting_helper",
             "--nocapture",
             "--test-threads=1",
         ])

@@ -5,9 +5,7 @@
 //! Needs `pip install -r tests/python/requirements.txt` (CI does it); the
 //! test fails, rather than skips, when the SDK is missing.
 
-mod data_plane_support;
-
-use data_plane_support::*;
+use crate::data_plane_support::*;
 use std::path::Path;
 use std::process::Command;
 

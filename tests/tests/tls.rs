@@ -2,8 +2,6 @@
 //! link, with real processes and certificates generated at test time
 //! (rcgen: a CA and a server certificate for `localhost` / 127.0.0.1).
 
-mod data_plane_support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +11,7 @@ use claw_tests::harness::{ControlPlane, CtlCommand, Proxy, TlsFiles, http, wait_
 use claw_tests::mock::{MockConfig, MockUpstream};
 use claw_tls::test_pki::TestPki;
 use claw_tls::tokio_rustls::TlsConnector;
-use data_plane_support::{
+use crate::data_plane_support::{
     CHAT, CHAT_NATIVE_PRIMARY, PRIMARY_KEY, SYNC_TIMEOUT, acked_versions, add_backend, chat_body,
     config_version,
 };

@@ -2,7 +2,6 @@
 //! `claw-control-plane`, real `claw-data-plane` proxies and in-process mock
 //! upstreams, configured with the real `clawctl`.
 
-#![allow(dead_code)] // each test binary uses a different part of it
 
 use claw_tests::harness::{ControlPlane, Proxy, wait_until};
 use claw_tests::mock::{MockConfig, MockUpstream};

@@ -1,0 +1,22 @@
+//! The cross-process tests of Claw Gateway, as one test binary: the real
+//! binaries (control plane, proxies, `clawctl`, the mock upstream) started on
+//! ephemeral loopback ports with temporary directories (`claw_tests::harness`).
+//!
+//! One binary instead of one per file: the shared support is compiled once,
+//! and CI links one test executable instead of a dozen. Run one area with a
+//! filter, e.g. `cargo test -p claw-tests --test integration fleet::`.
+
+mod data_plane_support;
+
+mod control_plane_cli;
+mod data_plane;
+mod data_plane_config;
+mod data_plane_input;
+mod fleet;
+mod harness_smoke;
+mod heartbeat;
+mod mock_upstream;
+mod openai_sdk;
+mod snapshot_cache;
+mod tls;
+mod otel_tracing;
