@@ -18,7 +18,7 @@ use crate::output::{self, Details, Table};
 use crate::session::Session;
 
 /// Runs an `agent` verb.
-pub async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::Add(args) => {
             let agent = new_agent(args)?;
@@ -221,7 +221,7 @@ fn status(a: &Agent) -> &'static str {
 }
 
 /// One row per agent.
-pub fn table(agents: &[Agent]) -> Table {
+pub(crate) fn table(agents: &[Agent]) -> Table {
     let mut t = Table::new(&[
         "ID",
         "NAME",

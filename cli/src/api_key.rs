@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 
 /// Where a provider key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
+pub(crate) enum KeySource {
     /// An environment variable of `clawctl`'s own environment.
     Env(String),
     /// A file holding the key (surrounding whitespace is ignored).
@@ -22,7 +22,7 @@ pub enum KeySource {
 impl KeySource {
     /// The reference stored with the backend: `env:VAR`, `file:<absolute
     /// path>`, or empty for standard input (nothing to re-read later).
-    pub fn reference(&self) -> anyhow::Result<String> {
+    pub(crate) fn reference(&self) -> anyhow::Result<String> {
         Ok(match self {
             KeySource::Env(var) => format!("env:{var}"),
             KeySource::File(path) => {
@@ -39,7 +39,7 @@ impl KeySource {
 
     /// Reads the key. Errors name the variable or file but never contain
     /// any part of a key.
-    pub fn read(&self) -> anyhow::Result<String> {
+    pub(crate) fn read(&self) -> anyhow::Result<String> {
         let key = match self {
             KeySource::Env(var) => match std::env::var(var) {
                 Ok(v) => v,
@@ -67,7 +67,7 @@ impl KeySource {
     }
 
     /// Human description, for messages: `environment variable X`, `file P`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             KeySource::Env(var) => format!("environment variable {var}"),
             KeySource::File(path) => format!("API key file {}", path.display()),
@@ -75,8 +75,10 @@ impl KeySource {
         }
     }
 
-    /// Parses a stored reference back (`env:VAR` / `file:PATH`).
-    pub fn from_reference(reference: &str) -> Option<KeySource> {
+    /// Parses a stored reference back (`env:VAR` / `file:PATH`): the
+    /// inverse of `reference`, which the tests pin.
+    #[cfg(test)]
+    fn from_reference(reference: &str) -> Option<KeySource> {
         if let Some(var) = reference.strip_prefix("env:") {
             return Some(KeySource::Env(var.to_string()));
         }

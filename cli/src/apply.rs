@@ -25,7 +25,7 @@ use crate::output::Format;
 use crate::session::{Session, warn};
 
 /// `clawctl export [-f FILE]`.
-pub async fn export(session: &Session, args: ExportArgs) -> anyhow::Result<()> {
+pub(crate) async fn export(session: &Session, args: ExportArgs) -> anyhow::Result<()> {
     let conn = session.connect().await?;
     let resp = conn
         .call(conn.cluster().export_config(ExportConfigRequest {}))
@@ -60,7 +60,7 @@ pub async fn export(session: &Session, args: ExportArgs) -> anyhow::Result<()> {
 }
 
 /// `clawctl apply -f FILE [--dry-run] [--prune]`.
-pub async fn apply(session: &Session, args: ApplyArgs) -> anyhow::Result<()> {
+pub(crate) async fn apply(session: &Session, args: ApplyArgs) -> anyhow::Result<()> {
     let input = Input::read(&args.file)?;
     let doc = document::parse(&input.text).map_err(|e| anyhow!(e.in_file(&input.label)))?;
     let desired =

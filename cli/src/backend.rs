@@ -4,7 +4,7 @@ use anyhow::Context;
 use claw_proto::Pool;
 use claw_proto::v1::{
     Backend, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest, ListBackendsRequest,
-    ModelMapping, SetBackendEnabledRequest, UpdateBackendRequest,
+    SetBackendEnabledRequest, UpdateBackendRequest,
 };
 
 use crate::api_key::KeySource;
@@ -14,7 +14,7 @@ use crate::output::{self, Details, Table};
 use crate::session::Session;
 
 /// Runs a `backend` verb.
-pub async fn run(session: &Session, cmd: BackendCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: BackendCmd) -> anyhow::Result<()> {
     match cmd {
         BackendCmd::Add(args) => add(session, args).await,
         BackendCmd::List => list(session).await,
@@ -152,7 +152,7 @@ fn flag_of(source: &KeySource) -> &'static str {
 }
 
 /// The list view: one row per backend.
-pub fn table(backends: &[Backend]) -> Table {
+pub(crate) fn table(backends: &[Backend]) -> Table {
     let mut t = Table::new(&[
         "NAME", "ID", "POOL", "STATUS", "RPM", "TPM", "MODELS", "URL", "API KEY",
     ]);
@@ -184,7 +184,7 @@ fn status(b: &Backend) -> String {
 }
 
 /// `primary`/`fallback` for an enum field as prost stores it.
-pub fn pool_name(pool: i32) -> &'static str {
+pub(crate) fn pool_name(pool: i32) -> &'static str {
     Pool::try_from(pool).map(Pool::name).unwrap_or("unknown")
 }
 

@@ -68,6 +68,7 @@ pub struct Cli {
     )]
     pub rpc_timeout: Duration,
 
+    /// The verb to run.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -614,7 +615,7 @@ pub struct ApplyArgs {
 
 /// The command definition, with the RPC `--timeout` added to every leaf verb
 /// that does not have a `--timeout` of its own.
-pub fn command() -> clap::Command {
+pub(crate) fn command() -> clap::Command {
     with_rpc_timeout(Cli::command(), true)
 }
 
@@ -652,7 +653,7 @@ pub fn parse() -> Cli {
 }
 
 /// Parses arguments (the first is the program name).
-pub fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+pub(crate) fn try_parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,

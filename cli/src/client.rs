@@ -40,7 +40,7 @@ impl FromStr for Token {
 
 /// Where and how to connect; parsed once from the global flags.
 #[derive(Debug, Clone)]
-pub struct ConnectOptions {
+pub(crate) struct ConnectOptions {
     /// Control plane URL, e.g. `http://127.0.0.1:50051`.
     pub server: String,
     /// Admin token; calls without one are rejected by the server.
@@ -53,7 +53,7 @@ pub struct ConnectOptions {
 
 /// Adds `authorization: Bearer TOKEN` to every request.
 #[derive(Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -69,7 +69,7 @@ impl Interceptor for Auth {
 type Authed = InterceptedService<Channel, Auth>;
 
 /// An established connection to the control plane.
-pub struct Connection {
+pub(crate) struct Connection {
     channel: Channel,
     auth: Auth,
     server: String,
@@ -79,7 +79,7 @@ pub struct Connection {
 impl Connection {
     /// Connects eagerly, so an unreachable server is reported as such before
     /// any request is attempted.
-    pub async fn connect(opts: &ConnectOptions) -> anyhow::Result<Connection> {
+    pub(crate) async fn connect(opts: &ConnectOptions) -> anyhow::Result<Connection> {
         let server = normalize_server(&opts.server);
         let auth = Auth(match &opts.token {
             Some(Token(t)) if !t.is_empty() => {
@@ -126,27 +126,27 @@ impl Connection {
     }
 
     /// The backend service.
-    pub fn backends(&self) -> BackendServiceClient<Authed> {
+    pub(crate) fn backends(&self) -> BackendServiceClient<Authed> {
         BackendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     /// The pool settings service.
-    pub fn pools(&self) -> PoolServiceClient<Authed> {
+    pub(crate) fn pools(&self) -> PoolServiceClient<Authed> {
         PoolServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     /// The client key service.
-    pub fn keys(&self) -> ClientKeyServiceClient<Authed> {
+    pub(crate) fn keys(&self) -> ClientKeyServiceClient<Authed> {
         ClientKeyServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     /// The agent service.
-    pub fn agents(&self) -> AgentServiceClient<Authed> {
+    pub(crate) fn agents(&self) -> AgentServiceClient<Authed> {
         AgentServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     /// The heartbeat service (runs, logs, checklists).
-    pub fn heartbeats(
+    pub(crate) fn heartbeats(
         &self,
     ) -> claw_proto::v1::heartbeat_service_client::HeartbeatServiceClient<Authed> {
         claw_proto::v1::heartbeat_service_client::HeartbeatServiceClient::with_interceptor(
@@ -156,7 +156,7 @@ impl Connection {
     }
 
     /// The stats service (usage totals, hourly/daily usage, cooldowns).
-    pub fn stats(&self) -> claw_proto::v1::stats_service_client::StatsServiceClient<Authed> {
+    pub(crate) fn stats(&self) -> claw_proto::v1::stats_service_client::StatsServiceClient<Authed> {
         claw_proto::v1::stats_service_client::StatsServiceClient::with_interceptor(
             self.channel.clone(),
             self.auth.clone(),
@@ -164,12 +164,12 @@ impl Connection {
     }
 
     /// The cluster service (snapshot, proxies, master key, apply/export).
-    pub fn cluster(&self) -> ClusterServiceClient<Authed> {
+    pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
     /// Awaits a call and turns a failure into the one-line error users see.
-    pub async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> anyhow::Result<T> {
@@ -200,7 +200,7 @@ fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The words of a gRPC status code, as shown in errors.
-pub fn code_words(code: Code) -> &'static str {
+pub(crate) fn code_words(code: Code) -> &'static str {
     match code {
         Code::Ok => "ok",
         Code::Cancelled => "cancelled",
@@ -223,7 +223,7 @@ pub fn code_words(code: Code) -> &'static str {
 }
 
 /// `<code words>: <server message>`, with transport failures phrased as such.
-pub fn describe_status(status: &Status, server: &str, timeout: Duration) -> String {
+pub(crate) fn describe_status(status: &Status, server: &str, timeout: Duration) -> String {
     // tonic reports its own client-side deadline as `cancelled: Timeout expired`.
     let timed_out = status.code() == Code::Cancelled
         && status.message() == tonic::TimeoutExpired(()).to_string();

@@ -11,7 +11,7 @@ use crate::output::{self, Details, Format, Table};
 use crate::session::Session;
 
 /// `clawctl snapshot`.
-pub async fn snapshot(session: &Session) -> anyhow::Result<()> {
+pub(crate) async fn snapshot(session: &Session) -> anyhow::Result<()> {
     let conn = session.connect().await?;
     let info = conn
         .call(conn.cluster().get_snapshot_info(GetSnapshotInfoRequest {}))
@@ -30,7 +30,7 @@ pub async fn snapshot(session: &Session) -> anyhow::Result<()> {
 }
 
 /// `clawctl proxies`.
-pub async fn proxies(session: &Session) -> anyhow::Result<()> {
+pub(crate) async fn proxies(session: &Session) -> anyhow::Result<()> {
     let conn = session.connect().await?;
     let resp = conn
         .call(conn.cluster().list_proxies(ListProxiesRequest {}))
@@ -71,7 +71,7 @@ fn proxy_table(proxies: &[Proxy]) -> Table {
 }
 
 /// `clawctl master-key ...`.
-pub async fn master_key(session: &Session, cmd: MasterKeyCmd) -> anyhow::Result<()> {
+pub(crate) async fn master_key(session: &Session, cmd: MasterKeyCmd) -> anyhow::Result<()> {
     let MasterKeyCmd::Rotate { new_key_file } = cmd;
     let new_master_key = read_master_key(&new_key_file)?;
     let conn = session.connect().await?;

@@ -52,7 +52,7 @@ use crate::duration;
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Document {
+pub(crate) struct Document {
     /// Provider backends.
     #[serde(default)]
     pub backends: Vec<BackendDoc>,
@@ -70,7 +70,7 @@ pub struct Document {
 /// A backend, its key given by reference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BackendDoc {
+pub(crate) struct BackendDoc {
     pub name: String,
     #[serde(default)]
     pub label: String,
@@ -139,7 +139,7 @@ impl From<PoolName> for Pool {
 /// The two pools; either may be left out.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PoolsDoc {
+pub(crate) struct PoolsDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<PoolDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,7 +155,7 @@ impl PoolsDoc {
 /// Settings of one pool; omitted fields take the built-in defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PoolDoc {
+pub(crate) struct PoolDoc {
     pub cooldown_base: Dur,
     pub cooldown_max: Dur,
     pub exponential: bool,
@@ -175,7 +175,7 @@ impl Default for PoolDoc {
 /// A client key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClientKeyDoc {
+pub(crate) struct ClientKeyDoc {
     pub name: String,
     /// Canonical models the key may use; empty means all.
     #[serde(default)]
@@ -188,7 +188,7 @@ pub struct ClientKeyDoc {
 /// An agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AgentDoc {
+pub(crate) struct AgentDoc {
     pub id: String,
     #[serde(default)]
     pub name: String,
@@ -257,7 +257,7 @@ fn yes() -> bool {
 
 /// A duration written as `30s`, `5m`, `1h30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Dur(pub Duration);
+pub(crate) struct Dur(pub Duration);
 
 impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -284,7 +284,7 @@ impl<'de> Deserialize<'de> for Dur {
 /// A syntax or schema error in a document, at a 1-based line and column
 /// when the parser knows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError {
+pub(crate) struct ParseError {
     pub line: Option<usize>,
     pub column: Option<usize>,
     pub message: String,
@@ -292,7 +292,7 @@ pub struct ParseError {
 
 impl ParseError {
     /// `FILE:LINE:COL: what`, on one line.
-    pub fn in_file(&self, file: &str) -> String {
+    pub(crate) fn in_file(&self, file: &str) -> String {
         match (self.line, self.column) {
             (Some(l), Some(c)) => format!("{file}:{l}:{c}: {}", self.message),
             _ => format!("{file}: {}", self.message),
@@ -335,7 +335,7 @@ fn strip_locations(message: &str) -> String {
 
 /// Parses a document. An empty document is an error, so a truncated file is
 /// never mistaken for "no configuration".
-pub fn parse(text: &str) -> Result<Document, ParseError> {
+pub(crate) fn parse(text: &str) -> Result<Document, ParseError> {
     let value: serde_norway::Value =
         serde_norway::from_str(text).map_err(|e| ParseError::from_yaml(&e))?;
     if value.is_null() {
@@ -349,7 +349,7 @@ pub fn parse(text: &str) -> Result<Document, ParseError> {
 }
 
 /// Renders a document as YAML, in the layout of the example above.
-pub fn to_yaml(doc: &Document) -> anyhow::Result<String> {
+pub(crate) fn to_yaml(doc: &Document) -> anyhow::Result<String> {
     emit::document(&serde_norway::to_value(doc)?)
 }
 
@@ -357,7 +357,7 @@ pub fn to_yaml(doc: &Document) -> anyhow::Result<String> {
 
 /// An exported document and the backends whose key had no reference.
 #[derive(Debug)]
-pub struct Exported {
+pub(crate) struct Exported {
     pub document: Document,
     /// Names of backends exported with a made-up `api_key_env`.
     pub unreferenced: Vec<String>,
@@ -365,7 +365,7 @@ pub struct Exported {
 
 /// Converts an `ExportConfig` answer. Internal client keys (minted by the
 /// control plane for itself) are left out: they are not operator config.
-pub fn from_config(cfg: &ClusterConfig) -> Exported {
+pub(crate) fn from_config(cfg: &ClusterConfig) -> Exported {
     let mut unreferenced = Vec::new();
     let backends = cfg
         .backends
@@ -429,7 +429,7 @@ pub fn from_config(cfg: &ClusterConfig) -> Exported {
 }
 
 /// `CLAW_API_KEY_<NAME>` in upper snake case: `openai-1` → `CLAW_API_KEY_OPENAI_1`.
-pub fn placeholder_env(name: &str) -> String {
+pub(crate) fn placeholder_env(name: &str) -> String {
     let snake: String = name
         .chars()
         .map(|c| {
@@ -507,7 +507,7 @@ impl From<&Agent> for AgentDoc {
 
 /// The configuration to send, with keys still to be read.
 #[derive(Debug)]
-pub struct Desired {
+pub(crate) struct Desired {
     /// Normalized and validated; every `api_key` is empty, `api_key_ref` set.
     pub config: ClusterConfig,
     /// Per backend (same order), where its key comes from.
@@ -518,7 +518,7 @@ pub struct Desired {
 /// and validates it with the same rules as the server. Errors name the field
 /// as `backends[2].rpm`. Relative `api_key_file` paths are resolved against
 /// `base_dir` (which should be absolute).
-pub fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, FieldError> {
+pub(crate) fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, FieldError> {
     let mut config = ClusterConfig::default();
     let mut keys = Vec::new();
     for (i, b) in doc.backends.iter().enumerate() {

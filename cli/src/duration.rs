@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 /// Parses a duration such as `30s`, `5m`, `1h30m` or `1500ms`.
-pub fn parse(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. 30s, 5m, 1h30m"))
@@ -13,7 +13,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
 
 /// Formats a duration compactly, largest unit first: `2m`, `1h30m`, `1s500ms`,
 /// `0s`. The result parses back to the same value with [`parse`].
-pub fn format(d: Duration) -> String {
+pub(crate) fn format(d: Duration) -> String {
     let mut ms = d.as_millis();
     if ms == 0 {
         return "0s".to_string();
@@ -37,18 +37,18 @@ pub fn format(d: Duration) -> String {
 }
 
 /// Formats a millisecond field of the API.
-pub fn format_ms(ms: u64) -> String {
+pub(crate) fn format_ms(ms: u64) -> String {
     format(Duration::from_millis(ms))
 }
 
 /// Formats a second field of the API.
-pub fn format_secs(secs: u64) -> String {
+pub(crate) fn format_secs(secs: u64) -> String {
     format(Duration::from_secs(secs))
 }
 
 /// Converts to whole milliseconds; finer precision is rejected rather than
 /// silently rounded.
-pub fn to_millis(d: Duration) -> Result<u64, String> {
+pub(crate) fn to_millis(d: Duration) -> Result<u64, String> {
     if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return Err(format!(
             "{} is finer than the millisecond precision of this setting",
@@ -60,7 +60,7 @@ pub fn to_millis(d: Duration) -> Result<u64, String> {
 
 /// Converts to whole seconds; finer precision is rejected rather than
 /// silently rounded.
-pub fn to_secs(d: Duration) -> Result<u64, String> {
+pub(crate) fn to_secs(d: Duration) -> Result<u64, String> {
     if d.subsec_nanos() != 0 {
         return Err(format!(
             "{} is not a whole number of seconds",

@@ -14,7 +14,7 @@ use crate::output::{self, Table};
 use crate::session::Session;
 
 /// Runs a `heartbeat` verb.
-pub async fn run(session: &Session, cmd: HeartbeatCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: HeartbeatCmd) -> anyhow::Result<()> {
     match cmd {
         HeartbeatCmd::Run { target, wait } => {
             let conn = session.connect().await?;
@@ -95,7 +95,7 @@ pub async fn run(session: &Session, cmd: HeartbeatCmd) -> anyhow::Result<()> {
 }
 
 /// `clawctl agent next AGENT -n N`.
-pub async fn next(session: &Session, agent: String, count: u32) -> anyhow::Result<()> {
+pub(crate) async fn next(session: &Session, agent: String, count: u32) -> anyhow::Result<()> {
     let conn = session.connect().await?;
     let resp = conn
         .call(
@@ -132,7 +132,7 @@ fn status(r: &HeartbeatRun) -> String {
 }
 
 /// One row per run.
-pub fn table(runs: &[HeartbeatRun]) -> Table {
+pub(crate) fn table(runs: &[HeartbeatRun]) -> Table {
     let mut t = Table::new(&[
         "NOMINAL TIME",
         "AGENT",

@@ -13,7 +13,7 @@ use crate::output::{self, Table};
 use crate::session::Session;
 
 /// Runs a `key` verb.
-pub async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
     match cmd {
         KeyCmd::Add(args) => add(session, args).await,
         KeyCmd::List => {
@@ -91,7 +91,7 @@ struct KeyWithSecret<'a> {
 }
 
 /// One row per client key.
-pub fn table(keys: &[ClientKey]) -> Table {
+pub(crate) fn table(keys: &[ClientKey]) -> Table {
     let mut t = Table::new(&["NAME", "ID", "PREFIX", "MODELS", "RPM", "CREATED"]);
     for k in keys {
         let models = if k.models.is_empty() {

@@ -1,44 +1,46 @@
 //! `clawctl`: the operator CLI of Claw Gateway. It drives the control plane
 //! over gRPC only, never sled or the proxies.
 //!
-//! - [`cli`]: every verb and flag (clap), with help and examples.
-//! - [`session`]: one invocation: connect options and the `-o` format.
-//! - [`client`]: the gRPC connection, the admin token on every call, and
+//! - `cli`: every verb and flag (clap), with help and examples.
+//! - `session`: one invocation: connect options and the `-o` format.
+//! - `client`: the gRPC connection, the admin token on every call, and
 //!   gRPC failures as one line (`not found: backend "x" not found`).
-//! - [`output`]: tables, `key: value` views, JSON and YAML.
-//! - [`duration`]: `30s`/`5m`/`1h30m` to and from the API's ms/s fields.
-//! - [`model_spec`]: the `--model CANONICAL[=NATIVE][,in=..,out=..]` spec.
-//! - [`api_key`]: reading provider keys from env/file/stdin and their
+//! - `output`: tables, `key: value` views, JSON and YAML.
+//! - `duration`: `30s`/`5m`/`1h30m` to and from the API's ms/s fields.
+//! - `model_spec`: the `--model CANONICAL[=NATIVE][,in=..,out=..]` spec.
+//! - `api_key`: reading provider keys from env/file/stdin and their
 //!   `env:`/`file:` references.
-//! - [`backend`], [`pool`], [`key`], [`agent`], [`cluster`]: the verbs of
+//! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
-//! - [`heartbeat`]: `heartbeat run|logs|checklist get|set`.
-//! - [`stats`]: `stats total|hourly|daily|cooldowns` over the usage and
+//! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
+//! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
-//! - [`document`]: the YAML document of `export`/`apply` and its conversion
-//!   to and from the API's `ClusterConfig`; [`apply`]: those two verbs.
+//! - `document`: the YAML document of `export`/`apply` and its conversion
+//!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
 //! Errors surface as a single `error: ...` line (see `main.rs`); secrets are
 //! never printed except a client key's secret, once, at creation.
 
-pub mod agent;
-pub mod api_key;
-pub mod apply;
-pub mod backend;
-pub mod cli;
-pub mod client;
-pub mod cluster;
-pub mod document;
-pub mod duration;
-pub mod heartbeat;
-pub mod key;
-pub mod model_spec;
-pub mod output;
-pub mod pool;
-pub mod session;
-pub mod stats;
+mod agent;
+mod api_key;
+mod apply;
+mod backend;
+mod cli;
+mod client;
+mod cluster;
+mod document;
+mod duration;
+mod heartbeat;
+mod key;
+mod model_spec;
+mod output;
+mod pool;
+mod session;
+mod stats;
 
-use cli::{Cli, Command};
+pub use cli::{Cli, parse};
+
+use cli::Command;
 use client::ConnectOptions;
 use session::Session;
 

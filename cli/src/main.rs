@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     // Usage errors are printed by clap, which exits with status 2.
-    let cli = clawctl::cli::parse();
+    let cli = clawctl::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -7,7 +7,7 @@ use claw_proto::v1::ModelMapping;
 /// Parses `CANONICAL[=NATIVE][,in=X,out=Y,cache_read=X,cache_write=X,context=N,max_tokens=N]`.
 /// Prices are USD per token; without `=NATIVE` the native id is the
 /// canonical name.
-pub fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
+pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or_default().trim();
     let (canonical, native) = match head.split_once('=') {

@@ -18,7 +18,12 @@ pub enum Format {
 }
 
 /// Writes `value` as JSON or YAML, or calls `table` to write the human view.
-pub fn emit<T, F>(out: &mut dyn Write, format: Format, value: &T, table: F) -> anyhow::Result<()>
+pub(crate) fn emit<T, F>(
+    out: &mut dyn Write,
+    format: Format,
+    value: &T,
+    table: F,
+) -> anyhow::Result<()>
 where
     T: Serialize + ?Sized,
     F: FnOnce(&mut dyn Write) -> io::Result<()>,
@@ -32,14 +37,20 @@ where
 }
 
 /// Writes `value` as pretty JSON followed by a newline.
-pub fn write_json<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> anyhow::Result<()> {
+pub(crate) fn write_json<T: Serialize + ?Sized>(
+    out: &mut dyn Write,
+    value: &T,
+) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;
     Ok(())
 }
 
 /// Writes `value` as a YAML document.
-pub fn write_yaml<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> anyhow::Result<()> {
+pub(crate) fn write_yaml<T: Serialize + ?Sized>(
+    out: &mut dyn Write,
+    value: &T,
+) -> anyhow::Result<()> {
     let text = serde_norway::to_string(value)?;
     out.write_all(text.as_bytes())?;
     Ok(())
@@ -48,14 +59,14 @@ pub fn write_yaml<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> anyh
 /// A table with a header row; columns are as wide as their widest cell and
 /// separated by three spaces.
 #[derive(Debug)]
-pub struct Table {
+pub(crate) struct Table {
     header: Vec<&'static str>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
     /// A table with these column names.
-    pub fn new(header: &[&'static str]) -> Table {
+    pub(crate) fn new(header: &[&'static str]) -> Table {
         Table {
             header: header.to_vec(),
             rows: Vec::new(),
@@ -63,7 +74,7 @@ impl Table {
     }
 
     /// Appends a row; empty cells are shown as `-` so columns stay readable.
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         let cells = cells
             .into_iter()
             .map(|c| if c.is_empty() { "-".to_string() } else { c })
@@ -72,7 +83,7 @@ impl Table {
     }
 
     /// Writes the header and the rows, without trailing spaces.
-    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn write(&self, out: &mut dyn Write) -> io::Result<()> {
         let header: Vec<String> = self.header.iter().map(|h| h.to_string()).collect();
         let lines = std::iter::once(&header).chain(&self.rows);
         let mut widths = vec![0; self.header.len()];
@@ -98,25 +109,25 @@ impl Table {
 
 /// A vertical `Key: value` view of one resource.
 #[derive(Debug, Default)]
-pub struct Details {
+pub(crate) struct Details {
     fields: Vec<(&'static str, String)>,
 }
 
 impl Details {
     /// An empty view.
-    pub fn new() -> Details {
+    pub(crate) fn new() -> Details {
         Details::default()
     }
 
     /// Adds a field; empty values are shown as `-`.
-    pub fn field(mut self, key: &'static str, value: impl Into<String>) -> Details {
+    pub(crate) fn field(mut self, key: &'static str, value: impl Into<String>) -> Details {
         self.fields.push((key, value.into()));
         self
     }
 
     /// Writes the fields with aligned values. Multi-line values are indented
     /// under their key.
-    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn write(&self, out: &mut dyn Write) -> io::Result<()> {
         let width = self.fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
         for (key, value) in &self.fields {
             let label = format!("{key}:");
@@ -135,12 +146,12 @@ impl Details {
 }
 
 /// `yes`/`no` for table cells.
-pub fn yes_no(b: bool) -> String {
+pub(crate) fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
 }
 
 /// A timestamp for table cells (RFC 3339, UTC), or empty when unset.
-pub fn timestamp(ts: &Option<prost_types::Timestamp>) -> String {
+pub(crate) fn timestamp(ts: &Option<prost_types::Timestamp>) -> String {
     ts.as_ref()
         .map(claw_proto::serde_fmt::format_timestamp)
         .unwrap_or_default()

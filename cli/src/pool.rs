@@ -16,7 +16,7 @@ use crate::output::{Table, yes_no};
 use crate::session::Session;
 
 /// Runs a `pool` verb.
-pub async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
     match cmd {
         PoolCmd::Show { pool: None } => {
             let conn = session.connect().await?;
@@ -66,7 +66,7 @@ fn update_request(args: PoolSetArgs) -> anyhow::Result<UpdatePoolSettingsRequest
 }
 
 /// One row per pool.
-pub fn table(pools: &[PoolSettings]) -> Table {
+pub(crate) fn table(pools: &[PoolSettings]) -> Table {
     let mut t = Table::new(&[
         "POOL",
         "COOLDOWN BASE",

@@ -10,7 +10,7 @@ use crate::output::{self, Format};
 
 /// The global flags, parsed once and handed to every verb.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     /// Where to connect and with which token.
     pub connect: ConnectOptions,
     /// The `-o` format.
@@ -21,12 +21,12 @@ impl Session {
     /// Connects to the control plane. Verbs call this only after everything
     /// they read locally (keys, files) is in hand, so a local error sends
     /// nothing.
-    pub async fn connect(&self) -> anyhow::Result<Connection> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Connection> {
         Connection::connect(&self.connect).await
     }
 
     /// Prints `value` in the session's format; `table` writes the human view.
-    pub fn emit<T, F>(&self, value: &T, table: F) -> anyhow::Result<()>
+    pub(crate) fn emit<T, F>(&self, value: &T, table: F) -> anyhow::Result<()>
     where
         T: Serialize + ?Sized,
         F: FnOnce(&mut dyn Write) -> io::Result<()>,
@@ -39,6 +39,6 @@ impl Session {
 }
 
 /// Prints a warning on standard error (never a secret).
-pub fn warn(message: impl std::fmt::Display) {
+pub(crate) fn warn(message: impl std::fmt::Display) {
     eprintln!("warning: {message}");
 }

@@ -71,7 +71,7 @@ pub struct CooldownArgs {
 }
 
 /// Parses `2026-01-02T15:04:05Z` or `24h` (that long ago).
-pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
     let s = s.trim();
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
@@ -134,7 +134,7 @@ fn header(first: &[&'static str]) -> Vec<&'static str> {
 }
 
 /// Runs a `stats` verb.
-pub async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> {
     let conn = session.connect().await?;
     let client = || conn.stats();
     match cmd {

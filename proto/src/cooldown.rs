@@ -55,7 +55,10 @@ mod tests {
     #[test]
     fn huge_counts_saturate_at_the_cap() {
         assert_eq!(backoff(S(5), S(300), true, u32::MAX), S(300));
-        assert_eq!(backoff(Duration::MAX, Duration::MAX, true, 40), Duration::MAX);
+        assert_eq!(
+            backoff(Duration::MAX, Duration::MAX, true, 40),
+            Duration::MAX
+        );
     }
 
     #[test]

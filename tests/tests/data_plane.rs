@@ -6,8 +6,8 @@
 //! Configuration distribution and control-plane failures are in
 //! `data_plane_config.rs`; bad input in `data_plane_input.rs`.
 
-use claw_tests::mock::{Action, Outcome};
 use crate::data_plane_support::*;
+use claw_tests::mock::{Action, Outcome};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};

@@ -2,9 +2,9 @@
 //! `clawctl` reaches both proxies and is ACKed; proxies outlive a crashed
 //! control plane on their last snapshot and catch up when it returns.
 
+use crate::data_plane_support::*;
 use claw_tests::harness::wait_until_async;
 use claw_tests::mock::{MockConfig, MockUpstream};
-use crate::data_plane_support::*;
 use std::time::Duration;
 
 /// Waits until every proxy lists `model`.

@@ -15,9 +15,9 @@
 //! rate runs, even and 80/20) are the `#[ignore]`d `bench_*` tests at the
 //! end, run by `tests/bench/fleet_bench.sh`.
 
+use crate::data_plane_support::*;
 use claw_tests::harness::{Proxy, wait_until_async};
 use claw_tests::mock::{Action, MockConfig, MockUpstream, RecordedRequest};
-use crate::data_plane_support::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

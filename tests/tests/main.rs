@@ -17,6 +17,6 @@ mod harness_smoke;
 mod heartbeat;
 mod mock_upstream;
 mod openai_sdk;
+mod otel_tracing;
 mod snapshot_cache;
 mod tls;
-mod otel_tracing;

@@ -4,8 +4,8 @@
 //! proxy token cannot use it; the control plane stays the authority when it
 //! returns, also when it was reset to an older version.
 
-use claw_tests::harness::{ControlPlane, Proxy, grep_dir, wait_until, wait_until_async};
 use crate::data_plane_support::*;
+use claw_tests::harness::{ControlPlane, Proxy, grep_dir, wait_until, wait_until_async};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -7,14 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use claw_tests::harness::{ControlPlane, CtlCommand, Proxy, TlsFiles, http, wait_until};
-use claw_tests::mock::{MockConfig, MockUpstream};
-use claw_tls::test_pki::TestPki;
-use claw_tls::tokio_rustls::TlsConnector;
 use crate::data_plane_support::{
     CHAT, CHAT_NATIVE_PRIMARY, PRIMARY_KEY, SYNC_TIMEOUT, acked_versions, add_backend, chat_body,
     config_version,
 };
+use claw_tests::harness::{ControlPlane, CtlCommand, Proxy, TlsFiles, http, wait_until};
+use claw_tests::mock::{MockConfig, MockUpstream};
+use claw_tls::test_pki::TestPki;
+use claw_tls::tokio_rustls::TlsConnector;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 

@@ -10,7 +10,7 @@ use anyhow::bail;
 use serde_norway::{Mapping, Value};
 
 /// Renders a mapping (the document root) at indentation 0.
-pub fn document(root: &Value) -> anyhow::Result<String> {
+pub(super) fn document(root: &Value) -> anyhow::Result<String> {
     let mut out = String::new();
     match root {
         Value::Mapping(m) => mapping(&mut out, m, 0)?,

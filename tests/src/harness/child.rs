@@ -90,7 +90,7 @@ impl std::error::Error for StartError {}
 
 /// A running child; killed with its process group on drop.
 #[derive(Debug)]
-pub struct ChildProcess {
+pub(super) struct ChildProcess {
     label: String,
     child: Child,
     watchdog: Option<(Child, ChildStdin)>,
@@ -184,12 +184,12 @@ impl ChildProcess {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
+    pub(super) fn is_running(&mut self) -> bool {
         self.try_wait().is_none()
     }
 
@@ -201,7 +201,7 @@ impl ChildProcess {
     }
 
     /// Polls for the exit for at most `timeout`.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(super) fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
@@ -216,7 +216,7 @@ impl ChildProcess {
 
     /// SIGTERM, then wait up to `timeout`; SIGKILL if it is still there.
     /// Returns the exit status (a signal status after a SIGKILL).
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    pub(super) fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(status) = self.try_wait() {
             return status;
         }
@@ -239,7 +239,7 @@ impl ChildProcess {
     }
 
     /// SIGKILL to the whole process group, then reap.
-    pub fn kill9(&mut self) -> ExitStatus {
+    pub(super) fn kill9(&mut self) -> ExitStatus {
         if self.exit.is_none() {
             self.signal_group(Signal::KILL);
         }

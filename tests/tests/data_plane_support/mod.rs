@@ -2,7 +2,6 @@
 //! `claw-control-plane`, real `claw-data-plane` proxies and in-process mock
 //! upstreams, configured with the real `clawctl`.
 
-
 use claw_tests::harness::{ControlPlane, Proxy, wait_until};
 use claw_tests::mock::{MockConfig, MockUpstream};
 use serde_json::Value;
@@ -11,27 +10,27 @@ use std::time::Duration;
 
 /// The provider key the primary mock demands: proving that the proxy
 /// replaced the client's credentials with the backend's.
-pub const PRIMARY_KEY: &str = "sk-up-primary-0123456789";
+pub(crate) const PRIMARY_KEY: &str = "sk-up-primary-0123456789";
 /// The fallback mock's provider key.
-pub const FALLBACK_KEY: &str = "sk-up-fallback-0123456789";
+pub(crate) const FALLBACK_KEY: &str = "sk-up-fallback-0123456789";
 /// The canonical chat model, served by both backends.
-pub const CHAT: &str = "chat";
+pub(crate) const CHAT: &str = "chat";
 /// The primary's native id for [`CHAT`].
-pub const CHAT_NATIVE_PRIMARY: &str = "native-chat-primary";
+pub(crate) const CHAT_NATIVE_PRIMARY: &str = "native-chat-primary";
 /// The fallback's native id for [`CHAT`].
-pub const CHAT_NATIVE_FALLBACK: &str = "native-chat-fallback";
+pub(crate) const CHAT_NATIVE_FALLBACK: &str = "native-chat-fallback";
 /// The canonical embedding model (primary only).
-pub const EMBED: &str = "embed";
+pub(crate) const EMBED: &str = "embed";
 /// Its native id.
-pub const EMBED_NATIVE: &str = "native-embed";
+pub(crate) const EMBED_NATIVE: &str = "native-embed";
 
 /// How long configuration may take to reach the proxies. Generous: after a
 /// control-plane restart a proxy may be in a multi-second reconnect backoff.
-pub const SYNC_TIMEOUT: Duration = Duration::from_secs(45);
+pub(crate) const SYNC_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// Options of a [`Cluster`].
 #[derive(Debug, Clone)]
-pub struct ClusterOptions {
+pub(crate) struct ClusterOptions {
     /// Number of proxies.
     pub proxies: usize,
     /// Extra proxy flags (timeouts, body limit).
@@ -55,7 +54,7 @@ impl Default for ClusterOptions {
 
 /// A control plane, its proxies, a primary and a fallback mock upstream,
 /// and a client key.
-pub struct Cluster {
+pub(crate) struct Cluster {
     // Field order is drop order: proxies before the control plane.
     pub proxies: Vec<Proxy>,
     pub cp: ControlPlane,
@@ -68,13 +67,13 @@ pub struct Cluster {
 
 impl Cluster {
     /// Two proxies, defaults everywhere.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::with(ClusterOptions::default())
     }
 
     /// Starts everything, configures it with `clawctl` and waits until every
     /// proxy is ready and has ACKed the configuration.
-    pub fn with(o: ClusterOptions) -> Self {
+    pub(crate) fn with(o: ClusterOptions) -> Self {
         let primary = MockUpstream::start_blocking(
             o.mock
                 .clone()
@@ -153,12 +152,12 @@ impl Cluster {
     }
 
     /// The first proxy.
-    pub fn proxy(&self) -> &Proxy {
+    pub(crate) fn proxy(&self) -> &Proxy {
         &self.proxies[0]
     }
 
     /// The control plane's current config version.
-    pub fn config_version(&self) -> u64 {
+    pub(crate) fn config_version(&self) -> u64 {
         config_version(&self.cp)
     }
 
@@ -168,7 +167,7 @@ impl Cluster {
     /// # Panics
     /// After [`SYNC_TIMEOUT`], with what `clawctl proxies` showed.
     #[track_caller]
-    pub fn wait_synced(&self) -> u64 {
+    pub(crate) fn wait_synced(&self) -> u64 {
         let want = self.config_version();
         let nodes: Vec<&str> = self.proxies.iter().map(Proxy::node_id).collect();
         let mut last = BTreeMap::new();
@@ -185,7 +184,7 @@ impl Cluster {
     }
 
     /// `POST {proxy}/v1/{path}` with the client key and a JSON body.
-    pub async fn post(&self, proxy: &Proxy, path: &str, body: &Value) -> reqwest::Response {
+    pub(crate) async fn post(&self, proxy: &Proxy, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}/v1/{path}", proxy.url()))
             .bearer_auth(&self.key)
@@ -196,14 +195,14 @@ impl Cluster {
     }
 
     /// A chat completion for `model` through `proxy`.
-    pub async fn chat(&self, proxy: &Proxy, model: &str) -> reqwest::Response {
+    pub(crate) async fn chat(&self, proxy: &Proxy, model: &str) -> reqwest::Response {
         self.post(proxy, "chat/completions", &chat_body(model, false))
             .await
     }
 }
 
 /// A small chat request.
-pub fn chat_body(model: &str, stream: bool) -> Value {
+pub(crate) fn chat_body(model: &str, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": "hello from the acceptance tests"}],
@@ -213,7 +212,13 @@ pub fn chat_body(model: &str, stream: bool) -> Value {
 }
 
 /// `clawctl backend add NAME --url URL --api-key-env KEY_VAR EXTRA…`.
-pub fn add_backend(cp: &ControlPlane, name: &str, url: &str, key: &str, extra: &[&str]) -> Value {
+pub(crate) fn add_backend(
+    cp: &ControlPlane,
+    name: &str,
+    url: &str,
+    key: &str,
+    extra: &[&str],
+) -> Value {
     let mut args = vec![
         "backend",
         "add",
@@ -232,14 +237,14 @@ pub fn add_backend(cp: &ControlPlane, name: &str, url: &str, key: &str, extra: &
 }
 
 /// `clawctl snapshot -o json` → `config_version`.
-pub fn config_version(cp: &ControlPlane) -> u64 {
+pub(crate) fn config_version(cp: &ControlPlane) -> u64 {
     cp.clawctl(&["snapshot", "-o", "json"]).assert_ok().json()["config_version"]
         .as_u64()
         .expect("config_version is a number")
 }
 
 /// `clawctl proxies -o json` → node id → acked version (connected ones only).
-pub fn acked_versions(cp: &ControlPlane) -> BTreeMap<String, u64> {
+pub(crate) fn acked_versions(cp: &ControlPlane) -> BTreeMap<String, u64> {
     let out = cp.clawctl(&["proxies", "-o", "json"]);
     if !out.success() {
         return BTreeMap::new();
@@ -261,7 +266,7 @@ pub fn acked_versions(cp: &ControlPlane) -> BTreeMap<String, u64> {
 }
 
 /// The ids in `GET /v1/models` of `proxy`, or empty on any failure.
-pub async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
+pub(crate) async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
     let Ok(res) = c
         .http
         .get(format!("{}/v1/models", proxy.url()))
@@ -285,7 +290,7 @@ pub async fn model_ids(c: &Cluster, proxy: &Proxy) -> Vec<String> {
 /// Asserts an OpenAI-format error body (`{"error":{"message","type",…}}`)
 /// and returns it.
 #[track_caller]
-pub fn assert_openai_error(body: &str) -> Value {
+pub(crate) fn assert_openai_error(body: &str) -> Value {
     let v: Value = serde_json::from_str(body)
         .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {body}"));
     assert!(
