@@ -14,6 +14,12 @@
 #   BENCH_REPS=5 BENCH_DURATION=10s BENCH_STREAMS=8000 bash tests/bench/proxy_bench.sh
 #   BENCH_WRITE=0 bash tests/bench/proxy_bench.sh   # print only
 #   BENCH_SKIP_LITELLM=1 ...                        # without LiteLLM (e.g. no PyPI access)
+#   BENCH_DP_BEFORE=/path/to/claw-data-plane ...    # also an earlier proxy binary, same run, same upstream
+#
+# Every http run also reports CPU per request: user + system time of the
+# target process(es) over the measuring window ÷ requests answered in it
+# (claw-bench --cpu-pid; nginx: master and workers; direct: the mock's own).
+# It moves by a few percent between runs where a c=1 p99 moves by ±30 %.
 #
 # Installs what it needs when missing (Debian: nginx-light; PyPI:
 # litellm[proxy]). Needs root for apt-get, or nginx already installed.
@@ -97,6 +103,7 @@ wait_http() { # URL [expected-status-prefix]
 # ---------------------------------------------------------------- upstreams
 start mock "$BIN/claw-mock-upstream" --addr 127.0.0.1:0 --no-record --name bench
 MOCK_ADDR="${LISTEN#*http=}"
+MOCK_PID="${pids[-1]}"
 # A second mock for the concurrent streams: 20 chunks 500 ms apart (10 s per stream).
 start stream-mock "$BIN/claw-mock-upstream" --addr 127.0.0.1:0 --no-record --name bench-streams --chunk-delay 500ms --completion-tokens 20
 SMOCK_ADDR="${LISTEN#*http=}"
@@ -119,12 +126,22 @@ start proxy "$DP_BIN" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-i
 DP_ADDR="${LISTEN#*http=}"
 DP_PID="${pids[-1]}"
 wait_http "http://$DP_ADDR/readyz"
+BEFORE_ADDR=""
+if [ -n "${BENCH_DP_BEFORE:-}" ]; then
+  start proxy-before "$BENCH_DP_BEFORE" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-proxy-before
+  BEFORE_ADDR="${LISTEN#*http=}"
+  BEFORE_PID="${pids[-1]}"
+  wait_http "http://$BEFORE_ADDR/readyz"
+  log "earlier proxy $BENCH_DP_BEFORE at $BEFORE_ADDR"
+fi
 # Rate shares arrive from the control plane just after the snapshot.
-for _ in $(seq 1 100); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' "http://$DP_ADDR/v1/chat/completions" -H "Authorization: Bearer $CLAW_KEY" \
-    -H 'Content-Type: application/json' -d '{"model":"bench","messages":[{"role":"user","content":"hi"}]}')
-  [ "$code" = 200 ] && break
-  sleep 0.1
+for addr in "$DP_ADDR" $BEFORE_ADDR; do
+  for _ in $(seq 1 100); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/v1/chat/completions" -H "Authorization: Bearer $CLAW_KEY" \
+      -H 'Content-Type: application/json' -d '{"model":"bench","messages":[{"role":"user","content":"hi"}]}')
+    [ "$code" = 200 ] && break
+    sleep 0.1
+  done
 done
 log "control plane $CP_GRPC, proxy $DP_ADDR"
 
@@ -206,11 +223,26 @@ target_args() { # NAME -> --url/--key for claw-bench
   case $1 in
     direct)  echo "--url http://$MOCK_ADDR/v1/chat/completions --key none" ;;
     claw)    echo "--url http://$DP_ADDR/v1/chat/completions --key $CLAW_KEY" ;;
+    claw-before) echo "--url http://$BEFORE_ADDR/v1/chat/completions --key $CLAW_KEY" ;;
     nginx)   echo "--url http://127.0.0.1:$NGINX_PORT/v1/chat/completions --key none" ;;
     litellm) echo "--url http://127.0.0.1:$LITELLM_PORT/v1/chat/completions --key sk-litellm-bench" ;;
   esac
 }
-TARGETS=(direct claw nginx)
+cpu_args() { # NAME -> --cpu-pid flags: the process(es) doing the target's work
+  local p
+  case $1 in
+    direct) echo "--cpu-pid $MOCK_PID" ;;
+    claw) echo "--cpu-pid $DP_PID" ;;
+    claw-before) echo "--cpu-pid $BEFORE_PID" ;;
+    nginx)
+      p="$(cat "$WORK/nginx.pid")"
+      printf -- '--cpu-pid %s ' "$p" $(pgrep -P "$p") ;;
+    litellm) printf -- '--cpu-pid %s ' "$LITELLM_PID" $(descendants "$LITELLM_PID") ;;
+  esac
+}
+TARGETS=(direct claw)
+[ -n "$BEFORE_ADDR" ] && TARGETS+=(claw-before)
+TARGETS+=(nginx)
 [ -n "$LITELLM_PORT" ] && TARGETS+=(litellm)
 
 record() { # KIND TARGET REP JSON
@@ -222,10 +254,10 @@ for rep in $(seq 1 "$REPS"); do
   for t in "${TARGETS[@]}"; do
     [ "$t" = litellm ] && litellm_signal CONT
     # shellcheck disable=SC2046
-    out="$("${LOADGEN[@]}" http $(target_args "$t") --concurrency 1 --duration "$DURATION" --warmup "$WARMUP")"
+    out="$("${LOADGEN[@]}" http $(target_args "$t") $(cpu_args "$t") --concurrency 1 --duration "$DURATION" --warmup "$WARMUP")"
     record c1 "$t" "$rep" "$out"; log "rep $rep $t c=1: $out"
     # shellcheck disable=SC2046
-    out="$("${LOADGEN[@]}" http $(target_args "$t") --concurrency 64 --duration "$DURATION" --warmup "$WARMUP")"
+    out="$("${LOADGEN[@]}" http $(target_args "$t") $(cpu_args "$t") --concurrency 64 --duration "$DURATION" --warmup "$WARMUP")"
     record c64 "$t" "$rep" "$out"; log "rep $rep $t c=64: $out"
     if [ "$t" = litellm ]; then
       # What it queued under c=64 finishes before the others run again.
@@ -258,6 +290,7 @@ record streams claw 1 "$out"; log "streams: $out"
 CPU="$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 CMD="bash tests/bench/proxy_bench.sh"
 [ "$REPS" != 3 ] || [ "$DURATION" != 5s ] || [ "$STREAMS" != 5000 ] && CMD="BENCH_REPS=$REPS BENCH_DURATION=$DURATION BENCH_STREAMS=$STREAMS $CMD"
+[ -n "${BENCH_DP_BEFORE:-}" ] && CMD="BENCH_DP_BEFORE=path/to/earlier/claw-data-plane $CMD"
 REPORT="$WORK/report.md"
 python3 "$ROOT/tests/bench/report.py" "$RESULTS" \
   --command "$CMD" --cpu "$CPU" --nproc "$(nproc)" --load-before "$LOAD_BEFORE" --load-after "$LOAD_AFTER" \

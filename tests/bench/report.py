@@ -18,6 +18,7 @@ END = "<!-- proxy-bench:end -->"
 NAMES = {
     "direct": "mock upstream, direct",
     "claw": "**claw-data-plane**",
+    "claw-before": "claw-data-plane, earlier binary",
     "nginx": "nginx (reverse proxy)",
     "litellm": "LiteLLM proxy",
 }
@@ -45,6 +46,10 @@ def fmt_us(us):
     if us is None:
         return "n/a"
     return f"{us / 1000:.2f} ms" if abs(us) >= 1000 else f"{us:.0f} µs"
+
+
+def fmt_cpu(us):
+    return "n/a" if us is None else f"{us:.1f} µs"
 
 
 def main() -> int:
@@ -77,7 +82,7 @@ def main() -> int:
                 return r
         return None
 
-    targets = [t for t in ["direct", "claw", "nginx", "litellm"] if ("c1", t) in by]
+    targets = [t for t in ["direct", "claw", "claw-before", "nginx", "litellm"] if ("c1", t) in by]
     reps = sorted({r["rep"] for r in by.get(("c1", "direct"), [])})
 
     def added(target, pct):
@@ -98,6 +103,8 @@ def main() -> int:
             "rps": med([r["rps"] for r in by.get(("c64", t), [])]),
             "p99_64": med([r["p99_us"] for r in by.get(("c64", t), [])]),
             "errors": sum(r.get("errors", 0) for k in ("c1", "c64") for r in by.get((k, t), [])),
+            "cpu1": med([r.get("cpu_us_per_req") for r in by[("c1", t)]]),
+            "cpu64": med([r.get("cpu_us_per_req") for r in by.get(("c64", t), [])]),
         }
 
     out = []
@@ -126,17 +133,31 @@ def main() -> int:
         "Our proxy: one `claw-data-plane` built with the `production` profile the image ships (fat LTO), one single-threaded tokio runtime per core (connections spread least-loaded, each thread with its own pool of upstream connections), fed by `claw-control-plane` (to which it reports usage summed per bucket once a second, the default `--report-interval`)."
     )
     w("")
-    w("| target | p50 @ c=1 | p99 @ c=1 | added p50 | added p99 | RPS @ c=64 | p99 @ c=64 | errors |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+    w("| target | p50 @ c=1 | p99 @ c=1 | added p50 | added p99 | RPS @ c=64 | p99 @ c=64 | CPU/req @ c=1 | CPU/req @ c=64 | errors |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in targets:
         s = summary[t]
         w(
             f"| {NAMES[t]} | {fmt_us(s['p50'])} | {fmt_us(s['p99'])} | "
             f"{'—' if s['added_p50'] is None else fmt_us(s['added_p50'])} | "
             f"{'—' if s['added_p99'] is None else fmt_us(s['added_p99'])} | "
-            f"{s['rps']:,.0f} | {fmt_us(s['p99_64'])} | {s['errors']} |"
+            f"{s['rps']:,.0f} | {fmt_us(s['p99_64'])} | {fmt_cpu(s['cpu1'])} | {fmt_cpu(s['cpu64'])} | {s['errors']} |"
         )
     w("")
+    w(
+        "CPU/req: user + system CPU time of the target's own process(es) over the measuring window ÷ "
+        "requests answered in it (`claw-bench --cpu-pid`; nginx: master and workers; direct: the mock "
+        "upstream itself). The steadiest figure here: it moves by a few percent between runs."
+    )
+    w("")
+    cb, ca = summary.get("claw-before"), summary.get("claw")
+    if cb and ca and cb["cpu64"] and ca["cpu64"]:
+        w(
+            f"This binary vs the earlier one, same run, same upstream: CPU/req at c=1 "
+            f"{fmt_cpu(ca['cpu1'])} vs {fmt_cpu(cb['cpu1'])} ({(ca['cpu1'] / cb['cpu1'] - 1) * 100:+.1f} %), "
+            f"at c=64 {fmt_cpu(ca['cpu64'])} vs {fmt_cpu(cb['cpu64'])} ({(ca['cpu64'] / cb['cpu64'] - 1) * 100:+.1f} %)."
+        )
+        w("")
 
     ttft = {t: by.get(("ttft", t)) for t in ("direct", "claw")}
     if all(ttft.values()):
