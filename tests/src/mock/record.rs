@@ -74,7 +74,8 @@ pub struct RecordedRequest {
     pub stream: bool,
     /// Whether `stream_options.include_usage` was `true`.
     pub include_usage: bool,
-    /// Prompt tokens the mock counted in the body (words), 0 off the `/v1` endpoints.
+    /// Prompt tokens the mock counted in the body (see the module docs of
+    /// [`crate::mock`]); 0 off the chat, completions and embeddings endpoints.
     pub prompt_tokens: u64,
     /// Completion tokens actually written: for a stream cut short, the content
     /// chunks sent before the cut.
