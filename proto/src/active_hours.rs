@@ -21,10 +21,13 @@ pub struct ActiveHours {
 /// Why an active-hours string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ActiveHoursError {
+    /// Not two times joined by `-` (the whole input).
     #[error("expected HH:MM-HH:MM, got {0:?}")]
     Format(String),
+    /// One side is not a valid `HH:MM` (that side).
     #[error("{0:?} is not a time of day (00:00 to 23:59, or 24:00 as an end)")]
     Time(String),
+    /// Start equals end, which would mean either never or always (the time).
     #[error(
         "start and end are both {0}: the window would be empty or the whole day; leave it empty for always"
     )]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, Bytes};
@@ -21,6 +21,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use parking_lot::Mutex;
 use prost::Message as _;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -34,6 +35,7 @@ pub struct ReceivedSpan {
     pub service: String,
     /// `http/protobuf` or `grpc`.
     pub protocol: &'static str,
+    /// The span name.
     pub name: String,
     /// 32 lowercase hex digits.
     pub trace_id: String,
@@ -116,10 +118,7 @@ impl FakeCollector {
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.spans.lock().clone()
     }
 
     /// Waits until `pred` holds for the spans received, polling; the spans
@@ -277,10 +276,7 @@ fn record(received: &Received, export: ExportTraceServiceRequest, protocol: &'st
             }
         }
     }
-    received
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .extend(out);
+    received.lock().extend(out);
 }
 
 fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, Value> {

@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_tests::harness::{ControlPlane, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use hmac::{Hmac, Mac as _};
+use parking_lot::Mutex;
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::net::TcpListener;
@@ -76,7 +77,7 @@ async fn webhook() -> (SocketAddr, Arc<Mutex<Received>>) {
                             mac.update(&body);
                             let want =
                                 format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-                            let mut s = st.lock().expect("lock");
+                            let mut s = st.lock();
                             s.calls += 1;
                             if sig != want {
                                 s.bad_signatures += 1;
@@ -227,7 +228,7 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
     // once as a success, with retries under the same key.
     let b = runs(&cp, "agent-b");
     {
-        let r = received.lock().expect("lock");
+        let r = received.lock();
         assert_eq!(r.bad_signatures, 0);
         for run in b.iter().filter(|r| status(r) == "delivered") {
             let id = run["run_id"].as_str().expect("run id");

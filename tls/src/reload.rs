@@ -13,9 +13,10 @@
 
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::RwLock;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -140,11 +141,7 @@ impl CertResolver {
 
     /// The pair served now.
     pub fn current(&self) -> Arc<CertifiedKey> {
-        self.state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .current
-            .clone()
+        self.state.read().current.clone()
     }
 
     /// Re-reads the files and installs them if they changed and are usable.
@@ -153,7 +150,7 @@ impl CertResolver {
         let (cert, key) = self.paths.read()?;
         let seen = fingerprint(&cert, &key);
         {
-            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            let state = self.state.read();
             if state.loaded == seen {
                 return Ok(Reload::Unchanged);
             }
@@ -162,7 +159,7 @@ impl CertResolver {
             }
         }
         let parsed = self.paths.parse(&cert, &key);
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.write();
         match parsed {
             Ok(certified) => {
                 state.current = Arc::new(certified);

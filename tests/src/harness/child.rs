@@ -67,6 +67,7 @@ impl Listening {
 /// A binary that did not come up.
 #[derive(Debug, Clone)]
 pub struct StartError {
+    /// Which binary it was (e.g. `claw-data-plane p1`), for messages.
     pub label: String,
     /// What went wrong, e.g. "exited with exit status: 1".
     pub reason: String,

@@ -63,11 +63,13 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// The admin token (`CLAW_ADMIN_TOKEN`, random by default) that `clawctl` and the admin API use.
     pub fn admin_token(mut self, token: impl Into<String>) -> Self {
         self.admin_token = token.into();
         self
     }
 
+    /// The token proxies present (`CLAW_PROXY_TOKEN`, random by default).
     pub fn proxy_token(mut self, token: impl Into<String>) -> Self {
         self.proxy_token = token.into();
         self
@@ -104,6 +106,7 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Adds command-line arguments after the harness's own.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -187,6 +190,7 @@ impl ControlPlane {
         Self::builder().start()
     }
 
+    /// Options for a control plane, to change before [`ControlPlaneBuilder::start`].
     pub fn builder() -> ControlPlaneBuilder {
         ControlPlaneBuilder::default()
     }
@@ -251,10 +255,12 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The address of the gRPC API.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }
 
+    /// The address of the health/metrics listener.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -283,10 +289,12 @@ impl ControlPlane {
         self.options.tls.as_ref()
     }
 
+    /// The admin token it runs with.
     pub fn admin_token(&self) -> &str {
         &self.options.admin_token
     }
 
+    /// The token its proxies present.
     pub fn proxy_token(&self) -> &str {
         &self.options.proxy_token
     }
@@ -296,6 +304,7 @@ impl ControlPlane {
         &self.options.master_key
     }
 
+    /// Its data dir (a temp dir unless one was given).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -319,10 +328,12 @@ impl ControlPlane {
         }
     }
 
+    /// The process id, when it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(ChildProcess::pid)
     }
 
+    /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(ChildProcess::is_running)
     }

@@ -15,12 +15,16 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct CtlOutput {
     /// The arguments it ran with (after `--server`/`--token`), for messages.
     pub args: Vec<String>,
+    /// How it exited.
     pub status: ExitStatus,
+    /// Everything it wrote to stdout.
     pub stdout: String,
+    /// Everything it wrote to stderr.
     pub stderr: String,
 }
 
 impl CtlOutput {
+    /// Whether it exited 0.
     pub fn success(&self) -> bool {
         self.status.success()
     }

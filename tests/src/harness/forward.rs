@@ -3,8 +3,9 @@
 //! the control plane first.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Forwards every connection to the target set with [`Forwarder::point_to`];
@@ -24,7 +25,7 @@ impl Forwarder {
         let t = target.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let to = *t.lock().unwrap_or_else(PoisonError::into_inner);
+                let to = *t.lock();
                 tokio::spawn(async move {
                     let Some(to) = to else { return };
                     if let Ok(mut out) = TcpStream::connect(to).await {
@@ -43,6 +44,6 @@ impl Forwarder {
 
     /// Where connections from now on go.
     pub fn point_to(&self, to: SocketAddr) {
-        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = Some(to);
+        *self.target.lock() = Some(to);
     }
 }

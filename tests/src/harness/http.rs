@@ -8,11 +8,14 @@ use std::time::Duration;
 /// A response: status and body.
 #[derive(Debug, Clone)]
 pub struct HttpReply {
+    /// The HTTP status code.
     pub status: u16,
+    /// The whole body.
     pub body: Vec<u8>,
 }
 
 impl HttpReply {
+    /// The body as text (invalid UTF-8 replaced).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }

@@ -28,6 +28,7 @@ impl LogDir {
         }
     }
 
+    /// The dir the log files are in.
     pub fn path(&self) -> &Path {
         &self.path
     }

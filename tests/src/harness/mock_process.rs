@@ -51,6 +51,7 @@ impl MockUpstreamProcess {
         }
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -65,14 +66,17 @@ impl MockUpstreamProcess {
         format!("http://{}", self.addr)
     }
 
+    /// The process id, when it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(ChildProcess::pid)
     }
 
+    /// Its stderr log file.
     pub fn log_path(&self) -> PathBuf {
         self.logs.file("mock-upstream.log")
     }
 
+    /// Everything it logged so far.
     pub fn logs(&self) -> String {
         read_from(&self.log_path(), 0)
     }
@@ -83,6 +87,7 @@ impl MockUpstreamProcess {
         Some(process.terminate(DEFAULT_STOP_TIMEOUT))
     }
 
+    /// SIGKILL and wait, as a crash would end it; the exit status, or `None` if not running.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         let mut process = self.process.take()?;
         Some(process.kill9())

@@ -13,6 +13,8 @@
 //! - [`CtlCommand`] / [`CtlOutput`] (`ctl`): running the real `clawctl`.
 //! - [`MockUpstreamProcess`] (`mock_process`): the mock upstream binary,
 //!   scripted over its control API.
+//! - [`Forwarder`] (`forward`): a TCP port known before its target exists
+//!   (the control plane's heartbeat proxy address, set once the proxy runs).
 //! - [`http`]: a tiny blocking HTTP client for probes.
 //! - [`LogDir`] (`logs`): log dirs, kept when a test fails.
 //! - `wait`, `secrets`: [`wait_until`], [`random_hex`], [`grep_dir`].

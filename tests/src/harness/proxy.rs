@@ -59,21 +59,25 @@ impl ProxyBuilder {
         self
     }
 
+    /// Sets an environment variable for the process.
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), Some(value.into())));
         self
     }
 
+    /// Removes an environment variable the process would inherit.
     pub fn env_remove(mut self, key: impl Into<OsString>) -> Self {
         self.env.push((key.into(), None));
         self
     }
 
+    /// Adds a command-line argument after the harness's own.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
         self
     }
 
+    /// Adds command-line arguments after the harness's own.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -89,6 +93,7 @@ impl ProxyBuilder {
         self.arg("--snapshot-cache").arg(path)
     }
 
+    /// How long to wait for its `listening` line.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
@@ -103,6 +108,7 @@ impl ProxyBuilder {
         self.try_start().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Like [`ProxyBuilder::start`], but returns the failure instead of panicking.
     pub fn try_start(self) -> Result<Proxy, StartError> {
         let mut proxy = Proxy {
             process: None,
@@ -177,6 +183,7 @@ impl Proxy {
         Ok(())
     }
 
+    /// The address its HTTP listener took.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -191,10 +198,12 @@ impl Proxy {
         format!("http://{}/v1", self.addr)
     }
 
+    /// Its `--node-id`.
     pub fn node_id(&self) -> &str {
         &self.options.node_id
     }
 
+    /// The process id, when it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(ChildProcess::pid)
     }
@@ -214,6 +223,7 @@ impl Proxy {
         self.wait_ready_timeout(READY_TIMEOUT);
     }
 
+    /// Like [`Proxy::wait_ready`], with its own timeout.
     #[track_caller]
     pub fn wait_ready_timeout(&self, timeout: Duration) {
         assert!(
@@ -225,6 +235,7 @@ impl Proxy {
         );
     }
 
+    /// Its stderr log file, appended across restarts.
     pub fn log_path(&self) -> PathBuf {
         self.logs.file("data-plane.log")
     }
@@ -234,6 +245,7 @@ impl Proxy {
         read_from(&self.log_path(), 0)
     }
 
+    /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(ChildProcess::is_running)
     }

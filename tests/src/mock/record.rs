@@ -1,11 +1,11 @@
 //! The mock's record of what it received and sent: the source of truth that
 //! tests compare the gateway's own accounting against.
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// How a request ended, from the mock's side.
@@ -60,7 +60,9 @@ impl TryFrom<String> for Outcome {
 pub struct RecordedRequest {
     /// Arrival order, from 1.
     pub seq: u64,
+    /// The HTTP method.
     pub method: String,
+    /// The request path, without the query.
     pub path: String,
     /// The request body's `model`, when it has one.
     pub model: Option<String>,
@@ -68,15 +70,19 @@ pub struct RecordedRequest {
     pub headers: BTreeMap<String, String>,
     /// The parsed JSON body (`null` when absent or not JSON).
     pub body: serde_json::Value,
+    /// Whether the body asked for `stream: true`.
     pub stream: bool,
     /// Whether `stream_options.include_usage` was `true`.
     pub include_usage: bool,
+    /// Prompt tokens the mock counted in the body (see the module docs of
+    /// [`crate::mock`]); 0 off the chat, completions and embeddings endpoints.
     pub prompt_tokens: u64,
     /// Completion tokens actually written: for a stream cut short, the content
     /// chunks sent before the cut.
     pub completion_tokens_sent: u64,
     /// HTTP status of the response head, `None` when none was sent.
     pub status: Option<u16>,
+    /// How the answer ended.
     pub outcome: Outcome,
     /// Arrival time, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
@@ -102,13 +108,17 @@ pub struct Totals {
     pub in_flight: u64,
     /// Requests that asked for `stream: true`.
     pub streams: u64,
+    /// 2xx answers written in full.
     pub ok: u64,
     /// Non-2xx answers.
     pub http_errors: u64,
+    /// Connections the mock dropped on purpose.
     pub resets: u64,
+    /// Answers the peer abandoned before they were complete.
     pub client_gone: u64,
     /// Prompt tokens of requests that got a 2xx head (billable ones).
     pub prompt_tokens: u64,
+    /// Completion tokens written, over all requests (stream chunks sent before a cut included).
     pub completion_tokens_sent: u64,
     /// One-shot script actions not consumed yet.
     pub script_pending: u64,
@@ -172,14 +182,14 @@ impl Recorder {
         c.completion_tokens_sent
             .fetch_add(record.completion_tokens_sent, Ordering::Relaxed);
         if self.enabled {
-            self.lock().push(record);
+            self.records.lock().push(record);
         }
         // Last, so that a test seeing `in_flight == 0` also sees the record.
         c.finished.fetch_add(1, Ordering::Release);
     }
 
     pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
-        let mut records = self.lock().clone();
+        let mut records = self.records.lock().clone();
         records.sort_by_key(|r| r.seq);
         records
     }
@@ -205,7 +215,7 @@ impl Recorder {
     /// Forgets the record and zeroes the counters (in-flight requests still
     /// finish into the fresh state).
     pub(crate) fn reset(&self) {
-        self.lock().clear();
+        self.records.lock().clear();
         let c = &self.counters;
         let in_flight = c
             .requests
@@ -224,10 +234,6 @@ impl Recorder {
             counter.store(0, Ordering::Relaxed);
         }
         c.requests.store(in_flight, Ordering::Relaxed);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedRequest>> {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

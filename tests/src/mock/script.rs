@@ -3,9 +3,9 @@
 
 use super::action::{Action, Rule};
 use http::HeaderMap;
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Scripted behaviour shared by all connections.
 ///
@@ -38,7 +38,7 @@ impl Script {
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         if let Some(i) = state.queue.iter().position(|a| a.applies_to(model)) {
             let action = state.queue.remove(i);
             self.rearm(&state);
@@ -63,48 +63,42 @@ impl Script {
     }
 
     pub(crate) fn push(&self, actions: impl IntoIterator<Item = Action>) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.queue.extend(actions);
         self.rearm(&state);
     }
 
     pub(crate) fn set_always(&self, action: Option<Action>) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.always = action;
         self.rearm(&state);
     }
 
     pub(crate) fn add_rule(&self, rule: Rule) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.rules.push(rule);
         self.rearm(&state);
     }
 
     pub(crate) fn set_rules(&self, rules: Vec<Rule>) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.rules = rules;
         self.rearm(&state);
     }
 
     /// Queued one-shot actions not consumed yet.
     pub(crate) fn pending(&self) -> usize {
-        self.lock().queue.len()
+        self.state.lock().queue.len()
     }
 
     pub(crate) fn clear(&self) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         *state = ScriptState::default();
         self.rearm(&state);
     }
 
     fn rearm(&self, state: &ScriptState) {
         self.armed.store(!state.is_empty(), Ordering::Release);
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ScriptState> {
-        // A panic while holding the lock cannot leave the state half-updated
-        // in a way that matters to a test double.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
