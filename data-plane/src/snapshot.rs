@@ -22,7 +22,7 @@ use claw_proto::v1;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::cooldown::{Cooldown, CooldownPolicy};
+use crate::cooldown::state::{Cooldown, CooldownPolicy};
 use crate::metrics::CandidateMetrics;
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
