@@ -15,8 +15,8 @@ pub enum ConfigSource {
         /// gRPC endpoint, e.g. `http://127.0.0.1:50051`, and for
         /// `https://` the CA its certificate must chain to.
         url: crate::cp_channel::ControlPlaneUrl,
-        /// Proxy token, sent as `authorization: Bearer …`.
-        proxy_token: String,
+        /// Proxy token, sent as `authorization: Bearer …` (redacted in `Debug`).
+        proxy_token: crate::cp_channel::ProxyToken,
     },
     /// A fixed snapshot (tests, benchmarks); no control plane.
     Static(Box<v1::Snapshot>),
@@ -25,10 +25,10 @@ pub enum ConfigSource {
 impl fmt::Debug for ConfigSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigSource::ControlPlane { url, .. } => f
+            ConfigSource::ControlPlane { url, proxy_token } => f
                 .debug_struct("ControlPlane")
                 .field("url", url)
-                .field("proxy_token", &"<redacted>")
+                .field("proxy_token", proxy_token)
                 .finish(),
             ConfigSource::Static(s) => f
                 .debug_struct("Static")
@@ -133,7 +133,7 @@ impl Config {
     pub fn control_plane(
         node_id: impl Into<String>,
         url: impl Into<crate::cp_channel::ControlPlaneUrl>,
-        proxy_token: impl Into<String>,
+        proxy_token: impl Into<crate::cp_channel::ProxyToken>,
     ) -> Self {
         Config {
             node_id: node_id.into(),

@@ -5,8 +5,8 @@
 //! response is applied and answered with an ACK (`response_nonce`, applied
 //! version) or a NACK (`error_detail`, the version still held). When the
 //! stream is lost the proxy keeps serving its last good snapshot and
-//! reconnects with jittered exponential backoff (1 s, ×1.6, capped at 30 s,
-//! reset after a healthy stream).
+//! reconnects with the jittered exponential backoff of
+//! [`crate::cp_channel::Backoff`] (reset after a healthy stream).
 //!
 //! Responses are handled by [`Dispatcher`], which owns everything a message
 //! may change. A response without a snapshot is incremental — cooldowns
@@ -45,15 +45,12 @@ use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
+use crate::cp_channel::{Backoff, ProxyToken};
 use crate::fleet::Fleet;
 use crate::snapshot::SnapshotStore;
 use crate::snapshot_cache::{CacheWriter, SnapshotCache};
-
-/// A stream that lived this long counts as healthy (resets the backoff).
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -61,48 +58,9 @@ pub struct DiscoveryConfig {
     /// Control plane URL (and CA).
     pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
-    pub proxy_token: String,
+    pub proxy_token: ProxyToken,
     /// This proxy's node id.
     pub node_id: String,
-}
-
-/// Jittered exponential backoff.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    factor: f64,
-    max: Duration,
-    current: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_secs(1), 1.6, Duration::from_secs(30))
-    }
-}
-
-impl Backoff {
-    /// Starts at `initial`, multiplies by `factor`, never above `max`.
-    pub fn new(initial: Duration, factor: f64, max: Duration) -> Self {
-        Backoff {
-            initial,
-            factor,
-            max,
-            current: initial,
-        }
-    }
-
-    /// The next delay; `unit` in `[0, 1)` picks the jitter (±20 %).
-    pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let base = self.current.min(self.max);
-        self.current = base.mul_f64(self.factor).min(self.max);
-        base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)).min(self.max)
-    }
-
-    /// After a healthy stream.
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
 }
 
 /// Applies what the control plane sends and builds the replies.
@@ -142,9 +100,14 @@ impl Dispatcher {
     /// Persists every applied snapshot to an encrypted cache file at `path`
     /// (keyed by `proxy_token`), and makes [`run`] start from it; `None`
     /// leaves the dispatcher as it is.
-    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &str) -> Self {
-        self.cache = path
-            .map(|p| CacheWriter::new(SnapshotCache::new(p, proxy_token, self.node_id.clone())));
+    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &ProxyToken) -> Self {
+        self.cache = path.map(|p| {
+            CacheWriter::new(SnapshotCache::new(
+                p,
+                proxy_token.expose(),
+                self.node_id.clone(),
+            ))
+        });
         self
     }
 
@@ -281,10 +244,7 @@ async fn stream_forever(config: &DiscoveryConfig, dispatcher: &Dispatcher) {
         }
         metrics::gauge!("claw_dp_discovery_connected").set(0.0);
         dispatcher.fleet.set_connected(false);
-        if got_response && started.elapsed() >= HEALTHY_AFTER {
-            backoff.reset();
-        }
-        let delay = backoff.next_delay(rand::random::<f64>());
+        let delay = backoff.after_stream(got_response, started.elapsed());
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting to the control plane"
@@ -298,15 +258,11 @@ async fn stream_once(
     dispatcher: &Dispatcher,
     got_response: &mut bool,
 ) -> anyhow::Result<()> {
-    let channel = crate::cp_channel::connect(&config.url).await?;
+    let channel = crate::cp_channel::connect_authorized(&config.url, &config.proxy_token).await?;
     let mut client = DiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     tx.send(dispatcher.hello()).await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
-        .parse()
-        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", token);
+    let request = tonic::Request::new(ReceiverStream::new(rx));
     let mut inbound = client.stream_config(request).await?.into_inner();
     metrics::gauge!("claw_dp_discovery_connected").set(1.0);
     dispatcher.fleet.set_connected(true);
@@ -324,20 +280,6 @@ async fn stream_once(
 mod tests {
     use super::*;
     use claw_proto::v1;
-
-    #[test]
-    fn backoff_grows_caps_and_resets() {
-        let mut b = Backoff::default();
-        let mid: Vec<u64> = (0..10)
-            .map(|_| b.next_delay(0.5).as_millis() as u64)
-            .collect();
-        assert_eq!(&mid[..4], &[1000, 1600, 2560, 4096]);
-        assert_eq!(*mid.last().unwrap(), 30_000);
-        assert!(b.next_delay(0.0) >= Duration::from_secs(24));
-        assert!(b.next_delay(0.99) <= Duration::from_secs(30));
-        b.reset();
-        assert_eq!(b.next_delay(0.5), Duration::from_secs(1));
-    }
 
     #[tokio::test]
     async fn acks_applied_and_nacks_rejected_snapshots() {
@@ -544,7 +486,7 @@ mod tests {
             Cooldowns::new(store.clone()),
             Fleet::new(store.clone()),
         )
-        .with_snapshot_cache(Some(path), "proxy-token")
+        .with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
     }
 
     fn one_backend(version: u64, model: &str) -> v1::Snapshot {

@@ -14,8 +14,9 @@
 //! Around it:
 //!
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
-//! - [`cp_channel`] — the gRPC channel to the control plane (plain or TLS,
-//!   public roots or `--control-plane-ca`), shared by discovery and report.
+//! - [`cp_channel`] — the control-plane client plumbing shared by discovery
+//!   and report: the gRPC channel (plain or TLS, public roots or
+//!   `--control-plane-ca`), the proxy-token interceptor, the reconnect backoff.
 //! - [`tls`] — the TLS server config of the HTTP listener (reloading cert).
 //! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
 //!   runtime state (rate limiters, cooldowns, queues) carried across snapshots.

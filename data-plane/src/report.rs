@@ -58,15 +58,11 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::metadata::MetadataValue;
 
 use crate::config::ReportSettings;
-use crate::discovery::Backoff;
+use crate::cp_channel::{Backoff, ProxyToken};
 use crate::events::{Failure, FailureKind, RequestOutcome, Signal};
 use crate::snapshot::SnapshotStore;
-
-/// A stream that lived this long with an ACK counts as healthy (resets the backoff).
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Where to report and how to batch.
 #[derive(Clone)]
@@ -74,7 +70,7 @@ pub struct ReportConfig {
     /// Control plane URL (and CA).
     pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
-    pub proxy_token: String,
+    pub proxy_token: ProxyToken,
     /// This proxy's node id.
     pub node_id: String,
     /// Batching.
@@ -530,15 +526,11 @@ type Link = (
 type Connecting = Pin<Box<dyn Future<Output = anyhow::Result<Link>> + Send>>;
 
 async fn connect(config: ReportConfig, hello: StreamReportsRequest) -> anyhow::Result<Link> {
-    let channel = crate::cp_channel::connect(&config.url).await?;
+    let channel = crate::cp_channel::connect_authorized(&config.url, &config.proxy_token).await?;
     let mut client = ReportServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     tx.send(hello).await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
-        .parse()
-        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", token);
+    let request = tonic::Request::new(ReceiverStream::new(rx));
     let inbound = client.stream_reports(request).await?.into_inner();
     Ok((tx, inbound))
 }
@@ -706,10 +698,7 @@ pub async fn run(
             tx = None;
             inbound = None;
             metrics::gauge!("claw_dp_report_connected").set(0.0);
-            if acked_on_stream && stream_started.elapsed() >= HEALTHY_AFTER {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay(rand::random::<f64>());
+            let delay = backoff.after_stream(acked_on_stream, stream_started.elapsed());
             tracing::warn!(error = %reason, delay_ms = millis(delay), unacked = c.buffer.len(), "report stream lost; reconnecting");
             retry_at = Some(Instant::now() + delay);
         }
