@@ -242,7 +242,7 @@ async fn stream_forever(config: &DiscoveryConfig, dispatcher: &Dispatcher) {
             Ok(()) => tracing::warn!("discovery stream closed by the control plane"),
             Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
         }
-        metrics::gauge!("claw_dp_discovery_connected").set(0.0);
+        crate::metrics::set_discovery_connected(false);
         dispatcher.fleet.set_connected(false);
         let delay = backoff.after_stream(got_response, started.elapsed());
         tracing::info!(
@@ -264,7 +264,7 @@ async fn stream_once(
     tx.send(dispatcher.hello()).await?;
     let request = tonic::Request::new(ReceiverStream::new(rx));
     let mut inbound = client.stream_config(request).await?.into_inner();
-    metrics::gauge!("claw_dp_discovery_connected").set(1.0);
+    crate::metrics::set_discovery_connected(true);
     dispatcher.fleet.set_connected(true);
     tracing::info!(url = %config.url, "discovery stream open");
     while let Some(msg) = inbound.message().await? {

@@ -22,11 +22,10 @@
 //! proxy without a control plane (static snapshot) never waits: share 1.
 //!
 //! **Degraded mode.** A proxy that loses the discovery stream keeps its last
-//! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes it):
-//! the control plane may just be
-//! restarting, and the other proxies' shares are unchanged. After that it
-//! switches every backend to `1 ÷ last known proxy count`, in both
-//! directions. A share that was *higher* (demand-weighted) shrinks: the
+//! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes
+//! it): the control plane may just be restarting, and the other proxies'
+//! shares are unchanged. After that it switches every backend to `1 ÷ last
+//! known proxy count`, in both directions. A share that was *higher* (demand-weighted) shrinks: the
 //! other proxies may still be up, cut off from the control plane in the same
 //! way and each falling back to the same rule, and only equal shares are
 //! guaranteed to sum to at most the limit when nobody can coordinate. A share
@@ -137,7 +136,7 @@ impl Fleet {
         }
         if g.degraded {
             g.degraded = false;
-            metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+            crate::metrics::set_degraded(false);
             tracing::info!(
                 proxy_count = g.proxy_count,
                 "rate shares received: leaving degraded mode"
@@ -188,7 +187,7 @@ impl Fleet {
         let mut g = self.lock();
         if !g.degraded {
             g.degraded = true;
-            metrics::gauge!("claw_dp_degraded_mode").set(1.0);
+            crate::metrics::set_degraded(true);
             tracing::warn!(
                 proxy_count = g.proxy_count,
                 share = g.fair_share(),
@@ -250,7 +249,7 @@ impl Fleet {
     }
 
     async fn degraded_loop(self, after: Duration) {
-        metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+        crate::metrics::set_degraded(false);
         let mut rx = self.connected.subscribe();
         loop {
             if rx.wait_for(|up| !*up).await.is_err() {

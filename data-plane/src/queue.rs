@@ -109,7 +109,7 @@ impl WaitQueue {
             Priority::Interactive => g.interactive.push_back(e),
             Priority::Background => g.background.push_back(e),
         }
-        metrics::gauge!("claw_dp_queue_depth").increment(1.0);
+        crate::metrics::queue_joined();
         Some(Ticket {
             queue: self.clone(),
             id,
@@ -188,7 +188,7 @@ impl Drop for Ticket {
         };
         if let Some(pos) = q.iter().position(|e| e.id == self.id) {
             q.remove(pos);
-            metrics::gauge!("claw_dp_queue_depth").decrement(1.0);
+            crate::metrics::queue_left();
         }
         if let Some(head) = g.head() {
             head.notify.notify_one();

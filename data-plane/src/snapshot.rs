@@ -431,7 +431,7 @@ impl SnapshotStore {
         let compiled = compile(version, snap, prev.as_deref(), Instant::now())?;
         let (backends, models) = (compiled.backends.len(), compiled.models.len());
         self.current.store(Some(Arc::new(compiled)));
-        metrics::gauge!("claw_dp_snapshot_version").set(version as f64);
+        crate::metrics::set_snapshot_version(version);
         tracing::info!(version, backends, models, "applied configuration snapshot");
         Ok(())
     }

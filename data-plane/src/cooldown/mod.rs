@@ -4,7 +4,7 @@
 //! [`CooldownPolicy`], [`parse_retry_after`]) live in [`state`], a leaf the
 //! snapshot embeds. This module is the layer above the snapshot:
 //! [`Cooldowns`] is the handle the retry layer uses to start a cooldown
-//! ([`Cooldowns::start_local`], which also emits a [`CooldownEvent`] for the
+//! (`Cooldowns::start_local`, which also emits a [`CooldownEvent`] for the
 //! report stream), and the discovery stream uses to apply a cooldown learned
 //! from another proxy ([`Cooldowns::apply_remote`]) and to hear about the ones
 //! this proxy starts ([`Cooldowns::subscribe`]).
