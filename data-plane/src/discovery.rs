@@ -36,12 +36,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -170,7 +171,7 @@ impl Dispatcher {
                 .apply_remote(&c.backend_id, until, c.consecutive)
             {
                 tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot yet: kept");
-                let mut early = self.lock_early();
+                let mut early = self.early.lock();
                 early.retain(|_, (u, _)| *u > now);
                 let e = early
                     .entry(c.backend_id.clone())
@@ -200,14 +201,10 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
-        self.early.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Applies the kept cooldowns whose backend the snapshot now has;
     /// forgets those that ended.
     fn apply_early_cooldowns(&self, now: Instant) {
-        let mut early = self.lock_early();
+        let mut early = self.early.lock();
         early.retain(|id, (until, consecutive)| {
             *until > now && !self.cooldowns.apply_remote(id, *until, *consecutive)
         });
@@ -476,7 +473,7 @@ mod tests {
             "ended before the snapshot"
         );
         assert!((b.rpm.share() - 1.0 / 3.0).abs() < 1e-9);
-        assert!(d.lock_early().is_empty());
+        assert!(d.early.lock().is_empty());
     }
 
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {

@@ -10,9 +10,10 @@
 //! client went away) and wakes the next head.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -78,13 +79,9 @@ pub enum QueueExit {
 }
 
 impl WaitQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Requests waiting.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.inner.lock().len()
     }
 
     /// True when nobody waits.
@@ -94,7 +91,7 @@ impl WaitQueue {
 
     /// Joins the queue unless `depth` requests already wait.
     pub fn join(self: &Arc<Self>, priority: Priority, depth: usize) -> Option<Ticket> {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.len() >= depth {
             return None;
         }
@@ -175,13 +172,17 @@ pub struct Ticket {
 impl Ticket {
     /// True when this ticket is the next to be served.
     pub fn is_head(&self) -> bool {
-        self.queue.lock().head().is_some_and(|e| e.id == self.id)
+        self.queue
+            .inner
+            .lock()
+            .head()
+            .is_some_and(|e| e.id == self.id)
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut g = self.queue.lock();
+        let mut g = self.queue.inner.lock();
         let q = match self.priority {
             Priority::Interactive => &mut g.interactive,
             Priority::Background => &mut g.background,
@@ -218,7 +219,7 @@ mod tests {
                 q.wait(prio, 10, deadline, |_| {
                     if tokens.load(Ordering::SeqCst) > 0 {
                         tokens.fetch_sub(1, Ordering::SeqCst);
-                        order.lock().unwrap().push(name);
+                        order.lock().push(name);
                         Ok(())
                     } else {
                         Err(Some(Duration::from_secs(1)))
@@ -233,7 +234,7 @@ mod tests {
         for t in tasks {
             assert_eq!(t.await.unwrap(), Ok(()));
         }
-        assert_eq!(*order.lock().unwrap(), vec!["int1", "bg1", "bg2"]);
+        assert_eq!(*order.lock(), vec!["int1", "bg1", "bg2"]);
         assert!(q.is_empty());
     }
 

@@ -8,10 +8,10 @@
 //! [`Cooldown`] in every backend's runtime state, so nothing here may name the
 //! snapshot.
 
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// The longest cooldown accepted from a `Retry-After` header.
@@ -67,13 +67,9 @@ pub struct Cooldown {
 }
 
 impl Cooldown {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// When the backend stops cooling, if it is cooling at `now`.
     pub fn cooling_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().until.filter(|u| *u > now)
+        self.inner.lock().until.filter(|u| *u > now)
     }
 
     /// Records a 429 and starts (or extends) the cooldown. Returns the end
@@ -84,7 +80,7 @@ impl Cooldown {
         retry_after: Option<Duration>,
         now: Instant,
     ) -> (Instant, u32) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.consecutive = g.consecutive.saturating_add(1);
         let d = retry_after.unwrap_or_else(|| policy.backoff(g.consecutive));
         let until = now + d;
@@ -95,19 +91,19 @@ impl Cooldown {
     /// A successful answer resets the consecutive count; returns the count
     /// it had (> 0: the backend recovered from 429s).
     pub fn on_success(&self) -> u32 {
-        std::mem::take(&mut self.lock().consecutive)
+        std::mem::take(&mut self.inner.lock().consecutive)
     }
 
     /// Applies a cooldown learned elsewhere; keeps the later end.
     pub fn apply(&self, until: Instant, consecutive: u32) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.until = Some(g.until.map_or(until, |u| u.max(until)));
         g.consecutive = g.consecutive.max(consecutive);
     }
 
     /// The consecutive 429 count.
     pub fn consecutive(&self) -> u32 {
-        self.lock().consecutive
+        self.inner.lock().consecutive
     }
 }
 
