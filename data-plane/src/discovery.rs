@@ -328,7 +328,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn incremental_cooldowns_and_shares_apply_without_an_answer() {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
         let d = Dispatcher::new(
@@ -404,7 +404,7 @@ mod tests {
     /// a cooling backend and used the fair share instead of its own.
     #[tokio::test(start_paused = true)]
     async fn incremental_messages_before_the_first_snapshot_apply_once_it_arrives() {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
         let d = Dispatcher::new(
@@ -487,7 +487,7 @@ mod tests {
     }
 
     fn one_backend(version: u64, model: &str) -> v1::Snapshot {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         v1::Snapshot {
             version,
             backends: vec![backend("a", claw_proto::Pool::Primary, &[(model, model)])],

@@ -271,7 +271,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::backend;
+    use crate::test_util::backend;
     use claw_proto::Pool;
     use claw_proto::v1;
 

@@ -86,6 +86,8 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshot_cache;
 pub mod stream;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod tls;
 pub mod upstream;
 pub mod usage;

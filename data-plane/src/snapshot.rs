@@ -440,40 +440,10 @@ impl SnapshotStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    // Re-exported for the request path's unit tests (`route.rs`) until they
+    // import `crate::test_util` themselves.
+    pub(crate) use crate::test_util::{backend, key};
     use sha2::Digest;
-
-    pub(crate) fn backend(id: &str, pool: Pool, models: &[(&str, &str)]) -> v1::SnapshotBackend {
-        v1::SnapshotBackend {
-            id: id.into(),
-            name: id.into(),
-            base_url: "http://127.0.0.1:9/v1".into(),
-            api_key: format!("sk-{id}"),
-            pool: pool as i32,
-            rpm: 600,
-            tpm: None,
-            timeout_ms: 0,
-            weight: 1,
-            enabled: true,
-            models: models
-                .iter()
-                .map(|(c, n)| v1::ModelMapping {
-                    canonical: (*c).into(),
-                    native: (*n).into(),
-                    ..Default::default()
-                })
-                .collect(),
-        }
-    }
-
-    pub(crate) fn key(id: &str, secret: &str) -> v1::SnapshotClientKey {
-        v1::SnapshotClientKey {
-            id: id.into(),
-            name: id.into(),
-            secret_sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
-            models: vec![],
-            rpm: 0,
-        }
-    }
 
     fn snap(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {
         v1::Snapshot {

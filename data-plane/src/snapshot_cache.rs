@@ -443,7 +443,7 @@ impl CacheWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::{backend, key};
+    use crate::test_util::{backend, key};
     use claw_proto::Pool;
 
     const TOKEN: &str = "proxy-token-0123456789abcdef";

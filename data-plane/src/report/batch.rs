@@ -413,7 +413,7 @@ mod tests {
                 1,
                 &claw_proto::v1::Snapshot {
                     version: 1,
-                    backends: vec![crate::snapshot::tests::backend(
+                    backends: vec![crate::test_util::backend(
                         "b",
                         claw_proto::Pool::Primary,
                         &[("m", "m")],
