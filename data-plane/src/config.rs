@@ -140,28 +140,26 @@ impl Config {
         url: impl Into<crate::cp_channel::ControlPlaneUrl>,
         proxy_token: impl Into<crate::cp_channel::ProxyToken>,
     ) -> Self {
-        Config {
-            node_id: node_id.into(),
-            source: ConfigSource::ControlPlane {
+        Self::with_defaults(
+            node_id.into(),
+            ConfigSource::ControlPlane {
                 url: url.into(),
                 proxy_token: proxy_token.into(),
             },
-            limits: ServerLimits::default(),
-            events_capacity: 65_536,
-            report: ReportSettings::default(),
-            degraded_after: crate::fleet::DEGRADED_AFTER,
-            snapshot_cache: None,
-            serve_threads: 0,
-            tls: None,
-        }
+        )
     }
 
     /// A proxy serving a fixed snapshot, with no control plane (tests,
     /// benchmarks). The snapshot is applied as version `max(snapshot.version, 1)`.
     pub fn static_snapshot(snapshot: v1::Snapshot) -> Self {
+        Self::with_defaults("static".into(), ConfigSource::Static(Box::new(snapshot)))
+    }
+
+    /// `node_id` fed from `source`, every other setting at its default.
+    fn with_defaults(node_id: String, source: ConfigSource) -> Self {
         Config {
-            node_id: "static".into(),
-            source: ConfigSource::Static(Box::new(snapshot)),
+            node_id,
+            source,
             limits: ServerLimits::default(),
             events_capacity: 65_536,
             report: ReportSettings::default(),

@@ -278,15 +278,21 @@ mod tests {
     use super::*;
     use claw_proto::v1;
 
-    #[tokio::test]
-    async fn acks_applied_and_nacks_rejected_snapshots() {
-        let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "n1".into(),
+    /// A dispatcher of node `node_id` over `store`, with its own cooldowns
+    /// and fleet handles.
+    fn dispatcher(node_id: &str, store: &SnapshotStore) -> Dispatcher {
+        Dispatcher::new(
+            node_id.into(),
             store.clone(),
             Cooldowns::new(store.clone()),
             Fleet::new(store.clone()),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn acks_applied_and_nacks_rejected_snapshots() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("n1", &store);
         assert_eq!(d.hello().version, 0);
         let ok = d
             .handle(StreamConfigResponse {
@@ -331,12 +337,7 @@ mod tests {
         use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "me".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        );
+        let d = dispatcher("me", &store);
         let snap = v1::Snapshot {
             version: 2,
             backends: vec![
@@ -407,12 +408,7 @@ mod tests {
         use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "me".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        );
+        let d = dispatcher("me", &store);
         let start = Instant::now();
         let update = |id: &str, ms: u64| v1::CooldownUpdate {
             backend_id: id.into(),
@@ -477,13 +473,7 @@ mod tests {
     }
 
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {
-        Dispatcher::new(
-            "n1".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        )
-        .with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
+        dispatcher("n1", &store).with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
     }
 
     fn one_backend(version: u64, model: &str) -> v1::Snapshot {

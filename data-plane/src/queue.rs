@@ -67,6 +67,14 @@ pub struct WaitQueue {
     inner: Mutex<Inner>,
 }
 
+impl std::fmt::Debug for WaitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitQueue")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// Why a request left the queue without a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueExit {

@@ -287,16 +287,9 @@ pub struct Route {
     pub rotation: AtomicUsize,
 }
 
-impl std::fmt::Debug for WaitQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WaitQueue")
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
 impl Route {
-    /// Settings of the pool a candidate belongs to.
+    /// The next value of the tie-break rotation among equally loaded
+    /// backends.
     pub fn next_rotation(&self) -> usize {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
