@@ -473,7 +473,7 @@ mod tests {
     }
 
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {
-        dispatcher("n1", &store).with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
+        dispatcher("n1", store).with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
     }
 
     fn one_backend(version: u64, model: &str) -> v1::Snapshot {
