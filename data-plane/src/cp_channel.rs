@@ -1,19 +1,169 @@
-//! The gRPC channel to the control plane, shared by the discovery and
-//! report streams.
+//! The control-plane client plumbing shared by the discovery and report
+//! streams: the gRPC channel, the proxy token on every call, and the
+//! reconnect rule.
 //!
-//! `http://` is plain text. `https://` verifies the control plane's
+//! **Channel.** //! `http://` is plain text. `https://` verifies the control plane's
 //! certificate against the public (webpki) roots, or — with
 //! `--control-plane-ca` — against that CA bundle only, so a private control
 //! plane is trusted through its own CA and nothing else. The bundle is
 //! re-read at every (re)connect, so a rotated CA is picked up without a
 //! restart; a bundle that became unreadable fails that attempt (the proxy
 //! keeps serving its last snapshot and retries with backoff).
+//!
+//! **Token.** [`connect_authorized`] wraps the channel in [`Bearer`], the one
+//! interceptor that sends `authorization: Bearer <proxy token>` on every call.
+//! The token itself is a [`ProxyToken`], whose `Debug` is redacted.
+//!
+//! **Reconnects.** Both streams reconnect with the same jittered exponential
+//! [`Backoff`] (1 s, ×1.6, capped at 30 s, ±20 %), reset only after a
+//! healthy stream: one that got an answer from the control plane and lived
+//! [`HEALTHY_AFTER`] ([`Backoff::after_stream`]). A control plane that
+//! accepts the stream and drops it at once therefore still backs off.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// A stream that got an answer and lived this long counts as healthy: the
+/// next reconnect starts from the initial backoff again.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// The proxy token the control plane authenticates proxies with. `Debug`
+/// never shows it; [`ProxyToken::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyToken(String);
+
+impl ProxyToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        ProxyToken(token.into())
+    }
+
+    /// The secret itself: for the `authorization` header and the snapshot
+    /// cache's key derivation only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ProxyToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyToken(<redacted>)")
+    }
+}
+
+impl From<String> for ProxyToken {
+    fn from(token: String) -> Self {
+        ProxyToken(token)
+    }
+}
+
+impl From<&str> for ProxyToken {
+    fn from(token: &str) -> Self {
+        ProxyToken(token.to_string())
+    }
+}
+
+/// The interceptor that puts `authorization: Bearer <proxy token>` on every
+/// call of a control-plane client.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+impl Bearer {
+    /// The header value of `token`; an error when it is not a valid header
+    /// value (never echoing it).
+    pub fn new(token: &ProxyToken) -> anyhow::Result<Self> {
+        format!("Bearer {}", token.expose())
+            .parse()
+            .map(Bearer)
+            .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A channel to the control plane that authenticates every call.
+pub type AuthorizedChannel = InterceptedService<Channel, Bearer>;
+
+/// [`connect`], then every call on the channel carries the proxy token.
+pub async fn connect_authorized(
+    target: &ControlPlaneUrl,
+    token: &ProxyToken,
+) -> anyhow::Result<AuthorizedChannel> {
+    let channel = connect(target).await?;
+    Ok(InterceptedService::new(channel, Bearer::new(token)?))
+}
+
+/// Jittered exponential backoff between reconnects.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    factor: f64,
+    max: Duration,
+    current: Duration,
+}
+
+impl Default for Backoff {
+    /// 1 s, ×1.6 per attempt, at most 30 s.
+    fn default() -> Self {
+        Backoff::new(Duration::from_secs(1), 1.6, Duration::from_secs(30))
+    }
+}
+
+impl Backoff {
+    /// Starts at `initial`, multiplies by `factor`, never above `max`.
+    pub fn new(initial: Duration, factor: f64, max: Duration) -> Self {
+        Backoff {
+            initial,
+            factor,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay; `unit` in `[0, 1)` picks the jitter (±20 %).
+    pub fn next_delay(&mut self, unit: f64) -> Duration {
+        let base = self.current.min(self.max);
+        self.current = base.mul_f64(self.factor).min(self.max);
+        base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)).min(self.max)
+    }
+
+    /// After a healthy stream.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    /// The delay before reconnecting after a stream that `answered` (the
+    /// control plane sent something on it) and `lived` this long: the
+    /// backoff restarts after a healthy stream ([`HEALTHY_AFTER`]).
+    pub fn after_stream(&mut self, answered: bool, lived: Duration) -> Duration {
+        if answered && lived >= HEALTHY_AFTER {
+            self.reset();
+        }
+        self.next_delay(rand::random::<f64>())
+    }
+}
 
 /// Where the control plane is, and which CA its certificate must chain to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +280,55 @@ fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_resets() {
+        let mut b = Backoff::default();
+        let mid: Vec<u64> = (0..10)
+            .map(|_| b.next_delay(0.5).as_millis() as u64)
+            .collect();
+        assert_eq!(&mid[..4], &[1000, 1600, 2560, 4096]);
+        assert_eq!(*mid.last().unwrap(), 30_000);
+        assert!(b.next_delay(0.0) >= Duration::from_secs(24));
+        assert!(b.next_delay(0.99) <= Duration::from_secs(30));
+        b.reset();
+        assert_eq!(b.next_delay(0.5), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn only_a_healthy_stream_resets_the_backoff() {
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            b.next_delay(0.5);
+        }
+        let long = HEALTHY_AFTER;
+        assert!(
+            b.after_stream(false, long) >= Duration::from_secs(24),
+            "never answered"
+        );
+        assert!(
+            b.after_stream(true, long / 2) >= Duration::from_secs(24),
+            "died young"
+        );
+        assert!(
+            b.after_stream(true, long) <= Duration::from_millis(1200),
+            "healthy"
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_and_rides_on_every_call() {
+        let token = ProxyToken::new("sekret-123");
+        assert!(!format!("{token:?}").contains("sekret"));
+        let mut bearer = Bearer::new(&token).expect("valid token");
+        assert!(!format!("{bearer:?}").contains("sekret"));
+        let req = bearer.call(tonic::Request::new(())).expect("intercepted");
+        assert_eq!(
+            req.metadata().get("authorization").map(|v| v.to_str().ok()),
+            Some(Some("Bearer sekret-123"))
+        );
+        assert!(Bearer::new(&ProxyToken::new("bad\ntoken")).is_err());
+    }
 
     #[test]
     fn https_is_detected_case_insensitively() {

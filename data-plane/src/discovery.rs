@@ -5,8 +5,8 @@
 //! response is applied and answered with an ACK (`response_nonce`, applied
 //! version) or a NACK (`error_detail`, the version still held). When the
 //! stream is lost the proxy keeps serving its last good snapshot and
-//! reconnects with jittered exponential backoff (1 s, ×1.6, capped at 30 s,
-//! reset after a healthy stream).
+//! reconnects with the jittered exponential backoff of
+//! [`crate::cp_channel::Backoff`] (reset after a healthy stream).
 //!
 //! Responses are handled by [`Dispatcher`], which owns everything a message
 //! may change. A response without a snapshot is incremental — cooldowns
@@ -36,24 +36,22 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
+use crate::cp_channel::{Backoff, ProxyToken};
 use crate::fleet::Fleet;
 use crate::snapshot::SnapshotStore;
 use crate::snapshot_cache::{CacheWriter, SnapshotCache};
-
-/// A stream that lived this long counts as healthy (resets the backoff).
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -61,48 +59,9 @@ pub struct DiscoveryConfig {
     /// Control plane URL (and CA).
     pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
-    pub proxy_token: String,
+    pub proxy_token: ProxyToken,
     /// This proxy's node id.
     pub node_id: String,
-}
-
-/// Jittered exponential backoff.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    factor: f64,
-    max: Duration,
-    current: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_secs(1), 1.6, Duration::from_secs(30))
-    }
-}
-
-impl Backoff {
-    /// Starts at `initial`, multiplies by `factor`, never above `max`.
-    pub fn new(initial: Duration, factor: f64, max: Duration) -> Self {
-        Backoff {
-            initial,
-            factor,
-            max,
-            current: initial,
-        }
-    }
-
-    /// The next delay; `unit` in `[0, 1)` picks the jitter (±20 %).
-    pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let base = self.current.min(self.max);
-        self.current = base.mul_f64(self.factor).min(self.max);
-        base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0)).min(self.max)
-    }
-
-    /// After a healthy stream.
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
 }
 
 /// Applies what the control plane sends and builds the replies.
@@ -142,9 +101,14 @@ impl Dispatcher {
     /// Persists every applied snapshot to an encrypted cache file at `path`
     /// (keyed by `proxy_token`), and makes [`run`] start from it; `None`
     /// leaves the dispatcher as it is.
-    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &str) -> Self {
-        self.cache = path
-            .map(|p| CacheWriter::new(SnapshotCache::new(p, proxy_token, self.node_id.clone())));
+    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &ProxyToken) -> Self {
+        self.cache = path.map(|p| {
+            CacheWriter::new(SnapshotCache::new(
+                p,
+                proxy_token.expose(),
+                self.node_id.clone(),
+            ))
+        });
         self
     }
 
@@ -207,7 +171,7 @@ impl Dispatcher {
                 .apply_remote(&c.backend_id, until, c.consecutive)
             {
                 tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot yet: kept");
-                let mut early = self.lock_early();
+                let mut early = self.early.lock();
                 early.retain(|_, (u, _)| *u > now);
                 let e = early
                     .entry(c.backend_id.clone())
@@ -237,14 +201,10 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
-        self.early.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Applies the kept cooldowns whose backend the snapshot now has;
     /// forgets those that ended.
     fn apply_early_cooldowns(&self, now: Instant) {
-        let mut early = self.lock_early();
+        let mut early = self.early.lock();
         early.retain(|id, (until, consecutive)| {
             *until > now && !self.cooldowns.apply_remote(id, *until, *consecutive)
         });
@@ -279,12 +239,9 @@ async fn stream_forever(config: &DiscoveryConfig, dispatcher: &Dispatcher) {
             Ok(()) => tracing::warn!("discovery stream closed by the control plane"),
             Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
         }
-        metrics::gauge!("claw_dp_discovery_connected").set(0.0);
+        crate::metrics::set_discovery_connected(false);
         dispatcher.fleet.set_connected(false);
-        if got_response && started.elapsed() >= HEALTHY_AFTER {
-            backoff.reset();
-        }
-        let delay = backoff.next_delay(rand::random::<f64>());
+        let delay = backoff.after_stream(got_response, started.elapsed());
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             "reconnecting to the control plane"
@@ -298,17 +255,13 @@ async fn stream_once(
     dispatcher: &Dispatcher,
     got_response: &mut bool,
 ) -> anyhow::Result<()> {
-    let channel = crate::cp_channel::connect(&config.url).await?;
+    let channel = crate::cp_channel::connect_authorized(&config.url, &config.proxy_token).await?;
     let mut client = DiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     tx.send(dispatcher.hello()).await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
-        .parse()
-        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", token);
+    let request = tonic::Request::new(ReceiverStream::new(rx));
     let mut inbound = client.stream_config(request).await?.into_inner();
-    metrics::gauge!("claw_dp_discovery_connected").set(1.0);
+    crate::metrics::set_discovery_connected(true);
     dispatcher.fleet.set_connected(true);
     tracing::info!(url = %config.url, "discovery stream open");
     while let Some(msg) = inbound.message().await? {
@@ -325,29 +278,21 @@ mod tests {
     use super::*;
     use claw_proto::v1;
 
-    #[test]
-    fn backoff_grows_caps_and_resets() {
-        let mut b = Backoff::default();
-        let mid: Vec<u64> = (0..10)
-            .map(|_| b.next_delay(0.5).as_millis() as u64)
-            .collect();
-        assert_eq!(&mid[..4], &[1000, 1600, 2560, 4096]);
-        assert_eq!(*mid.last().unwrap(), 30_000);
-        assert!(b.next_delay(0.0) >= Duration::from_secs(24));
-        assert!(b.next_delay(0.99) <= Duration::from_secs(30));
-        b.reset();
-        assert_eq!(b.next_delay(0.5), Duration::from_secs(1));
+    /// A dispatcher of node `node_id` over `store`, with its own cooldowns
+    /// and fleet handles.
+    fn dispatcher(node_id: &str, store: &SnapshotStore) -> Dispatcher {
+        Dispatcher::new(
+            node_id.into(),
+            store.clone(),
+            Cooldowns::new(store.clone()),
+            Fleet::new(store.clone()),
+        )
     }
 
     #[tokio::test]
     async fn acks_applied_and_nacks_rejected_snapshots() {
         let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "n1".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        );
+        let d = dispatcher("n1", &store);
         assert_eq!(d.hello().version, 0);
         let ok = d
             .handle(StreamConfigResponse {
@@ -389,15 +334,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn incremental_cooldowns_and_shares_apply_without_an_answer() {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "me".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        );
+        let d = dispatcher("me", &store);
         let snap = v1::Snapshot {
             version: 2,
             backends: vec![
@@ -465,15 +405,10 @@ mod tests {
     /// a cooling backend and used the fair share instead of its own.
     #[tokio::test(start_paused = true)]
     async fn incremental_messages_before_the_first_snapshot_apply_once_it_arrives() {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         use claw_proto::Pool;
         let store = SnapshotStore::default();
-        let d = Dispatcher::new(
-            "me".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        );
+        let d = dispatcher("me", &store);
         let start = Instant::now();
         let update = |id: &str, ms: u64| v1::CooldownUpdate {
             backend_id: id.into(),
@@ -534,21 +469,15 @@ mod tests {
             "ended before the snapshot"
         );
         assert!((b.rpm.share() - 1.0 / 3.0).abs() < 1e-9);
-        assert!(d.lock_early().is_empty());
+        assert!(d.early.lock().is_empty());
     }
 
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {
-        Dispatcher::new(
-            "n1".into(),
-            store.clone(),
-            Cooldowns::new(store.clone()),
-            Fleet::new(store.clone()),
-        )
-        .with_snapshot_cache(Some(path), "proxy-token")
+        dispatcher("n1", store).with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
     }
 
     fn one_backend(version: u64, model: &str) -> v1::Snapshot {
-        use crate::snapshot::tests::backend;
+        use crate::test_util::backend;
         v1::Snapshot {
             version,
             backends: vec![backend("a", claw_proto::Pool::Primary, &[(model, model)])],

@@ -22,11 +22,10 @@
 //! proxy without a control plane (static snapshot) never waits: share 1.
 //!
 //! **Degraded mode.** A proxy that loses the discovery stream keeps its last
-//! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes it):
-//! the control plane may just be
-//! restarting, and the other proxies' shares are unchanged. After that it
-//! switches every backend to `1 ÷ last known proxy count`, in both
-//! directions. A share that was *higher* (demand-weighted) shrinks: the
+//! shares for [`DEGRADED_AFTER`] (one minute; `--degraded-after` changes
+//! it): the control plane may just be restarting, and the other proxies'
+//! shares are unchanged. After that it switches every backend to `1 ÷ last
+//! known proxy count`, in both directions. A share that was *higher* (demand-weighted) shrinks: the
 //! other proxies may still be up, cut off from the control plane in the same
 //! way and each falling back to the same rule, and only equal shares are
 //! guaranteed to sum to at most the limit when nobody can coordinate. A share
@@ -35,10 +34,11 @@
 //! arrive again after a reconnect.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use claw_proto::v1::RateShares;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -110,23 +110,19 @@ impl Fleet {
     /// (or [`FIRST_SHARES_TIMEOUT`] after the first snapshot, see
     /// [`Fleet::watch_degraded`]) backends get a share of 0.
     pub fn await_shares(&self) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.awaiting = true;
         self.apply_locked(&g);
     }
 
     /// True while waiting for the control plane's first shares.
     pub fn awaiting_shares(&self) -> bool {
-        self.lock().awaiting
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().awaiting
     }
 
     /// Applies an update from the control plane; leaves degraded mode.
     pub fn apply_shares(&self, shares: &RateShares) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if shares.proxy_count > 0 {
             g.proxy_count = shares.proxy_count;
         }
@@ -137,7 +133,7 @@ impl Fleet {
         }
         if g.degraded {
             g.degraded = false;
-            metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+            crate::metrics::set_degraded(false);
             tracing::info!(
                 proxy_count = g.proxy_count,
                 "rate shares received: leaving degraded mode"
@@ -155,7 +151,7 @@ impl Fleet {
             .load()
             .is_some_and(|s| s.backend(backend_id).is_some());
         if known {
-            let mut g = self.lock();
+            let mut g = self.inner.lock();
             g.assigned
                 .insert(backend_id.to_string(), (rpm_share, tpm_share));
             self.apply_locked(&g);
@@ -166,7 +162,7 @@ impl Fleet {
     /// Applies the shares to the backends of the current snapshot (after a
     /// new snapshot, for backends it adds).
     pub fn reapply(&self) {
-        let g = self.lock();
+        let g = self.inner.lock();
         self.apply_locked(&g);
     }
 
@@ -185,10 +181,10 @@ impl Fleet {
 
     /// Switches every backend to `1 ÷ last known proxy count`.
     pub fn enter_degraded(&self) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if !g.degraded {
             g.degraded = true;
-            metrics::gauge!("claw_dp_degraded_mode").set(1.0);
+            crate::metrics::set_degraded(true);
             tracing::warn!(
                 proxy_count = g.proxy_count,
                 share = g.fair_share(),
@@ -200,17 +196,17 @@ impl Fleet {
 
     /// True in degraded mode.
     pub fn degraded(&self) -> bool {
-        self.lock().degraded
+        self.inner.lock().degraded
     }
 
     /// The last known number of proxies (0 = never told).
     pub fn proxy_count(&self) -> u32 {
-        self.lock().proxy_count
+        self.inner.lock().proxy_count
     }
 
     /// The `(rpm, tpm)` share a backend gets now.
     pub fn share_of(&self, backend_id: &str) -> (f64, f64) {
-        self.lock().share_of(backend_id)
+        self.inner.lock().share_of(backend_id)
     }
 
     /// Records whether the discovery stream is up.
@@ -236,7 +232,7 @@ impl Fleet {
             return;
         }
         tokio::time::sleep(after).await;
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.awaiting {
             g.awaiting = false;
             tracing::warn!(
@@ -250,7 +246,7 @@ impl Fleet {
     }
 
     async fn degraded_loop(self, after: Duration) {
-        metrics::gauge!("claw_dp_degraded_mode").set(0.0);
+        crate::metrics::set_degraded(false);
         let mut rx = self.connected.subscribe();
         loop {
             if rx.wait_for(|up| !*up).await.is_err() {
@@ -275,7 +271,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::backend;
+    use crate::test_util::backend;
     use claw_proto::Pool;
     use claw_proto::v1;
 

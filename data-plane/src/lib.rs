@@ -14,25 +14,30 @@
 //! Around it:
 //!
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
-//! - [`cp_channel`] — the gRPC channel to the control plane (plain or TLS,
-//!   public roots or `--control-plane-ca`), shared by discovery and report.
+//! - [`cp_channel`] — the control-plane client plumbing shared by discovery
+//!   and report: the gRPC channel (plain or TLS, public roots or
+//!   `--control-plane-ca`), the proxy-token interceptor, the reconnect
+//!   backoff and its healthy-stream rule.
 //! - [`tls`] — the TLS server config of the HTTP listener (reloading cert).
-//! - [`snapshot`] — the compiled configuration in an `ArcSwap`, with the
-//!   runtime state (rate limiters, cooldowns, queues) carried across snapshots.
+//! - [`snapshot`] — the compiled configuration in an `ArcSwap` (compiled and
+//!   validated in `snapshot/compile.rs`), with the runtime state (rate
+//!   limiters, cooldowns, queues) carried across snapshots.
 //! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
-//!   of snapshots, incremental cooldowns and rate shares, backoff).
+//!   of snapshots, incremental cooldowns and rate shares).
 //! - [`snapshot_cache`] — the optional encrypted last-known-good snapshot on
 //!   disk, loaded before the first connection.
 //! - [`fleet`] — this proxy's shares of cluster-wide limits, the fleet size,
 //!   degraded mode when the control plane is gone for a minute.
-//! - [`report`] — the `StreamReports` stream: numbered batches of usage,
-//!   failures, activity and demand; bounded resend buffer.
+//! - [`report`] — the `StreamReports` stream: the stream loop, the batch
+//!   collector with its usage buckets ([`report::batch`]) and the bounded
+//!   resend buffer ([`report::buffer`]).
 //! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
 //!   for stream usage and hiding it from clients that did not.
 //! - [`ratelimit`] — GCRA rate limiters: at most `share × limit` plus a
 //!   small burst in any trailing minute (backend rpm/tpm, emergency, key rpm).
-//! - [`cooldown`] — 429 cooldowns, `Retry-After`, and the hooks to apply remote
-//!   cooldowns and hear about local ones.
+//! - [`cooldown`] — 429 cooldowns: the per-backend state machine, the
+//!   backoff and `Retry-After` ([`cooldown::state`], a leaf), and the handle
+//!   that starts local cooldowns, applies remote ones and announces them.
 //! - [`outlier`] — passive ejection of failing backends.
 //! - [`queue`] — the bounded priority queue for rate-limited requests.
 //! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
@@ -41,8 +46,20 @@
 //! - [`error`] — the one renderer of OpenAI-format errors.
 //! - [`events`] — per-request [`events::RequestOutcome`]s and failure/activity
 //!   [`events::Signal`]s into bounded channels.
-//! - [`metrics`] — Prometheus metrics (`/metrics`).
+//! - [`metrics`] — Prometheus metrics (`/metrics`): every `claw_dp_*` name
+//!   and the recorders of the code outside the request path.
 //! - [`server`] — connections, timeouts, health/readiness, panics, draining.
+//! - `test_util` — snapshot fixtures for tests (the `test-util` feature).
+//!
+//! The request path also has these modules:
+//!
+//! - `accounting` — per-request accounting: `Tracker`, `InFlight` and
+//!   `Abandoned` → `RequestOutcome`.
+//! - `target` — the typed requests the layers hand inward.
+//! - `select` — candidate selection and admission (routing order, queue,
+//!   emergency, 503).
+//! - `json` — the allocation-free JSON scanner.
+//! - `route/` — the route layer and the body reader.
 //!
 //! [`run`] serves a bound listener until a shutdown future resolves;
 //! [`Proxy`] does the same and exposes the hooks (cooldowns, rate shares,
@@ -69,6 +86,8 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshot_cache;
 pub mod stream;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod tls;
 pub mod upstream;
 pub mod usage;

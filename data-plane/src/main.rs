@@ -133,7 +133,7 @@ fn init_logging(format: LogFormat) -> anyhow::Result<claw_telemetry::Telemetry> 
         LogFormat::Json => claw_telemetry::LogFormat::Json,
     };
     let options = claw_telemetry::Options {
-        // As before: tracing-subscriber's default colouring.
+        // `None`: tracing-subscriber's default colouring.
         ansi: None,
         ..claw_telemetry::Options::new("claw-data-plane", format)
     };

@@ -23,6 +23,8 @@
 //! | `gen_ai_client_token_usage` | histogram | `gen_ai_request_model`, `gen_ai_token_type` |
 //!
 //! The recorder is process-global; the first proxy in a process installs it.
+//! Every `claw_dp_*` name is a constant here; the code outside the request
+//! path records through the small functions below.
 
 use std::sync::{Arc, OnceLock};
 
@@ -120,6 +122,105 @@ pub fn status_label(status: u16) -> &'static str {
     }
 }
 
+/// Requests answered, by model, backend and status.
+pub const REQUESTS_TOTAL: &str = "claw_dp_requests_total";
+/// Upstream attempts, by backend and outcome.
+pub const UPSTREAM_ATTEMPTS_TOTAL: &str = "claw_dp_upstream_attempts_total";
+/// Backends of the current snapshot cooling (set on every scrape).
+pub const COOLDOWNS_ACTIVE: &str = "claw_dp_cooldowns_active";
+/// Requests waiting for a rate-limit token, over every model's queue.
+pub const QUEUE_DEPTH: &str = "claw_dp_queue_depth";
+/// The applied configuration version.
+pub const SNAPSHOT_VERSION: &str = "claw_dp_snapshot_version";
+/// Snapshot cache writes, by `result` (`ok`, `error`).
+pub const SNAPSHOT_CACHE_WRITES_TOTAL: &str = "claw_dp_snapshot_cache_writes_total";
+/// The version loaded from the snapshot cache at start (0: none).
+pub const SNAPSHOT_CACHE_LOADED_VERSION: &str = "claw_dp_snapshot_cache_loaded_version";
+/// 1 while the discovery stream is open.
+pub const DISCOVERY_CONNECTED: &str = "claw_dp_discovery_connected";
+/// 1 while the report stream is open.
+pub const REPORT_CONNECTED: &str = "claw_dp_report_connected";
+/// Report batches handed to the stream (resends included).
+pub const REPORT_BATCHES_SENT_TOTAL: &str = "claw_dp_report_batches_sent_total";
+/// Report batches the control plane acknowledged.
+pub const REPORT_BATCHES_ACKED_TOTAL: &str = "claw_dp_report_batches_acked_total";
+/// Events cut or pending but not acknowledged yet.
+pub const REPORT_BUFFERED_EVENTS: &str = "claw_dp_report_buffered_events";
+/// Events dropped unacknowledged because the report buffer was full.
+pub const REPORT_DROPPED_EVENTS_TOTAL: &str = "claw_dp_report_dropped_events_total";
+/// 1 in degraded mode (equal rate shares without a control plane).
+pub const DEGRADED_MODE: &str = "claw_dp_degraded_mode";
+
+fn flag(on: bool) -> f64 {
+    if on { 1.0 } else { 0.0 }
+}
+
+/// Sets [`COOLDOWNS_ACTIVE`].
+pub fn set_cooldowns_active(backends: usize) {
+    metrics::gauge!(COOLDOWNS_ACTIVE).set(backends as f64);
+}
+
+/// A request joined a wait queue ([`QUEUE_DEPTH`] + 1).
+pub fn queue_joined() {
+    metrics::gauge!(QUEUE_DEPTH).increment(1.0);
+}
+
+/// A request left a wait queue ([`QUEUE_DEPTH`] − 1).
+pub fn queue_left() {
+    metrics::gauge!(QUEUE_DEPTH).decrement(1.0);
+}
+
+/// Sets [`SNAPSHOT_VERSION`].
+pub fn set_snapshot_version(version: u64) {
+    metrics::gauge!(SNAPSHOT_VERSION).set(version as f64);
+}
+
+/// Counts a snapshot cache write ([`SNAPSHOT_CACHE_WRITES_TOTAL`]).
+pub fn snapshot_cache_written(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(SNAPSHOT_CACHE_WRITES_TOTAL, "result" => result).increment(1);
+}
+
+/// Sets [`SNAPSHOT_CACHE_LOADED_VERSION`] (0: nothing loaded).
+pub fn set_snapshot_cache_loaded(version: u64) {
+    metrics::gauge!(SNAPSHOT_CACHE_LOADED_VERSION).set(version as f64);
+}
+
+/// Sets [`DISCOVERY_CONNECTED`].
+pub fn set_discovery_connected(up: bool) {
+    metrics::gauge!(DISCOVERY_CONNECTED).set(flag(up));
+}
+
+/// Sets [`REPORT_CONNECTED`].
+pub fn set_report_connected(up: bool) {
+    metrics::gauge!(REPORT_CONNECTED).set(flag(up));
+}
+
+/// Counts a batch handed to the report stream.
+pub fn report_batch_sent() {
+    metrics::counter!(REPORT_BATCHES_SENT_TOTAL).increment(1);
+}
+
+/// Counts batches the control plane acknowledged.
+pub fn report_batches_acked(batches: usize) {
+    metrics::counter!(REPORT_BATCHES_ACKED_TOTAL).increment(batches as u64);
+}
+
+/// Sets [`REPORT_BUFFERED_EVENTS`].
+pub fn set_report_buffered(events: usize) {
+    metrics::gauge!(REPORT_BUFFERED_EVENTS).set(events as f64);
+}
+
+/// Counts events dropped from a full report buffer.
+pub fn report_events_dropped(events: u64) {
+    metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(events);
+}
+
+/// Sets [`DEGRADED_MODE`].
+pub fn set_degraded(on: bool) {
+    metrics::gauge!(DEGRADED_MODE).set(flag(on));
+}
+
 /// Metric handles of one (model, backend) pair for a successful answer,
 /// registered once instead of looked up (labels allocated, key hashed) per
 /// request.
@@ -140,8 +241,8 @@ impl CandidateMetrics {
     /// Registers the handles of `model` served by `backend`.
     pub fn new(model: &Arc<str>, backend: &Arc<str>) -> Self {
         CandidateMetrics {
-            attempt_success: metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.clone(), "outcome" => "success"),
-            requests_ok: metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => backend.clone(), "status" => "200"),
+            attempt_success: metrics::counter!(UPSTREAM_ATTEMPTS_TOTAL, "backend" => backend.clone(), "outcome" => "success"),
+            requests_ok: metrics::counter!(REQUESTS_TOTAL, "model" => model.clone(), "backend" => backend.clone(), "status" => "200"),
             duration: metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone()),
             tokens_input: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "input"),
             tokens_output: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output"),

@@ -3,9 +3,9 @@
 //! repeat ejection, so retries stop wasting attempts on it. A success resets
 //! the failure count; a success after an ejection also resets the doubling.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// When and for how long backends are ejected.
@@ -43,18 +43,14 @@ pub struct Outlier {
 }
 
 impl Outlier {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// When the ejection ends, if the backend is ejected at `now`.
     pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().ejected_until.filter(|u| *u > now)
+        self.inner.lock().ejected_until.filter(|u| *u > now)
     }
 
     /// Records a failure; returns the end of a new ejection if this one ejects.
     pub fn on_failure(&self, policy: &OutlierPolicy, now: Instant) -> Option<Instant> {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.failures = g.failures.saturating_add(1);
         if g.failures < policy.consecutive_failures.max(1) {
             return None;
@@ -74,7 +70,7 @@ impl Outlier {
 
     /// Records a success.
     pub fn on_success(&self, now: Instant) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.failures = 0;
         if g.ejected_until.is_none_or(|u| u <= now) {
             g.ejections = 0;

@@ -10,9 +10,10 @@
 //! client went away) and wakes the next head.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -66,6 +67,14 @@ pub struct WaitQueue {
     inner: Mutex<Inner>,
 }
 
+impl std::fmt::Debug for WaitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitQueue")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// Why a request left the queue without a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueExit {
@@ -78,13 +87,9 @@ pub enum QueueExit {
 }
 
 impl WaitQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Requests waiting.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.inner.lock().len()
     }
 
     /// True when nobody waits.
@@ -94,7 +99,7 @@ impl WaitQueue {
 
     /// Joins the queue unless `depth` requests already wait.
     pub fn join(self: &Arc<Self>, priority: Priority, depth: usize) -> Option<Ticket> {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.len() >= depth {
             return None;
         }
@@ -109,7 +114,7 @@ impl WaitQueue {
             Priority::Interactive => g.interactive.push_back(e),
             Priority::Background => g.background.push_back(e),
         }
-        metrics::gauge!("claw_dp_queue_depth").increment(1.0);
+        crate::metrics::queue_joined();
         Some(Ticket {
             queue: self.clone(),
             id,
@@ -175,20 +180,24 @@ pub struct Ticket {
 impl Ticket {
     /// True when this ticket is the next to be served.
     pub fn is_head(&self) -> bool {
-        self.queue.lock().head().is_some_and(|e| e.id == self.id)
+        self.queue
+            .inner
+            .lock()
+            .head()
+            .is_some_and(|e| e.id == self.id)
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut g = self.queue.lock();
+        let mut g = self.queue.inner.lock();
         let q = match self.priority {
             Priority::Interactive => &mut g.interactive,
             Priority::Background => &mut g.background,
         };
         if let Some(pos) = q.iter().position(|e| e.id == self.id) {
             q.remove(pos);
-            metrics::gauge!("claw_dp_queue_depth").decrement(1.0);
+            crate::metrics::queue_left();
         }
         if let Some(head) = g.head() {
             head.notify.notify_one();
@@ -218,7 +227,7 @@ mod tests {
                 q.wait(prio, 10, deadline, |_| {
                     if tokens.load(Ordering::SeqCst) > 0 {
                         tokens.fetch_sub(1, Ordering::SeqCst);
-                        order.lock().unwrap().push(name);
+                        order.lock().push(name);
                         Ok(())
                     } else {
                         Err(Some(Duration::from_secs(1)))
@@ -233,7 +242,7 @@ mod tests {
         for t in tasks {
             assert_eq!(t.await.unwrap(), Ok(()));
         }
-        assert_eq!(*order.lock().unwrap(), vec!["int1", "bg1", "bg2"]);
+        assert_eq!(*order.lock(), vec!["int1", "bg1", "bg2"]);
         assert!(q.is_empty());
     }
 

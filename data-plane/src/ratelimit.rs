@@ -53,9 +53,9 @@
 //! there is no global lock on the hot path; times are passed in so tests
 //! drive them with paused tokio time.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// How late after its conforming instant a request may come and still find
@@ -164,16 +164,10 @@ impl RateLimiter {
         Self::new(limit_per_min, Burst::Minute, now)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A poisoned limiter only means a panic elsewhere mid-update; its
-        // numbers are still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Admits a request of cost `n` if it conforms now, or tells how long
     /// until the next conforming instant.
     pub fn try_acquire(&self, n: f64, now: Instant) -> Result<(), Duration> {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.drain(now);
         if g.conforms() {
             g.level += n.max(0.0);
@@ -185,7 +179,7 @@ impl RateLimiter {
 
     /// How long until a request conforms (zero if one does now).
     pub fn time_until(&self, now: Instant) -> Duration {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.drain(now);
         if g.conforms() {
             Duration::ZERO
@@ -197,25 +191,25 @@ impl RateLimiter {
     /// Takes back an admission of cost `n` (an attempt that never reached
     /// the upstream); never below empty.
     pub fn refund(&self, n: f64) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.level = (g.level - n.max(0.0)).max(0.0);
     }
 
     /// Charges `n` more (actual use above the reservation), conforming or not.
     pub fn force_take(&self, n: f64) {
-        self.lock().level += n.max(0.0);
+        self.inner.lock().level += n.max(0.0);
     }
 
     /// Reconciles a reservation of `reserved` with the `actual` use: the
     /// level moves by the difference, never below empty.
     pub fn reconcile(&self, reserved: f64, actual: f64) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.level = (g.level + actual - reserved).max(0.0);
     }
 
     /// Changes the per-minute limit (a new snapshot), keeping the debt.
     pub fn set_limit(&self, limit_per_min: f64, now: Instant) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.drain(now);
         g.limit_per_min = finite_non_negative(limit_per_min);
     }
@@ -223,7 +217,7 @@ impl RateLimiter {
     /// Sets this proxy's share of the limit, in `[0, 1]`, effective at once
     /// and keeping the debt.
     pub fn set_share(&self, share: f64, now: Instant) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.drain(now);
         g.share = if share.is_finite() {
             share.clamp(0.0, 1.0)
@@ -234,12 +228,12 @@ impl RateLimiter {
 
     /// The current share.
     pub fn share(&self) -> f64 {
-        self.lock().share
+        self.inner.lock().share
     }
 
     /// Units per minute admitted now (`limit × share`).
     pub fn per_minute(&self) -> f64 {
-        let g = self.lock();
+        let g = self.inner.lock();
         g.limit_per_min * g.share
     }
 }

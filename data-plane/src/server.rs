@@ -111,8 +111,7 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBo
             };
         }
         "/metrics" if req.method() == Method::GET => {
-            metrics::gauge!("claw_dp_cooldowns_active")
-                .set(state.cooldowns.active(Instant::now()) as f64);
+            crate::metrics::set_cooldowns_active(state.cooldowns.active(Instant::now()));
             let mut r = Response::new(ProxyBody::full(crate::metrics::render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

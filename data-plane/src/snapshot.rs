@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -22,7 +22,12 @@ use claw_proto::v1;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::cooldown::{Cooldown, CooldownPolicy};
+mod compile;
+
+pub use compile::compile;
+use compile::compile_any_version;
+
+use crate::cooldown::state::{Cooldown, CooldownPolicy};
 use crate::metrics::CandidateMetrics;
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
@@ -81,10 +86,18 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
+    /// Validates `p` ([`claw_proto::validate::validate_pool_settings`]) and
+    /// converts it.
     fn from_proto(p: &v1::PoolSettings) -> Result<Self, SnapshotError> {
         claw_proto::validate::validate_pool_settings(p)
             .map_err(|e| invalid(format!("pool settings: {e}")))?;
-        Ok(PoolConfig {
+        Ok(Self::from_valid(p))
+    }
+
+    /// Converts settings that passed validation (or are the defaults); total,
+    /// so the defaults need no fallback copy.
+    fn from_valid(p: &v1::PoolSettings) -> Self {
+        PoolConfig {
             pool: Pool::try_from(p.pool).unwrap_or(Pool::Primary),
             cooldown: CooldownPolicy {
                 base: Duration::from_millis(p.cooldown_base_ms),
@@ -96,27 +109,46 @@ impl PoolConfig {
             queue_depth: p.queue_depth,
             queue_timeout: Duration::from_millis(p.queue_timeout_ms),
             request_timeout: Duration::from_millis(p.request_timeout_ms),
-        })
+        }
     }
 
-    /// The defaults of `pool`.
+    /// The defaults of `pool`: [`claw_proto::validate::default_pool_settings`],
+    /// the one place they are written.
     pub fn default_for(pool: Pool) -> Self {
-        let p = claw_proto::validate::default_pool_settings(pool);
-        // The defaults are valid by construction; fall back field by field
-        // rather than panic if that ever changes.
-        Self::from_proto(&p).unwrap_or(PoolConfig {
-            pool,
-            cooldown: CooldownPolicy {
-                base: Duration::from_secs(5),
-                max: Duration::from_secs(300),
-                exponential: true,
-            },
-            emergency_fraction: 0.05,
-            max_retries: 2,
-            queue_depth: 256,
-            queue_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(600),
-        })
+        Self::from_valid(&claw_proto::validate::default_pool_settings(pool))
+    }
+}
+
+/// The settings of both pools, indexed by [`Pool`] (anything but
+/// `Fallback` reads the primary pool's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfigs([PoolConfig; 2]);
+
+impl PoolConfigs {
+    /// Both pools at their defaults.
+    fn defaults() -> Self {
+        PoolConfigs([
+            PoolConfig::default_for(Pool::Primary),
+            PoolConfig::default_for(Pool::Fallback),
+        ])
+    }
+
+    fn slot(pool: Pool) -> usize {
+        usize::from(pool == Pool::Fallback)
+    }
+}
+
+impl std::ops::Index<Pool> for PoolConfigs {
+    type Output = PoolConfig;
+
+    fn index(&self, pool: Pool) -> &PoolConfig {
+        &self.0[Self::slot(pool)]
+    }
+}
+
+impl std::ops::IndexMut<Pool> for PoolConfigs {
+    fn index_mut(&mut self, pool: Pool) -> &mut PoolConfig {
+        &mut self.0[Self::slot(pool)]
     }
 }
 
@@ -255,16 +287,9 @@ pub struct Route {
     pub rotation: AtomicUsize,
 }
 
-impl std::fmt::Debug for WaitQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WaitQueue")
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
 impl Route {
-    /// Settings of the pool a candidate belongs to.
+    /// The next value of the tie-break rotation among equally loaded
+    /// backends.
     pub fn next_rotation(&self) -> usize {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
@@ -299,7 +324,7 @@ pub struct Snapshot {
     by_id: HashMap<Arc<str>, usize>,
     routes: HashMap<String, Arc<Route>>,
     keys: HashMap<[u8; 32], Arc<ClientKey>>,
-    pools: [PoolConfig; 2],
+    pools: PoolConfigs,
     models: Vec<String>,
     models_body: Bytes,
     created: u64,
@@ -328,10 +353,7 @@ impl Snapshot {
 
     /// Settings of `pool`.
     pub fn pool(&self, pool: Pool) -> &PoolConfig {
-        match pool {
-            Pool::Fallback => &self.pools[1],
-            _ => &self.pools[0],
-        }
+        &self.pools[pool]
     }
 
     /// Canonical models served.
@@ -354,238 +376,6 @@ fn render_models<'a>(models: impl Iterator<Item = &'a String>, created: u64) -> 
         .map(|m| serde_json::json!({"id": m, "object": "model", "created": created, "owned_by": "claw"}))
         .collect();
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
-}
-
-fn parse_base_url(id: &str, raw: &str) -> Result<(String, Arc<UpstreamTarget>), SnapshotError> {
-    let url =
-        url::Url::parse(raw).map_err(|e| invalid(format!("backend `{id}`: base_url: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(format!(
-            "backend `{id}`: base_url must be an http(s) URL with a host"
-        )));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(format!(
-            "backend `{id}`: base_url must not contain credentials"
-        )));
-    }
-    let base = raw.trim_end_matches('/').to_string();
-    let target = UpstreamTarget::parse(&base)
-        .filter(|t| t.uri("/chat/completions", None).is_some())
-        .ok_or_else(|| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
-    Ok((base, Arc::new(target)))
-}
-
-fn parse_sha256(id: &str, hex_str: &str) -> Result<[u8; 32], SnapshotError> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_str.trim().to_ascii_lowercase(), &mut out).map_err(|_| {
-        invalid(format!(
-            "client key `{id}`: secret_sha256 must be 64 hex characters"
-        ))
-    })?;
-    Ok(out)
-}
-
-/// Validates `snap` (delivered as `version`) and compiles it, carrying the
-/// runtime state over from `previous`.
-pub fn compile(
-    version: u64,
-    snap: &v1::Snapshot,
-    previous: Option<&Snapshot>,
-    now: Instant,
-) -> Result<Snapshot, SnapshotError> {
-    if let Some(prev) = previous
-        && version < prev.version
-    {
-        return Err(SnapshotError::Stale {
-            got: version,
-            held: prev.version,
-        });
-    }
-    compile_any_version(version, snap, previous, now)
-}
-
-/// [`compile`] without the staleness check: `version` may be older than
-/// `previous`'s (the runtime state is still carried over).
-fn compile_any_version(
-    version: u64,
-    snap: &v1::Snapshot,
-    previous: Option<&Snapshot>,
-    now: Instant,
-) -> Result<Snapshot, SnapshotError> {
-    if snap.version != 0 && snap.version != version {
-        return Err(SnapshotError::VersionMismatch {
-            outer: version,
-            inner: snap.version,
-        });
-    }
-
-    let mut pools = [
-        PoolConfig::default_for(Pool::Primary),
-        PoolConfig::default_for(Pool::Fallback),
-    ];
-    for p in &snap.pools {
-        let cfg = PoolConfig::from_proto(p)?;
-        let i = usize::from(cfg.pool == Pool::Fallback);
-        pools[i] = cfg;
-    }
-
-    let mut backends = Vec::with_capacity(snap.backends.len());
-    let mut by_id = HashMap::new();
-    for b in &snap.backends {
-        if b.id.is_empty() {
-            return Err(invalid("backend with an empty id"));
-        }
-        if by_id.contains_key(b.id.as_str()) {
-            return Err(invalid(format!("duplicate backend id `{}`", b.id)));
-        }
-        let (base_url, target) = parse_base_url(&b.id, &b.base_url)?;
-        let mut authorization =
-            HeaderValue::from_str(&format!("Bearer {}", b.api_key)).map_err(|_| {
-                invalid(format!(
-                    "backend `{}`: api_key is not a valid header value",
-                    b.id
-                ))
-            })?;
-        authorization.set_sensitive(true);
-        let pool = match Pool::try_from(b.pool) {
-            Ok(Pool::Fallback) => Pool::Fallback,
-            _ => Pool::Primary,
-        };
-        if b.rpm == 0 {
-            return Err(invalid(format!("backend `{}`: rpm must be > 0", b.id)));
-        }
-        for m in &b.models {
-            if m.canonical.is_empty() || m.native.is_empty() {
-                return Err(invalid(format!(
-                    "backend `{}`: model mappings need a canonical and a native name",
-                    b.id
-                )));
-            }
-        }
-        let emergency =
-            pools[usize::from(pool == Pool::Fallback)].emergency_fraction * f64::from(b.rpm);
-        let tpm = b.tpm.filter(|t| *t > 0);
-        let runtime = match previous.and_then(|p| p.backend(&b.id)) {
-            Some(old) => {
-                let rt = old.runtime.clone();
-                rt.rpm.set_limit(f64::from(b.rpm), now);
-                rt.tpm.set_limit(f64::from(tpm.unwrap_or(0)), now);
-                rt.emergency.set_limit(emergency, now);
-                rt
-            }
-            None => Arc::new(BackendRuntime::new(b.rpm, tpm.unwrap_or(0), emergency, now)),
-        };
-        let id: Arc<str> = Arc::from(b.id.as_str());
-        by_id.insert(id.clone(), backends.len());
-        backends.push(Arc::new(Backend {
-            id,
-            name: b.name.clone(),
-            pool,
-            base_url,
-            target,
-            authorization,
-            timeout: Duration::from_millis(if b.timeout_ms == 0 {
-                claw_proto::validate::DEFAULT_BACKEND_TIMEOUT_MS
-            } else {
-                b.timeout_ms
-            }),
-            weight: b.weight.max(1),
-            tpm,
-            enabled: b.enabled,
-            runtime,
-        }));
-    }
-
-    // Routes: enabled backends with a mapping, primary pool first (stable
-    // within a pool, so the snapshot's order breaks ties).
-    let mut candidates: HashMap<String, Vec<Candidate>> = HashMap::new();
-    for (b, proto) in backends.iter().zip(&snap.backends) {
-        if !b.enabled {
-            continue;
-        }
-        for m in &proto.models {
-            let list = candidates.entry(m.canonical.clone()).or_default();
-            if list.iter().any(|c| Arc::ptr_eq(&c.backend, b)) {
-                continue;
-            }
-            list.push(Candidate {
-                backend: b.clone(),
-                native: Arc::from(m.native.as_str()),
-                prices: Prices {
-                    input: m.input_cost_per_token,
-                    output: m.output_cost_per_token,
-                    cache_read: m.cache_read_cost_per_token,
-                },
-                metrics: Arc::default(),
-            });
-        }
-    }
-    let mut routes = HashMap::with_capacity(candidates.len());
-    for (model, mut list) in candidates {
-        list.sort_by_key(|c| c.backend.pool == Pool::Fallback);
-        let governing = list.first().map_or(Pool::Primary, |c| c.backend.pool);
-        let queue = previous
-            .and_then(|p| p.route(&model))
-            .map(|r| r.queue.clone())
-            .unwrap_or_default();
-        routes.insert(
-            model.clone(),
-            Arc::new(Route {
-                model: Arc::from(model.as_str()),
-                candidates: list,
-                settings: pools[usize::from(governing == Pool::Fallback)].clone(),
-                queue,
-                rotation: AtomicUsize::new(0),
-            }),
-        );
-    }
-
-    let mut keys = HashMap::with_capacity(snap.client_keys.len());
-    for k in &snap.client_keys {
-        let digest = parse_sha256(&k.id, &k.secret_sha256)?;
-        let old = previous.and_then(|p| p.keys.values().find(|o| *o.id == *k.id));
-        let rpm = (k.rpm > 0).then(|| match old.and_then(|o| o.rpm.clone()) {
-            Some(b) => {
-                b.set_limit(f64::from(k.rpm), now);
-                b
-            }
-            None => Arc::new(RateLimiter::client(f64::from(k.rpm), now)),
-        });
-        let key = Arc::new(ClientKey {
-            id: Arc::from(k.id.as_str()),
-            name: k.name.clone(),
-            models: k.models.iter().cloned().collect(),
-            rpm,
-        });
-        if keys.insert(digest, key).is_some() {
-            return Err(invalid(format!("client key `{}`: duplicate secret", k.id)));
-        }
-    }
-
-    let mut models: Vec<String> = if snap.models.is_empty() {
-        routes.keys().cloned().collect()
-    } else {
-        snap.models.clone()
-    };
-    models.sort();
-    models.dedup();
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let models_body = render_models(models.iter(), created);
-
-    Ok(Snapshot {
-        version,
-        backends,
-        by_id,
-        routes,
-        keys,
-        pools,
-        models,
-        models_body,
-        created,
-    })
 }
 
 /// Holds the current snapshot; cloning shares it.
@@ -634,7 +424,7 @@ impl SnapshotStore {
         let compiled = compile(version, snap, prev.as_deref(), Instant::now())?;
         let (backends, models) = (compiled.backends.len(), compiled.models.len());
         self.current.store(Some(Arc::new(compiled)));
-        metrics::gauge!("claw_dp_snapshot_version").set(version as f64);
+        crate::metrics::set_snapshot_version(version);
         tracing::info!(version, backends, models, "applied configuration snapshot");
         Ok(())
     }
@@ -643,40 +433,10 @@ impl SnapshotStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    // Re-exported for the request path's unit tests (`route.rs`) until they
+    // import `crate::test_util` themselves.
+    pub(crate) use crate::test_util::{backend, key};
     use sha2::Digest;
-
-    pub(crate) fn backend(id: &str, pool: Pool, models: &[(&str, &str)]) -> v1::SnapshotBackend {
-        v1::SnapshotBackend {
-            id: id.into(),
-            name: id.into(),
-            base_url: "http://127.0.0.1:9/v1".into(),
-            api_key: format!("sk-{id}"),
-            pool: pool as i32,
-            rpm: 600,
-            tpm: None,
-            timeout_ms: 0,
-            weight: 1,
-            enabled: true,
-            models: models
-                .iter()
-                .map(|(c, n)| v1::ModelMapping {
-                    canonical: (*c).into(),
-                    native: (*n).into(),
-                    ..Default::default()
-                })
-                .collect(),
-        }
-    }
-
-    pub(crate) fn key(id: &str, secret: &str) -> v1::SnapshotClientKey {
-        v1::SnapshotClientKey {
-            id: id.into(),
-            name: id.into(),
-            secret_sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
-            models: vec![],
-            rpm: 0,
-        }
-    }
 
     fn snap(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {
         v1::Snapshot {
@@ -686,6 +446,23 @@ pub(crate) mod tests {
             client_keys: vec![key("ck_1", "secret")],
             models: vec![],
         }
+    }
+
+    /// The defaults have one home (`claw_proto::validate`) and pass its own
+    /// validation, so [`PoolConfig::default_for`] needs no fallback.
+    #[test]
+    fn pool_defaults_are_the_validated_proto_defaults() {
+        for pool in [Pool::Primary, Pool::Fallback] {
+            let p = claw_proto::validate::default_pool_settings(pool);
+            assert_eq!(
+                PoolConfig::from_proto(&p),
+                Ok(PoolConfig::default_for(pool))
+            );
+            assert_eq!(PoolConfig::default_for(pool).pool, pool);
+        }
+        let pools = PoolConfigs::defaults();
+        assert_eq!(pools[Pool::Fallback].pool, Pool::Fallback);
+        assert_eq!(pools[Pool::Unspecified].pool, Pool::Primary);
     }
 
     #[tokio::test]

@@ -312,7 +312,7 @@ impl SnapshotCache {
         });
         match result {
             Ok(Some(version)) => {
-                metrics::gauge!("claw_dp_snapshot_cache_loaded_version").set(version as f64);
+                crate::metrics::set_snapshot_cache_loaded(version);
                 tracing::info!(
                     version,
                     path = %self.path.display(),
@@ -321,12 +321,12 @@ impl SnapshotCache {
                 Some(version)
             }
             Ok(None) => {
-                metrics::gauge!("claw_dp_snapshot_cache_loaded_version").set(0.0);
+                crate::metrics::set_snapshot_cache_loaded(0);
                 tracing::info!(path = %self.path.display(), "no snapshot cache yet");
                 None
             }
             Err(e) => {
-                metrics::gauge!("claw_dp_snapshot_cache_loaded_version").set(0.0);
+                crate::metrics::set_snapshot_cache_loaded(0);
                 tracing::warn!(
                     path = %self.path.display(),
                     reason = e.reason(),
@@ -423,13 +423,11 @@ impl CacheWriter {
             };
             match error {
                 None => {
-                    metrics::counter!("claw_dp_snapshot_cache_writes_total", "result" => "ok")
-                        .increment(1);
+                    crate::metrics::snapshot_cache_written(true);
                     tracing::info!(version, path = %cache.path().display(), "snapshot cache written");
                 }
                 Some(error) => {
-                    metrics::counter!("claw_dp_snapshot_cache_writes_total", "result" => "error")
-                        .increment(1);
+                    crate::metrics::snapshot_cache_written(false);
                     tracing::warn!(
                         version,
                         path = %cache.path().display(),
@@ -445,7 +443,7 @@ impl CacheWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::{backend, key};
+    use crate::test_util::{backend, key};
     use claw_proto::Pool;
 
     const TOKEN: &str = "proxy-token-0123456789abcdef";

@@ -1,15 +1,12 @@
 //! End-to-end tests: the proxy started with a static snapshot in front of
 //! mock OpenAI upstreams (`claw_tests::mock`).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use claw_proto::Pool;
 use claw_tests::mock::{Action, MockConfig, MockUpstream, Outcome};
 use futures::StreamExt;
-use support::*;
 
 async fn mock(name: &str) -> MockUpstream {
     MockUpstream::start(

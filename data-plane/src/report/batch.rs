@@ -1,188 +1,33 @@
-//! The report client: one bidirectional `ReportService.StreamReports`
-//! stream to the control plane, carrying what this proxy observed.
+//! Turning request outcomes and signals into report batches.
 //!
-//! A single collector task owns everything; the request path only
-//! `try_send`s into its channels ([`crate::events`]) and bumps per-backend
-//! demand counters, so it never waits on reporting.
+//! [`Collector`] owns the batch being filled and the [`ReportBuffer`] of cut
+//! ones. Usage is summed per usage bucket (`UsageBuckets`: UTC hour, client
+//! key, agent, model, backend), one `UsageAggregate` per bucket rather than
+//! one event per request, so a batch's size and the control plane's work to
+//! store it do not grow with the request rate. Upstream failures, recoveries
+//! after 429s, agent activity (summed per agent) and per-backend demand go
+//! into the same batch.
 //!
-//! - **Batches.** Usage (summed per usage bucket: UTC hour, client key,
-//!   agent, model, backend — one `UsageAggregate` per bucket, not one event
-//!   per request, so a batch's size and the control plane's work to store it
-//!   do not grow with the request rate), upstream failures, recoveries after
-//!   429s, agent activity (aggregated per agent) and per-backend demand are
-//!   gathered into a batch that is cut every `flush_interval` (1 s,
-//!   `--report-interval`: the control plane flushes every batch to disk
-//!   before acknowledging it, and ten a second per proxy showed in the
-//!   request path's latency tail) while
-//!   connected, as soon as it holds `max_batch_events` (500), and at once
-//!   after a 429 (cooldowns must spread within milliseconds) or when an
-//!   agent quiet for [`ACTIVITY_QUIET`] starts a conversation (its heartbeat
-//!   may be due any moment). Request
-//!   outcomes are drained from their channel on that tick rather than
-//!   received one by one, so the request path never wakes the collector;
-//!   signals (429s, recoveries, activity) still wake it at once. Empty batches
-//!   are not sent, except one after [`IDLE_BATCH_EVERY`] (1 s) without any
-//!   batch while connected and fully acknowledged: the control plane reads
-//!   a proxy's silence as "may have used its whole rate share" and holds
-//!   that share against the others for a minute, so an idle proxy says it
-//!   used nothing. While disconnected a batch grows until it is full (its
-//!   usage keeps summing into the buckets it already holds).
-//! - **Numbering.** `stream_epoch` is random per process; `seq` counts from 1.
-//!   The control plane stores a batch once per (node, epoch, seq).
-//! - **Buffer.** Cut batches stay in a bounded buffer ([`ReportBuffer`],
-//!   `max_buffered_events` = 10,000 events; a usage bucket counts as one)
-//!   until an ACK's `acked_seq`
-//!   releases every batch up to it. After a reconnect every unacknowledged
-//!   batch is resent, in order; an acknowledged batch is never resent. When
-//!   the buffer overflows the oldest batches are dropped whole; the count goes
-//!   to `claw_dp_report_dropped_events_total`, a warning, and the cumulative
-//!   `dropped_events` of every later batch.
-//! - **Connection.** Same address and proxy token as discovery; a bare hello
-//!   (`seq` 0) opens the stream; reconnects use the discovery backoff.
-//! - **Shutdown.** The pending batch is cut and the collector waits up to
-//!   `shutdown_grace` for the buffer to be acknowledged.
+//! When a batch is cut is the stream loop's decision ([`super::run`]); the
+//! collector says when one is due: when it holds `max_batch_events`, at once
+//! after a 429 (cooldowns must spread within milliseconds) and when an agent
+//! quiet for [`ACTIVITY_QUIET`] starts a conversation. [`Collector::keepalive`]
+//! cuts an empty batch after [`IDLE_BATCH_EVERY`] of silence.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use claw_proto::v1::report_service_client::ReportServiceClient;
 use claw_proto::v1::{
     AgentActivity, BackendDemand, BackendSuccess, FailureKind as WireFailureKind,
-    StreamReportsRequest, StreamReportsResponse, UpstreamFailure, UsageAggregate, UsageTotals,
+    StreamReportsRequest, UpstreamFailure, UsageAggregate, UsageTotals,
 };
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::metadata::MetadataValue;
+use tokio::time::Instant;
 
+use super::buffer::ReportBuffer;
 use crate::config::ReportSettings;
-use crate::discovery::Backoff;
 use crate::events::{Failure, FailureKind, RequestOutcome, Signal};
 use crate::snapshot::SnapshotStore;
-
-/// A stream that lived this long with an ACK counts as healthy (resets the backoff).
-const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-
-/// Where to report and how to batch.
-#[derive(Clone)]
-pub struct ReportConfig {
-    /// Control plane URL (and CA).
-    pub url: crate::cp_channel::ControlPlaneUrl,
-    /// Proxy token.
-    pub proxy_token: String,
-    /// This proxy's node id.
-    pub node_id: String,
-    /// Batching.
-    pub settings: ReportSettings,
-}
-
-struct Buffered {
-    seq: u64,
-    events: usize,
-    msg: StreamReportsRequest,
-}
-
-/// Batches cut but not acknowledged yet, oldest first.
-pub struct ReportBuffer {
-    batches: VecDeque<Buffered>,
-    events: usize,
-    max_events: usize,
-    next_seq: u64,
-    /// Highest seq handed to the current stream (0 after a reconnect).
-    sent_upto: u64,
-    dropped: u64,
-}
-
-impl ReportBuffer {
-    /// A buffer holding at most `max_events` events.
-    pub fn new(max_events: usize) -> Self {
-        ReportBuffer {
-            batches: VecDeque::new(),
-            events: 0,
-            max_events: max_events.max(1),
-            next_seq: 1,
-            sent_upto: 0,
-            dropped: 0,
-        }
-    }
-
-    /// Numbers `msg` (`events` events) and keeps it; drops the oldest
-    /// batches first when it would not fit. Returns the events dropped.
-    pub fn push(&mut self, mut msg: StreamReportsRequest, events: usize) -> u64 {
-        let mut dropped = 0;
-        while self.events + events > self.max_events
-            && let Some(old) = self.batches.pop_front()
-        {
-            self.events -= old.events;
-            dropped += old.events as u64;
-        }
-        self.dropped += dropped;
-        msg.seq = self.next_seq;
-        msg.dropped_events = self.dropped;
-        self.next_seq += 1;
-        self.events += events;
-        self.batches.push_back(Buffered {
-            seq: msg.seq,
-            events,
-            msg,
-        });
-        dropped
-    }
-
-    /// Releases every batch up to `acked_seq`; returns how many.
-    pub fn ack(&mut self, acked_seq: u64) -> usize {
-        let mut n = 0;
-        while self.batches.front().is_some_and(|b| b.seq <= acked_seq) {
-            if let Some(b) = self.batches.pop_front() {
-                self.events -= b.events;
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// True when a batch was not handed to the current stream yet.
-    pub fn has_unsent(&self) -> bool {
-        self.batches.back().is_some_and(|b| b.seq > self.sent_upto)
-    }
-
-    /// The next batch to hand to the current stream, in order.
-    pub fn next_to_send(&mut self) -> Option<StreamReportsRequest> {
-        let b = self.batches.iter().find(|b| b.seq > self.sent_upto)?;
-        self.sent_upto = b.seq;
-        Some(b.msg.clone())
-    }
-
-    /// A new stream: everything unacknowledged is sent again.
-    pub fn rewind(&mut self) {
-        self.sent_upto = 0;
-    }
-
-    /// Events held.
-    pub fn events(&self) -> usize {
-        self.events
-    }
-
-    /// Events dropped so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
-
-    /// Batches held.
-    pub fn len(&self) -> usize {
-        self.batches.len()
-    }
-
-    /// True when nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.batches.is_empty()
-    }
-}
 
 /// The usage bucket a request is summed into: what the control plane keys
 /// its hourly usage by.
@@ -310,7 +155,9 @@ pub struct Collector {
 pub const ACTIVITY_QUIET: Duration = Duration::from_secs(10);
 
 /// How long a connected, idle proxy stays silent before it sends an empty
-/// batch (see the module docs).
+/// batch. The control plane reads a proxy's silence as "may have used its
+/// whole rate share" and holds that share against the others for a minute,
+/// so an idle proxy says, every second, that it used nothing.
 pub const IDLE_BATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Collector {
@@ -337,6 +184,11 @@ impl Collector {
     /// The unacknowledged batches.
     pub fn buffer(&mut self) -> &mut ReportBuffer {
         &mut self.buffer
+    }
+
+    /// Events in the batch being filled.
+    pub fn pending_events(&self) -> usize {
+        self.pending.len()
     }
 
     /// The bare hello that opens a stream.
@@ -453,7 +305,7 @@ impl Collector {
         };
         let dropped = self.buffer.push(msg, events);
         if dropped > 0 {
-            metrics::counter!("claw_dp_report_dropped_events_total").increment(dropped);
+            crate::metrics::report_events_dropped(dropped);
             tracing::warn!(
                 dropped,
                 dropped_total = self.buffer.dropped(),
@@ -461,7 +313,7 @@ impl Collector {
                 "report buffer full: dropped the oldest unacknowledged events"
             );
         }
-        metrics::gauge!("claw_dp_report_buffered_events").set(self.buffer.events() as f64);
+        crate::metrics::set_report_buffered(self.buffer.events());
         true
     }
 
@@ -519,209 +371,8 @@ fn failure(f: Failure) -> UpstreamFailure {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-type Link = (
-    mpsc::Sender<StreamReportsRequest>,
-    Streaming<StreamReportsResponse>,
-);
-type Connecting = Pin<Box<dyn Future<Output = anyhow::Result<Link>> + Send>>;
-
-async fn connect(config: ReportConfig, hello: StreamReportsRequest) -> anyhow::Result<Link> {
-    let channel = crate::cp_channel::connect(&config.url).await?;
-    let mut client = ReportServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(hello).await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let token: MetadataValue<_> = format!("Bearer {}", config.proxy_token)
-        .parse()
-        .map_err(|_| anyhow::anyhow!("proxy token is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", token);
-    let inbound = client.stream_reports(request).await?.into_inner();
-    Ok((tx, inbound))
-}
-
-async fn next_ack(
-    inbound: &mut Option<Streaming<StreamReportsResponse>>,
-) -> Option<Result<StreamReportsResponse, tonic::Status>> {
-    match inbound {
-        Some(s) => s.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn reserve(
-    tx: Option<&mpsc::Sender<StreamReportsRequest>>,
-    ready: bool,
-) -> Result<mpsc::OwnedPermit<StreamReportsRequest>, mpsc::error::SendError<()>> {
-    match tx {
-        Some(tx) if ready => tx.clone().reserve_owned().await,
-        _ => std::future::pending().await,
-    }
-}
-
-async fn connected(c: &mut Option<Connecting>) -> anyhow::Result<Link> {
-    match c {
-        Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Folds every queued outcome into the pending batch (cutting it whenever
-/// it is full).
-fn drain(c: &mut Collector, outcomes: &mut mpsc::Receiver<RequestOutcome>, open: &mut bool) {
-    while *open {
-        match outcomes.try_recv() {
-            Ok(o) => {
-                c.outcome(o);
-                if c.due() {
-                    c.cut();
-                }
-            }
-            Err(mpsc::error::TryRecvError::Empty) => break,
-            Err(mpsc::error::TryRecvError::Disconnected) => *open = false,
-        }
-    }
-}
-
-/// Runs the collector and the report stream until `shutdown` resolves, then
-/// flushes (bounded by the shutdown grace) and returns.
-pub async fn run(
-    config: ReportConfig,
-    store: SnapshotStore,
-    mut outcomes: mpsc::Receiver<RequestOutcome>,
-    backlog: Arc<tokio::sync::Notify>,
-    mut signals: mpsc::Receiver<Signal>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let mut c = Collector::new(config.node_id.clone(), store, &config.settings);
-    let mut tick = tokio::time::interval(config.settings.flush_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut backoff = Backoff::default();
-    let mut tx: Option<mpsc::Sender<StreamReportsRequest>> = None;
-    let mut inbound: Option<Streaming<StreamReportsResponse>> = None;
-    let mut connecting: Option<Connecting> = Some(Box::pin(connect(config.clone(), c.hello())));
-    let mut retry_at: Option<Instant> = None;
-    let mut stream_started = Instant::now();
-    let mut acked_on_stream = false;
-    let (mut outcomes_open, mut signals_open) = (true, true);
-    let mut grace: Option<Instant> = None;
-    metrics::gauge!("claw_dp_report_connected").set(0.0);
-    tokio::pin!(shutdown);
-
-    loop {
-        if grace.is_some() && c.buffer.is_empty() && c.pending.len() == 0 {
-            break;
-        }
-        let ready = c.buffer.has_unsent();
-        let mut lost: Option<String> = None;
-        tokio::select! {
-            s = signals.recv(), if signals_open => match s {
-                Some(s) => {
-                    c.signal(s);
-                    if c.due() {
-                        c.cut();
-                    }
-                }
-                None => signals_open = false,
-            },
-            _ = tick.tick() => {
-                // Outcomes are drained on the tick, not received one by one:
-                // waking this task for every request cost the request path a
-                // cross-thread wake-up (futex, eventfd) per request, about a
-                // third of the proxy's CPU per request at concurrency 1.
-                drain(&mut c, &mut outcomes, &mut outcomes_open);
-                // While disconnected a batch grows until it is full.
-                if (tx.is_some() || c.due()) && !c.cut() && tx.is_some() {
-                    c.keepalive();
-                }
-                metrics::gauge!("claw_dp_report_buffered_events")
-                    .set((c.buffer.events() + c.pending.len()) as f64);
-            }
-            // A busy proxy: drained before the channel fills, cut on the tick.
-            _ = backlog.notified(), if outcomes_open => drain(&mut c, &mut outcomes, &mut outcomes_open),
-            ack = next_ack(&mut inbound) => match ack {
-                Some(Ok(resp)) => {
-                    let n = c.buffer.ack(resp.acked_seq);
-                    if n > 0 {
-                        acked_on_stream = true;
-                        metrics::counter!("claw_dp_report_batches_acked_total").increment(n as u64);
-                        metrics::gauge!("claw_dp_report_buffered_events").set(c.buffer.events() as f64);
-                    }
-                }
-                Some(Err(e)) => lost = Some(e.to_string()),
-                None => lost = Some("closed by the control plane".into()),
-            },
-            permit = reserve(tx.as_ref(), ready) => match permit {
-                Ok(permit) => {
-                    if let Some(msg) = c.buffer.next_to_send() {
-                        permit.send(msg);
-                        metrics::counter!("claw_dp_report_batches_sent_total").increment(1);
-                    }
-                }
-                Err(_) => lost = Some("request stream closed".into()),
-            },
-            link = connected(&mut connecting) => {
-                connecting = None;
-                match link {
-                    Ok((t, i)) => {
-                        tx = Some(t);
-                        inbound = Some(i);
-                        c.buffer.rewind();
-                        stream_started = Instant::now();
-                        acked_on_stream = false;
-                        metrics::gauge!("claw_dp_report_connected").set(1.0);
-                        tracing::info!(url = %config.url, epoch = %c.epoch, unacked = c.buffer.len(), "report stream open");
-                    }
-                    Err(e) => lost = Some(format!("{e:#}")),
-                }
-            }
-            _ = until(retry_at) => {
-                retry_at = None;
-                connecting = Some(Box::pin(connect(config.clone(), c.hello())));
-            }
-            _ = until(grace) => break,
-            _ = &mut shutdown, if grace.is_none() => {
-                // What the last requests left in the channels goes too.
-                while let Ok(o) = outcomes.try_recv() {
-                    c.outcome(o);
-                }
-                while let Ok(s) = signals.try_recv() {
-                    c.signal(s);
-                }
-                c.cut();
-                grace = Some(Instant::now() + config.settings.shutdown_grace);
-            }
-        }
-        if let Some(reason) = lost {
-            tx = None;
-            inbound = None;
-            metrics::gauge!("claw_dp_report_connected").set(0.0);
-            if acked_on_stream && stream_started.elapsed() >= HEALTHY_AFTER {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay(rand::random::<f64>());
-            tracing::warn!(error = %reason, delay_ms = millis(delay), unacked = c.buffer.len(), "report stream lost; reconnecting");
-            retry_at = Some(Instant::now() + delay);
-        }
-    }
-    if !c.buffer.is_empty() {
-        tracing::warn!(
-            unacked_batches = c.buffer.len(),
-            events = c.buffer.events(),
-            "shutting down with unacknowledged reports"
-        );
-    }
-    metrics::gauge!("claw_dp_report_connected").set(0.0);
 }
 
 #[cfg(test)]
@@ -729,47 +380,6 @@ mod tests {
     use super::*;
     use crate::queue::Priority;
     use crate::stream::End;
-
-    fn batch() -> StreamReportsRequest {
-        StreamReportsRequest::default()
-    }
-
-    #[test]
-    fn numbers_from_one_and_resends_unacked_in_order_after_a_reconnect() {
-        let mut b = ReportBuffer::new(100);
-        for _ in 0..4 {
-            b.push(batch(), 5);
-        }
-        let sent: Vec<u64> = std::iter::from_fn(|| b.next_to_send().map(|m| m.seq)).collect();
-        assert_eq!(sent, vec![1, 2, 3, 4]);
-        assert!(!b.has_unsent());
-        assert_eq!(b.ack(2), 2);
-        assert_eq!(b.events(), 10);
-        b.rewind();
-        let resent: Vec<u64> = std::iter::from_fn(|| b.next_to_send().map(|m| m.seq)).collect();
-        assert_eq!(resent, vec![3, 4], "acked batches are never resent");
-        // A late or repeated ACK is harmless.
-        assert_eq!(b.ack(1), 0);
-        assert_eq!(b.ack(4), 2);
-        assert!(b.is_empty());
-        b.push(batch(), 1);
-        assert_eq!(b.next_to_send().map(|m| m.seq), Some(5));
-    }
-
-    #[test]
-    fn overflow_drops_the_oldest_and_counts_cumulatively() {
-        let mut b = ReportBuffer::new(10);
-        assert_eq!(b.push(batch(), 4), 0);
-        assert_eq!(b.push(batch(), 4), 0);
-        assert_eq!(b.push(batch(), 4), 4, "batch 1 goes");
-        assert_eq!(b.events(), 8);
-        assert_eq!(b.push(batch(), 7), 8, "batches 2 and 3 go");
-        let left: Vec<(u64, u64)> =
-            std::iter::from_fn(|| b.next_to_send().map(|m| (m.seq, m.dropped_events))).collect();
-        assert_eq!(left, vec![(4, 12)]);
-        assert_eq!(b.dropped(), 12);
-        assert_eq!(b.events(), 7);
-    }
 
     fn outcome(agent: Option<&str>) -> RequestOutcome {
         RequestOutcome {
@@ -803,7 +413,7 @@ mod tests {
                 1,
                 &claw_proto::v1::Snapshot {
                     version: 1,
-                    backends: vec![crate::snapshot::tests::backend(
+                    backends: vec![crate::test_util::backend(
                         "b",
                         claw_proto::Pool::Primary,
                         &[("m", "m")],

@@ -1,13 +1,10 @@
 //! Slow and idle clients cannot hold the proxy: body timeout (408), header
 //! timeout and idle keep-alive timeout close the connection.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use claw_data_plane::ServerLimits;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,16 +1,13 @@
 //! Usage without client opt-in, end to end against the mock upstream: the
 //! proxy asks for usage, hides it from clients that did not, and accounts
 //! answers whose client went away.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::*;
 use claw_proto::Pool;
 use claw_tests::mock::{MockConfig, MockUpstream};
 use futures::StreamExt;
-use support::*;
 
 async fn mock(name: &str, config: MockConfig) -> MockUpstream {
     MockUpstream::start(config.name(name).api_key(format!("sk-up-{name}"))).await

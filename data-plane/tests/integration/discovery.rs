@@ -1,18 +1,15 @@
 //! The discovery stream against an in-test control plane: hello, ACK, NACK
 //! keeping the previous snapshot, readiness, and reconnecting.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::support::*;
 use claw_data_plane::{Config, Proxy};
 use claw_proto::Pool;
 use claw_proto::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
 use futures::Stream;
-use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

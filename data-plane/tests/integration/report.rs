@@ -1,13 +1,11 @@
 //! The report stream against an in-test control plane: numbered batches,
 //! ACKs, resending what was not acknowledged after the stream drops, and
 //! usage that matches the mock upstream's own record.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::support::*;
 use claw_data_plane::{Config, Proxy};
 use claw_proto::Pool;
 use claw_proto::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
@@ -18,7 +16,6 @@ use claw_proto::v1::{
 };
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use futures::Stream;
-use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

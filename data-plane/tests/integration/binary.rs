@@ -1,5 +1,4 @@
 //! The `claw-data-plane` binary: flags, the stdout contract, errors.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

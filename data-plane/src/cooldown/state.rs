@@ -1,21 +1,18 @@
-//! Cooldowns after upstream 429s.
+//! The cooldown state machine of one backend, and the inputs that drive it.
 //!
 //! A backend that answers 429 is cooled at once: for the upstream's
-//! `Retry-After` when given (seconds or an HTTP date), else for
-//! `base·2^(n-1)` capped at `max` (or a flat `base` when the pool is not
-//! exponential), `n` being the number of consecutive 429s (reset by a
-//! success). [`Cooldowns`] is the handle the discovery stream uses to apply a
-//! cooldown learned from another proxy ([`Cooldowns::apply_remote`]) and to
-//! hear about the ones this proxy starts ([`Cooldowns::subscribe`]).
+//! `Retry-After` when given (seconds or an HTTP date, [`parse_retry_after`]),
+//! else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
+//! or a flat `base` when the pool is not exponential — `n` being the number of
+//! consecutive 429s (reset by a success). A leaf: the snapshot embeds a
+//! [`Cooldown`] in every backend's runtime state, so nothing here may name the
+//! snapshot.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
-use tokio::sync::broadcast;
+use parking_lot::Mutex;
 use tokio::time::Instant;
-
-use crate::snapshot::SnapshotStore;
 
 /// The longest cooldown accepted from a `Retry-After` header.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -32,16 +29,10 @@ pub struct CooldownPolicy {
 }
 
 impl CooldownPolicy {
-    /// The cooldown after the `n`-th consecutive 429 (n ≥ 1).
+    /// The cooldown after the `n`-th consecutive 429 (n ≥ 1): the one
+    /// formula both planes share ([`claw_proto::cooldown::backoff`]).
     pub fn backoff(&self, n: u32) -> Duration {
-        if !self.exponential {
-            return self.base.min(self.max);
-        }
-        let shift = n.saturating_sub(1).min(32);
-        self.base
-            .checked_mul(1u32 << shift.min(31))
-            .unwrap_or(self.max)
-            .min(self.max)
+        claw_proto::cooldown::backoff(self.base, self.max, self.exponential, n)
     }
 }
 
@@ -76,13 +67,9 @@ pub struct Cooldown {
 }
 
 impl Cooldown {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// When the backend stops cooling, if it is cooling at `now`.
     pub fn cooling_until(&self, now: Instant) -> Option<Instant> {
-        self.lock().until.filter(|u| *u > now)
+        self.inner.lock().until.filter(|u| *u > now)
     }
 
     /// Records a 429 and starts (or extends) the cooldown. Returns the end
@@ -93,7 +80,7 @@ impl Cooldown {
         retry_after: Option<Duration>,
         now: Instant,
     ) -> (Instant, u32) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.consecutive = g.consecutive.saturating_add(1);
         let d = retry_after.unwrap_or_else(|| policy.backoff(g.consecutive));
         let until = now + d;
@@ -104,105 +91,19 @@ impl Cooldown {
     /// A successful answer resets the consecutive count; returns the count
     /// it had (> 0: the backend recovered from 429s).
     pub fn on_success(&self) -> u32 {
-        std::mem::take(&mut self.lock().consecutive)
+        std::mem::take(&mut self.inner.lock().consecutive)
     }
 
     /// Applies a cooldown learned elsewhere; keeps the later end.
     pub fn apply(&self, until: Instant, consecutive: u32) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.until = Some(g.until.map_or(until, |u| u.max(until)));
         g.consecutive = g.consecutive.max(consecutive);
     }
 
     /// The consecutive 429 count.
     pub fn consecutive(&self) -> u32 {
-        self.lock().consecutive
-    }
-}
-
-/// A cooldown this proxy started after a 429, for reporting to the control plane.
-#[derive(Debug, Clone)]
-pub struct CooldownEvent {
-    /// Backend id.
-    pub backend_id: Arc<str>,
-    /// End of the cooldown (monotonic clock).
-    pub until: Instant,
-    /// End of the cooldown (wall clock), for the wire.
-    pub until_wall: SystemTime,
-    /// Consecutive 429s so far.
-    pub consecutive: u32,
-    /// The upstream's `Retry-After`, if it sent one.
-    pub retry_after: Option<Duration>,
-    /// The cooldown applied.
-    pub cooldown: Duration,
-}
-
-/// Handle on the cooldowns of every backend in the current snapshot.
-#[derive(Clone)]
-pub struct Cooldowns {
-    store: SnapshotStore,
-    events: broadcast::Sender<CooldownEvent>,
-}
-
-impl Cooldowns {
-    /// A handle over `store`'s backends.
-    pub fn new(store: SnapshotStore) -> Self {
-        let (events, _) = broadcast::channel(1024);
-        Cooldowns { store, events }
-    }
-
-    /// Applies a cooldown learned from another proxy. Returns false when the
-    /// backend is not in the current snapshot.
-    pub fn apply_remote(&self, backend_id: &str, until: Instant, consecutive: u32) -> bool {
-        let Some(snap) = self.store.load() else {
-            return false;
-        };
-        match snap.backend(backend_id) {
-            Some(b) => {
-                b.runtime.cooldown.apply(until, consecutive);
-                tracing::info!(backend = %backend_id, consecutive, "applied remote cooldown");
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Receives every cooldown this proxy starts.
-    pub fn subscribe(&self) -> broadcast::Receiver<CooldownEvent> {
-        self.events.subscribe()
-    }
-
-    /// Cools `backend_id` after a 429 and emits a [`CooldownEvent`].
-    /// Returns the end of the cooldown and the consecutive count.
-    pub(crate) fn start_local(
-        &self,
-        backend_id: &Arc<str>,
-        cooldown: &Cooldown,
-        policy: &CooldownPolicy,
-        retry_after: Option<Duration>,
-        now: Instant,
-    ) -> (Instant, u32) {
-        let (until, consecutive) = cooldown.on_rate_limited(policy, retry_after, now);
-        let d = until.saturating_duration_since(now);
-        tracing::info!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, consecutive, "cooling backend after 429");
-        let _ = self.events.send(CooldownEvent {
-            backend_id: backend_id.clone(),
-            until,
-            until_wall: SystemTime::now() + d,
-            consecutive,
-            retry_after,
-            cooldown: d,
-        });
-        (until, consecutive)
-    }
-
-    /// Backends of the current snapshot cooling at `now`.
-    pub fn active(&self, now: Instant) -> usize {
-        self.store.load().map_or(0, |s| {
-            s.backends()
-                .filter(|b| b.runtime.cooldown.cooling_until(now).is_some())
-                .count()
-        })
+        self.inner.lock().consecutive
     }
 }
 

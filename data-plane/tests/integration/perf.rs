@@ -1,22 +1,19 @@
 //! A rough overhead check (ignored by default; run it in release):
-//! `cargo test --release -p claw-data-plane --test perf -- --ignored --nocapture`
+//! `cargo test --release -p claw-data-plane --test integration -- perf:: --ignored --nocapture`
 //! Compares requests per second and p99 latency straight to a mock upstream
 //! and through the proxy. The real benchmark against nginx lives in `tests/`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use claw_proto::Pool;
 use claw_tests::mock::{MockConfig, MockUpstream};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::*;
 
 async fn load(url: String, auth: bool, workers: usize, dur: Duration) -> (f64, Duration) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())

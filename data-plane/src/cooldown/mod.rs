@@ -1,0 +1,108 @@
+//! Cooldowns after upstream 429s, across the fleet.
+//!
+//! The per-backend state machine and its inputs ([`Cooldown`],
+//! [`CooldownPolicy`], [`parse_retry_after`]) live in [`state`], a leaf the
+//! snapshot embeds. This module is the layer above the snapshot:
+//! [`Cooldowns`] is the handle the retry layer uses to start a cooldown
+//! (`Cooldowns::start_local`, which also emits a [`CooldownEvent`] for the
+//! report stream), and the discovery stream uses to apply a cooldown learned
+//! from another proxy ([`Cooldowns::apply_remote`]) and to hear about the ones
+//! this proxy starts ([`Cooldowns::subscribe`]).
+
+pub mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::snapshot::SnapshotStore;
+
+pub use state::{Cooldown, CooldownPolicy, MAX_RETRY_AFTER, parse_retry_after};
+
+/// A cooldown this proxy started after a 429, for reporting to the control plane.
+#[derive(Debug, Clone)]
+pub struct CooldownEvent {
+    /// Backend id.
+    pub backend_id: Arc<str>,
+    /// End of the cooldown (monotonic clock).
+    pub until: Instant,
+    /// End of the cooldown (wall clock), for the wire.
+    pub until_wall: SystemTime,
+    /// Consecutive 429s so far.
+    pub consecutive: u32,
+    /// The upstream's `Retry-After`, if it sent one.
+    pub retry_after: Option<Duration>,
+    /// The cooldown applied.
+    pub cooldown: Duration,
+}
+
+/// Handle on the cooldowns of every backend in the current snapshot.
+#[derive(Clone)]
+pub struct Cooldowns {
+    store: SnapshotStore,
+    events: broadcast::Sender<CooldownEvent>,
+}
+
+impl Cooldowns {
+    /// A handle over `store`'s backends.
+    pub fn new(store: SnapshotStore) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Cooldowns { store, events }
+    }
+
+    /// Applies a cooldown learned from another proxy. Returns false when the
+    /// backend is not in the current snapshot.
+    pub fn apply_remote(&self, backend_id: &str, until: Instant, consecutive: u32) -> bool {
+        let Some(snap) = self.store.load() else {
+            return false;
+        };
+        match snap.backend(backend_id) {
+            Some(b) => {
+                b.runtime.cooldown.apply(until, consecutive);
+                tracing::info!(backend = %backend_id, consecutive, "applied remote cooldown");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Receives every cooldown this proxy starts.
+    pub fn subscribe(&self) -> broadcast::Receiver<CooldownEvent> {
+        self.events.subscribe()
+    }
+
+    /// Cools `backend_id` after a 429 and emits a [`CooldownEvent`].
+    /// Returns the end of the cooldown and the consecutive count.
+    pub(crate) fn start_local(
+        &self,
+        backend_id: &Arc<str>,
+        cooldown: &Cooldown,
+        policy: &CooldownPolicy,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> (Instant, u32) {
+        let (until, consecutive) = cooldown.on_rate_limited(policy, retry_after, now);
+        let d = until.saturating_duration_since(now);
+        tracing::info!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, consecutive, "cooling backend after 429");
+        let _ = self.events.send(CooldownEvent {
+            backend_id: backend_id.clone(),
+            until,
+            until_wall: SystemTime::now() + d,
+            consecutive,
+            retry_after,
+            cooldown: d,
+        });
+        (until, consecutive)
+    }
+
+    /// Backends of the current snapshot cooling at `now`.
+    pub fn active(&self, now: Instant) -> usize {
+        self.store.load().map_or(0, |s| {
+            s.backends()
+                .filter(|b| b.runtime.cooldown.cooling_until(now).is_some())
+                .count()
+        })
+    }
+}

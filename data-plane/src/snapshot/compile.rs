@@ -1,0 +1,280 @@
+//! Compiling a `claw.v1.Snapshot` into a [`Snapshot`]: validation, then the
+//! routing tables, carrying the runtime state over from the previous one.
+//!
+//! Field rules the control plane also enforces come from
+//! [`claw_proto::validate`] (pool settings, model mappings, base URLs), so a
+//! static snapshot is held to the same rules as a pushed one; what only the
+//! proxy needs (a base URL it can build attempt URIs from, a provider key
+//! that is a valid header value, unique ids and key digests) is checked here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use claw_proto::Pool;
+use claw_proto::v1;
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use super::{
+    Backend, BackendRuntime, Candidate, ClientKey, PoolConfig, PoolConfigs, Route, Snapshot,
+    SnapshotError, invalid, render_models,
+};
+use crate::ratelimit::RateLimiter;
+use crate::upstream::UpstreamTarget;
+use crate::usage::Prices;
+
+/// Validates `snap` (delivered as `version`) and compiles it, carrying the
+/// runtime state over from `previous`.
+pub fn compile(
+    version: u64,
+    snap: &v1::Snapshot,
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<Snapshot, SnapshotError> {
+    if let Some(prev) = previous
+        && version < prev.version
+    {
+        return Err(SnapshotError::Stale {
+            got: version,
+            held: prev.version,
+        });
+    }
+    compile_any_version(version, snap, previous, now)
+}
+
+/// [`compile`] without the staleness check: `version` may be older than
+/// `previous`'s (the runtime state is still carried over).
+pub(super) fn compile_any_version(
+    version: u64,
+    snap: &v1::Snapshot,
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<Snapshot, SnapshotError> {
+    if snap.version != 0 && snap.version != version {
+        return Err(SnapshotError::VersionMismatch {
+            outer: version,
+            inner: snap.version,
+        });
+    }
+    let pools = compile_pools(&snap.pools)?;
+    let mut backends = Vec::with_capacity(snap.backends.len());
+    let mut by_id = HashMap::new();
+    for b in &snap.backends {
+        if b.id.is_empty() {
+            return Err(invalid("backend with an empty id"));
+        }
+        if by_id.contains_key(b.id.as_str()) {
+            return Err(invalid(format!("duplicate backend id `{}`", b.id)));
+        }
+        let backend = compile_backend(b, &pools, previous, now)?;
+        by_id.insert(backend.id.clone(), backends.len());
+        backends.push(Arc::new(backend));
+    }
+    let routes = compile_routes(&backends, &snap.backends, &pools, previous);
+    let keys = compile_keys(&snap.client_keys, previous, now)?;
+
+    let mut models: Vec<String> = if snap.models.is_empty() {
+        routes.keys().cloned().collect()
+    } else {
+        snap.models.clone()
+    };
+    models.sort();
+    models.dedup();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let models_body = render_models(models.iter(), created);
+
+    Ok(Snapshot {
+        version,
+        backends,
+        by_id,
+        routes,
+        keys,
+        pools,
+        models,
+        models_body,
+        created,
+    })
+}
+
+/// The pool settings: the defaults, overridden by each pool the snapshot
+/// lists (validated).
+fn compile_pools(settings: &[v1::PoolSettings]) -> Result<PoolConfigs, SnapshotError> {
+    let mut pools = PoolConfigs::defaults();
+    for p in settings {
+        let cfg = PoolConfig::from_proto(p)?;
+        let pool = cfg.pool;
+        pools[pool] = cfg;
+    }
+    Ok(pools)
+}
+
+/// One backend, with its runtime state carried over from `previous` (by id)
+/// and its limiters set to the new limits.
+fn compile_backend(
+    b: &v1::SnapshotBackend,
+    pools: &PoolConfigs,
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<Backend, SnapshotError> {
+    let (base_url, target) = parse_base_url(&b.id, &b.base_url)?;
+    let mut authorization =
+        HeaderValue::from_str(&format!("Bearer {}", b.api_key)).map_err(|_| {
+            invalid(format!(
+                "backend `{}`: api_key is not a valid header value",
+                b.id
+            ))
+        })?;
+    authorization.set_sensitive(true);
+    let pool = match Pool::try_from(b.pool) {
+        Ok(Pool::Fallback) => Pool::Fallback,
+        _ => Pool::Primary,
+    };
+    // `SnapshotBackend` has no validator of its own in `claw_proto::validate`
+    // (the control plane validates the `Backend` it came from).
+    if b.rpm == 0 {
+        return Err(invalid(format!("backend `{}`: rpm must be > 0", b.id)));
+    }
+    for (i, m) in b.models.iter().enumerate() {
+        claw_proto::validate::validate_model_mapping(m)
+            .map_err(|e| invalid(format!("backend `{}`: models[{i}].{e}", b.id)))?;
+    }
+    let emergency = pools[pool].emergency_fraction * f64::from(b.rpm);
+    let tpm = b.tpm.filter(|t| *t > 0);
+    let runtime = match previous.and_then(|p| p.backend(&b.id)) {
+        Some(old) => {
+            let rt = old.runtime.clone();
+            rt.rpm.set_limit(f64::from(b.rpm), now);
+            rt.tpm.set_limit(f64::from(tpm.unwrap_or(0)), now);
+            rt.emergency.set_limit(emergency, now);
+            rt
+        }
+        None => Arc::new(BackendRuntime::new(b.rpm, tpm.unwrap_or(0), emergency, now)),
+    };
+    Ok(Backend {
+        id: Arc::from(b.id.as_str()),
+        name: b.name.clone(),
+        pool,
+        base_url,
+        target,
+        authorization,
+        timeout: Duration::from_millis(if b.timeout_ms == 0 {
+            claw_proto::validate::DEFAULT_BACKEND_TIMEOUT_MS
+        } else {
+            b.timeout_ms
+        }),
+        weight: b.weight.max(1),
+        tpm,
+        enabled: b.enabled,
+        runtime,
+    })
+}
+
+/// Routes: enabled backends with a mapping, primary pool first (stable
+/// within a pool, so the snapshot's order breaks ties). A route keeps its
+/// wait queue across snapshots (by model name).
+fn compile_routes(
+    backends: &[Arc<Backend>],
+    protos: &[v1::SnapshotBackend],
+    pools: &PoolConfigs,
+    previous: Option<&Snapshot>,
+) -> HashMap<String, Arc<Route>> {
+    let mut candidates: HashMap<String, Vec<Candidate>> = HashMap::new();
+    for (b, proto) in backends.iter().zip(protos) {
+        if !b.enabled {
+            continue;
+        }
+        for m in &proto.models {
+            let list = candidates.entry(m.canonical.clone()).or_default();
+            if list.iter().any(|c| Arc::ptr_eq(&c.backend, b)) {
+                continue;
+            }
+            list.push(Candidate {
+                backend: b.clone(),
+                native: Arc::from(m.native.as_str()),
+                prices: Prices {
+                    input: m.input_cost_per_token,
+                    output: m.output_cost_per_token,
+                    cache_read: m.cache_read_cost_per_token,
+                },
+                metrics: Arc::default(),
+            });
+        }
+    }
+    let mut routes = HashMap::with_capacity(candidates.len());
+    for (model, mut list) in candidates {
+        list.sort_by_key(|c| c.backend.pool == Pool::Fallback);
+        let governing = list.first().map_or(Pool::Primary, |c| c.backend.pool);
+        let queue = previous
+            .and_then(|p| p.route(&model))
+            .map(|r| r.queue.clone())
+            .unwrap_or_default();
+        routes.insert(
+            model.clone(),
+            Arc::new(Route {
+                model: Arc::from(model.as_str()),
+                candidates: list,
+                settings: pools[governing].clone(),
+                queue,
+                rotation: AtomicUsize::new(0),
+            }),
+        );
+    }
+    routes
+}
+
+/// Client keys by secret digest; a key's rpm limiter is carried over (by
+/// key id).
+fn compile_keys(
+    keys: &[v1::SnapshotClientKey],
+    previous: Option<&Snapshot>,
+    now: Instant,
+) -> Result<HashMap<[u8; 32], Arc<ClientKey>>, SnapshotError> {
+    let mut out = HashMap::with_capacity(keys.len());
+    for k in keys {
+        let digest = parse_sha256(&k.id, &k.secret_sha256)?;
+        let old = previous.and_then(|p| p.keys.values().find(|o| *o.id == *k.id));
+        let rpm = (k.rpm > 0).then(|| match old.and_then(|o| o.rpm.clone()) {
+            Some(b) => {
+                b.set_limit(f64::from(k.rpm), now);
+                b
+            }
+            None => Arc::new(RateLimiter::client(f64::from(k.rpm), now)),
+        });
+        let key = Arc::new(ClientKey {
+            id: Arc::from(k.id.as_str()),
+            name: k.name.clone(),
+            models: k.models.iter().cloned().collect(),
+            rpm,
+        });
+        if out.insert(digest, key).is_some() {
+            return Err(invalid(format!("client key `{}`: duplicate secret", k.id)));
+        }
+    }
+    Ok(out)
+}
+
+/// The base URL without a trailing slash, and split for building each
+/// attempt's URI. The URL rules are [`claw_proto::validate::http_url`]'s.
+fn parse_base_url(id: &str, raw: &str) -> Result<(String, Arc<UpstreamTarget>), SnapshotError> {
+    claw_proto::validate::http_url("base_url", raw)
+        .map_err(|e| invalid(format!("backend `{id}`: {e}")))?;
+    let base = raw.trim_end_matches('/').to_string();
+    let target = UpstreamTarget::parse(&base)
+        .filter(|t| t.uri("/chat/completions", None).is_some())
+        .ok_or_else(|| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
+    Ok((base, Arc::new(target)))
+}
+
+fn parse_sha256(id: &str, hex_str: &str) -> Result<[u8; 32], SnapshotError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_str.trim().to_ascii_lowercase(), &mut out).map_err(|_| {
+        invalid(format!(
+            "client key `{id}`: secret_sha256 must be 64 hex characters"
+        ))
+    })?;
+    Ok(out)
+}
