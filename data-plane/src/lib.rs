@@ -11,6 +11,9 @@
 //!    queueing, retries before the first byte; tracks the response to its end.
 //! 5. [`upstream`] — the pooled HTTP(S) client and header hygiene.
 //!
+//! The layers hand inward the typed requests of [`target`]; every request
+//! ends in one outcome, accounted by [`accounting`].
+//!
 //! Around it:
 //!
 //! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
@@ -37,6 +40,10 @@
 //! - [`queue`] — the bounded priority queue for rate-limited requests.
 //! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
 //!   failure, background drain of answers whose client left.
+//! - [`target`] — the typed requests the layers hand inward
+//!   (`Authenticated`, `Routed`, `RequestBody`).
+//! - [`accounting`] — per-request accounting: the response tracker, in-flight
+//!   counts, abandoned requests, one `RequestOutcome` per request.
 //! - [`body`] — the response body type.
 //! - [`error`] — the one renderer of OpenAI-format errors.
 //! - [`events`] — per-request [`events::RequestOutcome`]s and failure/activity
@@ -48,6 +55,7 @@
 //! [`Proxy`] does the same and exposes the hooks (cooldowns, rate shares,
 //! outcomes) the reporting side plugs into.
 
+pub mod accounting;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -69,6 +77,7 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshot_cache;
 pub mod stream;
+pub mod target;
 pub mod tls;
 pub mod upstream;
 pub mod usage;

@@ -10,8 +10,8 @@
 //! Retries happen only before the first byte reaches the client (an answer is
 //! never retried once its body starts), up to the pool's `max_retries` and
 //! the request deadline. When every usable candidate is rate-limited the
-//! request waits in the model's queue. A [`Tracker`] follows the response body
-//! to its end and then records metrics and the [`RequestOutcome`].
+//! request waits in the model's queue. The answer, or its absence, is
+//! accounted by [`crate::accounting`].
 //!
 //! When traces are exported, each attempt gets a child span of the request's
 //! ([`claw_telemetry::genai`]) whose `traceparent` goes upstream; otherwise
@@ -20,8 +20,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -33,22 +32,20 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::accounting::{Abandoned, InFlight, RequestMeta, Tracker};
 use crate::body::ProxyBody;
 use crate::cooldown::{Cooldowns, parse_retry_after};
 use crate::error::ApiError;
-use crate::events::{EventSink, Failure, FailureKind, RequestOutcome, Signal, Usage};
-use crate::limits::retry_after_secs;
-use crate::metrics::{CandidateMetrics, status_label};
+use crate::error::retry_after_secs;
+use crate::events::{EventSink, Failure, FailureKind, Signal};
+use crate::metrics;
 use crate::outlier::OutlierPolicy;
 use crate::queue::{Priority, QueueExit};
 use crate::route::{MAX_CANDIDATES, Routed, Selection, select};
 use crate::snapshot::{Backend, Candidate};
-use crate::stream::{End, Observer, UpstreamBody};
+use crate::stream::UpstreamBody;
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
-use crate::usage::{Prices, SseTally, SseUsage};
-
-/// Largest non-streaming JSON body inspected for `usage`.
-const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
+use crate::usage::SseUsage;
 
 struct Shared {
     cooldowns: Cooldowns,
@@ -112,22 +109,6 @@ where
         let inner = self.inner.clone();
         let shared = self.shared.clone();
         Box::pin(async move { Ok(run(inner, shared, r).await) })
-    }
-}
-
-/// Counts a request in flight on a backend until dropped.
-pub struct InFlight(Arc<Backend>);
-
-impl InFlight {
-    fn new(b: Arc<Backend>) -> Self {
-        b.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(b)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -209,7 +190,7 @@ async fn admit(r: &Routed, tried: u128, deadline: Instant) -> Admission {
 }
 
 fn attempt_metric(backend: &Backend, outcome: &'static str) {
-    metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.id.clone(), "outcome" => outcome).increment(1);
+    metrics::upstream_attempt(backend.id.clone(), outcome);
 }
 
 async fn run<S>(mut inner: S, shared: Arc<Shared>, mut r: Routed) -> Response<ProxyBody>
@@ -222,17 +203,7 @@ where
     let mut tried: u128 = 0;
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
-    let mut abandoned = Abandoned {
-        shared: shared.clone(),
-        key_id: r.key.id.clone(),
-        model: r.route.model.clone(),
-        agent_id: r.agent_id.clone(),
-        streamed: r.stream,
-        priority: r.priority,
-        started: r.started,
-        attempts: 0,
-        armed: true,
-    };
+    let mut abandoned = Abandoned::new(&shared.events, RequestMeta::new(&r));
     if r.priority == Priority::Interactive
         && let Some(agent_id) = &r.agent_id
     {
@@ -265,10 +236,10 @@ where
             }
         };
         if attempts > 0 {
-            metrics::counter!("claw_dp_retries_total").increment(1);
+            metrics::retry();
         }
         attempts += 1;
-        abandoned.attempts = attempts;
+        abandoned.set_attempts(attempts);
         tried |= bit(index);
         let route = r.route.clone();
         let cand = &route.candidates[index];
@@ -342,8 +313,8 @@ where
             Ok(res) if res.status().is_server_error() => {
                 attempt_metric(backend, "server_error");
                 tracing::debug!(backend = %backend.name, status = res.status().as_u16(), "upstream server error");
-                shared.events.signal(failure(
-                    backend,
+                shared.events.signal(Signal::failure(
+                    &backend.id,
                     FailureKind::ServerError,
                     Some(res.status().as_u16()),
                     "upstream server error",
@@ -369,8 +340,7 @@ where
                 if emergency {
                     tracing::info!(backend = %backend.name, "emergency admission while cooling");
                 }
-                abandoned.armed = false;
-                return respond(&shared, &r, cand, res, guard, attempts);
+                return respond(&shared, &r, cand, res, guard, abandoned.disarm());
             }
             Err(e) => {
                 attempt_metric(backend, e.label());
@@ -382,7 +352,9 @@ where
                         "connection failed after the request was sent",
                     ),
                 };
-                shared.events.signal(failure(backend, kind, None, summary));
+                shared
+                    .events
+                    .signal(Signal::failure(&backend.id, kind, None, summary));
                 if e == UpstreamError::Connect {
                     // Nothing reached the backend: give its tokens back.
                     rt.rpm.refund(1.0);
@@ -401,75 +373,14 @@ where
             }
         }
     }
-    abandoned.armed = false;
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
-    let latency = r.started.elapsed();
-    metrics::counter!("claw_dp_requests_total", "model" => r.route.model.clone(), "backend" => "", "status" => status_label(err.status.as_u16())).increment(1);
-    metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => r.route.model.clone()).record(latency.as_secs_f64());
-    if !r.span.is_none() {
-        genai::record_retries(&r.span, attempts);
-        let error_type = err.code.unwrap_or(err.kind);
-        genai::end_request(&r.span, err.status.as_u16(), None, Some(error_type));
-    }
-    shared.events.emit(RequestOutcome {
-        client_key_id: r.key.id.clone(),
-        agent_id: r.agent_id.clone(),
-        model: r.route.model.clone(),
-        backend_id: None,
-        status: err.status.as_u16(),
-        streamed: r.stream,
-        priority: r.priority,
-        latency,
-        ttft: None,
-        attempts,
-        usage: None,
-        usage_estimated: false,
-        end: None,
-        cost: None,
-    });
+    abandoned.disarm().proxy_answered(
+        &shared.events,
+        err.status,
+        err.code.unwrap_or(err.kind),
+        &r.span,
+    );
     err.into_response()
-}
-
-/// Accounts a request whose client left before any answer (hyper drops the
-/// request future): waiting in the queue or for an upstream's response head.
-/// It is reported with status 499 and no usage — the upstream, cut off before
-/// its head, produced nothing billable.
-struct Abandoned {
-    shared: Arc<Shared>,
-    key_id: Arc<str>,
-    model: Arc<str>,
-    agent_id: Option<String>,
-    streamed: bool,
-    priority: Priority,
-    started: Instant,
-    attempts: u32,
-    armed: bool,
-}
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let latency = self.started.elapsed();
-        metrics::counter!("claw_dp_requests_total", "model" => self.model.clone(), "backend" => "", "status" => "499").increment(1);
-        self.shared.events.emit(RequestOutcome {
-            client_key_id: self.key_id.clone(),
-            agent_id: self.agent_id.take(),
-            model: self.model.clone(),
-            backend_id: None,
-            status: 499,
-            streamed: self.streamed,
-            priority: self.priority,
-            latency,
-            ttft: None,
-            attempts: self.attempts,
-            usage: None,
-            usage_estimated: false,
-            end: Some(End::ClientGone),
-            cost: None,
-        });
-    }
 }
 
 /// Records how an attempt ended on its span: the status, and `error.type`
@@ -486,31 +397,13 @@ fn end_attempt_span(span: &tracing::Span, result: &Result<Response<Incoming>, Up
     }
 }
 
-fn failure(
-    backend: &Backend,
-    kind: FailureKind,
-    status: Option<u16>,
-    summary: &'static str,
-) -> Signal {
-    Signal::Failure(Failure {
-        at: SystemTime::now(),
-        backend_id: backend.id.clone(),
-        kind,
-        status,
-        retry_after: None,
-        consecutive: 0,
-        cooldown: None,
-        summary,
-    })
-}
-
 fn respond(
     shared: &Arc<Shared>,
     r: &Routed,
     cand: &Candidate,
     res: Response<Incoming>,
     guard: InFlight,
-    attempts: u32,
+    meta: RequestMeta,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -530,29 +423,18 @@ fn respond(
         &cand.native,
         &cand.backend.id,
         &cand.backend.base_url,
-        attempts,
+        meta.attempts(),
     );
-    let tracker = Tracker {
-        span: r.span.clone(),
-        events: shared.events.clone(),
-        _in_flight: guard,
-        backend: cand.backend.clone(),
-        metrics: cand.metrics.clone(),
-        prices: cand.prices,
-        model: r.route.model.clone(),
-        key_id: r.key.id.clone(),
-        agent_id: r.agent_id.clone(),
-        status: parts.status,
-        streamed: r.stream,
-        priority: r.priority,
-        started: r.started,
-        first_byte: None,
-        attempts,
-        est_tokens: r.est_tokens,
-        est_prompt_tokens: r.est_prompt_tokens,
-        collected: (json && !sse && parts.status.is_success()).then(Vec::new),
-        collected_len: 0,
-    };
+    let collect = json && !sse && parts.status.is_success();
+    let tracker = Tracker::new(
+        meta,
+        shared.events.clone(),
+        guard,
+        r,
+        cand,
+        parts.status,
+        collect,
+    );
     let success = parts.status.is_success();
     let mut body = UpstreamBody::new(body, sse, tracker);
     if sse
@@ -566,144 +448,4 @@ fn respond(
         body = body.drain_until(r.started + r.route.settings.request_timeout);
     }
     Response::from_parts(parts, ProxyBody::Upstream(body))
-}
-
-/// Follows a response body to its end, then records metrics, reconciles the
-/// tpm reservation and emits the [`RequestOutcome`].
-pub struct Tracker {
-    /// The request's span: it ends when the body does.
-    span: tracing::Span,
-    events: EventSink,
-    _in_flight: InFlight,
-    backend: Arc<Backend>,
-    metrics: Arc<OnceLock<CandidateMetrics>>,
-    prices: Prices,
-    model: Arc<str>,
-    key_id: Arc<str>,
-    agent_id: Option<String>,
-    status: StatusCode,
-    streamed: bool,
-    priority: Priority,
-    started: Instant,
-    first_byte: Option<Instant>,
-    attempts: u32,
-    est_tokens: f64,
-    est_prompt_tokens: u64,
-    collected: Option<Vec<Bytes>>,
-    collected_len: usize,
-}
-
-impl Tracker {
-    /// Usage of a JSON answer collected whole.
-    fn json_usage(&mut self) -> Option<Usage> {
-        let chunks = self.collected.take()?;
-        if let [one] = chunks.as_slice() {
-            return Usage::from_body(one);
-        }
-        let mut buf = Vec::with_capacity(self.collected_len);
-        for c in &chunks {
-            buf.extend_from_slice(c);
-        }
-        Usage::from_body(&buf)
-    }
-
-    /// Usage of the answer and whether it is an estimate: a stream that
-    /// ended without a usage chunk is counted from its content events.
-    fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
-        match sse {
-            Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
-            Some(t) => {
-                let (p, c) = (self.est_prompt_tokens, t.content_events);
-                let u = Usage {
-                    prompt_tokens: p,
-                    completion_tokens: c,
-                    total_tokens: p + c,
-                    cached_tokens: 0,
-                };
-                (Some(u), true)
-            }
-            None => (self.json_usage(), false),
-        }
-    }
-}
-
-impl Observer for Tracker {
-    fn on_data(&mut self, chunk: &Bytes) {
-        if self.first_byte.is_none() {
-            let now = Instant::now();
-            self.first_byte = Some(now);
-            if self.streamed {
-                metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => self.model.clone())
-                    .record((now - self.started).as_secs_f64());
-            }
-        }
-        if let Some(c) = self.collected.as_mut() {
-            self.collected_len += chunk.len();
-            if self.collected_len > MAX_USAGE_BODY {
-                self.collected = None;
-            } else {
-                c.push(chunk.clone());
-            }
-        }
-    }
-
-    fn on_end(&mut self, end: End, sse: Option<SseTally>) {
-        let latency = self.started.elapsed();
-        let (usage, usage_estimated) = self.usage(sse);
-        if !self.span.is_none() {
-            let error = if end == End::UpstreamError {
-                Some("stream_broken")
-            } else {
-                self.status.is_server_error().then(|| self.status.as_str())
-            };
-            let tokens = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-            genai::end_request(&self.span, self.status.as_u16(), tokens, error);
-        }
-        if end == End::UpstreamError {
-            self.events.signal(failure(
-                &self.backend,
-                FailureKind::StreamBroken,
-                None,
-                "the answer broke off mid-stream",
-            ));
-        }
-        let model = self.model.clone();
-        let m = self
-            .metrics
-            .get_or_init(|| CandidateMetrics::new(&model, &self.backend.id));
-        if self.status == StatusCode::OK {
-            m.requests_ok.increment(1);
-        } else {
-            metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
-        }
-        m.duration.record(latency.as_secs_f64());
-        let mut cost = None;
-        if let Some(u) = usage {
-            m.tokens_input.record(u.prompt_tokens as f64);
-            m.tokens_output.record(u.completion_tokens as f64);
-            cost = Some(u.cost(&self.prices));
-            if self.backend.tpm.is_some() {
-                self.backend
-                    .runtime
-                    .tpm
-                    .reconcile(self.est_tokens, u.total_tokens as f64);
-            }
-        }
-        self.events.emit(RequestOutcome {
-            client_key_id: self.key_id.clone(),
-            agent_id: self.agent_id.take(),
-            model,
-            backend_id: Some(self.backend.id.clone()),
-            status: self.status.as_u16(),
-            streamed: self.streamed,
-            priority: self.priority,
-            latency,
-            ttft: self.first_byte.map(|t| t - self.started),
-            attempts: self.attempts,
-            usage,
-            usage_estimated,
-            end: Some(end),
-            cost,
-        });
-    }
 }

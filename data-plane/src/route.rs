@@ -13,14 +13,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use claw_proto::Pool;
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Body;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -28,53 +27,18 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::auth::Authenticated;
-use crate::body::{BoxError, ProxyBody};
+use crate::body::ProxyBody;
 use crate::error::ApiError;
-use crate::limits::check_model;
 use crate::queue::Priority;
-use crate::snapshot::{Candidate, ClientKey, Route, Snapshot};
+use crate::snapshot::{Candidate, Route};
+use crate::stream::BoxError;
+use crate::target::Authenticated;
+pub use crate::target::{RequestBody, Routed};
 use crate::upstream::upstream_headers;
-use crate::usage::{StreamUsage, request_stream_usage};
+use crate::usage::request_stream_usage;
 
 /// Candidates beyond this many per model are ignored (bitmask width).
 pub const MAX_CANDIDATES: usize = 128;
-
-/// A parsed, routed request on its way to the retry layer.
-pub struct Routed {
-    /// The snapshot the request is served under.
-    pub snapshot: Arc<Snapshot>,
-    /// The client key.
-    pub key: Arc<ClientKey>,
-    /// The model's route.
-    pub route: Arc<Route>,
-    /// Upstream path after the base URL (`/chat/completions`).
-    pub path: &'static str,
-    /// The client's query string, if any.
-    pub query: Option<String>,
-    /// Headers to forward (already filtered).
-    pub headers: HeaderMap,
-    /// The JSON body; `model` is rewritten per attempt.
-    pub body: RequestBody,
-    /// `stream: true`.
-    pub stream: bool,
-    /// Scheduling class.
-    pub priority: Priority,
-    /// `x-claw-agent-id`.
-    pub agent_id: Option<String>,
-    /// Estimated tokens (max output + prompt estimate), reserved on tpm.
-    pub est_tokens: f64,
-    /// Estimated prompt tokens (the fallback when a stream reports no usage).
-    pub est_prompt_tokens: u64,
-    /// For streaming completions: whether the client asked for usage or the
-    /// proxy did on its behalf ([`crate::usage::request_stream_usage`]).
-    pub stream_usage: Option<StreamUsage>,
-    /// Arrival time.
-    pub started: Instant,
-    /// The request's trace span ([`tracing::Span::none`] unless traces are
-    /// exported, see [`claw_telemetry::genai`]).
-    pub span: tracing::Span,
-}
 
 /// What [`select`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,42 +271,6 @@ where
     match oversize {
         Some(_) => Err(ApiError::payload_too_large(max)),
         None => Ok(buf.freeze()),
-    }
-}
-
-/// A request body on its way upstream, with `model` rewritten per attempt.
-#[derive(Debug)]
-pub enum RequestBody {
-    /// The client's bytes, forwarded as they are except for the `model`
-    /// value at `model` (its JSON string, quotes included), which is
-    /// replaced by the native id.
-    Raw {
-        /// The body as received.
-        bytes: Bytes,
-        /// Byte range of the `model` value.
-        model: std::ops::Range<usize>,
-    },
-    /// A body that changes structurally (a stream asking for usage):
-    /// parsed whole and serialised per attempt.
-    Json(Map<String, Value>),
-}
-
-impl RequestBody {
-    /// The body to send with `model` set to `native`.
-    pub fn with_model(&mut self, native: &str) -> Option<Bytes> {
-        match self {
-            RequestBody::Raw { bytes, model } => {
-                let mut out = Vec::with_capacity(bytes.len() - model.len() + native.len() + 2 + 8);
-                out.extend_from_slice(&bytes[..model.start]);
-                serde_json::to_writer(&mut out, native).ok()?;
-                out.extend_from_slice(&bytes[model.end..]);
-                Some(Bytes::from(out))
-            }
-            RequestBody::Json(map) => {
-                map.insert("model".into(), Value::String(native.to_string()));
-                serde_json::to_vec(map).ok().map(Bytes::from)
-            }
-        }
     }
 }
 
@@ -649,7 +577,9 @@ where
             (RequestBody::Json(body), model, stream, est, stream_usage)
         }
     };
-    check_model(&auth.key, &model).map_err(|e| reject(e, &auth))?;
+    if !auth.key.allows(&model) {
+        return Err(reject(ApiError::model_not_allowed(&model), &auth));
+    }
     let Some(route) = auth.snapshot.route(&model).cloned() else {
         return Err(reject(ApiError::model_not_found(&model), &auth));
     };
@@ -686,7 +616,7 @@ where
 fn reject(e: ApiError, auth: &Authenticated) -> Response<ProxyBody> {
     tracing::debug!(key = %auth.key.name, status = e.status.as_u16(), code = ?e.code, "rejected request");
     if e.status != StatusCode::NOT_FOUND || e.code == Some("model_not_found") {
-        metrics::counter!("claw_dp_requests_total", "model" => "", "backend" => "", "status" => crate::metrics::status_label(e.status.as_u16())).increment(1);
+        crate::metrics::request("", "", crate::metrics::status_label(e.status.as_u16()));
     }
     e.into_response()
 }
@@ -694,9 +624,10 @@ fn reject(e: ApiError, auth: &Authenticated) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::compile;
     use crate::snapshot::tests::{backend, key};
+    use crate::snapshot::{Snapshot, compile};
     use claw_proto::v1;
+    use std::sync::Arc;
 
     fn route_of(backends: Vec<v1::SnapshotBackend>) -> (Snapshot, Arc<Route>) {
         let s = v1::Snapshot {

@@ -24,8 +24,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BoxError;
 use crate::usage::{SseTally, SseUsage};
+
+/// Boxed error of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The SSE event sent to the client when the upstream disconnects mid-stream.
 pub const SSE_UPSTREAM_DISCONNECTED: &[u8] = b"data: {\"error\":{\"message\":\"The upstream backend disconnected mid-stream.\",\"type\":\"upstream_error\",\"code\":\"upstream_disconnected\"}}\n\n";
