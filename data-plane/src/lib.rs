@@ -4,11 +4,13 @@
 //! The request path is a stack of tower layers, outermost first:
 //!
 //! 1. [`auth`] — `Authorization: Bearer <client key>` → SHA-256 → key (401).
-//! 2. [`limits`] — the key's rpm (429) and allowed models (403).
+//! 2. [`limits`] — the key's rpm (429).
 //! 3. [`route`] — reads and parses the body once (400/408/413), resolves the
-//!    canonical model (404) and selects backends in routing order.
-//! 4. [`retry`] — per-attempt selection, 429 cooldowns, outlier ejection,
-//!    queueing, retries before the first byte; tracks the response to its end.
+//!    canonical model (404) and checks the key may use it (403).
+//! 4. [`retry`] — per attempt: admission in routing order ([`select`]:
+//!    candidates, queueing, emergency), the upstream call, classification of
+//!    the answer and the reaction (429 cooldowns, outlier ejection), retries
+//!    before the first byte.
 //! 5. [`upstream`] — the pooled HTTP(S) client and header hygiene.
 //!
 //! The layers hand inward the typed requests of [`target`]; every request
@@ -30,6 +32,7 @@
 //!   degraded mode when the control plane is gone for a minute.
 //! - [`report`] — the `StreamReports` stream: numbered batches of usage,
 //!   failures, activity and demand; bounded resend buffer.
+//! - [`json`] — allocation-free JSON scanning (request fields, answer usage).
 //! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
 //!   for stream usage and hiding it from clients that did not.
 //! - [`ratelimit`] — GCRA rate limiters: at most `share × limit` plus a
@@ -65,6 +68,7 @@ pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
@@ -73,6 +77,7 @@ pub mod ratelimit;
 pub mod report;
 pub mod retry;
 pub mod route;
+pub mod select;
 pub mod server;
 pub mod snapshot;
 pub mod snapshot_cache;

@@ -1,4 +1,4 @@
-//! The retry layer: picks a backend per attempt ([`crate::route::select`]),
+//! The retry layer: admits each attempt in routing order ([`crate::select`]),
 //! sends the attempt through the upstream service, and reacts to the answer.
 //!
 //! - 429: the backend is cooled at once ([`crate::cooldown`]) and the request
@@ -40,10 +40,11 @@ use crate::error::retry_after_secs;
 use crate::events::{EventSink, Failure, FailureKind, Signal};
 use crate::metrics;
 use crate::outlier::OutlierPolicy;
-use crate::queue::{Priority, QueueExit};
-use crate::route::{MAX_CANDIDATES, Routed, Selection, select};
+use crate::queue::Priority;
+use crate::select::{Admission, CandidateSet, MAX_CANDIDATES, admit};
 use crate::snapshot::{Backend, Candidate};
 use crate::stream::UpstreamBody;
+use crate::target::Routed;
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
 use crate::usage::SseUsage;
 
@@ -112,10 +113,6 @@ where
     }
 }
 
-fn bit(i: usize) -> u128 {
-    1u128 << i
-}
-
 /// Builds the upstream request with `model` set to the candidate's native id
 /// (spliced into the client's bytes, or re-serialised for a rewritten body).
 /// The last attempt a request can make takes the client's headers instead
@@ -138,57 +135,6 @@ fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Fu
     Some(req)
 }
 
-enum Admission {
-    Go(usize, bool),
-    Stop(ApiError),
-}
-
-async fn admit(r: &Routed, tried: u128, deadline: Instant) -> Admission {
-    let settings = &r.route.settings;
-    let direct = select(&r.route, tried, r.est_tokens, Instant::now());
-    let wait = match direct {
-        Selection::Admitted { index, emergency } => return Admission::Go(index, emergency),
-        Selection::Unavailable { retry_after } => {
-            return Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)));
-        }
-        Selection::RateLimited { wait } => wait,
-    };
-    let queue_deadline = deadline.min(Instant::now() + settings.queue_timeout);
-    let mut last_wait = wait;
-    let waited = r
-        .route
-        .queue
-        .wait(
-            r.priority,
-            settings.queue_depth as usize,
-            queue_deadline,
-            |now| match select(&r.route, tried, r.est_tokens, now) {
-                Selection::Admitted { index, emergency } => Ok((index, emergency)),
-                Selection::RateLimited { wait } => {
-                    last_wait = wait;
-                    Err(Some(wait))
-                }
-                Selection::Unavailable { .. } => Err(None),
-            },
-        )
-        .await;
-    match waited {
-        Ok((i, e)) => Admission::Go(i, e),
-        Err(QueueExit::Full | QueueExit::TimedOut) => {
-            Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(last_wait)))
-        }
-        Err(QueueExit::GaveUp) => match select(&r.route, tried, r.est_tokens, Instant::now()) {
-            Selection::Admitted { index, emergency } => Admission::Go(index, emergency),
-            Selection::RateLimited { wait } => {
-                Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(wait)))
-            }
-            Selection::Unavailable { retry_after } => {
-                Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)))
-            }
-        },
-    }
-}
-
 fn attempt_metric(backend: &Backend, outcome: &'static str) {
     metrics::upstream_attempt(backend.id.clone(), outcome);
 }
@@ -200,7 +146,7 @@ where
     let settings = &r.route.settings;
     let deadline = r.started + settings.request_timeout;
     let max_attempts = settings.max_retries.saturating_add(1);
-    let mut tried: u128 = 0;
+    let mut tried = CandidateSet::default();
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
     let mut abandoned = Abandoned::new(&shared.events, RequestMeta::new(&r));
@@ -220,11 +166,11 @@ where
             break;
         }
         let (index, emergency) = match admit(&r, tried, deadline).await {
-            Admission::Go(i, e) => (i, e),
+            Admission::Go { index, emergency } => (index, emergency),
             Admission::Stop(e) => {
                 // Demand: the request wanted every candidate it could not get.
-                for (i, c) in r.route.candidates.iter().enumerate() {
-                    if tried & bit(i) == 0 {
+                for (i, c) in r.route.candidates.iter().enumerate().take(MAX_CANDIDATES) {
+                    if !tried.contains(i) {
                         c.backend.runtime.demand.record(r.est_tokens);
                     }
                 }
@@ -240,15 +186,15 @@ where
         }
         attempts += 1;
         abandoned.set_attempts(attempts);
-        tried |= bit(index);
+        tried.insert(index);
         let route = r.route.clone();
         let cand = &route.candidates[index];
         let backend = &cand.backend;
         let guard = InFlight::new(backend.clone());
         backend.runtime.demand.record(r.est_tokens);
         // No attempt follows one that has used up the retries or the candidates.
-        let last = attempts >= max_attempts
-            || tried.count_ones() as usize >= route.candidates.len().min(MAX_CANDIDATES);
+        let last =
+            attempts >= max_attempts || tried.len() >= route.candidates.len().min(MAX_CANDIDATES);
         let Some(mut request) = build_request(&mut r, cand, last) else {
             last_error = Some(ApiError::bad_gateway());
             continue;
