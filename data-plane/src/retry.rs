@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use claw_telemetry::genai;
@@ -35,8 +35,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::accounting::{Abandoned, InFlight, RequestMeta, Tracker};
 use crate::body::ProxyBody;
 use crate::cooldown::{Cooldowns, parse_retry_after};
-use crate::error::ApiError;
-use crate::error::retry_after_secs;
+use crate::error::{ApiError, retry_after_secs};
 use crate::events::{EventSink, Failure, FailureKind, Signal};
 use crate::metrics;
 use crate::outlier::OutlierPolicy;
@@ -135,10 +134,8 @@ fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Fu
     Some(req)
 }
 
-fn attempt_metric(backend: &Backend, outcome: &'static str) {
-    metrics::upstream_attempt(backend.id.clone(), outcome);
-}
-
+/// Serves `r`: admit → attempt → classify → react, until an answer, the
+/// retries, the candidates or the deadline run out.
 async fn run<S>(mut inner: S, shared: Arc<Shared>, mut r: Routed) -> Response<ProxyBody>
 where
     S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
@@ -150,30 +147,16 @@ where
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
     let mut abandoned = Abandoned::new(&shared.events, RequestMeta::new(&r));
-    if r.priority == Priority::Interactive
-        && let Some(agent_id) = &r.agent_id
-    {
-        shared.events.signal(Signal::Activity {
-            agent_id: agent_id.clone(),
-            at: SystemTime::now(),
-        });
-    }
-
+    signal_activity(&shared.events, &r);
     while attempts < max_attempts {
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             last_error = Some(ApiError::gateway_timeout());
             break;
         }
         let (index, emergency) = match admit(&r, tried, deadline).await {
             Admission::Go { index, emergency } => (index, emergency),
             Admission::Stop(e) => {
-                // Demand: the request wanted every candidate it could not get.
-                for (i, c) in r.route.candidates.iter().enumerate().take(MAX_CANDIDATES) {
-                    if !tried.contains(i) {
-                        c.backend.runtime.demand.record(r.est_tokens);
-                    }
-                }
+                record_demand(&r, tried);
                 // After a failed attempt, its error explains more than "no capacity".
                 if last_error.is_none() || e.status == StatusCode::TOO_MANY_REQUESTS {
                     last_error = Some(e);
@@ -189,144 +172,258 @@ where
         tried.insert(index);
         let route = r.route.clone();
         let cand = &route.candidates[index];
-        let backend = &cand.backend;
-        let guard = InFlight::new(backend.clone());
-        backend.runtime.demand.record(r.est_tokens);
+        let in_flight = InFlight::new(cand.backend.clone());
+        cand.backend.runtime.demand.record(r.est_tokens);
         // No attempt follows one that has used up the retries or the candidates.
         let last =
             attempts >= max_attempts || tried.len() >= route.candidates.len().min(MAX_CANDIDATES);
-        let Some(mut request) = build_request(&mut r, cand, last) else {
+        let Some(result) = attempt(&mut inner, &mut r, cand, attempts, last, deadline).await else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
-        let attempt_span = genai::attempt_span(
-            &r.span,
-            r.path,
-            &cand.native,
-            &backend.id,
-            &backend.base_url,
-            attempts,
-        );
-        genai::inject(&attempt_span, request.headers_mut());
-        let timeout = backend
-            .timeout
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let result = match inner.ready().await {
-            Ok(svc) => {
-                svc.call(Attempt {
-                    request,
-                    target: backend.target.clone(),
-                    timeout,
-                })
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if !attempt_span.is_none() {
-            end_attempt_span(&attempt_span, &result);
-        }
-        let now = Instant::now();
-        let rt = &backend.runtime;
-        match result {
-            Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => {
-                attempt_metric(backend, "rate_limited");
-                let retry_after = res
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let policy = r.snapshot.pool(backend.pool).cooldown;
-                let (until, consecutive) = shared.cooldowns.start_local(
-                    &backend.id,
-                    &rt.cooldown,
-                    &policy,
-                    retry_after,
-                    now,
-                );
-                shared.events.signal(Signal::Failure(Failure {
-                    at: SystemTime::now(),
-                    backend_id: backend.id.clone(),
-                    kind: FailureKind::RateLimited,
-                    status: Some(429),
-                    retry_after,
-                    consecutive,
-                    cooldown: Some(until.saturating_duration_since(now)),
-                    summary: "rate limited (429)",
-                }));
-                last_error = Some(ApiError::capacity_rate_limited(retry_after_secs(
-                    until.saturating_duration_since(now),
-                )));
-            }
-            Ok(res) if res.status().is_server_error() => {
-                attempt_metric(backend, "server_error");
-                tracing::debug!(backend = %backend.name, status = res.status().as_u16(), "upstream server error");
-                shared.events.signal(Signal::failure(
-                    &backend.id,
-                    FailureKind::ServerError,
-                    Some(res.status().as_u16()),
-                    "upstream server error",
-                ));
-                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
-                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+        let class = classify(&result, SystemTime::now);
+        match react(&shared, &r, cand, emergency, class) {
+            Some(error) => last_error = Some(error),
+            // Only a response is classified as the answer.
+            None => {
+                if let Ok(res) = result {
+                    return respond(&shared, &r, cand, res, in_flight, abandoned.disarm());
                 }
-                last_error = Some(ApiError::bad_gateway());
-            }
-            Ok(res) => {
-                if res.status().is_success() {
-                    cand.metrics(&r.route.model).attempt_success.increment(1);
-                } else {
-                    attempt_metric(backend, "client_error");
-                }
-                if rt.cooldown.on_success() > 0 {
-                    shared.events.signal(Signal::Recovered {
-                        backend_id: backend.id.clone(),
-                        at: SystemTime::now(),
-                    });
-                }
-                rt.outlier.on_success(now);
-                if emergency {
-                    tracing::info!(backend = %backend.name, "emergency admission while cooling");
-                }
-                return respond(&shared, &r, cand, res, guard, abandoned.disarm());
-            }
-            Err(e) => {
-                attempt_metric(backend, e.label());
-                let (kind, summary) = match e {
-                    UpstreamError::Connect => (FailureKind::Connect, "connect error"),
-                    UpstreamError::Timeout => (FailureKind::Timeout, "no response in time"),
-                    UpstreamError::Failed => (
-                        FailureKind::ServerError,
-                        "connection failed after the request was sent",
-                    ),
-                };
-                shared
-                    .events
-                    .signal(Signal::failure(&backend.id, kind, None, summary));
-                if e == UpstreamError::Connect {
-                    // Nothing reached the backend: give its tokens back.
-                    rt.rpm.refund(1.0);
-                    if backend.tpm.is_some() {
-                        rt.tpm.refund(r.est_tokens);
-                    }
-                }
-                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
-                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
-                }
-                last_error = Some(if e == UpstreamError::Timeout {
-                    ApiError::gateway_timeout()
-                } else {
-                    ApiError::bad_gateway()
-                });
             }
         }
     }
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
-    abandoned.disarm().proxy_answered(
-        &shared.events,
-        err.status,
-        err.code.unwrap_or(err.kind),
-        &r.span,
-    );
+    let error_type = err.code.unwrap_or(err.kind);
+    (abandoned.disarm()).proxy_answered(&shared.events, err.status, error_type, &r.span);
     err.into_response()
+}
+
+/// An interactive request tells the control plane its agent is active.
+fn signal_activity(events: &EventSink, r: &Routed) {
+    if r.priority == Priority::Interactive
+        && let Some(agent_id) = &r.agent_id
+    {
+        events.signal(Signal::Activity {
+            agent_id: agent_id.clone(),
+            at: SystemTime::now(),
+        });
+    }
+}
+
+/// Demand: a request that gets no (further) attempt wanted every candidate
+/// it has not tried.
+fn record_demand(r: &Routed, tried: CandidateSet) {
+    let cands = r.route.candidates.iter().take(MAX_CANDIDATES);
+    for (i, c) in cands.enumerate() {
+        if !tried.contains(i) {
+            c.backend.runtime.demand.record(r.est_tokens);
+        }
+    }
+}
+
+/// Sends attempt `n` of `r` to `cand` under the attempt's own span; `None`
+/// when no request can be built for the backend.
+async fn attempt<S>(
+    inner: &mut S,
+    r: &mut Routed,
+    cand: &Candidate,
+    n: u32,
+    last: bool,
+    deadline: Instant,
+) -> Option<Result<Response<Incoming>, UpstreamError>>
+where
+    S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
+{
+    let backend = &cand.backend;
+    let mut request = build_request(r, cand, last)?;
+    let span = genai::attempt_span(
+        &r.span,
+        r.path,
+        &cand.native,
+        &backend.id,
+        &backend.base_url,
+        n,
+    );
+    genai::inject(&span, request.headers_mut());
+    let timeout = backend
+        .timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let result = match inner.ready().await {
+        Ok(svc) => {
+            svc.call(Attempt {
+                request,
+                target: backend.target.clone(),
+                timeout,
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if !span.is_none() {
+        end_attempt_span(&span, &result);
+    }
+    Some(result)
+}
+
+/// What an attempt's result means for the request: the retry policy's
+/// whole decision, apart from its effects ([`react`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptClass {
+    /// 429: cool the backend (for its `Retry-After`, if it sent one), try
+    /// the next candidate.
+    RateLimited {
+        /// The upstream's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx: counts towards ejection, try the next candidate.
+    ServerError(u16),
+    /// No connection: nothing reached the backend.
+    Connect,
+    /// No response head in time.
+    Timeout,
+    /// The connection failed after the request was sent.
+    Failed,
+    /// Anything else (2xx, 4xx but 429): the answer, streamed to the client.
+    Answer(u16),
+}
+
+impl AttemptClass {
+    /// `claw_dp_upstream_attempts_total{outcome}`.
+    fn outcome(self) -> &'static str {
+        match self {
+            AttemptClass::RateLimited { .. } => "rate_limited",
+            AttemptClass::ServerError(_) => "server_error",
+            AttemptClass::Connect => UpstreamError::Connect.label(),
+            AttemptClass::Timeout => UpstreamError::Timeout.label(),
+            AttemptClass::Failed => UpstreamError::Failed.label(),
+            AttemptClass::Answer(s) if (200..300).contains(&s) => "success",
+            AttemptClass::Answer(_) => "client_error",
+        }
+    }
+}
+
+/// Classifies an attempt's result. Pure: `wall` (the wall clock, for a
+/// `Retry-After` date) is read only for a 429 with a `Retry-After`.
+fn classify<B>(
+    result: &Result<Response<B>, UpstreamError>,
+    wall: impl FnOnce() -> SystemTime,
+) -> AttemptClass {
+    match result {
+        Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => AttemptClass::RateLimited {
+            retry_after: res
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, wall())),
+        },
+        Ok(res) if res.status().is_server_error() => {
+            AttemptClass::ServerError(res.status().as_u16())
+        }
+        Ok(res) => AttemptClass::Answer(res.status().as_u16()),
+        Err(UpstreamError::Connect) => AttemptClass::Connect,
+        Err(UpstreamError::Timeout) => AttemptClass::Timeout,
+        Err(UpstreamError::Failed) => AttemptClass::Failed,
+    }
+}
+
+/// The effects of an attempt on `cand`, by its class: the attempt metric,
+/// the failure signal, the cooldown (429), outlier accounting, the token
+/// refund (connect errors). `None` for the answer; otherwise the error the
+/// request gets if no attempt follows.
+fn react(
+    shared: &Shared,
+    r: &Routed,
+    cand: &Candidate,
+    emergency: bool,
+    class: AttemptClass,
+) -> Option<ApiError> {
+    let backend = &cand.backend;
+    let rt = &backend.runtime;
+    let now = Instant::now();
+    match class.outcome() {
+        "success" => cand.metrics(&r.route.model).attempt_success.increment(1),
+        outcome => metrics::upstream_attempt(backend.id.clone(), outcome),
+    }
+    let (kind, status, summary) = match class {
+        AttemptClass::Answer(_) => {
+            if rt.cooldown.on_success() > 0 {
+                shared.events.signal(Signal::Recovered {
+                    backend_id: backend.id.clone(),
+                    at: SystemTime::now(),
+                });
+            }
+            rt.outlier.on_success(now);
+            if emergency {
+                tracing::info!(backend = %backend.name, "emergency admission while cooling");
+            }
+            return None;
+        }
+        AttemptClass::RateLimited { retry_after } => {
+            return Some(cool(shared, r, backend, retry_after, now));
+        }
+        AttemptClass::ServerError(status) => {
+            tracing::debug!(backend = %backend.name, status, "upstream server error");
+            (
+                FailureKind::ServerError,
+                Some(status),
+                "upstream server error",
+            )
+        }
+        AttemptClass::Connect => (FailureKind::Connect, None, "connect error"),
+        AttemptClass::Timeout => (FailureKind::Timeout, None, "no response in time"),
+        AttemptClass::Failed => (
+            FailureKind::ServerError,
+            None,
+            "connection failed after the request was sent",
+        ),
+    };
+    shared
+        .events
+        .signal(Signal::failure(&backend.id, kind, status, summary));
+    if class == AttemptClass::Connect {
+        // Nothing reached the backend: give its tokens back.
+        rt.rpm.refund(1.0);
+        if backend.tpm.is_some() {
+            rt.tpm.refund(r.est_tokens);
+        }
+    }
+    if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
+        tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+    }
+    Some(match class {
+        AttemptClass::Timeout => ApiError::gateway_timeout(),
+        _ => ApiError::bad_gateway(),
+    })
+}
+
+/// A 429 from `backend`: cools it here (and, through the signal, on the
+/// rest of the fleet); the request's error says when to come back.
+fn cool(
+    shared: &Shared,
+    r: &Routed,
+    backend: &Backend,
+    retry_after: Option<Duration>,
+    now: Instant,
+) -> ApiError {
+    let policy = r.snapshot.pool(backend.pool).cooldown;
+    let (until, consecutive) = shared.cooldowns.start_local(
+        &backend.id,
+        &backend.runtime.cooldown,
+        &policy,
+        retry_after,
+        now,
+    );
+    let cooldown = until.saturating_duration_since(now);
+    shared.events.signal(Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind: FailureKind::RateLimited,
+        status: Some(429),
+        retry_after,
+        consecutive,
+        cooldown: Some(cooldown),
+        summary: "rate limited (429)",
+    }));
+    ApiError::capacity_rate_limited(retry_after_secs(cooldown))
 }
 
 /// Records how an attempt ended on its span: the status, and `error.type`
@@ -394,4 +491,104 @@ fn respond(
         body = body.drain_until(r.started + r.route.settings.request_timeout);
     }
     Response::from_parts(parts, ProxyBody::Upstream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, retry_after: Option<String>) -> Result<Response<()>, UpstreamError> {
+        let mut res = Response::builder().status(status);
+        if let Some(v) = retry_after {
+            res = res.header(header::RETRY_AFTER, v);
+        }
+        Ok(res.body(()).unwrap())
+    }
+
+    fn wall() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn no_clock() -> SystemTime {
+        panic!("the wall clock is read only for a 429 with a Retry-After")
+    }
+
+    #[test]
+    fn a_429_with_retry_after_is_rate_limited_for_that_long() {
+        assert_eq!(
+            classify(&answer(429, Some("7".into())), wall),
+            AttemptClass::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        let date = httpdate::fmt_http_date(wall() + Duration::from_secs(30));
+        assert_eq!(
+            classify(&answer(429, Some(date)), wall),
+            AttemptClass::RateLimited {
+                retry_after: Some(Duration::from_secs(30))
+            }
+        );
+    }
+
+    #[test]
+    fn a_429_without_retry_after_is_rate_limited_for_the_policy_to_decide() {
+        assert_eq!(
+            classify(&answer(429, None), no_clock),
+            AttemptClass::RateLimited { retry_after: None }
+        );
+        assert_eq!(
+            classify(&answer(429, Some("soon".into())), wall),
+            AttemptClass::RateLimited { retry_after: None }
+        );
+    }
+
+    #[test]
+    fn a_5xx_is_a_server_error() {
+        for status in [500, 502, 503, 599] {
+            assert_eq!(
+                classify(&answer(status, Some("5".into())), no_clock),
+                AttemptClass::ServerError(status)
+            );
+        }
+        assert_eq!(AttemptClass::ServerError(500).outcome(), "server_error");
+    }
+
+    #[test]
+    fn a_connect_error_is_connect_and_a_failure_after_sending_is_failed() {
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Connect), no_clock),
+            AttemptClass::Connect
+        );
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Failed), no_clock),
+            AttemptClass::Failed
+        );
+        assert_eq!(AttemptClass::Connect.outcome(), "connect_error");
+        assert_eq!(AttemptClass::Failed.outcome(), "failed");
+    }
+
+    #[test]
+    fn a_timeout_is_a_timeout() {
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Timeout), no_clock),
+            AttemptClass::Timeout
+        );
+        assert_eq!(AttemptClass::Timeout.outcome(), "timeout");
+    }
+
+    #[test]
+    fn success_and_other_client_errors_are_the_answer() {
+        assert_eq!(
+            classify(&answer(200, None), no_clock),
+            AttemptClass::Answer(200)
+        );
+        assert_eq!(AttemptClass::Answer(200).outcome(), "success");
+        for status in [400, 404, 422] {
+            assert_eq!(
+                classify(&answer(status, None), no_clock),
+                AttemptClass::Answer(status)
+            );
+            assert_eq!(AttemptClass::Answer(status).outcome(), "client_error");
+        }
+    }
 }
