@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -239,7 +240,7 @@ impl Upstream {
     }
 
     fn checkout(&self, key: &str) -> Option<Sender> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.pool.lock();
         pool.checkout(key, Instant::now())
     }
 
@@ -272,7 +273,7 @@ impl Upstream {
                 .is_ok()
                 && let Some(pool) = pool.upgrade()
             {
-                let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = pool.lock();
                 pool.put(&key, sender, Instant::now());
             }
         });
@@ -610,7 +611,7 @@ mod tests {
             // The connection goes back to the pool from its own task.
             for _ in 0..1000 {
                 let pooled = {
-                    let pool = up.pool.lock().expect("pool");
+                    let pool = up.pool.lock();
                     pool.idle
                         .get(&*target.pool_key)
                         .is_some_and(|l| !l.is_empty())
