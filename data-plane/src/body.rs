@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::accounting::Tracker;
+// Re-exported: `BoxError` lives in `stream`, which must not name `body`.
 pub use crate::stream::BoxError;
 use crate::stream::UpstreamBody;
 

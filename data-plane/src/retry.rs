@@ -194,7 +194,9 @@ where
     }
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
     let error_type = err.code.unwrap_or(err.kind);
-    (abandoned.disarm()).proxy_answered(&shared.events, err.status, error_type, &r.span);
+    abandoned
+        .disarm()
+        .proxy_answered(&shared.events, err.status, error_type, &r.span);
     err.into_response()
 }
 
@@ -339,9 +341,11 @@ fn react(
     let backend = &cand.backend;
     let rt = &backend.runtime;
     let now = Instant::now();
-    match class.outcome() {
-        "success" => cand.metrics(&r.route.model).attempt_success.increment(1),
-        outcome => metrics::upstream_attempt(backend.id.clone(), outcome),
+    match class {
+        AttemptClass::Answer(s) if (200..300).contains(&s) => {
+            cand.metrics(&r.route.model).attempt_success.increment(1);
+        }
+        _ => metrics::upstream_attempt(backend.id.clone(), class.outcome()),
     }
     let (kind, status, summary) = match class {
         AttemptClass::Answer(_) => {

@@ -206,7 +206,8 @@ impl<'de> Deserialize<'de> for Top<'de> {
 /// Reads `model`, `stream` and the output cap of a body without building a
 /// `Value`, validating it as [`parse_body`] would. `None` whenever the body
 /// is anything but a valid object with one non-empty string `model`: the
-/// caller then takes [`parse_body`], which answers exactly as before.
+/// caller then takes [`parse_body`], which gives the general answer (the
+/// same result, or the error to send).
 pub fn scan_body(bytes: &[u8]) -> Option<Scanned> {
     let top: Top<'_> = serde_json::from_slice(bytes).ok()?;
     let raw = top.model.get();
