@@ -393,7 +393,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers sent upstream, minus the backend's `Authorization` and
-/// `Host`: the client's headers without those [`not_forwarded`] and those
+/// `Host`: the client's headers without those `not_forwarded` and those
 /// named in `Connection`, with `content-type: application/json` (the proxy
 /// always sends a JSON body). One pass over the client's headers.
 pub fn upstream_headers(h: HeaderMap) -> HeaderMap {
