@@ -182,7 +182,7 @@ where
             continue;
         };
         let class = classify(&result, SystemTime::now);
-        match react(&shared, &r, cand, emergency, class) {
+        match react(&shared, &r, cand, emergency, class, result.as_ref().err()) {
             Some(error) => last_error = Some(error),
             // Only a response is classified as the answer.
             None => {
@@ -295,9 +295,10 @@ impl AttemptClass {
         match self {
             AttemptClass::RateLimited { .. } => "rate_limited",
             AttemptClass::ServerError(_) => "server_error",
-            AttemptClass::Connect => UpstreamError::Connect.label(),
-            AttemptClass::Timeout => UpstreamError::Timeout.label(),
-            AttemptClass::Failed => UpstreamError::Failed.label(),
+            // As `UpstreamError::label`.
+            AttemptClass::Connect => "connect_error",
+            AttemptClass::Timeout => "timeout",
+            AttemptClass::Failed => "failed",
             AttemptClass::Answer(s) if (200..300).contains(&s) => "success",
             AttemptClass::Answer(_) => "client_error",
         }
@@ -321,22 +322,24 @@ fn classify<B>(
             AttemptClass::ServerError(res.status().as_u16())
         }
         Ok(res) => AttemptClass::Answer(res.status().as_u16()),
-        Err(UpstreamError::Connect) => AttemptClass::Connect,
+        Err(UpstreamError::Connect(_)) => AttemptClass::Connect,
         Err(UpstreamError::Timeout) => AttemptClass::Timeout,
-        Err(UpstreamError::Failed) => AttemptClass::Failed,
+        Err(UpstreamError::Failed(_)) => AttemptClass::Failed,
     }
 }
 
 /// The effects of an attempt on `cand`, by its class: the attempt metric,
 /// the failure signal, the cooldown (429), outlier accounting, the token
 /// refund (connect errors). `None` for the answer; otherwise the error the
-/// request gets if no attempt follows.
+/// request gets if no attempt follows. `error`, when there was no response,
+/// goes into the ejection's log line.
 fn react(
     shared: &Shared,
     r: &Routed,
     cand: &Candidate,
     emergency: bool,
     class: AttemptClass,
+    error: Option<&UpstreamError>,
 ) -> Option<ApiError> {
     let backend = &cand.backend;
     let rt = &backend.runtime;
@@ -391,7 +394,8 @@ fn react(
         }
     }
     if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
-        tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+        let cause = error.and_then(std::error::Error::source);
+        tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
     }
     Some(match class {
         AttemptClass::Timeout => ApiError::gateway_timeout(),
@@ -560,11 +564,11 @@ mod tests {
     #[test]
     fn a_connect_error_is_connect_and_a_failure_after_sending_is_failed() {
         assert_eq!(
-            classify::<()>(&Err(UpstreamError::Connect), no_clock),
+            classify::<()>(&Err(UpstreamError::Connect("refused".into())), no_clock),
             AttemptClass::Connect
         );
         assert_eq!(
-            classify::<()>(&Err(UpstreamError::Failed), no_clock),
+            classify::<()>(&Err(UpstreamError::Failed("reset".into())), no_clock),
             AttemptClass::Failed
         );
         assert_eq!(AttemptClass::Connect.outcome(), "connect_error");
