@@ -352,16 +352,7 @@ fn react(
     }
     let (kind, status, summary) = match class {
         AttemptClass::Answer(_) => {
-            if rt.cooldown.on_success() > 0 {
-                shared.events.signal(Signal::Recovered {
-                    backend_id: backend.id.clone(),
-                    at: SystemTime::now(),
-                });
-            }
-            rt.outlier.on_success(now);
-            if emergency {
-                tracing::info!(backend = %backend.name, "emergency admission while cooling");
-            }
+            answered(shared, backend, emergency, now);
             return None;
         }
         AttemptClass::RateLimited { retry_after } => {
@@ -401,6 +392,21 @@ fn react(
         AttemptClass::Timeout => ApiError::gateway_timeout(),
         _ => ApiError::bad_gateway(),
     })
+}
+
+/// An answer from `backend`: the end of its 429 run and of its failures.
+fn answered(shared: &Shared, backend: &Backend, emergency: bool, now: Instant) {
+    let rt = &backend.runtime;
+    if rt.cooldown.on_success() > 0 {
+        shared.events.signal(Signal::Recovered {
+            backend_id: backend.id.clone(),
+            at: SystemTime::now(),
+        });
+    }
+    rt.outlier.on_success(now);
+    if emergency {
+        tracing::info!(backend = %backend.name, "emergency admission while cooling");
+    }
 }
 
 /// A 429 from `backend`: cools it here (and, through the signal, on the
