@@ -1,10 +1,10 @@
 //! Client authentication: `Authorization: Bearer <key>` is hashed (SHA-256)
 //! and looked up in the current snapshot. The snapshot and the key travel on
-//! to the inner layers in an [`Authenticated`] request extension, so the whole
+//! to the inner layers in an [`Authenticated`] request extension
+//! ([`crate::target`]), so the whole
 //! request sees one consistent configuration.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
@@ -14,16 +14,8 @@ use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
 use crate::error::ApiError;
-use crate::snapshot::{ClientKey, Snapshot, SnapshotStore};
-
-/// Set by [`Auth`] on every request it lets through.
-#[derive(Clone)]
-pub struct Authenticated {
-    /// The snapshot this request is served under.
-    pub snapshot: Arc<Snapshot>,
-    /// The client's key.
-    pub key: Arc<ClientKey>,
-}
+use crate::snapshot::SnapshotStore;
+use crate::target::Authenticated;
 
 /// Extracts the bearer token.
 pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {

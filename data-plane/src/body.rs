@@ -8,11 +8,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::retry::Tracker;
+use crate::accounting::Tracker;
+// Re-exported: `BoxError` lives in `stream`, which must not name `body`.
+pub use crate::stream::BoxError;
 use crate::stream::UpstreamBody;
-
-/// Boxed error of a response body.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Response body of the proxy. The upstream variant is large but moved only
 /// once into hyper; boxing it would cost an allocation per request.

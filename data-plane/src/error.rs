@@ -49,7 +49,8 @@ impl ApiError {
         self
     }
 
-    /// Sets `Retry-After` (at least one second).
+    /// Sets `Retry-After` (at least one second; [`retry_after_secs`] turns a
+    /// wait into seconds).
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs.max(1));
         self
@@ -243,6 +244,13 @@ impl ApiError {
     }
 }
 
+/// Seconds for `Retry-After` from a wait: rounded up, at least 1, at most a day.
+#[inline]
+pub fn retry_after_secs(d: std::time::Duration) -> u64 {
+    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+    s.clamp(1, 86_400)
+}
+
 /// Model names come from clients; keep echoes short.
 fn clip(s: &str) -> &str {
     match s.char_indices().nth(128) {
@@ -265,6 +273,15 @@ mod tests {
         assert_eq!(v["error"]["type"], "service_unavailable");
         assert_eq!(v["error"]["code"], "no_backend_available");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        use std::time::Duration;
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::MAX), 86_400);
     }
 
     #[test]

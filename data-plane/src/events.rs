@@ -115,6 +115,28 @@ pub enum Signal {
     },
 }
 
+impl Signal {
+    /// A failure without a 429's cooldown details, now.
+    #[inline]
+    pub fn failure(
+        backend_id: &Arc<str>,
+        kind: FailureKind,
+        status: Option<u16>,
+        summary: &'static str,
+    ) -> Signal {
+        Signal::Failure(Failure {
+            at: SystemTime::now(),
+            backend_id: backend_id.clone(),
+            kind,
+            status,
+            retry_after: None,
+            consecutive: 0,
+            cooldown: None,
+            summary,
+        })
+    }
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct EventSink {
@@ -129,7 +151,7 @@ impl EventSink {
     /// Sends without waiting; drops the outcome when the channel is full.
     pub fn emit(&self, outcome: RequestOutcome) {
         if self.tx.try_send(outcome).is_err() {
-            metrics::counter!("claw_dp_events_dropped_total").increment(1);
+            crate::metrics::event_dropped();
         } else if self.tx.capacity() < self.low_water {
             self.backlog.notify_one();
         }
@@ -138,7 +160,7 @@ impl EventSink {
     /// Sends without waiting; drops the signal when the channel is full.
     pub fn signal(&self, signal: Signal) {
         if self.signals.try_send(signal).is_err() {
-            metrics::counter!("claw_dp_events_dropped_total").increment(1);
+            crate::metrics::event_dropped();
         }
     }
 }

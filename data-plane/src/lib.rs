@@ -4,12 +4,17 @@
 //! The request path is a stack of tower layers, outermost first:
 //!
 //! 1. [`auth`] — `Authorization: Bearer <client key>` → SHA-256 → key (401).
-//! 2. [`limits`] — the key's rpm (429) and allowed models (403).
+//! 2. [`limits`] — the key's rpm (429).
 //! 3. [`route`] — reads and parses the body once (400/408/413), resolves the
-//!    canonical model (404) and selects backends in routing order.
-//! 4. [`retry`] — per-attempt selection, 429 cooldowns, outlier ejection,
-//!    queueing, retries before the first byte; tracks the response to its end.
+//!    canonical model (404) and checks the key may use it (403).
+//! 4. [`retry`] — per attempt: admission in routing order ([`select`]:
+//!    candidates, queueing, emergency), the upstream call, classification of
+//!    the answer and the reaction (429 cooldowns, outlier ejection), retries
+//!    before the first byte.
 //! 5. [`upstream`] — the pooled HTTP(S) client and header hygiene.
+//!
+//! The layers hand inward the typed requests of [`target`]; every request
+//! ends in one outcome, accounted by [`accounting`].
 //!
 //! Around it:
 //!
@@ -31,6 +36,7 @@
 //! - [`report`] — the `StreamReports` stream: the stream loop, the batch
 //!   collector with its usage buckets ([`report::batch`]) and the bounded
 //!   resend buffer ([`report::buffer`]).
+//! - [`json`] — allocation-free JSON scanning (request fields, answer usage).
 //! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
 //!   for stream usage and hiding it from clients that did not.
 //! - [`ratelimit`] — GCRA rate limiters: at most `share × limit` plus a
@@ -42,6 +48,10 @@
 //! - [`queue`] — the bounded priority queue for rate-limited requests.
 //! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
 //!   failure, background drain of answers whose client left.
+//! - [`target`] — the typed requests the layers hand inward
+//!   (`Authenticated`, `Routed`, `RequestBody`).
+//! - [`accounting`] — per-request accounting: the response tracker, in-flight
+//!   counts, abandoned requests, one `RequestOutcome` per request.
 //! - [`body`] — the response body type.
 //! - [`error`] — the one renderer of OpenAI-format errors.
 //! - [`events`] — per-request [`events::RequestOutcome`]s and failure/activity
@@ -51,20 +61,11 @@
 //! - [`server`] — connections, timeouts, health/readiness, panics, draining.
 //! - `test_util` — snapshot fixtures for tests (the `test-util` feature).
 //!
-//! The request path also has these modules:
-//!
-//! - `accounting` — per-request accounting: `Tracker`, `InFlight` and
-//!   `Abandoned` → `RequestOutcome`.
-//! - `target` — the typed requests the layers hand inward.
-//! - `select` — candidate selection and admission (routing order, queue,
-//!   emergency, 503).
-//! - `json` — the allocation-free JSON scanner.
-//! - `route/` — the route layer and the body reader.
-//!
 //! [`run`] serves a bound listener until a shutdown future resolves;
 //! [`Proxy`] does the same and exposes the hooks (cooldowns, rate shares,
 //! outcomes) the reporting side plugs into.
 
+pub mod accounting;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -74,6 +75,7 @@ pub mod discovery;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod outlier;
@@ -82,10 +84,12 @@ pub mod ratelimit;
 pub mod report;
 pub mod retry;
 pub mod route;
+pub mod select;
 pub mod server;
 pub mod snapshot;
 pub mod snapshot_cache;
 pub mod stream;
+pub mod target;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;

@@ -1,6 +1,6 @@
 //! Per-client-key limits: the key's requests per minute (a rate limiter,
-//! checked before the body is even read) and the key's allowed models
-//! ([`check_model`], called by the route layer once the model is known).
+//! checked before the body is even read). The key's allowed models are
+//! checked by [`crate::route`] once the model is known.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -10,25 +10,9 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::auth::Authenticated;
 use crate::body::ProxyBody;
-use crate::error::ApiError;
-use crate::snapshot::ClientKey;
-
-/// Seconds for `Retry-After`: rounded up, at least 1.
-pub fn retry_after_secs(d: std::time::Duration) -> u64 {
-    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
-    s.clamp(1, 86_400)
-}
-
-/// 403 unless the key may use `model`.
-pub fn check_model(key: &ClientKey, model: &str) -> Result<(), ApiError> {
-    if key.allows(model) {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_allowed(model))
-    }
-}
+use crate::error::{ApiError, retry_after_secs};
+use crate::target::Authenticated;
 
 /// Layer of [`Limits`].
 #[derive(Clone, Default)]
@@ -72,19 +56,5 @@ where
             .into_response()))),
             None => Either::Right(self.inner.call(req)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn retry_after_rounds_up() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
-        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
-        assert_eq!(retry_after_secs(Duration::MAX), 86_400);
     }
 }

@@ -28,7 +28,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Histogram, SharedString};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -241,11 +241,11 @@ impl CandidateMetrics {
     /// Registers the handles of `model` served by `backend`.
     pub fn new(model: &Arc<str>, backend: &Arc<str>) -> Self {
         CandidateMetrics {
-            attempt_success: metrics::counter!(UPSTREAM_ATTEMPTS_TOTAL, "backend" => backend.clone(), "outcome" => "success"),
-            requests_ok: metrics::counter!(REQUESTS_TOTAL, "model" => model.clone(), "backend" => backend.clone(), "status" => "200"),
-            duration: metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model.clone()),
-            tokens_input: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "input"),
-            tokens_output: metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model.clone(), "gen_ai_token_type" => "output"),
+            attempt_success: upstream_attempt_counter(backend.clone(), "success"),
+            requests_ok: request_counter(model.clone(), backend.clone(), "200"),
+            duration: request_duration_histogram(model.clone()),
+            tokens_input: token_usage_histogram(model.clone(), "input"),
+            tokens_output: token_usage_histogram(model.clone(), "output"),
         }
     }
 }
@@ -254,4 +254,77 @@ impl std::fmt::Debug for CandidateMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CandidateMetrics")
     }
+}
+
+// The request path's metrics: each name and its labels written once, here.
+// The handles are looked up per call (labels cloned, key hashed), as the
+// inline macros did; [`CandidateMetrics`] keeps the hot ones registered.
+
+/// The `claw_dp_requests_total{model, backend, status}` handle: requests by
+/// the status the client received (`backend` empty when none answered).
+#[inline]
+pub fn request_counter(
+    model: impl Into<SharedString>,
+    backend: impl Into<SharedString>,
+    status: &'static str,
+) -> Counter {
+    metrics::counter!(REQUESTS_TOTAL, "model" => model, "backend" => backend, "status" => status)
+}
+
+/// Counts one request in `claw_dp_requests_total`.
+#[inline]
+pub fn request(
+    model: impl Into<SharedString>,
+    backend: impl Into<SharedString>,
+    status: &'static str,
+) {
+    request_counter(model, backend, status).increment(1);
+}
+
+/// The `claw_dp_upstream_attempts_total{backend, outcome}` handle.
+#[inline]
+pub fn upstream_attempt_counter(
+    backend: impl Into<SharedString>,
+    outcome: &'static str,
+) -> Counter {
+    metrics::counter!(UPSTREAM_ATTEMPTS_TOTAL, "backend" => backend, "outcome" => outcome)
+}
+
+/// Counts one upstream attempt in `claw_dp_upstream_attempts_total`.
+#[inline]
+pub fn upstream_attempt(backend: impl Into<SharedString>, outcome: &'static str) {
+    upstream_attempt_counter(backend, outcome).increment(1);
+}
+
+/// Counts an attempt after the first (`claw_dp_retries_total`).
+#[inline]
+pub fn retry() {
+    metrics::counter!("claw_dp_retries_total").increment(1);
+}
+
+/// Counts an outcome or signal dropped on a full channel
+/// (`claw_dp_events_dropped_total`).
+#[inline]
+pub fn event_dropped() {
+    metrics::counter!("claw_dp_events_dropped_total").increment(1);
+}
+
+/// The `gen_ai_server_request_duration_seconds{gen_ai_request_model}` handle.
+#[inline]
+pub fn request_duration_histogram(model: impl Into<SharedString>) -> Histogram {
+    metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model)
+}
+
+/// Records `gen_ai_server_time_to_first_token_seconds{gen_ai_request_model}`.
+#[inline]
+pub fn time_to_first_token(model: impl Into<SharedString>, seconds: f64) {
+    metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => model)
+        .record(seconds);
+}
+
+/// The `gen_ai_client_token_usage{gen_ai_request_model, gen_ai_token_type}`
+/// handle (`kind` is `input` or `output`).
+#[inline]
+pub fn token_usage_histogram(model: impl Into<SharedString>, kind: &'static str) -> Histogram {
+    metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
 }

@@ -1,4 +1,4 @@
-//! The retry layer: picks a backend per attempt ([`crate::route::select`]),
+//! The retry layer: admits each attempt in routing order ([`crate::select`]),
 //! sends the attempt through the upstream service, and reacts to the answer.
 //!
 //! - 429: the backend is cooled at once ([`crate::cooldown`]) and the request
@@ -10,8 +10,8 @@
 //! Retries happen only before the first byte reaches the client (an answer is
 //! never retried once its body starts), up to the pool's `max_retries` and
 //! the request deadline. When every usable candidate is rate-limited the
-//! request waits in the model's queue. A [`Tracker`] follows the response body
-//! to its end and then records metrics and the [`RequestOutcome`].
+//! request waits in the model's queue. The answer, or its absence, is
+//! accounted by [`crate::accounting`].
 //!
 //! When traces are exported, each attempt gets a child span of the request's
 //! ([`claw_telemetry::genai`]) whose `traceparent` goes upstream; otherwise
@@ -20,10 +20,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use claw_telemetry::genai;
@@ -33,22 +32,20 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::accounting::{Abandoned, InFlight, RequestMeta, Tracker};
 use crate::body::ProxyBody;
 use crate::cooldown::{Cooldowns, parse_retry_after};
-use crate::error::ApiError;
-use crate::events::{EventSink, Failure, FailureKind, RequestOutcome, Signal, Usage};
-use crate::limits::retry_after_secs;
-use crate::metrics::{CandidateMetrics, status_label};
+use crate::error::{ApiError, retry_after_secs};
+use crate::events::{EventSink, Failure, FailureKind, Signal};
+use crate::metrics;
 use crate::outlier::OutlierPolicy;
-use crate::queue::{Priority, QueueExit};
-use crate::route::{MAX_CANDIDATES, Routed, Selection, select};
+use crate::queue::Priority;
+use crate::select::{Admission, CandidateSet, MAX_CANDIDATES, admit};
 use crate::snapshot::{Backend, Candidate};
-use crate::stream::{End, Observer, UpstreamBody};
+use crate::stream::UpstreamBody;
+use crate::target::Routed;
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
-use crate::usage::{Prices, SseTally, SseUsage};
-
-/// Largest non-streaming JSON body inspected for `usage`.
-const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
+use crate::usage::SseUsage;
 
 struct Shared {
     cooldowns: Cooldowns,
@@ -115,26 +112,6 @@ where
     }
 }
 
-/// Counts a request in flight on a backend until dropped.
-pub struct InFlight(Arc<Backend>);
-
-impl InFlight {
-    fn new(b: Arc<Backend>) -> Self {
-        b.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(b)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn bit(i: usize) -> u128 {
-    1u128 << i
-}
-
 /// Builds the upstream request with `model` set to the candidate's native id
 /// (spliced into the client's bytes, or re-serialised for a rewritten body).
 /// The last attempt a request can make takes the client's headers instead
@@ -157,61 +134,8 @@ fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Fu
     Some(req)
 }
 
-enum Admission {
-    Go(usize, bool),
-    Stop(ApiError),
-}
-
-async fn admit(r: &Routed, tried: u128, deadline: Instant) -> Admission {
-    let settings = &r.route.settings;
-    let direct = select(&r.route, tried, r.est_tokens, Instant::now());
-    let wait = match direct {
-        Selection::Admitted { index, emergency } => return Admission::Go(index, emergency),
-        Selection::Unavailable { retry_after } => {
-            return Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)));
-        }
-        Selection::RateLimited { wait } => wait,
-    };
-    let queue_deadline = deadline.min(Instant::now() + settings.queue_timeout);
-    let mut last_wait = wait;
-    let waited = r
-        .route
-        .queue
-        .wait(
-            r.priority,
-            settings.queue_depth as usize,
-            queue_deadline,
-            |now| match select(&r.route, tried, r.est_tokens, now) {
-                Selection::Admitted { index, emergency } => Ok((index, emergency)),
-                Selection::RateLimited { wait } => {
-                    last_wait = wait;
-                    Err(Some(wait))
-                }
-                Selection::Unavailable { .. } => Err(None),
-            },
-        )
-        .await;
-    match waited {
-        Ok((i, e)) => Admission::Go(i, e),
-        Err(QueueExit::Full | QueueExit::TimedOut) => {
-            Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(last_wait)))
-        }
-        Err(QueueExit::GaveUp) => match select(&r.route, tried, r.est_tokens, Instant::now()) {
-            Selection::Admitted { index, emergency } => Admission::Go(index, emergency),
-            Selection::RateLimited { wait } => {
-                Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(wait)))
-            }
-            Selection::Unavailable { retry_after } => {
-                Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)))
-            }
-        },
-    }
-}
-
-fn attempt_metric(backend: &Backend, outcome: &'static str) {
-    metrics::counter!("claw_dp_upstream_attempts_total", "backend" => backend.id.clone(), "outcome" => outcome).increment(1);
-}
-
+/// Serves `r`: admit → attempt → classify → react, until an answer, the
+/// retries, the candidates or the deadline run out.
 async fn run<S>(mut inner: S, shared: Arc<Shared>, mut r: Routed) -> Response<ProxyBody>
 where
     S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
@@ -219,44 +143,20 @@ where
     let settings = &r.route.settings;
     let deadline = r.started + settings.request_timeout;
     let max_attempts = settings.max_retries.saturating_add(1);
-    let mut tried: u128 = 0;
+    let mut tried = CandidateSet::default();
     let mut attempts: u32 = 0;
     let mut last_error: Option<ApiError> = None;
-    let mut abandoned = Abandoned {
-        shared: shared.clone(),
-        key_id: r.key.id.clone(),
-        model: r.route.model.clone(),
-        agent_id: r.agent_id.clone(),
-        streamed: r.stream,
-        priority: r.priority,
-        started: r.started,
-        attempts: 0,
-        armed: true,
-    };
-    if r.priority == Priority::Interactive
-        && let Some(agent_id) = &r.agent_id
-    {
-        shared.events.signal(Signal::Activity {
-            agent_id: agent_id.clone(),
-            at: SystemTime::now(),
-        });
-    }
-
+    let mut abandoned = Abandoned::new(&shared.events, RequestMeta::new(&r));
+    signal_activity(&shared.events, &r);
     while attempts < max_attempts {
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             last_error = Some(ApiError::gateway_timeout());
             break;
         }
         let (index, emergency) = match admit(&r, tried, deadline).await {
-            Admission::Go(i, e) => (i, e),
+            Admission::Go { index, emergency } => (index, emergency),
             Admission::Stop(e) => {
-                // Demand: the request wanted every candidate it could not get.
-                for (i, c) in r.route.candidates.iter().enumerate() {
-                    if tried & bit(i) == 0 {
-                        c.backend.runtime.demand.record(r.est_tokens);
-                    }
-                }
+                record_demand(&r, tried);
                 // After a failed attempt, its error explains more than "no capacity".
                 if last_error.is_none() || e.status == StatusCode::TOO_MANY_REQUESTS {
                     last_error = Some(e);
@@ -265,211 +165,279 @@ where
             }
         };
         if attempts > 0 {
-            metrics::counter!("claw_dp_retries_total").increment(1);
+            metrics::retry();
         }
         attempts += 1;
-        abandoned.attempts = attempts;
-        tried |= bit(index);
+        abandoned.set_attempts(attempts);
+        tried.insert(index);
         let route = r.route.clone();
         let cand = &route.candidates[index];
-        let backend = &cand.backend;
-        let guard = InFlight::new(backend.clone());
-        backend.runtime.demand.record(r.est_tokens);
+        let in_flight = InFlight::new(cand.backend.clone());
+        cand.backend.runtime.demand.record(r.est_tokens);
         // No attempt follows one that has used up the retries or the candidates.
-        let last = attempts >= max_attempts
-            || tried.count_ones() as usize >= route.candidates.len().min(MAX_CANDIDATES);
-        let Some(mut request) = build_request(&mut r, cand, last) else {
+        let last =
+            attempts >= max_attempts || tried.len() >= route.candidates.len().min(MAX_CANDIDATES);
+        let Some(result) = attempt(&mut inner, &mut r, cand, attempts, last, deadline).await else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
-        let attempt_span = genai::attempt_span(
-            &r.span,
-            r.path,
-            &cand.native,
-            &backend.id,
-            &backend.base_url,
-            attempts,
-        );
-        genai::inject(&attempt_span, request.headers_mut());
-        let timeout = backend
-            .timeout
-            .min(deadline.saturating_duration_since(Instant::now()));
-        let result = match inner.ready().await {
-            Ok(svc) => {
-                svc.call(Attempt {
-                    request,
-                    target: backend.target.clone(),
-                    timeout,
-                })
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        if !attempt_span.is_none() {
-            end_attempt_span(&attempt_span, &result);
-        }
-        let now = Instant::now();
-        let rt = &backend.runtime;
-        match result {
-            Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => {
-                attempt_metric(backend, "rate_limited");
-                let retry_after = res
-                    .headers()
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let policy = r.snapshot.pool(backend.pool).cooldown;
-                let (until, consecutive) = shared.cooldowns.start_local(
-                    &backend.id,
-                    &rt.cooldown,
-                    &policy,
-                    retry_after,
-                    now,
-                );
-                shared.events.signal(Signal::Failure(Failure {
-                    at: SystemTime::now(),
-                    backend_id: backend.id.clone(),
-                    kind: FailureKind::RateLimited,
-                    status: Some(429),
-                    retry_after,
-                    consecutive,
-                    cooldown: Some(until.saturating_duration_since(now)),
-                    summary: "rate limited (429)",
-                }));
-                last_error = Some(ApiError::capacity_rate_limited(retry_after_secs(
-                    until.saturating_duration_since(now),
-                )));
-            }
-            Ok(res) if res.status().is_server_error() => {
-                attempt_metric(backend, "server_error");
-                tracing::debug!(backend = %backend.name, status = res.status().as_u16(), "upstream server error");
-                shared.events.signal(failure(
-                    backend,
-                    FailureKind::ServerError,
-                    Some(res.status().as_u16()),
-                    "upstream server error",
-                ));
-                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
-                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
+        let class = classify(&result, SystemTime::now);
+        match react(&shared, &r, cand, emergency, class, result.as_ref().err()) {
+            Some(error) => last_error = Some(error),
+            // Only a response is classified as the answer.
+            None => {
+                if let Ok(res) = result {
+                    return respond(&shared, &r, cand, res, in_flight, abandoned.disarm());
                 }
-                last_error = Some(ApiError::bad_gateway());
-            }
-            Ok(res) => {
-                if res.status().is_success() {
-                    cand.metrics(&r.route.model).attempt_success.increment(1);
-                } else {
-                    attempt_metric(backend, "client_error");
-                }
-                if rt.cooldown.on_success() > 0 {
-                    shared.events.signal(Signal::Recovered {
-                        backend_id: backend.id.clone(),
-                        at: SystemTime::now(),
-                    });
-                }
-                rt.outlier.on_success(now);
-                if emergency {
-                    tracing::info!(backend = %backend.name, "emergency admission while cooling");
-                }
-                abandoned.armed = false;
-                return respond(&shared, &r, cand, res, guard, attempts);
-            }
-            Err(e) => {
-                attempt_metric(backend, e.label());
-                let (kind, summary) = match e {
-                    UpstreamError::Connect => (FailureKind::Connect, "connect error"),
-                    UpstreamError::Timeout => (FailureKind::Timeout, "no response in time"),
-                    UpstreamError::Failed => (
-                        FailureKind::ServerError,
-                        "connection failed after the request was sent",
-                    ),
-                };
-                shared.events.signal(failure(backend, kind, None, summary));
-                if e == UpstreamError::Connect {
-                    // Nothing reached the backend: give its tokens back.
-                    rt.rpm.refund(1.0);
-                    if backend.tpm.is_some() {
-                        rt.tpm.refund(r.est_tokens);
-                    }
-                }
-                if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
-                    tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, "ejecting failing backend");
-                }
-                last_error = Some(if e == UpstreamError::Timeout {
-                    ApiError::gateway_timeout()
-                } else {
-                    ApiError::bad_gateway()
-                });
             }
         }
     }
-    abandoned.armed = false;
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
-    let latency = r.started.elapsed();
-    metrics::counter!("claw_dp_requests_total", "model" => r.route.model.clone(), "backend" => "", "status" => status_label(err.status.as_u16())).increment(1);
-    metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => r.route.model.clone()).record(latency.as_secs_f64());
-    if !r.span.is_none() {
-        genai::record_retries(&r.span, attempts);
-        let error_type = err.code.unwrap_or(err.kind);
-        genai::end_request(&r.span, err.status.as_u16(), None, Some(error_type));
-    }
-    shared.events.emit(RequestOutcome {
-        client_key_id: r.key.id.clone(),
-        agent_id: r.agent_id.clone(),
-        model: r.route.model.clone(),
-        backend_id: None,
-        status: err.status.as_u16(),
-        streamed: r.stream,
-        priority: r.priority,
-        latency,
-        ttft: None,
-        attempts,
-        usage: None,
-        usage_estimated: false,
-        end: None,
-        cost: None,
-    });
+    let error_type = err.code.unwrap_or(err.kind);
+    abandoned
+        .disarm()
+        .proxy_answered(&shared.events, err.status, error_type, &r.span);
     err.into_response()
 }
 
-/// Accounts a request whose client left before any answer (hyper drops the
-/// request future): waiting in the queue or for an upstream's response head.
-/// It is reported with status 499 and no usage — the upstream, cut off before
-/// its head, produced nothing billable.
-struct Abandoned {
-    shared: Arc<Shared>,
-    key_id: Arc<str>,
-    model: Arc<str>,
-    agent_id: Option<String>,
-    streamed: bool,
-    priority: Priority,
-    started: Instant,
-    attempts: u32,
-    armed: bool,
-}
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let latency = self.started.elapsed();
-        metrics::counter!("claw_dp_requests_total", "model" => self.model.clone(), "backend" => "", "status" => "499").increment(1);
-        self.shared.events.emit(RequestOutcome {
-            client_key_id: self.key_id.clone(),
-            agent_id: self.agent_id.take(),
-            model: self.model.clone(),
-            backend_id: None,
-            status: 499,
-            streamed: self.streamed,
-            priority: self.priority,
-            latency,
-            ttft: None,
-            attempts: self.attempts,
-            usage: None,
-            usage_estimated: false,
-            end: Some(End::ClientGone),
-            cost: None,
+/// An interactive request tells the control plane its agent is active.
+fn signal_activity(events: &EventSink, r: &Routed) {
+    if r.priority == Priority::Interactive
+        && let Some(agent_id) = &r.agent_id
+    {
+        events.signal(Signal::Activity {
+            agent_id: agent_id.clone(),
+            at: SystemTime::now(),
         });
     }
+}
+
+/// Demand: a request that gets no (further) attempt wanted every candidate
+/// it has not tried.
+fn record_demand(r: &Routed, tried: CandidateSet) {
+    let cands = r.route.candidates.iter().take(MAX_CANDIDATES);
+    for (i, c) in cands.enumerate() {
+        if !tried.contains(i) {
+            c.backend.runtime.demand.record(r.est_tokens);
+        }
+    }
+}
+
+/// Sends attempt `n` of `r` to `cand` under the attempt's own span; `None`
+/// when no request can be built for the backend.
+async fn attempt<S>(
+    inner: &mut S,
+    r: &mut Routed,
+    cand: &Candidate,
+    n: u32,
+    last: bool,
+    deadline: Instant,
+) -> Option<Result<Response<Incoming>, UpstreamError>>
+where
+    S: Service<Attempt, Response = Response<Incoming>, Error = UpstreamError>,
+{
+    let backend = &cand.backend;
+    let mut request = build_request(r, cand, last)?;
+    let span = genai::attempt_span(
+        &r.span,
+        r.path,
+        &cand.native,
+        &backend.id,
+        &backend.base_url,
+        n,
+    );
+    genai::inject(&span, request.headers_mut());
+    let timeout = backend
+        .timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let result = match inner.ready().await {
+        Ok(svc) => {
+            svc.call(Attempt {
+                request,
+                target: backend.target.clone(),
+                timeout,
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if !span.is_none() {
+        end_attempt_span(&span, &result);
+    }
+    Some(result)
+}
+
+/// What an attempt's result means for the request: the retry policy's
+/// whole decision, apart from its effects ([`react`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptClass {
+    /// 429: cool the backend (for its `Retry-After`, if it sent one), try
+    /// the next candidate.
+    RateLimited {
+        /// The upstream's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx: counts towards ejection, try the next candidate.
+    ServerError(u16),
+    /// No connection: nothing reached the backend.
+    Connect,
+    /// No response head in time.
+    Timeout,
+    /// The connection failed after the request was sent.
+    Failed,
+    /// Anything else (2xx, 4xx but 429): the answer, streamed to the client.
+    Answer(u16),
+}
+
+impl AttemptClass {
+    /// `claw_dp_upstream_attempts_total{outcome}`.
+    fn outcome(self) -> &'static str {
+        match self {
+            AttemptClass::RateLimited { .. } => "rate_limited",
+            AttemptClass::ServerError(_) => "server_error",
+            // As `UpstreamError::label`.
+            AttemptClass::Connect => "connect_error",
+            AttemptClass::Timeout => "timeout",
+            AttemptClass::Failed => "failed",
+            AttemptClass::Answer(s) if (200..300).contains(&s) => "success",
+            AttemptClass::Answer(_) => "client_error",
+        }
+    }
+}
+
+/// Classifies an attempt's result. Pure: `wall` (the wall clock, for a
+/// `Retry-After` date) is read only for a 429 with a `Retry-After`.
+fn classify<B>(
+    result: &Result<Response<B>, UpstreamError>,
+    wall: impl FnOnce() -> SystemTime,
+) -> AttemptClass {
+    match result {
+        Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => AttemptClass::RateLimited {
+            retry_after: res
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| parse_retry_after(v, wall())),
+        },
+        Ok(res) if res.status().is_server_error() => {
+            AttemptClass::ServerError(res.status().as_u16())
+        }
+        Ok(res) => AttemptClass::Answer(res.status().as_u16()),
+        Err(UpstreamError::Connect(_)) => AttemptClass::Connect,
+        Err(UpstreamError::Timeout) => AttemptClass::Timeout,
+        Err(UpstreamError::Failed(_)) => AttemptClass::Failed,
+    }
+}
+
+/// The effects of an attempt on `cand`, by its class: the attempt metric,
+/// the failure signal, the cooldown (429), outlier accounting, the token
+/// refund (connect errors). `None` for the answer; otherwise the error the
+/// request gets if no attempt follows. `error`, when there was no response,
+/// goes into the ejection's log line.
+fn react(
+    shared: &Shared,
+    r: &Routed,
+    cand: &Candidate,
+    emergency: bool,
+    class: AttemptClass,
+    error: Option<&UpstreamError>,
+) -> Option<ApiError> {
+    let backend = &cand.backend;
+    let rt = &backend.runtime;
+    let now = Instant::now();
+    match class {
+        AttemptClass::Answer(s) if (200..300).contains(&s) => {
+            cand.metrics(&r.route.model).attempt_success.increment(1);
+        }
+        _ => metrics::upstream_attempt(backend.id.clone(), class.outcome()),
+    }
+    let (kind, status, summary) = match class {
+        AttemptClass::Answer(_) => {
+            answered(shared, backend, emergency, now);
+            return None;
+        }
+        AttemptClass::RateLimited { retry_after } => {
+            return Some(cool(shared, r, backend, retry_after, now));
+        }
+        AttemptClass::ServerError(status) => {
+            tracing::debug!(backend = %backend.name, status, "upstream server error");
+            (
+                FailureKind::ServerError,
+                Some(status),
+                "upstream server error",
+            )
+        }
+        AttemptClass::Connect => (FailureKind::Connect, None, "connect error"),
+        AttemptClass::Timeout => (FailureKind::Timeout, None, "no response in time"),
+        AttemptClass::Failed => (
+            FailureKind::ServerError,
+            None,
+            "connection failed after the request was sent",
+        ),
+    };
+    shared
+        .events
+        .signal(Signal::failure(&backend.id, kind, status, summary));
+    if class == AttemptClass::Connect {
+        // Nothing reached the backend: give its tokens back.
+        rt.rpm.refund(1.0);
+        if backend.tpm.is_some() {
+            rt.tpm.refund(r.est_tokens);
+        }
+    }
+    if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
+        let cause = error.and_then(std::error::Error::source);
+        tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
+    }
+    Some(match class {
+        AttemptClass::Timeout => ApiError::gateway_timeout(),
+        _ => ApiError::bad_gateway(),
+    })
+}
+
+/// An answer from `backend`: the end of its 429 run and of its failures.
+fn answered(shared: &Shared, backend: &Backend, emergency: bool, now: Instant) {
+    let rt = &backend.runtime;
+    if rt.cooldown.on_success() > 0 {
+        shared.events.signal(Signal::Recovered {
+            backend_id: backend.id.clone(),
+            at: SystemTime::now(),
+        });
+    }
+    rt.outlier.on_success(now);
+    if emergency {
+        tracing::info!(backend = %backend.name, "emergency admission while cooling");
+    }
+}
+
+/// A 429 from `backend`: cools it here (and, through the signal, on the
+/// rest of the fleet); the request's error says when to come back.
+fn cool(
+    shared: &Shared,
+    r: &Routed,
+    backend: &Backend,
+    retry_after: Option<Duration>,
+    now: Instant,
+) -> ApiError {
+    let policy = r.snapshot.pool(backend.pool).cooldown;
+    let (until, consecutive) = shared.cooldowns.start_local(
+        &backend.id,
+        &backend.runtime.cooldown,
+        &policy,
+        retry_after,
+        now,
+    );
+    let cooldown = until.saturating_duration_since(now);
+    shared.events.signal(Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind: FailureKind::RateLimited,
+        status: Some(429),
+        retry_after,
+        consecutive,
+        cooldown: Some(cooldown),
+        summary: "rate limited (429)",
+    }));
+    ApiError::capacity_rate_limited(retry_after_secs(cooldown))
 }
 
 /// Records how an attempt ended on its span: the status, and `error.type`
@@ -486,31 +454,13 @@ fn end_attempt_span(span: &tracing::Span, result: &Result<Response<Incoming>, Up
     }
 }
 
-fn failure(
-    backend: &Backend,
-    kind: FailureKind,
-    status: Option<u16>,
-    summary: &'static str,
-) -> Signal {
-    Signal::Failure(Failure {
-        at: SystemTime::now(),
-        backend_id: backend.id.clone(),
-        kind,
-        status,
-        retry_after: None,
-        consecutive: 0,
-        cooldown: None,
-        summary,
-    })
-}
-
 fn respond(
     shared: &Arc<Shared>,
     r: &Routed,
     cand: &Candidate,
     res: Response<Incoming>,
     guard: InFlight,
-    attempts: u32,
+    meta: RequestMeta,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -530,29 +480,18 @@ fn respond(
         &cand.native,
         &cand.backend.id,
         &cand.backend.base_url,
-        attempts,
+        meta.attempts(),
     );
-    let tracker = Tracker {
-        span: r.span.clone(),
-        events: shared.events.clone(),
-        _in_flight: guard,
-        backend: cand.backend.clone(),
-        metrics: cand.metrics.clone(),
-        prices: cand.prices,
-        model: r.route.model.clone(),
-        key_id: r.key.id.clone(),
-        agent_id: r.agent_id.clone(),
-        status: parts.status,
-        streamed: r.stream,
-        priority: r.priority,
-        started: r.started,
-        first_byte: None,
-        attempts,
-        est_tokens: r.est_tokens,
-        est_prompt_tokens: r.est_prompt_tokens,
-        collected: (json && !sse && parts.status.is_success()).then(Vec::new),
-        collected_len: 0,
-    };
+    let collect = json && !sse && parts.status.is_success();
+    let tracker = Tracker::new(
+        meta,
+        shared.events.clone(),
+        guard,
+        r,
+        cand,
+        parts.status,
+        collect,
+    );
     let success = parts.status.is_success();
     let mut body = UpstreamBody::new(body, sse, tracker);
     if sse
@@ -568,142 +507,102 @@ fn respond(
     Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
-/// Follows a response body to its end, then records metrics, reconciles the
-/// tpm reservation and emits the [`RequestOutcome`].
-pub struct Tracker {
-    /// The request's span: it ends when the body does.
-    span: tracing::Span,
-    events: EventSink,
-    _in_flight: InFlight,
-    backend: Arc<Backend>,
-    metrics: Arc<OnceLock<CandidateMetrics>>,
-    prices: Prices,
-    model: Arc<str>,
-    key_id: Arc<str>,
-    agent_id: Option<String>,
-    status: StatusCode,
-    streamed: bool,
-    priority: Priority,
-    started: Instant,
-    first_byte: Option<Instant>,
-    attempts: u32,
-    est_tokens: f64,
-    est_prompt_tokens: u64,
-    collected: Option<Vec<Bytes>>,
-    collected_len: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Tracker {
-    /// Usage of a JSON answer collected whole.
-    fn json_usage(&mut self) -> Option<Usage> {
-        let chunks = self.collected.take()?;
-        if let [one] = chunks.as_slice() {
-            return Usage::from_body(one);
+    fn answer(status: u16, retry_after: Option<String>) -> Result<Response<()>, UpstreamError> {
+        let mut res = Response::builder().status(status);
+        if let Some(v) = retry_after {
+            res = res.header(header::RETRY_AFTER, v);
         }
-        let mut buf = Vec::with_capacity(self.collected_len);
-        for c in &chunks {
-            buf.extend_from_slice(c);
-        }
-        Usage::from_body(&buf)
+        Ok(res.body(()).unwrap())
     }
 
-    /// Usage of the answer and whether it is an estimate: a stream that
-    /// ended without a usage chunk is counted from its content events.
-    fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
-        match sse {
-            Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
-            Some(t) => {
-                let (p, c) = (self.est_prompt_tokens, t.content_events);
-                let u = Usage {
-                    prompt_tokens: p,
-                    completion_tokens: c,
-                    total_tokens: p + c,
-                    cached_tokens: 0,
-                };
-                (Some(u), true)
-            }
-            None => (self.json_usage(), false),
-        }
-    }
-}
-
-impl Observer for Tracker {
-    fn on_data(&mut self, chunk: &Bytes) {
-        if self.first_byte.is_none() {
-            let now = Instant::now();
-            self.first_byte = Some(now);
-            if self.streamed {
-                metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => self.model.clone())
-                    .record((now - self.started).as_secs_f64());
-            }
-        }
-        if let Some(c) = self.collected.as_mut() {
-            self.collected_len += chunk.len();
-            if self.collected_len > MAX_USAGE_BODY {
-                self.collected = None;
-            } else {
-                c.push(chunk.clone());
-            }
-        }
+    fn wall() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
     }
 
-    fn on_end(&mut self, end: End, sse: Option<SseTally>) {
-        let latency = self.started.elapsed();
-        let (usage, usage_estimated) = self.usage(sse);
-        if !self.span.is_none() {
-            let error = if end == End::UpstreamError {
-                Some("stream_broken")
-            } else {
-                self.status.is_server_error().then(|| self.status.as_str())
-            };
-            let tokens = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
-            genai::end_request(&self.span, self.status.as_u16(), tokens, error);
-        }
-        if end == End::UpstreamError {
-            self.events.signal(failure(
-                &self.backend,
-                FailureKind::StreamBroken,
-                None,
-                "the answer broke off mid-stream",
-            ));
-        }
-        let model = self.model.clone();
-        let m = self
-            .metrics
-            .get_or_init(|| CandidateMetrics::new(&model, &self.backend.id));
-        if self.status == StatusCode::OK {
-            m.requests_ok.increment(1);
-        } else {
-            metrics::counter!("claw_dp_requests_total", "model" => model.clone(), "backend" => self.backend.id.clone(), "status" => status_label(self.status.as_u16())).increment(1);
-        }
-        m.duration.record(latency.as_secs_f64());
-        let mut cost = None;
-        if let Some(u) = usage {
-            m.tokens_input.record(u.prompt_tokens as f64);
-            m.tokens_output.record(u.completion_tokens as f64);
-            cost = Some(u.cost(&self.prices));
-            if self.backend.tpm.is_some() {
-                self.backend
-                    .runtime
-                    .tpm
-                    .reconcile(self.est_tokens, u.total_tokens as f64);
+    fn no_clock() -> SystemTime {
+        panic!("the wall clock is read only for a 429 with a Retry-After")
+    }
+
+    #[test]
+    fn a_429_with_retry_after_is_rate_limited_for_that_long() {
+        assert_eq!(
+            classify(&answer(429, Some("7".into())), wall),
+            AttemptClass::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
             }
+        );
+        let date = httpdate::fmt_http_date(wall() + Duration::from_secs(30));
+        assert_eq!(
+            classify(&answer(429, Some(date)), wall),
+            AttemptClass::RateLimited {
+                retry_after: Some(Duration::from_secs(30))
+            }
+        );
+    }
+
+    #[test]
+    fn a_429_without_retry_after_is_rate_limited_for_the_policy_to_decide() {
+        assert_eq!(
+            classify(&answer(429, None), no_clock),
+            AttemptClass::RateLimited { retry_after: None }
+        );
+        assert_eq!(
+            classify(&answer(429, Some("soon".into())), wall),
+            AttemptClass::RateLimited { retry_after: None }
+        );
+    }
+
+    #[test]
+    fn a_5xx_is_a_server_error() {
+        for status in [500, 502, 503, 599] {
+            assert_eq!(
+                classify(&answer(status, Some("5".into())), no_clock),
+                AttemptClass::ServerError(status)
+            );
         }
-        self.events.emit(RequestOutcome {
-            client_key_id: self.key_id.clone(),
-            agent_id: self.agent_id.take(),
-            model,
-            backend_id: Some(self.backend.id.clone()),
-            status: self.status.as_u16(),
-            streamed: self.streamed,
-            priority: self.priority,
-            latency,
-            ttft: self.first_byte.map(|t| t - self.started),
-            attempts: self.attempts,
-            usage,
-            usage_estimated,
-            end: Some(end),
-            cost,
-        });
+        assert_eq!(AttemptClass::ServerError(500).outcome(), "server_error");
+    }
+
+    #[test]
+    fn a_connect_error_is_connect_and_a_failure_after_sending_is_failed() {
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Connect("refused".into())), no_clock),
+            AttemptClass::Connect
+        );
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Failed("reset".into())), no_clock),
+            AttemptClass::Failed
+        );
+        assert_eq!(AttemptClass::Connect.outcome(), "connect_error");
+        assert_eq!(AttemptClass::Failed.outcome(), "failed");
+    }
+
+    #[test]
+    fn a_timeout_is_a_timeout() {
+        assert_eq!(
+            classify::<()>(&Err(UpstreamError::Timeout), no_clock),
+            AttemptClass::Timeout
+        );
+        assert_eq!(AttemptClass::Timeout.outcome(), "timeout");
+    }
+
+    #[test]
+    fn success_and_other_client_errors_are_the_answer() {
+        assert_eq!(
+            classify(&answer(200, None), no_clock),
+            AttemptClass::Answer(200)
+        );
+        assert_eq!(AttemptClass::Answer(200).outcome(), "success");
+        for status in [400, 404, 422] {
+            assert_eq!(
+                classify(&answer(status, None), no_clock),
+                AttemptClass::Answer(status)
+            );
+            assert_eq!(AttemptClass::Answer(status).outcome(), "client_error");
+        }
     }
 }

@@ -431,11 +431,9 @@ impl SnapshotStore {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    // Re-exported for the request path's unit tests (`route.rs`) until they
-    // import `crate::test_util` themselves.
-    pub(crate) use crate::test_util::{backend, key};
+    use crate::test_util::{backend, key};
     use sha2::Digest;
 
     fn snap(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {

@@ -24,8 +24,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BoxError;
 use crate::usage::{SseTally, SseUsage};
+
+/// Boxed error of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The SSE event sent to the client when the upstream disconnects mid-stream.
 pub const SSE_UPSTREAM_DISCONNECTED: &[u8] = b"data: {\"error\":{\"message\":\"The upstream backend disconnected mid-stream.\",\"type\":\"upstream_error\",\"code\":\"upstream_disconnected\"}}\n\n";
@@ -294,20 +296,17 @@ async fn drain<B, O>(
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
 
     #[derive(Clone, Default)]
     struct Seen(Arc<Mutex<(usize, Option<End>)>>);
     impl Observer for Seen {
         fn on_data(&mut self, _: &Bytes) {
-            if let Ok(mut g) = self.0.lock() {
-                g.0 += 1;
-            }
+            self.0.lock().0 += 1;
         }
         fn on_end(&mut self, end: End, _: Option<SseTally>) {
-            if let Ok(mut g) = self.0.lock() {
-                g.1 = Some(end);
-            }
+            self.0.lock().1 = Some(end);
         }
     }
 
@@ -335,8 +334,8 @@ mod tests {
         assert_eq!(&f2[..], SSE_UPSTREAM_DISCONNECTED);
         assert!(b.frame().await.unwrap().is_err());
         assert!(b.frame().await.is_none());
-        assert_eq!(seen.0.lock().unwrap().1, Some(End::UpstreamError));
-        assert_eq!(seen.0.lock().unwrap().0, 1);
+        assert_eq!(seen.0.lock().1, Some(End::UpstreamError));
+        assert_eq!(seen.0.lock().0, 1);
     }
 
     type Ended = Option<(End, Option<SseTally>)>;
@@ -345,9 +344,7 @@ mod tests {
     impl Observer for Tallied {
         fn on_data(&mut self, _: &Bytes) {}
         fn on_end(&mut self, end: End, sse: Option<SseTally>) {
-            if let Ok(mut g) = self.0.lock() {
-                *g = Some((end, sse));
-            }
+            *self.0.lock() = Some((end, sse));
         }
     }
 
@@ -376,7 +373,7 @@ mod tests {
             std::str::from_utf8(&got).unwrap(),
             "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: [DONE]\n\n"
         );
-        let (end, tally) = seen.0.lock().unwrap().unwrap();
+        let (end, tally) = seen.0.lock().unwrap();
         assert_eq!(end, End::Complete);
         let tally = tally.unwrap();
         assert_eq!(tally.content_events, 1);
@@ -400,12 +397,12 @@ mod tests {
         b.frame().await.unwrap().unwrap();
         drop(b);
         for _ in 0..100 {
-            if seen.0.lock().unwrap().is_some() {
+            if seen.0.lock().is_some() {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        let (end, tally) = seen.0.lock().unwrap().unwrap();
+        let (end, tally) = seen.0.lock().unwrap();
         assert_eq!(end, End::ClientGone);
         let tally = tally.unwrap();
         assert_eq!(tally.content_events, 2);
@@ -427,11 +424,11 @@ mod tests {
             f.unwrap();
         }
         drop(b);
-        assert_eq!(seen.0.lock().unwrap().1, Some(End::Complete));
+        assert_eq!(seen.0.lock().1, Some(End::Complete));
 
         let seen = Seen::default();
         let b = UpstreamBody::new(body_of(vec![Ok("x")]), true, seen.clone());
         drop(b);
-        assert_eq!(seen.0.lock().unwrap().1, Some(End::ClientGone));
+        assert_eq!(seen.0.lock().1, Some(End::ClientGone));
     }
 }

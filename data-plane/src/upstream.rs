@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,8 +32,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 use tower::Service;
+
+use crate::stream::BoxError;
 
 /// An idle connection older than this is closed instead of reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -131,27 +134,28 @@ impl UpstreamTarget {
     }
 }
 
-/// Why an attempt produced no response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why an attempt produced no response, with the cause the connector or
+/// hyper gave (for the logs; built only on the failure path).
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The connection could not be established (nothing was sent).
     #[error("connect error")]
-    Connect,
+    Connect(#[source] BoxError),
     /// No response headers within the timeout.
     #[error("timeout")]
     Timeout,
     /// The connection failed after the request was sent.
     #[error("upstream connection failed")]
-    Failed,
+    Failed(#[source] BoxError),
 }
 
 impl UpstreamError {
     /// Label for `claw_dp_upstream_attempts_total{outcome}`.
-    pub fn label(self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
-            UpstreamError::Connect => "connect_error",
+            UpstreamError::Connect(_) => "connect_error",
             UpstreamError::Timeout => "timeout",
-            UpstreamError::Failed => "failed",
+            UpstreamError::Failed(_) => "failed",
         }
     }
 }
@@ -239,7 +243,7 @@ impl Upstream {
     }
 
     fn checkout(&self, key: &str) -> Option<Sender> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.pool.lock();
         pool.checkout(key, Instant::now())
     }
 
@@ -248,11 +252,11 @@ impl Upstream {
         let mut connector = self.connector.clone();
         let io = connector.call(target.origin.clone()).await.map_err(|e| {
             tracing::debug!(upstream = %target.origin(), error = %e, "upstream connect failed");
-            UpstreamError::Connect
+            UpstreamError::Connect(e)
         })?;
         let (sender, conn) = http1::handshake(io).await.map_err(|e| {
             tracing::debug!(upstream = %target.origin(), error = %e, "upstream handshake failed");
-            UpstreamError::Connect
+            UpstreamError::Connect(e.into())
         })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -272,7 +276,7 @@ impl Upstream {
                 .is_ok()
                 && let Some(pool) = pool.upgrade()
             {
-                let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = pool.lock();
                 pool.put(&key, sender, Instant::now());
             }
         });
@@ -305,11 +309,11 @@ impl Upstream {
                     // the upstream.
                     Some(_) => {
                         tracing::debug!(upstream = %target.origin(), error = %e.error(), "new connection closed before the request went out");
-                        return Err(UpstreamError::Connect);
+                        return Err(UpstreamError::Connect(e.into_error().into()));
                     }
                     None => {
                         tracing::debug!(upstream = %target.origin(), error = %e.error(), "upstream request failed");
-                        return Err(UpstreamError::Failed);
+                        return Err(UpstreamError::Failed(e.into_error().into()));
                     }
                 },
             }
@@ -332,7 +336,7 @@ impl Service<Attempt> for Upstream {
         Box::pin(async move {
             tokio::time::timeout(timeout, send)
                 .await
-                .unwrap_or(Err(UpstreamError::Timeout))
+                .unwrap_or_else(|_| Err(UpstreamError::Timeout))
         })
     }
 }
@@ -392,7 +396,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers sent upstream, minus the backend's `Authorization` and
-/// `Host`: the client's headers without those [`not_forwarded`] and those
+/// `Host`: the client's headers without those `not_forwarded` and those
 /// named in `Connection`, with `content-type: application/json` (the proxy
 /// always sends a JSON body). One pass over the client's headers.
 pub fn upstream_headers(h: HeaderMap) -> HeaderMap {
@@ -610,7 +614,7 @@ mod tests {
             // The connection goes back to the pool from its own task.
             for _ in 0..1000 {
                 let pooled = {
-                    let pool = up.pool.lock().expect("pool");
+                    let pool = up.pool.lock();
                     pool.idle
                         .get(&*target.pool_key)
                         .is_some_and(|l| !l.is_empty())
@@ -653,7 +657,7 @@ mod tests {
             .call(attempt(&target, Duration::from_secs(5)))
             .await
             .expect_err("refused");
-        assert_eq!(err, UpstreamError::Connect);
+        assert!(matches!(err, UpstreamError::Connect(_)), "{err:?}");
 
         // Accepts, never answers.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -665,7 +669,7 @@ mod tests {
             .call(attempt(&target, Duration::from_millis(200)))
             .await
             .expect_err("silent");
-        assert_eq!(err, UpstreamError::Timeout);
+        assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
         drop(silent);
     }
 

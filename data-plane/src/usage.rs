@@ -23,6 +23,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
+use crate::json::{self, Member};
+
 /// Token usage reported by the upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -59,14 +61,14 @@ impl Usage {
     /// Reads the `usage` member of a whole JSON answer without building a
     /// DOM of the rest.
     ///
-    /// A byte scan ([`top_level_member`]) finds the top-level `usage` value
+    /// A byte scan ([`json::top_level_member`]) finds the top-level `usage` value
     /// and only that value is deserialized: the answer's other members
     /// (the completion text, mostly) are stepped over, not parsed. Whatever
     /// the scan does not expect — escapes in a key, a repeated `usage`,
     /// unbalanced brackets, trailing bytes — goes to serde for the whole
-    /// body, which decides as before.
+    /// body, which decides.
     pub fn from_body(body: &[u8]) -> Option<Usage> {
-        match top_level_member(body, b"usage") {
+        match json::top_level_member(body, b"usage") {
             Member::Found(value) => serde_json::from_slice::<Option<UsageJson>>(&body[value])
                 .ok()?
                 .map(Usage::from),
@@ -98,141 +100,6 @@ impl Usage {
         (self.prompt_tokens - cached) as f64 * prices.input
             + cached as f64 * cache_price
             + self.completion_tokens as f64 * prices.output
-    }
-}
-
-/// What [`top_level_member`] found.
-#[derive(Debug, PartialEq, Eq)]
-enum Member {
-    /// The member's value spans these bytes.
-    Found(std::ops::Range<usize>),
-    /// The object has no such member.
-    Absent,
-    /// Not a shape the scan vouches for: parse it properly.
-    Unsure,
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-        i += 1;
-    }
-    i
-}
-
-/// `b[i]` opens a string: the index after its closing quote.
-fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
-    i += 1;
-    loop {
-        i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
-        if b[i] == b'"' {
-            return Some(i + 1);
-        }
-        i += 2;
-    }
-}
-
-/// `b[i]` starts a value: the index after it. Strings and brackets are
-/// followed exactly (up to 128 levels); scalars are taken as the run of
-/// bytes a number or literal can hold.
-fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => skip_string(b, i),
-        b'{' | b'[' => {
-            // One bit per open bracket: 1 for an object.
-            let mut stack: u128 = 0;
-            let mut depth = 0u32;
-            let mut j = i;
-            loop {
-                match *b.get(j)? {
-                    b'"' => {
-                        j = skip_string(b, j)?;
-                        continue;
-                    }
-                    c @ (b'{' | b'[') => {
-                        if depth == 128 {
-                            return None;
-                        }
-                        stack = (stack << 1) | u128::from(c == b'{');
-                        depth += 1;
-                    }
-                    c @ (b'}' | b']') => {
-                        if depth == 0 || (stack & 1 == 1) != (c == b'}') {
-                            return None;
-                        }
-                        stack >>= 1;
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let n = b[i..]
-                .iter()
-                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.'))
-                .count();
-            (n > 0).then_some(i + n)
-        }
-    }
-}
-
-/// Finds the value of the top-level member `key` of the JSON object `b`
-/// by stepping over the others. `Unsure` whenever the body is not plainly
-/// one object whose keys need no unescaping and that holds `key` at most
-/// once.
-fn top_level_member(b: &[u8], key: &[u8]) -> Member {
-    let scan = || -> Option<Option<std::ops::Range<usize>>> {
-        let mut i = skip_ws(b, 0);
-        if b.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        let mut found = None;
-        if b.get(i) == Some(&b'}') {
-            i += 1;
-        } else {
-            loop {
-                if b.get(i) != Some(&b'"') {
-                    return None;
-                }
-                let end = skip_string(b, i)?;
-                let name = &b[i + 1..end - 1];
-                if name.contains(&b'\\') {
-                    return None;
-                }
-                i = skip_ws(b, end);
-                if b.get(i) != Some(&b':') {
-                    return None;
-                }
-                let start = skip_ws(b, i + 1);
-                i = skip_value(b, start)?;
-                if name == key {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(start..i);
-                }
-                i = skip_ws(b, i);
-                match b.get(i) {
-                    Some(b',') => i = skip_ws(b, i + 1),
-                    Some(b'}') => {
-                        i += 1;
-                        break;
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        (skip_ws(b, i) == b.len()).then_some(found)
-    };
-    match scan() {
-        Some(Some(range)) => Member::Found(range),
-        Some(None) => Member::Absent,
-        None => Member::Unsure,
     }
 }
 
@@ -643,6 +510,7 @@ fn usage_null(data: &[u8], at: usize) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::top_level_member;
 
     /// A chat stream as an OpenAI-compatible upstream sends it, with or
     /// without `include_usage`.

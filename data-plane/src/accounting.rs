@@ -1,0 +1,370 @@
+//! Per-request accounting: every proxied request ends in exactly one
+//! [`RequestOutcome`], whoever answered and however the answer ended.
+//!
+//! - An upstream answer is followed to the end of its body by a [`Tracker`]
+//!   (the [`Observer`] of [`crate::stream::UpstreamBody`]): time to first
+//!   byte, usage from the JSON body or the SSE stream (estimated when a
+//!   stream reports none), tpm reconciliation, cost, metrics, the request's
+//!   span.
+//! - An error the proxy answers itself (no capacity, every attempt failed)
+//!   is accounted by [`RequestMeta::proxy_answered`].
+//! - A client that leaves before any answer (hyper drops the request future
+//!   while it waits in the queue or for a response head) is accounted when
+//!   the [`Abandoned`] guard drops: status 499, no usage.
+//!
+//! The three share one [`RequestMeta`] (what is known of the request before
+//! an answer), which alone builds the [`RequestOutcome`]. [`InFlight`] counts
+//! the request on its backend for least-loaded selection until the body ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use claw_telemetry::genai;
+use http::StatusCode;
+use tokio::time::Instant;
+
+use crate::events::{EventSink, FailureKind, RequestOutcome, Signal, Usage};
+use crate::metrics::{self, CandidateMetrics, status_label};
+use crate::queue::Priority;
+use crate::snapshot::{Backend, Candidate};
+use crate::stream::{End, Observer};
+use crate::target::Routed;
+use crate::usage::{Prices, SseTally};
+
+/// Largest non-streaming JSON body inspected for `usage`.
+const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
+
+/// Counts a request in flight on a backend until dropped.
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    /// Counts one more request on `b`.
+    #[inline]
+    pub fn new(b: Arc<Backend>) -> Self {
+        b.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(b)
+    }
+}
+
+impl Drop for InFlight {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.runtime.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What every outcome of a request carries, known before any answer.
+pub struct RequestMeta {
+    key_id: Arc<str>,
+    model: Arc<str>,
+    agent_id: Option<String>,
+    streamed: bool,
+    priority: Priority,
+    started: Instant,
+    /// Upstream attempts made so far.
+    attempts: u32,
+}
+
+/// What an upstream answer adds to its outcome.
+struct Answered {
+    backend_id: Arc<str>,
+    ttft: Option<Duration>,
+    usage: Option<Usage>,
+    usage_estimated: bool,
+    cost: Option<f64>,
+}
+
+impl RequestMeta {
+    /// The meta of `r`, before its first attempt.
+    #[inline]
+    pub fn new(r: &Routed) -> Self {
+        RequestMeta {
+            key_id: r.key.id.clone(),
+            model: r.route.model.clone(),
+            agent_id: r.agent_id.clone(),
+            streamed: r.stream,
+            priority: r.priority,
+            started: r.started,
+            attempts: 0,
+        }
+    }
+
+    /// Upstream attempts made so far.
+    #[inline]
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The one place a [`RequestOutcome`] is built.
+    #[inline]
+    fn outcome(
+        &mut self,
+        status: u16,
+        latency: Duration,
+        end: Option<End>,
+        answered: Option<Answered>,
+    ) -> RequestOutcome {
+        let (backend_id, ttft, usage, usage_estimated, cost) = match answered {
+            Some(a) => (
+                Some(a.backend_id),
+                a.ttft,
+                a.usage,
+                a.usage_estimated,
+                a.cost,
+            ),
+            None => (None, None, None, false, None),
+        };
+        RequestOutcome {
+            client_key_id: self.key_id.clone(),
+            agent_id: self.agent_id.take(),
+            model: self.model.clone(),
+            backend_id,
+            status,
+            streamed: self.streamed,
+            priority: self.priority,
+            latency,
+            ttft,
+            attempts: self.attempts,
+            usage,
+            usage_estimated,
+            end,
+            cost,
+        }
+    }
+
+    /// Accounts an error the proxy answers itself (`status`, of OpenAI
+    /// code or type `error_type`) after `self.attempts` attempts: metrics,
+    /// the request's span, the outcome.
+    pub fn proxy_answered(
+        mut self,
+        events: &EventSink,
+        status: StatusCode,
+        error_type: &'static str,
+        span: &tracing::Span,
+    ) {
+        let latency = self.started.elapsed();
+        metrics::request(self.model.clone(), "", status_label(status.as_u16()));
+        metrics::request_duration_histogram(self.model.clone()).record(latency.as_secs_f64());
+        if !span.is_none() {
+            genai::record_retries(span, self.attempts);
+            genai::end_request(span, status.as_u16(), None, Some(error_type));
+        }
+        events.emit(self.outcome(status.as_u16(), latency, None, None));
+    }
+}
+
+/// Accounts a request whose client left before any answer (hyper drops the
+/// request future): waiting in the queue or for an upstream's response head.
+/// It is reported with status 499 and no usage — the upstream, cut off before
+/// its head, produced nothing billable. [`Abandoned::disarm`] hands the meta
+/// on once the request has an answer.
+pub struct Abandoned<'a> {
+    events: &'a EventSink,
+    /// `None` only after `disarm`.
+    meta: Option<RequestMeta>,
+}
+
+impl<'a> Abandoned<'a> {
+    /// Armed: dropping it reports a 499.
+    #[inline]
+    pub fn new(events: &'a EventSink, meta: RequestMeta) -> Self {
+        Abandoned {
+            events,
+            meta: Some(meta),
+        }
+    }
+
+    /// Records that `n` attempts have been made.
+    #[inline]
+    pub fn set_attempts(&mut self, n: u32) {
+        if let Some(m) = self.meta.as_mut() {
+            m.attempts = n;
+        }
+    }
+
+    /// The request has an answer: the meta goes on to whoever accounts it.
+    #[inline]
+    pub fn disarm(mut self) -> RequestMeta {
+        self.meta
+            .take()
+            .expect("set by `new` and taken only here, by value, so at most once")
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let Some(mut meta) = self.meta.take() else {
+            return;
+        };
+        let latency = meta.started.elapsed();
+        metrics::request(meta.model.clone(), "", "499");
+        self.events
+            .emit(meta.outcome(499, latency, Some(End::ClientGone), None));
+    }
+}
+
+/// Follows a response body to its end, then records metrics, reconciles the
+/// tpm reservation and emits the [`RequestOutcome`].
+pub struct Tracker {
+    meta: RequestMeta,
+    /// The request's span: it ends when the body does.
+    span: tracing::Span,
+    events: EventSink,
+    _in_flight: InFlight,
+    backend: Arc<Backend>,
+    metrics: Arc<OnceLock<CandidateMetrics>>,
+    prices: Prices,
+    status: StatusCode,
+    first_byte: Option<Instant>,
+    est_tokens: f64,
+    est_prompt_tokens: u64,
+    collected: Option<Vec<Bytes>>,
+    collected_len: usize,
+}
+
+impl Tracker {
+    /// Follows the answer of `cand` to `r` (status `status`); `collect`
+    /// keeps the body for its JSON usage.
+    #[inline]
+    pub fn new(
+        meta: RequestMeta,
+        events: EventSink,
+        in_flight: InFlight,
+        r: &Routed,
+        cand: &Candidate,
+        status: StatusCode,
+        collect: bool,
+    ) -> Self {
+        Tracker {
+            meta,
+            span: r.span.clone(),
+            events,
+            _in_flight: in_flight,
+            backend: cand.backend.clone(),
+            metrics: cand.metrics.clone(),
+            prices: cand.prices,
+            status,
+            first_byte: None,
+            est_tokens: r.est_tokens,
+            est_prompt_tokens: r.est_prompt_tokens,
+            collected: collect.then(Vec::new),
+            collected_len: 0,
+        }
+    }
+
+    /// Usage of a JSON answer collected whole.
+    fn json_usage(&mut self) -> Option<Usage> {
+        let chunks = self.collected.take()?;
+        if let [one] = chunks.as_slice() {
+            return Usage::from_body(one);
+        }
+        let mut buf = Vec::with_capacity(self.collected_len);
+        for c in &chunks {
+            buf.extend_from_slice(c);
+        }
+        Usage::from_body(&buf)
+    }
+
+    /// Usage of the answer and whether it is an estimate: a stream that
+    /// ended without a usage chunk is counted from its content events.
+    fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
+        match sse {
+            Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
+            Some(t) => {
+                let (p, c) = (self.est_prompt_tokens, t.content_events);
+                let u = Usage {
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    total_tokens: p + c,
+                    cached_tokens: 0,
+                };
+                (Some(u), true)
+            }
+            None => (self.json_usage(), false),
+        }
+    }
+}
+
+impl Observer for Tracker {
+    #[inline]
+    fn on_data(&mut self, chunk: &Bytes) {
+        if self.first_byte.is_none() {
+            let now = Instant::now();
+            self.first_byte = Some(now);
+            if self.meta.streamed {
+                metrics::time_to_first_token(
+                    self.meta.model.clone(),
+                    (now - self.meta.started).as_secs_f64(),
+                );
+            }
+        }
+        if let Some(c) = self.collected.as_mut() {
+            self.collected_len += chunk.len();
+            if self.collected_len > MAX_USAGE_BODY {
+                self.collected = None;
+            } else {
+                c.push(chunk.clone());
+            }
+        }
+    }
+
+    fn on_end(&mut self, end: End, sse: Option<SseTally>) {
+        let latency = self.meta.started.elapsed();
+        let (usage, usage_estimated) = self.usage(sse);
+        if !self.span.is_none() {
+            let error = if end == End::UpstreamError {
+                Some("stream_broken")
+            } else {
+                self.status.is_server_error().then(|| self.status.as_str())
+            };
+            let tokens = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+            genai::end_request(&self.span, self.status.as_u16(), tokens, error);
+        }
+        if end == End::UpstreamError {
+            self.events.signal(Signal::failure(
+                &self.backend.id,
+                FailureKind::StreamBroken,
+                None,
+                "the answer broke off mid-stream",
+            ));
+        }
+        let m = self
+            .metrics
+            .get_or_init(|| CandidateMetrics::new(&self.meta.model, &self.backend.id));
+        if self.status == StatusCode::OK {
+            m.requests_ok.increment(1);
+        } else {
+            metrics::request(
+                self.meta.model.clone(),
+                self.backend.id.clone(),
+                status_label(self.status.as_u16()),
+            );
+        }
+        m.duration.record(latency.as_secs_f64());
+        let mut cost = None;
+        if let Some(u) = usage {
+            m.tokens_input.record(u.prompt_tokens as f64);
+            m.tokens_output.record(u.completion_tokens as f64);
+            cost = Some(u.cost(&self.prices));
+            if self.backend.tpm.is_some() {
+                self.backend
+                    .runtime
+                    .tpm
+                    .reconcile(self.est_tokens, u.total_tokens as f64);
+            }
+        }
+        let answered = Answered {
+            backend_id: self.backend.id.clone(),
+            ttft: self.first_byte.map(|t| t - self.meta.started),
+            usage,
+            usage_estimated,
+            cost,
+        };
+        let outcome = self
+            .meta
+            .outcome(self.status.as_u16(), latency, Some(end), Some(answered));
+        self.events.emit(outcome);
+    }
+}

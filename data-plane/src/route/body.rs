@@ -1,0 +1,324 @@
+//! Reading and understanding a request body.
+//!
+//! - [`read_body`]: the whole body, within a size limit and a deadline; an
+//!   oversized one is read on ("lingering") so the client sees the 413.
+//! - [`scan_body`]: the fast path, `model`, `stream` and the output cap read
+//!   without building a `Value` (the body is then forwarded as received with
+//!   `model` spliced in); [`parse_body`]: the general path, a whole `Value`.
+//! - [`estimate_tokens`], [`prompt_estimate`]: what a request reserves on tpm.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Body;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::json::Shape;
+use crate::stream::BoxError;
+
+/// How much of an oversized body is read and thrown away before answering
+/// 413, and for how long: without this "lingering" read, a client still
+/// uploading gets a connection reset instead of the 413 (the kernel resets a
+/// socket closed with unread data), as nginx's `lingering_close` avoids.
+pub const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
+const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads the whole body: 413 above `max` bytes (after the lingering read),
+/// 408 when it takes longer than `timeout`, 400 when it fails.
+pub async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut oversize: Option<(usize, tokio::time::Instant)> = None;
+    loop {
+        let until = match oversize {
+            Some((_, drain_until)) => drain_until.min(deadline),
+            None => deadline,
+        };
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) if oversize.is_some() => return Err(ApiError::payload_too_large(max)),
+            Err(_) => return Err(ApiError::request_timeout()),
+            Ok(None) => break,
+            Ok(Some(Err(_))) if oversize.is_some() => {
+                return Err(ApiError::payload_too_large(max));
+            }
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::bad_request("Could not read the request body."));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        match &mut oversize {
+            Some((drained, _)) => {
+                *drained += data.len();
+                if *drained > OVERSIZE_DRAIN_BYTES {
+                    return Err(ApiError::payload_too_large(max));
+                }
+            }
+            None if buf.len() + data.len() > max => {
+                buf.clear();
+                let drain_until = tokio::time::Instant::now() + OVERSIZE_DRAIN_TIME;
+                oversize = Some((data.len(), drain_until));
+            }
+            None => buf.extend_from_slice(&data),
+        }
+    }
+    match oversize {
+        Some(_) => Err(ApiError::payload_too_large(max)),
+        None => Ok(buf.freeze()),
+    }
+}
+
+/// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
+pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
+    let max_out = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(0);
+    max_out as f64 + prompt_estimate(body_len) as f64
+}
+
+/// About four bytes of request body per prompt token.
+pub fn prompt_estimate(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+/// Parses a JSON request body into its top-level object and canonical model.
+pub fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}.")))?;
+    let Value::Object(map) = v else {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+        ));
+    };
+    match map.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => {
+            let m = m.clone();
+            Ok((map, m))
+        }
+        _ => Err(ApiError::bad_model()),
+    }
+}
+
+/// What routing needs from a body, read without building a `Value`.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The canonical model.
+    pub model: String,
+    /// Byte range of the `model` value (a JSON string, quotes included).
+    pub model_span: std::ops::Range<usize>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`, when an unsigned integer.
+    pub max_out: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Model,
+    Stream,
+    MaxCompletionTokens,
+    MaxTokens,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, k: &str) -> Result<Key, E> {
+                Ok(match k {
+                    "model" => Key::Model,
+                    "stream" => Key::Stream,
+                    "max_completion_tokens" => Key::MaxCompletionTokens,
+                    "max_tokens" => Key::MaxTokens,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct Top<'a> {
+    model: &'a RawValue,
+    stream: bool,
+    max_out: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Top<'de>, A::Error> {
+                let mut model: Option<&'de RawValue> = None;
+                let (mut stream, mut mct, mut mt) = (Shape::Other, Shape::Other, Shape::Other);
+                while let Some(k) = a.next_key::<Key>()? {
+                    match k {
+                        Key::Model => {
+                            // A repeated `model` takes the general path.
+                            if model.replace(a.next_value()?).is_some() {
+                                return Err(de::Error::custom("duplicate model"));
+                            }
+                        }
+                        Key::Stream => stream = a.next_value()?,
+                        Key::MaxCompletionTokens => mct = a.next_value()?,
+                        Key::MaxTokens => mt = a.next_value()?,
+                        Key::Other => {
+                            a.next_value::<Shape>()?;
+                        }
+                    }
+                }
+                let max_out = [mct, mt].into_iter().find_map(|s| match s {
+                    Shape::U64(n) => Some(n),
+                    _ => None,
+                });
+                Ok(Top {
+                    model: model.ok_or_else(|| de::Error::custom("no model"))?,
+                    stream: stream == Shape::True,
+                    max_out,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Reads `model`, `stream` and the output cap of a body without building a
+/// `Value`, validating it as [`parse_body`] would. `None` whenever the body
+/// is anything but a valid object with one non-empty string `model`: the
+/// caller then takes [`parse_body`], which gives the general answer (the
+/// same result, or the error to send).
+pub fn scan_body(bytes: &[u8]) -> Option<Scanned> {
+    let top: Top<'_> = serde_json::from_slice(bytes).ok()?;
+    let raw = top.model.get();
+    if !raw.starts_with('"') {
+        return None;
+    }
+    // A plain string is its own content; escapes are decoded (and checked).
+    let inner = &raw[1..raw.len() - 1];
+    let model = if inner.contains('\\') {
+        serde_json::from_str::<String>(raw).ok()?
+    } else {
+        inner.to_string()
+    };
+    if model.is_empty() {
+        return None;
+    }
+    let start = raw.as_ptr() as usize - bytes.as_ptr() as usize;
+    Some(Scanned {
+        model,
+        model_span: start..start + raw.len(),
+        stream: top.stream,
+        max_out: top.max_out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::RequestBody;
+
+    #[test]
+    fn body_parsing_rejects_bad_input() {
+        assert!(parse_body(b"{not json").is_err());
+        assert!(parse_body(b"[1,2]").is_err());
+        assert!(parse_body(b"{\"messages\":[]}").is_err());
+        assert!(parse_body(b"{\"model\":42}").is_err());
+        assert!(parse_body(b"{\"model\":\"\"}").is_err());
+        assert!(parse_body(b"{\"model\":\"m\xff\"}").is_err());
+        assert!(parse_body(b"").is_err());
+        let (map, m) = parse_body(br#"{"model":"gpt","max_tokens":100}"#).unwrap();
+        assert_eq!(m, "gpt");
+        assert_eq!(estimate_tokens(&map, 400), 200.0);
+    }
+
+    #[test]
+    fn scanning_agrees_with_parsing() {
+        let bodies: &[&[u8]] = &[
+            br#"{"model":"gpt","max_tokens":100}"#,
+            br#" { "messages" : [ {"role":"user","content":"h\u00e9 \"x\""} ], "model" : "gpt" , "stream":false } "#,
+            br#"{"model":"g\u0070t","max_completion_tokens":7,"max_tokens":9}"#,
+            br#"{"model":"gpt","max_completion_tokens":1.5,"max_tokens":9}"#,
+            br#"{"model":"gpt","max_tokens":-0}"#,
+            br#"{"model":"gpt","max_tokens":-3}"#,
+            br#"{"model":"gpt","max_tokens":1e2}"#,
+            br#"{"model":"gpt","max_tokens":18446744073709551616}"#,
+            br#"{"model":"gpt","stream":true}"#,
+            br#"{"mod\u0065l":"gpt","stream":"true"}"#,
+            br#"{"model":"a","model":"b"}"#,
+            br#"{"model":"gpt","x":"\ud800"}"#,
+            br#"{"model":"\ud800"}"#,
+            br#"{"model":"gpt","x":[1,2,{"a":null}]} x"#,
+            br#"{"model":"gpt","x":"a	b"}"#,
+            b"{\"model\":\"gpt\",\"x\":\"\xff\"}",
+            br#"{"model":null}"#,
+            br#"{"model":["gpt"]}"#,
+            br#"{"model":""}"#,
+            br#"{"model":"gpt",}"#,
+            br#"{"model":"gpt","n":01}"#,
+            br#"[1,2]"#,
+            b"",
+        ];
+        for b in bodies {
+            let parsed = parse_body(b);
+            match scan_body(b) {
+                Some(s) => {
+                    let (map, m) = parsed
+                        .unwrap_or_else(|_| panic!("scan accepted {}", String::from_utf8_lossy(b)));
+                    assert_eq!(s.model, m);
+                    assert_eq!(s.stream, map.get("stream") == Some(&Value::Bool(true)));
+                    assert_eq!(
+                        s.max_out.unwrap_or(0) as f64 + prompt_estimate(b.len()) as f64,
+                        estimate_tokens(&map, b.len())
+                    );
+                    let mut raw = RequestBody::Raw {
+                        bytes: Bytes::copy_from_slice(b),
+                        model: s.model_span,
+                    };
+                    let sent: Value =
+                        serde_json::from_slice(&raw.with_model("n\"é").unwrap()).unwrap();
+                    let mut want = map.clone();
+                    want.insert("model".into(), Value::String("n\"é".into()));
+                    assert_eq!(sent, Value::Object(want));
+                }
+                None => {
+                    // Only the general path's cases: errors, or a repeated model.
+                    assert!(parsed.is_err() || b.starts_with(br#"{"model":"a","model""#));
+                }
+            }
+        }
+        // Deeply nested values: both reject past serde_json's recursion limit.
+        for depth in [100, 126, 127, 128, 200] {
+            let b = format!(
+                "{{\"model\":\"m\",\"x\":{}{}}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            assert_eq!(
+                scan_body(b.as_bytes()).is_some(),
+                parse_body(b.as_bytes()).is_ok(),
+                "depth {depth}"
+            );
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The typed requests the layers hand inward, each a layer's contract with
+//! the next (as linkerd's `Param` targets are):
+//!
+//! - [`Authenticated`]: set by [`crate::auth`] as a request extension, read
+//!   by [`crate::limits`] and [`crate::route`];
+//! - [`Routed`]: what [`crate::route`] hands [`crate::retry`] once the body
+//!   is read and the model resolved, with its [`RequestBody`].
+//!
+//! A leaf: it names only configuration ([`crate::snapshot`]) and plain data.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::queue::Priority;
+use crate::snapshot::{ClientKey, Route, Snapshot};
+use crate::usage::StreamUsage;
+
+/// Set by [`crate::auth::Auth`] on every request it lets through (a
+/// request extension): the snapshot and key the whole request is served under.
+#[derive(Clone)]
+pub struct Authenticated {
+    /// The snapshot this request is served under.
+    pub snapshot: Arc<Snapshot>,
+    /// The client's key.
+    pub key: Arc<ClientKey>,
+}
+
+/// A parsed, routed request on its way to the retry layer.
+pub struct Routed {
+    /// The snapshot the request is served under.
+    pub snapshot: Arc<Snapshot>,
+    /// The client key.
+    pub key: Arc<ClientKey>,
+    /// The model's route.
+    pub route: Arc<Route>,
+    /// Upstream path after the base URL (`/chat/completions`).
+    pub path: &'static str,
+    /// The client's query string, if any.
+    pub query: Option<String>,
+    /// Headers to forward (already filtered).
+    pub headers: HeaderMap,
+    /// The JSON body; `model` is rewritten per attempt.
+    pub body: RequestBody,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Scheduling class.
+    pub priority: Priority,
+    /// `x-claw-agent-id`.
+    pub agent_id: Option<String>,
+    /// Estimated tokens (max output + prompt estimate), reserved on tpm.
+    pub est_tokens: f64,
+    /// Estimated prompt tokens (the fallback when a stream reports no usage).
+    pub est_prompt_tokens: u64,
+    /// For streaming completions: whether the client asked for usage or the
+    /// proxy did on its behalf ([`crate::usage::request_stream_usage`]).
+    pub stream_usage: Option<StreamUsage>,
+    /// Arrival time.
+    pub started: Instant,
+    /// The request's trace span ([`tracing::Span::none`] unless traces are
+    /// exported, see [`claw_telemetry::genai`]).
+    pub span: tracing::Span,
+}
+
+/// A request body on its way upstream, with `model` rewritten per attempt.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// The client's bytes, forwarded as they are except for the `model`
+    /// value at `model` (its JSON string, quotes included), which is
+    /// replaced by the native id.
+    Raw {
+        /// The body as received.
+        bytes: Bytes,
+        /// Byte range of the `model` value.
+        model: std::ops::Range<usize>,
+    },
+    /// A body that changes structurally (a stream asking for usage):
+    /// parsed whole and serialised per attempt.
+    Json(Map<String, Value>),
+}
+
+impl RequestBody {
+    /// The body to send with `model` set to `native`.
+    pub fn with_model(&mut self, native: &str) -> Option<Bytes> {
+        match self {
+            RequestBody::Raw { bytes, model } => {
+                let mut out = Vec::with_capacity(bytes.len() - model.len() + native.len() + 2 + 8);
+                out.extend_from_slice(&bytes[..model.start]);
+                serde_json::to_writer(&mut out, native).ok()?;
+                out.extend_from_slice(&bytes[model.end..]);
+                Some(Bytes::from(out))
+            }
+            RequestBody::Json(map) => {
+                map.insert("model".into(), Value::String(native.to_string()));
+                serde_json::to_vec(map).ok().map(Bytes::from)
+            }
+        }
+    }
+}
