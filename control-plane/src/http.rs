@@ -23,9 +23,9 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::shutdown::Shutdown;
 
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,7 +93,7 @@ pub async fn serve(
     listener: TcpListener,
     state: HttpState,
     tls: Option<Arc<rustls::ServerConfig>>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let tls = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -122,7 +122,7 @@ pub async fn serve(
                     }
                 });
             }
-            () = crate::server::stopped(&mut shutdown) => break,
+            () = shutdown.stopped() => break,
         }
     }
     drop(listener);

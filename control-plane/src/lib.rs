@@ -44,6 +44,7 @@ pub mod proxies;
 pub mod report;
 pub mod server;
 pub mod shares;
+pub mod shutdown;
 pub mod stats;
 pub mod store;
 

@@ -24,8 +24,12 @@ use claw_proto::v1;
 use tokio::sync::{mpsc, watch};
 
 use crate::catalog::records::{now_ms, timestamp};
-use crate::discovery::Push;
 use crate::metrics;
+
+/// The sending half of one proxy's discovery stream: a response sent here
+/// goes out on that stream, which stamps its nonce. Dropping the last sender
+/// ends the stream.
+pub type Push = mpsc::Sender<v1::StreamConfigResponse>;
 
 /// How long a disconnected proxy stays listed.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
@@ -77,7 +81,7 @@ pub struct ConnectionId(u64);
 #[derive(Debug)]
 struct Live {
     id: ConnectionId,
-    tx: mpsc::Sender<Push>,
+    tx: Push,
 }
 
 #[derive(Debug)]
@@ -156,7 +160,7 @@ impl ProxyRegistry {
     /// Records a proxy that opened a stream whose responses `tx` feeds.
     /// Replaces (and thereby ends) an older stream of the same node id;
     /// what was learnt about the node (acked version, last NACK) is kept.
-    pub fn connect(&self, node_id: &str, peer_address: &str, tx: mpsc::Sender<Push>) -> Connected {
+    pub fn connect(&self, node_id: &str, peer_address: &str, tx: Push) -> Connected {
         let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
         let connected = self.mutate(|map, now| {
             let entry = map.entry(node_id.to_string()).or_insert_with(|| Entry {
@@ -234,7 +238,7 @@ impl ProxyRegistry {
     }
 
     /// The channel to a connected proxy's stream.
-    pub fn sender(&self, node_id: &str) -> Option<mpsc::Sender<Push>> {
+    pub fn sender(&self, node_id: &str) -> Option<Push> {
         self.read()
             .get(node_id)
             .and_then(|e| e.live.as_ref())
@@ -242,7 +246,7 @@ impl ProxyRegistry {
     }
 
     /// The channels to every connected proxy's stream, by node id.
-    pub fn senders(&self) -> Vec<(String, mpsc::Sender<Push>)> {
+    pub fn senders(&self) -> Vec<(String, Push)> {
         self.read()
             .iter()
             .filter_map(|(id, e)| e.live.as_ref().map(|l| (id.clone(), l.tx.clone())))
@@ -292,7 +296,7 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    fn channel() -> (mpsc::Sender<Push>, mpsc::Receiver<Push>) {
+    fn channel() -> (Push, mpsc::Receiver<v1::StreamConfigResponse>) {
         mpsc::channel(1)
     }
 

@@ -50,6 +50,7 @@ use crate::discovery::{self, Debounce, DiscoveryApi};
 use crate::http::{self, HttpState};
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::proxies::ProxyRegistry;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::store::sled::SledStore;
 
@@ -209,6 +210,7 @@ impl Server {
             .context("building gRPC reflection")?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = Shutdown::new(stop_rx);
         let mut grpc_stop = stop_rx.clone();
         let (snapshots, publisher) =
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
@@ -279,7 +281,7 @@ impl Server {
             ));
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
-        let grpc_stopped = async move { stopped(&mut grpc_stop).await };
+        let grpc_stopped = async move { grpc_stop.stopped().await };
         let mut grpc_task =
             match grpc_tls {
                 Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
@@ -370,14 +372,8 @@ fn no_delay(
     })
 }
 
-/// Completes once `stop` turns true (or its sender is gone). The borrow of
-/// the channel value ends inside, so callers' futures stay `Send`.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Updates the catalog gauges whenever the configuration version changes.
-async fn keep_gauges(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+async fn keep_gauges(catalog: Arc<Catalog>, mut stop: Shutdown) {
     let mut versions = catalog.subscribe();
     loop {
         tokio::select! {
@@ -387,22 +383,19 @@ async fn keep_gauges(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
                 }
                 metrics::record_catalog(&catalog);
             }
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }
 
 /// Periodic recorder maintenance (required when the recorder is installed
 /// without the exporter's own HTTP listener).
-async fn upkeep(
-    handle: metrics_exporter_prometheus::PrometheusHandle,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(METRICS_UPKEEP);
     loop {
         tokio::select! {
             _ = tick.tick() => handle.run_upkeep(),
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

@@ -62,10 +62,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::discovery::Push;
+use crate::proxies::Push;
 use crate::report::directory::{BackendInfo, Backends, Directory};
 
 /// Tunables of the share assignment.
@@ -261,7 +260,7 @@ struct Grant {
 
 #[derive(Debug, Default)]
 struct Node {
-    tx: Option<mpsc::Sender<Push>>,
+    tx: Option<Push>,
     gone_at: Option<Instant>,
     demand: HashMap<String, Rate>,
     demand_at: Option<Instant>,
@@ -392,7 +391,7 @@ impl Shares {
 
     /// Sets the connected proxies (and their channels). Returns whether the
     /// set changed.
-    pub fn set_members(&self, members: Vec<(String, mpsc::Sender<Push>)>) -> bool {
+    pub fn set_members(&self, members: Vec<(String, Push)>) -> bool {
         let now = Instant::now();
         let recent = now.checked_sub(self.settings.propagation).unwrap_or(now);
         let mut inner = self.lock();
@@ -443,7 +442,7 @@ impl Shares {
 
     /// Re-evaluates every share and returns the messages to push, by
     /// proxy.
-    pub fn evaluate(&self) -> Vec<(mpsc::Sender<Push>, StreamConfigResponse)> {
+    pub fn evaluate(&self) -> Vec<(Push, StreamConfigResponse)> {
         let now = Instant::now();
         let s = self.settings;
         let backends = (self.backends)();
@@ -681,6 +680,7 @@ impl Dim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn s() -> ShareSettings {
         ShareSettings::default()
@@ -794,8 +794,8 @@ mod tests {
 
     struct SimProxy {
         id: String,
-        tx: mpsc::Sender<Push>,
-        _rx: mpsc::Receiver<Push>,
+        tx: Push,
+        _rx: mpsc::Receiver<StreamConfigResponse>,
         connected: bool,
         /// The rpm share it applies now.
         applied: f64,

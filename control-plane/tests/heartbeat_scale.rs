@@ -153,7 +153,7 @@ async fn heartbeat_scheduler_at_scale() {
         HeartbeatSettings::default(),
         Arc::new(stub.clone()),
         Arc::new(NoWebhook),
-        stop_rx,
+        claw_control_plane::shutdown::Shutdown::new(stop_rx),
     )
     .expect("start");
     tokio::time::sleep(Duration::from_secs(seconds)).await;

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use claw_proto::v1::report_service_server::ReportService;
 use claw_proto::v1::{StreamReportsRequest, StreamReportsResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::report::{Fleet, metrics};
-use crate::server::stopped;
+use crate::shutdown::Shutdown;
 
 /// Acknowledgements buffered per stream before the reader waits.
 const ACK_CAPACITY: usize = 64;
@@ -27,13 +27,13 @@ const MAX_ID: usize = 253;
 #[derive(Debug, Clone)]
 pub struct ReportApi {
     fleet: Arc<Fleet>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 }
 
 impl ReportApi {
     /// A service storing batches through `fleet`, ending its streams once
     /// `stop` turns true.
-    pub fn new(fleet: Arc<Fleet>, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(fleet: Arc<Fleet>, stop: Shutdown) -> Self {
         ReportApi { fleet, stop }
     }
 }
@@ -92,7 +92,7 @@ async fn serve(
     fleet: Arc<Fleet>,
     mut inbound: Streaming<StreamReportsRequest>,
     acks: Acks,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     metrics::streams(1.0);
     let mut dropped = 0u64;
@@ -100,7 +100,7 @@ async fn serve(
     loop {
         let batch = tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = stop.stopped() => break,
             m = inbound.message() => match m {
                 Ok(Some(b)) => b,
                 Ok(None) => break,

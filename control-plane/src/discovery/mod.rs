@@ -9,9 +9,9 @@
 //!   bookkeeping by nonce, cleanup.
 //! - `nonce`: unique nonces per response.
 //!
-//! The same stream will carry incremental messages (cooldowns, rate
-//! shares): any module reaches one proxy or all of them through the
-//! [`Push`] senders the registry holds. Incremental messages (no snapshot)
+//! The same stream carries incremental messages (cooldowns, rate shares):
+//! any module reaches one proxy or all of them through the
+//! [`Push`](crate::proxies::Push) senders the registry holds. Incremental messages (no snapshot)
 //! carry no nonce and expect no answer.
 //!
 //! Shutdown: when the control plane stops, every session ends its response
@@ -27,24 +27,18 @@ use std::sync::Arc;
 
 use claw_proto::v1::discovery_service_server::DiscoveryService;
 use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Catalog;
 use crate::proxies::ProxyRegistry;
+use crate::shutdown::Shutdown;
 
 pub use publish::{Debounce, Latest};
 
 /// Responses buffered per stream before sending waits for the proxy.
 const OUTBOUND_CAPACITY: usize = 8;
-
-/// A message another module wants delivered on one proxy's stream.
-#[derive(Debug, Clone)]
-pub enum Push {
-    /// Send this response; the stream stamps its nonce.
-    Message(StreamConfigResponse),
-}
 
 /// What every stream shares.
 #[derive(Debug)]
@@ -52,7 +46,7 @@ struct Shared {
     catalog: Arc<Catalog>,
     registry: Arc<ProxyRegistry>,
     snapshots: Latest,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     nonces: nonce::Nonces,
 }
 
@@ -70,7 +64,7 @@ impl DiscoveryApi {
         catalog: Arc<Catalog>,
         registry: Arc<ProxyRegistry>,
         snapshots: Latest,
-        stop: watch::Receiver<bool>,
+        stop: Shutdown,
     ) -> Self {
         DiscoveryApi {
             shared: Arc::new(Shared {

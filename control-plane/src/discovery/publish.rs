@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::metrics;
-use crate::server::stopped;
+use crate::shutdown::Shutdown;
 
 /// The latest snapshot, `None` until the first build succeeds.
 pub type Latest = watch::Receiver<Option<Arc<Snapshot>>>;
@@ -51,7 +51,7 @@ impl Default for Debounce {
 pub fn spawn(
     catalog: Arc<Catalog>,
     debounce: Debounce,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> (Latest, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(run(catalog, tx, debounce, stop));
@@ -62,7 +62,7 @@ async fn run(
     catalog: Arc<Catalog>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     debounce: Debounce,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut versions = catalog.subscribe();
     let mut retry = RETRY_INITIAL;
@@ -80,7 +80,7 @@ async fn run(
                 );
                 tokio::select! {
                     () = tokio::time::sleep(retry) => {}
-                    () = stopped(&mut stop) => return,
+                    () = stop.stopped() => return,
                 }
                 retry = (retry * 2).min(RETRY_MAX);
                 continue;
@@ -93,11 +93,11 @@ async fn run(
                     return;
                 }
             }
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
         tokio::select! {
             () = settle(&mut versions, debounce) => {}
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

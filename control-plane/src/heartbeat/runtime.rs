@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::delivery::{DeliveryConfig, DeliveryWorker, HttpWebhook, SecretSource, Webhook};
@@ -14,6 +14,7 @@ use super::runs::RunStore;
 use super::scheduler::{Deps, Scheduler, SchedulerConfig, SchedulerHandle, SystemClock};
 use crate::catalog::Catalog;
 use crate::fleet::{AgentActivity, Capacity};
+use crate::shutdown::Shutdown;
 
 /// Name of the client key the control plane mints for its heartbeat runs.
 pub const INTERNAL_KEY_NAME: &str = "claw-heartbeat";
@@ -112,7 +113,7 @@ impl Dispatcher for Arc<LazyKeyDispatcher> {
 pub fn start(
     catalog: Arc<Catalog>,
     settings: HeartbeatSettings,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     let client = super::dispatch::http_client()?;
     let proxy_client = match &settings.proxy_ca {
@@ -135,7 +136,7 @@ pub fn start_with(
     settings: HeartbeatSettings,
     dispatcher: Arc<dyn Dispatcher>,
     webhook: Arc<dyn Webhook>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     super::metrics::describe();
     let runs = RunStore::new(catalog.heartbeat_store());
@@ -178,7 +179,7 @@ pub fn start_with(
     ))
 }
 
-async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: Shutdown) {
     let mut versions = catalog.subscribe();
     loop {
         if catalog.agent_count().unwrap_or(0) > 0 {
@@ -189,12 +190,12 @@ async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: watch::Rece
         }
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { return },
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }
 
-async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: watch::Receiver<bool>) {
+async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
@@ -202,7 +203,7 @@ async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: watch::Rece
                 let horizon = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24);
                 activity.forget_before(horizon);
             }
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

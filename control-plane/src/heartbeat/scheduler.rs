@@ -55,6 +55,7 @@ use super::{checklist, metrics, reply, slots};
 use crate::catalog::Catalog;
 use crate::catalog::records;
 use crate::fleet::{AgentActivity, Capacity};
+use crate::shutdown::Shutdown;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
@@ -382,7 +383,7 @@ impl Scheduler {
     pub async fn run(
         mut self,
         mut deliveries: mpsc::UnboundedReceiver<DeliveryOutcome>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) {
         let mut versions = self.deps.catalog.subscribe();
         versions.mark_unchanged();
@@ -415,7 +416,7 @@ impl Scheduler {
                     }
                     reload = true;
                 }
-                () = crate::server::stopped(&mut stop) => {
+                () = stop.stopped() => {
                     self.flush_batch().await;
                     return;
                 }

@@ -32,15 +32,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use claw_proto::v1::{FailureKind, StreamConfigResponse, StreamReportsRequest, UsageTotals};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::catalog::Catalog;
 use crate::catalog::records::now_ms;
 use crate::cooldowns::{self, Change, FleetCooldowns};
-use crate::discovery::Push;
 use crate::fleet::{AgentActivity, Capacity};
-use crate::proxies::ProxyRegistry;
+use crate::proxies::{ProxyRegistry, Push};
 use crate::shares::{ShareSettings, Shares};
+use crate::shutdown::Shutdown;
 use crate::stats::keys::{self, Dims};
 use crate::stats::totals;
 use crate::store::{Store, StoreError, Tree};
@@ -220,14 +220,14 @@ impl Fleet {
 
     /// Follows the registry (proxies connecting and leaving) and re-evaluates
     /// rate shares every tick, until `stop`.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut stop: Shutdown) {
         let mut members = self.registry.subscribe();
         let mut tick = tokio::time::interval(self.shares.settings().tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut known: Vec<(String, mpsc::Sender<Push>)> = Vec::new();
+        let mut known: Vec<(String, Push)> = Vec::new();
         loop {
             tokio::select! {
-                () = crate::server::stopped(&mut stop) => return,
+                () = stop.stopped() => return,
                 changed = members.changed() => {
                     if changed.is_err() {
                         return;
@@ -244,10 +244,7 @@ impl Fleet {
 
     /// Sends active cooldowns to proxies that just connected and updates
     /// the share assigner's membership.
-    fn on_membership(
-        &self,
-        known: Vec<(String, mpsc::Sender<Push>)>,
-    ) -> Vec<(String, mpsc::Sender<Push>)> {
+    fn on_membership(&self, known: Vec<(String, Push)>) -> Vec<(String, Push)> {
         let now = self.registry.senders();
         let active = self.cooldowns.active(now_ms());
         for (node, tx) in &now {
@@ -281,8 +278,8 @@ impl Fleet {
 
 /// Queues a message on a proxy's stream without waiting; when its queue is
 /// full, a task waits for room (messages are small and rare).
-fn push(tx: &mpsc::Sender<Push>, message: StreamConfigResponse) {
-    match tx.try_send(Push::Message(message)) {
+fn push(tx: &Push, message: StreamConfigResponse) {
+    match tx.try_send(message) {
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
         Err(mpsc::error::TrySendError::Full(m)) => {
             let tx = tx.clone();

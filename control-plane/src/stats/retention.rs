@@ -8,10 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::keys;
 use crate::catalog::records::now_ms;
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, Tree};
 
 /// Keys removed per transaction while pruning (keeps each one short).
@@ -114,12 +113,12 @@ pub fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, Store
 }
 
 /// Prunes every `retention.interval` until `stop`.
-pub async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: watch::Receiver<bool>) {
+pub async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(retention.interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
         let s = store.clone();
         let pass =
