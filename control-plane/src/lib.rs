@@ -34,7 +34,6 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
-pub mod cooldowns;
 pub mod crypto;
 pub mod discovery;
 pub mod fleet;
@@ -42,8 +41,8 @@ pub mod http;
 pub mod metrics;
 pub mod proxies;
 pub mod report;
+pub mod retention;
 pub mod server;
-pub mod shares;
 pub mod shutdown;
 pub mod stats;
 pub mod store;

@@ -47,10 +47,14 @@ use crate::api::stats::StatsApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::discovery::{self, Debounce, DiscoveryApi};
+use crate::fleet::Fleet;
+use crate::heartbeat::runs::RunStore;
 use crate::http::{self, HttpState};
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::proxies::ProxyRegistry;
+use crate::report::Ingest;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 use crate::store::Store;
 use crate::store::sled::SledStore;
 
@@ -88,6 +92,7 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// listeners.
 pub struct Server {
     config: Config,
+    store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     proxies: Arc<ProxyRegistry>,
     tls: Option<Arc<claw_tls::CertResolver>>,
@@ -120,7 +125,7 @@ impl Server {
             Arc::new(SledStore::open(&config.data_dir).with_context(|| {
                 format!("opening data directory {}", config.data_dir.display())
             })?);
-        let catalog = Catalog::open(store, config.master_key.clone())
+        let catalog = Catalog::open(store.clone(), config.master_key.clone())
             .await
             .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
         tracing::info!(
@@ -131,6 +136,7 @@ impl Server {
         );
         Ok(Server {
             config,
+            store,
             catalog: Arc::new(catalog),
             proxies: Arc::new(ProxyRegistry::new()),
             tls,
@@ -157,6 +163,7 @@ impl Server {
     ) -> anyhow::Result<()> {
         let Server {
             config,
+            store,
             catalog,
             proxies,
             tls,
@@ -216,12 +223,14 @@ impl Server {
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
+            RunStore::new(store.clone()),
             config.heartbeat.clone(),
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;
         let fleet = Arc::new(
-            crate::report::Fleet::open(
+            Fleet::open(
+                store.as_ref(),
                 catalog.clone(),
                 proxies.clone(),
                 heartbeats.activity.clone(),
@@ -231,8 +240,9 @@ impl Server {
             .context("loading the fleet cooldowns")?,
         );
         let fleet_task = tokio::spawn(fleet.clone().run(stop_rx.clone()));
-        let retention_task = tokio::spawn(crate::stats::retention::run(
-            catalog.heartbeat_store(),
+        let ingest = Arc::new(Ingest::new(store.clone(), fleet.clone()));
+        let retention_task = tokio::spawn(crate::retention::run(
+            store.clone(),
             config.retention,
             stop_rx.clone(),
         ));
@@ -268,11 +278,11 @@ impl Server {
                 admin.clone(),
             ))
             .add_service(StatsServiceServer::with_interceptor(
-                StatsApi::new(crate::stats::Stats::new(catalog.clone()), fleet.clone()),
+                StatsApi::new(Stats::new(store, catalog.clone()), fleet),
                 admin,
             ))
             .add_service(ReportServiceServer::with_interceptor(
-                ReportApi::new(fleet, stop_rx.clone()),
+                ReportApi::new(ingest, stop_rx.clone()),
                 proxy_auth.clone(),
             ))
             .add_service(DiscoveryServiceServer::with_interceptor(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
-use claw_control_plane::shares::ShareSettings;
+use claw_control_plane::fleet::shares::ShareSettings;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::client_key_service_client::ClientKeyServiceClient;
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;

@@ -20,6 +20,7 @@ use claw_control_plane::catalog::{ApplyRequest, Catalog};
 use claw_control_plane::crypto::MasterKey;
 use claw_control_plane::heartbeat::delivery::Webhook;
 use claw_control_plane::heartbeat::dispatch::{Dispatcher, RunReply, RunRequest};
+use claw_control_plane::heartbeat::runs::RunStore;
 use claw_control_plane::heartbeat::runtime::{self, HeartbeatSettings};
 use claw_control_plane::heartbeat::slots::stagger_phase;
 use claw_control_plane::store::Store;
@@ -116,7 +117,7 @@ async fn heartbeat_scheduler_at_scale() {
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&dir.path().join("data")).expect("store opens"));
     let key = MasterKey::from_hex(&"3".repeat(64)).expect("key");
-    let catalog = Arc::new(Catalog::open(store, key).await.expect("catalog"));
+    let catalog = Arc::new(Catalog::open(store.clone(), key).await.expect("catalog"));
     let (rss0, _) = memory_kb();
 
     let load = Instant::now();
@@ -150,6 +151,7 @@ async fn heartbeat_scheduler_at_scale() {
     let started = Instant::now();
     let (_hb, tasks) = runtime::start_with(
         catalog.clone(),
+        RunStore::new(store),
         HeartbeatSettings::default(),
         Arc::new(stub.clone()),
         Arc::new(NoWebhook),

@@ -8,8 +8,8 @@ use claw_proto::v1::*;
 use tonic::Request;
 
 use super::{RpcResult, ok};
-use crate::cooldowns;
-use crate::report::Fleet;
+use crate::fleet::Fleet;
+use crate::fleet::cooldowns;
 use crate::stats::{Stats, ms_of};
 
 /// Default and largest page of cooldown events.

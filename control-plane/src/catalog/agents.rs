@@ -131,12 +131,6 @@ impl Catalog {
         self.scan_records(Tree::Agents)
     }
 
-    /// The store under the catalog, for the heartbeat run log (its own
-    /// trees, written outside configuration transactions).
-    pub fn heartbeat_store(&self) -> std::sync::Arc<dyn crate::store::Store> {
-        self.store.clone()
-    }
-
     /// One agent record by exact id (`None` when absent), for the heartbeat
     /// scheduler's point reads.
     pub fn agent_record(&self, id: &str) -> Result<Option<AgentRecord>> {

@@ -399,11 +399,20 @@ pub(crate) mod testing {
     }
 
     pub async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let (dir, _, c) = store_and_catalog().await;
+        (dir, c)
+    }
+
+    /// A fresh catalog and the store under it (for the modules that keep
+    /// their own trees in the same store).
+    pub async fn store_and_catalog() -> (tempfile::TempDir, Arc<dyn Store>, Catalog) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = open_at(&dir.path().join("data"), KEY1)
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&dir.path().join("data")).expect("store opens"));
+        let c = Catalog::open(store.clone(), key(KEY1))
             .await
             .expect("catalog opens");
-        (dir, c)
+        (dir, store, c)
     }
 }
 

@@ -13,7 +13,7 @@ use super::dispatch::{Dispatcher, ProxyDispatcher, RunReply, RunRequest};
 use super::runs::RunStore;
 use super::scheduler::{Deps, Scheduler, SchedulerConfig, SchedulerHandle, SystemClock};
 use crate::catalog::Catalog;
-use crate::fleet::{AgentActivity, Capacity};
+use crate::fleet::activity::{AgentActivity, Capacity};
 use crate::shutdown::Shutdown;
 
 /// Name of the client key the control plane mints for its heartbeat runs.
@@ -112,6 +112,7 @@ impl Dispatcher for Arc<LazyKeyDispatcher> {
 /// run; a control plane without agents does not create it.
 pub fn start(
     catalog: Arc<Catalog>,
+    runs: RunStore,
     settings: HeartbeatSettings,
     stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
@@ -127,19 +128,19 @@ pub fn start(
         inner: tokio::sync::OnceCell::new(),
     });
     let webhook: Arc<dyn Webhook> = Arc::new(HttpWebhook(client));
-    start_with(catalog, settings, Arc::new(dispatcher), webhook, stop)
+    start_with(catalog, runs, settings, Arc::new(dispatcher), webhook, stop)
 }
 
 /// [`start`] with a given dispatcher and webhook client (tests, benchmarks).
 pub fn start_with(
     catalog: Arc<Catalog>,
+    runs: RunStore,
     settings: HeartbeatSettings,
     dispatcher: Arc<dyn Dispatcher>,
     webhook: Arc<dyn Webhook>,
     stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     super::metrics::describe();
-    let runs = RunStore::new(catalog.heartbeat_store());
     let activity = Arc::new(AgentActivity::new());
     let capacity = Arc::new(Capacity::new());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();

@@ -54,7 +54,7 @@ use super::runs::{ClaimOutcome, Cursor, RunKey, RunRecord, RunStore, Write};
 use super::{checklist, metrics, reply, slots};
 use crate::catalog::Catalog;
 use crate::catalog::records;
-use crate::fleet::{AgentActivity, Capacity};
+use crate::fleet::activity::{AgentActivity, Capacity};
 use crate::shutdown::Shutdown;
 
 /// Longest reply excerpt kept in a run record, in characters.
@@ -1278,13 +1278,14 @@ mod tests {
     const T0: i64 = 1_700_000_040_000;
 
     struct Rig {
+        store: Arc<dyn crate::store::Store>,
         catalog: Arc<Catalog>,
         clock: Arc<ManualClock>,
         stub: Arc<Stub>,
     }
 
     async fn rig(reply: &str, hang: bool) -> (tempfile::TempDir, Rig) {
-        let (dir, catalog) = testing::catalog().await;
+        let (dir, store, catalog) = testing::store_and_catalog().await;
         let catalog = Arc::new(catalog);
         catalog
             .create_agent(Agent {
@@ -1300,6 +1301,7 @@ mod tests {
             .await
             .expect("agent");
         let rig = Rig {
+            store,
             catalog,
             clock: Arc::new(ManualClock(AtomicI64::new(T0 - 30_000))),
             stub: Arc::new(Stub {
@@ -1318,7 +1320,7 @@ mod tests {
             let (s, h) = Scheduler::new(
                 Deps {
                     catalog: self.catalog.clone(),
-                    runs: RunStore::new(self.catalog.heartbeat_store()),
+                    runs: RunStore::new(self.store.clone()),
                     dispatcher: Arc::new(self.stub.clone()),
                     activity: activity.clone(),
                     capacity: Arc::new(Capacity::new()),
@@ -1331,7 +1333,7 @@ mod tests {
         }
 
         fn runs(&self) -> Vec<HeartbeatRun> {
-            RunStore::new(self.catalog.heartbeat_store())
+            RunStore::new(self.store.clone())
                 .list_agent("a1", 1000)
                 .expect("list")
         }
@@ -1591,7 +1593,7 @@ mod tests {
         step(&mut s, &r.clock, T0 + 60_005).await;
         let runs = r.runs();
         assert_eq!(runs[0].status, RunStatus::Delivering as i32);
-        let store = RunStore::new(r.catalog.heartbeat_store());
+        let store = RunStore::new(r.store.clone());
         let outbox = store.outbox().expect("outbox");
         assert_eq!(outbox.len(), 1);
         // The worker reports the end; the run and the outbox move together.

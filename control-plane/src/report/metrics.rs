@@ -1,5 +1,6 @@
-//! Fleet metrics of the control plane (registered in [`crate::metrics`]'s
-//! recorder).
+//! Report-stream metrics of the control plane (registered in
+//! [`crate::metrics`]'s recorder). The cooldown and rate-share metrics are in
+//! [`crate::fleet::metrics`].
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -8,9 +9,6 @@
 //! | `claw_cp_report_lag_seconds` | histogram | (now − oldest event of a stored batch) |
 //! | `claw_cp_report_dropped_events` | gauge | (sum over connected report streams of what proxies dropped) |
 //! | `claw_cp_report_streams` | gauge | |
-//! | `claw_cp_cooldowns_active` | gauge | |
-//! | `claw_cp_cooldown_pushes_total` | counter | |
-//! | `claw_cp_rate_share_assignments_total` | counter | (rate-share messages pushed) |
 
 /// Report batches by outcome.
 pub const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
@@ -22,12 +20,6 @@ pub const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
 pub const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
 /// Open report streams.
 pub const REPORT_STREAMS: &str = "claw_cp_report_streams";
-/// Backends cooling fleet-wide.
-pub const COOLDOWNS_ACTIVE: &str = "claw_cp_cooldowns_active";
-/// Cooldown messages pushed to proxies.
-pub const COOLDOWN_PUSHES_TOTAL: &str = "claw_cp_cooldown_pushes_total";
-/// Rate-share messages pushed to proxies.
-pub const RATE_SHARE_ASSIGNMENTS_TOTAL: &str = "claw_cp_rate_share_assignments_total";
 
 /// Buckets of the report lag histogram, in seconds.
 pub const LAG_BUCKETS: &[f64] = &[
@@ -48,18 +40,9 @@ pub fn describe() {
         "Events the connected proxies dropped because their report buffer overflowed"
     );
     metrics::describe_gauge!(REPORT_STREAMS, "Open report streams");
-    metrics::describe_gauge!(COOLDOWNS_ACTIVE, "Backends cooling fleet-wide");
-    metrics::describe_counter!(COOLDOWN_PUSHES_TOTAL, "Cooldown messages pushed to proxies");
-    metrics::describe_counter!(
-        RATE_SHARE_ASSIGNMENTS_TOTAL,
-        "Rate-share messages pushed to proxies"
-    );
     for result in ["stored", "duplicate"] {
         metrics::counter!(REPORT_BATCHES_TOTAL, "result" => result).increment(0);
     }
-    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(0);
-    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(0);
-    metrics::gauge!(COOLDOWNS_ACTIVE).increment(0.0);
     metrics::gauge!(REPORT_STREAMS).increment(0.0);
     metrics::gauge!(REPORT_DROPPED_EVENTS).increment(0.0);
 }
@@ -89,19 +72,4 @@ pub fn streams(delta: f64) {
 /// Adjusts the dropped-events gauge.
 pub fn dropped(delta: f64) {
     metrics::gauge!(REPORT_DROPPED_EVENTS).increment(delta);
-}
-
-/// Sets the active cooldowns gauge.
-pub fn cooldowns_active(n: usize) {
-    metrics::gauge!(COOLDOWNS_ACTIVE).set(n as f64);
-}
-
-/// Counts cooldown messages pushed.
-pub fn cooldown_pushed(n: usize) {
-    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(n as u64);
-}
-
-/// Counts rate-share messages pushed.
-pub fn shares_pushed(n: usize) {
-    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(n as u64);
 }

@@ -1,10 +1,8 @@
 //! Usage history in sled: the buckets report ingestion writes, the queries
-//! `StatsService` answers, and retention.
+//! `StatsService` answers, pruned by [`crate::retention`].
 //!
 //! - [`keys`]: the time-major bucket key layout (hourly and daily).
 //! - [`totals`]: arithmetic on `UsageTotals`, the value of every bucket.
-//! - [`retention`]: how long each kind of history is kept, and the pruning
-//!   task.
 //!
 //! Buckets are written by [`crate::report`] inside the transaction that
 //! stores a report batch, so a batch is counted exactly once. Queries here
@@ -15,7 +13,6 @@
 //! counts when its span overlaps `[start, end)`.
 
 pub mod keys;
-pub mod retention;
 pub mod totals;
 
 use std::collections::BTreeMap;
@@ -26,8 +23,6 @@ use claw_proto::v1::{self, UsageTotals};
 use crate::catalog::{Catalog, CatalogError};
 use crate::store::{Store, Tree};
 use keys::{DAY_MS, Dims, HOUR_MS};
-
-pub use retention::Retention;
 
 /// A resolved [`v1::UsageFilter`]: ids instead of names, times in unix ms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,12 +85,9 @@ impl std::fmt::Debug for Stats {
 }
 
 impl Stats {
-    /// Queries over the catalog's store.
-    pub fn new(catalog: Arc<Catalog>) -> Self {
-        Stats {
-            store: catalog.heartbeat_store(),
-            catalog,
-        }
+    /// Queries over `store`, resolving names through `catalog`.
+    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>) -> Self {
+        Stats { store, catalog }
     }
 
     /// The store (for the cooldown history).

@@ -64,8 +64,8 @@ use std::time::Duration;
 use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
 use tokio::time::Instant;
 
+use super::directory::{BackendInfo, Backends, Directory};
 use crate::proxies::Push;
-use crate::report::directory::{BackendInfo, Backends, Directory};
 
 /// Tunables of the share assignment.
 #[derive(Debug, Clone, Copy)]
@@ -276,7 +276,7 @@ struct Inner {
 }
 
 /// The rate-share assigner. Fed by report ingestion ([`Shares::observe`])
-/// and by the proxy registry ([`Shares::set_members`]); [`Shares::run`]
+/// and by the proxy registry ([`Shares::set_members`]); [`Fleet::run`](super::Fleet::run)
 /// re-evaluates every tick.
 pub struct Shares {
     inner: Mutex<Inner>,

@@ -21,9 +21,9 @@ use std::sync::{Arc, RwLock};
 
 use claw_proto::v1::{self, CooldownUpdate, FailureKind, UpstreamFailure};
 
+use super::activity::Capacity;
+use super::directory::Backends;
 use crate::catalog::records::timestamp;
-use crate::fleet::Capacity;
-use crate::report::directory::Backends;
 use crate::stats::keys::time_prefix;
 use crate::store::{Store, StoreError, Tree, Txn};
 
@@ -314,7 +314,7 @@ impl FleetCooldowns {
             let s = self.state.read().unwrap_or_else(|p| p.into_inner());
             s.values().filter(|c| c.until_ms > now_ms).count()
         };
-        crate::report::metrics::cooldowns_active(n);
+        super::metrics::cooldowns_active(n);
     }
 }
 

@@ -1,4 +1,8 @@
-//! How long the history is kept, and the task that prunes it.
+//! The history's maintenance task: how long each kind of history is kept,
+//! and the task that prunes it: usage buckets ([`crate::stats`]), cooldown
+//! events ([`crate::fleet::cooldowns`]) and the report stream's idempotency
+//! records ([`crate::report::dedup`]). It sits above all three and only
+//! deletes; none of them knows it exists.
 //!
 //! Every history tree is time-major (usage buckets, cooldown events), so
 //! pruning deletes a key prefix in small transactions and never scans what
@@ -8,9 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::keys;
 use crate::catalog::records::now_ms;
 use crate::shutdown::Shutdown;
+use crate::stats::keys;
 use crate::store::{Store, StoreError, Tree};
 
 /// Keys removed per transaction while pruning (keeps each one short).
