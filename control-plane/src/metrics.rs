@@ -9,7 +9,8 @@
 //! | `claw_cp_backends` / `claw_cp_client_keys` / `claw_cp_agents` | gauge | |
 //! | `claw_cp_master_key_rotations_total` | counter | |
 //! | `claw_heartbeat_*` | | see [`crate::heartbeat::metrics`] |
-//! | `claw_cp_report_*`, `claw_cp_cooldowns_active`, `claw_cp_rate_share_*` | | see [`crate::report::metrics`] |
+//! | `claw_cp_report_*` | | see [`crate::report::metrics`] |
+//! | `claw_cp_cooldowns_active`, `claw_cp_cooldown_pushes_total`, `claw_cp_rate_share_*` | | see [`crate::fleet::metrics`] |
 //! | `claw_cp_proxies_connected` | gauge | |
 //! | `claw_cp_proxy_acked_version_min` | gauge | |
 //! | `claw_cp_snapshot_version` | gauge | |

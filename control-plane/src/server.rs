@@ -1,7 +1,10 @@
-//! Wires the control plane together on already-bound listeners: the
-//! catalog over the sled store, the authenticated gRPC services, gRPC health
-//! and reflection, the HTTP listener, metrics; and shuts it all down
-//! gracefully.
+//! The composition root: wires the control plane together on already-bound
+//! listeners and shuts it all down gracefully. It opens the sled store once
+//! and hands the one `Arc<dyn Store>` to the catalog, the heartbeat run log,
+//! report ingestion, the fleet, stats and retention; it creates the one
+//! shutdown signal and hands a [`Shutdown`] to every task it starts; it
+//! serves the authenticated gRPC services, gRPC health and reflection, and
+//! the HTTP listener. No module below it imports it.
 //!
 //! Authentication: every `claw.v1` admin service and reflection require the
 //! admin token; the proxy-facing `DiscoveryService` and `ReportService`
@@ -199,8 +202,8 @@ impl Server {
         }
         let admin = TokenAuth::admin(&config.admin_token);
         let proxy_auth = TokenAuth::proxy(&config.proxy_token);
-        // Advertise only what is served (the descriptor set also describes
-        // services of later milestones).
+        // Advertise exactly what is served: SERVICES and the infrastructure
+        // services, nothing else the descriptor sets may describe.
         let reflection = || {
             SERVICES.iter().chain(&REFLECTED_INFRA).fold(
                 tonic_reflection::server::Builder::configure()

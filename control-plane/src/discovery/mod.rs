@@ -9,10 +9,10 @@
 //!   bookkeeping by nonce, cleanup.
 //! - `nonce`: unique nonces per response.
 //!
-//! The same stream carries incremental messages (cooldowns, rate shares):
-//! any module reaches one proxy or all of them through the
-//! [`Push`](crate::proxies::Push) senders the registry holds. Incremental messages (no snapshot)
-//! carry no nonce and expect no answer.
+//! The same stream carries incremental messages (cooldowns, rate shares,
+//! sent by [`crate::fleet`]): any module reaches one proxy or all of them
+//! through the [`Push`](crate::proxies::Push) senders the registry holds.
+//! Incremental messages (no snapshot) carry no nonce and expect no answer.
 //!
 //! Shutdown: when the control plane stops, every session ends its response
 //! stream itself (long-lived streams would otherwise hold the gRPC server's

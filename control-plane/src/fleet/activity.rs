@@ -8,9 +8,9 @@
 //!   backends serve which canonical model. A model whose every backend is
 //!   cooling has no capacity, and heartbeats on it wait.
 //!
-//! Report ingestion (the proxies' report stream) feeds both by calling
-//! [`AgentActivity::record`] and [`Capacity::cool`]; the scheduler only
-//! reads. Both are cheap, lock-protected maps: reads and writes are O(1),
+//! The [`Fleet`](super::Fleet) feeds both from the proxies' report stream,
+//! through [`AgentActivity::record`] and [`Capacity::cool`]; the scheduler
+//! only reads. Both are cheap, lock-protected maps: reads and writes are O(1),
 //! and the state is rebuilt by the proxies' reports after a restart (it is
 //! at most minutes old by nature, so it is not persisted).
 
