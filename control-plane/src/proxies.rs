@@ -15,8 +15,8 @@
 //! last contact) for [`DEFAULT_RETENTION`], so `clawctl proxies` shows the
 //! recently gone, then disappear.
 
+use parking_lot::RwLock;
 use std::collections::BTreeMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -134,16 +134,10 @@ impl ProxyRegistry {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Map> {
-        // A poisoned lock means a panic mid-update of a plain map entry;
-        // the map is still usable.
-        self.entries.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Prunes, runs `f` on the map, and refreshes the fleet gauges.
     fn mutate<T>(&self, f: impl FnOnce(&mut Map, i64) -> T) -> T {
         let now = now_ms();
-        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.entries.write();
         self.prune_locked(&mut map, now);
         let out = f(&mut map, now);
         record_gauges(&map);
@@ -239,7 +233,8 @@ impl ProxyRegistry {
 
     /// The channel to a connected proxy's stream.
     pub fn sender(&self, node_id: &str) -> Option<Push> {
-        self.read()
+        self.entries
+            .read()
             .get(node_id)
             .and_then(|e| e.live.as_ref())
             .map(|l| l.tx.clone())
@@ -247,7 +242,8 @@ impl ProxyRegistry {
 
     /// The channels to every connected proxy's stream, by node id.
     pub fn senders(&self) -> Vec<(String, Push)> {
-        self.read()
+        self.entries
+            .read()
             .iter()
             .filter_map(|(id, e)| e.live.as_ref().map(|l| (id.clone(), l.tx.clone())))
             .collect()
@@ -261,7 +257,11 @@ impl ProxyRegistry {
 
     /// How many proxies have an open stream.
     pub fn connected_count(&self) -> usize {
-        self.read().values().filter(|e| e.live.is_some()).count()
+        self.entries
+            .read()
+            .values()
+            .filter(|e| e.live.is_some())
+            .count()
     }
 }
 

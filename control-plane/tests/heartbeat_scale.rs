@@ -13,7 +13,9 @@
 //! fires within the run: 100,000 agents at 60 s is ~1,667 runs/s, thirty
 //! times the rate of the same fleet at 30 minutes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use claw_control_plane::catalog::{ApplyRequest, Catalog};
@@ -46,10 +48,7 @@ struct Stub(Arc<Mutex<Vec<(String, i64)>>>);
 impl Dispatcher for Stub {
     fn run(&self, req: RunRequest) -> BoxFuture<'static, Result<RunReply, String>> {
         let at = now_ms();
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((req.agent_id, at));
+        self.0.lock().push((req.agent_id, at));
         Box::pin(async {
             Ok(RunReply {
                 content: "HEARTBEAT_OK".into(),
@@ -167,7 +166,7 @@ async fn heartbeat_scheduler_at_scale() {
     let wall = started.elapsed().as_secs_f64();
     let (rss, hwm) = memory_kb();
 
-    let calls = stub.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let calls = stub.0.lock().clone();
     let interval_ms = interval as i64 * 1000;
     let lag_of = |(agent, at): &(String, i64)| {
         let phase = stagger_phase(agent, Duration::from_secs(interval)).as_millis() as i64;

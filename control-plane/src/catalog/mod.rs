@@ -32,7 +32,9 @@ mod pools;
 pub mod records;
 mod snapshot;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use claw_proto::validate::FieldError;
 use tokio::sync::{Mutex, MutexGuard, watch};
@@ -238,7 +240,7 @@ impl Catalog {
 
     /// Id of the master key secrets are sealed under.
     pub fn master_key_id(&self) -> KeyId {
-        self.keys_read().current.id().clone()
+        self.keys.read().current.id().clone()
     }
 
     /// Whether the store answers reads.
@@ -251,23 +253,13 @@ impl Catalog {
         Ok(self.store.flush().await?)
     }
 
-    fn keys_read(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
-        // A poisoned lock only means a panic elsewhere while holding it; the
-        // key ring itself is always consistent (single assignments).
-        self.keys.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn keys_write(&self) -> std::sync::RwLockWriteGuard<'_, KeyRing> {
-        self.keys.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn current_key(&self) -> Arc<MasterKey> {
-        self.keys_read().current.clone()
+        self.keys.read().current.clone()
     }
 
     /// Opens a secret with whichever known key sealed it.
     fn open_secret(&self, sealed: &Sealed, aad: &[u8]) -> Result<String> {
-        let ring = self.keys_read();
+        let ring = self.keys.read();
         let key = match &ring.pending {
             Some(p) if p.id() == &sealed.key_id => p.clone(),
             _ => ring.current.clone(),

@@ -3,7 +3,9 @@
 //! configuration version so the hot path never decodes the catalog.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use claw_proto::v1::{Pool, PoolSettings};
@@ -112,7 +114,7 @@ impl Directory {
     pub fn backends(&self) -> Arc<Backends> {
         let version = self.catalog.config_version();
         {
-            let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            let c = self.cache.read();
             if c.0 == version {
                 return c.1.clone();
             }
@@ -120,16 +122,12 @@ impl Directory {
         match self.build() {
             Ok(map) => {
                 let map = Arc::new(map);
-                *self.cache.write().unwrap_or_else(|p| p.into_inner()) = (version, map.clone());
+                *self.cache.write() = (version, map.clone());
                 map
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read backends; using the previous view");
-                self.cache
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .1
-                    .clone()
+                self.cache.read().1.clone()
             }
         }
     }

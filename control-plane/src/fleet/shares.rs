@@ -58,7 +58,9 @@
 //! count) changed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
@@ -328,10 +330,6 @@ impl Shares {
         &self.settings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Takes in a stored report batch of `node`: its demand, capped at the
     /// backend's whole limit (wanting more than all of it weighs no more,
     /// and a capped average falls below the fair part sooner when the
@@ -340,7 +338,7 @@ impl Shares {
         let now = Instant::now();
         let tau = self.settings.ewma_tau.as_secs_f64();
         let backends = (self.backends)();
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let node = inner.nodes.entry(batch.node_id.clone()).or_default();
         let dt = node
             .demand_at
@@ -394,7 +392,7 @@ impl Shares {
     pub fn set_members(&self, members: Vec<(String, Push)>) -> bool {
         let now = Instant::now();
         let recent = now.checked_sub(self.settings.propagation).unwrap_or(now);
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let mut changed = false;
         for (id, node) in inner.nodes.iter_mut() {
             let still = members.iter().find(|(m, _)| m == id);
@@ -446,7 +444,7 @@ impl Shares {
         let now = Instant::now();
         let s = self.settings;
         let backends = (self.backends)();
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let recent = now.checked_sub(s.propagation).unwrap_or(now);
         // Forget proxies gone for longer than the hold.
         let hold_start = now.checked_sub(s.disconnected_hold).unwrap_or(now);
@@ -623,7 +621,7 @@ impl Shares {
 
     /// The shares currently granted to `node`: `(backend, rpm, tpm)`.
     pub fn granted(&self, node: &str) -> Vec<(String, f64, f64)> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let mut v: Vec<_> = inner
             .nodes
             .get(node)
