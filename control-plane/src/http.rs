@@ -32,7 +32,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// Checked by `/healthz`.
     pub catalog: Arc<Catalog>,
     /// Rendered by `/metrics`.
@@ -54,7 +54,7 @@ fn text(
 }
 
 /// Routes one request.
-pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
+pub(crate) fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let method_ok = matches!(*request.method(), Method::GET | Method::HEAD);
     match request.uri().path() {
@@ -89,7 +89,7 @@ pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Byte
 /// Serves HTTP (over TLS when `tls` is given) on `listener` until
 /// `shutdown` turns true, then lets open connections finish (up to a
 /// timeout).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: HttpState,
     tls: Option<Arc<rustls::ServerConfig>>,

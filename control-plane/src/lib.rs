@@ -41,21 +41,21 @@
 //! - [`shutdown`]: the [`shutdown::Shutdown`] signal every long-running task
 //!   waits on.
 
-pub mod api;
+mod api;
 pub mod catalog;
 pub mod config;
 pub mod crypto;
-pub mod discovery;
+mod discovery;
 pub mod fleet;
 pub mod heartbeat;
-pub mod http;
-pub mod metrics;
-pub mod proxies;
-pub mod report;
-pub mod retention;
+mod http;
+mod metrics;
+mod proxies;
+mod report;
+mod retention;
 pub mod server;
 pub mod shutdown;
-pub mod stats;
+mod stats;
 pub mod store;
 
 pub use config::Config;

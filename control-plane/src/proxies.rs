@@ -29,14 +29,14 @@ use crate::metrics;
 /// The sending half of one proxy's discovery stream: a response sent here
 /// goes out on that stream, which stamps its nonce. Dropping the last sender
 /// ends the stream.
-pub type Push = mpsc::Sender<v1::StreamConfigResponse>;
+pub(crate) type Push = mpsc::Sender<v1::StreamConfigResponse>;
 
 /// How long a disconnected proxy stays listed.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
 
 /// Longest NACK reason kept (in bytes); proxies' error details are theirs
 /// to choose, the registry's memory is not.
-pub const MAX_NACK_REASON: usize = 512;
+pub(crate) const MAX_NACK_REASON: usize = 512;
 
 /// What the control plane knows about one proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

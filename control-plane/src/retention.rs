@@ -52,7 +52,7 @@ impl Default for Retention {
 
 /// What one pruning pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Pruned {
+pub(crate) struct Pruned {
     /// Hourly buckets.
     pub hourly: usize,
     /// Daily buckets.
@@ -95,7 +95,7 @@ fn remove_keys<'a>(
 }
 
 /// One pruning pass at `now`.
-pub fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
+pub(crate) fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
     let mut p = Pruned {
         hourly: prune_prefix(store, Tree::UsageHourly, cutoff(now, r.hourly))?,
         daily: prune_prefix(store, Tree::UsageDaily, cutoff(now, r.daily))?,
@@ -117,7 +117,7 @@ pub fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, Store
 }
 
 /// Prunes every `retention.interval` until `stop`.
-pub async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: Shutdown) {
+pub(crate) async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(retention.interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {

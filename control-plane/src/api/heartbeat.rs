@@ -24,14 +24,14 @@ const WAIT_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves heartbeats.
 #[derive(Debug, Clone)]
-pub struct HeartbeatApi {
+pub(crate) struct HeartbeatApi {
     catalog: SharedCatalog,
     heartbeats: Heartbeats,
 }
 
 impl HeartbeatApi {
     /// A service over the catalog and the running scheduler.
-    pub fn new(catalog: SharedCatalog, heartbeats: Heartbeats) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog, heartbeats: Heartbeats) -> Self {
         HeartbeatApi {
             catalog,
             heartbeats,

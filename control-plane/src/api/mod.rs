@@ -17,15 +17,15 @@
 //! internals). The services themselves answer only for the request: a
 //! missing or malformed field, a missing token, a report batch to resend.
 
-pub mod agent;
-pub mod auth;
-pub mod backend;
-pub mod client_key;
-pub mod cluster;
-pub mod heartbeat;
-pub mod pool;
-pub mod report;
-pub mod stats;
+pub(crate) mod agent;
+pub(crate) mod auth;
+pub(crate) mod backend;
+pub(crate) mod client_key;
+pub(crate) mod cluster;
+pub(crate) mod heartbeat;
+pub(crate) mod pool;
+pub(crate) mod report;
+pub(crate) mod stats;
 
 use tonic::Status;
 

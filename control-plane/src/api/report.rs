@@ -25,7 +25,7 @@ const MAX_ID: usize = 253;
 
 /// Serves `StreamReports`.
 #[derive(Debug, Clone)]
-pub struct ReportApi {
+pub(crate) struct ReportApi {
     ingest: Arc<Ingest>,
     stop: Shutdown,
 }
@@ -33,7 +33,7 @@ pub struct ReportApi {
 impl ReportApi {
     /// A service storing batches through `ingest`, ending its streams once
     /// `stop` turns true.
-    pub fn new(ingest: Arc<Ingest>, stop: Shutdown) -> Self {
+    pub(crate) fn new(ingest: Arc<Ingest>, stop: Shutdown) -> Self {
         ReportApi { ingest, stop }
     }
 }

@@ -111,7 +111,7 @@ pub(super) fn view(rec: &AgentRecord) -> Result<Agent> {
 }
 
 /// What the API shows instead of a stored webhook secret.
-pub const SECRET_MASK: &str = "…";
+pub(super) const SECRET_MASK: &str = "…";
 
 /// Normalizes and validates an agent.
 pub(super) fn check(a: &mut Agent) -> Result<()> {

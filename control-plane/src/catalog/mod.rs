@@ -378,26 +378,28 @@ pub(crate) mod testing {
     use super::*;
     use crate::store::sled::SledStore;
 
-    pub const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
-    pub const KEY2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    pub(crate) const KEY1: &str =
+        "1111111111111111111111111111111111111111111111111111111111111111";
+    pub(crate) const KEY2: &str =
+        "2222222222222222222222222222222222222222222222222222222222222222";
 
-    pub fn key(hex: &str) -> MasterKey {
+    pub(crate) fn key(hex: &str) -> MasterKey {
         MasterKey::from_hex(hex).expect("test key")
     }
 
-    pub async fn open_at(path: &std::path::Path, hex: &str) -> Result<Catalog> {
+    pub(crate) async fn open_at(path: &std::path::Path, hex: &str) -> Result<Catalog> {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(path).expect("store opens"));
         Catalog::open(store, key(hex)).await
     }
 
-    pub async fn catalog() -> (tempfile::TempDir, Catalog) {
+    pub(crate) async fn catalog() -> (tempfile::TempDir, Catalog) {
         let (dir, _, c) = store_and_catalog().await;
         (dir, c)
     }
 
     /// A fresh catalog and the store under it (for the modules that keep
     /// their own trees in the same store).
-    pub async fn store_and_catalog() -> (tempfile::TempDir, Arc<dyn Store>, Catalog) {
+    pub(crate) async fn store_and_catalog() -> (tempfile::TempDir, Arc<dyn Store>, Catalog) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
             Arc::new(SledStore::open(&dir.path().join("data")).expect("store opens"));

@@ -20,7 +20,7 @@
 //! reconnect.
 
 mod nonce;
-pub mod publish;
+pub(crate) mod publish;
 mod session;
 
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use crate::catalog::Catalog;
 use crate::proxies::ProxyRegistry;
 use crate::shutdown::Shutdown;
 
-pub use publish::{Debounce, Latest};
+pub(crate) use publish::{Debounce, Latest};
 
 /// Responses buffered per stream before sending waits for the proxy.
 const OUTBOUND_CAPACITY: usize = 8;
@@ -52,7 +52,7 @@ struct Shared {
 
 /// Serves `StreamConfig`.
 #[derive(Debug, Clone)]
-pub struct DiscoveryApi {
+pub(crate) struct DiscoveryApi {
     shared: Arc<Shared>,
 }
 
@@ -60,7 +60,7 @@ impl DiscoveryApi {
     /// A service distributing the snapshots `snapshots` publishes (see
     /// [`publish::spawn`]), recording proxies in `registry`, and ending
     /// every stream once `stop` turns true.
-    pub fn new(
+    pub(crate) fn new(
         catalog: Arc<Catalog>,
         registry: Arc<ProxyRegistry>,
         snapshots: Latest,

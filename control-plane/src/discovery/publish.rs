@@ -20,7 +20,7 @@ use crate::metrics;
 use crate::shutdown::Shutdown;
 
 /// The latest snapshot, `None` until the first build succeeds.
-pub type Latest = watch::Receiver<Option<Arc<Snapshot>>>;
+pub(crate) type Latest = watch::Receiver<Option<Arc<Snapshot>>>;
 
 /// First delay before retrying a failed build; doubles up to
 /// [`RETRY_MAX`]. The previous snapshot stays in force meanwhile.
@@ -29,7 +29,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long configuration changes may settle before a snapshot is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Debounce {
+pub(crate) struct Debounce {
     /// Wait this long after a change for further changes.
     pub quiet: Duration,
     /// But never longer than this after the first change, so a steady
@@ -48,7 +48,7 @@ impl Default for Debounce {
 
 /// Starts the publisher; it runs until `stop` turns true. The returned
 /// receiver sees each built snapshot.
-pub fn spawn(
+pub(crate) fn spawn(
     catalog: Arc<Catalog>,
     debounce: Debounce,
     stop: Shutdown,

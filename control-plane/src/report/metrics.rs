@@ -11,23 +11,23 @@
 //! | `claw_cp_report_streams` | gauge | |
 
 /// Report batches by outcome.
-pub const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
+pub(crate) const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
 /// Events in stored batches by kind.
-pub const REPORT_EVENTS_TOTAL: &str = "claw_cp_report_events_total";
+pub(crate) const REPORT_EVENTS_TOTAL: &str = "claw_cp_report_events_total";
 /// How old the oldest event of a stored batch was when it was stored.
-pub const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
+pub(crate) const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
 /// Events proxies reported dropping (their buffer overflowed).
-pub const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
+pub(crate) const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
 /// Open report streams.
-pub const REPORT_STREAMS: &str = "claw_cp_report_streams";
+pub(crate) const REPORT_STREAMS: &str = "claw_cp_report_streams";
 
 /// Buckets of the report lag histogram, in seconds.
-pub const LAG_BUCKETS: &[f64] = &[
+pub(crate) const LAG_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// Describes the metrics and initializes them at zero.
-pub fn describe() {
+pub(crate) fn describe() {
     metrics::describe_counter!(REPORT_BATCHES_TOTAL, "Report batches by outcome");
     metrics::describe_counter!(REPORT_EVENTS_TOTAL, "Events in stored report batches");
     metrics::describe_histogram!(
@@ -48,28 +48,28 @@ pub fn describe() {
 }
 
 /// Counts a batch (`stored` or `duplicate`).
-pub fn batch(result: &'static str) {
+pub(crate) fn batch(result: &'static str) {
     metrics::counter!(REPORT_BATCHES_TOTAL, "result" => result).increment(1);
 }
 
 /// Counts events of a stored batch.
-pub fn events(kind: &'static str, n: u64) {
+pub(crate) fn events(kind: &'static str, n: u64) {
     if n > 0 {
         metrics::counter!(REPORT_EVENTS_TOTAL, "kind" => kind).increment(n);
     }
 }
 
 /// Records the lag of a stored batch.
-pub fn lag(seconds: f64) {
+pub(crate) fn lag(seconds: f64) {
     metrics::histogram!(REPORT_LAG_SECONDS).record(seconds.max(0.0));
 }
 
 /// Adjusts the open report streams.
-pub fn streams(delta: f64) {
+pub(crate) fn streams(delta: f64) {
     metrics::gauge!(REPORT_STREAMS).increment(delta);
 }
 
 /// Adjusts the dropped-events gauge.
-pub fn dropped(delta: f64) {
+pub(crate) fn dropped(delta: f64) {
     metrics::gauge!(REPORT_DROPPED_EVENTS).increment(delta);
 }

@@ -18,8 +18,8 @@
 //! the batch to the [`Fleet`] (fleet cooldowns pushed to the other proxies,
 //! agent activity, demand for rate shares).
 
-pub mod dedup;
-pub mod metrics;
+pub(crate) mod dedup;
+pub(crate) mod metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ const BATCH_TREES: [Tree; 5] = [
 
 /// What storing a batch did.
 #[derive(Debug)]
-pub enum Stored {
+pub(crate) enum Stored {
     /// The batch was new; these are its cooldown changes.
     Applied(Vec<Change>),
     /// The batch had been stored before.
@@ -54,7 +54,7 @@ pub enum Stored {
 
 /// Report ingestion: stores each batch once, in one transaction, then
 /// hands it to the [`Fleet`].
-pub struct Ingest {
+pub(crate) struct Ingest {
     store: Arc<dyn Store>,
     fleet: Arc<Fleet>,
 }
@@ -67,14 +67,14 @@ impl std::fmt::Debug for Ingest {
 
 impl Ingest {
     /// Ingestion into `store`, moving `fleet` after each stored batch.
-    pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> Ingest {
+    pub(crate) fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> Ingest {
         metrics::describe();
         Ingest { store, fleet }
     }
 
     /// Stores a batch once, durably (the caller acknowledges it after
     /// this returns, then calls [`Ingest::after_ack`]).
-    pub async fn store(&self, batch: &StreamReportsRequest) -> Result<Stored, StoreError> {
+    pub(crate) async fn store(&self, batch: &StreamReportsRequest) -> Result<Stored, StoreError> {
         let now = now_ms();
         let backends = self.fleet.directory().backends();
         let (hourly, daily) = aggregate(batch, &backends, now);
@@ -107,7 +107,7 @@ impl Ingest {
 
     /// After a batch was stored and acknowledged: its metrics, then the
     /// fleet's in-memory state ([`Fleet::observe`]).
-    pub fn after_ack(&self, batch: &StreamReportsRequest, stored: &Stored) {
+    pub(crate) fn after_ack(&self, batch: &StreamReportsRequest, stored: &Stored) {
         let Stored::Applied(changes) = stored else {
             metrics::batch("duplicate");
             return;

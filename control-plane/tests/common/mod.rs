@@ -14,13 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-pub const ADMIN: &str = "admin-token-0123456789";
-pub const PROXY: &str = "proxy-token-0123456789";
-pub const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+pub(crate) const ADMIN: &str = "admin-token-0123456789";
+pub(crate) const PROXY: &str = "proxy-token-0123456789";
+pub(crate) const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 
 /// A server configuration over `data` with master key [`KEY1`] and the
 /// [`ADMIN`] / [`PROXY`] tokens.
-pub fn config(data: PathBuf) -> Config {
+pub(crate) fn config(data: PathBuf) -> Config {
     Config::new(
         data,
         MasterKey::from_hex(KEY1).expect("key"),
@@ -31,7 +31,7 @@ pub fn config(data: PathBuf) -> Config {
 }
 
 /// A running server. `stop` shuts it down and checks the shutdown was clean.
-pub struct InProcess {
+pub(crate) struct InProcess {
     /// To the gRPC listener.
     pub channel: Channel,
     /// The HTTP listener (`/healthz`, `/metrics`).
@@ -42,7 +42,7 @@ pub struct InProcess {
 
 impl InProcess {
     /// Opens the store in `config` and serves on fresh loopback ports.
-    pub async fn start(config: Config) -> InProcess {
+    pub(crate) async fn start(config: Config) -> InProcess {
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let grpc_addr = grpc.local_addr().expect("addr");
@@ -67,7 +67,7 @@ impl InProcess {
     }
 
     /// Shuts the server down; it must stop within 10 s and cleanly.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
