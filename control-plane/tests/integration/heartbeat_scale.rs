@@ -5,7 +5,7 @@
 //! process's CPU time and memory.
 //!
 //! ```text
-//! cargo test --release -p claw-control-plane --test heartbeat_scale -- --ignored --nocapture
+//! cargo test --release -p claw-control-plane --test integration heartbeat_scale -- --ignored --nocapture
 //! HB_BENCH_AGENTS=100000 HB_BENCH_INTERVAL_S=60 HB_BENCH_SECONDS=120 (defaults)
 //! ```
 //!
