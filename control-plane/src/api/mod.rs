@@ -54,7 +54,9 @@ impl From<HeartbeatError> for Status {
         match &e {
             HeartbeatError::NotFound(_) => Status::not_found(e.to_string()),
             HeartbeatError::Unavailable => Status::unavailable(e.to_string()),
-            HeartbeatError::Store(_) => internal(&e),
+            HeartbeatError::Store(_)
+            | HeartbeatError::Catalog(_)
+            | HeartbeatError::CommitFailed => internal(&e),
         }
     }
 }

@@ -50,10 +50,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::delivery::{self, DeliveryOutcome, OutboxEntry};
 use super::dispatch::{self, Dispatcher, RunReply, RunRequest};
-use super::runs::{ClaimOutcome, Cursor, RunKey, RunRecord, RunStore, Write};
+use super::runs::{ClaimOutcome, Cursor, RunKey, RunRecord, RunStore, RunStoreError, Write};
 use super::{checklist, metrics, reply, slots};
-use crate::catalog::Catalog;
 use crate::catalog::records;
+use crate::catalog::{Catalog, CatalogError};
 use crate::fleet::activity::{AgentActivity, Capacity};
 use crate::shutdown::Shutdown;
 
@@ -109,9 +109,16 @@ pub enum HeartbeatError {
     /// The scheduler is not running (shutting down).
     #[error("the heartbeat scheduler is not running")]
     Unavailable,
-    /// The store failed.
+    /// The run log failed.
     #[error("heartbeat store: {0}")]
-    Store(String),
+    Store(#[from] RunStoreError),
+    /// Reading the agents from the catalog failed.
+    #[error("heartbeat store: {0}")]
+    Catalog(#[from] CatalogError),
+    /// The batch holding this request's write did not commit (the commit's
+    /// own error is logged where it failed).
+    #[error("heartbeat store: commit failed")]
+    CommitFailed,
 }
 
 /// The answer to a manual run.
@@ -449,11 +456,7 @@ impl Scheduler {
     /// Startup: finish what a previous process left open, load agents.
     async fn start(&mut self) -> Result<(), HeartbeatError> {
         let now = self.now_ms();
-        let open = self
-            .deps
-            .runs
-            .open_runs()
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?;
+        let open = self.deps.runs.open_runs()?;
         for (key, mut rec) in open {
             match rec.status() {
                 RunStatus::Deferred => {
@@ -481,15 +484,8 @@ impl Scheduler {
                 }
             }
         }
-        let cursors: HashMap<String, Cursor> = self
-            .deps
-            .runs
-            .cursors()
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?
-            .into_iter()
-            .collect();
-        self.sync_agents(Some(cursors))
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?;
+        let cursors: HashMap<String, Cursor> = self.deps.runs.cursors()?.into_iter().collect();
+        self.sync_agents(Some(cursors))?;
         self.next_prune_ms = now;
         self.flush_batch().await;
         tracing::info!(
@@ -503,10 +499,7 @@ impl Scheduler {
     /// Brings the in-memory agents in line with the catalog. `stored`
     /// holds the persisted cursors at startup (`None` on reloads, when the
     /// in-memory state is the reference).
-    fn sync_agents(
-        &mut self,
-        stored: Option<HashMap<String, Cursor>>,
-    ) -> Result<(), crate::catalog::CatalogError> {
+    fn sync_agents(&mut self, stored: Option<HashMap<String, Cursor>>) -> Result<(), CatalogError> {
         let now = self.deps.clock.now();
         let records = self.deps.catalog.agent_records()?;
         self.refresh_capacity();
@@ -1174,7 +1167,7 @@ impl Scheduler {
                 self.queue.insert((now + 1000, id.clone()));
             }
             if let Action::Manual(reply, _) = action {
-                let _ = reply.send(Err(HeartbeatError::Store("commit failed".into())));
+                let _ = reply.send(Err(HeartbeatError::CommitFailed));
             }
         }
     }
