@@ -98,9 +98,9 @@ pub struct Config {
     /// The heartbeat scheduler: proxy URL, retention, webhook delivery.
     pub heartbeat: crate::heartbeat::runtime::HeartbeatSettings,
     /// Retention of usage buckets, cooldown events and report batch records.
-    pub retention: crate::stats::Retention,
+    pub retention: crate::retention::Retention,
     /// Rate-share assignment tunables.
-    pub shares: crate::shares::ShareSettings,
+    pub shares: crate::fleet::shares::ShareSettings,
     /// Certificate and key of both listeners (gRPC and HTTP); `None`
     /// serves plain text. Reloaded when the files change.
     pub tls: Option<claw_tls::CertPaths>,

@@ -23,16 +23,16 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::shutdown::Shutdown;
 
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers need.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// Checked by `/healthz`.
     pub catalog: Arc<Catalog>,
     /// Rendered by `/metrics`.
@@ -54,7 +54,7 @@ fn text(
 }
 
 /// Routes one request.
-pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
+pub(crate) fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let method_ok = matches!(*request.method(), Method::GET | Method::HEAD);
     match request.uri().path() {
@@ -89,11 +89,11 @@ pub fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Byte
 /// Serves HTTP (over TLS when `tls` is given) on `listener` until
 /// `shutdown` turns true, then lets open connections finish (up to a
 /// timeout).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: HttpState,
     tls: Option<Arc<rustls::ServerConfig>>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let tls = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -122,7 +122,7 @@ pub async fn serve(
                     }
                 });
             }
-            () = crate::server::stopped(&mut shutdown) => break,
+            () = shutdown.stopped() => break,
         }
     }
     drop(listener);

@@ -1,52 +1,62 @@
 //! `claw-control-plane`: the Claw Gateway control plane. It owns the
-//! configuration (backends, pools, client keys, agents) and its secrets, and
-//! serves the `claw.v1` gRPC admin API that `clawctl` talks to.
+//! configuration (backends, pools, client keys, agents) and its secrets,
+//! distributes it to the data-plane proxies, keeps the fleet's live state
+//! and its usage history, runs the agents' heartbeats, and serves the
+//! `claw.v1` gRPC API that `clawctl` and the proxies talk to.
 //!
 //! Modules, from the edge inwards:
 //!
-//! - [`config`]: the typed [`Config`] (data dir, master key, tokens), parsed
-//!   once in `main`.
-//! - [`server`]: [`server::run`] wires everything on already-bound gRPC and
-//!   HTTP listeners and shuts down gracefully.
+//! - [`server`]: the composition root. [`server::run`] opens the store once,
+//!   wires every task and service on already-bound gRPC and HTTP listeners,
+//!   and shuts down gracefully.
+//! - [`config`]: the typed [`Config`] (data dir, master key, tokens, TLS,
+//!   heartbeat, retention and share settings), parsed once in `main`.
 //! - [`api`]: one file per gRPC service, the bearer-token [`api::auth`]
-//!   interceptor, and the single `CatalogError` → `tonic::Status` conversion.
-//! - [`http`]: `/healthz` and `/metrics` on the HTTP listener.
-//! - [`metrics`]: metric names, the Prometheus recorder and the gRPC
-//!   request-metrics layer.
+//!   interceptor, and the one place domain errors become `tonic::Status`.
 //! - [`discovery`]: `DiscoveryService.StreamConfig`, the proxies' stream:
 //!   debounced snapshot publishing, per-stream sessions, ACK/NACK by nonce.
-//! - [`proxies`]: the in-memory registry of data-plane proxies and the
-//!   channels to their streams.
+//! - [`http`]: `/healthz` and `/metrics` on the HTTP listener.
+//! - [`metrics`]: the Prometheus recorder, the catalog gauges and the gRPC
+//!   request-metrics layer.
+//! - [`retention`]: the maintenance task that prunes usage buckets,
+//!   cooldown events and report idempotency records past their retention.
+//! - [`heartbeat`]: agent heartbeats: the pure slot, checklist and reply
+//!   core, the scheduler, dispatch to a proxy, the run log and webhook
+//!   delivery.
+//! - [`report`]: report ingestion: each proxy batch stored exactly once, in
+//!   one transaction, before it is acknowledged.
+//! - [`fleet`]: live fleet state: agent activity and backend capacity,
+//!   fleet-wide cooldowns after 429s, each proxy's rate shares, the backend
+//!   directory, and the loop that pushes them to the proxies.
+//! - [`stats`]: usage buckets (hourly, daily), their key layout and the
+//!   `StatsService` queries.
+//! - [`proxies`]: the in-memory registry of connected proxies and the
+//!   [`proxies::Push`] senders to their streams.
 //! - [`catalog`]: typed, versioned, durable configuration: validation,
 //!   uniqueness, config version bumps, apply/export, master key rotation,
 //!   consistent snapshots for the proxies.
 //! - [`crypto`]: the master key and AES-256-GCM-SIV sealing of secrets.
 //! - [`store`]: the small engine-agnostic storage trait and its sled
 //!   implementation.
-//! - [`report`]: the fleet loop's ingestion: report batches stored exactly
-//!   once, fleet state updated and pushed after the ACK.
-//! - [`cooldowns`]: fleet-wide cooldowns after 429s (absolute time,
-//!   persisted) and their history.
-//! - [`shares`]: each proxy's share of every backend's rpm/tpm, so the fleet
-//!   never admits more than the limit.
-//! - [`stats`]: usage buckets (hourly, daily), their queries and retention.
+//! - [`shutdown`]: the [`shutdown::Shutdown`] signal every long-running task
+//!   waits on.
 
-pub mod api;
+mod api;
 pub mod catalog;
 pub mod config;
-pub mod cooldowns;
 pub mod crypto;
-pub mod discovery;
+mod discovery;
 pub mod fleet;
-pub mod http;
-pub mod metrics;
-pub mod proxies;
-pub mod report;
+pub mod heartbeat;
+mod http;
+mod metrics;
+mod proxies;
+mod report;
+mod retention;
 pub mod server;
-pub mod shares;
-pub mod stats;
+pub mod shutdown;
+mod stats;
 pub mod store;
 
 pub use config::Config;
 pub use server::run;
-pub mod heartbeat;

@@ -228,37 +228,55 @@ fn init_logging(
     claw_telemetry::init(&claw_telemetry::Options::new("claw-control-plane", format))
 }
 
+/// The flags, checked and typed: everything but the listen addresses.
+impl TryFrom<ServeArgs> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ServeArgs) -> anyhow::Result<Config> {
+        if args.webhook_backoff_max < args.webhook_backoff_base {
+            anyhow::bail!(
+                "--webhook-backoff-max ({}) must be at least --webhook-backoff-base ({})",
+                humantime::format_duration(args.webhook_backoff_max),
+                humantime::format_duration(args.webhook_backoff_base),
+            );
+        }
+        let tls = config::tls_paths(args.tls_cert, args.tls_key)?;
+        let master_key =
+            config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
+        let mut config = Config::new(
+            args.data_dir,
+            master_key,
+            args.admin_token,
+            args.proxy_token,
+        )?;
+        let hb = &mut config.heartbeat;
+        hb.proxy_url = args.heartbeat_proxy;
+        hb.proxy_ca = args.heartbeat_proxy_ca;
+        hb.scheduler.retention = args.heartbeat_retention;
+        hb.delivery.max_attempts = args.webhook_max_attempts;
+        hb.delivery.max_age = args.webhook_max_age;
+        hb.delivery.base_backoff = args.webhook_backoff_base;
+        hb.delivery.max_backoff = args.webhook_backoff_max;
+        hb.delivery.global_secret = args.webhook_secret.filter(|s| !s.trim().is_empty());
+        config.retention.hourly = args.retention_hourly;
+        config.retention.daily = args.retention_daily;
+        config.retention.cooldown_events = args.retention_cooldowns;
+        config.tls = tls;
+        Ok(config)
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let tls = config::tls_paths(args.tls_cert, args.tls_key)?;
-    let master_key =
-        config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
-    let mut config = Config::new(
-        args.data_dir,
-        master_key,
-        args.admin_token,
-        args.proxy_token,
-    )?;
-    let hb = &mut config.heartbeat;
-    hb.proxy_url = args.heartbeat_proxy;
-    hb.proxy_ca = args.heartbeat_proxy_ca;
-    hb.scheduler.retention = args.heartbeat_retention;
-    hb.delivery.max_attempts = args.webhook_max_attempts;
-    hb.delivery.max_age = args.webhook_max_age;
-    hb.delivery.base_backoff = args.webhook_backoff_base;
-    hb.delivery.max_backoff = args.webhook_backoff_max.max(args.webhook_backoff_base);
-    hb.delivery.global_secret = args.webhook_secret.filter(|s| !s.trim().is_empty());
-    config.retention.hourly = args.retention_hourly;
-    config.retention.daily = args.retention_daily;
-    config.retention.cooldown_events = args.retention_cooldowns;
-    config.tls = tls;
+    let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
+    let config = Config::try_from(args)?;
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
-    let grpc = TcpListener::bind(args.grpc_addr)
+    let grpc = TcpListener::bind(grpc_addr)
         .await
-        .with_context(|| format!("binding the gRPC address {}", args.grpc_addr))?;
-    let http = TcpListener::bind(args.http_addr)
+        .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
+    let http = TcpListener::bind(http_addr)
         .await
-        .with_context(|| format!("binding the HTTP address {}", args.http_addr))?;
+        .with_context(|| format!("binding the HTTP address {http_addr}"))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     {
         // The contract with supervisors and tests: exactly this one line.
@@ -297,4 +315,60 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let base = [
+            "claw-control-plane",
+            "--master-key",
+            KEY,
+            "--admin-token",
+            "admin-token-0123456789",
+            "--proxy-token",
+            "proxy-token-0123456789",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra)).expect("flags parse");
+        cli.serve
+    }
+
+    #[test]
+    fn a_webhook_backoff_max_below_the_base_is_refused_naming_both_flags() {
+        let err = Config::try_from(serve_args(&[
+            "--webhook-backoff-base",
+            "10s",
+            "--webhook-backoff-max",
+            "5s",
+        ]))
+        .expect_err("max < base is refused");
+        let msg = err.to_string();
+        assert!(msg.contains("--webhook-backoff-max (5s)"), "{msg}");
+        assert!(msg.contains("--webhook-backoff-base (10s)"), "{msg}");
+    }
+
+    #[test]
+    fn webhook_backoff_flags_reach_the_config_unchanged() {
+        let config = Config::try_from(serve_args(&[
+            "--webhook-backoff-base",
+            "2s",
+            "--webhook-backoff-max",
+            "2s",
+        ]))
+        .expect("max == base is fine");
+        assert_eq!(
+            config.heartbeat.delivery.base_backoff,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            config.heartbeat.delivery.max_backoff,
+            Duration::from_secs(2)
+        );
+    }
 }

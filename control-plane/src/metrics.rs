@@ -9,7 +9,8 @@
 //! | `claw_cp_backends` / `claw_cp_client_keys` / `claw_cp_agents` | gauge | |
 //! | `claw_cp_master_key_rotations_total` | counter | |
 //! | `claw_heartbeat_*` | | see [`crate::heartbeat::metrics`] |
-//! | `claw_cp_report_*`, `claw_cp_cooldowns_active`, `claw_cp_rate_share_*` | | see [`crate::report::metrics`] |
+//! | `claw_cp_report_*` | | see [`crate::report::metrics`] |
+//! | `claw_cp_cooldowns_active`, `claw_cp_cooldown_pushes_total`, `claw_cp_rate_share_*` | | see [`crate::fleet::metrics`] |
 //! | `claw_cp_proxies_connected` | gauge | |
 //! | `claw_cp_proxy_acked_version_min` | gauge | |
 //! | `claw_cp_snapshot_version` | gauge | |
@@ -34,34 +35,34 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::catalog::Catalog;
 
 /// gRPC requests by method and status code.
-pub const GRPC_REQUESTS_TOTAL: &str = "claw_cp_grpc_requests_total";
+pub(crate) const GRPC_REQUESTS_TOTAL: &str = "claw_cp_grpc_requests_total";
 /// gRPC request latency by method.
-pub const GRPC_REQUEST_DURATION_SECONDS: &str = "claw_cp_grpc_request_duration_seconds";
+pub(crate) const GRPC_REQUEST_DURATION_SECONDS: &str = "claw_cp_grpc_request_duration_seconds";
 /// Current configuration version.
-pub const CONFIG_VERSION: &str = "claw_cp_config_version";
+pub(crate) const CONFIG_VERSION: &str = "claw_cp_config_version";
 /// Number of backends.
-pub const BACKENDS: &str = "claw_cp_backends";
+pub(crate) const BACKENDS: &str = "claw_cp_backends";
 /// Number of client keys.
-pub const CLIENT_KEYS: &str = "claw_cp_client_keys";
+pub(crate) const CLIENT_KEYS: &str = "claw_cp_client_keys";
 /// Number of agents.
-pub const AGENTS: &str = "claw_cp_agents";
+pub(crate) const AGENTS: &str = "claw_cp_agents";
 /// Master key rotations since start.
-pub const MASTER_KEY_ROTATIONS_TOTAL: &str = "claw_cp_master_key_rotations_total";
+pub(crate) const MASTER_KEY_ROTATIONS_TOTAL: &str = "claw_cp_master_key_rotations_total";
 /// Proxies with an open discovery stream.
-pub const PROXIES_CONNECTED: &str = "claw_cp_proxies_connected";
+pub(crate) const PROXIES_CONNECTED: &str = "claw_cp_proxies_connected";
 /// Lowest configuration version acknowledged by a connected proxy (0 when
 /// none is connected or one has acknowledged nothing yet).
-pub const PROXY_ACKED_VERSION_MIN: &str = "claw_cp_proxy_acked_version_min";
+pub(crate) const PROXY_ACKED_VERSION_MIN: &str = "claw_cp_proxy_acked_version_min";
 /// Version of the snapshot the discovery stream currently distributes.
-pub const SNAPSHOT_VERSION: &str = "claw_cp_snapshot_version";
+pub(crate) const SNAPSHOT_VERSION: &str = "claw_cp_snapshot_version";
 /// Snapshots sent to proxies.
-pub const SNAPSHOTS_SENT_TOTAL: &str = "claw_cp_snapshots_sent_total";
+pub(crate) const SNAPSHOTS_SENT_TOTAL: &str = "claw_cp_snapshots_sent_total";
 /// Snapshots proxies rejected.
-pub const SNAPSHOT_NACKS_TOTAL: &str = "claw_cp_snapshot_nacks_total";
+pub(crate) const SNAPSHOT_NACKS_TOTAL: &str = "claw_cp_snapshot_nacks_total";
 /// Time to build one snapshot (consistent read and decryption).
-pub const SNAPSHOT_BUILD_SECONDS: &str = "claw_cp_snapshot_build_seconds";
+pub(crate) const SNAPSHOT_BUILD_SECONDS: &str = "claw_cp_snapshot_build_seconds";
 /// Snapshot builds that failed (the previous snapshot stays in force).
-pub const SNAPSHOT_BUILD_ERRORS_TOTAL: &str = "claw_cp_snapshot_build_errors_total";
+pub(crate) const SNAPSHOT_BUILD_ERRORS_TOTAL: &str = "claw_cp_snapshot_build_errors_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -71,7 +72,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// recorder; later calls (a second server in the same test process) reuse
 /// it. If another recorder was installed first, metrics go there and the
 /// returned handle renders an empty page.
-pub fn handle() -> PrometheusHandle {
+pub(crate) fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
@@ -157,7 +158,7 @@ fn describe() {
 }
 
 /// Sets the catalog gauges from the current state.
-pub fn record_catalog(catalog: &Catalog) {
+pub(crate) fn record_catalog(catalog: &Catalog) {
     metrics::gauge!(CONFIG_VERSION).set(catalog.config_version() as f64);
     match catalog.info() {
         Ok(info) => {
@@ -170,20 +171,20 @@ pub fn record_catalog(catalog: &Catalog) {
 }
 
 /// Counts a successful master key rotation.
-pub fn master_key_rotated() {
+pub(crate) fn master_key_rotated() {
     metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(1);
 }
 
 /// Sets the fleet gauges: connected proxies and the lowest version one of
 /// them acknowledged.
-pub fn record_proxies(connected: usize, min_acked_version: u64) {
+pub(crate) fn record_proxies(connected: usize, min_acked_version: u64) {
     metrics::gauge!(PROXIES_CONNECTED).set(connected as f64);
     metrics::gauge!(PROXY_ACKED_VERSION_MIN).set(min_acked_version as f64);
 }
 
 /// Records a snapshot build: its duration, and the version now distributed
 /// (`None` when the build failed).
-pub fn snapshot_built(seconds: f64, version: Option<u64>) {
+pub(crate) fn snapshot_built(seconds: f64, version: Option<u64>) {
     metrics::histogram!(SNAPSHOT_BUILD_SECONDS).record(seconds);
     match version {
         Some(v) => metrics::gauge!(SNAPSHOT_VERSION).set(v as f64),
@@ -192,17 +193,17 @@ pub fn snapshot_built(seconds: f64, version: Option<u64>) {
 }
 
 /// Counts a snapshot sent to a proxy.
-pub fn snapshot_sent() {
+pub(crate) fn snapshot_sent() {
     metrics::counter!(SNAPSHOTS_SENT_TOTAL).increment(1);
 }
 
 /// Counts a snapshot a proxy rejected.
-pub fn snapshot_nacked() {
+pub(crate) fn snapshot_nacked() {
     metrics::counter!(SNAPSHOT_NACKS_TOTAL).increment(1);
 }
 
 /// Keeps `/metrics` initialized with every gauge and counter at zero.
-pub fn touch() {
+pub(crate) fn touch() {
     metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(0);
     metrics::counter!(SNAPSHOTS_SENT_TOTAL).increment(0);
     metrics::counter!(SNAPSHOT_NACKS_TOTAL).increment(0);
@@ -213,7 +214,7 @@ pub fn touch() {
 
 /// Counts and times every gRPC request passing through the server.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+pub(crate) struct GrpcMetricsLayer;
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
@@ -225,7 +226,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 
 /// The service made by [`GrpcMetricsLayer`].
 #[derive(Debug, Clone)]
-pub struct GrpcMetrics<S> {
+pub(crate) struct GrpcMetrics<S> {
     inner: S,
 }
 

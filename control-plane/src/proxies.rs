@@ -15,8 +15,8 @@
 //! last contact) for [`DEFAULT_RETENTION`], so `clawctl proxies` shows the
 //! recently gone, then disappear.
 
+use parking_lot::RwLock;
 use std::collections::BTreeMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -24,15 +24,19 @@ use claw_proto::v1;
 use tokio::sync::{mpsc, watch};
 
 use crate::catalog::records::{now_ms, timestamp};
-use crate::discovery::Push;
 use crate::metrics;
 
+/// The sending half of one proxy's discovery stream: a response sent here
+/// goes out on that stream, which stamps its nonce. Dropping the last sender
+/// ends the stream.
+pub(crate) type Push = mpsc::Sender<v1::StreamConfigResponse>;
+
 /// How long a disconnected proxy stays listed.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
 
 /// Longest NACK reason kept (in bytes); proxies' error details are theirs
 /// to choose, the registry's memory is not.
-pub const MAX_NACK_REASON: usize = 512;
+pub(crate) const MAX_NACK_REASON: usize = 512;
 
 /// What the control plane knows about one proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -77,7 +81,7 @@ pub struct ConnectionId(u64);
 #[derive(Debug)]
 struct Live {
     id: ConnectionId,
-    tx: mpsc::Sender<Push>,
+    tx: Push,
 }
 
 #[derive(Debug)]
@@ -130,16 +134,10 @@ impl ProxyRegistry {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Map> {
-        // A poisoned lock means a panic mid-update of a plain map entry;
-        // the map is still usable.
-        self.entries.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Prunes, runs `f` on the map, and refreshes the fleet gauges.
     fn mutate<T>(&self, f: impl FnOnce(&mut Map, i64) -> T) -> T {
         let now = now_ms();
-        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.entries.write();
         self.prune_locked(&mut map, now);
         let out = f(&mut map, now);
         record_gauges(&map);
@@ -156,7 +154,7 @@ impl ProxyRegistry {
     /// Records a proxy that opened a stream whose responses `tx` feeds.
     /// Replaces (and thereby ends) an older stream of the same node id;
     /// what was learnt about the node (acked version, last NACK) is kept.
-    pub fn connect(&self, node_id: &str, peer_address: &str, tx: mpsc::Sender<Push>) -> Connected {
+    pub fn connect(&self, node_id: &str, peer_address: &str, tx: Push) -> Connected {
         let id = ConnectionId(self.next_connection.fetch_add(1, Ordering::Relaxed));
         let connected = self.mutate(|map, now| {
             let entry = map.entry(node_id.to_string()).or_insert_with(|| Entry {
@@ -234,16 +232,18 @@ impl ProxyRegistry {
     }
 
     /// The channel to a connected proxy's stream.
-    pub fn sender(&self, node_id: &str) -> Option<mpsc::Sender<Push>> {
-        self.read()
+    pub fn sender(&self, node_id: &str) -> Option<Push> {
+        self.entries
+            .read()
             .get(node_id)
             .and_then(|e| e.live.as_ref())
             .map(|l| l.tx.clone())
     }
 
     /// The channels to every connected proxy's stream, by node id.
-    pub fn senders(&self) -> Vec<(String, mpsc::Sender<Push>)> {
-        self.read()
+    pub fn senders(&self) -> Vec<(String, Push)> {
+        self.entries
+            .read()
             .iter()
             .filter_map(|(id, e)| e.live.as_ref().map(|l| (id.clone(), l.tx.clone())))
             .collect()
@@ -257,7 +257,11 @@ impl ProxyRegistry {
 
     /// How many proxies have an open stream.
     pub fn connected_count(&self) -> usize {
-        self.read().values().filter(|e| e.live.is_some()).count()
+        self.entries
+            .read()
+            .values()
+            .filter(|e| e.live.is_some())
+            .count()
     }
 }
 
@@ -292,7 +296,7 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    fn channel() -> (mpsc::Sender<Push>, mpsc::Receiver<Push>) {
+    fn channel() -> (Push, mpsc::Receiver<v1::StreamConfigResponse>) {
         mpsc::channel(1)
     }
 

@@ -1,7 +1,10 @@
-//! Wires the control plane together on already-bound listeners: the
-//! catalog over the sled store, the authenticated gRPC services, gRPC health
-//! and reflection, the HTTP listener, metrics; and shuts it all down
-//! gracefully.
+//! The composition root: wires the control plane together on already-bound
+//! listeners and shuts it all down gracefully. It opens the sled store once
+//! and hands the one `Arc<dyn Store>` to the catalog, the heartbeat run log,
+//! report ingestion, the fleet, stats and retention; it creates the one
+//! shutdown signal and hands a [`Shutdown`] to every task it starts; it
+//! serves the authenticated gRPC services, gRPC health and reflection, and
+//! the HTTP listener. No module below it imports it.
 //!
 //! Authentication: every `claw.v1` admin service and reflection require the
 //! admin token; the proxy-facing `DiscoveryService` and `ReportService`
@@ -47,9 +50,14 @@ use crate::api::stats::StatsApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::discovery::{self, Debounce, DiscoveryApi};
+use crate::fleet::Fleet;
+use crate::heartbeat::runs::RunStore;
 use crate::http::{self, HttpState};
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::proxies::ProxyRegistry;
+use crate::report::Ingest;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 use crate::store::Store;
 use crate::store::sled::SledStore;
 
@@ -87,6 +95,7 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// listeners.
 pub struct Server {
     config: Config,
+    store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     proxies: Arc<ProxyRegistry>,
     tls: Option<Arc<claw_tls::CertResolver>>,
@@ -119,7 +128,7 @@ impl Server {
             Arc::new(SledStore::open(&config.data_dir).with_context(|| {
                 format!("opening data directory {}", config.data_dir.display())
             })?);
-        let catalog = Catalog::open(store, config.master_key.clone())
+        let catalog = Catalog::open(store.clone(), config.master_key.clone())
             .await
             .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
         tracing::info!(
@@ -130,6 +139,7 @@ impl Server {
         );
         Ok(Server {
             config,
+            store,
             catalog: Arc::new(catalog),
             proxies: Arc::new(ProxyRegistry::new()),
             tls,
@@ -156,6 +166,7 @@ impl Server {
     ) -> anyhow::Result<()> {
         let Server {
             config,
+            store,
             catalog,
             proxies,
             tls,
@@ -191,8 +202,8 @@ impl Server {
         }
         let admin = TokenAuth::admin(&config.admin_token);
         let proxy_auth = TokenAuth::proxy(&config.proxy_token);
-        // Advertise only what is served (the descriptor set also describes
-        // services of later milestones).
+        // Advertise exactly what is served: SERVICES and the infrastructure
+        // services, nothing else the descriptor sets may describe.
         let reflection = || {
             SERVICES.iter().chain(&REFLECTED_INFRA).fold(
                 tonic_reflection::server::Builder::configure()
@@ -209,17 +220,20 @@ impl Server {
             .context("building gRPC reflection")?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = Shutdown::new(stop_rx);
         let mut grpc_stop = stop_rx.clone();
         let (snapshots, publisher) =
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
+            RunStore::new(store.clone()),
             config.heartbeat.clone(),
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;
         let fleet = Arc::new(
-            crate::report::Fleet::open(
+            Fleet::open(
+                store.as_ref(),
                 catalog.clone(),
                 proxies.clone(),
                 heartbeats.activity.clone(),
@@ -229,8 +243,9 @@ impl Server {
             .context("loading the fleet cooldowns")?,
         );
         let fleet_task = tokio::spawn(fleet.clone().run(stop_rx.clone()));
-        let retention_task = tokio::spawn(crate::stats::retention::run(
-            catalog.heartbeat_store(),
+        let ingest = Arc::new(Ingest::new(store.clone(), fleet.clone()));
+        let retention_task = tokio::spawn(crate::retention::run(
+            store.clone(),
             config.retention,
             stop_rx.clone(),
         ));
@@ -266,11 +281,11 @@ impl Server {
                 admin.clone(),
             ))
             .add_service(StatsServiceServer::with_interceptor(
-                StatsApi::new(crate::stats::Stats::new(catalog.clone()), fleet.clone()),
+                StatsApi::new(Stats::new(store, catalog.clone()), fleet),
                 admin,
             ))
             .add_service(ReportServiceServer::with_interceptor(
-                ReportApi::new(fleet, stop_rx.clone()),
+                ReportApi::new(ingest, stop_rx.clone()),
                 proxy_auth.clone(),
             ))
             .add_service(DiscoveryServiceServer::with_interceptor(
@@ -279,7 +294,7 @@ impl Server {
             ));
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
-        let grpc_stopped = async move { stopped(&mut grpc_stop).await };
+        let grpc_stopped = async move { grpc_stop.stopped().await };
         let mut grpc_task =
             match grpc_tls {
                 Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
@@ -370,14 +385,8 @@ fn no_delay(
     })
 }
 
-/// Completes once `stop` turns true (or its sender is gone). The borrow of
-/// the channel value ends inside, so callers' futures stay `Send`.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Updates the catalog gauges whenever the configuration version changes.
-async fn keep_gauges(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+async fn keep_gauges(catalog: Arc<Catalog>, mut stop: Shutdown) {
     let mut versions = catalog.subscribe();
     loop {
         tokio::select! {
@@ -387,22 +396,19 @@ async fn keep_gauges(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
                 }
                 metrics::record_catalog(&catalog);
             }
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }
 
 /// Periodic recorder maintenance (required when the recorder is installed
 /// without the exporter's own HTTP listener).
-async fn upkeep(
-    handle: metrics_exporter_prometheus::PrometheusHandle,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(METRICS_UPKEEP);
     loop {
         tokio::select! {
             _ = tick.tick() => handle.run_upkeep(),
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

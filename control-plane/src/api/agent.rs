@@ -8,13 +8,13 @@ use super::{RpcResult, SharedCatalog, ok, required};
 
 /// Serves agents from the catalog.
 #[derive(Debug, Clone)]
-pub struct AgentApi {
+pub(crate) struct AgentApi {
     catalog: SharedCatalog,
 }
 
 impl AgentApi {
     /// A service over `catalog`.
-    pub fn new(catalog: SharedCatalog) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog) -> Self {
         AgentApi { catalog }
     }
 }

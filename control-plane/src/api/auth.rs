@@ -22,7 +22,7 @@ use crate::config::Token;
 /// An interceptor that admits requests carrying
 /// `authorization: Bearer <token>` for one token.
 #[derive(Clone)]
-pub struct TokenAuth {
+pub(crate) struct TokenAuth {
     expected: Arc<[u8; 32]>,
     rejection: &'static str,
 }
@@ -41,7 +41,7 @@ fn digest(token: &[u8]) -> [u8; 32] {
 
 impl TokenAuth {
     /// Admits holders of the admin token.
-    pub fn admin(token: &Token) -> Self {
+    pub(crate) fn admin(token: &Token) -> Self {
         TokenAuth {
             expected: Arc::new(digest(token.as_bytes())),
             rejection: "missing or invalid admin token",
@@ -49,7 +49,7 @@ impl TokenAuth {
     }
 
     /// Admits holders of the proxy token.
-    pub fn proxy(token: &Token) -> Self {
+    pub(crate) fn proxy(token: &Token) -> Self {
         TokenAuth {
             expected: Arc::new(digest(token.as_bytes())),
             rejection: "missing or invalid proxy token",
@@ -57,7 +57,7 @@ impl TokenAuth {
     }
 
     /// Whether request metadata carries the expected bearer token.
-    pub fn admits(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+    pub(crate) fn admits(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
         let Some(value) = metadata.get("authorization").and_then(|v| v.to_str().ok()) else {
             return false;
         };

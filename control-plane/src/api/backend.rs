@@ -8,13 +8,13 @@ use super::{RpcResult, SharedCatalog, ok, required};
 
 /// Serves backends from the catalog.
 #[derive(Debug, Clone)]
-pub struct BackendApi {
+pub(crate) struct BackendApi {
     catalog: SharedCatalog,
 }
 
 impl BackendApi {
     /// A service over `catalog`.
-    pub fn new(catalog: SharedCatalog) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog) -> Self {
         BackendApi { catalog }
     }
 }

@@ -8,13 +8,13 @@ use super::{RpcResult, SharedCatalog, ok, required};
 
 /// Serves client keys from the catalog.
 #[derive(Debug, Clone)]
-pub struct ClientKeyApi {
+pub(crate) struct ClientKeyApi {
     catalog: SharedCatalog,
 }
 
 impl ClientKeyApi {
     /// A service over `catalog`.
-    pub fn new(catalog: SharedCatalog) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog) -> Self {
         ClientKeyApi { catalog }
     }
 }

@@ -15,14 +15,14 @@ use crate::proxies::ProxyRegistry;
 
 /// Serves cluster-wide operations.
 #[derive(Debug, Clone)]
-pub struct ClusterApi {
+pub(crate) struct ClusterApi {
     catalog: SharedCatalog,
     proxies: Arc<ProxyRegistry>,
 }
 
 impl ClusterApi {
     /// A service over `catalog` and the proxy registry.
-    pub fn new(catalog: SharedCatalog, proxies: Arc<ProxyRegistry>) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog, proxies: Arc<ProxyRegistry>) -> Self {
         ClusterApi { catalog, proxies }
     }
 }

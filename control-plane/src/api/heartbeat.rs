@@ -7,11 +7,11 @@ use claw_proto::v1::heartbeat_service_server::HeartbeatService;
 use claw_proto::v1::*;
 use tonic::{Request, Status};
 
-use super::{RpcResult, SharedCatalog, ok};
+use super::{RpcResult, SharedCatalog, internal, ok};
 use crate::catalog::records;
 use crate::heartbeat::checklist;
 use crate::heartbeat::runtime::Heartbeats;
-use crate::heartbeat::scheduler::{self, HeartbeatError};
+use crate::heartbeat::scheduler;
 
 /// Default and largest page of `ListHeartbeatRuns`.
 const DEFAULT_LIMIT: u32 = 50;
@@ -22,39 +22,21 @@ const MAX_SLOTS: u32 = 100;
 /// Extra time a waiting `RunHeartbeat` gives a run beyond its timeout.
 const WAIT_GRACE: Duration = Duration::from_secs(10);
 
-impl From<HeartbeatError> for Status {
-    fn from(e: HeartbeatError) -> Status {
-        match &e {
-            HeartbeatError::NotFound(_) => Status::not_found(e.to_string()),
-            HeartbeatError::Unavailable => Status::unavailable(e.to_string()),
-            HeartbeatError::Store(_) => {
-                tracing::error!(error = %e, "internal error serving a heartbeat request");
-                Status::internal("internal error; see the control plane log")
-            }
-        }
-    }
-}
-
 /// Serves heartbeats.
 #[derive(Debug, Clone)]
-pub struct HeartbeatApi {
+pub(crate) struct HeartbeatApi {
     catalog: SharedCatalog,
     heartbeats: Heartbeats,
 }
 
 impl HeartbeatApi {
     /// A service over the catalog and the running scheduler.
-    pub fn new(catalog: SharedCatalog, heartbeats: Heartbeats) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog, heartbeats: Heartbeats) -> Self {
         HeartbeatApi {
             catalog,
             heartbeats,
         }
     }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "heartbeat store error");
-    Status::internal("internal error; see the control plane log")
 }
 
 #[tonic::async_trait]
@@ -105,7 +87,7 @@ impl HeartbeatService for HeartbeatApi {
             };
             self.heartbeats.runs.list_agent(&id, limit)
         }
-        .map_err(internal)?;
+        .map_err(|e| internal(&e))?;
         ok(ListHeartbeatRunsResponse { runs })
     }
 

@@ -1,27 +1,36 @@
 //! The `claw.v1` gRPC API: one file per service, each a thin translation
-//! between protobuf messages and [`Catalog`] calls.
+//! between protobuf messages and the modules that own the state.
 //!
-//! - [`auth`]: the bearer-token interceptor (admin token here; the proxy
-//!   token will open the discovery service the same way).
+//! - [`auth`]: the bearer-token interceptor. The admin token opens the
+//!   admin services below; the proxy token opens [`report`] and the
+//!   discovery service ([`crate::discovery`]), and neither opens the other's.
 //! - [`backend`], [`pool`], [`client_key`], [`agent`], [`cluster`]: the
-//!   services.
+//!   configuration services, over the [`Catalog`].
+//! - [`heartbeat`]: manual runs, run logs, checklists and next slots, over
+//!   the heartbeat scheduler.
+//! - [`stats`]: usage history and cooldown events.
+//! - [`report`]: the proxies' report stream, into [`crate::report`].
 //!
-//! Errors reach the wire through exactly one conversion,
-//! `From<CatalogError> for tonic::Status`, below.
+//! Every domain error reaches the wire here, in this file:
+//! `From<CatalogError>` and `From<HeartbeatError>` for `tonic::Status`, and
+//! `internal` for failures whose details stay in the log (they may describe
+//! internals). The services themselves answer only for the request: a
+//! missing or malformed field, a missing token, a report batch to resend.
 
-pub mod agent;
-pub mod auth;
-pub mod backend;
-pub mod client_key;
-pub mod cluster;
-pub mod heartbeat;
-pub mod pool;
-pub mod report;
-pub mod stats;
+pub(crate) mod agent;
+pub(crate) mod auth;
+pub(crate) mod backend;
+pub(crate) mod client_key;
+pub(crate) mod cluster;
+pub(crate) mod heartbeat;
+pub(crate) mod pool;
+pub(crate) mod report;
+pub(crate) mod stats;
 
 use tonic::Status;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::heartbeat::scheduler::HeartbeatError;
 
 impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Status {
@@ -34,12 +43,29 @@ impl From<CatalogError> for Status {
                 Status::failed_precondition(e.to_string())
             }
             CatalogError::Store(_) | CatalogError::Crypto(_) | CatalogError::Corrupt(_) => {
-                // Details stay in the log: they may describe internals.
-                tracing::error!(error = %e, "internal error serving a request");
-                Status::internal("internal error; see the control plane log")
+                internal(&e)
             }
         }
     }
+}
+
+impl From<HeartbeatError> for Status {
+    fn from(e: HeartbeatError) -> Status {
+        match &e {
+            HeartbeatError::NotFound(_) => Status::not_found(e.to_string()),
+            HeartbeatError::Unavailable => Status::unavailable(e.to_string()),
+            HeartbeatError::Store(_)
+            | HeartbeatError::Catalog(_)
+            | HeartbeatError::CommitFailed => internal(&e),
+        }
+    }
+}
+
+/// The answer to a failure whose details may describe internals: the
+/// details go to the log, the wire gets a fixed message.
+fn internal(e: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error serving a request");
+    Status::internal("internal error; see the control plane log")
 }
 
 /// Shorthand for service results.

@@ -9,13 +9,13 @@ use super::{RpcResult, SharedCatalog, ok};
 
 /// Serves pool settings from the catalog.
 #[derive(Debug, Clone)]
-pub struct PoolApi {
+pub(crate) struct PoolApi {
     catalog: SharedCatalog,
 }
 
 impl PoolApi {
     /// A service over `catalog`.
-    pub fn new(catalog: SharedCatalog) -> Self {
+    pub(crate) fn new(catalog: SharedCatalog) -> Self {
         PoolApi { catalog }
     }
 }

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use claw_proto::v1::report_service_server::ReportService;
 use claw_proto::v1::{StreamReportsRequest, StreamReportsResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::report::{Fleet, metrics};
-use crate::server::stopped;
+use crate::report::{Ingest, metrics};
+use crate::shutdown::Shutdown;
 
 /// Acknowledgements buffered per stream before the reader waits.
 const ACK_CAPACITY: usize = 64;
@@ -25,16 +25,16 @@ const MAX_ID: usize = 253;
 
 /// Serves `StreamReports`.
 #[derive(Debug, Clone)]
-pub struct ReportApi {
-    fleet: Arc<Fleet>,
-    stop: watch::Receiver<bool>,
+pub(crate) struct ReportApi {
+    ingest: Arc<Ingest>,
+    stop: Shutdown,
 }
 
 impl ReportApi {
-    /// A service storing batches through `fleet`, ending its streams once
+    /// A service storing batches through `ingest`, ending its streams once
     /// `stop` turns true.
-    pub fn new(fleet: Arc<Fleet>, stop: watch::Receiver<bool>) -> Self {
-        ReportApi { fleet, stop }
+    pub(crate) fn new(ingest: Arc<Ingest>, stop: Shutdown) -> Self {
+        ReportApi { ingest, stop }
     }
 }
 
@@ -50,7 +50,7 @@ impl ReportService for ReportApi {
     ) -> Result<Response<Self::StreamReportsStream>, Status> {
         let (tx, rx) = mpsc::channel(ACK_CAPACITY);
         tokio::spawn(serve(
-            self.fleet.clone(),
+            self.ingest.clone(),
             request.into_inner(),
             tx,
             self.stop.clone(),
@@ -89,10 +89,10 @@ fn check(b: &StreamReportsRequest) -> Result<(), Status> {
 }
 
 async fn serve(
-    fleet: Arc<Fleet>,
+    ingest: Arc<Ingest>,
     mut inbound: Streaming<StreamReportsRequest>,
     acks: Acks,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     metrics::streams(1.0);
     let mut dropped = 0u64;
@@ -100,7 +100,7 @@ async fn serve(
     loop {
         let batch = tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = stop.stopped() => break,
             m = inbound.message() => match m {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
@@ -129,7 +129,7 @@ async fn serve(
         }
         metrics::dropped(batch.dropped_events as f64 - dropped as f64);
         dropped = batch.dropped_events;
-        match fleet.store(&batch).await {
+        match ingest.store(&batch).await {
             Ok(stored) => {
                 let ack = StreamReportsResponse {
                     acked_seq: batch.seq,
@@ -137,10 +137,10 @@ async fn serve(
                 if acks.send(Ok(ack)).await.is_err() {
                     // Stored but not acknowledged: the proxy resends it and
                     // it is recognised as a duplicate.
-                    fleet.after_ack(&batch, &stored);
+                    ingest.after_ack(&batch, &stored);
                     break;
                 }
-                fleet.after_ack(&batch, &stored);
+                ingest.after_ack(&batch, &stored);
             }
             Err(e) => {
                 tracing::error!(node_id = %batch.node_id, seq = batch.seq, error = %e, "cannot store a report batch");

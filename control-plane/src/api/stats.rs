@@ -8,8 +8,8 @@ use claw_proto::v1::*;
 use tonic::Request;
 
 use super::{RpcResult, ok};
-use crate::cooldowns;
-use crate::report::Fleet;
+use crate::fleet::Fleet;
+use crate::fleet::cooldowns;
 use crate::stats::{Stats, ms_of};
 
 /// Default and largest page of cooldown events.
@@ -18,14 +18,14 @@ const MAX_EVENTS: usize = 10_000;
 
 /// Serves usage and cooldown queries.
 #[derive(Debug, Clone)]
-pub struct StatsApi {
+pub(crate) struct StatsApi {
     stats: Stats,
     fleet: Arc<Fleet>,
 }
 
 impl StatsApi {
     /// A service over the history and the fleet's backends.
-    pub fn new(stats: Stats, fleet: Arc<Fleet>) -> Self {
+    pub(crate) fn new(stats: Stats, fleet: Arc<Fleet>) -> Self {
         StatsApi { stats, fleet }
     }
 }

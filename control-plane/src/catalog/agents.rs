@@ -111,7 +111,7 @@ pub(super) fn view(rec: &AgentRecord) -> Result<Agent> {
 }
 
 /// What the API shows instead of a stored webhook secret.
-pub const SECRET_MASK: &str = "…";
+pub(super) const SECRET_MASK: &str = "…";
 
 /// Normalizes and validates an agent.
 pub(super) fn check(a: &mut Agent) -> Result<()> {
@@ -129,12 +129,6 @@ impl Catalog {
     /// Every agent record, for the heartbeat scheduler.
     pub fn agent_records(&self) -> Result<Vec<AgentRecord>> {
         self.scan_records(Tree::Agents)
-    }
-
-    /// The store under the catalog, for the heartbeat run log (its own
-    /// trees, written outside configuration transactions).
-    pub fn heartbeat_store(&self) -> std::sync::Arc<dyn crate::store::Store> {
-        self.store.clone()
     }
 
     /// One agent record by exact id (`None` when absent), for the heartbeat

@@ -15,9 +15,9 @@ use crate::store::{Tree, Txn};
 
 const KIND: &str = "client key";
 /// Every client key secret starts with this, so leaked keys are greppable.
-pub const SECRET_PREFIX: &str = "claw-";
+pub(super) const SECRET_PREFIX: &str = "claw-";
 /// How many leading characters of a secret are kept as its `prefix`.
-pub const PREFIX_LEN: usize = 12;
+pub(super) const PREFIX_LEN: usize = 12;
 
 /// A freshly generated client key secret with what is stored about it.
 pub(super) struct NewSecret {

@@ -132,7 +132,7 @@ impl Catalog {
             });
         }
         let reencrypted = resealed.len() + agents.len() + keys.len();
-        self.keys_write().pending = Some(new.clone());
+        self.keys.write().pending = Some(new.clone());
         let new_id = new.id().as_str().as_bytes().to_vec();
         let trees = [Tree::Backends, Tree::Agents, Tree::ClientKeys, Tree::Meta];
         let committed = self.store.transact(&trees, |txn| -> Result<()> {
@@ -152,11 +152,11 @@ impl Catalog {
             Ok(())
         });
         if let Err(e) = committed {
-            self.keys_write().pending = None;
+            self.keys.write().pending = None;
             return Err(e);
         }
         {
-            let mut ring = self.keys_write();
+            let mut ring = self.keys.write();
             ring.current = new.clone();
             ring.pending = None;
         }

@@ -32,7 +32,9 @@ mod pools;
 pub mod records;
 mod snapshot;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use claw_proto::validate::FieldError;
 use tokio::sync::{Mutex, MutexGuard, watch};
@@ -238,7 +240,7 @@ impl Catalog {
 
     /// Id of the master key secrets are sealed under.
     pub fn master_key_id(&self) -> KeyId {
-        self.keys_read().current.id().clone()
+        self.keys.read().current.id().clone()
     }
 
     /// Whether the store answers reads.
@@ -251,23 +253,13 @@ impl Catalog {
         Ok(self.store.flush().await?)
     }
 
-    fn keys_read(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
-        // A poisoned lock only means a panic elsewhere while holding it; the
-        // key ring itself is always consistent (single assignments).
-        self.keys.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn keys_write(&self) -> std::sync::RwLockWriteGuard<'_, KeyRing> {
-        self.keys.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn current_key(&self) -> Arc<MasterKey> {
-        self.keys_read().current.clone()
+        self.keys.read().current.clone()
     }
 
     /// Opens a secret with whichever known key sealed it.
     fn open_secret(&self, sealed: &Sealed, aad: &[u8]) -> Result<String> {
-        let ring = self.keys_read();
+        let ring = self.keys.read();
         let key = match &ring.pending {
             Some(p) if p.id() == &sealed.key_id => p.clone(),
             _ => ring.current.clone(),
@@ -386,24 +378,35 @@ pub(crate) mod testing {
     use super::*;
     use crate::store::sled::SledStore;
 
-    pub const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
-    pub const KEY2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    pub(crate) const KEY1: &str =
+        "1111111111111111111111111111111111111111111111111111111111111111";
+    pub(crate) const KEY2: &str =
+        "2222222222222222222222222222222222222222222222222222222222222222";
 
-    pub fn key(hex: &str) -> MasterKey {
+    pub(crate) fn key(hex: &str) -> MasterKey {
         MasterKey::from_hex(hex).expect("test key")
     }
 
-    pub async fn open_at(path: &std::path::Path, hex: &str) -> Result<Catalog> {
+    pub(crate) async fn open_at(path: &std::path::Path, hex: &str) -> Result<Catalog> {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(path).expect("store opens"));
         Catalog::open(store, key(hex)).await
     }
 
-    pub async fn catalog() -> (tempfile::TempDir, Catalog) {
+    pub(crate) async fn catalog() -> (tempfile::TempDir, Catalog) {
+        let (dir, _, c) = store_and_catalog().await;
+        (dir, c)
+    }
+
+    /// A fresh catalog and the store under it (for the modules that keep
+    /// their own trees in the same store).
+    pub(crate) async fn store_and_catalog() -> (tempfile::TempDir, Arc<dyn Store>, Catalog) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = open_at(&dir.path().join("data"), KEY1)
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&dir.path().join("data")).expect("store opens"));
+        let c = Catalog::open(store.clone(), key(KEY1))
             .await
             .expect("catalog opens");
-        (dir, c)
+        (dir, store, c)
     }
 }
 

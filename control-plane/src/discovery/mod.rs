@@ -9,10 +9,10 @@
 //!   bookkeeping by nonce, cleanup.
 //! - `nonce`: unique nonces per response.
 //!
-//! The same stream will carry incremental messages (cooldowns, rate
-//! shares): any module reaches one proxy or all of them through the
-//! [`Push`] senders the registry holds. Incremental messages (no snapshot)
-//! carry no nonce and expect no answer.
+//! The same stream carries incremental messages (cooldowns, rate shares,
+//! sent by [`crate::fleet`]): any module reaches one proxy or all of them
+//! through the [`Push`](crate::proxies::Push) senders the registry holds.
+//! Incremental messages (no snapshot) carry no nonce and expect no answer.
 //!
 //! Shutdown: when the control plane stops, every session ends its response
 //! stream itself (long-lived streams would otherwise hold the gRPC server's
@@ -20,31 +20,25 @@
 //! reconnect.
 
 mod nonce;
-pub mod publish;
+pub(crate) mod publish;
 mod session;
 
 use std::sync::Arc;
 
 use claw_proto::v1::discovery_service_server::DiscoveryService;
 use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Catalog;
 use crate::proxies::ProxyRegistry;
+use crate::shutdown::Shutdown;
 
-pub use publish::{Debounce, Latest};
+pub(crate) use publish::{Debounce, Latest};
 
 /// Responses buffered per stream before sending waits for the proxy.
 const OUTBOUND_CAPACITY: usize = 8;
-
-/// A message another module wants delivered on one proxy's stream.
-#[derive(Debug, Clone)]
-pub enum Push {
-    /// Send this response; the stream stamps its nonce.
-    Message(StreamConfigResponse),
-}
 
 /// What every stream shares.
 #[derive(Debug)]
@@ -52,13 +46,13 @@ struct Shared {
     catalog: Arc<Catalog>,
     registry: Arc<ProxyRegistry>,
     snapshots: Latest,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     nonces: nonce::Nonces,
 }
 
 /// Serves `StreamConfig`.
 #[derive(Debug, Clone)]
-pub struct DiscoveryApi {
+pub(crate) struct DiscoveryApi {
     shared: Arc<Shared>,
 }
 
@@ -66,11 +60,11 @@ impl DiscoveryApi {
     /// A service distributing the snapshots `snapshots` publishes (see
     /// [`publish::spawn`]), recording proxies in `registry`, and ending
     /// every stream once `stop` turns true.
-    pub fn new(
+    pub(crate) fn new(
         catalog: Arc<Catalog>,
         registry: Arc<ProxyRegistry>,
         snapshots: Latest,
-        stop: watch::Receiver<bool>,
+        stop: Shutdown,
     ) -> Self {
         DiscoveryApi {
             shared: Arc::new(Shared {

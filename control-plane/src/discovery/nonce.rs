@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// process (so a restarted control plane never reuses a nonce a proxy may
 /// still echo), `n` counts up within it (so no two messages share one).
 #[derive(Debug)]
-pub struct Nonces {
+pub(super) struct Nonces {
     instance: String,
     next: AtomicU64,
 }
@@ -23,7 +23,7 @@ impl Default for Nonces {
 
 impl Nonces {
     /// A fresh nonce.
-    pub fn next(&self) -> String {
+    pub(super) fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", self.instance)
     }

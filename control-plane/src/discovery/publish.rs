@@ -17,10 +17,10 @@ use tokio::time::Instant;
 
 use crate::catalog::Catalog;
 use crate::metrics;
-use crate::server::stopped;
+use crate::shutdown::Shutdown;
 
 /// The latest snapshot, `None` until the first build succeeds.
-pub type Latest = watch::Receiver<Option<Arc<Snapshot>>>;
+pub(crate) type Latest = watch::Receiver<Option<Arc<Snapshot>>>;
 
 /// First delay before retrying a failed build; doubles up to
 /// [`RETRY_MAX`]. The previous snapshot stays in force meanwhile.
@@ -29,7 +29,7 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long configuration changes may settle before a snapshot is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Debounce {
+pub(crate) struct Debounce {
     /// Wait this long after a change for further changes.
     pub quiet: Duration,
     /// But never longer than this after the first change, so a steady
@@ -48,10 +48,10 @@ impl Default for Debounce {
 
 /// Starts the publisher; it runs until `stop` turns true. The returned
 /// receiver sees each built snapshot.
-pub fn spawn(
+pub(crate) fn spawn(
     catalog: Arc<Catalog>,
     debounce: Debounce,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> (Latest, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(run(catalog, tx, debounce, stop));
@@ -62,7 +62,7 @@ async fn run(
     catalog: Arc<Catalog>,
     tx: watch::Sender<Option<Arc<Snapshot>>>,
     debounce: Debounce,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut versions = catalog.subscribe();
     let mut retry = RETRY_INITIAL;
@@ -80,7 +80,7 @@ async fn run(
                 );
                 tokio::select! {
                     () = tokio::time::sleep(retry) => {}
-                    () = stopped(&mut stop) => return,
+                    () = stop.stopped() => return,
                 }
                 retry = (retry * 2).min(RETRY_MAX);
                 continue;
@@ -93,11 +93,11 @@ async fn run(
                     return;
                 }
             }
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
         tokio::select! {
             () = settle(&mut versions, debounce) => {}
-            () = stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! The session reads the hello (which must name the node), registers the
 //! proxy, then loops over four inputs: the control plane stopping, the
 //! proxy's ACKs and NACKs, a new published snapshot, and messages other
-//! modules [`Push`] to this proxy. Every response gets a fresh nonce and is
+//! modules [`Push`](crate::proxies::Push) to this proxy. Every response gets a fresh nonce and is
 //! remembered until answered; an answer with an unknown or already-answered
 //! nonce is ignored.
 //!
@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claw_proto::v1::{Snapshot, StreamConfigRequest, StreamConfigResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
-use super::{Push, Shared};
+use super::Shared;
 use crate::metrics;
 use crate::proxies::{ConnectionId, bound_reason};
-use crate::server::stopped;
+use crate::shutdown::Shutdown;
 
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,7 +37,7 @@ const MAX_OUTSTANDING: usize = 16;
 /// would otherwise get the previous version and, a debounce later, the
 /// current one). Longer than the publisher's maximum debounce.
 const CATCH_UP: Duration = Duration::from_secs(1);
-/// Depth of a stream's [`Push`] channel.
+/// Depth of a stream's [`Push`](crate::proxies::Push) channel.
 pub(super) const PUSH_CAPACITY: usize = 64;
 
 /// Where responses go: tonic's response stream.
@@ -75,7 +75,7 @@ pub(super) async fn run(
     let mut stop = shared.stop.clone();
     let hello = tokio::select! {
         biased;
-        () = stopped(&mut stop) => return,
+        () = stop.stopped() => return,
         () = out.closed() => return,
         hello = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => hello,
     };
@@ -195,8 +195,8 @@ impl Session {
     async fn serve(
         &mut self,
         inbound: &mut Streaming<StreamConfigRequest>,
-        mut pushes: mpsc::Receiver<Push>,
-        mut stop: watch::Receiver<bool>,
+        mut pushes: mpsc::Receiver<StreamConfigResponse>,
+        mut stop: Shutdown,
     ) -> End {
         let mut latest = self.shared.snapshots.clone();
         loop {
@@ -206,7 +206,7 @@ impl Session {
             let catch_up = self.catch_up_until;
             tokio::select! {
                 biased;
-                () = stopped(&mut stop) => return End::Shutdown,
+                () = stop.stopped() => return End::Shutdown,
                 () = sleep_until_some(catch_up) => self.catch_up_until = None,
                 message = inbound.message() => match message {
                     Ok(Some(request)) => self.answer(request),
@@ -220,7 +220,7 @@ impl Session {
                     }
                 }
                 push = pushes.recv() => match push {
-                    Some(Push::Message(response)) => {
+                    Some(response) => {
                         let sent = if response.snapshot.is_none() {
                             self.send_incremental(response, &mut stop).await
                         } else {
@@ -247,7 +247,7 @@ impl Session {
     async fn offer_snapshot(
         &mut self,
         latest: &mut super::publish::Latest,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Shutdown,
     ) -> Result<(), End> {
         let Some(snapshot) = latest.borrow_and_update().clone() else {
             return Ok(());
@@ -280,13 +280,13 @@ impl Session {
         &mut self,
         mut response: StreamConfigResponse,
         snapshot_version: Option<u64>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Shutdown,
     ) -> Result<(), End> {
         response.nonce = self.shared.nonces.next();
         let nonce = response.nonce.clone();
         tokio::select! {
             biased;
-            () = stopped(stop) => return Err(End::Shutdown),
+            () = stop.stopped() => return Err(End::Shutdown),
             sent = self.out.send(Ok(response)) => {
                 if sent.is_err() {
                     return Err(End::Lost("response stream closed".into()));
@@ -310,12 +310,12 @@ impl Session {
     async fn send_incremental(
         &mut self,
         mut response: StreamConfigResponse,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Shutdown,
     ) -> Result<(), End> {
         response.nonce.clear();
         tokio::select! {
             biased;
-            () = stopped(stop) => Err(End::Shutdown),
+            () = stop.stopped() => Err(End::Shutdown),
             sent = self.out.send(Ok(response)) => match sent {
                 Ok(()) => Ok(()),
                 Err(_) => Err(End::Lost("response stream closed".into())),

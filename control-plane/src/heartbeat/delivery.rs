@@ -28,12 +28,13 @@ use futures::future::BoxFuture;
 use hmac::{Hmac, Mac as _};
 use http_body_util::{BodyExt as _, Full};
 use sha2::Sha256;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::dispatch::HttpClient;
 use super::runs::{RunKey, RunStore};
 use crate::catalog::records;
+use crate::shutdown::Shutdown;
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "x-claw-signature";
@@ -279,7 +280,7 @@ impl DeliveryWorker {
         self,
         mut new: mpsc::UnboundedReceiver<(RunKey, OutboxEntry)>,
         done: mpsc::UnboundedSender<DeliveryOutcome>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) {
         let mut entries: HashMap<RunKey, OutboxEntry> = HashMap::new();
         let mut queue: BTreeSet<(i64, RunKey)> = BTreeSet::new();
@@ -342,7 +343,7 @@ impl DeliveryWorker {
                         queue.insert((entry.next_attempt_ms, key));
                     }
                 }
-                () = crate::server::stopped(&mut stop) => return,
+                () = stop.stopped() => return,
             }
         }
     }

@@ -42,7 +42,10 @@ pub enum AlertReason {
     /// The reply neither starts nor ends with the token.
     NoOkToken,
     /// The reply has the token but too much other text around it.
-    TooMuchText { extra_chars: usize },
+    TooMuchText {
+        /// Characters besides the token and surrounding whitespace.
+        extra_chars: usize,
+    },
 }
 
 impl fmt::Display for AlertReason {

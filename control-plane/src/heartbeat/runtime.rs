@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::delivery::{DeliveryConfig, DeliveryWorker, HttpWebhook, SecretSource, Webhook};
@@ -13,7 +13,8 @@ use super::dispatch::{Dispatcher, ProxyDispatcher, RunReply, RunRequest};
 use super::runs::RunStore;
 use super::scheduler::{Deps, Scheduler, SchedulerConfig, SchedulerHandle, SystemClock};
 use crate::catalog::Catalog;
-use crate::fleet::{AgentActivity, Capacity};
+use crate::fleet::activity::{AgentActivity, Capacity};
+use crate::shutdown::Shutdown;
 
 /// Name of the client key the control plane mints for its heartbeat runs.
 pub const INTERNAL_KEY_NAME: &str = "claw-heartbeat";
@@ -111,8 +112,9 @@ impl Dispatcher for Arc<LazyKeyDispatcher> {
 /// run; a control plane without agents does not create it.
 pub fn start(
     catalog: Arc<Catalog>,
+    runs: RunStore,
     settings: HeartbeatSettings,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     let client = super::dispatch::http_client()?;
     let proxy_client = match &settings.proxy_ca {
@@ -126,19 +128,19 @@ pub fn start(
         inner: tokio::sync::OnceCell::new(),
     });
     let webhook: Arc<dyn Webhook> = Arc::new(HttpWebhook(client));
-    start_with(catalog, settings, Arc::new(dispatcher), webhook, stop)
+    start_with(catalog, runs, settings, Arc::new(dispatcher), webhook, stop)
 }
 
 /// [`start`] with a given dispatcher and webhook client (tests, benchmarks).
 pub fn start_with(
     catalog: Arc<Catalog>,
+    runs: RunStore,
     settings: HeartbeatSettings,
     dispatcher: Arc<dyn Dispatcher>,
     webhook: Arc<dyn Webhook>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     super::metrics::describe();
-    let runs = RunStore::new(catalog.heartbeat_store());
     let activity = Arc::new(AgentActivity::new());
     let capacity = Arc::new(Capacity::new());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
@@ -178,7 +180,7 @@ pub fn start_with(
     ))
 }
 
-async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: watch::Receiver<bool>) {
+async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: Shutdown) {
     let mut versions = catalog.subscribe();
     loop {
         if catalog.agent_count().unwrap_or(0) > 0 {
@@ -189,12 +191,12 @@ async fn mint_key_when_agents_exist(catalog: Arc<Catalog>, mut stop: watch::Rece
         }
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { return },
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }
 
-async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: watch::Receiver<bool>) {
+async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
@@ -202,7 +204,7 @@ async fn forget_old_activity(activity: Arc<AgentActivity>, mut stop: watch::Rece
                 let horizon = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24);
                 activity.forget_before(horizon);
             }
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
     }
 }

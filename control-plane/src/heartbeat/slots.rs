@@ -89,8 +89,10 @@ const MINUTES_PER_DAY: u16 = 24 * 60;
 /// Why a schedule could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
+    /// The interval is shorter than 1 s or longer than 366 days.
     #[error("heartbeat interval must be between 1s and 366 days, got {0:?}")]
     IntervalOutOfRange(Duration),
+    /// The interval has a fraction of a second.
     #[error("heartbeat interval must be a whole number of seconds, got {0:?}")]
     IntervalNotWholeSeconds(Duration),
 }
@@ -116,11 +118,21 @@ pub struct Schedule {
 pub enum Reason {
     /// The next point of the grid; the window (if any) was already open at
     /// the previous grid point.
-    Cadence { interval: Duration, phase: Duration },
+    Cadence {
+        /// Time between slots.
+        interval: Duration,
+        /// Offset of the slot grid from the epoch.
+        phase: Duration,
+    },
     /// The first slot of a window occurrence: the previous grid point was
     /// outside this occurrence. `opens_at` is the local time the window
     /// actually opened (after a spring-forward gap, the gap's end).
-    WindowOpens { opens_at: Time, zone: String },
+    WindowOpens {
+        /// The local time the window opened.
+        opens_at: Time,
+        /// The zone the window is read in.
+        zone: String,
+    },
 }
 
 /// What to do with the slots that came due, given the persisted cursor.

@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 
 /// Most out-of-order batches remembered above a gap.
-pub const MAX_ABOVE: usize = 256;
+pub(crate) const MAX_ABOVE: usize = 256;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct SeenRecord {
@@ -33,7 +33,7 @@ struct SeenRecord {
 }
 
 /// The key of a proxy process's record.
-pub fn key(node_id: &str, stream_epoch: &str) -> Vec<u8> {
+pub(crate) fn key(node_id: &str, stream_epoch: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(node_id.len() + stream_epoch.len() + 1);
     k.extend_from_slice(node_id.as_bytes());
     k.push(0);
@@ -43,7 +43,7 @@ pub fn key(node_id: &str, stream_epoch: &str) -> Vec<u8> {
 
 /// The batches of one proxy process that were stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Seen {
+pub(crate) struct Seen {
     contiguous: u64,
     above: BTreeSet<u64>,
     last_used_ms: i64,
@@ -52,7 +52,7 @@ pub struct Seen {
 impl Seen {
     /// Decodes a stored record (a corrupt one reads as empty: better to
     /// count a resent batch twice than to drop every later one).
-    pub fn decode(raw: Option<&[u8]>) -> Seen {
+    pub(crate) fn decode(raw: Option<&[u8]>) -> Seen {
         use prost::Message as _;
         let Some(raw) = raw else {
             return Seen::default();
@@ -71,7 +71,7 @@ impl Seen {
     }
 
     /// Encodes the record.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         use prost::Message as _;
         SeenRecord {
             contiguous: self.contiguous,
@@ -82,12 +82,12 @@ impl Seen {
     }
 
     /// Whether batch `seq` was stored.
-    pub fn contains(&self, seq: u64) -> bool {
+    pub(crate) fn contains(&self, seq: u64) -> bool {
         seq <= self.contiguous || self.above.contains(&seq)
     }
 
     /// Records batch `seq` as stored at `now_ms`.
-    pub fn insert(&mut self, seq: u64, now_ms: i64) {
+    pub(crate) fn insert(&mut self, seq: u64, now_ms: i64) {
         self.last_used_ms = now_ms;
         if seq <= self.contiguous {
             return;
@@ -106,7 +106,7 @@ impl Seen {
 }
 
 /// When a stored record was last used (unix ms), for pruning.
-pub fn last_used_ms(raw: &[u8]) -> i64 {
+pub(crate) fn last_used_ms(raw: &[u8]) -> i64 {
     Seen::decode(Some(raw)).last_used_ms
 }
 

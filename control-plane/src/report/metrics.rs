@@ -1,5 +1,6 @@
-//! Fleet metrics of the control plane (registered in [`crate::metrics`]'s
-//! recorder).
+//! Report-stream metrics of the control plane (registered in
+//! [`crate::metrics`]'s recorder). The cooldown and rate-share metrics are in
+//! [`crate::fleet::metrics`].
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -8,34 +9,25 @@
 //! | `claw_cp_report_lag_seconds` | histogram | (now − oldest event of a stored batch) |
 //! | `claw_cp_report_dropped_events` | gauge | (sum over connected report streams of what proxies dropped) |
 //! | `claw_cp_report_streams` | gauge | |
-//! | `claw_cp_cooldowns_active` | gauge | |
-//! | `claw_cp_cooldown_pushes_total` | counter | |
-//! | `claw_cp_rate_share_assignments_total` | counter | (rate-share messages pushed) |
 
 /// Report batches by outcome.
-pub const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
+pub(crate) const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
 /// Events in stored batches by kind.
-pub const REPORT_EVENTS_TOTAL: &str = "claw_cp_report_events_total";
+pub(crate) const REPORT_EVENTS_TOTAL: &str = "claw_cp_report_events_total";
 /// How old the oldest event of a stored batch was when it was stored.
-pub const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
+pub(crate) const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
 /// Events proxies reported dropping (their buffer overflowed).
-pub const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
+pub(crate) const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
 /// Open report streams.
-pub const REPORT_STREAMS: &str = "claw_cp_report_streams";
-/// Backends cooling fleet-wide.
-pub const COOLDOWNS_ACTIVE: &str = "claw_cp_cooldowns_active";
-/// Cooldown messages pushed to proxies.
-pub const COOLDOWN_PUSHES_TOTAL: &str = "claw_cp_cooldown_pushes_total";
-/// Rate-share messages pushed to proxies.
-pub const RATE_SHARE_ASSIGNMENTS_TOTAL: &str = "claw_cp_rate_share_assignments_total";
+pub(crate) const REPORT_STREAMS: &str = "claw_cp_report_streams";
 
 /// Buckets of the report lag histogram, in seconds.
-pub const LAG_BUCKETS: &[f64] = &[
+pub(crate) const LAG_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// Describes the metrics and initializes them at zero.
-pub fn describe() {
+pub(crate) fn describe() {
     metrics::describe_counter!(REPORT_BATCHES_TOTAL, "Report batches by outcome");
     metrics::describe_counter!(REPORT_EVENTS_TOTAL, "Events in stored report batches");
     metrics::describe_histogram!(
@@ -48,60 +40,36 @@ pub fn describe() {
         "Events the connected proxies dropped because their report buffer overflowed"
     );
     metrics::describe_gauge!(REPORT_STREAMS, "Open report streams");
-    metrics::describe_gauge!(COOLDOWNS_ACTIVE, "Backends cooling fleet-wide");
-    metrics::describe_counter!(COOLDOWN_PUSHES_TOTAL, "Cooldown messages pushed to proxies");
-    metrics::describe_counter!(
-        RATE_SHARE_ASSIGNMENTS_TOTAL,
-        "Rate-share messages pushed to proxies"
-    );
     for result in ["stored", "duplicate"] {
         metrics::counter!(REPORT_BATCHES_TOTAL, "result" => result).increment(0);
     }
-    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(0);
-    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(0);
-    metrics::gauge!(COOLDOWNS_ACTIVE).increment(0.0);
     metrics::gauge!(REPORT_STREAMS).increment(0.0);
     metrics::gauge!(REPORT_DROPPED_EVENTS).increment(0.0);
 }
 
 /// Counts a batch (`stored` or `duplicate`).
-pub fn batch(result: &'static str) {
+pub(crate) fn batch(result: &'static str) {
     metrics::counter!(REPORT_BATCHES_TOTAL, "result" => result).increment(1);
 }
 
 /// Counts events of a stored batch.
-pub fn events(kind: &'static str, n: u64) {
+pub(crate) fn events(kind: &'static str, n: u64) {
     if n > 0 {
         metrics::counter!(REPORT_EVENTS_TOTAL, "kind" => kind).increment(n);
     }
 }
 
 /// Records the lag of a stored batch.
-pub fn lag(seconds: f64) {
+pub(crate) fn lag(seconds: f64) {
     metrics::histogram!(REPORT_LAG_SECONDS).record(seconds.max(0.0));
 }
 
 /// Adjusts the open report streams.
-pub fn streams(delta: f64) {
+pub(crate) fn streams(delta: f64) {
     metrics::gauge!(REPORT_STREAMS).increment(delta);
 }
 
 /// Adjusts the dropped-events gauge.
-pub fn dropped(delta: f64) {
+pub(crate) fn dropped(delta: f64) {
     metrics::gauge!(REPORT_DROPPED_EVENTS).increment(delta);
-}
-
-/// Sets the active cooldowns gauge.
-pub fn cooldowns_active(n: usize) {
-    metrics::gauge!(COOLDOWNS_ACTIVE).set(n as f64);
-}
-
-/// Counts cooldown messages pushed.
-pub fn cooldown_pushed(n: usize) {
-    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(n as u64);
-}
-
-/// Counts rate-share messages pushed.
-pub fn shares_pushed(n: usize) {
-    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(n as u64);
 }

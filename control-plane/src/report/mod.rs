@@ -4,47 +4,35 @@
 //! stored **exactly once**.
 //!
 //! - [`dedup`]: which batches of a proxy process were stored.
-//! - [`directory`]: the backends' names, pools, limits and cooldown
-//!   policies, cached per configuration version.
-//! - [`metrics`]: the fleet metrics (batches, events, lag, cooldowns,
-//!   shares).
+//! - [`metrics`]: the report-stream metrics (batches, events, lag, streams,
+//!   dropped events).
 //!
 //! A batch is one store transaction over the idempotency record, the
 //! cooldown state and history, and the usage buckets: a batch already
 //! recorded changes nothing; otherwise its 429s and successes are applied
-//! first (see [`crate::cooldowns`]), then its usage is pre-aggregated per
-//! bucket and added, and the record is updated. The store is flushed
+//! first (see [`crate::fleet::cooldowns`]), then its usage is pre-aggregated
+//! per bucket and added, and the record is updated. The store is flushed
 //! before the batch is acknowledged, so a control plane killed between
 //! the write and the ACK sees the resent batch as a duplicate after its
-//! restart. Only after the ACK does in-memory state move (fleet cooldowns,
-//! agent activity, demand for rate shares) and are cooldowns pushed to the
-//! other proxies.
-//!
-//! [`Fleet`] ties it together with the proxy registry: it follows proxies
-//! connecting and leaving (catch-up of active cooldowns, re-assigned rate
-//! shares) and re-evaluates shares every tick.
+//! restart. Only after the ACK does in-memory state move: [`Ingest`] hands
+//! the batch to the [`Fleet`] (fleet cooldowns pushed to the other proxies,
+//! agent activity, demand for rate shares).
 
-pub mod dedup;
-pub mod directory;
-pub mod metrics;
+pub(crate) mod dedup;
+pub(crate) mod metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use claw_proto::v1::{FailureKind, StreamConfigResponse, StreamReportsRequest, UsageTotals};
-use tokio::sync::{mpsc, watch};
+use claw_proto::v1::{FailureKind, StreamReportsRequest, UsageTotals};
 
-use crate::catalog::Catalog;
 use crate::catalog::records::now_ms;
-use crate::cooldowns::{self, Change, FleetCooldowns};
-use crate::discovery::Push;
-use crate::fleet::{AgentActivity, Capacity};
-use crate::proxies::ProxyRegistry;
-use crate::shares::{ShareSettings, Shares};
+use crate::fleet::Fleet;
+use crate::fleet::cooldowns::{self, Change};
+use crate::fleet::directory::{self, NO_POOL};
 use crate::stats::keys::{self, Dims};
 use crate::stats::totals;
 use crate::store::{Store, StoreError, Tree};
-use directory::{Directory, NO_POOL};
 
 /// The trees one batch's transaction spans.
 const BATCH_TREES: [Tree; 5] = [
@@ -57,80 +45,38 @@ const BATCH_TREES: [Tree; 5] = [
 
 /// What storing a batch did.
 #[derive(Debug)]
-pub enum Stored {
+pub(crate) enum Stored {
     /// The batch was new; these are its cooldown changes.
     Applied(Vec<Change>),
     /// The batch had been stored before.
     Duplicate,
 }
 
-/// The fleet loop's state: report ingestion, fleet cooldowns, rate shares
-/// and the heartbeat scheduler's registries.
-pub struct Fleet {
+/// Report ingestion: stores each batch once, in one transaction, then
+/// hands it to the [`Fleet`].
+pub(crate) struct Ingest {
     store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
-    registry: Arc<ProxyRegistry>,
-    directory: Arc<Directory>,
-    cooldowns: FleetCooldowns,
-    shares: Shares,
-    activity: Arc<AgentActivity>,
+    fleet: Arc<Fleet>,
 }
 
-impl std::fmt::Debug for Fleet {
+impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fleet").finish_non_exhaustive()
+        f.debug_struct("Ingest").finish_non_exhaustive()
     }
 }
 
-impl Fleet {
-    /// Loads the persisted cooldowns and wires the registries the heartbeat
-    /// scheduler reads.
-    pub fn open(
-        catalog: Arc<Catalog>,
-        registry: Arc<ProxyRegistry>,
-        activity: Arc<AgentActivity>,
-        capacity: Arc<Capacity>,
-        settings: ShareSettings,
-    ) -> Result<Fleet, StoreError> {
+impl Ingest {
+    /// Ingestion into `store`, moving `fleet` after each stored batch.
+    pub(crate) fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> Ingest {
         metrics::describe();
-        let store = catalog.heartbeat_store();
-        let directory = Arc::new(Directory::new(catalog.clone()));
-        let cooldowns = FleetCooldowns::load(store.as_ref(), capacity)?;
-        let version_of = catalog.clone();
-        let shares = Shares::new(settings, directory.clone(), move || {
-            version_of.config_version()
-        });
-        Ok(Fleet {
-            store,
-            catalog,
-            registry,
-            directory,
-            cooldowns,
-            shares,
-            activity,
-        })
-    }
-
-    /// The fleet cooldowns.
-    pub fn cooldowns(&self) -> &FleetCooldowns {
-        &self.cooldowns
-    }
-
-    /// The rate-share assigner.
-    pub fn shares(&self) -> &Shares {
-        &self.shares
-    }
-
-    /// The backend directory.
-    pub fn directory(&self) -> &Directory {
-        &self.directory
+        Ingest { store, fleet }
     }
 
     /// Stores a batch once, durably (the caller acknowledges it after
-    /// this returns, then calls [`Fleet::after_ack`]).
-    pub async fn store(&self, batch: &StreamReportsRequest) -> Result<Stored, StoreError> {
+    /// this returns, then calls [`Ingest::after_ack`]).
+    pub(crate) async fn store(&self, batch: &StreamReportsRequest) -> Result<Stored, StoreError> {
         let now = now_ms();
-        let backends = self.directory.backends();
+        let backends = self.fleet.directory().backends();
         let (hourly, daily) = aggregate(batch, &backends, now);
         let seen_key = dedup::key(&batch.node_id, &batch.stream_epoch);
         let stored = self.store.transact(&BATCH_TREES, |txn| {
@@ -159,137 +105,16 @@ impl Fleet {
         Ok(stored)
     }
 
-    /// Moves the in-memory state after a batch was stored and acknowledged:
-    /// metrics, fleet cooldowns (pushed to every other proxy), agent
-    /// activity, demand.
-    pub fn after_ack(&self, batch: &StreamReportsRequest, stored: &Stored) {
+    /// After a batch was stored and acknowledged: its metrics, then the
+    /// fleet's in-memory state ([`Fleet::observe`]).
+    pub(crate) fn after_ack(&self, batch: &StreamReportsRequest, stored: &Stored) {
         let Stored::Applied(changes) = stored else {
             metrics::batch("duplicate");
             return;
         };
-        let now = now_ms();
         metrics::batch("stored");
-        record_event_metrics(batch, now);
-        self.cooldowns.commit(changes, now);
-        let updates: Vec<_> = changes
-            .iter()
-            .filter(|c| c.cooled && c.until_ms > now)
-            .map(|c| c.to_update(now))
-            .collect();
-        if !updates.is_empty() {
-            let message = StreamConfigResponse {
-                version: self.catalog.config_version(),
-                cooldowns: updates,
-                ..Default::default()
-            };
-            let mut pushed = 0;
-            for (node, tx) in self.registry.senders() {
-                if node != batch.node_id {
-                    push(&tx, message.clone());
-                    pushed += 1;
-                }
-            }
-            metrics::cooldown_pushed(pushed);
-            for c in changes.iter().filter(|c| c.cooled) {
-                tracing::info!(
-                    backend = %c.backend_id,
-                    node_id = %batch.node_id,
-                    consecutive = c.consecutive,
-                    remaining_ms = c.until_ms - now,
-                    proxies = pushed,
-                    "backend cooling fleet-wide"
-                );
-            }
-        }
-        for a in &batch.activity {
-            if a.agent_id.is_empty() {
-                continue;
-            }
-            let at = a
-                .last_seen
-                .as_ref()
-                .map(crate::stats::ms_of)
-                .unwrap_or(now)
-                .min(now);
-            if let Ok(t) = jiff::Timestamp::from_millisecond(at) {
-                self.activity.record(&a.agent_id, t);
-            }
-        }
-        self.shares.observe(batch);
-    }
-
-    /// Follows the registry (proxies connecting and leaving) and re-evaluates
-    /// rate shares every tick, until `stop`.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut members = self.registry.subscribe();
-        let mut tick = tokio::time::interval(self.shares.settings().tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut known: Vec<(String, mpsc::Sender<Push>)> = Vec::new();
-        loop {
-            tokio::select! {
-                () = crate::server::stopped(&mut stop) => return,
-                changed = members.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    known = self.on_membership(known);
-                }
-                _ = tick.tick() => {
-                    self.cooldowns.record_gauge(now_ms());
-                }
-            }
-            self.push_shares();
-        }
-    }
-
-    /// Sends active cooldowns to proxies that just connected and updates
-    /// the share assigner's membership.
-    fn on_membership(
-        &self,
-        known: Vec<(String, mpsc::Sender<Push>)>,
-    ) -> Vec<(String, mpsc::Sender<Push>)> {
-        let now = self.registry.senders();
-        let active = self.cooldowns.active(now_ms());
-        for (node, tx) in &now {
-            let new = !known
-                .iter()
-                .any(|(k, old)| k == node && old.same_channel(tx));
-            if new && !active.is_empty() {
-                push(
-                    tx,
-                    StreamConfigResponse {
-                        version: self.catalog.config_version(),
-                        cooldowns: active.clone(),
-                        ..Default::default()
-                    },
-                );
-                metrics::cooldown_pushed(1);
-            }
-        }
-        self.shares.set_members(now.clone());
-        now
-    }
-
-    fn push_shares(&self) {
-        let messages = self.shares.evaluate();
-        metrics::shares_pushed(messages.len());
-        for (tx, message) in messages {
-            push(&tx, message);
-        }
-    }
-}
-
-/// Queues a message on a proxy's stream without waiting; when its queue is
-/// full, a task waits for room (messages are small and rare).
-fn push(tx: &mpsc::Sender<Push>, message: StreamConfigResponse) {
-    match tx.try_send(Push::Message(message)) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-        Err(mpsc::error::TrySendError::Full(m)) => {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(m).await;
-            });
-        }
+        record_event_metrics(batch, now_ms());
+        self.fleet.observe(batch, changes);
     }
 }
 

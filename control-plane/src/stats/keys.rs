@@ -16,13 +16,13 @@
 //! talks through one key to one model on a few backends).
 
 /// One hour, in milliseconds.
-pub const HOUR_MS: i64 = 3_600_000;
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 /// One day, in milliseconds.
-pub const DAY_MS: i64 = 24 * HOUR_MS;
+pub(crate) const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// What a usage bucket is about (empty strings where unknown).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Dims {
+pub(crate) struct Dims {
     /// Backend id that answered.
     pub backend: String,
     /// Canonical model.
@@ -34,18 +34,18 @@ pub struct Dims {
 }
 
 /// Start of the hour holding `ms`.
-pub fn hour_of(ms: i64) -> i64 {
+pub(crate) fn hour_of(ms: i64) -> i64 {
     ms.div_euclid(HOUR_MS) * HOUR_MS
 }
 
 /// Start of the UTC day holding `ms`.
-pub fn day_of(ms: i64) -> i64 {
+pub(crate) fn day_of(ms: i64) -> i64 {
     ms.div_euclid(DAY_MS) * DAY_MS
 }
 
 /// The key prefix of every bucket starting at `start_ms` (clamped at the
 /// epoch: the order of the bytes is the order of the times).
-pub fn time_prefix(start_ms: i64) -> [u8; 8] {
+pub(crate) fn time_prefix(start_ms: i64) -> [u8; 8] {
     (start_ms.max(0) as u64).to_be_bytes()
 }
 
@@ -87,14 +87,14 @@ fn take_time(rest: &mut &[u8]) -> Option<i64> {
 }
 
 /// Key of the hourly bucket starting at `hour_ms`.
-pub fn hourly(hour_ms: i64, d: &Dims) -> Vec<u8> {
+pub(crate) fn hourly(hour_ms: i64, d: &Dims) -> Vec<u8> {
     let mut k = time_prefix(hour_ms).to_vec();
     push_dims(&mut k, d);
     k
 }
 
 /// Key of the daily bucket of `pool` starting at `day_ms`.
-pub fn daily(day_ms: i64, pool: &str, d: &Dims) -> Vec<u8> {
+pub(crate) fn daily(day_ms: i64, pool: &str, d: &Dims) -> Vec<u8> {
     let mut k = time_prefix(day_ms).to_vec();
     push_field(&mut k, pool);
     push_dims(&mut k, d);
@@ -102,14 +102,14 @@ pub fn daily(day_ms: i64, pool: &str, d: &Dims) -> Vec<u8> {
 }
 
 /// Splits an hourly key (`None` when malformed).
-pub fn parse_hourly(mut key: &[u8]) -> Option<(i64, Dims)> {
+pub(crate) fn parse_hourly(mut key: &[u8]) -> Option<(i64, Dims)> {
     let t = take_time(&mut key)?;
     let d = take_dims(&mut key)?;
     key.is_empty().then_some((t, d))
 }
 
 /// Splits a daily key (`None` when malformed).
-pub fn parse_daily(mut key: &[u8]) -> Option<(i64, String, Dims)> {
+pub(crate) fn parse_daily(mut key: &[u8]) -> Option<(i64, String, Dims)> {
     let t = take_time(&mut key)?;
     let pool = take_field(&mut key)?;
     let d = take_dims(&mut key)?;

@@ -1,10 +1,8 @@
 //! Usage history in sled: the buckets report ingestion writes, the queries
-//! `StatsService` answers, and retention.
+//! `StatsService` answers, pruned by [`crate::retention`].
 //!
 //! - [`keys`]: the time-major bucket key layout (hourly and daily).
 //! - [`totals`]: arithmetic on `UsageTotals`, the value of every bucket.
-//! - [`retention`]: how long each kind of history is kept, and the pruning
-//!   task.
 //!
 //! Buckets are written by [`crate::report`] inside the transaction that
 //! stores a report batch, so a batch is counted exactly once. Queries here
@@ -14,9 +12,8 @@
 //! Time filters have the granularity of the buckets they read: a bucket
 //! counts when its span overlaps `[start, end)`.
 
-pub mod keys;
-pub mod retention;
-pub mod totals;
+pub(crate) mod keys;
+pub(crate) mod totals;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,11 +24,9 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::store::{Store, Tree};
 use keys::{DAY_MS, Dims, HOUR_MS};
 
-pub use retention::Retention;
-
 /// A resolved [`v1::UsageFilter`]: ids instead of names, times in unix ms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Backend id.
     pub backend: Option<String>,
     /// Canonical model.
@@ -65,7 +60,7 @@ impl Filter {
 }
 
 /// Unix ms of a protobuf timestamp.
-pub fn ms_of(t: &prost_types::Timestamp) -> i64 {
+pub(crate) fn ms_of(t: &prost_types::Timestamp) -> i64 {
     t.seconds
         .saturating_mul(1000)
         .saturating_add(i64::from(t.nanos / 1_000_000))
@@ -78,7 +73,7 @@ fn non_empty(s: &str) -> Option<&str> {
 
 /// Reads the usage history.
 #[derive(Clone)]
-pub struct Stats {
+pub(crate) struct Stats {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
 }
@@ -90,22 +85,19 @@ impl std::fmt::Debug for Stats {
 }
 
 impl Stats {
-    /// Queries over the catalog's store.
-    pub fn new(catalog: Arc<Catalog>) -> Self {
-        Stats {
-            store: catalog.heartbeat_store(),
-            catalog,
-        }
+    /// Queries over `store`, resolving names through `catalog`.
+    pub(crate) fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>) -> Self {
+        Stats { store, catalog }
     }
 
     /// The store (for the cooldown history).
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
     /// The id of a backend named by id or name. A backend that no longer
     /// exists is matched by the id given, so its history stays queryable.
-    pub fn resolve_backend(&self, ident: &str) -> Result<String, CatalogError> {
+    pub(crate) fn resolve_backend(&self, ident: &str) -> Result<String, CatalogError> {
         match self.catalog.get_backend(ident) {
             Ok(b) => Ok(b.id),
             Err(CatalogError::NotFound { .. }) => Ok(ident.trim().to_string()),
@@ -114,7 +106,7 @@ impl Stats {
     }
 
     /// Resolves names to ids and timestamps to milliseconds.
-    pub fn resolve(&self, f: Option<&v1::UsageFilter>) -> Result<Filter, CatalogError> {
+    pub(crate) fn resolve(&self, f: Option<&v1::UsageFilter>) -> Result<Filter, CatalogError> {
         let Some(f) = f else {
             return Ok(Filter::default());
         };
@@ -199,7 +191,7 @@ impl Stats {
 
     /// Usage summed over the filter: whole UTC days from the daily buckets
     /// (kept longest), the partial days at the edges from the hourly ones.
-    pub fn totals(&self, f: &Filter) -> Result<UsageTotals, CatalogError> {
+    pub(crate) fn totals(&self, f: &Filter) -> Result<UsageTotals, CatalogError> {
         let (start, end) = (f.start(), f.end());
         let mut sum = UsageTotals::default();
         // Whole days: [first, last) on day boundaries inside [start, end).
@@ -224,7 +216,7 @@ impl Stats {
     }
 
     /// Usage per hour, backend and model, oldest first.
-    pub fn hourly(&self, f: &Filter) -> Result<Vec<v1::HourlyUsage>, CatalogError> {
+    pub(crate) fn hourly(&self, f: &Filter) -> Result<Vec<v1::HourlyUsage>, CatalogError> {
         let mut rows: BTreeMap<(i64, String, String), UsageTotals> = BTreeMap::new();
         self.hourly_into(f, f.start(), f.end(), |hour, d, t| {
             *rows.entry((hour, d.backend, d.model)).or_default() += &t;
@@ -241,7 +233,7 @@ impl Stats {
     }
 
     /// Usage per UTC day and pool, oldest first.
-    pub fn daily(&self, f: &Filter) -> Result<Vec<v1::DailyUsage>, CatalogError> {
+    pub(crate) fn daily(&self, f: &Filter) -> Result<Vec<v1::DailyUsage>, CatalogError> {
         let mut rows: BTreeMap<(i64, String), UsageTotals> = BTreeMap::new();
         self.daily_into(f, f.start(), f.end(), |day, pool, t| {
             *rows.entry((day, pool)).or_default() += &t;
@@ -258,7 +250,7 @@ impl Stats {
 }
 
 /// `YYYY-MM-DD` of the UTC day starting at `day_ms`.
-pub fn day_name(day_ms: i64) -> String {
+pub(crate) fn day_name(day_ms: i64) -> String {
     match jiff::Timestamp::from_millisecond(day_ms) {
         Ok(t) => t.strftime("%Y-%m-%d").to_string(),
         Err(_) => String::new(),

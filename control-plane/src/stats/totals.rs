@@ -4,7 +4,7 @@
 use claw_proto::v1::{UsageEvent, UsageTotals};
 
 /// The totals of one usage event.
-pub fn of_event(e: &UsageEvent) -> UsageTotals {
+pub(crate) fn of_event(e: &UsageEvent) -> UsageTotals {
     UsageTotals {
         requests: 1,
         errors: u64::from(e.status >= 400),
@@ -20,7 +20,7 @@ pub fn of_event(e: &UsageEvent) -> UsageTotals {
 
 /// A proxy's sums as stored: a cost that is not a finite number counts as 0
 /// (as in [`of_event`]), so one bad row cannot poison a bucket.
-pub fn sanitized(t: &UsageTotals) -> UsageTotals {
+pub(crate) fn sanitized(t: &UsageTotals) -> UsageTotals {
     UsageTotals {
         cost: if t.cost.is_finite() { t.cost } else { 0.0 },
         ..*t
@@ -29,7 +29,7 @@ pub fn sanitized(t: &UsageTotals) -> UsageTotals {
 
 /// Decodes a stored bucket; a corrupt one counts as empty (and is logged)
 /// rather than failing every query that touches it.
-pub fn decode(raw: &[u8]) -> UsageTotals {
+pub(crate) fn decode(raw: &[u8]) -> UsageTotals {
     use prost::Message as _;
     UsageTotals::decode(raw).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "corrupt usage bucket ignored");
@@ -38,7 +38,7 @@ pub fn decode(raw: &[u8]) -> UsageTotals {
 }
 
 /// Encodes a bucket.
-pub fn encode(t: &UsageTotals) -> Vec<u8> {
+pub(crate) fn encode(t: &UsageTotals) -> Vec<u8> {
     use prost::Message as _;
     t.encode_to_vec()
 }

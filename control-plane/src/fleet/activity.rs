@@ -8,14 +8,14 @@
 //!   backends serve which canonical model. A model whose every backend is
 //!   cooling has no capacity, and heartbeats on it wait.
 //!
-//! Report ingestion (the proxies' report stream) feeds both by calling
-//! [`AgentActivity::record`] and [`Capacity::cool`]; the scheduler only
-//! reads. Both are cheap, lock-protected maps: reads and writes are O(1),
+//! The [`Fleet`](super::Fleet) feeds both from the proxies' report stream,
+//! through [`AgentActivity::record`] and [`Capacity::cool`]; the scheduler
+//! only reads. Both are cheap, lock-protected maps: reads and writes are O(1),
 //! and the state is rebuilt by the proxies' reports after a restart (it is
 //! at most minutes old by nature, so it is not persisted).
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::RwLock;
 
 use jiff::Timestamp;
 
@@ -34,7 +34,7 @@ impl AgentActivity {
     /// Records interactive traffic for `agent_id` at `at`. Older reports
     /// (out of order) never move the time backwards.
     pub fn record(&self, agent_id: &str, at: Timestamp) {
-        let mut map = self.last.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.last.write();
         match map.get_mut(agent_id) {
             Some(t) if *t >= at => {}
             Some(t) => *t = at,
@@ -46,7 +46,7 @@ impl AgentActivity {
 
     /// When interactive traffic for `agent_id` was last seen.
     pub fn last_seen(&self, agent_id: &str) -> Option<Timestamp> {
-        let map = self.last.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.last.read();
         map.get(agent_id).copied()
     }
 
@@ -61,7 +61,7 @@ impl AgentActivity {
     /// Drops entries older than `horizon` (called periodically so that the
     /// map does not grow with agents that stopped talking).
     pub fn forget_before(&self, horizon: Timestamp) {
-        let mut map = self.last.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.last.write();
         map.retain(|_, t| *t >= horizon);
     }
 }
@@ -89,7 +89,7 @@ impl Capacity {
     /// Records that `backend_id` cools until `until` (a later report
     /// extends, an earlier one never shortens).
     pub fn cool(&self, backend_id: &str, until: Timestamp) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.inner.write();
         let entry = s.cooling.entry(backend_id.to_string()).or_insert(until);
         if *entry < until {
             *entry = until;
@@ -98,7 +98,7 @@ impl Capacity {
 
     /// Replaces the model → backends map (from the configuration).
     pub fn set_model_backends(&self, models: HashMap<String, Vec<String>>) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.inner.write();
         s.models = models;
     }
 
@@ -106,7 +106,7 @@ impl Capacity {
     /// no backend serves is not "cooling": the run is sent and fails
     /// visibly instead of waiting for capacity that will never come.
     pub fn is_model_cooling(&self, model: &str, now: Timestamp) -> bool {
-        let s = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let s = self.inner.read();
         match s.models.get(model) {
             Some(backends) if !backends.is_empty() => backends
                 .iter()

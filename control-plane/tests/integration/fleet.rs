@@ -5,15 +5,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-mod common;
-use claw_control_plane::shares::ShareSettings;
+use crate::common::*;
+use claw_control_plane::fleet::shares::ShareSettings;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::client_key_service_client::ClientKeyServiceClient;
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::report_service_client::ReportServiceClient;
 use claw_proto::v1::stats_service_client::StatsServiceClient;
 use claw_proto::v1::*;
-use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;

@@ -3,9 +3,13 @@
 //! configuration version so the hot path never decodes the catalog.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use std::time::Duration;
 
 use claw_proto::v1::{Pool, PoolSettings};
+use claw_proto::validate;
 
 use crate::catalog::Catalog;
 
@@ -21,26 +25,25 @@ pub struct CooldownPolicy {
 }
 
 impl Default for CooldownPolicy {
+    /// The policy of a pool with default settings
+    /// ([`validate::default_pool_settings`]).
     fn default() -> Self {
-        CooldownPolicy {
-            base_ms: 5_000,
-            max_ms: 300_000,
-            exponential: true,
-        }
+        CooldownPolicy::of(&validate::default_pool_settings(Pool::Primary))
     }
 }
 
 impl CooldownPolicy {
-    /// `base·2^(n-1)` capped at `max` (or `base` when not exponential).
+    /// `base·2^(n-1)` capped at `max` (or `base` when not exponential):
+    /// [`claw_proto::cooldown::backoff`], the formula the proxies apply.
     pub fn duration_ms(&self, consecutive: u32) -> u64 {
-        let n = consecutive.max(1) - 1;
-        let d = if self.exponential {
-            self.base_ms
-                .saturating_mul(1u64.checked_shl(n.min(63)).unwrap_or(u64::MAX))
-        } else {
-            self.base_ms
-        };
-        d.min(self.max_ms.max(self.base_ms))
+        let d = claw_proto::cooldown::backoff(
+            Duration::from_millis(self.base_ms),
+            Duration::from_millis(self.max_ms),
+            self.exponential,
+            consecutive,
+        );
+        // At most max(base, max), both of which came from u64 milliseconds.
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn of(p: &PoolSettings) -> Self {
@@ -111,7 +114,7 @@ impl Directory {
     pub fn backends(&self) -> Arc<Backends> {
         let version = self.catalog.config_version();
         {
-            let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            let c = self.cache.read();
             if c.0 == version {
                 return c.1.clone();
             }
@@ -119,16 +122,12 @@ impl Directory {
         match self.build() {
             Ok(map) => {
                 let map = Arc::new(map);
-                *self.cache.write().unwrap_or_else(|p| p.into_inner()) = (version, map.clone());
+                *self.cache.write() = (version, map.clone());
                 map
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read backends; using the previous view");
-                self.cache
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .1
-                    .clone()
+                self.cache.read().1.clone()
             }
         }
     }

@@ -58,15 +58,16 @@
 //! count) changed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::discovery::Push;
-use crate::report::directory::{BackendInfo, Backends, Directory};
+use super::directory::{BackendInfo, Backends, Directory};
+use crate::proxies::Push;
 
 /// Tunables of the share assignment.
 #[derive(Debug, Clone, Copy)]
@@ -261,7 +262,7 @@ struct Grant {
 
 #[derive(Debug, Default)]
 struct Node {
-    tx: Option<mpsc::Sender<Push>>,
+    tx: Option<Push>,
     gone_at: Option<Instant>,
     demand: HashMap<String, Rate>,
     demand_at: Option<Instant>,
@@ -277,7 +278,7 @@ struct Inner {
 }
 
 /// The rate-share assigner. Fed by report ingestion ([`Shares::observe`])
-/// and by the proxy registry ([`Shares::set_members`]); [`Shares::run`]
+/// and by the proxy registry ([`Shares::set_members`]); [`Fleet::run`](super::Fleet::run)
 /// re-evaluates every tick.
 pub struct Shares {
     inner: Mutex<Inner>,
@@ -329,10 +330,6 @@ impl Shares {
         &self.settings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Takes in a stored report batch of `node`: its demand, capped at the
     /// backend's whole limit (wanting more than all of it weighs no more,
     /// and a capped average falls below the fair part sooner when the
@@ -341,7 +338,7 @@ impl Shares {
         let now = Instant::now();
         let tau = self.settings.ewma_tau.as_secs_f64();
         let backends = (self.backends)();
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let node = inner.nodes.entry(batch.node_id.clone()).or_default();
         let dt = node
             .demand_at
@@ -392,10 +389,10 @@ impl Shares {
 
     /// Sets the connected proxies (and their channels). Returns whether the
     /// set changed.
-    pub fn set_members(&self, members: Vec<(String, mpsc::Sender<Push>)>) -> bool {
+    pub fn set_members(&self, members: Vec<(String, Push)>) -> bool {
         let now = Instant::now();
         let recent = now.checked_sub(self.settings.propagation).unwrap_or(now);
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let mut changed = false;
         for (id, node) in inner.nodes.iter_mut() {
             let still = members.iter().find(|(m, _)| m == id);
@@ -443,11 +440,11 @@ impl Shares {
 
     /// Re-evaluates every share and returns the messages to push, by
     /// proxy.
-    pub fn evaluate(&self) -> Vec<(mpsc::Sender<Push>, StreamConfigResponse)> {
+    pub fn evaluate(&self) -> Vec<(Push, StreamConfigResponse)> {
         let now = Instant::now();
         let s = self.settings;
         let backends = (self.backends)();
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let recent = now.checked_sub(s.propagation).unwrap_or(now);
         // Forget proxies gone for longer than the hold.
         let hold_start = now.checked_sub(s.disconnected_hold).unwrap_or(now);
@@ -624,7 +621,7 @@ impl Shares {
 
     /// The shares currently granted to `node`: `(backend, rpm, tpm)`.
     pub fn granted(&self, node: &str) -> Vec<(String, f64, f64)> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let mut v: Vec<_> = inner
             .nodes
             .get(node)
@@ -681,6 +678,7 @@ impl Dim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn s() -> ShareSettings {
         ShareSettings::default()
@@ -794,8 +792,8 @@ mod tests {
 
     struct SimProxy {
         id: String,
-        tx: mpsc::Sender<Push>,
-        _rx: mpsc::Receiver<Push>,
+        tx: Push,
+        _rx: mpsc::Receiver<StreamConfigResponse>,
         connected: bool,
         /// The rpm share it applies now.
         applied: f64,

@@ -1,4 +1,8 @@
-//! How long the history is kept, and the task that prunes it.
+//! The history's maintenance task: how long each kind of history is kept,
+//! and the task that prunes it: usage buckets ([`crate::stats`]), cooldown
+//! events ([`crate::fleet::cooldowns`]) and the report stream's idempotency
+//! records ([`crate::report::dedup`]). It sits above all three and only
+//! deletes; none of them knows it exists.
 //!
 //! Every history tree is time-major (usage buckets, cooldown events), so
 //! pruning deletes a key prefix in small transactions and never scans what
@@ -8,10 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
-use super::keys;
 use crate::catalog::records::now_ms;
+use crate::shutdown::Shutdown;
+use crate::stats::keys;
 use crate::store::{Store, StoreError, Tree};
 
 /// Keys removed per transaction while pruning (keeps each one short).
@@ -49,7 +52,7 @@ impl Default for Retention {
 
 /// What one pruning pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Pruned {
+pub(crate) struct Pruned {
     /// Hourly buckets.
     pub hourly: usize,
     /// Daily buckets.
@@ -92,7 +95,7 @@ fn remove_keys<'a>(
 }
 
 /// One pruning pass at `now`.
-pub fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
+pub(crate) fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
     let mut p = Pruned {
         hourly: prune_prefix(store, Tree::UsageHourly, cutoff(now, r.hourly))?,
         daily: prune_prefix(store, Tree::UsageDaily, cutoff(now, r.daily))?,
@@ -114,12 +117,12 @@ pub fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned, Store
 }
 
 /// Prunes every `retention.interval` until `stop`.
-pub async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: Shutdown) {
     let mut tick = tokio::time::interval(retention.interval.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::server::stopped(&mut stop) => return,
+            () = stop.stopped() => return,
         }
         let s = store.clone();
         let pass =

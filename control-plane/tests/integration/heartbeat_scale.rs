@@ -5,7 +5,7 @@
 //! process's CPU time and memory.
 //!
 //! ```text
-//! cargo test --release -p claw-control-plane --test heartbeat_scale -- --ignored --nocapture
+//! cargo test --release -p claw-control-plane --test integration heartbeat_scale -- --ignored --nocapture
 //! HB_BENCH_AGENTS=100000 HB_BENCH_INTERVAL_S=60 HB_BENCH_SECONDS=120 (defaults)
 //! ```
 //!
@@ -13,13 +13,16 @@
 //! fires within the run: 100,000 agents at 60 s is ~1,667 runs/s, thirty
 //! times the rate of the same fleet at 30 minutes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use claw_control_plane::catalog::{ApplyRequest, Catalog};
 use claw_control_plane::crypto::MasterKey;
 use claw_control_plane::heartbeat::delivery::Webhook;
 use claw_control_plane::heartbeat::dispatch::{Dispatcher, RunReply, RunRequest};
+use claw_control_plane::heartbeat::runs::RunStore;
 use claw_control_plane::heartbeat::runtime::{self, HeartbeatSettings};
 use claw_control_plane::heartbeat::slots::stagger_phase;
 use claw_control_plane::store::Store;
@@ -45,10 +48,7 @@ struct Stub(Arc<Mutex<Vec<(String, i64)>>>);
 impl Dispatcher for Stub {
     fn run(&self, req: RunRequest) -> BoxFuture<'static, Result<RunReply, String>> {
         let at = now_ms();
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((req.agent_id, at));
+        self.0.lock().push((req.agent_id, at));
         Box::pin(async {
             Ok(RunReply {
                 content: "HEARTBEAT_OK".into(),
@@ -116,7 +116,7 @@ async fn heartbeat_scheduler_at_scale() {
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&dir.path().join("data")).expect("store opens"));
     let key = MasterKey::from_hex(&"3".repeat(64)).expect("key");
-    let catalog = Arc::new(Catalog::open(store, key).await.expect("catalog"));
+    let catalog = Arc::new(Catalog::open(store.clone(), key).await.expect("catalog"));
     let (rss0, _) = memory_kb();
 
     let load = Instant::now();
@@ -150,10 +150,11 @@ async fn heartbeat_scheduler_at_scale() {
     let started = Instant::now();
     let (_hb, tasks) = runtime::start_with(
         catalog.clone(),
+        RunStore::new(store),
         HeartbeatSettings::default(),
         Arc::new(stub.clone()),
         Arc::new(NoWebhook),
-        stop_rx,
+        claw_control_plane::shutdown::Shutdown::new(stop_rx),
     )
     .expect("start");
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -165,7 +166,7 @@ async fn heartbeat_scheduler_at_scale() {
     let wall = started.elapsed().as_secs_f64();
     let (rss, hwm) = memory_kb();
 
-    let calls = stub.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let calls = stub.0.lock().clone();
     let interval_ms = interval as i64 * 1000;
     let lag_of = |(agent, at): &(String, i64)| {
         let phase = stagger_phase(agent, Duration::from_secs(interval)).as_millis() as i64;

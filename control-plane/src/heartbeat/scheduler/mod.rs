@@ -37,6 +37,11 @@
 //! **Manual runs** bypass active hours and deferral (a busy agent or a
 //! model without capacity is `skipped` at once), are keyed at the current
 //! millisecond with trigger `manual`, and merge with a run in flight.
+//!
+//! One actor, three files: this one holds its types, the task loop, the
+//! agents' sync with the catalog and the commands; [`decide`] the per-slot
+//! policy above; [`commit`] the batch machinery (one transaction, then the
+//! side effects, and the recovery when a commit fails).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -50,11 +55,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::delivery::{self, DeliveryOutcome, OutboxEntry};
 use super::dispatch::{self, Dispatcher, RunReply, RunRequest};
-use super::runs::{ClaimOutcome, Cursor, RunKey, RunRecord, RunStore, Write};
+use super::runs::{ClaimOutcome, Cursor, RunKey, RunRecord, RunStore, RunStoreError, Write};
 use super::{checklist, metrics, reply, slots};
-use crate::catalog::Catalog;
 use crate::catalog::records;
-use crate::fleet::{AgentActivity, Capacity};
+use crate::catalog::{Catalog, CatalogError};
+use crate::fleet::activity::{AgentActivity, Capacity};
+use crate::shutdown::Shutdown;
+
+mod commit;
+mod decide;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
@@ -108,9 +117,16 @@ pub enum HeartbeatError {
     /// The scheduler is not running (shutting down).
     #[error("the heartbeat scheduler is not running")]
     Unavailable,
-    /// The store failed.
+    /// The run log failed.
     #[error("heartbeat store: {0}")]
-    Store(String),
+    Store(#[from] RunStoreError),
+    /// Reading the agents from the catalog failed.
+    #[error("heartbeat store: {0}")]
+    Catalog(#[from] CatalogError),
+    /// The batch holding this request's write did not commit (the commit's
+    /// own error is logged where it failed).
+    #[error("heartbeat store: commit failed")]
+    CommitFailed,
 }
 
 /// The answer to a manual run.
@@ -382,7 +398,7 @@ impl Scheduler {
     pub async fn run(
         mut self,
         mut deliveries: mpsc::UnboundedReceiver<DeliveryOutcome>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) {
         let mut versions = self.deps.catalog.subscribe();
         versions.mark_unchanged();
@@ -415,7 +431,7 @@ impl Scheduler {
                     }
                     reload = true;
                 }
-                () = crate::server::stopped(&mut stop) => {
+                () = stop.stopped() => {
                     self.flush_batch().await;
                     return;
                 }
@@ -448,11 +464,7 @@ impl Scheduler {
     /// Startup: finish what a previous process left open, load agents.
     async fn start(&mut self) -> Result<(), HeartbeatError> {
         let now = self.now_ms();
-        let open = self
-            .deps
-            .runs
-            .open_runs()
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?;
+        let open = self.deps.runs.open_runs()?;
         for (key, mut rec) in open {
             match rec.status() {
                 RunStatus::Deferred => {
@@ -480,15 +492,8 @@ impl Scheduler {
                 }
             }
         }
-        let cursors: HashMap<String, Cursor> = self
-            .deps
-            .runs
-            .cursors()
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?
-            .into_iter()
-            .collect();
-        self.sync_agents(Some(cursors))
-            .map_err(|e| HeartbeatError::Store(e.to_string()))?;
+        let cursors: HashMap<String, Cursor> = self.deps.runs.cursors()?.into_iter().collect();
+        self.sync_agents(Some(cursors))?;
         self.next_prune_ms = now;
         self.flush_batch().await;
         tracing::info!(
@@ -502,10 +507,7 @@ impl Scheduler {
     /// Brings the in-memory agents in line with the catalog. `stored`
     /// holds the persisted cursors at startup (`None` on reloads, when the
     /// in-memory state is the reference).
-    fn sync_agents(
-        &mut self,
-        stored: Option<HashMap<String, Cursor>>,
-    ) -> Result<(), crate::catalog::CatalogError> {
+    fn sync_agents(&mut self, stored: Option<HashMap<String, Cursor>>) -> Result<(), CatalogError> {
         let now = self.deps.clock.now();
         let records = self.deps.catalog.agent_records()?;
         self.refresh_capacity();
@@ -636,251 +638,6 @@ impl Scheduler {
             };
             self.retry(&id, now);
         }
-    }
-
-    /// The agent's cursor `t` came due.
-    fn fire_due(&mut self, id: &str, t: i64, now: i64) {
-        let Some(state) = self.agents.get_mut(id) else {
-            return;
-        };
-        state.next_ms = None;
-        let due = slots::due(ts(t), ts(now), state.catch_up, &state.schedule);
-        let next = due.next.map(ms);
-        state.next_ms = next;
-        let fp = state.fingerprint;
-        if let Some(n) = next {
-            self.queue.insert((n, id.to_string()));
-        }
-        self.batch.push((
-            Write::Cursor(
-                id.to_string(),
-                Cursor {
-                    next_ms: next.unwrap_or(0),
-                    fingerprint: fp,
-                },
-            ),
-            Action::None,
-        ));
-        if due.missed_unlisted > 0 {
-            tracing::warn!(agent = %id, count = due.missed_unlisted, "heartbeat slots missed during downtime (not listed)");
-            for _ in 0..due.missed_unlisted.min(1_000_000) {
-                metrics::outcome(RunStatus::Missed, "");
-            }
-        }
-        for slot in &due.missed {
-            let key = RunKey::new(id, ms(*slot));
-            let mut rec = run_record(&key, RunTrigger::Schedule, RunStatus::Missed, now);
-            set_status(&mut rec, RunStatus::Missed, "", "", now);
-            self.batch.push((Write::Claim(key, rec), Action::None));
-        }
-        if !due.missed.is_empty() {
-            tracing::warn!(agent = %id, count = due.missed.len(), "heartbeat slots missed during downtime");
-        }
-        if let Some(slot) = due.run {
-            self.fire_slot(id, ms(slot), now);
-        }
-    }
-
-    /// The per-slot checks (see the module doc).
-    fn decide(&self, id: &str, agent: &Agent, state: Option<&AgentState>, now: i64) -> Decision {
-        if self.in_flight.contains_key(id) {
-            return Decision::Skip("in_flight");
-        }
-        if checklist::is_effectively_empty(&agent.checklist) {
-            return Decision::Skip("empty_checklist");
-        }
-        let window = state.map(|s| s.busy_window).unwrap_or(Duration::from_secs(
-            validate::effective_busy_window_seconds(agent),
-        ));
-        if self.deps.activity.is_busy(id, ts(now), window) {
-            return Decision::Defer("busy");
-        }
-        if self.deps.capacity.is_model_cooling(&agent.model, ts(now)) {
-            return Decision::Defer("no_capacity");
-        }
-        Decision::Run
-    }
-
-    fn load_agent(&self, id: &str) -> Option<Agent> {
-        match self.deps.catalog.agent_record(id) {
-            Ok(rec) => rec.and_then(|r| r.spec),
-            Err(e) => {
-                tracing::error!(agent = %id, error = %e, "cannot read agent");
-                None
-            }
-        }
-    }
-
-    /// A scheduled slot fires.
-    fn fire_slot(&mut self, id: &str, slot_ms: i64, now: i64) {
-        // A slot still deferred gives way to the new one.
-        if let Some(d) = self.deferred.remove(id) {
-            self.retries.remove(&(d.retry_at_ms, id.to_string()));
-            let mut rec = d.record;
-            let reason = rec.defer_reason.clone();
-            set_status(&mut rec, RunStatus::Skipped, &reason, "", now);
-            self.batch.push((Write::Update(d.key, rec), Action::None));
-        }
-        let Some(agent) = self.load_agent(id).filter(|a| a.enabled) else {
-            return;
-        };
-        let key = RunKey::new(id, slot_ms);
-        let decision = self.decide(id, &agent, self.agents.get(id), now);
-        match decision {
-            Decision::Run => {
-                self.start_run(key, &agent, RunTrigger::Schedule, now, None);
-            }
-            Decision::Skip(reason) => {
-                let mut rec = run_record(&key, RunTrigger::Schedule, RunStatus::Skipped, now);
-                set_status(&mut rec, RunStatus::Skipped, reason, "", now);
-                self.batch.push((Write::Claim(key, rec), Action::None));
-            }
-            Decision::Defer(reason) => {
-                let Some(state) = self.agents.get(id) else {
-                    return;
-                };
-                let mut rec = run_record(&key, RunTrigger::Schedule, RunStatus::Deferred, now);
-                rec.defer_reason = reason.to_string();
-                rec.defer_until_ms = now + state.defer_max.as_millis() as i64;
-                let retry_at_ms =
-                    (now + state.retry_step.as_millis() as i64).min(rec.defer_until_ms);
-                tracing::info!(agent = %id, reason, "heartbeat deferred");
-                self.retries.insert((retry_at_ms, id.to_string()));
-                self.deferred.insert(
-                    id.to_string(),
-                    Deferred {
-                        key: key.clone(),
-                        record: rec.clone(),
-                        retry_at_ms,
-                    },
-                );
-                self.batch.push((Write::Claim(key, rec), Action::None));
-            }
-        }
-    }
-
-    /// A deferred slot's retry is due.
-    fn retry(&mut self, id: &str, now: i64) {
-        let Some(d) = self.deferred.remove(id) else {
-            return;
-        };
-        let Deferred {
-            key, mut record, ..
-        } = d;
-        let agent = self.load_agent(id).filter(|a| a.enabled);
-        let Some(agent) = agent else {
-            set_status(&mut record, RunStatus::Skipped, "paused", "", now);
-            self.batch.push((Write::Update(key, record), Action::None));
-            return;
-        };
-        match self.decide(id, &agent, self.agents.get(id), now) {
-            Decision::Run => {
-                record.defer_reason.clear();
-                record.defer_until_ms = 0;
-                self.start_run(key, &agent, RunTrigger::Schedule, now, Some(record));
-            }
-            Decision::Skip(reason) => {
-                set_status(&mut record, RunStatus::Skipped, reason, "", now);
-                self.batch.push((Write::Update(key, record), Action::None));
-            }
-            Decision::Defer(reason) if now >= record.defer_until_ms => {
-                tracing::info!(agent = %id, reason, "heartbeat skipped after deferring");
-                set_status(&mut record, RunStatus::Skipped, reason, "", now);
-                self.batch.push((Write::Update(key, record), Action::None));
-            }
-            Decision::Defer(reason) => {
-                let step = self
-                    .agents
-                    .get(id)
-                    .map(|s| s.retry_step)
-                    .unwrap_or(MAX_RETRY_STEP);
-                let retry_at_ms = (now + step.as_millis() as i64).min(record.defer_until_ms);
-                let write = record.defer_reason != reason;
-                record.defer_reason = reason.to_string();
-                if write {
-                    self.batch
-                        .push((Write::Update(key.clone(), record.clone()), Action::None));
-                }
-                self.retries.insert((retry_at_ms, id.to_string()));
-                self.deferred.insert(
-                    id.to_string(),
-                    Deferred {
-                        key,
-                        record,
-                        retry_at_ms,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Claims (or moves to running) a run and queues its dispatch.
-    fn start_run(
-        &mut self,
-        key: RunKey,
-        agent: &Agent,
-        trigger: RunTrigger,
-        now: i64,
-        deferred: Option<RunRecord>,
-    ) -> Option<RunRequest> {
-        let timeout = Duration::from_secs(validate::effective_run_timeout_seconds(agent));
-        let (write_claim, mut rec) = match deferred {
-            Some(mut rec) => {
-                if let Some(run) = rec.run.as_mut() {
-                    run.started_at = records::timestamp(now);
-                }
-                (false, rec)
-            }
-            None => (true, run_record(&key, trigger, RunStatus::Running, now)),
-        };
-        set_status(&mut rec, RunStatus::Running, "", "", now);
-        rec.deadline_ms = now + timeout.as_millis() as i64;
-        if let Some(run) = rec.run.as_mut() {
-            run.model = agent.model.clone();
-        }
-        let req = RunRequest {
-            agent_id: key.agent_id.clone(),
-            run_id: rec
-                .run
-                .as_ref()
-                .map(|r| r.run_id.clone())
-                .unwrap_or_default(),
-            trigger: if trigger == RunTrigger::Manual {
-                "manual"
-            } else {
-                "schedule"
-            },
-            model: agent.model.clone(),
-            prompt: if agent.prompt.trim().is_empty() {
-                dispatch::DEFAULT_PROMPT.to_string()
-            } else {
-                agent.prompt.clone()
-            },
-            checklist: agent.checklist.clone(),
-            session_key: dispatch::session_key(&key.agent_id, agent.isolated_session, now),
-            timeout,
-        };
-        let (done, _) = watch::channel(None);
-        self.in_flight.insert(
-            key.agent_id.clone(),
-            InFlight {
-                key: key.clone(),
-                record: rec.clone(),
-                done,
-            },
-        );
-        if trigger == RunTrigger::Manual {
-            // The caller's reply carries the dispatch.
-            self.batch.push((Write::Claim(key, rec), Action::None));
-            return Some(req);
-        }
-        let write = if write_claim {
-            Write::Claim(key, rec)
-        } else {
-            Write::Update(key, rec)
-        };
-        self.batch.push((write, Action::Dispatch(req)));
-        None
     }
 
     fn command(&mut self, cmd: Command) {
@@ -1050,164 +807,6 @@ impl Scheduler {
         }
     }
 
-    /// Commits the batch (one transaction, one flush), then performs its
-    /// side effects.
-    async fn flush_batch(&mut self) {
-        if self.batch.is_empty() && self.waiters.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(&mut self.batch);
-        let writes: Vec<Write> = batch.iter().map(|(w, _)| w.clone()).collect();
-        let outcomes = match self.deps.runs.commit(&writes).await {
-            Ok(o) => o,
-            Err(e) => {
-                // Nothing of this batch is durable: release claimed state so
-                // that nothing is sent. The slots are retried by the cursor
-                // (which did not move either) on the next wake-up.
-                tracing::error!(error = %e, "heartbeat store commit failed; retrying");
-                self.recover_from_failed_commit(batch);
-                return;
-            }
-        };
-        let mut outcomes = outcomes.into_iter();
-        let now = self.now_ms();
-        for (write, action) in batch {
-            let claimed = match &write {
-                Write::Claim(..) => outcomes.next().unwrap_or(ClaimOutcome::Claimed),
-                _ => ClaimOutcome::Claimed,
-            };
-            self.account(&write, &claimed);
-            match (action, claimed) {
-                (Action::None, ClaimOutcome::Existing(_)) => {
-                    if let Write::Claim(key, _) = &write {
-                        tracing::info!(agent = %key.agent_id, nominal_ms = key.nominal_ms, "slot already claimed; not run again");
-                        self.drop_in_flight(key);
-                    }
-                }
-                (Action::None, _) => {}
-                (Action::Dispatch(req), ClaimOutcome::Claimed) => {
-                    if let Write::Claim(key, _) | Write::Update(key, _) = &write {
-                        metrics::dispatch_lag((now - key.nominal_ms) as f64 / 1000.0);
-                        self.spawn(key.clone(), req);
-                    }
-                }
-                (Action::Dispatch(_), ClaimOutcome::Existing(_)) => {
-                    if let Write::Claim(key, _) = &write {
-                        self.drop_in_flight(key);
-                    }
-                }
-                (Action::Manual(reply, req), claimed) => {
-                    let Write::Claim(key, rec) = &write else {
-                        continue;
-                    };
-                    match claimed {
-                        ClaimOutcome::Claimed => {
-                            let done = match self.in_flight.get(&key.agent_id) {
-                                Some(f) if &f.key == key => f.done.subscribe(),
-                                _ => {
-                                    let (tx, rx) = watch::channel(rec.run.clone());
-                                    drop(tx);
-                                    rx
-                                }
-                            };
-                            if let Some(req) = req {
-                                self.spawn(key.clone(), req);
-                            }
-                            let _ = reply.send(Ok(ManualRun {
-                                run: rec.run.clone().unwrap_or_default(),
-                                merged: false,
-                                done,
-                            }));
-                        }
-                        ClaimOutcome::Existing(existing) => {
-                            self.drop_in_flight(key);
-                            let (tx, rx) = watch::channel(existing.run.clone());
-                            drop(tx);
-                            let _ = reply.send(Ok(ManualRun {
-                                run: existing.run.unwrap_or_default(),
-                                merged: true,
-                                done: rx,
-                            }));
-                        }
-                    }
-                }
-                (Action::Finished(outbox), _) => {
-                    if let Some(entry) = outbox {
-                        let _ = self.deps.outbox.send(entry);
-                    }
-                }
-            }
-        }
-        for (done, run) in std::mem::take(&mut self.waiters) {
-            done.send_replace(run);
-        }
-    }
-
-    fn drop_in_flight(&mut self, key: &RunKey) {
-        if self
-            .in_flight
-            .get(&key.agent_id)
-            .is_some_and(|f| &f.key == key)
-        {
-            self.in_flight.remove(&key.agent_id);
-        }
-    }
-
-    /// After a failed commit nothing happened: forget in-flight entries of
-    /// this batch, answer manual callers with an error, and put the slots
-    /// back so the next wake-up tries again.
-    fn recover_from_failed_commit(&mut self, batch: Vec<(Write, Action)>) {
-        let now = self.now_ms();
-        for (write, action) in batch {
-            if let Write::Claim(key, _) | Write::Update(key, _) = &write {
-                self.drop_in_flight(key);
-            }
-            if let Write::Cursor(id, _) = &write
-                && let Some(state) = self.agents.get_mut(id)
-            {
-                // Re-fire from the old position: due() sorts it out.
-                if let Some(t) = state.next_ms.take() {
-                    self.queue.remove(&(t, id.clone()));
-                }
-                state.next_ms = Some(now + 1000);
-                self.queue.insert((now + 1000, id.clone()));
-            }
-            if let Action::Manual(reply, _) = action {
-                let _ = reply.send(Err(HeartbeatError::Store("commit failed".into())));
-            }
-        }
-    }
-
-    /// Metrics of a committed write.
-    fn account(&mut self, write: &Write, claimed: &ClaimOutcome) {
-        let (Write::Claim(_, rec) | Write::Update(_, rec)) = write else {
-            return;
-        };
-        if matches!(claimed, ClaimOutcome::Existing(_)) {
-            return;
-        }
-        let status = rec.status();
-        if !super::runs::is_terminal(status) {
-            return;
-        }
-        let run = rec.run.as_ref();
-        let agent = run.map(|r| r.agent_id.as_str()).unwrap_or_default();
-        metrics::outcome(
-            status,
-            run.map(|r| r.skip_reason.as_str()).unwrap_or_default(),
-        );
-        let healthy = match status {
-            RunStatus::Ok | RunStatus::Suppressed | RunStatus::Delivered => Some(true),
-            RunStatus::Failed | RunStatus::Missed | RunStatus::DeadLetter => Some(false),
-            _ => None,
-        };
-        if let Some(healthy) = healthy {
-            let n = self.failures.entry(agent.to_string()).or_default();
-            *n = if healthy { 0 } else { n.saturating_add(1) };
-            metrics::agent_health(agent, healthy, *n);
-        }
-    }
-
     /// Sends a run; its result comes back as a command.
     fn spawn(&self, key: RunKey, req: RunRequest) {
         let fut = self.deps.dispatcher.run(req);
@@ -1277,13 +876,14 @@ mod tests {
     const T0: i64 = 1_700_000_040_000;
 
     struct Rig {
+        store: Arc<dyn crate::store::Store>,
         catalog: Arc<Catalog>,
         clock: Arc<ManualClock>,
         stub: Arc<Stub>,
     }
 
     async fn rig(reply: &str, hang: bool) -> (tempfile::TempDir, Rig) {
-        let (dir, catalog) = testing::catalog().await;
+        let (dir, store, catalog) = testing::store_and_catalog().await;
         let catalog = Arc::new(catalog);
         catalog
             .create_agent(Agent {
@@ -1299,6 +899,7 @@ mod tests {
             .await
             .expect("agent");
         let rig = Rig {
+            store,
             catalog,
             clock: Arc::new(ManualClock(AtomicI64::new(T0 - 30_000))),
             stub: Arc::new(Stub {
@@ -1317,7 +918,7 @@ mod tests {
             let (s, h) = Scheduler::new(
                 Deps {
                     catalog: self.catalog.clone(),
-                    runs: RunStore::new(self.catalog.heartbeat_store()),
+                    runs: RunStore::new(self.store.clone()),
                     dispatcher: Arc::new(self.stub.clone()),
                     activity: activity.clone(),
                     capacity: Arc::new(Capacity::new()),
@@ -1330,7 +931,7 @@ mod tests {
         }
 
         fn runs(&self) -> Vec<HeartbeatRun> {
-            RunStore::new(self.catalog.heartbeat_store())
+            RunStore::new(self.store.clone())
                 .list_agent("a1", 1000)
                 .expect("list")
         }
@@ -1590,7 +1191,7 @@ mod tests {
         step(&mut s, &r.clock, T0 + 60_005).await;
         let runs = r.runs();
         assert_eq!(runs[0].status, RunStatus::Delivering as i32);
-        let store = RunStore::new(r.catalog.heartbeat_store());
+        let store = RunStore::new(r.store.clone());
         let outbox = store.outbox().expect("outbox");
         assert_eq!(outbox.len(), 1);
         // The worker reports the end; the run and the outbox move together.

@@ -3,61 +3,21 @@
 
 use std::time::Duration;
 
-mod common;
+use crate::common::*;
 use claw_control_plane::crypto::sha256_hex;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::client_key_service_client::ClientKeyServiceClient;
 use claw_proto::v1::cluster_service_client::ClusterServiceClient;
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::*;
-use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 /// Long enough for a debounced push (at most 200 ms) to have arrived.
 const QUIET: Duration = Duration::from_millis(600);
 
-type Authed = InterceptedService<
-    Channel,
-    Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>,
->;
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    server: InProcess,
-}
-
-impl std::ops::Deref for Harness {
-    type Target = InProcess;
-    fn deref(&self) -> &InProcess {
-        &self.server
-    }
-}
-
 impl Harness {
-    async fn start() -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let server = InProcess::start(config(dir.path().join("data"))).await;
-        Harness { _dir: dir, server }
-    }
-
-    fn authed(&self, token: Option<&'static str>) -> Authed {
-        InterceptedService::new(
-            self.channel.clone(),
-            Box::new(move |mut r: Request<()>| {
-                if let Some(t) = token {
-                    let v: MetadataValue<_> = format!("Bearer {t}").parse().expect("ascii");
-                    r.metadata_mut().insert("authorization", v);
-                }
-                Ok(r)
-            }),
-        )
-    }
-
     fn backends(&self) -> BackendServiceClient<Authed> {
         BackendServiceClient::new(self.authed(Some(ADMIN)))
     }
@@ -156,10 +116,6 @@ impl Harness {
             tx,
             inbound,
         })
-    }
-
-    async fn stop(mut self) {
-        self.server.stop().await;
     }
 }
 

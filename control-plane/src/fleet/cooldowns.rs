@@ -17,13 +17,15 @@
 //! gets every active cooldown ([`FleetCooldowns::active`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use claw_proto::v1::{self, CooldownUpdate, FailureKind, UpstreamFailure};
 
+use super::activity::Capacity;
+use super::directory::Backends;
 use crate::catalog::records::timestamp;
-use crate::fleet::Capacity;
-use crate::report::directory::Backends;
 use crate::stats::keys::time_prefix;
 use crate::store::{Store, StoreError, Tree, Txn};
 
@@ -272,7 +274,7 @@ impl FleetCooldowns {
     /// Takes in the changes of a durable batch.
     pub fn commit(&self, changes: &[Change], now_ms: i64) {
         {
-            let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.state.write();
             for c in changes {
                 let entry = s.entry(c.backend_id.clone()).or_insert_with(|| c.clone());
                 // Concurrent batches may commit out of order: the end only
@@ -292,7 +294,7 @@ impl FleetCooldowns {
 
     /// Every cooldown active at `now_ms`, as messages for a proxy.
     pub fn active(&self, now_ms: i64) -> Vec<CooldownUpdate> {
-        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.read();
         let mut v: Vec<_> = s
             .values()
             .filter(|c| c.until_ms > now_ms)
@@ -304,17 +306,17 @@ impl FleetCooldowns {
 
     /// The state of one backend.
     pub fn get(&self, backend_id: &str) -> Option<Change> {
-        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.read();
         s.get(backend_id).cloned()
     }
 
     /// Refreshes `claw_cp_cooldowns_active`.
     pub fn record_gauge(&self, now_ms: i64) {
         let n = {
-            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let s = self.state.read();
             s.values().filter(|c| c.until_ms > now_ms).count()
         };
-        crate::report::metrics::cooldowns_active(n);
+        super::metrics::cooldowns_active(n);
     }
 }
 

@@ -1,57 +1,13 @@
 //! The gRPC API end to end, in process: the real server on port 0 with
 //! tonic clients.
 
-mod common;
+use crate::common::*;
 use claw_proto::v1::backend_service_client::BackendServiceClient;
 use claw_proto::v1::cluster_service_client::ClusterServiceClient;
 use claw_proto::v1::*;
-use common::*;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::Code;
 
 const KEY2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    server: InProcess,
-}
-
-impl std::ops::Deref for Harness {
-    type Target = InProcess;
-    fn deref(&self) -> &InProcess {
-        &self.server
-    }
-}
-
-impl Harness {
-    async fn start() -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let server = InProcess::start(config(dir.path().join("data"))).await;
-        Harness { _dir: dir, server }
-    }
-
-    fn with_token(
-        &self,
-        token: Option<&'static str>,
-    ) -> InterceptedService<
-        Channel,
-        impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<>,
-    > {
-        InterceptedService::new(self.channel.clone(), move |mut r: Request<()>| {
-            if let Some(t) = token {
-                let v: MetadataValue<_> = format!("Bearer {t}").parse().expect("ascii");
-                r.metadata_mut().insert("authorization", v);
-            }
-            Ok(r)
-        })
-    }
-
-    async fn stop(mut self) {
-        self.server.stop().await;
-    }
-}
 
 fn backend(name: &str) -> Backend {
     Backend {
@@ -81,7 +37,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 async fn admin_rpcs_require_the_admin_token() {
     let h = Harness::start().await;
     for token in [None, Some(PROXY), Some("admin-token-wrong-value")] {
-        let mut c = BackendServiceClient::new(h.with_token(token));
+        let mut c = BackendServiceClient::new(h.authed(token));
         let err = c
             .list_backends(ListBackendsRequest {})
             .await
@@ -89,7 +45,7 @@ async fn admin_rpcs_require_the_admin_token() {
         assert_eq!(err.code(), Code::Unauthenticated);
         assert_eq!(err.message(), "missing or invalid admin token");
     }
-    let mut c = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    let mut c = BackendServiceClient::new(h.authed(Some(ADMIN)));
     assert!(c.list_backends(ListBackendsRequest {}).await.is_ok());
 
     // Health is open to probes without a token.
@@ -110,7 +66,7 @@ async fn admin_rpcs_require_the_admin_token() {
 #[tokio::test]
 async fn backend_errors_map_to_status_codes_naming_the_field() {
     let h = Harness::start().await;
-    let mut c = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    let mut c = BackendServiceClient::new(h.authed(Some(ADMIN)));
     let created = c
         .create_backend(CreateBackendRequest {
             backend: Some(backend("b1")),
@@ -169,14 +125,14 @@ async fn backend_errors_map_to_status_codes_naming_the_field() {
 #[tokio::test]
 async fn cluster_info_rotation_and_apply() {
     let h = Harness::start().await;
-    let mut backends = BackendServiceClient::new(h.with_token(Some(ADMIN)));
+    let mut backends = BackendServiceClient::new(h.authed(Some(ADMIN)));
     backends
         .create_backend(CreateBackendRequest {
             backend: Some(backend("b1")),
         })
         .await
         .expect("created");
-    let mut c = ClusterServiceClient::new(h.with_token(Some(ADMIN)));
+    let mut c = ClusterServiceClient::new(h.authed(Some(ADMIN)));
     let info = c
         .get_snapshot_info(GetSnapshotInfoRequest {})
         .await
@@ -258,14 +214,14 @@ async fn reflection_lists_services_for_the_admin_only() {
             message_request: Some(MessageRequest::ListServices(String::new())),
         })
     };
-    let mut anonymous = ServerReflectionClient::new(h.with_token(None));
+    let mut anonymous = ServerReflectionClient::new(h.authed(None));
     let err = match anonymous.server_reflection_info(list()).await {
         Err(e) => e,
         Ok(r) => r.into_inner().message().await.expect_err("stream rejected"),
     };
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    let mut admin = ServerReflectionClient::new(h.with_token(Some(ADMIN)));
+    let mut admin = ServerReflectionClient::new(h.authed(Some(ADMIN)));
     let mut stream = admin
         .server_reflection_info(list())
         .await

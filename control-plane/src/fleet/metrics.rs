@@ -1,0 +1,44 @@
+//! Fleet-state metrics of the control plane (registered in
+//! [`crate::metrics`]'s recorder). The report stream's own metrics are in
+//! [`crate::report::metrics`].
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `claw_cp_cooldowns_active` | gauge | |
+//! | `claw_cp_cooldown_pushes_total` | counter | |
+//! | `claw_cp_rate_share_assignments_total` | counter | (rate-share messages pushed) |
+
+/// Backends cooling fleet-wide.
+pub const COOLDOWNS_ACTIVE: &str = "claw_cp_cooldowns_active";
+/// Cooldown messages pushed to proxies.
+pub const COOLDOWN_PUSHES_TOTAL: &str = "claw_cp_cooldown_pushes_total";
+/// Rate-share messages pushed to proxies.
+pub const RATE_SHARE_ASSIGNMENTS_TOTAL: &str = "claw_cp_rate_share_assignments_total";
+
+/// Describes the metrics and initializes them at zero.
+pub fn describe() {
+    metrics::describe_gauge!(COOLDOWNS_ACTIVE, "Backends cooling fleet-wide");
+    metrics::describe_counter!(COOLDOWN_PUSHES_TOTAL, "Cooldown messages pushed to proxies");
+    metrics::describe_counter!(
+        RATE_SHARE_ASSIGNMENTS_TOTAL,
+        "Rate-share messages pushed to proxies"
+    );
+    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(0);
+    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(0);
+    metrics::gauge!(COOLDOWNS_ACTIVE).increment(0.0);
+}
+
+/// Sets the active cooldowns gauge.
+pub fn cooldowns_active(n: usize) {
+    metrics::gauge!(COOLDOWNS_ACTIVE).set(n as f64);
+}
+
+/// Counts cooldown messages pushed.
+pub fn cooldown_pushed(n: usize) {
+    metrics::counter!(COOLDOWN_PUSHES_TOTAL).increment(n as u64);
+}
+
+/// Counts rate-share messages pushed.
+pub fn shares_pushed(n: usize) {
+    metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(n as u64);
+}
