@@ -4,4 +4,4 @@
 #   HB_BENCH_AGENTS=100000 HB_BENCH_INTERVAL_S=60 HB_BENCH_SECONDS=120 tests/bench/heartbeat_scale.sh
 set -eu
 cd "$(dirname "$0")/../.."
-exec cargo test --release -p claw-control-plane --test heartbeat_scale -- --ignored --nocapture
+exec cargo test --release -p claw-control-plane --test integration heartbeat_scale -- --ignored --nocapture
