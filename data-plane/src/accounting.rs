@@ -37,12 +37,12 @@ use crate::usage::{Prices, SseTally};
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
 
 /// Counts a request in flight on a backend until dropped.
-pub struct InFlight(Arc<Backend>);
+pub(crate) struct InFlight(Arc<Backend>);
 
 impl InFlight {
     /// Counts one more request on `b`.
     #[inline]
-    pub fn new(b: Arc<Backend>) -> Self {
+    pub(crate) fn new(b: Arc<Backend>) -> Self {
         b.runtime.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(b)
     }
@@ -56,7 +56,7 @@ impl Drop for InFlight {
 }
 
 /// What every outcome of a request carries, known before any answer.
-pub struct RequestMeta {
+pub(crate) struct RequestMeta {
     key_id: Arc<str>,
     model: Arc<str>,
     agent_id: Option<String>,
@@ -79,7 +79,7 @@ struct Answered {
 impl RequestMeta {
     /// The meta of `r`, before its first attempt.
     #[inline]
-    pub fn new(r: &Routed) -> Self {
+    pub(crate) fn new(r: &Routed) -> Self {
         RequestMeta {
             key_id: r.key.id.clone(),
             model: r.route.model.clone(),
@@ -93,7 +93,7 @@ impl RequestMeta {
 
     /// Upstream attempts made so far.
     #[inline]
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempts
     }
 
@@ -137,7 +137,7 @@ impl RequestMeta {
     /// Accounts an error the proxy answers itself (`status`, of OpenAI
     /// code or type `error_type`) after `self.attempts` attempts: metrics,
     /// the request's span, the outcome.
-    pub fn proxy_answered(
+    pub(crate) fn proxy_answered(
         mut self,
         events: &EventSink,
         status: StatusCode,
@@ -160,7 +160,7 @@ impl RequestMeta {
 /// It is reported with status 499 and no usage — the upstream, cut off before
 /// its head, produced nothing billable. [`Abandoned::disarm`] hands the meta
 /// on once the request has an answer.
-pub struct Abandoned<'a> {
+pub(crate) struct Abandoned<'a> {
     events: &'a EventSink,
     /// `None` only after `disarm`.
     meta: Option<RequestMeta>,
@@ -169,7 +169,7 @@ pub struct Abandoned<'a> {
 impl<'a> Abandoned<'a> {
     /// Armed: dropping it reports a 499.
     #[inline]
-    pub fn new(events: &'a EventSink, meta: RequestMeta) -> Self {
+    pub(crate) fn new(events: &'a EventSink, meta: RequestMeta) -> Self {
         Abandoned {
             events,
             meta: Some(meta),
@@ -178,7 +178,7 @@ impl<'a> Abandoned<'a> {
 
     /// Records that `n` attempts have been made.
     #[inline]
-    pub fn set_attempts(&mut self, n: u32) {
+    pub(crate) fn set_attempts(&mut self, n: u32) {
         if let Some(m) = self.meta.as_mut() {
             m.attempts = n;
         }
@@ -186,7 +186,7 @@ impl<'a> Abandoned<'a> {
 
     /// The request has an answer: the meta goes on to whoever accounts it.
     #[inline]
-    pub fn disarm(mut self) -> RequestMeta {
+    pub(crate) fn disarm(mut self) -> RequestMeta {
         self.meta
             .take()
             .expect("set by `new` and taken only here, by value, so at most once")
@@ -207,7 +207,7 @@ impl Drop for Abandoned<'_> {
 
 /// Follows a response body to its end, then records metrics, reconciles the
 /// tpm reservation and emits the [`RequestOutcome`].
-pub struct Tracker {
+pub(crate) struct Tracker {
     meta: RequestMeta,
     /// The request's span: it ends when the body does.
     span: tracing::Span,
@@ -228,7 +228,7 @@ impl Tracker {
     /// Follows the answer of `cand` to `r` (status `status`); `collect`
     /// keeps the body for its JSON usage.
     #[inline]
-    pub fn new(
+    pub(crate) fn new(
         meta: RequestMeta,
         events: EventSink,
         in_flight: InFlight,

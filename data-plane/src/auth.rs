@@ -18,7 +18,7 @@ use crate::snapshot::SnapshotStore;
 use crate::target::Authenticated;
 
 /// Extracts the bearer token.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
     let v = headers.get(header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = v.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -30,13 +30,13 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
 
 /// Layer of [`Auth`].
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     store: SnapshotStore,
 }
 
 impl AuthLayer {
     /// Authenticates against `store`'s current snapshot.
-    pub fn new(store: SnapshotStore) -> Self {
+    pub(crate) fn new(store: SnapshotStore) -> Self {
         AuthLayer { store }
     }
 }
@@ -53,7 +53,7 @@ impl<S> Layer<S> for AuthLayer {
 
 /// Rejects requests without a known client key (401).
 #[derive(Clone)]
-pub struct Auth<S> {
+pub(crate) struct Auth<S> {
     inner: S,
     store: SnapshotStore,
 }

@@ -10,13 +10,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::accounting::Tracker;
 // Re-exported: `BoxError` lives in `stream`, which must not name `body`.
-pub use crate::stream::BoxError;
+pub(crate) use crate::stream::BoxError;
 use crate::stream::UpstreamBody;
 
 /// Response body of the proxy. The upstream variant is large but moved only
 /// once into hyper; boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-pub enum ProxyBody {
+pub(crate) enum ProxyBody {
     /// A complete body produced by the proxy (errors, `/v1/models`, health).
     Full(Option<Bytes>),
     /// An upstream response streamed through to the client.
@@ -25,14 +25,9 @@ pub enum ProxyBody {
 
 impl ProxyBody {
     /// A complete body.
-    pub fn full(bytes: impl Into<Bytes>) -> Self {
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
         let b: Bytes = bytes.into();
         ProxyBody::Full(if b.is_empty() { None } else { Some(b) })
-    }
-
-    /// An empty body.
-    pub fn empty() -> Self {
-        ProxyBody::Full(None)
     }
 }
 

@@ -55,18 +55,16 @@ use crate::snapshot_cache::{CacheWriter, SnapshotCache};
 
 /// Where and how to connect.
 #[derive(Clone)]
-pub struct DiscoveryConfig {
+pub(crate) struct DiscoveryConfig {
     /// Control plane URL (and CA).
     pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
     pub proxy_token: ProxyToken,
-    /// This proxy's node id.
-    pub node_id: String,
 }
 
 /// Applies what the control plane sends and builds the replies.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     node_id: String,
     store: SnapshotStore,
     cooldowns: Cooldowns,
@@ -85,7 +83,12 @@ impl Dispatcher {
     /// A dispatcher updating `store`, `cooldowns` and `fleet`.
     /// The fleet waits for the control plane's first rate shares
     /// ([`Fleet::await_shares`]).
-    pub fn new(node_id: String, store: SnapshotStore, cooldowns: Cooldowns, fleet: Fleet) -> Self {
+    pub(crate) fn new(
+        node_id: String,
+        store: SnapshotStore,
+        cooldowns: Cooldowns,
+        fleet: Fleet,
+    ) -> Self {
         fleet.await_shares();
         Dispatcher {
             node_id,
@@ -101,7 +104,11 @@ impl Dispatcher {
     /// Persists every applied snapshot to an encrypted cache file at `path`
     /// (keyed by `proxy_token`), and makes [`run`] start from it; `None`
     /// leaves the dispatcher as it is.
-    pub fn with_snapshot_cache(mut self, path: Option<&Path>, proxy_token: &ProxyToken) -> Self {
+    pub(crate) fn with_snapshot_cache(
+        mut self,
+        path: Option<&Path>,
+        proxy_token: &ProxyToken,
+    ) -> Self {
         self.cache = path.map(|p| {
             CacheWriter::new(SnapshotCache::new(
                 p,
@@ -114,20 +121,15 @@ impl Dispatcher {
 
     /// Loads the snapshot cache, if one is configured and usable, into the
     /// store (blocking: it reads the file). Returns the version loaded.
-    pub fn load_cache(&self) -> Option<u64> {
+    pub(crate) fn load_cache(&self) -> Option<u64> {
         let version = self.cache.as_ref()?.cache().load_into(&self.store)?;
         self.from_cache.store(true, Ordering::Release);
         self.fleet.reapply();
         Some(version)
     }
 
-    /// The fleet state this dispatcher updates.
-    pub fn fleet(&self) -> &Fleet {
-        &self.fleet
-    }
-
     /// The first message of a stream.
-    pub fn hello(&self) -> StreamConfigRequest {
+    pub(crate) fn hello(&self) -> StreamConfigRequest {
         StreamConfigRequest {
             node_id: self.node_id.clone(),
             version: self.store.version(),
@@ -139,7 +141,7 @@ impl Dispatcher {
     /// Applies one response: the snapshot first (so shares and cooldowns
     /// can name backends it adds), then rate shares, then cooldowns. Returns
     /// the ACK or NACK of a snapshot; `None` for an incremental message.
-    pub fn handle(&self, mut msg: StreamConfigResponse) -> Option<StreamConfigRequest> {
+    pub(crate) fn handle(&self, mut msg: StreamConfigResponse) -> Option<StreamConfigRequest> {
         let reply = msg.snapshot.take().map(|s| {
             let result = if self.from_cache.load(Ordering::Acquire) {
                 self.store.replace(msg.version, &s)
@@ -213,7 +215,7 @@ impl Dispatcher {
 
 /// Runs the discovery stream forever (abort the task to stop it). With a
 /// snapshot cache, loads it first and writes applied snapshots to it.
-pub async fn run(config: DiscoveryConfig, dispatcher: Dispatcher) {
+pub(crate) async fn run(config: DiscoveryConfig, dispatcher: Dispatcher) {
     let writer = dispatcher.cache.clone();
     if writer.is_some() {
         // Before the first connect: serve the cached snapshot at once.
@@ -397,7 +399,7 @@ mod tests {
         assert_eq!((b.rpm.share(), b.tpm.share()), (0.3, 0.6));
         // Unlisted: the fair share of two proxies.
         assert_eq!(a.rpm.share(), 0.5);
-        assert_eq!(d.fleet().proxy_count(), 2);
+        assert_eq!(d.fleet.proxy_count(), 2);
     }
 
     /// Regression: a cooldown or rate share pushed before the first
@@ -547,7 +549,6 @@ mod tests {
             // Nothing listens there: the stream never opens.
             url: "http://127.0.0.1:9".into(),
             proxy_token: "proxy-token".into(),
-            node_id: "n1".into(),
         };
         let task = tokio::spawn(run(config, d.clone()));
         let mut loaded = false;

@@ -12,7 +12,7 @@ use crate::body::ProxyBody;
 
 /// An error the proxy answers with instead of an upstream response.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Human-readable message (safe for clients).
@@ -51,13 +51,13 @@ impl ApiError {
 
     /// Sets `Retry-After` (at least one second; [`retry_after_secs`] turns a
     /// wait into seconds).
-    pub fn retry_after(mut self, secs: u64) -> Self {
+    pub(crate) fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs.max(1));
         self
     }
 
     /// 401: no or unknown client key.
-    pub fn unauthorized() -> Self {
+    pub(crate) fn unauthorized() -> Self {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
@@ -67,7 +67,7 @@ impl ApiError {
     }
 
     /// 403: the client key may not use this model.
-    pub fn model_not_allowed(model: &str) -> Self {
+    pub(crate) fn model_not_allowed(model: &str) -> Self {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "permission_error",
@@ -81,7 +81,7 @@ impl ApiError {
     }
 
     /// 404: no backend serves this model.
-    pub fn model_not_found(model: &str) -> Self {
+    pub(crate) fn model_not_found(model: &str) -> Self {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -92,18 +92,18 @@ impl ApiError {
     }
 
     /// 400: the request is not what the endpoint accepts.
-    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
     /// 400 about the `model` field.
-    pub fn bad_model() -> Self {
+    pub(crate) fn bad_model() -> Self {
         ApiError::bad_request("The request body must be a JSON object with a string `model`.")
             .param("model")
     }
 
     /// 404: unknown path.
-    pub fn not_found() -> Self {
+    pub(crate) fn not_found() -> Self {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -113,7 +113,7 @@ impl ApiError {
     }
 
     /// 405: known path, wrong method.
-    pub fn method_not_allowed() -> Self {
+    pub(crate) fn method_not_allowed() -> Self {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
@@ -122,7 +122,7 @@ impl ApiError {
     }
 
     /// 413: the request body exceeds the limit.
-    pub fn payload_too_large(limit: usize) -> Self {
+    pub(crate) fn payload_too_large(limit: usize) -> Self {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
@@ -132,7 +132,7 @@ impl ApiError {
     }
 
     /// 408: the client did not send its body in time.
-    pub fn request_timeout() -> Self {
+    pub(crate) fn request_timeout() -> Self {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
@@ -142,7 +142,7 @@ impl ApiError {
     }
 
     /// 429: the client key's own rate limit.
-    pub fn key_rate_limited(retry_after: u64) -> Self {
+    pub(crate) fn key_rate_limited(retry_after: u64) -> Self {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -153,7 +153,7 @@ impl ApiError {
     }
 
     /// 429: every backend is at its rate limit and the queue is full or timed out.
-    pub fn capacity_rate_limited(retry_after: u64) -> Self {
+    pub(crate) fn capacity_rate_limited(retry_after: u64) -> Self {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -164,7 +164,7 @@ impl ApiError {
     }
 
     /// 503: no backend can take the request now (cooling, ejected, disabled).
-    pub fn no_capacity(retry_after: u64) -> Self {
+    pub(crate) fn no_capacity(retry_after: u64) -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -175,7 +175,7 @@ impl ApiError {
     }
 
     /// 503: the proxy has no configuration yet.
-    pub fn not_ready() -> Self {
+    pub(crate) fn not_ready() -> Self {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -186,7 +186,7 @@ impl ApiError {
     }
 
     /// 502: the upstream failed and no retry was possible.
-    pub fn bad_gateway() -> Self {
+    pub(crate) fn bad_gateway() -> Self {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
@@ -196,7 +196,7 @@ impl ApiError {
     }
 
     /// 504: the request deadline passed before an upstream answered.
-    pub fn gateway_timeout() -> Self {
+    pub(crate) fn gateway_timeout() -> Self {
         ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",
@@ -206,7 +206,7 @@ impl ApiError {
     }
 
     /// 500: a bug in the proxy (a caught panic).
-    pub fn internal() -> Self {
+    pub(crate) fn internal() -> Self {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -216,7 +216,7 @@ impl ApiError {
     }
 
     /// The JSON body, `{"error":{...}}`.
-    pub fn body_json(&self) -> Bytes {
+    pub(crate) fn body_json(&self) -> Bytes {
         let v = serde_json::json!({
             "error": {
                 "message": self.message,
@@ -229,7 +229,7 @@ impl ApiError {
     }
 
     /// Renders the error as an HTTP response.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let mut res = Response::new(ProxyBody::full(self.body_json()));
         *res.status_mut() = self.status;
         let h = res.headers_mut();
@@ -246,7 +246,7 @@ impl ApiError {
 
 /// Seconds for `Retry-After` from a wait: rounded up, at least 1, at most a day.
 #[inline]
-pub fn retry_after_secs(d: std::time::Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: std::time::Duration) -> u64 {
     let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     s.clamp(1, 86_400)
 }

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::queue::Priority;
 use crate::stream::End;
-pub use crate::usage::Usage;
+pub(crate) use crate::usage::Usage;
 
 /// What happened to one proxied request.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub struct RequestOutcome {
 
 /// What went wrong with an upstream attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// 429.
     RateLimited,
     /// 5xx, or the connection failed after the request was sent.
@@ -74,7 +74,7 @@ pub enum FailureKind {
 
 /// One failed upstream attempt.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// When it happened.
     pub at: SystemTime,
     /// Backend id.
@@ -95,7 +95,7 @@ pub struct Failure {
 
 /// Something the control plane should hear about as it happens.
 #[derive(Debug, Clone)]
-pub enum Signal {
+pub(crate) enum Signal {
     /// An upstream attempt failed.
     Failure(Failure),
     /// A backend answered after one or more 429s (resets the fleet's
@@ -118,7 +118,7 @@ pub enum Signal {
 impl Signal {
     /// A failure without a 429's cooldown details, now.
     #[inline]
-    pub fn failure(
+    pub(crate) fn failure(
         backend_id: &Arc<str>,
         kind: FailureKind,
         status: Option<u16>,
@@ -139,7 +139,7 @@ impl Signal {
 
 /// The sending side; cheap to clone.
 #[derive(Clone)]
-pub struct EventSink {
+pub(crate) struct EventSink {
     tx: mpsc::Sender<RequestOutcome>,
     signals: mpsc::Sender<Signal>,
     backlog: Arc<Notify>,
@@ -149,7 +149,7 @@ pub struct EventSink {
 
 impl EventSink {
     /// Sends without waiting; drops the outcome when the channel is full.
-    pub fn emit(&self, outcome: RequestOutcome) {
+    pub(crate) fn emit(&self, outcome: RequestOutcome) {
         if self.tx.try_send(outcome).is_err() {
             crate::metrics::event_dropped();
         } else if self.tx.capacity() < self.low_water {
@@ -158,7 +158,7 @@ impl EventSink {
     }
 
     /// Sends without waiting; drops the signal when the channel is full.
-    pub fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         if self.signals.try_send(signal).is_err() {
             crate::metrics::event_dropped();
         }
@@ -166,7 +166,7 @@ impl EventSink {
 }
 
 /// The receiving sides.
-pub struct EventStreams {
+pub(crate) struct EventStreams {
     /// Request outcomes.
     pub outcomes: mpsc::Receiver<RequestOutcome>,
     /// Failures, recoveries, activity.
@@ -177,7 +177,7 @@ pub struct EventStreams {
 }
 
 /// Bounded outcome and signal channels of `capacity` each.
-pub fn channel(capacity: usize) -> (EventSink, EventStreams) {
+pub(crate) fn channel(capacity: usize) -> (EventSink, EventStreams) {
     let capacity = capacity.max(1);
     let (tx, outcomes) = mpsc::channel(capacity);
     let (stx, signals) = mpsc::channel(capacity);
@@ -198,7 +198,7 @@ pub fn channel(capacity: usize) -> (EventSink, EventStreams) {
 }
 
 /// The consumer when nothing reports: drains and discards.
-pub async fn discard<T>(mut rx: mpsc::Receiver<T>) {
+pub(crate) async fn discard<T>(mut rx: mpsc::Receiver<T>) {
     while rx.recv().await.is_some() {}
 }
 

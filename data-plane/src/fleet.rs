@@ -46,12 +46,12 @@ use crate::snapshot::SnapshotStore;
 
 /// How long the discovery stream may be down before degraded mode, by
 /// default ([`crate::Config::degraded_after`]).
-pub const DEGRADED_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const DEGRADED_AFTER: Duration = Duration::from_secs(60);
 
 /// How long after the first snapshot a proxy with a control plane waits
 /// for its first rate shares (at share 0) before it falls back to the fair
 /// share.
-pub const FIRST_SHARES_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const FIRST_SHARES_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Inner {

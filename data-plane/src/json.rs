@@ -18,7 +18,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 /// through `deserialize_any` all the way down, exactly like `Value` does, so
 /// it accepts and rejects the same documents, without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
+pub(crate) enum Shape {
     /// `true`.
     True,
     /// An unsigned integer (a non-negative `i64` included).
@@ -73,7 +73,7 @@ impl<'de> Deserialize<'de> for Shape {
 
 /// What [`top_level_member`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Member {
+pub(crate) enum Member {
     /// The member's value spans these bytes.
     Found(std::ops::Range<usize>),
     /// The object has no such member.
@@ -155,7 +155,7 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
 /// one object whose keys need no unescaping and that holds `key` at most
 /// once.
 #[inline]
-pub fn top_level_member(b: &[u8], key: &[u8]) -> Member {
+pub(crate) fn top_level_member(b: &[u8], key: &[u8]) -> Member {
     let scan = || -> Option<Option<std::ops::Range<usize>>> {
         let mut i = skip_ws(b, 0);
         if b.get(i) != Some(&b'{') {

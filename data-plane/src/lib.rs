@@ -65,36 +65,36 @@
 //! [`Proxy`] does the same and exposes the hooks (cooldowns, rate shares,
 //! outcomes) the reporting side plugs into.
 
-pub mod accounting;
-pub mod auth;
-pub mod body;
-pub mod config;
-pub mod cooldown;
+mod accounting;
+mod auth;
+mod body;
+mod config;
+mod cooldown;
 pub mod cp_channel;
-pub mod discovery;
-pub mod error;
-pub mod events;
-pub mod fleet;
-pub mod json;
-pub mod limits;
-pub mod metrics;
-pub mod outlier;
-pub mod queue;
-pub mod ratelimit;
-pub mod report;
-pub mod retry;
-pub mod route;
-pub mod select;
-pub mod server;
-pub mod snapshot;
-pub mod snapshot_cache;
+mod discovery;
+mod error;
+mod events;
+mod fleet;
+mod json;
+mod limits;
+mod metrics;
+mod outlier;
+mod queue;
+mod ratelimit;
+mod report;
+mod retry;
+mod route;
+mod select;
+mod server;
+mod snapshot;
+mod snapshot_cache;
 pub mod stream;
-pub mod target;
+mod target;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;
-pub mod upstream;
-pub mod usage;
+mod upstream;
+mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -205,7 +205,6 @@ impl Proxy {
                 let cfg = discovery::DiscoveryConfig {
                     url: url.clone(),
                     proxy_token: proxy_token.clone(),
-                    node_id: self.config.node_id.clone(),
                 };
                 background.push(tokio::spawn(discovery::run(cfg, dispatcher)));
                 background.push(tokio::spawn(

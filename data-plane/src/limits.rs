@@ -16,7 +16,7 @@ use crate::target::Authenticated;
 
 /// Layer of [`Limits`].
 #[derive(Clone, Default)]
-pub struct LimitsLayer;
+pub(crate) struct LimitsLayer;
 
 impl<S> Layer<S> for LimitsLayer {
     type Service = Limits<S>;
@@ -27,7 +27,7 @@ impl<S> Layer<S> for LimitsLayer {
 
 /// Enforces the client key's rpm (429 with `Retry-After`).
 #[derive(Clone)]
-pub struct Limits<S> {
+pub(crate) struct Limits<S> {
     inner: S,
 }
 

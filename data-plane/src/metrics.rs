@@ -43,7 +43,7 @@ const TOKEN_BUCKETS: &[f64] = &[
 
 /// Installs the Prometheus recorder once per process. Returns false when
 /// another recorder was already installed (metrics then go there).
-pub fn install() -> bool {
+pub(crate) fn install() -> bool {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
@@ -90,7 +90,7 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 /// Renders the Prometheus text format.
-pub fn render() -> String {
+pub(crate) fn render() -> String {
     match HANDLE.get() {
         Some(Some(h)) => {
             h.run_upkeep();
@@ -101,7 +101,7 @@ pub fn render() -> String {
 }
 
 /// A `&'static str` for common statuses, so labels do not allocate.
-pub fn status_label(status: u16) -> &'static str {
+pub(crate) fn status_label(status: u16) -> &'static str {
     match status {
         200 => "200",
         400 => "400",
@@ -123,101 +123,101 @@ pub fn status_label(status: u16) -> &'static str {
 }
 
 /// Requests answered, by model, backend and status.
-pub const REQUESTS_TOTAL: &str = "claw_dp_requests_total";
+pub(crate) const REQUESTS_TOTAL: &str = "claw_dp_requests_total";
 /// Upstream attempts, by backend and outcome.
-pub const UPSTREAM_ATTEMPTS_TOTAL: &str = "claw_dp_upstream_attempts_total";
+pub(crate) const UPSTREAM_ATTEMPTS_TOTAL: &str = "claw_dp_upstream_attempts_total";
 /// Backends of the current snapshot cooling (set on every scrape).
-pub const COOLDOWNS_ACTIVE: &str = "claw_dp_cooldowns_active";
+pub(crate) const COOLDOWNS_ACTIVE: &str = "claw_dp_cooldowns_active";
 /// Requests waiting for a rate-limit token, over every model's queue.
-pub const QUEUE_DEPTH: &str = "claw_dp_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "claw_dp_queue_depth";
 /// The applied configuration version.
-pub const SNAPSHOT_VERSION: &str = "claw_dp_snapshot_version";
+pub(crate) const SNAPSHOT_VERSION: &str = "claw_dp_snapshot_version";
 /// Snapshot cache writes, by `result` (`ok`, `error`).
-pub const SNAPSHOT_CACHE_WRITES_TOTAL: &str = "claw_dp_snapshot_cache_writes_total";
+pub(crate) const SNAPSHOT_CACHE_WRITES_TOTAL: &str = "claw_dp_snapshot_cache_writes_total";
 /// The version loaded from the snapshot cache at start (0: none).
-pub const SNAPSHOT_CACHE_LOADED_VERSION: &str = "claw_dp_snapshot_cache_loaded_version";
+pub(crate) const SNAPSHOT_CACHE_LOADED_VERSION: &str = "claw_dp_snapshot_cache_loaded_version";
 /// 1 while the discovery stream is open.
-pub const DISCOVERY_CONNECTED: &str = "claw_dp_discovery_connected";
+pub(crate) const DISCOVERY_CONNECTED: &str = "claw_dp_discovery_connected";
 /// 1 while the report stream is open.
-pub const REPORT_CONNECTED: &str = "claw_dp_report_connected";
+pub(crate) const REPORT_CONNECTED: &str = "claw_dp_report_connected";
 /// Report batches handed to the stream (resends included).
-pub const REPORT_BATCHES_SENT_TOTAL: &str = "claw_dp_report_batches_sent_total";
+pub(crate) const REPORT_BATCHES_SENT_TOTAL: &str = "claw_dp_report_batches_sent_total";
 /// Report batches the control plane acknowledged.
-pub const REPORT_BATCHES_ACKED_TOTAL: &str = "claw_dp_report_batches_acked_total";
+pub(crate) const REPORT_BATCHES_ACKED_TOTAL: &str = "claw_dp_report_batches_acked_total";
 /// Events cut or pending but not acknowledged yet.
-pub const REPORT_BUFFERED_EVENTS: &str = "claw_dp_report_buffered_events";
+pub(crate) const REPORT_BUFFERED_EVENTS: &str = "claw_dp_report_buffered_events";
 /// Events dropped unacknowledged because the report buffer was full.
-pub const REPORT_DROPPED_EVENTS_TOTAL: &str = "claw_dp_report_dropped_events_total";
+pub(crate) const REPORT_DROPPED_EVENTS_TOTAL: &str = "claw_dp_report_dropped_events_total";
 /// 1 in degraded mode (equal rate shares without a control plane).
-pub const DEGRADED_MODE: &str = "claw_dp_degraded_mode";
+pub(crate) const DEGRADED_MODE: &str = "claw_dp_degraded_mode";
 
 fn flag(on: bool) -> f64 {
     if on { 1.0 } else { 0.0 }
 }
 
 /// Sets [`COOLDOWNS_ACTIVE`].
-pub fn set_cooldowns_active(backends: usize) {
+pub(crate) fn set_cooldowns_active(backends: usize) {
     metrics::gauge!(COOLDOWNS_ACTIVE).set(backends as f64);
 }
 
 /// A request joined a wait queue ([`QUEUE_DEPTH`] + 1).
-pub fn queue_joined() {
+pub(crate) fn queue_joined() {
     metrics::gauge!(QUEUE_DEPTH).increment(1.0);
 }
 
 /// A request left a wait queue ([`QUEUE_DEPTH`] − 1).
-pub fn queue_left() {
+pub(crate) fn queue_left() {
     metrics::gauge!(QUEUE_DEPTH).decrement(1.0);
 }
 
 /// Sets [`SNAPSHOT_VERSION`].
-pub fn set_snapshot_version(version: u64) {
+pub(crate) fn set_snapshot_version(version: u64) {
     metrics::gauge!(SNAPSHOT_VERSION).set(version as f64);
 }
 
 /// Counts a snapshot cache write ([`SNAPSHOT_CACHE_WRITES_TOTAL`]).
-pub fn snapshot_cache_written(ok: bool) {
+pub(crate) fn snapshot_cache_written(ok: bool) {
     let result = if ok { "ok" } else { "error" };
     metrics::counter!(SNAPSHOT_CACHE_WRITES_TOTAL, "result" => result).increment(1);
 }
 
 /// Sets [`SNAPSHOT_CACHE_LOADED_VERSION`] (0: nothing loaded).
-pub fn set_snapshot_cache_loaded(version: u64) {
+pub(crate) fn set_snapshot_cache_loaded(version: u64) {
     metrics::gauge!(SNAPSHOT_CACHE_LOADED_VERSION).set(version as f64);
 }
 
 /// Sets [`DISCOVERY_CONNECTED`].
-pub fn set_discovery_connected(up: bool) {
+pub(crate) fn set_discovery_connected(up: bool) {
     metrics::gauge!(DISCOVERY_CONNECTED).set(flag(up));
 }
 
 /// Sets [`REPORT_CONNECTED`].
-pub fn set_report_connected(up: bool) {
+pub(crate) fn set_report_connected(up: bool) {
     metrics::gauge!(REPORT_CONNECTED).set(flag(up));
 }
 
 /// Counts a batch handed to the report stream.
-pub fn report_batch_sent() {
+pub(crate) fn report_batch_sent() {
     metrics::counter!(REPORT_BATCHES_SENT_TOTAL).increment(1);
 }
 
 /// Counts batches the control plane acknowledged.
-pub fn report_batches_acked(batches: usize) {
+pub(crate) fn report_batches_acked(batches: usize) {
     metrics::counter!(REPORT_BATCHES_ACKED_TOTAL).increment(batches as u64);
 }
 
 /// Sets [`REPORT_BUFFERED_EVENTS`].
-pub fn set_report_buffered(events: usize) {
+pub(crate) fn set_report_buffered(events: usize) {
     metrics::gauge!(REPORT_BUFFERED_EVENTS).set(events as f64);
 }
 
 /// Counts events dropped from a full report buffer.
-pub fn report_events_dropped(events: u64) {
+pub(crate) fn report_events_dropped(events: u64) {
     metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(events);
 }
 
 /// Sets [`DEGRADED_MODE`].
-pub fn set_degraded(on: bool) {
+pub(crate) fn set_degraded(on: bool) {
     metrics::gauge!(DEGRADED_MODE).set(flag(on));
 }
 
@@ -263,7 +263,7 @@ impl std::fmt::Debug for CandidateMetrics {
 /// The `claw_dp_requests_total{model, backend, status}` handle: requests by
 /// the status the client received (`backend` empty when none answered).
 #[inline]
-pub fn request_counter(
+pub(crate) fn request_counter(
     model: impl Into<SharedString>,
     backend: impl Into<SharedString>,
     status: &'static str,
@@ -273,7 +273,7 @@ pub fn request_counter(
 
 /// Counts one request in `claw_dp_requests_total`.
 #[inline]
-pub fn request(
+pub(crate) fn request(
     model: impl Into<SharedString>,
     backend: impl Into<SharedString>,
     status: &'static str,
@@ -283,7 +283,7 @@ pub fn request(
 
 /// The `claw_dp_upstream_attempts_total{backend, outcome}` handle.
 #[inline]
-pub fn upstream_attempt_counter(
+pub(crate) fn upstream_attempt_counter(
     backend: impl Into<SharedString>,
     outcome: &'static str,
 ) -> Counter {
@@ -292,32 +292,32 @@ pub fn upstream_attempt_counter(
 
 /// Counts one upstream attempt in `claw_dp_upstream_attempts_total`.
 #[inline]
-pub fn upstream_attempt(backend: impl Into<SharedString>, outcome: &'static str) {
+pub(crate) fn upstream_attempt(backend: impl Into<SharedString>, outcome: &'static str) {
     upstream_attempt_counter(backend, outcome).increment(1);
 }
 
 /// Counts an attempt after the first (`claw_dp_retries_total`).
 #[inline]
-pub fn retry() {
+pub(crate) fn retry() {
     metrics::counter!("claw_dp_retries_total").increment(1);
 }
 
 /// Counts an outcome or signal dropped on a full channel
 /// (`claw_dp_events_dropped_total`).
 #[inline]
-pub fn event_dropped() {
+pub(crate) fn event_dropped() {
     metrics::counter!("claw_dp_events_dropped_total").increment(1);
 }
 
 /// The `gen_ai_server_request_duration_seconds{gen_ai_request_model}` handle.
 #[inline]
-pub fn request_duration_histogram(model: impl Into<SharedString>) -> Histogram {
+pub(crate) fn request_duration_histogram(model: impl Into<SharedString>) -> Histogram {
     metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model)
 }
 
 /// Records `gen_ai_server_time_to_first_token_seconds{gen_ai_request_model}`.
 #[inline]
-pub fn time_to_first_token(model: impl Into<SharedString>, seconds: f64) {
+pub(crate) fn time_to_first_token(model: impl Into<SharedString>, seconds: f64) {
     metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => model)
         .record(seconds);
 }
@@ -325,6 +325,9 @@ pub fn time_to_first_token(model: impl Into<SharedString>, seconds: f64) {
 /// The `gen_ai_client_token_usage{gen_ai_request_model, gen_ai_token_type}`
 /// handle (`kind` is `input` or `output`).
 #[inline]
-pub fn token_usage_histogram(model: impl Into<SharedString>, kind: &'static str) -> Histogram {
+pub(crate) fn token_usage_histogram(
+    model: impl Into<SharedString>,
+    kind: &'static str,
+) -> Histogram {
     metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
 }

@@ -59,7 +59,7 @@ impl Inner {
 }
 
 /// Longest the head of a queue sleeps before asking the buckets again.
-pub const HEAD_RECHECK: Duration = Duration::from_millis(250);
+pub(crate) const HEAD_RECHECK: Duration = Duration::from_millis(250);
 
 /// A priority wait queue.
 #[derive(Default)]

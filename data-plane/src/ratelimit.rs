@@ -60,7 +60,7 @@ use tokio::time::Instant;
 
 /// How late after its conforming instant a request may come and still find
 /// the rate it was owed (the slack of backend limiters).
-pub const TOLERANCE: Duration = Duration::from_millis(50);
+pub(crate) const TOLERANCE: Duration = Duration::from_millis(50);
 
 /// How much a limiter admits back to back.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -55,13 +55,13 @@ struct Shared {
 
 /// Layer of [`Retry`].
 #[derive(Clone)]
-pub struct RetryLayer {
+pub(crate) struct RetryLayer {
     shared: Arc<Shared>,
 }
 
 impl RetryLayer {
     /// Cools through `cooldowns`, ejects per `outlier`, reports to `events`.
-    pub fn new(cooldowns: Cooldowns, outlier: OutlierPolicy, events: EventSink) -> Self {
+    pub(crate) fn new(cooldowns: Cooldowns, outlier: OutlierPolicy, events: EventSink) -> Self {
         RetryLayer {
             shared: Arc::new(Shared {
                 cooldowns,
@@ -84,7 +84,7 @@ impl<S> Layer<S> for RetryLayer {
 
 /// Retries attempts across candidates.
 #[derive(Clone)]
-pub struct Retry<S> {
+pub(crate) struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
 }

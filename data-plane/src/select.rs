@@ -26,42 +26,42 @@ use crate::target::Routed;
 
 /// Candidates beyond this many per model are ignored (the width of a
 /// [`CandidateSet`]).
-pub const MAX_CANDIDATES: usize = 128;
+pub(crate) const MAX_CANDIDATES: usize = 128;
 
 /// A set of candidate indices below [`MAX_CANDIDATES`] (the candidates an
 /// attempt has tried, or selection has looked at): one bit each.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CandidateSet(u128);
+pub(crate) struct CandidateSet(u128);
 
 impl CandidateSet {
     /// Adds candidate `i` (`i < MAX_CANDIDATES`).
     #[inline]
-    pub fn insert(&mut self, i: usize) {
+    pub(crate) fn insert(&mut self, i: usize) {
         self.0 |= 1u128 << i;
     }
 
     /// Whether candidate `i` is in the set (never for `i >= MAX_CANDIDATES`).
     #[inline]
-    pub fn contains(self, i: usize) -> bool {
+    pub(crate) fn contains(self, i: usize) -> bool {
         i < MAX_CANDIDATES && self.0 & (1u128 << i) != 0
     }
 
     /// How many candidates are in the set.
     #[inline]
-    pub fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         self.0.count_ones() as usize
     }
 
     /// Whether the set is empty.
-    #[inline]
-    pub fn is_empty(self) -> bool {
+    #[cfg(test)]
+    fn is_empty(self) -> bool {
         self.0 == 0
     }
 }
 
 /// What [`select`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Selection {
+pub(crate) enum Selection {
     /// Use `route.candidates[index]`; its tokens are taken.
     Admitted {
         /// Candidate index.
@@ -103,7 +103,7 @@ fn take_tokens(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration>
 
 /// Picks the candidate for the next attempt, skipping those in `tried`,
 /// and takes its tokens.
-pub fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Instant) -> Selection {
+pub(crate) fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Instant) -> Selection {
     let cands = &route.candidates[..route.candidates.len().min(MAX_CANDIDATES)];
     let n = cands.len();
     if n == 0 {
@@ -180,7 +180,7 @@ pub fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Instant) -> 
 
 /// What [`admit`] decided for the next attempt.
 #[derive(Debug)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Attempt `route.candidates[index]`; its tokens are taken.
     Go {
         /// Candidate index.
@@ -196,7 +196,7 @@ pub enum Admission {
 /// ([`select`]); else, when every usable one is at its rate limit, a wait in
 /// the model's queue (until `deadline` or the queue timeout); else 503 until
 /// the soonest recovery.
-pub async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) -> Admission {
+pub(crate) async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) -> Admission {
     let settings = &r.route.settings;
     let direct = select(&r.route, tried, r.est_tokens, Instant::now());
     let wait = match direct {

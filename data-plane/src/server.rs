@@ -49,10 +49,10 @@ use crate::tls::HANDSHAKE_TIMEOUT;
 use crate::upstream::Upstream;
 
 /// The request path: auth → limits → route → retry → upstream.
-pub type Stack = Auth<Limits<RouteService<Retry<Upstream>>>>;
+pub(crate) type Stack = Auth<Limits<RouteService<Retry<Upstream>>>>;
 
 /// Builds the tower stack.
-pub fn stack(
+pub(crate) fn stack(
     store: SnapshotStore,
     limits: &ServerLimits,
     retry: RetryLayer,
@@ -67,7 +67,7 @@ pub fn stack(
 }
 
 /// What every connection shares, across all serving threads.
-pub struct AppState {
+pub(crate) struct AppState {
     /// Current snapshot.
     pub store: SnapshotStore,
     /// Cooldown handle (for the active-cooldowns gauge).
@@ -290,7 +290,7 @@ impl Body for Guarded {
 /// runtime's work stealing moved the upstream connection's task to the other
 /// core and back, which showed in the latency tail). One accept loop hands
 /// each new connection to the thread with the fewest open connections.
-pub struct Workers {
+pub(crate) struct Workers {
     /// Number of serving threads (at least 1).
     pub threads: usize,
     /// Builds one thread's request stack.
@@ -437,7 +437,7 @@ fn least_loaded(handles: &[WorkerHandle], next: usize) -> usize {
 /// Serves `listener` on `workers.threads` serving threads until `shutdown`
 /// resolves, then stops accepting, answers `/readyz` with 503 and lets
 /// in-flight requests and streams finish up to the drain timeout.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     workers: Workers,

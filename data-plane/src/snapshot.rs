@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 mod compile;
 
-pub use compile::compile;
+pub(crate) use compile::compile;
 use compile::compile_any_version;
 
 use crate::cooldown::state::{Cooldown, CooldownPolicy};
@@ -122,7 +122,7 @@ impl PoolConfig {
 /// The settings of both pools, indexed by [`Pool`] (anything but
 /// `Fallback` reads the primary pool's).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PoolConfigs([PoolConfig; 2]);
+pub(crate) struct PoolConfigs([PoolConfig; 2]);
 
 impl PoolConfigs {
     /// Both pools at their defaults.

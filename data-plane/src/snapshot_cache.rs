@@ -63,9 +63,9 @@ use tokio::sync::watch;
 use crate::snapshot::{SnapshotError, SnapshotStore};
 
 /// First bytes of every cache file.
-pub const MAGIC: &[u8; 8] = b"CLAWSNAP";
+pub(crate) const MAGIC: &[u8; 8] = b"CLAWSNAP";
 /// The file format this code writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub(crate) const FORMAT_VERSION: u16 = 1;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = MAGIC.len() + 2 + NONCE_LEN;
@@ -77,7 +77,7 @@ const HKDF_INFO: &[u8] = b"claw-gateway snapshot-cache v1 aes-256-gcm-siv key";
 /// Why a cache file could not be read or written. None of the messages
 /// contains key material or snapshot contents.
 #[derive(Debug, thiserror::Error)]
-pub enum CacheError {
+pub(crate) enum CacheError {
     /// Reading or writing the file failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -119,7 +119,7 @@ pub enum CacheError {
 
 impl CacheError {
     /// A short label for logs.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             CacheError::Io { .. } => "io",
             CacheError::Truncated { .. } => "truncated",
@@ -134,7 +134,7 @@ impl CacheError {
 }
 
 /// Where the cache lives and the key it is sealed under; cheap to share.
-pub struct SnapshotCache {
+pub(crate) struct SnapshotCache {
     path: PathBuf,
     node_id: String,
     cipher: Aes256GcmSiv,
@@ -152,7 +152,11 @@ impl fmt::Debug for SnapshotCache {
 
 impl SnapshotCache {
     /// The cache at `path` of proxy `node_id`, keyed by `proxy_token`.
-    pub fn new(path: impl Into<PathBuf>, proxy_token: &str, node_id: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        path: impl Into<PathBuf>,
+        proxy_token: &str,
+        node_id: impl Into<String>,
+    ) -> Self {
         let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), proxy_token.as_bytes());
         let mut key = [0u8; 32];
         // 32 bytes is far below HKDF-SHA256's 255 × 32 output limit.
@@ -167,7 +171,7 @@ impl SnapshotCache {
     }
 
     /// The cache file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -192,7 +196,11 @@ impl SnapshotCache {
     }
 
     /// The file contents for `snapshot` applied as `version`.
-    pub fn seal(&self, version: u64, snapshot: &v1::Snapshot) -> Result<Vec<u8>, CacheError> {
+    pub(crate) fn seal(
+        &self,
+        version: u64,
+        snapshot: &v1::Snapshot,
+    ) -> Result<Vec<u8>, CacheError> {
         let mut plain = Vec::with_capacity(8 + snapshot.encoded_len());
         plain.extend_from_slice(&version.to_be_bytes());
         snapshot
@@ -214,7 +222,7 @@ impl SnapshotCache {
     }
 
     /// Opens file contents: the config version and the snapshot.
-    pub fn open(&self, bytes: &[u8]) -> Result<(u64, v1::Snapshot), CacheError> {
+    pub(crate) fn open(&self, bytes: &[u8]) -> Result<(u64, v1::Snapshot), CacheError> {
         if bytes.len() < MAGIC.len() + 2 {
             return Err(CacheError::Truncated { len: bytes.len() });
         }
@@ -245,7 +253,7 @@ impl SnapshotCache {
     }
 
     /// Reads and opens the file; `Ok(None)` when there is none.
-    pub fn read(&self) -> Result<Option<(u64, v1::Snapshot)>, CacheError> {
+    pub(crate) fn read(&self) -> Result<Option<(u64, v1::Snapshot)>, CacheError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -263,7 +271,7 @@ impl SnapshotCache {
     /// Writes `snapshot` (applied as `version`) atomically: a temp file in
     /// the same directory (mode 0600), `fsync`, `rename` over the cache,
     /// `fsync` of the directory. Blocking: call it off the async threads.
-    pub fn write(&self, version: u64, snapshot: &v1::Snapshot) -> Result<(), CacheError> {
+    pub(crate) fn write(&self, version: u64, snapshot: &v1::Snapshot) -> Result<(), CacheError> {
         let bytes = self.seal(version, snapshot)?;
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -302,7 +310,7 @@ impl SnapshotCache {
     /// naming the reason, when there is no usable cache. The file is never
     /// deleted. Blocking (reads the file): call it before serving or off the
     /// async threads.
-    pub fn load_into(&self, store: &SnapshotStore) -> Option<u64> {
+    pub(crate) fn load_into(&self, store: &SnapshotStore) -> Option<u64> {
         let result = self.read().and_then(|found| {
             let Some((version, snapshot)) = found else {
                 return Ok(None);
@@ -364,7 +372,7 @@ type Pending = Option<(u64, Arc<v1::Snapshot>)>;
 /// pending one is written (a watch channel coalesces the rest). Cheap to
 /// clone; never blocks.
 #[derive(Clone)]
-pub struct CacheWriter {
+pub(crate) struct CacheWriter {
     cache: Arc<SnapshotCache>,
     pending: Arc<watch::Sender<Pending>>,
 }
@@ -380,7 +388,7 @@ impl fmt::Debug for CacheWriter {
 impl CacheWriter {
     /// A writer for `cache`; nothing is written until [`CacheWriter::run`]
     /// is polled.
-    pub fn new(cache: SnapshotCache) -> Self {
+    pub(crate) fn new(cache: SnapshotCache) -> Self {
         CacheWriter {
             cache: Arc::new(cache),
             pending: Arc::new(watch::Sender::new(None)),
@@ -388,19 +396,19 @@ impl CacheWriter {
     }
 
     /// The cache it writes.
-    pub fn cache(&self) -> &SnapshotCache {
+    pub(crate) fn cache(&self) -> &SnapshotCache {
         &self.cache
     }
 
     /// Queues `snapshot`, applied as `version`, for writing (replacing a
     /// pending older one).
-    pub fn submit(&self, version: u64, snapshot: Arc<v1::Snapshot>) {
+    pub(crate) fn submit(&self, version: u64, snapshot: Arc<v1::Snapshot>) {
         self.pending.send_replace(Some((version, snapshot)));
     }
 
     /// Writes what is submitted, one file at a time on a blocking thread,
     /// until every [`CacheWriter`] clone is dropped; then returns.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut rx = self.pending.subscribe();
         // A snapshot submitted before the writer started is still written.
         if rx.borrow().is_some() {

@@ -22,7 +22,7 @@ use crate::usage::StreamUsage;
 /// Set by [`crate::auth::Auth`] on every request it lets through (a
 /// request extension): the snapshot and key the whole request is served under.
 #[derive(Clone)]
-pub struct Authenticated {
+pub(crate) struct Authenticated {
     /// The snapshot this request is served under.
     pub snapshot: Arc<Snapshot>,
     /// The client's key.
@@ -30,7 +30,7 @@ pub struct Authenticated {
 }
 
 /// A parsed, routed request on its way to the retry layer.
-pub struct Routed {
+pub(crate) struct Routed {
     /// The snapshot the request is served under.
     pub snapshot: Arc<Snapshot>,
     /// The client key.
@@ -67,7 +67,7 @@ pub struct Routed {
 
 /// A request body on its way upstream, with `model` rewritten per attempt.
 #[derive(Debug)]
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     /// The client's bytes, forwarded as they are except for the `model`
     /// value at `model` (its JSON string, quotes included), which is
     /// replaced by the native id.
@@ -84,7 +84,7 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// The body to send with `model` set to `native`.
-    pub fn with_model(&mut self, native: &str) -> Option<Bytes> {
+    pub(crate) fn with_model(&mut self, native: &str) -> Option<Bytes> {
         match self {
             RequestBody::Raw { bytes, model } => {
                 let mut out = Vec::with_capacity(bytes.len() - model.len() + native.len() + 2 + 8);

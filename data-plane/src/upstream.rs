@@ -39,18 +39,18 @@ use tower::Service;
 use crate::stream::BoxError;
 
 /// An idle connection older than this is closed instead of reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Idle connections kept per upstream (and serving thread).
-pub const MAX_IDLE_PER_UPSTREAM: usize = 1024;
+pub(crate) const MAX_IDLE_PER_UPSTREAM: usize = 1024;
 
 /// Makes upstream connections (TCP, and TLS for `https://`).
-pub type Connector = HttpsConnector<HttpConnector>;
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
 /// Builds the upstream connector.
-pub fn connector() -> anyhow::Result<Connector> {
+pub(crate) fn connector() -> anyhow::Result<Connector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -137,7 +137,7 @@ impl UpstreamTarget {
 /// Why an attempt produced no response, with the cause the connector or
 /// hyper gave (for the logs; built only on the failure path).
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     /// The connection could not be established (nothing was sent).
     #[error("connect error")]
     Connect(#[source] BoxError),
@@ -151,7 +151,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// Label for `claw_dp_upstream_attempts_total{outcome}`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             UpstreamError::Connect(_) => "connect_error",
             UpstreamError::Timeout => "timeout",
@@ -162,7 +162,7 @@ impl UpstreamError {
 
 /// One attempt: a fully built request, where it goes and its timeout.
 #[derive(Debug)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The request to send (its URI in origin form, see
     /// [`UpstreamTarget::uri`]).
     pub request: Request<Full<Bytes>>,
@@ -228,14 +228,14 @@ impl Pool {
 /// The innermost service: sends an [`Attempt`] over a pooled connection.
 /// Clones share the pool; each serving thread builds its own.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     connector: Connector,
     pool: Arc<Mutex<Pool>>,
 }
 
 impl Upstream {
     /// A service with an empty pool, connecting through `connector`.
-    pub fn new(connector: Connector) -> Self {
+    pub(crate) fn new(connector: Connector) -> Self {
         Upstream {
             connector,
             pool: Arc::default(),
@@ -383,7 +383,7 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Removes hop-by-hop headers: the standard ones, every `proxy-*` header and
 /// those named in `Connection`. A map with none (the usual answer) is only
 /// read.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named = connection_named(headers);
     let doomed = |k: &HeaderName| hop_by_hop(k) || named.contains(k);
     if !headers.keys().any(doomed) {
@@ -399,7 +399,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `Host`: the client's headers without those `not_forwarded` and those
 /// named in `Connection`, with `content-type: application/json` (the proxy
 /// always sends a JSON body). One pass over the client's headers.
-pub fn upstream_headers(h: HeaderMap) -> HeaderMap {
+pub(crate) fn upstream_headers(h: HeaderMap) -> HeaderMap {
     let named = connection_named(&h);
     let mut out = HeaderMap::with_capacity(h.len() + 3);
     // `HeaderMap`'s iterator names a header once, before its first value.

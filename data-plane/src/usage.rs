@@ -133,7 +133,7 @@ impl From<UsageJson> for Usage {
 
 /// What [`request_stream_usage`] did to a streaming request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamUsage {
+pub(crate) enum StreamUsage {
     /// The client asked for usage itself: pass the stream through untouched.
     ClientAsked,
     /// The proxy asked for it: strip the usage from what the client receives.
@@ -145,13 +145,13 @@ pub enum StreamUsage {
 
 impl StreamUsage {
     /// True when the client must not see the usage the proxy asked for.
-    pub fn strip(self) -> bool {
+    pub(crate) fn strip(self) -> bool {
         self == StreamUsage::Injected
     }
 }
 
 /// Makes a streaming chat or text completion request ask for usage.
-pub fn request_stream_usage(body: &mut Map<String, Value>) -> StreamUsage {
+pub(crate) fn request_stream_usage(body: &mut Map<String, Value>) -> StreamUsage {
     match body.get_mut("stream_options") {
         None | Some(Value::Null) => {
             let mut opts = Map::new();

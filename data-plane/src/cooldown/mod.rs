@@ -9,7 +9,7 @@
 //! from another proxy ([`Cooldowns::apply_remote`]) and to hear about the ones
 //! this proxy starts ([`Cooldowns::subscribe`]).
 
-pub mod state;
+pub(crate) mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::snapshot::SnapshotStore;
 
-pub use state::{Cooldown, CooldownPolicy, MAX_RETRY_AFTER, parse_retry_after};
+pub(crate) use state::{Cooldown, CooldownPolicy, MAX_RETRY_AFTER, parse_retry_after};
 
 /// A cooldown this proxy started after a 429, for reporting to the control plane.
 #[derive(Debug, Clone)]

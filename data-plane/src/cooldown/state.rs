@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// The longest cooldown accepted from a `Retry-After` header.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// How a pool cools its backends (from `PoolSettings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +38,7 @@ impl CooldownPolicy {
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date (relative to `now`).
 /// Returns `None` for anything unparsable; caps at [`MAX_RETRY_AFTER`].
-pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let s = value.to_str().ok()?.trim();
     let d = if let Ok(secs) = s.parse::<u64>() {
         Duration::from_secs(secs)

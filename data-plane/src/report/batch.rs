@@ -130,7 +130,7 @@ impl Pending {
 }
 
 /// Turns events into batches.
-pub struct Collector {
+pub(crate) struct Collector {
     node_id: String,
     epoch: String,
     store: SnapshotStore,
@@ -152,17 +152,17 @@ pub struct Collector {
 /// its next request: that activity is cut at once, not on the tick, so the
 /// control plane can skip a heartbeat due in the next second. Activity of a
 /// conversation already reported rides on the tick.
-pub const ACTIVITY_QUIET: Duration = Duration::from_secs(10);
+pub(crate) const ACTIVITY_QUIET: Duration = Duration::from_secs(10);
 
 /// How long a connected, idle proxy stays silent before it sends an empty
 /// batch. The control plane reads a proxy's silence as "may have used its
 /// whole rate share" and holds that share against the others for a minute,
 /// so an idle proxy says, every second, that it used nothing.
-pub const IDLE_BATCH_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_BATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Collector {
     /// A collector for `node_id`, reading demand from `store`'s backends.
-    pub fn new(node_id: String, store: SnapshotStore, settings: &ReportSettings) -> Self {
+    pub(crate) fn new(node_id: String, store: SnapshotStore, settings: &ReportSettings) -> Self {
         Collector {
             node_id,
             epoch: format!("{:016x}", rand::random::<u64>()),
@@ -177,22 +177,22 @@ impl Collector {
     }
 
     /// This process's stream epoch.
-    pub fn epoch(&self) -> &str {
+    pub(crate) fn epoch(&self) -> &str {
         &self.epoch
     }
 
     /// The unacknowledged batches.
-    pub fn buffer(&mut self) -> &mut ReportBuffer {
+    pub(crate) fn buffer(&mut self) -> &mut ReportBuffer {
         &mut self.buffer
     }
 
     /// Events in the batch being filled.
-    pub fn pending_events(&self) -> usize {
+    pub(crate) fn pending_events(&self) -> usize {
         self.pending.len()
     }
 
     /// The bare hello that opens a stream.
-    pub fn hello(&self) -> StreamReportsRequest {
+    pub(crate) fn hello(&self) -> StreamReportsRequest {
         StreamReportsRequest {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
@@ -202,7 +202,7 @@ impl Collector {
     }
 
     /// Adds a request outcome to its usage bucket.
-    pub fn outcome(&mut self, mut o: RequestOutcome) {
+    pub(crate) fn outcome(&mut self, mut o: RequestOutcome) {
         let now = SystemTime::now();
         let started = now.checked_sub(o.latency).unwrap_or(now);
         let hour = started
@@ -212,7 +212,7 @@ impl Collector {
     }
 
     /// Adds a failure, recovery or activity signal.
-    pub fn signal(&mut self, s: Signal) {
+    pub(crate) fn signal(&mut self, s: Signal) {
         match s {
             Signal::Failure(f) => {
                 self.pending.urgent |= f.kind == FailureKind::RateLimited;
@@ -235,13 +235,13 @@ impl Collector {
     }
 
     /// True when the pending batch must be cut now (full, or a 429 waits).
-    pub fn due(&self) -> bool {
+    pub(crate) fn due(&self) -> bool {
         self.pending.urgent || self.pending.len() >= self.max_batch
     }
 
     /// Cuts the pending batch (with the demand since the last cut) into the
     /// buffer. Returns false when there was nothing to cut.
-    pub fn cut(&mut self) -> bool {
+    pub(crate) fn cut(&mut self) -> bool {
         self.cut_batch(false)
     }
 
@@ -249,7 +249,7 @@ impl Collector {
     /// (less a flush tick) and
     /// every batch was acknowledged (a batch with events when there are
     /// any). Returns whether a batch was cut.
-    pub fn keepalive(&mut self) -> bool {
+    pub(crate) fn keepalive(&mut self) -> bool {
         if !self.buffer.is_empty() || self.last_cut.elapsed() < self.idle_after {
             return false;
         }

@@ -20,7 +20,7 @@ struct Buffered {
 }
 
 /// Batches cut but not acknowledged yet, oldest first.
-pub struct ReportBuffer {
+pub(crate) struct ReportBuffer {
     batches: VecDeque<Buffered>,
     events: usize,
     max_events: usize,
@@ -32,7 +32,7 @@ pub struct ReportBuffer {
 
 impl ReportBuffer {
     /// A buffer holding at most `max_events` events.
-    pub fn new(max_events: usize) -> Self {
+    pub(crate) fn new(max_events: usize) -> Self {
         ReportBuffer {
             batches: VecDeque::new(),
             events: 0,
@@ -45,7 +45,7 @@ impl ReportBuffer {
 
     /// Numbers `msg` (`events` events) and keeps it; drops the oldest
     /// batches first when it would not fit. Returns the events dropped.
-    pub fn push(&mut self, mut msg: StreamReportsRequest, events: usize) -> u64 {
+    pub(crate) fn push(&mut self, mut msg: StreamReportsRequest, events: usize) -> u64 {
         let mut dropped = 0;
         while self.events + events > self.max_events
             && let Some(old) = self.batches.pop_front()
@@ -67,7 +67,7 @@ impl ReportBuffer {
     }
 
     /// Releases every batch up to `acked_seq`; returns how many.
-    pub fn ack(&mut self, acked_seq: u64) -> usize {
+    pub(crate) fn ack(&mut self, acked_seq: u64) -> usize {
         let mut n = 0;
         while self.batches.front().is_some_and(|b| b.seq <= acked_seq) {
             if let Some(b) = self.batches.pop_front() {
@@ -79,39 +79,39 @@ impl ReportBuffer {
     }
 
     /// True when a batch was not handed to the current stream yet.
-    pub fn has_unsent(&self) -> bool {
+    pub(crate) fn has_unsent(&self) -> bool {
         self.batches.back().is_some_and(|b| b.seq > self.sent_upto)
     }
 
     /// The next batch to hand to the current stream, in order.
-    pub fn next_to_send(&mut self) -> Option<StreamReportsRequest> {
+    pub(crate) fn next_to_send(&mut self) -> Option<StreamReportsRequest> {
         let b = self.batches.iter().find(|b| b.seq > self.sent_upto)?;
         self.sent_upto = b.seq;
         Some(b.msg.clone())
     }
 
     /// A new stream: everything unacknowledged is sent again.
-    pub fn rewind(&mut self) {
+    pub(crate) fn rewind(&mut self) {
         self.sent_upto = 0;
     }
 
     /// Events held.
-    pub fn events(&self) -> usize {
+    pub(crate) fn events(&self) -> usize {
         self.events
     }
 
     /// Events dropped so far.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
 
     /// Batches held.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.batches.len()
     }
 
     /// True when nothing is held.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
 }

@@ -26,8 +26,8 @@
 //! - **Shutdown.** The pending batch is cut and the task waits up to
 //!   `shutdown_grace` for the buffer to be acknowledged.
 
-pub mod batch;
-pub mod buffer;
+pub(crate) mod batch;
+pub(crate) mod buffer;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,8 +41,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-pub use batch::{ACTIVITY_QUIET, Collector, IDLE_BATCH_EVERY};
-pub use buffer::ReportBuffer;
+pub(crate) use batch::Collector;
 
 use crate::config::ReportSettings;
 use crate::cp_channel::{Backoff, ProxyToken};
@@ -52,7 +51,7 @@ use batch::millis;
 
 /// Where to report and how to batch.
 #[derive(Clone)]
-pub struct ReportConfig {
+pub(crate) struct ReportConfig {
     /// Control plane URL (and CA).
     pub url: crate::cp_channel::ControlPlaneUrl,
     /// Proxy token.
@@ -131,7 +130,7 @@ fn drain(c: &mut Collector, outcomes: &mut mpsc::Receiver<RequestOutcome>, open:
 
 /// Runs the collector and the report stream until `shutdown` resolves, then
 /// flushes (bounded by the shutdown grace) and returns.
-pub async fn run(
+pub(crate) async fn run(
     config: ReportConfig,
     store: SnapshotStore,
     mut outcomes: mpsc::Receiver<RequestOutcome>,

@@ -23,12 +23,12 @@ use crate::stream::BoxError;
 /// 413, and for how long: without this "lingering" read, a client still
 /// uploading gets a connection reset instead of the 413 (the kernel resets a
 /// socket closed with unread data), as nginx's `lingering_close` avoids.
-pub const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
 const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Reads the whole body: 413 above `max` bytes (after the lingering read),
 /// 408 when it takes longer than `timeout`, 400 when it fails.
-pub async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
+pub(crate) async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -80,7 +80,7 @@ where
 }
 
 /// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
-pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
+pub(crate) fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
     let max_out = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64))
@@ -89,12 +89,12 @@ pub fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
 }
 
 /// About four bytes of request body per prompt token.
-pub fn prompt_estimate(body_len: usize) -> u64 {
+pub(crate) fn prompt_estimate(body_len: usize) -> u64 {
     (body_len as u64).div_ceil(4)
 }
 
 /// Parses a JSON request body into its top-level object and canonical model.
-pub fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError> {
+pub(crate) fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}.")))?;
     let Value::Object(map) = v else {
@@ -113,7 +113,7 @@ pub fn parse_body(bytes: &[u8]) -> Result<(Map<String, Value>, String), ApiError
 
 /// What routing needs from a body, read without building a `Value`.
 #[derive(Debug, Default)]
-pub struct Scanned {
+pub(crate) struct Scanned {
     /// The canonical model.
     pub model: String,
     /// Byte range of the `model` value (a JSON string, quotes included).
@@ -208,7 +208,7 @@ impl<'de> Deserialize<'de> for Top<'de> {
 /// is anything but a valid object with one non-empty string `model`: the
 /// caller then takes [`parse_body`], which gives the general answer (the
 /// same result, or the error to send).
-pub fn scan_body(bytes: &[u8]) -> Option<Scanned> {
+pub(crate) fn scan_body(bytes: &[u8]) -> Option<Scanned> {
     let top: Top<'_> = serde_json::from_slice(bytes).ok()?;
     let raw = top.model.get();
     if !raw.starts_with('"') {

@@ -3,7 +3,7 @@
 //! checks the key may use it, and hands a typed [`Routed`] request to the
 //! retry layer, which picks a backend per attempt ([`crate::select`]).
 
-pub mod body;
+pub(crate) mod body;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,14 +31,14 @@ use crate::usage::request_stream_usage;
 
 /// Layer of [`RouteService`].
 #[derive(Clone)]
-pub struct RouteLayer {
+pub(crate) struct RouteLayer {
     max_body_bytes: usize,
     body_timeout: Duration,
 }
 
 impl RouteLayer {
     /// Bodies above `max_body_bytes` get 413; slower than `body_timeout`, 408.
-    pub fn new(max_body_bytes: usize, body_timeout: Duration) -> Self {
+    pub(crate) fn new(max_body_bytes: usize, body_timeout: Duration) -> Self {
         RouteLayer {
             max_body_bytes,
             body_timeout,
@@ -58,7 +58,7 @@ impl<S> Layer<S> for RouteLayer {
 
 /// Parses and routes requests; serves `GET /v1/models`.
 #[derive(Clone)]
-pub struct RouteService<S> {
+pub(crate) struct RouteService<S> {
     inner: S,
     params: RouteLayer,
 }

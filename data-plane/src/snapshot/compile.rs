@@ -27,7 +27,7 @@ use crate::usage::Prices;
 
 /// Validates `snap` (delivered as `version`) and compiles it, carrying the
 /// runtime state over from `previous`.
-pub fn compile(
+pub(crate) fn compile(
     version: u64,
     snap: &v1::Snapshot,
     previous: Option<&Snapshot>,
