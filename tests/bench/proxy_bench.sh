@@ -15,6 +15,7 @@
 #   BENCH_WRITE=0 bash tests/bench/proxy_bench.sh   # print only
 #   BENCH_SKIP_LITELLM=1 ...                        # without LiteLLM (e.g. no PyPI access)
 #   BENCH_DP_BEFORE=/path/to/claw-data-plane ...    # also an earlier proxy binary, same run, same upstream
+#   BENCH_DP_BIN=/path/to/claw-data-plane ...       # measure this binary instead of the production build
 #
 # Every http run also reports CPU per request: user + system time of the
 # target process(es) over the measuring window ÷ requests answered in it
@@ -63,7 +64,7 @@ cargo build --release -q -p claw-tests --bins -p claw-control-plane -p claw-data
 # The proxy as the image ships it: the `production` profile (fat LTO).
 cargo build --profile production -q -p claw-data-plane
 BIN="$ROOT/target/release"
-DP_BIN="$ROOT/target/production/claw-data-plane"
+DP_BIN="${BENCH_DP_BIN:-$ROOT/target/production/claw-data-plane}"
 
 WORK="$(mktemp -d /tmp/claw-bench-XXXXXX)"
 pids=()
@@ -251,7 +252,14 @@ record() { # KIND TARGET REP JSON
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 for rep in $(seq 1 "$REPS"); do
-  for t in "${TARGETS[@]}"; do
+  order=("${TARGETS[@]}")
+  # The two proxy binaries swap places every other repetition, so that
+  # neither always runs right after the direct runs.
+  if [ -n "$BEFORE_ADDR" ] && [ $((rep % 2)) = 0 ]; then
+    order=(direct claw-before claw nginx)
+    [ -n "$LITELLM_PORT" ] && order+=(litellm)
+  fi
+  for t in "${order[@]}"; do
     [ "$t" = litellm ] && litellm_signal CONT
     # shellcheck disable=SC2046
     out="$("${LOADGEN[@]}" http $(target_args "$t") $(cpu_args "$t") --concurrency 1 --duration "$DURATION" --warmup "$WARMUP")"
