@@ -53,11 +53,18 @@ fn every_subcommand_has_help_with_its_flags() {
     for (args, expected) in [
         (
             &["backend", "add", "--help"][..],
-            &["--api-key-env", "--model", "--rpm", "Examples:"][..],
+            &[
+                "--api-key-env",
+                "--model",
+                "--rpm",
+                "--upstream-timeout",
+                "--timeout",
+                "Examples:",
+            ][..],
         ),
         (
             &["backend", "update", "--help"],
-            &["--tpm", "--enabled", "--model"],
+            &["--tpm", "--enabled", "--model", "--upstream-timeout"],
         ),
         (
             &["pool", "set", "--help"],
