@@ -108,6 +108,17 @@ pub enum Command {
     Export(ExportArgs),
     /// Make the configuration match a YAML document written by `export`.
     Apply(ApplyArgs),
+    /// Print a shell completion script (needs no server).
+    #[command(after_help = "\
+Examples:
+  source <(clawctl completion bash)
+  clawctl completion zsh > \"${fpath[1]}/_clawctl\"
+  clawctl completion fish > ~/.config/fish/completions/clawctl.fish")]
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// A backend, client key or agent named by its name or id.

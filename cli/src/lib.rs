@@ -15,6 +15,7 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
+//! - `local`: the verbs that need no server (`completion`).
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
@@ -32,6 +33,7 @@ mod document;
 mod duration;
 mod heartbeat;
 mod key;
+mod local;
 mod model_spec;
 mod output;
 mod pool;
@@ -67,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxies => cluster::proxies(&session).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
+        Command::Completion { shell } => local::completion(shell),
     }
 }
 

@@ -42,6 +42,7 @@ fn help_lists_every_verb() {
         "proxies",
         "export",
         "apply",
+        "completion",
     ] {
         assert!(help.contains(verb), "`{verb}` missing from:\n{help}");
     }
@@ -197,5 +198,20 @@ fn usage_errors_keep_clap_exit_code_2() {
     let out = clawctl(&["backend", "add", "b1"]);
     assert_eq!(out.status.code(), Some(2));
     let out = clawctl(&["no-such-verb"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn completion_prints_a_script_without_a_server() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = clawctl(&["--server", &closed_address(), "completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("clawctl"), "{shell}");
+        assert!(script.contains("backend"), "{shell}");
+        assert!(script.contains("upstream-timeout"), "{shell}");
+        assert!(out.stderr.is_empty(), "{shell}");
+    }
+    let out = clawctl(&["completion", "no-such-shell"]);
     assert_eq!(out.status.code(), Some(2));
 }
