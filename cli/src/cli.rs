@@ -119,6 +119,8 @@ Examples:
         #[arg(value_enum, value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
+    /// Print clawctl's version (needs no server).
+    Version,
 }
 
 /// A backend, client key or agent named by its name or id.

@@ -15,7 +15,7 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
-//! - `local`: the verbs that need no server (`completion`).
+//! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
@@ -70,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),
+        Command::Version => local::version(&session),
     }
 }
 

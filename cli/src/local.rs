@@ -1,8 +1,12 @@
-//! Verbs that need no control plane: `completion`.
+//! Verbs that need no control plane: `completion` and `version`.
 
 use std::io::{self, Write};
 
 use clap_complete::Shell;
+use serde::Serialize;
+
+use crate::output::Details;
+use crate::session::Session;
 
 /// `clawctl completion SHELL`: prints the completion script for `shell`.
 pub(crate) fn completion(shell: Shell) -> anyhow::Result<()> {
@@ -20,6 +24,26 @@ fn completion_script(shell: Shell) -> Vec<u8> {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, "clawctl", &mut script);
     script
+}
+
+/// What `clawctl version` reports.
+#[derive(Debug, Serialize)]
+struct Version {
+    /// This binary's version.
+    client_version: &'static str,
+}
+
+/// `clawctl version`: the client's version (the control plane has no RPC
+/// reporting its own yet).
+pub(crate) fn version(session: &Session) -> anyhow::Result<()> {
+    let v = Version {
+        client_version: env!("CARGO_PKG_VERSION"),
+    };
+    session.emit(&v, |out| {
+        Details::new()
+            .field("Client version", v.client_version)
+            .write(out)
+    })
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ fn help_lists_every_verb() {
         "export",
         "apply",
         "completion",
+        "version",
     ] {
         assert!(help.contains(verb), "`{verb}` missing from:\n{help}");
     }
@@ -214,4 +215,19 @@ fn completion_prints_a_script_without_a_server() {
     }
     let out = clawctl(&["completion", "no-such-shell"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn version_prints_the_client_version_without_a_server() {
+    let server = closed_address();
+    let out = clawctl(&["--server", &server, "version"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("Client version: {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let out = clawctl(&["--server", &server, "version", "-o", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["client_version"], env!("CARGO_PKG_VERSION"));
 }
