@@ -93,3 +93,43 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Write};
+
+    use super::*;
+
+    /// Standard output after the reader of the pipe went away.
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_is_recognised_in_every_format() {
+        let value = serde_json::json!({"backends": ["a", "b"]});
+        for format in [
+            output::Format::Table,
+            output::Format::Json,
+            output::Format::Yaml,
+        ] {
+            let err = output::emit(&mut ClosedPipe, format, &value, |out| writeln!(out, "NAME"))
+                .expect_err("the write fails");
+            assert!(is_broken_pipe(&err), "{format:?}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn other_errors_are_not_a_closed_pipe() {
+        assert!(!is_broken_pipe(&anyhow::anyhow!("boom")));
+        let err = anyhow::Error::from(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(!is_broken_pipe(&err));
+    }
+}

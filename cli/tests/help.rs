@@ -2,8 +2,9 @@
 //! one-line error when the control plane cannot be reached. None of these
 //! needs a running control plane.
 
+use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 fn clawctl(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawctl"));
@@ -230,4 +231,24 @@ fn version_prints_the_client_version_without_a_server() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["client_version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    // The bash script is far larger than a pipe's buffer, so writing it
+    // into a pipe whose reader is gone fails with EPIPE whatever the timing.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawctl"))
+        .args(["completion", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("clawctl runs");
+    // Like `| head -c 10`: read a little, then close the pipe.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 10];
+    stdout.read_exact(&mut first).expect("some output");
+    drop(stdout);
+    let out = child.wait_with_output().expect("clawctl ends");
+    assert!(out.status.success(), "{:?}", out.status);
+    assert_eq!(text(&out.stderr), "");
 }
