@@ -143,6 +143,8 @@ Examples:
       --rpm 600 --tpm 100000 --upstream-timeout 2m --model gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=0.00001
   clawctl backend add local --url http://10.0.0.5:8000/v1 --api-key-file /etc/claw/local.key \\
       --pool fallback --model llama3 --model gpt-4o-mini=llama3,context=8192
+  clawctl backend add openrouter --url https://openrouter.ai/api/v1 --api-key-env OPENROUTER_API_KEY \\
+      --model claude-sonnet=anthropic/claude-sonnet-4.5,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3
   printf %s \"$KEY\" | clawctl backend add b2 --url https://x.example/v1 --api-key-stdin")]
     Add(BackendAddArgs),
     /// List backends.
@@ -227,7 +229,9 @@ pub struct BackendAddArgs {
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
     /// A model the backend serves; repeat for several. Format:
-    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N]
+    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N];
+    /// each price may be given per million tokens instead: in_per_mtok=USD,
+    /// out_per_mtok=.., cache_read_per_mtok=.., cache_write_per_mtok=..
     #[arg(long = "model", value_name = "SPEC", value_parser = crate::model_spec::parse_model_spec)]
     pub models: Vec<ModelMapping>,
     /// Create the backend disabled.

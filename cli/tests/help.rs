@@ -62,6 +62,7 @@ fn every_subcommand_has_help_with_its_flags() {
                 "--rpm",
                 "--upstream-timeout",
                 "--timeout",
+                "in_per_mtok",
                 "Examples:",
             ][..],
         ),
