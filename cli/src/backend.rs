@@ -58,7 +58,7 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
         pool: Pool::from(args.pool) as i32,
         rpm: args.rpm,
         tpm: args.tpm,
-        timeout_ms: args.timeout.map(ms).transpose()?.unwrap_or(0),
+        timeout_ms: args.upstream_timeout.map(ms).transpose()?.unwrap_or(0),
         weight: args.weight.unwrap_or(0),
         enabled: !args.disabled,
         models: args.models,
@@ -82,7 +82,7 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
         pool: args.pool.map(|p| Pool::from(p) as i32).unwrap_or(0),
         rpm: args.rpm,
         tpm: args.tpm,
-        timeout_ms: args.timeout.map(ms).transpose()?,
+        timeout_ms: args.upstream_timeout.map(ms).transpose()?,
         weight: args.weight,
         enabled: args.enabled,
         replace_models: !args.models.is_empty() || args.clear_models,
@@ -122,7 +122,7 @@ fn print_one(session: &Session, b: &Backend) -> anyhow::Result<()> {
 }
 
 fn ms(d: std::time::Duration) -> anyhow::Result<u64> {
-    duration::to_millis(d).map_err(|e| anyhow::anyhow!("--timeout: {e}"))
+    duration::to_millis(d).map_err(|e| anyhow::anyhow!("--upstream-timeout: {e}"))
 }
 
 fn key_source(args: ApiKeyArgs) -> KeySource {

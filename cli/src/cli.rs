@@ -2,8 +2,8 @@
 //!
 //! `--server`, `--token` and `-o` are global (before or after the verb).
 //! `--timeout` (the RPC deadline) is accepted before the verb and on every
-//! leaf verb except `backend add|update`, where `--timeout` is the backend's
-//! own upstream timeout; see [`parse`].
+//! leaf verb; a backend's own upstream timeout is `--upstream-timeout`; see
+//! [`parse`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -108,6 +108,19 @@ pub enum Command {
     Export(ExportArgs),
     /// Make the configuration match a YAML document written by `export`.
     Apply(ApplyArgs),
+    /// Print a shell completion script (needs no server).
+    #[command(after_help = "\
+Examples:
+  source <(clawctl completion bash)
+  clawctl completion zsh > \"${fpath[1]}/_clawctl\"
+  clawctl completion fish > ~/.config/fish/completions/clawctl.fish")]
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print clawctl's version (needs no server).
+    Version,
 }
 
 /// A backend, client key or agent named by its name or id.
@@ -127,9 +140,11 @@ pub enum BackendCmd {
     #[command(after_help = "\
 Examples:
   clawctl backend add openai-1 --url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY \\
-      --rpm 600 --tpm 100000 --model gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=0.00001
+      --rpm 600 --tpm 100000 --upstream-timeout 2m --model gpt-4o=gpt-4o-2024-08-06,in=0.0000025,out=0.00001
   clawctl backend add local --url http://10.0.0.5:8000/v1 --api-key-file /etc/claw/local.key \\
       --pool fallback --model llama3 --model gpt-4o-mini=llama3,context=8192
+  clawctl backend add openrouter --url https://openrouter.ai/api/v1 --api-key-env OPENROUTER_API_KEY \\
+      --model claude-sonnet=anthropic/claude-sonnet-4.5,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3
   printf %s \"$KEY\" | clawctl backend add b2 --url https://x.example/v1 --api-key-stdin")]
     Add(BackendAddArgs),
     /// List backends.
@@ -140,7 +155,7 @@ Examples:
     /// Change a backend; only the given flags change.
     #[command(after_help = "\
 Examples:
-  clawctl backend update openai-1 --rpm 900 --tpm 0
+  clawctl backend update openai-1 --rpm 900 --tpm 0 --upstream-timeout 5m
   clawctl backend update openai-1 --api-key-env OPENAI_API_KEY_NEW
   clawctl backend update openai-1 --model gpt-4o --model gpt-4o-mini   # replaces all mappings")]
     Update(BackendUpdateArgs),
@@ -203,9 +218,10 @@ pub struct BackendAddArgs {
     /// Tokens per minute for the whole fleet (default: unlimited).
     #[arg(long, value_name = "N")]
     pub tpm: Option<u32>,
-    /// Upstream timeout (default 120s).
+    /// How long the backend may take to answer (default 120s); not the
+    /// RPC deadline, which is `--timeout`.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
-    pub timeout: Option<Duration>,
+    pub upstream_timeout: Option<Duration>,
     /// Relative weight within the pool, 1-1000 (default 1).
     #[arg(long, value_name = "N")]
     pub weight: Option<u32>,
@@ -213,7 +229,9 @@ pub struct BackendAddArgs {
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
     /// A model the backend serves; repeat for several. Format:
-    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N]
+    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N];
+    /// each price may be given per million tokens instead: in_per_mtok=USD,
+    /// out_per_mtok=.., cache_read_per_mtok=.., cache_write_per_mtok=..
     #[arg(long = "model", value_name = "SPEC", value_parser = crate::model_spec::parse_model_spec)]
     pub models: Vec<ModelMapping>,
     /// Create the backend disabled.
@@ -244,9 +262,10 @@ pub struct BackendUpdateArgs {
     /// Tokens per minute for the whole fleet; 0 removes the limit.
     #[arg(long, value_name = "N")]
     pub tpm: Option<u32>,
-    /// Upstream timeout.
+    /// How long the backend may take to answer; not the RPC deadline,
+    /// which is `--timeout`.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
-    pub timeout: Option<Duration>,
+    pub upstream_timeout: Option<Duration>,
     /// Relative weight within the pool, 1-1000.
     #[arg(long, value_name = "N")]
     pub weight: Option<u32>,
@@ -613,8 +632,7 @@ pub struct ApplyArgs {
 
 // ---------------------------------------------------------------- parsing
 
-/// The command definition, with the RPC `--timeout` added to every leaf verb
-/// that does not have a `--timeout` of its own.
+/// The command definition, with the RPC `--timeout` added to every leaf verb.
 pub(crate) fn command() -> clap::Command {
     with_rpc_timeout(Cli::command(), true)
 }
@@ -625,17 +643,13 @@ fn with_rpc_timeout(mut cmd: clap::Command, root: bool) -> clap::Command {
         .map(|c| c.get_name().to_string())
         .collect();
     if names.is_empty() && !root {
-        let has_own = cmd.get_arguments().any(|a| a.get_long() == Some("timeout"));
-        if !has_own {
-            cmd = cmd.arg(
-                clap::Arg::new(RPC_TIMEOUT)
-                    .long("timeout")
-                    .value_name("DURATION")
-                    .value_parser(crate::duration::parse)
-                    .help("Deadline of the connection and of each call (default 30s)"),
-            );
-        }
-        return cmd;
+        return cmd.arg(
+            clap::Arg::new(RPC_TIMEOUT)
+                .long("timeout")
+                .value_name("DURATION")
+                .value_parser(crate::duration::parse)
+                .help("Deadline of the connection and of each call (default 30s)"),
+        );
     }
     for name in names {
         cmd = cmd.mut_subcommand(name, |c| with_rpc_timeout(c, false));
@@ -673,7 +687,6 @@ fn leaf_rpc_timeout(matches: &ArgMatches) -> Option<Duration> {
     while let Some((_, sub)) = current.subcommand() {
         current = sub;
     }
-    // Only leaf verbs without a `--timeout` of their own have this id.
     current
         .try_get_one::<Duration>(RPC_TIMEOUT)
         .ok()
@@ -707,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn timeout_is_the_rpc_deadline_except_on_backend_add_and_update() {
+    fn timeout_is_the_rpc_deadline_on_every_verb() {
         let cli = parse(&["--timeout", "5s", "backend", "list"]).expect("valid");
         assert_eq!(cli.rpc_timeout, Duration::from_secs(5));
         let cli = parse(&["backend", "list", "--timeout", "7s"]).expect("valid");
@@ -724,16 +737,54 @@ mod tests {
             "http://u",
             "--api-key-env",
             "K",
-            "--timeout",
+            "--upstream-timeout",
             "2m",
         ])
         .expect("valid");
         assert_eq!(cli.rpc_timeout, Duration::from_secs(9));
         match cli.command {
             Command::Backend(BackendCmd::Add(a)) => {
-                assert_eq!(a.timeout, Some(Duration::from_secs(120)));
+                assert_eq!(a.upstream_timeout, Some(Duration::from_secs(120)));
                 assert_eq!(a.rpm, 60);
                 assert_eq!(a.key.api_key_env.as_deref(), Some("K"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timeout_after_backend_add_and_update_is_the_rpc_deadline() {
+        let cli = parse(&[
+            "backend",
+            "add",
+            "b1",
+            "--url",
+            "http://u",
+            "--api-key-env",
+            "K",
+            "--timeout",
+            "3s",
+        ])
+        .expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(3));
+        match cli.command {
+            Command::Backend(BackendCmd::Add(a)) => assert_eq!(a.upstream_timeout, None),
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = parse(&[
+            "backend",
+            "update",
+            "b1",
+            "--timeout",
+            "4s",
+            "--upstream-timeout",
+            "1m",
+        ])
+        .expect("valid");
+        assert_eq!(cli.rpc_timeout, Duration::from_secs(4));
+        match cli.command {
+            Command::Backend(BackendCmd::Update(a)) => {
+                assert_eq!(a.upstream_timeout, Some(Duration::from_secs(60)));
             }
             other => panic!("parsed as {other:?}"),
         }

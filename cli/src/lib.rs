@@ -15,6 +15,7 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
+//! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
@@ -32,6 +33,7 @@ mod document;
 mod duration;
 mod heartbeat;
 mod key;
+mod local;
 mod model_spec;
 mod output;
 mod pool;
@@ -67,6 +69,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxies => cluster::proxies(&session).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
+        Command::Completion { shell } => local::completion(shell),
+        Command::Version => local::version(&session),
     }
 }
 
@@ -88,4 +92,44 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Write};
+
+    use super::*;
+
+    /// Standard output after the reader of the pipe went away.
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_is_recognised_in_every_format() {
+        let value = serde_json::json!({"backends": ["a", "b"]});
+        for format in [
+            output::Format::Table,
+            output::Format::Json,
+            output::Format::Yaml,
+        ] {
+            let err = output::emit(&mut ClosedPipe, format, &value, |out| writeln!(out, "NAME"))
+                .expect_err("the write fails");
+            assert!(is_broken_pipe(&err), "{format:?}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn other_errors_are_not_a_closed_pipe() {
+        assert!(!is_broken_pipe(&anyhow::anyhow!("boom")));
+        let err = anyhow::Error::from(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(!is_broken_pipe(&err));
+    }
 }

@@ -5,8 +5,10 @@
 use claw_proto::v1::ModelMapping;
 
 /// Parses `CANONICAL[=NATIVE][,in=X,out=Y,cache_read=X,cache_write=X,context=N,max_tokens=N]`.
-/// Prices are USD per token; without `=NATIVE` the native id is the
-/// canonical name.
+/// Prices are USD per token, or USD per million tokens with the
+/// `in_per_mtok`, `out_per_mtok`, `cache_read_per_mtok` and
+/// `cache_write_per_mtok` keys (one of the two spellings per price);
+/// without `=NATIVE` the native id is the canonical name.
 pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or_default().trim();
@@ -24,7 +26,9 @@ pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
         native: native.to_string(),
         ..Default::default()
     };
-    let mut seen = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    // Which key set each price, so `in` and `in_per_mtok` together are an error.
+    let mut prices: [Option<&str>; 4] = [None; 4];
     for part in parts {
         let (key, value) = part
             .split_once('=')
@@ -35,16 +39,33 @@ pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
         }
         seen.push(key);
         match key {
-            "in" => m.input_cost_per_token = price(key, value)?,
-            "out" => m.output_cost_per_token = price(key, value)?,
-            "cache_read" => m.cache_read_cost_per_token = price(key, value)?,
-            "cache_write" => m.cache_write_cost_per_token = price(key, value)?,
             "context" => m.context_window = tokens(key, value)?,
             "max_tokens" => m.max_tokens = tokens(key, value)?,
-            other => {
-                return Err(format!(
-                    "unknown key {other:?}; expected in, out, cache_read, cache_write, context or max_tokens"
-                ));
+            _ => {
+                let (slot, per_mtok) = price_key(key).ok_or_else(|| {
+                    format!(
+                        "unknown key {key:?}; expected in, out, cache_read, cache_write \
+                         (USD per token), in_per_mtok, out_per_mtok, cache_read_per_mtok, \
+                         cache_write_per_mtok (USD per million tokens), context or max_tokens"
+                    )
+                })?;
+                if let Some(other) = prices[slot] {
+                    return Err(format!(
+                        "{other} and {key} are the same price; give only one"
+                    ));
+                }
+                prices[slot] = Some(key);
+                let v = if per_mtok {
+                    price_per_mtok(key, value)? / 1_000_000.0
+                } else {
+                    price(key, value)?
+                };
+                match slot {
+                    0 => m.input_cost_per_token = v,
+                    1 => m.output_cost_per_token = v,
+                    2 => m.cache_read_cost_per_token = v,
+                    _ => m.cache_write_cost_per_token = v,
+                }
             }
         }
     }
@@ -56,6 +77,32 @@ fn price(key: &str, value: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!(
             "{key}={value}: expected a price in USD per token, e.g. 0.0000025"
+        )),
+    }
+}
+
+/// The price a key sets (0 input, 1 output, 2 cache read, 3 cache write)
+/// and whether it is per million tokens.
+fn price_key(key: &str) -> Option<(usize, bool)> {
+    let (base, per_mtok) = match key.strip_suffix("_per_mtok") {
+        Some(base) => (base, true),
+        None => (key, false),
+    };
+    let slot = match base {
+        "in" => 0,
+        "out" => 1,
+        "cache_read" => 2,
+        "cache_write" => 3,
+        _ => return None,
+    };
+    Some((slot, per_mtok))
+}
+
+fn price_per_mtok(key: &str, value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "{key}={value}: expected a price in USD per million tokens, e.g. 2.5"
         )),
     }
 }
@@ -112,8 +159,54 @@ mod tests {
             "gpt,context=1.5",
             "gpt,price=1",
             "gpt,in=1,in=2",
+            "gpt,in_per_mtok=abc",
+            "gpt,in_per_mtok=-1",
+            "gpt,in_per_mtok=inf",
+            "gpt,out_per_mtok=1,out_per_mtok=2",
+            "gpt,per_mtok=1",
+            "gpt,context_per_mtok=1",
         ] {
             assert!(parse_model_spec(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn model_spec_prices_per_million_tokens() {
+        let m = parse_model_spec(
+            "claude=claude-sonnet-4,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3,cache_write_per_mtok=3.75",
+        )
+        .expect("valid");
+        assert_eq!(m.input_cost_per_token, 3.0 / 1e6);
+        assert_eq!(m.output_cost_per_token, 15.0 / 1e6);
+        assert_eq!(m.cache_read_cost_per_token, 0.3 / 1e6);
+        assert_eq!(m.cache_write_cost_per_token, 3.75 / 1e6);
+        let m = parse_model_spec("gpt-4o,in_per_mtok=2.5,out=0.00001").expect("valid");
+        assert_eq!(m.input_cost_per_token, 0.0000025);
+        assert_eq!(m.output_cost_per_token, 0.00001);
+    }
+
+    #[test]
+    fn a_price_given_both_ways_names_both_keys() {
+        for (spec, first, second) in [
+            ("gpt,in=0.000001,in_per_mtok=1", "in", "in_per_mtok"),
+            ("gpt,out_per_mtok=1,out=0.000001", "out_per_mtok", "out"),
+            (
+                "gpt,cache_read=0,cache_read_per_mtok=0",
+                "cache_read",
+                "cache_read_per_mtok",
+            ),
+            (
+                "gpt,cache_write_per_mtok=1,cache_write=1",
+                "cache_write_per_mtok",
+                "cache_write",
+            ),
+        ] {
+            let err = parse_model_spec(spec).expect_err(spec);
+            assert_eq!(
+                err,
+                format!("{first} and {second} are the same price; give only one"),
+                "{spec}"
+            );
         }
     }
 }

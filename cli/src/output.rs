@@ -36,13 +36,16 @@ where
     Ok(())
 }
 
-/// Writes `value` as pretty JSON followed by a newline.
+/// Writes `value` as pretty JSON followed by a newline. The text is rendered
+/// first, so a failed write stays an `io::Error` (a `serde_json::Error`
+/// would hide a closed pipe from [`crate::is_broken_pipe`]).
 pub(crate) fn write_json<T: Serialize + ?Sized>(
     out: &mut dyn Write,
     value: &T,
 ) -> anyhow::Result<()> {
-    serde_json::to_writer_pretty(&mut *out, value)?;
-    writeln!(out)?;
+    let mut text = serde_json::to_vec_pretty(value)?;
+    text.push(b'\n');
+    out.write_all(&text)?;
     Ok(())
 }
 

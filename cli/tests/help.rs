@@ -2,8 +2,9 @@
 //! one-line error when the control plane cannot be reached. None of these
 //! needs a running control plane.
 
+use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 fn clawctl(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawctl"));
@@ -42,6 +43,8 @@ fn help_lists_every_verb() {
         "proxies",
         "export",
         "apply",
+        "completion",
+        "version",
     ] {
         assert!(help.contains(verb), "`{verb}` missing from:\n{help}");
     }
@@ -53,11 +56,19 @@ fn every_subcommand_has_help_with_its_flags() {
     for (args, expected) in [
         (
             &["backend", "add", "--help"][..],
-            &["--api-key-env", "--model", "--rpm", "Examples:"][..],
+            &[
+                "--api-key-env",
+                "--model",
+                "--rpm",
+                "--upstream-timeout",
+                "--timeout",
+                "in_per_mtok",
+                "Examples:",
+            ][..],
         ),
         (
             &["backend", "update", "--help"],
-            &["--tpm", "--enabled", "--model"],
+            &["--tpm", "--enabled", "--model", "--upstream-timeout"],
         ),
         (
             &["pool", "set", "--help"],
@@ -191,4 +202,54 @@ fn usage_errors_keep_clap_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = clawctl(&["no-such-verb"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn completion_prints_a_script_without_a_server() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = clawctl(&["--server", &closed_address(), "completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("clawctl"), "{shell}");
+        assert!(script.contains("backend"), "{shell}");
+        assert!(script.contains("upstream-timeout"), "{shell}");
+        assert!(out.stderr.is_empty(), "{shell}");
+    }
+    let out = clawctl(&["completion", "no-such-shell"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn version_prints_the_client_version_without_a_server() {
+    let server = closed_address();
+    let out = clawctl(&["--server", &server, "version"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("Client version: {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let out = clawctl(&["--server", &server, "version", "-o", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["client_version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    // The bash script is far larger than a pipe's buffer, so writing it
+    // into a pipe whose reader is gone fails with EPIPE whatever the timing.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawctl"))
+        .args(["completion", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("clawctl runs");
+    // Like `| head -c 10`: read a little, then close the pipe.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 10];
+    stdout.read_exact(&mut first).expect("some output");
+    drop(stdout);
+    let out = child.wait_with_output().expect("clawctl ends");
+    assert!(out.status.success(), "{:?}", out.status);
+    assert_eq!(text(&out.stderr), "");
 }
