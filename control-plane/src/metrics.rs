@@ -3,6 +3,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
+//! | `claw_build_info` | gauge (always 1) | `version` |
 //! | `claw_cp_grpc_requests_total` | counter | `method`, `code` |
 //! | `claw_cp_grpc_request_duration_seconds` | histogram | `method` |
 //! | `claw_cp_config_version` | gauge | |
@@ -34,6 +35,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::catalog::Catalog;
 
+/// Always 1, with the control plane's version as the `version` label.
+pub(crate) const BUILD_INFO: &str = "claw_build_info";
 /// gRPC requests by method and status code.
 pub(crate) const GRPC_REQUESTS_TOTAL: &str = "claw_cp_grpc_requests_total";
 /// gRPC request latency by method.
@@ -112,12 +115,23 @@ pub(crate) fn handle() -> PrometheusHandle {
                 tracing::warn!(error = %e, "a metrics recorder was already installed");
             }
             describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
 }
 
+/// Gives every metric of the control plane its help text (`# HELP`), once,
+/// when the recorder is installed: the heartbeat, report and fleet metrics
+/// too, whichever of them starts first.
 fn describe() {
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the control plane's version is the `version` label"
+    );
+    crate::heartbeat::metrics::describe();
+    crate::report::metrics::describe();
+    crate::fleet::metrics::describe();
     metrics::describe_counter!(
         GRPC_REQUESTS_TOTAL,
         "gRPC requests by method and status code"
@@ -305,6 +319,19 @@ mod tests {
         let a = handle();
         let b = handle();
         metrics::counter!(MASTER_KEY_ROTATIONS_TOTAL).increment(0);
-        assert_eq!(a.render(), b.render());
+        // The same page; the exporter's order of metric families varies.
+        let lines = |h: &PrometheusHandle| {
+            let mut l: Vec<String> = h.render().lines().map(str::to_owned).collect();
+            l.sort();
+            l
+        };
+        assert_eq!(lines(&a), lines(&b));
+        assert!(
+            lines(&a)
+                .iter()
+                .any(|l| l.starts_with("claw_build_info{version=")),
+            "{:?}",
+            lines(&a)
+        );
     }
 }

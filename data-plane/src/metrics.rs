@@ -2,6 +2,7 @@
 //!
 //! | name | kind | labels |
 //! |---|---|---|
+//! | `claw_build_info` | gauge (always 1) | `version` |
 //! | `claw_dp_requests_total` | counter | `model`, `backend`, `status` |
 //! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
 //! | `claw_dp_retries_total` | counter | |
@@ -23,8 +24,9 @@
 //! | `gen_ai_client_token_usage` | histogram | `gen_ai_request_model`, `gen_ai_token_type` |
 //!
 //! The recorder is process-global; the first proxy in a process installs it.
-//! Every `claw_dp_*` name is a constant here; the code outside the request
-//! path records through the small functions below.
+//! Every metric name is a constant here, described (`# HELP`) at install;
+//! the code outside the request path records through the small functions
+//! below.
 
 use std::sync::{Arc, OnceLock};
 
@@ -49,12 +51,9 @@ pub(crate) fn install() -> bool {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Prefix("gen_ai_server_".into()), LATENCY_BUCKETS)
                 .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("gen_ai_client_token_usage".into()),
-                        TOKEN_BUCKETS,
-                    )
+                    b.set_buckets_for_metric(Matcher::Full(TOKEN_USAGE.into()), TOKEN_BUCKETS)
                 });
-            match builder.and_then(|b| b.install_recorder()) {
+            let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(h) => {
                     spawn_upkeep(h.clone());
                     Some(h)
@@ -63,9 +62,99 @@ pub(crate) fn install() -> bool {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
                 }
-            }
+            };
+            // Into whichever recorder is installed: HELP and TYPE lines.
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
         })
         .is_some()
+}
+
+/// Gives every metric of the proxy its help text (`# HELP`), once, when the
+/// recorder is installed.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the proxy's version is the `version` label"
+    );
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by model, backend (empty when none answered) and status sent to the client"
+    );
+    describe_counter!(
+        UPSTREAM_ATTEMPTS_TOTAL,
+        "Upstream attempts, by backend and outcome"
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Upstream attempts after the first of a request"
+    );
+    describe_gauge!(
+        COOLDOWNS_ACTIVE,
+        "Backends of the current snapshot that are cooling down"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Requests waiting for a rate-limit token, over every model's queue"
+    );
+    describe_gauge!(SNAPSHOT_VERSION, "Configuration version applied");
+    describe_counter!(
+        SNAPSHOT_CACHE_WRITES_TOTAL,
+        "Snapshot cache writes, by result (ok, error)"
+    );
+    describe_gauge!(
+        SNAPSHOT_CACHE_LOADED_VERSION,
+        "Configuration version loaded from the snapshot cache at start (0: none)"
+    );
+    describe_gauge!(
+        DISCOVERY_CONNECTED,
+        "1 while the discovery stream to the control plane is open"
+    );
+    describe_counter!(
+        EVENTS_DROPPED_TOTAL,
+        "Request outcomes or signals dropped because their channel was full"
+    );
+    describe_gauge!(
+        REPORT_CONNECTED,
+        "1 while the report stream to the control plane is open"
+    );
+    describe_counter!(
+        REPORT_BATCHES_SENT_TOTAL,
+        "Report batches handed to the report stream, resends included"
+    );
+    describe_counter!(
+        REPORT_BATCHES_ACKED_TOTAL,
+        "Report batches the control plane acknowledged"
+    );
+    describe_gauge!(
+        REPORT_BUFFERED_EVENTS,
+        "Report events buffered and not acknowledged yet"
+    );
+    describe_counter!(
+        REPORT_DROPPED_EVENTS_TOTAL,
+        "Report events dropped unacknowledged because the report buffer was full"
+    );
+    describe_gauge!(
+        DEGRADED_MODE,
+        "1 in degraded mode (equal rate-limit shares without a control plane)"
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from the request to the first streamed token, by model"
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to answer a request, by model"
+    );
+    describe_histogram!(
+        TOKEN_USAGE,
+        Unit::Count,
+        "Tokens per request, by model and token type (input, output)"
+    );
 }
 
 /// How often histogram samples are folded into their buckets when nobody
@@ -122,6 +211,8 @@ pub(crate) fn status_label(status: u16) -> &'static str {
     }
 }
 
+/// Always 1, with the proxy's version as the `version` label.
+pub(crate) const BUILD_INFO: &str = "claw_build_info";
 /// Requests answered, by model, backend and status.
 pub(crate) const REQUESTS_TOTAL: &str = "claw_dp_requests_total";
 /// Upstream attempts, by backend and outcome.
@@ -150,6 +241,16 @@ pub(crate) const REPORT_BUFFERED_EVENTS: &str = "claw_dp_report_buffered_events"
 pub(crate) const REPORT_DROPPED_EVENTS_TOTAL: &str = "claw_dp_report_dropped_events_total";
 /// 1 in degraded mode (equal rate shares without a control plane).
 pub(crate) const DEGRADED_MODE: &str = "claw_dp_degraded_mode";
+/// Upstream attempts after the first of a request.
+pub(crate) const RETRIES_TOTAL: &str = "claw_dp_retries_total";
+/// Outcomes or signals dropped on a full channel.
+pub(crate) const EVENTS_DROPPED_TOTAL: &str = "claw_dp_events_dropped_total";
+/// Time to the first streamed token, by model.
+pub(crate) const TIME_TO_FIRST_TOKEN_SECONDS: &str = "gen_ai_server_time_to_first_token_seconds";
+/// Time to answer a request, by model.
+pub(crate) const REQUEST_DURATION_SECONDS: &str = "gen_ai_server_request_duration_seconds";
+/// Tokens per request, by model and token type.
+pub(crate) const TOKEN_USAGE: &str = "gen_ai_client_token_usage";
 
 fn flag(on: bool) -> f64 {
     if on { 1.0 } else { 0.0 }
@@ -299,26 +400,26 @@ pub(crate) fn upstream_attempt(backend: impl Into<SharedString>, outcome: &'stat
 /// Counts an attempt after the first (`claw_dp_retries_total`).
 #[inline]
 pub(crate) fn retry() {
-    metrics::counter!("claw_dp_retries_total").increment(1);
+    metrics::counter!(RETRIES_TOTAL).increment(1);
 }
 
 /// Counts an outcome or signal dropped on a full channel
 /// (`claw_dp_events_dropped_total`).
 #[inline]
 pub(crate) fn event_dropped() {
-    metrics::counter!("claw_dp_events_dropped_total").increment(1);
+    metrics::counter!(EVENTS_DROPPED_TOTAL).increment(1);
 }
 
 /// The `gen_ai_server_request_duration_seconds{gen_ai_request_model}` handle.
 #[inline]
 pub(crate) fn request_duration_histogram(model: impl Into<SharedString>) -> Histogram {
-    metrics::histogram!("gen_ai_server_request_duration_seconds", "gen_ai_request_model" => model)
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "gen_ai_request_model" => model)
 }
 
 /// Records `gen_ai_server_time_to_first_token_seconds{gen_ai_request_model}`.
 #[inline]
 pub(crate) fn time_to_first_token(model: impl Into<SharedString>, seconds: f64) {
-    metrics::histogram!("gen_ai_server_time_to_first_token_seconds", "gen_ai_request_model" => model)
+    metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, "gen_ai_request_model" => model)
         .record(seconds);
 }
 
@@ -329,5 +430,5 @@ pub(crate) fn token_usage_histogram(
     model: impl Into<SharedString>,
     kind: &'static str,
 ) -> Histogram {
-    metrics::histogram!("gen_ai_client_token_usage", "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
+    metrics::histogram!(TOKEN_USAGE, "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
 }

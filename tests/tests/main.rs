@@ -15,6 +15,7 @@ mod data_plane_input;
 mod fleet;
 mod harness_smoke;
 mod heartbeat;
+mod metrics_format;
 mod mock_upstream;
 mod openai_sdk;
 mod otel_tracing;
