@@ -624,7 +624,7 @@ async fn export_then_apply_on_an_empty_server_reproduces_the_config() {
             "500",
             "--tpm",
             "200000",
-            "--timeout",
+            "--upstream-timeout",
             "90s",
             "--weight",
             "3",
