@@ -615,25 +615,13 @@ impl Scheduler {
     fn tick(&mut self) {
         let now = self.now_ms();
         while self.batch.len() < MAX_BATCH {
-            let Some((t, _)) = self.queue.first() else {
-                break;
-            };
-            if *t > now {
-                break;
-            }
-            let Some((t, id)) = self.queue.pop_first() else {
+            let Some((t, id)) = pop_due(&mut self.queue, now) else {
                 break;
             };
             self.fire_due(&id, t, now);
         }
         while self.batch.len() < MAX_BATCH {
-            let Some((t, _)) = self.retries.first() else {
-                break;
-            };
-            if *t > now {
-                break;
-            }
-            let Some((_, id)) = self.retries.pop_first() else {
+            let Some((_, id)) = pop_due(&mut self.retries, now) else {
                 break;
             };
             self.retry(&id, now);
@@ -815,6 +803,14 @@ impl Scheduler {
             let result = fut.await;
             let _ = tx.send(Command::Finished { key, result });
         });
+    }
+}
+
+/// Takes the earliest entry of a time-ordered set if it is due at `now`.
+fn pop_due(set: &mut BTreeSet<(i64, String)>, now: i64) -> Option<(i64, String)> {
+    match set.first() {
+        Some((t, _)) if *t <= now => set.pop_first(),
+        _ => None,
     }
 }
 
