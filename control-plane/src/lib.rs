@@ -11,27 +11,27 @@
 //!   and shuts down gracefully.
 //! - [`config`]: the typed [`Config`] (data dir, master key, tokens, TLS,
 //!   heartbeat, retention and share settings), parsed once in `main`.
-//! - [`api`]: one file per gRPC service, the bearer-token [`api::auth`]
+//! - `api`: one file per gRPC service, the bearer-token `api::auth`
 //!   interceptor, and the one place domain errors become `tonic::Status`.
-//! - [`discovery`]: `DiscoveryService.StreamConfig`, the proxies' stream:
+//! - `discovery`: `DiscoveryService.StreamConfig`, the proxies' stream:
 //!   debounced snapshot publishing, per-stream sessions, ACK/NACK by nonce.
-//! - [`http`]: `/healthz` and `/metrics` on the HTTP listener.
-//! - [`metrics`]: the Prometheus recorder, the catalog gauges and the gRPC
+//! - `http`: `/healthz` and `/metrics` on the HTTP listener.
+//! - `metrics`: the Prometheus recorder, the catalog gauges and the gRPC
 //!   request-metrics layer.
-//! - [`retention`]: the maintenance task that prunes usage buckets,
+//! - `retention`: the maintenance task that prunes usage buckets,
 //!   cooldown events and report idempotency records past their retention.
 //! - [`heartbeat`]: agent heartbeats: the pure slot, checklist and reply
 //!   core, the scheduler, dispatch to a proxy, the run log and webhook
 //!   delivery.
-//! - [`report`]: report ingestion: each proxy batch stored exactly once, in
+//! - `report`: report ingestion: each proxy batch stored exactly once, in
 //!   one transaction, before it is acknowledged.
 //! - [`fleet`]: live fleet state: agent activity and backend capacity,
 //!   fleet-wide cooldowns after 429s, each proxy's rate shares, the backend
 //!   directory, and the loop that pushes them to the proxies.
-//! - [`stats`]: usage buckets (hourly, daily), their key layout and the
+//! - `stats`: usage buckets (hourly, daily), their key layout and the
 //!   `StatsService` queries.
-//! - [`proxies`]: the in-memory registry of connected proxies and the
-//!   [`proxies::Push`] senders to their streams.
+//! - `proxies`: the in-memory registry of connected proxies and the
+//!   `proxies::Push` senders to their streams.
 //! - [`catalog`]: typed, versioned, durable configuration: validation,
 //!   uniqueness, config version bumps, apply/export, master key rotation,
 //!   consistent snapshots for the proxies.

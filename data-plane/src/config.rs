@@ -66,7 +66,7 @@ impl Default for ServerLimits {
     }
 }
 
-/// How usage and failure reports are batched ([`crate::report`]).
+/// How usage and failure reports are batched (`crate::report`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportSettings {
     /// A batch is cut at least this often while connected (and at once
@@ -111,7 +111,7 @@ pub struct Config {
     /// Report batching (used with a control plane).
     pub report: ReportSettings,
     /// How long the control plane may be unreachable before the proxy
-    /// falls back to equal rate shares ([`crate::fleet::DEGRADED_AFTER`]).
+    /// falls back to equal rate shares (`crate::fleet::DEGRADED_AFTER`).
     pub degraded_after: std::time::Duration,
     /// Where to keep the encrypted last-known-good snapshot (the
     /// `snapshot_cache` module); `None` keeps nothing on disk.

@@ -107,7 +107,7 @@ impl Fleet {
     }
 
     /// A control plane assigns the shares: until its first `RateShares`
-    /// (or [`FIRST_SHARES_TIMEOUT`] after the first snapshot, see
+    /// (or `FIRST_SHARES_TIMEOUT` after the first snapshot, see
     /// [`Fleet::watch_degraded`]) backends get a share of 0.
     pub fn await_shares(&self) {
         let mut g = self.inner.lock();
@@ -215,8 +215,8 @@ impl Fleet {
     }
 
     /// Enters degraded mode once the discovery stream has been down for
-    /// `after` ([`DEGRADED_AFTER`] by default), and falls back to the fair
-    /// share when the first shares are late ([`FIRST_SHARES_TIMEOUT`]);
+    /// `after` (`DEGRADED_AFTER` by default), and falls back to the fair
+    /// share when the first shares are late (`FIRST_SHARES_TIMEOUT`);
     /// runs until aborted.
     pub async fn watch_degraded(self, after: Duration) {
         tokio::join!(

@@ -3,62 +3,62 @@
 //!
 //! The request path is a stack of tower layers, outermost first:
 //!
-//! 1. [`auth`] — `Authorization: Bearer <client key>` → SHA-256 → key (401).
-//! 2. [`limits`] — the key's rpm (429).
-//! 3. [`route`] — reads and parses the body once (400/408/413), resolves the
+//! 1. `auth` — `Authorization: Bearer <client key>` → SHA-256 → key (401).
+//! 2. `limits` — the key's rpm (429).
+//! 3. `route` — reads and parses the body once (400/408/413), resolves the
 //!    canonical model (404) and checks the key may use it (403).
-//! 4. [`retry`] — per attempt: admission in routing order ([`select`]:
+//! 4. `retry` — per attempt: admission in routing order (`select`:
 //!    candidates, queueing, emergency), the upstream call, classification of
 //!    the answer and the reaction (429 cooldowns, outlier ejection), retries
 //!    before the first byte.
-//! 5. [`upstream`] — the pooled HTTP(S) client and header hygiene.
+//! 5. `upstream` — the pooled HTTP(S) client and header hygiene.
 //!
-//! The layers hand inward the typed requests of [`target`]; every request
-//! ends in one outcome, accounted by [`accounting`].
+//! The layers hand inward the typed requests of `target`; every request
+//! ends in one outcome, accounted by `accounting`.
 //!
 //! Around it:
 //!
-//! - [`config`] — typed configuration ([`Config`]); `main.rs` owns flags and env.
+//! - `config` — typed configuration ([`Config`]); `main.rs` owns flags and env.
 //! - [`cp_channel`] — the control-plane client plumbing shared by discovery
 //!   and report: the gRPC channel (plain or TLS, public roots or
 //!   `--control-plane-ca`), the proxy-token interceptor, the reconnect
 //!   backoff and its healthy-stream rule.
 //! - [`tls`] — the TLS server config of the HTTP listener (reloading cert).
-//! - [`snapshot`] — the compiled configuration in an `ArcSwap` (compiled and
+//! - `snapshot` — the compiled configuration in an `ArcSwap` (compiled and
 //!   validated in `snapshot/compile.rs`), with the runtime state (rate
 //!   limiters, cooldowns, queues) carried across snapshots.
-//! - [`discovery`] — the `StreamConfig` stream to the control plane (ACK/NACK
+//! - `discovery` — the `StreamConfig` stream to the control plane (ACK/NACK
 //!   of snapshots, incremental cooldowns and rate shares).
-//! - [`snapshot_cache`] — the optional encrypted last-known-good snapshot on
+//! - `snapshot_cache` — the optional encrypted last-known-good snapshot on
 //!   disk, loaded before the first connection.
-//! - [`fleet`] — this proxy's shares of cluster-wide limits, the fleet size,
+//! - `fleet` — this proxy's shares of cluster-wide limits, the fleet size,
 //!   degraded mode when the control plane is gone for a minute.
-//! - [`report`] — the `StreamReports` stream: the stream loop, the batch
-//!   collector with its usage buckets ([`report::batch`]) and the bounded
-//!   resend buffer ([`report::buffer`]).
-//! - [`json`] — allocation-free JSON scanning (request fields, answer usage).
-//! - [`usage`] — usage from JSON bodies and SSE streams; asking the upstream
+//! - `report` — the `StreamReports` stream: the stream loop, the batch
+//!   collector with its usage buckets (`report::batch`) and the bounded
+//!   resend buffer (`report::buffer`).
+//! - `json` — allocation-free JSON scanning (request fields, answer usage).
+//! - `usage` — usage from JSON bodies and SSE streams; asking the upstream
 //!   for stream usage and hiding it from clients that did not.
-//! - [`ratelimit`] — GCRA rate limiters: at most `share × limit` plus a
+//! - `ratelimit` — GCRA rate limiters: at most `share × limit` plus a
 //!   small burst in any trailing minute (backend rpm/tpm, emergency, key rpm).
-//! - [`cooldown`] — 429 cooldowns: the per-backend state machine, the
-//!   backoff and `Retry-After` ([`cooldown::state`], a leaf), and the handle
+//! - `cooldown` — 429 cooldowns: the per-backend state machine, the
+//!   backoff and `Retry-After` (`cooldown::state`, a leaf), and the handle
 //!   that starts local cooldowns, applies remote ones and announces them.
-//! - [`outlier`] — passive ejection of failing backends.
-//! - [`queue`] — the bounded priority queue for rate-limited requests.
+//! - `outlier` — passive ejection of failing backends.
+//! - `queue` — the bounded priority queue for rate-limited requests.
 //! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
 //!   failure, background drain of answers whose client left.
-//! - [`target`] — the typed requests the layers hand inward
+//! - `target` — the typed requests the layers hand inward
 //!   (`Authenticated`, `Routed`, `RequestBody`).
-//! - [`accounting`] — per-request accounting: the response tracker, in-flight
+//! - `accounting` — per-request accounting: the response tracker, in-flight
 //!   counts, abandoned requests, one `RequestOutcome` per request.
-//! - [`body`] — the response body type.
-//! - [`error`] — the one renderer of OpenAI-format errors.
-//! - [`events`] — per-request [`events::RequestOutcome`]s and failure/activity
-//!   [`events::Signal`]s into bounded channels.
-//! - [`metrics`] — Prometheus metrics (`/metrics`): every `claw_dp_*` name
+//! - `body` — the response body type.
+//! - `error` — the one renderer of OpenAI-format errors.
+//! - `events` — per-request [`events::RequestOutcome`]s and failure/activity
+//!   `events::Signal`s into bounded channels.
+//! - `metrics` — Prometheus metrics (`/metrics`): every `claw_dp_*` name
 //!   and the recorders of the code outside the request path.
-//! - [`server`] — connections, timeouts, health/readiness, panics, draining.
+//! - `server` — connections, timeouts, health/readiness, panics, draining.
 //! - `test_util` — snapshot fixtures for tests (the `test-util` feature).
 //!
 //! [`run`] serves a bound listener until a shutdown future resolves;

@@ -8,8 +8,8 @@
 //!
 //! Two optional extras, both for exact usage accounting:
 //!
-//! - an [`SseUsage`] scanner reads the stream's usage and removes the usage
-//!   chunk the proxy asked for on the client's behalf ([`crate::usage`]);
+//! - an `SseUsage` scanner reads the stream's usage and removes the usage
+//!   chunk the proxy asked for on the client's behalf (`crate::usage`);
 //! - a drain deadline: when the client goes away mid-answer the rest of the
 //!   upstream body is read in the background (until the request deadline),
 //!   so the observer still learns what the upstream produced.

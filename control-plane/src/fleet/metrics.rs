@@ -1,6 +1,6 @@
 //! Fleet-state metrics of the control plane (registered in
-//! [`crate::metrics`]'s recorder). The report stream's own metrics are in
-//! [`crate::report::metrics`].
+//! `crate::metrics`'s recorder). The report stream's own metrics are in
+//! `crate::report::metrics`.
 //!
 //! | metric | kind | labels |
 //! |---|---|---|

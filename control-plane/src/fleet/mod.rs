@@ -13,7 +13,7 @@
 //! - [`metrics`]: the cooldown and rate-share metrics.
 //!
 //! [`Fleet`] ties them together with the proxy registry. Report ingestion
-//! ([`crate::report`]) hands it each batch once the batch is durable and
+//! (`crate::report`) hands it each batch once the batch is durable and
 //! acknowledged ([`Fleet::observe`]): cooldowns move and are pushed to the
 //! other proxies, activity and demand are recorded. [`Fleet::run`] follows
 //! proxies connecting and leaving (catch-up of active cooldowns, re-assigned

@@ -1,4 +1,4 @@
-//! Heartbeat metrics (registered in [`crate::metrics`]'s recorder).
+//! Heartbeat metrics (registered in `crate::metrics`'s recorder).
 //!
 //! | metric | kind | labels |
 //! |---|---|---|

@@ -39,8 +39,8 @@
 //! millisecond with trigger `manual`, and merge with a run in flight.
 //!
 //! One actor, three files: this one holds its types, the task loop, the
-//! agents' sync with the catalog and the commands; [`decide`] the per-slot
-//! policy above; [`commit`] the batch machinery (one transaction, then the
+//! agents' sync with the catalog and the commands; `decide` the per-slot
+//! policy above; `commit` the batch machinery (one transaction, then the
 //! side effects, and the recovery when a commit fails).
 
 use std::collections::{BTreeSet, HashMap};
