@@ -132,11 +132,9 @@ fn init_logging(format: LogFormat) -> anyhow::Result<claw_telemetry::Telemetry> 
         LogFormat::Text => claw_telemetry::LogFormat::Text,
         LogFormat::Json => claw_telemetry::LogFormat::Json,
     };
-    let options = claw_telemetry::Options {
-        // `None`: tracing-subscriber's default colouring.
-        ansi: None,
-        ..claw_telemetry::Options::new("claw-data-plane", format)
-    };
+    // Colour only when stderr is a terminal: a log file or a collector gets
+    // plain text.
+    let options = claw_telemetry::Options::new("claw-data-plane", format);
     Ok(claw_telemetry::init(&options)?)
 }
 

@@ -7,6 +7,7 @@
 //! `data_plane_config.rs`; bad input in `data_plane_input.rs`.
 
 use crate::data_plane_support::*;
+use claw_tests::harness::{ControlPlane, Proxy};
 use claw_tests::mock::{Action, Outcome};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -551,4 +552,29 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_cleanly() {
         std::net::TcpStream::connect(addr).is_err(),
         "the listener is closed after the drain"
     );
+}
+
+/// Regression (issue 15): the proxy's log was full of ANSI colour codes when
+/// written to a file; both servers colour only a terminal. (The harness sets
+/// `NO_COLOR` for every child; these two run without it.)
+#[tokio::test]
+async fn logs_written_to_a_file_have_no_colour_codes() {
+    let cp = ControlPlane::builder().env_remove("NO_COLOR").start();
+    let proxy = Proxy::builder(&cp).env_remove("NO_COLOR").start();
+    proxy.wait_ready();
+    // An unauthenticated request: the proxy logs nothing for it, but by now
+    // both have logged their start and the snapshot.
+    let res = reqwest::Client::new()
+        .get(format!("{}/readyz", proxy.url()))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.status(), 200);
+    for (who, log) in [("proxy", proxy.logs()), ("control plane", cp.logs())] {
+        assert!(!log.trim().is_empty(), "the {who} logged nothing");
+        assert!(
+            !log.contains('\x1b'),
+            "the {who}'s log has ANSI escapes:\n{log}"
+        );
+    }
 }
