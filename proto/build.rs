@@ -30,6 +30,7 @@ const POOL_FIELDS: &[&str] = &[
 const TIMESTAMP_FIELDS: &[&str] = &[
     ".claw.v1.Backend.created_at",
     ".claw.v1.Backend.updated_at",
+    ".claw.v1.Backend.quota_exhausted_until",
     ".claw.v1.ClientKey.created_at",
     ".claw.v1.Agent.created_at",
     ".claw.v1.Agent.updated_at",
@@ -61,6 +62,9 @@ const ENUM_FIELDS: &[(&str, &str)] = &[
     (".claw.v1.UpstreamFailure.kind", "failure_kind"),
     (".claw.v1.HeartbeatRun.trigger", "run_trigger"),
     (".claw.v1.HeartbeatRun.status", "run_status"),
+    (".claw.v1.Backend.api", "api"),
+    (".claw.v1.UpdateBackendRequest.api", "api"),
+    (".claw.v1.SnapshotBackend.api", "api"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -642,6 +642,7 @@ impl From<&ModelDoc> for ModelMapping {
             cache_write_cost_per_token: m.cache_write_cost_per_token,
             context_window: m.context_window,
             max_tokens: m.max_tokens,
+            ..Default::default()
         }
     }
 }

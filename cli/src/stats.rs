@@ -113,18 +113,20 @@ fn totals_row(t: &UsageTotals) -> Vec<String> {
         t.errors.to_string(),
         t.prompt_tokens.to_string(),
         t.completion_tokens.to_string(),
-        t.cached_tokens.to_string(),
+        t.cache_read_tokens.to_string(),
+        t.cache_write_tokens.to_string(),
         t.total_tokens.to_string(),
         format!("{:.6}", t.cost),
     ]
 }
 
-const TOTAL_COLUMNS: [&str; 7] = [
+const TOTAL_COLUMNS: [&str; 8] = [
     "REQUESTS",
     "ERRORS",
     "PROMPT",
     "COMPLETION",
-    "CACHED",
+    "CACHE READ",
+    "CACHE WRITE",
     "TOTAL",
     "COST (USD)",
 ];
@@ -152,7 +154,8 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
                     .field("errors", t.errors.to_string())
                     .field("prompt_tokens", t.prompt_tokens.to_string())
                     .field("completion_tokens", t.completion_tokens.to_string())
-                    .field("cached_tokens", t.cached_tokens.to_string())
+                    .field("cache_read_tokens", t.cache_read_tokens.to_string())
+                    .field("cache_write_tokens", t.cache_write_tokens.to_string())
                     .field("total_tokens", t.total_tokens.to_string())
                     .field("cost", format!("{:.6}", t.cost))
                     .field("streamed", t.streamed.to_string())

@@ -278,7 +278,7 @@ impl Tracker {
                     prompt_tokens: p,
                     completion_tokens: c,
                     total_tokens: p + c,
-                    cached_tokens: 0,
+                    ..Usage::default()
                 };
                 (Some(u), true)
             }

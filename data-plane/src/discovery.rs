@@ -363,6 +363,7 @@ mod tests {
             until_unix_ms: 0,
             remaining_ms: ms,
             consecutive: 3,
+            quota_exhausted: false,
             source_node_id: source.into(),
         };
         let reply = d.handle(StreamConfigResponse {
@@ -418,6 +419,7 @@ mod tests {
             remaining_ms: ms,
             consecutive: 2,
             source_node_id: "other".into(),
+            quota_exhausted: false,
         };
         let early = d.handle(StreamConfigResponse {
             version: 0,

@@ -215,7 +215,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 4,
                 total_tokens: 7,
-                cached_tokens: 0,
+                ..Usage::default()
             })
         );
         assert_eq!(Usage::from_json(&serde_json::json!({})), None);

@@ -223,6 +223,26 @@ impl Demand {
     }
 }
 
+/// The protocol a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Api {
+    /// OpenAI: Chat Completions, Completions, Embeddings, Responses.
+    #[default]
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+impl Api {
+    /// The name operators read (`openai`, `anthropic`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// A backend of the snapshot.
 #[derive(Debug)]
 pub struct Backend {
@@ -232,6 +252,8 @@ pub struct Backend {
     pub name: String,
     /// Pool.
     pub pool: Pool,
+    /// The protocol it speaks.
+    pub api: Api,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     /// The base URL split for building each attempt's URI.

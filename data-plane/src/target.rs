@@ -15,8 +15,9 @@ use http::HeaderMap;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use crate::affinity::Affinity;
 use crate::queue::Priority;
-use crate::snapshot::{ClientKey, Route, Snapshot};
+use crate::snapshot::{Api, ClientKey, Route, Snapshot};
 use crate::usage::StreamUsage;
 
 /// Set by [`crate::auth::Auth`] on every request it lets through (a
@@ -29,6 +30,42 @@ pub(crate) struct Authenticated {
     pub key: Arc<ClientKey>,
 }
 
+/// A client endpoint the proxy serves upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/responses`.
+    Responses,
+    /// `GET /v1/responses/{id}`.
+    ResponsesGet,
+    /// `DELETE /v1/responses/{id}`.
+    ResponsesDelete,
+    /// `POST /v1/messages`.
+    Messages,
+    /// `POST /v1/messages/count_tokens`.
+    CountTokens,
+}
+
+impl Endpoint {
+    /// The protocol the endpoint belongs to (and its backends speak).
+    pub(crate) fn api(self) -> Api {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => Api::Anthropic,
+            _ => Api::OpenAi,
+        }
+    }
+
+    /// The client's wire for errors: Anthropic-shaped for Messages.
+    pub(crate) fn is_anthropic(self) -> bool {
+        self.api() == Api::Anthropic
+    }
+}
+
 /// A parsed, routed request on its way to the retry layer.
 pub(crate) struct Routed {
     /// The snapshot the request is served under.
@@ -37,6 +74,8 @@ pub(crate) struct Routed {
     pub key: Arc<ClientKey>,
     /// The model's route.
     pub route: Arc<Route>,
+    /// The client endpoint.
+    pub endpoint: Endpoint,
     /// Upstream path after the base URL (`/chat/completions`).
     pub path: &'static str,
     /// The client's query string, if any.
@@ -58,6 +97,12 @@ pub(crate) struct Routed {
     /// For streaming completions: whether the client asked for usage or the
     /// proxy did on its behalf ([`crate::usage::request_stream_usage`]).
     pub stream_usage: Option<StreamUsage>,
+    /// The session's affinity ([`crate::affinity`]), if it has a key.
+    pub affinity: Option<Affinity>,
+    /// The stored response this request continues or names
+    /// (`previous_response_id`, or the id of `GET`/`DELETE
+    /// /v1/responses/{id}`), which only its owner backend knows.
+    pub response_id: Option<String>,
     /// Arrival time.
     pub started: Instant,
     /// The request's trace span ([`tracing::Span::none`] unless traces are

@@ -21,6 +21,7 @@ pub fn backend(id: &str, pool: Pool, models: &[(&str, &str)]) -> v1::SnapshotBac
         timeout_ms: 0,
         weight: 1,
         enabled: true,
+        api: 0,
         models: models
             .iter()
             .map(|(c, n)| v1::ModelMapping {

@@ -35,8 +35,13 @@ pub struct Usage {
     /// Total tokens.
     pub total_tokens: u64,
     /// Prompt tokens read from the provider's prompt cache
-    /// (`prompt_tokens_details.cached_tokens`).
-    pub cached_tokens: u64,
+    /// (`prompt_tokens_details.cached_tokens`, Anthropic's
+    /// `cache_read_input_tokens`). Part of `prompt_tokens`.
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to the 5-minute cache. Part of `prompt_tokens`.
+    pub cache_write_5m_tokens: u64,
+    /// Prompt tokens written to the 1-hour cache. Part of `prompt_tokens`.
+    pub cache_write_1h_tokens: u64,
 }
 
 /// USD prices of one model mapping.
@@ -49,9 +54,19 @@ pub struct Prices {
     /// Per cached prompt token; 0 means "not set": cached tokens then cost
     /// as much as other prompt tokens.
     pub cache_read: f64,
+    /// Per prompt token written to the 5-minute cache; 0 means `input`.
+    pub cache_write: f64,
+    /// Per prompt token written to the 1-hour cache; 0 means `cache_write`.
+    pub cache_write_1h: f64,
 }
 
 impl Usage {
+    /// Prompt tokens written to the cache, 5-minute and 1-hour.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.cache_write_5m_tokens
+            .saturating_add(self.cache_write_1h_tokens)
+    }
+
     /// Reads an OpenAI `usage` object from a parsed answer.
     pub fn from_json(v: &Value) -> Option<Usage> {
         let u = v.get("usage")?;
@@ -91,7 +106,7 @@ impl Usage {
 
     /// USD cost at `prices`.
     pub fn cost(&self, prices: &Prices) -> f64 {
-        let cached = self.cached_tokens.min(self.prompt_tokens);
+        let cached = self.cache_read_tokens.min(self.prompt_tokens);
         let cache_price = if prices.cache_read > 0.0 {
             prices.cache_read
         } else {
@@ -126,7 +141,8 @@ impl From<UsageJson> for Usage {
             total_tokens: u
                 .total_tokens
                 .unwrap_or(u.prompt_tokens + u.completion_tokens),
-            cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            cache_read_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            ..Usage::default()
         }
     }
 }
@@ -542,7 +558,9 @@ mod tests {
         prompt_tokens: 11,
         completion_tokens: 3,
         total_tokens: 14,
-        cached_tokens: 4,
+        cache_read_tokens: 4,
+        cache_write_5m_tokens: 0,
+        cache_write_1h_tokens: 0,
     };
 
     /// Feeds `input` cut at `cuts` and returns what the client got.
@@ -626,7 +644,7 @@ mod tests {
                     prompt_tokens: 2,
                     completion_tokens: 1,
                     total_tokens: 3,
-                    cached_tokens: 0
+                    ..Usage::default()
                 })
             );
         }
@@ -769,7 +787,8 @@ mod tests {
                 prompt_tokens: 10,
                 completion_tokens: 5,
                 total_tokens: 15,
-                cached_tokens: 4
+                cache_read_tokens: 4,
+                ..Usage::default()
             }
         );
         let embeddings =
@@ -784,6 +803,7 @@ mod tests {
             input: 1.0,
             output: 10.0,
             cache_read: 0.25,
+            ..Prices::default()
         };
         assert_eq!(u.cost(&p), 6.0 + 1.0 + 50.0);
         let no_cache_price = Prices {

@@ -37,11 +37,32 @@ impl std::ops::AddAssign<&v1::UsageTotals> for v1::UsageTotals {
         self.errors = self.errors.saturating_add(b.errors);
         self.prompt_tokens = self.prompt_tokens.saturating_add(b.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(b.completion_tokens);
-        self.cached_tokens = self.cached_tokens.saturating_add(b.cached_tokens);
+        self.cache_read_tokens = self.cache_read_tokens.saturating_add(b.cache_read_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(b.cache_write_tokens);
         self.total_tokens = self.total_tokens.saturating_add(b.total_tokens);
         self.cost += b.cost;
         self.streamed = self.streamed.saturating_add(b.streamed);
         self.latency_ms_sum = self.latency_ms_sum.saturating_add(b.latency_ms_sum);
+    }
+}
+
+impl v1::Api {
+    /// The name operators type and read: `openai` (also for unspecified)
+    /// or `anthropic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::Api::Openai | v1::Api::Unspecified => "openai",
+            v1::Api::Anthropic => "anthropic",
+        }
+    }
+
+    /// Parses `openai` / `anthropic` (case-insensitive).
+    pub fn parse(s: &str) -> Option<v1::Api> {
+        match s.to_ascii_lowercase().as_str() {
+            "openai" => Some(v1::Api::Openai),
+            "anthropic" => Some(v1::Api::Anthropic),
+            _ => None,
+        }
     }
 }
 

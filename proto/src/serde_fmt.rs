@@ -47,6 +47,11 @@ pub fn short_name(full: &str, prefix: &str) -> String {
     }
 }
 
+/// Serializes an `Api` field: `openai` (also for unspecified) or `anthropic`.
+pub fn api<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(crate::v1::Api::try_from(*value).map_or("openai", |a| a.name()))
+}
+
 enum_by_short_name!(priority, crate::v1::Priority, "PRIORITY_");
 enum_by_short_name!(failure_kind, crate::v1::FailureKind, "FAILURE_KIND_");
 enum_by_short_name!(run_trigger, crate::v1::RunTrigger, "RUN_TRIGGER_");

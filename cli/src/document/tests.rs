@@ -36,6 +36,7 @@ fn exported_config() -> ClusterConfig {
                     cache_write_cost_per_token: 0.0,
                     context_window: 128_000,
                     max_tokens: 16_384,
+                    cache_write_1h_cost_per_token: 0.0,
                 }],
                 created_at: ts,
                 updated_at: ts,

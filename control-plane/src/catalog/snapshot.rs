@@ -55,6 +55,7 @@ fn snapshot_backend(rec: BackendRecord, api_key: String) -> Result<SnapshotBacke
         weight: spec.weight,
         enabled: spec.enabled,
         models: spec.models,
+        api: spec.api,
     })
 }
 

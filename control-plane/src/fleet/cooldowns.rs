@@ -90,6 +90,7 @@ impl Change {
             remaining_ms: u64::try_from(self.until_ms.saturating_sub(now_ms)).unwrap_or(0),
             consecutive: self.consecutive,
             source_node_id: self.source_node.clone(),
+            quota_exhausted: false,
         }
     }
 }

@@ -10,7 +10,8 @@ pub(crate) fn of_event(e: &UsageEvent) -> UsageTotals {
         errors: u64::from(e.status >= 400),
         prompt_tokens: e.prompt_tokens,
         completion_tokens: e.completion_tokens,
-        cached_tokens: e.cached_tokens,
+        cache_read_tokens: e.cache_read_tokens,
+        cache_write_tokens: e.cache_write_tokens,
         total_tokens: e.prompt_tokens.saturating_add(e.completion_tokens),
         cost: if e.cost.is_finite() { e.cost } else { 0.0 },
         streamed: u64::from(e.streamed),
@@ -52,7 +53,7 @@ mod tests {
         let e = UsageEvent {
             prompt_tokens: 10,
             completion_tokens: 5,
-            cached_tokens: 2,
+            cache_read_tokens: 2,
             cost: 0.5,
             status: 429,
             streamed: true,

@@ -148,7 +148,8 @@ fn a_batch_acked_before_kill_9_is_counted_once_and_stats_total_is_one_object() {
         "errors",
         "prompt_tokens",
         "completion_tokens",
-        "cached_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
         "total_tokens",
         "cost",
     ] {

@@ -310,7 +310,7 @@ fn usage(
         backend_id: backend.into(),
         prompt_tokens: prompt,
         completion_tokens: completion,
-        cached_tokens: 1,
+        cache_read_tokens: 1,
         cost: 0.25,
         latency_ms: 100,
         status: 200,
@@ -484,7 +484,7 @@ async fn totals_hourly_and_daily_answer_filters_by_name_and_time() {
 
     let all = h.totals(UsageFilter::default()).await;
     assert_eq!((all.requests, all.errors, all.total_tokens), (3, 1, 130));
-    assert_eq!(all.cached_tokens, 3);
+    assert_eq!(all.cache_read_tokens, 3);
     assert!((all.cost - 0.75).abs() < 1e-9);
     let by_name = h
         .totals(UsageFilter {

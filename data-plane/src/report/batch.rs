@@ -344,7 +344,8 @@ fn request_totals(o: &RequestOutcome) -> UsageTotals {
         errors: u64::from(o.status >= 400),
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
-        cached_tokens: u.cached_tokens,
+        cache_read_tokens: u.cache_read_tokens,
+        cache_write_tokens: u.cache_write_tokens(),
         total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
         cost: o.cost.filter(|c| c.is_finite()).unwrap_or(0.0),
         streamed: u64::from(o.streamed),
@@ -397,7 +398,8 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 4,
                 total_tokens: 7,
-                cached_tokens: 1,
+                cache_read_tokens: 1,
+                ..Default::default()
             }),
             usage_estimated: false,
             end: Some(End::ClientGone),
@@ -463,7 +465,7 @@ mod tests {
                 t.requests,
                 t.prompt_tokens,
                 t.completion_tokens,
-                t.cached_tokens
+                t.cache_read_tokens
             ),
             (1, 3, 4, 1)
         );
@@ -503,7 +505,7 @@ mod tests {
                 prompt_tokens: 1 << i,
                 completion_tokens: 0,
                 total_tokens: 1 << i,
-                cached_tokens: 0,
+                ..Default::default()
             });
             c.outcome(o);
         }
@@ -544,7 +546,7 @@ mod tests {
                 prompt_tokens: i,
                 completion_tokens: 1,
                 total_tokens: i + 1,
-                cached_tokens: 0,
+                ..Default::default()
             });
             c.outcome(o);
         }

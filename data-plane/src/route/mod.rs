@@ -21,11 +21,12 @@ use tower::{Layer, Service};
 use self::body::{
     OVERSIZE_DRAIN_BYTES, estimate_tokens, parse_body, prompt_estimate, read_body, scan_body,
 };
+use crate::affinity::BodyHints;
 use crate::body::ProxyBody;
 use crate::error::ApiError;
 use crate::queue::Priority;
 use crate::stream::BoxError;
-use crate::target::{Authenticated, RequestBody, Routed};
+use crate::target::{Authenticated, Endpoint, RequestBody, Routed};
 use crate::upstream::upstream_headers;
 use crate::usage::request_stream_usage;
 
@@ -197,10 +198,19 @@ where
         .map(|s| s.chars().take(256).collect());
     let span =
         claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
+    let affinity = crate::affinity::key(&parts.headers, &BodyHints::default(), agent_id.as_deref());
+    let endpoint = match suffix {
+        "/completions" => Endpoint::Completions,
+        "/embeddings" => Endpoint::Embeddings,
+        _ => Endpoint::ChatCompletions,
+    };
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
         route,
+        endpoint,
+        affinity,
+        response_id: None,
         path: suffix,
         query: parts.uri.query().map(str::to_string),
         headers: upstream_headers(parts.headers),

@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{
-    Backend, BackendRuntime, Candidate, ClientKey, PoolConfig, PoolConfigs, Route, Snapshot,
+    Api, Backend, BackendRuntime, Candidate, ClientKey, PoolConfig, PoolConfigs, Route, Snapshot,
     SnapshotError, invalid, render_models,
 };
 use crate::ratelimit::RateLimiter;
@@ -154,8 +154,13 @@ fn compile_backend(
         }
         None => Arc::new(BackendRuntime::new(b.rpm, tpm.unwrap_or(0), emergency, now)),
     };
+    let api = match v1::Api::try_from(b.api) {
+        Ok(v1::Api::Anthropic) => Api::Anthropic,
+        _ => Api::OpenAi,
+    };
     Ok(Backend {
         id: Arc::from(b.id.as_str()),
+        api,
         name: b.name.clone(),
         pool,
         base_url,
@@ -199,6 +204,8 @@ fn compile_routes(
                     input: m.input_cost_per_token,
                     output: m.output_cost_per_token,
                     cache_read: m.cache_read_cost_per_token,
+                    cache_write: m.cache_write_cost_per_token,
+                    cache_write_1h: m.cache_write_1h_cost_per_token,
                 },
                 metrics: Arc::default(),
             });

@@ -433,6 +433,7 @@ async fn a_429_is_reported_at_once_and_remote_cooldowns_apply() {
             remaining_ms: 30_000,
             consecutive: 2,
             source_node_id: "node-other".into(),
+            quota_exhausted: false,
         }],
         ..Default::default()
     }))
