@@ -23,15 +23,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use claw_telemetry::genai;
 use http::StatusCode;
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::body::ProxyBody;
 use crate::events::{EventSink, FailureKind, RequestOutcome, Signal, Usage};
 use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
 use crate::snapshot::{Backend, Candidate};
-use crate::stream::{End, Observer};
+use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::Routed;
-use crate::usage::{Prices, SseTally};
+use crate::usage::{Prices, SseTally, SseUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -203,6 +205,47 @@ impl Drop for Abandoned<'_> {
         self.events
             .emit(meta.outcome(499, latency, Some(End::ClientGone), None));
     }
+}
+
+/// How an upstream answer is framed, from its `content-type`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Framing {
+    /// `text/event-stream`.
+    pub sse: bool,
+    /// A JSON body.
+    pub json: bool,
+}
+
+/// The client's body of `cand`'s answer to `r` (status `status`): the
+/// upstream body followed to its end by a [`Tracker`], with the stream's
+/// usage scanner when it is a successful stream, drained for its usage if
+/// the client leaves (up to the request timeout).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn track(
+    meta: RequestMeta,
+    events: EventSink,
+    in_flight: InFlight,
+    r: &Routed,
+    cand: &Candidate,
+    status: StatusCode,
+    framing: Framing,
+    body: Incoming,
+) -> ProxyBody {
+    let success = status.is_success();
+    let collect = framing.json && !framing.sse && success;
+    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
+    let mut body = UpstreamBody::new(body, framing.sse, tracker);
+    if framing.sse
+        && success
+        && let Some(mode) = r.stream_usage
+    {
+        body = body.with_scanner(SseUsage::new(mode.strip()));
+    }
+    if success {
+        // A client leaving mid-answer does not stop the accounting.
+        body = body.drain_until(r.started + r.route.settings.request_timeout);
+    }
+    ProxyBody::Upstream(body)
 }
 
 /// Follows a response body to its end, then records metrics, reconciles the

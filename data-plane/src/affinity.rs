@@ -5,7 +5,11 @@
 //! The key is the first found of: `x-claw-session-key`,
 //! `x-claude-code-session-id`, `x-session-id`, the body's
 //! `prompt_cache_key` (OpenAI) or `metadata.user_id` (Anthropic), the agent
-//! id (`x-claw-agent-id`). It is hashed once here; [`crate::select`] ranks
+//! id (`x-claw-agent-id`). An OpenClaw-style session key
+//! `agent:{id}:{session}` (what the heartbeat sends) counts as its agent's:
+//! an agent's sessions share its system prompt and tools, the cacheable
+//! prefix, so a heartbeat lands where the agent's own traffic does and keeps
+//! that cache warm. It is hashed once here; [`crate::select`] ranks
 //! the candidates by weighted rendezvous hashing of that hash with each
 //! backend's id, so every proxy holding the same snapshot ranks them alike.
 
@@ -88,22 +92,38 @@ pub(crate) fn key(
         let v = headers.get(*h)?.as_bytes();
         (!v.is_empty()).then_some(v)
     });
-    let (bytes, source) = if let Some(v) = header {
-        (v, Source::Header)
+    let (hash, source) = if let Some(v) = header {
+        match agent_of_session(v) {
+            Some(agent) => (agent_hash(agent), Source::Agent),
+            None => (hash64(v), Source::Header),
+        }
     } else if let Some(k) = hints.prompt_cache_key.as_deref().filter(|k| !k.is_empty()) {
-        (k.as_bytes(), Source::PromptCacheKey)
+        (hash64(k.as_bytes()), Source::PromptCacheKey)
     } else if let Some(u) = hints.user_id.as_deref().filter(|u| !u.is_empty()) {
-        (u.as_bytes(), Source::UserId)
+        (hash64(u.as_bytes()), Source::UserId)
     } else {
         (
-            agent_id.filter(|a| !a.is_empty())?.as_bytes(),
+            agent_hash(agent_id.filter(|a| !a.is_empty())?.as_bytes()),
             Source::Agent,
         )
     };
-    Some(Affinity {
-        hash: hash64(bytes),
-        source,
-    })
+    Some(Affinity { hash, source })
+}
+
+/// The agent id of an OpenClaw-style session key `agent:{id}:{session}`.
+fn agent_of_session(key: &[u8]) -> Option<&[u8]> {
+    let rest = key.strip_prefix(b"agent:")?;
+    let end = rest.iter().position(|b| *b == b':')?;
+    (end > 0).then(|| &rest[..end])
+}
+
+/// The hash of an agent's affinity, whether it came from `x-claw-agent-id`
+/// or a session key naming the agent.
+fn agent_hash(agent: &[u8]) -> u64 {
+    let mut k = Vec::with_capacity(agent.len() + 6);
+    k.extend_from_slice(b"agent:");
+    k.extend_from_slice(agent);
+    hash64(&k)
 }
 
 /// FNV-1a, then a 64-bit finaliser (splitmix64): stable everywhere, unlike
@@ -154,6 +174,15 @@ mod tests {
             Source::Agent
         );
         assert_eq!(key(&h, &hints, None), None);
+        // A heartbeat's session key lands where its agent's traffic does.
+        let mut hb = HeaderMap::new();
+        hb.insert(
+            "x-claw-session-key",
+            HeaderValue::from_static("agent:a:heartbeat"),
+        );
+        assert_eq!(key(&hb, &hints, None), key(&h, &hints, Some("a")));
+        hb.insert("x-claw-session-key", HeaderValue::from_static("agent::x"));
+        assert_eq!(key(&hb, &hints, None).expect("key").source, Source::Header);
     }
 
     #[test]

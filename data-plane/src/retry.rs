@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::accounting::{Abandoned, InFlight, RequestMeta, Tracker};
+use crate::accounting::{Abandoned, Framing, InFlight, RequestMeta};
 use crate::body::ProxyBody;
 use crate::cooldown::{Cooldowns, parse_retry_after};
 use crate::error::{ApiError, retry_after_secs};
@@ -42,10 +42,8 @@ use crate::outlier::OutlierPolicy;
 use crate::queue::Priority;
 use crate::select::{Admission, CandidateSet, MAX_CANDIDATES, admit};
 use crate::snapshot::{Backend, Candidate};
-use crate::stream::UpstreamBody;
 use crate::target::Routed;
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
-use crate::usage::SseUsage;
 
 struct Shared {
     cooldowns: Cooldowns,
@@ -482,29 +480,17 @@ fn respond(
         &cand.backend.base_url,
         meta.attempts(),
     );
-    let collect = json && !sse && parts.status.is_success();
-    let tracker = Tracker::new(
+    let body = crate::accounting::track(
         meta,
         shared.events.clone(),
         guard,
         r,
         cand,
         parts.status,
-        collect,
+        Framing { sse, json },
+        body,
     );
-    let success = parts.status.is_success();
-    let mut body = UpstreamBody::new(body, sse, tracker);
-    if sse
-        && success
-        && let Some(mode) = r.stream_usage
-    {
-        body = body.with_scanner(SseUsage::new(mode.strip()));
-    }
-    if success {
-        // A client leaving mid-answer does not stop the accounting.
-        body = body.drain_until(r.started + r.route.settings.request_timeout);
-    }
-    Response::from_parts(parts, ProxyBody::Upstream(body))
+    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]

@@ -103,6 +103,9 @@ pub(crate) struct Routed {
     /// (`previous_response_id`, or the id of `GET`/`DELETE
     /// /v1/responses/{id}`), which only its owner backend knows.
     pub response_id: Option<String>,
+    /// The backend known to hold `response_id` ([`crate::responses::owner`]):
+    /// tried first while it is eligible.
+    pub owner: Option<Arc<str>>,
     /// Arrival time.
     pub started: Instant,
     /// The request's trace span ([`tracing::Span::none`] unless traces are

@@ -211,6 +211,7 @@ where
         endpoint,
         affinity,
         response_id: None,
+        owner: None,
         path: suffix,
         query: parts.uri.query().map(str::to_string),
         headers: upstream_headers(parts.headers),
