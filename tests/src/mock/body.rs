@@ -45,6 +45,7 @@ enum Kind {
         tokens: u64,
     },
     Stream(Box<SseStream>),
+    Events(Box<EventStream>),
     /// Sends `head`, then aborts.
     Cut {
         head: Option<Bytes>,
@@ -89,6 +90,14 @@ impl MockBody {
         }
     }
 
+    /// A prebuilt SSE event sequence (Anthropic Messages, Responses).
+    pub(crate) fn events(stream: EventStream, guard: RecordGuard) -> Self {
+        Self {
+            kind: Kind::Events(Box::new(stream)),
+            guard: Some(guard),
+        }
+    }
+
     pub(crate) fn stream(stream: SseStream, guard: RecordGuard) -> Self {
         Self {
             kind: Kind::Stream(Box::new(stream)),
@@ -126,6 +135,7 @@ impl Body for MockBody {
                 None => Some(Err(ready!(abort.poll(cx, this.guard.as_mut())))),
             },
             Kind::Stream(stream) => ready!(stream.poll_next(cx, this.guard.as_mut())),
+            Kind::Events(stream) => ready!(stream.poll_next(cx, this.guard.as_mut())),
         };
         Poll::Ready(item.map(|r| r.map(Frame::data)))
     }
@@ -134,6 +144,7 @@ impl Body for MockBody {
         match &self.kind {
             Kind::Full { data, .. } => data.is_none(),
             Kind::Stream(s) => matches!(s.step, Step::End),
+            Kind::Events(s) => s.next >= s.events.len(),
             Kind::Cut { .. } => false,
         }
     }
@@ -186,6 +197,7 @@ pub(crate) struct SseStream {
     writer: ChunkWriter,
     reply: Reply,
     prompt_tokens: u64,
+    cached_tokens: u64,
     include_usage: bool,
     /// Abort once this many content chunks were sent.
     cut_after: Option<usize>,
@@ -201,6 +213,7 @@ impl SseStream {
         writer: ChunkWriter,
         reply: Reply,
         prompt_tokens: u64,
+        cached_tokens: u64,
         include_usage: bool,
         cut_after: Option<u32>,
         chunk_delay: Duration,
@@ -211,6 +224,7 @@ impl SseStream {
             writer,
             reply,
             prompt_tokens,
+            cached_tokens,
             include_usage,
             cut_after,
             chunk_delay,
@@ -268,8 +282,11 @@ impl SseStream {
                 }
                 Step::Usage => {
                     self.step = Step::Done;
-                    self.writer
-                        .usage(self.prompt_tokens, self.reply.len() as u64)
+                    self.writer.usage(
+                        self.prompt_tokens,
+                        self.reply.len() as u64,
+                        self.cached_tokens,
+                    )
                 }
                 Step::Done => {
                     self.step = Step::End;
@@ -283,5 +300,76 @@ impl SseStream {
             self.started = true;
             return Poll::Ready(Some(Ok(event)));
         }
+    }
+}
+
+/// A streamed answer whose events are all rendered up front: each is sent in
+/// order (paced by the chunk delay), the token-carrying ones counted as sent.
+/// With `cut_after`, the connection is aborted before the content token of
+/// that index (or after the last one).
+pub(crate) struct EventStream {
+    events: Vec<(Bytes, bool)>,
+    next: usize,
+    tokens_total: usize,
+    tokens_sent: usize,
+    cut_after: Option<usize>,
+    chunk_delay: Duration,
+    pacing: Option<Pin<Box<Sleep>>>,
+    abort: AbortState,
+}
+
+impl EventStream {
+    pub(crate) fn new(
+        events: Vec<(Bytes, bool)>,
+        cut_after: Option<u32>,
+        chunk_delay: Duration,
+    ) -> Self {
+        let tokens_total = events.iter().filter(|(_, t)| *t).count();
+        Self {
+            events,
+            next: 0,
+            tokens_total,
+            tokens_sent: 0,
+            cut_after: cut_after
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX).min(tokens_total)),
+            chunk_delay,
+            pacing: None,
+            abort: AbortState::default(),
+        }
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut guard: Option<&mut RecordGuard>,
+    ) -> Poll<Option<Result<Bytes, ScriptedAbort>>> {
+        let Some((event, token)) = self.events.get(self.next).cloned() else {
+            return Poll::Ready(None);
+        };
+        if self.cut_after == Some(self.tokens_sent)
+            && (token || self.tokens_sent == self.tokens_total)
+        {
+            return Poll::Ready(Some(Err(ready!(self.abort.poll(cx, guard)))));
+        }
+        if self.next > 0 && !self.chunk_delay.is_zero() {
+            let pacing = self
+                .pacing
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(self.chunk_delay)));
+            ready!(pacing.as_mut().poll(cx));
+            self.pacing = None;
+        }
+        self.next += 1;
+        if token {
+            self.tokens_sent += 1;
+        }
+        if let Some(g) = guard.as_deref_mut() {
+            if token {
+                g.add_sent(1);
+            }
+            if self.next == self.events.len() {
+                g.set_outcome(Outcome::Ok);
+            }
+        }
+        Poll::Ready(Some(Ok(event)))
     }
 }

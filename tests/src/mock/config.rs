@@ -32,6 +32,9 @@ pub struct MockConfig {
     pub embedding_dimensions: usize,
     /// Worker threads of the mock's own runtime (in-process use only).
     pub worker_threads: usize,
+    /// The smallest prefix (tokens) the simulated prompt cache stores (real
+    /// providers: 1024; small here so that tests stay small).
+    pub cache_min_tokens: u64,
 }
 
 impl Default for MockConfig {
@@ -48,6 +51,7 @@ impl Default for MockConfig {
             models: vec!["mock-model".to_owned()],
             embedding_dimensions: 8,
             worker_threads: 2,
+            cache_min_tokens: 4,
         }
     }
 }
@@ -86,6 +90,12 @@ impl MockConfig {
     /// Sets the pause between SSE chunks.
     pub fn chunk_delay(mut self, d: Duration) -> Self {
         self.chunk_delay = d;
+        self
+    }
+
+    /// Sets the smallest cacheable prefix, in tokens.
+    pub fn cache_min_tokens(mut self, n: u64) -> Self {
+        self.cache_min_tokens = n;
         self
     }
 

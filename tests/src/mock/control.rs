@@ -81,8 +81,7 @@ fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body
             serde_json::to_value(totals).map_err(internal)
         }
         (&Method::POST, "/_mock/reset") => {
-            shared.script.clear();
-            shared.recorder.reset();
+            shared.reset();
             Ok(json!({"ok": true}))
         }
         _ => Err((

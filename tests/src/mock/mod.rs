@@ -1,23 +1,40 @@
-//! The mock OpenAI-compatible upstream: the one fake allowed in our tests,
-//! standing in for LLM providers.
+//! The mock upstream: the one fake allowed in our tests, standing in for LLM
+//! providers. One mock is one provider account: its prompt cache and its
+//! stored responses are its own.
 //!
-//! It answers `POST /v1/chat/completions`, `POST /v1/completions` (both also
-//! as SSE streams), `POST /v1/embeddings` and `GET /v1/models` with
-//! deterministic token accounting, follows a script of failures and replies,
-//! and keeps a record of what it received and sent that tests compare the
-//! gateway's own accounting against.
+//! It answers, like the real providers (shapes checked against the official
+//! SDKs' types):
+//! - OpenAI: `POST /v1/chat/completions`, `POST /v1/completions` (both also
+//!   as SSE streams), `POST /v1/embeddings`, `POST /v1/responses` (JSON and
+//!   SSE), `GET`/`DELETE /v1/responses/{id}`, with `Authorization: Bearer`;
+//! - Anthropic: `POST /v1/messages` (JSON and SSE, the real event sequence),
+//!   `POST /v1/messages/count_tokens`, with `x-api-key` and
+//!   `anthropic-version`, errors (scripted ones too) in Anthropic's shape;
+//! - `GET /v1/models` and `GET /v1/models/{id}` (Anthropic's shape when the
+//!   request carries `anthropic-version`).
+//!
+//! It follows a script of failures and replies, simulates a per-account
+//! prompt cache (`cache`), and keeps a record of what it received (exact
+//! body bytes and headers) and reported, which tests compare the gateway's
+//! own accounting against.
 //!
 //! - [`config`]: [`MockConfig`], shared with the binary's flags.
 //! - [`action`]: [`Action`] and [`Rule`], the scripted behaviours.
 //! - `script`: the FIFO / rules / always-action store consulted per request.
 //! - [`record`]: [`RecordedRequest`], [`Outcome`], [`Totals`].
 //! - `openai`: request parsing, token counting, bodies and SSE chunks.
+//! - `anthropic`: the Messages format: blocks, bodies, SSE events, errors.
+//! - `responses`: the Responses format and the per-mock response store.
+//! - `cache`: the simulated prompt cache.
 //! - `body`: response bodies (whole, streamed, cut short).
 //! - `server`: accept loop, connections and `/v1` handlers.
 //! - `control`: the `/_mock/…` control API (routes listed there).
 //!
 //! Token accounting: prompt tokens are the whitespace-separated words of all
-//! message contents (or of `prompt` / `input`), at least 1; a completion has
+//! message contents (or of `prompt` / `input`; for Messages also `system`
+//! and tool names and descriptions; for Responses `instructions`, the input
+//! items and a continued conversation), at least 1, cache reads and writes
+//! included in the record whatever the protocol reports; a completion has
 //! [`MockConfig::completion_tokens`] tokens `tok0 tok1 …` (or the words of a
 //! scripted reply), capped by the request's `max_tokens`.
 //!
@@ -32,11 +49,14 @@
 //! ```
 
 pub mod action;
+mod anthropic;
 mod body;
+mod cache;
 pub mod config;
 mod control;
 mod openai;
 pub mod record;
+mod responses;
 mod script;
 mod server;
 
@@ -189,10 +209,10 @@ impl MockUpstream {
         totals
     }
 
-    /// Clears the script, the rules, the record and the totals.
+    /// Clears the script, the rules, the record, the totals, the simulated
+    /// prompt cache and the stored responses.
     pub fn reset(&self) {
-        self.shared.script.clear();
-        self.shared.recorder.reset();
+        self.shared.reset();
     }
 
     /// Waits until at least `n` requests have finished and none is in

@@ -2,6 +2,7 @@
 //! fields it needs, deterministic token accounting, and rendering bodies and
 //! SSE chunks byte for byte.
 
+use super::cache::Block;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -73,7 +74,7 @@ impl RequestInfo {
 
 /// Whitespace-separated words of a string, of text parts of a content array,
 /// or of every string of an array; a token id (number) counts as one.
-fn count_tokens(v: &Value) -> u64 {
+pub(crate) fn count_tokens(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.split_whitespace().count() as u64,
         Value::Number(_) => 1,
@@ -135,6 +136,11 @@ impl Reply {
         self.len
     }
 
+    /// Whether a token cap cut this reply short.
+    pub(crate) fn truncated(&self) -> bool {
+        self.len < self.words.len()
+    }
+
     /// Token `i` as streamed: words after the first carry their leading space,
     /// so the concatenated deltas equal [`Reply::joined`].
     pub(crate) fn delta(&self, i: usize) -> String {
@@ -150,12 +156,31 @@ impl Reply {
     }
 }
 
-fn usage(prompt: u64, completion: u64) -> Value {
-    json!({
+/// Chat usage; `cached` (part of `prompt`) shows in `prompt_tokens_details`
+/// when the simulated cache served any.
+fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
+    let mut usage = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-    })
+    });
+    if cached > 0 {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": cached, "audio_tokens": 0});
+    }
+    usage
+}
+
+/// The automatically cacheable prefix of a chat request: every message but
+/// the last, one block each.
+pub(crate) fn chat_prefix(body: &Value) -> Vec<Block> {
+    let messages = body.get("messages").and_then(Value::as_array);
+    let Some((_, prefix)) = messages.and_then(|m| m.split_last()) else {
+        return Vec::new();
+    };
+    prefix
+        .iter()
+        .map(|m| Block::from_json(m, m.get("content").map_or(0, count_tokens)))
+        .collect()
 }
 
 /// A whole (non-streamed) chat or text completion.
@@ -166,6 +191,7 @@ pub(crate) fn completion_body(
     model: &str,
     reply: &Reply,
     prompt_tokens: u64,
+    cached: u64,
 ) -> Bytes {
     let text = reply.joined();
     let (object, choice) = match endpoint {
@@ -189,7 +215,7 @@ pub(crate) fn completion_body(
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": usage(prompt_tokens, reply.len() as u64),
+        "usage": usage(prompt_tokens, reply.len() as u64, cached),
     }))
 }
 
@@ -237,6 +263,11 @@ pub(crate) fn models_body(models: &[String]) -> Bytes {
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "claw-mock"}))
         .collect();
     to_bytes(&json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`.
+pub(crate) fn model_body(id: &str) -> Bytes {
+    to_bytes(&json!({"id": id, "object": "model", "created": 0, "owned_by": "claw-mock"}))
 }
 
 /// An error in OpenAI's format, typed after the status.
@@ -342,8 +373,8 @@ impl ChunkWriter {
     }
 
     /// The usage chunk: no choices, only `usage`.
-    pub(crate) fn usage(&self, prompt: u64, completion: u64) -> Bytes {
-        let usage = usage(prompt, completion);
+    pub(crate) fn usage(&self, prompt: u64, completion: u64, cached: u64) -> Bytes {
+        let usage = usage(prompt, completion, cached);
         Bytes::from(format!("{}],\"usage\":{usage}}}\n\n", self.prefix))
     }
 }
@@ -392,7 +423,7 @@ mod tests {
             w.role().expect("chat has a role chunk"),
             w.token(" a"),
             w.finish(),
-            w.usage(3, 1),
+            w.usage(3, 1, 2),
         ] {
             let text = std::str::from_utf8(&event).expect("utf-8");
             let json = text

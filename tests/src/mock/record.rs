@@ -68,15 +68,31 @@ pub struct RecordedRequest {
     pub model: Option<String>,
     /// Every header, names lowercased; repeated headers joined with `", "`.
     pub headers: BTreeMap<String, String>,
+    /// Every header as received, in order, repeats kept (names lowercased).
+    #[serde(default)]
+    pub header_list: Vec<(String, String)>,
     /// The parsed JSON body (`null` when absent or not JSON).
     pub body: serde_json::Value,
+    /// The body exactly as received (hex in the control API's JSON).
+    #[serde(default, with = "hex_bytes")]
+    pub body_bytes: Vec<u8>,
     /// Whether the body asked for `stream: true`.
     pub stream: bool,
     /// Whether `stream_options.include_usage` was `true`.
     pub include_usage: bool,
-    /// Prompt tokens the mock counted in the body (see the module docs of
-    /// [`crate::mock`]); 0 off the chat, completions and embeddings endpoints.
+    /// Input tokens the mock counted in the body (see the module docs of
+    /// [`crate::mock`]), cache reads and writes included, whatever the
+    /// protocol reports; 0 off the token-producing endpoints.
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, those the simulated cache served.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Of `prompt_tokens`, those written to the cache with the 5-minute ttl.
+    #[serde(default)]
+    pub cache_write_5m_tokens: u64,
+    /// Of `prompt_tokens`, those written to the cache with the 1-hour ttl.
+    #[serde(default)]
+    pub cache_write_1h_tokens: u64,
     /// Completion tokens actually written: for a stream cut short, the content
     /// chunks sent before the cut.
     pub completion_tokens_sent: u64,
@@ -91,6 +107,11 @@ pub struct RecordedRequest {
 }
 
 impl RecordedRequest {
+    /// Cache writes of both ttls.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.cache_write_5m_tokens + self.cache_write_1h_tokens
+    }
+
     /// A header's value by (case-insensitive) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -116,12 +137,42 @@ pub struct Totals {
     pub resets: u64,
     /// Answers the peer abandoned before they were complete.
     pub client_gone: u64,
-    /// Prompt tokens of requests that got a 2xx head (billable ones).
+    /// Input tokens (cache included) of requests that got a 2xx head (billable ones).
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, cache reads.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    /// Of `prompt_tokens`, 5-minute cache writes.
+    #[serde(default)]
+    pub cache_write_5m_tokens: u64,
+    /// Of `prompt_tokens`, 1-hour cache writes.
+    #[serde(default)]
+    pub cache_write_1h_tokens: u64,
     /// Completion tokens written, over all requests (stream chunks sent before a cut included).
     pub completion_tokens_sent: u64,
     /// One-shot script actions not consumed yet.
     pub script_pending: u64,
+}
+
+impl Totals {
+    /// Cache writes of both ttls.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.cache_write_5m_tokens + self.cache_write_1h_tokens
+    }
+}
+
+/// Hex (de)serialisation of raw bytes.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +185,9 @@ struct Counters {
     resets: AtomicU64,
     client_gone: AtomicU64,
     prompt_tokens: AtomicU64,
+    cache_read_tokens: AtomicU64,
+    cache_write_5m_tokens: AtomicU64,
+    cache_write_1h_tokens: AtomicU64,
     completion_tokens_sent: AtomicU64,
 }
 
@@ -178,6 +232,12 @@ impl Recorder {
         if record.status.is_some_and(|s| (200..300).contains(&s)) {
             c.prompt_tokens
                 .fetch_add(record.prompt_tokens, Ordering::Relaxed);
+            c.cache_read_tokens
+                .fetch_add(record.cache_read_tokens, Ordering::Relaxed);
+            c.cache_write_5m_tokens
+                .fetch_add(record.cache_write_5m_tokens, Ordering::Relaxed);
+            c.cache_write_1h_tokens
+                .fetch_add(record.cache_write_1h_tokens, Ordering::Relaxed);
         }
         c.completion_tokens_sent
             .fetch_add(record.completion_tokens_sent, Ordering::Relaxed);
@@ -207,6 +267,9 @@ impl Recorder {
             resets: c.resets.load(Ordering::Relaxed),
             client_gone: c.client_gone.load(Ordering::Relaxed),
             prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
+            cache_read_tokens: c.cache_read_tokens.load(Ordering::Relaxed),
+            cache_write_5m_tokens: c.cache_write_5m_tokens.load(Ordering::Relaxed),
+            cache_write_1h_tokens: c.cache_write_1h_tokens.load(Ordering::Relaxed),
             completion_tokens_sent: c.completion_tokens_sent.load(Ordering::Relaxed),
             script_pending: 0,
         }
@@ -228,6 +291,9 @@ impl Recorder {
             &c.resets,
             &c.client_gone,
             &c.prompt_tokens,
+            &c.cache_read_tokens,
+            &c.cache_write_5m_tokens,
+            &c.cache_write_1h_tokens,
             &c.completion_tokens_sent,
             &c.finished,
         ] {
@@ -270,6 +336,16 @@ impl RecordGuard {
 
     pub(crate) fn set_status(&mut self, status: u16) {
         self.record().status = Some(status);
+    }
+
+    /// The input accounting the answer reports: all input tokens, and the
+    /// cache reads and writes among them.
+    pub(crate) fn set_usage(&mut self, prompt: u64, read: u64, write_5m: u64, write_1h: u64) {
+        let r = self.record();
+        r.prompt_tokens = prompt;
+        r.cache_read_tokens = read;
+        r.cache_write_5m_tokens = write_5m;
+        r.cache_write_1h_tokens = write_1h;
     }
 
     pub(crate) fn add_sent(&mut self, tokens: u64) {

@@ -1,11 +1,15 @@
 //! The HTTP server: accept loop, per-connection tasks and the `/v1` handlers.
 
 use super::action::{Action, ResetPoint};
+use super::anthropic::{self, MessagesInfo};
+use super::body::EventStream;
 use super::body::MockBody;
+use super::cache::{Block, PromptCache};
 use super::config::MockConfig;
 use super::control;
 use super::openai::{self, ChunkWriter, Endpoint, Reply, RequestInfo};
 use super::record::{Outcome, RecordGuard, RecordedRequest, Recorder};
+use super::responses::{self, ResponsesInfo, Store};
 use super::script::Script;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -38,17 +42,34 @@ pub(crate) struct Shared {
     pub(crate) config: MockConfig,
     pub(crate) script: Script,
     pub(crate) recorder: Arc<Recorder>,
+    /// The simulated prompt cache of this provider account.
+    pub(crate) cache: PromptCache,
+    /// The Responses this account stored.
+    pub(crate) store: Store,
     default_reply: Reply,
     expected_auth: Option<HeaderValue>,
+    expected_key: Option<HeaderValue>,
     name: Option<HeaderValue>,
 }
 
 impl Shared {
+    /// Clears the script, the record, the prompt cache and the stored responses.
+    pub(crate) fn reset(&self) {
+        self.script.clear();
+        self.recorder.reset();
+        self.cache.clear();
+        self.store.clear();
+    }
+
     pub(crate) fn new(config: MockConfig) -> Self {
         let expected_auth = config
             .api_key
             .as_ref()
             .and_then(|k| HeaderValue::from_str(&format!("Bearer {k}")).ok());
+        let expected_key = config
+            .api_key
+            .as_ref()
+            .and_then(|k| HeaderValue::from_str(k).ok());
         let name = config
             .name
             .as_ref()
@@ -60,8 +81,11 @@ impl Shared {
         Self {
             recorder: Arc::new(Recorder::new(config.record)),
             script: Script::default(),
+            cache: PromptCache::default(),
+            store: Store::default(),
             default_reply,
             expected_auth,
+            expected_key,
             name,
             config,
         }
@@ -157,6 +181,61 @@ impl fmt::Display for CloseConnection {
 
 impl std::error::Error for CloseConnection {}
 
+/// Where a `/v1` request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// Chat, completions, embeddings.
+    OpenAi(Endpoint),
+    Messages,
+    CountTokens,
+    Responses,
+    GetResponse(String),
+    DeleteResponse(String),
+    Models,
+    Model(String),
+    Unknown,
+}
+
+impl Route {
+    fn of(method: &Method, path: &str) -> Self {
+        match (method, path) {
+            (&Method::POST, "/v1/chat/completions") => Route::OpenAi(Endpoint::Chat),
+            (&Method::POST, "/v1/completions") => Route::OpenAi(Endpoint::Completions),
+            (&Method::POST, "/v1/embeddings") => Route::OpenAi(Endpoint::Embeddings),
+            (&Method::POST, "/v1/messages") => Route::Messages,
+            (&Method::POST, "/v1/messages/count_tokens") => Route::CountTokens,
+            (&Method::POST, "/v1/responses") => Route::Responses,
+            (&Method::GET, "/v1/models") => Route::Models,
+            (method, path) => {
+                let id = |prefix: &str| {
+                    path.strip_prefix(prefix)
+                        .filter(|id| !id.is_empty() && !id.contains('/'))
+                        .map(str::to_owned)
+                };
+                match (method, id("/v1/responses/"), id("/v1/models/")) {
+                    (&Method::GET, Some(id), _) => Route::GetResponse(id),
+                    (&Method::DELETE, Some(id), _) => Route::DeleteResponse(id),
+                    (&Method::GET, _, Some(id)) => Route::Model(id),
+                    _ => Route::Unknown,
+                }
+            }
+        }
+    }
+
+    /// Answers (errors included) in Anthropic's shape.
+    fn anthropic(&self) -> bool {
+        matches!(self, Route::Messages | Route::CountTokens)
+    }
+}
+
+/// The parsed body, by protocol.
+enum Parsed {
+    OpenAi(RequestInfo),
+    Messages(MessagesInfo),
+    Responses(ResponsesInfo),
+    None,
+}
+
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -166,12 +245,7 @@ async fn handle(
     }
     let seq = shared.recorder.arrive();
     let (parts, body) = req.into_parts();
-    let endpoint = match (&parts.method, parts.uri.path()) {
-        (&Method::POST, "/v1/chat/completions") => Some(Endpoint::Chat),
-        (&Method::POST, "/v1/completions") => Some(Endpoint::Completions),
-        (&Method::POST, "/v1/embeddings") => Some(Endpoint::Embeddings),
-        _ => None,
-    };
+    let route = Route::of(&parts.method, parts.uri.path());
     let record = shared.recorder.enabled();
     let mut rec = RecordedRequest {
         seq,
@@ -183,10 +257,19 @@ async fn handle(
         } else {
             BTreeMap::new()
         },
+        header_list: if record {
+            header_list(&parts.headers)
+        } else {
+            Vec::new()
+        },
         body: serde_json::Value::Null,
+        body_bytes: Vec::new(),
         stream: false,
         include_usage: false,
         prompt_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_5m_tokens: 0,
+        cache_write_1h_tokens: 0,
         completion_tokens_sent: 0,
         status: None,
         outcome: Outcome::ClientGone,
@@ -201,32 +284,60 @@ async fn handle(
         }
     };
     let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let info = endpoint
-        .map(|e| RequestInfo::parse(e, &json))
-        .unwrap_or_default();
-    rec.model.clone_from(&info.model);
-    rec.stream = info.stream;
-    rec.include_usage = info.include_usage;
-    rec.prompt_tokens = if endpoint.is_some() {
-        info.prompt_tokens
-    } else {
-        0
+    let parsed = match &route {
+        Route::OpenAi(e) => Parsed::OpenAi(RequestInfo::parse(*e, &json)),
+        Route::Messages => Parsed::Messages(MessagesInfo::parse(&json, false)),
+        Route::CountTokens => Parsed::Messages(MessagesInfo::parse(&json, true)),
+        Route::Responses => Parsed::Responses(ResponsesInfo::parse(&json)),
+        _ => Parsed::None,
     };
+    let chat_prefix = if route == Route::OpenAi(Endpoint::Chat) {
+        openai::chat_prefix(&json)
+    } else {
+        Vec::new()
+    };
+    let model = match &parsed {
+        Parsed::OpenAi(i) => i.model.clone(),
+        Parsed::Messages(i) => i.model.clone(),
+        Parsed::Responses(i) => i.model.clone(),
+        Parsed::None => None,
+    };
+    rec.model.clone_from(&model);
+    match &parsed {
+        Parsed::OpenAi(info) => {
+            rec.stream = info.stream;
+            rec.include_usage = info.include_usage;
+            rec.prompt_tokens = info.prompt_tokens;
+        }
+        Parsed::Messages(info) if route == Route::Messages => {
+            rec.stream = info.stream;
+            rec.prompt_tokens = info.prompt_tokens;
+        }
+        Parsed::Responses(info) => {
+            rec.stream = info.stream;
+            rec.prompt_tokens = info.own_tokens.max(1);
+        }
+        _ => {}
+    }
     if record {
         rec.body = json;
+        rec.body_bytes = bytes.to_vec();
     }
     let mut guard = RecordGuard::new(shared.recorder.clone(), rec);
 
-    if let Some(expected) = &shared.expected_auth
-        && parts.headers.get(header::AUTHORIZATION) != Some(expected)
-    {
-        let body = openai::error_body(401, "Incorrect API key provided (claw mock upstream).");
-        return Ok(respond(&shared, guard, StatusCode::UNAUTHORIZED, body, 0));
+    if let Some(refusal) = check_auth(&shared, &route, &parts.headers) {
+        let (status, message) = refusal;
+        let body = if route.anthropic() {
+            anthropic::error_body(status.as_u16(), message)
+        } else {
+            openai::error_body(status.as_u16(), message)
+        };
+        return Ok(respond(&shared, guard, status, body, 0));
     }
 
     let action = shared
         .script
-        .next(info.model.as_deref(), &parts.headers)
+        .next(model.as_deref(), &parts.headers)
         .unwrap_or_default();
     let delay = shared.config.latency + Duration::from_millis(action.delay_ms.unwrap_or(0));
     if !delay.is_zero() {
@@ -237,21 +348,246 @@ async fn handle(
         return Err(CloseConnection);
     }
     if action.status.is_some() || action.body.is_some() {
-        return Ok(scripted_status(&shared, guard, &action));
+        return Ok(scripted_status(&shared, guard, &action, route.anthropic()));
     }
-    let Some(endpoint) = endpoint else {
-        return Ok(match (&parts.method, parts.uri.path()) {
-            (&Method::GET, "/v1/models") => {
-                let body = openai::models_body(&shared.config.models);
+    Ok(match (route, parsed) {
+        (Route::OpenAi(endpoint), Parsed::OpenAi(info)) => {
+            answer(&shared, guard, endpoint, &info, &chat_prefix, &action)
+        }
+        (Route::Messages, Parsed::Messages(info)) => {
+            answer_messages(&shared, guard, &info, &action)
+        }
+        (Route::CountTokens, Parsed::Messages(info)) => match &info.invalid {
+            Some(message) => {
+                let body = anthropic::error_body(400, message);
+                respond(&shared, guard, StatusCode::BAD_REQUEST, body, 0)
+            }
+            None => {
+                let body = anthropic::count_tokens_body(info.prompt_tokens);
                 respond(&shared, guard, StatusCode::OK, body, 0)
             }
-            (_, path) => {
-                let body = openai::error_body(404, &format!("no route for {path} on the mock"));
+        },
+        (Route::Responses, Parsed::Responses(info)) => {
+            answer_responses(&shared, guard, &info, &action)
+        }
+        (Route::GetResponse(id), _) => match shared.store.get(&id) {
+            Some(stored) => {
+                let body = responses::to_bytes(&stored);
+                respond(&shared, guard, StatusCode::OK, body, 0)
+            }
+            None => {
+                let body = responses::not_found_body(&id);
                 respond(&shared, guard, StatusCode::NOT_FOUND, body, 0)
             }
-        });
+        },
+        (Route::DeleteResponse(id), _) => {
+            if shared.store.delete(&id) {
+                respond(
+                    &shared,
+                    guard,
+                    StatusCode::OK,
+                    responses::deleted_body(&id),
+                    0,
+                )
+            } else {
+                let body = responses::not_found_body(&id);
+                respond(&shared, guard, StatusCode::NOT_FOUND, body, 0)
+            }
+        }
+        (Route::Models, _) => {
+            let body = if parts.headers.contains_key("anthropic-version") {
+                anthropic::models_body(&shared.config.models)
+            } else {
+                openai::models_body(&shared.config.models)
+            };
+            respond(&shared, guard, StatusCode::OK, body, 0)
+        }
+        (Route::Model(id), _) => {
+            let anthropic_client = parts.headers.contains_key("anthropic-version");
+            let known = shared.config.models.iter().any(|m| *m == id);
+            match (known, anthropic_client) {
+                (true, true) => respond(
+                    &shared,
+                    guard,
+                    StatusCode::OK,
+                    anthropic::model_body(&id),
+                    0,
+                ),
+                (true, false) => {
+                    respond(&shared, guard, StatusCode::OK, openai::model_body(&id), 0)
+                }
+                (false, true) => {
+                    let body = anthropic::error_body(404, &format!("model: {id}"));
+                    respond(&shared, guard, StatusCode::NOT_FOUND, body, 0)
+                }
+                (false, false) => {
+                    let message = format!("The model '{id}' does not exist");
+                    let body = openai::error_body(404, &message);
+                    respond(&shared, guard, StatusCode::NOT_FOUND, body, 0)
+                }
+            }
+        }
+        _ => {
+            let path = parts.uri.path();
+            let body = openai::error_body(404, &format!("no route for {path} on the mock"));
+            respond(&shared, guard, StatusCode::NOT_FOUND, body, 0)
+        }
+    })
+}
+
+/// Credentials the way each protocol wants them: `x-api-key` and
+/// `anthropic-version` for Messages, `Authorization: Bearer` for OpenAI
+/// endpoints, either for the model list.
+fn check_auth(
+    shared: &Shared,
+    route: &Route,
+    headers: &HeaderMap,
+) -> Option<(StatusCode, &'static str)> {
+    let bearer_ok = shared
+        .expected_auth
+        .as_ref()
+        .is_none_or(|e| headers.get(header::AUTHORIZATION) == Some(e));
+    let key_ok = shared
+        .expected_key
+        .as_ref()
+        .is_none_or(|e| headers.get("x-api-key") == Some(e));
+    if route.anthropic() {
+        if !headers.contains_key("x-api-key") && shared.expected_key.is_some() {
+            return Some((StatusCode::UNAUTHORIZED, "x-api-key header is required"));
+        }
+        if !key_ok {
+            return Some((StatusCode::UNAUTHORIZED, "invalid x-api-key"));
+        }
+        if !headers.contains_key("anthropic-version") {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                "anthropic-version: header is required",
+            ));
+        }
+        return None;
+    }
+    let ok = match route {
+        Route::Models | Route::Model(_) => {
+            bearer_ok || (headers.contains_key("x-api-key") && key_ok)
+        }
+        _ => bearer_ok,
     };
-    Ok(answer(&shared, guard, endpoint, &info, &action))
+    (!ok).then_some((
+        StatusCode::UNAUTHORIZED,
+        "Incorrect API key provided (claw mock upstream).",
+    ))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{:024x}", rand::random::<u128>() >> 32)
+}
+
+fn reply_for(shared: &Shared, action: &Action, max: Option<u64>) -> Reply {
+    match &action.reply {
+        Some(text) => Reply::text(text),
+        None => shared.default_reply.clone(),
+    }
+    .capped(max)
+}
+
+fn sse_response(shared: &Shared, guard: RecordGuard, stream: EventStream) -> Response<MockBody> {
+    let seq = guard.seq();
+    let mut resp = Response::new(MockBody::events(stream, guard));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    decorate(shared, resp, seq)
+}
+
+/// `POST /v1/messages`.
+fn answer_messages(
+    shared: &Shared,
+    mut guard: RecordGuard,
+    info: &MessagesInfo,
+    action: &Action,
+) -> Response<MockBody> {
+    if let Some(message) = &info.invalid {
+        let body = anthropic::error_body(400, message);
+        return respond(shared, guard, StatusCode::BAD_REQUEST, body, 0);
+    }
+    let model = info.model.as_deref().unwrap_or("mock-model");
+    let reply = reply_for(shared, action, info.max_tokens);
+    let cache = shared
+        .cache
+        .anthropic(&info.blocks, shared.config.cache_min_tokens);
+    guard.set_usage(
+        info.prompt_tokens,
+        cache.read,
+        cache.write_5m,
+        cache.write_1h,
+    );
+    let id = random_id("msg_mock");
+    let cut = action.reset == Some(ResetPoint::MidStream);
+    guard.set_status(200);
+    if info.stream {
+        let events = anthropic::stream_events(&id, model, &reply, info.prompt_tokens, cache);
+        let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
+        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+        return sse_response(shared, guard, stream);
+    }
+    let body = anthropic::message_body(&id, model, &reply, info.prompt_tokens, cache);
+    if cut {
+        return cut_response(shared, guard, body);
+    }
+    respond(shared, guard, StatusCode::OK, body, reply.len() as u64)
+}
+
+/// `POST /v1/responses`.
+fn answer_responses(
+    shared: &Shared,
+    mut guard: RecordGuard,
+    info: &ResponsesInfo,
+    action: &Action,
+) -> Response<MockBody> {
+    let min = shared.config.cache_min_tokens;
+    let Ok((blocks, mut accounting)) = shared.store.prompt(info, &shared.cache, min) else {
+        let prev = info.previous_response_id.as_deref().unwrap_or_default();
+        let body = responses::previous_not_found_body(prev);
+        return respond(shared, guard, StatusCode::BAD_REQUEST, body, 0);
+    };
+    let model = info.model.as_deref().unwrap_or("mock-model");
+    let reply = reply_for(shared, action, info.max_output_tokens);
+    accounting.output = reply.len() as u64;
+    guard.set_usage(accounting.input, accounting.cached, 0, 0);
+    let id = random_id("resp_mock");
+    let item_id = random_id("msg_mock");
+    let ids = (id.as_str(), item_id.as_str());
+    let created = now_secs();
+    let done = responses::response_json(ids, created, model, info, &reply, Some(accounting));
+    if info.store {
+        shared
+            .store
+            .put(&id, done.clone(), &blocks, &reply, &shared.cache, min);
+    }
+    let cut = action.reset == Some(ResetPoint::MidStream);
+    guard.set_status(200);
+    if info.stream {
+        let started = responses::response_json(ids, created, model, info, &reply, None);
+        let events = responses::stream_events(ids, &started, &done, &reply);
+        let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
+        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+        return sse_response(shared, guard, stream);
+    }
+    let body = responses::to_bytes(&done);
+    if cut {
+        return cut_response(shared, guard, body);
+    }
+    respond(shared, guard, StatusCode::OK, body, reply.len() as u64)
 }
 
 /// A normal (possibly cut) completion or embeddings answer.
@@ -260,6 +596,7 @@ fn answer(
     mut guard: RecordGuard,
     endpoint: Endpoint,
     info: &RequestInfo,
+    prefix: &[Block],
     action: &Action,
 ) -> Response<MockBody> {
     let model = info
@@ -278,18 +615,16 @@ fn answer(
         }
         return respond(shared, guard, StatusCode::OK, body, 0);
     }
-    let reply = match &action.reply {
-        Some(text) => Reply::text(text),
-        None => shared.default_reply.clone(),
-    }
-    .capped(info.max_tokens);
+    let cached = shared
+        .cache
+        .automatic(prefix, shared.config.cache_min_tokens);
+    guard.set_usage(info.prompt_tokens, cached, 0, 0);
+    let reply = reply_for(shared, action, info.max_tokens);
     let id = match endpoint {
         Endpoint::Chat => format!("chatcmpl-mock{}", guard.seq()),
         _ => format!("cmpl-mock{}", guard.seq()),
     };
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = now_secs();
     guard.set_status(200);
     if info.stream {
         let writer = ChunkWriter::new(endpoint, &id, created, model, info.include_usage);
@@ -298,6 +633,7 @@ fn answer(
             writer,
             reply,
             info.prompt_tokens,
+            cached,
             info.include_usage,
             cut_after,
             shared.config.chunk_delay,
@@ -314,7 +650,15 @@ fn answer(
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return decorate(shared, resp, seq);
     }
-    let body = openai::completion_body(endpoint, &id, created, model, &reply, info.prompt_tokens);
+    let body = openai::completion_body(
+        endpoint,
+        &id,
+        created,
+        model,
+        &reply,
+        info.prompt_tokens,
+        cached,
+    );
     if cut {
         return cut_response(shared, guard, body);
     }
@@ -322,7 +666,12 @@ fn answer(
 }
 
 /// An answer with a scripted status and/or body.
-fn scripted_status(shared: &Shared, guard: RecordGuard, action: &Action) -> Response<MockBody> {
+fn scripted_status(
+    shared: &Shared,
+    guard: RecordGuard,
+    action: &Action,
+    anthropic_shape: bool,
+) -> Response<MockBody> {
     let status = action
         .status
         .and_then(|s| StatusCode::from_u16(s).ok())
@@ -335,7 +684,12 @@ fn scripted_status(shared: &Shared, guard: RecordGuard, action: &Action) -> Resp
                 "{} (scripted by the claw mock upstream)",
                 status.canonical_reason().unwrap_or("error")
             );
-            (openai::error_body(status.as_u16(), &message), JSON)
+            let body = if anthropic_shape {
+                anthropic::error_body(status.as_u16(), &message)
+            } else {
+                openai::error_body(status.as_u16(), &message)
+            };
+            (body, JSON)
         }
     };
     let mut resp = respond_typed(shared, guard, status, body, 0, content_type);
@@ -401,6 +755,18 @@ fn decorate(shared: &Shared, mut resp: Response<MockBody>, seq: u64) -> Response
     }
     h.insert("x-mock-seq", HeaderValue::from(seq));
     resp
+}
+
+fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
