@@ -16,6 +16,7 @@ mod fleet;
 mod harness_smoke;
 mod heartbeat;
 mod metrics_format;
+mod mock_protocols;
 mod mock_upstream;
 mod openai_sdk;
 mod otel_tracing;

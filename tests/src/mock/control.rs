@@ -8,7 +8,7 @@
 //! | `POST /_mock/rules` | rule (appends) or `[rule…]` (replaces) | header rules |
 //! | `GET /_mock/requests[?since=SEQ]` | | the record (after `SEQ`) |
 //! | `GET /_mock/totals` | | [`Totals`](super::Totals) |
-//! | `POST /_mock/reset` | | clear script, rules, record and totals |
+//! | `POST /_mock/reset` | | clear script, rules, record, totals, prompt cache, stored responses |
 
 use super::action::{Action, Rule};
 use super::body::MockBody;

@@ -435,7 +435,8 @@ async fn handle(
     })
 }
 
-/// Credentials the way each protocol wants them: `x-api-key` and
+/// Credentials the way each protocol wants them: `x-api-key` (or, as the
+/// official SDK 2.x sends it, `Authorization: Bearer`) and
 /// `anthropic-version` for Messages, `Authorization: Bearer` for OpenAI
 /// endpoints, either for the model list.
 fn check_auth(
@@ -452,10 +453,15 @@ fn check_auth(
         .as_ref()
         .is_none_or(|e| headers.get("x-api-key") == Some(e));
     if route.anthropic() {
-        if !headers.contains_key("x-api-key") && shared.expected_key.is_some() {
+        // The official SDK (2.x) sends its API key as `Authorization: Bearer`;
+        // `x-api-key` is the documented header. Either must carry the key.
+        let present =
+            headers.contains_key("x-api-key") || headers.contains_key(header::AUTHORIZATION);
+        if shared.expected_key.is_some() && !present {
             return Some((StatusCode::UNAUTHORIZED, "x-api-key header is required"));
         }
-        if !key_ok {
+        let key_given = headers.contains_key("x-api-key");
+        if (key_given && !key_ok) || (!key_given && !bearer_ok) {
             return Some((StatusCode::UNAUTHORIZED, "invalid x-api-key"));
         }
         if !headers.contains_key("anthropic-version") {

@@ -302,3 +302,66 @@ pub(crate) fn assert_openai_error(body: &str) -> Value {
     );
     v
 }
+
+/// Runs `tests/python/{script}` with `python3` and `env`, asserts it exited
+/// 0 and printed every line of `checks` (as a substring), and returns its
+/// stdout. Fails, rather than skips, when the SDK `module` is missing.
+#[track_caller]
+pub(crate) fn run_python_checks(
+    script: &str,
+    module: &str,
+    env: &[(&str, String)],
+    checks: &[&str],
+    logs: impl FnOnce() -> String,
+) -> String {
+    use std::process::Command;
+    let probe = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import {module}; print({module}.__version__)"),
+        ])
+        .output();
+    let version = match probe {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        Ok(out) => panic!(
+            "the {module} Python SDK is not installed: run `pip install -r tests/python/requirements.txt`\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!(
+            "python3 not found ({e}): install Python 3, then `pip install -r tests/python/requirements.txt`"
+        ),
+    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&path)
+        // The SDK must talk to loopback, whatever the environment.
+        .env("NO_PROXY", "*")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_AUTH_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("ran python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{module} SDK {version}\n{stdout}");
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- logs ---\n{}",
+        path.display(),
+        out.status,
+        logs()
+    );
+    for check in checks {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(check)),
+            "missing `{check}` in:\n{stdout}"
+        );
+    }
+    stdout
+}
