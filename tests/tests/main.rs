@@ -8,6 +8,8 @@
 
 mod data_plane_support;
 
+mod affinity;
+mod anthropic_sdk;
 mod control_plane_cli;
 mod data_plane;
 mod data_plane_config;
@@ -20,5 +22,8 @@ mod mock_protocols;
 mod mock_upstream;
 mod openai_sdk;
 mod otel_tracing;
+mod passthrough;
+mod responses_routing;
 mod snapshot_cache;
 mod tls;
+mod usage_exact;

@@ -1,6 +1,9 @@
 //! The official `openai` Python SDK against the real proxy: chat, streaming
 //! chat, embeddings, the model list and its error types
-//! (`tests/python/openai_sdk_check.py`).
+//! (`tests/python/openai_sdk_check.py`); and the Responses API through two
+//! proxies (`tests/python/openai_responses_check.py`): create plain and
+//! streamed (event types), continue, retrieve and delete through the other
+//! proxy, `models.retrieve`.
 //!
 //! Needs `pip install -r tests/python/requirements.txt` (CI does it); the
 //! test fails, rather than skips, when the SDK is missing.
@@ -73,4 +76,38 @@ fn the_official_openai_python_sdk_works_against_the_proxy() {
         seen.iter()
             .any(|r| r.model.as_deref() == Some(EMBED_NATIVE))
     );
+}
+
+#[test]
+fn the_official_openai_python_sdk_speaks_responses_through_two_proxies() {
+    let f = Fleet::start(
+        vec![
+            BackendSpec::new("oa-1", "openai", "gpt", ""),
+            BackendSpec::new("oa-2", "openai", "gpt", ""),
+        ],
+        2,
+    );
+    run_python_checks(
+        "openai_responses_check.py",
+        "openai",
+        &[
+            ("CLAW_BASE_URL", f.proxies[0].openai_url()),
+            ("CLAW_BASE_URL_B", f.proxies[1].openai_url()),
+            ("CLAW_API_KEY", f.key.clone()),
+            ("CLAW_MODEL", "gpt".to_owned()),
+        ],
+        &[
+            "ok responses ",
+            "ok responses stream",
+            "ok responses continue",
+            "ok responses retrieve",
+            "ok responses delete",
+            "ok responses unknown previous",
+            "ok models.retrieve gpt",
+        ],
+        || f.logs(),
+    );
+    let seen: Vec<_> = f.mocks.iter().flat_map(|m| m.requests()).collect();
+    assert!(seen.iter().any(|r| r.path == "/v1/responses" && r.stream));
+    assert!(seen.iter().any(|r| r.method == "DELETE"));
 }

@@ -363,6 +363,7 @@ impl EventStream {
             self.tokens_sent += 1;
         }
         if let Some(g) = guard.as_deref_mut() {
+            g.add_response_bytes(&event);
             if token {
                 g.add_sent(1);
             }

@@ -96,6 +96,10 @@ pub struct RecordedRequest {
     /// Completion tokens actually written: for a stream cut short, the content
     /// chunks sent before the cut.
     pub completion_tokens_sent: u64,
+    /// The response body as the mock wrote it: whole bodies, and the events
+    /// of Messages and Responses streams (hex in the control API's JSON).
+    #[serde(default, with = "hex_bytes")]
+    pub response_body: Vec<u8>,
     /// HTTP status of the response head, `None` when none was sent.
     pub status: Option<u16>,
     /// How the answer ended.
@@ -346,6 +350,14 @@ impl RecordGuard {
         r.cache_read_tokens = read;
         r.cache_write_5m_tokens = write_5m;
         r.cache_write_1h_tokens = write_1h;
+    }
+
+    /// Appends bytes handed to the connection to the recorded response body
+    /// (nothing when the record is disabled).
+    pub(crate) fn add_response_bytes(&mut self, bytes: &[u8]) {
+        if self.recorder.enabled() {
+            self.record().response_body.extend_from_slice(bytes);
+        }
     }
 
     pub(crate) fn add_sent(&mut self, tokens: u64) {

@@ -271,6 +271,7 @@ async fn handle(
         cache_write_5m_tokens: 0,
         cache_write_1h_tokens: 0,
         completion_tokens_sent: 0,
+        response_body: Vec::new(),
         status: None,
         outcome: Outcome::ClientGone,
         timestamp_ms: 0,
@@ -728,6 +729,7 @@ fn respond_typed(
     content_type: &'static str,
 ) -> Response<MockBody> {
     guard.set_status(status.as_u16());
+    guard.add_response_bytes(&body);
     let outcome = if status.is_success() {
         Outcome::Ok
     } else {

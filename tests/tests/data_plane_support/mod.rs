@@ -365,3 +365,194 @@ pub(crate) fn run_python_checks(
     }
     stdout
 }
+
+/// One backend of a [`Fleet`]: its own mock upstream (provider account).
+#[derive(Debug, Clone)]
+pub(crate) struct BackendSpec {
+    pub name: String,
+    /// `openai` or `anthropic` (`clawctl backend add --api`).
+    pub api: &'static str,
+    /// `--model` specs, e.g. `claude=claude-native,in=0.000003`.
+    pub models: Vec<String>,
+    /// Native model ids the mock lists.
+    pub native: Vec<String>,
+}
+
+impl BackendSpec {
+    /// A backend named `name` serving canonical `model` as `{model}-{name}`,
+    /// with `prices` appended to the `--model` spec (e.g. `,in=0.001`).
+    pub(crate) fn new(name: &str, api: &'static str, model: &str, prices: &str) -> Self {
+        let native = format!("{model}-{name}");
+        Self {
+            name: name.to_owned(),
+            api,
+            models: vec![format!("{model}={native}{prices}")],
+            native: vec![native],
+        }
+    }
+
+    /// The provider key its mock demands.
+    pub(crate) fn key(&self) -> String {
+        format!("sk-up-{}-0123456789abcdef", self.name)
+    }
+}
+
+/// A control plane, proxies, and one mock per backend, configured with the
+/// real `clawctl` (`backend add --api …`).
+pub(crate) struct Fleet {
+    // Field order is drop order: proxies before the control plane.
+    pub proxies: Vec<Proxy>,
+    pub cp: ControlPlane,
+    pub mocks: Vec<MockUpstream>,
+    pub specs: Vec<BackendSpec>,
+    /// The client key's secret.
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Fleet {
+    pub(crate) fn start(specs: Vec<BackendSpec>, proxies: usize) -> Self {
+        let mocks: Vec<MockUpstream> = specs
+            .iter()
+            .map(|s| {
+                MockUpstream::start_blocking(
+                    MockConfig::default()
+                        .name(s.name.clone())
+                        .api_key(s.key())
+                        .models(s.native.clone()),
+                )
+            })
+            .collect();
+        let cp = ControlPlane::start();
+        for (spec, mock) in specs.iter().zip(&mocks) {
+            let mut extra: Vec<&str> = vec!["--api", spec.api, "--rpm", "100000"];
+            for m in &spec.models {
+                extra.push("--model");
+                extra.push(m);
+            }
+            add_backend(&cp, &spec.name, &mock.url(), &spec.key(), &extra);
+        }
+        let key = cp
+            .clawctl(&["key", "add", "tests", "-o", "json"])
+            .assert_ok()
+            .json()["secret"]
+            .as_str()
+            .expect("`key add -o json` prints the secret")
+            .to_owned();
+        let proxies: Vec<Proxy> = (0..proxies)
+            .map(|i| {
+                Proxy::builder(&cp)
+                    .node_id(format!("dp-{}-{i}", std::process::id()))
+                    .start()
+            })
+            .collect();
+        for p in &proxies {
+            p.wait_ready();
+        }
+        let fleet = Self {
+            proxies,
+            cp,
+            mocks,
+            specs,
+            key,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("a reqwest client"),
+        };
+        fleet.wait_synced();
+        fleet
+    }
+
+    /// Waits until every proxy ACKed the current config version.
+    #[track_caller]
+    pub(crate) fn wait_synced(&self) {
+        let want = config_version(&self.cp);
+        let nodes: Vec<&str> = self.proxies.iter().map(Proxy::node_id).collect();
+        let mut last = BTreeMap::new();
+        let ok = wait_until(SYNC_TIMEOUT, || {
+            last = acked_versions(&self.cp);
+            nodes.iter().all(|n| last.get(*n) == Some(&want))
+        });
+        assert!(
+            ok,
+            "proxies {nodes:?} did not ACK {want}; `clawctl proxies` shows {last:?}"
+        );
+    }
+
+    /// Every proxy's log, for failure messages.
+    pub(crate) fn logs(&self) -> String {
+        self.proxies
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.node_id(), p.logs()))
+            .collect()
+    }
+
+    /// `POST {proxy}/v1/messages` with the client key as `x-api-key`,
+    /// `anthropic-version` and `extra` headers; the raw body as given.
+    pub(crate) async fn messages(
+        &self,
+        proxy: usize,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/messages", self.proxies[proxy].url()))
+            .header("x-api-key", &self.key)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/messages via proxy {proxy}: {e}"))
+    }
+
+    /// `POST {proxy}/v1/{path}` with the client key as a Bearer token.
+    pub(crate) async fn post_openai(
+        &self,
+        proxy: usize,
+        path: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/{path}", self.proxies[proxy].url()))
+            .bearer_auth(&self.key)
+            .json(body);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/{path} via proxy {proxy}: {e}"))
+    }
+
+    /// Successful answers per mock, in backend order, once none is in
+    /// flight (a mock files a request just after its last byte left).
+    pub(crate) fn ok_counts(&self) -> Vec<u64> {
+        wait_until(Duration::from_secs(5), || {
+            self.mocks.iter().all(|m| m.totals().in_flight == 0)
+        });
+        self.mocks.iter().map(|m| m.totals().ok).collect()
+    }
+
+    /// The one mock whose successful answers grew since `before`.
+    #[track_caller]
+    pub(crate) fn served_by(&self, before: &[u64]) -> usize {
+        let after = self.ok_counts();
+        let grew: Vec<usize> = (0..after.len())
+            .filter(|i| after[*i] > before[*i])
+            .collect();
+        assert_eq!(
+            grew.len(),
+            1,
+            "exactly one backend should have answered: before {before:?}, after {after:?}"
+        );
+        grew[0]
+    }
+}
