@@ -16,6 +16,12 @@
 #   BENCH_SKIP_LITELLM=1 ...                        # without LiteLLM (e.g. no PyPI access)
 #   BENCH_DP_BEFORE=/path/to/claw-data-plane ...    # also an earlier proxy binary, same run, same upstream
 #   BENCH_DP_BIN=/path/to/claw-data-plane ...       # measure this binary instead of the production build
+#   BENCH_MESSAGES=0 ...                            # without the Anthropic Messages rows
+#
+# Messages mode (issue 12): the same closed loop with `POST /v1/messages`
+# (x-api-key, anthropic-version, the same ~150-byte body shape) against the
+# mock directly (direct-messages) and through our proxy to an `api: anthropic`
+# backend on the same mock (claw-messages), interleaved with the chat rows.
 #
 # Every http run also reports CPU per request: user + system time of the
 # target process(es) over the measuring window ÷ requests answered in it
@@ -122,6 +128,11 @@ export BENCH_UPSTREAM_KEY=sk-bench-upstream
   --rpm 1000000000 --model bench=mock-model >/dev/null
 "$BIN/clawctl" backend add bench-streams --url "http://$SMOCK_ADDR/v1" --api-key-env BENCH_UPSTREAM_KEY \
   --rpm 1000000000 --model bench-stream=mock-model >/dev/null
+MESSAGES="${BENCH_MESSAGES:-1}"
+if [ "$MESSAGES" = 1 ]; then
+  "$BIN/clawctl" backend add bench-anthropic --api anthropic --url "http://$MOCK_ADDR/v1" \
+    --api-key-env BENCH_UPSTREAM_KEY --rpm 1000000000 --model bench-messages=mock-model >/dev/null
+fi
 CLAW_KEY="$("$BIN/clawctl" key add bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
 start proxy "$DP_BIN" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-proxy
 DP_ADDR="${LISTEN#*http=}"
@@ -227,13 +238,15 @@ target_args() { # NAME -> --url/--key for claw-bench
     claw-before) echo "--url http://$BEFORE_ADDR/v1/chat/completions --key $CLAW_KEY" ;;
     nginx)   echo "--url http://127.0.0.1:$NGINX_PORT/v1/chat/completions --key none" ;;
     litellm) echo "--url http://127.0.0.1:$LITELLM_PORT/v1/chat/completions --key sk-litellm-bench" ;;
+    direct-messages) echo "--url http://$MOCK_ADDR/v1/messages --key none --protocol messages" ;;
+    claw-messages) echo "--url http://$DP_ADDR/v1/messages --key $CLAW_KEY --protocol messages --model bench-messages" ;;
   esac
 }
 cpu_args() { # NAME -> --cpu-pid flags: the process(es) doing the target's work
   local p
   case $1 in
-    direct) echo "--cpu-pid $MOCK_PID" ;;
-    claw) echo "--cpu-pid $DP_PID" ;;
+    direct|direct-messages) echo "--cpu-pid $MOCK_PID" ;;
+    claw|claw-messages) echo "--cpu-pid $DP_PID" ;;
     claw-before) echo "--cpu-pid $BEFORE_PID" ;;
     nginx)
       p="$(cat "$WORK/nginx.pid")"
@@ -245,6 +258,7 @@ TARGETS=(direct claw)
 [ -n "$BEFORE_ADDR" ] && TARGETS+=(claw-before)
 TARGETS+=(nginx)
 [ -n "$LITELLM_PORT" ] && TARGETS+=(litellm)
+[ "$MESSAGES" = 1 ] && TARGETS+=(direct-messages claw-messages)
 
 record() { # KIND TARGET REP JSON
   python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(kind=sys.argv[1], target=sys.argv[2], rep=int(sys.argv[3])); print(json.dumps(d))' "$@" >>"$RESULTS"
@@ -258,6 +272,7 @@ for rep in $(seq 1 "$REPS"); do
   if [ -n "$BEFORE_ADDR" ] && [ $((rep % 2)) = 0 ]; then
     order=(direct claw-before claw nginx)
     [ -n "$LITELLM_PORT" ] && order+=(litellm)
+    [ "$MESSAGES" = 1 ] && order+=(direct-messages claw-messages)
   fi
   for t in "${order[@]}"; do
     [ "$t" = litellm ] && litellm_signal CONT

@@ -21,6 +21,8 @@ NAMES = {
     "claw-before": "claw-data-plane, earlier binary",
     "nginx": "nginx (reverse proxy)",
     "litellm": "LiteLLM proxy",
+    "direct-messages": "mock upstream, direct — Anthropic `/v1/messages`",
+    "claw-messages": "**claw-data-plane — Anthropic `/v1/messages` passthrough**",
 }
 
 
@@ -82,13 +84,17 @@ def main() -> int:
                 return r
         return None
 
-    targets = [t for t in ["direct", "claw", "claw-before", "nginx", "litellm"] if ("c1", t) in by]
+    order = ["direct", "claw", "claw-before", "nginx", "litellm", "direct-messages", "claw-messages"]
+    targets = [t for t in order if ("c1", t) in by]
     reps = sorted({r["rep"] for r in by.get(("c1", "direct"), [])})
+
+    def baseline(target):
+        return "direct-messages" if target.endswith("-messages") else "direct"
 
     def added(target, pct):
         diffs = []
         for rep in reps:
-            x, d = rep_of("c1", target, rep), rep_of("c1", "direct", rep)
+            x, d = rep_of("c1", target, rep), rep_of("c1", baseline(target), rep)
             if x and d:
                 diffs.append(x[pct] - d[pct])
         return med(diffs)
@@ -98,8 +104,8 @@ def main() -> int:
         summary[t] = {
             "p50": med([r["p50_us"] for r in by[("c1", t)]]),
             "p99": med([r["p99_us"] for r in by[("c1", t)]]),
-            "added_p50": None if t == "direct" else added(t, "p50_us"),
-            "added_p99": None if t == "direct" else added(t, "p99_us"),
+            "added_p50": None if t.startswith("direct") else added(t, "p50_us"),
+            "added_p99": None if t.startswith("direct") else added(t, "p99_us"),
             "rps": med([r["rps"] for r in by.get(("c64", t), [])]),
             "p99_64": med([r["p99_us"] for r in by.get(("c64", t), [])]),
             "errors": sum(r.get("errors", 0) for k in ("c1", "c64") for r in by.get((k, t), [])),
@@ -144,6 +150,14 @@ def main() -> int:
             f"{s['rps']:,.0f} | {fmt_us(s['p99_64'])} | {fmt_cpu(s['cpu1'])} | {fmt_cpu(s['cpu64'])} | {s['errors']} |"
         )
     w("")
+    if "claw-messages" in summary:
+        w(
+            "Messages rows (issue 12): the same loop with `POST /v1/messages` (`x-api-key`, "
+            "`anthropic-version`), direct to the mock and through our proxy to an `api: anthropic` backend "
+            "on the same mock; the proxy forwards the body bytes with only `model` replaced. "
+            "Added latency is against the direct Messages row."
+        )
+        w("")
     w(
         "CPU/req: user + system CPU time of the target's own process(es) over the measuring window ÷ "
         "requests answered in it (`claw-bench --cpu-pid`; nginx: master and workers; direct: the mock "

@@ -56,6 +56,10 @@ struct Target {
     /// The model in the request body.
     #[arg(long, default_value = "bench")]
     model: String,
+    /// `chat` (OpenAI chat completions, `Authorization: Bearer`) or
+    /// `messages` (Anthropic Messages: `x-api-key`, `anthropic-version`).
+    #[arg(long, default_value = "chat", value_parser = ["chat", "messages"])]
+    protocol: String,
 }
 
 #[derive(Args)]
@@ -124,6 +128,8 @@ struct Request {
     uri: http::Uri,
     host: String,
     auth: http::HeaderValue,
+    /// Anthropic Messages: the key goes in `x-api-key`, with `anthropic-version`.
+    messages: bool,
     body: Bytes,
 }
 
@@ -141,7 +147,9 @@ impl Request {
             "max_tokens": 16,
             "stream": stream,
         });
+        let messages = t.protocol == "messages";
         Ok(Arc::new(Request {
+            messages,
             addr,
             host: authority.to_string(),
             uri: uri
@@ -149,7 +157,11 @@ impl Request {
                 .map_or("/", |p| p.as_str())
                 .parse()
                 .context("path")?,
-            auth: format!("Bearer {}", t.key).parse().context("--key")?,
+            auth: if messages {
+                t.key.parse().context("--key")?
+            } else {
+                format!("Bearer {}", t.key).parse().context("--key")?
+            },
             body: Bytes::from(serde_json::to_vec(&body)?),
         }))
     }
@@ -160,7 +172,15 @@ impl Request {
         *req.uri_mut() = self.uri.clone();
         let h = req.headers_mut();
         h.insert(http::header::HOST, self.host.parse().expect("checked"));
-        h.insert(http::header::AUTHORIZATION, self.auth.clone());
+        if self.messages {
+            h.insert("x-api-key", self.auth.clone());
+            h.insert(
+                "anthropic-version",
+                http::HeaderValue::from_static("2023-06-01"),
+            );
+        } else {
+            h.insert(http::header::AUTHORIZATION, self.auth.clone());
+        }
         h.insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),

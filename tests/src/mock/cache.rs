@@ -10,8 +10,9 @@
 //! is cached), with each block's token count kept beside it.
 //!
 //! - Anthropic (explicit): the prefix up to a `cache_control` breakpoint is
-//!   cacheable. The longest breakpoint prefix seen before is read; the rest up
-//!   to the last breakpoint is written, each segment with the ttl of the
+//!   cacheable. The longest prefix seen before (looked for at every block
+//!   boundary up to 20 blocks before a breakpoint, as the real API does) is
+//!   read; the rest up to the last breakpoint is written, each segment with the ttl of the
 //!   breakpoint that closes it (`5m` default, `1h`).
 //! - OpenAI (automatic): the prompt minus its last message is cacheable when
 //!   it has at least [`MockConfig::cache_min_tokens`](super::MockConfig)
@@ -20,6 +21,9 @@
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::HashSet;
+
+/// How many blocks before a breakpoint a cache hit is looked for.
+const LOOKBACK: usize = 20;
 
 /// One unit of a prompt: a tool, a system block, a message content block.
 #[derive(Debug, Clone)]
@@ -115,12 +119,15 @@ impl PromptCache {
             .filter(|(i, b)| b.breakpoint.is_some() && cumulative[*i] >= min_tokens)
             .map(|(i, _)| i)
             .collect();
+        // As the real API: a hit is looked for at every block boundary up to
+        // LOOKBACK blocks before a breakpoint (so a conversation whose
+        // breakpoint moved to its new last message still reads the prefix
+        // cached by the previous turn), the longest one winning.
         let mut seen = self.seen.lock();
-        let hit = breakpoints
-            .iter()
+        let hit = (0..blocks.len())
             .rev()
-            .find(|i| seen.contains(&hashes[**i]))
-            .copied();
+            .filter(|i| breakpoints.iter().any(|b| *b >= *i && *b - *i <= LOOKBACK))
+            .find(|i| seen.contains(&hashes[*i]));
         let mut usage = CacheUse {
             read: hit.map_or(0, |i| cumulative[i]),
             ..CacheUse::default()
@@ -204,6 +211,22 @@ mod tests {
             }
         );
         assert_eq!(cache.anthropic(&second, 1).read, 17);
+        // The next turn moves its breakpoint to its new last block: the
+        // previous turn's prefix is still found.
+        let third = [
+            block("sys", 10, Some("1h")),
+            block("hi", 3, None),
+            block("more", 4, None),
+            block("next", 2, Some("")),
+        ];
+        assert_eq!(
+            cache.anthropic(&third, 1),
+            CacheUse {
+                read: 17,
+                write_5m: 2,
+                write_1h: 0
+            }
+        );
         // Another mock (account) has seen nothing.
         assert_eq!(PromptCache::default().anthropic(&second, 1).read, 0);
     }
