@@ -1,5 +1,5 @@
-//! `claw-mock-upstream`: the mock OpenAI-compatible upstream as a process, for
-//! the quickstart and benchmarks. Prints `listening http=<ip:port>` once
+//! `claw-mock-upstream`: the mock provider (OpenAI and Anthropic APIs, see
+//! `claw_tests::mock`) as a process, for the quickstart and benchmarks. Prints `listening http=<ip:port>` once
 //! bound, logs to stderr, drains and exits on SIGTERM or ctrl-c.
 
 use anyhow::Context as _;
@@ -26,7 +26,8 @@ struct Args {
     /// Completion tokens per answer (a smaller `max_tokens` wins).
     #[arg(long, default_value_t = 16)]
     completion_tokens: u32,
-    /// Require `Authorization: Bearer KEY` on /v1 requests.
+    /// Require the key on /v1 requests (`Authorization: Bearer KEY`; for
+    /// Anthropic Messages `x-api-key: KEY`).
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
     /// Default reply text (split on whitespace into tokens).
@@ -41,6 +42,9 @@ struct Args {
     /// A model listed by GET /v1/models (repeatable).
     #[arg(long = "model", value_name = "ID")]
     models: Vec<String>,
+    /// The smallest prefix (tokens) the simulated prompt cache stores.
+    #[arg(long, default_value_t = 4)]
+    cache_min_tokens: u64,
     /// How long open connections may finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         reply: args.reply,
         record: !args.no_record,
         name: args.name,
+        cache_min_tokens: args.cache_min_tokens,
         ..MockConfig::default()
     };
     if !args.models.is_empty() {
