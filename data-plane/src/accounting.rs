@@ -3,9 +3,14 @@
 //!
 //! - An upstream answer is followed to the end of its body by a [`Tracker`]
 //!   (the [`Observer`] of [`crate::stream::UpstreamBody`]): time to first
-//!   byte, usage from the JSON body or the SSE stream (estimated when a
-//!   stream reports none), tpm reconciliation, cost, metrics, the request's
-//!   span.
+//!   byte, usage from the JSON body or the SSE stream in the endpoint's
+//!   [`Dialect`] (estimated when a stream reports none), tpm reconciliation,
+//!   cost, metrics, the request's span. Only answers that generate are
+//!   billable: `count_tokens` and reading or deleting a stored response are
+//!   accounted with zero tokens and zero cost, whatever their body says.
+//! - Stored responses: a successful `POST /v1/responses` answer's id is
+//!   remembered as owned by its backend, a successful `DELETE` forgets it
+//!   ([`crate::responses`]), so follow-ups reach the account that holds it.
 //! - An error the proxy answers itself (no capacity, every attempt failed)
 //!   is accounted by [`RequestMeta::proxy_answered`].
 //! - A client that leaves before any answer (hyper drops the request future
@@ -32,8 +37,8 @@ use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
 use crate::snapshot::{Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
-use crate::target::Routed;
-use crate::usage::{Prices, SseTally, SseUsage};
+use crate::target::{Endpoint, Routed};
+use crate::usage::{Dialect, Prices, SseTally, SseUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -216,10 +221,32 @@ pub(crate) struct Framing {
     pub json: bool,
 }
 
+/// The dialect of `endpoint`'s answers.
+pub(crate) fn dialect(endpoint: Endpoint) -> Dialect {
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => Dialect::Chat,
+        Endpoint::Messages | Endpoint::CountTokens => Dialect::Messages,
+        Endpoint::Responses | Endpoint::ResponsesGet | Endpoint::ResponsesDelete => {
+            Dialect::Responses
+        }
+    }
+}
+
+/// Whether `endpoint`'s answers carry billable usage (they generate).
+fn billable(endpoint: Endpoint) -> bool {
+    !matches!(
+        endpoint,
+        Endpoint::CountTokens | Endpoint::ResponsesGet | Endpoint::ResponsesDelete
+    )
+}
+
 /// The client's body of `cand`'s answer to `r` (status `status`): the
 /// upstream body followed to its end by a [`Tracker`], with the stream's
-/// usage scanner when it is a successful stream, drained for its usage if
-/// the client leaves (up to the request timeout).
+/// usage scanner when it is a successful stream (chat: per
+/// `r.stream_usage`, stripping what the proxy asked for; Messages and
+/// Responses: always, read only), the mid-stream error event in the
+/// endpoint's protocol, drained for its usage if the client leaves (up to
+/// the request timeout).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn track(
     meta: RequestMeta,
@@ -232,14 +259,27 @@ pub(crate) fn track(
     body: Incoming,
 ) -> ProxyBody {
     let success = status.is_success();
-    let collect = framing.json && !framing.sse && success;
-    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
-    let mut body = UpstreamBody::new(body, framing.sse, tracker);
-    if framing.sse
-        && success
-        && let Some(mode) = r.stream_usage
+    let dialect = dialect(r.endpoint);
+    let billable = billable(r.endpoint);
+    // The body is kept for its usage, or for the id of a stored response.
+    let collect =
+        framing.json && !framing.sse && success && (billable || r.endpoint == Endpoint::Responses);
+    if success
+        && r.endpoint == Endpoint::ResponsesDelete
+        && let Some(id) = r.response_id.as_deref()
     {
-        body = body.with_scanner(SseUsage::new(mode.strip()));
+        crate::responses::forget(id);
+    }
+    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
+    let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(dialect);
+    if framing.sse && success && billable {
+        let scanner = match dialect {
+            Dialect::Chat => r.stream_usage.map(|mode| SseUsage::new(mode.strip())),
+            Dialect::Messages | Dialect::Responses => Some(SseUsage::reading(dialect)),
+        };
+        if let Some(s) = scanner {
+            body = body.with_scanner(s);
+        }
     }
     if success {
         // A client leaving mid-answer does not stop the accounting.
@@ -257,6 +297,7 @@ pub(crate) struct Tracker {
     events: EventSink,
     _in_flight: InFlight,
     backend: Arc<Backend>,
+    endpoint: Endpoint,
     metrics: Arc<OnceLock<CandidateMetrics>>,
     prices: Prices,
     status: StatusCode,
@@ -286,6 +327,7 @@ impl Tracker {
             events,
             _in_flight: in_flight,
             backend: cand.backend.clone(),
+            endpoint: r.endpoint,
             metrics: cand.metrics.clone(),
             prices: cand.prices,
             status,
@@ -297,22 +339,44 @@ impl Tracker {
         }
     }
 
-    /// Usage of a JSON answer collected whole.
+    /// Usage of a JSON answer collected whole (and, for a stored response,
+    /// remembers its owner).
     fn json_usage(&mut self) -> Option<Usage> {
         let chunks = self.collected.take()?;
         if let [one] = chunks.as_slice() {
-            return Usage::from_body(one);
+            return self.read_answer(one);
         }
         let mut buf = Vec::with_capacity(self.collected_len);
         for c in &chunks {
             buf.extend_from_slice(c);
         }
-        Usage::from_body(&buf)
+        self.read_answer(&buf)
+    }
+
+    /// Reads a whole JSON answer: its owner if it is a stored response, its
+    /// usage in the endpoint's dialect.
+    fn read_answer(&self, body: &[u8]) -> Option<Usage> {
+        if self.endpoint == Endpoint::Responses
+            && let Some(id) = crate::usage::answer_id(body)
+        {
+            crate::responses::remember(&id, &self.backend.id);
+        }
+        Usage::from_answer(dialect(self.endpoint), body)
     }
 
     /// Usage of the answer and whether it is an estimate: a stream that
-    /// ended without a usage chunk is counted from its content events.
+    /// ended without a usage chunk is counted from its content events; an
+    /// answer that does not generate is worth nothing.
     fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
+        if !billable(self.endpoint) {
+            return (Some(Usage::default()), false);
+        }
+        if self.endpoint == Endpoint::Responses
+            && self.status.is_success()
+            && let Some(id) = sse.as_ref().and_then(|t| t.response_id.as_deref())
+        {
+            crate::responses::remember(id, &self.backend.id);
+        }
         match sse {
             Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
             Some(t) => {

@@ -1,26 +1,41 @@
 //! Token usage of upstream answers, streamed or not, whether or not the
-//! client asked for it.
+//! client asked for it, in every protocol the proxy speaks ([`Dialect`]).
 //!
-//! - Non-streaming answers: [`Usage::from_body`] reads the JSON body's `usage`.
-//! - Streams (`/v1/chat/completions`, `/v1/completions`): the route layer
-//!   calls [`request_stream_usage`], which sets
-//!   `stream_options.include_usage = true` on the upstream request when the
-//!   client did not. [`SseUsage`] then follows the SSE stream event by event
-//!   (events split across network chunks included), keeps the usage of the
-//!   final usage chunk and counts content events as a fallback. When the
-//!   client did not ask for usage it also removes what asking added — the
-//!   usage-only event and the `"usage":null` member of every other event —
-//!   so the client receives exactly the bytes of a call without
-//!   `include_usage`.
+//! One normalised record, [`Usage`], whatever the provider said: its
+//! `prompt_tokens` are ALL input tokens, cache reads and writes included.
+//! OpenAI's `prompt_tokens`/`input_tokens` already include cached tokens;
+//! Anthropic's `input_tokens` does not, so a Messages answer's prompt is
+//! `input + cache_read + cache_creation`. Getting this wrong double-counts
+//! (or drops) the cache, which dominates agent bills; [`Usage::cost`] then
+//! prices the uncached, read, 5-minute-written and 1-hour-written parts apart.
+//!
+//! - Non-streaming answers: [`Usage::from_answer`] reads the JSON body's
+//!   top-level `usage` (chat, Messages or Responses shape).
+//! - Chat and text completion streams: the route layer calls
+//!   [`request_stream_usage`], which sets `stream_options.include_usage =
+//!   true` on the upstream request when the client did not. [`SseUsage`]
+//!   then follows the SSE stream event by event (events split across network
+//!   chunks included), keeps the usage of the final usage chunk and counts
+//!   content events as a fallback. When the client did not ask for usage it
+//!   also removes what asking added — the usage-only event and the
+//!   `"usage":null` member of every other event — so the client receives
+//!   exactly the bytes of a call without `include_usage`.
+//! - Messages streams: `message_start` carries `message.usage`, the
+//!   cumulative `message_delta` its `usage`; the last value of each field
+//!   wins. Responses streams: the `response.completed` (or `.incomplete`,
+//!   `.failed`) event's `response.usage`, and the response id (for
+//!   [`crate::responses`]). Both are only read, never changed: their usage
+//!   is part of the protocol the client asked for.
 //!
 //! Scanning is incremental and allocation-free on the common path: an event
 //! that arrives whole in one chunk is inspected in place; only an event split
-//! across chunks is copied (into a small carry buffer), and only an event
-//! that must change is rewritten.
+//! across chunks is copied (into a small carry buffer), only an event that
+//! carries usage is parsed, and only an event that must change is rewritten.
 
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
-use serde::de::IgnoredAny;
+use memchr::memmem;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::json::{self, Member};
@@ -47,17 +62,30 @@ pub struct Usage {
 /// USD prices of one model mapping.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Prices {
-    /// Per prompt token.
+    /// Per uncached prompt token.
     pub input: f64,
     /// Per completion token.
     pub output: f64,
-    /// Per cached prompt token; 0 means "not set": cached tokens then cost
-    /// as much as other prompt tokens.
+    /// Per prompt token read from the cache; 0 means "not set": cache reads
+    /// then cost as much as other prompt tokens.
     pub cache_read: f64,
     /// Per prompt token written to the 5-minute cache; 0 means `input`.
     pub cache_write: f64,
-    /// Per prompt token written to the 1-hour cache; 0 means `cache_write`.
+    /// Per prompt token written to the 1-hour cache; 0 means `cache_write`
+    /// (and so `input` when that is unset too).
     pub cache_write_1h: f64,
+}
+
+/// The shape of an answer: which `usage` block its JSON carries and which
+/// events its stream sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI chat and text completions, embeddings.
+    Chat,
+    /// Anthropic Messages.
+    Messages,
+    /// OpenAI Responses.
+    Responses,
 }
 
 impl Usage {
@@ -73,8 +101,14 @@ impl Usage {
         UsageJson::deserialize(u).ok().map(Usage::from)
     }
 
-    /// Reads the `usage` member of a whole JSON answer without building a
-    /// DOM of the rest.
+    /// Reads the OpenAI chat `usage` member of a whole JSON answer
+    /// ([`Usage::from_answer`] for [`Dialect::Chat`]).
+    pub fn from_body(body: &[u8]) -> Option<Usage> {
+        Self::from_answer(Dialect::Chat, body)
+    }
+
+    /// Reads the `usage` member of a whole JSON answer in `dialect` without
+    /// building a DOM of the rest.
     ///
     /// A byte scan ([`json::top_level_member`]) finds the top-level `usage` value
     /// and only that value is deserialized: the answer's other members
@@ -82,42 +116,80 @@ impl Usage {
     /// the scan does not expect — escapes in a key, a repeated `usage`,
     /// unbalanced brackets, trailing bytes — goes to serde for the whole
     /// body, which decides.
-    pub fn from_body(body: &[u8]) -> Option<Usage> {
-        match json::top_level_member(body, b"usage") {
-            Member::Found(value) => serde_json::from_slice::<Option<UsageJson>>(&body[value])
-                .ok()?
-                .map(Usage::from),
-            Member::Absent => None,
-            Member::Unsure => Self::from_body_parsed(body),
+    pub fn from_answer(dialect: Dialect, body: &[u8]) -> Option<Usage> {
+        match dialect {
+            Dialect::Chat => member::<UsageJson>(body).map(Usage::from),
+            Dialect::Messages => member::<AnthropicUsage>(body).map(|u| u.normalised()),
+            Dialect::Responses => member::<ResponsesUsage>(body).map(Usage::from),
         }
     }
 
     /// [`Usage::from_body`] by serde alone.
+    #[cfg(test)]
     fn from_body_parsed(body: &[u8]) -> Option<Usage> {
-        #[derive(Deserialize)]
-        struct Answer {
-            usage: Option<UsageJson>,
-        }
-        serde_json::from_slice::<Answer>(body)
+        serde_json::from_slice::<Answer<UsageJson>>(body)
             .ok()?
             .usage
             .map(Usage::from)
     }
 
-    /// USD cost at `prices`.
+    /// USD cost at `prices`: uncached input × `input` + cache reads ×
+    /// `cache_read` + 5-minute writes × `cache_write` + 1-hour writes ×
+    /// `cache_write_1h` + output × `output`, each unset (0) cache price
+    /// falling back as [`Prices`] says. The cache parts are taken out of
+    /// `prompt_tokens` (never more than it holds), so no token is priced twice.
     pub fn cost(&self, prices: &Prices) -> f64 {
-        let cached = self.cache_read_tokens.min(self.prompt_tokens);
-        let cache_price = if prices.cache_read > 0.0 {
-            prices.cache_read
-        } else {
-            prices.input
+        let or = |p: f64, fallback: f64| if p > 0.0 { p } else { fallback };
+        let read_price = or(prices.cache_read, prices.input);
+        let write_price = or(prices.cache_write, prices.input);
+        let write_1h_price = or(prices.cache_write_1h, write_price);
+        let mut left = self.prompt_tokens;
+        let mut take = |n: u64| {
+            let n = n.min(left);
+            left -= n;
+            n
         };
-        (self.prompt_tokens - cached) as f64 * prices.input
-            + cached as f64 * cache_price
+        let read = take(self.cache_read_tokens);
+        let w5 = take(self.cache_write_5m_tokens);
+        let w1 = take(self.cache_write_1h_tokens);
+        left as f64 * prices.input
+            + read as f64 * read_price
+            + w5 as f64 * write_price
+            + w1 as f64 * write_1h_price
             + self.completion_tokens as f64 * prices.output
     }
 }
 
+/// The top-level `id` of a whole JSON answer (a stored response's id), by
+/// the same scan as [`Usage::from_answer`].
+pub(crate) fn answer_id(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct WithId {
+        id: Option<String>,
+    }
+    match json::top_level_member(body, b"id") {
+        Member::Found(value) => serde_json::from_slice::<Option<String>>(&body[value]).ok()?,
+        Member::Absent => None,
+        Member::Unsure => serde_json::from_slice::<WithId>(body).ok()?.id,
+    }
+}
+
+/// An answer's `usage`, for the serde fallback.
+#[derive(Deserialize)]
+struct Answer<T> {
+    usage: Option<T>,
+}
+
+/// The top-level `usage` member of `body` as `T` (see [`Usage::from_answer`]).
+fn member<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
+    match json::top_level_member(body, b"usage") {
+        Member::Found(value) => serde_json::from_slice::<Option<T>>(&body[value]).ok()?,
+        Member::Absent => None,
+        Member::Unsure => serde_json::from_slice::<Answer<T>>(body).ok()?.usage,
+    }
+}
+
+/// OpenAI chat `usage`: `prompt_tokens` includes the cached ones.
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct UsageJson {
@@ -140,9 +212,131 @@ impl From<UsageJson> for Usage {
             completion_tokens: u.completion_tokens,
             total_tokens: u
                 .total_tokens
-                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+                .unwrap_or(u.prompt_tokens.saturating_add(u.completion_tokens)),
             cache_read_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
             ..Usage::default()
+        }
+    }
+}
+
+/// OpenAI Responses `usage`: `input_tokens` includes the cached ones
+/// (`input_tokens_details.cached_tokens`); reasoning tokens are part of
+/// `output_tokens`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ResponsesUsage {
+    input_tokens: u64,
+    input_tokens_details: Option<PromptDetails>,
+    output_tokens: u64,
+    total_tokens: Option<u64>,
+}
+
+impl From<ResponsesUsage> for Usage {
+    fn from(u: ResponsesUsage) -> Self {
+        Usage {
+            prompt_tokens: u.input_tokens,
+            completion_tokens: u.output_tokens,
+            total_tokens: u
+                .total_tokens
+                .unwrap_or(u.input_tokens.saturating_add(u.output_tokens)),
+            cache_read_tokens: u.input_tokens_details.map_or(0, |d| d.cached_tokens),
+            ..Usage::default()
+        }
+    }
+}
+
+/// A count that may be absent or `null` (Anthropic sends both), or of an
+/// unexpected type (then absent rather than failing the whole block).
+fn lenient_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Option::<Value>::deserialize(d)?.and_then(|v| v.as_u64()))
+}
+
+/// Anthropic Messages `usage` (JSON answer, `message_start`'s
+/// `message.usage`, `message_delta`'s cumulative `usage`). Its
+/// `input_tokens` EXCLUDES cache reads and writes. Every field is optional
+/// so that stream events merge field by field ([`AnthropicUsage::merge`]).
+#[derive(Deserialize, Default, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(default)]
+pub(crate) struct AnthropicUsage {
+    #[serde(deserialize_with = "lenient_count")]
+    input_tokens: Option<u64>,
+    #[serde(deserialize_with = "lenient_count")]
+    output_tokens: Option<u64>,
+    #[serde(deserialize_with = "lenient_count")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(deserialize_with = "lenient_count")]
+    cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+/// The 5-minute / 1-hour split of Anthropic's cache writes.
+#[derive(Deserialize, Default, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(default)]
+struct CacheCreation {
+    #[serde(deserialize_with = "lenient_count")]
+    ephemeral_5m_input_tokens: Option<u64>,
+    #[serde(deserialize_with = "lenient_count")]
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    /// Takes every field `later` carries (the last value wins per field).
+    fn merge(&mut self, later: AnthropicUsage) {
+        fn set(a: &mut Option<u64>, b: Option<u64>) {
+            if b.is_some() {
+                *a = b;
+            }
+        }
+        set(&mut self.input_tokens, later.input_tokens);
+        set(&mut self.output_tokens, later.output_tokens);
+        set(
+            &mut self.cache_creation_input_tokens,
+            later.cache_creation_input_tokens,
+        );
+        set(
+            &mut self.cache_read_input_tokens,
+            later.cache_read_input_tokens,
+        );
+        if let Some(l) = later.cache_creation {
+            let c = self
+                .cache_creation
+                .get_or_insert_with(CacheCreation::default);
+            set(
+                &mut c.ephemeral_5m_input_tokens,
+                l.ephemeral_5m_input_tokens,
+            );
+            set(
+                &mut c.ephemeral_1h_input_tokens,
+                l.ephemeral_1h_input_tokens,
+            );
+        }
+    }
+
+    /// The normalised record: prompt = input + cache reads + cache writes.
+    /// Writes are `cache_creation_input_tokens` (else the split's sum); the
+    /// 1-hour part comes from `cache_creation` and the rest is 5-minute
+    /// (all of it when there is no split).
+    fn normalised(self) -> Usage {
+        let input = self.input_tokens.unwrap_or(0);
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let split = self.cache_creation.unwrap_or_default();
+        let h1 = split.ephemeral_1h_input_tokens.unwrap_or(0);
+        let writes = self.cache_creation_input_tokens.unwrap_or_else(|| {
+            split
+                .ephemeral_5m_input_tokens
+                .unwrap_or(0)
+                .saturating_add(h1)
+        });
+        let h1 = h1.min(writes);
+        let prompt = input.saturating_add(read).saturating_add(writes);
+        let output = self.output_tokens.unwrap_or(0);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: output,
+            total_tokens: prompt.saturating_add(output),
+            cache_read_tokens: read,
+            cache_write_5m_tokens: writes - h1,
+            cache_write_1h_tokens: h1,
         }
     }
 }
@@ -188,13 +382,20 @@ pub(crate) fn request_stream_usage(body: &mut Map<String, Value>) -> StreamUsage
 }
 
 /// What a stream told about its usage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseTally {
-    /// From the stream's usage chunk, if one was seen.
+    /// From the stream's usage chunk (chat), `message_start` and
+    /// `message_delta` (Messages) or final response event (Responses), if
+    /// one was seen.
     pub usage: Option<Usage>,
     /// Events that carried generated text (a fallback count of completion
     /// tokens: one content event is about one token).
     pub content_events: u64,
+    /// Responses: the id of the response the stream produced.
+    pub response_id: Option<Box<str>>,
+    /// Responses: the highest `sequence_number` seen (the next event, the
+    /// proxy's own `error` included, takes the one after).
+    pub sequence_number: Option<u64>,
 }
 
 /// An event larger than this stops the scanning: the stream is passed
@@ -205,11 +406,14 @@ const MAX_EVENT: usize = 1024 * 1024;
 /// removal of the usage the proxy asked for. See the module docs.
 #[derive(Debug)]
 pub struct SseUsage {
+    dialect: Dialect,
     strip: bool,
     /// Bytes of an event not complete yet. When stripping, these were not
     /// handed to the client yet; otherwise they were and are kept for parsing.
     carry: BytesMut,
     tally: SseTally,
+    /// Messages: the usage fields seen so far, merged event by event.
+    anthropic: Option<AnthropicUsage>,
     gave_up: bool,
 }
 
@@ -222,19 +426,35 @@ enum Edit {
 }
 
 impl SseUsage {
-    /// A scanner; `strip` removes the usage the client did not ask for.
+    /// A chat stream scanner; `strip` removes the usage the client did not
+    /// ask for.
     pub fn new(strip: bool) -> Self {
         SseUsage {
+            dialect: Dialect::Chat,
             strip,
             carry: BytesMut::new(),
             tally: SseTally::default(),
+            anthropic: None,
             gave_up: false,
         }
     }
 
+    /// A scanner that only reads a stream of `dialect` (never changes it).
+    pub fn reading(dialect: Dialect) -> Self {
+        SseUsage {
+            dialect,
+            ..SseUsage::new(false)
+        }
+    }
+
+    /// The dialect scanned.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
     /// What was seen so far.
     pub fn tally(&self) -> SseTally {
-        self.tally
+        self.tally.clone()
     }
 
     /// Scans a chunk and returns what the client receives of it (possibly
@@ -356,6 +576,105 @@ impl SseUsage {
         let Some((data_start, data)) = data_field(ev) else {
             return Edit::Keep;
         };
+        match self.dialect {
+            Dialect::Chat => self.chat_event(data_start, data),
+            Dialect::Messages => {
+                self.messages_event(data);
+                Edit::Keep
+            }
+            Dialect::Responses => {
+                self.responses_event(data);
+                Edit::Keep
+            }
+        }
+    }
+
+    /// A Messages event. Text, thinking and tool-input deltas are all
+    /// `content_block_delta` events (the content fallback); only an event
+    /// naming `"usage"` is parsed (`message_start`, `message_delta`). A
+    /// quoted name cannot occur inside a JSON string (its quotes would be
+    /// escaped), so generated text never fakes either.
+    fn messages_event(&mut self, data: &[u8]) {
+        if memmem::find(data, b"\"content_block_delta\"").is_some() {
+            self.tally.content_events += 1;
+            return;
+        }
+        if memmem::find(data, b"\"usage\"").is_none() {
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Message {
+            usage: Option<AnthropicUsage>,
+        }
+        #[derive(Deserialize)]
+        struct Event {
+            message: Option<Message>,
+            usage: Option<AnthropicUsage>,
+        }
+        let Ok(e) = serde_json::from_slice::<Event>(data) else {
+            return;
+        };
+        for u in [e.message.and_then(|m| m.usage), e.usage]
+            .into_iter()
+            .flatten()
+        {
+            let acc = self.anthropic.get_or_insert_with(AnthropicUsage::default);
+            acc.merge(u);
+            self.tally.usage = Some(acc.normalised());
+        }
+    }
+
+    /// A Responses event: text deltas are the content fallback; the
+    /// lifecycle events (`response.created`, …, `response.completed`) carry
+    /// the response's id and, at the end, its usage.
+    fn responses_event(&mut self, data: &[u8]) {
+        if let Some(n) = sequence_number(data) {
+            self.tally.sequence_number = Some(self.tally.sequence_number.map_or(n, |s| s.max(n)));
+        }
+        const DELTAS: [&[u8]; 4] = [
+            b"\"response.output_text.delta\"",
+            b"\"response.refusal.delta\"",
+            b"\"response.function_call_arguments.delta\"",
+            b"\"response.reasoning_summary_text.delta\"",
+        ];
+        if DELTAS.iter().any(|d| memmem::find(data, d).is_some()) {
+            self.tally.content_events += 1;
+            return;
+        }
+        const LIFECYCLE: [&[u8]; 5] = [
+            b"\"response.created\"",
+            b"\"response.in_progress\"",
+            b"\"response.completed\"",
+            b"\"response.incomplete\"",
+            b"\"response.failed\"",
+        ];
+        if !LIFECYCLE.iter().any(|d| memmem::find(data, d).is_some()) {
+            return;
+        }
+        #[derive(Deserialize)]
+        struct Response {
+            id: Option<String>,
+            usage: Option<ResponsesUsage>,
+        }
+        #[derive(Deserialize)]
+        struct Event {
+            response: Option<Response>,
+        }
+        let Ok(Event { response: Some(r) }) = serde_json::from_slice::<Event>(data) else {
+            return;
+        };
+        if let Some(id) = r.id
+            && self.tally.response_id.is_none()
+        {
+            self.tally.response_id = Some(id.into());
+        }
+        if let Some(u) = r.usage {
+            self.tally.usage = Some(u.into());
+        }
+    }
+
+    /// A chat or text completion event.
+    fn chat_event(&mut self, data_start: usize, data: &[u8]) -> Edit {
         let m = Marks::of(data);
         if m.usage_object {
             #[derive(Deserialize)]
@@ -382,6 +701,17 @@ impl SseUsage {
         }
         Edit::Keep
     }
+}
+
+/// The value of a top-level `"sequence_number":N` member (Responses
+/// events put it last, so the search runs from the end).
+fn sequence_number(data: &[u8]) -> Option<u64> {
+    let key = b"\"sequence_number\"";
+    let at = memmem::rfind(data, key)?;
+    let v = value_of(&data[at..], key)?;
+    let digits = &data[at + v..];
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
 }
 
 /// The end (exclusive) of the first complete event at or after `from`: the
