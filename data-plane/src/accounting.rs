@@ -475,3 +475,172 @@ impl Observer for Tracker {
         self.events.emit(outcome);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventStreams, channel};
+    use crate::snapshot::SnapshotStore;
+    use crate::target::RequestBody;
+    use crate::test_util::{backend, key};
+    use crate::usage::samples;
+    use claw_proto::{Pool, v1};
+    use sha2::Digest;
+
+    /// A request to `endpoint` for model `m` on the one backend `be_acct`,
+    /// priced at Claude Sonnet's per-token prices.
+    fn fixture(endpoint: Endpoint) -> (Routed, Candidate) {
+        let mut b = backend("be_acct", Pool::Primary, &[("m", "m-native")]);
+        let mm = &mut b.models[0];
+        mm.input_cost_per_token = 3e-6;
+        mm.output_cost_per_token = 15e-6;
+        mm.cache_read_cost_per_token = 0.3e-6;
+        mm.cache_write_cost_per_token = 3.75e-6;
+        mm.cache_write_1h_cost_per_token = 6e-6;
+        let store = SnapshotStore::default();
+        store
+            .apply(
+                1,
+                &v1::Snapshot {
+                    version: 1,
+                    backends: vec![b],
+                    client_keys: vec![key("ck_a", "secret")],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snapshot = store.load().unwrap();
+        let route = snapshot.route("m").unwrap().clone();
+        let sha: [u8; 32] = sha2::Sha256::digest(b"secret").into();
+        let key = snapshot.key(&sha).unwrap().clone();
+        let cand = route.candidates[0].clone();
+        let r = Routed {
+            snapshot: snapshot.clone(),
+            key,
+            route,
+            endpoint,
+            path: "/x",
+            query: None,
+            headers: http::HeaderMap::new(),
+            body: RequestBody::Raw {
+                bytes: Bytes::new(),
+                model: 0..0,
+            },
+            stream: false,
+            priority: Priority::Interactive,
+            agent_id: None,
+            est_tokens: 100.0,
+            est_prompt_tokens: 77,
+            stream_usage: None,
+            affinity: None,
+            response_id: None,
+            owner: None,
+            started: Instant::now(),
+            span: tracing::Span::none(),
+        };
+        (r, cand)
+    }
+
+    /// The outcome of `body` answering `endpoint` with 200, as a JSON body
+    /// or (when `sse`) an SSE stream read by the endpoint's scanner.
+    fn account(endpoint: Endpoint, body: &str, sse: bool) -> RequestOutcome {
+        let (r, cand) = fixture(endpoint);
+        let (sink, mut streams): (EventSink, EventStreams) = channel(4);
+        let meta = RequestMeta::new(&r);
+        let in_flight = InFlight::new(cand.backend.clone());
+        let mut t = Tracker::new(meta, sink, in_flight, &r, &cand, StatusCode::OK, !sse);
+        let tally = sse.then(|| {
+            let mut s = SseUsage::reading(dialect(endpoint));
+            s.observe(body.as_bytes());
+            s.finish();
+            s.tally()
+        });
+        // In two chunks, as a body arrives.
+        let (a, b) = body.as_bytes().split_at(body.len() / 2);
+        t.on_data(&Bytes::copy_from_slice(a));
+        t.on_data(&Bytes::copy_from_slice(b));
+        t.on_end(End::Complete, tally);
+        streams.outcomes.try_recv().unwrap()
+    }
+
+    #[test]
+    fn endpoints_map_to_their_dialects() {
+        assert_eq!(dialect(Endpoint::ChatCompletions), Dialect::Chat);
+        assert_eq!(dialect(Endpoint::Embeddings), Dialect::Chat);
+        assert_eq!(dialect(Endpoint::Messages), Dialect::Messages);
+        assert_eq!(dialect(Endpoint::CountTokens), Dialect::Messages);
+        assert_eq!(dialect(Endpoint::Responses), Dialect::Responses);
+        assert!(billable(Endpoint::Messages) && billable(Endpoint::Responses));
+        assert!(!billable(Endpoint::CountTokens));
+        assert!(!billable(Endpoint::ResponsesGet) && !billable(Endpoint::ResponsesDelete));
+    }
+
+    #[test]
+    fn a_messages_answer_is_accounted_with_its_cache_and_priced_by_the_mapping() {
+        for (body, sse) in [
+            (samples::MESSAGES_JSON, false),
+            (samples::MESSAGES_SSE_CUMULATIVE, true),
+        ] {
+            let o = account(Endpoint::Messages, body, sse);
+            let u = o.usage.unwrap();
+            let want = Usage::from_answer(Dialect::Messages, body.as_bytes()).or_else(|| {
+                let mut s = SseUsage::reading(Dialect::Messages);
+                s.observe(body.as_bytes());
+                s.tally().usage
+            });
+            assert_eq!(Some(u), want);
+            assert!(!o.usage_estimated);
+            assert!(u.cache_read_tokens > 0 && u.cache_write_1h_tokens > 0);
+            let prompt = u.prompt_tokens as f64;
+            let (r, w5, w1) = (
+                u.cache_read_tokens as f64,
+                u.cache_write_5m_tokens as f64,
+                u.cache_write_1h_tokens as f64,
+            );
+            let cost = (prompt - r - w5 - w1) * 3e-6
+                + r * 0.3e-6
+                + w5 * 3.75e-6
+                + w1 * 6e-6
+                + u.completion_tokens as f64 * 15e-6;
+            assert!((o.cost.unwrap() - cost).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn a_responses_answer_makes_its_backend_the_owner_of_its_id() {
+        let o = account(Endpoint::Responses, samples::RESPONSES_JSON, false);
+        assert_eq!(o.usage.map(|u| u.cache_read_tokens), Some(1152));
+        assert_eq!(
+            crate::responses::owner("resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41")
+                .as_deref(),
+            Some("be_acct")
+        );
+        let o = account(Endpoint::Responses, samples::RESPONSES_SSE, true);
+        assert_eq!(o.usage.map(|u| u.prompt_tokens), Some(2037));
+        assert_eq!(
+            crate::responses::owner("resp_67c9fdcecf488190bdd9a0409de3a1ec07b8b0ad4e5eb654")
+                .as_deref(),
+            Some("be_acct")
+        );
+    }
+
+    #[test]
+    fn count_tokens_and_stored_response_reads_bill_nothing() {
+        let o = account(Endpoint::CountTokens, r#"{"input_tokens":2095}"#, false);
+        assert_eq!(o.usage, Some(Usage::default()));
+        assert_eq!(o.cost, Some(0.0));
+        // A stored response read back carries its usage; it was billed once.
+        let o = account(Endpoint::ResponsesGet, samples::RESPONSES_JSON, false);
+        assert_eq!(o.usage, Some(Usage::default()));
+        assert_eq!(o.cost, Some(0.0));
+    }
+
+    #[test]
+    fn a_stream_without_usage_is_estimated_from_its_content_events() {
+        let body = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n";
+        let o = account(Endpoint::Messages, &body.repeat(3), true);
+        assert!(o.usage_estimated);
+        let u = o.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (77, 3));
+    }
+}

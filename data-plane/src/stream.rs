@@ -445,6 +445,85 @@ mod tests {
         assert_eq!(tally.usage.map(|u| u.completion_tokens), Some(2));
     }
 
+    /// What the client gets when the upstream breaks off after `first`.
+    async fn broken_stream(dialect: Dialect, first: &'static str) -> (Bytes, Bytes) {
+        let mut b = UpstreamBody::new(body_of(vec![Ok(first), Err("reset")]), true, ())
+            .with_dialect(dialect);
+        if dialect != Dialect::Chat {
+            b = b.with_scanner(SseUsage::reading(dialect));
+        }
+        let f1 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        let f2 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(b.frame().await.unwrap().is_err());
+        (f1, f2)
+    }
+
+    /// The `data:` JSON of an SSE event, and its `event:` name.
+    fn parse_event(ev: &[u8]) -> (Option<String>, serde_json::Value) {
+        let text = std::str::from_utf8(ev).unwrap();
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        let mut name = None;
+        let mut data = None;
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = Some(n.to_string());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data = Some(serde_json::from_str(d).unwrap());
+            }
+        }
+        (name, data.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_broken_messages_stream_ends_with_an_anthropic_error_event() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n";
+        let (f1, f2) = broken_stream(Dialect::Messages, start).await;
+        assert_eq!(&f1[..], start.as_bytes());
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name.as_deref(), Some("error"));
+        assert_eq!(data["type"], "error");
+        assert_eq!(data["error"]["type"], "api_error");
+        assert!(
+            data["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("disconnected")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_responses_stream_ends_with_a_numbered_responses_error_event() {
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null},\"sequence_number\":0}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\",\"sequence_number\":1}\n\n";
+        let (_, f2) = broken_stream(Dialect::Responses, created).await;
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name.as_deref(), Some("error"));
+        assert_eq!(
+            data,
+            serde_json::json!({
+                "type": "error",
+                "code": "upstream_disconnected",
+                "message": "The upstream backend disconnected mid-stream.",
+                "param": null,
+                "sequence_number": 2,
+            })
+        );
+        // Without a scanner (nothing seen), the first number.
+        assert!(
+            std::str::from_utf8(&disconnected_event(Dialect::Responses, None))
+                .unwrap()
+                .contains("\"sequence_number\":0}")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_chat_stream_keeps_the_openai_error_chunk() {
+        let (_, f2) = broken_stream(Dialect::Chat, "data: {\"a\":1}\n\n").await;
+        assert_eq!(&f2[..], SSE_UPSTREAM_DISCONNECTED);
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name, None);
+        assert_eq!(data["error"]["code"], "upstream_disconnected");
+    }
+
     #[tokio::test]
     async fn non_sse_failure_is_a_plain_error() {
         let mut b = UpstreamBody::new(body_of(vec![Ok("{\"a\""), Err("reset")]), false, ());
