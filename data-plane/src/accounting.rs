@@ -261,9 +261,8 @@ pub(crate) fn track(
     let success = status.is_success();
     let dialect = dialect(r.endpoint);
     let billable = billable(r.endpoint);
-    // The body is kept for its usage, or for the id of a stored response.
-    let collect =
-        framing.json && !framing.sse && success && (billable || r.endpoint == Endpoint::Responses);
+    // The body is kept for its usage (and a stored response's id).
+    let collect = framing.json && !framing.sse && success && billable;
     if success
         && r.endpoint == Endpoint::ResponsesDelete
         && let Some(id) = r.response_id.as_deref()

@@ -134,7 +134,7 @@ where
         }
     }
 
-    /// The body's protocol (default [`Dialect::Chat`]): the shape of the
+    /// The body's protocol (default `Dialect::Chat`): the shape of the
     /// error event sent when the upstream disconnects mid-stream.
     pub fn with_dialect(mut self, dialect: Dialect) -> Self {
         self.dialect = dialect;

@@ -414,6 +414,8 @@ pub struct SseUsage {
     tally: SseTally,
     /// Messages: the usage fields seen so far, merged event by event.
     anthropic: Option<AnthropicUsage>,
+    /// Messages: a `message_delta` usage (the final output count) was seen.
+    anthropic_final: bool,
     gave_up: bool,
 }
 
@@ -435,6 +437,7 @@ impl SseUsage {
             carry: BytesMut::new(),
             tally: SseTally::default(),
             anthropic: None,
+            anthropic_final: false,
             gave_up: false,
         }
     }
@@ -452,9 +455,19 @@ impl SseUsage {
         self.dialect
     }
 
-    /// What was seen so far.
+    /// What was seen so far. A Messages stream that broke off before its
+    /// `message_delta` only has `message_start`'s placeholder output count
+    /// (typically 1): the content events seen are counted instead when more.
     pub fn tally(&self) -> SseTally {
-        self.tally.clone()
+        let mut t = self.tally.clone();
+        if self.dialect == Dialect::Messages
+            && !self.anthropic_final
+            && let Some(u) = t.usage.as_mut()
+        {
+            u.completion_tokens = u.completion_tokens.max(t.content_events);
+            u.total_tokens = u.prompt_tokens.saturating_add(u.completion_tokens);
+        }
+        t
     }
 
     /// Scans a chunk and returns what the client receives of it (possibly
@@ -614,6 +627,7 @@ impl SseUsage {
         let Ok(e) = serde_json::from_slice::<Event>(data) else {
             return;
         };
+        self.anthropic_final |= e.usage.is_some();
         for u in [e.message.and_then(|m| m.usage), e.usage]
             .into_iter()
             .flatten()
@@ -1233,6 +1247,22 @@ mod tests {
             ),
             (102, 72, 41, 143)
         );
+    }
+
+    #[test]
+    fn a_messages_stream_cut_before_message_delta_counts_the_content_seen() {
+        let body = samples::MESSAGES_SSE.as_bytes();
+        let cut = memmem::find(body, b"event: message_delta").unwrap();
+        let mut s = SseUsage::reading(Dialect::Messages);
+        s.observe(&body[..cut]);
+        let u = s.tally().usage.unwrap();
+        // message_start said input 25 + 1200 written, output 1; 3 deltas followed.
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (1225, 3, 1228)
+        );
+        s.observe(&body[cut..]);
+        assert_eq!(s.tally().usage.map(|u| u.completion_tokens), Some(89));
     }
 
     #[test]
