@@ -146,7 +146,7 @@ enum Key {
     MaxCompletionTokens,
     MaxTokens,
     MaxOutputTokens,
-    PromptCacheKey,
+    PromptCache,
     Metadata,
     PreviousResponseId,
     Other,
@@ -167,7 +167,7 @@ impl<'de> Deserialize<'de> for Key {
                     "max_completion_tokens" => Key::MaxCompletionTokens,
                     "max_tokens" => Key::MaxTokens,
                     "max_output_tokens" => Key::MaxOutputTokens,
-                    "prompt_cache_key" => Key::PromptCacheKey,
+                    "prompt_cache_key" => Key::PromptCache,
                     "metadata" => Key::Metadata,
                     "previous_response_id" => Key::PreviousResponseId,
                     _ => Key::Other,
@@ -337,7 +337,7 @@ impl<'de> Deserialize<'de> for Top<'de> {
                         Key::MaxCompletionTokens => mct = a.next_value()?,
                         Key::MaxTokens => mt = a.next_value()?,
                         Key::MaxOutputTokens => mot = a.next_value()?,
-                        Key::PromptCacheKey => {
+                        Key::PromptCache => {
                             hints.prompt_cache_key = a.next_value::<Text>()?.0;
                         }
                         Key::Metadata => hints.user_id = a.next_value::<UserId>()?.0,
