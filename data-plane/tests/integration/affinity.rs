@@ -69,13 +69,11 @@ async fn a_session_lands_on_one_backend_of_three_through_both_proxies() {
     let mut homes: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for (u, n) in ups.iter().zip(names) {
         for r in u.requests() {
-            let key = r
-                .header("x-claw-session-key")
-                .or(r
-                    .header("x-claw-agent-id")
-                    .map(|_| "agent:agent-9:heartbeat"))
-                .expect("a key")
-                .replace("agent:agent-9:heartbeat", "agent-9");
+            // The agent's own requests and its heartbeat: one key.
+            let key = match r.header("x-claw-session-key") {
+                None | Some("agent:agent-9:heartbeat") => "agent-9".to_string(),
+                Some(k) => k.to_string(),
+            };
             homes.entry(key).or_default().insert(n);
         }
     }
