@@ -195,7 +195,8 @@ fn less_loaded(a: &Candidate, b: &Candidate) -> bool {
 /// the sum of weights, and it depends on no other backend, so adding or
 /// removing one moves only the sessions it wins or held. Only stable
 /// ingredients (the id, [`hash64`], IEEE arithmetic): proxies of different
-/// builds must agree.
+/// builds must agree. (`ln` may differ by an ulp between math libraries,
+/// which can only swap two backends whose scores agree to ~16 digits.)
 fn score(session: u64, id: &str, weight: u32) -> f64 {
     let x = mix64(session ^ hash64(id.as_bytes()));
     // The top 53 bits, centred: exactly representable, strictly in (0, 1).
@@ -334,7 +335,7 @@ pub(crate) fn select(
             {
                 soonest_cooling = Some((i, c));
             }
-        } else {
+        } else if pref.affinity.is_some() {
             let load = &mut loads[usize::from(c.backend.pool == Pool::Fallback)];
             load.in_flight += u64::from(c.backend.runtime.in_flight.load(Ordering::Relaxed));
             load.weight += u64::from(c.backend.weight);
