@@ -762,3 +762,73 @@ async fn ingest_throughput() {
     lat.sort();
     println!("429 → push p50 {:?} p99 {:?}", lat[25], lat[49]);
 }
+
+#[tokio::test]
+async fn cache_read_and_write_tokens_sum_from_events_and_aggregates_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let now = now_ms();
+    let mut event = usage(&b1, "ck", "a1", now, 1_000, 50);
+    event.cache_read_tokens = 600;
+    event.cache_write_tokens = 300;
+    let aggregate = UsageAggregate {
+        first_time: ts(now),
+        last_time: ts(now),
+        client_key_id: "ck".into(),
+        agent_id: "a1".into(),
+        model: "gpt-4o".into(),
+        backend_id: b1.clone(),
+        totals: Some(UsageTotals {
+            requests: 4,
+            prompt_tokens: 4_000,
+            completion_tokens: 40,
+            total_tokens: 4_040,
+            cache_read_tokens: 3_000,
+            cache_write_tokens: 700,
+            ..Default::default()
+        }),
+    };
+    let mut r = h.reporter("p1", "epoch-1").await;
+    let mut batch = r.batch(1);
+    batch.usage = vec![event];
+    batch.usage_aggregates = vec![aggregate];
+    r.send(batch.clone()).await;
+    r.send(batch).await; // resent: acknowledged, not applied
+
+    let t = h.totals(UsageFilter::default()).await;
+    assert_eq!(t.requests, 5);
+    assert_eq!(t.prompt_tokens, 5_000, "all input, cache included");
+    assert_eq!((t.cache_read_tokens, t.cache_write_tokens), (3_600, 1_000));
+    let hours = h
+        .stats()
+        .list_hourly_usage(ListHourlyUsageRequest::default())
+        .await
+        .expect("hourly")
+        .into_inner()
+        .hours;
+    let sum = |f: fn(&UsageTotals) -> u64| {
+        hours
+            .iter()
+            .filter_map(|h| h.totals.as_ref())
+            .map(f)
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (sum(|t| t.cache_read_tokens), sum(|t| t.cache_write_tokens)),
+        (3_600, 1_000)
+    );
+    let days = h
+        .stats()
+        .list_daily_usage(ListDailyUsageRequest::default())
+        .await
+        .expect("daily")
+        .into_inner()
+        .days;
+    let day: Vec<_> = days
+        .iter()
+        .filter_map(|d| d.totals.as_ref())
+        .map(|t| (t.cache_read_tokens, t.cache_write_tokens))
+        .collect();
+    assert_eq!(day, vec![(3_600, 1_000)]);
+}
