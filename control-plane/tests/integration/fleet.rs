@@ -832,3 +832,119 @@ async fn cache_read_and_write_tokens_sum_from_events_and_aggregates_once() {
         .collect();
     assert_eq!(day, vec![(3_600, 1_000)]);
 }
+
+fn failure(kind: FailureKind, backend: &str, status: u32, cooldown_ms: u64) -> UpstreamFailure {
+    UpstreamFailure {
+        kind: kind as i32,
+        status,
+        ..rate_limited(backend, cooldown_ms)
+    }
+}
+
+#[tokio::test]
+async fn a_spent_quota_cools_the_backend_fleet_wide_and_shows_until_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let b2 = h.add_backend("b2", Pool::Primary, 1000).await;
+    let mut a = h.proxy("a").await;
+    let mut b = h.proxy("b").await;
+    for p in [&mut a, &mut b] {
+        p.wait(Duration::from_secs(5), |n, _| n > 0)
+            .await
+            .expect("snapshot");
+    }
+    let backends = || BackendServiceClient::new(h.authed(ADMIN));
+    let get = |name: &'static str| async move {
+        backends()
+            .get_backend(GetBackendRequest {
+                backend: name.into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .backend
+            .expect("backend")
+    };
+
+    let quota_ms = 2_500;
+    let mut ra = h.reporter("a", "ea").await;
+    let mut batch = ra.batch(1);
+    let mut spent = failure(FailureKind::QuotaExhausted, &b1, 429, quota_ms);
+    spent.summary = "429 insufficient_quota".into();
+    batch.failures = vec![spent];
+    let sent_ms = now_ms();
+    ra.send(batch).await;
+    let got = b
+        .wait(Duration::from_secs(5), |_, r| !r.cooldowns.is_empty())
+        .await
+        .expect("B is told");
+    let c = &got.cooldowns[0];
+    assert_eq!(c.backend_id, b1);
+    assert!(c.quota_exhausted, "{c:?}");
+    assert!(
+        c.remaining_ms > 1_500 && c.remaining_ms <= quota_ms,
+        "{c:?}"
+    );
+
+    let listed = backends()
+        .list_backends(ListBackendsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .backends;
+    let status: Vec<_> = listed
+        .iter()
+        .map(|b| (b.name.as_str(), b.status.as_str()))
+        .collect();
+    assert_eq!(status, [("b1", "quota_exhausted"), ("b2", "enabled")]);
+    let one = get("b1").await;
+    assert_eq!(one.status, "quota_exhausted");
+    let until = one
+        .quota_exhausted_until
+        .as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .expect("quota_exhausted_until");
+    assert!(
+        (until - (sent_ms + quota_ms as i64)).abs() < 1_000,
+        "until {until}, sent {sent_ms}"
+    );
+    assert!(get("b2").await.quota_exhausted_until.is_none());
+    let events = h.cooldown_events("b1").await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].summary.contains("quota"),
+        "{:?}",
+        events[0].summary
+    );
+
+    // An overload is a short cooldown, pushed, not a quota.
+    let mut batch = ra.batch(2);
+    batch.failures = vec![failure(FailureKind::Overloaded, &b2, 529, 1_000)];
+    ra.send(batch).await;
+    let got = b
+        .wait(Duration::from_secs(5), |_, r| {
+            r.cooldowns.iter().any(|c| c.backend_id == b2)
+        })
+        .await
+        .expect("B is told of the overload");
+    let c = got
+        .cooldowns
+        .iter()
+        .find(|c| c.backend_id == b2)
+        .expect("b2");
+    assert!(!c.quota_exhausted && c.remaining_ms <= 1_000, "{c:?}");
+    assert_eq!(get("b2").await.status, "enabled");
+    assert!(
+        h.cooldown_events(&b2).await[0]
+            .summary
+            .contains("overloaded")
+    );
+
+    // Once the reported end passes, the backend is back.
+    let wait = (sent_ms + quota_ms as i64 + 200 - now_ms()).max(0);
+    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    let back = get("b1").await;
+    assert_eq!(back.status, "enabled");
+    assert!(back.quota_exhausted_until.is_none());
+}
