@@ -239,7 +239,7 @@ fn details(b: &Backend) -> Details {
     } else {
         String::from_utf8_lossy(&rendered).trim_end().to_string() + "\n"
     };
-    Details::new()
+    let details = Details::new()
         .field("Name", &b.name)
         .field("ID", &b.id)
         .field("Label", &b.label)
@@ -248,11 +248,18 @@ fn details(b: &Backend) -> Details {
         .field("API key", &b.api_key)
         .field("Key source", &b.api_key_ref)
         .field("Pool", pool_name(b.pool))
-        .field("Status", status(b))
-        .field(
+        .field("Status", status(b));
+    // Only while the provider reports the quota spent (a disabled backend's
+    // status does not say so).
+    let details = if b.quota_exhausted_until.is_some() {
+        details.field(
             "Quota exhausted until",
             output::timestamp(&b.quota_exhausted_until),
         )
+    } else {
+        details
+    };
+    details
         .field("RPM", b.rpm.to_string())
         .field(
             "TPM",
@@ -288,6 +295,44 @@ fn count(n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(d: &Details) -> String {
+        let mut out = Vec::new();
+        d.write(&mut out).expect("write to a Vec");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn a_spent_quota_shows_in_status_and_details_only_while_reported() {
+        let until = Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        });
+        let b = Backend {
+            name: "claude-1".into(),
+            api: Api::Anthropic as i32,
+            enabled: true,
+            status: "quota_exhausted".into(),
+            quota_exhausted_until: until,
+            ..Default::default()
+        };
+        assert!(
+            status(&b).starts_with("quota_exhausted until 2027-"),
+            "{}",
+            status(&b)
+        );
+        let text = render(&details(&b));
+        assert!(text.contains("Quota exhausted until:"), "{text}");
+        assert!(text.contains("anthropic"), "{text}");
+        let ok = Backend {
+            status: "enabled".into(),
+            quota_exhausted_until: None,
+            ..b
+        };
+        assert_eq!(status(&ok), "enabled");
+        assert!(!render(&details(&ok)).contains("Quota"));
+        assert_eq!(api_name(0), "openai", "unspecified reads as the default");
+    }
 
     #[test]
     fn prices_per_million_tokens_are_readable() {
