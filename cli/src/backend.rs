@@ -3,8 +3,8 @@
 use anyhow::Context;
 use claw_proto::Pool;
 use claw_proto::v1::{
-    Backend, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest, ListBackendsRequest,
-    SetBackendEnabledRequest, UpdateBackendRequest,
+    Api, Backend, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest,
+    ListBackendsRequest, SetBackendEnabledRequest, UpdateBackendRequest,
 };
 
 use crate::api_key::KeySource;
@@ -56,6 +56,7 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
         api_key,
         api_key_ref,
         pool: Pool::from(args.pool) as i32,
+        api: Api::from(args.api) as i32,
         rpm: args.rpm,
         tpm: args.tpm,
         timeout_ms: args.upstream_timeout.map(ms).transpose()?.unwrap_or(0),
@@ -80,6 +81,7 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
         label: args.label,
         base_url: args.url,
         pool: args.pool.map(|p| Pool::from(p) as i32).unwrap_or(0),
+        api: args.api.map(|a| Api::from(a) as i32).unwrap_or(0),
         rpm: args.rpm,
         tpm: args.tpm,
         timeout_ms: args.upstream_timeout.map(ms).transpose()?,
@@ -154,12 +156,13 @@ fn flag_of(source: &KeySource) -> &'static str {
 /// The list view: one row per backend.
 pub(crate) fn table(backends: &[Backend]) -> Table {
     let mut t = Table::new(&[
-        "NAME", "ID", "POOL", "STATUS", "RPM", "TPM", "MODELS", "URL", "API KEY",
+        "NAME", "ID", "API", "POOL", "STATUS", "RPM", "TPM", "MODELS", "URL", "API KEY",
     ]);
     for b in backends {
         t.row(vec![
             b.name.clone(),
             b.id.clone(),
+            api_name(b.api).to_string(),
             pool_name(b.pool).to_string(),
             status(b),
             b.rpm.to_string(),
@@ -177,10 +180,25 @@ pub(crate) fn table(backends: &[Backend]) -> Table {
 }
 
 fn status(b: &Backend) -> String {
-    if !b.status.is_empty() {
-        return b.status.clone();
+    let status = if b.status.is_empty() {
+        if b.enabled { "enabled" } else { "disabled" }.to_string()
+    } else {
+        b.status.clone()
+    };
+    if status == "quota_exhausted" && b.quota_exhausted_until.is_some() {
+        format!(
+            "{status} until {}",
+            output::timestamp(&b.quota_exhausted_until)
+        )
+    } else {
+        status
     }
-    if b.enabled { "enabled" } else { "disabled" }.to_string()
+}
+
+/// `openai`/`anthropic` for an enum field as prost stores it (unspecified is
+/// openai, the default).
+pub(crate) fn api_name(api: i32) -> &'static str {
+    Api::try_from(api).map(Api::name).unwrap_or("unknown")
 }
 
 /// `primary`/`fallback` for an enum field as prost stores it.
@@ -196,6 +214,7 @@ fn details(b: &Backend) -> Details {
         "OUT $/MTOK",
         "CACHE READ $/MTOK",
         "CACHE WRITE $/MTOK",
+        "CACHE WRITE 1H $/MTOK",
         "CONTEXT",
         "MAX TOKENS",
     ]);
@@ -207,6 +226,7 @@ fn details(b: &Backend) -> Details {
             per_million(m.output_cost_per_token),
             per_million(m.cache_read_cost_per_token),
             per_million(m.cache_write_cost_per_token),
+            cache_write_1h(m),
             count(m.context_window),
             count(m.max_tokens),
         ]);
@@ -219,15 +239,27 @@ fn details(b: &Backend) -> Details {
     } else {
         String::from_utf8_lossy(&rendered).trim_end().to_string() + "\n"
     };
-    Details::new()
+    let details = Details::new()
         .field("Name", &b.name)
         .field("ID", &b.id)
         .field("Label", &b.label)
+        .field("API", api_name(b.api))
         .field("URL", &b.base_url)
         .field("API key", &b.api_key)
         .field("Key source", &b.api_key_ref)
         .field("Pool", pool_name(b.pool))
-        .field("Status", status(b))
+        .field("Status", status(b));
+    // Only while the provider reports the quota spent (a disabled backend's
+    // status does not say so).
+    let details = if b.quota_exhausted_until.is_some() {
+        details.field(
+            "Quota exhausted until",
+            output::timestamp(&b.quota_exhausted_until),
+        )
+    } else {
+        details
+    };
+    details
         .field("RPM", b.rpm.to_string())
         .field(
             "TPM",
@@ -246,6 +278,16 @@ fn per_million(usd_per_token: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// The 1-hour cache write price; unset (0) falls back to the 5-minute one,
+/// which the table says so nobody reads "0" as free.
+fn cache_write_1h(m: &claw_proto::v1::ModelMapping) -> String {
+    if m.cache_write_1h_cost_per_token == 0.0 && m.cache_write_cost_per_token != 0.0 {
+        format!("{} (= 5m)", per_million(m.cache_write_cost_per_token))
+    } else {
+        per_million(m.cache_write_1h_cost_per_token)
+    }
+}
+
 fn count(n: u32) -> String {
     if n == 0 { String::new() } else { n.to_string() }
 }
@@ -253,6 +295,44 @@ fn count(n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(d: &Details) -> String {
+        let mut out = Vec::new();
+        d.write(&mut out).expect("write to a Vec");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn a_spent_quota_shows_in_status_and_details_only_while_reported() {
+        let until = Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        });
+        let b = Backend {
+            name: "claude-1".into(),
+            api: Api::Anthropic as i32,
+            enabled: true,
+            status: "quota_exhausted".into(),
+            quota_exhausted_until: until,
+            ..Default::default()
+        };
+        assert!(
+            status(&b).starts_with("quota_exhausted until 2027-"),
+            "{}",
+            status(&b)
+        );
+        let text = render(&details(&b));
+        assert!(text.contains("Quota exhausted until:"), "{text}");
+        assert!(text.contains("anthropic"), "{text}");
+        let ok = Backend {
+            status: "enabled".into(),
+            quota_exhausted_until: None,
+            ..b
+        };
+        assert_eq!(status(&ok), "enabled");
+        assert!(!render(&details(&ok)).contains("Quota"));
+        assert_eq!(api_name(0), "openai", "unspecified reads as the default");
+    }
 
     #[test]
     fn prices_per_million_tokens_are_readable() {

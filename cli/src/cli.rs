@@ -79,7 +79,7 @@ const RPC_TIMEOUT: &str = "rpc_timeout";
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage provider backends (OpenAI-compatible endpoints).
+    /// Manage provider backends (OpenAI or Anthropic Messages endpoints, `--api`).
     #[command(subcommand)]
     Backend(BackendCmd),
     /// Show or change the settings of the primary and fallback pools.
@@ -145,6 +145,8 @@ Examples:
       --pool fallback --model llama3 --model gpt-4o-mini=llama3,context=8192
   clawctl backend add openrouter --url https://openrouter.ai/api/v1 --api-key-env OPENROUTER_API_KEY \\
       --model claude-sonnet=anthropic/claude-sonnet-4.5,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3
+  clawctl backend add anthropic-1 --api anthropic --url https://api.anthropic.com/v1 --api-key-env ANTHROPIC_API_KEY \\
+      --model claude-sonnet=claude-sonnet-4-5,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3,cache_write_per_mtok=3.75,cache_write_1h_per_mtok=6
   printf %s \"$KEY\" | clawctl backend add b2 --url https://x.example/v1 --api-key-stdin")]
     Add(BackendAddArgs),
     /// List backends.
@@ -157,6 +159,7 @@ Examples:
 Examples:
   clawctl backend update openai-1 --rpm 900 --tpm 0 --upstream-timeout 5m
   clawctl backend update openai-1 --api-key-env OPENAI_API_KEY_NEW
+  clawctl backend update compat-1 --api anthropic --url https://compat.example/anthropic/v1
   clawctl backend update openai-1 --model gpt-4o --model gpt-4o-mini   # replaces all mappings")]
     Update(BackendUpdateArgs),
     /// Delete a backend.
@@ -204,11 +207,17 @@ pub struct NewApiKeyArgs {
 pub struct BackendAddArgs {
     /// Unique name: letters, digits, '.', '_' and '-'.
     pub name: String,
-    /// Base URL of the OpenAI-compatible API, e.g. https://api.openai.com/v1.
+    /// Base URL of the API, e.g. https://api.openai.com/v1 or (with
+    /// `--api anthropic`) https://api.anthropic.com/v1.
     #[arg(long, value_name = "URL")]
     pub url: String,
     #[command(flatten)]
     pub key: ApiKeyArgs,
+    /// Protocol the backend speaks: openai (Chat Completions, Responses, ...;
+    /// key sent as `Authorization: Bearer`) or anthropic (Messages; key sent
+    /// as `x-api-key`).
+    #[arg(long, value_enum, default_value_t = ApiArg::Openai)]
+    pub api: ApiArg,
     /// Pool: primary backends are tried before fallback ones.
     #[arg(long, value_enum, default_value_t = PoolArg::Primary)]
     pub pool: PoolArg,
@@ -229,9 +238,11 @@ pub struct BackendAddArgs {
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
     /// A model the backend serves; repeat for several. Format:
-    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,context=N,max_tokens=N];
-    /// each price may be given per million tokens instead: in_per_mtok=USD,
-    /// out_per_mtok=.., cache_read_per_mtok=.., cache_write_per_mtok=..
+    /// CANONICAL[=NATIVE][,in=USD_PER_TOKEN,out=USD_PER_TOKEN,cache_read=..,cache_write=..,cache_write_1h=..,context=N,max_tokens=N];
+    /// cache_write prices 5-minute cache writes, cache_write_1h 1-hour ones
+    /// (default: cache_write); each price may be given per million tokens
+    /// instead: in_per_mtok=USD, out_per_mtok=.., cache_read_per_mtok=..,
+    /// cache_write_per_mtok=.., cache_write_1h_per_mtok=..
     #[arg(long = "model", value_name = "SPEC", value_parser = crate::model_spec::parse_model_spec)]
     pub models: Vec<ModelMapping>,
     /// Create the backend disabled.
@@ -253,6 +264,9 @@ pub struct BackendUpdateArgs {
     pub url: Option<String>,
     #[command(flatten)]
     pub key: NewApiKeyArgs,
+    /// Change the protocol the backend speaks: openai or anthropic.
+    #[arg(long, value_enum)]
+    pub api: Option<ApiArg>,
     /// Move to another pool.
     #[arg(long, value_enum)]
     pub pool: Option<PoolArg>,
@@ -298,6 +312,24 @@ impl From<PoolArg> for claw_proto::Pool {
         match p {
             PoolArg::Primary => claw_proto::Pool::Primary,
             PoolArg::Fallback => claw_proto::Pool::Fallback,
+        }
+    }
+}
+
+/// The protocols a backend can speak, as operators type them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiArg {
+    /// OpenAI: Chat Completions, Completions, Embeddings, Responses.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+impl From<ApiArg> for claw_proto::v1::Api {
+    fn from(a: ApiArg) -> claw_proto::v1::Api {
+        match a {
+            ApiArg::Openai => claw_proto::v1::Api::Openai,
+            ApiArg::Anthropic => claw_proto::v1::Api::Anthropic,
         }
     }
 }
@@ -806,6 +838,52 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn backend_api_defaults_to_openai_on_add_and_to_unchanged_on_update() {
+        let add = |extra: &[&str]| {
+            let mut args = vec![
+                "backend",
+                "add",
+                "b",
+                "--url",
+                "http://u",
+                "--api-key-env",
+                "A",
+            ];
+            args.extend_from_slice(extra);
+            match parse(&args).expect("valid").command {
+                Command::Backend(BackendCmd::Add(a)) => a.api,
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(add(&[]), ApiArg::Openai);
+        assert_eq!(add(&["--api", "anthropic"]), ApiArg::Anthropic);
+        assert!(
+            parse(&[
+                "backend",
+                "add",
+                "b",
+                "--url",
+                "u",
+                "--api-key-env",
+                "A",
+                "--api",
+                "x"
+            ])
+            .is_err()
+        );
+        let update = |extra: &[&str]| {
+            let mut args = vec!["backend", "update", "b"];
+            args.extend_from_slice(extra);
+            match parse(&args).expect("valid").command {
+                Command::Backend(BackendCmd::Update(a)) => a.api,
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(update(&[]), None);
+        assert_eq!(update(&["--api", "openai"]), Some(ApiArg::Openai));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!     label: ""
 //!     base_url: https://api.example.com/v1
 //!     api_key_env: OPENAI_API_KEY        # or: api_key_file: /path/to/key
+//!     api: openai                        # or: anthropic (Messages); omitted = openai
 //!     pool: primary
 //!     rpm: 600
 //!     tpm: 100000                        # optional; omitted = unlimited
@@ -19,7 +20,8 @@
 //!         input_cost_per_token: 0.0000025
 //!         output_cost_per_token: 0.00001
 //!         cache_read_cost_per_token: 0
-//!         cache_write_cost_per_token: 0
+//!         cache_write_cost_per_token: 0   # 5-minute cache writes
+//!         cache_write_1h_cost_per_token: 0 # 1-hour writes; 0 = cache_write_cost_per_token
 //!         context_window: 128000
 //!         max_tokens: 16384
 //! pools:                                 # a pool left out is left unchanged
@@ -42,7 +44,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use claw_proto::Pool;
-use claw_proto::v1::{Agent, Backend, ClientKey, ClusterConfig, ModelMapping, PoolSettings};
+use claw_proto::v1::{Agent, Api, Backend, ClientKey, ClusterConfig, ModelMapping, PoolSettings};
 use claw_proto::validate::{self, FieldError};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -81,6 +83,9 @@ pub(crate) struct BackendDoc {
     /// File holding the API key; relative to the document's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_file: Option<String>,
+    /// Protocol the backend speaks.
+    #[serde(default)]
+    pub api: ApiName,
     #[serde(default)]
     pub pool: PoolName,
     #[serde(default = "default_rpm")]
@@ -112,6 +117,9 @@ pub struct ModelDoc {
     pub cache_read_cost_per_token: f64,
     #[serde(default)]
     pub cache_write_cost_per_token: f64,
+    /// 1-hour cache writes; 0 means `cache_write_cost_per_token`.
+    #[serde(default)]
+    pub cache_write_1h_cost_per_token: f64,
     #[serde(default)]
     pub context_window: u32,
     #[serde(default)]
@@ -132,6 +140,24 @@ impl From<PoolName> for Pool {
         match p {
             PoolName::Primary => Pool::Primary,
             PoolName::Fallback => Pool::Fallback,
+        }
+    }
+}
+
+/// `openai` or `anthropic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiName {
+    #[default]
+    Openai,
+    Anthropic,
+}
+
+impl From<ApiName> for Api {
+    fn from(a: ApiName) -> Api {
+        match a {
+            ApiName::Openai => Api::Openai,
+            ApiName::Anthropic => Api::Anthropic,
         }
     }
 }
@@ -385,6 +411,10 @@ pub(crate) fn from_config(cfg: &ClusterConfig) -> Exported {
                 base_url: b.base_url.clone(),
                 api_key_env: env,
                 api_key_file: file,
+                api: match Api::try_from(b.api) {
+                    Ok(Api::Anthropic) => ApiName::Anthropic,
+                    _ => ApiName::Openai,
+                },
                 pool: match Pool::try_from(b.pool) {
                     Ok(Pool::Fallback) => PoolName::Fallback,
                     _ => PoolName::Primary,
@@ -452,6 +482,7 @@ impl From<&ModelMapping> for ModelDoc {
             output_cost_per_token: m.output_cost_per_token,
             cache_read_cost_per_token: m.cache_read_cost_per_token,
             cache_write_cost_per_token: m.cache_write_cost_per_token,
+            cache_write_1h_cost_per_token: m.cache_write_1h_cost_per_token,
             context_window: m.context_window,
             max_tokens: m.max_tokens,
         }
@@ -553,6 +584,7 @@ pub(crate) fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, Fiel
             label: b.label.clone(),
             base_url: b.base_url.clone(),
             api_key_ref,
+            api: Api::from(b.api) as i32,
             pool: Pool::from(b.pool) as i32,
             rpm: b.rpm,
             tpm: b.tpm,
@@ -640,9 +672,9 @@ impl From<&ModelDoc> for ModelMapping {
             output_cost_per_token: m.output_cost_per_token,
             cache_read_cost_per_token: m.cache_read_cost_per_token,
             cache_write_cost_per_token: m.cache_write_cost_per_token,
+            cache_write_1h_cost_per_token: m.cache_write_1h_cost_per_token,
             context_window: m.context_window,
             max_tokens: m.max_tokens,
-            ..Default::default()
         }
     }
 }

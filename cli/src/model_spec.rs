@@ -4,10 +4,12 @@
 
 use claw_proto::v1::ModelMapping;
 
-/// Parses `CANONICAL[=NATIVE][,in=X,out=Y,cache_read=X,cache_write=X,context=N,max_tokens=N]`.
+/// Parses `CANONICAL[=NATIVE][,in=X,out=Y,cache_read=X,cache_write=X,cache_write_1h=X,context=N,max_tokens=N]`.
 /// Prices are USD per token, or USD per million tokens with the
-/// `in_per_mtok`, `out_per_mtok`, `cache_read_per_mtok` and
-/// `cache_write_per_mtok` keys (one of the two spellings per price);
+/// `in_per_mtok`, `out_per_mtok`, `cache_read_per_mtok`,
+/// `cache_write_per_mtok` and `cache_write_1h_per_mtok` keys (one of the two
+/// spellings per price); `cache_write` prices 5-minute cache writes and
+/// `cache_write_1h` 1-hour ones (unset: the 5-minute price);
 /// without `=NATIVE` the native id is the canonical name.
 pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
     let mut parts = spec.split(',');
@@ -28,7 +30,7 @@ pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
     };
     let mut seen: Vec<&str> = Vec::new();
     // Which key set each price, so `in` and `in_per_mtok` together are an error.
-    let mut prices: [Option<&str>; 4] = [None; 4];
+    let mut prices: [Option<&str>; 5] = [None; 5];
     for part in parts {
         let (key, value) = part
             .split_once('=')
@@ -44,9 +46,10 @@ pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
             _ => {
                 let (slot, per_mtok) = price_key(key).ok_or_else(|| {
                     format!(
-                        "unknown key {key:?}; expected in, out, cache_read, cache_write \
-                         (USD per token), in_per_mtok, out_per_mtok, cache_read_per_mtok, \
-                         cache_write_per_mtok (USD per million tokens), context or max_tokens"
+                        "unknown key {key:?}; expected in, out, cache_read, cache_write, \
+                         cache_write_1h (USD per token), in_per_mtok, out_per_mtok, \
+                         cache_read_per_mtok, cache_write_per_mtok, cache_write_1h_per_mtok \
+                         (USD per million tokens), context or max_tokens"
                     )
                 })?;
                 if let Some(other) = prices[slot] {
@@ -64,7 +67,8 @@ pub(crate) fn parse_model_spec(spec: &str) -> Result<ModelMapping, String> {
                     0 => m.input_cost_per_token = v,
                     1 => m.output_cost_per_token = v,
                     2 => m.cache_read_cost_per_token = v,
-                    _ => m.cache_write_cost_per_token = v,
+                    3 => m.cache_write_cost_per_token = v,
+                    _ => m.cache_write_1h_cost_per_token = v,
                 }
             }
         }
@@ -81,7 +85,8 @@ fn price(key: &str, value: &str) -> Result<f64, String> {
     }
 }
 
-/// The price a key sets (0 input, 1 output, 2 cache read, 3 cache write)
+/// The price a key sets (0 input, 1 output, 2 cache read, 3 5-minute cache
+/// write, 4 1-hour cache write)
 /// and whether it is per million tokens.
 fn price_key(key: &str) -> Option<(usize, bool)> {
     let (base, per_mtok) = match key.strip_suffix("_per_mtok") {
@@ -93,6 +98,7 @@ fn price_key(key: &str) -> Option<(usize, bool)> {
         "out" => 1,
         "cache_read" => 2,
         "cache_write" => 3,
+        "cache_write_1h" => 4,
         _ => return None,
     };
     Some((slot, per_mtok))
@@ -165,6 +171,10 @@ mod tests {
             "gpt,out_per_mtok=1,out_per_mtok=2",
             "gpt,per_mtok=1",
             "gpt,context_per_mtok=1",
+            "gpt,cache_write_1h=-1",
+            "gpt,cache_write_1h=inf",
+            "gpt,cache_write_1h_per_mtok=NaN",
+            "gpt,cache_write_2h=1",
         ] {
             assert!(parse_model_spec(bad).is_err(), "{bad:?} accepted");
         }
@@ -180,6 +190,16 @@ mod tests {
         assert_eq!(m.output_cost_per_token, 15.0 / 1e6);
         assert_eq!(m.cache_read_cost_per_token, 0.3 / 1e6);
         assert_eq!(m.cache_write_cost_per_token, 3.75 / 1e6);
+        assert_eq!(
+            m.cache_write_1h_cost_per_token, 0.0,
+            "unset: the 5m price applies"
+        );
+        let m = parse_model_spec("claude,cache_write_per_mtok=3.75,cache_write_1h_per_mtok=6")
+            .expect("valid");
+        assert_eq!(m.cache_write_cost_per_token, 3.75 / 1e6);
+        assert_eq!(m.cache_write_1h_cost_per_token, 6.0 / 1e6);
+        let m = parse_model_spec("claude,cache_write_1h=0.000006").expect("valid");
+        assert_eq!(m.cache_write_1h_cost_per_token, 0.000006);
         let m = parse_model_spec("gpt-4o,in_per_mtok=2.5,out=0.00001").expect("valid");
         assert_eq!(m.input_cost_per_token, 0.0000025);
         assert_eq!(m.output_cost_per_token, 0.00001);
@@ -199,6 +219,11 @@ mod tests {
                 "gpt,cache_write_per_mtok=1,cache_write=1",
                 "cache_write_per_mtok",
                 "cache_write",
+            ),
+            (
+                "gpt,cache_write_1h=0,cache_write_1h_per_mtok=0",
+                "cache_write_1h",
+                "cache_write_1h_per_mtok",
             ),
         ] {
             let err = parse_model_spec(spec).expect_err(spec);

@@ -63,12 +63,21 @@ fn every_subcommand_has_help_with_its_flags() {
                 "--upstream-timeout",
                 "--timeout",
                 "in_per_mtok",
+                "cache_write_1h",
+                "--api <API>",
+                "anthropic",
                 "Examples:",
             ][..],
         ),
         (
             &["backend", "update", "--help"],
-            &["--tpm", "--enabled", "--model", "--upstream-timeout"],
+            &[
+                "--tpm",
+                "--enabled",
+                "--model",
+                "--upstream-timeout",
+                "--api <API>",
+            ],
         ),
         (
             &["pool", "set", "--help"],
@@ -202,6 +211,36 @@ fn usage_errors_keep_clap_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = clawctl(&["no-such-verb"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_unknown_api_is_one_clear_line_and_a_non_zero_exit() {
+    for verb in [
+        &[
+            "backend",
+            "add",
+            "b1",
+            "--url",
+            "https://x.example/v1",
+            "--api-key-env",
+            "K",
+        ][..],
+        &["backend", "update", "b1"][..],
+    ] {
+        let mut args = verb.to_vec();
+        args.extend(["--api", "claude"]);
+        let out = clawctl(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("'claude'")
+                && first.contains("--api")
+                && err.contains("openai")
+                && err.contains("anthropic"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -257,7 +257,7 @@ impl Server {
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
             .add_service(BackendServiceServer::with_interceptor(
-                BackendApi::new(catalog.clone()),
+                BackendApi::new(catalog.clone(), fleet.clone()),
                 admin.clone(),
             ))
             .add_service(PoolServiceServer::with_interceptor(

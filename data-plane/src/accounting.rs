@@ -3,9 +3,14 @@
 //!
 //! - An upstream answer is followed to the end of its body by a [`Tracker`]
 //!   (the [`Observer`] of [`crate::stream::UpstreamBody`]): time to first
-//!   byte, usage from the JSON body or the SSE stream (estimated when a
-//!   stream reports none), tpm reconciliation, cost, metrics, the request's
-//!   span.
+//!   byte, usage from the JSON body or the SSE stream in the endpoint's
+//!   [`Dialect`] (estimated when a stream reports none), tpm reconciliation,
+//!   cost, metrics, the request's span. Only answers that generate are
+//!   billable: `count_tokens` and reading or deleting a stored response are
+//!   accounted with zero tokens and zero cost, whatever their body says.
+//! - Stored responses: a successful `POST /v1/responses` answer's id is
+//!   remembered as owned by its backend, a successful `DELETE` forgets it
+//!   ([`crate::responses`]), so follow-ups reach the account that holds it.
 //! - An error the proxy answers itself (no capacity, every attempt failed)
 //!   is accounted by [`RequestMeta::proxy_answered`].
 //! - A client that leaves before any answer (hyper drops the request future
@@ -32,8 +37,8 @@ use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
 use crate::snapshot::{Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
-use crate::target::Routed;
-use crate::usage::{Prices, SseTally, SseUsage};
+use crate::target::{Endpoint, Routed};
+use crate::usage::{Dialect, Prices, SseTally, SseUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -216,10 +221,32 @@ pub(crate) struct Framing {
     pub json: bool,
 }
 
+/// The dialect of `endpoint`'s answers.
+pub(crate) fn dialect(endpoint: Endpoint) -> Dialect {
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => Dialect::Chat,
+        Endpoint::Messages | Endpoint::CountTokens => Dialect::Messages,
+        Endpoint::Responses | Endpoint::ResponsesGet | Endpoint::ResponsesDelete => {
+            Dialect::Responses
+        }
+    }
+}
+
+/// Whether `endpoint`'s answers carry billable usage (they generate).
+fn billable(endpoint: Endpoint) -> bool {
+    !matches!(
+        endpoint,
+        Endpoint::CountTokens | Endpoint::ResponsesGet | Endpoint::ResponsesDelete
+    )
+}
+
 /// The client's body of `cand`'s answer to `r` (status `status`): the
 /// upstream body followed to its end by a [`Tracker`], with the stream's
-/// usage scanner when it is a successful stream, drained for its usage if
-/// the client leaves (up to the request timeout).
+/// usage scanner when it is a successful stream (chat: per
+/// `r.stream_usage`, stripping what the proxy asked for; Messages and
+/// Responses: always, read only), the mid-stream error event in the
+/// endpoint's protocol, drained for its usage if the client leaves (up to
+/// the request timeout).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn track(
     meta: RequestMeta,
@@ -232,14 +259,26 @@ pub(crate) fn track(
     body: Incoming,
 ) -> ProxyBody {
     let success = status.is_success();
-    let collect = framing.json && !framing.sse && success;
-    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
-    let mut body = UpstreamBody::new(body, framing.sse, tracker);
-    if framing.sse
-        && success
-        && let Some(mode) = r.stream_usage
+    let dialect = dialect(r.endpoint);
+    let billable = billable(r.endpoint);
+    // The body is kept for its usage (and a stored response's id).
+    let collect = framing.json && !framing.sse && success && billable;
+    if success
+        && r.endpoint == Endpoint::ResponsesDelete
+        && let Some(id) = r.response_id.as_deref()
     {
-        body = body.with_scanner(SseUsage::new(mode.strip()));
+        crate::responses::forget(id);
+    }
+    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
+    let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(dialect);
+    if framing.sse && success && billable {
+        let scanner = match dialect {
+            Dialect::Chat => r.stream_usage.map(|mode| SseUsage::new(mode.strip())),
+            Dialect::Messages | Dialect::Responses => Some(SseUsage::reading(dialect)),
+        };
+        if let Some(s) = scanner {
+            body = body.with_scanner(s);
+        }
     }
     if success {
         // A client leaving mid-answer does not stop the accounting.
@@ -257,6 +296,7 @@ pub(crate) struct Tracker {
     events: EventSink,
     _in_flight: InFlight,
     backend: Arc<Backend>,
+    endpoint: Endpoint,
     metrics: Arc<OnceLock<CandidateMetrics>>,
     prices: Prices,
     status: StatusCode,
@@ -286,6 +326,7 @@ impl Tracker {
             events,
             _in_flight: in_flight,
             backend: cand.backend.clone(),
+            endpoint: r.endpoint,
             metrics: cand.metrics.clone(),
             prices: cand.prices,
             status,
@@ -297,22 +338,44 @@ impl Tracker {
         }
     }
 
-    /// Usage of a JSON answer collected whole.
+    /// Usage of a JSON answer collected whole (and, for a stored response,
+    /// remembers its owner).
     fn json_usage(&mut self) -> Option<Usage> {
         let chunks = self.collected.take()?;
         if let [one] = chunks.as_slice() {
-            return Usage::from_body(one);
+            return self.read_answer(one);
         }
         let mut buf = Vec::with_capacity(self.collected_len);
         for c in &chunks {
             buf.extend_from_slice(c);
         }
-        Usage::from_body(&buf)
+        self.read_answer(&buf)
+    }
+
+    /// Reads a whole JSON answer: its owner if it is a stored response, its
+    /// usage in the endpoint's dialect.
+    fn read_answer(&self, body: &[u8]) -> Option<Usage> {
+        if self.endpoint == Endpoint::Responses
+            && let Some(id) = crate::usage::answer_id(body)
+        {
+            crate::responses::remember(&id, &self.backend.id);
+        }
+        Usage::from_answer(dialect(self.endpoint), body)
     }
 
     /// Usage of the answer and whether it is an estimate: a stream that
-    /// ended without a usage chunk is counted from its content events.
+    /// ended without a usage chunk is counted from its content events; an
+    /// answer that does not generate is worth nothing.
     fn usage(&mut self, sse: Option<SseTally>) -> (Option<Usage>, bool) {
+        if !billable(self.endpoint) {
+            return (Some(Usage::default()), false);
+        }
+        if self.endpoint == Endpoint::Responses
+            && self.status.is_success()
+            && let Some(id) = sse.as_ref().and_then(|t| t.response_id.as_deref())
+        {
+            crate::responses::remember(id, &self.backend.id);
+        }
         match sse {
             Some(SseTally { usage: Some(u), .. }) => (Some(u), false),
             Some(t) => {
@@ -409,5 +472,174 @@ impl Observer for Tracker {
             .meta
             .outcome(self.status.as_u16(), latency, Some(end), Some(answered));
         self.events.emit(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventStreams, channel};
+    use crate::snapshot::SnapshotStore;
+    use crate::target::RequestBody;
+    use crate::test_util::{backend, key};
+    use crate::usage::samples;
+    use claw_proto::{Pool, v1};
+    use sha2::Digest;
+
+    /// A request to `endpoint` for model `m` on the one backend `be_acct`,
+    /// priced at Claude Sonnet's per-token prices.
+    fn fixture(endpoint: Endpoint) -> (Routed, Candidate) {
+        let mut b = backend("be_acct", Pool::Primary, &[("m", "m-native")]);
+        let mm = &mut b.models[0];
+        mm.input_cost_per_token = 3e-6;
+        mm.output_cost_per_token = 15e-6;
+        mm.cache_read_cost_per_token = 0.3e-6;
+        mm.cache_write_cost_per_token = 3.75e-6;
+        mm.cache_write_1h_cost_per_token = 6e-6;
+        let store = SnapshotStore::default();
+        store
+            .apply(
+                1,
+                &v1::Snapshot {
+                    version: 1,
+                    backends: vec![b],
+                    client_keys: vec![key("ck_a", "secret")],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snapshot = store.load().unwrap();
+        let route = snapshot.route("m").unwrap().clone();
+        let sha: [u8; 32] = sha2::Sha256::digest(b"secret").into();
+        let key = snapshot.key(&sha).unwrap().clone();
+        let cand = route.candidates[0].clone();
+        let r = Routed {
+            snapshot: snapshot.clone(),
+            key,
+            route,
+            endpoint,
+            path: "/x",
+            query: None,
+            headers: http::HeaderMap::new(),
+            body: RequestBody::Raw {
+                bytes: Bytes::new(),
+                model: 0..0,
+            },
+            stream: false,
+            priority: Priority::Interactive,
+            agent_id: None,
+            est_tokens: 100.0,
+            est_prompt_tokens: 77,
+            stream_usage: None,
+            affinity: None,
+            response_id: None,
+            owner: None,
+            started: Instant::now(),
+            span: tracing::Span::none(),
+        };
+        (r, cand)
+    }
+
+    /// The outcome of `body` answering `endpoint` with 200, as a JSON body
+    /// or (when `sse`) an SSE stream read by the endpoint's scanner.
+    fn account(endpoint: Endpoint, body: &str, sse: bool) -> RequestOutcome {
+        let (r, cand) = fixture(endpoint);
+        let (sink, mut streams): (EventSink, EventStreams) = channel(4);
+        let meta = RequestMeta::new(&r);
+        let in_flight = InFlight::new(cand.backend.clone());
+        let mut t = Tracker::new(meta, sink, in_flight, &r, &cand, StatusCode::OK, !sse);
+        let tally = sse.then(|| {
+            let mut s = SseUsage::reading(dialect(endpoint));
+            s.observe(body.as_bytes());
+            s.finish();
+            s.tally()
+        });
+        // In two chunks, as a body arrives.
+        let (a, b) = body.as_bytes().split_at(body.len() / 2);
+        t.on_data(&Bytes::copy_from_slice(a));
+        t.on_data(&Bytes::copy_from_slice(b));
+        t.on_end(End::Complete, tally);
+        streams.outcomes.try_recv().unwrap()
+    }
+
+    #[test]
+    fn endpoints_map_to_their_dialects() {
+        assert_eq!(dialect(Endpoint::ChatCompletions), Dialect::Chat);
+        assert_eq!(dialect(Endpoint::Embeddings), Dialect::Chat);
+        assert_eq!(dialect(Endpoint::Messages), Dialect::Messages);
+        assert_eq!(dialect(Endpoint::CountTokens), Dialect::Messages);
+        assert_eq!(dialect(Endpoint::Responses), Dialect::Responses);
+        assert!(billable(Endpoint::Messages) && billable(Endpoint::Responses));
+        assert!(!billable(Endpoint::CountTokens));
+        assert!(!billable(Endpoint::ResponsesGet) && !billable(Endpoint::ResponsesDelete));
+    }
+
+    #[test]
+    fn a_messages_answer_is_accounted_with_its_cache_and_priced_by_the_mapping() {
+        for (body, sse) in [
+            (samples::MESSAGES_JSON, false),
+            (samples::MESSAGES_SSE_CUMULATIVE, true),
+        ] {
+            let o = account(Endpoint::Messages, body, sse);
+            let u = o.usage.unwrap();
+            let want = Usage::from_answer(Dialect::Messages, body.as_bytes()).or_else(|| {
+                let mut s = SseUsage::reading(Dialect::Messages);
+                s.observe(body.as_bytes());
+                s.tally().usage
+            });
+            assert_eq!(Some(u), want);
+            assert!(!o.usage_estimated);
+            assert!(u.cache_read_tokens > 0 && u.cache_write_1h_tokens > 0);
+            let prompt = u.prompt_tokens as f64;
+            let (r, w5, w1) = (
+                u.cache_read_tokens as f64,
+                u.cache_write_5m_tokens as f64,
+                u.cache_write_1h_tokens as f64,
+            );
+            let cost = (prompt - r - w5 - w1) * 3e-6
+                + r * 0.3e-6
+                + w5 * 3.75e-6
+                + w1 * 6e-6
+                + u.completion_tokens as f64 * 15e-6;
+            assert!((o.cost.unwrap() - cost).abs() < 1e-15);
+        }
+    }
+
+    #[test]
+    fn a_responses_answer_makes_its_backend_the_owner_of_its_id() {
+        let o = account(Endpoint::Responses, samples::RESPONSES_JSON, false);
+        assert_eq!(o.usage.map(|u| u.cache_read_tokens), Some(1152));
+        assert_eq!(
+            crate::responses::owner("resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41")
+                .as_deref(),
+            Some("be_acct")
+        );
+        let o = account(Endpoint::Responses, samples::RESPONSES_SSE, true);
+        assert_eq!(o.usage.map(|u| u.prompt_tokens), Some(2037));
+        assert_eq!(
+            crate::responses::owner("resp_67c9fdcecf488190bdd9a0409de3a1ec07b8b0ad4e5eb654")
+                .as_deref(),
+            Some("be_acct")
+        );
+    }
+
+    #[test]
+    fn count_tokens_and_stored_response_reads_bill_nothing() {
+        let o = account(Endpoint::CountTokens, r#"{"input_tokens":2095}"#, false);
+        assert_eq!(o.usage, Some(Usage::default()));
+        assert_eq!(o.cost, Some(0.0));
+        // A stored response read back carries its usage; it was billed once.
+        let o = account(Endpoint::ResponsesGet, samples::RESPONSES_JSON, false);
+        assert_eq!(o.usage, Some(Usage::default()));
+        assert_eq!(o.cost, Some(0.0));
+    }
+
+    #[test]
+    fn a_stream_without_usage_is_estimated_from_its_content_events() {
+        let body = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}\n\n";
+        let o = account(Endpoint::Messages, &body.repeat(3), true);
+        assert!(o.usage_estimated);
+        let u = o.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (77, 3));
     }
 }

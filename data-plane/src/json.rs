@@ -9,8 +9,9 @@
 //!   request's `model`, `stream` and output cap through serde without a DOM.
 //! - [`top_level_member`]: a byte scan (memchr over strings, a bracket stack
 //!   over containers) that finds the span of one top-level member — how
-//!   [`crate::usage::Usage::from_body`] finds `usage` in an answer without
-//!   parsing the completion text.
+//!   [`crate::usage::Usage::from_answer`] finds `usage` (and
+//!   `crate::usage::answer_id` a stored response's `id`) in an answer
+//!   without parsing the completion text.
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 

@@ -6,6 +6,7 @@
 //! | `claw_dp_requests_total` | counter | `model`, `backend`, `status` |
 //! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
 //! | `claw_dp_retries_total` | counter | |
+//! | `claw_dp_affinity_total` | counter | `outcome`, `reason` (moved), `source` (with a key) |
 //! | `claw_dp_cooldowns_active` | gauge | |
 //! | `claw_dp_queue_depth` | gauge | |
 //! | `claw_dp_snapshot_version` | gauge | |
@@ -90,6 +91,10 @@ fn describe() {
     describe_counter!(
         RETRIES_TOTAL,
         "Upstream attempts after the first of a request"
+    );
+    describe_counter!(
+        AFFINITY_TOTAL,
+        "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
     );
     describe_gauge!(
         COOLDOWNS_ACTIVE,
@@ -431,4 +436,30 @@ pub(crate) fn token_usage_histogram(
     kind: &'static str,
 ) -> Histogram {
     metrics::histogram!(TOKEN_USAGE, "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
+}
+
+/// Name of the affinity counter.
+pub(crate) const AFFINITY_TOTAL: &str = "claw_dp_affinity_total";
+
+/// Counts one admitted attempt in `claw_dp_affinity_total`: `outcome` kept,
+/// moved (with its `reason`) or none; `source` of the key when there is one.
+#[inline]
+pub(crate) fn affinity(
+    outcome: &'static str,
+    reason: Option<&'static str>,
+    source: Option<&'static str>,
+) {
+    match (reason, source) {
+        (Some(r), Some(s)) => {
+            metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome, "reason" => r, "source" => s)
+                .increment(1);
+        }
+        (None, Some(s)) => {
+            metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome, "source" => s).increment(1);
+        }
+        (Some(r), None) => {
+            metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome, "reason" => r).increment(1);
+        }
+        (None, None) => metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome).increment(1),
+    }
 }

@@ -2,12 +2,29 @@
 //! "Routing order") in one place.
 //!
 //! [`select`] picks the candidate for one attempt. Candidates are the
-//! enabled backends mapping the model that are neither cooling nor ejected;
-//! the primary pool before the fallback pool; within a pool the least loaded
-//! (in-flight ÷ weight, ties rotated). A candidate whose rate limiter refuses
-//! is skipped; if all usable ones are rate-limited the request queues; if all
-//! are cooling, the emergency limiter of the soonest-recovering one may
-//! admit; otherwise the model is unavailable until the soonest recovery.
+//! enabled backends mapping the model that are neither cooling nor ejected.
+//! The backend holding the request's stored response ([`Preference::owner`])
+//! goes first: only it knows the response id. Then the primary pool before
+//! the fallback pool; within a pool:
+//!
+//! - with an affinity key ([`crate::affinity`]), the session's order: the
+//!   candidates ranked by weighted rendezvous hashing of (key hash, backend
+//!   id), highest score first. The order depends on nothing but the key and
+//!   the snapshot, so every proxy ranks alike without talking to the others;
+//!   a backend's weight skews its share of sessions proportionally; removing
+//!   a backend moves only the sessions it held (the others' top scores are
+//!   unchanged); and a skipped first choice (cooling, ejected, rate-limited)
+//!   falls to the same second choice on every proxy, so the session's cache
+//!   is rebuilt in one place, not several. Bounded load ([`saturated`]): a
+//!   candidate far above its pool's mean load goes behind the others, so one
+//!   hot session cannot pile onto a saturated backend;
+//! - without one, the least loaded (in-flight ÷ weight, ties rotated).
+//!
+//! A candidate whose rate limiter refuses is skipped; if all usable ones are
+//! rate-limited the request queues; if all are cooling, the emergency limiter
+//! of the soonest-recovering one may admit; otherwise the model is
+//! unavailable until the soonest recovery. [`select`] is pure apart from the
+//! limiters' tokens and allocates nothing.
 //!
 //! [`admit`] turns that into the decision for the retry layer: go, wait in
 //! the model's queue ([`crate::queue`]) while every usable candidate is
@@ -19,6 +36,7 @@ use std::time::Duration;
 use claw_proto::Pool;
 use tokio::time::Instant;
 
+use crate::affinity::{hash64, mix64};
 use crate::error::{ApiError, retry_after_secs};
 use crate::queue::QueueExit;
 use crate::snapshot::{Candidate, Route};
@@ -52,10 +70,92 @@ impl CandidateSet {
         self.0.count_ones() as usize
     }
 
+    /// The candidates in either set.
+    #[inline]
+    pub(crate) fn union(self, other: CandidateSet) -> CandidateSet {
+        CandidateSet(self.0 | other.0)
+    }
+
     /// Whether the set is empty.
     #[cfg(test)]
     fn is_empty(self) -> bool {
         self.0 == 0
+    }
+}
+
+/// What a request prefers beyond load, from its [`Routed`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Preference<'a> {
+    /// The backend holding the stored response the request names: first
+    /// while it is eligible.
+    pub owner: Option<&'a str>,
+    /// The hash of the session's affinity key.
+    pub affinity: Option<u64>,
+}
+
+impl<'a> Preference<'a> {
+    /// The preference of `r`.
+    fn of(r: &'a Routed) -> Self {
+        Preference {
+            owner: r.owner.as_deref(),
+            affinity: r.affinity.map(|a| a.hash),
+        }
+    }
+}
+
+/// How an admitted attempt relates to its session's first choice (the
+/// top-ranked candidate of the first non-empty pool, whatever its state):
+/// `claw_dp_affinity_total`'s `outcome` and `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stickiness {
+    /// No affinity key: least-loaded.
+    NoKey,
+    /// The first choice takes the attempt.
+    Kept,
+    /// Another candidate does, because of the first choice's state.
+    Moved(MoveReason),
+}
+
+/// Why a session's first choice did not take an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MoveReason {
+    /// It is cooling down.
+    Cooling,
+    /// It is ejected as an outlier.
+    Ejected,
+    /// Its rate limiter refused.
+    RateLimited,
+    /// It is above the load bound ([`saturated`]).
+    Saturated,
+    /// The backend holding the request's stored response went first.
+    Owner,
+    /// It already failed this request (a retry).
+    Retried,
+}
+
+impl Stickiness {
+    /// The metric's `outcome` label.
+    pub(crate) fn outcome(self) -> &'static str {
+        match self {
+            Stickiness::NoKey => "none",
+            Stickiness::Kept => "kept",
+            Stickiness::Moved(_) => "moved",
+        }
+    }
+
+    /// The metric's `reason` label, for a move.
+    pub(crate) fn reason(self) -> Option<&'static str> {
+        let Stickiness::Moved(r) = self else {
+            return None;
+        };
+        Some(match r {
+            MoveReason::Cooling => "cooling",
+            MoveReason::Ejected => "ejected",
+            MoveReason::RateLimited => "rate_limited",
+            MoveReason::Saturated => "saturated",
+            MoveReason::Owner => "owner",
+            MoveReason::Retried => "retried",
+        })
     }
 }
 
@@ -68,6 +168,8 @@ pub(crate) enum Selection {
         index: usize,
         /// Admitted by the emergency limiter while cooling.
         emergency: bool,
+        /// Against the session's first choice.
+        stickiness: Stickiness,
     },
     /// Usable candidates exist but all are at their rate limit.
     RateLimited {
@@ -87,6 +189,52 @@ fn less_loaded(a: &Candidate, b: &Candidate) -> bool {
     la * u64::from(b.backend.weight) < lb * u64::from(a.backend.weight)
 }
 
+/// The weighted rendezvous score of a backend for a session: `-w / ln(u)`
+/// with `u` uniform in (0, 1) from (session hash, backend id). The highest
+/// score wins; the chance that a backend's is the highest is its weight over
+/// the sum of weights, and it depends on no other backend, so adding or
+/// removing one moves only the sessions it wins or held. Only stable
+/// ingredients (the id, [`hash64`], IEEE arithmetic): proxies of different
+/// builds must agree. (`ln` may differ by an ulp between math libraries,
+/// which can only swap two backends whose scores agree to ~16 digits.)
+fn score(session: u64, id: &str, weight: u32) -> f64 {
+    let x = mix64(session ^ hash64(id.as_bytes()));
+    // The top 53 bits, centred: exactly representable, strictly in (0, 1).
+    let u = ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -f64::from(weight) / u.ln()
+}
+
+/// Whether `a` ranks before `b` in a session's order (equal scores, which
+/// need a 53-bit collision, by id so that every proxy still agrees).
+fn ranks_before(sa: f64, a: &Candidate, sb: f64, b: &Candidate) -> bool {
+    sa > sb || (sa == sb && a.backend.id < b.backend.id)
+}
+
+/// One pool's load, for the bound: in-flight requests and weight summed over
+/// its healthy candidates.
+#[derive(Clone, Copy, Default)]
+struct PoolLoad {
+    in_flight: u64,
+    weight: u64,
+}
+
+/// Bounded load: whether `c` carries more than twice its weight's share of
+/// its pool's in-flight requests, plus 2 — "consistent hashing with bounded
+/// loads" (Mirrokni et al.) with ε = 1. Twice the mean leaves rendezvous
+/// alone under ordinary skew (a few sessions more on one backend is the
+/// price of warm caches, and moving them costs a cache rebuild elsewhere),
+/// yet stops one hot session from queueing a saturated backend while others
+/// idle; the + 2 keeps tiny loads (0, 1, 2 in flight) from moving anything.
+/// A saturated candidate is not skipped, only ranked after the unsaturated
+/// ones, so it still serves when the others are rate-limited. The counts are
+/// this proxy's own: the bound is local, the order is not.
+fn saturated(c: &Candidate, pool: PoolLoad) -> bool {
+    let mine = u128::from(c.backend.runtime.in_flight.load(Ordering::Relaxed));
+    let w = u128::from(c.backend.weight);
+    let (total, wsum) = (u128::from(pool.in_flight), u128::from(pool.weight.max(1)));
+    mine * wsum > 2 * total * w + 2 * wsum
+}
+
 /// Takes a request's tokens from `c`'s limiters (rpm, then tpm), or says
 /// how long until they conform.
 fn take_tokens(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration> {
@@ -101,9 +249,59 @@ fn take_tokens(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration>
     Ok(())
 }
 
+/// What one call of [`select`] knows about the candidates, on the stack.
+struct View<'r> {
+    cands: &'r [Candidate],
+    now: Instant,
+    /// Tried by this request already.
+    tried: CandidateSet,
+    /// Cooling or ejected.
+    unhealthy: CandidateSet,
+    /// Refused by their rate limiter in this call.
+    limited: CandidateSet,
+    /// The session's scores, when it has an affinity key.
+    scores: Option<[f64; MAX_CANDIDATES]>,
+    /// The session's first choice.
+    first: Option<usize>,
+}
+
+impl View<'_> {
+    /// How admitting `i` relates to the session's first choice.
+    fn stickiness(&self, i: usize) -> Stickiness {
+        let Some(first) = self.first else {
+            return Stickiness::NoKey;
+        };
+        if i == first {
+            return Stickiness::Kept;
+        }
+        let c = &self.cands[first].backend.runtime;
+        Stickiness::Moved(if self.tried.contains(first) {
+            MoveReason::Retried
+        } else if self.unhealthy.contains(first) {
+            if c.cooldown.cooling_until(self.now).is_some() {
+                MoveReason::Cooling
+            } else {
+                MoveReason::Ejected
+            }
+        } else if self.limited.contains(first) {
+            MoveReason::RateLimited
+        } else {
+            // Healthy, untried, unrefused and ranked first in the first
+            // pool: only the bound puts it behind another.
+            MoveReason::Saturated
+        })
+    }
+}
+
 /// Picks the candidate for the next attempt, skipping those in `tried`,
 /// and takes its tokens.
-pub(crate) fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Instant) -> Selection {
+pub(crate) fn select(
+    route: &Route,
+    tried: CandidateSet,
+    tokens: f64,
+    now: Instant,
+    pref: Preference<'_>,
+) -> Selection {
     let cands = &route.candidates[..route.candidates.len().min(MAX_CANDIDATES)];
     let n = cands.len();
     if n == 0 {
@@ -111,49 +309,118 @@ pub(crate) fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Insta
             retry_after: Duration::from_secs(1),
         };
     }
-    let rot = route.next_rotation() % n;
-    let mut checked = tried;
+    let mut view = View {
+        cands,
+        now,
+        tried,
+        unhealthy: CandidateSet::default(),
+        limited: CandidateSet::default(),
+        scores: None,
+        first: None,
+    };
     let mut soonest: Option<Instant> = None;
     let mut soonest_cooling: Option<(usize, Instant)> = None;
+    let mut loads = [PoolLoad::default(); 2];
     for (i, c) in cands.iter().enumerate() {
-        if tried.contains(i) {
-            continue;
-        }
         let cool = c.backend.runtime.cooldown.cooling_until(now);
         let ejected = c.backend.runtime.outlier.ejected_until(now);
         if let Some(until) = cool.max(ejected) {
-            checked.insert(i);
+            view.unhealthy.insert(i);
+            if tried.contains(i) {
+                continue;
+            }
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             if let (Some(c), None) = (cool, ejected)
                 && soonest_cooling.is_none_or(|(_, s)| c < s)
             {
                 soonest_cooling = Some((i, c));
             }
+        } else if pref.affinity.is_some() {
+            let load = &mut loads[usize::from(c.backend.pool == Pool::Fallback)];
+            load.in_flight += u64::from(c.backend.runtime.in_flight.load(Ordering::Relaxed));
+            load.weight += u64::from(c.backend.weight);
         }
     }
+    if let Some(session) = pref.affinity {
+        let mut scores = [0.0; MAX_CANDIDATES];
+        let mut first: [Option<usize>; 2] = [None; 2];
+        for (i, c) in cands.iter().enumerate() {
+            scores[i] = score(session, &c.backend.id, c.backend.weight);
+            let f = &mut first[usize::from(c.backend.pool == Pool::Fallback)];
+            if f.is_none_or(|f| ranks_before(scores[i], c, scores[f], &cands[f])) {
+                *f = Some(i);
+            }
+        }
+        view.first = first[0].or(first[1]);
+        view.scores = Some(scores);
+    }
+    let mut checked = tried.union(view.unhealthy);
     let mut min_wait: Option<Duration> = None;
-    for pool in [Pool::Primary, Pool::Fallback] {
+    if let Some(owner) = pref.owner
+        && let Some(i) = cands.iter().position(|c| *c.backend.id == *owner)
+        && !checked.contains(i)
+    {
+        checked.insert(i);
+        match take_tokens(&cands[i], tokens, now) {
+            Ok(()) => {
+                let stickiness = match view.first {
+                    Some(f) if f != i => Stickiness::Moved(MoveReason::Owner),
+                    Some(_) => Stickiness::Kept,
+                    None => Stickiness::NoKey,
+                };
+                return Selection::Admitted {
+                    index: i,
+                    emergency: false,
+                    stickiness,
+                };
+            }
+            Err(w) => {
+                view.limited.insert(i);
+                min_wait = Some(w);
+            }
+        }
+    }
+    let rot = if view.scores.is_some() {
+        0
+    } else {
+        route.next_rotation() % n
+    };
+    for (p, pool) in [Pool::Primary, Pool::Fallback].into_iter().enumerate() {
         loop {
-            let mut best: Option<usize> = None;
+            // With affinity: (unsaturated first, then score); else least loaded.
+            let mut best: Option<(usize, bool)> = None;
             for k in 0..n {
                 let i = (rot + k) % n;
-                if checked.contains(i) || cands[i].backend.pool != pool {
+                let c = &cands[i];
+                if checked.contains(i) || c.backend.pool != pool {
                     continue;
                 }
-                if best.is_none_or(|b| less_loaded(&cands[i], &cands[b])) {
-                    best = Some(i);
+                let sat = view.scores.is_some() && saturated(c, loads[p]);
+                let better = match (&view.scores, best) {
+                    (_, None) => true,
+                    (Some(s), Some((b, b_sat))) => {
+                        (!sat && b_sat) || (sat == b_sat && ranks_before(s[i], c, s[b], &cands[b]))
+                    }
+                    (None, Some((b, _))) => less_loaded(c, &cands[b]),
+                };
+                if better {
+                    best = Some((i, sat));
                 }
             }
-            let Some(i) = best else { break };
+            let Some((i, _)) = best else { break };
             checked.insert(i);
             match take_tokens(&cands[i], tokens, now) {
                 Ok(()) => {
                     return Selection::Admitted {
                         index: i,
                         emergency: false,
+                        stickiness: view.stickiness(i),
                     };
                 }
-                Err(w) => min_wait = Some(min_wait.map_or(w, |m| m.min(w))),
+                Err(w) => {
+                    view.limited.insert(i);
+                    min_wait = Some(min_wait.map_or(w, |m| m.min(w)));
+                }
             }
         }
     }
@@ -171,6 +438,7 @@ pub(crate) fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Insta
         return Selection::Admitted {
             index: i,
             emergency: true,
+            stickiness: view.stickiness(i),
         };
     }
     Selection::Unavailable {
@@ -198,9 +466,14 @@ pub(crate) enum Admission {
 /// the soonest recovery.
 pub(crate) async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) -> Admission {
     let settings = &r.route.settings;
-    let direct = select(&r.route, tried, r.est_tokens, Instant::now());
+    let pref = Preference::of(r);
+    let direct = select(&r.route, tried, r.est_tokens, Instant::now(), pref);
     let wait = match direct {
-        Selection::Admitted { index, emergency } => return Admission::Go { index, emergency },
+        Selection::Admitted {
+            index,
+            emergency,
+            stickiness,
+        } => return go(r, index, emergency, stickiness),
         Selection::Unavailable { retry_after } => {
             return Admission::Stop(ApiError::no_capacity(retry_after_secs(retry_after)));
         }
@@ -215,8 +488,12 @@ pub(crate) async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) ->
             r.priority,
             settings.queue_depth as usize,
             queue_deadline,
-            |now| match select(&r.route, tried, r.est_tokens, now) {
-                Selection::Admitted { index, emergency } => Ok((index, emergency)),
+            |now| match select(&r.route, tried, r.est_tokens, now, pref) {
+                Selection::Admitted {
+                    index,
+                    emergency,
+                    stickiness,
+                } => Ok((index, emergency, stickiness)),
                 Selection::RateLimited { wait } => {
                     last_wait = wait;
                     Err(Some(wait))
@@ -226,12 +503,17 @@ pub(crate) async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) ->
         )
         .await;
     match waited {
-        Ok((index, emergency)) => Admission::Go { index, emergency },
+        Ok((index, emergency, stickiness)) => go(r, index, emergency, stickiness),
         Err(QueueExit::Full | QueueExit::TimedOut) => {
             Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(last_wait)))
         }
-        Err(QueueExit::GaveUp) => match select(&r.route, tried, r.est_tokens, Instant::now()) {
-            Selection::Admitted { index, emergency } => Admission::Go { index, emergency },
+        Err(QueueExit::GaveUp) => match select(&r.route, tried, r.est_tokens, Instant::now(), pref)
+        {
+            Selection::Admitted {
+                index,
+                emergency,
+                stickiness,
+            } => go(r, index, emergency, stickiness),
             Selection::RateLimited { wait } => {
                 Admission::Stop(ApiError::capacity_rate_limited(retry_after_secs(wait)))
             }
@@ -242,9 +524,20 @@ pub(crate) async fn admit(r: &Routed, tried: CandidateSet, deadline: Instant) ->
     }
 }
 
+/// Admits `index`, counting the attempt in `claw_dp_affinity_total`.
+fn go(r: &Routed, index: usize, emergency: bool, stickiness: Stickiness) -> Admission {
+    crate::metrics::affinity(
+        stickiness.outcome(),
+        stickiness.reason(),
+        r.affinity.map(|a| a.source.label()),
+    );
+    Admission::Go { index, emergency }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::affinity::hash64;
     use crate::snapshot::{Snapshot, compile};
     use crate::test_util::{backend, key};
     use claw_proto::v1;
@@ -270,6 +563,328 @@ mod tests {
             s.insert(i);
         }
         s
+    }
+
+    /// Today's calls: no owner, no affinity key.
+    fn select(route: &Route, tried: CandidateSet, tokens: f64, now: Instant) -> Selection {
+        super::select(route, tried, tokens, now, Preference::default())
+    }
+
+    /// A selection for session `hash` (and `owner`).
+    fn sticky(r: &Route, hash: u64, owner: Option<&str>, tried: CandidateSet) -> Selection {
+        let pref = Preference {
+            owner,
+            affinity: Some(hash),
+        };
+        super::select(r, tried, 1.0, Instant::now(), pref)
+    }
+
+    fn session(k: usize) -> u64 {
+        hash64(format!("session-{k}").as_bytes())
+    }
+
+    /// Enabled primaries with rates no test reaches (the burst is 50 ms of
+    /// the rate), `weights[i]` for backend `ids[i]`.
+    fn fleet(ids: &[&str], weights: &[u32]) -> Vec<v1::SnapshotBackend> {
+        ids.iter()
+            .zip(weights)
+            .map(|(id, w)| {
+                let mut b = backend(id, Pool::Primary, &[("m", "m")]);
+                b.rpm = 1_000_000_000;
+                b.weight = *w;
+                b
+            })
+            .collect()
+    }
+
+    fn chosen(r: &Route, s: Selection) -> (String, Stickiness) {
+        match s {
+            Selection::Admitted {
+                index, stickiness, ..
+            } => (r.candidates[index].backend.id.to_string(), stickiness),
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    fn first_choice(r: &Route, hash: u64) -> String {
+        let (id, st) = chosen(r, sticky(r, hash, None, CandidateSet::default()));
+        assert_eq!(st, Stickiness::Kept);
+        id
+    }
+
+    fn index_of(r: &Route, id: &str) -> usize {
+        r.candidates
+            .iter()
+            .position(|c| &*c.backend.id == id)
+            .expect("backend in the route")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_picks_the_same_backend_on_every_proxy() {
+        // Two proxies: two snapshots compiled apart, candidates in another order.
+        let (_s1, r1) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let (_s2, r2) = route_of(fleet(&["c", "a", "b"], &[1, 1, 1]));
+        for k in 0..300 {
+            let on1 = first_choice(&r1, session(k));
+            assert_eq!(on1, first_choice(&r2, session(k)), "session {k}");
+            // And again: the choice is the session's, not the moment's.
+            assert_eq!(on1, first_choice(&r1, session(k)));
+        }
+    }
+
+    fn spread(r: &Route, sessions: usize) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for k in 0..sessions {
+            *counts.entry(first_choice(r, session(k))).or_default() += 1;
+        }
+        counts
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_spread_over_the_backends_in_proportion_to_weight() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let counts = spread(&r, 3000);
+        // Expected 1000 each, σ ≈ 26: a 4σ band.
+        for id in ["a", "b", "c"] {
+            let n = counts.get(id).copied().unwrap_or(0);
+            assert!((900..=1100).contains(&n), "{id}: {n} of 3000 ({counts:?})");
+        }
+        let (_s, r) = route_of(fleet(&["a", "b", "c"], &[1, 2, 3]));
+        let counts = spread(&r, 6000);
+        for (id, want) in [("a", 1000), ("b", 2000), ("c", 3000)] {
+            let n = counts.get(id).copied().unwrap_or(0);
+            assert!(n.abs_diff(want) <= 150, "{id}: {n} of 6000, want ~{want}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooling_first_choice_moves_its_sessions_to_the_same_second_choice_on_every_proxy() {
+        let ids = ["a", "b", "c"];
+        let (_s0, healthy) = route_of(fleet(&ids, &[1, 1, 1]));
+        for cooled in ids {
+            let (_s1, r1) = route_of(fleet(&ids, &[1, 1, 1]));
+            let (_s2, r2) = route_of(fleet(&["b", "c", "a"], &[1, 1, 1]));
+            let until = Instant::now() + Duration::from_secs(30);
+            for r in [&r1, &r2] {
+                r.candidates[index_of(r, cooled)]
+                    .backend
+                    .runtime
+                    .cooldown
+                    .apply(until, 1);
+            }
+            let mut moved = 0;
+            for k in 0..300 {
+                let first = first_choice(&healthy, session(k));
+                let (on1, st1) =
+                    chosen(&r1, sticky(&r1, session(k), None, CandidateSet::default()));
+                let (on2, st2) =
+                    chosen(&r2, sticky(&r2, session(k), None, CandidateSet::default()));
+                assert_eq!((&on1, st1), (&on2, st2), "session {k}");
+                if first == cooled {
+                    moved += 1;
+                    assert_ne!(on1, cooled);
+                    assert_eq!(st1, Stickiness::Moved(MoveReason::Cooling));
+                    // The session's second choice: what a retry after its
+                    // first choice would take.
+                    let tried = set(&[index_of(&healthy, cooled)]);
+                    let (second, st) = chosen(&healthy, sticky(&healthy, session(k), None, tried));
+                    assert_eq!(
+                        (on1.as_str(), st),
+                        (second.as_str(), Stickiness::Moved(MoveReason::Retried))
+                    );
+                } else {
+                    // Sessions of the other backends stay where they are.
+                    assert_eq!((on1.as_str(), st1), (first.as_str(), Stickiness::Kept));
+                }
+            }
+            assert!(moved > 50, "{cooled} held {moved} of 300");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_and_rate_limited_first_choices_move_with_their_reason() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let k = session(7);
+        let first = first_choice(&r, k);
+        let i = index_of(&r, &first);
+        let now = Instant::now();
+        let p = crate::outlier::OutlierPolicy::default();
+        for _ in 0..5 {
+            r.candidates[i].backend.runtime.outlier.on_failure(&p, now);
+        }
+        let (to, st) = chosen(&r, sticky(&r, k, None, CandidateSet::default()));
+        assert_ne!(to, first);
+        assert_eq!(st, Stickiness::Moved(MoveReason::Ejected));
+
+        let mut limited = fleet(&["a", "b", "c"], &[1, 1, 1]);
+        for b in &mut limited {
+            b.rpm = 1;
+        }
+        let (_s, r) = route_of(limited);
+        assert_eq!(first_choice(&r, k), first);
+        // Its one token is spent: the next in the session's order, same as a retry's.
+        let (to, st) = chosen(&r, sticky(&r, k, None, CandidateSet::default()));
+        assert_eq!(st, Stickiness::Moved(MoveReason::RateLimited));
+        let (_s, fresh) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let retry = chosen(
+            &fresh,
+            sticky(&fresh, k, None, set(&[index_of(&fresh, &first)])),
+        );
+        assert_eq!(to, retry.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removing_a_backend_moves_only_its_sessions_and_adding_one_takes_only_its_share() {
+        let (_s3, abc) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let (_s2, ab) = route_of(fleet(&["a", "b"], &[1, 1]));
+        let (_s4, abcd) = route_of(fleet(&["a", "b", "c", "d"], &[1, 1, 1, 1]));
+        let (mut moved, mut gained) = (0, 0);
+        for k in 0..1000 {
+            let before = first_choice(&abc, session(k));
+            let after = first_choice(&ab, session(k));
+            if before == "c" {
+                moved += 1;
+            } else {
+                assert_eq!(after, before, "session {k} moved off a backend still there");
+            }
+            let grown = first_choice(&abcd, session(k));
+            if grown == "d" {
+                gained += 1;
+            } else {
+                assert_eq!(grown, before, "session {k} moved between old backends");
+            }
+        }
+        assert!((250..=420).contains(&moved), "c held {moved} of 1000");
+        assert!((170..=330).contains(&gained), "d took {gained} of 1000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_load_moves_a_session_off_a_saturated_backend() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let k = session(3);
+        let first = first_choice(&r, k);
+        let i = index_of(&r, &first);
+        let in_flight = |n| {
+            r.candidates[i]
+                .backend
+                .runtime
+                .in_flight
+                .store(n, Ordering::Relaxed)
+        };
+        // 3 of 3 in flight: the bound is 2 × 1 + 2 = 4, kept.
+        in_flight(3);
+        assert_eq!(first_choice(&r, k), first);
+        // 10 of 10: bound 2 × 10/3 + 2 ≈ 8.7, moved.
+        in_flight(10);
+        let (to, st) = chosen(&r, sticky(&r, k, None, CandidateSet::default()));
+        assert_ne!(to, first);
+        assert_eq!(st, Stickiness::Moved(MoveReason::Saturated));
+        // Saturated is behind the others, not out: alone, it still serves.
+        let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        let (to, _) = chosen(&r, sticky(&r, k, None, set(&others)));
+        assert_eq!(to, first);
+        // Weight raises the bound: weight 4 of 6 makes 10 of 10 its share.
+        let mut fl = fleet(&["a", "b", "c"], &[1, 1, 1]);
+        for b in &mut fl {
+            if b.id == first {
+                b.weight = 4;
+            }
+        }
+        let (_s, r) = route_of(fl);
+        let i = index_of(&r, &first);
+        r.candidates[i]
+            .backend
+            .runtime
+            .in_flight
+            .store(10, Ordering::Relaxed);
+        // (The heavier backend may now be the first choice of other sessions
+        // too; this one's first choice is the same or better.)
+        let (to, st) = chosen(&r, sticky(&r, k, None, CandidateSet::default()));
+        assert_eq!((to.as_str(), st), (first.as_str(), Stickiness::Kept));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_owner_of_a_stored_response_goes_first_while_eligible() {
+        let mut fl = fleet(&["a", "b", "c"], &[1, 1, 1]);
+        let mut fb = backend("fb", Pool::Fallback, &[("m", "m")]);
+        fb.rpm = 1_000_000_000;
+        fl.push(fb);
+        let (_s, r) = route_of(fl);
+        let k = session(11);
+        let first = first_choice(&r, k);
+        let other = ["a", "b", "c"]
+            .into_iter()
+            .find(|id| *id != first)
+            .expect("two backends");
+        let none = CandidateSet::default();
+        let (to, st) = chosen(&r, sticky(&r, k, Some(other), none));
+        assert_eq!(
+            (to.as_str(), st),
+            (other, Stickiness::Moved(MoveReason::Owner))
+        );
+        let (to, st) = chosen(&r, sticky(&r, k, Some(&first), none));
+        assert_eq!((to.as_str(), st), (first.as_str(), Stickiness::Kept));
+        // Before the primary pool, and without an affinity key.
+        let (to, st) = chosen(&r, sticky(&r, k, Some("fb"), none));
+        assert_eq!(
+            (to.as_str(), st),
+            ("fb", Stickiness::Moved(MoveReason::Owner))
+        );
+        let pref = Preference {
+            owner: Some("fb"),
+            affinity: None,
+        };
+        let (to, st) = chosen(&r, super::select(&r, none, 1.0, Instant::now(), pref));
+        assert_eq!((to.as_str(), st), ("fb", Stickiness::NoKey));
+        // A cooling owner, or one already tried, gives way to the session's order.
+        let o = index_of(&r, other);
+        let (to, _) = chosen(&r, sticky(&r, k, Some(other), set(&[o])));
+        assert_eq!(to, first);
+        r.candidates[o]
+            .backend
+            .runtime
+            .cooldown
+            .apply(Instant::now() + Duration::from_secs(30), 1);
+        let (to, st) = chosen(&r, sticky(&r, k, Some(other), none));
+        assert_eq!((to.as_str(), st), (first.as_str(), Stickiness::Kept));
+        // An unknown owner (a backend since removed) changes nothing.
+        assert_eq!(chosen(&r, sticky(&r, k, Some("gone"), none)).0, first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_key_selection_is_least_loaded_and_says_so() {
+        let (_s, r) = route_of(fleet(&["a", "b"], &[1, 1]));
+        r.candidates[index_of(&r, "a")]
+            .backend
+            .runtime
+            .in_flight
+            .store(2, Ordering::Relaxed);
+        for _ in 0..3 {
+            let (to, st) = chosen(&r, select(&r, CandidateSet::default(), 1.0, Instant::now()));
+            assert_eq!((to.as_str(), st), ("b", Stickiness::NoKey));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scores_are_pinned() {
+        // Proxies of different builds must rank alike: the score is a pure
+        // function of (session, id, weight).
+        let s = score(hash64(b"session-1"), "backend-a", 1);
+        assert_eq!(s, score(hash64(b"session-1"), "backend-a", 1));
+        assert!(s > 0.0 && s.is_finite());
+        assert_eq!(score(hash64(b"session-1"), "backend-a", 3), 3.0 * s);
+        assert_ne!(s, score(hash64(b"session-1"), "backend-b", 1));
+        // Pinned against an independent implementation (Python floats):
+        // changing the hash or the score re-deals every session of a fleet
+        // running mixed versions.
+        assert!((s - 0.760_295_338_461_136_2).abs() < 1e-12, "{s}");
+        let (_s, r) = route_of(fleet(&["a", "b", "c"], &[1, 1, 1]));
+        let firsts: Vec<String> = (0..6).map(|k| first_choice(&r, session(k))).collect();
+        assert_eq!(firsts, ["b", "b", "b", "c", "b", "b"]);
+        for x in [0, 1, u64::MAX, u64::MAX - 1, 1 << 63] {
+            let v = score(x, "", 1);
+            assert!(v > 0.0 && v.is_finite(), "{x}: {v}");
+        }
     }
 
     #[test]
@@ -383,7 +998,8 @@ mod tests {
             select(&r, CandidateSet::default(), 1.0, now),
             Selection::Admitted {
                 index: 1,
-                emergency: true
+                emergency: true,
+                stickiness: Stickiness::NoKey,
             }
         );
         assert_eq!(

@@ -3,8 +3,10 @@
 //! Frames are forwarded as they arrive (no buffering or re-chunking). An
 //! [`Observer`] sees the first byte (time to first token), every data chunk
 //! and how the body ended. If the upstream dies mid-stream on an SSE response
-//! the client first receives an SSE `error` event, then the body ends with an
-//! error, so the client never mistakes a truncated stream for a complete one.
+//! the client first receives an SSE `error` event in the stream's own
+//! protocol ([`disconnected_event`]: what that protocol's SDKs raise as an
+//! error), then the body ends with an error, so the client never mistakes a
+//! truncated stream for a complete one.
 //!
 //! Two optional extras, both for exact usage accounting:
 //!
@@ -24,13 +26,37 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::usage::{SseTally, SseUsage};
+use crate::usage::{Dialect, SseTally, SseUsage};
 
 /// Boxed error of a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The SSE event sent to the client when the upstream disconnects mid-stream.
+/// The SSE event sent to a chat or completions client when the upstream
+/// disconnects mid-stream (the OpenAI SDK raises a stream chunk holding
+/// `error`).
 pub const SSE_UPSTREAM_DISCONNECTED: &[u8] = b"data: {\"error\":{\"message\":\"The upstream backend disconnected mid-stream.\",\"type\":\"upstream_error\",\"code\":\"upstream_disconnected\"}}\n\n";
+
+/// The same for a Messages client: Anthropic's stream `error` event (the
+/// SDK raises on `event: error`).
+pub const MESSAGES_UPSTREAM_DISCONNECTED: &[u8] = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"The upstream backend disconnected mid-stream.\"}}\n\n";
+
+/// The error event for a stream of `dialect`. A Responses stream gets the
+/// Responses `error` event, numbered after the last event the scanner saw
+/// (`sequence_number` is a required field of that event).
+pub fn disconnected_event(dialect: Dialect, tally: Option<&SseTally>) -> Bytes {
+    match dialect {
+        Dialect::Chat => Bytes::from_static(SSE_UPSTREAM_DISCONNECTED),
+        Dialect::Messages => Bytes::from_static(MESSAGES_UPSTREAM_DISCONNECTED),
+        Dialect::Responses => {
+            let seq = tally
+                .and_then(|t| t.sequence_number)
+                .map_or(0, |n| n.saturating_add(1));
+            Bytes::from(format!(
+                "event: error\ndata: {{\"type\":\"error\",\"code\":\"upstream_disconnected\",\"message\":\"The upstream backend disconnected mid-stream.\",\"param\":null,\"sequence_number\":{seq}}}\n\n"
+            ))
+        }
+    }
+}
 
 /// How an upstream body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +107,8 @@ where
     /// `None` once handed to a background drain.
     inner: Option<B>,
     sse: bool,
+    /// The protocol of the stream, for its error event.
+    dialect: Dialect,
     scanner: Option<SseUsage>,
     drain_until: Option<Instant>,
     state: State,
@@ -98,11 +126,19 @@ where
         UpstreamBody {
             inner: Some(inner),
             sse,
+            dialect: Dialect::Chat,
             scanner: None,
             drain_until: None,
             state: State::Streaming,
             observer: Some(observer),
         }
+    }
+
+    /// The body's protocol (default `Dialect::Chat`): the shape of the
+    /// error event sent when the upstream disconnects mid-stream.
+    pub fn with_dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
     }
 
     /// Scans the body as SSE for usage (and strips the injected usage).
@@ -201,13 +237,13 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     tracing::debug!(error = %e, "upstream body failed mid-stream");
+                    let tally = this.scanner.as_ref().map(SseUsage::tally);
                     this.finish(End::UpstreamError);
                     if this.sse {
                         this.state =
                             State::Failing(e, Box::pin(tokio::time::sleep(FLUSH_BEFORE_ERROR)));
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                            SSE_UPSTREAM_DISCONNECTED,
-                        )))));
+                        let event = disconnected_event(this.dialect, tally.as_ref());
+                        return Poll::Ready(Some(Ok(Frame::data(event))));
                     }
                     this.state = State::Done;
                     return Poll::Ready(Some(Err(e)));
@@ -373,7 +409,7 @@ mod tests {
             std::str::from_utf8(&got).unwrap(),
             "data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: [DONE]\n\n"
         );
-        let (end, tally) = seen.0.lock().unwrap();
+        let (end, tally) = seen.0.lock().clone().unwrap();
         assert_eq!(end, End::Complete);
         let tally = tally.unwrap();
         assert_eq!(tally.content_events, 1);
@@ -402,11 +438,90 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        let (end, tally) = seen.0.lock().unwrap();
+        let (end, tally) = seen.0.lock().clone().unwrap();
         assert_eq!(end, End::ClientGone);
         let tally = tally.unwrap();
         assert_eq!(tally.content_events, 2);
         assert_eq!(tally.usage.map(|u| u.completion_tokens), Some(2));
+    }
+
+    /// What the client gets when the upstream breaks off after `first`.
+    async fn broken_stream(dialect: Dialect, first: &'static str) -> (Bytes, Bytes) {
+        let mut b = UpstreamBody::new(body_of(vec![Ok(first), Err("reset")]), true, ())
+            .with_dialect(dialect);
+        if dialect != Dialect::Chat {
+            b = b.with_scanner(SseUsage::reading(dialect));
+        }
+        let f1 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        let f2 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(b.frame().await.unwrap().is_err());
+        (f1, f2)
+    }
+
+    /// The `data:` JSON of an SSE event, and its `event:` name.
+    fn parse_event(ev: &[u8]) -> (Option<String>, serde_json::Value) {
+        let text = std::str::from_utf8(ev).unwrap();
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        let mut name = None;
+        let mut data = None;
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = Some(n.to_string());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data = Some(serde_json::from_str(d).unwrap());
+            }
+        }
+        (name, data.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_broken_messages_stream_ends_with_an_anthropic_error_event() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n";
+        let (f1, f2) = broken_stream(Dialect::Messages, start).await;
+        assert_eq!(&f1[..], start.as_bytes());
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name.as_deref(), Some("error"));
+        assert_eq!(data["type"], "error");
+        assert_eq!(data["error"]["type"], "api_error");
+        assert!(
+            data["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("disconnected")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_responses_stream_ends_with_a_numbered_responses_error_event() {
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null},\"sequence_number\":0}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\",\"sequence_number\":1}\n\n";
+        let (_, f2) = broken_stream(Dialect::Responses, created).await;
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name.as_deref(), Some("error"));
+        assert_eq!(
+            data,
+            serde_json::json!({
+                "type": "error",
+                "code": "upstream_disconnected",
+                "message": "The upstream backend disconnected mid-stream.",
+                "param": null,
+                "sequence_number": 2,
+            })
+        );
+        // Without a scanner (nothing seen), the first number.
+        assert!(
+            std::str::from_utf8(&disconnected_event(Dialect::Responses, None))
+                .unwrap()
+                .contains("\"sequence_number\":0}")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_chat_stream_keeps_the_openai_error_chunk() {
+        let (_, f2) = broken_stream(Dialect::Chat, "data: {\"a\":1}\n\n").await;
+        assert_eq!(&f2[..], SSE_UPSTREAM_DISCONNECTED);
+        let (name, data) = parse_event(&f2);
+        assert_eq!(name, None);
+        assert_eq!(data["error"]["code"], "upstream_disconnected");
     }
 
     #[tokio::test]

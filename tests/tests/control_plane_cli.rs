@@ -649,8 +649,12 @@ async fn export_then_apply_on_an_empty_server_reproduces_the_config() {
             "KEY_B",
             "--pool",
             "fallback",
+            "--api",
+            "anthropic",
             "--model",
             "gpt-4o",
+            "--model",
+            "claude=claude-sonnet-4-5,in_per_mtok=3,cache_write_per_mtok=3.75,cache_write_1h_per_mtok=6",
             "--disabled",
         ],
         &env,
@@ -702,6 +706,13 @@ async fn export_then_apply_on_an_empty_server_reproduces_the_config() {
     ])
     .assert_ok();
     let exported = a.clawctl(&["export"]).assert_ok().stdout;
+    for expected in [
+        "    api: openai\n",
+        "    api: anthropic\n",
+        "        cache_write_1h_cost_per_token: 0.000006\n",
+    ] {
+        assert!(exported.contains(expected), "{expected:?} in\n{exported}");
+    }
     let file = dir.path().join("claw.yaml");
     std::fs::write(&file, &exported).expect("write");
     let path = file.to_str().expect("utf-8");
@@ -724,6 +735,127 @@ async fn export_then_apply_on_an_empty_server_reproduces_the_config() {
         exported,
         "round trip"
     );
+    let applied = b
+        .clawctl(&["backend", "get", "fallback-1", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(applied["api"], "anthropic");
+}
+
+#[tokio::test]
+async fn backend_api_and_the_1h_cache_price_show_in_list_get_and_json() {
+    let cp = ControlPlane::start();
+    let env = [("K", "sk-ant-test-0123456789abcd")];
+    let added = cp
+        .clawctl_with_env(
+            &[
+                "backend",
+                "add",
+                "claude-1",
+                "--api",
+                "anthropic",
+                "--url",
+                "https://api.anthropic.com/v1",
+                "--api-key-env",
+                "K",
+                "--model",
+                "claude=claude-sonnet-4-5,in_per_mtok=3,out_per_mtok=15,cache_read_per_mtok=0.3,cache_write_per_mtok=3.75,cache_write_1h=0.000006",
+                "-o",
+                "json",
+            ],
+            &env,
+        )
+        .assert_ok()
+        .json();
+    assert_eq!(added["api"], "anthropic");
+    let m = &added["models"][0];
+    assert_eq!(m["cache_write_1h_cost_per_token"].as_f64(), Some(0.000006));
+    assert_eq!(m["cache_write_cost_per_token"].as_f64(), Some(0.00000375));
+    add_backend(&cp, "gpt-1", "sk-test-0123456789abcdef", &[]);
+
+    let list = cp.clawctl(&["backend", "list"]).assert_ok().stdout;
+    let header = list.lines().next().unwrap_or_default();
+    assert!(header.contains(" API "), "{list}");
+    let row = |name: &str| {
+        list.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("claude-1").get(2).map(String::as_str),
+        Some("anthropic"),
+        "{list}"
+    );
+    assert_eq!(
+        row("gpt-1").get(2).map(String::as_str),
+        Some("openai"),
+        "{list}"
+    );
+    let json = cp
+        .clawctl(&["backend", "list", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(names(&json, "api"), ["anthropic", "openai"]);
+    let yaml = cp
+        .clawctl(&["backend", "get", "claude-1", "-o", "yaml"])
+        .assert_ok()
+        .stdout;
+    assert!(yaml.contains("api: anthropic"), "{yaml}");
+
+    let get = cp
+        .clawctl(&["backend", "get", "claude-1"])
+        .assert_ok()
+        .stdout;
+    assert!(get.contains("API:") && get.contains("anthropic"), "{get}");
+    assert!(get.contains("CACHE WRITE 1H $/MTOK"), "{get}");
+    let prices: Vec<&str> = get
+        .lines()
+        .find(|l| l.contains("claude-sonnet-4-5"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        prices.get(2..7),
+        Some(&["3", "15", "0.3", "3.75", "6"][..]),
+        "{get}"
+    );
+
+    // Unspecified on update leaves the protocol; --api changes it.
+    let updated = cp
+        .clawctl(&["backend", "update", "claude-1", "--rpm", "90", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(updated["api"], "anthropic");
+    let updated = cp
+        .clawctl(&[
+            "backend", "update", "claude-1", "--api", "openai", "-o", "json",
+        ])
+        .assert_ok()
+        .json();
+    assert_eq!(updated["api"], "openai");
+
+    // A bad value is one clear line and a non-zero exit; nothing is sent.
+    let before = version(&cp);
+    let out = cp.clawctl(&["backend", "update", "claude-1", "--api", "claude"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("claude") && out.stderr.contains("anthropic"),
+        "{}",
+        out.stderr
+    );
+    let out = cp.clawctl(&[
+        "backend",
+        "update",
+        "claude-1",
+        "--model",
+        "claude,cache_write_1h=-1",
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("cache_write_1h"), "{}", out.stderr);
+    assert_eq!(version(&cp), before);
 }
 
 /// A gRPC request carrying `authorization: Bearer <token>` when a token is given.

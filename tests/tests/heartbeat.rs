@@ -431,3 +431,153 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
     slots.dedup();
     assert_eq!(slots.len(), n, "one record per slot: {d:#?}");
 }
+
+/// A heartbeat is sent in the protocol that serves the agent's model: Messages
+/// (`/v1/messages`, `x-api-key`, `anthropic-version`) when its backends are
+/// `anthropic`, Chat Completions otherwise; the run's tokens are the mock's
+/// input (cache included) plus output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
+    const KEY: &str = "sk-ant-test-key-0123456789";
+    let claude = MockUpstream::start(MockConfig::default().name("claude").api_key(KEY)).await;
+    claude.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    let gpt = MockUpstream::start(MockConfig::default().name("gpt").api_key(KEY)).await;
+    gpt.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    let fwd = claw_tests::harness::Forwarder::start().await;
+    let cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .start();
+    for (name, api, url, model) in [
+        (
+            "claude",
+            "anthropic",
+            claude.url(),
+            "m-claude=claude-native",
+        ),
+        ("gpt", "openai", gpt.url(), "m-gpt"),
+    ] {
+        cp.clawctl_with_env(
+            &[
+                "backend",
+                "add",
+                name,
+                "--api",
+                api,
+                "--url",
+                &url,
+                "--api-key-env",
+                "K",
+                "--rpm",
+                "6000",
+                "--model",
+                model,
+            ],
+            &[("K", KEY)],
+        )
+        .assert_ok();
+    }
+    let listed = cp
+        .clawctl(&["backend", "list", "-o", "json"])
+        .assert_ok()
+        .json();
+    let apis: Vec<_> = listed
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap_or_default().to_string(),
+                b["api"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        apis,
+        vec![
+            ("claude".to_string(), Value::from("anthropic")),
+            ("gpt".to_string(), Value::from("openai")),
+        ]
+    );
+    for (id, model) in [("agent-m", "m-claude"), ("agent-o", "m-gpt")] {
+        cp.clawctl_stdin(
+            &[
+                "agent",
+                "add",
+                id,
+                "--model",
+                model,
+                "--interval",
+                "2s",
+                "--checklist-file",
+                "-",
+            ],
+            "- [ ] check the build\n",
+        )
+        .assert_ok();
+    }
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let (m, o) = loop {
+        let m = runs(&cp, "agent-m");
+        let o = runs(&cp, "agent-o");
+        let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
+        if done(&m) && done(&o) {
+            break (m, o);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "M: {m:#?}\nO: {o:#?}\n{}",
+            cp.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+
+    let heartbeats = |mock: &MockUpstream, agent: &str| {
+        mock.requests()
+            .into_iter()
+            .filter(|r| {
+                r.header("x-claw-session-key")
+                    .is_some_and(|k| k.starts_with(&format!("agent:{agent}:heartbeat")))
+            })
+            .collect::<Vec<_>>()
+    };
+    let sent = heartbeats(&claude, "agent-m");
+    let first = sent
+        .first()
+        .expect("agent-m's heartbeat reached the anthropic backend");
+    assert_eq!(first.path, "/v1/messages", "{first:#?}");
+    assert_eq!(first.header("x-api-key"), Some(KEY));
+    assert!(first.header("authorization").is_none(), "{first:#?}");
+    assert_eq!(first.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(first.body["model"], "claude-native");
+    assert!(first.body["max_tokens"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(first.body["messages"][0]["role"], "user");
+    assert_eq!(
+        first.body["messages"][0]["content"],
+        "- [ ] check the build\n"
+    );
+    assert!(heartbeats(&gpt, "agent-m").is_empty());
+    let sent = heartbeats(&gpt, "agent-o");
+    let first = sent
+        .first()
+        .expect("agent-o's heartbeat reached the openai backend");
+    assert_eq!(first.path, "/v1/chat/completions");
+    assert!(heartbeats(&claude, "agent-o").is_empty());
+
+    // The run's tokens are what the mock reported, cache included.
+    let run = m
+        .iter()
+        .find(|r| status(r) == "suppressed")
+        .expect("a suppressed run");
+    let tokens = run["tokens"].as_u64().unwrap_or(0);
+    assert!(tokens > 0, "{run:#?}");
+    assert!(
+        o.iter()
+            .any(|r| status(r) == "suppressed" && r["tokens"].as_u64().unwrap_or(0) > 0),
+        "{o:#?}"
+    );
+}

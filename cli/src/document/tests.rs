@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use claw_proto::v1::{Agent, Backend, ClientKey, ClusterConfig, ModelMapping};
+use claw_proto::v1::{Agent, Api, Backend, ClientKey, ClusterConfig, ModelMapping};
 
 use super::*;
 use crate::api_key::KeySource;
@@ -20,6 +20,7 @@ fn exported_config() -> ClusterConfig {
                 label: "main account".into(),
                 base_url: "https://api.example.com/v1".into(),
                 api_key_ref: "env:OPENAI_API_KEY".into(),
+                api: Api::Anthropic as i32,
                 pool: Pool::Primary as i32,
                 rpm: 600,
                 tpm: Some(100_000),
@@ -36,7 +37,7 @@ fn exported_config() -> ClusterConfig {
                     cache_write_cost_per_token: 0.0,
                     context_window: 128_000,
                     max_tokens: 16_384,
-                    cache_write_1h_cost_per_token: 0.0,
+                    cache_write_1h_cost_per_token: 0.000006,
                 }],
                 created_at: ts,
                 updated_at: ts,
@@ -47,6 +48,7 @@ fn exported_config() -> ClusterConfig {
                 name: "local.llama".into(),
                 base_url: "http://10.0.0.5:8000/v1".into(),
                 api_key_ref: "file:/etc/claw/local.key".into(),
+                api: Api::Openai as i32,
                 pool: Pool::Fallback as i32,
                 rpm: 30,
                 tpm: None,
@@ -172,7 +174,9 @@ fn export_writes_the_documented_shape() {
         "    timeout: 1s500ms\n",
         "    tpm: 100000\n",
         "    models:\n      - canonical: gpt-4o\n        native: gpt-4o-2024-08-06\n        input_cost_per_token: 0.0000025\n",
-        "        cache_write_cost_per_token: 0\n",
+        "        cache_write_cost_per_token: 0\n        cache_write_1h_cost_per_token: 0.000006\n",
+        "    api_key_env: OPENAI_API_KEY\n    api: anthropic\n",
+        "    api_key_file: /etc/claw/local.key\n    api: openai\n",
         "pools:\n  primary:\n    cooldown_base: 5s\n    cooldown_max: 5m\n",
         "    request_timeout: 10m\n",
         "client_keys:\n  - name: app\n    models:\n      - gpt-4o\n    rpm: 120\n",
@@ -235,6 +239,7 @@ agents:
         (60, 1, 120_000, true)
     );
     assert_eq!(b.pool, Pool::Primary as i32);
+    assert_eq!(b.api, Api::Openai as i32, "api defaults to openai");
     assert_eq!(b.models[1].native, "gpt-4o-mini");
     assert_eq!(b.api_key_ref, "env:OPENAI_API_KEY");
     assert_eq!(desired.config.pools.len(), 1, "primary is left unchanged");
@@ -376,5 +381,16 @@ fn relative_key_files_resolve_against_the_document_directory() {
     assert_eq!(
         desired.keys[0],
         Some(KeySource::File("/etc/claw/keys/b.key".into()))
+    );
+}
+
+#[test]
+fn an_unknown_api_is_rejected_naming_the_choices() {
+    let err = parse("backends:\n  - {name: b1, base_url: https://x.example/v1, api: claude}\n")
+        .expect_err("claude is not a protocol");
+    let message = err.in_file("claw.yaml");
+    assert!(
+        message.contains("claude") && message.contains("openai") && message.contains("anthropic"),
+        "{message}"
     );
 }

@@ -1,21 +1,44 @@
 //! `claw.v1.BackendService`.
+//!
+//! Backends come from the catalog; their live state from the fleet: while
+//! the provider reports a backend's quota spent, its `status` reads
+//! `quota_exhausted` and `quota_exhausted_until` says until when (a disabled
+//! backend stays `disabled`, with the time still shown).
+
+use std::sync::Arc;
 
 use claw_proto::v1::backend_service_server::BackendService;
 use claw_proto::v1::*;
 use tonic::Request;
 
 use super::{RpcResult, SharedCatalog, ok, required};
+use crate::fleet::Fleet;
 
 /// Serves backends from the catalog.
 #[derive(Debug, Clone)]
 pub(crate) struct BackendApi {
     catalog: SharedCatalog,
+    fleet: Arc<Fleet>,
 }
 
 impl BackendApi {
-    /// A service over `catalog`.
-    pub(crate) fn new(catalog: SharedCatalog) -> Self {
-        BackendApi { catalog }
+    /// A service over `catalog`, with live state from `fleet`.
+    pub(crate) fn new(catalog: SharedCatalog, fleet: Arc<Fleet>) -> Self {
+        BackendApi { catalog, fleet }
+    }
+
+    /// Adds the fleet's view (quota exhaustion) to a catalog backend.
+    fn live(&self, mut b: Backend) -> Backend {
+        let now = crate::catalog::records::now_ms();
+        if let Some(c) = self.fleet.cooldowns().get(&b.id)
+            && c.quota_exhausted(now)
+        {
+            b.quota_exhausted_until = crate::catalog::records::timestamp(c.quota_until_ms);
+            if b.enabled {
+                b.status = "quota_exhausted".to_string();
+            }
+        }
+        b
     }
 }
 
@@ -29,7 +52,7 @@ impl BackendService for BackendApi {
         let (backend, config_version) = self.catalog.create_backend(backend).await?;
         tracing::info!(backend = %backend.id, name = %backend.name, config_version, "backend created");
         ok(CreateBackendResponse {
-            backend: Some(backend),
+            backend: Some(self.live(backend)),
             config_version,
         })
     }
@@ -40,7 +63,7 @@ impl BackendService for BackendApi {
     ) -> RpcResult<GetBackendResponse> {
         let backend = self.catalog.get_backend(&request.into_inner().backend)?;
         ok(GetBackendResponse {
-            backend: Some(backend),
+            backend: Some(self.live(backend)),
         })
     }
 
@@ -49,7 +72,12 @@ impl BackendService for BackendApi {
         _request: Request<ListBackendsRequest>,
     ) -> RpcResult<ListBackendsResponse> {
         ok(ListBackendsResponse {
-            backends: self.catalog.list_backends()?,
+            backends: self
+                .catalog
+                .list_backends()?
+                .into_iter()
+                .map(|b| self.live(b))
+                .collect(),
         })
     }
 
@@ -60,7 +88,7 @@ impl BackendService for BackendApi {
         let (backend, config_version) = self.catalog.update_backend(request.into_inner()).await?;
         tracing::info!(backend = %backend.id, name = %backend.name, config_version, "backend updated");
         ok(UpdateBackendResponse {
-            backend: Some(backend),
+            backend: Some(self.live(backend)),
             config_version,
         })
     }
@@ -86,7 +114,7 @@ impl BackendService for BackendApi {
             .await?;
         tracing::info!(backend = %backend.id, enabled = req.enabled, config_version, "backend enabled changed");
         ok(SetBackendEnabledResponse {
-            backend: Some(backend),
+            backend: Some(self.live(backend)),
             config_version,
         })
     }

@@ -89,8 +89,7 @@ fn validate_config(cfg: &mut ClusterConfig) -> Result<()> {
         let path = format!("backends[{i}]");
         b.id.clear();
         b.status.clear();
-        validate::normalize_backend(b);
-        validate::validate_backend(b, false).map_err(at(path.clone()))?;
+        backends::normalize_and_validate(b, false).map_err(at(path.clone()))?;
         if !seen.insert(b.name.clone()) {
             return Err(duplicate(format!("{path}.name"), "backend", &b.name));
         }

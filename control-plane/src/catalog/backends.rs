@@ -1,5 +1,9 @@
 //! Backends: provider endpoints with an encrypted API key, unique names and
 //! server-generated ids (`be_` + 16 hex).
+//!
+//! Every stored backend names its protocol (`api`): an unspecified one is
+//! stored as `openai` ([`normalize`]), so the snapshot, `export` and the
+//! heartbeat never have to guess what "unspecified" meant when it was written.
 
 use claw_proto::redact::mask_key;
 use claw_proto::v1::{self, Backend, UpdateBackendRequest};
@@ -15,9 +19,54 @@ const KIND: &str = "backend";
 pub(super) fn storable_spec(mut b: Backend) -> Backend {
     b.api_key.clear();
     b.status.clear();
+    b.quota_exhausted_until = None;
     b.created_at = None;
     b.updated_at = None;
     b
+}
+
+/// Normalizes a backend the way every write path must (defaults, trimmed
+/// names, `api` unspecified → openai) and validates it, including what
+/// [`validate::validate_backend`] does not know yet: the protocol and the
+/// 1-hour cache write price.
+pub(super) fn normalize_and_validate(
+    b: &mut Backend,
+    require_key: bool,
+) -> std::result::Result<(), validate::FieldError> {
+    validate::normalize_backend(b);
+    if b.api == v1::Api::Unspecified as i32 {
+        b.api = v1::Api::Openai as i32;
+    }
+    validate::validate_backend(b, require_key)?;
+    match v1::Api::try_from(b.api) {
+        Ok(v1::Api::Openai | v1::Api::Anthropic) => {}
+        _ => {
+            return Err(validate::FieldError::new(
+                "api",
+                format!("{} is not a protocol; must be openai or anthropic", b.api),
+            ));
+        }
+    }
+    for (i, m) in b.models.iter().enumerate() {
+        let v = m.cache_write_1h_cost_per_token;
+        if !v.is_finite() || v < 0.0 {
+            return Err(validate::FieldError::new(
+                format!("models[{i}].cache_write_1h_cost_per_token"),
+                "must be a finite number >= 0",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The protocol as stored: records written before backends had one are
+/// openai.
+pub(super) fn api_of(b: &Backend) -> i32 {
+    if b.api == v1::Api::Unspecified as i32 {
+        v1::Api::Openai as i32
+    } else {
+        b.api
+    }
 }
 
 /// The configuration fields in which two (normalized) backends differ,
@@ -27,6 +76,7 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
     d.check("name", &old.name, &new.name);
     d.check("label", &old.label, &new.label);
     d.check("base_url", &old.base_url, &new.base_url);
+    d.check("api", &api_of(old), &api_of(new));
     d.check("api_key_ref", &old.api_key_ref, &new.api_key_ref);
     d.check("pool", &old.pool, &new.pool);
     d.check("rpm", &old.rpm, &new.rpm);
@@ -110,8 +160,7 @@ impl Catalog {
     pub async fn create_backend(&self, mut b: Backend) -> Result<(Backend, u64)> {
         b.id = super::new_id(BACKEND_ID_PREFIX);
         b.status.clear();
-        validate::normalize_backend(&mut b);
-        validate::validate_backend(&b, true).map_err(CatalogError::invalid)?;
+        normalize_and_validate(&mut b, true).map_err(CatalogError::invalid)?;
         let guard = self.lock().await;
         let sealed = self
             .current_key()
@@ -143,8 +192,7 @@ impl Catalog {
         let old = self.load_backend(&req.backend)?;
         let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
         let mut b = patch(old_spec.clone(), &req);
-        validate::normalize_backend(&mut b);
-        validate::validate_backend(&b, false).map_err(CatalogError::invalid)?;
+        normalize_and_validate(&mut b, false).map_err(CatalogError::invalid)?;
 
         let mut changed = diff(&old_spec, &b);
         let new_key = match req.api_key.as_deref() {
@@ -226,6 +274,7 @@ impl Catalog {
         let mut b = rec.spec.clone().ok_or_else(missing_spec)?;
         b.api_key = mask_key(&self.backend_api_key(rec)?);
         b.status = if b.enabled { "enabled" } else { "disabled" }.to_string();
+        b.api = api_of(&b);
         b.created_at = records::timestamp(rec.created_at_ms);
         b.updated_at = records::timestamp(rec.updated_at_ms);
         Ok(b)
@@ -258,6 +307,9 @@ fn patch(mut b: Backend, req: &UpdateBackendRequest) -> Backend {
     }
     if req.pool != v1::Pool::Unspecified as i32 {
         b.pool = req.pool;
+    }
+    if req.api != v1::Api::Unspecified as i32 {
+        b.api = req.api;
     }
     if let Some(v) = req.rpm {
         b.rpm = v;
@@ -461,6 +513,90 @@ mod tests {
             .expect("replace");
         assert_eq!(u.models.len(), 1);
         assert_eq!(u.models[0].native, "o3");
+    }
+
+    #[tokio::test]
+    async fn api_defaults_to_openai_is_patched_only_when_given_and_is_validated() {
+        let (_dir, c) = catalog().await;
+        let (b, _) = c.create_backend(backend("b1")).await.expect("create");
+        assert_eq!(
+            b.api,
+            v1::Api::Openai as i32,
+            "unspecified is stored as openai"
+        );
+        let stored = c.load_backend("b1").expect("record");
+        assert_eq!(
+            stored.spec.as_ref().map(|s| s.api),
+            Some(v1::Api::Openai as i32)
+        );
+        let mut a = backend("claude");
+        a.api = v1::Api::Anthropic as i32;
+        let (a, _) = c.create_backend(a).await.expect("create anthropic");
+        assert_eq!(a.api, v1::Api::Anthropic as i32);
+
+        // Unspecified on update leaves it; a given protocol changes it.
+        let (u, _) = c
+            .update_backend(UpdateBackendRequest {
+                backend: "claude".into(),
+                rpm: Some(7),
+                ..Default::default()
+            })
+            .await
+            .expect("update");
+        assert_eq!(u.api, v1::Api::Anthropic as i32);
+        let (u, v) = c
+            .update_backend(UpdateBackendRequest {
+                backend: "b1".into(),
+                api: v1::Api::Anthropic as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("switch");
+        assert_eq!(u.api, v1::Api::Anthropic as i32);
+        assert_eq!(c.config_version(), v);
+
+        let mut bad = backend("bad");
+        bad.api = 9;
+        let err = c.create_backend(bad).await.expect_err("out of range");
+        assert_eq!(field_of(&err), Some("api"));
+        assert!(err.to_string().contains("openai or anthropic"), "{err}");
+        let err = c
+            .update_backend(UpdateBackendRequest {
+                backend: "b1".into(),
+                api: -1,
+                ..Default::default()
+            })
+            .await
+            .expect_err("out of range");
+        assert_eq!(field_of(&err), Some("api"));
+        assert_eq!(c.config_version(), v, "nothing stored on error");
+    }
+
+    #[tokio::test]
+    async fn the_1h_cache_write_price_is_stored_and_validated() {
+        let (_dir, c) = catalog().await;
+        let mut b = backend("b1");
+        b.models[0].cache_write_cost_per_token = 0.00000375;
+        b.models[0].cache_write_1h_cost_per_token = 0.000006;
+        let (b, _) = c.create_backend(b).await.expect("create");
+        assert_eq!(b.models[0].cache_write_1h_cost_per_token, 0.000006);
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let mut m = b.models[0].clone();
+            m.cache_write_1h_cost_per_token = bad;
+            let err = c
+                .update_backend(UpdateBackendRequest {
+                    backend: "b1".into(),
+                    models: vec![m],
+                    ..Default::default()
+                })
+                .await
+                .expect_err("invalid price");
+            assert_eq!(
+                field_of(&err),
+                Some("models[0].cache_write_1h_cost_per_token"),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]

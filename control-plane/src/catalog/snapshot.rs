@@ -43,6 +43,7 @@ fn snapshot_backend(rec: BackendRecord, api_key: String) -> Result<SnapshotBacke
     let spec = rec
         .spec
         .ok_or_else(|| CatalogError::Corrupt("backend record without a spec".into()))?;
+    let api = super::backends::api_of(&spec);
     Ok(SnapshotBackend {
         id: spec.id,
         name: spec.name,
@@ -55,7 +56,7 @@ fn snapshot_backend(rec: BackendRecord, api_key: String) -> Result<SnapshotBacke
         weight: spec.weight,
         enabled: spec.enabled,
         models: spec.models,
-        api: spec.api,
+        api,
     })
 }
 

@@ -10,6 +10,19 @@
 //! pool's `base·2^(n-1)` when the proxy gave neither) minus the age of the
 //! 429. Each 429 also leaves a `cooldown_events` history record.
 //!
+//! Two failure kinds cool like a 429 without being one:
+//! - `QUOTA_EXHAUSTED` (the provider said the account's quota is spent, until
+//!   `cooldown_ms` from the failure): the backend is out until then, and the
+//!   state remembers that end (`quota_until_ms`) so the push says
+//!   `quota_exhausted` and `backend list/get` show the status while it lasts.
+//!   A quota is not a rate limit: the consecutive count (which drives the
+//!   pools' exponential backoff) is left alone, and a later success does
+//!   not end it (the provider named the time).
+//! - `OVERLOADED` (a 529): a short cooldown of what the proxy applied (else
+//!   its Retry-After, else the pool's base), also without counting.
+//!
+//! Their history records say which it was in the summary.
+//!
 //! Once the batch is durable, [`FleetCooldowns::commit`] updates the
 //! in-memory view (loaded from the tree at start, so it survives restarts)
 //! and the heartbeat scheduler's [`Capacity`], and the caller pushes a
@@ -46,6 +59,9 @@ struct StateRecord {
     source_node: String,
     #[prost(int64, tag = "4")]
     updated_ms: i64,
+    /// End of the provider-reported quota exhaustion, unix ms (0: none).
+    #[prost(int64, tag = "5")]
+    quota_until_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -79,6 +95,8 @@ pub struct Change {
     pub source_node: String,
     /// Whether this batch started or extended a cooldown (worth a push).
     pub cooled: bool,
+    /// End of the backend's quota exhaustion, unix ms (0 or past: none).
+    pub quota_until_ms: i64,
 }
 
 impl Change {
@@ -90,8 +108,13 @@ impl Change {
             remaining_ms: u64::try_from(self.until_ms.saturating_sub(now_ms)).unwrap_or(0),
             consecutive: self.consecutive,
             source_node_id: self.source_node.clone(),
-            quota_exhausted: false,
+            quota_exhausted: self.quota_exhausted(now_ms),
         }
+    }
+
+    /// Whether the provider's quota is spent at `now_ms`.
+    pub fn quota_exhausted(&self, now_ms: i64) -> bool {
+        self.quota_until_ms > now_ms
     }
 }
 
@@ -102,7 +125,30 @@ fn event_time_ms(t: Option<&prost_types::Timestamp>, now_ms: i64) -> i64 {
 
 enum Step<'a> {
     RateLimited(&'a UpstreamFailure),
+    QuotaExhausted(&'a UpstreamFailure),
+    Overloaded(&'a UpstreamFailure),
     Success,
+}
+
+/// The step of a failure that cools its backend; `None` for the others.
+fn cooling_step(f: &UpstreamFailure) -> Option<Step<'_>> {
+    match FailureKind::try_from(f.kind) {
+        Ok(FailureKind::RateLimited) => Some(Step::RateLimited(f)),
+        Ok(FailureKind::QuotaExhausted) => Some(Step::QuotaExhausted(f)),
+        Ok(FailureKind::Overloaded) => Some(Step::Overloaded(f)),
+        _ => None,
+    }
+}
+
+/// A history summary that says what kind of cooldown it was.
+fn summary_of(prefix: &str, summary: &str) -> String {
+    if summary.to_ascii_lowercase().contains(prefix) {
+        summary.to_string()
+    } else if summary.is_empty() {
+        prefix.to_string()
+    } else {
+        format!("{prefix}: {summary}")
+    }
 }
 
 /// Applies a batch's 429s and successes to the cooldown state and history,
@@ -118,12 +164,12 @@ pub fn apply_in_txn(
     // as a 429 comes after it).
     let mut steps: HashMap<&str, Vec<(i64, u8, Step<'_>)>> = HashMap::new();
     for f in &batch.failures {
-        if f.kind == FailureKind::RateLimited as i32 && !f.backend_id.is_empty() {
+        if f.backend_id.is_empty() {
+            continue;
+        }
+        if let Some(step) = cooling_step(f) {
             let t = event_time_ms(f.time.as_ref(), now_ms);
-            steps
-                .entry(&f.backend_id)
-                .or_default()
-                .push((t, 0, Step::RateLimited(f)));
+            steps.entry(&f.backend_id).or_default().push((t, 0, step));
         }
     }
     for s in &batch.successes {
@@ -150,8 +196,11 @@ pub fn apply_in_txn(
             .unwrap_or_default();
         let mut cooled = false;
         for (at, _, step) in list {
-            match step {
-                Step::Success => state.consecutive = 0,
+            let (duration, summary, quota) = match step {
+                Step::Success => {
+                    state.consecutive = 0;
+                    continue;
+                }
                 Step::RateLimited(f) => {
                     state.consecutive = state.consecutive.saturating_add(1);
                     let duration = if f.cooldown_ms > 0 {
@@ -161,31 +210,59 @@ pub fn apply_in_txn(
                     } else {
                         policy.duration_ms(state.consecutive)
                     };
-                    let age = now_ms - at;
-                    let age = if age <= CLOCK_GRACE_MS { 0 } else { age };
-                    let remaining = i64::try_from(duration).unwrap_or(i64::MAX) - age;
-                    if remaining > 0 && now_ms + remaining > state.until_ms {
-                        state.until_ms = now_ms + remaining;
-                        state.source_node = batch.node_id.clone();
-                        cooled = true;
-                    }
-                    let event = EventRecord {
-                        backend_id: backend_id.to_string(),
-                        node_id: batch.node_id.clone(),
-                        started_ms: at,
-                        until_ms: state.until_ms.max(at),
-                        duration_ms: duration,
-                        consecutive: state.consecutive,
-                        summary: bounded(&f.summary),
-                    };
-                    txn.insert(
-                        Tree::CooldownEvents,
-                        &event_key(at, backend_id, &batch.node_id, batch.seq, index),
-                        &prost::Message::encode_to_vec(&event),
-                    )?;
-                    index += 1;
+                    (duration, f.summary.clone(), false)
                 }
+                Step::QuotaExhausted(f) => {
+                    // The proxy says until when; without it, the longest
+                    // cooldown the pool allows (the provider said "spent").
+                    let duration = if f.cooldown_ms > 0 {
+                        f.cooldown_ms
+                    } else if f.retry_after_ms > 0 {
+                        f.retry_after_ms
+                    } else {
+                        policy.max_ms.max(policy.base_ms)
+                    };
+                    (duration, summary_of("quota exhausted", &f.summary), true)
+                }
+                Step::Overloaded(f) => {
+                    let duration = if f.cooldown_ms > 0 {
+                        f.cooldown_ms
+                    } else if f.retry_after_ms > 0 {
+                        f.retry_after_ms
+                    } else {
+                        policy.base_ms
+                    };
+                    (duration, summary_of("overloaded", &f.summary), false)
+                }
+            };
+            let age = now_ms - at;
+            let age = if age <= CLOCK_GRACE_MS { 0 } else { age };
+            let remaining = i64::try_from(duration).unwrap_or(i64::MAX) - age;
+            let end = now_ms.saturating_add(remaining);
+            if remaining > 0 && end > state.until_ms {
+                state.until_ms = end;
+                state.source_node = batch.node_id.clone();
+                cooled = true;
             }
+            if quota && remaining > 0 && end > state.quota_until_ms {
+                state.quota_until_ms = end;
+                cooled = true;
+            }
+            let event = EventRecord {
+                backend_id: backend_id.to_string(),
+                node_id: batch.node_id.clone(),
+                started_ms: at,
+                until_ms: state.until_ms.max(at),
+                duration_ms: duration,
+                consecutive: state.consecutive,
+                summary: bounded(&summary),
+            };
+            txn.insert(
+                Tree::CooldownEvents,
+                &event_key(at, backend_id, &batch.node_id, batch.seq, index),
+                &prost::Message::encode_to_vec(&event),
+            )?;
+            index += 1;
         }
         state.updated_ms = now_ms;
         txn.insert(
@@ -199,6 +276,7 @@ pub fn apply_in_txn(
             consecutive: state.consecutive,
             source_node: state.source_node,
             cooled,
+            quota_until_ms: state.quota_until_ms,
         });
     }
     Ok(changes)
@@ -261,6 +339,7 @@ impl FleetCooldowns {
                     consecutive: r.consecutive,
                     source_node: r.source_node,
                     cooled: false,
+                    quota_until_ms: r.quota_until_ms,
                 },
             );
         }
@@ -281,8 +360,10 @@ impl FleetCooldowns {
                 // Concurrent batches may commit out of order: the end only
                 // moves later.
                 let until = entry.until_ms.max(c.until_ms);
+                let quota_until = entry.quota_until_ms.max(c.quota_until_ms);
                 *entry = Change {
                     until_ms: until,
+                    quota_until_ms: quota_until,
                     ..c.clone()
                 };
                 if let Ok(t) = jiff::Timestamp::from_millisecond(until) {
@@ -412,6 +493,92 @@ mod tests {
             apply_in_txn(t, b, &Backends::new(), now)
         })
         .expect("txn")
+    }
+
+    fn failure(kind: FailureKind, backend: &str, cooldown_ms: u64, at_ms: i64) -> UpstreamFailure {
+        UpstreamFailure {
+            kind: kind as i32,
+            ..limited(backend, cooldown_ms, at_ms)
+        }
+    }
+
+    #[test]
+    fn quota_exhaustion_cools_until_the_reported_end_and_is_flagged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("d")).expect("open");
+        let s: &dyn Store = &store;
+        let now = 1_000_000;
+        let day: i64 = 86_400_000;
+        let mut f = failure(FailureKind::QuotaExhausted, "b1", day as u64, now);
+        f.summary = "429 insufficient_quota".into();
+        let c = apply(s, &batch("a", 1, vec![f]), now);
+        assert_eq!((c[0].until_ms, c[0].quota_until_ms), (now + day, now + day));
+        assert!(c[0].cooled && c[0].quota_exhausted(now));
+        assert_eq!(c[0].consecutive, 0, "a quota is not a rate limit");
+        let u = c[0].to_update(now);
+        assert!(u.quota_exhausted, "{u:?}");
+        assert_eq!(u.remaining_ms, day as u64);
+        // A success does not end it; the end passing does.
+        let mut ok = batch("a", 2, vec![]);
+        ok.successes.push(v1::BackendSuccess {
+            backend_id: "b1".into(),
+            time: timestamp(now + 1),
+        });
+        let c = apply(s, &ok, now + 1);
+        assert!(c[0].quota_exhausted(now + 1));
+        assert!(!c[0].quota_exhausted(now + day));
+        let events = list_events(s, &Backends::new(), Some("b1"), None, None, 10).expect("list");
+        assert_eq!(events.len(), 1);
+        assert!(
+            events[0].summary.contains("quota"),
+            "{:?}",
+            events[0].summary
+        );
+        assert_eq!(events[0].duration_ms, day as u64);
+
+        let fleet = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
+        assert_eq!(fleet.get("b1").map(|c| c.quota_until_ms), Some(now + day));
+        assert!(fleet.active(now + 10).iter().all(|u| u.quota_exhausted));
+    }
+
+    #[test]
+    fn overload_cools_briefly_without_counting_and_a_429_is_not_a_quota() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("d")).expect("open");
+        let s: &dyn Store = &store;
+        let now = 1_000_000;
+        let mut f = failure(FailureKind::Overloaded, "b1", 2_000, now);
+        f.status = 529;
+        f.summary = "529 from upstream".into();
+        let c = apply(s, &batch("a", 1, vec![f]), now);
+        assert_eq!((c[0].until_ms, c[0].consecutive), (now + 2_000, 0));
+        assert!(c[0].cooled && !c[0].quota_exhausted(now));
+        assert!(!c[0].to_update(now).quota_exhausted);
+        let events = list_events(s, &Backends::new(), None, None, None, 10).expect("list");
+        assert_eq!(events[0].summary, "overloaded: 529 from upstream");
+        // Without a cooldown from the proxy: the pool's base.
+        let c = apply(
+            s,
+            &batch("a", 2, vec![failure(FailureKind::Overloaded, "b2", 0, now)]),
+            now,
+        );
+        assert_eq!(
+            c[0].until_ms,
+            now + crate::fleet::directory::CooldownPolicy::default().base_ms as i64
+        );
+        let c = apply(s, &batch("a", 3, vec![limited("b3", 5_000, now)]), now);
+        assert!(!c[0].quota_exhausted(now) && !c[0].to_update(now).quota_exhausted);
+        // Other failures do not cool.
+        let c = apply(
+            s,
+            &batch(
+                "a",
+                4,
+                vec![failure(FailureKind::ServerError, "b4", 5_000, now)],
+            ),
+            now,
+        );
+        assert!(c.is_empty());
     }
 
     #[test]

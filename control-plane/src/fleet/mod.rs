@@ -4,8 +4,9 @@
 //!
 //! - [`activity`]: agent activity and backend capacity, read by the
 //!   heartbeat scheduler's busy and capacity checks.
-//! - [`cooldowns`]: fleet-wide cooldowns after 429s (absolute time,
-//!   persisted) and their history.
+//! - [`cooldowns`]: fleet-wide cooldowns after 429s, spent quotas (until the
+//!   provider's reported end) and 529 overloads (absolute time, persisted)
+//!   and their history.
 //! - [`shares`]: each proxy's share of every backend's rpm/tpm, so the fleet
 //!   never admits more than the limit.
 //! - [`directory`]: the backends' names, pools, limits and cooldown
@@ -132,6 +133,7 @@ impl Fleet {
                     backend = %c.backend_id,
                     node_id = %batch.node_id,
                     consecutive = c.consecutive,
+                    quota_exhausted = c.quota_exhausted(now),
                     remaining_ms = c.until_ms - now,
                     proxies = pushed,
                     "backend cooling fleet-wide"

@@ -1,11 +1,22 @@
-//! The run itself: one chat completion through a proxy.
+//! The run itself: one request through a proxy, in the protocol that serves
+//! the agent's model.
 //!
-//! `POST {CLAW_HEARTBEAT_PROXY}/v1/chat/completions` with the agent's model,
-//! a system message (the built-in heartbeat prompt or the agent's
-//! override) and the checklist as the user message; authenticated with the
-//! control plane's internal client key and sent as background traffic under
-//! the agent's heartbeat session. The whole exchange is bounded by the
-//! run's timeout.
+//! - [`Protocol::ChatCompletions`]: `POST {CLAW_HEARTBEAT_PROXY}/v1/chat/completions`
+//!   with the agent's model, a system message (the built-in heartbeat prompt
+//!   or the agent's override) and the checklist as the user message,
+//!   `Authorization: Bearer <internal key>`.
+//! - [`Protocol::Messages`]: `POST {proxy}/v1/messages` with `x-api-key:
+//!   <internal key>`, `anthropic-version: 2023-06-01`, the prompt as `system`
+//!   and the checklist as the user message; the reply text is the `text`
+//!   blocks of `content`, its prompt tokens `input_tokens` plus the cache
+//!   reads and writes (Anthropic's `input_tokens` excludes them).
+//!
+//! The proxy routes a request only to backends of its own protocol, so a
+//! model served only by `anthropic` backends must be asked in Messages (the
+//! scheduler decides, from the catalog). Either way the run is background
+//! traffic under the agent's id and heartbeat session key (so it lands on the
+//! backend the agent's own traffic uses and keeps that prompt cache warm),
+//! and the whole exchange is bounded by the run's timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +34,13 @@ pub const DEFAULT_PROMPT: &str = "This is a scheduled heartbeat. Read the checkl
 agent's HEARTBEAT.md) and follow it strictly; do not infer or repeat old tasks from earlier \
 conversations. If nothing needs attention, reply with exactly HEARTBEAT_OK. Otherwise reply \
 with a short alert saying what needs attention, without HEARTBEAT_OK.";
+
+/// `max_tokens` of a Messages run (required by the protocol): far above a
+/// heartbeat's `HEARTBEAT_OK` or short alert.
+pub const MESSAGES_MAX_TOKENS: u32 = 2048;
+
+/// The Anthropic API version a Messages run asks for.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Largest reply body read from the proxy.
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
@@ -62,9 +80,31 @@ fn client_over(
         .build(https)
 }
 
+/// The client protocol a run speaks to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// OpenAI Chat Completions (`/v1/chat/completions`).
+    #[default]
+    ChatCompletions,
+    /// Anthropic Messages (`/v1/messages`).
+    Messages,
+}
+
+impl Protocol {
+    /// The proxy path of the protocol.
+    pub fn path(self) -> &'static str {
+        match self {
+            Protocol::ChatCompletions => "/v1/chat/completions",
+            Protocol::Messages => "/v1/messages",
+        }
+    }
+}
+
 /// What a run sends.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
+    /// The protocol of the backends serving the model.
+    pub protocol: Protocol,
     /// The agent (`x-claw-agent-id`).
     pub agent_id: String,
     /// The run's id (for its trace span).
@@ -117,24 +157,26 @@ pub fn session_key(agent_id: &str, isolated: bool, started_ms: i64) -> String {
 /// Sends runs through a proxy with the internal client key.
 pub struct ProxyDispatcher {
     client: HttpClient,
-    endpoint: String,
+    /// The proxy's base URL, without a trailing `/`.
+    proxy: String,
     key: Arc<str>,
 }
 
 impl std::fmt::Debug for ProxyDispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyDispatcher")
-            .field("endpoint", &self.endpoint)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }
 
 impl ProxyDispatcher {
-    /// A dispatcher posting to `{proxy}/v1/chat/completions` with `key`.
+    /// A dispatcher posting to `{proxy}/v1/chat/completions` or
+    /// `{proxy}/v1/messages` with `key`.
     pub fn new(client: HttpClient, proxy: &str, key: String) -> Self {
         ProxyDispatcher {
             client,
-            endpoint: format!("{}/v1/chat/completions", proxy.trim_end_matches('/')),
+            proxy: proxy.trim_end_matches('/').to_string(),
             key: key.into(),
         }
     }
@@ -143,7 +185,7 @@ impl ProxyDispatcher {
 impl Dispatcher for ProxyDispatcher {
     fn run(&self, req: RunRequest) -> BoxFuture<'static, Result<RunReply, String>> {
         let client = self.client.clone();
-        let endpoint = self.endpoint.clone();
+        let endpoint = format!("{}{}", self.proxy, req.protocol.path());
         let key = self.key.clone();
         let span = run_span(&req);
         Box::pin(async move {
@@ -178,6 +220,7 @@ fn run_span(req: &RunRequest) -> tracing::Span {
         claw.heartbeat.run_id = %req.run_id,
         claw.heartbeat.trigger = req.trigger,
         gen_ai.operation.name = "chat",
+        claw.heartbeat.protocol = ?req.protocol,
         gen_ai.request.model = %req.model,
         claw.heartbeat.outcome = tracing::field::Empty,
         gen_ai.usage.input_tokens = tracing::field::Empty,
@@ -215,6 +258,50 @@ fn record_outcome(span: &tracing::Span, result: &Result<RunReply, String>) {
     }
 }
 
+/// The HTTP request of a run (without trace headers): path, credential
+/// header and body in the run's protocol, the same `x-claw-*` headers for
+/// both.
+pub fn build_request(
+    endpoint: &str,
+    key: &str,
+    req: &RunRequest,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    let builder = http::Request::post(endpoint)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header("x-claw-priority", "background")
+        .header("x-claw-agent-id", &req.agent_id)
+        .header("x-claw-session-key", &req.session_key);
+    let (builder, body) = match req.protocol {
+        Protocol::ChatCompletions => (
+            builder.header(http::header::AUTHORIZATION, format!("Bearer {key}")),
+            serde_json::json!({
+                "model": req.model,
+                "messages": [
+                    {"role": "system", "content": req.prompt},
+                    {"role": "user", "content": req.checklist},
+                ],
+                "stream": false,
+            }),
+        ),
+        Protocol::Messages => (
+            builder
+                .header("x-api-key", key)
+                .header("anthropic-version", ANTHROPIC_VERSION),
+            serde_json::json!({
+                "model": req.model,
+                "max_tokens": MESSAGES_MAX_TOKENS,
+                "system": req.prompt,
+                "messages": [
+                    {"role": "user", "content": req.checklist},
+                ],
+            }),
+        ),
+    };
+    builder
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| format!("building the request: {e}"))
+}
+
 async fn call(
     client: HttpClient,
     endpoint: String,
@@ -222,22 +309,7 @@ async fn call(
     req: RunRequest,
     span: &tracing::Span,
 ) -> Result<RunReply, String> {
-    let body = serde_json::json!({
-        "model": req.model,
-        "messages": [
-            {"role": "system", "content": req.prompt},
-            {"role": "user", "content": req.checklist},
-        ],
-        "stream": false,
-    });
-    let mut request = http::Request::post(&endpoint)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
-        .header("x-claw-priority", "background")
-        .header("x-claw-agent-id", &req.agent_id)
-        .header("x-claw-session-key", &req.session_key)
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| format!("building the request: {e}"))?;
+    let mut request = build_request(&endpoint, &key, &req)?;
     claw_telemetry::propagation::inject(span, request.headers_mut());
     let response = client
         .request(request)
@@ -256,10 +328,14 @@ async fn call(
             error_message(&bytes)
         ));
     }
-    parse_reply(&bytes)
+    match req.protocol {
+        Protocol::ChatCompletions => parse_reply(&bytes),
+        Protocol::Messages => parse_messages_reply(&bytes),
+    }
 }
 
-/// The `error.message` of an OpenAI-format error body, else its start.
+/// The `error.message` of an OpenAI- or Anthropic-format error body (both
+/// keep it there), else the body's start.
 fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -289,9 +365,139 @@ pub fn parse_reply(body: &[u8]) -> Result<RunReply, String> {
     })
 }
 
+/// Parses a non-streaming Anthropic Messages reply: the text of its `text`
+/// content blocks, and usage normalised like the proxy's (prompt tokens =
+/// `input_tokens` + cache reads + cache writes).
+pub fn parse_messages_reply(body: &[u8]) -> Result<RunReply, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("reply is not JSON: {e}"))?;
+    let blocks = v["content"]
+        .as_array()
+        .ok_or("reply has no content array")?;
+    let content: String = blocks
+        .iter()
+        .filter(|b| b["type"] == "text")
+        .filter_map(|b| b["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("");
+    let usage = &v["usage"];
+    let n = |field: &str| usage[field].as_u64().unwrap_or(0);
+    let prompt_tokens = n("input_tokens")
+        .saturating_add(n("cache_read_input_tokens"))
+        .saturating_add(n("cache_creation_input_tokens"));
+    let completion_tokens = n("output_tokens");
+    Ok(RunReply {
+        content,
+        model: v["model"].as_str().unwrap_or_default().to_string(),
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens.saturating_add(completion_tokens),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(protocol: Protocol) -> RunRequest {
+        RunRequest {
+            protocol,
+            agent_id: "a1".into(),
+            run_id: "r1".into(),
+            trigger: "schedule",
+            model: "claude-sonnet".into(),
+            prompt: "PROMPT".into(),
+            checklist: "- [ ] inbox".into(),
+            session_key: "agent:a1:heartbeat".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    async fn body_of(r: &http::Request<Full<Bytes>>) -> serde_json::Value {
+        let bytes = r
+            .body()
+            .clone()
+            .collect()
+            .await
+            .expect("in-memory body")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("JSON body")
+    }
+
+    #[tokio::test]
+    async fn a_messages_run_is_anthropic_shaped_with_the_same_claw_headers() {
+        let r = build_request(
+            "http://p/v1/messages",
+            "ck-internal",
+            &run(Protocol::Messages),
+        )
+        .expect("builds");
+        let h = r.headers();
+        assert_eq!(h["x-api-key"], "ck-internal");
+        assert_eq!(h["anthropic-version"], "2023-06-01");
+        assert!(h.get(http::header::AUTHORIZATION).is_none());
+        assert_eq!(h["x-claw-agent-id"], "a1");
+        assert_eq!(h["x-claw-priority"], "background");
+        assert_eq!(h["x-claw-session-key"], "agent:a1:heartbeat");
+        assert_eq!(
+            body_of(&r).await,
+            serde_json::json!({
+                "model": "claude-sonnet",
+                "max_tokens": MESSAGES_MAX_TOKENS,
+                "system": "PROMPT",
+                "messages": [{"role": "user", "content": "- [ ] inbox"}],
+            })
+        );
+        assert_eq!(Protocol::Messages.path(), "/v1/messages");
+    }
+
+    #[tokio::test]
+    async fn a_chat_run_keeps_its_shape() {
+        let r = build_request(
+            "http://p/v1/chat/completions",
+            "ck-internal",
+            &run(Protocol::ChatCompletions),
+        )
+        .expect("builds");
+        let h = r.headers();
+        assert_eq!(h[http::header::AUTHORIZATION], "Bearer ck-internal");
+        assert!(h.get("x-api-key").is_none() && h.get("anthropic-version").is_none());
+        assert_eq!(h["x-claw-session-key"], "agent:a1:heartbeat");
+        let b = body_of(&r).await;
+        assert_eq!(b["messages"][0]["role"], "system");
+        assert_eq!(b["messages"][1]["content"], "- [ ] inbox");
+        assert_eq!(b["stream"], false);
+    }
+
+    #[test]
+    fn messages_replies_join_text_blocks_and_count_cache_tokens_as_input() {
+        let r = parse_messages_reply(
+            br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5",
+                "content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"HEARTBEAT"},
+                           {"type":"text","text":"_OK"}],
+                "stop_reason":"end_turn",
+                "usage":{"input_tokens":12,"cache_creation_input_tokens":100,
+                         "cache_read_input_tokens":1000,"output_tokens":4}}"#,
+        )
+        .expect("parses");
+        assert_eq!(r.content, "HEARTBEAT_OK");
+        assert_eq!(r.model, "claude-sonnet-4-5");
+        assert_eq!(
+            (r.prompt_tokens, r.completion_tokens, r.total_tokens),
+            (1_112, 4, 1_116)
+        );
+        let bare =
+            parse_messages_reply(br#"{"content":[],"usage":{"input_tokens":3}}"#).expect("parses");
+        assert_eq!((bare.content.as_str(), bare.prompt_tokens), ("", 3));
+        assert!(parse_messages_reply(b"{}").is_err());
+        assert!(parse_messages_reply(b"not json").is_err());
+        assert_eq!(
+            error_message(
+                br#"{"type":"error","error":{"type":"not_found_error","message":"model x not found"}}"#
+            ),
+            "model x not found"
+        );
+    }
 
     #[test]
     fn session_keys() {

@@ -13,7 +13,9 @@
 //!   claims, skips and deferrals, manual runs, restart recovery, retention.
 //! * [`runs`] — the durable run log (one record per slot), cursors, and
 //!   the single-transaction commit the scheduler writes through.
-//! * [`dispatch`] — the run itself: a chat completion through a proxy.
+//! * [`dispatch`] — the run itself: one request through a proxy, in the
+//!   protocol serving the agent's model (Chat Completions, or Messages when
+//!   only `anthropic` backends serve it).
 //! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
 //!   dead-lettered, at least once.
 //! * [`metrics`] — the `claw_heartbeat_*` metrics.

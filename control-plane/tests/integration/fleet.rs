@@ -762,3 +762,189 @@ async fn ingest_throughput() {
     lat.sort();
     println!("429 → push p50 {:?} p99 {:?}", lat[25], lat[49]);
 }
+
+#[tokio::test]
+async fn cache_read_and_write_tokens_sum_from_events_and_aggregates_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let now = now_ms();
+    let mut event = usage(&b1, "ck", "a1", now, 1_000, 50);
+    event.cache_read_tokens = 600;
+    event.cache_write_tokens = 300;
+    let aggregate = UsageAggregate {
+        first_time: ts(now),
+        last_time: ts(now),
+        client_key_id: "ck".into(),
+        agent_id: "a1".into(),
+        model: "gpt-4o".into(),
+        backend_id: b1.clone(),
+        totals: Some(UsageTotals {
+            requests: 4,
+            prompt_tokens: 4_000,
+            completion_tokens: 40,
+            total_tokens: 4_040,
+            cache_read_tokens: 3_000,
+            cache_write_tokens: 700,
+            ..Default::default()
+        }),
+    };
+    let mut r = h.reporter("p1", "epoch-1").await;
+    let mut batch = r.batch(1);
+    batch.usage = vec![event];
+    batch.usage_aggregates = vec![aggregate];
+    r.send(batch.clone()).await;
+    r.send(batch).await; // resent: acknowledged, not applied
+
+    let t = h.totals(UsageFilter::default()).await;
+    assert_eq!(t.requests, 5);
+    assert_eq!(t.prompt_tokens, 5_000, "all input, cache included");
+    assert_eq!((t.cache_read_tokens, t.cache_write_tokens), (3_600, 1_000));
+    let hours = h
+        .stats()
+        .list_hourly_usage(ListHourlyUsageRequest::default())
+        .await
+        .expect("hourly")
+        .into_inner()
+        .hours;
+    let sum = |f: fn(&UsageTotals) -> u64| {
+        hours
+            .iter()
+            .filter_map(|h| h.totals.as_ref())
+            .map(f)
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (sum(|t| t.cache_read_tokens), sum(|t| t.cache_write_tokens)),
+        (3_600, 1_000)
+    );
+    let days = h
+        .stats()
+        .list_daily_usage(ListDailyUsageRequest::default())
+        .await
+        .expect("daily")
+        .into_inner()
+        .days;
+    let day: Vec<_> = days
+        .iter()
+        .filter_map(|d| d.totals.as_ref())
+        .map(|t| (t.cache_read_tokens, t.cache_write_tokens))
+        .collect();
+    assert_eq!(day, vec![(3_600, 1_000)]);
+}
+
+fn failure(kind: FailureKind, backend: &str, status: u32, cooldown_ms: u64) -> UpstreamFailure {
+    UpstreamFailure {
+        kind: kind as i32,
+        status,
+        ..rate_limited(backend, cooldown_ms)
+    }
+}
+
+#[tokio::test]
+async fn a_spent_quota_cools_the_backend_fleet_wide_and_shows_until_it_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h = Harness::start(dir.path().join("data")).await;
+    let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    let b2 = h.add_backend("b2", Pool::Primary, 1000).await;
+    let mut a = h.proxy("a").await;
+    let mut b = h.proxy("b").await;
+    for p in [&mut a, &mut b] {
+        p.wait(Duration::from_secs(5), |n, _| n > 0)
+            .await
+            .expect("snapshot");
+    }
+    let backends = || BackendServiceClient::new(h.authed(ADMIN));
+    let get = |name: &'static str| async move {
+        backends()
+            .get_backend(GetBackendRequest {
+                backend: name.into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .backend
+            .expect("backend")
+    };
+
+    let quota_ms = 2_500;
+    let mut ra = h.reporter("a", "ea").await;
+    let mut batch = ra.batch(1);
+    let mut spent = failure(FailureKind::QuotaExhausted, &b1, 429, quota_ms);
+    spent.summary = "429 insufficient_quota".into();
+    batch.failures = vec![spent];
+    let sent_ms = now_ms();
+    ra.send(batch).await;
+    let got = b
+        .wait(Duration::from_secs(5), |_, r| !r.cooldowns.is_empty())
+        .await
+        .expect("B is told");
+    let c = &got.cooldowns[0];
+    assert_eq!(c.backend_id, b1);
+    assert!(c.quota_exhausted, "{c:?}");
+    assert!(
+        c.remaining_ms > 1_500 && c.remaining_ms <= quota_ms,
+        "{c:?}"
+    );
+
+    let listed = backends()
+        .list_backends(ListBackendsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .backends;
+    let status: Vec<_> = listed
+        .iter()
+        .map(|b| (b.name.as_str(), b.status.as_str()))
+        .collect();
+    assert_eq!(status, [("b1", "quota_exhausted"), ("b2", "enabled")]);
+    let one = get("b1").await;
+    assert_eq!(one.status, "quota_exhausted");
+    let until = one
+        .quota_exhausted_until
+        .as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .expect("quota_exhausted_until");
+    assert!(
+        (until - (sent_ms + quota_ms as i64)).abs() < 1_000,
+        "until {until}, sent {sent_ms}"
+    );
+    assert!(get("b2").await.quota_exhausted_until.is_none());
+    let events = h.cooldown_events("b1").await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].summary.contains("quota"),
+        "{:?}",
+        events[0].summary
+    );
+
+    // An overload is a short cooldown, pushed, not a quota.
+    let mut batch = ra.batch(2);
+    batch.failures = vec![failure(FailureKind::Overloaded, &b2, 529, 1_000)];
+    ra.send(batch).await;
+    let got = b
+        .wait(Duration::from_secs(5), |_, r| {
+            r.cooldowns.iter().any(|c| c.backend_id == b2)
+        })
+        .await
+        .expect("B is told of the overload");
+    let c = got
+        .cooldowns
+        .iter()
+        .find(|c| c.backend_id == b2)
+        .expect("b2");
+    assert!(!c.quota_exhausted && c.remaining_ms <= 1_000, "{c:?}");
+    assert_eq!(get("b2").await.status, "enabled");
+    assert!(
+        h.cooldown_events(&b2).await[0]
+            .summary
+            .contains("overloaded")
+    );
+
+    // Once the reported end passes, the backend is back.
+    let wait = (sent_ms + quota_ms as i64 + 200 - now_ms()).max(0);
+    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    let back = get("b1").await;
+    assert_eq!(back.status, "enabled");
+    assert!(back.quota_exhausted_until.is_none());
+}

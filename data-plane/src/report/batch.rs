@@ -215,7 +215,13 @@ impl Collector {
     pub(crate) fn signal(&mut self, s: Signal) {
         match s {
             Signal::Failure(f) => {
-                self.pending.urgent |= f.kind == FailureKind::RateLimited;
+                // Cooldowns must spread within milliseconds.
+                self.pending.urgent |= matches!(
+                    f.kind,
+                    FailureKind::RateLimited
+                        | FailureKind::Overloaded
+                        | FailureKind::QuotaExhausted
+                );
                 self.pending.failures.push(failure(f));
             }
             Signal::Recovered { backend_id, at } => self.pending.successes.push(BackendSuccess {
@@ -363,6 +369,8 @@ fn failure(f: Failure) -> UpstreamFailure {
             FailureKind::Connect => WireFailureKind::Connect,
             FailureKind::Timeout => WireFailureKind::Timeout,
             FailureKind::StreamBroken => WireFailureKind::StreamBroken,
+            FailureKind::Overloaded => WireFailureKind::Overloaded,
+            FailureKind::QuotaExhausted => WireFailureKind::QuotaExhausted,
         } as i32,
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
@@ -662,5 +670,118 @@ mod tests {
         c.buffer().ack(1);
         assert!(c.keepalive());
         assert!(!c.keepalive(), "one per idle second");
+    }
+
+    /// Every protocol's answers, parsed and priced as the proxy does and
+    /// summed into batches (over two buckets and two cuts): the totals equal,
+    /// to the token, the sums of what the payloads' usage blocks said, and
+    /// the cost the formula on those numbers.
+    #[test]
+    fn totals_equal_to_the_token_the_sums_the_providers_reported() {
+        use crate::usage::samples::ALL;
+        use crate::usage::{Prices, SseUsage, Usage};
+        let prices = Prices {
+            input: 3e-6,
+            output: 15e-6,
+            cache_read: 0.3e-6,
+            cache_write: 3.75e-6,
+            cache_write_1h: 6e-6,
+        };
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        let (mut prompt, mut read, mut write, mut out, mut cost) = (0u64, 0u64, 0u64, 0u64, 0.0);
+        let mut totals = UsageTotals::default();
+        for round in 0..3 {
+            for (i, s) in ALL.iter().enumerate() {
+                let usage = if s.sse {
+                    let mut scanner = SseUsage::reading(s.dialect);
+                    scanner.observe(s.body.as_bytes());
+                    scanner.finish();
+                    scanner.tally().usage
+                } else {
+                    Usage::from_answer(s.dialect, s.body.as_bytes())
+                };
+                let usage = usage.unwrap_or_else(|| panic!("{}: no usage", s.name));
+                let mut o = outcome(Some(if i % 2 == 0 { "even" } else { "odd" }));
+                o.usage = Some(usage);
+                o.cost = Some(usage.cost(&prices));
+                c.outcome(o);
+                let writes = s.cache_write_5m + s.cache_write_1h;
+                prompt += s.prompt();
+                read += s.cache_read;
+                write += writes;
+                out += s.output;
+                let uncached = s.prompt() - s.cache_read - writes;
+                cost += uncached as f64 * 3e-6
+                    + s.cache_read as f64 * 0.3e-6
+                    + s.cache_write_5m as f64 * 3.75e-6
+                    + s.cache_write_1h as f64 * 6e-6
+                    + s.output as f64 * 15e-6;
+            }
+            if round != 1 {
+                assert!(c.cut());
+                while let Some(m) = c.buffer().next_to_send() {
+                    let seq = m.seq;
+                    for a in &m.usage_aggregates {
+                        totals += a.totals.as_ref().unwrap();
+                    }
+                    c.buffer().ack(seq);
+                }
+            }
+        }
+        let n = 3 * ALL.len() as u64;
+        assert_eq!(totals.requests, n);
+        assert_eq!(
+            (
+                totals.prompt_tokens,
+                totals.cache_read_tokens,
+                totals.cache_write_tokens,
+                totals.completion_tokens,
+                totals.total_tokens
+            ),
+            (prompt, read, write, out, prompt + out)
+        );
+        assert!(write > 0 && read > 0, "the samples hold cache traffic");
+        assert!(
+            (totals.cost - cost).abs() < 1e-12,
+            "{} vs {cost}",
+            totals.cost
+        );
+    }
+
+    #[test]
+    fn overload_and_spent_quota_go_out_at_once_as_their_own_kinds() {
+        for (kind, wire) in [
+            (FailureKind::Overloaded, WireFailureKind::Overloaded),
+            (FailureKind::QuotaExhausted, WireFailureKind::QuotaExhausted),
+        ] {
+            let mut c = Collector::new(
+                "n1".into(),
+                SnapshotStore::default(),
+                &ReportSettings::default(),
+            );
+            c.signal(Signal::Failure(Failure {
+                at: SystemTime::now(),
+                backend_id: Arc::from("b"),
+                kind,
+                status: Some(if kind == FailureKind::Overloaded {
+                    529
+                } else {
+                    429
+                }),
+                retry_after: Some(Duration::from_secs(7200)),
+                consecutive: 1,
+                cooldown: Some(Duration::from_secs(7200)),
+                summary: "out",
+            }));
+            assert!(c.due(), "{kind:?} is sent at once");
+            assert!(c.cut());
+            let m = c.buffer().next_to_send().unwrap();
+            assert_eq!(m.failures[0].kind, wire as i32);
+            assert_eq!(m.failures[0].retry_after_ms, 7_200_000);
+        }
     }
 }

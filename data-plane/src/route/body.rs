@@ -2,19 +2,23 @@
 //!
 //! - [`read_body`]: the whole body, within a size limit and a deadline; an
 //!   oversized one is read on ("lingering") so the client sees the 413.
-//! - [`scan_body`]: the fast path, `model`, `stream` and the output cap read
-//!   without building a `Value` (the body is then forwarded as received with
-//!   `model` spliced in); [`parse_body`]: the general path, a whole `Value`.
+//! - [`scan_body`]: the fast path, `model`, `stream`, the output cap and the
+//!   affinity hints ([`BodyHints`]) read in one pass without building a
+//!   `Value` (the body is then forwarded as received with `model` spliced
+//!   in); [`parse_body`]: the general path, a whole `Value`. Both must read
+//!   the same things out of the same body (`scanning_agrees_with_parsing`):
+//!   a session must land on the same backend whichever path its body takes.
 //! - [`estimate_tokens`], [`prompt_estimate`]: what a request reserves on tpm.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::Body;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::affinity::BodyHints;
 use crate::error::ApiError;
 use crate::json::Shape;
 use crate::stream::BoxError;
@@ -79,9 +83,13 @@ where
     }
 }
 
+/// The keys of a request's output cap, the first present (an unsigned
+/// integer) wins: Chat Completions' two, then the Responses API's.
+const OUTPUT_CAPS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
+
 /// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
 pub(crate) fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
-    let max_out = ["max_completion_tokens", "max_tokens"]
+    let max_out = OUTPUT_CAPS
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_u64))
         .unwrap_or(0);
@@ -120,8 +128,15 @@ pub(crate) struct Scanned {
     pub model_span: std::ops::Range<usize>,
     /// `stream: true`.
     pub stream: bool,
-    /// `max_completion_tokens`, else `max_tokens`, when an unsigned integer.
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`,
+    /// when an unsigned integer.
     pub max_out: Option<u64>,
+    /// What affinity and stored responses need: equal to
+    /// [`BodyHints::from_map`] of the parsed body.
+    // Read by `route` once it keys affinity on the body (protocol helper's
+    // part of issue 12); the allow goes then.
+    #[allow(dead_code)]
+    pub hints: BodyHints,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,6 +145,10 @@ enum Key {
     Stream,
     MaxCompletionTokens,
     MaxTokens,
+    MaxOutputTokens,
+    PromptCache,
+    Metadata,
+    PreviousResponseId,
     Other,
 }
 
@@ -147,8 +166,138 @@ impl<'de> Deserialize<'de> for Key {
                     "stream" => Key::Stream,
                     "max_completion_tokens" => Key::MaxCompletionTokens,
                     "max_tokens" => Key::MaxTokens,
+                    "max_output_tokens" => Key::MaxOutputTokens,
+                    "prompt_cache_key" => Key::PromptCache,
+                    "metadata" => Key::Metadata,
+                    "previous_response_id" => Key::PreviousResponseId,
                     _ => Key::Other,
                 })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value read as `Value::as_str` would see it: the string, or `None` for
+/// anything else (validated and stepped over like [`Shape`]). Allocates only
+/// for a string.
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(Some(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Text, E> {
+                Ok(Text(Some(s)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_none<E>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_element::<Shape>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_key::<Shape>()?.is_some() {
+                    a.next_value::<Shape>()?;
+                }
+                Ok(Text(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `metadata` read for its `user_id` string, as
+/// `body.get("metadata").and_then(|m| m.get("user_id"))` would: `None` when
+/// `metadata` is not an object or has no string `user_id` (the last one of
+/// repeated keys, as a parsed object keeps).
+struct UserId(Option<String>);
+
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UserId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<UserId, A::Error> {
+                let mut user_id = None;
+                while let Some(k) = a.next_key::<Field>()? {
+                    if k.0 {
+                        user_id = a.next_value::<Text>()?.0;
+                    } else {
+                        a.next_value::<Shape>()?;
+                    }
+                }
+                Ok(UserId(user_id))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<UserId, A::Error> {
+                while a.next_element::<Shape>()?.is_some() {}
+                Ok(UserId(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_unit<E>(self) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+            fn visit_none<E>(self) -> Result<UserId, E> {
+                Ok(UserId(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A key of `metadata`: whether it is `user_id`.
+struct Field(bool);
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, k: &str) -> Result<Field, E> {
+                Ok(Field(k == "user_id"))
             }
         }
         d.deserialize_any(V)
@@ -159,6 +308,7 @@ struct Top<'a> {
     model: &'a RawValue,
     stream: bool,
     max_out: Option<u64>,
+    hints: BodyHints,
 }
 
 impl<'de> Deserialize<'de> for Top<'de> {
@@ -171,7 +321,10 @@ impl<'de> Deserialize<'de> for Top<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Top<'de>, A::Error> {
                 let mut model: Option<&'de RawValue> = None;
-                let (mut stream, mut mct, mut mt) = (Shape::Other, Shape::Other, Shape::Other);
+                let (mut stream, mut mct, mut mt, mut mot) =
+                    (Shape::Other, Shape::Other, Shape::Other, Shape::Other);
+                // Repeated keys: the last one counts, as in a parsed object.
+                let mut hints = BodyHints::default();
                 while let Some(k) = a.next_key::<Key>()? {
                     match k {
                         Key::Model => {
@@ -183,12 +336,20 @@ impl<'de> Deserialize<'de> for Top<'de> {
                         Key::Stream => stream = a.next_value()?,
                         Key::MaxCompletionTokens => mct = a.next_value()?,
                         Key::MaxTokens => mt = a.next_value()?,
+                        Key::MaxOutputTokens => mot = a.next_value()?,
+                        Key::PromptCache => {
+                            hints.prompt_cache_key = a.next_value::<Text>()?.0;
+                        }
+                        Key::Metadata => hints.user_id = a.next_value::<UserId>()?.0,
+                        Key::PreviousResponseId => {
+                            hints.previous_response_id = a.next_value::<Text>()?.0;
+                        }
                         Key::Other => {
                             a.next_value::<Shape>()?;
                         }
                     }
                 }
-                let max_out = [mct, mt].into_iter().find_map(|s| match s {
+                let max_out = [mct, mt, mot].into_iter().find_map(|s| match s {
                     Shape::U64(n) => Some(n),
                     _ => None,
                 });
@@ -196,6 +357,7 @@ impl<'de> Deserialize<'de> for Top<'de> {
                     model: model.ok_or_else(|| de::Error::custom("no model"))?,
                     stream: stream == Shape::True,
                     max_out,
+                    hints,
                 })
             }
         }
@@ -203,8 +365,9 @@ impl<'de> Deserialize<'de> for Top<'de> {
     }
 }
 
-/// Reads `model`, `stream` and the output cap of a body without building a
-/// `Value`, validating it as [`parse_body`] would. `None` whenever the body
+/// Reads `model`, `stream`, the output cap and the [`BodyHints`] of a body
+/// without building a `Value` (allocating only for the hints present),
+/// validating it as [`parse_body`] would. `None` whenever the body
 /// is anything but a valid object with one non-empty string `model`: the
 /// caller then takes [`parse_body`], which gives the general answer (the
 /// same result, or the error to send).
@@ -230,6 +393,7 @@ pub(crate) fn scan_body(bytes: &[u8]) -> Option<Scanned> {
         model_span: start..start + raw.len(),
         stream: top.stream,
         max_out: top.max_out,
+        hints: top.hints,
     })
 }
 
@@ -278,6 +442,31 @@ mod tests {
             br#"{"model":"gpt","n":01}"#,
             br#"[1,2]"#,
             b"",
+            // Responses' output cap, alone and behind the chat ones.
+            br#"{"model":"gpt","max_output_tokens":64}"#,
+            br#"{"model":"gpt","max_output_tokens":64,"max_tokens":"x"}"#,
+            br#"{"max_output_tokens":64,"max_tokens":5,"model":"gpt"}"#,
+            br#"{"model":"gpt","max_output_tokens":-1}"#,
+            // Affinity hints: strings, escapes, nesting, non-strings, repeats.
+            br#"{"model":"gpt","prompt_cache_key":"agent-7","previous_response_id":"resp_1"}"#,
+            br#"{"prompt_cache_key":"k\u00e9\n\"q\"","model":"gpt"}"#,
+            br#"{"model":"gpt","prompt_cache_key":42,"previous_response_id":null}"#,
+            br#"{"model":"gpt","prompt_cache_key":{"a":"b"},"previous_response_id":["resp_1"]}"#,
+            br#"{"model":"gpt","prompt_cache_key":"a","prompt_cache_key":"b"}"#,
+            br#"{"model":"gpt","prompt_cache_key":"a","prompt_cache_key":1}"#,
+            br#"{"model":"gpt","prompt_cache_key":""}"#,
+            br#"{"model":"claude","metadata":{"user_id":"u-1"},"max_tokens":1024}"#,
+            br#"{"model":"claude","metadata":{"x":{"user_id":"deep"},"user\u005fid":"u\u0031","y":[1]}}"#,
+            br#"{"model":"claude","metadata":{"user_id":7}}"#,
+            br#"{"model":"claude","metadata":{"user_id":"a","user_id":null}}"#,
+            br#"{"model":"claude","metadata":{"user_id":"a"},"metadata":{"other":"b"}}"#,
+            br#"{"model":"claude","metadata":{"user_id":"a"},"metadata":"user_id"}"#,
+            br#"{"model":"claude","metadata":["user_id","a"]}"#,
+            br#"{"model":"claude","metadata":null,"user_id":"top"}"#,
+            br#"{"model":"claude","messages":[{"metadata":{"user_id":"inner"},"prompt_cache_key":"inner"}]}"#,
+            br#"{"model":"claude","metadata":{"user_id":"\ud800"}}"#,
+            br#"{"model":"claude","metadata":{"user_id":"a"}"#,
+            br#"{"model":"gpt","previous_response_id":"resp_\u0041","stream":true,"max_output_tokens":9}"#,
         ];
         for b in bodies {
             let parsed = parse_body(b);
@@ -287,6 +476,12 @@ mod tests {
                         .unwrap_or_else(|_| panic!("scan accepted {}", String::from_utf8_lossy(b)));
                     assert_eq!(s.model, m);
                     assert_eq!(s.stream, map.get("stream") == Some(&Value::Bool(true)));
+                    assert_eq!(
+                        s.hints,
+                        BodyHints::from_map(&map),
+                        "{}",
+                        String::from_utf8_lossy(b)
+                    );
                     assert_eq!(
                         s.max_out.unwrap_or(0) as f64 + prompt_estimate(b.len()) as f64,
                         estimate_tokens(&map, b.len())

@@ -3,6 +3,7 @@
 //! file, and they share `support`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod affinity;
 mod binary;
 mod discovery;
 mod perf;

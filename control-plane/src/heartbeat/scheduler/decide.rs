@@ -215,6 +215,7 @@ impl Scheduler {
             run.model = agent.model.clone();
         }
         let req = RunRequest {
+            protocol: self.protocol_for(&agent.model),
             agent_id: key.agent_id.clone(),
             run_id: rec
                 .run

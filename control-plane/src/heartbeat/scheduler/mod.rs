@@ -43,7 +43,7 @@
 //! policy above; `commit` the batch machinery (one transaction, then the
 //! side effects, and the recovery when a commit fails).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -305,6 +305,9 @@ pub struct Scheduler {
     rx: mpsc::UnboundedReceiver<Command>,
     next_prune_ms: i64,
     pruning: bool,
+    /// Canonical models whose enabled backends are all `anthropic`: their
+    /// runs are sent as Messages (rebuilt with the capacity map).
+    messages_models: HashSet<String>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -384,6 +387,7 @@ impl Scheduler {
                 rx,
                 next_prune_ms: 0,
                 pruning: false,
+                messages_models: HashSet::new(),
             },
             handle,
         )
@@ -592,23 +596,47 @@ impl Scheduler {
         }
     }
 
-    /// Rebuilds the model → backends map from the configuration.
-    fn refresh_capacity(&self) {
+    /// Rebuilds the model → backends map and the models served only in
+    /// Messages from the configuration (enabled backends only).
+    fn refresh_capacity(&mut self) {
         let Ok(backends) = self.deps.catalog.backend_records() else {
             return;
         };
         let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        // Per model: (any openai backend, any anthropic backend).
+        let mut apis: HashMap<String, (bool, bool)> = HashMap::new();
         for b in backends.into_iter().filter_map(|r| r.spec) {
             if !b.enabled {
                 continue;
             }
+            let anthropic = b.api == claw_proto::v1::Api::Anthropic as i32;
             for m in &b.models {
                 map.entry(m.canonical.clone())
                     .or_default()
                     .push(b.id.clone());
+                let seen = apis.entry(m.canonical.clone()).or_default();
+                if anthropic {
+                    seen.1 = true;
+                } else {
+                    seen.0 = true;
+                }
             }
         }
+        self.messages_models = apis
+            .into_iter()
+            .filter(|(_, (openai, anthropic))| *anthropic && !*openai)
+            .map(|(model, _)| model)
+            .collect();
         self.deps.capacity.set_model_backends(map);
+    }
+
+    /// The protocol a run of `model` is sent in.
+    pub(super) fn protocol_for(&self, model: &str) -> dispatch::Protocol {
+        if self.messages_models.contains(model) {
+            dispatch::Protocol::Messages
+        } else {
+            dispatch::Protocol::ChatCompletions
+        }
     }
 
     /// Fires every due slot and retry, up to [`MAX_BATCH`] writes.
@@ -964,6 +992,66 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[tokio::test]
+    async fn runs_use_messages_only_for_models_served_only_by_anthropic_backends() {
+        let (_d, r) = rig("HEARTBEAT_OK", false).await;
+        let backend = |name: &str, api: claw_proto::v1::Api, models: &[&str], enabled: bool| {
+            claw_proto::v1::Backend {
+                name: name.into(),
+                base_url: "https://api.example.com/v1".into(),
+                api_key: "sk-test-0123456789".into(),
+                rpm: 60,
+                enabled,
+                api: api as i32,
+                models: models
+                    .iter()
+                    .map(|m| claw_proto::v1::ModelMapping {
+                        canonical: (*m).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+        };
+        use claw_proto::v1::Api::{Anthropic, Openai};
+        for b in [
+            backend("claude-1", Anthropic, &["claude", "mixed", "off"], true),
+            backend("claude-2", Anthropic, &["claude"], true),
+            backend("gpt", Openai, &["gpt-4o", "mixed"], true),
+            backend("gpt-off", Openai, &["off"], false),
+        ] {
+            r.catalog.create_backend(b).await.expect("backend");
+        }
+        let (mut s, _h, _) = r.scheduler();
+        s.sync_agents(None).expect("sync");
+        use dispatch::Protocol::{ChatCompletions, Messages};
+        assert_eq!(s.protocol_for("claude"), Messages);
+        assert_eq!(
+            s.protocol_for("off"),
+            Messages,
+            "disabled backends do not count"
+        );
+        assert_eq!(s.protocol_for("gpt-4o"), ChatCompletions);
+        assert_eq!(
+            s.protocol_for("mixed"),
+            ChatCompletions,
+            "openai still serves it"
+        );
+        assert_eq!(s.protocol_for("unknown"), ChatCompletions);
+
+        // A configuration change is picked up on the next reload.
+        r.catalog
+            .update_backend(claw_proto::v1::UpdateBackendRequest {
+                backend: "claude-1".into(),
+                api: Openai as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("switch");
+        s.sync_agents(None).expect("reload");
+        assert_eq!(s.protocol_for("claude"), ChatCompletions);
     }
 
     #[tokio::test]
