@@ -341,7 +341,7 @@ impl EventStream {
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
-        mut guard: Option<&mut RecordGuard>,
+        guard: Option<&mut RecordGuard>,
     ) -> Poll<Option<Result<Bytes, ScriptedAbort>>> {
         let Some((event, token)) = self.events.get(self.next).cloned() else {
             return Poll::Ready(None);
@@ -362,7 +362,7 @@ impl EventStream {
         if token {
             self.tokens_sent += 1;
         }
-        if let Some(g) = guard.as_deref_mut() {
+        if let Some(g) = guard {
             g.add_response_bytes(&event);
             if token {
                 g.add_sent(1);

@@ -405,7 +405,7 @@ async fn handle(
         }
         (Route::Model(id), _) => {
             let anthropic_client = parts.headers.contains_key("anthropic-version");
-            let known = shared.config.models.iter().any(|m| *m == id);
+            let known = shared.config.models.contains(&id);
             match (known, anthropic_client) {
                 (true, true) => respond(
                     &shared,
