@@ -70,6 +70,10 @@ pub(crate) enum FailureKind {
     Timeout,
     /// The answer's body broke off mid-stream.
     StreamBroken,
+    /// A 429 saying the account's quota or billing is spent.
+    QuotaExhausted,
+    /// 529: the provider is overloaded.
+    Overloaded,
 }
 
 /// One failed upstream attempt.

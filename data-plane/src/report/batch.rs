@@ -215,7 +215,10 @@ impl Collector {
     pub(crate) fn signal(&mut self, s: Signal) {
         match s {
             Signal::Failure(f) => {
-                self.pending.urgent |= f.kind == FailureKind::RateLimited;
+                self.pending.urgent |= matches!(
+                    f.kind,
+                    FailureKind::RateLimited | FailureKind::QuotaExhausted
+                );
                 self.pending.failures.push(failure(f));
             }
             Signal::Recovered { backend_id, at } => self.pending.successes.push(BackendSuccess {
@@ -363,6 +366,8 @@ fn failure(f: Failure) -> UpstreamFailure {
             FailureKind::Connect => WireFailureKind::Connect,
             FailureKind::Timeout => WireFailureKind::Timeout,
             FailureKind::StreamBroken => WireFailureKind::StreamBroken,
+            FailureKind::QuotaExhausted => WireFailureKind::QuotaExhausted,
+            FailureKind::Overloaded => WireFailureKind::Overloaded,
         } as i32,
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
