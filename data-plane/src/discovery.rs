@@ -62,6 +62,10 @@ pub(crate) struct DiscoveryConfig {
     pub proxy_token: ProxyToken,
 }
 
+/// A remote cooldown kept until its backend is in the snapshot: `(until,
+/// consecutive, quota exhausted)`.
+type EarlyCooldown = (Instant, u32, bool);
+
 /// Applies what the control plane sends and builds the replies.
 #[derive(Clone)]
 pub(crate) struct Dispatcher {
@@ -71,7 +75,7 @@ pub(crate) struct Dispatcher {
     fleet: Fleet,
     /// Remote cooldowns for backends not in the snapshot yet: `(until,
     /// consecutive, quota exhausted)` per backend id.
-    early: Arc<Mutex<HashMap<String, (Instant, u32, bool)>>>,
+    early: Arc<Mutex<HashMap<String, EarlyCooldown>>>,
     /// Where applied snapshots are persisted, if anywhere.
     cache: Option<CacheWriter>,
     /// The held snapshot came from the cache and the control plane has not

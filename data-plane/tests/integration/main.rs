@@ -6,6 +6,7 @@
 mod binary;
 mod discovery;
 mod perf;
+mod protocols;
 mod proxy;
 mod report;
 mod support;
