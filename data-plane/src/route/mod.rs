@@ -116,7 +116,7 @@ fn endpoint(method: &Method, path: &str) -> Result<Target, ApiError> {
         && !id.is_empty()
     {
         return if method == Method::GET {
-            Ok(Target::Model(id.to_string()))
+            Ok(Target::Model(percent_decode(id)))
         } else {
             Err(ApiError::method_not_allowed())
         };
@@ -161,17 +161,57 @@ fn json_response(body: Bytes) -> Response<ProxyBody> {
     res
 }
 
+/// A path segment with its `%XX` escapes decoded (SDKs escape a model id's
+/// `/`); invalid escapes and non-UTF-8 results are kept as sent.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
+/// The Anthropic model object of `id`.
+fn anthropic_model(id: &str, created: u64) -> Value {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(created);
+    serde_json::json!({
+        "type": "model",
+        "id": id,
+        "display_name": id,
+        "created_at": humantime::format_rfc3339_seconds(at).to_string(),
+    })
+}
+
+/// `GET /v1/models` for an Anthropic client (`anthropic-version` sent):
+/// one page holding every model.
+fn anthropic_models<'a>(ids: impl Iterator<Item = &'a String>, created: u64) -> Bytes {
+    let data: Vec<Value> = ids.map(|id| anthropic_model(id, created)).collect();
+    let first = data.first().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    let last = data.last().map(|m| m["id"].clone()).unwrap_or(Value::Null);
+    let v =
+        serde_json::json!({"data": data, "has_more": false, "first_id": first, "last_id": last});
+    Bytes::from(v.to_string())
+}
+
 /// `GET /v1/models/{id}`: the OpenAI model object, or the Anthropic one
 /// when the client sent `anthropic-version` (the Anthropic SDK always does).
 fn model_body(id: &str, created: u64, anthropic: bool) -> Bytes {
     let v = if anthropic {
-        let at = std::time::UNIX_EPOCH + Duration::from_secs(created);
-        serde_json::json!({
-            "type": "model",
-            "id": id,
-            "display_name": id,
-            "created_at": humantime::format_rfc3339_seconds(at).to_string(),
-        })
+        anthropic_model(id, created)
     } else {
         serde_json::json!({"id": id, "object": "model", "created": created, "owned_by": "claw"})
     };
@@ -228,6 +268,11 @@ where
     };
     let (endpoint, path_id) = match endpoint(&parts.method, parts.uri.path()) {
         Err(e) => return Err(reject(e, &auth, wire)),
+        Ok(Target::Models) if parts.headers.contains_key("anthropic-version") => {
+            let snap = &auth.snapshot;
+            let ids = snap.models().iter().filter(|m| auth.key.allows(m));
+            return Err(json_response(anthropic_models(ids, snap.created())));
+        }
         Ok(Target::Models) => return Err(json_response(auth.snapshot.models_body(&auth.key))),
         Ok(Target::Model(id)) => {
             if !auth.snapshot.lists_model(&auth.key, &id) {
@@ -486,5 +531,24 @@ mod tests {
         assert_eq!(v["type"], "model");
         assert_eq!(v["display_name"], "m");
         assert_eq!(v["created_at"], "1970-01-01T00:00:00Z");
+        let ids = ["a".to_string(), "b".to_string()];
+        let v: Value = serde_json::from_slice(&anthropic_models(ids.iter(), 0)).unwrap();
+        assert_eq!(v["data"][1]["type"], "model");
+        assert_eq!(
+            (&v["first_id"], &v["last_id"]),
+            (&Value::from("a"), &Value::from("b"))
+        );
+        assert_eq!(v["has_more"], false);
+    }
+
+    #[test]
+    fn model_ids_in_paths_are_percent_decoded() {
+        assert_eq!(percent_decode("meta%2Fllama-3"), "meta/llama-3");
+        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+        assert_eq!(percent_decode("%ff"), "%ff");
+        assert_eq!(
+            endpoint(&Method::GET, "/v1/models/org%2Fm"),
+            Ok(Target::Model("org/m".into()))
+        );
     }
 }
