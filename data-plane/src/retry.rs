@@ -440,8 +440,9 @@ enum AttemptClass {
     /// 429 saying the quota is spent: hold the backend for `until`, try the
     /// next candidate.
     QuotaExhausted {
-        /// How long the quota stays spent.
-        until: Duration,
+        /// The upstream's `Retry-After`: how long the quota stays spent
+        /// (an hour without one).
+        retry_after: Option<Duration>,
     },
     /// 529: hold the backend briefly, try the next candidate.
     Overloaded {
@@ -508,7 +509,9 @@ fn classify<B>(
     };
     match result {
         Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => match retry_after(res) {
-            Some(d) if d > QUOTA_RETRY_AFTER => AttemptClass::QuotaExhausted { until: d },
+            Some(d) if d > QUOTA_RETRY_AFTER => AttemptClass::QuotaExhausted {
+                retry_after: Some(d),
+            },
             retry_after => AttemptClass::RateLimited { retry_after },
         },
         Ok(res) if res.status().as_u16() == 529 => AttemptClass::Overloaded {
@@ -529,14 +532,12 @@ fn classify<B>(
 
 /// Refines a head's class by the first bytes of the body: a 429 whose
 /// error names a quota or billing is [`AttemptClass::QuotaExhausted`] (for
-/// its `Retry-After`, else an hour); a 400/404 with code
+/// its `Retry-After`, else an hour: [`QUOTA_DEFAULT`]); a 400/404 with code
 /// `previous_response_not_found` is [`AttemptClass::ResponseUnknown`].
 fn refine(class: AttemptClass, body: &[u8]) -> AttemptClass {
     match class {
         AttemptClass::RateLimited { retry_after } if names_quota(body) => {
-            AttemptClass::QuotaExhausted {
-                until: retry_after.unwrap_or(QUOTA_DEFAULT),
-            }
+            AttemptClass::QuotaExhausted { retry_after }
         }
         AttemptClass::Answer(status @ (400 | 404))
             if error_fields(body).any(|f| f == "previous_response_not_found") =>
@@ -595,8 +596,8 @@ fn react(
         AttemptClass::RateLimited { retry_after } => {
             return Some(cool(shared, r, backend, retry_after, now));
         }
-        AttemptClass::QuotaExhausted { until } => {
-            return Some(exhaust(shared, backend, until, now));
+        AttemptClass::QuotaExhausted { retry_after } => {
+            return Some(exhaust(shared, backend, retry_after, now));
         }
         AttemptClass::Overloaded { retry_after } => {
             return Some(overloaded(shared, r, backend, retry_after, now));
@@ -687,7 +688,13 @@ fn cool(
 
 /// A 429 saying `backend`'s quota is spent: it is held for `d` here (and,
 /// through the signal and the control plane, on the rest of the fleet).
-fn exhaust(shared: &Shared, backend: &Backend, d: Duration, now: Instant) -> ApiError {
+fn exhaust(
+    shared: &Shared,
+    backend: &Backend,
+    retry_after: Option<Duration>,
+    now: Instant,
+) -> ApiError {
+    let d = retry_after.unwrap_or(QUOTA_DEFAULT);
     let until = shared
         .cooldowns
         .exhaust_local(&backend.id, &backend.runtime.cooldown, d, now);
@@ -697,7 +704,7 @@ fn exhaust(shared: &Shared, backend: &Backend, d: Duration, now: Instant) -> Api
         backend_id: backend.id.clone(),
         kind: FailureKind::QuotaExhausted,
         status: Some(429),
-        retry_after: Some(d),
+        retry_after,
         consecutive: backend.runtime.cooldown.consecutive(),
         cooldown: Some(cooldown),
         summary: "quota exhausted (429)",
@@ -1034,7 +1041,7 @@ mod tests {
         assert_eq!(
             cond(429, Some("7200"), Probe::None, ""),
             AttemptClass::QuotaExhausted {
-                until: Duration::from_secs(7200)
+                retry_after: Some(Duration::from_secs(7200))
             }
         );
         assert_eq!(
@@ -1053,16 +1060,14 @@ mod tests {
         for body in [openai, anthropic, code_only] {
             assert_eq!(
                 cond(429, None, Probe::None, body),
-                AttemptClass::QuotaExhausted {
-                    until: QUOTA_DEFAULT
-                },
+                AttemptClass::QuotaExhausted { retry_after: None },
                 "{body}"
             );
         }
         assert_eq!(
             cond(429, Some("120"), Probe::None, openai),
             AttemptClass::QuotaExhausted {
-                until: Duration::from_secs(120)
+                retry_after: Some(Duration::from_secs(120))
             }
         );
         // A plain rate limit, and a message merely mentioning quota.
@@ -1077,10 +1082,7 @@ mod tests {
             );
         }
         assert_eq!(
-            AttemptClass::QuotaExhausted {
-                until: QUOTA_DEFAULT
-            }
-            .outcome(),
+            AttemptClass::QuotaExhausted { retry_after: None }.outcome(),
             "quota_exhausted"
         );
     }
