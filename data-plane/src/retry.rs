@@ -16,7 +16,9 @@
 //!   id (404 to `GET`/`DELETE`, 400/404 `previous_response_not_found` to a
 //!   continuation) is passed over without counting a failure and without
 //!   using up a retry, until every candidate was asked; the last such
-//!   answer is the client's when none knows the id. Ids are scoped to a
+//!   answer is the client's when every candidate was asked and none knows
+//!   the id (with one unavailable, it may be the owner: the client gets
+//!   the capacity error and its `Retry-After`). Ids are scoped to a
 //!   provider account, so this finds the owner from any proxy without
 //!   shared state.
 //!
@@ -307,10 +309,15 @@ where
             },
         }
     }
+    // Every candidate asked, none failed, none knows the id: the last
+    // one's answer says so. A candidate not asked (cooling, ejected, at its
+    // limit) may be the owner: the client gets the capacity error and
+    // comes back.
+    let all_asked = tried.len() >= r.route.candidates.len().min(MAX_CANDIDATES);
     if let Some((parts, bytes)) = unknown
         && !failed
+        && all_asked
     {
-        // No backend knows the id: the last one's answer says so.
         return buffered(&shared, &r, parts, bytes, abandoned.disarm());
     }
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));

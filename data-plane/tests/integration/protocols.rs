@@ -570,9 +570,10 @@ async fn a_stored_response_is_found_on_whichever_backend_holds_it() {
         0,
     ))
     .await;
+    let base = p.url("/v1/responses");
     let get = |method: Method, id: &str| {
         client()
-            .request(method, p.url(&format!("/v1/responses/{id}")))
+            .request(method, format!("{base}/{id}"))
             .bearer_auth(CLIENT_KEY)
             .send()
     };
@@ -639,5 +640,17 @@ async fn a_stored_response_is_found_on_whichever_backend_holds_it() {
     while let Ok(o) = p.outcomes.try_recv() {
         assert!(o.status < 500, "{}", o.status);
     }
+
+    // The owner unavailable: not "not found" but "come back later".
+    let snap = p.store.load().unwrap();
+    let owner = snap.backends().find(|b| &*b.id == "c").unwrap().clone();
+    let now = tokio::time::Instant::now();
+    // Ejected (a cooling one could still get an emergency admission).
+    let policy = Default::default();
+    while owner.runtime.outlier.on_failure(&policy, now).is_none() {}
+    let res = get(Method::GET, "resp_c").await.unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    let (status, _) = error_of(res).await;
+    assert_eq!(status, 503);
     p.shutdown().await.unwrap();
 }
