@@ -1,5 +1,7 @@
-//! Client authentication: `Authorization: Bearer <key>` is hashed (SHA-256)
-//! and looked up in the current snapshot. The snapshot and the key travel on
+//! Client authentication: `Authorization: Bearer <key>` or `x-api-key:
+//! <key>` (what the Anthropic SDK sends) is hashed (SHA-256) and looked up
+//! in the current snapshot. A rejection is in the shape of the endpoint the
+//! client called ([`Wire::for_path`]), so its SDK classifies it. The snapshot and the key travel on
 //! to the inner layers in an [`Authenticated`] request extension
 //! ([`crate::target`]), so the whole
 //! request sees one consistent configuration.
@@ -13,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, Wire};
 use crate::snapshot::SnapshotStore;
 use crate::target::Authenticated;
 
@@ -26,6 +28,14 @@ pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
     }
     let token = rest.trim_ascii();
     (!token.is_empty()).then_some(token)
+}
+
+/// The client's key: the bearer token, else `x-api-key`.
+pub(crate) fn client_key(headers: &http::HeaderMap) -> Option<&[u8]> {
+    bearer(headers).or_else(|| {
+        let token = headers.get("x-api-key")?.as_bytes().trim_ascii();
+        (!token.is_empty()).then_some(token)
+    })
 }
 
 /// Layer of [`Auth`].
@@ -71,15 +81,16 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let wire = Wire::for_path(req.uri().path());
         let Some(snapshot) = self.store.load() else {
-            return Either::Left(ready(Ok(ApiError::not_ready().into_response())));
+            return Either::Left(ready(Ok(ApiError::not_ready().into_response_for(wire))));
         };
-        let key = bearer(req.headers()).and_then(|t| {
+        let key = client_key(req.headers()).and_then(|t| {
             let digest: [u8; 32] = Sha256::digest(t).into();
             snapshot.key(&digest).cloned()
         });
         let Some(key) = key else {
-            return Either::Left(ready(Ok(ApiError::unauthorized().into_response())));
+            return Either::Left(ready(Ok(ApiError::unauthorized().into_response_for(wire))));
         };
         req.extensions_mut().insert(Authenticated { snapshot, key });
         Either::Right(self.inner.call(req))
@@ -111,5 +122,17 @@ mod tests {
         assert_eq!(bearer(&h), None);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bear"));
         assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn x_api_key_is_a_client_key_and_bearer_wins() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static(" sk-1 "));
+        assert_eq!(client_key(&h), Some(&b"sk-1"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(client_key(&h), Some(&b"b"[..]));
+        h.remove(header::AUTHORIZATION);
+        h.insert("x-api-key", HeaderValue::from_static(""));
+        assert_eq!(client_key(&h), None);
     }
 }

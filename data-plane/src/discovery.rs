@@ -62,6 +62,10 @@ pub(crate) struct DiscoveryConfig {
     pub proxy_token: ProxyToken,
 }
 
+/// A remote cooldown kept until its backend is in the snapshot: `(until,
+/// consecutive, quota exhausted)`.
+type EarlyCooldown = (Instant, u32, bool);
+
 /// Applies what the control plane sends and builds the replies.
 #[derive(Clone)]
 pub(crate) struct Dispatcher {
@@ -70,8 +74,8 @@ pub(crate) struct Dispatcher {
     cooldowns: Cooldowns,
     fleet: Fleet,
     /// Remote cooldowns for backends not in the snapshot yet: `(until,
-    /// consecutive)` per backend id.
-    early: Arc<Mutex<HashMap<String, (Instant, u32)>>>,
+    /// consecutive, quota exhausted)` per backend id.
+    early: Arc<Mutex<HashMap<String, EarlyCooldown>>>,
     /// Where applied snapshots are persisted, if anywhere.
     cache: Option<CacheWriter>,
     /// The held snapshot came from the cache and the control plane has not
@@ -170,15 +174,21 @@ impl Dispatcher {
             let until = now + remaining;
             if !self
                 .cooldowns
-                .apply_remote(&c.backend_id, until, c.consecutive)
+                .apply_remote(&c.backend_id, until, c.consecutive, c.quota_exhausted)
             {
                 tracing::debug!(backend = %c.backend_id, "cooldown for a backend not in the snapshot yet: kept");
                 let mut early = self.early.lock();
-                early.retain(|_, (u, _)| *u > now);
-                let e = early
-                    .entry(c.backend_id.clone())
-                    .or_insert((until, c.consecutive));
-                *e = (e.0.max(until), e.1.max(c.consecutive));
+                early.retain(|_, (u, _, _)| *u > now);
+                let e = early.entry(c.backend_id.clone()).or_insert((
+                    until,
+                    c.consecutive,
+                    c.quota_exhausted,
+                ));
+                *e = (
+                    e.0.max(until),
+                    e.1.max(c.consecutive),
+                    e.2 || c.quota_exhausted,
+                );
             }
         }
         let result = reply?;
@@ -207,8 +217,11 @@ impl Dispatcher {
     /// forgets those that ended.
     fn apply_early_cooldowns(&self, now: Instant) {
         let mut early = self.early.lock();
-        early.retain(|id, (until, consecutive)| {
-            *until > now && !self.cooldowns.apply_remote(id, *until, *consecutive)
+        early.retain(|id, (until, consecutive, quota)| {
+            *until > now
+                && !self
+                    .cooldowns
+                    .apply_remote(id, *until, *consecutive, *quota)
         });
     }
 }
@@ -401,6 +414,43 @@ mod tests {
         // Unlisted: the fair share of two proxies.
         assert_eq!(a.rpm.share(), 0.5);
         assert_eq!(d.fleet.proxy_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_exhausted_update_marks_the_backend_exhausted() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        let snap = v1::Snapshot {
+            version: 2,
+            backends: vec![backend("a", Pool::Primary, &[("m", "m")])],
+            ..Default::default()
+        };
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(snap),
+            ..Default::default()
+        });
+        let now = Instant::now();
+        d.handle(StreamConfigResponse {
+            version: 2,
+            cooldowns: vec![v1::CooldownUpdate {
+                backend_id: "a".into(),
+                until_unix_ms: 0,
+                remaining_ms: 3_600_000,
+                consecutive: 1,
+                quota_exhausted: true,
+                source_node_id: "other".into(),
+            }],
+            ..Default::default()
+        });
+        let s = store.load().unwrap();
+        let a = &s.backend("a").unwrap().runtime;
+        let hour = now + Duration::from_secs(3600);
+        assert_eq!(a.cooldown.quota_exhausted_until(now), Some(hour));
+        assert_eq!(a.cooldown.cooling_until(now), Some(hour));
     }
 
     /// Regression: a cooldown or rate share pushed before the first

@@ -1,7 +1,12 @@
-//! OpenAI-format error responses. Every error the proxy produces itself is
-//! rendered by [`ApiError::into_response`]: `{"error":{"message","type","param","code"}}`
-//! with the matching status and, where it helps the client, `Retry-After`.
-//! Messages are fixed, client-facing text: no internals, no keys.
+//! Error responses in the client's own shape. Every error the proxy produces
+//! itself is rendered by [`ApiError::into_response_for`] in the wire of the
+//! endpoint the client called ([`Wire::for_path`]): OpenAI's
+//! `{"error":{"message","type","param","code"}}`, or, for `/v1/messages*`,
+//! Anthropic's `{"type":"error","error":{"type","message"}}` with the type
+//! its SDK classifies by status (and 529 `overloaded_error` for "no
+//! capacity", which the SDK retries). Either way with the matching status
+//! and, where it helps the client, `Retry-After`. Messages are fixed,
+//! client-facing text: no internals, no keys.
 
 use std::borrow::Cow;
 
@@ -9,6 +14,32 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
+
+/// The error shape a client expects, by the endpoint it called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Wire {
+    /// `{"error":{"message","type","param","code"}}`.
+    #[default]
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+impl Wire {
+    /// Anthropic for `/v1/messages` and below, else OpenAI.
+    pub(crate) fn for_path(path: &str) -> Wire {
+        match path.strip_prefix("/v1/messages") {
+            Some("") => Wire::Anthropic,
+            Some(rest) if rest.starts_with('/') => Wire::Anthropic,
+            _ => Wire::OpenAi,
+        }
+    }
+}
+
+/// The endpoints the proxy serves, for the unknown-path message.
+pub(crate) const SUPPORTED_ENDPOINTS: &str = "POST /v1/chat/completions, POST /v1/completions, \
+POST /v1/embeddings, POST /v1/responses, GET /v1/responses/{id}, DELETE /v1/responses/{id}, \
+POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models, GET /v1/models/{id}";
 
 /// An error the proxy answers with instead of an upstream response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +92,7 @@ impl ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
-            "Invalid or missing API key. Send `Authorization: Bearer <key>`.",
+            "Invalid or missing API key. Send `Authorization: Bearer <key>` or `x-api-key: <key>`.",
         )
         .code("invalid_api_key")
     }
@@ -91,6 +122,50 @@ impl ApiError {
         .code("model_not_found")
     }
 
+    /// 404: the model exists, but only behind the other protocol's endpoint
+    /// (its backends speak `api`).
+    pub(crate) fn model_other_protocol(model: &str, serving: &'static str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "The model `{}` is not served on this endpoint; it is served by {serving}.",
+                clip(model)
+            ),
+        )
+        .param("model")
+        .code("model_not_found")
+    }
+
+    /// 404: no `openai` backend, so no stored responses to read.
+    pub(crate) fn no_responses_backend() -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "No backend serves the Responses API.",
+        )
+        .code("not_found")
+    }
+
+    /// 404: no model of that id (`GET /v1/models/{id}`).
+    pub(crate) fn unknown_model_id(model: &str) -> Self {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{}` does not exist.", clip(model)),
+        )
+        .code("model_not_found")
+    }
+
+    /// 400: a response id that cannot be one (1–256 of `[A-Za-z0-9_-]`).
+    pub(crate) fn bad_response_id() -> Self {
+        ApiError::bad_request(
+            "The response id must be 1 to 256 characters of letters, digits, `_` and `-`.",
+        )
+        .param("response_id")
+        .code("invalid_response_id")
+    }
+
     /// 400: the request is not what the endpoint accepts.
     pub(crate) fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
@@ -107,7 +182,7 @@ impl ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            "Unknown endpoint.",
+            format!("Unknown endpoint. Supported endpoints: {SUPPORTED_ENDPOINTS}."),
         )
         .code("unknown_url")
     }
@@ -228,10 +303,47 @@ impl ApiError {
         Bytes::from(v.to_string())
     }
 
-    /// Renders the error as an HTTP response.
+    /// The Anthropic error `type` and status for this error: the type the
+    /// Anthropic SDK expects for the status, and 529 for "no capacity".
+    fn anthropic(&self) -> (StatusCode, &'static str) {
+        let overloaded = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        match self.status.as_u16() {
+            400 | 405 | 408 | 422 => (self.status, "invalid_request_error"),
+            401 => (self.status, "authentication_error"),
+            403 => (self.status, "permission_error"),
+            404 => (self.status, "not_found_error"),
+            413 => (self.status, "request_too_large"),
+            429 => (self.status, "rate_limit_error"),
+            503 if self.code == Some("no_backend_available") => (overloaded, "overloaded_error"),
+            503 | 529 => (self.status, "overloaded_error"),
+            504 => (self.status, "timeout_error"),
+            s if (400..500).contains(&s) => (self.status, "invalid_request_error"),
+            _ => (self.status, "api_error"),
+        }
+    }
+
+    /// The Anthropic JSON body, `{"type":"error","error":{...}}`.
+    pub(crate) fn body_anthropic(&self) -> Bytes {
+        let v = serde_json::json!({
+            "type": "error",
+            "error": {"type": self.anthropic().1, "message": self.message},
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// Renders the error as an HTTP response in the OpenAI shape.
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
-        let mut res = Response::new(ProxyBody::full(self.body_json()));
-        *res.status_mut() = self.status;
+        self.into_response_for(Wire::OpenAi)
+    }
+
+    /// Renders the error as an HTTP response in `wire`'s shape.
+    pub(crate) fn into_response_for(self, wire: Wire) -> Response<ProxyBody> {
+        let (status, body) = match wire {
+            Wire::OpenAi => (self.status, self.body_json()),
+            Wire::Anthropic => (self.anthropic().0, self.body_anthropic()),
+        };
+        let mut res = Response::new(ProxyBody::full(body));
+        *res.status_mut() = status;
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -273,6 +385,62 @@ mod tests {
         assert_eq!(v["error"]["type"], "service_unavailable");
         assert_eq!(v["error"]["code"], "no_backend_available");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn wire_follows_the_path() {
+        assert_eq!(Wire::for_path("/v1/messages"), Wire::Anthropic);
+        assert_eq!(Wire::for_path("/v1/messages/count_tokens"), Wire::Anthropic);
+        assert_eq!(Wire::for_path("/v1/messagesx"), Wire::OpenAi);
+        assert_eq!(Wire::for_path("/v1/chat/completions"), Wire::OpenAi);
+        assert_eq!(Wire::for_path("/v1/responses"), Wire::OpenAi);
+    }
+
+    #[test]
+    fn renders_anthropic_shape_by_status() {
+        let cases = [
+            (ApiError::bad_model(), 400, "invalid_request_error"),
+            (ApiError::unauthorized(), 401, "authentication_error"),
+            (ApiError::model_not_allowed("m"), 403, "permission_error"),
+            (ApiError::model_not_found("m"), 404, "not_found_error"),
+            (ApiError::payload_too_large(1), 413, "request_too_large"),
+            (ApiError::key_rate_limited(3), 429, "rate_limit_error"),
+            (ApiError::internal(), 500, "api_error"),
+            (ApiError::bad_gateway(), 502, "api_error"),
+            (ApiError::no_capacity(2), 529, "overloaded_error"),
+            (ApiError::not_ready(), 503, "overloaded_error"),
+        ];
+        for (e, status, kind) in cases {
+            let body = e.body_anthropic();
+            let res = e.into_response_for(Wire::Anthropic);
+            assert_eq!(res.status().as_u16(), status, "{kind}");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], kind);
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+            assert!(v.get("param").is_none());
+        }
+        let res = ApiError::key_rate_limited(3).into_response_for(Wire::Anthropic);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "3");
+        let res = ApiError::no_capacity(4).into_response_for(Wire::Anthropic);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "4");
+    }
+
+    #[test]
+    fn unknown_endpoint_lists_the_supported_ones() {
+        let e = ApiError::not_found();
+        for ep in [
+            "/v1/messages",
+            "/v1/responses",
+            "/v1/chat/completions",
+            "/v1/models/{id}",
+        ] {
+            assert!(e.message.contains(ep), "{ep}");
+        }
     }
 
     #[test]

@@ -72,18 +72,10 @@ pub(crate) enum FailureKind {
     StreamBroken,
     /// The provider is overloaded (Anthropic's 529 `overloaded_error`): a
     /// short cooldown, then another backend.
-    #[allow(
-        dead_code,
-        reason = "raised by the retry layer's 529 handling (issue 12)"
-    )]
     Overloaded,
     /// A 429 that says the account's quota or billing limit is spent (a
     /// `Retry-After` beyond an hour, or a quota error type): the backend is
     /// out until then, not transiently rate limited.
-    #[allow(
-        dead_code,
-        reason = "raised by the retry layer's quota handling (issue 12)"
-    )]
     QuotaExhausted,
 }
 

@@ -1,16 +1,23 @@
-//! `claw-data-plane`: the Claw Gateway proxy — the OpenAI-compatible HTTP API
-//! that routes, rate-limits, cools down, retries and streams.
+//! `claw-data-plane`: the Claw Gateway proxy — the OpenAI-compatible and
+//! Anthropic Messages HTTP API that routes, rate-limits, cools down, retries
+//! and streams. Each endpoint goes only to backends of its own protocol
+//! (`openai`: chat, completions, embeddings, responses; `anthropic`:
+//! messages, count_tokens), bodies byte-faithful but for `model`.
 //!
 //! The request path is a stack of tower layers, outermost first:
 //!
-//! 1. `auth` — `Authorization: Bearer <client key>` → SHA-256 → key (401).
+//! 1. `auth` — `Authorization: Bearer <client key>` or `x-api-key` → SHA-256
+//!    → key (401).
 //! 2. `limits` — the key's rpm (429).
-//! 3. `route` — reads and parses the body once (400/408/413), resolves the
-//!    canonical model (404) and checks the key may use it (403).
+//! 3. `route` — resolves the endpoint (404 listing them, 405), reads and
+//!    parses the body once (400/408/413), resolves the canonical model in
+//!    the endpoint's protocol (404) and checks the key may use it (403);
+//!    serves `/v1/models[/{id}]` from the snapshot.
 //! 4. `retry` — per attempt: admission in routing order (`select`:
 //!    candidates, queueing, emergency), the upstream call, classification of
-//!    the answer and the reaction (429 cooldowns, outlier ejection), retries
-//!    before the first byte.
+//!    the answer and the reaction (429 cooldowns, quota exhaustion, 529
+//!    holds, outlier ejection, stored-response probing), retries before the
+//!    first byte.
 //! 5. `upstream` — the pooled HTTP(S) client and header hygiene.
 //!
 //! The layers hand inward the typed requests of `target`; every request
@@ -53,7 +60,9 @@
 //! - `accounting` — per-request accounting: the response tracker, in-flight
 //!   counts, abandoned requests, one `RequestOutcome` per request.
 //! - `body` — the response body type.
-//! - `error` — the one renderer of OpenAI-format errors.
+//! - `error` — the one renderer of the proxy's own errors, in the client's
+//!   shape (OpenAI, or Anthropic for `/v1/messages*`).
+//! - `responses` — which backend holds a stored OpenAI response.
 //! - `events` — per-request [`events::RequestOutcome`]s and failure/activity
 //!   `events::Signal`s into bounded channels.
 //! - `metrics` — Prometheus metrics (`/metrics`): every `claw_dp_*` name
@@ -66,7 +75,6 @@
 //! outcomes) the reporting side plugs into.
 
 mod accounting;
-#[allow(dead_code)] // wired by issue 12's work in progress
 mod affinity;
 mod auth;
 mod body;
@@ -84,7 +92,6 @@ mod outlier;
 mod queue;
 mod ratelimit;
 mod report;
-#[allow(dead_code)] // wired by the Responses endpoints (issue 12, in progress)
 mod responses;
 mod retry;
 mod route;
@@ -93,7 +100,6 @@ mod server;
 mod snapshot;
 mod snapshot_cache;
 pub mod stream;
-#[allow(dead_code)] // wired by issue 12's work in progress
 mod target;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;

@@ -49,11 +49,12 @@ where
             .get::<Authenticated>()
             .and_then(|a| a.key.rpm.as_ref())
             .and_then(|b| b.try_acquire(1.0, Instant::now()).err());
+        let wire = crate::error::Wire::for_path(req.uri().path());
         match limited {
             Some(wait) => Either::Left(ready(Ok(ApiError::key_rate_limited(retry_after_secs(
                 wait,
             ))
-            .into_response()))),
+            .into_response_for(wire)))),
             None => Either::Right(self.inner.call(req)),
         }
     }

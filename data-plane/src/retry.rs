@@ -2,10 +2,25 @@
 //! sends the attempt through the upstream service, and reacts to the answer.
 //!
 //! - 429: the backend is cooled at once ([`crate::cooldown`]) and the request
-//!   moves to the next candidate.
+//!   moves to the next candidate. A 429 saying the account's quota is spent
+//!   (a `Retry-After` over an hour, or an error type/code naming quota or
+//!   billing in the first 64 KiB of its body) marks the backend
+//!   quota-exhausted until then (an hour without `Retry-After`) instead.
+//! - 529 (provider overloaded): a short local hold (the pool's base
+//!   cooldown, at most 5 s, or the `Retry-After`) and the next candidate.
 //! - 5xx, connect errors, timeouts: count towards outlier ejection
 //!   ([`crate::outlier`]) and move to the next candidate.
 //! - Anything else is the answer and streams to the client.
+//! - A request naming a stored response (`response_id`) tries its owner
+//!   first ([`crate::select`]); a backend that answers it does not know the
+//!   id (404 to `GET`/`DELETE`, 400/404 `previous_response_not_found` to a
+//!   continuation) is passed over without counting a failure and without
+//!   using up a retry, until every candidate was asked; the last such
+//!   answer is the client's when every candidate was asked and none knows
+//!   the id (with one unavailable, it may be the owner: the client gets
+//!   the capacity error and its `Retry-After`). Ids are scoped to a
+//!   provider account, so this finds the owner from any proxy without
+//!   shared state.
 //!
 //! Retries happen only before the first byte reaches the client (an answer is
 //! never retried once its body starts), up to the pool's `max_retries` and
@@ -41,8 +56,9 @@ use crate::metrics;
 use crate::outlier::OutlierPolicy;
 use crate::queue::Priority;
 use crate::select::{Admission, CandidateSet, MAX_CANDIDATES, admit};
+use crate::snapshot::Api;
 use crate::snapshot::{Backend, Candidate};
-use crate::target::Routed;
+use crate::target::{Endpoint, RequestBody, Routed};
 use crate::upstream::{Attempt, UpstreamError, strip_hop_by_hop};
 
 struct Shared {
@@ -114,12 +130,22 @@ where
 /// (spliced into the client's bytes, or re-serialised for a rewritten body).
 /// The last attempt a request can make takes the client's headers instead
 /// of copying them.
+///
+/// The backend's key goes in its protocol's header (`Authorization: Bearer`
+/// or `x-api-key`, [`crate::snapshot::Credential`]); an `anthropic` backend
+/// also gets `anthropic-version: 2023-06-01` unless the client sent one.
+/// The client's own credentials never reach here
+/// ([`crate::upstream::upstream_headers`]).
 fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Full<Bytes>>> {
     let target = &c.backend.target;
-    let uri = target.uri(r.path, r.query.as_deref())?;
+    let uri = match (r.endpoint.by_response_id(), r.response_id.as_deref()) {
+        (true, Some(id)) => target.uri(&format!("{}/{id}", r.path), r.query.as_deref())?,
+        (true, None) => return None,
+        (false, _) => target.uri(r.path, r.query.as_deref())?,
+    };
     let bytes = r.body.with_model(&c.native)?;
     let mut req = Request::new(Full::new(bytes));
-    *req.method_mut() = http::Method::POST;
+    *req.method_mut() = r.endpoint.method();
     *req.uri_mut() = uri;
     *req.headers_mut() = if last {
         std::mem::take(&mut r.headers)
@@ -127,9 +153,65 @@ fn build_request(r: &mut Routed, c: &Candidate, last: bool) -> Option<Request<Fu
         r.headers.clone()
     };
     let h = req.headers_mut();
-    h.insert(header::AUTHORIZATION, c.backend.authorization.clone());
+    if matches!(r.body, RequestBody::Empty) {
+        h.remove(header::CONTENT_TYPE);
+    }
+    let credential = &c.backend.credential;
+    h.insert(credential.name.clone(), credential.value.clone());
+    if c.backend.api == Api::Anthropic && !h.contains_key(ANTHROPIC_VERSION) {
+        h.insert(
+            ANTHROPIC_VERSION,
+            http::HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+        );
+    }
     h.insert(header::HOST, target.host().clone());
     Some(req)
+}
+
+/// The Anthropic API version header.
+const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
+/// The version sent when the client named none.
+const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// How much of an answer's body is read to classify it (a 429's error type,
+/// a response-id miss).
+const CLASSIFY_BODY_BYTES: usize = 64 * 1024;
+/// How long reading that body may take.
+const CLASSIFY_BODY_TIME: Duration = Duration::from_secs(5);
+/// A 429 whose `Retry-After` is longer is a spent quota, not a rate limit.
+const QUOTA_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How long a spent quota holds a backend without a `Retry-After`.
+const QUOTA_DEFAULT: Duration = Duration::from_secs(3600);
+/// The longest default hold after a 529.
+const OVERLOADED_MAX: Duration = Duration::from_secs(5);
+
+/// Up to [`CLASSIFY_BODY_BYTES`] of `body`, read until `deadline` (at most
+/// [`CLASSIFY_BODY_TIME`]); what arrived in time on a timeout or error.
+async fn read_prefix(body: Incoming, deadline: Instant) -> Bytes {
+    use http_body_util::BodyExt as _;
+    let until = deadline.min(Instant::now() + CLASSIFY_BODY_TIME);
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() < CLASSIFY_BODY_BYTES {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    let room = CLASSIFY_BODY_BYTES - buf.len();
+                    buf.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            _ => break,
+        }
+    }
+    buf.freeze()
+}
+
+/// An attempt's result, its body read when classifying needed it.
+enum Read {
+    /// The response as it came (its body still to stream), or no response.
+    Streaming(Result<Response<Incoming>, UpstreamError>),
+    /// The response head and its body's first [`CLASSIFY_BODY_BYTES`].
+    Buffered(http::response::Parts, Bytes),
 }
 
 /// Serves `r`: admit → attempt → classify → react, until an answer, the
@@ -141,12 +223,19 @@ where
     let settings = &r.route.settings;
     let deadline = r.started + settings.request_timeout;
     let max_attempts = settings.max_retries.saturating_add(1);
+    let wire = r.endpoint.wire();
+    let probe = Probe::of(&r);
     let mut tried = CandidateSet::default();
     let mut attempts: u32 = 0;
+    // Attempts that only learned a backend does not know the response id:
+    // they use up no retry.
+    let mut probes: u32 = 0;
+    let mut failed = false;
+    let mut unknown: Option<(http::response::Parts, Bytes)> = None;
     let mut last_error: Option<ApiError> = None;
     let mut abandoned = Abandoned::new(&shared.events, RequestMeta::new(&r));
     signal_activity(&shared.events, &r);
-    while attempts < max_attempts {
+    while attempts - probes < max_attempts {
         if Instant::now() >= deadline {
             last_error = Some(ApiError::gateway_timeout());
             break;
@@ -172,30 +261,86 @@ where
         let cand = &route.candidates[index];
         let in_flight = InFlight::new(cand.backend.clone());
         cand.backend.runtime.demand.record(r.est_tokens);
-        // No attempt follows one that has used up the retries or the candidates.
-        let last =
-            attempts >= max_attempts || tried.len() >= route.candidates.len().min(MAX_CANDIDATES);
+        // No attempt follows one that has used up the retries or the
+        // candidates (a probe for a response id may use up no retry).
+        let out_of_candidates = tried.len() >= route.candidates.len().min(MAX_CANDIDATES);
+        let last = out_of_candidates || (probe == Probe::None && attempts >= max_attempts);
         let Some(result) = attempt(&mut inner, &mut r, cand, attempts, last, deadline).await else {
             last_error = Some(ApiError::bad_gateway());
             continue;
         };
-        let class = classify(&result, SystemTime::now);
-        match react(&shared, &r, cand, emergency, class, result.as_ref().err()) {
-            Some(error) => last_error = Some(error),
-            // Only a response is classified as the answer.
-            None => {
-                if let Ok(res) = result {
+        let mut class = classify(&result, SystemTime::now, probe);
+        let result = match result {
+            Ok(res) if class.needs_body(probe) => {
+                let (parts, body) = res.into_parts();
+                let bytes = read_prefix(body, deadline).await;
+                class = refine(class, &bytes);
+                Read::Buffered(parts, bytes)
+            }
+            other => Read::Streaming(other),
+        };
+        if let AttemptClass::ResponseUnknown(_) = class {
+            // Not this backend's response: no failure, no retry used.
+            metrics::upstream_attempt(cand.backend.id.clone(), class.outcome());
+            probes += 1;
+            if let Read::Buffered(parts, bytes) = result {
+                unknown = Some((parts, bytes));
+            }
+            continue;
+        }
+        let error = match &result {
+            Read::Streaming(Err(e)) => Some(e),
+            _ => None,
+        };
+        match react(&shared, &r, cand, emergency, class, error) {
+            Some(error) => {
+                failed = true;
+                last_error = Some(error);
+            }
+            None => match result {
+                Read::Streaming(Ok(res)) => {
                     return respond(&shared, &r, cand, res, in_flight, abandoned.disarm());
                 }
-            }
+                Read::Buffered(parts, bytes) => {
+                    return buffered(&shared, &r, parts, bytes, abandoned.disarm());
+                }
+                // Only a response is classified as the answer.
+                Read::Streaming(Err(_)) => {}
+            },
         }
+    }
+    // Every candidate asked, none failed, none knows the id: the last
+    // one's answer says so. A candidate not asked (cooling, ejected, at its
+    // limit) may be the owner: the client gets the capacity error and
+    // comes back.
+    let all_asked = tried.len() >= r.route.candidates.len().min(MAX_CANDIDATES);
+    if let Some((parts, bytes)) = unknown
+        && !failed
+        && all_asked
+    {
+        return buffered(&shared, &r, parts, bytes, abandoned.disarm());
     }
     let err = last_error.unwrap_or_else(|| ApiError::no_capacity(1));
     let error_type = err.code.unwrap_or(err.kind);
     abandoned
         .disarm()
         .proxy_answered(&shared.events, err.status, error_type, &r.span);
-    err.into_response()
+    err.into_response_for(wire)
+}
+
+/// An upstream answer whose body was read to classify it, passed to the
+/// client as it came (it is an error answer: no usage to account).
+fn buffered(
+    shared: &Arc<Shared>,
+    r: &Routed,
+    mut parts: http::response::Parts,
+    bytes: Bytes,
+    meta: RequestMeta,
+) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    meta.proxy_answered(&shared.events, parts.status, "upstream_error", &r.span);
+    Response::from_parts(parts, ProxyBody::full(bytes))
 }
 
 /// An interactive request tells the control plane its agent is active.
@@ -265,6 +410,30 @@ where
     Some(result)
 }
 
+/// Whether (and how) a request names a stored response, which changes what
+/// a 404 or 400 means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// It names none.
+    None,
+    /// `GET`/`DELETE /v1/responses/{id}`: a 404 is "not mine".
+    ById,
+    /// `POST /v1/responses` with `previous_response_id`: a 400/404 with
+    /// code `previous_response_not_found` is "not mine".
+    Previous,
+}
+
+impl Probe {
+    fn of(r: &Routed) -> Probe {
+        match (r.endpoint, &r.response_id) {
+            (_, None) => Probe::None,
+            (Endpoint::ResponsesGet | Endpoint::ResponsesDelete, Some(_)) => Probe::ById,
+            (Endpoint::Responses, Some(_)) => Probe::Previous,
+            _ => Probe::None,
+        }
+    }
+}
+
 /// What an attempt's result means for the request: the retry policy's
 /// whole decision, apart from its effects ([`react`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +444,21 @@ enum AttemptClass {
         /// The upstream's `Retry-After`.
         retry_after: Option<Duration>,
     },
+    /// 429 saying the quota is spent: hold the backend for `until`, try the
+    /// next candidate.
+    QuotaExhausted {
+        /// The upstream's `Retry-After`: how long the quota stays spent
+        /// (an hour without one).
+        retry_after: Option<Duration>,
+    },
+    /// 529: hold the backend briefly, try the next candidate.
+    Overloaded {
+        /// The upstream's `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// The backend does not know the stored response the request names:
+    /// try the next candidate, no failure counted.
+    ResponseUnknown(u16),
     /// 5xx: counts towards ejection, try the next candidate.
     ServerError(u16),
     /// No connection: nothing reached the backend.
@@ -292,6 +476,9 @@ impl AttemptClass {
     fn outcome(self) -> &'static str {
         match self {
             AttemptClass::RateLimited { .. } => "rate_limited",
+            AttemptClass::QuotaExhausted { .. } => "quota_exhausted",
+            AttemptClass::Overloaded { .. } => "overloaded",
+            AttemptClass::ResponseUnknown(_) => "response_unknown",
             AttemptClass::ServerError(_) => "server_error",
             // As `UpstreamError::label`.
             AttemptClass::Connect => "connect_error",
@@ -301,29 +488,89 @@ impl AttemptClass {
             AttemptClass::Answer(_) => "client_error",
         }
     }
+
+    /// Whether the body decides the class ([`refine`]): a 429 (quota?), a
+    /// continuation's 400/404 (unknown previous response?), and a by-id
+    /// 404 (kept as the answer should no backend know the id).
+    fn needs_body(self, probe: Probe) -> bool {
+        match self {
+            AttemptClass::RateLimited { .. } | AttemptClass::ResponseUnknown(_) => true,
+            AttemptClass::Answer(400 | 404) => probe == Probe::Previous,
+            _ => false,
+        }
+    }
 }
 
-/// Classifies an attempt's result. Pure: `wall` (the wall clock, for a
-/// `Retry-After` date) is read only for a 429 with a `Retry-After`.
+/// Classifies an attempt's result by its head. Pure: `wall` (the wall
+/// clock, for a `Retry-After` date) is read only for a 429 or 529 with a
+/// `Retry-After`. [`refine`] may change the class by the body.
 fn classify<B>(
     result: &Result<Response<B>, UpstreamError>,
     wall: impl FnOnce() -> SystemTime,
+    probe: Probe,
 ) -> AttemptClass {
+    let retry_after = |res: &Response<B>| {
+        res.headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, wall()))
+    };
     match result {
-        Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => AttemptClass::RateLimited {
-            retry_after: res
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| parse_retry_after(v, wall())),
+        Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS => match retry_after(res) {
+            Some(d) if d > QUOTA_RETRY_AFTER => AttemptClass::QuotaExhausted {
+                retry_after: Some(d),
+            },
+            retry_after => AttemptClass::RateLimited { retry_after },
+        },
+        Ok(res) if res.status().as_u16() == 529 => AttemptClass::Overloaded {
+            retry_after: retry_after(res),
         },
         Ok(res) if res.status().is_server_error() => {
             AttemptClass::ServerError(res.status().as_u16())
+        }
+        Ok(res) if res.status() == StatusCode::NOT_FOUND && probe == Probe::ById => {
+            AttemptClass::ResponseUnknown(404)
         }
         Ok(res) => AttemptClass::Answer(res.status().as_u16()),
         Err(UpstreamError::Connect(_)) => AttemptClass::Connect,
         Err(UpstreamError::Timeout) => AttemptClass::Timeout,
         Err(UpstreamError::Failed(_)) => AttemptClass::Failed,
     }
+}
+
+/// Refines a head's class by the first bytes of the body: a 429 whose
+/// error names a quota or billing is [`AttemptClass::QuotaExhausted`] (for
+/// its `Retry-After`, else an hour: [`QUOTA_DEFAULT`]); a 400/404 with code
+/// `previous_response_not_found` is [`AttemptClass::ResponseUnknown`].
+fn refine(class: AttemptClass, body: &[u8]) -> AttemptClass {
+    match class {
+        AttemptClass::RateLimited { retry_after } if names_quota(body) => {
+            AttemptClass::QuotaExhausted { retry_after }
+        }
+        AttemptClass::Answer(status @ (400 | 404))
+            if error_fields(body).any(|f| f == "previous_response_not_found") =>
+        {
+            AttemptClass::ResponseUnknown(status)
+        }
+        other => other,
+    }
+}
+
+/// The `type` and `code` strings of an error body: OpenAI's
+/// `{"error":{"type","code"}}` and Anthropic's `{"type":"error","error":{"type"}}`.
+fn error_fields(body: &[u8]) -> impl Iterator<Item = String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let e = &v["error"];
+    [&e["type"], &e["code"]]
+        .into_iter()
+        .filter_map(|f| f.as_str().map(str::to_ascii_lowercase))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// Whether an error body's type or code names a spent quota or billing
+/// (`insufficient_quota`, `billing_error`, …).
+fn names_quota(body: &[u8]) -> bool {
+    error_fields(body).any(|f| f.contains("quota") || f.contains("billing"))
 }
 
 /// The effects of an attempt on `cand`, by its class: the attempt metric,
@@ -356,6 +603,14 @@ fn react(
         AttemptClass::RateLimited { retry_after } => {
             return Some(cool(shared, r, backend, retry_after, now));
         }
+        AttemptClass::QuotaExhausted { retry_after } => {
+            return Some(exhaust(shared, backend, retry_after, now));
+        }
+        AttemptClass::Overloaded { retry_after } => {
+            return Some(overloaded(shared, r, backend, retry_after, now));
+        }
+        // Handled by the caller (no failure); the error is never used.
+        AttemptClass::ResponseUnknown(_) => return Some(ApiError::bad_gateway()),
         AttemptClass::ServerError(status) => {
             tracing::debug!(backend = %backend.name, status, "upstream server error");
             (
@@ -438,6 +693,58 @@ fn cool(
     ApiError::capacity_rate_limited(retry_after_secs(cooldown))
 }
 
+/// A 429 saying `backend`'s quota is spent: it is held for `d` here (and,
+/// through the signal and the control plane, on the rest of the fleet).
+fn exhaust(
+    shared: &Shared,
+    backend: &Backend,
+    retry_after: Option<Duration>,
+    now: Instant,
+) -> ApiError {
+    let d = retry_after.unwrap_or(QUOTA_DEFAULT);
+    let until = shared
+        .cooldowns
+        .exhaust_local(&backend.id, &backend.runtime.cooldown, d, now);
+    let cooldown = until.saturating_duration_since(now);
+    shared.events.signal(Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind: FailureKind::QuotaExhausted,
+        status: Some(429),
+        retry_after,
+        consecutive: backend.runtime.cooldown.consecutive(),
+        cooldown: Some(cooldown),
+        summary: "quota exhausted (429)",
+    }));
+    ApiError::capacity_rate_limited(retry_after_secs(cooldown))
+}
+
+/// A 529 from `backend`: held here for its `Retry-After`, else the pool's
+/// base cooldown (at most [`OVERLOADED_MAX`]), without counting a 429.
+fn overloaded(
+    shared: &Shared,
+    r: &Routed,
+    backend: &Backend,
+    retry_after: Option<Duration>,
+    now: Instant,
+) -> ApiError {
+    let base = r.snapshot.pool(backend.pool).cooldown.base;
+    let d = retry_after.unwrap_or_else(|| base.min(OVERLOADED_MAX));
+    backend.runtime.cooldown.hold(now + d);
+    tracing::info!(backend = %backend.name, hold_ms = d.as_millis() as u64, "upstream overloaded (529)");
+    shared.events.signal(Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind: FailureKind::Overloaded,
+        status: Some(529),
+        retry_after,
+        consecutive: 0,
+        cooldown: Some(d),
+        summary: "upstream overloaded (529)",
+    }));
+    ApiError::no_capacity(retry_after_secs(d))
+}
+
 /// Records how an attempt ended on its span: the status, and `error.type`
 /// for an error status or no response.
 fn end_attempt_span(span: &tracing::Span, result: &Result<Response<Incoming>, UpstreamError>) {
@@ -516,14 +823,14 @@ mod tests {
     #[test]
     fn a_429_with_retry_after_is_rate_limited_for_that_long() {
         assert_eq!(
-            classify(&answer(429, Some("7".into())), wall),
+            classify(&answer(429, Some("7".into())), wall, Probe::None),
             AttemptClass::RateLimited {
                 retry_after: Some(Duration::from_secs(7))
             }
         );
         let date = httpdate::fmt_http_date(wall() + Duration::from_secs(30));
         assert_eq!(
-            classify(&answer(429, Some(date)), wall),
+            classify(&answer(429, Some(date)), wall, Probe::None),
             AttemptClass::RateLimited {
                 retry_after: Some(Duration::from_secs(30))
             }
@@ -533,11 +840,11 @@ mod tests {
     #[test]
     fn a_429_without_retry_after_is_rate_limited_for_the_policy_to_decide() {
         assert_eq!(
-            classify(&answer(429, None), no_clock),
+            classify(&answer(429, None), no_clock, Probe::None),
             AttemptClass::RateLimited { retry_after: None }
         );
         assert_eq!(
-            classify(&answer(429, Some("soon".into())), wall),
+            classify(&answer(429, Some("soon".into())), wall, Probe::None),
             AttemptClass::RateLimited { retry_after: None }
         );
     }
@@ -546,7 +853,7 @@ mod tests {
     fn a_5xx_is_a_server_error() {
         for status in [500, 502, 503, 599] {
             assert_eq!(
-                classify(&answer(status, Some("5".into())), no_clock),
+                classify(&answer(status, Some("5".into())), no_clock, Probe::None),
                 AttemptClass::ServerError(status)
             );
         }
@@ -556,11 +863,19 @@ mod tests {
     #[test]
     fn a_connect_error_is_connect_and_a_failure_after_sending_is_failed() {
         assert_eq!(
-            classify::<()>(&Err(UpstreamError::Connect("refused".into())), no_clock),
+            classify::<()>(
+                &Err(UpstreamError::Connect("refused".into())),
+                no_clock,
+                Probe::None
+            ),
             AttemptClass::Connect
         );
         assert_eq!(
-            classify::<()>(&Err(UpstreamError::Failed("reset".into())), no_clock),
+            classify::<()>(
+                &Err(UpstreamError::Failed("reset".into())),
+                no_clock,
+                Probe::None
+            ),
             AttemptClass::Failed
         );
         assert_eq!(AttemptClass::Connect.outcome(), "connect_error");
@@ -570,7 +885,7 @@ mod tests {
     #[test]
     fn a_timeout_is_a_timeout() {
         assert_eq!(
-            classify::<()>(&Err(UpstreamError::Timeout), no_clock),
+            classify::<()>(&Err(UpstreamError::Timeout), no_clock, Probe::None),
             AttemptClass::Timeout
         );
         assert_eq!(AttemptClass::Timeout.outcome(), "timeout");
@@ -579,16 +894,252 @@ mod tests {
     #[test]
     fn success_and_other_client_errors_are_the_answer() {
         assert_eq!(
-            classify(&answer(200, None), no_clock),
+            classify(&answer(200, None), no_clock, Probe::None),
             AttemptClass::Answer(200)
         );
         assert_eq!(AttemptClass::Answer(200).outcome(), "success");
         for status in [400, 404, 422] {
             assert_eq!(
-                classify(&answer(status, None), no_clock),
+                classify(&answer(status, None), no_clock, Probe::None),
                 AttemptClass::Answer(status)
             );
             assert_eq!(AttemptClass::Answer(status).outcome(), "client_error");
         }
+    }
+
+    fn routed(api: i32, endpoint: Endpoint, client: &[(&str, &str)]) -> (Routed, Candidate) {
+        use crate::test_util::{backend, key};
+        let mut b = backend("be_1", claw_proto::Pool::Primary, &[("m", "native-m")]);
+        b.api = api;
+        b.base_url = "http://127.0.0.1:9/v1".into();
+        let snap = claw_proto::v1::Snapshot {
+            version: 1,
+            backends: vec![b],
+            client_keys: vec![key("ck", "client-secret")],
+            ..Default::default()
+        };
+        let snapshot = Arc::new(crate::snapshot::compile(1, &snap, None, Instant::now()).unwrap());
+        let route = snapshot.route("m").unwrap().clone();
+        let cand = route.candidates[0].clone();
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in client {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let body = br#"{ "model" : "m", "x":1 }"#;
+        let key = snapshot.backends().next().map(|_| ()).and_then(|_| {
+            use sha2::Digest as _;
+            let d: [u8; 32] = sha2::Sha256::digest(b"client-secret").into();
+            snapshot.key(&d).cloned()
+        });
+        let r = Routed {
+            snapshot: snapshot.clone(),
+            key: key.unwrap(),
+            route,
+            endpoint,
+            path: endpoint.upstream_path(),
+            query: None,
+            headers: crate::upstream::upstream_headers(headers),
+            body: if endpoint.by_response_id() {
+                RequestBody::Empty
+            } else {
+                RequestBody::Raw {
+                    bytes: Bytes::from_static(body),
+                    model: 12..15,
+                }
+            },
+            stream: false,
+            priority: Priority::Interactive,
+            agent_id: None,
+            est_tokens: 0.0,
+            est_prompt_tokens: 0,
+            stream_usage: None,
+            affinity: None,
+            response_id: endpoint.by_response_id().then(|| "resp_7".to_string()),
+            owner: None,
+            started: Instant::now(),
+            span: tracing::Span::none(),
+        };
+        (r, cand)
+    }
+
+    #[tokio::test]
+    async fn an_anthropic_backend_gets_its_key_in_x_api_key_and_a_version() {
+        let client = [
+            ("x-api-key", "client-secret"),
+            ("authorization", "Bearer client-secret"),
+            ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ];
+        let (mut r, c) = routed(
+            claw_proto::v1::Api::Anthropic as i32,
+            Endpoint::Messages,
+            &client,
+        );
+        let req = build_request(&mut r, &c, false).unwrap();
+        let h = req.headers();
+        assert_eq!(req.uri().path(), "/v1/messages");
+        assert_eq!(req.method(), http::Method::POST);
+        assert_eq!(h.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(h["x-api-key"], "sk-be_1");
+        assert!(h["x-api-key"].is_sensitive());
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert_eq!(h["anthropic-version"], "2023-06-01");
+        assert_eq!(h["anthropic-beta"], "prompt-caching-2024-07-31");
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], br#"{ "model" : "native-m", "x":1 }"#);
+        // The client's own version wins.
+        let (mut r, c) = routed(
+            claw_proto::v1::Api::Anthropic as i32,
+            Endpoint::Messages,
+            &[("anthropic-version", "2099-01-01")],
+        );
+        let req = build_request(&mut r, &c, true).unwrap();
+        assert_eq!(req.headers()["anthropic-version"], "2099-01-01");
+        assert_eq!(req.headers().get_all("anthropic-version").iter().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_openai_backend_gets_a_bearer_and_no_client_key() {
+        let client = [
+            ("x-api-key", "client-secret"),
+            ("authorization", "Bearer client-secret"),
+        ];
+        let (mut r, c) = routed(0, Endpoint::ChatCompletions, &client);
+        let req = build_request(&mut r, &c, false).unwrap();
+        let h = req.headers();
+        assert_eq!(h[header::AUTHORIZATION], "Bearer sk-be_1");
+        assert!(h[header::AUTHORIZATION].is_sensitive());
+        assert!(h.get("x-api-key").is_none());
+        assert!(h.get("anthropic-version").is_none());
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        // GET /v1/responses/{id}: the id in the path, no body.
+        let (mut r, c) = routed(0, Endpoint::ResponsesGet, &client);
+        let req = build_request(&mut r, &c, false).unwrap();
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(req.uri().path(), "/v1/responses/resp_7");
+        assert!(req.headers().get(header::CONTENT_TYPE).is_none());
+        let (mut r, c) = routed(0, Endpoint::ResponsesDelete, &client);
+        let req = build_request(&mut r, &c, false).unwrap();
+        assert_eq!(req.method(), http::Method::DELETE);
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(body.is_empty());
+    }
+
+    fn cond(status: u16, retry_after: Option<&str>, probe: Probe, body: &str) -> AttemptClass {
+        let res = answer(status, retry_after.map(str::to_string));
+        let class = classify(&res, wall, probe);
+        if class.needs_body(probe) {
+            refine(class, body.as_bytes())
+        } else {
+            class
+        }
+    }
+
+    #[test]
+    fn a_429_with_a_retry_after_over_an_hour_is_a_spent_quota() {
+        assert_eq!(
+            cond(429, Some("7200"), Probe::None, ""),
+            AttemptClass::QuotaExhausted {
+                retry_after: Some(Duration::from_secs(7200))
+            }
+        );
+        assert_eq!(
+            cond(429, Some("3600"), Probe::None, ""),
+            AttemptClass::RateLimited {
+                retry_after: Some(Duration::from_secs(3600))
+            }
+        );
+    }
+
+    #[test]
+    fn a_429_naming_quota_or_billing_is_a_spent_quota() {
+        let openai = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        let anthropic = r#"{"type":"error","error":{"type":"billing_error","message":"credit balance too low"}}"#;
+        let code_only = r#"{"error":{"type":"requests","code":"QUOTA_EXCEEDED"}}"#;
+        for body in [openai, anthropic, code_only] {
+            assert_eq!(
+                cond(429, None, Probe::None, body),
+                AttemptClass::QuotaExhausted { retry_after: None },
+                "{body}"
+            );
+        }
+        assert_eq!(
+            cond(429, Some("120"), Probe::None, openai),
+            AttemptClass::QuotaExhausted {
+                retry_after: Some(Duration::from_secs(120))
+            }
+        );
+        // A plain rate limit, and a message merely mentioning quota.
+        let plain =
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"quota soon"}}"#;
+        for body in [plain, "not json", ""] {
+            assert_eq!(
+                cond(429, Some("2"), Probe::None, body),
+                AttemptClass::RateLimited {
+                    retry_after: Some(Duration::from_secs(2))
+                }
+            );
+        }
+        assert_eq!(
+            AttemptClass::QuotaExhausted { retry_after: None }.outcome(),
+            "quota_exhausted"
+        );
+    }
+
+    #[test]
+    fn a_529_is_overloaded() {
+        assert_eq!(
+            cond(529, None, Probe::None, ""),
+            AttemptClass::Overloaded { retry_after: None }
+        );
+        assert_eq!(
+            cond(529, Some("3"), Probe::None, ""),
+            AttemptClass::Overloaded {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert!(!AttemptClass::Overloaded { retry_after: None }.needs_body(Probe::None));
+    }
+
+    #[test]
+    fn response_id_misses_are_not_answers() {
+        assert_eq!(
+            cond(404, None, Probe::ById, "{}"),
+            AttemptClass::ResponseUnknown(404)
+        );
+        assert_eq!(
+            cond(404, None, Probe::None, "{}"),
+            AttemptClass::Answer(404)
+        );
+        let miss = r#"{"error":{"message":"Previous response with id 'resp_1' not found.","type":"invalid_request_error","param":"previous_response_id","code":"previous_response_not_found"}}"#;
+        assert_eq!(
+            cond(400, None, Probe::Previous, miss),
+            AttemptClass::ResponseUnknown(400)
+        );
+        assert_eq!(
+            cond(404, None, Probe::Previous, miss),
+            AttemptClass::ResponseUnknown(404)
+        );
+        let other = r#"{"error":{"type":"invalid_request_error","code":"invalid_value"}}"#;
+        assert_eq!(
+            cond(400, None, Probe::Previous, other),
+            AttemptClass::Answer(400)
+        );
+        assert_eq!(
+            cond(400, None, Probe::None, miss),
+            AttemptClass::Answer(400)
+        );
+        assert_eq!(
+            cond(200, None, Probe::Previous, miss),
+            AttemptClass::Answer(200)
+        );
     }
 }

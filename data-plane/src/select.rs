@@ -330,8 +330,15 @@ pub(crate) fn select(
                 continue;
             }
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
+            // A spent quota is not a transient cooldown: no emergency trickle.
             if let (Some(c), None) = (cool, ejected)
                 && soonest_cooling.is_none_or(|(_, s)| c < s)
+                && cands[i]
+                    .backend
+                    .runtime
+                    .cooldown
+                    .quota_exhausted_until(now)
+                    .is_none()
             {
                 soonest_cooling = Some((i, c));
             }

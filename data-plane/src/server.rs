@@ -122,13 +122,14 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBo
         p if p.starts_with("/v1/") => {}
         _ => return ApiError::not_found().into_response(),
     }
+    let wire = crate::error::Wire::for_path(path);
     let fut = worker.stack.clone().oneshot(req);
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(Ok(res)) => res,
         Ok(Err(never)) => match never {},
         Err(_) => {
             tracing::error!("request handler panicked");
-            ApiError::internal().into_response()
+            ApiError::internal().into_response_for(wire)
         }
     }
 }

@@ -1,8 +1,15 @@
 //! The configuration snapshot, compiled for the hot path.
 //!
 //! The control plane sends a `claw.v1.Snapshot`; [`compile`] validates it and
-//! turns it into routing tables: canonical model → candidate backends in pool
-//! order, client key SHA-256 → key, pool settings. [`SnapshotStore`] holds the
+//! turns it into routing tables: (canonical model, protocol) → candidate
+//! backends in pool order, client key SHA-256 → key, pool settings.
+//!
+//! Routes are per protocol ([`Api`]): a request goes only to backends that
+//! speak its endpoint's protocol ([`Snapshot::route_for`]), since this proxy
+//! does not translate between them. `GET`/`DELETE /v1/responses/{id}` name
+//! no model; they route over every enabled `openai` backend
+//! ([`Snapshot::responses_route`]), the owner of the id being found by
+//! probing ([`crate::responses`]). [`SnapshotStore`] holds the
 //! current one in an `ArcSwap`, so every request reads it without a lock.
 //!
 //! Runtime state that must survive a configuration change — rate limiters,
@@ -19,7 +26,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use claw_proto::Pool;
 use claw_proto::v1;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 mod compile;
@@ -241,6 +248,37 @@ impl Api {
             Api::Anthropic => "anthropic",
         }
     }
+
+    /// The client endpoint that serves this protocol's models (for the
+    /// "served elsewhere" message).
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            Api::OpenAi => "/v1/chat/completions and /v1/responses",
+            Api::Anthropic => "/v1/messages",
+        }
+    }
+
+    fn slot(self) -> usize {
+        usize::from(self == Api::Anthropic)
+    }
+}
+
+/// The header that carries a backend's provider key upstream, by its
+/// protocol: `Authorization: Bearer <key>` for `openai`, `x-api-key: <key>`
+/// for `anthropic`. The value is marked sensitive (never logged by hyper or
+/// `Debug`).
+#[derive(Clone)]
+pub struct Credential {
+    /// `authorization` or `x-api-key`.
+    pub name: HeaderName,
+    /// The header value, sensitive.
+    pub value: HeaderValue,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}: <redacted>)", self.name)
+    }
 }
 
 /// A backend of the snapshot.
@@ -258,8 +296,8 @@ pub struct Backend {
     pub base_url: String,
     /// The base URL split for building each attempt's URI.
     pub target: Arc<UpstreamTarget>,
-    /// `Bearer <provider key>`, marked sensitive.
-    pub authorization: HeaderValue,
+    /// The provider key in the protocol's header, marked sensitive.
+    pub credential: Credential,
     /// Upstream timeout (to response headers).
     pub timeout: Duration,
     /// Relative weight within the pool (≥ 1).
@@ -293,11 +331,13 @@ impl Candidate {
     }
 }
 
-/// Everything needed to route one canonical model.
+/// Everything needed to route one canonical model in one protocol.
 #[derive(Debug)]
 pub struct Route {
-    /// Canonical model name.
+    /// Canonical model name (empty for [`Snapshot::responses_route`]).
     pub model: Arc<str>,
+    /// The protocol every candidate speaks.
+    pub api: Api,
     /// Enabled backends serving it: primary pool first, then fallback.
     pub candidates: Vec<Candidate>,
     /// Settings that govern the request (the primary pool's when the model
@@ -344,7 +384,8 @@ pub struct Snapshot {
     pub version: u64,
     backends: Vec<Arc<Backend>>,
     by_id: HashMap<Arc<str>, usize>,
-    routes: HashMap<String, Arc<Route>>,
+    routes: HashMap<String, [Option<Arc<Route>>; 2]>,
+    responses: Option<Arc<Route>>,
     keys: HashMap<[u8; 32], Arc<ClientKey>>,
     pools: PoolConfigs,
     models: Vec<String>,
@@ -363,9 +404,46 @@ impl Snapshot {
         self.by_id.get(id).and_then(|i| self.backends.get(*i))
     }
 
-    /// The route of a canonical model.
+    /// The route of a canonical model among backends speaking `api`.
+    pub fn route_for(&self, model: &str, api: Api) -> Option<&Arc<Route>> {
+        self.routes.get(model)?[api.slot()].as_ref()
+    }
+
+    /// The route of a canonical model in whichever protocol serves it
+    /// (`openai` first): for tests and for code that only asks whether a
+    /// model is served. Requests use [`Snapshot::route_for`].
     pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
-        self.routes.get(model)
+        let [a, b] = self.routes.get(model)?;
+        a.as_ref().or(b.as_ref())
+    }
+
+    /// The protocols whose backends serve `model`, `openai` first.
+    pub fn apis_serving(&self, model: &str) -> impl Iterator<Item = Api> + '_ {
+        let routes = self.routes.get(model);
+        [Api::OpenAi, Api::Anthropic]
+            .into_iter()
+            .filter(move |api| routes.is_some_and(|r| r[api.slot()].is_some()))
+    }
+
+    /// The route of `GET`/`DELETE /v1/responses/{id}`: every enabled
+    /// `openai` backend once, primary pool first (no model; the native ids
+    /// are empty and unused).
+    pub fn responses_route(&self) -> Option<&Arc<Route>> {
+        self.responses.as_ref()
+    }
+
+    /// Whether `model` is listed by `/v1/models` for `key`.
+    pub fn lists_model(&self, key: &ClientKey, model: &str) -> bool {
+        key.allows(model)
+            && self
+                .models
+                .binary_search_by(|m| m.as_str().cmp(model))
+                .is_ok()
+    }
+
+    /// When models were "created" (the snapshot's compile time, seconds).
+    pub fn created(&self) -> u64 {
+        self.created
     }
 
     /// The client key whose secret hashes to `sha256`.
@@ -502,6 +580,56 @@ mod tests {
         assert_eq!(r.settings.pool, Pool::Primary);
         assert_eq!(c.models(), ["gpt".to_string()]);
         assert!(c.backend("be_off").is_some());
+    }
+
+    #[tokio::test]
+    async fn routes_are_per_protocol_and_responses_route_every_openai_backend() {
+        let mut claude = backend("be_c", Pool::Primary, &[("claude", "c"), ("both", "b")]);
+        claude.api = v1::Api::Anthropic as i32;
+        let mut off = backend("be_off", Pool::Primary, &[("gpt", "x")]);
+        off.enabled = false;
+        let s = snap(vec![
+            backend("be_fb", Pool::Fallback, &[("gpt", "g"), ("g2", "g2")]),
+            claude,
+            off,
+            backend("be_o", Pool::Primary, &[("gpt", "g"), ("both", "b")]),
+        ]);
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        assert!(c.route_for("claude", Api::OpenAi).is_none());
+        let r = c.route_for("claude", Api::Anthropic).unwrap();
+        assert_eq!(r.api, Api::Anthropic);
+        assert_eq!(&*r.candidates[0].backend.id, "be_c");
+        assert!(c.route_for("gpt", Api::Anthropic).is_none());
+        let both: Vec<Api> = c.apis_serving("both").collect();
+        assert_eq!(both, [Api::OpenAi, Api::Anthropic]);
+        assert_eq!(
+            c.route_for("both", Api::OpenAi).unwrap().candidates.len(),
+            1
+        );
+        assert_eq!(
+            c.apis_serving("claude").collect::<Vec<_>>(),
+            [Api::Anthropic]
+        );
+        assert_eq!(
+            c.models(),
+            ["both", "claude", "g2", "gpt"].map(String::from)
+        );
+        // Every enabled openai backend once, primary first.
+        let ids: Vec<&str> = c
+            .responses_route()
+            .unwrap()
+            .candidates
+            .iter()
+            .map(|c| &*c.backend.id)
+            .collect();
+        assert_eq!(ids, ["be_o", "be_fb"]);
+        let be = c.backend("be_c").unwrap();
+        assert_eq!(be.credential.name, "x-api-key");
+        assert_eq!(be.credential.value, "sk-be_c");
+        assert!(!format!("{be:?}").contains("sk-be_c"), "no key in Debug");
+        let be = c.backend("be_o").unwrap();
+        assert_eq!(be.credential.name, "authorization");
+        assert_eq!(be.credential.value, "Bearer sk-be_o");
     }
 
     #[tokio::test]

@@ -64,6 +64,45 @@ impl Endpoint {
     pub(crate) fn is_anthropic(self) -> bool {
         self.api() == Api::Anthropic
     }
+
+    /// The error shape the endpoint's clients expect.
+    pub(crate) fn wire(self) -> crate::error::Wire {
+        if self.is_anthropic() {
+            crate::error::Wire::Anthropic
+        } else {
+            crate::error::Wire::OpenAi
+        }
+    }
+
+    /// The upstream method.
+    pub(crate) fn method(self) -> http::Method {
+        match self {
+            Endpoint::ResponsesGet => http::Method::GET,
+            Endpoint::ResponsesDelete => http::Method::DELETE,
+            _ => http::Method::POST,
+        }
+    }
+
+    /// The upstream path after the base URL (for `ResponsesGet`/`Delete`,
+    /// the id follows it).
+    pub(crate) fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses | Endpoint::ResponsesGet | Endpoint::ResponsesDelete => {
+                "/responses"
+            }
+            Endpoint::Messages => "/messages",
+            Endpoint::CountTokens => "/messages/count_tokens",
+        }
+    }
+
+    /// Whether the endpoint names a stored response by path
+    /// (`GET`/`DELETE /v1/responses/{id}`).
+    pub(crate) fn by_response_id(self) -> bool {
+        matches!(self, Endpoint::ResponsesGet | Endpoint::ResponsesDelete)
+    }
 }
 
 /// A parsed, routed request on its way to the retry layer.
@@ -76,7 +115,8 @@ pub(crate) struct Routed {
     pub route: Arc<Route>,
     /// The client endpoint.
     pub endpoint: Endpoint,
-    /// Upstream path after the base URL (`/chat/completions`).
+    /// Upstream path after the base URL (`/chat/completions`; `/responses`
+    /// for `GET`/`DELETE /v1/responses/{id}`, whose id is `response_id`).
     pub path: &'static str,
     /// The client's query string, if any.
     pub query: Option<String>,
@@ -128,6 +168,8 @@ pub(crate) enum RequestBody {
     /// A body that changes structurally (a stream asking for usage):
     /// parsed whole and serialised per attempt.
     Json(Map<String, Value>),
+    /// No body (`GET`/`DELETE /v1/responses/{id}`).
+    Empty,
 }
 
 impl RequestBody {
@@ -145,6 +187,7 @@ impl RequestBody {
                 map.insert("model".into(), Value::String(native.to_string()));
                 serde_json::to_vec(map).ok().map(Bytes::from)
             }
+            RequestBody::Empty => Some(Bytes::new()),
         }
     }
 }

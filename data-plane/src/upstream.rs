@@ -395,10 +395,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The headers sent upstream, minus the backend's `Authorization` and
-/// `Host`: the client's headers without those `not_forwarded` and those
-/// named in `Connection`, with `content-type: application/json` (the proxy
-/// always sends a JSON body). One pass over the client's headers.
+/// The headers sent upstream, minus the backend's credential (its
+/// protocol's header, set per attempt by [`crate::retry`]) and `Host`: the
+/// client's headers without those `not_forwarded` (the client's own
+/// `authorization`, `x-api-key` and `api-key` among them) and those named in
+/// `Connection`, with `content-type: application/json` (every body the proxy
+/// sends is JSON; a bodiless `GET`/`DELETE` drops it). Provider headers
+/// such as `anthropic-version` and `anthropic-beta` pass. One pass over the
+/// client's headers.
 pub(crate) fn upstream_headers(h: HeaderMap) -> HeaderMap {
     let named = connection_named(&h);
     let mut out = HeaderMap::with_capacity(h.len() + 3);

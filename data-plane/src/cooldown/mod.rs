@@ -36,6 +36,8 @@ pub struct CooldownEvent {
     pub retry_after: Option<Duration>,
     /// The cooldown applied.
     pub cooldown: Duration,
+    /// The upstream said its quota is spent: held until `until`.
+    pub quota_exhausted: bool,
 }
 
 /// Handle on the cooldowns of every backend in the current snapshot.
@@ -52,13 +54,25 @@ impl Cooldowns {
         Cooldowns { store, events }
     }
 
-    /// Applies a cooldown learned from another proxy. Returns false when the
-    /// backend is not in the current snapshot.
-    pub fn apply_remote(&self, backend_id: &str, until: Instant, consecutive: u32) -> bool {
+    /// Applies a cooldown learned from another proxy (a quota exhaustion
+    /// when `quota_exhausted`). Returns false when the backend is not in the
+    /// current snapshot.
+    pub fn apply_remote(
+        &self,
+        backend_id: &str,
+        until: Instant,
+        consecutive: u32,
+        quota_exhausted: bool,
+    ) -> bool {
         let Some(snap) = self.store.load() else {
             return false;
         };
         match snap.backend(backend_id) {
+            Some(b) if quota_exhausted => {
+                b.runtime.cooldown.exhaust(until);
+                tracing::info!(backend = %backend_id, "applied remote quota exhaustion");
+                true
+            }
             Some(b) => {
                 b.runtime.cooldown.apply(until, consecutive);
                 tracing::info!(backend = %backend_id, consecutive, "applied remote cooldown");
@@ -66,6 +80,30 @@ impl Cooldowns {
             }
             None => false,
         }
+    }
+
+    /// Marks `backend_id`'s quota exhausted for `d` (an upstream 429 saying
+    /// so) and emits a [`CooldownEvent`]. Returns the end.
+    pub(crate) fn exhaust_local(
+        &self,
+        backend_id: &Arc<str>,
+        cooldown: &Cooldown,
+        d: Duration,
+        now: Instant,
+    ) -> Instant {
+        let until = now + d.min(MAX_RETRY_AFTER);
+        cooldown.exhaust(until);
+        tracing::warn!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, "backend quota exhausted");
+        let _ = self.events.send(CooldownEvent {
+            backend_id: backend_id.clone(),
+            until,
+            until_wall: SystemTime::now() + d,
+            consecutive: cooldown.consecutive(),
+            retry_after: Some(d),
+            cooldown: d,
+            quota_exhausted: true,
+        });
+        until
     }
 
     /// Receives every cooldown this proxy starts.
@@ -93,6 +131,7 @@ impl Cooldowns {
             consecutive,
             retry_after,
             cooldown: d,
+            quota_exhausted: false,
         });
         (until, consecutive)
     }

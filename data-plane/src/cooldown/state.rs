@@ -4,7 +4,14 @@
 //! `Retry-After` when given (seconds or an HTTP date, [`parse_retry_after`]),
 //! else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
 //! or a flat `base` when the pool is not exponential — `n` being the number of
-//! consecutive 429s (reset by a success). A leaf: the snapshot embeds a
+//! consecutive 429s (reset by a success).
+//!
+//! Two other holds share the same `until` (so routing skips the backend the
+//! same way): a short hold after an upstream 529 ([`Cooldown::hold`], which
+//! leaves the 429 count alone), and quota exhaustion ([`Cooldown::exhaust`]):
+//! a 429 saying the account's quota or billing is spent, held until the
+//! quota returns and reported as such (`quota_exhausted`), since retrying it
+//! in seconds only burns attempts. A leaf: the snapshot embeds a
 //! [`Cooldown`] in every backend's runtime state, so nothing here may name the
 //! snapshot.
 
@@ -58,6 +65,8 @@ pub(crate) fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<
 struct Inner {
     until: Option<Instant>,
     consecutive: u32,
+    /// The end of a quota exhaustion (≤ `until`).
+    quota_until: Option<Instant>,
 }
 
 /// Cooldown state of one backend.
@@ -99,6 +108,26 @@ impl Cooldown {
         let mut g = self.inner.lock();
         g.until = Some(g.until.map_or(until, |u| u.max(until)));
         g.consecutive = g.consecutive.max(consecutive);
+    }
+
+    /// Holds the backend until `until` (an upstream 529) without counting
+    /// a 429; keeps the later end.
+    pub fn hold(&self, until: Instant) {
+        let mut g = self.inner.lock();
+        g.until = Some(g.until.map_or(until, |u| u.max(until)));
+    }
+
+    /// Marks the backend's quota exhausted until `until` (and cools it
+    /// until then); keeps the later end.
+    pub fn exhaust(&self, until: Instant) {
+        let mut g = self.inner.lock();
+        g.until = Some(g.until.map_or(until, |u| u.max(until)));
+        g.quota_until = Some(g.quota_until.map_or(until, |u| u.max(until)));
+    }
+
+    /// When the backend's quota returns, if it is exhausted at `now`.
+    pub fn quota_exhausted_until(&self, now: Instant) -> Option<Instant> {
+        self.inner.lock().quota_until.filter(|u| *u > now)
     }
 
     /// The consecutive 429 count.
@@ -174,6 +203,24 @@ mod tests {
         c.on_success();
         let (u3, n3) = c.on_rate_limited(&p, Some(Duration::from_secs(2)), u2);
         assert_eq!((u3 - u2, n3), (Duration::from_secs(2), 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_and_quota_exhaustion_cool_without_counting() {
+        let c = Cooldown::default();
+        let now = Instant::now();
+        c.hold(now + Duration::from_secs(3));
+        assert_eq!(c.cooling_until(now), Some(now + Duration::from_secs(3)));
+        assert_eq!(c.consecutive(), 0);
+        assert_eq!(c.quota_exhausted_until(now), None);
+        let hour = now + Duration::from_secs(3600);
+        c.exhaust(hour);
+        assert_eq!(c.cooling_until(now), Some(hour));
+        assert_eq!(c.quota_exhausted_until(now), Some(hour));
+        c.hold(now + Duration::from_secs(1));
+        assert_eq!(c.cooling_until(now), Some(hour));
+        assert_eq!(c.quota_exhausted_until(hour), None);
+        assert_eq!(c.consecutive(), 0);
     }
 
     #[tokio::test(start_paused = true)]

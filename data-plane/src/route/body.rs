@@ -133,9 +133,6 @@ pub(crate) struct Scanned {
     pub max_out: Option<u64>,
     /// What affinity and stored responses need: equal to
     /// [`BodyHints::from_map`] of the parsed body.
-    // Read by `route` once it keys affinity on the body (protocol helper's
-    // part of issue 12); the allow goes then.
-    #[allow(dead_code)]
     pub hints: BodyHints,
 }
 

@@ -18,8 +18,8 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{
-    Api, Backend, BackendRuntime, Candidate, ClientKey, PoolConfig, PoolConfigs, Route, Snapshot,
-    SnapshotError, invalid, render_models,
+    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, PoolConfig, PoolConfigs, Route,
+    Snapshot, SnapshotError, invalid, render_models,
 };
 use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamTarget;
@@ -73,6 +73,7 @@ pub(super) fn compile_any_version(
         backends.push(Arc::new(backend));
     }
     let routes = compile_routes(&backends, &snap.backends, &pools, previous);
+    let responses = compile_responses_route(&backends, &pools, previous);
     let keys = compile_keys(&snap.client_keys, previous, now)?;
 
     let mut models: Vec<String> = if snap.models.is_empty() {
@@ -92,6 +93,7 @@ pub(super) fn compile_any_version(
         backends,
         by_id,
         routes,
+        responses,
         keys,
         pools,
         models,
@@ -121,14 +123,16 @@ fn compile_backend(
     now: Instant,
 ) -> Result<Backend, SnapshotError> {
     let (base_url, target) = parse_base_url(&b.id, &b.base_url)?;
-    let mut authorization =
-        HeaderValue::from_str(&format!("Bearer {}", b.api_key)).map_err(|_| {
-            invalid(format!(
-                "backend `{}`: api_key is not a valid header value",
-                b.id
-            ))
-        })?;
-    authorization.set_sensitive(true);
+    let api = match v1::Api::try_from(b.api) {
+        Ok(v1::Api::Anthropic) => Api::Anthropic,
+        _ => Api::OpenAi,
+    };
+    let credential = credential(api, &b.api_key).ok_or_else(|| {
+        invalid(format!(
+            "backend `{}`: api_key is not a valid header value",
+            b.id
+        ))
+    })?;
     let pool = match Pool::try_from(b.pool) {
         Ok(Pool::Fallback) => Pool::Fallback,
         _ => Pool::Primary,
@@ -154,10 +158,6 @@ fn compile_backend(
         }
         None => Arc::new(BackendRuntime::new(b.rpm, tpm.unwrap_or(0), emergency, now)),
     };
-    let api = match v1::Api::try_from(b.api) {
-        Ok(v1::Api::Anthropic) => Api::Anthropic,
-        _ => Api::OpenAi,
-    };
     Ok(Backend {
         id: Arc::from(b.id.as_str()),
         api,
@@ -165,7 +165,7 @@ fn compile_backend(
         pool,
         base_url,
         target,
-        authorization,
+        credential,
         timeout: Duration::from_millis(if b.timeout_ms == 0 {
             claw_proto::validate::DEFAULT_BACKEND_TIMEOUT_MS
         } else {
@@ -178,22 +178,34 @@ fn compile_backend(
     })
 }
 
-/// Routes: enabled backends with a mapping, primary pool first (stable
-/// within a pool, so the snapshot's order breaks ties). A route keeps its
-/// wait queue across snapshots (by model name).
+/// The header a backend's key goes upstream in, by protocol (sensitive).
+pub(crate) fn credential(api: Api, key: &str) -> Option<Credential> {
+    let (name, text) = match api {
+        Api::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+        Api::Anthropic => (http::HeaderName::from_static("x-api-key"), key.to_string()),
+    };
+    let mut value = HeaderValue::from_str(&text).ok()?;
+    value.set_sensitive(true);
+    Some(Credential { name, value })
+}
+
+/// Routes: per (canonical model, protocol), the enabled backends of that
+/// protocol with a mapping, primary pool first (stable within a pool, so the
+/// snapshot's order breaks ties). A route keeps its wait queue across
+/// snapshots (by model name and protocol).
 fn compile_routes(
     backends: &[Arc<Backend>],
     protos: &[v1::SnapshotBackend],
     pools: &PoolConfigs,
     previous: Option<&Snapshot>,
-) -> HashMap<String, Arc<Route>> {
-    let mut candidates: HashMap<String, Vec<Candidate>> = HashMap::new();
+) -> HashMap<String, [Option<Arc<Route>>; 2]> {
+    let mut candidates: HashMap<(String, Api), Vec<Candidate>> = HashMap::new();
     for (b, proto) in backends.iter().zip(protos) {
         if !b.enabled {
             continue;
         }
         for m in &proto.models {
-            let list = candidates.entry(m.canonical.clone()).or_default();
+            let list = candidates.entry((m.canonical.clone(), b.api)).or_default();
             if list.iter().any(|c| Arc::ptr_eq(&c.backend, b)) {
                 continue;
             }
@@ -211,26 +223,63 @@ fn compile_routes(
             });
         }
     }
-    let mut routes = HashMap::with_capacity(candidates.len());
-    for (model, mut list) in candidates {
-        list.sort_by_key(|c| c.backend.pool == Pool::Fallback);
-        let governing = list.first().map_or(Pool::Primary, |c| c.backend.pool);
+    let mut routes: HashMap<String, [Option<Arc<Route>>; 2]> =
+        HashMap::with_capacity(candidates.len());
+    for ((model, api), list) in candidates {
         let queue = previous
-            .and_then(|p| p.route(&model))
-            .map(|r| r.queue.clone())
-            .unwrap_or_default();
-        routes.insert(
-            model.clone(),
-            Arc::new(Route {
-                model: Arc::from(model.as_str()),
-                candidates: list,
-                settings: pools[governing].clone(),
-                queue,
-                rotation: AtomicUsize::new(0),
-            }),
-        );
+            .and_then(|p| p.route_for(&model, api))
+            .map(|r| r.queue.clone());
+        let route = route(Arc::from(model.as_str()), api, list, pools, queue);
+        routes.entry(model).or_default()[api.slot()] = Some(route);
     }
     routes
+}
+
+/// A route over `list`, primary pool first, governed by its first pool.
+fn route(
+    model: Arc<str>,
+    api: Api,
+    mut list: Vec<Candidate>,
+    pools: &PoolConfigs,
+    queue: Option<Arc<crate::queue::WaitQueue>>,
+) -> Arc<Route> {
+    list.sort_by_key(|c| c.backend.pool == Pool::Fallback);
+    let governing = list.first().map_or(Pool::Primary, |c| c.backend.pool);
+    Arc::new(Route {
+        model,
+        api,
+        candidates: list,
+        settings: pools[governing].clone(),
+        queue: queue.unwrap_or_default(),
+        rotation: AtomicUsize::new(0),
+    })
+}
+
+/// The route of `GET`/`DELETE /v1/responses/{id}`: every enabled `openai`
+/// backend once (a stored response may be on any of them), with an empty
+/// native id (those requests have no body) and no prices.
+fn compile_responses_route(
+    backends: &[Arc<Backend>],
+    pools: &PoolConfigs,
+    previous: Option<&Snapshot>,
+) -> Option<Arc<Route>> {
+    let list: Vec<Candidate> = backends
+        .iter()
+        .filter(|b| b.enabled && b.api == Api::OpenAi)
+        .map(|b| Candidate {
+            backend: b.clone(),
+            native: Arc::from(""),
+            prices: Prices::default(),
+            metrics: Arc::default(),
+        })
+        .collect();
+    if list.is_empty() {
+        return None;
+    }
+    let queue = previous
+        .and_then(|p| p.responses_route())
+        .map(|r| r.queue.clone());
+    Some(route(Arc::from(""), Api::OpenAi, list, pools, queue))
 }
 
 /// Client keys by secret digest; a key's rpm limiter is carried over (by

@@ -7,6 +7,7 @@ mod affinity;
 mod binary;
 mod discovery;
 mod perf;
+mod protocols;
 mod proxy;
 mod report;
 mod support;
