@@ -26,4 +26,5 @@ mod passthrough;
 mod responses_routing;
 mod snapshot_cache;
 mod tls;
+mod upstream_errors;
 mod usage_exact;
