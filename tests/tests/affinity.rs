@@ -7,7 +7,8 @@
 //! - twenty sessions spread over at least two backends, each one staying put
 //!   across proxies;
 //! - a cooling first choice (it answers 429) moves the session to the same
-//!   second choice on both proxies.
+//!   second choice on both proxies, and both count it in
+//!   `claw_dp_affinity_total` (moved, by reason).
 
 use crate::data_plane_support::*;
 use claw_tests::mock::Action;
@@ -99,4 +100,34 @@ async fn a_cooling_first_choice_moves_the_session_to_the_same_second_choice_ever
         assert_eq!(usage["cache_read_input_tokens"], 30, "turn {n}: {usage}");
     }
     f.mocks[first].set_always(None);
+
+    // Both proxies count the move, by reason, beside the kept attempts.
+    for p in &f.proxies {
+        let metrics = f
+            .http
+            .get(format!("{}/metrics", p.url()))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let series: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("claw_dp_affinity_total{"))
+            .collect();
+        assert!(
+            series.iter().any(|l| l.contains("outcome=\"kept\"")),
+            "{}: no kept affinity in {series:#?}",
+            p.node_id()
+        );
+        assert!(
+            series.iter().any(|l| l.contains("outcome=\"moved\"")
+                && ["cooling", "rate_limited"]
+                    .iter()
+                    .any(|r| l.contains(&format!("reason=\"{r}\"")))),
+            "{}: the move off the cooling backend is not counted by reason in {series:#?}",
+            p.node_id()
+        );
+    }
 }

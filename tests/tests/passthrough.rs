@@ -105,3 +105,55 @@ async fn a_missing_anthropic_version_is_added_for_the_upstream() {
     assert_eq!(recs[0].header("anthropic-version"), Some("2023-06-01"));
     assert_eq!(recs[0].body_bytes, expected_upstream(RAW).as_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_bodies_pass_byte_for_byte_and_unknown_paths_list_the_endpoints() {
+    let f = Fleet::start(vec![BackendSpec::new("oai", "openai", "gpt", "")], 1);
+    let raw = "{ \"input\" : [ {\"role\":\"user\",\"content\":\"na\\u00efve  text\"} ],\n\
+               \"model\":   \"gpt\", \"prompt_cache_key\":\"k-1\", \"store\" : true }";
+    let res = f
+        .http
+        .post(format!("{}/v1/responses", f.proxies[0].url()))
+        .bearer_auth(&f.key)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .expect("sent");
+    let status = res.status();
+    let got = res.bytes().await.expect("body");
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&got),
+        f.logs()
+    );
+    let recs = f.mocks[0]
+        .wait_for_requests(1, Duration::from_secs(10))
+        .await;
+    let want = raw.replacen("\"model\":   \"gpt\"", "\"model\":   \"gpt-oai\"", 1);
+    assert_eq!(String::from_utf8_lossy(&recs[0].body_bytes), want);
+    assert_eq!(
+        recs[0].header("authorization"),
+        Some(format!("Bearer {}", f.specs[0].key()).as_str())
+    );
+    assert_eq!(got.as_ref(), recs[0].response_body.as_slice());
+
+    let res = f
+        .http
+        .post(format!("{}/v1/no-such-endpoint", f.proxies[0].url()))
+        .bearer_auth(&f.key)
+        .body("{}")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(res.status(), 404);
+    let text = res.text().await.expect("body");
+    for endpoint in ["/v1/messages", "/v1/responses", "/v1/chat/completions"] {
+        assert!(
+            text.contains(endpoint),
+            "the 404 must list {endpoint}: {text}"
+        );
+    }
+}
