@@ -1018,6 +1018,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_spent_quota_gets_no_emergency_admission() {
+        let mut a = backend("a", Pool::Primary, &[("m", "m")]);
+        a.rpm = 20; // emergency 0.05 × 20 = 1 per minute
+        let (_s, r) = route_of(vec![a]);
+        let now = Instant::now();
+        let quota_end = now + Duration::from_secs(3600);
+        r.candidates[0].backend.runtime.cooldown.exhaust(quota_end);
+        assert_eq!(
+            select(&r, CandidateSet::default(), 1.0, now),
+            Selection::Unavailable {
+                retry_after: Duration::from_secs(3600)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn ejected_backends_are_skipped() {
         let (_s, r) = route_of(vec![
             backend("a", Pool::Primary, &[("m", "m")]),
