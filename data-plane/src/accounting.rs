@@ -31,7 +31,6 @@ use http::StatusCode;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
 use crate::events::{EventSink, FailureKind, RequestOutcome, Signal, Usage};
 use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
@@ -257,7 +256,7 @@ pub(crate) fn track(
     status: StatusCode,
     framing: Framing,
     body: Incoming,
-) -> ProxyBody {
+) -> UpstreamBody<Incoming, Tracker> {
     let success = status.is_success();
     let dialect = dialect(r.endpoint);
     let billable = billable(r.endpoint);
@@ -284,7 +283,7 @@ pub(crate) fn track(
         // A client leaving mid-answer does not stop the accounting.
         body = body.drain_until(r.started + r.route.settings.request_timeout);
     }
-    ProxyBody::Upstream(body)
+    body
 }
 
 /// Follows a response body to its end, then records metrics, reconciles the

@@ -15,26 +15,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
 
-/// The error shape a client expects, by the endpoint it called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Wire {
-    /// `{"error":{"message","type","param","code"}}`.
-    #[default]
-    OpenAi,
-    /// `{"type":"error","error":{"type","message"}}`.
-    Anthropic,
-}
-
-impl Wire {
-    /// Anthropic for `/v1/messages` and below, else OpenAI.
-    pub(crate) fn for_path(path: &str) -> Wire {
-        match path.strip_prefix("/v1/messages") {
-            Some("") => Wire::Anthropic,
-            Some(rest) if rest.starts_with('/') => Wire::Anthropic,
-            _ => Wire::OpenAi,
-        }
-    }
-}
+pub(crate) use crate::target::Wire;
 
 /// The endpoints the proxy serves, for the unknown-path message.
 pub(crate) const SUPPORTED_ENDPOINTS: &str = "POST /v1/chat/completions, POST /v1/completions, \

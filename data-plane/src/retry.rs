@@ -797,7 +797,7 @@ fn respond(
         Framing { sse, json },
         body,
     );
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
 #[cfg(test)]

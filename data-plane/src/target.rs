@@ -30,6 +30,27 @@ pub(crate) struct Authenticated {
     pub key: Arc<ClientKey>,
 }
 
+/// The error shape a client expects, by the endpoint it called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Wire {
+    /// `{"error":{"message","type","param","code"}}`.
+    #[default]
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+impl Wire {
+    /// Anthropic for `/v1/messages` and below, else OpenAI.
+    pub(crate) fn for_path(path: &str) -> Wire {
+        match path.strip_prefix("/v1/messages") {
+            Some("") => Wire::Anthropic,
+            Some(rest) if rest.starts_with('/') => Wire::Anthropic,
+            _ => Wire::OpenAi,
+        }
+    }
+}
+
 /// A client endpoint the proxy serves upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Endpoint {
@@ -66,11 +87,11 @@ impl Endpoint {
     }
 
     /// The error shape the endpoint's clients expect.
-    pub(crate) fn wire(self) -> crate::error::Wire {
+    pub(crate) fn wire(self) -> Wire {
         if self.is_anthropic() {
-            crate::error::Wire::Anthropic
+            Wire::Anthropic
         } else {
-            crate::error::Wire::OpenAi
+            Wire::OpenAi
         }
     }
 
