@@ -137,6 +137,7 @@ impl RequestMeta {
             usage_estimated,
             end,
             cost,
+            translated: false,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct RequestOutcome {
     pub end: Option<End>,
     /// USD cost from the model mapping, when usage is known.
     pub cost: Option<f64>,
+    /// Served by a backend of the other protocol (the request and its
+    /// answer were translated).
+    pub translated: bool,
 }
 
 /// What went wrong with an upstream attempt.
@@ -259,6 +262,7 @@ mod tests {
             usage_estimated: false,
             end: None,
             cost: None,
+            translated: false,
         }
     }
 

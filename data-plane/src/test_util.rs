@@ -22,6 +22,7 @@ pub fn backend(id: &str, pool: Pool, models: &[(&str, &str)]) -> v1::SnapshotBac
         weight: 1,
         enabled: true,
         api: 0,
+        native_only: false,
         models: models
             .iter()
             .map(|(c, n)| v1::ModelMapping {

@@ -39,6 +39,7 @@ impl std::ops::AddAssign<&v1::UsageTotals> for v1::UsageTotals {
         self.completion_tokens = self.completion_tokens.saturating_add(b.completion_tokens);
         self.cache_read_tokens = self.cache_read_tokens.saturating_add(b.cache_read_tokens);
         self.cache_write_tokens = self.cache_write_tokens.saturating_add(b.cache_write_tokens);
+        self.translated = self.translated.saturating_add(b.translated);
         self.total_tokens = self.total_tokens.saturating_add(b.total_tokens);
         self.cost += b.cost;
         self.streamed = self.streamed.saturating_add(b.streamed);

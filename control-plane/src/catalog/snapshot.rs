@@ -57,6 +57,7 @@ fn snapshot_backend(rec: BackendRecord, api_key: String) -> Result<SnapshotBacke
         enabled: spec.enabled,
         models: spec.models,
         api,
+        native_only: spec.native_only,
     })
 }
 

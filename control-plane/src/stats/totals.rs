@@ -16,6 +16,7 @@ pub(crate) fn of_event(e: &UsageEvent) -> UsageTotals {
         cost: if e.cost.is_finite() { e.cost } else { 0.0 },
         streamed: u64::from(e.streamed),
         latency_ms_sum: e.latency_ms,
+        translated: 0,
     }
 }
 

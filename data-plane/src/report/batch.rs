@@ -356,6 +356,7 @@ fn request_totals(o: &RequestOutcome) -> UsageTotals {
         cost: o.cost.filter(|c| c.is_finite()).unwrap_or(0.0),
         streamed: u64::from(o.streamed),
         latency_ms_sum: millis(o.latency),
+        translated: u64::from(o.translated),
     }
 }
 
@@ -412,6 +413,7 @@ mod tests {
             usage_estimated: false,
             end: Some(End::ClientGone),
             cost: Some(0.5),
+            translated: false,
         }
     }
 
