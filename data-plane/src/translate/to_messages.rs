@@ -79,75 +79,90 @@ fn unset(v: Option<&Value>) -> bool {
     v.is_none_or(Value::is_null)
 }
 
+/// Whether a set chat field asks for something Anthropic cannot do.
+type Unexpressible = fn(&Value) -> bool;
+
+/// The chat fields refused when set (not `null`) to a value for which the
+/// predicate holds, with the reason given to the client.
+const REFUSED: [(&str, Unexpressible, &str); 13] = [
+    (
+        "n",
+        |v| v.as_u64() != Some(1),
+        "Anthropic backends return one choice: `n` must be 1",
+    ),
+    (
+        "logprobs",
+        |v| v.as_bool() != Some(false),
+        "Anthropic backends return no logprobs",
+    ),
+    (
+        "top_logprobs",
+        |_| true,
+        "Anthropic backends return no logprobs",
+    ),
+    (
+        "response_format",
+        |v| v.get("type").and_then(Value::as_str) != Some("text"),
+        "Anthropic backends support only the `text` response format",
+    ),
+    ("audio", |_| true, "Anthropic backends produce no audio"),
+    (
+        "modalities",
+        |v| {
+            v.as_array()
+                .is_none_or(|m| m.iter().any(|m| m.as_str() != Some("text")))
+        },
+        "Anthropic backends produce text only",
+    ),
+    (
+        "logit_bias",
+        |v| v.as_object().is_none_or(|m| !m.is_empty()),
+        "Anthropic backends take no logit bias",
+    ),
+    (
+        "frequency_penalty",
+        |v| v.as_f64() != Some(0.0),
+        "Anthropic backends take no penalties",
+    ),
+    (
+        "presence_penalty",
+        |v| v.as_f64() != Some(0.0),
+        "Anthropic backends take no penalties",
+    ),
+    (
+        "prediction",
+        |_| true,
+        "Anthropic backends take no predicted output",
+    ),
+    (
+        "web_search_options",
+        |_| true,
+        "web search is not available on this backend",
+    ),
+    (
+        "reasoning_effort",
+        |_| true,
+        "reasoning effort cannot be expressed for this backend",
+    ),
+    (
+        "functions",
+        |_| true,
+        "legacy `functions` are not translated: use `tools`",
+    ),
+];
+
 /// Refuses the fields Anthropic Messages cannot express.
 fn check_unsupported(chat: &Map<String, Value>) -> Result<(), Refused> {
-    if let Some(n) = chat.get("n").filter(|n| !n.is_null()) {
-        if n.as_u64() != Some(1) {
-            return Err(refuse(
-                "n",
-                "Anthropic backends return one choice: `n` must be 1",
-            ));
-        }
-    }
-    if chat
-        .get("logprobs")
-        .is_some_and(|v| v.as_bool() == Some(true))
-    {
-        return Err(refuse("logprobs", "Anthropic backends return no logprobs"));
-    }
-    let unsupported = [
-        ("top_logprobs", "Anthropic backends return no logprobs"),
-        ("audio", "Anthropic backends produce no audio"),
-        ("prediction", "Anthropic backends take no predicted output"),
-        (
-            "web_search_options",
-            "web search is not available on this backend",
-        ),
-        (
-            "reasoning_effort",
-            "reasoning effort cannot be expressed for this backend",
-        ),
-        (
-            "functions",
-            "legacy `functions` are not translated: use `tools`",
-        ),
-        (
-            "function_call",
-            "legacy `function_call` is not translated: use `tool_choice`",
-        ),
-    ];
-    for (field, why) in unsupported {
-        if !unset(chat.get(field)) {
+    for (field, refused, why) in REFUSED {
+        if chat.get(field).is_some_and(|v| !v.is_null() && refused(v)) {
             return Err(refuse(field, why));
         }
     }
-    if let Some(rf) = chat.get("response_format").filter(|v| !v.is_null()) {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(refuse(
-                "response_format",
-                "Anthropic backends support only the `text` response format",
-            ));
-        }
-    }
-    if let Some(m) = chat.get("modalities").and_then(Value::as_array) {
-        if m.iter().any(|m| m.as_str() == Some("audio")) {
-            return Err(refuse("modalities", "Anthropic backends produce no audio"));
-        }
-    }
-    if let Some(lb) = chat.get("logit_bias").filter(|v| !v.is_null()) {
-        if lb.as_object().is_none_or(|m| !m.is_empty()) {
-            return Err(refuse(
-                "logit_bias",
-                "Anthropic backends take no logit bias",
-            ));
-        }
-    }
-    for field in ["frequency_penalty", "presence_penalty"] {
-        if let Some(v) = chat.get(field).filter(|v| !v.is_null()) {
-            if v.as_f64() != Some(0.0) {
-                return Err(refuse(field, "Anthropic backends take no penalties"));
-            }
-        }
+    if !unset(chat.get("function_call")) {
+        return Err(refuse(
+            "function_call",
+            "legacy `function_call` is not translated: use `tool_choice`",
+        ));
     }
     Ok(())
 }
@@ -824,6 +839,14 @@ impl Stream {
                     "function": {"name": name, "arguments": ""},
                 });
                 self.chunk(out, json!({ "tool_calls": [call] }), None);
+                // Streams carry the input as `input_json_delta`s after an
+                // empty `input`; one that came whole is its only fragment.
+                let input = cb.and_then(|b| b.get("input")).and_then(Value::as_object);
+                if let Some(input) = input.filter(|i| !i.is_empty()) {
+                    let args = Value::Object(input.clone()).to_string();
+                    let call = json!({"index": n, "function": {"arguments": args}});
+                    self.chunk(out, json!({ "tool_calls": [call] }), None);
+                }
                 Block::Tool(n)
             }
             _ => Block::Other,
@@ -1249,8 +1272,8 @@ mod tests {
                 "{case} byte by byte"
             );
             // Two cuts, on a stride (all pairs would be quadratic in CI).
-            for a in (0..input.len()).step_by(7) {
-                for b in (a..input.len()).step_by(13) {
+            for a in (0..input.len()).step_by(31) {
+                for b in (a..input.len()).step_by(37) {
                     assert_eq!(
                         translate_stream(&input, usage, &[a, b]),
                         whole,
@@ -1323,6 +1346,39 @@ mod tests {
         assert_eq!(last["error"]["type"], "server_error");
         assert_eq!(last["error"]["message"], "Overloaded");
         assert!(!ev.iter().any(|e| e == "[DONE]"));
+    }
+
+    #[test]
+    fn a_tool_input_given_whole_at_block_start_is_its_arguments() {
+        let sse = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_w\",\"usage\":{\"input_tokens\":1}}}\n\n",
+            "event: content_block_start\n",
+            "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":",
+            "{\"type\":\"tool_use\",\"id\":\"toolu_w\",\"name\":\"f\",\"input\":{\"b\":2,\"a\":1}}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":4}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        let ev = events(&translate_stream(sse.as_bytes(), false, &[]));
+        assert_eq!(
+            ev[1]["choices"][0]["delta"]["tool_calls"][0]["id"],
+            "toolu_w"
+        );
+        let args = &ev[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"];
+        assert_eq!(args, r#"{"a":1,"b":2}"#);
+        assert_eq!(ev[3]["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn default_valued_fields_are_not_refused() {
+        let v = translate(json!({"messages": [{"role": "user", "content": "hi"}],
+            "n": 1, "logprobs": false, "top_logprobs": null, "modalities": ["text"],
+            "logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0,
+            "response_format": {"type": "text"}, "seed": 42, "store": false,
+            "stream_options": {"include_usage": true}, "audio": null}));
+        assert!(v.is_ok(), "{v:?}");
     }
 
     #[test]
