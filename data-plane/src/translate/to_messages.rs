@@ -345,6 +345,12 @@ fn messages(messages: Option<&Value>) -> Result<(Option<Value>, Vec<Value>), Ref
         1 if system[0].get("cache_control").is_none() => system[0].get("text").cloned(),
         _ => Some(Value::Array(system)),
     };
+    if turns.is_empty() {
+        return Err(refuse(
+            "messages",
+            "Anthropic backends need at least one non-empty user or assistant message",
+        ));
+    }
     let messages = turns
         .into_iter()
         .map(|(role, content)| json!({"role": role, "content": content}))
@@ -1369,6 +1375,26 @@ mod tests {
         let args = &ev[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"];
         assert_eq!(args, r#"{"a":1,"b":2}"#);
         assert_eq!(ev[3]["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn a_heartbeat_run_translates() {
+        // The control plane's heartbeat request (heartbeat/dispatch.rs).
+        let v = translate(
+            json!({"model": "agent-model", "stream": false, "messages": [
+                {"role": "system", "content": "You are the agent's heartbeat."},
+                {"role": "user", "content": "- [ ] inbox\n- [ ] calendar"},
+            ]}),
+        )
+        .unwrap();
+        assert_eq!(v["system"], "You are the agent's heartbeat.");
+        assert_eq!(
+            v["messages"][0]["content"][0]["text"],
+            "- [ ] inbox\n- [ ] calendar"
+        );
+        assert_eq!(v.get("stream"), None);
+        let only_system = translate(json!({"messages": [{"role": "system", "content": "x"}]}));
+        assert_eq!(only_system.unwrap_err().field, "messages");
     }
 
     #[test]
