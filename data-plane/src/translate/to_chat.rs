@@ -922,3 +922,573 @@ impl StreamTranslator for Stream {
         Bytes::from(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPTS: RequestOptions<'static> = RequestOptions {
+        native_model: "glm-4.6",
+        default_max_tokens: 4096,
+    };
+
+    fn translate(msg: Value) -> Result<(Value, u32), Refused> {
+        let Value::Object(msg) = msg else {
+            panic!("test input is an object")
+        };
+        let t = request(&msg, &OPTS)?;
+        let body = serde_json::from_slice(&t.body).expect("translated body is JSON");
+        Ok((body, t.dropped_cache_control))
+    }
+
+    fn refused_field(msg: Value) -> String {
+        match translate(msg) {
+            Err(r) => r.field,
+            Ok(body) => panic!("expected a refusal, got {body:?}"),
+        }
+    }
+
+    #[test]
+    fn a_simple_streaming_request_maps_system_sampling_stop_and_user() {
+        let (body, dropped) = translate(json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "system": "You are terse.",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stop_sequences": ["\n\nHuman:"],
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "stream": true,
+            "metadata": {"user_id": "user-42"},
+            "service_tier": "auto",
+        }))
+        .expect("translates");
+        assert_eq!(
+            body,
+            json!({
+                "model": "glm-4.6",
+                "max_tokens": 1024,
+                "messages": [
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "Hello"},
+                ],
+                "stop": ["\n\nHuman:"],
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "user": "user-42",
+            })
+        );
+        assert_eq!(dropped, 0);
+    }
+
+    /// A Claude Code–shaped multi-turn tool conversation: system blocks and
+    /// tools with `cache_control`, parallel tool calls, tool results (one an
+    /// error, one in blocks) followed by the user's text.
+    fn multi_turn_tool_use() -> Value {
+        json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 4096,
+            "system": [
+                {"type": "text", "text": "You are a coding agent."},
+                {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral"}},
+            ],
+            "tools": [
+                {
+                    "name": "read_file",
+                    "description": "Read a file",
+                    "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+                },
+                {
+                    "type": "custom",
+                    "name": "run",
+                    "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+                    "cache_control": {"type": "ephemeral"},
+                },
+            ],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Read a.rs and run ls", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "plan", "signature": "sig"},
+                    {"type": "text", "text": "Doing both."},
+                    {"type": "tool_use", "id": "toolu_01A", "name": "read_file", "input": {"path": "a.rs"}},
+                    {"type": "tool_use", "id": "toolu_01B", "name": "run", "input": {"cmd": "ls -la"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "fn main() {}"},
+                    {"type": "tool_result", "tool_use_id": "toolu_01B", "is_error": true,
+                     "content": [{"type": "text", "text": "ls: permission denied"}]},
+                    {"type": "text", "text": "Now fix it."},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "toolu_01C", "name": "run", "input": {}},
+                ]},
+            ],
+        })
+    }
+
+    #[test]
+    fn multi_turn_tool_use_keeps_ids_orders_tool_results_first_and_counts_cache_control() {
+        let (body, dropped) = translate(multi_turn_tool_use()).expect("translates");
+        assert_eq!(
+            body,
+            json!({
+                "model": "glm-4.6",
+                "max_tokens": 4096,
+                "messages": [
+                    {"role": "system", "content": "You are a coding agent.\n\nBe careful."},
+                    {"role": "user", "content": "Read a.rs and run ls"},
+                    {"role": "assistant", "content": "Doing both.", "tool_calls": [
+                        {"id": "toolu_01A", "type": "function",
+                         "function": {"name": "read_file", "arguments": "{\"path\":\"a.rs\"}"}},
+                        {"id": "toolu_01B", "type": "function",
+                         "function": {"name": "run", "arguments": "{\"cmd\":\"ls -la\"}"}},
+                    ]},
+                    {"role": "tool", "tool_call_id": "toolu_01A", "content": "fn main() {}"},
+                    {"role": "tool", "tool_call_id": "toolu_01B", "content": "ls: permission denied"},
+                    {"role": "user", "content": "Now fix it."},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "toolu_01C", "type": "function",
+                         "function": {"name": "run", "arguments": "{}"}},
+                    ]},
+                ],
+                "tools": [
+                    {"type": "function", "function": {
+                        "name": "read_file", "description": "Read a file",
+                        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+                    }},
+                    {"type": "function", "function": {
+                        "name": "run",
+                        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+                    }},
+                ],
+                "tool_choice": "required",
+                "parallel_tool_calls": false,
+            })
+        );
+        assert_eq!(dropped, 3);
+    }
+
+    #[test]
+    fn the_same_request_gives_the_same_bytes() {
+        let Value::Object(msg) = multi_turn_tool_use() else {
+            unreachable!()
+        };
+        let a = request(&msg, &OPTS).expect("translates");
+        let b = request(&msg, &OPTS).expect("translates");
+        assert_eq!(a.body, b.body);
+    }
+
+    #[test]
+    fn images_become_image_url_parts_beside_text() {
+        let (body, _) = translate(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+                {"type": "text", "text": "What are these?"},
+            ]}],
+        }))
+        .expect("translates");
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+                {"type": "text", "text": "What are these?"},
+            ]}])
+        );
+    }
+
+    #[test]
+    fn tool_choice_variants_map_to_chat() {
+        let choice = |c: Value| {
+            translate(json!({"model": "m", "max_tokens": 1, "messages": [], "tool_choice": c}))
+                .expect("translates")
+                .0
+        };
+        assert_eq!(choice(json!({"type": "auto"}))["tool_choice"], "auto");
+        assert_eq!(choice(json!({"type": "none"}))["tool_choice"], "none");
+        let named = choice(json!({"type": "tool", "name": "read_file"}));
+        assert_eq!(
+            named["tool_choice"],
+            json!({"type": "function", "function": {"name": "read_file"}})
+        );
+        assert!(named.get("parallel_tool_calls").is_none());
+    }
+
+    #[test]
+    fn what_chat_cannot_express_is_refused_by_name() {
+        let base = |extra: (&str, Value)| {
+            let mut m = json!({"model": "m", "max_tokens": 1,
+                               "messages": [{"role": "user", "content": "hi"}]});
+            m[extra.0] = extra.1;
+            m
+        };
+        assert_eq!(
+            refused_field(base((
+                "thinking",
+                json!({"type": "enabled", "budget_tokens": 2048})
+            ))),
+            "thinking"
+        );
+        assert_eq!(refused_field(base(("top_k", json!(5)))), "top_k");
+        assert_eq!(
+            refused_field(base((
+                "tools",
+                json!([{"type": "web_search_20250305", "name": "web_search"}])
+            ))),
+            "tools[0].type"
+        );
+        assert_eq!(
+            refused_field(base((
+                "messages",
+                json!([{"role": "user", "content": [
+                    {"type": "text", "text": "summarise"},
+                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}},
+                ]}])
+            ))),
+            "messages[0].content[1].type"
+        );
+        assert_eq!(
+            refused_field(base((
+                "messages",
+                json!([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                    "content": [{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}])
+            ))),
+            "messages[0].content[0].content[0].type"
+        );
+        assert_eq!(
+            refused_field(base((
+                "messages",
+                json!([{"role": "system", "content": "x"}])
+            ))),
+            "messages[0].role"
+        );
+        // Disabled thinking asks for nothing.
+        assert!(translate(base(("thinking", json!({"type": "disabled"})))).is_ok());
+    }
+
+    fn answer(chat: Value) -> Value {
+        let out =
+            response(chat.to_string().as_bytes(), "claude-sonnet-4-5").expect("a chat completion");
+        serde_json::from_slice(&out).expect("JSON")
+    }
+
+    #[test]
+    fn a_text_completion_becomes_a_message() {
+        let msg = answer(json!({
+            "id": "chatcmpl-abc123", "object": "chat.completion", "created": 1, "model": "glm-4.6",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hi there!"}}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
+        }));
+        assert_eq!(
+            msg,
+            json!({
+                "id": "msg_chatcmpl-abc123", "type": "message", "role": "assistant",
+                "model": "claude-sonnet-4-5",
+                "content": [{"type": "text", "text": "Hi there!"}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 20, "output_tokens": 3,
+                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            })
+        );
+    }
+
+    #[test]
+    fn parallel_tool_calls_become_tool_use_blocks_with_cached_usage() {
+        let msg = answer(json!({
+            "id": "chatcmpl-t1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "Let me check.",
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}},
+                    {"id": "call_3", "type": "function", "function": {"name": "now", "arguments": "not json"}},
+                ]}}],
+            "usage": {"prompt_tokens": 1200, "completion_tokens": 40, "total_tokens": 1240,
+                      "prompt_tokens_details": {"cached_tokens": 1024}},
+        }));
+        assert_eq!(
+            msg["content"],
+            json!([
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"city": "Rome"}},
+                {"type": "tool_use", "id": "call_3", "name": "now", "input": {}},
+            ])
+        );
+        assert_eq!(msg["stop_reason"], "tool_use");
+        assert_eq!(
+            msg["usage"],
+            json!({"input_tokens": 176, "output_tokens": 40,
+                   "cache_read_input_tokens": 1024, "cache_creation_input_tokens": 0})
+        );
+    }
+
+    #[test]
+    fn finish_reasons_map_to_stop_reasons() {
+        for (finish, stop) in [
+            ("stop", "end_turn"),
+            ("length", "max_tokens"),
+            ("tool_calls", "tool_use"),
+            ("function_call", "tool_use"),
+            ("content_filter", "refusal"),
+        ] {
+            let msg = answer(json!({"id": "c", "choices": [{"finish_reason": finish,
+                "message": {"role": "assistant", "content": "x"}}]}));
+            assert_eq!(msg["stop_reason"], stop, "{finish}");
+        }
+    }
+
+    #[test]
+    fn deepseek_cache_hits_count_as_cache_reads() {
+        let msg = answer(json!({"id": "c", "choices": [{"finish_reason": "stop",
+            "message": {"role": "assistant", "content": "x"}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                      "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36}}));
+        assert_eq!(msg["usage"]["input_tokens"], 36);
+        assert_eq!(msg["usage"]["cache_read_input_tokens"], 64);
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_chat_completion_is_none() {
+        assert!(response(b"not json", "m").is_none());
+        assert!(response(b"{\"object\":\"list\",\"data\":[]}", "m").is_none());
+    }
+
+    fn error_json(status: u16, body: &[u8]) -> Value {
+        serde_json::from_slice(&error(status, body)).expect("JSON")
+    }
+
+    #[test]
+    fn openai_errors_take_the_anthropic_shape_and_type_for_the_status() {
+        let body = br#"{"error":{"message":"Rate limit reached for gpt-4o","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert_eq!(
+            error_json(429, body),
+            json!({"type": "error", "error": {"type": "rate_limit_error",
+                   "message": "Rate limit reached for gpt-4o"}})
+        );
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (413, "request_too_large"),
+            (500, "api_error"),
+            (503, "api_error"),
+            (529, "overloaded_error"),
+        ] {
+            assert_eq!(
+                error_json(status, b"{\"error\":{\"message\":\"m\"}}")["error"]["type"],
+                kind
+            );
+        }
+        assert_eq!(
+            error_json(502, b"<html>Bad Gateway</html>")["error"]["message"],
+            "upstream error (HTTP 502)"
+        );
+        assert_eq!(
+            error_json(400, b"{\"error\":\"bad model\"}")["error"]["message"],
+            "bad model"
+        );
+    }
+
+    /// The client's bytes for `upstream` fed in `pieces`, then `finish`.
+    fn run(pieces: &[&[u8]]) -> String {
+        let mut s = Stream::new("claude-sonnet-4-5");
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend_from_slice(&s.feed(p));
+        }
+        out.extend_from_slice(&s.finish());
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    fn chunk(data: Value) -> String {
+        format!("data: {data}\n\n")
+    }
+
+    const TEXT_STREAM: &str = concat!(
+        "data: {\"id\":\"chatcmpl-s1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"glm-4.6\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        ": keep-alive\n\n",
+        "data: {\"id\":\"chatcmpl-s1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"glm-4.6\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"chatcmpl-s1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"glm-4.6\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo ✓\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"id\":\"chatcmpl-s1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"glm-4.6\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"chatcmpl-s1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"glm-4.6\",\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":4,\"total_tokens\":34,\"prompt_tokens_details\":{\"cached_tokens\":10}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn a_text_stream_becomes_the_messages_event_sequence() {
+        let expected = concat!(
+            "event: message_start\n",
+            "data: {\"message\":{\"content\":[],\"id\":\"msg_chatcmpl-s1\",\"model\":\"claude-sonnet-4-5\",\"role\":\"assistant\",\"stop_reason\":null,\"stop_sequence\":null,\"type\":\"message\",\"usage\":{\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"input_tokens\":0,\"output_tokens\":0}},\"type\":\"message_start\"}\n\n",
+            "event: content_block_start\n",
+            "data: {\"content_block\":{\"text\":\"\",\"type\":\"text\"},\"index\":0,\"type\":\"content_block_start\"}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"delta\":{\"text\":\"Hel\",\"type\":\"text_delta\"},\"index\":0,\"type\":\"content_block_delta\"}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"delta\":{\"text\":\"lo ✓\",\"type\":\"text_delta\"},\"index\":0,\"type\":\"content_block_delta\"}\n\n",
+            "event: content_block_stop\n",
+            "data: {\"index\":0,\"type\":\"content_block_stop\"}\n\n",
+            "event: message_delta\n",
+            "data: {\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"type\":\"message_delta\",\"usage\":{\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":10,\"input_tokens\":20,\"output_tokens\":4}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        assert_eq!(run(&[TEXT_STREAM.as_bytes()]), expected);
+    }
+
+    /// Text, then two parallel tool calls whose arguments arrive in
+    /// fragments (OpenAI's shape: id and name first, then `arguments`).
+    fn tool_stream() -> String {
+        let c = |delta: Value, finish: Value| {
+            chunk(
+                json!({"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1,
+                         "model": "gpt-4o", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+            )
+        };
+        let call = |index: u64, id: Option<&str>, name: Option<&str>, args: &str| {
+            let mut f = json!({"arguments": args});
+            if let Some(n) = name {
+                f["name"] = json!(n);
+            }
+            let mut tc = json!({"index": index, "function": f});
+            if let Some(id) = id {
+                tc["id"] = json!(id);
+                tc["type"] = json!("function");
+            }
+            json!({"tool_calls": [tc]})
+        };
+        [
+            c(json!({"role": "assistant", "content": "Checking."}), Value::Null),
+            c(call(0, Some("call_A"), Some("get_weather"), ""), Value::Null),
+            c(call(0, None, None, "{\"city\":"), Value::Null),
+            c(call(0, None, None, "\"Paris\"}"), Value::Null),
+            c(call(1, Some("call_B"), Some("get_weather"), "{\"city\":\"Rome\"}"), Value::Null),
+            c(json!({}), json!("tool_calls")),
+            chunk(json!({"id": "chatcmpl-t", "object": "chat.completion.chunk", "created": 1,
+                         "model": "gpt-4o", "choices": [],
+                         "usage": {"prompt_tokens": 50, "completion_tokens": 30, "total_tokens": 80}})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat()
+    }
+
+    /// The events of a client stream as (event name, data JSON).
+    fn events(out: &str) -> Vec<(String, Value)> {
+        out.split_terminator("\n\n")
+            .map(|e| {
+                let (ev, data) = e.split_once('\n').expect("two lines");
+                let ev = ev.strip_prefix("event: ").expect("event line");
+                let data = data.strip_prefix("data: ").expect("data line");
+                (ev.to_string(), serde_json::from_str(data).expect("JSON"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parallel_tool_calls_stream_as_tool_use_blocks_with_input_json_deltas() {
+        let got = events(&run(&[tool_stream().as_bytes()]));
+        let names: Vec<&str> = got.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        for (event, data) in &got {
+            assert_eq!(data["type"], event.as_str());
+        }
+        assert_eq!(
+            got[4].1["content_block"],
+            json!({"type": "tool_use", "id": "call_A", "name": "get_weather", "input": {}})
+        );
+        assert_eq!(got[4].1["index"], 1);
+        assert_eq!(
+            got[5].1["delta"],
+            json!({"type": "input_json_delta", "partial_json": "{\"city\":"})
+        );
+        assert_eq!(got[6].1["delta"]["partial_json"], "\"Paris\"}");
+        assert_eq!(got[8].1["content_block"]["id"], "call_B");
+        assert_eq!(got[8].1["index"], 2);
+        assert_eq!(got[9].1["index"], 2);
+        assert_eq!(got[10].1["index"], 2);
+        assert_eq!(
+            got[11].1,
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+                   "usage": {"input_tokens": 50, "output_tokens": 30,
+                             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}})
+        );
+    }
+
+    #[test]
+    fn an_error_event_becomes_an_anthropic_error_event_and_ends_the_stream() {
+        let upstream = [
+            TEXT_STREAM.split("\n\n").next().unwrap_or_default(),
+            "\n\n",
+            "data: {\"error\":{\"message\":\"Rate limit exceeded\",\"type\":\"rate_limit_error\",\"code\":\"rate_limit_exceeded\"}}\n\n",
+        ]
+        .concat();
+        let got = events(&run(&[upstream.as_bytes()]));
+        let last = got.last().expect("events");
+        assert_eq!(last.0, "error");
+        assert_eq!(
+            last.1,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit exceeded"}})
+        );
+        assert_eq!(got.len(), 2, "message_start, error; nothing after");
+    }
+
+    #[test]
+    fn a_stream_without_done_ends_at_finish() {
+        let upstream = TEXT_STREAM.replace("data: [DONE]\n\n", "");
+        assert_eq!(run(&[upstream.as_bytes()]), run(&[TEXT_STREAM.as_bytes()]));
+        // A last event without its blank line is still read.
+        let cut = TEXT_STREAM.trim_end();
+        assert_eq!(run(&[cut.as_bytes()]), run(&[TEXT_STREAM.as_bytes()]));
+    }
+
+    #[test]
+    fn an_empty_stream_still_gives_a_complete_message() {
+        let got = events(&run(&[b"data: [DONE]\n\n"]));
+        let names: Vec<&str> = got.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+    }
+
+    #[test]
+    fn any_split_gives_the_same_output() {
+        let crlf = tool_stream().replace('\n', "\r\n");
+        for upstream in [TEXT_STREAM.to_string(), tool_stream(), crlf] {
+            let bytes = upstream.as_bytes();
+            let whole = run(&[bytes]);
+            for at in 0..=bytes.len() {
+                assert_eq!(run(&[&bytes[..at], &bytes[at..]]), whole, "split at {at}");
+            }
+            let singles: Vec<&[u8]> = bytes.chunks(1).collect();
+            assert_eq!(run(&singles), whole, "byte by byte");
+            // Three pieces at a few coprime strides.
+            for stride in [3, 7, 13] {
+                let pieces: Vec<&[u8]> = bytes.chunks(stride).collect();
+                assert_eq!(run(&pieces), whole, "stride {stride}");
+            }
+        }
+    }
+}
