@@ -483,6 +483,16 @@ fn usage_counts(usage: &Value) -> (u64, u64, u64) {
     (prompt - cached, output, cached)
 }
 
+/// A tool call's id, kept; for a provider that sends none (or an empty
+/// one), a stable one from the completion id and the call's index, since
+/// Messages requires it and the client sends it back with the result.
+fn tool_id(call: &Value, chat_id: Option<&str>, index: usize) -> String {
+    match call.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => format!("toolu_{}_{index}", chat_id.unwrap_or("translated")),
+    }
+}
+
 fn message_id(chat_id: Option<&str>) -> String {
     format!("msg_{}", chat_id.unwrap_or("translated"))
 }
@@ -523,7 +533,7 @@ pub(crate) fn response(body: &[u8], model: &str) -> Option<Vec<u8>> {
         content.push(json!({"type": "text", "text": text}));
     }
     if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
-        for call in calls {
+        for (index, call) in calls.iter().enumerate() {
             let f = call.get("function");
             let name = f
                 .and_then(|f| f.get("name"))
@@ -533,7 +543,7 @@ pub(crate) fn response(body: &[u8], model: &str) -> Option<Vec<u8>> {
                 .and_then(|f| f.get("arguments"))
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let id = call.get("id").and_then(Value::as_str).unwrap_or("");
+            let id = tool_id(call, chat.get("id").and_then(Value::as_str), index);
             content.push(json!({
                 "type": "tool_use",
                 "id": id,
@@ -650,13 +660,15 @@ pub(crate) struct Stream {
     has_data: bool,
     /// `message_start` written.
     started: bool,
+    /// The upstream's completion id (for tool calls without an id).
+    chat_id: Option<String>,
     /// `message_stop` (or an `error` event) written: nothing follows.
     ended: bool,
     open: Open,
     /// Index of the next content block.
     next_block: u64,
-    /// (upstream `tool_calls[].index`, client block index) of each call seen.
-    tools: Vec<(u64, u64)>,
+    /// (upstream `tool_calls[].index`, id, client block index) of each call seen.
+    tools: Vec<(u64, String, u64)>,
     finish_reason: Option<String>,
     /// (input without cache reads, output, cache reads).
     usage: Option<(u64, u64, u64)>,
@@ -671,6 +683,7 @@ impl Stream {
             data: String::new(),
             has_data: false,
             started: false,
+            chat_id: None,
             ended: false,
             open: Open::None,
             next_block: 0,
@@ -735,6 +748,7 @@ impl Stream {
             return;
         }
         self.started = true;
+        self.chat_id = chat_id.map(str::to_string);
         let message = json!({
             "type": "message_start",
             "message": {
@@ -769,9 +783,12 @@ impl Stream {
             return;
         };
         if let Some(delta) = choice.get("delta") {
-            if let Some(text) = delta.get("content").and_then(Value::as_str) {
-                if !text.is_empty() {
-                    self.text(text, out);
+            // OpenAI streams a refusal beside `content`; either is text.
+            for key in ["content", "refusal"] {
+                if let Some(text) = delta.get(key).and_then(Value::as_str) {
+                    if !text.is_empty() {
+                        self.text(text, out);
+                    }
                 }
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
@@ -807,11 +824,22 @@ impl Stream {
             .and_then(|f| f.get("arguments"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        let index = match self.tools.iter().find(|t| t.0 == upstream) {
-            Some(&(_, index)) => index,
+        // A call is known by its id when it has one (some providers give
+        // every parallel call index 0), else by its index (OpenAI sends the
+        // id with the first fragment only).
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty());
+        let known = match id {
+            Some(id) => self.tools.iter().rev().find(|t| t.1 == id),
+            None => self.tools.iter().rev().find(|t| t.0 == upstream),
+        };
+        let index = match known {
+            Some(t) => t.2,
             None => {
                 self.close(out);
-                let id = call.get("id").and_then(Value::as_str).unwrap_or("");
+                let id = tool_id(call, self.chat_id.as_deref(), self.tools.len());
                 let name = function
                     .and_then(|f| f.get("name"))
                     .and_then(Value::as_str)
@@ -819,7 +847,7 @@ impl Stream {
                 let block = json!({"type": "tool_use", "id": id, "name": name, "input": {}});
                 self.open_block(block, Open::Tool(upstream), out);
                 let index = self.next_block - 1;
-                self.tools.push((upstream, index));
+                self.tools.push((upstream, id, index));
                 index
             }
         };
@@ -1490,5 +1518,55 @@ mod tests {
                 assert_eq!(run(&pieces), whole, "stride {stride}");
             }
         }
+    }
+
+    #[test]
+    fn tool_calls_without_ids_get_stable_ones() {
+        let msg = answer(
+            json!({"id": "chatcmpl-x", "choices": [{"finish_reason": "tool_calls",
+            "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"type": "function", "function": {"name": "a", "arguments": "{}"}},
+                {"id": "", "type": "function", "function": {"name": "b", "arguments": "{}"}},
+            ]}}]}),
+        );
+        assert_eq!(msg["content"][0]["id"], "toolu_chatcmpl-x_0");
+        assert_eq!(msg["content"][1]["id"], "toolu_chatcmpl-x_1");
+        assert_eq!(
+            msg["content"].as_array().map(Vec::len),
+            Some(2),
+            "no text block"
+        );
+    }
+
+    #[test]
+    fn parallel_calls_sharing_index_zero_are_told_apart_by_id() {
+        // Gemini's OpenAI endpoint sends each whole call at index 0.
+        let c = |tc: Value| {
+            chunk(
+                json!({"id": "g", "choices": [{"index": 0, "delta": {"tool_calls": [tc]}, "finish_reason": null}]}),
+            )
+        };
+        let upstream = [
+            c(json!({"index": 0, "id": "c1", "type": "function", "function": {"name": "a", "arguments": "{\"x\":1}"}})),
+            c(json!({"index": 0, "id": "c2", "type": "function", "function": {"name": "b", "arguments": "{\"y\":2}"}})),
+            chunk(json!({"id": "g", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})),
+        ]
+        .concat();
+        let got = events(&run(&[upstream.as_bytes()]));
+        let starts: Vec<(Value, Value)> = got
+            .iter()
+            .filter(|(e, _)| e == "content_block_start")
+            .map(|(_, d)| (d["index"].clone(), d["content_block"]["id"].clone()))
+            .collect();
+        assert_eq!(starts, [(json!(0), json!("c1")), (json!(1), json!("c2"))]);
+        assert_eq!(got.last().map(|e| e.0.as_str()), Some("message_stop"));
+    }
+
+    #[test]
+    fn a_streamed_refusal_is_text() {
+        let upstream = chunk(json!({"id": "r", "choices": [{"index": 0,
+            "delta": {"content": null, "refusal": "I can't help with that."}, "finish_reason": null}]}));
+        let got = events(&run(&[upstream.as_bytes()]));
+        assert_eq!(got[2].1["delta"]["text"], "I can't help with that.");
     }
 }
