@@ -51,10 +51,10 @@ pub(crate) fn request(
     out.insert("model".into(), Value::from(opts.native_model));
 
     let mut messages = Vec::new();
-    if let Some(system) = msg.get("system") {
-        if let Some(text) = system_text(system, &mut dropped)? {
-            messages.push(json!({"role": "system", "content": text}));
-        }
+    if let Some(system) = msg.get("system")
+        && let Some(text) = system_text(system, &mut dropped)?
+    {
+        messages.push(json!({"role": "system", "content": text}));
     }
     let Some(turns) = msg.get("messages").and_then(Value::as_array) else {
         return Err(refused("messages", "`messages` must be an array"));
@@ -88,10 +88,8 @@ pub(crate) fn request(
     // `max_tokens`, not `max_completion_tokens`: more OpenAI-compatible
     // providers accept it, and OpenAI still does for non-reasoning models.
     for key in ["max_tokens", "temperature", "top_p"] {
-        if let Some(v) = msg.get(key) {
-            if !v.is_null() {
-                out.insert(key.into(), v.clone());
-            }
+        if let Some(v) = msg.get(key).filter(|v| !v.is_null()) {
+            out.insert(key.into(), v.clone());
         }
     }
     if msg.get("stream").and_then(Value::as_bool) == Some(true) {
@@ -785,10 +783,10 @@ impl Stream {
         if let Some(delta) = choice.get("delta") {
             // OpenAI streams a refusal beside `content`; either is text.
             for key in ["content", "refusal"] {
-                if let Some(text) = delta.get(key).and_then(Value::as_str) {
-                    if !text.is_empty() {
-                        self.text(text, out);
-                    }
+                if let Some(text) = delta.get(key).and_then(Value::as_str)
+                    && !text.is_empty()
+                {
+                    self.text(text, out);
                 }
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
