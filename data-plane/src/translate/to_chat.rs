@@ -498,16 +498,19 @@ fn message_id(chat_id: Option<&str>) -> String {
 /// A tool call's `arguments` as a Messages `input` object. Arguments that
 /// are not a JSON object become `{}` (and a warning; the arguments
 /// themselves are not logged, they may carry user data).
-fn tool_input(name: &str, arguments: &str) -> Value {
-    if arguments.trim().is_empty() {
-        return json!({});
-    }
-    match serde_json::from_str::<Value>(arguments) {
-        Ok(v @ Value::Object(_)) => v,
+fn tool_input(name: &str, arguments: Option<&Value>) -> Value {
+    let parsed = match arguments {
+        None | Some(Value::Null) => return json!({}),
+        Some(Value::String(s)) if s.trim().is_empty() => return json!({}),
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s).ok(),
+        // A few providers send the arguments as an object already.
+        Some(v) => Some(v.clone()),
+    };
+    match parsed {
+        Some(v @ Value::Object(_)) => v,
         _ => {
             tracing::warn!(
                 tool = name,
-                len = arguments.len(),
                 "tool call arguments are not a JSON object; sent to the client as {{}}"
             );
             json!({})
@@ -537,10 +540,7 @@ pub(crate) fn response(body: &[u8], model: &str) -> Option<Vec<u8>> {
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let args = f
-                .and_then(|f| f.get("arguments"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let args = f.and_then(|f| f.get("arguments"));
             let id = tool_id(call, chat.get("id").and_then(Value::as_str), index);
             content.push(json!({
                 "type": "tool_use",
@@ -818,10 +818,12 @@ impl Stream {
     fn tool_delta(&mut self, call: &Value, out: &mut Vec<u8>) {
         let upstream = call.get("index").and_then(Value::as_u64).unwrap_or(0);
         let function = call.get("function");
-        let args = function
-            .and_then(|f| f.get("arguments"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let args = match function.and_then(|f| f.get("arguments")) {
+            Some(Value::String(s)) => s.clone(),
+            // A few providers send whole arguments as an object.
+            Some(v @ Value::Object(_)) => v.to_string(),
+            _ => String::new(),
+        };
         // A call is known by its id when it has one (some providers give
         // every parallel call index 0), else by its index (OpenAI sends the
         // id with the first fragment only).
@@ -856,7 +858,7 @@ impl Stream {
             let delta = json!({
                 "type": "content_block_delta",
                 "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": args},
+                "delta": {"type": "input_json_delta", "partial_json": &args},
             });
             emit(out, "content_block_delta", &delta);
         }
@@ -1566,5 +1568,31 @@ mod tests {
             "delta": {"content": null, "refusal": "I can't help with that."}, "finish_reason": null}]}));
         let got = events(&run(&[upstream.as_bytes()]));
         assert_eq!(got[2].1["delta"]["text"], "I can't help with that.");
+    }
+
+    #[test]
+    fn arguments_sent_as_an_object_are_taken_as_is() {
+        let msg = answer(
+            json!({"id": "o", "choices": [{"finish_reason": "tool_calls",
+            "message": {"role": "assistant", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "a", "arguments": {"k": [1, 2]}}},
+            ]}}]}),
+        );
+        assert_eq!(msg["content"][0]["input"], json!({"k": [1, 2]}));
+    }
+
+    #[test]
+    fn a_small_request_is_pinned_to_the_byte() {
+        let Value::Object(msg) = json!({
+            "model": "claude-haiku-4-5", "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "ping"}]}],
+        }) else {
+            unreachable!()
+        };
+        let body = request(&msg, &OPTS).expect("translates").body;
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            r#"{"max_tokens":64,"messages":[{"content":"ping","role":"user"}],"model":"glm-4.6","stream":true,"stream_options":{"include_usage":true}}"#
+        );
     }
 }
