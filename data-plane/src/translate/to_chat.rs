@@ -634,8 +634,8 @@ fn stream_error_type(err: &Value) -> &'static str {
 enum Open {
     None,
     Text,
-    /// A tool call: the upstream's `tool_calls[].index`.
-    Tool(u64),
+    /// A tool call's `tool_use` block.
+    Tool,
 }
 
 /// `chat.completion.chunk` SSE → the Messages event sequence
@@ -845,7 +845,7 @@ impl Stream {
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 let block = json!({"type": "tool_use", "id": id, "name": name, "input": {}});
-                self.open_block(block, Open::Tool(upstream), out);
+                self.open_block(block, Open::Tool, out);
                 let index = self.next_block - 1;
                 self.tools.push((upstream, id, index));
                 index
