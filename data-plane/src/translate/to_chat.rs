@@ -6,7 +6,9 @@
 //!
 //! What translates: `system` (a string or text blocks, joined by a blank
 //! line) → a first `system` message; text and image blocks (base64 → a
-//! `data:` URL, url source → the URL); assistant `tool_use` → `tool_calls`
+//! `data:` URL, url source → the URL; a text-only turn is a plain string,
+//! its blocks joined by a newline, which every OpenAI-compatible provider
+//! accepts); assistant `tool_use` → `tool_calls`
 //! (ids kept, `arguments` = the compact JSON of `input`); user `tool_result`
 //! → `role: "tool"` messages placed before that user turn's other content;
 //! custom tools → function tools; `tool_choice` and
@@ -28,7 +30,8 @@
 //! chat backend cannot verify or use). On the way back a chat answer cannot
 //! say which stop sequence matched, so `stop` is always `end_turn`, and
 //! provider reasoning (`reasoning_content`) is not returned: the client did
-//! not ask for thinking.
+//! not ask for thinking. Other Messages fields with no chat counterpart are
+//! not sent; `max_tokens` is not defaulted (chat does not require it).
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
