@@ -119,6 +119,12 @@ impl Endpoint {
         }
     }
 
+    /// Whether a backend of the other protocol may serve the endpoint,
+    /// translated ([`crate::translate`]): Chat Completions and Messages.
+    pub(crate) fn translates(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+    }
+
     /// Whether the endpoint names a stored response by path
     /// (`GET`/`DELETE /v1/responses/{id}`).
     pub(crate) fn by_response_id(self) -> bool {

@@ -382,7 +382,12 @@ where
         return Err(reject(ApiError::model_not_allowed(&model), &auth, wire));
     }
     let api = endpoint.api();
-    let Some(route) = auth.snapshot.route_for(&model, api).cloned() else {
+    let route = if endpoint.translates() {
+        auth.snapshot.translating_route_for(&model, api)
+    } else {
+        auth.snapshot.route_for(&model, api)
+    };
+    let Some(route) = route.cloned() else {
         let e = match auth.snapshot.apis_serving(&model).find(|a| *a != api) {
             Some(other) => ApiError::model_other_protocol(&model, other.endpoint()),
             None => ApiError::model_not_found(&model),
