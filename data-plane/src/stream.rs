@@ -164,7 +164,7 @@ where
 
     /// The client's bytes for `data` (the upstream's, past the scanner),
     /// with the translator's tail when the stream `ended`.
-    fn to_client(&mut self, data: Bytes, ended: bool) -> Bytes {
+    fn for_client(&mut self, data: Bytes, ended: bool) -> Bytes {
         let Some(t) = self.translator.as_mut() else {
             return data;
         };
@@ -251,14 +251,14 @@ where
                                 out = [out, rest].concat().into();
                             }
                         }
-                        out = this.to_client(out, true);
+                        out = this.for_client(out, true);
                         this.state = State::Done;
                         this.finish(End::Complete);
                         if out.is_empty() {
                             return Poll::Ready(None);
                         }
                     } else {
-                        out = this.to_client(out, false);
+                        out = this.for_client(out, false);
                         if out.is_empty() {
                             // An incomplete event held back: read on.
                             continue;
@@ -272,7 +272,7 @@ where
                         .scanner
                         .as_mut()
                         .map_or_else(Bytes::new, SseUsage::finish);
-                    let rest = this.to_client(rest, true);
+                    let rest = this.for_client(rest, true);
                     this.finish(End::Complete);
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
