@@ -34,10 +34,11 @@ use tokio::time::Instant;
 use crate::events::{EventSink, FailureKind, RequestOutcome, Signal, Usage};
 use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
-use crate::snapshot::{Backend, Candidate};
+use crate::snapshot::{Api, Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::{Endpoint, Routed};
-use crate::usage::{Dialect, Prices, SseTally, SseUsage};
+use crate::translate::{self, StreamTranslator};
+use crate::usage::{Dialect, Prices, SseTally, SseUsage, StreamUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -71,6 +72,8 @@ pub(crate) struct RequestMeta {
     started: Instant,
     /// Upstream attempts made so far.
     attempts: u32,
+    /// The answer was translated from the other protocol.
+    translated: bool,
 }
 
 /// What an upstream answer adds to its outcome.
@@ -94,7 +97,15 @@ impl RequestMeta {
             priority: r.priority,
             started: r.started,
             attempts: 0,
+            translated: false,
         }
+    }
+
+    /// The answer comes from a backend of the other protocol, translated.
+    #[inline]
+    pub(crate) fn translated(mut self) -> Self {
+        self.translated = true;
+        self
     }
 
     /// Upstream attempts made so far.
@@ -137,7 +148,7 @@ impl RequestMeta {
             usage_estimated,
             end,
             cost,
-            translated: false,
+            translated: self.translated,
         }
     }
 
@@ -232,6 +243,54 @@ pub(crate) fn dialect(endpoint: Endpoint) -> Dialect {
     }
 }
 
+/// The dialect a backend speaking `api` answers chat or Messages requests in.
+fn backend_dialect(api: Api) -> Dialect {
+    match api {
+        Api::OpenAi => Dialect::Chat,
+        Api::Anthropic => Dialect::Messages,
+    }
+}
+
+/// The dialect of `cand`'s answers to `r`: the endpoint's, or for a
+/// translated request the backend's own (usage is read from the upstream's
+/// bytes, before translation).
+pub(crate) fn upstream_dialect(r: &Routed, cand: &Candidate) -> Dialect {
+    if is_translated(r, cand) {
+        backend_dialect(cand.backend.api)
+    } else {
+        dialect(r.endpoint)
+    }
+}
+
+/// Whether an attempt of `r` on `cand` is translated: the backend speaks the
+/// other protocol.
+#[inline]
+pub(crate) fn is_translated(r: &Routed, cand: &Candidate) -> bool {
+    cand.backend.api != r.endpoint.api()
+}
+
+/// The translator of a successful stream of `cand` answering `r`, when the
+/// request is translated.
+fn stream_translator(r: &Routed, cand: &Candidate) -> Option<Box<dyn StreamTranslator>> {
+    if !is_translated(r, cand) {
+        return None;
+    }
+    let model = &*r.route.model;
+    match r.endpoint {
+        Endpoint::ChatCompletions => {
+            // The Anthropic stream always reports usage; the chat client
+            // sees it only if it asked.
+            let include_usage = r.stream_usage == Some(StreamUsage::ClientAsked);
+            Some(Box::new(translate::to_messages::Stream::new(
+                model,
+                include_usage,
+            )))
+        }
+        Endpoint::Messages => Some(Box::new(translate::to_chat::Stream::new(model))),
+        _ => None,
+    }
+}
+
 /// Whether `endpoint`'s answers carry billable usage (they generate).
 fn billable(endpoint: Endpoint) -> bool {
     !matches!(
@@ -246,7 +305,10 @@ fn billable(endpoint: Endpoint) -> bool {
 /// `r.stream_usage`, stripping what the proxy asked for; Messages and
 /// Responses: always, read only), the mid-stream error event in the
 /// endpoint's protocol, drained for its usage if the client leaves (up to
-/// the request timeout).
+/// the request timeout). A translated answer is read in the backend's
+/// dialect (a reading scanner: nothing to strip) and a successful stream is
+/// translated for the client after the tracker and the scanner; a JSON
+/// answer or an error is translated by the caller, once whole.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn track(
     meta: RequestMeta,
@@ -259,7 +321,9 @@ pub(crate) fn track(
     body: Incoming,
 ) -> UpstreamBody<Incoming, Tracker> {
     let success = status.is_success();
-    let dialect = dialect(r.endpoint);
+    let client_dialect = dialect(r.endpoint);
+    let dialect = upstream_dialect(r, cand);
+    let translated = is_translated(r, cand);
     let billable = billable(r.endpoint);
     // The body is kept for its usage (and a stored response's id).
     let collect = framing.json && !framing.sse && success && billable;
@@ -270,14 +334,18 @@ pub(crate) fn track(
         crate::responses::forget(id);
     }
     let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
-    let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(dialect);
+    let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(client_dialect);
     if framing.sse && success && billable {
         let scanner = match dialect {
+            _ if translated => Some(SseUsage::reading(dialect)),
             Dialect::Chat => r.stream_usage.map(|mode| SseUsage::new(mode.strip())),
             Dialect::Messages | Dialect::Responses => Some(SseUsage::reading(dialect)),
         };
         if let Some(s) = scanner {
             body = body.with_scanner(s);
+        }
+        if let Some(t) = stream_translator(r, cand) {
+            body = body.with_translator(t);
         }
     }
     if success {
@@ -297,6 +365,8 @@ pub(crate) struct Tracker {
     _in_flight: InFlight,
     backend: Arc<Backend>,
     endpoint: Endpoint,
+    /// The dialect of the upstream's answer ([`upstream_dialect`]).
+    dialect: Dialect,
     metrics: Arc<OnceLock<CandidateMetrics>>,
     prices: Prices,
     status: StatusCode,
@@ -327,6 +397,7 @@ impl Tracker {
             _in_flight: in_flight,
             backend: cand.backend.clone(),
             endpoint: r.endpoint,
+            dialect: upstream_dialect(r, cand),
             metrics: cand.metrics.clone(),
             prices: cand.prices,
             status,
@@ -360,7 +431,7 @@ impl Tracker {
         {
             crate::responses::remember(&id, &self.backend.id);
         }
-        Usage::from_answer(dialect(self.endpoint), body)
+        Usage::from_answer(self.dialect, body)
     }
 
     /// Usage of the answer and whether it is an estimate: a stream that
@@ -490,6 +561,9 @@ mod tests {
     /// priced at Claude Sonnet's per-token prices.
     fn fixture(endpoint: Endpoint) -> (Routed, Candidate) {
         let mut b = backend("be_acct", Pool::Primary, &[("m", "m-native")]);
+        if endpoint.api() == Api::Anthropic {
+            b.api = v1::Api::Anthropic as i32;
+        }
         let mm = &mut b.models[0];
         mm.input_cost_per_token = 3e-6;
         mm.output_cost_per_token = 15e-6;
@@ -527,6 +601,7 @@ mod tests {
             },
             stream: false,
             priority: Priority::Interactive,
+            parsed: None,
             agent_id: None,
             est_tokens: 100.0,
             est_prompt_tokens: 77,

@@ -31,8 +31,8 @@ pub(crate) struct ApiError {
     pub message: Cow<'static, str>,
     /// OpenAI error `type`.
     pub kind: &'static str,
-    /// OpenAI error `param`.
-    pub param: Option<&'static str>,
+    /// OpenAI error `param` (a field the translation refused names itself).
+    pub param: Option<Cow<'static, str>>,
     /// OpenAI error `code`.
     pub code: Option<&'static str>,
     /// Seconds for `Retry-After`, when the client should come back later.
@@ -56,8 +56,8 @@ impl ApiError {
         self
     }
 
-    fn param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
+    fn param(mut self, param: impl Into<Cow<'static, str>>) -> Self {
+        self.param = Some(param.into());
         self
     }
 
@@ -158,6 +158,18 @@ impl ApiError {
             .param("model")
     }
 
+    /// 400: a field the backend's protocol cannot express (the request
+    /// would be translated, [`crate::translate::Refused`]); `param` names it.
+    pub(crate) fn untranslatable(field: &str, reason: &str) -> Self {
+        ApiError::bad_request(format!(
+            "`{}` cannot be served by this model's backend: {}",
+            clip(field),
+            clip(reason)
+        ))
+        .param(clip(field).to_string())
+        .code("unsupported_parameter")
+    }
+
     /// 404: unknown path.
     pub(crate) fn not_found() -> Self {
         ApiError::new(
@@ -249,6 +261,32 @@ impl ApiError {
             "The upstream backend failed to answer.",
         )
         .code("upstream_error")
+    }
+
+    /// An upstream error answer of `status` the proxy could not translate
+    /// into the client's protocol: the status, a generic message.
+    pub(crate) fn upstream_status(status: StatusCode) -> Self {
+        let kind = if status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "upstream_error"
+        };
+        ApiError::new(
+            status,
+            kind,
+            format!(
+                "The upstream backend answered with status {}.",
+                status.as_u16()
+            ),
+        )
+    }
+
+    /// The body in `wire`'s shape.
+    pub(crate) fn body_for(&self, wire: Wire) -> Bytes {
+        match wire {
+            Wire::OpenAi => self.body_json(),
+            Wire::Anthropic => self.body_anthropic(),
+        }
     }
 
     /// 504: the request deadline passed before an upstream answered.

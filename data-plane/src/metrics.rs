@@ -7,6 +7,8 @@
 //! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
 //! | `claw_dp_retries_total` | counter | |
 //! | `claw_dp_affinity_total` | counter | `outcome`, `reason` (moved), `source` (with a key) |
+//! | `claw_dp_translated_total` | counter | `from`, `to` (protocols) |
+//! | `claw_dp_cache_control_dropped_total` | counter | |
 //! | `claw_dp_cooldowns_active` | gauge | |
 //! | `claw_dp_queue_depth` | gauge | |
 //! | `claw_dp_snapshot_version` | gauge | |
@@ -95,6 +97,14 @@ fn describe() {
     describe_counter!(
         AFFINITY_TOTAL,
         "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
+    );
+    describe_counter!(
+        TRANSLATED_TOTAL,
+        "Answers translated between protocols, by the client's protocol (from) and the backend's (to): openai, anthropic"
+    );
+    describe_counter!(
+        CACHE_CONTROL_DROPPED_TOTAL,
+        "cache_control markers removed from requests translated for an OpenAI backend (it caches prefixes by itself)"
     );
     describe_gauge!(
         COOLDOWNS_ACTIVE,
@@ -436,6 +446,26 @@ pub(crate) fn token_usage_histogram(
     kind: &'static str,
 ) -> Histogram {
     metrics::histogram!(TOKEN_USAGE, "gen_ai_request_model" => model, "gen_ai_token_type" => kind)
+}
+
+/// Answers translated between protocols, by `from` (client) and `to` (backend).
+pub(crate) const TRANSLATED_TOTAL: &str = "claw_dp_translated_total";
+/// `cache_control` markers removed on the way to an OpenAI backend.
+pub(crate) const CACHE_CONTROL_DROPPED_TOTAL: &str = "claw_dp_cache_control_dropped_total";
+
+/// Counts an answer translated from protocol `to` (the backend's) for a
+/// client of protocol `from`.
+#[inline]
+pub(crate) fn translated(from: &'static str, to: &'static str) {
+    metrics::counter!(TRANSLATED_TOTAL, "from" => from, "to" => to).increment(1);
+}
+
+/// Counts `n` `cache_control` markers a translation removed.
+#[inline]
+pub(crate) fn cache_control_dropped(n: u32) {
+    if n > 0 {
+        metrics::counter!(CACHE_CONTROL_DROPPED_TOTAL).increment(u64::from(n));
+    }
 }
 
 /// Name of the affinity counter.

@@ -4,9 +4,14 @@
 //! turns it into routing tables: (canonical model, protocol) → candidate
 //! backends in pool order, client key SHA-256 → key, pool settings.
 //!
-//! Routes are per protocol ([`Api`]): a request goes only to backends that
-//! speak its endpoint's protocol ([`Snapshot::route_for`]), since this proxy
-//! does not translate between them. `GET`/`DELETE /v1/responses/{id}` name
+//! Routes are per protocol ([`Api`]) of the client's endpoint. A native
+//! route ([`Snapshot::route_for`]) holds only backends speaking it: the
+//! route of every endpoint but two. Chat Completions and Messages requests
+//! use the translating route ([`Snapshot::translating_route_for`]): the
+//! backends of both protocols, ranked together in the usual order (primary
+//! before fallback), except those limited to their own protocol
+//! (`native_only`); an attempt on a backend of the other protocol is
+//! translated ([`crate::translate`]). `GET`/`DELETE /v1/responses/{id}` name
 //! no model; they route over every enabled `openai` backend
 //! ([`Snapshot::responses_route`]), the owner of the id being found by
 //! probing ([`crate::responses`]). [`SnapshotStore`] holds the
@@ -306,6 +311,8 @@ pub struct Backend {
     pub tpm: Option<u32>,
     /// Disabled backends are never candidates.
     pub enabled: bool,
+    /// Serves only requests in its own protocol (never translated ones).
+    pub native_only: bool,
     /// State carried across snapshots.
     pub runtime: Arc<BackendRuntime>,
 }
@@ -319,6 +326,10 @@ pub struct Candidate {
     pub native: Arc<str>,
     /// USD per token of the mapping (prompt, completion, cached prompt).
     pub prices: Prices,
+    /// The mapping's maximum output tokens, if known: the `max_tokens` a
+    /// translated request to an Anthropic backend gets when the client set
+    /// none.
+    pub max_tokens: Option<u32>,
     /// Metric handles of the pair, registered on first use.
     pub metrics: Arc<OnceLock<CandidateMetrics>>,
 }
@@ -336,7 +347,8 @@ impl Candidate {
 pub struct Route {
     /// Canonical model name (empty for [`Snapshot::responses_route`]).
     pub model: Arc<str>,
-    /// The protocol every candidate speaks.
+    /// The protocol of the clients it serves. Every candidate of a native
+    /// route speaks it; in a translating route the others are translated.
     pub api: Api,
     /// Enabled backends serving it: primary pool first, then fallback.
     pub candidates: Vec<Candidate>,
@@ -355,6 +367,16 @@ impl Route {
     pub fn next_rotation(&self) -> usize {
         self.rotation.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// The routes of one canonical model, by the client's protocol
+/// ([`Api::slot`]).
+#[derive(Debug, Default)]
+struct ModelRoutes {
+    /// Backends speaking the client's protocol only.
+    native: [Option<Arc<Route>>; 2],
+    /// Backends of both protocols but those limited to the other one.
+    translating: [Option<Arc<Route>>; 2],
 }
 
 /// A client key.
@@ -384,7 +406,7 @@ pub struct Snapshot {
     pub version: u64,
     backends: Vec<Arc<Backend>>,
     by_id: HashMap<Arc<str>, usize>,
-    routes: HashMap<String, [Option<Arc<Route>>; 2]>,
+    routes: HashMap<String, ModelRoutes>,
     responses: Option<Arc<Route>>,
     keys: HashMap<[u8; 32], Arc<ClientKey>>,
     pools: PoolConfigs,
@@ -406,14 +428,22 @@ impl Snapshot {
 
     /// The route of a canonical model among backends speaking `api`.
     pub fn route_for(&self, model: &str, api: Api) -> Option<&Arc<Route>> {
-        self.routes.get(model)?[api.slot()].as_ref()
+        self.routes.get(model)?.native[api.slot()].as_ref()
+    }
+
+    /// The route of a canonical model for a client of `api` that may be
+    /// translated (Chat Completions, Messages): the backends of both
+    /// protocols but those limited to the other one. The native route
+    /// itself when no backend of the other protocol takes part.
+    pub fn translating_route_for(&self, model: &str, api: Api) -> Option<&Arc<Route>> {
+        self.routes.get(model)?.translating[api.slot()].as_ref()
     }
 
     /// The route of a canonical model in whichever protocol serves it
     /// (`openai` first): for tests and for code that only asks whether a
     /// model is served. Requests use [`Snapshot::route_for`].
     pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
-        let [a, b] = self.routes.get(model)?;
+        let [a, b] = &self.routes.get(model)?.native;
         a.as_ref().or(b.as_ref())
     }
 
@@ -422,7 +452,7 @@ impl Snapshot {
         let routes = self.routes.get(model);
         [Api::OpenAi, Api::Anthropic]
             .into_iter()
-            .filter(move |api| routes.is_some_and(|r| r[api.slot()].is_some()))
+            .filter(move |api| routes.is_some_and(|r| r.native[api.slot()].is_some()))
     }
 
     /// The route of `GET`/`DELETE /v1/responses/{id}`: every enabled
@@ -630,6 +660,70 @@ mod tests {
         let be = c.backend("be_o").unwrap();
         assert_eq!(be.credential.name, "authorization");
         assert_eq!(be.credential.value, "Bearer sk-be_o");
+    }
+
+    #[tokio::test]
+    async fn chat_and_messages_routes_mix_protocols_but_native_only_backends() {
+        let mut claude = backend("be_c", Pool::Primary, &[("m", "claude-x")]);
+        claude.api = v1::Api::Anthropic as i32;
+        claude.models[0].max_tokens = 8192;
+        let mut claude_only = backend("be_co", Pool::Fallback, &[("m", "claude-y")]);
+        claude_only.api = v1::Api::Anthropic as i32;
+        claude_only.native_only = true;
+        let s = snap(vec![
+            backend("be_fb", Pool::Fallback, &[("m", "glm")]),
+            claude,
+            claude_only,
+            backend("be_o", Pool::Primary, &[("m", "gpt"), ("g", "g")]),
+        ]);
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        let ids = |r: &Route| -> Vec<String> {
+            r.candidates
+                .iter()
+                .map(|c| c.backend.id.to_string())
+                .collect()
+        };
+        // Native routes are unchanged.
+        assert_eq!(
+            ids(c.route_for("m", Api::OpenAi).unwrap()),
+            ["be_o", "be_fb"]
+        );
+        assert_eq!(
+            ids(c.route_for("m", Api::Anthropic).unwrap()),
+            ["be_c", "be_co"]
+        );
+        // Chat: both protocols, primary first, snapshot order within a
+        // pool, the native-only Anthropic backend left out.
+        let chat = c.translating_route_for("m", Api::OpenAi).unwrap();
+        assert_eq!(chat.api, Api::OpenAi);
+        assert_eq!(ids(chat), ["be_c", "be_o", "be_fb"]);
+        assert_eq!(chat.candidates[0].max_tokens, Some(8192));
+        assert_eq!(chat.candidates[1].max_tokens, None);
+        // Messages: every backend (the native-only one speaks Anthropic).
+        let msg = c.translating_route_for("m", Api::Anthropic).unwrap();
+        assert_eq!(ids(msg), ["be_c", "be_o", "be_fb", "be_co"]);
+        assert_eq!(msg.settings.pool, Pool::Primary);
+        // Without a backend of the other protocol it is the native route.
+        assert!(Arc::ptr_eq(
+            c.translating_route_for("g", Api::OpenAi).unwrap(),
+            c.route_for("g", Api::OpenAi).unwrap()
+        ));
+        // A model served only by the other protocol gets a translating route.
+        assert!(c.route_for("g", Api::Anthropic).is_none());
+        assert_eq!(
+            ids(c.translating_route_for("g", Api::Anthropic).unwrap()),
+            ["be_o"]
+        );
+        // Queues survive a new snapshot, per kind.
+        let d = compile(2, &s, Some(&c), Instant::now()).unwrap();
+        assert!(Arc::ptr_eq(
+            &c.translating_route_for("m", Api::OpenAi).unwrap().queue,
+            &d.translating_route_for("m", Api::OpenAi).unwrap().queue
+        ));
+        assert!(!Arc::ptr_eq(
+            &d.translating_route_for("m", Api::OpenAi).unwrap().queue,
+            &d.route_for("m", Api::OpenAi).unwrap().queue
+        ));
     }
 
     #[tokio::test]

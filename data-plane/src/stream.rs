@@ -8,13 +8,17 @@
 //! error), then the body ends with an error, so the client never mistakes a
 //! truncated stream for a complete one.
 //!
-//! Two optional extras, both for exact usage accounting:
+//! Optional extras:
 //!
 //! - an `SseUsage` scanner reads the stream's usage and removes the usage
 //!   chunk the proxy asked for on the client's behalf (`crate::usage`);
 //! - a drain deadline: when the client goes away mid-answer the rest of the
 //!   upstream body is read in the background (until the request deadline),
-//!   so the observer still learns what the upstream produced.
+//!   so the observer still learns what the upstream produced;
+//! - a [`StreamTranslator`] for a stream served by a backend of the other
+//!   protocol: the observer and the scanner see the upstream's bytes, the
+//!   client the translator's. The error event is then in the client's
+//!   protocol ([`UpstreamBody::with_dialect`]) and bypasses the translator.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::translate::StreamTranslator;
 use crate::usage::{Dialect, SseTally, SseUsage};
 
 /// Boxed error of a response body.
@@ -110,6 +115,8 @@ where
     /// The protocol of the stream, for its error event.
     dialect: Dialect,
     scanner: Option<SseUsage>,
+    /// Turns the upstream's events into the client's protocol.
+    translator: Option<Box<dyn StreamTranslator>>,
     drain_until: Option<Instant>,
     state: State,
     observer: Option<O>,
@@ -128,6 +135,7 @@ where
             sse,
             dialect: Dialect::Chat,
             scanner: None,
+            translator: None,
             drain_until: None,
             state: State::Streaming,
             observer: Some(observer),
@@ -145,6 +153,35 @@ where
     pub fn with_scanner(mut self, scanner: SseUsage) -> Self {
         self.scanner = Some(scanner);
         self
+    }
+
+    /// Translates the stream for the client (after the observer and the
+    /// scanner, which read the upstream's own bytes).
+    pub(crate) fn with_translator(mut self, translator: Box<dyn StreamTranslator>) -> Self {
+        self.translator = Some(translator);
+        self
+    }
+
+    /// The client's bytes for `data` (the upstream's, past the scanner),
+    /// with the translator's tail when the stream `ended`.
+    fn for_client(&mut self, data: Bytes, ended: bool) -> Bytes {
+        let Some(t) = self.translator.as_mut() else {
+            return data;
+        };
+        let out = if data.is_empty() {
+            Bytes::new()
+        } else {
+            t.feed(&data)
+        };
+        if !ended {
+            return out;
+        }
+        let tail = t.finish();
+        match (out.is_empty(), tail.is_empty()) {
+            (_, true) => out,
+            (true, false) => tail,
+            (false, false) => [out, tail].concat().into(),
+        }
     }
 
     /// Keeps reading the upstream body until `deadline` if the client goes
@@ -214,14 +251,18 @@ where
                                 out = [out, rest].concat().into();
                             }
                         }
+                        out = this.for_client(out, true);
                         this.state = State::Done;
                         this.finish(End::Complete);
                         if out.is_empty() {
                             return Poll::Ready(None);
                         }
-                    } else if out.is_empty() {
-                        // An incomplete event held back: read on.
-                        continue;
+                    } else {
+                        out = this.for_client(out, false);
+                        if out.is_empty() {
+                            // An incomplete event held back: read on.
+                            continue;
+                        }
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
@@ -231,6 +272,7 @@ where
                         .scanner
                         .as_mut()
                         .map_or_else(Bytes::new, SseUsage::finish);
+                    let rest = this.for_client(rest, true);
                     this.finish(End::Complete);
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
@@ -262,7 +304,9 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match (&self.state, &self.inner) {
-            (State::Streaming, Some(inner)) if !self.sse && self.scanner.is_none() => {
+            (State::Streaming, Some(inner))
+                if !self.sse && self.scanner.is_none() && self.translator.is_none() =>
+            {
                 inner.size_hint()
             }
             (State::Done, _) => SizeHint::with_exact(0),

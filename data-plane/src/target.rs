@@ -119,6 +119,12 @@ impl Endpoint {
         }
     }
 
+    /// Whether a backend of the other protocol may serve the endpoint,
+    /// translated ([`crate::translate`]): Chat Completions and Messages.
+    pub(crate) fn translates(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+    }
+
     /// Whether the endpoint names a stored response by path
     /// (`GET`/`DELETE /v1/responses/{id}`).
     pub(crate) fn by_response_id(self) -> bool {
@@ -145,6 +151,10 @@ pub(crate) struct Routed {
     pub headers: HeaderMap,
     /// The JSON body; `model` is rewritten per attempt.
     pub body: RequestBody,
+    /// The client's body parsed, for translated attempts
+    /// ([`crate::translate`]): filled on the first one, never on the
+    /// native path (which forwards the bytes as they came).
+    pub parsed: Option<Map<String, Value>>,
     /// `stream: true`.
     pub stream: bool,
     /// Scheduling class.
@@ -191,6 +201,24 @@ pub(crate) enum RequestBody {
     Json(Map<String, Value>),
     /// No body (`GET`/`DELETE /v1/responses/{id}`).
     Empty,
+}
+
+impl Routed {
+    /// The client's body as a JSON object, for a translated attempt: the
+    /// parsed body when the route parsed it, else the client's bytes
+    /// parsed now, once per request. `None` when it is not a JSON object.
+    pub(crate) fn parsed_body(&mut self) -> Option<&Map<String, Value>> {
+        match &self.body {
+            RequestBody::Json(map) => Some(map),
+            RequestBody::Raw { bytes, .. } => {
+                if self.parsed.is_none() {
+                    self.parsed = serde_json::from_slice(bytes).ok();
+                }
+                self.parsed.as_ref()
+            }
+            RequestBody::Empty => None,
+        }
+    }
 }
 
 impl RequestBody {

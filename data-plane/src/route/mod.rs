@@ -315,6 +315,7 @@ where
             body: RequestBody::Empty,
             stream: false,
             priority,
+            parsed: None,
             agent_id,
             est_tokens: 0.0,
             est_prompt_tokens: 0,
@@ -382,7 +383,12 @@ where
         return Err(reject(ApiError::model_not_allowed(&model), &auth, wire));
     }
     let api = endpoint.api();
-    let Some(route) = auth.snapshot.route_for(&model, api).cloned() else {
+    let route = if endpoint.translates() {
+        auth.snapshot.translating_route_for(&model, api)
+    } else {
+        auth.snapshot.route_for(&model, api)
+    };
+    let Some(route) = route.cloned() else {
         let e = match auth.snapshot.apis_serving(&model).find(|a| *a != api) {
             Some(other) => ApiError::model_other_protocol(&model, other.endpoint()),
             None => ApiError::model_not_found(&model),
@@ -411,6 +417,7 @@ where
         body,
         stream,
         priority,
+        parsed: None,
         agent_id,
         est_tokens,
         est_prompt_tokens: prompt_estimate(bytes.len()),
@@ -506,7 +513,7 @@ mod tests {
         ] {
             let e = endpoint(&Method::GET, bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
-            assert_eq!(e.param, Some("response_id"));
+            assert_eq!(e.param.as_deref(), Some("response_id"));
         }
         let max = format!("/v1/responses/{}", "a".repeat(256));
         assert!(endpoint(&Method::GET, &max).is_ok());

@@ -18,8 +18,8 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{
-    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, PoolConfig, PoolConfigs, Route,
-    Snapshot, SnapshotError, invalid, render_models,
+    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, ModelRoutes, PoolConfig,
+    PoolConfigs, Route, Snapshot, SnapshotError, invalid, render_models,
 };
 use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamTarget;
@@ -174,6 +174,7 @@ fn compile_backend(
         weight: b.weight.max(1),
         tpm,
         enabled: b.enabled,
+        native_only: b.native_only,
         runtime,
     })
 }
@@ -189,50 +190,89 @@ pub(crate) fn credential(api: Api, key: &str) -> Option<Credential> {
     Some(Credential { name, value })
 }
 
-/// Routes: per (canonical model, protocol), the enabled backends of that
-/// protocol with a mapping, primary pool first (stable within a pool, so the
-/// snapshot's order breaks ties). A route keeps its wait queue across
-/// snapshots (by model name and protocol).
+/// Routes: per canonical model and client protocol, the native route (the
+/// enabled backends of that protocol with a mapping) and the translating
+/// one (those of both protocols but the other protocol's `native_only`
+/// ones), each primary pool first and stable within a pool, so the
+/// snapshot's order breaks ties and both protocols rank together. A
+/// translating route with no backend of the other protocol is the native
+/// route itself. A route keeps its wait queue across snapshots (by model
+/// name, protocol and kind).
 fn compile_routes(
     backends: &[Arc<Backend>],
     protos: &[v1::SnapshotBackend],
     pools: &PoolConfigs,
     previous: Option<&Snapshot>,
-) -> HashMap<String, [Option<Arc<Route>>; 2]> {
-    let mut candidates: HashMap<(String, Api), Vec<Candidate>> = HashMap::new();
+) -> HashMap<String, ModelRoutes> {
+    // Per model, every (backend, mapping) serving it, in snapshot order.
+    let mut serving: HashMap<&str, Vec<Candidate>> = HashMap::new();
     for (b, proto) in backends.iter().zip(protos) {
         if !b.enabled {
             continue;
         }
         for m in &proto.models {
-            let list = candidates.entry((m.canonical.clone(), b.api)).or_default();
+            let list = serving.entry(m.canonical.as_str()).or_default();
             if list.iter().any(|c| Arc::ptr_eq(&c.backend, b)) {
                 continue;
             }
-            list.push(Candidate {
-                backend: b.clone(),
-                native: Arc::from(m.native.as_str()),
-                prices: Prices {
-                    input: m.input_cost_per_token,
-                    output: m.output_cost_per_token,
-                    cache_read: m.cache_read_cost_per_token,
-                    cache_write: m.cache_write_cost_per_token,
-                    cache_write_1h: m.cache_write_1h_cost_per_token,
-                },
-                metrics: Arc::default(),
-            });
+            list.push(candidate(b, m));
         }
     }
-    let mut routes: HashMap<String, [Option<Arc<Route>>; 2]> =
-        HashMap::with_capacity(candidates.len());
-    for ((model, api), list) in candidates {
-        let queue = previous
-            .and_then(|p| p.route_for(&model, api))
-            .map(|r| r.queue.clone());
-        let route = route(Arc::from(model.as_str()), api, list, pools, queue);
-        routes.entry(model).or_default()[api.slot()] = Some(route);
+    let mut routes: HashMap<String, ModelRoutes> = HashMap::with_capacity(serving.len());
+    for (model, all) in serving {
+        let name: Arc<str> = Arc::from(model);
+        let entry = routes.entry(model.to_string()).or_default();
+        for api in [Api::OpenAi, Api::Anthropic] {
+            let native: Vec<Candidate> = all
+                .iter()
+                .filter(|c| c.backend.api == api)
+                .cloned()
+                .collect();
+            let mixed: Vec<Candidate> = all
+                .iter()
+                .filter(|c| c.backend.api == api || !c.backend.native_only)
+                .cloned()
+                .collect();
+            let native_route = (!native.is_empty()).then(|| {
+                let queue = previous
+                    .and_then(|p| p.route_for(model, api))
+                    .map(|r| r.queue.clone());
+                route(name.clone(), api, native, pools, queue)
+            });
+            let translating = if mixed.iter().all(|c| c.backend.api == api) {
+                native_route.clone()
+            } else {
+                // The previous translating route's queue, unless it was
+                // the native route (whose queue the native route keeps).
+                let queue = previous.and_then(|p| {
+                    let t = p.translating_route_for(model, api)?;
+                    let shared = p.route_for(model, api).is_some_and(|n| Arc::ptr_eq(n, t));
+                    (!shared).then(|| t.queue.clone())
+                });
+                Some(route(name.clone(), api, mixed, pools, queue))
+            };
+            entry.native[api.slot()] = native_route;
+            entry.translating[api.slot()] = translating;
+        }
     }
     routes
+}
+
+/// The candidate of backend `b` for mapping `m`.
+fn candidate(b: &Arc<Backend>, m: &v1::ModelMapping) -> Candidate {
+    Candidate {
+        backend: b.clone(),
+        native: Arc::from(m.native.as_str()),
+        prices: Prices {
+            input: m.input_cost_per_token,
+            output: m.output_cost_per_token,
+            cache_read: m.cache_read_cost_per_token,
+            cache_write: m.cache_write_cost_per_token,
+            cache_write_1h: m.cache_write_1h_cost_per_token,
+        },
+        max_tokens: (m.max_tokens > 0).then_some(m.max_tokens),
+        metrics: Arc::default(),
+    }
 }
 
 /// A route over `list`, primary pool first, governed by its first pool.
@@ -270,6 +310,7 @@ fn compile_responses_route(
             backend: b.clone(),
             native: Arc::from(""),
             prices: Prices::default(),
+            max_tokens: None,
             metrics: Arc::default(),
         })
         .collect();

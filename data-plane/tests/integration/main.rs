@@ -12,4 +12,6 @@ mod proxy;
 mod report;
 mod support;
 mod timeouts;
+mod translate;
+mod translate_e2e;
 mod usage;

@@ -24,28 +24,28 @@ use crate::support::*;
 
 /// One request as the upstream received it.
 #[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    body: Bytes,
+pub(crate) struct Seen {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
 /// An answer: status, headers, body.
-struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: String,
 }
 
 impl Reply {
-    fn json(status: u16, body: impl Into<String>) -> Reply {
+    pub(crate) fn json(status: u16, body: impl Into<String>) -> Reply {
         Reply {
             status,
             headers: vec![("content-type", "application/json".into())],
@@ -53,7 +53,7 @@ impl Reply {
         }
     }
 
-    fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+    pub(crate) fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
         self.headers.push((name, value.into()));
         self
     }
@@ -62,13 +62,13 @@ impl Reply {
 type Answer = dyn Fn(&Seen) -> Reply + Send + Sync;
 
 /// A scripted upstream on an ephemeral loopback port.
-struct Upstream {
+pub(crate) struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Upstream {
-    async fn start(answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
+    pub(crate) async fn start(answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -112,18 +112,18 @@ impl Upstream {
         Upstream { addr, seen }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().clone()
     }
 }
 
-const MESSAGE: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-native","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2}}"#;
+pub(crate) const MESSAGE: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-native","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2}}"#;
 
-fn anthropic(id: &str, url: &str, models: &[(&str, &str)]) -> v1::SnapshotBackend {
+pub(crate) fn anthropic(id: &str, url: &str, models: &[(&str, &str)]) -> v1::SnapshotBackend {
     v1::SnapshotBackend {
         api: v1::Api::Anthropic as i32,
         ..backend(id, url, Pool::Primary, models)
@@ -139,7 +139,7 @@ fn snapshot_retries(backends: Vec<v1::SnapshotBackend>, max_retries: u32) -> v1:
     s
 }
 
-async fn anthropic_error(res: reqwest::Response) -> (u16, String, String) {
+pub(crate) async fn anthropic_error(res: reqwest::Response) -> (u16, String, String) {
     let status = res.status().as_u16();
     let v: serde_json::Value = res.json().await.unwrap();
     assert_eq!(v["type"], "error", "Anthropic error shape: {v}");
@@ -151,7 +151,7 @@ async fn anthropic_error(res: reqwest::Response) -> (u16, String, String) {
     (status, kind, msg)
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
@@ -291,13 +291,19 @@ async fn errors_come_in_the_clients_own_shape() {
     .await;
     assert_eq!((status, kind.as_str()), (404, "not_found_error"));
     assert!(m.contains("nope-model"), "{m}");
-    // A model only the other protocol's backends serve: where to find it.
-    let (status, kind, m) =
-        anthropic_error(post("/v1/messages", CLIENT_KEY, msg("gpt")).await.unwrap()).await;
+    // A model only the other protocol's backends serve, on an endpoint that
+    // is never translated: where to find it. (Chat and Messages requests
+    // are translated instead, see `translate`.)
+    let (status, kind, m) = anthropic_error(
+        post("/v1/messages/count_tokens", CLIENT_KEY, msg("gpt"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((status, kind.as_str()), (404, "not_found_error"));
     assert!(m.contains("/v1/chat/completions"), "{m}");
     let (status, v) = error_of(
-        post("/v1/chat/completions", CLIENT_KEY, msg("claude"))
+        post("/v1/responses", CLIENT_KEY, msg("claude"))
             .await
             .unwrap(),
     )
