@@ -104,7 +104,6 @@ mod target;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;
-#[allow(dead_code)] // wired into the retry layer by issue 13's work in progress
 mod translate;
 mod upstream;
 mod usage;

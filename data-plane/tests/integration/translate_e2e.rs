@@ -57,7 +57,7 @@ fn event_names(body: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_chat_client_is_served_by_an_anthropic_backend() {
     let up = both_protocols().await;
     let mut a = anthropic("a", &up.url(), &[("claude", "claude-native")]);
@@ -94,7 +94,7 @@ async fn a_chat_client_is_served_by_an_anthropic_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_chat_stream_is_translated_from_anthropic_events_with_usage_when_asked() {
     let up = Upstream::start(|_| sse(MESSAGES_SSE)).await;
     let mut p = TestProxy::start(snapshot(vec![anthropic(
@@ -152,7 +152,7 @@ async fn a_chat_stream_is_translated_from_anthropic_events_with_usage_when_asked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_messages_client_is_served_by_an_openai_backend_json_and_stream() {
     let up = Upstream::start(|s| {
         let v: Value = serde_json::from_slice(&s.body).unwrap_or_default();
@@ -230,7 +230,7 @@ async fn a_messages_client_is_served_by_an_openai_backend_json_and_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_cooling_anthropic_primary_falls_back_to_openai_for_a_messages_client() {
     let claude = Upstream::start(|_| {
         Reply::json(
@@ -270,7 +270,7 @@ async fn a_cooling_anthropic_primary_falls_back_to_openai_for_a_messages_client(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_translated_error_reaches_the_client_in_its_own_shape() {
     let up = Upstream::start(|_| {
         Reply::json(
