@@ -159,6 +159,7 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
                     .field("total_tokens", t.total_tokens.to_string())
                     .field("cost", format!("{:.6}", t.cost))
                     .field("streamed", t.streamed.to_string())
+                    .field("translated", t.translated.to_string())
                     .field("mean_latency_ms", mean.to_string())
                     .write(out)
             })
