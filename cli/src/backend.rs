@@ -62,6 +62,7 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
         timeout_ms: args.upstream_timeout.map(ms).transpose()?.unwrap_or(0),
         weight: args.weight.unwrap_or(0),
         enabled: !args.disabled,
+        native_only: args.native_only,
         models: args.models,
         ..Default::default()
     };
@@ -87,6 +88,7 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
         timeout_ms: args.upstream_timeout.map(ms).transpose()?,
         weight: args.weight,
         enabled: args.enabled,
+        native_only: args.native_only,
         replace_models: !args.models.is_empty() || args.clear_models,
         models: args.models,
         ..Default::default()
@@ -156,13 +158,24 @@ fn flag_of(source: &KeySource) -> &'static str {
 /// The list view: one row per backend.
 pub(crate) fn table(backends: &[Backend]) -> Table {
     let mut t = Table::new(&[
-        "NAME", "ID", "API", "POOL", "STATUS", "RPM", "TPM", "MODELS", "URL", "API KEY",
+        "NAME",
+        "ID",
+        "API",
+        "NATIVE ONLY",
+        "POOL",
+        "STATUS",
+        "RPM",
+        "TPM",
+        "MODELS",
+        "URL",
+        "API KEY",
     ]);
     for b in backends {
         t.row(vec![
             b.name.clone(),
             b.id.clone(),
             api_name(b.api).to_string(),
+            yes_no(b.native_only).to_string(),
             pool_name(b.pool).to_string(),
             status(b),
             b.rpm.to_string(),
@@ -244,6 +257,7 @@ fn details(b: &Backend) -> Details {
         .field("ID", &b.id)
         .field("Label", &b.label)
         .field("API", api_name(b.api))
+        .field("Native only", yes_no(b.native_only))
         .field("URL", &b.base_url)
         .field("API key", &b.api_key)
         .field("Key source", &b.api_key_ref)
@@ -270,6 +284,11 @@ fn details(b: &Backend) -> Details {
         .field("Created", output::timestamp(&b.created_at))
         .field("Updated", output::timestamp(&b.updated_at))
         .field("Models", models)
+}
+
+/// `yes`/`no` for a flag in the human views.
+fn yes_no(v: bool) -> &'static str {
+    if v { "yes" } else { "no" }
 }
 
 fn per_million(usd_per_token: f64) -> String {

@@ -248,6 +248,10 @@ pub struct BackendAddArgs {
     /// Create the backend disabled.
     #[arg(long)]
     pub disabled: bool,
+    /// Serve only requests in the backend's own protocol: no Chat
+    /// Completions ↔ Messages translation onto it.
+    #[arg(long)]
+    pub native_only: bool,
 }
 
 /// Flags of `backend update`.
@@ -296,6 +300,17 @@ pub struct BackendUpdateArgs {
     /// Enable or disable the backend.
     #[arg(long, value_name = "true|false", action = ArgAction::Set)]
     pub enabled: Option<bool>,
+    /// Serve only requests in the backend's own protocol (no translation);
+    /// `--native-only=false` allows translation again.
+    #[arg(
+        long,
+        value_name = "true|false",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub native_only: Option<bool>,
 }
 
 /// The pool names operators type.
@@ -782,6 +797,43 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn native_only_is_a_flag_on_add_and_set_or_cleared_on_update() {
+        let add = |extra: &[&str]| {
+            let mut args = vec![
+                "backend",
+                "add",
+                "b1",
+                "--url",
+                "http://u",
+                "--api-key-env",
+                "K",
+            ];
+            args.extend_from_slice(extra);
+            match parse(&args).expect("valid").command {
+                Command::Backend(BackendCmd::Add(a)) => a.native_only,
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert!(!add(&[]));
+        assert!(add(&["--native-only"]));
+        let update = |extra: &[&str]| {
+            let mut args = vec!["backend", "update", "b1"];
+            args.extend_from_slice(extra);
+            match parse(&args).expect("valid").command {
+                Command::Backend(BackendCmd::Update(a)) => a.native_only,
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(update(&[]), None, "unset = unchanged");
+        assert_eq!(update(&["--native-only"]), Some(true));
+        assert_eq!(update(&["--native-only=true"]), Some(true));
+        assert_eq!(update(&["--native-only=false"]), Some(false));
+        // `--native-only false` would be ambiguous with a positional; the
+        // value must be attached.
+        assert!(parse(&["backend", "update", "b1", "--native-only=maybe"]).is_err());
     }
 
     #[test]

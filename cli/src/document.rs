@@ -14,6 +14,7 @@
 //!     timeout: 2m
 //!     weight: 1
 //!     enabled: true
+//!     native_only: false                 # true = no translation onto it; omitted = false
 //!     models:
 //!       - canonical: gpt-4o
 //!         native: gpt-4o-2024-08-06
@@ -98,6 +99,9 @@ pub(crate) struct BackendDoc {
     pub weight: u32,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Serve only requests in the backend's own protocol (no translation).
+    #[serde(default)]
+    pub native_only: bool,
     #[serde(default)]
     pub models: Vec<ModelDoc>,
 }
@@ -424,6 +428,7 @@ pub(crate) fn from_config(cfg: &ClusterConfig) -> Exported {
                 timeout: Dur(Duration::from_millis(b.timeout_ms)),
                 weight: b.weight,
                 enabled: b.enabled,
+                native_only: b.native_only,
                 models: b.models.iter().map(ModelDoc::from).collect(),
             }
         })
@@ -592,6 +597,7 @@ pub(crate) fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, Fiel
                 .map_err(|e| FieldError::new(at("timeout"), e))?,
             weight: b.weight,
             enabled: b.enabled,
+            native_only: b.native_only,
             models: b.models.iter().map(ModelMapping::from).collect(),
             ..Default::default()
         };

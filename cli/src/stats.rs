@@ -111,6 +111,7 @@ fn totals_row(t: &UsageTotals) -> Vec<String> {
     vec![
         t.requests.to_string(),
         t.errors.to_string(),
+        t.translated.to_string(),
         t.prompt_tokens.to_string(),
         t.completion_tokens.to_string(),
         t.cache_read_tokens.to_string(),
@@ -120,9 +121,10 @@ fn totals_row(t: &UsageTotals) -> Vec<String> {
     ]
 }
 
-const TOTAL_COLUMNS: [&str; 8] = [
+const TOTAL_COLUMNS: [&str; 9] = [
     "REQUESTS",
     "ERRORS",
+    "TRANSLATED",
     "PROMPT",
     "COMPLETION",
     "CACHE READ",
@@ -159,6 +161,7 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
                     .field("total_tokens", t.total_tokens.to_string())
                     .field("cost", format!("{:.6}", t.cost))
                     .field("streamed", t.streamed.to_string())
+                    .field("translated", t.translated.to_string())
                     .field("mean_latency_ms", mean.to_string())
                     .write(out)
             })
@@ -257,5 +260,21 @@ mod tests {
         let age = SystemTime::now().duration_since(ago).expect("in the past");
         assert!(age >= Duration::from_secs(86_399) && age < Duration::from_secs(86_500));
         assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn every_total_column_has_its_value_translated_included() {
+        let t = UsageTotals {
+            requests: 5,
+            translated: 4,
+            ..Default::default()
+        };
+        let row = totals_row(&t);
+        assert_eq!(row.len(), TOTAL_COLUMNS.len());
+        let at = TOTAL_COLUMNS
+            .iter()
+            .position(|c| *c == "TRANSLATED")
+            .expect("a TRANSLATED column");
+        assert_eq!(row[at], "4");
     }
 }

@@ -17,11 +17,20 @@
 #   BENCH_DP_BEFORE=/path/to/claw-data-plane ...    # also an earlier proxy binary, same run, same upstream
 #   BENCH_DP_BIN=/path/to/claw-data-plane ...       # measure this binary instead of the production build
 #   BENCH_MESSAGES=0 ...                            # without the Anthropic Messages rows
+#   BENCH_TRANSLATED=0 ...                          # without the translated Messages → chat row
 #
 # Messages mode (issue 12): the same closed loop with `POST /v1/messages`
 # (x-api-key, anthropic-version, the same ~150-byte body shape) against the
 # mock directly (direct-messages) and through our proxy to an `api: anthropic`
 # backend on the same mock (claw-messages), interleaved with the chat rows.
+#
+# Translated mode (issue 13): the same Messages loop through our proxy to an
+# `api: openai` backend on the same mock (claw-translated): the proxy turns
+# each Messages request into a chat completion and the answer back into a
+# Message. Beside the passthrough row; its added latency is against the
+# direct chat row (the upstream does a chat completion), and the report
+# compares it with the passthrough's (the issue's targets: RPS ≥ 80 % of the
+# passthrough's, added p50 < 100 µs over the passthrough's).
 #
 # Every http run also reports CPU per request: user + system time of the
 # target process(es) over the measuring window ÷ requests answered in it
@@ -133,6 +142,13 @@ if [ "$MESSAGES" = 1 ]; then
   "$BIN/clawctl" backend add bench-anthropic --api anthropic --url "http://$MOCK_ADDR/v1" \
     --api-key-env BENCH_UPSTREAM_KEY --rpm 1000000000 --model bench-messages=mock-model >/dev/null
 fi
+TRANSLATED="${BENCH_TRANSLATED:-$MESSAGES}"
+if [ "$TRANSLATED" = 1 ]; then
+  # The model lives only on an openai backend: every Messages request for it
+  # is translated.
+  "$BIN/clawctl" backend add bench-translated --api openai --url "http://$MOCK_ADDR/v1" \
+    --api-key-env BENCH_UPSTREAM_KEY --rpm 1000000000 --model bench-translated=mock-model >/dev/null
+fi
 CLAW_KEY="$("$BIN/clawctl" key add bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
 start proxy "$DP_BIN" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-proxy
 DP_ADDR="${LISTEN#*http=}"
@@ -240,13 +256,14 @@ target_args() { # NAME -> --url/--key for claw-bench
     litellm) echo "--url http://127.0.0.1:$LITELLM_PORT/v1/chat/completions --key sk-litellm-bench" ;;
     direct-messages) echo "--url http://$MOCK_ADDR/v1/messages --key none --protocol messages" ;;
     claw-messages) echo "--url http://$DP_ADDR/v1/messages --key $CLAW_KEY --protocol messages --model bench-messages" ;;
+    claw-translated) echo "--url http://$DP_ADDR/v1/messages --key $CLAW_KEY --protocol messages --model bench-translated" ;;
   esac
 }
 cpu_args() { # NAME -> --cpu-pid flags: the process(es) doing the target's work
   local p
   case $1 in
     direct|direct-messages) echo "--cpu-pid $MOCK_PID" ;;
-    claw|claw-messages) echo "--cpu-pid $DP_PID" ;;
+    claw|claw-messages|claw-translated) echo "--cpu-pid $DP_PID" ;;
     claw-before) echo "--cpu-pid $BEFORE_PID" ;;
     nginx)
       p="$(cat "$WORK/nginx.pid")"
@@ -259,6 +276,7 @@ TARGETS=(direct claw)
 TARGETS+=(nginx)
 [ -n "$LITELLM_PORT" ] && TARGETS+=(litellm)
 [ "$MESSAGES" = 1 ] && TARGETS+=(direct-messages claw-messages)
+[ "$TRANSLATED" = 1 ] && TARGETS+=(claw-translated)
 
 record() { # KIND TARGET REP JSON
   python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(kind=sys.argv[1], target=sys.argv[2], rep=int(sys.argv[3])); print(json.dumps(d))' "$@" >>"$RESULTS"
@@ -273,6 +291,7 @@ for rep in $(seq 1 "$REPS"); do
     order=(direct claw-before claw nginx)
     [ -n "$LITELLM_PORT" ] && order+=(litellm)
     [ "$MESSAGES" = 1 ] && order+=(direct-messages claw-messages)
+    [ "$TRANSLATED" = 1 ] && order+=(claw-translated)
   fi
   for t in "${order[@]}"; do
     [ "$t" = litellm ] && litellm_signal CONT

@@ -23,6 +23,7 @@ NAMES = {
     "litellm": "LiteLLM proxy",
     "direct-messages": "mock upstream, direct — Anthropic `/v1/messages`",
     "claw-messages": "**claw-data-plane — Anthropic `/v1/messages` passthrough**",
+    "claw-translated": "**claw-data-plane — `/v1/messages` translated to an openai backend**",
 }
 
 
@@ -84,11 +85,12 @@ def main() -> int:
                 return r
         return None
 
-    order = ["direct", "claw", "claw-before", "nginx", "litellm", "direct-messages", "claw-messages"]
+    order = ["direct", "claw", "claw-before", "nginx", "litellm", "direct-messages", "claw-messages", "claw-translated"]
     targets = [t for t in order if ("c1", t) in by]
     reps = sorted({r["rep"] for r in by.get(("c1", "direct"), [])})
 
     def baseline(target):
+        # The translated row's upstream work is a chat completion.
         return "direct-messages" if target.endswith("-messages") else "direct"
 
     def added(target, pct):
@@ -158,6 +160,14 @@ def main() -> int:
             "Added latency is against the direct Messages row."
         )
         w("")
+    if "claw-translated" in summary:
+        w(
+            "Translated row (issue 13): the same Messages loop through our proxy to an `api: openai` "
+            "backend on the same mock: each request is translated to a chat completion and the answer "
+            "back to a Message (re-encoded, deterministically). Added latency is against the direct "
+            "chat row, the upstream's own work."
+        )
+        w("")
     w(
         "CPU/req: user + system CPU time of the target's own process(es) over the measuring window ÷ "
         "requests answered in it (`claw-bench --cpu-pid`; nginx: master and workers; direct: the mock "
@@ -218,6 +228,15 @@ def main() -> int:
     if "ttft_delta_p50" in summary:
         dlt = summary["ttft_delta_p50"]
         w(f"- TTFT within ~1 ms of direct: +{fmt_us(dlt)} at p50 — {'met' if dlt <= 1000 else 'NOT met'}")
+    tr, pt = summary.get("claw-translated"), summary.get("claw-messages")
+    if tr and pt:
+        r = tr["rps"] / pt["rps"] if pt["rps"] else float("nan")
+        w(f"- translated RPS ≥ 80 % of the Messages passthrough's: {tr['rps']:,.0f} vs {pt['rps']:,.0f} → {r * 100:.0f} % — {'met' if r >= 0.8 else 'NOT met'}")
+        if tr["added_p50"] is not None and pt["added_p50"] is not None:
+            d = tr["added_p50"] - pt["added_p50"]
+            w(f"- translated added p50 < 100 µs over the passthrough's: {d:+.0f} µs — {'met' if d < 100 else 'NOT met'}")
+        if tr["cpu1"] and pt["cpu1"]:
+            w(f"- CPU/req translated vs passthrough at c=1: {fmt_cpu(tr['cpu1'])} vs {fmt_cpu(pt['cpu1'])}")
     print("\n".join(out))
     return 0
 

@@ -869,3 +869,75 @@ fn authed<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
     }
     r
 }
+
+/// `--native-only` (issue 13): set on add, shown by get/list (table and
+/// JSON), left alone by an update that does not mention it, cleared by
+/// `--native-only=false`, carried by export/apply (apply of the export
+/// changes nothing; apply of an edited document sets it again).
+#[tokio::test]
+async fn native_only_round_trips_through_add_update_get_list_export_and_apply() {
+    let cp = ControlPlane::start();
+    let key = "sk-test-eeeeeeeeeeeeeeee0000";
+    let b = add_backend(
+        &cp,
+        "claude-1",
+        key,
+        &["--api", "anthropic", "--native-only"],
+    );
+    assert_eq!(b["native_only"], true, "{b}");
+    let get = |name: &str| {
+        cp.clawctl(&["backend", "get", name, "-o", "json"])
+            .assert_ok()
+            .json()
+    };
+    let listed = cp
+        .clawctl(&["backend", "list", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(listed[0]["native_only"], true, "{listed}");
+    let table = cp.clawctl(&["backend", "list"]).assert_ok().stdout;
+    assert!(table.contains("NATIVE ONLY"), "{table}");
+    let details = cp
+        .clawctl(&["backend", "get", "claude-1"])
+        .assert_ok()
+        .stdout;
+    assert!(
+        details
+            .lines()
+            .any(|l| l.starts_with("Native only") && l.ends_with("yes")),
+        "{details}"
+    );
+
+    let v = version(&cp);
+    cp.clawctl(&["backend", "update", "claude-1", "--rpm", "61"])
+        .assert_ok();
+    assert_eq!(get("claude-1")["native_only"], true, "unset = unchanged");
+    cp.clawctl(&["backend", "update", "claude-1", "--native-only"])
+        .assert_ok();
+    assert_eq!(version(&cp), v + 1, "setting it again is no change");
+
+    let exported = cp.clawctl(&["export"]).assert_ok().stdout;
+    assert!(exported.contains("    native_only: true\n"), "{exported}");
+    cp.clawctl(&["backend", "update", "claude-1", "--native-only=false"])
+        .assert_ok();
+    assert_ne!(get("claude-1")["native_only"], true, "cleared");
+    let cleared = cp.clawctl(&["export"]).assert_ok().stdout;
+    assert!(cleared.contains("    native_only: false\n"), "{cleared}");
+
+    // Applying the export taken while it was set sets it again.
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &exported).expect("write export");
+    let path = file.path().to_str().expect("utf-8 path");
+    cp.clawctl_with_env(&["apply", "-f", path], &[("KEY_VAR", key)])
+        .assert_ok();
+    assert_eq!(get("claude-1")["native_only"], true, "applied");
+    let v = version(&cp);
+    cp.clawctl_with_env(&["apply", "-f", path], &[("KEY_VAR", key)])
+        .assert_ok();
+    assert_eq!(
+        version(&cp),
+        v,
+        "applying the current config changes nothing"
+    );
+    assert_eq!(cp.clawctl(&["export"]).assert_ok().stdout, exported);
+}

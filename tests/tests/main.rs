@@ -26,5 +26,6 @@ mod passthrough;
 mod responses_routing;
 mod snapshot_cache;
 mod tls;
+mod translation;
 mod upstream_errors;
 mod usage_exact;

@@ -70,6 +70,38 @@ fn the_official_anthropic_sdk_accepts_the_mock() {
     );
 }
 
+/// The mock's tool calls as the SDKs parse them: the openai SDK's full
+/// round trip on the mock's chat endpoint (JSON and streamed argument
+/// deltas), the anthropic SDK's streamed `tool_use` and the `tool_result`
+/// follow-up on its Messages endpoint.
+#[test]
+fn the_official_sdks_accept_the_mocks_tool_calls() {
+    let m = MockUpstream::start_blocking(MockConfig::default().api_key(KEY).models(["m-x"]));
+    run_python_checks(
+        "openai_tools_check.py",
+        "openai",
+        &[
+            ("CLAW_BASE_URL", m.url()),
+            ("CLAW_API_KEY", KEY.to_owned()),
+            ("CLAW_MODEL", "m-x".to_owned()),
+        ],
+        &["ok tools json", "ok tools stream"],
+        String::new,
+    );
+    run_python_checks(
+        "anthropic_translated_check.py",
+        "anthropic",
+        &[
+            ("CLAW_BASE_URL", m.base_url()),
+            ("CLAW_API_KEY", KEY.to_owned()),
+            ("CLAW_MODEL", "m-x".to_owned()),
+            ("CLAW_ONLY", "tool".to_owned()),
+        ],
+        &["ok tool stream"],
+        String::new,
+    );
+}
+
 #[test]
 fn the_official_openai_sdk_accepts_the_mocks_responses() {
     let m = MockUpstream::start_blocking(MockConfig::default().api_key(KEY).models(["gpt-x"]));

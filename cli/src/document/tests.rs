@@ -27,6 +27,7 @@ fn exported_config() -> ClusterConfig {
                 timeout_ms: 120_000,
                 weight: 1,
                 enabled: true,
+                native_only: true,
                 status: "enabled".into(),
                 models: vec![ModelMapping {
                     canonical: "gpt-4o".into(),
@@ -177,6 +178,8 @@ fn export_writes_the_documented_shape() {
         "        cache_write_cost_per_token: 0\n        cache_write_1h_cost_per_token: 0.000006\n",
         "    api_key_env: OPENAI_API_KEY\n    api: anthropic\n",
         "    api_key_file: /etc/claw/local.key\n    api: openai\n",
+        "    enabled: true\n    native_only: true\n",
+        "    enabled: false\n    native_only: false\n",
         "pools:\n  primary:\n    cooldown_base: 5s\n    cooldown_max: 5m\n",
         "    request_timeout: 10m\n",
         "client_keys:\n  - name: app\n    models:\n      - gpt-4o\n    rpm: 120\n",
@@ -240,6 +243,7 @@ agents:
     );
     assert_eq!(b.pool, Pool::Primary as i32);
     assert_eq!(b.api, Api::Openai as i32, "api defaults to openai");
+    assert!(!b.native_only, "native_only defaults to false");
     assert_eq!(b.models[1].native, "gpt-4o-mini");
     assert_eq!(b.api_key_ref, "env:OPENAI_API_KEY");
     assert_eq!(desired.config.pools.len(), 1, "primary is left unchanged");

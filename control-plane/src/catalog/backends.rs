@@ -84,6 +84,7 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
     d.check("timeout_ms", &old.timeout_ms, &new.timeout_ms);
     d.check("weight", &old.weight, &new.weight);
     d.check("enabled", &old.enabled, &new.enabled);
+    d.check("native_only", &old.native_only, &new.native_only);
     d.check("models", &old.models, &new.models);
     d
 }
@@ -325,6 +326,9 @@ fn patch(mut b: Backend, req: &UpdateBackendRequest) -> Backend {
     }
     if let Some(v) = req.enabled {
         b.enabled = v;
+    }
+    if let Some(v) = req.native_only {
+        b.native_only = v;
     }
     if req.replace_models {
         b.models = req.models.clone();
@@ -570,6 +574,60 @@ mod tests {
             .expect_err("out of range");
         assert_eq!(field_of(&err), Some("api"));
         assert_eq!(c.config_version(), v, "nothing stored on error");
+    }
+
+    #[tokio::test]
+    async fn native_only_is_stored_patched_only_when_given_and_in_the_snapshot() {
+        let (_dir, c) = catalog().await;
+        let mut b = backend("claude");
+        b.api = v1::Api::Anthropic as i32;
+        b.native_only = true;
+        let (b, v) = c.create_backend(b).await.expect("create");
+        assert!(b.native_only);
+        assert_eq!(
+            c.load_backend("claude")
+                .expect("record")
+                .spec
+                .map(|s| s.native_only),
+            Some(true)
+        );
+        // Unset leaves it (and changes nothing: no version bump).
+        let (u, v2) = c
+            .update_backend(UpdateBackendRequest {
+                backend: "claude".into(),
+                native_only: None,
+                ..Default::default()
+            })
+            .await
+            .expect("noop");
+        assert!(u.native_only);
+        assert_eq!(v2, v, "unset is unchanged");
+        let (u, v3) = c
+            .update_backend(UpdateBackendRequest {
+                backend: "claude".into(),
+                native_only: Some(false),
+                ..Default::default()
+            })
+            .await
+            .expect("clear");
+        assert!(!u.native_only);
+        assert!(v3 > v, "a cleared flag is a change");
+        let (u, _) = c
+            .update_backend(UpdateBackendRequest {
+                backend: "claude".into(),
+                native_only: Some(true),
+                ..Default::default()
+            })
+            .await
+            .expect("set");
+        assert!(u.native_only);
+        let snap = c.snapshot().await.expect("snapshot");
+        let s = snap
+            .backends
+            .iter()
+            .find(|s| s.name == "claude")
+            .expect("in the snapshot");
+        assert!(s.native_only);
     }
 
     #[tokio::test]

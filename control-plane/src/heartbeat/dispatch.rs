@@ -11,9 +11,11 @@
 //!   blocks of `content`, its prompt tokens `input_tokens` plus the cache
 //!   reads and writes (Anthropic's `input_tokens` excludes them).
 //!
-//! The proxy routes a request only to backends of its own protocol, so a
-//! model served only by `anthropic` backends must be asked in Messages (the
-//! scheduler decides, from the catalog). Either way the run is background
+//! A run is asked in the protocol of the backends serving the model, so a
+//! model served only by `anthropic` backends is asked in Messages (the
+//! scheduler decides, from the catalog). The proxy could translate a chat
+//! completion for them (issue 13), but a native request stays byte-faithful
+//! and also reaches `--native-only` backends. Either way the run is background
 //! traffic under the agent's id and heartbeat session key (so it lands on the
 //! backend the agent's own traffic uses and keeps that prompt cache warm),
 //! and the whole exchange is bounded by the run's timeout.

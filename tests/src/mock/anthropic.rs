@@ -26,6 +26,8 @@ pub(crate) struct MessagesInfo {
     pub(crate) prompt_tokens: u64,
     /// The first required field missing, as the real API words it.
     pub(crate) invalid: Option<String>,
+    /// The tool call to answer with (see `tools`).
+    pub(crate) tool_call: Option<super::tools::ToolCall>,
 }
 
 impl MessagesInfo {
@@ -82,6 +84,11 @@ impl MessagesInfo {
             blocks,
             prompt_tokens,
             invalid,
+            tool_call: if count_only {
+                None
+            } else {
+                super::tools::messages_call(body)
+            },
         }
     }
 }

@@ -25,6 +25,7 @@
 //! - `openai`: request parsing, token counting, bodies and SSE chunks.
 //! - `anthropic`: the Messages format: blocks, bodies, SSE events, errors.
 //! - `responses`: the Responses format and the per-mock response store.
+//! - `tools`: tool calls (both protocols) for requests that offer tools.
 //! - `cache`: the simulated prompt cache.
 //! - `body`: response bodies (whole, streamed, cut short).
 //! - `server`: accept loop, connections and `/v1` handlers.
@@ -59,6 +60,7 @@ pub mod record;
 mod responses;
 mod script;
 mod server;
+mod tools;
 
 pub use action::{Action, ResetPoint, Rule};
 pub use body::{MockBody, ScriptedAbort};

@@ -26,6 +26,8 @@ pub(crate) struct RequestInfo {
     /// Embedding inputs as text (token arrays rendered as numbers).
     pub(crate) inputs: Vec<String>,
     pub(crate) dimensions: Option<usize>,
+    /// The tool call to answer with (chat only; see `tools`).
+    pub(crate) tool_call: Option<super::tools::ToolCall>,
 }
 
 impl RequestInfo {
@@ -68,6 +70,11 @@ impl RequestInfo {
                 .and_then(Value::as_u64)
                 .and_then(|d| usize::try_from(d).ok())
                 .filter(|d| (1..=4096).contains(d)),
+            tool_call: if endpoint == Endpoint::Chat {
+                super::tools::chat_call(body)
+            } else {
+                None
+            },
         }
     }
 }
@@ -158,7 +165,7 @@ impl Reply {
 
 /// Chat usage; `cached` (part of `prompt`) shows in `prompt_tokens_details`
 /// when the simulated cache served any.
-fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
+pub(crate) fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
     let mut usage = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,

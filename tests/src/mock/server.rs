@@ -11,6 +11,7 @@ use super::openai::{self, ChunkWriter, Endpoint, Reply, RequestInfo};
 use super::record::{Outcome, RecordGuard, RecordedRequest, Recorder};
 use super::responses::{self, ResponsesInfo, Store};
 use super::script::Script;
+use super::tools;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -541,6 +542,21 @@ fn answer_messages(
     let id = random_id("msg_mock");
     let cut = action.reset == Some(ResetPoint::MidStream);
     guard.set_status(200);
+    if let Some(call) = &info.tool_call {
+        let call_id = format!("toolu_mock{}", guard.seq());
+        if info.stream {
+            let events =
+                tools::message_stream_events(&id, model, &call_id, call, info.prompt_tokens, cache);
+            let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
+            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+            return sse_response(shared, guard, stream);
+        }
+        let body = tools::message_body(&id, model, &call_id, call, info.prompt_tokens, cache);
+        if cut {
+            return cut_response(shared, guard, body);
+        }
+        return respond(shared, guard, StatusCode::OK, body, call.tokens());
+    }
     if info.stream {
         let events = anthropic::stream_events(&id, model, &reply, info.prompt_tokens, cache);
         let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
@@ -633,6 +649,32 @@ fn answer(
     };
     let created = now_secs();
     guard.set_status(200);
+    if let Some(call) = &info.tool_call {
+        let call_id = format!("call_mock{}", guard.seq());
+        let (prompt, cut_after) = (
+            info.prompt_tokens,
+            cut.then(|| action.after_chunks.unwrap_or(0)),
+        );
+        if info.stream {
+            let events = tools::chat_stream_events(
+                &id,
+                created,
+                model,
+                &call_id,
+                call,
+                prompt,
+                cached,
+                info.include_usage,
+            );
+            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+            return sse_response(shared, guard, stream);
+        }
+        let body = tools::chat_body(&id, created, model, &call_id, call, prompt, cached);
+        if cut {
+            return cut_response(shared, guard, body);
+        }
+        return respond(shared, guard, StatusCode::OK, body, call.tokens());
+    }
     if info.stream {
         let writer = ChunkWriter::new(endpoint, &id, created, model, info.include_usage);
         let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));

@@ -376,6 +376,8 @@ pub(crate) struct BackendSpec {
     pub models: Vec<String>,
     /// Native model ids the mock lists.
     pub native: Vec<String>,
+    /// More `clawctl backend add` flags, e.g. `--pool fallback`.
+    pub args: Vec<String>,
 }
 
 impl BackendSpec {
@@ -388,7 +390,14 @@ impl BackendSpec {
             api,
             models: vec![format!("{model}={native}{prices}")],
             native: vec![native],
+            args: Vec::new(),
         }
+    }
+
+    /// The same backend added with `args` too (`--pool fallback`).
+    pub(crate) fn with_args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
     /// The provider key its mock demands.
@@ -430,6 +439,7 @@ impl Fleet {
                 extra.push("--model");
                 extra.push(m);
             }
+            extra.extend(spec.args.iter().map(String::as_str));
             add_backend(&cp, &spec.name, &mock.url(), &spec.key(), &extra);
         }
         let key = cp
