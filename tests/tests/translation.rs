@@ -113,7 +113,7 @@ fn n(v: &Value, k: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 fn the_openai_sdk_runs_a_tool_round_trip_on_an_anthropic_backend() {
     let f = Fleet::start(vec![BackendSpec::new("ant", "anthropic", "claude", "")], 2);
     run_python_checks(
@@ -192,7 +192,7 @@ fn the_openai_sdk_runs_a_tool_round_trip_on_an_anthropic_backend() {
 }
 
 #[test]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 fn the_anthropic_sdk_streams_from_an_openai_backend() {
     let f = Fleet::start(vec![BackendSpec::new("oai", "openai", "claude", "")], 2);
     run_python_checks(
@@ -240,7 +240,7 @@ fn the_anthropic_sdk_streams_from_an_openai_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_cooling_anthropic_primary_hands_messages_clients_to_an_openai_fallback() {
     let f = Fleet::start(
         vec![
@@ -309,7 +309,7 @@ async fn a_cooling_anthropic_primary_hands_messages_clients_to_an_openai_fallbac
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn stats_total_counts_translated_requests_with_the_mocks_usage() {
     let f = Fleet::start(
         vec![
@@ -405,7 +405,7 @@ async fn stats_total_counts_translated_requests_with_the_mocks_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the translators (issue 13 merge)"]
+
 async fn a_native_only_backend_is_never_given_the_other_protocol() {
     let f = Fleet::start(
         vec![

@@ -278,7 +278,7 @@ impl SseStream {
                     } else {
                         Step::Done
                     };
-                    self.writer.finish()
+                    self.writer.finish(self.reply.truncated())
                 }
                 Step::Usage => {
                     self.step = Step::Done;

@@ -201,10 +201,12 @@ pub(crate) fn completion_body(
     cached: u64,
 ) -> Bytes {
     let text = reply.joined();
+    // As OpenAI: `length` when the token cap cut the answer short.
+    let finish = if reply.truncated() { "length" } else { "stop" };
     let (object, choice) = match endpoint {
         Endpoint::Completions => (
             "text_completion",
-            json!({"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}),
+            json!({"text": text, "index": 0, "logprobs": null, "finish_reason": finish}),
         ),
         _ => (
             "chat.completion",
@@ -212,7 +214,7 @@ pub(crate) fn completion_body(
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": null,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }),
         ),
     };
@@ -371,11 +373,22 @@ impl ChunkWriter {
         }
     }
 
-    pub(crate) fn finish(&self) -> Bytes {
-        if self.chat {
-            self.event(r#"{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}"#)
-        } else {
-            self.event(r#"{"text":"","index":0,"logprobs":null,"finish_reason":"stop"}"#)
+    /// The chunk with the finish reason: `length` when the token cap cut
+    /// the answer short (`truncated`), else `stop`, as OpenAI sends.
+    pub(crate) fn finish(&self, truncated: bool) -> Bytes {
+        match (self.chat, truncated) {
+            (true, false) => {
+                self.event(r#"{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}"#)
+            }
+            (true, true) => {
+                self.event(r#"{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}"#)
+            }
+            (false, false) => {
+                self.event(r#"{"text":"","index":0,"logprobs":null,"finish_reason":"stop"}"#)
+            }
+            (false, true) => {
+                self.event(r#"{"text":"","index":0,"logprobs":null,"finish_reason":"length"}"#)
+            }
         }
     }
 
@@ -429,7 +442,8 @@ mod tests {
         for event in [
             w.role().expect("chat has a role chunk"),
             w.token(" a"),
-            w.finish(),
+            w.finish(false),
+            w.finish(true),
             w.usage(3, 1, 2),
         ] {
             let text = std::str::from_utf8(&event).expect("utf-8");
