@@ -435,7 +435,9 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
 /// A heartbeat is sent in the protocol that serves the agent's model: Messages
 /// (`/v1/messages`, `x-api-key`, `anthropic-version`) when its backends are
 /// `anthropic`, Chat Completions otherwise; the run's tokens are the mock's
-/// input (cache included) plus output.
+/// input (cache included) plus output. On an `anthropic` model a
+/// `HEARTBEAT_OK` reply is suppressed and any other is delivered to the
+/// webhook, as on chat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
     const KEY: &str = "sk-ant-test-key-0123456789";
@@ -443,9 +445,14 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
     claude.set_always(Some(Action::reply("HEARTBEAT_OK")));
     let gpt = MockUpstream::start(MockConfig::default().name("gpt").api_key(KEY)).await;
     gpt.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    let alert = MockUpstream::start(MockConfig::default().name("claude-alert").api_key(KEY)).await;
+    alert.set_always(Some(Action::reply("ALERT: the build is red")));
+    let (hook, received) = webhook().await;
     let fwd = claw_tests::harness::Forwarder::start().await;
     let cp = ControlPlane::builder()
         .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .env("CLAW_WEBHOOK_SECRET", SECRET)
+        .env("CLAW_WEBHOOK_BACKOFF_BASE", "200ms")
         .start();
     for (name, api, url, model) in [
         (
@@ -455,6 +462,12 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
             "m-claude=claude-native",
         ),
         ("gpt", "openai", gpt.url(), "m-gpt"),
+        (
+            "claude-alert",
+            "anthropic",
+            alert.url(),
+            "m-alert=claude-native",
+        ),
     ] {
         cp.clawctl_with_env(
             &[
@@ -496,6 +509,7 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
         apis,
         vec![
             ("claude".to_string(), Value::from("anthropic")),
+            ("claude-alert".to_string(), Value::from("anthropic")),
             ("gpt".to_string(), Value::from("openai")),
         ]
     );
@@ -516,21 +530,39 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
         )
         .assert_ok();
     }
+    cp.clawctl_stdin(
+        &[
+            "agent",
+            "add",
+            "agent-a",
+            "--model",
+            "m-alert",
+            "--interval",
+            "2s",
+            "--webhook",
+            &format!("http://{hook}/hook"),
+            "--checklist-file",
+            "-",
+        ],
+        "- [ ] check the build\n",
+    )
+    .assert_ok();
     let proxy = Proxy::start(&cp);
     proxy.wait_ready();
     fwd.point_to(proxy.addr());
 
-    let deadline = Instant::now() + Duration::from_secs(25);
-    let (m, o) = loop {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (m, o, a) = loop {
         let m = runs(&cp, "agent-m");
         let o = runs(&cp, "agent-o");
+        let a = runs(&cp, "agent-a");
         let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
-        if done(&m) && done(&o) {
-            break (m, o);
+        if done(&m) && done(&o) && a.iter().any(|r| status(r) == "delivered") {
+            break (m, o, a);
         }
         assert!(
             Instant::now() < deadline,
-            "M: {m:#?}\nO: {o:#?}\n{}",
+            "M: {m:#?}\nO: {o:#?}\nA: {a:#?}\n{}",
             cp.logs()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -580,4 +612,28 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
             .any(|r| status(r) == "suppressed" && r["tokens"].as_u64().unwrap_or(0) > 0),
         "{o:#?}"
     );
+
+    // The alerting agent's runs went as Messages and their reply reached the
+    // webhook, keyed by run id, with the reply text parsed from the blocks.
+    let sent = heartbeats(&alert, "agent-a");
+    assert!(
+        sent.first().is_some_and(|r| r.path == "/v1/messages"),
+        "{sent:#?}"
+    );
+    let run = a
+        .iter()
+        .find(|r| status(r) == "delivered")
+        .expect("a delivered run");
+    let run_id = run["run_id"].as_str().unwrap_or_default().to_string();
+    let r = received.lock();
+    let payload = r
+        .delivered
+        .get(&run_id)
+        .expect("the delivered run reached the webhook");
+    assert_eq!(payload["agent_id"], "agent-a", "{payload:#}");
+    assert!(
+        payload.to_string().contains("ALERT: the build is red"),
+        "{payload:#}"
+    );
+    assert_eq!(r.bad_signatures, 0);
 }
