@@ -137,8 +137,26 @@ pub(crate) fn message_body(
     }))
 }
 
-fn event(kind: &str, data: &Value) -> Bytes {
+/// One SSE event as Anthropic frames it: `event:` then `data:`.
+pub(crate) fn event(kind: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// The `message_start` event of a streamed message: empty content, the
+/// input usage (output 1, as Anthropic reports it at the start).
+pub(crate) fn message_start(id: &str, model: &str, prompt: u64, cache: CacheUse) -> Bytes {
+    let mut start_usage = usage(prompt, cache, 1);
+    if let Some(u) = start_usage.as_object_mut() {
+        u.remove("service_tier");
+    }
+    event(
+        "message_start",
+        &json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": start_usage,
+        }}),
+    )
 }
 
 /// The SSE events of a streamed message, each flagged when it carries one
@@ -150,22 +168,8 @@ pub(crate) fn stream_events(
     prompt: u64,
     cache: CacheUse,
 ) -> Vec<(Bytes, bool)> {
-    let mut start_usage = usage(prompt, cache, 1);
-    if let Some(u) = start_usage.as_object_mut() {
-        u.remove("service_tier");
-    }
     let mut events = vec![
-        (
-            event(
-                "message_start",
-                &json!({"type": "message_start", "message": {
-                    "id": id, "type": "message", "role": "assistant", "model": model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": start_usage,
-                }}),
-            ),
-            false,
-        ),
+        (message_start(id, model, prompt, cache), false),
         (
             event(
                 "content_block_start",

@@ -298,10 +298,6 @@ pub(crate) fn message_body(
     }))
 }
 
-fn event(kind: &str, data: &Value) -> Bytes {
-    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
-}
-
 /// The SSE events of a streamed message calling `call`, each flagged when
 /// it carries an argument fragment.
 pub(crate) fn message_stream_events(
@@ -312,24 +308,10 @@ pub(crate) fn message_stream_events(
     prompt: u64,
     cache: CacheUse,
 ) -> Vec<(Bytes, bool)> {
-    let mut start_usage = anthropic::usage(prompt, cache, 1);
-    if let Some(u) = start_usage.as_object_mut() {
-        u.remove("service_tier");
-    }
     let mut events = vec![
+        (anthropic::message_start(id, model, prompt, cache), false),
         (
-            event(
-                "message_start",
-                &json!({"type": "message_start", "message": {
-                    "id": id, "type": "message", "role": "assistant", "model": model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": start_usage,
-                }}),
-            ),
-            false,
-        ),
-        (
-            event(
+            anthropic::event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": 0,
                         "content_block": {"type": "tool_use", "id": call_id,
@@ -337,11 +319,11 @@ pub(crate) fn message_stream_events(
             ),
             false,
         ),
-        (event("ping", &json!({"type": "ping"})), false),
+        (anthropic::event("ping", &json!({"type": "ping"})), false),
     ];
     for fragment in call.fragments() {
         events.push((
-            event(
+            anthropic::event(
                 "content_block_delta",
                 &json!({"type": "content_block_delta", "index": 0,
                         "delta": {"type": "input_json_delta", "partial_json": fragment}}),
@@ -358,14 +340,14 @@ pub(crate) fn message_stream_events(
     });
     events.extend([
         (
-            event(
+            anthropic::event(
                 "content_block_stop",
                 &json!({"type": "content_block_stop", "index": 0}),
             ),
             false,
         ),
         (
-            event(
+            anthropic::event(
                 "message_delta",
                 &json!({"type": "message_delta",
                         "delta": {"stop_reason": "tool_use", "stop_sequence": null},
@@ -374,7 +356,7 @@ pub(crate) fn message_stream_events(
             false,
         ),
         (
-            event("message_stop", &json!({"type": "message_stop"})),
+            anthropic::event("message_stop", &json!({"type": "message_stop"})),
             false,
         ),
     ]);
