@@ -46,6 +46,26 @@ pub(crate) struct RequestOptions<'a> {
     pub default_max_tokens: u32,
 }
 
+/// The longest SSE line a stream translator holds while waiting for its end:
+/// far above any real event line (chunks and deltas are small), so only an
+/// upstream that never sends a newline reaches it.
+pub(crate) const MAX_LINE: usize = 8 * 1024 * 1024;
+
+/// Keeps `rest`, the start of a line not ended yet, after what `line`
+/// holds; a line past [`MAX_LINE`] is thrown away (logged) rather than
+/// held without bound.
+pub(crate) fn hold_partial(line: &mut Vec<u8>, rest: &[u8]) {
+    if line.len() + rest.len() > MAX_LINE {
+        tracing::warn!(
+            bytes = line.len() + rest.len(),
+            "upstream SSE line longer than {MAX_LINE} bytes without a newline; dropped"
+        );
+        line.clear();
+        return;
+    }
+    line.extend_from_slice(rest);
+}
+
 /// Translates an SSE stream chunk by chunk. The upstream's events may be
 /// split across chunks anywhere; the output is the same however they are
 /// split.
@@ -55,4 +75,31 @@ pub(crate) trait StreamTranslator: Send + 'static {
     fn feed(&mut self, chunk: &[u8]) -> Bytes;
     /// The upstream stream ended cleanly: the client's remaining bytes.
     fn finish(&mut self) -> Bytes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_without_end_is_held_only_up_to_the_cap() {
+        let mut line = Vec::new();
+        hold_partial(&mut line, b"data: {");
+        assert_eq!(line, b"data: {");
+        let big = vec![b'x'; MAX_LINE];
+        hold_partial(&mut line, &big);
+        assert!(line.is_empty(), "past the cap the line is dropped");
+        // Both translators hold through it: feeding more than the cap
+        // without a newline keeps their memory bounded and they go on.
+        let mut s = to_chat::Stream::new("m");
+        for _ in 0..3 {
+            assert!(s.feed(&big).is_empty());
+        }
+        assert!(s.line.len() <= MAX_LINE);
+        let mut s = to_messages::Stream::new("m", false);
+        for _ in 0..3 {
+            assert!(s.feed(&big).is_empty());
+        }
+        assert!(s.line.len() <= MAX_LINE);
+    }
 }

@@ -654,7 +654,7 @@ pub(crate) struct Stream {
     /// The model name the client asked for.
     model: String,
     /// Bytes of an incomplete line.
-    line: Vec<u8>,
+    pub(super) line: Vec<u8>,
     /// The `data:` lines of the event being read.
     data: String,
     /// Whether a `data:` line was seen in the event being read.
@@ -938,7 +938,7 @@ impl StreamTranslator for Stream {
             }
             rest = tail;
         }
-        self.line.extend_from_slice(rest);
+        super::hold_partial(&mut self.line, rest);
         Bytes::from(out)
     }
 

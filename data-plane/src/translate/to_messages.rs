@@ -694,7 +694,7 @@ pub(crate) struct Stream {
     /// The message id (from `message_start`).
     id: String,
     /// Bytes of an incomplete line.
-    line: Vec<u8>,
+    pub(super) line: Vec<u8>,
     /// `data:` lines of the event being read.
     data: Vec<u8>,
     /// Whether the `data:` of the current event has a line yet.
@@ -745,7 +745,7 @@ impl Stream {
                 self.on_line(&line, out);
             }
         }
-        self.line.extend_from_slice(rest);
+        super::hold_partial(&mut self.line, rest);
     }
 
     /// One SSE line (without its `\n`).
