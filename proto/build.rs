@@ -14,6 +14,7 @@ const SECRET_BEARING: &[&str] = &[
     ".claw.v1.SnapshotBackend",
     ".claw.v1.Agent",
     ".claw.v1.UpdateAgentRequest",
+    ".claw.v1.CreateTokenResponse",
 ];
 
 /// Enum-typed fields, serialized by name ("primary") instead of number.
@@ -53,6 +54,10 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     ".claw.v1.HeartbeatRun.started_at",
     ".claw.v1.HeartbeatRun.finished_at",
     ".claw.v1.NextSlot.time",
+    ".claw.v1.AdminToken.created_at",
+    ".claw.v1.AuditRecord.time",
+    ".claw.v1.ListAuditRecordsRequest.since",
+    ".claw.v1.BackupHeader.created_at",
 ];
 
 /// Other enum-typed fields and the `serde_fmt` function that names them.
@@ -65,6 +70,9 @@ const ENUM_FIELDS: &[(&str, &str)] = &[
     (".claw.v1.Backend.api", "api"),
     (".claw.v1.UpdateBackendRequest.api", "api"),
     (".claw.v1.SnapshotBackend.api", "api"),
+    (".claw.v1.AdminToken.role", "role"),
+    (".claw.v1.CreateTokenRequest.role", "role"),
+    (".claw.v1.WhoAmIResponse.role", "role"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -41,11 +41,17 @@
 //! - [`shutdown`]: the [`shutdown::Shutdown`] signal every long-running task
 //!   waits on.
 
+pub mod access;
 mod api;
+pub mod audit;
+pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod config;
 pub mod crypto;
+mod dashboard;
 mod discovery;
+pub mod events;
 pub mod fleet;
 pub mod heartbeat;
 mod http;

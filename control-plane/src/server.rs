@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use claw_proto::v1::agent_service_server::{self, AgentServiceServer};
+use claw_proto::v1::audit_service_server::{self, AuditServiceServer};
 use claw_proto::v1::backend_service_server::{self, BackendServiceServer};
+use claw_proto::v1::backup_service_server::{self, BackupServiceServer};
 use claw_proto::v1::client_key_service_server::{self, ClientKeyServiceServer};
 use claw_proto::v1::cluster_service_server::{self, ClusterServiceServer};
 use claw_proto::v1::discovery_service_server::{self, DiscoveryServiceServer};
@@ -32,21 +34,26 @@ use claw_proto::v1::heartbeat_service_server::{self, HeartbeatServiceServer};
 use claw_proto::v1::pool_service_server::{self, PoolServiceServer};
 use claw_proto::v1::report_service_server::{self, ReportServiceServer};
 use claw_proto::v1::stats_service_server::{self, StatsServiceServer};
+use claw_proto::v1::token_service_server::{self, TokenServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::api::agent::AgentApi;
-use crate::api::auth::TokenAuth;
+use crate::api::audit::AuditApi;
+use crate::api::auth::{AdminAuth, TokenAuth};
 use crate::api::backend::BackendApi;
+use crate::api::backup::BackupApi;
 use crate::api::client_key::ClientKeyApi;
 use crate::api::cluster::ClusterApi;
 use crate::api::heartbeat::HeartbeatApi;
 use crate::api::pool::PoolApi;
 use crate::api::report::ReportApi;
 use crate::api::stats::StatsApi;
+use crate::api::token::TokenApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::discovery::{self, Debounce, DiscoveryApi};
@@ -62,7 +69,7 @@ use crate::store::Store;
 use crate::store::sled::SledStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
-const SERVICES: [&str; 9] = [
+const SERVICES: [&str; 12] = [
     backend_service_server::SERVICE_NAME,
     pool_service_server::SERVICE_NAME,
     client_key_service_server::SERVICE_NAME,
@@ -72,6 +79,9 @@ const SERVICES: [&str; 9] = [
     heartbeat_service_server::SERVICE_NAME,
     report_service_server::SERVICE_NAME,
     stats_service_server::SERVICE_NAME,
+    token_service_server::SERVICE_NAME,
+    audit_service_server::SERVICE_NAME,
+    backup_service_server::SERVICE_NAME,
 ];
 
 /// Infrastructure services advertised by reflection next to [`SERVICES`].
@@ -200,7 +210,8 @@ impl Server {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
-        let admin = TokenAuth::admin(&config.admin_token);
+        let access = Arc::new(Access::new(&config.admin_token, store.clone()));
+        let admin = AdminAuth::new(access.clone());
         let proxy_auth = TokenAuth::proxy(&config.proxy_token);
         // Advertise exactly what is served: SERVICES and the infrastructure
         // services, nothing else the descriptor sets may describe.
@@ -281,7 +292,19 @@ impl Server {
                 admin.clone(),
             ))
             .add_service(StatsServiceServer::with_interceptor(
-                StatsApi::new(Stats::new(store, catalog.clone()), fleet),
+                StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet),
+                admin.clone(),
+            ))
+            .add_service(TokenServiceServer::with_interceptor(
+                TokenApi::new(access),
+                admin.clone(),
+            ))
+            .add_service(AuditServiceServer::with_interceptor(
+                AuditApi::new(store.clone()),
+                admin.clone(),
+            ))
+            .add_service(BackupServiceServer::with_interceptor(
+                BackupApi::new(store, catalog.clone()),
                 admin,
             ))
             .add_service(ReportServiceServer::with_interceptor(

@@ -558,6 +558,7 @@ mod tests {
             pools: vec![],
             client_keys: vec![key("ck", "s")],
             models: vec![],
+            ..Default::default()
         };
         let c = compile(1, &s, None, Instant::now()).unwrap();
         let r = c.route("m").unwrap().clone();

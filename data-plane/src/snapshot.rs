@@ -573,6 +573,7 @@ mod tests {
             pools: vec![],
             client_keys: vec![key("ck_1", "secret")],
             models: vec![],
+            ..Default::default()
         }
     }
 

@@ -82,6 +82,15 @@ impl fmt::Debug for v1::CreateClientKeyResponse {
     }
 }
 
+impl fmt::Debug for v1::CreateTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateTokenResponse")
+            .field("token", &self.token)
+            .field("secret", &redacted(!self.secret.is_empty()))
+            .finish()
+    }
+}
+
 impl fmt::Debug for v1::CreatedSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CreatedSecret")

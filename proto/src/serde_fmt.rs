@@ -56,6 +56,7 @@ enum_by_short_name!(priority, crate::v1::Priority, "PRIORITY_");
 enum_by_short_name!(failure_kind, crate::v1::FailureKind, "FAILURE_KIND_");
 enum_by_short_name!(run_trigger, crate::v1::RunTrigger, "RUN_TRIGGER_");
 enum_by_short_name!(run_status, crate::v1::RunStatus, "RUN_STATUS_");
+enum_by_short_name!(role, crate::v1::Role, "ROLE_");
 
 /// Serializes an optional timestamp as an RFC 3339 string (or null).
 pub fn timestamp<S: Serializer>(

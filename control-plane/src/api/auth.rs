@@ -17,7 +17,43 @@ use subtle::ConstantTimeEq as _;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::access::Access;
 use crate::config::Token;
+
+/// The admin services' authentication: resolves the bearer token to a
+/// [`crate::access::Principal`] (bootstrap or named token) and puts it in
+/// the request's extensions; anything else is `Unauthenticated`.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminAuth {
+    access: Arc<Access>,
+}
+
+impl AdminAuth {
+    /// Admits holders of an admin token known to `access`.
+    pub(crate) fn new(access: Arc<Access>) -> Self {
+        AdminAuth { access }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match self.access.resolve_header(header) {
+            Ok(Some(principal)) => {
+                request.extensions_mut().insert(principal);
+                Ok(request)
+            }
+            Ok(None) => Err(Status::unauthenticated("missing or invalid admin token")),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up an admin token");
+                Err(Status::unavailable("cannot check the token; try again"))
+            }
+        }
+    }
+}
 
 /// An interceptor that admits requests carrying
 /// `authorization: Bearer <token>` for one token.
@@ -40,7 +76,9 @@ fn digest(token: &[u8]) -> [u8; 32] {
 }
 
 impl TokenAuth {
-    /// Admits holders of the admin token.
+    /// Admits holders of the admin token (tests; the admin services use
+    /// [`AdminAuth`]).
+    #[cfg(test)]
     pub(crate) fn admin(token: &Token) -> Self {
         TokenAuth {
             expected: Arc::new(digest(token.as_bytes())),

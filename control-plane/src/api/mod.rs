@@ -18,14 +18,17 @@
 //! missing or malformed field, a missing token, a report batch to resend.
 
 pub(crate) mod agent;
+pub(crate) mod audit;
 pub(crate) mod auth;
 pub(crate) mod backend;
+pub(crate) mod backup;
 pub(crate) mod client_key;
 pub(crate) mod cluster;
 pub(crate) mod heartbeat;
 pub(crate) mod pool;
 pub(crate) mod report;
 pub(crate) mod stats;
+pub(crate) mod token;
 
 use tonic::Status;
 
@@ -67,6 +70,36 @@ fn internal(e: &dyn std::fmt::Display) -> Status {
     tracing::error!(error = %e, "internal error serving a request");
     Status::internal("internal error; see the control plane log")
 }
+
+/// The caller's address, set explicitly by in-process callers (the
+/// dashboard) that have no transport connection to hand tonic.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub std::net::SocketAddr);
+
+/// Who made `request`: the [`crate::access::Principal`] the admin
+/// authentication put in its extensions (or `system` when none did, for
+/// in-process calls) and the peer address. A request the dashboard made
+/// carries [`crate::audit::Actor::dashboard`] set.
+pub(crate) fn actor<T>(request: &tonic::Request<T>) -> crate::audit::Actor {
+    let peer = request
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| p.0)
+        .or_else(|| request.remote_addr());
+    let mut actor = match request.extensions().get::<crate::access::Principal>() {
+        Some(p) => crate::audit::Actor::from_principal(p, peer),
+        None => crate::audit::Actor {
+            peer,
+            ..crate::audit::Actor::system()
+        },
+    };
+    actor.dashboard = request.extensions().get::<ViaDashboard>().is_some();
+    actor
+}
+
+/// Marks a request the dashboard made on an operator's behalf.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ViaDashboard;
 
 /// Shorthand for service results.
 type RpcResult<T> = Result<tonic::Response<T>, Status>;

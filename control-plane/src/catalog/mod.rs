@@ -56,6 +56,9 @@ pub const INITIAL_CONFIG_VERSION: u64 = 1;
 const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 const META_CONFIG_VERSION: &[u8] = b"config_version";
 const META_MASTER_KEY_ID: &[u8] = b"master_key_id";
+/// The store's lineage: random, written when the directory is initialized
+/// and replaced by a restore from backup (see `Snapshot.lineage`).
+pub const META_LINEAGE: &[u8] = b"lineage";
 
 /// Why a catalog operation failed. The API turns it into a gRPC status in
 /// one place (`crate::api`).
@@ -143,6 +146,7 @@ pub struct Catalog {
     writer: Mutex<()>,
     keys: RwLock<KeyRing>,
     version: watch::Sender<u64>,
+    lineage: String,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -192,7 +196,8 @@ impl Catalog {
             }
         }
         let key_id = key.id().as_str().as_bytes().to_vec();
-        let version = store.transact(&[Tree::Meta], |txn| -> Result<u64> {
+        let fresh_lineage = new_id("ln_");
+        let (version, lineage) = store.transact(&[Tree::Meta], |txn| -> Result<(u64, String)> {
             if txn.get(Tree::Meta, META_SCHEMA_VERSION)?.is_none() {
                 txn.insert(
                     Tree::Meta,
@@ -203,17 +208,25 @@ impl Catalog {
             if txn.get(Tree::Meta, META_MASTER_KEY_ID)?.is_none() {
                 txn.insert(Tree::Meta, META_MASTER_KEY_ID, &key_id)?;
             }
-            match txn.get(Tree::Meta, META_CONFIG_VERSION)? {
-                Some(raw) => read_u64(&raw, "config_version"),
+            let lineage = match txn.get(Tree::Meta, META_LINEAGE)? {
+                Some(raw) => String::from_utf8_lossy(&raw).into_owned(),
+                None => {
+                    txn.insert(Tree::Meta, META_LINEAGE, fresh_lineage.as_bytes())?;
+                    fresh_lineage.clone()
+                }
+            };
+            let version = match txn.get(Tree::Meta, META_CONFIG_VERSION)? {
+                Some(raw) => read_u64(&raw, "config_version")?,
                 None => {
                     txn.insert(
                         Tree::Meta,
                         META_CONFIG_VERSION,
                         &INITIAL_CONFIG_VERSION.to_be_bytes(),
                     )?;
-                    Ok(INITIAL_CONFIG_VERSION)
+                    INITIAL_CONFIG_VERSION
                 }
-            }
+            };
+            Ok((version, lineage))
         })?;
         store.flush().await?;
         let (tx, _) = watch::channel(version);
@@ -225,7 +238,13 @@ impl Catalog {
                 pending: None,
             }),
             version: tx,
+            lineage,
         })
+    }
+
+    /// The store's lineage (see [`META_LINEAGE`]).
+    pub fn lineage(&self) -> &str {
+        &self.lineage
     }
 
     /// The current configuration version.

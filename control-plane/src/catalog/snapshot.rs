@@ -34,7 +34,9 @@ impl Catalog {
             .into_iter()
             .map(snapshot_client_key)
             .collect::<Result<Vec<_>>>()?;
-        Ok(assemble(version, backends, self.list_pools()?, client_keys))
+        let mut snap = assemble(version, backends, self.list_pools()?, client_keys);
+        snap.lineage = self.lineage().to_string();
+        Ok(snap)
     }
 }
 
@@ -99,6 +101,7 @@ fn assemble(
         pools,
         client_keys,
         models,
+        lineage: String::new(),
     }
 }
 

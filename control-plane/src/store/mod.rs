@@ -55,11 +55,19 @@ pub enum Tree {
     CooldownState,
     /// `be u64 start ms | backend \0 node \0 seq` → cooldown history event.
     CooldownEvents,
+    /// Admin token id → named admin token record (role, secret hash).
+    AdminTokens,
+    /// Admin token name → admin token id.
+    AdminTokenNames,
+    /// Lowercase hex SHA-256 of an admin token secret → admin token id.
+    AdminTokenHashes,
+    /// `be u64 time ms | 8 random bytes` → audit record.
+    Audit,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 18] = [
+    pub const ALL: [Tree; 22] = [
         Tree::Meta,
         Tree::Backends,
         Tree::BackendNames,
@@ -78,6 +86,10 @@ impl Tree {
         Tree::UsageDaily,
         Tree::CooldownState,
         Tree::CooldownEvents,
+        Tree::AdminTokens,
+        Tree::AdminTokenNames,
+        Tree::AdminTokenHashes,
+        Tree::Audit,
     ];
 
     /// The trees holding configuration; configuration transactions span
@@ -114,6 +126,10 @@ impl Tree {
             Tree::UsageDaily => "usage_daily",
             Tree::CooldownState => "cooldown_state",
             Tree::CooldownEvents => "cooldown_events",
+            Tree::AdminTokens => "admin_tokens",
+            Tree::AdminTokenNames => "admin_token_names",
+            Tree::AdminTokenHashes => "admin_token_hashes",
+            Tree::Audit => "audit",
         }
     }
 }

@@ -38,6 +38,7 @@ pub(crate) fn snapshot(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {
         pools: vec![],
         client_keys: vec![client_key("ck_test", CLIENT_KEY)],
         models: vec![],
+        ..Default::default()
     }
 }
 
