@@ -44,7 +44,7 @@ use tonic_health::ServingStatus;
 use crate::access::Access;
 use crate::api::agent::AgentApi;
 use crate::api::audit::AuditApi;
-use crate::api::auth::{AdminAuth, TokenAuth};
+use crate::api::auth::{AdminAccessLayer, AdminAuth, TokenAuth};
 use crate::api::backend::BackendApi;
 use crate::api::backup::BackupApi;
 use crate::api::client_key::ClientKeyApi;
@@ -264,6 +264,7 @@ impl Server {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .layer(GrpcMetricsLayer)
+            .layer(AdminAccessLayer::new(access.clone()))
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
