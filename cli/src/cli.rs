@@ -97,6 +97,11 @@ pub enum Command {
     /// Usage totals, hourly and daily usage, and the cooldown history.
     #[command(subcommand)]
     Stats(crate::stats::StatsCmd),
+    /// Manage named admin tokens with roles (the secret is printed once).
+    #[command(subcommand)]
+    Token(crate::token::TokenCmd),
+    /// Show the name and role of the token in use.
+    Whoami,
     /// Rotate the master key that encrypts stored provider keys.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCmd),

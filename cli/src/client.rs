@@ -163,6 +163,16 @@ impl Connection {
         )
     }
 
+    /// The admin token service (named tokens, whoami).
+    pub(crate) fn tokens(
+        &self,
+    ) -> claw_proto::v1::token_service_client::TokenServiceClient<Authed> {
+        claw_proto::v1::token_service_client::TokenServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())

@@ -15,6 +15,8 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
+//! - `token`: `token add|list|rm` (named admin tokens with roles) and
+//!   `whoami`.
 //! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
@@ -39,6 +41,7 @@ mod output;
 mod pool;
 mod session;
 mod stats;
+mod token;
 
 pub use cli::{Cli, parse};
 
@@ -64,6 +67,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(cmd) => agent::run(&session, cmd).await,
         Command::Heartbeat(cmd) => heartbeat::run(&session, cmd).await,
         Command::Stats(cmd) => stats::run(&session, cmd).await,
+        Command::Token(cmd) => token::run(&session, cmd).await,
+        Command::Whoami => token::whoami(&session).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
