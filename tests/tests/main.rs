@@ -24,6 +24,7 @@ mod openai_sdk;
 mod otel_tracing;
 mod passthrough;
 mod responses_routing;
+mod roles;
 mod snapshot_cache;
 mod tls;
 mod translation;
