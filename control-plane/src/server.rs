@@ -6,8 +6,9 @@
 //! serves the authenticated gRPC services, gRPC health and reflection, and
 //! the HTTP listener. No module below it imports it.
 //!
-//! Authentication: every `claw.v1` admin service and reflection require the
-//! admin token; the proxy-facing `DiscoveryService` and `ReportService`
+//! Authentication: every `claw.v1` admin service and reflection require an
+//! admin token (`CLAW_ADMIN_TOKEN` or a named one) whose role allows the
+//! method (`api::auth::AdminAccessLayer`, by full method path); the proxy-facing `DiscoveryService` and `ReportService`
 //! require the proxy token (and only it: neither token opens the other's services). gRPC
 //! health is open on purpose: probes cannot send headers.
 //!

@@ -101,6 +101,11 @@ fn add_token(cp: &ControlPlane, name: &str, role: &str) -> String {
         .assert_ok()
         .json();
     assert_eq!(out["name"], name, "{out}");
+    assert_eq!(out["role"], role, "{out}");
+    assert!(
+        out["id"].as_str().is_some_and(|id| id.starts_with("tk_")),
+        "{out}"
+    );
     out["secret"]
         .as_str()
         .expect("secret in -o json")
