@@ -61,6 +61,41 @@ pub struct Change {
     pub fields: Vec<v1::AuditFieldChange>,
 }
 
+/// What a stored secret shows as in a diff: that it exists, nothing of it.
+pub const SEALED: &str = "(sealed)";
+/// What a newly given secret shows as.
+pub const SET: &str = "(set)";
+/// What a replaced secret shows as.
+pub const CHANGED: &str = "(changed)";
+
+impl Change {
+    /// A change of resource `kind` `id` (`name`) with its diff.
+    pub fn new(
+        kind: &'static str,
+        id: &str,
+        name: &str,
+        action: &'static str,
+        fields: Vec<v1::AuditFieldChange>,
+    ) -> Change {
+        Change {
+            kind,
+            id: id.to_string(),
+            name: name.to_string(),
+            action,
+            fields,
+        }
+    }
+}
+
+/// One field's change (for changes that are not a spec diff).
+pub fn field(name: &str, old: &str, new: &str) -> v1::AuditFieldChange {
+    v1::AuditFieldChange {
+        field: name.to_string(),
+        old_value: old.to_string(),
+        new_value: new.to_string(),
+    }
+}
+
 /// Appends one record inside `txn` (which must span [`Tree::Audit`]).
 pub fn append(
     txn: &dyn Txn,
@@ -94,4 +129,114 @@ pub fn append(
         action: change.action.to_string(),
     };
     txn.insert(Tree::Audit, &key, &records::encode(&record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::testing::*;
+    use claw_proto::v1::{Backend, UpdateBackendRequest};
+
+    fn records(store: &dyn crate::store::Store) -> Vec<v1::AuditRecord> {
+        store
+            .scan(Tree::Audit)
+            .expect("scan")
+            .iter()
+            .map(|(_, v)| records::decode(Tree::Audit, v).expect("decodes"))
+            .collect()
+    }
+
+    fn backend() -> Backend {
+        Backend {
+            name: "b1".into(),
+            base_url: "https://api.example.com/v1".into(),
+            api_key: "sk-secret-abcdefghijklmnop".into(),
+            rpm: 10,
+            enabled: true,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_change_is_one_record_with_its_diff_and_no_secret() {
+        let (_dir, store, c) = store_and_catalog().await;
+        let actor = Actor::system();
+        let (b, v1) = c.create_backend(&actor, backend()).await.expect("create");
+        let (_, v2) = c
+            .update_backend(
+                &actor,
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    rpm: Some(20),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("update");
+        // A no-op writes nothing.
+        c.update_backend(
+            &actor,
+            UpdateBackendRequest {
+                backend: "b1".into(),
+                rpm: Some(20),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("noop");
+        c.update_backend(
+            &actor,
+            UpdateBackendRequest {
+                backend: "b1".into(),
+                api_key: Some("sk-other-abcdefghijklmnop".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("key");
+        let rs = records(&*store);
+        assert_eq!(rs.len(), 3, "{rs:#?}");
+        assert_eq!(
+            (
+                rs[0].operation.as_str(),
+                rs[0].action.as_str(),
+                rs[0].config_version
+            ),
+            ("CreateBackend", "created", v1)
+        );
+        assert_eq!(rs[0].resource_id, b.id);
+        assert!(rs[0].changes.iter().all(|f| f.old_value.is_empty()));
+        assert_eq!(rs[1].operation, "UpdateBackend");
+        assert_eq!(rs[1].config_version, v2);
+        assert_eq!(rs[1].changes, vec![field("rpm", "10", "20")]);
+        assert_eq!(rs[2].changes, vec![field("api_key", SEALED, CHANGED)]);
+        let all = format!("{rs:?}");
+        assert!(
+            !all.contains("sk-secret") && !all.contains("sk-other"),
+            "{all}"
+        );
+        assert!(!all.contains("abcdefghijklmnop"), "{all}");
+    }
+
+    #[tokio::test]
+    async fn rotation_is_recorded_at_the_unchanged_version() {
+        let (_dir, store, c) = store_and_catalog().await;
+        let v = c.config_version();
+        c.rotate_master_key(&Actor::system(), key(KEY2))
+            .await
+            .expect("rotate");
+        let rs = records(&*store);
+        assert_eq!(rs.len(), 1);
+        assert_eq!(rs[0].resource_kind, "master_key");
+        assert_eq!(rs[0].action, "rotated");
+        assert_eq!(rs[0].config_version, v);
+        assert_eq!(
+            rs[0].changes,
+            vec![field(
+                "key_id",
+                key(KEY1).id().as_str(),
+                key(KEY2).id().as_str()
+            )]
+        );
+    }
 }
