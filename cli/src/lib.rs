@@ -15,6 +15,7 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
+//! - `audit`: `audit` over the audit log.
 //! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
@@ -25,6 +26,7 @@
 mod agent;
 mod api_key;
 mod apply;
+mod audit;
 mod backend;
 mod cli;
 mod client;
@@ -67,6 +69,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
+        Command::Audit(args) => audit::run(&session, args).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),
