@@ -2,13 +2,16 @@
 //! transaction as the change itself, with the caller, the operation, the
 //! resource, the configuration version it produced and a field-level diff
 //! with secrets masked.
+//!
+//! This module depends on nothing but the store: the catalog, the token
+//! store and the API all call into it, so it must not call back into them
+//! (the role is therefore the wire enum, not `access::Role`).
 
 use std::net::SocketAddr;
 
 use claw_proto::v1;
+use prost::Message as _;
 
-use crate::access::{Principal, Role};
-use crate::catalog::records;
 use crate::store::{StoreError, Tree, Txn};
 
 /// Who made a change.
@@ -17,7 +20,7 @@ pub struct Actor {
     /// Token name (`bootstrap`, a named token, or `system`).
     pub token: String,
     /// Its role (`None` for the control plane itself).
-    pub role: Option<Role>,
+    pub role: Option<v1::Role>,
     /// The caller's address, when known.
     pub peer: Option<SocketAddr>,
     /// Whether the change came from the dashboard.
@@ -31,16 +34,6 @@ impl Actor {
             token: "system".to_string(),
             role: None,
             peer: None,
-            dashboard: false,
-        }
-    }
-
-    /// A caller resolved by the admin authentication.
-    pub fn from_principal(p: &Principal, peer: Option<SocketAddr>) -> Actor {
-        Actor {
-            token: p.name.clone(),
-            role: Some(p.role),
-            peer,
             dashboard: false,
         }
     }
@@ -105,7 +98,7 @@ pub fn append(
     change: &Change,
 ) -> Result<(), StoreError> {
     use rand::RngCore as _;
-    let now = records::now_ms();
+    let now = now_ms();
     let mut key = Vec::with_capacity(16);
     key.extend_from_slice(&(now.max(0) as u64).to_be_bytes());
     let mut rnd = [0u8; 8];
@@ -113,7 +106,11 @@ pub fn append(
     key.extend_from_slice(&rnd);
     let record = v1::AuditRecord {
         id: hex::encode(&key),
-        time: records::timestamp(now),
+        time: Some(prost_types::Timestamp {
+            seconds: now.div_euclid(1000),
+            // In 0..1000 ms, so the product fits an i32.
+            nanos: (now.rem_euclid(1000) * 1_000_000) as i32,
+        }),
         token_name: actor.token.clone(),
         peer: actor.peer.map(|p| p.to_string()).unwrap_or_default(),
         operation: if actor.dashboard {
@@ -128,12 +125,22 @@ pub fn append(
         changes: change.fields.clone(),
         action: change.action.to_string(),
     };
-    txn.insert(Tree::Audit, &key, &records::encode(&record))
+    txn.insert(Tree::Audit, &key, &record.encode_to_vec())
+}
+
+/// Current time in unix milliseconds (as `catalog::records::now_ms`, which
+/// this module cannot name without an import cycle).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::records;
     use crate::catalog::testing::*;
     use claw_proto::v1::{Backend, UpdateBackendRequest};
 
