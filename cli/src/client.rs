@@ -173,6 +173,14 @@ impl Connection {
         )
     }
 
+    /// The audit service (the audit log).
+    pub(crate) fn audit(&self) -> claw_proto::v1::audit_service_client::AuditServiceClient<Authed> {
+        claw_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())

@@ -17,6 +17,7 @@
 //!   cooldown history.
 //! - `token`: `token add|list|rm` (named admin tokens with roles) and
 //!   `whoami`.
+//! - `audit`: `audit` over the audit log.
 //! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
@@ -27,6 +28,7 @@
 mod agent;
 mod api_key;
 mod apply;
+mod audit;
 mod backend;
 mod cli;
 mod client;
@@ -72,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
+        Command::Audit(args) => audit::run(&session, args).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),

@@ -10,6 +10,7 @@ mod data_plane_support;
 
 mod affinity;
 mod anthropic_sdk;
+mod audit;
 mod check;
 mod control_plane_cli;
 mod data_plane;
