@@ -13,6 +13,7 @@
 //! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
+//! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
 //! - `local`: the verbs that need no server, `completion` and `version`.
@@ -26,6 +27,7 @@ mod agent;
 mod api_key;
 mod apply;
 mod backend;
+mod backup;
 mod cli;
 mod client;
 mod cluster;
@@ -65,6 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Heartbeat(cmd) => heartbeat::run(&session, cmd).await,
         Command::Stats(cmd) => stats::run(&session, cmd).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
+        Command::Backup(cmd) => backup::run(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
         Command::Export(args) => apply::export(&session, args).await,
