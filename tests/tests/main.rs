@@ -10,6 +10,7 @@ mod data_plane_support;
 
 mod affinity;
 mod anthropic_sdk;
+mod backup;
 mod control_plane_cli;
 mod data_plane;
 mod data_plane_config;
