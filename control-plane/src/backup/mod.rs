@@ -5,8 +5,8 @@
 //! - this file: [`write_backup`], the export of the store into a backup file
 //!   (format in [`claw_proto::backup`]) under the store's export lock, and
 //!   the audit record of a backup.
-//! - [`restore`]: `claw-control-plane restore --from FILE --data-dir DIR`.
-//! - [`schedule`]: `--backup-dir/--backup-every/--backup-keep`.
+//! - `restore`: `claw-control-plane restore --from FILE --data-dir DIR`.
+//! - [`schedule`]: scheduled backups, `--backup-dir --backup-every --backup-keep`.
 //!
 //! What a backup holds: every tree, bytes as stored. Provider keys stay
 //! sealed under the master key, client keys and named tokens are hashes,

@@ -174,6 +174,9 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// conflicts), so it must not have side effects outside the transaction.
 pub type TxnBody<'a> = dyn Fn(&dyn Txn) -> Result<(), Rollback> + 'a;
 
+/// Receives the entries of [`Store::export`]: tree, key, value.
+pub type ExportSink<'a> = dyn FnMut(Tree, &[u8], &[u8]) -> std::io::Result<()> + 'a;
+
 /// A boxed future, to keep [`Store`] object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -214,10 +217,7 @@ pub trait Store: Send + Sync + 'static {
     /// order and keys in order, as one point-in-time view: no transaction
     /// commits while it runs (engines block them), so the sink must be fast
     /// (a local file, never a network peer). Returns the number of entries.
-    fn export(
-        &self,
-        sink: &mut dyn FnMut(Tree, &[u8], &[u8]) -> std::io::Result<()>,
-    ) -> Result<u64, StoreError>;
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError>;
     /// Makes every committed write durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Whether the engine answers reads (for `/healthz`).

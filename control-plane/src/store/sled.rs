@@ -17,7 +17,7 @@ use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 
-use super::{BoxFuture, Entry, Rollback, Store, StoreError, Tree, Txn, TxnBody};
+use super::{BoxFuture, Entry, ExportSink, Rollback, Store, StoreError, Tree, Txn, TxnBody};
 
 /// The sled-backed store. Cheap to share behind an `Arc`.
 pub struct SledStore {
@@ -230,10 +230,7 @@ impl Store for SledStore {
         }
     }
 
-    fn export(
-        &self,
-        sink: &mut dyn FnMut(Tree, &[u8], &[u8]) -> std::io::Result<()>,
-    ) -> Result<u64, StoreError> {
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError> {
         let _exclusive = self.writes.write();
         let mut n = 0u64;
         for t in Tree::ALL {
