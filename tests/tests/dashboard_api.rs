@@ -419,3 +419,40 @@ async fn the_event_stream_announces_a_cooldown_after_a_429_and_a_proxy_connectin
     events.expect("proxies").await;
     second.wait_ready();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_disable_is_audited_under_the_callers_token() {
+    let c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        ..ClusterOptions::default()
+    });
+    let api = Api::new(&c.cp);
+    let admin = c.cp.admin_token();
+    let (status, body) = api.post("/api/v1/backends/fallback/disable", admin).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, audit) = api
+        .get("/api/v1/audit?resource=backend/fallback&limit=10", admin)
+        .await;
+    assert_eq!(status, 200, "{audit}");
+    let records = audit["records"].as_array().cloned().unwrap_or_default();
+    let disable: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["operation"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("dashboard:"))
+        })
+        .collect();
+    assert_eq!(disable.len(), 1, "one dashboard record: {audit}");
+    assert_eq!(disable[0]["token_name"], "bootstrap", "{audit}");
+    assert_eq!(
+        disable[0]["config_version"], body["config_version"],
+        "{audit}"
+    );
+    assert!(
+        disable[0]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "the browser's address: {audit}"
+    );
+}
