@@ -456,3 +456,21 @@ async fn a_dashboard_disable_is_audited_under_the_callers_token() {
         "the browser's address: {audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_event_stream_ends_on_shutdown_without_holding_it_up() {
+    let mut cp = ControlPlane::start();
+    let api = Api::new(&cp);
+    let mut events = Events::open(&api, cp.admin_token()).await;
+    assert_eq!(events.next().await.map(|e| e.0).as_deref(), Some("hello"));
+    let stopper = tokio::task::spawn_blocking(move || {
+        cp.stop_clean();
+        cp.logs()
+    });
+    assert!(events.next().await.is_none(), "the stream ends");
+    let logs = stopper.await.expect("stopped");
+    assert!(
+        !logs.contains("did not close in time"),
+        "the stream held shutdown up:\n{logs}"
+    );
+}
