@@ -14,6 +14,7 @@ mod audit;
 mod backup;
 mod check;
 mod control_plane_cli;
+mod dashboard_api;
 mod data_plane;
 mod data_plane_config;
 mod data_plane_input;
