@@ -8,6 +8,7 @@
 //! (the role is therefore the wire enum, not `access::Role`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use claw_proto::v1;
 use prost::Message as _;
@@ -99,9 +100,13 @@ pub fn append(
 ) -> Result<(), StoreError> {
     use rand::RngCore as _;
     let now = now_ms();
+    // Key: big-endian unix ms, then a process-wide sequence number (so
+    // records of the same millisecond keep their order, "newest first"
+    // included), then random bytes (so two processes never collide).
     let mut key = Vec::with_capacity(16);
     key.extend_from_slice(&(now.max(0) as u64).to_be_bytes());
-    let mut rnd = [0u8; 8];
+    key.extend_from_slice(&SEQUENCE.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    let mut rnd = [0u8; 4];
     rand::rng().fill_bytes(&mut rnd);
     key.extend_from_slice(&rnd);
     let record = v1::AuditRecord {
@@ -127,6 +132,9 @@ pub fn append(
     };
     txn.insert(Tree::Audit, &key, &record.encode_to_vec())
 }
+
+/// Orders the records one process writes within a millisecond.
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// Current time in unix milliseconds (as `catalog::records::now_ms`, which
 /// this module cannot name without an import cycle).
