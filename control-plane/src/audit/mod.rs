@@ -254,4 +254,61 @@ mod tests {
             )]
         );
     }
+
+    #[tokio::test]
+    async fn apply_records_each_changed_resource_once_and_a_dry_run_nothing() {
+        use crate::catalog::ApplyRequest;
+        use claw_proto::v1::{Agent, ClientKey, ClusterConfig};
+        let (_dir, store, c) = store_and_catalog().await;
+        let config = ClusterConfig {
+            backends: vec![backend()],
+            client_keys: vec![ClientKey {
+                name: "app".into(),
+                ..Default::default()
+            }],
+            agents: vec![Agent {
+                id: "a1".into(),
+                model: "gpt-4o".into(),
+                webhook_url: "http://127.0.0.1:9/hook".into(),
+                webhook_secret: "whsec-0123456789abcdef".into(),
+                enabled: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let req = |dry_run| ApplyRequest {
+            config: config.clone(),
+            dry_run,
+            prune: false,
+        };
+        let actor = Actor::system();
+        c.apply(&actor, req(true)).await.expect("dry run");
+        assert!(records(&*store).is_empty(), "a dry run records nothing");
+        let out = c.apply(&actor, req(false)).await.expect("apply");
+        let rs = records(&*store);
+        let mut kinds: Vec<_> = rs.iter().map(|r| r.resource_kind.as_str()).collect();
+        kinds.sort_unstable();
+        assert_eq!(kinds, ["agent", "backend", "client_key"]);
+        for r in &rs {
+            assert_eq!(r.operation, "ApplyConfig");
+            assert_eq!(r.action, "created");
+            assert_eq!(r.config_version, out.config_version);
+        }
+        let agent = rs
+            .iter()
+            .find(|r| r.resource_kind == "agent")
+            .expect("agent");
+        assert!(agent.changes.contains(&field("webhook_secret", "", SET)));
+        let all = format!("{rs:?}");
+        assert!(
+            !all.contains("whsec-") && !all.contains("sk-secret"),
+            "{all}"
+        );
+        c.apply(&actor, req(false)).await.expect("again");
+        assert_eq!(
+            records(&*store).len(),
+            3,
+            "an unchanged apply records nothing"
+        );
+    }
 }
