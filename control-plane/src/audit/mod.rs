@@ -8,6 +8,7 @@
 //! (the role is therefore the wire enum, not `access::Role`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use claw_proto::v1;
 use prost::Message as _;
@@ -99,9 +100,13 @@ pub fn append(
 ) -> Result<(), StoreError> {
     use rand::RngCore as _;
     let now = now_ms();
+    // Key: big-endian unix ms, then a process-wide sequence number (so
+    // records of the same millisecond keep their order, "newest first"
+    // included), then random bytes (so two processes never collide).
     let mut key = Vec::with_capacity(16);
     key.extend_from_slice(&(now.max(0) as u64).to_be_bytes());
-    let mut rnd = [0u8; 8];
+    key.extend_from_slice(&SEQUENCE.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    let mut rnd = [0u8; 4];
     rand::rng().fill_bytes(&mut rnd);
     key.extend_from_slice(&rnd);
     let record = v1::AuditRecord {
@@ -127,6 +132,9 @@ pub fn append(
     };
     txn.insert(Tree::Audit, &key, &record.encode_to_vec())
 }
+
+/// Orders the records one process writes within a millisecond.
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
 
 /// Current time in unix milliseconds (as `catalog::records::now_ms`, which
 /// this module cannot name without an import cycle).
@@ -244,6 +252,63 @@ mod tests {
                 key(KEY1).id().as_str(),
                 key(KEY2).id().as_str()
             )]
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_records_each_changed_resource_once_and_a_dry_run_nothing() {
+        use crate::catalog::ApplyRequest;
+        use claw_proto::v1::{Agent, ClientKey, ClusterConfig};
+        let (_dir, store, c) = store_and_catalog().await;
+        let config = ClusterConfig {
+            backends: vec![backend()],
+            client_keys: vec![ClientKey {
+                name: "app".into(),
+                ..Default::default()
+            }],
+            agents: vec![Agent {
+                id: "a1".into(),
+                model: "gpt-4o".into(),
+                webhook_url: "http://127.0.0.1:9/hook".into(),
+                webhook_secret: "whsec-0123456789abcdef".into(),
+                enabled: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let req = |dry_run| ApplyRequest {
+            config: config.clone(),
+            dry_run,
+            prune: false,
+        };
+        let actor = Actor::system();
+        c.apply(&actor, req(true)).await.expect("dry run");
+        assert!(records(&*store).is_empty(), "a dry run records nothing");
+        let out = c.apply(&actor, req(false)).await.expect("apply");
+        let rs = records(&*store);
+        let mut kinds: Vec<_> = rs.iter().map(|r| r.resource_kind.as_str()).collect();
+        kinds.sort_unstable();
+        assert_eq!(kinds, ["agent", "backend", "client_key"]);
+        for r in &rs {
+            assert_eq!(r.operation, "ApplyConfig");
+            assert_eq!(r.action, "created");
+            assert_eq!(r.config_version, out.config_version);
+        }
+        let agent = rs
+            .iter()
+            .find(|r| r.resource_kind == "agent")
+            .expect("agent");
+        assert!(agent.changes.contains(&field("webhook_secret", "", SET)));
+        let all = format!("{rs:?}");
+        assert!(
+            !all.contains("whsec-") && !all.contains("sk-secret"),
+            "{all}"
+        );
+        c.apply(&actor, req(false)).await.expect("again");
+        assert_eq!(
+            records(&*store).len(),
+            3,
+            "an unchanged apply records nothing"
         );
     }
 }

@@ -10,6 +10,11 @@
 //!   the resource trees, their index trees and `meta`; the same transaction
 //!   bumps the persisted configuration version when (and only when) the
 //!   configuration actually changes. A no-op mutation leaves the version.
+//! - **Audited.** Every mutation takes the [`Actor`] making it; the same
+//!   transaction appends one [`crate::audit`] record per changed resource
+//!   (operation = the RPC name, the new version, a field diff with secrets
+//!   as fixed masks). A no-op writes no record; master key rotation writes
+//!   one at the unchanged version.
 //! - **Durable before acknowledged.** After the transaction commits the
 //!   store is flushed before the call returns, so a reply survives `kill -9`.
 //! - **Published.** Each new version is sent on a [`watch`] channel
