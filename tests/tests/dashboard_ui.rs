@@ -44,9 +44,8 @@ fn missing_tools() -> Option<String> {
 /// `clawctl token add NAME --role ROLE -o json` → the secret, or `None` when
 /// this build has no named tokens yet.
 fn named_token(c: &Cluster, name: &str, role: &str) -> Option<String> {
-    let out = c
-        .cp
-        .clawctl(&["token", "add", name, "--role", role, "-o", "json"]);
+    let out =
+        c.cp.clawctl(&["token", "add", name, "--role", role, "-o", "json"]);
     if !out.success() {
         eprintln!("`clawctl token add` unavailable: {}", out.stderr.trim());
         return None;
@@ -159,23 +158,30 @@ fn the_dashboard_works_in_a_browser() {
         checks.push(format!("ok audit shows {admin_name}"));
     }
     for check in &checks {
-        assert!(stdout.contains(check.as_str()), "missing `{check}` in:\n{stdout}");
+        assert!(
+            stdout.contains(check.as_str()),
+            "missing `{check}` in:\n{stdout}"
+        );
     }
 
     // The page's write reached the store.
-    let backend = c
-        .cp
-        .clawctl(&["backend", "get", "fallback", "-o", "json"])
-        .assert_ok()
-        .json();
+    let backend =
+        c.cp.clawctl(&["backend", "get", "fallback", "-o", "json"])
+            .assert_ok()
+            .json();
     assert_eq!(backend["enabled"], Value::Bool(false), "{backend}");
     if audit {
         let records = c.cp.clawctl(&["audit", "-o", "json"]).assert_ok().json();
         let by_page = records.as_array().into_iter().flatten().any(|r| {
             r["token_name"] == admin_name
                 && r["resource_name"] == "fallback"
-                && r["operation"].as_str().is_some_and(|o| o.contains("SetBackendEnabled"))
+                && r["operation"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("SetBackendEnabled"))
         });
-        assert!(by_page, "no audit record of the page's disable by {admin_name}: {records}");
+        assert!(
+            by_page,
+            "no audit record of the page's disable by {admin_name}: {records}"
+        );
     }
 }
