@@ -2,9 +2,12 @@
 //!
 //! - `GET /healthz`: `200 ok` while the store answers reads, `503` otherwise.
 //! - `GET /metrics`: Prometheus text exposition (see [`crate::metrics`]).
-//! - anything else: `404`.
+//! - everything else: the operator dashboard ([`crate::dashboard`]): the
+//!   page at `/`, its JSON API and live events under `/api/v1/` (admin or
+//!   viewer token required), `404` for unknown paths.
 //!
-//! It carries no secrets and needs no token; bind it to a private address.
+//! Probes and metrics carry no secrets and need no token; bind the listener
+//! to a private address all the same.
 //! With TLS configured it speaks TLS only (probes: `scheme: HTTPS`).
 
 use std::convert::Infallible;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use claw_tls::tokio_rustls::TlsAcceptor;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::catalog::Catalog;
+use crate::dashboard::{self, Dashboard};
 use crate::shutdown::Shutdown;
 
 /// How long open connections get to finish after shutdown starts.
@@ -37,6 +41,8 @@ pub(crate) struct HttpState {
     pub catalog: Arc<Catalog>,
     /// Rendered by `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Everything else.
+    pub dashboard: Dashboard,
 }
 
 fn text(
@@ -83,6 +89,18 @@ pub(crate) fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Fu
             )
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}
+
+/// Routes one request: probes and metrics here, the rest to the dashboard.
+async fn route(
+    state: HttpState,
+    request: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<dashboard::Body> {
+    match request.uri().path() {
+        "/healthz" | "/metrics" => respond(&state, &request).map(BodyExt::boxed_unsync),
+        _ => state.dashboard.handle(request, peer).await,
     }
 }
 
@@ -144,8 +162,8 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
-        let response = respond(&state, &req);
-        async move { Ok::<_, Infallible>(response) }
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(state, req, peer).await) }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(stream), service);

@@ -24,6 +24,7 @@ use claw_proto::v1;
 use tokio::sync::{mpsc, watch};
 
 use crate::catalog::records::{now_ms, timestamp};
+use crate::events::{Events, Topic};
 use crate::metrics;
 
 /// The sending half of one proxy's discovery stream: a response sent here
@@ -98,6 +99,8 @@ pub struct ProxyRegistry {
     retention: Duration,
     /// Bumped whenever a stream opens or closes ([`ProxyRegistry::subscribe`]).
     membership: watch::Sender<u64>,
+    /// Told about connects, disconnects, ACKs and NACKs (the dashboard).
+    events: Events,
 }
 
 impl Default for ProxyRegistry {
@@ -131,7 +134,14 @@ impl ProxyRegistry {
             next_connection: AtomicU64::new(1),
             retention,
             membership: watch::channel(0).0,
+            events: Events::new(),
         }
+    }
+
+    /// The registry announcing its changes on `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Prunes, runs `f` on the map, and refreshes the fleet gauges.
@@ -173,6 +183,7 @@ impl ProxyRegistry {
             Connected { id, replaced }
         });
         self.membership.send_modify(|n| *n += 1);
+        self.events.notify(Topic::Proxies);
         connected
     }
 
@@ -196,14 +207,18 @@ impl ProxyRegistry {
 
     /// Records that the proxy applied `version`.
     pub fn acked(&self, node_id: &str, conn: ConnectionId, version: u64) {
-        self.update(node_id, conn, |s| s.acked_version = version);
+        if self.update(node_id, conn, |s| s.acked_version = version) {
+            self.events.notify(Topic::Proxies);
+        }
     }
 
     /// Records that the proxy rejected a snapshot, keeping at most
     /// [`MAX_NACK_REASON`] bytes of its reason.
     pub fn nacked(&self, node_id: &str, conn: ConnectionId, reason: &str) {
         let reason = bound_reason(reason);
-        self.update(node_id, conn, |s| s.last_nack_reason = reason);
+        if self.update(node_id, conn, |s| s.last_nack_reason = reason) {
+            self.events.notify(Topic::Proxies);
+        }
     }
 
     /// Records that stream `conn` of the node ended. The node stays listed
@@ -221,6 +236,7 @@ impl ProxyRegistry {
         });
         if gone {
             self.membership.send_modify(|n| *n += 1);
+            self.events.notify(Topic::Proxies);
         }
         gone
     }

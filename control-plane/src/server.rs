@@ -56,7 +56,9 @@ use crate::api::stats::StatsApi;
 use crate::api::token::TokenApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::dashboard::{Dashboard, Services};
 use crate::discovery::{self, Debounce, DiscoveryApi};
+use crate::events::Events;
 use crate::fleet::Fleet;
 use crate::heartbeat::runs::RunStore;
 use crate::http::{self, HttpState};
@@ -109,6 +111,8 @@ pub struct Server {
     catalog: Arc<Catalog>,
     proxies: Arc<ProxyRegistry>,
     tls: Option<Arc<claw_tls::CertResolver>>,
+    /// Change notifications for the dashboard's live stream.
+    events: Events,
 }
 
 impl std::fmt::Debug for Server {
@@ -147,12 +151,14 @@ impl Server {
             master_key_id = %catalog.master_key_id(),
             "catalog open"
         );
+        let events = Events::new();
         Ok(Server {
             config,
             store,
             catalog: Arc::new(catalog),
-            proxies: Arc::new(ProxyRegistry::new()),
+            proxies: Arc::new(ProxyRegistry::new().with_events(events.clone())),
             tls,
+            events,
         })
     }
 
@@ -180,6 +186,7 @@ impl Server {
             catalog,
             proxies,
             tls,
+            events,
         } = self;
         let (grpc_tls, http_tls) = match tls {
             Some(resolver) => {
@@ -237,7 +244,7 @@ impl Server {
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
-            RunStore::new(store.clone()),
+            RunStore::new(store.clone()).with_events(events.clone()),
             config.heartbeat.clone(),
             stop_rx.clone(),
         )
@@ -251,7 +258,8 @@ impl Server {
                 heartbeats.capacity.clone(),
                 config.shares,
             )
-            .context("loading the fleet cooldowns")?,
+            .context("loading the fleet cooldowns")?
+            .with_events(events.clone()),
         );
         let fleet_task = tokio::spawn(fleet.clone().run(stop_rx.clone()));
         let ingest = Arc::new(Ingest::new(store.clone(), fleet.clone()));
@@ -260,6 +268,25 @@ impl Server {
             config.retention,
             stop_rx.clone(),
         ));
+        // One instance of each service, shared by gRPC and the dashboard.
+        let services = Services {
+            backend: BackendApi::new(catalog.clone(), fleet.clone()),
+            cluster: ClusterApi::new(catalog.clone(), proxies.clone()),
+            stats: StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet.clone()),
+            agent: AgentApi::new(catalog.clone()),
+            heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats),
+            pool: PoolApi::new(catalog.clone()),
+            audit: AuditApi::new(store.clone()),
+            token: TokenApi::new(access.clone()),
+        };
+        let dashboard = Dashboard {
+            access: access.clone(),
+            services: services.clone(),
+            events,
+            catalog: catalog.clone(),
+            fleet: fleet.clone(),
+            shutdown: stop_rx.clone(),
+        };
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -268,11 +295,11 @@ impl Server {
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
             .add_service(BackendServiceServer::with_interceptor(
-                BackendApi::new(catalog.clone(), fleet.clone()),
+                services.backend,
                 admin.clone(),
             ))
             .add_service(PoolServiceServer::with_interceptor(
-                PoolApi::new(catalog.clone()),
+                services.pool,
                 admin.clone(),
             ))
             .add_service(ClientKeyServiceServer::with_interceptor(
@@ -280,27 +307,27 @@ impl Server {
                 admin.clone(),
             ))
             .add_service(AgentServiceServer::with_interceptor(
-                AgentApi::new(catalog.clone()),
+                services.agent,
                 admin.clone(),
             ))
             .add_service(ClusterServiceServer::with_interceptor(
-                ClusterApi::new(catalog.clone(), proxies.clone()),
+                services.cluster,
                 admin.clone(),
             ))
             .add_service(HeartbeatServiceServer::with_interceptor(
-                HeartbeatApi::new(catalog.clone(), heartbeats),
+                services.heartbeat,
                 admin.clone(),
             ))
             .add_service(StatsServiceServer::with_interceptor(
-                StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet),
+                services.stats,
                 admin.clone(),
             ))
             .add_service(TokenServiceServer::with_interceptor(
-                TokenApi::new(access),
+                services.token,
                 admin.clone(),
             ))
             .add_service(AuditServiceServer::with_interceptor(
-                AuditApi::new(store.clone()),
+                services.audit,
                 admin.clone(),
             ))
             .add_service(BackupServiceServer::with_interceptor(
@@ -334,6 +361,7 @@ impl Server {
             HttpState {
                 catalog: catalog.clone(),
                 metrics: prometheus.clone(),
+                dashboard,
             },
             http_tls,
             stop_rx.clone(),

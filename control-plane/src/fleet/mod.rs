@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::catalog::Catalog;
 use crate::catalog::records::now_ms;
+use crate::events::{Events, Topic};
 use crate::proxies::{ProxyRegistry, Push};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
@@ -52,6 +53,8 @@ pub struct Fleet {
     cooldowns: FleetCooldowns,
     shares: Shares,
     activity: Arc<AgentActivity>,
+    /// Told when a cooldown starts or ends (the dashboard).
+    events: Events,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -85,7 +88,19 @@ impl Fleet {
             cooldowns,
             shares,
             activity,
+            events: Events::new(),
         })
+    }
+
+    /// The fleet announcing cooldowns starting and ending on `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Where the fleet (and report ingestion) announce changes.
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// The fleet cooldowns.
@@ -115,6 +130,7 @@ impl Fleet {
             .map(|c| c.to_update(now))
             .collect();
         if !updates.is_empty() {
+            self.events.notify(Topic::Backends);
             let message = StreamConfigResponse {
                 version: self.catalog.config_version(),
                 cooldowns: updates,
@@ -164,6 +180,9 @@ impl Fleet {
         let mut tick = tokio::time::interval(self.shares.settings().tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut known: Vec<(String, Push)> = Vec::new();
+        // Backends cooling at the last tick: one that is no longer is a
+        // cooldown that ended (nothing else marks the end).
+        let mut cooling = self.cooling_backends();
         loop {
             tokio::select! {
                 () = stop.stopped() => return,
@@ -175,10 +194,24 @@ impl Fleet {
                 }
                 _ = tick.tick() => {
                     self.cooldowns.record_gauge(now_ms());
+                    let now = self.cooling_backends();
+                    if cooling.iter().any(|b| !now.contains(b)) {
+                        self.events.notify(Topic::Backends);
+                    }
+                    cooling = now;
                 }
             }
             self.push_shares();
         }
+    }
+
+    /// The ids of the backends cooling now.
+    fn cooling_backends(&self) -> Vec<String> {
+        self.cooldowns
+            .active(now_ms())
+            .into_iter()
+            .map(|u| u.backend_id)
+            .collect()
     }
 
     /// Sends active cooldowns to proxies that just connected and updates

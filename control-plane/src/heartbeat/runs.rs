@@ -20,6 +20,7 @@ use std::sync::Arc;
 use claw_proto::v1::{HeartbeatRun, RunStatus};
 
 use crate::catalog::records;
+use crate::events::{Events, Topic};
 use crate::store::{Store, StoreError, Tree, Txn};
 
 /// The trees a scheduler transaction spans.
@@ -179,6 +180,8 @@ pub enum ClaimOutcome {
 #[derive(Clone)]
 pub struct RunStore {
     store: Arc<dyn Store>,
+    /// Told when a run is recorded or changes (the dashboard).
+    events: Option<Events>,
 }
 
 impl std::fmt::Debug for RunStore {
@@ -219,7 +222,16 @@ fn write_run(txn: &dyn Txn, key: &RunKey, rec: &RunRecord) -> Result<(), StoreEr
 impl RunStore {
     /// The run store over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        RunStore { store }
+        RunStore {
+            store,
+            events: None,
+        }
+    }
+
+    /// The run store announcing recorded and updated runs on `events`.
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Applies `writes` in one transaction and flushes, so everything they
@@ -271,6 +283,13 @@ impl RunStore {
             Ok(outcomes)
         })?;
         self.store.flush().await?;
+        if let Some(events) = &self.events
+            && writes
+                .iter()
+                .any(|w| matches!(w, Write::Claim(..) | Write::Update(..)))
+        {
+            events.notify(Topic::Heartbeats);
+        }
         Ok(outcomes)
     }
 

@@ -115,6 +115,9 @@ impl Ingest {
         metrics::batch("stored");
         record_event_metrics(batch, now_ms());
         self.fleet.observe(batch, changes);
+        if !batch.usage.is_empty() || !batch.usage_aggregates.is_empty() {
+            self.fleet.events().notify(crate::events::Topic::Usage);
+        }
     }
 }
 

@@ -1,0 +1,125 @@
+//! The backends view: `ListBackends` plus each backend's live state from
+//! the fleet.
+//!
+//! - `state`: `disabled` when not enabled; else `quota_exhausted` while the
+//!   provider reports the quota spent; else `cooling` while a fleet
+//!   cooldown (after a 429 or overload) lasts; else `healthy`. The control
+//!   plane learns of nothing else (ejections and health checks are each
+//!   proxy's own), so `ejected` and `unhealthy` are never reported here.
+//! - `cooling_until`: the end of the cooldown (RFC 3339), or null.
+//! - `rpm_in_use` / `tpm_in_use`: the fleet's current demand on the backend
+//!   per minute, summed over connected proxies (the EWMA the rate-share
+//!   assigner keeps from the proxies' demand reports,
+//!   [`crate::fleet::shares::Shares::demand_per_minute`]), rounded; null
+//!   when no connected proxy has reported demand for it.
+
+use claw_proto::v1::backend_service_server::BackendService as _;
+use claw_proto::v1::{Backend, ListBackendsRequest};
+use serde_json::Value;
+use tonic::Status;
+
+use super::Dashboard;
+use super::api::{Caller, to_json};
+
+/// One backend as the view shows it.
+pub(super) struct LiveBackend {
+    /// `healthy`, `cooling`, `quota_exhausted` or `disabled`.
+    pub state: &'static str,
+    /// The backend's JSON with the live fields added.
+    pub json: Value,
+}
+
+/// The state of `b` at `now_ms` given its fleet cooldown.
+fn state_of(
+    b: &Backend,
+    cooldown: Option<&crate::fleet::cooldowns::Change>,
+    now_ms: i64,
+) -> &'static str {
+    if !b.enabled {
+        "disabled"
+    } else if cooldown.is_some_and(|c| c.quota_exhausted(now_ms)) {
+        "quota_exhausted"
+    } else if cooldown.is_some_and(|c| c.until_ms > now_ms) {
+        "cooling"
+    } else {
+        "healthy"
+    }
+}
+
+fn rfc3339(ms: i64) -> Value {
+    jiff::Timestamp::from_millisecond(ms).map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+/// Every backend with its live state.
+pub(super) async fn live(d: &Dashboard, c: &Caller) -> Result<Vec<LiveBackend>, Status> {
+    let r = c.request(
+        "/claw.v1.BackendService/ListBackends",
+        ListBackendsRequest {},
+        false,
+    )?;
+    let backends = d
+        .services
+        .backend
+        .list_backends(r)
+        .await?
+        .into_inner()
+        .backends;
+    let now = crate::catalog::records::now_ms();
+    let demand = d.fleet.shares().demand_per_minute();
+    let mut out = Vec::with_capacity(backends.len());
+    for b in backends {
+        let cooldown = d.fleet.cooldowns().get(&b.id);
+        let state = state_of(&b, cooldown.as_ref(), now);
+        let cooling_until = match &cooldown {
+            Some(c) if c.until_ms > now => rfc3339(c.until_ms),
+            _ => Value::Null,
+        };
+        let (rpm, tpm) = match demand.get(&b.id) {
+            Some(&(r, t)) => (Value::from(r.round() as u64), Value::from(t.round() as u64)),
+            None => (Value::Null, Value::Null),
+        };
+        let mut json = to_json(&b)?;
+        if let Value::Object(m) = &mut json {
+            m.insert("state".into(), Value::from(state));
+            m.insert("cooling_until".into(), cooling_until);
+            m.insert("rpm_in_use".into(), rpm);
+            m.insert("tpm_in_use".into(), tpm);
+        }
+        out.push(LiveBackend { state, json });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::cooldowns::Change;
+
+    #[test]
+    fn state_follows_enabled_quota_and_cooldown_in_that_order() {
+        let now = 1_000_000;
+        let b = |enabled| Backend {
+            enabled,
+            ..Default::default()
+        };
+        let c = |until_ms, quota_until_ms| Change {
+            backend_id: "b".into(),
+            until_ms,
+            consecutive: 1,
+            source_node: "p".into(),
+            cooled: true,
+            quota_until_ms,
+        };
+        assert_eq!(state_of(&b(true), None, now), "healthy");
+        assert_eq!(state_of(&b(true), Some(&c(now - 1, 0)), now), "healthy");
+        assert_eq!(state_of(&b(true), Some(&c(now + 5, 0)), now), "cooling");
+        assert_eq!(
+            state_of(&b(true), Some(&c(now + 5, now + 5)), now),
+            "quota_exhausted"
+        );
+        assert_eq!(
+            state_of(&b(false), Some(&c(now + 5, now + 5)), now),
+            "disabled"
+        );
+    }
+}
