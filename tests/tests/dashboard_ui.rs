@@ -101,6 +101,16 @@ fn the_dashboard_works_in_a_browser() {
         eprintln!("no viewer token: the viewer checks run as the bootstrap admin are skipped");
     }
 
+    // Some traffic for the usage cards and charts (not asserted: the
+    // screenshots look like a gateway in use).
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    rt.block_on(async {
+        for _ in 0..6 {
+            let res = c.chat(c.proxy(), CHAT).await;
+            assert_eq!(res.status(), 200, "warm-up chat");
+        }
+    });
+
     // The next request to the primary is answered 429: the script sends it.
     c.primary.push(Action::rate_limited(Some(30)));
 

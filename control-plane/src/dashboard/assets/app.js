@@ -110,7 +110,8 @@
   function money(x) {
     x = Number(x) || 0;
     if (x === 0) return "$0";
-    if (Math.abs(x) < 0.01) return "$" + x.toFixed(4);
+    if (Math.abs(x) < 0.000001) return "<$0.000001";
+    if (Math.abs(x) < 0.01) return "$" + String(Number(x.toPrecision(2)));
     return "$" + x.toFixed(2);
   }
   function pad(n) {
@@ -337,7 +338,7 @@
       totalsCards(o.last_hour, o.last_day),
       h("div", { class: "card stat", "data-testid": "card-backends" }, h("div", { class: "label" }, "Backends"), h("div", { class: "value" }, num(b.total || 0)), states),
       stat("Agents", num(ag.total || 0), `${num(ag.enabled || 0)} enabled`, "card-agents"),
-      stat("Config version", num(current), `${num(snap.proxies_connected || 0)} proxies connected · key ${snap.master_key_id || "–"}`, "card-config")
+      stat("Config version", num(current), `${num(snap.proxies_connected || 0)} ${Number(snap.proxies_connected) === 1 ? "proxy" : "proxies"} connected · key ${snap.master_key_id || "–"}`, "card-config")
     );
 
     const proxies = (o.proxies || []).map((p) => {
@@ -633,7 +634,7 @@
         if (i !== undefined) cost[i] += Number(p.cost) || 0;
       }
     }
-    const max = Math.max(0.0001, ...cost);
+    const max = Math.max(...cost) || 1;
     const bw = (W - L - R) / bk.list.length;
     const y = (v) => T + (H - T - B) * (1 - v / max);
     const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Cost per bucket", "data-testid": "usage-cost-chart" });
