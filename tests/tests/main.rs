@@ -11,6 +11,7 @@ mod data_plane_support;
 mod affinity;
 mod anthropic_sdk;
 mod control_plane_cli;
+mod dashboard_api;
 mod dashboard_ui;
 mod data_plane;
 mod data_plane_config;
