@@ -163,6 +163,24 @@ impl Connection {
         )
     }
 
+    /// The admin token service (named tokens, whoami).
+    pub(crate) fn tokens(
+        &self,
+    ) -> claw_proto::v1::token_service_client::TokenServiceClient<Authed> {
+        claw_proto::v1::token_service_client::TokenServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
+    /// The audit service (the audit log).
+    pub(crate) fn audit(&self) -> claw_proto::v1::audit_service_client::AuditServiceClient<Authed> {
+        claw_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())

@@ -15,6 +15,9 @@
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
+//! - `token`: `token add|list|rm` (named admin tokens with roles) and
+//!   `whoami`.
+//! - `audit`: `audit` over the audit log.
 //! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
@@ -25,6 +28,7 @@
 mod agent;
 mod api_key;
 mod apply;
+mod audit;
 mod backend;
 mod cli;
 mod client;
@@ -39,6 +43,7 @@ mod output;
 mod pool;
 mod session;
 mod stats;
+mod token;
 
 pub use cli::{Cli, parse};
 
@@ -64,9 +69,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(cmd) => agent::run(&session, cmd).await,
         Command::Heartbeat(cmd) => heartbeat::run(&session, cmd).await,
         Command::Stats(cmd) => stats::run(&session, cmd).await,
+        Command::Token(cmd) => token::run(&session, cmd).await,
+        Command::Whoami => token::whoami(&session).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
+        Command::Audit(args) => audit::run(&session, args).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),

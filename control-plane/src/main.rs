@@ -189,6 +189,10 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_RETENTION_COOLDOWNS", default_value = "30d", value_parser = humantime::parse_duration)]
     retention_cooldowns: std::time::Duration,
 
+    /// Audit records older than this are pruned.
+    #[arg(long, env = "CLAW_RETENTION_AUDIT", default_value = "400d", value_parser = humantime::parse_duration)]
+    retention_audit: std::time::Duration,
+
     /// Webhook delivery attempts before an alert is dead-lettered.
     #[arg(long, env = "CLAW_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     webhook_max_attempts: u32,
@@ -349,6 +353,7 @@ impl TryFrom<ServeArgs> for Config {
         config.retention.hourly = args.retention_hourly;
         config.retention.daily = args.retention_daily;
         config.retention.cooldown_events = args.retention_cooldowns;
+        config.retention.audit = args.retention_audit;
         config.tls = tls;
         Ok(config)
     }
