@@ -801,6 +801,13 @@
   }
 
   // ---------- audit ----------
+  // A long value (a JSON list of models) is cut; the whole text is its tooltip.
+  function short(v) {
+    if (!v) return "∅";
+    return v.length > 120 ? h("span", { title: v }, v.slice(0, 117) + "…") : v;
+  }
+
+
   async function loadAudit(view) {
     const f = state.audit;
     const q = new URLSearchParams({ limit: "100" });
@@ -829,7 +836,7 @@
         h("td", null, r.operation, r.action ? h("div", { class: "muted" }, r.action) : null),
         h("td", null, r.resource_kind ? `${r.resource_kind}/${r.resource_name || r.resource_id}` : "–"),
         h("td", { class: "num" }, r.config_version ? num(r.config_version) : "–"),
-        h("td", { class: "wrap" }, (r.changes || []).map((c) => h("div", null, h("span", { class: "mono" }, c.field), ": ", h("span", { class: "muted" }, c.old_value || "∅"), " → ", c.new_value || "∅")))
+        h("td", { class: "wrap" }, (r.changes || []).map((c) => h("div", null, h("span", { class: "mono" }, c.field), ": ", h("span", { class: "muted" }, short(c.old_value)), " → ", short(c.new_value))))
       )
     );
     render(view, controls, table(["Time", "Token", "Peer", "Operation", "Resource", { t: "Version", cls: "num" }, "Changes"], rows, "No audit records."));
