@@ -6,8 +6,9 @@
 //! serves the authenticated gRPC services, gRPC health and reflection, and
 //! the HTTP listener. No module below it imports it.
 //!
-//! Authentication: every `claw.v1` admin service and reflection require the
-//! admin token; the proxy-facing `DiscoveryService` and `ReportService`
+//! Authentication: every `claw.v1` admin service and reflection require an
+//! admin token (`CLAW_ADMIN_TOKEN` or a named one) whose role allows the
+//! method (`api::auth::AdminAccessLayer`, by full method path); the proxy-facing `DiscoveryService` and `ReportService`
 //! require the proxy token (and only it: neither token opens the other's services). gRPC
 //! health is open on purpose: probes cannot send headers.
 //!
@@ -44,7 +45,7 @@ use tonic_health::ServingStatus;
 use crate::access::Access;
 use crate::api::agent::AgentApi;
 use crate::api::audit::AuditApi;
-use crate::api::auth::{AdminAuth, TokenAuth};
+use crate::api::auth::{AdminAccessLayer, AdminAuth, TokenAuth};
 use crate::api::backend::BackendApi;
 use crate::api::backup::BackupApi;
 use crate::api::client_key::ClientKeyApi;
@@ -268,6 +269,13 @@ impl Server {
             config.retention,
             stop_rx.clone(),
         ));
+        let backup_task = config.backup.clone().map(|schedule| {
+            tokio::spawn(crate::backup::schedule::run(
+                store.clone(),
+                schedule,
+                stop_rx.clone(),
+            ))
+        });
         // One instance of each service, shared by gRPC and the dashboard.
         let services = Services {
             backend: BackendApi::new(catalog.clone(), fleet.clone()),
@@ -291,6 +299,7 @@ impl Server {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .layer(GrpcMetricsLayer)
+            .layer(AdminAccessLayer::new(access.clone()))
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
@@ -396,6 +405,9 @@ impl Server {
         }
         let _ = fleet_task.await;
         let _ = retention_task.await;
+        if let Some(task) = backup_task {
+            let _ = task.await;
+        }
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

@@ -10,6 +10,9 @@ mod data_plane_support;
 
 mod affinity;
 mod anthropic_sdk;
+mod audit;
+mod backup;
+mod check;
 mod control_plane_cli;
 mod dashboard_api;
 mod data_plane;
@@ -25,6 +28,7 @@ mod openai_sdk;
 mod otel_tracing;
 mod passthrough;
 mod responses_routing;
+mod roles;
 mod snapshot_cache;
 mod tls;
 mod translation;

@@ -1,8 +1,16 @@
-//! Bearer-token authentication for gRPC services.
+//! Bearer-token authentication and role checks for gRPC services.
 //!
-//! Every `claw.v1` admin service (and reflection) is wrapped in a
-//! [`TokenAuth`] built from the admin token; the proxy-facing discovery
-//! service gets a second instance built from the proxy token. Tokens are
+//! [`AdminAccessLayer`] wraps the whole gRPC router: for every request to an
+//! admin service (every `claw.v1` service but the proxies' discovery and
+//! report services, plus reflection and any unknown path) it resolves the
+//! bearer token to a [`Principal`] (`Unauthenticated` if none), checks the
+//! full method path with [`access::authorize`] (`PermissionDenied` naming the
+//! role), and puts the principal in the request's extensions. A tonic
+//! interceptor cannot do this: it never sees the method path. [`AdminAuth`]
+//! stays on each admin service as a second line (it accepts the principal
+//! the layer resolved). The proxy-facing services get a [`TokenAuth`] built
+//! from the proxy token, which no admin token passes; the proxy token
+//! resolves to no principal, so it opens no admin service. Tokens are
 //! compared in constant time over their SHA-256 digests (fixed length, so not
 //! even the length leaks).
 //!
@@ -10,15 +18,104 @@
 //! Kubernetes and load-balancer probes cannot send headers, and it reveals
 //! nothing but serving status.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::access::Access;
+use crate::access::{self, Access, Principal};
 use crate::config::Token;
+
+/// The principal for an `authorization` header, or the status to answer.
+fn principal(access: &Access, header: Option<&str>) -> Result<Principal, Status> {
+    match access.resolve_header(header) {
+        Ok(Some(principal)) => Ok(principal),
+        Ok(None) => Err(Status::unauthenticated("missing or invalid admin token")),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot look up an admin token");
+            Err(Status::unavailable("cannot check the token; try again"))
+        }
+    }
+}
+
+/// Checks every admin request's token and role by full method path (see
+/// the module docs). Wraps the router, so it also guards services added
+/// later.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminAccessLayer {
+    access: Arc<Access>,
+}
+
+impl AdminAccessLayer {
+    /// Resolves tokens with `access`.
+    pub(crate) fn new(access: Arc<Access>) -> Self {
+        AdminAccessLayer { access }
+    }
+}
+
+impl<S> tower::Layer<S> for AdminAccessLayer {
+    type Service = AdminAccessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AdminAccessService {
+            inner,
+            access: self.access.clone(),
+        }
+    }
+}
+
+/// The service made by [`AdminAccessLayer`].
+#[derive(Clone, Debug)]
+pub(crate) struct AdminAccessService<S> {
+    inner: S,
+    access: Arc<Access>,
+}
+
+impl<S> AdminAccessService<S> {
+    /// `Ok` with the principal inserted, or the status to answer.
+    fn check<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        let path = request.uri().path();
+        if !access::methods::needs_admin(path) {
+            return Ok(());
+        }
+        let header = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let principal = principal(&self.access, header)?;
+        access::authorize(&principal, path)?;
+        request.extensions_mut().insert(principal);
+        Ok(())
+    }
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AdminAccessService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        match self.check(&mut request) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
 
 /// The admin services' authentication: resolves the bearer token to a
 /// [`crate::access::Principal`] (bootstrap or named token) and puts it in
@@ -37,21 +134,17 @@ impl AdminAuth {
 
 impl Interceptor for AdminAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        // Resolved (and its role checked) by the layer already.
+        if request.extensions().get::<Principal>().is_some() {
+            return Ok(request);
+        }
         let header = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        match self.access.resolve_header(header) {
-            Ok(Some(principal)) => {
-                request.extensions_mut().insert(principal);
-                Ok(request)
-            }
-            Ok(None) => Err(Status::unauthenticated("missing or invalid admin token")),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot look up an admin token");
-                Err(Status::unavailable("cannot check the token; try again"))
-            }
-        }
+        let principal = principal(&self.access, header)?;
+        request.extensions_mut().insert(principal);
+        Ok(request)
     }
 }
 

@@ -1,4 +1,5 @@
-//! `claw.v1.TokenService`: named admin tokens.
+//! `claw.v1.TokenService`: named admin tokens, over
+//! [`crate::access::tokens`].
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use tonic::{Request, Status};
 
 use super::{RpcResult, ok};
 use crate::access::Access;
+use crate::access::tokens::TokenError;
 
 /// Serves named admin tokens.
 #[derive(Debug, Clone)]
@@ -22,35 +24,62 @@ impl TokenApi {
     }
 }
 
+impl From<TokenError> for Status {
+    fn from(e: TokenError) -> Status {
+        match &e {
+            TokenError::Invalid(f) => Status::invalid_argument(f.to_string()),
+            TokenError::AlreadyExists(_) => Status::already_exists(format!("name: {e}")),
+            TokenError::NotFound(_) => Status::not_found(e.to_string()),
+            TokenError::Corrupt(_) | TokenError::Store(_) => super::internal(&e),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl TokenService for TokenApi {
     async fn create_token(
         &self,
-        _request: Request<CreateTokenRequest>,
+        request: Request<CreateTokenRequest>,
     ) -> RpcResult<CreateTokenResponse> {
-        let _ = &self.access;
-        Err(Status::unimplemented("CreateToken is not implemented yet"))
+        let actor = super::actor(&request);
+        let req = request.into_inner();
+        let (token, secret) = self
+            .access
+            .tokens()
+            .create(&req.name, req.role, &actor)
+            .await?;
+        tracing::info!(token = %token.id, name = %token.name, role = token.role, by = %actor.token, "admin token created");
+        ok(CreateTokenResponse {
+            token: Some(token),
+            secret,
+        })
     }
 
     async fn list_tokens(
         &self,
         _request: Request<ListTokensRequest>,
     ) -> RpcResult<ListTokensResponse> {
-        Err(Status::unimplemented("ListTokens is not implemented yet"))
+        ok(ListTokensResponse {
+            tokens: self.access.tokens().list()?,
+        })
     }
 
     async fn delete_token(
         &self,
-        _request: Request<DeleteTokenRequest>,
+        request: Request<DeleteTokenRequest>,
     ) -> RpcResult<DeleteTokenResponse> {
-        Err(Status::unimplemented("DeleteToken is not implemented yet"))
+        let actor = super::actor(&request);
+        let ident = request.into_inner().token;
+        let token = self.access.tokens().delete(&ident, &actor).await?;
+        tracing::info!(token = %token.id, name = %token.name, by = %actor.token, "admin token deleted");
+        ok(DeleteTokenResponse {})
     }
 
     async fn who_am_i(&self, request: Request<WhoAmIRequest>) -> RpcResult<WhoAmIResponse> {
         let actor = super::actor(&request);
         ok(WhoAmIResponse {
             name: actor.token,
-            role: actor.role.map_or(Role::Unspecified, |r| r.to_proto()) as i32,
+            role: actor.role.unwrap_or(Role::Unspecified) as i32,
         })
     }
 }

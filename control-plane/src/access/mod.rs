@@ -19,7 +19,12 @@ use subtle::ConstantTimeEq as _;
 use tonic::Status;
 
 use crate::config::Token;
-use crate::store::{Store, StoreError, Tree};
+use crate::store::{Store, StoreError};
+
+pub mod methods;
+pub mod tokens;
+
+pub use methods::{Access as MethodAccess, classify};
 
 /// The name the audit log records for `CLAW_ADMIN_TOKEN`.
 pub const BOOTSTRAP_NAME: &str = "bootstrap";
@@ -101,11 +106,27 @@ impl Access {
                 role: Role::Admin,
             }));
         }
-        // Named tokens: filled in by the token store.
-        let _ = self
-            .store
-            .get(Tree::AdminTokenHashes, hex::encode(d).as_bytes())?;
-        Ok(None)
+        // Named tokens: looked up on every call, so a deleted one stops
+        // working at once. A record with an unknown role opens nothing.
+        let found = self
+            .tokens()
+            .by_hash(&hex::encode(d))
+            .map_err(|e| match e {
+                tokens::TokenError::Store(e) => e,
+                other => StoreError::Engine(other.to_string()),
+            })?;
+        Ok(found.and_then(|rec| {
+            let role = rec.role()?;
+            Some(Principal {
+                name: rec.spec?.name,
+                role,
+            })
+        }))
+    }
+
+    /// The named token store.
+    pub fn tokens(&self) -> tokens::Tokens<'_> {
+        tokens::Tokens::new(self.store.as_ref())
     }
 
     /// The principal of an `authorization` header value (`Bearer <token>`).
@@ -123,8 +144,45 @@ impl Access {
 
 /// Whether `principal` may call `method` (a full gRPC path such as
 /// `/claw.v1.BackendService/CreateBackend`): `PermissionDenied` naming the
-/// role when not.
+/// role when not. Admins may call everything; viewers only what
+/// [`classify`] calls a read (unknown methods count as writes).
 pub fn authorize(principal: &Principal, method: &str) -> Result<(), Status> {
-    let _ = (principal, method);
-    Ok(())
+    match (principal.role, classify(method)) {
+        (Role::Admin, _) | (Role::Viewer, MethodAccess::Read) => Ok(()),
+        (Role::Viewer, MethodAccess::Write) => {
+            let short = method.rsplit('/').next().unwrap_or(method);
+            Err(Status::permission_denied(format!(
+                "token {:?} has role {}; {short} needs role admin",
+                principal.name,
+                principal.role.as_str()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewers_are_denied_writes_naming_the_role() {
+        let viewer = Principal {
+            name: "ops".into(),
+            role: Role::Viewer,
+        };
+        let admin = Principal {
+            name: "root".into(),
+            role: Role::Admin,
+        };
+        let create = "/claw.v1.BackendService/CreateBackend";
+        let err = authorize(&viewer, create).expect_err("denied");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            "token \"ops\" has role viewer; CreateBackend needs role admin"
+        );
+        assert!(authorize(&viewer, "/claw.v1.BackendService/ListBackends").is_ok());
+        assert!(authorize(&viewer, "/claw.v1.Unknown/Thing").is_err());
+        assert!(authorize(&admin, create).is_ok());
+    }
 }
