@@ -105,6 +105,9 @@ pub enum Command {
     /// Rotate the master key that encrypts stored provider keys.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCmd),
+    /// Download a consistent backup of the whole store.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCmd),
     /// Show the configuration version, master key id and resource counts.
     Snapshot,
     /// List data-plane proxies and the configuration version each applied.

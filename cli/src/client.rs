@@ -186,6 +186,16 @@ impl Connection {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    /// The backup service (streamed backups).
+    pub(crate) fn backups(
+        &self,
+    ) -> claw_proto::v1::backup_service_client::BackupServiceClient<Authed> {
+        claw_proto::v1::backup_service_client::BackupServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// Awaits a call and turns a failure into the one-line error users see.
     pub(crate) async fn call<T>(
         &self,

@@ -13,6 +13,7 @@
 //! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
+//! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
 //! - `token`: `token add|list|rm` (named admin tokens with roles) and
@@ -30,6 +31,7 @@ mod api_key;
 mod apply;
 mod audit;
 mod backend;
+mod backup;
 mod cli;
 mod client;
 mod cluster;
@@ -72,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(&session, cmd).await,
         Command::Whoami => token::whoami(&session).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
+        Command::Backup(cmd) => backup::run(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
         Command::Audit(args) => audit::run(&session, args).await,

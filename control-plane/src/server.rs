@@ -269,6 +269,13 @@ impl Server {
             config.retention,
             stop_rx.clone(),
         ));
+        let backup_task = config.backup.clone().map(|schedule| {
+            tokio::spawn(crate::backup::schedule::run(
+                store.clone(),
+                schedule,
+                stop_rx.clone(),
+            ))
+        });
         // One instance of each service, shared by gRPC and the dashboard.
         let services = Services {
             backend: BackendApi::new(catalog.clone(), fleet.clone()),
@@ -398,6 +405,9 @@ impl Server {
         }
         let _ = fleet_task.await;
         let _ = retention_task.await;
+        if let Some(task) = backup_task {
+            let _ = task.await;
+        }
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

@@ -107,29 +107,21 @@ impl Events {
         }
     }
 
-    /// Waits for an event named `name`; the names seen before it.
-    async fn expect(&mut self, name: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        let found = tokio::time::timeout(EVENT_TIMEOUT, async {
+    /// Waits until an event of each of `names` arrived (in any order).
+    async fn expect(&mut self, names: &[&str]) {
+        let mut seen: Vec<String> = Vec::new();
+        let done = tokio::time::timeout(EVENT_TIMEOUT, async {
             while let Some((n, data)) = self.next().await {
-                if n == name {
-                    return Some(data);
-                }
+                assert!(data["config_version"].is_u64(), "{n}: {data}");
                 seen.push(n);
+                if names.iter().all(|w| seen.iter().any(|s| s == w)) {
+                    return true;
+                }
             }
-            None
+            false
         })
         .await;
-        match found {
-            Ok(Some(data)) => {
-                assert!(data["config_version"].is_u64(), "{name}: {data}");
-                seen
-            }
-            other => panic!(
-                "no `{name}` event (ended: {:?}); saw {seen:?}",
-                other.is_ok()
-            ),
-        }
+        assert_eq!(done, Ok(true), "expected {names:?}; saw {seen:?}");
     }
 }
 
@@ -396,7 +388,8 @@ async fn the_event_stream_announces_a_cooldown_after_a_429_and_a_proxy_connectin
     c.primary.push(Action::rate_limited(Some(30)));
     let res = c.chat(&c.proxies[0], CHAT).await;
     assert_eq!(res.status().as_u16(), 200, "retried on the fallback");
-    events.expect("backends").await;
+    // The 429 cools the backend; the batch also carries the usage.
+    events.expect(&["backends", "usage"]).await;
     let (_, list) = api.get("/api/v1/backends", admin).await;
     let primary = list["backends"]
         .as_array()
@@ -416,7 +409,7 @@ async fn the_event_stream_announces_a_cooldown_after_a_429_and_a_proxy_connectin
     let second = Proxy::builder(&c.cp)
         .node_id(format!("dash-{}", std::process::id()))
         .start();
-    events.expect("proxies").await;
+    events.expect(&["proxies"]).await;
     second.wait_ready();
 }
 
@@ -454,5 +447,23 @@ async fn a_dashboard_disable_is_audited_under_the_callers_token() {
             .as_str()
             .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "the browser's address: {audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_event_stream_ends_on_shutdown_without_holding_it_up() {
+    let mut cp = ControlPlane::start();
+    let api = Api::new(&cp);
+    let mut events = Events::open(&api, cp.admin_token()).await;
+    assert_eq!(events.next().await.map(|e| e.0).as_deref(), Some("hello"));
+    let stopper = tokio::task::spawn_blocking(move || {
+        cp.stop_clean();
+        cp.logs()
+    });
+    assert!(events.next().await.is_none(), "the stream ends");
+    let logs = stopper.await.expect("stopped");
+    assert!(
+        !logs.contains("did not close in time"),
+        "the stream held shutdown up:\n{logs}"
     );
 }

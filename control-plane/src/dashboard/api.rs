@@ -1,11 +1,11 @@
 //! `/api/v1/*`: the dashboard's JSON API.
 //!
 //! Every request needs `authorization: Bearer <token>` of an admin or
-//! viewer token ([`Access::resolve_header`]; the proxy token is unknown
-//! there). Each endpoint checks [`authorize`] with the gRPC method it calls
-//! and then calls the service in-process with the caller's [`Principal`],
-//! its peer address and, for writes, [`ViaDashboard`] in the extensions, so
-//! roles and the audit log apply exactly as on gRPC. Bodies are the proto
+//! viewer token ([`crate::access::Access::resolve_header`]; the proxy token
+//! is unknown there). Each endpoint calls its gRPC service in-process
+//! through [`Caller::request`], which checks the role for that method and
+//! carries the caller and its address (and, for writes, the dashboard mark)
+//! into the request, so roles and the audit log apply exactly as on gRPC. Bodies are the proto
 //! response messages as JSON (proto field names). Errors are
 //! `{"error":{"code","message"}}` with the HTTP status of the gRPC code.
 
@@ -26,41 +26,14 @@ use http::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 
+use super::call::{Caller, ago, to_json};
 use super::query::Query;
 use super::{Body, Dashboard, full, sse};
-use crate::access::{Principal, authorize};
-use crate::api::{PeerAddr, ViaDashboard};
 
 /// At most this many agents in `GET /agents` (each costs two reads).
 const MAX_AGENTS: usize = 500;
 /// Next slots per agent in `GET /agents`.
 const NEXT_SLOTS: u32 = 5;
-
-/// The caller of one API request.
-pub(super) struct Caller {
-    principal: Principal,
-    peer: SocketAddr,
-}
-
-impl Caller {
-    /// A request for `method` (a full gRPC path) carrying the caller, once
-    /// the caller's role may call it; `write` marks it as a dashboard action.
-    pub(super) fn request<T>(
-        &self,
-        method: &str,
-        message: T,
-        write: bool,
-    ) -> Result<tonic::Request<T>, Status> {
-        authorize(&self.principal, method)?;
-        let mut r = tonic::Request::new(message);
-        r.extensions_mut().insert(self.principal.clone());
-        r.extensions_mut().insert(PeerAddr(self.peer));
-        if write {
-            r.extensions_mut().insert(ViaDashboard);
-        }
-        Ok(r)
-    }
-}
 
 /// The HTTP status of a gRPC code.
 fn status_of(code: Code) -> StatusCode {
@@ -120,14 +93,6 @@ pub(super) fn error(status: &Status) -> Response<Body> {
     )
 }
 
-/// A message as JSON (proto field names).
-pub(super) fn to_json<T: serde::Serialize>(message: &T) -> Result<Value, Status> {
-    serde_json::to_value(message).map_err(|e| {
-        tracing::error!(error = %e, "cannot encode a dashboard response");
-        Status::internal("cannot encode the response")
-    })
-}
-
 /// Percent-decoded path segment (ids and names in paths).
 fn segment(s: &str) -> String {
     let q = Query::parse(Some(&format!("v={}", s.replace('+', "%2B"))));
@@ -182,10 +147,10 @@ fn route(path: &str) -> Option<Route> {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = error(&Status::invalid_argument(format!(
-        "method not allowed; use {allow}"
-    )));
-    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let mut r = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({ "error": { "code": "method_not_allowed", "message": format!("use {allow}") } }),
+    );
     r.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
@@ -222,7 +187,7 @@ pub(super) async fn handle<B>(
             request.uri().path()
         )));
     };
-    let caller = Caller { principal, peer };
+    let caller = Caller::new(principal, peer);
     let query = Query::parse(request.uri().query());
     let is_get = matches!(*request.method(), Method::GET | Method::HEAD);
     let result = match route {
@@ -309,13 +274,6 @@ async fn write_endpoint(d: &Dashboard, c: &Caller, write: Write) -> Result<Value
             to_json(&s.heartbeat.run_heartbeat(r).await?.into_inner())
         }
     }
-}
-
-/// The timestamp `d` before now.
-pub(super) fn ago(d: Duration) -> Option<prost_types::Timestamp> {
-    let now = crate::catalog::records::now_ms();
-    let d = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    crate::catalog::records::timestamp(now.saturating_sub(d).max(0))
 }
 
 async fn totals(d: &Dashboard, c: &Caller, since: Duration) -> Result<Value, Status> {

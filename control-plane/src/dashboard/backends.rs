@@ -19,7 +19,7 @@ use serde_json::Value;
 use tonic::Status;
 
 use super::Dashboard;
-use super::api::{Caller, to_json};
+use super::call::{Caller, to_json};
 
 /// One backend as the view shows it.
 pub(super) struct LiveBackend {

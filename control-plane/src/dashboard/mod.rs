@@ -11,6 +11,7 @@
 //!   name ([`crate::access::authorize`]), then the in-process service call.
 //! - [`sse`]: `GET /api/v1/events`, coalesced topics, pings, resync on lag;
 //!   ends on shutdown so it never holds graceful shutdown up.
+//! - [`call`]: the in-process service call as the caller.
 //! - [`backends`]: the backends view (live state, rates in use).
 //! - [`usage`]: the usage series for the charts.
 //! - [`query`]: the query-string decoding the endpoints share.
@@ -18,6 +19,7 @@
 mod api;
 mod assets;
 mod backends;
+mod call;
 mod query;
 mod sse;
 mod usage;

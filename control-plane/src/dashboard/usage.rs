@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tonic::Status;
 
 use super::Dashboard;
-use super::api::{Caller, ago};
+use super::call::{Caller, ago};
 use super::query::Query;
 
 /// At most this many groups per series request.
