@@ -15,7 +15,11 @@
 //!   interceptor, and the one place domain errors become `tonic::Status`.
 //! - `discovery`: `DiscoveryService.StreamConfig`, the proxies' stream:
 //!   debounced snapshot publishing, per-stream sessions, ACK/NACK by nonce.
-//! - `http`: `/healthz` and `/metrics` on the HTTP listener.
+//! - `http`: the HTTP listener: `/healthz`, `/metrics`, and the rest to
+//!   `dashboard`, the operator dashboard (compiled-in page, `/api/v1/` JSON
+//!   over the same gRPC services and roles, live server-sent events).
+//! - [`events`]: the change-notification bus the dashboard's live stream
+//!   follows (proxies, backends, heartbeats, usage; config via the catalog).
 //! - `metrics`: the Prometheus recorder, the catalog gauges and the gRPC
 //!   request-metrics layer.
 //! - `retention`: the maintenance task that prunes usage buckets,

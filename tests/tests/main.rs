@@ -15,6 +15,7 @@ mod backup;
 mod check;
 mod control_plane_cli;
 mod dashboard_api;
+mod dashboard_ui;
 mod data_plane;
 mod data_plane_config;
 mod data_plane_input;

@@ -147,10 +147,10 @@ fn route(path: &str) -> Option<Route> {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = error(&Status::invalid_argument(format!(
-        "method not allowed; use {allow}"
-    )));
-    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let mut r = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({ "error": { "code": "method_not_allowed", "message": format!("use {allow}") } }),
+    );
     r.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     r

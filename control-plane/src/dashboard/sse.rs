@@ -88,12 +88,11 @@ async fn run(d: Dashboard, tx: mpsc::Sender<Bytes>) {
         return;
     }
     let mut ping = tokio::time::interval_at(Instant::now() + PING, PING);
-    let mut pending: BTreeSet<&'static str> = BTreeSet::new();
-    // End of the current coalescing window, if one is open.
-    let mut window: Option<Instant> = None;
+    let mut coalesce = Coalescer::new(COALESCE);
     let far = Duration::from_secs(86_400);
     loop {
-        let flush_at = window.unwrap_or_else(|| Instant::now() + far);
+        let deadline = coalesce.deadline();
+        let flush_at = deadline.unwrap_or_else(|| Instant::now() + far);
         let mut arrived: Vec<&'static str> = Vec::new();
         tokio::select! {
             () = stop.stopped() => return,
@@ -107,7 +106,8 @@ async fn run(d: Dashboard, tx: mpsc::Sender<Bytes>) {
             got = topics.recv() => match got {
                 Ok(t) => arrived.push(t.as_str()),
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    pending.clear();
+                    // Whatever was pending is covered by the resync.
+                    coalesce.clear();
                     let data = serde_json::json!({ "config_version": version(&d) });
                     if !send(frame("resync", &data)).await {
                         return;
@@ -122,27 +122,73 @@ async fn run(d: Dashboard, tx: mpsc::Sender<Bytes>) {
                 }
                 arrived.extend([Topic::Config.as_str(), Topic::Audit.as_str()]);
             }
-            () = tokio::time::sleep_until(flush_at), if window.is_some() => {
-                window = None;
-                if pending.is_empty() {
-                    continue;
-                }
-                let due = std::mem::take(&mut pending);
+            () = tokio::time::sleep_until(flush_at), if deadline.is_some() => {
+                let due = coalesce.flush(Instant::now());
                 if !emit(&send, due, version(&d)).await {
                     return;
                 }
-                window = Some(Instant::now() + COALESCE);
                 continue;
             }
         }
-        pending.extend(arrived);
-        if window.is_none() && !pending.is_empty() {
-            let due = std::mem::take(&mut pending);
-            if !emit(&send, due, version(&d)).await {
-                return;
-            }
-            window = Some(Instant::now() + COALESCE);
+        let now = Instant::now();
+        let mut due = BTreeSet::new();
+        for topic in arrived {
+            due.extend(coalesce.offer(topic, now));
         }
+        if !emit(&send, due, version(&d)).await {
+            return;
+        }
+    }
+}
+
+/// At most one event per topic per window: the first event of a burst goes
+/// out at once and opens a window; what arrives inside it is sent, once per
+/// topic, when it closes (opening the next window).
+#[derive(Debug)]
+struct Coalescer {
+    window: Duration,
+    pending: BTreeSet<&'static str>,
+    /// End of the open window, if any.
+    open_until: Option<Instant>,
+}
+
+impl Coalescer {
+    fn new(window: Duration) -> Coalescer {
+        Coalescer {
+            window,
+            pending: BTreeSet::new(),
+            open_until: None,
+        }
+    }
+
+    /// A topic arrived at `now`: what to send now.
+    fn offer(&mut self, topic: &'static str, now: Instant) -> BTreeSet<&'static str> {
+        self.pending.insert(topic);
+        match self.open_until {
+            Some(end) if now < end => BTreeSet::new(),
+            _ => {
+                self.open_until = Some(now + self.window);
+                std::mem::take(&mut self.pending)
+            }
+        }
+    }
+
+    /// When [`Coalescer::flush`] is due (the open window's end).
+    fn deadline(&self) -> Option<Instant> {
+        self.open_until
+    }
+
+    /// The window ended at `now`: what to send (and a new window when that
+    /// is anything).
+    fn flush(&mut self, now: Instant) -> BTreeSet<&'static str> {
+        let due = std::mem::take(&mut self.pending);
+        self.open_until = (!due.is_empty()).then(|| now + self.window);
+        due
+    }
+
+    /// Drops what is pending (a resync covers it).
+    fn clear(&mut self) {
+        self.pending.clear();
     }
 }
 
@@ -164,6 +210,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bursts_send_each_topic_at_most_once_per_window() {
+        let w = Duration::from_millis(250);
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let set = |v: &[&'static str]| v.iter().copied().collect::<BTreeSet<_>>();
+        let mut c = Coalescer::new(w);
+        assert_eq!(c.deadline(), None);
+        assert_eq!(
+            c.offer("backends", t0),
+            set(&["backends"]),
+            "first goes out at once"
+        );
+        assert_eq!(c.offer("backends", ms(10)), set(&[]));
+        assert_eq!(c.offer("proxies", ms(20)), set(&[]));
+        assert_eq!(c.offer("backends", ms(30)), set(&[]));
+        assert_eq!(c.deadline(), Some(ms(250)));
+        assert_eq!(c.flush(ms(250)), set(&["backends", "proxies"]), "once each");
+        assert_eq!(c.deadline(), Some(ms(500)), "the next window");
+        assert_eq!(c.flush(ms(500)), set(&[]));
+        assert_eq!(c.deadline(), None, "quiet: no window");
+        assert_eq!(c.offer("usage", ms(600)), set(&["usage"]));
+        c.offer("usage", ms(610));
+        c.clear();
+        assert_eq!(c.flush(ms(850)), set(&[]));
+    }
 
     #[test]
     fn frames_are_named_events_with_one_json_line() {
