@@ -105,10 +105,22 @@ pub enum Command {
     /// Rotate the master key that encrypts stored provider keys.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCmd),
+    /// Download a consistent backup of the whole store.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCmd),
     /// Show the configuration version, master key id and resource counts.
     Snapshot,
     /// List data-plane proxies and the configuration version each applied.
     Proxies,
+    /// Who changed what: the audit log, newest first.
+    #[command(after_help = "\
+Examples:
+  clawctl audit --since 24h
+  clawctl audit --resource backend/openai-1 --token bootstrap -o json
+
+After the verb, --token NAME filters by token name; give the admin token to
+connect with before the verb (clawctl --token T audit ...) or in CLAW_ADMIN_TOKEN.")]
+    Audit(crate::audit::AuditArgs),
     /// Write the whole configuration as YAML (secrets only by reference).
     Export(ExportArgs),
     /// Make the configuration match a YAML document written by `export`.
@@ -725,12 +737,55 @@ where
     T: Into<OsString> + Clone,
 {
     let mut cmd = command();
-    let matches = cmd.try_get_matches_from_mut(args)?;
+    let matches = cmd.try_get_matches_from_mut(audit_token_filter(args))?;
     let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
     if let Some(t) = leaf_rpc_timeout(&matches) {
         cli.rpc_timeout = t;
     }
     Ok(cli)
+}
+
+/// Global flags that take a value (so the verb is not mistaken for one).
+const GLOBAL_VALUE_FLAGS: [&str; 6] = [
+    "--server",
+    "--token",
+    "-o",
+    "--output",
+    "--ca-cert",
+    "--timeout",
+];
+
+/// `clawctl audit --token NAME` filters by token name: after the `audit`
+/// verb, `--token` is spelled as the filter's `--token-name` (the global
+/// admin `--token` is still accepted before the verb).
+fn audit_token_filter<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut out: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let mut i = 1;
+    while i < out.len() {
+        let arg = out[i].to_string_lossy().into_owned();
+        if GLOBAL_VALUE_FLAGS.contains(&arg.as_str()) {
+            i += 2;
+        } else if arg.starts_with('-') {
+            i += 1;
+        } else {
+            if arg == "audit" {
+                for a in &mut out[i + 1..] {
+                    let s = a.to_string_lossy().into_owned();
+                    if s == "--token" {
+                        *a = "--token-name".into();
+                    } else if let Some(v) = s.strip_prefix("--token=") {
+                        *a = format!("--token-name={v}").into();
+                    }
+                }
+            }
+            break;
+        }
+    }
+    out
 }
 
 /// The `--timeout` given after the verb, if any.
@@ -752,6 +807,34 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         try_parse_from(std::iter::once("clawctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn audit_token_after_the_verb_is_the_filter() {
+        let cli = parse(&[
+            "--token",
+            "admin-secret",
+            "audit",
+            "--token",
+            "ops",
+            "--since",
+            "24h",
+        ])
+        .expect("valid");
+        assert!(
+            cli.token.is_some(),
+            "the admin token before the verb is kept"
+        );
+        let Command::Audit(a) = cli.command else {
+            panic!("audit verb");
+        };
+        assert_eq!(a.token_name.as_deref(), Some("ops"));
+        let cli = parse(&["audit", "--token=ops"]).expect("valid");
+        assert!(cli.token.is_none());
+        let Command::Audit(a) = cli.command else {
+            panic!("audit verb");
+        };
+        assert_eq!(a.token_name.as_deref(), Some("ops"));
     }
 
     #[test]

@@ -173,9 +173,27 @@ impl Connection {
         )
     }
 
+    /// The audit service (the audit log).
+    pub(crate) fn audit(&self) -> claw_proto::v1::audit_service_client::AuditServiceClient<Authed> {
+        claw_proto::v1::audit_service_client::AuditServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
         ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// The backup service (streamed backups).
+    pub(crate) fn backups(
+        &self,
+    ) -> claw_proto::v1::backup_service_client::BackupServiceClient<Authed> {
+        claw_proto::v1::backup_service_client::BackupServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
     }
 
     /// Awaits a call and turns a failure into the one-line error users see.

@@ -13,10 +13,12 @@
 //! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
+//! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.
 //! - `token`: `token add|list|rm` (named admin tokens with roles) and
 //!   `whoami`.
+//! - `audit`: `audit` over the audit log.
 //! - `local`: the verbs that need no server, `completion` and `version`.
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
@@ -27,7 +29,9 @@
 mod agent;
 mod api_key;
 mod apply;
+mod audit;
 mod backend;
+mod backup;
 mod cli;
 mod client;
 mod cluster;
@@ -70,8 +74,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(cmd) => token::run(&session, cmd).await,
         Command::Whoami => token::whoami(&session).await,
         Command::MasterKey(cmd) => cluster::master_key(&session, cmd).await,
+        Command::Backup(cmd) => backup::run(&session, cmd).await,
         Command::Snapshot => cluster::snapshot(&session).await,
         Command::Proxies => cluster::proxies(&session).await,
+        Command::Audit(args) => audit::run(&session, args).await,
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),

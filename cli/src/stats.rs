@@ -86,7 +86,8 @@ pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
     }
 }
 
-fn timestamp(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
+/// A time as a protobuf timestamp.
+pub(crate) fn timestamp(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
     let d = t?.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     Some(prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),

@@ -104,6 +104,8 @@ pub struct Config {
     /// Certificate and key of both listeners (gRPC and HTTP); `None`
     /// serves plain text. Reloaded when the files change.
     pub tls: Option<claw_tls::CertPaths>,
+    /// Scheduled backups (`--backup-dir`); `None` writes none.
+    pub backup: Option<crate::backup::schedule::Schedule>,
 }
 
 impl Config {
@@ -129,6 +131,7 @@ impl Config {
             retention: Default::default(),
             shares: Default::default(),
             tls: None,
+            backup: None,
         })
     }
 }

@@ -189,6 +189,10 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_RETENTION_COOLDOWNS", default_value = "30d", value_parser = humantime::parse_duration)]
     retention_cooldowns: std::time::Duration,
 
+    /// Audit records older than this are pruned.
+    #[arg(long, env = "CLAW_RETENTION_AUDIT", default_value = "400d", value_parser = humantime::parse_duration)]
+    retention_audit: std::time::Duration,
+
     /// Webhook delivery attempts before an alert is dead-lettered.
     #[arg(long, env = "CLAW_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     webhook_max_attempts: u32,
@@ -204,6 +208,19 @@ struct ServeArgs {
     /// Largest webhook retry backoff cap.
     #[arg(long, env = "CLAW_WEBHOOK_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
     webhook_backoff_max: std::time::Duration,
+
+    /// Directory for scheduled backups (one at startup, then every
+    /// --backup-every); off without it.
+    #[arg(long, env = "CLAW_BACKUP_DIR", value_name = "DIR")]
+    backup_dir: Option<PathBuf>,
+
+    /// Time between scheduled backups.
+    #[arg(long, env = "CLAW_BACKUP_EVERY", default_value = "24h", value_parser = humantime::parse_duration)]
+    backup_every: std::time::Duration,
+
+    /// Scheduled backup files kept in --backup-dir (older ones are removed).
+    #[arg(long, env = "CLAW_BACKUP_KEEP", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    backup_keep: u32,
 
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -349,7 +366,18 @@ impl TryFrom<ServeArgs> for Config {
         config.retention.hourly = args.retention_hourly;
         config.retention.daily = args.retention_daily;
         config.retention.cooldown_events = args.retention_cooldowns;
+        config.retention.audit = args.retention_audit;
         config.tls = tls;
+        if args.backup_every.is_zero() {
+            anyhow::bail!("--backup-every must be more than 0");
+        }
+        config.backup = args
+            .backup_dir
+            .map(|dir| claw_control_plane::backup::schedule::Schedule {
+                dir,
+                every: args.backup_every,
+                keep: args.backup_keep as usize,
+            });
         Ok(config)
     }
 }

@@ -19,6 +19,9 @@
 //! | `claw_cp_snapshot_nacks_total` | counter | |
 //! | `claw_cp_snapshot_build_seconds` | histogram | |
 //! | `claw_cp_snapshot_build_errors_total` | counter | |
+//! | `claw_cp_backup_last_success_timestamp_seconds` | gauge | |
+//! | `claw_cp_backup_last_size_bytes` | gauge | |
+//! | `claw_cp_backup_failures_total` | counter | |
 //!
 //! The fleet's progress is one gauge, the lowest version acknowledged by a
 //! connected proxy, rather than a gauge per node id: node ids default to
@@ -66,6 +69,13 @@ pub(crate) const SNAPSHOT_NACKS_TOTAL: &str = "claw_cp_snapshot_nacks_total";
 pub(crate) const SNAPSHOT_BUILD_SECONDS: &str = "claw_cp_snapshot_build_seconds";
 /// Snapshot builds that failed (the previous snapshot stays in force).
 pub(crate) const SNAPSHOT_BUILD_ERRORS_TOTAL: &str = "claw_cp_snapshot_build_errors_total";
+
+/// Unix time of the last backup written (scheduled or streamed).
+pub(crate) const BACKUP_LAST_SUCCESS: &str = "claw_cp_backup_last_success_timestamp_seconds";
+/// Size of the last backup written.
+pub(crate) const BACKUP_LAST_SIZE: &str = "claw_cp_backup_last_size_bytes";
+/// Backups that failed.
+pub(crate) const BACKUP_FAILURES_TOTAL: &str = "claw_cp_backup_failures_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -169,6 +179,32 @@ fn describe() {
         SNAPSHOT_BUILD_ERRORS_TOTAL,
         "Snapshot builds that failed; the previous snapshot stays in force"
     );
+    metrics::describe_gauge!(
+        BACKUP_LAST_SUCCESS,
+        metrics::Unit::Seconds,
+        "Unix time of the last backup written (scheduled or clawctl backup create)"
+    );
+    metrics::describe_gauge!(
+        BACKUP_LAST_SIZE,
+        metrics::Unit::Bytes,
+        "Size of the last backup written"
+    );
+    metrics::describe_counter!(BACKUP_FAILURES_TOTAL, "Backups that failed");
+}
+
+/// Records a backup written: its size, and now as the last success.
+pub(crate) fn backup_succeeded(size: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    metrics::gauge!(BACKUP_LAST_SUCCESS).set(now);
+    metrics::gauge!(BACKUP_LAST_SIZE).set(size as f64);
+}
+
+/// Counts a failed backup.
+pub(crate) fn backup_failed() {
+    metrics::counter!(BACKUP_FAILURES_TOTAL).increment(1);
 }
 
 /// Sets the catalog gauges from the current state.
@@ -222,6 +258,7 @@ pub(crate) fn touch() {
     metrics::counter!(SNAPSHOTS_SENT_TOTAL).increment(0);
     metrics::counter!(SNAPSHOT_NACKS_TOTAL).increment(0);
     metrics::counter!(SNAPSHOT_BUILD_ERRORS_TOTAL).increment(0);
+    metrics::counter!(BACKUP_FAILURES_TOTAL).increment(0);
     metrics::gauge!(PROXIES_CONNECTED).increment(0.0);
     metrics::gauge!(PROXY_ACKED_VERSION_MIN).increment(0.0);
 }

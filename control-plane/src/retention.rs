@@ -1,10 +1,11 @@
 //! The history's maintenance task: how long each kind of history is kept,
 //! and the task that prunes it: usage buckets ([`crate::stats`]), cooldown
-//! events ([`crate::fleet::cooldowns`]) and the report stream's idempotency
-//! records ([`crate::report::dedup`]). It sits above all three and only
+//! events ([`crate::fleet::cooldowns`]), the audit log ([`crate::audit`])
+//! and the report stream's idempotency records ([`crate::report::dedup`]). It sits above all three and only
 //! deletes; none of them knows it exists.
 //!
-//! Every history tree is time-major (usage buckets, cooldown events), so
+//! Every history tree is time-major (usage buckets, cooldown events, audit
+//! records), so
 //! pruning deletes a key prefix in small transactions and never scans what
 //! it keeps. The report stream's idempotency records are few (one per proxy
 //! process) and are pruned by their last use.
@@ -29,6 +30,8 @@ pub struct Retention {
     pub daily: Duration,
     /// Cooldown events (`CLAW_RETENTION_COOLDOWNS`, default 30 days).
     pub cooldown_events: Duration,
+    /// Audit records (`CLAW_RETENTION_AUDIT`, default 400 days).
+    pub audit: Duration,
     /// Report batch idempotency records, by last use (default 24 hours).
     /// A proxy resending a batch older than this would count it twice, so
     /// it must exceed any proxy's outage plus its buffer's age.
@@ -44,6 +47,7 @@ impl Default for Retention {
             hourly: Duration::from_secs(14 * DAY),
             daily: Duration::from_secs(400 * DAY),
             cooldown_events: Duration::from_secs(30 * DAY),
+            audit: Duration::from_secs(400 * DAY),
             report_batches: Duration::from_secs(DAY),
             interval: Duration::from_secs(600),
         }
@@ -59,6 +63,8 @@ pub(crate) struct Pruned {
     pub daily: usize,
     /// Cooldown events.
     pub cooldown_events: usize,
+    /// Audit records.
+    pub audit: usize,
     /// Report idempotency records.
     pub report_batches: usize,
 }
@@ -100,6 +106,7 @@ pub(crate) fn prune(store: &dyn Store, r: &Retention, now: i64) -> Result<Pruned
         hourly: prune_prefix(store, Tree::UsageHourly, cutoff(now, r.hourly))?,
         daily: prune_prefix(store, Tree::UsageDaily, cutoff(now, r.daily))?,
         cooldown_events: prune_prefix(store, Tree::CooldownEvents, cutoff(now, r.cooldown_events))?,
+        audit: prune_prefix(store, Tree::Audit, cutoff(now, r.audit))?,
         report_batches: 0,
     };
     let horizon = cutoff(now, r.report_batches);
@@ -132,6 +139,7 @@ pub(crate) async fn run(store: Arc<dyn Store>, retention: Retention, mut stop: S
                 hourly = p.hourly,
                 daily = p.daily,
                 cooldown_events = p.cooldown_events,
+                audit = p.audit,
                 report_batches = p.report_batches,
                 "pruned history past its retention"
             ),
@@ -173,7 +181,28 @@ mod tests {
         r.expect("write");
         let p = prune(s, &Retention::default(), now).expect("prune");
         assert_eq!(p.hourly, 20 * 24 - 14 * 24 - 1);
+        assert_eq!(p.audit, 0);
         assert_eq!(p.daily, 0);
         assert_eq!(s.len(Tree::UsageHourly).expect("len"), 14 * 24 + 1);
+    }
+
+    #[test]
+    fn audit_records_past_retention_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("d")).expect("open");
+        let s: &dyn Store = &store;
+        let now = 1000 * DAY_MS;
+        let r: Result<(), StoreError> = s.transact(&[Tree::Audit], |t| {
+            for (age_days, tag) in [(500, 1u8), (401, 2), (399, 3), (0, 4)] {
+                let mut key = keys::time_prefix(now - age_days * DAY_MS).to_vec();
+                key.extend_from_slice(&[tag; 8]);
+                t.insert(Tree::Audit, &key, b"")?;
+            }
+            Ok(())
+        });
+        r.expect("write");
+        let p = prune(s, &Retention::default(), now).expect("prune");
+        assert_eq!(p.audit, 2);
+        assert_eq!(s.len(Tree::Audit).expect("len"), 2);
     }
 }

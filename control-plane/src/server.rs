@@ -261,6 +261,13 @@ impl Server {
             config.retention,
             stop_rx.clone(),
         ));
+        let backup_task = config.backup.clone().map(|schedule| {
+            tokio::spawn(crate::backup::schedule::run(
+                store.clone(),
+                schedule,
+                stop_rx.clone(),
+            ))
+        });
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
@@ -370,6 +377,9 @@ impl Server {
         }
         let _ = fleet_task.await;
         let _ = retention_task.await;
+        if let Some(task) = backup_task {
+            let _ = task.await;
+        }
         catalog.flush().await.context("flushing the store")?;
         grpc_result
             .context("gRPC server task failed")?

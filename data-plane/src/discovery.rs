@@ -570,6 +570,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_live_proxy_takes_a_restored_control_planes_new_lineage_at_a_lower_version() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("n1", &store);
+        let with = |version, model, lineage: &str| v1::Snapshot {
+            lineage: lineage.into(),
+            ..one_backend(version, model)
+        };
+        let ack = d.handle(push(9, with(9, "old", "ln_a"))).unwrap();
+        assert_eq!((ack.version, ack.error_detail.as_str()), (9, ""));
+        // The same history going back is stale...
+        let nack = d.handle(push(5, with(5, "back", "ln_a"))).unwrap();
+        assert_eq!(nack.version, 9);
+        assert!(nack.error_detail.contains("older"));
+        // ...a restored store (new lineage) is the authority.
+        let ack = d.handle(push(5, with(5, "restored", "ln_b"))).unwrap();
+        assert_eq!((ack.version, ack.error_detail.as_str()), (5, ""));
+        assert!(store.load().unwrap().route("restored").is_some());
+        assert_eq!(d.hello().version, 5);
+    }
+
+    #[tokio::test]
     async fn a_start_without_a_cache_still_rejects_older_snapshots() {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::default();

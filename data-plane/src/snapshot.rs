@@ -404,6 +404,9 @@ impl ClientKey {
 pub struct Snapshot {
     /// Configuration version.
     pub version: u64,
+    /// The control plane store's lineage (see `v1::Snapshot.lineage`);
+    /// empty from a control plane that sends none.
+    lineage: Arc<str>,
     backends: Vec<Arc<Backend>>,
     by_id: HashMap<Arc<str>, usize>,
     routes: HashMap<String, ModelRoutes>,
@@ -416,6 +419,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The lineage of the store this snapshot came from.
+    pub fn lineage(&self) -> &str {
+        &self.lineage
+    }
+
     /// Every backend, enabled or not.
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
         self.backends.iter()
@@ -788,6 +796,31 @@ mod tests {
         store.apply(2, &snap(vec![])).unwrap();
         assert!(store.apply(1, &snap(vec![])).is_err());
         assert_eq!(store.version(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_lineage_is_applied_even_at_a_lower_version() {
+        let of = |lineage: &str| v1::Snapshot {
+            lineage: lineage.into(),
+            ..snap(vec![])
+        };
+        let store = SnapshotStore::default();
+        store.apply(9, &of("ln_old")).unwrap();
+        // Same lineage, lower version: stale, as before.
+        assert!(matches!(
+            store.apply(5, &of("ln_old")),
+            Err(SnapshotError::Stale { got: 5, held: 9 })
+        ));
+        // No lineage (an older control plane): stale too.
+        assert!(store.apply(5, &of("")).is_err());
+        assert_eq!(store.version(), 9);
+        // A restored control plane's new lineage is the authority.
+        store.apply(5, &of("ln_new")).unwrap();
+        assert_eq!(store.version(), 5);
+        assert_eq!(store.load().unwrap().lineage(), "ln_new");
+        // ...and its own history is ordered again.
+        assert!(store.apply(4, &of("ln_new")).is_err());
+        store.apply(6, &of("ln_new")).unwrap();
     }
 
     #[tokio::test]

@@ -4,15 +4,19 @@
 //!   clients and servers).
 //! - [`validate`]: field validation of backends, pools, client keys and agents.
 //!   The control plane enforces it; `clawctl apply --dry-run` runs the same code.
+//! - [`backup`]: the backup file format (magic, framed entries, checksummed
+//!   trailer): the writer and the verifying reader.
 //! - [`active_hours`]: the `HH:MM-HH:MM` active window of an agent.
 //! - [`cooldown`]: the one cooldown backoff formula both planes apply.
 //! - [`redact`]: masking of provider keys and the hand-written `Debug` of every
 //!   message that carries a secret.
 //! - [`serde_fmt`]: how enums and timestamps look in `-o json|yaml`.
 //!
-//! This crate does no I/O.
+//! This crate does no I/O of its own ([`backup`] works on the caller's
+//! `Read`/`Write`).
 
 pub mod active_hours;
+pub mod backup;
 pub mod cooldown;
 pub mod redact;
 pub mod serde_fmt;

@@ -10,6 +10,8 @@ mod data_plane_support;
 
 mod affinity;
 mod anthropic_sdk;
+mod audit;
+mod backup;
 mod check;
 mod control_plane_cli;
 mod data_plane;

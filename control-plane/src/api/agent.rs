@@ -25,8 +25,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<CreateAgentRequest>,
     ) -> RpcResult<CreateAgentResponse> {
+        let actor = super::actor(&request);
         let agent = required(request.into_inner().agent, "agent")?;
-        let (agent, config_version) = self.catalog.create_agent(agent).await?;
+        let (agent, config_version) = self.catalog.create_agent(&actor, agent).await?;
         tracing::info!(agent = %agent.id, config_version, "agent created");
         ok(CreateAgentResponse {
             agent: Some(agent),
@@ -52,7 +53,11 @@ impl AgentService for AgentApi {
         &self,
         request: Request<UpdateAgentRequest>,
     ) -> RpcResult<UpdateAgentResponse> {
-        let (agent, config_version) = self.catalog.update_agent(request.into_inner()).await?;
+        let actor = super::actor(&request);
+        let (agent, config_version) = self
+            .catalog
+            .update_agent(&actor, request.into_inner())
+            .await?;
         tracing::info!(agent = %agent.id, config_version, "agent updated");
         ok(UpdateAgentResponse {
             agent: Some(agent),
@@ -64,8 +69,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<DeleteAgentRequest>,
     ) -> RpcResult<DeleteAgentResponse> {
+        let actor = super::actor(&request);
         let ident = request.into_inner().agent;
-        let config_version = self.catalog.delete_agent(&ident).await?;
+        let config_version = self.catalog.delete_agent(&actor, &ident).await?;
         tracing::info!(agent = %ident, config_version, "agent deleted");
         ok(DeleteAgentResponse { config_version })
     }
@@ -74,10 +80,11 @@ impl AgentService for AgentApi {
         &self,
         request: Request<SetAgentEnabledRequest>,
     ) -> RpcResult<SetAgentEnabledResponse> {
+        let actor = super::actor(&request);
         let req = request.into_inner();
         let (agent, config_version) = self
             .catalog
-            .set_agent_enabled(&req.agent, req.enabled, &req.pause_note)
+            .set_agent_enabled(&actor, &req.agent, req.enabled, &req.pause_note)
             .await?;
         tracing::info!(agent = %agent.id, enabled = req.enabled, config_version, "agent enabled changed");
         ok(SetAgentEnabledResponse {

@@ -48,8 +48,9 @@ impl BackendService for BackendApi {
         &self,
         request: Request<CreateBackendRequest>,
     ) -> RpcResult<CreateBackendResponse> {
+        let actor = super::actor(&request);
         let backend = required(request.into_inner().backend, "backend")?;
-        let (backend, config_version) = self.catalog.create_backend(backend).await?;
+        let (backend, config_version) = self.catalog.create_backend(&actor, backend).await?;
         tracing::info!(backend = %backend.id, name = %backend.name, config_version, "backend created");
         ok(CreateBackendResponse {
             backend: Some(self.live(backend)),
@@ -85,7 +86,11 @@ impl BackendService for BackendApi {
         &self,
         request: Request<UpdateBackendRequest>,
     ) -> RpcResult<UpdateBackendResponse> {
-        let (backend, config_version) = self.catalog.update_backend(request.into_inner()).await?;
+        let actor = super::actor(&request);
+        let (backend, config_version) = self
+            .catalog
+            .update_backend(&actor, request.into_inner())
+            .await?;
         tracing::info!(backend = %backend.id, name = %backend.name, config_version, "backend updated");
         ok(UpdateBackendResponse {
             backend: Some(self.live(backend)),
@@ -97,8 +102,9 @@ impl BackendService for BackendApi {
         &self,
         request: Request<DeleteBackendRequest>,
     ) -> RpcResult<DeleteBackendResponse> {
+        let actor = super::actor(&request);
         let ident = request.into_inner().backend;
-        let config_version = self.catalog.delete_backend(&ident).await?;
+        let config_version = self.catalog.delete_backend(&actor, &ident).await?;
         tracing::info!(backend = %ident, config_version, "backend deleted");
         ok(DeleteBackendResponse { config_version })
     }
@@ -107,10 +113,11 @@ impl BackendService for BackendApi {
         &self,
         request: Request<SetBackendEnabledRequest>,
     ) -> RpcResult<SetBackendEnabledResponse> {
+        let actor = super::actor(&request);
         let req = request.into_inner();
         let (backend, config_version) = self
             .catalog
-            .set_backend_enabled(&req.backend, req.enabled)
+            .set_backend_enabled(&actor, &req.backend, req.enabled)
             .await?;
         tracing::info!(backend = %backend.id, enabled = req.enabled, config_version, "backend enabled changed");
         ok(SetBackendEnabledResponse {

@@ -1,5 +1,11 @@
 //! `claw.v1.BackupService`: streamed point-in-time backups.
+//!
+//! The store is exported into a temporary local file first (transactions
+//! wait only for that), the backup is audited, and then the file is
+//! streamed in [`CHUNK`]-byte pieces at the client's pace; the temporary
+//! file goes away when the stream ends or the client leaves.
 
+use std::io::Read as _;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,6 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::Catalog;
 use crate::store::Store;
+
+/// Bytes per streamed message.
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// Serves backups of the store.
 #[derive(Clone)]
@@ -41,9 +50,76 @@ impl BackupService for BackupApi {
 
     async fn create_backup(
         &self,
-        _request: Request<CreateBackupRequest>,
+        request: Request<CreateBackupRequest>,
     ) -> Result<Response<BackupStream>, Status> {
-        let _ = (&self.store, &self.catalog);
-        Err(Status::unimplemented("CreateBackup is not implemented yet"))
+        let actor = super::actor(&request);
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::backup::write_backup(store.as_ref(), &std::env::temp_dir())
+        })
+        .await
+        .map_err(|e| super::internal(&e))?
+        .map_err(|e| {
+            crate::metrics::backup_failed();
+            super::internal(&format!("{e:#}"))
+        })?;
+        crate::backup::audit_backup(&self.store, &actor, "CreateBackup", &written)
+            .await
+            .map_err(|e| super::internal(&e))?;
+        crate::metrics::backup_succeeded(written.summary.size);
+        tracing::info!(
+            token = %actor.token,
+            entries = written.summary.entries,
+            bytes = written.summary.size,
+            config_version = self.catalog.config_version(),
+            "backup created"
+        );
+        let mut file = written
+            .file
+            .reopen()
+            .map_err(|e| super::internal(&format!("reopening the backup file: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<CreateBackupResponse, Status>>(4);
+        tokio::task::spawn_blocking(move || {
+            // Owns the temporary file until the last chunk was taken (or the
+            // client went away); dropping it deletes it.
+            let _temp = written.file;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match read_chunk(&mut file, &mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(super::internal(&format!(
+                            "reading the backup file: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                if tx
+                    .blocking_send(Ok(CreateBackupResponse { data: buf }))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
+}
+
+/// Fills `buf` as far as the file allows.
+fn read_chunk(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

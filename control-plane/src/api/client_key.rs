@@ -25,8 +25,9 @@ impl ClientKeyService for ClientKeyApi {
         &self,
         request: Request<CreateClientKeyRequest>,
     ) -> RpcResult<CreateClientKeyResponse> {
+        let actor = super::actor(&request);
         let key = required(request.into_inner().key, "key")?;
-        let (key, secret, config_version) = self.catalog.create_client_key(key).await?;
+        let (key, secret, config_version) = self.catalog.create_client_key(&actor, key).await?;
         tracing::info!(key = %key.id, name = %key.name, prefix = %key.prefix, config_version, "client key created");
         ok(CreateClientKeyResponse {
             key: Some(key),
@@ -56,8 +57,9 @@ impl ClientKeyService for ClientKeyApi {
         &self,
         request: Request<DeleteClientKeyRequest>,
     ) -> RpcResult<DeleteClientKeyResponse> {
+        let actor = super::actor(&request);
         let ident = request.into_inner().key;
-        let config_version = self.catalog.delete_client_key(&ident).await?;
+        let config_version = self.catalog.delete_client_key(&actor, &ident).await?;
         tracing::info!(key = %ident, config_version, "client key deleted");
         ok(DeleteClientKeyResponse { config_version })
     }

@@ -63,10 +63,11 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<RotateMasterKeyRequest>,
     ) -> RpcResult<RotateMasterKeyResponse> {
+        let actor = super::actor(&request);
         let new_key = MasterKey::from_hex(&request.into_inner().new_master_key).map_err(|_| {
             Status::invalid_argument("new_master_key: must be exactly 64 hex characters (32 bytes)")
         })?;
-        let report = self.catalog.rotate_master_key(new_key).await?;
+        let report = self.catalog.rotate_master_key(&actor, new_key).await?;
         metrics::master_key_rotated();
         tracing::info!(
             old_key_id = %report.old_key_id,
@@ -96,15 +97,19 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<ApplyConfigRequest>,
     ) -> RpcResult<ApplyConfigResponse> {
+        let actor = super::actor(&request);
         let req = request.into_inner();
         let (dry_run, prune) = (req.dry_run, req.prune);
         let outcome = self
             .catalog
-            .apply(ApplyRequest {
-                config: req.config.unwrap_or_default(),
-                dry_run,
-                prune,
-            })
+            .apply(
+                &actor,
+                ApplyRequest {
+                    config: req.config.unwrap_or_default(),
+                    dry_run,
+                    prune,
+                },
+            )
             .await?;
         let changed = outcome
             .changes

@@ -45,9 +45,22 @@ impl HeartbeatService for HeartbeatApi {
         &self,
         request: Request<RunHeartbeatRequest>,
     ) -> RpcResult<RunHeartbeatResponse> {
+        let actor = super::actor(&request);
         let req = request.into_inner();
         let agent = self.catalog.get_agent(&req.agent)?;
         let mut manual = self.heartbeats.scheduler.run_now(&agent.id).await?;
+        // The run's own log is written by the scheduler; the audit record
+        // of who asked for it is a transaction of its own.
+        let change = crate::audit::Change::new(
+            "agent",
+            &agent.id,
+            &agent.name,
+            "run",
+            vec![crate::audit::field("run_id", "", &manual.run.run_id)],
+        );
+        self.catalog
+            .record_audit(&actor, "RunHeartbeat", &change)
+            .await?;
         tracing::info!(agent = %agent.id, run_id = %manual.run.run_id, merged = manual.merged, "manual heartbeat");
         let mut run = manual.run.clone();
         if req.wait {
@@ -106,10 +119,11 @@ impl HeartbeatService for HeartbeatApi {
         &self,
         request: Request<SetChecklistRequest>,
     ) -> RpcResult<SetChecklistResponse> {
+        let actor = super::actor(&request);
         let req = request.into_inner();
         let (agent, config_version) = self
             .catalog
-            .set_agent_checklist(&req.agent, &req.checklist)
+            .set_agent_checklist(&actor, &req.agent, &req.checklist)
             .await?;
         tracing::info!(agent = %agent.id, config_version, "checklist set");
         ok(SetChecklistResponse {

@@ -87,7 +87,12 @@ pub(crate) fn actor<T>(request: &tonic::Request<T>) -> crate::audit::Actor {
         .map(|p| p.0)
         .or_else(|| request.remote_addr());
     let mut actor = match request.extensions().get::<crate::access::Principal>() {
-        Some(p) => crate::audit::Actor::from_principal(p, peer),
+        Some(p) => crate::audit::Actor {
+            token: p.name.clone(),
+            role: Some(p.role.to_proto()),
+            peer,
+            dashboard: false,
+        },
         None => crate::audit::Actor {
             peer,
             ..crate::audit::Actor::system()

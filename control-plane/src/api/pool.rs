@@ -54,7 +54,11 @@ impl PoolService for PoolApi {
         &self,
         request: Request<UpdatePoolSettingsRequest>,
     ) -> RpcResult<UpdatePoolSettingsResponse> {
-        let (settings, config_version) = self.catalog.update_pool(request.into_inner()).await?;
+        let actor = super::actor(&request);
+        let (settings, config_version) = self
+            .catalog
+            .update_pool(&actor, request.into_inner())
+            .await?;
         tracing::info!(pool = %Pool::try_from(settings.pool).unwrap_or_default().name(), config_version, "pool settings updated");
         ok(UpdatePoolSettingsResponse {
             settings: Some(settings),

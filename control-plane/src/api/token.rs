@@ -79,7 +79,7 @@ impl TokenService for TokenApi {
         let actor = super::actor(&request);
         ok(WhoAmIResponse {
             name: actor.token,
-            role: actor.role.map_or(Role::Unspecified, |r| r.to_proto()) as i32,
+            role: actor.role.unwrap_or(Role::Unspecified) as i32,
         })
     }
 }

@@ -6,6 +6,7 @@ use claw_proto::validate::{self, FieldError};
 
 use super::records::{self, AgentRecord, FieldDiff, SealedRecord};
 use super::{Catalog, CatalogError, Result};
+use crate::audit::{self, Actor, Change};
 use crate::store::{Tree, Txn};
 
 const KIND: &str = "agent";
@@ -73,6 +74,25 @@ pub(super) fn diff(old: &Agent, new: &Agent) -> FieldDiff {
         &new.webhook_secret_ref,
     );
     d
+}
+
+/// The audit record of a new agent: its set fields, a webhook secret as a
+/// mask.
+pub(super) fn created(spec: &Agent, has_secret: bool) -> Change {
+    let mut d = diff(&Agent::default(), spec);
+    if has_secret {
+        d.secret("webhook_secret", "", audit::SET);
+    }
+    Change::new(KIND, &spec.id, &spec.name, "created", d.into_created())
+}
+
+/// The audit record of a deleted agent: its old fields.
+pub(super) fn deleted(spec: &Agent, had_secret: bool) -> Change {
+    let mut d = diff(spec, &Agent::default());
+    if had_secret {
+        d.secret("webhook_secret", audit::SEALED, "");
+    }
+    Change::new(KIND, &spec.id, &spec.name, "deleted", d.into_deleted())
 }
 
 /// Writes an agent inside a transaction; `is_new` enforces id uniqueness.
@@ -162,13 +182,18 @@ impl Catalog {
 
     /// Replaces an agent's checklist (its HEARTBEAT.md); bumps the version
     /// like any agent update.
-    pub async fn set_agent_checklist(&self, ident: &str, checklist: &str) -> Result<(Agent, u64)> {
-        self.update_agent(UpdateAgentRequest {
+    pub async fn set_agent_checklist(
+        &self,
+        actor: &Actor,
+        ident: &str,
+        checklist: &str,
+    ) -> Result<(Agent, u64)> {
+        let req = UpdateAgentRequest {
             agent: ident.to_string(),
             checklist: Some(checklist.to_string()),
             ..Default::default()
-        })
-        .await
+        };
+        self.patch_agent(actor, "SetChecklist", req).await
     }
 
     /// One agent by id or, failing that, by its (unambiguous) name.
@@ -177,7 +202,7 @@ impl Catalog {
     }
 
     /// Stores a new agent with defaults filled in.
-    pub async fn create_agent(&self, mut a: Agent) -> Result<(Agent, u64)> {
+    pub async fn create_agent(&self, actor: &Actor, mut a: Agent) -> Result<(Agent, u64)> {
         check(&mut a)?;
         let guard = self.lock().await;
         let now = records::now_ms();
@@ -191,17 +216,35 @@ impl Catalog {
             updated_at_ms: now,
             webhook_secret,
         };
+        let change = created(
+            rec.spec.as_ref().ok_or_else(missing_spec)?,
+            rec.webhook_secret.is_some(),
+        );
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "CreateAgent", |txn| {
                 put(txn, &rec, true)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok((view(&rec)?, version))
     }
 
     /// Patches an agent with the fields set in `req`, then validates it.
-    pub async fn update_agent(&self, req: UpdateAgentRequest) -> Result<(Agent, u64)> {
+    pub async fn update_agent(
+        &self,
+        actor: &Actor,
+        req: UpdateAgentRequest,
+    ) -> Result<(Agent, u64)> {
+        self.patch_agent(actor, "UpdateAgent", req).await
+    }
+
+    /// [`Catalog::update_agent`], audited as `operation`.
+    async fn patch_agent(
+        &self,
+        actor: &Actor,
+        operation: &str,
+        req: UpdateAgentRequest,
+    ) -> Result<(Agent, u64)> {
         let guard = self.lock().await;
         let old = self.load_agent(&req.agent)?;
         let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
@@ -217,7 +260,8 @@ impl Catalog {
                 _ => SecretChange::Set(self.seal_webhook_secret(&old_spec.id, s)?),
             },
         };
-        self.store_agent_change_with_secret(&guard, old, &old_spec, a, secret)
+        let how = (actor, operation, "updated");
+        self.store_agent_change(&guard, how, old, &old_spec, a, secret)
             .await
     }
 
@@ -225,6 +269,7 @@ impl Catalog {
     /// clears it.
     pub async fn set_agent_enabled(
         &self,
+        actor: &Actor,
         ident: &str,
         enabled: bool,
         pause_note: &str,
@@ -240,18 +285,23 @@ impl Catalog {
             pause_note.trim().to_string()
         };
         check(&mut a)?;
-        self.store_agent_change(&guard, old, &old_spec, a).await
+        let action = if enabled { "enabled" } else { "disabled" };
+        let how = (actor, "SetAgentEnabled", action);
+        self.store_agent_change(&guard, how, old, &old_spec, a, SecretChange::Keep)
+            .await
     }
 
     /// Deletes an agent by id or name.
-    pub async fn delete_agent(&self, ident: &str) -> Result<u64> {
+    pub async fn delete_agent(&self, actor: &Actor, ident: &str) -> Result<u64> {
         let guard = self.lock().await;
         let rec = self.load_agent(ident)?;
-        let id = rec.spec.map(|s| s.id).unwrap_or_default();
+        let spec = rec.spec.ok_or_else(missing_spec)?;
+        let change = deleted(&spec, rec.webhook_secret.is_some());
+        let id = spec.id;
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "DeleteAgent", |txn| {
                 remove(txn, &id)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok(version)
@@ -262,20 +312,12 @@ impl Catalog {
         Ok(self.store.len(Tree::Agents)?)
     }
 
+    /// Stores a changed agent; `how` is who does it, the operation and
+    /// the audit action. A change that changes nothing writes nothing.
     async fn store_agent_change(
         &self,
         guard: &tokio::sync::MutexGuard<'_, ()>,
-        old: AgentRecord,
-        old_spec: &Agent,
-        new: Agent,
-    ) -> Result<(Agent, u64)> {
-        self.store_agent_change_with_secret(guard, old, old_spec, new, SecretChange::Keep)
-            .await
-    }
-
-    async fn store_agent_change_with_secret(
-        &self,
-        guard: &tokio::sync::MutexGuard<'_, ()>,
+        how: (&Actor, &str, &'static str),
         old: AgentRecord,
         old_spec: &Agent,
         new: Agent,
@@ -286,10 +328,22 @@ impl Catalog {
             SecretChange::Clear => None,
             SecretChange::Set(s) => Some(s),
         };
-        let secret_changed = webhook_secret != old.webhook_secret;
-        if diff(old_spec, &new).is_empty() && !secret_changed {
+        let mut d = diff(old_spec, &new);
+        if webhook_secret != old.webhook_secret {
+            let had = old.webhook_secret.is_some();
+            let was = if had { audit::SEALED } else { "" };
+            let now = match (&webhook_secret, had) {
+                (None, _) => "",
+                (Some(_), true) => audit::CHANGED,
+                (Some(_), false) => audit::SET,
+            };
+            d.secret("webhook_secret", was, now);
+        }
+        if d.is_empty() {
             return Ok((view(&old)?, self.config_version()));
         }
+        let (actor, operation, action) = how;
+        let change = Change::new(KIND, &new.id, &new.name, action, d.into_changes());
         let rec = AgentRecord {
             spec: Some(storable_spec(new)),
             created_at_ms: old.created_at_ms,
@@ -297,9 +351,9 @@ impl Catalog {
             webhook_secret,
         };
         let (_, version) = self
-            .commit(guard, |txn| {
+            .commit(guard, actor, operation, |txn| {
                 put(txn, &rec, false)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok((view(&rec)?, version))
@@ -399,10 +453,16 @@ mod tests {
     #[tokio::test]
     async fn create_with_defaults_and_duplicate_ids() {
         let (_dir, c) = catalog().await;
-        let (a, _) = c.create_agent(agent("a1")).await.expect("create");
+        let (a, _) = c
+            .create_agent(&Actor::system(), agent("a1"))
+            .await
+            .expect("create");
         assert_eq!((a.name.as_str(), a.timezone.as_str()), ("a1", "UTC"));
         assert_eq!(a.interval_seconds, validate::DEFAULT_INTERVAL_SECONDS);
-        let err = c.create_agent(agent("a1")).await.expect_err("dup");
+        let err = c
+            .create_agent(&Actor::system(), agent("a1"))
+            .await
+            .expect_err("dup");
         assert_eq!(err.to_string(), r#"id: agent "a1" already exists"#);
     }
 
@@ -419,7 +479,10 @@ mod tests {
         for (field, f) in cases {
             let mut a = agent("a1");
             f(&mut a);
-            let err = c.create_agent(a).await.expect_err("invalid");
+            let err = c
+                .create_agent(&Actor::system(), a)
+                .await
+                .expect_err("invalid");
             assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
         }
         assert_eq!(c.agent_count().expect("count"), 0);
@@ -430,7 +493,7 @@ mod tests {
         let (_dir, c) = catalog().await;
         let mut a = agent("a1");
         a.webhook_secret = "whsec-0123456789abcdef".into();
-        let (created, v1) = c.create_agent(a).await.expect("create");
+        let (created, v1) = c.create_agent(&Actor::system(), a).await.expect("create");
         assert_eq!(created.webhook_secret, SECRET_MASK);
         assert_eq!(created.stagger, Some(true), "stagger defaults on");
         for (_, raw) in c.store.scan(Tree::Agents).expect("scan") {
@@ -447,13 +510,22 @@ mod tests {
             webhook_secret: Some("whsec-0123456789abcdef".into()),
             ..Default::default()
         };
-        assert_eq!(c.update_agent(same).await.expect("same").1, v1);
+        assert_eq!(
+            c.update_agent(&Actor::system(), same)
+                .await
+                .expect("same")
+                .1,
+            v1
+        );
         let (_, v2) = c
-            .update_agent(UpdateAgentRequest {
-                agent: "a1".into(),
-                webhook_secret: Some(String::new()),
-                ..Default::default()
-            })
+            .update_agent(
+                &Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    webhook_secret: Some(String::new()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("clear");
         assert_eq!(v2, v1 + 1);
@@ -461,11 +533,14 @@ mod tests {
         assert_eq!(c.agent_webhook_secret(&rec).expect("open"), None);
         assert!(format!("{:?}", c.get_agent("a1").expect("get")).contains("webhook_secret"));
         let err = c
-            .update_agent(UpdateAgentRequest {
-                agent: "a1".into(),
-                webhook_secret: Some("short".into()),
-                ..Default::default()
-            })
+            .update_agent(
+                &Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    webhook_secret: Some("short".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("short");
         assert!(err.to_string().starts_with("webhook_secret: "), "{err}");
@@ -476,15 +551,20 @@ mod tests {
         let (_dir, c) = catalog().await;
         let mut a = agent("a1");
         a.name = "Alice".into();
-        c.create_agent(a).await.expect("create");
-        c.create_agent(agent("a2")).await.expect("create");
+        c.create_agent(&Actor::system(), a).await.expect("create");
+        c.create_agent(&Actor::system(), agent("a2"))
+            .await
+            .expect("create");
         let (u, v) = c
-            .update_agent(UpdateAgentRequest {
-                agent: "Alice".into(),
-                active_hours: Some("22:00-06:00".into()),
-                timezone: Some("Asia/Shanghai".into()),
-                ..Default::default()
-            })
+            .update_agent(
+                &Actor::system(),
+                UpdateAgentRequest {
+                    agent: "Alice".into(),
+                    active_hours: Some("22:00-06:00".into()),
+                    timezone: Some("Asia/Shanghai".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("update");
         assert_eq!(
@@ -492,7 +572,7 @@ mod tests {
             ("a1", "22:00-06:00")
         );
         let (p, v2) = c
-            .set_agent_enabled("a1", false, "maintenance")
+            .set_agent_enabled(&Actor::system(), "a1", false, "maintenance")
             .await
             .expect("pause");
         assert_eq!(
@@ -500,7 +580,7 @@ mod tests {
             (false, "maintenance", v + 1)
         );
         let (e, _) = c
-            .set_agent_enabled("a1", true, "ignored")
+            .set_agent_enabled(&Actor::system(), "a1", true, "ignored")
             .await
             .expect("enable");
         assert_eq!((e.enabled, e.pause_note.as_str()), (true, ""));
@@ -511,7 +591,9 @@ mod tests {
             .map(|a| a.id)
             .collect();
         assert_eq!(ids, ["a1", "a2"]);
-        c.delete_agent("Alice").await.expect("delete");
+        c.delete_agent(&Actor::system(), "Alice")
+            .await
+            .expect("delete");
         assert_eq!(
             c.get_agent("a1").expect_err("gone").to_string(),
             r#"agent "a1" not found"#

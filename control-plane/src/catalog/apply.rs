@@ -17,6 +17,7 @@ use claw_proto::validate::{self, BACKEND_ID_PREFIX, FieldError};
 
 use super::records::{self, AgentRecord, BackendRecord, ClientKeyRecord, SealedRecord};
 use super::{Catalog, CatalogError, Result, agents, backends, client_keys, pools};
+use crate::audit::{self, Actor, Change};
 use crate::crypto::MasterKey;
 
 /// A desired configuration and how to apply it.
@@ -58,6 +59,8 @@ struct Plan {
     changes: Vec<ConfigChange>,
     ops: Vec<Op>,
     secrets: Vec<CreatedSecret>,
+    /// One audit record per changed resource.
+    audit: Vec<Change>,
 }
 
 impl Plan {
@@ -129,7 +132,7 @@ fn validate_config(cfg: &mut ClusterConfig) -> Result<()> {
 impl Catalog {
     /// Makes the stored configuration match `req.config`: atomically, with
     /// one version bump, or none when nothing changes.
-    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyOutcome> {
+    pub async fn apply(&self, actor: &Actor, req: ApplyRequest) -> Result<ApplyOutcome> {
         let mut cfg = req.config;
         validate_config(&mut cfg)?;
         let guard = self.lock().await;
@@ -149,8 +152,9 @@ impl Catalog {
             });
         }
         let ops = plan.ops;
+        let audit = plan.audit;
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "ApplyConfig", |txn| {
                 // Deletions first, so a name freed by a deletion can be
                 // taken by a creation in the same apply.
                 for op in &ops {
@@ -172,7 +176,7 @@ impl Catalog {
                         _ => {}
                     }
                 }
-                Ok(((), true))
+                Ok(((), audit.clone()))
             })
             .await?;
         Ok(ApplyOutcome {
@@ -208,6 +212,7 @@ impl Catalog {
                     b.id = super::new_id(BACKEND_ID_PREFIX);
                     let sealed = key.seal(api_key.as_bytes(), b.id.as_bytes())?;
                     plan.record("backend", &b.name, ChangeAction::Create, vec![]);
+                    plan.audit.push(backends::created(&b));
                     plan.ops.push(Op::PutBackend(
                         Box::new(BackendRecord {
                             spec: Some(backends::storable_spec(b)),
@@ -224,7 +229,7 @@ impl Catalog {
                     let mut diff = backends::diff(&old_spec, &b);
                     let mut sealed = old.api_key.clone();
                     if !api_key.is_empty() && api_key != self.backend_api_key(&old)? {
-                        diff.0.push("api_key");
+                        diff.secret("api_key", audit::SEALED, audit::CHANGED);
                         sealed = Some(SealedRecord::from(
                             key.seal(api_key.as_bytes(), b.id.as_bytes())?,
                         ));
@@ -233,8 +238,15 @@ impl Catalog {
                         plan.record("backend", &b.name, ChangeAction::Unchanged, vec![]);
                         continue;
                     }
-                    plan.record("backend", &b.name, ChangeAction::Update, diff.0);
-                    let name = b.name.clone();
+                    plan.record("backend", &b.name, ChangeAction::Update, diff.names());
+                    let name = old_spec.name.clone();
+                    plan.audit.push(Change::new(
+                        "backend",
+                        &b.id,
+                        &b.name,
+                        "updated",
+                        diff.into_changes(),
+                    ));
                     plan.ops.push(Op::PutBackend(
                         Box::new(BackendRecord {
                             spec: Some(backends::storable_spec(b)),
@@ -250,8 +262,9 @@ impl Catalog {
         if prune {
             for (name, rec) in existing {
                 plan.record("backend", &name, ChangeAction::Delete, vec![]);
-                plan.ops
-                    .push(Op::DeleteBackend(Box::new(rec.spec.unwrap_or_default())));
+                let spec = rec.spec.unwrap_or_default();
+                plan.audit.push(backends::deleted(&spec));
+                plan.ops.push(Op::DeleteBackend(Box::new(spec)));
             }
         }
         Ok(())
@@ -265,7 +278,14 @@ impl Catalog {
             if diff.is_empty() {
                 plan.record("pool", pool.name(), ChangeAction::Unchanged, vec![]);
             } else {
-                plan.record("pool", pool.name(), ChangeAction::Update, diff.0);
+                plan.record("pool", pool.name(), ChangeAction::Update, diff.names());
+                plan.audit.push(Change::new(
+                    "pool",
+                    pool.name(),
+                    pool.name(),
+                    "updated",
+                    diff.into_changes(),
+                ));
                 plan.ops.push(Op::PutPool(p));
             }
         }
@@ -290,6 +310,9 @@ impl Catalog {
                     let name = k.name.clone();
                     let (rec, secret) = client_keys::new_record(k, now);
                     plan.record("client_key", &name, ChangeAction::Create, vec![]);
+                    if let Some(spec) = &rec.spec {
+                        plan.audit.push(client_keys::created(spec));
+                    }
                     plan.secrets.push(CreatedSecret { name, secret });
                     plan.ops.push(Op::PutClientKey(Box::new(rec), true));
                 }
@@ -309,7 +332,14 @@ impl Catalog {
                         plan.record("client_key", &k.name, ChangeAction::Unchanged, vec![]);
                         continue;
                     }
-                    plan.record("client_key", &k.name, ChangeAction::Update, diff.0);
+                    plan.record("client_key", &k.name, ChangeAction::Update, diff.names());
+                    plan.audit.push(Change::new(
+                        client_keys::AUDIT_KIND,
+                        &old_spec.id,
+                        &old_spec.name,
+                        "updated",
+                        diff.into_changes(),
+                    ));
                     let spec = ClientKey {
                         models: k.models,
                         rpm: k.rpm,
@@ -332,6 +362,9 @@ impl Catalog {
                     continue;
                 }
                 plan.record("client_key", &name, ChangeAction::Delete, vec![]);
+                if let Some(spec) = &rec.spec {
+                    plan.audit.push(client_keys::deleted(spec));
+                }
                 plan.ops.push(Op::DeleteClientKey(Box::new(rec)));
             }
         }
@@ -354,6 +387,8 @@ impl Catalog {
             match existing.remove(&a.id) {
                 None => {
                     plan.record("agent", &a.id, ChangeAction::Create, vec![]);
+                    plan.audit
+                        .push(agents::created(&a, !a.webhook_secret.is_empty()));
                     let webhook_secret = match a.webhook_secret.as_str() {
                         "" => None,
                         s => Some(self.seal_webhook_secret(&a.id, s)?),
@@ -378,7 +413,17 @@ impl Catalog {
                             old.webhook_secret.clone()
                         }
                         s => {
-                            diff.0.push("webhook_secret");
+                            let was = if old.webhook_secret.is_some() {
+                                audit::SEALED
+                            } else {
+                                ""
+                            };
+                            let now = if old.webhook_secret.is_some() {
+                                audit::CHANGED
+                            } else {
+                                audit::SET
+                            };
+                            diff.secret("webhook_secret", was, now);
                             Some(self.seal_webhook_secret(&a.id, s)?)
                         }
                     };
@@ -386,7 +431,14 @@ impl Catalog {
                         plan.record("agent", &a.id, ChangeAction::Unchanged, vec![]);
                         continue;
                     }
-                    plan.record("agent", &a.id, ChangeAction::Update, diff.0);
+                    plan.record("agent", &a.id, ChangeAction::Update, diff.names());
+                    plan.audit.push(Change::new(
+                        "agent",
+                        &a.id,
+                        &a.name,
+                        "updated",
+                        diff.into_changes(),
+                    ));
                     plan.ops.push(Op::PutAgent(
                         Box::new(AgentRecord {
                             spec: Some(agents::storable_spec(a)),
@@ -400,8 +452,12 @@ impl Catalog {
             }
         }
         if prune {
-            for id in existing.into_keys() {
+            for (id, rec) in existing {
                 plan.record("agent", &id, ChangeAction::Delete, vec![]);
+                if let Some(spec) = &rec.spec {
+                    plan.audit
+                        .push(agents::deleted(spec, rec.webhook_secret.is_some()));
+                }
                 plan.ops.push(Op::DeleteAgent(id));
             }
         }
@@ -475,7 +531,10 @@ mod tests {
     async fn apply_twice_is_idempotent_with_one_bump() {
         let (_dir, c) = catalog().await;
         let v0 = c.config_version();
-        let first = c.apply(apply(config())).await.expect("apply");
+        let first = c
+            .apply(&Actor::system(), apply(config()))
+            .await
+            .expect("apply");
         assert_eq!(first.config_version, v0 + 1, "one bump for the whole apply");
         assert!(
             actions(&first)
@@ -486,14 +545,20 @@ mod tests {
         assert_eq!(first.created_secrets[0].name, "app");
         assert_eq!(c.backend_count().expect("count"), 2);
 
-        let second = c.apply(apply(config())).await.expect("again");
+        let second = c
+            .apply(&Actor::system(), apply(config()))
+            .await
+            .expect("again");
         assert_eq!(second.config_version, first.config_version);
         assert!(actions(&second).iter().all(|(_, _, a)| *a == "unchanged"));
         assert!(second.created_secrets.is_empty());
 
         // What export returns applies as all-unchanged too.
         let (exported, _) = c.export().await.expect("export");
-        let third = c.apply(apply(exported)).await.expect("export round trip");
+        let third = c
+            .apply(&Actor::system(), apply(exported))
+            .await
+            .expect("export round trip");
         assert!(
             actions(&third).iter().all(|(_, _, a)| *a == "unchanged"),
             "{:?}",
@@ -509,33 +574,47 @@ mod tests {
         let mut cfg = config();
         cfg.backends.push(backend("b3", "sk-three-0123456789"));
         cfg.backends[2].rpm = 0;
-        let err = c.apply(apply(cfg)).await.expect_err("invalid");
+        let err = c
+            .apply(&Actor::system(), apply(cfg))
+            .await
+            .expect_err("invalid");
         assert_eq!(err.to_string(), "backends[2].rpm: must be > 0");
         assert_eq!(c.backend_count().expect("count"), 0);
         assert_eq!(c.config_version(), v0);
 
         let mut cfg = config();
         cfg.backends[1].api_key.clear();
-        let err = c.apply(apply(cfg)).await.expect_err("missing key");
+        let err = c
+            .apply(&Actor::system(), apply(cfg))
+            .await
+            .expect_err("missing key");
         assert_eq!(err.to_string(), "backends[1].api_key: is required");
         assert_eq!(c.backend_count().expect("count"), 0);
 
         let mut cfg = config();
         cfg.agents[0].timezone = "Nowhere/Land".into();
-        let err = c.apply(apply(cfg)).await.expect_err("bad tz");
+        let err = c
+            .apply(&Actor::system(), apply(cfg))
+            .await
+            .expect_err("bad tz");
         assert!(err.to_string().starts_with("agents[0].timezone: "));
         assert_eq!(c.agent_count().expect("count"), 0);
 
         let mut cfg = config();
         cfg.backends[1].name = "b1".into();
-        let err = c.apply(apply(cfg)).await.expect_err("dup");
+        let err = c
+            .apply(&Actor::system(), apply(cfg))
+            .await
+            .expect_err("dup");
         assert!(err.to_string().starts_with("backends[1].name: "));
     }
 
     #[tokio::test]
     async fn updates_report_fields_keys_compare_by_decrypting_and_prune_deletes() {
         let (_dir, c) = catalog().await;
-        c.apply(apply(config())).await.expect("apply");
+        c.apply(&Actor::system(), apply(config()))
+            .await
+            .expect("apply");
         let mut cfg = config();
         cfg.backends[0].rpm = 120;
         cfg.backends[1].api_key = "sk-two-rotated-999".into();
@@ -549,21 +628,27 @@ mod tests {
         cfg.agents[0].interval_seconds = 60;
 
         let dry = c
-            .apply(ApplyRequest {
-                config: cfg.clone(),
-                dry_run: true,
-                prune: true,
-            })
+            .apply(
+                &Actor::system(),
+                ApplyRequest {
+                    config: cfg.clone(),
+                    dry_run: true,
+                    prune: true,
+                },
+            )
             .await
             .expect("dry run");
         let v = c.config_version();
         assert_eq!(dry.config_version, v);
         let real = c
-            .apply(ApplyRequest {
-                config: cfg,
-                dry_run: false,
-                prune: true,
-            })
+            .apply(
+                &Actor::system(),
+                ApplyRequest {
+                    config: cfg,
+                    dry_run: false,
+                    prune: true,
+                },
+            )
             .await
             .expect("apply");
         assert_eq!(actions(&dry), actions(&real), "dry run predicts the apply");

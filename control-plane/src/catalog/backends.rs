@@ -11,6 +11,7 @@ use claw_proto::validate::{self, BACKEND_ID_PREFIX};
 
 use super::records::{self, BackendRecord, FieldDiff, SealedRecord};
 use super::{Catalog, CatalogError, Result};
+use crate::audit::{self, Actor, Change};
 use crate::store::{Tree, Txn};
 
 const KIND: &str = "backend";
@@ -76,9 +77,9 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
     d.check("name", &old.name, &new.name);
     d.check("label", &old.label, &new.label);
     d.check("base_url", &old.base_url, &new.base_url);
-    d.check("api", &api_of(old), &api_of(new));
+    d.check("api", api_name(api_of(old)), api_name(api_of(new)));
     d.check("api_key_ref", &old.api_key_ref, &new.api_key_ref);
-    d.check("pool", &old.pool, &new.pool);
+    d.check("pool", pool_name(old.pool), pool_name(new.pool));
     d.check("rpm", &old.rpm, &new.rpm);
     d.check("tpm", &old.tpm, &new.tpm);
     d.check("timeout_ms", &old.timeout_ms, &new.timeout_ms);
@@ -87,6 +88,33 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
     d.check("native_only", &old.native_only, &new.native_only);
     d.check("models", &old.models, &new.models);
     d
+}
+
+/// A protocol by name, for diffs.
+fn api_name(api: i32) -> &'static str {
+    v1::Api::try_from(api).map_or("", |a| a.name())
+}
+
+/// A pool by name, for diffs.
+pub(super) fn pool_name(pool: i32) -> &'static str {
+    match v1::Pool::try_from(pool) {
+        Ok(v1::Pool::Unspecified) | Err(_) => "",
+        Ok(p) => p.name(),
+    }
+}
+
+/// The audit record of a new backend: its set fields, the key as a mask.
+pub(super) fn created(spec: &Backend) -> Change {
+    let mut d = diff(&Backend::default(), spec);
+    d.secret("api_key", "", audit::SET);
+    Change::new(KIND, &spec.id, &spec.name, "created", d.into_created())
+}
+
+/// The audit record of a deleted backend: its old fields, the key as a mask.
+pub(super) fn deleted(spec: &Backend) -> Change {
+    let mut d = diff(spec, &Backend::default());
+    d.secret("api_key", audit::SEALED, "");
+    Change::new(KIND, &spec.id, &spec.name, "deleted", d.into_deleted())
 }
 
 /// Writes a backend record and its name index inside a transaction,
@@ -158,7 +186,7 @@ impl Catalog {
     }
 
     /// Stores a new backend. The id is generated; the key is sealed.
-    pub async fn create_backend(&self, mut b: Backend) -> Result<(Backend, u64)> {
+    pub async fn create_backend(&self, actor: &Actor, mut b: Backend) -> Result<(Backend, u64)> {
         b.id = super::new_id(BACKEND_ID_PREFIX);
         b.status.clear();
         normalize_and_validate(&mut b, true).map_err(CatalogError::invalid)?;
@@ -173,10 +201,11 @@ impl Catalog {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        let change = created(rec.spec.as_ref().ok_or_else(missing_spec)?);
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "CreateBackend", |txn| {
                 put(txn, &rec, None)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         drop(guard);
@@ -188,7 +217,11 @@ impl Catalog {
     /// model list, otherwise given models are added or replace the mapping
     /// with the same canonical name. A patch that changes nothing does not
     /// bump the version.
-    pub async fn update_backend(&self, req: UpdateBackendRequest) -> Result<(Backend, u64)> {
+    pub async fn update_backend(
+        &self,
+        actor: &Actor,
+        req: UpdateBackendRequest,
+    ) -> Result<(Backend, u64)> {
         let guard = self.lock().await;
         let old = self.load_backend(&req.backend)?;
         let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
@@ -198,7 +231,7 @@ impl Catalog {
         let mut changed = diff(&old_spec, &b);
         let new_key = match req.api_key.as_deref() {
             Some(k) if !k.is_empty() && k != self.backend_api_key(&old)? => {
-                changed.0.push("api_key");
+                changed.secret("api_key", audit::SEALED, audit::CHANGED);
                 Some(k.to_string())
             }
             _ => None,
@@ -213,6 +246,7 @@ impl Catalog {
             )),
             None => old.api_key.clone(),
         };
+        let change = Change::new(KIND, &b.id, &b.name, "updated", changed.into_changes());
         let rec = BackendRecord {
             spec: Some(storable_spec(b)),
             api_key,
@@ -220,9 +254,9 @@ impl Catalog {
             updated_at_ms: records::now_ms(),
         };
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "UpdateBackend", |txn| {
                 put(txn, &rec, Some(&old_spec.name))?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         drop(guard);
@@ -230,21 +264,27 @@ impl Catalog {
     }
 
     /// Deletes a backend by id or name.
-    pub async fn delete_backend(&self, ident: &str) -> Result<u64> {
+    pub async fn delete_backend(&self, actor: &Actor, ident: &str) -> Result<u64> {
         let guard = self.lock().await;
         let rec = self.load_backend(ident)?;
         let spec = rec.spec.ok_or_else(missing_spec)?;
+        let change = deleted(&spec);
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "DeleteBackend", |txn| {
                 remove(txn, &spec)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok(version)
     }
 
     /// Enables or disables a backend; a no-op keeps the version.
-    pub async fn set_backend_enabled(&self, ident: &str, enabled: bool) -> Result<(Backend, u64)> {
+    pub async fn set_backend_enabled(
+        &self,
+        actor: &Actor,
+        ident: &str,
+        enabled: bool,
+    ) -> Result<(Backend, u64)> {
         let guard = self.lock().await;
         let mut rec = self.load_backend(ident)?;
         let spec = rec.spec.as_mut().ok_or_else(missing_spec)?;
@@ -254,11 +294,22 @@ impl Catalog {
         }
         spec.enabled = enabled;
         let name = spec.name.clone();
+        let change = Change::new(
+            KIND,
+            &spec.id,
+            &name,
+            if enabled { "enabled" } else { "disabled" },
+            vec![audit::field(
+                "enabled",
+                &(!enabled).to_string(),
+                &enabled.to_string(),
+            )],
+        );
         rec.updated_at_ms = records::now_ms();
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "SetBackendEnabled", |txn| {
                 put(txn, &rec, Some(&name))?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         drop(guard);
@@ -381,14 +432,19 @@ mod tests {
     async fn create_get_list_with_masked_key_and_version_bumps() {
         let (_dir, c) = catalog().await;
         let v0 = c.config_version();
-        let (b, v1) = c.create_backend(backend("b2")).await.expect("create");
+        let (b, v1) = c
+            .create_backend(&Actor::system(), backend("b2"))
+            .await
+            .expect("create");
         assert_eq!(v1, v0 + 1);
         assert_eq!(c.config_version(), v1);
         assert!(b.id.starts_with("be_") && b.id.len() == 19, "{}", b.id);
         assert_eq!(b.api_key, "sk-tes…mnop");
         assert_eq!(b.status, "enabled");
         assert!(b.created_at.is_some());
-        c.create_backend(backend("b1")).await.expect("create");
+        c.create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("create");
         let names: Vec<_> = c
             .list_backends()
             .expect("list")
@@ -410,9 +466,14 @@ mod tests {
     #[tokio::test]
     async fn names_are_unique_and_nothing_is_stored_on_error() {
         let (_dir, c) = catalog().await;
-        c.create_backend(backend("b1")).await.expect("create");
+        c.create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("create");
         let v = c.config_version();
-        let err = c.create_backend(backend("b1")).await.expect_err("dup");
+        let err = c
+            .create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect_err("dup");
         assert!(matches!(err, CatalogError::AlreadyExists(_)));
         assert_eq!(err.to_string(), r#"name: backend "b1" already exists"#);
         assert_eq!(c.config_version(), v);
@@ -420,7 +481,10 @@ mod tests {
 
         let mut bad = backend("b3");
         bad.rpm = 0;
-        let err = c.create_backend(bad).await.expect_err("invalid");
+        let err = c
+            .create_backend(&Actor::system(), bad)
+            .await
+            .expect_err("invalid");
         assert_eq!(err.to_string(), "rpm: must be > 0");
         assert_eq!(c.backend_count().expect("count"), 1);
         assert_eq!(c.config_version(), v);
@@ -431,17 +495,22 @@ mod tests {
         let (_dir, c) = catalog().await;
         let mut b = backend("b1");
         b.tpm = Some(1000);
-        let (b, _) = c.create_backend(b).await.expect("create");
-        c.create_backend(backend("other")).await.expect("create");
+        let (b, _) = c.create_backend(&Actor::system(), b).await.expect("create");
+        c.create_backend(&Actor::system(), backend("other"))
+            .await
+            .expect("create");
         let (u, v) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "b1".into(),
-                name: Some("renamed".into()),
-                tpm: Some(0),
-                rpm: Some(10),
-                api_key: Some("sk-new-key-0123456789".into()),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    name: Some("renamed".into()),
+                    tpm: Some(0),
+                    rpm: Some(10),
+                    api_key: Some("sk-new-key-0123456789".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("update");
         assert_eq!(u.id, b.id);
@@ -456,11 +525,14 @@ mod tests {
 
         // Renaming onto a taken name fails and changes nothing.
         let err = c
-            .update_backend(UpdateBackendRequest {
-                backend: "renamed".into(),
-                name: Some("other".into()),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "renamed".into(),
+                    name: Some("other".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("taken");
         assert_eq!(field_of(&err), Some("name"));
@@ -468,22 +540,28 @@ mod tests {
 
         // Invalid patch names the field.
         let err = c
-            .update_backend(UpdateBackendRequest {
-                backend: "renamed".into(),
-                rpm: Some(0),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "renamed".into(),
+                    rpm: Some(0),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("invalid");
         assert_eq!(err.to_string(), "rpm: must be > 0");
 
         // A no-op update does not bump the version.
         let (_, v2) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "renamed".into(),
-                rpm: Some(10),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "renamed".into(),
+                    rpm: Some(10),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("noop");
         assert_eq!(v2, v);
@@ -492,27 +570,35 @@ mod tests {
     #[tokio::test]
     async fn models_merge_or_replace() {
         let (_dir, c) = catalog().await;
-        c.create_backend(backend("b1")).await.expect("create");
+        c.create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("create");
         let m = |name: &str| ModelMapping {
             canonical: name.into(),
             ..Default::default()
         };
         let (u, _) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "b1".into(),
-                models: vec![m("gpt-4o-mini")],
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    models: vec![m("gpt-4o-mini")],
+                    ..Default::default()
+                },
+            )
             .await
             .expect("merge");
         assert_eq!(u.models.len(), 2);
         let (u, _) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "b1".into(),
-                replace_models: true,
-                models: vec![m("o3")],
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    replace_models: true,
+                    models: vec![m("o3")],
+                    ..Default::default()
+                },
+            )
             .await
             .expect("replace");
         assert_eq!(u.models.len(), 1);
@@ -522,7 +608,10 @@ mod tests {
     #[tokio::test]
     async fn api_defaults_to_openai_is_patched_only_when_given_and_is_validated() {
         let (_dir, c) = catalog().await;
-        let (b, _) = c.create_backend(backend("b1")).await.expect("create");
+        let (b, _) = c
+            .create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("create");
         assert_eq!(
             b.api,
             v1::Api::Openai as i32,
@@ -535,25 +624,34 @@ mod tests {
         );
         let mut a = backend("claude");
         a.api = v1::Api::Anthropic as i32;
-        let (a, _) = c.create_backend(a).await.expect("create anthropic");
+        let (a, _) = c
+            .create_backend(&Actor::system(), a)
+            .await
+            .expect("create anthropic");
         assert_eq!(a.api, v1::Api::Anthropic as i32);
 
         // Unspecified on update leaves it; a given protocol changes it.
         let (u, _) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "claude".into(),
-                rpm: Some(7),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "claude".into(),
+                    rpm: Some(7),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("update");
         assert_eq!(u.api, v1::Api::Anthropic as i32);
         let (u, v) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "b1".into(),
-                api: v1::Api::Anthropic as i32,
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    api: v1::Api::Anthropic as i32,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("switch");
         assert_eq!(u.api, v1::Api::Anthropic as i32);
@@ -561,15 +659,21 @@ mod tests {
 
         let mut bad = backend("bad");
         bad.api = 9;
-        let err = c.create_backend(bad).await.expect_err("out of range");
+        let err = c
+            .create_backend(&Actor::system(), bad)
+            .await
+            .expect_err("out of range");
         assert_eq!(field_of(&err), Some("api"));
         assert!(err.to_string().contains("openai or anthropic"), "{err}");
         let err = c
-            .update_backend(UpdateBackendRequest {
-                backend: "b1".into(),
-                api: -1,
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    api: -1,
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("out of range");
         assert_eq!(field_of(&err), Some("api"));
@@ -582,7 +686,7 @@ mod tests {
         let mut b = backend("claude");
         b.api = v1::Api::Anthropic as i32;
         b.native_only = true;
-        let (b, v) = c.create_backend(b).await.expect("create");
+        let (b, v) = c.create_backend(&Actor::system(), b).await.expect("create");
         assert!(b.native_only);
         assert_eq!(
             c.load_backend("claude")
@@ -593,31 +697,40 @@ mod tests {
         );
         // Unset leaves it (and changes nothing: no version bump).
         let (u, v2) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "claude".into(),
-                native_only: None,
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "claude".into(),
+                    native_only: None,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("noop");
         assert!(u.native_only);
         assert_eq!(v2, v, "unset is unchanged");
         let (u, v3) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "claude".into(),
-                native_only: Some(false),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "claude".into(),
+                    native_only: Some(false),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("clear");
         assert!(!u.native_only);
         assert!(v3 > v, "a cleared flag is a change");
         let (u, _) = c
-            .update_backend(UpdateBackendRequest {
-                backend: "claude".into(),
-                native_only: Some(true),
-                ..Default::default()
-            })
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "claude".into(),
+                    native_only: Some(true),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("set");
         assert!(u.native_only);
@@ -636,17 +749,20 @@ mod tests {
         let mut b = backend("b1");
         b.models[0].cache_write_cost_per_token = 0.00000375;
         b.models[0].cache_write_1h_cost_per_token = 0.000006;
-        let (b, _) = c.create_backend(b).await.expect("create");
+        let (b, _) = c.create_backend(&Actor::system(), b).await.expect("create");
         assert_eq!(b.models[0].cache_write_1h_cost_per_token, 0.000006);
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
             let mut m = b.models[0].clone();
             m.cache_write_1h_cost_per_token = bad;
             let err = c
-                .update_backend(UpdateBackendRequest {
-                    backend: "b1".into(),
-                    models: vec![m],
-                    ..Default::default()
-                })
+                .update_backend(
+                    &Actor::system(),
+                    UpdateBackendRequest {
+                        backend: "b1".into(),
+                        models: vec![m],
+                        ..Default::default()
+                    },
+                )
                 .await
                 .expect_err("invalid price");
             assert_eq!(
@@ -660,15 +776,27 @@ mod tests {
     #[tokio::test]
     async fn delete_and_enable() {
         let (_dir, c) = catalog().await;
-        let (b, _) = c.create_backend(backend("b1")).await.expect("create");
-        let (d, v) = c.set_backend_enabled("b1", false).await.expect("disable");
+        let (b, _) = c
+            .create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("create");
+        let (d, v) = c
+            .set_backend_enabled(&Actor::system(), "b1", false)
+            .await
+            .expect("disable");
         assert_eq!(d.status, "disabled");
-        let (_, v2) = c.set_backend_enabled(&b.id, false).await.expect("noop");
+        let (_, v2) = c
+            .set_backend_enabled(&Actor::system(), &b.id, false)
+            .await
+            .expect("noop");
         assert_eq!(v, v2);
-        let v3 = c.delete_backend("b1").await.expect("delete");
+        let v3 = c
+            .delete_backend(&Actor::system(), "b1")
+            .await
+            .expect("delete");
         assert_eq!(v3, v2 + 1);
         assert!(matches!(
-            c.delete_backend("b1").await,
+            c.delete_backend(&Actor::system(), "b1").await,
             Err(CatalogError::NotFound { .. })
         ));
         assert_eq!(
@@ -676,6 +804,8 @@ mod tests {
             r#"backend "nope" not found"#
         );
         // The name is free again.
-        c.create_backend(backend("b1")).await.expect("recreate");
+        c.create_backend(&Actor::system(), backend("b1"))
+            .await
+            .expect("recreate");
     }
 }

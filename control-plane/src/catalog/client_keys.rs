@@ -10,10 +10,13 @@ use rand::RngCore as _;
 
 use super::records::{self, ClientKeyRecord, FieldDiff};
 use super::{Catalog, CatalogError, Result};
+use crate::audit::{Actor, Change};
 use crate::crypto::sha256_hex;
 use crate::store::{Tree, Txn};
 
 const KIND: &str = "client key";
+/// The resource kind in the audit log.
+pub(super) const AUDIT_KIND: &str = "client_key";
 /// Every client key secret starts with this, so leaked keys are greppable.
 pub(super) const SECRET_PREFIX: &str = "claw-";
 /// How many leading characters of a secret are kept as its `prefix`.
@@ -61,6 +64,31 @@ pub(super) fn diff(old: &ClientKey, new: &ClientKey) -> FieldDiff {
     d.check("models", &old.models, &new.models);
     d.check("rpm", &old.rpm, &new.rpm);
     d
+}
+
+/// The audit record of a new key: its set fields (never the secret, its
+/// hash or its prefix).
+pub(super) fn created(spec: &ClientKey) -> Change {
+    let d = diff(&ClientKey::default(), spec);
+    Change::new(
+        AUDIT_KIND,
+        &spec.id,
+        &spec.name,
+        "created",
+        d.into_created(),
+    )
+}
+
+/// The audit record of a deleted key: its old fields.
+pub(super) fn deleted(spec: &ClientKey) -> Change {
+    let d = diff(spec, &ClientKey::default());
+    Change::new(
+        AUDIT_KIND,
+        &spec.id,
+        &spec.name,
+        "deleted",
+        d.into_deleted(),
+    )
 }
 
 /// Builds the record of a new key with a fresh id and secret.
@@ -166,15 +194,20 @@ impl Catalog {
 
     /// Creates a key and returns it with its secret, which is not stored and
     /// cannot be shown again.
-    pub async fn create_client_key(&self, mut k: ClientKey) -> Result<(ClientKey, String, u64)> {
+    pub async fn create_client_key(
+        &self,
+        actor: &Actor,
+        mut k: ClientKey,
+    ) -> Result<(ClientKey, String, u64)> {
         normalize(&mut k);
         validate::validate_client_key(&k).map_err(CatalogError::invalid)?;
         let guard = self.lock().await;
         let (rec, secret) = new_record(k, records::now_ms());
+        let change = created(rec.spec.as_ref().ok_or_else(missing_spec)?);
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "CreateClientKey", |txn| {
                 put(txn, &rec, true)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok((view(&rec)?, secret, version))
@@ -182,7 +215,7 @@ impl Catalog {
 
     /// Revokes a key by id or name. Internal keys belong to the control plane
     /// and cannot be deleted this way.
-    pub async fn delete_client_key(&self, ident: &str) -> Result<u64> {
+    pub async fn delete_client_key(&self, actor: &Actor, ident: &str) -> Result<u64> {
         let guard = self.lock().await;
         let rec = self.load_client_key(ident)?;
         if rec.spec.as_ref().is_some_and(|s| s.internal) {
@@ -191,10 +224,11 @@ impl Catalog {
                 ident.trim()
             )));
         }
+        let change = deleted(rec.spec.as_ref().ok_or_else(missing_spec)?);
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "DeleteClientKey", |txn| {
                 remove(txn, &rec)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok(version)
@@ -231,9 +265,10 @@ impl Catalog {
         rec.sealed_secret = Some(super::records::SealedRecord::from(
             self.current_key().seal(secret.as_bytes(), id.as_bytes())?,
         ));
-        self.commit(&guard, |txn| {
+        let change = created(rec.spec.as_ref().ok_or_else(missing_spec)?);
+        self.commit(&guard, &Actor::system(), "EnsureInternalClientKey", |txn| {
             put(txn, &rec, true)?;
-            Ok(((), true))
+            Ok(((), vec![change.clone()]))
         })
         .await?;
         Ok(secret)
@@ -259,12 +294,15 @@ mod tests {
     async fn secret_is_returned_once_and_only_its_hash_is_stored() {
         let (_dir, c) = catalog().await;
         let (k, secret, v) = c
-            .create_client_key(ClientKey {
-                name: "app".into(),
-                models: vec!["gpt-4o".into()],
-                rpm: 10,
-                ..Default::default()
-            })
+            .create_client_key(
+                &Actor::system(),
+                ClientKey {
+                    name: "app".into(),
+                    models: vec!["gpt-4o".into()],
+                    rpm: 10,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("create");
         assert_eq!(v, c.config_version());
@@ -286,15 +324,20 @@ mod tests {
         assert_eq!(c.get_client_key(&k.id).expect("by id").name, "app");
 
         let err = c
-            .create_client_key(ClientKey {
-                name: "app".into(),
-                ..Default::default()
-            })
+            .create_client_key(
+                &Actor::system(),
+                ClientKey {
+                    name: "app".into(),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("dup");
         assert_eq!(err.to_string(), r#"name: client key "app" already exists"#);
 
-        c.delete_client_key("app").await.expect("delete");
+        c.delete_client_key(&Actor::system(), "app")
+            .await
+            .expect("delete");
         assert!(
             c.client_key_by_hash(&sha256_hex(secret.as_bytes()))
                 .expect("lookup")
@@ -321,7 +364,11 @@ mod tests {
             assert_eq!((s.as_str(), c.config_version()), (again.as_str(), v));
             let k = c.get_client_key("claw-heartbeat").expect("get");
             assert!(k.internal);
-            assert!(c.delete_client_key("claw-heartbeat").await.is_err());
+            assert!(
+                c.delete_client_key(&Actor::system(), "claw-heartbeat")
+                    .await
+                    .is_err()
+            );
             for (_, raw) in c.store.scan(Tree::ClientKeys).expect("scan") {
                 assert!(!String::from_utf8_lossy(&raw).contains(&s[5..]));
             }
@@ -344,10 +391,13 @@ mod tests {
     async fn invalid_keys_name_the_field() {
         let (_dir, c) = catalog().await;
         let err = c
-            .create_client_key(ClientKey {
-                name: "ck_x".into(),
-                ..Default::default()
-            })
+            .create_client_key(
+                &Actor::system(),
+                ClientKey {
+                    name: "ck_x".into(),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("reserved");
         assert!(err.to_string().starts_with("name: "));

@@ -7,6 +7,7 @@ use claw_proto::validate::FieldError;
 
 use super::records::{self, AgentRecord, BackendRecord, ClientKeyRecord, SealedRecord};
 use super::{Catalog, CatalogError, META_MASTER_KEY_ID, Result, SCHEMA_VERSION};
+use crate::audit::{self, Actor, Change};
 use crate::crypto::{KeyId, MasterKey};
 use crate::store::Tree;
 
@@ -85,7 +86,9 @@ impl Catalog {
     /// opens what they read: the new key is known (as pending) before the
     /// commit. The configuration version is not bumped: no configuration
     /// changes, and proxies receive plaintext keys anyway.
-    pub async fn rotate_master_key(&self, new: MasterKey) -> Result<RotationReport> {
+    /// The rotation is audited (as `actor`) in the same transaction, with
+    /// the current, unchanged, configuration version.
+    pub async fn rotate_master_key(&self, actor: &Actor, new: MasterKey) -> Result<RotationReport> {
         let _guard = self.lock().await;
         let current = self.current_key();
         if new.id() == current.id() {
@@ -134,7 +137,25 @@ impl Catalog {
         let reencrypted = resealed.len() + agents.len() + keys.len();
         self.keys.write().pending = Some(new.clone());
         let new_id = new.id().as_str().as_bytes().to_vec();
-        let trees = [Tree::Backends, Tree::Agents, Tree::ClientKeys, Tree::Meta];
+        let trees = [
+            Tree::Backends,
+            Tree::Agents,
+            Tree::ClientKeys,
+            Tree::Meta,
+            Tree::Audit,
+        ];
+        let change = Change::new(
+            "master_key",
+            new.id().as_str(),
+            "",
+            "rotated",
+            vec![audit::field(
+                "key_id",
+                current.id().as_str(),
+                new.id().as_str(),
+            )],
+        );
+        let version = self.config_version();
         let committed = self.store.transact(&trees, |txn| -> Result<()> {
             for rec in &resealed {
                 let id = rec.spec.as_ref().map(|s| s.id.as_str()).unwrap_or_default();
@@ -149,6 +170,7 @@ impl Catalog {
                 txn.insert(Tree::ClientKeys, id.as_bytes(), &records::encode(rec))?;
             }
             txn.insert(Tree::Meta, META_MASTER_KEY_ID, &new_id)?;
+            audit::append(txn, actor, "RotateMasterKey", version, &change)?;
             Ok(())
         });
         if let Err(e) = committed {
@@ -191,17 +213,23 @@ mod tests {
         let path = dir.path().join("data");
         {
             let c = open_at(&path, KEY1).await.expect("open");
-            c.create_backend(backend("b1", "sk-one-0123456789"))
+            c.create_backend(&Actor::system(), backend("b1", "sk-one-0123456789"))
                 .await
                 .expect("create");
-            c.create_backend(backend("b2", "sk-two-0123456789"))
+            c.create_backend(&Actor::system(), backend("b2", "sk-two-0123456789"))
                 .await
                 .expect("create");
             let v = c.config_version();
-            let err = c.rotate_master_key(key(KEY1)).await.expect_err("same key");
+            let err = c
+                .rotate_master_key(&Actor::system(), key(KEY1))
+                .await
+                .expect_err("same key");
             assert_eq!(err.to_string(), "new_master_key: is the current master key");
 
-            let r = c.rotate_master_key(key(KEY2)).await.expect("rotate");
+            let r = c
+                .rotate_master_key(&Actor::system(), key(KEY2))
+                .await
+                .expect("rotate");
             assert_eq!(r.old_key_id, *key(KEY1).id());
             assert_eq!(r.new_key_id, *key(KEY2).id());
             assert_eq!(r.reencrypted, 2);
@@ -228,7 +256,7 @@ mod tests {
         let (_dir, c) = catalog().await;
         let mut b = backend("b1", "sk-one-0123456789");
         b.api_key_ref = "env:OPENAI_KEY".into();
-        c.create_backend(b).await.expect("create");
+        c.create_backend(&Actor::system(), b).await.expect("create");
         let (cfg, v) = c.export().await.expect("export");
         assert_eq!(v, c.config_version());
         assert_eq!(cfg.backends.len(), 1);

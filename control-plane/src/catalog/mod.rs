@@ -42,8 +42,23 @@ use tokio::sync::{Mutex, MutexGuard, watch};
 pub use apply::{ApplyOutcome, ApplyRequest};
 pub use cluster::{RotationReport, SnapshotInfo};
 
+use crate::audit::{self, Actor, Change};
 use crate::crypto::{CryptoError, KeyId, MasterKey, Sealed};
 use crate::store::{Store, StoreError, Tree, Txn};
+
+/// The trees a configuration transaction spans: the configuration and the
+/// audit log, so that a change and its record commit together.
+const COMMIT_TREES: [Tree; 9] = [
+    Tree::Meta,
+    Tree::Backends,
+    Tree::BackendNames,
+    Tree::Pools,
+    Tree::ClientKeys,
+    Tree::ClientKeyNames,
+    Tree::ClientKeyHashes,
+    Tree::Agents,
+    Tree::Audit,
+];
 
 /// Version of the on-disk layout this build reads and writes. Bump it (and
 /// add a migration in [`Catalog::open`]) when the layout changes.
@@ -294,16 +309,22 @@ impl Catalog {
     }
 
     /// Runs one configuration transaction. `body` returns its value and
-    /// whether the configuration changed; the version is bumped in the same
-    /// transaction when it did. The store is flushed before returning, and
-    /// the new version published. Callers hold the writer lock.
+    /// the resources it changed (none: the configuration is unchanged).
+    /// When it changed something, the version is bumped and one audit
+    /// record per change is appended (with the new version, as `actor`
+    /// doing `operation`), all in the same transaction. The store is then
+    /// flushed before returning, and the new version published. Callers
+    /// hold the writer lock.
     async fn commit<T>(
         &self,
         _guard: &MutexGuard<'_, ()>,
-        body: impl Fn(&dyn Txn) -> Result<(T, bool)>,
+        actor: &Actor,
+        operation: &str,
+        body: impl Fn(&dyn Txn) -> Result<(T, Vec<Change>)>,
     ) -> Result<(T, u64)> {
-        let (value, version, changed) = self.store.transact(&Tree::CONFIG, |txn| -> Result<_> {
-            let (value, changed) = body(txn)?;
+        let (value, version, changed) = self.store.transact(&COMMIT_TREES, |txn| -> Result<_> {
+            let (value, changes) = body(txn)?;
+            let changed = !changes.is_empty();
             let current = match txn.get(Tree::Meta, META_CONFIG_VERSION)? {
                 Some(raw) => read_u64(&raw, "config_version")?,
                 None => INITIAL_CONFIG_VERSION,
@@ -315,6 +336,9 @@ impl Catalog {
             } else {
                 current
             };
+            for change in &changes {
+                audit::append(txn, actor, operation, version, change)?;
+            }
             Ok((value, version, changed))
         })?;
         if changed {
@@ -324,6 +348,22 @@ impl Catalog {
             self.store.flush().await?;
         }
         Ok((value, version))
+    }
+
+    /// Appends one audit record for a change that is not a configuration
+    /// change (a manual heartbeat run), in a transaction of its own, with
+    /// the current configuration version; durable before it returns.
+    pub async fn record_audit(
+        &self,
+        actor: &Actor,
+        operation: &str,
+        change: &Change,
+    ) -> Result<()> {
+        let version = self.config_version();
+        self.store.transact(&[Tree::Audit], |txn| -> Result<()> {
+            Ok(audit::append(txn, actor, operation, version, change)?)
+        })?;
+        Ok(self.store.flush().await?)
     }
 
     /// Decodes every record of a tree.

@@ -7,6 +7,7 @@ use claw_proto::validate::{self, FieldError};
 
 use super::records::{self, FieldDiff, PoolRecord};
 use super::{Catalog, CatalogError, Result};
+use crate::audit::{Actor, Change};
 use crate::store::{Tree, Txn};
 
 /// The pools, in the order they are listed.
@@ -89,7 +90,11 @@ impl Catalog {
 
     /// Patches a pool's settings with the fields set in `req`, then validates
     /// the result. A patch that changes nothing keeps the version.
-    pub async fn update_pool(&self, req: UpdatePoolSettingsRequest) -> Result<(PoolSettings, u64)> {
+    pub async fn update_pool(
+        &self,
+        actor: &Actor,
+        req: UpdatePoolSettingsRequest,
+    ) -> Result<(PoolSettings, u64)> {
         let pool = parse_pool("pool", req.pool)?;
         let guard = self.lock().await;
         let old = self.get_pool(pool)?;
@@ -119,14 +124,22 @@ impl Catalog {
             p.request_timeout_ms = v;
         }
         validate::validate_pool_settings(&p).map_err(CatalogError::invalid)?;
-        if diff(&old, &p).is_empty() {
+        let d = diff(&old, &p);
+        if d.is_empty() {
             return Ok((p, self.config_version()));
         }
+        let change = Change::new(
+            "pool",
+            pool.name(),
+            pool.name(),
+            "updated",
+            d.into_changes(),
+        );
         let now = records::now_ms();
         let (_, version) = self
-            .commit(&guard, |txn| {
+            .commit(&guard, actor, "UpdatePoolSettings", |txn| {
                 put(txn, &p, now)?;
-                Ok(((), true))
+                Ok(((), vec![change.clone()]))
             })
             .await?;
         Ok((p, version))
@@ -148,11 +161,14 @@ mod tests {
 
         let v = c.config_version();
         let (p, v1) = c
-            .update_pool(UpdatePoolSettingsRequest {
-                pool: Pool::Fallback as i32,
-                max_retries: Some(5),
-                ..Default::default()
-            })
+            .update_pool(
+                &Actor::system(),
+                UpdatePoolSettingsRequest {
+                    pool: Pool::Fallback as i32,
+                    max_retries: Some(5),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("update");
         assert_eq!((p.max_retries, v1), (5, v + 1));
@@ -160,16 +176,19 @@ mod tests {
         assert_eq!(c.get_pool(Pool::Primary).expect("get").max_retries, 2);
 
         let err = c
-            .update_pool(UpdatePoolSettingsRequest {
-                pool: Pool::Primary as i32,
-                emergency_fraction: Some(2.0),
-                ..Default::default()
-            })
+            .update_pool(
+                &Actor::system(),
+                UpdatePoolSettingsRequest {
+                    pool: Pool::Primary as i32,
+                    emergency_fraction: Some(2.0),
+                    ..Default::default()
+                },
+            )
             .await
             .expect_err("invalid");
         assert!(err.to_string().starts_with("emergency_fraction: "));
         let err = c
-            .update_pool(UpdatePoolSettingsRequest::default())
+            .update_pool(&Actor::system(), UpdatePoolSettingsRequest::default())
             .await
             .expect_err("unspecified pool");
         assert_eq!(err.to_string(), "pool: must be primary or fallback");

@@ -149,22 +149,94 @@ pub fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
-/// Whether two specs differ, and in which fields. Used by updates (to skip
-/// no-op writes) and by apply (to report changed fields).
+/// A field value as the audit log shows it: strings and scalars plain,
+/// an absent value empty, messages and lists as compact JSON (the proto
+/// types' serde form: field names, enums by name).
+pub fn render<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Null) => String::new(),
+        Ok(v) => v.to_string(),
+        Err(_) => "(not renderable)".to_string(),
+    }
+}
+
+/// Whether two specs differ, in which fields, and how: each changed field
+/// with its old and new value rendered for the audit log
+/// ([`render`]). Used by updates (to skip no-op writes), by
+/// apply (to report changed fields) and by the audit log (the diff).
 #[derive(Debug, Default)]
-pub struct FieldDiff(pub Vec<&'static str>);
+pub struct FieldDiff {
+    names: Vec<&'static str>,
+    changes: Vec<v1::AuditFieldChange>,
+}
 
 impl FieldDiff {
     /// Records `name` when `a != b`.
-    pub fn check<T: PartialEq + ?Sized>(&mut self, name: &'static str, a: &T, b: &T) {
+    pub fn check<T: PartialEq + serde::Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        a: &T,
+        b: &T,
+    ) {
         if a != b {
-            self.0.push(name);
+            self.changes.push(v1::AuditFieldChange {
+                field: name.to_string(),
+                old_value: render(a),
+                new_value: render(b),
+            });
+            self.names.push(name);
         }
+    }
+
+    /// Records a change of a secret field, with fixed masks instead of
+    /// values (see [`crate::audit::SEALED`]).
+    pub fn secret(&mut self, name: &'static str, old: &str, new: &str) {
+        self.changes.push(v1::AuditFieldChange {
+            field: name.to_string(),
+            old_value: old.to_string(),
+            new_value: new.to_string(),
+        });
+        self.names.push(name);
     }
 
     /// Whether nothing differs.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.names.is_empty()
+    }
+
+    /// The names of the changed fields, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.names.clone()
+    }
+
+    /// The diff of an update, for the audit log.
+    pub fn into_changes(self) -> Vec<v1::AuditFieldChange> {
+        self.changes
+    }
+
+    /// The diff of a creation (a diff against the default): set fields
+    /// only, old values empty.
+    pub fn into_created(self) -> Vec<v1::AuditFieldChange> {
+        self.changes
+            .into_iter()
+            .map(|c| v1::AuditFieldChange {
+                old_value: String::new(),
+                ..c
+            })
+            .collect()
+    }
+
+    /// The diff of a deletion (a diff against the default): the old
+    /// fields, new values empty.
+    pub fn into_deleted(self) -> Vec<v1::AuditFieldChange> {
+        self.changes
+            .into_iter()
+            .map(|c| v1::AuditFieldChange {
+                new_value: String::new(),
+                ..c
+            })
+            .collect()
     }
 }
 

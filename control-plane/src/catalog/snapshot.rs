@@ -135,22 +135,34 @@ mod tests {
     #[tokio::test]
     async fn snapshot_has_plaintext_backend_keys_hashed_client_keys_and_served_models() {
         let (_dir, c) = catalog().await;
-        c.create_backend(backend("b2", "sk-two-0123456789", &["gpt-4o", "o3"], true))
-            .await
-            .expect("create");
-        c.create_backend(backend("b1", "sk-one-0123456789", &["gpt-4o"], true))
-            .await
-            .expect("create");
-        c.create_backend(backend("off", "sk-off-0123456789", &["claude"], false))
-            .await
-            .expect("create");
+        c.create_backend(
+            &crate::audit::Actor::system(),
+            backend("b2", "sk-two-0123456789", &["gpt-4o", "o3"], true),
+        )
+        .await
+        .expect("create");
+        c.create_backend(
+            &crate::audit::Actor::system(),
+            backend("b1", "sk-one-0123456789", &["gpt-4o"], true),
+        )
+        .await
+        .expect("create");
+        c.create_backend(
+            &crate::audit::Actor::system(),
+            backend("off", "sk-off-0123456789", &["claude"], false),
+        )
+        .await
+        .expect("create");
         let (key, secret, version) = c
-            .create_client_key(ClientKey {
-                name: "team".into(),
-                models: vec!["gpt-4o".into()],
-                rpm: 30,
-                ..Default::default()
-            })
+            .create_client_key(
+                &crate::audit::Actor::system(),
+                ClientKey {
+                    name: "team".into(),
+                    models: vec!["gpt-4o".into()],
+                    rpm: 30,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("key");
 

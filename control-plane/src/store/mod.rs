@@ -147,6 +147,9 @@ pub enum StoreError {
     /// A transaction touched a tree it did not declare (a programming error).
     #[error("tree {0:?} is not part of this transaction")]
     TreeNotInTransaction(Tree),
+    /// The sink of [`Store::export`] failed (writing the backup file).
+    #[error("writing the export failed: {0}")]
+    Export(#[source] std::io::Error),
 }
 
 /// Returned by a transaction body to make the engine roll back.
@@ -170,6 +173,9 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// A transaction body as the engine sees it: it may run more than once (on
 /// conflicts), so it must not have side effects outside the transaction.
 pub type TxnBody<'a> = dyn Fn(&dyn Txn) -> Result<(), Rollback> + 'a;
+
+/// Receives the entries of [`Store::export`]: tree, key, value.
+pub type ExportSink<'a> = dyn FnMut(Tree, &[u8], &[u8]) -> std::io::Result<()> + 'a;
 
 /// A boxed future, to keep [`Store`] object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -207,6 +213,11 @@ pub trait Store: Send + Sync + 'static {
     /// Runs `body` atomically over `trees`. Returns `Ok(true)` when it
     /// committed and `Ok(false)` when the body rolled back.
     fn transaction(&self, trees: &[Tree], body: &TxnBody<'_>) -> Result<bool, StoreError>;
+    /// Hands every entry of every tree to `sink`, trees in [`Tree::ALL`]
+    /// order and keys in order, as one point-in-time view: no transaction
+    /// commits while it runs (engines block them), so the sink must be fast
+    /// (a local file, never a network peer). Returns the number of entries.
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StoreError>;
     /// Makes every committed write durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Whether the engine answers reads (for `/healthz`).

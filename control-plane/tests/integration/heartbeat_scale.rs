@@ -134,11 +134,14 @@ async fn heartbeat_scheduler_at_scale() {
         ..Default::default()
     };
     catalog
-        .apply(ApplyRequest {
-            config,
-            dry_run: false,
-            prune: false,
-        })
+        .apply(
+            &claw_control_plane::audit::Actor::system(),
+            ApplyRequest {
+                config,
+                dry_run: false,
+                prune: false,
+            },
+        )
         .await
         .expect("apply");
     let load_s = load.elapsed().as_secs_f64();

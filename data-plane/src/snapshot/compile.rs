@@ -26,7 +26,10 @@ use crate::upstream::UpstreamTarget;
 use crate::usage::Prices;
 
 /// Validates `snap` (delivered as `version`) and compiles it, carrying the
-/// runtime state over from `previous`.
+/// runtime state over from `previous`. A version older than `previous`'s is
+/// stale, unless `snap` names a different (non-empty) lineage: a control
+/// plane restored from a backup starts a new history whose versions may be
+/// lower than those the proxy saw, and it is the authority.
 pub(crate) fn compile(
     version: u64,
     snap: &v1::Snapshot,
@@ -35,6 +38,7 @@ pub(crate) fn compile(
 ) -> Result<Snapshot, SnapshotError> {
     if let Some(prev) = previous
         && version < prev.version
+        && !new_lineage(snap, prev)
     {
         return Err(SnapshotError::Stale {
             got: version,
@@ -42,6 +46,11 @@ pub(crate) fn compile(
         });
     }
     compile_any_version(version, snap, previous, now)
+}
+
+/// Whether `snap` starts a lineage other than `prev`'s.
+fn new_lineage(snap: &v1::Snapshot, prev: &Snapshot) -> bool {
+    !snap.lineage.is_empty() && *snap.lineage != *prev.lineage
 }
 
 /// [`compile`] without the staleness check: `version` may be older than
@@ -90,6 +99,7 @@ pub(super) fn compile_any_version(
 
     Ok(Snapshot {
         version,
+        lineage: snap.lineage.as_str().into(),
         backends,
         by_id,
         routes,

@@ -910,16 +910,19 @@ mod tests {
         let (dir, store, catalog) = testing::store_and_catalog().await;
         let catalog = Arc::new(catalog);
         catalog
-            .create_agent(Agent {
-                id: "a1".into(),
-                model: "gpt-4o".into(),
-                interval_seconds: 60,
-                stagger: Some(false),
-                checklist: "- [ ] check the inbox".into(),
-                enabled: true,
-                busy_defer_max_seconds: 120,
-                ..Default::default()
-            })
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "a1".into(),
+                    model: "gpt-4o".into(),
+                    interval_seconds: 60,
+                    stagger: Some(false),
+                    checklist: "- [ ] check the inbox".into(),
+                    enabled: true,
+                    busy_defer_max_seconds: 120,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("agent");
         let rig = Rig {
@@ -1022,7 +1025,10 @@ mod tests {
             backend("gpt", Openai, &["gpt-4o", "mixed"], true),
             backend("gpt-off", Openai, &["off"], false),
         ] {
-            r.catalog.create_backend(b).await.expect("backend");
+            r.catalog
+                .create_backend(&crate::audit::Actor::system(), b)
+                .await
+                .expect("backend");
         }
         let (mut s, _h, _) = r.scheduler();
         s.sync_agents(None).expect("sync");
@@ -1043,11 +1049,14 @@ mod tests {
 
         // A configuration change is picked up on the next reload.
         r.catalog
-            .update_backend(claw_proto::v1::UpdateBackendRequest {
-                backend: "claude-1".into(),
-                api: Openai as i32,
-                ..Default::default()
-            })
+            .update_backend(
+                &crate::audit::Actor::system(),
+                claw_proto::v1::UpdateBackendRequest {
+                    backend: "claude-1".into(),
+                    api: Openai as i32,
+                    ..Default::default()
+                },
+            )
             .await
             .expect("switch");
         s.sync_agents(None).expect("reload");
@@ -1178,12 +1187,15 @@ mod tests {
     async fn deferral_gives_up_at_the_cap() {
         let (_d, r) = rig("HEARTBEAT_OK", false).await;
         r.catalog
-            .update_agent(UpdateAgentRequest {
-                agent: "a1".into(),
-                interval_seconds: Some(3600),
-                busy_defer_max_seconds: Some(90),
-                ..Default::default()
-            })
+            .update_agent(
+                &crate::audit::Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    interval_seconds: Some(3600),
+                    busy_defer_max_seconds: Some(90),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("update");
         let (mut s, _h, activity) = r.scheduler();
@@ -1208,7 +1220,11 @@ mod tests {
     async fn an_empty_checklist_is_skipped_without_a_call() {
         let (_d, r) = rig("HEARTBEAT_OK", false).await;
         r.catalog
-            .set_agent_checklist("a1", "# HEARTBEAT\n\n- [ ]\n")
+            .set_agent_checklist(
+                &crate::audit::Actor::system(),
+                "a1",
+                "# HEARTBEAT\n\n- [ ]\n",
+            )
             .await
             .expect("checklist");
         let (mut s, _h, _) = r.scheduler();
@@ -1264,11 +1280,14 @@ mod tests {
         step(&mut s, &r.clock, T0 + 5).await;
         assert_eq!(statuses(&r.runs()), [(0, "ok".into(), "".into())]);
         r.catalog
-            .update_agent(UpdateAgentRequest {
-                agent: "a1".into(),
-                webhook_url: Some("http://127.0.0.1:9/hook".into()),
-                ..Default::default()
-            })
+            .update_agent(
+                &crate::audit::Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    webhook_url: Some("http://127.0.0.1:9/hook".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .expect("webhook");
         s.sync_agents(None).expect("reload");
