@@ -154,3 +154,42 @@ fn a_directory_in_use_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_restored_backup_passes_the_check() {
+    let mut cp = ControlPlane::start();
+    cp.clawctl_with_env(
+        &[
+            "backend",
+            "add",
+            "b1",
+            "--url",
+            "https://api.example.com/v1",
+            "--api-key-env",
+            "K",
+            "--model",
+            "gpt-4o",
+        ],
+        &[("K", "sk-test-0123456789abcdef")],
+    )
+    .assert_ok();
+    cp.clawctl(&["key", "add", "app"]).assert_ok();
+    cp.clawctl(&["token", "add", "ops", "--role", "viewer"])
+        .assert_ok();
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("claw.bak");
+    cp.clawctl(&["backup", "create", &file.display().to_string()])
+        .assert_ok();
+    cp.stop_clean();
+    let restored = work.path().join("restored");
+    let out = Command::new(binary_path("claw-control-plane"))
+        .args(["restore", "--from"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&restored)
+        .output()
+        .expect("restore runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = check(&restored, cp.master_key());
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -335,3 +335,62 @@ async fn token_secrets_never_reach_the_data_directory_or_the_logs() {
         );
     }
 }
+
+#[tokio::test]
+async fn token_writes_leave_one_audit_record_each_without_secrets() {
+    use claw_control_plane::store::{Store as _, Tree};
+    use prost::Message as _;
+
+    let mut cp = ControlPlane::start();
+    let alice = add_token(&cp, "alice", "admin");
+    let ops = add_token(&cp, "ops", "viewer");
+    cp.clawctl_with_token(&alice, &["token", "rm", "ops"])
+        .assert_ok();
+    // Refused writes leave nothing.
+    cp.clawctl(&["token", "add", "alice", "--role", "viewer"])
+        .assert_err();
+    cp.stop_clean();
+
+    let store = claw_control_plane::store::sled::SledStore::open(cp.data_dir()).expect("store");
+    let records: Vec<claw_proto::v1::AuditRecord> = store
+        .scan(Tree::Audit)
+        .expect("scan")
+        .iter()
+        .map(|(_, v)| claw_proto::v1::AuditRecord::decode(v.as_slice()).expect("decodes"))
+        .filter(|r| r.resource_kind == "token")
+        .collect();
+    let seen: Vec<(&str, &str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.operation.as_str(),
+                r.action.as_str(),
+                r.resource_name.as_str(),
+                r.token_name.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("CreateToken", "created", "alice", "bootstrap"),
+            ("CreateToken", "created", "ops", "bootstrap"),
+            ("DeleteToken", "deleted", "ops", "alice"),
+        ]
+    );
+    let fields: Vec<(&str, &str, &str)> = records[1]
+        .changes
+        .iter()
+        .map(|c| (c.field.as_str(), c.old_value.as_str(), c.new_value.as_str()))
+        .collect();
+    assert_eq!(fields, [("name", "", "ops"), ("role", "", "viewer")]);
+    for r in &records {
+        assert!(r.resource_id.starts_with("tk_"), "{r:?}");
+        assert!(!r.peer.is_empty(), "{r:?}");
+        let text = format!("{r:?}");
+        assert!(
+            !text.contains(&alice) && !text.contains(&ops),
+            "secret in {text}"
+        );
+    }
+}
