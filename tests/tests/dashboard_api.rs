@@ -467,3 +467,45 @@ async fn an_open_event_stream_ends_on_shutdown_without_holding_it_up() {
         "the stream held shutdown up:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_now_from_the_dashboard_records_a_run_and_announces_it() {
+    // No proxy listens at the heartbeat address: the run is recorded all
+    // the same (and fails), which is what the page shows.
+    let cp = ControlPlane::builder()
+        .heartbeat_proxy("http://127.0.0.1:9")
+        .start();
+    add_backend(
+        &cp,
+        "b",
+        "http://127.0.0.1:9",
+        PRIMARY_KEY,
+        &["--model", &format!("{CHAT}=native")],
+    );
+    cp.clawctl(&["agent", "add", "a1", "--model", CHAT, "--interval", "6h"])
+        .assert_ok();
+    let api = Api::new(&cp);
+    let admin = cp.admin_token();
+    let mut events = Events::open(&api, admin).await;
+    let (status, body) = api.post("/api/v1/agents/a1/run", admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["run"]["agent_id"], "a1", "{body}");
+    assert_eq!(body["run"]["trigger"], "manual", "{body}");
+    events.expect(&["heartbeats"]).await;
+    let (status, runs) = api.get("/api/v1/agents/a1/runs", admin).await;
+    assert_eq!(status, 200, "{runs}");
+    assert!(
+        runs["runs"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["run_id"] == body["run"]["run_id"])),
+        "{runs}"
+    );
+    let (_, agents) = api.get("/api/v1/agents", admin).await;
+    assert!(agents["agents"][0]["last_run"].is_object(), "{agents}");
+    assert!(
+        agents["agents"][0]["next_slots"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.len() <= 5),
+        "{agents}"
+    );
+}
