@@ -285,7 +285,7 @@ impl Server {
             heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats),
             pool: PoolApi::new(catalog.clone()),
             audit: AuditApi::new(store.clone()),
-            token: TokenApi::new(access.clone()),
+            token: TokenApi::new(access.clone(), events.clone()),
         };
         let dashboard = Dashboard {
             access: access.clone(),

@@ -10,17 +10,20 @@ use tonic::{Request, Status};
 use super::{RpcResult, ok};
 use crate::access::Access;
 use crate::access::tokens::TokenError;
+use crate::events::{Events, Topic};
 
 /// Serves named admin tokens.
 #[derive(Debug, Clone)]
 pub(crate) struct TokenApi {
     access: Arc<Access>,
+    events: Events,
 }
 
 impl TokenApi {
-    /// A service over `access`.
-    pub(crate) fn new(access: Arc<Access>) -> Self {
-        TokenApi { access }
+    /// A service over `access`; token writes are announced on `events`
+    /// (their audit records do not move the configuration version).
+    pub(crate) fn new(access: Arc<Access>, events: Events) -> Self {
+        TokenApi { access, events }
     }
 }
 
@@ -49,6 +52,7 @@ impl TokenService for TokenApi {
             .create(&req.name, req.role, &actor)
             .await?;
         tracing::info!(token = %token.id, name = %token.name, role = token.role, by = %actor.token, "admin token created");
+        self.events.notify(Topic::Audit);
         ok(CreateTokenResponse {
             token: Some(token),
             secret,
@@ -72,6 +76,7 @@ impl TokenService for TokenApi {
         let ident = request.into_inner().token;
         let token = self.access.tokens().delete(&ident, &actor).await?;
         tracing::info!(token = %token.id, name = %token.name, by = %actor.token, "admin token deleted");
+        self.events.notify(Topic::Audit);
         ok(DeleteTokenResponse {})
     }
 
