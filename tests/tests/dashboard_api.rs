@@ -398,6 +398,19 @@ async fn the_event_stream_announces_a_cooldown_after_a_429_and_a_proxy_connectin
         .unwrap_or_default();
     assert_eq!(primary["state"], "cooling", "{list}");
     assert!(primary["cooling_until"].is_string(), "{primary}");
+    // "In use" is what each backend served in the last minute: the one
+    // answer came from the fallback; the 429 served nothing.
+    let fallback = list["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "fallback"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(fallback["rpm_in_use"], 1, "{fallback}");
+    assert!(
+        fallback["tpm_in_use"].as_u64().is_some_and(|t| t > 0),
+        "{fallback}"
+    );
+    assert_eq!(primary["rpm_in_use"], 0, "{primary}");
     let (status, cooldowns) = api.get("/api/v1/cooldowns?backend=primary", admin).await;
     assert_eq!(status, 200);
     assert_eq!(

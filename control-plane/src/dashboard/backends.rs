@@ -7,11 +7,12 @@
 //!   plane learns of nothing else (ejections and health checks are each
 //!   proxy's own), so `ejected` and `unhealthy` are never reported here.
 //! - `cooling_until`: the end of the cooldown (RFC 3339), or null.
-//! - `rpm_in_use` / `tpm_in_use`: the fleet's current demand on the backend
-//!   per minute, summed over connected proxies (the EWMA the rate-share
-//!   assigner keeps from the proxies' demand reports,
-//!   [`crate::fleet::shares::Shares::demand_per_minute`]), rounded; null
-//!   when no connected proxy has reported demand for it.
+//! - `rpm_in_use` / `tpm_in_use`: the requests and tokens (input + output)
+//!   the backend served fleet-wide in the last minute, from the usage the
+//!   proxies reported ([`crate::fleet::recent::RecentUse`]); 0 when it
+//!   served none. (Not the rate-share assigner's demand: a proxy reports
+//!   demand on every candidate a request could not be admitted to, which
+//!   overstates what a backend actually serves.)
 
 use claw_proto::v1::backend_service_server::BackendService as _;
 use claw_proto::v1::{Backend, ListBackendsRequest};
@@ -65,7 +66,7 @@ pub(super) async fn live(d: &Dashboard, c: &Caller) -> Result<Vec<LiveBackend>, 
         .into_inner()
         .backends;
     let now = crate::catalog::records::now_ms();
-    let demand = d.fleet.shares().demand_per_minute();
+    let in_use = d.fleet.recent_use().per_minute(now);
     let mut out = Vec::with_capacity(backends.len());
     for b in backends {
         let cooldown = d.fleet.cooldowns().get(&b.id);
@@ -74,10 +75,8 @@ pub(super) async fn live(d: &Dashboard, c: &Caller) -> Result<Vec<LiveBackend>, 
             Some(c) if c.until_ms > now => rfc3339(c.until_ms),
             _ => Value::Null,
         };
-        let (rpm, tpm) = match demand.get(&b.id) {
-            Some(&(r, t)) => (Value::from(r.round() as u64), Value::from(t.round() as u64)),
-            None => (Value::Null, Value::Null),
-        };
+        let (rpm, tpm) = in_use.get(&b.id).copied().unwrap_or((0, 0));
+        let (rpm, tpm) = (Value::from(rpm), Value::from(tpm));
         let mut json = to_json(&b)?;
         if let Value::Object(m) = &mut json {
             m.insert("state".into(), Value::from(state));

@@ -26,6 +26,7 @@ pub mod activity;
 pub mod cooldowns;
 pub mod directory;
 pub mod metrics;
+pub mod recent;
 pub mod shares;
 
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub struct Fleet {
     cooldowns: FleetCooldowns,
     shares: Shares,
     activity: Arc<AgentActivity>,
+    /// Each backend's requests and tokens in the last minute.
+    recent: recent::RecentUse,
     /// Told when a cooldown starts or ends (the dashboard).
     events: Events,
 }
@@ -88,6 +91,7 @@ impl Fleet {
             cooldowns,
             shares,
             activity,
+            recent: recent::RecentUse::default(),
             events: Events::new(),
         })
     }
@@ -113,6 +117,11 @@ impl Fleet {
         &self.shares
     }
 
+    /// Each backend's use in the last minute, from the stored reports.
+    pub fn recent_use(&self) -> &recent::RecentUse {
+        &self.recent
+    }
+
     /// The backend directory.
     pub fn directory(&self) -> &Directory {
         &self.directory
@@ -123,6 +132,7 @@ impl Fleet {
     /// activity, demand.
     pub fn observe(&self, batch: &StreamReportsRequest, changes: &[Change]) {
         let now = now_ms();
+        self.recent.record(batch, now);
         self.cooldowns.commit(changes, now);
         let updates: Vec<_> = changes
             .iter()

@@ -619,23 +619,6 @@ impl Shares {
         }
     }
 
-    /// The fleet's current demand per backend, summed over connected
-    /// proxies, per minute: `backend -> (requests, tokens)`. An EWMA of what
-    /// the proxies reported wanting (admitted or not, each capped at the
-    /// limit), so it reads as the rate in use against the limit.
-    pub fn demand_per_minute(&self) -> HashMap<String, (f64, f64)> {
-        let inner = self.inner.lock();
-        let mut out: HashMap<String, (f64, f64)> = HashMap::new();
-        for n in inner.nodes.values().filter(|n| n.tx.is_some()) {
-            for (b, r) in &n.demand {
-                let e = out.entry(b.clone()).or_default();
-                e.0 += r.requests * 60.0;
-                e.1 += r.tokens * 60.0;
-            }
-        }
-        out
-    }
-
     /// The shares currently granted to `node`: `(backend, rpm, tpm)`.
     pub fn granted(&self, node: &str) -> Vec<(String, f64, f64)> {
         let inner = self.inner.lock();
