@@ -368,7 +368,7 @@ impl TryFrom<ServeArgs> for Config {
         }
         config.backup = args
             .backup_dir
-            .map(|dir| claw_control_plane::backup::schedule::Schedule {
+            .map(|dir| claw_control_plane::config::BackupSchedule {
                 dir,
                 every: args.backup_every,
                 keep: args.backup_keep as usize,
@@ -481,5 +481,38 @@ mod tests {
             config.heartbeat.delivery.max_backoff,
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn backups_are_off_without_a_dir_and_keep_must_be_at_least_one() {
+        assert_eq!(Config::try_from(serve_args(&[])).expect("ok").backup, None);
+        let config = Config::try_from(serve_args(&[
+            "--backup-dir",
+            "/var/backups/claw",
+            "--backup-every",
+            "6h",
+            "--backup-keep",
+            "3",
+        ]))
+        .expect("ok");
+        assert_eq!(
+            config.backup,
+            Some(claw_control_plane::config::BackupSchedule {
+                dir: "/var/backups/claw".into(),
+                every: Duration::from_secs(6 * 3600),
+                keep: 3,
+            })
+        );
+        let base = [
+            "claw-control-plane",
+            "--backup-dir",
+            "d",
+            "--backup-keep",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(base).is_err(), "keep 0 is refused");
+        let err = Config::try_from(serve_args(&["--backup-dir", "d", "--backup-every", "0s"]))
+            .expect_err("0s is refused");
+        assert!(err.to_string().contains("--backup-every"), "{err}");
     }
 }
