@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use claw_proto::v1::AuditRecord;
 use claw_tests::harness::{
     ControlPlane, CtlOutput, Forwarder, ProxyBuilder, binary_path, http, wait_until,
     wait_until_async,
 };
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
+use prost::Message as _;
 use serde_json::Value;
 
 use crate::data_plane_support::{acked_versions, add_backend, chat_body, config_version};
@@ -200,6 +202,8 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         .assert_err_contains("exists");
     stop.store(true, Ordering::Relaxed);
     traffic.await.expect("traffic task");
+    assert_backup_audited_and_secret_free(&cp1, &file, &[UPSTREAM_KEY, &key, cp1.admin_token()])
+        .await;
     let backup_version = config_version(&cp1);
 
     // The original moves on: a new backend and key, an update.
@@ -337,6 +341,69 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         })
         .unwrap_or_default();
     assert_eq!(backends, ["b1"]);
+}
+
+/// The audit records in a backup file.
+fn audit_records(file: &Path) -> Vec<AuditRecord> {
+    let input = std::io::BufReader::new(std::fs::File::open(file).expect("open"));
+    let mut records = Vec::new();
+    claw_proto::backup::Reader::new(input, None)
+        .expect("header")
+        .read_all(|e| {
+            if e.tree == "audit" {
+                records.push(AuditRecord::decode(e.value.as_slice()).expect("an audit record"));
+            }
+            Ok(())
+        })
+        .expect("the backup verifies");
+    records
+}
+
+/// The backup in `file` is audited (seen in the next backup, since a
+/// backup's own record is written after its export) and holds none of
+/// `secrets` in plaintext.
+async fn assert_backup_audited_and_secret_free(cp: &ControlPlane, file: &Path, secrets: &[&str]) {
+    let bytes = std::fs::read(file).expect("read backup");
+    for s in secrets {
+        assert!(
+            !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+            "a secret is in the backup file in plaintext"
+        );
+    }
+    let (_, first) = claw_proto::backup::verify(bytes.as_slice(), None).expect("verifies");
+    let next = file.with_extension("next");
+    let next_s = next.display().to_string();
+    cp.ctl(&["backup", "create", &next_s])
+        .run_async()
+        .await
+        .assert_ok();
+    let records = audit_records(&next);
+    let mine: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.resource_kind == "backup" && r.resource_id == first.sha256_hex())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "one audit record of the backup: {records:#?}"
+    );
+    let r = mine[0];
+    assert_eq!(
+        (r.action.as_str(), r.operation.as_str()),
+        ("created", "CreateBackup")
+    );
+    assert_eq!(r.token_name, "bootstrap");
+    assert!(!r.peer.is_empty(), "{r:?}");
+    let field = |name: &str| {
+        r.changes
+            .iter()
+            .find(|c| c.field == name)
+            .map(|c| c.new_value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("entries"), first.entries.to_string());
+    assert_eq!(field("bytes"), first.size.to_string());
+    assert_eq!(field("sha256"), first.sha256_hex());
 }
 
 /// Files of the scheduled backups in `dir`.
