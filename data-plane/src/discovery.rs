@@ -132,6 +132,14 @@ impl Dispatcher {
         Some(version)
     }
 
+    /// The lineage of the held snapshot (empty when none is held).
+    fn lineage(&self) -> String {
+        self.store
+            .load()
+            .map(|s| s.lineage().to_string())
+            .unwrap_or_default()
+    }
+
     /// The first message of a stream.
     pub(crate) fn hello(&self) -> StreamConfigRequest {
         StreamConfigRequest {
@@ -139,6 +147,7 @@ impl Dispatcher {
             version: self.store.version(),
             response_nonce: String::new(),
             error_detail: String::new(),
+            lineage: self.lineage(),
         }
     }
 
@@ -198,6 +207,7 @@ impl Dispatcher {
                 version: msg.version,
                 response_nonce: msg.nonce,
                 error_detail: String::new(),
+                lineage: self.lineage(),
             },
             Err(e) => {
                 tracing::warn!(version = msg.version, error = %e, "rejected configuration snapshot");
@@ -206,6 +216,7 @@ impl Dispatcher {
                     version: self.store.version(),
                     response_nonce: msg.nonce,
                     error_detail: e.to_string(),
+                    lineage: self.lineage(),
                 }
             }
         })
@@ -588,6 +599,12 @@ mod tests {
         assert_eq!((ack.version, ack.error_detail.as_str()), (5, ""));
         assert!(store.load().unwrap().route("restored").is_some());
         assert_eq!(d.hello().version, 5);
+        assert_eq!(
+            d.hello().lineage,
+            "ln_b",
+            "the hello names the held lineage"
+        );
+        assert_eq!(ack.lineage, "ln_b");
     }
 
     #[tokio::test]

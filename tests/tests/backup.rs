@@ -279,7 +279,7 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         "{}",
         out.stdout
     );
-    let cp2 = ControlPlane::builder()
+    let mut cp2 = ControlPlane::builder()
         .data_dir(&restored)
         .master_key(cp1.master_key())
         .admin_token(cp1.admin_token())
@@ -341,6 +341,52 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         })
         .unwrap_or_default();
     assert_eq!(backends, ["b1"]);
+
+    // Equal versions, different lineages: the same backup restored a second
+    // time, both stores moved to the same version with different changes.
+    // A proxy coming from one gets the other's snapshot.
+    let restored2 = dir.path().join("restored2");
+    assert!(restore(&file, &restored2).success());
+    let mut cp3 = ControlPlane::builder()
+        .data_dir(&restored2)
+        .master_key(cp1.master_key())
+        .admin_token(cp1.admin_token())
+        .proxy_token(cp1.proxy_token())
+        .start();
+    add_backend(
+        &cp3,
+        "b3",
+        &mock.url(),
+        UPSTREAM_KEY,
+        &["--model", "only-in-cp3=native-chat"],
+    );
+    let target = config_version(&cp3);
+    for rpm in 1000.. {
+        if config_version(&cp2) >= target {
+            break;
+        }
+        cp2.clawctl(&["backend", "update", "b1", "--rpm", &rpm.to_string()])
+            .assert_ok();
+    }
+    assert_eq!(config_version(&cp2), target);
+    assert!(
+        wait_until(WAIT, || acked(&cp2, &node) == Some(target)),
+        "the proxy never ACKed {target} from the first restored store"
+    );
+    cp2.stop_clean();
+    to_cp.point_to(cp3.grpc_addr());
+    let served = wait_until_async(WAIT, || {
+        let call = chat(key.clone(), "only-in-cp3");
+        async move { call.await == 200 }
+    })
+    .await;
+    assert!(
+        served,
+        "the proxy kept the other lineage's snapshot at equal version {target}\n{}",
+        proxy.logs()
+    );
+    assert_eq!(acked(&cp3, &node), Some(target));
+    cp3.stop_clean();
 }
 
 /// The audit records in a backup file.
