@@ -33,6 +33,13 @@
 //! control plane after a cached start replaces the cached one even when its
 //! version is lower: a control plane restored to an older version is still
 //! the authority.
+//!
+//! Lineage: every snapshot names the lineage of the control plane's store,
+//! and a restore from backup starts a new one. The hello and every answer
+//! name the held lineage, so a control plane of another lineage sends its
+//! snapshot even at an equal version; a snapshot of another (non-empty)
+//! lineage is applied even when its version is lower than the held one
+//! (see `snapshot::compile`). Within one lineage versions only go forward.
 
 use std::collections::HashMap;
 use std::path::Path;
