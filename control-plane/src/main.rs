@@ -264,10 +264,11 @@ fn main() -> ExitCode {
 fn restore(args: &RestoreArgs) -> ExitCode {
     match claw_control_plane::backup::restore(&args.from, &args.data_dir) {
         Ok(report) => print_line(&format!(
-            "restored {} entries into {} (config version {})",
+            "restored {} entries into {} (config version {}); start it with master key {}",
             report.entries,
             args.data_dir.display(),
-            report.config_version
+            report.config_version,
+            report.master_key_id
         )),
         Err(e) => {
             eprintln!("claw-control-plane: error: {e:#}");

@@ -275,7 +275,8 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
     assert!(out.success(), "{}", out.stderr);
     assert!(
         out.stdout
-            .contains(&format!("config version {backup_version}")),
+            .contains(&format!("config version {backup_version}"))
+            && out.stdout.contains("start it with master key "),
         "{}",
         out.stdout
     );

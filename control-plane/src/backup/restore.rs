@@ -25,6 +25,9 @@ pub struct RestoreReport {
     pub entries: u64,
     /// Configuration version of the restored store.
     pub config_version: u64,
+    /// Id of the master key its provider keys are sealed under: the
+    /// restored control plane must be started with that key.
+    pub master_key_id: String,
 }
 
 /// Entries written per transaction while importing.
@@ -80,6 +83,7 @@ fn import(
     let store = SledStore::open(data_dir)?;
     let mut reader = Reader::new(input, Some(names)).map_err(anyhow::Error::from)?;
     let config_version = reader.header().config_version;
+    let master_key_id = reader.header().master_key_id.clone();
     let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(BATCH);
     let mut batch_tree = Tree::Meta;
     let mut entries = 0u64;
@@ -107,6 +111,7 @@ fn import(
     Ok(RestoreReport {
         entries,
         config_version,
+        master_key_id,
     })
 }
 
