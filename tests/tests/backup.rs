@@ -541,3 +541,19 @@ fn scheduled_backups_are_pruned_to_keep_and_each_restores() {
         assert!(keys.contains("k1"), "{keys}");
     }
 }
+
+#[test]
+fn a_failed_download_leaves_no_file() {
+    let cp = ControlPlane::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("denied.clawbak");
+    let file_s = file.display().to_string();
+    cp.clawctl_with_token("wrong-token-0123456789", &["backup", "create", &file_s])
+        .assert_err();
+    assert!(!file.exists());
+    assert!(!Path::new(&format!("{file_s}.tmp")).exists());
+    // A directory that does not exist: refused before anything is sent.
+    let missing = dir.path().join("no-such-dir").join("b.clawbak");
+    cp.clawctl(&["backup", "create", &missing.display().to_string()])
+        .assert_err_contains("cannot create");
+}
