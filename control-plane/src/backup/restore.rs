@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use claw_proto::backup::Reader;
 
-use crate::catalog::META_LINEAGE;
+use crate::catalog::{META_LINEAGE, SCHEMA_VERSION};
 use crate::store::sled::SledStore;
 use crate::store::{Store, StoreError, Tree};
 
@@ -44,7 +44,14 @@ pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<RestoreReport> {
             .map(BufReader::new)
             .with_context(|| format!("cannot open backup file {file}"))
     };
-    claw_proto::backup::verify(open()?, Some(&names)).map_err(|e| e.in_file(&file))?;
+    let (header, _) =
+        claw_proto::backup::verify(open()?, Some(&names)).map_err(|e| e.in_file(&file))?;
+    if header.schema_version > SCHEMA_VERSION {
+        anyhow::bail!(
+            "backup file {file} has schema version {} but this control plane supports up to {SCHEMA_VERSION}: restore it with a newer version",
+            header.schema_version
+        );
+    }
     // Pass 2: import.
     let result =
         import(open()?, &names, data_dir).map_err(|e| e.context(format!("restoring {file}")));
@@ -228,6 +235,15 @@ mod tests {
             err.contains("is truncated: no trailer after 1 entries"),
             "{err}"
         );
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn a_backup_of_a_newer_schema_is_refused() {
+        let (dir, path) = backup_of(&[(Tree::Meta, b"schema_version", &99u32.to_be_bytes())]);
+        let target = dir.path().join("restored");
+        let err = restore(&path, &target).expect_err("newer schema");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
         assert!(!target.exists());
     }
 }
