@@ -84,6 +84,19 @@ impl fmt::Debug for Token {
     }
 }
 
+/// Scheduled backups (`--backup-dir --backup-every --backup-keep`): where
+/// and how often to write them, and how many to keep (see
+/// [`crate::backup::schedule`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSchedule {
+    /// The directory of the backup files (created if missing).
+    pub dir: PathBuf,
+    /// Time between backups.
+    pub every: std::time::Duration,
+    /// Files kept; at least 1.
+    pub keep: usize,
+}
+
 /// Everything [`crate::server::run`] needs besides its listeners.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -105,7 +118,7 @@ pub struct Config {
     /// serves plain text. Reloaded when the files change.
     pub tls: Option<claw_tls::CertPaths>,
     /// Scheduled backups (`--backup-dir`); `None` writes none.
-    pub backup: Option<crate::backup::schedule::Schedule>,
+    pub backup: Option<BackupSchedule>,
 }
 
 impl Config {

@@ -268,10 +268,11 @@ fn main() -> ExitCode {
 fn restore(args: &RestoreArgs) -> ExitCode {
     match claw_control_plane::backup::restore(&args.from, &args.data_dir) {
         Ok(report) => print_line(&format!(
-            "restored {} entries into {} (config version {})",
+            "restored {} entries into {} (config version {}); start it with master key {}",
             report.entries,
             args.data_dir.display(),
-            report.config_version
+            report.config_version,
+            report.master_key_id
         )),
         Err(e) => {
             eprintln!("claw-control-plane: error: {e:#}");
@@ -373,7 +374,7 @@ impl TryFrom<ServeArgs> for Config {
         }
         config.backup = args
             .backup_dir
-            .map(|dir| claw_control_plane::backup::schedule::Schedule {
+            .map(|dir| claw_control_plane::config::BackupSchedule {
                 dir,
                 every: args.backup_every,
                 keep: args.backup_keep as usize,
@@ -486,5 +487,38 @@ mod tests {
             config.heartbeat.delivery.max_backoff,
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn backups_are_off_without_a_dir_and_keep_must_be_at_least_one() {
+        assert_eq!(Config::try_from(serve_args(&[])).expect("ok").backup, None);
+        let config = Config::try_from(serve_args(&[
+            "--backup-dir",
+            "/var/backups/claw",
+            "--backup-every",
+            "6h",
+            "--backup-keep",
+            "3",
+        ]))
+        .expect("ok");
+        assert_eq!(
+            config.backup,
+            Some(claw_control_plane::config::BackupSchedule {
+                dir: "/var/backups/claw".into(),
+                every: Duration::from_secs(6 * 3600),
+                keep: 3,
+            })
+        );
+        let base = [
+            "claw-control-plane",
+            "--backup-dir",
+            "d",
+            "--backup-keep",
+            "0",
+        ];
+        assert!(Cli::try_parse_from(base).is_err(), "keep 0 is refused");
+        let err = Config::try_from(serve_args(&["--backup-dir", "d", "--backup-every", "0s"]))
+            .expect_err("0s is refused");
+        assert!(err.to_string().contains("--backup-every"), "{err}");
     }
 }

@@ -33,6 +33,13 @@
 //! control plane after a cached start replaces the cached one even when its
 //! version is lower: a control plane restored to an older version is still
 //! the authority.
+//!
+//! Lineage: every snapshot names the lineage of the control plane's store,
+//! and a restore from backup starts a new one. The hello and every answer
+//! name the held lineage, so a control plane of another lineage sends its
+//! snapshot even at an equal version; a snapshot of another (non-empty)
+//! lineage is applied even when its version is lower than the held one
+//! (see `snapshot::compile`). Within one lineage versions only go forward.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -132,6 +139,14 @@ impl Dispatcher {
         Some(version)
     }
 
+    /// The lineage of the held snapshot (empty when none is held).
+    fn lineage(&self) -> String {
+        self.store
+            .load()
+            .map(|s| s.lineage().to_string())
+            .unwrap_or_default()
+    }
+
     /// The first message of a stream.
     pub(crate) fn hello(&self) -> StreamConfigRequest {
         StreamConfigRequest {
@@ -139,6 +154,7 @@ impl Dispatcher {
             version: self.store.version(),
             response_nonce: String::new(),
             error_detail: String::new(),
+            lineage: self.lineage(),
         }
     }
 
@@ -198,6 +214,7 @@ impl Dispatcher {
                 version: msg.version,
                 response_nonce: msg.nonce,
                 error_detail: String::new(),
+                lineage: self.lineage(),
             },
             Err(e) => {
                 tracing::warn!(version = msg.version, error = %e, "rejected configuration snapshot");
@@ -206,6 +223,7 @@ impl Dispatcher {
                     version: self.store.version(),
                     response_nonce: msg.nonce,
                     error_detail: e.to_string(),
+                    lineage: self.lineage(),
                 }
             }
         })
@@ -588,6 +606,12 @@ mod tests {
         assert_eq!((ack.version, ack.error_detail.as_str()), (5, ""));
         assert!(store.load().unwrap().route("restored").is_some());
         assert_eq!(d.hello().version, 5);
+        assert_eq!(
+            d.hello().lineage,
+            "ln_b",
+            "the hello names the held lineage"
+        );
+        assert_eq!(ack.lineage, "ln_b");
     }
 
     #[tokio::test]

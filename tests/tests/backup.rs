@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use claw_proto::v1::AuditRecord;
 use claw_tests::harness::{
     ControlPlane, CtlOutput, Forwarder, ProxyBuilder, binary_path, http, wait_until,
     wait_until_async,
 };
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
+use prost::Message as _;
 use serde_json::Value;
 
 use crate::data_plane_support::{acked_versions, add_backend, chat_body, config_version};
@@ -200,6 +202,8 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         .assert_err_contains("exists");
     stop.store(true, Ordering::Relaxed);
     traffic.await.expect("traffic task");
+    assert_backup_audited_and_secret_free(&cp1, &file, &[UPSTREAM_KEY, &key, cp1.admin_token()])
+        .await;
     let backup_version = config_version(&cp1);
 
     // The original moves on: a new backend and key, an update.
@@ -271,11 +275,12 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
     assert!(out.success(), "{}", out.stderr);
     assert!(
         out.stdout
-            .contains(&format!("config version {backup_version}")),
+            .contains(&format!("config version {backup_version}"))
+            && out.stdout.contains("start it with master key "),
         "{}",
         out.stdout
     );
-    let cp2 = ControlPlane::builder()
+    let mut cp2 = ControlPlane::builder()
         .data_dir(&restored)
         .master_key(cp1.master_key())
         .admin_token(cp1.admin_token())
@@ -337,6 +342,115 @@ async fn a_backup_under_traffic_restores_and_the_proxy_converges_to_it() {
         })
         .unwrap_or_default();
     assert_eq!(backends, ["b1"]);
+
+    // Equal versions, different lineages: the same backup restored a second
+    // time, both stores moved to the same version with different changes.
+    // A proxy coming from one gets the other's snapshot.
+    let restored2 = dir.path().join("restored2");
+    assert!(restore(&file, &restored2).success());
+    let mut cp3 = ControlPlane::builder()
+        .data_dir(&restored2)
+        .master_key(cp1.master_key())
+        .admin_token(cp1.admin_token())
+        .proxy_token(cp1.proxy_token())
+        .start();
+    add_backend(
+        &cp3,
+        "b3",
+        &mock.url(),
+        UPSTREAM_KEY,
+        &["--model", "only-in-cp3=native-chat"],
+    );
+    let target = config_version(&cp3);
+    for rpm in 1000.. {
+        if config_version(&cp2) >= target {
+            break;
+        }
+        cp2.clawctl(&["backend", "update", "b1", "--rpm", &rpm.to_string()])
+            .assert_ok();
+    }
+    assert_eq!(config_version(&cp2), target);
+    assert!(
+        wait_until(WAIT, || acked(&cp2, &node) == Some(target)),
+        "the proxy never ACKed {target} from the first restored store"
+    );
+    cp2.stop_clean();
+    to_cp.point_to(cp3.grpc_addr());
+    let served = wait_until_async(WAIT, || {
+        let call = chat(key.clone(), "only-in-cp3");
+        async move { call.await == 200 }
+    })
+    .await;
+    assert!(
+        served,
+        "the proxy kept the other lineage's snapshot at equal version {target}\n{}",
+        proxy.logs()
+    );
+    assert_eq!(acked(&cp3, &node), Some(target));
+    cp3.stop_clean();
+}
+
+/// The audit records in a backup file.
+fn audit_records(file: &Path) -> Vec<AuditRecord> {
+    let input = std::io::BufReader::new(std::fs::File::open(file).expect("open"));
+    let mut records = Vec::new();
+    claw_proto::backup::Reader::new(input, None)
+        .expect("header")
+        .read_all(|e| {
+            if e.tree == "audit" {
+                records.push(AuditRecord::decode(e.value.as_slice()).expect("an audit record"));
+            }
+            Ok(())
+        })
+        .expect("the backup verifies");
+    records
+}
+
+/// The backup in `file` is audited (seen in the next backup, since a
+/// backup's own record is written after its export) and holds none of
+/// `secrets` in plaintext.
+async fn assert_backup_audited_and_secret_free(cp: &ControlPlane, file: &Path, secrets: &[&str]) {
+    let bytes = std::fs::read(file).expect("read backup");
+    for s in secrets {
+        assert!(
+            !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+            "a secret is in the backup file in plaintext"
+        );
+    }
+    let (_, first) = claw_proto::backup::verify(bytes.as_slice(), None).expect("verifies");
+    let next = file.with_extension("next");
+    let next_s = next.display().to_string();
+    cp.ctl(&["backup", "create", &next_s])
+        .run_async()
+        .await
+        .assert_ok();
+    let records = audit_records(&next);
+    let mine: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.resource_kind == "backup" && r.resource_id == first.sha256_hex())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "one audit record of the backup: {records:#?}"
+    );
+    let r = mine[0];
+    assert_eq!(
+        (r.action.as_str(), r.operation.as_str()),
+        ("created", "CreateBackup")
+    );
+    assert_eq!(r.token_name, "bootstrap");
+    assert!(!r.peer.is_empty(), "{r:?}");
+    let field = |name: &str| {
+        r.changes
+            .iter()
+            .find(|c| c.field == name)
+            .map(|c| c.new_value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("entries"), first.entries.to_string());
+    assert_eq!(field("bytes"), first.size.to_string());
+    assert_eq!(field("sha256"), first.sha256_hex());
 }
 
 /// Files of the scheduled backups in `dir`.
@@ -426,4 +540,20 @@ fn scheduled_backups_are_pruned_to_keep_and_each_restores() {
             .stdout;
         assert!(keys.contains("k1"), "{keys}");
     }
+}
+
+#[test]
+fn a_failed_download_leaves_no_file() {
+    let cp = ControlPlane::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("denied.clawbak");
+    let file_s = file.display().to_string();
+    cp.clawctl_with_token("wrong-token-0123456789", &["backup", "create", &file_s])
+        .assert_err();
+    assert!(!file.exists());
+    assert!(!Path::new(&format!("{file_s}.tmp")).exists());
+    // A directory that does not exist: refused before anything is sent.
+    let missing = dir.path().join("no-such-dir").join("b.clawbak");
+    cp.clawctl(&["backup", "create", &missing.display().to_string()])
+        .assert_err_contains("cannot create");
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use claw_proto::backup::Reader;
 
-use crate::catalog::META_LINEAGE;
+use crate::catalog::{META_LINEAGE, SCHEMA_VERSION};
 use crate::store::sled::SledStore;
 use crate::store::{Store, StoreError, Tree};
 
@@ -25,6 +25,9 @@ pub struct RestoreReport {
     pub entries: u64,
     /// Configuration version of the restored store.
     pub config_version: u64,
+    /// Id of the master key its provider keys are sealed under: the
+    /// restored control plane must be started with that key.
+    pub master_key_id: String,
 }
 
 /// Entries written per transaction while importing.
@@ -41,7 +44,14 @@ pub fn restore(from: &Path, data_dir: &Path) -> anyhow::Result<RestoreReport> {
             .map(BufReader::new)
             .with_context(|| format!("cannot open backup file {file}"))
     };
-    claw_proto::backup::verify(open()?, Some(&names)).map_err(|e| e.in_file(&file))?;
+    let (header, _) =
+        claw_proto::backup::verify(open()?, Some(&names)).map_err(|e| e.in_file(&file))?;
+    if header.schema_version > SCHEMA_VERSION {
+        anyhow::bail!(
+            "backup file {file} has schema version {} but this control plane supports up to {SCHEMA_VERSION}: restore it with a newer version",
+            header.schema_version
+        );
+    }
     // Pass 2: import.
     let result =
         import(open()?, &names, data_dir).map_err(|e| e.context(format!("restoring {file}")));
@@ -80,6 +90,7 @@ fn import(
     let store = SledStore::open(data_dir)?;
     let mut reader = Reader::new(input, Some(names)).map_err(anyhow::Error::from)?;
     let config_version = reader.header().config_version;
+    let master_key_id = reader.header().master_key_id.clone();
     let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(BATCH);
     let mut batch_tree = Tree::Meta;
     let mut entries = 0u64;
@@ -107,6 +118,7 @@ fn import(
     Ok(RestoreReport {
         entries,
         config_version,
+        master_key_id,
     })
 }
 
@@ -223,6 +235,15 @@ mod tests {
             err.contains("is truncated: no trailer after 1 entries"),
             "{err}"
         );
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn a_backup_of_a_newer_schema_is_refused() {
+        let (dir, path) = backup_of(&[(Tree::Meta, b"schema_version", &99u32.to_be_bytes())]);
+        let target = dir.path().join("restored");
+        let err = restore(&path, &target).expect_err("newer schema");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
         assert!(!target.exists());
     }
 }

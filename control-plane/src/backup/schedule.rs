@@ -11,19 +11,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::audit::Actor;
+pub use crate::config::BackupSchedule as Schedule;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
-
-/// Where and how often to write backups, and how many to keep.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Schedule {
-    /// The directory of the backup files (created if missing).
-    pub dir: PathBuf,
-    /// Time between backups.
-    pub every: Duration,
-    /// Files kept; at least 1.
-    pub keep: usize,
-}
 
 const PREFIX: &str = "claw-backup-";
 const SUFFIX: &str = ".clawbak";

@@ -115,7 +115,13 @@ pub(super) async fn run(
         node_id,
         conn: connected.id,
         out,
-        held: hello.version,
+        // A proxy holding another lineage's snapshot (this store was
+        // restored from a backup) holds nothing of ours, whatever its version.
+        held: if hello.lineage.is_empty() || hello.lineage == shared.catalog.lineage() {
+            hello.version
+        } else {
+            0
+        },
         last_sent: None,
         outstanding: VecDeque::new(),
         catch_up_until: Some(Instant::now() + CATCH_UP),

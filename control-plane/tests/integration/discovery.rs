@@ -171,6 +171,7 @@ impl ProxyStream {
                 version,
                 response_nonce: nonce.into(),
                 error_detail: error.into(),
+                ..Default::default()
             })
             .await
             .expect("reply queued");

@@ -182,6 +182,7 @@ impl Harness {
                             version: r.version,
                             response_nonce: r.nonce.clone(),
                             error_detail: String::new(),
+                            ..Default::default()
                         })
                         .await;
                 }
