@@ -290,7 +290,7 @@ impl Server {
         let dashboard = Dashboard {
             access: access.clone(),
             services: services.clone(),
-            events,
+            events: events.clone(),
             catalog: catalog.clone(),
             fleet: fleet.clone(),
             shutdown: stop_rx.clone(),
@@ -340,7 +340,12 @@ impl Server {
                 admin.clone(),
             ))
             .add_service(BackupServiceServer::with_interceptor(
-                BackupApi::new(store, catalog.clone()),
+                BackupApi::new(
+                    store,
+                    catalog.clone(),
+                    config.data_dir.clone(),
+                    events.clone(),
+                ),
                 admin,
             ))
             .add_service(ReportServiceServer::with_interceptor(

@@ -25,6 +25,8 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 pub(crate) struct BackupApi {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
+    staging: std::path::PathBuf,
+    events: crate::events::Events,
 }
 
 impl std::fmt::Debug for BackupApi {
@@ -34,9 +36,22 @@ impl std::fmt::Debug for BackupApi {
 }
 
 impl BackupApi {
-    /// A service over `store`.
-    pub(crate) fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>) -> Self {
-        BackupApi { store, catalog }
+    /// A service over `store` that stages each backup in a hidden
+    /// temporary file in `staging` (the data directory: the volume sized for
+    /// the store, where a container's small `/tmp` may not be), and
+    /// announces its audit record on `events`.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        staging: std::path::PathBuf,
+        events: crate::events::Events,
+    ) -> Self {
+        BackupApi {
+            store,
+            catalog,
+            staging,
+            events,
+        }
     }
 }
 
@@ -54,8 +69,9 @@ impl BackupService for BackupApi {
     ) -> Result<Response<BackupStream>, Status> {
         let actor = super::actor(&request);
         let store = self.store.clone();
+        let staging = self.staging.clone();
         let written = tokio::task::spawn_blocking(move || {
-            crate::backup::write_backup(store.as_ref(), &std::env::temp_dir())
+            crate::backup::write_backup(store.as_ref(), &staging)
         })
         .await
         .map_err(|e| super::internal(&e))?
@@ -66,6 +82,7 @@ impl BackupService for BackupApi {
         crate::backup::audit_backup(&self.store, &actor, "CreateBackup", &written)
             .await
             .map_err(|e| super::internal(&e))?;
+        self.events.notify(crate::events::Topic::Audit);
         crate::metrics::backup_succeeded(written.summary.size);
         tracing::info!(
             token = %actor.token,
