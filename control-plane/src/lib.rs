@@ -12,7 +12,16 @@
 //! - [`config`]: the typed [`Config`] (data dir, master key, tokens, TLS,
 //!   heartbeat, retention and share settings), parsed once in `main`.
 //! - `api`: one file per gRPC service, the bearer-token `api::auth`
-//!   interceptor, and the one place domain errors become `tonic::Status`.
+//!   interceptor and role layer, and the one place domain errors become
+//!   `tonic::Status`.
+//! - [`access`]: who may call what: the bootstrap admin token, named admin
+//!   tokens with roles (stored as hashes), and the read/write table of
+//!   every admin method that a viewer's writes are refused by.
+//! - [`audit`]: the audit log: one record per admin change, written in the
+//!   change's own transaction, with a field diff and secrets masked.
+//! - [`backup`]: consistent backups (an export under the store's lock),
+//!   scheduled backups, and the offline restore with a new lineage.
+//! - [`check`]: the offline integrity check of a data directory.
 //! - `discovery`: `DiscoveryService.StreamConfig`, the proxies' stream:
 //!   debounced snapshot publishing, per-stream sessions, ACK/NACK by nonce.
 //! - `http`: the HTTP listener: `/healthz`, `/metrics`, and the rest to
@@ -23,7 +32,8 @@
 //! - `metrics`: the Prometheus recorder, the catalog gauges and the gRPC
 //!   request-metrics layer.
 //! - `retention`: the maintenance task that prunes usage buckets,
-//!   cooldown events and report idempotency records past their retention.
+//!   cooldown events, report idempotency records and audit records past
+//!   their retention.
 //! - [`heartbeat`]: agent heartbeats: the pure slot, checklist and reply
 //!   core, the scheduler, dispatch to a proxy, the run log and webhook
 //!   delivery.
