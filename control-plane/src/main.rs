@@ -71,7 +71,16 @@ struct CheckArgs {
         value_name = "DIR"
     )]
     data_dir: PathBuf,
-    /// Master key, 64 hex characters.
+    #[command(flatten)]
+    key: MasterKeyArgs,
+}
+
+/// Where the master key comes from (serving and `check`).
+#[derive(Debug, Args)]
+struct MasterKeyArgs {
+    /// Master key, 64 hex characters (`claw-control-plane keygen`). Prefer
+    /// the environment variable or --master-key-file: command lines are
+    /// visible to other users.
     #[arg(
         long,
         env = "CLAW_MASTER_KEY",
@@ -79,9 +88,16 @@ struct CheckArgs {
         value_name = "HEX"
     )]
     master_key: Option<String>,
-    /// File holding the master key.
+
+    /// File holding the master key (64 hex characters; whitespace ignored).
     #[arg(long, env = "CLAW_MASTER_KEY_FILE", value_name = "PATH")]
     master_key_file: Option<PathBuf>,
+}
+
+impl MasterKeyArgs {
+    fn load(&self) -> Result<crypto::MasterKey, config::ConfigError> {
+        config::load_master_key(self.master_key.as_deref(), self.master_key_file.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -106,20 +122,8 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
 
-    /// Master key, 64 hex characters (`claw-control-plane keygen`). Prefer
-    /// the environment variable or --master-key-file: command lines are
-    /// visible to other users.
-    #[arg(
-        long,
-        env = "CLAW_MASTER_KEY",
-        hide_env_values = true,
-        value_name = "HEX"
-    )]
-    master_key: Option<String>,
-
-    /// File holding the master key (64 hex characters; whitespace ignored).
-    #[arg(long, env = "CLAW_MASTER_KEY_FILE", value_name = "PATH")]
-    master_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: MasterKeyArgs,
 
     /// Token clawctl must present (`authorization: Bearer <token>`); at least 16 characters.
     #[arg(
@@ -282,10 +286,11 @@ fn restore(args: &RestoreArgs) -> ExitCode {
 }
 
 fn check(args: &CheckArgs) -> ExitCode {
-    let result =
-        config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())
-            .map_err(anyhow::Error::from)
-            .and_then(|key| claw_control_plane::check::run(&args.data_dir, &key));
+    let result = args
+        .key
+        .load()
+        .map_err(anyhow::Error::from)
+        .and_then(|key| claw_control_plane::check::run(&args.data_dir, &key));
     match result {
         Ok(report) if report.problems.is_empty() => {
             let total: u64 = report.records.iter().map(|(_, n)| n).sum();
@@ -347,8 +352,7 @@ impl TryFrom<ServeArgs> for Config {
             );
         }
         let tls = config::tls_paths(args.tls_cert, args.tls_key)?;
-        let master_key =
-            config::load_master_key(args.master_key.as_deref(), args.master_key_file.as_deref())?;
+        let master_key = args.key.load()?;
         let mut config = Config::new(
             args.data_dir,
             master_key,
