@@ -66,9 +66,17 @@ pub fn write_backup(store: &dyn Store, dir: &Path) -> anyhow::Result<Written> {
         out: Some(out),
         writer: None,
     };
+    let started = std::time::Instant::now();
     store.export(&mut |tree, key, value| sink.push(tree, key, value))?;
+    let paused = started.elapsed();
     let (header, writer) = sink.writer()?;
     let (out, summary) = writer.finish()?;
+    tracing::info!(
+        entries = summary.entries,
+        bytes = summary.size,
+        writes_paused_ms = paused.as_millis() as u64,
+        "store exported for a backup"
+    );
     let out = out.into_inner().map_err(|e| e.into_error())?;
     out.sync_all().context("syncing the backup file")?;
     Ok(Written {
