@@ -68,6 +68,7 @@ pub(crate) fn install() -> bool {
             };
             // Into whichever recorder is installed: HELP and TYPE lines.
             describe();
+            init_zero();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
@@ -492,4 +493,13 @@ pub(crate) fn affinity(
         }
         (None, None) => metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome).increment(1),
     }
+}
+
+/// Puts the event-driven series an alert or the shipped dashboard
+/// (deploy/monitoring/) needs on `/metrics` at zero from the start: an
+/// `increase()` sees the first event only against an earlier sample.
+fn init_zero() {
+    metrics::counter!(RETRIES_TOTAL).increment(0);
+    metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(0);
+    metrics::gauge!(QUEUE_DEPTH).increment(0.0);
 }
