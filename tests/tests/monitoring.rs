@@ -25,8 +25,7 @@ fn monitoring_dir() -> std::path::PathBuf {
 fn metric_names(expr: &str) -> BTreeSet<String> {
     // Braces, innermost first (annotations' `{{ … }}` templates too).
     let mut s = expr.to_string();
-    loop {
-        let Some(close) = s.find('}') else { break };
+    while let Some(close) = s.find('}') {
         let Some(open) = s[..close].rfind('{') else {
             s.replace_range(..=close, " ");
             continue;
