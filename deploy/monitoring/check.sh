@@ -14,6 +14,8 @@
 #    control-plane/src or data-plane/src; _bucket/_sum/_count of a histogram).
 #    tests/tests/monitoring.rs checks the same names against the /metrics of
 #    running binaries.
+# 4. Every dashboard query parses as PromQL (promtool check rules on them as
+#    recording rules, Grafana variables replaced).
 # Exits non-zero with one line per problem.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -107,4 +109,33 @@ for p in problems:
 print(f"{len(used)} metric names used, all defined" if not problems else "")
 sys.exit(1 if problems else 0)
 PY
+
+echo "== dashboard queries parse as PromQL (promtool check rules on them as recording rules)"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+python3 - "$tmp/dashboard-queries.yaml" <<'PY' || status=1
+import json, sys
+# Grafana's variables replaced by values PromQL accepts.
+subs = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$model": ".*", "$backend": ".*"}
+dash = json.load(open("grafana-dashboard.json"))
+exprs = []
+def walk(v):
+    if isinstance(v, dict):
+        if isinstance(v.get("expr"), str):
+            exprs.append(v["expr"])
+        for x in v.values():
+            walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(dash)
+with open(sys.argv[1], "w") as out:
+    out.write("groups:\n  - name: dashboard\n    rules:\n")
+    for i, e in enumerate(exprs):
+        for k in sorted(subs, key=len, reverse=True):
+            e = e.replace(k, subs[k])
+        out.write(f"      - record: dashboard:query_{i}\n        expr: {json.dumps(e)}\n")
+print(f"{len(exprs)} dashboard queries")
+PY
+promtool check rules "$tmp/dashboard-queries.yaml" || fail "a dashboard query is not valid PromQL (above)"
 exit $status
