@@ -5,12 +5,15 @@
 use crate::data_plane_support::*;
 use claw_tests::harness::{Proxy, http, wait_until};
 use futures::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Long enough that the checks made during the delay do not race its end
 /// on a loaded machine; the stream below outlasts it.
-const DRAIN_DELAY: Duration = Duration::from_secs(5);
+const DRAIN_DELAY: Duration = Duration::from_secs(4);
 const WAIT: Duration = Duration::from_secs(30);
+const STREAM_TOKENS: u32 = 40;
 
 fn status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
     http::request(addr, "GET", path, None, Duration::from_secs(5))
@@ -26,32 +29,45 @@ async fn sigterm_turns_readyz_503_keeps_serving_for_the_drain_delay_then_drains(
             "--drain-delay".into(),
             format!("{}s", DRAIN_DELAY.as_secs()),
         ],
-        // 50 chunks 200 ms apart: the stream is still open when the delay ends.
+        // 40 chunks 250 ms apart: the stream is still open when the delay ends.
         mock: claw_tests::mock::MockConfig::default()
-            .completion_tokens(50)
-            .chunk_delay(Duration::from_millis(200)),
+            .completion_tokens(STREAM_TOKENS)
+            .chunk_delay(Duration::from_millis(250)),
         ..ClusterOptions::default()
     });
     let mut proxy = c.proxies.remove(0);
     let addr = proxy.addr();
     assert_eq!(status(addr, "/readyz"), Some(200));
 
-    // A stream started before SIGTERM.
+    // A stream started before SIGTERM, read as it arrives; it notes whether
+    // it ended after the listener was seen closed.
+    let mut long = chat_body(CHAT, true);
+    long["max_tokens"] = STREAM_TOKENS.into();
     let res = c
         .http
         .post(format!("{}/v1/chat/completions", proxy.url()))
         .bearer_auth(&c.key)
-        .json(&chat_body(CHAT, true))
+        .json(&long)
         .send()
         .await
         .expect("stream started");
     assert_eq!(res.status(), 200);
     let mut stream = res.bytes_stream();
     let first = stream.next().await.expect("a first chunk").expect("bytes");
-    let mut body = first.to_vec();
+    let refused_seen = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let refused_seen = refused_seen.clone();
+        let mut body = first.to_vec();
+        tokio::spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                body.extend_from_slice(&chunk.expect("the stream is not cut by the drain"));
+            }
+            (body, refused_seen.load(Ordering::SeqCst))
+        })
+    };
 
     let stopping = tokio::task::spawn_blocking(move || {
-        let status = proxy.stop();
+        let status = proxy.stop_within(WAIT);
         (status, proxy)
     });
 
@@ -85,13 +101,16 @@ async fn sigterm_turns_readyz_503_keeps_serving_for_the_drain_delay_then_drains(
     .await
     .expect("joined");
     assert!(refused, "the listener is still open after the drain delay");
+    refused_seen.store(true, Ordering::SeqCst);
 
-    // The stream started before SIGTERM completes.
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.expect("the stream is not cut by the drain"));
-    }
+    // The stream started before SIGTERM completes, after the listener closed.
+    let (body, ended_after_close) = reader.await.expect("joined");
     let text = String::from_utf8_lossy(&body);
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(
+        ended_after_close,
+        "the stream ended before the listener closed: make it longer"
+    );
 
     let (status, proxy) = stopping.await.expect("joined");
     let status = status.expect("it was running");

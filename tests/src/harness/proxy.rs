@@ -301,6 +301,13 @@ impl Proxy {
         Some(process.terminate(DEFAULT_STOP_TIMEOUT))
     }
 
+    /// Like [`Proxy::stop`], waiting up to `timeout` (before SIGKILL) for
+    /// a drain longer than the default stop timeout.
+    pub fn stop_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut process = self.process.take()?;
+        Some(process.terminate(timeout))
+    }
+
     /// SIGKILL, as in a crash.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         let mut process = self.process.take()?;
