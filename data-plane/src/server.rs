@@ -12,7 +12,9 @@
 //!   at once while new connections are still accepted and served for the
 //!   drain delay (so load balancers notice before anything is refused);
 //!   then the listener closes and in-flight requests and streams get up to
-//!   the drain timeout; then the server returns.
+//!   the drain timeout; then the server returns. Responses once shutdown
+//!   has started carry `Connection: close`, so keep-alive clients
+//!   reconnect (elsewhere) for their next request.
 //! - `/metrics` is served on the API port, or — given a separate metrics
 //!   listener (`--metrics-addr`) — only there (plain HTTP, with `/healthz`),
 //!   and the API port answers it 404.
@@ -465,7 +467,15 @@ async fn serve_connection<I>(
         let guard = cs.begin();
         let w = w.clone();
         async move {
-            let res = handle(w, req).await;
+            let draining = w.app.draining.load(Ordering::Relaxed);
+            let mut res = handle(w, req).await;
+            if draining {
+                // Shutting down: this connection closes after the response,
+                // so a keep-alive client reconnects (to another pod) for
+                // its next request instead of racing the drain.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(res.map(|body| Guarded {
                 body,
                 _guard: guard,

@@ -92,6 +92,13 @@ async fn sigterm_turns_readyz_503_keeps_serving_for_the_drain_delay_then_drains(
         .send()
         .await
         .expect("a new connection during the drain delay is accepted");
+    assert_eq!(
+        res.headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close"),
+        "a response during the drain closes its connection"
+    );
     assert_eq!(res.status(), 200, "{:?}", res.text().await);
 
     // After the delay the listener is closed, while the stream still runs.
