@@ -4,7 +4,9 @@
 #   bash deploy/check.sh [DEPLOY_DIR]    # default: the directory of this script
 #
 # 1. Every manifest in kubernetes/ (except kustomization.yaml, which is not a
-#    Kubernetes API object) against the Kubernetes OpenAPI schemas of
+#    Kubernetes API object, and servicemonitor.yaml, a Prometheus Operator
+#    custom resource kubernetes-validate has no schema for: it only warns and
+#    passes it, so its shape is checked in step 2 instead) against the Kubernetes OpenAPI schemas of
 #    $K8S_VERSION with kubernetes-validate --strict (PyPI; it bundles the
 #    schemas, so it works offline once installed). Unknown fields fail.
 # 2. By parsing the YAML (PyYAML):
@@ -20,9 +22,16 @@
 #      dir is on its PersistentVolumeClaim; liveness on /healthz;
 #    - the proxy's snapshot cache (CLAW_DP_SNAPSHOT_CACHE) is on an emptyDir,
 #      it has a preStop hook the image can run, readiness on /readyz, liveness
-#      on /healthz, and terminationGracePeriodSeconds above preStop + drain;
+#      on /healthz, and terminationGracePeriodSeconds above preStop +
+#      drain delay + drain timeout; --metrics-addr is set, its port is a
+#      containerPort named `metrics` (and the prometheus.io/port annotation);
+#    - servicemonitor.yaml (not in kustomization.yaml: it needs the operator's
+#      CRDs) is a monitoring.coreos.com/v1 ServiceMonitor of known fields whose
+#      selector picks a Service with its endpoint port, which leads to the
+#      proxies' metrics port;
 #    - compose.yaml parses and its control plane's CLAW_HEARTBEAT_PROXY is a
-#      proxy service's listen address;
+#      proxy service's listen address; each proxy sets CLAW_DP_METRICS_ADDR
+#      and CLAW_DP_DRAIN_DELAY, and stop_grace_period is above delay + drain;
 #    - the Dockerfile's dependency layer copies every workspace member's
 #      Cargo.toml and stubs every target cargo will look for; its user is the
 #      numeric uid:gid the manifests run as;
@@ -52,7 +61,10 @@ fi
 status=0
 manifests=()
 for f in "$DEPLOY_DIR"/kubernetes/*.yaml; do
-  [ "$(basename "$f")" = kustomization.yaml ] || manifests+=("$f")
+  case "$(basename "$f")" in
+    kustomization.yaml | servicemonitor.yaml) ;;  # not core API objects (see above)
+    *) manifests+=("$f") ;;
+  esac
 done
 echo "== schema validation (kubernetes-validate --strict, Kubernetes $K8S_VERSION)"
 if ! "$PY" -m kubernetes_validate --strict --kubernetes-version "$K8S_VERSION" "${manifests[@]}"; then
@@ -83,6 +95,9 @@ def load(path):
 # --- kustomization -----------------------------------------------------------
 files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(kdir, "*.yaml")))
 HAND_APPLIED = {"secrets.example.yaml"}
+# Custom resources: applied by hand (or from an overlay) where the CRDs exist;
+# `kubectl apply -k` would fail without them.
+NEEDS_CRDS = {"servicemonitor.yaml"}
 kpath = os.path.join(kdir, "kustomization.yaml")
 if not os.path.exists(kpath):
     fail("kubernetes/kustomization.yaml is missing (`kubectl apply -k deploy/kubernetes`)")
@@ -101,6 +116,9 @@ else:
         if f in HAND_APPLIED:
             if f in listed:
                 fail(f"kustomization.yaml lists {f}: it holds placeholder secrets and is applied by hand")
+        elif f in NEEDS_CRDS:
+            if f in listed:
+                fail(f"kustomization.yaml lists {f}: it needs the Prometheus Operator CRDs, so `kubectl apply -k` would fail without them")
         elif f not in listed:
             fail(f"kustomization.yaml does not list kubernetes/{f}")
 
@@ -250,6 +268,7 @@ def port_num(c, p):
             return cp.get("containerPort")
     return p if isinstance(p, int) else None
 
+proxy_metrics = []  # (deployment, container, metrics port)
 for f, d, spec, c in proxies:
     w = f"{f}: proxy container {c.get('name')}"
     if http_path(c.get("readinessProbe")) != "/readyz":
@@ -277,9 +296,28 @@ for f, d, spec, c in proxies:
     if not pre:
         fail(f"{w}: no preStop hook (SIGTERM closes the listener while the endpoint is still routed to)")
     drain = seconds(setting(c, "--drain-timeout", "CLAW_DP_DRAIN_TIMEOUT") or "30s") or 0
+    delay_setting = setting(c, "--drain-delay", "CLAW_DP_DRAIN_DELAY")
+    delay = seconds(delay_setting or "5s")
+    if delay is None:
+        fail(f"{w}: --drain-delay {delay_setting!r} is not a duration like 5s")
+        delay = 0
+    elif delay == 0:
+        fail(f"{w}: --drain-delay is 0: SIGTERM would stop accepting while load balancers still route to the pod")
     grace = spec.get("terminationGracePeriodSeconds", 30)
-    if grace <= pre_s + drain:
-        fail(f"{w}: terminationGracePeriodSeconds {grace} is not above preStop {pre_s}s + drain {drain}s")
+    if grace <= pre_s + delay + drain:
+        fail(f"{w}: terminationGracePeriodSeconds {grace} is not above preStop {pre_s}s + drain delay {delay}s + drain timeout {drain}s")
+    maddr = setting(c, "--metrics-addr", "CLAW_DP_METRICS_ADDR")
+    if not maddr:
+        fail(f"{w}: no --metrics-addr: /metrics is served unauthenticated on the API port")
+    else:
+        mport = maddr.rsplit(":", 1)[-1]
+        named = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+        if str(named.get("metrics")) != mport:
+            fail(f"{w}: --metrics-addr {maddr}: no containerPort named metrics with port {mport} (got {named.get('metrics')})")
+        ann = ((d["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get("prometheus.io/port")
+        if ann is not None and str(ann) != mport:
+            fail(f"{w}: prometheus.io/port is {ann}, the metrics port is {mport}")
+        proxy_metrics.append((d, c, mport))
 
 for f, d, spec, c in cps:
     w = f"{f}: control-plane container {c.get('name')}"
@@ -320,6 +358,64 @@ for f, d, spec, c in cps:
     if target is None or str(target) != addr.rsplit(":", 1)[-1]:
         fail(f"{w}: CLAW_HEARTBEAT_PROXY {hb}: Service port {port} targets {target}, the proxy listens on {addr}")
 
+# --- ServiceMonitor (shape only: no schema for custom resources) -------------
+def selects(sel, labels):
+    return bool(sel) and all((labels or {}).get(k) == v for k, v in sel.items())
+
+SM_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels",
+           "podTargetLabels", "sampleLimit", "targetLimit", "labelLimit", "attachMetadata"}
+SM_ENDPOINT = {"port", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout",
+               "tlsConfig", "bearerTokenSecret", "authorization", "basicAuth", "honorLabels",
+               "honorTimestamps", "relabelings", "metricRelabelings", "followRedirects",
+               "enableHttp2", "proxyUrl", "oauth2", "filterRunning"}
+monitors = [(f, d) for f, d in objects if d.get("kind") == "ServiceMonitor"]
+if not monitors:
+    fail("kubernetes/: no ServiceMonitor for the proxies' metrics port")
+for f, d in monitors:
+    w = f"{f}: ServiceMonitor/{(d.get('metadata') or {}).get('name')}"
+    if f not in NEEDS_CRDS:
+        fail(f"{w}: a custom resource outside {sorted(NEEDS_CRDS)} would go to kubernetes-validate and `kubectl apply -k`")
+    if d.get("apiVersion") != "monitoring.coreos.com/v1":
+        fail(f"{w}: apiVersion is {d.get('apiVersion')!r}, not monitoring.coreos.com/v1")
+    if set(d) - {"apiVersion", "kind", "metadata", "spec"}:
+        fail(f"{w}: unknown top-level fields {sorted(set(d) - {'apiVersion', 'kind', 'metadata', 'spec'})}")
+    if not (d.get("metadata") or {}).get("name"):
+        fail(f"{w}: no metadata.name")
+    sm = d.get("spec") or {}
+    if set(sm) - SM_SPEC:
+        fail(f"{w}: unknown spec fields {sorted(set(sm) - SM_SPEC)}")
+    sel = (sm.get("selector") or {}).get("matchLabels") or {}
+    picked = [s for s in services if selects(sel, (s.get("metadata") or {}).get("labels"))]
+    if not picked:
+        fail(f"{w}: spec.selector.matchLabels {sel} selects no Service in kubernetes/")
+    eps = sm.get("endpoints") or []
+    if not eps:
+        fail(f"{w}: no endpoints")
+    for ep in eps:
+        if set(ep) - SM_ENDPOINT:
+            fail(f"{w}: unknown endpoint fields {sorted(set(ep) - SM_ENDPOINT)}")
+        for k in ("interval", "scrapeTimeout"):
+            if k in ep and seconds(ep[k]) is None:
+                fail(f"{w}: endpoint {k} {ep[k]!r} is not a duration")
+        if not isinstance(ep.get("port"), str):
+            fail(f"{w}: endpoint port must name a Service port (got {ep.get('port')!r})")
+            continue
+        for s in picked:
+            sw = f"{w}: Service {s['metadata']['name']}"
+            sp = next((p for p in (s.get("spec") or {}).get("ports") or [] if p.get("name") == ep["port"]), None)
+            if sp is None:
+                fail(f"{sw} has no port named {ep['port']!r}")
+                continue
+            ssel = (s.get("spec") or {}).get("selector") or {}
+            behind = [(pd, pc, mp) for pd, pc, mp in proxy_metrics
+                      if selects(ssel, pd["spec"]["template"]["metadata"].get("labels"))]
+            if not behind:
+                fail(f"{sw} does not select proxy pods with a metrics listener")
+            for pd, pc, mp in behind:
+                target = port_num(pc, sp.get("targetPort", sp.get("port")))
+                if str(target) != mp:
+                    fail(f"{sw} port {ep['port']} targets {target}, the proxy's --metrics-addr port is {mp}")
+
 # --- compose.yaml --------------------------------------------------------------
 cpath = os.path.join(deploy, "compose.yaml")
 cdocs = load(cpath) if os.path.exists(cpath) else fail("compose.yaml is missing") or []
@@ -337,6 +433,19 @@ if cdocs:
     px_svcs = {n: s for n, s in svcs.items() if "claw-data-plane" in centry(s)}
     if not px_svcs:
         fail("compose.yaml: no proxy (claw-data-plane) service")
+    for n, s in px_svcs.items():
+        e = cenv(s)
+        if not e.get("CLAW_DP_METRICS_ADDR"):
+            fail(f"compose.yaml: proxy {n}: CLAW_DP_METRICS_ADDR is not set (/metrics stays on the API port)")
+        delay = seconds(e.get("CLAW_DP_DRAIN_DELAY") or "5s")
+        drain = seconds(e.get("CLAW_DP_DRAIN_TIMEOUT") or "30s")
+        if "CLAW_DP_DRAIN_DELAY" not in e:
+            fail(f"compose.yaml: proxy {n}: CLAW_DP_DRAIN_DELAY is not set")
+        grace = seconds(s.get("stop_grace_period") or "10s")
+        if None in (delay, drain, grace):
+            fail(f"compose.yaml: proxy {n}: CLAW_DP_DRAIN_DELAY, CLAW_DP_DRAIN_TIMEOUT or stop_grace_period is not a duration")
+        elif grace <= delay + drain:
+            fail(f"compose.yaml: proxy {n}: stop_grace_period {grace}s is not above drain delay {delay}s + drain timeout {drain}s")
     for n in cp_svcs:
         hb = cenv(svcs[n]).get("CLAW_HEARTBEAT_PROXY")
         if not hb:

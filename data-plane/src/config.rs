@@ -50,8 +50,14 @@ pub struct ServerLimits {
     pub body_timeout: Duration,
     /// Idle keep-alive connections are closed after this.
     pub idle_timeout: Duration,
-    /// How long in-flight requests may finish after shutdown starts.
+    /// How long in-flight requests may finish once the listener is closed.
     pub drain_timeout: Duration,
+    /// After shutdown starts, how long the proxy keeps accepting and serving
+    /// new connections while `/readyz` already answers 503, so load
+    /// balancers take it out of rotation before it stops accepting. Zero
+    /// (the library's default; the binary's `--drain-delay` defaults to 5 s)
+    /// stops accepting at once.
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerLimits {
@@ -62,6 +68,7 @@ impl Default for ServerLimits {
             body_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
         }
     }
 }

@@ -194,8 +194,20 @@ impl Proxy {
 
     /// Serves `listener` until `shutdown` resolves, then drains.
     pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        self.serve_with_metrics(listener, None, shutdown).await
+    }
+
+    /// Like [`Proxy::serve`]; with `metrics`, `/metrics` (and `/healthz`)
+    /// are served on that listener, plain HTTP, and `/metrics` is no longer
+    /// on `listener` (404).
+    pub async fn serve_with_metrics(
         mut self,
         listener: TcpListener,
+        metrics: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         metrics::install();
@@ -270,7 +282,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             limits: self.config.limits.clone(),
         });
-        let served = server::serve(listener, state, workers, shutdown).await;
+        let served = server::serve(listener, metrics, state, workers, shutdown).await;
         // The last reports get a short grace to be acknowledged.
         let _ = report_stop.send(());
         if let Some(r) = reporter {
@@ -300,4 +312,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     Proxy::new(config)?.serve(listener, shutdown).await
+}
+
+/// Like [`run`], with `/metrics` on its own listener when `metrics` is set
+/// ([`Proxy::serve_with_metrics`]).
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Proxy::new(config)?
+        .serve_with_metrics(listener, metrics, shutdown)
+        .await
 }

@@ -51,9 +51,20 @@ struct Args {
     /// Idle keep-alive connections are closed after this.
     #[arg(long, env = "CLAW_DP_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// How long in-flight requests may finish on shutdown.
+    /// On SIGTERM, how long to keep accepting and serving new connections
+    /// while /readyz already answers 503, so load balancers stop sending
+    /// traffic before the listener closes (0 = stop accepting at once).
+    #[arg(long, env = "CLAW_DP_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_delay: Duration,
+    /// After the drain delay, how long in-flight requests and streams may
+    /// finish once the listener is closed.
     #[arg(long, env = "CLAW_DP_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve /metrics (and /healthz) on this address instead of the API
+    /// port, which then answers /metrics with 404. Always plain HTTP, also
+    /// when the API port serves TLS (default: /metrics on the API port).
+    #[arg(long, env = "CLAW_DP_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// How long the control plane may be unreachable before degraded mode
     /// (equal rate shares); shorter values are for tests.
     #[arg(long, env = "CLAW_DP_DEGRADED_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -182,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
         body_timeout: args.body_timeout,
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
+        drain_delay: args.drain_delay,
     };
     config.degraded_after = args.degraded_after;
     config.snapshot_cache = args.snapshot_cache.clone();
@@ -201,13 +213,34 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let local = listener.local_addr().context("reading the bound address")?;
+    let (metrics_listener, metrics_local) = match args.metrics_addr {
+        None => (None, None),
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?;
+            let a = l
+                .local_addr()
+                .context("reading the metrics listener's address")?;
+            (Some(l), Some(a))
+        }
+    };
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening http={local}")?;
+        match metrics_local {
+            None => writeln!(out, "listening http={local}")?,
+            Some(m) => writeln!(out, "listening http={local} metrics={m}")?,
+        }
         out.flush()?;
     }
-    tracing::info!(addr = %local, node_id = %config.node_id, control_plane = %args.control_plane, "claw-data-plane started");
-    claw_data_plane::run(config, listener, shutdown).await?;
+    tracing::info!(
+        addr = %local,
+        metrics_addr = metrics_local.map(|m| m.to_string()).as_deref().unwrap_or("(API port)"),
+        node_id = %config.node_id,
+        control_plane = %args.control_plane,
+        "claw-data-plane started"
+    );
+    claw_data_plane::run_with_metrics(config, listener, metrics_listener, shutdown).await?;
     tracing::info!("claw-data-plane stopped");
     telemetry.shutdown_async().await;
     Ok(())

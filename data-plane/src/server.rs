@@ -8,8 +8,16 @@
 //!   first byte of a request to its complete head (slowloris). Body reads
 //!   have their own timeout in the route layer (408).
 //! - A panic in a handler becomes a 500 for that request only.
-//! - On shutdown: stop accepting, `/readyz` answers 503, in-flight requests
-//!   and streams get up to the drain timeout, then the server returns.
+//! - On shutdown, in three phases each logged once: `/readyz` answers 503
+//!   at once while new connections are still accepted and served for the
+//!   drain delay (so load balancers notice before anything is refused);
+//!   then the listener closes and in-flight requests and streams get up to
+//!   the drain timeout; then the server returns. Responses once shutdown
+//!   has started carry `Connection: close`, so keep-alive clients
+//!   reconnect (elsewhere) for their next request.
+//! - `/metrics` is served on the API port, or — given a separate metrics
+//!   listener (`--metrics-addr`) — only there (plain HTTP, with `/healthz`),
+//!   and the API port answers it 404.
 
 use std::convert::Infallible;
 use std::io;
@@ -86,6 +94,8 @@ struct Worker {
     stack: Stack,
     /// Set when the listener speaks TLS.
     tls: Option<TlsAcceptor>,
+    /// Whether `/metrics` is served here (false when it has its own listener).
+    metrics_here: bool,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -94,6 +104,63 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
+}
+
+fn metrics_response(state: &AppState) -> Response<ProxyBody> {
+    crate::metrics::set_cooldowns_active(state.cooldowns.active(Instant::now()));
+    let mut r = Response::new(ProxyBody::full(crate::metrics::render()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// The separate metrics listener's routes: `/metrics` and `/healthz`.
+fn handle_metrics(state: &AppState, req: &Request<Incoming>) -> Response<ProxyBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => metrics_response(state),
+        (_, "/healthz") => text(StatusCode::OK, "ok\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves the metrics listener (plain HTTP/1.1) until the task is aborted.
+/// Each connection is closed after the header or idle timeout like the API
+/// port's, so a scraper cannot hold it open forever.
+async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, builder: Arc<http1::Builder>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _peer)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, builder) = (state.clone(), builder.clone());
+        tokio::spawn(async move {
+            let conn_state = Arc::new(ConnState::new());
+            let io = Watched {
+                io: stream,
+                state: conn_state.clone(),
+            };
+            let cs = conn_state.clone();
+            let st = state.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let _guard = cs.begin();
+                let res = handle_metrics(&st, &req);
+                async move { Ok::<_, Infallible>(res) }
+            });
+            tokio::select! {
+                r = builder.serve_connection(TokioIo::new(io), svc) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "metrics connection ended with an error");
+                },
+                _ = watchdog(conn_state, state.limits.clone()) => {}
+            }
+        });
+    }
 }
 
 async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -110,14 +177,8 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBo
                 text(StatusCode::OK, "ready\n")
             };
         }
-        "/metrics" if req.method() == Method::GET => {
-            crate::metrics::set_cooldowns_active(state.cooldowns.active(Instant::now()));
-            let mut r = Response::new(ProxyBody::full(crate::metrics::render()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            return r;
+        "/metrics" if worker.metrics_here && req.method() == Method::GET => {
+            return metrics_response(state);
         }
         p if p.starts_with("/v1/") => {}
         _ => return ApiError::not_found().into_response(),
@@ -406,7 +467,15 @@ async fn serve_connection<I>(
         let guard = cs.begin();
         let w = w.clone();
         async move {
-            let res = handle(w, req).await;
+            let draining = w.app.draining.load(Ordering::Relaxed);
+            let mut res = handle(w, req).await;
+            if draining {
+                // Shutting down: this connection closes after the response,
+                // so a keep-alive client reconnects (to another pod) for
+                // its next request instead of racing the drain.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(res.map(|body| Guarded {
                 body,
                 _guard: guard,
@@ -436,10 +505,13 @@ fn least_loaded(handles: &[WorkerHandle], next: usize) -> usize {
 }
 
 /// Serves `listener` on `workers.threads` serving threads until `shutdown`
-/// resolves, then stops accepting, answers `/readyz` with 503 and lets
-/// in-flight requests and streams finish up to the drain timeout.
+/// resolves; then answers `/readyz` with 503 at once, keeps accepting for
+/// the drain delay, stops accepting and lets in-flight requests and streams
+/// finish up to the drain timeout. With `metrics`, `/metrics` is served
+/// there (until the drain ends) instead of on `listener`.
 pub(crate) async fn serve(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     state: Arc<AppState>,
     workers: Workers,
     shutdown: impl std::future::Future<Output = ()>,
@@ -457,25 +529,53 @@ pub(crate) async fn serve(
             app: state.clone(),
             stack: (workers.make_stack)()?,
             tls: workers.tls.clone().map(TlsAcceptor::from),
+            metrics_here: metrics.is_none(),
         };
         handles.push(spawn_worker(i, worker, builder.clone())?);
     }
     tracing::debug!(threads = handles.len(), "serving threads started");
+    let metrics_task =
+        metrics.map(|l| tokio::spawn(serve_metrics(l, state.clone(), builder.clone())));
     let mut next = 0usize;
     let mut failed = None;
+    let drain_delay = state.limits.drain_delay;
+    // Set when shutdown starts: the end of the drain delay.
+    let mut stop_accepting: Option<Pin<Box<tokio::time::Sleep>>> = None;
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let shutting_down = stop_accepting.is_some();
+        let delay_over = async {
+            match stop_accepting.as_mut() {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
+            }
+        };
+        let step = tokio::select! {
+            _ = &mut shutdown, if !shutting_down => Step::Shutdown,
+            _ = delay_over => Step::DelayOver,
+            accepted = listener.accept() => Step::Accepted(accepted),
+        };
+        let (stream, _peer) = match step {
+            Step::Shutdown => {
+                state.draining.store(true, Ordering::Relaxed);
+                if drain_delay.is_zero() {
+                    break;
                 }
-            },
+                tracing::info!(
+                    drain_delay = ?drain_delay,
+                    "shutting down: /readyz answers 503, still accepting connections for the drain delay"
+                );
+                stop_accepting = Some(Box::pin(tokio::time::sleep(drain_delay)));
+                continue;
+            }
+            Step::DelayOver => break,
+            Step::Accepted(Ok(s)) => s,
+            Step::Accepted(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let stream = match stream.into_std() {
@@ -495,7 +595,10 @@ pub(crate) async fn serve(
     }
     drop(listener);
     state.draining.store(true, Ordering::Relaxed);
-    tracing::info!("draining connections");
+    tracing::info!(
+        drain_timeout = ?state.limits.drain_timeout,
+        "stopped accepting connections; draining in-flight requests"
+    );
     let mut done = Vec::with_capacity(handles.len());
     for h in handles {
         drop(h.conns);
@@ -505,10 +608,21 @@ pub(crate) async fn serve(
         // The thread's drain has its own deadline; an error means it ended early.
         let _ = d.await;
     }
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    tracing::info!("drained");
     match failed {
         None => Ok(()),
         Some(e) => Err(e),
     }
+}
+
+/// What woke the accept loop.
+enum Step {
+    Shutdown,
+    DelayOver,
+    Accepted(io::Result<(TcpStream, std::net::SocketAddr)>),
 }
 
 /// Hands `stream` to the least-loaded serving thread. A thread that is gone

@@ -31,6 +31,7 @@ mod otel_tracing;
 mod passthrough;
 mod responses_routing;
 mod roles;
+mod rollout;
 mod snapshot_cache;
 mod tls;
 mod translation;

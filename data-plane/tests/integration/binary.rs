@@ -21,6 +21,8 @@ fn help_lists_the_flags() {
         "--body-timeout",
         "--idle-timeout",
         "--drain-timeout",
+        "--drain-delay",
+        "--metrics-addr",
         "--log-format",
         "CLAW_PROXY_TOKEN",
         "CLAW_DP_ADDR",
@@ -50,6 +52,9 @@ fn prints_the_listening_line_serves_health_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--control-plane",
             "http://127.0.0.1:1",
+            // Stop accepting at once on SIGTERM (the default keeps serving 5 s).
+            "--drain-delay",
+            "0s",
         ])
         .env("CLAW_PROXY_TOKEN", "t0ken")
         .stdout(Stdio::piped())

@@ -27,6 +27,7 @@ pub struct ProxyBuilder {
     env: Vec<(OsString, Option<OsString>)>,
     args: Vec<OsString>,
     start_timeout: Duration,
+    metrics_listener: bool,
 }
 
 impl ProxyBuilder {
@@ -44,6 +45,7 @@ impl ProxyBuilder {
             env: Vec::new(),
             args: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
+            metrics_listener: false,
         }
     }
 
@@ -93,6 +95,20 @@ impl ProxyBuilder {
         self.arg("--snapshot-cache").arg(path)
     }
 
+    /// Keeps accepting for `delay` after SIGTERM (`--drain-delay`). The
+    /// harness's proxies use 0 unless told, so stopping one is quick.
+    pub fn drain_delay(self, delay: Duration) -> Self {
+        self.arg("--drain-delay")
+            .arg(format!("{}ms", delay.as_millis()))
+    }
+
+    /// Serves `/metrics` on a listener of its own on a free loopback port
+    /// (`--metrics-addr 127.0.0.1:0`); see [`Proxy::metrics_addr`].
+    pub fn metrics_listener(mut self) -> Self {
+        self.metrics_listener = true;
+        self
+    }
+
     /// How long to wait for its `listening` line.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
@@ -113,6 +129,7 @@ impl ProxyBuilder {
         let mut proxy = Proxy {
             process: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: None,
             logs: LogDir::new(&self.node_id),
             options: self,
         };
@@ -126,6 +143,7 @@ impl ProxyBuilder {
 pub struct Proxy {
     process: Option<ChildProcess>,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     logs: LogDir,
     options: ProxyBuilder,
 }
@@ -158,11 +176,24 @@ impl Proxy {
             "--node-id".into(),
             o.node_id.clone().into(),
         ];
+        if o.metrics_listener {
+            args.push("--metrics-addr".into());
+            args.push(
+                self.metrics_addr
+                    .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string())
+                    .into(),
+            );
+        }
         args.extend(o.args.iter().cloned());
-        let mut env = vec![(
-            "CLAW_PROXY_TOKEN".into(),
-            Some(o.proxy_token.clone().into()),
-        )];
+        let mut env = vec![
+            (
+                "CLAW_PROXY_TOKEN".into(),
+                Some(o.proxy_token.clone().into()),
+            ),
+            // Stops are quick unless a test asks for a drain delay
+            // (`--drain-delay` or the env, both of which win over this).
+            ("CLAW_DP_DRAIN_DELAY".into(), Some("0s".into())),
+        ];
         env.extend(o.env.iter().cloned());
         let spec = Spec {
             label: format!("claw-data-plane {}", o.node_id),
@@ -179,8 +210,22 @@ impl Proxy {
             status: None,
             output: read_from(&spec.log_path, 0),
         })?;
+        if o.metrics_listener {
+            self.metrics_addr = Some(listening.get("metrics").ok_or_else(|| StartError {
+                label: spec.label.clone(),
+                reason: format!("its `listening` line has no `metrics=` address: {listening:?}"),
+                status: None,
+                output: read_from(&spec.log_path, 0),
+            })?);
+        }
         self.process = Some(process);
         Ok(())
+    }
+
+    /// The address of its separate metrics listener, when started with
+    /// [`ProxyBuilder::metrics_listener`].
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address its HTTP listener took.
@@ -254,6 +299,13 @@ impl Proxy {
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut process = self.process.take()?;
         Some(process.terminate(DEFAULT_STOP_TIMEOUT))
+    }
+
+    /// Like [`Proxy::stop`], waiting up to `timeout` (before SIGKILL) for
+    /// a drain longer than the default stop timeout.
+    pub fn stop_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut process = self.process.take()?;
+        Some(process.terminate(timeout))
     }
 
     /// SIGKILL, as in a crash.
