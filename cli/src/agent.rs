@@ -167,6 +167,8 @@ fn read_text(flag: &str, path: &Path) -> anyhow::Result<String> {
 }
 
 fn new_agent(args: AgentAddArgs) -> anyhow::Result<Agent> {
+    // Checked here too so the message comes before any connection attempt.
+    claw_proto::validate::agent_id("id", &args.id)?;
     let s = settings(args.settings)?;
     Ok(Agent {
         id: args.id,

@@ -136,7 +136,8 @@ Examples:
         #[arg(value_enum, value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print clawctl's version (needs no server).
+    /// Print clawctl's version and the control plane's (the client's even
+    /// when the server cannot be reached).
     Version,
 }
 
@@ -376,6 +377,14 @@ pub enum PoolCmd {
         /// The pool; both when omitted.
         #[arg(value_enum)]
         pool: Option<PoolArg>,
+    },
+    /// List the settings of both pools (`pool show` without a pool).
+    List,
+    /// Show the settings of one pool (`pool show POOL`).
+    Get {
+        /// The pool.
+        #[arg(value_enum)]
+        pool: PoolArg,
     },
     /// Change pool settings; only the given flags change.
     #[command(after_help = "\

@@ -19,7 +19,7 @@
 //! - `token`: `token add|list|rm` (named admin tokens with roles) and
 //!   `whoami`.
 //! - `audit`: `audit` over the audit log.
-//! - `local`: the verbs that need no server, `completion` and `version`.
+//! - `local`: `completion` (no server) and `version` (client and server).
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
@@ -81,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),
-        Command::Version => local::version(&session),
+        Command::Version => local::version(&session).await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `clawctl pool show|set`: cooldown, retry and queue settings of the primary
+//! `clawctl pool show|list|get|set`: cooldown, retry and queue settings of the primary
 //! and fallback pools.
 
 use std::time::Duration;
@@ -18,14 +18,14 @@ use crate::session::Session;
 /// Runs a `pool` verb.
 pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
     match cmd {
-        PoolCmd::Show { pool: None } => {
+        PoolCmd::Show { pool: None } | PoolCmd::List => {
             let conn = session.connect().await?;
             let resp = conn
                 .call(conn.pools().list_pool_settings(ListPoolSettingsRequest {}))
                 .await?;
             session.emit(&resp.settings, |out| table(&resp.settings).write(out))
         }
-        PoolCmd::Show { pool: Some(pool) } => {
+        PoolCmd::Show { pool: Some(pool) } | PoolCmd::Get { pool } => {
             let conn = session.connect().await?;
             let resp = conn
                 .call(conn.pools().get_pool_settings(GetPoolSettingsRequest {

@@ -1,0 +1,94 @@
+//! Issue 15, clawctl's first-day rough edges, each as a new user meets it:
+//! the real control plane driven by the real `clawctl` (and, where the rule
+//! is the server's, a raw gRPC client).
+
+use claw_proto::v1::{Agent, CreateAgentRequest, agent_service_client::AgentServiceClient};
+use claw_tests::harness::ControlPlane;
+
+fn admin<T>(cp: &ControlPlane, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", cp.admin_token())
+            .parse()
+            .expect("ascii token"),
+    );
+    r
+}
+
+async fn channel(cp: &ControlPlane) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(cp.grpc_url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// `clawctl agent add --help` says ids are lowercase; `Bad_ID` was accepted.
+#[tokio::test]
+async fn an_agent_id_the_help_calls_invalid_is_refused_by_clawctl_and_the_server() {
+    let cp = ControlPlane::start();
+    let out = cp
+        .clawctl(&["agent", "add", "Bad_ID", "--model", "gpt-4o"])
+        .assert_err_contains("id: \"Bad_ID\" must be lowercase");
+    assert_eq!(out.stderr.lines().count(), 1, "{out}");
+
+    let err = AgentServiceClient::new(channel(&cp).await)
+        .create_agent(admin(
+            &cp,
+            CreateAgentRequest {
+                agent: Some(Agent {
+                    id: "Bad_ID".into(),
+                    model: "gpt-4o".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect_err("the control plane refuses it");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("id: "), "{err:?}");
+
+    cp.clawctl(&["agent", "add", "good_id-1.x", "--model", "gpt-4o"])
+        .assert_ok();
+}
+
+#[tokio::test]
+async fn version_shows_the_client_and_the_server() {
+    let cp = ControlPlane::start();
+    let v = cp.clawctl(&["version", "-o", "json"]).assert_ok().json();
+    let client = v["client_version"].as_str().expect("client_version");
+    assert!(!client.is_empty(), "{v}");
+    // The workspace shares one version, so the two agree here.
+    assert_eq!(v["server_version"].as_str(), Some(client), "{v}");
+    let table = cp.clawctl(&["version"]).assert_ok().stdout;
+    assert!(
+        table.contains(&format!("Server version: {client}")),
+        "{table}"
+    );
+    let snap = cp.clawctl(&["snapshot", "-o", "json"]).assert_ok().json();
+    assert_eq!(snap["server_version"].as_str(), Some(client), "{snap}");
+}
+
+#[tokio::test]
+async fn pool_list_and_get_are_show_for_all_and_one() {
+    let cp = ControlPlane::start();
+    for format in ["json", "yaml", "table"] {
+        let list = cp.clawctl(&["pool", "list", "-o", format]).assert_ok();
+        let show = cp.clawctl(&["pool", "show", "-o", format]).assert_ok();
+        assert_eq!(list.stdout, show.stdout, "{format}");
+        let get = cp
+            .clawctl(&["pool", "get", "fallback", "-o", format])
+            .assert_ok();
+        let show = cp
+            .clawctl(&["pool", "show", "fallback", "-o", format])
+            .assert_ok();
+        assert_eq!(get.stdout, show.stdout, "{format}");
+    }
+    let list = cp
+        .clawctl(&["pool", "list", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    cp.clawctl(&["pool", "get"]).assert_err();
+}
