@@ -442,6 +442,14 @@ Examples:
     List,
     /// Show one client key.
     Get(Target),
+    /// Change a client key's models or rpm; only the given flags change and
+    /// the secret stays the same.
+    #[command(after_help = "\
+Examples:
+  clawctl key update app --rpm 600
+  clawctl key update app --models gpt-4o,gpt-4o-mini
+  clawctl key update app --models ''      # every model")]
+    Update(KeyUpdateArgs),
     /// Revoke a client key.
     #[command(visible_alias = "delete")]
     Rm(Target),
@@ -458,6 +466,20 @@ pub struct KeyAddArgs {
     /// Requests per minute for this key across the fleet (default: unlimited).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rpm: u32,
+}
+
+/// Flags of `key update`.
+#[derive(Debug, Args)]
+pub struct KeyUpdateArgs {
+    /// Name or id of the key.
+    #[arg(value_name = "NAME|ID")]
+    pub name: String,
+    /// Canonical models the key may use, comma-separated; '' allows all.
+    #[arg(long, value_delimiter = ',', value_name = "A,B", num_args = 0..=1)]
+    pub models: Option<Vec<String>>,
+    /// Requests per minute for this key across the fleet; 0 is unlimited.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u32>,
 }
 
 // ---------------------------------------------------------------- agent

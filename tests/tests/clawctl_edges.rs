@@ -92,3 +92,45 @@ async fn pool_list_and_get_are_show_for_all_and_one() {
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     cp.clawctl(&["pool", "get"]).assert_err();
 }
+
+/// `key update` changes what the proxies enforce, without a new secret.
+#[tokio::test]
+async fn key_update_changes_models_and_rpm_the_proxies_enforce() {
+    use crate::data_plane_support::{CHAT, Cluster, ClusterOptions, EMBED};
+    let c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        ..Default::default()
+    });
+    let proxy = c.proxy();
+    assert_eq!(c.chat(proxy, CHAT).await.status(), 200);
+
+    let v0 = c.config_version();
+    let k =
+        c.cp.clawctl(&["key", "update", "tests", "--models", EMBED, "-o", "json"])
+            .assert_ok()
+            .json();
+    assert_eq!(k["models"], serde_json::json!([EMBED]), "{k}");
+    assert!(c.wait_synced() > v0);
+    assert_eq!(
+        c.chat(proxy, CHAT).await.status(),
+        403,
+        "chat is no longer allowed"
+    );
+
+    c.cp.clawctl(&["key", "update", "tests", "--models", "", "--rpm", "1"])
+        .assert_ok();
+    c.wait_synced();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(c.chat(proxy, CHAT).await.status().as_u16());
+    }
+    assert!(statuses.contains(&200), "every model again: {statuses:?}");
+    assert!(statuses.contains(&429), "1 rpm: {statuses:?}");
+
+    let audit = c.cp.clawctl(&["audit", "-o", "json"]).assert_ok().stdout;
+    assert!(audit.contains("UpdateClientKey"), "{audit}");
+    c.cp.clawctl(&["key", "update", "tests"])
+        .assert_err_contains("nothing to change");
+    c.cp.clawctl(&["key", "update", "nope", "--rpm", "3"])
+        .assert_err_contains("not found");
+}
