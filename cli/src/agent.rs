@@ -29,7 +29,9 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
                         .create_agent(CreateAgentRequest { agent: Some(agent) }),
                 )
                 .await?;
-            print_one(session, &resp.agent.unwrap_or_default())
+            let agent = resp.agent.unwrap_or_default();
+            warn_unserved(&conn, &agent).await;
+            print_one(session, &agent)
         }
         AgentCmd::List => {
             let conn = session.connect().await?;
@@ -48,9 +50,14 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
         }
         AgentCmd::Update(args) => {
             let req = update_request(args)?;
+            let model_given = req.model.is_some();
             let conn = session.connect().await?;
             let resp = conn.call(conn.agents().update_agent(req)).await?;
-            print_one(session, &resp.agent.unwrap_or_default())
+            let agent = resp.agent.unwrap_or_default();
+            if model_given {
+                warn_unserved(&conn, &agent).await;
+            }
+            print_one(session, &agent)
         }
         AgentCmd::Rm(t) => {
             let conn = session.connect().await?;
@@ -65,6 +72,11 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
         AgentCmd::Disable { target, note } => set_enabled(session, target.id, false, note).await,
         AgentCmd::Next { target, count } => crate::heartbeat::next(session, target.id, count).await,
     }
+}
+
+async fn warn_unserved(conn: &crate::client::Connection, agent: &Agent) {
+    let what = format!("agent {:?}", agent.id);
+    crate::served::warn_unserved(conn, &what, std::slice::from_ref(&agent.model)).await;
 }
 
 async fn set_enabled(

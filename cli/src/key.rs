@@ -72,6 +72,10 @@ async fn update(session: &Session, args: KeyUpdateArgs) -> anyhow::Result<()> {
         }))
         .await?;
     let key = resp.key.unwrap_or_default();
+    if replace_models {
+        let what = format!("key {:?}", key.name);
+        crate::served::warn_unserved(&conn, &what, &key.models).await;
+    }
     session.emit(&key, |out| table(std::slice::from_ref(&key)).write(out))
 }
 
@@ -89,6 +93,8 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
         }))
         .await?;
     let key = resp.key.clone().unwrap_or_default();
+    let what = format!("key {:?}", key.name);
+    crate::served::warn_unserved(&conn, &what, &key.models).await;
     // -o json|yaml: the ClientKey fields plus "secret", as one object.
     let value = KeyWithSecret {
         key: &key,

@@ -12,6 +12,8 @@
 //!   `env:`/`file:` references.
 //! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
+//! - `served`: the warning when a key, agent or disabled backend names a
+//!   model no enabled backend serves.
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
@@ -43,6 +45,7 @@ mod local;
 mod model_spec;
 mod output;
 mod pool;
+mod served;
 mod session;
 mod stats;
 mod token;

@@ -134,3 +134,52 @@ async fn key_update_changes_models_and_rpm_the_proxies_enforce() {
     c.cp.clawctl(&["key", "update", "nope", "--rpm", "3"])
         .assert_err_contains("not found");
 }
+
+/// A key, agent or (disabled) backend naming a model nothing serves is
+/// accepted, with one warning line on stderr.
+#[tokio::test]
+async fn naming_a_model_no_enabled_backend_serves_warns_but_succeeds() {
+    let cp = ControlPlane::start();
+    let env = [("KEY_VAR", "sk-test-aaaaaaaaaaaaaaaa1234")];
+    let base = [
+        "backend",
+        "add",
+        "b1",
+        "--url",
+        "https://api.example.com/v1",
+        "--api-key-env",
+        "KEY_VAR",
+        "--model",
+        "gpt-4o",
+    ];
+    let out = cp.clawctl_with_env(&base, &env).assert_ok();
+    assert_eq!(out.stderr, "", "an enabled backend serves its models");
+    let mut disabled = base.to_vec();
+    disabled[2] = "b2";
+    disabled[8] = "llama3";
+    disabled.push("--disabled");
+    let out = cp.clawctl_with_env(&disabled, &env).assert_ok();
+    assert!(out.stderr.contains("\"llama3\""), "{out}");
+
+    let warned = |args: &[&str], model: &str| {
+        let out = cp.clawctl(args).assert_ok();
+        assert_eq!(out.stderr.lines().count(), 1, "{out}");
+        assert!(
+            out.stderr.starts_with("warning: ")
+                && out.stderr.contains(&format!("{model:?}"))
+                && out.stderr.contains("no enabled backend serves"),
+            "{out}"
+        );
+    };
+    let quiet = |args: &[&str]| {
+        let out = cp.clawctl(args).assert_ok();
+        assert_eq!(out.stderr, "", "{out}");
+    };
+    warned(&["key", "add", "k1", "--models", "gpt-4o,gtp-4o"], "gtp-4o");
+    quiet(&["key", "add", "k2", "--models", "gpt-4o"]);
+    warned(&["key", "update", "k2", "--models", "llama3"], "llama3");
+    quiet(&["key", "update", "k2", "--rpm", "5"]);
+    warned(&["agent", "add", "a1", "--model", "gpt4o"], "gpt4o");
+    quiet(&["agent", "update", "a1", "--model", "gpt-4o"]);
+    warned(&["agent", "update", "a1", "--model", "llama3"], "llama3");
+}
