@@ -183,3 +183,101 @@ async fn naming_a_model_no_enabled_backend_serves_warns_but_succeeds() {
     quiet(&["agent", "update", "a1", "--model", "gpt-4o"]);
     warned(&["agent", "update", "a1", "--model", "llama3"], "llama3");
 }
+
+/// Reflection listed `grpc.reflection.v1alpha.ServerReflection` without
+/// serving its descriptor, so `buf curl --list-methods` failed. Both
+/// versions must resolve every service they list (with its dependencies).
+macro_rules! every_listed_service_resolves {
+    ($pb:path, $cp:expr) => {{
+        use pb::server_reflection_client::ServerReflectionClient;
+        use pb::server_reflection_request::MessageRequest;
+        use pb::server_reflection_response::MessageResponse;
+        use prost::Message as _;
+        use $pb as pb;
+
+        let cp: &ControlPlane = $cp;
+        let mut client = ServerReflectionClient::new(channel(cp).await);
+        let ask = |req: MessageRequest| {
+            let msg = pb::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(req),
+            };
+            admin(cp, futures::stream::iter([msg]))
+        };
+        let answer = |resp: Option<pb::ServerReflectionResponse>| {
+            resp.and_then(|r| r.message_response)
+                .expect("one reflection answer")
+        };
+        let mut stream = client
+            .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+            .await
+            .expect("list services")
+            .into_inner();
+        let services = match answer(stream.message().await.expect("a message")) {
+            MessageResponse::ListServicesResponse(l) => l.service,
+            other => panic!("not a service list: {other:?}"),
+        };
+        let names: Vec<String> = services.into_iter().map(|s| s.name).collect();
+        for want in [
+            "claw.v1.ClientKeyService",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        for name in &names {
+            let mut stream = client
+                .server_reflection_info(ask(MessageRequest::FileContainingSymbol(name.clone())))
+                .await
+                .expect("file containing symbol")
+                .into_inner();
+            let files = match answer(stream.message().await.expect("a message")) {
+                MessageResponse::FileDescriptorResponse(f) => f.file_descriptor_proto,
+                other => panic!("{name}: no descriptor: {other:?}"),
+            };
+            let decode = |raw: &[u8]| {
+                prost_types::FileDescriptorProto::decode(raw).expect("a file descriptor")
+            };
+            let files: Vec<prost_types::FileDescriptorProto> =
+                files.iter().map(|raw| decode(raw)).collect();
+            let (package, service) = name.rsplit_once('.').expect("a qualified name");
+            assert!(
+                files.iter().any(
+                    |f| f.package() == package && f.service.iter().any(|s| s.name() == service)
+                ),
+                "{name}: not declared in the files returned"
+            );
+            // Like a client: fetch every import by file name, transitively.
+            let mut have: Vec<String> = files.iter().map(|f| f.name().to_string()).collect();
+            let mut todo: Vec<String> = files.iter().flat_map(|f| f.dependency.clone()).collect();
+            while let Some(dep) = todo.pop() {
+                if have.contains(&dep) {
+                    continue;
+                }
+                let mut stream = client
+                    .server_reflection_info(ask(MessageRequest::FileByFilename(dep.clone())))
+                    .await
+                    .expect("file by filename")
+                    .into_inner();
+                let raw = match answer(stream.message().await.expect("a message")) {
+                    MessageResponse::FileDescriptorResponse(f) => f.file_descriptor_proto,
+                    other => panic!("{name}: import {dep} not served: {other:?}"),
+                };
+                for f in raw.iter().map(|r| decode(r)) {
+                    todo.extend(f.dependency.clone());
+                    have.push(f.name().to_string());
+                }
+                assert!(have.contains(&dep), "{name}: import {dep} not served");
+            }
+        }
+        names
+    }};
+}
+
+#[tokio::test]
+async fn both_reflection_versions_serve_every_service_they_list() {
+    let cp = ControlPlane::start();
+    let v1 = every_listed_service_resolves!(tonic_reflection::pb::v1, &cp);
+    let v1alpha = every_listed_service_resolves!(tonic_reflection::pb::v1alpha, &cp);
+    assert_eq!(v1, v1alpha);
+}
