@@ -13,6 +13,7 @@ use claw_proto::v1::{
 };
 
 use crate::cli::{AgentAddArgs, AgentCmd, AgentSettings, AgentUpdateArgs};
+use crate::document::AgentDoc;
 use crate::duration;
 use crate::output::{self, Details, Table};
 use crate::session::Session;
@@ -38,7 +39,11 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
             let resp = conn
                 .call(conn.agents().list_agents(ListAgentsRequest {}))
                 .await?;
-            session.emit(&resp.agents, |out| table(&resp.agents).write(out))
+            session.emit_resource(
+                &resp.agents,
+                || resp.agents.iter().map(AgentDoc::from).collect::<Vec<_>>(),
+                |out| table(&resp.agents).write(out),
+            )
         }
         AgentCmd::Get(t) => {
             let conn = session.connect().await?;
@@ -46,7 +51,11 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
                 .call(conn.agents().get_agent(GetAgentRequest { agent: t.id }))
                 .await?;
             let agent = resp.agent.unwrap_or_default();
-            session.emit(&agent, |out| details(&agent).write(out))
+            session.emit_resource(
+                &agent,
+                || AgentDoc::from(&agent),
+                |out| details(&agent).write(out),
+            )
         }
         AgentCmd::Update(args) => {
             let req = update_request(args)?;
@@ -97,7 +106,11 @@ async fn set_enabled(
 }
 
 fn print_one(session: &Session, a: &Agent) -> anyhow::Result<()> {
-    session.emit(a, |out| table(std::slice::from_ref(a)).write(out))
+    session.emit_resource(
+        a,
+        || AgentDoc::from(a),
+        |out| table(std::slice::from_ref(a)).write(out),
+    )
 }
 
 /// The settings flags, converted and with files read.

@@ -281,3 +281,49 @@ async fn both_reflection_versions_serve_every_service_they_list() {
     let v1alpha = every_listed_service_resolves!(tonic_reflection::pb::v1alpha, &cp);
     assert_eq!(v1, v1alpha);
 }
+
+/// `agent get -o yaml` showed `interval_seconds: 1800` while `export` wrote
+/// `interval: 30m`: YAML now has the document's shape, and what `get`
+/// prints is the agent's entry in `export`.
+#[tokio::test]
+async fn agent_yaml_has_the_export_document_shape() {
+    let cp = ControlPlane::start();
+    cp.clawctl(&[
+        "agent",
+        "add",
+        "a1",
+        "--model",
+        "gpt-4o",
+        "--interval",
+        "45m",
+    ])
+    .assert_ok();
+    let yaml = cp
+        .clawctl(&["agent", "get", "a1", "-o", "yaml"])
+        .assert_ok()
+        .stdout;
+    assert!(yaml.contains("interval: 45m"), "{yaml}");
+    assert!(!yaml.contains("interval_seconds"), "{yaml}");
+    let one: serde_json::Value = serde_norway::from_str(&yaml).expect("yaml");
+    let list = cp
+        .clawctl(&["agent", "list", "-o", "yaml"])
+        .assert_ok()
+        .stdout;
+    let list: serde_json::Value = serde_norway::from_str(&list).expect("yaml");
+    assert_eq!(list, serde_json::json!([one.clone()]));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("claw.yaml");
+    let file = file.to_str().expect("utf-8 path");
+    cp.clawctl(&["export", "-f", file]).assert_ok();
+    let doc: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(file).expect("export file")).expect("yaml");
+    assert_eq!(doc["agents"], serde_json::json!([one]));
+
+    // JSON stays the API's message, for scripts.
+    let json = cp
+        .clawctl(&["agent", "get", "a1", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(json["interval_seconds"], 2700);
+}
