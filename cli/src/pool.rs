@@ -11,6 +11,7 @@ use claw_proto::v1::{
 
 use crate::backend::pool_name;
 use crate::cli::{PoolCmd, PoolSetArgs};
+use crate::document::{PoolDoc, PoolsDoc};
 use crate::duration;
 use crate::output::{Table, yes_no};
 use crate::session::Session;
@@ -23,7 +24,11 @@ pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
             let resp = conn
                 .call(conn.pools().list_pool_settings(ListPoolSettingsRequest {}))
                 .await?;
-            session.emit(&resp.settings, |out| table(&resp.settings).write(out))
+            session.emit_resource(
+                &resp.settings,
+                || document(&resp.settings),
+                |out| table(&resp.settings).write(out),
+            )
         }
         PoolCmd::Show { pool: Some(pool) } | PoolCmd::Get { pool } => {
             let conn = session.connect().await?;
@@ -44,7 +49,22 @@ pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
 }
 
 fn print_one(session: &Session, p: &PoolSettings) -> anyhow::Result<()> {
-    session.emit(p, |out| table(std::slice::from_ref(p)).write(out))
+    let one = std::slice::from_ref(p);
+    session.emit_resource(p, || document(one), |out| table(one).write(out))
+}
+
+/// The `pools:` section of an `export` document holding `pools`: what
+/// `-o yaml` prints (`cooldown_base: 5s`, keyed by pool name).
+fn document(pools: &[PoolSettings]) -> PoolsDoc {
+    let mut doc = PoolsDoc::default();
+    for p in pools {
+        match Pool::try_from(p.pool) {
+            Ok(Pool::Primary) => doc.primary = Some(PoolDoc::from(p)),
+            Ok(Pool::Fallback) => doc.fallback = Some(PoolDoc::from(p)),
+            _ => {}
+        }
+    }
+    doc
 }
 
 fn update_request(args: PoolSetArgs) -> anyhow::Result<UpdatePoolSettingsRequest> {

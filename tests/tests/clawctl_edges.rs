@@ -91,6 +91,13 @@ async fn pool_list_and_get_are_show_for_all_and_one() {
         .json();
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     cp.clawctl(&["pool", "get"]).assert_err();
+    // YAML in the `pools:` shape of `export`, keyed by pool name.
+    let yaml = cp
+        .clawctl(&["pool", "get", "primary", "-o", "yaml"])
+        .assert_ok()
+        .stdout;
+    assert!(yaml.starts_with("primary:\n"), "{yaml}");
+    assert!(!yaml.contains("_ms:"), "{yaml}");
 }
 
 /// `key update` changes what the proxies enforce, without a new secret.
