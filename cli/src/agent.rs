@@ -13,6 +13,7 @@ use claw_proto::v1::{
 };
 
 use crate::cli::{AgentAddArgs, AgentCmd, AgentSettings, AgentUpdateArgs};
+use crate::document::AgentDoc;
 use crate::duration;
 use crate::output::{self, Details, Table};
 use crate::session::Session;
@@ -29,14 +30,20 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
                         .create_agent(CreateAgentRequest { agent: Some(agent) }),
                 )
                 .await?;
-            print_one(session, &resp.agent.unwrap_or_default())
+            let agent = resp.agent.unwrap_or_default();
+            warn_unserved(&conn, &agent).await;
+            print_one(session, &agent)
         }
         AgentCmd::List => {
             let conn = session.connect().await?;
             let resp = conn
                 .call(conn.agents().list_agents(ListAgentsRequest {}))
                 .await?;
-            session.emit(&resp.agents, |out| table(&resp.agents).write(out))
+            session.emit_resource(
+                &resp.agents,
+                || resp.agents.iter().map(AgentDoc::from).collect::<Vec<_>>(),
+                |out| table(&resp.agents).write(out),
+            )
         }
         AgentCmd::Get(t) => {
             let conn = session.connect().await?;
@@ -44,13 +51,22 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
                 .call(conn.agents().get_agent(GetAgentRequest { agent: t.id }))
                 .await?;
             let agent = resp.agent.unwrap_or_default();
-            session.emit(&agent, |out| details(&agent).write(out))
+            session.emit_resource(
+                &agent,
+                || AgentDoc::from(&agent),
+                |out| details(&agent).write(out),
+            )
         }
         AgentCmd::Update(args) => {
             let req = update_request(args)?;
+            let model_given = req.model.is_some();
             let conn = session.connect().await?;
             let resp = conn.call(conn.agents().update_agent(req)).await?;
-            print_one(session, &resp.agent.unwrap_or_default())
+            let agent = resp.agent.unwrap_or_default();
+            if model_given {
+                warn_unserved(&conn, &agent).await;
+            }
+            print_one(session, &agent)
         }
         AgentCmd::Rm(t) => {
             let conn = session.connect().await?;
@@ -65,6 +81,11 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
         AgentCmd::Disable { target, note } => set_enabled(session, target.id, false, note).await,
         AgentCmd::Next { target, count } => crate::heartbeat::next(session, target.id, count).await,
     }
+}
+
+async fn warn_unserved(conn: &crate::client::Connection, agent: &Agent) {
+    let what = format!("agent {:?}", agent.id);
+    crate::served::warn_unserved(conn, &what, std::slice::from_ref(&agent.model)).await;
 }
 
 async fn set_enabled(
@@ -85,7 +106,11 @@ async fn set_enabled(
 }
 
 fn print_one(session: &Session, a: &Agent) -> anyhow::Result<()> {
-    session.emit(a, |out| table(std::slice::from_ref(a)).write(out))
+    session.emit_resource(
+        a,
+        || AgentDoc::from(a),
+        |out| table(std::slice::from_ref(a)).write(out),
+    )
 }
 
 /// The settings flags, converted and with files read.
@@ -167,6 +192,8 @@ fn read_text(flag: &str, path: &Path) -> anyhow::Result<String> {
 }
 
 fn new_agent(args: AgentAddArgs) -> anyhow::Result<Agent> {
+    // Checked here too so the message comes before any connection attempt.
+    claw_proto::validate::agent_id("id", &args.id)?;
     let s = settings(args.settings)?;
     Ok(Agent {
         id: args.id,

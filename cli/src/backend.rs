@@ -72,7 +72,9 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
             backend: Some(backend),
         }))
         .await?;
-    print_one(session, &resp.backend.unwrap_or_default())
+    let b = resp.backend.unwrap_or_default();
+    crate::served::warn_disabled_backend(&conn, &b).await;
+    print_one(session, &b)
 }
 
 async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()> {
@@ -99,7 +101,9 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
     }
     let conn = session.connect().await?;
     let resp = conn.call(conn.backends().update_backend(req)).await?;
-    print_one(session, &resp.backend.unwrap_or_default())
+    let b = resp.backend.unwrap_or_default();
+    crate::served::warn_disabled_backend(&conn, &b).await;
+    print_one(session, &b)
 }
 
 async fn list(session: &Session) -> anyhow::Result<()> {

@@ -136,7 +136,8 @@ Examples:
         #[arg(value_enum, value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print clawctl's version (needs no server).
+    /// Print clawctl's version and the control plane's (the client's even
+    /// when the server cannot be reached).
     Version,
 }
 
@@ -377,6 +378,14 @@ pub enum PoolCmd {
         #[arg(value_enum)]
         pool: Option<PoolArg>,
     },
+    /// List the settings of both pools (`pool show` without a pool).
+    List,
+    /// Show the settings of one pool (`pool show POOL`).
+    Get {
+        /// The pool.
+        #[arg(value_enum)]
+        pool: PoolArg,
+    },
     /// Change pool settings; only the given flags change.
     #[command(after_help = "\
 Examples:
@@ -433,6 +442,14 @@ Examples:
     List,
     /// Show one client key.
     Get(Target),
+    /// Change a client key's models or rpm; only the given flags change and
+    /// the secret stays the same.
+    #[command(after_help = "\
+Examples:
+  clawctl key update app --rpm 600
+  clawctl key update app --models gpt-4o,gpt-4o-mini
+  clawctl key update app --models ''      # every model")]
+    Update(KeyUpdateArgs),
     /// Revoke a client key.
     #[command(visible_alias = "delete")]
     Rm(Target),
@@ -449,6 +466,20 @@ pub struct KeyAddArgs {
     /// Requests per minute for this key across the fleet (default: unlimited).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rpm: u32,
+}
+
+/// Flags of `key update`.
+#[derive(Debug, Args)]
+pub struct KeyUpdateArgs {
+    /// Name or id of the key.
+    #[arg(value_name = "NAME|ID")]
+    pub name: String,
+    /// Canonical models the key may use, comma-separated; '' allows all.
+    #[arg(long, value_delimiter = ',', value_name = "A,B", num_args = 0..=1)]
+    pub models: Option<Vec<String>>,
+    /// Requests per minute for this key across the fleet; 0 is unlimited.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u32>,
 }
 
 // ---------------------------------------------------------------- agent

@@ -25,6 +25,7 @@ pub(crate) async fn snapshot(session: &Session) -> anyhow::Result<()> {
             .field("Client keys", info.client_keys.to_string())
             .field("Agents", info.agents.to_string())
             .field("Proxies connected", info.proxies_connected.to_string())
+            .field("Server version", &info.server_version)
             .write(out)
     })
 }

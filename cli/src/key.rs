@@ -1,14 +1,14 @@
-//! `clawctl key add|list|get|rm`: the keys clients use to call the proxies.
+//! `clawctl key add|list|get|update|rm`: the keys clients use to call the proxies.
 //! The secret exists only in the answer to `add` and is printed that once.
 
 use claw_proto::v1::{
     ClientKey, CreateClientKeyRequest, DeleteClientKeyRequest, GetClientKeyRequest,
-    ListClientKeysRequest,
+    ListClientKeysRequest, UpdateClientKeyRequest,
 };
 
 use serde::Serialize;
 
-use crate::cli::{KeyAddArgs, KeyCmd};
+use crate::cli::{KeyAddArgs, KeyCmd, KeyUpdateArgs};
 use crate::output::{self, Table};
 use crate::session::Session;
 
@@ -34,6 +34,7 @@ pub(crate) async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
             let key = resp.key.unwrap_or_default();
             session.emit(&key, |out| table(std::slice::from_ref(&key)).write(out))
         }
+        KeyCmd::Update(args) => update(session, args).await,
         KeyCmd::Rm(t) => {
             let conn = session.connect().await?;
             let resp = conn
@@ -46,13 +47,40 @@ pub(crate) async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
     }
 }
 
-async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
-    let models = args
-        .models
+/// `--models a,b` as a list; blanks dropped, so `--models ''` is "all".
+fn model_list(models: Vec<String>) -> Vec<String> {
+    models
         .into_iter()
         .map(|m| m.trim().to_string())
         .filter(|m| !m.is_empty())
-        .collect();
+        .collect()
+}
+
+async fn update(session: &Session, args: KeyUpdateArgs) -> anyhow::Result<()> {
+    if args.models.is_none() && args.rpm.is_none() {
+        anyhow::bail!("key update: nothing to change; give --models and/or --rpm");
+    }
+    let replace_models = args.models.is_some();
+    let models = model_list(args.models.unwrap_or_default());
+    let conn = session.connect().await?;
+    let resp = conn
+        .call(conn.keys().update_client_key(UpdateClientKeyRequest {
+            key: args.name,
+            replace_models,
+            models,
+            rpm: args.rpm,
+        }))
+        .await?;
+    let key = resp.key.unwrap_or_default();
+    if replace_models {
+        let what = format!("key {:?}", key.name);
+        crate::served::warn_unserved(&conn, &what, &key.models).await;
+    }
+    session.emit(&key, |out| table(std::slice::from_ref(&key)).write(out))
+}
+
+async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
+    let models = model_list(args.models);
     let conn = session.connect().await?;
     let resp = conn
         .call(conn.keys().create_client_key(CreateClientKeyRequest {
@@ -65,6 +93,8 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
         }))
         .await?;
     let key = resp.key.clone().unwrap_or_default();
+    let what = format!("key {:?}", key.name);
+    crate::served::warn_unserved(&conn, &what, &key.models).await;
     // -o json|yaml: the ClientKey fields plus "secret", as one object.
     let value = KeyWithSecret {
         key: &key,

@@ -12,6 +12,8 @@
 //!   `env:`/`file:` references.
 //! - `backend`, `pool`, `key`, `agent`, `cluster`: the verbs of
 //!   each resource (`cluster`: snapshot, proxies, master key).
+//! - `served`: the warning when a key, agent or disabled backend names a
+//!   model no enabled backend serves.
 //! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
 //! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
@@ -19,7 +21,7 @@
 //! - `token`: `token add|list|rm` (named admin tokens with roles) and
 //!   `whoami`.
 //! - `audit`: `audit` over the audit log.
-//! - `local`: the verbs that need no server, `completion` and `version`.
+//! - `local`: `completion` (no server) and `version` (client and server).
 //! - `document`: the YAML document of `export`/`apply` and its conversion
 //!   to and from the API's `ClusterConfig`; `apply`: those two verbs.
 //!
@@ -43,6 +45,7 @@ mod local;
 mod model_spec;
 mod output;
 mod pool;
+mod served;
 mod session;
 mod stats;
 mod token;
@@ -81,7 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => apply::export(&session, args).await,
         Command::Apply(args) => apply::apply(&session, args).await,
         Command::Completion { shell } => local::completion(shell),
-        Command::Version => local::version(&session),
+        Command::Version => local::version(&session).await,
     }
 }
 

@@ -13,7 +13,8 @@ pub enum Format {
     Table,
     /// Pretty-printed JSON: one object, or an array for lists.
     Json,
-    /// The same data as JSON, in YAML.
+    /// YAML: agents and pools in the shape of `export` documents
+    /// (`interval: 30m`), everything else the same data as JSON.
     Yaml,
 }
 

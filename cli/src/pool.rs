@@ -1,4 +1,4 @@
-//! `clawctl pool show|set`: cooldown, retry and queue settings of the primary
+//! `clawctl pool show|list|get|set`: cooldown, retry and queue settings of the primary
 //! and fallback pools.
 
 use std::time::Duration;
@@ -11,6 +11,7 @@ use claw_proto::v1::{
 
 use crate::backend::pool_name;
 use crate::cli::{PoolCmd, PoolSetArgs};
+use crate::document::{PoolDoc, PoolsDoc};
 use crate::duration;
 use crate::output::{Table, yes_no};
 use crate::session::Session;
@@ -18,14 +19,18 @@ use crate::session::Session;
 /// Runs a `pool` verb.
 pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
     match cmd {
-        PoolCmd::Show { pool: None } => {
+        PoolCmd::Show { pool: None } | PoolCmd::List => {
             let conn = session.connect().await?;
             let resp = conn
                 .call(conn.pools().list_pool_settings(ListPoolSettingsRequest {}))
                 .await?;
-            session.emit(&resp.settings, |out| table(&resp.settings).write(out))
+            session.emit_resource(
+                &resp.settings,
+                || document(&resp.settings),
+                |out| table(&resp.settings).write(out),
+            )
         }
-        PoolCmd::Show { pool: Some(pool) } => {
+        PoolCmd::Show { pool: Some(pool) } | PoolCmd::Get { pool } => {
             let conn = session.connect().await?;
             let resp = conn
                 .call(conn.pools().get_pool_settings(GetPoolSettingsRequest {
@@ -44,7 +49,22 @@ pub(crate) async fn run(session: &Session, cmd: PoolCmd) -> anyhow::Result<()> {
 }
 
 fn print_one(session: &Session, p: &PoolSettings) -> anyhow::Result<()> {
-    session.emit(p, |out| table(std::slice::from_ref(p)).write(out))
+    let one = std::slice::from_ref(p);
+    session.emit_resource(p, || document(one), |out| table(one).write(out))
+}
+
+/// The `pools:` section of an `export` document holding `pools`: what
+/// `-o yaml` prints (`cooldown_base: 5s`, keyed by pool name).
+fn document(pools: &[PoolSettings]) -> PoolsDoc {
+    let mut doc = PoolsDoc::default();
+    for p in pools {
+        match Pool::try_from(p.pool) {
+            Ok(Pool::Primary) => doc.primary = Some(PoolDoc::from(p)),
+            Ok(Pool::Fallback) => doc.fallback = Some(PoolDoc::from(p)),
+            _ => {}
+        }
+    }
+    doc
 }
 
 fn update_request(args: PoolSetArgs) -> anyhow::Result<UpdatePoolSettingsRequest> {

@@ -38,6 +38,35 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Like [`Session::emit`], except that `-o yaml` prints `document()`:
+    /// the resource in the shape `export` writes and `apply` reads
+    /// (`interval: 30m`, not `interval_seconds: 1800`), so one YAML shape
+    /// is ever shown and a `get -o yaml` can be pasted into a document.
+    /// JSON stays the API's message, for scripts (`jq .interval_seconds`).
+    pub(crate) fn emit_resource<T, D, F>(
+        &self,
+        value: &T,
+        document: impl FnOnce() -> D,
+        table: F,
+    ) -> anyhow::Result<()>
+    where
+        T: Serialize + ?Sized,
+        D: Serialize,
+        F: FnOnce(&mut dyn Write) -> io::Result<()>,
+    {
+        match self.format {
+            Format::Yaml => {
+                let mut out = io::stdout().lock();
+                output::write_yaml(&mut out, &document())?;
+                out.flush()?;
+                Ok(())
+            }
+            _ => self.emit(value, table),
+        }
+    }
+}
+
 /// Prints a warning on standard error (never a secret).
 pub(crate) fn warn(message: impl std::fmt::Display) {
     eprintln!("warning: {message}");

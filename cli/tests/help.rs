@@ -263,14 +263,18 @@ fn version_prints_the_client_version_without_a_server() {
     let server = closed_address();
     let out = clawctl(&["--server", &server, "version"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout),
-        format!("Client version: {}\n", env!("CARGO_PKG_VERSION"))
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("Client version: {}\n", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
     );
+    assert!(stdout.contains("Server version: unavailable ("), "{stdout}");
     let out = clawctl(&["--server", &server, "version", "-o", "json"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["client_version"], env!("CARGO_PKG_VERSION"));
+    assert!(v.get("server_version").is_none(), "{v}");
+    assert!(v["server_error"].is_string(), "{v}");
 }
 
 #[test]

@@ -227,7 +227,17 @@ impl Server {
             SERVICES.iter().chain(&REFLECTED_INFRA).fold(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(claw_proto::v1::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    // Both reflection versions are advertised, so both
+                    // descriptors are served by both (the builder adds only
+                    // its own; duplicates are ignored). Without this,
+                    // `buf curl --list-methods` failed on v1alpha.
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    )
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    ),
                 |b, name| b.with_service_name(*name),
             )
         };

@@ -59,8 +59,8 @@ pub const BACKEND_ID_PREFIX: &str = "be_";
 /// Prefix of server-assigned client key ids.
 pub const CLIENT_KEY_ID_PREFIX: &str = "ck_";
 
-/// Names of backends, client keys and agent ids: an ASCII letter or digit,
-/// then letters, digits, `.`, `_`, `-`; at most 63 characters.
+/// Names of backends and client keys: an ASCII letter or digit, then
+/// letters, digits, `.`, `_`, `-`; at most 63 characters.
 pub fn name(field: &str, value: &str) -> Result {
     if value.is_empty() {
         return Err(FieldError::new(field, "is required"));
@@ -76,6 +76,24 @@ pub fn name(field: &str, value: &str) -> Result {
             field,
             format!(
                 "{value:?} must start with a letter or digit and contain only letters, digits, '.', '_' and '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Agent ids, as `clawctl agent add --help` documents them: a lowercase
+/// ASCII letter or digit, then lowercase letters, digits, `.`, `_`, `-`; at
+/// most 63 characters. Lowercase only because the id is part of heartbeat
+/// session keys (`agent:ID:heartbeat`), which must not differ by case alone.
+pub fn agent_id(field: &str, value: &str) -> Result {
+    name(field, value)?;
+    if value.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{value:?} must be lowercase: letters a-z, digits, '.', '_' and '-' (try {:?})",
+                value.to_ascii_lowercase()
             ),
         ));
     }
@@ -387,7 +405,7 @@ pub fn effective_busy_defer_max_seconds(a: &Agent) -> u64 {
 
 /// Validates a (normalized) agent.
 pub fn validate_agent(a: &Agent) -> Result {
-    name("id", &a.id)?;
+    agent_id("id", &a.id)?;
     max_len("name", &a.name, 256)?;
     model_name("model", &a.model)?;
     if a.interval_seconds == 0 || a.interval_seconds > MAX_INTERVAL_SECONDS {
@@ -529,6 +547,12 @@ mod tests {
             "checklist"
         );
         assert_eq!(bad(|a| a.model = String::new()), "model");
+        assert_eq!(bad(|a| a.id = "Bad_ID".into()), "id");
+        assert_eq!(bad(|a| a.id = "_x".into()), "id");
+        assert_eq!(bad(|a| a.id = "a".repeat(64)), "id");
+        for ok in ["a1", "0.x_y-z", "ops-bot"] {
+            assert_eq!(agent_id("id", ok), Ok(()), "{ok}");
+        }
         assert!(
             validate_agent(&Agent {
                 timezone: "Asia/Shanghai".into(),

@@ -13,6 +13,7 @@ mod anthropic_sdk;
 mod audit;
 mod backup;
 mod check;
+mod clawctl_edges;
 mod control_plane_cli;
 mod dashboard_api;
 mod dashboard_ui;

@@ -60,6 +60,7 @@ const WRITES: &[&str] = &[
     "/claw.v1.BackupService/CreateBackup",
     "/claw.v1.ClientKeyService/CreateClientKey",
     "/claw.v1.ClientKeyService/DeleteClientKey",
+    "/claw.v1.ClientKeyService/UpdateClientKey",
     "/claw.v1.ClusterService/RotateMasterKey",
     "/claw.v1.ClusterService/ApplyConfig",
     "/claw.v1.HeartbeatService/RunHeartbeat",

@@ -63,4 +63,20 @@ impl ClientKeyService for ClientKeyApi {
         tracing::info!(key = %ident, config_version, "client key deleted");
         ok(DeleteClientKeyResponse { config_version })
     }
+
+    async fn update_client_key(
+        &self,
+        request: Request<UpdateClientKeyRequest>,
+    ) -> RpcResult<UpdateClientKeyResponse> {
+        let actor = super::actor(&request);
+        let (key, config_version) = self
+            .catalog
+            .update_client_key(&actor, request.into_inner())
+            .await?;
+        tracing::info!(key = %key.id, name = %key.name, config_version, "client key updated");
+        ok(UpdateClientKeyResponse {
+            key: Some(key),
+            config_version,
+        })
+    }
 }

@@ -46,6 +46,7 @@ impl ClusterService for ClusterApi {
             client_keys: count(info.client_keys),
             agents: count(info.agents),
             proxies_connected: count(self.proxies.connected_count()),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
         })
     }
 

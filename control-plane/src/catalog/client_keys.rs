@@ -4,7 +4,7 @@
 //! can authenticate by hash) and a short prefix for recognition.
 
 use base64::Engine as _;
-use claw_proto::v1::ClientKey;
+use claw_proto::v1::{ClientKey, UpdateClientKeyRequest};
 use claw_proto::validate::{self, CLIENT_KEY_ID_PREFIX};
 use rand::RngCore as _;
 
@@ -234,6 +234,51 @@ impl Catalog {
         Ok(version)
     }
 
+    /// Changes a key's models and/or rpm (the fields `req` sets); the secret,
+    /// its hash and the name stay. Internal keys cannot be changed.
+    pub async fn update_client_key(
+        &self,
+        actor: &Actor,
+        req: UpdateClientKeyRequest,
+    ) -> Result<(ClientKey, u64)> {
+        let guard = self.lock().await;
+        let old = self.load_client_key(&req.key)?;
+        let old_spec = old.spec.clone().ok_or_else(missing_spec)?;
+        if old_spec.internal {
+            return Err(CatalogError::FailedPrecondition(format!(
+                "client key {:?} is internal to the control plane and cannot be changed",
+                req.key.trim()
+            )));
+        }
+        let mut spec = old_spec.clone();
+        if req.replace_models {
+            spec.models = req.models.iter().map(|m| m.trim().to_string()).collect();
+        }
+        if let Some(rpm) = req.rpm {
+            spec.rpm = rpm;
+        }
+        validate::validate_client_key(&spec).map_err(CatalogError::invalid)?;
+        let change = Change::new(
+            AUDIT_KIND,
+            &spec.id,
+            &spec.name,
+            "updated",
+            diff(&old_spec, &spec).into_changes(),
+        );
+        let rec = ClientKeyRecord {
+            spec: Some(spec),
+            updated_at_ms: records::now_ms(),
+            ..old
+        };
+        let (_, version) = self
+            .commit(&guard, actor, "UpdateClientKey", |txn| {
+                put(txn, &rec, false)?;
+                Ok(((), vec![change.clone()]))
+            })
+            .await?;
+        Ok((view(&rec)?, version))
+    }
+
     /// The secret of the internal client key `name`, minting the key when it
     /// does not exist yet. The control plane authenticates to the proxies
     /// with it (heartbeat runs); the key travels in the snapshot as a hash
@@ -385,6 +430,69 @@ mod tests {
                 .expect("lookup")
                 .is_some()
         );
+    }
+
+    #[tokio::test]
+    async fn update_changes_models_and_rpm_but_keeps_the_secret() {
+        let (_dir, c) = catalog().await;
+        let (k, secret, v0) = c
+            .create_client_key(
+                &Actor::system(),
+                ClientKey {
+                    name: "app".into(),
+                    models: vec!["gpt-4o".into()],
+                    rpm: 10,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create");
+        let (u, v1) = c
+            .update_client_key(
+                &Actor::system(),
+                UpdateClientKeyRequest {
+                    key: "app".into(),
+                    rpm: Some(99),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("update rpm");
+        assert_eq!(
+            (u.rpm, u.models.clone(), v1),
+            (99, k.models.clone(), v0 + 1)
+        );
+        let (u, _) = c
+            .update_client_key(
+                &Actor::system(),
+                UpdateClientKeyRequest {
+                    key: k.id.clone(),
+                    replace_models: true,
+                    models: vec![" gpt-4o-mini ".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("update models");
+        assert_eq!((u.rpm, u.models), (99, vec!["gpt-4o-mini".to_string()]));
+        let by_hash = c
+            .client_key_by_hash(&sha256_hex(secret.as_bytes()))
+            .expect("lookup")
+            .expect("the secret still works");
+        assert_eq!(by_hash.rpm, 99);
+        let err = c
+            .update_client_key(
+                &Actor::system(),
+                UpdateClientKeyRequest {
+                    key: "app".into(),
+                    replace_models: true,
+                    models: vec![String::new()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect_err("an empty model name");
+        assert!(err.to_string().starts_with("models[0]"), "{err}");
     }
 
     #[tokio::test]
