@@ -609,6 +609,7 @@ mod tests {
             affinity: None,
             response_id: None,
             owner: None,
+            request_id: crate::target::RequestId::generate(),
             started: Instant::now(),
             span: tracing::Span::none(),
         };

@@ -45,6 +45,7 @@ use crate::limits::{Limits, LimitsLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{RouteLayer, RouteService};
 use crate::snapshot::SnapshotStore;
+use crate::target::RequestId;
 use crate::tls::HANDSHAKE_TIMEOUT;
 use crate::upstream::Upstream;
 
@@ -94,6 +95,17 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
+}
+
+/// [`handle`] with the request's [`RequestId`] set as an extension and
+/// returned as `x-request-id` on every answer.
+async fn with_request_id(worker: Arc<Worker>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let id = RequestId::of(req.headers());
+    req.extensions_mut().insert(id.clone());
+    let mut res = handle(worker, req).await;
+    res.headers_mut()
+        .insert(RequestId::HEADER, id.header_value());
+    res
 }
 
 async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -406,7 +418,7 @@ async fn serve_connection<I>(
         let guard = cs.begin();
         let w = w.clone();
         async move {
-            let res = handle(w, req).await;
+            let res = with_request_id(w, req).await;
             Ok::<_, Infallible>(res.map(|body| Guarded {
                 body,
                 _guard: guard,
