@@ -25,6 +25,7 @@ mod heartbeat;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;
+mod observability;
 mod openai_sdk;
 mod otel_tracing;
 mod passthrough;
