@@ -66,11 +66,12 @@ fn problems(server: &str, text: &str) -> String {
             l.strip_prefix(name)
                 .and_then(|v| v.strip_prefix(' '))
                 .and_then(|v| v.trim().parse::<f64>().ok())
-                .is_some_and(|v| v > 0.0)
+                // CPU time may still be 0 ticks in a process this young.
+                .is_some_and(|v| v > 0.0 || (v == 0.0 && name == "process_cpu_seconds_total"))
         });
         if !sample || !text.contains(&format!("# HELP {name} ")) {
             found.push_str(&format!(
-                "no `{name}` (with HELP and a positive value) on the {server}'s /metrics\n"
+                "no `{name}` (with HELP and a value) on the {server}'s /metrics\n"
             ));
         }
     }
