@@ -203,22 +203,27 @@ static BACKEND_INFO_TEXT: parking_lot::Mutex<String> = parking_lot::Mutex::new(S
 /// Replaces the `claw_backend_info` series with one per backend of the
 /// snapshot just applied: ids joined to names (and pool, protocol) for
 /// dashboards, since every other series names backends by id.
-pub(crate) fn set_backends(snapshot: &crate::snapshot::Snapshot) {
+///
+/// Each backend is `(id, name, pool, api name)`: plain data, so this module
+/// needs none of the snapshot's types.
+pub(crate) fn set_backends<'a>(
+    backends: impl IntoIterator<Item = (&'a str, &'a str, claw_proto::Pool, &'static str)>,
+) {
     use std::fmt::Write as _;
     let mut out = format!(
         "# HELP {BACKEND_INFO} Always 1, one per configured backend: joins `backend_id` to its name, pool and protocol\n# TYPE {BACKEND_INFO} gauge\n"
     );
-    for b in snapshot.backends() {
-        let pool = match b.pool {
+    for (id, name, pool, api) in backends {
+        let pool = match pool {
             claw_proto::Pool::Fallback => "fallback",
             _ => "primary",
         };
         let _ = writeln!(
             out,
             "{BACKEND_INFO}{{backend_id=\"{}\",backend=\"{}\",pool=\"{pool}\",api=\"{}\"}} 1",
-            label_value(&b.id),
-            label_value(&b.name),
-            b.api.name(),
+            label_value(id),
+            label_value(name),
+            api,
         );
     }
     *BACKEND_INFO_TEXT.lock() = out;
@@ -542,5 +547,16 @@ pub(crate) fn affinity(
             metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome, "reason" => r).increment(1);
         }
         (None, None) => metrics::counter!(AFFINITY_TOTAL, "outcome" => outcome).increment(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_name_is_escaped_as_a_label_value() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(label_value("openai-1"), "openai-1");
     }
 }

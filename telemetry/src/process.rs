@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_command_with_spaces_and_parentheses_is_skipped_whole() {
-        let f = stat_fields("42 (a (b) c) S 1 2 3").unwrap();
+        let f = stat_fields("42 (a (b) c) S 1 2 3").expect("a stat line");
         assert_eq!(f, ["S", "1", "2", "3"]);
     }
 

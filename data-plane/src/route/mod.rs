@@ -308,6 +308,7 @@ where
         let owner = path_id.as_deref().and_then(crate::responses::owner);
         let span =
             claw_telemetry::genai::request_span(suffix, "", agent_id.as_deref(), &parts.headers);
+        claw_telemetry::genai::set_request_id(&span, &request_id);
         return Ok(Routed {
             snapshot: auth.snapshot,
             key: auth.key,
@@ -411,6 +412,7 @@ where
     let owner = response_id.as_deref().and_then(crate::responses::owner);
     let span =
         claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
+    claw_telemetry::genai::set_request_id(&span, &request_id);
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
