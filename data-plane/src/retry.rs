@@ -330,6 +330,21 @@ impl Read {
             Read::Buffered(parts, _) => Some(parts.status.as_u16()),
         }
     }
+
+    /// The provider's own request id (its `x-request-id`, as OpenAI and
+    /// Anthropic send), for a support ticket about a failure.
+    fn upstream_request_id(&self) -> Option<String> {
+        let headers = match self {
+            Read::Streaming(Ok(res)) => res.headers(),
+            Read::Streaming(Err(_)) => return None,
+            Read::Buffered(parts, _) => &parts.headers,
+        };
+        let v = headers
+            .get("x-request-id")
+            .or_else(|| headers.get("request-id"))?;
+        let v = v.to_str().ok()?;
+        Some(v.chars().take(128).collect())
+    }
 }
 
 /// Serves `r`: admit → attempt → classify → react, until an answer, the
@@ -446,15 +461,12 @@ where
         };
         match react(&shared, &r, cand, emergency, class, error) {
             Some(error) => {
-                log_failure(
-                    &r,
-                    cand,
-                    attempts,
-                    !last,
-                    class,
-                    result.status(),
-                    error_text(&result),
-                );
+                let upstream = FailedAttempt {
+                    status: result.status(),
+                    error: error_text(&result),
+                    upstream_request_id: result.upstream_request_id(),
+                };
+                log_failure(&r, cand, attempts, !last, class, upstream);
                 failed = true;
                 last_error = Some(error);
             }
@@ -498,22 +510,37 @@ where
     err.into_response_for(wire)
 }
 
+/// What the log line of a failed attempt says about the upstream's side.
+struct FailedAttempt {
+    /// Its status, if it answered.
+    status: Option<u16>,
+    /// The error, with its cause, if it did not.
+    error: Option<String>,
+    /// Its own id for the request, if it sent one.
+    upstream_request_id: Option<String>,
+}
+
 /// Logs a failed attempt, once, with what an operator needs to find it:
 /// the request id the client got, the model, the backend's name and id, the
-/// status or error, and whether another candidate may still be tried. A
-/// backend fault (5xx, no connection, no answer, a cut connection, a
-/// refused key) is a warning even when a retry hides it from the client; a
-/// capacity signal (429, 529) is info, its cooldown logs on its own.
+/// status or error (and the provider's own request id), and whether another
+/// candidate may still be tried. A backend fault (5xx, no connection, no
+/// answer, a cut connection, a refused key) is a warning even when a retry
+/// hides it from the client; a capacity signal (429, 529) is info, its
+/// cooldown logs on its own.
 fn log_failure(
     r: &Routed,
     cand: &Candidate,
     attempt: u32,
     retrying: bool,
     class: AttemptClass,
-    status: Option<u16>,
-    error: Option<String>,
+    failed: FailedAttempt,
 ) {
     let backend = &cand.backend;
+    let FailedAttempt {
+        status,
+        error,
+        upstream_request_id,
+    } = failed;
     macro_rules! line {
         ($level:ident) => {
             tracing::$level!(
@@ -524,6 +551,7 @@ fn log_failure(
                 attempt,
                 status,
                 error = error.as_deref(),
+                upstream_request_id = upstream_request_id.as_deref(),
                 outcome = class.outcome(),
                 retrying,
                 "upstream attempt failed"
