@@ -1,7 +1,7 @@
 //! What operators read (issue 15): every proxy answer carries an
 //! `x-request-id` (the client's own when sane, forwarded upstream), a failed
-//! upstream attempt is logged once with the backend's name and id, the model
-//! and that request id, and logs written to a file have no colour codes.
+//! upstream attempt (or a stream cut mid-way) is logged once with the
+//! backend's name and id, the model and that request id, and logs written to a file have no colour codes.
 
 use crate::data_plane_support::*;
 use claw_tests::harness::{ControlPlane, Proxy};
@@ -158,5 +158,34 @@ fn logs_written_to_a_file_have_no_colour_codes() {
             !logs.contains("\x1b["),
             "ANSI colour codes in the {name}'s log file:\n{logs:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_mid_way_is_logged_with_backend_and_request_id() {
+    let c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        ..ClusterOptions::default()
+    });
+    c.primary.push(Action::reset_mid_stream(2));
+    let res = chat_with_id(&c, Some("cut-1"), true).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(request_id(&res), "cut-1");
+    // The client's stream ends (with an error event) after the line is written.
+    let _ = res.bytes().await;
+    let logs = c.proxy().logs();
+    let cut: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("broke off mid-stream"))
+        .collect();
+    assert_eq!(cut.len(), 1, "{logs}");
+    for want in [
+        "WARN",
+        "request_id=cut-1",
+        "backend=primary",
+        "backend_id=",
+        "model=chat",
+    ] {
+        assert!(cut[0].contains(want), "no `{want}` in: {}", cut[0]);
     }
 }
