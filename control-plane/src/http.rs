@@ -85,7 +85,7 @@ pub(crate) fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Fu
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                state.metrics.render(),
+                crate::metrics::render(&state.metrics),
             )
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),

@@ -4,6 +4,7 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `claw_build_info` | gauge (always 1) | `version` |
+//! | `process_*` (CPU, RSS, fds, start time) | | see [`claw_telemetry::process`] |
 //! | `claw_cp_grpc_requests_total` | counter | `method`, `code` |
 //! | `claw_cp_grpc_request_duration_seconds` | histogram | `method` |
 //! | `claw_cp_config_version` | gauge | |
@@ -129,6 +130,14 @@ pub(crate) fn handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The Prometheus text of `/metrics`: the recorder's metrics and the
+/// process ones ([`claw_telemetry::process`]).
+pub(crate) fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    claw_telemetry::process::render(&mut out);
+    out
 }
 
 /// Gives every metric of the control plane its help text (`# HELP`), once,

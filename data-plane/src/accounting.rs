@@ -74,6 +74,8 @@ pub(crate) struct RequestMeta {
     attempts: u32,
     /// The answer was translated from the other protocol.
     translated: bool,
+    /// For log lines ([`crate::target::RequestId`]).
+    request_id: crate::target::RequestId,
 }
 
 /// What an upstream answer adds to its outcome.
@@ -98,6 +100,7 @@ impl RequestMeta {
             started: r.started,
             attempts: 0,
             translated: false,
+            request_id: r.request_id.clone(),
         }
     }
 
@@ -500,6 +503,13 @@ impl Observer for Tracker {
             genai::end_request(&self.span, self.status.as_u16(), tokens, error);
         }
         if end == End::UpstreamError {
+            tracing::warn!(
+                request_id = %self.meta.request_id,
+                model = %self.meta.model,
+                backend = %self.backend.name,
+                backend_id = %self.backend.id,
+                "upstream answer broke off mid-stream"
+            );
             self.events.signal(Signal::failure(
                 &self.backend.id,
                 FailureKind::StreamBroken,
@@ -609,6 +619,7 @@ mod tests {
             affinity: None,
             response_id: None,
             owner: None,
+            request_id: crate::target::RequestId::generate(),
             started: Instant::now(),
             span: tracing::Span::none(),
         };

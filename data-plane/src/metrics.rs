@@ -3,6 +3,8 @@
 //! | name | kind | labels |
 //! |---|---|---|
 //! | `claw_build_info` | gauge (always 1) | `version` |
+//! | `claw_backend_info` | gauge (always 1) | `backend_id`, `backend`, `pool`, `api` |
+//! | `process_*` (CPU, RSS, fds, start time) | | see [`claw_telemetry::process`] |
 //! | `claw_dp_requests_total` | counter | `model`, `backend`, `status` |
 //! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
 //! | `claw_dp_retries_total` | counter | |
@@ -194,12 +196,63 @@ fn spawn_upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// The rendered `claw_backend_info` series of the applied snapshot.
+/// Rendered here rather than recorded: the recorder cannot forget a series,
+/// and a removed or renamed backend's must go.
+static BACKEND_INFO_TEXT: parking_lot::Mutex<String> = parking_lot::Mutex::new(String::new());
+
+/// Replaces the `claw_backend_info` series with one per backend of the
+/// snapshot just applied: ids joined to names (and pool, protocol) for
+/// dashboards, since every other series names backends by id.
+///
+/// Each backend is `(id, name, pool, api name)`: plain data, so this module
+/// needs none of the snapshot's types.
+pub(crate) fn set_backends<'a>(
+    backends: impl IntoIterator<Item = (&'a str, &'a str, claw_proto::Pool, &'static str)>,
+) {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "# HELP {BACKEND_INFO} Always 1, one per configured backend: joins `backend_id` to its name, pool and protocol\n# TYPE {BACKEND_INFO} gauge\n"
+    );
+    for (id, name, pool, api) in backends {
+        let pool = match pool {
+            claw_proto::Pool::Fallback => "fallback",
+            _ => "primary",
+        };
+        let _ = writeln!(
+            out,
+            "{BACKEND_INFO}{{backend_id=\"{}\",backend=\"{}\",pool=\"{pool}\",api=\"{}\"}} 1",
+            label_value(id),
+            label_value(name),
+            api,
+        );
+    }
+    *BACKEND_INFO_TEXT.lock() = out;
+}
+
+/// A Prometheus label value, escaped (`\\`, `\"`, `\n`).
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Renders the Prometheus text format.
 pub(crate) fn render() -> String {
     match HANDLE.get() {
         Some(Some(h)) => {
             h.run_upkeep();
-            h.render()
+            let mut out = h.render();
+            out.push_str(&BACKEND_INFO_TEXT.lock());
+            claw_telemetry::process::render(&mut out);
+            out
         }
         _ => String::new(),
     }
@@ -229,6 +282,9 @@ pub(crate) fn status_label(status: u16) -> &'static str {
 
 /// Always 1, with the proxy's version as the `version` label.
 pub(crate) const BUILD_INFO: &str = "claw_build_info";
+/// Always 1 per backend of the snapshot: `backend_id`, `backend` (name),
+/// `pool`, `api`.
+pub(crate) const BACKEND_INFO: &str = "claw_backend_info";
 /// Requests answered, by model, backend and status.
 pub(crate) const REQUESTS_TOTAL: &str = "claw_dp_requests_total";
 /// Upstream attempts, by backend and outcome.
@@ -502,4 +558,15 @@ fn init_zero() {
     metrics::counter!(RETRIES_TOTAL).increment(0);
     metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(0);
     metrics::gauge!(QUEUE_DEPTH).increment(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_name_is_escaped_as_a_label_value() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(label_value("openai-1"), "openai-1");
+    }
 }

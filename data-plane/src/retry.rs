@@ -321,6 +321,32 @@ enum Read {
     Buffered(http::response::Parts, Bytes),
 }
 
+impl Read {
+    /// The upstream status, if a response came.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Read::Streaming(Ok(res)) => Some(res.status().as_u16()),
+            Read::Streaming(Err(_)) => None,
+            Read::Buffered(parts, _) => Some(parts.status.as_u16()),
+        }
+    }
+
+    /// The provider's own request id (its `x-request-id`, as OpenAI and
+    /// Anthropic send), for a support ticket about a failure.
+    fn upstream_request_id(&self) -> Option<String> {
+        let headers = match self {
+            Read::Streaming(Ok(res)) => res.headers(),
+            Read::Streaming(Err(_)) => return None,
+            Read::Buffered(parts, _) => &parts.headers,
+        };
+        let v = headers
+            .get("x-request-id")
+            .or_else(|| headers.get("request-id"))?;
+        let v = v.to_str().ok()?;
+        Some(v.chars().take(128).collect())
+    }
+}
+
 /// Serves `r`: admit → attempt → classify → react, until an answer, the
 /// retries, the candidates or the deadline run out.
 async fn run<S>(mut inner: S, shared: Arc<Shared>, mut r: Routed) -> Response<ProxyBody>
@@ -435,11 +461,20 @@ where
         };
         match react(&shared, &r, cand, emergency, class, error) {
             Some(error) => {
+                let upstream = FailedAttempt {
+                    status: result.status(),
+                    error: error_text(&result),
+                    upstream_request_id: result.upstream_request_id(),
+                };
+                log_failure(&r, cand, attempts, !last, class, upstream);
                 failed = true;
                 last_error = Some(error);
             }
             None => match result {
                 Read::Streaming(Ok(res)) => {
+                    if attempts > 1 {
+                        tracing::info!(request_id = %r.request_id, model = %r.route.model, backend = %cand.backend.name, backend_id = %cand.backend.id, attempts, "answered after a retry");
+                    }
                     let meta = abandoned.disarm();
                     return respond(&shared, &r, cand, res, in_flight, meta, deadline).await;
                 }
@@ -473,6 +508,73 @@ where
         .disarm()
         .proxy_answered(&shared.events, err.status, error_type, &r.span);
     err.into_response_for(wire)
+}
+
+/// What the log line of a failed attempt says about the upstream's side.
+struct FailedAttempt {
+    /// Its status, if it answered.
+    status: Option<u16>,
+    /// The error, with its cause, if it did not.
+    error: Option<String>,
+    /// Its own id for the request, if it sent one.
+    upstream_request_id: Option<String>,
+}
+
+/// Logs a failed attempt, once, with what an operator needs to find it:
+/// the request id the client got, the model, the backend's name and id, the
+/// status or error (and the provider's own request id), and whether another
+/// candidate may still be tried. A backend fault (5xx, no connection, no
+/// answer, a cut connection, a refused key) is a warning even when a retry
+/// hides it from the client; a capacity signal (429, 529) is info, its
+/// cooldown logs on its own.
+fn log_failure(
+    r: &Routed,
+    cand: &Candidate,
+    attempt: u32,
+    retrying: bool,
+    class: AttemptClass,
+    failed: FailedAttempt,
+) {
+    let backend = &cand.backend;
+    let FailedAttempt {
+        status,
+        error,
+        upstream_request_id,
+    } = failed;
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                request_id = %r.request_id,
+                model = %r.route.model,
+                backend = %backend.name,
+                backend_id = %backend.id,
+                attempt,
+                status,
+                error = error.as_deref(),
+                upstream_request_id = upstream_request_id.as_deref(),
+                outcome = class.outcome(),
+                retrying,
+                "upstream attempt failed"
+            )
+        };
+    }
+    match class {
+        AttemptClass::RateLimited { .. }
+        | AttemptClass::QuotaExhausted { .. }
+        | AttemptClass::Overloaded { .. } => line!(info),
+        _ => line!(warn),
+    }
+}
+
+/// The error of an attempt that got no response, with its cause.
+fn error_text(result: &Read) -> Option<String> {
+    let Read::Streaming(Err(e)) = result else {
+        return None;
+    };
+    Some(match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    })
 }
 
 /// An upstream answer whose body was read to classify it, passed to the
@@ -759,14 +861,11 @@ fn react(
         }
         // Handled by the caller (no failure); the error is never used.
         AttemptClass::ResponseUnknown(_) => return Some(ApiError::bad_gateway()),
-        AttemptClass::ServerError(status) => {
-            tracing::debug!(backend = %backend.name, status, "upstream server error");
-            (
-                FailureKind::ServerError,
-                Some(status),
-                "upstream server error",
-            )
-        }
+        AttemptClass::ServerError(status) => (
+            FailureKind::ServerError,
+            Some(status),
+            "upstream server error",
+        ),
         AttemptClass::Connect => (FailureKind::Connect, None, "connect error"),
         AttemptClass::Timeout => (FailureKind::Timeout, None, "no response in time"),
         AttemptClass::Failed => (
@@ -787,7 +886,7 @@ fn react(
     }
     if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
         let cause = error.and_then(std::error::Error::source);
-        tracing::warn!(backend = %backend.name, ejected_ms = (until - now).as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
+        tracing::warn!(request_id = %r.request_id, model = %r.route.model, backend = %backend.name, backend_id = %backend.id, ejected_ms = (until - now).as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
     }
     Some(match class {
         AttemptClass::Timeout => ApiError::gateway_timeout(),
@@ -879,7 +978,7 @@ fn overloaded(
     let base = r.snapshot.pool(backend.pool).cooldown.base;
     let d = retry_after.unwrap_or_else(|| base.min(OVERLOADED_MAX));
     backend.runtime.cooldown.hold(now + d);
-    tracing::info!(backend = %backend.name, hold_ms = d.as_millis() as u64, "upstream overloaded (529)");
+    tracing::info!(request_id = %r.request_id, backend = %backend.name, backend_id = %backend.id, hold_ms = d.as_millis() as u64, "holding overloaded backend (529)");
     shared.events.signal(Signal::Failure(Failure {
         at: SystemTime::now(),
         backend_id: backend.id.clone(),
@@ -1222,6 +1321,7 @@ mod tests {
             affinity: None,
             response_id: endpoint.by_response_id().then(|| "resp_7".to_string()),
             owner: None,
+            request_id: crate::target::RequestId::generate(),
             started: Instant::now(),
             span: tracing::Span::none(),
         };

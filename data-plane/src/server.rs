@@ -53,6 +53,7 @@ use crate::limits::{Limits, LimitsLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{RouteLayer, RouteService};
 use crate::snapshot::SnapshotStore;
+use crate::target::RequestId;
 use crate::tls::HANDSHAKE_TIMEOUT;
 use crate::upstream::Upstream;
 
@@ -161,6 +162,17 @@ async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, builder: Arc
             }
         });
     }
+}
+
+/// [`handle`] with the request's [`RequestId`] set as an extension and
+/// returned as `x-request-id` on every answer.
+async fn with_request_id(worker: Arc<Worker>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let id = RequestId::of(req.headers());
+    req.extensions_mut().insert(id.clone());
+    let mut res = handle(worker, req).await;
+    res.headers_mut()
+        .insert(RequestId::HEADER, id.header_value());
+    res
 }
 
 async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -468,7 +480,7 @@ async fn serve_connection<I>(
         let w = w.clone();
         async move {
             let draining = w.app.draining.load(Ordering::Relaxed);
-            let mut res = handle(w, req).await;
+            let mut res = with_request_id(w, req).await;
             if draining {
                 // Shutting down: this connection closes after the response,
                 // so a keep-alive client reconnects (to another pod) for

@@ -561,6 +561,11 @@ impl SnapshotStore {
         let prev = self.load();
         let compiled = compile(version, snap, prev.as_deref(), Instant::now())?;
         let (backends, models) = (compiled.backends.len(), compiled.models.len());
+        crate::metrics::set_backends(
+            compiled
+                .backends()
+                .map(|b| (&*b.id, b.name.as_str(), b.pool, b.api.name())),
+        );
         self.current.store(Some(Arc::new(compiled)));
         crate::metrics::set_snapshot_version(version);
         tracing::info!(version, backends, models, "applied configuration snapshot");

@@ -4,14 +4,16 @@
 //! - [`Authenticated`]: set by [`crate::auth`] as a request extension, read
 //!   by [`crate::limits`] and [`crate::route`];
 //! - [`Routed`]: what [`crate::route`] hands [`crate::retry`] once the body
-//!   is read and the model resolved, with its [`RequestBody`].
+//!   is read and the model resolved, with its [`RequestBody`];
+//! - [`RequestId`]: set by the server on every request (an extension), sent
+//!   back as `x-request-id`, forwarded upstream and on every log line.
 //!
 //! A leaf: it names only configuration ([`crate::snapshot`]) and plain data.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue, header::HeaderName};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
@@ -28,6 +30,53 @@ pub(crate) struct Authenticated {
     pub snapshot: Arc<Snapshot>,
     /// The client's key.
     pub key: Arc<ClientKey>,
+}
+
+/// A request's id: the client's own `x-request-id` when it is sane (1–128
+/// of `[A-Za-z0-9._:-]`, so it is safe in a header and a log line), else 16
+/// random hex digits. Returned to the client as `x-request-id`, forwarded
+/// upstream in its place, and a field of every log line about the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RequestId(Arc<str>);
+
+impl RequestId {
+    /// The header that carries it, both ways.
+    pub(crate) const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+    /// The longest client id kept.
+    const MAX_LEN: usize = 128;
+
+    /// The client's id from `headers` if it is sane, else a new one.
+    pub(crate) fn of(headers: &HeaderMap) -> RequestId {
+        headers
+            .get(&Self::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| Self::sane(s))
+            .map(|s| RequestId(s.into()))
+            .unwrap_or_else(RequestId::generate)
+    }
+
+    /// A new random id.
+    pub(crate) fn generate() -> RequestId {
+        RequestId(format!("{:016x}", rand::random::<u64>()).into())
+    }
+
+    fn sane(s: &str) -> bool {
+        (1..=Self::MAX_LEN).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    }
+
+    /// The id as a header value.
+    pub(crate) fn header_value(&self) -> HeaderValue {
+        // Only visible ASCII (checked or generated) gets here.
+        HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The error shape a client expects, by the endpoint it called.
@@ -177,6 +226,8 @@ pub(crate) struct Routed {
     /// The backend known to hold `response_id` ([`crate::responses::owner`]):
     /// tried first while it is eligible.
     pub owner: Option<Arc<str>>,
+    /// The request's id ([`RequestId`]).
+    pub request_id: RequestId,
     /// Arrival time.
     pub started: Instant,
     /// The request's trace span ([`tracing::Span::none`] unless traces are
@@ -237,6 +288,41 @@ impl RequestBody {
                 serde_json::to_vec(map).ok().map(Bytes::from)
             }
             RequestBody::Empty => Some(Bytes::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_for(client: Option<&str>) -> RequestId {
+        let mut h = HeaderMap::new();
+        if let Some(c) = client {
+            h.insert("x-request-id", HeaderValue::from_str(c).unwrap());
+        }
+        RequestId::of(&h)
+    }
+
+    #[test]
+    fn a_sane_client_request_id_is_kept() {
+        for ok in ["abc", "req_01:x.y-z", &"a".repeat(128)] {
+            assert_eq!(id_for(Some(ok)).to_string(), ok);
+        }
+    }
+
+    #[test]
+    fn a_missing_or_junk_request_id_is_replaced_by_16_hex() {
+        for junk in [
+            None,
+            Some(""),
+            Some("a b"),
+            Some("x/y"),
+            Some(&*"a".repeat(129)),
+        ] {
+            let id = id_for(junk).to_string();
+            assert_eq!(id.len(), 16, "{junk:?}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         }
     }
 }

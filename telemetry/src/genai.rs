@@ -65,6 +65,15 @@ fn new_request_span(path: &str, model: &str, agent_id: Option<&str>, headers: &H
     span
 }
 
+/// Records the request's id (the `x-request-id` the client gets) on its
+/// span as `claw.request.id`, so a trace is found from a log line or a
+/// client's report.
+pub fn set_request_id(span: &Span, id: impl std::fmt::Display) {
+    if !span.is_none() {
+        span.set_attribute("claw.request.id", id.to_string());
+    }
+}
+
 /// Starts the span of one upstream attempt under `request`.
 #[inline]
 pub fn attempt_span(

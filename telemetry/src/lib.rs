@@ -15,6 +15,7 @@
 //! - `export` — the OTLP exporter (gRPC or HTTP/protobuf) and tracer provider.
 //! - [`propagation`] — W3C `traceparent` in and out of HTTP headers.
 //! - [`genai`] — the proxy's request and attempt spans (GenAI conventions).
+//! - [`process`] — the standard `process_*` metrics, read from `/proc/self`.
 //!
 //! Only spans with target [`TARGET`] are exported (plus warnings and errors
 //! of the gateway's own crates inside them, as span events), so a
@@ -22,6 +23,7 @@
 //! the exporter's, into traces. `RUST_LOG` filters logs only.
 
 pub mod genai;
+pub mod process;
 pub mod propagation;
 pub mod settings;
 

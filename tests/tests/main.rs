@@ -27,6 +27,7 @@ mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;
 mod monitoring;
+mod observability;
 mod openai_sdk;
 mod otel_tracing;
 mod passthrough;

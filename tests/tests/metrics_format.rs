@@ -1,5 +1,6 @@
 //! Both servers' `/metrics` pass `promtool check metrics` (HELP and TYPE on
-//! every metric) and carry `claw_build_info`.
+//! every metric) and carry `claw_build_info` and the process metrics; the
+//! proxy's joins backend ids to names in `claw_backend_info`.
 //!
 //! Needs `promtool` on `PATH` (Debian: `apt-get install prometheus`); without
 //! it the test fails rather than skipping.
@@ -60,11 +61,33 @@ fn problems(server: &str, text: &str) -> String {
     if !text.lines().any(|l| l == version) {
         found.push_str(&format!("no `{version}` on the {server}'s /metrics\n"));
     }
+    for name in PROCESS_METRICS {
+        let sample = text.lines().any(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                // CPU time may still be 0 ticks in a process this young.
+                .is_some_and(|v| v > 0.0 || (v == 0.0 && name == "process_cpu_seconds_total"))
+        });
+        if !sample || !text.contains(&format!("# HELP {name} ")) {
+            found.push_str(&format!(
+                "no `{name}` (with HELP and a value) on the {server}'s /metrics\n"
+            ));
+        }
+    }
     if !found.is_empty() {
         found.push_str(&format!("--- the {server}'s /metrics ---\n{text}\n"));
     }
     found
 }
+
+/// The process metrics both servers export.
+const PROCESS_METRICS: [&str; 4] = [
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_start_time_seconds",
+];
 
 async fn get_text(c: &Cluster, url: &str) -> String {
     let res = c
@@ -119,6 +142,26 @@ async fn both_servers_metrics_pass_promtool_check_metrics() {
     ] {
         assert!(dp_text.contains(name), "no {name} on the proxy:\n{dp_text}");
     }
+    // Both backends, by id and name; a removed backend's series goes.
+    let info = |text: &str, name: &str, pool: &str| {
+        text.lines().any(|l| {
+            l.starts_with("claw_backend_info{backend_id=\"be_")
+                && l.contains(&format!("backend=\"{name}\""))
+                && l.contains(&format!("pool=\"{pool}\""))
+                && l.contains("api=\"openai\"")
+                && l.ends_with("} 1")
+        })
+    };
+    assert!(info(&dp_text, "primary", "primary"), "{dp_text}");
+    assert!(info(&dp_text, "fallback", "fallback"), "{dp_text}");
+    c.cp.clawctl(&["backend", "rm", "fallback"]).assert_ok();
+    c.wait_synced();
+    let after = get_text(&c, &proxy_url).await;
+    assert!(info(&after, "primary", "primary"), "{after}");
+    assert!(
+        !after.contains("backend=\"fallback\""),
+        "a removed backend's claw_backend_info stays:\n{after}"
+    );
     let found = problems("proxy", &dp_text) + &problems("control plane", &cp_text);
     assert!(found.is_empty(), "{found}");
 }

@@ -26,7 +26,7 @@ use crate::body::ProxyBody;
 use crate::error::{ApiError, Wire};
 use crate::queue::Priority;
 use crate::stream::BoxError;
-use crate::target::{Authenticated, Endpoint, RequestBody, Routed};
+use crate::target::{Authenticated, Endpoint, RequestBody, RequestId, Routed};
 use crate::upstream::upstream_headers;
 use crate::usage::request_stream_usage;
 
@@ -261,6 +261,13 @@ where
     let Some(auth) = parts.extensions.get::<Authenticated>().cloned() else {
         return Err(ApiError::internal().into_response_for(wire));
     };
+    // Set by the server on every request; a stack driven without it (unit
+    // tests) gets a fresh id.
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(RequestId::generate);
     let (endpoint, path_id) = match endpoint(&parts.method, parts.uri.path()) {
         Err(e) => return Err(reject(e, &auth, wire)),
         Ok(Target::Models) if parts.headers.contains_key("anthropic-version") => {
@@ -301,6 +308,7 @@ where
         let owner = path_id.as_deref().and_then(crate::responses::owner);
         let span =
             claw_telemetry::genai::request_span(suffix, "", agent_id.as_deref(), &parts.headers);
+        claw_telemetry::genai::set_request_id(&span, &request_id);
         return Ok(Routed {
             snapshot: auth.snapshot,
             key: auth.key,
@@ -311,7 +319,7 @@ where
             owner,
             path: suffix,
             query: parts.uri.query().map(str::to_string),
-            headers: upstream_headers(parts.headers),
+            headers: forwarded_headers(parts.headers, &request_id),
             body: RequestBody::Empty,
             stream: false,
             priority,
@@ -320,6 +328,7 @@ where
             est_tokens: 0.0,
             est_prompt_tokens: 0,
             stream_usage: None,
+            request_id,
             started,
             span,
         });
@@ -403,6 +412,7 @@ where
     let owner = response_id.as_deref().and_then(crate::responses::owner);
     let span =
         claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
+    claw_telemetry::genai::set_request_id(&span, &request_id);
     Ok(Routed {
         snapshot: auth.snapshot,
         key: auth.key,
@@ -413,7 +423,7 @@ where
         owner,
         path: suffix,
         query: parts.uri.query().map(str::to_string),
-        headers: upstream_headers(parts.headers),
+        headers: forwarded_headers(parts.headers, &request_id),
         body,
         stream,
         priority,
@@ -422,9 +432,18 @@ where
         est_tokens,
         est_prompt_tokens: prompt_estimate(bytes.len()),
         stream_usage,
+        request_id,
         started,
         span,
     })
+}
+
+/// The client's headers to forward, with its `x-request-id` replaced by the
+/// request's own (a client's malformed one never goes upstream).
+fn forwarded_headers(client: http::HeaderMap, id: &RequestId) -> http::HeaderMap {
+    let mut h = upstream_headers(client);
+    h.insert(RequestId::HEADER, id.header_value());
+    h
 }
 
 fn reject(e: ApiError, auth: &Authenticated, wire: Wire) -> Response<ProxyBody> {
