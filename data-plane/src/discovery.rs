@@ -186,6 +186,12 @@ impl Dispatcher {
             if c.source_node_id == self.node_id {
                 continue;
             }
+            if c.auth_failed {
+                if !self.cooldowns.fail_auth_remote(&c.backend_id, now) {
+                    tracing::debug!(backend = %c.backend_id, "auth failure for a backend not in the snapshot: ignored");
+                }
+                continue;
+            }
             let remaining = Duration::from_millis(c.remaining_ms).min(MAX_RETRY_AFTER);
             let until = now + remaining;
             if !self
@@ -395,6 +401,7 @@ mod tests {
             remaining_ms: ms,
             consecutive: 3,
             quota_exhausted: false,
+            auth_failed: false,
             source_node_id: source.into(),
         };
         let reply = d.handle(StreamConfigResponse {
@@ -460,6 +467,7 @@ mod tests {
                 remaining_ms: 3_600_000,
                 consecutive: 1,
                 quota_exhausted: true,
+                auth_failed: false,
                 source_node_id: "other".into(),
             }],
             ..Default::default()
@@ -469,6 +477,59 @@ mod tests {
         let hour = now + Duration::from_secs(3600);
         assert_eq!(a.cooldown.quota_exhausted_until(now), Some(hour));
         assert_eq!(a.cooldown.cooling_until(now), Some(hour));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_failed_update_excludes_the_backend_until_a_new_key() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        let snap = |version, key: &str| {
+            let mut b = backend("a", Pool::Primary, &[("m", "m")]);
+            b.api_key = key.into();
+            v1::Snapshot {
+                version,
+                backends: vec![b],
+                ..Default::default()
+            }
+        };
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(snap(2, "sk-old")),
+            ..Default::default()
+        });
+        let now = Instant::now();
+        d.handle(StreamConfigResponse {
+            version: 2,
+            cooldowns: vec![v1::CooldownUpdate {
+                backend_id: "a".into(),
+                auth_failed: true,
+                source_node_id: "other".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let rt = store.load().unwrap().backend("a").unwrap().runtime.clone();
+        assert_eq!(rt.cooldown.auth_failed(), Some(0));
+        assert!(rt.cooldown.cooling_until(now + Duration::from_secs(86_400)).is_some());
+        // The same key again (another field changed) keeps it out.
+        d.handle(StreamConfigResponse {
+            version: 3,
+            nonce: "n3".into(),
+            snapshot: Some(snap(3, "sk-old")),
+            ..Default::default()
+        });
+        assert_eq!(rt.cooldown.auth_failed(), Some(0));
+        d.handle(StreamConfigResponse {
+            version: 4,
+            nonce: "n4".into(),
+            snapshot: Some(snap(4, "sk-new")),
+            ..Default::default()
+        });
+        assert_eq!(rt.cooldown.auth_failed(), None);
+        assert_eq!(rt.cooldown.cooling_until(now), None);
     }
 
     /// Regression: a cooldown or rate share pushed before the first
@@ -488,6 +549,7 @@ mod tests {
             consecutive: 2,
             source_node_id: "other".into(),
             quota_exhausted: false,
+            auth_failed: false,
         };
         let early = d.handle(StreamConfigResponse {
             version: 0,

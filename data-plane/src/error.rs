@@ -263,6 +263,27 @@ impl ApiError {
         .code("upstream_error")
     }
 
+    /// 502: the provider rejected the gateway's own key for `backend` (an
+    /// upstream 401/403; `status` 0 when another proxy saw it). Names the
+    /// backend, never the key, and is not the client's `invalid_api_key`:
+    /// the client's key was fine, an operator must fix the backend's.
+    pub(crate) fn upstream_auth_failed(backend: &str, status: u16) -> Self {
+        let status = if status == 0 {
+            String::new()
+        } else {
+            format!(" ({status})")
+        };
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_auth_failed",
+            format!(
+                "backend \"{}\" rejected the gateway's provider key{status}; an operator must update its key",
+                clip(backend)
+            ),
+        )
+        .code("upstream_auth_failed")
+    }
+
     /// An upstream error answer of `status` the proxy could not translate
     /// into the client's protocol: the status, a generic message.
     pub(crate) fn upstream_status(status: StatusCode) -> Self {

@@ -160,6 +160,7 @@ impl Fleet {
                     node_id = %batch.node_id,
                     consecutive = c.consecutive,
                     quota_exhausted = c.quota_exhausted(now),
+                    auth_failed = c.auth_failed,
                     remaining_ms = c.until_ms - now,
                     proxies = pushed,
                     "backend cooling fleet-wide"
