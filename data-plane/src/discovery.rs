@@ -513,7 +513,11 @@ mod tests {
         });
         let rt = store.load().unwrap().backend("a").unwrap().runtime.clone();
         assert_eq!(rt.cooldown.auth_failed(), Some(0));
-        assert!(rt.cooldown.cooling_until(now + Duration::from_secs(86_400)).is_some());
+        assert!(
+            rt.cooldown
+                .cooling_until(now + Duration::from_secs(86_400))
+                .is_some()
+        );
         // The same key again (another field changed) keeps it out.
         d.handle(StreamConfigResponse {
             version: 3,

@@ -426,8 +426,8 @@ impl FleetCooldowns {
             let Some(raw) = txn.get(Tree::CooldownState, backend_id.as_bytes())? else {
                 return Ok::<_, StoreError>(());
             };
-            let mut state = <StateRecord as prost::Message>::decode(raw.as_slice())
-                .unwrap_or_default();
+            let mut state =
+                <StateRecord as prost::Message>::decode(raw.as_slice()).unwrap_or_default();
             state.auth_failed = false;
             txn.insert(
                 Tree::CooldownState,
@@ -620,7 +620,10 @@ mod tests {
         assert!(!fleet.clear_auth(s, "b1").expect("clear"), "once");
         assert!(fleet.active(now + 10).is_empty());
         let reloaded = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
-        assert!(reloaded.get("b1").is_some_and(|c| !c.auth_failed), "durable");
+        assert!(
+            reloaded.get("b1").is_some_and(|c| !c.auth_failed),
+            "durable"
+        );
     }
 
     #[test]

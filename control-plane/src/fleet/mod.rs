@@ -136,7 +136,7 @@ impl Fleet {
         self.cooldowns.commit(changes, now);
         let updates: Vec<_> = changes
             .iter()
-            .filter(|c| c.cooled && c.until_ms > now)
+            .filter(|c| c.cooled && (c.until_ms > now || c.auth_failed))
             .map(|c| c.to_update(now))
             .collect();
         if !updates.is_empty() {
@@ -155,12 +155,20 @@ impl Fleet {
             }
             metrics::cooldown_pushed(pushed);
             for c in changes.iter().filter(|c| c.cooled) {
+                if c.auth_failed {
+                    tracing::warn!(
+                        backend = %c.backend_id,
+                        node_id = %batch.node_id,
+                        proxies = pushed,
+                        "provider rejected the backend's key: excluded fleet-wide until its key or URL is updated"
+                    );
+                    continue;
+                }
                 tracing::info!(
                     backend = %c.backend_id,
                     node_id = %batch.node_id,
                     consecutive = c.consecutive,
                     quota_exhausted = c.quota_exhausted(now),
-                    auth_failed = c.auth_failed,
                     remaining_ms = c.until_ms - now,
                     proxies = pushed,
                     "backend cooling fleet-wide"

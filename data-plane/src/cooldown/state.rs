@@ -193,7 +193,10 @@ mod tests {
         assert_eq!(c.auth_failed(), Some(401));
         let later = now + Duration::from_secs(30 * 24 * 3600);
         assert!(c.cooling_until(later).is_some());
-        assert!(c.quota_exhausted_until(later).is_some(), "no emergency trickle");
+        assert!(
+            c.quota_exhausted_until(later).is_some(),
+            "no emergency trickle"
+        );
         assert!(c.clear_auth());
         assert_eq!(c.auth_failed(), None);
         assert_eq!(c.cooling_until(now), None);
