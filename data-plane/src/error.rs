@@ -6,7 +6,9 @@
 //! its SDK classifies by status (and 529 `overloaded_error` for "no
 //! capacity", which the SDK retries). Either way with the matching status
 //! and, where it helps the client, `Retry-After`. Messages are fixed,
-//! client-facing text: no internals, no keys.
+//! client-facing text: no internals, no keys (a provider rejecting the
+//! gateway's key names the backend, by name, so the client can tell its
+//! operator which one: [`ApiError::upstream_auth_failed`]).
 
 use std::borrow::Cow;
 

@@ -8,6 +8,12 @@
 //!   quota-exhausted until then (an hour without `Retry-After`) instead.
 //! - 529 (provider overloaded): a short local hold (the pool's base
 //!   cooldown, at most 5 s, or the `Retry-After`) and the next candidate.
+//! - 401/403: the provider rejected the gateway's key for the backend (the
+//!   client's key was checked already). The backend is held here until its
+//!   key or URL changes (a new snapshot) and, through the failure report,
+//!   on every proxy; the request moves to the next candidate. With none
+//!   left, the client gets 502 `upstream_auth_failed` naming the backend
+//!   (also when every candidate is already held for its key).
 //! - 5xx, connect errors, timeouts: count towards outlier ejection
 //!   ([`crate::outlier`]) and move to the next candidate.
 //! - Anything else is the answer and streams to the client.
