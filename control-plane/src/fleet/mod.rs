@@ -156,8 +156,11 @@ impl Fleet {
             metrics::cooldown_pushed(pushed);
             for c in changes.iter().filter(|c| c.cooled) {
                 if c.auth_failed {
+                    let backends = self.directory.backends();
+                    let name = backends.get(&c.backend_id).map_or("", |b| b.name.as_str());
                     tracing::warn!(
-                        backend = %c.backend_id,
+                        backend = %name,
+                        backend_id = %c.backend_id,
                         node_id = %batch.node_id,
                         proxies = pushed,
                         "provider rejected the backend's key: excluded fleet-wide until its key or URL is updated"
