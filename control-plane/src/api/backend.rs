@@ -105,7 +105,8 @@ impl BackendService for BackendApi {
         let url_changed = new_url.is_some() && backend.base_url != old_url;
         if (new_key || url_changed) && config_version != before {
             let store = self.catalog.backend_state_store();
-            match self.fleet.cooldowns().clear_auth(store, &backend.id) {
+            let now = crate::catalog::records::now_ms();
+            match self.fleet.cooldowns().clear_auth(store, &backend.id, now) {
                 Ok(true) => {
                     tracing::info!(backend = %backend.id, name = %backend.name, "key or URL updated: auth failure cleared fleet-wide");
                 }

@@ -74,6 +74,10 @@ struct StateRecord {
     /// updated since.
     #[prost(bool, tag = "6")]
     auth_failed: bool,
+    /// When the backend's key or URL was last updated, unix ms: a rejected
+    /// key reported from before then was the old key's (0: never).
+    #[prost(int64, tag = "7")]
+    auth_cleared_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -253,7 +257,8 @@ pub fn apply_in_txn(
                 }
                 Step::AuthFailed(f) => {
                     // No time: it holds until the key or URL is updated.
-                    if !state.auth_failed {
+                    // A rejection from before the last update was the old key's.
+                    if !state.auth_failed && at >= state.auth_cleared_ms {
                         state.auth_failed = true;
                         state.source_node = batch.node_id.clone();
                         cooled = true;
@@ -417,18 +422,24 @@ impl FleetCooldowns {
     }
 
     /// Ends `backend_id`'s auth failure, durably then here: its key or URL
-    /// was updated. Returns whether it was marked.
-    pub fn clear_auth(&self, store: &dyn Store, backend_id: &str) -> Result<bool, StoreError> {
-        if !self.get(backend_id).is_some_and(|c| c.auth_failed) {
-            return Ok(false);
-        }
+    /// was updated at `now_ms`. Rejections reported from before then are
+    /// ignored from now on (the old key's, still in flight). Returns
+    /// whether it was marked.
+    pub fn clear_auth(
+        &self,
+        store: &dyn Store,
+        backend_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let marked = self.get(backend_id).is_some_and(|c| c.auth_failed);
         store.transact(&[Tree::CooldownState], |txn| {
-            let Some(raw) = txn.get(Tree::CooldownState, backend_id.as_bytes())? else {
-                return Ok::<_, StoreError>(());
-            };
-            let mut state =
-                <StateRecord as prost::Message>::decode(raw.as_slice()).unwrap_or_default();
+            let raw = txn.get(Tree::CooldownState, backend_id.as_bytes())?;
+            let mut state = raw
+                .as_deref()
+                .and_then(|r| <StateRecord as prost::Message>::decode(r).ok())
+                .unwrap_or_default();
             state.auth_failed = false;
+            state.auth_cleared_ms = state.auth_cleared_ms.max(now_ms);
             txn.insert(
                 Tree::CooldownState,
                 backend_id.as_bytes(),
@@ -438,7 +449,7 @@ impl FleetCooldowns {
         if let Some(c) = self.state.write().get_mut(backend_id) {
             c.auth_failed = false;
         }
-        Ok(true)
+        Ok(marked)
     }
 
     /// The state of one backend.
@@ -616,14 +627,25 @@ mod tests {
         let active = fleet.active(now + year);
         assert_eq!(active.len(), 1, "a proxy connecting later learns it");
         assert!(active[0].auth_failed && active[0].remaining_ms == 0);
-        assert!(fleet.clear_auth(s, "b1").expect("clear"));
-        assert!(!fleet.clear_auth(s, "b1").expect("clear"), "once");
-        assert!(fleet.active(now + 10).is_empty());
+        assert!(fleet.clear_auth(s, "b1", now + 100).expect("clear"));
+        assert!(
+            !fleet.clear_auth(s, "b1", now + 100).expect("clear"),
+            "once"
+        );
+        assert!(fleet.active(now + 110).is_empty());
         let reloaded = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
         assert!(
             reloaded.get("b1").is_some_and(|c| !c.auth_failed),
             "durable"
         );
+        // The old key's 401, reported late, does not mark it again; a new one does.
+        let mut late = failure(FailureKind::AuthFailed, "b1", 0, now + 50);
+        late.status = 401;
+        let c = apply(s, &batch("a", 2, vec![late.clone()]), now + 200);
+        assert!(!c[0].auth_failed, "{c:?}");
+        late.time = timestamp(now + 150);
+        let c = apply(s, &batch("a", 3, vec![late]), now + 200);
+        assert!(c[0].auth_failed, "{c:?}");
     }
 
     #[test]
