@@ -147,6 +147,28 @@ async fn a_rejected_provider_key_is_retried_elsewhere_named_in_a_502_and_exclude
         "{list}"
     );
     assert_eq!(status_of(&f, "bb"), "enabled");
+    let id =
+        f.cp.clawctl(&["backend", "get", "ba", "-o", "json"])
+            .assert_ok()
+            .json()["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    let metrics = f
+        .http
+        .get(format!("{}/metrics", f.cp.http_url()))
+        .send()
+        .await
+        .expect("control plane /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains(&format!(
+            "claw_cp_backend_auth_failed{{backend=\"{id}\"}} 1"
+        )),
+        "{metrics}"
+    );
     let ok = wait_until(Duration::from_secs(30), || {
         f.proxies[1]
             .logs()

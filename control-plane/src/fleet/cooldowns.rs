@@ -449,6 +449,7 @@ impl FleetCooldowns {
         if let Some(c) = self.state.write().get_mut(backend_id) {
             c.auth_failed = false;
         }
+        self.record_gauge(now_ms);
         Ok(marked)
     }
 
@@ -462,6 +463,10 @@ impl FleetCooldowns {
     pub fn record_gauge(&self, now_ms: i64) {
         let n = {
             let s = self.state.read();
+            // Every backend with fleet state (ever cooled or rejected).
+            for c in s.values() {
+                super::metrics::backend_auth_failed(&c.backend_id, c.auth_failed);
+            }
             s.values().filter(|c| c.until_ms > now_ms).count()
         };
         super::metrics::cooldowns_active(n);
