@@ -277,6 +277,19 @@ fn details(b: &Backend) -> Details {
     } else {
         details
     };
+    // The provider rejected the gateway's key: say how it ends.
+    let details = if b.status == "auth_failed" {
+        details.field(
+            "Auth failed",
+            format!(
+                "the provider rejected its key (401/403); excluded until \
+                 `clawctl backend update {} --api-key-env VAR` (or --url)",
+                b.name
+            ),
+        )
+    } else {
+        details
+    };
     details
         .field("RPM", b.rpm.to_string())
         .field(
@@ -355,6 +368,22 @@ mod tests {
         assert_eq!(status(&ok), "enabled");
         assert!(!render(&details(&ok)).contains("Quota"));
         assert_eq!(api_name(0), "openai", "unspecified reads as the default");
+    }
+
+    #[test]
+    fn a_rejected_key_shows_in_status_and_says_how_it_ends() {
+        let b = Backend {
+            name: "b1".into(),
+            enabled: true,
+            status: "auth_failed".into(),
+            ..Default::default()
+        };
+        assert_eq!(status(&b), "auth_failed");
+        let text = render(&details(&b));
+        assert!(
+            text.contains("clawctl backend update b1 --api-key-env"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@
 //! lineage is applied even when its version is lower than the held one
 //! (see `snapshot::compile`). Within one lineage versions only go forward.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +83,9 @@ pub(crate) struct Dispatcher {
     /// Remote cooldowns for backends not in the snapshot yet: `(until,
     /// consecutive, quota exhausted)` per backend id.
     early: Arc<Mutex<HashMap<String, EarlyCooldown>>>,
+    /// Auth failures for backends not in the snapshot yet (the catch-up a
+    /// proxy gets on connecting may come before its first snapshot).
+    early_auth: Arc<Mutex<HashSet<String>>>,
     /// Where applied snapshots are persisted, if anywhere.
     cache: Option<CacheWriter>,
     /// The held snapshot came from the cache and the control plane has not
@@ -107,6 +110,7 @@ impl Dispatcher {
             cooldowns,
             fleet,
             early: Arc::default(),
+            early_auth: Arc::default(),
             cache: None,
             from_cache: Arc::default(),
         }
@@ -186,6 +190,13 @@ impl Dispatcher {
             if c.source_node_id == self.node_id {
                 continue;
             }
+            if c.auth_failed {
+                if !self.cooldowns.fail_auth_remote(&c.backend_id, now) {
+                    tracing::debug!(backend = %c.backend_id, "auth failure for a backend not in the snapshot yet: kept");
+                    self.early_auth.lock().insert(c.backend_id.clone());
+                }
+                continue;
+            }
             let remaining = Duration::from_millis(c.remaining_ms).min(MAX_RETRY_AFTER);
             let until = now + remaining;
             if !self
@@ -234,6 +245,9 @@ impl Dispatcher {
     /// Applies the kept cooldowns whose backend the snapshot now has;
     /// forgets those that ended.
     fn apply_early_cooldowns(&self, now: Instant) {
+        self.early_auth
+            .lock()
+            .retain(|id| !self.cooldowns.fail_auth_remote(id, now));
         let mut early = self.early.lock();
         early.retain(|id, (until, consecutive, quota)| {
             *until > now
@@ -395,6 +409,7 @@ mod tests {
             remaining_ms: ms,
             consecutive: 3,
             quota_exhausted: false,
+            auth_failed: false,
             source_node_id: source.into(),
         };
         let reply = d.handle(StreamConfigResponse {
@@ -460,6 +475,7 @@ mod tests {
                 remaining_ms: 3_600_000,
                 consecutive: 1,
                 quota_exhausted: true,
+                auth_failed: false,
                 source_node_id: "other".into(),
             }],
             ..Default::default()
@@ -469,6 +485,97 @@ mod tests {
         let hour = now + Duration::from_secs(3600);
         assert_eq!(a.cooldown.quota_exhausted_until(now), Some(hour));
         assert_eq!(a.cooldown.cooling_until(now), Some(hour));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_failed_update_excludes_the_backend_until_a_new_key() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        let snap = |version, key: &str| {
+            let mut b = backend("a", Pool::Primary, &[("m", "m")]);
+            b.api_key = key.into();
+            v1::Snapshot {
+                version,
+                backends: vec![b],
+                ..Default::default()
+            }
+        };
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(snap(2, "sk-old")),
+            ..Default::default()
+        });
+        let now = Instant::now();
+        d.handle(StreamConfigResponse {
+            version: 2,
+            cooldowns: vec![v1::CooldownUpdate {
+                backend_id: "a".into(),
+                auth_failed: true,
+                source_node_id: "other".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let rt = store.load().unwrap().backend("a").unwrap().runtime.clone();
+        assert_eq!(rt.cooldown.auth_failed(), Some(0));
+        assert!(
+            rt.cooldown
+                .cooling_until(now + Duration::from_secs(86_400))
+                .is_some()
+        );
+        // The same key again (another field changed) keeps it out.
+        d.handle(StreamConfigResponse {
+            version: 3,
+            nonce: "n3".into(),
+            snapshot: Some(snap(3, "sk-old")),
+            ..Default::default()
+        });
+        assert_eq!(rt.cooldown.auth_failed(), Some(0));
+        d.handle(StreamConfigResponse {
+            version: 4,
+            nonce: "n4".into(),
+            snapshot: Some(snap(4, "sk-new")),
+            ..Default::default()
+        });
+        assert_eq!(rt.cooldown.auth_failed(), None);
+        assert_eq!(rt.cooldown.cooling_until(now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_failure_in_the_catch_up_before_the_first_snapshot_applies_once_it_arrives() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        d.handle(StreamConfigResponse {
+            version: 0,
+            cooldowns: vec![v1::CooldownUpdate {
+                backend_id: "a".into(),
+                auth_failed: true,
+                source_node_id: "other".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(v1::Snapshot {
+                version: 2,
+                backends: vec![backend("a", Pool::Primary, &[("m", "m")])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let s = store.load().unwrap();
+        assert_eq!(
+            s.backend("a").unwrap().runtime.cooldown.auth_failed(),
+            Some(0)
+        );
+        assert!(d.early_auth.lock().is_empty());
     }
 
     /// Regression: a cooldown or rate share pushed before the first
@@ -488,6 +595,7 @@ mod tests {
             consecutive: 2,
             source_node_id: "other".into(),
             quota_exhausted: false,
+            auth_failed: false,
         };
         let early = d.handle(StreamConfigResponse {
             version: 0,

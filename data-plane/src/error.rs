@@ -6,7 +6,9 @@
 //! its SDK classifies by status (and 529 `overloaded_error` for "no
 //! capacity", which the SDK retries). Either way with the matching status
 //! and, where it helps the client, `Retry-After`. Messages are fixed,
-//! client-facing text: no internals, no keys.
+//! client-facing text: no internals, no keys (a provider rejecting the
+//! gateway's key names the backend, by name, so the client can tell its
+//! operator which one: [`ApiError::upstream_auth_failed`]).
 
 use std::borrow::Cow;
 
@@ -261,6 +263,27 @@ impl ApiError {
             "The upstream backend failed to answer.",
         )
         .code("upstream_error")
+    }
+
+    /// 502: the provider rejected the gateway's own key for `backend` (an
+    /// upstream 401/403; `status` 0 when another proxy saw it). Names the
+    /// backend, never the key, and is not the client's `invalid_api_key`:
+    /// the client's key was fine, an operator must fix the backend's.
+    pub(crate) fn upstream_auth_failed(backend: &str, status: u16) -> Self {
+        let status = if status == 0 {
+            String::new()
+        } else {
+            format!(" ({status})")
+        };
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_auth_failed",
+            format!(
+                "backend \"{}\" rejected the gateway's provider key{status}; an operator must update its key",
+                clip(backend)
+            ),
+        )
+        .code("upstream_auth_failed")
     }
 
     /// An upstream error answer of `status` the proxy could not translate

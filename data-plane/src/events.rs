@@ -80,6 +80,8 @@ pub(crate) enum FailureKind {
     /// `Retry-After` beyond an hour, or a quota error type): the backend is
     /// out until then, not transiently rate limited.
     QuotaExhausted,
+    /// A 401/403: the provider rejected the gateway's key for the backend.
+    AuthFailed,
 }
 
 /// One failed upstream attempt.

@@ -8,6 +8,12 @@
 //!   quota-exhausted until then (an hour without `Retry-After`) instead.
 //! - 529 (provider overloaded): a short local hold (the pool's base
 //!   cooldown, at most 5 s, or the `Retry-After`) and the next candidate.
+//! - 401/403: the provider rejected the gateway's key for the backend (the
+//!   client's key was checked already). The backend is held here until its
+//!   key or URL changes (a new snapshot) and, through the failure report,
+//!   on every proxy; the request moves to the next candidate. With none
+//!   left, the client gets 502 `upstream_auth_failed` naming the backend
+//!   (also when every candidate is already held for its key).
 //! - 5xx, connect errors, timeouts: count towards outlier ejection
 //!   ([`crate::outlier`]) and move to the next candidate.
 //! - Anything else is the answer and streams to the client.
@@ -379,7 +385,7 @@ where
                 record_demand(&r, tried);
                 // After a failed attempt, its error explains more than "no capacity".
                 if last_error.is_none() || e.status == StatusCode::TOO_MANY_REQUESTS {
-                    last_error = Some(e);
+                    last_error = all_auth_failed(&r).or(Some(e));
                 }
                 break;
             }
@@ -709,6 +715,9 @@ enum AttemptClass {
     /// The backend does not know the stored response the request names:
     /// try the next candidate, no failure counted.
     ResponseUnknown(u16),
+    /// 401/403: the provider rejected the gateway's key for the backend.
+    /// Hold it until its key or URL changes, try the next candidate.
+    AuthFailed(u16),
     /// 5xx: counts towards ejection, try the next candidate.
     ServerError(u16),
     /// No connection: nothing reached the backend.
@@ -729,6 +738,7 @@ impl AttemptClass {
             AttemptClass::QuotaExhausted { .. } => "quota_exhausted",
             AttemptClass::Overloaded { .. } => "overloaded",
             AttemptClass::ResponseUnknown(_) => "response_unknown",
+            AttemptClass::AuthFailed(_) => "auth_failed",
             AttemptClass::ServerError(_) => "server_error",
             // As `UpstreamError::label`.
             AttemptClass::Connect => "connect_error",
@@ -774,6 +784,9 @@ fn classify<B>(
         Ok(res) if res.status().as_u16() == 529 => AttemptClass::Overloaded {
             retry_after: retry_after(res),
         },
+        Ok(res) if matches!(res.status().as_u16(), 401 | 403) => {
+            AttemptClass::AuthFailed(res.status().as_u16())
+        }
         Ok(res) if res.status().is_server_error() => {
             AttemptClass::ServerError(res.status().as_u16())
         }
@@ -858,6 +871,9 @@ fn react(
         }
         AttemptClass::Overloaded { retry_after } => {
             return Some(overloaded(shared, r, backend, retry_after, now));
+        }
+        AttemptClass::AuthFailed(status) => {
+            return Some(auth_failed(shared, backend, status, now));
         }
         // Handled by the caller (no failure); the error is never used.
         AttemptClass::ResponseUnknown(_) => return Some(ApiError::bad_gateway()),
@@ -964,6 +980,46 @@ fn exhaust(
         summary: "quota exhausted (429)",
     }));
     ApiError::capacity_rate_limited(retry_after_secs(cooldown))
+}
+
+/// A 401/403 from `backend`: the provider rejected the gateway's key. It
+/// is held here until its key or URL changes (a new snapshot) and, through
+/// the signal and the control plane, on the rest of the fleet. The error
+/// names the backend: the client's key was fine.
+fn auth_failed(shared: &Shared, backend: &Backend, status: u16, now: Instant) -> ApiError {
+    if backend.runtime.cooldown.fail_auth(status, now) {
+        tracing::error!(backend = %backend.name, backend_id = %backend.id, status, "upstream rejected the gateway's provider key: backend excluded until its key or URL is updated");
+    }
+    shared.events.signal(Signal::Failure(Failure {
+        at: SystemTime::now(),
+        backend_id: backend.id.clone(),
+        kind: FailureKind::AuthFailed,
+        status: Some(status),
+        retry_after: None,
+        consecutive: 0,
+        cooldown: None,
+        summary: if status == 403 {
+            "provider key rejected (403)"
+        } else {
+            "provider key rejected (401)"
+        },
+    }));
+    ApiError::upstream_auth_failed(&backend.name, status)
+}
+
+/// The error for a request every candidate of which is held for a
+/// rejected key: the first one's, so the client (and whoever reads its
+/// logs) learns which backend's key to fix rather than "no capacity".
+fn all_auth_failed(r: &Routed) -> Option<ApiError> {
+    let cands = &r.route.candidates[..r.route.candidates.len().min(MAX_CANDIDATES)];
+    let mut failed = cands
+        .iter()
+        .map(|c| (c, c.backend.runtime.cooldown.auth_failed()));
+    let (first, status) = failed.next()?;
+    let status = status?;
+    failed
+        .all(|(_, s)| s.is_some())
+        .then(|| ApiError::upstream_auth_failed(&first.backend.name, status))
 }
 
 /// A 529 from `backend`: held here for its `Retry-After`, else the pool's
@@ -1468,6 +1524,23 @@ mod tests {
         } else {
             class
         }
+    }
+
+    #[test]
+    fn an_upstream_401_or_403_is_a_rejected_key_not_an_answer() {
+        for status in [401, 403] {
+            let class = cond(status, None, Probe::None, "");
+            assert_eq!(class, AttemptClass::AuthFailed(status));
+            assert_eq!(class.outcome(), "auth_failed");
+        }
+        assert_eq!(cond(400, None, Probe::None, ""), AttemptClass::Answer(400));
+        let e = ApiError::upstream_auth_failed("b1", 401);
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            e.message,
+            "backend \"b1\" rejected the gateway's provider key (401); an operator must update its key"
+        );
+        assert_ne!(e.code, Some("invalid_api_key"));
     }
 
     #[test]

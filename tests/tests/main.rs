@@ -11,6 +11,7 @@ mod data_plane_support;
 mod affinity;
 mod anthropic_sdk;
 mod audit;
+mod auth_failures;
 mod backup;
 mod check;
 mod clawctl_edges;

@@ -3,7 +3,9 @@
 //! Backends come from the catalog; their live state from the fleet: while
 //! the provider reports a backend's quota spent, its `status` reads
 //! `quota_exhausted` and `quota_exhausted_until` says until when (a disabled
-//! backend stays `disabled`, with the time still shown).
+//! backend stays `disabled`, with the time still shown). While the provider
+//! rejects its key (a 401/403 any proxy saw), it reads `auth_failed`, until
+//! an update sets a new `api_key` or `base_url`, which clears it fleet-wide.
 
 use std::sync::Arc;
 
@@ -27,16 +29,21 @@ impl BackendApi {
         BackendApi { catalog, fleet }
     }
 
-    /// Adds the fleet's view (quota exhaustion) to a catalog backend.
+    /// Adds the fleet's view (auth failure, quota exhaustion) to a catalog
+    /// backend.
     fn live(&self, mut b: Backend) -> Backend {
         let now = crate::catalog::records::now_ms();
-        if let Some(c) = self.fleet.cooldowns().get(&b.id)
-            && c.quota_exhausted(now)
-        {
+        let Some(c) = self.fleet.cooldowns().get(&b.id) else {
+            return b;
+        };
+        if c.quota_exhausted(now) {
             b.quota_exhausted_until = crate::catalog::records::timestamp(c.quota_until_ms);
             if b.enabled {
                 b.status = "quota_exhausted".to_string();
             }
+        }
+        if c.auth_failed && b.enabled {
+            b.status = "auth_failed".to_string();
         }
         b
     }
@@ -87,11 +94,28 @@ impl BackendService for BackendApi {
         request: Request<UpdateBackendRequest>,
     ) -> RpcResult<UpdateBackendResponse> {
         let actor = super::actor(&request);
-        let (backend, config_version) = self
-            .catalog
-            .update_backend(&actor, request.into_inner())
-            .await?;
+        let req = request.into_inner();
+        let new_key = req.api_key.as_deref().is_some_and(|k| !k.is_empty());
+        let new_url = req.base_url.clone();
+        let before = self.catalog.config_version();
+        let old_url = self.catalog.get_backend(&req.backend)?.base_url;
+        let (backend, config_version) = self.catalog.update_backend(&actor, req).await?;
         tracing::info!(backend = %backend.id, name = %backend.name, config_version, "backend updated");
+        // A new key or URL is the operator's answer to a rejected key.
+        let url_changed = new_url.is_some() && backend.base_url != old_url;
+        if (new_key || url_changed) && config_version != before {
+            let store = self.catalog.backend_state_store();
+            let now = crate::catalog::records::now_ms();
+            match self.fleet.cooldowns().clear_auth(store, &backend.id, now) {
+                Ok(true) => {
+                    tracing::info!(backend = %backend.id, name = %backend.name, "key or URL updated: auth failure cleared fleet-wide");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(backend = %backend.id, error = %e, "could not clear the auth failure");
+                }
+            }
+        }
         ok(UpdateBackendResponse {
             backend: Some(self.live(backend)),
             config_version,

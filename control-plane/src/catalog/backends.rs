@@ -153,6 +153,12 @@ fn missing_spec() -> CatalogError {
 }
 
 impl Catalog {
+    /// The store, for the state that follows a backend's updates outside
+    /// the catalog (its fleet-wide auth failure, cleared by a new key or URL).
+    pub(crate) fn backend_state_store(&self) -> &dyn crate::store::Store {
+        self.store.as_ref()
+    }
+
     /// Every backend, ordered by name, with masked keys.
     pub fn list_backends(&self) -> Result<Vec<Backend>> {
         let mut out = self

@@ -328,6 +328,7 @@ async fn overview(d: &Dashboard, c: &Caller) -> Result<Value, Status> {
             "cooling": count("cooling"),
             "disabled": count("disabled"),
             "quota_exhausted": count("quota_exhausted"),
+            "auth_failed": count("auth_failed"),
         },
         "agents": {
             "total": agents.len(),

@@ -1,7 +1,9 @@
 //! The backends view: `ListBackends` plus each backend's live state from
 //! the fleet.
 //!
-//! - `state`: `disabled` when not enabled; else `quota_exhausted` while the
+//! - `state`: `disabled` when not enabled; else `auth_failed` while the
+//!   provider rejects the backend's key (until it is updated); else
+//!   `quota_exhausted` while the
 //!   provider reports the quota spent; else `cooling` while a fleet
 //!   cooldown (after a 429 or overload) lasts; else `healthy`. The control
 //!   plane learns of nothing else (ejections and health checks are each
@@ -24,7 +26,7 @@ use super::call::{Caller, to_json};
 
 /// One backend as the view shows it.
 pub(super) struct LiveBackend {
-    /// `healthy`, `cooling`, `quota_exhausted` or `disabled`.
+    /// `healthy`, `cooling`, `quota_exhausted`, `auth_failed` or `disabled`.
     pub state: &'static str,
     /// The backend's JSON with the live fields added.
     pub json: Value,
@@ -38,6 +40,8 @@ fn state_of(
 ) -> &'static str {
     if !b.enabled {
         "disabled"
+    } else if cooldown.is_some_and(|c| c.auth_failed) {
+        "auth_failed"
     } else if cooldown.is_some_and(|c| c.quota_exhausted(now_ms)) {
         "quota_exhausted"
     } else if cooldown.is_some_and(|c| c.until_ms > now_ms) {
@@ -108,6 +112,7 @@ mod tests {
             source_node: "p".into(),
             cooled: true,
             quota_until_ms,
+            auth_failed: false,
         };
         assert_eq!(state_of(&b(true), None, now), "healthy");
         assert_eq!(state_of(&b(true), Some(&c(now - 1, 0)), now), "healthy");
@@ -120,5 +125,11 @@ mod tests {
             state_of(&b(false), Some(&c(now + 5, now + 5)), now),
             "disabled"
         );
+        let rejected = Change {
+            auth_failed: true,
+            ..c(0, 0)
+        };
+        assert_eq!(state_of(&b(true), Some(&rejected), now), "auth_failed");
+        assert_eq!(state_of(&b(false), Some(&rejected), now), "disabled");
     }
 }

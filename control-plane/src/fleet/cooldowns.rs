@@ -21,6 +21,14 @@
 //! - `OVERLOADED` (a 529): a short cooldown of what the proxy applied (else
 //!   its Retry-After, else the pool's base), also without counting.
 //!
+//! And one that holds without a time:
+//! - `AUTH_FAILED` (a 401/403: the provider rejected the gateway's key): the
+//!   state remembers it (`auth_failed`), every push and catch-up says so, and
+//!   proxies exclude the backend until its key or URL is updated —
+//!   [`FleetCooldowns::clear_auth`], called by `UpdateBackend`, ends it (the
+//!   proxies end theirs on the snapshot with the new key). `backend
+//!   list/get` show `status: auth_failed` meanwhile.
+//!
 //! Their history records say which it was in the summary.
 //!
 //! Once the batch is durable, [`FleetCooldowns::commit`] updates the
@@ -62,6 +70,14 @@ struct StateRecord {
     /// End of the provider-reported quota exhaustion, unix ms (0: none).
     #[prost(int64, tag = "5")]
     quota_until_ms: i64,
+    /// The provider rejected the backend's key (401/403) and it was not
+    /// updated since.
+    #[prost(bool, tag = "6")]
+    auth_failed: bool,
+    /// When the backend's key or URL was last updated, unix ms: a rejected
+    /// key reported from before then was the old key's (0: never).
+    #[prost(int64, tag = "7")]
+    auth_cleared_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -97,6 +113,8 @@ pub struct Change {
     pub cooled: bool,
     /// End of the backend's quota exhaustion, unix ms (0 or past: none).
     pub quota_until_ms: i64,
+    /// The provider rejected the backend's key; until it is updated.
+    pub auth_failed: bool,
 }
 
 impl Change {
@@ -109,6 +127,7 @@ impl Change {
             consecutive: self.consecutive,
             source_node_id: self.source_node.clone(),
             quota_exhausted: self.quota_exhausted(now_ms),
+            auth_failed: self.auth_failed,
         }
     }
 
@@ -127,6 +146,7 @@ enum Step<'a> {
     RateLimited(&'a UpstreamFailure),
     QuotaExhausted(&'a UpstreamFailure),
     Overloaded(&'a UpstreamFailure),
+    AuthFailed(&'a UpstreamFailure),
     Success,
 }
 
@@ -136,6 +156,7 @@ fn cooling_step(f: &UpstreamFailure) -> Option<Step<'_>> {
         Ok(FailureKind::RateLimited) => Some(Step::RateLimited(f)),
         Ok(FailureKind::QuotaExhausted) => Some(Step::QuotaExhausted(f)),
         Ok(FailureKind::Overloaded) => Some(Step::Overloaded(f)),
+        Ok(FailureKind::AuthFailed) => Some(Step::AuthFailed(f)),
         _ => None,
     }
 }
@@ -234,6 +255,16 @@ pub fn apply_in_txn(
                     };
                     (duration, summary_of("overloaded", &f.summary), false)
                 }
+                Step::AuthFailed(f) => {
+                    // No time: it holds until the key or URL is updated.
+                    // A rejection from before the last update was the old key's.
+                    if !state.auth_failed && at >= state.auth_cleared_ms {
+                        state.auth_failed = true;
+                        state.source_node = batch.node_id.clone();
+                        cooled = true;
+                    }
+                    (0, summary_of("provider key rejected", &f.summary), false)
+                }
             };
             let age = now_ms - at;
             let age = if age <= CLOCK_GRACE_MS { 0 } else { age };
@@ -277,6 +308,7 @@ pub fn apply_in_txn(
             source_node: state.source_node,
             cooled,
             quota_until_ms: state.quota_until_ms,
+            auth_failed: state.auth_failed,
         });
     }
     Ok(changes)
@@ -340,6 +372,7 @@ impl FleetCooldowns {
                     source_node: r.source_node,
                     cooled: false,
                     quota_until_ms: r.quota_until_ms,
+                    auth_failed: r.auth_failed,
                 },
             );
         }
@@ -361,9 +394,11 @@ impl FleetCooldowns {
                 // moves later.
                 let until = entry.until_ms.max(c.until_ms);
                 let quota_until = entry.quota_until_ms.max(c.quota_until_ms);
+                let auth_failed = entry.auth_failed || c.auth_failed;
                 *entry = Change {
                     until_ms: until,
                     quota_until_ms: quota_until,
+                    auth_failed,
                     ..c.clone()
                 };
                 if let Ok(t) = jiff::Timestamp::from_millisecond(until) {
@@ -379,11 +414,43 @@ impl FleetCooldowns {
         let s = self.state.read();
         let mut v: Vec<_> = s
             .values()
-            .filter(|c| c.until_ms > now_ms)
+            .filter(|c| c.until_ms > now_ms || c.auth_failed)
             .map(|c| c.to_update(now_ms))
             .collect();
         v.sort_by(|a, b| a.backend_id.cmp(&b.backend_id));
         v
+    }
+
+    /// Ends `backend_id`'s auth failure, durably then here: its key or URL
+    /// was updated at `now_ms`. Rejections reported from before then are
+    /// ignored from now on (the old key's, still in flight). Returns
+    /// whether it was marked.
+    pub fn clear_auth(
+        &self,
+        store: &dyn Store,
+        backend_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let marked = self.get(backend_id).is_some_and(|c| c.auth_failed);
+        store.transact(&[Tree::CooldownState], |txn| {
+            let raw = txn.get(Tree::CooldownState, backend_id.as_bytes())?;
+            let mut state = raw
+                .as_deref()
+                .and_then(|r| <StateRecord as prost::Message>::decode(r).ok())
+                .unwrap_or_default();
+            state.auth_failed = false;
+            state.auth_cleared_ms = state.auth_cleared_ms.max(now_ms);
+            txn.insert(
+                Tree::CooldownState,
+                backend_id.as_bytes(),
+                &prost::Message::encode_to_vec(&state),
+            )
+        })?;
+        if let Some(c) = self.state.write().get_mut(backend_id) {
+            c.auth_failed = false;
+        }
+        self.record_gauge(now_ms);
+        Ok(marked)
     }
 
     /// The state of one backend.
@@ -396,6 +463,10 @@ impl FleetCooldowns {
     pub fn record_gauge(&self, now_ms: i64) {
         let n = {
             let s = self.state.read();
+            // Every backend with fleet state (ever cooled or rejected).
+            for c in s.values() {
+                super::metrics::backend_auth_failed(&c.backend_id, c.auth_failed);
+            }
             s.values().filter(|c| c.until_ms > now_ms).count()
         };
         super::metrics::cooldowns_active(n);
@@ -539,6 +610,47 @@ mod tests {
         let fleet = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
         assert_eq!(fleet.get("b1").map(|c| c.quota_until_ms), Some(now + day));
         assert!(fleet.active(now + 10).iter().all(|u| u.quota_exhausted));
+    }
+
+    #[test]
+    fn an_auth_failure_holds_without_a_time_until_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("d")).expect("open");
+        let s: &dyn Store = &store;
+        let now = 1_000_000;
+        let mut f = failure(FailureKind::AuthFailed, "b1", 0, now);
+        f.status = 401;
+        let c = apply(s, &batch("a", 1, vec![f.clone()]), now);
+        assert!(c[0].auth_failed && c[0].cooled, "{c:?}");
+        assert!(c[0].to_update(now).auth_failed);
+        // A second report is no news (no push).
+        let again = apply(s, &batch("b", 1, vec![f]), now + 1);
+        assert!(again[0].auth_failed && !again[0].cooled, "{again:?}");
+
+        let fleet = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
+        let year = 365 * 86_400_000;
+        let active = fleet.active(now + year);
+        assert_eq!(active.len(), 1, "a proxy connecting later learns it");
+        assert!(active[0].auth_failed && active[0].remaining_ms == 0);
+        assert!(fleet.clear_auth(s, "b1", now + 100).expect("clear"));
+        assert!(
+            !fleet.clear_auth(s, "b1", now + 100).expect("clear"),
+            "once"
+        );
+        assert!(fleet.active(now + 110).is_empty());
+        let reloaded = FleetCooldowns::load(s, Arc::new(Capacity::new())).expect("load");
+        assert!(
+            reloaded.get("b1").is_some_and(|c| !c.auth_failed),
+            "durable"
+        );
+        // The old key's 401, reported late, does not mark it again; a new one does.
+        let mut late = failure(FailureKind::AuthFailed, "b1", 0, now + 50);
+        late.status = 401;
+        let c = apply(s, &batch("a", 2, vec![late.clone()]), now + 200);
+        assert!(!c[0].auth_failed, "{c:?}");
+        late.time = timestamp(now + 150);
+        let c = apply(s, &batch("a", 3, vec![late]), now + 200);
+        assert!(c[0].auth_failed, "{c:?}");
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `claw_cp_cooldowns_active` | gauge | |
+//! | `claw_cp_backend_auth_failed` | gauge | `backend` (id): 1 while the provider rejects its key |
 //! | `claw_cp_cooldown_pushes_total` | counter | |
 //! | `claw_cp_rate_share_assignments_total` | counter | (rate-share messages pushed) |
 
 /// Backends cooling fleet-wide.
 pub const COOLDOWNS_ACTIVE: &str = "claw_cp_cooldowns_active";
+/// 1 while a backend is `auth_failed` (its key rejected, not yet updated).
+pub const BACKEND_AUTH_FAILED: &str = "claw_cp_backend_auth_failed";
 /// Cooldown messages pushed to proxies.
 pub const COOLDOWN_PUSHES_TOTAL: &str = "claw_cp_cooldown_pushes_total";
 /// Rate-share messages pushed to proxies.
@@ -19,6 +22,10 @@ pub const RATE_SHARE_ASSIGNMENTS_TOTAL: &str = "claw_cp_rate_share_assignments_t
 pub fn describe() {
     metrics::describe_gauge!(COOLDOWNS_ACTIVE, "Backends cooling fleet-wide");
     metrics::describe_counter!(COOLDOWN_PUSHES_TOTAL, "Cooldown messages pushed to proxies");
+    metrics::describe_gauge!(
+        BACKEND_AUTH_FAILED,
+        "1 while the provider rejects the backend's key (until its key or URL is updated)"
+    );
     metrics::describe_counter!(
         RATE_SHARE_ASSIGNMENTS_TOTAL,
         "Rate-share messages pushed to proxies"
@@ -31,6 +38,15 @@ pub fn describe() {
 /// Sets the active cooldowns gauge.
 pub fn cooldowns_active(n: usize) {
     metrics::gauge!(COOLDOWNS_ACTIVE).set(n as f64);
+}
+
+/// Sets whether `backend` is auth-failed.
+pub fn backend_auth_failed(backend: &str, failed: bool) {
+    metrics::gauge!(BACKEND_AUTH_FAILED, "backend" => backend.to_string()).set(if failed {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Counts cooldown messages pushed.

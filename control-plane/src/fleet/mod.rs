@@ -136,7 +136,7 @@ impl Fleet {
         self.cooldowns.commit(changes, now);
         let updates: Vec<_> = changes
             .iter()
-            .filter(|c| c.cooled && c.until_ms > now)
+            .filter(|c| c.cooled && (c.until_ms > now || c.auth_failed))
             .map(|c| c.to_update(now))
             .collect();
         if !updates.is_empty() {
@@ -155,6 +155,18 @@ impl Fleet {
             }
             metrics::cooldown_pushed(pushed);
             for c in changes.iter().filter(|c| c.cooled) {
+                if c.auth_failed {
+                    let backends = self.directory.backends();
+                    let name = backends.get(&c.backend_id).map_or("", |b| b.name.as_str());
+                    tracing::warn!(
+                        backend = %name,
+                        backend_id = %c.backend_id,
+                        node_id = %batch.node_id,
+                        proxies = pushed,
+                        "provider rejected the backend's key: excluded fleet-wide until its key or URL is updated"
+                    );
+                    continue;
+                }
                 tracing::info!(
                     backend = %c.backend_id,
                     node_id = %batch.node_id,

@@ -82,6 +82,24 @@ impl Cooldowns {
         }
     }
 
+    /// Applies an auth failure learned from the control plane (another
+    /// proxy's 401/403). Returns false when the backend is not in the
+    /// current snapshot.
+    pub fn fail_auth_remote(&self, backend_id: &str, now: Instant) -> bool {
+        let Some(snap) = self.store.load() else {
+            return false;
+        };
+        match snap.backend(backend_id) {
+            Some(b) => {
+                if b.runtime.cooldown.fail_auth(0, now) {
+                    tracing::warn!(backend = %b.name, backend_id, "backend's provider key rejected elsewhere in the fleet: excluded until its key or URL is updated");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Marks `backend_id`'s quota exhausted for `d` (an upstream 429 saying
     /// so) and emits a [`CooldownEvent`]. Returns the end.
     pub(crate) fn exhaust_local(

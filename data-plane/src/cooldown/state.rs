@@ -11,7 +11,11 @@
 //! leaves the 429 count alone), and quota exhaustion ([`Cooldown::exhaust`]):
 //! a 429 saying the account's quota or billing is spent, held until the
 //! quota returns and reported as such (`quota_exhausted`), since retrying it
-//! in seconds only burns attempts. A leaf: the snapshot embeds a
+//! in seconds only burns attempts. A third, [`Cooldown::fail_auth`], is an
+//! upstream 401/403: the provider rejected the gateway's key, so the backend
+//! is held (as exhausted: no emergency trickle) until the key or URL changes
+//! ([`Cooldown::clear_auth`], on a snapshot with a new key) — retrying it
+//! can never succeed. A leaf: the snapshot embeds a
 //! [`Cooldown`] in every backend's runtime state, so nothing here may name the
 //! snapshot.
 
@@ -67,7 +71,14 @@ struct Inner {
     consecutive: u32,
     /// The end of a quota exhaustion (≤ `until`).
     quota_until: Option<Instant>,
+    /// The provider rejected the key: the upstream status (0 when learned
+    /// from the control plane).
+    auth_failed: Option<u16>,
 }
+
+/// How long an auth failure holds a backend: "until told otherwise" (a new
+/// key or URL clears it), bounded so the clock arithmetic cannot overflow.
+pub(crate) const AUTH_FAILED_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Cooldown state of one backend.
 #[derive(Debug, Default)]
@@ -125,6 +136,39 @@ impl Cooldown {
         g.quota_until = Some(g.quota_until.map_or(until, |u| u.max(until)));
     }
 
+    /// Marks the backend's key rejected (upstream `status`, 401/403; 0 when
+    /// not known) and holds it until [`Cooldown::clear_auth`]. Returns
+    /// whether it was not marked already.
+    pub fn fail_auth(&self, status: u16, now: Instant) -> bool {
+        let until = now + AUTH_FAILED_HOLD;
+        let mut g = self.inner.lock();
+        g.until = Some(g.until.map_or(until, |u| u.max(until)));
+        g.quota_until = Some(g.quota_until.map_or(until, |u| u.max(until)));
+        let first = g.auth_failed.is_none();
+        if first || status != 0 {
+            g.auth_failed = Some(status);
+        }
+        first
+    }
+
+    /// The upstream status that rejected the key (0: unknown), while the
+    /// backend is marked.
+    pub fn auth_failed(&self) -> Option<u16> {
+        self.inner.lock().auth_failed
+    }
+
+    /// Ends an auth failure (the backend's key or URL changed): the hold it
+    /// put on ends now. Returns whether it was marked.
+    pub fn clear_auth(&self) -> bool {
+        let mut g = self.inner.lock();
+        if g.auth_failed.take().is_none() {
+            return false;
+        }
+        g.until = None;
+        g.quota_until = None;
+        true
+    }
+
     /// When the backend's quota returns, if it is exhausted at `now`.
     pub fn quota_exhausted_until(&self, now: Instant) -> Option<Instant> {
         self.inner.lock().quota_until.filter(|u| *u > now)
@@ -139,6 +183,25 @@ impl Cooldown {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_failure_holds_until_cleared() {
+        let c = Cooldown::default();
+        let now = Instant::now();
+        assert!(c.fail_auth(401, now));
+        assert!(!c.fail_auth(0, now), "a second mark is not new");
+        assert_eq!(c.auth_failed(), Some(401));
+        let later = now + Duration::from_secs(30 * 24 * 3600);
+        assert!(c.cooling_until(later).is_some());
+        assert!(
+            c.quota_exhausted_until(later).is_some(),
+            "no emergency trickle"
+        );
+        assert!(c.clear_auth());
+        assert_eq!(c.auth_failed(), None);
+        assert_eq!(c.cooling_until(now), None);
+        assert!(!c.clear_auth());
+    }
 
     fn policy(exponential: bool) -> CooldownPolicy {
         CooldownPolicy {

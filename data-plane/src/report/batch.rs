@@ -221,6 +221,7 @@ impl Collector {
                     FailureKind::RateLimited
                         | FailureKind::Overloaded
                         | FailureKind::QuotaExhausted
+                        | FailureKind::AuthFailed
                 );
                 self.pending.failures.push(failure(f));
             }
@@ -372,6 +373,7 @@ fn failure(f: Failure) -> UpstreamFailure {
             FailureKind::StreamBroken => WireFailureKind::StreamBroken,
             FailureKind::Overloaded => WireFailureKind::Overloaded,
             FailureKind::QuotaExhausted => WireFailureKind::QuotaExhausted,
+            FailureKind::AuthFailed => WireFailureKind::AuthFailed,
         } as i32,
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
@@ -759,6 +761,7 @@ mod tests {
         for (kind, wire) in [
             (FailureKind::Overloaded, WireFailureKind::Overloaded),
             (FailureKind::QuotaExhausted, WireFailureKind::QuotaExhausted),
+            (FailureKind::AuthFailed, WireFailureKind::AuthFailed),
         ] {
             let mut c = Collector::new(
                 "n1".into(),

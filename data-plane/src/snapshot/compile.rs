@@ -161,6 +161,12 @@ fn compile_backend(
     let runtime = match previous.and_then(|p| p.backend(&b.id)) {
         Some(old) => {
             let rt = old.runtime.clone();
+            // A new key or URL is the operator's answer to an auth failure.
+            if (old.credential.value != credential.value || old.base_url != base_url)
+                && rt.cooldown.clear_auth()
+            {
+                tracing::info!(backend = %b.name, backend_id = %b.id, "key or URL updated: auth failure cleared");
+            }
             rt.rpm.set_limit(f64::from(b.rpm), now);
             rt.tpm.set_limit(f64::from(tpm.unwrap_or(0)), now);
             rt.emergency.set_limit(emergency, now);

@@ -434,6 +434,7 @@ async fn a_429_is_reported_at_once_and_remote_cooldowns_apply() {
             consecutive: 2,
             source_node_id: "node-other".into(),
             quota_exhausted: false,
+            auth_failed: false,
         }],
         ..Default::default()
     }))
