@@ -330,6 +330,7 @@
       badge("healthy", `${num(b.healthy || 0)} healthy`, "count-healthy"),
       badge("cooling", `${num(b.cooling || 0)} cooling`, "count-cooling"),
       badge("quota_exhausted", `${num(b.quota_exhausted || 0)} quota`, "count-quota"),
+      badge("auth_failed", `${num(b.auth_failed || 0)} key rejected`, "count-auth-failed"),
       badge("disabled", `${num(b.disabled || 0)} disabled`, "count-disabled")
     );
     const cards = h(
@@ -398,6 +399,8 @@
         return b.cooling_until ? `cooling until ${hms(b.cooling_until)}` : "cooling";
       case "quota_exhausted":
         return b.quota_exhausted_until ? `quota exhausted until ${hms(b.quota_exhausted_until)}` : "quota exhausted";
+      case "auth_failed":
+        return "key rejected (401/403)";
       case undefined:
       case null:
       case "":
