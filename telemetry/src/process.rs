@@ -4,7 +4,9 @@
 //! rendered as text for the servers to append to their `/metrics`.
 //!
 //! Rendered rather than recorded through the `metrics` facade: its counters
-//! are integers, and CPU seconds are not. Off Linux (no `/proc`) nothing is
+//! are integers, and CPU seconds are not. (The `metrics-process` crate goes
+//! through the same facade, so it either rounds CPU seconds down to whole
+//! seconds or exports them as a gauge named `_total`, which promtool flags.) Off Linux (no `/proc`) nothing is
 //! rendered. Like Prometheus' own `procfs`, CPU ticks are taken as 1/100 s
 //! (`USER_HZ` is 100 on every Linux the servers run on).
 

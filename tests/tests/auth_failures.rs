@@ -183,6 +183,24 @@ async fn a_rejected_provider_key_is_retried_elsewhere_named_in_a_502_and_exclude
     assert_names_ba(status, &v, &f.logs());
     assert_eq!(requests_to(&f, A), 1, "proxy 1 never sent to `ba`");
 
+    // The same rejected key set again with another change: still rejected,
+    // so the mark stays (the proxies keep skipping `ba` too).
+    f.cp.clawctl_with_env(
+        &[
+            "backend",
+            "update",
+            "ba",
+            "--api-key-env",
+            "CLAW_TEST_NEW_KEY",
+            "--rpm",
+            "77",
+        ],
+        &[("CLAW_TEST_NEW_KEY", "sk-wrong-0123456789abcdef")],
+    )
+    .assert_ok();
+    f.wait_synced();
+    assert_eq!(status_of(&f, "ba"), "auth_failed");
+
     // The operator fixes the key: cleared everywhere, `ba` serves again.
     set_key(&f, &f.specs[A].key());
     assert_eq!(status_of(&f, "ba"), "enabled");

@@ -95,7 +95,13 @@ impl BackendService for BackendApi {
     ) -> RpcResult<UpdateBackendResponse> {
         let actor = super::actor(&request);
         let req = request.into_inner();
-        let new_key = req.api_key.as_deref().is_some_and(|k| !k.is_empty());
+        // A key that differs from the stored one (setting the same key again
+        // does not clear the mark: the proxies' credential would not change
+        // either, and they would go on skipping the backend).
+        let new_key = match req.api_key.as_deref() {
+            Some(k) if !k.trim().is_empty() => !self.catalog.backend_key_is(&req.backend, k)?,
+            _ => false,
+        };
         let new_url = req.base_url.clone();
         let before = self.catalog.config_version();
         let old_url = self.catalog.get_backend(&req.backend)?.base_url;

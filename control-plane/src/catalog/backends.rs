@@ -322,6 +322,14 @@ impl Catalog {
         Ok((self.backend_view(&rec)?, version))
     }
 
+    /// Whether `key` is the provider key the backend `ident` has now
+    /// (compared in constant time after opening the sealed key).
+    pub fn backend_key_is(&self, ident: &str, key: &str) -> Result<bool> {
+        use subtle::ConstantTimeEq as _;
+        let current = self.backend_api_key(&self.load_backend(ident)?)?;
+        Ok(bool::from(current.as_bytes().ct_eq(key.trim().as_bytes())))
+    }
+
     pub(super) fn load_backend(&self, ident: &str) -> Result<BackendRecord> {
         let id = self.resolve_id(Tree::Backends, Tree::BackendNames, KIND, ident)?;
         self.load(Tree::Backends, KIND, &id)
