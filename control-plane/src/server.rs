@@ -289,7 +289,7 @@ impl Server {
         // One instance of each service, shared by gRPC and the dashboard.
         let services = Services {
             backend: BackendApi::new(catalog.clone(), fleet.clone()),
-            cluster: ClusterApi::new(catalog.clone(), proxies.clone()),
+            cluster: ClusterApi::new(catalog.clone(), proxies.clone(), fleet.clone()),
             stats: StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet.clone()),
             agent: AgentApi::new(catalog.clone()),
             heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats),

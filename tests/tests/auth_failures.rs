@@ -215,4 +215,28 @@ async fn a_rejected_provider_key_is_retried_elsewhere_named_in_a_502_and_exclude
     set_key(&f, "sk-wrong-again-0123456789abcdef");
     let (status, v) = send_chat(&f, 1, "solo").await;
     assert_names_ba(status, &v, &f.logs());
+    let marked = wait_until(Duration::from_secs(30), || {
+        status_of(&f, "ba") == "auth_failed"
+    });
+    assert!(marked, "not marked again\n{}", f.logs());
+
+    // Fixed through `apply` this time (the exported document names the key
+    // by its variable): the apply clears the mark like an update does.
+    let doc = f.cp.clawctl(&["export"]).assert_ok().stdout;
+    assert!(doc.contains("CLAW_TEST_NEW_KEY"), "{doc}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("claw.yaml");
+    std::fs::write(&file, &doc).expect("write the document");
+    let path = file.display().to_string();
+    f.cp.clawctl_with_env(
+        &["apply", "-f", path.as_str()],
+        &[("CLAW_TEST_NEW_KEY", f.specs[A].key().as_str())],
+    )
+    .assert_ok();
+    f.wait_synced();
+    assert_eq!(status_of(&f, "ba"), "enabled");
+    let before = f.ok_counts();
+    let (status, v) = send_chat(&f, 1, "solo").await;
+    assert_eq!(status, 200, "{v}\n{}", f.logs());
+    assert_eq!(f.served_by(&before), A, "proxy 1 used `ba` again");
 }

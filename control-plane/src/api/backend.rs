@@ -110,17 +110,7 @@ impl BackendService for BackendApi {
         // A new key or URL is the operator's answer to a rejected key.
         let url_changed = new_url.is_some() && backend.base_url != old_url;
         if (new_key || url_changed) && config_version != before {
-            let store = self.catalog.backend_state_store();
-            let now = crate::catalog::records::now_ms();
-            match self.fleet.cooldowns().clear_auth(store, &backend.id, now) {
-                Ok(true) => {
-                    tracing::info!(backend = %backend.id, name = %backend.name, "key or URL updated: auth failure cleared fleet-wide");
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(backend = %backend.id, error = %e, "could not clear the auth failure");
-                }
-            }
+            clear_auth_failure(&self.catalog, &self.fleet, &backend.id, &backend.name);
         }
         ok(UpdateBackendResponse {
             backend: Some(self.live(backend)),
@@ -154,5 +144,27 @@ impl BackendService for BackendApi {
             backend: Some(self.live(backend)),
             config_version,
         })
+    }
+}
+
+/// Clears a backend's fleet-wide `auth_failed` mark after its key or URL
+/// changed (by `UpdateBackend` or `ApplyConfig`): the operator's answer to
+/// a rejected key.
+pub(super) fn clear_auth_failure(
+    catalog: &crate::catalog::Catalog,
+    fleet: &Fleet,
+    id: &str,
+    name: &str,
+) {
+    let store = catalog.backend_state_store();
+    let now = crate::catalog::records::now_ms();
+    match fleet.cooldowns().clear_auth(store, id, now) {
+        Ok(true) => {
+            tracing::info!(backend = %id, name = %name, "key or URL updated: auth failure cleared fleet-wide");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(backend = %id, error = %e, "could not clear the auth failure");
+        }
     }
 }

@@ -18,12 +18,22 @@ use crate::proxies::ProxyRegistry;
 pub(crate) struct ClusterApi {
     catalog: SharedCatalog,
     proxies: Arc<ProxyRegistry>,
+    fleet: Arc<crate::fleet::Fleet>,
 }
 
 impl ClusterApi {
-    /// A service over `catalog` and the proxy registry.
-    pub(crate) fn new(catalog: SharedCatalog, proxies: Arc<ProxyRegistry>) -> Self {
-        ClusterApi { catalog, proxies }
+    /// A service over `catalog`, the proxy registry and the fleet (whose
+    /// `auth_failed` marks an apply that changes a key or URL clears).
+    pub(crate) fn new(
+        catalog: SharedCatalog,
+        proxies: Arc<ProxyRegistry>,
+        fleet: Arc<crate::fleet::Fleet>,
+    ) -> Self {
+        ClusterApi {
+            catalog,
+            proxies,
+            fleet,
+        }
     }
 }
 
@@ -117,6 +127,18 @@ impl ClusterService for ClusterApi {
             .iter()
             .filter(|c| c.action != ChangeAction::Unchanged as i32)
             .count();
+        if !dry_run {
+            // Like UpdateBackend: a new key or URL clears a rejected key's mark.
+            for c in outcome.changes.iter().filter(|c| {
+                c.kind == "backend"
+                    && c.action == ChangeAction::Update as i32
+                    && c.fields.iter().any(|f| f == "api_key" || f == "base_url")
+            }) {
+                if let Ok(b) = self.catalog.get_backend(&c.name) {
+                    super::backend::clear_auth_failure(&self.catalog, &self.fleet, &b.id, &b.name);
+                }
+            }
+        }
         tracing::info!(
             dry_run,
             prune,
