@@ -58,6 +58,10 @@ const TIMESTAMP_FIELDS: &[&str] = &[
     ".claw.v1.AuditRecord.time",
     ".claw.v1.ListAuditRecordsRequest.since",
     ".claw.v1.BackupHeader.created_at",
+    ".claw.v1.BackendHealth.since",
+    ".claw.v1.BackendHealth.last_probe",
+    ".claw.v1.BackendHealth.ejected_until",
+    ".claw.v1.Agent.last_terminal_run",
 ];
 
 /// Other enum-typed fields and the `serde_fmt` function that names them.
@@ -73,6 +77,11 @@ const ENUM_FIELDS: &[(&str, &str)] = &[
     (".claw.v1.AdminToken.role", "role"),
     (".claw.v1.CreateTokenRequest.role", "role"),
     (".claw.v1.WhoAmIResponse.role", "role"),
+    (".claw.v1.BackendHealth.state", "health_state"),
+    (".claw.v1.HealthUpdate.state", "health_state"),
+    (".claw.v1.Agent.target", "heartbeat_target"),
+    (".claw.v1.UpdateAgentRequest.target", "heartbeat_target"),
+    (".claw.v1.HeartbeatRun.target", "heartbeat_target"),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

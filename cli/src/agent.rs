@@ -240,6 +240,7 @@ fn update_request(args: AgentUpdateArgs) -> anyhow::Result<UpdateAgentRequest> {
         busy_defer_max_seconds: s.busy_defer_max_seconds,
         webhook_secret: s.webhook_secret.clone().map(|w| w.0),
         webhook_secret_ref: s.webhook_secret.map(|w| w.1),
+        ..Default::default()
     })
 }
 

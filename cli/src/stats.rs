@@ -104,6 +104,7 @@ impl FilterArgs {
             agent: self.agent.unwrap_or_default(),
             start: timestamp(self.since),
             end: timestamp(self.until),
+            kind: String::new(),
         }
     }
 }

@@ -57,6 +57,12 @@ enum_by_short_name!(failure_kind, crate::v1::FailureKind, "FAILURE_KIND_");
 enum_by_short_name!(run_trigger, crate::v1::RunTrigger, "RUN_TRIGGER_");
 enum_by_short_name!(run_status, crate::v1::RunStatus, "RUN_STATUS_");
 enum_by_short_name!(role, crate::v1::Role, "ROLE_");
+enum_by_short_name!(health_state, crate::v1::HealthState, "HEALTH_STATE_");
+enum_by_short_name!(
+    heartbeat_target,
+    crate::v1::HeartbeatTarget,
+    "HEARTBEAT_TARGET_"
+);
 
 /// Serializes an optional timestamp as an RFC 3339 string (or null).
 pub fn timestamp<S: Serializer>(

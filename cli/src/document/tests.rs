@@ -117,6 +117,7 @@ fn exported_config() -> ClusterConfig {
             busy_defer_max_seconds: 0,
             webhook_secret: String::new(),
             webhook_secret_ref: String::new(),
+            ..Default::default()
         }],
     }
 }

@@ -65,6 +65,7 @@ const WRITES: &[&str] = &[
     "/claw.v1.ClusterService/ApplyConfig",
     "/claw.v1.HeartbeatService/RunHeartbeat",
     "/claw.v1.HeartbeatService/SetChecklist",
+    "/claw.v1.HeartbeatService/RedeliverRuns",
     "/claw.v1.PoolService/UpdatePoolSettings",
     "/claw.v1.TokenService/CreateToken",
     "/claw.v1.TokenService/DeleteToken",

@@ -167,4 +167,11 @@ impl HeartbeatService for HeartbeatApi {
         };
         ok(ListNextSlotsResponse { slots, note })
     }
+
+    async fn redeliver_runs(
+        &self,
+        _request: Request<RedeliverRunsRequest>,
+    ) -> RpcResult<RedeliverRunsResponse> {
+        Err(Status::unimplemented("RedeliverRuns is not built yet"))
+    }
 }

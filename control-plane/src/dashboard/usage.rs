@@ -254,6 +254,7 @@ pub(super) async fn series(d: &Dashboard, c: &Caller, q: &Query) -> Result<Value
         agent: q.get("agent").to_string(),
         start: ago(q.duration("since", default_since)?),
         end: None,
+        kind: String::new(),
     };
     let mut by_group: BTreeMap<String, Points> = BTreeMap::new();
     if g == Granularity::Hourly && matches!(by, GroupBy::Model | GroupBy::Backend) {

@@ -407,6 +407,7 @@ async fn usage_aggregates_are_stored_once_in_their_hour() {
         agent_id: agent.into(),
         model: "gpt-4o".into(),
         backend_id: b1.clone(),
+        run_kind: String::new(),
         totals: Some(UsageTotals {
             requests,
             errors: 1,
@@ -780,6 +781,7 @@ async fn cache_read_and_write_tokens_sum_from_events_and_aggregates_once() {
         agent_id: "a1".into(),
         model: "gpt-4o".into(),
         backend_id: b1.clone(),
+        run_kind: String::new(),
         totals: Some(UsageTotals {
             requests: 4,
             prompt_tokens: 4_000,

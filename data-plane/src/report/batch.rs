@@ -294,6 +294,7 @@ impl Collector {
                     model: k.model.to_string(),
                     backend_id: k.backend_id.map(|b| b.to_string()).unwrap_or_default(),
                     totals: Some(s.totals),
+                    run_kind: String::new(),
                 })
                 .collect(),
             failures: p.failures,
@@ -378,6 +379,7 @@ fn failure(f: Failure) -> UpstreamFailure {
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
         consecutive: f.consecutive,
+        ejected_ms: 0,
         cooldown_ms: f.cooldown.map_or(0, millis),
         summary: f.summary.to_string(),
     }
