@@ -2,7 +2,20 @@
 //! "Routing order") in one place.
 //!
 //! [`select`] picks the candidate for one attempt. Candidates are the
-//! enabled backends mapping the model that are neither cooling nor ejected.
+//! enabled backends mapping the model that are neither cooling nor excluded
+//! for health.
+//!
+//! Health ([`health_excluded`]): a backend the control plane marked
+//! unhealthy or ejected fleet-wide ([`crate::health`]), or that this proxy
+//! ejected as an outlier, is excluded — but at most `floor(n / 2)` of the
+//! model's `n` candidates (both pools together, like Envoy's panic threshold
+//! over priorities). When more are marked, the ones marked earliest (by
+//! since, then by id, the same on every proxy holding the same marks) stay
+//! out and the others are tried. And when nothing is left after the health
+//! and cooldown filters, the health filter is ignored (fail open,
+//! `claw_health_fail_open_total`): traffic still goes out. Cooldowns (429s,
+//! 529 holds, spent quotas, rejected keys) are not health: no cap, no fail
+//! open; they keep their own rules below.
 //! The backend holding the request's stored response ([`Preference::owner`])
 //! goes first: only it knows the response id. Then the primary pool before
 //! the fallback pool; within a pool:
@@ -77,8 +90,8 @@ impl CandidateSet {
     }
 
     /// Whether the set is empty.
-    #[cfg(test)]
-    fn is_empty(self) -> bool {
+    #[inline]
+    pub(crate) fn is_empty(self) -> bool {
         self.0 == 0
     }
 }
@@ -121,8 +134,10 @@ pub(crate) enum Stickiness {
 pub(crate) enum MoveReason {
     /// It is cooling down.
     Cooling,
-    /// It is ejected as an outlier.
+    /// It is ejected (here as an outlier, or fleet-wide).
     Ejected,
+    /// The control plane marked it unhealthy (failed probes).
+    Unhealthy,
     /// Its rate limiter refused.
     RateLimited,
     /// It is above the load bound ([`saturated`]).
@@ -151,6 +166,7 @@ impl Stickiness {
         Some(match r {
             MoveReason::Cooling => "cooling",
             MoveReason::Ejected => "ejected",
+            MoveReason::Unhealthy => "unhealthy",
             MoveReason::RateLimited => "rate_limited",
             MoveReason::Saturated => "saturated",
             MoveReason::Owner => "owner",
@@ -249,14 +265,57 @@ fn take_tokens(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration>
     Ok(())
 }
 
+/// The candidates excluded for health at `now`: those marked (fleet-wide
+/// unhealthy or ejected, or ejected here), at most `floor(n / 2)` of the
+/// `n` candidates. When more are marked, the earliest marked (by since, then
+/// by id) stay excluded: a choice every proxy holding the same marks makes
+/// alike. Allocates nothing.
+pub(crate) fn health_excluded(cands: &[Candidate], now: Instant) -> CandidateSet {
+    let cands = &cands[..cands.len().min(MAX_CANDIDATES)];
+    let mut since: [Option<Instant>; MAX_CANDIDATES] = [None; MAX_CANDIDATES];
+    let mut marked = CandidateSet::default();
+    for (i, c) in cands.iter().enumerate() {
+        if let Some(at) = crate::health::excluded_since(&c.backend, now) {
+            since[i] = Some(at);
+            marked.insert(i);
+        }
+    }
+    let cap = cands.len() / 2;
+    if marked.len() <= cap {
+        return marked;
+    }
+    let mut out = CandidateSet::default();
+    for _ in 0..cap {
+        let mut best: Option<usize> = None;
+        for i in 0..cands.len() {
+            if !marked.contains(i) || out.contains(i) {
+                continue;
+            }
+            if best.is_none_or(|b| {
+                (since[i], &*cands[i].backend.id) < (since[b], &*cands[b].backend.id)
+            }) {
+                best = Some(i);
+            }
+        }
+        if let Some(b) = best {
+            out.insert(b);
+        }
+    }
+    out
+}
+
 /// What one call of [`select`] knows about the candidates, on the stack.
 struct View<'r> {
     cands: &'r [Candidate],
     now: Instant,
     /// Tried by this request already.
     tried: CandidateSet,
-    /// Cooling or ejected.
-    unhealthy: CandidateSet,
+    /// Cooling (429s, 529 holds, spent quotas, rejected keys).
+    cooling: CandidateSet,
+    /// Excluded for health (after the cap; empty when failing open).
+    health: CandidateSet,
+    /// The health filter was dropped: nothing else was left.
+    failed_open: bool,
     /// Refused by their rate limiter in this call.
     limited: CandidateSet,
     /// The session's scores, when it has an affinity key.
@@ -277,9 +336,11 @@ impl View<'_> {
         let c = &self.cands[first].backend.runtime;
         Stickiness::Moved(if self.tried.contains(first) {
             MoveReason::Retried
-        } else if self.unhealthy.contains(first) {
-            if c.cooldown.cooling_until(self.now).is_some() {
-                MoveReason::Cooling
+        } else if self.cooling.contains(first) {
+            MoveReason::Cooling
+        } else if self.health.contains(first) {
+            if c.health.unhealthy(self.now) && c.outlier.ejected_until(self.now).is_none() {
+                MoveReason::Unhealthy
             } else {
                 MoveReason::Ejected
             }
@@ -290,6 +351,19 @@ impl View<'_> {
             // pool: only the bound puts it behind another.
             MoveReason::Saturated
         })
+    }
+
+    /// Admits `i` (normally or by the emergency limiter), counting a
+    /// fail-open admission.
+    fn admit(&self, i: usize, emergency: bool, model: &std::sync::Arc<str>) -> Selection {
+        if self.failed_open {
+            crate::metrics::health_fail_open(model);
+        }
+        Selection::Admitted {
+            index: i,
+            emergency,
+            stickiness: self.stickiness(i),
+        }
     }
 }
 
@@ -313,7 +387,9 @@ pub(crate) fn select(
         cands,
         now,
         tried,
-        unhealthy: CandidateSet::default(),
+        cooling: CandidateSet::default(),
+        health: health_excluded(cands, now),
+        failed_open: false,
         limited: CandidateSet::default(),
         scores: None,
         first: None,
@@ -322,17 +398,15 @@ pub(crate) fn select(
     let mut soonest_cooling: Option<(usize, Instant)> = None;
     let mut loads = [PoolLoad::default(); 2];
     for (i, c) in cands.iter().enumerate() {
-        let cool = c.backend.runtime.cooldown.cooling_until(now);
-        let ejected = c.backend.runtime.outlier.ejected_until(now);
-        if let Some(until) = cool.max(ejected) {
-            view.unhealthy.insert(i);
+        if let Some(until) = c.backend.runtime.cooldown.cooling_until(now) {
+            view.cooling.insert(i);
             if tried.contains(i) {
                 continue;
             }
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             // A spent quota is not a transient cooldown: no emergency trickle.
-            if let (Some(c), None) = (cool, ejected)
-                && soonest_cooling.is_none_or(|(_, s)| c < s)
+            if !view.health.contains(i)
+                && soonest_cooling.is_none_or(|(_, s)| until < s)
                 && cands[i]
                     .backend
                     .runtime
@@ -340,8 +414,11 @@ pub(crate) fn select(
                     .quota_exhausted_until(now)
                     .is_none()
             {
-                soonest_cooling = Some((i, c));
+                soonest_cooling = Some((i, until));
             }
+        } else if view.health.contains(i) {
+            // Out for health: neither load nor recovery time (a fail open
+            // below takes it back when nothing else is left).
         } else if pref.affinity.is_some() {
             let load = &mut loads[usize::from(c.backend.pool == Pool::Fallback)];
             load.in_flight += u64::from(c.backend.runtime.in_flight.load(Ordering::Relaxed));
@@ -361,7 +438,17 @@ pub(crate) fn select(
         view.first = first[0].or(first[1]);
         view.scores = Some(scores);
     }
-    let mut checked = tried.union(view.unhealthy);
+    let usable = tried.union(view.cooling);
+    if !view.health.is_empty()
+        && usable.union(view.health).len() == n
+        && usable.union(view.health) != usable
+    {
+        // Fail open: every candidate left is out for health only.
+        tracing::debug!(model = %route.model, "every candidate left is excluded for health: failing open");
+        view.health = CandidateSet::default();
+        view.failed_open = true;
+    }
+    let mut checked = usable.union(view.health);
     let mut min_wait: Option<Duration> = None;
     if let Some(owner) = pref.owner
         && let Some(i) = cands.iter().position(|c| *c.backend.id == *owner)
@@ -375,6 +462,9 @@ pub(crate) fn select(
                     Some(_) => Stickiness::Kept,
                     None => Stickiness::NoKey,
                 };
+                if view.failed_open {
+                    crate::metrics::health_fail_open(&route.model);
+                }
                 return Selection::Admitted {
                     index: i,
                     emergency: false,
@@ -417,13 +507,7 @@ pub(crate) fn select(
             let Some((i, _)) = best else { break };
             checked.insert(i);
             match take_tokens(&cands[i], tokens, now) {
-                Ok(()) => {
-                    return Selection::Admitted {
-                        index: i,
-                        emergency: false,
-                        stickiness: view.stickiness(i),
-                    };
-                }
+                Ok(()) => return view.admit(i, false, &route.model),
                 Err(w) => {
                     view.limited.insert(i);
                     min_wait = Some(min_wait.map_or(w, |m| m.min(w)));
@@ -442,11 +526,7 @@ pub(crate) fn select(
             .try_acquire(1.0, now)
             .is_ok()
     {
-        return Selection::Admitted {
-            index: i,
-            emergency: true,
-            stickiness: view.stickiness(i),
-        };
+        return view.admit(i, true, &route.model);
     }
     Selection::Unavailable {
         retry_after: soonest.map_or(Duration::from_secs(1), |u| u - now),

@@ -222,7 +222,7 @@ impl Collector {
                         | FailureKind::Overloaded
                         | FailureKind::QuotaExhausted
                         | FailureKind::AuthFailed
-                );
+                ) || f.ejected.is_some(); // so are ejections
                 self.pending.failures.push(failure(f));
             }
             Signal::Recovered { backend_id, at } => self.pending.successes.push(BackendSuccess {
@@ -379,7 +379,7 @@ fn failure(f: Failure) -> UpstreamFailure {
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
         consecutive: f.consecutive,
-        ejected_ms: 0,
+        ejected_ms: f.ejected.map_or(0, millis),
         cooldown_ms: f.cooldown.map_or(0, millis),
         summary: f.summary.to_string(),
     }
@@ -464,6 +464,7 @@ mod tests {
             retry_after: Some(Duration::from_secs(2)),
             consecutive: 2,
             cooldown: Some(Duration::from_secs(2)),
+            ejected: None,
             summary: "rate limited",
         }));
         assert!(c.due(), "a 429 is sent at once");
@@ -782,6 +783,7 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7200)),
                 consecutive: 1,
                 cooldown: Some(Duration::from_secs(7200)),
+                ejected: None,
                 summary: "out",
             }));
             assert!(c.due(), "{kind:?} is sent at once");
