@@ -792,6 +792,161 @@ mod tests {
         assert!(d.early.lock().is_empty());
     }
 
+    fn health(id: &str, state: HealthState, remaining_ms: u64) -> HealthUpdate {
+        HealthUpdate {
+            backend_id: id.into(),
+            state: state as i32,
+            remaining_ms,
+            reason: "probe: connect: connection refused".into(),
+        }
+    }
+
+    fn health_push(updates: Vec<HealthUpdate>, complete: bool) -> StreamConfigResponse {
+        StreamConfigResponse {
+            version: 2,
+            health: updates,
+            health_complete: complete,
+            ..Default::default()
+        }
+    }
+
+    fn two_backends(d: &Dispatcher, version: u64, ids: &[&str]) {
+        use crate::test_util::backend;
+        let snap = v1::Snapshot {
+            version,
+            backends: ids
+                .iter()
+                .map(|id| backend(id, claw_proto::Pool::Primary, &[("m", "m")]))
+                .collect(),
+            ..Default::default()
+        };
+        let ack = d.handle(push(version, snap)).unwrap();
+        assert_eq!(ack.error_detail, "");
+    }
+
+    fn since(store: &SnapshotStore, id: &str) -> Option<Instant> {
+        let s = store.load().unwrap();
+        s.backend(id)
+            .unwrap()
+            .runtime
+            .health
+            .marked_since(Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_updates_mark_unhealthy_until_healthy_and_eject_for_a_while() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        two_backends(&d, 2, &["a", "b"]);
+        let t0 = Instant::now();
+        let reply = d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Ejected, 5_000),
+            ],
+            false,
+        ));
+        assert!(reply.is_none(), "incremental: no answer");
+        assert_eq!(since(&store, "a"), Some(t0));
+        assert_eq!(since(&store, "b"), Some(t0));
+        let rt = |id: &str| store.load().unwrap().backend(id).unwrap().runtime.clone();
+        assert!(rt("a").health.unhealthy(t0));
+        // The ejection counts from receipt and ends on its own; unhealthy holds.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(since(&store, "b"), None);
+        assert_eq!(since(&store, "a"), Some(t0));
+        // A repeated mark keeps its start (the cap's order); HEALTHY clears.
+        d.handle(health_push(
+            vec![health("a", HealthState::Unhealthy, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), Some(t0));
+        d.handle(health_push(
+            vec![health("a", HealthState::Healthy, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), None);
+        // Not probed (or not probed yet) is no exclusion either.
+        d.handle(health_push(
+            vec![health("a", HealthState::NotProbed, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), None);
+        // A snapshot swap keeps the marks.
+        d.handle(health_push(
+            vec![health("b", HealthState::Ejected, 60_000)],
+            false,
+        ));
+        two_backends(&d, 3, &["a", "b"]);
+        assert!(since(&store, "b").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_health_table_replaces_every_mark() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        two_backends(&d, 2, &["a", "b", "c"]);
+        let t0 = Instant::now();
+        d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Unhealthy, 0),
+            ],
+            false,
+        ));
+        // A reconnect: the first message is the whole table, which no
+        // longer names a; b is still out (since kept), c is new.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        d.handle(health_push(
+            vec![
+                health("b", HealthState::Unhealthy, 0),
+                health("c", HealthState::Ejected, 10_000),
+            ],
+            true,
+        ));
+        assert_eq!(since(&store, "a"), None, "no stale mark");
+        assert_eq!(since(&store, "b"), Some(t0));
+        assert_eq!(since(&store, "c"), Some(t0 + Duration::from_secs(3)));
+        // An empty complete table: everything healthy.
+        d.handle(health_push(vec![], true));
+        for id in ["a", "b", "c"] {
+            assert_eq!(since(&store, id), None, "{id}");
+        }
+        assert!(d.health.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_for_a_backend_not_in_the_snapshot_applies_once_a_snapshot_adds_it() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        // Before any snapshot (the catch-up comes first), then one without it.
+        d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Ejected, 2_000),
+            ],
+            true,
+        ));
+        two_backends(&d, 2, &["a"]);
+        assert!(since(&store, "a").is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.handle(health_push(
+            vec![health("ghost", HealthState::Unhealthy, 0)],
+            false,
+        ));
+        two_backends(&d, 3, &["a", "b", "ghost"]);
+        assert!(since(&store, "b").is_some(), "1 s of its ejection left");
+        assert!(since(&store, "ghost").is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(since(&store, "b"), None);
+        // The next update drops the ended ejection from the table.
+        d.handle(health_push(
+            vec![health("a", HealthState::Healthy, 0)],
+            false,
+        ));
+        assert_eq!(d.health.lock().keys().collect::<Vec<_>>(), ["ghost"]);
+    }
+
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {
         dispatcher("n1", store).with_snapshot_cache(Some(path), &ProxyToken::new("proxy-token"))
     }

@@ -1395,6 +1395,50 @@ mod tests {
         (r, cand)
     }
 
+    /// Regression (issue 15): the ejection a failure caused did not reach
+    /// the control plane, and a success after a streak of 5xx/connect
+    /// failures sent no `BackendSuccess`, so the fleet-wide count never reset.
+    #[tokio::test(start_paused = true)]
+    async fn the_ejecting_failure_reports_its_ejection_and_the_next_success_ends_the_streak() {
+        let (r, cand) = routed(0, Endpoint::ChatCompletions, &[]);
+        let (events, mut streams) = crate::events::channel(64);
+        let shared = Shared {
+            cooldowns: Cooldowns::new(crate::snapshot::SnapshotStore::default()),
+            outlier: OutlierPolicy::default(),
+            events,
+        };
+        // A lone success: nothing to report.
+        assert!(react(&shared, &r, &cand, false, AttemptClass::Answer(200), None).is_none());
+        assert!(streams.signals.try_recv().is_err());
+        let mut ejected = Vec::new();
+        for class in [
+            AttemptClass::Connect,
+            AttemptClass::Timeout,
+            AttemptClass::ServerError(503),
+            AttemptClass::Failed,
+            AttemptClass::ServerError(500),
+        ] {
+            assert!(react(&shared, &r, &cand, false, class, None).is_some());
+            match streams.signals.try_recv() {
+                Ok(Signal::Failure(f)) => ejected.push(f.ejected),
+                other => panic!("not a failure: {other:?}"),
+            }
+        }
+        // The fifth ejects (30 s by default), and says so.
+        assert_eq!(
+            ejected,
+            [None, None, None, None, Some(Duration::from_secs(30))]
+        );
+        assert!(react(&shared, &r, &cand, false, AttemptClass::Answer(200), None).is_none());
+        assert!(matches!(
+            streams.signals.try_recv(),
+            Ok(Signal::Recovered { backend_id, .. }) if &*backend_id == "be_1"
+        ));
+        // Once per streak.
+        react(&shared, &r, &cand, false, AttemptClass::Answer(200), None);
+        assert!(streams.signals.try_recv().is_err());
+    }
+
     #[tokio::test]
     async fn an_anthropic_backend_gets_its_key_in_x_api_key_and_a_version() {
         let client = [

@@ -1133,3 +1133,269 @@ mod tests {
         }
     }
 }
+
+/// The health cap and fail open.
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use crate::health::{HealthMark, Verdict};
+    use crate::snapshot::{Snapshot, compile};
+    use crate::test_util::{backend, key};
+    use claw_proto::v1;
+    use std::sync::Arc;
+
+    fn route_of(backends: Vec<v1::SnapshotBackend>) -> (Snapshot, Arc<Route>) {
+        let s = v1::Snapshot {
+            version: 1,
+            backends,
+            client_keys: vec![key("ck", "s")],
+            ..Default::default()
+        };
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        let r = c.route("m").unwrap().clone();
+        (c, r)
+    }
+
+    /// Backends `ids`, the first half primary and the rest fallback (the
+    /// cap counts both pools together), with rates no test reaches.
+    fn fleet(ids: &[&str]) -> Vec<v1::SnapshotBackend> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let pool = if i < ids.len().div_ceil(2) {
+                    Pool::Primary
+                } else {
+                    Pool::Fallback
+                };
+                let mut b = backend(id, pool, &[("m", "m")]);
+                b.rpm = 1_000_000_000;
+                b
+            })
+            .collect()
+    }
+
+    fn cand<'r>(r: &'r Route, id: &str) -> &'r Candidate {
+        r.candidates
+            .iter()
+            .find(|c| &*c.backend.id == id)
+            .expect("backend in the route")
+    }
+
+    /// Marks `id` unhealthy fleet-wide since `since`.
+    fn unhealthy(r: &Route, id: &str, since: Instant) {
+        cand(r, id).backend.runtime.health.set(Some(HealthMark {
+            verdict: Verdict::Unhealthy,
+            since,
+            reason: "probe: connect: connection refused".into(),
+        }));
+    }
+
+    /// The ids excluded for health at `now`, sorted.
+    fn excluded(r: &Route, now: Instant) -> Vec<String> {
+        let set = health_excluded(&r.candidates, now);
+        let mut ids: Vec<String> = (0..r.candidates.len())
+            .filter(|i| set.contains(*i))
+            .map(|i| r.candidates[i].backend.id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every backend the route admits normally, by repeated selection
+    /// skipping the ones already admitted: up to an emergency admission or
+    /// a fail open (an admission of a backend excluded for health).
+    fn admitted(r: &Route, now: Instant) -> Vec<String> {
+        let health = health_excluded(&r.candidates, now);
+        let mut tried = CandidateSet::default();
+        let mut out = Vec::new();
+        while let Selection::Admitted {
+            index,
+            emergency: false,
+            ..
+        } = select(r, tried, 1.0, now, Preference::default())
+        {
+            if health.contains(index) {
+                break;
+            }
+            tried.insert(index);
+            out.push(r.candidates[index].backend.id.to_string());
+        }
+        out.sort();
+        out
+    }
+
+    /// The one selection after `tried`: (backend, emergency).
+    fn next(r: &Route, tried: &[&str], now: Instant) -> (String, bool) {
+        let mut set = CandidateSet::default();
+        for id in tried {
+            let i = r.candidates.iter().position(|c| &*c.backend.id == *id);
+            set.insert(i.expect("backend in the route"));
+        }
+        match select(r, set, 1.0, now, Preference::default()) {
+            Selection::Admitted {
+                index, emergency, ..
+            } => (r.candidates[index].backend.id.to_string(), emergency),
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_half_of_a_models_candidates_are_excluded_for_health() {
+        let all = ["a", "b", "c", "d", "e"];
+        for n in 1..=5 {
+            let ids = &all[..n];
+            for marked in [n, n / 2, 1] {
+                let (_s, r) = route_of(fleet(ids));
+                let t0 = Instant::now();
+                // Marked in order a, b, c…, a second apart: a earliest.
+                for (k, id) in ids[..marked].iter().enumerate() {
+                    unhealthy(&r, id, t0 + Duration::from_secs(k as u64));
+                }
+                let now = t0 + Duration::from_secs(10);
+                let kept_out = marked.min(n / 2);
+                let want: Vec<String> = ids[..kept_out].iter().map(|s| s.to_string()).collect();
+                assert_eq!(excluded(&r, now), want, "n={n}, {marked} marked");
+                let want_in: Vec<String> = ids[kept_out..].iter().map(|s| s.to_string()).collect();
+                assert_eq!(admitted(&r, now), want_in, "n={n}, {marked} marked");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_keeps_the_earliest_marked_out_then_the_lowest_ids_on_every_proxy() {
+        // Two proxies: candidates in another order, the same marks.
+        let (_s1, r1) = route_of(fleet(&["a", "b", "c", "d"]));
+        let (_s2, r2) = route_of(fleet(&["d", "c", "b", "a"]));
+        let t0 = Instant::now();
+        for r in [&r1, &r2] {
+            // c marked first, then b and d together (one message), then a.
+            unhealthy(r, "c", t0);
+            unhealthy(r, "d", t0 + Duration::from_secs(1));
+            unhealthy(r, "b", t0 + Duration::from_secs(1));
+            unhealthy(r, "a", t0 + Duration::from_secs(2));
+        }
+        let now = t0 + Duration::from_secs(3);
+        assert_eq!(excluded(&r1, now), ["b", "c"]);
+        assert_eq!(excluded(&r2, now), ["b", "c"]);
+        // The choice is the marks', not the moment's.
+        assert_eq!(excluded(&r1, now + Duration::from_secs(60)), ["b", "c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_and_fleet_ejections_count_as_health_and_end_on_time() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        let t0 = Instant::now();
+        let p = crate::outlier::OutlierPolicy::default();
+        for _ in 0..5 {
+            cand(&r, "a").backend.runtime.outlier.on_failure(&p, t0);
+        }
+        cand(&r, "b").backend.runtime.health.set(Some(HealthMark {
+            verdict: Verdict::Ejected {
+                until: t0 + Duration::from_secs(10),
+            },
+            since: t0 + Duration::from_secs(1),
+            reason: "ejected by proxy-a".into(),
+        }));
+        unhealthy(&r, "c", t0 + Duration::from_secs(2));
+        let now = t0 + Duration::from_secs(3);
+        // Three marked of four: a (earliest) and b stay out, c is tried.
+        assert_eq!(excluded(&r, now), ["a", "b"]);
+        assert_eq!(admitted(&r, now), ["c", "d"]);
+        // b's ejection ends: now a and c.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(excluded(&r, later), ["a", "c"]);
+        // a's (30 s) too: c alone.
+        assert_eq!(excluded(&r, t0 + Duration::from_secs(30)), ["c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_only_health_excluded_candidates_are_left_selection_fails_open() {
+        // a cooling after a 429, b unhealthy (one of two may be excluded).
+        let (_s, r) = route_of(fleet(&["a", "b"]));
+        let now = Instant::now();
+        unhealthy(&r, "b", now);
+        cand(&r, "a")
+            .backend
+            .runtime
+            .cooldown
+            .apply(now + Duration::from_secs(30), 1);
+        assert_eq!(excluded(&r, now), ["b"]);
+        assert_eq!(
+            next(&r, &[], now),
+            ("b".into(), false),
+            "traffic still goes out, before any emergency admission of a"
+        );
+        // Likewise once the healthy ones were tried (a retry).
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        unhealthy(&r, "c", now);
+        unhealthy(&r, "d", now);
+        assert_eq!(admitted(&r, now), ["a", "b"]);
+        let (third, _) = next(&r, &["a", "b"], now);
+        assert!(third == "c" || third == "d", "{third}");
+        // A lone unhealthy backend: the cap (0 of 1) lets it serve.
+        let (_s, r) = route_of(fleet(&["a"]));
+        unhealthy(&r, "a", now);
+        assert_eq!(excluded(&r, now), Vec::<String>::new());
+        assert_eq!(admitted(&r, now), ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_first_choice_is_unhealthy_moves_with_that_reason() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c"]));
+        let now = Instant::now();
+        let pref = |h| Preference {
+            owner: None,
+            affinity: Some(h),
+        };
+        // A session whose first choice is a primary (a or b).
+        let (h, first) = (0..100u64)
+            .map(|k| crate::affinity::hash64(format!("s{k}").as_bytes()))
+            .find_map(
+                |h| match select(&r, CandidateSet::default(), 1.0, now, pref(h)) {
+                    Selection::Admitted { index, .. } => Some((h, index)),
+                    _ => None,
+                },
+            )
+            .expect("a session");
+        let id = r.candidates[first].backend.id.to_string();
+        unhealthy(&r, &id, now);
+        match select(&r, CandidateSet::default(), 1.0, now, pref(h)) {
+            Selection::Admitted {
+                index, stickiness, ..
+            } => {
+                assert_ne!(index, first);
+                assert_eq!(stickiness, Stickiness::Moved(MoveReason::Unhealthy));
+            }
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldowns_are_not_capped_and_do_not_fail_open() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(30);
+        // Three of four cooling after 429s: only d serves (no cap).
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        for id in ["a", "b", "c"] {
+            cand(&r, id).backend.runtime.cooldown.apply(until, 1);
+        }
+        assert_eq!(admitted(&r, now), ["d"]);
+        // Every one spent (quota) or rejected (auth): nothing goes out,
+        // even with health marks on top.
+        let (_s, r) = route_of(fleet(&["a", "b"]));
+        cand(&r, "a").backend.runtime.cooldown.exhaust(until);
+        cand(&r, "b").backend.runtime.cooldown.fail_auth(401, now);
+        unhealthy(&r, "b", now);
+        assert!(matches!(
+            select(&r, CandidateSet::default(), 1.0, now, Preference::default()),
+            Selection::Unavailable { .. }
+        ));
+        // A cooling backend is not let back in by the cap, and counts as
+        // marked only for health: b (unhealthy) stays out, c serves.
+        let (_s, r) = route_of(fleet(&["a", "b", "c"]));
+        cand(&r, "a").backend.runtime.cooldown.apply(until, 1);
+        unhealthy(&r, "b", now);
+        assert_eq!(excluded(&r, now), ["b"]);
+        assert_eq!(admitted(&r, now), ["c"]);
+    }
+}

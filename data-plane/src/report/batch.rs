@@ -793,4 +793,35 @@ mod tests {
             assert_eq!(m.failures[0].retry_after_ms, 7_200_000);
         }
     }
+
+    #[test]
+    fn an_ejecting_failure_goes_out_at_once_with_its_ejection() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        let b: Arc<str> = Arc::from("b");
+        c.signal(Signal::failure(
+            &b,
+            FailureKind::Connect,
+            None,
+            "connect error",
+        ));
+        assert!(!c.due(), "a plain connect failure waits for the batch");
+        c.signal(
+            Signal::failure(
+                &b,
+                FailureKind::ServerError,
+                Some(503),
+                "upstream server error",
+            )
+            .with_ejection(Some(Duration::from_secs(30))),
+        );
+        assert!(c.due(), "an ejection is sent at once");
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        let ejected: Vec<u64> = m.failures.iter().map(|f| f.ejected_ms).collect();
+        assert_eq!(ejected, [0, 30_000]);
+    }
 }
