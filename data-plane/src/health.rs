@@ -149,6 +149,44 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
+    async fn the_excluded_gauge_follows_the_cap() {
+        use crate::test_util::{backend, key};
+        use claw_proto::{Pool, v1};
+        let store = crate::snapshot::SnapshotStore::default();
+        let snap = v1::Snapshot {
+            version: 1,
+            backends: ["a", "b", "c"]
+                .iter()
+                .map(|id| backend(id, Pool::Primary, &[("m", "m")]))
+                .collect(),
+            client_keys: vec![key("ck", "s")],
+            ..Default::default()
+        };
+        store.apply(1, &snap).unwrap();
+        let now = Instant::now();
+        let s = store.load().unwrap();
+        for (k, id) in ["b", "a"].iter().enumerate() {
+            s.backend(id).unwrap().runtime.health.set(Some(HealthMark {
+                verdict: Verdict::Unhealthy,
+                since: now + Duration::from_secs(k as u64),
+                reason: String::new(),
+            }));
+        }
+        let mut out = String::new();
+        render_excluded(&store, &mut out);
+        // One of three may be out: b, marked first.
+        assert!(
+            out.starts_with("# HELP claw_backend_health_excluded "),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE claw_backend_health_excluded gauge\n"));
+        for (id, v) in [("a", 0), ("b", 1), ("c", 0)] {
+            let line = format!("claw_backend_health_excluded{{backend=\"{id}\"}} {v}\n");
+            assert!(out.contains(&line), "{line} in {out}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_ejection_mark_ends_and_an_unhealthy_one_holds() {
         let h = Health::default();
         let now = Instant::now();
