@@ -117,7 +117,7 @@ impl Dispatcher {
     ) -> Self {
         fleet.await_shares();
         let scraped = store.clone();
-        crate::metrics::render_at_scrape(move |out| crate::health::render_excluded(&scraped, out));
+        crate::metrics::render_at_scrape(move |out| crate::select::render_excluded(&scraped, out));
         Dispatcher {
             node_id,
             store,

@@ -11,14 +11,12 @@
 //!
 //! Selection ([`crate::select`]) excludes backends marked here or locally
 //! ejected ([`crate::outlier`]), at most half of a model's candidates at
-//! once: the ones marked earliest (`since`, then id) stay out.
-//! [`render_excluded`] writes `claw_backend_health_excluded` from the same
-//! rule at scrape time, so the gauge never goes stale when an ejection ends.
+//! once: the ones marked earliest (`since`, then id) stay out
+//! (`select::health_excluded`); `select::render_excluded` writes
+//! `claw_backend_health_excluded` from the same rule at scrape time, so the
+//! gauge never goes stale when an ejection ends.
 //!
-//! A leaf the snapshot embeds: nothing here names the snapshot but
-//! [`render_excluded`].
-
-use std::fmt::Write as _;
+//! A leaf the snapshot embeds: nothing here names the snapshot.
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -92,99 +90,10 @@ impl Health {
     }
 }
 
-/// Since when candidate `c` is excluded for health at `now`, before the
-/// cap: the earlier of its fleet mark and its local ejection.
-pub(crate) fn excluded_since(c: &crate::snapshot::Backend, now: Instant) -> Option<Instant> {
-    let fleet = c.runtime.health.marked_since(now);
-    let local = c.runtime.outlier.ejection(now).map(|(since, _)| since);
-    match (fleet, local) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Appends `claw_backend_health_excluded`: per backend of the snapshot, 1
-/// while selection on this proxy keeps it out for health (marked, and not
-/// let back in by the cap) on some route, else 0.
-pub(crate) fn render_excluded(store: &crate::snapshot::SnapshotStore, out: &mut String) {
-    use crate::snapshot::Api;
-    let Some(s) = store.load() else {
-        return;
-    };
-    let now = Instant::now();
-    let mut excluded: std::collections::HashSet<&str> = std::collections::HashSet::new();
-    for model in s.models() {
-        for api in [Api::OpenAi, Api::Anthropic] {
-            for route in [s.route_for(model, api), s.translating_route_for(model, api)]
-                .into_iter()
-                .flatten()
-            {
-                let set = crate::select::health_excluded(&route.candidates, now);
-                for (i, c) in route.candidates.iter().enumerate() {
-                    if set.contains(i) {
-                        excluded.insert(&c.backend.id);
-                    }
-                }
-            }
-        }
-    }
-    let name = crate::metrics::BACKEND_HEALTH_EXCLUDED;
-    let _ = write!(
-        out,
-        "# HELP {name} 1 while this proxy excludes the backend for health (fleet unhealthy or ejected, or ejected here), within the cap\n# TYPE {name} gauge\n"
-    );
-    for b in s.backends() {
-        let _ = writeln!(
-            out,
-            "{name}{{backend=\"{}\"}} {}",
-            crate::metrics::label_value(&b.id),
-            u8::from(excluded.contains(&*b.id))
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_excluded_gauge_follows_the_cap() {
-        use crate::test_util::{backend, key};
-        use claw_proto::{Pool, v1};
-        let store = crate::snapshot::SnapshotStore::default();
-        let snap = v1::Snapshot {
-            version: 1,
-            backends: ["a", "b", "c"]
-                .iter()
-                .map(|id| backend(id, Pool::Primary, &[("m", "m")]))
-                .collect(),
-            client_keys: vec![key("ck", "s")],
-            ..Default::default()
-        };
-        store.apply(1, &snap).unwrap();
-        let now = Instant::now();
-        let s = store.load().unwrap();
-        for (k, id) in ["b", "a"].iter().enumerate() {
-            s.backend(id).unwrap().runtime.health.set(Some(HealthMark {
-                verdict: Verdict::Unhealthy,
-                since: now + Duration::from_secs(k as u64),
-                reason: String::new(),
-            }));
-        }
-        let mut out = String::new();
-        render_excluded(&store, &mut out);
-        // One of three may be out: b, marked first.
-        assert!(
-            out.starts_with("# HELP claw_backend_health_excluded "),
-            "{out}"
-        );
-        assert!(out.contains("# TYPE claw_backend_health_excluded gauge\n"));
-        for (id, v) in [("a", 0), ("b", 1), ("c", 0)] {
-            let line = format!("claw_backend_health_excluded{{backend=\"{id}\"}} {v}\n");
-            assert!(out.contains(&line), "{line} in {out}");
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn an_ejection_mark_ends_and_an_unhealthy_one_holds() {

@@ -43,6 +43,7 @@
 //! the model's queue ([`crate::queue`]) while every usable candidate is
 //! rate-limited, or stop with 429 (queue full or timed out) or 503.
 
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ use tokio::time::Instant;
 use crate::affinity::{hash64, mix64};
 use crate::error::{ApiError, retry_after_secs};
 use crate::queue::QueueExit;
-use crate::snapshot::{Candidate, Route};
+use crate::snapshot::{Backend, Candidate, Route, SnapshotStore};
 use crate::target::Routed;
 
 /// Candidates beyond this many per model are ignored (the width of a
@@ -275,7 +276,7 @@ pub(crate) fn health_excluded(cands: &[Candidate], now: Instant) -> CandidateSet
     let mut since: [Option<Instant>; MAX_CANDIDATES] = [None; MAX_CANDIDATES];
     let mut marked = CandidateSet::default();
     for (i, c) in cands.iter().enumerate() {
-        if let Some(at) = crate::health::excluded_since(&c.backend, now) {
+        if let Some(at) = excluded_since(&c.backend, now) {
             since[i] = Some(at);
             marked.insert(i);
         }
@@ -302,6 +303,57 @@ pub(crate) fn health_excluded(cands: &[Candidate], now: Instant) -> CandidateSet
         }
     }
     out
+}
+
+/// Since when candidate `c` is excluded for health at `now`, before the
+/// cap: the earlier of its fleet mark and its local ejection.
+fn excluded_since(c: &Backend, now: Instant) -> Option<Instant> {
+    let fleet = c.runtime.health.marked_since(now);
+    let local = c.runtime.outlier.ejection(now).map(|(since, _)| since);
+    match (fleet, local) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Appends `claw_backend_health_excluded`: per backend of the snapshot, 1
+/// while selection on this proxy keeps it out for health (marked, and not
+/// let back in by the cap) on some route, else 0.
+pub(crate) fn render_excluded(store: &SnapshotStore, out: &mut String) {
+    use crate::snapshot::Api;
+    let Some(s) = store.load() else {
+        return;
+    };
+    let now = Instant::now();
+    let mut excluded: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for model in s.models() {
+        for api in [Api::OpenAi, Api::Anthropic] {
+            for route in [s.route_for(model, api), s.translating_route_for(model, api)]
+                .into_iter()
+                .flatten()
+            {
+                let set = health_excluded(&route.candidates, now);
+                for (i, c) in route.candidates.iter().enumerate() {
+                    if set.contains(i) {
+                        excluded.insert(&c.backend.id);
+                    }
+                }
+            }
+        }
+    }
+    let name = crate::metrics::BACKEND_HEALTH_EXCLUDED;
+    let _ = write!(
+        out,
+        "# HELP {name} 1 while this proxy excludes the backend for health (fleet unhealthy or ejected, or ejected here), within the cap\n# TYPE {name} gauge\n"
+    );
+    for b in s.backends() {
+        let _ = writeln!(
+            out,
+            "{name}{{backend=\"{}\"}} {}",
+            crate::metrics::label_value(&b.id),
+            u8::from(excluded.contains(&*b.id))
+        );
+    }
 }
 
 /// What one call of [`select`] knows about the candidates, on the stack.
@@ -1397,5 +1449,43 @@ mod health_tests {
         unhealthy(&r, "b", now);
         assert_eq!(excluded(&r, now), ["b"]);
         assert_eq!(admitted(&r, now), ["c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_excluded_gauge_follows_the_cap() {
+        use crate::test_util::{backend, key};
+        use claw_proto::{Pool, v1};
+        let store = crate::snapshot::SnapshotStore::default();
+        let snap = v1::Snapshot {
+            version: 1,
+            backends: ["a", "b", "c"]
+                .iter()
+                .map(|id| backend(id, Pool::Primary, &[("m", "m")]))
+                .collect(),
+            client_keys: vec![key("ck", "s")],
+            ..Default::default()
+        };
+        store.apply(1, &snap).unwrap();
+        let now = Instant::now();
+        let s = store.load().unwrap();
+        for (k, id) in ["b", "a"].iter().enumerate() {
+            s.backend(id).unwrap().runtime.health.set(Some(HealthMark {
+                verdict: Verdict::Unhealthy,
+                since: now + Duration::from_secs(k as u64),
+                reason: String::new(),
+            }));
+        }
+        let mut out = String::new();
+        super::render_excluded(&store, &mut out);
+        // One of three may be out: b, marked first.
+        assert!(
+            out.starts_with("# HELP claw_backend_health_excluded "),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE claw_backend_health_excluded gauge\n"));
+        for (id, v) in [("a", 0), ("b", 1), ("c", 0)] {
+            let line = format!("claw_backend_health_excluded{{backend=\"{id}\"}} {v}\n");
+            assert!(out.contains(&line), "{line} in {out}");
+        }
     }
 }
