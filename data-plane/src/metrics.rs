@@ -101,7 +101,7 @@ fn describe() {
     );
     describe_counter!(
         AFFINITY_TOTAL,
-        "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
+        "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, unhealthy, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
     );
     describe_counter!(
         TRANSLATED_TOTAL,
