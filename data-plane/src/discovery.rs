@@ -916,6 +916,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_first_message_with_a_snapshot_and_the_health_table_marks_the_backends_it_adds() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        let mut msg = push(2, one_backend(2, "m"));
+        msg.health = vec![health("a", HealthState::Unhealthy, 0)];
+        msg.health_complete = true;
+        let ack = d.handle(msg).unwrap();
+        assert_eq!((ack.version, ack.error_detail.as_str()), (2, ""));
+        assert!(since(&store, "a").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn health_for_a_backend_not_in_the_snapshot_applies_once_a_snapshot_adds_it() {
         let store = SnapshotStore::default();
         let d = dispatcher("me", &store);
