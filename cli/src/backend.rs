@@ -2,13 +2,18 @@
 
 use anyhow::Context;
 use claw_proto::Pool;
+use claw_proto::probe_settings;
 use claw_proto::v1::{
-    Api, Backend, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest,
-    ListBackendsRequest, SetBackendEnabledRequest, UpdateBackendRequest,
+    Api, Backend, BackendHealth, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest,
+    HealthState, ListBackendsRequest, ProbeSettings, SetBackendEnabledRequest,
+    UpdateBackendRequest,
 };
 
 use crate::api_key::KeySource;
-use crate::cli::{ApiKeyArgs, BackendAddArgs, BackendCmd, BackendUpdateArgs, NewApiKeyArgs};
+use crate::cli::{
+    ApiKeyArgs, BackendAddArgs, BackendCmd, BackendUpdateArgs, NewApiKeyArgs, ProbeArgs,
+};
+use crate::document::BackendDoc;
 use crate::duration;
 use crate::output::{self, Details, Table};
 use crate::session::Session;
@@ -27,7 +32,8 @@ pub(crate) async fn run(session: &Session, cmd: BackendCmd) -> anyhow::Result<()
                 )
                 .await?;
             let b = resp.backend.unwrap_or_default();
-            session.emit(&b, |out| details(&b).write(out))
+            warn_unreferenced(session, std::slice::from_ref(&b));
+            session.emit_resource(&b, || BackendDoc::from(&b), |out| details(&b).write(out))
         }
         BackendCmd::Update(args) => update(session, args).await,
         BackendCmd::Rm(t) => {
@@ -49,6 +55,8 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
     // Read the key before connecting: a missing variable or file sends nothing.
     let api_key = source.read().with_context(|| flag_of(&source))?;
     let api_key_ref = source.reference()?;
+    let probe = ProbePatch::from_flags(&args.probe, false)?.on(ProbeSettings::default());
+    check_probe(&probe)?;
     let backend = Backend {
         name: args.name,
         label: args.label.unwrap_or_default(),
@@ -64,6 +72,7 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
         enabled: !args.disabled,
         native_only: args.native_only,
         models: args.models,
+        probe: (!probe_settings::is_default(&probe)).then_some(probe),
         ..Default::default()
     };
     let conn = session.connect().await?;
@@ -78,6 +87,7 @@ async fn add(session: &Session, args: BackendAddArgs) -> anyhow::Result<()> {
 }
 
 async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()> {
+    let probe = ProbePatch::from_flags(&args.probe, args.probe_again)?;
     let mut req = UpdateBackendRequest {
         backend: args.backend,
         name: args.name,
@@ -100,6 +110,19 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
         req.api_key_ref = Some(source.reference()?);
     }
     let conn = session.connect().await?;
+    if !probe.is_empty() {
+        // The API replaces the settings whole: change only the flags given.
+        let current = conn
+            .call(conn.backends().get_backend(GetBackendRequest {
+                backend: req.backend.clone(),
+            }))
+            .await?
+            .backend
+            .unwrap_or_default();
+        let merged = probe.on(current.probe.unwrap_or_default());
+        check_probe(&merged)?;
+        req.probe = Some(merged);
+    }
     let resp = conn.call(conn.backends().update_backend(req)).await?;
     let b = resp.backend.unwrap_or_default();
     crate::served::warn_disabled_backend(&conn, &b).await;
@@ -111,7 +134,90 @@ async fn list(session: &Session) -> anyhow::Result<()> {
     let resp = conn
         .call(conn.backends().list_backends(ListBackendsRequest {}))
         .await?;
-    session.emit(&resp.backends, |out| table(&resp.backends).write(out))
+    warn_unreferenced(session, &resp.backends);
+    session.emit_resource(
+        &resp.backends,
+        || resp.backends.iter().map(BackendDoc::from).collect::<Vec<_>>(),
+        |out| table(&resp.backends).write(out),
+    )
+}
+
+/// `-o yaml` writes a made-up `api_key_env` for a backend whose key was
+/// given on standard input (as `export` does): say so, on stderr.
+fn warn_unreferenced(session: &Session, backends: &[Backend]) {
+    if session.format != crate::output::Format::Yaml {
+        return;
+    }
+    for b in backends.iter().filter(|b| !BackendDoc::has_key_reference(b)) {
+        crate::session::warn(format!(
+            "backend {} has no stored key reference; shown as api_key_env: {} (set it before applying)",
+            b.name,
+            crate::document::placeholder_env(&b.name)
+        ));
+    }
+}
+
+/// The probe flags given on the command line, in the API's units.
+#[derive(Debug, Default)]
+struct ProbePatch {
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    failures: Option<u32>,
+    disabled: Option<bool>,
+}
+
+impl ProbePatch {
+    /// Converts the flags (`--probe` re-enables probing on update).
+    fn from_flags(args: &ProbeArgs, probe_again: bool) -> anyhow::Result<ProbePatch> {
+        let ms = |flag: &str, d: Option<std::time::Duration>| {
+            d.map(|d| duration::to_millis(d).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+                .transpose()
+        };
+        let patch = ProbePatch {
+            interval_ms: ms("--probe-interval", args.probe_interval)?,
+            timeout_ms: ms("--probe-timeout", args.probe_timeout)?,
+            failures: args.probe_failures,
+            disabled: if args.no_probe {
+                Some(true)
+            } else if probe_again {
+                Some(false)
+            } else {
+                None
+            },
+        };
+        // Each value's own bounds, before anything is sent.
+        check_probe(&patch.on(ProbeSettings::default()))?;
+        Ok(patch)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.interval_ms.is_none()
+            && self.timeout_ms.is_none()
+            && self.failures.is_none()
+            && self.disabled.is_none()
+    }
+
+    /// `base` with the given flags applied.
+    fn on(&self, base: ProbeSettings) -> ProbeSettings {
+        ProbeSettings {
+            interval_ms: self.interval_ms.unwrap_or(base.interval_ms),
+            timeout_ms: self.timeout_ms.unwrap_or(base.timeout_ms),
+            failures: self.failures.unwrap_or(base.failures),
+            disabled: self.disabled.unwrap_or(base.disabled),
+        }
+    }
+}
+
+/// The server's probe rules, with errors naming the flag.
+fn check_probe(p: &ProbeSettings) -> anyhow::Result<()> {
+    probe_settings::validate(p).map_err(|e| {
+        let flag = match e.field.as_str() {
+            "probe.interval_ms" => "--probe-interval",
+            "probe.timeout_ms" => "--probe-timeout",
+            _ => "--probe-failures",
+        };
+        anyhow::anyhow!("{flag}: {}", e.message)
+    })
 }
 
 async fn set_enabled(session: &Session, backend: String, enabled: bool) -> anyhow::Result<()> {
@@ -126,7 +232,12 @@ async fn set_enabled(session: &Session, backend: String, enabled: bool) -> anyho
 }
 
 fn print_one(session: &Session, b: &Backend) -> anyhow::Result<()> {
-    session.emit(b, |out| table(std::slice::from_ref(b)).write(out))
+    warn_unreferenced(session, std::slice::from_ref(b));
+    session.emit_resource(
+        b,
+        || BackendDoc::from(b),
+        |out| table(std::slice::from_ref(b)).write(out),
+    )
 }
 
 fn ms(d: std::time::Duration) -> anyhow::Result<u64> {
@@ -168,6 +279,7 @@ pub(crate) fn table(backends: &[Backend]) -> Table {
         "NATIVE ONLY",
         "POOL",
         "STATUS",
+        "HEALTH",
         "RPM",
         "TPM",
         "MODELS",
@@ -182,6 +294,7 @@ pub(crate) fn table(backends: &[Backend]) -> Table {
             yes_no(b.native_only).to_string(),
             pool_name(b.pool).to_string(),
             status(b),
+            health_name(b.health.as_ref()).to_string(),
             b.rpm.to_string(),
             b.tpm.map(|t| t.to_string()).unwrap_or_default(),
             b.models
@@ -210,6 +323,99 @@ fn status(b: &Backend) -> String {
     } else {
         status
     }
+}
+
+/// The health state's short name; `unknown` before the control plane has a
+/// verdict (or from one that does not report health).
+fn health_name(h: Option<&BackendHealth>) -> &'static str {
+    match h.map(|h| HealthState::try_from(h.state)) {
+        Some(Ok(HealthState::Healthy)) => "healthy",
+        Some(Ok(HealthState::Unhealthy)) => "unhealthy",
+        Some(Ok(HealthState::Ejected)) => "ejected",
+        Some(Ok(HealthState::NotProbed)) => "not_probed",
+        _ => "unknown",
+    }
+}
+
+/// `3m ago (2026-12-01T18:00:00Z)`, or `never` when unset.
+fn when(ts: &Option<prost_types::Timestamp>, now_s: i64) -> String {
+    let Some(t) = ts else {
+        return "never".to_string();
+    };
+    format!("{} ({})", relative(t.seconds, now_s), output::timestamp(ts))
+}
+
+/// `42s ago`, `3m ago`, `5h ago`, `2d ago` (or `in 3m` for a future time).
+fn relative(at_s: i64, now_s: i64) -> String {
+    let d = now_s.saturating_sub(at_s);
+    let n = d.unsigned_abs();
+    let span = match n {
+        0..60 => format!("{n}s"),
+        60..3600 => format!("{}m", n / 60),
+        3600..86400 => format!("{}h", n / 3600),
+        _ => format!("{}d", n / 86400),
+    };
+    if d >= 0 {
+        format!("{span} ago")
+    } else {
+        format!("in {span}")
+    }
+}
+
+/// The probe settings, `default` where the control plane's flag applies.
+fn probe_text(p: Option<&ProbeSettings>) -> String {
+    let p = p.copied().unwrap_or_default();
+    if p.disabled {
+        return "disabled (passive health only)".to_string();
+    }
+    let ms = |v: u64| {
+        if v == 0 {
+            "default".to_string()
+        } else {
+            duration::format_ms(v)
+        }
+    };
+    let failures = if p.failures == 0 {
+        "default".to_string()
+    } else {
+        p.failures.to_string()
+    };
+    format!(
+        "interval {}, timeout {}, failures {}",
+        ms(p.interval_ms),
+        ms(p.timeout_ms),
+        failures
+    )
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The health rows of `backend get`.
+fn health_details(details: Details, b: &Backend, now_s: i64) -> Details {
+    let details = details.field("Health", health_name(b.health.as_ref()));
+    let Some(h) = &b.health else {
+        return details.field("Probe", probe_text(b.probe.as_ref()));
+    };
+    let last_probe = if h.last_probe.is_some() {
+        format!("{}: {}", when(&h.last_probe, now_s), h.last_probe_result)
+    } else {
+        "never".to_string()
+    };
+    let details = details
+        .field("Health since", when(&h.since, now_s))
+        .field("Last probe", last_probe)
+        .field("Failures in a row", h.consecutive_failures.to_string())
+        .field("Health reason", &h.reason);
+    let details = if h.ejected_until.is_some() {
+        details.field("Ejected until", when(&h.ejected_until, now_s))
+    } else {
+        details
+    };
+    details.field("Probe", probe_text(b.probe.as_ref()))
 }
 
 /// `openai`/`anthropic` for an enum field as prost stores it (unspecified is
@@ -290,7 +496,7 @@ fn details(b: &Backend) -> Details {
     } else {
         details
     };
-    details
+    health_details(details, b, now_s())
         .field("RPM", b.rpm.to_string())
         .field(
             "TPM",
