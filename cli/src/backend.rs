@@ -33,7 +33,12 @@ pub(crate) async fn run(session: &Session, cmd: BackendCmd) -> anyhow::Result<()
                 .await?;
             let b = resp.backend.unwrap_or_default();
             warn_unreferenced(session, std::slice::from_ref(&b));
-            session.emit_resource(&b, || BackendDoc::from(&b), |out| details(&b).write(out))
+            emit_resource(
+                session,
+                &b,
+                || BackendDoc::from(&b),
+                |out| details(&b).write(out),
+            )
         }
         BackendCmd::Update(args) => update(session, args).await,
         BackendCmd::Rm(t) => {
@@ -135,11 +140,41 @@ async fn list(session: &Session) -> anyhow::Result<()> {
         .call(conn.backends().list_backends(ListBackendsRequest {}))
         .await?;
     warn_unreferenced(session, &resp.backends);
-    session.emit_resource(
+    emit_resource(
+        session,
         &resp.backends,
-        || resp.backends.iter().map(BackendDoc::from).collect::<Vec<_>>(),
+        || {
+            resp.backends
+                .iter()
+                .map(BackendDoc::from)
+                .collect::<Vec<_>>()
+        },
         |out| table(&resp.backends).write(out),
     )
+}
+
+/// Like [`Session::emit_resource`]: `-o yaml` prints the backend's entry
+/// (or entries) of the `export` document, through the document's own
+/// writer so prices read `0.0000025` there too; JSON stays the API message.
+fn emit_resource<T, D>(
+    session: &Session,
+    value: &T,
+    document: impl FnOnce() -> D,
+    table: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> anyhow::Result<()>
+where
+    T: serde::Serialize + ?Sized,
+    D: serde::Serialize,
+{
+    if session.format != crate::output::Format::Yaml {
+        return session.emit(value, table);
+    }
+    use std::io::Write as _;
+    let text = crate::document::entries_to_yaml(&document())?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }
 
 /// `-o yaml` writes a made-up `api_key_env` for a backend whose key was
@@ -148,7 +183,10 @@ fn warn_unreferenced(session: &Session, backends: &[Backend]) {
     if session.format != crate::output::Format::Yaml {
         return;
     }
-    for b in backends.iter().filter(|b| !BackendDoc::has_key_reference(b)) {
+    for b in backends
+        .iter()
+        .filter(|b| !BackendDoc::has_key_reference(b))
+    {
         crate::session::warn(format!(
             "backend {} has no stored key reference; shown as api_key_env: {} (set it before applying)",
             b.name,
@@ -233,7 +271,8 @@ async fn set_enabled(session: &Session, backend: String, enabled: bool) -> anyho
 
 fn print_one(session: &Session, b: &Backend) -> anyhow::Result<()> {
     warn_unreferenced(session, std::slice::from_ref(b));
-    session.emit_resource(
+    emit_resource(
+        session,
         b,
         || BackendDoc::from(b),
         |out| table(std::slice::from_ref(b)).write(out),
@@ -589,6 +628,86 @@ mod tests {
         assert!(
             text.contains("clawctl backend update b1 --api-key-env"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn health_shows_state_since_when_and_the_last_probe() {
+        assert_eq!(health_name(None), "unknown");
+        let ts = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        let b = Backend {
+            name: "b1".into(),
+            health: Some(BackendHealth {
+                state: HealthState::Unhealthy as i32,
+                since: ts(1_000_000 - 180),
+                last_probe: ts(1_000_000 - 5),
+                last_probe_result: "connect: connection refused".into(),
+                consecutive_failures: 3,
+                reason: "3 failed probes".into(),
+                ejected_until: None,
+            }),
+            probe: Some(ProbeSettings {
+                interval_ms: 30_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&health_details(Details::new(), &b, 1_000_000));
+        assert!(text.contains("unhealthy"), "{text}");
+        assert!(text.contains("3m ago (1970-01-12T13:43:40Z)"), "{text}");
+        assert!(text.contains("5s ago ("), "{text}");
+        assert!(text.contains("): connect: connection refused"), "{text}");
+        assert!(
+            text.contains("interval 30s, timeout default, failures default"),
+            "{text}"
+        );
+        assert_eq!(relative(0, 2 * 86_400), "2d ago");
+        assert_eq!(relative(4000, 3990), "in 10s");
+        let mut t = Vec::new();
+        table(std::slice::from_ref(&b))
+            .write(&mut t)
+            .expect("write");
+        let t = String::from_utf8(t).expect("utf-8");
+        assert!(t.contains("HEALTH") && t.contains("unhealthy"), "{t}");
+    }
+
+    #[test]
+    fn probe_flags_merge_onto_the_stored_settings_and_name_the_flag() {
+        let args = ProbeArgs {
+            probe_interval: None,
+            probe_timeout: Some(std::time::Duration::from_secs(40)),
+            probe_failures: None,
+            no_probe: false,
+        };
+        let patch = ProbePatch::from_flags(&args, false).expect("in range alone");
+        let stored = ProbeSettings {
+            interval_ms: 30_000,
+            failures: 5,
+            ..Default::default()
+        };
+        let merged = patch.on(stored);
+        assert_eq!(
+            (merged.interval_ms, merged.timeout_ms, merged.failures),
+            (30_000, 40_000, 5)
+        );
+        let err = check_probe(&merged).expect_err("not shorter than the interval");
+        assert!(err.to_string().starts_with("--probe-timeout: "), "{err}");
+        let again = ProbePatch::from_flags(
+            &ProbeArgs {
+                probe_interval: None,
+                probe_timeout: None,
+                probe_failures: None,
+                no_probe: false,
+            },
+            true,
+        )
+        .expect("valid");
+        assert_eq!(
+            again.on(ProbeSettings {
+                disabled: true,
+                ..stored
+            }),
+            stored
         );
     }
 

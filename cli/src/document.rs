@@ -476,6 +476,13 @@ pub(crate) fn to_yaml(doc: &Document) -> anyhow::Result<String> {
     emit::document(&serde_norway::to_value(doc)?)
 }
 
+/// Renders one entry or a list of entries (a backend, `[backend, …]`) in
+/// the document's layout: what `backend get|list -o yaml` print, so they
+/// read exactly like the matching part of `export` and apply as they are.
+pub(crate) fn entries_to_yaml<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<String> {
+    emit::entries(&serde_norway::to_value(value)?)
+}
+
 // ------------------------------------------------------------ proto -> doc
 
 /// An exported document and the backends whose key had no reference.

@@ -106,20 +106,32 @@ mod tests {
     fn bounds_are_inclusive_and_zero_is_the_default() {
         assert_eq!(field(probe(0, 0, 0)), None);
         assert_eq!(field(probe(1_000, 100, 1)), None);
-        assert_eq!(field(probe(MAX_INTERVAL_MS, MAX_TIMEOUT_MS, MAX_FAILURES)), None);
-        assert_eq!(field(probe(999, 0, 0)).as_deref(), Some("probe.interval_ms"));
+        assert_eq!(
+            field(probe(MAX_INTERVAL_MS, MAX_TIMEOUT_MS, MAX_FAILURES)),
+            None
+        );
+        assert_eq!(
+            field(probe(999, 0, 0)).as_deref(),
+            Some("probe.interval_ms")
+        );
         assert_eq!(
             field(probe(MAX_INTERVAL_MS + 1, 0, 0)).as_deref(),
             Some("probe.interval_ms")
         );
         assert_eq!(field(probe(0, 99, 0)).as_deref(), Some("probe.timeout_ms"));
-        assert_eq!(field(probe(0, 300_001, 0)).as_deref(), Some("probe.timeout_ms"));
+        assert_eq!(
+            field(probe(0, 300_001, 0)).as_deref(),
+            Some("probe.timeout_ms")
+        );
         assert_eq!(field(probe(0, 0, 101)).as_deref(), Some("probe.failures"));
     }
 
     #[test]
     fn the_timeout_must_be_shorter_than_a_given_interval() {
-        assert_eq!(field(probe(5_000, 5_000, 0)).as_deref(), Some("probe.timeout_ms"));
+        assert_eq!(
+            field(probe(5_000, 5_000, 0)).as_deref(),
+            Some("probe.timeout_ms")
+        );
         assert_eq!(field(probe(5_000, 4_999, 0)), None);
         // Against a default it is the prober's to cap (the default is a flag).
         assert_eq!(field(probe(0, 200_000, 0)), None);

@@ -701,7 +701,10 @@ mod tests {
             .await
             .expect("apply");
         assert_eq!(
-            c.get_backend("b1").expect("b1").probe.map(|p| p.interval_ms),
+            c.get_backend("b1")
+                .expect("b1")
+                .probe
+                .map(|p| p.interval_ms),
             Some(30_000)
         );
         // Default settings in the document equal absent ones: unchanged.
@@ -718,6 +721,9 @@ mod tests {
             .apply(&Actor::system(), apply(cfg))
             .await
             .expect_err("out of range");
-        assert_eq!(err.to_string().split(':').next(), Some("backends[1].probe.failures"));
+        assert_eq!(
+            err.to_string().split(':').next(),
+            Some("backends[1].probe.failures")
+        );
     }
 }
