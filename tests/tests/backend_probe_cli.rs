@@ -347,6 +347,23 @@ async fn backend_yaml_is_the_export_entry_and_applies_as_a_no_op() {
     }
     assert_eq!(backend_count(&cp), 3, "a partial document prunes nothing");
 
+    // An agent's entry applies alone the same way.
+    cp.clawctl(&["agent", "add", "a1", "--model", "gpt-4o"])
+        .assert_ok();
+    let agent = cp
+        .clawctl(&["agent", "get", "a1", "-o", "yaml"])
+        .assert_ok()
+        .stdout;
+    let path = temp_file(&dir, "agent.yaml", &agent);
+    let v = version(&cp);
+    let plan = cp
+        .clawctl(&["apply", "-f", &path, "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(plan["changes"][0]["kind"], "agent", "{plan}");
+    assert_eq!(plan["changes"][0]["action"], "unchanged", "{plan}");
+    assert_eq!(version(&cp), v);
+
     // JSON stays the API's message, for scripts.
     assert_eq!(get(&cp, "b2")["timeout_ms"], 90_000);
 }
