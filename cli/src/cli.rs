@@ -270,6 +270,31 @@ pub struct BackendAddArgs {
     /// Completions ↔ Messages translation onto it.
     #[arg(long)]
     pub native_only: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// Health probe flags of `backend add` and `backend update`. Unset values
+/// use the control plane's defaults (its `--probe-interval`,
+/// `--probe-timeout`, `--probe-failures`: 60s / 10s / 3 unless changed).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Time between health probes, 1s-24h (default: the control plane's
+    /// --probe-interval, 60s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub probe_interval: Option<Duration>,
+    /// How long a probe may take, 100ms-300s and shorter than the interval
+    /// (default: the control plane's --probe-timeout, 10s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub probe_timeout: Option<Duration>,
+    /// Failed probes in a row that make the backend unhealthy, 1-100
+    /// (default: the control plane's --probe-failures, 3).
+    #[arg(long, value_name = "N")]
+    pub probe_failures: Option<u32>,
+    /// Never probe this backend (passive health from the proxies still
+    /// applies).
+    #[arg(long)]
+    pub no_probe: bool,
 }
 
 /// Flags of `backend update`.
@@ -329,6 +354,12 @@ pub struct BackendUpdateArgs {
         default_missing_value = "true"
     )]
     pub native_only: Option<bool>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Probe the backend again after `--no-probe` (keeping its other
+    /// probe settings).
+    #[arg(long = "probe", conflicts_with = "no_probe")]
+    pub probe_again: bool,
 }
 
 /// The pool names operators type.

@@ -12,6 +12,7 @@ mod affinity;
 mod anthropic_sdk;
 mod audit;
 mod auth_failures;
+mod backend_probe_cli;
 mod backup;
 mod check;
 mod clawctl_edges;
