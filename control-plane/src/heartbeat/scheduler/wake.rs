@@ -1,0 +1,350 @@
+//! The scheduler's side of wake mode ([`crate::heartbeat::wake`]): a wake
+//! run is claimed like an LLM run (same checks, same record) with its
+//! callback token's hash; once the claim is durable the wake request is
+//! POSTed instead of the model call. A 2xx makes the run `dispatched` until
+//! the runtime's callback (or the deadline) ends it. Also the fallback model
+//! choice of LLM runs.
+
+use super::*;
+use crate::heartbeat::wake::{self, CallbackError, Report, WakeRequest};
+
+/// Wake runs the scheduler tracks.
+#[derive(Default)]
+pub(super) struct WakeRuns {
+    /// Claimed wake runs whose request is sent once the claim commits.
+    pending: HashMap<RunKey, WakeRequest>,
+    /// Run id → key of the wake runs of this process (and the dispatched
+    /// ones found at startup), for callbacks.
+    by_run_id: HashMap<String, (RunKey, i64)>,
+    /// `(deadline ms, run id)` of dispatched runs.
+    deadlines: BTreeSet<(i64, String)>,
+}
+
+/// How long a finished wake run's id is remembered for repeated callbacks.
+const REMEMBER_MS: i64 = 3_600_000;
+
+impl Scheduler {
+    /// True when the agent's heartbeat is a wake request.
+    pub(super) fn is_wake(agent: &Agent) -> bool {
+        agent.target == claw_proto::v1::HeartbeatTarget::Wake as i32
+    }
+
+    /// The model a run of `agent` uses at `now`, and whether it is the
+    /// fallback: the primary unless every backend serving it is cooling and
+    /// the fallback model is not.
+    pub(super) fn pick_model(&self, agent: &Agent, now: i64) -> (String, bool) {
+        if !agent.fallback_model.is_empty()
+            && self.deps.capacity.is_model_cooling(&agent.model, ts(now))
+            && !self
+                .deps
+                .capacity
+                .is_model_cooling(&agent.fallback_model, ts(now))
+        {
+            return (agent.fallback_model.clone(), true);
+        }
+        (agent.model.clone(), false)
+    }
+
+    /// Hook of `start_run`: a wake run gets its token (hash in the record)
+    /// and its request waits for the claim to commit; an LLM run may switch
+    /// to the fallback model.
+    pub(super) fn prepare_run(
+        &mut self,
+        key: &RunKey,
+        agent: &Agent,
+        rec: &mut RunRecord,
+        req: &mut RunRequest,
+        now: i64,
+    ) {
+        let run = rec.run.get_or_insert_with(HeartbeatRun::default);
+        if !Self::is_wake(agent) {
+            let (model, fallback) = self.pick_model(agent, now);
+            if fallback {
+                tracing::info!(agent = %key.agent_id, model = %model, "primary model has no capacity; using the fallback");
+                run.model.clone_from(&model);
+                run.used_fallback = true;
+                req.protocol = self.protocol_for(&model);
+                req.model = model;
+            }
+            return;
+        }
+        run.target = claw_proto::v1::HeartbeatTarget::Wake as i32;
+        run.model.clear();
+        let (token, hash) = wake::new_token();
+        rec.callback_token_hash = hash;
+        let request = WakeRequest {
+            url: agent.wake_url.clone(),
+            agent_id: key.agent_id.clone(),
+            run_id: run.run_id.clone(),
+            slot_ms: key.nominal_ms,
+            checklist: agent.checklist.clone(),
+            session_key: req.session_key.clone(),
+            callback_url: wake::callback_url(&self.config.wake.public_url, &run.run_id),
+            callback_token: token,
+            timeout: req.timeout,
+        };
+        self.wake
+            .by_run_id
+            .insert(run.run_id.clone(), (key.clone(), rec.deadline_ms));
+        self.wake.pending.insert(key.clone(), request);
+    }
+
+    /// Hook of `spawn`: sends the wake request of a committed wake claim.
+    /// `false` when `key` is not a wake run.
+    pub(super) fn spawn_wake(&mut self, key: &RunKey) -> bool {
+        let Some(req) = self.wake.pending.remove(key) else {
+            return false;
+        };
+        let fut = wake::send(&self.config.wake, req);
+        let tx = self.tx.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let result = fut.await;
+            let _ = tx.send(Command::Woken { key, result });
+        });
+        true
+    }
+
+    /// Startup: a run found `dispatched` keeps waiting for its callback
+    /// (never re-POSTed) until its deadline.
+    pub(super) fn resume_dispatched(&mut self, key: RunKey, rec: &RunRecord) {
+        let run_id = rec.run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
+        self.wake
+            .by_run_id
+            .insert(run_id.clone(), (key, rec.deadline_ms));
+        self.wake.deadlines.insert((rec.deadline_ms, run_id));
+    }
+
+    /// The earliest wake deadline, for the timer.
+    pub(super) fn next_wake_deadline(&self) -> Option<i64> {
+        self.wake.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// The wake request was answered.
+    pub(super) fn woken(&mut self, key: RunKey, result: Result<(), String>) {
+        let Some(f) = self.in_flight.remove(&key.agent_id) else {
+            return;
+        };
+        if f.key != key {
+            self.in_flight.insert(key.agent_id.clone(), f);
+            return;
+        }
+        let now = self.now_ms();
+        let mut rec = f.record;
+        match result {
+            Ok(()) => {
+                set_status(&mut rec, RunStatus::Dispatched, "", "", now);
+                let run_id = rec.run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
+                self.wake.deadlines.insert((rec.deadline_ms, run_id));
+            }
+            Err(error) => {
+                tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat wake failed");
+                set_status(&mut rec, RunStatus::Failed, "", &error, now);
+            }
+        }
+        let run = rec.run.clone();
+        self.batch
+            .push((Write::Update(key, rec), Action::Finished(None)));
+        self.waiters.push((f.done, run));
+    }
+
+    /// Dispatched runs past their deadline end `failed`; old ids are forgotten.
+    pub(super) fn expire_wakes(&mut self, now: i64) {
+        while let Some((t, _)) = self.wake.deadlines.first() {
+            if *t > now || self.batch.len() >= MAX_BATCH {
+                break;
+            }
+            let Some((_, run_id)) = self.wake.deadlines.pop_first() else {
+                break;
+            };
+            let Some((key, _)) = self.wake.by_run_id.get(&run_id).cloned() else {
+                continue;
+            };
+            match self.deps.runs.get(&key) {
+                Ok(Some(mut rec)) if rec.status() == RunStatus::Dispatched => {
+                    tracing::warn!(agent = %key.agent_id, run_id = %run_id, "heartbeat runtime never reported back");
+                    set_status(
+                        &mut rec,
+                        RunStatus::Failed,
+                        "",
+                        "the runtime never reported back",
+                        now,
+                    );
+                    self.batch.push((Write::Update(key, rec), Action::None));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read a dispatched run"),
+            }
+        }
+        self.wake
+            .by_run_id
+            .retain(|_, (_, deadline)| *deadline + REMEMBER_MS > now);
+        self.wake.pending.retain(|k, _| {
+            self.in_flight
+                .get(&k.agent_id)
+                .is_some_and(|f| &f.key == k)
+        });
+    }
+
+    /// A runtime's callback: checks the token and the run's state, then
+    /// ends the run (see [`crate::heartbeat::wake`]). The answer turns
+    /// `Some` once the change is durable.
+    pub(super) fn callback(
+        &mut self,
+        run_id: &str,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> Result<CallbackAnswer, CallbackError> {
+        let not_found = || CallbackError::NotFound(run_id.to_string());
+        let (key, _) = self.wake.by_run_id.get(run_id).cloned().ok_or_else(not_found)?;
+        let in_flight = self
+            .in_flight
+            .get(&key.agent_id)
+            .filter(|f| f.key == key)
+            .map(|f| f.record.clone());
+        let mut rec = match in_flight {
+            Some(r) => r,
+            None => self
+                .deps
+                .runs
+                .get(&key)
+                .map_err(|_| CallbackError::Unavailable)?
+                .ok_or_else(not_found)?,
+        };
+        if !token.is_some_and(|t| wake::token_matches(t, &rec.callback_token_hash)) {
+            return Err(CallbackError::Unauthorized);
+        }
+        let now = self.now_ms();
+        let body_hash = Sha256::digest(body).to_vec();
+        let status = rec.status();
+        if !matches!(status, RunStatus::Running | RunStatus::Dispatched) {
+            if !rec.callback_body_hash.is_empty() && rec.callback_body_hash == body_hash {
+                return Ok(CallbackAnswer::Done(rec.run.unwrap_or_default()));
+            }
+            if now > rec.deadline_ms {
+                return Err(CallbackError::Expired);
+            }
+            return Err(CallbackError::Conflict(run_id.to_string()));
+        }
+        if now > rec.deadline_ms {
+            return Err(CallbackError::Expired);
+        }
+        let report = wake::parse_report(body).map_err(CallbackError::BadRequest)?;
+        rec.callback_body_hash = body_hash;
+        let mut outbox = None;
+        match report {
+            Report::Ok => set_status(&mut rec, RunStatus::Ok, "", "", now),
+            Report::Suppressed(reply) => {
+                if let Some(run) = rec.run.as_mut() {
+                    run.reply_excerpt = reply::excerpt(&reply, EXCERPT_CHARS);
+                }
+                set_status(&mut rec, RunStatus::Suppressed, "", "", now);
+            }
+            Report::Failed(error) => {
+                tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat runtime reported a failure");
+                set_status(&mut rec, RunStatus::Failed, "", &error, now);
+            }
+            Report::Alert(text) => {
+                if let Some(run) = rec.run.as_mut() {
+                    run.reply_excerpt = reply::excerpt(&text, EXCERPT_CHARS);
+                }
+                outbox = self.alert_outbox(&key, &mut rec, &text, now);
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        // The in-flight entry (a callback before the wake's answer) goes:
+        // the wake's answer then finds nothing to change.
+        let waiter = match self.in_flight.remove(&key.agent_id) {
+            Some(f) if f.key == key => Some(f.done),
+            Some(other) => {
+                self.in_flight.insert(key.agent_id.clone(), other);
+                None
+            }
+            None => None,
+        };
+        let run = rec.run.clone();
+        self.batch
+            .push((Write::Update(key, rec), Action::Finished(outbox)));
+        if let Some(done) = waiter {
+            self.waiters.push((done, run.clone()));
+        }
+        self.waiters.push((tx, run));
+        Ok(CallbackAnswer::Pending(rx))
+    }
+
+    /// An alert: `delivering` with an outbox entry when the agent has a
+    /// webhook, else `ok` with a log line (as for LLM runs).
+    fn alert_outbox(
+        &mut self,
+        key: &RunKey,
+        rec: &mut RunRecord,
+        text: &str,
+        now: i64,
+    ) -> Option<(RunKey, OutboxEntry)> {
+        let url = self
+            .load_agent(&key.agent_id)
+            .map(|a| a.webhook_url)
+            .unwrap_or_default();
+        if url.is_empty() {
+            tracing::warn!(agent = %key.agent_id, excerpt = %reply::excerpt(text, 200), "heartbeat alert (no webhook configured)");
+            set_status(rec, RunStatus::Ok, "", "", now);
+            return None;
+        }
+        set_status(rec, RunStatus::Delivering, "", "", now);
+        let run = rec.run.clone().unwrap_or_default();
+        let entry = OutboxEntry {
+            agent_id: key.agent_id.clone(),
+            run_id: run.run_id.clone(),
+            url,
+            body: delivery::body(&run, text),
+            attempts: 0,
+            next_attempt_ms: now,
+            created_ms: now,
+            last_error: String::new(),
+        };
+        self.batch.push((
+            Write::OutboxPut(key.clone(), prost::Message::encode_to_vec(&entry)),
+            Action::None,
+        ));
+        Some((key.clone(), entry))
+    }
+}
+
+/// The scheduler's answer to a callback.
+pub(super) enum CallbackAnswer {
+    /// Already recorded with this very body.
+    Done(HeartbeatRun),
+    /// Turns `Some(run)` once the result is durable.
+    Pending(watch::Receiver<Option<HeartbeatRun>>),
+}
+
+impl SchedulerHandle {
+    /// Hands a runtime's callback to the scheduler and waits (bounded) until
+    /// its result is durable.
+    pub async fn report_wake(
+        &self,
+        run_id: &str,
+        token: Option<String>,
+        body: Vec<u8>,
+    ) -> Result<HeartbeatRun, CallbackError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Callback {
+                run_id: run_id.to_string(),
+                token,
+                body,
+                reply,
+            })
+            .map_err(|_| CallbackError::Unavailable)?;
+        match rx.await.map_err(|_| CallbackError::Unavailable)?? {
+            CallbackAnswer::Done(run) => Ok(run),
+            CallbackAnswer::Pending(mut rx) => {
+                let wait = rx.wait_for(Option::is_some);
+                match tokio::time::timeout(Duration::from_secs(30), wait).await {
+                    Ok(Ok(run)) => Ok(run.clone().unwrap_or_default()),
+                    _ => Err(CallbackError::Unavailable),
+                }
+            }
+        }
+    }
+}
