@@ -261,7 +261,6 @@ fn update_request(args: AgentUpdateArgs) -> anyhow::Result<UpdateAgentRequest> {
         target: s.target,
         wake_url: s.wake_url,
         fallback_model: s.fallback_model,
-        ..Default::default()
     })
 }
 

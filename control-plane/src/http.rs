@@ -106,9 +106,9 @@ async fn route(
 ) -> Response<dashboard::Body> {
     match request.uri().path() {
         "/healthz" | "/metrics" => respond(&state, &request).map(BodyExt::boxed_unsync),
-        path if path.starts_with(wake::CALLBACK_PREFIX) => {
-            wake_callback(&state, request).await.map(BodyExt::boxed_unsync)
-        }
+        path if path.starts_with(wake::CALLBACK_PREFIX) => wake_callback(&state, request)
+            .await
+            .map(BodyExt::boxed_unsync),
         _ => state.dashboard.handle(request, peer).await,
     }
 }

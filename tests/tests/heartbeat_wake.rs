@@ -59,7 +59,8 @@ async fn recorder(status: u16) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
                                     .unwrap_or_default()
                                     .to_string()
                             };
-                            let (key, sig) = (header("idempotency-key"), header("x-claw-signature"));
+                            let (key, sig) =
+                                (header("idempotency-key"), header("x-claw-signature"));
                             let body = req
                                 .into_body()
                                 .collect()
@@ -243,7 +244,9 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     )
     .assert_ok();
     cp.clawctl(&["heartbeat", "run", "w2"]).assert_ok();
-    let get = cp.clawctl(&["agent", "get", "w1", "-o", "yaml"]).assert_ok();
+    let get = cp
+        .clawctl(&["agent", "get", "w1", "-o", "yaml"])
+        .assert_ok();
     assert!(
         get.stdout.contains("target: wake"),
         "export shape: {}",
@@ -256,9 +259,17 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     let run_id = w.body["run_id"].as_str().expect("run_id").to_string();
     assert_eq!(w.idempotency_key, run_id);
     assert_eq!(w.body["session_key"], "agent:w1:heartbeat");
-    assert!(w.body["checklist"].as_str().unwrap_or_default().contains("WorkBoard"));
+    assert!(
+        w.body["checklist"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WorkBoard")
+    );
     assert!(w.body["slot"].as_str().is_some_and(|s| s.ends_with('Z')));
-    let r = wait_run(&cp, "w1", &run_id, "dispatched", |r| status(r) == "dispatched").await;
+    let r = wait_run(&cp, "w1", &run_id, "dispatched", |r| {
+        status(r) == "dispatched"
+    })
+    .await;
     assert_eq!(r["target"], "wake");
 
     // A wrong token is refused; the right one ends the run; a repeat of the
@@ -268,18 +279,28 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     assert!(err["error"]["message"].is_string(), "{err}");
     let ok_body = serde_json::json!({"reply": "HEARTBEAT_OK"});
     let (code, body) = callback(&w, &token(&w), ok_body.clone()).await;
-    assert_eq!((code, body["status"].as_str()), (200, Some("suppressed")), "{body}");
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("suppressed")),
+        "{body}"
+    );
     let (code, _) = callback(&w, &token(&w), ok_body).await;
     assert_eq!(code, 200, "same body again");
     let (code, _) = callback(&w, &token(&w), serde_json::json!({"status": "ok"})).await;
     assert_eq!(code, 409, "another body");
-    wait_run(&cp, "w1", &run_id, "suppressed", |r| status(r) == "suppressed").await;
+    wait_run(&cp, "w1", &run_id, "suppressed", |r| {
+        status(r) == "suppressed"
+    })
+    .await;
 
     // Slot 2: an alert goes to the webhook.
     let n = wakes_of(&seen, "w1");
     let w = next_wake(&cp, &seen, "w1", n).await;
     let alert_id = w.body["run_id"].as_str().expect("run_id").to_string();
-    wait_run(&cp, "w1", &alert_id, "dispatched", |r| status(r) == "dispatched").await;
+    wait_run(&cp, "w1", &alert_id, "dispatched", |r| {
+        status(r) == "dispatched"
+    })
+    .await;
     let (code, body) = callback(
         &w,
         &token(&w),
@@ -287,7 +308,10 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    wait_run(&cp, "w1", &alert_id, "delivered", |r| status(r) == "delivered").await;
+    wait_run(&cp, "w1", &alert_id, "delivered", |r| {
+        status(r) == "delivered"
+    })
+    .await;
     {
         let d = delivered.lock();
         let hit = d
@@ -302,7 +326,10 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     let n = wakes_of(&seen, "w1");
     let w = next_wake(&cp, &seen, "w1", n).await;
     let ok_id = w.body["run_id"].as_str().expect("run_id").to_string();
-    wait_run(&cp, "w1", &ok_id, "dispatched", |r| status(r) == "dispatched").await;
+    wait_run(&cp, "w1", &ok_id, "dispatched", |r| {
+        status(r) == "dispatched"
+    })
+    .await;
     let (code, _) = callback(&w, &token(&w), serde_json::json!({"status": "ok"})).await;
     assert_eq!(code, 200);
     wait_run(&cp, "w1", &ok_id, "ok", |r| status(r) == "ok").await;
@@ -310,7 +337,10 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
     // The runtime that never reports back: failed at the deadline.
     let w2 = next_wake(&cp, &seen, "w2", 0).await;
     let w2_id = w2.body["run_id"].as_str().expect("run_id").to_string();
-    let r = wait_run(&cp, "w2", &w2_id, "failed at deadline", |r| status(r) == "failed").await;
+    let r = wait_run(&cp, "w2", &w2_id, "failed at deadline", |r| {
+        status(r) == "failed"
+    })
+    .await;
     assert_eq!(r["error"], "the runtime never reported back");
     let (code, _) = callback(&w2, &token(&w2), serde_json::json!({"status": "ok"})).await;
     assert_eq!(code, 403, "expired token");
@@ -329,7 +359,10 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
         // Still waiting for its runtime across the restart.
         let (code, body) = callback(&w, &token(&w), serde_json::json!({"status": "ok"})).await;
         assert_eq!(code, 200, "{body}");
-        wait_run(&cp, "w1", &crash_id, "ok after restart", |r| status(r) == "ok").await;
+        wait_run(&cp, "w1", &crash_id, "ok after restart", |r| {
+            status(r) == "ok"
+        })
+        .await;
     } else {
         assert_eq!(r["error"], "control plane restarted during the run");
     }
@@ -347,8 +380,14 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
             .entry(s.body["slot"].as_str().unwrap_or_default().to_string())
             .or_default() += 1;
     }
-    assert!(per_run.values().all(|n| *n == 1), "a wake was re-sent: {per_run:?}");
-    assert!(per_slot.values().all(|n| *n == 1), "a slot woke twice: {per_slot:?}");
+    assert!(
+        per_run.values().all(|n| *n == 1),
+        "a wake was re-sent: {per_run:?}"
+    );
+    assert!(
+        per_slot.values().all(|n| *n == 1),
+        "a slot woke twice: {per_slot:?}"
+    );
     let mut records: HashMap<String, u32> = HashMap::new();
     for r in runs(&cp, "w1") {
         *records

@@ -160,9 +160,8 @@ pub(super) fn check(a: &mut Agent) -> Result<()> {
 fn check_target(a: &mut Agent) -> std::result::Result<(), FieldError> {
     a.wake_url = a.wake_url.trim().to_string();
     a.fallback_model = a.fallback_model.trim().to_string();
-    let target = HeartbeatTarget::try_from(a.target).map_err(|_| {
-        FieldError::new("target", format!("unknown heartbeat target {}", a.target))
-    })?;
+    let target = HeartbeatTarget::try_from(a.target)
+        .map_err(|_| FieldError::new("target", format!("unknown heartbeat target {}", a.target)))?;
     match target {
         HeartbeatTarget::Unspecified | HeartbeatTarget::Llm => {
             a.target = HeartbeatTarget::Unspecified as i32;
@@ -597,7 +596,10 @@ mod tests {
             .await
             .expect("back to llm");
         assert_eq!(back.target, HeartbeatTarget::Unspecified as i32);
-        assert_eq!((back.wake_url.as_str(), back.fallback_model.as_str()), ("", ""));
+        assert_eq!(
+            (back.wake_url.as_str(), back.fallback_model.as_str()),
+            ("", "")
+        );
         // An invalid update stores nothing.
         let err = c
             .update_agent(

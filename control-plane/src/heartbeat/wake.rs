@@ -223,9 +223,9 @@ pub fn parse_report(raw: &[u8]) -> Result<Report, String> {
         Some(other) => Err(format!(
             "status {other:?} is not one of \"ok\", \"alert\", \"failed\""
         )),
-        None if b.error.is_some() && reply.is_empty() => Err(
-            "status is required with error (\"failed\")".to_string(),
-        ),
+        None if b.error.is_some() && reply.is_empty() => {
+            Err("status is required with error (\"failed\")".to_string())
+        }
         None => Ok(match super::reply::classify(&reply) {
             super::reply::ReplyKind::Suppressed => Report::Suppressed(reply),
             super::reply::ReplyKind::Alert(_) => Report::Alert(reply),
@@ -317,7 +317,9 @@ pub fn ok_response(run: &claw_proto::v1::HeartbeatRun) -> Response<Full<Bytes>> 
 
 /// The run id of a callback path (`/v1/heartbeat/runs/{id}/result`).
 pub fn run_id_of(path: &str) -> Option<&str> {
-    let id = path.strip_prefix(CALLBACK_PREFIX)?.strip_suffix("/result")?;
+    let id = path
+        .strip_prefix(CALLBACK_PREFIX)?
+        .strip_suffix("/result")?;
     (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 

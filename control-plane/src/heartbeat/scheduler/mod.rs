@@ -163,9 +163,7 @@ enum Command {
         run_id: String,
         token: Option<String>,
         body: Vec<u8>,
-        reply: oneshot::Sender<
-            Result<wake::CallbackAnswer, crate::heartbeat::wake::CallbackError>,
-        >,
+        reply: oneshot::Sender<Result<wake::CallbackAnswer, crate::heartbeat::wake::CallbackError>>,
     },
 }
 

@@ -108,7 +108,11 @@ impl Scheduler {
     /// Startup: a run found `dispatched` keeps waiting for its callback
     /// (never re-POSTed) until its deadline.
     pub(super) fn resume_dispatched(&mut self, key: RunKey, rec: &RunRecord) {
-        let run_id = rec.run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
+        let run_id = rec
+            .run
+            .as_ref()
+            .map(|r| r.run_id.clone())
+            .unwrap_or_default();
         self.wake
             .by_run_id
             .insert(run_id.clone(), (key, rec.deadline_ms));
@@ -134,7 +138,11 @@ impl Scheduler {
         match result {
             Ok(()) => {
                 set_status(&mut rec, RunStatus::Dispatched, "", "", now);
-                let run_id = rec.run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
+                let run_id = rec
+                    .run
+                    .as_ref()
+                    .map(|r| r.run_id.clone())
+                    .unwrap_or_default();
                 self.wake.deadlines.insert((rec.deadline_ms, run_id));
             }
             Err(error) => {
@@ -179,11 +187,9 @@ impl Scheduler {
         self.wake
             .by_run_id
             .retain(|_, (_, deadline)| *deadline + REMEMBER_MS > now);
-        self.wake.pending.retain(|k, _| {
-            self.in_flight
-                .get(&k.agent_id)
-                .is_some_and(|f| &f.key == k)
-        });
+        self.wake
+            .pending
+            .retain(|k, _| self.in_flight.get(&k.agent_id).is_some_and(|f| &f.key == k));
     }
 
     /// A runtime's callback: checks the token and the run's state, then
@@ -196,7 +202,12 @@ impl Scheduler {
         body: &[u8],
     ) -> Result<CallbackAnswer, CallbackError> {
         let not_found = || CallbackError::NotFound(run_id.to_string());
-        let (key, _) = self.wake.by_run_id.get(run_id).cloned().ok_or_else(not_found)?;
+        let (key, _) = self
+            .wake
+            .by_run_id
+            .get(run_id)
+            .cloned()
+            .ok_or_else(not_found)?;
         let in_flight = self
             .in_flight
             .get(&key.agent_id)
@@ -219,7 +230,7 @@ impl Scheduler {
         let status = rec.status();
         if !matches!(status, RunStatus::Running | RunStatus::Dispatched) {
             if !rec.callback_body_hash.is_empty() && rec.callback_body_hash == body_hash {
-                return Ok(CallbackAnswer::Done(rec.run.unwrap_or_default()));
+                return Ok(CallbackAnswer::Done(Box::new(rec.run.unwrap_or_default())));
             }
             if now > rec.deadline_ms {
                 return Err(CallbackError::Expired);
@@ -313,7 +324,7 @@ impl Scheduler {
 /// The scheduler's answer to a callback.
 pub(super) enum CallbackAnswer {
     /// Already recorded with this very body.
-    Done(HeartbeatRun),
+    Done(Box<HeartbeatRun>),
     /// Turns `Some(run)` once the result is durable.
     Pending(watch::Receiver<Option<HeartbeatRun>>),
 }
@@ -337,7 +348,7 @@ impl SchedulerHandle {
             })
             .map_err(|_| CallbackError::Unavailable)?;
         match rx.await.map_err(|_| CallbackError::Unavailable)?? {
-            CallbackAnswer::Done(run) => Ok(run),
+            CallbackAnswer::Done(run) => Ok(*run),
             CallbackAnswer::Pending(mut rx) => {
                 let wait = rx.wait_for(Option::is_some);
                 match tokio::time::timeout(Duration::from_secs(30), wait).await {
