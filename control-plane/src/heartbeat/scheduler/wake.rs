@@ -359,3 +359,184 @@ impl SchedulerHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    use claw_proto::v1::HeartbeatTarget;
+
+    use super::*;
+    use crate::catalog::testing;
+    use crate::heartbeat::delivery::Webhook;
+    use crate::heartbeat::wake::WakeConfig;
+
+    struct Clock(AtomicI64);
+
+    impl super::Clock for Arc<Clock> {
+        fn now(&self) -> Timestamp {
+            ts(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    /// A runtime answering 202 to every wake; remembers the bodies.
+    #[derive(Default)]
+    struct Runtime {
+        calls: AtomicUsize,
+        bodies: parking_lot::Mutex<Vec<serde_json::Value>>,
+    }
+
+    impl Webhook for Arc<Runtime> {
+        fn post(
+            &self,
+            _url: String,
+            _headers: Vec<(&'static str, String)>,
+            body: Vec<u8>,
+        ) -> futures::future::BoxFuture<'static, Result<u16, String>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.bodies
+                .lock()
+                .push(serde_json::from_slice(&body).unwrap_or_default());
+            Box::pin(async { Ok(202) })
+        }
+    }
+
+    struct NoLlm;
+
+    impl Dispatcher for NoLlm {
+        fn run(
+            &self,
+            _req: RunRequest,
+        ) -> futures::future::BoxFuture<'static, Result<RunReply, String>> {
+            Box::pin(async { Err("wake agents never call the model".to_string()) })
+        }
+    }
+
+    const T0: i64 = 1_700_000_040_000;
+
+    async fn scheduler(
+        store: &Arc<dyn crate::store::Store>,
+        catalog: &Arc<Catalog>,
+        clock: &Arc<Clock>,
+        runtime: &Arc<Runtime>,
+    ) -> Scheduler {
+        let (outbox, _) = mpsc::unbounded_channel();
+        let poster: Arc<dyn Webhook> = Arc::new(runtime.clone());
+        let config = SchedulerConfig {
+            wake: WakeConfig {
+                public_url: "http://cp:9090".into(),
+                poster: Some(poster),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (mut s, _h) = Scheduler::new(
+            Deps {
+                catalog: catalog.clone(),
+                runs: RunStore::new(store.clone()),
+                dispatcher: Arc::new(NoLlm),
+                activity: Arc::new(AgentActivity::new()),
+                capacity: Arc::new(Capacity::new()),
+                clock: Arc::new(clock.clone()),
+                outbox,
+            },
+            config,
+        );
+        s.start().await.expect("start");
+        s
+    }
+
+    async fn step(s: &mut Scheduler, clock: &Clock, now: i64) {
+        clock.0.store(now, Ordering::SeqCst);
+        s.tick();
+        s.flush_batch().await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        while let Ok(cmd) = s.rx.try_recv() {
+            s.command(cmd);
+        }
+        s.flush_batch().await;
+    }
+
+    fn only_run(store: &Arc<dyn crate::store::Store>) -> HeartbeatRun {
+        let runs = RunStore::new(store.clone())
+            .list_agent("w1", 10)
+            .expect("list");
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        runs[0].clone()
+    }
+
+    #[tokio::test]
+    async fn a_dispatched_wake_survives_a_restart_without_a_second_post_and_fails_at_its_deadline()
+    {
+        let (_dir, store, catalog) = testing::store_and_catalog().await;
+        let catalog = Arc::new(catalog);
+        catalog
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "w1".into(),
+                    model: "m".into(),
+                    interval_seconds: 3600,
+                    stagger: Some(false),
+                    run_timeout_seconds: 60,
+                    checklist: "- [ ] WorkBoard".into(),
+                    enabled: true,
+                    target: HeartbeatTarget::Wake as i32,
+                    wake_url: "http://runtime/hooks/wake".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("agent");
+        let clock = Arc::new(Clock(AtomicI64::new(T0 - 30_000)));
+        let runtime = Arc::new(Runtime::default());
+        let slot = {
+            let mut s = scheduler(&store, &catalog, &clock, &runtime).await;
+            let slot = s.agents["w1"].next_ms.expect("queued");
+            step(&mut s, &clock, slot + 5).await;
+            slot
+            // "kill -9": dropped with the run dispatched.
+        };
+        assert_eq!(runtime.calls.load(Ordering::SeqCst), 1);
+        let run = only_run(&store);
+        assert_eq!(run.status, RunStatus::Dispatched as i32);
+        assert_eq!(run.target, HeartbeatTarget::Wake as i32);
+        let body = runtime.bodies.lock()[0].clone();
+        assert_eq!(body["run_id"], run.run_id.as_str());
+        assert_eq!(
+            body["callback_url"],
+            format!("http://cp:9090/v1/heartbeat/runs/{}/result", run.run_id).as_str()
+        );
+        let token = body["callback_token"].as_str().expect("token").to_string();
+        // The token is stored only as a hash.
+        for (_, raw) in store.scan(crate::store::Tree::HeartbeatRuns).expect("scan") {
+            assert!(!String::from_utf8_lossy(&raw).contains(&token));
+        }
+
+        let mut s = scheduler(&store, &catalog, &clock, &runtime).await;
+        step(&mut s, &clock, slot + 10_000).await;
+        assert_eq!(runtime.calls.load(Ordering::SeqCst), 1, "never re-POSTed");
+        assert_eq!(only_run(&store).status, RunStatus::Dispatched as i32);
+        // A wrong token is refused; the deadline then fails the run.
+        assert!(matches!(
+            s.callback(&run.run_id, Some("hbt_nope"), br#"{"status":"ok"}"#),
+            Err(CallbackError::Unauthorized)
+        ));
+        step(&mut s, &clock, slot + 61_000).await;
+        let run = only_run(&store);
+        assert_eq!(
+            (run.status, run.error.as_str()),
+            (RunStatus::Failed as i32, "the runtime never reported back")
+        );
+        assert!(matches!(
+            s.callback(&run.run_id, Some(&token), br#"{"status":"ok"}"#),
+            Err(CallbackError::Expired)
+        ));
+        assert!(matches!(
+            s.callback("hbr_unknown", Some(&token), br#"{"status":"ok"}"#),
+            Err(CallbackError::NotFound(_))
+        ));
+    }
+}
