@@ -111,14 +111,30 @@ pub fn callback_url(public_url: &str, run_id: &str) -> String {
     )
 }
 
-/// A fresh random callback token and its stored hash.
-pub fn new_token() -> (String, Vec<u8>) {
+/// A fresh callback token for the run at `key`, and its stored hash. The
+/// token is `hbt_<64 random hex>_<slot ms>_<agent id>`: the random part is
+/// the secret; the slot and agent (which the runtime knows anyway) let a
+/// restarted control plane find the run's record for a late or repeated
+/// callback.
+pub fn new_token(key: &super::runs::RunKey) -> (String, Vec<u8>) {
     use rand::RngCore as _;
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
-    let token = format!("hbt_{}", hex::encode(b));
+    let token = format!("hbt_{}_{}_{}", hex::encode(b), key.nominal_ms, key.agent_id);
     let hash = token_hash(&token);
     (token, hash)
+}
+
+/// The run key a token names (see [`new_token`]); not a proof of anything
+/// until the token's hash matches the record's.
+pub fn key_of_token(token: &str) -> Option<super::runs::RunKey> {
+    let mut parts = token.splitn(4, '_');
+    if parts.next()? != "hbt" || parts.next()?.len() != 64 {
+        return None;
+    }
+    let ms: i64 = parts.next()?.parse().ok()?;
+    let agent = parts.next().filter(|a| !a.is_empty())?;
+    Some(super::runs::RunKey::new(agent, ms))
 }
 
 /// SHA-256 of a token (or a body).
@@ -361,8 +377,12 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_by_hash() {
-        let (token, hash) = new_token();
+        let key = super::super::runs::RunKey::new("agent_1.x", 1_700_000_040_000);
+        let (token, hash) = new_token(&key);
         assert!(token_matches(&token, &hash));
+        assert_eq!(key_of_token(&token), Some(key));
+        assert_eq!(key_of_token("hbt_short_1_a"), None);
+        assert_eq!(key_of_token("nope"), None);
         assert!(!token_matches("hbt_other", &hash));
         assert!(!token_matches(&token, &[]));
         assert_eq!(run_id_of("/v1/heartbeat/runs/hbr_1/result"), Some("hbr_1"));

@@ -70,7 +70,7 @@ impl Scheduler {
         }
         run.target = claw_proto::v1::HeartbeatTarget::Wake as i32;
         run.model.clear();
-        let (token, hash) = wake::new_token();
+        let (token, hash) = wake::new_token(key);
         rec.callback_token_hash = hash;
         let request = WakeRequest {
             url: agent.wake_url.clone(),
@@ -202,12 +202,12 @@ impl Scheduler {
         body: &[u8],
     ) -> Result<CallbackAnswer, CallbackError> {
         let not_found = || CallbackError::NotFound(run_id.to_string());
-        let (key, _) = self
-            .wake
-            .by_run_id
-            .get(run_id)
-            .cloned()
-            .ok_or_else(not_found)?;
+        // Runs of this process (and dispatched ones found at startup) by id;
+        // others (finished before a restart) by the key the token names.
+        let key = match self.wake.by_run_id.get(run_id) {
+            Some((key, _)) => key.clone(),
+            None => token.and_then(wake::key_of_token).ok_or_else(not_found)?,
+        };
         let in_flight = self
             .in_flight
             .get(&key.agent_id)
@@ -222,6 +222,9 @@ impl Scheduler {
                 .map_err(|_| CallbackError::Unavailable)?
                 .ok_or_else(not_found)?,
         };
+        if rec.run.as_ref().is_none_or(|r| r.run_id != run_id) {
+            return Err(not_found());
+        }
         if !token.is_some_and(|t| wake::token_matches(t, &rec.callback_token_hash)) {
             return Err(CallbackError::Unauthorized);
         }
@@ -537,6 +540,13 @@ mod tests {
         assert!(matches!(
             s.callback("hbr_unknown", Some(&token), br#"{"status":"ok"}"#),
             Err(CallbackError::NotFound(_))
+        ));
+        // After another restart the finished run is still found by its token.
+        drop(s);
+        let mut s = scheduler(&store, &catalog, &clock, &runtime).await;
+        assert!(matches!(
+            s.callback(&run.run_id, Some(&token), br#"{"status":"ok"}"#),
+            Err(CallbackError::Expired)
         ));
     }
 }
