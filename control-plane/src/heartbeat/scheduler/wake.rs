@@ -13,15 +13,18 @@ use crate::heartbeat::wake::{self, CallbackError, Report, WakeRequest};
 pub(super) struct WakeRuns {
     /// Claimed wake runs whose request is sent once the claim commits.
     pending: HashMap<RunKey, WakeRequest>,
-    /// Run id → key of the wake runs of this process (and the dispatched
-    /// ones found at startup), for callbacks.
+    /// Run id → (key, deadline) of the open wake runs (running or
+    /// dispatched), for callbacks; finished runs are found by the key their
+    /// token names.
     by_run_id: HashMap<String, (RunKey, i64)>,
     /// `(deadline ms, run id)` of dispatched runs.
     deadlines: BTreeSet<(i64, String)>,
+    /// Next sweep of entries left behind by claims that did not commit.
+    next_sweep_ms: i64,
 }
 
-/// How long a finished wake run's id is remembered for repeated callbacks.
-const REMEMBER_MS: i64 = 3_600_000;
+/// How often entries of runs that never started are swept.
+const SWEEP_EVERY_MS: i64 = 60_000;
 
 impl Scheduler {
     /// True when the agent's heartbeat is a wake request.
@@ -146,6 +149,9 @@ impl Scheduler {
                 self.wake.deadlines.insert((rec.deadline_ms, run_id));
             }
             Err(error) => {
+                if let Some(run) = rec.run.as_ref() {
+                    self.wake.by_run_id.remove(&run.run_id);
+                }
                 tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat wake failed");
                 set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }
@@ -165,7 +171,7 @@ impl Scheduler {
             let Some((_, run_id)) = self.wake.deadlines.pop_first() else {
                 break;
             };
-            let Some((key, _)) = self.wake.by_run_id.get(&run_id).cloned() else {
+            let Some((key, _)) = self.wake.by_run_id.remove(&run_id) else {
                 continue;
             };
             match self.deps.runs.get(&key) {
@@ -184,9 +190,13 @@ impl Scheduler {
                 Err(e) => tracing::error!(error = %e, "cannot read a dispatched run"),
             }
         }
+        if now < self.wake.next_sweep_ms {
+            return;
+        }
+        self.wake.next_sweep_ms = now + SWEEP_EVERY_MS;
         self.wake
             .by_run_id
-            .retain(|_, (_, deadline)| *deadline + REMEMBER_MS > now);
+            .retain(|_, (_, deadline)| *deadline + SWEEP_EVERY_MS > now);
         self.wake
             .pending
             .retain(|k, _| self.in_flight.get(&k.agent_id).is_some_and(|f| &f.key == k));
@@ -244,6 +254,7 @@ impl Scheduler {
             return Err(CallbackError::Expired);
         }
         let report = wake::parse_report(body).map_err(CallbackError::BadRequest)?;
+        self.wake.by_run_id.remove(run_id);
         rec.callback_body_hash = body_hash;
         let mut outbox = None;
         match report {
