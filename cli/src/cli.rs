@@ -662,6 +662,19 @@ pub struct AgentSettings {
     /// Environment variable holding the webhook HMAC secret ('' value clears it).
     #[arg(long, value_name = "VAR")]
     pub webhook_secret_env: Option<String>,
+    /// What a slot does: 'llm' (default) calls the model through a proxy; 'wake'
+    /// POSTs a signed wake request to --wake-url so the agent's own runtime runs
+    /// the checklist with its tools and reports back on a per-run callback URL.
+    #[arg(long, value_name = "llm|wake", value_parser = ["llm", "wake"])]
+    pub target: Option<String>,
+    /// The agent runtime's endpoint for wake requests (http or https; required
+    /// with --target wake), e.g. an OpenClaw gateway's hooks URL.
+    #[arg(long, value_name = "URL")]
+    pub wake_url: Option<String>,
+    /// Canonical model a run uses when the primary model has no capacity (every
+    /// backend cooling) instead of deferring; '' clears it.
+    #[arg(long, value_name = "MODEL")]
+    pub fallback_model: Option<String>,
 }
 
 /// Flags of `agent add`.

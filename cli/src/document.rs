@@ -279,6 +279,40 @@ pub(crate) struct AgentDoc {
     /// Variable holding the webhook HMAC secret (read by `apply`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret_env: Option<String>,
+    /// `llm` (the default, omitted) or `wake`.
+    #[serde(default, skip_serializing_if = "is_llm_target")]
+    pub target: String,
+    /// The agent runtime's wake endpoint (target `wake`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub wake_url: String,
+    /// Model used when `model` has no capacity.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fallback_model: String,
+}
+
+fn is_llm_target(t: &String) -> bool {
+    t.is_empty() || t == "llm"
+}
+
+/// The document name of a heartbeat target (empty, i.e. omitted, for LLM).
+fn target_name(t: i32) -> String {
+    match claw_proto::v1::HeartbeatTarget::try_from(t) {
+        Ok(claw_proto::v1::HeartbeatTarget::Wake) => "wake".into(),
+        _ => String::new(),
+    }
+}
+
+/// Parses a document's `target`.
+fn parse_target(t: &str) -> Result<i32, FieldError> {
+    use claw_proto::v1::HeartbeatTarget;
+    match t.trim() {
+        "" | "llm" => Ok(HeartbeatTarget::Unspecified as i32),
+        "wake" => Ok(HeartbeatTarget::Wake as i32),
+        other => Err(FieldError::new(
+            "target",
+            format!("{other:?} is not a heartbeat target (llm or wake)"),
+        )),
+    }
 }
 
 fn is_true(b: &bool) -> bool {
@@ -693,6 +727,9 @@ impl From<&Agent> for AgentDoc {
                 .webhook_secret_ref
                 .strip_prefix("env:")
                 .map(str::to_string),
+            target: target_name(a.target),
+            wake_url: a.wake_url.clone(),
+            fallback_model: a.fallback_model.clone(),
         }
     }
 }
@@ -903,6 +940,9 @@ impl AgentDoc {
                 .as_ref()
                 .map(|v| format!("env:{v}"))
                 .unwrap_or_default(),
+            target: parse_target(&self.target)?,
+            wake_url: self.wake_url.clone(),
+            fallback_model: self.fallback_model.clone(),
             ..Default::default()
         })
     }
