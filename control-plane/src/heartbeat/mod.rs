@@ -17,7 +17,9 @@
 //!   protocol serving the agent's model (Chat Completions, or Messages when
 //!   only `anthropic` backends serve it).
 //! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
-//!   dead-lettered, at least once.
+//!   dead-lettered (kept for redelivery), at least once; alert, `failed`
+//!   and `recovered` bodies.
+//! * [`streak`] — failure streaks: when a `failed` / `recovered` event is due.
 //! * [`metrics`] — the `claw_heartbeat_*` metrics.
 //! * [`runtime`] — starts it all inside the server (internal client key,
 //!   settings).
@@ -34,3 +36,4 @@ pub mod runs;
 pub mod runtime;
 pub mod scheduler;
 pub mod slots;
+pub mod streak;
