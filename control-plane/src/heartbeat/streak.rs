@@ -220,7 +220,13 @@ mod tests {
     #[test]
     fn the_log_gives_back_the_streak_after_a_restart() {
         // Newest first: two failures (and a skip) after a success.
-        let s = Streak::from_log([(50, Failed), (40, Skipped), (30, Failed), (20, Ok), (10, Failed)]);
+        let s = Streak::from_log([
+            (50, Failed),
+            (40, Skipped),
+            (30, Failed),
+            (20, Ok),
+            (10, Failed),
+        ]);
         assert_eq!((s.failures, s.since_ms), (2, 30));
         let mut s = s;
         // A further failure continues the streak: no second event.

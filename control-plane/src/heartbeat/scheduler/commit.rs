@@ -232,7 +232,11 @@ impl Scheduler {
             .load_agent(&key.agent_id)
             .map(|a| a.webhook_url)
             .unwrap_or_default();
-        let run_id = rec.run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
+        let run_id = rec
+            .run
+            .as_ref()
+            .map(|r| r.run_id.clone())
+            .unwrap_or_default();
         if url.is_empty() {
             tracing::warn!(agent = %key.agent_id, run_id = %run_id, reason = %why, excerpt = %reply::excerpt(content, 200), "heartbeat alert undeliverable: the agent has no webhook");
             set_status(rec, RunStatus::Undeliverable, "", "", now);
@@ -535,7 +539,10 @@ mod tests {
     struct Script(Mutex<VecDeque<Result<String, String>>>);
 
     impl Dispatcher for Arc<Script> {
-        fn run(&self, _req: RunRequest) -> futures::future::BoxFuture<'static, Result<RunReply, String>> {
+        fn run(
+            &self,
+            _req: RunRequest,
+        ) -> futures::future::BoxFuture<'static, Result<RunReply, String>> {
             let next = self
                 .0
                 .lock()
@@ -646,7 +653,13 @@ mod tests {
     async fn a_streak_sends_one_failed_and_one_recovered_event_and_runs_stay_failed() {
         let r = rig(
             "http://127.0.0.1:9/hook",
-            &[Err("upstream 500"), Err("upstream 500"), Err("upstream 500"), Ok("HEARTBEAT_OK"), Ok("HEARTBEAT_OK")],
+            &[
+                Err("upstream 500"),
+                Err("upstream 500"),
+                Err("upstream 500"),
+                Ok("HEARTBEAT_OK"),
+                Ok("HEARTBEAT_OK"),
+            ],
         )
         .await;
         let (mut s, mut rx) = r.scheduler();
@@ -654,7 +667,10 @@ mod tests {
         for n in 0..5 {
             r.slot(&mut s, n).await;
         }
-        assert_eq!(kinds(&mut rx), [(0, "failed".into()), (3, "recovered".into())]);
+        assert_eq!(
+            kinds(&mut rx),
+            [(0, "failed".into()), (3, "recovered".into())]
+        );
         let outbox: Vec<OutboxEntry> = r
             .runs()
             .outbox()
@@ -669,7 +685,10 @@ mod tests {
         assert_eq!(failed["run_id"], outbox[0].run_id.as_str());
         let recovered = json(&outbox[1]);
         assert_eq!(
-            (recovered["kind"].as_str(), recovered["failed_runs"].as_u64()),
+            (
+                recovered["kind"].as_str(),
+                recovered["failed_runs"].as_u64()
+            ),
             (Some("recovered"), Some(3))
         );
         assert_eq!(recovered["since"], failed["slot"]);
@@ -716,7 +735,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_alert_that_ends_a_streak_is_one_alert_marked_recovered() {
-        let r = rig("http://127.0.0.1:9/hook", &[Err("boom"), Ok("The disk is full")]).await;
+        let r = rig(
+            "http://127.0.0.1:9/hook",
+            &[Err("boom"), Ok("The disk is full")],
+        )
+        .await;
         let (mut s, mut rx) = r.scheduler();
         s.start().await.expect("start");
         r.slot(&mut s, 0).await;
@@ -758,14 +781,26 @@ mod tests {
             error: "webhook answered 500".into(),
         });
         s.flush_batch().await;
-        let run = |r: &Rig| r.runs().get(&key).expect("get").and_then(|r| r.run).expect("run");
+        let run = |r: &Rig| {
+            r.runs()
+                .get(&key)
+                .expect("get")
+                .and_then(|r| r.run)
+                .expect("run")
+        };
         assert_eq!(run(&r).status, RunStatus::DeadLetter as i32);
         let (reply, answer) = oneshot::channel();
         s.redeliver(vec![key.clone()], reply);
         s.flush_batch().await;
-        assert_eq!(answer.await.expect("answer").expect("ok"), [first.run_id.clone()]);
+        assert_eq!(
+            answer.await.expect("answer").expect("ok"),
+            [first.run_id.clone()]
+        );
         let (_, again) = rx.try_recv().expect("requeued");
-        assert_eq!((&again.body, again.attempts, again.dead), (&first.body, 0, false));
+        assert_eq!(
+            (&again.body, again.attempts, again.dead),
+            (&first.body, 0, false)
+        );
         assert_eq!(run(&r).status, RunStatus::Delivering as i32);
         // Not a dead letter any more: a second redelivery does nothing.
         let (reply, answer) = oneshot::channel();
@@ -787,10 +822,16 @@ mod tests {
             ..again.clone()
         };
         r.runs()
-            .commit(&[Write::OutboxPut(key.clone(), prost::Message::encode_to_vec(&dead))])
+            .commit(&[Write::OutboxPut(
+                key.clone(),
+                prost::Message::encode_to_vec(&dead),
+            )])
             .await
             .expect("dead letter");
-        assert_eq!(r.runs().dead_letters(Some("a1"), 10).expect("dead").len(), 1);
+        assert_eq!(
+            r.runs().dead_letters(Some("a1"), 10).expect("dead").len(),
+            1
+        );
         r.runs()
             .commit(&[Write::Prune(key.clone())])
             .await
