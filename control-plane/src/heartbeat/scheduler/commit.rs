@@ -794,7 +794,7 @@ mod tests {
         s.flush_batch().await;
         assert_eq!(
             answer.await.expect("answer").expect("ok"),
-            [first.run_id.clone()]
+            vec![first.run_id.clone()]
         );
         let (_, again) = rx.try_recv().expect("requeued");
         assert_eq!(
