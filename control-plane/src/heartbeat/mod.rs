@@ -19,6 +19,7 @@
 //! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
 //!   dead-lettered (kept for redelivery), at least once; alert, `failed`
 //!   and `recovered` bodies.
+//! * [`outbox`] — the stored outbox entry (kind, body, attempts, dead).
 //! * [`streak`] — failure streaks: when a `failed` / `recovered` event is due.
 //! * [`metrics`] — the `claw_heartbeat_*` metrics.
 //! * [`runtime`] — starts it all inside the server (internal client key,
@@ -31,6 +32,7 @@ pub mod checklist;
 pub mod delivery;
 pub mod dispatch;
 pub mod metrics;
+pub mod outbox;
 pub mod reply;
 pub mod runs;
 pub mod runtime;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use claw_proto::v1::{HeartbeatRun, RunStatus};
 
-use super::delivery::OutboxEntry;
+use super::outbox::OutboxEntry;
 use crate::catalog::records;
 use crate::events::{Events, Topic};
 use crate::store::{Store, StoreError, Tree, Txn};
