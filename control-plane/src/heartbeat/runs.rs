@@ -394,15 +394,29 @@ impl RunStore {
     /// The run with id `run_id` (a scan of the run log: for rare admin
     /// calls only).
     pub fn find_run(&self, run_id: &str) -> Result<Option<(RunKey, RunRecord)>> {
-        for (k, v) in self.store.scan(Tree::HeartbeatRuns)? {
-            let rec: RunRecord = decode(Tree::HeartbeatRuns, &v)?;
-            if rec.run.as_ref().is_some_and(|r| r.run_id == run_id)
-                && let Some(key) = RunKey::decode(&k)
-            {
-                return Ok(Some((key, rec)));
+        // In pages, so a large log is never held in memory at once.
+        const PAGE: usize = 10_000;
+        let mut start = Vec::new();
+        loop {
+            let page = self
+                .store
+                .range(Tree::HeartbeatRuns, &start, None, false, PAGE)?;
+            for (k, v) in &page {
+                let rec: RunRecord = decode(Tree::HeartbeatRuns, v)?;
+                if rec.run.as_ref().is_some_and(|r| r.run_id == run_id)
+                    && let Some(key) = RunKey::decode(k)
+                {
+                    return Ok(Some((key, rec)));
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => return Ok(None),
             }
         }
-        Ok(None)
     }
 
     /// Number of outbox entries.
