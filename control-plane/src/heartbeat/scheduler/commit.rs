@@ -16,6 +16,9 @@
 use super::super::streak::{self, Streak, Transition};
 use super::*;
 
+/// Runs read first when deriving a streak from the log.
+const SHALLOW: usize = 16;
+
 /// Answers a `RedeliverRuns` request: the run ids put back in the outbox.
 pub(crate) type RedeliverReply = oneshot::Sender<Result<Vec<String>, HeartbeatError>>;
 
@@ -278,11 +281,21 @@ impl Scheduler {
     /// being counted) the first time it is needed.
     fn streak(&mut self, key: &RunKey) -> &mut Streak {
         if !self.streaks.contains_key(&key.agent_id) {
-            let derived = match self
-                .deps
-                .runs
-                .list_agent(&key.agent_id, streak::LOG_DEPTH + 1)
-            {
+            // Most agents' newest runs hold a success: read a few runs, and
+            // the deep log only for an agent that has been failing.
+            let runs = &self.deps.runs;
+            let recent = runs.list_agent(&key.agent_id, SHALLOW).and_then(|r| {
+                let success = r.iter().any(|run| {
+                    streak::effect(RunStatus::try_from(run.status).unwrap_or_default())
+                        == streak::Effect::Success
+                });
+                if r.len() < SHALLOW || success {
+                    Ok(r)
+                } else {
+                    runs.list_agent(&key.agent_id, streak::LOG_DEPTH + 1)
+                }
+            });
+            let derived = match recent {
                 Ok(runs) => Streak::from_log(runs.into_iter().filter_map(|r| {
                     let nominal = r
                         .nominal_time
@@ -731,6 +744,32 @@ mod tests {
         r.slot(&mut s, 1).await;
         r.slot(&mut s, 2).await;
         assert_eq!(kinds(&mut rx), [(2, "recovered".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_long_streak_is_read_back_from_the_deep_log_after_a_restart() {
+        let script: Vec<Result<&str, &str>> = (0..20).map(|_| Err("boom")).collect();
+        let r = rig("http://127.0.0.1:9/hook", &script).await;
+        {
+            let (mut s, mut rx) = r.scheduler();
+            s.start().await.expect("start");
+            for n in 0..19 {
+                r.slot(&mut s, n).await;
+            }
+            assert_eq!(kinds(&mut rx), [(0, "failed".into())]);
+        }
+        let (mut s, mut rx) = r.scheduler();
+        r.clock.0.store(T0 + 19 * 60_000 - 1000, Ordering::SeqCst);
+        s.start().await.expect("restart");
+        r.slot(&mut s, 19).await;
+        r.slot(&mut s, 20).await;
+        let sent: Vec<(RunKey, OutboxEntry)> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(sent.len(), 1, "no second failed event, one recovered");
+        let body = json(&sent[0].1);
+        assert_eq!(
+            (body["kind"].as_str(), body["failed_runs"].as_u64()),
+            (Some("recovered"), Some(20))
+        );
     }
 
     #[tokio::test]
