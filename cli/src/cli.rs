@@ -588,6 +588,25 @@ Examples:
     /// Show or replace an agent's checklist (its HEARTBEAT.md).
     #[command(subcommand)]
     Checklist(ChecklistCmd),
+    /// Put dead-lettered webhook deliveries back in the outbox (same body
+    /// and Idempotency-Key, fresh attempts).
+    #[command(after_help = "\
+Examples:
+  clawctl heartbeat redeliver hbr_0123456789abcdef
+  clawctl heartbeat redeliver --dead-letters --agent a1
+  clawctl heartbeat redeliver --dead-letters      # every dead letter, at most 10000 per call")]
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["run_id", "dead_letters"])))]
+    Redeliver {
+        /// The dead-lettered run.
+        #[arg(value_name = "RUN_ID", conflicts_with = "dead_letters")]
+        run_id: Option<String>,
+        /// Every dead letter (of --agent).
+        #[arg(long)]
+        dead_letters: bool,
+        /// Only this agent's dead letters (id or name).
+        #[arg(long, value_name = "ID", conflicts_with = "run_id")]
+        agent: Option<String>,
+    },
 }
 
 /// `clawctl heartbeat checklist ...`

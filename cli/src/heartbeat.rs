@@ -1,4 +1,4 @@
-//! `clawctl heartbeat run|logs|checklist get|set` and `clawctl agent next`.
+//! `clawctl heartbeat run|logs|checklist get|set|redeliver` and `clawctl agent next`.
 
 use std::io::Read as _;
 
@@ -6,12 +6,15 @@ use anyhow::{Context as _, anyhow};
 use claw_proto::serde_fmt::short_name;
 use claw_proto::v1::{
     GetChecklistRequest, HeartbeatRun, ListHeartbeatRunsRequest, ListNextSlotsRequest,
-    RunHeartbeatRequest, RunStatus, SetChecklistRequest,
+    RedeliverRunsRequest, RunHeartbeatRequest, RunStatus, SetChecklistRequest,
 };
 
 use crate::cli::{ChecklistCmd, HeartbeatCmd};
 use crate::output::{self, Table};
 use crate::session::Session;
+
+/// Most dead letters the control plane requeues per call.
+const REDELIVER_BATCH: usize = 10_000;
 
 /// Runs a `heartbeat` verb.
 pub(crate) async fn run(session: &Session, cmd: HeartbeatCmd) -> anyhow::Result<()> {
@@ -44,6 +47,33 @@ pub(crate) async fn run(session: &Session, cmd: HeartbeatCmd) -> anyhow::Result<
                 )
                 .await?;
             session.emit(&resp.runs, |out| table(&resp.runs).write(out))
+        }
+        HeartbeatCmd::Redeliver {
+            run_id,
+            dead_letters,
+            agent,
+        } => {
+            let conn = session.connect().await?;
+            let resp = conn
+                .call(conn.heartbeats().redeliver_runs(RedeliverRunsRequest {
+                    run_id: run_id.unwrap_or_default(),
+                    dead_letters,
+                    agent: agent.unwrap_or_default(),
+                }))
+                .await?;
+            session.emit(&resp.run_ids, |out| {
+                for id in &resp.run_ids {
+                    writeln!(out, "run/{id} requeued")?;
+                }
+                match resp.run_ids.len() {
+                    0 => writeln!(out, "no dead letters to redeliver"),
+                    n if n >= REDELIVER_BATCH => writeln!(
+                        out,
+                        "{n} requeued (at most {REDELIVER_BATCH} per call: run it again for the rest)"
+                    ),
+                    n => writeln!(out, "{n} requeued"),
+                }
+            })
         }
         HeartbeatCmd::Checklist(ChecklistCmd::Get(target)) => {
             let conn = session.connect().await?;

@@ -14,7 +14,7 @@
 //!   each resource (`cluster`: snapshot, proxies, master key).
 //! - `served`: the warning when a key, agent or disabled backend names a
 //!   model no enabled backend serves.
-//! - `heartbeat`: `heartbeat run|logs|checklist get|set`.
+//! - `heartbeat`: `heartbeat run|logs|checklist get|set|redeliver`.
 //! - `backup`: `backup create FILE`, verified with the shared reader.
 //! - `stats`: `stats total|hourly|daily|cooldowns` over the usage and
 //!   cooldown history.

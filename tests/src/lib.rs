@@ -10,7 +10,10 @@
 //!   ephemeral loopback ports with temp dirs, and tears them down on drop.
 //! - [`otlp`]: a fake OpenTelemetry collector (OTLP/HTTP and OTLP/gRPC) that
 //!   records the spans the binaries export.
+//! - [`webhook`]: a fake heartbeat webhook receiver (switchable down/up)
+//!   that records every delivery.
 
 pub mod harness;
 pub mod mock;
 pub mod otlp;
+pub mod webhook;

@@ -26,6 +26,7 @@ mod fleet;
 mod harness_smoke;
 mod heartbeat;
 mod heartbeat_wake;
+mod heartbeat_delivery;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;

@@ -1,5 +1,5 @@
-//! `claw.v1.HeartbeatService`: manual runs, run logs, checklists and the
-//! next slots of an agent.
+//! `claw.v1.HeartbeatService`: manual runs, run logs, checklists, the
+//! next slots of an agent and the redelivery of dead letters.
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ const MAX_LIMIT: u32 = 10_000;
 /// Default and largest `ListNextSlots` count.
 const DEFAULT_SLOTS: u32 = 5;
 const MAX_SLOTS: u32 = 100;
+/// Most dead letters one `RedeliverRuns{dead_letters}` call puts back.
+pub(crate) const MAX_REDELIVER: usize = 10_000;
 /// Extra time a waiting `RunHeartbeat` gives a run beyond its timeout.
 const WAIT_GRACE: Duration = Duration::from_secs(10);
 
@@ -170,8 +172,77 @@ impl HeartbeatService for HeartbeatApi {
 
     async fn redeliver_runs(
         &self,
-        _request: Request<RedeliverRunsRequest>,
+        request: Request<RedeliverRunsRequest>,
     ) -> RpcResult<RedeliverRunsResponse> {
-        Err(Status::unimplemented("RedeliverRuns is not built yet"))
+        let actor = super::actor(&request);
+        let req = request.into_inner();
+        let run_id = req.run_id.trim();
+        let agent = req.agent.trim();
+        let runs = &self.heartbeats.runs;
+        let (keys, subject) = match (run_id.is_empty(), req.dead_letters) {
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "run_id: give a run id or dead_letters, not both",
+                ));
+            }
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "run_id: give a run id, or dead_letters to redeliver every dead letter",
+                ));
+            }
+            (false, false) if !agent.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "agent: only with dead_letters (a run id names its agent)",
+                ));
+            }
+            (false, false) => match runs.dead_letter_of(run_id).map_err(|e| internal(&e))? {
+                Some((key, _)) => {
+                    let subject = key.agent_id.clone();
+                    (vec![key], subject)
+                }
+                None => {
+                    return Err(match runs.find_run(run_id).map_err(|e| internal(&e))? {
+                        Some((_, rec)) => Status::failed_precondition(format!(
+                            "run {run_id} is {}, not dead-lettered: nothing to redeliver",
+                            crate::heartbeat::metrics::status_name(rec.status())
+                        )),
+                        None => Status::not_found(format!("heartbeat run {run_id:?} not found")),
+                    });
+                }
+            },
+            (true, true) => {
+                // A deleted agent's dead letters stay reachable by its id
+                // until pruned.
+                let id = if agent.is_empty() {
+                    None
+                } else {
+                    match self.catalog.get_agent(agent) {
+                        Ok(a) => Some(a.id),
+                        Err(crate::catalog::CatalogError::NotFound { .. }) => {
+                            Some(agent.to_string())
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                let found = runs
+                    .dead_letters(id.as_deref(), MAX_REDELIVER)
+                    .map_err(|e| internal(&e))?;
+                let subject = id.unwrap_or_else(|| "*".to_string());
+                (found.into_iter().map(|(k, _)| k).collect(), subject)
+            }
+        };
+        let run_ids = self.heartbeats.scheduler.redeliver(keys).await?;
+        let change = crate::audit::Change::new(
+            "agent",
+            &subject,
+            "",
+            "redeliver",
+            vec![crate::audit::field("run_ids", "", &run_ids.join(","))],
+        );
+        self.catalog
+            .record_audit(&actor, "RedeliverRuns", &change)
+            .await?;
+        tracing::info!(agent = %subject, runs = run_ids.len(), "heartbeat dead letters put back in the outbox");
+        ok(RedeliverRunsResponse { run_ids })
     }
 }

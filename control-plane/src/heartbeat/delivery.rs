@@ -3,9 +3,17 @@
 //! An alert becomes an outbox entry in the same transaction that moves its
 //! run to `delivering` (see [`super::scheduler`]). This worker POSTs it:
 //!
-//! - body: JSON `{agent_id, run_id, nominal_time, trigger, model, reply,
-//!   tokens, ...}` (fixed at enqueue, so every retry sends the same bytes);
-//! - `Idempotency-Key: <run_id>`: the receiver de-duplicates retries;
+//! - body: JSON with a `kind` (fixed at enqueue, so every retry sends the
+//!   same bytes):
+//!
+//!   | kind | when | fields |
+//!   |---|---|---|
+//!   | `alert` | a reply that is not `HEARTBEAT_OK` | `agent_id, run_id, nominal_time, trigger, model, reply, tokens, ...`; plus `recovered: true, failed_runs, since` when the run also ends a failure streak |
+//!   | `failed` | the first failed run of a streak ([`super::streak`]) | `agent_id, run_id, slot, error, consecutive_failures, ...` |
+//!   | `recovered` | the first successful run after a streak | `agent_id, run_id, slot, status, failed_runs, since` |
+//!
+//! - `Idempotency-Key: <run_id>`: the receiver de-duplicates retries (each
+//!   run has at most one entry: its alert or its event);
 //! - `X-Claw-Signature: sha256=<hex HMAC-SHA256(secret, body)>` with the
 //!   agent's webhook secret or the control plane's global one
 //!   (`CLAW_WEBHOOK_SECRET`); no header when neither is set. The secret is
@@ -15,9 +23,12 @@
 //! A 2xx marks it delivered; anything else is retried after a capped
 //! exponential backoff with full jitter (`uniform(0, min(max, base·2^(n-1)))`)
 //! until `max_attempts` attempts or `max_age` since enqueue, then it is
-//! dead-lettered. The run's status (`delivered` / `dead_letter`) and the
-//! removal of the entry are written by the scheduler in one transaction;
-//! until then the entry survives restarts and is retried.
+//! dead-lettered. The run's status (`delivered` / `dead_letter`, alerts
+//! only: a `failed` run stays `failed`) and the end of the entry are written
+//! by the scheduler in one transaction; until then the entry survives
+//! restarts and is retried. A dead letter stays in the outbox, marked
+//! [`OutboxEntry::dead`], until `RedeliverRuns` puts it back or retention
+//! prunes its run.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -45,34 +56,7 @@ const MAX_CONCURRENT: usize = 64;
 /// Per-attempt timeout.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A pending delivery as stored in the outbox.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct OutboxEntry {
-    /// The agent.
-    #[prost(string, tag = "1")]
-    pub agent_id: String,
-    /// The run (the idempotency key).
-    #[prost(string, tag = "2")]
-    pub run_id: String,
-    /// The webhook URL at enqueue time.
-    #[prost(string, tag = "3")]
-    pub url: String,
-    /// The exact JSON body every attempt sends.
-    #[prost(bytes = "vec", tag = "4")]
-    pub body: Vec<u8>,
-    /// Attempts made so far.
-    #[prost(uint32, tag = "5")]
-    pub attempts: u32,
-    /// Earliest next attempt, unix ms.
-    #[prost(int64, tag = "6")]
-    pub next_attempt_ms: i64,
-    /// Enqueue time, unix ms.
-    #[prost(int64, tag = "7")]
-    pub created_ms: i64,
-    /// What the last attempt got.
-    #[prost(string, tag = "8")]
-    pub last_error: String,
-}
+pub use super::outbox::{KIND_ALERT, KIND_FAILED, KIND_RECOVERED, OutboxEntry};
 
 /// Retry policy and secrets.
 #[derive(Clone)]
@@ -140,28 +124,98 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .map(claw_proto::serde_fmt::format_timestamp)
+        .unwrap_or_default()
+}
+
+fn ts_ms(ms: i64) -> String {
+    ts(&records::timestamp(ms))
+}
+
+fn trigger_name(run: &claw_proto::v1::HeartbeatRun) -> String {
+    claw_proto::v1::RunTrigger::try_from(run.trigger)
+        .map(|t| claw_proto::serde_fmt::short_name(t.as_str_name(), "RUN_TRIGGER_"))
+        .unwrap_or_default()
+}
+
 /// The webhook body of an alert.
 pub fn body(run: &claw_proto::v1::HeartbeatRun, reply: &str) -> Vec<u8> {
-    let ts = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .map(claw_proto::serde_fmt::format_timestamp)
-            .unwrap_or_default()
-    };
-    let trigger = claw_proto::v1::RunTrigger::try_from(run.trigger)
-        .map(|t| claw_proto::serde_fmt::short_name(t.as_str_name(), "RUN_TRIGGER_"))
-        .unwrap_or_default();
-    serde_json::json!({
+    alert_body(run, reply, None)
+}
+
+/// The webhook body of an alert; `recovered` = (failed runs, first failure
+/// ms) when this run also ends a failure streak: one alert, marked
+/// `"recovered": true`, instead of a separate `recovered` event.
+pub fn alert_body(
+    run: &claw_proto::v1::HeartbeatRun,
+    reply: &str,
+    recovered: Option<(u32, i64)>,
+) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "kind": KIND_ALERT,
         "agent_id": run.agent_id,
         "run_id": run.run_id,
         "nominal_time": ts(&run.nominal_time),
         "started_at": ts(&run.started_at),
         "finished_at": ts(&run.finished_at),
-        "trigger": trigger,
+        "trigger": trigger_name(run),
         "model": run.model,
         "reply": reply,
         "prompt_tokens": run.prompt_tokens,
         "completion_tokens": run.completion_tokens,
         "tokens": run.tokens,
+    });
+    if let Some((failed_runs, since_ms)) = recovered {
+        v["recovered"] = true.into();
+        v["failed_runs"] = failed_runs.into();
+        v["since"] = ts_ms(since_ms).into();
+    }
+    v.to_string().into_bytes()
+}
+
+/// The webhook body of a `failed` event (the first failed run of a streak).
+pub fn failed_body(run: &claw_proto::v1::HeartbeatRun, consecutive_failures: u32) -> Vec<u8> {
+    serde_json::json!({
+        "kind": KIND_FAILED,
+        "agent_id": run.agent_id,
+        "run_id": run.run_id,
+        "slot": ts(&run.nominal_time),
+        "nominal_time": ts(&run.nominal_time),
+        "started_at": ts(&run.started_at),
+        "finished_at": ts(&run.finished_at),
+        "trigger": trigger_name(run),
+        "model": run.model,
+        "error": run.error,
+        "consecutive_failures": consecutive_failures,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The webhook body of a `recovered` event (the first successful run after
+/// a streak of `failed_runs` failures that began at `since_ms`).
+pub fn recovered_body(
+    run: &claw_proto::v1::HeartbeatRun,
+    failed_runs: u32,
+    since_ms: i64,
+) -> Vec<u8> {
+    let status = claw_proto::v1::RunStatus::try_from(run.status)
+        .map(|s| claw_proto::serde_fmt::short_name(s.as_str_name(), "RUN_STATUS_"))
+        .unwrap_or_default();
+    serde_json::json!({
+        "kind": KIND_RECOVERED,
+        "agent_id": run.agent_id,
+        "run_id": run.run_id,
+        "slot": ts(&run.nominal_time),
+        "nominal_time": ts(&run.nominal_time),
+        "finished_at": ts(&run.finished_at),
+        "trigger": trigger_name(run),
+        "model": run.model,
+        "status": status,
+        "failed_runs": failed_runs,
+        "since": ts_ms(since_ms),
     })
     .to_string()
     .into_bytes()
@@ -288,6 +342,8 @@ impl DeliveryWorker {
             Ok(stored) => {
                 for (key, raw) in stored {
                     match <OutboxEntry as prost::Message>::decode(raw.as_slice()) {
+                        // Dead letters wait for RedeliverRuns.
+                        Ok(e) if e.dead => {}
                         Ok(e) => {
                             queue.insert((e.next_attempt_ms, key.clone()));
                             entries.insert(key, e);
@@ -382,7 +438,7 @@ impl DeliveryWorker {
         let now = (self.now)();
         let error = match result {
             Ok(s) if (200..300).contains(&s) => {
-                tracing::info!(agent = %entry.agent_id, run_id = %entry.run_id, attempts = entry.attempts, "heartbeat alert delivered");
+                tracing::info!(agent = %entry.agent_id, run_id = %entry.run_id, kind = entry.kind(), attempts = entry.attempts, "heartbeat webhook delivered");
                 return Some(DeliveryOutcome {
                     key: key.clone(),
                     delivered: true,
@@ -395,7 +451,7 @@ impl DeliveryWorker {
         };
         let age = Duration::from_millis((now - entry.created_ms).max(0) as u64);
         if entry.attempts >= self.config.max_attempts || age >= self.config.max_age {
-            tracing::warn!(agent = %entry.agent_id, run_id = %entry.run_id, attempts = entry.attempts, error = %error, "heartbeat alert dead-lettered");
+            tracing::warn!(agent = %entry.agent_id, run_id = %entry.run_id, kind = entry.kind(), attempts = entry.attempts, error = %error, "heartbeat webhook dead-lettered");
             return Some(DeliveryOutcome {
                 key: key.clone(),
                 delivered: false,
@@ -409,7 +465,7 @@ impl DeliveryWorker {
             self.config.max_backoff,
         );
         let delay = full_jitter(cap, &mut rand::rng());
-        tracing::info!(agent = %entry.agent_id, run_id = %entry.run_id, attempts = entry.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "heartbeat delivery failed; will retry");
+        tracing::info!(agent = %entry.agent_id, run_id = %entry.run_id, kind = entry.kind(), attempts = entry.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "heartbeat delivery failed; will retry");
         entry.next_attempt_ms = now + delay.as_millis() as i64;
         entry.last_error = error;
         if let Err(e) = self

@@ -9,6 +9,9 @@
 //! | `claw_heartbeat_missed_total` | counter | |
 //! | `claw_heartbeat_dead_letters_total` | counter | |
 //! | `claw_heartbeat_outbox_depth` | gauge | |
+//! | `claw_heartbeat_undeliverable_total` | counter | |
+//! | `claw_heartbeat_webhook_events_total` | counter | `kind` (`failed`, `recovered`) |
+//! | `claw_heartbeat_event_dead_letters_total` | counter | |
 
 use claw_proto::v1::RunStatus;
 
@@ -56,6 +59,7 @@ pub fn describe() {
     metrics::describe_gauge!(OUTBOX_DEPTH, "Heartbeat alerts waiting for delivery");
     metrics::counter!(MISSED_TOTAL).increment(0);
     metrics::counter!(DEAD_LETTERS_TOTAL).increment(0);
+    describe_hearing_back();
 }
 
 /// The lowercase name of a status (`dead_letter`).
@@ -93,4 +97,45 @@ pub fn dispatch_lag(seconds: f64) {
 /// Sets the outbox depth.
 pub fn outbox_depth(n: usize) {
     metrics::gauge!(OUTBOX_DEPTH).set(n as f64);
+}
+
+// ---- the owner hears back: undeliverable alerts, failure/recovered events
+
+/// Alerts of agents without a webhook (`undeliverable` runs).
+pub const UNDELIVERABLE_TOTAL: &str = "claw_heartbeat_undeliverable_total";
+/// `failed` / `recovered` events queued for agents' webhooks.
+pub const WEBHOOK_EVENTS_TOTAL: &str = "claw_heartbeat_webhook_events_total";
+/// `failed` / `recovered` events dead-lettered after every attempt.
+pub const EVENT_DEAD_LETTERS_TOTAL: &str = "claw_heartbeat_event_dead_letters_total";
+
+fn describe_hearing_back() {
+    metrics::describe_counter!(
+        UNDELIVERABLE_TOTAL,
+        "Heartbeat alerts recorded undeliverable: the agent has no webhook"
+    );
+    metrics::describe_counter!(
+        WEBHOOK_EVENTS_TOTAL,
+        "Heartbeat failed/recovered events queued for the agent's webhook"
+    );
+    metrics::describe_counter!(
+        EVENT_DEAD_LETTERS_TOTAL,
+        "Heartbeat failed/recovered events dead-lettered after every delivery attempt"
+    );
+    metrics::counter!(UNDELIVERABLE_TOTAL).increment(0);
+    metrics::counter!(EVENT_DEAD_LETTERS_TOTAL).increment(0);
+}
+
+/// Counts an undeliverable alert.
+pub fn undeliverable() {
+    metrics::counter!(UNDELIVERABLE_TOTAL).increment(1);
+}
+
+/// Counts a queued `failed` / `recovered` event.
+pub fn webhook_event(kind: &str) {
+    metrics::counter!(WEBHOOK_EVENTS_TOTAL, "kind" => kind.to_string()).increment(1);
+}
+
+/// Counts a dead-lettered event.
+pub fn event_dead_letter() {
+    metrics::counter!(EVENT_DEAD_LETTERS_TOTAL).increment(1);
 }

@@ -17,7 +17,10 @@
 //!   protocol serving the agent's model (Chat Completions, or Messages when
 //!   only `anthropic` backends serve it).
 //! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
-//!   dead-lettered, at least once.
+//!   dead-lettered (kept for redelivery), at least once; alert, `failed`
+//!   and `recovered` bodies.
+//! * [`outbox`] — the stored outbox entry (kind, body, attempts, dead).
+//! * [`streak`] — failure streaks: when a `failed` / `recovered` event is due.
 //! * [`wake`] — wake mode: the signed wake request to an agent's own
 //!   runtime and the per-run callback that reports the result.
 //! * [`metrics`] — the `claw_heartbeat_*` metrics.
@@ -31,9 +34,11 @@ pub mod checklist;
 pub mod delivery;
 pub mod dispatch;
 pub mod metrics;
+pub mod outbox;
 pub mod reply;
 pub mod runs;
 pub mod runtime;
 pub mod scheduler;
 pub mod slots;
+pub mod streak;
 pub mod wake;

@@ -46,12 +46,15 @@ pub enum AlertReason {
         /// Characters besides the token and surrounding whitespace.
         extra_chars: usize,
     },
+    /// A wake-mode runtime reported `"status": "alert"` itself.
+    RuntimeReported,
 }
 
 impl fmt::Display for AlertReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AlertReason::EmptyReply => f.write_str("empty reply"),
+            AlertReason::RuntimeReported => f.write_str("the agent's runtime reported an alert"),
             AlertReason::NoOkToken => write!(f, "reply does not start or end with {OK_TOKEN}"),
             AlertReason::TooMuchText { extra_chars } => write!(
                 f,

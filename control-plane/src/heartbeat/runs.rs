@@ -7,7 +7,7 @@
 //! | `heartbeat_runs_by_time` | `be-u64 nominal ms \0 agent` | empty |
 //! | `heartbeat_open` | run key | empty, while running or deferred |
 //! | `heartbeat_cursors` | agent id | [`Cursor`] |
-//! | `heartbeat_outbox` | run key | a delivery ([`super::delivery`]) |
+//! | `heartbeat_outbox` | run key | a delivery ([`super::delivery`]); dead letters stay, marked, until redelivered or pruned with their run |
 //!
 //! The key is the claim: writing a run record whose key exists is a no-op
 //! ([`Write::Claim`]), so one slot can never be run twice — across
@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use claw_proto::v1::{HeartbeatRun, RunStatus};
 
+use super::outbox::OutboxEntry;
 use crate::catalog::records;
 use crate::events::{Events, Topic};
 use crate::store::{Store, StoreError, Tree, Txn};
@@ -292,6 +293,8 @@ impl RunStore {
                         txn.remove(Tree::HeartbeatRuns, &k)?;
                         txn.remove(Tree::HeartbeatRunsByTime, &key.encode_by_time())?;
                         txn.remove(Tree::HeartbeatOpen, &k)?;
+                        // A dead letter goes with its run.
+                        txn.remove(Tree::HeartbeatOutbox, &k)?;
                     }
                 }
             }
@@ -352,6 +355,83 @@ impl RunStore {
             .into_iter()
             .filter_map(|(k, v)| RunKey::decode(&k).map(|key| (key, v)))
             .collect())
+    }
+
+    /// One outbox entry.
+    pub fn outbox_get(&self, key: &RunKey) -> Result<Option<OutboxEntry>> {
+        match self.store.get(Tree::HeartbeatOutbox, &key.encode())? {
+            Some(raw) => Ok(Some(decode(Tree::HeartbeatOutbox, &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` dead letters (of `agent` when set), in key order.
+    pub fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(RunKey, OutboxEntry)>> {
+        let raw = match agent {
+            Some(id) => {
+                let mut start = id.as_bytes().to_vec();
+                start.push(0);
+                let mut end = id.as_bytes().to_vec();
+                end.push(1);
+                self.store
+                    .range(Tree::HeartbeatOutbox, &start, Some(&end), false, usize::MAX)?
+            }
+            None => self.store.scan(Tree::HeartbeatOutbox)?,
+        };
+        let mut out = Vec::new();
+        for (k, v) in raw {
+            let Some(key) = RunKey::decode(&k) else {
+                continue;
+            };
+            let entry: OutboxEntry = decode(Tree::HeartbeatOutbox, &v)?;
+            if entry.dead {
+                out.push((key, entry));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The dead letter of run `run_id`, if it has one.
+    pub fn dead_letter_of(&self, run_id: &str) -> Result<Option<(RunKey, OutboxEntry)>> {
+        Ok(self
+            .dead_letters(None, usize::MAX)?
+            .into_iter()
+            .find(|(_, e)| e.run_id == run_id))
+    }
+
+    /// The run with id `run_id` (a scan of the run log: for rare admin
+    /// calls only).
+    pub fn find_run(&self, run_id: &str) -> Result<Option<(RunKey, RunRecord)>> {
+        // In pages, so a large log is never held in memory at once.
+        const PAGE: usize = 10_000;
+        let mut start = Vec::new();
+        loop {
+            let page = self
+                .store
+                .range(Tree::HeartbeatRuns, &start, None, false, PAGE)?;
+            for (k, v) in &page {
+                let rec: RunRecord = decode(Tree::HeartbeatRuns, v)?;
+                if rec.run.as_ref().is_some_and(|r| r.run_id == run_id)
+                    && let Some(key) = RunKey::decode(k)
+                {
+                    return Ok(Some((key, rec)));
+                }
+            }
+            match page.last() {
+                Some((k, _)) if page.len() == PAGE => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// Number of outbox entries.

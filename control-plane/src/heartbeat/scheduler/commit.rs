@@ -2,8 +2,37 @@
 //! and one flush, then their side effects (runs sent, outbox handed to the
 //! delivery worker, callers answered), and the recovery when a commit fails
 //! (claims dropped, cursors re-fired, manual callers told).
+//!
+//! It is also where the owner hears back ([`super::super::streak`]): before
+//! a batch commits, every write that ends a run — whichever path wrote it
+//! (a reply, a timeout, a restart, a wake callback) — is counted in its
+//! agent's failure streak, and a `failed` or `recovered` event joins the
+//! same transaction as an outbox entry. An alert that also ends a streak is
+//! one `alert` marked `recovered`, not two deliveries. Events for an agent
+//! without a webhook are not enqueued (logged at info); an alert for one
+//! ends `undeliverable`. Delivery outcomes and `RedeliverRuns` are booked
+//! here too.
 
+use super::super::streak::{self, Streak, Transition};
 use super::*;
+
+/// Runs read first when deriving a streak from the log.
+const SHALLOW: usize = 16;
+
+/// Answers a `RedeliverRuns` request: the run ids put back in the outbox.
+pub(crate) type RedeliverReply = oneshot::Sender<Result<Vec<String>, HeartbeatError>>;
+
+impl SchedulerHandle {
+    /// Puts the dead letters at `keys` back in the outbox; the run ids of
+    /// those that still were dead letters.
+    pub async fn redeliver(&self, keys: Vec<RunKey>) -> Result<Vec<String>, HeartbeatError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Redeliver { keys, reply })
+            .map_err(|_| HeartbeatError::Unavailable)?;
+        rx.await.map_err(|_| HeartbeatError::Unavailable)?
+    }
+}
 
 impl Scheduler {
     /// Commits the batch (one transaction, one flush), then performs its
@@ -12,6 +41,7 @@ impl Scheduler {
         if self.batch.is_empty() && self.waiters.is_empty() {
             return;
         }
+        self.streak_events();
         let batch = std::mem::take(&mut self.batch);
         let writes: Vec<Write> = batch.iter().map(|(w, _)| w.clone()).collect();
         let outcomes = match self.deps.runs.commit(&writes).await {
@@ -32,7 +62,9 @@ impl Scheduler {
                 Write::Claim(..) => outcomes.next().unwrap_or(ClaimOutcome::Claimed),
                 _ => ClaimOutcome::Claimed,
             };
-            self.account(&write, &claimed);
+            if !matches!(action, Action::Bookkeeping) {
+                self.account(&write, &claimed);
+            }
             match (action, claimed) {
                 (Action::None, ClaimOutcome::Existing(_)) => {
                     if let Write::Claim(key, _) = &write {
@@ -92,6 +124,13 @@ impl Scheduler {
                         let _ = self.deps.outbox.send(entry);
                     }
                 }
+                (Action::Bookkeeping, _) => {}
+                (Action::Redelivered(entry, reply), _) => {
+                    let _ = self.deps.outbox.send(*entry);
+                    if let Some((reply, ids)) = reply {
+                        let _ = reply.send(Ok(ids));
+                    }
+                }
             }
         }
         for (done, run) in std::mem::take(&mut self.waiters) {
@@ -128,10 +167,18 @@ impl Scheduler {
                 state.next_ms = Some(now + 1000);
                 self.queue.insert((now + 1000, id.clone()));
             }
-            if let Action::Manual(reply, _) = action {
-                let _ = reply.send(Err(HeartbeatError::CommitFailed));
+            match action {
+                Action::Manual(reply, _) => {
+                    let _ = reply.send(Err(HeartbeatError::CommitFailed));
+                }
+                Action::Redelivered(_, Some((reply, _))) => {
+                    let _ = reply.send(Err(HeartbeatError::CommitFailed));
+                }
+                _ => {}
             }
         }
+        // Streaks counted runs that are not durable: derive them again.
+        self.streaks.clear();
     }
 
     /// Metrics of a committed write.
@@ -152,8 +199,14 @@ impl Scheduler {
             status,
             run.map(|r| r.skip_reason.as_str()).unwrap_or_default(),
         );
+        if status == RunStatus::Undeliverable {
+            metrics::undeliverable();
+        }
         let healthy = match status {
-            RunStatus::Ok | RunStatus::Suppressed | RunStatus::Delivered => Some(true),
+            RunStatus::Ok
+            | RunStatus::Suppressed
+            | RunStatus::Delivered
+            | RunStatus::Undeliverable => Some(true),
             RunStatus::Failed | RunStatus::Missed | RunStatus::DeadLetter => Some(false),
             _ => None,
         };
@@ -162,5 +215,666 @@ impl Scheduler {
             *n = if healthy { 0 } else { n.saturating_add(1) };
             metrics::agent_health(agent, healthy, *n);
         }
+    }
+}
+
+impl Scheduler {
+    /// An alert reply: into the outbox when the agent has a webhook
+    /// (`delivering`), else `undeliverable`. An alert that ends a failure
+    /// streak carries `recovered` (and counts the run, so no separate
+    /// event is sent).
+    pub(super) fn alert(
+        &mut self,
+        key: &RunKey,
+        rec: &mut RunRecord,
+        why: &reply::AlertReason,
+        content: &str,
+        now: i64,
+    ) -> Option<(RunKey, OutboxEntry)> {
+        let url = self
+            .load_agent(&key.agent_id)
+            .map(|a| a.webhook_url)
+            .unwrap_or_default();
+        let run_id = rec
+            .run
+            .as_ref()
+            .map(|r| r.run_id.clone())
+            .unwrap_or_default();
+        if url.is_empty() {
+            tracing::warn!(agent = %key.agent_id, run_id = %run_id, reason = %why, excerpt = %reply::excerpt(content, 200), "heartbeat alert undeliverable: the agent has no webhook");
+            set_status(rec, RunStatus::Undeliverable, "", "", now);
+            return None;
+        }
+        set_status(rec, RunStatus::Delivering, "", "", now);
+        let recovered = match self.streak(key).observe(key, RunStatus::Delivering) {
+            Some(Transition::Recovered {
+                failed_runs,
+                since_ms,
+            }) => Some((failed_runs, since_ms)),
+            _ => None,
+        };
+        let run = rec.run.clone().unwrap_or_default();
+        let entry = OutboxEntry {
+            agent_id: key.agent_id.clone(),
+            run_id: run.run_id.clone(),
+            url,
+            body: delivery::alert_body(&run, content, recovered),
+            attempts: 0,
+            next_attempt_ms: now,
+            created_ms: now,
+            last_error: String::new(),
+            kind: delivery::KIND_ALERT.to_string(),
+            dead: false,
+        };
+        if let Some((failed_runs, _)) = recovered {
+            metrics::webhook_event(delivery::KIND_RECOVERED);
+            tracing::info!(agent = %key.agent_id, run_id = %run.run_id, failed_runs, "heartbeat recovered (told with the alert)");
+        }
+        self.batch.push((
+            Write::OutboxPut(key.clone(), prost::Message::encode_to_vec(&entry)),
+            Action::None,
+        ));
+        Some((key.clone(), entry))
+    }
+
+    /// The agent's streak, derived from the run log (without `key`, the run
+    /// being counted) the first time it is needed.
+    fn streak(&mut self, key: &RunKey) -> &mut Streak {
+        if !self.streaks.contains_key(&key.agent_id) {
+            // Most agents' newest runs hold a success: read a few runs, and
+            // the deep log only for an agent that has been failing.
+            let runs = &self.deps.runs;
+            let recent = runs.list_agent(&key.agent_id, SHALLOW).and_then(|r| {
+                let success = r.iter().any(|run| {
+                    streak::effect(RunStatus::try_from(run.status).unwrap_or_default())
+                        == streak::Effect::Success
+                });
+                if r.len() < SHALLOW || success {
+                    Ok(r)
+                } else {
+                    runs.list_agent(&key.agent_id, streak::LOG_DEPTH + 1)
+                }
+            });
+            let derived = match recent {
+                Ok(runs) => Streak::from_log(runs.into_iter().filter_map(|r| {
+                    let nominal = r
+                        .nominal_time
+                        .as_ref()
+                        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)?;
+                    (nominal != key.nominal_ms).then(|| {
+                        (
+                            nominal,
+                            RunStatus::try_from(r.status).unwrap_or(RunStatus::Unspecified),
+                        )
+                    })
+                })),
+                Err(e) => {
+                    tracing::error!(agent = %key.agent_id, error = %e, "cannot read the run log for the failure streak");
+                    Streak::default()
+                }
+            };
+            self.streaks.insert(key.agent_id.clone(), derived);
+        }
+        self.streaks.entry(key.agent_id.clone()).or_default()
+    }
+
+    /// Counts every run the batch ends in its agent's streak and adds the
+    /// `failed` / `recovered` events to the batch (same transaction).
+    fn streak_events(&mut self) {
+        let mut ends = Vec::new();
+        for (write, action) in &self.batch {
+            if matches!(action, Action::Bookkeeping) {
+                continue;
+            }
+            let (key, rec, claim) = match write {
+                Write::Update(key, rec) => (key, rec, false),
+                Write::Claim(key, rec) => (key, rec, true),
+                _ => continue,
+            };
+            let status = rec.status();
+            if streak::effect(status) == streak::Effect::Neutral {
+                continue;
+            }
+            ends.push((key.clone(), rec.clone(), claim));
+        }
+        for (key, rec, claim) in ends {
+            let status = rec.status();
+            // Only the write that ends a run counts: one from an open state
+            // (not, e.g., `delivering` → `delivered`).
+            if !claim {
+                match self.deps.runs.get(&key) {
+                    Ok(Some(prev))
+                        if !matches!(
+                            prev.status(),
+                            RunStatus::Running
+                                | RunStatus::Deferred
+                                | RunStatus::Dispatched
+                                | RunStatus::Unspecified
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read a run for its failure streak");
+                        continue;
+                    }
+                }
+            }
+            let Some(transition) = self.streak(&key).observe(&key, status) else {
+                continue;
+            };
+            let run = rec.run.clone().unwrap_or_default();
+            let (kind, body) = match transition {
+                Transition::Failed {
+                    consecutive_failures,
+                } => (
+                    delivery::KIND_FAILED,
+                    delivery::failed_body(&run, consecutive_failures),
+                ),
+                Transition::Recovered {
+                    failed_runs,
+                    since_ms,
+                } => (
+                    delivery::KIND_RECOVERED,
+                    delivery::recovered_body(&run, failed_runs, since_ms),
+                ),
+            };
+            let url = self
+                .load_agent(&key.agent_id)
+                .map(|a| a.webhook_url)
+                .unwrap_or_default();
+            if url.is_empty() {
+                tracing::info!(agent = %key.agent_id, run_id = %run.run_id, kind, "heartbeat event not sent: the agent has no webhook");
+                continue;
+            }
+            tracing::info!(agent = %key.agent_id, run_id = %run.run_id, kind, "heartbeat event queued for the webhook");
+            metrics::webhook_event(kind);
+            let now = self.now_ms();
+            let entry = OutboxEntry {
+                agent_id: key.agent_id.clone(),
+                run_id: run.run_id.clone(),
+                url,
+                body,
+                attempts: 0,
+                next_attempt_ms: now,
+                created_ms: now,
+                last_error: String::new(),
+                kind: kind.to_string(),
+                dead: false,
+            };
+            self.batch.push((
+                Write::OutboxPut(key.clone(), prost::Message::encode_to_vec(&entry)),
+                Action::Finished(Some((key, entry))),
+            ));
+        }
+    }
+
+    /// A delivery ended. An alert's run becomes `delivered` / `dead_letter`;
+    /// an event's run keeps its status (a `failed` run stays `failed`) and
+    /// records the attempts. A dead letter stays in the outbox, marked, for
+    /// `RedeliverRuns`.
+    pub(super) fn delivered(&mut self, o: DeliveryOutcome) {
+        let now = self.now_ms();
+        let mut rec = match self.deps.runs.get(&o.key) {
+            Ok(Some(r)) => r,
+            Ok(None) => RunRecord::default(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a delivered run");
+                return;
+            }
+        };
+        let entry = match self.deps.runs.outbox_get(&o.key) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a finished delivery");
+                None
+            }
+        };
+        match entry {
+            Some(mut entry) if !o.delivered && rec.run.is_some() => {
+                entry.dead = true;
+                entry.attempts = o.attempts;
+                entry.last_error = o.error.clone();
+                if entry.kind() != delivery::KIND_ALERT {
+                    metrics::event_dead_letter();
+                }
+                self.batch.push((
+                    Write::OutboxPut(o.key.clone(), prost::Message::encode_to_vec(&entry)),
+                    Action::None,
+                ));
+            }
+            _ => self
+                .batch
+                .push((Write::OutboxRemove(o.key.clone()), Action::None)),
+        }
+        let Some(run) = rec.run.as_mut() else {
+            return;
+        };
+        run.delivery_attempts = o.attempts;
+        if run.status == RunStatus::Delivering as i32 {
+            let keep_finish = run.finished_at;
+            run.status = if o.delivered {
+                RunStatus::Delivered as i32
+            } else {
+                RunStatus::DeadLetter as i32
+            };
+            run.error = o.error.clone();
+            run.finished_at = keep_finish.or(records::timestamp(now));
+            self.batch.push((Write::Update(o.key, rec), Action::None));
+        } else {
+            if o.delivered {
+                tracing::info!(agent = %o.key.agent_id, run_id = %run.run_id, attempts = o.attempts, "heartbeat event delivered");
+            } else {
+                tracing::warn!(agent = %o.key.agent_id, run_id = %run.run_id, attempts = o.attempts, error = %o.error, "heartbeat event dead-lettered");
+            }
+            self.batch
+                .push((Write::Update(o.key, rec), Action::Bookkeeping));
+        }
+    }
+
+    /// `RedeliverRuns`: each key that still holds a dead letter goes back
+    /// in the outbox (same body and key, fresh attempts); an alert's run
+    /// goes back to `delivering`. Answered after the commit.
+    pub(super) fn redeliver(&mut self, keys: Vec<RunKey>, reply: RedeliverReply) {
+        let now = self.now_ms();
+        let mut entries = Vec::new();
+        for key in keys {
+            let entry = match self.deps.runs.outbox_get(&key) {
+                Ok(Some(e)) if e.dead => e.redelivered(now),
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            };
+            match self.deps.runs.get(&key) {
+                Ok(Some(mut rec)) => {
+                    if rec.status() == RunStatus::DeadLetter
+                        && let Some(run) = rec.run.as_mut()
+                    {
+                        run.status = RunStatus::Delivering as i32;
+                        run.error.clear();
+                        self.batch
+                            .push((Write::Update(key.clone(), rec), Action::Bookkeeping));
+                    }
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+            entries.push((key, entry));
+        }
+        let ids: Vec<String> = entries.iter().map(|(_, e)| e.run_id.clone()).collect();
+        let n = entries.len();
+        if n == 0 {
+            let _ = reply.send(Ok(ids));
+            return;
+        }
+        let mut reply = Some((reply, ids));
+        for (i, (key, entry)) in entries.into_iter().enumerate() {
+            tracing::info!(agent = %key.agent_id, run_id = %entry.run_id, kind = entry.kind(), "heartbeat dead letter put back in the outbox");
+            let bytes = prost::Message::encode_to_vec(&entry);
+            let answer = if i + 1 == n { reply.take() } else { None };
+            self.batch.push((
+                Write::OutboxPut(key.clone(), bytes),
+                Action::Redelivered(Box::new((key, entry)), answer),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hearing back through the real scheduler, store and batch machinery,
+    //! with a scripted dispatcher and a manual clock.
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::catalog::testing;
+
+    const T0: i64 = 1_700_000_040_000;
+
+    struct Clock0(AtomicI64);
+
+    impl Clock for Arc<Clock0> {
+        fn now(&self) -> Timestamp {
+            ts(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    /// Answers runs from a script: `Err` fails the run, `Ok` is the reply.
+    struct Script(Mutex<VecDeque<Result<String, String>>>);
+
+    impl Dispatcher for Arc<Script> {
+        fn run(
+            &self,
+            _req: RunRequest,
+        ) -> futures::future::BoxFuture<'static, Result<RunReply, String>> {
+            let next = self
+                .0
+                .lock()
+                .pop_front()
+                .unwrap_or(Ok("HEARTBEAT_OK".into()));
+            Box::pin(async move {
+                next.map(|content| RunReply {
+                    content,
+                    model: "gpt-4o".into(),
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    total_tokens: 2,
+                })
+            })
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn crate::store::Store>,
+        catalog: Arc<Catalog>,
+        clock: Arc<Clock0>,
+        script: Arc<Script>,
+    }
+
+    async fn rig(webhook: &str, script: &[Result<&str, &str>]) -> Rig {
+        let (dir, store, catalog) = testing::store_and_catalog().await;
+        let catalog = Arc::new(catalog);
+        catalog
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "a1".into(),
+                    model: "gpt-4o".into(),
+                    interval_seconds: 60,
+                    stagger: Some(false),
+                    checklist: "- [ ] check the inbox".into(),
+                    enabled: true,
+                    webhook_url: webhook.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("agent");
+        let script = script
+            .iter()
+            .map(|r| r.map(str::to_string).map_err(str::to_string))
+            .collect();
+        Rig {
+            _dir: dir,
+            store,
+            catalog,
+            clock: Arc::new(Clock0(AtomicI64::new(T0 - 30_000))),
+            script: Arc::new(Script(Mutex::new(script))),
+        }
+    }
+
+    impl Rig {
+        fn scheduler(&self) -> (Scheduler, mpsc::UnboundedReceiver<(RunKey, OutboxEntry)>) {
+            let (outbox, rx) = mpsc::unbounded_channel();
+            let (s, _h) = Scheduler::new(
+                Deps {
+                    catalog: self.catalog.clone(),
+                    runs: RunStore::new(self.store.clone()),
+                    dispatcher: Arc::new(self.script.clone()),
+                    activity: Arc::new(AgentActivity::new()),
+                    capacity: Arc::new(Capacity::new()),
+                    clock: Arc::new(self.clock.clone()),
+                    outbox,
+                },
+                SchedulerConfig::default(),
+            );
+            (s, rx)
+        }
+
+        fn runs(&self) -> RunStore {
+            RunStore::new(self.store.clone())
+        }
+
+        /// The slot `n` minutes after T0 fires and its run ends.
+        async fn slot(&self, s: &mut Scheduler, n: i64) {
+            self.clock.0.store(T0 + n * 60_000 + 5, Ordering::SeqCst);
+            s.tick();
+            s.flush_batch().await;
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(cmd) = s.rx.try_recv() {
+                s.command(cmd);
+            }
+            s.flush_batch().await;
+        }
+    }
+
+    fn kinds(rx: &mut mpsc::UnboundedReceiver<(RunKey, OutboxEntry)>) -> Vec<(i64, String)> {
+        let mut v = Vec::new();
+        while let Ok((k, e)) = rx.try_recv() {
+            v.push(((k.nominal_ms - T0) / 60_000, e.kind));
+        }
+        v
+    }
+
+    fn json(e: &OutboxEntry) -> serde_json::Value {
+        serde_json::from_slice(&e.body).expect("json body")
+    }
+
+    #[tokio::test]
+    async fn a_streak_sends_one_failed_and_one_recovered_event_and_runs_stay_failed() {
+        let r = rig(
+            "http://127.0.0.1:9/hook",
+            &[
+                Err("upstream 500"),
+                Err("upstream 500"),
+                Err("upstream 500"),
+                Ok("HEARTBEAT_OK"),
+                Ok("HEARTBEAT_OK"),
+            ],
+        )
+        .await;
+        let (mut s, mut rx) = r.scheduler();
+        s.start().await.expect("start");
+        for n in 0..5 {
+            r.slot(&mut s, n).await;
+        }
+        assert_eq!(
+            kinds(&mut rx),
+            [(0, "failed".into()), (3, "recovered".into())]
+        );
+        let outbox: Vec<OutboxEntry> = r
+            .runs()
+            .outbox()
+            .expect("outbox")
+            .into_iter()
+            .map(|(_, raw)| prost::Message::decode(raw.as_slice()).expect("entry"))
+            .collect();
+        let failed = json(&outbox[0]);
+        assert_eq!(failed["kind"], "failed");
+        assert_eq!(failed["error"], "upstream 500");
+        assert_eq!(failed["consecutive_failures"], 1);
+        assert_eq!(failed["run_id"], outbox[0].run_id.as_str());
+        let recovered = json(&outbox[1]);
+        assert_eq!(
+            (
+                recovered["kind"].as_str(),
+                recovered["failed_runs"].as_u64()
+            ),
+            (Some("recovered"), Some(3))
+        );
+        assert_eq!(recovered["since"], failed["slot"]);
+        // The event's delivery, even dead-lettered, leaves the run failed.
+        let key = RunKey::new("a1", T0);
+        s.delivered(DeliveryOutcome {
+            key: key.clone(),
+            delivered: false,
+            attempts: 4,
+            error: "webhook answered 503".into(),
+        });
+        s.flush_batch().await;
+        let rec = r.runs().get(&key).expect("get").expect("run");
+        let run = rec.run.expect("run");
+        assert_eq!(
+            (run.status, run.error.as_str(), run.delivery_attempts),
+            (RunStatus::Failed as i32, "upstream 500", 4)
+        );
+        let dead = r.runs().dead_letters(None, 10).expect("dead letters");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].1.kind, "failed");
+    }
+
+    #[tokio::test]
+    async fn the_streak_survives_a_restart() {
+        let r = rig(
+            "http://127.0.0.1:9/hook",
+            &[Err("boom"), Err("boom"), Ok("HEARTBEAT_OK")],
+        )
+        .await;
+        {
+            let (mut s, mut rx) = r.scheduler();
+            s.start().await.expect("start");
+            r.slot(&mut s, 0).await;
+            assert_eq!(kinds(&mut rx), [(0, "failed".into())]);
+        }
+        let (mut s, mut rx) = r.scheduler();
+        r.clock.0.store(T0 + 30_000, Ordering::SeqCst);
+        s.start().await.expect("restart");
+        r.slot(&mut s, 1).await;
+        r.slot(&mut s, 2).await;
+        assert_eq!(kinds(&mut rx), [(2, "recovered".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_long_streak_is_read_back_from_the_deep_log_after_a_restart() {
+        let script: Vec<Result<&str, &str>> = (0..20).map(|_| Err("boom")).collect();
+        let r = rig("http://127.0.0.1:9/hook", &script).await;
+        {
+            let (mut s, mut rx) = r.scheduler();
+            s.start().await.expect("start");
+            for n in 0..19 {
+                r.slot(&mut s, n).await;
+            }
+            assert_eq!(kinds(&mut rx), [(0, "failed".into())]);
+        }
+        let (mut s, mut rx) = r.scheduler();
+        r.clock.0.store(T0 + 19 * 60_000 - 1000, Ordering::SeqCst);
+        s.start().await.expect("restart");
+        r.slot(&mut s, 19).await;
+        r.slot(&mut s, 20).await;
+        let sent: Vec<(RunKey, OutboxEntry)> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(sent.len(), 1, "no second failed event, one recovered");
+        let body = json(&sent[0].1);
+        assert_eq!(
+            (body["kind"].as_str(), body["failed_runs"].as_u64()),
+            (Some("recovered"), Some(20))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_alert_that_ends_a_streak_is_one_alert_marked_recovered() {
+        let r = rig(
+            "http://127.0.0.1:9/hook",
+            &[Err("boom"), Ok("The disk is full")],
+        )
+        .await;
+        let (mut s, mut rx) = r.scheduler();
+        s.start().await.expect("start");
+        r.slot(&mut s, 0).await;
+        r.slot(&mut s, 1).await;
+        let sent: Vec<(RunKey, OutboxEntry)> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(sent.len(), 2, "the failed event and one alert");
+        let alert = json(&sent[1].1);
+        assert_eq!(alert["kind"], "alert");
+        assert_eq!(alert["recovered"], true);
+        assert_eq!(alert["failed_runs"], 1);
+        assert_eq!(alert["reply"], "The disk is full");
+    }
+
+    #[tokio::test]
+    async fn no_webhook_means_undeliverable_alerts_and_no_events() {
+        let r = rig("", &[Err("boom"), Ok("The disk is full")]).await;
+        let (mut s, mut rx) = r.scheduler();
+        s.start().await.expect("start");
+        r.slot(&mut s, 0).await;
+        r.slot(&mut s, 1).await;
+        assert!(kinds(&mut rx).is_empty());
+        assert_eq!(r.runs().outbox_len().expect("len"), 0);
+        let runs = r.runs().list_agent("a1", 10).expect("list");
+        assert_eq!(runs[0].status, RunStatus::Undeliverable as i32);
+        assert_eq!(runs[1].status, RunStatus::Failed as i32);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_is_kept_redelivered_with_the_same_body_and_pruned_with_its_run() {
+        let r = rig("http://127.0.0.1:9/hook", &[Ok("The disk is full")]).await;
+        let (mut s, mut rx) = r.scheduler();
+        s.start().await.expect("start");
+        r.slot(&mut s, 0).await;
+        let (key, first) = rx.try_recv().expect("alert queued");
+        s.delivered(DeliveryOutcome {
+            key: key.clone(),
+            delivered: false,
+            attempts: 8,
+            error: "webhook answered 500".into(),
+        });
+        s.flush_batch().await;
+        let run = |r: &Rig| {
+            r.runs()
+                .get(&key)
+                .expect("get")
+                .and_then(|r| r.run)
+                .expect("run")
+        };
+        assert_eq!(run(&r).status, RunStatus::DeadLetter as i32);
+        let (reply, answer) = oneshot::channel();
+        s.redeliver(vec![key.clone()], reply);
+        s.flush_batch().await;
+        assert_eq!(
+            answer.await.expect("answer").expect("ok"),
+            vec![first.run_id.clone()]
+        );
+        let (_, again) = rx.try_recv().expect("requeued");
+        assert_eq!(
+            (&again.body, again.attempts, again.dead),
+            (&first.body, 0, false)
+        );
+        assert_eq!(run(&r).status, RunStatus::Delivering as i32);
+        // Not a dead letter any more: a second redelivery does nothing.
+        let (reply, answer) = oneshot::channel();
+        s.redeliver(vec![key.clone()], reply);
+        assert!(answer.await.expect("answer").expect("ok").is_empty());
+        s.delivered(DeliveryOutcome {
+            key: key.clone(),
+            delivered: true,
+            attempts: 1,
+            error: String::new(),
+        });
+        s.flush_batch().await;
+        assert_eq!(run(&r).status, RunStatus::Delivered as i32);
+        assert_eq!(r.runs().outbox_len().expect("len"), 0);
+
+        // A dead letter goes with its run (retention).
+        let dead = OutboxEntry {
+            dead: true,
+            ..again.clone()
+        };
+        r.runs()
+            .commit(&[Write::OutboxPut(
+                key.clone(),
+                prost::Message::encode_to_vec(&dead),
+            )])
+            .await
+            .expect("dead letter");
+        assert_eq!(
+            r.runs().dead_letters(Some("a1"), 10).expect("dead").len(),
+            1
+        );
+        r.runs()
+            .commit(&[Write::Prune(key.clone())])
+            .await
+            .expect("prune");
+        assert_eq!(r.runs().outbox_len().expect("len"), 0);
     }
 }

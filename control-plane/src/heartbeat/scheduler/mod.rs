@@ -165,6 +165,11 @@ enum Command {
         body: Vec<u8>,
         reply: oneshot::Sender<Result<wake::CallbackAnswer, crate::heartbeat::wake::CallbackError>>,
     },
+    /// Put dead letters back in the outbox (see `commit`).
+    Redeliver {
+        keys: Vec<RunKey>,
+        reply: commit::RedeliverReply,
+    },
 }
 
 /// Talks to a running scheduler.
@@ -295,6 +300,16 @@ enum Action {
     ),
     /// The LLM part is over: wake waiters, hand an alert to the outbox.
     Finished(Option<(RunKey, OutboxEntry)>),
+    /// A record rewritten without ending the run (an event's delivery,
+    /// a redelivery): no outcome metrics, no streak.
+    Bookkeeping,
+    /// A dead letter back in the outbox: hand it to the worker; the last
+    /// one of a request answers its caller.
+    #[allow(clippy::type_complexity)]
+    Redelivered(
+        Box<(RunKey, OutboxEntry)>,
+        Option<(commit::RedeliverReply, Vec<String>)>,
+    ),
 }
 
 /// The outcome of the per-slot checks.
@@ -314,6 +329,9 @@ pub struct Scheduler {
     deferred: HashMap<String, Deferred>,
     in_flight: HashMap<String, InFlight>,
     failures: HashMap<String, u32>,
+    /// Failure streaks per agent, derived from the run log on first use
+    /// (see `commit` and [`super::streak`]).
+    streaks: HashMap<String, super::streak::Streak>,
     batch: Vec<(Write, Action)>,
     /// Runs whose LLM part ended in this batch: woken after the commit.
     waiters: Vec<(watch::Sender<Option<HeartbeatRun>>, Option<HeartbeatRun>)>,
@@ -399,6 +417,7 @@ impl Scheduler {
                 deferred: HashMap::new(),
                 in_flight: HashMap::new(),
                 failures: HashMap::new(),
+                streaks: HashMap::new(),
                 batch: Vec::new(),
                 waiters: Vec::new(),
                 tx,
@@ -694,6 +713,7 @@ impl Scheduler {
             } => {
                 let _ = reply.send(self.callback(&run_id, token.as_deref(), &body));
             }
+            Command::Redeliver { keys, reply } => self.redeliver(keys, reply),
         }
     }
 
@@ -761,35 +781,7 @@ impl Scheduler {
                         set_status(&mut rec, RunStatus::Suppressed, "", "", now);
                     }
                     reply::ReplyKind::Alert(why) => {
-                        let url = self
-                            .load_agent(&key.agent_id)
-                            .map(|a| a.webhook_url)
-                            .unwrap_or_default();
-                        if url.is_empty() {
-                            tracing::warn!(agent = %key.agent_id, reason = %why, excerpt = %reply::excerpt(&r.content, 200), "heartbeat alert (no webhook configured)");
-                            set_status(&mut rec, RunStatus::Ok, "", "", now);
-                        } else {
-                            set_status(&mut rec, RunStatus::Delivering, "", "", now);
-                            let run = rec.run.clone().unwrap_or_default();
-                            let entry = OutboxEntry {
-                                agent_id: key.agent_id.clone(),
-                                run_id: run.run_id.clone(),
-                                url,
-                                body: delivery::body(&run, &r.content),
-                                attempts: 0,
-                                next_attempt_ms: now,
-                                created_ms: now,
-                                last_error: String::new(),
-                            };
-                            self.batch.push((
-                                Write::OutboxPut(
-                                    key.clone(),
-                                    prost::Message::encode_to_vec(&entry),
-                                ),
-                                Action::None,
-                            ));
-                            outbox = Some((key.clone(), entry));
-                        }
+                        outbox = self.alert(&key, &mut rec, &why, &r.content, now);
                     }
                 }
             }
@@ -799,35 +791,6 @@ impl Scheduler {
             .push((Write::Update(key, rec), Action::Finished(outbox)));
         // Waiters are woken after the commit (see flush_batch).
         self.waiters.push((f.done, run));
-    }
-
-    /// A delivery ended.
-    fn delivered(&mut self, o: DeliveryOutcome) {
-        let now = self.now_ms();
-        let mut rec = match self.deps.runs.get(&o.key) {
-            Ok(Some(r)) => r,
-            Ok(None) => RunRecord::default(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read a delivered run");
-                return;
-            }
-        };
-        if let Some(run) = rec.run.as_mut() {
-            run.delivery_attempts = o.attempts;
-            let keep_finish = run.finished_at;
-            run.status = if o.delivered {
-                RunStatus::Delivered as i32
-            } else {
-                RunStatus::DeadLetter as i32
-            };
-            run.error = o.error.clone();
-            run.finished_at = keep_finish.or(records::timestamp(now));
-        }
-        self.batch
-            .push((Write::OutboxRemove(o.key.clone()), Action::None));
-        if rec.run.is_some() {
-            self.batch.push((Write::Update(o.key, rec), Action::None));
-        }
     }
 
     /// Retention: deletes a chunk of old runs per wake-up until done.
@@ -1310,12 +1273,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn alerts_without_a_webhook_are_ok_and_with_one_go_to_the_outbox() {
+    async fn alerts_without_a_webhook_are_undeliverable_and_with_one_go_to_the_outbox() {
         let (_d, r) = rig("The disk is full", false).await;
         let (mut s, _h, _) = r.scheduler();
         s.start().await.expect("start");
         step(&mut s, &r.clock, T0 + 5).await;
-        assert_eq!(statuses(&r.runs()), [(0, "ok".into(), "".into())]);
+        assert_eq!(
+            statuses(&r.runs()),
+            [(0, "undeliverable".into(), "".into())]
+        );
         r.catalog
             .update_agent(
                 &crate::audit::Actor::system(),

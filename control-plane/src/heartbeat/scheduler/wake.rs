@@ -273,7 +273,13 @@ impl Scheduler {
                 if let Some(run) = rec.run.as_mut() {
                     run.reply_excerpt = reply::excerpt(&text, EXCERPT_CHARS);
                 }
-                outbox = self.alert_outbox(&key, &mut rec, &text, now);
+                outbox = self.alert(
+                    &key,
+                    &mut rec,
+                    &reply::AlertReason::RuntimeReported,
+                    &text,
+                    now,
+                );
             }
         }
         let (tx, rx) = watch::channel(None);
@@ -295,43 +301,6 @@ impl Scheduler {
         }
         self.waiters.push((tx, run));
         Ok(CallbackAnswer::Pending(rx))
-    }
-
-    /// An alert: `delivering` with an outbox entry when the agent has a
-    /// webhook, else `ok` with a log line (as for LLM runs).
-    fn alert_outbox(
-        &mut self,
-        key: &RunKey,
-        rec: &mut RunRecord,
-        text: &str,
-        now: i64,
-    ) -> Option<(RunKey, OutboxEntry)> {
-        let url = self
-            .load_agent(&key.agent_id)
-            .map(|a| a.webhook_url)
-            .unwrap_or_default();
-        if url.is_empty() {
-            tracing::warn!(agent = %key.agent_id, excerpt = %reply::excerpt(text, 200), "heartbeat alert (no webhook configured)");
-            set_status(rec, RunStatus::Ok, "", "", now);
-            return None;
-        }
-        set_status(rec, RunStatus::Delivering, "", "", now);
-        let run = rec.run.clone().unwrap_or_default();
-        let entry = OutboxEntry {
-            agent_id: key.agent_id.clone(),
-            run_id: run.run_id.clone(),
-            url,
-            body: delivery::body(&run, text),
-            attempts: 0,
-            next_attempt_ms: now,
-            created_ms: now,
-            last_error: String::new(),
-        };
-        self.batch.push((
-            Write::OutboxPut(key.clone(), prost::Message::encode_to_vec(&entry)),
-            Action::None,
-        ));
-        Some((key.clone(), entry))
     }
 }
 
