@@ -17,6 +17,10 @@
 //!   while it waits in the queue or for a response head) is accounted when
 //!   the [`Abandoned`] guard drops: status 499, no usage.
 //!
+//! - Every outcome carries the request's [`RunKind`] (`x-claw-run-kind`),
+//!   so usage is summed per run kind: what heartbeats cost is told apart
+//!   from the agent's own conversations.
+//!
 //! The three share one [`RequestMeta`] (what is known of the request before
 //! an answer), which alone builds the [`RequestOutcome`]. [`InFlight`] counts
 //! the request on its backend for least-loaded selection until the body ends.
@@ -39,6 +43,59 @@ use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::{Endpoint, Routed};
 use crate::translate::{self, StreamTranslator};
 use crate::usage::{Dialect, Prices, SseTally, SseUsage, StreamUsage};
+
+/// What a request is part of, from `x-claw-run-kind`: a heartbeat run the
+/// control plane sent, or anything else (an agent's conversation, a
+/// client's call). Usage is accounted per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RunKind {
+    /// No header, `interactive`, or a value the proxy does not know.
+    #[default]
+    Interactive,
+    /// `x-claw-run-kind: heartbeat`.
+    Heartbeat,
+}
+
+impl RunKind {
+    /// The request header naming the run kind.
+    pub(crate) const HEADER: &'static str = "x-claw-run-kind";
+
+    /// The kind `headers` name. A value other than `heartbeat` or
+    /// `interactive` is not an error: it counts as interactive (and in
+    /// `claw_dp_run_kind_unrecognized_total`), so a client that sends its
+    /// own labels is never refused.
+    pub(crate) fn of(headers: &http::HeaderMap) -> RunKind {
+        let Some(v) = headers.get(Self::HEADER) else {
+            return RunKind::Interactive;
+        };
+        let v = v.as_bytes().trim_ascii();
+        if v.eq_ignore_ascii_case(b"heartbeat") {
+            RunKind::Heartbeat
+        } else {
+            if !v.eq_ignore_ascii_case(b"interactive") {
+                metrics::run_kind_unrecognized();
+            }
+            RunKind::Interactive
+        }
+    }
+
+    /// The kind as reported (`UsageAggregate.run_kind`): `heartbeat`, or
+    /// empty for interactive traffic.
+    pub(crate) fn wire(self) -> &'static str {
+        match self {
+            RunKind::Interactive => "",
+            RunKind::Heartbeat => "heartbeat",
+        }
+    }
+
+    /// The kind as a metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            RunKind::Interactive => "interactive",
+            RunKind::Heartbeat => "heartbeat",
+        }
+    }
+}
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -67,6 +124,7 @@ pub(crate) struct RequestMeta {
     key_id: Arc<str>,
     model: Arc<str>,
     agent_id: Option<String>,
+    run_kind: RunKind,
     streamed: bool,
     priority: Priority,
     started: Instant,
@@ -95,6 +153,7 @@ impl RequestMeta {
             key_id: r.key.id.clone(),
             model: r.route.model.clone(),
             agent_id: r.agent_id.clone(),
+            run_kind: r.run_kind,
             streamed: r.stream,
             priority: r.priority,
             started: r.started,
@@ -139,6 +198,7 @@ impl RequestMeta {
         RequestOutcome {
             client_key_id: self.key_id.clone(),
             agent_id: self.agent_id.take(),
+            run_kind: self.run_kind,
             model: self.model.clone(),
             backend_id,
             status,
@@ -613,6 +673,7 @@ mod tests {
             priority: Priority::Interactive,
             parsed: None,
             agent_id: None,
+            run_kind: RunKind::Interactive,
             est_tokens: 100.0,
             est_prompt_tokens: 77,
             stream_usage: None,
@@ -727,5 +788,23 @@ mod tests {
         assert!(o.usage_estimated);
         let u = o.usage.unwrap();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (77, 3));
+    }
+
+    #[test]
+    fn run_kinds_are_read_from_the_header_and_unknown_ones_are_interactive() {
+        let kind = |v: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(RunKind::HEADER, http::HeaderValue::from_str(v).unwrap());
+            }
+            RunKind::of(&h)
+        };
+        assert_eq!(kind(None), RunKind::Interactive);
+        assert_eq!(kind(Some("heartbeat")), RunKind::Heartbeat);
+        assert_eq!(kind(Some(" HeartBeat ")), RunKind::Heartbeat);
+        assert_eq!(kind(Some("interactive")), RunKind::Interactive);
+        assert_eq!(kind(Some("cron")), RunKind::Interactive);
+        assert_eq!(RunKind::Heartbeat.wire(), "heartbeat");
+        assert_eq!(RunKind::Interactive.wire(), "");
     }
 }

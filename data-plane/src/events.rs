@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc};
 
+pub(crate) use crate::accounting::RunKind;
 use crate::queue::Priority;
 use crate::stream::End;
 pub(crate) use crate::usage::Usage;
@@ -29,6 +30,8 @@ pub struct RequestOutcome {
     pub client_key_id: Arc<str>,
     /// `x-claw-agent-id`, if sent.
     pub agent_id: Option<String>,
+    /// `x-claw-run-kind` ([`RunKind`]).
+    pub run_kind: RunKind,
     /// Canonical model.
     pub model: Arc<str>,
     /// Backend that produced the final response, if any did.
@@ -252,6 +255,7 @@ mod tests {
         RequestOutcome {
             client_key_id: Arc::from("ck"),
             agent_id: None,
+            run_kind: RunKind::Interactive,
             model: Arc::from("m"),
             backend_id: None,
             status: 200,

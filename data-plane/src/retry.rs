@@ -598,9 +598,12 @@ fn buffered(
     Response::from_parts(parts, ProxyBody::full(bytes))
 }
 
-/// An interactive request tells the control plane its agent is active.
+/// An interactive request tells the control plane its agent is active; a
+/// heartbeat run never does, whatever priority it was sent with (the
+/// scheduler would otherwise skip the agent's next heartbeat as busy).
 fn signal_activity(events: &EventSink, r: &Routed) {
     if r.priority == Priority::Interactive
+        && r.run_kind != crate::accounting::RunKind::Heartbeat
         && let Some(agent_id) = &r.agent_id
     {
         events.signal(Signal::Activity {
@@ -1371,6 +1374,7 @@ mod tests {
             priority: Priority::Interactive,
             parsed: None,
             agent_id: None,
+            run_kind: crate::accounting::RunKind::Interactive,
             est_tokens: 0.0,
             est_prompt_tokens: 0,
             stream_usage: None,

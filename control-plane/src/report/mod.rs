@@ -151,6 +151,7 @@ fn aggregate(
             model: e.model.clone(),
             client_key: e.client_key_id.clone(),
             agent: e.agent_id.clone(),
+            run_kind: keys::run_kind(&e.run_kind),
         };
         add(at, dims, &totals::of_event(e));
     }
@@ -167,6 +168,7 @@ fn aggregate(
             model: a.model.clone(),
             client_key: a.client_key_id.clone(),
             agent: a.agent_id.clone(),
+            run_kind: keys::run_kind(&a.run_kind),
         };
         add(at, dims, &totals::sanitized(t));
     }
