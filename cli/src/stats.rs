@@ -169,9 +169,7 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
     match cmd {
         StatsCmd::Total(_) => {
             let resp = conn
-                .call(client().get_usage_totals(GetUsageTotalsRequest {
-                    filter,
-                }))
+                .call(client().get_usage_totals(GetUsageTotalsRequest { filter }))
                 .await?;
             let t = resp.totals.unwrap_or_default();
             session.emit(&t, |out| {
@@ -193,9 +191,7 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
         }
         StatsCmd::Hourly(_) => {
             let resp = conn
-                .call(client().list_hourly_usage(ListHourlyUsageRequest {
-                    filter,
-                }))
+                .call(client().list_hourly_usage(ListHourlyUsageRequest { filter }))
                 .await?;
             session.emit(&resp.hours, |out| {
                 let mut table = Table::new(&header(&["HOUR (UTC)", "BACKEND", "MODEL"]));
@@ -213,9 +209,7 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
         }
         StatsCmd::Daily(_) => {
             let resp = conn
-                .call(client().list_daily_usage(ListDailyUsageRequest {
-                    filter,
-                }))
+                .call(client().list_daily_usage(ListDailyUsageRequest { filter }))
                 .await?;
             session.emit(&resp.days, |out| {
                 let mut table = Table::new(&header(&["DAY (UTC)", "POOL"]));
