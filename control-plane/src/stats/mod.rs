@@ -356,7 +356,7 @@ mod tests {
             RunKind::parse("interactive").ok(),
             Some(Some(RunKind::Interactive))
         );
-        let e = RunKind::parse("cron").unwrap_err().to_string();
+        let e = RunKind::parse("cron").expect_err("refused").to_string();
         assert!(e.starts_with("filter.kind: "), "{e}");
         assert!(e.contains("`cron`"), "{e}");
     }
