@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc};
 
-pub(crate) use crate::accounting::RunKind;
 use crate::queue::Priority;
+pub(crate) use crate::run_kind::RunKind;
 use crate::stream::End;
 pub(crate) use crate::usage::Usage;
 

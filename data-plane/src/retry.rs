@@ -603,7 +603,7 @@ fn buffered(
 /// scheduler would otherwise skip the agent's next heartbeat as busy).
 fn signal_activity(events: &EventSink, r: &Routed) {
     if r.priority == Priority::Interactive
-        && r.run_kind != crate::accounting::RunKind::Heartbeat
+        && r.run_kind != crate::run_kind::RunKind::Heartbeat
         && let Some(agent_id) = &r.agent_id
     {
         events.signal(Signal::Activity {
@@ -1374,7 +1374,7 @@ mod tests {
             priority: Priority::Interactive,
             parsed: None,
             agent_id: None,
-            run_kind: crate::accounting::RunKind::Interactive,
+            run_kind: crate::run_kind::RunKind::Interactive,
             est_tokens: 0.0,
             est_prompt_tokens: 0,
             stream_usage: None,

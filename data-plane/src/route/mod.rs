@@ -21,11 +21,11 @@ use tower::{Layer, Service};
 use self::body::{
     OVERSIZE_DRAIN_BYTES, estimate_tokens, parse_body, prompt_estimate, read_body, scan_body,
 };
-use crate::accounting::RunKind;
 use crate::affinity::BodyHints;
 use crate::body::ProxyBody;
 use crate::error::{ApiError, Wire};
 use crate::queue::Priority;
+use crate::run_kind::RunKind;
 use crate::stream::BoxError;
 use crate::target::{Authenticated, Endpoint, RequestBody, RequestId, Routed};
 use crate::upstream::upstream_headers;
