@@ -334,3 +334,86 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     let all = seen(&reqs);
     assert_eq!(stats(&cp2, "total", None), Some(all));
 }
+
+/// Buckets written before run kinds existed (keys ending after the agent)
+/// are read as interactive, untouched: `--kind interactive` counts them,
+/// `--kind heartbeat` does not, and the offline check still passes.
+#[test]
+fn buckets_stored_before_run_kinds_read_as_interactive() {
+    use claw_control_plane::store::sled::SledStore;
+    use claw_control_plane::store::{Rollback, Store as _, Tree};
+    use prost::Message as _;
+
+    let mut cp = ControlPlane::start();
+    cp.stop_clean();
+    let field = |k: &mut Vec<u8>, f: &str| {
+        k.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        k.extend_from_slice(f.as_bytes());
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as u64;
+    let (hour, day) = (
+        now_ms / 3_600_000 * 3_600_000,
+        now_ms / 86_400_000 * 86_400_000,
+    );
+    let dims = |k: &mut Vec<u8>| {
+        for f in ["be_old", "m-old", "ck_old", "agent-old"] {
+            field(k, f);
+        }
+    };
+    let mut hourly = hour.to_be_bytes().to_vec();
+    dims(&mut hourly);
+    let mut daily = day.to_be_bytes().to_vec();
+    field(&mut daily, "primary");
+    dims(&mut daily);
+    let value = claw_proto::v1::UsageTotals {
+        requests: 5,
+        prompt_tokens: 50,
+        completion_tokens: 7,
+        total_tokens: 57,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    {
+        let store = SledStore::open(cp.data_dir()).expect("store opens");
+        let written = store
+            .transaction(&[Tree::UsageHourly, Tree::UsageDaily], &|txn| {
+                txn.insert(Tree::UsageHourly, &hourly, &value)
+                    .map_err(|_| Rollback)?;
+                txn.insert(Tree::UsageDaily, &daily, &value)
+                    .map_err(|_| Rollback)?;
+                Ok(())
+            })
+            .expect("transaction");
+        assert!(written);
+        futures::executor::block_on(store.flush()).expect("flush");
+    }
+    cp.restart();
+    let old = Some((5, 50, 7, 57));
+    for verb in ["total", "hourly", "daily"] {
+        assert_eq!(stats(&cp, verb, None), old, "{verb}");
+        assert_eq!(stats(&cp, verb, Some("interactive")), old, "{verb}");
+        assert_eq!(
+            stats(&cp, verb, Some("heartbeat")),
+            Some((0, 0, 0, 0)),
+            "{verb}"
+        );
+    }
+    cp.stop_clean();
+    let out = Command::new(binary_path("claw-control-plane"))
+        .arg("check")
+        .arg("--data-dir")
+        .arg(cp.data_dir())
+        .env("CLAW_MASTER_KEY", cp.master_key())
+        .env_remove("CLAW_MASTER_KEY_FILE")
+        .env_remove("CLAW_DATA_DIR")
+        .output()
+        .expect("check runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
