@@ -1388,6 +1388,26 @@ mod tests {
         (r, cand)
     }
 
+    /// An interactive request is the agent's activity; a heartbeat run is
+    /// not, even sent without `x-claw-priority: background` (it would make
+    /// the scheduler skip the agent's next heartbeat as busy).
+    #[test]
+    fn heartbeat_runs_are_never_agent_activity() {
+        let api = claw_proto::v1::Api::Openai as i32;
+        let (sink, mut streams) = crate::events::channel(4);
+        let (mut r, _) = routed(api, Endpoint::ChatCompletions, &[]);
+        r.agent_id = Some("ag".into());
+        r.run_kind = crate::run_kind::RunKind::Heartbeat;
+        signal_activity(&sink, &r);
+        assert!(streams.signals.try_recv().is_err(), "no activity");
+        r.run_kind = crate::run_kind::RunKind::Interactive;
+        signal_activity(&sink, &r);
+        assert!(matches!(
+            streams.signals.try_recv(),
+            Ok(Signal::Activity { agent_id, .. }) if agent_id == "ag"
+        ));
+    }
+
     #[tokio::test]
     async fn an_anthropic_backend_gets_its_key_in_x_api_key_and_a_version() {
         let client = [
