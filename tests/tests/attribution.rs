@@ -286,6 +286,41 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("filter.kind"), "{err:?}");
 
+    // The dashboard's usage series take the same kind.
+    let dashboard = |query: &'static str| {
+        let url = format!("{}/api/v1/usage?{query}", cp.http_url());
+        let token = cp.admin_token().to_string();
+        async move {
+            let res = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("dashboard answers");
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = dashboard("group_by=agent&kind=heartbeat").await;
+    assert_eq!(status, 200, "{body}");
+    let requests: u64 = body["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["group"] == "agent-h")
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["requests"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(requests, hb.0, "{body}");
+    let (status, body) = dashboard("kind=cron").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("filter.kind:")),
+        "{body}"
+    );
+
     // Backup, restore and the offline check accept the new buckets, and the
     // restored history answers by kind alike.
     let work = tempfile::tempdir().expect("tempdir");
