@@ -20,7 +20,8 @@ use crate::session::Session;
 pub enum StatsCmd {
     /// Usage summed over the filter (one object with -o json).
     #[command(after_help = "Examples:\n  clawctl stats total\n  \
-clawctl stats total --backend b1 --since 24h -o json\n  clawctl stats total --key team-a --agent ops-bot")]
+clawctl stats total --backend b1 --since 24h -o json\n  clawctl stats total --key team-a --agent ops-bot\n  \
+how much heartbeats cost: clawctl stats total --kind heartbeat")]
     Total(FilterArgs),
     /// Usage per hour, backend and model, oldest first.
     Hourly(FilterArgs),
@@ -51,6 +52,11 @@ pub struct FilterArgs {
     /// End (exclusive): RFC 3339 or a duration back from now.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub until: Option<SystemTime>,
+    /// Run kind: heartbeat (the control plane's heartbeat runs) or
+    /// interactive (everything else); both when absent. How much
+    /// heartbeats cost: clawctl stats total --kind heartbeat
+    #[arg(long, value_name = "heartbeat|interactive")]
+    pub kind: Option<String>,
 }
 
 /// Filters of `stats cooldowns`.
@@ -95,17 +101,29 @@ pub(crate) fn timestamp(t: Option<SystemTime>) -> Option<prost_types::Timestamp>
     })
 }
 
+/// `--kind` as the API spells it: `heartbeat`, `interactive`, or empty.
+/// Checked here, before any call, so a typo is one line naming the flag
+/// (the control plane refuses it too, naming `filter.kind`).
+fn run_kind(kind: Option<&str>) -> anyhow::Result<String> {
+    match kind.map(str::trim) {
+        None => Ok(String::new()),
+        Some(k) if k.eq_ignore_ascii_case("heartbeat") => Ok("heartbeat".into()),
+        Some(k) if k.eq_ignore_ascii_case("interactive") => Ok("interactive".into()),
+        Some(other) => anyhow::bail!("--kind: must be heartbeat or interactive, got {other:?}"),
+    }
+}
+
 impl FilterArgs {
-    fn filter(self) -> UsageFilter {
-        UsageFilter {
-            backend: self.backend.unwrap_or_default(),
-            model: self.model.unwrap_or_default(),
-            client_key: self.key.unwrap_or_default(),
-            agent: self.agent.unwrap_or_default(),
+    fn filter(&self) -> anyhow::Result<UsageFilter> {
+        Ok(UsageFilter {
+            backend: self.backend.clone().unwrap_or_default(),
+            model: self.model.clone().unwrap_or_default(),
+            client_key: self.key.clone().unwrap_or_default(),
+            agent: self.agent.clone().unwrap_or_default(),
             start: timestamp(self.since),
             end: timestamp(self.until),
-            kind: String::new(),
-        }
+            kind: run_kind(self.kind.as_deref())?,
+        })
     }
 }
 
@@ -141,14 +159,17 @@ fn header(first: &[&'static str]) -> Vec<&'static str> {
 
 /// Runs a `stats` verb.
 pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> {
+    // A bad filter fails before connecting.
+    let filter = match &cmd {
+        StatsCmd::Total(a) | StatsCmd::Hourly(a) | StatsCmd::Daily(a) => Some(a.filter()?),
+        StatsCmd::Cooldowns(_) => None,
+    };
     let conn = session.connect().await?;
     let client = || conn.stats();
     match cmd {
-        StatsCmd::Total(args) => {
+        StatsCmd::Total(_) => {
             let resp = conn
-                .call(client().get_usage_totals(GetUsageTotalsRequest {
-                    filter: Some(args.filter()),
-                }))
+                .call(client().get_usage_totals(GetUsageTotalsRequest { filter }))
                 .await?;
             let t = resp.totals.unwrap_or_default();
             session.emit(&t, |out| {
@@ -168,11 +189,9 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
                     .write(out)
             })
         }
-        StatsCmd::Hourly(args) => {
+        StatsCmd::Hourly(_) => {
             let resp = conn
-                .call(client().list_hourly_usage(ListHourlyUsageRequest {
-                    filter: Some(args.filter()),
-                }))
+                .call(client().list_hourly_usage(ListHourlyUsageRequest { filter }))
                 .await?;
             session.emit(&resp.hours, |out| {
                 let mut table = Table::new(&header(&["HOUR (UTC)", "BACKEND", "MODEL"]));
@@ -188,11 +207,9 @@ pub(crate) async fn run(session: &Session, cmd: StatsCmd) -> anyhow::Result<()> 
                 table.write(out)
             })
         }
-        StatsCmd::Daily(args) => {
+        StatsCmd::Daily(_) => {
             let resp = conn
-                .call(client().list_daily_usage(ListDailyUsageRequest {
-                    filter: Some(args.filter()),
-                }))
+                .call(client().list_daily_usage(ListDailyUsageRequest { filter }))
                 .await?;
             session.emit(&resp.days, |out| {
                 let mut table = Table::new(&header(&["DAY (UTC)", "POOL"]));
@@ -262,6 +279,21 @@ mod tests {
         let age = SystemTime::now().duration_since(ago).expect("in the past");
         assert!(age >= Duration::from_secs(86_399) && age < Duration::from_secs(86_500));
         assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn kinds_are_heartbeat_or_interactive_and_a_typo_names_the_flag() {
+        assert_eq!(run_kind(None).ok().as_deref(), Some(""));
+        assert_eq!(
+            run_kind(Some("heartbeat")).ok().as_deref(),
+            Some("heartbeat")
+        );
+        assert_eq!(
+            run_kind(Some("Interactive")).ok().as_deref(),
+            Some("interactive")
+        );
+        let e = run_kind(Some("hb")).expect_err("refused").to_string();
+        assert_eq!(e, "--kind: must be heartbeat or interactive, got \"hb\"");
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   while it waits in the queue or for a response head) is accounted when
 //!   the [`Abandoned`] guard drops: status 499, no usage.
 //!
+//! - Every outcome carries the request's [`RunKind`] (`x-claw-run-kind`,
+//!   [`crate::run_kind`]),
+//!   so usage is summed per run kind: what heartbeats cost is told apart
+//!   from the agent's own conversations.
+//!
 //! The three share one [`RequestMeta`] (what is known of the request before
 //! an answer), which alone builds the [`RequestOutcome`]. [`InFlight`] counts
 //! the request on its backend for least-loaded selection until the body ends.
@@ -34,6 +39,7 @@ use tokio::time::Instant;
 use crate::events::{EventSink, FailureKind, RequestOutcome, Signal, Usage};
 use crate::metrics::{self, CandidateMetrics, status_label};
 use crate::queue::Priority;
+use crate::run_kind::RunKind;
 use crate::snapshot::{Api, Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::{Endpoint, Routed};
@@ -67,6 +73,7 @@ pub(crate) struct RequestMeta {
     key_id: Arc<str>,
     model: Arc<str>,
     agent_id: Option<String>,
+    run_kind: RunKind,
     streamed: bool,
     priority: Priority,
     started: Instant,
@@ -95,6 +102,7 @@ impl RequestMeta {
             key_id: r.key.id.clone(),
             model: r.route.model.clone(),
             agent_id: r.agent_id.clone(),
+            run_kind: r.run_kind,
             streamed: r.stream,
             priority: r.priority,
             started: r.started,
@@ -139,6 +147,7 @@ impl RequestMeta {
         RequestOutcome {
             client_key_id: self.key_id.clone(),
             agent_id: self.agent_id.take(),
+            run_kind: self.run_kind,
             model: self.model.clone(),
             backend_id,
             status,
@@ -613,6 +622,7 @@ mod tests {
             priority: Priority::Interactive,
             parsed: None,
             agent_id: None,
+            run_kind: RunKind::Interactive,
             est_tokens: 100.0,
             est_prompt_tokens: 77,
             stream_usage: None,

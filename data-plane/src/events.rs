@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, mpsc};
 
 use crate::queue::Priority;
+pub(crate) use crate::run_kind::RunKind;
 use crate::stream::End;
 pub(crate) use crate::usage::Usage;
 
@@ -30,6 +31,8 @@ pub struct RequestOutcome {
     pub client_key_id: Arc<str>,
     /// `x-claw-agent-id`, if sent.
     pub agent_id: Option<String>,
+    /// `x-claw-run-kind` ([`RunKind`]).
+    pub run_kind: RunKind,
     /// Canonical model.
     pub model: Arc<str>,
     /// Backend that produced the final response, if any did.
@@ -266,6 +269,7 @@ mod tests {
         RequestOutcome {
             client_key_id: Arc::from("ck"),
             agent_id: None,
+            run_kind: RunKind::Interactive,
             model: Arc::from("m"),
             backend_id: None,
             status: 200,

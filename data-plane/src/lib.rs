@@ -61,6 +61,8 @@
 //!   (`Authenticated`, `Routed`, `RequestBody`).
 //! - `accounting` — per-request accounting: the response tracker, in-flight
 //!   counts, abandoned requests, one `RequestOutcome` per request.
+//! - `run_kind` — `x-claw-run-kind`: heartbeat runs accounted apart from
+//!   interactive traffic, and never agent activity.
 //! - `body` — the response body type.
 //! - `error` — the one renderer of the proxy's own errors, in the client's
 //!   shape (OpenAI, or Anthropic for `/v1/messages*`).
@@ -98,6 +100,7 @@ mod report;
 mod responses;
 mod retry;
 mod route;
+mod run_kind;
 mod select;
 mod server;
 mod snapshot;

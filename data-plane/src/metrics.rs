@@ -6,6 +6,8 @@
 //! | `claw_backend_info` | gauge (always 1) | `backend_id`, `backend`, `pool`, `api` |
 //! | `process_*` (CPU, RSS, fds, start time) | | see [`claw_telemetry::process`] |
 //! | `claw_dp_requests_total` | counter | `model`, `backend`, `status` |
+//! | `claw_dp_run_kind_requests_total` | counter | `kind` (`heartbeat`, `interactive`) |
+//! | `claw_dp_run_kind_unrecognized_total` | counter | |
 //! | `claw_dp_upstream_attempts_total` | counter | `backend`, `outcome` |
 //! | `claw_dp_retries_total` | counter | |
 //! | `claw_dp_affinity_total` | counter | `outcome`, `reason` (moved), `source` (with a key) |
@@ -90,6 +92,14 @@ fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
         "Requests answered, by model, backend (empty when none answered) and status sent to the client"
+    );
+    describe_counter!(
+        RUN_KIND_REQUESTS_TOTAL,
+        "Requests routed, by run kind (x-claw-run-kind): heartbeat or interactive"
+    );
+    describe_counter!(
+        RUN_KIND_UNRECOGNIZED_TOTAL,
+        "Requests whose x-claw-run-kind was neither heartbeat nor interactive (accounted as interactive)"
     );
     describe_counter!(
         UPSTREAM_ATTEMPTS_TOTAL,
@@ -581,12 +591,31 @@ pub(crate) fn affinity(
     }
 }
 
+/// Requests by run kind.
+pub(crate) const RUN_KIND_REQUESTS_TOTAL: &str = "claw_dp_run_kind_requests_total";
+/// Requests with an `x-claw-run-kind` the proxy does not know.
+pub(crate) const RUN_KIND_UNRECOGNIZED_TOTAL: &str = "claw_dp_run_kind_unrecognized_total";
+
+/// Counts a routed request in `claw_dp_run_kind_requests_total` (two
+/// label values: `heartbeat`, `interactive`).
+#[inline]
+pub(crate) fn run_kind_request(kind: &'static str) {
+    metrics::counter!(RUN_KIND_REQUESTS_TOTAL, "kind" => kind).increment(1);
+}
+
+/// Counts a request whose `x-claw-run-kind` was not recognised.
+#[inline]
+pub(crate) fn run_kind_unrecognized() {
+    metrics::counter!(RUN_KIND_UNRECOGNIZED_TOTAL).increment(1);
+}
+
 /// Puts the event-driven series an alert or the shipped dashboard
 /// (deploy/monitoring/) needs on `/metrics` at zero from the start: an
 /// `increase()` sees the first event only against an earlier sample.
 fn init_zero() {
     metrics::counter!(RETRIES_TOTAL).increment(0);
     metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(0);
+    metrics::counter!(RUN_KIND_UNRECOGNIZED_TOTAL).increment(0);
     metrics::gauge!(QUEUE_DEPTH).increment(0.0);
 }
 

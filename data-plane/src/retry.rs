@@ -598,9 +598,12 @@ fn buffered(
     Response::from_parts(parts, ProxyBody::full(bytes))
 }
 
-/// An interactive request tells the control plane its agent is active.
+/// An interactive request tells the control plane its agent is active; a
+/// heartbeat run never does, whatever priority it was sent with (the
+/// scheduler would otherwise skip the agent's next heartbeat as busy).
 fn signal_activity(events: &EventSink, r: &Routed) {
     if r.priority == Priority::Interactive
+        && r.run_kind != crate::run_kind::RunKind::Heartbeat
         && let Some(agent_id) = &r.agent_id
     {
         events.signal(Signal::Activity {
@@ -1382,6 +1385,7 @@ mod tests {
             priority: Priority::Interactive,
             parsed: None,
             agent_id: None,
+            run_kind: crate::run_kind::RunKind::Interactive,
             est_tokens: 0.0,
             est_prompt_tokens: 0,
             stream_usage: None,
@@ -1437,6 +1441,26 @@ mod tests {
         // Once per streak.
         react(&shared, &r, &cand, false, AttemptClass::Answer(200), None);
         assert!(streams.signals.try_recv().is_err());
+    }
+
+    /// An interactive request is the agent's activity; a heartbeat run is
+    /// not, even sent without `x-claw-priority: background` (it would make
+    /// the scheduler skip the agent's next heartbeat as busy).
+    #[test]
+    fn heartbeat_runs_are_never_agent_activity() {
+        let api = claw_proto::v1::Api::Openai as i32;
+        let (sink, mut streams) = crate::events::channel(4);
+        let (mut r, _) = routed(api, Endpoint::ChatCompletions, &[]);
+        r.agent_id = Some("ag".into());
+        r.run_kind = crate::run_kind::RunKind::Heartbeat;
+        signal_activity(&sink, &r);
+        assert!(streams.signals.try_recv().is_err(), "no activity");
+        r.run_kind = crate::run_kind::RunKind::Interactive;
+        signal_activity(&sink, &r);
+        assert!(matches!(
+            streams.signals.try_recv(),
+            Ok(Signal::Activity { agent_id, .. }) if agent_id == "ag"
+        ));
     }
 
     #[tokio::test]

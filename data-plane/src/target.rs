@@ -210,6 +210,9 @@ pub(crate) struct Routed {
     pub priority: Priority,
     /// `x-claw-agent-id`.
     pub agent_id: Option<String>,
+    /// `x-claw-run-kind`: heartbeat runs are accounted apart and are never
+    /// agent activity.
+    pub run_kind: crate::run_kind::RunKind,
     /// Estimated tokens (max output + prompt estimate), reserved on tpm.
     pub est_tokens: f64,
     /// Estimated prompt tokens (the fallback when a stream reports no usage).

@@ -10,6 +10,7 @@ mod data_plane_support;
 
 mod affinity;
 mod anthropic_sdk;
+mod attribution;
 mod audit;
 mod auth_failures;
 mod backend_probe_cli;

@@ -3,7 +3,8 @@
 //!
 //! `granularity=hourly|daily` (default hourly), `since=` a duration
 //! (default 24h hourly, 7d daily), `group_by=model|backend|key|agent`
-//! (default model), and filters `model=`, `backend=`, `key=`, `agent=`.
+//! (default model), and filters `model=`, `backend=`, `key=`, `agent=`,
+//! `kind=heartbeat|interactive` (run kind; empty = both).
 //! Hourly rows carry backend and model, so those groupings are one query;
 //! daily rows carry only the pool, and neither carries key or agent, so the
 //! other groupings run one filtered query per group value (every canonical
@@ -254,7 +255,7 @@ pub(super) async fn series(d: &Dashboard, c: &Caller, q: &Query) -> Result<Value
         agent: q.get("agent").to_string(),
         start: ago(q.duration("since", default_since)?),
         end: None,
-        kind: String::new(),
+        kind: q.get("kind").to_string(),
     };
     let mut by_group: BTreeMap<String, Points> = BTreeMap::new();
     if g == Granularity::Hourly && matches!(by, GroupBy::Model | GroupBy::Backend) {

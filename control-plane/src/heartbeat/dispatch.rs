@@ -272,7 +272,11 @@ pub fn build_request(
         .header(http::header::CONTENT_TYPE, "application/json")
         .header("x-claw-priority", "background")
         .header("x-claw-agent-id", &req.agent_id)
-        .header("x-claw-session-key", &req.session_key);
+        .header("x-claw-session-key", &req.session_key)
+        // The proxies account the run's usage as heartbeat cost, not as
+        // the agent's conversation (and never as its activity).
+        .header("x-claw-run-kind", "heartbeat")
+        .header("x-claw-run-id", &req.run_id);
     let (builder, body) = match req.protocol {
         Protocol::ChatCompletions => (
             builder.header(http::header::AUTHORIZATION, format!("Bearer {key}")),
@@ -441,6 +445,8 @@ mod tests {
         assert_eq!(h["x-claw-agent-id"], "a1");
         assert_eq!(h["x-claw-priority"], "background");
         assert_eq!(h["x-claw-session-key"], "agent:a1:heartbeat");
+        assert_eq!(h["x-claw-run-kind"], "heartbeat");
+        assert_eq!(h["x-claw-run-id"], "r1");
         assert_eq!(
             body_of(&r).await,
             serde_json::json!({
@@ -465,6 +471,8 @@ mod tests {
         assert_eq!(h[http::header::AUTHORIZATION], "Bearer ck-internal");
         assert!(h.get("x-api-key").is_none() && h.get("anthropic-version").is_none());
         assert_eq!(h["x-claw-session-key"], "agent:a1:heartbeat");
+        assert_eq!(h["x-claw-run-kind"], "heartbeat");
+        assert_eq!(h["x-claw-run-id"], "r1");
         let b = body_of(&r).await;
         assert_eq!(b["messages"][0]["role"], "system");
         assert_eq!(b["messages"][1]["content"], "- [ ] inbox");

@@ -151,6 +151,7 @@ fn aggregate(
             model: e.model.clone(),
             client_key: e.client_key_id.clone(),
             agent: e.agent_id.clone(),
+            run_kind: keys::run_kind(&e.run_kind),
         };
         add(at, dims, &totals::of_event(e));
     }
@@ -167,6 +168,7 @@ fn aggregate(
             model: a.model.clone(),
             client_key: a.client_key_id.clone(),
             agent: a.agent_id.clone(),
+            run_kind: keys::run_kind(&a.run_kind),
         };
         add(at, dims, &totals::sanitized(t));
     }
@@ -205,5 +207,69 @@ fn record_event_metrics(batch: &StreamReportsRequest, now: i64) {
         .chain(batch.activity.iter().filter_map(|a| a.last_seen.as_ref()));
     if let Some(oldest) = times.map(crate::stats::ms_of).min() {
         metrics::lag((now - oldest) as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use claw_proto::v1::{UsageAggregate, UsageEvent};
+
+    use super::*;
+
+    /// One agent's heartbeat usage (an aggregate and an event, the two
+    /// shapes proxies send) lands in heartbeat buckets; its own traffic,
+    /// and a kind no proxy should send, in the interactive ones, whose keys
+    /// are the keys of before run kinds.
+    #[test]
+    fn usage_is_bucketed_by_run_kind() {
+        let totals = UsageTotals {
+            requests: 1,
+            prompt_tokens: 10,
+            ..Default::default()
+        };
+        let at = Some(prost_types::Timestamp {
+            seconds: 7200,
+            nanos: 0,
+        });
+        let aggregate = |run_kind: &str| UsageAggregate {
+            first_time: at,
+            agent_id: "ag".into(),
+            model: "m".into(),
+            totals: Some(totals),
+            run_kind: run_kind.into(),
+            ..Default::default()
+        };
+        let batch = StreamReportsRequest {
+            usage_aggregates: vec![aggregate("heartbeat"), aggregate(""), aggregate("cron")],
+            usage: vec![UsageEvent {
+                time: at,
+                agent_id: "ag".into(),
+                model: "m".into(),
+                prompt_tokens: 10,
+                run_kind: "heartbeat".into(),
+                run_id: "r1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (hourly, daily) = aggregate_batch(&batch);
+        let dims = |run_kind: &str| Dims {
+            model: "m".into(),
+            agent: "ag".into(),
+            run_kind: run_kind.into(),
+            ..Dims::default()
+        };
+        let requests = |key: Vec<u8>| hourly.get(&key).map(|t| t.requests);
+        assert_eq!(
+            requests(keys::hourly(7_200_000, &dims("heartbeat"))),
+            Some(2)
+        );
+        assert_eq!(requests(keys::hourly(7_200_000, &dims(""))), Some(2));
+        assert_eq!(hourly.len(), 2);
+        assert_eq!(daily.len(), 2);
+    }
+
+    fn aggregate_batch(batch: &StreamReportsRequest) -> (Buckets, Buckets) {
+        aggregate(batch, &directory::Backends::default(), 0)
     }
 }

@@ -5,8 +5,14 @@
 //! tree. The dimensions follow, each length-prefixed (so any byte may
 //! appear in a name):
 //!
-//! - hourly: `hour | backend | model | client key | agent`
-//! - daily: `day | pool | backend | model | client key | agent`
+//! - hourly: `hour | backend | model | client key | agent [| run kind]`
+//! - daily: `day | pool | backend | model | client key | agent [| run kind]`
+//!
+//! The run kind is written only for heartbeat runs: an interactive bucket's
+//! key is exactly the key every bucket had before run kinds existed, so
+//! buckets stored before are read as interactive, new interactive usage
+//! adds to them, and nothing on disk is rewritten. A key with a trailing
+//! run kind field is a heartbeat bucket.
 //!
 //! One bucket per combination of every dimension is the finest grain any
 //! filter asks for, so a filter on several dimensions at once (a key *and* a
@@ -31,6 +37,22 @@ pub(crate) struct Dims {
     pub client_key: String,
     /// Agent id.
     pub agent: String,
+    /// [`HEARTBEAT`] for heartbeat runs, empty for interactive traffic
+    /// (see [`run_kind`]).
+    pub run_kind: String,
+}
+
+/// The run kind of heartbeat buckets.
+pub(crate) const HEARTBEAT: &str = "heartbeat";
+
+/// The run kind a proxy reported, as stored: [`HEARTBEAT`] or empty
+/// (interactive). Anything else is interactive, as the proxies treat it.
+pub(crate) fn run_kind(reported: &str) -> String {
+    if reported.trim().eq_ignore_ascii_case(HEARTBEAT) {
+        HEARTBEAT.to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// Start of the hour holding `ms`.
@@ -69,15 +91,27 @@ fn push_dims(key: &mut Vec<u8>, d: &Dims) {
     push_field(key, &d.model);
     push_field(key, &d.client_key);
     push_field(key, &d.agent);
+    // Absent for interactive buckets: the layout before run kinds.
+    if !d.run_kind.is_empty() {
+        push_field(key, &d.run_kind);
+    }
 }
 
+/// The dimensions, up to the end of the key: a key that ends after the
+/// agent is interactive (the layout before run kinds); one more field is
+/// the run kind, which is never empty.
 fn take_dims(rest: &mut &[u8]) -> Option<Dims> {
-    Some(Dims {
+    let mut d = Dims {
         backend: take_field(rest)?,
         model: take_field(rest)?,
         client_key: take_field(rest)?,
         agent: take_field(rest)?,
-    })
+        run_kind: String::new(),
+    };
+    if !rest.is_empty() {
+        d.run_kind = take_field(rest).filter(|k| !k.is_empty())?;
+    }
+    Some(d)
 }
 
 fn take_time(rest: &mut &[u8]) -> Option<i64> {
@@ -126,7 +160,81 @@ mod tests {
             model: "gpt\0-4o".into(),
             client_key: "ck_1".into(),
             agent: String::new(),
+            run_kind: String::new(),
         }
+    }
+
+    fn heartbeat() -> Dims {
+        Dims {
+            agent: "ag_1".into(),
+            run_kind: HEARTBEAT.into(),
+            ..dims()
+        }
+    }
+
+    /// A key as written before run kinds existed (no trailing field).
+    fn old_hourly(hour_ms: i64, d: &Dims) -> Vec<u8> {
+        let mut k = time_prefix(hour_ms).to_vec();
+        for f in [&d.backend, &d.model, &d.client_key, &d.agent] {
+            k.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            k.extend_from_slice(f.as_bytes());
+        }
+        k
+    }
+
+    #[test]
+    fn interactive_keys_are_the_keys_stored_before_run_kinds() {
+        let old = old_hourly(5 * HOUR_MS, &dims());
+        assert_eq!(hourly(5 * HOUR_MS, &dims()), old, "no rewrite needed");
+        assert_eq!(parse_hourly(&old), Some((5 * HOUR_MS, dims())));
+        let mut old_daily = time_prefix(DAY_MS).to_vec();
+        push_field(&mut old_daily, "primary");
+        old_daily.extend_from_slice(&old[8..]);
+        assert_eq!(daily(DAY_MS, "primary", &dims()), old_daily);
+        assert_eq!(
+            parse_daily(&old_daily).map(|(_, _, d)| d.run_kind),
+            Some(String::new())
+        );
+    }
+
+    #[test]
+    fn heartbeat_keys_carry_the_run_kind_and_round_trip() {
+        let h = hourly(5 * HOUR_MS, &heartbeat());
+        assert_eq!(parse_hourly(&h), Some((5 * HOUR_MS, heartbeat())));
+        assert_ne!(
+            h,
+            hourly(
+                5 * HOUR_MS,
+                &Dims {
+                    run_kind: String::new(),
+                    ..heartbeat()
+                }
+            )
+        );
+        let d = daily(DAY_MS, "fallback", &heartbeat());
+        assert_eq!(
+            parse_daily(&d),
+            Some((DAY_MS, "fallback".to_string(), heartbeat()))
+        );
+        // Same hour and dimensions: both kinds fall inside the hour's scan.
+        assert!(h < hourly(6 * HOUR_MS, &Dims::default()));
+        // Malformed: a cut run kind, an empty one, or bytes after it.
+        assert!(parse_hourly(&h[..h.len() - 1]).is_none());
+        let mut empty = hourly(5 * HOUR_MS, &dims());
+        empty.extend_from_slice(&[0, 0]);
+        assert!(parse_hourly(&empty).is_none());
+        let mut extra = h.clone();
+        extra.push(0);
+        assert!(parse_hourly(&extra).is_none());
+    }
+
+    #[test]
+    fn reported_run_kinds_are_heartbeat_or_interactive() {
+        assert_eq!(run_kind("heartbeat"), HEARTBEAT);
+        assert_eq!(run_kind("Heartbeat"), HEARTBEAT);
+        assert_eq!(run_kind(""), "");
+        assert_eq!(run_kind("interactive"), "");
+        assert_eq!(run_kind("cron"), "");
     }
 
     #[test]

@@ -24,6 +24,37 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::store::{Store, Tree};
 use keys::{DAY_MS, Dims, HOUR_MS};
 
+/// Which run kind a filter keeps (`UsageFilter.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunKind {
+    /// Heartbeat runs only.
+    Heartbeat,
+    /// Everything but heartbeat runs (buckets stored before run kinds
+    /// existed included).
+    Interactive,
+}
+
+impl RunKind {
+    /// `filter.kind`: `heartbeat`, `interactive`, or empty for both.
+    pub(crate) fn parse(kind: &str) -> Result<Option<RunKind>, CatalogError> {
+        match kind.trim() {
+            "" => Ok(None),
+            k if k.eq_ignore_ascii_case("heartbeat") => Ok(Some(RunKind::Heartbeat)),
+            k if k.eq_ignore_ascii_case("interactive") => Ok(Some(RunKind::Interactive)),
+            other => Err(CatalogError::Invalid(
+                claw_proto::validate::FieldError::new(
+                    "filter.kind",
+                    format!("must be heartbeat or interactive (or empty for both), got `{other}`"),
+                ),
+            )),
+        }
+    }
+
+    fn matches(self, run_kind: &str) -> bool {
+        (run_kind == keys::HEARTBEAT) == (self == RunKind::Heartbeat)
+    }
+}
+
 /// A resolved [`v1::UsageFilter`]: ids instead of names, times in unix ms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Filter {
@@ -39,6 +70,8 @@ pub(crate) struct Filter {
     pub start_ms: Option<i64>,
     /// Exclusive end.
     pub end_ms: Option<i64>,
+    /// Run kind; `None` = both.
+    pub kind: Option<RunKind>,
 }
 
 impl Filter {
@@ -48,6 +81,7 @@ impl Filter {
             && is(&self.model, &d.model)
             && is(&self.client_key, &d.client_key)
             && is(&self.agent, &d.agent)
+            && self.kind.is_none_or(|k| k.matches(&d.run_kind))
     }
 
     fn start(&self) -> i64 {
@@ -110,6 +144,8 @@ impl Stats {
         let Some(f) = f else {
             return Ok(Filter::default());
         };
+        // Checked first: a bad filter fails whatever else it names.
+        let kind = RunKind::parse(&f.kind)?;
         let client_key = match non_empty(&f.client_key) {
             Some(k) => Some(match self.catalog.get_client_key(k) {
                 Ok(key) => key.id,
@@ -127,6 +163,7 @@ impl Stats {
             agent: non_empty(&f.agent).map(str::to_string),
             start_ms: f.start.as_ref().map(ms_of),
             end_ms: f.end.as_ref().map(ms_of),
+            kind,
         })
     }
 
@@ -274,6 +311,7 @@ mod tests {
             model: "m".into(),
             client_key: "k".into(),
             agent: "a".into(),
+            run_kind: String::new(),
         };
         assert!(Filter::default().matches(&d));
         let f = Filter {
@@ -287,5 +325,39 @@ mod tests {
             ..Default::default()
         };
         assert!(!f.matches(&d));
+    }
+
+    #[test]
+    fn kind_filters_split_heartbeat_buckets_from_the_rest() {
+        let interactive = Dims::default();
+        let heartbeat = Dims {
+            run_kind: keys::HEARTBEAT.into(),
+            ..Dims::default()
+        };
+        let only = |kind| Filter {
+            kind: Some(kind),
+            ..Default::default()
+        };
+        assert!(only(RunKind::Heartbeat).matches(&heartbeat));
+        assert!(!only(RunKind::Heartbeat).matches(&interactive));
+        assert!(only(RunKind::Interactive).matches(&interactive));
+        assert!(!only(RunKind::Interactive).matches(&heartbeat));
+        assert!(Filter::default().matches(&heartbeat));
+    }
+
+    #[test]
+    fn filter_kinds_parse_and_a_bad_one_names_the_field() {
+        assert_eq!(RunKind::parse("").ok(), Some(None));
+        assert_eq!(
+            RunKind::parse("heartbeat").ok(),
+            Some(Some(RunKind::Heartbeat))
+        );
+        assert_eq!(
+            RunKind::parse("interactive").ok(),
+            Some(Some(RunKind::Interactive))
+        );
+        let e = RunKind::parse("cron").expect_err("refused").to_string();
+        assert!(e.starts_with("filter.kind: "), "{e}");
+        assert!(e.contains("`cron`"), "{e}");
     }
 }

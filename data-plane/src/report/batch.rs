@@ -2,7 +2,7 @@
 //!
 //! [`Collector`] owns the batch being filled and the [`ReportBuffer`] of cut
 //! ones. Usage is summed per usage bucket (`UsageBuckets`: UTC hour, client
-//! key, agent, model, backend), one `UsageAggregate` per bucket rather than
+//! key, agent, model, backend, run kind), one `UsageAggregate` per bucket rather than
 //! one event per request, so a batch's size and the control plane's work to
 //! store it do not grow with the request rate. Upstream failures, recoveries
 //! after 429s, agent activity (summed per agent) and per-backend demand go
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::buffer::ReportBuffer;
 use crate::config::ReportSettings;
-use crate::events::{Failure, FailureKind, RequestOutcome, Signal};
+use crate::events::{Failure, FailureKind, RequestOutcome, RunKind, Signal};
 use crate::snapshot::SnapshotStore;
 
 /// The usage bucket a request is summed into: what the control plane keys
@@ -39,6 +39,8 @@ struct UsageKey {
     agent_id: Option<String>,
     model: Arc<str>,
     backend_id: Option<Arc<str>>,
+    /// Heartbeat runs are summed apart from the agent's own traffic.
+    run_kind: RunKind,
 }
 
 /// The requests of one bucket since the last cut.
@@ -56,6 +58,7 @@ impl UsageKey {
             && self.model == o.model
             && self.backend_id == o.backend_id
             && self.agent_id == o.agent_id
+            && self.run_kind == o.run_kind
     }
 }
 
@@ -86,6 +89,7 @@ impl UsageBuckets {
                     agent_id: o.agent_id.take(),
                     model: o.model.clone(),
                     backend_id: o.backend_id.clone(),
+                    run_kind: o.run_kind,
                 };
                 match self.index.get(&key) {
                     Some(&i) => i,
@@ -294,7 +298,7 @@ impl Collector {
                     model: k.model.to_string(),
                     backend_id: k.backend_id.map(|b| b.to_string()).unwrap_or_default(),
                     totals: Some(s.totals),
-                    run_kind: String::new(),
+                    run_kind: k.run_kind.wire().to_string(),
                 })
                 .collect(),
             failures: p.failures,
@@ -399,6 +403,7 @@ mod tests {
         RequestOutcome {
             client_key_id: Arc::from("ck"),
             agent_id: agent.map(String::from),
+            run_kind: RunKind::Interactive,
             model: Arc::from("m"),
             backend_id: Some(Arc::from("b")),
             status: 200,
@@ -541,6 +546,49 @@ mod tests {
             (agent.to_string(), n, tokens)
         };
         assert_eq!(rows, vec![expected("a"), expected("b"), expected("c")]);
+    }
+
+    /// One agent's heartbeat runs and its own conversation share every
+    /// other dimension yet land in two buckets, the heartbeat one marked.
+    #[test]
+    fn heartbeat_runs_are_summed_apart_from_the_agents_own_traffic() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        for kind in [
+            RunKind::Interactive,
+            RunKind::Heartbeat,
+            RunKind::Interactive,
+            RunKind::Heartbeat,
+            RunKind::Heartbeat,
+        ] {
+            let mut o = outcome(Some("ag"));
+            o.run_kind = kind;
+            c.outcome(o);
+        }
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        let mut rows: Vec<(String, String, u64)> = m
+            .usage_aggregates
+            .iter()
+            .map(|a| {
+                (
+                    a.agent_id.clone(),
+                    a.run_kind.clone(),
+                    a.totals.unwrap().requests,
+                )
+            })
+            .collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                ("ag".to_string(), String::new(), 2),
+                ("ag".to_string(), "heartbeat".to_string(), 3),
+            ]
+        );
     }
 
     /// Requests are summed per (hour, key, agent, model, backend): a batch

@@ -25,6 +25,7 @@ use crate::affinity::BodyHints;
 use crate::body::ProxyBody;
 use crate::error::{ApiError, Wire};
 use crate::queue::Priority;
+use crate::run_kind::RunKind;
 use crate::stream::BoxError;
 use crate::target::{Authenticated, Endpoint, RequestBody, RequestId, Routed};
 use crate::upstream::upstream_headers;
@@ -296,6 +297,8 @@ where
         Some(v) if v.as_bytes().eq_ignore_ascii_case(b"background") => Priority::Background,
         _ => Priority::Interactive,
     };
+    let run_kind = RunKind::of(&parts.headers);
+    crate::metrics::run_kind_request(run_kind.label());
     if endpoint.by_response_id() {
         // Only the headers can carry a key: there is no body.
         let affinity =
@@ -325,6 +328,7 @@ where
             priority,
             parsed: None,
             agent_id,
+            run_kind,
             est_tokens: 0.0,
             est_prompt_tokens: 0,
             stream_usage: None,
@@ -429,6 +433,7 @@ where
         priority,
         parsed: None,
         agent_id,
+        run_kind,
         est_tokens,
         est_prompt_tokens: prompt_estimate(bytes.len()),
         stream_usage,
