@@ -69,6 +69,7 @@ async fn update(session: &Session, args: KeyUpdateArgs) -> anyhow::Result<()> {
             replace_models,
             models,
             rpm: args.rpm,
+            ..Default::default()
         }))
         .await?;
     let key = resp.key.unwrap_or_default();

@@ -69,6 +69,7 @@ impl ProxyState {
             last_nack_reason: self.last_nack_reason.clone(),
             connected: self.connected,
             last_seen: timestamp(self.last_seen_ms),
+            excluded: Vec::new(),
         }
     }
 }

@@ -174,6 +174,7 @@ impl Dispatcher {
             response_nonce: String::new(),
             error_detail: String::new(),
             lineage: self.lineage(),
+            excluded: Vec::new(),
         }
     }
 
@@ -245,6 +246,7 @@ impl Dispatcher {
                 response_nonce: msg.nonce,
                 error_detail: String::new(),
                 lineage: self.lineage(),
+                excluded: Vec::new(),
             },
             Err(e) => {
                 tracing::warn!(version = msg.version, error = %e, "rejected configuration snapshot");
@@ -254,6 +256,7 @@ impl Dispatcher {
                     response_nonce: msg.nonce,
                     error_detail: e.to_string(),
                     lineage: self.lineage(),
+                    excluded: Vec::new(),
                 }
             }
         })

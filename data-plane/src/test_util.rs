@@ -43,5 +43,6 @@ pub fn key(id: &str, secret: &str) -> v1::SnapshotClientKey {
         secret_sha256: hex::encode(sha2::Sha256::digest(secret.as_bytes())),
         models: vec![],
         rpm: 0,
+        ..Default::default()
     }
 }

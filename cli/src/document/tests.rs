@@ -88,6 +88,7 @@ fn exported_config() -> ClusterConfig {
                 prefix: "ck-abc".into(),
                 created_at: ts,
                 internal: false,
+                ..Default::default()
             },
             ClientKey {
                 id: "ck_02".into(),

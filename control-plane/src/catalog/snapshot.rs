@@ -74,6 +74,7 @@ fn snapshot_client_key(rec: ClientKeyRecord) -> Result<SnapshotClientKey> {
         secret_sha256: rec.secret_sha256,
         models: spec.models,
         rpm: spec.rpm,
+        ..Default::default()
     })
 }
 
