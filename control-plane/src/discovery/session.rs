@@ -1,7 +1,9 @@
 //! One proxy's `StreamConfig` stream, from hello to goodbye.
 //!
 //! The session reads the hello (which must name the node), registers the
-//! proxy, then loops over four inputs: the control plane stopping, the
+//! proxy, sends it the complete health table (`health_complete`: changes
+//! made after the registration reach it through its push channel, after
+//! this message), then loops over four inputs: the control plane stopping, the
 //! proxy's ACKs and NACKs, a new published snapshot, and messages other
 //! modules [`Push`](crate::proxies::Push) to this proxy. Every response gets a fresh nonce and is
 //! remembered until answered; an answer with an unknown or already-answered
@@ -126,7 +128,10 @@ pub(super) async fn run(
         outstanding: VecDeque::new(),
         catch_up_until: Some(Instant::now() + CATCH_UP),
     };
-    let end = session.serve(&mut inbound, pushes, stop).await;
+    let end = match session.send_health_table(&mut stop).await {
+        Ok(()) => session.serve(&mut inbound, pushes, stop).await,
+        Err(end) => end,
+    };
     let Session { node_id, conn, .. } = session;
     shared.registry.disconnect(&node_id, conn);
     match end {
@@ -308,6 +313,22 @@ impl Session {
             snapshot_version,
         });
         Ok(())
+    }
+
+    /// Sends the complete health table (the stream's first message): every
+    /// excluded backend; those it does not name are healthy.
+    async fn send_health_table(&mut self, stop: &mut Shutdown) -> Result<(), End> {
+        let health = self
+            .shared
+            .health
+            .complete(crate::catalog::records::now_ms());
+        let response = StreamConfigResponse {
+            version: self.shared.catalog.config_version(),
+            health,
+            health_complete: true,
+            ..Default::default()
+        };
+        self.send_incremental(response, stop).await
     }
 
     /// Sends an incremental message (cooldowns, rate shares): no nonce and
