@@ -23,6 +23,7 @@ mod data_plane_config;
 mod data_plane_input;
 mod fleet;
 mod harness_smoke;
+mod health;
 mod heartbeat;
 mod metrics_format;
 mod mock_protocols;
