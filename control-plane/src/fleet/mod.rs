@@ -528,3 +528,129 @@ fn push(tx: &Push, message: StreamConfigResponse) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use claw_proto::v1::BackendSuccess;
+
+    async fn fleet() -> (tempfile::TempDir, Arc<Fleet>, Arc<ProxyRegistry>) {
+        let (dir, store, catalog) = crate::catalog::testing::store_and_catalog().await;
+        let registry = Arc::new(ProxyRegistry::new());
+        let fleet = Fleet::open(
+            store.as_ref(),
+            Arc::new(catalog),
+            registry.clone(),
+            Arc::new(AgentActivity::new()),
+            Arc::new(Capacity::new()),
+            ShareSettings::default(),
+        )
+        .expect("fleet opens");
+        fleet
+            .health()
+            .configure(&[("be_1".into(), "one".into(), true)], now_ms());
+        (dir, Arc::new(fleet), registry)
+    }
+
+    fn failures(node: &str, n: usize, ejected_ms: u64) -> StreamReportsRequest {
+        StreamReportsRequest {
+            node_id: node.into(),
+            failures: (0..n)
+                .map(|_| UpstreamFailure {
+                    backend_id: "be_1".into(),
+                    kind: FailureKind::Connect as i32,
+                    summary: "connection refused".into(),
+                    ejected_ms,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn health_of(rx: &mut mpsc::Receiver<StreamConfigResponse>) -> Vec<HealthUpdate> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.extend(m.health);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn passive_failures_summed_over_proxies_eject_everywhere_and_a_success_ends_it() {
+        let (_dir, fleet, registry) = fleet().await;
+        let (tx_a, mut rx_a) = mpsc::channel(8);
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        registry.connect("a", "peer-a", tx_a);
+        registry.connect("b", "peer-b", tx_b);
+        // 3 on one proxy and 2 on the other: 5 in a row fleet-wide.
+        fleet.observe(&failures("a", 3, 0), &[]);
+        assert!(health_of(&mut rx_a).is_empty());
+        fleet.observe(&failures("b", 2, 0), &[]);
+        for rx in [&mut rx_a, &mut rx_b] {
+            let h = health_of(rx);
+            assert_eq!(h.len(), 1, "{h:?}");
+            assert_eq!(h[0].state, HealthState::Ejected as i32);
+            assert_eq!(h[0].remaining_ms, 30_000);
+            assert!(h[0].reason.contains("connection refused"), "{h:?}");
+        }
+        let row = fleet.health().row("be_1", now_ms()).expect("row");
+        assert_eq!(row.state, HealthState::Ejected as i32);
+        assert!(row.ejected_until.is_some());
+        // A success on any proxy ends it; HEALTHY goes to everyone.
+        let success = StreamReportsRequest {
+            node_id: "a".into(),
+            successes: vec![BackendSuccess {
+                backend_id: "be_1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        fleet.observe(&success, &[]);
+        for rx in [&mut rx_a, &mut rx_b] {
+            let h = health_of(rx);
+            assert_eq!(h.len(), 1, "{h:?}");
+            assert_eq!(h[0].state, HealthState::Healthy as i32);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxys_own_ejection_is_applied_fleet_wide_for_its_length() {
+        let (_dir, fleet, registry) = fleet().await;
+        let (tx_b, mut rx_b) = mpsc::channel(8);
+        registry.connect("b", "peer-b", tx_b);
+        fleet.observe(&failures("a", 1, 45_000), &[]);
+        let h = health_of(&mut rx_b);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[0].state, HealthState::Ejected as i32);
+        assert_eq!(h[0].remaining_ms, 45_000);
+        assert!(h[0].reason.starts_with("ejected by a"), "{h:?}");
+        // The complete table a newly connected proxy gets names it.
+        let complete = fleet.health().complete(now_ms());
+        assert_eq!(complete.len(), 1);
+        assert_eq!(complete[0].backend_id, "be_1");
+    }
+
+    #[tokio::test]
+    async fn a_probe_401_marks_the_backend_auth_failed_and_a_good_probe_clears_it() {
+        let (_dir, fleet, registry) = fleet().await;
+        let (tx, mut rx) = mpsc::channel(8);
+        registry.connect("a", "peer-a", tx);
+        fleet
+            .probe_auth_failed("be_1", 401, "status 401 in 3 ms")
+            .await
+            .expect("recorded");
+        assert!(fleet.cooldowns().get("be_1").is_some_and(|c| c.auth_failed));
+        let m = rx.try_recv().expect("pushed");
+        assert!(
+            m.cooldowns
+                .iter()
+                .any(|c| c.auth_failed && c.backend_id == "be_1")
+        );
+        fleet.probe_auth_ok("be_1", "ok: 200 in 2 ms", false);
+        assert!(!fleet.cooldowns().get("be_1").is_some_and(|c| c.auth_failed));
+        let h = health_of(&mut rx);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].state, HealthState::Healthy as i32);
+    }
+}
