@@ -227,7 +227,7 @@ struct ServeArgs {
     backup_keep: u32,
 
     /// Time between health probes of each backend (a backend's own `probe`
-    /// settings override it).
+    /// settings override it); 0 probes only backends with their own interval.
     #[arg(long, env = "CLAW_PROBE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     probe_interval: std::time::Duration,
 
@@ -392,9 +392,6 @@ impl TryFrom<ServeArgs> for Config {
         config.retention.cooldown_events = args.retention_cooldowns;
         config.retention.audit = args.retention_audit;
         config.tls = tls;
-        if args.probe_interval.is_zero() {
-            anyhow::bail!("--probe-interval must be more than 0");
-        }
         if args.probe_timeout.is_zero() {
             anyhow::bail!("--probe-timeout must be more than 0");
         }

@@ -44,7 +44,8 @@ const GAUGE_TICK: Duration = Duration::from_secs(1);
 /// `--probe-failures`); a backend's own `probe` settings override them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeDefaults {
-    /// Time between probes of a backend.
+    /// Time between probes of a backend; zero probes only the backends
+    /// with their own interval.
     pub interval: Duration,
     /// Probe timeout.
     pub timeout: Duration,
@@ -181,7 +182,10 @@ impl Prober {
         for rec in &records {
             let Some(b) = rec.spec.as_ref() else { continue };
             let settings = b.probe.unwrap_or_default();
-            let probed = b.enabled && !settings.disabled;
+            let interval = ms_or(settings.interval_ms, self.defaults.interval);
+            // A zero global interval turns probing off for the backends
+            // without their own.
+            let probed = b.enabled && !settings.disabled && !interval.is_zero();
             configured.push((b.id.clone(), b.name.clone(), probed));
             if !probed {
                 continue;
@@ -200,7 +204,6 @@ impl Prober {
                 api: claw_proto::v1::Api::try_from(b.api).unwrap_or_default(),
                 key,
             };
-            let interval = ms_or(settings.interval_ms, self.defaults.interval);
             let timeout = ms_or(settings.timeout_ms, self.defaults.timeout);
             let failures = if settings.failures > 0 {
                 settings.failures
