@@ -9,8 +9,9 @@
 //!   bookkeeping by nonce, cleanup.
 //! - `nonce`: unique nonces per response.
 //!
-//! The first message of every stream is the complete health table
-//! (`health_complete`, also when nothing is excluded). The same stream
+//! The stream's first snapshot (or, when none is due, a message of its own)
+//! carries the complete health table (`health_complete`, also when nothing
+//! is excluded). The same stream
 //! carries incremental messages (cooldowns, rate shares, health changes,
 //! sent by [`crate::fleet`]): any module reaches one proxy or all of them
 //! through the [`Push`](crate::proxies::Push) senders the registry holds.
