@@ -182,6 +182,8 @@ async fn a_failing_probe_makes_a_backend_unhealthy_fleet_wide_and_a_good_one_hea
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE claw_cp_backend_probe_duration_seconds histogram"));
+    let (ok, printed) = crate::metrics_format::promtool_check(&metrics);
+    assert!(ok, "promtool check metrics: {printed}");
     // Both proxies were connected to hear it (their side is tested with
     // the proxy's health handling).
     assert!(metrics.contains("claw_cp_proxies_connected 2"), "{metrics}");

@@ -80,6 +80,8 @@ pub struct Prober {
     fleet: Arc<Fleet>,
     defaults: ProbeDefaults,
     client: HttpClient,
+    /// The backends excluded at the last gauge refresh.
+    excluded: parking_lot::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Prober {
@@ -104,6 +106,7 @@ impl Prober {
             fleet,
             defaults,
             client,
+            excluded: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -280,9 +283,22 @@ impl Prober {
         self.record_gauges();
     }
 
+    /// Refreshes the health gauges; tells the dashboard when an ejection
+    /// ended by itself since the last call (nothing else marks that end).
     fn record_gauges(&self) {
+        let mut excluded = Vec::new();
         for (id, state) in self.fleet.health().states(now_ms()) {
-            metrics::health(&id, !table::excluded(state));
+            let out = table::excluded(state);
+            metrics::health(&id, !out);
+            if out {
+                excluded.push(id);
+            }
+        }
+        excluded.sort();
+        let mut last = self.excluded.lock();
+        if *last != excluded {
+            self.fleet.events().notify(crate::events::Topic::Backends);
+            *last = excluded;
         }
     }
 }
