@@ -333,20 +333,23 @@ impl Fleet {
         }
     }
 
-    /// A probe was answered 401/403: marks the backend `auth_failed`
-    /// fleet-wide through the path a proxy's `AUTH_FAILED` report takes
-    /// (durable cooldown state and history, pushed to every proxy).
+    /// A probe sent at `sent_ms` was answered 401/403: marks the backend
+    /// `auth_failed` fleet-wide through the path a proxy's `AUTH_FAILED`
+    /// report takes (durable cooldown state and history, pushed to every
+    /// proxy). A probe sent before the key's last update carried the old
+    /// key and marks nothing.
     pub async fn probe_auth_failed(
         &self,
         backend_id: &str,
         status: u16,
         summary: &str,
+        sent_ms: i64,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let batch = StreamReportsRequest {
             node_id: PROBE_NODE.to_string(),
             failures: vec![UpstreamFailure {
-                time: crate::catalog::records::timestamp(now),
+                time: crate::catalog::records::timestamp(sent_ms.min(now)),
                 backend_id: backend_id.to_string(),
                 kind: FailureKind::AuthFailed as i32,
                 status: u32::from(status),
@@ -637,7 +640,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         registry.connect("a", "peer-a", tx);
         fleet
-            .probe_auth_failed("be_1", 401, "status 401 in 3 ms")
+            .probe_auth_failed("be_1", 401, "status 401 in 3 ms", now_ms())
             .await
             .expect("recorded");
         assert!(fleet.cooldowns().get("be_1").is_some_and(|c| c.auth_failed));

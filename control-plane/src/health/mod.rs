@@ -263,11 +263,12 @@ impl Prober {
             .is_some_and(|c| c.auth_failed);
         match outcome.verdict {
             Verdict::AuthFailed(status) if !marked => {
-                if let Err(e) = self
+                let sent = now - i64::try_from(outcome.elapsed.as_millis()).unwrap_or(0);
+                let recorded = self
                     .fleet
-                    .probe_auth_failed(id, status, &outcome.summary)
-                    .await
-                {
+                    .probe_auth_failed(id, status, &outcome.summary, sent)
+                    .await;
+                if let Err(e) = recorded {
                     tracing::warn!(backend_id = %id, error = %e, "could not record the rejected key");
                 }
             }
