@@ -59,7 +59,7 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
         }
         AgentCmd::Update(args) => {
             let req = update_request(args)?;
-            let model_given = req.model.is_some();
+            let model_given = req.model.is_some() || req.fallback_model.is_some();
             let conn = session.connect().await?;
             let resp = conn.call(conn.agents().update_agent(req)).await?;
             let agent = resp.agent.unwrap_or_default();
@@ -85,7 +85,11 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
 
 async fn warn_unserved(conn: &crate::client::Connection, agent: &Agent) {
     let what = format!("agent {:?}", agent.id);
-    crate::served::warn_unserved(conn, &what, std::slice::from_ref(&agent.model)).await;
+    let mut models = vec![agent.model.clone()];
+    if !agent.fallback_model.is_empty() {
+        models.push(agent.fallback_model.clone());
+    }
+    crate::served::warn_unserved(conn, &what, &models).await;
 }
 
 async fn set_enabled(
@@ -129,6 +133,10 @@ struct Settings {
     busy_defer_max_seconds: Option<u64>,
     /// The secret read from `--webhook-secret-env` and that variable's ref.
     webhook_secret: Option<(String, String)>,
+    /// `--target` as the API's enum (unspecified when not given).
+    target: i32,
+    wake_url: Option<String>,
+    fallback_model: Option<String>,
 }
 
 fn settings(s: AgentSettings) -> anyhow::Result<Settings> {
@@ -175,6 +183,13 @@ fn settings(s: AgentSettings) -> anyhow::Result<Settings> {
                 Ok((value, reference))
             })
             .transpose()?,
+        target: match s.target.as_deref() {
+            Some("wake") => claw_proto::v1::HeartbeatTarget::Wake as i32,
+            Some(_) => claw_proto::v1::HeartbeatTarget::Llm as i32,
+            None => claw_proto::v1::HeartbeatTarget::Unspecified as i32,
+        },
+        wake_url: s.wake_url,
+        fallback_model: s.fallback_model,
     })
 }
 
@@ -214,6 +229,9 @@ fn new_agent(args: AgentAddArgs) -> anyhow::Result<Agent> {
         busy_defer_max_seconds: s.busy_defer_max_seconds.unwrap_or(0),
         webhook_secret: s.webhook_secret.clone().map(|w| w.0).unwrap_or_default(),
         webhook_secret_ref: s.webhook_secret.map(|w| w.1).unwrap_or_default(),
+        target: s.target,
+        wake_url: s.wake_url.unwrap_or_default(),
+        fallback_model: s.fallback_model.unwrap_or_default(),
         ..Default::default()
     })
 }
@@ -240,7 +258,9 @@ fn update_request(args: AgentUpdateArgs) -> anyhow::Result<UpdateAgentRequest> {
         busy_defer_max_seconds: s.busy_defer_max_seconds,
         webhook_secret: s.webhook_secret.clone().map(|w| w.0),
         webhook_secret_ref: s.webhook_secret.map(|w| w.1),
-        ..Default::default()
+        target: s.target,
+        wake_url: s.wake_url,
+        fallback_model: s.fallback_model,
     })
 }
 

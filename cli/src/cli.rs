@@ -270,6 +270,31 @@ pub struct BackendAddArgs {
     /// Completions ↔ Messages translation onto it.
     #[arg(long)]
     pub native_only: bool,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// Health probe flags of `backend add` and `backend update`. Unset values
+/// use the control plane's defaults (its `--probe-interval`,
+/// `--probe-timeout`, `--probe-failures`: 60s / 10s / 3 unless changed).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Time between health probes, 1s-24h (default: the control plane's
+    /// --probe-interval, 60s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub probe_interval: Option<Duration>,
+    /// How long a probe may take, 100ms-300s and shorter than the interval
+    /// (default: the control plane's --probe-timeout, 10s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse)]
+    pub probe_timeout: Option<Duration>,
+    /// Failed probes in a row that make the backend unhealthy, 1-100
+    /// (default: the control plane's --probe-failures, 3).
+    #[arg(long, value_name = "N")]
+    pub probe_failures: Option<u32>,
+    /// Never probe this backend (passive health from the proxies still
+    /// applies).
+    #[arg(long)]
+    pub no_probe: bool,
 }
 
 /// Flags of `backend update`.
@@ -329,6 +354,12 @@ pub struct BackendUpdateArgs {
         default_missing_value = "true"
     )]
     pub native_only: Option<bool>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Probe the backend again after `--no-probe` (keeping its other
+    /// probe settings).
+    #[arg(long = "probe", conflicts_with = "no_probe")]
+    pub probe_again: bool,
 }
 
 /// The pool names operators type.
@@ -631,6 +662,19 @@ pub struct AgentSettings {
     /// Environment variable holding the webhook HMAC secret ('' value clears it).
     #[arg(long, value_name = "VAR")]
     pub webhook_secret_env: Option<String>,
+    /// What a slot does: 'llm' (default) calls the model through a proxy; 'wake'
+    /// POSTs a signed wake request to --wake-url so the agent's own runtime runs
+    /// the checklist with its tools and reports back on a per-run callback URL.
+    #[arg(long, value_name = "llm|wake", value_parser = ["llm", "wake"])]
+    pub target: Option<String>,
+    /// The agent runtime's endpoint for wake requests (http or https; required
+    /// with --target wake), e.g. an OpenClaw gateway's hooks URL.
+    #[arg(long, value_name = "URL")]
+    pub wake_url: Option<String>,
+    /// Canonical model a run uses when the primary model has no capacity (every
+    /// backend cooling) instead of deferring; '' clears it.
+    #[arg(long, value_name = "MODEL")]
+    pub fallback_model: Option<String>,
 }
 
 /// Flags of `agent add`.

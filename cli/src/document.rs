@@ -15,6 +15,7 @@
 //!     weight: 1
 //!     enabled: true
 //!     native_only: false                 # true = no translation onto it; omitted = false
+//!     probe: {interval: 30s, timeout: 5s, failures: 3}  # or {disabled: true}; omitted = defaults
 //!     models:
 //!       - canonical: gpt-4o
 //!         native: gpt-4o-2024-08-06
@@ -38,6 +39,8 @@
 //!
 //! Every field except the names (and `base_url`, `model`) is optional and
 //! defaults like the corresponding `add` verb. Unknown fields are rejected.
+//! A document may also be one backend or agent entry alone, or a list of
+//! them: what `clawctl backend get|list -o yaml` prints applies as is.
 //! This module is pure: reading key files and variables happens in `apply`.
 
 use std::fmt;
@@ -45,7 +48,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use claw_proto::Pool;
-use claw_proto::v1::{Agent, Api, Backend, ClientKey, ClusterConfig, ModelMapping, PoolSettings};
+use claw_proto::probe_settings;
+use claw_proto::v1::{
+    Agent, Api, Backend, ClientKey, ClusterConfig, ModelMapping, PoolSettings, ProbeSettings,
+};
 use claw_proto::validate::{self, FieldError};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -104,6 +110,25 @@ pub(crate) struct BackendDoc {
     pub native_only: bool,
     #[serde(default)]
     pub models: Vec<ModelDoc>,
+    /// Health probe settings; omitted = the control plane's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeDoc>,
+}
+
+/// A backend's probe settings; an omitted field is the control plane's
+/// default (`--probe-interval`, `--probe-timeout`, `--probe-failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProbeDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u32>,
+    /// Never probe the backend (passive health still applies).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
 }
 
 /// A model mapping; `native` defaults to `canonical`.
@@ -254,6 +279,40 @@ pub(crate) struct AgentDoc {
     /// Variable holding the webhook HMAC secret (read by `apply`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret_env: Option<String>,
+    /// `llm` (the default, omitted) or `wake`.
+    #[serde(default, skip_serializing_if = "is_llm_target")]
+    pub target: String,
+    /// The agent runtime's wake endpoint (target `wake`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub wake_url: String,
+    /// Model used when `model` has no capacity.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fallback_model: String,
+}
+
+fn is_llm_target(t: &String) -> bool {
+    t.is_empty() || t == "llm"
+}
+
+/// The document name of a heartbeat target (empty, i.e. omitted, for LLM).
+fn target_name(t: i32) -> String {
+    match claw_proto::v1::HeartbeatTarget::try_from(t) {
+        Ok(claw_proto::v1::HeartbeatTarget::Wake) => "wake".into(),
+        _ => String::new(),
+    }
+}
+
+/// Parses a document's `target`.
+fn parse_target(t: &str) -> Result<i32, FieldError> {
+    use claw_proto::v1::HeartbeatTarget;
+    match t.trim() {
+        "" | "llm" => Ok(HeartbeatTarget::Unspecified as i32),
+        "wake" => Ok(HeartbeatTarget::Wake as i32),
+        other => Err(FieldError::new(
+            "target",
+            format!("{other:?} is not a heartbeat target (llm or wake)"),
+        )),
+    }
 }
 
 fn is_true(b: &bool) -> bool {
@@ -375,12 +434,87 @@ pub(crate) fn parse(text: &str) -> Result<Document, ParseError> {
             message: "the document is empty".to_string(),
         });
     }
-    serde_norway::from_str(text).map_err(|e| ParseError::from_yaml(&e))
+    let yaml = |e: serde_norway::Error| ParseError::from_yaml(&e);
+    match Resource::of(&value) {
+        Some(Resource::Backend) => Ok(Document {
+            backends: vec![serde_norway::from_str(text).map_err(yaml)?],
+            ..Default::default()
+        }),
+        Some(Resource::Backends) => Ok(Document {
+            backends: serde_norway::from_str(text).map_err(yaml)?,
+            ..Default::default()
+        }),
+        Some(Resource::Agent) => Ok(Document {
+            agents: vec![serde_norway::from_str(text).map_err(yaml)?],
+            ..Default::default()
+        }),
+        Some(Resource::Agents) => Ok(Document {
+            agents: serde_norway::from_str(text).map_err(yaml)?,
+            ..Default::default()
+        }),
+        None => serde_norway::from_str(text).map_err(yaml),
+    }
+}
+
+/// What a document that is not a whole configuration holds: the entry (or
+/// list of entries) that `get|list -o yaml` prints for one kind.
+enum Resource {
+    Backend,
+    Backends,
+    Agent,
+    Agents,
+}
+
+impl Resource {
+    /// Recognizes a bare entry by its required keys (`base_url` for a
+    /// backend, `id` and `model` for an agent) at a root that has none of
+    /// the document's sections.
+    fn of(root: &serde_norway::Value) -> Option<Resource> {
+        const SECTIONS: [&str; 4] = ["backends", "pools", "client_keys", "agents"];
+        let kind = |m: &serde_norway::Mapping| {
+            if SECTIONS.iter().any(|k| m.contains_key(*k)) {
+                None
+            } else if m.contains_key("base_url") {
+                Some(false)
+            } else if m.contains_key("id") && m.contains_key("model") {
+                Some(true)
+            } else {
+                None
+            }
+        };
+        match root {
+            serde_norway::Value::Mapping(m) => kind(m).map(|agent| {
+                if agent {
+                    Resource::Agent
+                } else {
+                    Resource::Backend
+                }
+            }),
+            serde_norway::Value::Sequence(items) => match items.first()? {
+                serde_norway::Value::Mapping(m) => kind(m).map(|agent| {
+                    if agent {
+                        Resource::Agents
+                    } else {
+                        Resource::Backends
+                    }
+                }),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// Renders a document as YAML, in the layout of the example above.
 pub(crate) fn to_yaml(doc: &Document) -> anyhow::Result<String> {
     emit::document(&serde_norway::to_value(doc)?)
+}
+
+/// Renders one entry or a list of entries (a backend, `[backend, …]`) in
+/// the document's layout: what `backend get|list -o yaml` print, so they
+/// read exactly like the matching part of `export` and apply as they are.
+pub(crate) fn entries_to_yaml<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<String> {
+    emit::entries(&serde_norway::to_value(value)?)
 }
 
 // ------------------------------------------------------------ proto -> doc
@@ -401,36 +535,10 @@ pub(crate) fn from_config(cfg: &ClusterConfig) -> Exported {
         .backends
         .iter()
         .map(|b| {
-            let (env, file) = if let Some(var) = b.api_key_ref.strip_prefix("env:") {
-                (Some(var.to_string()), None)
-            } else if let Some(path) = b.api_key_ref.strip_prefix("file:") {
-                (None, Some(path.to_string()))
-            } else {
+            if !BackendDoc::has_key_reference(b) {
                 unreferenced.push(b.name.clone());
-                (Some(placeholder_env(&b.name)), None)
-            };
-            BackendDoc {
-                name: b.name.clone(),
-                label: b.label.clone(),
-                base_url: b.base_url.clone(),
-                api_key_env: env,
-                api_key_file: file,
-                api: match Api::try_from(b.api) {
-                    Ok(Api::Anthropic) => ApiName::Anthropic,
-                    _ => ApiName::Openai,
-                },
-                pool: match Pool::try_from(b.pool) {
-                    Ok(Pool::Fallback) => PoolName::Fallback,
-                    _ => PoolName::Primary,
-                },
-                rpm: b.rpm,
-                tpm: b.tpm,
-                timeout: Dur(Duration::from_millis(b.timeout_ms)),
-                weight: b.weight,
-                enabled: b.enabled,
-                native_only: b.native_only,
-                models: b.models.iter().map(ModelDoc::from).collect(),
             }
+            BackendDoc::from(b)
         })
         .collect();
     let mut pools = PoolsDoc::default();
@@ -476,6 +584,90 @@ pub(crate) fn placeholder_env(name: &str) -> String {
         })
         .collect();
     format!("CLAW_API_KEY_{snake}")
+}
+
+impl BackendDoc {
+    /// Whether the backend's key has a reference a document can carry;
+    /// without one, [`BackendDoc::from`] writes a placeholder variable.
+    pub(crate) fn has_key_reference(b: &Backend) -> bool {
+        b.api_key_ref.starts_with("env:") || b.api_key_ref.starts_with("file:")
+    }
+}
+
+/// A backend's entry in the document (output-only fields left out), as
+/// `export` and `backend get|list -o yaml` write it.
+impl From<&Backend> for BackendDoc {
+    fn from(b: &Backend) -> BackendDoc {
+        let (env, file) = if let Some(var) = b.api_key_ref.strip_prefix("env:") {
+            (Some(var.to_string()), None)
+        } else if let Some(path) = b.api_key_ref.strip_prefix("file:") {
+            (None, Some(path.to_string()))
+        } else {
+            (Some(placeholder_env(&b.name)), None)
+        };
+        BackendDoc {
+            name: b.name.clone(),
+            label: b.label.clone(),
+            base_url: b.base_url.clone(),
+            api_key_env: env,
+            api_key_file: file,
+            api: match Api::try_from(b.api) {
+                Ok(Api::Anthropic) => ApiName::Anthropic,
+                _ => ApiName::Openai,
+            },
+            pool: match Pool::try_from(b.pool) {
+                Ok(Pool::Fallback) => PoolName::Fallback,
+                _ => PoolName::Primary,
+            },
+            rpm: b.rpm,
+            tpm: b.tpm,
+            timeout: Dur(Duration::from_millis(b.timeout_ms)),
+            weight: b.weight,
+            enabled: b.enabled,
+            native_only: b.native_only,
+            models: b.models.iter().map(ModelDoc::from).collect(),
+            probe: b
+                .probe
+                .filter(|p| !probe_settings::is_default(p))
+                .map(ProbeDoc::from),
+        }
+    }
+}
+
+impl From<ProbeSettings> for ProbeDoc {
+    fn from(p: ProbeSettings) -> ProbeDoc {
+        let ms = |v: u64| (v != 0).then(|| Dur(Duration::from_millis(v)));
+        ProbeDoc {
+            interval: ms(p.interval_ms),
+            timeout: ms(p.timeout_ms),
+            failures: (p.failures != 0).then_some(p.failures),
+            disabled: p.disabled,
+        }
+    }
+}
+
+impl ProbeDoc {
+    /// The API's settings, validated; errors name the document's fields
+    /// (`probe.interval`, not `probe.interval_ms`).
+    fn to_settings(self) -> Result<ProbeSettings, FieldError> {
+        let ms = |field: &str, d: Option<Dur>| {
+            d.map_or(Ok(0), |d| duration::to_millis(d.0))
+                .map_err(|e| FieldError::new(field, e))
+        };
+        let p = ProbeSettings {
+            interval_ms: ms("probe.interval", self.interval)?,
+            timeout_ms: ms("probe.timeout", self.timeout)?,
+            failures: self.failures.unwrap_or(0),
+            disabled: self.disabled,
+        };
+        probe_settings::validate(&p).map_err(|mut e| {
+            if let Some(f) = e.field.strip_suffix("_ms") {
+                e.field = f.to_string();
+            }
+            e
+        })?;
+        Ok(p)
+    }
 }
 
 impl From<&ModelMapping> for ModelDoc {
@@ -535,6 +727,9 @@ impl From<&Agent> for AgentDoc {
                 .webhook_secret_ref
                 .strip_prefix("env:")
                 .map(str::to_string),
+            target: target_name(a.target),
+            wake_url: a.wake_url.clone(),
+            fallback_model: a.fallback_model.clone(),
         }
     }
 }
@@ -599,8 +794,14 @@ pub(crate) fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, Fiel
             enabled: b.enabled,
             native_only: b.native_only,
             models: b.models.iter().map(ModelMapping::from).collect(),
+            probe: b
+                .probe
+                .map(ProbeDoc::to_settings)
+                .transpose()
+                .map_err(|e| e.within(&format!("backends[{i}]")))?,
             ..Default::default()
         };
+        probe_settings::normalize(&mut backend.probe);
         validate::normalize_backend(&mut backend);
         validate::validate_backend(&backend, false)
             .map_err(|e| e.within(&format!("backends[{i}]")))?;
@@ -739,6 +940,9 @@ impl AgentDoc {
                 .as_ref()
                 .map(|v| format!("env:{v}"))
                 .unwrap_or_default(),
+            target: parse_target(&self.target)?,
+            wake_url: self.wake_url.clone(),
+            fallback_model: self.fallback_model.clone(),
             ..Default::default()
         })
     }

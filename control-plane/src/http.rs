@@ -2,6 +2,9 @@
 //!
 //! - `GET /healthz`: `200 ok` while the store answers reads, `503` otherwise.
 //! - `GET /metrics`: Prometheus text exposition (see [`crate::metrics`]).
+//! - `POST /v1/heartbeat/runs/{run_id}/result`: a wake-mode agent runtime
+//!   reports its run's result, authenticated by the run's callback token
+//!   ([`crate::heartbeat::wake`]).
 //! - everything else: the operator dashboard ([`crate::dashboard`]): the
 //!   page at `/`, its JSON API and live events under `/api/v1/` (admin or
 //!   viewer token required), `404` for unknown paths.
@@ -29,6 +32,7 @@ use tokio::net::TcpListener;
 
 use crate::catalog::Catalog;
 use crate::dashboard::{self, Dashboard};
+use crate::heartbeat::wake;
 use crate::shutdown::Shutdown;
 
 /// How long open connections get to finish after shutdown starts.
@@ -43,6 +47,8 @@ pub(crate) struct HttpState {
     pub metrics: PrometheusHandle,
     /// Everything else.
     pub dashboard: Dashboard,
+    /// Takes wake-mode callbacks (`None`: they are answered 503).
+    pub heartbeats: Option<crate::heartbeat::scheduler::SchedulerHandle>,
 }
 
 fn text(
@@ -100,7 +106,48 @@ async fn route(
 ) -> Response<dashboard::Body> {
     match request.uri().path() {
         "/healthz" | "/metrics" => respond(&state, &request).map(BodyExt::boxed_unsync),
+        path if path.starts_with(wake::CALLBACK_PREFIX) => wake_callback(&state, request)
+            .await
+            .map(BodyExt::boxed_unsync),
         _ => state.dashboard.handle(request, peer).await,
+    }
+}
+
+/// `POST /v1/heartbeat/runs/{run_id}/result` (see [`crate::heartbeat::wake`]).
+async fn wake_callback(state: &HttpState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    use crate::heartbeat::wake::CallbackError;
+    let Some(run_id) = wake::run_id_of(request.uri().path()).map(str::to_string) else {
+        return wake::error_response(&CallbackError::NotFound(String::new()));
+    };
+    if request.method() != Method::POST {
+        let mut r = wake::error_response(&CallbackError::BadRequest(
+            "use POST for a run's result".into(),
+        ));
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return r;
+    }
+    let token = wake::bearer(request.headers().get(header::AUTHORIZATION));
+    let body = match http_body_util::Limited::new(request.into_body(), wake::MAX_CALLBACK_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) => {
+            return wake::error_response(&CallbackError::BadRequest(format!(
+                "cannot read the body (at most {} bytes): {e}",
+                wake::MAX_CALLBACK_BYTES
+            )));
+        }
+    };
+    let Some(heartbeats) = &state.heartbeats else {
+        return wake::error_response(&CallbackError::Unavailable);
+    };
+    match heartbeats.report_wake(&run_id, token, body).await {
+        Ok(run) => wake::ok_response(&run),
+        Err(e) => {
+            tracing::info!(run_id = %run_id, error = %e, "wake callback refused");
+            wake::error_response(&e)
+        }
     }
 }
 

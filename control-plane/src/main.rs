@@ -177,6 +177,12 @@ struct ServeArgs {
     )]
     webhook_secret: Option<String>,
 
+    /// Base URL agent runtimes reach this control plane's HTTP listener at, for
+    /// wake-mode callbacks ({URL}/v1/heartbeat/runs/RUN_ID/result); default: the
+    /// HTTP listener's address.
+    #[arg(long, env = "CLAW_CP_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
+
     /// Heartbeat run logs older than this are pruned.
     #[arg(long, env = "CLAW_HEARTBEAT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     heartbeat_retention: std::time::Duration,
@@ -382,6 +388,11 @@ impl TryFrom<ServeArgs> for Config {
         hb.proxy_url = args.heartbeat_proxy;
         hb.proxy_ca = args.heartbeat_proxy_ca;
         hb.scheduler.retention = args.heartbeat_retention;
+        if let Some(url) = &args.public_url {
+            claw_proto::validate::http_url("--public-url", url)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            hb.scheduler.wake.public_url = url.trim_end_matches('/').to_string();
+        }
         hb.delivery.max_attempts = args.webhook_max_attempts;
         hb.delivery.max_age = args.webhook_max_age;
         hb.delivery.base_backoff = args.webhook_backoff_base;

@@ -253,10 +253,18 @@ impl Server {
         let mut grpc_stop = stop_rx.clone();
         let (snapshots, publisher) =
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
+        let mut heartbeat_settings = config.heartbeat.clone();
+        if heartbeat_settings.scheduler.wake.public_url.is_empty()
+            && let Ok(addr) = http.local_addr()
+        {
+            // Wake callbacks default to the HTTP listener's own address.
+            let scheme = if http_tls.is_some() { "https" } else { "http" };
+            heartbeat_settings.scheduler.wake.public_url = format!("{scheme}://{addr}");
+        }
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
             RunStore::new(store.clone()).with_events(events.clone()),
-            config.heartbeat.clone(),
+            heartbeat_settings,
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;
@@ -300,7 +308,7 @@ impl Server {
             cluster: ClusterApi::new(catalog.clone(), proxies.clone(), fleet.clone()),
             stats: StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet.clone()),
             agent: AgentApi::new(catalog.clone()),
-            heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats),
+            heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats.clone()),
             pool: PoolApi::new(catalog.clone()),
             audit: AuditApi::new(store.clone()),
             token: TokenApi::new(access.clone(), events.clone()),
@@ -400,6 +408,7 @@ impl Server {
                 catalog: catalog.clone(),
                 metrics: prometheus.clone(),
                 dashboard,
+                heartbeats: Some(heartbeats.scheduler),
             },
             http_tls,
             stop_rx.clone(),

@@ -15,13 +15,21 @@
 //! - a `CooldownUpdate` cools the backend until `now + remaining_ms` (the
 //!   receipt time, so clock skew between machines does not matter); updates
 //!   this proxy itself caused (`source_node_id`) are ignored;
-//! - `RateShares` go to [`Fleet::apply_shares`].
+//! - `RateShares` go to [`Fleet::apply_shares`];
+//! - `HealthUpdate`s ([`crate::health`]): `UNHEALTHY` marks the backend
+//!   until a `HEALTHY` update, `EJECTED` for `remaining_ms` from receipt,
+//!   anything else clears the mark. With `health_complete` (the first
+//!   message of every stream) the list is the whole table: a backend it does
+//!   not name is healthy, so a reconnect leaves no stale mark.
 //!
 //! Incremental messages may arrive before the first snapshot (or name a
 //! backend a later snapshot adds): rate shares are kept by [`Fleet`] per
 //! backend id and applied with every snapshot; a cooldown for a backend not
 //! in the snapshot is kept (until it would have ended) and applied as soon
-//! as a snapshot brings the backend.
+//! as a snapshot brings the backend. Health marks are kept by backend id in
+//! the dispatcher's table (the truth) and synced into the runtime of every
+//! backend of each snapshot applied, so marks survive snapshot swaps and
+//! reach backends a later snapshot adds.
 //!
 //! The stream's up/down state feeds [`Fleet`]'s degraded-mode timer.
 //!
@@ -48,7 +56,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
-use claw_proto::v1::{StreamConfigRequest, StreamConfigResponse};
+use claw_proto::v1::{HealthState, HealthUpdate, StreamConfigRequest, StreamConfigResponse};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -57,6 +65,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cooldown::{Cooldowns, MAX_RETRY_AFTER};
 use crate::cp_channel::{Backoff, ProxyToken};
 use crate::fleet::Fleet;
+use crate::health::{HealthMark, Verdict};
 use crate::snapshot::SnapshotStore;
 use crate::snapshot_cache::{CacheWriter, SnapshotCache};
 
@@ -86,6 +95,9 @@ pub(crate) struct Dispatcher {
     /// Auth failures for backends not in the snapshot yet (the catch-up a
     /// proxy gets on connecting may come before its first snapshot).
     early_auth: Arc<Mutex<HashSet<String>>>,
+    /// The fleet health table as pushed: the marks by backend id (a backend
+    /// not in it is healthy), whether the snapshot has the backend or not.
+    health: Arc<Mutex<HashMap<String, HealthMark>>>,
     /// Where applied snapshots are persisted, if anywhere.
     cache: Option<CacheWriter>,
     /// The held snapshot came from the cache and the control plane has not
@@ -104,6 +116,8 @@ impl Dispatcher {
         fleet: Fleet,
     ) -> Self {
         fleet.await_shares();
+        let scraped = store.clone();
+        crate::metrics::render_at_scrape(move |out| crate::select::render_excluded(&scraped, out));
         Dispatcher {
             node_id,
             store,
@@ -111,6 +125,7 @@ impl Dispatcher {
             fleet,
             early: Arc::default(),
             early_auth: Arc::default(),
+            health: Arc::default(),
             cache: None,
             from_cache: Arc::default(),
         }
@@ -176,6 +191,7 @@ impl Dispatcher {
                 self.from_cache.store(false, Ordering::Release);
                 self.fleet.reapply();
                 self.apply_early_cooldowns(Instant::now());
+                self.sync_health(None, Instant::now());
                 if let Some(cache) = &self.cache {
                     cache.submit(msg.version, Arc::new(s));
                 }
@@ -218,6 +234,9 @@ impl Dispatcher {
                 );
             }
         }
+        if msg.health_complete || !msg.health.is_empty() {
+            self.apply_health(&msg.health, msg.health_complete, now);
+        }
         let result = reply?;
         Some(match result {
             Ok(()) => StreamConfigRequest {
@@ -255,6 +274,127 @@ impl Dispatcher {
                     .cooldowns
                     .apply_remote(id, *until, *consecutive, *quota)
         });
+    }
+}
+
+impl Dispatcher {
+    /// Applies health updates to the table (the whole table when
+    /// `complete`), then to the runtime of the snapshot's backends.
+    fn apply_health(&self, updates: &[HealthUpdate], complete: bool, now: Instant) {
+        let mut table = self.health.lock();
+        let previous = if complete {
+            std::mem::take(&mut *table)
+        } else {
+            HashMap::new()
+        };
+        table.retain(|_, m| m.holds(now));
+        for u in updates {
+            // A mark that still holds keeps its start: the cap's order.
+            let since = table
+                .get(&u.backend_id)
+                .or_else(|| previous.get(&u.backend_id))
+                .filter(|m| m.holds(now))
+                .map_or(now, |m| m.since);
+            let verdict = match HealthState::try_from(u.state) {
+                Ok(HealthState::Unhealthy) => Some(Verdict::Unhealthy),
+                Ok(HealthState::Ejected) if u.remaining_ms > 0 => Some(Verdict::Ejected {
+                    until: now + Duration::from_millis(u.remaining_ms).min(MAX_RETRY_AFTER),
+                }),
+                // Healthy, not probed, not probed yet, an ejection already
+                // over, or a state this build does not know: not excluded.
+                _ => None,
+            };
+            match verdict {
+                Some(verdict) => {
+                    table.insert(
+                        u.backend_id.clone(),
+                        HealthMark {
+                            verdict,
+                            since,
+                            reason: u.reason.clone(),
+                        },
+                    );
+                }
+                None => {
+                    table.remove(&u.backend_id);
+                }
+            }
+        }
+        if complete {
+            self.sync_health_locked(&table, None, now);
+        } else {
+            let ids: HashSet<&str> = updates.iter().map(|u| u.backend_id.as_str()).collect();
+            self.sync_health_locked(&table, Some(&ids), now);
+        }
+    }
+
+    /// Sets the runtime health mark of the snapshot's backends (those of
+    /// `only`, when given) from the table.
+    fn sync_health(&self, only: Option<&HashSet<&str>>, now: Instant) {
+        let table = self.health.lock();
+        self.sync_health_locked(&table, only, now);
+    }
+
+    fn sync_health_locked(
+        &self,
+        table: &HashMap<String, HealthMark>,
+        only: Option<&HashSet<&str>>,
+        now: Instant,
+    ) {
+        let snap = self.store.load();
+        if let Some(only) = only {
+            for id in only {
+                if snap.as_ref().and_then(|s| s.backend(id)).is_none() {
+                    tracing::debug!(backend_id = %id, "health update for a backend not in the snapshot: kept");
+                }
+            }
+        }
+        let Some(snap) = snap else {
+            return;
+        };
+        for b in snap.backends() {
+            if only.is_some_and(|o| !o.contains(&*b.id)) {
+                continue;
+            }
+            let new = table.get(&*b.id).filter(|m| m.holds(now)).cloned();
+            let old = b.runtime.health.mark(now);
+            log_health_change(b, old.as_ref(), new.as_ref(), now);
+            b.runtime.health.set(new);
+        }
+    }
+}
+
+/// Logs a change of `b`'s fleet health mark once: a new verdict at warn,
+/// the return to health at info; an ejection merely extended is no change.
+fn log_health_change(
+    b: &crate::snapshot::Backend,
+    old: Option<&HealthMark>,
+    new: Option<&HealthMark>,
+    now: Instant,
+) {
+    let kind = |m: Option<&HealthMark>| m.map(|m| matches!(m.verdict, Verdict::Unhealthy));
+    if kind(old) == kind(new) {
+        return;
+    }
+    match new {
+        Some(HealthMark {
+            verdict: Verdict::Unhealthy,
+            reason,
+            ..
+        }) => {
+            tracing::warn!(backend = %b.name, backend_id = %b.id, reason = %reason, "backend unhealthy fleet-wide: excluded (at most half of a model's candidates are)");
+        }
+        Some(HealthMark {
+            verdict: Verdict::Ejected { until },
+            reason,
+            ..
+        }) => {
+            let ejected_ms = until.saturating_duration_since(now).as_millis() as u64;
+            tracing::warn!(backend = %b.name, backend_id = %b.id, ejected_ms, reason = %reason, "backend ejected fleet-wide: excluded (at most half of a model's candidates are)");
+        }
+        None => {
+            tracing::info!(backend = %b.name, backend_id = %b.id, "backend healthy again fleet-wide");
+        }
     }
 }
 
@@ -650,6 +790,173 @@ mod tests {
         );
         assert!((b.rpm.share() - 1.0 / 3.0).abs() < 1e-9);
         assert!(d.early.lock().is_empty());
+    }
+
+    fn health(id: &str, state: HealthState, remaining_ms: u64) -> HealthUpdate {
+        HealthUpdate {
+            backend_id: id.into(),
+            state: state as i32,
+            remaining_ms,
+            reason: "probe: connect: connection refused".into(),
+        }
+    }
+
+    fn health_push(updates: Vec<HealthUpdate>, complete: bool) -> StreamConfigResponse {
+        StreamConfigResponse {
+            version: 2,
+            health: updates,
+            health_complete: complete,
+            ..Default::default()
+        }
+    }
+
+    fn two_backends(d: &Dispatcher, version: u64, ids: &[&str]) {
+        use crate::test_util::backend;
+        let snap = v1::Snapshot {
+            version,
+            backends: ids
+                .iter()
+                .map(|id| backend(id, claw_proto::Pool::Primary, &[("m", "m")]))
+                .collect(),
+            ..Default::default()
+        };
+        let ack = d.handle(push(version, snap)).unwrap();
+        assert_eq!(ack.error_detail, "");
+    }
+
+    fn since(store: &SnapshotStore, id: &str) -> Option<Instant> {
+        let s = store.load().unwrap();
+        s.backend(id)
+            .unwrap()
+            .runtime
+            .health
+            .marked_since(Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_updates_mark_unhealthy_until_healthy_and_eject_for_a_while() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        two_backends(&d, 2, &["a", "b"]);
+        let t0 = Instant::now();
+        let reply = d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Ejected, 5_000),
+            ],
+            false,
+        ));
+        assert!(reply.is_none(), "incremental: no answer");
+        assert_eq!(since(&store, "a"), Some(t0));
+        assert_eq!(since(&store, "b"), Some(t0));
+        let rt = |id: &str| store.load().unwrap().backend(id).unwrap().runtime.clone();
+        assert!(rt("a").health.unhealthy(t0));
+        // The ejection counts from receipt and ends on its own; unhealthy holds.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(since(&store, "b"), None);
+        assert_eq!(since(&store, "a"), Some(t0));
+        // A repeated mark keeps its start (the cap's order); HEALTHY clears.
+        d.handle(health_push(
+            vec![health("a", HealthState::Unhealthy, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), Some(t0));
+        d.handle(health_push(
+            vec![health("a", HealthState::Healthy, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), None);
+        // Not probed (or not probed yet) is no exclusion either.
+        d.handle(health_push(
+            vec![health("a", HealthState::NotProbed, 0)],
+            false,
+        ));
+        assert_eq!(since(&store, "a"), None);
+        // A snapshot swap keeps the marks.
+        d.handle(health_push(
+            vec![health("b", HealthState::Ejected, 60_000)],
+            false,
+        ));
+        two_backends(&d, 3, &["a", "b"]);
+        assert!(since(&store, "b").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_health_table_replaces_every_mark() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        two_backends(&d, 2, &["a", "b", "c"]);
+        let t0 = Instant::now();
+        d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Unhealthy, 0),
+            ],
+            false,
+        ));
+        // A reconnect: the first message is the whole table, which no
+        // longer names a; b is still out (since kept), c is new.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        d.handle(health_push(
+            vec![
+                health("b", HealthState::Unhealthy, 0),
+                health("c", HealthState::Ejected, 10_000),
+            ],
+            true,
+        ));
+        assert_eq!(since(&store, "a"), None, "no stale mark");
+        assert_eq!(since(&store, "b"), Some(t0));
+        assert_eq!(since(&store, "c"), Some(t0 + Duration::from_secs(3)));
+        // An empty complete table: everything healthy.
+        d.handle(health_push(vec![], true));
+        for id in ["a", "b", "c"] {
+            assert_eq!(since(&store, id), None, "{id}");
+        }
+        assert!(d.health.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_message_with_a_snapshot_and_the_health_table_marks_the_backends_it_adds() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        let mut msg = push(2, one_backend(2, "m"));
+        msg.health = vec![health("a", HealthState::Unhealthy, 0)];
+        msg.health_complete = true;
+        let ack = d.handle(msg).unwrap();
+        assert_eq!((ack.version, ack.error_detail.as_str()), (2, ""));
+        assert!(since(&store, "a").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_for_a_backend_not_in_the_snapshot_applies_once_a_snapshot_adds_it() {
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        // Before any snapshot (the catch-up comes first), then one without it.
+        d.handle(health_push(
+            vec![
+                health("a", HealthState::Unhealthy, 0),
+                health("b", HealthState::Ejected, 2_000),
+            ],
+            true,
+        ));
+        two_backends(&d, 2, &["a"]);
+        assert!(since(&store, "a").is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        d.handle(health_push(
+            vec![health("ghost", HealthState::Unhealthy, 0)],
+            false,
+        ));
+        two_backends(&d, 3, &["a", "b", "ghost"]);
+        assert!(since(&store, "b").is_some(), "1 s of its ejection left");
+        assert!(since(&store, "ghost").is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(since(&store, "b"), None);
+        // The next update drops the ended ejection from the table.
+        d.handle(health_push(
+            vec![health("a", HealthState::Healthy, 0)],
+            false,
+        ));
+        assert_eq!(d.health.lock().keys().collect::<Vec<_>>(), ["ghost"]);
     }
 
     fn cached_dispatcher(path: &Path, store: &SnapshotStore) -> Dispatcher {

@@ -2,8 +2,9 @@
 //!
 //! - After each proxied request the proxy builds a [`RequestOutcome`].
 //! - As they happen: upstream failures (429s with the cooldown applied,
-//!   server errors, connect errors, timeouts, broken streams), the first
-//!   success on a backend after 429s, and agents seen on interactive traffic
+//!   server errors, connect errors, timeouts, broken streams; with the
+//!   outlier ejection applied), the first success on a backend after 429s or
+//!   after a streak of failures, and agents seen on interactive traffic
 //!   ([`Signal`]).
 //!
 //! Both go through bounded channels with `try_send`: the hot path never waits
@@ -101,6 +102,8 @@ pub(crate) struct Failure {
     pub consecutive: u32,
     /// Cooldown this proxy applied (429s).
     pub cooldown: Option<Duration>,
+    /// Outlier ejection this proxy applied after this failure, if it ejected.
+    pub ejected: Option<Duration>,
     /// Short description, no secrets.
     pub summary: &'static str,
 }
@@ -110,8 +113,9 @@ pub(crate) struct Failure {
 pub(crate) enum Signal {
     /// An upstream attempt failed.
     Failure(Failure),
-    /// A backend answered after one or more 429s (resets the fleet's
-    /// consecutive count).
+    /// A backend answered after one or more 429s, or after a streak of
+    /// outlier failures (connect errors, timeouts, 5xx): resets the fleet's
+    /// consecutive counts.
     Recovered {
         /// Backend id.
         backend_id: Arc<str>,
@@ -144,8 +148,18 @@ impl Signal {
             retry_after: None,
             consecutive: 0,
             cooldown: None,
+            ejected: None,
             summary,
         })
+    }
+
+    /// This failure with the outlier ejection it caused (`None`: none).
+    #[inline]
+    pub(crate) fn with_ejection(mut self, ejected: Option<Duration>) -> Signal {
+        if let Signal::Failure(f) = &mut self {
+            f.ejected = ejected;
+        }
+        self
     }
 }
 

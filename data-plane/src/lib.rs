@@ -52,6 +52,8 @@
 //!   backoff and `Retry-After` (`cooldown::state`, a leaf), and the handle
 //!   that starts local cooldowns, applies remote ones and announces them.
 //! - `outlier` — passive ejection of failing backends.
+//! - `health` — the fleet-wide health marks the control plane pushes (cap and
+//!   fail open in `select`).
 //! - `queue` — the bounded priority queue for rate-limited requests.
 //! - [`stream`] — pass-through response bodies, SSE error event on mid-stream
 //!   failure, background drain of answers whose client left.
@@ -85,6 +87,7 @@ mod discovery;
 mod error;
 mod events;
 mod fleet;
+mod health;
 mod json;
 mod limits;
 mod metrics;

@@ -24,6 +24,8 @@
 //! | `claw_dp_report_buffered_events` | gauge | |
 //! | `claw_dp_report_dropped_events_total` | counter | |
 //! | `claw_dp_degraded_mode` | gauge | |
+//! | `claw_health_fail_open_total` | counter | `model` |
+//! | `claw_backend_health_excluded` | gauge (rendered at scrape) | `backend` (id) |
 //! | `gen_ai_server_time_to_first_token_seconds` | histogram | `gen_ai_request_model` |
 //! | `gen_ai_server_request_duration_seconds` | histogram | `gen_ai_request_model` |
 //! | `gen_ai_client_token_usage` | histogram | `gen_ai_request_model`, `gen_ai_token_type` |
@@ -99,7 +101,7 @@ fn describe() {
     );
     describe_counter!(
         AFFINITY_TOTAL,
-        "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
+        "Upstream attempts by session affinity: outcome kept (the session's first-choice backend), moved (reason: cooling, ejected, unhealthy, rate_limited, saturated, owner, retried) or none (no affinity key); source: where the key came from (header, prompt_cache_key, user_id, agent)"
     );
     describe_counter!(
         TRANSLATED_TOTAL,
@@ -157,6 +159,10 @@ fn describe() {
     describe_gauge!(
         DEGRADED_MODE,
         "1 in degraded mode (equal rate-limit shares without a control plane)"
+    );
+    describe_counter!(
+        HEALTH_FAIL_OPEN_TOTAL,
+        "Selections that ignored health marks because no other candidate of the model was left (fail open), by model"
     );
     describe_histogram!(
         TIME_TO_FIRST_TOKEN_SECONDS,
@@ -230,8 +236,20 @@ pub(crate) fn set_backends<'a>(
     *BACKEND_INFO_TEXT.lock() = out;
 }
 
+/// Renders series computed at scrape time (`claw_backend_health_excluded`).
+type ScrapeRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
+
+/// The scrape-time renderer of the first proxy that registers one.
+static SCRAPE_RENDERER: OnceLock<ScrapeRenderer> = OnceLock::new();
+
+/// Registers `f` to append series at every scrape (the first registration
+/// in a process wins, like the recorder).
+pub(crate) fn render_at_scrape(f: impl Fn(&mut String) + Send + Sync + 'static) {
+    let _ = SCRAPE_RENDERER.set(Box::new(f));
+}
+
 /// A Prometheus label value, escaped (`\\`, `\"`, `\n`).
-fn label_value(v: &str) -> String {
+pub(crate) fn label_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
@@ -251,6 +269,9 @@ pub(crate) fn render() -> String {
             h.run_upkeep();
             let mut out = h.render();
             out.push_str(&BACKEND_INFO_TEXT.lock());
+            if let Some(f) = SCRAPE_RENDERER.get() {
+                f(&mut out);
+            }
             claw_telemetry::process::render(&mut out);
             out
         }
@@ -317,6 +338,10 @@ pub(crate) const DEGRADED_MODE: &str = "claw_dp_degraded_mode";
 pub(crate) const RETRIES_TOTAL: &str = "claw_dp_retries_total";
 /// Outcomes or signals dropped on a full channel.
 pub(crate) const EVENTS_DROPPED_TOTAL: &str = "claw_dp_events_dropped_total";
+/// Selections that failed open (health marks ignored), by model.
+pub(crate) const HEALTH_FAIL_OPEN_TOTAL: &str = "claw_health_fail_open_total";
+/// 1 while a backend is excluded for health on this proxy.
+pub(crate) const BACKEND_HEALTH_EXCLUDED: &str = "claw_backend_health_excluded";
 /// Time to the first streamed token, by model.
 pub(crate) const TIME_TO_FIRST_TOKEN_SECONDS: &str = "gen_ai_server_time_to_first_token_seconds";
 /// Time to answer a request, by model.
@@ -331,6 +356,11 @@ fn flag(on: bool) -> f64 {
 /// Sets [`COOLDOWNS_ACTIVE`].
 pub(crate) fn set_cooldowns_active(backends: usize) {
     metrics::gauge!(COOLDOWNS_ACTIVE).set(backends as f64);
+}
+
+/// A selection failed open for `model` ([`HEALTH_FAIL_OPEN_TOTAL`]).
+pub(crate) fn health_fail_open(model: &Arc<str>) {
+    metrics::counter!(HEALTH_FAIL_OPEN_TOTAL, "model" => model.to_string()).increment(1);
 }
 
 /// A request joined a wait queue ([`QUEUE_DEPTH`] + 1).

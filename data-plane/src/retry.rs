@@ -890,9 +890,6 @@ fn react(
             "connection failed after the request was sent",
         ),
     };
-    shared
-        .events
-        .signal(Signal::failure(&backend.id, kind, status, summary));
     if class == AttemptClass::Connect {
         // Nothing reached the backend: give its tokens back.
         rt.rpm.refund(1.0);
@@ -900,10 +897,17 @@ fn react(
             rt.tpm.refund(r.est_tokens);
         }
     }
-    if let Some(until) = rt.outlier.on_failure(&shared.outlier, now) {
+    let ejected = rt.outlier.on_failure(&shared.outlier, now).map(|until| {
+        let d = until.saturating_duration_since(now);
         let cause = error.and_then(std::error::Error::source);
-        tracing::warn!(request_id = %r.request_id, model = %r.route.model, backend = %backend.name, backend_id = %backend.id, ejected_ms = (until - now).as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
-    }
+        tracing::warn!(request_id = %r.request_id, model = %r.route.model, backend = %backend.name, backend_id = %backend.id, ejected_ms = d.as_millis() as u64, cause = cause.map(tracing::field::display), "ejecting failing backend");
+        d
+    });
+    // The report carries the ejection, so the control plane can eject the
+    // backend fleet-wide.
+    shared
+        .events
+        .signal(Signal::failure(&backend.id, kind, status, summary).with_ejection(ejected));
     Some(match class {
         AttemptClass::Timeout => ApiError::gateway_timeout(),
         _ => ApiError::bad_gateway(),
@@ -911,15 +915,18 @@ fn react(
 }
 
 /// An answer from `backend`: the end of its 429 run and of its failures.
+/// Either ending is reported (one `BackendSuccess`), so the control plane
+/// resets the fleet-wide counts too.
 fn answered(shared: &Shared, backend: &Backend, emergency: bool, now: Instant) {
     let rt = &backend.runtime;
-    if rt.cooldown.on_success() > 0 {
+    let after_429s = rt.cooldown.on_success() > 0;
+    let after_failures = rt.outlier.on_success(now);
+    if after_429s || after_failures {
         shared.events.signal(Signal::Recovered {
             backend_id: backend.id.clone(),
             at: SystemTime::now(),
         });
     }
-    rt.outlier.on_success(now);
     if emergency {
         tracing::info!(backend = %backend.name, "emergency admission while cooling");
     }
@@ -951,6 +958,7 @@ fn cool(
         retry_after,
         consecutive,
         cooldown: Some(cooldown),
+        ejected: None,
         summary: "rate limited (429)",
     }));
     ApiError::capacity_rate_limited(retry_after_secs(cooldown))
@@ -977,6 +985,7 @@ fn exhaust(
         retry_after,
         consecutive: backend.runtime.cooldown.consecutive(),
         cooldown: Some(cooldown),
+        ejected: None,
         summary: "quota exhausted (429)",
     }));
     ApiError::capacity_rate_limited(retry_after_secs(cooldown))
@@ -998,6 +1007,7 @@ fn auth_failed(shared: &Shared, backend: &Backend, status: u16, now: Instant) ->
         retry_after: None,
         consecutive: 0,
         cooldown: None,
+        ejected: None,
         summary: if status == 403 {
             "provider key rejected (403)"
         } else {
@@ -1043,6 +1053,7 @@ fn overloaded(
         retry_after,
         consecutive: 0,
         cooldown: Some(d),
+        ejected: None,
         summary: "upstream overloaded (529)",
     }));
     ApiError::no_capacity(retry_after_secs(d))
@@ -1382,6 +1393,50 @@ mod tests {
             span: tracing::Span::none(),
         };
         (r, cand)
+    }
+
+    /// Regression (issue 15): the ejection a failure caused did not reach
+    /// the control plane, and a success after a streak of 5xx/connect
+    /// failures sent no `BackendSuccess`, so the fleet-wide count never reset.
+    #[tokio::test(start_paused = true)]
+    async fn the_ejecting_failure_reports_its_ejection_and_the_next_success_ends_the_streak() {
+        let (r, cand) = routed(0, Endpoint::ChatCompletions, &[]);
+        let (events, mut streams) = crate::events::channel(64);
+        let shared = Shared {
+            cooldowns: Cooldowns::new(crate::snapshot::SnapshotStore::default()),
+            outlier: OutlierPolicy::default(),
+            events,
+        };
+        // A lone success: nothing to report.
+        assert!(react(&shared, &r, &cand, false, AttemptClass::Answer(200), None).is_none());
+        assert!(streams.signals.try_recv().is_err());
+        let mut ejected = Vec::new();
+        for class in [
+            AttemptClass::Connect,
+            AttemptClass::Timeout,
+            AttemptClass::ServerError(503),
+            AttemptClass::Failed,
+            AttemptClass::ServerError(500),
+        ] {
+            assert!(react(&shared, &r, &cand, false, class, None).is_some());
+            match streams.signals.try_recv() {
+                Ok(Signal::Failure(f)) => ejected.push(f.ejected),
+                other => panic!("not a failure: {other:?}"),
+            }
+        }
+        // The fifth ejects (30 s by default), and says so.
+        assert_eq!(
+            ejected,
+            [None, None, None, None, Some(Duration::from_secs(30))]
+        );
+        assert!(react(&shared, &r, &cand, false, AttemptClass::Answer(200), None).is_none());
+        assert!(matches!(
+            streams.signals.try_recv(),
+            Ok(Signal::Recovered { backend_id, .. }) if &*backend_id == "be_1"
+        ));
+        // Once per streak.
+        react(&shared, &r, &cand, false, AttemptClass::Answer(200), None);
+        assert!(streams.signals.try_recv().is_err());
     }
 
     #[tokio::test]

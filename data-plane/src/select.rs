@@ -2,7 +2,20 @@
 //! "Routing order") in one place.
 //!
 //! [`select`] picks the candidate for one attempt. Candidates are the
-//! enabled backends mapping the model that are neither cooling nor ejected.
+//! enabled backends mapping the model that are neither cooling nor excluded
+//! for health.
+//!
+//! Health ([`health_excluded`]): a backend the control plane marked
+//! unhealthy or ejected fleet-wide ([`crate::health`]), or that this proxy
+//! ejected as an outlier, is excluded — but at most `floor(n / 2)` of the
+//! model's `n` candidates (both pools together, like Envoy's panic threshold
+//! over priorities). When more are marked, the ones marked earliest (by
+//! since, then by id, the same on every proxy holding the same marks) stay
+//! out and the others are tried. And when nothing is left after the health
+//! and cooldown filters, the health filter is ignored (fail open,
+//! `claw_health_fail_open_total`): traffic still goes out. Cooldowns (429s,
+//! 529 holds, spent quotas, rejected keys) are not health: no cap, no fail
+//! open; they keep their own rules below.
 //! The backend holding the request's stored response ([`Preference::owner`])
 //! goes first: only it knows the response id. Then the primary pool before
 //! the fallback pool; within a pool:
@@ -30,6 +43,7 @@
 //! the model's queue ([`crate::queue`]) while every usable candidate is
 //! rate-limited, or stop with 429 (queue full or timed out) or 503.
 
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -39,7 +53,7 @@ use tokio::time::Instant;
 use crate::affinity::{hash64, mix64};
 use crate::error::{ApiError, retry_after_secs};
 use crate::queue::QueueExit;
-use crate::snapshot::{Candidate, Route};
+use crate::snapshot::{Backend, Candidate, Route, SnapshotStore};
 use crate::target::Routed;
 
 /// Candidates beyond this many per model are ignored (the width of a
@@ -77,8 +91,8 @@ impl CandidateSet {
     }
 
     /// Whether the set is empty.
-    #[cfg(test)]
-    fn is_empty(self) -> bool {
+    #[inline]
+    pub(crate) fn is_empty(self) -> bool {
         self.0 == 0
     }
 }
@@ -121,8 +135,10 @@ pub(crate) enum Stickiness {
 pub(crate) enum MoveReason {
     /// It is cooling down.
     Cooling,
-    /// It is ejected as an outlier.
+    /// It is ejected (here as an outlier, or fleet-wide).
     Ejected,
+    /// The control plane marked it unhealthy (failed probes).
+    Unhealthy,
     /// Its rate limiter refused.
     RateLimited,
     /// It is above the load bound ([`saturated`]).
@@ -151,6 +167,7 @@ impl Stickiness {
         Some(match r {
             MoveReason::Cooling => "cooling",
             MoveReason::Ejected => "ejected",
+            MoveReason::Unhealthy => "unhealthy",
             MoveReason::RateLimited => "rate_limited",
             MoveReason::Saturated => "saturated",
             MoveReason::Owner => "owner",
@@ -249,14 +266,108 @@ fn take_tokens(c: &Candidate, tokens: f64, now: Instant) -> Result<(), Duration>
     Ok(())
 }
 
+/// The candidates excluded for health at `now`: those marked (fleet-wide
+/// unhealthy or ejected, or ejected here), at most `floor(n / 2)` of the
+/// `n` candidates. When more are marked, the earliest marked (by since, then
+/// by id) stay excluded: a choice every proxy holding the same marks makes
+/// alike. Allocates nothing.
+pub(crate) fn health_excluded(cands: &[Candidate], now: Instant) -> CandidateSet {
+    let cands = &cands[..cands.len().min(MAX_CANDIDATES)];
+    let mut since: [Option<Instant>; MAX_CANDIDATES] = [None; MAX_CANDIDATES];
+    let mut marked = CandidateSet::default();
+    for (i, c) in cands.iter().enumerate() {
+        if let Some(at) = excluded_since(&c.backend, now) {
+            since[i] = Some(at);
+            marked.insert(i);
+        }
+    }
+    let cap = cands.len() / 2;
+    if marked.len() <= cap {
+        return marked;
+    }
+    let mut out = CandidateSet::default();
+    for _ in 0..cap {
+        let mut best: Option<usize> = None;
+        for i in 0..cands.len() {
+            if !marked.contains(i) || out.contains(i) {
+                continue;
+            }
+            if best.is_none_or(|b| {
+                (since[i], &*cands[i].backend.id) < (since[b], &*cands[b].backend.id)
+            }) {
+                best = Some(i);
+            }
+        }
+        if let Some(b) = best {
+            out.insert(b);
+        }
+    }
+    out
+}
+
+/// Since when candidate `c` is excluded for health at `now`, before the
+/// cap: the earlier of its fleet mark and its local ejection.
+fn excluded_since(c: &Backend, now: Instant) -> Option<Instant> {
+    let fleet = c.runtime.health.marked_since(now);
+    let local = c.runtime.outlier.ejection(now).map(|(since, _)| since);
+    match (fleet, local) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Appends `claw_backend_health_excluded`: per backend of the snapshot, 1
+/// while selection on this proxy keeps it out for health (marked, and not
+/// let back in by the cap) on some route, else 0.
+pub(crate) fn render_excluded(store: &SnapshotStore, out: &mut String) {
+    use crate::snapshot::Api;
+    let Some(s) = store.load() else {
+        return;
+    };
+    let now = Instant::now();
+    let mut excluded: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for model in s.models() {
+        for api in [Api::OpenAi, Api::Anthropic] {
+            for route in [s.route_for(model, api), s.translating_route_for(model, api)]
+                .into_iter()
+                .flatten()
+            {
+                let set = health_excluded(&route.candidates, now);
+                for (i, c) in route.candidates.iter().enumerate() {
+                    if set.contains(i) {
+                        excluded.insert(&c.backend.id);
+                    }
+                }
+            }
+        }
+    }
+    let name = crate::metrics::BACKEND_HEALTH_EXCLUDED;
+    let _ = write!(
+        out,
+        "# HELP {name} 1 while this proxy excludes the backend for health (fleet unhealthy or ejected, or ejected here), within the cap\n# TYPE {name} gauge\n"
+    );
+    for b in s.backends() {
+        let _ = writeln!(
+            out,
+            "{name}{{backend=\"{}\"}} {}",
+            crate::metrics::label_value(&b.id),
+            u8::from(excluded.contains(&*b.id))
+        );
+    }
+}
+
 /// What one call of [`select`] knows about the candidates, on the stack.
 struct View<'r> {
     cands: &'r [Candidate],
     now: Instant,
     /// Tried by this request already.
     tried: CandidateSet,
-    /// Cooling or ejected.
-    unhealthy: CandidateSet,
+    /// Cooling (429s, 529 holds, spent quotas, rejected keys).
+    cooling: CandidateSet,
+    /// Excluded for health (after the cap; empty when failing open).
+    health: CandidateSet,
+    /// The health filter was dropped: nothing else was left.
+    failed_open: bool,
     /// Refused by their rate limiter in this call.
     limited: CandidateSet,
     /// The session's scores, when it has an affinity key.
@@ -277,9 +388,11 @@ impl View<'_> {
         let c = &self.cands[first].backend.runtime;
         Stickiness::Moved(if self.tried.contains(first) {
             MoveReason::Retried
-        } else if self.unhealthy.contains(first) {
-            if c.cooldown.cooling_until(self.now).is_some() {
-                MoveReason::Cooling
+        } else if self.cooling.contains(first) {
+            MoveReason::Cooling
+        } else if self.health.contains(first) {
+            if c.health.unhealthy(self.now) && c.outlier.ejected_until(self.now).is_none() {
+                MoveReason::Unhealthy
             } else {
                 MoveReason::Ejected
             }
@@ -290,6 +403,19 @@ impl View<'_> {
             // pool: only the bound puts it behind another.
             MoveReason::Saturated
         })
+    }
+
+    /// Admits `i` (normally or by the emergency limiter), counting a
+    /// fail-open admission.
+    fn admit(&self, i: usize, emergency: bool, model: &std::sync::Arc<str>) -> Selection {
+        if self.failed_open {
+            crate::metrics::health_fail_open(model);
+        }
+        Selection::Admitted {
+            index: i,
+            emergency,
+            stickiness: self.stickiness(i),
+        }
     }
 }
 
@@ -313,7 +439,9 @@ pub(crate) fn select(
         cands,
         now,
         tried,
-        unhealthy: CandidateSet::default(),
+        cooling: CandidateSet::default(),
+        health: health_excluded(cands, now),
+        failed_open: false,
         limited: CandidateSet::default(),
         scores: None,
         first: None,
@@ -322,17 +450,15 @@ pub(crate) fn select(
     let mut soonest_cooling: Option<(usize, Instant)> = None;
     let mut loads = [PoolLoad::default(); 2];
     for (i, c) in cands.iter().enumerate() {
-        let cool = c.backend.runtime.cooldown.cooling_until(now);
-        let ejected = c.backend.runtime.outlier.ejected_until(now);
-        if let Some(until) = cool.max(ejected) {
-            view.unhealthy.insert(i);
+        if let Some(until) = c.backend.runtime.cooldown.cooling_until(now) {
+            view.cooling.insert(i);
             if tried.contains(i) {
                 continue;
             }
             soonest = Some(soonest.map_or(until, |s| s.min(until)));
             // A spent quota is not a transient cooldown: no emergency trickle.
-            if let (Some(c), None) = (cool, ejected)
-                && soonest_cooling.is_none_or(|(_, s)| c < s)
+            if !view.health.contains(i)
+                && soonest_cooling.is_none_or(|(_, s)| until < s)
                 && cands[i]
                     .backend
                     .runtime
@@ -340,8 +466,11 @@ pub(crate) fn select(
                     .quota_exhausted_until(now)
                     .is_none()
             {
-                soonest_cooling = Some((i, c));
+                soonest_cooling = Some((i, until));
             }
+        } else if view.health.contains(i) {
+            // Out for health: neither load nor recovery time (a fail open
+            // below takes it back when nothing else is left).
         } else if pref.affinity.is_some() {
             let load = &mut loads[usize::from(c.backend.pool == Pool::Fallback)];
             load.in_flight += u64::from(c.backend.runtime.in_flight.load(Ordering::Relaxed));
@@ -361,7 +490,17 @@ pub(crate) fn select(
         view.first = first[0].or(first[1]);
         view.scores = Some(scores);
     }
-    let mut checked = tried.union(view.unhealthy);
+    let usable = tried.union(view.cooling);
+    if !view.health.is_empty()
+        && usable.union(view.health).len() == n
+        && usable.union(view.health) != usable
+    {
+        // Fail open: every candidate left is out for health only.
+        tracing::debug!(model = %route.model, "every candidate left is excluded for health: failing open");
+        view.health = CandidateSet::default();
+        view.failed_open = true;
+    }
+    let mut checked = usable.union(view.health);
     let mut min_wait: Option<Duration> = None;
     if let Some(owner) = pref.owner
         && let Some(i) = cands.iter().position(|c| *c.backend.id == *owner)
@@ -375,6 +514,9 @@ pub(crate) fn select(
                     Some(_) => Stickiness::Kept,
                     None => Stickiness::NoKey,
                 };
+                if view.failed_open {
+                    crate::metrics::health_fail_open(&route.model);
+                }
                 return Selection::Admitted {
                     index: i,
                     emergency: false,
@@ -417,13 +559,7 @@ pub(crate) fn select(
             let Some((i, _)) = best else { break };
             checked.insert(i);
             match take_tokens(&cands[i], tokens, now) {
-                Ok(()) => {
-                    return Selection::Admitted {
-                        index: i,
-                        emergency: false,
-                        stickiness: view.stickiness(i),
-                    };
-                }
+                Ok(()) => return view.admit(i, false, &route.model),
                 Err(w) => {
                     view.limited.insert(i);
                     min_wait = Some(min_wait.map_or(w, |m| m.min(w)));
@@ -442,11 +578,7 @@ pub(crate) fn select(
             .try_acquire(1.0, now)
             .is_ok()
     {
-        return Selection::Admitted {
-            index: i,
-            emergency: true,
-            stickiness: view.stickiness(i),
-        };
+        return view.admit(i, true, &route.model);
     }
     Selection::Unavailable {
         retry_after: soonest.map_or(Duration::from_secs(1), |u| u - now),
@@ -1050,6 +1182,310 @@ mod tests {
         for i in 0..4 {
             let at = now + Duration::from_secs(i);
             assert_eq!(id(&r, select(&r, CandidateSet::default(), 1.0, at)), "b");
+        }
+    }
+}
+
+/// The health cap and fail open.
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+    use crate::health::{HealthMark, Verdict};
+    use crate::snapshot::{Snapshot, compile};
+    use crate::test_util::{backend, key};
+    use claw_proto::v1;
+    use std::sync::Arc;
+
+    fn route_of(backends: Vec<v1::SnapshotBackend>) -> (Snapshot, Arc<Route>) {
+        let s = v1::Snapshot {
+            version: 1,
+            backends,
+            client_keys: vec![key("ck", "s")],
+            ..Default::default()
+        };
+        let c = compile(1, &s, None, Instant::now()).unwrap();
+        let r = c.route("m").unwrap().clone();
+        (c, r)
+    }
+
+    /// Backends `ids`, the first half primary and the rest fallback (the
+    /// cap counts both pools together), with rates no test reaches.
+    fn fleet(ids: &[&str]) -> Vec<v1::SnapshotBackend> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let pool = if i < ids.len().div_ceil(2) {
+                    Pool::Primary
+                } else {
+                    Pool::Fallback
+                };
+                let mut b = backend(id, pool, &[("m", "m")]);
+                b.rpm = 1_000_000_000;
+                b
+            })
+            .collect()
+    }
+
+    fn cand<'r>(r: &'r Route, id: &str) -> &'r Candidate {
+        r.candidates
+            .iter()
+            .find(|c| &*c.backend.id == id)
+            .expect("backend in the route")
+    }
+
+    /// Marks `id` unhealthy fleet-wide since `since`.
+    fn unhealthy(r: &Route, id: &str, since: Instant) {
+        cand(r, id).backend.runtime.health.set(Some(HealthMark {
+            verdict: Verdict::Unhealthy,
+            since,
+            reason: "probe: connect: connection refused".into(),
+        }));
+    }
+
+    /// The ids excluded for health at `now`, sorted.
+    fn excluded(r: &Route, now: Instant) -> Vec<String> {
+        let set = health_excluded(&r.candidates, now);
+        let mut ids: Vec<String> = (0..r.candidates.len())
+            .filter(|i| set.contains(*i))
+            .map(|i| r.candidates[i].backend.id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every backend the route admits normally, by repeated selection
+    /// skipping the ones already admitted: up to an emergency admission or
+    /// a fail open (an admission of a backend excluded for health).
+    fn admitted(r: &Route, now: Instant) -> Vec<String> {
+        let health = health_excluded(&r.candidates, now);
+        let mut tried = CandidateSet::default();
+        let mut out = Vec::new();
+        while let Selection::Admitted {
+            index,
+            emergency: false,
+            ..
+        } = select(r, tried, 1.0, now, Preference::default())
+        {
+            if health.contains(index) {
+                break;
+            }
+            tried.insert(index);
+            out.push(r.candidates[index].backend.id.to_string());
+        }
+        out.sort();
+        out
+    }
+
+    /// The one selection after `tried`: (backend, emergency).
+    fn next(r: &Route, tried: &[&str], now: Instant) -> (String, bool) {
+        let mut set = CandidateSet::default();
+        for id in tried {
+            let i = r.candidates.iter().position(|c| &*c.backend.id == *id);
+            set.insert(i.expect("backend in the route"));
+        }
+        match select(r, set, 1.0, now, Preference::default()) {
+            Selection::Admitted {
+                index, emergency, ..
+            } => (r.candidates[index].backend.id.to_string(), emergency),
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_half_of_a_models_candidates_are_excluded_for_health() {
+        let all = ["a", "b", "c", "d", "e"];
+        for n in 1..=5 {
+            let ids = &all[..n];
+            for marked in [n, n / 2, 1] {
+                let (_s, r) = route_of(fleet(ids));
+                let t0 = Instant::now();
+                // Marked in order a, b, c…, a second apart: a earliest.
+                for (k, id) in ids[..marked].iter().enumerate() {
+                    unhealthy(&r, id, t0 + Duration::from_secs(k as u64));
+                }
+                let now = t0 + Duration::from_secs(10);
+                let kept_out = marked.min(n / 2);
+                let want: Vec<String> = ids[..kept_out].iter().map(|s| s.to_string()).collect();
+                assert_eq!(excluded(&r, now), want, "n={n}, {marked} marked");
+                let want_in: Vec<String> = ids[kept_out..].iter().map(|s| s.to_string()).collect();
+                assert_eq!(admitted(&r, now), want_in, "n={n}, {marked} marked");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_keeps_the_earliest_marked_out_then_the_lowest_ids_on_every_proxy() {
+        // Two proxies: candidates in another order, the same marks.
+        let (_s1, r1) = route_of(fleet(&["a", "b", "c", "d"]));
+        let (_s2, r2) = route_of(fleet(&["d", "c", "b", "a"]));
+        let t0 = Instant::now();
+        for r in [&r1, &r2] {
+            // c marked first, then b and d together (one message), then a.
+            unhealthy(r, "c", t0);
+            unhealthy(r, "d", t0 + Duration::from_secs(1));
+            unhealthy(r, "b", t0 + Duration::from_secs(1));
+            unhealthy(r, "a", t0 + Duration::from_secs(2));
+        }
+        let now = t0 + Duration::from_secs(3);
+        assert_eq!(excluded(&r1, now), ["b", "c"]);
+        assert_eq!(excluded(&r2, now), ["b", "c"]);
+        // The choice is the marks', not the moment's.
+        assert_eq!(excluded(&r1, now + Duration::from_secs(60)), ["b", "c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_and_fleet_ejections_count_as_health_and_end_on_time() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        let t0 = Instant::now();
+        let p = crate::outlier::OutlierPolicy::default();
+        for _ in 0..5 {
+            cand(&r, "a").backend.runtime.outlier.on_failure(&p, t0);
+        }
+        cand(&r, "b").backend.runtime.health.set(Some(HealthMark {
+            verdict: Verdict::Ejected {
+                until: t0 + Duration::from_secs(10),
+            },
+            since: t0 + Duration::from_secs(1),
+            reason: "ejected by proxy-a".into(),
+        }));
+        unhealthy(&r, "c", t0 + Duration::from_secs(2));
+        let now = t0 + Duration::from_secs(3);
+        // Three marked of four: a (earliest) and b stay out, c is tried.
+        assert_eq!(excluded(&r, now), ["a", "b"]);
+        assert_eq!(admitted(&r, now), ["c", "d"]);
+        // b's ejection ends: now a and c.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(excluded(&r, later), ["a", "c"]);
+        // a's (30 s) too: c alone.
+        assert_eq!(excluded(&r, t0 + Duration::from_secs(30)), ["c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_only_health_excluded_candidates_are_left_selection_fails_open() {
+        // a cooling after a 429, b unhealthy (one of two may be excluded).
+        let (_s, r) = route_of(fleet(&["a", "b"]));
+        let now = Instant::now();
+        unhealthy(&r, "b", now);
+        cand(&r, "a")
+            .backend
+            .runtime
+            .cooldown
+            .apply(now + Duration::from_secs(30), 1);
+        assert_eq!(excluded(&r, now), ["b"]);
+        assert_eq!(
+            next(&r, &[], now),
+            ("b".into(), false),
+            "traffic still goes out, before any emergency admission of a"
+        );
+        // Likewise once the healthy ones were tried (a retry).
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        unhealthy(&r, "c", now);
+        unhealthy(&r, "d", now);
+        assert_eq!(admitted(&r, now), ["a", "b"]);
+        let (third, _) = next(&r, &["a", "b"], now);
+        assert!(third == "c" || third == "d", "{third}");
+        // A lone unhealthy backend: the cap (0 of 1) lets it serve.
+        let (_s, r) = route_of(fleet(&["a"]));
+        unhealthy(&r, "a", now);
+        assert_eq!(excluded(&r, now), Vec::<String>::new());
+        assert_eq!(admitted(&r, now), ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_first_choice_is_unhealthy_moves_with_that_reason() {
+        let (_s, r) = route_of(fleet(&["a", "b", "c"]));
+        let now = Instant::now();
+        let pref = |h| Preference {
+            owner: None,
+            affinity: Some(h),
+        };
+        // A session whose first choice is a primary (a or b).
+        let (h, first) = (0..100u64)
+            .map(|k| crate::affinity::hash64(format!("s{k}").as_bytes()))
+            .find_map(
+                |h| match select(&r, CandidateSet::default(), 1.0, now, pref(h)) {
+                    Selection::Admitted { index, .. } => Some((h, index)),
+                    _ => None,
+                },
+            )
+            .expect("a session");
+        let id = r.candidates[first].backend.id.to_string();
+        unhealthy(&r, &id, now);
+        match select(&r, CandidateSet::default(), 1.0, now, pref(h)) {
+            Selection::Admitted {
+                index, stickiness, ..
+            } => {
+                assert_ne!(index, first);
+                assert_eq!(stickiness, Stickiness::Moved(MoveReason::Unhealthy));
+            }
+            other => panic!("not admitted: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldowns_are_not_capped_and_do_not_fail_open() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(30);
+        // Three of four cooling after 429s: only d serves (no cap).
+        let (_s, r) = route_of(fleet(&["a", "b", "c", "d"]));
+        for id in ["a", "b", "c"] {
+            cand(&r, id).backend.runtime.cooldown.apply(until, 1);
+        }
+        assert_eq!(admitted(&r, now), ["d"]);
+        // Every one spent (quota) or rejected (auth): nothing goes out,
+        // even with health marks on top.
+        let (_s, r) = route_of(fleet(&["a", "b"]));
+        cand(&r, "a").backend.runtime.cooldown.exhaust(until);
+        cand(&r, "b").backend.runtime.cooldown.fail_auth(401, now);
+        unhealthy(&r, "b", now);
+        assert!(matches!(
+            select(&r, CandidateSet::default(), 1.0, now, Preference::default()),
+            Selection::Unavailable { .. }
+        ));
+        // A cooling backend is not let back in by the cap, and counts as
+        // marked only for health: b (unhealthy) stays out, c serves.
+        let (_s, r) = route_of(fleet(&["a", "b", "c"]));
+        cand(&r, "a").backend.runtime.cooldown.apply(until, 1);
+        unhealthy(&r, "b", now);
+        assert_eq!(excluded(&r, now), ["b"]);
+        assert_eq!(admitted(&r, now), ["c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_excluded_gauge_follows_the_cap() {
+        use crate::test_util::{backend, key};
+        use claw_proto::{Pool, v1};
+        let store = crate::snapshot::SnapshotStore::default();
+        let snap = v1::Snapshot {
+            version: 1,
+            backends: ["a", "b", "c"]
+                .iter()
+                .map(|id| backend(id, Pool::Primary, &[("m", "m")]))
+                .collect(),
+            client_keys: vec![key("ck", "s")],
+            ..Default::default()
+        };
+        store.apply(1, &snap).unwrap();
+        let now = Instant::now();
+        let s = store.load().unwrap();
+        for (k, id) in ["b", "a"].iter().enumerate() {
+            s.backend(id).unwrap().runtime.health.set(Some(HealthMark {
+                verdict: Verdict::Unhealthy,
+                since: now + Duration::from_secs(k as u64),
+                reason: String::new(),
+            }));
+        }
+        let mut out = String::new();
+        super::render_excluded(&store, &mut out);
+        // One of three may be out: b, marked first.
+        assert!(
+            out.starts_with("# HELP claw_backend_health_excluded "),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE claw_backend_health_excluded gauge\n"));
+        for (id, v) in [("a", 0), ("b", 1), ("c", 0)] {
+            let line = format!("claw_backend_health_excluded{{backend=\"{id}\"}} {v}\n");
+            assert!(out.contains(&line), "{line} in {out}");
         }
     }
 }

@@ -40,6 +40,7 @@ pub(crate) use compile::compile;
 use compile::compile_any_version;
 
 use crate::cooldown::state::{Cooldown, CooldownPolicy};
+use crate::health::Health;
 use crate::metrics::CandidateMetrics;
 use crate::outlier::Outlier;
 use crate::queue::WaitQueue;
@@ -179,6 +180,8 @@ pub struct BackendRuntime {
     pub cooldown: Cooldown,
     /// Passive outlier detection.
     pub outlier: Outlier,
+    /// The fleet-wide health mark (pushed by the control plane).
+    pub health: Health,
     /// Demand since the last report batch.
     pub demand: Demand,
 }
@@ -192,6 +195,7 @@ impl BackendRuntime {
             emergency: RateLimiter::backend(emergency, now),
             cooldown: Cooldown::default(),
             outlier: Outlier::default(),
+            health: Health::default(),
             demand: Demand::default(),
         }
     }

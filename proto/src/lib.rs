@@ -8,6 +8,7 @@
 //!   trailer): the writer and the verifying reader.
 //! - [`active_hours`]: the `HH:MM-HH:MM` active window of an agent.
 //! - [`cooldown`]: the one cooldown backoff formula both planes apply.
+//! - [`probe_settings`]: a backend's health probe settings: defaults, bounds.
 //! - [`redact`]: masking of provider keys and the hand-written `Debug` of every
 //!   message that carries a secret.
 //! - [`serde_fmt`]: how enums and timestamps look in `-o json|yaml`.
@@ -18,6 +19,7 @@
 pub mod active_hours;
 pub mod backup;
 pub mod cooldown;
+pub mod probe_settings;
 pub mod redact;
 pub mod serde_fmt;
 pub mod validate;

@@ -19,6 +19,21 @@ pub(super) fn document(root: &Value) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Renders one entry or a list of entries (what `get|list -o yaml` print)
+/// in the same layout as a whole document.
+pub(super) fn entries(root: &Value) -> anyhow::Result<String> {
+    let mut out = String::new();
+    match root {
+        Value::Mapping(m) if !m.is_empty() => mapping(&mut out, m, 0)?,
+        Value::Sequence(s) if !s.is_empty() => sequence(&mut out, s, 0)?,
+        other => {
+            out.push_str(&scalar(other, 0)?);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 fn pad(out: &mut String, indent: usize) {
     out.extend(std::iter::repeat_n(' ', indent));
 }
@@ -195,6 +210,20 @@ client_keys:
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn entries_render_like_the_document_sections() {
+        let text = "\
+- name: b1
+  input_cost_per_token: 0.0000025
+  probe:
+    interval: 30s
+- name: b2
+";
+        let v: Value = serde_norway::from_str(text).expect("valid YAML");
+        assert_eq!(entries(&v).expect("renderable"), text);
+        assert_eq!(entries(&Value::Sequence(vec![])).expect("empty"), "[]\n");
     }
 
     #[test]

@@ -399,3 +399,34 @@ fn an_unknown_api_is_rejected_naming_the_choices() {
         "{message}"
     );
 }
+
+#[test]
+fn wake_targets_and_fallback_models_round_trip_and_defaults_stay_out() {
+    let mut cfg = exported_config();
+    let yaml = to_yaml(&from_config(&cfg).document).expect("serializable");
+    for absent in ["target:", "wake_url:", "fallback_model:"] {
+        assert!(
+            !yaml.contains(absent),
+            "{absent} is omitted by default:\n{yaml}"
+        );
+    }
+    let a = &mut cfg.agents[0];
+    a.target = claw_proto::v1::HeartbeatTarget::Wake as i32;
+    a.wake_url = "https://openclaw.example/hooks/wake".into();
+    a.fallback_model = "llama3".into();
+    let exported = from_config(&cfg);
+    let yaml = to_yaml(&exported.document).expect("serializable");
+    for expected in [
+        "    target: wake\n",
+        "    wake_url: https://openclaw.example/hooks/wake\n",
+        "    fallback_model: llama3\n",
+    ] {
+        assert!(yaml.contains(expected), "{expected:?} in:\n{yaml}");
+    }
+    let parsed = parse(&yaml).expect("own output parses");
+    let desired = to_config(&parsed, Path::new("/work")).expect("valid");
+    assert_eq!(desired.config, without_output_fields(cfg));
+    let bad = yaml.replace("target: wake", "target: cron");
+    let err = to_config(&parse(&bad).expect("parses"), Path::new("/work")).expect_err("bad target");
+    assert!(err.to_string().contains("target"), "{err}");
+}

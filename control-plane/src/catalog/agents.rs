@@ -1,7 +1,7 @@
 //! Agents: caller-chosen unique ids, a display name (not unique) and the
 //! heartbeat schedule.
 
-use claw_proto::v1::{Agent, UpdateAgentRequest};
+use claw_proto::v1::{Agent, HeartbeatTarget, UpdateAgentRequest};
 use claw_proto::validate::{self, FieldError};
 
 use super::records::{self, AgentRecord, FieldDiff, SealedRecord};
@@ -73,7 +73,19 @@ pub(super) fn diff(old: &Agent, new: &Agent) -> FieldDiff {
         &old.webhook_secret_ref,
         &new.webhook_secret_ref,
     );
+    d.check("target", &target_name(old.target), &target_name(new.target));
+    d.check("wake_url", &old.wake_url, &new.wake_url);
+    d.check("fallback_model", &old.fallback_model, &new.fallback_model);
     d
+}
+
+/// `llm` or `wake`, for audit diffs (unspecified reads as `llm`).
+fn target_name(t: i32) -> &'static str {
+    if t == HeartbeatTarget::Wake as i32 {
+        "wake"
+    } else {
+        "llm"
+    }
 }
 
 /// The audit record of a new agent: its set fields, a webhook secret as a
@@ -136,7 +148,62 @@ pub(super) const SECRET_MASK: &str = "…";
 /// Normalizes and validates an agent.
 pub(super) fn check(a: &mut Agent) -> Result<()> {
     validate::normalize_agent(a);
-    validate::validate_agent(a).map_err(CatalogError::invalid)
+    validate::validate_agent(a).map_err(CatalogError::invalid)?;
+    check_target(a).map_err(CatalogError::invalid)
+}
+
+/// Normalizes and validates the heartbeat target fields: `target`
+/// (unspecified = LLM, stored as unspecified so exports omit it),
+/// `wake_url` (required iff the target is wake; an http(s) URL validated
+/// like `webhook_url`) and `fallback_model` (optional, a model name other
+/// than `model`).
+fn check_target(a: &mut Agent) -> std::result::Result<(), FieldError> {
+    a.wake_url = a.wake_url.trim().to_string();
+    a.fallback_model = a.fallback_model.trim().to_string();
+    let target = HeartbeatTarget::try_from(a.target)
+        .map_err(|_| FieldError::new("target", format!("unknown heartbeat target {}", a.target)))?;
+    match target {
+        HeartbeatTarget::Unspecified | HeartbeatTarget::Llm => {
+            a.target = HeartbeatTarget::Unspecified as i32;
+            if !a.wake_url.is_empty() {
+                return Err(FieldError::new(
+                    "wake_url",
+                    "is only for target wake (set target to wake, or leave wake_url empty)",
+                ));
+            }
+        }
+        HeartbeatTarget::Wake => {
+            if a.wake_url.is_empty() {
+                return Err(FieldError::new(
+                    "wake_url",
+                    "is required for target wake (the agent runtime's endpoint)",
+                ));
+            }
+            validate::http_url("wake_url", &a.wake_url)?;
+        }
+    }
+    if !a.fallback_model.is_empty() {
+        if a.fallback_model.len() > 256
+            || a.fallback_model
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(FieldError::new(
+                "fallback_model",
+                format!(
+                    "{:?} must be a canonical model name (no whitespace, at most 256 bytes)",
+                    a.fallback_model
+                ),
+            ));
+        }
+        if a.fallback_model == a.model {
+            return Err(FieldError::new(
+                "fallback_model",
+                format!("must differ from model {:?}", a.model),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Catalog {
@@ -433,6 +500,15 @@ fn patch(mut a: Agent, req: &UpdateAgentRequest) -> Agent {
         a.busy_defer_max_seconds = v;
     }
     set(&mut a.webhook_secret_ref, &req.webhook_secret_ref);
+    if req.target != HeartbeatTarget::Unspecified as i32 {
+        a.target = req.target;
+        // Back to LLM without a new wake_url: the old one goes with the target.
+        if req.target != HeartbeatTarget::Wake as i32 && req.wake_url.is_none() {
+            a.wake_url.clear();
+        }
+    }
+    set(&mut a.wake_url, &req.wake_url);
+    set(&mut a.fallback_model, &req.fallback_model);
     a
 }
 
@@ -470,8 +546,16 @@ mod tests {
     async fn invalid_agents_name_the_field_and_store_nothing() {
         let (_dir, c) = catalog().await;
         type Case = (&'static str, fn(&mut Agent));
-        let cases: [Case; 4] = [
+        let cases: [Case; 9] = [
             ("timezone", |a| a.timezone = "Mars/Olympus".into()),
+            ("wake_url", |a| a.target = HeartbeatTarget::Wake as i32),
+            ("wake_url", |a| {
+                a.target = HeartbeatTarget::Wake as i32;
+                a.wake_url = "ftp://runtime/hooks".into();
+            }),
+            ("wake_url", |a| a.wake_url = "http://runtime/hooks".into()),
+            ("fallback_model", |a| a.fallback_model = "gpt-4o".into()),
+            ("target", |a| a.target = 99),
             ("active_hours", |a| a.active_hours = "09:00-09:00".into()),
             ("active_hours", |a| a.active_hours = "25:00-26:00".into()),
             ("webhook_url", |a| a.webhook_url = "not a url".into()),
@@ -486,6 +570,50 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
         }
         assert_eq!(c.agent_count().expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn wake_targets_store_their_url_and_going_back_to_llm_drops_it() {
+        let (_dir, c) = catalog().await;
+        let mut a = agent("a1");
+        a.target = HeartbeatTarget::Wake as i32;
+        a.wake_url = " https://runtime.example/hooks/wake ".into();
+        a.fallback_model = "gpt-4o-mini".into();
+        let (created, _) = c.create_agent(&Actor::system(), a).await.expect("create");
+        assert_eq!(created.target, HeartbeatTarget::Wake as i32);
+        assert_eq!(created.wake_url, "https://runtime.example/hooks/wake");
+        assert_eq!(created.fallback_model, "gpt-4o-mini");
+        let (back, _) = c
+            .update_agent(
+                &Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    target: HeartbeatTarget::Llm as i32,
+                    fallback_model: Some(String::new()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("back to llm");
+        assert_eq!(back.target, HeartbeatTarget::Unspecified as i32);
+        assert_eq!(
+            (back.wake_url.as_str(), back.fallback_model.as_str()),
+            ("", "")
+        );
+        // An invalid update stores nothing.
+        let err = c
+            .update_agent(
+                &Actor::system(),
+                UpdateAgentRequest {
+                    agent: "a1".into(),
+                    target: HeartbeatTarget::Wake as i32,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect_err("wake without url");
+        assert!(err.to_string().starts_with("wake_url: "), "{err}");
+        assert_eq!(c.get_agent("a1").expect("get").target, 0);
     }
 
     #[tokio::test]

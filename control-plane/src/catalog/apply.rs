@@ -470,7 +470,7 @@ mod tests {
     use super::super::testing::*;
     use super::*;
     use claw_proto::Pool;
-    use claw_proto::v1::ModelMapping;
+    use claw_proto::v1::{self, ModelMapping};
 
     fn backend(name: &str, key: &str) -> Backend {
         Backend {
@@ -667,5 +667,63 @@ mod tests {
         assert_eq!(c.client_key_count().expect("count"), 0);
         let b2 = c.get_backend("b2").expect("b2");
         assert_eq!(b2.api_key, "sk-two…-999");
+    }
+
+    #[tokio::test]
+    async fn probe_settings_apply_validate_and_show_in_a_dry_run() {
+        let (_dir, c) = catalog().await;
+        c.apply(&Actor::system(), apply(config()))
+            .await
+            .expect("apply");
+        let mut cfg = config();
+        cfg.backends[0].api_key.clear();
+        cfg.backends[1].api_key.clear();
+        cfg.backends[0].probe = Some(v1::ProbeSettings {
+            interval_ms: 30_000,
+            ..Default::default()
+        });
+        let v = c.config_version();
+        let dry = c
+            .apply(
+                &Actor::system(),
+                ApplyRequest {
+                    config: cfg.clone(),
+                    dry_run: true,
+                    prune: false,
+                },
+            )
+            .await
+            .expect("dry run");
+        assert_eq!(dry.config_version, v);
+        let b1 = dry.changes.iter().find(|c| c.name == "b1").expect("b1");
+        assert_eq!(b1.fields, ["probe"]);
+        c.apply(&Actor::system(), apply(cfg.clone()))
+            .await
+            .expect("apply");
+        assert_eq!(
+            c.get_backend("b1")
+                .expect("b1")
+                .probe
+                .map(|p| p.interval_ms),
+            Some(30_000)
+        );
+        // Default settings in the document equal absent ones: unchanged.
+        let mut same = cfg.clone();
+        same.backends[1].probe = Some(v1::ProbeSettings::default());
+        let again = c.apply(&Actor::system(), apply(same)).await.expect("again");
+        assert!(actions(&again).iter().all(|(_, _, a)| *a == "unchanged"));
+
+        cfg.backends[1].probe = Some(v1::ProbeSettings {
+            failures: 1000,
+            ..Default::default()
+        });
+        let err = c
+            .apply(&Actor::system(), apply(cfg))
+            .await
+            .expect_err("out of range");
+        assert_eq!(
+            err.to_string().split(':').next(),
+            Some("backends[1].probe.failures")
+        );
     }
 }

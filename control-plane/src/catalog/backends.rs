@@ -5,6 +5,7 @@
 //! stored as `openai` ([`normalize`]), so the snapshot, `export` and the
 //! heartbeat never have to guess what "unspecified" meant when it was written.
 
+use claw_proto::probe_settings;
 use claw_proto::redact::mask_key;
 use claw_proto::v1::{self, Backend, UpdateBackendRequest};
 use claw_proto::validate::{self, BACKEND_ID_PREFIX};
@@ -21,6 +22,7 @@ pub(super) fn storable_spec(mut b: Backend) -> Backend {
     b.api_key.clear();
     b.status.clear();
     b.quota_exhausted_until = None;
+    b.health = None;
     b.created_at = None;
     b.updated_at = None;
     b
@@ -29,7 +31,8 @@ pub(super) fn storable_spec(mut b: Backend) -> Backend {
 /// Normalizes a backend the way every write path must (defaults, trimmed
 /// names, `api` unspecified → openai) and validates it, including what
 /// [`validate::validate_backend`] does not know yet: the protocol and the
-/// 1-hour cache write price.
+/// 1-hour cache write price, and the probe settings (all default = absent,
+/// so an old record without them and one with default ones are the same).
 pub(super) fn normalize_and_validate(
     b: &mut Backend,
     require_key: bool,
@@ -39,6 +42,10 @@ pub(super) fn normalize_and_validate(
         b.api = v1::Api::Openai as i32;
     }
     validate::validate_backend(b, require_key)?;
+    probe_settings::normalize(&mut b.probe);
+    if let Some(p) = &b.probe {
+        probe_settings::validate(p)?;
+    }
     match v1::Api::try_from(b.api) {
         Ok(v1::Api::Openai | v1::Api::Anthropic) => {}
         _ => {
@@ -87,6 +94,7 @@ pub(super) fn diff(old: &Backend, new: &Backend) -> FieldDiff {
     d.check("enabled", &old.enabled, &new.enabled);
     d.check("native_only", &old.native_only, &new.native_only);
     d.check("models", &old.models, &new.models);
+    d.check("probe", &old.probe, &new.probe);
     d
 }
 
@@ -394,6 +402,10 @@ fn patch(mut b: Backend, req: &UpdateBackendRequest) -> Backend {
     }
     if let Some(v) = req.native_only {
         b.native_only = v;
+    }
+    // Replaces the settings whole; all default is normalized to absent.
+    if let Some(v) = &req.probe {
+        b.probe = Some(*v);
     }
     if req.replace_models {
         b.models = req.models.clone();
@@ -785,6 +797,144 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn probe_settings_are_stored_validated_replaced_and_audited() {
+        let (_dir, c) = catalog().await;
+        // Absent (as in records written before probes) reads as the defaults.
+        let (plain, _) = c
+            .create_backend(&Actor::system(), backend("plain"))
+            .await
+            .expect("create");
+        assert_eq!(plain.probe, None);
+        // All-default settings are the same state: no write.
+        let v = c.config_version();
+        let (_, v2) = c
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "plain".into(),
+                    probe: Some(v1::ProbeSettings::default()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("noop");
+        assert_eq!(v2, v, "all default = absent: nothing written");
+
+        let mut b = backend("b1");
+        b.probe = Some(v1::ProbeSettings {
+            interval_ms: 30_000,
+            timeout_ms: 5_000,
+            failures: 3,
+            disabled: false,
+        });
+        b.health = Some(v1::BackendHealth {
+            reason: "output only".into(),
+            ..Default::default()
+        });
+        let (b, _) = c.create_backend(&Actor::system(), b).await.expect("create");
+        assert_eq!(b.probe.map(|p| p.interval_ms), Some(30_000));
+        let stored = c.load_backend("b1").expect("record").spec.expect("spec");
+        assert_eq!(stored.probe.map(|p| p.timeout_ms), Some(5_000));
+        assert_eq!(stored.health, None, "health is never stored");
+
+        // Out of range → the field, nothing stored.
+        let v = c.config_version();
+        for (probe, field) in [
+            (
+                v1::ProbeSettings {
+                    interval_ms: 500,
+                    ..Default::default()
+                },
+                "probe.interval_ms",
+            ),
+            (
+                v1::ProbeSettings {
+                    timeout_ms: 50,
+                    ..Default::default()
+                },
+                "probe.timeout_ms",
+            ),
+            (
+                v1::ProbeSettings {
+                    interval_ms: 5_000,
+                    timeout_ms: 5_000,
+                    ..Default::default()
+                },
+                "probe.timeout_ms",
+            ),
+            (
+                v1::ProbeSettings {
+                    failures: 101,
+                    ..Default::default()
+                },
+                "probe.failures",
+            ),
+        ] {
+            let err = c
+                .update_backend(
+                    &Actor::system(),
+                    UpdateBackendRequest {
+                        backend: "b1".into(),
+                        probe: Some(probe),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect_err("out of range");
+            assert_eq!(field_of(&err), Some(field), "{err}");
+            let mut bad = backend("bad");
+            bad.probe = Some(probe);
+            let err = c
+                .create_backend(&Actor::system(), bad)
+                .await
+                .expect_err("out of range");
+            assert_eq!(field_of(&err), Some(field), "{err}");
+        }
+        assert_eq!(c.config_version(), v, "nothing stored on error");
+        assert!(c.get_backend("bad").is_err());
+
+        // Set replaces whole; unset leaves it.
+        let disabled = v1::ProbeSettings {
+            disabled: true,
+            ..Default::default()
+        };
+        let (u, v3) = c
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    probe: Some(disabled),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("replace");
+        assert_eq!(u.probe, Some(disabled));
+        assert!(v3 > v);
+        let (u, v4) = c
+            .update_backend(
+                &Actor::system(),
+                UpdateBackendRequest {
+                    backend: "b1".into(),
+                    rpm: Some(60),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("noop");
+        assert_eq!((u.probe, v4), (Some(disabled), v3));
+
+        // The audit diff names the field with old and new values.
+        let changes = diff(&plain, &u).into_changes();
+        let probe = changes
+            .iter()
+            .find(|c| c.field == "probe")
+            .expect("probe in the diff");
+        assert_eq!(probe.old_value, "");
+        assert!(probe.new_value.contains("\"disabled\":true"), "{probe:?}");
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@
 //!   only `anthropic` backends serve it).
 //! * [`delivery`] — the webhook outbox: signed, retried with full jitter,
 //!   dead-lettered, at least once.
+//! * [`wake`] — wake mode: the signed wake request to an agent's own
+//!   runtime and the per-run callback that reports the result.
 //! * [`metrics`] — the `claw_heartbeat_*` metrics.
 //! * [`runtime`] — starts it all inside the server (internal client key,
 //!   settings).
@@ -34,3 +36,4 @@ pub mod runs;
 pub mod runtime;
 pub mod scheduler;
 pub mod slots;
+pub mod wake;

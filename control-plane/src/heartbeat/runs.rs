@@ -110,6 +110,14 @@ pub struct RunRecord {
     /// While running: when the run times out (unix ms).
     #[prost(int64, tag = "4")]
     pub deadline_ms: i64,
+    /// Wake runs: SHA-256 of the run's callback token (the token itself is
+    /// only ever in the wake request).
+    #[prost(bytes = "vec", tag = "5")]
+    pub callback_token_hash: Vec<u8>,
+    /// Wake runs: SHA-256 of the accepted callback body (a repeat of the
+    /// same body is answered 200, another one 409).
+    #[prost(bytes = "vec", tag = "6")]
+    pub callback_body_hash: Vec<u8>,
 }
 
 impl RunRecord {
@@ -125,14 +133,21 @@ impl RunRecord {
 /// Whether a status is final for the run log (delivery may still be
 /// pending for `delivering`, which the outbox owns).
 pub fn is_open(status: RunStatus) -> bool {
-    matches!(status, RunStatus::Running | RunStatus::Deferred)
+    matches!(
+        status,
+        RunStatus::Running | RunStatus::Deferred | RunStatus::Dispatched
+    )
 }
 
 /// Whether a status is terminal: nothing will change it any more.
 pub fn is_terminal(status: RunStatus) -> bool {
     !matches!(
         status,
-        RunStatus::Running | RunStatus::Deferred | RunStatus::Delivering | RunStatus::Unspecified
+        RunStatus::Running
+            | RunStatus::Deferred
+            | RunStatus::Delivering
+            | RunStatus::Dispatched
+            | RunStatus::Unspecified
     )
 }
 

@@ -135,7 +135,7 @@ pub fn start(
 pub fn start_with(
     catalog: Arc<Catalog>,
     runs: RunStore,
-    settings: HeartbeatSettings,
+    mut settings: HeartbeatSettings,
     dispatcher: Arc<dyn Dispatcher>,
     webhook: Arc<dyn Webhook>,
     stop: Shutdown,
@@ -145,6 +145,13 @@ pub fn start_with(
     let capacity = Arc::new(Capacity::new());
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    // Wake requests are signed like webhook deliveries and sent by the same client.
+    let wake = &mut settings.scheduler.wake;
+    wake.poster.get_or_insert_with(|| webhook.clone());
+    wake.secrets
+        .get_or_insert_with(|| Arc::new(CatalogSecrets(catalog.clone())));
+    wake.global_secret
+        .clone_from(&settings.delivery.global_secret);
     let (scheduler, handle) = Scheduler::new(
         Deps {
             catalog: catalog.clone(),

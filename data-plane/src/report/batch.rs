@@ -222,7 +222,7 @@ impl Collector {
                         | FailureKind::Overloaded
                         | FailureKind::QuotaExhausted
                         | FailureKind::AuthFailed
-                );
+                ) || f.ejected.is_some(); // so are ejections
                 self.pending.failures.push(failure(f));
             }
             Signal::Recovered { backend_id, at } => self.pending.successes.push(BackendSuccess {
@@ -379,7 +379,7 @@ fn failure(f: Failure) -> UpstreamFailure {
         status: f.status.map_or(0, u32::from),
         retry_after_ms: f.retry_after.map_or(0, millis),
         consecutive: f.consecutive,
-        ejected_ms: 0,
+        ejected_ms: f.ejected.map_or(0, millis),
         cooldown_ms: f.cooldown.map_or(0, millis),
         summary: f.summary.to_string(),
     }
@@ -464,6 +464,7 @@ mod tests {
             retry_after: Some(Duration::from_secs(2)),
             consecutive: 2,
             cooldown: Some(Duration::from_secs(2)),
+            ejected: None,
             summary: "rate limited",
         }));
         assert!(c.due(), "a 429 is sent at once");
@@ -782,6 +783,7 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7200)),
                 consecutive: 1,
                 cooldown: Some(Duration::from_secs(7200)),
+                ejected: None,
                 summary: "out",
             }));
             assert!(c.due(), "{kind:?} is sent at once");
@@ -790,5 +792,36 @@ mod tests {
             assert_eq!(m.failures[0].kind, wire as i32);
             assert_eq!(m.failures[0].retry_after_ms, 7_200_000);
         }
+    }
+
+    #[test]
+    fn an_ejecting_failure_goes_out_at_once_with_its_ejection() {
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        let b: Arc<str> = Arc::from("b");
+        c.signal(Signal::failure(
+            &b,
+            FailureKind::Connect,
+            None,
+            "connect error",
+        ));
+        assert!(!c.due(), "a plain connect failure waits for the batch");
+        c.signal(
+            Signal::failure(
+                &b,
+                FailureKind::ServerError,
+                Some(503),
+                "upstream server error",
+            )
+            .with_ejection(Some(Duration::from_secs(30))),
+        );
+        assert!(c.due(), "an ejection is sent at once");
+        assert!(c.cut());
+        let m = c.buffer().next_to_send().unwrap();
+        let ejected: Vec<u64> = m.failures.iter().map(|f| f.ejected_ms).collect();
+        assert_eq!(ejected, [0, 30_000]);
     }
 }

@@ -71,7 +71,10 @@ impl Scheduler {
         if self.deps.activity.is_busy(id, ts(now), window) {
             return Decision::Defer("busy");
         }
-        if self.deps.capacity.is_model_cooling(&agent.model, ts(now)) {
+        if !Self::is_wake(agent)
+            && self.deps.capacity.is_model_cooling(&agent.model, ts(now))
+            && !self.pick_model(agent, now).1
+        {
             return Decision::Defer("no_capacity");
         }
         Decision::Run
@@ -214,7 +217,7 @@ impl Scheduler {
         if let Some(run) = rec.run.as_mut() {
             run.model = agent.model.clone();
         }
-        let req = RunRequest {
+        let mut req = RunRequest {
             protocol: self.protocol_for(&agent.model),
             agent_id: key.agent_id.clone(),
             run_id: rec
@@ -237,6 +240,7 @@ impl Scheduler {
             session_key: dispatch::session_key(&key.agent_id, agent.isolated_session, now),
             timeout,
         };
+        self.prepare_run(&key, agent, &mut rec, &mut req, now);
         let (done, _) = watch::channel(None);
         self.in_flight.insert(
             key.agent_id.clone(),

@@ -64,6 +64,7 @@ use crate::shutdown::Shutdown;
 
 mod commit;
 mod decide;
+mod wake;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
@@ -81,6 +82,8 @@ pub struct SchedulerConfig {
     pub retention: Duration,
     /// How often pruning runs.
     pub prune_every: Duration,
+    /// Wake mode: the callback base URL and the request poster.
+    pub wake: crate::heartbeat::wake::WakeConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -88,6 +91,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_every: Duration::from_secs(3600),
+            wake: Default::default(),
         }
     }
 }
@@ -148,6 +152,18 @@ enum Command {
     Finished {
         key: RunKey,
         result: Result<RunReply, String>,
+    },
+    /// A wake request was answered.
+    Woken {
+        key: RunKey,
+        result: Result<(), String>,
+    },
+    /// A runtime reported a wake run's result.
+    Callback {
+        run_id: String,
+        token: Option<String>,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<wake::CallbackAnswer, crate::heartbeat::wake::CallbackError>>,
     },
 }
 
@@ -308,6 +324,8 @@ pub struct Scheduler {
     /// Canonical models whose enabled backends are all `anthropic`: their
     /// runs are sent as Messages (rebuilt with the capacity map).
     messages_models: HashSet<String>,
+    /// Wake runs: pending requests, callbacks, deadlines.
+    wake: wake::WakeRuns,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -388,6 +406,7 @@ impl Scheduler {
                 next_prune_ms: 0,
                 pruning: false,
                 messages_models: HashSet::new(),
+                wake: Default::default(),
             },
             handle,
         )
@@ -462,6 +481,9 @@ impl Scheduler {
         if let Some((t, _)) = self.retries.first() {
             at = at.min(*t);
         }
+        if let Some(t) = self.next_wake_deadline() {
+            at = at.min(t);
+        }
         Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
     }
 
@@ -471,6 +493,8 @@ impl Scheduler {
         let open = self.deps.runs.open_runs()?;
         for (key, mut rec) in open {
             match rec.status() {
+                // Wake mode: the runtime still reports back; never re-POST.
+                RunStatus::Dispatched => self.resume_dispatched(key, &rec),
                 RunStatus::Deferred => {
                     let retry_at_ms = now.min(rec.defer_until_ms);
                     self.retries.insert((retry_at_ms, key.agent_id.clone()));
@@ -654,12 +678,22 @@ impl Scheduler {
             };
             self.retry(&id, now);
         }
+        self.expire_wakes(now);
     }
 
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::RunNow { agent_id, reply } => self.run_now(agent_id, reply),
             Command::Finished { key, result } => self.finished(key, result),
+            Command::Woken { key, result } => self.woken(key, result),
+            Command::Callback {
+                run_id,
+                token,
+                body,
+                reply,
+            } => {
+                let _ = reply.send(self.callback(&run_id, token.as_deref(), &body));
+            }
         }
     }
 
@@ -823,8 +857,11 @@ impl Scheduler {
         }
     }
 
-    /// Sends a run; its result comes back as a command.
-    fn spawn(&self, key: RunKey, req: RunRequest) {
+    /// Sends a run (or its wake request); its result comes back as a command.
+    fn spawn(&mut self, key: RunKey, req: RunRequest) {
+        if self.spawn_wake(&key) {
+            return;
+        }
         let fut = self.deps.dispatcher.run(req);
         let tx = self.tx.clone();
         tokio::spawn(async move {
