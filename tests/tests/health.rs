@@ -2,7 +2,8 @@
 //! plane probing every 200 ms (`CLAW_PROBE_*`), two proxies connected, one
 //! mock per backend whose `GET /v1/models` the tests break and mend
 //! (`MockUpstream::set_models_fault`). What the control plane concludes is
-//! read with `clawctl backend get -o json` (`health`) and its `/metrics`;
+//! read with `clawctl backend get -o json` (`health`) and its `/metrics`,
+//! what the proxies make of it with their `/metrics`;
 //! probe requests are read from the mocks' records.
 
 use crate::data_plane_support::{acked_versions, add_backend, config_version};
@@ -17,7 +18,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 struct Setup {
     proxies: Vec<Proxy>,
     cp: ControlPlane,
-    /// `bo` (OpenAI), `ba` (Anthropic).
+    /// `bo` (OpenAI), `ba` (Anthropic), `bp` (OpenAI, serving `gpt` like
+    /// `bo`, so the proxies' cap lets them exclude one of the two).
     mocks: Vec<MockUpstream>,
     client_key: String,
 }
@@ -27,7 +29,7 @@ fn key_of(name: &str) -> String {
 }
 
 fn start() -> Setup {
-    let mocks: Vec<MockUpstream> = [("bo", "gpt-bo"), ("ba", "claude-ba")]
+    let mocks: Vec<MockUpstream> = [("bo", "gpt-bo"), ("ba", "claude-ba"), ("bp", "gpt-bp")]
         .iter()
         .map(|(name, native)| {
             MockUpstream::start_blocking(
@@ -56,6 +58,13 @@ fn start() -> Setup {
         &mocks[1].url(),
         &key_of("ba"),
         &["--api", "anthropic", "--model", "claude=claude-ba"],
+    );
+    add_backend(
+        &cp,
+        "bp",
+        &mocks[2].url(),
+        &key_of("bp"),
+        &["--api", "openai", "--model", "gpt=gpt-bp"],
     );
     let client_key = cp
         .clawctl(&["key", "add", "tests", "-o", "json"])
@@ -124,6 +133,36 @@ impl Setup {
         last
     }
 
+    /// Whether every proxy's `/metrics` says it excludes backend `id`.
+    async fn excluded_everywhere(&self, id: &str, want: bool) -> bool {
+        let line = format!(
+            "claw_backend_health_excluded{{backend=\"{id}\"}} {}",
+            u8::from(want)
+        );
+        for p in &self.proxies {
+            let text = match reqwest::get(format!("{}/metrics", p.url())).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if !text.lines().any(|l| l == line) {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn wait_excluded(&self, id: &str, want: bool) {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !self.excluded_everywhere(id, want).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the proxies never showed {id} excluded={want}\n{}",
+                self.proxies.iter().map(|p| p.logs()).collect::<String>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.cp.http_url()))
             .await
@@ -184,9 +223,9 @@ async fn a_failing_probe_makes_a_backend_unhealthy_fleet_wide_and_a_good_one_hea
     assert!(metrics.contains("# TYPE claw_cp_backend_probe_duration_seconds histogram"));
     let (ok, printed) = crate::metrics_format::promtool_check(&metrics);
     assert!(ok, "promtool check metrics: {printed}");
-    // Both proxies were connected to hear it (their side is tested with
-    // the proxy's health handling).
+    // Both proxies heard it and keep `bo` out.
     assert!(metrics.contains("claw_cp_proxies_connected 2"), "{metrics}");
+    s.wait_excluded(&id, true).await;
     let logs = s.cp.logs();
     let warned = logs
         .lines()
@@ -207,6 +246,7 @@ async fn a_failing_probe_makes_a_backend_unhealthy_fleet_wide_and_a_good_one_hea
     s.mocks[0].set_models_fault(None);
     let h = s.wait_state("bo", "healthy");
     assert_eq!(h["consecutive_failures"].as_u64().unwrap_or(0), 0, "{h}");
+    s.wait_excluded(&id, false).await;
     assert!(s.cp.logs().contains("backend recovered"), "{}", s.cp.logs());
     let metrics = s.metrics().await;
     assert!(
