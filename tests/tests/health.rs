@@ -369,4 +369,52 @@ async fn a_disabled_backend_is_not_probed() {
     assert!(count() <= before + 1, "at most a probe that was in flight");
     s.cp.clawctl(&["backend", "enable", "bo"]).assert_ok();
     s.wait_state("bo", "healthy");
+
+    // Its own `--no-probe`: not probed either, picked up without a restart;
+    // `--probe` probes it again.
+    s.cp.clawctl(&["backend", "update", "bo", "--no-probe"])
+        .assert_ok();
+    s.wait_state("bo", "not_probed");
+    s.cp.clawctl(&["backend", "update", "bo", "--probe"])
+        .assert_ok();
+    s.wait_state("bo", "healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_own_probe_settings_override_the_defaults() {
+    let s = start();
+    s.wait_state("bo", "healthy");
+    // Three failures instead of the control plane's two, an hour apart:
+    // after the change the failing backend stays healthy (the next probe
+    // is up to an hour away), while `ba` keeps its 200 ms.
+    s.cp.clawctl(&[
+        "backend",
+        "update",
+        "bo",
+        "--probe-interval",
+        "1h",
+        "--probe-failures",
+        "3",
+    ])
+    .assert_ok();
+    let probes = |m: &MockUpstream| {
+        m.requests()
+            .iter()
+            .filter(|r| r.path == "/v1/models")
+            .count()
+    };
+    // Let a probe in flight at the change finish, then break it.
+    let ba_before = probes(&s.mocks[1]);
+    let ok = wait_until(DEADLINE, || probes(&s.mocks[1]) >= ba_before + 2);
+    assert!(ok, "`ba` is still probed every 200 ms");
+    let bo_before = probes(&s.mocks[0]);
+    s.mocks[0].set_models_fault(Some(ModelsFault::Status(503)));
+    let ba_before = probes(&s.mocks[1]);
+    let ok = wait_until(DEADLINE, || probes(&s.mocks[1]) >= ba_before + 5);
+    assert!(ok, "`ba` is still probed every 200 ms");
+    assert!(
+        probes(&s.mocks[0]) <= bo_before + 1,
+        "`bo` waits for its hour"
+    );
+    assert_eq!(s.state("bo"), "healthy");
 }
