@@ -119,6 +119,11 @@ pub struct Config {
     pub tls: Option<claw_tls::CertPaths>,
     /// Scheduled backups (`--backup-dir`); `None` writes none.
     pub backup: Option<BackupSchedule>,
+    /// Health probe defaults (`--probe-interval`, `--probe-timeout`,
+    /// `--probe-failures`).
+    pub probe: crate::health::ProbeDefaults,
+    /// Fleet-wide ejection after passive failures (`--eject-failures`).
+    pub eject: crate::health::table::EjectPolicy,
 }
 
 impl Config {
@@ -145,6 +150,8 @@ impl Config {
             shares: Default::default(),
             tls: None,
             backup: None,
+            probe: Default::default(),
+            eject: Default::default(),
         })
     }
 }

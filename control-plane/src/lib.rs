@@ -42,6 +42,8 @@
 //! - [`fleet`]: live fleet state: agent activity and backend capacity,
 //!   fleet-wide cooldowns after 429s, each proxy's rate shares, the backend
 //!   directory, and the loop that pushes them to the proxies.
+//! - [`health`]: active health probes of every enabled backend and the
+//!   fleet-wide health table pushed to every proxy.
 //! - `stats`: usage buckets (hourly, daily), their key layout and the
 //!   `StatsService` queries.
 //! - `proxies`: the in-memory registry of connected proxies and the
@@ -67,6 +69,7 @@ mod dashboard;
 mod discovery;
 pub mod events;
 pub mod fleet;
+pub mod health;
 pub mod heartbeat;
 mod http;
 mod metrics;

@@ -232,6 +232,25 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_BACKUP_KEEP", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
     backup_keep: u32,
 
+    /// Time between health probes of each backend (a backend's own `probe`
+    /// settings override it); 0 probes only backends with their own interval.
+    #[arg(long, env = "CLAW_PROBE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    probe_interval: std::time::Duration,
+
+    /// Health probe timeout.
+    #[arg(long, env = "CLAW_PROBE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    probe_timeout: std::time::Duration,
+
+    /// Failed probes in a row that make a backend unhealthy.
+    #[arg(long, env = "CLAW_PROBE_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    probe_failures: u32,
+
+    /// Passive failures in a row (connect errors, timeouts, 5xx, broken
+    /// streams), summed over every proxy, that eject a backend fleet-wide
+    /// (30 s, doubling per repeat up to 300 s).
+    #[arg(long, env = "CLAW_EJECT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    eject_failures: u32,
+
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -384,6 +403,15 @@ impl TryFrom<ServeArgs> for Config {
         config.retention.cooldown_events = args.retention_cooldowns;
         config.retention.audit = args.retention_audit;
         config.tls = tls;
+        if args.probe_timeout.is_zero() {
+            anyhow::bail!("--probe-timeout must be more than 0");
+        }
+        config.probe = claw_control_plane::health::ProbeDefaults {
+            interval: args.probe_interval,
+            timeout: args.probe_timeout,
+            failures: args.probe_failures,
+        };
+        config.eject.failures = args.eject_failures;
         if args.backup_every.is_zero() {
             anyhow::bail!("--backup-every must be more than 0");
         }

@@ -13,6 +13,7 @@
 //! | `claw_heartbeat_*` | | see [`crate::heartbeat::metrics`] |
 //! | `claw_cp_report_*` | | see [`crate::report::metrics`] |
 //! | `claw_cp_cooldowns_active`, `claw_cp_cooldown_pushes_total`, `claw_cp_rate_share_*` | | see [`crate::fleet::metrics`] |
+//! | `claw_cp_backend_health`, `claw_cp_backend_probes_total`, `claw_cp_backend_probe_duration_seconds`, `claw_cp_backend_ejections_total` | | see [`crate::health::metrics`] |
 //! | `claw_cp_proxies_connected` | gauge | |
 //! | `claw_cp_proxy_acked_version_min` | gauge | |
 //! | `claw_cp_snapshot_version` | gauge | |
@@ -112,6 +113,14 @@ pub(crate) fn handle() -> PrometheusHandle {
                         Matcher::Full(crate::report::metrics::REPORT_LAG_SECONDS.to_string()),
                         crate::report::metrics::LAG_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(
+                            crate::health::metrics::BACKEND_PROBE_DURATION_SECONDS.to_string(),
+                        ),
+                        crate::health::metrics::PROBE_BUCKETS,
+                    )
                 });
             let builder = match builder {
                 Ok(b) => b,
@@ -151,6 +160,7 @@ fn describe() {
     crate::heartbeat::metrics::describe();
     crate::report::metrics::describe();
     crate::fleet::metrics::describe();
+    crate::health::metrics::describe();
     metrics::describe_counter!(
         GRPC_REQUESTS_TOTAL,
         "gRPC requests by method and status code"

@@ -278,9 +278,17 @@ impl Server {
                 config.shares,
             )
             .context("loading the fleet cooldowns")?
-            .with_events(events.clone()),
+            .with_events(events.clone())
+            .with_eject_policy(config.eject),
         );
         let fleet_task = tokio::spawn(fleet.clone().run(stop_rx.clone()));
+        let prober = crate::health::Prober::new(
+            catalog.clone(),
+            fleet.clone(),
+            config.probe,
+            crate::heartbeat::dispatch::http_client().context("building the probe client")?,
+        );
+        let probe_task = tokio::spawn(prober.run(stop_rx.clone()));
         let ingest = Arc::new(Ingest::new(store.clone(), fleet.clone()));
         let retention_task = tokio::spawn(crate::retention::run(
             store.clone(),
@@ -371,7 +379,13 @@ impl Server {
                 proxy_auth.clone(),
             ))
             .add_service(DiscoveryServiceServer::with_interceptor(
-                DiscoveryApi::new(catalog.clone(), proxies, snapshots, stop_rx.clone()),
+                DiscoveryApi::new(
+                    catalog.clone(),
+                    fleet.health().clone(),
+                    proxies,
+                    snapshots,
+                    stop_rx.clone(),
+                ),
                 proxy_auth,
             ));
         let grpc_addr = grpc.local_addr().ok();
@@ -428,6 +442,7 @@ impl Server {
             let _ = task.await;
         }
         let _ = fleet_task.await;
+        let _ = probe_task.await;
         let _ = retention_task.await;
         if let Some(task) = backup_task {
             let _ = task.await;

@@ -25,6 +25,7 @@ mod data_plane_config;
 mod data_plane_input;
 mod fleet;
 mod harness_smoke;
+mod health;
 mod heartbeat;
 mod heartbeat_delivery;
 mod heartbeat_wake;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// Runs `promtool check metrics` on `text` (stdin); returns its exit success
 /// and everything it printed.
-fn promtool_check(text: &str) -> (bool, String) {
+pub(crate) fn promtool_check(text: &str) -> (bool, String) {
     let child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

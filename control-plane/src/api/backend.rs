@@ -33,6 +33,7 @@ impl BackendApi {
     /// backend.
     fn live(&self, mut b: Backend) -> Backend {
         let now = crate::catalog::records::now_ms();
+        b.health = self.fleet.health().row(&b.id, now);
         let Some(c) = self.fleet.cooldowns().get(&b.id) else {
             return b;
         };

@@ -329,6 +329,8 @@ async fn overview(d: &Dashboard, c: &Caller) -> Result<Value, Status> {
             "disabled": count("disabled"),
             "quota_exhausted": count("quota_exhausted"),
             "auth_failed": count("auth_failed"),
+            "unhealthy": count("unhealthy"),
+            "ejected": count("ejected"),
         },
         "agents": {
             "total": agents.len(),

@@ -32,7 +32,15 @@ pub(super) struct LiveBackend {
     pub json: Value,
 }
 
-/// The state of `b` at `now_ms` given its fleet cooldown.
+/// The fleet-wide health state of `b` (filled by `ListBackends`).
+fn health_of(b: &Backend) -> claw_proto::v1::HealthState {
+    b.health
+        .as_ref()
+        .and_then(|h| claw_proto::v1::HealthState::try_from(h.state).ok())
+        .unwrap_or_default()
+}
+
+/// The state of `b` at `now_ms` given its fleet cooldown and health.
 fn state_of(
     b: &Backend,
     cooldown: Option<&crate::fleet::cooldowns::Change>,
@@ -42,6 +50,10 @@ fn state_of(
         "disabled"
     } else if cooldown.is_some_and(|c| c.auth_failed) {
         "auth_failed"
+    } else if health_of(b) == claw_proto::v1::HealthState::Unhealthy {
+        "unhealthy"
+    } else if health_of(b) == claw_proto::v1::HealthState::Ejected {
+        "ejected"
     } else if cooldown.is_some_and(|c| c.quota_exhausted(now_ms)) {
         "quota_exhausted"
     } else if cooldown.is_some_and(|c| c.until_ms > now_ms) {
@@ -131,5 +143,30 @@ mod tests {
         };
         assert_eq!(state_of(&b(true), Some(&rejected), now), "auth_failed");
         assert_eq!(state_of(&b(false), Some(&rejected), now), "disabled");
+        let health = |state: claw_proto::v1::HealthState| Backend {
+            enabled: true,
+            health: Some(claw_proto::v1::BackendHealth {
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use claw_proto::v1::HealthState;
+        assert_eq!(
+            state_of(&health(HealthState::Unhealthy), None, now),
+            "unhealthy"
+        );
+        assert_eq!(
+            state_of(&health(HealthState::Ejected), Some(&c(now + 5, 0)), now),
+            "ejected"
+        );
+        assert_eq!(
+            state_of(&health(HealthState::NotProbed), None, now),
+            "healthy"
+        );
+        assert_eq!(
+            state_of(&health(HealthState::Unhealthy), Some(&rejected), now),
+            "auth_failed"
+        );
     }
 }

@@ -9,7 +9,10 @@
 //!   bookkeeping by nonce, cleanup.
 //! - `nonce`: unique nonces per response.
 //!
-//! The same stream carries incremental messages (cooldowns, rate shares,
+//! The stream's first snapshot (or, when none is due, a message of its own)
+//! carries the complete health table (`health_complete`, also when nothing
+//! is excluded). The same stream
+//! carries incremental messages (cooldowns, rate shares, health changes,
 //! sent by [`crate::fleet`]): any module reaches one proxy or all of them
 //! through the [`Push`](crate::proxies::Push) senders the registry holds.
 //! Incremental messages (no snapshot) carry no nonce and expect no answer.
@@ -32,6 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Catalog;
+use crate::health::table::HealthTable;
 use crate::proxies::ProxyRegistry;
 use crate::shutdown::Shutdown;
 
@@ -44,6 +48,8 @@ const OUTBOUND_CAPACITY: usize = 8;
 #[derive(Debug)]
 struct Shared {
     catalog: Arc<Catalog>,
+    /// The fleet-wide health table: its complete state opens every stream.
+    health: Arc<HealthTable>,
     registry: Arc<ProxyRegistry>,
     snapshots: Latest,
     stop: Shutdown,
@@ -62,6 +68,7 @@ impl DiscoveryApi {
     /// every stream once `stop` turns true.
     pub(crate) fn new(
         catalog: Arc<Catalog>,
+        health: Arc<HealthTable>,
         registry: Arc<ProxyRegistry>,
         snapshots: Latest,
         stop: Shutdown,
@@ -69,6 +76,7 @@ impl DiscoveryApi {
         DiscoveryApi {
             shared: Arc::new(Shared {
                 catalog,
+                health,
                 registry,
                 snapshots,
                 stop,

@@ -7,6 +7,12 @@
 //! remembered until answered; an answer with an unknown or already-answered
 //! nonce is ignored.
 //!
+//! The stream's first snapshot carries the complete health table
+//! (`health_complete`); when no snapshot is due (the proxy holds the current
+//! version, or none is published yet), a message of its own does; pushes
+//! wait until it is out, so it is the stream's first message. It is read
+//! when sent, after the registration, so changes pushed since are in it.
+//!
 //! A version is sent at most once per stream: a NACKed snapshot is not
 //! resent, the next version is (the NACK reason stays visible in
 //! `ListProxies` meanwhile).
@@ -125,6 +131,7 @@ pub(super) async fn run(
         last_sent: None,
         outstanding: VecDeque::new(),
         catch_up_until: Some(Instant::now() + CATCH_UP),
+        health_sent: false,
     };
     let end = session.serve(&mut inbound, pushes, stop).await;
     let Session { node_id, conn, .. } = session;
@@ -195,6 +202,18 @@ struct Session {
     /// Until the first snapshot is sent: how long to hold back a published
     /// snapshot older than the catalog.
     catch_up_until: Option<Instant>,
+    /// Whether the complete health table went out.
+    health_sent: bool,
+}
+
+/// What [`Session::offer_snapshot`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    Sent,
+    /// A snapshot is due but held back (a fresher one is being built).
+    HeldBack,
+    /// No snapshot is due.
+    Nothing,
 }
 
 impl Session {
@@ -206,8 +225,14 @@ impl Session {
     ) -> End {
         let mut latest = self.shared.snapshots.clone();
         loop {
-            if let Err(end) = self.offer_snapshot(&mut latest, &mut stop).await {
-                return end;
+            match self.offer_snapshot(&mut latest, &mut stop).await {
+                Err(end) => return end,
+                Ok(Offer::Nothing) if !self.health_sent => {
+                    if let Err(end) = self.send_health_table(&mut stop).await {
+                        return end;
+                    }
+                }
+                Ok(_) => {}
             }
             let catch_up = self.catch_up_until;
             tokio::select! {
@@ -225,7 +250,9 @@ impl Session {
                         return End::Shutdown;
                     }
                 }
-                push = pushes.recv() => match push {
+                // Pushes wait until the complete health table is out: it is
+                // the first message of the stream.
+                push = pushes.recv(), if self.health_sent => match push {
                     Some(response) => {
                         let sent = if response.snapshot.is_none() {
                             self.send_incremental(response, &mut stop).await
@@ -254,30 +281,35 @@ impl Session {
         &mut self,
         latest: &mut super::publish::Latest,
         stop: &mut Shutdown,
-    ) -> Result<(), End> {
+    ) -> Result<Offer, End> {
         let Some(snapshot) = latest.borrow_and_update().clone() else {
-            return Ok(());
+            return Ok(Offer::Nothing);
         };
         let version = snapshot.version;
         let current = self.shared.catalog.config_version();
         if !should_send(version, self.held, self.last_sent, current) {
-            return Ok(());
+            return Ok(Offer::Nothing);
         }
         if version < current && self.catch_up_until.is_some_and(|t| Instant::now() < t) {
             // A fresher snapshot is being built; the publish wakes us.
-            return Ok(());
+            return Ok(Offer::HeldBack);
         }
         self.catch_up_until = None;
         self.last_sent = Some(version);
-        let response = StreamConfigResponse {
+        let mut response = StreamConfigResponse {
             version,
             nonce: String::new(),
             snapshot: Some(Snapshot::clone(&snapshot)),
             ..Default::default()
         };
+        if !self.health_sent {
+            response.health = self.health_table();
+            response.health_complete = true;
+            self.health_sent = true;
+        }
         self.send(response, Some(version), stop).await?;
         metrics::snapshot_sent();
-        Ok(())
+        Ok(Offer::Sent)
     }
 
     /// Stamps a nonce on `response`, remembers it, and sends it, giving up
@@ -308,6 +340,27 @@ impl Session {
             snapshot_version,
         });
         Ok(())
+    }
+
+    /// The complete health table: every excluded backend; those it does
+    /// not name are healthy.
+    fn health_table(&self) -> Vec<claw_proto::v1::HealthUpdate> {
+        self.shared
+            .health
+            .complete(crate::catalog::records::now_ms())
+    }
+
+    /// Sends the complete health table in a message of its own (no
+    /// snapshot is due to carry it).
+    async fn send_health_table(&mut self, stop: &mut Shutdown) -> Result<(), End> {
+        self.health_sent = true;
+        let response = StreamConfigResponse {
+            version: self.shared.catalog.config_version(),
+            health: self.health_table(),
+            health_complete: true,
+            ..Default::default()
+        };
+        self.send_incremental(response, stop).await
     }
 
     /// Sends an incremental message (cooldowns, rate shares): no nonce and

@@ -413,3 +413,31 @@ async fn shutdown_ends_open_streams_and_the_server_stops_promptly() {
         other => panic!("expected a clean end of stream, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn every_stream_opens_with_the_complete_health_table() {
+    let h = Harness::start().await;
+    let v1 = h.add_backend("b1", "sk-hc-0123456789", &["m"]).await;
+    // A fresh proxy: the first snapshot carries it.
+    let mut fresh = h.open("p1", 0).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), fresh.inbound.message())
+        .await
+        .expect("a response within 5 s")
+        .expect("stream healthy")
+        .expect("stream open");
+    assert!(first.snapshot.is_some(), "{first:?}");
+    assert!(first.health_complete, "{first:?}");
+    assert!(first.health.is_empty(), "nothing excluded: {first:?}");
+    // A proxy that holds the current version: a message of its own.
+    let mut current = h.open("p2", v1).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), current.inbound.message())
+        .await
+        .expect("a response within 5 s")
+        .expect("stream healthy")
+        .expect("stream open");
+    assert!(is_incremental(&first), "{first:?}");
+    assert!(first.health_complete, "{first:?}");
+    assert_eq!(first.version, v1);
+    drop((fresh, current));
+    h.stop().await;
+}

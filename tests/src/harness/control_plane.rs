@@ -230,6 +230,10 @@ impl ControlPlane {
                 "CLAW_PROXY_TOKEN".into(),
                 Some(o.proxy_token.clone().into()),
             ),
+            // No active health probes unless a test asks for them (they
+            // would add `GET /v1/models` requests to the mocks' records and
+            // mark wrong keys auth_failed at random times).
+            ("CLAW_PROBE_INTERVAL".into(), Some("0".into())),
         ];
         env.extend(o.env.iter().cloned());
         let spec = Spec {

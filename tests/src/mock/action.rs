@@ -184,3 +184,19 @@ impl From<Rule> for RuleRepr {
         RuleRepr(map)
     }
 }
+
+/// How `GET /v1/models` (and `/v1/models/{id}`) fails, for health-probe
+/// tests: set with [`MockUpstream::set_models_fault`](super::MockUpstream::set_models_fault)
+/// or `POST /_mock/models` (`{"status":503}`, `"hang"`, `"close"`, or
+/// `null` to answer normally). Other routes are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelsFault {
+    /// Answer this status with an error body in the caller's protocol
+    /// (401 with a wrong-key message: the key is rejected).
+    Status(u16),
+    /// Never answer (until the client gives up).
+    Hang,
+    /// Close the connection without an answer.
+    Close,
+}

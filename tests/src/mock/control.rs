@@ -6,11 +6,12 @@
 //! | `POST /_mock/script` | action or `[action…]` | queue one-shot actions |
 //! | `POST /_mock/always` | action or `null` | set / clear the persistent action |
 //! | `POST /_mock/rules` | rule (appends) or `[rule…]` (replaces) | header rules |
+//! | `POST /_mock/models` | `{"status":503}`, `"hang"`, `"close"` or `null` | how `GET /v1/models` fails ([`ModelsFault`](super::action::ModelsFault)) |
 //! | `GET /_mock/requests[?since=SEQ]` | | the record (after `SEQ`) |
 //! | `GET /_mock/totals` | | [`Totals`](super::Totals) |
 //! | `POST /_mock/reset` | | clear script, rules, record, totals, prompt cache, stored responses |
 
-use super::action::{Action, Rule};
+use super::action::{Action, ModelsFault, Rule};
 use super::body::MockBody;
 use super::server::Shared;
 use bytes::Bytes;
@@ -51,6 +52,11 @@ fn route(shared: &Shared, method: &Method, path: &str, query: Option<&str>, body
         (&Method::POST, "/_mock/always") => {
             let action: Option<Action> = parse(body)?;
             shared.script.set_always(action);
+            Ok(json!({"ok": true}))
+        }
+        (&Method::POST, "/_mock/models") => {
+            let fault: Option<ModelsFault> = parse(body)?;
+            *shared.models_fault.lock() = fault;
             Ok(json!({"ok": true}))
         }
         (&Method::POST, "/_mock/rules") => {

@@ -62,7 +62,7 @@ mod script;
 mod server;
 mod tools;
 
-pub use action::{Action, ResetPoint, Rule};
+pub use action::{Action, ModelsFault, ResetPoint, Rule};
 pub use body::{MockBody, ScriptedAbort};
 pub use config::MockConfig;
 pub use record::{Outcome, RecordedRequest, Totals};
@@ -182,6 +182,11 @@ impl MockUpstream {
     /// no queued action or rule claims.
     pub fn set_always(&self, action: Option<Action>) {
         self.shared.script.set_always(action);
+    }
+
+    /// Makes `GET /v1/models` fail (or, with `None`, answer normally again).
+    pub fn set_models_fault(&self, fault: Option<ModelsFault>) {
+        *self.shared.models_fault.lock() = fault;
     }
 
     /// Adds a persistent header rule.

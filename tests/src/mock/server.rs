@@ -1,6 +1,6 @@
 //! The HTTP server: accept loop, per-connection tasks and the `/v1` handlers.
 
-use super::action::{Action, ResetPoint};
+use super::action::{Action, ModelsFault, ResetPoint};
 use super::anthropic::{self, MessagesInfo};
 use super::body::EventStream;
 use super::body::MockBody;
@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) cache: PromptCache,
     /// The Responses this account stored.
     pub(crate) store: Store,
+    /// How `GET /v1/models` fails, if it does.
+    pub(crate) models_fault: parking_lot::Mutex<Option<ModelsFault>>,
     default_reply: Reply,
     expected_auth: Option<HeaderValue>,
     expected_key: Option<HeaderValue>,
@@ -84,6 +86,7 @@ impl Shared {
             script: Script::default(),
             cache: PromptCache::default(),
             store: Store::default(),
+            models_fault: parking_lot::Mutex::new(None),
             default_reply,
             expected_auth,
             expected_key,
@@ -326,6 +329,37 @@ async fn handle(
         rec.body_bytes = bytes.to_vec();
     }
     let mut guard = RecordGuard::new(shared.recorder.clone(), rec);
+
+    let fault = *shared.models_fault.lock();
+    if let (Route::Models | Route::Model(_), Some(fault)) = (&route, fault) {
+        let anthropic_client = parts.headers.contains_key("anthropic-version");
+        match fault {
+            ModelsFault::Status(code) => {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                let message = match status.as_u16() {
+                    401 if anthropic_client => "invalid x-api-key",
+                    401 => "Incorrect API key provided",
+                    403 => "permission denied",
+                    _ => "the server is temporarily unavailable",
+                };
+                let body = if anthropic_client {
+                    anthropic::error_body(status.as_u16(), message)
+                } else {
+                    openai::error_body(status.as_u16(), message)
+                };
+                return Ok(respond(&shared, guard, status, body, 0));
+            }
+            ModelsFault::Hang => {
+                tokio::time::sleep(Duration::from_secs(3_600)).await;
+                guard.set_outcome(Outcome::Reset);
+                return Err(CloseConnection);
+            }
+            ModelsFault::Close => {
+                guard.set_outcome(Outcome::Reset);
+                return Err(CloseConnection);
+            }
+        }
+    }
 
     if let Some(refusal) = check_auth(&shared, &route, &parts.headers) {
         let (status, message) = refusal;

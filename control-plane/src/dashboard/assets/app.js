@@ -331,6 +331,8 @@
       badge("cooling", `${num(b.cooling || 0)} cooling`, "count-cooling"),
       badge("quota_exhausted", `${num(b.quota_exhausted || 0)} quota`, "count-quota"),
       badge("auth_failed", `${num(b.auth_failed || 0)} key rejected`, "count-auth-failed"),
+      badge("unhealthy", `${num(b.unhealthy || 0)} unhealthy`, "count-unhealthy"),
+      badge("ejected", `${num(b.ejected || 0)} ejected`, "count-ejected"),
       badge("disabled", `${num(b.disabled || 0)} disabled`, "count-disabled")
     );
     const cards = h(
@@ -401,6 +403,10 @@
         return b.quota_exhausted_until ? `quota exhausted until ${hms(b.quota_exhausted_until)}` : "quota exhausted";
       case "auth_failed":
         return "key rejected (401/403)";
+      case "unhealthy":
+        return "unhealthy (probe failing)";
+      case "ejected":
+        return b.health && b.health.ejected_until ? `ejected until ${hms(b.health.ejected_until)}` : "ejected";
       case undefined:
       case null:
       case "":
