@@ -238,6 +238,16 @@ impl Dispatcher {
         if msg.health_complete || !msg.health.is_empty() {
             self.apply_health(&msg.health, msg.health_complete, now);
         }
+        // An explicit HEALTHY means a probe got through with the backend's
+        // key (or its failures ended): an auth failure learned earlier, here
+        // or elsewhere, is over. Backends a complete table merely leaves out
+        // keep theirs.
+        for u in &msg.health {
+            if u.state == HealthState::Healthy as i32 {
+                self.early_auth.lock().remove(&u.backend_id);
+                self.cooldowns.clear_auth_remote(&u.backend_id);
+            }
+        }
         let result = reply?;
         Some(match result {
             Ok(()) => StreamConfigRequest {
@@ -685,6 +695,61 @@ mod tests {
         });
         assert_eq!(rt.cooldown.auth_failed(), None);
         assert_eq!(rt.cooldown.cooling_until(now), None);
+    }
+
+    /// Issue 15: a probe that gets through with the backend's key clears its
+    /// auth failure fleet-wide; the control plane says so with an explicit
+    /// HEALTHY. A complete table that merely leaves the backend out does not.
+    #[tokio::test(start_paused = true)]
+    async fn an_explicit_healthy_update_ends_an_auth_failure_and_a_complete_table_does_not() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(v1::Snapshot {
+                version: 2,
+                backends: vec![backend("a", Pool::Primary, &[("m", "m")])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        d.handle(StreamConfigResponse {
+            version: 2,
+            cooldowns: vec![v1::CooldownUpdate {
+                backend_id: "a".into(),
+                auth_failed: true,
+                source_node_id: "other".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let rt = store.load().unwrap().backend("a").unwrap().runtime.clone();
+        assert_eq!(rt.cooldown.auth_failed(), Some(0));
+        d.handle(StreamConfigResponse {
+            version: 2,
+            health_complete: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            rt.cooldown.auth_failed(),
+            Some(0),
+            "left out is not healthy news"
+        );
+        d.handle(StreamConfigResponse {
+            version: 2,
+            health: vec![HealthUpdate {
+                backend_id: "a".into(),
+                state: HealthState::Healthy as i32,
+                remaining_ms: 0,
+                reason: "probe: ok: 200 in 3 ms".into(),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(rt.cooldown.auth_failed(), None);
+        assert_eq!(rt.cooldown.cooling_until(Instant::now()), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -418,3 +418,145 @@ async fn a_backends_own_probe_settings_override_the_defaults() {
     );
     assert_eq!(s.state("bo"), "healthy");
 }
+
+/// Chat requests the mock of `backend` (index into `Setup::mocks`) was sent,
+/// probes not counted.
+fn chats(mock: &MockUpstream) -> usize {
+    mock.requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .count()
+}
+
+/// `n` chat requests for `gpt` through proxy `proxy`, each with its own
+/// session (`x-session-id`), so without health they spread over `bo` and
+/// `bp`; every answer must be a 200.
+async fn chat_sessions(s: &Setup, proxy: usize, tag: &str, n: usize) {
+    let http = reqwest::Client::new();
+    for i in 0..n {
+        let res = http
+            .post(format!("{}/v1/chat/completions", s.proxies[proxy].url()))
+            .bearer_auth(&s.client_key)
+            .header("x-session-id", format!("{tag}-{i}"))
+            .json(&serde_json::json!({
+                "model": "gpt", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hello"}]
+            }))
+            .send()
+            .await
+            .expect("proxy answers");
+        let status = res.status();
+        let body = res.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "session {tag}-{i} via proxy {proxy}: {body}");
+    }
+}
+
+/// Issue 15's acceptance, by routing: a backend whose probe endpoint fails
+/// gets no request from any proxy once the verdict is pushed, and comes back
+/// when it recovers; with every backend of the pool unhealthy requests still
+/// go out (the cap keeps the later-marked one in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_backend_gets_no_traffic_on_any_proxy_and_a_pool_all_unhealthy_still_serves() {
+    let s = start();
+    s.wait_state("bo", "healthy");
+    s.wait_state("bp", "healthy");
+    let id = |name: &str| {
+        s.backend(name)["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (bo, bp) = (id("bo"), id("bp"));
+    // Healthy: 40 sessions spread over both.
+    chat_sessions(&s, 0, "warm", 40).await;
+    assert!(
+        chats(&s.mocks[0]) > 0 && chats(&s.mocks[2]) > 0,
+        "no spread"
+    );
+
+    // `bo`'s probe fails: out on both proxies, every session lands on `bp`.
+    s.mocks[0].set_models_fault(Some(ModelsFault::Status(503)));
+    s.wait_state("bo", "unhealthy");
+    s.wait_excluded(&bo, true).await;
+    let before = chats(&s.mocks[0]);
+    for proxy in 0..2 {
+        chat_sessions(&s, proxy, &format!("sick{proxy}"), 30).await;
+    }
+    assert_eq!(
+        chats(&s.mocks[0]),
+        before,
+        "an unhealthy backend got traffic"
+    );
+
+    // `bp` fails too: the whole pool is unhealthy. At most half of it is
+    // excluded (`bo`, marked first), so requests still go out — to `bp`.
+    s.mocks[2].set_models_fault(Some(ModelsFault::Status(503)));
+    s.wait_state("bp", "unhealthy");
+    let (bo_before, bp_before) = (chats(&s.mocks[0]), chats(&s.mocks[2]));
+    for proxy in 0..2 {
+        chat_sessions(&s, proxy, &format!("all{proxy}"), 20).await;
+    }
+    assert_eq!(
+        chats(&s.mocks[0]),
+        bo_before,
+        "the earliest marked stays out"
+    );
+    assert_eq!(chats(&s.mocks[2]), bp_before + 40, "the rest still serve");
+    assert!(
+        !s.excluded_everywhere(&bp, true).await,
+        "the cap keeps bp in"
+    );
+
+    // Both recover: `bo` takes its sessions back on both proxies.
+    s.mocks[0].set_models_fault(None);
+    s.mocks[2].set_models_fault(None);
+    s.wait_state("bo", "healthy");
+    s.wait_state("bp", "healthy");
+    s.wait_excluded(&bo, false).await;
+    for proxy in 0..2 {
+        let before = chats(&s.mocks[0]);
+        chat_sessions(&s, proxy, &format!("back{proxy}"), 40).await;
+        assert!(
+            chats(&s.mocks[0]) > before,
+            "proxy {proxy} never used bo again"
+        );
+    }
+}
+
+/// A probe that gets through with the backend's key ends an auth failure on
+/// the proxies too (not only in `clawctl backend get`): traffic comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_probe_puts_a_rejected_backend_back_in_rotation_on_every_proxy() {
+    let s = start();
+    s.wait_state("bo", "healthy");
+    // The provider starts rejecting `bo`'s key: probes answer 401.
+    s.mocks[0].set_models_fault(Some(ModelsFault::Status(401)));
+    let ok = wait_until(DEADLINE, || s.backend("bo")["status"] == "auth_failed");
+    assert!(ok, "never auth_failed: {}", s.backend("bo"));
+    let before = chats(&s.mocks[0]);
+    for proxy in 0..2 {
+        chat_sessions(&s, proxy, &format!("rejected{proxy}"), 20).await;
+    }
+    assert_eq!(chats(&s.mocks[0]), before, "a rejected backend got traffic");
+    // The key works again (the provider fixed it): the next probe clears it.
+    s.mocks[0].set_models_fault(None);
+    let ok = wait_until(DEADLINE, || s.backend("bo")["status"] == "enabled");
+    assert!(ok, "never cleared: {}", s.backend("bo"));
+    for proxy in 0..2 {
+        let mut used = false;
+        for round in 0..10 {
+            let before = chats(&s.mocks[0]);
+            chat_sessions(&s, proxy, &format!("back{proxy}-{round}"), 20).await;
+            if chats(&s.mocks[0]) > before {
+                used = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            used,
+            "proxy {proxy} kept `bo` out\n{}",
+            s.proxies[proxy].logs()
+        );
+    }
+}

@@ -100,6 +100,22 @@ impl Cooldowns {
         }
     }
 
+    /// Ends an auth failure because the control plane's probe got through
+    /// with the backend's key (an explicit HEALTHY update). Returns true
+    /// when a mark was cleared.
+    pub fn clear_auth_remote(&self, backend_id: &str) -> bool {
+        let Some(snap) = self.store.load() else {
+            return false;
+        };
+        match snap.backend(backend_id) {
+            Some(b) if b.runtime.cooldown.clear_auth() => {
+                tracing::info!(backend = %b.name, backend_id, "backend's provider key accepted by the control plane's probe: back in rotation");
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Marks `backend_id`'s quota exhausted for `d` (an upstream 429 saying
     /// so) and emits a [`CooldownEvent`]. Returns the end.
     pub(crate) fn exhaust_local(
