@@ -317,9 +317,12 @@ impl Server {
             fleet: fleet.clone(),
             shutdown: stop_rx.clone(),
         };
+        // Pings (and their answers) are traffic: at least three per idle
+        // timeout, so an idle but healthy stream is never closed as idle.
+        let third = config.connections.idle_timeout / 3;
         let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL.min(third)))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT.min(third)))
             .concurrency_limit_per_connection(GRPC_CONCURRENCY_PER_CONNECTION)
             .max_concurrent_streams(GRPC_MAX_CONCURRENT_STREAMS)
             .layer(GrpcMetricsLayer)

@@ -307,3 +307,28 @@ async fn the_control_plane_serves_health_and_clawctl_with_300_idle_connections_o
     assert!(metrics.contains("claw_cp_connections_evicted_total{listener=\"grpc\"}"));
     assert!(metrics.contains("claw_cp_connections_evicted_total{listener=\"http\"}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_stream_outlives_the_control_planes_idle_timeout() {
+    let cp = ControlPlane::builder()
+        .args(["--idle-timeout", "2s"])
+        .start();
+    let p = Proxy::builder(&cp).start();
+    p.wait_ready();
+    // Several idle timeouts with no configuration change: keepalive pings
+    // keep the config and report streams alive.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cp.flush_logs();
+    assert!(
+        !cp.logs().contains("proxy disconnected"),
+        "an idle but healthy stream was cut:\n{}",
+        cp.logs()
+    );
+    // And the stream still carries changes.
+    cp.clawctl(&["key", "add", "after-idle"]).assert_ok();
+    let want = config_version(&cp);
+    assert!(
+        eventually(|| async { acked_versions(&cp).get(p.node_id()) == Some(&want) }).await,
+        "the proxy did not ACK version {want} after the idle period"
+    );
+}
