@@ -381,10 +381,10 @@ mod tests {
     async fn a_silent_connection_times_out_and_a_new_one_evicts_the_oldest_silent() {
         let table = Arc::new(ConnTable::new("test", settings(1), false));
         let (a, _a_peer) = tokio::io::duplex(64);
-        let mut first = table.admit(a).ok().expect("room for one");
+        let mut first = table.admit(a).expect("room for one");
         let (b, _b_peer) = tokio::io::duplex(64);
         // At the cap: the silent first connection makes room.
-        let _second = table.admit(b).ok().expect("room made");
+        let _second = table.admit(b).expect("room made");
         let mut buf = [0u8; 8];
         let err = first.read(&mut buf).await.expect_err("evicted");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
@@ -396,7 +396,7 @@ mod tests {
     async fn silence_past_the_first_byte_timeout_fails_the_read() {
         let table = Arc::new(ConnTable::new("test", settings(4), false));
         let (a, _peer) = tokio::io::duplex(64);
-        let mut conn = table.admit(a).ok().expect("admitted");
+        let mut conn = table.admit(a).expect("admitted");
         let started = Instant::now();
         let mut buf = [0u8; 8];
         let err = conn.read(&mut buf).await.expect_err("timed out");
@@ -409,7 +409,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let table = Arc::new(ConnTable::new("test", settings(1), false));
         let (a, mut a_peer) = tokio::io::duplex(64);
-        let mut first = table.admit(a).ok().expect("room for one");
+        let mut first = table.admit(a).expect("room for one");
         a_peer.write_all(b"x").await.expect("write");
         let mut buf = [0u8; 1];
         first.read_exact(&mut buf).await.expect("read");

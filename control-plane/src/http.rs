@@ -127,9 +127,7 @@ pub(crate) async fn serve(
 ) {
     let header_timeout = conns.header_timeout();
     let graceful = GracefulShutdown::new();
-    let mut incoming: std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = std::io::Result<(Conn, std::net::SocketAddr)>> + Send>,
-    > = match tls.map(TlsAcceptor::from) {
+    let mut incoming: Accepted = match tls.map(TlsAcceptor::from) {
         None => Box::pin(crate::conn::incoming(listener, conns, |s| {
             std::future::ready(Ok(Conn::Plain(s)))
         })),
@@ -163,6 +161,11 @@ pub(crate) async fn serve(
         }
     }
 }
+
+/// The accepted connections, plain or TLS.
+type Accepted = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = std::io::Result<(Conn, std::net::SocketAddr)>> + Send>,
+>;
 
 /// An accepted HTTP connection, plain or TLS.
 enum Conn {
