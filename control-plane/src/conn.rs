@@ -61,7 +61,7 @@ pub(crate) fn describe() {
 
 /// Connections above the cap admitted while the ones closed to make room
 /// are still closing.
-const OVERSHOOT: usize = 64;
+const OVERSHOOT: usize = 256;
 
 /// TCP keepalive probes on accepted sockets: a peer that vanished is
 /// noticed by the kernel even when no ping is due.
@@ -98,6 +98,8 @@ pub(crate) struct ConnTable {
     /// (HTTP: yes, the idlest; gRPC: no, those are proxies' streams).
     evict_spoken: bool,
     open: AtomicUsize,
+    /// Open connections chosen to close, not closed yet.
+    evicting: AtomicUsize,
     next_id: AtomicU64,
     conns: parking_lot::Mutex<HashMap<u64, Arc<Meta>>>,
 }
@@ -109,6 +111,7 @@ impl ConnTable {
             settings,
             evict_spoken,
             open: AtomicUsize::new(0),
+            evicting: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             conns: parking_lot::Mutex::new(HashMap::new()),
         }
@@ -119,16 +122,25 @@ impl ConnTable {
         self.settings.header_timeout
     }
 
+    /// The idle timeout (keepalive pings must come more often).
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        self.settings.idle_timeout
+    }
+
     fn gauge(&self) {
         metrics::gauge!(CONNECTIONS_OPEN, "listener" => self.listener)
             .set(self.open.load(Ordering::Relaxed) as f64);
     }
 
     /// Admits `io` (making room at the cap) or gives it back to be closed.
+    /// Connections chosen to close (closing within moments) do not count
+    /// against the cap, so a burst does not refuse probes while they go;
+    /// [`OVERSHOOT`] above the cap bounds descriptors regardless.
     fn admit<S>(self: &Arc<Self>, io: S) -> Result<Limited<S>, S> {
         let open = self.open.load(Ordering::Relaxed);
+        let live = open.saturating_sub(self.evicting.load(Ordering::Relaxed));
         let max = self.settings.max_connections.max(1);
-        if open >= max + OVERSHOOT || (open >= max && !self.evict_one()) {
+        if open >= max + OVERSHOOT || (live >= max && !self.evict_one()) {
             metrics::counter!(CONNECTIONS_REJECTED, "listener" => self.listener).increment(1);
             return Err(io);
         }
@@ -167,6 +179,7 @@ impl ConnTable {
         };
         let Some(m) = victim else { return false };
         m.evicted.store(true, Ordering::Relaxed);
+        self.evicting.fetch_add(1, Ordering::Relaxed);
         m.waker.wake();
         metrics::counter!(CONNECTIONS_EVICTED, "listener" => self.listener).increment(1);
         true
@@ -186,6 +199,9 @@ pub(crate) struct Limited<S> {
 impl<S> Drop for Limited<S> {
     fn drop(&mut self) {
         self.table.conns.lock().remove(&self.id);
+        if self.meta.evicted.load(Ordering::Relaxed) {
+            self.table.evicting.fetch_sub(1, Ordering::Relaxed);
+        }
         self.table.open.fetch_sub(1, Ordering::Relaxed);
         self.table.gauge();
     }

@@ -126,6 +126,9 @@ pub(crate) async fn serve(
     mut shutdown: Shutdown,
 ) {
     let header_timeout = conns.header_timeout();
+    // Pings are traffic: at least three per idle timeout keep an idle but
+    // healthy HTTP/2 connection from being closed as idle.
+    let ping = H2_KEEPALIVE_INTERVAL.min(conns.idle_timeout() / 3);
     let graceful = GracefulShutdown::new();
     let mut incoming: Accepted = match tls.map(TlsAcceptor::from) {
         None => Box::pin(crate::conn::incoming(listener, conns, |s| {
@@ -144,8 +147,8 @@ pub(crate) async fn serve(
                 let (state, watcher) = (state.clone(), graceful.watcher());
                 tokio::spawn(async move {
                     match conn {
-                        Conn::Plain(s) => serve_connection(s, state, watcher, peer, header_timeout).await,
-                        Conn::Tls(s) => serve_connection(*s, state, watcher, peer, header_timeout).await,
+                        Conn::Plain(s) => serve_connection(s, state, watcher, peer, header_timeout, ping).await,
+                        Conn::Tls(s) => serve_connection(*s, state, watcher, peer, header_timeout, ping).await,
                     }
                 });
             }
@@ -182,6 +185,7 @@ async fn serve_connection<S>(
     watcher: Watcher,
     peer: std::net::SocketAddr,
     header_timeout: Duration,
+    ping: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -197,8 +201,8 @@ async fn serve_connection<S>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT.min(ping))
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {

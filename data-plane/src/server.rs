@@ -152,6 +152,8 @@ pub(crate) struct ConnTable {
     max: usize,
     reserve: usize,
     open: AtomicUsize,
+    /// Open connections chosen to close, not closed yet.
+    evicting: AtomicUsize,
     next_id: AtomicU64,
     /// Connections that may be closed to make room (not the reserve's).
     conns: parking_lot::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
@@ -166,6 +168,7 @@ impl ConnTable {
             // closed to make room while a burst arrives.
             reserve: (max / 16).clamp(16, 256),
             open: AtomicUsize::new(0),
+            evicting: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
         }
@@ -176,15 +179,20 @@ impl ConnTable {
     }
 
     /// Decides how a new connection is served, counting it as open unless
-    /// it is rejected.
+    /// it is rejected. Connections already chosen to close (closing within
+    /// moments) do not count against the cap, so a burst does not refuse
+    /// probes while they go; twice the cap bounds descriptors regardless.
     fn admit(&self) -> Admit {
         let open = self.open();
-        let admit = if open >= self.max + self.reserve {
+        let live = open.saturating_sub(self.evicting.load(Ordering::Relaxed));
+        let admit = if open >= 2 * self.max + self.reserve {
             Admit::Reject
-        } else if open < self.max || self.evict_one() {
+        } else if live < self.max || self.evict_one() {
             Admit::Normal
-        } else {
+        } else if live < self.max + self.reserve {
             Admit::Reserve
+        } else {
+            Admit::Reject
         };
         match admit {
             Admit::Reject => metrics::counter!(CONNECTIONS_REJECTED).increment(1),
@@ -197,6 +205,11 @@ impl ConnTable {
 
     fn closed(&self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A connection chosen to close (see [`ConnTable::evict_one`]) closed.
+    fn evicted_closed(&self) {
+        self.evicting.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn register(&self, state: &Arc<ConnState>) -> u64 {
@@ -221,6 +234,7 @@ impl ConnTable {
         match victim {
             Some(c) => {
                 c.evicted.store(true, Ordering::Release);
+                self.evicting.fetch_add(1, Ordering::Relaxed);
                 c.evict.notify_one();
                 metrics::counter!(CONNECTIONS_EVICTED).increment(1);
                 true
@@ -668,6 +682,7 @@ async fn serve_worker(
         let watcher = graceful.watcher();
         let (worker, builder, open) = (worker.clone(), builder.clone(), open.clone());
         tokio::spawn(async move {
+            let ended = conn_state.clone();
             match worker.tls.clone() {
                 None => serve_connection(io, conn_state, &worker, &builder, watcher, reserve).await,
                 Some(acceptor) => {
@@ -683,6 +698,9 @@ async fn serve_worker(
             }
             if let Some(id) = id {
                 worker.conns.deregister(id);
+            }
+            if ended.evicted.load(Ordering::Acquire) {
+                worker.conns.evicted_closed();
             }
             worker.conns.closed();
             open.fetch_sub(1, Ordering::Relaxed);
