@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::crypto::MasterKey;
 
@@ -124,6 +125,35 @@ pub struct Config {
     pub probe: crate::health::ProbeDefaults,
     /// Fleet-wide ejection after passive failures (`--eject-failures`).
     pub eject: crate::health::table::EjectPolicy,
+    /// Connection cap and timeouts of both listeners.
+    pub connections: ConnSettings,
+}
+
+/// Connection cap and timeouts, applied to each listener (gRPC and HTTP)
+/// separately (see `crate::conn`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Open connections per listener. 10,000 (two descriptors' worth of
+    /// head room under a 64 Ki limit) is far above a fleet's proxies, which
+    /// hold one connection each.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long after it is accepted
+    /// is closed; on HTTP also the limit for a request head.
+    pub header_timeout: Duration,
+    /// A connection with no byte read or written for this long is closed.
+    /// Above the gRPC keepalive ping interval (30 s) and the dashboard's
+    /// SSE ping (15 s), so idle but healthy streams are never cut.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        ConnSettings {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 impl Config {
@@ -152,6 +182,7 @@ impl Config {
             backup: None,
             probe: Default::default(),
             eject: Default::default(),
+            connections: ConnSettings::default(),
         })
     }
 }

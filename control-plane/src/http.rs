@@ -12,6 +12,10 @@
 //! Probes and metrics carry no secrets and need no token; bind the listener
 //! to a private address all the same.
 //! With TLS configured it speaks TLS only (probes: `scheme: HTTPS`).
+//!
+//! Connections are capped and timed out by [`crate::conn`]; a request head
+//! must arrive within the header-read timeout (HTTP/1) and HTTP/2 clients
+//! are pinged and limited in concurrent streams.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -31,12 +35,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::catalog::Catalog;
+use crate::conn::ConnTable;
 use crate::dashboard::{self, Dashboard};
 use crate::heartbeat::wake;
 use crate::shutdown::Shutdown;
 
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 pings: a vanished client is noticed within interval + timeout.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent HTTP/2 streams per connection (a dashboard needs a few).
+const H2_MAX_CONCURRENT_STREAMS: u32 = 64;
 
 /// What the handlers need.
 #[derive(Clone)]
@@ -158,39 +169,41 @@ pub(crate) async fn serve(
     listener: TcpListener,
     state: HttpState,
     tls: Option<Arc<rustls::ServerConfig>>,
+    conns: Arc<ConnTable>,
     mut shutdown: Shutdown,
 ) {
-    let tls = tls.map(TlsAcceptor::from);
+    let header_timeout = conns.header_timeout();
+    // Pings are traffic: at least three per idle timeout keep an idle but
+    // healthy HTTP/2 connection from being closed as idle.
+    let ping = H2_KEEPALIVE_INTERVAL.min(conns.idle_timeout() / 3);
     let graceful = GracefulShutdown::new();
+    let mut incoming: Accepted = match tls.map(TlsAcceptor::from) {
+        None => Box::pin(crate::conn::incoming(listener, conns, |s| {
+            std::future::ready(Ok(Conn::Plain(s)))
+        })),
+        Some(acceptor) => Box::pin(crate::conn::incoming(listener, conns, move |s| {
+            let accept = acceptor.accept(s);
+            async move { accept.await.map(|t| Conn::Tls(Box::new(t))) }
+        })),
+    };
     loop {
+        use tokio_stream::StreamExt as _;
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "http accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (state, tls, watcher) = (state.clone(), tls.clone(), graceful.watcher());
+            accepted = incoming.next() => {
+                let Some(Ok((conn, peer))) = accepted else { break };
+                let (state, watcher) = (state.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    let Some(tls) = tls else {
-                        return serve_connection(stream, state, watcher, peer).await;
-                    };
-                    let handshake = tls.accept(stream);
-                    match tokio::time::timeout(claw_tls::server::HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, state, watcher, peer).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    match conn {
+                        Conn::Plain(s) => serve_connection(s, state, watcher, peer, header_timeout, ping).await,
+                        Conn::Tls(s) => serve_connection(*s, state, watcher, peer, header_timeout, ping).await,
                     }
                 });
             }
             () = shutdown.stopped() => break,
         }
     }
-    drop(listener);
+    // Dropping the stream stops accepting and closes the listener.
+    drop(incoming);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
@@ -199,12 +212,27 @@ pub(crate) async fn serve(
     }
 }
 
+/// The accepted connections, plain or TLS.
+type Accepted = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = std::io::Result<(Conn, std::net::SocketAddr)>> + Send>,
+>;
+
+/// An accepted HTTP connection, plain or TLS.
+enum Conn {
+    Plain(crate::conn::Limited<tokio::net::TcpStream>),
+    Tls(
+        Box<claw_tls::tokio_rustls::server::TlsStream<crate::conn::Limited<tokio::net::TcpStream>>>,
+    ),
+}
+
 /// Serves one (plain or TLS) connection, ending it gracefully on shutdown.
 async fn serve_connection<S>(
     stream: S,
     state: HttpState,
     watcher: Watcher,
     peer: std::net::SocketAddr,
+    header_timeout: Duration,
+    ping: Duration,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -212,7 +240,17 @@ async fn serve_connection<S>(
         let state = state.clone();
         async move { Ok::<_, Infallible>(route(state, req, peer).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT.min(ping))
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "http connection ended with an error");

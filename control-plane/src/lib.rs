@@ -64,6 +64,7 @@ pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod config;
+mod conn;
 pub mod crypto;
 mod dashboard;
 mod discovery;

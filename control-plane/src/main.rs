@@ -219,6 +219,28 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_WEBHOOK_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
     webhook_backoff_max: std::time::Duration,
 
+    /// Open connections per listener (gRPC and HTTP). At the cap a new
+    /// connection closes the oldest one that never sent a byte (on HTTP
+    /// also the one idle longest), so probes keep answering; otherwise it
+    /// is closed at once.
+    #[arg(
+        long,
+        env = "CLAW_CP_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    max_connections: usize,
+
+    /// A connection that sends nothing for this long is closed; on HTTP
+    /// also the time allowed for a request head.
+    #[arg(long, env = "CLAW_CP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    header_read_timeout: std::time::Duration,
+
+    /// A connection with no traffic for this long is closed. Keep it above
+    /// 40 s: gRPC keepalive pings every 30 s keep healthy proxy streams busy.
+    #[arg(long, env = "CLAW_CP_IDLE_TIMEOUT", default_value = "120s", value_parser = positive_duration)]
+    idle_timeout: std::time::Duration,
+
     /// Directory for scheduled backups (one at startup, then every
     /// --backup-every); off without it.
     #[arg(long, env = "CLAW_BACKUP_DIR", value_name = "DIR")]
@@ -412,6 +434,11 @@ impl TryFrom<ServeArgs> for Config {
             failures: args.probe_failures,
         };
         config.eject.failures = args.eject_failures;
+        config.connections = claw_control_plane::config::ConnSettings {
+            max_connections: args.max_connections,
+            header_timeout: args.header_read_timeout,
+            idle_timeout: args.idle_timeout,
+        };
         if args.backup_every.is_zero() {
             anyhow::bail!("--backup-every must be more than 0");
         }
@@ -424,6 +451,14 @@ impl TryFrom<ServeArgs> for Config {
             });
         Ok(config)
     }
+}
+
+fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

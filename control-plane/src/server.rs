@@ -38,7 +38,6 @@ use claw_proto::v1::stats_service_server::{self, StatsServiceServer};
 use claw_proto::v1::token_service_server::{self, TokenServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
@@ -57,6 +56,7 @@ use crate::api::stats::StatsApi;
 use crate::api::token::TokenApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::conn::ConnTable;
 use crate::dashboard::{Dashboard, Services};
 use crate::discovery::{self, Debounce, DiscoveryApi};
 use crate::events::Events;
@@ -102,6 +102,13 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// disconnected within interval + timeout.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Requests in flight on one gRPC connection (a proxy holds two streams;
+/// clawctl one call at a time): more waits, so one connection cannot take
+/// the server's every task.
+const GRPC_CONCURRENCY_PER_CONNECTION: usize = 256;
+/// HTTP/2 streams a gRPC client may open on one connection.
+const GRPC_MAX_CONCURRENT_STREAMS: u32 = 256;
 
 /// A control plane whose store is open and checked, not yet serving. Lets
 /// `main` refuse to start (wrong key, newer schema) before it announces its
@@ -211,6 +218,11 @@ impl Server {
         let prometheus = metrics::handle();
         metrics::touch();
         metrics::record_catalog(&catalog);
+        crate::conn::describe();
+        // Each listener its own cap; gRPC connections that have spoken are
+        // proxies' streams and clawctl calls, never closed to make room.
+        let grpc_conns = Arc::new(ConnTable::new("grpc", config.connections.clone(), false));
+        let http_conns = Arc::new(ConnTable::new("http", config.connections.clone(), true));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in SERVICES {
@@ -321,9 +333,14 @@ impl Server {
             fleet: fleet.clone(),
             shutdown: stop_rx.clone(),
         };
+        // Pings (and their answers) are traffic: at least three per idle
+        // timeout, so an idle but healthy stream is never closed as idle.
+        let third = config.connections.idle_timeout / 3;
         let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+            .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL.min(third)))
+            .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT.min(third)))
+            .concurrency_limit_per_connection(GRPC_CONCURRENCY_PER_CONNECTION)
+            .max_concurrent_streams(GRPC_MAX_CONCURRENT_STREAMS)
             .layer(GrpcMetricsLayer)
             .layer(AdminAccessLayer::new(access.clone()))
             .add_service(health_service)
@@ -391,17 +408,22 @@ impl Server {
         let grpc_addr = grpc.local_addr().ok();
         let http_addr = http.local_addr().ok();
         let grpc_stopped = async move { grpc_stop.stopped().await };
-        let mut grpc_task =
-            match grpc_tls {
-                Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
-                    claw_tls::server::incoming(grpc, tls),
-                    grpc_stopped,
-                )),
-                None => tokio::spawn(router.serve_with_incoming_shutdown(
-                    no_delay(TcpListenerStream::new(grpc)),
-                    grpc_stopped,
-                )),
-            };
+        let mut grpc_task = match grpc_tls {
+            Some(tls) => {
+                let acceptor = claw_tls::tokio_rustls::TlsAcceptor::from(tls);
+                let incoming = crate::conn::incoming(grpc, grpc_conns, move |s| acceptor.accept(s));
+                tokio::spawn(
+                    router.serve_with_incoming_shutdown(without_peer(incoming), grpc_stopped),
+                )
+            }
+            None => {
+                let incoming =
+                    crate::conn::incoming(grpc, grpc_conns, |s| std::future::ready(Ok(s)));
+                tokio::spawn(
+                    router.serve_with_incoming_shutdown(without_peer(incoming), grpc_stopped),
+                )
+            }
+        };
         let http_task = tokio::spawn(http::serve(
             http,
             HttpState {
@@ -411,6 +433,7 @@ impl Server {
                 heartbeats: Some(heartbeats.scheduler),
             },
             http_tls,
+            http_conns,
             stop_rx.clone(),
         ));
         let gauges = tokio::spawn(keep_gauges(catalog.clone(), stop_rx.clone()));
@@ -471,20 +494,15 @@ pub async fn run(
         .await
 }
 
-/// Disables Nagle's algorithm on every accepted connection: small pushes
-/// (cooldowns, shares, ACKs) would otherwise wait up to 40 ms for the
-/// peer's delayed ACK. (tonic sets it only on listeners it binds itself.)
-fn no_delay(
-    incoming: TcpListenerStream,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+/// The connections of [`crate::conn::incoming`] for tonic, which reads the
+/// peer from the connection itself. (`incoming` disables Nagle's algorithm:
+/// small pushes — cooldowns, shares, ACKs — would otherwise wait up to
+/// 40 ms for the peer's delayed ACK.)
+fn without_peer<T>(
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<(T, std::net::SocketAddr)>>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<T>> {
     use tokio_stream::StreamExt as _;
-    incoming.map(|conn| {
-        let conn = conn?;
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        Ok(conn)
-    })
+    incoming.map(|conn| conn.map(|(c, _peer)| c))
 }
 
 /// Updates the catalog gauges whenever the configuration version changes.

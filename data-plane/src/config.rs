@@ -50,6 +50,14 @@ pub struct ServerLimits {
     pub body_timeout: Duration,
     /// Idle keep-alive connections are closed after this.
     pub idle_timeout: Duration,
+    /// Open client connections on the API listener (see
+    /// `crate::server`'s connection cap). Above it an idle connection is
+    /// closed to make room; with none idle, a small reserve of connections
+    /// is served only `/healthz`, `/readyz` and `/metrics` (503 for the rest).
+    pub max_connections: usize,
+    /// A streamed response whose upstream sends nothing for this long is
+    /// ended with an error event in the stream's protocol.
+    pub stream_idle_timeout: Duration,
     /// How long in-flight requests may finish once the listener is closed.
     pub drain_timeout: Duration,
     /// After shutdown starts, how long the proxy keeps accepting and serving
@@ -66,7 +74,19 @@ impl Default for ServerLimits {
             max_body_bytes: 16 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
+            // Above the usual load-balancer idle timeout (60 s on AWS ALB
+            // and GCP): the balancer, not the proxy, should close an idle
+            // pooled connection, or it may send a request on a connection
+            // the proxy is closing.
             idle_timeout: Duration::from_secs(90),
+            // An idle connection costs one descriptor and ~10 KB; a stream
+            // two descriptors (client and upstream). 10,000 keeps a proxy
+            // within 64 Ki descriptors and a few hundred MB with room to
+            // spare, well above what one proxy serves in practice.
+            max_connections: 10_000,
+            // Reasoning models can think for a minute or more between
+            // events; two minutes of silence is a stalled upstream.
+            stream_idle_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
         }

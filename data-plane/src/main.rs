@@ -42,8 +42,11 @@ struct Args {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "CLAW_DP_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Time allowed to receive a request's headers.
-    #[arg(long, env = "CLAW_DP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Time allowed to receive a request's headers, counted from the
+    /// connection's start for its first request (a connection that sends
+    /// nothing is answered 408 and closed after it) and from the first byte
+    /// of each later one.
+    #[arg(long, visible_alias = "header-read-timeout", env = "CLAW_DP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_timeout: Duration,
     /// Time allowed to receive a whole request body.
     #[arg(long, env = "CLAW_DP_BODY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -51,6 +54,23 @@ struct Args {
     /// Idle keep-alive connections are closed after this.
     #[arg(long, env = "CLAW_DP_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Open client connections on the API port. Above it the connection
+    /// idle longest is closed to make room; with none idle a small reserve
+    /// serves only /healthz, /readyz and /metrics (503 for the rest), and
+    /// beyond that new connections are closed at once. Each connection
+    /// costs a file descriptor (a stream two): 10,000 fits a 64 Ki limit.
+    #[arg(
+        long,
+        env = "CLAW_DP_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    max_connections: usize,
+    /// A streamed answer whose upstream sends nothing for this long is
+    /// ended with an error event in the stream's protocol (the request
+    /// deadline, the pool's request_timeout, bounds the whole stream).
+    #[arg(long, env = "CLAW_DP_STREAM_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
     /// On SIGTERM, how long to keep accepting and serving new connections
     /// while /readyz already answers 503, so load balancers stop sending
     /// traffic before the listener closes (0 = stop accepting at once).
@@ -192,6 +212,8 @@ async fn main() -> anyhow::Result<()> {
         header_timeout: args.header_timeout,
         body_timeout: args.body_timeout,
         idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        stream_idle_timeout: args.stream_idle_timeout,
         drain_timeout: args.drain_timeout,
         drain_delay: args.drain_delay,
     };

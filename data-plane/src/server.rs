@@ -2,11 +2,23 @@
 //! metrics, hands `/v1/*` to the tower stack, and protects itself from bad
 //! clients and from its own bugs.
 //!
-//! - HTTP/1.1 with keep-alive and `TCP_NODELAY`.
+//! - HTTP/1.1 with keep-alive and `TCP_NODELAY` (HTTP/1.1 only: there are
+//!   no HTTP/2 client connections to ping or stream limits to set).
 //! - A per-connection watchdog closes connections idle longer than the idle
-//!   timeout and those that take longer than the header timeout from the
-//!   first byte of a request to its complete head (slowloris). Body reads
-//!   have their own timeout in the route layer (408).
+//!   timeout and those that take longer than the header timeout to send a
+//!   complete request head — counted from the connection's start for its
+//!   first request (a connection that sends nothing) and from the first
+//!   byte for later ones (slowloris). A plain-HTTP connection closed for
+//!   its head is answered 408 in OpenAI format first. Body reads have their
+//!   own timeout in the route layer (408).
+//! - A connection cap ([`ConnTable`], `--max-connections`): at the cap a new
+//!   connection closes the connection idle longest (one that never sent a
+//!   request first) to make room, so idle connections cannot lock clients
+//!   or probes out. With every connection busy, a reserve above the cap is
+//!   served `/healthz`, `/readyz` and `/metrics` only (503 and
+//!   `Connection: close` for the rest), and beyond the reserve a new
+//!   connection is closed at once. `claw_dp_connections_open`,
+//!   `claw_dp_connections_rejected_total`.
 //! - A panic in a handler becomes a 500 for that request only.
 //! - On shutdown, in three phases each logged once: `/readyz` answers 503
 //!   at once while new connections are still accepted and served for the
@@ -97,6 +109,139 @@ struct Worker {
     tls: Option<TlsAcceptor>,
     /// Whether `/metrics` is served here (false when it has its own listener).
     metrics_here: bool,
+    /// Open connections, for the cap.
+    conns: Arc<ConnTable>,
+}
+
+/// Open connections on the API listener.
+const CONNECTIONS_OPEN: &str = "claw_dp_connections_open";
+/// Connections refused at the cap: closed at accept, or answered 503 in
+/// the reserve.
+const CONNECTIONS_REJECTED: &str = "claw_dp_connections_rejected_total";
+/// Idle connections closed to make room for a new one at the cap.
+const CONNECTIONS_EVICTED: &str = "claw_dp_connections_evicted_total";
+
+fn describe_connection_metrics() {
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open client connections on the API listener"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Client connections refused at the connection cap (closed at accept or answered 503)"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_EVICTED,
+        "Idle client connections closed to make room for a new one at the connection cap"
+    );
+}
+
+/// How an accepted connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Below the cap (or room was made).
+    Normal,
+    /// In the reserve above the cap: probes and metrics only.
+    Reserve,
+    /// Beyond the reserve: closed at once.
+    Reject,
+}
+
+/// The API listener's open connections and the cap on them.
+pub(crate) struct ConnTable {
+    max: usize,
+    reserve: usize,
+    open: AtomicUsize,
+    /// Open connections chosen to close, not closed yet.
+    evicting: AtomicUsize,
+    next_id: AtomicU64,
+    /// Connections that may be closed to make room (not the reserve's).
+    conns: parking_lot::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+}
+
+impl ConnTable {
+    fn new(max: usize) -> Self {
+        let max = max.max(1);
+        ConnTable {
+            max,
+            // Enough for a few probes, scrapes and the connections being
+            // closed to make room while a burst arrives.
+            reserve: (max / 16).clamp(16, 256),
+            open: AtomicUsize::new(0),
+            evicting: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            conns: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Decides how a new connection is served, counting it as open unless
+    /// it is rejected. Connections already chosen to close (closing within
+    /// moments) do not count against the cap, so a burst does not refuse
+    /// probes while they go; twice the cap bounds descriptors regardless.
+    fn admit(&self) -> Admit {
+        let open = self.open();
+        let live = open.saturating_sub(self.evicting.load(Ordering::Relaxed));
+        let admit = if open >= 2 * self.max + self.reserve {
+            Admit::Reject
+        } else if live < self.max || self.evict_one() {
+            Admit::Normal
+        } else if live < self.max + self.reserve {
+            Admit::Reserve
+        } else {
+            Admit::Reject
+        };
+        match admit {
+            Admit::Reject => metrics::counter!(CONNECTIONS_REJECTED).increment(1),
+            _ => {
+                self.open.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        admit
+    }
+
+    fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A connection chosen to close (see [`ConnTable::evict_one`]) closed.
+    fn evicted_closed(&self) {
+        self.evicting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn register(&self, state: &Arc<ConnState>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().insert(id, state.clone());
+        id
+    }
+
+    fn deregister(&self, id: u64) {
+        self.conns.lock().remove(&id);
+    }
+
+    /// Closes the idle connection that is the best to lose — one that never
+    /// sent a request, then the one idle longest. False when every
+    /// connection is busy.
+    fn evict_one(&self) -> bool {
+        let conns = self.conns.lock();
+        let victim = conns
+            .values()
+            .filter(|c| c.active.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire))
+            .min_by_key(|c| (c.served.load(Ordering::Acquire), c.idle_at()));
+        match victim {
+            Some(c) => {
+                c.evicted.store(true, Ordering::Release);
+                self.evicting.fetch_add(1, Ordering::Relaxed);
+                c.evict.notify_one();
+                metrics::counter!(CONNECTIONS_EVICTED).increment(1);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -107,8 +252,9 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r
 }
 
-fn metrics_response(state: &AppState) -> Response<ProxyBody> {
+fn metrics_response(state: &AppState, conns: &ConnTable) -> Response<ProxyBody> {
     crate::metrics::set_cooldowns_active(state.cooldowns.active(Instant::now()));
+    metrics::gauge!(CONNECTIONS_OPEN).set(conns.open() as f64);
     let mut r = Response::new(ProxyBody::full(crate::metrics::render()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -118,9 +264,13 @@ fn metrics_response(state: &AppState) -> Response<ProxyBody> {
 }
 
 /// The separate metrics listener's routes: `/metrics` and `/healthz`.
-fn handle_metrics(state: &AppState, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn handle_metrics(
+    state: &AppState,
+    conns: &ConnTable,
+    req: &Request<Incoming>,
+) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => metrics_response(state),
+        (&Method::GET, "/metrics") => metrics_response(state, conns),
         (_, "/healthz") => text(StatusCode::OK, "ok\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -129,7 +279,12 @@ fn handle_metrics(state: &AppState, req: &Request<Incoming>) -> Response<ProxyBo
 /// Serves the metrics listener (plain HTTP/1.1) until the task is aborted.
 /// Each connection is closed after the header or idle timeout like the API
 /// port's, so a scraper cannot hold it open forever.
-async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, builder: Arc<http1::Builder>) {
+async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    builder: Arc<http1::Builder>,
+    conns: Arc<ConnTable>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _peer)) => s,
@@ -140,18 +295,20 @@ async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, builder: Arc
             }
         };
         let _ = stream.set_nodelay(true);
-        let (state, builder) = (state.clone(), builder.clone());
+        let (state, builder, conns) = (state.clone(), builder.clone(), conns.clone());
         tokio::spawn(async move {
             let conn_state = Arc::new(ConnState::new());
             let io = Watched {
                 io: stream,
                 state: conn_state.clone(),
+                plain: true,
+                answered: false,
             };
             let cs = conn_state.clone();
             let st = state.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let _guard = cs.begin();
-                let res = handle_metrics(&st, &req);
+                let res = handle_metrics(&st, &conns, &req);
                 async move { Ok::<_, Infallible>(res) }
             });
             tokio::select! {
@@ -166,16 +323,35 @@ async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, builder: Arc
 
 /// [`handle`] with the request's [`RequestId`] set as an extension and
 /// returned as `x-request-id` on every answer.
-async fn with_request_id(worker: Arc<Worker>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn with_request_id(
+    worker: Arc<Worker>,
+    mut req: Request<Incoming>,
+    reserve: bool,
+) -> Response<ProxyBody> {
     let id = RequestId::of(req.headers());
     req.extensions_mut().insert(id.clone());
-    let mut res = handle(worker, req).await;
+    let mut res = handle(worker, req, reserve).await;
     res.headers_mut()
         .insert(RequestId::HEADER, id.header_value());
     res
 }
 
-async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// 503 for an API request on a reserve connection (the proxy is at its
+/// connection cap with every connection busy).
+fn at_connection_cap(path: &str) -> Response<ProxyBody> {
+    metrics::counter!(CONNECTIONS_REJECTED).increment(1);
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "The proxy is at its connection limit; retry shortly.".into(),
+        kind: "service_unavailable",
+        param: None,
+        code: Some("too_many_connections"),
+        retry_after: Some(1),
+    }
+    .into_response_for(crate::error::Wire::for_path(path))
+}
+
+async fn handle(worker: Arc<Worker>, req: Request<Incoming>, reserve: bool) -> Response<ProxyBody> {
     let state = &worker.app;
     let path = req.uri().path();
     match path {
@@ -190,8 +366,9 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBo
             };
         }
         "/metrics" if worker.metrics_here && req.method() == Method::GET => {
-            return metrics_response(state);
+            return metrics_response(state, &worker.conns);
         }
+        p if reserve => return at_connection_cap(p),
         p if p.starts_with("/v1/") => {}
         _ => return ApiError::not_found().into_response(),
     }
@@ -208,13 +385,21 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ProxyBo
 }
 
 /// Per-connection activity, shared by the IO wrapper, the service and the watchdog.
-struct ConnState {
+pub(crate) struct ConnState {
     base: Instant,
     active: AtomicU32,
     /// Milliseconds since `base` when the connection last became idle.
     idle_since: AtomicU64,
-    /// 1 + milliseconds since `base` of the first byte read while idle; 0 = none.
+    /// 1 + milliseconds since `base` of the first byte read while idle
+    /// (or of the connection's start, until its first request); 0 = none.
     pending_since: AtomicU64,
+    /// A request head was received on this connection.
+    served: AtomicBool,
+    /// Chosen to be closed to make room at the connection cap.
+    evicted: AtomicBool,
+    evict: tokio::sync::Notify,
+    /// The head took too long: reads end (after a 408 on plain HTTP).
+    timed_out: AtomicBool,
 }
 
 impl ConnState {
@@ -223,7 +408,14 @@ impl ConnState {
             base: Instant::now(),
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
-            pending_since: AtomicU64::new(0),
+            // The first request's head is due within the header timeout of
+            // the connection's start: a connection that sends nothing is
+            // not kept for the (longer) idle timeout.
+            pending_since: AtomicU64::new(1),
+            served: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+            timed_out: AtomicBool::new(false),
         }
     }
 
@@ -231,9 +423,15 @@ impl ConnState {
         self.base.elapsed().as_millis() as u64
     }
 
+    /// When the connection last became idle (its start if never used).
+    fn idle_at(&self) -> Instant {
+        self.base + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
+    }
+
     fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         self.pending_since.store(0, Ordering::Release);
+        self.served.store(true, Ordering::Release);
         ActiveGuard(self.clone())
     }
 
@@ -259,12 +457,17 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Resolves when the connection should be closed for idleness or a slow head.
+/// Resolves when the connection should be closed for idleness, a slow
+/// head, or to make room at the connection cap.
 async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
     let header_ms = limits.header_timeout.as_millis() as u64;
     let idle_ms = limits.idle_timeout.as_millis() as u64;
     let tick = header_ms.min(idle_ms).max(10);
     loop {
+        if state.evicted.load(Ordering::Acquire) && state.active.load(Ordering::Acquire) == 0 {
+            tracing::debug!("closing an idle connection to make room at the connection cap");
+            return;
+        }
         let now = state.now_ms();
         let wake = if state.active.load(Ordering::Acquire) > 0 {
             now + tick
@@ -276,18 +479,39 @@ async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
                 state.idle_since.load(Ordering::Acquire) + idle_ms
             };
             if now >= deadline {
+                if pending != 0 {
+                    // The head is late: the connection's reads end (after
+                    // a 408, see `Watched`). Yielding re-polls the
+                    // connection at once; the sleep bounds how long it may
+                    // take to close.
+                    state.timed_out.store(true, Ordering::Release);
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 return;
             }
             deadline.min(now + tick)
         };
-        tokio::time::sleep_until(state.base + Duration::from_millis(wake)).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(state.base + Duration::from_millis(wake)) => {}
+            _ = state.evict.notified() => {}
+        }
     }
 }
 
-/// A TCP stream that reports reads to its [`ConnState`].
+/// What a connection whose request head is late is told before it is
+/// closed (plain HTTP; over TLS it is just closed).
+const HEAD_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 131\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"Timed out reading the request headers.\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"request_timeout\"}}";
+
+/// A TCP stream that reports reads to its [`ConnState`], and ends its
+/// reads (after a 408 on plain HTTP) once the request head is late.
 struct Watched {
     io: TcpStream,
     state: Arc<ConnState>,
+    /// Plain HTTP (not under TLS): the 408 can be written directly.
+    plain: bool,
+    /// The 408 was written.
+    answered: bool,
 }
 
 impl AsyncRead for Watched {
@@ -296,6 +520,18 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.state.timed_out.load(Ordering::Acquire)
+            && self.state.active.load(Ordering::Acquire) == 0
+        {
+            if self.plain && !self.answered {
+                // Best effort: nothing else is being written (no request is
+                // in flight) and a fresh socket's send buffer takes it.
+                self.answered = true;
+                let _ = self.io.try_write(HEAD_TIMEOUT_RESPONSE);
+            }
+            // End of input: hyper closes the connection.
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -376,7 +612,7 @@ pub(crate) struct Workers {
 
 /// The accept loop's handle on one serving thread.
 struct WorkerHandle {
-    conns: mpsc::UnboundedSender<std::net::TcpStream>,
+    conns: mpsc::UnboundedSender<(std::net::TcpStream, Admit)>,
     open: Arc<AtomicUsize>,
     done: oneshot::Receiver<()>,
 }
@@ -414,43 +650,59 @@ fn spawn_worker(
 /// One serving thread: serves the connections it is handed until the
 /// accept loop closes the channel, then drains.
 async fn serve_worker(
-    mut conns: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut conns: mpsc::UnboundedReceiver<(std::net::TcpStream, Admit)>,
     worker: Arc<Worker>,
     builder: Arc<http1::Builder>,
     open: Arc<AtomicUsize>,
 ) {
     let graceful = GracefulShutdown::new();
-    while let Some(stream) = conns.recv().await {
+    while let Some((stream, admit)) = conns.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {
                 open.fetch_sub(1, Ordering::Relaxed);
+                worker.conns.closed();
                 tracing::warn!(error = %e, "could not register an accepted connection");
                 continue;
             }
         };
         let conn_state = Arc::new(ConnState::new());
+        let reserve = admit == Admit::Reserve;
+        // Reserve connections are not closed to make room: they are few and
+        // answer one request each.
+        let id = (!reserve).then(|| worker.conns.register(&conn_state));
         let io = Watched {
             io: stream,
             state: conn_state.clone(),
+            plain: worker.tls.is_none(),
+            answered: false,
         };
         // Subscribed now, so a shutdown that starts during a TLS handshake
         // still reaches this connection.
         let watcher = graceful.watcher();
         let (worker, builder, open) = (worker.clone(), builder.clone(), open.clone());
         tokio::spawn(async move {
+            let ended = conn_state.clone();
             match worker.tls.clone() {
-                None => serve_connection(io, conn_state, &worker, &builder, watcher).await,
+                None => serve_connection(io, conn_state, &worker, &builder, watcher, reserve).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(tls, conn_state, &worker, &builder, watcher).await
+                            serve_connection(tls, conn_state, &worker, &builder, watcher, reserve)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
             }
+            if let Some(id) = id {
+                worker.conns.deregister(id);
+            }
+            if ended.evicted.load(Ordering::Acquire) {
+                worker.conns.evicted_closed();
+            }
+            worker.conns.closed();
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -470,6 +722,7 @@ async fn serve_connection<I>(
     worker: &Arc<Worker>,
     builder: &http1::Builder,
     watcher: Watcher,
+    reserve: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -480,8 +733,8 @@ async fn serve_connection<I>(
         let w = w.clone();
         async move {
             let draining = w.app.draining.load(Ordering::Relaxed);
-            let mut res = with_request_id(w, req).await;
-            if draining {
+            let mut res = with_request_id(w, req, reserve).await;
+            if draining || reserve {
                 // Shutting down: this connection closes after the response,
                 // so a keep-alive client reconnects (to another pod) for
                 // its next request instead of racing the drain.
@@ -535,6 +788,9 @@ pub(crate) async fn serve(
         .keep_alive(true)
         .max_buf_size(256 * 1024);
     let builder = Arc::new(builder);
+    describe_connection_metrics();
+    crate::stream::set_idle_timeout(state.limits.stream_idle_timeout);
+    let conns = Arc::new(ConnTable::new(state.limits.max_connections));
     let mut handles = Vec::with_capacity(workers.threads.max(1));
     for i in 0..workers.threads.max(1) {
         let worker = Worker {
@@ -542,12 +798,19 @@ pub(crate) async fn serve(
             stack: (workers.make_stack)()?,
             tls: workers.tls.clone().map(TlsAcceptor::from),
             metrics_here: metrics.is_none(),
+            conns: conns.clone(),
         };
         handles.push(spawn_worker(i, worker, builder.clone())?);
     }
     tracing::debug!(threads = handles.len(), "serving threads started");
-    let metrics_task =
-        metrics.map(|l| tokio::spawn(serve_metrics(l, state.clone(), builder.clone())));
+    let metrics_task = metrics.map(|l| {
+        tokio::spawn(serve_metrics(
+            l,
+            state.clone(),
+            builder.clone(),
+            conns.clone(),
+        ))
+    });
     let mut next = 0usize;
     let mut failed = None;
     let drain_delay = state.limits.drain_delay;
@@ -589,15 +852,22 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        let admit = conns.admit();
+        if admit == Admit::Reject {
+            tracing::debug!("connection cap and its reserve reached: closing a new connection");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
+                conns.closed();
                 tracing::warn!(error = %e, "could not hand over an accepted connection");
                 continue;
             }
         };
-        match dispatch(&mut handles, &mut next, stream) {
+        match dispatch(&mut handles, &mut next, stream, admit) {
             Ok(()) => {}
             Err(gone) => {
                 failed = Some(gone);
@@ -645,15 +915,16 @@ fn dispatch(
     handles: &mut Vec<WorkerHandle>,
     next: &mut usize,
     mut stream: std::net::TcpStream,
+    admit: Admit,
 ) -> anyhow::Result<()> {
     while !handles.is_empty() {
         let best = least_loaded(handles, *next);
         *next = best + 1;
         let h = &handles[best];
         h.open.fetch_add(1, Ordering::Relaxed);
-        match h.conns.send(stream) {
+        match h.conns.send((stream, admit)) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::SendError(back)) => {
+            Err(mpsc::error::SendError((back, _))) => {
                 stream = back;
                 tracing::error!(
                     thread = best,
@@ -729,12 +1000,12 @@ mod tests {
         ];
         let mut next = 0;
         // The dead thread has fewer connections, so it is tried first.
-        dispatch(&mut hs, &mut next, socket()).expect("the live thread takes it");
+        dispatch(&mut hs, &mut next, socket(), Admit::Normal).expect("the live thread takes it");
         assert_eq!(hs.len(), 1);
         assert!(live_rx.try_recv().is_ok());
         assert_eq!(hs[0].open.load(Ordering::Relaxed), 6);
         drop(live_rx);
-        let err = dispatch(&mut hs, &mut next, socket()).expect_err("nobody left");
+        let err = dispatch(&mut hs, &mut next, socket(), Admit::Normal).expect_err("nobody left");
         assert!(err.to_string().contains("every serving thread is gone"));
         assert!(hs.is_empty());
     }

@@ -15,6 +15,13 @@
 //! - a drain deadline: when the client goes away mid-answer the rest of the
 //!   upstream body is read in the background (until the request deadline),
 //!   so the observer still learns what the upstream produced;
+//! - time limits: with a request deadline ([`UpstreamBody::drain_until`])
+//!   the body is cut when it passes, and every body is cut when the
+//!   upstream sends nothing for the stream idle timeout
+//!   ([`set_idle_timeout`], `--stream-idle-timeout`). A cut body ends like
+//!   a broken one (the error event in the stream's protocol, then an
+//!   error), the upstream connection is closed, and the observer gets the
+//!   usage seen so far;
 //! - a [`StreamTranslator`] for a stream served by a backend of the other
 //!   protocol: the observer and the scanner see the upstream's bytes, the
 //!   client the translator's. The error event is then in the client's
@@ -22,6 +29,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,13 +60,120 @@ pub fn disconnected_event(dialect: Dialect, tally: Option<&SseTally>) -> Bytes {
     match dialect {
         Dialect::Chat => Bytes::from_static(SSE_UPSTREAM_DISCONNECTED),
         Dialect::Messages => Bytes::from_static(MESSAGES_UPSTREAM_DISCONNECTED),
+        Dialect::Responses => error_event(dialect, tally, Cut::Disconnected),
+    }
+}
+
+/// Why a stream was ended before the upstream finished it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The upstream body failed.
+    Disconnected,
+    /// The request deadline passed mid-stream.
+    Deadline,
+    /// The upstream sent nothing for the stream idle timeout.
+    Idle,
+}
+
+impl Cut {
+    fn code(self) -> &'static str {
+        match self {
+            Cut::Disconnected => "upstream_disconnected",
+            Cut::Deadline => "request_timeout",
+            Cut::Idle => "stream_idle_timeout",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Cut::Disconnected => "The upstream backend disconnected mid-stream.",
+            Cut::Deadline => "The request deadline passed mid-stream.",
+            Cut::Idle => "The upstream backend sent nothing for too long mid-stream.",
+        }
+    }
+}
+
+/// The error event ending a stream of `dialect` for `cut`: the OpenAI
+/// error chunk (chat, completions), Anthropic's `event: error` (Messages)
+/// or the Responses `error` event numbered after the last one seen.
+pub fn error_event(dialect: Dialect, tally: Option<&SseTally>, cut: Cut) -> Bytes {
+    let (code, message) = (cut.code(), cut.message());
+    match dialect {
+        Dialect::Chat if cut == Cut::Disconnected => Bytes::from_static(SSE_UPSTREAM_DISCONNECTED),
+        Dialect::Messages if cut == Cut::Disconnected => {
+            Bytes::from_static(MESSAGES_UPSTREAM_DISCONNECTED)
+        }
+        Dialect::Chat => Bytes::from(format!(
+            "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"upstream_error\",\"code\":\"{code}\"}}}}\n\n"
+        )),
+        Dialect::Messages => Bytes::from(format!(
+            "event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"api_error\",\"message\":\"{message}\"}}}}\n\n"
+        )),
         Dialect::Responses => {
             let seq = tally
                 .and_then(|t| t.sequence_number)
                 .map_or(0, |n| n.saturating_add(1));
             Bytes::from(format!(
-                "event: error\ndata: {{\"type\":\"error\",\"code\":\"upstream_disconnected\",\"message\":\"The upstream backend disconnected mid-stream.\",\"param\":null,\"sequence_number\":{seq}}}\n\n"
+                "event: error\ndata: {{\"type\":\"error\",\"code\":\"{code}\",\"message\":\"{message}\",\"param\":null,\"sequence_number\":{seq}}}\n\n"
             ))
+        }
+    }
+}
+
+/// The stream idle timeout in milliseconds (0 = none); process-wide, set
+/// by the server from `ServerLimits::stream_idle_timeout`.
+static IDLE_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the stream idle timeout for bodies created from now on (zero
+/// disables it).
+pub fn set_idle_timeout(timeout: Duration) {
+    IDLE_TIMEOUT_MS.store(
+        u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+fn idle_timeout() -> Option<Duration> {
+    match IDLE_TIMEOUT_MS.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
+/// The request deadline and the idle timeout of one body.
+struct Limits {
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<Duration>,
+    idle_sleep: Option<Pin<Box<Sleep>>>,
+    /// When the upstream last sent data.
+    last_data: Instant,
+}
+
+impl Limits {
+    /// Whether a limit passed (to be checked when the body is pending).
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Option<Cut> {
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Some(Cut::Deadline);
+        }
+        let idle = self.idle?;
+        loop {
+            let due = self.last_data + idle;
+            let sleep = self
+                .idle_sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if sleep.deadline() != due {
+                // Data came since the timer was set: move it (lazily, so a
+                // fast stream does not touch the timer for every chunk).
+                sleep.as_mut().reset(due);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            if Instant::now() >= self.last_data + idle {
+                return Some(Cut::Idle);
+            }
         }
     }
 }
@@ -118,6 +233,7 @@ where
     /// Turns the upstream's events into the client's protocol.
     translator: Option<Box<dyn StreamTranslator>>,
     drain_until: Option<Instant>,
+    limits: Limits,
     state: State,
     observer: Option<O>,
 }
@@ -137,6 +253,12 @@ where
             scanner: None,
             translator: None,
             drain_until: None,
+            limits: Limits {
+                deadline: None,
+                idle: idle_timeout(),
+                idle_sleep: None,
+                last_data: Instant::now(),
+            },
             state: State::Streaming,
             observer: Some(observer),
         }
@@ -184,11 +306,33 @@ where
         }
     }
 
-    /// Keeps reading the upstream body until `deadline` if the client goes
-    /// away before its end.
+    /// The request deadline: the body is cut when it passes, and read on
+    /// until then (for its usage) if the client goes away before its end.
     pub fn drain_until(mut self, deadline: Instant) -> Self {
         self.drain_until = Some(deadline);
+        self.limits.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         self
+    }
+
+    /// Ends the body early for `cut`: closes the upstream, tells the
+    /// observer (with the usage seen so far), and on SSE sends the error
+    /// event before the body fails.
+    fn cut(&mut self, cut: Cut) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::warn!(reason = cut.code(), "ending a streamed answer early");
+        self.inner = None;
+        let tally = self.scanner.as_ref().map(SseUsage::tally);
+        self.finish(End::UpstreamError);
+        let e: BoxError = cut.message().into();
+        if self.sse {
+            self.state = State::Failing(e, Box::pin(tokio::time::sleep(FLUSH_BEFORE_ERROR)));
+            return Poll::Ready(Some(Ok(Frame::data(error_event(
+                self.dialect,
+                tally.as_ref(),
+                cut,
+            )))));
+        }
+        self.state = State::Done;
+        Poll::Ready(Some(Err(e)))
     }
 
     fn finish(&mut self, end: End) {
@@ -229,8 +373,19 @@ where
                 return Poll::Ready(None);
             };
             match Pin::new(&mut *inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    return match this.limits.poll_cut(cx) {
+                        Some(cut) => this.cut(cut),
+                        None => Poll::Pending,
+                    };
+                }
                 Poll::Ready(Some(Ok(frame))) => {
+                    let now = Instant::now();
+                    this.limits.last_data = now;
+                    if this.drain_until.is_some_and(|d| now >= d) {
+                        // A stream that never pauses still ends on time.
+                        return this.cut(Cut::Deadline);
+                    }
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(other) => return Poll::Ready(Some(Ok(other))),
@@ -416,6 +571,73 @@ mod tests {
         assert!(b.frame().await.is_none());
         assert_eq!(seen.0.lock().1, Some(End::UpstreamError));
         assert_eq!(seen.0.lock().0, 1);
+    }
+
+    /// One chunk, then nothing ever again.
+    fn stalled_after(
+        first: &'static str,
+    ) -> impl Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static {
+        use futures::StreamExt as _;
+        let frames = futures::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+            first.as_bytes(),
+        )))])
+        .chain(futures::stream::pending());
+        StreamBody::new(frames)
+    }
+
+    /// A chunk every 100 ms, forever.
+    fn endless() -> impl Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static {
+        let frames = futures::stream::unfold(0u64, |n| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let event = format!(
+                "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"sequence_number\":{n},\"delta\":\"x\"}}\n\n"
+            );
+            Some((Ok::<_, BoxError>(Frame::data(Bytes::from(event))), n + 1))
+        });
+        StreamBody::new(Box::pin(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_is_ended_by_the_idle_timeout() {
+        let seen = Seen::default();
+        let mut b = UpstreamBody::new(stalled_after("data: {\"a\":1}\n\n"), true, seen.clone());
+        b.limits.idle = Some(Duration::from_secs(5));
+        let started = Instant::now();
+        let f1 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&f1[..], b"data: {\"a\":1}\n\n");
+        let f2 = b.frame().await.unwrap().unwrap().into_data().unwrap();
+        let (_, data) = parse_event(&f2);
+        assert_eq!(data["error"]["code"], "stream_idle_timeout");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(b.frame().await.unwrap().is_err());
+        assert!(b.frame().await.is_none());
+        assert_eq!(*seen.0.lock(), (1, Some(End::UpstreamError)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_stream_is_ended_at_the_request_deadline() {
+        let seen = Tallied::default();
+        let mut b = UpstreamBody::new(endless(), true, seen.clone())
+            .with_dialect(Dialect::Responses)
+            .with_scanner(SseUsage::reading(Dialect::Responses))
+            .drain_until(Instant::now() + Duration::from_secs(2));
+        b.limits.idle = Some(Duration::from_secs(1));
+        let mut last = Bytes::new();
+        let mut frames = 0;
+        while let Some(Ok(frame)) = b.frame().await {
+            last = frame.into_data().unwrap();
+            frames += 1;
+            assert!(frames < 100, "the stream was not cut");
+        }
+        let (name, data) = parse_event(&last);
+        assert_eq!(name.as_deref(), Some("error"));
+        assert_eq!(data["code"], "request_timeout");
+        // Numbered after the last delta the client saw.
+        assert_eq!(data["sequence_number"], frames - 1);
+        assert!(matches!(
+            *seen.0.lock(),
+            Some((End::UpstreamError, Some(_)))
+        ));
     }
 
     type Ended = Option<(End, Option<SseTally>)>;

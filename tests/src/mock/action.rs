@@ -46,6 +46,10 @@ pub enum ResetPoint {
     /// Send the head and some of the body, then abort: no `[DONE]`, no
     /// chunked terminator. Non-streaming answers are cut halfway.
     MidStream,
+    /// Stream `after_chunks` content chunks, then send nothing more while
+    /// keeping the connection open (a stalled upstream). Non-streaming
+    /// answers are cut as with `mid_stream`.
+    Stall,
 }
 
 impl Action {
@@ -77,6 +81,16 @@ impl Action {
     pub fn reset_mid_stream(after_chunks: u32) -> Self {
         Self {
             reset: Some(ResetPoint::MidStream),
+            after_chunks: Some(after_chunks),
+            ..Self::default()
+        }
+    }
+
+    /// Streams `after_chunks` content chunks, then stalls (see
+    /// [`ResetPoint::Stall`]).
+    pub fn stall_after(after_chunks: u32) -> Self {
+        Self {
+            reset: Some(ResetPoint::Stall),
             after_chunks: Some(after_chunks),
             ..Self::default()
         }

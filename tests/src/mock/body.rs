@@ -159,10 +159,12 @@ impl Body for MockBody {
     }
 }
 
-/// Lets the connection flush, then fails the body.
+/// Lets the connection flush, then fails the body — or, stalling, never
+/// ends it (the connection stays open with nothing more sent).
 #[derive(Default)]
 struct AbortState {
     flush: Option<Pin<Box<Sleep>>>,
+    stall: bool,
 }
 
 impl AbortState {
@@ -171,6 +173,11 @@ impl AbortState {
         cx: &mut Context<'_>,
         guard: Option<&mut RecordGuard>,
     ) -> Poll<ScriptedAbort> {
+        if self.stall {
+            // A stalled upstream: nothing more, ever (until the client
+            // closes the connection and the body is dropped).
+            return Poll::Pending;
+        }
         let flush = self
             .flush
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(FLUSH_BEFORE_ABORT)));
@@ -233,6 +240,12 @@ impl SseStream {
             pacing: None,
             abort: AbortState::default(),
         }
+    }
+
+    /// Stalls instead of aborting at `cut_after` (`reset: stall`).
+    pub(crate) fn stall(mut self, on: bool) -> Self {
+        self.abort.stall = on;
+        self
     }
 
     fn poll_next(
@@ -336,6 +349,12 @@ impl EventStream {
             pacing: None,
             abort: AbortState::default(),
         }
+    }
+
+    /// Stalls instead of aborting at `cut_after` (`reset: stall`).
+    pub(crate) fn stall(mut self, on: bool) -> Self {
+        self.abort.stall = on;
+        self
     }
 
     fn poll_next(

@@ -574,7 +574,10 @@ fn answer_messages(
         cache.write_1h,
     );
     let id = random_id("msg_mock");
-    let cut = action.reset == Some(ResetPoint::MidStream);
+    let cut = matches!(
+        action.reset,
+        Some(ResetPoint::MidStream | ResetPoint::Stall)
+    );
     guard.set_status(200);
     if let Some(call) = &info.tool_call {
         let call_id = format!("toolu_mock{}", guard.seq());
@@ -582,7 +585,8 @@ fn answer_messages(
             let events =
                 tools::message_stream_events(&id, model, &call_id, call, info.prompt_tokens, cache);
             let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
-            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay)
+                .stall(action.reset == Some(ResetPoint::Stall));
             return sse_response(shared, guard, stream);
         }
         let body = tools::message_body(&id, model, &call_id, call, info.prompt_tokens, cache);
@@ -594,7 +598,8 @@ fn answer_messages(
     if info.stream {
         let events = anthropic::stream_events(&id, model, &reply, info.prompt_tokens, cache);
         let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
-        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay)
+            .stall(action.reset == Some(ResetPoint::Stall));
         return sse_response(shared, guard, stream);
     }
     let body = anthropic::message_body(&id, model, &reply, info.prompt_tokens, cache);
@@ -631,13 +636,17 @@ fn answer_responses(
             .store
             .put(&id, done.clone(), &blocks, &reply, &shared.cache, min);
     }
-    let cut = action.reset == Some(ResetPoint::MidStream);
+    let cut = matches!(
+        action.reset,
+        Some(ResetPoint::MidStream | ResetPoint::Stall)
+    );
     guard.set_status(200);
     if info.stream {
         let started = responses::response_json(ids, created, model, info, &reply, None);
         let events = responses::stream_events(ids, &started, &done, &reply);
         let cut_after = cut.then(|| action.after_chunks.unwrap_or(0));
-        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+        let stream = EventStream::new(events, cut_after, shared.config.chunk_delay)
+            .stall(action.reset == Some(ResetPoint::Stall));
         return sse_response(shared, guard, stream);
     }
     let body = responses::to_bytes(&done);
@@ -661,7 +670,10 @@ fn answer(
         .as_deref()
         .or(shared.config.models.first().map(String::as_str))
         .unwrap_or("mock-model");
-    let cut = action.reset == Some(ResetPoint::MidStream);
+    let cut = matches!(
+        action.reset,
+        Some(ResetPoint::MidStream | ResetPoint::Stall)
+    );
     if endpoint == Endpoint::Embeddings {
         let dims = info
             .dimensions
@@ -700,7 +712,8 @@ fn answer(
                 cached,
                 info.include_usage,
             );
-            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay);
+            let stream = EventStream::new(events, cut_after, shared.config.chunk_delay)
+                .stall(action.reset == Some(ResetPoint::Stall));
             return sse_response(shared, guard, stream);
         }
         let body = tools::chat_body(&id, created, model, &call_id, call, prompt, cached);
@@ -720,7 +733,8 @@ fn answer(
             info.include_usage,
             cut_after,
             shared.config.chunk_delay,
-        );
+        )
+        .stall(action.reset == Some(ResetPoint::Stall));
         let seq = guard.seq();
         let body = MockBody::stream(stream, guard);
         let mut resp = Response::new(body);

@@ -1,0 +1,344 @@
+//! Connections are capped and idle ones closed (issue 17, item 3): a client
+//! with no credentials holding hundreds of zero-byte connections does not
+//! stop the proxy or the control plane from serving — probes above all —
+//! and a connection that sends nothing is closed after the header-read
+//! timeout (the proxy answers it 408 in OpenAI format first).
+
+use crate::data_plane_support::*;
+use claw_tests::harness::{ControlPlane, Proxy, wait_until};
+use claw_tests::mock::Action;
+use futures::StreamExt as _;
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Generous: polls end as soon as their condition holds.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A raw TCP connection that never sends a byte, and what it was told.
+struct Idle {
+    stream: TcpStream,
+    got: Vec<u8>,
+    closed: bool,
+}
+
+fn open_idle(addr: SocketAddr, n: usize) -> Vec<Idle> {
+    (0..n)
+        .map(|i| {
+            let stream = TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
+            stream.set_nonblocking(true).expect("nonblocking");
+            Idle {
+                stream,
+                got: Vec::new(),
+                closed: false,
+            }
+        })
+        .collect()
+}
+
+/// Reads what arrived on each connection; returns how many are closed.
+fn closed_count(conns: &mut [Idle]) -> usize {
+    let mut buf = [0u8; 1024];
+    for c in conns.iter_mut().filter(|c| !c.closed) {
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.closed = true;
+                    break;
+                }
+                Ok(n) => c.got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    c.closed = true;
+                    break;
+                }
+            }
+        }
+    }
+    conns.iter().filter(|c| c.closed).count()
+}
+
+/// Polls `cond` until it holds (true) or [`WAIT`] passes (false).
+async fn eventually<F, Fut>(mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client that opens a new connection for every request and keeps none.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("a reqwest client")
+}
+
+/// `GET url` on a new connection: the status, or None when refused.
+async fn get_status(url: &str) -> Option<u16> {
+    fresh_client()
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// The value of an unlabelled (or first matching) sample in a scrape.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(url: &str) -> String {
+    fresh_client()
+        .get(url)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_keeps_serving_probes_and_clients_with_300_idle_connections_at_a_cap_of_50() {
+    let c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        proxy_args: vec![
+            "--max-connections".into(),
+            "50".into(),
+            // Long, so the idle connections stay until the cap closes them.
+            "--header-read-timeout".into(),
+            "60s".into(),
+        ],
+        ..ClusterOptions::default()
+    });
+    let p = c.proxy();
+    let mut idle = open_idle(p.addr(), 300);
+
+    // Probes and clients get through: the cap closes idle connections to
+    // make room.
+    let url = p.url();
+    // Polled: a probe racing the burst may find the connections chosen to
+    // close still closing.
+    for probe in ["healthz", "readyz"] {
+        let probe_url = format!("{url}/{probe}");
+        assert!(
+            eventually(|| async { get_status(&probe_url).await == Some(200) }).await,
+            "/{probe} did not answer at the cap"
+        );
+    }
+    let res = fresh_client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&c.key)
+        .json(&chat_body(CHAT, false))
+        .send()
+        .await
+        .expect("a chat request at the cap");
+    assert_eq!(res.status(), 200);
+
+    // The proxy holds at most the cap (plus its small reserve), closing
+    // the rest of the idle connections.
+    assert!(
+        wait_until(WAIT, || closed_count(&mut idle) >= 300 - 50 - 16),
+        "only {} of 300 idle connections were closed",
+        closed_count(&mut idle)
+    );
+    let metrics = scrape(&format!("{url}/metrics")).await;
+    assert!(metrics.contains("# TYPE claw_dp_connections_open gauge"));
+    assert!(metrics.contains("# HELP claw_dp_connections_rejected_total"));
+    let open = sample(&metrics, "claw_dp_connections_open").expect("the open gauge");
+    assert!(open <= 66.0, "{open} connections open at a cap of 50");
+    // Each idle connection beyond the cap was closed to make room or, in a
+    // burst faster than those close, refused at once.
+    let evicted = sample(&metrics, "claw_dp_connections_evicted_total").unwrap_or(0.0);
+    let rejected = sample(&metrics, "claw_dp_connections_rejected_total").unwrap_or(0.0);
+    assert!(
+        evicted > 0.0 && evicted + rejected >= 234.0,
+        "evicted {evicted}, rejected {rejected}"
+    );
+    drop(idle);
+
+    // With every connection busy (50 stalled streams), a request on a new
+    // connection is refused with 503 in OpenAI format while probes still
+    // answer from the reserve.
+    for mock in [&c.primary, &c.fallback] {
+        mock.set_always(Some(Action::stall_after(1)));
+    }
+    let metrics_url = format!("{url}/metrics");
+    assert!(
+        eventually(|| async {
+            let m = scrape(&metrics_url).await;
+            sample(&m, "claw_dp_connections_open").is_some_and(|n| n <= 1.0)
+        })
+        .await,
+        "the idle connections did not go"
+    );
+    let streams: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, url, key) = (fresh_client(), url.clone(), c.key.clone());
+            tokio::spawn(async move {
+                let res = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(key)
+                    .json(&chat_body(CHAT, true))
+                    .send()
+                    .await;
+                if let Ok(res) = res {
+                    let mut body = res.bytes_stream();
+                    while let Some(Ok(_)) = body.next().await {}
+                }
+            })
+        })
+        .collect();
+    assert!(
+        eventually(|| async { c.primary.totals().requests + c.fallback.totals().requests >= 51 })
+            .await,
+        "the 50 streams did not reach the upstreams"
+    );
+    let res = fresh_client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&c.key)
+        .json(&chat_body(CHAT, false))
+        .send()
+        .await
+        .expect("an answer from the reserve");
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let body: serde_json::Value = res.json().await.expect("an OpenAI error");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+    assert_eq!(get_status(&format!("{url}/healthz")).await, Some(200));
+
+    // Once the streams end, clients are served again.
+    for s in &streams {
+        s.abort();
+    }
+    for mock in [&c.primary, &c.fallback] {
+        mock.set_always(None);
+    }
+    let mut last = None;
+    for _ in 0..60 {
+        let res = fresh_client()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&c.key)
+            .json(&chat_body(CHAT, false))
+            .send()
+            .await;
+        last = res.ok().map(|r| r.status().as_u16());
+        if last == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last, Some(200), "served again after the streams ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_connection_that_sends_nothing_gets_408_and_is_closed_after_the_header_timeout() {
+    let cp = ControlPlane::start();
+    let p = Proxy::builder(&cp)
+        .args(["--header-read-timeout", "1s"])
+        .start();
+    p.wait_ready();
+    let mut idle = open_idle(p.addr(), 20);
+    assert!(
+        wait_until(WAIT, || closed_count(&mut idle) == 20),
+        "idle connections were not closed"
+    );
+    for c in &idle {
+        let text = String::from_utf8_lossy(&c.got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_serves_health_and_clawctl_with_300_idle_connections_on_each_listener() {
+    let cp = ControlPlane::builder()
+        .args(["--max-connections", "50", "--header-read-timeout", "2s"])
+        .start();
+    let mut http_idle = open_idle(cp.http_addr(), 300);
+    let mut grpc_idle = open_idle(cp.grpc_addr(), 300);
+
+    let health = format!("{}/healthz", cp.http_url());
+    assert!(
+        eventually(|| async { get_status(&health).await == Some(200) }).await,
+        "/healthz did not answer at the cap"
+    );
+    let mut out = String::new();
+    assert!(
+        wait_until(WAIT, || {
+            let r = cp.clawctl(&["backend", "list", "-o", "json"]);
+            out = format!("{r:?}");
+            r.success()
+        }),
+        "clawctl failed at the cap: {out}"
+    );
+
+    // Every idle connection is closed: to make room, or after the timeout.
+    assert!(
+        wait_until(WAIT, || closed_count(&mut http_idle) == 300),
+        "HTTP: {} of 300 idle connections closed",
+        closed_count(&mut http_idle)
+    );
+    assert!(
+        wait_until(WAIT, || closed_count(&mut grpc_idle) == 300),
+        "gRPC: {} of 300 idle connections closed",
+        closed_count(&mut grpc_idle)
+    );
+    // And both listeners still serve afterwards.
+    assert_eq!(get_status(&health).await, Some(200));
+    cp.clawctl(&["pool", "list"]).assert_ok();
+    let metrics = scrape(&format!("{}/metrics", cp.http_url())).await;
+    assert!(
+        metrics.contains("# TYPE claw_cp_connections_open gauge"),
+        "{metrics:.2000}"
+    );
+    assert!(metrics.contains("claw_cp_connections_evicted_total{listener=\"grpc\"}"));
+    assert!(metrics.contains("claw_cp_connections_evicted_total{listener=\"http\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_stream_outlives_the_control_planes_idle_timeout() {
+    let cp = ControlPlane::builder()
+        .args(["--idle-timeout", "2s"])
+        .start();
+    let p = Proxy::builder(&cp).start();
+    p.wait_ready();
+    // Several idle timeouts with no configuration change: keepalive pings
+    // keep the config and report streams alive.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cp.flush_logs();
+    assert!(
+        !cp.logs().contains("proxy disconnected"),
+        "an idle but healthy stream was cut:\n{}",
+        cp.logs()
+    );
+    // And the stream still carries changes.
+    cp.clawctl(&["key", "add", "after-idle"]).assert_ok();
+    let want = config_version(&cp);
+    assert!(
+        eventually(|| async { acked_versions(&cp).get(p.node_id()) == Some(&want) }).await,
+        "the proxy did not ACK version {want} after the idle period"
+    );
+}
