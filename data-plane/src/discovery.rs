@@ -290,6 +290,22 @@ impl Dispatcher {
     }
 }
 
+/// The instant of `unix_ms` on the control plane's clock, on this proxy's
+/// monotonic clock. Skew between the machines moves every mark alike, so
+/// their order — all the cap needs — is kept.
+fn instant_of_unix_ms(unix_ms: i64, now: Instant) -> Instant {
+    let sys_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let diff = sys_now.saturating_sub(unix_ms);
+    let d = Duration::from_millis(diff.unsigned_abs());
+    if diff >= 0 {
+        now.checked_sub(d).unwrap_or(now)
+    } else {
+        now.checked_add(d).unwrap_or(now)
+    }
+}
+
 impl Dispatcher {
     /// Applies health updates to the table (the whole table when
     /// `complete`), then to the runtime of the snapshot's backends.
@@ -302,12 +318,17 @@ impl Dispatcher {
         };
         table.retain(|_, m| m.holds(now));
         for u in updates {
-            // A mark that still holds keeps its start: the cap's order.
-            let since = table
-                .get(&u.backend_id)
-                .or_else(|| previous.get(&u.backend_id))
-                .filter(|m| m.holds(now))
-                .map_or(now, |m| m.since);
+            // The cap's order: when the control plane says the backend
+            // entered the state (the same on every proxy), else — from an
+            // older control plane — a mark that still holds keeps its start.
+            let since = match u.since_unix_ms {
+                0 => table
+                    .get(&u.backend_id)
+                    .or_else(|| previous.get(&u.backend_id))
+                    .filter(|m| m.holds(now))
+                    .map_or(now, |m| m.since),
+                ms => instant_of_unix_ms(ms, now),
+            };
             let verdict = match HealthState::try_from(u.state) {
                 Ok(HealthState::Unhealthy) => Some(Verdict::Unhealthy),
                 Ok(HealthState::Ejected) if u.remaining_ms > 0 => Some(Verdict::Ejected {
@@ -745,6 +766,7 @@ mod tests {
                 state: HealthState::Healthy as i32,
                 remaining_ms: 0,
                 reason: "probe: ok: 200 in 3 ms".into(),
+                since_unix_ms: 0,
             }],
             ..Default::default()
         });
@@ -866,7 +888,50 @@ mod tests {
             state: state as i32,
             remaining_ms,
             reason: "probe: connect: connection refused".into(),
+            since_unix_ms: 0,
         }
+    }
+
+    /// The cap keeps the earliest marked out; "earliest" is the control
+    /// plane's `since_unix_ms`, so a proxy that receives the whole table in
+    /// one message orders it like the proxies that saw each mark arrive.
+    #[tokio::test(start_paused = true)]
+    async fn marks_are_ordered_by_the_control_planes_since() {
+        use crate::test_util::backend;
+        use claw_proto::Pool;
+        let store = SnapshotStore::default();
+        let d = dispatcher("me", &store);
+        d.handle(StreamConfigResponse {
+            version: 2,
+            nonce: "n".into(),
+            snapshot: Some(v1::Snapshot {
+                version: 2,
+                backends: vec![
+                    backend("a", Pool::Primary, &[("m", "m")]),
+                    backend("b", Pool::Primary, &[("m", "m")]),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut a = health("a", HealthState::Unhealthy, 0);
+        a.since_unix_ms = unix_now - 1_000;
+        let mut b = health("b", HealthState::Unhealthy, 0);
+        b.since_unix_ms = unix_now - 60_000;
+        d.handle(health_push(vec![a, b], true));
+        let now = Instant::now();
+        let snap = store.load().unwrap();
+        let since = |id: &str| snap.backend(id).unwrap().runtime.health.marked_since(now);
+        let (sa, sb) = (since("a").unwrap(), since("b").unwrap());
+        assert!(sb < sa, "b was marked a minute before a");
+        let gap = sa - sb;
+        assert!(
+            gap > Duration::from_secs(58) && gap < Duration::from_secs(62),
+            "{gap:?}"
+        );
     }
 
     fn health_push(updates: Vec<HealthUpdate>, complete: bool) -> StreamConfigResponse {

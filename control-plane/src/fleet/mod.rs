@@ -390,6 +390,7 @@ impl Fleet {
                         state: HealthState::Healthy as i32,
                         remaining_ms: 0,
                         reason: format!("probe: {summary}"),
+                        since_unix_ms: now_ms(),
                     }]);
                 }
             }

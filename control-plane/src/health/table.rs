@@ -120,6 +120,8 @@ pub struct Transition {
     pub remaining_ms: u64,
     /// A new ejection started (counted and logged once).
     pub new_ejection: bool,
+    /// When the backend entered `to`.
+    pub since_ms: i64,
 }
 
 impl Transition {
@@ -140,6 +142,7 @@ impl Transition {
                 0
             },
             reason: self.reason.clone(),
+            since_unix_ms: self.since_ms,
         }
     }
 
@@ -217,6 +220,7 @@ impl HealthTable {
                         0
                     },
                     reason: r.reason.clone(),
+                    since_unix_ms: r.since_ms,
                 })
             })
             .collect();
@@ -410,6 +414,7 @@ fn eject(
         reason,
         remaining_ms: u64::try_from(until - now_ms).unwrap_or(0),
         new_ejection,
+        since_ms: row.since_ms,
     })
 }
 
@@ -439,6 +444,7 @@ fn settle(
         reason,
         remaining_ms: u64::try_from(row.ejected_until_ms - now_ms).unwrap_or(0),
         new_ejection: false,
+        since_ms: row.since_ms,
     })
 }
 
