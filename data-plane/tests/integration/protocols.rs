@@ -647,13 +647,22 @@ async fn a_stored_response_is_found_on_whichever_backend_holds_it() {
         assert!(o.status < 500, "{}", o.status);
     }
 
-    // The owner unavailable: not "not found" but "come back later".
+    // The owner ejected: health never empties a route (issue 15's cap and
+    // fail open), and only the owner can answer, so it is still asked.
     let snap = p.store.load().unwrap();
     let owner = snap.backends().find(|b| &*b.id == "c").unwrap().clone();
     let now = tokio::time::Instant::now();
-    // Ejected (a cooling one could still get an emergency admission).
     let policy = Default::default();
     while owner.runtime.outlier.on_failure(&policy, now).is_none() {}
+    let res = get(Method::GET, "resp_c").await.unwrap();
+    assert_eq!(res.status(), 200, "fail open: the ejected owner still answers");
+
+    // The owner unavailable: not "not found" but "come back later". A spent
+    // quota is out whatever health says (and gets no emergency trickle).
+    owner
+        .runtime
+        .cooldown
+        .exhaust(now + std::time::Duration::from_secs(3600));
     let res = get(Method::GET, "resp_c").await.unwrap();
     assert!(res.headers().contains_key("retry-after"));
     let (status, _) = error_of(res).await;
