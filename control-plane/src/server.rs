@@ -253,10 +253,20 @@ impl Server {
         let mut grpc_stop = stop_rx.clone();
         let (snapshots, publisher) =
             discovery::publish::spawn(catalog.clone(), Debounce::default(), stop_rx.clone());
+        let known_proxies = crate::proxies::known_nodes(
+            store.as_ref(),
+            crate::catalog::records::now_ms(),
+            crate::proxies::DEFAULT_RETENTION,
+        )
+        .context("reading the known proxies")?;
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
             RunStore::new(store.clone()).with_events(events.clone()),
             config.heartbeat.clone(),
+            Arc::new(crate::proxies::RegistryFleetView::new(
+                proxies.clone(),
+                known_proxies,
+            )),
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;

@@ -34,6 +34,22 @@
 //! Deferred slots resume their deferral (or are skipped when its cap has
 //! passed). Deliveries resume from the outbox.
 //!
+//! **Startup grace.** A restarted control plane knows nothing of the
+//! agents' live conversations until the proxies report again. So after
+//! startup, scheduled slots and deferred retries are *held* (not claimed,
+//! nothing recorded) until every proxy that reported before the restart
+//! ([`FleetView::known_before_start`]) has delivered its first report batch,
+//! or [`SchedulerConfig::startup_grace`] has passed; then the due slots fire
+//! through the usual checks, busy agents deferred. A first-ever start (no
+//! known proxies) holds nothing. Manual runs are never held.
+//!
+//! **Stale proxies.** An agent the scheduler sees appear (created,
+//! re-enabled) or change model waits for the proxies: its slots are
+//! `deferred(config_pending)` until every connected proxy has ACKed the
+//! configuration version current when the change was seen (kept current
+//! while the agent waits, so the heartbeat client key minted right after a
+//! first agent counts too).
+//!
 //! **Manual runs** bypass active hours and deferral (a busy agent or a
 //! model without capacity is `skipped` at once), are keyed at the current
 //! millisecond with trigger `manual`, and merge with a run in flight.
@@ -73,6 +89,14 @@ const MAX_BATCH: usize = 5000;
 const PRUNE_CHUNK: usize = 1000;
 /// Longest retry step of a deferred slot.
 const MAX_RETRY_STEP: Duration = Duration::from_secs(60);
+/// Retry step of a slot waiting for the proxies' configuration ACKs.
+const CONFIG_RETRY_STEP: Duration = Duration::from_millis(250);
+/// How often a held startup re-checks the proxies' reports.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+/// The default [`SchedulerConfig::startup_grace`]: a proxy reports every
+/// second (`CLAW_DP_REPORT_INTERVAL`) but reconnects with a backoff of
+/// 1 s, 1.6 s, 2.6 s, 4.1 s …, so a few of its attempts fit in.
+pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(15);
 
 /// Settings of the scheduler.
 #[derive(Debug, Clone)]
@@ -81,6 +105,8 @@ pub struct SchedulerConfig {
     pub retention: Duration,
     /// How often pruning runs.
     pub prune_every: Duration,
+    /// Longest hold of due slots after startup (see the module doc).
+    pub startup_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -88,6 +114,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_every: Duration::from_secs(3600),
+            startup_grace: DEFAULT_STARTUP_GRACE,
         }
     }
 }
@@ -105,6 +132,35 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         Timestamp::now()
+    }
+}
+
+/// What the scheduler needs to know about the proxies.
+pub trait FleetView: Send + Sync + 'static {
+    /// Node ids of the proxies that reported before this process started.
+    fn known_before_start(&self) -> Vec<String>;
+    /// Whether `node_id` delivered a report batch since this process started.
+    fn has_reported(&self, node_id: &str) -> bool;
+    /// The lowest configuration version ACKed by a connected proxy; `None`
+    /// when no proxy is connected.
+    fn min_acked_version(&self) -> Option<u64>;
+}
+
+/// A fleet with nothing to wait for (tests, benchmarks, embedding).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFleet;
+
+impl FleetView for NoFleet {
+    fn known_before_start(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn has_reported(&self, _node_id: &str) -> bool {
+        true
+    }
+
+    fn min_acked_version(&self) -> Option<u64> {
+        Some(u64::MAX)
     }
 }
 
@@ -187,6 +243,8 @@ pub struct Deps {
     pub clock: Arc<dyn Clock>,
     /// Where new outbox entries go (the delivery worker).
     pub outbox: mpsc::UnboundedSender<(RunKey, OutboxEntry)>,
+    /// The proxies: who reported since startup, which version they ACKed.
+    pub fleet: Arc<dyn FleetView>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -229,6 +287,7 @@ fn fingerprint(a: &Agent) -> u64 {
 /// What the scheduler keeps per enabled agent.
 struct AgentState {
     schedule: slots::Schedule,
+    model: String,
     fingerprint: u64,
     catch_up: Duration,
     busy_window: Duration,
@@ -243,6 +302,7 @@ impl AgentState {
         let interval = Duration::from_secs(a.interval_seconds.max(1));
         Ok(AgentState {
             schedule: schedule_of(a)?,
+            model: a.model.clone(),
             fingerprint: fingerprint(a),
             catch_up: Duration::from_secs(validate::effective_catch_up_seconds(a)),
             busy_window: Duration::from_secs(validate::effective_busy_window_seconds(a)),
@@ -288,6 +348,12 @@ enum Decision {
     Defer(&'static str),
 }
 
+/// Due slots held after startup until these proxies reported.
+struct StartupHold {
+    waiting: Vec<String>,
+    until_ms: i64,
+}
+
 /// The scheduler task's state.
 pub struct Scheduler {
     deps: Deps,
@@ -308,6 +374,11 @@ pub struct Scheduler {
     /// Canonical models whose enabled backends are all `anthropic`: their
     /// runs are sent as Messages (rebuilt with the capacity map).
     messages_models: HashSet<String>,
+    /// Set after startup while due slots are held (see the module doc).
+    hold: Option<StartupHold>,
+    /// Agents waiting for the proxies to ACK this configuration version
+    /// before their first run (after a create, re-enable or model change).
+    pending_config: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -388,6 +459,8 @@ impl Scheduler {
                 next_prune_ms: 0,
                 pruning: false,
                 messages_models: HashSet::new(),
+                hold: None,
+                pending_config: HashMap::new(),
             },
             handle,
         )
@@ -462,6 +535,9 @@ impl Scheduler {
         if let Some((t, _)) = self.retries.first() {
             at = at.min(*t);
         }
+        if self.hold.is_some() {
+            at = at.min(now + HOLD_POLL.as_millis() as i64);
+        }
         Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
     }
 
@@ -496,6 +572,18 @@ impl Scheduler {
                 }
             }
         }
+        let known = self.deps.fleet.known_before_start();
+        if !known.is_empty() && !self.config.startup_grace.is_zero() {
+            tracing::info!(
+                proxies = known.len(),
+                grace_ms = self.config.startup_grace.as_millis() as u64,
+                "holding due heartbeats until the known proxies report"
+            );
+            self.hold = Some(StartupHold {
+                waiting: known,
+                until_ms: now + self.config.startup_grace.as_millis() as i64,
+            });
+        }
         let cursors: HashMap<String, Cursor> = self.deps.runs.cursors()?.into_iter().collect();
         self.sync_agents(Some(cursors))?;
         self.next_prune_ms = now;
@@ -514,6 +602,11 @@ impl Scheduler {
     fn sync_agents(&mut self, stored: Option<HashMap<String, Cursor>>) -> Result<(), CatalogError> {
         let now = self.deps.clock.now();
         let records = self.deps.catalog.agent_records()?;
+        let version = self.deps.catalog.config_version();
+        // Agents still waiting follow the newest version (see the module doc).
+        for v in self.pending_config.values_mut() {
+            *v = version;
+        }
         self.refresh_capacity();
         let mut seen = std::collections::HashSet::with_capacity(records.len());
         for rec in records {
@@ -530,6 +623,7 @@ impl Scheduler {
             if !a.enabled {
                 self.unqueue(&a.id);
                 self.agents.remove(&a.id);
+                self.pending_config.remove(&a.id);
                 if known.is_none_or(|c| c.fingerprint != fp) {
                     let c = Cursor {
                         next_ms: 0,
@@ -560,6 +654,16 @@ impl Scheduler {
                     next
                 }
             };
+            // On reloads, an agent new to the scheduler (created,
+            // re-enabled) or with another model waits for the proxies.
+            if stored.is_none()
+                && self
+                    .agents
+                    .get(&a.id)
+                    .is_none_or(|old| old.model != state.model)
+            {
+                self.pending_config.insert(a.id.clone(), version);
+            }
             self.unqueue(&a.id);
             state.next_ms = next_ms;
             if let Some(t) = next_ms {
@@ -583,6 +687,7 @@ impl Scheduler {
         for id in gone {
             self.unqueue(&id);
             self.agents.remove(&id);
+            self.pending_config.remove(&id);
             self.batch.push((Write::DropCursor(id), Action::None));
         }
         Ok(())
@@ -642,6 +747,9 @@ impl Scheduler {
     /// Fires every due slot and retry, up to [`MAX_BATCH`] writes.
     fn tick(&mut self) {
         let now = self.now_ms();
+        if self.held(now) {
+            return;
+        }
         while self.batch.len() < MAX_BATCH {
             let Some((t, id)) = pop_due(&mut self.queue, now) else {
                 break;
@@ -654,6 +762,25 @@ impl Scheduler {
             };
             self.retry(&id, now);
         }
+    }
+
+    /// Whether due slots are still held after startup; releases the hold
+    /// once every known proxy reported or the grace has passed.
+    fn held(&mut self, now: i64) -> bool {
+        let Some(hold) = self.hold.as_mut() else {
+            return false;
+        };
+        let fleet = &self.deps.fleet;
+        hold.waiting.retain(|n| !fleet.has_reported(n));
+        if hold.waiting.is_empty() {
+            tracing::info!("every known proxy reported; heartbeats resume");
+        } else if now >= hold.until_ms {
+            tracing::warn!(missing = ?hold.waiting, "startup grace over before every known proxy reported; heartbeats resume");
+        } else {
+            return true;
+        }
+        self.hold = None;
+        false
     }
 
     fn command(&mut self, cmd: Command) {
@@ -679,7 +806,7 @@ impl Scheduler {
         };
         let now = self.now_ms();
         let key = RunKey::new(&id, now);
-        match self.decide(&id, &agent, self.agents.get(&id), now) {
+        match self.decide(&id, &agent, self.agents.get(&id), now, false) {
             Decision::Run => {
                 let req = self.start_run(key, &agent, RunTrigger::Manual, now, None);
                 if let Some((Write::Claim(..), action)) = self.batch.last_mut() {
@@ -904,6 +1031,7 @@ mod tests {
         catalog: Arc<Catalog>,
         clock: Arc<ManualClock>,
         stub: Arc<Stub>,
+        fleet: Arc<dyn FleetView>,
     }
 
     async fn rig(reply: &str, hang: bool) -> (tempfile::TempDir, Rig) {
@@ -934,6 +1062,7 @@ mod tests {
                 reply: reply.into(),
                 hang,
             }),
+            fleet: Arc::new(NoFleet),
         };
         (dir, rig)
     }
@@ -951,6 +1080,7 @@ mod tests {
                     capacity: Arc::new(Capacity::new()),
                     clock: Arc::new(self.clock.clone()),
                     outbox,
+                    fleet: self.fleet.clone(),
                 },
                 SchedulerConfig::default(),
             );
@@ -1311,5 +1441,108 @@ mod tests {
             (RunStatus::Delivered as i32, 3)
         );
         assert_eq!(store.outbox_len().expect("len"), 0);
+    }
+
+    /// A fleet of one proxy `p1` whose report and ACKed version tests set.
+    #[derive(Default)]
+    struct TestFleet {
+        reported: std::sync::atomic::AtomicBool,
+        acked: std::sync::atomic::AtomicU64,
+    }
+
+    impl FleetView for Arc<TestFleet> {
+        fn known_before_start(&self) -> Vec<String> {
+            vec!["p1".into()]
+        }
+
+        fn has_reported(&self, _node_id: &str) -> bool {
+            self.reported.load(Ordering::SeqCst)
+        }
+
+        fn min_acked_version(&self) -> Option<u64> {
+            Some(self.acked.load(Ordering::SeqCst))
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_due_slots_wait_for_the_known_proxies_first_report() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        r.fleet = Arc::new(fleet.clone());
+        {
+            // A first life at T0 - 30 s stores the cursor (slot 0).
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        let (mut s, _h, activity) = r.scheduler();
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 5).await;
+        step(&mut s, &r.clock, T0 + 3_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0, "held");
+        assert!(r.runs().is_empty(), "a held slot is not claimed");
+        // The proxy reports: the agent is in a conversation.
+        activity.record("a1", ts(T0 + 2_900));
+        fleet.reported.store(true, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 3_100).await;
+        assert_eq!(statuses(&r.runs()), [(0, "deferred".into(), "".into())]);
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_startup_hold_ends_with_the_grace() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        r.fleet = Arc::new(Arc::new(TestFleet::default()));
+        {
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        let (mut s, _h, _) = r.scheduler();
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 14_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0, "held");
+        step(&mut s, &r.clock, T0 + 15_010).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "released");
+        assert_eq!(statuses(&r.runs()), [(0, "suppressed".into(), "".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_new_agent_waits_until_the_proxies_acked_its_configuration() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        fleet.reported.store(true, Ordering::SeqCst);
+        r.fleet = Arc::new(fleet.clone());
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        r.catalog
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "a2".into(),
+                    model: "gpt-4o".into(),
+                    interval_seconds: 60,
+                    stagger: Some(false),
+                    checklist: "- [ ] check the inbox".into(),
+                    enabled: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("agent");
+        let version = r.catalog.config_version();
+        s.sync_agents(None).expect("reload");
+        fleet.acked.store(version - 1, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 5).await;
+        let runs = RunStore::new(r.store.clone());
+        let a2 = |runs: &RunStore| runs.list_agent("a2", 10).expect("list");
+        assert_eq!(a2(&runs)[0].status, RunStatus::Deferred as i32);
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "a1 was known: ran");
+        step(&mut s, &r.clock, T0 + 300).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "a2 still waits");
+        fleet.acked.store(version, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 600).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(a2(&runs)[0].status, RunStatus::Suppressed as i32);
     }
 }
