@@ -7,6 +7,23 @@
 
 use super::*;
 
+/// Ends a deferred slot that cannot wait any longer: `failed` with the last
+/// error when it was retrying a transient failure, else `skipped` with its
+/// deferral reason.
+fn give_up(rec: &mut RunRecord, now: i64) {
+    let error = rec
+        .run
+        .as_ref()
+        .map(|r| r.error.clone())
+        .unwrap_or_default();
+    if error.is_empty() {
+        let reason = rec.defer_reason.clone();
+        set_status(rec, RunStatus::Skipped, &reason, "", now);
+    } else {
+        set_status(rec, RunStatus::Failed, "", &error, now);
+    }
+}
+
 impl Scheduler {
     /// The agent's cursor `t` came due.
     pub(super) fn fire_due(&mut self, id: &str, t: i64, now: i64) {
@@ -124,8 +141,7 @@ impl Scheduler {
         if let Some(d) = self.deferred.remove(id) {
             self.retries.remove(&(d.retry_at_ms, id.to_string()));
             let mut rec = d.record;
-            let reason = rec.defer_reason.clone();
-            set_status(&mut rec, RunStatus::Skipped, &reason, "", now);
+            give_up(&mut rec, now);
             self.batch.push((Write::Update(d.key, rec), Action::None));
         }
         let Some(agent) = self.load_agent(id).filter(|a| a.enabled) else {
@@ -184,6 +200,12 @@ impl Scheduler {
             Decision::Run => {
                 record.defer_reason.clear();
                 record.defer_until_ms = 0;
+                if let Some(run) = record.run.as_mut()
+                    && !run.error.is_empty()
+                {
+                    // A retry of a transient failure (see the module doc).
+                    run.retries = run.retries.saturating_add(1);
+                }
                 self.start_run(key, &agent, RunTrigger::Schedule, now, Some(record));
             }
             Decision::Skip(reason) => {
@@ -192,7 +214,8 @@ impl Scheduler {
             }
             Decision::Defer(reason) if now >= record.defer_until_ms => {
                 tracing::info!(agent = %id, reason, "heartbeat skipped after deferring");
-                set_status(&mut record, RunStatus::Skipped, reason, "", now);
+                record.defer_reason = reason.to_string();
+                give_up(&mut record, now);
                 self.batch.push((Write::Update(key, record), Action::None));
             }
             Decision::Defer(reason) => {

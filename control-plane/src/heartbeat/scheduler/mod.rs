@@ -50,6 +50,15 @@
 //! while the agent waits, so the heartbeat client key minted right after a
 //! first agent counts too).
 //!
+//! **Transient failures.** A scheduled run whose proxy is unreachable
+//! (connect error) or answers that the model is unknown
+//! ([`dispatch::Transient`]) goes back to `deferred` (`proxy_unreachable`,
+//! `model_unknown`, the error kept) and is retried after 1 s, 2 s, 4 s …
+//! (at most 30 s), each attempt counted in `retries`, while the next
+//! attempt falls inside the deferral cap (counted from the slot) and before
+//! the next slot; then it ends `failed` with the last error. Other failures
+//! are final at once; manual runs never retry.
+//!
 //! **Manual runs** bypass active hours and deferral (a busy agent or a
 //! model without capacity is `skipped` at once), are keyed at the current
 //! millisecond with trigger `manual`, and merge with a run in flight.
@@ -89,6 +98,8 @@ const MAX_BATCH: usize = 5000;
 const PRUNE_CHUNK: usize = 1000;
 /// Longest retry step of a deferred slot.
 const MAX_RETRY_STEP: Duration = Duration::from_secs(60);
+/// Longest wait between two attempts of a run whose proxy was unreachable.
+const MAX_DISPATCH_BACKOFF: Duration = Duration::from_secs(30);
 /// Retry step of a slot waiting for the proxies' configuration ACKs.
 const CONFIG_RETRY_STEP: Duration = Duration::from_millis(250);
 /// How often a held startup re-checks the proxies' reports.
@@ -836,6 +847,15 @@ impl Scheduler {
         let mut outbox = None;
         match result {
             Err(error) => {
+                if let Some(kind) = dispatch::transient(&error)
+                    && self.redefer(&key, &mut rec, kind, &error, now)
+                {
+                    let run = rec.run.clone();
+                    self.batch
+                        .push((Write::Update(key, rec), Action::Finished(None)));
+                    self.waiters.push((f.done, run));
+                    return;
+                }
                 tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat run failed");
                 set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }
@@ -892,6 +912,50 @@ impl Scheduler {
             .push((Write::Update(key, rec), Action::Finished(outbox)));
         // Waiters are woken after the commit (see flush_batch).
         self.waiters.push((f.done, run));
+    }
+
+    /// A scheduled run failed in a way a later attempt may not (proxy
+    /// unreachable, model unknown to it): defers the slot again, to be
+    /// retried after 1 s, 2 s, 4 s … (at most [`MAX_DISPATCH_BACKOFF`]) while
+    /// that stays within the slot's deferral cap and before the next slot.
+    /// Returns false when the run must fail now.
+    fn redefer(
+        &mut self,
+        key: &RunKey,
+        rec: &mut RunRecord,
+        kind: dispatch::Transient,
+        error: &str,
+        now: i64,
+    ) -> bool {
+        let Some(run) = rec.run.as_ref() else {
+            return false;
+        };
+        if run.trigger != RunTrigger::Schedule as i32 {
+            return false;
+        }
+        let Some(state) = self.agents.get(&key.agent_id) else {
+            return false;
+        };
+        let until = key.nominal_ms + state.defer_max.as_millis() as i64;
+        let backoff = (1000i64 << run.retries.min(8)).min(MAX_DISPATCH_BACKOFF.as_millis() as i64);
+        let retry_at_ms = now + backoff;
+        if retry_at_ms > until || state.next_ms.is_some_and(|n| retry_at_ms >= n) {
+            return false;
+        }
+        tracing::info!(agent = %key.agent_id, error, retries = run.retries, backoff_ms = backoff, "heartbeat run deferred; retrying");
+        set_status(rec, RunStatus::Deferred, "", error, now);
+        rec.defer_reason = kind.reason().to_string();
+        rec.defer_until_ms = until;
+        self.retries.insert((retry_at_ms, key.agent_id.clone()));
+        self.deferred.insert(
+            key.agent_id.clone(),
+            Deferred {
+                key: key.clone(),
+                record: rec.clone(),
+                retry_at_ms,
+            },
+        );
+        true
     }
 
     /// A delivery ended.
@@ -997,6 +1061,8 @@ mod tests {
         calls: AtomicUsize,
         reply: String,
         hang: bool,
+        /// Errors answered first, one per call.
+        errors: parking_lot::Mutex<Vec<String>>,
     }
 
     impl Dispatcher for Arc<Stub> {
@@ -1007,7 +1073,14 @@ mod tests {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let reply = self.reply.clone();
             let hang = self.hang;
+            let error = {
+                let mut errors = self.errors.lock();
+                (!errors.is_empty()).then(|| errors.remove(0))
+            };
             Box::pin(async move {
+                if let Some(e) = error {
+                    return Err(e);
+                }
                 if hang {
                     std::future::pending::<()>().await;
                 }
@@ -1061,6 +1134,7 @@ mod tests {
                 calls: AtomicUsize::new(0),
                 reply: reply.into(),
                 hang,
+                errors: parking_lot::Mutex::new(Vec::new()),
             }),
             fleet: Arc::new(NoFleet),
         };
@@ -1544,5 +1618,59 @@ mod tests {
         step(&mut s, &r.clock, T0 + 600).await;
         assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
         assert_eq!(a2(&runs)[0].status, RunStatus::Suppressed as i32);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_proxy_defers_the_run_and_retries_it_with_backoff() {
+        let (_d, r) = rig("HEARTBEAT_OK", false).await;
+        *r.stub.errors.lock() = vec![
+            "proxy unreachable: connection refused".into(),
+            "model gpt-4o unknown to the proxy".into(),
+        ];
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 5).await;
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "deferred".into(), "".into())]);
+        assert_eq!(runs[0].error, "proxy unreachable: connection refused");
+        step(&mut s, &r.clock, T0 + 900).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "1 s backoff");
+        step(&mut s, &r.clock, T0 + 1_010).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(r.runs()[0].retries, 1);
+        // Then 2 s.
+        step(&mut s, &r.clock, T0 + 2_500).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        step(&mut s, &r.clock, T0 + 3_020).await;
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "suppressed".into(), "".into())]);
+        assert_eq!((runs[0].retries, runs[0].error.as_str()), (2, ""));
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_stays_unreachable_fails_the_run_with_the_real_reason() {
+        let (_d, r) = rig("HEARTBEAT_OK", false).await;
+        *r.stub.errors.lock() = vec!["proxy unreachable: connection refused".into(); 100];
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        let mut t = T0 + 5;
+        while t < T0 + 59_000 {
+            step(&mut s, &r.clock, t).await;
+            t += 500;
+        }
+        // Retries 1, 2, 4, 8, 16 s; the next (30 s) would pass the next slot.
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "failed".into(), "".into())]);
+        assert_eq!(runs[0].error, "proxy unreachable: connection refused");
+        assert_eq!(runs[0].retries, 5);
+        // Other failures stay immediate.
+        *r.stub.errors.lock() = vec!["proxy answered 500: boom".into()];
+        step(&mut s, &r.clock, T0 + 60_005).await;
+        let runs = r.runs();
+        assert_eq!(runs[0].status, RunStatus::Failed as i32);
+        assert_eq!(
+            (runs[0].retries, runs[0].error.as_str()),
+            (0, "proxy answered 500: boom")
+        );
     }
 }
