@@ -301,7 +301,7 @@ impl Server {
             backend: BackendApi::new(catalog.clone(), fleet.clone()),
             cluster: ClusterApi::new(catalog.clone(), proxies.clone(), fleet.clone()),
             stats: StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet.clone()),
-            agent: AgentApi::new(catalog.clone()),
+            agent: AgentApi::new(catalog.clone(), heartbeats.runs.clone()),
             heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats),
             pool: PoolApi::new(catalog.clone()),
             audit: AuditApi::new(store.clone()),

@@ -89,6 +89,7 @@ use crate::shutdown::Shutdown;
 
 mod commit;
 mod decide;
+pub mod status;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
@@ -102,6 +103,8 @@ const MAX_RETRY_STEP: Duration = Duration::from_secs(60);
 const MAX_DISPATCH_BACKOFF: Duration = Duration::from_secs(30);
 /// Retry step of a slot waiting for the proxies' configuration ACKs.
 const CONFIG_RETRY_STEP: Duration = Duration::from_millis(250);
+/// How often the stale sweep runs.
+const STALE_SWEEP: Duration = Duration::from_secs(1);
 /// How often a held startup re-checks the proxies' reports.
 const HOLD_POLL: Duration = Duration::from_millis(100);
 /// The default [`SchedulerConfig::startup_grace`]: a proxy reports every
@@ -304,6 +307,7 @@ struct AgentState {
     busy_window: Duration,
     defer_max: Duration,
     retry_step: Duration,
+    stale_after_ms: i64,
     /// The queued fire time, if any.
     next_ms: Option<i64>,
 }
@@ -319,6 +323,7 @@ impl AgentState {
             busy_window: Duration::from_secs(validate::effective_busy_window_seconds(a)),
             defer_max: Duration::from_secs(validate::effective_busy_defer_max_seconds(a)),
             retry_step: (interval / 2).clamp(Duration::from_secs(1), MAX_RETRY_STEP),
+            stale_after_ms: status::stale_after(a).as_millis() as i64,
             next_ms: None,
         })
     }
@@ -390,6 +395,13 @@ pub struct Scheduler {
     /// Agents waiting for the proxies to ACK this configuration version
     /// before their first run (after a create, re-enable or model change).
     pending_config: HashMap<String, u64>,
+    /// Per enabled agent: its last terminal run's end, or when the stale
+    /// count (re)started (enabled, loaded at startup, seen outside its
+    /// active hours), unix ms.
+    since: HashMap<String, i64>,
+    /// Agents currently stale (gauge set).
+    stale: HashSet<String>,
+    next_sweep_ms: i64,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -472,6 +484,9 @@ impl Scheduler {
                 messages_models: HashSet::new(),
                 hold: None,
                 pending_config: HashMap::new(),
+                since: HashMap::new(),
+                stale: HashSet::new(),
+                next_sweep_ms: 0,
             },
             handle,
         )
@@ -530,6 +545,67 @@ impl Scheduler {
             self.tick();
             self.prune_step();
             self.flush_batch().await;
+            self.sweep_stale();
+        }
+    }
+
+    /// Marks agents stale (or no longer) on a timer, so that an agent that
+    /// simply stops getting terminal runs is seen (see [`status`]). Cheap
+    /// per agent: an agent is looked at closely only once its count ran out.
+    fn sweep_stale(&mut self) {
+        let now = self.now_ms();
+        if now < self.next_sweep_ms {
+            return;
+        }
+        self.next_sweep_ms = now + STALE_SWEEP.as_millis() as i64;
+        let mut newly = Vec::new();
+        for (id, state) in &self.agents {
+            let since = self.since.entry(id.clone()).or_insert(now);
+            if self.stale.contains(id) {
+                if !state.schedule.is_in_window(ts(now)) {
+                    *since = now;
+                    newly.push((id.clone(), false));
+                }
+                continue;
+            }
+            if now - *since <= state.stale_after_ms {
+                continue;
+            }
+            if !state.schedule.is_in_window(ts(now)) {
+                // Outside its hours: the count restarts when they do.
+                *since = now;
+                continue;
+            }
+            newly.push((id.clone(), true));
+        }
+        for (id, stale) in newly {
+            let failures = self.failures.get(&id).copied().unwrap_or(0);
+            if stale {
+                tracing::warn!(agent = %id, "heartbeat stale: no terminal run for two intervals plus the deferral cap");
+                self.stale.insert(id.clone());
+            } else {
+                self.stale.remove(&id);
+            }
+            metrics::agent_stale(&id, stale, failures);
+        }
+    }
+
+    /// Notes an agent's terminal run (the stale count restarts).
+    pub(super) fn terminal_run(&mut self, agent: &str, now: i64) {
+        if let Some(since) = self.since.get_mut(agent) {
+            *since = now;
+        }
+        if self.stale.remove(agent) {
+            let failures = self.failures.get(agent).copied().unwrap_or(0);
+            metrics::agent_stale(agent, false, failures);
+        }
+    }
+
+    /// Forgets the stale count of an agent no longer scheduled.
+    fn forget_stale(&mut self, id: &str) {
+        self.since.remove(id);
+        if self.stale.remove(id) {
+            metrics::agent_stale(id, false, self.failures.get(id).copied().unwrap_or(0));
         }
     }
 
@@ -549,6 +625,7 @@ impl Scheduler {
         if self.hold.is_some() {
             at = at.min(now + HOLD_POLL.as_millis() as i64);
         }
+        at = at.min(self.next_sweep_ms);
         Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
     }
 
@@ -635,6 +712,7 @@ impl Scheduler {
                 self.unqueue(&a.id);
                 self.agents.remove(&a.id);
                 self.pending_config.remove(&a.id);
+                self.forget_stale(&a.id);
                 if known.is_none_or(|c| c.fingerprint != fp) {
                     let c = Cursor {
                         next_ms: 0,
@@ -675,6 +753,9 @@ impl Scheduler {
             {
                 self.pending_config.insert(a.id.clone(), version);
             }
+            self.since
+                .entry(a.id.clone())
+                .or_insert_with(|| now.as_millisecond());
             self.unqueue(&a.id);
             state.next_ms = next_ms;
             if let Some(t) = next_ms {
@@ -699,6 +780,7 @@ impl Scheduler {
             self.unqueue(&id);
             self.agents.remove(&id);
             self.pending_config.remove(&id);
+            self.forget_stale(&id);
             self.batch.push((Write::DropCursor(id), Action::None));
         }
         Ok(())
@@ -1672,5 +1754,36 @@ mod tests {
             (runs[0].retries, runs[0].error.as_str()),
             (0, "proxy answered 500: boom")
         );
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_terminal_runs_goes_stale_on_the_sweep_and_recovers() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        r.fleet = Arc::new(fleet.clone());
+        {
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        // Restarted with the known proxy gone for good and a long grace:
+        // no slot fires, so no terminal run comes.
+        let (mut s, _h, _) = r.scheduler();
+        s.config.startup_grace = Duration::from_secs(3600);
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        for t in [10_000, 200_000, 240_000] {
+            step(&mut s, &r.clock, T0 + t).await;
+            s.sweep_stale();
+            assert!(s.stale.is_empty(), "not yet at {t}");
+        }
+        // 2 × 60 s + the 120 s cap after the start.
+        step(&mut s, &r.clock, T0 + 241_000).await;
+        s.sweep_stale();
+        assert!(s.stale.contains("a1"));
+        // The proxy is back: a terminal run ends the staleness.
+        fleet.reported.store(true, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 247_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1);
+        assert!(s.stale.is_empty());
     }
 }
