@@ -24,6 +24,7 @@ mod data_plane_input;
 mod fleet;
 mod harness_smoke;
 mod heartbeat;
+mod heartbeat_edges;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;

@@ -316,8 +316,13 @@ async fn call(
     let response = client.request(request).await.map_err(|e| {
         if e.is_connect() {
             format!("{UNREACHABLE_PREFIX}{}", connect_cause(&e))
+        } else if closed_before_response(&e) {
+            // What a TCP load balancer with no proxy behind it does: accept,
+            // then close. (A proxy crashing mid-request looks the same; its
+            // retry may then call the model a second time for the slot.)
+            format!("{UNREACHABLE_PREFIX}connection closed before a response")
         } else {
-            format!("proxy request failed: {e}")
+            format!("proxy request failed: {e}: {}", connect_cause(&e))
         }
     })?;
     let status = response.status();
@@ -396,6 +401,21 @@ fn connect_cause(e: &(dyn std::error::Error + 'static)) -> String {
         }
     }
     inner.to_string()
+}
+
+/// Whether the connection closed before any response came (hyper's
+/// "incomplete message").
+fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Whether a 404 body says the model does not exist, in the OpenAI shape
