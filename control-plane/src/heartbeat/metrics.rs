@@ -103,6 +103,11 @@ pub fn agent_stale(agent: &str, stale: bool, consecutive_failures: u32) {
     }
 }
 
+/// Sets an agent's stale gauge to 0 (it just had a terminal run).
+pub fn agent_fresh(agent: &str) {
+    metrics::gauge!(AGENT_STALE, "agent" => agent.to_string()).set(0.0);
+}
+
 /// Records a dispatch lag.
 pub fn dispatch_lag(seconds: f64) {
     metrics::histogram!(DISPATCH_LAG_SECONDS).record(seconds.max(0.0));

@@ -598,6 +598,8 @@ impl Scheduler {
         if self.stale.remove(agent) {
             let failures = self.failures.get(agent).copied().unwrap_or(0);
             metrics::agent_stale(agent, false, failures);
+        } else {
+            metrics::agent_fresh(agent);
         }
     }
 
