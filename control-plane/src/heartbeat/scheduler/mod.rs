@@ -18,6 +18,9 @@
 //! its cursor through [`slots::due`]: at most one late slot (inside the
 //! catch-up window) runs, older ones are recorded `missed`. A created,
 //! re-enabled or rescheduled agent starts from the next slot after now.
+//! At startup, agents without a cursor (a fresh or imported store) get
+//! theirs written [`CURSOR_CHUNK`] per wake-up, not in one transaction
+//! that would hold up the first slots.
 //!
 //! **Per slot**, in order: a run still in flight for the agent →
 //! `skipped(in_flight)`; an effectively empty checklist →
@@ -103,6 +106,8 @@ const MAX_RETRY_STEP: Duration = Duration::from_secs(60);
 const MAX_DISPATCH_BACKOFF: Duration = Duration::from_secs(30);
 /// Retry step of a slot waiting for the proxies' configuration ACKs.
 const CONFIG_RETRY_STEP: Duration = Duration::from_millis(250);
+/// First cursors written per wake-up after startup.
+const CURSOR_CHUNK: usize = 2000;
 /// How often the stale sweep runs.
 const STALE_SWEEP: Duration = Duration::from_secs(1);
 /// How often a held startup re-checks the proxies' reports.
@@ -402,6 +407,8 @@ pub struct Scheduler {
     /// Agents currently stale (gauge set).
     stale: HashSet<String>,
     next_sweep_ms: i64,
+    /// Agents whose first cursor is still to be written (startup).
+    pending_cursors: Vec<String>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -487,6 +494,7 @@ impl Scheduler {
                 since: HashMap::new(),
                 stale: HashSet::new(),
                 next_sweep_ms: 0,
+                pending_cursors: Vec::new(),
             },
             handle,
         )
@@ -544,8 +552,25 @@ impl Scheduler {
             }
             self.tick();
             self.prune_step();
+            self.write_pending_cursors(CURSOR_CHUNK);
             self.flush_batch().await;
             self.sweep_stale();
+        }
+    }
+
+    /// Adds up to `n` first cursors (agents that had none at startup) to the
+    /// batch, from the agents' current state (a slot that fired meanwhile
+    /// already moved it).
+    fn write_pending_cursors(&mut self, n: usize) {
+        let from = self.pending_cursors.len().saturating_sub(n);
+        for id in self.pending_cursors.split_off(from) {
+            if let Some(state) = self.agents.get(&id) {
+                let c = Cursor {
+                    next_ms: state.next_ms.unwrap_or(0),
+                    fingerprint: state.fingerprint,
+                };
+                self.batch.push((Write::Cursor(id, c), Action::None));
+            }
         }
     }
 
@@ -628,6 +653,9 @@ impl Scheduler {
             at = at.min(now + HOLD_POLL.as_millis() as i64);
         }
         at = at.min(self.next_sweep_ms);
+        if !self.pending_cursors.is_empty() {
+            at = now;
+        }
         Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
     }
 
@@ -676,6 +704,7 @@ impl Scheduler {
         }
         let cursors: HashMap<String, Cursor> = self.deps.runs.cursors()?.into_iter().collect();
         self.sync_agents(Some(cursors))?;
+        self.write_pending_cursors(CURSOR_CHUNK);
         self.next_prune_ms = now;
         self.flush_batch().await;
         tracing::info!(
@@ -736,12 +765,20 @@ impl Scheduler {
                 Some(c) if c.fingerprint == fp => (c.next_ms != 0).then_some(c.next_ms),
                 _ => {
                     let next = state.schedule.next_slot_after(now).map(ms);
-                    let c = Cursor {
-                        next_ms: next.unwrap_or(0),
-                        fingerprint: fp,
-                    };
-                    self.batch
-                        .push((Write::Cursor(a.id.clone(), c), Action::None));
+                    // At startup the first cursors of agents that have none
+                    // are written in chunks between wake-ups
+                    // (`write_pending_cursors`), so that 100,000 new agents
+                    // are not one transaction delaying the first slots.
+                    if stored.is_none() || known.is_some() {
+                        let c = Cursor {
+                            next_ms: next.unwrap_or(0),
+                            fingerprint: fp,
+                        };
+                        self.batch
+                            .push((Write::Cursor(a.id.clone(), c), Action::None));
+                    } else {
+                        self.pending_cursors.push(a.id.clone());
+                    }
                     next
                 }
             };
