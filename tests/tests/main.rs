@@ -28,6 +28,7 @@ mod harness_smoke;
 mod health;
 mod heartbeat;
 mod heartbeat_delivery;
+mod heartbeat_edges;
 mod heartbeat_wake;
 mod hostile_connections;
 mod metrics_format;
