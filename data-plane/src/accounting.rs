@@ -44,7 +44,7 @@ use crate::snapshot::{Api, Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::{Endpoint, Routed};
 use crate::translate::{self, StreamTranslator};
-use crate::usage::{Dialect, Prices, SseTally, SseUsage, StreamUsage};
+use crate::usage::{Dialect, MAX_USAGE_TOKENS, Prices, SseTally, SseUsage, StreamUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -331,6 +331,7 @@ pub(crate) fn track(
     status: StatusCode,
     framing: Framing,
     body: Incoming,
+    reservation: Reservation,
 ) -> UpstreamBody<Incoming, Tracker> {
     let success = status.is_success();
     let client_dialect = dialect(r.endpoint);
@@ -345,7 +346,16 @@ pub(crate) fn track(
     {
         crate::responses::forget(id);
     }
-    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
+    let tracker = Tracker::new(
+        meta,
+        events,
+        in_flight,
+        r,
+        cand,
+        status,
+        collect,
+        reservation,
+    );
     let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(client_dialect);
     if framing.sse && success && billable {
         let scanner = match dialect {
@@ -367,6 +377,65 @@ pub(crate) fn track(
     body
 }
 
+/// A request's tokens taken from one backend's tpm limiter for one attempt.
+///
+/// Reconciliation is structural: whoever holds it either settles it
+/// ([`Reservation::settle`]: the real usage; [`Reservation::keep`]: the
+/// estimate, when the usage cannot be read) or drops it, and a drop refunds
+/// the whole reservation. So an attempt that fails (an error answer, a
+/// timeout, no connection, a refused translation), an answer whose tracker
+/// never ends, a client gone before the answer: each gives its tokens back,
+/// whatever path it takes out of the retry loop. Only a successful answer
+/// keeps tokens, and then at most its (bounded) estimate or its (clamped)
+/// usage. Empty (a no-op) for a backend without tpm and for an emergency
+/// admission, which takes no tpm.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    backend: Option<Arc<Backend>>,
+    tokens: f64,
+}
+
+impl Reservation {
+    /// The `tokens` the admission of `cand` took (none if `emergency` or
+    /// the backend has no tpm).
+    pub(crate) fn new(cand: &Candidate, tokens: f64, emergency: bool) -> Self {
+        let takes = !emergency && cand.backend.tpm.is_some();
+        Reservation {
+            backend: takes.then(|| cand.backend.clone()),
+            tokens,
+        }
+    }
+
+    /// No reservation (tests, answers that took none).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        Reservation {
+            backend: None,
+            tokens: 0.0,
+        }
+    }
+
+    /// Settles at the `actual` tokens used.
+    pub(crate) fn settle(mut self, actual: f64) {
+        if let Some(b) = self.backend.take() {
+            b.runtime.tpm.reconcile(self.tokens, actual);
+        }
+    }
+
+    /// Settles at the estimate: the usage could not be read.
+    pub(crate) fn keep(mut self) {
+        self.backend = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.runtime.tpm.refund(self.tokens);
+        }
+    }
+}
+
 /// Follows a response body to its end, then records metrics, reconciles the
 /// tpm reservation and emits the [`RequestOutcome`].
 pub(crate) struct Tracker {
@@ -383,7 +452,9 @@ pub(crate) struct Tracker {
     prices: Prices,
     status: StatusCode,
     first_byte: Option<Instant>,
-    est_tokens: f64,
+    /// The tpm reservation, settled when the body ends (refunded if it
+    /// never does).
+    reservation: Option<Reservation>,
     est_prompt_tokens: u64,
     collected: Option<Vec<Bytes>>,
     collected_len: usize,
@@ -391,8 +462,10 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     /// Follows the answer of `cand` to `r` (status `status`); `collect`
-    /// keeps the body for its JSON usage.
+    /// keeps the body for its JSON usage; `reservation` is settled by the
+    /// end of the body.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         meta: RequestMeta,
         events: EventSink,
@@ -401,6 +474,7 @@ impl Tracker {
         cand: &Candidate,
         status: StatusCode,
         collect: bool,
+        reservation: Reservation,
     ) -> Self {
         Tracker {
             meta,
@@ -414,7 +488,7 @@ impl Tracker {
             prices: cand.prices,
             status,
             first_byte: None,
-            est_tokens: r.est_tokens,
+            reservation: Some(reservation),
             est_prompt_tokens: r.est_prompt_tokens,
             collected: collect.then(Vec::new),
             collected_len: 0,
@@ -444,6 +518,24 @@ impl Tracker {
             crate::responses::remember(&id, &self.backend.id);
         }
         Usage::from_answer(self.dialect, body)
+    }
+
+    /// `u` with every count clamped to [`MAX_USAGE_TOKENS`]: a clamp is
+    /// counted (`claw_usage_clamped_total{backend}`) and logged, once for
+    /// the request.
+    fn bounded(&self, u: Usage) -> Usage {
+        let (u, clamped) = u.clamped(MAX_USAGE_TOKENS);
+        if clamped {
+            metrics::usage_clamped(self.backend.id.clone());
+            tracing::warn!(
+                request_id = %self.meta.request_id,
+                backend = %self.backend.name,
+                backend_id = %self.backend.id,
+                max = MAX_USAGE_TOKENS,
+                "upstream reported implausible usage; clamped"
+            );
+        }
+        u
     }
 
     /// Usage of the answer and whether it is an estimate: a stream that
@@ -540,17 +632,23 @@ impl Observer for Tracker {
         }
         m.duration.record(latency.as_secs_f64());
         let mut cost = None;
+        let usage = usage.map(|u| self.bounded(u));
+        let reservation = self.reservation.take();
         if let Some(u) = usage {
             m.tokens_input.record(u.prompt_tokens as f64);
             m.tokens_output.record(u.completion_tokens as f64);
             cost = Some(u.cost(&self.prices));
-            if self.backend.tpm.is_some() {
-                self.backend
-                    .runtime
-                    .tpm
-                    .reconcile(self.est_tokens, u.total_tokens as f64);
+            if let Some(res) = reservation {
+                res.settle(u.total_tokens as f64);
             }
+        } else if self.status.is_success()
+            && let Some(res) = reservation
+        {
+            // A success whose usage cannot be read: its estimate, which
+            // the route bounded by the mapping's limits.
+            res.keep();
         }
+        // Otherwise (an error answer) the reservation drops: refunded.
         let answered = Answered {
             backend_id: self.backend.id.clone(),
             ttft: self.first_byte.map(|t| t - self.meta.started),
@@ -643,7 +741,16 @@ mod tests {
         let (sink, mut streams): (EventSink, EventStreams) = channel(4);
         let meta = RequestMeta::new(&r);
         let in_flight = InFlight::new(cand.backend.clone());
-        let mut t = Tracker::new(meta, sink, in_flight, &r, &cand, StatusCode::OK, !sse);
+        let mut t = Tracker::new(
+            meta,
+            sink,
+            in_flight,
+            &r,
+            &cand,
+            StatusCode::OK,
+            !sse,
+            Reservation::none(),
+        );
         let tally = sse.then(|| {
             let mut s = SseUsage::reading(dialect(endpoint));
             s.observe(body.as_bytes());
