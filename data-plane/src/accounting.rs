@@ -377,6 +377,18 @@ pub(crate) fn track(
     body
 }
 
+/// The most tokens of any one kind an answer of `cand` may claim: twice the
+/// mapping's context window when known (a request cannot use more than its
+/// window; the factor leaves room for providers counting cache traffic
+/// apart), never above [`MAX_USAGE_TOKENS`]. Above it a count is clamped:
+/// an upstream's `u64::MAX` must neither saturate the stats nor hold the
+/// tpm limiter for ever.
+fn usage_max(cand: &Candidate) -> u64 {
+    cand.context_window
+        .map_or(MAX_USAGE_TOKENS, |w| u64::from(w).saturating_mul(2))
+        .min(MAX_USAGE_TOKENS)
+}
+
 /// A request's tokens taken from one backend's tpm limiter for one attempt.
 ///
 /// Reconciliation is structural: whoever holds it either settles it
@@ -422,9 +434,11 @@ impl Reservation {
         }
     }
 
-    /// Settles at the estimate: the usage could not be read.
-    pub(crate) fn keep(mut self) {
-        self.backend = None;
+    /// Settles at `estimate`, at most the reservation: the usage could
+    /// not be read.
+    pub(crate) fn keep(self, estimate: f64) {
+        let at = estimate.min(self.tokens);
+        self.settle(at);
     }
 }
 
@@ -455,6 +469,9 @@ pub(crate) struct Tracker {
     /// The tpm reservation, settled when the body ends (refunded if it
     /// never does).
     reservation: Option<Reservation>,
+    /// The most tokens of any one kind the answer may claim
+    /// ([`usage_max`]).
+    usage_max: u64,
     est_prompt_tokens: u64,
     collected: Option<Vec<Bytes>>,
     collected_len: usize,
@@ -489,6 +506,7 @@ impl Tracker {
             status,
             first_byte: None,
             reservation: Some(reservation),
+            usage_max: usage_max(cand),
             est_prompt_tokens: r.est_prompt_tokens,
             collected: collect.then(Vec::new),
             collected_len: 0,
@@ -520,18 +538,18 @@ impl Tracker {
         Usage::from_answer(self.dialect, body)
     }
 
-    /// `u` with every count clamped to [`MAX_USAGE_TOKENS`]: a clamp is
+    /// `u` with every count clamped to `usage_max`: a clamp is
     /// counted (`claw_usage_clamped_total{backend}`) and logged, once for
     /// the request.
     fn bounded(&self, u: Usage) -> Usage {
-        let (u, clamped) = u.clamped(MAX_USAGE_TOKENS);
+        let (u, clamped) = u.clamped(self.usage_max);
         if clamped {
             metrics::usage_clamped(self.backend.id.clone());
             tracing::warn!(
                 request_id = %self.meta.request_id,
                 backend = %self.backend.name,
                 backend_id = %self.backend.id,
-                max = MAX_USAGE_TOKENS,
+                max = self.usage_max,
                 "upstream reported implausible usage; clamped"
             );
         }
@@ -644,9 +662,11 @@ impl Observer for Tracker {
         } else if self.status.is_success()
             && let Some(res) = reservation
         {
-            // A success whose usage cannot be read: its estimate, which
-            // the route bounded by the mapping's limits.
-            res.keep();
+            // A success whose usage cannot be read: the prompt estimate plus
+            // ~4 bytes of answer per token, at most the reservation (which
+            // the route bounded by the mapping's limits).
+            let answer = (self.collected_len as u64).div_ceil(4);
+            res.keep(self.est_prompt_tokens.saturating_add(answer) as f64);
         }
         // Otherwise (an error answer) the reservation drops: refunded.
         let answered = Answered {
