@@ -697,7 +697,13 @@ mod tests {
     /// A request to `endpoint` for model `m` on the one backend `be_acct`,
     /// priced at Claude Sonnet's per-token prices.
     fn fixture(endpoint: Endpoint) -> (Routed, Candidate) {
+        fixture_with(endpoint, None)
+    }
+
+    /// [`fixture`] with the backend's tpm.
+    fn fixture_with(endpoint: Endpoint, tpm: Option<u32>) -> (Routed, Candidate) {
         let mut b = backend("be_acct", Pool::Primary, &[("m", "m-native")]);
+        b.tpm = tpm;
         if endpoint.api() == Api::Anthropic {
             b.api = v1::Api::Anthropic as i32;
         }
@@ -783,6 +789,31 @@ mod tests {
         t.on_data(&Bytes::copy_from_slice(b));
         t.on_end(End::Complete, tally);
         streams.outcomes.try_recv().unwrap()
+    }
+
+    /// A candidate whose backend has a tpm of 600 a minute (10 a second).
+    fn tpm_fixture() -> (Routed, Candidate) {
+        fixture_with(Endpoint::ChatCompletions, Some(600))
+    }
+
+    #[test]
+    fn a_reservation_is_refunded_unless_settled() {
+        let (_, cand) = tpm_fixture();
+        let tpm = &cand.backend.runtime.tpm;
+        let now = Instant::now();
+        // Dropped (a failed attempt): all of it back.
+        tpm.try_acquire(1e6, now).unwrap();
+        drop(Reservation::new(&cand, 1e6, false));
+        assert_eq!(tpm.time_until(now), Duration::ZERO);
+        // Settled at the real use: only that is kept.
+        tpm.try_acquire(1e6, now).unwrap();
+        Reservation::new(&cand, 1e6, false).settle(10.0);
+        assert!(tpm.time_until(now) <= Duration::from_secs(1));
+        tpm.refund(10.0);
+        // Kept at an estimate: never more than reserved.
+        tpm.try_acquire(100.0, now).unwrap();
+        Reservation::new(&cand, 100.0, false).keep(1e9);
+        assert!(tpm.time_until(now) <= Duration::from_secs(10));
     }
 
     #[test]

@@ -240,6 +240,17 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_retry_after_is_capped_at_cooldown_max() {
+        let c = Cooldown::default();
+        let now = Instant::now();
+        let p = policy(true);
+        let (until, _) = c.on_rate_limited(&p, Some(MAX_RETRY_AFTER), now);
+        assert_eq!(until, now + p.max);
+        let (until, _) = c.on_rate_limited(&p, Some(Duration::from_secs(2)), now);
+        assert_eq!(until, now + Duration::from_secs(2), "a shorter one holds");
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         let p = policy(true);
         assert_eq!(p.backoff(1), Duration::from_secs(5));

@@ -473,6 +473,61 @@ mod tests {
     use crate::target::RequestBody;
 
     #[test]
+    fn estimates_are_bounded_by_the_mappings_and_caps_above_them_refused() {
+        use crate::snapshot::SnapshotStore;
+        use crate::test_util::backend;
+        use claw_proto::{Pool, v1};
+        let mut b = backend("be_1", Pool::Primary, &[("m", "m-native")]);
+        b.models[0].max_tokens = 1000;
+        b.models[0].context_window = 4096;
+        let store = SnapshotStore::default();
+        store
+            .apply(
+                1,
+                &v1::Snapshot {
+                    version: 1,
+                    backends: vec![b],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snap = store.load().unwrap();
+        let cands = &snap.route("m").unwrap().candidates;
+        let cap = |tokens| {
+            Some(OutputCap {
+                field: "max_tokens",
+                tokens,
+            })
+        };
+        assert_eq!(bounded_estimate(cap(100), 20, cands).unwrap(), 120.0);
+        assert_eq!(bounded_estimate(None, 20, cands).unwrap(), 20.0);
+        // The window bounds a huge prompt.
+        assert_eq!(bounded_estimate(cap(1000), 1 << 40, cands).unwrap(), 4096.0);
+        let e = bounded_estimate(cap(1_000_000_000_000), 20, cands).unwrap_err();
+        assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        // Unknown limits refuse nothing and bound at UNKNOWN_LIMIT.
+        let mut b = backend("be_2", Pool::Primary, &[("m", "m-native")]);
+        b.models[0].max_tokens = 0;
+        store
+            .apply(
+                2,
+                &v1::Snapshot {
+                    version: 2,
+                    backends: vec![b],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snap = store.load().unwrap();
+        let cands = &snap.route("m").unwrap().candidates;
+        assert_eq!(
+            bounded_estimate(cap(u64::MAX), 20, cands).unwrap(),
+            UNKNOWN_LIMIT as f64
+        );
+    }
+
+    #[test]
     fn body_parsing_rejects_bad_input() {
         assert!(parse_body(b"{not json").is_err());
         assert!(parse_body(b"[1,2]").is_err());
