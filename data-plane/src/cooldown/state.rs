@@ -2,7 +2,8 @@
 //!
 //! A backend that answers 429 is cooled at once: for the upstream's
 //! `Retry-After` when given (seconds or an HTTP date, [`parse_retry_after`]),
-//! else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
+//! capped at the pool's `cooldown_max` ([`QUOTA_HOLD_MAX`] says exactly what
+//! holds), else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
 //! or a flat `base` when the pool is not exponential — `n` being the number of
 //! consecutive 429s (reset by a success).
 //!
