@@ -31,6 +31,7 @@ mod heartbeat_delivery;
 mod heartbeat_edges;
 mod heartbeat_wake;
 mod hostile_connections;
+mod hostile_limits;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;
