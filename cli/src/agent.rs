@@ -268,6 +268,16 @@ fn status(a: &Agent) -> &'static str {
     if a.enabled { "enabled" } else { "paused" }
 }
 
+/// The control plane's heartbeat status (`ok`, `failing`, `stale`,
+/// `paused`, `outside_active_hours`, `never`); `-` from an older one.
+fn heartbeat_status(a: &Agent) -> &str {
+    if a.heartbeat_status.is_empty() {
+        "-"
+    } else {
+        &a.heartbeat_status
+    }
+}
+
 /// One row per agent.
 pub(crate) fn table(agents: &[Agent]) -> Table {
     let mut t = Table::new(&[
@@ -275,6 +285,7 @@ pub(crate) fn table(agents: &[Agent]) -> Table {
         "NAME",
         "MODEL",
         "STATUS",
+        "HEARTBEAT",
         "INTERVAL",
         "ACTIVE HOURS",
         "TIMEZONE",
@@ -286,6 +297,7 @@ pub(crate) fn table(agents: &[Agent]) -> Table {
             a.name.clone(),
             a.model.clone(),
             status(a).to_string(),
+            heartbeat_status(a).to_string(),
             duration::format_secs(a.interval_seconds),
             if a.active_hours.is_empty() {
                 "always".to_string()
@@ -313,6 +325,8 @@ fn details(a: &Agent) -> Details {
         .field("Model", &a.model)
         .field("Status", status(a))
         .field("Pause note", &a.pause_note)
+        .field("Heartbeat", heartbeat_status(a))
+        .field("Last terminal run", output::timestamp(&a.last_terminal_run))
         .field("Interval", duration::format_secs(a.interval_seconds))
         .field(
             "Active hours",

@@ -187,6 +187,12 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_HEARTBEAT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     heartbeat_retention: std::time::Duration,
 
+    /// After a restart, scheduled heartbeats wait (at most this long) until
+    /// every proxy known before has reconnected and sent its first report,
+    /// so agents in a live conversation are seen busy; 0 disables the wait.
+    #[arg(long, env = "CLAW_HEARTBEAT_STARTUP_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat_startup_grace: std::time::Duration,
+
     /// Hourly usage buckets older than this are pruned.
     #[arg(long, env = "CLAW_RETENTION_HOURLY", default_value = "14d", value_parser = humantime::parse_duration)]
     retention_hourly: std::time::Duration,
@@ -415,6 +421,7 @@ impl TryFrom<ServeArgs> for Config {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             hb.scheduler.wake.public_url = url.trim_end_matches('/').to_string();
         }
+        hb.scheduler.startup_grace = args.heartbeat_startup_grace;
         hb.delivery.max_attempts = args.webhook_max_attempts;
         hb.delivery.max_age = args.webhook_max_age;
         hb.delivery.base_backoff = args.webhook_backoff_base;

@@ -14,9 +14,18 @@
 //! Proxies whose stream closed stay listed (`connected = false`, with their
 //! last contact) for [`DEFAULT_RETENTION`], so `clawctl proxies` shows the
 //! recently gone, then disappear.
+//!
+//! **Restart.** Which proxies reported before a restart is durable already:
+//! the report-batch idempotency records (`Tree::ReportBatches`, one per node
+//! and process, with their last use). [`known_nodes`] reads them at startup
+//! and the registry notes each node's first report batch of this process
+//! ([`ProxyRegistry::reported`]), so the heartbeat scheduler can hold due
+//! slots until the proxies it knew have told it which agents are busy
+//! ([`RegistryFleetView`]).
 
 use parking_lot::RwLock;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,7 +34,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::catalog::records::{now_ms, timestamp};
 use crate::events::{Events, Topic};
+use crate::heartbeat::scheduler::FleetView;
 use crate::metrics;
+use crate::store::{Store, StoreError, Tree};
 
 /// The sending half of one proxy's discovery stream: a response sent here
 /// goes out on that stream, which stamps its nonce. Dropping the last sender
@@ -102,6 +113,8 @@ pub struct ProxyRegistry {
     membership: watch::Sender<u64>,
     /// Told about connects, disconnects, ACKs and NACKs (the dashboard).
     events: Events,
+    /// Node ids that delivered a report batch since this process started.
+    reported: RwLock<HashSet<String>>,
 }
 
 impl Default for ProxyRegistry {
@@ -136,6 +149,7 @@ impl ProxyRegistry {
             retention,
             membership: watch::channel(0).0,
             events: Events::new(),
+            reported: RwLock::new(HashSet::new()),
         }
     }
 
@@ -272,6 +286,31 @@ impl ProxyRegistry {
         self.mutate(|map, _| map.values().map(|e| e.state.clone()).collect())
     }
 
+    /// Notes that `node_id` delivered a report batch (stored and
+    /// acknowledged): from now on the control plane knows its activity.
+    pub fn reported(&self, node_id: &str) {
+        if self.reported.read().contains(node_id) {
+            return;
+        }
+        self.reported.write().insert(node_id.to_string());
+    }
+
+    /// Whether `node_id` delivered a report batch since this process started.
+    pub fn has_reported(&self, node_id: &str) -> bool {
+        self.reported.read().contains(node_id)
+    }
+
+    /// The lowest configuration version ACKed by a connected proxy (`None`
+    /// when no proxy is connected).
+    pub fn min_acked_connected(&self) -> Option<u64> {
+        self.entries
+            .read()
+            .values()
+            .filter(|e| e.live.is_some())
+            .map(|e| e.state.acked_version)
+            .min()
+    }
+
     /// How many proxies have an open stream.
     pub fn connected_count(&self) -> usize {
         self.entries
@@ -279,6 +318,62 @@ impl ProxyRegistry {
             .values()
             .filter(|e| e.live.is_some())
             .count()
+    }
+}
+
+/// The node ids that delivered a report batch within `horizon` before
+/// `now_ms` (read from the durable report-batch records): the proxies a
+/// restarted control plane should hear from before it trusts its view of
+/// the fleet's activity.
+pub(crate) fn known_nodes(
+    store: &dyn Store,
+    now_ms: i64,
+    horizon: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let since = now_ms.saturating_sub(i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX));
+    let mut nodes = BTreeSet::new();
+    for (key, value) in store.scan(Tree::ReportBatches)? {
+        if crate::report::dedup::last_used_ms(&value) < since {
+            continue;
+        }
+        let node = key.split(|b| *b == 0).next().unwrap_or_default();
+        if let Ok(node) = std::str::from_utf8(node)
+            && !node.is_empty()
+        {
+            nodes.insert(node.to_string());
+        }
+    }
+    Ok(nodes.into_iter().collect())
+}
+
+/// The heartbeat scheduler's view of the fleet: the proxies known before
+/// this process started, which of them reported since, and the lowest
+/// ACKed configuration version.
+#[derive(Debug)]
+pub(crate) struct RegistryFleetView {
+    registry: Arc<ProxyRegistry>,
+    known: Vec<String>,
+}
+
+impl RegistryFleetView {
+    /// A view over `registry` expecting reports from `known` (see
+    /// [`known_nodes`]).
+    pub(crate) fn new(registry: Arc<ProxyRegistry>, known: Vec<String>) -> Self {
+        RegistryFleetView { registry, known }
+    }
+}
+
+impl FleetView for RegistryFleetView {
+    fn known_before_start(&self) -> Vec<String> {
+        self.known.clone()
+    }
+
+    fn has_reported(&self, node_id: &str) -> bool {
+        self.registry.has_reported(node_id)
+    }
+
+    fn min_acked_version(&self) -> Option<u64> {
+        self.registry.min_acked_connected()
     }
 }
 

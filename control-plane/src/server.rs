@@ -273,10 +273,20 @@ impl Server {
             let scheme = if http_tls.is_some() { "https" } else { "http" };
             heartbeat_settings.scheduler.wake.public_url = format!("{scheme}://{addr}");
         }
+        let known_proxies = crate::proxies::known_nodes(
+            store.as_ref(),
+            crate::catalog::records::now_ms(),
+            crate::proxies::DEFAULT_RETENTION,
+        )
+        .context("reading the known proxies")?;
         let (heartbeats, heartbeat_tasks) = crate::heartbeat::runtime::start(
             catalog.clone(),
             RunStore::new(store.clone()).with_events(events.clone()),
             heartbeat_settings,
+            Arc::new(crate::proxies::RegistryFleetView::new(
+                proxies.clone(),
+                known_proxies,
+            )),
             stop_rx.clone(),
         )
         .context("starting the heartbeat scheduler")?;
@@ -319,7 +329,7 @@ impl Server {
             backend: BackendApi::new(catalog.clone(), fleet.clone()),
             cluster: ClusterApi::new(catalog.clone(), proxies.clone(), fleet.clone()),
             stats: StatsApi::new(Stats::new(store.clone(), catalog.clone()), fleet.clone()),
-            agent: AgentApi::new(catalog.clone()),
+            agent: AgentApi::new(catalog.clone(), heartbeats.runs.clone()),
             heartbeat: HeartbeatApi::new(catalog.clone(), heartbeats.clone()),
             pool: PoolApi::new(catalog.clone()),
             audit: AuditApi::new(store.clone()),

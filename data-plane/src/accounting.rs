@@ -44,7 +44,7 @@ use crate::snapshot::{Api, Backend, Candidate};
 use crate::stream::{End, Observer, UpstreamBody};
 use crate::target::{Endpoint, Routed};
 use crate::translate::{self, StreamTranslator};
-use crate::usage::{Dialect, Prices, SseTally, SseUsage, StreamUsage};
+use crate::usage::{Dialect, MAX_USAGE_TOKENS, Prices, SseTally, SseUsage, StreamUsage};
 
 /// Largest non-streaming JSON body inspected for `usage`.
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -331,6 +331,7 @@ pub(crate) fn track(
     status: StatusCode,
     framing: Framing,
     body: Incoming,
+    reservation: Reservation,
 ) -> UpstreamBody<Incoming, Tracker> {
     let success = status.is_success();
     let client_dialect = dialect(r.endpoint);
@@ -345,7 +346,16 @@ pub(crate) fn track(
     {
         crate::responses::forget(id);
     }
-    let tracker = Tracker::new(meta, events, in_flight, r, cand, status, collect);
+    let tracker = Tracker::new(
+        meta,
+        events,
+        in_flight,
+        r,
+        cand,
+        status,
+        collect,
+        reservation,
+    );
     let mut body = UpstreamBody::new(body, framing.sse, tracker).with_dialect(client_dialect);
     if framing.sse && success && billable {
         let scanner = match dialect {
@@ -367,6 +377,79 @@ pub(crate) fn track(
     body
 }
 
+/// The most tokens of any one kind an answer of `cand` may claim: twice the
+/// mapping's context window when known (a request cannot use more than its
+/// window; the factor leaves room for providers counting cache traffic
+/// apart), never above [`MAX_USAGE_TOKENS`]. Above it a count is clamped:
+/// an upstream's `u64::MAX` must neither saturate the stats nor hold the
+/// tpm limiter for ever.
+fn usage_max(cand: &Candidate) -> u64 {
+    cand.context_window
+        .map_or(MAX_USAGE_TOKENS, |w| u64::from(w).saturating_mul(2))
+        .min(MAX_USAGE_TOKENS)
+}
+
+/// A request's tokens taken from one backend's tpm limiter for one attempt.
+///
+/// Reconciliation is structural: whoever holds it either settles it
+/// ([`Reservation::settle`]: the real usage; [`Reservation::keep`]: the
+/// estimate, when the usage cannot be read) or drops it, and a drop refunds
+/// the whole reservation. So an attempt that fails (an error answer, a
+/// timeout, no connection, a refused translation), an answer whose tracker
+/// never ends, a client gone before the answer: each gives its tokens back,
+/// whatever path it takes out of the retry loop. Only a successful answer
+/// keeps tokens, and then at most its (bounded) estimate or its (clamped)
+/// usage. Empty (a no-op) for a backend without tpm and for an emergency
+/// admission, which takes no tpm.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    backend: Option<Arc<Backend>>,
+    tokens: f64,
+}
+
+impl Reservation {
+    /// The `tokens` the admission of `cand` took (none if `emergency` or
+    /// the backend has no tpm).
+    pub(crate) fn new(cand: &Candidate, tokens: f64, emergency: bool) -> Self {
+        let takes = !emergency && cand.backend.tpm.is_some();
+        Reservation {
+            backend: takes.then(|| cand.backend.clone()),
+            tokens,
+        }
+    }
+
+    /// No reservation (tests, answers that took none).
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        Reservation {
+            backend: None,
+            tokens: 0.0,
+        }
+    }
+
+    /// Settles at the `actual` tokens used.
+    pub(crate) fn settle(mut self, actual: f64) {
+        if let Some(b) = self.backend.take() {
+            b.runtime.tpm.reconcile(self.tokens, actual);
+        }
+    }
+
+    /// Settles at `estimate`, at most the reservation: the usage could
+    /// not be read.
+    pub(crate) fn keep(self, estimate: f64) {
+        let at = estimate.min(self.tokens);
+        self.settle(at);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.runtime.tpm.refund(self.tokens);
+        }
+    }
+}
+
 /// Follows a response body to its end, then records metrics, reconciles the
 /// tpm reservation and emits the [`RequestOutcome`].
 pub(crate) struct Tracker {
@@ -383,7 +466,12 @@ pub(crate) struct Tracker {
     prices: Prices,
     status: StatusCode,
     first_byte: Option<Instant>,
-    est_tokens: f64,
+    /// The tpm reservation, settled when the body ends (refunded if it
+    /// never does).
+    reservation: Option<Reservation>,
+    /// The most tokens of any one kind the answer may claim
+    /// ([`usage_max`]).
+    usage_max: u64,
     est_prompt_tokens: u64,
     collected: Option<Vec<Bytes>>,
     collected_len: usize,
@@ -391,8 +479,10 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     /// Follows the answer of `cand` to `r` (status `status`); `collect`
-    /// keeps the body for its JSON usage.
+    /// keeps the body for its JSON usage; `reservation` is settled by the
+    /// end of the body.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         meta: RequestMeta,
         events: EventSink,
@@ -401,6 +491,7 @@ impl Tracker {
         cand: &Candidate,
         status: StatusCode,
         collect: bool,
+        reservation: Reservation,
     ) -> Self {
         Tracker {
             meta,
@@ -414,7 +505,8 @@ impl Tracker {
             prices: cand.prices,
             status,
             first_byte: None,
-            est_tokens: r.est_tokens,
+            reservation: Some(reservation),
+            usage_max: usage_max(cand),
             est_prompt_tokens: r.est_prompt_tokens,
             collected: collect.then(Vec::new),
             collected_len: 0,
@@ -444,6 +536,24 @@ impl Tracker {
             crate::responses::remember(&id, &self.backend.id);
         }
         Usage::from_answer(self.dialect, body)
+    }
+
+    /// `u` with every count clamped to `usage_max`: a clamp is
+    /// counted (`claw_usage_clamped_total{backend}`) and logged, once for
+    /// the request.
+    fn bounded(&self, u: Usage) -> Usage {
+        let (u, clamped) = u.clamped(self.usage_max);
+        if clamped {
+            metrics::usage_clamped(self.backend.id.clone());
+            tracing::warn!(
+                request_id = %self.meta.request_id,
+                backend = %self.backend.name,
+                backend_id = %self.backend.id,
+                max = self.usage_max,
+                "upstream reported implausible usage; clamped"
+            );
+        }
+        u
     }
 
     /// Usage of the answer and whether it is an estimate: a stream that
@@ -540,17 +650,25 @@ impl Observer for Tracker {
         }
         m.duration.record(latency.as_secs_f64());
         let mut cost = None;
+        let usage = usage.map(|u| self.bounded(u));
+        let reservation = self.reservation.take();
         if let Some(u) = usage {
             m.tokens_input.record(u.prompt_tokens as f64);
             m.tokens_output.record(u.completion_tokens as f64);
             cost = Some(u.cost(&self.prices));
-            if self.backend.tpm.is_some() {
-                self.backend
-                    .runtime
-                    .tpm
-                    .reconcile(self.est_tokens, u.total_tokens as f64);
+            if let Some(res) = reservation {
+                res.settle(u.total_tokens as f64);
             }
+        } else if self.status.is_success()
+            && let Some(res) = reservation
+        {
+            // A success whose usage cannot be read: the prompt estimate plus
+            // ~4 bytes of answer per token, at most the reservation (which
+            // the route bounded by the mapping's limits).
+            let answer = (self.collected_len as u64).div_ceil(4);
+            res.keep(self.est_prompt_tokens.saturating_add(answer) as f64);
         }
+        // Otherwise (an error answer) the reservation drops: refunded.
         let answered = Answered {
             backend_id: self.backend.id.clone(),
             ttft: self.first_byte.map(|t| t - self.meta.started),
@@ -579,7 +697,13 @@ mod tests {
     /// A request to `endpoint` for model `m` on the one backend `be_acct`,
     /// priced at Claude Sonnet's per-token prices.
     fn fixture(endpoint: Endpoint) -> (Routed, Candidate) {
+        fixture_with(endpoint, None)
+    }
+
+    /// [`fixture`] with the backend's tpm.
+    fn fixture_with(endpoint: Endpoint, tpm: Option<u32>) -> (Routed, Candidate) {
         let mut b = backend("be_acct", Pool::Primary, &[("m", "m-native")]);
+        b.tpm = tpm;
         if endpoint.api() == Api::Anthropic {
             b.api = v1::Api::Anthropic as i32;
         }
@@ -643,7 +767,16 @@ mod tests {
         let (sink, mut streams): (EventSink, EventStreams) = channel(4);
         let meta = RequestMeta::new(&r);
         let in_flight = InFlight::new(cand.backend.clone());
-        let mut t = Tracker::new(meta, sink, in_flight, &r, &cand, StatusCode::OK, !sse);
+        let mut t = Tracker::new(
+            meta,
+            sink,
+            in_flight,
+            &r,
+            &cand,
+            StatusCode::OK,
+            !sse,
+            Reservation::none(),
+        );
         let tally = sse.then(|| {
             let mut s = SseUsage::reading(dialect(endpoint));
             s.observe(body.as_bytes());
@@ -656,6 +789,31 @@ mod tests {
         t.on_data(&Bytes::copy_from_slice(b));
         t.on_end(End::Complete, tally);
         streams.outcomes.try_recv().unwrap()
+    }
+
+    /// A candidate whose backend has a tpm of 600 a minute (10 a second).
+    fn tpm_fixture() -> (Routed, Candidate) {
+        fixture_with(Endpoint::ChatCompletions, Some(600))
+    }
+
+    #[test]
+    fn a_reservation_is_refunded_unless_settled() {
+        let (_, cand) = tpm_fixture();
+        let tpm = &cand.backend.runtime.tpm;
+        let now = Instant::now();
+        // Dropped (a failed attempt): all of it back.
+        tpm.try_acquire(1e6, now).unwrap();
+        drop(Reservation::new(&cand, 1e6, false));
+        assert_eq!(tpm.time_until(now), Duration::ZERO);
+        // Settled at the real use: only that is kept.
+        tpm.try_acquire(1e6, now).unwrap();
+        Reservation::new(&cand, 1e6, false).settle(10.0);
+        assert!(tpm.time_until(now) <= Duration::from_secs(1));
+        tpm.refund(10.0);
+        // Kept at an estimate: never more than reserved.
+        tpm.try_acquire(100.0, now).unwrap();
+        Reservation::new(&cand, 100.0, false).keep(1e9);
+        assert!(tpm.time_until(now) <= Duration::from_secs(10));
     }
 
     #[test]

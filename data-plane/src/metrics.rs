@@ -13,6 +13,7 @@
 //! | `claw_dp_affinity_total` | counter | `outcome`, `reason` (moved), `source` (with a key) |
 //! | `claw_dp_translated_total` | counter | `from`, `to` (protocols) |
 //! | `claw_dp_cache_control_dropped_total` | counter | |
+//! | `claw_usage_clamped_total` | counter | `backend` (id) |
 //! | `claw_dp_cooldowns_active` | gauge | |
 //! | `claw_dp_queue_depth` | gauge | |
 //! | `claw_dp_snapshot_version` | gauge | |
@@ -104,6 +105,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_ATTEMPTS_TOTAL,
         "Upstream attempts, by backend and outcome"
+    );
+    describe_counter!(
+        USAGE_CLAMPED_TOTAL,
+        "Upstream answers whose reported usage was above the plausible maximum (10M tokens per count) and was clamped, by backend id"
     );
     describe_counter!(
         RETRIES_TOTAL,
@@ -555,6 +560,14 @@ pub(crate) const CACHE_CONTROL_DROPPED_TOTAL: &str = "claw_dp_cache_control_drop
 #[inline]
 pub(crate) fn translated(from: &'static str, to: &'static str) {
     metrics::counter!(TRANSLATED_TOTAL, "from" => from, "to" => to).increment(1);
+}
+
+/// Name of the counter of upstream usage counts clamped as implausible.
+pub(crate) const USAGE_CLAMPED_TOTAL: &str = "claw_usage_clamped_total";
+
+/// Counts an answer of `backend` (its id) whose usage was clamped.
+pub(crate) fn usage_clamped(backend: Arc<str>) {
+    metrics::counter!(USAGE_CLAMPED_TOTAL, "backend" => backend).increment(1);
 }
 
 /// Counts `n` `cache_control` markers a translation removed.

@@ -38,8 +38,13 @@
 //! its history.
 //!
 //! **Reservations.** The tpm limiter is charged the request's estimated
-//! tokens at admission; [`RateLimiter::reconcile`] then moves the level by
-//! `actual − reserved`, never below empty, which leaves it at or above the
+//! tokens at admission (bounded by the model mapping's `max_tokens` and
+//! `context_window`, `route::body::bounded_estimate`), held by an
+//! `accounting::Reservation` that refunds them in full when dropped unless
+//! the answer settles it — so no failed attempt, timeout or vanished client
+//! can leak them. [`RateLimiter::reconcile`] then moves the level by
+//! `actual − reserved` (the actual use clamped to a plausible maximum),
+//! never below empty, which leaves it at or above the
 //! level it would have had if the admission had cost `actual` from the start,
 //! so the bound holds for the tokens actually used. A request costlier than
 //! the slack is admitted only by an empty limiter and then holds the others

@@ -66,7 +66,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::accounting::{self, Abandoned, Framing, InFlight, RequestMeta};
 use crate::body::ProxyBody;
-use crate::cooldown::{Cooldowns, parse_retry_after};
+use crate::cooldown::{Cooldowns, QUOTA_HOLD_MAX, parse_retry_after};
 use crate::error::{ApiError, retry_after_secs};
 use crate::events::{EventSink, Failure, FailureKind, Signal};
 use crate::metrics;
@@ -267,18 +267,15 @@ fn has_native(route: &crate::snapshot::Route, api: Api) -> bool {
     route.candidates.iter().any(|c| c.backend.api == api)
 }
 
-/// Gives back the rate-limit tokens an admitted candidate took for an
-/// attempt that was not made.
-fn give_back(r: &Routed, c: &Candidate, emergency: bool) {
+/// Gives back the request an admitted candidate counted for an attempt that
+/// was not made (its tpm tokens go back with its [`accounting::Reservation`]).
+fn give_back(c: &Candidate, emergency: bool) {
     let rt = &c.backend.runtime;
     if emergency {
         rt.emergency.refund(1.0);
         return;
     }
     rt.rpm.refund(1.0);
-    if c.backend.tpm.is_some() {
-        rt.tpm.refund(r.est_tokens);
-    }
 }
 
 /// The Anthropic API version header.
@@ -392,6 +389,9 @@ where
         };
         let route = r.route.clone();
         let cand = &route.candidates[index];
+        // The tpm tokens the admission took: every way out of this
+        // iteration but a successful answer's settlement refunds them.
+        let reservation = accounting::Reservation::new(cand, r.est_tokens, emergency);
         let translated = if accounting::is_translated(&r, cand) {
             match translate_request(&mut r, cand) {
                 Ok(t) => {
@@ -404,12 +404,12 @@ where
                 {
                     // A native candidate can serve it: not a failure.
                     tracing::debug!(backend = %cand.backend.name, field = %f.field, "untranslatable request passed over to a native candidate");
-                    give_back(&r, cand, emergency);
+                    give_back(cand, emergency);
                     tried.insert(index);
                     continue;
                 }
                 Err(e) => {
-                    give_back(&r, cand, emergency);
+                    give_back(cand, emergency);
                     let err = e.error();
                     abandoned.disarm().proxy_answered(
                         &shared.events,
@@ -482,7 +482,8 @@ where
                         tracing::info!(request_id = %r.request_id, model = %r.route.model, backend = %cand.backend.name, backend_id = %cand.backend.id, attempts, "answered after a retry");
                     }
                     let meta = abandoned.disarm();
-                    return respond(&shared, &r, cand, res, in_flight, meta, deadline).await;
+                    let held = (in_flight, reservation);
+                    return respond(&shared, &r, cand, res, held, meta, deadline).await;
                 }
                 Read::Buffered(parts, bytes) => {
                     let bytes = if accounting::is_translated(&r, cand) {
@@ -870,7 +871,7 @@ fn react(
             return Some(cool(shared, r, backend, retry_after, now));
         }
         AttemptClass::QuotaExhausted { retry_after } => {
-            return Some(exhaust(shared, backend, retry_after, now));
+            return Some(exhaust(shared, r, backend, retry_after, now));
         }
         AttemptClass::Overloaded { retry_after } => {
             return Some(overloaded(shared, r, backend, retry_after, now));
@@ -894,11 +895,10 @@ fn react(
         ),
     };
     if class == AttemptClass::Connect {
-        // Nothing reached the backend: give its tokens back.
+        // Nothing reached the backend: give its request back (its tpm
+        // tokens go back with the attempt's reservation, as for every
+        // failed attempt).
         rt.rpm.refund(1.0);
-        if backend.tpm.is_some() {
-            rt.tpm.refund(r.est_tokens);
-        }
     }
     let ejected = rt.outlier.on_failure(&shared.outlier, now).map(|until| {
         let d = until.saturating_duration_since(now);
@@ -952,6 +952,7 @@ fn cool(
         retry_after,
         now,
     );
+    // Capped at cooldown_max by the cooldown itself: the real wait.
     let cooldown = until.saturating_duration_since(now);
     shared.events.signal(Signal::Failure(Failure {
         at: SystemTime::now(),
@@ -971,11 +972,13 @@ fn cool(
 /// through the signal and the control plane, on the rest of the fleet).
 fn exhaust(
     shared: &Shared,
+    r: &Routed,
     backend: &Backend,
     retry_after: Option<Duration>,
     now: Instant,
 ) -> ApiError {
-    let d = retry_after.unwrap_or(QUOTA_DEFAULT);
+    // At most an hour ([`QUOTA_HOLD_MAX`], the quota rule: see there).
+    let d = retry_after.unwrap_or(QUOTA_DEFAULT).min(QUOTA_HOLD_MAX);
     let until = shared
         .cooldowns
         .exhaust_local(&backend.id, &backend.runtime.cooldown, d, now);
@@ -991,7 +994,9 @@ fn exhaust(
         ejected: None,
         summary: "quota exhausted (429)",
     }));
-    ApiError::capacity_rate_limited(retry_after_secs(cooldown))
+    // The client is told no more than the pool's longest cooldown.
+    let cap = r.snapshot.pool(backend.pool).cooldown.cap();
+    ApiError::capacity_rate_limited(retry_after_secs(cooldown.min(cap)))
 }
 
 /// A 401/403 from `backend`: the provider rejected the gateway's key. It
@@ -1044,8 +1049,9 @@ fn overloaded(
     retry_after: Option<Duration>,
     now: Instant,
 ) -> ApiError {
-    let base = r.snapshot.pool(backend.pool).cooldown.base;
-    let d = retry_after.unwrap_or_else(|| base.min(OVERLOADED_MAX));
+    let policy = r.snapshot.pool(backend.pool).cooldown;
+    // The upstream's word, but never beyond the pool's cooldown_max.
+    let d = retry_after.map_or_else(|| policy.base.min(OVERLOADED_MAX), |d| d.min(policy.cap()));
     backend.runtime.cooldown.hold(now + d);
     tracing::info!(request_id = %r.request_id, backend = %backend.name, backend_id = %backend.id, hold_ms = d.as_millis() as u64, "holding overloaded backend (529)");
     shared.events.signal(Signal::Failure(Failure {
@@ -1084,7 +1090,7 @@ async fn respond(
     r: &Routed,
     cand: &Candidate,
     res: Response<Incoming>,
-    guard: InFlight,
+    (guard, reservation): (InFlight, accounting::Reservation),
     meta: RequestMeta,
     deadline: Instant,
 ) -> Response<ProxyBody> {
@@ -1121,6 +1127,7 @@ async fn respond(
         parts.status,
         Framing { sse, json },
         body,
+        reservation,
     );
     if !translated {
         return Response::from_parts(parts, ProxyBody::Upstream(body));

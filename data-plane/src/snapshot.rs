@@ -334,6 +334,9 @@ pub struct Candidate {
     /// translated request to an Anthropic backend gets when the client set
     /// none.
     pub max_tokens: Option<u32>,
+    /// The mapping's context window (prompt + output tokens), if known: the
+    /// most a request's tpm estimate may reserve.
+    pub context_window: Option<u32>,
     /// Metric handles of the pair, registered on first use.
     pub metrics: Arc<OnceLock<CandidateMetrics>>,
 }

@@ -88,7 +88,47 @@ pub enum Dialect {
     Responses,
 }
 
+/// The most tokens of any one kind an answer is believed to have used.
+/// No model's context window comes near (the largest are a few million),
+/// so a count above it is an upstream lying or broken: it is clamped here
+/// rather than charged to the tpm limiter and the stats totals, where
+/// `u64::MAX` would wedge the limiter and saturate every total.
+pub(crate) const MAX_USAGE_TOKENS: u64 = 10_000_000;
+
 impl Usage {
+    /// The usage with every count at most `max`, and whether any was above
+    /// it. The total is kept at least the clamped prompt + completion (and
+    /// at most `max`), cache counts at most the clamped prompt.
+    pub fn clamped(self, max: u64) -> (Usage, bool) {
+        let over = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.cache_read_tokens,
+            self.cache_write_5m_tokens,
+            self.cache_write_1h_tokens,
+        ]
+        .iter()
+        .any(|n| *n > max);
+        if !over {
+            return (self, false);
+        }
+        let prompt = self.prompt_tokens.min(max);
+        let completion = self.completion_tokens.min(max);
+        let u = Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: self
+                .total_tokens
+                .min(max)
+                .max(prompt.saturating_add(completion).min(max)),
+            cache_read_tokens: self.cache_read_tokens.min(prompt),
+            cache_write_5m_tokens: self.cache_write_5m_tokens.min(prompt),
+            cache_write_1h_tokens: self.cache_write_1h_tokens.min(prompt),
+        };
+        (u, true)
+    }
+
     /// Prompt tokens written to the cache, 5-minute and 1-hour.
     pub fn cache_write_tokens(&self) -> u64 {
         self.cache_write_5m_tokens
@@ -1413,6 +1453,31 @@ mod tests {
             ..p
         };
         assert_eq!(u.cost(&no_cache_price), 10.0 + 50.0);
+    }
+
+    #[test]
+    fn hostile_usage_is_clamped_and_flagged() {
+        let honest = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            total_tokens: 15,
+            ..Usage::default()
+        };
+        assert_eq!(honest.clamped(MAX_USAGE_TOKENS), (honest, false));
+        let hostile = Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            total_tokens: u64::MAX,
+            cache_read_tokens: u64::MAX,
+            ..Usage::default()
+        };
+        let (u, clamped) = hostile.clamped(MAX_USAGE_TOKENS);
+        assert!(clamped);
+        assert_eq!(u.prompt_tokens, MAX_USAGE_TOKENS);
+        assert_eq!(u.completion_tokens, MAX_USAGE_TOKENS);
+        assert_eq!(u.total_tokens, MAX_USAGE_TOKENS);
+        assert_eq!(u.cache_read_tokens, MAX_USAGE_TOKENS);
+        assert!(u.cost(&Prices::default()).is_finite());
     }
 }
 

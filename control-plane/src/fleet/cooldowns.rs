@@ -54,6 +54,12 @@ use crate::store::{Store, StoreError, Tree, Txn};
 /// the cooldown; within it, clocks are taken to agree.
 const CLOCK_GRACE_MS: i64 = 2_000;
 
+/// The longest a spent quota holds a backend, whatever a proxy reports
+/// (the proxies' own rule, `QUOTA_HOLD_MAX` in the data plane): a proxy of
+/// an older version, or a hostile upstream's `Retry-After` it passed on,
+/// cannot hold a backend fleet-wide for a day.
+const QUOTA_HOLD_MAX_MS: u64 = 3_600_000;
+
 /// Longest summary kept in a history record.
 const MAX_SUMMARY: usize = 256;
 
@@ -215,6 +221,11 @@ pub fn apply_in_txn(
             .get(backend_id)
             .map(|b| b.cooldown)
             .unwrap_or_default();
+        // Every reported cooldown is capped at the pool's cooldown_max (at
+        // least its base), a quota hold at QUOTA_HOLD_MAX_MS: what is
+        // recorded, and so pushed to every proxy, is what a current proxy
+        // would have applied.
+        let cap_ms = policy.max_ms.max(policy.base_ms);
         let mut cooled = false;
         for (at, _, step) in list {
             let (duration, summary, quota) = match step {
@@ -231,7 +242,7 @@ pub fn apply_in_txn(
                     } else {
                         policy.duration_ms(state.consecutive)
                     };
-                    (duration, f.summary.clone(), false)
+                    (duration.min(cap_ms), f.summary.clone(), false)
                 }
                 Step::QuotaExhausted(f) => {
                     // The proxy says until when; without it, the longest
@@ -243,7 +254,11 @@ pub fn apply_in_txn(
                     } else {
                         policy.max_ms.max(policy.base_ms)
                     };
-                    (duration, summary_of("quota exhausted", &f.summary), true)
+                    (
+                        duration.min(QUOTA_HOLD_MAX_MS),
+                        summary_of("quota exhausted", &f.summary),
+                        true,
+                    )
                 }
                 Step::Overloaded(f) => {
                     let duration = if f.cooldown_ms > 0 {
@@ -253,7 +268,11 @@ pub fn apply_in_txn(
                     } else {
                         policy.base_ms
                     };
-                    (duration, summary_of("overloaded", &f.summary), false)
+                    (
+                        duration.min(cap_ms),
+                        summary_of("overloaded", &f.summary),
+                        false,
+                    )
                 }
                 Step::AuthFailed(f) => {
                     // No time: it holds until the key or URL is updated.
@@ -574,13 +593,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reported_cooldown_is_capped_at_the_pools_cooldown_max() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("d")).expect("open");
+        let s: &dyn Store = &store;
+        let now = 1_000_000;
+        let cap = {
+            let p = super::super::directory::CooldownPolicy::default();
+            p.max_ms.max(p.base_ms)
+        };
+        // An older proxy passing on `Retry-After: 1000000000`.
+        for (kind, seq) in [(FailureKind::RateLimited, 1), (FailureKind::Overloaded, 2)] {
+            let f = failure(kind, "b1", 1_000_000_000_000, now);
+            let c = apply(s, &batch("a", seq, vec![f]), now);
+            assert_eq!(c[0].until_ms, now + cap as i64, "{kind:?}");
+            assert_eq!(c[0].to_update(now).remaining_ms, cap);
+        }
+    }
+
+    #[test]
     fn quota_exhaustion_cools_until_the_reported_end_and_is_flagged() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(&dir.path().join("d")).expect("open");
         let s: &dyn Store = &store;
         let now = 1_000_000;
-        let day: i64 = 86_400_000;
-        let mut f = failure(FailureKind::QuotaExhausted, "b1", day as u64, now);
+        // The proxy reported a day; a quota holds an hour at most.
+        let day: i64 = QUOTA_HOLD_MAX_MS as i64;
+        let mut f = failure(FailureKind::QuotaExhausted, "b1", 86_400_000, now);
         f.summary = "429 insufficient_quota".into();
         let c = apply(s, &batch("a", 1, vec![f]), now);
         assert_eq!((c[0].until_ms, c[0].quota_until_ms), (now + day, now + day));

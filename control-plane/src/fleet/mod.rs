@@ -161,6 +161,7 @@ impl Fleet {
     /// activity, demand.
     pub fn observe(&self, batch: &StreamReportsRequest, changes: &[Change]) {
         let now = now_ms();
+        self.registry.reported(&batch.node_id);
         self.recent.record(batch, now);
         self.cooldowns.commit(changes, now);
         self.announce_cooldowns(changes, &batch.node_id, now);

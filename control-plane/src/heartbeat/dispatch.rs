@@ -317,16 +317,27 @@ async fn call(
 ) -> Result<RunReply, String> {
     let mut request = build_request(&endpoint, &key, &req)?;
     claw_telemetry::propagation::inject(span, request.headers_mut());
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("proxy unreachable: {e}"))?;
+    let response = client.request(request).await.map_err(|e| {
+        if e.is_connect() {
+            format!("{UNREACHABLE_PREFIX}{}", connect_cause(&e))
+        } else if closed_before_response(&e) {
+            // What a TCP load balancer with no proxy behind it does: accept,
+            // then close. (A proxy crashing mid-request looks the same; its
+            // retry may then call the model a second time for the slot.)
+            format!("{UNREACHABLE_PREFIX}connection closed before a response")
+        } else {
+            format!("proxy request failed: {e}: {}", connect_cause(&e))
+        }
+    })?;
     let status = response.status();
     let bytes = Limited::new(response.into_body(), MAX_REPLY_BYTES)
         .collect()
         .await
         .map_err(|e| format!("reading the reply: {e}"))?
         .to_bytes();
+    if status == http::StatusCode::NOT_FOUND && is_model_not_found(&bytes) {
+        return Err(format!("model {} {MODEL_UNKNOWN_SUFFIX}", req.model));
+    }
     if !status.is_success() {
         return Err(format!(
             "proxy answered {}: {}",
@@ -338,6 +349,91 @@ async fn call(
         Protocol::ChatCompletions => parse_reply(&bytes),
         Protocol::Messages => parse_messages_reply(&bytes),
     }
+}
+
+/// How a run's error starts when the proxy could not be connected to.
+const UNREACHABLE_PREFIX: &str = "proxy unreachable: ";
+/// How a run's error ends when the proxy does not know the model (yet).
+const MODEL_UNKNOWN_SUFFIX: &str = "unknown to the proxy";
+
+/// A run failure that a later attempt may not have: the scheduler defers
+/// the slot and retries it with backoff instead of failing it at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transient {
+    /// The proxy refused or did not accept the connection.
+    Unreachable,
+    /// The proxy answered 404 `model_not_found` (its configuration is
+    /// behind the control plane's).
+    ModelUnknown,
+}
+
+impl Transient {
+    /// The run's `defer_reason` while it waits.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Transient::Unreachable => "proxy_unreachable",
+            Transient::ModelUnknown => "model_unknown",
+        }
+    }
+}
+
+/// Classifies a run's error text (as [`ProxyDispatcher`] words it): `None`
+/// for failures that stay immediate.
+pub fn transient(error: &str) -> Option<Transient> {
+    if error.starts_with(UNREACHABLE_PREFIX) {
+        Some(Transient::Unreachable)
+    } else if error.starts_with("model ") && error.ends_with(MODEL_UNKNOWN_SUFFIX) {
+        Some(Transient::ModelUnknown)
+    } else {
+        None
+    }
+}
+
+/// The innermost cause of a connect error, worded for people
+/// ("connection refused"), not hyper's "client error (Connect)".
+fn connect_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+        match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => return "connection refused".into(),
+            std::io::ErrorKind::ConnectionReset => return "connection reset".into(),
+            std::io::ErrorKind::TimedOut => return "connect timed out".into(),
+            _ => {}
+        }
+    }
+    inner.to_string()
+}
+
+/// Whether the connection closed before any response came (hyper's
+/// "incomplete message").
+fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether a 404 body says the model does not exist, in the OpenAI shape
+/// (`error.code: "model_not_found"`) or the Anthropic one (`not_found_error`
+/// whose message says the model "does not exist").
+fn is_model_not_found(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let error = &v["error"];
+    error["code"].as_str() == Some("model_not_found")
+        || error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("does not exist"))
 }
 
 /// The `error.message` of an OpenAI- or Anthropic-format error body (both
@@ -507,6 +603,50 @@ mod tests {
             ),
             "model x not found"
         );
+    }
+
+    #[test]
+    fn unknown_models_and_unreachable_proxies_are_transient() {
+        let openai = br#"{"error":{"message":"The model `gpt-x` does not exist.","type":"invalid_request_error","code":"model_not_found"}}"#;
+        let anthropic = br#"{"type":"error","error":{"type":"not_found_error","message":"The model `gpt-x` does not exist."}}"#;
+        assert!(is_model_not_found(openai) && is_model_not_found(anthropic));
+        assert!(!is_model_not_found(br#"{"error":{"message":"no route"}}"#));
+        assert!(!is_model_not_found(b"not json"));
+        assert_eq!(
+            transient(&format!("model gpt-x {MODEL_UNKNOWN_SUFFIX}")),
+            Some(Transient::ModelUnknown)
+        );
+        assert_eq!(
+            transient("proxy unreachable: connection refused"),
+            Some(Transient::Unreachable)
+        );
+        assert_eq!(transient("proxy answered 500: boom"), None);
+        assert_eq!(transient("timed out after 5s"), None);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_reads_proxy_unreachable_connection_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let client = http_client().expect("client");
+        let req = RunRequest {
+            protocol: Protocol::ChatCompletions,
+            agent_id: "a1".into(),
+            run_id: "hbr_1".into(),
+            trigger: "schedule",
+            model: "m".into(),
+            prompt: "p".into(),
+            checklist: "c".into(),
+            session_key: "agent:a1:heartbeat".into(),
+            timeout: Duration::from_secs(5),
+        };
+        let err = ProxyDispatcher::new(client, &format!("http://{addr}"), "k".into())
+            .run(req)
+            .await
+            .expect_err("nothing listens");
+        assert_eq!(err, "proxy unreachable: connection refused");
+        assert_eq!(transient(&err), Some(Transient::Unreachable));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! | `claw_heartbeat_runs_total` | counter | `outcome`, `skip_reason` |
 //! | `claw_heartbeat_dispatch_lag_seconds` | histogram | |
 //! | `claw_heartbeat_agent_status` | gauge | `agent` (1 = last slot ok/suppressed/delivered) |
+//! | `claw_heartbeat_agent_stale` | gauge | `agent` (1 = no terminal run for 2 intervals + the deferral cap) |
 //! | `claw_heartbeat_consecutive_failures` | gauge | `agent` |
 //! | `claw_heartbeat_missed_total` | counter | |
 //! | `claw_heartbeat_dead_letters_total` | counter | |
@@ -21,6 +22,8 @@ pub const RUNS_TOTAL: &str = "claw_heartbeat_runs_total";
 pub const DISPATCH_LAG_SECONDS: &str = "claw_heartbeat_dispatch_lag_seconds";
 /// 1 when the agent's last slot ended ok/suppressed/delivered, else 0.
 pub const AGENT_STATUS: &str = "claw_heartbeat_agent_status";
+/// 1 while the agent is stale (see `scheduler::status`), else 0.
+pub const AGENT_STALE: &str = "claw_heartbeat_agent_stale";
 /// Failed, missed or dead-lettered slots in a row.
 pub const CONSECUTIVE_FAILURES: &str = "claw_heartbeat_consecutive_failures";
 /// Slots that passed while the control plane was down.
@@ -46,6 +49,10 @@ pub fn describe() {
     metrics::describe_gauge!(
         AGENT_STATUS,
         "1 when the agent's last heartbeat ended ok/suppressed/delivered, 0 when failing"
+    );
+    metrics::describe_gauge!(
+        AGENT_STALE,
+        "1 when the agent, inside its active hours, had no terminal heartbeat run for two intervals plus its deferral cap"
     );
     metrics::describe_gauge!(
         CONSECUTIVE_FAILURES,
@@ -87,6 +94,22 @@ pub fn agent_health(agent: &str, healthy: bool, consecutive_failures: u32) {
     });
     metrics::gauge!(CONSECUTIVE_FAILURES, "agent" => agent.to_string())
         .set(f64::from(consecutive_failures));
+}
+
+/// Marks an agent stale (its status gauge goes 0 with it) or no longer
+/// stale (its status gauge back to what its last runs say).
+pub fn agent_stale(agent: &str, stale: bool, consecutive_failures: u32) {
+    metrics::gauge!(AGENT_STALE, "agent" => agent.to_string()).set(if stale { 1.0 } else { 0.0 });
+    if stale {
+        metrics::gauge!(AGENT_STATUS, "agent" => agent.to_string()).set(0.0);
+    } else {
+        agent_health(agent, consecutive_failures == 0, consecutive_failures);
+    }
+}
+
+/// Sets an agent's stale gauge to 0 (it just had a terminal run).
+pub fn agent_fresh(agent: &str) {
+    metrics::gauge!(AGENT_STALE, "agent" => agent.to_string()).set(0.0);
 }
 
 /// Records a dispatch lag.

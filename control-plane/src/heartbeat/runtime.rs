@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use super::delivery::{DeliveryConfig, DeliveryWorker, HttpWebhook, SecretSource, Webhook};
 use super::dispatch::{Dispatcher, ProxyDispatcher, RunReply, RunRequest};
 use super::runs::RunStore;
-use super::scheduler::{Deps, Scheduler, SchedulerConfig, SchedulerHandle, SystemClock};
+use super::scheduler::{Deps, FleetView, Scheduler, SchedulerConfig, SchedulerHandle, SystemClock};
 use crate::catalog::Catalog;
 use crate::fleet::activity::{AgentActivity, Capacity};
 use crate::shutdown::Shutdown;
@@ -114,6 +114,7 @@ pub fn start(
     catalog: Arc<Catalog>,
     runs: RunStore,
     settings: HeartbeatSettings,
+    fleet: Arc<dyn FleetView>,
     stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
     let client = super::dispatch::http_client()?;
@@ -128,7 +129,15 @@ pub fn start(
         inner: tokio::sync::OnceCell::new(),
     });
     let webhook: Arc<dyn Webhook> = Arc::new(HttpWebhook(client));
-    start_with(catalog, runs, settings, Arc::new(dispatcher), webhook, stop)
+    start_with(
+        catalog,
+        runs,
+        settings,
+        fleet,
+        Arc::new(dispatcher),
+        webhook,
+        stop,
+    )
 }
 
 /// [`start`] with a given dispatcher and webhook client (tests, benchmarks).
@@ -136,6 +145,7 @@ pub fn start_with(
     catalog: Arc<Catalog>,
     runs: RunStore,
     mut settings: HeartbeatSettings,
+    fleet: Arc<dyn FleetView>,
     dispatcher: Arc<dyn Dispatcher>,
     webhook: Arc<dyn Webhook>,
     stop: Shutdown,
@@ -161,6 +171,7 @@ pub fn start_with(
             capacity: capacity.clone(),
             clock: Arc::new(SystemClock),
             outbox: outbox_tx,
+            fleet,
         },
         settings.scheduler.clone(),
     );

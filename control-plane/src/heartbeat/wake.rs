@@ -166,6 +166,10 @@ pub fn body(req: &WakeRequest) -> Vec<u8> {
     .into_bytes()
 }
 
+/// How the error of a wake that reached no runtime starts (the scheduler
+/// retries those).
+pub const UNREACHABLE_PREFIX: &str = "the agent runtime is unreachable";
+
 /// Sends one wake request: `Ok(())` on a 2xx, else the run's error.
 pub fn send(config: &WakeConfig, req: WakeRequest) -> BoxFuture<'static, Result<(), String>> {
     let Some(poster) = config.poster.clone() else {
@@ -187,7 +191,7 @@ pub fn send(config: &WakeConfig, req: WakeRequest) -> BoxFuture<'static, Result<
         match tokio::time::timeout(timeout, post).await {
             Ok(Ok(status)) if (200..300).contains(&status) => Ok(()),
             Ok(Ok(status)) => Err(format!("the agent runtime answered {status}")),
-            Ok(Err(e)) => Err(format!("the agent runtime is unreachable: {e}")),
+            Ok(Err(e)) => Err(format!("{UNREACHABLE_PREFIX}: {e}")),
             Err(_) => Err(format!(
                 "the agent runtime did not answer within {}s",
                 timeout.as_secs_f64()

@@ -155,6 +155,7 @@ async fn heartbeat_scheduler_at_scale() {
         catalog.clone(),
         RunStore::new(store),
         HeartbeatSettings::default(),
+        Arc::new(claw_control_plane::heartbeat::scheduler::NoFleet),
         Arc::new(stub.clone()),
         Arc::new(NoWebhook),
         claw_control_plane::shutdown::Shutdown::new(stop_rx),

@@ -19,7 +19,9 @@ use tokio::time::Instant;
 
 use crate::snapshot::SnapshotStore;
 
-pub(crate) use state::{Cooldown, CooldownPolicy, MAX_RETRY_AFTER, parse_retry_after};
+pub(crate) use state::{
+    Cooldown, CooldownPolicy, MAX_RETRY_AFTER, QUOTA_HOLD_MAX, parse_retry_after,
+};
 
 /// A cooldown this proxy started after a 429, for reporting to the control plane.
 #[derive(Debug, Clone)]
@@ -125,7 +127,8 @@ impl Cooldowns {
         d: Duration,
         now: Instant,
     ) -> Instant {
-        let until = now + d.min(MAX_RETRY_AFTER);
+        let d = d.min(QUOTA_HOLD_MAX);
+        let until = now + d;
         cooldown.exhaust(until);
         tracing::warn!(backend = %backend_id, cooldown_ms = d.as_millis() as u64, "backend quota exhausted");
         let _ = self.events.send(CooldownEvent {

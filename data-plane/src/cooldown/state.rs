@@ -2,7 +2,8 @@
 //!
 //! A backend that answers 429 is cooled at once: for the upstream's
 //! `Retry-After` when given (seconds or an HTTP date, [`parse_retry_after`]),
-//! else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
+//! capped at the pool's `cooldown_max` ([`QUOTA_HOLD_MAX`] says exactly what
+//! holds), else for [`claw_proto::cooldown::backoff`] — `base·2^(n-1)` capped at `max`,
 //! or a flat `base` when the pool is not exponential — `n` being the number of
 //! consecutive 429s (reset by a success).
 //!
@@ -25,8 +26,29 @@ use http::HeaderValue;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-/// The longest cooldown accepted from a `Retry-After` header.
+/// The longest `Retry-After` parsed (anything above is this). What is then
+/// applied is bounded far tighter: see [`QUOTA_HOLD_MAX`] and
+/// [`CooldownPolicy::cap`].
 pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest a spent quota holds a backend.
+///
+/// What holds, exactly (issue 17 item 7): an upstream's `Retry-After` never
+/// sets a hold longer than its pool allows.
+/// - A 429 whose `Retry-After` is at most an hour is a rate limit: the
+///   backend cools for that long **capped at the pool's `cooldown_max`**
+///   ([`Cooldown::on_rate_limited`]); so does a 529 (its hold).
+/// - A 429 whose `Retry-After` is beyond an hour (seconds or an HTTP date),
+///   or whose body names quota/billing, is a spent quota: shown as such
+///   (`quota_exhausted`, `CooldownUpdate.quota_exhausted`, status
+///   `quota_exhausted`) and held for its `Retry-After` (an hour without one)
+///   **capped at this hour**. An upstream saying "come back in 30 years"
+///   costs one probing request an hour, never a day-long fleet-wide outage.
+/// - A client is never told more than the real wait, and never more than
+///   the pool's `cooldown_max`, whichever is shorter (a quota hold may
+///   outlast it: the client that comes back then hears the real remaining
+///   wait of the soonest candidate).
+pub(crate) const QUOTA_HOLD_MAX: Duration = Duration::from_secs(3600);
 
 /// How a pool cools its backends (from `PoolSettings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +66,12 @@ impl CooldownPolicy {
     /// formula both planes share ([`claw_proto::cooldown::backoff`]).
     pub fn backoff(&self, n: u32) -> Duration {
         claw_proto::cooldown::backoff(self.base, self.max, self.exponential, n)
+    }
+
+    /// The longest cooldown of the pool (`cooldown_max`, at least `base`):
+    /// what an upstream's `Retry-After` is capped at.
+    pub fn cap(&self) -> Duration {
+        self.max.max(self.base)
     }
 }
 
@@ -102,7 +130,8 @@ impl Cooldown {
     ) -> (Instant, u32) {
         let mut g = self.inner.lock();
         g.consecutive = g.consecutive.saturating_add(1);
-        let d = retry_after.unwrap_or_else(|| policy.backoff(g.consecutive));
+        // The upstream's word, but never beyond the pool's cooldown_max.
+        let d = retry_after.map_or_else(|| policy.backoff(g.consecutive), |d| d.min(policy.cap()));
         let until = now + d;
         g.until = Some(g.until.map_or(until, |u| u.max(until)));
         (until, g.consecutive)
@@ -209,6 +238,17 @@ mod tests {
             max: Duration::from_secs(300),
             exponential,
         }
+    }
+
+    #[test]
+    fn an_upstream_retry_after_is_capped_at_cooldown_max() {
+        let c = Cooldown::default();
+        let now = Instant::now();
+        let p = policy(true);
+        let (until, _) = c.on_rate_limited(&p, Some(MAX_RETRY_AFTER), now);
+        assert_eq!(until, now + p.max);
+        let (until, _) = c.on_rate_limited(&p, Some(Duration::from_secs(2)), now);
+        assert_eq!(until, now + Duration::from_secs(2), "a shorter one holds");
     }
 
     #[test]

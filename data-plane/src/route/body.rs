@@ -87,13 +87,83 @@ where
 /// integer) wins: Chat Completions' two, then the Responses API's.
 const OUTPUT_CAPS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];
 
-/// The estimated tokens of a request: its output cap plus ~4 bytes per prompt token.
+/// A request's output cap: the field that set it and its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutputCap {
+    /// One of [`OUTPUT_CAPS`].
+    pub field: &'static str,
+    /// Its value.
+    pub tokens: u64,
+}
+
+/// The output cap of a parsed body (the first of [`OUTPUT_CAPS`] that is an
+/// unsigned integer).
+pub(crate) fn output_cap(body: &Map<String, Value>) -> Option<OutputCap> {
+    OUTPUT_CAPS.iter().find_map(|k| {
+        body.get(*k)
+            .and_then(Value::as_u64)
+            .map(|tokens| OutputCap { field: k, tokens })
+    })
+}
+
+/// The estimated tokens of a request before its route bounds them: its
+/// output cap plus ~4 bytes per prompt token.
+#[cfg(test)]
 pub(crate) fn estimate_tokens(body: &Map<String, Value>, body_len: usize) -> f64 {
-    let max_out = OUTPUT_CAPS
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .unwrap_or(0);
+    let max_out = output_cap(body).map_or(0, |c| c.tokens);
     max_out as f64 + prompt_estimate(body_len) as f64
+}
+
+/// What a limit the model mapping leaves unknown (0) is taken to be when
+/// bounding an estimate: 128k tokens, the context window of most current
+/// models. It only bounds what one request reserves on tpm (the real usage
+/// replaces it when the answer ends); it refuses nothing.
+pub(crate) const UNKNOWN_LIMIT: u64 = 128 * 1024;
+
+/// What a request to `cands` reserves on tpm: its output cap, at most the
+/// largest `max_tokens` of the mappings (unknown: [`UNKNOWN_LIMIT`]), plus
+/// its prompt estimate, the sum at most the largest `context_window`
+/// (unknown: [`UNKNOWN_LIMIT`]) — a model cannot use more than its window,
+/// so no request reserves more, whatever it asks for.
+///
+/// A cap above every mapping's known `max_tokens` is refused (400 naming the
+/// field and the limit) rather than lowered: that is what the providers
+/// answer, and lowering it would silently change the request (a client
+/// relying on the length it asked for would get a truncated answer it did
+/// not ask for). When any candidate's limit is unknown that candidate may
+/// serve it: nothing is refused.
+pub(crate) fn bounded_estimate(
+    cap: Option<OutputCap>,
+    prompt: u64,
+    cands: &[crate::snapshot::Candidate],
+) -> Result<f64, ApiError> {
+    let known_max = cands
+        .iter()
+        .map(|c| c.max_tokens.map(u64::from))
+        .try_fold(0u64, |acc, m| m.map(|m| acc.max(m)));
+    if let (Some(cap), Some(max)) = (cap, known_max)
+        && !cands.is_empty()
+        && cap.tokens > max
+    {
+        let mut e = ApiError::bad_request(format!(
+            "`{}` is {}, above the model's maximum of {max} output tokens.",
+            cap.field, cap.tokens
+        ));
+        e.param = Some(cap.field.into());
+        return Err(e);
+    }
+    let out_limit = cands
+        .iter()
+        .map(|c| c.max_tokens.map_or(UNKNOWN_LIMIT, u64::from))
+        .max()
+        .unwrap_or(UNKNOWN_LIMIT);
+    let window = cands
+        .iter()
+        .map(|c| c.context_window.map_or(UNKNOWN_LIMIT, u64::from))
+        .max()
+        .unwrap_or(UNKNOWN_LIMIT);
+    let out = cap.map_or(0, |c| c.tokens).min(out_limit);
+    Ok(out.saturating_add(prompt).min(window) as f64)
 }
 
 /// About four bytes of request body per prompt token.
@@ -130,7 +200,7 @@ pub(crate) struct Scanned {
     pub stream: bool,
     /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`,
     /// when an unsigned integer.
-    pub max_out: Option<u64>,
+    pub max_out: Option<OutputCap>,
     /// What affinity and stored responses need: equal to
     /// [`BodyHints::from_map`] of the parsed body.
     pub hints: BodyHints,
@@ -304,7 +374,7 @@ impl<'de> Deserialize<'de> for Field {
 struct Top<'a> {
     model: &'a RawValue,
     stream: bool,
-    max_out: Option<u64>,
+    max_out: Option<OutputCap>,
     hints: BodyHints,
 }
 
@@ -346,10 +416,13 @@ impl<'de> Deserialize<'de> for Top<'de> {
                         }
                     }
                 }
-                let max_out = [mct, mt, mot].into_iter().find_map(|s| match s {
-                    Shape::U64(n) => Some(n),
-                    _ => None,
-                });
+                let max_out = [mct, mt, mot]
+                    .into_iter()
+                    .zip(OUTPUT_CAPS)
+                    .find_map(|(s, field)| match s {
+                        Shape::U64(tokens) => Some(OutputCap { field, tokens }),
+                        _ => None,
+                    });
                 Ok(Top {
                     model: model.ok_or_else(|| de::Error::custom("no model"))?,
                     stream: stream == Shape::True,
@@ -398,6 +471,61 @@ pub(crate) fn scan_body(bytes: &[u8]) -> Option<Scanned> {
 mod tests {
     use super::*;
     use crate::target::RequestBody;
+
+    #[test]
+    fn estimates_are_bounded_by_the_mappings_and_caps_above_them_refused() {
+        use crate::snapshot::SnapshotStore;
+        use crate::test_util::backend;
+        use claw_proto::{Pool, v1};
+        let mut b = backend("be_1", Pool::Primary, &[("m", "m-native")]);
+        b.models[0].max_tokens = 1000;
+        b.models[0].context_window = 4096;
+        let store = SnapshotStore::default();
+        store
+            .apply(
+                1,
+                &v1::Snapshot {
+                    version: 1,
+                    backends: vec![b],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snap = store.load().unwrap();
+        let cands = &snap.route("m").unwrap().candidates;
+        let cap = |tokens| {
+            Some(OutputCap {
+                field: "max_tokens",
+                tokens,
+            })
+        };
+        assert_eq!(bounded_estimate(cap(100), 20, cands).unwrap(), 120.0);
+        assert_eq!(bounded_estimate(None, 20, cands).unwrap(), 20.0);
+        // The window bounds a huge prompt.
+        assert_eq!(bounded_estimate(cap(1000), 1 << 40, cands).unwrap(), 4096.0);
+        let e = bounded_estimate(cap(1_000_000_000_000), 20, cands).unwrap_err();
+        assert_eq!(e.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        // Unknown limits refuse nothing and bound at UNKNOWN_LIMIT.
+        let mut b = backend("be_2", Pool::Primary, &[("m", "m-native")]);
+        b.models[0].max_tokens = 0;
+        store
+            .apply(
+                2,
+                &v1::Snapshot {
+                    version: 2,
+                    backends: vec![b],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let snap = store.load().unwrap();
+        let cands = &snap.route("m").unwrap().candidates;
+        assert_eq!(
+            bounded_estimate(cap(u64::MAX), 20, cands).unwrap(),
+            UNKNOWN_LIMIT as f64
+        );
+    }
 
     #[test]
     fn body_parsing_rejects_bad_input() {
@@ -480,7 +608,7 @@ mod tests {
                         String::from_utf8_lossy(b)
                     );
                     assert_eq!(
-                        s.max_out.unwrap_or(0) as f64 + prompt_estimate(b.len()) as f64,
+                        s.max_out.map_or(0, |c| c.tokens) as f64 + prompt_estimate(b.len()) as f64,
                         estimate_tokens(&map, b.len())
                     );
                     let mut raw = RequestBody::Raw {

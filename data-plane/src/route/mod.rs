@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use self::body::{
-    OVERSIZE_DRAIN_BYTES, estimate_tokens, parse_body, prompt_estimate, read_body, scan_body,
+    OVERSIZE_DRAIN_BYTES, bounded_estimate, output_cap, parse_body, prompt_estimate, read_body,
+    scan_body,
 };
 use crate::affinity::BodyHints;
 use crate::body::ProxyBody;
@@ -363,7 +364,7 @@ where
     let scanned = scan_body(&bytes).filter(|s| !(s.stream && injects));
     let (body, model, stream, est, stream_usage, hints) = match scanned {
         Some(s) => {
-            let est = s.max_out.unwrap_or(0) as f64 + prompt_estimate(bytes.len()) as f64;
+            let est = s.max_out;
             let body = RequestBody::Raw {
                 bytes: bytes.clone(),
                 model: s.model_span,
@@ -373,7 +374,7 @@ where
         None => {
             let (mut body, model) = parse_body(&bytes).map_err(|e| reject(e, &auth, wire))?;
             let stream = streams && body.get("stream") == Some(&Value::Bool(true));
-            let est = estimate_tokens(&body, bytes.len());
+            let est = output_cap(&body);
             let stream_usage = (stream && injects).then(|| request_stream_usage(&mut body));
             let hints = BodyHints::from_map(&body);
             (
@@ -385,12 +386,6 @@ where
                 hints,
             )
         }
-    };
-    // count_tokens costs the provider no tokens.
-    let est_tokens = if endpoint == Endpoint::CountTokens {
-        0.0
-    } else {
-        est
     };
     if !auth.key.allows(&model) {
         return Err(reject(ApiError::model_not_allowed(&model), &auth, wire));
@@ -407,6 +402,14 @@ where
             None => ApiError::model_not_found(&model),
         };
         return Err(reject(e, &auth, wire));
+    };
+    // count_tokens costs the provider no tokens; anything else reserves its
+    // estimate, bounded by the route's mappings (or refused above them).
+    let est_tokens = if endpoint == Endpoint::CountTokens {
+        0.0
+    } else {
+        bounded_estimate(est, prompt_estimate(bytes.len()), &route.candidates)
+            .map_err(|e| reject(e, &auth, wire))?
     };
     let response_id = match endpoint {
         Endpoint::Responses => previous_response_id(&hints),

@@ -287,6 +287,7 @@ fn candidate(b: &Arc<Backend>, m: &v1::ModelMapping) -> Candidate {
             cache_write_1h: m.cache_write_1h_cost_per_token,
         },
         max_tokens: (m.max_tokens > 0).then_some(m.max_tokens),
+        context_window: (m.context_window > 0).then_some(m.context_window),
         metrics: Arc::default(),
     }
 }
@@ -327,6 +328,7 @@ fn compile_responses_route(
             native: Arc::from(""),
             prices: Prices::default(),
             max_tokens: None,
+            context_window: None,
             metrics: Arc::default(),
         })
         .collect();

@@ -195,6 +195,10 @@ impl Scheduler {
         }
         let run = rec.run.as_ref();
         let agent = run.map(|r| r.agent_id.as_str()).unwrap_or_default();
+        if super::status::is_terminal(status) {
+            let now = self.now_ms();
+            self.terminal_run(agent, now);
+        }
         metrics::outcome(
             status,
             run.map(|r| r.skip_reason.as_str()).unwrap_or_default(),

@@ -7,6 +7,23 @@
 
 use super::*;
 
+/// Ends a deferred slot that cannot wait any longer: `failed` with the last
+/// error when it was retrying a transient failure, else `skipped` with its
+/// deferral reason.
+fn give_up(rec: &mut RunRecord, now: i64) {
+    let error = rec
+        .run
+        .as_ref()
+        .map(|r| r.error.clone())
+        .unwrap_or_default();
+    if error.is_empty() {
+        let reason = rec.defer_reason.clone();
+        set_status(rec, RunStatus::Skipped, &reason, "", now);
+    } else {
+        set_status(rec, RunStatus::Failed, "", &error, now);
+    }
+}
+
 impl Scheduler {
     /// The agent's cursor `t` came due.
     pub(super) fn fire_due(&mut self, id: &str, t: i64, now: i64) {
@@ -51,13 +68,15 @@ impl Scheduler {
         }
     }
 
-    /// The per-slot checks (see the module doc).
+    /// The per-slot checks (see the module doc). `scheduled` is false for
+    /// manual runs, which do not wait for the proxies' configuration.
     pub(super) fn decide(
         &self,
         id: &str,
         agent: &Agent,
         state: Option<&AgentState>,
         now: i64,
+        scheduled: bool,
     ) -> Decision {
         if self.in_flight.contains_key(id) {
             return Decision::Skip("in_flight");
@@ -77,7 +96,36 @@ impl Scheduler {
         {
             return Decision::Defer("no_capacity");
         }
+        if scheduled && self.config_pending(id) {
+            return Decision::Defer("config_pending");
+        }
         Decision::Run
+    }
+
+    /// Whether the agent still waits for the proxies to ACK the
+    /// configuration that introduced it (or its model).
+    pub(super) fn config_pending(&self, id: &str) -> bool {
+        let Some(&needed) = self.pending_config.get(id) else {
+            return false;
+        };
+        self.deps
+            .fleet
+            .min_acked_version()
+            .is_none_or(|acked| acked < needed)
+    }
+
+    /// How long a deferred slot waits before its next check.
+    fn retry_step(&self, id: &str, reason: &str) -> Duration {
+        let step = self
+            .agents
+            .get(id)
+            .map(|s| s.retry_step)
+            .unwrap_or(MAX_RETRY_STEP);
+        if reason == "config_pending" {
+            step.min(CONFIG_RETRY_STEP)
+        } else {
+            step
+        }
     }
 
     pub(super) fn load_agent(&self, id: &str) -> Option<Agent> {
@@ -96,15 +144,14 @@ impl Scheduler {
         if let Some(d) = self.deferred.remove(id) {
             self.retries.remove(&(d.retry_at_ms, id.to_string()));
             let mut rec = d.record;
-            let reason = rec.defer_reason.clone();
-            set_status(&mut rec, RunStatus::Skipped, &reason, "", now);
+            give_up(&mut rec, now);
             self.batch.push((Write::Update(d.key, rec), Action::None));
         }
         let Some(agent) = self.load_agent(id).filter(|a| a.enabled) else {
             return;
         };
         let key = RunKey::new(id, slot_ms);
-        let decision = self.decide(id, &agent, self.agents.get(id), now);
+        let decision = self.decide(id, &agent, self.agents.get(id), now, true);
         match decision {
             Decision::Run => {
                 self.start_run(key, &agent, RunTrigger::Schedule, now, None);
@@ -121,8 +168,8 @@ impl Scheduler {
                 let mut rec = run_record(&key, RunTrigger::Schedule, RunStatus::Deferred, now);
                 rec.defer_reason = reason.to_string();
                 rec.defer_until_ms = now + state.defer_max.as_millis() as i64;
-                let retry_at_ms =
-                    (now + state.retry_step.as_millis() as i64).min(rec.defer_until_ms);
+                let step = self.retry_step(id, reason);
+                let retry_at_ms = (now + step.as_millis() as i64).min(rec.defer_until_ms);
                 tracing::info!(agent = %id, reason, "heartbeat deferred");
                 self.retries.insert((retry_at_ms, id.to_string()));
                 self.deferred.insert(
@@ -152,10 +199,16 @@ impl Scheduler {
             self.batch.push((Write::Update(key, record), Action::None));
             return;
         };
-        match self.decide(id, &agent, self.agents.get(id), now) {
+        match self.decide(id, &agent, self.agents.get(id), now, true) {
             Decision::Run => {
                 record.defer_reason.clear();
                 record.defer_until_ms = 0;
+                if let Some(run) = record.run.as_mut()
+                    && !run.error.is_empty()
+                {
+                    // A retry of a transient failure (see the module doc).
+                    run.retries = run.retries.saturating_add(1);
+                }
                 self.start_run(key, &agent, RunTrigger::Schedule, now, Some(record));
             }
             Decision::Skip(reason) => {
@@ -164,15 +217,12 @@ impl Scheduler {
             }
             Decision::Defer(reason) if now >= record.defer_until_ms => {
                 tracing::info!(agent = %id, reason, "heartbeat skipped after deferring");
-                set_status(&mut record, RunStatus::Skipped, reason, "", now);
+                record.defer_reason = reason.to_string();
+                give_up(&mut record, now);
                 self.batch.push((Write::Update(key, record), Action::None));
             }
             Decision::Defer(reason) => {
-                let step = self
-                    .agents
-                    .get(id)
-                    .map(|s| s.retry_step)
-                    .unwrap_or(MAX_RETRY_STEP);
+                let step = self.retry_step(id, reason);
                 let retry_at_ms = (now + step.as_millis() as i64).min(record.defer_until_ms);
                 let write = record.defer_reason != reason;
                 record.defer_reason = reason.to_string();
@@ -203,6 +253,9 @@ impl Scheduler {
         deferred: Option<RunRecord>,
     ) -> Option<RunRequest> {
         let timeout = Duration::from_secs(validate::effective_run_timeout_seconds(agent));
+        if trigger == RunTrigger::Schedule {
+            self.pending_config.remove(&key.agent_id);
+        }
         let (write_claim, mut rec) = match deferred {
             Some(mut rec) => {
                 if let Some(run) = rec.run.as_mut() {

@@ -18,6 +18,9 @@
 //! its cursor through [`slots::due`]: at most one late slot (inside the
 //! catch-up window) runs, older ones are recorded `missed`. A created,
 //! re-enabled or rescheduled agent starts from the next slot after now.
+//! At startup, agents without a cursor (a fresh or imported store) get
+//! theirs written [`CURSOR_CHUNK`] per wake-up, not in one transaction
+//! that would hold up the first slots.
 //!
 //! **Per slot**, in order: a run still in flight for the agent →
 //! `skipped(in_flight)`; an effectively empty checklist →
@@ -33,6 +36,31 @@
 //! with the process, and retrying could call the model twice for one slot.
 //! Deferred slots resume their deferral (or are skipped when its cap has
 //! passed). Deliveries resume from the outbox.
+//!
+//! **Startup grace.** A restarted control plane knows nothing of the
+//! agents' live conversations until the proxies report again. So after
+//! startup, scheduled slots and deferred retries are *held* (not claimed,
+//! nothing recorded) until every proxy that reported before the restart
+//! ([`FleetView::known_before_start`]) has delivered its first report batch,
+//! or [`SchedulerConfig::startup_grace`] has passed; then the due slots fire
+//! through the usual checks, busy agents deferred. A first-ever start (no
+//! known proxies) holds nothing. Manual runs are never held.
+//!
+//! **Stale proxies.** An agent the scheduler sees appear (created,
+//! re-enabled) or change model waits for the proxies: its slots are
+//! `deferred(config_pending)` until every connected proxy has ACKed the
+//! configuration version current when the change was seen (kept current
+//! while the agent waits, so the heartbeat client key minted right after a
+//! first agent counts too).
+//!
+//! **Transient failures.** A scheduled run whose proxy is unreachable
+//! (connect error) or answers that the model is unknown
+//! ([`dispatch::Transient`]) goes back to `deferred` (`proxy_unreachable`,
+//! `model_unknown`, the error kept) and is retried after 1 s, 2 s, 4 s …
+//! (at most 30 s), each attempt counted in `retries`, while the next
+//! attempt falls inside the deferral cap (counted from the slot) and before
+//! the next slot; then it ends `failed` with the last error. Other failures
+//! are final at once; manual runs never retry.
 //!
 //! **Manual runs** bypass active hours and deferral (a busy agent or a
 //! model without capacity is `skipped` at once), are keyed at the current
@@ -65,6 +93,7 @@ use crate::shutdown::Shutdown;
 mod commit;
 mod decide;
 mod wake;
+pub mod status;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
@@ -74,6 +103,20 @@ const MAX_BATCH: usize = 5000;
 const PRUNE_CHUNK: usize = 1000;
 /// Longest retry step of a deferred slot.
 const MAX_RETRY_STEP: Duration = Duration::from_secs(60);
+/// Longest wait between two attempts of a run whose proxy was unreachable.
+const MAX_DISPATCH_BACKOFF: Duration = Duration::from_secs(30);
+/// Retry step of a slot waiting for the proxies' configuration ACKs.
+const CONFIG_RETRY_STEP: Duration = Duration::from_millis(250);
+/// First cursors written per wake-up after startup.
+const CURSOR_CHUNK: usize = 2000;
+/// How often the stale sweep runs.
+const STALE_SWEEP: Duration = Duration::from_secs(1);
+/// How often a held startup re-checks the proxies' reports.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+/// The default [`SchedulerConfig::startup_grace`]: a proxy reports every
+/// second (`CLAW_DP_REPORT_INTERVAL`) but reconnects with a backoff of
+/// 1 s, 1.6 s, 2.6 s, 4.1 s …, so a few of its attempts fit in.
+pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(15);
 
 /// Settings of the scheduler.
 #[derive(Debug, Clone)]
@@ -84,6 +127,8 @@ pub struct SchedulerConfig {
     pub prune_every: Duration,
     /// Wake mode: the callback base URL and the request poster.
     pub wake: crate::heartbeat::wake::WakeConfig,
+    /// Longest hold of due slots after startup (see the module doc).
+    pub startup_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -92,6 +137,7 @@ impl Default for SchedulerConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_every: Duration::from_secs(3600),
             wake: Default::default(),
+            startup_grace: DEFAULT_STARTUP_GRACE,
         }
     }
 }
@@ -109,6 +155,35 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         Timestamp::now()
+    }
+}
+
+/// What the scheduler needs to know about the proxies.
+pub trait FleetView: Send + Sync + 'static {
+    /// Node ids of the proxies that reported before this process started.
+    fn known_before_start(&self) -> Vec<String>;
+    /// Whether `node_id` delivered a report batch since this process started.
+    fn has_reported(&self, node_id: &str) -> bool;
+    /// The lowest configuration version ACKed by a connected proxy; `None`
+    /// when no proxy is connected.
+    fn min_acked_version(&self) -> Option<u64>;
+}
+
+/// A fleet with nothing to wait for (tests, benchmarks, embedding).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFleet;
+
+impl FleetView for NoFleet {
+    fn known_before_start(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn has_reported(&self, _node_id: &str) -> bool {
+        true
+    }
+
+    fn min_acked_version(&self) -> Option<u64> {
+        Some(u64::MAX)
     }
 }
 
@@ -208,6 +283,8 @@ pub struct Deps {
     pub clock: Arc<dyn Clock>,
     /// Where new outbox entries go (the delivery worker).
     pub outbox: mpsc::UnboundedSender<(RunKey, OutboxEntry)>,
+    /// The proxies: who reported since startup, which version they ACKed.
+    pub fleet: Arc<dyn FleetView>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -250,11 +327,13 @@ fn fingerprint(a: &Agent) -> u64 {
 /// What the scheduler keeps per enabled agent.
 struct AgentState {
     schedule: slots::Schedule,
+    model: String,
     fingerprint: u64,
     catch_up: Duration,
     busy_window: Duration,
     defer_max: Duration,
     retry_step: Duration,
+    stale_after_ms: i64,
     /// The queued fire time, if any.
     next_ms: Option<i64>,
 }
@@ -264,11 +343,13 @@ impl AgentState {
         let interval = Duration::from_secs(a.interval_seconds.max(1));
         Ok(AgentState {
             schedule: schedule_of(a)?,
+            model: a.model.clone(),
             fingerprint: fingerprint(a),
             catch_up: Duration::from_secs(validate::effective_catch_up_seconds(a)),
             busy_window: Duration::from_secs(validate::effective_busy_window_seconds(a)),
             defer_max: Duration::from_secs(validate::effective_busy_defer_max_seconds(a)),
             retry_step: (interval / 2).clamp(Duration::from_secs(1), MAX_RETRY_STEP),
+            stale_after_ms: status::stale_after(a).as_millis() as i64,
             next_ms: None,
         })
     }
@@ -319,6 +400,12 @@ enum Decision {
     Defer(&'static str),
 }
 
+/// Due slots held after startup until these proxies reported.
+struct StartupHold {
+    waiting: Vec<String>,
+    until_ms: i64,
+}
+
 /// The scheduler task's state.
 pub struct Scheduler {
     deps: Deps,
@@ -344,6 +431,20 @@ pub struct Scheduler {
     messages_models: HashSet<String>,
     /// Wake runs: pending requests, callbacks, deadlines.
     wake: wake::WakeRuns,
+    /// Set after startup while due slots are held (see the module doc).
+    hold: Option<StartupHold>,
+    /// Agents waiting for the proxies to ACK this configuration version
+    /// before their first run (after a create, re-enable or model change).
+    pending_config: HashMap<String, u64>,
+    /// Per enabled agent: its last terminal run's end, or when the stale
+    /// count (re)started (enabled, loaded at startup, seen outside its
+    /// active hours), unix ms.
+    since: HashMap<String, i64>,
+    /// Agents currently stale (gauge set).
+    stale: HashSet<String>,
+    next_sweep_ms: i64,
+    /// Agents whose first cursor is still to be written (startup).
+    pending_cursors: Vec<String>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -426,6 +527,12 @@ impl Scheduler {
                 pruning: false,
                 messages_models: HashSet::new(),
                 wake: Default::default(),
+                hold: None,
+                pending_config: HashMap::new(),
+                since: HashMap::new(),
+                stale: HashSet::new(),
+                next_sweep_ms: 0,
+                pending_cursors: Vec::new(),
             },
             handle,
         )
@@ -483,7 +590,87 @@ impl Scheduler {
             }
             self.tick();
             self.prune_step();
+            self.write_pending_cursors(CURSOR_CHUNK);
             self.flush_batch().await;
+            self.sweep_stale();
+        }
+    }
+
+    /// Adds up to `n` first cursors (agents that had none at startup) to the
+    /// batch, from the agents' current state (a slot that fired meanwhile
+    /// already moved it).
+    fn write_pending_cursors(&mut self, n: usize) {
+        let from = self.pending_cursors.len().saturating_sub(n);
+        for id in self.pending_cursors.split_off(from) {
+            if let Some(state) = self.agents.get(&id) {
+                let c = Cursor {
+                    next_ms: state.next_ms.unwrap_or(0),
+                    fingerprint: state.fingerprint,
+                };
+                self.batch.push((Write::Cursor(id, c), Action::None));
+            }
+        }
+    }
+
+    /// Marks agents stale (or no longer) on a timer, so that an agent that
+    /// simply stops getting terminal runs is seen (see [`status`]). Cheap
+    /// per agent: an agent is looked at closely only once its count ran out.
+    fn sweep_stale(&mut self) {
+        let now = self.now_ms();
+        if now < self.next_sweep_ms {
+            return;
+        }
+        self.next_sweep_ms = now + STALE_SWEEP.as_millis() as i64;
+        let mut newly = Vec::new();
+        for (id, state) in &self.agents {
+            let since = self.since.entry(id.clone()).or_insert(now);
+            if self.stale.contains(id) {
+                if !state.schedule.is_in_window(ts(now)) {
+                    *since = now;
+                    newly.push((id.clone(), false));
+                }
+                continue;
+            }
+            if now - *since <= state.stale_after_ms {
+                continue;
+            }
+            if !state.schedule.is_in_window(ts(now)) {
+                // Outside its hours: the count restarts when they do.
+                *since = now;
+                continue;
+            }
+            newly.push((id.clone(), true));
+        }
+        for (id, stale) in newly {
+            let failures = self.failures.get(&id).copied().unwrap_or(0);
+            if stale {
+                tracing::warn!(agent = %id, "heartbeat stale: no terminal run for two intervals plus the deferral cap");
+                self.stale.insert(id.clone());
+            } else {
+                self.stale.remove(&id);
+            }
+            metrics::agent_stale(&id, stale, failures);
+        }
+    }
+
+    /// Notes an agent's terminal run (the stale count restarts).
+    pub(super) fn terminal_run(&mut self, agent: &str, now: i64) {
+        if let Some(since) = self.since.get_mut(agent) {
+            *since = now;
+        }
+        if self.stale.remove(agent) {
+            let failures = self.failures.get(agent).copied().unwrap_or(0);
+            metrics::agent_stale(agent, false, failures);
+        } else {
+            metrics::agent_fresh(agent);
+        }
+    }
+
+    /// Forgets the stale count of an agent no longer scheduled.
+    fn forget_stale(&mut self, id: &str) {
+        self.since.remove(id);
+        if self.stale.remove(id) {
+            metrics::agent_stale(id, false, self.failures.get(id).copied().unwrap_or(0));
         }
     }
 
@@ -502,6 +689,13 @@ impl Scheduler {
         }
         if let Some(t) = self.next_wake_deadline() {
             at = at.min(t);
+        }
+        if self.hold.is_some() {
+            at = at.min(now + HOLD_POLL.as_millis() as i64);
+        }
+        at = at.min(self.next_sweep_ms);
+        if !self.pending_cursors.is_empty() {
+            at = now;
         }
         Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
     }
@@ -539,8 +733,21 @@ impl Scheduler {
                 }
             }
         }
+        let known = self.deps.fleet.known_before_start();
+        if !known.is_empty() && !self.config.startup_grace.is_zero() {
+            tracing::info!(
+                proxies = known.len(),
+                grace_ms = self.config.startup_grace.as_millis() as u64,
+                "holding due heartbeats until the known proxies report"
+            );
+            self.hold = Some(StartupHold {
+                waiting: known,
+                until_ms: now + self.config.startup_grace.as_millis() as i64,
+            });
+        }
         let cursors: HashMap<String, Cursor> = self.deps.runs.cursors()?.into_iter().collect();
         self.sync_agents(Some(cursors))?;
+        self.write_pending_cursors(CURSOR_CHUNK);
         self.next_prune_ms = now;
         self.flush_batch().await;
         tracing::info!(
@@ -557,6 +764,11 @@ impl Scheduler {
     fn sync_agents(&mut self, stored: Option<HashMap<String, Cursor>>) -> Result<(), CatalogError> {
         let now = self.deps.clock.now();
         let records = self.deps.catalog.agent_records()?;
+        let version = self.deps.catalog.config_version();
+        // Agents still waiting follow the newest version (see the module doc).
+        for v in self.pending_config.values_mut() {
+            *v = version;
+        }
         self.refresh_capacity();
         let mut seen = std::collections::HashSet::with_capacity(records.len());
         for rec in records {
@@ -573,6 +785,8 @@ impl Scheduler {
             if !a.enabled {
                 self.unqueue(&a.id);
                 self.agents.remove(&a.id);
+                self.pending_config.remove(&a.id);
+                self.forget_stale(&a.id);
                 if known.is_none_or(|c| c.fingerprint != fp) {
                     let c = Cursor {
                         next_ms: 0,
@@ -594,15 +808,36 @@ impl Scheduler {
                 Some(c) if c.fingerprint == fp => (c.next_ms != 0).then_some(c.next_ms),
                 _ => {
                     let next = state.schedule.next_slot_after(now).map(ms);
-                    let c = Cursor {
-                        next_ms: next.unwrap_or(0),
-                        fingerprint: fp,
-                    };
-                    self.batch
-                        .push((Write::Cursor(a.id.clone(), c), Action::None));
+                    // At startup the first cursors of agents that have none
+                    // are written in chunks between wake-ups
+                    // (`write_pending_cursors`), so that 100,000 new agents
+                    // are not one transaction delaying the first slots.
+                    if stored.is_none() || known.is_some() {
+                        let c = Cursor {
+                            next_ms: next.unwrap_or(0),
+                            fingerprint: fp,
+                        };
+                        self.batch
+                            .push((Write::Cursor(a.id.clone(), c), Action::None));
+                    } else {
+                        self.pending_cursors.push(a.id.clone());
+                    }
                     next
                 }
             };
+            // On reloads, an agent new to the scheduler (created,
+            // re-enabled) or with another model waits for the proxies.
+            if stored.is_none()
+                && self
+                    .agents
+                    .get(&a.id)
+                    .is_none_or(|old| old.model != state.model)
+            {
+                self.pending_config.insert(a.id.clone(), version);
+            }
+            self.since
+                .entry(a.id.clone())
+                .or_insert_with(|| now.as_millisecond());
             self.unqueue(&a.id);
             state.next_ms = next_ms;
             if let Some(t) = next_ms {
@@ -626,6 +861,8 @@ impl Scheduler {
         for id in gone {
             self.unqueue(&id);
             self.agents.remove(&id);
+            self.pending_config.remove(&id);
+            self.forget_stale(&id);
             self.batch.push((Write::DropCursor(id), Action::None));
         }
         Ok(())
@@ -685,6 +922,9 @@ impl Scheduler {
     /// Fires every due slot and retry, up to [`MAX_BATCH`] writes.
     fn tick(&mut self) {
         let now = self.now_ms();
+        if self.held(now) {
+            return;
+        }
         while self.batch.len() < MAX_BATCH {
             let Some((t, id)) = pop_due(&mut self.queue, now) else {
                 break;
@@ -698,6 +938,25 @@ impl Scheduler {
             self.retry(&id, now);
         }
         self.expire_wakes(now);
+    }
+
+    /// Whether due slots are still held after startup; releases the hold
+    /// once every known proxy reported or the grace has passed.
+    fn held(&mut self, now: i64) -> bool {
+        let Some(hold) = self.hold.as_mut() else {
+            return false;
+        };
+        let fleet = &self.deps.fleet;
+        hold.waiting.retain(|n| !fleet.has_reported(n));
+        if hold.waiting.is_empty() {
+            tracing::info!("every known proxy reported; heartbeats resume");
+        } else if now >= hold.until_ms {
+            tracing::warn!(missing = ?hold.waiting, "startup grace over before every known proxy reported; heartbeats resume");
+        } else {
+            return true;
+        }
+        self.hold = None;
+        false
     }
 
     fn command(&mut self, cmd: Command) {
@@ -733,7 +992,7 @@ impl Scheduler {
         };
         let now = self.now_ms();
         let key = RunKey::new(&id, now);
-        match self.decide(&id, &agent, self.agents.get(&id), now) {
+        match self.decide(&id, &agent, self.agents.get(&id), now, false) {
             Decision::Run => {
                 let req = self.start_run(key, &agent, RunTrigger::Manual, now, None);
                 if let Some((Write::Claim(..), action)) = self.batch.last_mut() {
@@ -763,6 +1022,15 @@ impl Scheduler {
         let mut outbox = None;
         match result {
             Err(error) => {
+                if let Some(kind) = dispatch::transient(&error)
+                    && self.redefer(&key, &mut rec, kind, &error, now)
+                {
+                    let run = rec.run.clone();
+                    self.batch
+                        .push((Write::Update(key, rec), Action::Finished(None)));
+                    self.waiters.push((f.done, run));
+                    return;
+                }
                 tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat run failed");
                 set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }
@@ -791,6 +1059,50 @@ impl Scheduler {
             .push((Write::Update(key, rec), Action::Finished(outbox)));
         // Waiters are woken after the commit (see flush_batch).
         self.waiters.push((f.done, run));
+    }
+
+    /// A scheduled run failed in a way a later attempt may not (proxy
+    /// unreachable, model unknown to it): defers the slot again, to be
+    /// retried after 1 s, 2 s, 4 s … (at most [`MAX_DISPATCH_BACKOFF`]) while
+    /// that stays within the slot's deferral cap and before the next slot.
+    /// Returns false when the run must fail now.
+    fn redefer(
+        &mut self,
+        key: &RunKey,
+        rec: &mut RunRecord,
+        kind: dispatch::Transient,
+        error: &str,
+        now: i64,
+    ) -> bool {
+        let Some(run) = rec.run.as_ref() else {
+            return false;
+        };
+        if run.trigger != RunTrigger::Schedule as i32 {
+            return false;
+        }
+        let Some(state) = self.agents.get(&key.agent_id) else {
+            return false;
+        };
+        let until = key.nominal_ms + state.defer_max.as_millis() as i64;
+        let backoff = (1000i64 << run.retries.min(8)).min(MAX_DISPATCH_BACKOFF.as_millis() as i64);
+        let retry_at_ms = now + backoff;
+        if retry_at_ms > until || state.next_ms.is_some_and(|n| retry_at_ms >= n) {
+            return false;
+        }
+        tracing::info!(agent = %key.agent_id, error, retries = run.retries, backoff_ms = backoff, "heartbeat run deferred; retrying");
+        set_status(rec, RunStatus::Deferred, "", error, now);
+        rec.defer_reason = kind.reason().to_string();
+        rec.defer_until_ms = until;
+        self.retries.insert((retry_at_ms, key.agent_id.clone()));
+        self.deferred.insert(
+            key.agent_id.clone(),
+            Deferred {
+                key: key.clone(),
+                record: rec.clone(),
+                retry_at_ms,
+            },
+        );
+        true
     }
 
     /// Retention: deletes a chunk of old runs per wake-up until done.
@@ -870,6 +1182,8 @@ mod tests {
         calls: AtomicUsize,
         reply: String,
         hang: bool,
+        /// Errors answered first, one per call.
+        errors: parking_lot::Mutex<Vec<String>>,
     }
 
     impl Dispatcher for Arc<Stub> {
@@ -880,7 +1194,14 @@ mod tests {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let reply = self.reply.clone();
             let hang = self.hang;
+            let error = {
+                let mut errors = self.errors.lock();
+                (!errors.is_empty()).then(|| errors.remove(0))
+            };
             Box::pin(async move {
+                if let Some(e) = error {
+                    return Err(e);
+                }
                 if hang {
                     std::future::pending::<()>().await;
                 }
@@ -904,6 +1225,7 @@ mod tests {
         catalog: Arc<Catalog>,
         clock: Arc<ManualClock>,
         stub: Arc<Stub>,
+        fleet: Arc<dyn FleetView>,
     }
 
     async fn rig(reply: &str, hang: bool) -> (tempfile::TempDir, Rig) {
@@ -933,7 +1255,9 @@ mod tests {
                 calls: AtomicUsize::new(0),
                 reply: reply.into(),
                 hang,
+                errors: parking_lot::Mutex::new(Vec::new()),
             }),
+            fleet: Arc::new(NoFleet),
         };
         (dir, rig)
     }
@@ -951,6 +1275,7 @@ mod tests {
                     capacity: Arc::new(Capacity::new()),
                     clock: Arc::new(self.clock.clone()),
                     outbox,
+                    fleet: self.fleet.clone(),
                 },
                 SchedulerConfig::default(),
             );
@@ -1314,5 +1639,193 @@ mod tests {
             (RunStatus::Delivered as i32, 3)
         );
         assert_eq!(store.outbox_len().expect("len"), 0);
+    }
+
+    /// A fleet of one proxy `p1` whose report and ACKed version tests set.
+    #[derive(Default)]
+    struct TestFleet {
+        reported: std::sync::atomic::AtomicBool,
+        acked: std::sync::atomic::AtomicU64,
+    }
+
+    impl FleetView for Arc<TestFleet> {
+        fn known_before_start(&self) -> Vec<String> {
+            vec!["p1".into()]
+        }
+
+        fn has_reported(&self, _node_id: &str) -> bool {
+            self.reported.load(Ordering::SeqCst)
+        }
+
+        fn min_acked_version(&self) -> Option<u64> {
+            Some(self.acked.load(Ordering::SeqCst))
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_due_slots_wait_for_the_known_proxies_first_report() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        r.fleet = Arc::new(fleet.clone());
+        {
+            // A first life at T0 - 30 s stores the cursor (slot 0).
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        let (mut s, _h, activity) = r.scheduler();
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 5).await;
+        step(&mut s, &r.clock, T0 + 3_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0, "held");
+        assert!(r.runs().is_empty(), "a held slot is not claimed");
+        // The proxy reports: the agent is in a conversation.
+        activity.record("a1", ts(T0 + 2_900));
+        fleet.reported.store(true, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 3_100).await;
+        assert_eq!(statuses(&r.runs()), [(0, "deferred".into(), "".into())]);
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_startup_hold_ends_with_the_grace() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        r.fleet = Arc::new(Arc::new(TestFleet::default()));
+        {
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        let (mut s, _h, _) = r.scheduler();
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 14_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 0, "held");
+        step(&mut s, &r.clock, T0 + 15_010).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "released");
+        assert_eq!(statuses(&r.runs()), [(0, "suppressed".into(), "".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_new_agent_waits_until_the_proxies_acked_its_configuration() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        fleet.reported.store(true, Ordering::SeqCst);
+        r.fleet = Arc::new(fleet.clone());
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        r.catalog
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "a2".into(),
+                    model: "gpt-4o".into(),
+                    interval_seconds: 60,
+                    stagger: Some(false),
+                    checklist: "- [ ] check the inbox".into(),
+                    enabled: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("agent");
+        let version = r.catalog.config_version();
+        s.sync_agents(None).expect("reload");
+        fleet.acked.store(version - 1, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 5).await;
+        let runs = RunStore::new(r.store.clone());
+        let a2 = |runs: &RunStore| runs.list_agent("a2", 10).expect("list");
+        assert_eq!(a2(&runs)[0].status, RunStatus::Deferred as i32);
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "a1 was known: ran");
+        step(&mut s, &r.clock, T0 + 300).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "a2 still waits");
+        fleet.acked.store(version, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 600).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(a2(&runs)[0].status, RunStatus::Suppressed as i32);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_proxy_defers_the_run_and_retries_it_with_backoff() {
+        let (_d, r) = rig("HEARTBEAT_OK", false).await;
+        *r.stub.errors.lock() = vec![
+            "proxy unreachable: connection refused".into(),
+            "model gpt-4o unknown to the proxy".into(),
+        ];
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        step(&mut s, &r.clock, T0 + 5).await;
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "deferred".into(), "".into())]);
+        assert_eq!(runs[0].error, "proxy unreachable: connection refused");
+        step(&mut s, &r.clock, T0 + 900).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1, "1 s backoff");
+        step(&mut s, &r.clock, T0 + 1_010).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(r.runs()[0].retries, 1);
+        // Then 2 s.
+        step(&mut s, &r.clock, T0 + 2_500).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 2);
+        step(&mut s, &r.clock, T0 + 3_020).await;
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "suppressed".into(), "".into())]);
+        assert_eq!((runs[0].retries, runs[0].error.as_str()), (2, ""));
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_stays_unreachable_fails_the_run_with_the_real_reason() {
+        let (_d, r) = rig("HEARTBEAT_OK", false).await;
+        *r.stub.errors.lock() = vec!["proxy unreachable: connection refused".into(); 100];
+        let (mut s, _h, _) = r.scheduler();
+        s.start().await.expect("start");
+        let mut t = T0 + 5;
+        while t < T0 + 59_000 {
+            step(&mut s, &r.clock, t).await;
+            t += 500;
+        }
+        // Retries 1, 2, 4, 8, 16 s; the next (30 s) would pass the next slot.
+        let runs = r.runs();
+        assert_eq!(statuses(&runs), [(0, "failed".into(), "".into())]);
+        assert_eq!(runs[0].error, "proxy unreachable: connection refused");
+        assert_eq!(runs[0].retries, 5);
+        // Other failures stay immediate.
+        *r.stub.errors.lock() = vec!["proxy answered 500: boom".into()];
+        step(&mut s, &r.clock, T0 + 60_005).await;
+        let runs = r.runs();
+        assert_eq!(runs[0].status, RunStatus::Failed as i32);
+        assert_eq!(
+            (runs[0].retries, runs[0].error.as_str()),
+            (0, "proxy answered 500: boom")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_terminal_runs_goes_stale_on_the_sweep_and_recovers() {
+        let (_d, mut r) = rig("HEARTBEAT_OK", false).await;
+        let fleet = Arc::new(TestFleet::default());
+        r.fleet = Arc::new(fleet.clone());
+        {
+            let (mut s, _h, _) = r.scheduler();
+            s.start().await.expect("start");
+        }
+        // Restarted with the known proxy gone for good and a long grace:
+        // no slot fires, so no terminal run comes.
+        let (mut s, _h, _) = r.scheduler();
+        s.config.startup_grace = Duration::from_secs(3600);
+        r.clock.set(T0 + 5);
+        s.start().await.expect("start");
+        for t in [10_000, 200_000, 240_000] {
+            step(&mut s, &r.clock, T0 + t).await;
+            s.sweep_stale();
+            assert!(s.stale.is_empty(), "not yet at {t}");
+        }
+        // 2 × 60 s + the 120 s cap after the start.
+        step(&mut s, &r.clock, T0 + 241_000).await;
+        s.sweep_stale();
+        assert!(s.stale.contains("a1"));
+        // The proxy is back: a terminal run ends the staleness.
+        fleet.reported.store(true, Ordering::SeqCst);
+        step(&mut s, &r.clock, T0 + 247_000).await;
+        assert_eq!(r.stub.calls.load(Ordering::SeqCst), 1);
+        assert!(s.stale.is_empty());
     }
 }

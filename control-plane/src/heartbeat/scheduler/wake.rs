@@ -152,6 +152,26 @@ impl Scheduler {
                 if let Some(run) = rec.run.as_ref() {
                     self.wake.by_run_id.remove(&run.run_id);
                 }
+                // A runtime that could not be reached is retried like an
+                // unreachable proxy (1 s, 2 s, 4 s … within the deferral
+                // cap); the wake's Idempotency-Key (the run id) lets a
+                // runtime that did get the first attempt drop the repeat.
+                // An answer other than 2xx fails at once.
+                if error.starts_with(wake::UNREACHABLE_PREFIX)
+                    && self.redefer(
+                        &key,
+                        &mut rec,
+                        dispatch::Transient::Unreachable,
+                        &error,
+                        now,
+                    )
+                {
+                    let run = rec.run.clone();
+                    self.batch
+                        .push((Write::Update(key, rec), Action::Finished(None)));
+                    self.waiters.push((f.done, run));
+                    return;
+                }
                 tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat wake failed");
                 set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }

@@ -1,0 +1,390 @@
+//! Heartbeats at the edges (issue 16), with real processes: the control
+//! plane, a proxy, the mock upstream.
+//!
+//! - an agent in a live conversation, control plane `kill -9` and restart →
+//!   no heartbeat reaches the upstream until the conversation stops (the
+//!   scheduler holds due slots until the known proxy reported);
+//! - `agent add` followed at once by its slot → the run succeeds (it waits
+//!   for the proxy to ACK the configuration that holds the agent);
+//! - the proxy down at a slot and back 3 s later → the run is deferred and
+//!   retried, then succeeds (`retries` ≥ 1);
+//! - an agent whose runs stop (restarted with its only proxy gone for good)
+//!   → `heartbeat_status` stale, `claw_heartbeat_agent_stale` 1 and
+//!   `claw_heartbeat_agent_status` 0.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use claw_tests::harness::{ControlPlane, Forwarder, Proxy};
+use claw_tests::mock::{Action, MockConfig, MockUpstream};
+use serde_json::Value;
+
+const KEY: &str = "sk-test-key-0123456789";
+
+async fn upstream(name: &str) -> MockUpstream {
+    let m = MockUpstream::start(MockConfig::default().name(name).api_key(KEY)).await;
+    m.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    m
+}
+
+fn add_backend(cp: &ControlPlane, url: &str, model: &str) {
+    cp.clawctl_with_env(
+        &[
+            "backend",
+            "add",
+            "b1",
+            "--url",
+            url,
+            "--api-key-env",
+            "K",
+            "--rpm",
+            "6000",
+            "--model",
+            model,
+        ],
+        &[("K", KEY)],
+    )
+    .assert_ok();
+}
+
+fn add_agent(cp: &ControlPlane, id: &str, model: &str, extra: &[&str]) {
+    let mut args = vec![
+        "agent",
+        "add",
+        id,
+        "--model",
+        model,
+        "--no-stagger",
+        "--checklist-file",
+        "-",
+    ];
+    args.extend_from_slice(extra);
+    cp.clawctl_stdin(&args, "- [ ] check the queue\n")
+        .assert_ok();
+}
+
+fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
+    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
+        .assert_ok()
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn status(r: &Value) -> &str {
+    r["status"].as_str().unwrap_or_default()
+}
+
+/// Polls `check` every 300 ms until it returns `Some`, failing with `what`
+/// after `secs`.
+async fn eventually<T>(
+    secs: u64,
+    what: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Upstream requests carrying `agent`'s heartbeat session key.
+fn heartbeat_calls(m: &MockUpstream, agent: &str) -> usize {
+    let prefix = format!("agent:{agent}:heartbeat");
+    m.requests()
+        .iter()
+        .filter(|r| {
+            r.header("x-claw-session-key")
+                .is_some_and(|k| k.starts_with(&prefix))
+        })
+        .count()
+}
+
+async fn chat(client: &reqwest::Client, url: &str, secret: &str, agent: &str) -> u16 {
+    client
+        .post(format!("{url}/chat/completions"))
+        .bearer_auth(secret)
+        .header("x-claw-agent-id", agent)
+        .json(&serde_json::json!({
+            "model": "m1",
+            "messages": [{"role": "user", "content": "are you there?"}]
+        }))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_sends_no_heartbeat_into_a_live_conversation() {
+    let up = upstream("u1").await;
+    let fwd = Forwarder::start().await;
+    let mut cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .start();
+    add_backend(&cp, &up.url(), "m1");
+    let secret = cp
+        .clawctl(&["key", "add", "chat-app", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("secret")
+        .to_string();
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chat(&client, &proxy.openai_url(), &secret, "agent-a").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never accepted the key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A conversation: a request every 0.5 s.
+    let talking = Arc::new(AtomicBool::new(true));
+    let conversation = {
+        let (client, url, secret, talking) = (
+            client.clone(),
+            proxy.openai_url(),
+            secret.clone(),
+            talking.clone(),
+        );
+        tokio::spawn(async move {
+            while talking.load(Ordering::Relaxed) {
+                chat(&client, &url, &secret, "agent-a").await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    add_agent(
+        &cp,
+        "agent-a",
+        "m1",
+        &[
+            "--interval",
+            "3s",
+            "--busy-window",
+            "3s",
+            "--busy-defer-max",
+            "60s",
+        ],
+    );
+    // Its slots are deferred (busy) while the conversation goes on.
+    eventually(
+        20,
+        || format!("{:#?}\n{}", runs(&cp, "agent-a"), cp.logs()),
+        || {
+            runs(&cp, "agent-a")
+                .iter()
+                .any(|r| status(r) == "deferred")
+                .then_some(())
+        },
+    )
+    .await;
+    cp.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cp.restart();
+    // The catch-up slot is due at once; the conversation goes on for
+    // several slots after the restart.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        heartbeat_calls(&up, "agent-a"),
+        0,
+        "a heartbeat reached the upstream during the conversation: {:#?}\n{}",
+        runs(&cp, "agent-a"),
+        cp.logs()
+    );
+    talking.store(false, Ordering::Relaxed);
+    let _ = conversation.await;
+    // Quiet now: the heartbeat runs.
+    eventually(
+        30,
+        || format!("{:#?}\n{}", runs(&cp, "agent-a"), cp.logs()),
+        || {
+            runs(&cp, "agent-a")
+                .iter()
+                .any(|r| status(r) == "suppressed")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(heartbeat_calls(&up, "agent-a") >= 1);
+    assert!(
+        cp.logs().contains("every known proxy reported"),
+        "the restart waited for the proxy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_run_right_after_agent_add_succeeds() {
+    let up = upstream("u2").await;
+    let fwd = Forwarder::start().await;
+    let cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .start();
+    add_backend(&cp, &up.url(), "m1");
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+    // A 1 s slot fires right after the add, before the proxies could have
+    // the new configuration (and the heartbeat client key minted with it).
+    add_agent(&cp, "agent-b", "m1", &["--interval", "1s"]);
+    let all = eventually(
+        20,
+        || format!("{:#?}\n{}", runs(&cp, "agent-b"), cp.logs()),
+        || {
+            let r = runs(&cp, "agent-b");
+            r.iter().any(|r| status(r) == "suppressed").then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        all.iter().all(|r| status(r) != "failed"),
+        "no run failed: {all:#?}"
+    );
+    assert!(
+        !cp.logs().contains("does not exist"),
+        "no 'model does not exist': {}",
+        cp.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_down_at_the_slot_and_back_3s_later_defers_then_succeeds() {
+    let up = upstream("u3").await;
+    let fwd = Forwarder::start().await;
+    let cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .start();
+    add_backend(&cp, &up.url(), "m1");
+    let mut proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+    add_agent(&cp, "agent-c", "m1", &["--interval", "10s"]);
+    // The first slot runs; then the proxy goes down before the next one.
+    let first = eventually(
+        30,
+        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
+        || {
+            runs(&cp, "agent-c")
+                .iter()
+                .find(|r| status(r) == "suppressed")
+                .map(|r| r["nominal_time"].as_str().unwrap_or_default().to_string())
+        },
+    )
+    .await;
+    proxy.stop();
+    let deferred = eventually(
+        20,
+        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
+        || {
+            runs(&cp, "agent-c")
+                .into_iter()
+                .find(|r| status(r) == "deferred" && r["nominal_time"] != first.as_str())
+        },
+    )
+    .await;
+    let slot = deferred["nominal_time"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        deferred["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("proxy unreachable")),
+        "{deferred}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restart();
+    proxy.wait_ready();
+    let done = eventually(
+        30,
+        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
+        || {
+            runs(&cp, "agent-c")
+                .into_iter()
+                .find(|r| r["nominal_time"] == slot.as_str() && status(r) == "suppressed")
+        },
+    )
+    .await;
+    assert!(done["retries"].as_u64() >= Some(1), "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_runs_stop_is_reported_stale() {
+    let up = upstream("u4").await;
+    let fwd = Forwarder::start().await;
+    let mut cp = ControlPlane::builder()
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .env("CLAW_HEARTBEAT_STARTUP_GRACE", "10m")
+        .start();
+    add_backend(&cp, &up.url(), "m1");
+    let mut proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+    add_agent(
+        &cp,
+        "agent-d",
+        "m1",
+        &["--interval", "1s", "--busy-defer-max", "1s"],
+    );
+    eventually(
+        20,
+        || format!("{:#?}\n{}", runs(&cp, "agent-d"), cp.logs()),
+        || {
+            runs(&cp, "agent-d")
+                .iter()
+                .any(|r| status(r) == "suppressed")
+                .then_some(())
+        },
+    )
+    .await;
+    let agent = cp
+        .clawctl(&["agent", "get", "agent-d", "-o", "json"])
+        .assert_ok()
+        .json();
+    assert_eq!(agent["heartbeat_status"], "ok", "{agent}");
+    assert!(agent["last_terminal_run"].is_string(), "{agent}");
+    let listed = cp.clawctl(&["agent", "list"]).assert_ok().stdout;
+    assert!(listed.contains("HEARTBEAT"), "{listed}");
+
+    // Its only proxy goes for good and the control plane restarts: it
+    // waits (up to the 10 min grace) for that proxy, so no run comes.
+    proxy.stop();
+    cp.kill9();
+    cp.restart();
+    let metrics = format!("{}/metrics", cp.http_url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let agent = cp
+            .clawctl(&["agent", "get", "agent-d", "-o", "json"])
+            .assert_ok()
+            .json();
+        let body = match reqwest::get(&metrics).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if agent["heartbeat_status"] == "stale"
+            && body.contains("claw_heartbeat_agent_stale{agent=\"agent-d\"} 1")
+        {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{agent}\n{body}\n{}", cp.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        body.contains("claw_heartbeat_agent_status{agent=\"agent-d\"} 0"),
+        "{body}"
+    );
+    let listed = cp.clawctl(&["agent", "list"]).assert_ok().stdout;
+    assert!(listed.contains("stale"), "{listed}");
+}
