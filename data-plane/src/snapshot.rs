@@ -824,14 +824,14 @@ mod tests {
         let first = compile(
             1,
             &v1::Snapshot {
-                pools: vec![custom.clone()],
+                pools: vec![custom],
                 ..snap(vec![])
             },
             None,
             now,
         )
         .unwrap();
-        let mut broken = custom.clone();
+        let mut broken = custom;
         broken.emergency_fraction = 3.0;
         let second = compile(
             2,

@@ -685,6 +685,81 @@ mod tests {
         );
     }
 
+    /// Issue 17: the base URLs every proxy rejected are refused here, by
+    /// the one rule both sides use; the control plane's backend validator
+    /// and the proxy's snapshot validator agree on each.
+    #[test]
+    fn hostile_base_urls_are_refused_on_both_sides() {
+        let long = format!("https://api.example.com/{}", "a".repeat(100 * 1024));
+        for url in [
+            "http://api.example.com/v 1",
+            "http://api.example.com/v1\r\nX-Injected: 1",
+            "http://api.example.com/v1\n",
+            "http://api.example.com/\u{1b}[2J",
+            "http:///v1",
+            "http:/v1",
+            "https://",
+            "http://api.exämple.com/v1",
+            "http://api.example.com/v1#frag",
+            long.as_str(),
+        ] {
+            let mut b = backend();
+            b.base_url = url.into();
+            let e = validate_backend(&b, true).expect_err(url);
+            assert_eq!(e.field, "base_url", "{url}");
+            assert!(
+                e.to_string().len() <= MAX_MESSAGE_CHARS + 16,
+                "{url}: bounded"
+            );
+            let snap = SnapshotBackend {
+                id: "be_1".into(),
+                name: b.name.clone(),
+                base_url: b.base_url.clone(),
+                api_key: b.api_key.clone(),
+                rpm: b.rpm,
+                models: b.models.clone(),
+                ..Default::default()
+            };
+            assert_eq!(
+                validate_snapshot_backend(&snap).expect_err(url).field,
+                "base_url"
+            );
+        }
+        for ok in [
+            "https://api.example.com/v1",
+            "http://10.0.0.5:8000/v1",
+            "http://[::1]:8080/v1?api-version=2024-01-01",
+            "HTTPS://API.EXAMPLE.COM/v1",
+        ] {
+            assert_eq!(http_url("base_url", ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn labels_refuse_control_characters_and_echoes_are_bounded() {
+        for bad in [
+            "\u{1b}[31mred",
+            "a\r\nb",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{9b}",
+        ] {
+            let mut b = backend();
+            b.label = bad.into();
+            assert_eq!(validate_backend(&b, true).expect_err(bad).field, "label");
+        }
+        let mut b = backend();
+        b.label = "Primary – EU (Zürich)".into();
+        assert_eq!(validate_backend(&b, true), Ok(()));
+        let huge = "x".repeat(15 * 1024);
+        let e = name("name", &huge).expect_err("too long");
+        assert!(e.to_string().len() < 100);
+        let shown = echo(&huge);
+        assert!(shown.ends_with('…') && shown.chars().count() <= MAX_ECHO_CHARS + 3);
+        let e = FieldError::new("f", huge.clone());
+        assert!(e.message.chars().count() <= MAX_MESSAGE_CHARS + 1);
+    }
+
     #[test]
     fn agent_validation() {
         let mut a = Agent {

@@ -10,13 +10,16 @@
 //!   proxies` shows what was left out, enabled or disabled.
 //! - A 15 KB name gets a clean, bounded error (not a broken gRPC trailer);
 //!   a label with ESC/CR/LF is refused naming `label`.
+//! - A NACK reason shown by `clawctl proxies` is cleared by the next ACK.
 
 use std::time::Duration;
 
 use claw_control_plane::catalog::records::{self, BackendRecord};
 use claw_control_plane::store::sled::SledStore;
 use claw_control_plane::store::{Rollback, Store as _, Tree};
-use claw_tests::harness::{ControlPlane, Proxy, wait_until, wait_until_async};
+use claw_tests::harness::{
+    ControlPlane, Forwarder, Proxy, ProxyBuilder, wait_until, wait_until_async,
+};
 use claw_tests::mock::{MockConfig, MockUpstream};
 use prost::Message as _;
 use serde_json::Value;
@@ -328,4 +331,83 @@ async fn a_bad_backend_in_the_store_is_left_out_and_revocations_still_reach_ever
             })
     });
     assert!(clean, "exclusions cleared after the fix");
+}
+
+/// The `last_nack_reason` `clawctl proxies -o json` shows for `node`.
+fn nack_reason(cp: &ControlPlane, node: &str) -> Option<String> {
+    let out = cp.clawctl(&["proxies", "-o", "json"]);
+    if !out.success() {
+        return None;
+    }
+    out.json().as_array()?.iter().find_map(|e| {
+        (e["node_id"] == node && e["connected"].as_bool() == Some(true)).then(|| {
+            e["last_nack_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+    })
+}
+
+/// Issue 17 item 10: `clawctl proxies` kept a NACK reason after the proxy
+/// recovered. A control plane on a copy of an older store (same lineage,
+/// lower version) gets a NACK; its next snapshot past the proxy's version
+/// is ACKed, and the reason is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_nack_reason_is_cleared_by_the_next_ack() {
+    let to_cp = Forwarder::start().await;
+    let mut cp1 = ControlPlane::start();
+    add_backend(&cp1, "b1", "http://127.0.0.1:9/v1", UPSTREAM_KEY, &[]);
+    cp1.stop_clean();
+    let older = tempfile::tempdir().expect("tempdir");
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", cp1.data_dir().display()))
+        .arg(older.path())
+        .status()
+        .expect("cp runs");
+    assert!(copy.success());
+    cp1.restart();
+    to_cp.point_to(cp1.grpc_addr());
+    cp1.clawctl(&["key", "add", "k1"]).assert_ok();
+    let ahead = config_version(&cp1);
+    let node = format!("dp-stale-{}", std::process::id());
+    let mut proxy = ProxyBuilder::new(format!("http://{}", to_cp.addr()), cp1.proxy_token())
+        .node_id(node.clone())
+        .start();
+    proxy.wait_ready();
+    assert!(wait_until(WAIT, || acked_versions(&cp1).get(&node) == Some(&ahead)));
+
+    // The older copy: same lineage, a lower version → NACK.
+    let cp2 = ControlPlane::builder()
+        .master_key(cp1.master_key())
+        .admin_token(cp1.admin_token())
+        .proxy_token(cp1.proxy_token())
+        .data_dir(older.path())
+        .start();
+    to_cp.point_to(cp2.grpc_addr());
+    cp1.stop();
+    let mut last = None;
+    let nacked = wait_until(WAIT, || {
+        last = nack_reason(&cp2, &node);
+        last.as_deref().is_some_and(|r| r.contains("older"))
+    });
+    assert!(nacked, "a NACK is shown: {last:?}");
+    // Past the proxy's version: ACKed, and the reason is cleared.
+    while config_version(&cp2) <= ahead {
+        let name = format!("k{}", config_version(&cp2));
+        cp2.clawctl(&["key", "add", name.as_str()]).assert_ok();
+    }
+    let want = config_version(&cp2);
+    assert!(
+        wait_until(WAIT, || {
+            acked_versions(&cp2).get(&node) == Some(&want)
+                && nack_reason(&cp2, &node).as_deref() == Some("")
+        }),
+        "the ACK of {want} clears the NACK reason: {:?}",
+        nack_reason(&cp2, &node)
+    );
+    let table = cp2.clawctl(&["proxies"]).assert_ok().stdout;
+    assert!(!table.contains("older"), "{table}");
+    proxy.stop();
 }
