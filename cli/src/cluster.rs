@@ -39,8 +39,41 @@ pub(crate) async fn proxies(session: &Session) -> anyhow::Result<()> {
     session.emit(&resp.proxies, |out| {
         proxy_table(&resp.proxies).write(out)?;
         writeln!(out)?;
-        writeln!(out, "current config version: {}", resp.config_version)
+        writeln!(out, "current config version: {}", resp.config_version)?;
+        for line in excluded_warnings(&resp.proxies) {
+            writeln!(out, "{line}")?;
+        }
+        Ok(())
     })
+}
+
+/// One warning line per proxy that left resources out of its snapshot as
+/// invalid (the first few named; all of them in `-o json`).
+fn excluded_warnings(proxies: &[Proxy]) -> Vec<String> {
+    const NAMED: usize = 3;
+    proxies
+        .iter()
+        .filter(|p| !p.excluded.is_empty())
+        .map(|p| {
+            let named: Vec<String> = p
+                .excluded
+                .iter()
+                .take(NAMED)
+                .map(|e| format!("{} {} ({})", e.kind, e.id, e.reason))
+                .collect();
+            let more = match p.excluded.len().saturating_sub(NAMED) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            let line = format!(
+                "warning: proxy {} left out {} invalid resource(s): {}{more}; fix or delete them (details: clawctl proxies -o json)",
+                p.node_id,
+                p.excluded.len(),
+                named.join(", ")
+            );
+            output::escape_control(&line).into_owned()
+        })
+        .collect()
 }
 
 fn proxy_table(proxies: &[Proxy]) -> Table {
@@ -49,6 +82,7 @@ fn proxy_table(proxies: &[Proxy]) -> Table {
         "PEER",
         "CONNECTED SINCE",
         "ACKED VERSION",
+        "EXCLUDED",
         "LAST NACK",
     ]);
     for p in proxies {
@@ -65,7 +99,8 @@ fn proxy_table(proxies: &[Proxy]) -> Table {
             p.peer_address.clone(),
             since,
             p.acked_version.to_string(),
-            p.last_nack_reason.replace('\n', " "),
+            p.excluded.len().to_string(),
+            p.last_nack_reason.clone(),
         ]);
     }
     t

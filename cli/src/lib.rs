@@ -91,12 +91,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// The one line printed for an error: its context chain joined with `: `,
 /// with any line breaks from server messages flattened.
 pub fn error_line(err: &anyhow::Error) -> String {
-    format!("{err:#}")
+    let line = format!("{err:#}")
         .split(['\n', '\r'])
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    // Any other control character (ESC…) a server message carries is shown
+    // escaped, never sent to the terminal as is.
+    output::escape_control(&line).into_owned()
 }
 
 /// True when the error is stdout being closed early (`clawctl ... | head`),
@@ -113,6 +116,12 @@ mod tests {
     use std::io::{self, Write};
 
     use super::*;
+
+    #[test]
+    fn error_lines_escape_control_characters() {
+        let e = anyhow::anyhow!("label: bad \u{1b}[2Jvalue\r\nnext");
+        assert_eq!(error_line(&e), "label: bad \\u{1b}[2Jvalue next");
+    }
 
     /// Standard output after the reader of the pipe went away.
     struct ClosedPipe;

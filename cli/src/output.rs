@@ -1,6 +1,7 @@
 //! Rendering of results: aligned tables and `key: value` views for humans,
 //! JSON and YAML (the API's messages with proto field names) for scripts.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 
 use clap::ValueEnum;
@@ -77,11 +78,18 @@ impl Table {
         }
     }
 
-    /// Appends a row; empty cells are shown as `-` so columns stay readable.
+    /// Appends a row; empty cells are shown as `-` so columns stay readable,
+    /// control characters escaped ([`escape_control`]).
     pub(crate) fn row(&mut self, cells: Vec<String>) {
         let cells = cells
             .into_iter()
-            .map(|c| if c.is_empty() { "-".to_string() } else { c })
+            .map(|c| {
+                if c.is_empty() {
+                    "-".to_string()
+                } else {
+                    escape_control(&c).into_owned()
+                }
+            })
             .collect();
         self.rows.push(cells);
     }
@@ -123,9 +131,16 @@ impl Details {
         Details::default()
     }
 
-    /// Adds a field; empty values are shown as `-`.
+    /// Adds a field; empty values are shown as `-`, control characters
+    /// but line breaks escaped ([`escape_control`]).
     pub(crate) fn field(mut self, key: &'static str, value: impl Into<String>) -> Details {
-        self.fields.push((key, value.into()));
+        let value: String = value.into();
+        let value = value
+            .split('\n')
+            .map(|line| escape_control(line).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n");
+        self.fields.push((key, value));
         self
     }
 
@@ -147,6 +162,25 @@ impl Details {
         }
         Ok(())
     }
+}
+
+/// `text` with every control character (ESC, CR, LF, tab, DEL, C1…)
+/// written as a Rust-style escape (`\u{1b}`, `\r`, `\n`), so a value read
+/// from the server cannot move the cursor, recolour or rewrite the
+/// terminal. JSON and YAML output are escaped by their encoders.
+pub(crate) fn escape_control(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// `yes`/`no` for table cells.
@@ -182,6 +216,24 @@ mod tests {
              openai-1   600   sk-abc…wxyz\n\
              b          -     -\n"
         );
+    }
+
+    /// Issue 17: a label holding ESC/CR/LF is shown escaped, never raw.
+    #[test]
+    fn control_characters_are_escaped_in_tables_and_details() {
+        let mut t = Table::new(&["LABEL"]);
+        t.row(vec!["a\u{1b}[31mred\r\nX".into()]);
+        let text = render(&t);
+        assert_eq!(text, "LABEL\na\\u{1b}[31mred\\r\\nX\n");
+        let d = Details::new().field("Label", "x\u{1b}]0;t\u{7}");
+        let mut buf = Vec::new();
+        d.write(&mut buf).expect("write to a Vec");
+        let shown = String::from_utf8(buf).expect("utf-8");
+        assert!(
+            !shown.contains('\u{1b}') && shown.contains("\\u{1b}"),
+            "{shown}"
+        );
+        assert_eq!(escape_control("plain"), "plain");
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(10 * 60);
 /// to choose, the registry's memory is not.
 pub(crate) const MAX_NACK_REASON: usize = 512;
 
+/// Most excluded resources kept per proxy (its ACK may list more).
+pub(crate) const MAX_EXCLUDED: usize = 100;
+/// Longest excluded resource id kept (in bytes).
+const MAX_EXCLUDED_ID: usize = 256;
+
 /// What the control plane knows about one proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProxyState {
@@ -61,8 +66,11 @@ pub struct ProxyState {
     pub connected_since_ms: i64,
     /// Last configuration version it acknowledged.
     pub acked_version: u64,
-    /// Reason of its last rejected snapshot, if any.
+    /// Reason of its last rejected snapshot, if it rejected the last one
+    /// it answered (an ACK clears it).
     pub last_nack_reason: String,
+    /// Resources its last applied snapshot left out as invalid.
+    pub excluded: Vec<v1::ExcludedResource>,
     /// Whether its stream is open now.
     pub connected: bool,
     /// Last message from it (or the end of its stream), unix ms.
@@ -80,7 +88,7 @@ impl ProxyState {
             last_nack_reason: self.last_nack_reason.clone(),
             connected: self.connected,
             last_seen: timestamp(self.last_seen_ms),
-            excluded: Vec::new(),
+            excluded: self.excluded.clone(),
         }
     }
 }
@@ -220,9 +228,30 @@ impl ProxyRegistry {
         self.update(node_id, conn, |_| {});
     }
 
-    /// Records that the proxy applied `version`.
-    pub fn acked(&self, node_id: &str, conn: ConnectionId, version: u64) {
-        if self.update(node_id, conn, |s| s.acked_version = version) {
+    /// Records that the proxy applied `version`, leaving out `excluded`
+    /// (bounded: [`MAX_EXCLUDED`] entries, reasons as NACK reasons). An ACK
+    /// clears the reason of an earlier NACK: the proxy has recovered.
+    pub fn acked(
+        &self,
+        node_id: &str,
+        conn: ConnectionId,
+        version: u64,
+        excluded: &[v1::ExcludedResource],
+    ) {
+        let excluded: Vec<v1::ExcludedResource> = excluded
+            .iter()
+            .take(MAX_EXCLUDED)
+            .map(|e| v1::ExcludedResource {
+                kind: truncate(&e.kind, 32),
+                id: truncate(&e.id, MAX_EXCLUDED_ID),
+                reason: bound_reason(&e.reason),
+            })
+            .collect();
+        if self.update(node_id, conn, |s| {
+            s.acked_version = version;
+            s.last_nack_reason.clear();
+            s.excluded = excluded;
+        }) {
             self.events.notify(Topic::Proxies);
         }
     }
@@ -421,13 +450,27 @@ mod tests {
         let p2 = r.connect("p2", "10.0.0.2:1", tx2);
         let p1 = r.connect("p1", "10.0.0.1:1", tx1);
         assert!(!p1.replaced);
-        r.acked("p1", p1.id, 7);
+        r.nacked("p1", p1.id, "bad url");
+        let listed = r.list();
+        assert_eq!(listed[0].last_nack_reason, "bad url");
+        let bad = v1::ExcludedResource {
+            kind: "backend".into(),
+            id: "be_1".into(),
+            reason: "base_url: must not contain a space".into(),
+        };
+        r.acked("p1", p1.id, 7, std::slice::from_ref(&bad));
         r.nacked("p1", p1.id, "bad url");
         assert!(r.disconnect("p2", p2.id));
         let list = r.list();
         assert_eq!(list[0].node_id, "p1");
         assert_eq!(list[0].acked_version, 7);
         assert_eq!(list[0].last_nack_reason, "bad url");
+        assert_eq!(list[0].excluded, [bad]);
+        // The next ACK clears the stale NACK reason and the exclusions.
+        r.acked("p1", p1.id, 8, &[]);
+        let after = r.list();
+        assert_eq!(after[0].last_nack_reason, "");
+        assert!(after[0].excluded.is_empty() && after[0].to_proto().excluded.is_empty());
         assert_eq!(list[0].peer_address, "10.0.0.1:1");
         assert!(list[0].connected);
         assert!(!list[1].connected, "gone proxies stay listed");
@@ -442,7 +485,7 @@ mod tests {
         let r = ProxyRegistry::new();
         let (old_tx, mut old_rx) = channel();
         let old = r.connect("p", "10.0.0.1:1", old_tx);
-        r.acked("p", old.id, 3);
+        r.acked("p", old.id, 3, &[]);
         let (new_tx, _new_rx) = channel();
         let new = r.connect("p", "10.0.0.1:2", new_tx);
         assert!(new.replaced);
@@ -450,7 +493,7 @@ mod tests {
         // The registry let go of the older stream's channel: it is closed.
         assert!(old_rx.try_recv().is_err() && old_rx.is_closed());
 
-        r.acked("p", old.id, 99);
+        r.acked("p", old.id, 99, &[]);
         assert!(!r.disconnect("p", old.id));
         let p = &r.list()[0];
         assert!(p.connected);

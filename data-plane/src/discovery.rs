@@ -250,13 +250,18 @@ impl Dispatcher {
         }
         let result = reply?;
         Some(match result {
+            // An ACK, listing what the applied snapshot left out.
             Ok(()) => StreamConfigRequest {
                 node_id: self.node_id.clone(),
                 version: msg.version,
                 response_nonce: msg.nonce,
                 error_detail: String::new(),
                 lineage: self.lineage(),
-                excluded: Vec::new(),
+                excluded: self
+                    .store
+                    .load()
+                    .map(|s| s.excluded().to_vec())
+                    .unwrap_or_default(),
             },
             Err(e) => {
                 tracing::warn!(version = msg.version, error = %e, "rejected configuration snapshot");

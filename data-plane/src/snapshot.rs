@@ -423,9 +423,21 @@ pub struct Snapshot {
     models: Vec<String>,
     models_body: Bytes,
     created: u64,
+    /// Resources of the delivered snapshot left out as invalid (reported in
+    /// the ACK); at most [`MAX_EXCLUDED`].
+    excluded: Vec<v1::ExcludedResource>,
 }
 
+/// Most excluded resources a snapshot reports (the rest are logged only).
+pub(crate) const MAX_EXCLUDED: usize = 100;
+
 impl Snapshot {
+    /// The resources of the delivered snapshot this one left out because
+    /// they were invalid, with the reason.
+    pub fn excluded(&self) -> &[v1::ExcludedResource] {
+        &self.excluded
+    }
+
     /// The lineage of the store this snapshot came from.
     pub fn lineage(&self) -> &str {
         &self.lineage
@@ -747,26 +759,100 @@ mod tests {
         ));
     }
 
+    /// Issue 17: one invalid resource is left out (listed with its
+    /// reason); the rest of the snapshot applies.
     #[tokio::test]
-    async fn rejects_bad_snapshots() {
+    async fn invalid_resources_are_left_out_and_the_rest_applies() {
         let now = Instant::now();
+        let kinds = |s: &Snapshot| -> Vec<(String, String)> {
+            s.excluded()
+                .iter()
+                .map(|e| (e.kind.clone(), e.id.clone()))
+                .collect()
+        };
         let dup = snap(vec![
-            backend("be_a", Pool::Primary, &[]),
-            backend("be_a", Pool::Primary, &[]),
+            backend("be_a", Pool::Primary, &[("m", "m")]),
+            backend("be_a", Pool::Primary, &[("m", "m")]),
+            backend("be_ok", Pool::Primary, &[("m", "m")]),
         ]);
-        assert!(matches!(
-            compile(1, &dup, None, now),
-            Err(SnapshotError::Invalid(_))
-        ));
-        let mut bad_url = backend("be_a", Pool::Primary, &[]);
-        bad_url.base_url = "not a url".into();
-        assert!(compile(1, &snap(vec![bad_url]), None, now).is_err());
-        let mut ftp = backend("be_a", Pool::Primary, &[]);
-        ftp.base_url = "ftp://x/v1".into();
-        assert!(compile(1, &snap(vec![ftp]), None, now).is_err());
-        let mut bad_key = snap(vec![]);
-        bad_key.client_keys[0].secret_sha256 = "zz".into();
-        assert!(compile(1, &bad_key, None, now).is_err());
+        let c = compile(1, &dup, None, now).unwrap();
+        assert!(c.backend("be_ok").is_some() && c.backend("be_a").is_none());
+        assert_eq!(
+            kinds(&c),
+            [
+                ("backend".into(), "be_a".into()),
+                ("backend".into(), "be_a".into())
+            ]
+        );
+        for url in [
+            "not a url",
+            "ftp://x/v1",
+            "http://api.example.com/v 1",
+            "http://api.example.com/v1\r\nX-Injected: 1",
+            "http:///v1",
+        ] {
+            let mut bad = backend("be_bad", Pool::Primary, &[("m", "m")]);
+            bad.base_url = url.into();
+            let s = snap(vec![bad, backend("be_ok", Pool::Primary, &[("m", "m")])]);
+            let c = compile(1, &s, None, now).unwrap();
+            assert_eq!(kinds(&c), [("backend".into(), "be_bad".into())], "{url}");
+            assert!(c.excluded()[0].reason.starts_with("base_url: "), "{url}");
+            assert_eq!(c.route("m").unwrap().candidates.len(), 1, "{url}");
+            assert_eq!(c.keys.len(), 1, "{url}");
+        }
+        let mut long = backend("be_long", Pool::Primary, &[]);
+        long.base_url = format!("https://api.example.com/{}", "a".repeat(100 * 1024));
+        let c = compile(1, &snap(vec![long]), None, now).unwrap();
+        assert!(c.excluded()[0].reason.len() < 200);
+        // A bad key digest or a shared secret: those keys are out, the
+        // others work.
+        let mut keys = snap(vec![]);
+        keys.client_keys[0].secret_sha256 = "zz".into();
+        keys.client_keys.push(key("ck_2", "s2"));
+        keys.client_keys.push(key("ck_3", "shared"));
+        keys.client_keys.push(key("ck_4", "shared"));
+        let c = compile(1, &keys, None, now).unwrap();
+        assert_eq!(
+            kinds(&c),
+            [
+                ("client_key".into(), "ck_1".into()),
+                ("client_key".into(), "ck_3".into()),
+                ("client_key".into(), "ck_4".into())
+            ]
+        );
+        assert_eq!(c.keys.len(), 1);
+        // An invalid pool keeps the previous settings.
+        let mut custom = claw_proto::validate::default_pool_settings(Pool::Primary);
+        custom.max_retries = 7;
+        let first = compile(
+            1,
+            &v1::Snapshot {
+                pools: vec![custom],
+                ..snap(vec![])
+            },
+            None,
+            now,
+        )
+        .unwrap();
+        let mut broken = custom;
+        broken.emergency_fraction = 3.0;
+        let second = compile(
+            2,
+            &v1::Snapshot {
+                pools: vec![broken],
+                ..snap(vec![])
+            },
+            Some(&first),
+            now,
+        )
+        .unwrap();
+        assert_eq!(kinds(&second), [("pool".into(), "primary".into())]);
+        assert_eq!(second.pool(Pool::Primary).max_retries, 7);
+    }
+
+    #[tokio::test]
+    async fn rejects_unusable_snapshots() {
+        let now = Instant::now();
         let mut mismatch = snap(vec![]);
         mismatch.version = 5;
         assert!(matches!(

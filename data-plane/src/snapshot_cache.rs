@@ -600,9 +600,10 @@ mod tests {
         assert_eq!(fresh.version(), 0);
         assert!(c.path().exists());
 
-        // Decrypts but fails validation (rpm 0): ignored, kept.
+        // Decrypts but cannot be used (its inner version disagrees; an
+        // invalid resource alone would only be left out): ignored, kept.
         let mut bad = snapshot(4);
-        bad.backends[0].rpm = 0;
+        bad.version = 5;
         c.write(4, &bad).unwrap();
         assert_eq!(c.load_into(&fresh), None);
         assert_eq!(fresh.version(), 0);

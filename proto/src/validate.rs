@@ -8,7 +8,9 @@ use std::collections::HashSet;
 
 use crate::Pool;
 use crate::active_hours::ActiveHours;
-use crate::v1::{Agent, Backend, ClientKey, ModelMapping, PoolSettings};
+use crate::v1::{
+    Agent, Backend, ClientKey, ModelMapping, PoolSettings, SnapshotBackend, SnapshotClientKey,
+};
 
 /// A field that failed validation, e.g. `rpm: must be > 0`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,11 +23,13 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    /// An error about `field`.
+    /// An error about `field`. Both parts are bounded
+    /// ([`MAX_MESSAGE_CHARS`]), so a message that echoes input of any length
+    /// still fits a gRPC trailer.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError {
-            field: field.into(),
-            message: message.into(),
+            field: bound_message(&field.into()),
+            message: bound_message(&message.into()),
         }
     }
 
@@ -59,6 +63,55 @@ pub const BACKEND_ID_PREFIX: &str = "be_";
 /// Prefix of server-assigned client key ids.
 pub const CLIENT_KEY_ID_PREFIX: &str = "ck_";
 
+/// Longest accepted URL (base, webhook and wake URLs), in bytes.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Longest accepted label or display name, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Most characters of user input an error message echoes ([`echo`]).
+pub const MAX_ECHO_CHARS: usize = 200;
+/// Most characters of any error message ([`bound_message`]).
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// `value` quoted and escaped as `{:?}` does, cut to [`MAX_ECHO_CHARS`]
+/// characters with `…`: what an error message may echo of user input.
+pub fn echo(value: &str) -> String {
+    if value.chars().count() <= MAX_ECHO_CHARS {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head:?}…")
+}
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters with `…` (error
+/// messages travel in gRPC trailers, which have a size limit).
+pub fn bound_message(message: &str) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => message.to_string(),
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+    }
+}
+
+/// A label or display name: at most [`MAX_LABEL_BYTES`], no control
+/// characters (ESC, CR, LF, … would reach terminals and logs as they are).
+pub fn label(field: &str, value: &str) -> Result {
+    max_len(field, value, MAX_LABEL_BYTES)?;
+    no_control(field, value)
+}
+
+/// Refuses control characters (C0, DEL, C1), naming the first one.
+fn no_control(field: &str, value: &str) -> Result {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(FieldError::new(
+            field,
+            format!(
+                "must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Names of backends and client keys: an ASCII letter or digit, then
 /// letters, digits, `.`, `_`, `-`; at most 63 characters.
 pub fn name(field: &str, value: &str) -> Result {
@@ -75,7 +128,8 @@ pub fn name(field: &str, value: &str) -> Result {
         return Err(FieldError::new(
             field,
             format!(
-                "{value:?} must start with a letter or digit and contain only letters, digits, '.', '_' and '-'"
+                "{} must start with a letter or digit and contain only letters, digits, '.', '_' and '-'",
+                echo(value)
             ),
         ));
     }
@@ -92,24 +146,81 @@ pub fn agent_id(field: &str, value: &str) -> Result {
         return Err(FieldError::new(
             field,
             format!(
-                "{value:?} must be lowercase: letters a-z, digits, '.', '_' and '-' (try {:?})",
-                value.to_ascii_lowercase()
+                "{} must be lowercase: letters a-z, digits, '.', '_' and '-' (try {})",
+                echo(value),
+                echo(&value.to_ascii_lowercase())
             ),
         ));
     }
     Ok(())
 }
 
-/// An `http` or `https` URL with a host and no embedded credentials.
+/// An `http` or `https` URL with a host and no embedded credentials, at
+/// most [`MAX_URL_BYTES`], of visible ASCII only (no space, CR, LF or other
+/// control character: a lenient URL parser would encode or drop them, but
+/// an HTTP client cannot send them), with the host written out (`http:///v1`
+/// is refused, not read as host `v1`), and a valid HTTP request target.
+/// The proxy holds every base URL to these rules, so what the control plane
+/// accepts, every proxy can use.
 pub fn http_url(field: &str, value: &str) -> Result {
-    let url = url::Url::parse(value)
-        .map_err(|e| FieldError::new(field, format!("{value:?} is not a valid URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    if value.len() > MAX_URL_BYTES {
         return Err(FieldError::new(
             field,
-            format!("scheme must be http or https, got {:?}", url.scheme()),
+            format!(
+                "must be at most {MAX_URL_BYTES} bytes (got {})",
+                value.len()
+            ),
         ));
     }
+    if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        let what = match c {
+            ' ' => "a space".to_string(),
+            '\r' => "a carriage return (CR)".to_string(),
+            '\n' => "a line feed (LF)".to_string(),
+            '\t' => "a tab".to_string(),
+            c if c.is_control() => format!("a control character (U+{:04X})", u32::from(c)),
+            c => format!(
+                "non-ASCII character U+{:04X} (use punycode and percent-encoding)",
+                u32::from(c)
+            ),
+        };
+        return Err(FieldError::new(field, format!("must not contain {what}")));
+    }
+    let lower = value.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+    else {
+        let scheme = value.split_once(':').map_or("", |(s, _)| s);
+        return Err(FieldError::new(
+            field,
+            format!(
+                "must start with http:// or https:// (scheme {})",
+                echo(scheme)
+            ),
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(FieldError::new(
+            field,
+            "must name a host (e.g. https://api.example.com/v1)",
+        ));
+    }
+    if authority.contains('@') {
+        return Err(FieldError::new(
+            field,
+            "must not embed credentials; give the API key separately",
+        ));
+    }
+    if value.contains('#') {
+        return Err(FieldError::new(field, "must not have a #fragment"));
+    }
+    let url = url::Url::parse(value)
+        .map_err(|e| FieldError::new(field, format!("{} is not a valid URL: {e}", echo(value))))?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(FieldError::new(field, "must name a host"));
     }
@@ -119,13 +230,23 @@ pub fn http_url(field: &str, value: &str) -> Result {
             "must not embed credentials; give the API key separately",
         ));
     }
+    // What the proxy's HTTP client parses it with.
+    let uri: http::Uri = value.parse().map_err(|e| {
+        FieldError::new(
+            field,
+            format!("{} is not a valid HTTP URI: {e}", echo(value)),
+        )
+    })?;
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(FieldError::new(field, "must name a host"));
+    }
     Ok(())
 }
 
 /// An IANA time zone name known to the bundled tz database.
 pub fn timezone(field: &str, value: &str) -> Result<jiff::tz::TimeZone> {
     jiff::tz::TimeZone::get(value)
-        .map_err(|_| FieldError::new(field, format!("unknown IANA time zone {value:?}")))
+        .map_err(|_| FieldError::new(field, format!("unknown IANA time zone {}", echo(value))))
 }
 
 /// Parses an active window; empty means always active.
@@ -157,7 +278,7 @@ fn model_name(field: &str, value: &str) -> Result {
     if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(FieldError::new(
             field,
-            format!("{value:?} must not contain whitespace"),
+            format!("{} must not contain whitespace", echo(value)),
         ));
     }
     Ok(())
@@ -213,7 +334,7 @@ pub fn validate_backend(b: &Backend, require_key: bool) -> Result {
             format!("must not start with {BACKEND_ID_PREFIX:?} (reserved for ids)"),
         ));
     }
-    max_len("label", &b.label, 256)?;
+    label("label", &b.label)?;
     http_url("base_url", &b.base_url)?;
     if require_key && b.api_key.is_empty() {
         return Err(FieldError::new("api_key", "is required"));
@@ -242,15 +363,63 @@ pub fn validate_backend(b: &Backend, require_key: bool) -> Result {
     if b.weight > 1000 {
         return Err(FieldError::new("weight", "must be between 1 and 1000"));
     }
+    model_mappings(&b.models)
+}
+
+/// Model mappings: each valid, no canonical name twice.
+fn model_mappings(models: &[ModelMapping]) -> Result {
     let mut seen = HashSet::new();
-    for (i, m) in b.models.iter().enumerate() {
+    for (i, m) in models.iter().enumerate() {
         validate_model_mapping(m).map_err(|e| e.within(&format!("models[{i}]")))?;
         if !seen.insert(m.canonical.as_str()) {
             return Err(FieldError::new(
                 format!("models[{i}].canonical"),
-                format!("{:?} is mapped twice", m.canonical),
+                format!("{} is mapped twice", echo(&m.canonical)),
             ));
         }
+    }
+    Ok(())
+}
+
+/// An id as a snapshot carries it: present, at most 256 bytes, visible
+/// ASCII.
+fn resource_id(field: &str, value: &str) -> Result {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    max_len(field, value, 256)?;
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(FieldError::new(field, "must be visible ASCII"));
+    }
+    Ok(())
+}
+
+/// Validates a backend as a proxy receives it in a snapshot, by the rules
+/// [`validate_backend`] applies to what the control plane stores (same
+/// functions for the same fields), so a backend the control plane accepts is
+/// one every proxy can use. A proxy leaves out a backend that fails this
+/// and applies the rest of the snapshot.
+pub fn validate_snapshot_backend(b: &SnapshotBackend) -> Result {
+    resource_id("id", &b.id)?;
+    name("name", &b.name)?;
+    http_url("base_url", &b.base_url)?;
+    api_key("api_key", &b.api_key)?;
+    if b.rpm == 0 {
+        return Err(FieldError::new("rpm", "must be > 0"));
+    }
+    model_mappings(&b.models)
+}
+
+/// Validates a client key as a proxy receives it in a snapshot: an id and
+/// the SHA-256 of its secret as 64 hex characters.
+pub fn validate_snapshot_client_key(k: &SnapshotClientKey) -> Result {
+    resource_id("id", &k.id)?;
+    let hash = k.secret_sha256.trim();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FieldError::new(
+            "secret_sha256",
+            "must be 64 hex characters",
+        ));
     }
     Ok(())
 }
@@ -406,7 +575,7 @@ pub fn effective_busy_defer_max_seconds(a: &Agent) -> u64 {
 /// Validates a (normalized) agent.
 pub fn validate_agent(a: &Agent) -> Result {
     agent_id("id", &a.id)?;
-    max_len("name", &a.name, 256)?;
+    label("name", &a.name)?;
     model_name("model", &a.model)?;
     if a.interval_seconds == 0 || a.interval_seconds > MAX_INTERVAL_SECONDS {
         return Err(FieldError::new(
@@ -514,6 +683,81 @@ mod tests {
             field(|b| b.models.push(b.models[0].clone())),
             "models[1].canonical"
         );
+    }
+
+    /// Issue 17: the base URLs every proxy rejected are refused here, by
+    /// the one rule both sides use; the control plane's backend validator
+    /// and the proxy's snapshot validator agree on each.
+    #[test]
+    fn hostile_base_urls_are_refused_on_both_sides() {
+        let long = format!("https://api.example.com/{}", "a".repeat(100 * 1024));
+        for url in [
+            "http://api.example.com/v 1",
+            "http://api.example.com/v1\r\nX-Injected: 1",
+            "http://api.example.com/v1\n",
+            "http://api.example.com/\u{1b}[2J",
+            "http:///v1",
+            "http:/v1",
+            "https://",
+            "http://api.exämple.com/v1",
+            "http://api.example.com/v1#frag",
+            long.as_str(),
+        ] {
+            let mut b = backend();
+            b.base_url = url.into();
+            let e = validate_backend(&b, true).expect_err(url);
+            assert_eq!(e.field, "base_url", "{url}");
+            assert!(
+                e.to_string().len() <= MAX_MESSAGE_CHARS + 16,
+                "{url}: bounded"
+            );
+            let snap = SnapshotBackend {
+                id: "be_1".into(),
+                name: b.name.clone(),
+                base_url: b.base_url.clone(),
+                api_key: b.api_key.clone(),
+                rpm: b.rpm,
+                models: b.models.clone(),
+                ..Default::default()
+            };
+            assert_eq!(
+                validate_snapshot_backend(&snap).expect_err(url).field,
+                "base_url"
+            );
+        }
+        for ok in [
+            "https://api.example.com/v1",
+            "http://10.0.0.5:8000/v1",
+            "http://[::1]:8080/v1?api-version=2024-01-01",
+            "HTTPS://API.EXAMPLE.COM/v1",
+        ] {
+            assert_eq!(http_url("base_url", ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn labels_refuse_control_characters_and_echoes_are_bounded() {
+        for bad in [
+            "\u{1b}[31mred",
+            "a\r\nb",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{9b}",
+        ] {
+            let mut b = backend();
+            b.label = bad.into();
+            assert_eq!(validate_backend(&b, true).expect_err(bad).field, "label");
+        }
+        let mut b = backend();
+        b.label = "Primary – EU (Zürich)".into();
+        assert_eq!(validate_backend(&b, true), Ok(()));
+        let huge = "x".repeat(15 * 1024);
+        let e = name("name", &huge).expect_err("too long");
+        assert!(e.to_string().len() < 100);
+        let shown = echo(&huge);
+        assert!(shown.ends_with('…') && shown.chars().count() <= MAX_ECHO_CHARS + 3);
+        let e = FieldError::new("f", huge.clone());
+        assert!(e.message.chars().count() <= MAX_MESSAGE_CHARS + 1);
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod heartbeat_edges;
 mod heartbeat_wake;
 mod hostile_connections;
 mod hostile_limits;
+mod hostile_config;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;

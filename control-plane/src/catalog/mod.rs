@@ -91,7 +91,7 @@ pub enum CatalogError {
     #[error("{0}")]
     AlreadyExists(FieldError),
     /// No resource has this id or name.
-    #[error("{kind} {ident:?} not found")]
+    #[error("{kind} {} not found", claw_proto::validate::echo(ident))]
     NotFound {
         /// `backend`, `client key`, `agent`.
         kind: &'static str,

@@ -407,7 +407,10 @@ impl Session {
             match version {
                 Some(v) => {
                     self.held = v;
-                    registry.acked(&self.node_id, self.conn, v);
+                    registry.acked(&self.node_id, self.conn, v, &request.excluded);
+                    for e in request.excluded.iter().take(crate::proxies::MAX_EXCLUDED) {
+                        tracing::warn!(node_id = %self.node_id, version = v, kind = %e.kind, id = %e.id, reason = %e.reason, "proxy left an invalid resource out of the snapshot");
+                    }
                     tracing::debug!(node_id = %self.node_id, version = v, "snapshot acknowledged");
                 }
                 None => registry.seen(&self.node_id, self.conn),

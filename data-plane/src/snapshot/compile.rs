@@ -1,11 +1,19 @@
 //! Compiling a `claw.v1.Snapshot` into a [`Snapshot`]: validation, then the
 //! routing tables, carrying the runtime state over from the previous one.
 //!
-//! Field rules the control plane also enforces come from
-//! [`claw_proto::validate`] (pool settings, model mappings, base URLs), so a
-//! static snapshot is held to the same rules as a pushed one; what only the
-//! proxy needs (a base URL it can build attempt URIs from, a provider key
-//! that is a valid header value, unique ids and key digests) is checked here.
+//! Field rules come from [`claw_proto::validate`]
+//! (`validate_snapshot_backend`, `validate_snapshot_client_key`,
+//! `validate_pool_settings`), the functions the control plane validates
+//! every write with, so a static snapshot is held to the same rules as a
+//! pushed one; what only the proxy needs (a provider key that is a valid
+//! header value, unique ids and key digests) is checked here.
+//!
+//! One invalid resource never costs the rest: a backend, client key or pool
+//! that fails is left out (listed in [`Snapshot::excluded`], reported in the
+//! ACK) and everything else is applied, revocations and new client keys
+//! above all. A left-out pool keeps its previous settings (or the
+//! defaults). Only a snapshot that cannot be used at all (a version
+//! mismatch, a stale version) is rejected.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +26,8 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{
-    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, ModelRoutes, PoolConfig,
-    PoolConfigs, Route, Snapshot, SnapshotError, invalid, render_models,
+    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, MAX_EXCLUDED, ModelRoutes,
+    PoolConfig, PoolConfigs, Route, Snapshot, SnapshotError, render_models,
 };
 use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamTarget;
@@ -67,23 +75,34 @@ pub(super) fn compile_any_version(
             inner: snap.version,
         });
     }
-    let pools = compile_pools(&snap.pools)?;
+    let mut excluded = Excluded::default();
+    let pools = compile_pools(&snap.pools, previous, &mut excluded);
     let mut backends = Vec::with_capacity(snap.backends.len());
+    let mut kept = Vec::with_capacity(snap.backends.len());
     let mut by_id = HashMap::new();
+    let mut ids: HashMap<&str, usize> = HashMap::new();
     for b in &snap.backends {
-        if b.id.is_empty() {
-            return Err(invalid("backend with an empty id"));
-        }
-        if by_id.contains_key(b.id.as_str()) {
-            return Err(invalid(format!("duplicate backend id `{}`", b.id)));
-        }
-        let backend = compile_backend(b, &pools, previous, now)?;
-        by_id.insert(backend.id.clone(), backends.len());
-        backends.push(Arc::new(backend));
+        *ids.entry(b.id.as_str()).or_default() += 1;
     }
-    let routes = compile_routes(&backends, &snap.backends, &pools, previous);
+    for b in &snap.backends {
+        // A duplicated id leaves every holder out: which one is meant is
+        // unknown.
+        if ids.get(b.id.as_str()).is_some_and(|n| *n > 1) {
+            excluded.push("backend", &b.id, "duplicate backend id".to_string());
+            continue;
+        }
+        match compile_backend(b, &pools, previous, now) {
+            Ok(backend) => {
+                by_id.insert(backend.id.clone(), backends.len());
+                backends.push(Arc::new(backend));
+                kept.push(b);
+            }
+            Err(reason) => excluded.push("backend", &b.id, reason),
+        }
+    }
+    let routes = compile_routes(&backends, &kept, &pools, previous);
     let responses = compile_responses_route(&backends, &pools, previous);
-    let keys = compile_keys(&snap.client_keys, previous, now)?;
+    let keys = compile_keys(&snap.client_keys, previous, now, &mut excluded);
 
     let mut models: Vec<String> = if snap.models.is_empty() {
         routes.keys().cloned().collect()
@@ -109,19 +128,64 @@ pub(super) fn compile_any_version(
         models,
         models_body,
         created,
+        excluded: excluded.list,
     })
 }
 
+/// The resources a compile left out, as the ACK reports them (at most
+/// [`MAX_EXCLUDED`]; each one is logged).
+#[derive(Default)]
+struct Excluded {
+    list: Vec<v1::ExcludedResource>,
+}
+
+impl Excluded {
+    fn push(&mut self, kind: &str, id: &str, reason: String) {
+        let id = claw_proto::validate::echo(id);
+        let id = id.trim_matches('"');
+        tracing::warn!(kind, id = %id, reason = %reason, "invalid resource left out of the configuration snapshot; the rest is applied");
+        if self.list.len() < MAX_EXCLUDED {
+            self.list.push(v1::ExcludedResource {
+                kind: kind.to_string(),
+                id: id.to_string(),
+                reason,
+            });
+        }
+    }
+}
+
 /// The pool settings: the defaults, overridden by each pool the snapshot
-/// lists (validated).
-fn compile_pools(settings: &[v1::PoolSettings]) -> Result<PoolConfigs, SnapshotError> {
+/// lists. An invalid one is left out: that pool keeps its previous settings
+/// (or the defaults).
+fn compile_pools(
+    settings: &[v1::PoolSettings],
+    previous: Option<&Snapshot>,
+    excluded: &mut Excluded,
+) -> PoolConfigs {
     let mut pools = PoolConfigs::defaults();
     for p in settings {
-        let cfg = PoolConfig::from_proto(p)?;
-        let pool = cfg.pool;
-        pools[pool] = cfg;
+        match PoolConfig::from_proto(p) {
+            Ok(cfg) => {
+                let pool = cfg.pool;
+                pools[pool] = cfg;
+            }
+            Err(e) => {
+                let pool = Pool::try_from(p.pool).ok();
+                let name = match pool {
+                    Some(Pool::Fallback) => "fallback",
+                    Some(Pool::Primary) => "primary",
+                    _ => "unknown",
+                };
+                excluded.push("pool", name, e.to_string());
+                if let (Some(pool @ (Pool::Primary | Pool::Fallback)), Some(prev)) =
+                    (pool, previous)
+                {
+                    pools[pool] = prev.pool(pool).clone();
+                }
+            }
+        }
     }
-    Ok(pools)
+    pools
 }
 
 /// One backend, with its runtime state carried over from `previous` (by id)
@@ -131,31 +195,19 @@ fn compile_backend(
     pools: &PoolConfigs,
     previous: Option<&Snapshot>,
     now: Instant,
-) -> Result<Backend, SnapshotError> {
-    let (base_url, target) = parse_base_url(&b.id, &b.base_url)?;
+) -> Result<Backend, String> {
+    claw_proto::validate::validate_snapshot_backend(b).map_err(|e| e.to_string())?;
+    let (base_url, target) = parse_base_url(&b.base_url)?;
     let api = match v1::Api::try_from(b.api) {
         Ok(v1::Api::Anthropic) => Api::Anthropic,
         _ => Api::OpenAi,
     };
-    let credential = credential(api, &b.api_key).ok_or_else(|| {
-        invalid(format!(
-            "backend `{}`: api_key is not a valid header value",
-            b.id
-        ))
-    })?;
+    let credential = credential(api, &b.api_key)
+        .ok_or_else(|| "api_key: is not a valid header value".to_string())?;
     let pool = match Pool::try_from(b.pool) {
         Ok(Pool::Fallback) => Pool::Fallback,
         _ => Pool::Primary,
     };
-    // `SnapshotBackend` has no validator of its own in `claw_proto::validate`
-    // (the control plane validates the `Backend` it came from).
-    if b.rpm == 0 {
-        return Err(invalid(format!("backend `{}`: rpm must be > 0", b.id)));
-    }
-    for (i, m) in b.models.iter().enumerate() {
-        claw_proto::validate::validate_model_mapping(m)
-            .map_err(|e| invalid(format!("backend `{}`: models[{i}].{e}", b.id)))?;
-    }
     let emergency = pools[pool].emergency_fraction * f64::from(b.rpm);
     let tpm = b.tpm.filter(|t| *t > 0);
     let runtime = match previous.and_then(|p| p.backend(&b.id)) {
@@ -216,7 +268,7 @@ pub(crate) fn credential(api: Api, key: &str) -> Option<Credential> {
 /// name, protocol and kind).
 fn compile_routes(
     backends: &[Arc<Backend>],
-    protos: &[v1::SnapshotBackend],
+    protos: &[&v1::SnapshotBackend],
     pools: &PoolConfigs,
     previous: Option<&Snapshot>,
 ) -> HashMap<String, ModelRoutes> {
@@ -342,15 +394,38 @@ fn compile_responses_route(
 }
 
 /// Client keys by secret digest; a key's rpm limiter is carried over (by
-/// key id).
+/// key id). An invalid key is left out, and so is every key sharing a
+/// secret with another (fail closed: which one is meant is unknown).
 fn compile_keys(
     keys: &[v1::SnapshotClientKey],
     previous: Option<&Snapshot>,
     now: Instant,
-) -> Result<HashMap<[u8; 32], Arc<ClientKey>>, SnapshotError> {
-    let mut out = HashMap::with_capacity(keys.len());
+    excluded: &mut Excluded,
+) -> HashMap<[u8; 32], Arc<ClientKey>> {
+    let mut digests = Vec::with_capacity(keys.len());
+    let mut holders: HashMap<[u8; 32], usize> = HashMap::with_capacity(keys.len());
     for k in keys {
-        let digest = parse_sha256(&k.id, &k.secret_sha256)?;
+        let digest = claw_proto::validate::validate_snapshot_client_key(k)
+            .map_err(|e| e.to_string())
+            .and_then(|()| parse_sha256(&k.secret_sha256));
+        if let Ok(d) = &digest {
+            *holders.entry(*d).or_default() += 1;
+        }
+        digests.push(digest);
+    }
+    let mut out = HashMap::with_capacity(keys.len());
+    for (k, digest) in keys.iter().zip(digests) {
+        let digest = match digest {
+            Ok(d) if holders.get(&d).is_some_and(|n| *n > 1) => {
+                excluded.push("client_key", &k.id, "duplicate secret".to_string());
+                continue;
+            }
+            Ok(d) => d,
+            Err(reason) => {
+                excluded.push("client_key", &k.id, reason);
+                continue;
+            }
+        };
         let old = previous.and_then(|p| p.keys.values().find(|o| *o.id == *k.id));
         let rpm = (k.rpm > 0).then(|| match old.and_then(|o| o.rpm.clone()) {
             Some(b) => {
@@ -365,31 +440,25 @@ fn compile_keys(
             models: k.models.iter().cloned().collect(),
             rpm,
         });
-        if out.insert(digest, key).is_some() {
-            return Err(invalid(format!("client key `{}`: duplicate secret", k.id)));
-        }
+        out.insert(digest, key);
     }
-    Ok(out)
+    out
 }
 
 /// The base URL without a trailing slash, and split for building each
-/// attempt's URI. The URL rules are [`claw_proto::validate::http_url`]'s.
-fn parse_base_url(id: &str, raw: &str) -> Result<(String, Arc<UpstreamTarget>), SnapshotError> {
-    claw_proto::validate::http_url("base_url", raw)
-        .map_err(|e| invalid(format!("backend `{id}`: {e}")))?;
+/// attempt's URI. The URL rules ([`claw_proto::validate::http_url`]) were
+/// checked; this is the last guard.
+fn parse_base_url(raw: &str) -> Result<(String, Arc<UpstreamTarget>), String> {
     let base = raw.trim_end_matches('/').to_string();
     let target = UpstreamTarget::parse(&base)
         .filter(|t| t.uri("/chat/completions", None).is_some())
-        .ok_or_else(|| invalid(format!("backend `{id}`: base_url is not a valid URI")))?;
+        .ok_or_else(|| "base_url: is not a valid URI".to_string())?;
     Ok((base, Arc::new(target)))
 }
 
-fn parse_sha256(id: &str, hex_str: &str) -> Result<[u8; 32], SnapshotError> {
+fn parse_sha256(hex_str: &str) -> Result<[u8; 32], String> {
     let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_str.trim().to_ascii_lowercase(), &mut out).map_err(|_| {
-        invalid(format!(
-            "client key `{id}`: secret_sha256 must be 64 hex characters"
-        ))
-    })?;
+    hex::decode_to_slice(hex_str.trim().to_ascii_lowercase(), &mut out)
+        .map_err(|_| "secret_sha256: must be 64 hex characters".to_string())?;
     Ok(out)
 }

@@ -629,6 +629,7 @@ mod tests {
                     capacity: Arc::new(Capacity::new()),
                     clock: Arc::new(self.clock.clone()),
                     outbox,
+                    fleet: Arc::new(NoFleet),
                 },
                 SchedulerConfig::default(),
             );

@@ -442,6 +442,7 @@ mod tests {
                 capacity: Arc::new(Capacity::new()),
                 clock: Arc::new(clock.clone()),
                 outbox,
+                fleet: Arc::new(NoFleet),
             },
             config,
         );
