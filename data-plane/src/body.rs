@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::accounting::Tracker;
+use crate::key_limits::KeyPermit;
 // Re-exported: `BoxError` lives in `stream`, which must not name `body`.
 pub(crate) use crate::stream::BoxError;
 use crate::stream::UpstreamBody;
@@ -21,6 +22,9 @@ pub(crate) enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream response streamed through to the client.
     Upstream(UpstreamBody<Incoming, Tracker>),
+    /// A body holding its client key's in-flight permit (`max_parallel`)
+    /// until it ends or is dropped. Boxed: only limited keys pay for it.
+    Guarded(Box<ProxyBody>, #[allow(dead_code)] KeyPermit), // held for its drop
 }
 
 impl ProxyBody {
@@ -28,6 +32,11 @@ impl ProxyBody {
     pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
         let b: Bytes = bytes.into();
         ProxyBody::Full(if b.is_empty() { None } else { Some(b) })
+    }
+
+    /// This body, holding `permit` until it is dropped.
+    pub(crate) fn guarded(self, permit: KeyPermit) -> Self {
+        ProxyBody::Guarded(Box::new(self), permit)
     }
 }
 
@@ -42,6 +51,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream(s) => Pin::new(s).poll_frame(cx),
+            ProxyBody::Guarded(b, _) => Pin::new(b.as_mut()).poll_frame(cx),
         }
     }
 
@@ -49,6 +59,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Upstream(s) => s.is_end_stream(),
+            ProxyBody::Guarded(b, _) => b.is_end_stream(),
         }
     }
 
@@ -57,6 +68,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Upstream(s) => s.size_hint(),
+            ProxyBody::Guarded(b, _) => b.size_hint(),
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct ServerLimits {
     /// (the library's default; the binary's `--drain-delay` defaults to 5 s)
     /// stops accepting at once.
     pub drain_delay: Duration,
+    /// The request body bytes all requests may hold at once
+    /// (`--max-inflight-body-bytes`, shared by every clone; 503 with
+    /// `Retry-After` beyond it).
+    pub body_budget: crate::key_limits::BodyBudget,
 }
 
 impl Default for ServerLimits {
@@ -69,6 +73,7 @@ impl Default for ServerLimits {
             idle_timeout: Duration::from_secs(90),
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
+            body_budget: crate::key_limits::BodyBudget::default(),
         }
     }
 }
