@@ -28,6 +28,7 @@ mod harness_smoke;
 mod heartbeat;
 mod heartbeat_delivery;
 mod heartbeat_wake;
+mod hostile_clients;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;
