@@ -122,13 +122,13 @@ async fn a_flood_of_large_bodies_is_bounded_by_the_in_flight_body_budget() {
         answers.push(t.await.expect("joined"));
     }
     let hwm = proc_kib(pid, "VmHWM").unwrap_or(peak_rss).max(peak_rss);
-    eprintln!(
-        "body flood: {} answers, peak RSS {} MiB",
-        answers.len(),
-        hwm / 1024
-    );
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    eprintln!(
+        "body flood: {ok} × 200, {} × 503, peak RSS {} MiB",
+        refused.len(),
+        hwm / 1024
+    );
     assert!(
         ok >= 1,
         "some bodies fit the budget: {:?}",
