@@ -62,6 +62,9 @@ pub struct ServerLimits {
     /// (`--max-inflight-body-bytes`, shared by every clone; 503 with
     /// `Retry-After` beyond it).
     pub body_budget: crate::key_limits::BodyBudget,
+    /// A client that stops reading an upstream response for this long has
+    /// the upstream released (`--write-timeout`; zero: never).
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -74,6 +77,7 @@ impl Default for ServerLimits {
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
             body_budget: crate::key_limits::BodyBudget::default(),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -106,6 +106,10 @@ fn describe() {
         "Requests refused with 429 because their client key had max_parallel requests in flight on this proxy"
     );
     describe_counter!(
+        WRITE_TIMEOUTS_TOTAL,
+        "Responses whose client stopped reading for --write-timeout: the upstream was released"
+    );
+    describe_counter!(
         BODY_BUDGET_REJECTED_TOTAL,
         "Requests refused with 503 because their body did not fit --max-inflight-body-bytes in time"
     );
@@ -608,6 +612,7 @@ pub(crate) const RUN_KIND_REQUESTS_TOTAL: &str = "claw_dp_run_kind_requests_tota
 /// Requests with an `x-claw-run-kind` the proxy does not know.
 pub(crate) const AGENT_ID_REJECTED_TOTAL: &str = "claw_dp_agent_id_rejected_total";
 pub(crate) const KEY_PARALLEL_REJECTED_TOTAL: &str = "claw_dp_key_parallel_rejected_total";
+pub(crate) const WRITE_TIMEOUTS_TOTAL: &str = "claw_dp_write_timeouts_total";
 pub(crate) const BODY_BUDGET_REJECTED_TOTAL: &str = "claw_dp_body_budget_rejected_total";
 pub(crate) const RUN_KIND_UNRECOGNIZED_TOTAL: &str = "claw_dp_run_kind_unrecognized_total";
 
@@ -636,6 +641,12 @@ pub(crate) fn key_parallel_rejected() {
     metrics::counter!(KEY_PARALLEL_REJECTED_TOTAL).increment(1);
 }
 
+/// Counts a response dropped by the write timeout.
+#[inline]
+pub(crate) fn write_timeout() {
+    metrics::counter!(WRITE_TIMEOUTS_TOTAL).increment(1);
+}
+
 /// Counts a request refused by the body budget.
 #[inline]
 pub(crate) fn body_budget_rejected() {
@@ -652,6 +663,7 @@ fn init_zero() {
     metrics::counter!(AGENT_ID_REJECTED_TOTAL).increment(0);
     metrics::counter!(KEY_PARALLEL_REJECTED_TOTAL).increment(0);
     metrics::counter!(BODY_BUDGET_REJECTED_TOTAL).increment(0);
+    metrics::counter!(WRITE_TIMEOUTS_TOTAL).increment(0);
     metrics::gauge!(QUEUE_DEPTH).increment(0.0);
 }
 

@@ -72,7 +72,8 @@ pub(crate) fn stack(
         .layer(LimitsLayer)
         .layer(
             RouteLayer::new(limits.max_body_bytes, limits.body_timeout)
-                .with_budget(limits.body_budget.clone()),
+                .with_budget(limits.body_budget.clone())
+                .with_write_timeout(limits.write_timeout),
         )
         .layer(retry)
         .service(upstream)

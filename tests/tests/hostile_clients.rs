@@ -479,3 +479,52 @@ async fn cp_unknown(cp: &ControlPlane, kind: &str) -> f64 {
     )
     .unwrap_or(0.0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout() {
+    const TOKENS: u32 = 2_000_000;
+    let c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        proxy_args: vec!["--write-timeout".into(), "2s".into()],
+        // A long stream, sent as fast as the connection takes it.
+        mock: MockConfig::default().completion_tokens(TOKENS),
+        ..ClusterOptions::default()
+    });
+    let body = serde_json::to_string(&serde_json::json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "talk forever"}],
+        "max_tokens": TOKENS,
+        "stream": true,
+    }))
+    .expect("json");
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        c.key,
+        body.len()
+    );
+    // The client sends its request and never reads a byte of the answer.
+    let mut client = std::net::TcpStream::connect(c.proxy().addr()).expect("connect");
+    std::io::Write::write_all(&mut client, raw.as_bytes()).expect("send");
+    let started = Instant::now();
+    let deadline = started + WAIT;
+    loop {
+        let m = proxy_metrics(c.proxy()).await;
+        if metric(&m, "claw_dp_write_timeouts_total").is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled response was never cut off: {:?}",
+            c.primary.totals()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "cut off only after the write timeout"
+    );
+    // The proxy serves on.
+    assert_eq!(c.chat(c.proxy(), CHAT).await.status(), 200);
+    drop(client);
+}

@@ -38,6 +38,7 @@ pub(crate) struct RouteLayer {
     max_body_bytes: usize,
     body_timeout: Duration,
     budget: BodyBudget,
+    write_timeout: Duration,
 }
 
 impl RouteLayer {
@@ -47,7 +48,15 @@ impl RouteLayer {
             max_body_bytes,
             body_timeout,
             budget: BodyBudget::default(),
+            write_timeout: Duration::ZERO,
         }
+    }
+
+    /// Upstream responses a client stops reading for `timeout` have their
+    /// upstream released (zero: never).
+    pub(crate) fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
     }
 
     /// Request bodies held at once share `budget` (503 beyond it).
@@ -247,7 +256,7 @@ where
             // The body's bytes count against the proxy's budget until the
             // request is answered (its head; the bytes are dropped by then).
             let mut reservation = params.budget.reservation();
-            match route_request(req, &params, started, &mut reservation).await {
+            let res = match route_request(req, &params, started, &mut reservation).await {
                 Ok(routed) if routed.span.is_none() => inner.call(routed).await,
                 Ok(routed) => {
                     use tracing::Instrument as _;
@@ -255,7 +264,9 @@ where
                     inner.call(routed).instrument(span).await
                 }
                 Err(e) => Ok(e),
-            }
+            };
+            let timeout = params.write_timeout;
+            res.map(|r| r.map(|b| b.watch(timeout)))
         })
     }
 }
