@@ -473,13 +473,16 @@ Examples:
     List,
     /// Show one client key.
     Get(Target),
-    /// Change a client key's models or rpm; only the given flags change and
+    /// Change a client key's models, rpm, max-parallel or agents; only the given flags change and
     /// the secret stays the same.
     #[command(after_help = "\
 Examples:
   clawctl key update app --rpm 600
   clawctl key update app --models gpt-4o,gpt-4o-mini
-  clawctl key update app --models ''      # every model")]
+  clawctl key update app --models ''      # every model
+  clawctl key update app --max-parallel 4 # per proxy
+  clawctl key update app --agents a1,a2   # x-claw-agent-id honoured for these
+  clawctl key update app --agents ''      # for none")]
     Update(KeyUpdateArgs),
     /// Revoke a client key.
     #[command(visible_alias = "delete")]
@@ -497,6 +500,15 @@ pub struct KeyAddArgs {
     /// Requests per minute for this key across the fleet (default: unlimited).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rpm: u32,
+    /// Most requests of this key in flight at once on each proxy (streams
+    /// count until they end); beyond it 429 (default: unlimited).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_parallel: u32,
+    /// Agent ids this key speaks for, comma-separated: its
+    /// `x-claw-agent-id` is honoured only for these (default: none, the
+    /// header is ignored).
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    pub agents: Vec<String>,
 }
 
 /// Flags of `key update`.
@@ -511,6 +523,13 @@ pub struct KeyUpdateArgs {
     /// Requests per minute for this key across the fleet; 0 is unlimited.
     #[arg(long, value_name = "N")]
     pub rpm: Option<u32>,
+    /// Most requests in flight at once on each proxy; 0 is unlimited.
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<u32>,
+    /// Agent ids this key speaks for, comma-separated (replaces the list);
+    /// '' clears it.
+    #[arg(long, value_delimiter = ',', value_name = "A,B", num_args = 0..=1)]
+    pub agents: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------- agent

@@ -238,6 +238,16 @@ pub(crate) struct ClientKeyDoc {
     /// Requests per minute; 0 means unlimited.
     #[serde(default)]
     pub rpm: u32,
+    /// Most requests in flight at once on each proxy; 0 means unlimited.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_parallel: u32,
+    /// Agent ids the key's `x-claw-agent-id` may name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An agent.
@@ -557,6 +567,8 @@ pub(crate) fn from_config(cfg: &ClusterConfig) -> Exported {
             name: k.name.clone(),
             models: k.models.clone(),
             rpm: k.rpm,
+            max_parallel: k.max_parallel,
+            agents: k.agents.clone(),
         })
         .collect();
     let agents = cfg.agents.iter().map(AgentDoc::from).collect();
@@ -827,6 +839,8 @@ pub(crate) fn to_config(doc: &Document, base_dir: &Path) -> Result<Desired, Fiel
             name: k.name.trim().to_string(),
             models: k.models.iter().map(|m| m.trim().to_string()).collect(),
             rpm: k.rpm,
+            max_parallel: k.max_parallel,
+            agents: k.agents.iter().map(|a| a.trim().to_string()).collect(),
             ..Default::default()
         };
         validate::validate_client_key(&key).map_err(|e| e.within(&format!("client_keys[{i}]")))?;

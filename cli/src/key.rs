@@ -3,7 +3,7 @@
 
 use claw_proto::v1::{
     ClientKey, CreateClientKeyRequest, DeleteClientKeyRequest, GetClientKeyRequest,
-    ListClientKeysRequest, UpdateClientKeyRequest,
+    ListAgentsRequest, ListClientKeysRequest, UpdateClientKeyRequest,
 };
 
 use serde::Serialize;
@@ -56,12 +56,54 @@ fn model_list(models: Vec<String>) -> Vec<String> {
         .collect()
 }
 
+/// Prints `warning: WHAT names agent(s) … that do not exist` for the
+/// agents no configured agent has. Best effort, like the unserved-model
+/// warning: when agents cannot be listed, nothing is printed.
+async fn warn_unknown_agents(conn: &crate::client::Connection, what: &str, agents: &[String]) {
+    if agents.is_empty() {
+        return;
+    }
+    let Ok(resp) = conn
+        .call(conn.agents().list_agents(ListAgentsRequest {}))
+        .await
+    else {
+        return;
+    };
+    let known: std::collections::BTreeSet<&str> =
+        resp.agents.iter().map(|a| a.id.as_str()).collect();
+    let unknown: Vec<String> = agents
+        .iter()
+        .filter(|a| !known.contains(a.as_str()))
+        .map(|a| format!("{a:?}"))
+        .collect();
+    if !unknown.is_empty() {
+        let noun = if unknown.len() == 1 {
+            "agent"
+        } else {
+            "agents"
+        };
+        eprintln!(
+            "warning: {what} names {noun} {} that do not exist; its x-claw-agent-id is \
+             honoured for them once they are added",
+            unknown.join(", ")
+        );
+    }
+}
+
 async fn update(session: &Session, args: KeyUpdateArgs) -> anyhow::Result<()> {
-    if args.models.is_none() && args.rpm.is_none() {
-        anyhow::bail!("key update: nothing to change; give --models and/or --rpm");
+    if args.models.is_none()
+        && args.rpm.is_none()
+        && args.max_parallel.is_none()
+        && args.agents.is_none()
+    {
+        anyhow::bail!(
+            "key update: nothing to change; give --models, --rpm, --max-parallel and/or --agents"
+        );
     }
     let replace_models = args.models.is_some();
     let models = model_list(args.models.unwrap_or_default());
+    let replace_agents = args.agents.is_some();
+    let agents = model_list(args.agents.unwrap_or_default());
     let conn = session.connect().await?;
     let resp = conn
         .call(conn.keys().update_client_key(UpdateClientKeyRequest {
@@ -69,13 +111,18 @@ async fn update(session: &Session, args: KeyUpdateArgs) -> anyhow::Result<()> {
             replace_models,
             models,
             rpm: args.rpm,
-            ..Default::default()
+            max_parallel: args.max_parallel,
+            replace_agents,
+            agents,
         }))
         .await?;
     let key = resp.key.unwrap_or_default();
+    let what = format!("key {:?}", key.name);
     if replace_models {
-        let what = format!("key {:?}", key.name);
         crate::served::warn_unserved(&conn, &what, &key.models).await;
+    }
+    if replace_agents {
+        warn_unknown_agents(&conn, &what, &key.agents).await;
     }
     session.emit(&key, |out| table(std::slice::from_ref(&key)).write(out))
 }
@@ -89,6 +136,8 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
                 name: args.name,
                 models,
                 rpm: args.rpm,
+                max_parallel: args.max_parallel,
+                agents: model_list(args.agents),
                 ..Default::default()
             }),
         }))
@@ -96,6 +145,7 @@ async fn add(session: &Session, args: KeyAddArgs) -> anyhow::Result<()> {
     let key = resp.key.clone().unwrap_or_default();
     let what = format!("key {:?}", key.name);
     crate::served::warn_unserved(&conn, &what, &key.models).await;
+    warn_unknown_agents(&conn, &what, &key.agents).await;
     // -o json|yaml: the ClientKey fields plus "secret", as one object.
     let value = KeyWithSecret {
         key: &key,
@@ -123,7 +173,9 @@ struct KeyWithSecret<'a> {
 
 /// One row per client key.
 pub(crate) fn table(keys: &[ClientKey]) -> Table {
-    let mut t = Table::new(&["NAME", "ID", "PREFIX", "MODELS", "RPM", "CREATED"]);
+    let mut t = Table::new(&[
+        "NAME", "ID", "PREFIX", "MODELS", "RPM", "PARALLEL", "AGENTS", "CREATED",
+    ]);
     for k in keys {
         let models = if k.models.is_empty() {
             "*".to_string()
@@ -140,12 +192,24 @@ pub(crate) fn table(keys: &[ClientKey]) -> Table {
         } else {
             k.name.clone()
         };
+        let parallel = if k.max_parallel == 0 {
+            "unlimited".to_string()
+        } else {
+            k.max_parallel.to_string()
+        };
+        let agents = if k.agents.is_empty() {
+            "-".to_string()
+        } else {
+            k.agents.join(",")
+        };
         t.row(vec![
             name,
             k.id.clone(),
             k.prefix.clone(),
             models,
             rpm,
+            parallel,
+            agents,
             output::timestamp(&k.created_at),
         ]);
     }

@@ -7,7 +7,9 @@
 //! request sees one consistent configuration.
 
 use std::convert::Infallible;
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready as ready_poll};
 
 use futures::future::{Either, Ready, ready};
 use http::{Request, Response, header};
@@ -16,6 +18,7 @@ use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
 use crate::error::{ApiError, Wire};
+use crate::key_limits::KeyPermit;
 use crate::snapshot::SnapshotStore;
 use crate::target::Authenticated;
 
@@ -61,7 +64,34 @@ impl<S> Layer<S> for AuthLayer {
     }
 }
 
-/// Rejects requests without a known client key (401).
+pin_project_lite::pin_project! {
+    /// The inner future; its response body takes the key's in-flight permit
+    /// (released when the body ends or the client goes away).
+    pub(crate) struct Permitted<F> {
+        #[pin]
+        inner: F,
+        permit: Option<KeyPermit>,
+    }
+}
+
+impl<F> Future for Permitted<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready_poll!(this.inner.poll(cx));
+        Poll::Ready(res.map(|r| match this.permit.take() {
+            Some(p) => r.map(|b| b.guarded(p)),
+            None => r,
+        }))
+    }
+}
+
+/// Rejects requests without a known client key (401), and those beyond
+/// the key's `max_parallel` on this proxy (429).
 #[derive(Clone)]
 pub(crate) struct Auth<S> {
     inner: S,
@@ -74,7 +104,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, S::Future>;
+    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, Permitted<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -92,8 +122,23 @@ where
         let Some(key) = key else {
             return Either::Left(ready(Ok(ApiError::unauthorized().into_response_for(wire))));
         };
+        let permit = match &key.parallel {
+            None => None,
+            Some(limiter) => match limiter.try_acquire() {
+                Some(p) => Some(p),
+                None => {
+                    crate::metrics::key_parallel_rejected();
+                    tracing::debug!(key = %key.name, max_parallel = limiter.max(), "key at its max-parallel");
+                    let e = ApiError::key_parallel_limited(&key.name, limiter.max());
+                    return Either::Left(ready(Ok(e.into_response_for(wire))));
+                }
+            },
+        };
         req.extensions_mut().insert(Authenticated { snapshot, key });
-        Either::Right(self.inner.call(req))
+        Either::Right(Permitted {
+            inner: self.inner.call(req),
+            permit,
+        })
     }
 }
 

@@ -66,6 +66,13 @@ pub struct ServerLimits {
     /// (the library's default; the binary's `--drain-delay` defaults to 5 s)
     /// stops accepting at once.
     pub drain_delay: Duration,
+    /// The request body bytes all requests may hold at once
+    /// (`--max-inflight-body-bytes`, shared by every clone; 503 with
+    /// `Retry-After` beyond it).
+    pub body_budget: crate::key_limits::BodyBudget,
+    /// A client that stops reading an upstream response for this long has
+    /// the upstream released (`--write-timeout`; zero: never).
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -89,6 +96,8 @@ impl Default for ServerLimits {
             stream_idle_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
+            body_budget: crate::key_limits::BodyBudget::default(),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -244,6 +244,34 @@ impl ApiError {
         .retry_after(retry_after)
     }
 
+    /// 429: the key has `max` requests in flight on this proxy (its
+    /// `max_parallel`).
+    pub(crate) fn key_parallel_limited(key: &str, max: u32) -> Self {
+        let key: String = key.chars().take(64).collect();
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "Key {key:?} has {max} requests in flight, its max-parallel on this proxy; \
+                 retry when one finishes."
+            ),
+        )
+        .code("max_parallel_exceeded")
+        .retry_after(1)
+    }
+
+    /// 503: the proxy holds as many request body bytes as it may
+    /// (`--max-inflight-body-bytes`).
+    pub(crate) fn body_budget_exhausted() -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "The proxy is holding too many request bodies at once; try again shortly.",
+        )
+        .code("body_budget_exhausted")
+        .retry_after(1)
+    }
+
     /// 503: the proxy has no configuration yet.
     pub(crate) fn not_ready() -> Self {
         ApiError::new(

@@ -91,6 +91,7 @@ mod events;
 mod fleet;
 mod health;
 mod json;
+pub mod key_limits;
 mod limits;
 mod metrics;
 mod outlier;

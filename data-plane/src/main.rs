@@ -48,6 +48,17 @@ struct Args {
     /// of each later one.
     #[arg(long, visible_alias = "header-read-timeout", env = "CLAW_DP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_timeout: Duration,
+    /// Request body bytes all requests of this proxy may hold at once
+    /// (0 = unlimited); a body that does not fit within 2 s gets 503 with
+    /// Retry-After. The default, 256 MiB, is sixteen maximum-size bodies.
+    #[arg(long, env = "CLAW_DP_MAX_INFLIGHT_BODY_BYTES", default_value_t = claw_data_plane::key_limits::DEFAULT_MAX_INFLIGHT_BODY_BYTES)]
+    max_inflight_body_bytes: usize,
+    /// A client that stops reading a response for this long has its
+    /// upstream released and the response ended (0 = never). 60 s is far
+    /// beyond any reader's pause, short enough that stalled readers do not
+    /// pile up upstream connections.
+    #[arg(long, env = "CLAW_DP_WRITE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    write_timeout: Duration,
     /// Time allowed to receive a whole request body.
     #[arg(long, env = "CLAW_DP_BODY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     body_timeout: Duration,
@@ -216,6 +227,8 @@ async fn main() -> anyhow::Result<()> {
         stream_idle_timeout: args.stream_idle_timeout,
         drain_timeout: args.drain_timeout,
         drain_delay: args.drain_delay,
+        body_budget: claw_data_plane::key_limits::BodyBudget::new(args.max_inflight_body_bytes),
+        write_timeout: args.write_timeout,
     };
     config.degraded_after = args.degraded_after;
     config.snapshot_cache = args.snapshot_cache.clone();

@@ -99,6 +99,22 @@ fn describe() {
         "Requests routed, by run kind (x-claw-run-kind): heartbeat or interactive"
     );
     describe_counter!(
+        AGENT_ID_REJECTED_TOTAL,
+        "Requests whose x-claw-agent-id was dropped: the client key does not list that agent (--agents)"
+    );
+    describe_counter!(
+        KEY_PARALLEL_REJECTED_TOTAL,
+        "Requests refused with 429 because their client key had max_parallel requests in flight on this proxy"
+    );
+    describe_counter!(
+        WRITE_TIMEOUTS_TOTAL,
+        "Responses whose client stopped reading for --write-timeout: the upstream was released"
+    );
+    describe_counter!(
+        BODY_BUDGET_REJECTED_TOTAL,
+        "Requests refused with 503 because their body did not fit --max-inflight-body-bytes in time"
+    );
+    describe_counter!(
         RUN_KIND_UNRECOGNIZED_TOTAL,
         "Requests whose x-claw-run-kind was neither heartbeat nor interactive (accounted as interactive)"
     );
@@ -607,6 +623,10 @@ pub(crate) fn affinity(
 /// Requests by run kind.
 pub(crate) const RUN_KIND_REQUESTS_TOTAL: &str = "claw_dp_run_kind_requests_total";
 /// Requests with an `x-claw-run-kind` the proxy does not know.
+pub(crate) const AGENT_ID_REJECTED_TOTAL: &str = "claw_dp_agent_id_rejected_total";
+pub(crate) const KEY_PARALLEL_REJECTED_TOTAL: &str = "claw_dp_key_parallel_rejected_total";
+pub(crate) const WRITE_TIMEOUTS_TOTAL: &str = "claw_dp_write_timeouts_total";
+pub(crate) const BODY_BUDGET_REJECTED_TOTAL: &str = "claw_dp_body_budget_rejected_total";
 pub(crate) const RUN_KIND_UNRECOGNIZED_TOTAL: &str = "claw_dp_run_kind_unrecognized_total";
 
 /// Counts a routed request in `claw_dp_run_kind_requests_total` (two
@@ -622,6 +642,30 @@ pub(crate) fn run_kind_unrecognized() {
     metrics::counter!(RUN_KIND_UNRECOGNIZED_TOTAL).increment(1);
 }
 
+/// Counts a dropped `x-claw-agent-id`.
+#[inline]
+pub(crate) fn agent_id_rejected() {
+    metrics::counter!(AGENT_ID_REJECTED_TOTAL).increment(1);
+}
+
+/// Counts a request refused by its key's `max_parallel`.
+#[inline]
+pub(crate) fn key_parallel_rejected() {
+    metrics::counter!(KEY_PARALLEL_REJECTED_TOTAL).increment(1);
+}
+
+/// Counts a response dropped by the write timeout.
+#[inline]
+pub(crate) fn write_timeout() {
+    metrics::counter!(WRITE_TIMEOUTS_TOTAL).increment(1);
+}
+
+/// Counts a request refused by the body budget.
+#[inline]
+pub(crate) fn body_budget_rejected() {
+    metrics::counter!(BODY_BUDGET_REJECTED_TOTAL).increment(1);
+}
+
 /// Puts the event-driven series an alert or the shipped dashboard
 /// (deploy/monitoring/) needs on `/metrics` at zero from the start: an
 /// `increase()` sees the first event only against an earlier sample.
@@ -629,6 +673,10 @@ fn init_zero() {
     metrics::counter!(RETRIES_TOTAL).increment(0);
     metrics::counter!(REPORT_DROPPED_EVENTS_TOTAL).increment(0);
     metrics::counter!(RUN_KIND_UNRECOGNIZED_TOTAL).increment(0);
+    metrics::counter!(AGENT_ID_REJECTED_TOTAL).increment(0);
+    metrics::counter!(KEY_PARALLEL_REJECTED_TOTAL).increment(0);
+    metrics::counter!(BODY_BUDGET_REJECTED_TOTAL).increment(0);
+    metrics::counter!(WRITE_TIMEOUTS_TOTAL).increment(0);
     metrics::gauge!(QUEUE_DEPTH).increment(0.0);
 }
 

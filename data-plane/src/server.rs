@@ -82,7 +82,11 @@ pub(crate) fn stack(
     tower::ServiceBuilder::new()
         .layer(AuthLayer::new(store))
         .layer(LimitsLayer)
-        .layer(RouteLayer::new(limits.max_body_bytes, limits.body_timeout))
+        .layer(
+            RouteLayer::new(limits.max_body_bytes, limits.body_timeout)
+                .with_budget(limits.body_budget.clone())
+                .with_write_timeout(limits.write_timeout),
+        )
         .layer(retry)
         .service(upstream)
 }

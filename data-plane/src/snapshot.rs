@@ -397,12 +397,24 @@ pub struct ClientKey {
     pub models: HashSet<String>,
     /// Per-key requests per minute, if limited.
     pub rpm: Option<Arc<RateLimiter>>,
+    /// Per-key requests in flight on this proxy, if limited (`max_parallel`).
+    pub parallel: Option<Arc<crate::key_limits::KeyLimiter>>,
+    /// Agent ids whose `x-claw-agent-id` the key may send.
+    pub agents: HashSet<String>,
+    /// The control plane's own key: any agent id is honoured.
+    pub internal: bool,
 }
 
 impl ClientKey {
     /// True when the key may use `model`.
     pub fn allows(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.contains(model)
+    }
+
+    /// True when the key may send `x-claw-agent-id: agent` (it lists the
+    /// agent, or it is the control plane's own key).
+    pub fn speaks_for(&self, agent: &str) -> bool {
+        self.internal || self.agents.contains(agent)
     }
 }
 

@@ -513,8 +513,20 @@ pub fn validate_client_key(k: &ClientKey) -> Result {
     for (i, m) in k.models.iter().enumerate() {
         model_name(&format!("models[{i}]"), m)?;
     }
+    if k.agents.len() > MAX_KEY_AGENTS {
+        return Err(FieldError::new(
+            "agents",
+            format!("at most {MAX_KEY_AGENTS} agents per key"),
+        ));
+    }
+    for (i, a) in k.agents.iter().enumerate() {
+        agent_id(&format!("agents[{i}]"), a)?;
+    }
     Ok(())
 }
+
+/// The most agents one client key may speak for.
+pub const MAX_KEY_AGENTS: usize = 1000;
 
 /// Fills in agent defaults: name = id, 30-minute interval, UTC.
 pub fn normalize_agent(a: &mut Agent) {

@@ -136,7 +136,9 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     )
     .assert_ok();
     let secret = cp
-        .clawctl(&["key", "add", "chat-app", "-o", "json"])
+        .clawctl(&[
+            "key", "add", "chat-app", "--agents", "agent-h", "-o", "json",
+        ])
         .assert_ok()
         .json()["secret"]
         .as_str()

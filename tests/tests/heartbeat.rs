@@ -319,7 +319,9 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
         .start();
     add_backend(&cp, "d", &upstream.url(), "m-d");
     let secret = cp
-        .clawctl(&["key", "add", "chat-app", "-o", "json"])
+        .clawctl(&[
+            "key", "add", "chat-app", "--agents", "agent-d", "-o", "json",
+        ])
         .assert_ok()
         .json()["secret"]
         .as_str()

@@ -97,9 +97,19 @@ fn configure(cp: &ControlPlane, url: &str) -> String {
         &[("K", PROVIDER_KEY)],
     )
     .assert_ok();
-    cp.clawctl(&["key", "add", "traced-client", "-o", "json"])
-        .assert_ok()
-        .json()["secret"]
+    // The key speaks for the agent ids its requests name (x-claw-agent-id
+    // is honoured only for a key's own agents).
+    cp.clawctl(&[
+        "key",
+        "add",
+        "traced-client",
+        "--agents",
+        "agent-chat",
+        "-o",
+        "json",
+    ])
+    .assert_ok()
+    .json()["secret"]
         .as_str()
         .expect("`key add -o json` prints the secret")
         .to_owned()

@@ -431,3 +431,25 @@ fn wake_targets_and_fallback_models_round_trip_and_defaults_stay_out() {
     let err = to_config(&parse(&bad).expect("parses"), Path::new("/work")).expect_err("bad target");
     assert!(err.to_string().contains("target"), "{err}");
 }
+
+#[test]
+fn a_keys_agents_and_max_parallel_round_trip_and_bad_agent_ids_are_refused() {
+    let mut cfg = exported_config();
+    cfg.client_keys[0].max_parallel = 4;
+    cfg.client_keys[0].agents = vec!["a1".into(), "b2".into()];
+    let yaml = to_yaml(&from_config(&cfg).document).expect("yaml");
+    assert!(
+        yaml.contains("    max_parallel: 4\n    agents:\n      - a1\n      - b2\n"),
+        "{yaml}"
+    );
+    let doc = parse(&yaml).expect("valid");
+    let desired = to_config(&doc, Path::new("/")).expect("valid");
+    let k = &desired.config.client_keys[0];
+    assert_eq!(
+        (k.max_parallel, k.agents.clone()),
+        (4, vec!["a1".to_string(), "b2".to_string()])
+    );
+    let bad = parse("client_keys:\n  - {name: app, agents: [Bad_Id]}\n").expect("parses");
+    let err = to_config(&bad, Path::new("/")).expect_err("refused");
+    assert_eq!(err.field, "client_keys[0].agents[0]", "{err}");
+}

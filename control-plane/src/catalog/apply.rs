@@ -343,6 +343,8 @@ impl Catalog {
                     let spec = ClientKey {
                         models: k.models,
                         rpm: k.rpm,
+                        max_parallel: k.max_parallel,
+                        agents: k.agents,
                         ..old_spec
                     };
                     plan.ops.push(Op::PutClientKey(

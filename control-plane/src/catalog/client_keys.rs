@@ -56,6 +56,20 @@ pub(super) fn normalize(k: &mut ClientKey) {
     for m in &mut k.models {
         *m = m.trim().to_string();
     }
+    k.agents = normalize_agents(std::mem::take(&mut k.agents));
+}
+
+/// Agent ids trimmed, blanks dropped, sorted and deduplicated (so the
+/// stored list, its audit diff and the snapshot are stable).
+pub(super) fn normalize_agents(agents: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = agents
+        .into_iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The configuration fields in which two keys differ.
@@ -63,6 +77,8 @@ pub(super) fn diff(old: &ClientKey, new: &ClientKey) -> FieldDiff {
     let mut d = FieldDiff::default();
     d.check("models", &old.models, &new.models);
     d.check("rpm", &old.rpm, &new.rpm);
+    d.check("max_parallel", &old.max_parallel, &new.max_parallel);
+    d.check("agents", &old.agents, &new.agents);
     d
 }
 
@@ -234,7 +250,7 @@ impl Catalog {
         Ok(version)
     }
 
-    /// Changes a key's models and/or rpm (the fields `req` sets); the secret,
+    /// Changes a key's models, rpm, max_parallel and/or agents (the fields `req` sets); the secret,
     /// its hash and the name stay. Internal keys cannot be changed.
     pub async fn update_client_key(
         &self,
@@ -256,6 +272,12 @@ impl Catalog {
         }
         if let Some(rpm) = req.rpm {
             spec.rpm = rpm;
+        }
+        if let Some(n) = req.max_parallel {
+            spec.max_parallel = n;
+        }
+        if req.replace_agents {
+            spec.agents = normalize_agents(req.agents.clone());
         }
         validate::validate_client_key(&spec).map_err(CatalogError::invalid)?;
         let change = Change::new(

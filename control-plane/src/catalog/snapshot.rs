@@ -74,7 +74,9 @@ fn snapshot_client_key(rec: ClientKeyRecord) -> Result<SnapshotClientKey> {
         secret_sha256: rec.secret_sha256,
         models: spec.models,
         rpm: spec.rpm,
-        ..Default::default()
+        max_parallel: spec.max_parallel,
+        agents: spec.agents,
+        internal: spec.internal,
     })
 }
 

@@ -84,6 +84,8 @@ pub const NO_POOL: &str = "none";
 pub struct Directory {
     catalog: Arc<Catalog>,
     cache: RwLock<(u64, Arc<Backends>)>,
+    /// The ids of the configured agents, by configuration version.
+    agents: RwLock<(u64, Arc<std::collections::HashSet<String>>)>,
 }
 
 impl std::fmt::Debug for Directory {
@@ -106,6 +108,31 @@ impl Directory {
         Directory {
             catalog,
             cache: RwLock::new((0, Arc::new(HashMap::new()))),
+            agents: RwLock::new((0, Arc::default())),
+        }
+    }
+
+    /// The ids of the configured agents (reports about any other agent id
+    /// are not tracked). On a catalog error the previous view is kept.
+    pub fn agents(&self) -> Arc<std::collections::HashSet<String>> {
+        let version = self.catalog.config_version();
+        {
+            let c = self.agents.read();
+            if c.0 == version {
+                return c.1.clone();
+            }
+        }
+        match self.catalog.list_agents() {
+            Ok(list) => {
+                let set: Arc<std::collections::HashSet<String>> =
+                    Arc::new(list.into_iter().map(|a| a.id).collect());
+                *self.agents.write() = (version, set.clone());
+                set
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read agents; using the previous view");
+                self.agents.read().1.clone()
+            }
         }
     }
 

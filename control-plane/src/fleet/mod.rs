@@ -166,8 +166,14 @@ impl Fleet {
         self.cooldowns.commit(changes, now);
         self.announce_cooldowns(changes, &batch.node_id, now);
         self.observe_health(batch, now);
+        let agents = self.directory.agents();
         for a in &batch.activity {
             if a.agent_id.is_empty() {
+                continue;
+            }
+            // Only agents that exist are tracked: invented ids cost nothing.
+            if !agents.contains(&a.agent_id) {
+                crate::report::metrics::unknown_agent("activity");
                 continue;
             }
             let at = a

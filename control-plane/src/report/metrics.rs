@@ -9,6 +9,7 @@
 //! | `claw_cp_report_lag_seconds` | histogram | (now − oldest event of a stored batch) |
 //! | `claw_cp_report_dropped_events` | gauge | (sum over connected report streams of what proxies dropped) |
 //! | `claw_cp_report_streams` | gauge | |
+//! | `claw_cp_report_unknown_agent_total` | counter | `kind` (`activity`, `usage`) |
 
 /// Report batches by outcome.
 pub(crate) const REPORT_BATCHES_TOTAL: &str = "claw_cp_report_batches_total";
@@ -18,6 +19,8 @@ pub(crate) const REPORT_EVENTS_TOTAL: &str = "claw_cp_report_events_total";
 pub(crate) const REPORT_LAG_SECONDS: &str = "claw_cp_report_lag_seconds";
 /// Events proxies reported dropping (their buffer overflowed).
 pub(crate) const REPORT_DROPPED_EVENTS: &str = "claw_cp_report_dropped_events";
+/// Reported agent ids that name no configured agent (dropped).
+pub(crate) const REPORT_UNKNOWN_AGENT_TOTAL: &str = "claw_cp_report_unknown_agent_total";
 /// Open report streams.
 pub(crate) const REPORT_STREAMS: &str = "claw_cp_report_streams";
 
@@ -40,6 +43,13 @@ pub(crate) fn describe() {
         "Events the connected proxies dropped because their report buffer overflowed"
     );
     metrics::describe_gauge!(REPORT_STREAMS, "Open report streams");
+    metrics::describe_counter!(
+        REPORT_UNKNOWN_AGENT_TOTAL,
+        "Reported activity and usage events whose agent id names no configured agent: not tracked (usage stays under its key with no agent)"
+    );
+    for kind in ["activity", "usage"] {
+        metrics::counter!(REPORT_UNKNOWN_AGENT_TOTAL, "kind" => kind).increment(0);
+    }
     for result in ["stored", "duplicate"] {
         metrics::counter!(REPORT_BATCHES_TOTAL, "result" => result).increment(0);
     }
@@ -57,6 +67,11 @@ pub(crate) fn events(kind: &'static str, n: u64) {
     if n > 0 {
         metrics::counter!(REPORT_EVENTS_TOTAL, "kind" => kind).increment(n);
     }
+}
+
+/// Counts an event whose agent id names no configured agent.
+pub(crate) fn unknown_agent(kind: &'static str) {
+    metrics::counter!(REPORT_UNKNOWN_AGENT_TOTAL, "kind" => kind).increment(1);
 }
 
 /// Records the lag of a stored batch.

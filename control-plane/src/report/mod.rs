@@ -21,7 +21,7 @@
 pub(crate) mod dedup;
 pub(crate) mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use claw_proto::v1::{FailureKind, StreamReportsRequest, UsageTotals};
@@ -77,7 +77,8 @@ impl Ingest {
     pub(crate) async fn store(&self, batch: &StreamReportsRequest) -> Result<Stored, StoreError> {
         let now = now_ms();
         let backends = self.fleet.directory().backends();
-        let (hourly, daily) = aggregate(batch, &backends, now);
+        let agents = self.fleet.directory().agents();
+        let (hourly, daily) = aggregate(batch, &backends, &agents, now);
         let seen_key = dedup::key(&batch.node_id, &batch.stream_epoch);
         let stored = self.store.transact(&BATCH_TREES, |txn| {
             let mut seen = dedup::Seen::decode(txn.get(Tree::ReportBatches, &seen_key)?.as_deref());
@@ -128,8 +129,19 @@ type Buckets = HashMap<Vec<u8>, UsageTotals>;
 fn aggregate(
     batch: &StreamReportsRequest,
     backends: &directory::Backends,
+    agents: &HashSet<String>,
     now: i64,
 ) -> (Buckets, Buckets) {
+    // Usage of an agent id that is not configured stays under its key with
+    // an empty agent: invented ids do not grow the usage tables.
+    let agent = |id: &str| -> String {
+        if id.is_empty() || agents.contains(id) {
+            id.to_string()
+        } else {
+            metrics::unknown_agent("usage");
+            String::new()
+        }
+    };
     let mut hourly: Buckets = HashMap::new();
     let mut daily: Buckets = HashMap::new();
     let mut add = |at: i64, dims: Dims, t: &UsageTotals| {
@@ -150,7 +162,7 @@ fn aggregate(
             backend: e.backend_id.clone(),
             model: e.model.clone(),
             client_key: e.client_key_id.clone(),
-            agent: e.agent_id.clone(),
+            agent: agent(&e.agent_id),
             run_kind: keys::run_kind(&e.run_kind),
         };
         add(at, dims, &totals::of_event(e));
@@ -167,7 +179,7 @@ fn aggregate(
             backend: a.backend_id.clone(),
             model: a.model.clone(),
             client_key: a.client_key_id.clone(),
-            agent: a.agent_id.clone(),
+            agent: agent(&a.agent_id),
             run_kind: keys::run_kind(&a.run_kind),
         };
         add(at, dims, &totals::sanitized(t));
@@ -270,6 +282,28 @@ mod tests {
     }
 
     fn aggregate_batch(batch: &StreamReportsRequest) -> (Buckets, Buckets) {
-        aggregate(batch, &directory::Backends::default(), 0)
+        let agents = HashSet::from(["ag".to_string()]);
+        aggregate(batch, &directory::Backends::default(), &agents, 0)
+    }
+
+    #[test]
+    fn usage_of_an_unknown_agent_stays_under_its_key() {
+        let batch = StreamReportsRequest {
+            usage: vec![UsageEvent {
+                agent_id: "invented".into(),
+                client_key_id: "ck_1".into(),
+                model: "m".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (hourly, _) = aggregate_batch(&batch);
+        let dims = Dims {
+            model: "m".into(),
+            client_key: "ck_1".into(),
+            ..Dims::default()
+        };
+        assert_eq!(hourly.len(), 1);
+        assert!(hourly.contains_key(&keys::hourly(0, &dims)));
     }
 }

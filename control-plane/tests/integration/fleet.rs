@@ -99,6 +99,22 @@ impl Harness {
             .id
     }
 
+    /// A disabled agent `id`: usage is attributed only to agents that exist.
+    async fn add_agent(&self, id: &str) {
+        claw_proto::v1::agent_service_client::AgentServiceClient::new(self.authed(ADMIN))
+            .create_agent(CreateAgentRequest {
+                agent: Some(Agent {
+                    id: id.into(),
+                    model: "gpt-4o".into(),
+                    interval_seconds: 3600,
+                    enabled: false,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("create agent");
+    }
+
     async fn add_key(&self, name: &str) -> String {
         ClientKeyServiceClient::new(self.authed(ADMIN))
             .create_client_key(CreateClientKeyRequest {
@@ -421,6 +437,7 @@ async fn usage_aggregates_are_stored_once_in_their_hour() {
         }),
     };
 
+    h.add_agent("a1").await;
     let mut r = h.reporter("p1", "epoch-1").await;
     let mut batch = r.batch(1);
     batch.usage_aggregates = vec![row("a1", now, 5, 50), row("", earlier, 2, 20)];
@@ -472,6 +489,8 @@ async fn totals_hourly_and_daily_answer_filters_by_name_and_time() {
     let b2 = h.add_backend("b2", Pool::Fallback, 1000).await;
     let k1 = h.add_key("k1").await;
     let k2 = h.add_key("k2").await;
+    h.add_agent("agent-a").await;
+    h.add_agent("agent-b").await;
     let now = now_ms();
     let old = now - 3 * 24 * HOUR_MS;
     let mut r = h.reporter("p1", "e").await;
@@ -770,6 +789,7 @@ async fn cache_read_and_write_tokens_sum_from_events_and_aggregates_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let h = Harness::start(dir.path().join("data")).await;
     let b1 = h.add_backend("b1", Pool::Primary, 1000).await;
+    h.add_agent("a1").await;
     let now = now_ms();
     let mut event = usage(&b1, "ck", "a1", now, 1_000, 50);
     event.cache_read_tokens = 600;

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use crate::affinity::BodyHints;
 use crate::error::ApiError;
 use crate::json::Shape;
+use crate::key_limits::{BODY_BUDGET_WAIT, BodyReservation};
 use crate::stream::BoxError;
 
 /// How much of an oversized body is read and thrown away before answering
@@ -31,8 +32,16 @@ pub(crate) const OVERSIZE_DRAIN_BYTES: usize = 8 * 1024 * 1024;
 const OVERSIZE_DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Reads the whole body: 413 above `max` bytes (after the lingering read),
-/// 408 when it takes longer than `timeout`, 400 when it fails.
-pub(crate) async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, ApiError>
+/// 408 when it takes longer than `timeout`, 400 when it fails, 503 when the
+/// bytes do not fit the proxy's body budget (`reservation` grows with the
+/// body; the caller holds it as long as the bytes live).
+pub(crate) async fn read_body<B>(
+    body: B,
+    max: usize,
+    timeout: Duration,
+    declared: Option<u64>,
+    reservation: &mut BodyReservation,
+) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -40,6 +49,14 @@ where
     use http_body_util::BodyExt as _;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut body = std::pin::pin!(body);
+    // A declared length is reserved before a byte is read.
+    if let Some(n) = declared.filter(|n| *n as usize <= max) {
+        let wait =
+            BODY_BUDGET_WAIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        if reservation.grow(n as usize, wait).await.is_err() {
+            return Err(over_budget(body.as_mut(), max).await);
+        }
+    }
     let mut buf = bytes::BytesMut::new();
     let mut oversize: Option<(usize, tokio::time::Instant)> = None;
     loop {
@@ -74,13 +91,52 @@ where
                 let drain_until = tokio::time::Instant::now() + OVERSIZE_DRAIN_TIME;
                 oversize = Some((data.len(), drain_until));
             }
-            None => buf.extend_from_slice(&data),
+            None => {
+                let total = buf.len() + data.len();
+                if total > reservation.held() {
+                    let wait = BODY_BUDGET_WAIT
+                        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                    // Grown in steps, so a chunked body does not wait per frame.
+                    let step = (total + BUDGET_STEP).min(max);
+                    if reservation.grow(step.max(total), wait).await.is_err() {
+                        drop(buf);
+                        return Err(over_budget(body.as_mut(), max).await);
+                    }
+                }
+                buf.extend_from_slice(&data);
+            }
         }
     }
     match oversize {
         Some(_) => Err(ApiError::payload_too_large(max)),
         None => Ok(buf.freeze()),
     }
+}
+
+/// How much a chunked body's reservation grows by beyond what has arrived.
+const BUDGET_STEP: usize = 256 * 1024;
+
+/// The 503 of a body that did not fit the budget, after reading (and
+/// throwing away) what the client still sends for a short while, so it
+/// sees the answer rather than a reset.
+async fn over_budget<B>(mut body: std::pin::Pin<&mut B>, max: usize) -> ApiError
+where
+    B: Body<Data = Bytes>,
+{
+    use http_body_util::BodyExt as _;
+    crate::metrics::body_budget_rejected();
+    tracing::debug!("request body does not fit the proxy's in-flight body budget");
+    let until = tokio::time::Instant::now() + OVERSIZE_DRAIN_TIME;
+    let mut drained = 0usize;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, body.frame()).await {
+        if let Some(d) = frame.data_ref() {
+            drained += d.len();
+        }
+        if drained > max + OVERSIZE_DRAIN_BYTES {
+            break;
+        }
+    }
+    ApiError::body_budget_exhausted()
 }
 
 /// The keys of a request's output cap, the first present (an unsigned

@@ -25,6 +25,7 @@ use self::body::{
 use crate::affinity::BodyHints;
 use crate::body::ProxyBody;
 use crate::error::{ApiError, Wire};
+use crate::key_limits::{BodyBudget, BodyReservation};
 use crate::queue::Priority;
 use crate::run_kind::RunKind;
 use crate::stream::BoxError;
@@ -37,6 +38,8 @@ use crate::usage::request_stream_usage;
 pub(crate) struct RouteLayer {
     max_body_bytes: usize,
     body_timeout: Duration,
+    budget: BodyBudget,
+    write_timeout: Duration,
 }
 
 impl RouteLayer {
@@ -45,7 +48,22 @@ impl RouteLayer {
         RouteLayer {
             max_body_bytes,
             body_timeout,
+            budget: BodyBudget::default(),
+            write_timeout: Duration::ZERO,
         }
+    }
+
+    /// Upstream responses a client stops reading for `timeout` have their
+    /// upstream released (zero: never).
+    pub(crate) fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Request bodies held at once share `budget` (503 beyond it).
+    pub(crate) fn with_budget(mut self, budget: BodyBudget) -> Self {
+        self.budget = budget;
+        self
     }
 }
 
@@ -236,7 +254,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let params = self.params.clone();
         Box::pin(async move {
-            match route_request(req, &params, started).await {
+            // The body's bytes count against the proxy's budget until the
+            // request is answered (its head; the bytes are dropped by then).
+            let mut reservation = params.budget.reservation();
+            let res = match route_request(req, &params, started, &mut reservation).await {
                 Ok(routed) if routed.span.is_none() => inner.call(routed).await,
                 Ok(routed) => {
                     use tracing::Instrument as _;
@@ -244,7 +265,9 @@ where
                     inner.call(routed).instrument(span).await
                 }
                 Err(e) => Ok(e),
-            }
+            };
+            let timeout = params.write_timeout;
+            res.map(|r| r.map(|b| b.watch(timeout)))
         })
     }
 }
@@ -253,6 +276,7 @@ async fn route_request<B>(
     req: Request<B>,
     params: &RouteLayer,
     started: Instant,
+    reservation: &mut BodyReservation,
 ) -> Result<Routed, Response<ProxyBody>>
 where
     B: Body<Data = Bytes>,
@@ -289,7 +313,10 @@ where
         Ok(Target::Upstream(e, id)) => (e, id),
     };
     let suffix = endpoint.upstream_path();
-    let agent_id: Option<String> = parts
+    let agent_id = bound_agent_id(&parts.headers, &auth);
+    // Affinity only picks a backend: any client's agent id may steer its own
+    // requests (it marks nothing busy and moves no usage).
+    let affinity_agent: Option<String> = parts
         .headers
         .get("x-claw-agent-id")
         .and_then(|v| v.to_str().ok())
@@ -302,8 +329,11 @@ where
     crate::metrics::run_kind_request(run_kind.label());
     if endpoint.by_response_id() {
         // Only the headers can carry a key: there is no body.
-        let affinity =
-            crate::affinity::key(&parts.headers, &BodyHints::default(), agent_id.as_deref());
+        let affinity = crate::affinity::key(
+            &parts.headers,
+            &BodyHints::default(),
+            affinity_agent.as_deref(),
+        );
         // `GET`/`DELETE /v1/responses/{id}`: no body, no model; any
         // `openai` backend may hold the id.
         let Some(route) = auth.snapshot.responses_route().cloned() else {
@@ -352,9 +382,15 @@ where
             wire,
         ));
     }
-    let bytes = read_body(body, params.max_body_bytes, params.body_timeout)
-        .await
-        .map_err(|e| reject(e, &auth, wire))?;
+    let bytes = read_body(
+        body,
+        params.max_body_bytes,
+        params.body_timeout,
+        declared,
+        reservation,
+    )
+    .await
+    .map_err(|e| reject(e, &auth, wire))?;
     // Only a chat or completions stream asking for usage changes the body's
     // structure; anything else (Messages, Responses and count_tokens
     // included, streaming or not) is forwarded as received with `model`
@@ -415,7 +451,7 @@ where
         Endpoint::Responses => previous_response_id(&hints),
         _ => None,
     };
-    let affinity = crate::affinity::key(&parts.headers, &hints, agent_id.as_deref());
+    let affinity = crate::affinity::key(&parts.headers, &hints, affinity_agent.as_deref());
     let owner = response_id.as_deref().and_then(crate::responses::owner);
     let span =
         claw_telemetry::genai::request_span(suffix, &model, agent_id.as_deref(), &parts.headers);
@@ -444,6 +480,27 @@ where
         started,
         span,
     })
+}
+
+/// The request's `x-claw-agent-id`, if its key may speak for that agent
+/// (it lists it in `agents`, or it is the control plane's own key). Any
+/// other id is dropped (counted, logged at debug): a client cannot mark
+/// another agent busy or move its usage onto it.
+fn bound_agent_id(headers: &http::HeaderMap, auth: &Authenticated) -> Option<String> {
+    let v = headers.get("x-claw-agent-id")?;
+    let id = v.to_str().ok().map(str::trim).filter(|s| !s.is_empty());
+    match id {
+        Some(id) if auth.key.speaks_for(id) => Some(id.to_string()),
+        _ => {
+            crate::metrics::agent_id_rejected();
+            let shown: String = String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(64)
+                .collect();
+            tracing::debug!(key = %auth.key.name, agent_id = ?shown, "x-claw-agent-id not bound to the client key: ignored");
+            None
+        }
+    }
 }
 
 /// The client's headers to forward, with its `x-request-id` replaced by the

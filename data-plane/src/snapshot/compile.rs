@@ -393,9 +393,9 @@ fn compile_responses_route(
     Some(route(Arc::from(""), Api::OpenAi, list, pools, queue))
 }
 
-/// Client keys by secret digest; a key's rpm limiter is carried over (by
-/// key id). An invalid key is left out, and so is every key sharing a
-/// secret with another (fail closed: which one is meant is unknown).
+/// Client keys by secret digest; a key's rpm and max-parallel limiters are
+/// carried over (by key id). An invalid key is left out, and so is every key
+/// sharing a secret with another (fail closed: which one is meant is unknown).
 fn compile_keys(
     keys: &[v1::SnapshotClientKey],
     previous: Option<&Snapshot>,
@@ -434,11 +434,21 @@ fn compile_keys(
             }
             None => Arc::new(RateLimiter::client(f64::from(k.rpm), now)),
         });
+        let parallel = (k.max_parallel > 0).then(|| match old.and_then(|o| o.parallel.clone()) {
+            Some(l) => {
+                l.set_max(k.max_parallel);
+                l
+            }
+            None => Arc::new(crate::key_limits::KeyLimiter::new(k.max_parallel)),
+        });
         let key = Arc::new(ClientKey {
             id: Arc::from(k.id.as_str()),
             name: k.name.clone(),
             models: k.models.iter().cloned().collect(),
             rpm,
+            parallel,
+            agents: k.agents.iter().cloned().collect(),
+            internal: k.internal,
         });
         out.insert(digest, key);
     }

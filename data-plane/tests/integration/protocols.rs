@@ -655,7 +655,11 @@ async fn a_stored_response_is_found_on_whichever_backend_holds_it() {
     let policy = Default::default();
     while owner.runtime.outlier.on_failure(&policy, now).is_none() {}
     let res = get(Method::GET, "resp_c").await.unwrap();
-    assert_eq!(res.status(), 200, "fail open: the ejected owner still answers");
+    assert_eq!(
+        res.status(),
+        200,
+        "fail open: the ejected owner still answers"
+    );
 
     // The owner unavailable: not "not found" but "come back later". A spent
     // quota is out whatever health says (and gets no emergency trickle).

@@ -36,7 +36,12 @@ pub(crate) fn snapshot(backends: Vec<v1::SnapshotBackend>) -> v1::Snapshot {
         version: 1,
         backends,
         pools: vec![],
-        client_keys: vec![client_key("ck_test", CLIENT_KEY)],
+        // The agent ids the tests send (x-claw-agent-id is honoured only
+        // for a key's own agents).
+        client_keys: vec![v1::SnapshotClientKey {
+            agents: ["agent-7", "agent-9", "ag-1"].map(String::from).to_vec(),
+            ..client_key("ck_test", CLIENT_KEY)
+        }],
         models: vec![],
         ..Default::default()
     }

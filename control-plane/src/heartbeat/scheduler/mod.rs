@@ -92,8 +92,8 @@ use crate::shutdown::Shutdown;
 
 mod commit;
 mod decide;
-mod wake;
 pub mod status;
+mod wake;
 
 /// Longest reply excerpt kept in a run record, in characters.
 pub const EXCERPT_CHARS: usize = 500;
