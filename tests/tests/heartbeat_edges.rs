@@ -130,7 +130,9 @@ async fn a_restarted_control_plane_sends_no_heartbeat_into_a_live_conversation()
         .start();
     add_backend(&cp, &up.url(), "m1");
     let secret = cp
-        .clawctl(&["key", "add", "chat-app", "-o", "json"])
+        .clawctl(&[
+            "key", "add", "chat-app", "--agents", "agent-a", "-o", "json",
+        ])
         .assert_ok()
         .json()["secret"]
         .as_str()

@@ -241,11 +241,18 @@ fn sigterm_with_a_connected_proxy_stream_exits_promptly_and_cleanly() {
             .await
             .expect("stream opens")
             .into_inner();
-        let first: StreamConfigResponse = inbound
-            .message()
-            .await
-            .expect("healthy")
-            .expect("a snapshot");
+        // Incremental messages (the health table, shares) may come first;
+        // the snapshot is the one with a nonce.
+        let first: StreamConfigResponse = loop {
+            let m: StreamConfigResponse = inbound
+                .message()
+                .await
+                .expect("healthy")
+                .expect("a snapshot");
+            if m.snapshot.is_some() {
+                break m;
+            }
+        };
         tx.send(StreamConfigRequest {
             node_id: "edge-1".into(),
             version: first.version,

@@ -123,26 +123,54 @@ async fn applies_acks_nacks_and_reconnects() {
     assert_eq!(store.version(), 3);
     assert_eq!(readyz(c.clone()).await, 200);
 
-    // An invalid snapshot is NACKed and the previous one kept.
-    let mut bad = snap.clone();
-    bad.version = 4;
-    bad.backends.push(bad.backends[0].clone());
+    // A snapshot with an invalid resource (a duplicate backend id) is
+    // applied without it and ACKed, naming what was left out (issue 17: one
+    // bad resource must not freeze the configuration).
+    let mut dup = snap.clone();
+    dup.version = 4;
+    dup.backends.push(dup.backends[0].clone());
     out.send(Ok(StreamConfigResponse {
         version: 4,
         nonce: "n2".into(),
+        snapshot: Some(dup),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let ack = recv(&mut inbound).await;
+    assert_eq!(
+        (
+            ack.version,
+            ack.response_nonce.as_str(),
+            ack.error_detail.as_str()
+        ),
+        (4, "n2", "")
+    );
+    assert!(
+        ack.excluded
+            .iter()
+            .any(|e| e.kind == "backend" && e.reason.contains("duplicate")),
+        "{:?}",
+        ack.excluded
+    );
+    assert_eq!(store.version(), 4);
+
+    // A snapshot the proxy cannot use at all (its version disagrees with
+    // the message's) is NACKed and the previous one kept.
+    let mut bad = snap.clone();
+    bad.version = 6;
+    out.send(Ok(StreamConfigResponse {
+        version: 5,
+        nonce: "n3".into(),
         snapshot: Some(bad),
         ..Default::default()
     }))
     .await
     .unwrap();
     let nack = recv(&mut inbound).await;
-    assert_eq!((nack.version, nack.response_nonce.as_str()), (3, "n2"));
-    assert!(
-        nack.error_detail.contains("duplicate backend id"),
-        "{}",
-        nack.error_detail
-    );
-    assert_eq!(store.version(), 3);
+    assert_eq!((nack.version, nack.response_nonce.as_str()), (4, "n3"));
+    assert!(!nack.error_detail.is_empty(), "a NACK says why");
+    assert_eq!(store.version(), 4);
 
     // The control plane goes away: the proxy keeps serving, then reconnects
     // and says which version it holds.
@@ -154,7 +182,7 @@ async fn applies_acks_nacks_and_reconnects() {
         .unwrap()
         .unwrap();
     let hello = recv(&mut inbound).await;
-    assert_eq!(hello.version, 3);
+    assert_eq!(hello.version, 4);
 
     stop_tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), server)

@@ -96,7 +96,8 @@ impl Scheduler {
         {
             return Decision::Defer("no_capacity");
         }
-        if scheduled && self.config_pending(id) {
+        // A wake run calls the agent's runtime, not a proxy: nothing to wait for.
+        if scheduled && !Self::is_wake(agent) && self.config_pending(id) {
             return Decision::Defer("config_pending");
         }
         Decision::Run
