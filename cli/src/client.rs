@@ -68,6 +68,25 @@ impl Interceptor for Auth {
 
 type Authed = InterceptedService<Channel, Auth>;
 
+/// The largest message `clawctl` sends to or accepts from the control plane
+/// on the services whose messages grow with the configuration (lists,
+/// export, apply). The control plane's limit is the same: 64 MiB holds a
+/// 100k-key `apply` answer with every one-time secret (≈ 10 MiB) and an
+/// export of 100k keys and 25k backends with room to spare. Lists are paged
+/// besides (see `list_all`).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A client sized by [`MAX_MESSAGE_BYTES`] that accepts gzip answers (it
+/// sends uncompressed: an older control plane may not accept gzip).
+macro_rules! sized {
+    ($client:expr) => {
+        $client
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
+
 /// An established connection to the control plane.
 pub(crate) struct Connection {
     channel: Channel,
@@ -127,7 +146,10 @@ impl Connection {
 
     /// The backend service.
     pub(crate) fn backends(&self) -> BackendServiceClient<Authed> {
-        BackendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(BackendServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The pool settings service.
@@ -137,12 +159,18 @@ impl Connection {
 
     /// The client key service.
     pub(crate) fn keys(&self) -> ClientKeyServiceClient<Authed> {
-        ClientKeyServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(ClientKeyServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The agent service.
     pub(crate) fn agents(&self) -> AgentServiceClient<Authed> {
-        AgentServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(AgentServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The heartbeat service (runs, logs, checklists).
@@ -183,7 +211,10 @@ impl Connection {
 
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
-        ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(ClusterServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The backup service (streamed backups).

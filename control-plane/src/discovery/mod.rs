@@ -37,6 +37,32 @@ use crate::shutdown::Shutdown;
 
 pub(crate) use publish::{Debounce, Latest};
 
+/// The largest gRPC message the control plane decodes or encodes on the
+/// discovery stream and the admin services whose messages grow with the
+/// configuration (backends, client keys, agents, cluster apply/export).
+///
+/// Sized for 100k client keys and 25k backends: a snapshot of that size is
+/// about 20 MiB before compression (a client key ≈ 115 bytes, a backend
+/// ≈ 400 bytes; see BENCHMARKS.md "Big configurations"), an `apply` answer
+/// with 100k one-time secrets ≈ 10 MiB. 64 MiB leaves 3× headroom and still
+/// bounds what one peer can make the control plane buffer. tonic's default
+/// (4 MiB) held only ~37k client keys: proxies looped on "decoded message
+/// length too large" and revocations stopped reaching them.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Applies [`MAX_MESSAGE_BYTES`] both ways and gzip (sent when the peer
+/// accepts it, accepted always) to a generated gRPC service.
+macro_rules! sized {
+    ($service:expr) => {
+        $service
+            .max_decoding_message_size($crate::discovery::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size($crate::discovery::MAX_MESSAGE_BYTES)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
+pub(crate) use sized;
+
 /// Responses buffered per stream before sending waits for the proxy.
 const OUTBOUND_CAPACITY: usize = 8;
 
