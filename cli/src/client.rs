@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use claw_proto::v1::{
+    ListAgentsRequest, ListAgentsResponse, ListBackendsRequest, ListBackendsResponse,
+    ListClientKeysRequest, ListClientKeysResponse,
+};
+use claw_proto::v1::{
     agent_service_client::AgentServiceClient, backend_service_client::BackendServiceClient,
     client_key_service_client::ClientKeyServiceClient,
     cluster_service_client::ClusterServiceClient, pool_service_client::PoolServiceClient,
@@ -235,6 +239,91 @@ impl Connection {
         call.await
             .map(Response::into_inner)
             .map_err(|status| anyhow!(describe_status(&status, &self.server, self.timeout)))
+    }
+}
+
+/// The page size `clawctl` asks for; it follows `next_page_token` until the
+/// last page, so users see one list however long it is.
+const PAGE_SIZE: u32 = 500;
+
+/// Follows the pages of one list RPC: `fetch(token)` returns a page's items
+/// and its next token. An older control plane answers everything at once
+/// with no token; a token that does not advance is an error rather than a
+/// loop.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let (items, next) = fetch(token.clone()).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        if next == token {
+            return Err(anyhow!(
+                "the control plane returned the same page token twice; the list is incomplete"
+            ));
+        }
+        token = next;
+    }
+}
+
+impl Connection {
+    /// Every backend, page after page (`ListBackends`).
+    pub(crate) async fn list_backends_all(&self) -> anyhow::Result<ListBackendsResponse> {
+        let backends = all_pages(|page_token| async move {
+            let r = self
+                .call(self.backends().list_backends(ListBackendsRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.backends, r.next_page_token))
+        })
+        .await?;
+        Ok(ListBackendsResponse {
+            backends,
+            next_page_token: String::new(),
+        })
+    }
+
+    /// Every client key, page after page (`ListClientKeys`).
+    pub(crate) async fn list_client_keys_all(&self) -> anyhow::Result<ListClientKeysResponse> {
+        let keys = all_pages(|page_token| async move {
+            let r = self
+                .call(self.keys().list_client_keys(ListClientKeysRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.keys, r.next_page_token))
+        })
+        .await?;
+        Ok(ListClientKeysResponse {
+            keys,
+            next_page_token: String::new(),
+        })
+    }
+
+    /// Every agent, page after page (`ListAgents`).
+    pub(crate) async fn list_agents_all(&self) -> anyhow::Result<ListAgentsResponse> {
+        let agents = all_pages(|page_token| async move {
+            let r = self
+                .call(self.agents().list_agents(ListAgentsRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.agents, r.next_page_token))
+        })
+        .await?;
+        Ok(ListAgentsResponse {
+            agents,
+            next_page_token: String::new(),
+        })
     }
 }
 

@@ -42,10 +42,18 @@ impl AgentService for AgentApi {
 
     async fn list_agents(
         &self,
-        _request: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> RpcResult<ListAgentsResponse> {
+        let req = request.into_inner();
+        let (agents, next_page_token) = super::page::page(
+            self.catalog.list_agents()?,
+            |a| a.id.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
         ok(ListAgentsResponse {
-            agents: self.catalog.list_agents()?,
+            agents,
+            next_page_token,
         })
     }
 
