@@ -67,7 +67,8 @@ mod tests {
     fn all_pages(items: Vec<String>, size: u32) -> (Vec<String>, usize) {
         let (mut out, mut token, mut pages) = (Vec::new(), String::new(), 0);
         loop {
-            let (page, next) = page(items.clone(), |s| s.as_str(), size, &token).unwrap();
+            let (page, next) =
+                page(items.clone(), |s| s.as_str(), size, &token).expect("a valid token");
             pages += 1;
             assert!(page.len() <= size.min(MAX_PAGE_SIZE) as usize);
             out.extend(page);
@@ -94,12 +95,12 @@ mod tests {
 
     #[test]
     fn sizes_are_capped_and_zero_means_the_unpaged_cap() {
-        let (p, next) = page(names(6000), |s| s.as_str(), 100_000, "").unwrap();
+        let (p, next) = page(names(6000), |s| s.as_str(), 100_000, "").expect("no token");
         assert_eq!(p.len(), MAX_PAGE_SIZE as usize);
         assert_eq!(next, "k04999");
-        let (p, next) = page(names(6000), |s| s.as_str(), 0, "").unwrap();
+        let (p, next) = page(names(6000), |s| s.as_str(), 0, "").expect("no token");
         assert_eq!((p.len(), next.as_str()), (6000, ""));
-        let (p, next) = page(names(30_000), |s| s.as_str(), 0, "").unwrap();
+        let (p, next) = page(names(30_000), |s| s.as_str(), 0, "").expect("no token");
         assert_eq!(p.len(), UNPAGED_CAP as usize);
         assert_eq!(next, format!("k{:05}", UNPAGED_CAP - 1));
     }
@@ -107,13 +108,13 @@ mod tests {
     #[test]
     fn a_created_resource_between_pages_is_not_skipped_nor_repeated() {
         let mut items = names(10);
-        let (first, token) = page(items.clone(), |s| s.as_str(), 5, "").unwrap();
+        let (first, token) = page(items.clone(), |s| s.as_str(), 5, "").expect("no token");
         assert_eq!(token, "k00004");
         // Created before the token (shows up nowhere: it sorts before the
         // page already read) and after it (shows up on the next page).
         items.push("k00002a".into());
         items.push("k00007a".into());
-        let (second, next) = page(items, |s| s.as_str(), 5, &token).unwrap();
+        let (second, next) = page(items, |s| s.as_str(), 5, &token).expect("a valid token");
         assert_eq!(next, "k00008");
         assert!(second.iter().all(|s| !first.contains(s)));
         assert!(second.contains(&"k00007a".to_string()));
@@ -121,7 +122,8 @@ mod tests {
 
     #[test]
     fn an_oversized_token_is_refused_naming_the_field() {
-        let e = page(names(3), |s| s.as_str(), 5, &"x".repeat(2000)).unwrap_err();
+        let e =
+            page(names(3), |s| s.as_str(), 5, &"x".repeat(2000)).expect_err("an oversized token");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with("page_token:"));
     }
