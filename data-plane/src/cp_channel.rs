@@ -36,7 +36,7 @@ pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// The largest message a proxy decodes from the control plane (the
 /// discovery stream's snapshots). tonic's default, 4 MiB, held only ~37k
 /// client keys; a snapshot of 100k client keys and 25k backends is about
-/// 20 MiB before compression (BENCHMARKS.md "Big configurations"). 64 MiB
+/// 17 MB before compression (BENCHMARKS.md "Big configurations"). 64 MiB
 /// gives 3× headroom while still bounding what the proxy buffers. The
 /// control plane sends snapshots gzip-compressed (the proxy accepts gzip),
 /// so the wire carries far less; the limit applies to the decompressed size.
