@@ -12,7 +12,8 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 # 1. Snapshot size at the issue's scale, raw and gzip (what the stream sends).
-CLAW_SNAPSHOT_OUT="$WORK/snapshot.bin" cargo test -q --release -p claw-control-plane --lib \
+PROFILE=$([ "$BIN" = target/release ] && echo --release || true)
+CLAW_SNAPSHOT_OUT="$WORK/snapshot.bin" cargo test -q $PROFILE -p claw-control-plane --lib \
   -- size_tests::write_the_issue_scale_snapshot --ignored >/dev/null
 raw=$(stat -c %s "$WORK/snapshot.bin")
 gz=$(gzip -6 -c "$WORK/snapshot.bin" | wc -c)
@@ -34,7 +35,7 @@ ctl() { "$BIN/clawctl" --server http://127.0.0.1:57051 --token "$CLAW_ADMIN_TOKE
 {
   echo "backends:"
   for ((i = 0; i < BACKENDS; i++)); do
-    echo "  - {name: b$i, base_url: 'https://llm-$i.example.com/v1', api_key_env: BENCH_KEY, models: [gpt-4o]}"
+    echo "  - {name: b$i, base_url: 'https://llm-$i.example.com/v1', api_key_env: BENCH_KEY, models: [{canonical: gpt-4o, native: gpt-4o}]}"
   done
   echo "client_keys:"
   for ((i = 0; i < KEYS; i++)); do echo "  - {name: k$i, models: [gpt-4o]}"; done
