@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use claw_proto::v1::{
-    Agent, CreateAgentRequest, DeleteAgentRequest, GetAgentRequest, ListAgentsRequest,
-    SetAgentEnabledRequest, UpdateAgentRequest,
+    Agent, CreateAgentRequest, DeleteAgentRequest, GetAgentRequest, SetAgentEnabledRequest,
+    UpdateAgentRequest,
 };
 
 use crate::cli::{AgentAddArgs, AgentCmd, AgentSettings, AgentUpdateArgs};
@@ -36,9 +36,7 @@ pub(crate) async fn run(session: &Session, cmd: AgentCmd) -> anyhow::Result<()> 
         }
         AgentCmd::List => {
             let conn = session.connect().await?;
-            let resp = conn
-                .call(conn.agents().list_agents(ListAgentsRequest {}))
-                .await?;
+            let resp = conn.list_agents_all().await?;
             session.emit_resource(
                 &resp.agents,
                 || resp.agents.iter().map(AgentDoc::from).collect::<Vec<_>>(),

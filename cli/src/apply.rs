@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use claw_proto::v1::{
     ApplyConfigRequest, ApplyConfigResponse, ChangeAction, ClusterConfig, ExportConfigRequest,
-    ListBackendsRequest,
 };
 use claw_proto::validate;
 
@@ -117,7 +116,7 @@ async fn with_keys(conn: &Connection, desired: document::Desired) -> anyhow::Res
     let existing: HashSet<String> = if config.backends.is_empty() {
         HashSet::new()
     } else {
-        conn.call(conn.backends().list_backends(ListBackendsRequest {}))
+        conn.list_backends_all()
             .await?
             .backends
             .into_iter()
@@ -181,7 +180,28 @@ fn write_plan(
         }
         writeln!(out, "{line}")?;
     }
-    let [created, updated, deleted, unchanged] = counts;
+    let [mut created, mut updated, mut deleted, mut unchanged] = counts;
+    if resp.changes_truncated {
+        // The control plane listed only the first changes; its totals
+        // cover all of them.
+        let totals = [
+            resp.created_total,
+            resp.updated_total,
+            resp.deleted_total,
+            resp.unchanged_total,
+        ]
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let listed = resp.changes.len();
+        let changed = totals[0]
+            .saturating_add(totals[1])
+            .saturating_add(totals[2]);
+        writeln!(
+            out,
+            "... {} more changes not listed (the control plane lists the first {listed})",
+            changed.saturating_sub(listed)
+        )?;
+        [created, updated, deleted, unchanged] = totals;
+    }
     if dry_run {
         writeln!(
             out,
@@ -232,6 +252,7 @@ mod tests {
                 name: "app".into(),
                 secret: "ck-secret".into(),
             }],
+            ..Default::default()
         };
         let mut buf = Vec::new();
         write_plan(&mut buf, &resp, dry_run).expect("write to a Vec");
@@ -261,5 +282,35 @@ mod tests {
              pool/primary unchanged\n\
              dry run: nothing was changed"
         ));
+    }
+
+    #[test]
+    fn truncated_plan_uses_the_totals_and_keeps_every_secret() {
+        let resp = ApplyConfigResponse {
+            changes: vec![change("client_key", "k0", ChangeAction::Create, &[])],
+            config_version: 9,
+            created_secrets: (0..3)
+                .map(|i| CreatedSecret {
+                    name: format!("k{i}"),
+                    secret: format!("ck-{i}"),
+                })
+                .collect(),
+            changes_truncated: true,
+            created_total: 3,
+            unchanged_total: 5,
+            ..Default::default()
+        };
+        let mut buf = Vec::new();
+        write_plan(&mut buf, &resp, false).expect("write to a Vec");
+        let text = String::from_utf8(buf).expect("utf-8");
+        assert!(text.contains("... 2 more changes not listed"), "{text}");
+        assert!(
+            text.contains(
+                "applied: 3 created, 0 updated, 0 deleted, 5 unchanged (config version 9)"
+            )
+        );
+        for i in 0..3 {
+            assert!(text.contains(&format!("client key \"k{i}\" secret: ck-{i}")));
+        }
     }
 }

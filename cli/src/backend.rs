@@ -5,8 +5,7 @@ use claw_proto::Pool;
 use claw_proto::probe_settings;
 use claw_proto::v1::{
     Api, Backend, BackendHealth, CreateBackendRequest, DeleteBackendRequest, GetBackendRequest,
-    HealthState, ListBackendsRequest, ProbeSettings, SetBackendEnabledRequest,
-    UpdateBackendRequest,
+    HealthState, ProbeSettings, SetBackendEnabledRequest, UpdateBackendRequest,
 };
 
 use crate::api_key::KeySource;
@@ -136,9 +135,7 @@ async fn update(session: &Session, args: BackendUpdateArgs) -> anyhow::Result<()
 
 async fn list(session: &Session) -> anyhow::Result<()> {
     let conn = session.connect().await?;
-    let resp = conn
-        .call(conn.backends().list_backends(ListBackendsRequest {}))
-        .await?;
+    let resp = conn.list_backends_all().await?;
     warn_unreferenced(session, &resp.backends);
     emit_resource(
         session,

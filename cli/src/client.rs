@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use claw_proto::v1::{
+    ListAgentsRequest, ListAgentsResponse, ListBackendsRequest, ListBackendsResponse,
+    ListClientKeysRequest, ListClientKeysResponse,
+};
+use claw_proto::v1::{
     agent_service_client::AgentServiceClient, backend_service_client::BackendServiceClient,
     client_key_service_client::ClientKeyServiceClient,
     cluster_service_client::ClusterServiceClient, pool_service_client::PoolServiceClient,
@@ -67,6 +71,25 @@ impl Interceptor for Auth {
 }
 
 type Authed = InterceptedService<Channel, Auth>;
+
+/// The largest message `clawctl` sends to or accepts from the control plane
+/// on the services whose messages grow with the configuration (lists,
+/// export, apply). The control plane's limit is the same: 64 MiB holds a
+/// 100k-key `apply` answer with every one-time secret (≈ 10 MiB) and an
+/// export of 100k keys and 25k backends with room to spare. Lists are paged
+/// besides (see `list_all`).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A client sized by [`MAX_MESSAGE_BYTES`] that accepts gzip answers (it
+/// sends uncompressed: an older control plane may not accept gzip).
+macro_rules! sized {
+    ($client:expr) => {
+        $client
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
 
 /// An established connection to the control plane.
 pub(crate) struct Connection {
@@ -127,7 +150,10 @@ impl Connection {
 
     /// The backend service.
     pub(crate) fn backends(&self) -> BackendServiceClient<Authed> {
-        BackendServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(BackendServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The pool settings service.
@@ -137,12 +163,18 @@ impl Connection {
 
     /// The client key service.
     pub(crate) fn keys(&self) -> ClientKeyServiceClient<Authed> {
-        ClientKeyServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(ClientKeyServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The agent service.
     pub(crate) fn agents(&self) -> AgentServiceClient<Authed> {
-        AgentServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(AgentServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The heartbeat service (runs, logs, checklists).
@@ -183,7 +215,10 @@ impl Connection {
 
     /// The cluster service (snapshot, proxies, master key, apply/export).
     pub(crate) fn cluster(&self) -> ClusterServiceClient<Authed> {
-        ClusterServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        sized!(ClusterServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone()
+        ))
     }
 
     /// The backup service (streamed backups).
@@ -204,6 +239,91 @@ impl Connection {
         call.await
             .map(Response::into_inner)
             .map_err(|status| anyhow!(describe_status(&status, &self.server, self.timeout)))
+    }
+}
+
+/// The page size `clawctl` asks for; it follows `next_page_token` until the
+/// last page, so users see one list however long it is.
+const PAGE_SIZE: u32 = 500;
+
+/// Follows the pages of one list RPC: `fetch(token)` returns a page's items
+/// and its next token. An older control plane answers everything at once
+/// with no token; a token that does not advance is an error rather than a
+/// loop.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let (items, next) = fetch(token.clone()).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        if next == token {
+            return Err(anyhow!(
+                "the control plane returned the same page token twice; the list is incomplete"
+            ));
+        }
+        token = next;
+    }
+}
+
+impl Connection {
+    /// Every backend, page after page (`ListBackends`).
+    pub(crate) async fn list_backends_all(&self) -> anyhow::Result<ListBackendsResponse> {
+        let backends = all_pages(|page_token| async move {
+            let r = self
+                .call(self.backends().list_backends(ListBackendsRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.backends, r.next_page_token))
+        })
+        .await?;
+        Ok(ListBackendsResponse {
+            backends,
+            next_page_token: String::new(),
+        })
+    }
+
+    /// Every client key, page after page (`ListClientKeys`).
+    pub(crate) async fn list_client_keys_all(&self) -> anyhow::Result<ListClientKeysResponse> {
+        let keys = all_pages(|page_token| async move {
+            let r = self
+                .call(self.keys().list_client_keys(ListClientKeysRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.keys, r.next_page_token))
+        })
+        .await?;
+        Ok(ListClientKeysResponse {
+            keys,
+            next_page_token: String::new(),
+        })
+    }
+
+    /// Every agent, page after page (`ListAgents`).
+    pub(crate) async fn list_agents_all(&self) -> anyhow::Result<ListAgentsResponse> {
+        let agents = all_pages(|page_token| async move {
+            let r = self
+                .call(self.agents().list_agents(ListAgentsRequest {
+                    page_size: PAGE_SIZE,
+                    page_token,
+                }))
+                .await?;
+            Ok((r.agents, r.next_page_token))
+        })
+        .await?;
+        Ok(ListAgentsResponse {
+            agents,
+            next_page_token: String::new(),
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 
 use claw_proto::v1::{
     ClientKey, CreateClientKeyRequest, DeleteClientKeyRequest, GetClientKeyRequest,
-    ListAgentsRequest, ListClientKeysRequest, UpdateClientKeyRequest,
+    UpdateClientKeyRequest,
 };
 
 use serde::Serialize;
@@ -18,9 +18,7 @@ pub(crate) async fn run(session: &Session, cmd: KeyCmd) -> anyhow::Result<()> {
         KeyCmd::Add(args) => add(session, args).await,
         KeyCmd::List => {
             let conn = session.connect().await?;
-            let resp = conn
-                .call(conn.keys().list_client_keys(ListClientKeysRequest {}))
-                .await?;
+            let resp = conn.list_client_keys_all().await?;
             session.emit(&resp.keys, |out| table(&resp.keys).write(out))
         }
         KeyCmd::Get(t) => {
@@ -63,10 +61,7 @@ async fn warn_unknown_agents(conn: &crate::client::Connection, what: &str, agent
     if agents.is_empty() {
         return;
     }
-    let Ok(resp) = conn
-        .call(conn.agents().list_agents(ListAgentsRequest {}))
-        .await
-    else {
+    let Ok(resp) = conn.list_agents_all().await else {
         return;
     };
     let known: std::collections::BTreeSet<&str> =

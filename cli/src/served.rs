@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use claw_proto::v1::{Backend, ListBackendsRequest};
+use claw_proto::v1::Backend;
 
 use crate::client::Connection;
 
@@ -32,10 +32,7 @@ pub(crate) async fn warn_unserved(conn: &Connection, what: &str, models: &[Strin
     if models.iter().all(String::is_empty) {
         return;
     }
-    let Ok(resp) = conn
-        .call(conn.backends().list_backends(ListBackendsRequest {}))
-        .await
-    else {
+    let Ok(resp) = conn.list_backends_all().await else {
         return;
     };
     if let Some(line) = warning(what, &unserved(&resp.backends, models)) {

@@ -356,24 +356,26 @@ impl Server {
             .add_service(health_service)
             .add_service(InterceptedService::new(reflection_v1, admin.clone()))
             .add_service(InterceptedService::new(reflection_v1alpha, admin.clone()))
-            .add_service(BackendServiceServer::with_interceptor(
-                services.backend,
+            .add_service(InterceptedService::new(
+                crate::discovery::sized!(BackendServiceServer::new(services.backend)),
                 admin.clone(),
             ))
             .add_service(PoolServiceServer::with_interceptor(
                 services.pool,
                 admin.clone(),
             ))
-            .add_service(ClientKeyServiceServer::with_interceptor(
-                ClientKeyApi::new(catalog.clone()),
+            .add_service(InterceptedService::new(
+                crate::discovery::sized!(ClientKeyServiceServer::new(ClientKeyApi::new(
+                    catalog.clone(),
+                ))),
                 admin.clone(),
             ))
-            .add_service(AgentServiceServer::with_interceptor(
-                services.agent,
+            .add_service(InterceptedService::new(
+                crate::discovery::sized!(AgentServiceServer::new(services.agent)),
                 admin.clone(),
             ))
-            .add_service(ClusterServiceServer::with_interceptor(
-                services.cluster,
+            .add_service(InterceptedService::new(
+                crate::discovery::sized!(ClusterServiceServer::new(services.cluster)),
                 admin.clone(),
             ))
             .add_service(HeartbeatServiceServer::with_interceptor(
@@ -405,14 +407,14 @@ impl Server {
                 ReportApi::new(ingest, stop_rx.clone()),
                 proxy_auth.clone(),
             ))
-            .add_service(DiscoveryServiceServer::with_interceptor(
-                DiscoveryApi::new(
+            .add_service(InterceptedService::new(
+                crate::discovery::sized!(DiscoveryServiceServer::new(DiscoveryApi::new(
                     catalog.clone(),
                     fleet.health().clone(),
                     proxies,
                     snapshots,
                     stop_rx.clone(),
-                ),
+                ))),
                 proxy_auth,
             ));
         let grpc_addr = grpc.local_addr().ok();

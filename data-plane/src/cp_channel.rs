@@ -33,6 +33,36 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// next reconnect starts from the initial backoff again.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
+/// The largest message a proxy decodes from the control plane (the
+/// discovery stream's snapshots). tonic's default, 4 MiB, held only ~37k
+/// client keys; a snapshot of 100k client keys and 25k backends is about
+/// 17 MB before compression (BENCHMARKS.md "Big configurations"). 64 MiB
+/// gives 3× headroom while still bounding what the proxy buffers. The
+/// control plane sends snapshots gzip-compressed (the proxy accepts gzip),
+/// so the wire carries far less; the limit applies to the decompressed size.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A discovery client on `channel` sized for big snapshots: accepts gzip,
+/// decodes up to [`MAX_MESSAGE_BYTES`].
+pub fn discovery_client(
+    channel: AuthorizedChannel,
+) -> claw_proto::v1::discovery_service_client::DiscoveryServiceClient<AuthorizedChannel> {
+    use tonic::codec::CompressionEncoding;
+    claw_proto::v1::discovery_service_client::DiscoveryServiceClient::new(channel)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Whether `status` is tonic's "message larger than the limit" error: the
+/// control plane sent a snapshot this proxy refuses to decode. Reconnecting
+/// at once would only fetch it again, so the caller logs it as an error
+/// (tonic's message names the size and the limit) and backs off.
+pub fn is_too_large(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large")
+}
+
 /// The proxy token the control plane authenticates proxies with. `Debug`
 /// never shows it; [`ProxyToken::expose`] is the one way to read it.
 #[derive(Clone, PartialEq, Eq)]

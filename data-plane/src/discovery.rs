@@ -55,7 +55,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use claw_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use claw_proto::v1::{HealthState, HealthUpdate, StreamConfigRequest, StreamConfigResponse};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -463,7 +462,20 @@ async fn stream_forever(config: &DiscoveryConfig, dispatcher: &Dispatcher) {
         let mut got_response = false;
         match stream_once(config, dispatcher, &mut got_response).await {
             Ok(()) => tracing::warn!("discovery stream closed by the control plane"),
-            Err(e) => tracing::warn!(error = %e, "discovery stream failed"),
+            Err(e) => match e.downcast_ref::<tonic::Status>() {
+                Some(status) if crate::cp_channel::is_too_large(status) => {
+                    // Reconnecting at once would fetch the same snapshot:
+                    // say so loudly (tonic names the size and the limit),
+                    // count it, and back off like any failed stream.
+                    crate::metrics::discovery_too_large();
+                    tracing::error!(
+                        error = %status.message(),
+                        limit_bytes = crate::cp_channel::MAX_MESSAGE_BYTES,
+                        "snapshot exceeds this proxy's message limit: keeping the last snapshot"
+                    );
+                }
+                _ => tracing::warn!(error = %e, "discovery stream failed"),
+            },
         }
         crate::metrics::set_discovery_connected(false);
         dispatcher.fleet.set_connected(false);
@@ -482,7 +494,7 @@ async fn stream_once(
     got_response: &mut bool,
 ) -> anyhow::Result<()> {
     let channel = crate::cp_channel::connect_authorized(&config.url, &config.proxy_token).await?;
-    let mut client = DiscoveryServiceClient::new(channel);
+    let mut client = crate::cp_channel::discovery_client(channel);
     let (tx, rx) = mpsc::channel(16);
     tx.send(dispatcher.hello()).await?;
     let request = tonic::Request::new(ReceiverStream::new(rx));

@@ -164,6 +164,10 @@ fn describe() {
         "1 while the discovery stream to the control plane is open"
     );
     describe_counter!(
+        DISCOVERY_TOO_LARGE_TOTAL,
+        "Snapshots refused because they exceed the proxy's gRPC message limit"
+    );
+    describe_counter!(
         EVENTS_DROPPED_TOTAL,
         "Request outcomes or signals dropped because their channel was full"
     );
@@ -353,6 +357,8 @@ pub(crate) const SNAPSHOT_CACHE_WRITES_TOTAL: &str = "claw_dp_snapshot_cache_wri
 pub(crate) const SNAPSHOT_CACHE_LOADED_VERSION: &str = "claw_dp_snapshot_cache_loaded_version";
 /// 1 while the discovery stream is open.
 pub(crate) const DISCOVERY_CONNECTED: &str = "claw_dp_discovery_connected";
+/// Snapshots larger than the discovery client's message limit.
+pub(crate) const DISCOVERY_TOO_LARGE_TOTAL: &str = "claw_dp_discovery_message_too_large_total";
 /// 1 while the report stream is open.
 pub(crate) const REPORT_CONNECTED: &str = "claw_dp_report_connected";
 /// Report batches handed to the stream (resends included).
@@ -423,6 +429,11 @@ pub(crate) fn set_snapshot_cache_loaded(version: u64) {
 /// Sets [`DISCOVERY_CONNECTED`].
 pub(crate) fn set_discovery_connected(up: bool) {
     metrics::gauge!(DISCOVERY_CONNECTED).set(flag(up));
+}
+
+/// Counts a snapshot refused for its size ([`DISCOVERY_TOO_LARGE_TOTAL`]).
+pub(crate) fn discovery_too_large() {
+    metrics::counter!(DISCOVERY_TOO_LARGE_TOTAL).increment(1);
 }
 
 /// Sets [`REPORT_CONNECTED`].

@@ -562,7 +562,7 @@ async fn admin_api_rejects_missing_wrong_and_proxy_tokens() {
     ] {
         let codes = [
             BackendServiceClient::new(channel.clone())
-                .list_backends(authed(ListBackendsRequest {}, token))
+                .list_backends(authed(ListBackendsRequest::default(), token))
                 .await
                 .err(),
             PoolServiceClient::new(channel.clone())
@@ -570,11 +570,11 @@ async fn admin_api_rejects_missing_wrong_and_proxy_tokens() {
                 .await
                 .err(),
             ClientKeyServiceClient::new(channel.clone())
-                .list_client_keys(authed(ListClientKeysRequest {}, token))
+                .list_client_keys(authed(ListClientKeysRequest::default(), token))
                 .await
                 .err(),
             AgentServiceClient::new(channel.clone())
-                .list_agents(authed(ListAgentsRequest {}, token))
+                .list_agents(authed(ListAgentsRequest::default(), token))
                 .await
                 .err(),
             ClusterServiceClient::new(channel.clone())
@@ -591,7 +591,7 @@ async fn admin_api_rejects_missing_wrong_and_proxy_tokens() {
         }
     }
     // The admin token works.
-    let mut r = tonic::Request::new(ListBackendsRequest {});
+    let mut r = tonic::Request::new(ListBackendsRequest::default());
     r.metadata_mut().insert(
         "authorization",
         format!("Bearer {}", cp.admin_token())

@@ -15,6 +15,7 @@ mod audit;
 mod auth_failures;
 mod backend_probe_cli;
 mod backup;
+mod big_config;
 mod check;
 mod clawctl_edges;
 mod control_plane_cli;

@@ -79,11 +79,18 @@ impl AgentService for AgentApi {
 
     async fn list_agents(
         &self,
-        _request: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> RpcResult<ListAgentsResponse> {
-        let agents = self.catalog.list_agents()?;
+        let req = request.into_inner();
+        let (agents, next_page_token) = super::page::page(
+            self.catalog.list_agents()?,
+            |a| a.id.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
         ok(ListAgentsResponse {
             agents: agents.into_iter().map(|a| self.with_status(a)).collect(),
+            next_page_token,
         })
     }
 

@@ -78,15 +78,18 @@ impl BackendService for BackendApi {
 
     async fn list_backends(
         &self,
-        _request: Request<ListBackendsRequest>,
+        request: Request<ListBackendsRequest>,
     ) -> RpcResult<ListBackendsResponse> {
+        let req = request.into_inner();
+        let (page, next_page_token) = super::page::page(
+            self.catalog.list_backends()?,
+            |b| b.name.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
         ok(ListBackendsResponse {
-            backends: self
-                .catalog
-                .list_backends()?
-                .into_iter()
-                .map(|b| self.live(b))
-                .collect(),
+            backends: page.into_iter().map(|b| self.live(b)).collect(),
+            next_page_token,
         })
     }
 

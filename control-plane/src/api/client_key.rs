@@ -46,10 +46,18 @@ impl ClientKeyService for ClientKeyApi {
 
     async fn list_client_keys(
         &self,
-        _request: Request<ListClientKeysRequest>,
+        request: Request<ListClientKeysRequest>,
     ) -> RpcResult<ListClientKeysResponse> {
+        let req = request.into_inner();
+        let (keys, next_page_token) = super::page::page(
+            self.catalog.list_client_keys()?,
+            |k| k.name.as_str(),
+            req.page_size,
+            &req.page_token,
+        )?;
         ok(ListClientKeysResponse {
-            keys: self.catalog.list_client_keys()?,
+            keys,
+            next_page_token,
         })
     }
 

@@ -146,10 +146,92 @@ impl ClusterService for ClusterApi {
             config_version = outcome.config_version,
             "configuration applied"
         );
-        ok(ApplyConfigResponse {
-            changes: outcome.changes,
-            config_version: outcome.config_version,
-            created_secrets: outcome.created_secrets,
-        })
+        let mut resp = bounded_changes(outcome.changes);
+        resp.config_version = outcome.config_version;
+        // Every one-time secret, however many: they are shown only here.
+        resp.created_secrets = outcome.created_secrets;
+        ok(resp)
+    }
+}
+
+/// At most this many changes are listed in an `ApplyConfig` answer.
+pub(crate) const MAX_LISTED_CHANGES: usize = 1000;
+
+/// The answer's `changes` bounded to [`MAX_LISTED_CHANGES`] (the changes
+/// first, in document order; `unchanged` ones only while there is room),
+/// with the per-action totals over all of them.
+pub(crate) fn bounded_changes(changes: Vec<ConfigChange>) -> ApplyConfigResponse {
+    let mut resp = ApplyConfigResponse::default();
+    for c in &changes {
+        match ChangeAction::try_from(c.action).unwrap_or(ChangeAction::Unspecified) {
+            ChangeAction::Create => resp.created_total += 1,
+            ChangeAction::Update => resp.updated_total += 1,
+            ChangeAction::Delete => resp.deleted_total += 1,
+            ChangeAction::Unchanged | ChangeAction::Unspecified => resp.unchanged_total += 1,
+        }
+    }
+    if changes.len() <= MAX_LISTED_CHANGES {
+        resp.changes = changes;
+        return resp;
+    }
+    resp.changes_truncated = true;
+    resp.changes = changes
+        .into_iter()
+        .filter(|c| c.action != ChangeAction::Unchanged as i32)
+        .take(MAX_LISTED_CHANGES)
+        .collect();
+    resp
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    fn change(i: usize, action: ChangeAction) -> ConfigChange {
+        ConfigChange {
+            kind: "client_key".into(),
+            name: format!("k{i}"),
+            action: action as i32,
+            fields: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn small_applies_list_every_change() {
+        let changes: Vec<_> = (0..10)
+            .map(|i| change(i, ChangeAction::Unchanged))
+            .collect();
+        let r = bounded_changes(changes);
+        assert_eq!(
+            (r.changes.len(), r.changes_truncated, r.unchanged_total),
+            (10, false, 10)
+        );
+    }
+
+    #[test]
+    fn big_applies_list_the_first_changes_and_count_all() {
+        let mut changes: Vec<_> = (0..500)
+            .map(|i| change(i, ChangeAction::Unchanged))
+            .collect();
+        changes.extend((500..3000).map(|i| change(i, ChangeAction::Create)));
+        changes.push(change(3000, ChangeAction::Delete));
+        let r = bounded_changes(changes);
+        assert!(r.changes_truncated);
+        assert_eq!(r.changes.len(), MAX_LISTED_CHANGES);
+        assert_eq!(r.changes[0].name, "k500");
+        assert!(
+            r.changes
+                .iter()
+                .all(|c| c.action == ChangeAction::Create as i32)
+        );
+        assert_eq!(
+            (
+                r.created_total,
+                r.updated_total,
+                r.deleted_total,
+                r.unchanged_total
+            ),
+            (2500, 0, 1, 500)
+        );
     }
 }

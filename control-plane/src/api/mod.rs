@@ -25,6 +25,7 @@ pub(crate) mod backup;
 pub(crate) mod client_key;
 pub(crate) mod cluster;
 pub(crate) mod heartbeat;
+pub(crate) mod page;
 pub(crate) mod pool;
 pub(crate) mod report;
 pub(crate) mod stats;

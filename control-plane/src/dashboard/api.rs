@@ -312,7 +312,7 @@ async fn overview(d: &Dashboard, c: &Caller) -> Result<Value, Status> {
     let count = |state: &str| backends.iter().filter(|b| b.state == state).count();
     let r = c.request(
         "/claw.v1.AgentService/ListAgents",
-        ListAgentsRequest {},
+        ListAgentsRequest::default(),
         false,
     )?;
     let agents = s.agent.list_agents(r).await?.into_inner().agents;
@@ -343,7 +343,7 @@ async fn agents(d: &Dashboard, c: &Caller) -> Result<Value, Status> {
     let s = &d.services;
     let r = c.request(
         "/claw.v1.AgentService/ListAgents",
-        ListAgentsRequest {},
+        ListAgentsRequest::default(),
         false,
     )?;
     let agents = s.agent.list_agents(r).await?.into_inner().agents;

@@ -71,7 +71,7 @@ fn rfc3339(ms: i64) -> Value {
 pub(super) async fn live(d: &Dashboard, c: &Caller) -> Result<Vec<LiveBackend>, Status> {
     let r = c.request(
         "/claw.v1.BackendService/ListBackends",
-        ListBackendsRequest {},
+        ListBackendsRequest::default(),
         false,
     )?;
     let backends = d

@@ -194,7 +194,7 @@ async fn only_the_proxy_token_opens_discovery_and_it_opens_nothing_else() {
 
     let mut admin_with_proxy_token = BackendServiceClient::new(h.authed(Some(PROXY)));
     let err = admin_with_proxy_token
-        .list_backends(ListBackendsRequest {})
+        .list_backends(ListBackendsRequest::default())
         .await
         .expect_err("rejected");
     assert_eq!(err.code(), Code::Unauthenticated);

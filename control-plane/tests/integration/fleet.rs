@@ -911,7 +911,7 @@ async fn a_spent_quota_cools_the_backend_fleet_wide_and_shows_until_it_ends() {
     );
 
     let listed = backends()
-        .list_backends(ListBackendsRequest {})
+        .list_backends(ListBackendsRequest::default())
         .await
         .expect("list")
         .into_inner()

@@ -39,14 +39,18 @@ async fn admin_rpcs_require_the_admin_token() {
     for token in [None, Some(PROXY), Some("admin-token-wrong-value")] {
         let mut c = BackendServiceClient::new(h.authed(token));
         let err = c
-            .list_backends(ListBackendsRequest {})
+            .list_backends(ListBackendsRequest::default())
             .await
             .expect_err("rejected");
         assert_eq!(err.code(), Code::Unauthenticated);
         assert_eq!(err.message(), "missing or invalid admin token");
     }
     let mut c = BackendServiceClient::new(h.authed(Some(ADMIN)));
-    assert!(c.list_backends(ListBackendsRequest {}).await.is_ok());
+    assert!(
+        c.list_backends(ListBackendsRequest::default())
+            .await
+            .is_ok()
+    );
 
     // Health is open to probes without a token.
     let mut health = tonic_health::pb::health_client::HealthClient::new(h.channel.clone());
