@@ -403,8 +403,14 @@ impl Server {
                 ),
                 admin,
             ))
-            .add_service(ReportServiceServer::with_interceptor(
-                ReportApi::new(ingest, stop_rx.clone()),
+            .add_service(InterceptedService::new(
+                // A busy proxy's batch (many keys and agents in one report
+                // interval) may outgrow tonic's 4 MiB default like a
+                // snapshot can.
+                crate::discovery::sized!(ReportServiceServer::new(ReportApi::new(
+                    ingest,
+                    stop_rx.clone()
+                ))),
                 proxy_auth.clone(),
             ))
             .add_service(InterceptedService::new(
