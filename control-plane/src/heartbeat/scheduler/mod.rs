@@ -1022,17 +1022,13 @@ impl Scheduler {
         let mut outbox = None;
         match result {
             Err(error) => {
-                if let Some(kind) = dispatch::transient(&error)
-                    && self.redefer(&key, &mut rec, kind, &error, now)
-                {
-                    let run = rec.run.clone();
-                    self.batch
-                        .push((Write::Update(key, rec), Action::Finished(None)));
-                    self.waiters.push((f.done, run));
-                    return;
+                // Deferred again (written below like any end) or failed.
+                let retried = dispatch::transient(&error)
+                    .is_some_and(|kind| self.redefer(&key, &mut rec, kind, &error, now));
+                if !retried {
+                    tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat run failed");
+                    set_status(&mut rec, RunStatus::Failed, "", &error, now);
                 }
-                tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat run failed");
-                set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }
             Ok(r) => {
                 if let Some(run) = rec.run.as_mut() {

@@ -157,23 +157,18 @@ impl Scheduler {
                 // cap); the wake's Idempotency-Key (the run id) lets a
                 // runtime that did get the first attempt drop the repeat.
                 // An answer other than 2xx fails at once.
-                if error.starts_with(wake::UNREACHABLE_PREFIX)
+                let retried = error.starts_with(wake::UNREACHABLE_PREFIX)
                     && self.redefer(
                         &key,
                         &mut rec,
                         dispatch::Transient::Unreachable,
                         &error,
                         now,
-                    )
-                {
-                    let run = rec.run.clone();
-                    self.batch
-                        .push((Write::Update(key, rec), Action::Finished(None)));
-                    self.waiters.push((f.done, run));
-                    return;
+                    );
+                if !retried {
+                    tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat wake failed");
+                    set_status(&mut rec, RunStatus::Failed, "", &error, now);
                 }
-                tracing::warn!(agent = %key.agent_id, error = %error, "heartbeat wake failed");
-                set_status(&mut rec, RunStatus::Failed, "", &error, now);
             }
         }
         let run = rec.run.clone();
@@ -387,6 +382,8 @@ mod tests {
     struct Runtime {
         calls: AtomicUsize,
         bodies: parking_lot::Mutex<Vec<serde_json::Value>>,
+        /// The next this many wakes find nobody listening.
+        refuse: AtomicUsize,
     }
 
     impl Webhook for Arc<Runtime> {
@@ -397,6 +394,13 @@ mod tests {
             body: Vec<u8>,
         ) -> futures::future::BoxFuture<'static, Result<u16, String>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            let refused = self
+                .refuse
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if refused {
+                return Box::pin(async { Err("connection refused".to_string()) });
+            }
             self.bodies
                 .lock()
                 .push(serde_json::from_slice(&body).unwrap_or_default());
@@ -469,6 +473,51 @@ mod tests {
             .expect("list");
         assert_eq!(runs.len(), 1, "{runs:?}");
         runs[0].clone()
+    }
+
+    /// A wake that reaches no runtime is deferred and retried (like a run
+    /// whose proxy is unreachable), not failed at once.
+    #[tokio::test]
+    async fn a_wake_that_reaches_no_runtime_is_retried() {
+        let (_dir, store, catalog) = testing::store_and_catalog().await;
+        let catalog = Arc::new(catalog);
+        catalog
+            .create_agent(
+                &crate::audit::Actor::system(),
+                Agent {
+                    id: "w1".into(),
+                    model: "m".into(),
+                    interval_seconds: 3600,
+                    stagger: Some(false),
+                    run_timeout_seconds: 60,
+                    checklist: "- [ ] WorkBoard".into(),
+                    enabled: true,
+                    target: HeartbeatTarget::Wake as i32,
+                    wake_url: "http://runtime/hooks/wake".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("agent");
+        let clock = Arc::new(Clock(AtomicI64::new(T0 - 30_000)));
+        let runtime = Arc::new(Runtime::default());
+        runtime.refuse.store(1, Ordering::SeqCst);
+        let mut s = scheduler(&store, &catalog, &clock, &runtime).await;
+        let slot = s.agents["w1"].next_ms.expect("queued");
+        step(&mut s, &clock, slot + 5).await;
+        assert_eq!(runtime.calls.load(Ordering::SeqCst), 1);
+        let run = only_run(&store);
+        assert_eq!(run.status, RunStatus::Deferred as i32, "{run:?}");
+        assert!(run.error.starts_with(wake::UNREACHABLE_PREFIX), "{run:?}");
+        let mut at = slot + 5;
+        while runtime.calls.load(Ordering::SeqCst) < 2 && at < slot + 30_000 {
+            at += 500;
+            step(&mut s, &clock, at).await;
+        }
+        assert_eq!(runtime.calls.load(Ordering::SeqCst), 2, "retried once");
+        let run = only_run(&store);
+        assert_eq!(run.status, RunStatus::Dispatched as i32, "{run:?}");
+        assert!(run.retries >= 1, "{run:?}");
     }
 
     #[tokio::test]
