@@ -6,7 +6,9 @@ use std::fmt;
 use crate::v1;
 
 /// Masks a provider key the way operators recognise it: `sk-abc…wxyz`.
-/// Short keys are fully hidden so the mask never reveals most of a key.
+/// At most a third of the key shows (its head, up to 6 characters, and its
+/// tail, up to 4), so a short key never gives most of itself away; keys under
+/// 12 characters are fully hidden.
 pub fn mask_key(key: &str) -> String {
     let chars: Vec<char> = key.chars().collect();
     if chars.is_empty() {
@@ -15,9 +17,12 @@ pub fn mask_key(key: &str) -> String {
     if chars.len() < 12 {
         return "…".to_string();
     }
-    let head: String = chars[..6].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}…{tail}")
+    let visible = chars.len() / 3;
+    let tail = (visible / 2).min(4);
+    let head = (visible - tail).min(6);
+    let first: String = chars[..head].iter().collect();
+    let last: String = chars[chars.len() - tail..].iter().collect();
+    format!("{first}…{last}")
 }
 
 const REDACTED: &str = "<redacted>";
@@ -173,9 +178,24 @@ mod tests {
 
     #[test]
     fn mask_shows_only_the_ends() {
-        assert_eq!(mask_key("sk-abcdefghijklmnwxyz"), "sk-abc…wxyz");
+        assert_eq!(mask_key("sk-live-abcdefghijklmnopqrwxyz"), "sk-liv…wxyz");
         assert_eq!(mask_key("short"), "…");
         assert_eq!(mask_key(""), "");
+    }
+
+    /// Issue 17: a 12-character key showed 10 of its characters.
+    #[test]
+    fn the_mask_never_shows_more_than_a_third_of_a_key() {
+        assert_eq!(mask_key("sk-abcdefwxy"), "sk…xy");
+        for n in 0..80 {
+            let key: String = "sk-"
+                .chars()
+                .chain(std::iter::repeat('k'))
+                .take(n)
+                .collect();
+            let shown = mask_key(&key).chars().filter(|c| *c != '…').count();
+            assert!(shown <= n / 3, "{n} chars: {shown} shown");
+        }
     }
 
     #[test]

@@ -275,6 +275,9 @@ async fn provider_keys_never_appear_in_plaintext_on_disk_in_logs_or_output() {
         masked,
         format!("{}…{}", &plaintext[..6], &plaintext[plaintext.len() - 4..])
     );
+    // Issue 17: at most a third of a key shows (a 12-character key showed 10).
+    let short = add_backend(&cp, "short-key", "sk-abcdefwxy", &[]);
+    assert_eq!(short["api_key"], "sk…xy", "{short}");
     // Exercise every read path, all formats.
     let mut outputs = Vec::new();
     for args in [

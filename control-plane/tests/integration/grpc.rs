@@ -79,7 +79,7 @@ async fn backend_errors_map_to_status_codes_naming_the_field() {
         .expect("created")
         .into_inner();
     let b = created.backend.expect("backend");
-    assert_eq!(b.api_key, "sk-tes…mnop");
+    assert_eq!(b.api_key, "sk-t…mnop");
     assert!(created.config_version > 1);
 
     let err = c
@@ -172,7 +172,7 @@ async fn cluster_info_rotation_and_apply() {
         .await
         .expect("still serving")
         .into_inner();
-    assert_eq!(got.backend.expect("backend").api_key, "sk-tes…mnop");
+    assert_eq!(got.backend.expect("backend").api_key, "sk-t…mnop");
 
     let exported = c
         .export_config(ExportConfigRequest {})
