@@ -668,7 +668,7 @@ mod tests {
         assert_eq!(by_name("a1").fields, ["interval_seconds"]);
         assert_eq!(c.client_key_count().expect("count"), 0);
         let b2 = c.get_backend("b2").expect("b2");
-        assert_eq!(b2.api_key, "sk-two…-999");
+        assert_eq!(b2.api_key, "sk-…999");
     }
 
     #[tokio::test]
