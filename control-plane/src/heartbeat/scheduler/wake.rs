@@ -475,11 +475,14 @@ mod tests {
         runs[0].clone()
     }
 
-    /// A wake that reaches no runtime is deferred and retried (like a run
-    /// whose proxy is unreachable), not failed at once.
-    #[tokio::test]
-    async fn a_wake_that_reaches_no_runtime_is_retried() {
-        let (_dir, store, catalog) = testing::store_and_catalog().await;
+    /// A store and catalog holding one wake agent `w1` (hourly, no stagger,
+    /// 60 s run timeout).
+    async fn with_wake_agent() -> (
+        tempfile::TempDir,
+        Arc<dyn crate::store::Store>,
+        Arc<Catalog>,
+    ) {
+        let (dir, store, catalog) = testing::store_and_catalog().await;
         let catalog = Arc::new(catalog);
         catalog
             .create_agent(
@@ -499,6 +502,14 @@ mod tests {
             )
             .await
             .expect("agent");
+        (dir, store, catalog)
+    }
+
+    /// A wake that reaches no runtime is deferred and retried (like a run
+    /// whose proxy is unreachable), not failed at once.
+    #[tokio::test]
+    async fn a_wake_that_reaches_no_runtime_is_retried() {
+        let (_dir, store, catalog) = with_wake_agent().await;
         let clock = Arc::new(Clock(AtomicI64::new(T0 - 30_000)));
         let runtime = Arc::new(Runtime::default());
         runtime.refuse.store(1, Ordering::SeqCst);
@@ -523,26 +534,7 @@ mod tests {
     #[tokio::test]
     async fn a_dispatched_wake_survives_a_restart_without_a_second_post_and_fails_at_its_deadline()
     {
-        let (_dir, store, catalog) = testing::store_and_catalog().await;
-        let catalog = Arc::new(catalog);
-        catalog
-            .create_agent(
-                &crate::audit::Actor::system(),
-                Agent {
-                    id: "w1".into(),
-                    model: "m".into(),
-                    interval_seconds: 3600,
-                    stagger: Some(false),
-                    run_timeout_seconds: 60,
-                    checklist: "- [ ] WorkBoard".into(),
-                    enabled: true,
-                    target: HeartbeatTarget::Wake as i32,
-                    wake_url: "http://runtime/hooks/wake".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("agent");
+        let (_dir, store, catalog) = with_wake_agent().await;
         let clock = Arc::new(Clock(AtomicI64::new(T0 - 30_000)));
         let runtime = Arc::new(Runtime::default());
         let slot = {
