@@ -611,6 +611,7 @@ mod tests {
                 update("ghost", "other", 5_000),
             ],
             rate_shares: Some(v1::RateShares {
+                client_keys: Vec::new(),
                 proxy_count: 2,
                 backends: vec![v1::BackendShare {
                     backend_id: "b".into(),
@@ -848,6 +849,7 @@ mod tests {
             version: 0,
             cooldowns: vec![update("a", 10_000), update("b", 1_000)],
             rate_shares: Some(v1::RateShares {
+                client_keys: Vec::new(),
                 proxy_count: 3,
                 backends: vec![v1::BackendShare {
                     backend_id: "a".into(),

@@ -298,6 +298,7 @@ mod tests {
 
     fn shares(count: u32, list: &[(&str, f64)]) -> RateShares {
         RateShares {
+            client_keys: Vec::new(),
             proxy_count: count,
             backends: list
                 .iter()

@@ -502,6 +502,7 @@ impl Shares {
                         }
                     })
                     .collect(),
+                client_keys: Vec::new(),
             };
             // Nothing to say while no backend has a limit.
             let worth = !shares.backends.is_empty() || node.pushed.is_some();

@@ -286,6 +286,7 @@ impl Collector {
             stream_epoch: self.epoch.clone(),
             seq: 0,
             usage: Vec::new(),
+            key_demand: Vec::new(),
             usage_aggregates: p
                 .usage
                 .sums

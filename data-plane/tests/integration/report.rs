@@ -55,6 +55,7 @@ impl DiscoveryService for Cp {
         tx.send(Ok(StreamConfigResponse {
             version: self.snapshot.version,
             rate_shares: Some(claw_proto::v1::RateShares {
+                client_keys: Vec::new(),
                 proxy_count: 1,
                 backends: self
                     .snapshot
