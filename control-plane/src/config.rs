@@ -127,6 +127,9 @@ pub struct Config {
     pub eject: crate::health::table::EjectPolicy,
     /// Connection cap and timeouts of both listeners.
     pub connections: ConnSettings,
+    /// Free space kept on the data volume (`--min-free-space`): below it
+    /// writes are refused (see [`crate::store::space`]).
+    pub min_free_space: crate::store::space::MinFreeSpace,
 }
 
 /// Connection cap and timeouts, applied to each listener (gRPC and HTTP)
@@ -183,6 +186,7 @@ impl Config {
             probe: Default::default(),
             eject: Default::default(),
             connections: ConnSettings::default(),
+            min_free_space: Default::default(),
         })
     }
 }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use claw_control_plane::config::{self, Config};
 use claw_control_plane::crypto;
 use claw_control_plane::server::Server;
+use claw_control_plane::store::space::MinFreeSpace;
 use tokio::net::TcpListener;
 
 /// The Claw Gateway control plane: stores backends (API keys encrypted),
@@ -279,9 +280,30 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_EJECT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     eject_failures: u32,
 
+    /// Free space kept on the data volume. Below it every write (configuration
+    /// changes, proxy usage reports, heartbeat runs, audit records) is refused
+    /// with RESOURCE_EXHAUSTED naming the volume, while reads, /healthz and
+    /// /metrics keep answering; writes resume by themselves once space is
+    /// freed. Bytes with a unit (256MiB, 64MB, 1G), a share of the volume
+    /// (5%), 0 to turn the guard off, or `default`: 256 MiB or 5% of the
+    /// volume, whichever is smaller.
+    #[arg(long, env = "CLAW_MIN_FREE_SPACE", default_value = "default", value_name = "SIZE|PERCENT", value_parser = parse_min_free_space)]
+    min_free_space: MinFreeSpace,
+
+    /// After SIGTERM (or ctrl-c) the server stops gracefully; when that has
+    /// not finished after this long (a hung store call, a stuck client) it
+    /// exits at once with status 3, logging an error. A second signal exits
+    /// at once too. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "CLAW_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = positive_duration)]
+    shutdown_timeout: std::time::Duration,
+
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+fn parse_min_free_space(s: &str) -> Result<MinFreeSpace, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -441,6 +463,7 @@ impl TryFrom<ServeArgs> for Config {
             failures: args.probe_failures,
         };
         config.eject.failures = args.eject_failures;
+        config.min_free_space = args.min_free_space;
         config.connections = claw_control_plane::config::ConnSettings {
             max_connections: args.max_connections,
             header_timeout: args.header_read_timeout,
@@ -470,9 +493,10 @@ fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
+    let shutdown_timeout = args.shutdown_timeout;
     let config = Config::try_from(args)?;
     let server = Server::open(config).await?;
-    let shutdown = shutdown_signal()?;
+    let shutdown = shutdown_signal(shutdown_timeout)?;
     let grpc = TcpListener::bind(grpc_addr)
         .await
         .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
@@ -489,25 +513,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.serve(grpc, http, shutdown).await
 }
 
-/// Completes on SIGTERM or ctrl-c (SIGINT). The handlers are installed
+/// Completes on SIGTERM or ctrl-c (SIGINT); from then on the process exits
+/// after `deadline` whatever it is doing (see
+/// [`claw_control_plane::shutdown::on_signals`]). The handlers are installed
 /// here, eagerly, so a signal sent right after the `listening` line is never
 /// met by the default action (which would kill the process uncleanly).
 #[cfg(unix)]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("received SIGTERM"),
-            _ = interrupt.recv() => tracing::info!("received ctrl-c"),
-        }
-    })
+fn shutdown_signal(
+    deadline: std::time::Duration,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    claw_control_plane::shutdown::on_signals(deadline).context("listening for SIGTERM and SIGINT")
 }
 
 /// Completes on ctrl-c.
 #[cfg(not(unix))]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signal(
+    _deadline: std::time::Duration,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         match tokio::signal::ctrl_c().await {
             Ok(()) => tracing::info!("received ctrl-c"),
@@ -572,6 +594,25 @@ mod tests {
             config.heartbeat.delivery.max_backoff,
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn min_free_space_takes_sizes_and_percentages_and_names_itself_when_bad() {
+        assert_eq!(
+            Config::try_from(serve_args(&[])).expect("ok").min_free_space,
+            MinFreeSpace::Default
+        );
+        let config = Config::try_from(serve_args(&["--min-free-space", "6MiB"])).expect("ok");
+        assert_eq!(config.min_free_space, MinFreeSpace::Bytes(6 << 20));
+        let config = Config::try_from(serve_args(&["--min-free-space", "5%"])).expect("ok");
+        assert_eq!(config.min_free_space, MinFreeSpace::Percent(5.0));
+        let base = ["claw-control-plane", "--min-free-space", "12 parsecs"];
+        let err = Cli::try_parse_from(base).expect_err("refused").to_string();
+        assert!(err.contains("--min-free-space"), "{err}");
+        assert!(err.contains("is not a size"), "{err}");
+        let base = ["claw-control-plane", "--shutdown-timeout", "0s"];
+        let err = Cli::try_parse_from(base).expect_err("refused").to_string();
+        assert!(err.contains("--shutdown-timeout"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | `claw_cp_backup_last_success_timestamp_seconds` | gauge | |
 //! | `claw_cp_backup_last_size_bytes` | gauge | |
 //! | `claw_cp_backup_failures_total` | counter | |
+//! | `claw_cp_store_free_bytes`, `claw_cp_store_reserve_bytes`, `claw_cp_store_low_space`, `claw_cp_store_writes_refused_total` | | see [`crate::store::space`] |
 //!
 //! The fleet's progress is one gauge, the lowest version acknowledged by a
 //! connected proxy, rather than a gauge per node id: node ids default to
@@ -161,6 +162,7 @@ fn describe() {
     crate::report::metrics::describe();
     crate::fleet::metrics::describe();
     crate::health::metrics::describe();
+    crate::store::space::describe();
     metrics::describe_counter!(
         GRPC_REQUESTS_TOTAL,
         "gRPC requests by method and status code"

@@ -70,6 +70,7 @@ use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::Store;
 use crate::store::sled::SledStore;
+use crate::store::space::GuardedStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
 const SERVICES: [&str; 12] = [
@@ -146,10 +147,15 @@ impl Server {
         if let Some(ca) = &config.heartbeat.proxy_ca {
             claw_tls::pem::read_ca(ca).context("--heartbeat-proxy-ca")?;
         }
-        let store: Arc<dyn Store> =
+        let sled: Arc<dyn Store> =
             Arc::new(SledStore::open(&config.data_dir).with_context(|| {
                 format!("opening data directory {}", config.data_dir.display())
             })?);
+        // Every write goes through the free-space guard (--min-free-space).
+        let store: Arc<dyn Store> = Arc::new(
+            GuardedStore::watching(sled, &config.data_dir, config.min_free_space)
+                .context("starting the free-space watcher")?,
+        );
         let catalog = Catalog::open(store.clone(), config.master_key.clone())
             .await
             .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;

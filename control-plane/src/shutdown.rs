@@ -5,8 +5,21 @@
 //! A leaf on purpose: it imports nothing from the crate, so a task deep in
 //! `heartbeat` or `discovery` can stop on time without importing the
 //! composition root that started it.
+//!
+//! The signals themselves are read by [`on_signals`] on a thread of their
+//! own, which also holds the hard deadline: once SIGTERM (or ctrl-c) has
+//! arrived, the process exits with [`EXIT_DEADLINE`] after the shutdown
+//! timeout, or at a second signal, whatever the store or the runtime is
+//! doing. A graceful stop that ends first simply returns from `main`.
+
+use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::watch;
+
+/// The exit status when the graceful stop outlived the shutdown deadline
+/// (or a second signal cut it short).
+pub const EXIT_DEADLINE: i32 = 3;
 
 /// A receiver of the shutdown signal: cheap to clone, one per task.
 ///
@@ -28,6 +41,70 @@ impl Shutdown {
     pub async fn stopped(&mut self) {
         let _ = self.0.wait_for(|s| *s).await;
     }
+}
+
+/// Installs the SIGTERM and SIGINT handlers (before it returns, so a
+/// signal sent right after is never met by the default action) on a thread
+/// with its own small runtime, so signals are seen even when every worker
+/// of the main runtime is stuck. The returned future completes on the
+/// first signal; from then on the thread exits the process with
+/// [`EXIT_DEADLINE`] and an error in the log when `deadline` passes or a
+/// second signal arrives.
+#[cfg(unix)]
+pub fn on_signals(
+    deadline: Duration,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+    std::thread::Builder::new()
+        .name("claw-signals".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let (mut term, mut int) =
+                    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                        (Ok(t), Ok(i)) => (t, i),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let _ = ready_tx.send(Ok(()));
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("received SIGTERM"),
+                    _ = int.recv() => tracing::info!("received ctrl-c"),
+                }
+                let _ = stop_tx.send(());
+                tokio::select! {
+                    () = tokio::time::sleep(deadline) => tracing::error!(
+                        deadline_s = deadline.as_secs_f64(),
+                        "shutdown did not finish within the shutdown timeout ({:?}, --shutdown-timeout); exiting now with status {EXIT_DEADLINE}",
+                        deadline
+                    ),
+                    _ = term.recv() => tracing::error!("second SIGTERM during shutdown; exiting now with status {EXIT_DEADLINE}"),
+                    _ = int.recv() => tracing::error!("second ctrl-c during shutdown; exiting now with status {EXIT_DEADLINE}"),
+                }
+                std::process::exit(EXIT_DEADLINE);
+            });
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(std::io::Error::other("the signal thread ended early")),
+    }
+    Ok(async move {
+        let _ = stop_rx.await;
+    })
 }
 
 #[cfg(test)]

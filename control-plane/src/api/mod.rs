@@ -12,7 +12,9 @@
 //! - [`report`]: the proxies' report stream, into [`crate::report`].
 //!
 //! Every domain error reaches the wire here, in this file:
-//! `From<CatalogError>` and `From<HeartbeatError>` for `tonic::Status`, and
+//! `From<CatalogError>` and `From<HeartbeatError>` for `tonic::Status`
+//! (a write refused for lack of space is `RESOURCE_EXHAUSTED` naming the
+//! data volume, see [`no_space`]), and
 //! `internal` for failures whose details stay in the log (they may describe
 //! internals). The services themselves answer only for the request: a
 //! missing or malformed field, a missing token, a report batch to resend.
@@ -34,10 +36,17 @@ pub(crate) mod token;
 use tonic::Status;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::heartbeat::runs::RunStoreError;
 use crate::heartbeat::scheduler::HeartbeatError;
+use crate::store::StoreError;
 
 impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Status {
+        if let CatalogError::Store(s) = &e
+            && let Some(status) = no_space(s)
+        {
+            return status;
+        }
         match &e {
             CatalogError::Invalid(f) => Status::invalid_argument(f.to_string()),
             CatalogError::AlreadyExists(f) => Status::already_exists(f.to_string()),
@@ -55,6 +64,14 @@ impl From<CatalogError> for Status {
 
 impl From<HeartbeatError> for Status {
     fn from(e: HeartbeatError) -> Status {
+        let store = match &e {
+            HeartbeatError::Store(RunStoreError::Store(s))
+            | HeartbeatError::Catalog(CatalogError::Store(s)) => no_space(s),
+            _ => None,
+        };
+        if let Some(status) = store {
+            return status;
+        }
         match &e {
             HeartbeatError::NotFound(_) => Status::not_found(e.to_string()),
             HeartbeatError::Unavailable => Status::unavailable(e.to_string()),
@@ -62,6 +79,16 @@ impl From<HeartbeatError> for Status {
             | HeartbeatError::Catalog(_)
             | HeartbeatError::CommitFailed => internal(&e),
         }
+    }
+}
+
+/// `RESOURCE_EXHAUSTED` naming the data volume, for a write refused
+/// because the volume is below its reserve (`--min-free-space`): the
+/// operator can act on it, and the client may retry once space is freed.
+pub(crate) fn no_space(e: &StoreError) -> Option<Status> {
+    match e {
+        StoreError::NoSpace { .. } => Some(Status::resource_exhausted(e.to_string())),
+        _ => None,
     }
 }
 

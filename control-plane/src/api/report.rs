@@ -4,7 +4,9 @@
 //! One task per stream reads batches in order; each is stored durably (see
 //! [`crate::report`]) and then acknowledged with its `acked_seq`, resent
 //! batches included. A batch that cannot be stored ends the stream with
-//! `unavailable`: the proxy keeps it and resends it on its next stream.
+//! `unavailable` (`resource_exhausted` naming the volume when the data
+//! volume is below its reserve): it is not acknowledged, so the proxy keeps
+//! it and resends it on its next stream.
 //! An empty message with `seq` 0 is a hello and is not answered.
 
 use std::sync::Arc;
@@ -143,12 +145,21 @@ async fn serve(
                 ingest.after_ack(&batch, &stored);
             }
             Err(e) => {
-                tracing::error!(node_id = %batch.node_id, seq = batch.seq, error = %e, "cannot store a report batch");
-                let _ = acks
-                    .send(Err(Status::unavailable(
-                        "cannot store the batch now; resend it",
-                    )))
-                    .await;
+                // Not acknowledged: the proxy keeps the batch and resends it
+                // on its next stream (after its reconnect backoff).
+                let status = match super::no_space(&e) {
+                    Some(status) => {
+                        // The watcher logged the low space once; this is
+                        // every resend of every proxy.
+                        tracing::debug!(node_id = %batch.node_id, seq = batch.seq, error = %e, "report batch refused: the data volume is below the reserve");
+                        status
+                    }
+                    None => {
+                        tracing::error!(node_id = %batch.node_id, seq = batch.seq, error = %e, "cannot store a report batch");
+                        Status::unavailable("cannot store the batch now; resend it")
+                    }
+                };
+                let _ = acks.send(Err(status)).await;
                 break;
             }
         }

@@ -29,6 +29,11 @@ impl TokenApi {
 
 impl From<TokenError> for Status {
     fn from(e: TokenError) -> Status {
+        if let TokenError::Store(s) = &e
+            && let Some(status) = super::no_space(s)
+        {
+            return status;
+        }
         match &e {
             TokenError::Invalid(f) => Status::invalid_argument(f.to_string()),
             TokenError::AlreadyExists(_) => Status::already_exists(format!("name: {e}")),

@@ -9,6 +9,7 @@
 //! new [`Tree`] variant and nothing else.
 
 pub mod sled;
+pub mod space;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -150,6 +151,23 @@ pub enum StoreError {
     /// The sink of [`Store::export`] failed (writing the backup file).
     #[error("writing the export failed: {0}")]
     Export(#[source] std::io::Error),
+    /// The data volume has less free space than the reserve
+    /// (`--min-free-space`): the write was refused before it reached the
+    /// engine (see [`space`]).
+    #[error(
+        "the data volume {} has {} free, below the reserve {}; writes are refused until space is freed",
+        volume.display(),
+        space::Bytes(*free),
+        space::Bytes(*reserve)
+    )]
+    NoSpace {
+        /// The data directory whose volume is short of space.
+        volume: std::path::PathBuf,
+        /// Bytes available on it when the write was refused.
+        free: u64,
+        /// The reserve writes keep free.
+        reserve: u64,
+    },
 }
 
 /// Returned by a transaction body to make the engine roll back.
