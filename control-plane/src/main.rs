@@ -599,7 +599,9 @@ mod tests {
     #[test]
     fn min_free_space_takes_sizes_and_percentages_and_names_itself_when_bad() {
         assert_eq!(
-            Config::try_from(serve_args(&[])).expect("ok").min_free_space,
+            Config::try_from(serve_args(&[]))
+                .expect("ok")
+                .min_free_space,
             MinFreeSpace::Default
         );
         let config = Config::try_from(serve_args(&["--min-free-space", "6MiB"])).expect("ok");

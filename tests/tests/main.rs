@@ -24,6 +24,7 @@ mod dashboard_ui;
 mod data_plane;
 mod data_plane_config;
 mod data_plane_input;
+mod disk_full;
 mod fleet;
 mod harness_smoke;
 mod health;

@@ -595,7 +595,10 @@ mod tests {
     fn the_default_reserve_is_the_smaller_of_256_mib_and_5_percent() {
         let d = MinFreeSpace::Default;
         assert_eq!(d.reserve(100 * GIB), 256 * MIB);
-        assert_eq!(d.reserve(24 * MIB), (24.0 * MIB as f64 * 0.05).round() as u64);
+        assert_eq!(
+            d.reserve(24 * MIB),
+            (24.0 * MIB as f64 * 0.05).round() as u64
+        );
         assert_eq!(MinFreeSpace::Percent(10.0).reserve(1000), 100);
         assert_eq!(MinFreeSpace::Bytes(7).reserve(1000), 7);
         assert!(d.to_string().contains("256 MiB or 5% of the volume"), "{d}");
@@ -646,10 +649,19 @@ mod tests {
         let msg = err.to_string();
         assert!(matches!(err, StoreError::NoSpace { .. }), "{err:?}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
-        assert!(msg.contains("has 9 MiB free, below the reserve 10 MiB"), "{msg}");
-        assert!(msg.contains("writes are refused until space is freed"), "{msg}");
+        assert!(
+            msg.contains("has 9 MiB free, below the reserve 10 MiB"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("writes are refused until space is freed"),
+            "{msg}"
+        );
         // Reads, scans and read-only transactions still answer.
-        assert_eq!(s.get(Tree::Backends, b"a").expect("get"), Some(b"v".to_vec()));
+        assert_eq!(
+            s.get(Tree::Backends, b"a").expect("get"),
+            Some(b"v".to_vec())
+        );
         assert_eq!(s.scan(Tree::Backends).expect("scan").len(), 1);
         let read: Result<Option<Vec<u8>>, StoreError> =
             s.transact(&[Tree::Backends], |t| t.get(Tree::Backends, b"a"));
@@ -678,8 +690,9 @@ mod tests {
         free.store(MIB, Ordering::SeqCst);
         assert!(!g.watch().is_low(), "not looked yet");
         let big = vec![7u8; g.watch().recheck_after() as usize];
-        let r: Result<(), StoreError> =
-            s.transact(&[Tree::Backends], |t| t.insert(Tree::Backends, b"big", &big));
+        let r: Result<(), StoreError> = s.transact(&[Tree::Backends], |t| {
+            t.insert(Tree::Backends, b"big", &big)
+        });
         r.expect("committed before the look");
         assert!(g.watch().is_low(), "the commit looked again");
         assert!(matches!(put(s, b"x"), Err(StoreError::NoSpace { .. })));

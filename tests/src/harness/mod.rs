@@ -17,6 +17,8 @@
 //!   (the control plane's heartbeat proxy address, set once the proxy runs).
 //! - [`http`]: a tiny blocking HTTP client for probes.
 //! - [`LogDir`] (`logs`): log dirs, kept when a test fails.
+//! - [`SmallFs`] (`smallfs`): a small tmpfs of its own (needs root), for
+//!   tests that fill the disk.
 //! - `wait`, `secrets`: [`wait_until`], [`random_hex`], [`grep_dir`].
 //!
 //! Process management is synchronous: starting a binary blocks until it
@@ -39,6 +41,7 @@ mod logs;
 mod mock_process;
 mod proxy;
 mod secrets;
+mod smallfs;
 mod wait;
 
 pub use binary::binary_path;
@@ -50,4 +53,5 @@ pub use logs::{KEEP_LOGS_ENV, LogDir};
 pub use mock_process::MockUpstreamProcess;
 pub use proxy::{Proxy, ProxyBuilder, READY_TIMEOUT};
 pub use secrets::{grep_dir, random_hex};
+pub use smallfs::SmallFs;
 pub use wait::{POLL_INTERVAL, wait_until, wait_until_async};
