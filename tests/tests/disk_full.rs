@@ -340,3 +340,115 @@ fn sled_meeting_enospc_fails_writes_cleanly_and_the_directory_opens_again() {
         drop(fs);
     }
 }
+
+/// The proxies' usage reports while the volume is full: a batch that cannot
+/// be stored is not acknowledged (the stream ends with RESOURCE_EXHAUSTED
+/// naming the volume), the proxy keeps it and resends it, and once space
+/// returns every request's usage is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reported_while_full_is_kept_by_the_proxy_and_stored_once_space_returns() {
+    use claw_tests::harness::Proxy;
+    use claw_tests::mock::{MockConfig, MockUpstream};
+
+    const UPSTREAM_KEY: &str = "sk-up-diskfull-0123456789";
+    const REQUESTS: u64 = 12;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let prompt = prompt_file(scratch.path());
+    let fs = small_fs();
+    let data_dir = fs.path().join("data");
+    let mut cp = start(&data_dir, RESERVE);
+    let mock = MockUpstream::start_blocking(
+        MockConfig::default()
+            .name("up")
+            .api_key(UPSTREAM_KEY)
+            .models(["native-chat"]),
+    );
+    cp.clawctl_with_env(
+        &[
+            "backend",
+            "add",
+            "up",
+            "--url",
+            &mock.url(),
+            "--api-key-env",
+            "UP_KEY",
+            "--model",
+            "chat=native-chat",
+        ],
+        &[("UP_KEY", UPSTREAM_KEY)],
+    )
+    .assert_ok();
+    let key = cp
+        .clawctl(&["key", "add", "app", "-o", "json"])
+        .assert_ok()
+        .json()["secret"]
+        .as_str()
+        .expect("the key's secret")
+        .to_owned();
+    let mut proxy = Proxy::builder(&cp).node_id("dp-diskfull").start();
+    proxy.wait_ready();
+
+    // Full.
+    let filler = fs.fill("filler", RESERVE_BYTES + HEADROOM).expect("fill");
+    let mut acked = BTreeSet::new();
+    fill_with_writes(&cp, "u", &prompt, &mut acked);
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("a reqwest client");
+    for i in 0..REQUESTS {
+        let resp = client
+            .post(format!("{}/v1/chat/completions", proxy.url()))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({
+                "model": "chat",
+                "messages": [{"role": "user", "content": format!("request {i} while the disk is full")}],
+                "max_tokens": 8,
+            }))
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert!(resp.status().is_success(), "request {i}: {}", resp.status());
+    }
+    let requests = |cp: &ControlPlane| -> Option<u64> {
+        let out = cp.clawctl(&["stats", "total", "-o", "json"]);
+        if !out.success() {
+            return None;
+        }
+        let v = out.json();
+        v["requests"]
+            .as_u64()
+            .or_else(|| v["requests"].as_str().and_then(|s| s.parse().ok()))
+    };
+    // The proxy's batches are refused, not acknowledged: nothing stored.
+    assert!(
+        wait_until(Duration::from_secs(30), || proxy
+            .logs()
+            .contains("below the reserve")),
+        "the proxy never saw its report refused for space; proxy log:\n{}",
+        proxy.logs()
+    );
+    assert_eq!(requests(&cp), Some(0), "usage stored while full");
+
+    // Space returns: the proxy resends and the usage is stored, exactly.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let mut last = None;
+    let stored = wait_until(Duration::from_secs(60), || {
+        last = requests(&cp);
+        last == Some(REQUESTS)
+    });
+    assert!(
+        stored,
+        "usage of {REQUESTS} requests not stored after space returned (got {last:?}); proxy log:\n{}",
+        proxy.logs()
+    );
+    // Durable, and not counted twice.
+    proxy.stop();
+    stop_cleanly(&mut cp);
+    cp.restart();
+    assert_eq!(requests(&cp), Some(REQUESTS), "after a restart");
+    stop_cleanly(&mut cp);
+    drop(cp);
+    drop(fs);
+}
