@@ -452,3 +452,68 @@ async fn usage_reported_while_full_is_kept_by_the_proxy_and_stored_once_space_re
     drop(cp);
     drop(fs);
 }
+
+/// SIGTERM stops the control plane within `--shutdown-timeout` even when
+/// the graceful stop cannot finish: a backup stream whose client stopped
+/// reading holds its connection open (the server waits on flow control),
+/// so only the deadline ends the process — with status 3 and an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_at_the_deadline_when_the_graceful_stop_hangs() {
+    use claw_proto::v1::CreateBackupRequest;
+    use claw_proto::v1::backup_service_client::BackupServiceClient;
+    use claw_tests::harness::random_hex;
+
+    let scratch = tempfile::tempdir().expect("temp dir");
+    // Incompressible prompts: the backup is megabytes, far above what the
+    // client's flow-control window and the server's buffer hold.
+    let prompt = scratch.path().join("random-prompt.txt");
+    std::fs::write(&prompt, random_hex(PROMPT_BYTES / 2)).expect("write the prompt");
+    let mut cp = ControlPlane::builder()
+        .args(["--shutdown-timeout", SHUTDOWN_TIMEOUT])
+        .start();
+    for i in 0..60 {
+        assert!(
+            matches!(add_agent(&cp, &format!("big-{i}"), &prompt), Write::Acked),
+            "agent {i}"
+        );
+    }
+    let channel = tonic::transport::Endpoint::from_shared(cp.grpc_url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut request = tonic::Request::new(CreateBackupRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", cp.admin_token())
+            .parse()
+            .expect("ascii token"),
+    );
+    let mut stream = BackupServiceClient::new(channel)
+        .create_backup(request)
+        .await
+        .expect("backup starts")
+        .into_inner();
+    // One chunk, then the client stops reading (and keeps the stream).
+    stream
+        .message()
+        .await
+        .expect("first chunk")
+        .expect("a chunk");
+    let (status, logs) = tokio::task::spawn_blocking(move || {
+        let status = stop_by_itself(&mut cp);
+        (status, cp.logs())
+    })
+    .await
+    .expect("stop");
+    assert_eq!(
+        status.code(),
+        Some(EXIT_DEADLINE),
+        "the deadline ended it; log:\n{logs}"
+    );
+    assert!(
+        logs.contains("shutdown did not finish within the shutdown timeout"),
+        "{logs}"
+    );
+    drop(stream);
+}

@@ -191,7 +191,7 @@ impl fmt::Display for Bytes {
             _ => return write!(f, "{n} B"),
         };
         let v = n as f64 / size as f64;
-        if n % size == 0 {
+        if n.is_multiple_of(size) {
             write!(f, "{} {unit}", n / size)
         } else {
             write!(f, "{v:.1} {unit}")
