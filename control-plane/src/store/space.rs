@@ -19,6 +19,18 @@
 //! Writes resume by themselves once the watcher sees space above the
 //! reserve again (files deleted, volume grown): nothing needs a restart.
 //!
+//! `/healthz` stays `200` while low (the store still answers reads; a
+//! restart frees nothing, and a failing probe would cut the proxies' config
+//! streams and the operators' reads too); the state is visible in the
+//! metrics below and the log. The control plane has no `/readyz`.
+//!
+//! With the guard off (`--min-free-space 0`) the engine itself meets the
+//! full disk: sled fails that write and every later one (its log writer
+//! stays failed until a restart), the failing calls get `INTERNAL`, and a
+//! stop exits non-zero because the last flush fails — but nothing
+//! acknowledged is lost and the directory opens again once space is freed
+//! (`tests/tests/disk_full.rs`).
+//!
 //! | metric | kind | |
 //! |---|---|---|
 //! | `claw_cp_store_free_bytes` | gauge | bytes available on the data volume |

@@ -50,7 +50,16 @@ impl Scheduler {
                 // Nothing of this batch is durable: release claimed state so
                 // that nothing is sent. The slots are retried by the cursor
                 // (which did not move either) on the next wake-up.
-                tracing::error!(error = %e, "heartbeat store commit failed; retrying");
+                if matches!(
+                    e,
+                    RunStoreError::Store(crate::store::StoreError::NoSpace { .. })
+                ) {
+                    // The space watcher logged the low space once; this
+                    // would repeat every retry until space is freed.
+                    tracing::debug!(error = %e, "heartbeat store commit refused for space; retrying");
+                } else {
+                    tracing::error!(error = %e, "heartbeat store commit failed; retrying");
+                }
                 self.recover_from_failed_commit(batch);
                 return;
             }
