@@ -42,7 +42,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::dispatch::HttpClient;
+use super::dispatch::WebhookClient;
 use super::runs::{RunKey, RunStore};
 use crate::catalog::records;
 use crate::shutdown::Shutdown;
@@ -232,9 +232,11 @@ pub trait Webhook: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<u16, String>>;
 }
 
-/// The real webhook client.
+/// The real webhook client (also the wake poster), over the SSRF guard
+/// ([`crate::net_guard`]): a refused address fails the attempt with
+/// `address … refused: …`.
 #[derive(Clone)]
-pub struct HttpWebhook(pub HttpClient);
+pub struct HttpWebhook(pub WebhookClient);
 
 impl std::fmt::Debug for HttpWebhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,7 +263,12 @@ impl Webhook for HttpWebhook {
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| format!("building the request: {e}"))?;
             let attempt = async {
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let resp = client.request(req).await.map_err(|e| {
+                    match crate::net_guard::refusal_in(&e) {
+                        Some(refused) => refused.to_string(),
+                        None => e.to_string(),
+                    }
+                })?;
                 let status = resp.status().as_u16();
                 // Drain (bounded by the timeout) so the connection is reused.
                 let _ = resp.into_body().collect().await;
@@ -447,6 +454,8 @@ impl DeliveryWorker {
                 });
             }
             Ok(s) => format!("webhook answered {s}"),
+            // "webhook address 169.254.169.254 refused: link-local/cloud metadata"
+            Err(e) if crate::net_guard::is_refusal(&e) => format!("webhook {e}"),
             Err(e) => format!("webhook unreachable: {e}"),
         };
         let age = Duration::from_millis((now - entry.created_ms).max(0) as u64);
