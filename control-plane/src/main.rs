@@ -279,6 +279,12 @@ struct ServeArgs {
     #[arg(long, env = "CLAW_EJECT_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     eject_failures: u32,
 
+    /// Allow heartbeat webhook and wake URLs on loopback (127.0.0.0/8, ::1,
+    /// localhost), for a receiver on this host. Link-local/cloud metadata
+    /// addresses and this control plane's own listeners stay refused.
+    #[arg(long, env = "CLAW_ALLOW_LOOPBACK_WEBHOOKS")]
+    allow_loopback_webhooks: bool,
+
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -470,6 +476,7 @@ fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
+    let allow_loopback = args.allow_loopback_webhooks;
     let config = Config::try_from(args)?;
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
@@ -480,6 +487,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the HTTP address {http_addr}"))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    // Before anything is served: webhook and wake URLs are checked against
+    // the bound listeners (the HTTP one serves /metrics too).
+    claw_control_plane::net_guard::install(claw_control_plane::net_guard::Policy {
+        allow_loopback,
+        listeners: vec![grpc_addr, http_addr],
+    });
     {
         // The contract with supervisors and tests: exactly this one line.
         let mut out = std::io::stdout().lock();
@@ -572,6 +585,12 @@ mod tests {
             config.heartbeat.delivery.max_backoff,
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn loopback_webhooks_are_off_by_default_and_on_with_the_flag() {
+        assert!(!serve_args(&[]).allow_loopback_webhooks);
+        assert!(serve_args(&["--allow-loopback-webhooks"]).allow_loopback_webhooks);
     }
 
     #[test]

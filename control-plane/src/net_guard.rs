@@ -207,12 +207,7 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(v4);
     }
     let s = ip.segments();
-    let tail = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
         return Some(tail);
     }
@@ -362,8 +357,7 @@ pub fn describe() {
 }
 
 /// Resolves a host name to its addresses.
-pub type Resolve =
-    Arc<dyn Fn(String) -> BoxFuture<'static, io::Result<Vec<IpAddr>>> + Send + Sync>;
+pub type Resolve = Arc<dyn Fn(String) -> BoxFuture<'static, io::Result<Vec<IpAddr>>> + Send + Sync>;
 
 /// The system resolver (`getaddrinfo`).
 pub fn system_resolver() -> Resolve {
@@ -434,7 +428,10 @@ impl tower::Service<Uri> for GuardedConnector {
             let host = uri
                 .host()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
             let port = uri
                 .port_u16()
                 .unwrap_or(if uri.scheme_str() == Some("https") {
@@ -689,9 +686,13 @@ mod tests {
             allow_loopback: true,
             listeners: vec![SocketAddr::new(ip("127.0.0.1"), port)],
         };
-        let err = connect(fixed(vec![]), own.clone(), format!("http://127.0.0.1:{port}/"))
-            .await
-            .expect_err("own listener");
+        let err = connect(
+            fixed(vec![]),
+            own.clone(),
+            format!("http://127.0.0.1:{port}/"),
+        )
+        .await
+        .expect_err("own listener");
         assert_eq!(
             refusal_in(err.as_ref()).map(|r| r.reason),
             Some(Reason::OwnListener)
