@@ -478,6 +478,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
     let allow_loopback = args.allow_loopback_webhooks;
     let config = Config::try_from(args)?;
+    let public_url = config.heartbeat.scheduler.wake.public_url.clone();
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(grpc_addr)
@@ -489,10 +490,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     // Before anything is served: webhook and wake URLs are checked against
     // the bound listeners (the HTTP one serves /metrics too).
-    claw_control_plane::net_guard::install(claw_control_plane::net_guard::Policy {
-        allow_loopback,
-        listeners: vec![grpc_addr, http_addr],
-    });
+    claw_control_plane::net_guard::install(
+        claw_control_plane::net_guard::Policy {
+            allow_loopback,
+            listeners: vec![grpc_addr, http_addr],
+            own_names: Vec::new(),
+        }
+        .with_public_url(&public_url),
+    );
     {
         // The contract with supervisors and tests: exactly this one line.
         let mut out = std::io::stdout().lock();

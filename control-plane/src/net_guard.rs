@@ -30,7 +30,10 @@
 //! always the control plane's own listeners (gRPC and HTTP, the latter
 //! also serving `/metrics`; a listener bound to `0.0.0.0`/`::` is matched
 //! at any local address with its port, one bound to a loopback address at
-//! any loopback address). IPv4 addresses embedded in IPv6 (mapped
+//! any loopback address), and the host and port of `--public-url` (the
+//! address agent runtimes reach the control plane at, e.g. a Kubernetes
+//! Service name whose cluster IP is not an address of this host; the name
+//! is compared as written, an IP literal as an address). IPv4 addresses embedded in IPv6 (mapped
 //! `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4
 //! `2002::/16`) are judged as the IPv4 address they carry.
 //!
@@ -166,8 +169,12 @@ pub fn refusal_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Re
 pub struct Policy {
     /// `--allow-loopback-webhooks`.
     pub allow_loopback: bool,
-    /// The control plane's own listeners (as bound).
+    /// The control plane's own listeners (as bound), and an IP-literal
+    /// `--public-url`.
     pub listeners: Vec<SocketAddr>,
+    /// Host names (lowercase, without a trailing dot) and ports that reach
+    /// the control plane: the host of a `--public-url` given by name.
+    pub own_names: Vec<(String, u16)>,
 }
 
 impl Default for Policy {
@@ -177,6 +184,7 @@ impl Default for Policy {
         Policy {
             allow_loopback: true,
             listeners: Vec::new(),
+            own_names: Vec::new(),
         }
     }
 }
@@ -308,11 +316,36 @@ impl Policy {
         })
     }
 
-    /// Whether a host *name* (not an IP literal) may be saved: only
-    /// `localhost` and `*.localhost` are judged (as loopback), nothing is
-    /// resolved.
-    pub fn check_name(&self, host: &str) -> Result<(), Refused> {
-        let h = host.trim_end_matches('.').to_ascii_lowercase();
+    /// Adds the host and port of the control plane's public URL
+    /// (`--public-url`) to what is its own: an IP literal as a listener
+    /// address, a name as a name. A URL that does not parse adds nothing.
+    pub fn with_public_url(mut self, public_url: &str) -> Self {
+        let Ok(url) = url::Url::parse(public_url) else {
+            return self;
+        };
+        let Some(port) = url.port_or_known_default() else {
+            return self;
+        };
+        match url.host() {
+            Some(url::Host::Ipv4(a)) => self.listeners.push(SocketAddr::new(a.into(), port)),
+            Some(url::Host::Ipv6(a)) => self.listeners.push(SocketAddr::new(a.into(), port)),
+            Some(url::Host::Domain(d)) => self.own_names.push((normal_name(d), port)),
+            None => {}
+        }
+        self
+    }
+
+    /// Whether a host *name* (not an IP literal) may be used at `port`:
+    /// `localhost` and `*.localhost` are loopback, the public URL's host at
+    /// its port is the control plane itself; nothing is resolved.
+    pub fn check_name(&self, host: &str, port: u16) -> Result<(), Refused> {
+        let h = normal_name(host);
+        if self.own_names.iter().any(|(n, p)| *n == h && *p == port) {
+            return Err(Refused {
+                target: format!("{host}:{port}"),
+                reason: Reason::OwnListener,
+            });
+        }
         if !self.allow_loopback && (h == "localhost" || h.ends_with(".localhost")) {
             return Err(Refused {
                 target: host.to_string(),
@@ -321,6 +354,10 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+fn normal_name(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Save-time check of a `webhook_url` / `wake_url` already validated as an
@@ -339,7 +376,7 @@ pub fn check_url(
     let verdict = match url.host() {
         Some(url::Host::Ipv4(a)) => policy.check(IpAddr::V4(a), port),
         Some(url::Host::Ipv6(a)) => policy.check(IpAddr::V6(a), port),
-        Some(url::Host::Domain(d)) => policy.check_name(d),
+        Some(url::Host::Domain(d)) => policy.check_name(d, port),
         None => Ok(()),
     };
     verdict.map_err(|r| claw_proto::validate::FieldError::new(field, r.to_string()))
@@ -439,11 +476,13 @@ impl tower::Service<Uri> for GuardedConnector {
                 } else {
                     80
                 });
-            let ips = match host.parse::<IpAddr>() {
-                Ok(ip) => vec![ip],
-                Err(_) => resolve(host.clone()).await?,
+            let (allowed, refused) = match host.parse::<IpAddr>() {
+                Ok(ip) => filter(&policy, &[ip], port),
+                Err(_) => match policy.check_name(&host, port) {
+                    Err(r) => (Vec::new(), vec![r]),
+                    Ok(()) => filter(&policy, &resolve(host.clone()).await?, port),
+                },
             };
-            let (allowed, refused) = filter(&policy, &ips, port);
             if let Some(r) = refused.first() {
                 metrics::counter!(REFUSED_TOTAL, "reason" => r.reason.label()).increment(1);
                 tracing::warn!(
@@ -508,6 +547,7 @@ mod tests {
                 "127.0.0.1:50051".parse().expect("addr"),
                 "0.0.0.0:9091".parse().expect("addr"),
             ],
+            own_names: Vec::new(),
         }
     }
 
@@ -637,6 +677,25 @@ mod tests {
             ..p
         };
         assert!(check_url(&open, "wake_url", "http://localhost:1/").is_ok());
+        // The public URL's host, by name or address, at its port.
+        let public = open
+            .clone()
+            .with_public_url("https://Claw-CP.claw.svc.cluster.local")
+            .with_public_url("http://10.96.0.15:9091/");
+        for url in [
+            "https://claw-cp.claw.svc.cluster.local/v1/heartbeat",
+            "https://claw-cp.claw.svc.cluster.local.:443/",
+            "http://10.96.0.15:9091/metrics",
+        ] {
+            let e = check_url(&public, "webhook_url", url).expect_err(url);
+            assert!(e.message.contains("own listener"), "{url}: {e}");
+        }
+        for url in [
+            "http://claw-cp.claw.svc.cluster.local/",
+            "http://10.96.0.15:8080/",
+        ] {
+            assert!(check_url(&public, "webhook_url", url).is_ok(), "{url}");
+        }
         let e = check_url(&open, "wake_url", "http://127.0.0.1:50051/x").expect_err("own");
         assert_eq!(e.field, "wake_url");
     }
@@ -685,6 +744,7 @@ mod tests {
         let own = Policy {
             allow_loopback: true,
             listeners: vec![SocketAddr::new(ip("127.0.0.1"), port)],
+            own_names: Vec::new(),
         };
         let err = connect(
             fixed(vec![]),

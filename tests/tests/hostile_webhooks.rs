@@ -6,7 +6,8 @@
 //!   and the decimal `2852039166`), `0.0.0.0` and the control plane's own
 //!   gRPC and HTTP ports: one line naming the field, non-zero exit, nothing
 //!   stored; loopback and `localhost` only with `--allow-loopback-webhooks`
-//!   (flag or `CLAW_ALLOW_LOOPBACK_WEBHOOKS`);
+//!   (flag or `CLAW_ALLOW_LOOPBACK_WEBHOOKS`); the `--public-url` host and
+//!   port are the control plane's own too;
 //! - connect time: `http://localhost:<cp-http-port>/metrics` passes the
 //!   save-time check (names are not resolved then) but resolves to the
 //!   control plane's own listener: every delivery attempt is refused before
@@ -125,7 +126,15 @@ fn metadata_unspecified_and_own_listener_urls_are_refused_at_save_time() {
 fn loopback_needs_the_flag_or_its_env_variable() {
     let strict = ControlPlane::builder()
         .allow_loopback_webhooks(false)
+        .args(["--public-url", "https://claw-cp.internal.example:9443"])
         .start();
+    // Its public URL is its own listener too, by name.
+    refused(
+        &strict,
+        &["--webhook", "https://CLAW-CP.internal.example:9443/metrics"],
+        "webhook_url",
+        "the control plane's own listener",
+    );
     let flag = "--allow-loopback-webhooks";
     for url in [
         "http://127.0.0.1:8080/hook",

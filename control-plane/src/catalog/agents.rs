@@ -597,6 +597,7 @@ mod tests {
         let strict = crate::net_guard::Policy {
             allow_loopback: false,
             listeners: vec!["127.0.0.1:50051".parse().expect("addr")],
+            own_names: Vec::new(),
         };
         let mut a = agent("a1");
         a.webhook_url = "http://[::ffff:a9fe:a9fe]/hook".into();
