@@ -20,6 +20,12 @@
 //!   read at each attempt and never stored in the outbox;
 //! - `X-Claw-Delivery-Attempt: <n>`.
 //!
+//! Every attempt connects through the SSRF guard ([`crate::net_guard`]):
+//! an address refused by the policy (link-local/cloud metadata, the control
+//! plane's own listeners, loopback without `--allow-loopback-webhooks`, …)
+//! is never connected to, and the attempt fails with `webhook address …
+//! refused: …`. Redirects are not followed (a `3xx` is a failed attempt).
+//!
 //! A 2xx marks it delivered; anything else is retried after a capped
 //! exponential backoff with full jitter (`uniform(0, min(max, base·2^(n-1)))`)
 //! until `max_attempts` attempts or `max_age` since enqueue, then it is
