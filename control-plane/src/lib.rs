@@ -42,6 +42,8 @@
 //! - [`fleet`]: live fleet state: agent activity and backend capacity,
 //!   fleet-wide cooldowns after 429s, each proxy's rate shares, the backend
 //!   directory, and the loop that pushes them to the proxies.
+//! - [`net_guard`]: the SSRF guard of webhook and wake URLs: the address
+//!   policy, the save-time URL check and the guarded connector.
 //! - [`health`]: active health probes of every enabled backend and the
 //!   fleet-wide health table pushed to every proxy.
 //! - `stats`: usage buckets (hourly, daily), their key layout and the
@@ -74,6 +76,7 @@ pub mod health;
 pub mod heartbeat;
 mod http;
 mod metrics;
+pub mod net_guard;
 mod proxies;
 mod report;
 mod retention;

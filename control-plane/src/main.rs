@@ -296,6 +296,11 @@ struct ServeArgs {
     /// at once too. Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "CLAW_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = positive_duration)]
     shutdown_timeout: std::time::Duration,
+    /// Allow heartbeat webhook and wake URLs on loopback (127.0.0.0/8, ::1,
+    /// localhost), for a receiver on this host. Link-local/cloud metadata
+    /// addresses and this control plane's own listeners stay refused.
+    #[arg(long, env = "CLAW_ALLOW_LOOPBACK_WEBHOOKS")]
+    allow_loopback_webhooks: bool,
 
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -494,7 +499,9 @@ fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
     let shutdown_timeout = args.shutdown_timeout;
+    let allow_loopback = args.allow_loopback_webhooks;
     let config = Config::try_from(args)?;
+    let public_url = config.heartbeat.scheduler.wake.public_url.clone();
     let server = Server::open(config).await?;
     let shutdown = shutdown_signal(shutdown_timeout)?;
     let grpc = TcpListener::bind(grpc_addr)
@@ -504,6 +511,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the HTTP address {http_addr}"))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    // Before anything is served: webhook and wake URLs are checked against
+    // the bound listeners (the HTTP one serves /metrics too).
+    claw_control_plane::net_guard::install(
+        claw_control_plane::net_guard::Policy {
+            allow_loopback,
+            listeners: vec![grpc_addr, http_addr],
+            own_names: Vec::new(),
+        }
+        .with_public_url(&public_url),
+    );
     {
         // The contract with supervisors and tests: exactly this one line.
         let mut out = std::io::stdout().lock();
@@ -615,6 +632,12 @@ mod tests {
         let base = ["claw-control-plane", "--shutdown-timeout", "0s"];
         let err = Cli::try_parse_from(base).expect_err("refused").to_string();
         assert!(err.contains("--shutdown-timeout"), "{err}");
+    }
+
+    #[test]
+    fn loopback_webhooks_are_off_by_default_and_on_with_the_flag() {
+        assert!(!serve_args(&[]).allow_loopback_webhooks);
+        assert!(serve_args(&["--allow-loopback-webhooks"]).allow_loopback_webhooks);
     }
 
     #[test]

@@ -149,7 +149,27 @@ pub(super) const SECRET_MASK: &str = "…";
 pub(super) fn check(a: &mut Agent) -> Result<()> {
     validate::normalize_agent(a);
     validate::validate_agent(a).map_err(CatalogError::invalid)?;
-    check_target(a).map_err(CatalogError::invalid)
+    check_target(a).map_err(CatalogError::invalid)?;
+    check_addresses(a, &crate::net_guard::current()).map_err(CatalogError::invalid)
+}
+
+/// The SSRF guard at save time ([`crate::net_guard::check_url`]): the
+/// `webhook_url` and `wake_url` hosts must not be IP literals the address
+/// policy refuses (link-local/metadata, unspecified, multicast, broadcast,
+/// the control plane's own listeners, loopback without
+/// `--allow-loopback-webhooks`), nor `localhost` without that flag. Host
+/// names are not resolved here (DNS answers change); the webhook client
+/// checks every resolved address again when it connects.
+fn check_addresses(
+    a: &Agent,
+    policy: &crate::net_guard::Policy,
+) -> std::result::Result<(), FieldError> {
+    for (field, url) in [("webhook_url", &a.webhook_url), ("wake_url", &a.wake_url)] {
+        if !url.is_empty() {
+            crate::net_guard::check_url(policy, field, url)?;
+        }
+    }
+    Ok(())
 }
 
 /// Normalizes and validates the heartbeat target fields: `target`
@@ -570,6 +590,38 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
         }
         assert_eq!(c.agent_count().expect("count"), 0);
+    }
+
+    #[test]
+    fn refused_webhook_and_wake_addresses_name_their_field() {
+        let strict = crate::net_guard::Policy {
+            allow_loopback: false,
+            listeners: vec!["127.0.0.1:50051".parse().expect("addr")],
+            own_names: Vec::new(),
+        };
+        let mut a = agent("a1");
+        a.webhook_url = "http://[::ffff:a9fe:a9fe]/hook".into();
+        let e = check_addresses(&a, &strict).expect_err("metadata");
+        assert_eq!(
+            e.to_string(),
+            "webhook_url: address 169.254.169.254 refused: link-local/cloud metadata"
+        );
+        a.webhook_url = "https://hooks.example.com/claw".into();
+        a.target = HeartbeatTarget::Wake as i32;
+        a.wake_url = "http://localhost:8080/wake".into();
+        let e = check_addresses(&a, &strict).expect_err("localhost");
+        assert_eq!(e.field, "wake_url", "{e}");
+        a.wake_url = "http://10.0.0.9:8080/wake".into();
+        assert_eq!(check_addresses(&a, &strict), Ok(()));
+        let open = crate::net_guard::Policy {
+            allow_loopback: true,
+            ..strict
+        };
+        a.wake_url = "http://127.0.0.1:50051/".into();
+        let e = check_addresses(&a, &open).expect_err("own listener");
+        assert!(e.message.contains("own listener"), "{e}");
+        a.wake_url = "http://127.0.0.1:8080/wake".into();
+        assert_eq!(check_addresses(&a, &open), Ok(()));
     }
 
     #[tokio::test]

@@ -20,6 +20,12 @@
 //!   read at each attempt and never stored in the outbox;
 //! - `X-Claw-Delivery-Attempt: <n>`.
 //!
+//! Every attempt connects through the SSRF guard ([`crate::net_guard`]):
+//! an address refused by the policy (link-local/cloud metadata, the control
+//! plane's own listeners, loopback without `--allow-loopback-webhooks`, …)
+//! is never connected to, and the attempt fails with `webhook address …
+//! refused: …`. Redirects are not followed (a `3xx` is a failed attempt).
+//!
 //! A 2xx marks it delivered; anything else is retried after a capped
 //! exponential backoff with full jitter (`uniform(0, min(max, base·2^(n-1)))`)
 //! until `max_attempts` attempts or `max_age` since enqueue, then it is
@@ -42,7 +48,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::dispatch::HttpClient;
+use super::dispatch::WebhookClient;
 use super::runs::{RunKey, RunStore};
 use crate::catalog::records;
 use crate::shutdown::Shutdown;
@@ -232,9 +238,11 @@ pub trait Webhook: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<u16, String>>;
 }
 
-/// The real webhook client.
+/// The real webhook client (also the wake poster), over the SSRF guard
+/// ([`crate::net_guard`]): a refused address fails the attempt with
+/// `address … refused: …`.
 #[derive(Clone)]
-pub struct HttpWebhook(pub HttpClient);
+pub struct HttpWebhook(pub WebhookClient);
 
 impl std::fmt::Debug for HttpWebhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,7 +269,13 @@ impl Webhook for HttpWebhook {
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| format!("building the request: {e}"))?;
             let attempt = async {
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let resp =
+                    client.request(req).await.map_err(|e| {
+                        match crate::net_guard::refusal_in(&e) {
+                            Some(refused) => refused.to_string(),
+                            None => e.to_string(),
+                        }
+                    })?;
                 let status = resp.status().as_u16();
                 // Drain (bounded by the timeout) so the connection is reused.
                 let _ = resp.into_body().collect().await;
@@ -447,6 +461,8 @@ impl DeliveryWorker {
                 });
             }
             Ok(s) => format!("webhook answered {s}"),
+            // "webhook address 169.254.169.254 refused: link-local/cloud metadata"
+            Err(e) if crate::net_guard::is_refusal(&e) => format!("webhook {e}"),
             Err(e) => format!("webhook unreachable: {e}"),
         };
         let age = Duration::from_millis((now - entry.created_ms).max(0) as u64);
@@ -500,6 +516,67 @@ mod tests {
         assert!(samples.iter().any(|d| d.as_millis() < 250));
         assert!(samples.iter().any(|d| d.as_millis() > 750));
         assert_eq!(full_jitter(Duration::ZERO, &mut rng), Duration::ZERO);
+    }
+
+    /// A one-shot HTTP/1.1 server on loopback answering `response`; counts
+    /// the connections it accepted.
+    async fn answering(
+        response: &'static str,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        (addr, hits)
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let (target, target_hits) = answering("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let redirect: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 302 Found\r\nLocation: http://{target}/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .into_boxed_str(),
+        );
+        let (hook, hook_hits) = answering(redirect).await;
+        let webhook = HttpWebhook(super::super::dispatch::webhook_client().expect("client"));
+        let status = webhook
+            .post(format!("http://{hook}/hook"), Vec::new(), b"{}".to_vec())
+            .await;
+        assert_eq!(status, Ok(302), "a redirect is an answer, not followed");
+        assert_eq!(hook_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_fails_the_attempt_with_the_refusal() {
+        let webhook = HttpWebhook(super::super::dispatch::webhook_client().expect("client"));
+        let err = webhook
+            .post(
+                "http://169.254.169.254/latest/meta-data/".into(),
+                Vec::new(),
+                b"{}".to_vec(),
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err,
+            "address 169.254.169.254 refused: link-local/cloud metadata"
+        );
+        assert!(crate::net_guard::is_refusal(&err));
     }
 
     #[test]

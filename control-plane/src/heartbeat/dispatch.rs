@@ -47,14 +47,36 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// Largest reply body read from the proxy.
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
-/// The pooled HTTP(S) client used for runs and webhook deliveries.
+/// The pooled HTTP(S) client used for runs (and health probes).
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The pooled HTTP(S) client of webhook deliveries and wake requests:
+/// every connection goes through [`crate::net_guard::GuardedConnector`],
+/// which refuses link-local/metadata addresses, the control plane's own
+/// listeners and (without `--allow-loopback-webhooks`) loopback, after DNS
+/// resolution. Like every hyper client it follows no redirects.
+pub type WebhookClient = Client<HttpsConnector<crate::net_guard::GuardedConnector>, Full<Bytes>>;
 
 /// Builds the HTTP client (webpki roots, HTTP/1.1).
 pub fn http_client() -> anyhow::Result<HttpClient> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?;
-    Ok(client_over(https))
+    Ok(client_over(https, tcp_connector()))
+}
+
+/// Builds the webhook/wake client (webpki roots, HTTP/1.1) over the
+/// guarded connector with the system resolver and the process-wide policy.
+pub fn webhook_client() -> anyhow::Result<WebhookClient> {
+    crate::net_guard::describe();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?;
+    Ok(client_over(
+        https,
+        crate::net_guard::GuardedConnector::new(
+            tcp_connector(),
+            crate::net_guard::system_resolver(),
+        ),
+    ))
 }
 
 /// Like [`http_client`], but an `https://` peer must present a certificate
@@ -64,17 +86,34 @@ pub fn http_client_trusting(ca: &std::path::Path) -> anyhow::Result<HttpClient> 
     let tls = claw_tls::client::client_config(ca)?;
     Ok(client_over(
         hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls),
+        tcp_connector(),
     ))
 }
 
-fn client_over(
-    https: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
-) -> HttpClient {
+fn tcp_connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = https.https_or_http().enable_http1().wrap_connector(http);
+    http
+}
+
+fn client_over<C>(
+    https: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+    tcp: C,
+) -> Client<HttpsConnector<C>, Full<Bytes>>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read
+        + hyper::rt::Write
+        + hyper_util::client::legacy::connect::Connection
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let https = https.https_or_http().enable_http1().wrap_connector(tcp);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

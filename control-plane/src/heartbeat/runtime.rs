@@ -117,10 +117,9 @@ pub fn start(
     fleet: Arc<dyn FleetView>,
     stop: Shutdown,
 ) -> anyhow::Result<(Heartbeats, Vec<JoinHandle<()>>)> {
-    let client = super::dispatch::http_client()?;
     let proxy_client = match &settings.proxy_ca {
         Some(ca) => super::dispatch::http_client_trusting(ca)?,
-        None => client.clone(),
+        None => super::dispatch::http_client()?,
     };
     let dispatcher = Arc::new(LazyKeyDispatcher {
         catalog: catalog.clone(),
@@ -128,7 +127,9 @@ pub fn start(
         proxy_url: settings.proxy_url.clone(),
         inner: tokio::sync::OnceCell::new(),
     });
-    let webhook: Arc<dyn Webhook> = Arc::new(HttpWebhook(client));
+    // Webhooks and wakes go through the SSRF guard; runs (to the
+    // operator's own proxy) do not.
+    let webhook: Arc<dyn Webhook> = Arc::new(HttpWebhook(super::dispatch::webhook_client()?));
     start_with(
         catalog,
         runs,

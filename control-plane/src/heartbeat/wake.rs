@@ -170,7 +170,9 @@ pub fn body(req: &WakeRequest) -> Vec<u8> {
 /// retries those).
 pub const UNREACHABLE_PREFIX: &str = "the agent runtime is unreachable";
 
-/// Sends one wake request: `Ok(())` on a 2xx, else the run's error.
+/// Sends one wake request: `Ok(())` on a 2xx, else the run's error (`wake
+/// address … refused: …` when the SSRF guard refused every address of the
+/// runtime, see [`crate::net_guard`]).
 pub fn send(config: &WakeConfig, req: WakeRequest) -> BoxFuture<'static, Result<(), String>> {
     let Some(poster) = config.poster.clone() else {
         return Box::pin(async { Err("wake requests are not configured".to_string()) });
@@ -191,6 +193,8 @@ pub fn send(config: &WakeConfig, req: WakeRequest) -> BoxFuture<'static, Result<
         match tokio::time::timeout(timeout, post).await {
             Ok(Ok(status)) if (200..300).contains(&status) => Ok(()),
             Ok(Ok(status)) => Err(format!("the agent runtime answered {status}")),
+            // Refused by the SSRF guard: fails at once (no retry).
+            Ok(Err(e)) if crate::net_guard::is_refusal(&e) => Err(format!("wake {e}")),
             Ok(Err(e)) => Err(format!("{UNREACHABLE_PREFIX}: {e}")),
             Err(_) => Err(format!(
                 "the agent runtime did not answer within {}s",

@@ -27,6 +27,7 @@ pub struct ControlPlaneBuilder {
     args: Vec<OsString>,
     start_timeout: Duration,
     tls: Option<TlsFiles>,
+    allow_loopback_webhooks: bool,
 }
 
 /// The PEM files of a control plane serving TLS.
@@ -52,6 +53,7 @@ impl Default for ControlPlaneBuilder {
             args: Vec::new(),
             start_timeout: DEFAULT_START_TIMEOUT,
             tls: None,
+            allow_loopback_webhooks: true,
         }
     }
 }
@@ -121,6 +123,14 @@ impl ControlPlaneBuilder {
     /// [`super::Proxy::builder`] `--control-plane-ca`.
     pub fn tls(mut self, files: TlsFiles) -> Self {
         self.tls = Some(files);
+        self
+    }
+
+    /// Whether it runs with `--allow-loopback-webhooks` (on by default: the
+    /// tests' webhook receivers and agent runtimes listen on 127.0.0.1);
+    /// `false` starts it with the production default, loopback refused.
+    pub fn allow_loopback_webhooks(mut self, allow: bool) -> Self {
+        self.allow_loopback_webhooks = allow;
         self
     }
 
@@ -218,6 +228,9 @@ impl ControlPlane {
                 "--tls-key".into(),
                 tls.key.clone().into(),
             ]);
+        }
+        if o.allow_loopback_webhooks {
+            args.push("--allow-loopback-webhooks".into());
         }
         args.extend(o.args.iter().cloned());
         let mut env: Vec<(OsString, Option<OsString>)> = vec![
