@@ -10,8 +10,9 @@
 //!   write that makes no progress for `--write-timeout` (the client stopped
 //!   reading) fails the connection, which is reset (`SO_LINGER` 0, so the
 //!   bytes stuck in the send buffer are dropped rather than kept for a
-//!   reader that never comes) — hyper drops the response and with it the
-//!   upstream connection.
+//!   reader that never comes) — hyper drops the response, whose upstream
+//!   connection is closed at once rather than drained for its usage
+//!   (`server::Guarded`).
 //! - [`HyperAnswers`] (directly under hyper, so it sees plain text): hyper
 //!   answers a request it cannot parse itself — 400 (malformed request line
 //!   or header), 414 (URI over 64 KiB), 431 (head over the size limit or
@@ -123,6 +124,7 @@ impl Watched {
         }
         ready!(sleep.as_mut().poll(cx));
         self.dead = true;
+        self.state.on_write_timeout();
         // Reset rather than close: the unsent bytes go, now.
         let _ = socket2::SockRef::from(&self.io).set_linger(Some(Duration::ZERO));
         tracing::debug!(

@@ -409,6 +409,9 @@ pub(crate) struct ConnState {
     timed_out: AtomicBool,
     /// Requests whose head was received (the service was called).
     requests: AtomicU64,
+    /// A write made no progress for the write timeout: the connection is
+    /// being reset.
+    write_timed_out: AtomicBool,
 }
 
 impl ConnState {
@@ -426,6 +429,7 @@ impl ConnState {
             evict: tokio::sync::Notify::new(),
             timed_out: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            write_timed_out: AtomicBool::new(false),
         }
     }
 
@@ -459,6 +463,15 @@ impl ConnState {
     /// The request head is late (and no request is in flight): reads end.
     pub(crate) fn head_late(&self) -> bool {
         self.timed_out.load(Ordering::Acquire) && self.idle()
+    }
+
+    /// The write timeout passed (see [`crate::io::Watched`]).
+    pub(crate) fn on_write_timeout(&self) {
+        self.write_timed_out.store(true, Ordering::Release);
+    }
+
+    fn write_timed_out(&self) -> bool {
+        self.write_timed_out.load(Ordering::Acquire)
     }
 
     /// Bytes were read from the connection.
@@ -531,6 +544,16 @@ async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
 struct Guarded {
     body: ProxyBody,
     _guard: ActiveGuard,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Dropped because the client stopped reading: the upstream goes now
+        // (not drained for the request deadline), counted once.
+        if self._guard.0.write_timed_out() && self.body.abandon() {
+            crate::metrics::write_timeout();
+        }
+    }
 }
 
 impl Body for Guarded {
