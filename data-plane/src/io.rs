@@ -4,6 +4,9 @@
 //! hyper ── HyperAnswers ── [TLS] ── Watched ── TcpStream
 //! ```
 //!
+//! Both report to and read the connection's [`ConnState`], which the
+//! service (requests in flight) and the server's watchdog share.
+//!
 //! - [`Watched`] (on the TCP stream, under TLS): reports reads to the
 //!   connection's [`ConnState`] (the header and idle timeouts), answers a
 //!   late request head 408 on plain HTTP, and enforces the write timeout: a
@@ -35,6 +38,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -43,7 +47,6 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{ApiError, Wire};
-use crate::server::ConnState;
 use crate::target::RequestId;
 
 /// The longest request head (request line and headers) the proxy reads:
@@ -53,6 +56,113 @@ pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The longest request target (path and query) the proxy serves: 414
 /// beyond it. The proxy's endpoints are short; a long target is abuse.
 pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Per-connection activity, shared by the IO wrappers, the service and the
+/// server's watchdog.
+pub(crate) struct ConnState {
+    pub(crate) base: Instant,
+    pub(crate) active: AtomicU32,
+    /// Milliseconds since `base` when the connection last became idle.
+    pub(crate) idle_since: AtomicU64,
+    /// 1 + milliseconds since `base` of the first byte read while idle
+    /// (or of the connection's start, until its first request); 0 = none.
+    pub(crate) pending_since: AtomicU64,
+    /// A request head was received on this connection.
+    pub(crate) served: AtomicBool,
+    /// Chosen to be closed to make room at the connection cap.
+    pub(crate) evicted: AtomicBool,
+    pub(crate) evict: tokio::sync::Notify,
+    /// The head took too long: reads end (after a 408 on plain HTTP).
+    pub(crate) timed_out: AtomicBool,
+    /// Requests whose head was received (the service was called).
+    pub(crate) requests: AtomicU64,
+    /// A write made no progress for the write timeout: the connection is
+    /// being reset.
+    pub(crate) write_timed_out: AtomicBool,
+}
+
+impl ConnState {
+    pub(crate) fn new() -> Self {
+        ConnState {
+            base: Instant::now(),
+            active: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+            // The first request's head is due within the header timeout of
+            // the connection's start: a connection that sends nothing is
+            // not kept for the (longer) idle timeout.
+            pending_since: AtomicU64::new(1),
+            served: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+            timed_out: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            write_timed_out: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// When the connection last became idle (its start if never used).
+    pub(crate) fn idle_at(&self) -> Instant {
+        self.base + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.pending_since.store(0, Ordering::Release);
+        self.served.store(true, Ordering::Release);
+        ActiveGuard(self.clone())
+    }
+
+    /// No request is in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+    }
+
+    /// Requests whose head was received so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
+
+    /// The request head is late (and no request is in flight): reads end.
+    pub(crate) fn head_late(&self) -> bool {
+        self.timed_out.load(Ordering::Acquire) && self.idle()
+    }
+
+    /// The write timeout passed (see [`crate::io::Watched`]).
+    pub(crate) fn on_write_timeout(&self) {
+        self.write_timed_out.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn write_timed_out(&self) -> bool {
+        self.write_timed_out.load(Ordering::Acquire)
+    }
+
+    /// Bytes were read from the connection.
+    pub(crate) fn on_read(&self) {
+        if self.active.load(Ordering::Acquire) == 0
+            && self.pending_since.load(Ordering::Acquire) == 0
+        {
+            self.pending_since
+                .store(self.now_ms() + 1, Ordering::Release);
+        }
+    }
+}
+
+/// Keeps a connection "active" until the response body is done.
+pub(crate) struct ActiveGuard(pub(crate) Arc<ConnState>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.idle_since.store(s.now_ms(), Ordering::Release);
+        s.pending_since.store(0, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What a connection whose request head is late is told before it is
 /// closed (plain HTTP; over TLS it is just closed).

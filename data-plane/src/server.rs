@@ -36,7 +36,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::ServerLimits;
 use crate::cooldown::Cooldowns;
 use crate::error::ApiError;
-use crate::io::{HyperAnswers, MAX_HEAD_BYTES, MAX_URI_BYTES, Watched};
+use crate::io::{ActiveGuard, ConnState, HyperAnswers, MAX_HEAD_BYTES, MAX_URI_BYTES, Watched};
 use crate::limits::{Limits, LimitsLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{RouteLayer, RouteService};
@@ -388,112 +388,6 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>, reserve: bool) -> R
             tracing::error!("request handler panicked");
             ApiError::internal().into_response_for(wire)
         }
-    }
-}
-
-/// Per-connection activity, shared by the IO wrapper, the service and the watchdog.
-pub(crate) struct ConnState {
-    base: Instant,
-    active: AtomicU32,
-    /// Milliseconds since `base` when the connection last became idle.
-    idle_since: AtomicU64,
-    /// 1 + milliseconds since `base` of the first byte read while idle
-    /// (or of the connection's start, until its first request); 0 = none.
-    pending_since: AtomicU64,
-    /// A request head was received on this connection.
-    served: AtomicBool,
-    /// Chosen to be closed to make room at the connection cap.
-    evicted: AtomicBool,
-    evict: tokio::sync::Notify,
-    /// The head took too long: reads end (after a 408 on plain HTTP).
-    timed_out: AtomicBool,
-    /// Requests whose head was received (the service was called).
-    requests: AtomicU64,
-    /// A write made no progress for the write timeout: the connection is
-    /// being reset.
-    write_timed_out: AtomicBool,
-}
-
-impl ConnState {
-    pub(crate) fn new() -> Self {
-        ConnState {
-            base: Instant::now(),
-            active: AtomicU32::new(0),
-            idle_since: AtomicU64::new(0),
-            // The first request's head is due within the header timeout of
-            // the connection's start: a connection that sends nothing is
-            // not kept for the (longer) idle timeout.
-            pending_since: AtomicU64::new(1),
-            served: AtomicBool::new(false),
-            evicted: AtomicBool::new(false),
-            evict: tokio::sync::Notify::new(),
-            timed_out: AtomicBool::new(false),
-            requests: AtomicU64::new(0),
-            write_timed_out: AtomicBool::new(false),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
-    }
-
-    /// When the connection last became idle (its start if never used).
-    fn idle_at(&self) -> Instant {
-        self.base + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
-    }
-
-    fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        self.requests.fetch_add(1, Ordering::AcqRel);
-        self.pending_since.store(0, Ordering::Release);
-        self.served.store(true, Ordering::Release);
-        ActiveGuard(self.clone())
-    }
-
-    /// No request is in flight.
-    pub(crate) fn idle(&self) -> bool {
-        self.active.load(Ordering::Acquire) == 0
-    }
-
-    /// Requests whose head was received so far.
-    pub(crate) fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Acquire)
-    }
-
-    /// The request head is late (and no request is in flight): reads end.
-    pub(crate) fn head_late(&self) -> bool {
-        self.timed_out.load(Ordering::Acquire) && self.idle()
-    }
-
-    /// The write timeout passed (see [`crate::io::Watched`]).
-    pub(crate) fn on_write_timeout(&self) {
-        self.write_timed_out.store(true, Ordering::Release);
-    }
-
-    fn write_timed_out(&self) -> bool {
-        self.write_timed_out.load(Ordering::Acquire)
-    }
-
-    /// Bytes were read from the connection.
-    pub(crate) fn on_read(&self) {
-        if self.active.load(Ordering::Acquire) == 0
-            && self.pending_since.load(Ordering::Acquire) == 0
-        {
-            self.pending_since
-                .store(self.now_ms() + 1, Ordering::Release);
-        }
-    }
-}
-
-/// Keeps a connection "active" until the response body is done.
-struct ActiveGuard(Arc<ConnState>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        let s = &self.0;
-        s.idle_since.store(s.now_ms(), Ordering::Release);
-        s.pending_since.store(0, Ordering::Release);
-        s.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
