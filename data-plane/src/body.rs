@@ -65,8 +65,10 @@ async fn watchdog(w: std::sync::Weak<Watch>, timeout: Duration) {
         let wait = if handed == u64::MAX {
             t
         } else if now >= handed.saturating_add(t) {
-            let dropped = s.body.lock().take();
-            if dropped.is_some() {
+            let mut dropped = s.body.lock().take();
+            if let Some(body) = dropped.as_mut() {
+                // Released now, not drained: the client reads no more.
+                body.abandon();
                 crate::metrics::write_timeout();
                 tracing::debug!(
                     timeout_ms = t,
@@ -105,6 +107,28 @@ impl ProxyBody {
                 ProxyBody::Watched(w)
             }
             other => other,
+        }
+    }
+
+    /// The client was cut off by the write timeout: an upstream body still
+    /// held is marked to close its upstream connection when dropped rather
+    /// than be drained ([`UpstreamBody::abandon`]). False when the body's
+    /// own write-timeout watchdog had released it already (and counted it).
+    pub(crate) fn abandon(&mut self) -> bool {
+        match self {
+            ProxyBody::Full(_) => true,
+            ProxyBody::Upstream(u) => {
+                u.abandon();
+                true
+            }
+            ProxyBody::Guarded(b, _) => b.abandon(),
+            ProxyBody::Watched(w) => match w.body.lock().as_mut() {
+                Some(b) => {
+                    b.abandon();
+                    true
+                }
+                None => false,
+            },
         }
     }
 

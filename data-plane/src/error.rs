@@ -293,6 +293,53 @@ impl ApiError {
         .code("upstream_error")
     }
 
+    /// 502: `backend` answered with a status outside 100–599 (or one that
+    /// does not parse): not HTTP the client could act on, so never passed
+    /// through. Names the backend so the client can tell its operator.
+    pub(crate) fn upstream_invalid_status(backend: &str) -> Self {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!(
+                "backend \"{}\" answered with an invalid HTTP status",
+                clip(backend)
+            ),
+        )
+        .code("upstream_invalid_status")
+    }
+
+    /// 400: the request line or headers are not valid HTTP/1.1 (hyper's
+    /// own answer, made JSON by [`crate::io`]).
+    pub(crate) fn malformed_request() -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "The request is not valid HTTP/1.1 (malformed request line or headers).",
+        )
+        .code("malformed_request")
+    }
+
+    /// 414: the request target is longer than `limit` bytes.
+    pub(crate) fn uri_too_long(limit: usize) -> Self {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "invalid_request_error",
+            format!("The request URI is longer than {limit} bytes."),
+        )
+        .code("uri_too_long")
+    }
+
+    /// 431: the request line and headers are larger than `limit` bytes (or
+    /// too many).
+    pub(crate) fn headers_too_large(limit: usize) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            format!("The request headers are larger than {limit} bytes or too many."),
+        )
+        .code("headers_too_large")
+    }
+
     /// 502: the provider rejected the gateway's own key for `backend` (an
     /// upstream 401/403; `status` 0 when another proxy saw it). Names the
     /// backend, never the key, and is not the client's `invalid_api_key`:
@@ -401,6 +448,27 @@ impl ApiError {
         Bytes::from(v.to_string())
     }
 
+    /// The whole HTTP/1.1 response in `wire`'s shape, as bytes for the
+    /// socket, closing the connection: for answers written below hyper
+    /// ([`crate::io`]), with `request_id` as `x-request-id`.
+    pub(crate) fn raw_response(&self, wire: Wire, request_id: &str) -> Vec<u8> {
+        let (status, body) = match wire {
+            Wire::OpenAi => (self.status, self.body_json()),
+            Wire::Anthropic => (self.anthropic().0, self.body_anthropic()),
+        };
+        let head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\nx-request-id: {request_id}\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        let mut out = Vec::with_capacity(head.len() + body.len());
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// Renders the error as an HTTP response in the OpenAI shape.
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
         self.into_response_for(Wire::OpenAi)
@@ -477,6 +545,10 @@ mod tests {
             (ApiError::key_rate_limited(3), 429, "rate_limit_error"),
             (ApiError::internal(), 500, "api_error"),
             (ApiError::bad_gateway(), 502, "api_error"),
+            (ApiError::upstream_invalid_status("b"), 502, "api_error"),
+            (ApiError::malformed_request(), 400, "invalid_request_error"),
+            (ApiError::uri_too_long(1), 414, "invalid_request_error"),
+            (ApiError::headers_too_large(1), 431, "invalid_request_error"),
             (ApiError::no_capacity(2), 529, "overloaded_error"),
             (ApiError::not_ready(), 503, "overloaded_error"),
         ];
@@ -520,6 +592,30 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
         assert_eq!(retry_after_secs(Duration::MAX), 86_400);
+    }
+
+    #[test]
+    fn raw_responses_are_complete_http_answers() {
+        let raw = ApiError::headers_too_large(65536).raw_response(Wire::Anthropic, "req_1");
+        let text = String::from_utf8(raw).expect("utf-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(head.contains("connection: close") && head.contains("x-request-id: req_1"));
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let raw = ApiError::malformed_request().raw_response(Wire::OpenAi, "req_2");
+        let text = String::from_utf8(raw).expect("utf-8");
+        let body = text.split_once("\r\n\r\n").expect("body").1;
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"]["code"], "malformed_request");
     }
 
     #[test]

@@ -72,6 +72,8 @@
 //! - `metrics` — Prometheus metrics (`/metrics`): every `claw_dp_*` name
 //!   and the recorders of the code outside the request path.
 //! - `server` — connections, timeouts, health/readiness, panics, draining.
+//! - `io` — the client connection's IO wrappers: read activity, the 408 for
+//!   a late head, the write timeout, JSON for hyper's own 400/414/431.
 //! - `test_util` — snapshot fixtures for tests (the `test-util` feature).
 //!
 //! [`run`] serves a bound listener until a shutdown future resolves;
@@ -90,6 +92,7 @@ mod error;
 mod events;
 mod fleet;
 mod health;
+mod io;
 mod json;
 pub mod key_limits;
 mod limits;

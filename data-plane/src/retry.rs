@@ -730,6 +730,8 @@ enum AttemptClass {
     Timeout,
     /// The connection failed after the request was sent.
     Failed,
+    /// A status outside 100–599: a failure like a 5xx, never passed on.
+    InvalidStatus,
     /// Anything else (2xx, 4xx but 429): the answer, streamed to the client.
     Answer(u16),
 }
@@ -743,7 +745,7 @@ impl AttemptClass {
             AttemptClass::Overloaded { .. } => "overloaded",
             AttemptClass::ResponseUnknown(_) => "response_unknown",
             AttemptClass::AuthFailed(_) => "auth_failed",
-            AttemptClass::ServerError(_) => "server_error",
+            AttemptClass::ServerError(_) | AttemptClass::InvalidStatus => "server_error",
             // As `UpstreamError::label`.
             AttemptClass::Connect => "connect_error",
             AttemptClass::Timeout => "timeout",
@@ -801,6 +803,7 @@ fn classify<B>(
         Err(UpstreamError::Connect(_)) => AttemptClass::Connect,
         Err(UpstreamError::Timeout) => AttemptClass::Timeout,
         Err(UpstreamError::Failed(_)) => AttemptClass::Failed,
+        Err(UpstreamError::InvalidStatus(_)) => AttemptClass::InvalidStatus,
     }
 }
 
@@ -893,6 +896,11 @@ fn react(
             None,
             "connection failed after the request was sent",
         ),
+        AttemptClass::InvalidStatus => (
+            FailureKind::ServerError,
+            None,
+            "upstream answered an invalid HTTP status",
+        ),
     };
     if class == AttemptClass::Connect {
         // Nothing reached the backend: give its request back (its tpm
@@ -913,6 +921,7 @@ fn react(
         .signal(Signal::failure(&backend.id, kind, status, summary).with_ejection(ejected));
     Some(match class {
         AttemptClass::Timeout => ApiError::gateway_timeout(),
+        AttemptClass::InvalidStatus => ApiError::upstream_invalid_status(&backend.name),
         _ => ApiError::bad_gateway(),
     })
 }

@@ -36,7 +36,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -61,6 +61,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::config::ServerLimits;
 use crate::cooldown::Cooldowns;
 use crate::error::ApiError;
+use crate::io::{ActiveGuard, ConnState, HyperAnswers, MAX_HEAD_BYTES, MAX_URI_BYTES, Watched};
 use crate::limits::{Limits, LimitsLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{RouteLayer, RouteService};
@@ -302,12 +303,8 @@ async fn serve_metrics(
         let (state, builder, conns) = (state.clone(), builder.clone(), conns.clone());
         tokio::spawn(async move {
             let conn_state = Arc::new(ConnState::new());
-            let io = Watched {
-                io: stream,
-                state: conn_state.clone(),
-                plain: true,
-                answered: false,
-            };
+            let io = Watched::new(stream, conn_state.clone(), true, state.limits.write_timeout);
+            let io = HyperAnswers::new(io, conn_state.clone());
             let cs = conn_state.clone();
             let st = state.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
@@ -358,6 +355,12 @@ fn at_connection_cap(path: &str) -> Response<ProxyBody> {
 async fn handle(worker: Arc<Worker>, req: Request<Incoming>, reserve: bool) -> Response<ProxyBody> {
     let state = &worker.app;
     let path = req.uri().path();
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > MAX_URI_BYTES {
+        crate::metrics::request("", "", crate::metrics::status_label(414));
+        return ApiError::uri_too_long(MAX_URI_BYTES)
+            .into_response_for(crate::error::Wire::for_path(path));
+    }
     match path {
         "/healthz" => return text(StatusCode::OK, "ok\n"),
         "/readyz" => {
@@ -388,79 +391,6 @@ async fn handle(worker: Arc<Worker>, req: Request<Incoming>, reserve: bool) -> R
     }
 }
 
-/// Per-connection activity, shared by the IO wrapper, the service and the watchdog.
-pub(crate) struct ConnState {
-    base: Instant,
-    active: AtomicU32,
-    /// Milliseconds since `base` when the connection last became idle.
-    idle_since: AtomicU64,
-    /// 1 + milliseconds since `base` of the first byte read while idle
-    /// (or of the connection's start, until its first request); 0 = none.
-    pending_since: AtomicU64,
-    /// A request head was received on this connection.
-    served: AtomicBool,
-    /// Chosen to be closed to make room at the connection cap.
-    evicted: AtomicBool,
-    evict: tokio::sync::Notify,
-    /// The head took too long: reads end (after a 408 on plain HTTP).
-    timed_out: AtomicBool,
-}
-
-impl ConnState {
-    fn new() -> Self {
-        ConnState {
-            base: Instant::now(),
-            active: AtomicU32::new(0),
-            idle_since: AtomicU64::new(0),
-            // The first request's head is due within the header timeout of
-            // the connection's start: a connection that sends nothing is
-            // not kept for the (longer) idle timeout.
-            pending_since: AtomicU64::new(1),
-            served: AtomicBool::new(false),
-            evicted: AtomicBool::new(false),
-            evict: tokio::sync::Notify::new(),
-            timed_out: AtomicBool::new(false),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
-    }
-
-    /// When the connection last became idle (its start if never used).
-    fn idle_at(&self) -> Instant {
-        self.base + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
-    }
-
-    fn begin(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        self.pending_since.store(0, Ordering::Release);
-        self.served.store(true, Ordering::Release);
-        ActiveGuard(self.clone())
-    }
-
-    fn on_read(&self) {
-        if self.active.load(Ordering::Acquire) == 0
-            && self.pending_since.load(Ordering::Acquire) == 0
-        {
-            self.pending_since
-                .store(self.now_ms() + 1, Ordering::Release);
-        }
-    }
-}
-
-/// Keeps a connection "active" until the response body is done.
-struct ActiveGuard(Arc<ConnState>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        let s = &self.0;
-        s.idle_since.store(s.now_ms(), Ordering::Release);
-        s.pending_since.store(0, Ordering::Release);
-        s.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Resolves when the connection should be closed for idleness, a slow
 /// head, or to make room at the connection cap.
 async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
@@ -485,7 +415,7 @@ async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
             if now >= deadline {
                 if pending != 0 {
                     // The head is late: the connection's reads end (after
-                    // a 408, see `Watched`). Yielding re-polls the
+                    // a 408, see `crate::io::Watched`). Yielding re-polls the
                     // connection at once; the sleep bounds how long it may
                     // take to close.
                     state.timed_out.store(true, Ordering::Release);
@@ -503,79 +433,21 @@ async fn watchdog(state: Arc<ConnState>, limits: ServerLimits) {
     }
 }
 
-/// What a connection whose request head is late is told before it is
-/// closed (plain HTTP; over TLS it is just closed).
-const HEAD_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 131\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"Timed out reading the request headers.\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"request_timeout\"}}";
-
-/// A TCP stream that reports reads to its [`ConnState`], and ends its
-/// reads (after a 408 on plain HTTP) once the request head is late.
-struct Watched {
-    io: TcpStream,
-    state: Arc<ConnState>,
-    /// Plain HTTP (not under TLS): the 408 can be written directly.
-    plain: bool,
-    /// The 408 was written.
-    answered: bool,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.state.timed_out.load(Ordering::Acquire)
-            && self.state.active.load(Ordering::Acquire) == 0
-        {
-            if self.plain && !self.answered {
-                // Best effort: nothing else is being written (no request is
-                // in flight) and a fresh socket's send buffer takes it.
-                self.answered = true;
-                let _ = self.io.try_write(HEAD_TIMEOUT_RESPONSE);
-            }
-            // End of input: hyper closes the connection.
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.state.on_read();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// The body written to the client: the response plus the connection's
 /// activity guard, released when the body is done.
 struct Guarded {
     body: ProxyBody,
     _guard: ActiveGuard,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Dropped because the client stopped reading: the upstream goes now
+        // (not drained for the request deadline), counted once.
+        if self._guard.0.write_timed_out() && self.body.abandon() {
+            crate::metrics::write_timeout();
+        }
+    }
 }
 
 impl Body for Guarded {
@@ -675,12 +547,12 @@ async fn serve_worker(
         // Reserve connections are not closed to make room: they are few and
         // answer one request each.
         let id = (!reserve).then(|| worker.conns.register(&conn_state));
-        let io = Watched {
-            io: stream,
-            state: conn_state.clone(),
-            plain: worker.tls.is_none(),
-            answered: false,
-        };
+        let io = Watched::new(
+            stream,
+            conn_state.clone(),
+            worker.tls.is_none(),
+            worker.app.limits.write_timeout,
+        );
         // Subscribed now, so a shutdown that starts during a TLS handshake
         // still reaches this connection.
         let watcher = graceful.watcher();
@@ -751,6 +623,7 @@ async fn serve_connection<I>(
             }))
         }
     });
+    let io = HyperAnswers::new(io, conn_state.clone());
     let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc));
     tokio::select! {
         r = conn => if let Err(e) = r {
@@ -790,6 +663,7 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true)
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(256 * 1024);
     let builder = Arc::new(builder);
     describe_connection_metrics();

@@ -314,6 +314,14 @@ where
         self
     }
 
+    /// Gives up the rest of the answer: dropped, the body closes its
+    /// upstream connection at once instead of draining it in the background
+    /// (for a client cut off by the write timeout: nobody reads on). The
+    /// observer learns the usage seen so far.
+    pub(crate) fn abandon(&mut self) {
+        self.drain_until = None;
+    }
+
     /// Ends the body early for `cut`: closes the upstream, tells the
     /// observer (with the usage seen so far), and on SSE sends the error
     /// event before the body fails.

@@ -147,6 +147,10 @@ pub(crate) enum UpstreamError {
     /// The connection failed after the request was sent.
     #[error("upstream connection failed")]
     Failed(#[source] BoxError),
+    /// The upstream answered with a status outside 100–599 (`None`: one
+    /// that is not three digits, or below 100). Never passed to a client.
+    #[error("upstream answered an invalid status{}", .0.map(|s| format!(" {s}")).unwrap_or_default())]
+    InvalidStatus(Option<u16>),
 }
 
 impl UpstreamError {
@@ -156,6 +160,7 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect_error",
             UpstreamError::Timeout => "timeout",
             UpstreamError::Failed(_) => "failed",
+            UpstreamError::InvalidStatus(_) => "invalid_status",
         }
     }
 }
@@ -294,7 +299,15 @@ impl Upstream {
                 None => (self.connect(&target).await?, false),
             };
             match sender.try_send_request(request).await {
-                Ok(res) => {
+                Ok(mut res) => {
+                    let status = res.status().as_u16();
+                    if !(100..=599).contains(&status) {
+                        // Not HTTP a client can act on. The connection is
+                        // not reused: its body is left unread.
+                        tracing::debug!(upstream = %target.origin(), status, "upstream answered an invalid status");
+                        return Err(UpstreamError::InvalidStatus(Some(status)));
+                    }
+                    strip_response_headers(res.headers_mut());
                     self.release(target.pool_key.clone(), sender);
                     return Ok(res);
                 }
@@ -310,6 +323,10 @@ impl Upstream {
                     Some(_) => {
                         tracing::debug!(upstream = %target.origin(), error = %e.error(), "new connection closed before the request went out");
                         return Err(UpstreamError::Connect(e.into_error().into()));
+                    }
+                    None if e.error().is_parse_status() => {
+                        tracing::debug!(upstream = %target.origin(), error = %e.error(), "upstream answered an unparseable status");
+                        return Err(UpstreamError::InvalidStatus(None));
                     }
                     None => {
                         tracing::debug!(upstream = %target.origin(), error = %e.error(), "upstream request failed");
@@ -349,6 +366,45 @@ fn hop_by_hop(name: &HeaderName) -> bool {
         n,
         "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
     ) || n.starts_with("proxy-")
+}
+
+/// Upstream response headers that never reach a client, beyond the
+/// hop-by-hop ones. They describe the gateway's account with the provider,
+/// not the client's request: `set-cookie` (a provider's — or its CDN's —
+/// session cookie for the gateway's key, which a client must not store and
+/// send back), and the provider's organisation and project ids of the
+/// gateway's key (`openai-organization`, `openai-project`,
+/// `anthropic-organization-id`), which tell a client whose account pays.
+/// Rate-limit headers (`x-ratelimit-*`, `anthropic-ratelimit-*`,
+/// `retry-after`) and the provider's `request-id` pass; `x-request-id` is
+/// replaced by the proxy's own request id.
+const PRIVATE_RESPONSE_HEADERS: [&str; 5] = [
+    "set-cookie",
+    "set-cookie2",
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+];
+
+/// Whether an upstream response header stays behind: hop-by-hop (and
+/// `proxy-*`) or one of [`PRIVATE_RESPONSE_HEADERS`].
+fn not_returned(name: &HeaderName) -> bool {
+    hop_by_hop(name) || PRIVATE_RESPONSE_HEADERS.contains(&name.as_str())
+}
+
+/// Removes from an upstream response's headers what must not reach the
+/// client: hop-by-hop headers (and those named in `Connection`) and
+/// [`PRIVATE_RESPONSE_HEADERS`]. A map with none is only read.
+pub(crate) fn strip_response_headers(headers: &mut HeaderMap) {
+    let named = connection_named(headers);
+    let doomed = |k: &HeaderName| not_returned(k) || named.contains(k);
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
 }
 
 /// Whether a client header stays behind: hop-by-hop ones, `host`, the
@@ -700,6 +756,102 @@ mod tests {
         assert_eq!(pool.idle[&key].len(), 4);
         assert!(pool.checkout(&key, now).is_some());
         assert!(pool.checkout("http://elsewhere", now).is_none());
+    }
+
+    #[test]
+    fn private_response_headers_are_stripped_rate_limits_pass() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("set-cookie", "__cf_bm=abc; path=/"),
+            ("set-cookie", "_cfuvid=def; path=/"),
+            ("openai-organization", "org-secret"),
+            ("openai-project", "proj_secret"),
+            ("anthropic-organization-id", "0000-org"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-ratelimit-remaining-requests", "99"),
+            ("anthropic-ratelimit-requests-remaining", "99"),
+            ("retry-after", "1"),
+            ("request-id", "req_upstream"),
+            ("x-request-id", "req_upstream"),
+            ("openai-processing-ms", "12"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_response_headers(&mut h);
+        let mut keys: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            vec![
+                "anthropic-ratelimit-requests-remaining",
+                "content-type",
+                "openai-processing-ms",
+                "request-id",
+                "retry-after",
+                "x-ratelimit-remaining-requests",
+                "x-request-id",
+            ]
+        );
+        let mut clean = h.clone();
+        strip_response_headers(&mut clean);
+        assert_eq!(clean, h);
+    }
+
+    /// A raw TCP upstream answering every request with `head`.
+    async fn raw_server(head: &'static [u8]) -> Arc<UpstreamTarget> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(head).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                });
+            }
+        });
+        Arc::new(UpstreamTarget::parse(&format!("http://{addr}/v1")).expect("target"))
+    }
+
+    #[tokio::test]
+    async fn a_status_outside_100_to_599_is_an_error_not_an_answer() {
+        let mut up = Upstream::new(connector().expect("connector"));
+        for (head, want) in [
+            (
+                &b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\n{}"[..],
+                Some(600),
+            ),
+            (
+                b"HTTP/1.1 999 Weird\r\ncontent-length: 0\r\n\r\n",
+                Some(999),
+            ),
+            (b"HTTP/1.1 099 Low\r\ncontent-length: 0\r\n\r\n", None),
+            (b"HTTP/1.1 99 Low\r\ncontent-length: 0\r\n\r\n", None),
+        ] {
+            let target = raw_server(head).await;
+            let err = up
+                .call(attempt(&target, Duration::from_secs(5)))
+                .await
+                .expect_err("not an answer");
+            match err {
+                UpstreamError::InvalidStatus(got) => assert_eq!(got, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        // 599 is a status like any other.
+        let target = raw_server(b"HTTP/1.1 599 Odd\r\ncontent-length: 0\r\n\r\n").await;
+        let res = up
+            .call(attempt(&target, Duration::from_secs(5)))
+            .await
+            .expect("an answer");
+        assert_eq!(res.status().as_u16(), 599);
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod hostile_clients;
 mod hostile_config;
 mod hostile_connections;
 mod hostile_limits;
+mod hostile_upstreams;
 mod hostile_webhooks;
 mod metrics_format;
 mod mock_protocols;

@@ -35,6 +35,13 @@ pub struct MockConfig {
     /// The smallest prefix (tokens) the simulated prompt cache stores (real
     /// providers: 1024; small here so that tests stay small).
     pub cache_min_tokens: u64,
+    /// Send the headers real providers add about the account behind the
+    /// key on every `/v1` answer: a CDN session `set-cookie` (two, as
+    /// Cloudflare sends them), OpenAI's `openai-organization` and
+    /// `openai-project`, Anthropic's `anthropic-organization-id`, beside
+    /// rate-limit headers of both (`x-ratelimit-remaining-requests`,
+    /// `anthropic-ratelimit-requests-remaining`).
+    pub account_headers: bool,
 }
 
 impl Default for MockConfig {
@@ -52,6 +59,7 @@ impl Default for MockConfig {
             embedding_dimensions: 8,
             worker_threads: 2,
             cache_min_tokens: 4,
+            account_headers: false,
         }
     }
 }
@@ -96,6 +104,12 @@ impl MockConfig {
     /// Sets the smallest cacheable prefix, in tokens.
     pub fn cache_min_tokens(mut self, n: u64) -> Self {
         self.cache_min_tokens = n;
+        self
+    }
+
+    /// Sends the account headers (see [`MockConfig::account_headers`]).
+    pub fn account_headers(mut self) -> Self {
+        self.account_headers = true;
         self
     }
 

@@ -30,6 +30,8 @@
 //! - `body`: response bodies (whole, streamed, cut short).
 //! - `server`: accept loop, connections and `/v1` handlers.
 //! - `control`: the `/_mock/…` control API (routes listed there).
+//! - [`RawUpstream`]: a raw-TCP upstream answering a fixed status line that
+//!   no HTTP library would send (`600`, `99`), for the proxy's hygiene tests.
 //!
 //! Token accounting: prompt tokens are the whitespace-separated words of all
 //! message contents (or of `prompt` / `input`; for Messages also `system`
@@ -56,6 +58,7 @@ mod cache;
 pub mod config;
 mod control;
 mod openai;
+mod raw;
 pub mod record;
 mod responses;
 mod script;
@@ -65,8 +68,9 @@ mod tools;
 pub use action::{Action, ModelsFault, ResetPoint, Rule};
 pub use body::{MockBody, ScriptedAbort};
 pub use config::MockConfig;
+pub use raw::RawUpstream;
 pub use record::{Outcome, RecordedRequest, Totals};
-pub use server::Stop;
+pub use server::{ACCOUNT_HEADERS, Stop};
 
 use server::Shared;
 use std::future::Future;

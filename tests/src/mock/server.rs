@@ -852,8 +852,34 @@ fn decorate(shared: &Shared, mut resp: Response<MockBody>, seq: u64) -> Response
         h.insert("x-mock-name", name.clone());
     }
     h.insert("x-mock-seq", HeaderValue::from(seq));
+    if shared.config.account_headers {
+        for (name, value) in ACCOUNT_HEADERS {
+            h.append(*name, HeaderValue::from_static(value));
+        }
+    }
     resp
 }
+
+/// What [`MockConfig::account_headers`](super::MockConfig::account_headers) adds.
+pub const ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    (
+        "set-cookie",
+        "__cf_bm=mock-session; path=/; expires=Tue, 01-Dec-2026 23:59:59 GMT; domain=.api.openai.com; HttpOnly; Secure; SameSite=None",
+    ),
+    (
+        "set-cookie",
+        "_cfuvid=mock-visitor; path=/; domain=.api.openai.com; HttpOnly; Secure; SameSite=None",
+    ),
+    ("openai-organization", "org-mockaccount"),
+    ("openai-project", "proj_mockproject"),
+    ("openai-processing-ms", "12"),
+    (
+        "anthropic-organization-id",
+        "11111111-2222-3333-4444-555555555555",
+    ),
+    ("x-ratelimit-remaining-requests", "4999"),
+    ("anthropic-ratelimit-requests-remaining", "4999"),
+];
 
 fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
