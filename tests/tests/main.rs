@@ -35,6 +35,7 @@ mod hostile_clients;
 mod hostile_config;
 mod hostile_connections;
 mod hostile_limits;
+mod key_rpm_fleet;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;
