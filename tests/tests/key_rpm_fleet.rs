@@ -74,18 +74,20 @@ async fn cluster(rpm: u32) -> (Cluster, String) {
         ..ClusterOptions::default()
     });
     let rpm = rpm.to_string();
-    let key = c
-        .cp
-        .clawctl(&["key", "add", "fleet", "--rpm", &rpm, "-o", "json"])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("`key add -o json` prints the secret")
-        .to_owned();
+    let key =
+        c.cp.clawctl(&["key", "add", "fleet", "--rpm", &rpm, "-o", "json"])
+            .assert_ok()
+            .json()["secret"]
+            .as_str()
+            .expect("`key add -o json` prints the secret")
+            .to_owned();
     c.wait_synced();
     for p in &c.proxies {
         if let Err(last) = wait_default_share(&c, p, 0.5, Duration::from_secs(30)).await {
-            panic!("{} never applied half of a key's rpm: {last:?}", p.node_id());
+            panic!(
+                "{} never applied half of a key's rpm: {last:?}",
+                p.node_id()
+            );
         }
     }
     (c, key)
@@ -183,7 +185,9 @@ async fn a_keys_rpm_60_holds_across_two_proxies_over_two_minutes_and_is_used() {
         .iter()
         .map(|a| a.iter().filter(|t| **t >= Duration::from_secs(60)).count())
         .sum();
-    eprintln!("RESULT key rpm 60, 2 proxies, 3:1, 2 min: {per_proxy:?} admitted, {second_minute} in the second minute");
+    eprintln!(
+        "RESULT key rpm 60, 2 proxies, 3:1, 2 min: {per_proxy:?} admitted, {second_minute} in the second minute"
+    );
     // The fleet's burst (a minute's worth, split between the proxies) and
     // two minutes of the rate.
     assert!(

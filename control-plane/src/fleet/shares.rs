@@ -681,14 +681,12 @@ impl Shares {
                         })
                     })
                     .collect(),
-                client_key_default_share: (!keys.is_empty()).then_some(default),
+                // Always: a key created later finds its default known.
+                client_key_default_share: Some(default),
             };
-            // Nothing to say while nothing has a limit.
-            let worth = !shares.backends.is_empty()
-                || shares.client_key_default_share.is_some()
-                || node.pushed.is_some();
-            if worth
-                && node.pushed.as_ref() != Some(&shares)
+            // Every proxy is told at least once (the proxy count and the
+            // key default), then on every change.
+            if node.pushed.as_ref() != Some(&shares)
                 && let Some(tx) = &node.tx
             {
                 node.pushed = Some(shares.clone());
