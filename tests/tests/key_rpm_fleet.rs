@@ -14,6 +14,8 @@
 //!   rate); then one proxy is killed and, once its reservation ran out
 //!   (`disconnected_hold`, about a minute), the other alone gets the whole
 //!   rpm: 6 back to back;
+//! - rpm 60, only one proxy asked for the key: its demand reaches the
+//!   control plane and it gets a share of its own, well above half;
 //! - rpm 60, two proxies, clients split 3:1 sending as fast as they are
 //!   allowed for 2 minutes: the second minute (bursts spent, the limiters
 //!   saturated) at most 5 % over 60 plus one request per proxy, and at
@@ -171,6 +173,36 @@ async fn a_keys_rpm_holds_for_two_proxies_and_a_lone_proxy_gets_all_of_it() {
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(ok, RPM, "the lone proxy admits the whole rpm: {statuses:?}");
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_the_keys_demand_gets_most_of_its_rpm() {
+    // Only the first proxy is asked for the key: it reports the demand, the
+    // control plane gives it a share of its own, well above half.
+    const RPM: f64 = 60.0;
+    let (c, key) = cluster(RPM as u32).await;
+    let busy = &c.proxies[0];
+    let run = Duration::from_secs(30);
+    let (admitted, own) = tokio::join!(hammer(&c, &key, &[2, 0], run), async {
+        let end = Instant::now() + run;
+        let mut own = None;
+        while Instant::now() < end && own != Some(1.0) {
+            own = gauge(&c, busy, "claw_dp_client_keys_with_shares").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        own
+    });
+    assert_eq!(own, Some(1.0), "the busy proxy got no share of its own");
+    // Bursts spent, saturated: at half the rpm, 15 s would admit 7 or 8.
+    let late = admitted[0]
+        .iter()
+        .filter(|t| **t >= Duration::from_secs(15))
+        .count();
+    assert!(
+        late as f64 > RPM / 60.0 * 15.0 * 0.5 + 2.0,
+        "{late} admitted in the last 15 s of 30: {:?}",
+        admitted[0].len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
