@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::{Either, Ready, ready};
 use http::{Request, Response};
@@ -20,6 +21,9 @@ use tower::{Layer, Service};
 use crate::body::ProxyBody;
 use crate::error::{ApiError, retry_after_secs};
 use crate::target::Authenticated;
+
+/// `Retry-After` while this proxy's share of the key is 0.
+const ZERO_SHARE_RETRY: Duration = Duration::from_secs(1);
 
 /// Layer of [`Limits`].
 #[derive(Clone, Default)]
@@ -60,6 +64,16 @@ where
                 // or not.
                 k.demand.record(0.0);
                 k.limiter.try_acquire(1.0, Instant::now()).err()
+            })
+            // A share of 0 (a proxy that just joined, until the control
+            // plane made room for it: seconds, at most about a minute) is
+            // no reason to wait a day, and a retry may reach another proxy.
+            .map(|wait| {
+                if wait == Duration::MAX {
+                    ZERO_SHARE_RETRY
+                } else {
+                    wait
+                }
             });
         let wire = crate::error::Wire::for_path(req.uri().path());
         match limited {
