@@ -612,6 +612,7 @@ mod tests {
             ],
             rate_shares: Some(v1::RateShares {
                 client_keys: Vec::new(),
+                client_key_default_share: None,
                 proxy_count: 2,
                 backends: vec![v1::BackendShare {
                     backend_id: "b".into(),
@@ -850,6 +851,7 @@ mod tests {
             cooldowns: vec![update("a", 10_000), update("b", 1_000)],
             rate_shares: Some(v1::RateShares {
                 client_keys: Vec::new(),
+                client_key_default_share: None,
                 proxy_count: 3,
                 backends: vec![v1::BackendShare {
                     backend_id: "a".into(),

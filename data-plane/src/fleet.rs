@@ -32,6 +32,19 @@
 //! that was lower grows to the same fair share for the same reason. The
 //! gauge `claw_dp_degraded_mode` is 1 meanwhile, and returns to 0 when shares
 //! arrive again after a reconnect.
+//!
+//! **Client keys.** A key's `rpm` is fleet-wide too: its limiter
+//! ([`crate::limits`]) admits `rpm × share`. Keys are many, so an update
+//! lists only the keys whose share differs from `client_key_default_share`
+//! — the keys with recent demand somewhere in the fleet — and the list is
+//! *complete*: a key missing from an update goes back to the default share
+//! (which the control plane assigns like any share, so it too sums to at
+//! most 1 over the proxies; a control plane that sends none → `1 ÷ proxy
+//! count`). The same rules as for backends hold: 0 before the first
+//! shares, the fair share after [`FIRST_SHARES_TIMEOUT`] without any, the
+//! last shares for [`DEGRADED_AFTER`] without a control plane, then
+//! `1 ÷ last known proxy count` for every key; no control plane at all →
+//! share 1. A new snapshot applies the shares to the keys it adds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +76,13 @@ struct Inner {
     /// A control plane is configured and has sent no shares yet: backends
     /// without an assignment get 0.
     awaiting: bool,
+    /// The client keys' shares of the last update that listed them: every
+    /// key whose share differs from `key_default` (the list is complete in
+    /// each update).
+    key_assigned: HashMap<String, f64>,
+    /// The share of a key not in `key_assigned` (`None`: never told, or a
+    /// control plane that sends none → the fair share).
+    key_default: Option<f64>,
 }
 
 impl Inner {
@@ -82,6 +102,21 @@ impl Inner {
             let f = self.fair_share();
             (f, f)
         })
+    }
+
+    /// The share of a client key's rpm this proxy applies now.
+    fn key_share_of(&self, key_id: &str) -> f64 {
+        if self.degraded {
+            return self.fair_share();
+        }
+        if self.awaiting {
+            return 0.0;
+        }
+        self.key_assigned
+            .get(key_id)
+            .copied()
+            .or(self.key_default)
+            .unwrap_or_else(|| self.fair_share())
     }
 }
 
@@ -131,6 +166,12 @@ impl Fleet {
             g.assigned
                 .insert(b.backend_id.clone(), (b.rpm_share, b.tpm_share));
         }
+        g.key_assigned = shares
+            .client_keys
+            .iter()
+            .map(|k| (k.key_id.clone(), k.rpm_share))
+            .collect();
+        g.key_default = shares.client_key_default_share;
         if g.degraded {
             g.degraded = false;
             crate::metrics::set_degraded(false);
@@ -177,6 +218,28 @@ impl Fleet {
             let (rpm, tpm) = g.share_of(&b.id);
             b.runtime.set_shares(rpm, tpm, now);
         }
+        for k in snap.client_keys() {
+            if let Some(rpm) = &k.rpm {
+                rpm.limiter.set_share(g.key_share_of(&k.id), now);
+            }
+        }
+        // "" is no key id: the share of keys without one of their own.
+        let own = if g.degraded || g.awaiting {
+            0
+        } else {
+            g.key_assigned.len()
+        };
+        crate::metrics::set_key_shares(g.key_share_of(""), own);
+    }
+
+    /// The share of a client key's rpm this proxy applies now.
+    pub fn key_share_of(&self, key_id: &str) -> f64 {
+        self.inner.lock().key_share_of(key_id)
+    }
+
+    /// How many client keys have a share of their own (not the default).
+    pub fn keys_with_shares(&self) -> usize {
+        self.inner.lock().key_assigned.len()
     }
 
     /// Switches every backend to `1 ÷ last known proxy count`.
@@ -299,6 +362,7 @@ mod tests {
     fn shares(count: u32, list: &[(&str, f64)]) -> RateShares {
         RateShares {
             client_keys: Vec::new(),
+            client_key_default_share: None,
             proxy_count: count,
             backends: list
                 .iter()
@@ -420,6 +484,87 @@ mod tests {
             ],
             ..Default::default()
         }
+    }
+
+    fn keyed_store() -> SnapshotStore {
+        let s = SnapshotStore::default();
+        let key = |id: &str, rpm: u32| v1::SnapshotClientKey {
+            rpm,
+            ..crate::test_util::key(id, id)
+        };
+        s.apply(
+            1,
+            &v1::Snapshot {
+                version: 1,
+                backends: vec![backend("a", Pool::Primary, &[("m", "m")])],
+                client_keys: vec![key("k1", 60), key("k2", 60), key("free", 0)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn key_share(s: &SnapshotStore, id: &str) -> f64 {
+        let snap = s.load().unwrap();
+        let k = snap.client_keys().find(|k| &*k.id == id).unwrap();
+        k.rpm.as_ref().unwrap().limiter.share()
+    }
+
+    fn key_shares(count: u32, default: Option<f64>, list: &[(&str, f64)]) -> RateShares {
+        RateShares {
+            client_keys: list
+                .iter()
+                .map(|(id, s)| v1::ClientKeyShare {
+                    key_id: (*id).into(),
+                    rpm_share: *s,
+                })
+                .collect(),
+            client_key_default_share: default,
+            ..shares(count, &[])
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_keys_get_their_share_or_the_default() {
+        let s = keyed_store();
+        let f = Fleet::new(s.clone());
+        // Without a control plane: the whole rpm.
+        f.reapply();
+        assert_eq!(key_share(&s, "k1"), 1.0);
+        // With one: 0 until the first shares.
+        f.await_shares();
+        assert_eq!(key_share(&s, "k1"), 0.0);
+        f.apply_shares(&key_shares(4, Some(0.2), &[("k1", 0.7)]));
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.7, 0.2));
+        assert_eq!(f.keys_with_shares(), 1);
+        // The list is complete: a key left out goes back to the default.
+        f.apply_shares(&key_shares(4, Some(0.25), &[("k2", 0.1)]));
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.25, 0.1));
+        // A control plane that sends no default: 1 ÷ proxy count.
+        f.apply_shares(&key_shares(2, None, &[]));
+        assert_eq!(key_share(&s, "k1"), 0.5);
+        // Degraded: 1 ÷ last known proxy count for every key.
+        f.apply_shares(&key_shares(4, Some(0.1), &[("k1", 0.9)]));
+        f.enter_degraded();
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.25, 0.25));
+        f.apply_shares(&key_shares(4, Some(0.1), &[("k1", 0.9)]));
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.9, 0.1));
+        // A new snapshot's keys get their shares at once; limiters (and
+        // their shares) carry over by key id.
+        let mut snap = v1::Snapshot {
+            version: 2,
+            ..Default::default()
+        };
+        for (id, rpm) in [("k1", 30), ("k3", 60)] {
+            snap.client_keys.push(v1::SnapshotClientKey {
+                rpm,
+                ..crate::test_util::key(id, id)
+            });
+        }
+        s.apply(2, &snap).unwrap();
+        f.reapply();
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k3")), (0.9, 0.1));
     }
 
     #[tokio::test(start_paused = true)]

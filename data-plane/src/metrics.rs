@@ -27,6 +27,8 @@
 //! | `claw_dp_report_buffered_events` | gauge | |
 //! | `claw_dp_report_dropped_events_total` | counter | |
 //! | `claw_dp_degraded_mode` | gauge | |
+//! | `claw_dp_client_key_default_share` | gauge | |
+//! | `claw_dp_client_keys_with_shares` | gauge | |
 //! | `claw_health_fail_open_total` | counter | `model` |
 //! | `claw_backend_health_excluded` | gauge (rendered at scrape) | `backend` (id) |
 //! | `gen_ai_server_time_to_first_token_seconds` | histogram | `gen_ai_request_model` |
@@ -194,6 +196,14 @@ fn describe() {
     describe_gauge!(
         DEGRADED_MODE,
         "1 in degraded mode (equal rate-limit shares without a control plane)"
+    );
+    describe_gauge!(
+        CLIENT_KEY_DEFAULT_SHARE,
+        "Share of a client key's fleet-wide rpm this proxy applies to keys without a share of their own"
+    );
+    describe_gauge!(
+        CLIENT_KEYS_WITH_SHARES,
+        "Client keys the control plane gave this proxy a share of their own (recent demand)"
     );
     describe_counter!(
         HEALTH_FAIL_OPEN_TOTAL,
@@ -464,6 +474,17 @@ pub(crate) fn report_events_dropped(events: u64) {
 /// Sets [`DEGRADED_MODE`].
 pub(crate) fn set_degraded(on: bool) {
     metrics::gauge!(DEGRADED_MODE).set(flag(on));
+}
+
+/// The share of a client key's rpm applied to keys without their own.
+pub(crate) const CLIENT_KEY_DEFAULT_SHARE: &str = "claw_dp_client_key_default_share";
+/// Client keys with a share of their own.
+pub(crate) const CLIENT_KEYS_WITH_SHARES: &str = "claw_dp_client_keys_with_shares";
+
+/// Sets [`CLIENT_KEY_DEFAULT_SHARE`] and [`CLIENT_KEYS_WITH_SHARES`].
+pub(crate) fn set_key_shares(default_share: f64, with_own: usize) {
+    metrics::gauge!(CLIENT_KEY_DEFAULT_SHARE).set(default_share);
+    metrics::gauge!(CLIENT_KEYS_WITH_SHARES).set(with_own as f64);
 }
 
 /// Metric handles of one (model, backend) pair for a successful answer,

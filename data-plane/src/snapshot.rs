@@ -386,6 +386,28 @@ struct ModelRoutes {
     translating: [Option<Arc<Route>>; 2],
 }
 
+/// A client key's rpm on this proxy: the limiter (the key's fleet-wide rpm ×
+/// this proxy's share, set by [`crate::fleet`]) and the demand since the
+/// last report batch (requests asked, admitted or not). Carried over
+/// snapshots by key id.
+#[derive(Debug)]
+pub struct KeyRpm {
+    /// The key's rpm × share.
+    pub limiter: RateLimiter,
+    /// Requests since the last report batch.
+    pub demand: Demand,
+}
+
+impl KeyRpm {
+    /// A limiter for `rpm` (share 1 until the fleet sets it).
+    pub fn new(rpm: u32, now: Instant) -> Self {
+        KeyRpm {
+            limiter: RateLimiter::client(f64::from(rpm), now),
+            demand: Demand::default(),
+        }
+    }
+}
+
 /// A client key.
 #[derive(Debug)]
 pub struct ClientKey {
@@ -395,8 +417,8 @@ pub struct ClientKey {
     pub name: String,
     /// Canonical models allowed; empty means all.
     pub models: HashSet<String>,
-    /// Per-key requests per minute, if limited.
-    pub rpm: Option<Arc<RateLimiter>>,
+    /// Per-key requests per minute × this proxy's share of it, if limited.
+    pub rpm: Option<Arc<KeyRpm>>,
     /// Per-key requests in flight on this proxy, if limited (`max_parallel`).
     pub parallel: Option<Arc<crate::key_limits::KeyLimiter>>,
     /// Agent ids whose `x-claw-agent-id` the key may send.
@@ -518,6 +540,11 @@ impl Snapshot {
     /// The client key whose secret hashes to `sha256`.
     pub fn key(&self, sha256: &[u8; 32]) -> Option<&Arc<ClientKey>> {
         self.keys.get(sha256)
+    }
+
+    /// Every client key (in no particular order).
+    pub fn client_keys(&self) -> impl Iterator<Item = &Arc<ClientKey>> {
+        self.keys.values()
     }
 
     /// Settings of `pool`.

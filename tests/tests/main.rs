@@ -38,6 +38,7 @@ mod hostile_connections;
 mod hostile_limits;
 mod hostile_upstreams;
 mod hostile_webhooks;
+mod key_rpm_fleet;
 mod metrics_format;
 mod mock_protocols;
 mod mock_upstream;

@@ -86,7 +86,13 @@ pub struct Directory {
     cache: RwLock<(u64, Arc<Backends>)>,
     /// The ids of the configured agents, by configuration version.
     agents: RwLock<(u64, Arc<std::collections::HashSet<String>>)>,
+    /// The rpm of every rpm-limited client key by id, by configuration
+    /// version.
+    key_rpms: RwLock<(u64, Arc<KeyRpms>)>,
 }
+
+/// Client keys' rpm (> 0) by key id.
+pub type KeyRpms = HashMap<String, u32>;
 
 impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +115,36 @@ impl Directory {
             catalog,
             cache: RwLock::new((0, Arc::new(HashMap::new()))),
             agents: RwLock::new((0, Arc::default())),
+            key_rpms: RwLock::new((0, Arc::default())),
+        }
+    }
+
+    /// The rpm of every rpm-limited client key, by id. On a catalog error
+    /// the previous view is kept.
+    pub fn key_rpms(&self) -> Arc<KeyRpms> {
+        let version = self.catalog.config_version();
+        {
+            let c = self.key_rpms.read();
+            if c.0 == version {
+                return c.1.clone();
+            }
+        }
+        match self.catalog.client_key_records() {
+            Ok(list) => {
+                let map: Arc<KeyRpms> = Arc::new(
+                    list.into_iter()
+                        .filter_map(|r| r.spec)
+                        .filter(|k| k.rpm > 0)
+                        .map(|k| (k.id, k.rpm))
+                        .collect(),
+                );
+                *self.key_rpms.write() = (version, map.clone());
+                map
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read client keys; using the previous view");
+                self.key_rpms.read().1.clone()
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! | `claw_cp_backend_auth_failed` | gauge | `backend` (id): 1 while the provider rejects its key |
 //! | `claw_cp_cooldown_pushes_total` | counter | |
 //! | `claw_cp_rate_share_assignments_total` | counter | (rate-share messages pushed) |
+//! | `claw_cp_client_keys_with_shares` | gauge | (client keys assigned shares of their own) |
 
 /// Backends cooling fleet-wide.
 pub const COOLDOWNS_ACTIVE: &str = "claw_cp_cooldowns_active";
@@ -18,8 +19,16 @@ pub const COOLDOWN_PUSHES_TOTAL: &str = "claw_cp_cooldown_pushes_total";
 /// Rate-share messages pushed to proxies.
 pub const RATE_SHARE_ASSIGNMENTS_TOTAL: &str = "claw_cp_rate_share_assignments_total";
 
+/// Client keys with shares of their own (recent demand).
+pub const CLIENT_KEYS_WITH_SHARES: &str = "claw_cp_client_keys_with_shares";
+
 /// Describes the metrics and initializes them at zero.
 pub fn describe() {
+    metrics::describe_gauge!(
+        CLIENT_KEYS_WITH_SHARES,
+        "Client keys whose rpm is divided between the proxies by demand (the others get the default share)"
+    );
+    metrics::gauge!(CLIENT_KEYS_WITH_SHARES).set(0.0);
     metrics::describe_gauge!(COOLDOWNS_ACTIVE, "Backends cooling fleet-wide");
     metrics::describe_counter!(COOLDOWN_PUSHES_TOTAL, "Cooldown messages pushed to proxies");
     metrics::describe_gauge!(
@@ -57,4 +66,9 @@ pub fn cooldown_pushed(n: usize) {
 /// Counts rate-share messages pushed.
 pub fn shares_pushed(n: usize) {
     metrics::counter!(RATE_SHARE_ASSIGNMENTS_TOTAL).increment(n as u64);
+}
+
+/// Sets the count of client keys with shares of their own.
+pub fn keys_with_shares(n: usize) {
+    metrics::gauge!(CLIENT_KEYS_WITH_SHARES).set(n as f64);
 }

@@ -1,5 +1,5 @@
 //! Cluster-wide rate limits: each connected proxy's share of every
-//! backend's rpm and tpm.
+//! backend's rpm and tpm, and of every client key's rpm.
 //!
 //! **Targets.** Per backend and per limit, the connected proxies' recent
 //! demand (an EWMA of the `demand` in their report batches — what they
@@ -56,6 +56,40 @@
 //!
 //! Each proxy is sent `RateShares` only when its shares (or the proxy
 //! count) changed.
+//!
+//! **Client keys.** A client key's `rpm` is fleet-wide too, divided by the
+//! same functions ([`targets`], [`allocate`], the same histories and
+//! reservations; requests only, from the batches' `key_demand`). Keys are
+//! many (100k), so most are not assigned one by one:
+//!
+//! - the **default share** is a limit of its own with no demand (equal
+//!   targets) run through the same machinery: every rpm-limited key a
+//!   proxy has no share of its own for gets it (`RateShares.
+//!   client_key_default_share`). So `Σ_p reserved_p ≤ 1` holds for it —
+//!   and therefore for every key that follows it — through joins (a new
+//!   proxy starts at 0), leaves (a disconnected proxy's default stays
+//!   reserved for `disconnected_hold`) and lowerings;
+//! - a key some connected proxy has demand for (above 1 % of its rpm) is
+//!   **tracked**: it starts from a copy of each proxy's default-share
+//!   history (that is what they applied to it until then, so its
+//!   invariant holds from the first instant) and from then on has targets
+//!   and grants of its own, demand-weighted like a backend's;
+//! - a tracked key whose demand died out is steered back to exactly the
+//!   default targets, and stops being tracked once every proxy's grant
+//!   equals its default and was no higher during the last `propagation`:
+//!   whatever a proxy may still apply for it is then covered by its
+//!   default reservation, so the invariant carries over;
+//! - `RateShares.client_keys` lists, for one proxy, the tracked keys whose
+//!   share differs from its default, and is complete: a key left out gets
+//!   the default. Cost: O(tracked keys × proxies) per tick and per push,
+//!   nothing for idle keys.
+//!
+//! A key's limiter on a proxy admits a minute's worth back to back
+//! (`Burst::Minute`, `data-plane/src/ratelimit.rs`), scaled by the share:
+//! in any window of `T`, the fleet admits at most `rpm × T ÷ 60 s` plus
+//! `rpm × Σ_p (highest share of p in the window)` — `rpm` while the shares
+//! are steady: the one-proxy contract (at most `2 × rpm` in any minute),
+//! now fleet-wide.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -63,10 +97,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Duration;
 
-use claw_proto::v1::{BackendShare, RateShares, StreamConfigResponse, StreamReportsRequest};
+use claw_proto::v1::{
+    BackendShare, ClientKeyShare, RateShares, StreamConfigResponse, StreamReportsRequest,
+};
 use tokio::time::Instant;
 
-use super::directory::{BackendInfo, Backends, Directory};
+use super::directory::{BackendInfo, Backends, Directory, KeyRpms};
 use crate::proxies::Push;
 
 /// Tunables of the share assignment.
@@ -207,7 +243,7 @@ pub fn allocate(slots: &[Slot]) -> Vec<f64> {
 }
 
 /// A share over time: the changes of the last `propagation`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct History {
     /// `(since, share)`, oldest first; the last is in effect now.
     changes: VecDeque<(Instant, f64)>,
@@ -252,7 +288,7 @@ struct Rate {
     tokens: f64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Grant {
     rpm: History,
     tpm: History,
@@ -267,7 +303,80 @@ struct Node {
     demand: HashMap<String, Rate>,
     demand_at: Option<Instant>,
     grants: HashMap<String, Grant>,
+    /// Client-key demand per second (`requests` only), by key id.
+    key_demand: HashMap<String, Rate>,
+    /// Grants of the tracked client keys (rpm only), by key id.
+    key_grants: HashMap<String, Grant>,
+    /// The grant of every client key not tracked (rpm only).
+    key_default: Grant,
     pushed: Option<RateShares>,
+}
+
+impl Node {
+    /// Every grant the node holds.
+    fn all_grants_mut(&mut self) -> impl Iterator<Item = &mut Grant> {
+        self.grants
+            .values_mut()
+            .chain(self.key_grants.values_mut())
+            .chain(std::iter::once(&mut self.key_default))
+    }
+
+    fn grant(&self, of: Limited<'_>) -> Option<&Grant> {
+        match of {
+            Limited::Backend(id) => self.grants.get(id),
+            Limited::Key(id) => self.key_grants.get(id),
+            Limited::KeyDefault => Some(&self.key_default),
+        }
+    }
+
+    fn grant_mut(&mut self, of: Limited<'_>) -> &mut Grant {
+        let map = match of {
+            Limited::Backend(_) => &mut self.grants,
+            Limited::Key(_) => &mut self.key_grants,
+            Limited::KeyDefault => return &mut self.key_default,
+        };
+        let id = of.id();
+        if !map.contains_key(id) {
+            map.insert(id.to_string(), Grant::default());
+        }
+        map.get_mut(id).expect("inserted above")
+    }
+
+    /// Recent demand per second for `of` in `dim`.
+    fn demand_per_s(&self, of: Limited<'_>, dim: Dim) -> f64 {
+        let r = match of {
+            Limited::Backend(id) => self.demand.get(id),
+            Limited::Key(id) => self.key_demand.get(id),
+            Limited::KeyDefault => None,
+        }
+        .copied()
+        .unwrap_or_default();
+        if dim == Dim::Rpm {
+            r.requests
+        } else {
+            r.tokens
+        }
+    }
+}
+
+/// What a share is of.
+#[derive(Debug, Clone, Copy)]
+enum Limited<'a> {
+    /// A backend's rpm or tpm.
+    Backend(&'a str),
+    /// A tracked client key's rpm.
+    Key(&'a str),
+    /// The rpm of every client key not tracked.
+    KeyDefault,
+}
+
+impl Limited<'_> {
+    fn id(&self) -> &str {
+        match self {
+            Limited::Backend(id) | Limited::Key(id) => id,
+            Limited::KeyDefault => "",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -275,7 +384,15 @@ struct Inner {
     nodes: BTreeMap<String, Node>,
     /// Connected node ids at the last targeting, to detect changes.
     members: Vec<String>,
+    /// Client keys with a grant of their own (recent demand, or a share
+    /// not yet back at the default).
+    tracked: std::collections::BTreeSet<String>,
 }
+
+/// A key whose demand on every proxy is below this fraction of its rpm (with
+/// headroom) has no demand: its shares go back to the default, and it stops
+/// being tracked once they are there.
+const KEY_IDLE: f64 = 0.01;
 
 /// The rate-share assigner. Fed by report ingestion ([`Shares::observe`])
 /// and by the proxy registry ([`Shares::set_members`]); [`Fleet::run`](super::Fleet::run)
@@ -284,6 +401,7 @@ pub struct Shares {
     inner: Mutex<Inner>,
     settings: ShareSettings,
     backends: Box<dyn Fn() -> Arc<Backends> + Send + Sync>,
+    keys: Box<dyn Fn() -> Arc<KeyRpms> + Send + Sync>,
     config_version: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
@@ -308,19 +426,38 @@ impl Shares {
         directory: Arc<Directory>,
         config_version: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
-        Self::with_backends(settings, move || directory.backends(), config_version)
+        let keys = directory.clone();
+        Self::with_sources(
+            settings,
+            move || directory.backends(),
+            move || keys.key_rpms(),
+            config_version,
+        )
     }
 
-    /// An assigner for the backends `backends()` lists (tests).
+    /// An assigner for the backends `backends()` lists and no client keys
+    /// (tests).
     pub fn with_backends(
         settings: ShareSettings,
         backends: impl Fn() -> Arc<Backends> + Send + Sync + 'static,
+        config_version: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        Self::with_sources(settings, backends, Arc::default, config_version)
+    }
+
+    /// An assigner for the backends `backends()` and the rpm-limited client
+    /// keys `keys()` list (tests).
+    pub fn with_sources(
+        settings: ShareSettings,
+        backends: impl Fn() -> Arc<Backends> + Send + Sync + 'static,
+        keys: impl Fn() -> Arc<KeyRpms> + Send + Sync + 'static,
         config_version: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
         Shares {
             inner: Mutex::new(Inner::default()),
             settings,
             backends: Box::new(backends),
+            keys: Box::new(keys),
             config_version: Box::new(config_version),
         }
     }
@@ -336,16 +473,51 @@ impl Shares {
     /// demand moves to another proxy).
     pub fn observe(&self, batch: &StreamReportsRequest) {
         let now = Instant::now();
-        let tau = self.settings.ewma_tau.as_secs_f64();
         let backends = (self.backends)();
+        let keys = (self.keys)();
         let mut inner = self.inner.lock();
         let node = inner.nodes.entry(batch.node_id.clone()).or_default();
         let dt = node
             .demand_at
             .map_or(1.0, |t| now.duration_since(t).as_secs_f64())
             .max(0.05);
-        let alpha = |backend: &str| {
-            let rpm = backends.get(backend).map_or(0.0, |b| f64::from(b.rpm));
+        let mut seen: HashMap<&str, (f64, f64)> = HashMap::new();
+        for d in &batch.demand {
+            let e = seen.entry(&d.backend_id).or_default();
+            e.0 += d.requests as f64;
+            e.1 += d.tokens as f64;
+        }
+        self.smooth(&mut node.demand, seen, dt, |backend| {
+            backends.get(backend).map_or((0.0, 0.0), limits)
+        });
+        // Client keys: requests only, and only rpm-limited keys.
+        let mut seen: HashMap<&str, (f64, f64)> = HashMap::new();
+        for d in &batch.key_demand {
+            if keys.contains_key(&d.key_id) {
+                seen.entry(&d.key_id).or_default().0 += d.requests as f64;
+            }
+        }
+        self.smooth(&mut node.key_demand, seen, dt, |key| {
+            (keys.get(key).map_or(0.0, |r| f64::from(*r)), 0.0)
+        });
+        // Keys are many: forget demand that has died out.
+        node.key_demand.retain(|_, r| r.requests > 1e-9);
+        node.demand_at = Some(now);
+    }
+
+    /// One EWMA step of a demand map over `dt` seconds: what `seen` (this
+    /// batch's requests and tokens by id) has moves towards its rate, capped
+    /// at the whole limit (`limits(id)`, per minute, 0 = none); the rest
+    /// decays towards zero.
+    fn smooth(
+        &self,
+        rates: &mut HashMap<String, Rate>,
+        seen: HashMap<&str, (f64, f64)>,
+        dt: f64,
+        limits: impl Fn(&str) -> (f64, f64),
+    ) {
+        let tau = self.settings.ewma_tau.as_secs_f64();
+        let alpha = |rpm: f64| {
             let tau = if rpm > 0.0 {
                 tau.max(self.settings.ewma_requests * 60.0 / rpm)
             } else {
@@ -353,25 +525,16 @@ impl Shares {
             };
             1.0 - (-dt / tau).exp()
         };
-        let mut seen: HashMap<&str, (f64, f64)> = HashMap::new();
-        for d in &batch.demand {
-            let e = seen.entry(&d.backend_id).or_default();
-            e.0 += d.requests as f64;
-            e.1 += d.tokens as f64;
-        }
-        // Backends without demand in this batch decay towards zero.
-        let keys: Vec<String> = node.demand.keys().cloned().collect();
-        for k in keys {
-            if !seen.contains_key(k.as_str())
-                && let Some(r) = node.demand.get_mut(&k)
-            {
-                let a = alpha(&k);
+        // Entries without demand in this batch decay towards zero.
+        for (id, r) in rates.iter_mut() {
+            if !seen.contains_key(id.as_str()) {
+                let a = alpha(limits(id).0);
                 r.requests *= 1.0 - a;
                 r.tokens *= 1.0 - a;
             }
         }
-        for (backend, (req, tok)) in seen {
-            let (rpm, tpm) = backends.get(backend).map_or((0.0, 0.0), limits);
+        for (id, (req, tok)) in seen {
+            let (rpm, tpm) = limits(id);
             let cap = |per_s: f64, per_min: f64| {
                 if per_min > 0.0 {
                     per_s.min(per_min / 60.0)
@@ -379,12 +542,11 @@ impl Shares {
                     per_s
                 }
             };
-            let a = alpha(backend);
-            let r = node.demand.entry(backend.to_string()).or_default();
+            let a = alpha(rpm);
+            let r = rates.entry(id.to_string()).or_default();
             r.requests += a * (cap(req / dt, rpm) - r.requests);
             r.tokens += a * (cap(tok / dt, tpm) - r.tokens);
         }
-        node.demand_at = Some(now);
     }
 
     /// Sets the connected proxies (and their channels). Returns whether the
@@ -413,7 +575,7 @@ impl Shares {
                     node.tx = None;
                     node.gone_at = Some(now);
                     node.pushed = None;
-                    for g in node.grants.values_mut() {
+                    for g in node.all_grants_mut() {
                         for dim in [Dim::Rpm, Dim::Tpm] {
                             let h = dim.history_mut(g);
                             let last = h.max_since(recent);
@@ -444,6 +606,7 @@ impl Shares {
         let now = Instant::now();
         let s = self.settings;
         let backends = (self.backends)();
+        let keys = (self.keys)();
         let mut inner = self.inner.lock();
         let recent = now.checked_sub(s.propagation).unwrap_or(now);
         // Forget proxies gone for longer than the hold.
@@ -473,7 +636,7 @@ impl Shares {
                     &mut inner,
                     &ids,
                     &members,
-                    b,
+                    Limited::Backend(&b.id),
                     dim,
                     limit,
                     membership_changed,
@@ -481,14 +644,18 @@ impl Shares {
                 );
             }
         }
+        self.evaluate_keys(&mut inner, &keys, &ids, &members, membership_changed, now);
+        super::metrics::keys_with_shares(inner.tracked.len());
         // Messages for proxies whose shares changed.
         let mut out = Vec::new();
         let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
         let version = (self.config_version)();
+        let Inner { nodes, tracked, .. } = &mut *inner;
         for id in &members {
-            let Some(node) = inner.nodes.get_mut(id) else {
+            let Some(node) = nodes.get_mut(id) else {
                 continue;
             };
+            let default = round(node.key_default.rpm.current());
             let shares = RateShares {
                 proxy_count: count,
                 backends: ordered
@@ -502,12 +669,24 @@ impl Shares {
                         }
                     })
                     .collect(),
-                client_keys: Vec::new(),
+                // Only the keys whose share is not the default: the list is
+                // complete, a key left out gets the default.
+                client_keys: tracked
+                    .iter()
+                    .filter_map(|k| {
+                        let share = round(node.key_grants.get(k)?.rpm.current());
+                        (share != default).then(|| ClientKeyShare {
+                            key_id: k.clone(),
+                            rpm_share: share,
+                        })
+                    })
+                    .collect(),
+                // Always: a key created later finds its default known.
+                client_key_default_share: Some(default),
             };
-            // Nothing to say while no backend has a limit.
-            let worth = !shares.backends.is_empty() || node.pushed.is_some();
-            if worth
-                && node.pushed.as_ref() != Some(&shares)
+            // Every proxy is told at least once (the proxy count and the
+            // key default), then on every change.
+            if node.pushed.as_ref() != Some(&shares)
                 && let Some(tx) = &node.tx
             {
                 node.pushed = Some(shares.clone());
@@ -522,12 +701,135 @@ impl Shares {
             }
         }
         for node in inner.nodes.values_mut() {
-            for g in node.grants.values_mut() {
+            for g in node.all_grants_mut() {
                 g.rpm.prune(recent);
                 g.tpm.prune(recent);
             }
         }
         out
+    }
+
+    /// The client keys' rpm shares: the default share (of every key not
+    /// tracked) first, then each tracked key; a key with demand starts
+    /// being tracked, an idle one stops once its shares are back at the
+    /// default on every proxy.
+    fn evaluate_keys(
+        &self,
+        inner: &mut Inner,
+        keys: &KeyRpms,
+        ids: &[String],
+        members: &[String],
+        membership_changed: bool,
+        now: Instant,
+    ) {
+        let recent = now.checked_sub(self.settings.propagation).unwrap_or(now);
+        self.evaluate_one(
+            inner,
+            ids,
+            members,
+            Limited::KeyDefault,
+            Dim::Rpm,
+            0.0,
+            membership_changed,
+            now,
+        );
+        // Keys no longer limited (deleted, or rpm 0) are dropped: the
+        // proxies drop their limiters with the snapshot.
+        let gone: Vec<String> = inner
+            .tracked
+            .iter()
+            .filter(|k| !keys.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            inner.tracked.remove(&k);
+            for n in inner.nodes.values_mut() {
+                n.key_grants.remove(&k);
+            }
+        }
+        // Keys with demand start from the default share's history: until
+        // now every proxy applied the default to them.
+        let mut fresh: std::collections::BTreeSet<String> = Default::default();
+        for id in members {
+            let Some(n) = inner.nodes.get(id) else {
+                continue;
+            };
+            for k in n.key_demand.keys() {
+                if let Some(rpm) = keys.get(k)
+                    && !inner.tracked.contains(k)
+                    && !fresh.contains(k)
+                    && !self.key_idle(inner, members, k, f64::from(*rpm), now)
+                {
+                    fresh.insert(k.clone());
+                }
+            }
+        }
+        for k in fresh {
+            for n in inner.nodes.values_mut() {
+                let d = n.key_default.clone();
+                n.key_grants.insert(k.clone(), d);
+            }
+            inner.tracked.insert(k);
+        }
+        let tracked: Vec<String> = inner.tracked.iter().cloned().collect();
+        for k in tracked {
+            let rpm = keys.get(&k).map_or(0.0, |r| f64::from(*r));
+            self.evaluate_one(
+                inner,
+                ids,
+                members,
+                Limited::Key(&k),
+                Dim::Rpm,
+                rpm,
+                membership_changed,
+                now,
+            );
+            // Back at the default on every proxy, and held no higher over
+            // the last `propagation`: what each proxy may apply for the key
+            // is then covered by its default reservation.
+            let settled = inner.nodes.values().all(|n| {
+                n.key_grants.get(&k).is_none_or(|g| {
+                    let cur = g.rpm.current();
+                    (cur - n.key_default.rpm.current()).abs() < 1e-12
+                        && g.rpm.max_since(recent) <= cur + 1e-12
+                })
+            });
+            if settled && self.key_idle(inner, members, &k, rpm, now) {
+                inner.tracked.remove(&k);
+                for n in inner.nodes.values_mut() {
+                    n.key_grants.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// True when no connected proxy wants more than [`KEY_IDLE`] of `key`'s
+    /// rpm.
+    fn key_idle(
+        &self,
+        inner: &Inner,
+        members: &[String],
+        key: &str,
+        rpm: f64,
+        now: Instant,
+    ) -> bool {
+        members.iter().all(|id| {
+            inner.nodes.get(id).is_none_or(|n| {
+                self.recent_demand(n, Limited::Key(key), Dim::Rpm, now) * self.settings.headroom
+                    < KEY_IDLE * rpm
+            })
+        })
+    }
+
+    /// `node`'s demand (per minute) for `of`, decayed while no report
+    /// refreshed it.
+    fn recent_demand(&self, n: &Node, of: Limited<'_>, dim: Dim, now: Instant) -> f64 {
+        let per_s = n.demand_per_s(of, dim);
+        let stale = n
+            .demand_at
+            .map_or(0.0, |t| now.duration_since(t).as_secs_f64() - 2.0)
+            .max(0.0);
+        per_s * 60.0 * (-stale / self.settings.ewma_tau.as_secs_f64()).exp()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -536,7 +838,7 @@ impl Shares {
         inner: &mut Inner,
         ids: &[String],
         members: &[String],
-        b: &BackendInfo,
+        of: Limited<'_>,
         dim: Dim,
         limit: f64,
         membership_changed: bool,
@@ -544,45 +846,48 @@ impl Shares {
     ) {
         let s = &self.settings;
         let recent = now.checked_sub(s.propagation).unwrap_or(now);
+        // An idle client key is steered back to the default share exactly
+        // (so that it can stop being tracked).
+        let idle_key =
+            matches!(of, Limited::Key(k) if self.key_idle(inner, members, k, limit, now));
         // Fresh targets for the connected proxies.
-        let demand: Vec<f64> = members
-            .iter()
-            .map(|id| {
-                inner.nodes.get(id).map_or(0.0, |n| {
-                    let r = n.demand.get(&b.id).copied().unwrap_or_default();
-                    let per_s = if dim == Dim::Rpm {
-                        r.requests
-                    } else {
-                        r.tokens
-                    };
-                    // Demand not refreshed by reports decays.
-                    let stale = n
-                        .demand_at
-                        .map_or(0.0, |t| now.duration_since(t).as_secs_f64() - 2.0)
-                        .max(0.0);
-                    per_s * 60.0 * (-stale / s.ewma_tau.as_secs_f64()).exp()
+        let fresh: Vec<f64> = if idle_key {
+            members
+                .iter()
+                .map(|id| {
+                    inner
+                        .nodes
+                        .get(id)
+                        .map_or(0.0, |n| dim.target(&n.key_default))
                 })
-            })
-            .collect();
-        let fresh = targets(&demand, limit, s);
+                .collect()
+        } else {
+            let demand: Vec<f64> = members
+                .iter()
+                .map(|id| {
+                    inner
+                        .nodes
+                        .get(id)
+                        .map_or(0.0, |n| self.recent_demand(n, of, dim, now))
+                })
+                .collect();
+            targets(&demand, limit, s)
+        };
         let moved = members.iter().zip(&fresh).any(|(id, t)| {
             let old = inner
                 .nodes
                 .get(id)
-                .and_then(|n| n.grants.get(&b.id))
+                .and_then(|n| n.grant(of))
                 .map_or(0.0, |g| dim.target(g));
-            (old - t).abs() > s.retarget
+            (old - t).abs() > if idle_key { 0.0 } else { s.retarget }
         });
-        let never = members.iter().any(|id| {
-            inner
-                .nodes
-                .get(id)
-                .is_none_or(|n| !n.grants.contains_key(&b.id))
-        });
+        let never = members
+            .iter()
+            .any(|id| inner.nodes.get(id).is_none_or(|n| n.grant(of).is_none()));
         if membership_changed || moved || never {
             for (id, t) in members.iter().zip(&fresh) {
                 if let Some(n) = inner.nodes.get_mut(id) {
-                    *dim.target_mut(n.grants.entry(b.id.clone()).or_default()) = *t;
+                    *dim.target_mut(n.grant_mut(of)) = *t;
                 }
             }
         }
@@ -594,7 +899,7 @@ impl Shares {
             .map(|id| {
                 let n = inner.nodes.get_mut(id).expect("ids come from the map");
                 let connected = n.tx.is_some();
-                let g = n.grants.entry(b.id.clone()).or_default();
+                let g = n.grant_mut(of);
                 let h = dim.history(g);
                 if connected {
                     Slot {
@@ -614,8 +919,7 @@ impl Shares {
         let granted = allocate(&slots);
         for (id, g) in ids.iter().zip(granted) {
             if let Some(n) = inner.nodes.get_mut(id) {
-                let grant = n.grants.entry(b.id.clone()).or_default();
-                dim.history_mut(grant).set(now, g);
+                dim.history_mut(n.grant_mut(of)).set(now, g);
             }
         }
     }
@@ -1042,6 +1346,192 @@ mod tests {
         for p in &sim.proxies {
             assert!((p.applied - 0.25).abs() < 1e-9, "{}", p.applied);
         }
+    }
+
+    /// What a proxy applies to `key` after `m`: its own share, or the
+    /// default.
+    fn key_share(m: &RateShares, key: &str) -> f64 {
+        m.client_keys
+            .iter()
+            .find(|k| k.key_id == key)
+            .map(|k| k.rpm_share)
+            .or(m.client_key_default_share)
+            .unwrap_or(0.0)
+    }
+
+    /// Simulated proxies in front of `Shares` for one client key `ck`
+    /// (rpm 60): pushes arrive 1.5 s late, in order.
+    struct KeySim {
+        shares: Shares,
+        ids: Vec<String>,
+        txs: Vec<Push>,
+        _rxs: Vec<mpsc::Receiver<StreamConfigResponse>>,
+        connected: Vec<bool>,
+        /// What each proxy applies now: (key share, default share).
+        applied: Vec<(f64, f64)>,
+        /// The last message each proxy got.
+        last: Vec<Option<RateShares>>,
+        in_flight: Vec<(Instant, usize, RateShares)>,
+        /// Requests per second each proxy is asked for the key.
+        offered: Vec<f64>,
+        /// Fractions of a request not reported yet.
+        carry: Vec<f64>,
+    }
+
+    impl KeySim {
+        fn new(n: usize) -> KeySim {
+            let shares = Shares::with_sources(
+                s(),
+                || Arc::new(HashMap::new()),
+                || Arc::new(HashMap::from([("ck".to_string(), 60u32)])),
+                || 1,
+            );
+            let mut sim = KeySim {
+                shares,
+                ids: Vec::new(),
+                txs: Vec::new(),
+                _rxs: Vec::new(),
+                connected: Vec::new(),
+                applied: Vec::new(),
+                last: Vec::new(),
+                in_flight: Vec::new(),
+                offered: Vec::new(),
+                carry: Vec::new(),
+            };
+            for _ in 0..n {
+                sim.add();
+            }
+            sim
+        }
+
+        fn add(&mut self) {
+            let (tx, rx) = mpsc::channel(8);
+            self.ids.push(format!("p{}", self.ids.len()));
+            self.txs.push(tx);
+            self._rxs.push(rx);
+            self.connected.push(true);
+            self.applied.push((0.0, 0.0));
+            self.last.push(None);
+            self.offered.push(0.0);
+            self.carry.push(0.0);
+            self.members();
+        }
+
+        fn members(&self) {
+            self.shares.set_members(
+                (0..self.ids.len())
+                    .filter(|i| self.connected[*i])
+                    .map(|i| (self.ids[i].clone(), self.txs[i].clone()))
+                    .collect(),
+            );
+        }
+
+        async fn run(&mut self, secs: u64) {
+            for i in 0..secs * 10 {
+                tokio::time::advance(Duration::from_millis(100)).await;
+                let now = Instant::now();
+                while self.in_flight.first().is_some_and(|x| x.0 <= now) {
+                    let (_, p, m) = self.in_flight.remove(0);
+                    self.applied[p] = (
+                        key_share(&m, "ck"),
+                        m.client_key_default_share.unwrap_or(0.0),
+                    );
+                    self.last[p] = Some(m);
+                }
+                let key: f64 = self.applied.iter().map(|a| a.0).sum();
+                let default: f64 = self.applied.iter().map(|a| a.1).sum();
+                assert!(key <= 1.0 + 1e-9, "key shares sum to {key}");
+                assert!(default <= 1.0 + 1e-9, "default shares sum to {default}");
+                if i % 10 == 5 {
+                    for p in 0..self.ids.len() {
+                        self.carry[p] += self.offered[p];
+                        let requests = self.carry[p].floor();
+                        self.carry[p] -= requests;
+                        if self.connected[p] {
+                            self.shares.observe(&StreamReportsRequest {
+                                node_id: self.ids[p].clone(),
+                                key_demand: vec![claw_proto::v1::ClientKeyDemand {
+                                    key_id: "ck".into(),
+                                    requests: requests as u64,
+                                }],
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+                if i % 10 == 0 {
+                    for (tx, m) in self.shares.evaluate() {
+                        let p = self.txs.iter().position(|t| t.same_channel(&tx));
+                        let p = p.expect("a proxy");
+                        let m = m.rate_shares.expect("shares");
+                        self.in_flight
+                            .push((now + Duration::from_millis(1_500), p, m));
+                    }
+                }
+            }
+        }
+
+        fn tracked(&self) -> usize {
+            self.shares.inner.lock().tracked.len()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_key_shares_follow_demand_and_never_sum_above_one() {
+        let mut sim = KeySim::new(2);
+        // No demand: the default share, the key not listed.
+        sim.run(5).await;
+        assert_eq!(sim.applied, vec![(0.5, 0.5); 2]);
+        assert_eq!(sim.tracked(), 0);
+        assert!(
+            sim.last[0]
+                .as_ref()
+                .is_some_and(|m| m.client_keys.is_empty())
+        );
+        // p0 saturates the key, p1 wants 15 of its 60 a minute.
+        sim.offered = vec![3.0, 0.25];
+        sim.run(40).await;
+        assert_eq!(sim.tracked(), 1);
+        assert!(sim.applied[0].0 > 0.65, "{:?}", sim.applied);
+        assert!(sim.applied[1].0 > 0.2, "{:?}", sim.applied);
+        // The default share is untouched by one key's demand.
+        assert_eq!(sim.applied[0].1, 0.5);
+        // A third proxy joins: it starts at 0 and gets its part once the
+        // others were lowered (`run` checks the sums throughout).
+        sim.add();
+        sim.offered[2] = 3.0;
+        sim.run(30).await;
+        assert!(sim.applied[2].0 > 0.2, "{:?}", sim.applied);
+        assert!(
+            (sim.applied[2].1 - 1.0 / 3.0).abs() < 1e-5,
+            "{:?}",
+            sim.applied
+        );
+        // p1 disconnects and keeps serving on its shares: they stay
+        // reserved for the hold, then the others get them.
+        sim.connected[1] = false;
+        sim.members();
+        sim.run(50).await;
+        let others: f64 = sim.applied[0].0 + sim.applied[2].0;
+        assert!(others <= 1.0 - sim.applied[1].0 + 1e-9);
+        sim.applied[1] = (0.0, 0.0); // (it was in fact gone)
+        sim.run(20).await;
+        assert!(
+            (sim.applied[0].0 + sim.applied[2].0 - 1.0).abs() < 1e-5,
+            "{:?}",
+            sim.applied
+        );
+        assert!((sim.applied[0].1 - 0.5).abs() < 1e-5, "{:?}", sim.applied);
+        // Demand ends: the key goes back to the default and is forgotten.
+        sim.offered = vec![0.0; 3];
+        sim.run(120).await;
+        assert_eq!(sim.tracked(), 0);
+        assert!(
+            sim.last[0]
+                .as_ref()
+                .is_some_and(|m| m.client_keys.is_empty())
+        );
+        assert_eq!((sim.applied[0].0, sim.applied[2].0), (0.5, 0.5));
     }
 
     #[test]

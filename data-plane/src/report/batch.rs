@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use claw_proto::v1::{
-    AgentActivity, BackendDemand, BackendSuccess, FailureKind as WireFailureKind,
+    AgentActivity, BackendDemand, BackendSuccess, ClientKeyDemand, FailureKind as WireFailureKind,
     StreamReportsRequest, UpstreamFailure, UsageAggregate, UsageTotals,
 };
 use tokio::time::Instant;
@@ -269,8 +269,9 @@ impl Collector {
 
     fn cut_batch(&mut self, even_empty: bool) -> bool {
         let demand = self.take_demand();
+        let key_demand = self.take_key_demand();
         let p = std::mem::take(&mut self.pending);
-        let events = p.len() + demand.len();
+        let events = p.len() + demand.len() + key_demand.len();
         if events == 0 && !even_empty {
             return false;
         }
@@ -286,7 +287,7 @@ impl Collector {
             stream_epoch: self.epoch.clone(),
             seq: 0,
             usage: Vec::new(),
-            key_demand: Vec::new(),
+            key_demand,
             usage_aggregates: p
                 .usage
                 .sums
@@ -328,6 +329,23 @@ impl Collector {
         }
         crate::metrics::set_report_buffered(self.buffer.events());
         true
+    }
+
+    /// Requests per rpm-limited client key since the last cut (keys with
+    /// none are left out).
+    fn take_key_demand(&self) -> Vec<ClientKeyDemand> {
+        let Some(snap) = self.store.load() else {
+            return Vec::new();
+        };
+        snap.client_keys()
+            .filter_map(|k| {
+                let (requests, _) = k.rpm.as_ref()?.demand.take();
+                (requests > 0).then(|| ClientKeyDemand {
+                    key_id: k.id.to_string(),
+                    requests,
+                })
+            })
+            .collect()
     }
 
     fn take_demand(&self) -> Vec<BackendDemand> {

@@ -26,10 +26,9 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{
-    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, MAX_EXCLUDED, ModelRoutes,
-    PoolConfig, PoolConfigs, Route, Snapshot, SnapshotError, render_models,
+    Api, Backend, BackendRuntime, Candidate, ClientKey, Credential, KeyRpm, MAX_EXCLUDED,
+    ModelRoutes, PoolConfig, PoolConfigs, Route, Snapshot, SnapshotError, render_models,
 };
-use crate::ratelimit::RateLimiter;
 use crate::upstream::UpstreamTarget;
 use crate::usage::Prices;
 
@@ -413,6 +412,10 @@ fn compile_keys(
         }
         digests.push(digest);
     }
+    // The previous keys by id, for carrying their limiters over.
+    let previous_by_id: HashMap<&str, &Arc<ClientKey>> = previous
+        .map(|p| p.keys.values().map(|o| (&*o.id, o)).collect())
+        .unwrap_or_default();
     let mut out = HashMap::with_capacity(keys.len());
     for (k, digest) in keys.iter().zip(digests) {
         let digest = match digest {
@@ -426,13 +429,13 @@ fn compile_keys(
                 continue;
             }
         };
-        let old = previous.and_then(|p| p.keys.values().find(|o| *o.id == *k.id));
+        let old = previous_by_id.get(k.id.as_str());
         let rpm = (k.rpm > 0).then(|| match old.and_then(|o| o.rpm.clone()) {
             Some(b) => {
-                b.set_limit(f64::from(k.rpm), now);
+                b.limiter.set_limit(f64::from(k.rpm), now);
                 b
             }
-            None => Arc::new(RateLimiter::client(f64::from(k.rpm), now)),
+            None => Arc::new(KeyRpm::new(k.rpm, now)),
         });
         let parallel = (k.max_parallel > 0).then(|| match old.and_then(|o| o.parallel.clone()) {
             Some(l) => {

@@ -56,6 +56,7 @@ impl DiscoveryService for Cp {
             version: self.snapshot.version,
             rate_shares: Some(claw_proto::v1::RateShares {
                 client_keys: Vec::new(),
+                client_key_default_share: None,
                 proxy_count: 1,
                 backends: self
                     .snapshot
