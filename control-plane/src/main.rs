@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use claw_control_plane::config::{self, Config};
 use claw_control_plane::crypto;
-use claw_control_plane::server::Server;
+use claw_control_plane::server::{Server, StartupCheck};
 use tokio::net::TcpListener;
 
 /// The Claw Gateway control plane: stores backends (API keys encrypted),
@@ -282,6 +282,23 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Bound on opening the store and checking every record before
+    /// listening; past it the control plane exits non-zero instead of
+    /// serving a store that makes the engine spin. 0: no bound.
+    #[arg(long, env = "CLAW_STARTUP_CHECK_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    startup_check_timeout: std::time::Duration,
+
+    /// Emergencies only: skip the startup integrity check (every record
+    /// read, as `claw-control-plane check` does) and serve the store as it
+    /// is. The high-water mark is still enforced.
+    #[arg(
+        long,
+        env = "CLAW_SKIP_STARTUP_CHECK",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    skip_startup_check: bool,
 }
 
 fn main() -> ExitCode {
@@ -460,6 +477,14 @@ impl TryFrom<ServeArgs> for Config {
     }
 }
 
+/// The startup check the flags ask for.
+fn startup_check(args: &ServeArgs) -> StartupCheck {
+    StartupCheck {
+        timeout: Some(args.startup_check_timeout).filter(|t| !t.is_zero()),
+        deep: !args.skip_startup_check,
+    }
+}
+
 fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
@@ -470,8 +495,9 @@ fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
+    let check = startup_check(&args);
     let config = Config::try_from(args)?;
-    let server = Server::open(config).await?;
+    let server = Server::open_with(config, check).await?;
     let shutdown = shutdown_signal()?;
     let grpc = TcpListener::bind(grpc_addr)
         .await
@@ -571,6 +597,26 @@ mod tests {
         assert_eq!(
             config.heartbeat.delivery.max_backoff,
             Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn the_startup_check_is_bounded_and_deep_by_default() {
+        assert_eq!(startup_check(&serve_args(&[])), StartupCheck::default());
+        assert_eq!(
+            startup_check(&serve_args(&[
+                "--startup-check-timeout",
+                "0",
+                "--skip-startup-check"
+            ])),
+            StartupCheck {
+                timeout: None,
+                deep: false
+            }
+        );
+        assert_eq!(
+            startup_check(&serve_args(&["--startup-check-timeout", "5m"])).timeout,
+            Some(Duration::from_secs(300))
         );
     }
 
