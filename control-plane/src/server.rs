@@ -68,7 +68,7 @@ use crate::proxies::ProxyRegistry;
 use crate::report::Ingest;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::store::sled::SledStore;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
@@ -598,7 +598,11 @@ fn open_and_check(
     deep: bool,
 ) -> anyhow::Result<(Arc<dyn Store>, Catalog, u64)> {
     let dir = data_dir.display();
-    let sled = SledStore::open(data_dir).with_context(|| format!("opening data directory {dir}"))?;
+    let sled = SledStore::open(data_dir).map_err(|e| match e {
+        // These name the directory already.
+        e @ (StoreError::LostChanges { .. } | StoreError::Mark(_)) => anyhow::Error::from(e),
+        e => anyhow::Error::from(e).context(format!("opening data directory {dir}")),
+    })?;
     let store: Arc<dyn Store> = Arc::new(sled);
     let catalog = futures::executor::block_on(Catalog::open(store.clone(), key.clone()))
         .with_context(|| format!("opening data directory {dir}"))?;

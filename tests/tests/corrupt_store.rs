@@ -115,7 +115,12 @@ fn start_on(dir: &Path, master_key: &str) -> Outcome {
 
 /// Damages a copy of `source` at each of [`OFFSETS`] and starts a control
 /// plane on each: all of `want` served, or refused with the message.
-fn every_offset_serves_all_or_refuses(source: &Path, master_key: &str, want: &BTreeSet<String>) {
+/// Returns how many starts the high-water mark refused.
+fn every_offset_serves_all_or_refuses(
+    source: &Path,
+    master_key: &str,
+    want: &BTreeSet<String>,
+) -> usize {
     let db = source.join("db");
     assert!(db.is_file(), "sled keeps its log in {}", db.display());
     let work = tempfile::tempdir().expect("tempdir");
@@ -164,6 +169,22 @@ fn every_offset_serves_all_or_refuses(source: &Path, master_key: &str, want: &BT
         }
     }
     eprintln!("{}", summary.join("\n"));
+    outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Refused(out) if out.contains(REFUSALS[0])))
+        .count()
+}
+
+/// A copy of `source` (the damaged copies start from the state a clean
+/// stop left) serves all of `want`.
+fn undamaged_serves_all(source: &Path, master_key: &str, want: &BTreeSet<String>) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("intact");
+    copy_dir(source, &dir);
+    match start_on(&dir, master_key) {
+        Outcome::Served(names) => assert_eq!(&names, want),
+        Outcome::Refused(out) => panic!("the undamaged store was refused: {out}"),
+    }
 }
 
 #[test]
@@ -191,11 +212,10 @@ fn damage_after_many_single_writes_is_served_whole_or_refused() {
     }
     cp.stop_clean();
     // The undamaged store serves them all.
-    match start_on(cp.data_dir(), cp.master_key()) {
-        Outcome::Served(names) => assert_eq!(names, want),
-        Outcome::Refused(out) => panic!("the undamaged store was refused: {out}"),
-    }
-    every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
+    undamaged_serves_all(cp.data_dir(), cp.master_key(), &want);
+    // Without the mark, sled's recovery served 0 to 38 of them here.
+    let by_mark = every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
+    assert!(by_mark > 0, "the high-water mark refused none of the starts");
 }
 
 #[test]
@@ -219,11 +239,10 @@ fn damage_after_one_large_apply_is_served_whole_or_refused() {
     )
     .assert_ok();
     cp.stop_clean();
-    match start_on(cp.data_dir(), cp.master_key()) {
-        Outcome::Served(names) => assert_eq!(names, want),
-        Outcome::Refused(out) => panic!("the undamaged store was refused: {out}"),
-    }
-    every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
+    undamaged_serves_all(cp.data_dir(), cp.master_key(), &want);
+    // Without the mark, sled's recovery served 0 to 38 of them here.
+    let by_mark = every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
+    assert!(by_mark > 0, "the high-water mark refused none of the starts");
 }
 
 fn add(cp: &ControlPlane, name: &str) {
@@ -342,4 +361,46 @@ fn a_start_that_cannot_open_its_store_in_time_exits_before_listening() {
         panic!("the intact store was refused");
     };
     assert_eq!(names, BTreeSet::from(["b1".to_string()]));
+}
+
+#[test]
+fn a_record_that_does_not_decode_stops_the_start_naming_its_tree() {
+    use claw_control_plane::store::{Rollback, Store as _, Tree};
+    let mut cp = ControlPlane::start();
+    add(&cp, "b1");
+    cp.clawctl(&["agent", "add", "a1", "--model", "gpt-4o"])
+        .assert_ok();
+    cp.stop_clean();
+    {
+        let store = claw_control_plane::store::sled::SledStore::open(cp.data_dir()).expect("opens");
+        assert!(
+            store
+                .transaction(&[Tree::Agents], &|txn| {
+                    txn.insert(Tree::Agents, b"a1", &[0xff, 0xff, 0xff])
+                        .map_err(|_| Rollback)
+                })
+                .expect("transaction")
+        );
+        store.flush_blocking().expect("flush");
+    }
+    let Outcome::Refused(out) = start_on(cp.data_dir(), cp.master_key()) else {
+        panic!("a store with an undecodable record was served");
+    };
+    assert!(
+        out.contains("the integrity check of data directory")
+            && out.contains("in tree(s) agents")
+            && out.contains("agents: key \"a1\": record does not decode"),
+        "{out}"
+    );
+    // The emergency switch serves it as it is.
+    let mut served = ControlPlane::builder()
+        .data_dir(cp.data_dir())
+        .master_key(cp.master_key())
+        .arg("--skip-startup-check")
+        .start();
+    served
+        .clawctl(&["backend", "get", "b1"])
+        .assert_ok();
+    assert!(served.logs().contains("startup integrity check is skipped"));
+    served.stop_clean();
 }
