@@ -8,6 +8,13 @@
 //! whose records are private to their module (cooldowns, usage buckets,
 //! report idempotency, the webhook outbox) are checked as well-formed
 //! protobuf and counted.
+//!
+//! The server runs the same check ([`check_store`]) on its store before it
+//! listens (bounded by `--startup-check-timeout`, skipped with
+//! `--skip-startup-check`); opening the store also enforces its high-water
+//! mark ([`crate::store::watermark`]), here and there. Cost: linear in the
+//! records, every one held in memory while it runs (about 5 s for 100,000
+//! client keys — 300,000 entries — in a debug build).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -245,7 +252,10 @@ impl Checker<'_> {
             Some(_) => {}
             None => self.problem(Tree::Meta, b"master_key_id", "missing"),
         }
-        for key in [b"config_version".as_slice(), crate::store::watermark::META_HWM] {
+        for key in [
+            b"config_version".as_slice(),
+            crate::store::watermark::META_HWM,
+        ] {
             if self.get(Tree::Meta, key).is_some_and(|v| v.len() != 8) {
                 self.problem(Tree::Meta, key, "is not 8 bytes");
             }

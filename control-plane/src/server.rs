@@ -68,8 +68,8 @@ use crate::proxies::ProxyRegistry;
 use crate::report::Ingest;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::{Store, StoreError};
 use crate::store::sled::SledStore;
+use crate::store::{Store, StoreError};
 
 /// The gRPC services this server reports in `grpc.health.v1`.
 const SERVICES: [&str; 12] = [

@@ -215,7 +215,10 @@ fn damage_after_many_single_writes_is_served_whole_or_refused() {
     undamaged_serves_all(cp.data_dir(), cp.master_key(), &want);
     // Without the mark, sled's recovery served 0 to 38 of them here.
     let by_mark = every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
-    assert!(by_mark > 0, "the high-water mark refused none of the starts");
+    assert!(
+        by_mark > 0,
+        "the high-water mark refused none of the starts"
+    );
 }
 
 #[test]
@@ -242,7 +245,10 @@ fn damage_after_one_large_apply_is_served_whole_or_refused() {
     undamaged_serves_all(cp.data_dir(), cp.master_key(), &want);
     // Without the mark, sled's recovery served 0 to 38 of them here.
     let by_mark = every_offset_serves_all_or_refuses(cp.data_dir(), cp.master_key(), &want);
-    assert!(by_mark > 0, "the high-water mark refused none of the starts");
+    assert!(
+        by_mark > 0,
+        "the high-water mark refused none of the starts"
+    );
 }
 
 fn add(cp: &ControlPlane, name: &str) {
@@ -398,9 +404,7 @@ fn a_record_that_does_not_decode_stops_the_start_naming_its_tree() {
         .master_key(cp.master_key())
         .arg("--skip-startup-check")
         .start();
-    served
-        .clawctl(&["backend", "get", "b1"])
-        .assert_ok();
+    served.clawctl(&["backend", "get", "b1"]).assert_ok();
     assert!(served.logs().contains("startup integrity check is skipped"));
     served.stop_clean();
 }

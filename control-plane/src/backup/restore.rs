@@ -5,7 +5,9 @@
 //! anything is written; the second imports it, and still undoes everything
 //! on an error (the file may change between the passes). The restored store
 //! gets a new lineage, so proxies that saw a higher configuration version
-//! from the old store accept its (possibly lower) version.
+//! from the old store accept its (possibly lower) version. The import's
+//! final flush writes the directory's high-water mark
+//! ([`crate::store::watermark`]) from the restored store.
 
 use std::fs::File;
 use std::io::BufReader;

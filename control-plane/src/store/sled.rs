@@ -581,7 +581,10 @@ mod tests {
             commit(&s, b"b");
             s.flush().await.expect("flush");
             assert_eq!(s.mark(), 2);
-            assert_eq!(watermark::read(&path).expect("reads").map(|m| m.mark), Some(2));
+            assert_eq!(
+                watermark::read(&path).expect("reads").map(|m| m.mark),
+                Some(2)
+            );
             assert_eq!(
                 s.get(Tree::Meta, META_HWM).expect("get"),
                 Some(2u64.to_be_bytes().to_vec())
@@ -592,7 +595,10 @@ mod tests {
             let s = SledStore::open(&path).expect("reopens");
             assert_eq!(s.mark(), 2);
             s.flush().await.expect("flush");
-            assert_eq!(watermark::read(&path).expect("reads").map(|m| m.mark), Some(3));
+            assert_eq!(
+                watermark::read(&path).expect("reads").map(|m| m.mark),
+                Some(3)
+            );
         }
         // A mark ahead of the store (the store lost its tail): refused.
         let ahead = Mark {
@@ -613,7 +619,10 @@ mod tests {
         // Without the file the store is adopted as it is, and a file written.
         std::fs::remove_file(watermark::path(&path)).expect("rm");
         let s = SledStore::open(&path).expect("adopted");
-        assert_eq!(watermark::read(&path).expect("reads").map(|m| m.mark), Some(3));
+        assert_eq!(
+            watermark::read(&path).expect("reads").map(|m| m.mark),
+            Some(3)
+        );
         drop(s);
         // A damaged file is named.
         std::fs::write(watermark::path(&path), "x").expect("write");
@@ -653,6 +662,9 @@ mod tests {
         let (dir, s) = store();
         s.flush_blocking().expect("flush");
         let path = dir.path().join("data");
-        assert_eq!(watermark::read(&path).expect("reads").map(|m| m.mark), Some(1));
+        assert_eq!(
+            watermark::read(&path).expect("reads").map(|m| m.mark),
+            Some(1)
+        );
     }
 }

@@ -160,7 +160,10 @@ mod tests {
         assert_eq!(read(dir.path()).expect("reads"), Some(m.clone()));
         assert!(!dir.path().join("claw.hwm.tmp").exists());
         let text = std::fs::read_to_string(path(dir.path())).expect("text");
-        assert_eq!(text, "claw-hwm v1 mark=42 config_version=7 lineage=ln_00ff\n");
+        assert_eq!(
+            text,
+            "claw-hwm v1 mark=42 config_version=7 lineage=ln_00ff\n"
+        );
         std::fs::write(path(dir.path()), "garbage").expect("write");
         let err = read(dir.path()).expect_err("damaged");
         assert!(err.to_string().contains("claw.hwm is damaged"), "{err}");
