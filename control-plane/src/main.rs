@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use claw_control_plane::config::{self, Config};
 use claw_control_plane::crypto;
-use claw_control_plane::server::Server;
+use claw_control_plane::server::{Server, StartupCheck};
 use claw_control_plane::store::space::MinFreeSpace;
 use tokio::net::TcpListener;
 
@@ -305,6 +305,23 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Bound on opening the store and checking every record before
+    /// listening; past it the control plane exits non-zero instead of
+    /// serving a store that makes the engine spin. 0: no bound.
+    #[arg(long, env = "CLAW_STARTUP_CHECK_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    startup_check_timeout: std::time::Duration,
+
+    /// Emergencies only: skip the startup integrity check (every record
+    /// read, as `claw-control-plane check` does) and serve the store as it
+    /// is. The high-water mark is still enforced.
+    #[arg(
+        long,
+        env = "CLAW_SKIP_STARTUP_CHECK",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    skip_startup_check: bool,
 }
 
 fn parse_min_free_space(s: &str) -> Result<MinFreeSpace, String> {
@@ -488,6 +505,14 @@ impl TryFrom<ServeArgs> for Config {
     }
 }
 
+/// The startup check the flags ask for.
+fn startup_check(args: &ServeArgs) -> StartupCheck {
+    StartupCheck {
+        timeout: Some(args.startup_check_timeout).filter(|t| !t.is_zero()),
+        deep: !args.skip_startup_check,
+    }
+}
+
 fn positive_duration(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
@@ -500,9 +525,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (grpc_addr, http_addr) = (args.grpc_addr, args.http_addr);
     let shutdown_timeout = args.shutdown_timeout;
     let allow_loopback = args.allow_loopback_webhooks;
+    let check = startup_check(&args);
     let config = Config::try_from(args)?;
     let public_url = config.heartbeat.scheduler.wake.public_url.clone();
-    let server = Server::open(config).await?;
+    let server = Server::open_with(config, check).await?;
     let shutdown = shutdown_signal(shutdown_timeout)?;
     let grpc = TcpListener::bind(grpc_addr)
         .await
@@ -638,6 +664,26 @@ mod tests {
     fn loopback_webhooks_are_off_by_default_and_on_with_the_flag() {
         assert!(!serve_args(&[]).allow_loopback_webhooks);
         assert!(serve_args(&["--allow-loopback-webhooks"]).allow_loopback_webhooks);
+    }
+
+    #[test]
+    fn the_startup_check_is_bounded_and_deep_by_default() {
+        assert_eq!(startup_check(&serve_args(&[])), StartupCheck::default());
+        assert_eq!(
+            startup_check(&serve_args(&[
+                "--startup-check-timeout",
+                "0",
+                "--skip-startup-check"
+            ])),
+            StartupCheck {
+                timeout: None,
+                deep: false
+            }
+        );
+        assert_eq!(
+            startup_check(&serve_args(&["--startup-check-timeout", "5m"])).timeout,
+            Some(Duration::from_secs(300))
+        );
     }
 
     #[test]

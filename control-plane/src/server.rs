@@ -68,9 +68,9 @@ use crate::proxies::ProxyRegistry;
 use crate::report::Ingest;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::Store;
 use crate::store::sled::SledStore;
-use crate::store::space::GuardedStore;
+use crate::store::space::{GuardedStore, MinFreeSpace};
+use crate::store::{Store, StoreError};
 
 /// The gRPC services this server reports in `grpc.health.v1`.
 const SERVICES: [&str; 12] = [
@@ -136,8 +136,19 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Loads the TLS certificate and key (when configured) and the heartbeat
     /// proxy's CA, then opens the data directory and the catalog, checking
-    /// the schema version and the master key.
+    /// the schema version and the master key, with the default
+    /// [`StartupCheck`].
     pub async fn open(config: Config) -> anyhow::Result<Server> {
+        Server::open_with(config, StartupCheck::default()).await
+    }
+
+    /// [`Server::open`] with `check`: the store is opened (refused below its
+    /// high-water mark), the catalog opened and, unless skipped, every
+    /// record checked (as `claw-control-plane check` does), all on a thread
+    /// of their own under a watchdog: when they do not finish within
+    /// `check.timeout` this fails, so a damaged store that makes the engine
+    /// spin never gets as far as `listening`.
+    pub async fn open_with(config: Config, check: StartupCheck) -> anyhow::Result<Server> {
         // Files first: a bad certificate is refused before anything is opened.
         let tls = config
             .tls
@@ -147,22 +158,38 @@ impl Server {
         if let Some(ca) = &config.heartbeat.proxy_ca {
             claw_tls::pem::read_ca(ca).context("--heartbeat-proxy-ca")?;
         }
-        let sled: Arc<dyn Store> =
-            Arc::new(SledStore::open(&config.data_dir).with_context(|| {
-                format!("opening data directory {}", config.data_dir.display())
-            })?);
-        // Every write goes through the free-space guard (--min-free-space).
-        let store: Arc<dyn Store> = Arc::new(
-            GuardedStore::watching(sled, &config.data_dir, config.min_free_space)
-                .context("starting the free-space watcher")?,
+        let dir = config.data_dir.display().to_string();
+        let started = std::time::Instant::now();
+        let (data_dir, key, deep, reserve) = (
+            config.data_dir.clone(),
+            config.master_key.clone(),
+            check.deep,
+            config.min_free_space,
         );
-        let catalog = Catalog::open(store.clone(), config.master_key.clone())
-            .await
-            .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+        let (store, catalog, records) = bounded(check.timeout, move || {
+            open_and_check(&data_dir, key, deep, reserve)
+        })
+        .await
+        .map_err(|e| match e {
+            Bounded::Failed(e) => e,
+            Bounded::TimedOut(bound) => anyhow::anyhow!(
+                "opening/checking the store in data directory {dir} did not finish within {} \
+                 (--startup-check-timeout): the store may be damaged; run `claw-control-plane \
+                 check` on it, or restore from a backup",
+                humantime::format_duration(bound)
+            ),
+            Bounded::Panicked => anyhow::anyhow!(
+                "opening data directory {dir}: the store-open thread panicked (the store may be \
+                 damaged; run `claw-control-plane check` on it, or restore from a backup)"
+            ),
+        })?;
         tracing::info!(
-            data_dir = %config.data_dir.display(),
+            data_dir = %dir,
             config_version = catalog.config_version(),
             master_key_id = %catalog.master_key_id(),
+            records_checked = records,
+            deep_check = check.deep,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "catalog open"
         );
         let events = Events::new();
@@ -503,6 +530,122 @@ impl Server {
     }
 }
 
+/// What the server does to its store before it listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartupCheck {
+    /// Bound on opening and checking the store (`None`: no bound).
+    pub timeout: Option<Duration>,
+    /// Read and check every record (`false`: only open the store and the
+    /// catalog, for emergencies).
+    pub deep: bool,
+}
+
+impl StartupCheck {
+    /// The default bound of [`StartupCheck::timeout`].
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+}
+
+impl Default for StartupCheck {
+    fn default() -> Self {
+        StartupCheck {
+            timeout: Some(StartupCheck::DEFAULT_TIMEOUT),
+            deep: true,
+        }
+    }
+}
+
+/// Why [`bounded`] returned no value.
+#[derive(Debug)]
+enum Bounded {
+    /// The work failed.
+    Failed(anyhow::Error),
+    /// It did not finish within the bound (it is left running: a thread
+    /// stuck in the engine cannot be stopped; the caller exits).
+    TimedOut(Duration),
+    /// It panicked.
+    Panicked,
+}
+
+/// Runs `work` on a thread of its own, waiting at most `bound` for it. The
+/// wait does not depend on any runtime thread being free, so a `work` that
+/// spins in blocking code cannot stall it.
+async fn bounded<T: Send + 'static>(
+    bound: Option<Duration>,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, Bounded> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("store-open".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| Bounded::Failed(anyhow::anyhow!("starting the store-open thread: {e}")))?;
+    let result = match bound {
+        Some(bound) => tokio::time::timeout(bound, rx)
+            .await
+            .map_err(|_| Bounded::TimedOut(bound))?,
+        None => rx.await,
+    };
+    result
+        .map_err(|_| Bounded::Panicked)?
+        .map_err(Bounded::Failed)
+}
+
+/// Opens the store and the catalog and, with `deep`, checks every record;
+/// returns them with the number of records checked. Blocking: runs on the
+/// store-open thread.
+fn open_and_check(
+    data_dir: &std::path::Path,
+    key: crate::crypto::MasterKey,
+    deep: bool,
+    reserve: MinFreeSpace,
+) -> anyhow::Result<(Arc<dyn Store>, Catalog, u64)> {
+    let dir = data_dir.display();
+    let sled = SledStore::open(data_dir).map_err(|e| match e {
+        // These name the directory already.
+        e @ (StoreError::LostChanges { .. } | StoreError::Mark(_)) => anyhow::Error::from(e),
+        e => anyhow::Error::from(e).context(format!("opening data directory {dir}")),
+    })?;
+    let sled: Arc<dyn Store> = Arc::new(sled);
+    // Every write goes through the free-space guard (--min-free-space).
+    let store: Arc<dyn Store> = Arc::new(
+        GuardedStore::watching(sled, data_dir, reserve)
+            .context("starting the free-space watcher")?,
+    );
+    let catalog = futures::executor::block_on(Catalog::open(store.clone(), key.clone()))
+        .with_context(|| format!("opening data directory {dir}"))?;
+    if !deep {
+        tracing::warn!(data_dir = %dir, "the startup integrity check is skipped (--skip-startup-check)");
+        return Ok((store, catalog, 0));
+    }
+    let report = crate::check::check_store(store.as_ref(), &key).with_context(|| {
+        format!("the integrity check of data directory {dir} failed; restore from a backup")
+    })?;
+    if !report.problems.is_empty() {
+        let mut trees: Vec<&str> = report
+            .problems
+            .iter()
+            .filter_map(|p| p.split(':').next())
+            .collect();
+        trees.dedup();
+        trees.sort_unstable();
+        trees.dedup();
+        for p in &report.problems {
+            tracing::error!(problem = %p, "integrity check");
+        }
+        let shown: Vec<&str> = report.problems.iter().take(5).map(String::as_str).collect();
+        anyhow::bail!(
+            "the integrity check of data directory {dir} found {} problem(s) in tree(s) {}: {}; \
+             restore from a backup (or start with --skip-startup-check to serve the store as it is)",
+            report.problems.len(),
+            trees.join(", "),
+            shown.join("; "),
+        );
+    }
+    let records = report.records.iter().map(|(_, n)| n).sum();
+    Ok((store, catalog, records))
+}
+
 /// Runs the control plane on already-bound listeners until `shutdown`
 /// completes. Opens the store in `config.data_dir`, refusing a data
 /// directory with a newer schema or sealed under another master key.
@@ -554,5 +697,36 @@ async fn upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, mut stop:
             _ = tick.tick() => handle.run_upkeep(),
             () = stop.stopped() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_startup_watchdog_gives_up_on_work_that_never_finishes() {
+        let (hold, wait) = std::sync::mpsc::channel::<()>();
+        let r = bounded(Some(Duration::from_millis(50)), move || {
+            // Blocks its thread (as a spinning engine would) until the test ends.
+            let _ = wait.recv();
+            Ok(())
+        })
+        .await;
+        assert!(matches!(r, Err(Bounded::TimedOut(_))), "{r:?}");
+        drop(hold);
+        let r = bounded(None, || Ok(7)).await;
+        assert!(matches!(r, Ok(7)), "{r:?}");
+        let r: Result<(), _> = bounded(Some(Duration::from_secs(600)), || {
+            Err(anyhow::anyhow!("tree backends: damaged"))
+        })
+        .await;
+        assert!(
+            matches!(&r, Err(Bounded::Failed(e)) if e.to_string().contains("damaged")),
+            "{r:?}"
+        );
+        let r: Result<(), _> =
+            bounded(Some(Duration::from_secs(600)), || panic!("engine bug")).await;
+        assert!(matches!(r, Err(Bounded::Panicked)), "{r:?}");
     }
 }

@@ -19,6 +19,7 @@ mod big_config;
 mod check;
 mod clawctl_edges;
 mod control_plane_cli;
+mod corrupt_store;
 mod dashboard_api;
 mod dashboard_ui;
 mod data_plane;

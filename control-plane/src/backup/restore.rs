@@ -5,7 +5,9 @@
 //! anything is written; the second imports it, and still undoes everything
 //! on an error (the file may change between the passes). The restored store
 //! gets a new lineage, so proxies that saw a higher configuration version
-//! from the old store accept its (possibly lower) version.
+//! from the old store accept its (possibly lower) version. The import's
+//! final flush writes the directory's high-water mark
+//! ([`crate::store::watermark`]) from the restored store.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -218,6 +220,19 @@ mod tests {
             .expect("set");
         assert_ne!(lineage, b"ln_old");
         assert!(lineage.starts_with(b"ln_") && lineage.len() == 19);
+        // The restored directory has its own high-water mark, equal to the
+        // store's, with the restored version and the new lineage.
+        let mark = crate::store::watermark::read(&target)
+            .expect("reads")
+            .expect("a mark");
+        let hwm = store
+            .get(Tree::Meta, crate::store::watermark::META_HWM)
+            .expect("get")
+            .expect("set");
+        assert_eq!(hwm, mark.mark.to_be_bytes());
+        assert!(mark.mark >= 1);
+        assert_eq!(mark.config_version, 5);
+        assert_eq!(mark.lineage.as_bytes(), lineage.as_slice());
         drop(store);
         // Not into a non-empty directory.
         let err = restore(&path, &target).expect_err("non-empty");

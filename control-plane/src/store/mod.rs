@@ -10,6 +10,7 @@
 
 pub mod sled;
 pub mod space;
+pub mod watermark;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -168,6 +169,24 @@ pub enum StoreError {
         /// The reserve writes keep free.
         reserve: u64,
     },
+    /// The store recovered to less than its durable high-water mark (see
+    /// [`watermark`]): acknowledged changes are gone.
+    #[error(
+        "data directory {dir}: the store lost acknowledged changes after version {config_version} (mark {mark}, store {store}); restore from a backup"
+    )]
+    LostChanges {
+        /// The data directory.
+        dir: String,
+        /// The configuration version the mark recorded.
+        config_version: u64,
+        /// The mark in the file.
+        mark: u64,
+        /// The mark the store recovered to.
+        store: u64,
+    },
+    /// The high-water mark could not be read or written.
+    #[error("{0}")]
+    Mark(String),
 }
 
 /// Returned by a transaction body to make the engine roll back.
