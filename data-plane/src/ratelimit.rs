@@ -73,12 +73,20 @@ pub enum Burst {
     /// Slack `S = r × τ`: pacing at the rate, with late wake-ups forgiven
     /// up to `τ`. Backends (rpm, tpm, emergency): the upstream's limit.
     Tolerance(Duration),
-    /// Slack `S = one minute's worth − 1`: an idle limiter admits a whole
-    /// minute back to back, then paces. Client keys: a per-client allowance
-    /// a client may spend in one go (at most `2 × rpm` in a minute), not a
-    /// contract with an upstream.
-    Minute,
+    /// Slack `S = KEY_BURST of a minute's worth − 1`: an idle limiter admits
+    /// that many back to back (at least one), then paces. Client keys: a
+    /// small allowance a client may spend in one go, small enough that the
+    /// fleet admits at most `rpm × (1 + KEY_BURST)` plus one request per
+    /// proxy in any minute (the key's rpm is a fleet-wide contract).
+    KeyBurst,
 }
+
+/// The part of a minute's worth a client key's limiter admits back to back:
+/// 5 %, so `rpm 60` admits 3 at once and then one a second, and any window
+/// of a minute or more sees at most 5 % over the rpm (plus one request per
+/// proxy). A whole minute's worth (the earlier contract) let `2 × rpm`
+/// through in the first minute.
+pub(crate) const KEY_BURST: f64 = 0.05;
 
 #[derive(Debug)]
 struct Inner {
@@ -101,7 +109,7 @@ impl Inner {
         let r = self.rate();
         match self.burst {
             Burst::Tolerance(tau) => r * tau.as_secs_f64(),
-            Burst::Minute => (r * 60.0 - 1.0).max(0.0),
+            Burst::KeyBurst => (r * 60.0 * KEY_BURST - 1.0).max(0.0),
         }
     }
 
@@ -164,9 +172,10 @@ impl RateLimiter {
         Self::new(limit_per_min, Burst::Tolerance(TOLERANCE), now)
     }
 
-    /// A client key limiter: a minute's worth back to back, then paced.
+    /// A client key limiter: [`KEY_BURST`] of a minute back to back (at
+    /// least one request), then paced.
     pub fn client(limit_per_min: f64, now: Instant) -> Self {
-        Self::new(limit_per_min, Burst::Minute, now)
+        Self::new(limit_per_min, Burst::KeyBurst, now)
     }
 
     /// Admits a request of cost `n` if it conforms now, or tells how long

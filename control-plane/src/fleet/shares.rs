@@ -84,12 +84,11 @@
 //!   the default. Cost: O(tracked keys × proxies) per tick and per push,
 //!   nothing for idle keys.
 //!
-//! A key's limiter on a proxy admits a minute's worth back to back
-//! (`Burst::Minute`, `data-plane/src/ratelimit.rs`), scaled by the share:
-//! in any window of `T`, the fleet admits at most `rpm × T ÷ 60 s` plus
-//! `rpm × Σ_p (highest share of p in the window)` — `rpm` while the shares
-//! are steady: the one-proxy contract (at most `2 × rpm` in any minute),
-//! now fleet-wide.
+//! A key's limiter on a proxy is paced like a backend's, with 5 % of a
+//! minute's worth (at least one request) allowed back to back (`KEY_BURST`,
+//! `data-plane/src/ratelimit.rs`), scaled by the share: in any window of
+//! `T`, the fleet admits at most `rpm × T ÷ 60 s` plus `5 % × rpm` plus
+//! one request per proxy while the shares are steady.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;

@@ -241,14 +241,31 @@ fn zero_rate_admits_nothing_and_fractional_rates_pace() {
 }
 
 #[test]
-fn a_client_limiter_admits_a_minute_back_to_back_then_paces() {
+fn a_client_limiter_admits_five_percent_of_a_minute_back_to_back_then_paces() {
     let now = Instant::now();
-    let l = RateLimiter::client(2.0, now);
-    assert!(l.try_acquire(1.0, now).is_ok());
-    assert!(l.try_acquire(1.0, now).is_ok());
+    // rpm 60: 3 at once, then one a second.
+    let l = RateLimiter::client(60.0, now);
+    for _ in 0..3 {
+        assert!(l.try_acquire(1.0, now).is_ok());
+    }
     let wait = l.try_acquire(1.0, now).unwrap_err();
-    assert_eq!(wait, Duration::from_secs(30));
+    assert_eq!(wait, Duration::from_secs(1));
     assert!(l.try_acquire(1.0, now + wait).is_ok());
+    // Any minute of a greedy client: at most 5 % over.
+    let g = RateLimiter::client(600.0, now);
+    let mut admitted = 0;
+    let mut t = now;
+    while t < now + MIN {
+        while g.try_acquire(1.0, t).is_ok() {
+            admitted += 1;
+        }
+        t += Duration::from_millis(10);
+    }
+    assert!((600..=630).contains(&admitted), "{admitted}");
+    // A low rpm still admits one at once.
+    let two = RateLimiter::client(2.0, now);
+    assert!(two.try_acquire(1.0, now).is_ok());
+    assert_eq!(two.try_acquire(1.0, now), Err(Duration::from_secs(30)));
     let one = RateLimiter::client(1.0, now);
     assert!(one.try_acquire(1.0, now).is_ok());
     assert_eq!(one.try_acquire(1.0, now), Err(MIN));
