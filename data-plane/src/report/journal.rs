@@ -218,13 +218,11 @@ impl Journal {
             .filter_map(|a| a.totals.as_ref())
             .map(|t| t.requests)
             .sum();
-        let mut seq = 0;
-        for rows in summed(leftovers).chunks(max_batch.max(1)) {
-            seq += 1;
+        for (i, rows) in summed(leftovers).chunks(max_batch.max(1)).enumerate() {
             let msg = StreamReportsRequest {
                 node_id: node_id.to_string(),
                 stream_epoch: epoch.clone(),
-                seq,
+                seq: i as u64 + 1,
                 usage_aggregates: rows.to_vec(),
                 ..Default::default()
             };
