@@ -176,12 +176,20 @@ pub(crate) struct EventSink {
     low_water: usize,
     /// The usage journal's outcome log: each queued outcome is appended
     /// to it too (`crate::report::journal`).
-    journal: Option<Arc<crate::report::journal::OutcomeLog>>,
+    journal: Option<Arc<dyn OutcomeJournal>>,
+}
+
+/// Where a queued outcome is also journaled (the usage journal's outcome
+/// log, `crate::report::journal`).
+pub(crate) trait OutcomeJournal: Send + Sync {
+    /// Queues `o` on `tx` and journals it if queued; false when the queue
+    /// was full.
+    fn send(&self, tx: &mpsc::Sender<RequestOutcome>, o: RequestOutcome) -> bool;
 }
 
 impl EventSink {
     /// Appends every later outcome to the usage journal as it is queued.
-    pub(crate) fn set_journal(&mut self, log: Arc<crate::report::journal::OutcomeLog>) {
+    pub(crate) fn set_journal(&mut self, log: Arc<dyn OutcomeJournal>) {
         self.journal = Some(log);
     }
 

@@ -157,6 +157,18 @@ pub(crate) struct Collector {
     consumed: u64,
 }
 
+/// The request path's journal hook ([`crate::events::EventSink::emit`]):
+/// the outcome's usage row is appended as it is queued.
+impl crate::events::OutcomeJournal for journal::OutcomeLog {
+    fn send(&self, tx: &tokio::sync::mpsc::Sender<RequestOutcome>, o: RequestOutcome) -> bool {
+        if self.is_paused() {
+            return tx.try_send(o).is_ok();
+        }
+        let frame = journal::outcome_frame(outcome_aggregate(&o));
+        self.append_queued(&frame, || tx.try_send(o).is_ok())
+    }
+}
+
 /// A new random stream epoch (one per process).
 pub(crate) fn new_epoch() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -989,5 +1001,89 @@ mod tests {
         let m = c.buffer().next_to_send().unwrap();
         let ejected: Vec<u64> = m.failures.iter().map(|f| f.ejected_ms).collect();
         assert_eq!(ejected, [0, 30_000]);
+    }
+
+    /// The journal's exactly-once bookkeeping across a crash: outcomes
+    /// queued through the journal, some cut into a batch, some still
+    /// pending, the proxy gone: the batch comes back under its identity and
+    /// the pending outcomes once, under the new epoch; a rewrite past the
+    /// bound drops the oldest batches, counted as dropped events.
+    #[test]
+    fn a_journal_replays_cut_batches_and_pending_outcomes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::config::UsageJournal {
+            path: dir.path().join("usage.journal"),
+            max_bytes: 64 * 1024,
+        };
+        let requests = |m: &StreamReportsRequest| -> u64 {
+            m.usage_aggregates
+                .iter()
+                .map(|a| a.totals.unwrap().requests)
+                .sum()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        {
+            let opened = Journal::open(&settings, "n1", "e1".into(), 500).unwrap();
+            let log = opened.journal.outcome_log();
+            let mut c = Collector::new(
+                "n1".into(),
+                SnapshotStore::default(),
+                &ReportSettings::default(),
+            );
+            c.resume(opened);
+            for _ in 0..5 {
+                use crate::events::OutcomeJournal as _;
+                assert!(log.send(&tx, outcome(Some("a"))));
+            }
+            for _ in 0..3 {
+                c.outcome(rx.try_recv().unwrap());
+            }
+            assert!(c.cut());
+            for _ in 0..2 {
+                c.outcome(rx.try_recv().unwrap());
+            }
+            // Crash: the pending two were never cut.
+        }
+        let opened = Journal::open(&settings, "n1", "e2".into(), 500).unwrap();
+        let got: Vec<(String, u64, u64)> = opened
+            .batches
+            .iter()
+            .map(|(m, _)| (m.stream_epoch.clone(), m.seq, requests(m)))
+            .collect();
+        assert_eq!(got, vec![("e1".into(), 1, 3), ("e2".into(), 1, 2)]);
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        c.resume(opened);
+        let sent: Vec<(String, u64)> = std::iter::from_fn(|| c.buffer().next_to_send())
+            .map(|m| (m.stream_epoch, m.seq))
+            .collect();
+        assert_eq!(sent, vec![("e1".into(), 1), ("e2".into(), 1)]);
+        // Both acknowledged: nothing is replayed after another crash.
+        assert_eq!(c.ack(1), 1);
+        assert_eq!(c.ack(1), 1);
+        assert!(c.buffer().is_empty());
+        // Many large batches never acknowledged: the rewrite keeps the newest.
+        for i in 0..40 {
+            let mut o = outcome(Some(&format!(
+                "agent-with-a-long-name-{i:04}-{}",
+                "x".repeat(2000)
+            )));
+            o.model = Arc::from("m");
+            c.outcome(o);
+            c.cut();
+        }
+        c.rewrite_journal(|c| {
+            c.cut();
+        });
+        assert!(c.buffer().dropped() > 0, "nothing dropped");
+        let size = std::fs::metadata(&settings.path).unwrap().len();
+        assert!(size <= settings.max_bytes / 2, "{size} bytes");
+        drop(c);
+        let opened = Journal::open(&settings, "n1", "e3".into(), 500).unwrap();
+        assert!(!opened.batches.is_empty());
+        assert!(opened.batches.iter().all(|(m, _)| m.stream_epoch == "e2"));
     }
 }

@@ -51,10 +51,8 @@ use anyhow::Context;
 use claw_proto::v1::{StreamReportsRequest, UsageAggregate, UsageTotals};
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::mpsc;
 
 use crate::config::UsageJournal as JournalSettings;
-use crate::events::RequestOutcome;
 
 /// First bytes of a journal file.
 const MAGIC: &[u8; 8] = b"CLAWUJ1\n";
@@ -104,19 +102,17 @@ pub(crate) struct OutcomeLog {
 }
 
 impl OutcomeLog {
-    /// Queues `o` on `tx` and, if queued, appends its record; false when
-    /// the queue was full (the outcome is dropped, as without a journal).
-    pub(crate) fn send(&self, tx: &mpsc::Sender<RequestOutcome>, o: RequestOutcome) -> bool {
-        if self.paused.load(Ordering::Relaxed) {
-            return tx.try_send(o).is_ok();
-        }
-        let frame = frame(&Record {
-            kind: KIND_OUTCOME,
-            outcome: Some(super::batch::outcome_aggregate(&o)),
-            ..Default::default()
-        });
+    /// Whether outcome records are paused until the next rewrite.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Runs `queue` (hands the outcome to the report task) and, if it
+    /// queued, appends `frame` ([`outcome_frame`]), both under the append
+    /// lock: record order is queue order. Returns what `queue` returned.
+    pub(crate) fn append_queued(&self, frame: &[u8], queue: impl FnOnce() -> bool) -> bool {
         let file = self.file.lock();
-        if tx.try_send(o).is_err() {
+        if !queue() {
             return false;
         }
         if self.paused.load(Ordering::Relaxed) {
@@ -127,7 +123,7 @@ impl OutcomeLog {
             self.pause("the journal is full until its next rewrite");
             return true;
         }
-        match (&**file).write_all(&frame) {
+        match (&**file).write_all(frame) {
             Ok(()) => {
                 self.size
                     .store(size + frame.len() as u64, Ordering::Relaxed);
@@ -363,6 +359,15 @@ impl Journal {
         }
         r
     }
+}
+
+/// The framed outcome record of one request's usage row.
+pub(crate) fn outcome_frame(row: UsageAggregate) -> Vec<u8> {
+    frame(&Record {
+        kind: KIND_OUTCOME,
+        outcome: Some(row),
+        ..Default::default()
+    })
 }
 
 /// The encoded size of a batch record (for the bound).
