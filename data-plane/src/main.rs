@@ -284,6 +284,10 @@ async fn main() -> anyhow::Result<()> {
             (Some(l), Some(a))
         }
     };
+    // Built before the listening line: a usage journal that cannot be
+    // opened stops the start with its error, not after `listening`.
+    let node_id = config.node_id.clone();
+    let proxy = claw_data_plane::Proxy::new(config)?;
     {
         let mut out = std::io::stdout().lock();
         match metrics_local {
@@ -295,11 +299,13 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         addr = %local,
         metrics_addr = metrics_local.map(|m| m.to_string()).as_deref().unwrap_or("(API port)"),
-        node_id = %config.node_id,
+        node_id = %node_id,
         control_plane = %args.control_plane,
         "claw-data-plane started"
     );
-    claw_data_plane::run_with_metrics(config, listener, metrics_listener, shutdown).await?;
+    proxy
+        .serve_with_metrics(listener, metrics_listener, shutdown)
+        .await?;
     tracing::info!("claw-data-plane stopped");
     telemetry.shutdown_async().await;
     Ok(())

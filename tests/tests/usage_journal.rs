@@ -304,3 +304,27 @@ async fn a_journal_with_a_torn_tail_still_replays_the_rest() {
         "no log line for the torn record:\n{logs}"
     );
 }
+
+/// A `--usage-journal` path holding something else stops the start with an
+/// error naming the flag, before `listening`; nothing is overwritten.
+#[test]
+fn a_file_that_is_not_a_journal_stops_the_start() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("usage.journal");
+    std::fs::write(&path, b"precious data").expect("wrote the file");
+    let cp = claw_tests::harness::ControlPlane::start();
+    let started = claw_tests::harness::Proxy::builder(&cp)
+        .arg("--usage-journal")
+        .arg(path.as_os_str())
+        .try_start();
+    let Err(err) = started else {
+        panic!("the proxy started on a file that is not a journal");
+    };
+    assert!(err.status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.output.contains("--usage-journal") && err.output.contains("not a usage journal"),
+        "{err}"
+    );
+    assert!(!err.output.contains("listening"), "{err}");
+    assert_eq!(std::fs::read(&path).expect("the file"), b"precious data");
+}
