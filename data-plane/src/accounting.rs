@@ -46,7 +46,12 @@ use crate::target::{Endpoint, Routed};
 use crate::translate::{self, StreamTranslator};
 use crate::usage::{Dialect, MAX_USAGE_TOKENS, Prices, SseTally, SseUsage, StreamUsage};
 
-/// Largest non-streaming JSON body inspected for `usage`.
+mod large_answer;
+
+/// Largest non-streaming JSON body collected whole for its `usage`; a
+/// larger one is followed by [`large_answer::TopLevelScan`], which keeps
+/// only the members it needs (issue 18: answers over 4 MiB were recorded
+/// as 0 tokens).
 const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
 
 /// Counts a request in flight on a backend until dropped.
@@ -475,6 +480,8 @@ pub(crate) struct Tracker {
     est_prompt_tokens: u64,
     collected: Option<Vec<Bytes>>,
     collected_len: usize,
+    /// Past [`MAX_USAGE_BODY`]: the scan that replaced `collected`.
+    scan: Option<Box<large_answer::TopLevelScan>>,
 }
 
 impl Tracker {
@@ -510,12 +517,16 @@ impl Tracker {
             est_prompt_tokens: r.est_prompt_tokens,
             collected: collect.then(Vec::new),
             collected_len: 0,
+            scan: None,
         }
     }
 
     /// Usage of a JSON answer collected whole (and, for a stored response,
     /// remembers its owner).
     fn json_usage(&mut self) -> Option<Usage> {
+        if let Some(scan) = self.scan.take() {
+            return self.read_scanned(*scan);
+        }
         let chunks = self.collected.take()?;
         if let [one] = chunks.as_slice() {
             return self.read_answer(one);
@@ -536,6 +547,19 @@ impl Tracker {
             crate::responses::remember(&id, &self.backend.id);
         }
         Usage::from_answer(self.dialect, body)
+    }
+
+    /// Reads what the scan of a large answer kept, as [`Self::read_answer`]
+    /// reads a whole one.
+    fn read_scanned(&self, scan: large_answer::TopLevelScan) -> Option<Usage> {
+        let (usage, id) = scan.finish();
+        if self.endpoint == Endpoint::Responses
+            && let Some(id) = id
+            && let Some(id) = crate::usage::answer_id(&large_answer::alone("id", &id))
+        {
+            crate::responses::remember(&id, &self.backend.id);
+        }
+        Usage::from_answer(self.dialect, &large_answer::alone("usage", &usage?))
     }
 
     /// `u` with every count clamped to `usage_max`: a clamp is
@@ -599,10 +623,19 @@ impl Observer for Tracker {
                 );
             }
         }
-        if let Some(c) = self.collected.as_mut() {
+        if let Some(scan) = self.scan.as_mut() {
+            self.collected_len += chunk.len();
+            scan.feed(chunk);
+        } else if let Some(c) = self.collected.as_mut() {
             self.collected_len += chunk.len();
             if self.collected_len > MAX_USAGE_BODY {
+                // Too large to keep: scan what came and what follows.
+                let mut scan = Box::new(large_answer::TopLevelScan::new());
+                for c in c.iter().chain(std::iter::once(chunk)) {
+                    scan.feed(c);
+                }
                 self.collected = None;
+                self.scan = Some(scan);
             } else {
                 c.push(chunk.clone());
             }

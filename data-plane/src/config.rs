@@ -133,6 +133,21 @@ impl Default for ReportSettings {
     }
 }
 
+/// Default size bound of the usage journal (`--usage-journal-max-bytes`).
+pub const DEFAULT_USAGE_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The usage journal (`--usage-journal`, `crate::report::journal`): what
+/// the proxy answered, kept on disk until the control plane acknowledged
+/// it, replayed after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageJournal {
+    /// The journal file (on the pod's `emptyDir` in the shipped manifests).
+    pub path: PathBuf,
+    /// Its size bound, in bytes: beyond it the oldest unacknowledged
+    /// batches are dropped, counted in `dropped_events`.
+    pub max_bytes: u64,
+}
+
 /// Configuration of a proxy.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -146,6 +161,9 @@ pub struct Config {
     pub events_capacity: usize,
     /// Report batching (used with a control plane).
     pub report: ReportSettings,
+    /// The usage journal; `None` keeps unreported usage in memory only
+    /// (a crash loses up to one report interval of it).
+    pub usage_journal: Option<UsageJournal>,
     /// How long the control plane may be unreachable before the proxy
     /// falls back to equal rate shares (`crate::fleet::DEGRADED_AFTER`).
     pub degraded_after: std::time::Duration,
@@ -199,6 +217,7 @@ impl Config {
             limits: ServerLimits::default(),
             events_capacity: 65_536,
             report: ReportSettings::default(),
+            usage_journal: None,
             degraded_after: crate::fleet::DEGRADED_AFTER,
             snapshot_cache: None,
             serve_threads: 0,

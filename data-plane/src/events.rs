@@ -174,12 +174,32 @@ pub(crate) struct EventSink {
     backlog: Arc<Notify>,
     /// Free outcome slots below which `backlog` is notified.
     low_water: usize,
+    /// The usage journal's outcome log: each queued outcome is appended
+    /// to it too (`crate::report::journal`).
+    journal: Option<Arc<dyn OutcomeJournal>>,
+}
+
+/// Where a queued outcome is also journaled (the usage journal's outcome
+/// log, `crate::report::journal`).
+pub(crate) trait OutcomeJournal: Send + Sync {
+    /// Queues `o` on `tx` and journals it if queued; false when the queue
+    /// was full.
+    fn send(&self, tx: &mpsc::Sender<RequestOutcome>, o: RequestOutcome) -> bool;
 }
 
 impl EventSink {
+    /// Appends every later outcome to the usage journal as it is queued.
+    pub(crate) fn set_journal(&mut self, log: Arc<dyn OutcomeJournal>) {
+        self.journal = Some(log);
+    }
+
     /// Sends without waiting; drops the outcome when the channel is full.
     pub(crate) fn emit(&self, outcome: RequestOutcome) {
-        if self.tx.try_send(outcome).is_err() {
+        let sent = match &self.journal {
+            Some(log) => log.send(&self.tx, outcome),
+            None => self.tx.try_send(outcome).is_ok(),
+        };
+        if !sent {
             crate::metrics::event_dropped();
         } else if self.tx.capacity() < self.low_water {
             self.backlog.notify_one();
@@ -217,6 +237,7 @@ pub(crate) fn channel(capacity: usize) -> (EventSink, EventStreams) {
             signals: stx,
             backlog: backlog.clone(),
             low_water: capacity - capacity / 4,
+            journal: None,
         },
         EventStreams {
             outcomes,

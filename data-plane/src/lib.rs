@@ -126,7 +126,9 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use config::{Config, ConfigSource, ReportSettings, ServerLimits};
+pub use config::{
+    Config, ConfigSource, DEFAULT_USAGE_JOURNAL_BYTES, ReportSettings, ServerLimits, UsageJournal,
+};
 pub use cooldown::{CooldownEvent, Cooldowns};
 pub use events::RequestOutcome;
 pub use fleet::Fleet;
@@ -143,6 +145,8 @@ pub struct Proxy {
     /// Notified when the outcome channel fills up ([`events::EventStreams::backlog`]).
     backlog: Arc<tokio::sync::Notify>,
     signals: Option<mpsc::Receiver<events::Signal>>,
+    /// The usage journal, opened and recovered (`--usage-journal`).
+    journal: Option<report::journal::Opened>,
 }
 
 impl Proxy {
@@ -155,9 +159,22 @@ impl Proxy {
                 .context("invalid static snapshot")?;
         }
         let cooldowns = Cooldowns::new(store.clone());
-        let (events, streams) = events::channel(config.events_capacity);
+        let journal = match (&config.usage_journal, &config.source) {
+            (Some(j), ConfigSource::ControlPlane { .. }) => Some(report::journal::Journal::open(
+                j,
+                &config.node_id,
+                report::new_epoch(),
+                config.report.max_batch_events,
+            )?),
+            _ => None,
+        };
+        let (mut events, streams) = events::channel(config.events_capacity);
+        if let Some(j) = &journal {
+            events.set_journal(j.journal.outcome_log());
+        }
         let fleet = Fleet::new(store.clone());
         Ok(Proxy {
+            journal,
             config,
             store,
             cooldowns,
@@ -258,6 +275,7 @@ impl Proxy {
                     outcomes,
                     self.backlog.clone(),
                     signals,
+                    self.journal.take(),
                     async move {
                         let _ = report_stopped.await;
                     },

@@ -141,6 +141,23 @@ struct Args {
     /// proxy token. Off by default.
     #[arg(long, env = "CLAW_DP_SNAPSHOT_CACHE")]
     snapshot_cache: Option<std::path::PathBuf>,
+    /// Keep a usage journal at this path (on the pod's emptyDir): every
+    /// answered request's usage is appended before it leaves for the
+    /// control plane, and a restarted proxy replays what was not
+    /// acknowledged, so a crash (kill -9, OOM) loses none. Without it a
+    /// crash loses up to one report interval of usage.
+    #[arg(long, env = "CLAW_DP_USAGE_JOURNAL", value_name = "PATH")]
+    usage_journal: Option<std::path::PathBuf>,
+    /// Size bound of the usage journal, in bytes (at least 1 MiB); beyond
+    /// it the oldest unacknowledged batches are dropped (counted as
+    /// dropped events).
+    #[arg(
+        long,
+        env = "CLAW_DP_USAGE_JOURNAL_MAX_BYTES",
+        default_value_t = claw_data_plane::DEFAULT_USAGE_JOURNAL_BYTES,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1024 * 1024..)
+    )]
+    usage_journal_max_bytes: u64,
     /// Log format on stderr.
     #[arg(long, env = "CLAW_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -234,6 +251,13 @@ async fn main() -> anyhow::Result<()> {
     config.snapshot_cache = args.snapshot_cache.clone();
     config.serve_threads = args.serve_threads;
     config.report.flush_interval = args.report_interval;
+    config.usage_journal = args
+        .usage_journal
+        .clone()
+        .map(|path| claw_data_plane::UsageJournal {
+            path,
+            max_bytes: args.usage_journal_max_bytes,
+        });
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(claw_data_plane::tls::server_config(cert, key)?);
     }
@@ -260,6 +284,10 @@ async fn main() -> anyhow::Result<()> {
             (Some(l), Some(a))
         }
     };
+    // Built before the listening line: a usage journal that cannot be
+    // opened stops the start with its error, not after `listening`.
+    let node_id = config.node_id.clone();
+    let proxy = claw_data_plane::Proxy::new(config)?;
     {
         let mut out = std::io::stdout().lock();
         match metrics_local {
@@ -271,11 +299,13 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         addr = %local,
         metrics_addr = metrics_local.map(|m| m.to_string()).as_deref().unwrap_or("(API port)"),
-        node_id = %config.node_id,
+        node_id = %node_id,
         control_plane = %args.control_plane,
         "claw-data-plane started"
     );
-    claw_data_plane::run_with_metrics(config, listener, metrics_listener, shutdown).await?;
+    proxy
+        .serve_with_metrics(listener, metrics_listener, shutdown)
+        .await?;
     tracing::info!("claw-data-plane stopped");
     telemetry.shutdown_async().await;
     Ok(())

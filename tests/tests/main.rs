@@ -57,3 +57,4 @@ mod tls;
 mod translation;
 mod upstream_errors;
 mod usage_exact;
+mod usage_journal;

@@ -25,6 +25,7 @@ use claw_proto::v1::{
 use tokio::time::Instant;
 
 use super::buffer::ReportBuffer;
+use super::journal::{self, Journal};
 use crate::config::ReportSettings;
 use crate::events::{Failure, FailureKind, RequestOutcome, RunKind, Signal};
 use crate::snapshot::SnapshotStore;
@@ -150,6 +151,44 @@ pub(crate) struct Collector {
     /// When each agent's activity last left in a batch (pruned after
     /// [`ACTIVITY_QUIET`]).
     agents_reported: HashMap<String, Instant>,
+    /// The usage journal, if any ([`Collector::resume`]).
+    journal: Option<Journal>,
+    /// Outcomes taken so far (the journal's outcome records a cut covers).
+    consumed: u64,
+}
+
+/// The request path's journal hook ([`crate::events::EventSink::emit`]):
+/// the outcome's usage row is appended as it is queued.
+impl crate::events::OutcomeJournal for journal::OutcomeLog {
+    fn send(&self, tx: &tokio::sync::mpsc::Sender<RequestOutcome>, o: RequestOutcome) -> bool {
+        if self.is_paused() {
+            return tx.try_send(o).is_ok();
+        }
+        let frame = journal::outcome_frame(outcome_aggregate(&o));
+        self.append_queued(&frame, || tx.try_send(o).is_ok())
+    }
+}
+
+/// A new random stream epoch (one per process).
+pub(crate) fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// One request's usage as a usage row of its own: the journal's outcome
+/// record (summed like [`Collector::outcome`] sums it).
+pub(crate) fn outcome_aggregate(o: &RequestOutcome) -> UsageAggregate {
+    let now = SystemTime::now();
+    let started = now.checked_sub(o.latency).unwrap_or(now);
+    UsageAggregate {
+        first_time: Some(started.into()),
+        last_time: Some(started.into()),
+        client_key_id: o.client_key_id.to_string(),
+        agent_id: o.agent_id.clone().unwrap_or_default(),
+        model: o.model.to_string(),
+        backend_id: o.backend_id.as_deref().unwrap_or_default().to_string(),
+        totals: Some(request_totals(o)),
+        run_kind: o.run_kind.wire().to_string(),
+    }
 }
 
 /// An agent not reported active for this long starts a conversation with
@@ -169,7 +208,7 @@ impl Collector {
     pub(crate) fn new(node_id: String, store: SnapshotStore, settings: &ReportSettings) -> Self {
         Collector {
             node_id,
-            epoch: format!("{:016x}", rand::random::<u64>()),
+            epoch: new_epoch(),
             store,
             max_batch: settings.max_batch_events.max(1),
             pending: Pending::default(),
@@ -177,6 +216,89 @@ impl Collector {
             last_cut: Instant::now(),
             idle_after: IDLE_BATCH_EVERY.saturating_sub(settings.flush_interval),
             agents_reported: HashMap::new(),
+            journal: None,
+            consumed: 0,
+        }
+    }
+
+    /// Continues from a usage journal: its epoch, the batches it recovered
+    /// (replayed first), and the journal for every later batch.
+    pub(crate) fn resume(&mut self, opened: journal::Opened) {
+        self.epoch = opened.epoch;
+        self.buffer.resume(&self.epoch, opened.batches);
+        self.journal = Some(opened.journal);
+    }
+
+    /// Releases batches by an ACK (see [`ReportBuffer::ack`]) and journals it.
+    pub(crate) fn ack(&mut self, acked_seq: u64) -> usize {
+        let n = self.buffer.ack(acked_seq);
+        self.journal_released();
+        n
+    }
+
+    /// Called before a batch is handed to the report stream: what the
+    /// journal holds reaches the disk first.
+    pub(crate) fn before_send(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            j.sync();
+        }
+    }
+
+    /// Whether the journal should be rewritten ([`Collector::rewrite_journal`]).
+    pub(crate) fn journal_wants_rewrite(&self) -> bool {
+        self.journal.as_ref().is_some_and(Journal::wants_rewrite)
+    }
+
+    /// Rewrites the journal to the batches held: `take` runs first, under
+    /// the journal's append lock, and must take every queued outcome and
+    /// cut, so every outcome record is covered. Drops the oldest batches
+    /// while they do not fit the journal's bound.
+    pub(crate) fn rewrite_journal(&mut self, take: impl FnOnce(&mut Self)) {
+        let Some(mut j) = self.journal.take() else {
+            return;
+        };
+        let room = j.batch_room();
+        j.rewrite_with(|| {
+            take(self);
+            let mut bytes: u64 = self
+                .buffer
+                .held()
+                .map(|(m, _)| journal::batch_bytes(m))
+                .sum();
+            let mut dropped = 0u64;
+            while bytes > room {
+                let Some((m, _)) = self.buffer.held().next() else {
+                    break;
+                };
+                let size = journal::batch_bytes(m);
+                match self.buffer.drop_oldest() {
+                    Some(events) => dropped += events as u64,
+                    None => break,
+                }
+                bytes -= size.min(bytes);
+            }
+            if dropped > 0 {
+                crate::metrics::report_events_dropped(dropped);
+                tracing::warn!(
+                    dropped,
+                    dropped_total = self.buffer.dropped(),
+                    "usage journal full: dropped the oldest unacknowledged events"
+                );
+            }
+            // The rewrite holds exactly what is left.
+            self.buffer.take_released();
+            let held = self.buffer.held().map(|(m, e)| (m.clone(), e)).collect();
+            ((), self.consumed, held)
+        });
+        self.journal = Some(j);
+    }
+
+    fn journal_released(&mut self) {
+        let released = self.buffer.take_released();
+        if let Some(j) = self.journal.as_mut() {
+            for (epoch, seq) in released {
+                j.released(&epoch, seq);
+            }
         }
     }
 
@@ -207,6 +329,7 @@ impl Collector {
 
     /// Adds a request outcome to its usage bucket.
     pub(crate) fn outcome(&mut self, mut o: RequestOutcome) {
+        self.consumed += 1;
         let now = SystemTime::now();
         let started = now.checked_sub(o.latency).unwrap_or(now);
         let hour = started
@@ -318,6 +441,12 @@ impl Collector {
             demand,
         };
         let dropped = self.buffer.push(msg, events);
+        self.journal_released();
+        if let Some(j) = self.journal.as_mut()
+            && let Some((m, e)) = self.buffer.newest()
+        {
+            j.batch(m, e, self.consumed);
+        }
         if dropped > 0 {
             crate::metrics::report_events_dropped(dropped);
             tracing::warn!(
@@ -890,5 +1019,89 @@ mod tests {
         let m = c.buffer().next_to_send().unwrap();
         let ejected: Vec<u64> = m.failures.iter().map(|f| f.ejected_ms).collect();
         assert_eq!(ejected, [0, 30_000]);
+    }
+
+    /// The journal's exactly-once bookkeeping across a crash: outcomes
+    /// queued through the journal, some cut into a batch, some still
+    /// pending, the proxy gone: the batch comes back under its identity and
+    /// the pending outcomes once, under the new epoch; a rewrite past the
+    /// bound drops the oldest batches, counted as dropped events.
+    #[test]
+    fn a_journal_replays_cut_batches_and_pending_outcomes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::config::UsageJournal {
+            path: dir.path().join("usage.journal"),
+            max_bytes: 64 * 1024,
+        };
+        let requests = |m: &StreamReportsRequest| -> u64 {
+            m.usage_aggregates
+                .iter()
+                .map(|a| a.totals.unwrap().requests)
+                .sum()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        {
+            let opened = Journal::open(&settings, "n1", "e1".into(), 500).unwrap();
+            let log = opened.journal.outcome_log();
+            let mut c = Collector::new(
+                "n1".into(),
+                SnapshotStore::default(),
+                &ReportSettings::default(),
+            );
+            c.resume(opened);
+            for _ in 0..5 {
+                use crate::events::OutcomeJournal as _;
+                assert!(log.send(&tx, outcome(Some("a"))));
+            }
+            for _ in 0..3 {
+                c.outcome(rx.try_recv().unwrap());
+            }
+            assert!(c.cut());
+            for _ in 0..2 {
+                c.outcome(rx.try_recv().unwrap());
+            }
+            // Crash: the pending two were never cut.
+        }
+        let opened = Journal::open(&settings, "n1", "e2".into(), 500).unwrap();
+        let got: Vec<(String, u64, u64)> = opened
+            .batches
+            .iter()
+            .map(|(m, _)| (m.stream_epoch.clone(), m.seq, requests(m)))
+            .collect();
+        assert_eq!(got, vec![("e1".into(), 1, 3), ("e2".into(), 1, 2)]);
+        let mut c = Collector::new(
+            "n1".into(),
+            SnapshotStore::default(),
+            &ReportSettings::default(),
+        );
+        c.resume(opened);
+        let sent: Vec<(String, u64)> = std::iter::from_fn(|| c.buffer().next_to_send())
+            .map(|m| (m.stream_epoch, m.seq))
+            .collect();
+        assert_eq!(sent, vec![("e1".into(), 1), ("e2".into(), 1)]);
+        // Both acknowledged: nothing is replayed after another crash.
+        assert_eq!(c.ack(1), 1);
+        assert_eq!(c.ack(1), 1);
+        assert!(c.buffer().is_empty());
+        // Many large batches never acknowledged: the rewrite keeps the newest.
+        for i in 0..40 {
+            let mut o = outcome(Some(&format!(
+                "agent-with-a-long-name-{i:04}-{}",
+                "x".repeat(2000)
+            )));
+            o.model = Arc::from("m");
+            c.outcome(o);
+            c.cut();
+        }
+        c.rewrite_journal(|c| {
+            c.cut();
+        });
+        assert!(c.buffer().dropped() > 0, "nothing dropped");
+        let size = std::fs::metadata(&settings.path).unwrap().len();
+        assert!(size <= settings.max_bytes / 2, "{size} bytes");
+        drop(c);
+        let opened = Journal::open(&settings, "n1", "e3".into(), 500).unwrap();
+        assert!(!opened.batches.is_empty());
+        assert!(opened.batches.iter().all(|(m, _)| m.stream_epoch == "e2"));
     }
 }
