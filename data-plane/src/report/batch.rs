@@ -238,9 +238,9 @@ impl Collector {
 
     /// Called before a batch is handed to the report stream: what the
     /// journal holds reaches the disk first.
-    pub(crate) fn before_send(&mut self) {
+    pub(crate) async fn before_send(&mut self) {
         if let Some(j) = self.journal.as_mut() {
-            j.sync();
+            j.sync().await;
         }
     }
 

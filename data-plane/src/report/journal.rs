@@ -303,14 +303,23 @@ impl Journal {
     }
 
     /// `fdatasync`s what was written since the last call: called before a
-    /// batch is handed to the report stream.
-    pub(crate) fn sync(&mut self) {
+    /// batch is handed to the report stream. The sync runs on the blocking
+    /// pool, so the runtime that also accepts connections is not held for
+    /// the disk's latency; the caller waits for it before sending.
+    pub(crate) async fn sync(&mut self) {
         if !self.dirty {
             return;
         }
         let file = self.log.file.lock().clone();
-        if let Err(e) = file.sync_data() {
-            tracing::warn!(error = %e, path = %self.path.display(), "usage journal: fdatasync failed");
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        match synced {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, path = %self.path.display(), "usage journal: fdatasync failed");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.path.display(), "usage journal: the fdatasync task failed");
+            }
         }
         self.dirty = false;
         set_bytes(self.log.size.load(Ordering::Relaxed));
@@ -711,8 +720,8 @@ mod tests {
     /// Unacknowledged batches come back as they were; acknowledged ones
     /// and covered outcomes do not; uncovered outcomes come back summed
     /// under the new epoch; a torn last record is dropped.
-    #[test]
-    fn replays_the_unacknowledged_and_drops_a_torn_tail() {
+    #[tokio::test]
+    async fn replays_the_unacknowledged_and_drops_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(&dir);
         let mut first = Journal::open(&s, "n1", "e1".into(), 500).unwrap();
@@ -732,7 +741,7 @@ mod tests {
         first.journal.released("e1", 1);
         // Outcome 3 is not in a batch; outcome 4 is written after it.
         append(&s.path, &outcome(row(1)));
-        first.journal.sync();
+        first.journal.sync().await;
         // A torn record: half a frame.
         let torn = frame(&outcome(row(100)));
         let mut f = std::fs::OpenOptions::new()

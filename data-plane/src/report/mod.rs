@@ -215,7 +215,7 @@ pub(crate) async fn run(
             permit = reserve(tx.as_ref(), ready) => match permit {
                 Ok(permit) => {
                     if let Some(msg) = c.buffer().next_to_send() {
-                        c.before_send();
+                        c.before_send().await;
                         permit.send(msg);
                         crate::metrics::report_batch_sent();
                     }
