@@ -19,10 +19,18 @@ use std::collections::HashMap;
 
 use jiff::Timestamp;
 
+/// How many ids the control plane does not know (yet) it remembers
+/// activity for: an agent created while its conversation is already going
+/// on is busy from its first slot, while invented ids cost at most this.
+pub const UNKNOWN_AGENTS_KEPT: usize = 1024;
+
 /// Last interactive traffic seen per agent.
 #[derive(Debug, Default)]
 pub struct AgentActivity {
     last: RwLock<HashMap<String, Timestamp>>,
+    /// The same for ids no agent had when reported, bounded by
+    /// [`UNKNOWN_AGENTS_KEPT`] (the oldest is dropped first).
+    unknown: RwLock<HashMap<String, Timestamp>>,
 }
 
 impl AgentActivity {
@@ -44,10 +52,31 @@ impl AgentActivity {
         }
     }
 
+    /// Records traffic for an id no agent has (yet): kept in a bounded
+    /// side table, so an agent added moments later is known to be busy.
+    pub fn record_unknown(&self, agent_id: &str, at: Timestamp) {
+        let mut map = self.unknown.write();
+        if let Some(t) = map.get_mut(agent_id) {
+            *t = (*t).max(at);
+            return;
+        }
+        if map.len() >= UNKNOWN_AGENTS_KEPT {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                map.remove(&id);
+            }
+        }
+        map.insert(agent_id.to_string(), at);
+    }
+
     /// When interactive traffic for `agent_id` was last seen.
     pub fn last_seen(&self, agent_id: &str) -> Option<Timestamp> {
-        let map = self.last.read();
-        map.get(agent_id).copied()
+        let known = self.last.read().get(agent_id).copied();
+        let unknown = self.unknown.read().get(agent_id).copied();
+        known.max(unknown)
     }
 
     /// Whether `agent_id` had interactive traffic within `window` of `now`.
@@ -61,8 +90,8 @@ impl AgentActivity {
     /// Drops entries older than `horizon` (called periodically so that the
     /// map does not grow with agents that stopped talking).
     pub fn forget_before(&self, horizon: Timestamp) {
-        let mut map = self.last.write();
-        map.retain(|_, t| *t >= horizon);
+        self.last.write().retain(|_, t| *t >= horizon);
+        self.unknown.write().retain(|_, t| *t >= horizon);
     }
 }
 
@@ -123,6 +152,22 @@ mod tests {
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).expect("valid")
+    }
+
+    #[test]
+    fn unknown_ids_are_remembered_boundedly_for_an_agent_added_later() {
+        let a = AgentActivity::new();
+        a.record_unknown("later", ts(100));
+        assert!(a.is_busy("later", ts(101), Duration::from_secs(3)));
+        for i in 0..UNKNOWN_AGENTS_KEPT {
+            a.record_unknown(&format!("invented-{i}"), ts(200 + i as i64));
+        }
+        assert_eq!(a.unknown.read().len(), UNKNOWN_AGENTS_KEPT);
+        // The oldest went first.
+        assert_eq!(a.last_seen("later"), None);
+        assert!(a.last_seen("invented-5").is_some());
+        a.forget_before(ts(10_000));
+        assert!(a.unknown.read().is_empty());
     }
 
     #[test]

@@ -171,19 +171,23 @@ impl Fleet {
             if a.agent_id.is_empty() {
                 continue;
             }
-            // Only agents that exist are tracked: invented ids cost nothing.
-            if !agents.contains(&a.agent_id) {
-                crate::report::metrics::unknown_agent("activity");
-                continue;
-            }
             let at = a
                 .last_seen
                 .as_ref()
                 .map(crate::stats::ms_of)
                 .unwrap_or(now)
                 .min(now);
-            if let Ok(t) = jiff::Timestamp::from_millisecond(at) {
+            let Ok(t) = jiff::Timestamp::from_millisecond(at) else {
+                continue;
+            };
+            // Agents that exist are tracked; other ids only in a small
+            // bounded table (an agent added while its conversation is
+            // going on), so invented ids cost next to nothing.
+            if agents.contains(&a.agent_id) {
                 self.activity.record(&a.agent_id, t);
+            } else {
+                crate::report::metrics::unknown_agent("activity");
+                self.activity.record_unknown(&a.agent_id, t);
             }
         }
         self.shares.observe(batch);

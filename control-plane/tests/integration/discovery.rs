@@ -372,10 +372,16 @@ async fn a_newer_stream_of_the_same_node_replaces_the_older() {
         .await;
 
     let mut new = h.open("p1", r.version).await;
-    let err = tokio::time::timeout(Duration::from_secs(5), old.inbound.message())
-        .await
-        .expect("the older stream ends")
-        .expect_err("with a status");
+    // Incremental messages (rate shares, cooldowns) may still arrive first.
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(5), old.inbound.message())
+            .await
+            .expect("the older stream ends")
+        {
+            Ok(Some(m)) if is_incremental(&m) => continue,
+            other => break other.expect_err("with a status"),
+        }
+    };
     assert_eq!(err.code(), Code::Aborted);
     // The older stream's cleanup has run; the node is still connected.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -398,7 +404,15 @@ async fn shutdown_ends_open_streams_and_the_server_stops_promptly() {
     let started = std::time::Instant::now();
     // Keep the stream (and its request side) open while the server stops.
     let stream = tokio::spawn(async move {
-        let end = tokio::time::timeout(Duration::from_secs(10), s.inbound.message()).await;
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.inbound.message().await {
+                    Ok(Some(m)) if is_incremental(&m) => continue,
+                    other => break other,
+                }
+            }
+        })
+        .await;
         (end, s.tx)
     });
     h.stop().await;
