@@ -456,6 +456,18 @@ fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
+        // A reset before the response head: a proxy restarting, or a load
+        // balancer with no proxy behind it (seen under load in tests).
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
         cur = err.source();
     }
     false
@@ -685,6 +697,44 @@ mod tests {
             .await
             .expect_err("nothing listens");
         assert_eq!(err, "proxy unreachable: connection refused");
+        assert_eq!(transient(&err), Some(Transient::Unreachable));
+    }
+
+    #[tokio::test]
+    async fn a_reset_before_the_response_reads_proxy_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accept, read the request, then reset the connection (SO_LINGER 0).
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+            }
+        });
+        let req = RunRequest {
+            protocol: Protocol::ChatCompletions,
+            agent_id: "a1".into(),
+            run_id: "hbr_1".into(),
+            trigger: "schedule",
+            model: "m".into(),
+            prompt: "p".into(),
+            checklist: "c".into(),
+            session_key: "agent:a1:heartbeat".into(),
+            timeout: Duration::from_secs(5),
+        };
+        let err = ProxyDispatcher::new(
+            http_client().expect("client"),
+            &format!("http://{addr}"),
+            "k".into(),
+        )
+        .run(req)
+        .await
+        .expect_err("reset");
+        assert!(err.starts_with("proxy unreachable: "), "{err}");
         assert_eq!(transient(&err), Some(Transient::Unreachable));
     }
 
