@@ -308,7 +308,11 @@ async fn list_pages_are_ordered_ranges_from_the_token() {
     // The control plane creates its own heartbeat key once agents exist
     // (it sorts first); wait for it so that it does not appear mid-paging.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !cp.clawctl(&["key", "get", "claw-heartbeat"]).status.success() {
+    while !cp
+        .clawctl(&["key", "get", "claw-heartbeat"])
+        .status
+        .success()
+    {
         assert!(std::time::Instant::now() < deadline, "no heartbeat key");
         std::thread::sleep(Duration::from_millis(100));
     }
