@@ -34,7 +34,7 @@ row() {
   for _ in $(seq 1 "$REPS"); do
     python3 tests/bench/idle_conns.py --addr "$addr" --n "$n" --hold "$HOLD" \
       --watch "$wname=$wpid" "${probes[@]}" >>"$WORK/rows.json"
-    sleep 11   # let the header-read timeout close what is left
+    sleep 2   # the client closed its sockets: let the server see it
   done
   python3 - "$WORK/rows.json" "$label" "$wname" <<'PY'
 import json, statistics, sys
@@ -69,3 +69,13 @@ row "control plane HTTP, --max-connections 10000 (default)" "$CONNS" "$CP_HTTP" 
   "http://$CP_HTTP/healthz"
 row "control plane gRPC, --max-connections 10000 (default)" "$CONNS" "${CLAW_SERVER#http://}" cp "$CP_PID" \
   "http://$CP_HTTP/healthz"
+# A second control plane with the cap at CONNS: beyond it on each listener.
+start cp-capped "$BIN/claw-control-plane" --data-dir "$WORK/cp2-data" --grpc-addr 127.0.0.1:0 \
+  --http-addr 127.0.0.1:0 --max-connections "$CONNS"
+CP2_PID=$PID
+CP2_GRPC="$(sed -E 's/.*grpc=([^ ]+).*/\1/' <<<"$LISTEN")"
+CP2_HTTP="$(sed -E 's/.*http=([^ ]+).*/\1/' <<<"$LISTEN")"
+row "control plane HTTP, --max-connections $CONNS" "$((CONNS + 1000))" "$CP2_HTTP" cp "$CP2_PID" \
+  "http://$CP2_HTTP/healthz"
+row "control plane gRPC, --max-connections $CONNS" "$((CONNS + 1000))" "$CP2_GRPC" cp "$CP2_PID" \
+  "http://$CP2_HTTP/healthz"
