@@ -39,11 +39,12 @@ for cap in $CAPS; do
     args=()
     [ "$cap" != default ] && args=(--max-inflight-body-bytes "$cap")
     start_proxy "dp-$cap-$r" "${args[@]}"
+    warm_up "$DP_ADDR"
     idle=$(rss_mb "$DP_PID")
     cpu0=$(cpu_s "$DP_PID")
     clients=()
     for i in $(seq 1 "$CLIENTS"); do
-      curl -s -o /dev/null -w '%{http_code}\n' --max-time 300 -H "authorization: Bearer $CLAW_KEY" \
+      curl -s -o "$WORK/body-$i" -w '%{http_code}\n' --max-time 300 -H "authorization: Bearer $CLAW_KEY" \
         -H 'content-type: application/json' --data-binary @"$WORK/body.json" \
         "http://$DP_ADDR/v1/chat/completions" >"$WORK/status-$i" &
       clients+=($!)

@@ -24,7 +24,7 @@ start() {
   PID=$!
   pids+=("$PID")
   for _ in $(seq 1 600); do
-    if grep -q '^listening' "$WORK/$name.out"; then LISTEN="$(head -n1 "$WORK/$name.out")"; return 0; fi
+    if grep -qs '^listening' "$WORK/$name.out"; then LISTEN="$(head -n1 "$WORK/$name.out")"; return 0; fi
     kill -0 "$PID" 2>/dev/null || { log "$name died:"; tail -n 20 "$WORK/$name.log" >&2; exit 1; }
     sleep 0.1
   done
@@ -76,4 +76,19 @@ start_proxy() {
   DP_ADDR="${LISTEN#*http=}"
   DP_PID=$PID
   wait_http "http://$DP_ADDR/readyz"
+}
+
+# Small chat requests until one is answered 200 (a fresh proxy may answer
+# 429 until its first rate share arrives from the control plane).
+warm_up() { # PROXY_ADDR
+  local code
+  for _ in $(seq 1 300); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $CLAW_KEY" \
+      -H 'content-type: application/json' \
+      -d '{"model":"bench","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}' \
+      "http://$1/v1/chat/completions" || true)
+    [ "$code" = 200 ] && return 0
+    sleep 0.2
+  done
+  log "proxy $1 never answered 200 (last $code)"; exit 1
 }
