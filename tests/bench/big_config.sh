@@ -12,8 +12,9 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 # 1. Snapshot size at the issue's scale, raw and gzip (what the stream sends).
-PROFILE=$([ "$BIN" = target/release ] && echo --release || true)
-CLAW_SNAPSHOT_OUT="$WORK/snapshot.bin" cargo test -q $PROFILE -p claw-control-plane --lib \
+# The bytes do not depend on the build profile: the (cheaper) debug test
+# build writes them.
+CLAW_SNAPSHOT_OUT="$WORK/snapshot.bin" cargo test -q -p claw-control-plane --lib \
   -- size_tests::write_the_issue_scale_snapshot --ignored >/dev/null
 raw=$(stat -c %s "$WORK/snapshot.bin")
 gz=$(gzip -6 -c "$WORK/snapshot.bin" | wc -c)
@@ -24,14 +25,15 @@ export CLAW_ADMIN_TOKEN=bench-admin-token-0123456789 CLAW_PROXY_TOKEN=bench-prox
 export BENCH_KEY=sk-bench-0123456789abcdef
 CLAW_MASTER_KEY=$("$BIN/claw-control-plane" keygen)
 export CLAW_MASTER_KEY
-"$BIN/claw-control-plane" --data-dir "$WORK/cp" --grpc-addr 127.0.0.1:57051 --http-addr 127.0.0.1:57080 \
-  >"$WORK/cp.log" 2>&1 &
-sleep 2
+"$BIN/claw-control-plane" --data-dir "$WORK/cp" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+  >"$WORK/cp.out" 2>"$WORK/cp.log" &
+for _ in $(seq 1 600); do grep -qs '^listening' "$WORK/cp.out" && break; sleep 0.1; done
+CP_GRPC=$(sed -E 's/.*grpc=([^ ]+).*/\1/' <"$WORK/cp.out")
 for i in 0 1; do
-  "$BIN/claw-data-plane" --control-plane http://127.0.0.1:57051 --node-id "bench-$i" \
-    --proxy-token "$CLAW_PROXY_TOKEN" --addr 127.0.0.1:$((57100 + i)) >"$WORK/dp$i.log" 2>&1 &
+  "$BIN/claw-data-plane" --control-plane "http://$CP_GRPC" --node-id "bench-$i" \
+    --proxy-token "$CLAW_PROXY_TOKEN" --addr 127.0.0.1:0 >"$WORK/dp$i.log" 2>&1 &
 done
-ctl() { "$BIN/clawctl" --server http://127.0.0.1:57051 --token "$CLAW_ADMIN_TOKEN" --timeout 600s "$@"; }
+ctl() { "$BIN/clawctl" --server "http://$CP_GRPC" --token "$CLAW_ADMIN_TOKEN" --timeout 600s "$@"; }
 {
   echo "backends:"
   for ((i = 0; i < BACKENDS; i++)); do

@@ -203,3 +203,233 @@ async fn keys_beyond_the_old_4mib_limit_reach_every_proxy_and_list_in_full() {
 async fn forty_thousand_keys_reach_every_proxy_and_list_in_full() {
     big_apply_reaches_every_proxy(40_000, false).await;
 }
+
+/// The names of every page of one list RPC, `size` at a time, and the
+/// number of pages; `between(page_index)` runs after each page (changes
+/// made while a client pages). Every page is at most `size` long and only
+/// the last has an empty token.
+async fn page_through<F, Fut>(
+    size: u32,
+    mut fetch: F,
+    mut between: impl FnMut(usize),
+) -> (Vec<String>, usize)
+where
+    F: FnMut(u32, String) -> Fut,
+    Fut: std::future::Future<Output = (Vec<String>, String)>,
+{
+    let (mut out, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let (names, next) = fetch(size, token.clone()).await;
+        assert!(names.len() <= size as usize, "page of {}", names.len());
+        pages += 1;
+        out.extend(names);
+        between(pages);
+        if next.is_empty() {
+            return (out, pages);
+        }
+        assert!(pages < 1000, "paging does not end");
+        token = next;
+    }
+}
+
+/// Paging is a range read from the token (issue 17 item 5 follow-up: each
+/// page used to be cut from the whole list): pages come in name order (id
+/// order for agents), cover every resource once, skip a resource deleted
+/// before its page and include one created after the token; no page size
+/// means everything up to the cap; an oversized token is refused naming
+/// `page_token`; clawctl's lists agree with the RPCs.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_pages_are_ordered_ranges_from_the_token() {
+    use claw_proto::v1::{
+        ListAgentsRequest, ListBackendsRequest, ListClientKeysRequest,
+        agent_service_client::AgentServiceClient, backend_service_client::BackendServiceClient,
+        client_key_service_client::ClientKeyServiceClient,
+    };
+    let cp = claw_tests::harness::ControlPlane::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("config.yaml");
+    // Listed out of name order on purpose: pages follow names, not ids.
+    let mut doc = String::from("backends:\n");
+    for i in (0..23).rev() {
+        doc.push_str(&format!(
+            "  - {{name: be-{i:02}, base_url: 'https://b{i}.example.com/v1', api_key_env: KEY_VAR, models: [{{canonical: gpt-4o, native: gpt-4o}}]}}\n"
+        ));
+    }
+    doc.push_str("client_keys:\n");
+    for i in (0..57).rev() {
+        doc.push_str(&format!("  - {{name: key-{i:02}, models: [gpt-4o]}}\n"));
+    }
+    doc.push_str("agents:\n");
+    for i in (0..11).rev() {
+        doc.push_str(&format!("  - {{id: agent-{i:02}, model: gpt-4o}}\n"));
+    }
+    std::fs::write(&file, doc).expect("write the document");
+    cp.clawctl_with_env(
+        &["apply", "-f", file.to_str().expect("utf-8 path")],
+        &[("KEY_VAR", "sk-page-test-0123456789")],
+    )
+    .assert_ok();
+
+    let channel = tonic::transport::Endpoint::from_shared(cp.grpc_url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let token = cp.admin_token().to_string();
+    fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii token"),
+        );
+        r
+    }
+    let authed = |msg| with_token(msg, &token);
+    let keys = ClientKeyServiceClient::new(channel.clone());
+    let list_keys = |page_size: u32, page_token: String| {
+        let mut keys = keys.clone();
+        let req = authed(ListClientKeysRequest {
+            page_size,
+            page_token,
+        });
+        async move {
+            let r = keys
+                .list_client_keys(req)
+                .await
+                .expect("list keys")
+                .into_inner();
+            (
+                r.keys.into_iter().map(|k| k.name).collect::<Vec<_>>(),
+                r.next_page_token,
+            )
+        }
+    };
+
+    // The control plane creates its own heartbeat key once agents exist
+    // (it sorts first); wait for it so that it does not appear mid-paging.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cp
+        .clawctl(&["key", "get", "claw-heartbeat"])
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "no heartbeat key");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Keys, 5 a page; after the first page one key already listed and one
+    // not yet listed are deleted and one sorting after the token is created.
+    let (names, pages) = page_through(5, &list_keys, |page| {
+        if page == 1 {
+            for name in ["key-01", "key-30"] {
+                cp.clawctl(&["key", "rm", name]).assert_ok();
+            }
+            cp.clawctl(&["key", "add", "key-30a"]).assert_ok();
+        }
+    })
+    .await;
+    let mut want: Vec<String> = (0..57)
+        .filter(|i| *i != 30)
+        .map(|i| format!("key-{i:02}"))
+        .collect();
+    want.push("key-30a".into());
+    want.push("claw-heartbeat".into());
+    want.sort();
+    assert_eq!(names, want, "name order, each once, changes seen");
+    assert_eq!(pages, want.len().div_ceil(5));
+
+    // No page size: everything (below the cap) in one answer.
+    // (key-01, deleted after its page, is gone now).
+    let (all, next) = list_keys(0, String::new()).await;
+    want.retain(|n| n != "key-01");
+    assert_eq!((all, next.as_str()), (want, ""));
+    // A token between two names starts after it; past the end is empty.
+    let (after, _) = list_keys(3, "key-29z".into()).await;
+    assert_eq!(after, ["key-30a", "key-31", "key-32"]);
+    let (none, next) = list_keys(3, "zzz".into()).await;
+    assert!(none.is_empty() && next.is_empty());
+    // An oversized token is refused naming the field.
+    let err = keys
+        .clone()
+        .list_client_keys(authed(ListClientKeysRequest {
+            page_size: 5,
+            page_token: "k".repeat(2000),
+        }))
+        .await
+        .expect_err("an oversized token");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("page_token:"),
+        "{}",
+        err.message()
+    );
+
+    // Backends (by name) and agents (by id), 4 a page.
+    let backends = BackendServiceClient::new(channel.clone());
+    let (names, _) = page_through(
+        4,
+        |page_size, page_token| {
+            let mut b = backends.clone();
+            let req = with_token(
+                ListBackendsRequest {
+                    page_size,
+                    page_token,
+                },
+                &token,
+            );
+            async move {
+                let r = b
+                    .list_backends(req)
+                    .await
+                    .expect("list backends")
+                    .into_inner();
+                (
+                    r.backends.into_iter().map(|b| b.name).collect::<Vec<_>>(),
+                    r.next_page_token,
+                )
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let want: Vec<String> = (0..23).map(|i| format!("be-{i:02}")).collect();
+    assert_eq!(names, want);
+    let agents = AgentServiceClient::new(channel.clone());
+    let (ids, _) = page_through(
+        4,
+        |page_size, page_token| {
+            let mut a = agents.clone();
+            let req = with_token(
+                ListAgentsRequest {
+                    page_size,
+                    page_token,
+                },
+                &token,
+            );
+            async move {
+                let r = a.list_agents(req).await.expect("list agents").into_inner();
+                (
+                    r.agents.into_iter().map(|a| a.id).collect::<Vec<_>>(),
+                    r.next_page_token,
+                )
+            }
+        },
+        |_| {},
+    )
+    .await;
+    let want: Vec<String> = (0..11).map(|i| format!("agent-{i:02}")).collect();
+    assert_eq!(ids, want);
+
+    // clawctl pages the same lists (500 a page) and shows the same.
+    let listed: Value = cp
+        .clawctl(&["agent", "list", "-o", "json"])
+        .assert_ok()
+        .json();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(listed, want);
+}

@@ -83,10 +83,10 @@ impl AgentService for AgentApi {
     ) -> RpcResult<ListAgentsResponse> {
         let req = request.into_inner();
         let (agents, next_page_token) = super::page::page(
-            self.catalog.list_agents()?,
-            |a| a.id.as_str(),
             req.page_size,
             &req.page_token,
+            |after, limit| self.catalog.agents_after(after, limit),
+            |a| a.id.as_str(),
         )?;
         ok(ListAgentsResponse {
             agents: agents.into_iter().map(|a| self.with_status(a)).collect(),

@@ -82,10 +82,10 @@ impl BackendService for BackendApi {
     ) -> RpcResult<ListBackendsResponse> {
         let req = request.into_inner();
         let (page, next_page_token) = super::page::page(
-            self.catalog.list_backends()?,
-            |b| b.name.as_str(),
             req.page_size,
             &req.page_token,
+            |after, limit| self.catalog.backends_after(after, limit),
+            |b| b.name.as_str(),
         )?;
         ok(ListBackendsResponse {
             backends: page.into_iter().map(|b| self.live(b)).collect(),

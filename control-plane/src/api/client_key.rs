@@ -50,10 +50,10 @@ impl ClientKeyService for ClientKeyApi {
     ) -> RpcResult<ListClientKeysResponse> {
         let req = request.into_inner();
         let (keys, next_page_token) = super::page::page(
-            self.catalog.list_client_keys()?,
-            |k| k.name.as_str(),
             req.page_size,
             &req.page_token,
+            |after, limit| self.catalog.client_keys_after(after, limit),
+            |k| k.name.as_str(),
         )?;
         ok(ListClientKeysResponse {
             keys,

@@ -233,6 +233,15 @@ impl Catalog {
         self.agent_records()?.iter().map(view).collect()
     }
 
+    /// Up to `limit` agents with ids after `after` (`""`: from the first),
+    /// in id order: one page of `ListAgents`, read as a range of the tree.
+    pub fn agents_after(&self, after: &str, limit: usize) -> Result<Vec<Agent>> {
+        self.records_after::<AgentRecord>(Tree::Agents, None, after, limit)?
+            .iter()
+            .map(view)
+            .collect()
+    }
+
     /// Every agent record, for the heartbeat scheduler.
     pub fn agent_records(&self) -> Result<Vec<AgentRecord>> {
         self.scan_records(Tree::Agents)

@@ -178,6 +178,16 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Up to `limit` backends named after `after` (`""`: from the first),
+    /// in name order, with masked keys: one page of `ListBackends`, read as
+    /// a range of the name index (only the page's keys are opened).
+    pub fn backends_after(&self, after: &str, limit: usize) -> Result<Vec<Backend>> {
+        self.records_after::<BackendRecord>(Tree::Backends, Some(Tree::BackendNames), after, limit)?
+            .iter()
+            .map(|r| self.backend_view(r))
+            .collect()
+    }
+
     /// One backend by id or name, with its key masked.
     pub fn get_backend(&self, ident: &str) -> Result<Backend> {
         let rec = self.load_backend(ident)?;

@@ -183,6 +183,21 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Up to `limit` client keys named after `after` (`""`: from the
+    /// first), in name order: one page of `ListClientKeys`, read as a range
+    /// of the name index.
+    pub fn client_keys_after(&self, after: &str, limit: usize) -> Result<Vec<ClientKey>> {
+        self.records_after::<ClientKeyRecord>(
+            Tree::ClientKeys,
+            Some(Tree::ClientKeyNames),
+            after,
+            limit,
+        )?
+        .iter()
+        .map(view)
+        .collect()
+    }
+
     /// Every client key record (with secret hashes), for snapshot building.
     pub fn client_key_records(&self) -> Result<Vec<ClientKeyRecord>> {
         self.scan_records(Tree::ClientKeys)
@@ -532,5 +547,49 @@ mod tests {
             .expect_err("reserved");
         assert!(err.to_string().starts_with("name: "));
         assert_eq!(c.client_key_count().expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn pages_are_name_ordered_ranges_that_skip_a_dangling_index_entry() {
+        let (_dir, c) = catalog().await;
+        // Created out of name order: pages follow names, not ids.
+        for name in ["k3", "k1", "k5", "k2", "k4"] {
+            let k = ClientKey {
+                name: name.into(),
+                models: vec!["gpt-4o".into()],
+                ..Default::default()
+            };
+            c.create_client_key(&Actor::system(), k)
+                .await
+                .expect("create");
+        }
+        let names = |v: Vec<ClientKey>| v.into_iter().map(|k| k.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(c.client_keys_after("", 2).expect("page")),
+            ["k1", "k2"]
+        );
+        assert_eq!(
+            names(c.client_keys_after("k2", 2).expect("page")),
+            ["k3", "k4"]
+        );
+        // A token between two names, and past the end.
+        assert_eq!(
+            names(c.client_keys_after("k3a", 10).expect("page")),
+            ["k4", "k5"]
+        );
+        assert!(c.client_keys_after("k5", 10).expect("page").is_empty());
+        // A name index entry whose record is gone (a delete racing the two
+        // reads) is skipped and the page still fills from the next names.
+        let id = c.get_client_key("k2").expect("k2").id;
+        c.store
+            .transact(&[Tree::ClientKeys], |txn| -> Result<()> {
+                txn.remove(Tree::ClientKeys, id.as_bytes())?;
+                Ok(())
+            })
+            .expect("drop the record only");
+        assert_eq!(
+            names(c.client_keys_after("", 3).expect("page")),
+            ["k1", "k3", "k4"]
+        );
     }
 }

@@ -380,6 +380,57 @@ impl Catalog {
             .collect()
     }
 
+    /// Up to `limit` records of `tree` whose sort key is strictly after
+    /// `after` (`""`: from the first), in sort-key order, read as ranges of
+    /// the store — never the whole tree — so a page costs its own size.
+    /// With `index: None` the sort key is the record's key in `tree`; with
+    /// `Some(index)` it is the key of the index tree (a name), whose value
+    /// is the record's key (an id). An index entry whose record is gone (a
+    /// delete between the two reads) is skipped and the range read on until
+    /// the page is full or the index ends.
+    fn records_after<M: prost::Message + Default>(
+        &self,
+        tree: Tree,
+        index: Option<Tree>,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<M>> {
+        // The smallest key strictly greater than `after`: `after` + 0x00.
+        let successor = |k: &[u8]| {
+            let mut s = Vec::with_capacity(k.len() + 1);
+            s.extend_from_slice(k);
+            s.push(0);
+            s
+        };
+        let mut start = if after.is_empty() {
+            Vec::new()
+        } else {
+            successor(after.as_bytes())
+        };
+        let mut out = Vec::with_capacity(limit.min(5001));
+        while out.len() < limit {
+            let want = limit - out.len();
+            let chunk = self
+                .store
+                .range(index.unwrap_or(tree), &start, None, false, want)?;
+            for (_, value) in &chunk {
+                match index {
+                    None => out.push(records::decode(tree, value)?),
+                    Some(_) => {
+                        if let Some(raw) = self.store.get(tree, value)? {
+                            out.push(records::decode(tree, &raw)?);
+                        }
+                    }
+                }
+            }
+            match chunk.last() {
+                Some((last, _)) if chunk.len() == want => start = successor(last),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Finds the id of a resource by id, then by unique name.
     fn resolve_id(
         &self,
