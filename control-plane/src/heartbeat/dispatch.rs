@@ -675,13 +675,9 @@ mod tests {
         assert_eq!(transient("timed out after 5s"), None);
     }
 
-    #[tokio::test]
-    async fn a_refused_connection_reads_proxy_unreachable_connection_refused() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        let client = http_client().expect("client");
-        let req = RunRequest {
+    /// A chat run of agent `a1` with a 5 s timeout.
+    fn run_request() -> RunRequest {
+        RunRequest {
             protocol: Protocol::ChatCompletions,
             agent_id: "a1".into(),
             run_id: "hbr_1".into(),
@@ -691,7 +687,16 @@ mod tests {
             checklist: "c".into(),
             session_key: "agent:a1:heartbeat".into(),
             timeout: Duration::from_secs(5),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_reads_proxy_unreachable_connection_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let client = http_client().expect("client");
+        let req = run_request();
         let err = ProxyDispatcher::new(client, &format!("http://{addr}"), "k".into())
             .run(req)
             .await
@@ -715,17 +720,7 @@ mod tests {
                 drop(stream);
             }
         });
-        let req = RunRequest {
-            protocol: Protocol::ChatCompletions,
-            agent_id: "a1".into(),
-            run_id: "hbr_1".into(),
-            trigger: "schedule",
-            model: "m".into(),
-            prompt: "p".into(),
-            checklist: "c".into(),
-            session_key: "agent:a1:heartbeat".into(),
-            timeout: Duration::from_secs(5),
-        };
+        let req = run_request();
         let err = ProxyDispatcher::new(
             http_client().expect("client"),
             &format!("http://{addr}"),
