@@ -300,21 +300,6 @@ async fn a_client_that_did_not_ask_for_usage_gets_the_bytes_of_a_direct_call() {
     assert_eq!(streamed, [false, true]);
 }
 
-/// `name value` of an unlabelled gauge on `/metrics`.
-async fn gauge(c: &Cluster, proxy: &Proxy, name: &str) -> Option<f64> {
-    let text = c
-        .http
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 fn mock_name(res: &reqwest::Response) -> String {
     res.headers()
         .get("x-mock-name")

@@ -24,21 +24,6 @@ use crate::data_plane_support::*;
 use claw_tests::harness::Proxy;
 use std::time::{Duration, Instant};
 
-/// `name value` of an unlabelled gauge on the proxy's `/metrics`.
-async fn gauge(c: &Cluster, proxy: &Proxy, name: &str) -> Option<f64> {
-    let text = c
-        .http
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// The share of a key's rpm `proxy` applies to keys without one of their
 /// own.
 async fn default_share(c: &Cluster, proxy: &Proxy) -> Option<f64> {

@@ -566,3 +566,18 @@ impl Fleet {
         grew[0]
     }
 }
+
+/// `name value` of an unlabelled gauge on `/metrics`.
+pub(crate) async fn gauge(c: &Cluster, proxy: &Proxy, name: &str) -> Option<f64> {
+    let text = c
+        .http
+        .get(format!("{}/metrics", proxy.url()))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
