@@ -145,12 +145,14 @@ struct Args {
     /// answered request's usage is appended before it leaves for the
     /// control plane, and a restarted proxy replays what was not
     /// acknowledged, so a crash (kill -9, OOM) loses none. Without it a
-    /// crash loses up to one report interval of usage.
+    /// crash loses up to one report interval of usage. One proxy per file
+    /// (PATH.lock is held while it runs); best on ext4, XFS or tmpfs, where
+    /// records go through a memory map of the preallocated file.
     #[arg(long, env = "CLAW_DP_USAGE_JOURNAL", value_name = "PATH")]
     usage_journal: Option<std::path::PathBuf>,
     /// Size bound of the usage journal, in bytes (at least 1 MiB); beyond
     /// it the oldest unacknowledged batches are dropped (counted as
-    /// dropped events).
+    /// dropped events). The file is preallocated to 1.25 times the bound.
     #[arg(
         long,
         env = "CLAW_DP_USAGE_JOURNAL_MAX_BYTES",

@@ -279,15 +279,16 @@ async fn a_journal_with_a_torn_tail_still_replays_the_rest() {
         res.bytes().await.expect("the answer");
     }
     c.proxies[0].kill9();
-    // A crash mid-write: a record header promising more than follows.
+    // A crash mid-write: right after the last record, a record header
+    // promising more than follows.
     {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
             .open(&path)
             .expect("the journal exists");
-        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9])
-            .expect("appended a torn record");
+        f.write_all_at(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9], records_end(&path))
+            .expect("wrote a torn record");
     }
     c.cp.restart();
     c.proxies[0].restart();
@@ -303,6 +304,22 @@ async fn a_journal_with_a_torn_tail_still_replays_the_rest() {
         logs.contains("torn or corrupt record"),
         "no log line for the torn record:\n{logs}"
     );
+}
+
+/// Where the records of the journal at `path` end: its format is an 8-byte
+/// magic, then `[u32 length][u32 CRC][body]` records (little-endian); the
+/// file is preallocated past them with zeros.
+fn records_end(path: &std::path::Path) -> u64 {
+    let raw = std::fs::read(path).expect("the journal");
+    let mut at = 8;
+    while let Some(len) = raw.get(at..at + 4) {
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len == 0 || at + 8 + len > raw.len() {
+            break;
+        }
+        at += 8 + len;
+    }
+    at as u64
 }
 
 /// A `--usage-journal` path holding something else stops the start with an

@@ -164,7 +164,7 @@ impl crate::events::OutcomeJournal for journal::OutcomeLog {
         if self.is_paused() {
             return tx.try_send(o).is_ok();
         }
-        let frame = journal::outcome_frame(outcome_aggregate(&o));
+        let frame = journal::outcome_frame(&outcome_row(&o));
         self.append_queued(&frame, || tx.try_send(o).is_ok())
     }
 }
@@ -176,18 +176,16 @@ pub(crate) fn new_epoch() -> String {
 
 /// One request's usage as a usage row of its own: the journal's outcome
 /// record (summed like [`Collector::outcome`] sums it).
-pub(crate) fn outcome_aggregate(o: &RequestOutcome) -> UsageAggregate {
+pub(crate) fn outcome_row(o: &RequestOutcome) -> journal::OutcomeRow<'_> {
     let now = SystemTime::now();
-    let started = now.checked_sub(o.latency).unwrap_or(now);
-    UsageAggregate {
-        first_time: Some(started.into()),
-        last_time: Some(started.into()),
-        client_key_id: o.client_key_id.to_string(),
-        agent_id: o.agent_id.clone().unwrap_or_default(),
-        model: o.model.to_string(),
-        backend_id: o.backend_id.as_deref().unwrap_or_default().to_string(),
-        totals: Some(request_totals(o)),
-        run_kind: o.run_kind.wire().to_string(),
+    journal::OutcomeRow {
+        started: now.checked_sub(o.latency).unwrap_or(now),
+        client_key_id: &o.client_key_id,
+        agent_id: o.agent_id.as_deref().unwrap_or_default(),
+        model: &o.model,
+        backend_id: o.backend_id.as_deref().unwrap_or_default(),
+        run_kind: o.run_kind.wire(),
+        totals: request_totals(o),
     }
 }
 
@@ -1097,7 +1095,7 @@ mod tests {
             c.cut();
         });
         assert!(c.buffer().dropped() > 0, "nothing dropped");
-        let size = std::fs::metadata(&settings.path).unwrap().len();
+        let size = c.journal.as_ref().unwrap().records_len();
         assert!(size <= settings.max_bytes / 2, "{size} bytes");
         drop(c);
         let opened = Journal::open(&settings, "n1", "e3".into(), 500).unwrap();

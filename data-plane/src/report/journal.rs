@@ -6,8 +6,10 @@
 //! CRC-32][protobuf Record]` (little-endian), after an 8-byte magic:
 //!
 //! - an *outcome* record per request, written by the request path itself
-//!   ([`OutcomeLog::send`]) as it hands the outcome to the report task: a
-//!   `write(2)` and no `fsync`, so it survives the process, not the machine;
+//!   ([`OutcomeLog::append_queued`]) as it hands the outcome to the report
+//!   task: a copy into a shared memory map of the file (no system call, no
+//!   `fsync`), so it survives the process, not the machine (see *Where
+//!   records go*);
 //! - a *batch* record per report batch cut ([`Journal::batch`]): the whole
 //!   numbered `StreamReportsRequest` and how many of the epoch's outcome
 //!   records it covers. Batch records are `fdatasync`ed before the batch is
@@ -37,12 +39,26 @@
 //! `claw_dp_usage_journal_skipped_total`), and a rewrite that cannot fit the
 //! unacknowledged batches drops the oldest, counted in `dropped_events`.
 //!
+//! **Where records go.** The file is preallocated (`fallocate`) to its
+//! capacity (the bound plus a quarter, room for batch records) and mapped
+//! `MAP_SHARED`: a record is a `memcpy` into the page cache, which outlives
+//! the process. Past the last record the file holds zeros, and a zero
+//! length ends the records. Only where a write into a preallocated
+//! mapping cannot fail (ext4, XFS, tmpfs: blocks are allocated up front;
+//! on a copy-on-write filesystem a full volume would kill the process with
+//! `SIGBUS`), and only if preallocation succeeds; elsewhere each record is
+//! a `pwrite(2)`, and a failed one pauses the journal as above. The
+//! `fdatasync` of a batch covers pages written through the map as well. A
+//! lock file (`PATH.lock`, held while the proxy runs) keeps a second
+//! proxy off the same journal.
+//!
 //! **Power loss** is not `kill -9`: outcome records not yet synced (at most
 //! one report interval) are lost with the page cache; every batch the
 //! control plane may have stored was synced first, so nothing is billed twice.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,7 +109,8 @@ struct Record {
 
 /// The request path's side: appends one outcome record per request.
 pub(crate) struct OutcomeLog {
-    file: Mutex<Arc<File>>,
+    sink: Mutex<Sink>,
+    /// The end of the last record (where the next one goes).
     size: AtomicU64,
     max_bytes: u64,
     /// Outcome records are not written until the next rewrite (the bound
@@ -111,7 +128,7 @@ impl OutcomeLog {
     /// queued, appends `frame` ([`outcome_frame`]), both under the append
     /// lock: record order is queue order. Returns what `queue` returned.
     pub(crate) fn append_queued(&self, frame: &[u8], queue: impl FnOnce() -> bool) -> bool {
-        let file = self.file.lock();
+        let mut sink = self.sink.lock();
         if !queue() {
             return false;
         }
@@ -123,7 +140,7 @@ impl OutcomeLog {
             self.pause("the journal is full until its next rewrite");
             return true;
         }
-        match (&**file).write_all(frame) {
+        match sink.write_at(size, frame) {
             Ok(()) => {
                 self.size
                     .store(size + frame.len() as u64, Ordering::Relaxed);
@@ -131,6 +148,16 @@ impl OutcomeLog {
             Err(e) => self.pause(&format!("cannot append to the usage journal: {e}")),
         }
         true
+    }
+
+    /// Appends a record the report task writes (batch, ack).
+    fn append(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut sink = self.sink.lock();
+        let size = self.size.load(Ordering::Relaxed);
+        sink.write_at(size, frame)?;
+        self.size
+            .store(size + frame.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn pause(&self, why: &str) {
@@ -149,6 +176,8 @@ impl OutcomeLog {
 pub(crate) struct Journal {
     path: PathBuf,
     log: Arc<OutcomeLog>,
+    /// `PATH.lock`, locked while this process runs.
+    _lock: File,
     epoch: String,
     /// Data written since the last `fdatasync`.
     dirty: bool,
@@ -186,6 +215,7 @@ impl Journal {
         max_batch: usize,
     ) -> anyhow::Result<Opened> {
         let path = settings.path.clone();
+        let lock = lock(&path)?;
         let epochs = read(&path)
             .with_context(|| format!("--usage-journal {}: cannot read it", path.display()))?;
         let mut batches = Vec::new();
@@ -232,11 +262,13 @@ impl Journal {
                 "usage journal: replaying what the control plane has not acknowledged"
             );
         }
-        let file = rewrite(&path, &epoch, 0, batches.iter().map(|(m, e)| (m, *e)))
+        let capacity = capacity(settings.max_bytes);
+        let size = rewrite(&path, &epoch, 0, batches.iter().map(|(m, e)| (m, *e)))
             .with_context(|| format!("--usage-journal {}: cannot write it", path.display()))?;
-        let size = file_len(&file);
+        let sink = Sink::open(&path, size, capacity)
+            .with_context(|| format!("--usage-journal {}: cannot open it", path.display()))?;
         let log = Arc::new(OutcomeLog {
-            file: Mutex::new(Arc::new(file)),
+            sink: Mutex::new(sink),
             size: AtomicU64::new(size),
             max_bytes: settings.max_bytes,
             paused: AtomicBool::new(false),
@@ -246,12 +278,19 @@ impl Journal {
             journal: Journal {
                 path,
                 log,
+                _lock: lock,
                 epoch: epoch.clone(),
                 dirty: false,
             },
             epoch,
             batches,
         })
+    }
+
+    /// Where the records end (the file itself is preallocated past it).
+    #[cfg(test)]
+    pub(crate) fn records_len(&self) -> u64 {
+        self.log.size.load(Ordering::Relaxed)
     }
 
     /// The request path's side.
@@ -271,17 +310,13 @@ impl Journal {
             outcomes_upto,
             ..Default::default()
         });
-        let file = self.log.file.lock();
-        if let Err(e) = (&**file).write_all(&frame) {
+        if let Err(e) = self.log.append(&frame) {
             tracing::error!(error = %e, path = %self.path.display(), "usage journal: cannot append a batch; emptying it (a crash now loses the unacknowledged usage)");
-            let _ = file.set_len(MAGIC.len() as u64);
+            let _ = self.log.sink.lock().clear();
             self.log.size.store(MAGIC.len() as u64, Ordering::Relaxed);
             self.log.paused.store(true, Ordering::Relaxed);
             return;
         }
-        self.log
-            .size
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.dirty = true;
     }
 
@@ -294,12 +329,9 @@ impl Journal {
             seq,
             ..Default::default()
         });
-        let file = self.log.file.lock();
-        if (&**file).write_all(&frame).is_ok() {
-            self.log
-                .size
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        }
+        // A lost ack record only resends a batch the control plane
+        // recognises as a duplicate.
+        let _ = self.log.append(&frame);
     }
 
     /// `fdatasync`s what was written since the last call: called before a
@@ -310,7 +342,10 @@ impl Journal {
         if !self.dirty {
             return;
         }
-        let file = self.log.file.lock().clone();
+        let Some(file) = self.log.sink.lock().file() else {
+            return;
+        };
+        // `fdatasync` writes back the pages written through the map too.
         let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
         match synced {
             Ok(Ok(())) => {}
@@ -346,19 +381,30 @@ impl Journal {
         &mut self,
         hold: impl FnOnce() -> (R, u64, Vec<(StreamReportsRequest, usize)>),
     ) -> R {
-        let mut file = self.log.file.lock();
+        let mut sink = self.log.sink.lock();
         let (r, outcomes_upto, batches) = hold();
-        match rewrite(
+        let written = rewrite(
             &self.path,
             &self.epoch,
             outcomes_upto,
             batches.iter().map(|(m, e)| (m, *e)),
-        ) {
-            Ok(f) => {
-                let size = file_len(&f);
-                *file = Arc::new(f);
+        );
+        match written {
+            Ok(size) => {
+                // The old file's preallocated space is freed before the new
+                // one's is taken.
+                *sink = Sink::Closed;
+                match Sink::open(&self.path, size, capacity(self.log.max_bytes)) {
+                    Ok(new) => {
+                        *sink = new;
+                        self.log.paused.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, path = %self.path.display(), "usage journal: cannot open it after a rewrite");
+                        self.log.paused.store(true, Ordering::Relaxed);
+                    }
+                }
                 self.log.size.store(size, Ordering::Relaxed);
-                self.log.paused.store(false, Ordering::Relaxed);
                 self.dirty = false;
                 set_bytes(size);
             }
@@ -370,13 +416,96 @@ impl Journal {
     }
 }
 
-/// The framed outcome record of one request's usage row.
-pub(crate) fn outcome_frame(row: UsageAggregate) -> Vec<u8> {
-    frame(&Record {
-        kind: KIND_OUTCOME,
-        outcome: Some(row),
-        ..Default::default()
-    })
+/// One request's usage row, borrowed from its outcome: what the journal's
+/// outcome record holds (a [`UsageAggregate`] of one request).
+pub(crate) struct OutcomeRow<'a> {
+    /// When the request started (the row's first and last time).
+    pub started: std::time::SystemTime,
+    pub client_key_id: &'a str,
+    pub agent_id: &'a str,
+    pub model: &'a str,
+    pub backend_id: &'a str,
+    pub run_kind: &'a str,
+    pub totals: UsageTotals,
+}
+
+impl OutcomeRow<'_> {
+    /// The row as the message it is encoded as.
+    #[cfg(test)]
+    pub(crate) fn to_aggregate(&self) -> UsageAggregate {
+        UsageAggregate {
+            first_time: Some(self.started.into()),
+            last_time: Some(self.started.into()),
+            client_key_id: self.client_key_id.into(),
+            agent_id: self.agent_id.into(),
+            model: self.model.into(),
+            backend_id: self.backend_id.into(),
+            totals: Some(self.totals),
+            run_kind: self.run_kind.into(),
+        }
+    }
+}
+
+/// The framed outcome record of one request: the bytes of
+/// `frame(&Record { kind: KIND_OUTCOME, outcome: Some(row as a
+/// UsageAggregate) })`, encoded from the borrowed fields (one allocation,
+/// the frame: this runs on the request path for every request).
+pub(crate) fn outcome_frame(row: &OutcomeRow<'_>) -> Vec<u8> {
+    use prost::encoding::{
+        WireType, encode_key, encode_varint, encoded_len_varint, key_len, message,
+    };
+    let ts = prost_types::Timestamp::from(row.started);
+    let strings = [
+        (3, row.client_key_id),
+        (4, row.agent_id),
+        (5, row.model),
+        (6, row.backend_id),
+        (8, row.run_kind),
+    ];
+    let string_len = |tag: u32, s: &str| {
+        if s.is_empty() {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+        }
+    };
+    // UsageAggregate's fields in tag order: 1, 2 (times), 3-6, 7 (totals), 8.
+    let aggregate_len = 2 * message::encoded_len(1, &ts)
+        + strings
+            .iter()
+            .map(|&(t, s)| string_len(t, s))
+            .sum::<usize>()
+        + message::encoded_len(7, &row.totals);
+    // Record: kind (1) then outcome (4).
+    let body_len = key_len(1)
+        + encoded_len_varint(u64::from(KIND_OUTCOME))
+        + key_len(4)
+        + encoded_len_varint(aggregate_len as u64)
+        + aggregate_len;
+    let mut out = Vec::with_capacity(8 + body_len);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    encode_key(1, WireType::Varint, &mut out);
+    encode_varint(u64::from(KIND_OUTCOME), &mut out);
+    encode_key(4, WireType::LengthDelimited, &mut out);
+    encode_varint(aggregate_len as u64, &mut out);
+    message::encode(1, &ts, &mut out);
+    message::encode(2, &ts, &mut out);
+    let put = |out: &mut Vec<u8>, tag: u32, s: &str| {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(s.len() as u64, out);
+            out.extend_from_slice(s.as_bytes());
+        }
+    };
+    for &(tag, s) in &strings[..4] {
+        put(&mut out, tag, s);
+    }
+    message::encode(7, &row.totals, &mut out);
+    put(&mut out, 8, row.run_kind);
+    let crc = crc32(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 /// The encoded size of a batch record (for the bound).
@@ -384,8 +513,158 @@ pub(crate) fn batch_bytes(msg: &StreamReportsRequest) -> u64 {
     msg.encoded_len() as u64 + 32
 }
 
-fn file_len(f: &File) -> u64 {
-    f.metadata().map_or(MAGIC.len() as u64, |m| m.len())
+/// The file's preallocated size for a bound of `max_bytes`: the bound
+/// (where outcome records stop) plus a quarter for batch and ack records.
+fn capacity(max_bytes: u64) -> u64 {
+    max_bytes.saturating_add(max_bytes / 4)
+}
+
+/// Locks `PATH.lock` for this process (released when it exits, however it
+/// exits): two proxies writing one journal would bill each other's usage.
+fn lock(path: &Path) -> anyhow::Result<File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("--usage-journal: cannot open {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "--usage-journal {}: another process holds {} (each proxy needs a journal of its own)",
+            path.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("--usage-journal: cannot lock {}", lock_path.display()))
+        }
+    }
+}
+
+/// Where records are written (module doc, *Where records go*).
+enum Sink {
+    /// The file, preallocated to the map's length and mapped shared.
+    Mapped {
+        file: Arc<File>,
+        map: memmap2::MmapMut,
+    },
+    /// The file, written with `pwrite(2)`.
+    Written(Arc<File>),
+    /// Between a rewrite and the reopening of its result.
+    Closed,
+}
+
+/// Filesystems on which blocks preallocated with `fallocate` are written in
+/// place, so a store into the map cannot meet a full volume (`statfs`
+/// magic numbers: ext2/3/4, XFS, tmpfs).
+const MAPPABLE_FILESYSTEMS: [i64; 3] = [0xEF53, 0x5846_5342, 0x0102_1994];
+
+impl Sink {
+    /// Opens the journal at `path`, whose records end at `len`, for
+    /// writing: mapped at `capacity` where that is safe, else written.
+    fn open(path: &Path, len: u64, capacity: u64) -> std::io::Result<Sink> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        #[cfg(test)]
+        if tests::NO_MAP.get() {
+            return Ok(Sink::Written(Arc::new(file)));
+        }
+        match Self::map(&file, len, capacity) {
+            Ok(map) => Ok(Sink::Mapped {
+                file: Arc::new(file),
+                map,
+            }),
+            Err(why) => {
+                // Nothing was left past the records (a failed preallocation
+                // is undone), so writes continue at `len`.
+                tracing::info!(path = %path.display(), reason = %why, "usage journal: records are written with pwrite, not a memory map");
+                Ok(Sink::Written(Arc::new(file)))
+            }
+        }
+    }
+
+    /// Preallocates `file` to `capacity` and maps it; on failure the file
+    /// is left at `len`.
+    fn map(file: &File, len: u64, capacity: u64) -> Result<memmap2::MmapMut, String> {
+        let fs_type = rustix::fs::fstatfs(file).map_err(|e| format!("statfs: {e}"))?;
+        #[allow(clippy::unnecessary_cast)] // `f_type`'s width differs by platform.
+        let magic = fs_type.f_type as i64;
+        if !MAPPABLE_FILESYSTEMS.contains(&magic) {
+            return Err(format!(
+                "filesystem type {magic:#x} may fail a write into preallocated space"
+            ));
+        }
+        let map_len = usize::try_from(capacity).map_err(|_| "capacity too large".to_string())?;
+        if capacity <= len {
+            return Err("no room left to preallocate".into());
+        }
+        let undo = |why: String| {
+            let _ = file.set_len(len);
+            why
+        };
+        rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::empty(),
+            len,
+            capacity - len,
+        )
+        .map_err(|e| undo(format!("fallocate: {e}")))?;
+        // SAFETY: the mapping is of a file this process created (by rename
+        // from its own temporary file) and guards with `PATH.lock`; it is
+        // never truncated while mapped (a rewrite replaces it by rename and
+        // drops this map first), and its blocks were allocated above on a
+        // filesystem that writes them in place, so no store into the map can
+        // fault. Other processes writing the file break the lock's contract,
+        // as they would with any data file.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::MmapOptions::new().len(map_len).map_mut(file) };
+        map.map_err(|e| undo(format!("mmap: {e}")))
+    }
+
+    /// Writes `frame` at offset `at` (the end of the records).
+    fn write_at(&mut self, at: u64, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Mapped { map, .. } => {
+                let dst = usize::try_from(at)
+                    .ok()
+                    .and_then(|start| map.get_mut(start..start.checked_add(frame.len())?))
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            "the journal's preallocated space is used up",
+                        )
+                    })?;
+                dst.copy_from_slice(frame);
+                Ok(())
+            }
+            Sink::Written(file) => file.write_all_at(frame, at),
+            Sink::Closed => Err(std::io::Error::other("the journal is not open")),
+        }
+    }
+
+    /// Ends the records right after the magic (everything after it is
+    /// then unreachable: a zero length ends the records).
+    fn clear(&mut self) -> std::io::Result<()> {
+        let zeros = [0u8; 8];
+        match self {
+            Sink::Mapped { .. } => self.write_at(MAGIC.len() as u64, &zeros),
+            Sink::Written(file) => file.set_len(MAGIC.len() as u64),
+            Sink::Closed => Ok(()),
+        }
+    }
+
+    /// The file, for `fdatasync`.
+    fn file(&self) -> Option<Arc<File>> {
+        match self {
+            Sink::Mapped { file, .. } | Sink::Written(file) => Some(file.clone()),
+            Sink::Closed => None,
+        }
+    }
 }
 
 /// `[len][crc][record]`.
@@ -400,14 +679,13 @@ fn frame(r: &Record) -> Vec<u8> {
 
 /// Writes a fresh journal next to `path` holding `batches` (earlier
 /// epochs first, each opened by its epoch record) and this process's
-/// epoch record, syncs it and renames it over `path`; returns it open for
-/// appending.
+/// epoch record, syncs it and renames it over `path`; returns its length.
 fn rewrite<'a>(
     path: &Path,
     epoch: &str,
     outcome_base: u64,
     batches: impl Iterator<Item = (&'a StreamReportsRequest, usize)>,
-) -> std::io::Result<File> {
+) -> std::io::Result<u64> {
     let tmp = path.with_extension("rewrite");
     let mut buf = Vec::with_capacity(64 * 1024);
     buf.extend_from_slice(MAGIC);
@@ -447,6 +725,7 @@ fn rewrite<'a>(
         buf.extend_from_slice(&frame(&rec));
     }
     {
+        use std::io::Write as _;
         let mut f = File::create(&tmp)?;
         f.write_all(&buf)?;
         f.sync_all()?;
@@ -457,27 +736,29 @@ fn rewrite<'a>(
     {
         let _ = d.sync_all();
     }
-    std::fs::OpenOptions::new().append(true).open(path)
+    Ok(buf.len() as u64)
 }
 
-/// Reads every epoch's records; a torn or corrupt record ends the file.
+/// Reads every epoch's records; a torn or corrupt record ends the file, and
+/// so do zeros (the preallocated rest of it). Reads record by record: a
+/// file preallocated to its capacity is not read whole into memory.
 fn read(path: &Path) -> std::io::Result<Vec<EpochRecords>> {
-    let mut raw = Vec::new();
-    match File::open(path) {
-        Ok(mut f) => {
-            f.read_to_end(&mut raw)?;
-        }
+    let file = match File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
-    }
-    if raw.is_empty() {
-        return Ok(Vec::new());
-    }
-    if !raw.starts_with(MAGIC) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a usage journal (bad magic); move it away or point the flag elsewhere",
-        ));
+    };
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
+    let mut magic = [0u8; 8];
+    match read_full(&mut reader, &mut magic)? {
+        0 => return Ok(Vec::new()),
+        8 if magic == *MAGIC => {}
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a usage journal (bad magic); move it away or point the flag elsewhere",
+            ));
+        }
     }
     let mut epochs: Vec<EpochRecords> = Vec::new();
     let mut current: Option<usize> = None;
@@ -494,18 +775,16 @@ fn read(path: &Path) -> std::io::Result<Vec<EpochRecords>> {
             }
         }
     };
-    while at < raw.len() {
-        let Some(rec) = record_at(&raw, at) else {
+    while let Some(r) = next_record(&mut reader)? {
+        let Some((r, len)) = r else {
             tracing::warn!(
                 path = %path.display(),
                 offset = at,
-                dropped_bytes = raw.len() - at,
                 "usage journal: a torn or corrupt record ends it; dropped from there"
             );
             torn();
             break;
         };
-        let (r, len) = rec;
         at += len;
         match r.kind {
             KIND_EPOCH => {
@@ -535,19 +814,45 @@ fn read(path: &Path) -> std::io::Result<Vec<EpochRecords>> {
     Ok(epochs)
 }
 
-/// The record at `at` and its framed length, if whole and intact.
-fn record_at(raw: &[u8], at: usize) -> Option<(Record, usize)> {
-    let head = raw.get(at..at + 8)?;
+/// The next record and its framed length: `None` at the end of the
+/// records (end of file, or zeros), `Some(None)` for a torn or corrupt one.
+#[allow(clippy::option_option)]
+fn next_record(r: &mut impl Read) -> std::io::Result<Option<Option<(Record, usize)>>> {
+    let mut head = [0u8; 8];
+    let n = read_full(r, &mut head)?;
+    if n == 0 || head[..4] == [0; 4] {
+        return Ok(None);
+    }
+    if n < head.len() {
+        return Ok(Some(None));
+    }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     if len > MAX_RECORD {
-        return None;
+        return Ok(Some(None));
     }
-    let body = raw.get(at + 8..at + 8 + len)?;
-    if crc32(body) != crc {
-        return None;
+    let mut body = vec![0u8; len];
+    if read_full(r, &mut body)? < len || crc32(&body) != crc {
+        return Ok(Some(None));
     }
-    Some((Record::decode(body).ok()?, len + 8))
+    Ok(Some(
+        Record::decode(&body[..]).ok().map(|rec| (rec, len + 8)),
+    ))
+}
+
+/// Reads into `buf` until it is full or the file ends; returns how much
+/// was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// Outcome rows summed per usage bucket (UTC hour and dimensions).
@@ -653,6 +958,11 @@ fn crc32(data: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// Journals opened on this thread are written with `pwrite`.
+        pub(super) static NO_MAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     fn settings(dir: &tempfile::TempDir) -> JournalSettings {
         JournalSettings {
             path: dir.path().join("usage.journal"),
@@ -676,9 +986,21 @@ mod tests {
         }
     }
 
-    fn append(path: &Path, r: &Record) {
-        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-        f.write_all(&frame(r)).unwrap();
+    /// Appends through the request path's side, as a queued outcome.
+    fn append(j: &Journal, r: &Record) {
+        assert!(j.outcome_log().append_queued(&frame(r), || true));
+    }
+
+    /// Where the records of the file at `path` end.
+    fn records_end(path: &Path) -> u64 {
+        let mut f = std::io::BufReader::new(File::open(path).unwrap());
+        let mut magic = [0u8; 8];
+        read_full(&mut f, &mut magic).unwrap();
+        let mut at = MAGIC.len() as u64;
+        while let Some(Some((_, len))) = next_record(&mut f).unwrap() {
+            at += len as u64;
+        }
+        at
     }
 
     fn outcome(r: UsageAggregate) -> Record {
@@ -694,6 +1016,50 @@ mod tests {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
     }
 
+    /// The request path's hand-encoded outcome frame is byte for byte the
+    /// framed message, with empty and non-empty fields alike.
+    #[test]
+    fn outcome_frames_are_the_framed_message() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_790_000_000, 123_456_789);
+        let full = OutcomeRow {
+            started: at,
+            client_key_id: "ck_1",
+            agent_id: "agent-é",
+            model: "gpt-4o",
+            backend_id: "be_2",
+            run_kind: "heartbeat",
+            totals: UsageTotals {
+                requests: 1,
+                errors: 1,
+                prompt_tokens: 300_000,
+                completion_tokens: 7,
+                cache_read_tokens: 1 << 40,
+                total_tokens: 300_007,
+                cost: 0.125,
+                streamed: 1,
+                latency_ms_sum: 12,
+                cache_write_tokens: 3,
+                translated: 1,
+            },
+        };
+        let sparse = OutcomeRow {
+            started: std::time::UNIX_EPOCH + std::time::Duration::from_secs(60),
+            client_key_id: "",
+            agent_id: "",
+            model: "m",
+            backend_id: "",
+            run_kind: "",
+            totals: UsageTotals {
+                requests: 1,
+                ..Default::default()
+            },
+        };
+        for row in [full, sparse] {
+            let expected = frame(&outcome(row.to_aggregate()));
+            assert_eq!(outcome_frame(&row), expected);
+        }
+    }
+
     /// Unacknowledged batches come back as they were; acknowledged ones
     /// and covered outcomes do not; uncovered outcomes come back summed
     /// under the new epoch; a torn last record is dropped.
@@ -704,7 +1070,7 @@ mod tests {
         let mut first = Journal::open(&s, "n1", "e1".into(), 500).unwrap();
         assert!(first.batches.is_empty());
         for _ in 0..3 {
-            append(&s.path, &outcome(row(1)));
+            append(&first.journal, &outcome(row(1)));
         }
         let batch = |seq: u64| StreamReportsRequest {
             node_id: "n1".into(),
@@ -717,15 +1083,17 @@ mod tests {
         first.journal.batch(&batch(2), 1, 2);
         first.journal.released("e1", 1);
         // Outcome 3 is not in a batch; outcome 4 is written after it.
-        append(&s.path, &outcome(row(1)));
+        append(&first.journal, &outcome(row(1)));
         first.journal.sync().await;
-        // A torn record: half a frame.
+        // The process ends (its lock with it); a torn record: half a frame.
+        drop(first);
         let torn = frame(&outcome(row(100)));
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
+        let f = std::fs::OpenOptions::new()
+            .write(true)
             .open(&s.path)
             .unwrap();
-        f.write_all(&torn[..torn.len() / 2]).unwrap();
+        f.write_all_at(&torn[..torn.len() / 2], records_end(&s.path))
+            .unwrap();
         drop(f);
 
         let second = Journal::open(&s, "n1", "e2".into(), 500).unwrap();
@@ -743,6 +1111,7 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("e1".into(), 2, 1), ("e2".into(), 1, 2)]);
         // The rewritten file replays the same after another crash.
+        drop(second);
         let third = Journal::open(&s, "n1", "e3".into(), 500).unwrap();
         let ids: Vec<(String, u64)> = third
             .batches
@@ -759,5 +1128,82 @@ mod tests {
         std::fs::write(&s.path, b"hello").unwrap();
         let e = Journal::open(&s, "n1", "e1".into(), 500).err().unwrap();
         assert!(format!("{e:#}").contains("--usage-journal"), "{e:#}");
+    }
+
+    /// Outcomes appended and never synced, the process gone: the next
+    /// open replays them, whether records went through the map (the file
+    /// then is preallocated to its capacity) or through `pwrite`.
+    #[test]
+    fn unsynced_outcomes_are_replayed_mapped_or_written() {
+        for no_map in [false, true] {
+            NO_MAP.set(no_map);
+            let dir = tempfile::tempdir().unwrap();
+            let s = settings(&dir);
+            let first = Journal::open(&s, "n1", "e1".into(), 500).unwrap();
+            let mapped = matches!(*first.journal.log.sink.lock(), Sink::Mapped { .. });
+            assert_eq!(mapped, !no_map, "a journal on {} ", dir.path().display());
+            for _ in 0..7 {
+                append(&first.journal, &outcome(row(1)));
+            }
+            let len = std::fs::metadata(&s.path).unwrap().len();
+            if mapped {
+                assert_eq!(len, capacity(s.max_bytes));
+            } else {
+                assert_eq!(len, first.journal.records_len());
+            }
+            drop(first);
+            let second = Journal::open(&s, "n1", "e2".into(), 500).unwrap();
+            let requests: u64 = second
+                .batches
+                .iter()
+                .flat_map(|(m, _)| &m.usage_aggregates)
+                .map(|a| a.totals.unwrap().requests)
+                .sum();
+            assert_eq!(requests, 7, "no_map={no_map}");
+            NO_MAP.set(false);
+        }
+    }
+
+    /// A journal another live process (here: another open) holds is
+    /// refused, naming the lock; once it is released the open succeeds.
+    #[test]
+    fn a_journal_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(&dir);
+        let first = Journal::open(&s, "n1", "e1".into(), 500).unwrap();
+        let e = Journal::open(&s, "n2", "e2".into(), 500).err().unwrap();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("usage.journal.lock") && e.contains("another process"),
+            "{e}"
+        );
+        drop(first);
+        Journal::open(&s, "n2", "e2".into(), 500).unwrap();
+    }
+
+    /// A batch record that does not fit the preallocated space empties the
+    /// journal (its outcomes must not be replayed once the batch may be
+    /// stored): the next open finds nothing.
+    #[test]
+    fn a_batch_past_the_capacity_empties_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = JournalSettings {
+            max_bytes: 4096,
+            ..settings(&dir)
+        };
+        let mut first = Journal::open(&s, "n1", "e1".into(), 500).unwrap();
+        append(&first.journal, &outcome(row(1)));
+        let big = StreamReportsRequest {
+            node_id: "n1".into(),
+            stream_epoch: "e1".into(),
+            seq: 1,
+            usage_aggregates: vec![row(1); 1000],
+            ..Default::default()
+        };
+        first.journal.batch(&big, 1000, 1);
+        assert!(first.journal.log.is_paused());
+        drop(first);
+        let second = Journal::open(&s, "n1", "e2".into(), 500).unwrap();
+        assert!(second.batches.is_empty());
     }
 }
