@@ -6,10 +6,14 @@
 # measures the target proxy's user + system CPU time (/proc/PID/stat) over
 # the measuring window ÷ requests answered in it. The two proxies are
 # measured alternately (the order flips every repetition), BENCH_REPS
-# times each; the table shows medians.
+# times each, in two modes: at a fixed rate (BENCH_RATE requests/s, below
+# both proxies' capacity, so both serve the same load) and closed loop (as
+# fast as they answer: a slower proxy then serves fewer requests per
+# wake-up, which moves its CPU per request by more than its own cost). The
+# table shows medians.
 #
 #   bash tests/bench/journal_bench.sh
-#   BENCH_REPS=5 BENCH_DURATION=10s BENCH_CONCURRENCY=16 bash tests/bench/journal_bench.sh
+#   BENCH_REPS=5 BENCH_DURATION=10s BENCH_RATE=6000 bash tests/bench/journal_bench.sh
 #   BENCH_BIN=target/debug bash tests/bench/journal_bench.sh   # a debug build (no cargo build)
 #
 # The machine may be shared: the medians of alternated runs cancel slow
@@ -22,6 +26,7 @@ REPS="${BENCH_REPS:-3}"
 DURATION="${BENCH_DURATION:-5s}"
 WARMUP="${BENCH_WARMUP:-1s}"
 CONCURRENCY="${BENCH_CONCURRENCY:-8}"
+RATE="${BENCH_RATE:-8000}"
 
 log() { printf '[journal-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -89,34 +94,39 @@ log "mock $MOCK_ADDR, control plane $CP_GRPC, proxies $PLAIN_ADDR (no journal), 
 
 RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
-run() { # NAME ADDR PID
-  local out
+run() { # NAME ADDR PID MODE
+  local out rate=0
+  [ "$4" = rate ] && rate=$RATE
   out="$("$BIN/claw-bench" http --url "http://$2/v1/chat/completions" --key "$CLAW_KEY" \
-    --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --cpu-pid "$3")"
-  python3 -c 'import json,sys; d=json.loads(sys.argv[2]); d["target"]=sys.argv[1]; print(json.dumps(d))' "$1" "$out" >>"$RESULTS"
-  log "$1: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%.0f rps, %.1f us CPU/request" % (d.get("rps", 0), d.get("cpu_us_per_req", 0)))' "$out")"
+    --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" --rate "$rate" --cpu-pid "$3")"
+  python3 -c 'import json,sys; d=json.loads(sys.argv[2]); d["target"]=sys.argv[1]; d["mode"]=sys.argv[3]; print(json.dumps(d))' "$1" "$out" "$4" >>"$RESULTS"
+  log "$1 ($4): $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print("%.0f rps, %.1f us CPU/request" % (d.get("rps", 0), d.get("cpu_us_per_req", 0)))' "$out")"
 }
 for rep in $(seq 1 "$REPS"); do
-  if [ $((rep % 2)) = 1 ]; then
-    run plain "$PLAIN_ADDR" "$PLAIN_PID"; run journal "$JOURNAL_ADDR" "$JOURNAL_PID"
-  else
-    run journal "$JOURNAL_ADDR" "$JOURNAL_PID"; run plain "$PLAIN_ADDR" "$PLAIN_PID"
-  fi
+  for mode in rate closed; do
+    if [ $((rep % 2)) = 1 ]; then
+      run plain "$PLAIN_ADDR" "$PLAIN_PID" $mode; run journal "$JOURNAL_ADDR" "$JOURNAL_PID" $mode
+    else
+      run journal "$JOURNAL_ADDR" "$JOURNAL_PID" $mode; run plain "$PLAIN_ADDR" "$PLAIN_PID" $mode
+    fi
+  done
 done
 log "journal file: $(stat -c %s "$WORK/usage.journal") bytes at the end"
 
-python3 - "$RESULTS" "$REPS" "$CONCURRENCY" "$DURATION" <<'PY'
+python3 - "$RESULTS" "$REPS" "$CONCURRENCY" "$DURATION" "$RATE" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-reps, conc, dur = sys.argv[2:5]
-def med(target, key):
-    return statistics.median(r[key] for r in rows if r["target"] == target)
-plain, journal = med("plain", "cpu_us_per_req"), med("journal", "cpu_us_per_req")
-print(f"| proxy (c={conc}, {dur} × {reps}, alternated) | requests/s (median) | CPU per request (median) |")
-print("|---|---|---|")
-print(f"| without the journal | {med('plain', 'rps'):,.0f} | {plain:.1f} µs |")
-print(f"| with `--usage-journal` | {med('journal', 'rps'):,.0f} | {journal:.1f} µs ({(journal / plain - 1) * 100:+.1f} %) |")
+reps, conc, dur, rate = sys.argv[2:6]
+def med(mode, target, key):
+    return statistics.median(r[key] for r in rows if r["target"] == target and r["mode"] == mode)
+print(f"| proxy (c={conc}, {dur} × {reps} each, alternated) | load | requests/s (median) | CPU per request (median) |")
+print("|---|---|---|---|")
+for mode, load in (("rate", f"fixed {int(rate):,}/s"), ("closed", "closed loop")):
+    plain, journal = med(mode, "plain", "cpu_us_per_req"), med(mode, "journal", "cpu_us_per_req")
+    print(f"| without the journal | {load} | {med(mode, 'plain', 'rps'):,.0f} | {plain:.1f} µs |")
+    print(f"| with `--usage-journal` | {load} | {med(mode, 'journal', 'rps'):,.0f} | {journal:.1f} µs ({(journal / plain - 1) * 100:+.1f} %) |")
 print()
-for t in ("plain", "journal"):
-    print(f"{t}: " + ", ".join(f"{r['cpu_us_per_req']:.1f}" for r in rows if r["target"] == t) + " µs CPU/request")
+for mode in ("rate", "closed"):
+    for t in ("plain", "journal"):
+        print(f"{mode} {t}: " + ", ".join(f"{r['cpu_us_per_req']:.1f}" for r in rows if r["target"] == t and r["mode"] == mode) + " µs CPU/request")
 PY

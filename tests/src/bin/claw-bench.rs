@@ -72,6 +72,12 @@ struct HttpArgs {
     duration: Duration,
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Send at most this many requests per second in all (paced from one
+    /// shared schedule; 0 = closed loop, as fast as answers come). At a
+    /// fixed rate below both targets' capacity, two targets' CPU per
+    /// request compare the same load.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// A process whose CPU time (user + system, all threads) is measured over
     /// the measuring window; repeat for several (nginx's workers).
     #[arg(long = "cpu-pid")]
@@ -256,14 +262,28 @@ async fn http_load(a: HttpArgs) -> anyhow::Result<serde_json::Value> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
+    // The pacing schedule: request i is due at `t0 + i / rate`.
+    let schedule = Arc::new(AtomicU64::new(0));
+    let t0 = tokio::time::Instant::now();
+    let period = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
-        let (req, measuring, stop, errors) =
-            (req.clone(), measuring.clone(), stop.clone(), errors.clone());
+        let (req, measuring, stop, errors, schedule) = (
+            req.clone(),
+            measuring.clone(),
+            stop.clone(),
+            errors.clone(),
+            schedule.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(1 << 16);
             let mut sender = None;
             while !stop.load(Ordering::Relaxed) {
+                if let Some(period) = period {
+                    let i = schedule.fetch_add(1, Ordering::Relaxed);
+                    let due = t0 + period.mul_f64(i as f64);
+                    tokio::time::sleep_until(due).await;
+                }
                 if sender.is_none() {
                     sender = connect(req.addr).await.ok();
                 }
@@ -313,6 +333,7 @@ async fn http_load(a: HttpArgs) -> anyhow::Result<serde_json::Value> {
     let ok = all.len();
     let mut out = percentiles(all);
     out["concurrency"] = a.concurrency.into();
+    out["rate"] = a.rate.into();
     out["rps"] = (ok as f64 / elapsed.as_secs_f64()).into();
     out["errors"] = errors.load(Ordering::Relaxed).into();
     if !a.cpu_pids.is_empty() && ok > 0 {
