@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use claw_proto::v1::stats_service_client::StatsServiceClient;
 use claw_proto::v1::{GetUsageTotalsRequest, UsageFilter};
-use claw_tests::harness::{ControlPlane, Forwarder, Proxy, binary_path};
+use claw_tests::harness::heartbeat::{
+    add_agent, add_backend_with_key, add_client_key, runs, start_heartbeat_proxy,
+};
+use claw_tests::harness::{ControlPlane, Forwarder, binary_path};
 use claw_tests::mock::{Action, MockConfig, MockUpstream, RecordedRequest};
 use serde_json::Value;
 
@@ -74,15 +77,6 @@ fn stats(cp: &ControlPlane, verb: &str, kind: Option<&str>) -> Option<(u64, u64,
     })
 }
 
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// Polls until `stats total` by kind equals the mock's record (read anew
 /// each time, so a run finishing meanwhile is waited for, not raced).
 fn wait_for_attribution(cp: &ControlPlane, upstream: &MockUpstream) -> (u64, u64, u64, u64) {
@@ -115,56 +109,20 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     let upstream = MockUpstream::start(MockConfig::default().name("m").api_key(UPSTREAM_KEY)).await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
     let fwd = Forwarder::start().await;
-    let mut cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .start();
-    cp.clawctl_with_env(
-        &[
-            "backend",
-            "add",
-            "m",
-            "--url",
-            &upstream.url(),
-            "--api-key-env",
-            "K",
-            "--rpm",
-            "6000",
-            "--model",
-            "m-hb",
-        ],
-        &[("K", UPSTREAM_KEY)],
-    )
-    .assert_ok();
-    let secret = cp
-        .clawctl(&[
-            "key", "add", "chat-app", "--agents", "agent-h", "-o", "json",
-        ])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    let mut cp = ControlPlane::builder().heartbeats_through(&fwd).start();
+    add_backend_with_key(&cp, "m", &upstream.url(), UPSTREAM_KEY, "m-hb", &[]);
+    let secret = add_client_key(&cp, "chat-app", &["--agents", "agent-h"]);
+    let proxy = start_heartbeat_proxy(&cp, &fwd);
 
     // Heartbeats first (a conversation would make the agent busy), then
     // stopped, then the same agent id on its own.
-    cp.clawctl_stdin(
-        &[
-            "agent",
-            "add",
-            "agent-h",
-            "--model",
-            "m-hb",
-            "--interval",
-            "2s",
-            "--checklist-file",
-            "-",
-        ],
+    add_agent(
+        &cp,
+        "agent-h",
+        "m-hb",
+        &["--interval", "2s"],
         "- [ ] check the queue\n",
-    )
-    .assert_ok();
+    );
     let deadline = Instant::now() + WAIT;
     while runs(&cp, "agent-h")
         .iter()

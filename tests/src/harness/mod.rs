@@ -19,6 +19,11 @@
 //! - [`LogDir`] (`logs`): log dirs, kept when a test fails.
 //! - [`SmallFs`] (`smallfs`): a small tmpfs of its own (needs root), for
 //!   tests that fill the disk.
+//! - [`heartbeat`]: the heartbeat tests' fixtures — a control plane whose
+//!   heartbeats go through a [`Forwarder`]
+//!   ([`ControlPlaneBuilder::heartbeats_through`], fast webhook retries),
+//!   [`heartbeat::heartbeat_fleet`], backends keyed from the environment,
+//!   agents, the run log, manual runs, chats as an agent, signatures.
 //! - `wait`, `secrets`: [`wait_until`], [`random_hex`], [`grep_dir`].
 //!
 //! Process management is synchronous: starting a binary blocks until it
@@ -36,6 +41,7 @@ mod child;
 mod control_plane;
 mod ctl;
 mod forward;
+pub mod heartbeat;
 pub mod http;
 mod logs;
 mod mock_process;
