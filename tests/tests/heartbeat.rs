@@ -17,15 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_tests::harness::heartbeat::{
-    Conversation, TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, add_client_key,
-    far_active_hours, heartbeat_requests, run_status as status, runs, start_heartbeat_proxy,
-    wait_key_accepted, webhook_signature,
+    TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, far_active_hours, heartbeat_requests,
+    proxy_with_conversation, run_status as status, runs, serve_hooks, start_heartbeat_proxy,
+    webhook_signature,
 };
 use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::net::TcpListener;
 
 const SECRET: &str = "whsec-integration-0123456789";
 
@@ -41,66 +40,23 @@ struct Received {
 
 /// A webhook that answers 500 to its first two calls, then 204.
 async fn webhook() -> (SocketAddr, Arc<Mutex<Received>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let state = Arc::new(Mutex::new(Received::default()));
     let st = state.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move {
-                            use http_body_util::BodyExt as _;
-                            let key = req
-                                .headers()
-                                .get("idempotency-key")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let sig = req
-                                .headers()
-                                .get("x-claw-signature")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let mut s = st.lock();
-                            s.calls += 1;
-                            if sig != webhook_signature(SECRET, &body) {
-                                s.bad_signatures += 1;
-                            }
-                            *s.by_key.entry(key.clone()).or_default() += 1;
-                            let status = if s.calls <= 2 { 500 } else { 204 };
-                            if status == 204 && !s.delivered.contains_key(&key) {
-                                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                                s.delivered.insert(key, v);
-                            }
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .expect("response"),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    let (addr, _) = serve_hooks(move |req| {
+        let key = req.idempotency_key.clone();
+        let mut s = st.lock();
+        s.calls += 1;
+        if req.signature != webhook_signature(SECRET, &req.body) {
+            s.bad_signatures += 1;
         }
-    });
+        *s.by_key.entry(key.clone()).or_default() += 1;
+        let status = if s.calls <= 2 { 500 } else { 204 };
+        if status == 204 && !s.delivered.contains_key(&key) {
+            s.delivered.insert(key, req.json());
+        }
+        status
+    })
+    .await;
     (addr, state)
 }
 
@@ -268,30 +224,10 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
     let fwd = Forwarder::start().await;
     let cp = ControlPlane::builder().heartbeats_through(&fwd).start();
     add_backend(&cp, "d", &upstream.url(), "m-d");
-    let secret = add_client_key(&cp, "chat-app", &["--agents", "agent-d"]);
-    let proxy = start_heartbeat_proxy(&cp, &fwd);
-
     // The agent is in a live conversation before its first slot and stays
     // in it for longer than the busy window + deferral cap of several slots.
-    let client = reqwest::Client::new();
-    let url = proxy.openai_url();
-    wait_key_accepted(
-        &client,
-        &url,
-        &secret,
-        "agent-d",
-        "m-d",
-        Duration::from_secs(10),
-    )
-    .await;
-    let conversation = Conversation::start(
-        client,
-        url,
-        secret,
-        "agent-d",
-        "m-d",
-        Duration::from_millis(250),
-    );
+    let (_proxy, conversation) =
+        proxy_with_conversation(&cp, &fwd, "agent-d", "m-d", Duration::from_millis(250)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     add_agent(
         &cp,

@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use claw_tests::harness::heartbeat::{
-    Conversation, add_backend_with_key, add_client_key, eventually, heartbeat_fleet,
-    heartbeat_requests, run_status as status, runs, start_heartbeat_proxy, wait_key_accepted,
+    add_backend_with_key, eventually, heartbeat_fleet, heartbeat_requests, proxy_with_conversation,
+    run_status as status, runs,
 };
 use claw_tests::harness::{ControlPlane, ControlPlaneBuilder, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -50,28 +50,9 @@ async fn a_restarted_control_plane_sends_no_heartbeat_into_a_live_conversation()
     let fwd = Forwarder::start().await;
     let mut cp = ControlPlane::builder().heartbeats_through(&fwd).start();
     add_backend_with_key(&cp, "b1", &up.url(), KEY, "m1", &[]);
-    let secret = add_client_key(&cp, "chat-app", &["--agents", "agent-a"]);
-    let proxy = start_heartbeat_proxy(&cp, &fwd);
-    let client = reqwest::Client::new();
-    let url = proxy.openai_url();
-    wait_key_accepted(
-        &client,
-        &url,
-        &secret,
-        "agent-a",
-        "m1",
-        Duration::from_secs(10),
-    )
-    .await;
     // A conversation: a request every 0.5 s.
-    let conversation = Conversation::start(
-        client,
-        url,
-        secret,
-        "agent-a",
-        "m1",
-        Duration::from_millis(500),
-    );
+    let (_proxy, conversation) =
+        proxy_with_conversation(&cp, &fwd, "agent-a", "m1", Duration::from_millis(500)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     add_agent(
         &cp,

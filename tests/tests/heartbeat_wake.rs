@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use claw_tests::harness::heartbeat::{
     TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, run_by_id, run_status as status, runs,
-    start_heartbeat_proxy, webhook_signature,
+    serve_hooks, start_heartbeat_proxy, webhook_signature,
 };
 use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use parking_lot::Mutex;
 use serde_json::Value;
-use tokio::net::TcpListener;
 
 const SECRET: &str = "whsec-wake-0123456789";
 
@@ -38,57 +37,17 @@ struct Seen {
 /// An HTTP server that records every POST (signature checked against
 /// [`SECRET`]) and answers `status`.
 async fn recorder(status: u16) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let st = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move {
-                            use http_body_util::BodyExt as _;
-                            let header = |name: &str| {
-                                req.headers()
-                                    .get(name)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or_default()
-                                    .to_string()
-                            };
-                            let (key, sig) =
-                                (header("idempotency-key"), header("x-claw-signature"));
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            st.lock().push(Seen {
-                                body: serde_json::from_slice(&body).unwrap_or_default(),
-                                idempotency_key: key,
-                                signature_ok: sig == webhook_signature(SECRET, &body),
-                            });
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .expect("response"),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, _) = serve_hooks(move |req| {
+        st.lock().push(Seen {
+            body: req.json(),
+            signature_ok: req.signature == webhook_signature(SECRET, &req.body),
+            idempotency_key: req.idempotency_key,
+        });
+        status
+    })
+    .await;
     (addr, seen)
 }
 

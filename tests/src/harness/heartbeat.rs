@@ -4,16 +4,19 @@
 //! upstream key comes from `clawctl`'s environment, agents with a checklist
 //! on stdin, the run log, manual runs, polling with the control plane's log
 //! on failure, client keys, chats as an agent (also a conversation that
-//! keeps the agent busy) and webhook signatures.
+//! keeps the agent busy), an in-test server for webhook deliveries and
+//! wakes ([`serve_hooks`]) and webhook signatures.
 //!
 //! Everything here drives the real binaries (`clawctl`, the proxy's HTTP
 //! API); nothing reaches into their state.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac as _};
+use http_body_util::BodyExt as _;
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -349,6 +352,38 @@ impl Conversation {
     }
 }
 
+/// An agent in a live conversation through a new proxy: adds the client key
+/// `chat-app` bound to `agent` (`--agents`), starts the heartbeat proxy
+/// ([`start_heartbeat_proxy`]), waits up to 10 s until it accepts the key
+/// ([`wait_key_accepted`]) and starts a [`Conversation`] of `agent` on
+/// `model`, a chat every `every`.
+///
+/// # Panics
+/// When `clawctl` fails, the proxy does not come up or never takes the key.
+pub async fn proxy_with_conversation(
+    cp: &ControlPlane,
+    fwd: &Forwarder,
+    agent: &str,
+    model: &str,
+    every: Duration,
+) -> (Proxy, Conversation) {
+    let secret = add_client_key(cp, "chat-app", &["--agents", agent]);
+    let proxy = start_heartbeat_proxy(cp, fwd);
+    let client = reqwest::Client::new();
+    let url = proxy.openai_url();
+    wait_key_accepted(
+        &client,
+        &url,
+        &secret,
+        agent,
+        model,
+        Duration::from_secs(10),
+    )
+    .await;
+    let conversation = Conversation::start(client, url, secret, agent, model, every);
+    (proxy, conversation)
+}
+
 /// The `X-Claw-Signature` the control plane sends with `body` when it signs
 /// with `secret`: `sha256=` and the hex HMAC-SHA256 of the body bytes.
 pub fn webhook_signature(secret: &str, body: &[u8]) -> String {
@@ -356,4 +391,92 @@ pub fn webhook_signature(secret: &str, body: &[u8]) -> String {
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// One request a [`serve_hooks`] server received.
+#[derive(Debug, Clone)]
+pub struct HookRequest {
+    /// The `Idempotency-Key` header (empty when absent).
+    pub idempotency_key: String,
+    /// The `X-Claw-Signature` header (empty when absent); compare with
+    /// [`webhook_signature`].
+    pub signature: String,
+    /// The `X-Claw-Delivery-Attempt` header (empty when absent).
+    pub attempt: String,
+    /// The body bytes as received.
+    pub body: Vec<u8>,
+}
+
+impl HookRequest {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+}
+
+/// An in-test HTTP/1.1 server on a loopback port, standing in for a webhook
+/// receiver or an agent runtime: each request is read whole and handed to
+/// `answer`, whose return value is the status it gets (empty body). Returns
+/// the address and the accept task (abort it to stop; dropped, it serves
+/// until the runtime ends). Give agents `http://ADDR/…` URLs (the harness
+/// control plane allows loopback webhooks).
+///
+/// # Panics
+/// When no loopback port can be bound.
+pub async fn serve_hooks(
+    answer: impl Fn(HookRequest) -> u16 + Send + Sync + 'static,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the hook server");
+    let addr = listener.local_addr().expect("hook server address");
+    let answer = Arc::new(answer);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let answer = answer.clone();
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string()
+                            };
+                            let (idempotency_key, signature, attempt) = (
+                                header("idempotency-key"),
+                                header("x-claw-signature"),
+                                header("x-claw-delivery-attempt"),
+                            );
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let status = answer(HookRequest {
+                                idempotency_key,
+                                signature,
+                                attempt,
+                                body,
+                            });
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
 }
