@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use claw_proto::v1::stats_service_client::StatsServiceClient;
 use claw_proto::v1::{GetUsageTotalsRequest, UsageFilter};
 use claw_tests::harness::heartbeat::{
-    add_agent, add_backend_with_key, add_client_key, runs, start_heartbeat_proxy,
+    add_agent, add_backend_with_key, add_client_key, runs, start_heartbeat_proxy, wait_runs,
 };
 use claw_tests::harness::{ControlPlane, Forwarder, binary_path};
 use claw_tests::mock::{Action, MockConfig, MockUpstream, RecordedRequest};
@@ -123,21 +123,15 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
         &["--interval", "2s"],
         "- [ ] check the queue\n",
     );
-    let deadline = Instant::now() + WAIT;
-    while runs(&cp, "agent-h")
-        .iter()
-        .filter(|r| r["status"] == "suppressed")
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no two heartbeats: {:#?}\n{}",
-            runs(&cp, "agent-h"),
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_runs(
+        &cp,
+        "agent-h",
+        "two heartbeats",
+        WAIT,
+        Duration::from_millis(200),
+        |r| (r.iter().filter(|r| r["status"] == "suppressed").count() >= 2).then_some(()),
+    )
+    .await;
     cp.clawctl(&["agent", "disable", "agent-h"]).assert_ok();
 
     let client = reqwest::Client::new();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use claw_tests::harness::heartbeat::{
     TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, far_active_hours, heartbeat_requests,
     proxy_with_conversation, run_status as status, runs, serve_hooks, start_heartbeat_proxy,
-    webhook_signature,
+    wait_runs, wait_runs_of, webhook_signature,
 };
 use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -115,22 +115,19 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
 
     // Let a few slots pass (the first may race the internal key reaching
     // the proxy's snapshot; it then fails visibly, which is fine).
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let a = runs(&cp, "agent-a");
-        let b = runs(&cp, "agent-b");
-        let suppressed = a.iter().filter(|r| status(r) == "suppressed").count();
-        let delivered = b.iter().filter(|r| status(r) == "delivered").count();
-        if suppressed >= 3 && delivered >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A: {a:#?}\nB: {b:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_runs_of(
+        &cp,
+        &["agent-a", "agent-b"],
+        "3 suppressed runs of A and 2 delivered of B",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        |r| {
+            let suppressed = r[0].iter().filter(|r| status(r) == "suppressed").count();
+            let delivered = r[1].iter().filter(|r| status(r) == "delivered").count();
+            (suppressed >= 3 && delivered >= 2).then_some(())
+        },
+    )
+    .await;
     assert!(
         runs(&cp, "agent-c").is_empty(),
         "C is outside its active hours"
@@ -244,19 +241,21 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
         "- [ ] check the queue\n",
     );
 
-    let deadline = Instant::now() + Duration::from_secs(25);
-    loop {
-        let d = runs(&cp, "agent-d");
-        let busy = d
-            .iter()
-            .filter(|r| status(r) == "skipped" && r["skip_reason"] == "busy")
-            .count();
-        if busy >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "D: {d:#?}\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_runs(
+        &cp,
+        "agent-d",
+        "two busy skips",
+        Duration::from_secs(25),
+        Duration::from_millis(300),
+        |d| {
+            let busy = d
+                .iter()
+                .filter(|r| status(r) == "skipped" && r["skip_reason"] == "busy")
+                .count();
+            (busy >= 2).then_some(())
+        },
+    )
+    .await;
     conversation.stop().await;
 
     let d = runs(&cp, "agent-d");
@@ -364,22 +363,20 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
     );
     let _proxy = start_heartbeat_proxy(&cp, &fwd);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (m, o, a) = loop {
-        let m = runs(&cp, "agent-m");
-        let o = runs(&cp, "agent-o");
-        let a = runs(&cp, "agent-a");
-        let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
-        if done(&m) && done(&o) && a.iter().any(|r| status(r) == "delivered") {
-            break (m, o, a);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "M: {m:#?}\nO: {o:#?}\nA: {a:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let (m, o, a) = wait_runs_of(
+        &cp,
+        &["agent-m", "agent-o", "agent-a"],
+        "suppressed runs of M and O, a delivered one of A",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        |r| {
+            let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
+            let [m, o, a] = <[Vec<Value>; 3]>::try_from(r).ok()?;
+            (done(&m) && done(&o) && a.iter().any(|r| status(r) == "delivered"))
+                .then_some((m, o, a))
+        },
+    )
+    .await;
 
     let sent = heartbeat_requests(&claude, "agent-m");
     let first = sent

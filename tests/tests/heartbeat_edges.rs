@@ -15,13 +15,16 @@
 use std::time::{Duration, Instant};
 
 use claw_tests::harness::heartbeat::{
-    add_backend_with_key, eventually, heartbeat_fleet, heartbeat_requests, proxy_with_conversation,
-    run_status as status, runs,
+    add_backend_with_key, heartbeat_fleet, heartbeat_requests, proxy_with_conversation,
+    run_status as status, runs, wait_runs,
 };
 use claw_tests::harness::{ControlPlane, ControlPlaneBuilder, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 
 const KEY: &str = "sk-test-key-0123456789";
+
+/// How often the run log is polled.
+const EVERY: Duration = Duration::from_millis(300);
 
 async fn upstream(name: &str) -> MockUpstream {
     let m = MockUpstream::start(MockConfig::default().name(name).api_key(KEY)).await;
@@ -68,15 +71,13 @@ async fn a_restarted_control_plane_sends_no_heartbeat_into_a_live_conversation()
         ],
     );
     // Its slots are deferred (busy) while the conversation goes on.
-    eventually(
+    wait_runs(
+        &cp,
+        "agent-a",
+        "a deferred (busy) run",
         Duration::from_secs(20),
-        || format!("{:#?}\n{}", runs(&cp, "agent-a"), cp.logs()),
-        || {
-            runs(&cp, "agent-a")
-                .iter()
-                .any(|r| status(r) == "deferred")
-                .then_some(())
-        },
+        EVERY,
+        |r| r.iter().any(|r| status(r) == "deferred").then_some(()),
     )
     .await;
     cp.kill9();
@@ -94,15 +95,13 @@ async fn a_restarted_control_plane_sends_no_heartbeat_into_a_live_conversation()
     );
     conversation.stop().await;
     // Quiet now: the heartbeat runs.
-    eventually(
+    wait_runs(
+        &cp,
+        "agent-a",
+        "a suppressed run once quiet",
         Duration::from_secs(30),
-        || format!("{:#?}\n{}", runs(&cp, "agent-a"), cp.logs()),
-        || {
-            runs(&cp, "agent-a")
-                .iter()
-                .any(|r| status(r) == "suppressed")
-                .then_some(())
-        },
+        EVERY,
+        |r| r.iter().any(|r| status(r) == "suppressed").then_some(()),
     )
     .await;
     assert!(!heartbeat_requests(&up, "agent-a").is_empty());
@@ -119,13 +118,13 @@ async fn the_first_run_right_after_agent_add_succeeds() {
     // A 1 s slot fires right after the add, before the proxies could have
     // the new configuration (and the heartbeat client key minted with it).
     add_agent(&cp, "agent-b", "m1", &["--interval", "1s"]);
-    let all = eventually(
+    let all = wait_runs(
+        &cp,
+        "agent-b",
+        "a suppressed run",
         Duration::from_secs(20),
-        || format!("{:#?}\n{}", runs(&cp, "agent-b"), cp.logs()),
-        || {
-            let r = runs(&cp, "agent-b");
-            r.iter().any(|r| status(r) == "suppressed").then_some(r)
-        },
+        EVERY,
+        |r| r.iter().any(|r| status(r) == "suppressed").then_some(r),
     )
     .await;
     assert!(
@@ -145,24 +144,28 @@ async fn a_proxy_down_at_the_slot_and_back_3s_later_defers_then_succeeds() {
     let (cp, mut proxy, _fwd) = fleet(ControlPlane::builder(), &up).await;
     add_agent(&cp, "agent-c", "m1", &["--interval", "10s"]);
     // The first slot runs; then the proxy goes down before the next one.
-    let first = eventually(
+    let first = wait_runs(
+        &cp,
+        "agent-c",
+        "the first suppressed run",
         Duration::from_secs(30),
-        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
-        || {
-            runs(&cp, "agent-c")
-                .iter()
+        EVERY,
+        |r| {
+            r.iter()
                 .find(|r| status(r) == "suppressed")
                 .map(|r| r["nominal_time"].as_str().unwrap_or_default().to_string())
         },
     )
     .await;
     proxy.stop();
-    let deferred = eventually(
+    let deferred = wait_runs(
+        &cp,
+        "agent-c",
+        "a deferred slot after the proxy stopped",
         Duration::from_secs(20),
-        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
-        || {
-            runs(&cp, "agent-c")
-                .into_iter()
+        EVERY,
+        |r| {
+            r.into_iter()
                 .find(|r| status(r) == "deferred" && r["nominal_time"] != first.as_str())
         },
     )
@@ -180,12 +183,14 @@ async fn a_proxy_down_at_the_slot_and_back_3s_later_defers_then_succeeds() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.restart();
     proxy.wait_ready();
-    let done = eventually(
+    let done = wait_runs(
+        &cp,
+        "agent-c",
+        "the deferred slot suppressed",
         Duration::from_secs(30),
-        || format!("{:#?}\n{}", runs(&cp, "agent-c"), cp.logs()),
-        || {
-            runs(&cp, "agent-c")
-                .into_iter()
+        EVERY,
+        |r| {
+            r.into_iter()
                 .find(|r| r["nominal_time"] == slot.as_str() && status(r) == "suppressed")
         },
     )
@@ -207,15 +212,13 @@ async fn an_agent_whose_runs_stop_is_reported_stale() {
         "m1",
         &["--interval", "1s", "--busy-defer-max", "1s"],
     );
-    eventually(
+    wait_runs(
+        &cp,
+        "agent-d",
+        "a suppressed run",
         Duration::from_secs(20),
-        || format!("{:#?}\n{}", runs(&cp, "agent-d"), cp.logs()),
-        || {
-            runs(&cp, "agent-d")
-                .iter()
-                .any(|r| status(r) == "suppressed")
-                .then_some(())
-        },
+        EVERY,
+        |r| r.iter().any(|r| status(r) == "suppressed").then_some(()),
     )
     .await;
     let agent = cp

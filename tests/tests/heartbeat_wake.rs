@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_tests::harness::heartbeat::{
-    TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, run_by_id, run_status as status, runs,
-    serve_hooks, start_heartbeat_proxy, webhook_signature,
+    TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, run_status as status, runs, serve_hooks,
+    start_heartbeat_proxy, wait_runs, webhook_signature,
 };
 use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -59,20 +59,21 @@ async fn wait_run(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let r = run_by_id(cp, agent, run_id).unwrap_or_default();
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {r:#}\n{:#?}\n{}",
-            runs(cp, agent),
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_runs(
+        cp,
+        agent,
+        &format!("{what} ({run_id})"),
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        |all| {
+            let r = all
+                .into_iter()
+                .find(|r| r["run_id"] == run_id)
+                .unwrap_or_default();
+            pred(&r).then_some(r)
+        },
+    )
+    .await
 }
 
 /// Polls until the runtime has seen more than `n` wakes of `agent`; returns
@@ -349,18 +350,18 @@ async fn a_run_uses_the_fallback_model_while_the_primary_backend_is_cooling() {
 
     // The first runs hit the 429; once the cooldown reaches the control
     // plane, runs go to the fallback.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let run = loop {
-        let all = runs(&cp, "f1");
-        if let Some(r) = all
-            .iter()
-            .find(|r| r["used_fallback"] == true && status(r) == "suppressed")
-        {
-            break r.clone();
-        }
-        assert!(Instant::now() < deadline, "{all:#?}\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let run = wait_runs(
+        &cp,
+        "f1",
+        "a suppressed run on the fallback",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        |all| {
+            all.into_iter()
+                .find(|r| r["used_fallback"] == true && status(r) == "suppressed")
+        },
+    )
+    .await;
     assert_eq!(run["model"], "m-fallback", "{run}");
     assert!(
         fallback

@@ -6,7 +6,7 @@
 
 use crate::data_plane_support::*;
 use claw_tests::harness::heartbeat::{
-    TEST_UPSTREAM_KEY, add_agent, add_client_key, runs, start_heartbeat_proxy,
+    TEST_UPSTREAM_KEY, add_agent, add_client_key, start_heartbeat_proxy, wait_runs,
 };
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy, wait_until};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -344,24 +344,22 @@ async fn agent_ids_are_honoured_only_for_the_keys_own_agents_and_known_agents() 
         assert_eq!(chat_as(&proxy, &stranger, "agent-g").await, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = runs(&cp, "agent-g");
-        assert!(
-            !r.iter().any(|x| x["skip_reason"] == "busy"),
-            "a stranger's header made agent-g busy: {r:#?}"
-        );
-        let done = r.iter().filter(|x| x["status"] == "suppressed").count();
-        if done >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeats ran: {r:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_runs(
+        &cp,
+        "agent-g",
+        "two heartbeats",
+        WAIT,
+        Duration::from_millis(300),
+        |r| {
+            assert!(
+                !r.iter().any(|x| x["skip_reason"] == "busy"),
+                "a stranger's header made agent-g busy: {r:#?}"
+            );
+            let done = r.iter().filter(|x| x["status"] == "suppressed").count();
+            (done >= 2).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         interactive_requests(&cp, "agent-g"),
         0,

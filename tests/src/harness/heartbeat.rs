@@ -219,24 +219,49 @@ pub fn wait_for(what: &str, cp: &ControlPlane, timeout: Duration, mut done: impl
     }
 }
 
-/// Polls `check` every 300 ms (sleeping on the runtime) until it returns
+/// Polls the run logs of `agents` ([`runs`], one list per agent, in
+/// order) every `every`, sleeping on the runtime, until `done` returns
 /// `Some`, and returns that.
 ///
 /// # Panics
-/// After `timeout`, with the message `what` builds then.
-pub async fn eventually<T>(
+/// After `timeout`, naming `what`, with the last lists and the control
+/// plane's log.
+pub async fn wait_runs_of<T>(
+    cp: &ControlPlane,
+    agents: &[&str],
+    what: &str,
     timeout: Duration,
-    what: impl Fn() -> String,
-    mut check: impl FnMut() -> Option<T>,
+    every: Duration,
+    mut done: impl FnMut(Vec<Vec<Value>>) -> Option<T>,
 ) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = check() {
+        let all: Vec<Vec<Value>> = agents.iter().map(|a| runs(cp, a)).collect();
+        if let Some(v) = done(all.clone()) {
             return v;
         }
-        assert!(Instant::now() < deadline, "{}", what());
-        tokio::time::sleep(POLL).await;
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; the runs of {agents:?}: {all:#?}\n{}",
+            cp.logs()
+        );
+        tokio::time::sleep(every).await;
     }
+}
+
+/// [`wait_runs_of`] for one agent: `done` gets its run log.
+pub async fn wait_runs<T>(
+    cp: &ControlPlane,
+    agent: &str,
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut done: impl FnMut(Vec<Value>) -> Option<T>,
+) -> T {
+    wait_runs_of(cp, &[agent], what, timeout, every, |mut all| {
+        done(all.pop().unwrap_or_default())
+    })
+    .await
 }
 
 /// `clawctl key add NAME EXTRA… -o json` (e.g. `["--agents", "agent-a"]`)
