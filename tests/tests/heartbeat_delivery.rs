@@ -16,8 +16,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use claw_tests::harness::heartbeat::{
-    add_agent, far_active_hours, heartbeat_fleet, manual_run, run_status as status, runs, wait_for,
-    webhook_signature,
+    add_agent, cp_metrics, far_active_hours, heartbeat_fleet, manual_run, metric_value,
+    run_status as status, runs, wait_for, webhook_signature,
 };
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -178,21 +178,8 @@ async fn an_alert_for_an_agent_without_a_webhook_is_undeliverable() {
         .assert_ok()
         .stdout;
     assert!(table.contains("undeliverable"), "{table}");
-    let metrics = claw_tests::harness::http::request(
-        cp.http_addr(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(10),
-    )
-    .expect("metrics")
-    .text();
-    let count = metrics
-        .lines()
-        .find(|l| l.starts_with("claw_heartbeat_undeliverable_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_default();
+    let metrics = cp_metrics(&cp);
+    let count = metric_value(&metrics, "claw_heartbeat_undeliverable_total");
     assert!(count >= 1.0, "{metrics}");
     wait_for(
         "the warning with the run id",

@@ -18,7 +18,8 @@
 use std::time::Duration;
 
 use claw_tests::harness::heartbeat::{
-    add_agent, far_active_hours, heartbeat_fleet, manual_run, run_by_id, wait_for,
+    add_agent, cp_metrics, far_active_hours, heartbeat_fleet, manual_run, metric_value, run_by_id,
+    wait_for,
 };
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
@@ -33,20 +34,7 @@ fn agents(cp: &ControlPlane) -> Value {
 }
 
 fn metric(cp: &ControlPlane, series: &str) -> f64 {
-    let text = claw_tests::harness::http::request(
-        cp.http_addr(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(10),
-    )
-    .expect("metrics")
-    .text();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default()
+    metric_value(&cp_metrics(cp), series)
 }
 
 /// `clawctl agent add ID --model m EXTRA…` must fail with one line naming

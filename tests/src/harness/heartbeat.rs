@@ -377,6 +377,33 @@ impl Conversation {
     }
 }
 
+/// The control plane's `/metrics` text (`GET` on its HTTP listener).
+///
+/// # Panics
+/// When it does not answer within 10 s.
+#[track_caller]
+pub fn cp_metrics(cp: &ControlPlane) -> String {
+    super::http::request(
+        cp.http_addr(),
+        "GET",
+        "/metrics",
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("the control plane's /metrics")
+    .text()
+}
+
+/// The value of the first line of a `/metrics` text that starts with
+/// `series` (a name, or a name with its labels); 0 when there is none.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
+}
+
 /// An agent in a live conversation through a new proxy: adds the client key
 /// `chat-app` bound to `agent` (`--agents`), starts the heartbeat proxy
 /// ([`start_heartbeat_proxy`]), waits up to 10 s until it accepts the key
