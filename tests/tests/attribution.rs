@@ -17,7 +17,7 @@ use claw_proto::v1::{GetUsageTotalsRequest, UsageFilter};
 use claw_tests::harness::heartbeat::{
     add_agent, add_backend_with_key, add_client_key, runs, start_heartbeat_proxy, wait_runs,
 };
-use claw_tests::harness::{ControlPlane, Forwarder, binary_path};
+use claw_tests::harness::{ControlPlane, Forwarder, binary_path, offline_check};
 use claw_tests::mock::{Action, MockConfig, MockUpstream, RecordedRequest};
 use serde_json::Value;
 
@@ -284,15 +284,7 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     drop(proxy);
     cp.stop_clean();
     let check = |dir: &std::path::Path| {
-        let out = Command::new(binary_path("claw-control-plane"))
-            .arg("check")
-            .arg("--data-dir")
-            .arg(dir)
-            .env("CLAW_MASTER_KEY", cp.master_key())
-            .env_remove("CLAW_MASTER_KEY_FILE")
-            .env_remove("CLAW_DATA_DIR")
-            .output()
-            .expect("check runs");
+        let out = offline_check(dir, cp.master_key());
         assert!(
             out.status.success(),
             "check {}: {}",
@@ -391,15 +383,7 @@ fn buckets_stored_before_run_kinds_read_as_interactive() {
         );
     }
     cp.stop_clean();
-    let out = Command::new(binary_path("claw-control-plane"))
-        .arg("check")
-        .arg("--data-dir")
-        .arg(cp.data_dir())
-        .env("CLAW_MASTER_KEY", cp.master_key())
-        .env_remove("CLAW_MASTER_KEY_FILE")
-        .env_remove("CLAW_DATA_DIR")
-        .output()
-        .expect("check runs");
+    let out = offline_check(cp.data_dir(), cp.master_key());
     assert!(
         out.status.success(),
         "{}",
