@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http_body_util::BodyExt as _;
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
+
+use crate::harness::heartbeat::serve_hooks;
 
 /// One call the receiver got.
 #[derive(Debug, Clone)]
@@ -65,60 +65,21 @@ impl Drop for WebhookReceiver {
 impl WebhookReceiver {
     /// Starts a receiver that is up (answers 204).
     pub async fn start() -> WebhookReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the webhook receiver");
-        let addr = listener.local_addr().expect("receiver address");
         let up = Arc::new(AtomicBool::new(true));
         let calls: Arc<Mutex<Vec<WebhookCall>>> = Arc::default();
         let (u, c) = (up.clone(), calls.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (u, c) = (u.clone(), c.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let (u, c) = (u.clone(), c.clone());
-                            async move {
-                                let header = |name: &str| {
-                                    req.headers()
-                                        .get(name)
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or_default()
-                                        .to_string()
-                                };
-                                let key = header("idempotency-key");
-                                let signature = header("x-claw-signature");
-                                let attempt = header("x-claw-delivery-attempt");
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes().to_vec())
-                                    .unwrap_or_default();
-                                let answered = if u.load(Ordering::SeqCst) { 204 } else { 503 };
-                                c.lock().push(WebhookCall {
-                                    key,
-                                    signature,
-                                    attempt,
-                                    body,
-                                    answered,
-                                });
-                                hyper::Response::builder()
-                                    .status(answered)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, task) = serve_hooks(move |req| {
+            let answered = if u.load(Ordering::SeqCst) { 204 } else { 503 };
+            c.lock().push(WebhookCall {
+                key: req.idempotency_key,
+                signature: req.signature,
+                attempt: req.attempt,
+                body: req.body,
+                answered,
+            });
+            answered
+        })
+        .await;
         WebhookReceiver {
             addr,
             up,

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use claw_proto::v1::stats_service_client::StatsServiceClient;
 use claw_proto::v1::{GetUsageTotalsRequest, UsageFilter};
-use claw_tests::harness::{ControlPlane, Forwarder, Proxy, binary_path};
+use claw_tests::harness::heartbeat::{
+    add_agent, add_backend_with_key, add_client_key, runs, start_heartbeat_proxy, wait_runs,
+};
+use claw_tests::harness::{ControlPlane, Forwarder, binary_path, offline_check};
 use claw_tests::mock::{Action, MockConfig, MockUpstream, RecordedRequest};
 use serde_json::Value;
 
@@ -74,15 +77,6 @@ fn stats(cp: &ControlPlane, verb: &str, kind: Option<&str>) -> Option<(u64, u64,
     })
 }
 
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// Polls until `stats total` by kind equals the mock's record (read anew
 /// each time, so a run finishing meanwhile is waited for, not raced).
 fn wait_for_attribution(cp: &ControlPlane, upstream: &MockUpstream) -> (u64, u64, u64, u64) {
@@ -115,71 +109,29 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     let upstream = MockUpstream::start(MockConfig::default().name("m").api_key(UPSTREAM_KEY)).await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
     let fwd = Forwarder::start().await;
-    let mut cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .start();
-    cp.clawctl_with_env(
-        &[
-            "backend",
-            "add",
-            "m",
-            "--url",
-            &upstream.url(),
-            "--api-key-env",
-            "K",
-            "--rpm",
-            "6000",
-            "--model",
-            "m-hb",
-        ],
-        &[("K", UPSTREAM_KEY)],
-    )
-    .assert_ok();
-    let secret = cp
-        .clawctl(&[
-            "key", "add", "chat-app", "--agents", "agent-h", "-o", "json",
-        ])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    let mut cp = ControlPlane::builder().heartbeats_through(&fwd).start();
+    add_backend_with_key(&cp, "m", &upstream.url(), UPSTREAM_KEY, "m-hb", &[]);
+    let secret = add_client_key(&cp, "chat-app", &["--agents", "agent-h"]);
+    let proxy = start_heartbeat_proxy(&cp, &fwd);
 
     // Heartbeats first (a conversation would make the agent busy), then
     // stopped, then the same agent id on its own.
-    cp.clawctl_stdin(
-        &[
-            "agent",
-            "add",
-            "agent-h",
-            "--model",
-            "m-hb",
-            "--interval",
-            "2s",
-            "--checklist-file",
-            "-",
-        ],
+    add_agent(
+        &cp,
+        "agent-h",
+        "m-hb",
+        &["--interval", "2s"],
         "- [ ] check the queue\n",
+    );
+    wait_runs(
+        &cp,
+        "agent-h",
+        "two heartbeats",
+        WAIT,
+        Duration::from_millis(200),
+        |r| (r.iter().filter(|r| r["status"] == "suppressed").count() >= 2).then_some(()),
     )
-    .assert_ok();
-    let deadline = Instant::now() + WAIT;
-    while runs(&cp, "agent-h")
-        .iter()
-        .filter(|r| r["status"] == "suppressed")
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no two heartbeats: {:#?}\n{}",
-            runs(&cp, "agent-h"),
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    .await;
     cp.clawctl(&["agent", "disable", "agent-h"]).assert_ok();
 
     let client = reqwest::Client::new();
@@ -332,15 +284,7 @@ async fn stats_by_kind_tell_heartbeat_runs_from_the_agents_own_traffic() {
     drop(proxy);
     cp.stop_clean();
     let check = |dir: &std::path::Path| {
-        let out = Command::new(binary_path("claw-control-plane"))
-            .arg("check")
-            .arg("--data-dir")
-            .arg(dir)
-            .env("CLAW_MASTER_KEY", cp.master_key())
-            .env_remove("CLAW_MASTER_KEY_FILE")
-            .env_remove("CLAW_DATA_DIR")
-            .output()
-            .expect("check runs");
+        let out = offline_check(dir, cp.master_key());
         assert!(
             out.status.success(),
             "check {}: {}",
@@ -439,15 +383,7 @@ fn buckets_stored_before_run_kinds_read_as_interactive() {
         );
     }
     cp.stop_clean();
-    let out = Command::new(binary_path("claw-control-plane"))
-        .arg("check")
-        .arg("--data-dir")
-        .arg(cp.data_dir())
-        .env("CLAW_MASTER_KEY", cp.master_key())
-        .env_remove("CLAW_MASTER_KEY_FILE")
-        .env_remove("CLAW_DATA_DIR")
-        .output()
-        .expect("check runs");
+    let out = offline_check(cp.data_dir(), cp.master_key());
     assert!(
         out.status.success(),
         "{}",

@@ -16,13 +16,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claw_tests::harness::{ControlPlane, Proxy};
+use claw_tests::harness::heartbeat::{
+    TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, far_active_hours, heartbeat_requests,
+    proxy_with_conversation, run_status as status, runs, serve_hooks, start_heartbeat_proxy,
+    wait_runs, wait_runs_of, webhook_signature,
+};
+use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
-use hmac::{Hmac, Mac as _};
 use parking_lot::Mutex;
 use serde_json::Value;
-use sha2::Sha256;
-use tokio::net::TcpListener;
 
 const SECRET: &str = "whsec-integration-0123456789";
 
@@ -38,134 +40,51 @@ struct Received {
 
 /// A webhook that answers 500 to its first two calls, then 204.
 async fn webhook() -> (SocketAddr, Arc<Mutex<Received>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let state = Arc::new(Mutex::new(Received::default()));
     let st = state.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move {
-                            use http_body_util::BodyExt as _;
-                            let key = req
-                                .headers()
-                                .get("idempotency-key")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let sig = req
-                                .headers()
-                                .get("x-claw-signature")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let mut mac =
-                                Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac");
-                            mac.update(&body);
-                            let want =
-                                format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-                            let mut s = st.lock();
-                            s.calls += 1;
-                            if sig != want {
-                                s.bad_signatures += 1;
-                            }
-                            *s.by_key.entry(key.clone()).or_default() += 1;
-                            let status = if s.calls <= 2 { 500 } else { 204 };
-                            if status == 204 && !s.delivered.contains_key(&key) {
-                                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                                s.delivered.insert(key, v);
-                            }
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .expect("response"),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    let (addr, _) = serve_hooks(move |req| {
+        let key = req.idempotency_key.clone();
+        let mut s = st.lock();
+        s.calls += 1;
+        if req.signature != webhook_signature(SECRET, &req.body) {
+            s.bad_signatures += 1;
         }
-    });
+        *s.by_key.entry(key.clone()).or_default() += 1;
+        let status = if s.calls <= 2 { 500 } else { 204 };
+        if status == 204 && !s.delivered.contains_key(&key) {
+            s.delivered.insert(key, req.json());
+        }
+        status
+    })
+    .await;
     (addr, state)
 }
 
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn status(r: &Value) -> &str {
-    r["status"].as_str().unwrap_or_default()
-}
-
 fn add_backend(cp: &ControlPlane, name: &str, url: &str, model: &str) {
-    cp.clawctl_with_env(
-        &[
-            "backend",
-            "add",
-            name,
-            "--url",
-            url,
-            "--api-key-env",
-            "K",
-            "--rpm",
-            "6000",
-            "--model",
-            model,
-        ],
-        &[("K", "sk-test-key-0123456789")],
-    )
-    .assert_ok();
+    add_backend_with_key(cp, name, url, TEST_UPSTREAM_KEY, model, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
-    let ok = MockUpstream::start(
-        MockConfig::default()
-            .name("ok")
-            .api_key("sk-test-key-0123456789"),
-    )
-    .await;
+    let ok = MockUpstream::start(MockConfig::default().name("ok").api_key(TEST_UPSTREAM_KEY)).await;
     ok.set_always(Some(Action::reply("HEARTBEAT_OK")));
     let alert = MockUpstream::start(
         MockConfig::default()
             .name("alert")
-            .api_key("sk-test-key-0123456789"),
+            .api_key(TEST_UPSTREAM_KEY),
     )
     .await;
     alert.set_always(Some(Action::reply("ALERT: the disk is 97% full")));
     let (hook, received) = webhook().await;
-    let fwd = claw_tests::harness::Forwarder::start().await;
+    let fwd = Forwarder::start().await;
 
     let mut cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .env("CLAW_WEBHOOK_SECRET", SECRET)
-        .env("CLAW_WEBHOOK_BACKOFF_BASE", "200ms")
+        .heartbeats_through(&fwd)
+        .webhook_secret(SECRET)
+        .webhook_backoff("200ms", None)
         .start();
     add_backend(&cp, "ok", &ok.url(), "m-ok");
     add_backend(&cp, "alert", &alert.url(), "m-alert");
-    let checklist = ["--checklist-file", "-"];
     for (id, model, extra) in [
         ("agent-a", "m-ok", vec!["--interval", "2s"]),
         (
@@ -180,45 +99,35 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
         ),
         ("agent-c", "m-ok", vec!["--interval", "1s"]),
     ] {
-        let mut args = vec!["agent", "add", id, "--model", model];
-        args.extend(extra);
-        args.extend(checklist);
-        cp.clawctl_stdin(&args, "- [ ] check the disk\n")
-            .assert_ok();
+        add_agent(&cp, id, model, &extra, "- [ ] check the disk\n");
     }
     // C's window: a one-minute window twelve hours away from now (UTC).
-    let h = (jiff::Timestamp::now().as_second() / 3600 + 12) % 24;
     cp.clawctl(&[
         "agent",
         "update",
         "agent-c",
         "--active-hours",
-        &format!("{h:02}:00-{h:02}:01"),
+        &far_active_hours(),
     ])
     .assert_ok();
 
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    let _proxy = start_heartbeat_proxy(&cp, &fwd);
 
     // Let a few slots pass (the first may race the internal key reaching
     // the proxy's snapshot; it then fails visibly, which is fine).
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let a = runs(&cp, "agent-a");
-        let b = runs(&cp, "agent-b");
-        let suppressed = a.iter().filter(|r| status(r) == "suppressed").count();
-        let delivered = b.iter().filter(|r| status(r) == "delivered").count();
-        if suppressed >= 3 && delivered >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A: {a:#?}\nB: {b:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_runs_of(
+        &cp,
+        &["agent-a", "agent-b"],
+        "3 suppressed runs of A and 2 delivered of B",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        |r| {
+            let suppressed = r[0].iter().filter(|r| status(r) == "suppressed").count();
+            let delivered = r[1].iter().filter(|r| status(r) == "delivered").count();
+            (suppressed >= 3 && delivered >= 2).then_some(())
+        },
+    )
+    .await;
     assert!(
         runs(&cp, "agent-c").is_empty(),
         "C is outside its active hours"
@@ -306,107 +215,48 @@ async fn heartbeats_suppress_deliver_respect_hours_and_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
-    let upstream = MockUpstream::start(
-        MockConfig::default()
-            .name("d")
-            .api_key("sk-test-key-0123456789"),
-    )
-    .await;
+    let upstream =
+        MockUpstream::start(MockConfig::default().name("d").api_key(TEST_UPSTREAM_KEY)).await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
-    let fwd = claw_tests::harness::Forwarder::start().await;
-    let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .start();
+    let fwd = Forwarder::start().await;
+    let cp = ControlPlane::builder().heartbeats_through(&fwd).start();
     add_backend(&cp, "d", &upstream.url(), "m-d");
-    let secret = cp
-        .clawctl(&[
-            "key", "add", "chat-app", "--agents", "agent-d", "-o", "json",
-        ])
-        .assert_ok()
-        .json()["secret"]
-        .as_str()
-        .expect("secret")
-        .to_string();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
-
     // The agent is in a live conversation before its first slot and stays
     // in it for longer than the busy window + deferral cap of several slots.
-    let client = reqwest::Client::new();
-    let chat = |client: reqwest::Client, url: String, secret: String| async move {
-        client
-            .post(format!("{url}/chat/completions"))
-            .bearer_auth(secret)
-            .header("x-claw-agent-id", "agent-d")
-            .json(&serde_json::json!({
-                "model": "m-d",
-                "messages": [{"role": "user", "content": "are you there?"}]
-            }))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while chat(client.clone(), proxy.openai_url(), secret.clone()).await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never accepted the client key"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let talking = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let conversation = {
-        let (client, url, secret, talking) = (
-            client.clone(),
-            proxy.openai_url(),
-            secret.clone(),
-            talking.clone(),
-        );
-        tokio::spawn(async move {
-            while talking.load(std::sync::atomic::Ordering::Relaxed) {
-                chat(client.clone(), url.clone(), secret.clone()).await;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    let (_proxy, conversation) =
+        proxy_with_conversation(&cp, &fwd, "agent-d", "m-d", Duration::from_millis(250)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "agent-d",
+        "m-d",
         &[
-            "agent",
-            "add",
-            "agent-d",
-            "--model",
-            "m-d",
             "--interval",
             "2s",
             "--busy-window",
             "5s",
             "--busy-defer-max",
             "3s",
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the queue\n",
-    )
-    .assert_ok();
+    );
 
-    let deadline = Instant::now() + Duration::from_secs(25);
-    loop {
-        let d = runs(&cp, "agent-d");
-        let busy = d
-            .iter()
-            .filter(|r| status(r) == "skipped" && r["skip_reason"] == "busy")
-            .count();
-        if busy >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "D: {d:#?}\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    talking.store(false, std::sync::atomic::Ordering::Relaxed);
-    let _ = conversation.await;
+    wait_runs(
+        &cp,
+        "agent-d",
+        "two busy skips",
+        Duration::from_secs(25),
+        Duration::from_millis(300),
+        |d| {
+            let busy = d
+                .iter()
+                .filter(|r| status(r) == "skipped" && r["skip_reason"] == "busy")
+                .count();
+            (busy >= 2).then_some(())
+        },
+    )
+    .await;
+    conversation.stop().await;
 
     let d = runs(&cp, "agent-d");
     assert!(
@@ -414,14 +264,7 @@ async fn a_busy_agent_is_skipped_busy_without_an_llm_call() {
             .all(|r| matches!(status(r), "skipped" | "deferred")),
         "no heartbeat ran while the agent was busy: {d:#?}"
     );
-    let heartbeat_calls = upstream
-        .requests()
-        .iter()
-        .filter(|r| {
-            r.header("x-claw-session-key")
-                .is_some_and(|k| k.starts_with("agent:agent-d:heartbeat"))
-        })
-        .count();
+    let heartbeat_calls = heartbeat_requests(&upstream, "agent-d").len();
     assert_eq!(heartbeat_calls, 0, "no LLM call for a busy agent");
     // Every busy skip has its own slot: one record per slot.
     let mut slots: Vec<&str> = d
@@ -450,11 +293,11 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
     let alert = MockUpstream::start(MockConfig::default().name("claude-alert").api_key(KEY)).await;
     alert.set_always(Some(Action::reply("ALERT: the build is red")));
     let (hook, received) = webhook().await;
-    let fwd = claw_tests::harness::Forwarder::start().await;
+    let fwd = Forwarder::start().await;
     let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .env("CLAW_WEBHOOK_SECRET", SECRET)
-        .env("CLAW_WEBHOOK_BACKOFF_BASE", "200ms")
+        .heartbeats_through(&fwd)
+        .webhook_secret(SECRET)
+        .webhook_backoff("200ms", None)
         .start();
     for (name, api, url, model) in [
         (
@@ -471,25 +314,7 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
             "m-alert=claude-native",
         ),
     ] {
-        cp.clawctl_with_env(
-            &[
-                "backend",
-                "add",
-                name,
-                "--api",
-                api,
-                "--url",
-                &url,
-                "--api-key-env",
-                "K",
-                "--rpm",
-                "6000",
-                "--model",
-                model,
-            ],
-            &[("K", KEY)],
-        )
-        .assert_ok();
+        add_backend_with_key(&cp, name, &url, KEY, model, &["--api", api]);
     }
     let listed = cp
         .clawctl(&["backend", "list", "-o", "json"])
@@ -516,70 +341,44 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
         ]
     );
     for (id, model) in [("agent-m", "m-claude"), ("agent-o", "m-gpt")] {
-        cp.clawctl_stdin(
-            &[
-                "agent",
-                "add",
-                id,
-                "--model",
-                model,
-                "--interval",
-                "2s",
-                "--checklist-file",
-                "-",
-            ],
+        add_agent(
+            &cp,
+            id,
+            model,
+            &["--interval", "2s"],
             "- [ ] check the build\n",
-        )
-        .assert_ok();
+        );
     }
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "agent-a",
+        "m-alert",
         &[
-            "agent",
-            "add",
-            "agent-a",
-            "--model",
-            "m-alert",
             "--interval",
             "2s",
             "--webhook",
             &format!("http://{hook}/hook"),
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the build\n",
+    );
+    let _proxy = start_heartbeat_proxy(&cp, &fwd);
+
+    let (m, o, a) = wait_runs_of(
+        &cp,
+        &["agent-m", "agent-o", "agent-a"],
+        "suppressed runs of M and O, a delivered one of A",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        |r| {
+            let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
+            let [m, o, a] = <[Vec<Value>; 3]>::try_from(r).ok()?;
+            (done(&m) && done(&o) && a.iter().any(|r| status(r) == "delivered"))
+                .then_some((m, o, a))
+        },
     )
-    .assert_ok();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    .await;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (m, o, a) = loop {
-        let m = runs(&cp, "agent-m");
-        let o = runs(&cp, "agent-o");
-        let a = runs(&cp, "agent-a");
-        let done = |rs: &[Value]| rs.iter().any(|r| status(r) == "suppressed");
-        if done(&m) && done(&o) && a.iter().any(|r| status(r) == "delivered") {
-            break (m, o, a);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "M: {m:#?}\nO: {o:#?}\nA: {a:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-
-    let heartbeats = |mock: &MockUpstream, agent: &str| {
-        mock.requests()
-            .into_iter()
-            .filter(|r| {
-                r.header("x-claw-session-key")
-                    .is_some_and(|k| k.starts_with(&format!("agent:{agent}:heartbeat")))
-            })
-            .collect::<Vec<_>>()
-    };
-    let sent = heartbeats(&claude, "agent-m");
+    let sent = heartbeat_requests(&claude, "agent-m");
     let first = sent
         .first()
         .expect("agent-m's heartbeat reached the anthropic backend");
@@ -594,13 +393,13 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
         first.body["messages"][0]["content"],
         "- [ ] check the build\n"
     );
-    assert!(heartbeats(&gpt, "agent-m").is_empty());
-    let sent = heartbeats(&gpt, "agent-o");
+    assert!(heartbeat_requests(&gpt, "agent-m").is_empty());
+    let sent = heartbeat_requests(&gpt, "agent-o");
     let first = sent
         .first()
         .expect("agent-o's heartbeat reached the openai backend");
     assert_eq!(first.path, "/v1/chat/completions");
-    assert!(heartbeats(&claude, "agent-o").is_empty());
+    assert!(heartbeat_requests(&claude, "agent-o").is_empty());
 
     // The run's tokens are what the mock reported, cache included.
     let run = m
@@ -617,7 +416,7 @@ async fn a_heartbeat_speaks_messages_to_a_model_served_by_anthropic_backends() {
 
     // The alerting agent's runs went as Messages and their reply reached the
     // webhook, keyed by run id, with the reply text parsed from the blocks.
-    let sent = heartbeats(&alert, "agent-a");
+    let sent = heartbeat_requests(&alert, "agent-a");
     assert!(
         sent.first().is_some_and(|r| r.path == "/v1/messages"),
         "{sent:#?}"

@@ -13,35 +13,21 @@
 //!   run that is not a dead letter (or an unknown one) is an error.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use claw_tests::harness::heartbeat::{
+    add_agent, cp_metrics, far_active_hours, heartbeat_fleet, manual_run, metric_value,
+    run_status as status, runs, wait_for, webhook_signature,
+};
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use claw_tests::webhook::{WebhookCall, WebhookReceiver};
-use hmac::{Hmac, Mac as _};
-use serde_json::Value;
-use sha2::Sha256;
 
 const SECRET: &str = "whsec-delivery-0123456789";
 const KEY: &str = "sk-test-key-0123456789";
 
 fn signed(call: &WebhookCall) -> bool {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac key");
-    mac.update(&call.body);
-    call.signature == format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn status(r: &Value) -> &str {
-    r["status"].as_str().unwrap_or_default()
+    call.signature == webhook_signature(SECRET, &call.body)
 }
 
 /// A control plane (signing with [`SECRET`], fast webhook retries plus
@@ -52,96 +38,30 @@ async fn fleet(
     env: &[(&str, &str)],
 ) -> (ControlPlane, Proxy, MockUpstream, Forwarder) {
     let upstream = MockUpstream::start(MockConfig::default().name("up").api_key(KEY)).await;
-    let fwd = Forwarder::start().await;
     let mut builder = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .env("CLAW_WEBHOOK_SECRET", SECRET)
-        .env("CLAW_WEBHOOK_BACKOFF_BASE", "100ms")
-        .env("CLAW_WEBHOOK_BACKOFF_MAX", "500ms");
+        .webhook_secret(SECRET)
+        .webhook_backoff("100ms", Some("500ms"));
     for (k, v) in env {
         builder = builder.env(k, v);
     }
-    let cp = builder.start();
-    cp.clawctl_with_env(
-        &[
-            "backend",
-            "add",
-            "up",
-            "--url",
-            &upstream.url(),
-            "--api-key-env",
-            "K",
-            "--rpm",
-            "6000",
-            "--model",
-            model,
-        ],
-        &[("K", KEY)],
-    )
-    .assert_ok();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    let (cp, proxy, fwd) = heartbeat_fleet(builder, "up", &upstream.url(), KEY, model).await;
     (cp, proxy, upstream, fwd)
 }
 
 /// Adds an agent whose slots never come due during the test (a one-minute
 /// active window twelve hours away): only manual runs fire.
 fn add_manual_agent(cp: &ControlPlane, id: &str, model: &str, webhook: Option<&str>) {
-    let h = (jiff::Timestamp::now().as_second() / 3600 + 12) % 24;
-    let hours = format!("{h:02}:00-{h:02}:01");
-    let mut args = vec![
-        "agent",
-        "add",
-        id,
-        "--model",
-        model,
-        "--interval",
-        "1h",
-        "--active-hours",
-        &hours,
-        "--checklist-file",
-        "-",
-    ];
+    let hours = far_active_hours();
+    let mut extra = vec!["--interval", "1h", "--active-hours", &hours];
     if let Some(url) = webhook {
-        args.extend(["--webhook", url]);
+        extra.extend(["--webhook", url]);
     }
-    cp.clawctl_stdin(&args, "- [ ] check the disk\n")
-        .assert_ok();
+    add_agent(cp, id, model, &extra, "- [ ] check the disk\n");
 }
 
-/// Fires a manual run and waits for its LLM part; retries while the run
-/// fails because the proxy does not have the new configuration yet.
-fn manual_run(cp: &ControlPlane, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let run = cp
-            .clawctl(&["heartbeat", "run", id, "--wait", "-o", "json"])
-            .assert_ok()
-            .json();
-        if status(&run) != "failed" {
-            return run;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "every manual run failed: {run}\n{}",
-            cp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn wait_for(what: &str, cp: &ControlPlane, secs: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            cp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+/// How long a manual run may keep failing while the proxy does not have
+/// the new configuration yet.
+const MANUAL_RUN: Duration = Duration::from_secs(30);
 
 fn keys_of(calls: &[WebhookCall], kind: &str) -> BTreeSet<String> {
     calls
@@ -156,23 +76,13 @@ async fn a_failing_upstream_sends_one_failed_event_per_streak_and_one_recovered(
     let (cp, _proxy, upstream, _fwd) = fleet("m-fail", &[]).await;
     upstream.set_always(Some(Action::status(500).for_model("m-fail")));
     let hook = WebhookReceiver::start().await;
-    cp.clawctl_stdin(
-        &[
-            "agent",
-            "add",
-            "agent-f",
-            "--model",
-            "m-fail",
-            "--interval",
-            "2s",
-            "--webhook",
-            &hook.url(),
-            "--checklist-file",
-            "-",
-        ],
+    add_agent(
+        &cp,
+        "agent-f",
+        "m-fail",
+        &["--interval", "2s", "--webhook", &hook.url()],
         "- [ ] check the disk\n",
-    )
-    .assert_ok();
+    );
 
     let failed_runs = |cp: &ControlPlane| {
         runs(cp, "agent-f")
@@ -180,11 +90,14 @@ async fn a_failing_upstream_sends_one_failed_event_per_streak_and_one_recovered(
             .filter(|r| status(r) == "failed")
             .count()
     };
-    wait_for("three failed runs and the failed event", &cp, 60, || {
-        failed_runs(&cp) >= 3 && !keys_of(&hook.accepted(), "failed").is_empty()
-    });
+    wait_for(
+        "three failed runs and the failed event",
+        &cp,
+        Duration::from_secs(60),
+        || failed_runs(&cp) >= 3 && !keys_of(&hook.accepted(), "failed").is_empty(),
+    );
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
-    wait_for("the recovered event", &cp, 60, || {
+    wait_for("the recovered event", &cp, Duration::from_secs(60), || {
         !keys_of(&hook.accepted(), "recovered").is_empty()
     });
     // Two more good slots: no further event.
@@ -195,9 +108,12 @@ async fn a_failing_upstream_sends_one_failed_event_per_streak_and_one_recovered(
             .count()
     };
     let seen = good(&cp);
-    wait_for("two more suppressed runs", &cp, 30, || {
-        good(&cp) >= seen + 2
-    });
+    wait_for(
+        "two more suppressed runs",
+        &cp,
+        Duration::from_secs(30),
+        || good(&cp) >= seen + 2,
+    );
 
     let calls = hook.calls();
     assert!(calls.iter().all(signed), "every call is signed: {calls:#?}");
@@ -248,7 +164,7 @@ async fn an_alert_for_an_agent_without_a_webhook_is_undeliverable() {
     let (cp, _proxy, upstream, _fwd) = fleet("m-alert", &[]).await;
     upstream.set_always(Some(Action::reply("ALERT: the disk is 97% full")));
     add_manual_agent(&cp, "agent-n", "m-alert", None);
-    let run = manual_run(&cp, "agent-n");
+    let run = manual_run(&cp, "agent-n", MANUAL_RUN);
     let id = run["run_id"].as_str().expect("run id").to_string();
     assert_eq!(status(&run), "undeliverable", "{run}");
     let logged = runs(&cp, "agent-n");
@@ -262,27 +178,19 @@ async fn an_alert_for_an_agent_without_a_webhook_is_undeliverable() {
         .assert_ok()
         .stdout;
     assert!(table.contains("undeliverable"), "{table}");
-    let metrics = claw_tests::harness::http::request(
-        cp.http_addr(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(10),
-    )
-    .expect("metrics")
-    .text();
-    let count = metrics
-        .lines()
-        .find(|l| l.starts_with("claw_heartbeat_undeliverable_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_default();
+    let metrics = cp_metrics(&cp);
+    let count = metric_value(&metrics, "claw_heartbeat_undeliverable_total");
     assert!(count >= 1.0, "{metrics}");
-    wait_for("the warning with the run id", &cp, 10, || {
-        cp.logs()
-            .lines()
-            .any(|l| l.contains("undeliverable") && l.contains(&id))
-    });
+    wait_for(
+        "the warning with the run id",
+        &cp,
+        Duration::from_secs(10),
+        || {
+            cp.logs()
+                .lines()
+                .any(|l| l.contains("undeliverable") && l.contains(&id))
+        },
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +201,7 @@ async fn a_dead_letter_is_redelivered_once_with_the_same_key_and_signature() {
     let hook = WebhookReceiver::start().await;
     hook.set_up(false);
     add_manual_agent(&cp, "agent-d", "m-alert", Some(&hook.url()));
-    let run = manual_run(&cp, "agent-d");
+    let run = manual_run(&cp, "agent-d", MANUAL_RUN);
     let id = run["run_id"].as_str().expect("run id").to_string();
     let run_status = |cp: &ControlPlane| {
         runs(cp, "agent-d")
@@ -302,7 +210,7 @@ async fn a_dead_letter_is_redelivered_once_with_the_same_key_and_signature() {
             .map(|r| status(&r).to_string())
             .unwrap_or_default()
     };
-    wait_for("the dead letter", &cp, 30, || {
+    wait_for("the dead letter", &cp, Duration::from_secs(30), || {
         run_status(&cp) == "dead_letter"
     });
     let before: Vec<WebhookCall> = hook.calls().into_iter().filter(|c| c.key == id).collect();
@@ -322,7 +230,9 @@ async fn a_dead_letter_is_redelivered_once_with_the_same_key_and_signature() {
         .assert_ok()
         .stdout;
     assert!(out.contains(&id), "{out}");
-    wait_for("the redelivery", &cp, 30, || run_status(&cp) == "delivered");
+    wait_for("the redelivery", &cp, Duration::from_secs(30), || {
+        run_status(&cp) == "delivered"
+    });
     let after: Vec<WebhookCall> = hook
         .calls()
         .into_iter()

@@ -15,13 +15,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claw_tests::harness::{ControlPlane, Proxy};
+use claw_tests::harness::heartbeat::{
+    TEST_UPSTREAM_KEY, add_agent, add_backend_with_key, run_status as status, runs, serve_hooks,
+    start_heartbeat_proxy, wait_runs, webhook_signature,
+};
+use claw_tests::harness::{ControlPlane, Forwarder};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
-use hmac::{Hmac, Mac as _};
 use parking_lot::Mutex;
 use serde_json::Value;
-use sha2::Sha256;
-use tokio::net::TcpListener;
 
 const SECRET: &str = "whsec-wake-0123456789";
 
@@ -36,83 +37,18 @@ struct Seen {
 /// An HTTP server that records every POST (signature checked against
 /// [`SECRET`]) and answers `status`.
 async fn recorder(status: u16) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let st = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let st = st.clone();
-                        async move {
-                            use http_body_util::BodyExt as _;
-                            let header = |name: &str| {
-                                req.headers()
-                                    .get(name)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or_default()
-                                    .to_string()
-                            };
-                            let (key, sig) =
-                                (header("idempotency-key"), header("x-claw-signature"));
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let mut mac =
-                                Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("hmac");
-                            mac.update(&body);
-                            let want =
-                                format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-                            st.lock().push(Seen {
-                                body: serde_json::from_slice(&body).unwrap_or_default(),
-                                idempotency_key: key,
-                                signature_ok: sig == want,
-                            });
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .expect("response"),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, _) = serve_hooks(move |req| {
+        st.lock().push(Seen {
+            body: req.json(),
+            signature_ok: req.signature == webhook_signature(SECRET, &req.body),
+            idempotency_key: req.idempotency_key,
+        });
+        status
+    })
+    .await;
     (addr, seen)
-}
-
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn run_by_id(cp: &ControlPlane, agent: &str, run_id: &str) -> Value {
-    runs(cp, agent)
-        .into_iter()
-        .find(|r| r["run_id"] == run_id)
-        .unwrap_or_default()
-}
-
-fn status(r: &Value) -> &str {
-    r["status"].as_str().unwrap_or_default()
 }
 
 /// Polls until `pred` holds for `agent`'s run `run_id`.
@@ -123,20 +59,21 @@ async fn wait_run(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let r = run_by_id(cp, agent, run_id);
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {r:#}\n{:#?}\n{}",
-            runs(cp, agent),
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_runs(
+        cp,
+        agent,
+        &format!("{what} ({run_id})"),
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        |all| {
+            let r = all
+                .into_iter()
+                .find(|r| r["run_id"] == run_id)
+                .unwrap_or_default();
+            pred(&r).then_some(r)
+        },
+    )
+    .await
 }
 
 /// Polls until the runtime has seen more than `n` wakes of `agent`; returns
@@ -194,16 +131,12 @@ fn wakes_of(seen: &Mutex<Vec<Seen>>, agent: &str) -> usize {
 async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_end_their_runs() {
     let (runtime, seen) = recorder(202).await;
     let (hook, delivered) = recorder(204).await;
-    let mut cp = ControlPlane::builder()
-        .env("CLAW_WEBHOOK_SECRET", SECRET)
-        .start();
-    cp.clawctl_stdin(
+    let mut cp = ControlPlane::builder().webhook_secret(SECRET).start();
+    add_agent(
+        &cp,
+        "w1",
+        "m-any",
         &[
-            "agent",
-            "add",
-            "w1",
-            "--model",
-            "m-any",
             "--interval",
             "3s",
             "--run-timeout",
@@ -214,20 +147,15 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
             &format!("http://{runtime}/hooks/wake"),
             "--webhook",
             &format!("http://{hook}/hook"),
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the WorkBoard cards assigned to me\n",
-    )
-    .assert_ok();
+    );
     // A runtime that never reports back, with a short deadline.
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "w2",
+        "m-any",
         &[
-            "agent",
-            "add",
-            "w2",
-            "--model",
-            "m-any",
             "--interval",
             "1h",
             "--no-stagger",
@@ -237,12 +165,9 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
             "wake",
             "--wake-url",
             &format!("http://{runtime}/hooks/wake"),
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check TODO.md\n",
-    )
-    .assert_ok();
+    );
     cp.clawctl(&["heartbeat", "run", "w2"]).assert_ok();
     let get = cp
         .clawctl(&["agent", "get", "w1", "-o", "yaml"])
@@ -399,83 +324,44 @@ async fn wake_agents_get_one_signed_wake_per_slot_across_kill_9_and_callbacks_en
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_uses_the_fallback_model_while_the_primary_backend_is_cooling() {
-    let primary = MockUpstream::start(
-        MockConfig::default()
-            .name("primary")
-            .api_key("sk-test-key-0123456789"),
-    )
-    .await;
+    let key = TEST_UPSTREAM_KEY;
+    let primary = MockUpstream::start(MockConfig::default().name("primary").api_key(key)).await;
     primary.set_always(Some(Action::rate_limited(Some(3600))));
-    let fallback = MockUpstream::start(
-        MockConfig::default()
-            .name("fallback")
-            .api_key("sk-test-key-0123456789"),
-    )
-    .await;
+    let fallback = MockUpstream::start(MockConfig::default().name("fallback").api_key(key)).await;
     fallback.set_always(Some(Action::reply("HEARTBEAT_OK")));
-    let fwd = claw_tests::harness::Forwarder::start().await;
-    let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .start();
+    let fwd = Forwarder::start().await;
+    let cp = ControlPlane::builder().heartbeats_through(&fwd).start();
     for (name, url, model) in [
         ("p", primary.url(), "m-primary"),
         ("f", fallback.url(), "m-fallback"),
     ] {
-        cp.clawctl_with_env(
-            &[
-                "backend",
-                "add",
-                name,
-                "--url",
-                &url,
-                "--api-key-env",
-                "K",
-                "--rpm",
-                "6000",
-                "--model",
-                model,
-            ],
-            &[("K", "sk-test-key-0123456789")],
-        )
-        .assert_ok();
+        add_backend_with_key(&cp, name, &url, key, model, &[]);
     }
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
-    cp.clawctl_stdin(
-        &[
-            "agent",
-            "add",
-            "f1",
-            "--model",
-            "m-primary",
-            "--fallback-model",
-            "m-fallback",
-            "--interval",
-            "2s",
-            "--checklist-file",
-            "-",
-        ],
+    let _proxy = start_heartbeat_proxy(&cp, &fwd);
+    add_agent(
+        &cp,
+        "f1",
+        "m-primary",
+        &["--fallback-model", "m-fallback", "--interval", "2s"],
         "- [ ] check the inbox\n",
-    )
-    .assert_ok();
+    );
     cp.clawctl(&["agent", "update", "f1", "--fallback-model", "m-primary"])
         .assert_err_contains("fallback_model");
 
     // The first runs hit the 429; once the cooldown reaches the control
     // plane, runs go to the fallback.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let run = loop {
-        let all = runs(&cp, "f1");
-        if let Some(r) = all
-            .iter()
-            .find(|r| r["used_fallback"] == true && status(r) == "suppressed")
-        {
-            break r.clone();
-        }
-        assert!(Instant::now() < deadline, "{all:#?}\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let run = wait_runs(
+        &cp,
+        "f1",
+        "a suppressed run on the fallback",
+        Duration::from_secs(40),
+        Duration::from_millis(300),
+        |all| {
+            all.into_iter()
+                .find(|r| r["used_fallback"] == true && status(r) == "suppressed")
+        },
+    )
+    .await;
     assert_eq!(run["model"], "m-fallback", "{run}");
     assert!(
         fallback

@@ -5,23 +5,14 @@
 //! --agents`), while the control plane tracks only agents that exist.
 
 use crate::data_plane_support::*;
+use claw_tests::harness::heartbeat::{
+    TEST_UPSTREAM_KEY, add_agent, add_client_key, start_heartbeat_proxy, wait_runs,
+};
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy, wait_until};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(45);
-
-/// `clawctl key add NAME EXTRA… -o json` → the secret.
-fn add_key(cp: &ControlPlane, name: &str, extra: &[&str]) -> String {
-    let mut args = vec!["key", "add", name];
-    args.extend_from_slice(extra);
-    args.extend(["-o", "json"]);
-    cp.clawctl(&args).assert_ok().json()["secret"]
-        .as_str()
-        .expect("`key add -o json` prints the secret")
-        .to_owned()
-}
 
 /// A field of a process's `/proc/PID/status`, in KiB.
 fn proc_kib(pid: u32, field: &str) -> Option<u64> {
@@ -195,7 +186,7 @@ async fn max_parallel_caps_a_keys_requests_in_flight_on_a_proxy() {
         mock: MockConfig::default().chunk_delay(Duration::from_millis(250)),
         ..ClusterOptions::default()
     });
-    let secret = add_key(&c.cp, "par", &["--max-parallel", "2"]);
+    let secret = add_client_key(&c.cp, "par", &["--max-parallel", "2"]);
     let shown =
         c.cp.clawctl(&["key", "get", "par", "-o", "json"])
             .assert_ok()
@@ -263,15 +254,6 @@ async fn max_parallel_caps_a_keys_requests_in_flight_on_a_proxy() {
     );
 }
 
-fn runs(cp: &ControlPlane, agent: &str) -> Vec<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "1000", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// Interactive requests attributed to `agent` (`stats total --agent`).
 fn interactive_requests(cp: &ControlPlane, agent: &str) -> u64 {
     let v = cp
@@ -311,35 +293,27 @@ async fn chat_as(p: &Proxy, secret: &str, agent: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_ids_are_honoured_only_for_the_keys_own_agents_and_known_agents() {
-    let upstream = MockUpstream::start(
-        MockConfig::default()
-            .name("g")
-            .api_key("sk-test-key-0123456789"),
-    )
-    .await;
+    let upstream =
+        MockUpstream::start(MockConfig::default().name("g").api_key(TEST_UPSTREAM_KEY)).await;
     upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
     let fwd = Forwarder::start().await;
-    let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
-        .start();
+    let cp = ControlPlane::builder().heartbeats_through(&fwd).start();
     add_backend(
         &cp,
         "g",
         &upstream.url(),
-        "sk-test-key-0123456789",
+        TEST_UPSTREAM_KEY,
         &["--rpm", "100000", "--model", "m-g"],
     );
     // Bad agent ids are refused naming the field, with nothing created.
     cp.clawctl(&["key", "add", "bad", "--agents", "Agent_X"])
         .assert_err_contains("agents[0]");
     cp.clawctl(&["key", "get", "bad"]).assert_err();
-    let stranger = add_key(&cp, "stranger", &[]);
-    let owner = add_key(&cp, "owner", &["--agents", "agent-g"]);
+    let stranger = add_client_key(&cp, "stranger", &[]);
+    let owner = add_client_key(&cp, "owner", &["--agents", "agent-g"]);
     let invented: Vec<String> = (0..300).map(|i| format!("invented-{i}")).collect();
-    let inventor = add_key(&cp, "inventor", &["--agents", &invented.join(",")]);
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+    let inventor = add_client_key(&cp, "inventor", &["--agents", &invented.join(",")]);
+    let proxy = start_heartbeat_proxy(&cp, &fwd);
     let deadline = Instant::now() + WAIT;
     while chat_as(&proxy, &inventor, "invented-0").await != 200 {
         assert!(
@@ -348,25 +322,20 @@ async fn agent_ids_are_honoured_only_for_the_keys_own_agents_and_known_agents() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "agent-g",
+        "m-g",
         &[
-            "agent",
-            "add",
-            "agent-g",
-            "--model",
-            "m-g",
             "--interval",
             "2s",
             "--busy-window",
             "5s",
             "--busy-defer-max",
             "3s",
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the queue\n",
-    )
-    .assert_ok();
+    );
 
     // A key without --agents talks "as" agent-g all along: the agent is not
     // busy, its heartbeats run, and the usage is not moved onto it.
@@ -375,24 +344,22 @@ async fn agent_ids_are_honoured_only_for_the_keys_own_agents_and_known_agents() 
         assert_eq!(chat_as(&proxy, &stranger, "agent-g").await, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = runs(&cp, "agent-g");
-        assert!(
-            !r.iter().any(|x| x["skip_reason"] == "busy"),
-            "a stranger's header made agent-g busy: {r:#?}"
-        );
-        let done = r.iter().filter(|x| x["status"] == "suppressed").count();
-        if done >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeats ran: {r:#?}\n{}",
-            cp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_runs(
+        &cp,
+        "agent-g",
+        "two heartbeats",
+        WAIT,
+        Duration::from_millis(300),
+        |r| {
+            assert!(
+                !r.iter().any(|x| x["skip_reason"] == "busy"),
+                "a stranger's header made agent-g busy: {r:#?}"
+            );
+            let done = r.iter().filter(|x| x["status"] == "suppressed").count();
+            (done >= 2).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         interactive_requests(&cp, "agent-g"),
         0,

@@ -15,8 +15,12 @@
 //!   counted in `claw_cp_webhook_refused_total{reason="own_listener"}`;
 //!   a wake to the own gRPC port fails the run the same way.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use claw_tests::harness::heartbeat::{
+    add_agent, cp_metrics, far_active_hours, heartbeat_fleet, manual_run, metric_value, run_by_id,
+    wait_for,
+};
 use claw_tests::harness::{ControlPlane, Forwarder, Proxy};
 use claw_tests::mock::{Action, MockConfig, MockUpstream};
 use serde_json::Value;
@@ -30,20 +34,7 @@ fn agents(cp: &ControlPlane) -> Value {
 }
 
 fn metric(cp: &ControlPlane, series: &str) -> f64 {
-    let text = claw_tests::harness::http::request(
-        cp.http_addr(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(10),
-    )
-    .expect("metrics")
-    .text();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default()
+    metric_value(&cp_metrics(cp), series)
 }
 
 /// `clawctl agent add ID --model m EXTRA…` must fail with one line naming
@@ -181,91 +172,38 @@ fn loopback_needs_the_flag_or_its_env_variable() {
 async fn alerting_fleet() -> (ControlPlane, Proxy, MockUpstream, Forwarder) {
     let upstream = MockUpstream::start(MockConfig::default().name("up").api_key(KEY)).await;
     upstream.set_always(Some(Action::reply("ALERT: the disk is 97% full")));
-    let fwd = Forwarder::start().await;
-    let cp = ControlPlane::builder()
-        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+    let builder = ControlPlane::builder()
         .env("CLAW_WEBHOOK_MAX_ATTEMPTS", "2")
-        .env("CLAW_WEBHOOK_BACKOFF_BASE", "100ms")
-        .env("CLAW_WEBHOOK_BACKOFF_MAX", "200ms")
-        .start();
-    cp.clawctl_with_env(
-        &[
-            "backend",
-            "add",
-            "up",
-            "--url",
-            &upstream.url(),
-            "--api-key-env",
-            "K",
-            "--rpm",
-            "6000",
-            "--model",
-            "m-alert",
-        ],
-        &[("K", KEY)],
-    )
-    .assert_ok();
-    let proxy = Proxy::start(&cp);
-    proxy.wait_ready();
-    fwd.point_to(proxy.addr());
+        .webhook_backoff("100ms", Some("200ms"));
+    let (cp, proxy, fwd) = heartbeat_fleet(builder, "up", &upstream.url(), KEY, "m-alert").await;
     (cp, proxy, upstream, fwd)
 }
 
-/// An active window twelve hours away: only manual runs fire.
-fn manual_hours() -> String {
-    let h = (jiff::Timestamp::now().as_second() / 3600 + 12) % 24;
-    format!("{h:02}:00-{h:02}:01")
-}
-
-fn run_of(cp: &ControlPlane, agent: &str, id: &str) -> Option<Value> {
-    cp.clawctl(&["heartbeat", "logs", agent, "--limit", "100", "-o", "json"])
-        .assert_ok()
-        .json()
-        .as_array()?
-        .iter()
-        .find(|r| r["run_id"] == id)
-        .cloned()
-}
-
-fn wait_for(what: &str, cp: &ControlPlane, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            cp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+/// How long the run waits below may take.
+const WAIT: Duration = Duration::from_secs(45);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_resolving_to_the_control_planes_own_port_is_never_posted_to() {
     let (cp, _proxy, _upstream, _fwd) = alerting_fleet().await;
     let http = cp.http_addr().port();
     let grpc = cp.grpc_addr().port();
-    let hours = manual_hours();
+    let hours = far_active_hours();
     // A name passes the save-time check: it is not resolved then.
     let hook = format!("http://localhost:{http}/metrics");
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "self-hook",
+        "m-alert",
         &[
-            "agent",
-            "add",
-            "self-hook",
-            "--model",
-            "m-alert",
             "--interval",
             "1h",
             "--active-hours",
             &hours,
             "--webhook",
             &hook,
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the disk\n",
-    )
-    .assert_ok();
+    );
     let before = metric(
         &cp,
         "claw_cp_webhook_refused_total{reason=\"own_listener\"}",
@@ -273,22 +211,14 @@ async fn a_name_resolving_to_the_control_planes_own_port_is_never_posted_to() {
 
     // The run's LLM part succeeds (an alert); its delivery is refused at
     // every attempt and dead-lettered with the refusal as its error.
-    let deadline = Instant::now() + Duration::from_secs(45);
-    let id = loop {
-        let run = cp
-            .clawctl(&["heartbeat", "run", "self-hook", "--wait", "-o", "json"])
-            .assert_ok()
-            .json();
-        if run["status"] != "failed" {
-            break run["run_id"].as_str().expect("run id").to_string();
-        }
-        assert!(Instant::now() < deadline, "every run failed: {run}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    wait_for("the dead letter", &cp, || {
-        run_of(&cp, "self-hook", &id).is_some_and(|r| r["status"] == "dead_letter")
+    let id = manual_run(&cp, "self-hook", WAIT)["run_id"]
+        .as_str()
+        .expect("run id")
+        .to_string();
+    wait_for("the dead letter", &cp, WAIT, || {
+        run_by_id(&cp, "self-hook", &id).is_some_and(|r| r["status"] == "dead_letter")
     });
-    let run = run_of(&cp, "self-hook", &id).expect("the run");
+    let run = run_by_id(&cp, "self-hook", &id).expect("the run");
     let error = run["error"].as_str().unwrap_or_default();
     // 127.0.0.1 or [::1], whichever localhost resolves to first.
     assert!(
@@ -316,13 +246,11 @@ async fn a_name_resolving_to_the_control_planes_own_port_is_never_posted_to() {
 
     // A wake to the own gRPC port by name: the run fails with the refusal,
     // nothing is POSTed.
-    cp.clawctl_stdin(
+    add_agent(
+        &cp,
+        "self-wake",
+        "m-alert",
         &[
-            "agent",
-            "add",
-            "self-wake",
-            "--model",
-            "m-alert",
             "--interval",
             "1h",
             "--active-hours",
@@ -331,21 +259,18 @@ async fn a_name_resolving_to_the_control_planes_own_port_is_never_posted_to() {
             "wake",
             "--wake-url",
             &format!("http://localhost:{grpc}/hooks/wake"),
-            "--checklist-file",
-            "-",
         ],
         "- [ ] check the disk\n",
-    )
-    .assert_ok();
+    );
     let run = cp
         .clawctl(&["heartbeat", "run", "self-wake", "--wait", "-o", "json"])
         .assert_ok()
         .json();
     let id = run["run_id"].as_str().expect("run id").to_string();
-    wait_for("the failed wake", &cp, || {
-        run_of(&cp, "self-wake", &id).is_some_and(|r| r["status"] == "failed")
+    wait_for("the failed wake", &cp, WAIT, || {
+        run_by_id(&cp, "self-wake", &id).is_some_and(|r| r["status"] == "failed")
     });
-    let run = run_of(&cp, "self-wake", &id).expect("the run");
+    let run = run_by_id(&cp, "self-wake", &id).expect("the run");
     let error = run["error"].as_str().unwrap_or_default();
     assert!(
         error.starts_with("wake address ")

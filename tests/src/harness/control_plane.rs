@@ -466,3 +466,22 @@ impl ControlPlane {
             .run()
     }
 }
+
+/// Runs the offline check (`claw-control-plane check --data-dir DIR`) on a
+/// stopped control plane's data dir with `CLAW_MASTER_KEY=master_key` (and
+/// neither `CLAW_MASTER_KEY_FILE` nor `CLAW_DATA_DIR` inherited); returns
+/// its output (a zero exit when the store is sound).
+///
+/// # Panics
+/// When the binary cannot be run.
+pub fn offline_check(data_dir: &Path, master_key: &str) -> std::process::Output {
+    std::process::Command::new(binary_path(CONTROL_PLANE))
+        .arg("check")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("CLAW_MASTER_KEY", master_key)
+        .env_remove("CLAW_MASTER_KEY_FILE")
+        .env_remove("CLAW_DATA_DIR")
+        .output()
+        .expect("claw-control-plane check runs")
+}

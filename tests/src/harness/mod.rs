@@ -7,7 +7,8 @@
 //!   the `listening …` line read with a timeout, a watchdog so nothing
 //!   outlives the test process, killed on drop.
 //! - [`ControlPlane`] (`control_plane`): temp data dir, random master key
-//!   and tokens; stop, `kill9`, restart on the same ports; runs `clawctl`.
+//!   and tokens; stop, `kill9`, restart on the same ports; runs `clawctl`;
+//!   [`offline_check`] runs `claw-control-plane check` on a data dir.
 //! - [`Proxy`] (`proxy`): a data plane attached to a control plane;
 //!   `wait_ready` polls `/readyz`.
 //! - [`CtlCommand`] / [`CtlOutput`] (`ctl`): running the real `clawctl`.
@@ -19,6 +20,11 @@
 //! - [`LogDir`] (`logs`): log dirs, kept when a test fails.
 //! - [`SmallFs`] (`smallfs`): a small tmpfs of its own (needs root), for
 //!   tests that fill the disk.
+//! - [`heartbeat`]: the heartbeat tests' fixtures — a control plane whose
+//!   heartbeats go through a [`Forwarder`]
+//!   ([`ControlPlaneBuilder::heartbeats_through`], fast webhook retries),
+//!   [`heartbeat::heartbeat_fleet`], backends keyed from the environment,
+//!   agents, the run log, manual runs, chats as an agent, signatures.
 //! - `wait`, `secrets`: [`wait_until`], [`random_hex`], [`grep_dir`].
 //!
 //! Process management is synchronous: starting a binary blocks until it
@@ -36,6 +42,7 @@ mod child;
 mod control_plane;
 mod ctl;
 mod forward;
+pub mod heartbeat;
 pub mod http;
 mod logs;
 mod mock_process;
@@ -46,7 +53,7 @@ mod wait;
 
 pub use binary::binary_path;
 pub use child::{DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT, Listening, StartError};
-pub use control_plane::{ControlPlane, ControlPlaneBuilder, TlsFiles};
+pub use control_plane::{ControlPlane, ControlPlaneBuilder, TlsFiles, offline_check};
 pub use ctl::{CTL_TIMEOUT, CtlCommand, CtlOutput};
 pub use forward::Forwarder;
 pub use logs::{KEEP_LOGS_ENV, LogDir};
