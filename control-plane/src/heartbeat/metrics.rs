@@ -13,6 +13,8 @@
 //! | `claw_heartbeat_undeliverable_total` | counter | |
 //! | `claw_heartbeat_webhook_events_total` | counter | `kind` (`failed`, `recovered`) |
 //! | `claw_heartbeat_event_dead_letters_total` | counter | |
+//! | `claw_heartbeat_results_waiting_for_space` | gauge | (runs whose results wait for space, see `scheduler`'s commit) |
+//! | `claw_heartbeat_results_dropped_total` | counter | |
 
 use claw_proto::v1::RunStatus;
 
@@ -67,6 +69,7 @@ pub fn describe() {
     metrics::counter!(MISSED_TOTAL).increment(0);
     metrics::counter!(DEAD_LETTERS_TOTAL).increment(0);
     describe_hearing_back();
+    super::scheduler::describe_pending();
 }
 
 /// The lowercase name of a status (`dead_letter`).
