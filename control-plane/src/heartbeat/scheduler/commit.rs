@@ -38,6 +38,8 @@ use std::collections::VecDeque;
 
 use ::metrics as metrics_rs;
 
+use super::super::metrics::{RESULTS_DROPPED_TOTAL, RESULTS_WAITING};
+
 use super::super::streak::{self, Streak, Transition};
 use super::*;
 
@@ -50,26 +52,6 @@ pub(super) const MAX_PENDING_RESULTS: usize = 10_000;
 const PENDING_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two commits of results kept for space.
 pub(super) const PENDING_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Heartbeat run results kept in memory because the data volume is full.
-pub const RESULTS_WAITING: &str = "claw_heartbeat_results_waiting_for_space";
-/// Results dropped because more than [`MAX_PENDING_RESULTS`] waited.
-pub const RESULTS_DROPPED_TOTAL: &str = "claw_heartbeat_results_dropped_total";
-
-/// Describes the metrics of results kept for space (called by
-/// [`crate::heartbeat::metrics::describe`]).
-pub fn describe_pending() {
-    metrics_rs::describe_gauge!(
-        RESULTS_WAITING,
-        "Heartbeat runs whose results are kept in memory until the data volume has space to store them"
-    );
-    metrics_rs::describe_counter!(
-        RESULTS_DROPPED_TOTAL,
-        "Heartbeat run results dropped because too many waited for space (their runs end interrupted at the next start)"
-    );
-    metrics_rs::gauge!(RESULTS_WAITING).set(0.0);
-    metrics_rs::counter!(RESULTS_DROPPED_TOTAL).increment(0);
-}
 
 /// The writes of one run kept for space, in the order they were made.
 struct PendingResult {

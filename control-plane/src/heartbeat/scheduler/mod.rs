@@ -92,8 +92,6 @@ use crate::shutdown::Shutdown;
 
 mod commit;
 mod decide;
-
-pub use commit::{RESULTS_DROPPED_TOTAL, RESULTS_WAITING, describe_pending};
 pub mod status;
 mod wake;
 
