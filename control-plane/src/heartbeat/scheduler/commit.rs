@@ -989,6 +989,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn results_still_waiting_at_a_stop_end_interrupted_at_the_next_start() {
+        let r = rig("http://127.0.0.1:9/hook", &[Ok("HEARTBEAT_OK")]).await;
+        let (store, watch, free) = guarded(&r);
+        let key = RunKey::new("a1", T0);
+        {
+            let (mut s, _rx) = r.scheduler_on(store.clone());
+            s.start().await.expect("start");
+            r.clock.0.store(T0 + 5, Ordering::SeqCst);
+            s.tick();
+            s.flush_batch().await;
+            free.store(1024, Ordering::SeqCst);
+            assert!(watch.refresh(), "low");
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(cmd) = s.rx.try_recv() {
+                s.command(cmd);
+            }
+            s.flush_batch().await;
+            assert_eq!(s.pending.len(), 1);
+            // Stopping while still full: tried once more, then lost.
+            s.flush_at_stop().await;
+            assert_eq!(s.pending.len(), 1);
+        }
+        free.store(50 * 1024 * 1024, Ordering::SeqCst);
+        assert!(!watch.refresh());
+        let (mut s, _rx) = r.scheduler_on(store);
+        s.start().await.expect("restart");
+        let run = r
+            .runs()
+            .get(&key)
+            .expect("get")
+            .and_then(|r| r.run)
+            .expect("the run");
+        assert_eq!(
+            (run.status, run.error.as_str()),
+            (
+                RunStatus::Failed as i32,
+                "control plane restarted during the run"
+            )
+        );
+    }
+
+    #[tokio::test]
     async fn at_most_the_bound_of_results_wait_and_the_oldest_go_first() {
         let mut p = Pending::default();
         let writes = |from: i64, n: i64| -> Vec<(Write, Action)> {
