@@ -5,8 +5,11 @@
 //! within the shutdown deadline, freeing space resumes writes without a
 //! restart, and the directory opens again with every acknowledged write —
 //! in a loop of fresh filesystems. One more run drives sled itself into
-//! ENOSPC (no reserve) and checks the directory still opens with every
-//! acknowledged write.
+//! ENOSPC (no reserve): the failed writes are RESOURCE_EXHAUSTED naming the
+//! volume, and the directory still opens with every acknowledged write. A
+//! heartbeat run whose reply comes back while the volume is full keeps its
+//! result in memory and stores it (with its alert, delivered once) when
+//! space returns.
 //!
 //! These tests mount filesystems, so they need root (or CAP_SYS_ADMIN);
 //! without it they fail saying so.
@@ -278,8 +281,10 @@ fn a_full_volume_refuses_writes_serves_reads_stops_on_sigterm_and_resumes_with_e
 
 /// No reserve (`--min-free-space 0`) and a filler taking the rest: sled
 /// itself meets ENOSPC. The writes it cannot make must fail (never be
-/// acknowledged), SIGTERM must stop it within the deadline, and once space
-/// is back the directory must open with every acknowledged write.
+/// acknowledged) with RESOURCE_EXHAUSTED naming the volume (one line from
+/// clawctl, not INTERNAL), SIGTERM must stop it within the deadline, and
+/// once space is back the directory must open with every acknowledged
+/// write.
 #[test]
 fn sled_meeting_enospc_fails_writes_cleanly_and_the_directory_opens_again() {
     let scratch = tempfile::tempdir().expect("temp dir");
@@ -313,14 +318,42 @@ fn sled_meeting_enospc_fails_writes_cleanly_and_the_directory_opens_again() {
             "run {run}: every write fitted on a full filesystem; log:\n{}",
             cp.logs()
         );
+        // Without the guard the engine's ENOSPC is still a clear refusal:
+        // RESOURCE_EXHAUSTED naming the volume, one line (not INTERNAL).
+        let volume = data_dir.display().to_string();
+        for failure in &failures {
+            assert!(
+                failure.contains(&format!(
+                    "resource exhausted: the data volume {volume} is full ("
+                )) && failure.contains("Free space on it"),
+                "run {run}: a write sled failed for space: {failure:?}; log:\n{}",
+                cp.logs()
+            );
+            assert_eq!(
+                failure.trim().lines().count(),
+                1,
+                "run {run}: one line: {failure:?}"
+            );
+        }
         eprintln!(
             "run {run}: {} acknowledged, then: {:?}",
             acked.len(),
             failures.first()
         );
+        // sled does not write again after a failed write, even with space
+        // back: the message says to restart, and so it is.
+        std::fs::remove_file(&filler).expect("remove the filler");
+        match add_agent(&cp, &format!("e{run}-freed"), &prompt) {
+            Write::Refused(e) => assert!(
+                e.contains(&volume) && e.contains("then restart the control plane"),
+                "run {run}: {e:?}"
+            ),
+            Write::Acked => {
+                panic!("run {run}: sled wrote again without a restart; fix the message")
+            }
+        }
         let status = stop_by_itself(&mut cp);
         eprintln!("run {run}: stopped with {status:?}");
-        std::fs::remove_file(&filler).expect("remove the filler");
         cp.try_restart().unwrap_or_else(|e| {
             panic!("run {run}: the directory does not open again after ENOSPC: {e}")
         });
@@ -339,6 +372,203 @@ fn sled_meeting_enospc_fails_writes_cleanly_and_the_directory_opens_again() {
         drop(cp);
         drop(fs);
     }
+}
+
+/// A heartbeat run whose reply comes back while the volume is full: its
+/// result is kept in memory (`claw_heartbeat_results_waiting_for_space`)
+/// instead of lost, and once space returns the run ends with its real
+/// status — an alert, delivered once to the webhook — not "interrupted";
+/// the slot called the upstream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_result_that_comes_back_while_full_is_stored_once_space_returns() {
+    use claw_tests::harness::{Forwarder, Proxy};
+    use claw_tests::mock::{Action, MockConfig, MockUpstream};
+    use claw_tests::webhook::WebhookReceiver;
+
+    const KEY: &str = "sk-test-key-0123456789";
+    /// How long the upstream holds the run's reply: the test fills the
+    /// volume meanwhile (checked below, so a slow fill fails loudly
+    /// rather than passing for the wrong reason).
+    const REPLY_DELAY: Duration = Duration::from_secs(12);
+    let fs = small_fs();
+    let data_dir = fs.path().join("data");
+    let upstream = MockUpstream::start(MockConfig::default().name("hb").api_key(KEY)).await;
+    upstream.set_always(Some(Action::reply("HEARTBEAT_OK")));
+    let hook = WebhookReceiver::start().await;
+    let fwd = Forwarder::start().await;
+    let mut cp = ControlPlane::builder()
+        .data_dir(&data_dir)
+        .args(["--min-free-space", RESERVE])
+        .args(["--shutdown-timeout", SHUTDOWN_TIMEOUT])
+        .heartbeat_proxy(format!("http://{}", fwd.addr()))
+        .env("CLAW_WEBHOOK_SECRET", "whsec-diskfull-0123456789")
+        .env("CLAW_WEBHOOK_BACKOFF_BASE", "100ms")
+        .start();
+    cp.clawctl_with_env(
+        &[
+            "backend",
+            "add",
+            "hb",
+            "--url",
+            &upstream.url(),
+            "--api-key-env",
+            "K",
+            "--rpm",
+            "6000",
+            "--model",
+            "m-hb",
+        ],
+        &[("K", KEY)],
+    )
+    .assert_ok();
+    // Only manual runs fire: its window is twelve hours away.
+    let h = (jiff::Timestamp::now().as_second() / 3600 + 12) % 24;
+    let hours = format!("{h:02}:00-{h:02}:01");
+    cp.clawctl_stdin(
+        &[
+            "agent",
+            "add",
+            "hb",
+            "--model",
+            "m-hb",
+            "--interval",
+            "1h",
+            "--active-hours",
+            &hours,
+            "--webhook",
+            &hook.url(),
+            "--checklist-file",
+            "-",
+        ],
+        "- [ ] check the disk\n",
+    )
+    .assert_ok();
+    let proxy = Proxy::start(&cp);
+    proxy.wait_ready();
+    fwd.point_to(proxy.addr());
+    let run_of = |cp: &ControlPlane, id: &str| -> serde_json::Value {
+        cp.clawctl(&["heartbeat", "logs", "hb", "--limit", "100", "-o", "json"])
+            .assert_ok()
+            .json()
+            .as_array()
+            .and_then(|runs| runs.iter().find(|r| r["run_id"] == id).cloned())
+            .unwrap_or_default()
+    };
+    let status = |run: &serde_json::Value| run["status"].as_str().unwrap_or_default().to_owned();
+    // A first run, until the proxy has the configuration (an early one
+    // may fail for that; it is not the run under test).
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let run = cp
+                .clawctl(&["heartbeat", "run", "hb", "--wait", "-o", "json"])
+                .assert_ok()
+                .json();
+            status(&run) == "suppressed"
+        }),
+        "no warm-up run succeeded; log:\n{}",
+        cp.logs()
+    );
+    let calls_before = upstream.requests().len();
+
+    // The run under test: its reply is held while the volume fills.
+    upstream.push(Action::reply("ALERT: the queue is stuck").with_delay(REPLY_DELAY));
+    let run = cp
+        .clawctl(&["heartbeat", "run", "hb", "-o", "json"])
+        .assert_ok()
+        .json();
+    let run_id = run["run_id"].as_str().expect("the run's id").to_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || upstream.pending() == 0),
+        "the run never reached the upstream; log:\n{}",
+        cp.logs()
+    );
+    let filler = fs.fill("filler", RESERVE_BYTES / 2).expect("fill");
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &cp,
+            "claw_cp_store_low_space"
+        ) == Some(1.0)),
+        "the control plane did not see the volume below the reserve; log:\n{}",
+        cp.logs()
+    );
+    assert_eq!(
+        status(&run_of(&cp, &run_id)),
+        "running",
+        "the reply came back before the volume was full (raise REPLY_DELAY)"
+    );
+    // The reply comes back while full: its result waits in memory.
+    let waited = wait_until(Duration::from_secs(30), || {
+        metric(&cp, "claw_heartbeat_results_waiting_for_space") == Some(1.0)
+    });
+    assert_eq!(
+        status(&run_of(&cp, &run_id)),
+        "running",
+        "stored while full?"
+    );
+    assert!(hook.calls().is_empty(), "nothing delivered while full");
+
+    // Space returns: the run ends with its real status, its alert
+    // delivered once.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let mut last = serde_json::Value::Null;
+    let delivered = wait_until(Duration::from_secs(30), || {
+        last = run_of(&cp, &run_id);
+        status(&last) == "delivered"
+    });
+    assert!(
+        delivered,
+        "the run did not end delivered once space returned: {last}; log:\n{}",
+        cp.logs()
+    );
+    assert!(
+        waited,
+        "the result never showed as waiting for space; log:\n{}",
+        cp.logs()
+    );
+    assert_eq!(last["reply_excerpt"], "ALERT: the queue is stuck", "{last}");
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &cp,
+            "claw_heartbeat_results_waiting_for_space"
+        ) == Some(0.0)),
+        "the gauge did not go back to 0"
+    );
+    let text = get(&cp, "/metrics").text();
+    for line in [
+        "# HELP claw_heartbeat_results_waiting_for_space ",
+        "# TYPE claw_heartbeat_results_waiting_for_space gauge",
+        "# TYPE claw_heartbeat_results_dropped_total counter",
+    ] {
+        assert!(text.contains(line), "/metrics lacks {line:?}");
+    }
+    let for_run = |hook: &WebhookReceiver| {
+        hook.accepted()
+            .into_iter()
+            .filter(|c| c.key == run_id)
+            .count()
+    };
+    assert_eq!(for_run(&hook), 1, "the alert is delivered once");
+    assert_eq!(
+        upstream.requests().len(),
+        calls_before + 1,
+        "one upstream call for the slot"
+    );
+
+    // Durable: after a restart it is still delivered, nothing sent again.
+    stop_cleanly(&mut cp);
+    cp.restart();
+    assert_eq!(status(&run_of(&cp, &run_id)), "delivered");
+    assert!(
+        !cp.logs().contains("interrupted by a restart"),
+        "a run was left open; log:\n{}",
+        cp.logs()
+    );
+    assert_eq!(upstream.requests().len(), calls_before + 1);
+    assert_eq!(for_run(&hook), 1);
+    stop_cleanly(&mut cp);
+    drop(proxy);
+    drop(cp);
+    drop(fs);
 }
 
 /// The proxies' usage reports while the volume is full: a batch that cannot

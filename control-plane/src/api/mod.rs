@@ -83,13 +83,14 @@ impl From<HeartbeatError> for Status {
 }
 
 /// `RESOURCE_EXHAUSTED` naming the data volume, for a write refused
-/// because the volume is below its reserve (`--min-free-space`): the
-/// operator can act on it, and the client may retry once space is freed.
+/// because the volume is below its reserve (`--min-free-space`) or failed
+/// because the volume is full (`ENOSPC`/`EDQUOT` met by the engine, e.g.
+/// with the guard off): the operator can act on it, and the client may
+/// retry once space is freed. Every store error reaches the wire through
+/// here or [`internal`].
 pub(crate) fn no_space(e: &StoreError) -> Option<Status> {
-    match e {
-        StoreError::NoSpace { .. } => Some(Status::resource_exhausted(e.to_string())),
-        _ => None,
-    }
+    e.is_no_space()
+        .then(|| Status::resource_exhausted(e.to_string()))
 }
 
 /// The answer to a failure whose details may describe internals: the

@@ -13,6 +13,8 @@
 //! | `claw_heartbeat_undeliverable_total` | counter | |
 //! | `claw_heartbeat_webhook_events_total` | counter | `kind` (`failed`, `recovered`) |
 //! | `claw_heartbeat_event_dead_letters_total` | counter | |
+//! | `claw_heartbeat_results_waiting_for_space` | gauge | (runs whose results wait for space, see `scheduler`'s commit) |
+//! | `claw_heartbeat_results_dropped_total` | counter | |
 
 use claw_proto::v1::RunStatus;
 
@@ -67,6 +69,27 @@ pub fn describe() {
     metrics::counter!(MISSED_TOTAL).increment(0);
     metrics::counter!(DEAD_LETTERS_TOTAL).increment(0);
     describe_hearing_back();
+    describe_pending();
+}
+
+/// Heartbeat run results kept in memory because the data volume is full
+/// (see the scheduler's `commit`).
+pub const RESULTS_WAITING: &str = "claw_heartbeat_results_waiting_for_space";
+/// Results dropped because too many waited for space.
+pub const RESULTS_DROPPED_TOTAL: &str = "claw_heartbeat_results_dropped_total";
+
+/// Describes the metrics of results kept for space.
+fn describe_pending() {
+    metrics::describe_gauge!(
+        RESULTS_WAITING,
+        "Heartbeat runs whose results are kept in memory until the data volume has space to store them"
+    );
+    metrics::describe_counter!(
+        RESULTS_DROPPED_TOTAL,
+        "Heartbeat run results dropped because too many waited for space (their runs end interrupted at the next start)"
+    );
+    metrics::gauge!(RESULTS_WAITING).set(0.0);
+    metrics::counter!(RESULTS_DROPPED_TOTAL).increment(0);
 }
 
 /// The lowercase name of a status (`dead_letter`).

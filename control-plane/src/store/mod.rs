@@ -169,6 +169,21 @@ pub enum StoreError {
         /// The reserve writes keep free.
         reserve: u64,
     },
+    /// The engine's write failed because the data volume is full (`ENOSPC`)
+    /// or the quota ran out (`EDQUOT`): met with the guard off
+    /// (`--min-free-space 0`), or by a write that outgrew the reserve.
+    /// Answered like [`StoreError::NoSpace`]: `RESOURCE_EXHAUSTED` naming
+    /// the volume.
+    #[error(
+        "the data volume {} is full ({error}); the write was not stored. Free space on it, then restart the control plane (the storage engine does not write again after a failed write); a --min-free-space reserve refuses writes before the volume fills",
+        volume.display()
+    )]
+    VolumeFull {
+        /// The data directory whose volume is full.
+        volume: std::path::PathBuf,
+        /// The I/O error the engine met.
+        error: String,
+    },
     /// The store recovered to less than its durable high-water mark (see
     /// [`watermark`]): acknowledged changes are gone.
     #[error(
@@ -187,6 +202,30 @@ pub enum StoreError {
     /// The high-water mark could not be read or written.
     #[error("{0}")]
     Mark(String),
+}
+
+impl StoreError {
+    /// Whether the write failed for lack of space on the data volume
+    /// (refused below the reserve, or the engine met a full volume): the
+    /// answer is `RESOURCE_EXHAUSTED` naming the volume, and the write may
+    /// succeed once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NoSpace { .. } | StoreError::VolumeFull { .. }
+        )
+    }
+}
+
+/// Whether an I/O error means the volume is full or over its quota
+/// (`ENOSPC`, `EDQUOT`). By kind, which the standard library derives from
+/// the errno and which survives where the errno does not (sled re-creates a
+/// failed write's error from its kind for every later call).
+pub fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Returned by a transaction body to make the engine roll back.

@@ -64,6 +64,39 @@ fn engine(e: sled::Error) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
+/// An engine error of the store in `dir`: a full volume (`ENOSPC`,
+/// `EDQUOT`) names the volume ([`StoreError::VolumeFull`]), anything else
+/// is [`StoreError::Engine`].
+fn failed(dir: &Path, e: sled::Error) -> StoreError {
+    match &e {
+        sled::Error::Io(io) if super::is_full(io) => StoreError::VolumeFull {
+            volume: dir.to_path_buf(),
+            error: io_text(io),
+        },
+        _ => engine(e),
+    }
+}
+
+/// An I/O error's text without the `Custom { kind: .., error: ".." }`
+/// wrapping sled's copies of it carry.
+fn io_text(e: &std::io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => {
+            let text = inner.to_string();
+            // sled's copy: `Os { code: 28, kind: StorageFull, message: "No space left on device" }`.
+            match text
+                .split("message: \"")
+                .nth(1)
+                .and_then(|m| m.split('"').next())
+            {
+                Some(message) => message.to_string(),
+                None => text,
+            }
+        }
+        None => e.to_string(),
+    }
+}
+
 /// How long [`SledStore::open`] waits for the data directory's lock.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -157,6 +190,12 @@ impl SledStore {
     async fn write_mark(&self, mark: Mark) -> Result<(), StoreError> {
         let dir = self.dir.clone();
         let failed = |e: std::io::Error| {
+            if super::is_full(&e) {
+                return StoreError::VolumeFull {
+                    volume: self.dir.clone(),
+                    error: e.to_string(),
+                };
+            }
             StoreError::Mark(format!(
                 "cannot write the high-water mark {}: {e}",
                 watermark::path(&self.dir).display()
@@ -253,6 +292,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// recording whether sled reported a conflict (so the body's error is turned
 /// back into a retry rather than a rollback).
 struct SledTxn<'a> {
+    dir: &'a Path,
     trees: &'a [Tree],
     views: &'a [TransactionalTree],
     conflict: Cell<bool>,
@@ -273,7 +313,7 @@ impl SledTxn<'_> {
                 self.conflict.set(true);
                 StoreError::Conflict
             }
-            UnabortableTransactionError::Storage(e) => engine(e),
+            UnabortableTransactionError::Storage(e) => failed(self.dir, e),
         }
     }
 }
@@ -299,14 +339,20 @@ impl Txn for SledTxn<'_> {
 
 impl Store for SledStore {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let v = self.tree(tree)?.get(key).map_err(engine)?;
+        let v = self
+            .tree(tree)?
+            .get(key)
+            .map_err(|e| failed(&self.dir, e))?;
         Ok(v.map(|v| v.to_vec()))
     }
 
     fn scan(&self, tree: Tree) -> Result<Vec<Entry>, StoreError> {
         self.tree(tree)?
             .iter()
-            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+            .map(|kv| {
+                kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|e| failed(&self.dir, e))
+            })
             .collect()
     }
 
@@ -330,7 +376,8 @@ impl Store for SledStore {
         };
         let iter = t.range::<&[u8], _>((Bound::Included(start), upper));
         let pick = |kv: sled::Result<(sled::IVec, sled::IVec)>| {
-            kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine)
+            kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(|e| failed(&self.dir, e))
         };
         if reverse {
             iter.rev().take(limit).map(pick).collect()
@@ -351,6 +398,7 @@ impl Store for SledStore {
             .as_slice()
             .transaction(|views: &Vec<TransactionalTree>| {
                 let txn = SledTxn {
+                    dir: &self.dir,
                     trees,
                     views,
                     conflict: Cell::new(false),
@@ -366,7 +414,7 @@ impl Store for SledStore {
         match result {
             Ok(()) => Ok(true),
             Err(TransactionError::Abort(())) => Ok(false),
-            Err(TransactionError::Storage(e)) => Err(engine(e)),
+            Err(TransactionError::Storage(e)) => Err(failed(&self.dir, e)),
         }
     }
 
@@ -375,7 +423,7 @@ impl Store for SledStore {
         let mut n = 0u64;
         for t in Tree::ALL {
             for kv in self.tree(t)?.iter() {
-                let (k, v) = kv.map_err(engine)?;
+                let (k, v) = kv.map_err(|e| failed(&self.dir, e))?;
                 sink(t, &k, &v).map_err(StoreError::Export)?;
                 n += 1;
             }
@@ -396,7 +444,10 @@ impl Store for SledStore {
             }
             let round = self.rounds.started.fetch_add(1, Ordering::SeqCst) + 1;
             let mark = self.commit_mark(last.saturating_add(1))?;
-            self.db.flush_async().await.map_err(engine)?;
+            self.db
+                .flush_async()
+                .await
+                .map_err(|e| failed(&self.dir, e))?;
             let n = mark.mark;
             self.write_mark(mark).await?;
             *last = n;
@@ -451,6 +502,41 @@ mod tests {
         );
         assert_eq!(s.len(Tree::Backends).expect("len"), 1);
         assert_eq!(s.scan(Tree::Backends).expect("scan").len(), 1);
+    }
+
+    #[test]
+    fn a_full_volume_names_the_volume_and_other_errors_stay_engine_errors() {
+        let dir = Path::new("/var/lib/claw");
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        // sled's copy of a failed write's error, given to every later call.
+        let copied = sled::Error::Io(enospc()).clone();
+        for e in [
+            sled::Error::Io(enospc()),
+            copied,
+            sled::Error::Io(std::io::Error::from_raw_os_error(122)),
+        ] {
+            let err = failed(dir, e);
+            let msg = err.to_string();
+            assert!(err.is_no_space(), "{err:?}");
+            assert!(
+                msg.starts_with("the data volume /var/lib/claw is full ("),
+                "{msg}"
+            );
+            assert!(!msg.contains("Custom {") && !msg.contains("Os {"), "{msg}");
+        }
+        assert!(
+            failed(dir, sled::Error::Io(enospc()))
+                .to_string()
+                .contains("(No space left on device (os error 28))")
+        );
+        assert!(
+            failed(dir, sled::Error::Io(enospc()).clone())
+                .to_string()
+                .contains("(No space left on device)")
+        );
+        let other = failed(dir, sled::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert!(matches!(other, StoreError::Engine(_)), "{other:?}");
+        assert!(!other.is_no_space());
     }
 
     #[test]

@@ -26,10 +26,15 @@
 //!
 //! With the guard off (`--min-free-space 0`) the engine itself meets the
 //! full disk: sled fails that write and every later one (its log writer
-//! stays failed until a restart), the failing calls get `INTERNAL`, and a
-//! stop exits non-zero because the last flush fails — but nothing
+//! stays failed until a restart). Its `ENOSPC` / `EDQUOT` errors become
+//! [`StoreError::VolumeFull`] naming the volume (in [`super::sled`]), so
+//! the failing calls get `RESOURCE_EXHAUSTED` like a refusal of the
+//! guard, with a message that says a restart is needed after freeing
+//! space; a stop exits non-zero because the last flush fails — but nothing
 //! acknowledged is lost and the directory opens again once space is freed
-//! (`tests/tests/disk_full.rs`).
+//! (`tests/tests/disk_full.rs`). With the guard on, an engine failure
+//! while the volume is below the reserve is answered as the guard's
+//! refusal ([`StoreError::NoSpace`]).
 //!
 //! | metric | kind | |
 //! |---|---|---|
@@ -455,7 +460,7 @@ impl GuardedStore {
     /// is what ran out.
     fn engine_failed(&self, e: StoreError) -> StoreError {
         match e {
-            StoreError::Engine(_) if self.watch.refresh() => {
+            StoreError::Engine(_) | StoreError::VolumeFull { .. } if self.watch.refresh() => {
                 tracing::warn!(error = %e, "a store write failed while the data volume is below the reserve");
                 self.watch.refused()
             }

@@ -12,12 +12,164 @@
 //! without a webhook are not enqueued (logged at info); an alert for one
 //! ends `undeliverable`. Delivery outcomes and `RedeliverRuns` are booked
 //! here too.
+//!
+//! **Results kept while the volume is full.** A commit refused for space
+//! ([`crate::store::StoreError::is_no_space`]: the disk-full guard, or the
+//! engine's ENOSPC) loses nothing that already happened outside the store:
+//! the writes that record it — a run's end (reply, failure, wake answer,
+//! callback, timeout, restart), its alert's outbox entry, its `failed` /
+//! `recovered` event, a delivery's outcome — are kept in memory, grouped
+//! per run, and put first in every later commit (retried on their own
+//! after 1 s, 2 s, 4 s, then every [`PENDING_RETRY_MAX`]) until one
+//! commits once space returns; their side effects (the outbox entry handed
+//! to the delivery worker, waiters woken, outcome metrics) follow that
+//! commit, once. Claims and cursor moves are not kept: nothing was sent
+//! for them, and the slots fire again. At most [`MAX_PENDING_RESULTS`]
+//! runs wait; beyond that the oldest is dropped (warned, counted in
+//! `claw_heartbeat_results_dropped_total`). The number waiting is the
+//! gauge `claw_heartbeat_results_waiting_for_space`. A process that stops
+//! while results wait loses them: their runs are still open in the store
+//! and the next start records them `failed` ("control plane restarted
+//! during the run"), as for any run a restart interrupted — never sent
+//! twice. Other commit failures keep nothing (a write that cannot be
+//! stored for another reason must not block every later commit).
+
+use std::collections::VecDeque;
+
+use ::metrics as metrics_rs;
+
+use super::super::metrics::{RESULTS_DROPPED_TOTAL, RESULTS_WAITING};
 
 use super::super::streak::{self, Streak, Transition};
 use super::*;
 
 /// Runs read first when deriving a streak from the log.
 const SHALLOW: usize = 16;
+
+/// Most runs whose results wait in memory for space (see the module doc).
+pub(super) const MAX_PENDING_RESULTS: usize = 10_000;
+/// First wait before results kept for space are committed again.
+const PENDING_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two commits of results kept for space.
+pub(super) const PENDING_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The writes of one run kept for space, in the order they were made.
+struct PendingResult {
+    key: RunKey,
+    writes: Vec<(Write, Action)>,
+}
+
+/// Results waiting for space (see the module doc).
+#[derive(Default)]
+pub(super) struct Pending {
+    results: VecDeque<PendingResult>,
+    /// When to commit them again, unix ms (0 while none wait).
+    retry_at_ms: i64,
+    /// The wait before the next retry.
+    step: Duration,
+}
+
+impl Pending {
+    /// Runs whose results wait.
+    pub(super) fn len(&self) -> usize {
+        self.results.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.results.is_empty()
+    }
+
+    /// When the scheduler should wake to commit them again.
+    pub(super) fn retry_at(&self) -> Option<i64> {
+        (!self.results.is_empty()).then_some(self.retry_at_ms)
+    }
+
+    /// Every kept write, oldest first; nothing waits afterwards.
+    fn take(&mut self) -> Vec<(Write, Action)> {
+        let writes = self.results.drain(..).flat_map(|r| r.writes).collect();
+        self.publish();
+        writes
+    }
+
+    /// Keeps `writes` (results of a commit refused for space), grouped per
+    /// run in the order of their first write; the oldest runs beyond
+    /// [`MAX_PENDING_RESULTS`] are returned, dropped.
+    fn keep(&mut self, writes: Vec<(Write, Action)>, now: i64) -> Vec<PendingResult> {
+        let mut at: HashMap<RunKey, usize> = self
+            .results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.key.clone(), i))
+            .collect();
+        for (write, action) in writes {
+            let Some(key) = run_key(&write).cloned() else {
+                continue;
+            };
+            match at.get(&key) {
+                Some(&i) => self.results[i].writes.push((write, action)),
+                None => {
+                    at.insert(key.clone(), self.results.len());
+                    self.results.push_back(PendingResult {
+                        key,
+                        writes: vec![(write, action)],
+                    });
+                }
+            }
+        }
+        let excess = self.results.len().saturating_sub(MAX_PENDING_RESULTS);
+        let dropped: Vec<PendingResult> = self.results.drain(..excess).collect();
+        self.step = if self.step.is_zero() {
+            PENDING_RETRY_FIRST
+        } else {
+            (self.step * 2).min(PENDING_RETRY_MAX)
+        };
+        self.retry_at_ms = now + self.step.as_millis() as i64;
+        self.publish();
+        dropped
+    }
+
+    /// After a commit: nothing waits, the next wait starts short again.
+    fn committed(&mut self) {
+        self.step = Duration::ZERO;
+        self.retry_at_ms = 0;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        metrics_rs::gauge!(RESULTS_WAITING).set(self.results.len() as f64);
+    }
+}
+
+/// The run a write belongs to.
+fn run_key(write: &Write) -> Option<&RunKey> {
+    match write {
+        Write::Claim(key, _)
+        | Write::Update(key, _)
+        | Write::OutboxPut(key, _)
+        | Write::OutboxRemove(key)
+        | Write::Prune(key) => Some(key),
+        Write::Cursor(..) | Write::DropCursor(_) => None,
+    }
+}
+
+/// Whether a write records something that already happened outside the
+/// store (a run's end, its outbox entry or event, a delivery's outcome):
+/// kept when its commit is refused for space. Claims, cursors and pruning
+/// are decided again; a redelivery and a manual run's claim answer their
+/// caller with the failure instead.
+fn is_result(write: &Write, action: &Action) -> bool {
+    match action {
+        Action::Finished(_) => true,
+        Action::None => matches!(
+            write,
+            Write::Update(..) | Write::OutboxPut(..) | Write::OutboxRemove(_)
+        ),
+        Action::Dispatch(_)
+        | Action::Manual(..)
+        | Action::Bookkeeping
+        | Action::Redelivered(..) => false,
+    }
+}
 
 /// Answers a `RedeliverRuns` request: the run ids put back in the outbox.
 pub(crate) type RedeliverReply = oneshot::Sender<Result<Vec<String>, HeartbeatError>>;
@@ -38,32 +190,39 @@ impl Scheduler {
     /// Commits the batch (one transaction, one flush), then performs its
     /// side effects.
     pub(super) async fn flush_batch(&mut self) {
-        if self.batch.is_empty() && self.waiters.is_empty() {
+        if self.batch.is_empty() && self.waiters.is_empty() && self.pending.is_empty() {
             return;
         }
+        if self.batch.is_empty() && self.pending.retry_at().is_some_and(|t| self.now_ms() < t) {
+            // Results wait for space: the next try is on its backoff (and
+            // their waiters are woken once they are stored).
+            return;
+        }
+        // Events for the new writes only: kept results have theirs.
         self.streak_events();
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = self.pending.take();
+        batch.append(&mut self.batch);
         let writes: Vec<Write> = batch.iter().map(|(w, _)| w.clone()).collect();
         let outcomes = match self.deps.runs.commit(&writes).await {
             Ok(o) => o,
             Err(e) => {
                 // Nothing of this batch is durable: release claimed state so
                 // that nothing is sent. The slots are retried by the cursor
-                // (which did not move either) on the next wake-up.
-                if matches!(
-                    e,
-                    RunStoreError::Store(crate::store::StoreError::NoSpace { .. })
-                ) {
+                // (which did not move either) on the next wake-up; results
+                // refused for space are kept for the next commit.
+                let space = matches!(&e, RunStoreError::Store(s) if s.is_no_space());
+                if space {
                     // The space watcher logged the low space once; this
                     // would repeat every retry until space is freed.
                     tracing::debug!(error = %e, "heartbeat store commit refused for space; retrying");
                 } else {
                     tracing::error!(error = %e, "heartbeat store commit failed; retrying");
                 }
-                self.recover_from_failed_commit(batch);
+                self.recover_from_failed_commit(batch, space);
                 return;
             }
         };
+        self.pending.committed();
         let mut outcomes = outcomes.into_iter();
         let now = self.now_ms();
         for (write, action) in batch {
@@ -157,12 +316,50 @@ impl Scheduler {
         }
     }
 
+    /// Commits what is left at a stop, even inside the results' backoff;
+    /// results that still cannot be stored are logged as lost (their runs
+    /// end interrupted at the next start).
+    pub(super) async fn flush_at_stop(&mut self) {
+        self.pending.retry_at_ms = 0;
+        self.flush_batch().await;
+        if !self.pending.is_empty() {
+            tracing::warn!(
+                runs = self.pending.len(),
+                "stopping with heartbeat results not stored for lack of space; those runs are recorded failed (interrupted) at the next start"
+            );
+        }
+    }
+
     /// After a failed commit nothing happened: forget in-flight entries of
     /// this batch, answer manual callers with an error, and put the slots
-    /// back so the next wake-up tries again.
-    pub(super) fn recover_from_failed_commit(&mut self, batch: Vec<(Write, Action)>) {
+    /// back so the next wake-up tries again. With `keep_results` (refused
+    /// for space), the results in it wait for the next commit.
+    pub(super) fn recover_from_failed_commit(
+        &mut self,
+        batch: Vec<(Write, Action)>,
+        keep_results: bool,
+    ) {
         let now = self.now_ms();
+        let mut kept = Vec::new();
+        // Agents whose streak counted a write that is not kept.
+        let mut recount: HashSet<String> = HashSet::new();
+        let mut lost = 0usize;
         for (write, action) in batch {
+            if is_result(&write, &action) {
+                if keep_results {
+                    kept.push((write, action));
+                    continue;
+                }
+                if matches!(action, Action::Finished(_)) && matches!(write, Write::Update(..)) {
+                    lost += 1;
+                }
+            }
+            if let (Write::Claim(key, rec) | Write::Update(key, rec), false) =
+                (&write, matches!(action, Action::Bookkeeping))
+                && streak::effect(rec.status()) != streak::Effect::Neutral
+            {
+                recount.insert(key.agent_id.clone());
+            }
             if let Write::Claim(key, _) | Write::Update(key, _) = &write {
                 self.drop_in_flight(key);
             }
@@ -186,8 +383,32 @@ impl Scheduler {
                 _ => {}
             }
         }
-        // Streaks counted runs that are not durable: derive them again.
-        self.streaks.clear();
+        if lost > 0 {
+            tracing::warn!(
+                runs = lost,
+                "heartbeat results not stored (the commit failed); those runs are recorded failed (interrupted) at the next start"
+            );
+        }
+        if !kept.is_empty() {
+            let dropped = self.pending.keep(kept, now);
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    dropped = dropped.len(),
+                    waiting = self.pending.len(),
+                    max = MAX_PENDING_RESULTS,
+                    "too many heartbeat results wait for space; dropped the oldest (those runs are recorded failed at the next start)"
+                );
+                metrics_rs::counter!(RESULTS_DROPPED_TOTAL).increment(dropped.len() as u64);
+                recount.extend(dropped.into_iter().map(|r| r.key.agent_id));
+            }
+        }
+        // Streaks counted runs that are not durable and not kept: derive
+        // them again.
+        if keep_results {
+            self.streaks.retain(|agent, _| !recount.contains(agent));
+        } else {
+            self.streaks.clear();
+        }
     }
 
     /// Metrics of a committed write.
@@ -628,11 +849,19 @@ mod tests {
 
     impl Rig {
         fn scheduler(&self) -> (Scheduler, mpsc::UnboundedReceiver<(RunKey, OutboxEntry)>) {
+            self.scheduler_on(self.store.clone())
+        }
+
+        /// A scheduler whose run log is on `store`.
+        fn scheduler_on(
+            &self,
+            store: Arc<dyn crate::store::Store>,
+        ) -> (Scheduler, mpsc::UnboundedReceiver<(RunKey, OutboxEntry)>) {
             let (outbox, rx) = mpsc::unbounded_channel();
             let (s, _h) = Scheduler::new(
                 Deps {
                     catalog: self.catalog.clone(),
-                    runs: RunStore::new(self.store.clone()),
+                    runs: RunStore::new(store),
                     dispatcher: Arc::new(self.script.clone()),
                     activity: Arc::new(AgentActivity::new()),
                     capacity: Arc::new(Capacity::new()),
@@ -674,6 +903,173 @@ mod tests {
 
     fn json(e: &OutboxEntry) -> serde_json::Value {
         serde_json::from_slice(&e.body).expect("json body")
+    }
+
+    /// The rig's store behind the disk-full guard, with free space the
+    /// test sets (a 10 MiB reserve).
+    fn guarded(
+        r: &Rig,
+    ) -> (
+        Arc<dyn crate::store::Store>,
+        Arc<crate::store::space::SpaceWatch>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use crate::store::space::{GuardedStore, MinFreeSpace, SpaceWatch, Usage};
+        const MIB: u64 = 1024 * 1024;
+        let free = Arc::new(std::sync::atomic::AtomicU64::new(50 * MIB));
+        let probe = free.clone();
+        let watch = SpaceWatch::with_probe(
+            r._dir.path(),
+            MinFreeSpace::Bytes(10 * MIB),
+            Box::new(move |_| {
+                Ok(Usage {
+                    available: probe.load(Ordering::SeqCst),
+                    total: 100 * MIB,
+                })
+            }),
+        );
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(GuardedStore::new(r.store.clone(), watch.clone()));
+        (store, watch, free)
+    }
+
+    #[tokio::test]
+    async fn a_result_refused_for_space_waits_in_memory_and_commits_once_when_space_returns() {
+        let r = rig("http://127.0.0.1:9/hook", &[Ok("The disk is full")]).await;
+        let (store, watch, free) = guarded(&r);
+        let (mut s, mut rx) = r.scheduler_on(store);
+        s.start().await.expect("start");
+        // The slot is claimed and sent while there is space.
+        r.clock.0.store(T0 + 5, Ordering::SeqCst);
+        s.tick();
+        s.flush_batch().await;
+        // The volume fills before the reply comes back.
+        free.store(1024, Ordering::SeqCst);
+        assert!(watch.refresh(), "low");
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        while let Ok(cmd) = s.rx.try_recv() {
+            s.command(cmd);
+        }
+        s.flush_batch().await;
+        let key = RunKey::new("a1", T0);
+        let status = |r: &Rig| {
+            r.runs()
+                .get(&key)
+                .expect("get")
+                .and_then(|r| r.run)
+                .map(|r| r.status)
+        };
+        assert_eq!(s.pending.len(), 1, "the result waits");
+        assert_eq!(status(&r), Some(RunStatus::Running as i32));
+        assert!(kinds(&mut rx).is_empty(), "nothing handed to delivery");
+        // Retries on the backoff while still full: still waiting.
+        for step in 1..4 {
+            r.clock.0.store(T0 + 5 + step * 5_000, Ordering::SeqCst);
+            s.flush_batch().await;
+            assert_eq!(s.pending.len(), 1);
+        }
+        assert_eq!(status(&r), Some(RunStatus::Running as i32));
+        // Space returns: the next retry commits it, with its alert, once.
+        free.store(50 * 1024 * 1024, Ordering::SeqCst);
+        assert!(!watch.refresh());
+        let retry = s.pending.retry_at().expect("a retry is due");
+        assert!(retry <= T0 + 5 + 15_000 + PENDING_RETRY_MAX.as_millis() as i64);
+        r.clock.0.store(retry, Ordering::SeqCst);
+        s.flush_batch().await;
+        assert!(s.pending.is_empty());
+        assert_eq!(s.pending.retry_at(), None);
+        assert_eq!(status(&r), Some(RunStatus::Delivering as i32));
+        assert_eq!(kinds(&mut rx), [(0, "alert".into())]);
+        assert_eq!(r.runs().outbox_len().expect("len"), 1);
+        s.flush_batch().await;
+        assert!(kinds(&mut rx).is_empty(), "handed over once");
+        assert!(r.runs().open_runs().expect("open").is_empty());
+    }
+
+    #[tokio::test]
+    async fn results_still_waiting_at_a_stop_end_interrupted_at_the_next_start() {
+        let r = rig("http://127.0.0.1:9/hook", &[Ok("HEARTBEAT_OK")]).await;
+        let (store, watch, free) = guarded(&r);
+        let key = RunKey::new("a1", T0);
+        {
+            let (mut s, _rx) = r.scheduler_on(store.clone());
+            s.start().await.expect("start");
+            r.clock.0.store(T0 + 5, Ordering::SeqCst);
+            s.tick();
+            s.flush_batch().await;
+            free.store(1024, Ordering::SeqCst);
+            assert!(watch.refresh(), "low");
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            while let Ok(cmd) = s.rx.try_recv() {
+                s.command(cmd);
+            }
+            s.flush_batch().await;
+            assert_eq!(s.pending.len(), 1);
+            // Stopping while still full: tried once more, then lost.
+            s.flush_at_stop().await;
+            assert_eq!(s.pending.len(), 1);
+        }
+        free.store(50 * 1024 * 1024, Ordering::SeqCst);
+        assert!(!watch.refresh());
+        let (mut s, _rx) = r.scheduler_on(store);
+        s.start().await.expect("restart");
+        let run = r
+            .runs()
+            .get(&key)
+            .expect("get")
+            .and_then(|r| r.run)
+            .expect("the run");
+        assert_eq!(
+            (run.status, run.error.as_str()),
+            (
+                RunStatus::Failed as i32,
+                "control plane restarted during the run"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn at_most_the_bound_of_results_wait_and_the_oldest_go_first() {
+        let mut p = Pending::default();
+        let writes = |from: i64, n: i64| -> Vec<(Write, Action)> {
+            (from..from + n)
+                .map(|i| {
+                    (
+                        Write::Update(RunKey::new("a1", i), RunRecord::default()),
+                        Action::None,
+                    )
+                })
+                .collect()
+        };
+        let n = MAX_PENDING_RESULTS as i64;
+        assert!(p.keep(writes(0, n - 1), 0).is_empty());
+        // Two writes of one run count once.
+        assert!(p.keep(writes(n - 2, 1), 0).is_empty());
+        assert_eq!(p.len(), MAX_PENDING_RESULTS - 1);
+        let dropped = p.keep(writes(n, 3), 0);
+        assert_eq!(
+            dropped.iter().map(|r| r.key.nominal_ms).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(p.len(), MAX_PENDING_RESULTS);
+        // The backoff grows to its cap and starts again after a commit.
+        let waits: Vec<i64> = (0..5)
+            .map(|_| {
+                p.keep(Vec::new(), 0);
+                p.retry_at().unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(waits, [5000; 5], "1 s, 2 s, 4 s, then the cap");
+        let all = p.take();
+        assert_eq!(all.len(), MAX_PENDING_RESULTS + 1);
+        p.committed();
+        assert_eq!(p.retry_at(), None);
+        p.keep(writes(0, 1), 100);
+        assert_eq!(p.retry_at(), Some(1100));
     }
 
     #[tokio::test]

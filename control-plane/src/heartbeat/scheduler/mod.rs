@@ -445,6 +445,8 @@ pub struct Scheduler {
     next_sweep_ms: i64,
     /// Agents whose first cursor is still to be written (startup).
     pending_cursors: Vec<String>,
+    /// Run results waiting for space on the data volume (see `commit`).
+    pending: commit::Pending,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -533,6 +535,7 @@ impl Scheduler {
                 stale: HashSet::new(),
                 next_sweep_ms: 0,
                 pending_cursors: Vec::new(),
+                pending: Default::default(),
             },
             handle,
         )
@@ -581,7 +584,7 @@ impl Scheduler {
                     reload = true;
                 }
                 () = stop.stopped() => {
-                    self.flush_batch().await;
+                    self.flush_at_stop().await;
                     return;
                 }
             }
@@ -694,6 +697,9 @@ impl Scheduler {
             at = at.min(now + HOLD_POLL.as_millis() as i64);
         }
         at = at.min(self.next_sweep_ms);
+        if let Some(t) = self.pending.retry_at() {
+            at = at.min(t);
+        }
         if !self.pending_cursors.is_empty() {
             at = now;
         }
