@@ -5,6 +5,7 @@
 #
 #   bash tests/bench/proxy_instructions.sh [PROXY_BIN...]   # default: target/production/claw-data-plane
 #   BENCH_REQUESTS=3000 bash tests/bench/proxy_instructions.sh target/production/claw-data-plane /tmp/old/claw-data-plane
+#   BENCH_JOURNAL=1 bash tests/bench/proxy_instructions.sh   # each proxy with a --usage-journal of its own
 #
 # For each binary: a fresh control plane and mock upstream, the proxy under
 # `valgrind --tool=callgrind`, a warm-up, counters zeroed, BENCH_REQUESTS
@@ -12,6 +13,8 @@
 # instructions per request = the dump's total ÷ the requests the proxy's
 # /metrics counted in between. Prints one line per binary and leaves the
 # callgrind files (for callgrind_annotate) in the printed work directory.
+# Callgrind counts user-space instructions only: time in the kernel (system
+# calls, page faults) is not in the figure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -61,8 +64,10 @@ i=0
 for dp in "$@"; do
   i=$((i + 1))
   out="$WORK/callgrind.$i"
+  extra=()
+  [ "${BENCH_JOURNAL:-0}" = 1 ] && extra=(--usage-journal "$WORK/usage.$i.journal")
   start "proxy-$i" valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$dp" \
-    --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id "instr-$i" --serve-threads 1
+    --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id "instr-$i" --serve-threads 1 "${extra[@]}"
   addr="${LISTEN#*http=}"
   vpid="${pids[-1]}"
   for _ in $(seq 1 300); do
