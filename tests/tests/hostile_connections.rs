@@ -537,3 +537,56 @@ async fn a_burst_past_the_control_planes_grpc_cap_closes_only_the_excess() {
     let health = format!("{}/healthz", cp.http_url());
     assert_eq!(get_status(&health).await, Some(200));
 }
+
+/// The header-read timeout closes a connection that never sent a byte, not
+/// an idle keep-alive connection that has sent a request: `keep_alive` is
+/// opened first, so once `silent` is closed the timeout has passed for it
+/// too. Returns what the keep-alive connection's second request got.
+fn a_keep_alive_connection_outlives_the_header_timeout(name: &str, addr: SocketAddr) -> String {
+    let mut keep_alive = burst(addr, 1, KEEP_ALIVE_REQUEST);
+    assert!(
+        wait_until(WAIT, || open_answered(&mut keep_alive, b"HTTP/1.1 200")
+            == 1),
+        "{name}: the keep-alive request was not answered: {:?}",
+        String::from_utf8_lossy(&keep_alive[0].got)
+    );
+    let mut silent = open_idle(addr, 1);
+    assert!(
+        wait_until(WAIT, || closed_count(&mut silent) == 1),
+        "{name}: the silent connection was not closed"
+    );
+    assert_eq!(
+        closed_count(&mut keep_alive),
+        0,
+        "{name}: the keep-alive connection was closed: {:?}",
+        String::from_utf8_lossy(&keep_alive[0].got)
+    );
+    let c = &mut keep_alive[0];
+    c.got.clear();
+    c.stream
+        .write_all(KEEP_ALIVE_REQUEST)
+        .expect("a second request");
+    assert!(
+        wait_until(WAIT, || {
+            closed_count(std::slice::from_mut(c));
+            c.closed || c.got.windows(4).any(|w| w == b"\r\n\r\n")
+        }),
+        "{name}: no answer to the second request"
+    );
+    String::from_utf8_lossy(&c.got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_spares_idle_keep_alive_connections() {
+    let cp = ControlPlane::builder()
+        .args(["--header-read-timeout", "1s"])
+        .start();
+    let p = Proxy::builder(&cp)
+        .args(["--header-read-timeout", "1s"])
+        .start();
+    p.wait_ready();
+    for (name, addr) in [("proxy", p.addr())] {
+        let second = a_keep_alive_connection_outlives_the_header_timeout(name, addr);
+        assert!(second.starts_with("HTTP/1.1 200"), "{name}: {second}");
+    }
+}
