@@ -9,8 +9,9 @@
 //!   while thousands of idle sockets are held open. With nothing to close
 //!   (every gRPC connection in use) the new connection is closed at once.
 //! - a first-byte timeout (`--header-read-timeout`): a connection that sends
-//!   nothing is closed (hyper's HTTP/1 header-read timeout then bounds a
-//!   slow request head);
+//!   nothing is closed; on the HTTP listener [`Heads`] also bounds a slow
+//!   request head, from its first byte, while an idle keep-alive connection
+//!   between requests is left to the idle timeout;
 //! - an idle timeout (`--idle-timeout`): no byte read or written for that
 //!   long closes the connection. It is longer than the gRPC keepalive ping
 //!   interval and the dashboard's SSE ping, so a proxy's idle but healthy
@@ -349,6 +350,162 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     type ConnectInfo = S::ConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
+    }
+}
+
+/// Request-head timing of one HTTP connection, shared by its [`Heads`]
+/// reader and its service (which calls [`HeadState::begin`] per request).
+pub(crate) struct HeadState {
+    base: Instant,
+    /// 1 + milliseconds after `base` of the first byte of a head not yet
+    /// received (of the connection's start for the first request); 0: none.
+    pending: AtomicU64,
+    /// Requests being handled.
+    active: AtomicUsize,
+    /// The connection speaks HTTP/2 (its preface came first): not timed.
+    h2: AtomicBool,
+    /// Nothing was read yet.
+    fresh: AtomicBool,
+}
+
+/// A request being handled (see [`HeadState::begin`]).
+pub(crate) struct HeadGuard(Arc<HeadState>);
+
+impl Drop for HeadGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HeadState {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(HeadState {
+            base: Instant::now(),
+            pending: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            h2: AtomicBool::new(false),
+            fresh: AtomicBool::new(true),
+        })
+    }
+
+    /// A request head was received: held until its response is returned.
+    pub(crate) fn begin(self: &Arc<Self>) -> HeadGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.pending.store(0, Ordering::Release);
+        HeadGuard(self.clone())
+    }
+
+    fn read(&self, bytes: &[u8]) {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+        if self.fresh.swap(false, Ordering::AcqRel) {
+            let n = bytes.len().min(PREFACE.len());
+            if bytes[..n] == PREFACE[..n] {
+                self.h2.store(true, Ordering::Release);
+                return;
+            }
+        }
+        if self.active.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0 {
+            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.pending.store(ms + 1, Ordering::Release);
+        }
+    }
+
+    /// When the head being received is due, if one is.
+    fn due(&self, timeout: Duration) -> Option<Instant> {
+        if self.h2.load(Ordering::Acquire) || self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.pending.load(Ordering::Acquire) {
+            0 => None,
+            p => Some(self.base + Duration::from_millis(p - 1) + timeout),
+        }
+    }
+}
+
+/// The HTTP listener's request-head timeout, read above TLS: a head must
+/// arrive within the header timeout of its first byte (of the connection's
+/// start for the first request). An idle keep-alive connection waiting for
+/// its next request is left to the idle timeout — unlike hyper's
+/// header-read timeout, which also runs while nothing is being sent and so
+/// closed idle keep-alive connections after the header timeout. HTTP/2
+/// connections are not timed here (their pings keep them alive).
+pub(crate) struct Heads<S> {
+    io: S,
+    state: Arc<HeadState>,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> Heads<S> {
+    pub(crate) fn new(io: S, state: Arc<HeadState>, timeout: Duration) -> Self {
+        Heads {
+            io,
+            state,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.state.read(&buf.filled()[before..]);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let Some(due) = self.state.due(self.timeout) else {
+                    return Poll::Pending;
+                };
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not received in time",
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -541,7 +541,8 @@ async fn a_burst_past_the_control_planes_grpc_cap_closes_only_the_excess() {
 /// The header-read timeout closes a connection that never sent a byte, not
 /// an idle keep-alive connection that has sent a request: `keep_alive` is
 /// opened first, so once `silent` is closed the timeout has passed for it
-/// too. Returns what the keep-alive connection's second request got.
+/// too. A head sent halfway is then closed after the timeout. Returns what
+/// the keep-alive connection's second request got.
 fn a_keep_alive_connection_outlives_the_header_timeout(name: &str, addr: SocketAddr) -> String {
     let mut keep_alive = burst(addr, 1, KEEP_ALIVE_REQUEST);
     assert!(
@@ -573,11 +574,23 @@ fn a_keep_alive_connection_outlives_the_header_timeout(name: &str, addr: SocketA
         }),
         "{name}: no answer to the second request"
     );
-    String::from_utf8_lossy(&c.got).into_owned()
+    let second = String::from_utf8_lossy(&c.got).into_owned();
+    // A head that stops halfway is still closed after the timeout.
+    c.stream
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .expect("half a head");
+    assert!(
+        wait_until(WAIT, || {
+            closed_count(std::slice::from_mut(c));
+            c.closed
+        }),
+        "{name}: a half-sent head was not timed out"
+    );
+    second
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_header_read_timeout_spares_idle_keep_alive_connections() {
+async fn the_header_read_timeout_spares_idle_keep_alive_connections_on_both_servers() {
     let cp = ControlPlane::builder()
         .args(["--header-read-timeout", "1s"])
         .start();
@@ -585,7 +598,7 @@ async fn the_header_read_timeout_spares_idle_keep_alive_connections() {
         .args(["--header-read-timeout", "1s"])
         .start();
     p.wait_ready();
-    for (name, addr) in [("proxy", p.addr())] {
+    for (name, addr) in [("proxy", p.addr()), ("control plane HTTP", cp.http_addr())] {
         let second = a_keep_alive_connection_outlives_the_header_timeout(name, addr);
         assert!(second.starts_with("HTTP/1.1 200"), "{name}: {second}");
     }
