@@ -362,11 +362,17 @@ pub(crate) struct HeadState {
     pending: AtomicU64,
     /// Requests being handled.
     active: AtomicUsize,
-    /// The connection speaks HTTP/2 (its preface came first): not timed.
+    /// The connection speaks HTTP/2 (its whole preface came first): not
+    /// timed.
     h2: AtomicBool,
-    /// Nothing was read yet.
-    fresh: AtomicBool,
+    /// Bytes of the HTTP/2 preface matched so far, or [`NOT_H2`].
+    matched: AtomicUsize,
 }
+
+/// The HTTP/2 client preface, whose start tells HTTP/2 from HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// [`HeadState::matched`] once the connection is known to be HTTP/1.
+const NOT_H2: usize = usize::MAX;
 
 /// A request being handled (see [`HeadState::begin`]).
 pub(crate) struct HeadGuard(Arc<HeadState>);
@@ -384,7 +390,7 @@ impl HeadState {
             pending: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             h2: AtomicBool::new(false),
-            fresh: AtomicBool::new(true),
+            matched: AtomicUsize::new(0),
         })
     }
 
@@ -396,13 +402,20 @@ impl HeadState {
     }
 
     fn read(&self, bytes: &[u8]) {
-        const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-        if self.fresh.swap(false, Ordering::AcqRel) {
-            let n = bytes.len().min(PREFACE.len());
-            if bytes[..n] == PREFACE[..n] {
-                self.h2.store(true, Ordering::Release);
+        // Until the whole preface has come (a preface sent a byte at a
+        // time is timed like a head), the first request's head is due.
+        let matched = self.matched.load(Ordering::Acquire);
+        if matched != NOT_H2 {
+            let want = H2_PREFACE.get(matched..).unwrap_or_default();
+            let n = bytes.len().min(want.len());
+            if bytes[..n] == want[..n] {
+                self.matched.store(matched + n, Ordering::Release);
+                if matched + n == H2_PREFACE.len() {
+                    self.h2.store(true, Ordering::Release);
+                }
                 return;
             }
+            self.matched.store(NOT_H2, Ordering::Release);
         }
         if self.active.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0 {
             let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
@@ -587,6 +600,42 @@ mod tests {
             header_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_millis(400),
         }
+    }
+
+    #[test]
+    fn heads_are_timed_from_their_first_byte_and_idle_keep_alive_or_http2_is_not() {
+        let t = Duration::from_secs(10);
+        let s = HeadState::new();
+        // The first request's head is due from the connection's start.
+        assert_eq!(s.due(t), Some(s.base + t));
+        s.read(b"GET /healthz HTTP/1.1\r\n");
+        assert_eq!(s.due(t), Some(s.base + t));
+        let handling = s.begin();
+        assert_eq!(s.due(t), None, "a request being handled");
+        drop(handling);
+        assert_eq!(s.due(t), None, "an idle keep-alive connection");
+        s.read(b"GET");
+        assert!(
+            s.due(t).is_some(),
+            "the next head is timed from its first byte"
+        );
+
+        // HTTP/2: timed until its whole preface has come, even a byte at a
+        // time, then not (pings and frames are not heads).
+        let h = HeadState::new();
+        for byte in H2_PREFACE.chunks(1) {
+            assert!(h.due(t).is_some());
+            h.read(byte);
+        }
+        assert_eq!(h.due(t), None);
+        h.read(b"\0\0\0\x04\0\0\0\0\0");
+        assert_eq!(h.due(t), None);
+
+        // A partial preface that turns out to be HTTP/1 stays timed.
+        let p = HeadState::new();
+        p.read(b"P");
+        p.read(b"OST / HTTP/1.1\r\n");
+        assert_eq!(p.due(t), Some(p.base + t));
     }
 
     #[tokio::test]
