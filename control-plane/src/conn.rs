@@ -9,13 +9,17 @@
 //!   while thousands of idle sockets are held open. With nothing to close
 //!   (every gRPC connection in use) the new connection is closed at once.
 //! - a first-byte timeout (`--header-read-timeout`): a connection that sends
-//!   nothing is closed (hyper's HTTP/1 header-read timeout then bounds a
-//!   slow request head);
+//!   nothing is closed; on the HTTP listener [`Heads`] also bounds a slow
+//!   request head, from its first byte, while an idle keep-alive connection
+//!   between requests is left to the idle timeout;
 //! - an idle timeout (`--idle-timeout`): no byte read or written for that
 //!   long closes the connection. It is longer than the gRPC keepalive ping
 //!   interval and the dashboard's SSE ping, so a proxy's idle but healthy
 //!   config or report stream — which answers the pings — is never cut;
-//! - TCP keepalive on every accepted socket.
+//! - TCP keepalive on every accepted socket;
+//! - an accept queue as deep as the kernel allows ([`ACCEPT_BACKLOG`]), so
+//!   a burst of connections waits in the kernel while the accept loop
+//!   catches up instead of overflowing it.
 //!
 //! Counted in `claw_cp_connections_open`, `claw_cp_connections_rejected_total`
 //! and `claw_cp_connections_evicted_total` (label `listener`).
@@ -66,6 +70,41 @@ const OVERSHOOT: usize = 256;
 /// TCP keepalive probes on accepted sockets: a peer that vanished is
 /// noticed by the kernel even when no ping is due.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The listen backlog asked for; the kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4). The standard
+/// library binds with 128: a burst of more connections than that, faster
+/// than the accept loop, overflowed the accept queue; the kernel then
+/// dropped SYNs and each client waited a SYN retransmission (1 s, then 3 s,
+/// 7 s…) to connect. A burst of 6,000 took 30–40 s to open instead of under
+/// one, so its first connections — silent ones — reached the 10 s
+/// first-byte timeout while it was still opening, which looked like the
+/// cap closing more than the excess.
+pub(crate) const ACCEPT_BACKLOG: u32 = 65_535;
+
+/// Binds a listener on `addr` with an accept queue of [`ACCEPT_BACKLOG`]
+/// (`TcpListener::bind` listens with 128), so that a burst arriving right
+/// after the `listening` line waits in the kernel too.
+pub fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library does: a restarted server rebinds at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
+/// Deepens `listener`'s accept queue to [`ACCEPT_BACKLOG`] (`listen` again
+/// on a listening socket only updates its backlog).
+pub(crate) fn deepen_backlog(listener: &TcpListener, name: &str) {
+    if let Err(e) = socket2::SockRef::from(listener).listen(ACCEPT_BACKLOG as i32) {
+        tracing::warn!(listener = name, error = %e, "cannot deepen the accept queue");
+    }
+}
 
 /// One open connection, as the cap sees it.
 struct Meta {
@@ -314,8 +353,177 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
-/// Accepts on `listener` under `table`'s limits (with `TCP_NODELAY` and TCP
-/// keepalive) and yields each admitted connection once `handshake` (TLS,
+/// Request-head timing of one HTTP connection, shared by its [`Heads`]
+/// reader and its service (which calls [`HeadState::begin`] per request).
+pub(crate) struct HeadState {
+    base: Instant,
+    /// 1 + milliseconds after `base` of the first byte of a head not yet
+    /// received (of the connection's start for the first request); 0: none.
+    pending: AtomicU64,
+    /// Requests being handled.
+    active: AtomicUsize,
+    /// The connection speaks HTTP/2 (its whole preface came first): not
+    /// timed.
+    h2: AtomicBool,
+    /// Bytes of the HTTP/2 preface matched so far, or [`NOT_H2`].
+    matched: AtomicUsize,
+}
+
+/// The HTTP/2 client preface, whose start tells HTTP/2 from HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// [`HeadState::matched`] once the connection is known to be HTTP/1.
+const NOT_H2: usize = usize::MAX;
+
+/// A request being handled (see [`HeadState::begin`]).
+pub(crate) struct HeadGuard(Arc<HeadState>);
+
+impl Drop for HeadGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HeadState {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(HeadState {
+            base: Instant::now(),
+            pending: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            h2: AtomicBool::new(false),
+            matched: AtomicUsize::new(0),
+        })
+    }
+
+    /// A request head was received: held until its response is returned.
+    pub(crate) fn begin(self: &Arc<Self>) -> HeadGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.pending.store(0, Ordering::Release);
+        HeadGuard(self.clone())
+    }
+
+    fn read(&self, bytes: &[u8]) {
+        // Until the whole preface has come (a preface sent a byte at a
+        // time is timed like a head), the first request's head is due.
+        let matched = self.matched.load(Ordering::Acquire);
+        if matched != NOT_H2 {
+            let want = H2_PREFACE.get(matched..).unwrap_or_default();
+            let n = bytes.len().min(want.len());
+            if bytes[..n] == want[..n] {
+                self.matched.store(matched + n, Ordering::Release);
+                if matched + n == H2_PREFACE.len() {
+                    self.h2.store(true, Ordering::Release);
+                }
+                return;
+            }
+            self.matched.store(NOT_H2, Ordering::Release);
+        }
+        if self.active.load(Ordering::Acquire) == 0 && self.pending.load(Ordering::Acquire) == 0 {
+            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.pending.store(ms + 1, Ordering::Release);
+        }
+    }
+
+    /// When the head being received is due, if one is.
+    fn due(&self, timeout: Duration) -> Option<Instant> {
+        if self.h2.load(Ordering::Acquire) || self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.pending.load(Ordering::Acquire) {
+            0 => None,
+            p => Some(self.base + Duration::from_millis(p - 1) + timeout),
+        }
+    }
+}
+
+/// The HTTP listener's request-head timeout, read above TLS: a head must
+/// arrive within the header timeout of its first byte (of the connection's
+/// start for the first request). An idle keep-alive connection waiting for
+/// its next request is left to the idle timeout — unlike hyper's
+/// header-read timeout, which also runs while nothing is being sent and so
+/// closed idle keep-alive connections after the header timeout. HTTP/2
+/// connections are not timed here (their pings keep them alive).
+pub(crate) struct Heads<S> {
+    io: S,
+    state: Arc<HeadState>,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> Heads<S> {
+    pub(crate) fn new(io: S, state: Arc<HeadState>, timeout: Duration) -> Self {
+        Heads {
+            io,
+            state,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Heads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.state.read(&buf.filled()[before..]);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let Some(due) = self.state.due(self.timeout) else {
+                    return Poll::Pending;
+                };
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not received in time",
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts on `listener` under `table`'s limits (with `TCP_NODELAY`, TCP
+/// keepalive and a deep accept queue) and yields each admitted connection once `handshake` (TLS,
 /// or nothing) is done. Handshakes run in their own tasks, so a slow client
 /// never delays the others; a failed one is logged at debug and dropped.
 /// Accepting stops, and the listener closes, when the stream is dropped.
@@ -329,6 +537,7 @@ where
     F: Fn(Limited<TcpStream>) -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<T>> + Send + 'static,
 {
+    deepen_backlog(&listener, table.listener);
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -391,6 +600,42 @@ mod tests {
             header_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_millis(400),
         }
+    }
+
+    #[test]
+    fn heads_are_timed_from_their_first_byte_and_idle_keep_alive_or_http2_is_not() {
+        let t = Duration::from_secs(10);
+        let s = HeadState::new();
+        // The first request's head is due from the connection's start.
+        assert_eq!(s.due(t), Some(s.base + t));
+        s.read(b"GET /healthz HTTP/1.1\r\n");
+        assert_eq!(s.due(t), Some(s.base + t));
+        let handling = s.begin();
+        assert_eq!(s.due(t), None, "a request being handled");
+        drop(handling);
+        assert_eq!(s.due(t), None, "an idle keep-alive connection");
+        s.read(b"GET");
+        assert!(
+            s.due(t).is_some(),
+            "the next head is timed from its first byte"
+        );
+
+        // HTTP/2: timed until its whole preface has come, even a byte at a
+        // time, then not (pings and frames are not heads).
+        let h = HeadState::new();
+        for byte in H2_PREFACE.chunks(1) {
+            assert!(h.due(t).is_some());
+            h.read(byte);
+        }
+        assert_eq!(h.due(t), None);
+        h.read(b"\0\0\0\x04\0\0\0\0\0");
+        assert_eq!(h.due(t), None);
+
+        // A partial preface that turns out to be HTTP/1 stays timed.
+        let p = HeadState::new();
+        p.read(b"P");
+        p.read(b"OST / HTTP/1.1\r\n");
+        assert_eq!(p.due(t), Some(p.base + t));
     }
 
     #[tokio::test]

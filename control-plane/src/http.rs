@@ -236,15 +236,24 @@ async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Request heads are timed by `Heads` (hyper's header-read timeout
+    // would also close idle keep-alive connections between requests).
+    let heads = crate::conn::HeadState::new();
+    let stream = crate::conn::Heads::new(stream, heads.clone(), header_timeout);
     let service = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(state, req, peer).await) }
+        let handling = heads.begin();
+        async move {
+            let res = route(state, req, peer).await;
+            drop(handling);
+            Ok::<_, Infallible>(res)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -12,7 +12,6 @@ use claw_control_plane::config::{self, Config};
 use claw_control_plane::crypto;
 use claw_control_plane::server::{Server, StartupCheck};
 use claw_control_plane::store::space::MinFreeSpace;
-use tokio::net::TcpListener;
 
 /// The Claw Gateway control plane: stores backends (API keys encrypted),
 /// pools, client keys and agents, and serves the claw.v1 gRPC admin API.
@@ -530,11 +529,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let public_url = config.heartbeat.scheduler.wake.public_url.clone();
     let server = Server::open_with(config, check).await?;
     let shutdown = shutdown_signal(shutdown_timeout)?;
-    let grpc = TcpListener::bind(grpc_addr)
-        .await
+    let grpc = claw_control_plane::server::bind_listener(grpc_addr)
         .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
-    let http = TcpListener::bind(http_addr)
-        .await
+    let http = claw_control_plane::server::bind_listener(http_addr)
         .with_context(|| format!("binding the HTTP address {http_addr}"))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     // Before anything is served: webhook and wake URLs are checked against

@@ -57,6 +57,7 @@ use crate::api::token::TokenApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::conn::ConnTable;
+pub use crate::conn::bind_listener;
 use crate::dashboard::{Dashboard, Services};
 use crate::discovery::{self, Debounce, DiscoveryApi};
 use crate::events::Events;

@@ -107,6 +107,7 @@ mod route;
 mod run_kind;
 mod select;
 mod server;
+pub use server::bind_listener;
 mod snapshot;
 mod snapshot_cache;
 pub mod stream;

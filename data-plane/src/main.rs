@@ -270,15 +270,13 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
     }
     let shutdown = shutdown_signal()?;
-    let listener = tokio::net::TcpListener::bind(args.addr)
-        .await
+    let listener = claw_data_plane::bind_listener(args.addr)
         .with_context(|| format!("binding {}", args.addr))?;
     let local = listener.local_addr().context("reading the bound address")?;
     let (metrics_listener, metrics_local) = match args.metrics_addr {
         None => (None, None),
         Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
+            let l = claw_data_plane::bind_listener(addr)
                 .with_context(|| format!("binding --metrics-addr {addr}"))?;
             let a = l
                 .local_addr()

@@ -3,12 +3,21 @@
 //! stop the proxy or the control plane from serving — probes above all —
 //! and a connection that sends nothing is closed after the header-read
 //! timeout (the proxy answers it 408 in OpenAI format first).
+//!
+//! A burst past `--max-connections` closes only the excess: the accept
+//! queues are deep enough to hold a burst the server has not accepted yet
+//! (with the standard library's backlog of 128 the kernel dropped the rest
+//! of the burst's SYNs, its clients waited seconds of SYN retransmissions,
+//! and a burst of thousands took so long to open that its first
+//! connections reached the header-read timeout). The tests pause the
+//! server (SIGSTOP) during the burst: the limit of an accept loop slower
+//! than its clients, without depending on the machine's speed.
 
 use crate::data_plane_support::*;
 use claw_tests::harness::{ControlPlane, Proxy, wait_until};
 use claw_tests::mock::Action;
 use futures::StreamExt as _;
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -57,6 +66,83 @@ fn closed_count(conns: &mut [Idle]) -> usize {
         }
     }
     conns.iter().filter(|c| c.closed).count()
+}
+
+/// Raises this process's soft open-files limit to the hard one: the bursts
+/// below hold hundreds of sockets (the servers raise their own).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            eprintln!("cannot raise the open files limit: {e}");
+        }
+    }
+}
+
+/// A server process stopped (SIGSTOP) until this is dropped (SIGCONT): it
+/// accepts nothing meanwhile, so connections wait in its accept queue.
+struct Paused(rustix::process::Pid);
+
+impl Paused {
+    fn new(pid: Option<u32>) -> Paused {
+        let pid = pid
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("the server runs");
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(self.0, rustix::process::Signal::CONT);
+    }
+}
+
+/// How long one connect of a burst may wait: a connection that finds the
+/// accept queue full waits for SYN retransmissions, possibly forever while
+/// the server is paused.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens `n` connections to `addr` (its server paused), each sending
+/// `hello` at once.
+fn burst(addr: SocketAddr, n: usize, hello: &[u8]) -> Vec<Idle> {
+    (0..n)
+        .map(|i| {
+            let mut stream = TcpStream::connect_timeout(&addr, CONNECT_WAIT).unwrap_or_else(|e| {
+                panic!(
+                    "connection {} of a burst of {n} to {addr}: {e} — the accept queue overflowed \
+                     (listen backlog below the burst; net.core.somaxconn is {})",
+                    i + 1,
+                    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+                        .unwrap_or_default()
+                        .trim()
+                )
+            });
+            stream.write_all(hello).expect("the first bytes");
+            stream.set_nonblocking(true).expect("nonblocking");
+            Idle {
+                stream,
+                got: Vec::new(),
+                closed: false,
+            }
+        })
+        .collect()
+}
+
+/// Open connections whose answer starts with `prefix`.
+fn open_answered(conns: &mut [Idle], prefix: &[u8]) -> usize {
+    closed_count(conns);
+    conns
+        .iter()
+        .filter(|c| !c.closed && c.got.starts_with(prefix))
+        .count()
 }
 
 /// Polls `cond` until it holds (true) or [`WAIT`] passes (false).
@@ -341,4 +427,179 @@ async fn an_idle_proxy_stream_outlives_the_control_planes_idle_timeout() {
         eventually(|| async { acked_versions(&cp).get(p.node_id()) == Some(&want) }).await,
         "the proxy did not ACK version {want} after the idle period"
     );
+}
+
+/// An idle HTTP/1.1 keep-alive connection: one request, answered, then
+/// nothing.
+const KEEP_ALIVE_REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: proxy\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_proxys_cap_closes_only_the_excess_of_its_keep_alive_connections() {
+    raise_fd_limit();
+    let cp = ControlPlane::start();
+    let p = Proxy::builder(&cp)
+        .args(["--max-connections", "200"])
+        .start();
+    p.wait_ready();
+    let ok = b"HTTP/1.1 200";
+
+    // Up to the cap, in a burst the proxy accepts only afterwards: every
+    // connection is answered and none is closed.
+    let mut conns = {
+        let _paused = Paused::new(p.pid());
+        burst(p.addr(), 200, KEEP_ALIVE_REQUEST)
+    };
+    assert!(
+        wait_until(WAIT, || open_answered(&mut conns, ok) == 200),
+        "{} of 200 connections answered and open, {} closed",
+        open_answered(&mut conns, ok),
+        closed_count(&mut conns)
+    );
+    assert_eq!(closed_count(&mut conns), 0, "closed below the cap");
+
+    // 200 more: exactly 200 are closed (idle ones, to make room) and 200
+    // stay open, each answered.
+    let more = {
+        let _paused = Paused::new(p.pid());
+        burst(p.addr(), 200, KEEP_ALIVE_REQUEST)
+    };
+    conns.extend(more);
+    assert!(
+        wait_until(WAIT, || closed_count(&mut conns) >= 200
+            && open_answered(&mut conns, ok) == 400 - closed_count(&mut conns)),
+        "{} of 400 closed, {} open and answered",
+        closed_count(&mut conns),
+        open_answered(&mut conns, ok)
+    );
+    assert_eq!(
+        closed_count(&mut conns),
+        200,
+        "closed past a cap of 200 with 400 connections"
+    );
+
+    // Probes still answer (each closing an idle connection to make room).
+    for probe in ["healthz", "readyz"] {
+        assert_eq!(
+            get_status(&format!("{}/{probe}", p.url())).await,
+            Some(200),
+            "/{probe}"
+        );
+    }
+}
+
+/// An idle HTTP/2 connection: the client preface and an empty SETTINGS
+/// frame, then nothing (within the server's first keepalive ping).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_control_planes_grpc_cap_closes_only_the_excess() {
+    raise_fd_limit();
+    let cp = ControlPlane::builder()
+        .args(["--max-connections", "200"])
+        .start();
+    // The server's SETTINGS frame: 9 bytes of header, type 4.
+    let settings = |c: &Idle| c.got.len() >= 9 && c.got[3] == 4;
+
+    let mut conns = {
+        let _paused = Paused::new(cp.pid());
+        burst(cp.grpc_addr(), 200, H2_PREFACE)
+    };
+    assert!(
+        wait_until(WAIT, || {
+            closed_count(&mut conns);
+            conns.iter().filter(|c| !c.closed && settings(c)).count() == 200
+        }),
+        "{} of 200 HTTP/2 connections closed",
+        closed_count(&mut conns)
+    );
+    assert_eq!(closed_count(&mut conns), 0, "closed below the cap");
+
+    let more = {
+        let _paused = Paused::new(cp.pid());
+        burst(cp.grpc_addr(), 200, H2_PREFACE)
+    };
+    conns.extend(more);
+    assert!(
+        wait_until(WAIT, || {
+            let closed = closed_count(&mut conns);
+            closed >= 200
+                && conns.iter().filter(|c| !c.closed && settings(c)).count() == 400 - closed
+        }),
+        "{} of 400 HTTP/2 connections closed",
+        closed_count(&mut conns)
+    );
+    assert_eq!(
+        closed_count(&mut conns),
+        200,
+        "closed past a cap of 200 with 400 connections"
+    );
+
+    let health = format!("{}/healthz", cp.http_url());
+    assert_eq!(get_status(&health).await, Some(200));
+}
+
+/// The header-read timeout closes a connection that never sent a byte, not
+/// an idle keep-alive connection that has sent a request: `keep_alive` is
+/// opened first, so once `silent` is closed the timeout has passed for it
+/// too. A head sent halfway is then closed after the timeout. Returns what
+/// the keep-alive connection's second request got.
+fn a_keep_alive_connection_outlives_the_header_timeout(name: &str, addr: SocketAddr) -> String {
+    let mut keep_alive = burst(addr, 1, KEEP_ALIVE_REQUEST);
+    assert!(
+        wait_until(WAIT, || open_answered(&mut keep_alive, b"HTTP/1.1 200")
+            == 1),
+        "{name}: the keep-alive request was not answered: {:?}",
+        String::from_utf8_lossy(&keep_alive[0].got)
+    );
+    let mut silent = open_idle(addr, 1);
+    assert!(
+        wait_until(WAIT, || closed_count(&mut silent) == 1),
+        "{name}: the silent connection was not closed"
+    );
+    assert_eq!(
+        closed_count(&mut keep_alive),
+        0,
+        "{name}: the keep-alive connection was closed: {:?}",
+        String::from_utf8_lossy(&keep_alive[0].got)
+    );
+    let c = &mut keep_alive[0];
+    c.got.clear();
+    c.stream
+        .write_all(KEEP_ALIVE_REQUEST)
+        .expect("a second request");
+    assert!(
+        wait_until(WAIT, || {
+            closed_count(std::slice::from_mut(c));
+            c.closed || c.got.windows(4).any(|w| w == b"\r\n\r\n")
+        }),
+        "{name}: no answer to the second request"
+    );
+    let second = String::from_utf8_lossy(&c.got).into_owned();
+    // A head that stops halfway is still closed after the timeout.
+    c.stream
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .expect("half a head");
+    assert!(
+        wait_until(WAIT, || {
+            closed_count(std::slice::from_mut(c));
+            c.closed
+        }),
+        "{name}: a half-sent head was not timed out"
+    );
+    second
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_read_timeout_spares_idle_keep_alive_connections_on_both_servers() {
+    let cp = ControlPlane::builder()
+        .args(["--header-read-timeout", "1s"])
+        .start();
+    let p = Proxy::builder(&cp)
+        .args(["--header-read-timeout", "1s"])
+        .start();
+    p.wait_ready();
+    for (name, addr) in [("proxy", p.addr()), ("control plane HTTP", cp.http_addr())] {
+        let second = a_keep_alive_connection_outlives_the_header_timeout(name, addr);
+        assert!(second.starts_with("HTTP/1.1 200"), "{name}: {second}");
+    }
 }
