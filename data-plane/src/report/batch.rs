@@ -409,6 +409,9 @@ impl Collector {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
             seq: 0,
+            // Only a bare hello says it (`report::run`): a journaled batch
+            // replayed by the next process must not.
+            leaving: false,
             usage: Vec::new(),
             key_demand,
             usage_aggregates: p
