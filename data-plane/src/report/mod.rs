@@ -23,6 +23,12 @@
 //!   unacknowledged batch is resent after a reconnect, which waits the shared
 //!   [`crate::cp_channel::Backoff`] (reset after a healthy stream: one that
 //!   got an ACK and lived [`crate::cp_channel::HEALTHY_AFTER`]).
+//! - **Leaving.** When the shutting-down proxy stops accepting, every
+//!   fleet-shared limiter applies a share of 0 ([`crate::Fleet::leave`])
+//!   and *then* `leaving` resolves: the task sends a bare hello marked
+//!   `leaving` (and marks every later stream's hello so), and the control
+//!   plane releases this proxy's rate shares at once. Batches never carry
+//!   the mark (a journal replayed by the next process must not say it).
 //! - **Shutdown.** The pending batch is cut and the task waits up to
 //!   `shutdown_grace` for the buffer to be acknowledged.
 //! - **Journal** (optional, [`journal`]): every outcome and every batch is
@@ -134,8 +140,19 @@ fn drain(c: &mut Collector, outcomes: &mut mpsc::Receiver<RequestOutcome>, open:
     }
 }
 
+/// The hello that opens a stream, marked `leaving` once the proxy left.
+fn hello(c: &Collector, leaving: bool) -> StreamReportsRequest {
+    StreamReportsRequest {
+        leaving,
+        ..c.hello()
+    }
+}
+
 /// Runs the collector and the report stream until `shutdown` resolves, then
-/// flushes (bounded by the shutdown grace) and returns.
+/// flushes (bounded by the shutdown grace) and returns. Once `leaving`
+/// resolves (every fleet-shared limiter applies 0), the control plane is
+/// told so.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     config: ReportConfig,
     store: SnapshotStore,
@@ -143,6 +160,7 @@ pub(crate) async fn run(
     backlog: Arc<tokio::sync::Notify>,
     mut signals: mpsc::Receiver<Signal>,
     journal: Option<journal::Opened>,
+    leaving: impl Future<Output = ()>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut c = Collector::new(config.node_id.clone(), store, &config.settings);
@@ -155,7 +173,9 @@ pub(crate) async fn run(
     let mut backoff = Backoff::default();
     let mut tx: Option<mpsc::Sender<StreamReportsRequest>> = None;
     let mut inbound: Option<Streaming<StreamReportsResponse>> = None;
-    let mut connecting: Option<Connecting> = Some(Box::pin(connect(config.clone(), c.hello())));
+    let mut left = false;
+    let mut connecting: Option<Connecting> =
+        Some(Box::pin(connect(config.clone(), hello(&c, left))));
     let mut retry_at: Option<Instant> = None;
     let mut stream_started = Instant::now();
     let mut acked_on_stream = false;
@@ -163,6 +183,7 @@ pub(crate) async fn run(
     let mut grace: Option<Instant> = None;
     crate::metrics::set_report_connected(false);
     tokio::pin!(shutdown);
+    tokio::pin!(leaving);
 
     loop {
         if grace.is_some() && c.buffer().is_empty() && c.pending_events() == 0 {
@@ -240,7 +261,20 @@ pub(crate) async fn run(
             }
             _ = until(retry_at) => {
                 retry_at = None;
-                connecting = Some(Box::pin(connect(config.clone(), c.hello())));
+                connecting = Some(Box::pin(connect(config.clone(), hello(&c, left))));
+            }
+            () = &mut leaving, if !left => {
+                left = true;
+                // Not stored, not acknowledged: a lost one (stream down)
+                // is repeated on the next stream's hello; none at all
+                // leaves the control plane's usual hold.
+                if let Some(tx) = &tx {
+                    let (tx, msg) = (tx.clone(), hello(&c, true));
+                    tokio::spawn(async move {
+                        let _ = tx.send(msg).await;
+                    });
+                }
+                tracing::info!(connected = tx.is_some(), "leaving: rate shares handed back to the control plane");
             }
             _ = until(grace) => break,
             _ = &mut shutdown, if grace.is_none() => {
