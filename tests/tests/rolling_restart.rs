@@ -198,3 +198,42 @@ async fn a_proxy_replaced_in_a_rolling_restart_hands_its_shares_to_the_new_one_a
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_stopped_at_once_still_says_it_is_leaving() {
+    // No drain delay, nothing in flight, nothing to report: the proxy exits
+    // within milliseconds of SIGTERM, and the control plane still learns
+    // that it left (an acknowledged batch says so within the shutdown
+    // grace) instead of holding its shares for a minute.
+    let c = Cluster::with(ClusterOptions {
+        proxies: 0,
+        ..ClusterOptions::default()
+    });
+    let mut a = Proxy::builder(&c.cp)
+        .node_id(format!("dp-{}-idle", std::process::id()))
+        .start();
+    a.wait_ready();
+    c.wait_synced();
+    if let Err(last) = wait_default_share(&c, &a, 1.0, Duration::from_secs(30)).await {
+        panic!("the lone proxy never got the whole rpm: {last:?}");
+    }
+    let node = a.node_id().to_string();
+    let status = a.stop();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let said =
+            c.cp.logs()
+                .lines()
+                .any(|l| l.contains("proxy left; its shares are released") && l.contains(&node));
+        if said {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the control plane never logged that {node} left; proxy log:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

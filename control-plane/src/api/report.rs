@@ -147,6 +147,9 @@ async fn serve(
                     break;
                 }
                 ingest.after_ack(&batch, &stored);
+                if batch.leaving {
+                    ingest.leaving(&batch.node_id);
+                }
             }
             Err(e) => {
                 // Not acknowledged: the proxy keeps the batch and resends it

@@ -26,9 +26,12 @@
 //! - **Leaving.** When the shutting-down proxy stops accepting, every
 //!   fleet-shared limiter applies a share of 0 ([`crate::Fleet::leave`])
 //!   and *then* `leaving` resolves: the task sends a bare hello marked
-//!   `leaving` (and marks every later stream's hello so), and the control
-//!   plane releases this proxy's rate shares at once. Batches never carry
-//!   the mark (a journal replayed by the next process must not say it).
+//!   `leaving` (and marks every later stream's hello so), cuts a batch
+//!   (even empty) and marks every batch it sends from then on, so that at
+//!   least one acknowledged message says it within the shutdown grace; the
+//!   control plane releases this proxy's rate shares at once. The mark is
+//!   set on the message sent, never in the buffer or the journal (a journal
+//!   replayed by the next process must not say it).
 //! - **Shutdown.** The pending batch is cut and the task waits up to
 //!   `shutdown_grace` for the buffer to be acknowledged.
 //! - **Journal** (optional, [`journal`]): every outcome and every batch is
@@ -148,6 +151,28 @@ fn hello(c: &Collector, leaving: bool) -> StreamReportsRequest {
     }
 }
 
+/// Says that this proxy is leaving: at once on a bare hello on the open
+/// stream (if any; not stored, not acknowledged, repeated on the hello of
+/// any later stream), and on every batch sent from now on, which are
+/// acknowledged — one is cut now, even empty, so that the shutdown grace
+/// waits for at least one. None arriving leaves the control plane's usual
+/// hold.
+fn say_leaving(tx: Option<&mpsc::Sender<StreamReportsRequest>>, c: &mut Collector) {
+    if let Some(tx) = tx
+        && tx.try_send(hello(c, true)).is_err()
+    {
+        let (tx, msg) = (tx.clone(), hello(c, true));
+        tokio::spawn(async move {
+            let _ = tx.send(msg).await;
+        });
+    }
+    c.cut_even_empty();
+    tracing::info!(
+        connected = tx.is_some(),
+        "leaving: rate shares handed back to the control plane"
+    );
+}
+
 /// Runs the collector and the report stream until `shutdown` resolves, then
 /// flushes (bounded by the shutdown grace) and returns. Once `leaving`
 /// resolves (every fleet-shared limiter applies 0), the control plane is
@@ -235,7 +260,9 @@ pub(crate) async fn run(
             },
             permit = reserve(tx.as_ref(), ready) => match permit {
                 Ok(permit) => {
-                    if let Some(msg) = c.buffer().next_to_send() {
+                    if let Some(mut msg) = c.buffer().next_to_send() {
+                        // Marked when sent, never in the buffer or the journal.
+                        msg.leaving = left;
                         c.before_send().await;
                         permit.send(msg);
                         crate::metrics::report_batch_sent();
@@ -265,19 +292,16 @@ pub(crate) async fn run(
             }
             () = &mut leaving, if !left => {
                 left = true;
-                // Not stored, not acknowledged: a lost one (stream down)
-                // is repeated on the next stream's hello; none at all
-                // leaves the control plane's usual hold.
-                if let Some(tx) = &tx {
-                    let (tx, msg) = (tx.clone(), hello(&c, true));
-                    tokio::spawn(async move {
-                        let _ = tx.send(msg).await;
-                    });
-                }
-                tracing::info!(connected = tx.is_some(), "leaving: rate shares handed back to the control plane");
+                say_leaving(tx.as_ref(), &mut c);
             }
             _ = until(grace) => break,
             _ = &mut shutdown, if grace.is_none() => {
+                // The leave comes before the shutdown; both may be ready
+                // here, and the loop may end before polling it again.
+                if !left && futures::FutureExt::now_or_never(&mut leaving).is_some() {
+                    left = true;
+                    say_leaving(tx.as_ref(), &mut c);
+                }
                 // What the last requests left in the channels goes too.
                 while let Ok(o) = outcomes.try_recv() {
                     c.outcome(o);
