@@ -45,6 +45,14 @@
 //! last shares for [`DEGRADED_AFTER`] without a control plane, then
 //! `1 ÷ last known proxy count` for every key; no control plane at all →
 //! share 1. A new snapshot applies the shares to the keys it adds.
+//!
+//! **Leaving.** A proxy shutting down ([`Fleet::leave`], at the end of its
+//! drain delay) applies a share of 0 to every backend and key from then on,
+//! whatever it is sent; only after that does its report stream tell the
+//! control plane it is `leaving`, which hands its shares to the others at
+//! once instead of holding them for about a minute as for a proxy that
+//! vanished. That order is the point: the control plane never frees a
+//! share this proxy may still apply.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,6 +91,8 @@ struct Inner {
     /// The share of a key not in `key_assigned` (`None`: never told, or a
     /// control plane that sends none → the fair share).
     key_default: Option<f64>,
+    /// Shutting down ([`Fleet::leave`]): every share is 0 for good.
+    leaving: bool,
 }
 
 impl Inner {
@@ -91,6 +101,9 @@ impl Inner {
     }
 
     fn share_of(&self, backend_id: &str) -> (f64, f64) {
+        if self.leaving {
+            return (0.0, 0.0);
+        }
         if self.degraded {
             let f = self.fair_share();
             return (f, f);
@@ -106,6 +119,9 @@ impl Inner {
 
     /// The share of a client key's rpm this proxy applies now.
     fn key_share_of(&self, key_id: &str) -> f64 {
+        if self.leaving {
+            return 0.0;
+        }
         if self.degraded {
             return self.fair_share();
         }
@@ -224,7 +240,7 @@ impl Fleet {
             }
         }
         // "" is no key id: the share of keys without one of their own.
-        let own = if g.degraded || g.awaiting {
+        let own = if g.degraded || g.awaiting || g.leaving {
             0
         } else {
             g.key_assigned.len()
@@ -255,6 +271,30 @@ impl Fleet {
             );
         }
         self.apply_locked(&g);
+    }
+
+    /// Stops admitting anything under a fleet-shared limit, for good: every
+    /// backend's rpm and tpm and every client key's rpm get a share of 0 —
+    /// effective when this returns (each limiter takes it under its lock),
+    /// and kept whatever the control plane sends later, in degraded mode
+    /// and for snapshots applied after this. Called when a shutting-down
+    /// proxy stops accepting (the end of `--drain-delay`), *before* it
+    /// tells the control plane it is leaving, which then hands its shares
+    /// to the other proxies at once (`control-plane/src/fleet/shares.rs`).
+    /// Requests still arriving on open connections: a client key's rpm
+    /// answers 429 with `Retry-After: 1` in the client's error shape (a
+    /// retry reaches another proxy); a request for a rate-limited backend
+    /// waits in the queue until its deadline. Already admitted requests and
+    /// streams finish normally.
+    pub fn leave(&self) {
+        let mut g = self.inner.lock();
+        g.leaving = true;
+        self.apply_locked(&g);
+    }
+
+    /// True once [`Fleet::leave`] was called.
+    pub fn leaving(&self) -> bool {
+        self.inner.lock().leaving
     }
 
     /// True in degraded mode.
@@ -565,6 +605,32 @@ mod tests {
         s.apply(2, &snap).unwrap();
         f.reapply();
         assert_eq!((key_share(&s, "k1"), key_share(&s, "k3")), (0.9, 0.1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_proxy_applies_zero_whatever_it_is_sent() {
+        let s = keyed_store();
+        let f = Fleet::new(s.clone());
+        f.await_shares();
+        f.apply_shares(&key_shares(2, Some(0.5), &[("k1", 0.7)]));
+        assert_eq!(key_share(&s, "k1"), 0.7);
+        f.leave();
+        assert!(f.leaving());
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.0, 0.0));
+        let snap = s.load().unwrap();
+        let k1 = snap.client_keys().find(|k| &*k.id == "k1").unwrap();
+        let limiter = &k1.rpm.as_ref().unwrap().limiter;
+        assert_eq!(
+            limiter.try_acquire(1.0, Instant::now()),
+            Err(Duration::MAX),
+            "nothing is admitted at 0"
+        );
+        // Later shares, degraded mode and new snapshots change nothing.
+        f.apply_shares(&key_shares(1, Some(1.0), &[]));
+        f.enter_degraded();
+        f.reapply();
+        assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.0, 0.0));
+        assert_eq!(f.key_share_of("k1"), 0.0);
     }
 
     #[tokio::test(start_paused = true)]

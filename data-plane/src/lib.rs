@@ -244,6 +244,9 @@ impl Proxy {
         let signals = self.signals.take().unwrap_or_else(|| mpsc::channel(1).1);
         let mut background = Vec::new();
         let (report_stop, report_stopped) = oneshot::channel::<()>();
+        // Sent once every fleet-shared limiter applies 0 (shutdown, at the
+        // end of the drain delay): the reporter then says `leaving`.
+        let (left, report_leaving) = oneshot::channel::<()>();
         let mut reporter = None;
         match &self.config.source {
             ConfigSource::ControlPlane { url, proxy_token } => {
@@ -278,6 +281,12 @@ impl Proxy {
                     signals,
                     self.journal.take(),
                     async move {
+                        // A dropped sender (no orderly leave) is no leave.
+                        if report_leaving.await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    },
+                    async move {
                         let _ = report_stopped.await;
                     },
                 )));
@@ -311,7 +320,28 @@ impl Proxy {
             draining: AtomicBool::new(false),
             limits: self.config.limits.clone(),
         });
-        let served = server::serve(listener, metrics, state, workers, shutdown).await;
+        let with_cp = matches!(self.config.source, ConfigSource::ControlPlane { .. });
+        let fleet = self.fleet.clone();
+        let stopped_accepting = move || {
+            // Order matters: the limiters apply 0 before the control plane
+            // is told it may hand this proxy's shares to the others.
+            if with_cp {
+                fleet.leave();
+                tracing::info!(
+                    "left the fleet's rate shares: fleet-shared limits admit nothing now"
+                );
+                let _ = left.send(());
+            }
+        };
+        let served = server::serve(
+            listener,
+            metrics,
+            state,
+            workers,
+            shutdown,
+            stopped_accepting,
+        )
+        .await;
         // The last reports get a short grace to be acknowledged.
         let _ = report_stop.send(());
         if let Some(r) = reporter {

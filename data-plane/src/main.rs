@@ -85,6 +85,8 @@ struct Args {
     /// On SIGTERM, how long to keep accepting and serving new connections
     /// while /readyz already answers 503, so load balancers stop sending
     /// traffic before the listener closes (0 = stop accepting at once).
+    /// When it ends the proxy admits nothing more under fleet-wide rate
+    /// limits and hands its rate shares back to the other proxies at once.
     #[arg(long, env = "CLAW_DP_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     drain_delay: Duration,
     /// After the drain delay, how long in-flight requests and streams may

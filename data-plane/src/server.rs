@@ -688,12 +688,15 @@ fn least_loaded(handles: &[WorkerHandle], next: usize) -> usize {
 /// the drain delay, stops accepting and lets in-flight requests and streams
 /// finish up to the drain timeout. With `metrics`, `/metrics` is served
 /// there (until the drain ends) instead of on `listener`.
+/// `stopped_accepting` runs once the listener is closed, before the drain
+/// (the proxy leaves the fleet's rate shares there, [`crate::Fleet::leave`]).
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Option<TcpListener>,
     state: Arc<AppState>,
     workers: Workers,
     shutdown: impl std::future::Future<Output = ()>,
+    stopped_accepting: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let mut builder = http1::Builder::new();
     builder
@@ -800,6 +803,7 @@ pub(crate) async fn serve(
         drain_timeout = ?state.limits.drain_timeout,
         "stopped accepting connections; draining in-flight requests"
     );
+    stopped_accepting();
     let mut done = Vec::with_capacity(handles.len());
     for h in handles {
         drop(h.conns);

@@ -50,6 +50,7 @@ mod otel_tracing;
 mod passthrough;
 mod responses_routing;
 mod roles;
+mod rolling_restart;
 mod rollout;
 mod snapshot_cache;
 mod stream_deadlines;

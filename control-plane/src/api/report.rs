@@ -113,6 +113,10 @@ async fn serve(
             },
         };
         if batch.seq == 0 && is_empty(&batch) {
+            // A bare hello; `leaving`: the proxy applies 0 everywhere now.
+            if batch.leaving && check(&batch).is_ok() {
+                ingest.leaving(&batch.node_id);
+            }
             continue;
         }
         let refused = if batch.seq == 0 {
@@ -143,6 +147,9 @@ async fn serve(
                     break;
                 }
                 ingest.after_ack(&batch, &stored);
+                if batch.leaving {
+                    ingest.leaving(&batch.node_id);
+                }
             }
             Err(e) => {
                 // Not acknowledged: the proxy keeps the batch and resends it

@@ -412,6 +412,16 @@ impl Fleet {
         }
     }
 
+    /// `node_id` said on its report stream that it is shutting down and
+    /// applies a share of 0 everywhere: its rate shares are released at
+    /// once (granted to the others on the next tick, see
+    /// [`Shares::leave`]).
+    pub fn leave(&self, node_id: &str) {
+        if self.shares.leave(node_id) {
+            tracing::info!(node_id = %node_id, "proxy left; its shares are released");
+        }
+    }
+
     /// Follows the registry (proxies connecting and leaving) and re-evaluates
     /// rate shares every tick, until `stop`.
     pub async fn run(self: Arc<Self>, mut stop: Shutdown) {

@@ -43,6 +43,18 @@
 //!   the hold it is forgotten (dead, or in degraded mode at `1 ÷ last known
 //!   proxy count`, which nobody can coordinate — see the data plane's
 //!   `fleet.rs`). If it reconnects meanwhile, its reservation carries over;
+//! - a *leaving* proxy reserves nothing ([`Shares::leave`]): a proxy
+//!   shutting down on purpose (SIGTERM, at the end of its drain delay)
+//!   first makes every limiter apply a share of 0 and keeps it until it
+//!   exits, whatever it is sent, and only then says `leaving` on its report
+//!   stream. From that message on it applies 0, so its reservation is 0 at
+//!   once — no `propagation` (there is no lowering in flight to wait for:
+//!   it lowered itself before it spoke) and no `disconnected_hold`. It is no
+//!   longer a member (not counted, sent nothing) while its discovery stream
+//!   stays up for the drain; a new stream under its id later is a new proxy
+//!   starting from 0. A proxy killed or cut off says nothing and keeps the
+//!   hold above. This is what makes rolling restarts quick: the replacement
+//!   gets the leaver's part on the next tick, not a minute later;
 //! - a proxy never seen reserves nothing: a new proxy process applies a
 //!   share of 0 until its first `RateShares` (`data-plane/src/fleet.rs`).
 //!
@@ -68,7 +80,8 @@
 //!   client_key_default_share`). So `Σ_p reserved_p ≤ 1` holds for it —
 //!   and therefore for every key that follows it — through joins (a new
 //!   proxy starts at 0), leaves (a disconnected proxy's default stays
-//!   reserved for `disconnected_hold`) and lowerings;
+//!   reserved for `disconnected_hold`, a leaving one's is released at
+//!   once) and lowerings;
 //! - a key some connected proxy has demand for (above 1 % of its rpm) is
 //!   **tracked**: it starts from a copy of each proxy's default-share
 //!   history (that is what they applied to it until then, so its
@@ -309,6 +322,10 @@ struct Node {
     /// The grant of every client key not tracked (rpm only).
     key_default: Grant,
     pushed: Option<RateShares>,
+    /// It said it is leaving ([`Shares::leave`]) on the stream in `tx`: it
+    /// applies 0 everywhere, holds no grant, is no member and is sent
+    /// nothing; a new stream under its id is a new proxy.
+    left: bool,
 }
 
 impl Node {
@@ -476,6 +493,10 @@ impl Shares {
         let keys = (self.keys)();
         let mut inner = self.inner.lock();
         let node = inner.nodes.entry(batch.node_id.clone()).or_default();
+        if node.left {
+            // Its demand no longer counts (what it drains is not admitted).
+            return;
+        }
         let dt = node
             .demand_at
             .map_or(1.0, |t| now.duration_since(t).as_secs_f64())
@@ -559,6 +580,20 @@ impl Shares {
             let still = members.iter().find(|(m, _)| m == id);
             match (still, &node.tx) {
                 (Some((_, tx)), Some(old)) if tx.same_channel(old) => {}
+                (Some((_, tx)), _) if node.left => {
+                    // The same id on a new stream (a new process): it starts
+                    // from 0 like any newcomer.
+                    *node = Node {
+                        tx: Some(tx.clone()),
+                        ..Node::default()
+                    };
+                    changed = true;
+                }
+                (None, Some(_)) if node.left => {
+                    // Gone after leaving: nothing to hold.
+                    node.tx = None;
+                    changed = true;
+                }
                 (Some((_, tx)), _) => {
                     // A new stream: it has been sent nothing yet.
                     node.tx = Some(tx.clone());
@@ -599,6 +634,44 @@ impl Shares {
         changed
     }
 
+    /// `node` is shutting down on purpose and already applies a share of 0
+    /// to every fleet-shared limit (it said so only after applying it, and
+    /// keeps it until it exits, whatever it is sent): its reservations —
+    /// backends, the client-key default share, tracked keys — are dropped
+    /// at once and the next [`Shares::evaluate`] grants them to the others.
+    ///
+    /// Why no `propagation` wait: that wait covers a lowering that may not
+    /// have reached the proxy yet. Here nothing needs to reach it — the
+    /// proxy lowered itself before it spoke, so from the moment this call
+    /// runs it applies 0, and `reserved = 0` bounds it exactly. A raise on
+    /// another proxy is pushed after this call, so it cannot overtake the
+    /// leaver's own lowering; `Σ_p reserved_p ≤ 1` holds throughout.
+    ///
+    /// A proxy that merely disconnects (killed, partitioned) says nothing
+    /// and keeps today's `disconnected_hold`. Returns whether `node` held
+    /// anything (false for an unknown node or one that left already).
+    pub fn leave(&self, node: &str) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(n) = inner.nodes.get_mut(node) else {
+            return false;
+        };
+        if n.left {
+            return false;
+        }
+        // Kept (with its stream, to recognise it) while it is still
+        // connected; a disconnected one is forgotten.
+        let tx = n.tx.take();
+        *n = Node {
+            left: true,
+            tx: tx.clone(),
+            ..Node::default()
+        };
+        if tx.is_none() {
+            inner.nodes.remove(node);
+        }
+        true
+    }
+
     /// Re-evaluates every share and returns the messages to push, by
     /// proxy.
     pub fn evaluate(&self) -> Vec<(Push, StreamConfigResponse)> {
@@ -610,18 +683,25 @@ impl Shares {
         let recent = now.checked_sub(s.propagation).unwrap_or(now);
         // Forget proxies gone for longer than the hold.
         let hold_start = now.checked_sub(s.disconnected_hold).unwrap_or(now);
-        inner
-            .nodes
-            .retain(|_, n| n.tx.is_some() || n.gone_at.is_some_and(|g| g > hold_start));
+        inner.nodes.retain(|_, n| {
+            (n.tx.is_some() || n.gone_at.is_some_and(|g| g > hold_start))
+                && !(n.left && n.tx.is_none())
+        });
         let members: Vec<String> = inner
             .nodes
             .iter()
-            .filter(|(_, n)| n.tx.is_some())
+            .filter(|(_, n)| n.tx.is_some() && !n.left)
             .map(|(id, _)| id.clone())
             .collect();
         let membership_changed = members != inner.members;
         inner.members = members.clone();
-        let ids: Vec<String> = inner.nodes.keys().cloned().collect();
+        // Every node that may hold a reservation: not the ones that left.
+        let ids: Vec<String> = inner
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.left)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut ordered: Vec<&BackendInfo> = backends
             .values()
             .filter(|b| b.enabled && (b.rpm > 0 || b.tpm > 0))
@@ -1103,6 +1183,10 @@ mod tests {
         applied: f64,
         /// Requests offered per second.
         offered: f64,
+        /// It left ([`Shares::leave`]): applies 0, whatever it is sent.
+        leaving: bool,
+        /// Messages pushed to it.
+        pushed: usize,
     }
 
     impl Sim {
@@ -1118,6 +1202,8 @@ mod tests {
                         connected: true,
                         applied: 0.0,
                         offered: 0.0,
+                        leaving: false,
+                        pushed: 0,
                     }
                 })
                 .collect();
@@ -1158,6 +1244,7 @@ mod tests {
                     .iter()
                     .position(|p| p.tx.same_channel(&tx))
                     .expect("a proxy");
+                self.proxies[p].pushed += 1;
                 let share = m.rate_shares.expect("shares").backends[0].rpm_share;
                 // In order on the proxy's stream.
                 let after = self
@@ -1198,7 +1285,9 @@ mod tests {
                 self.in_flight.sort_by_key(|x| x.0);
                 while self.in_flight.first().is_some_and(|x| x.0 <= now) {
                     let (_, p, share) = self.in_flight.remove(0);
-                    self.proxies[p].applied = share;
+                    if !self.proxies[p].leaving {
+                        self.proxies[p].applied = share;
+                    }
                 }
                 let sum: f64 = self.proxies.iter().map(|p| p.applied).sum();
                 assert!(sum <= 1.0 + 1e-9, "applied shares sum to {sum}");
@@ -1375,6 +1464,8 @@ mod tests {
         offered: Vec<f64>,
         /// Fractions of a request not reported yet.
         carry: Vec<f64>,
+        /// It left: applies 0, whatever it is sent.
+        leaving: Vec<bool>,
     }
 
     impl KeySim {
@@ -1396,6 +1487,7 @@ mod tests {
                 in_flight: Vec::new(),
                 offered: Vec::new(),
                 carry: Vec::new(),
+                leaving: Vec::new(),
             };
             for _ in 0..n {
                 sim.add();
@@ -1413,6 +1505,7 @@ mod tests {
             self.last.push(None);
             self.offered.push(0.0);
             self.carry.push(0.0);
+            self.leaving.push(false);
             self.members();
         }
 
@@ -1431,6 +1524,9 @@ mod tests {
                 let now = Instant::now();
                 while self.in_flight.first().is_some_and(|x| x.0 <= now) {
                     let (_, p, m) = self.in_flight.remove(0);
+                    if self.leaving[p] {
+                        continue;
+                    }
                     self.applied[p] = (
                         key_share(&m, "ck"),
                         m.client_key_default_share.unwrap_or(0.0),
@@ -1531,6 +1627,87 @@ mod tests {
                 .is_some_and(|m| m.client_keys.is_empty())
         );
         assert_eq!((sim.applied[0].0, sim.applied[2].0), (0.5, 0.5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_proxys_shares_are_released_at_once() {
+        let rpm = 600.0;
+        let mut sim = Sim::new(2, 600);
+        sim.proxies[0].offered = 12.0;
+        sim.proxies[1].offered = 12.0;
+        sim.run(5, rpm).await;
+        assert!(close(
+            &[sim.proxies[0].applied, sim.proxies[1].applied],
+            &[0.5, 0.5]
+        ));
+        // p1 shuts down: it applies 0 first, then says so; its discovery
+        // stream stays up while it drains.
+        sim.proxies[1].leaving = true;
+        sim.proxies[1].applied = 0.0;
+        assert!(sim.shares.leave("p1"));
+        assert!(!sim.shares.leave("p1"), "left already");
+        assert!(!sim.shares.leave("nobody"));
+        let pushed = sim.proxies[1].pushed;
+        // p0 gets all of it within a tick and a push, not after the hold;
+        // `run` checks the applied shares throughout.
+        sim.run(3, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[1.0]));
+        assert!(sim.shares.granted("p1").is_empty());
+        assert_eq!(sim.proxies[1].pushed, pushed, "nothing sent to a leaver");
+        // Its stream ends: nothing comes back into force.
+        sim.proxies[1].connected = false;
+        sim.members();
+        sim.run(5, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[1.0]));
+        // The same id on a new stream (a new process) starts from 0 like a
+        // newcomer and gets its half once p0 was lowered.
+        let (tx, rx) = mpsc::channel(8);
+        sim.proxies[1].tx = tx;
+        sim.proxies[1]._rx = rx;
+        sim.proxies[1].connected = true;
+        sim.proxies[1].leaving = false;
+        sim.members();
+        sim.run(8, rpm).await;
+        assert!(close(
+            &[sim.proxies[0].applied, sim.proxies[1].applied],
+            &[0.5, 0.5]
+        ));
+
+        // A proxy whose discovery stream ended first (held) and whose
+        // leaving notice comes after: the hold is dropped at once.
+        let mut sim = Sim::new(2, 600);
+        sim.run(5, rpm).await;
+        sim.proxies[1].leaving = true;
+        sim.proxies[1].applied = 0.0;
+        sim.proxies[1].connected = false;
+        sim.members();
+        sim.run(5, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[0.5]), "held");
+        assert!(sim.shares.leave("p1"));
+        sim.run(3, rpm).await;
+        assert!(close(&[sim.proxies[0].applied], &[1.0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_proxys_client_key_shares_are_released_at_once() {
+        let mut sim = KeySim::new(2);
+        sim.offered = vec![3.0, 3.0];
+        sim.run(40).await;
+        assert_eq!(sim.tracked(), 1);
+        assert!(sim.applied[1].0 > 0.3, "{:?}", sim.applied);
+        // p1 leaves while its stream is up (and still reports what it drains).
+        sim.leaving[1] = true;
+        sim.applied[1] = (0.0, 0.0);
+        assert!(sim.shares.leave("p1"));
+        // `run` checks that neither the key's nor the default shares sum
+        // above 1 at any instant.
+        sim.run(4).await;
+        assert!((sim.applied[0].0 - 1.0).abs() < 1e-5, "{:?}", sim.applied);
+        assert!((sim.applied[0].1 - 1.0).abs() < 1e-5, "{:?}", sim.applied);
+        assert!(
+            sim.last[0].as_ref().is_some_and(|m| m.proxy_count == 1),
+            "a leaver is no longer counted"
+        );
     }
 
     #[test]

@@ -106,6 +106,12 @@ impl Ingest {
         Ok(stored)
     }
 
+    /// The proxy `node_id` is leaving (`StreamReportsRequest.leaving`): its
+    /// rate shares are released ([`Fleet::leave`]).
+    pub(crate) fn leaving(&self, node_id: &str) {
+        self.fleet.leave(node_id);
+    }
+
     /// After a batch was stored and acknowledged: its metrics, then the
     /// fleet's in-memory state ([`Fleet::observe`]).
     pub(crate) fn after_ack(&self, batch: &StreamReportsRequest, stored: &Stored) {

@@ -377,6 +377,12 @@ impl Collector {
         self.cut_batch(false)
     }
 
+    /// Cuts the pending batch, even empty (a proxy leaving: a batch to be
+    /// acknowledged). Returns whether a batch was cut.
+    pub(crate) fn cut_even_empty(&mut self) -> bool {
+        self.cut_batch(true)
+    }
+
     /// Cuts an empty batch when nothing was cut for [`IDLE_BATCH_EVERY`]
     /// (less a flush tick) and
     /// every batch was acknowledged (a batch with events when there are
@@ -407,6 +413,9 @@ impl Collector {
             node_id: self.node_id.clone(),
             stream_epoch: self.epoch.clone(),
             seq: 0,
+            // Set on the message sent (`report::run`), never here: a
+            // journaled batch replayed by the next process must not say it.
+            leaving: false,
             usage: Vec::new(),
             key_demand,
             usage_aggregates: p

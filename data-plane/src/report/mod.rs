@@ -23,6 +23,15 @@
 //!   unacknowledged batch is resent after a reconnect, which waits the shared
 //!   [`crate::cp_channel::Backoff`] (reset after a healthy stream: one that
 //!   got an ACK and lived [`crate::cp_channel::HEALTHY_AFTER`]).
+//! - **Leaving.** When the shutting-down proxy stops accepting, every
+//!   fleet-shared limiter applies a share of 0 ([`crate::Fleet::leave`])
+//!   and *then* `leaving` resolves: the task sends a bare hello marked
+//!   `leaving` (and marks every later stream's hello so), cuts a batch
+//!   (even empty) and marks every batch it sends from then on, so that at
+//!   least one acknowledged message says it within the shutdown grace; the
+//!   control plane releases this proxy's rate shares at once. The mark is
+//!   set on the message sent, never in the buffer or the journal (a journal
+//!   replayed by the next process must not say it).
 //! - **Shutdown.** The pending batch is cut and the task waits up to
 //!   `shutdown_grace` for the buffer to be acknowledged.
 //! - **Journal** (optional, [`journal`]): every outcome and every batch is
@@ -134,8 +143,41 @@ fn drain(c: &mut Collector, outcomes: &mut mpsc::Receiver<RequestOutcome>, open:
     }
 }
 
+/// The hello that opens a stream, marked `leaving` once the proxy left.
+fn hello(c: &Collector, leaving: bool) -> StreamReportsRequest {
+    StreamReportsRequest {
+        leaving,
+        ..c.hello()
+    }
+}
+
+/// Says that this proxy is leaving: at once on a bare hello on the open
+/// stream (if any; not stored, not acknowledged, repeated on the hello of
+/// any later stream), and on every batch sent from now on, which are
+/// acknowledged — one is cut now, even empty, so that the shutdown grace
+/// waits for at least one. None arriving leaves the control plane's usual
+/// hold.
+fn say_leaving(tx: Option<&mpsc::Sender<StreamReportsRequest>>, c: &mut Collector) {
+    if let Some(tx) = tx
+        && tx.try_send(hello(c, true)).is_err()
+    {
+        let (tx, msg) = (tx.clone(), hello(c, true));
+        tokio::spawn(async move {
+            let _ = tx.send(msg).await;
+        });
+    }
+    c.cut_even_empty();
+    tracing::info!(
+        connected = tx.is_some(),
+        "leaving: rate shares handed back to the control plane"
+    );
+}
+
 /// Runs the collector and the report stream until `shutdown` resolves, then
-/// flushes (bounded by the shutdown grace) and returns.
+/// flushes (bounded by the shutdown grace) and returns. Once `leaving`
+/// resolves (every fleet-shared limiter applies 0), the control plane is
+/// told so.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     config: ReportConfig,
     store: SnapshotStore,
@@ -143,6 +185,7 @@ pub(crate) async fn run(
     backlog: Arc<tokio::sync::Notify>,
     mut signals: mpsc::Receiver<Signal>,
     journal: Option<journal::Opened>,
+    leaving: impl Future<Output = ()>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut c = Collector::new(config.node_id.clone(), store, &config.settings);
@@ -155,7 +198,9 @@ pub(crate) async fn run(
     let mut backoff = Backoff::default();
     let mut tx: Option<mpsc::Sender<StreamReportsRequest>> = None;
     let mut inbound: Option<Streaming<StreamReportsResponse>> = None;
-    let mut connecting: Option<Connecting> = Some(Box::pin(connect(config.clone(), c.hello())));
+    let mut left = false;
+    let mut connecting: Option<Connecting> =
+        Some(Box::pin(connect(config.clone(), hello(&c, left))));
     let mut retry_at: Option<Instant> = None;
     let mut stream_started = Instant::now();
     let mut acked_on_stream = false;
@@ -163,6 +208,7 @@ pub(crate) async fn run(
     let mut grace: Option<Instant> = None;
     crate::metrics::set_report_connected(false);
     tokio::pin!(shutdown);
+    tokio::pin!(leaving);
 
     loop {
         if grace.is_some() && c.buffer().is_empty() && c.pending_events() == 0 {
@@ -214,7 +260,9 @@ pub(crate) async fn run(
             },
             permit = reserve(tx.as_ref(), ready) => match permit {
                 Ok(permit) => {
-                    if let Some(msg) = c.buffer().next_to_send() {
+                    if let Some(mut msg) = c.buffer().next_to_send() {
+                        // Marked when sent, never in the buffer or the journal.
+                        msg.leaving = left;
                         c.before_send().await;
                         permit.send(msg);
                         crate::metrics::report_batch_sent();
@@ -240,10 +288,20 @@ pub(crate) async fn run(
             }
             _ = until(retry_at) => {
                 retry_at = None;
-                connecting = Some(Box::pin(connect(config.clone(), c.hello())));
+                connecting = Some(Box::pin(connect(config.clone(), hello(&c, left))));
+            }
+            () = &mut leaving, if !left => {
+                left = true;
+                say_leaving(tx.as_ref(), &mut c);
             }
             _ = until(grace) => break,
             _ = &mut shutdown, if grace.is_none() => {
+                // The leave comes before the shutdown; both may be ready
+                // here, and the loop may end before polling it again.
+                if !left && futures::FutureExt::now_or_never(&mut leaving).is_some() {
+                    left = true;
+                    say_leaving(tx.as_ref(), &mut c);
+                }
                 // What the last requests left in the channels goes too.
                 while let Ok(o) = outcomes.try_recv() {
                     c.outcome(o);
