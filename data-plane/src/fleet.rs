@@ -233,6 +233,11 @@ impl Fleet {
         for b in snap.backends() {
             let (rpm, tpm) = g.share_of(&b.id);
             b.runtime.set_shares(rpm, tpm, now);
+            if g.leaving {
+                b.runtime
+                    .left_fleet
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         for k in snap.client_keys() {
             if let Some(rpm) = &k.rpm {
@@ -283,9 +288,10 @@ impl Fleet {
     /// to the other proxies at once (`control-plane/src/fleet/shares.rs`).
     /// Requests still arriving on open connections: a client key's rpm
     /// answers 429 with `Retry-After: 1` in the client's error shape (a
-    /// retry reaches another proxy); a request for a rate-limited backend
-    /// waits in the queue until its deadline. Already admitted requests and
-    /// streams finish normally.
+    /// retry reaches another proxy); a request a backend's limiter refuses,
+    /// including one already waiting in the queue, gets 503 with
+    /// `Retry-After` at once (`BackendRuntime::left_fleet`). Already
+    /// admitted requests and streams finish normally.
     pub fn leave(&self) {
         let mut g = self.inner.lock();
         g.leaving = true;
@@ -631,6 +637,16 @@ mod tests {
         f.reapply();
         assert_eq!((key_share(&s, "k1"), key_share(&s, "k2")), (0.0, 0.0));
         assert_eq!(f.key_share_of("k1"), 0.0);
+        // Backends are marked, so a refused request is not queued.
+        let snap = s.load().unwrap();
+        assert!(snap.backends().next().is_some());
+        for b in snap.backends() {
+            assert!(
+                b.runtime
+                    .left_fleet
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

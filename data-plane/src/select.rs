@@ -525,7 +525,9 @@ pub(crate) fn select(
             }
             Err(w) => {
                 view.limited.insert(i);
-                min_wait = Some(w);
+                if !left_fleet(&cands[i]) {
+                    min_wait = Some(w);
+                }
             }
         }
     }
@@ -562,7 +564,9 @@ pub(crate) fn select(
                 Ok(()) => return view.admit(i, false, &route.model),
                 Err(w) => {
                     view.limited.insert(i);
-                    min_wait = Some(min_wait.map_or(w, |m| m.min(w)));
+                    if !left_fleet(&cands[i]) {
+                        min_wait = Some(min_wait.map_or(w, |m| m.min(w)));
+                    }
                 }
             }
         }
@@ -583,6 +587,12 @@ pub(crate) fn select(
     Selection::Unavailable {
         retry_after: soonest.map_or(Duration::from_secs(1), |u| u - now),
     }
+}
+
+/// Whether `c`'s limiters apply 0 for good (this proxy left the fleet's
+/// rate shares): a refusal by them is no reason to wait in the queue.
+fn left_fleet(c: &Candidate) -> bool {
+    c.backend.runtime.left_fleet.load(Ordering::Relaxed)
 }
 
 /// What [`admit`] decided for the next attempt.
@@ -1487,5 +1497,33 @@ mod health_tests {
             let line = format!("claw_backend_health_excluded{{backend=\"{id}\"}} {v}\n");
             assert!(out.contains(&line), "{line} in {out}");
         }
+    }
+
+    /// A backend whose limiter applies 0 because the proxy left the fleet
+    /// makes a request unavailable (answered at once, 503 with
+    /// `Retry-After`), not rate-limited (queued): its share never returns.
+    /// Before the leave, the same refusal queues.
+    #[test]
+    fn a_proxy_that_left_the_fleet_does_not_queue_what_its_limiters_refuse() {
+        let mut b = backend("b1", Pool::Primary, &[("m", "m")]);
+        b.rpm = 60;
+        let (_s, r) = route_of(vec![b]);
+        let now = Instant::now();
+        let runtime = &r.candidates[0].backend.runtime;
+        runtime.set_shares(0.0, 0.0, now);
+        assert!(
+            matches!(
+                select(&r, CandidateSet::default(), 1.0, now, Preference::default()),
+                Selection::RateLimited { .. }
+            ),
+            "share 0 before a leave (a new proxy awaiting its shares) queues"
+        );
+        runtime
+            .left_fleet
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(
+            select(&r, CandidateSet::default(), 1.0, now, Preference::default()),
+            Selection::Unavailable { .. }
+        ));
     }
 }

@@ -23,7 +23,7 @@
 //! id, key id and model name.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -184,12 +184,18 @@ pub struct BackendRuntime {
     pub health: Health,
     /// Demand since the last report batch.
     pub demand: Demand,
+    /// Set when this proxy left the fleet's rate shares (`crate::fleet`'s
+    /// `leave`, at the end of the drain delay): its limiters apply 0 for
+    /// good, so a request they refuse is answered at once (503 with
+    /// `Retry-After`, retried elsewhere) instead of waiting in the queue.
+    pub left_fleet: AtomicBool,
 }
 
 impl BackendRuntime {
     fn new(rpm: u32, tpm: u32, emergency: f64, now: Instant) -> Self {
         BackendRuntime {
             in_flight: AtomicU32::new(0),
+            left_fleet: AtomicBool::new(false),
             rpm: RateLimiter::backend(f64::from(rpm), now),
             tpm: RateLimiter::backend(f64::from(tpm), now),
             emergency: RateLimiter::backend(emergency, now),

@@ -237,3 +237,61 @@ async fn an_idle_proxy_stopped_at_once_still_says_it_is_leaving() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Requests waiting in a backend's rate-limit queue when a leaving proxy
+/// drops its shares to 0 are answered at once, 503 with `Retry-After` (an
+/// SDK retries it, reaching another proxy), instead of waiting for a share
+/// that never comes back until the queue or the drain gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_when_a_proxy_leaves_are_answered_503_at_once() {
+    let mut c = Cluster::with(ClusterOptions {
+        proxies: 1,
+        // Both backends at 6 rpm: after their first requests, the rest
+        // queue (the next slot is 10 s away) for the pool's 30 s.
+        rpm: 6,
+        proxy_args: vec!["--drain-delay".into(), "1s".into()],
+        ..ClusterOptions::default()
+    });
+    let url = c.proxy().url();
+    let mut requests = Vec::new();
+    for _ in 0..6 {
+        let (http, url, key) = (c.http.clone(), url.clone(), c.key.clone());
+        requests.push(tokio::spawn(async move {
+            let res = http
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&chat_body(CHAT, false))
+                .send()
+                .await
+                .expect("an answer, not a cut connection");
+            let retry_after = res.headers().get("retry-after").is_some();
+            let status = res.status().as_u16();
+            (status, retry_after, res.text().await.unwrap_or_default())
+        }));
+    }
+    // Let them reach the proxy (the admitted ones answer at once), then stop it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut proxy = c.proxies.remove(0);
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = proxy.stop_within(Duration::from_secs(60));
+        (status, proxy)
+    });
+    let mut answers = Vec::new();
+    for r in requests {
+        answers.push(r.await.expect("joined"));
+    }
+    let (status, proxy) = stopping.await.expect("joined");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        proxy.logs()
+    );
+    let ok = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s != 200).collect();
+    assert!(ok >= 1 && !refused.is_empty(), "{answers:?}");
+    for (status, retry_after, body) in refused {
+        assert_eq!(*status, 503, "{body}\n{}", proxy.logs());
+        assert!(*retry_after, "no Retry-After: {body}");
+        assert!(body.contains("no_backend_available"), "{body}");
+    }
+}
