@@ -17,13 +17,14 @@
 //!   interval and the dashboard's SSE ping, so a proxy's idle but healthy
 //!   config or report stream — which answers the pings — is never cut;
 //! - TCP keepalive on every accepted socket;
-//! - an accept queue as deep as the kernel allows ([`ACCEPT_BACKLOG`]), so
+//! - an accept queue as deep as the kernel allows ([`claw_tls::listener::ACCEPT_BACKLOG`]), so
 //!   a burst of connections waits in the kernel while the accept loop
 //!   catches up instead of overflowing it.
 //!
 //! Counted in `claw_cp_connections_open`, `claw_cp_connections_rejected_total`
 //! and `claw_cp_connections_evicted_total` (label `listener`).
 
+pub(crate) use claw_tls::listener::deepen_backlog;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -70,41 +71,6 @@ const OVERSHOOT: usize = 256;
 /// TCP keepalive probes on accepted sockets: a peer that vanished is
 /// noticed by the kernel even when no ping is due.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-/// The listen backlog asked for; the kernel caps it at
-/// `net.core.somaxconn` (4096 by default since Linux 5.4). The standard
-/// library binds with 128: a burst of more connections than that, faster
-/// than the accept loop, overflowed the accept queue; the kernel then
-/// dropped SYNs and each client waited a SYN retransmission (1 s, then 3 s,
-/// 7 s…) to connect. A burst of 6,000 took 30–40 s to open instead of under
-/// one, so its first connections — silent ones — reached the 10 s
-/// first-byte timeout while it was still opening, which looked like the
-/// cap closing more than the excess.
-pub(crate) const ACCEPT_BACKLOG: u32 = 65_535;
-
-/// Binds a listener on `addr` with an accept queue of [`ACCEPT_BACKLOG`]
-/// (`TcpListener::bind` listens with 128), so that a burst arriving right
-/// after the `listening` line waits in the kernel too.
-pub fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As the standard library does: a restarted server rebinds at once.
-    #[cfg(unix)]
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(ACCEPT_BACKLOG)
-}
-
-/// Deepens `listener`'s accept queue to [`ACCEPT_BACKLOG`] (`listen` again
-/// on a listening socket only updates its backlog).
-pub(crate) fn deepen_backlog(listener: &TcpListener, name: &str) {
-    if let Err(e) = socket2::SockRef::from(listener).listen(ACCEPT_BACKLOG as i32) {
-        tracing::warn!(listener = name, error = %e, "cannot deepen the accept queue");
-    }
-}
 
 /// One open connection, as the cap sees it.
 struct Meta {

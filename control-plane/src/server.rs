@@ -57,7 +57,6 @@ use crate::api::token::TokenApi;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::conn::ConnTable;
-pub use crate::conn::bind_listener;
 use crate::dashboard::{Dashboard, Services};
 use crate::discovery::{self, Debounce, DiscoveryApi};
 use crate::events::Events;
@@ -72,6 +71,7 @@ use crate::stats::Stats;
 use crate::store::sled::SledStore;
 use crate::store::space::{GuardedStore, MinFreeSpace};
 use crate::store::{Store, StoreError};
+pub use claw_tls::listener::bind as bind_listener;
 
 /// The gRPC services this server reports in `grpc.health.v1`.
 const SERVICES: [&str; 12] = [

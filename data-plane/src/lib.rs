@@ -107,7 +107,7 @@ mod route;
 mod run_kind;
 mod select;
 mod server;
-pub use server::bind_listener;
+pub use claw_tls::listener::bind as bind_listener;
 mod snapshot;
 mod snapshot_cache;
 pub mod stream;

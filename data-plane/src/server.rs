@@ -19,7 +19,7 @@
 //!   `Connection: close` for the rest), and beyond the reserve a new
 //!   connection is closed at once. `claw_dp_connections_open`,
 //!   `claw_dp_connections_rejected_total`. The accept queue is as deep as
-//!   the kernel allows ([`ACCEPT_BACKLOG`]), so a burst waits there while
+//!   the kernel allows ([`claw_tls::listener::ACCEPT_BACKLOG`]), so a burst waits there while
 //!   the accept loop catches up.
 //! - A panic in a handler becomes a 500 for that request only.
 //! - On shutdown, in three phases each logged once: `/readyz` answers 503
@@ -33,6 +33,7 @@
 //!   listener (`--metrics-addr`) — only there (plain HTTP, with `/healthz`),
 //!   and the API port answers it 404.
 
+use claw_tls::listener::deepen_backlog;
 use std::convert::Infallible;
 use std::io;
 use std::panic::AssertUnwindSafe;
@@ -141,41 +142,6 @@ fn describe_connection_metrics() {
         CONNECTIONS_EVICTED,
         "Idle client connections closed to make room for a new one at the connection cap"
     );
-}
-
-/// The listen backlog asked for; the kernel caps it at
-/// `net.core.somaxconn` (4096 by default since Linux 5.4). The standard
-/// library binds with 128: a burst of more connections than that, faster
-/// than the accept loop, overflowed the accept queue; the kernel then
-/// dropped SYNs and each client waited a SYN retransmission (1 s, then 3 s,
-/// 7 s…) to connect. A burst of 6,000 took 30–40 s to open instead of under
-/// one, so its first connections — silent ones — reached the 10 s header
-/// timeout while it was still opening, which looked like the cap closing
-/// more than the excess.
-const ACCEPT_BACKLOG: u32 = 65_535;
-
-/// Binds a listener on `addr` with an accept queue of [`ACCEPT_BACKLOG`]
-/// (`TcpListener::bind` listens with 128), so that a burst arriving right
-/// after the `listening` line waits in the kernel too.
-pub fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As the standard library does: a restarted server rebinds at once.
-    #[cfg(unix)]
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(ACCEPT_BACKLOG)
-}
-
-/// Deepens `listener`'s accept queue to [`ACCEPT_BACKLOG`] (`listen` again
-/// on a listening socket only updates its backlog).
-fn deepen_backlog(listener: &TcpListener, name: &str) {
-    if let Err(e) = socket2::SockRef::from(listener).listen(ACCEPT_BACKLOG as i32) {
-        tracing::warn!(listener = name, error = %e, "cannot deepen the accept queue");
-    }
 }
 
 /// How an accepted connection is served.

@@ -10,13 +10,16 @@
 //!   TCP accept with the handshakes off the accept path (for tonic's
 //!   `serve_with_incoming`).
 //! - [`client`]: a `ClientConfig` trusting one CA bundle.
+//! - [`listener`]: binding a server's TCP listener with an accept queue as
+//!   deep as the kernel allows.
 //! - `test_pki` (feature `test-pki`): a throwaway CA and a `localhost`
 //!   server certificate, generated with rcgen, for tests.
 //!
 //! The crate reads files and spawns one watcher thread per resolver; it
-//! never binds sockets.
+//! binds sockets only when asked to ([`listener::bind`]).
 
 pub mod client;
+pub mod listener;
 pub mod pem;
 pub mod reload;
 pub mod server;
