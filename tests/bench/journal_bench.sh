@@ -38,58 +38,16 @@ else
   BIN="$(cd "$BENCH_BIN" && pwd)"
 fi
 
-WORK="$(mktemp -d /tmp/claw-journal-bench-XXXXXX)"
-pids=()
-cleanup() {
-  trap - INT TERM EXIT
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  log "logs in $WORK"
-}
-trap cleanup INT TERM EXIT
-
-# start NAME CMD… — runs CMD until it prints its `listening …` line; sets
-# LISTEN to that line.
-start() {
-  local name=$1; shift
-  "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 300); do
-    if grep -q '^listening' "$WORK/$name.out"; then LISTEN="$(head -n1 "$WORK/$name.out")"; return 0; fi
-    kill -0 "${pids[-1]}" 2>/dev/null || { log "$name died:"; tail -n 20 "$WORK/$name.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  log "$name did not start"; exit 1
-}
-
-start mock "$BIN/claw-mock-upstream" --addr 127.0.0.1:0 --no-record --name bench
-MOCK_ADDR="${LISTEN#*http=}"
-
-export CLAW_MASTER_KEY; CLAW_MASTER_KEY="$("$BIN/claw-control-plane" keygen)"
-export CLAW_ADMIN_TOKEN; CLAW_ADMIN_TOKEN="$("$BIN/claw-control-plane" token)"
-export CLAW_PROXY_TOKEN; CLAW_PROXY_TOKEN="$("$BIN/claw-control-plane" token)"
-start control-plane "$BIN/claw-control-plane" --data-dir "$WORK/cp-data" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0
-CP_GRPC="$(sed -E 's/.*grpc=([^ ]+).*/\1/' <<<"$LISTEN")"
-export CLAW_SERVER="http://$CP_GRPC"
-export BENCH_UPSTREAM_KEY=sk-bench-upstream
-"$BIN/clawctl" backend add bench --url "http://$MOCK_ADDR/v1" --api-key-env BENCH_UPSTREAM_KEY \
-  --rpm 1000000000 --model bench=mock-model >/dev/null
-CLAW_KEY="$("$BIN/clawctl" key add bench -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')"
-
-start plain "$BIN/claw-data-plane" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-plain
-PLAIN_ADDR="${LISTEN#*http=}"; PLAIN_PID="${pids[-1]}"
-start journal "$BIN/claw-data-plane" --addr 127.0.0.1:0 --control-plane "$CLAW_SERVER" --node-id bench-journal \
-  --usage-journal "$WORK/usage.journal"
-JOURNAL_ADDR="${LISTEN#*http=}"; JOURNAL_PID="${pids[-1]}"
-for addr in "$PLAIN_ADDR" "$JOURNAL_ADDR"; do
-  for _ in $(seq 1 200); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://$addr/v1/chat/completions" -H "Authorization: Bearer $CLAW_KEY" \
-      -H 'Content-Type: application/json' -d '{"model":"bench","messages":[{"role":"user","content":"hi"}]}')
-    [ "$code" = 200 ] && break
-    sleep 0.1
-  done
-  [ "$code" = 200 ] || { log "proxy $addr never answered 200"; exit 1; }
-done
+CP_ARGS=()
+BENCH_KEEP="${BENCH_KEEP:-1}"
+. tests/bench/lib.sh
+start_gateway
+start_proxy plain
+PLAIN_ADDR=$DP_ADDR; PLAIN_PID=$DP_PID
+start_proxy journal --usage-journal "$WORK/usage.journal"
+JOURNAL_ADDR=$DP_ADDR; JOURNAL_PID=$DP_PID
+warm_up "$PLAIN_ADDR"
+warm_up "$JOURNAL_ADDR"
 log "mock $MOCK_ADDR, control plane $CP_GRPC, proxies $PLAIN_ADDR (no journal), $JOURNAL_ADDR (journal)"
 
 RESULTS="$WORK/results.jsonl"

@@ -1,4 +1,4 @@
-# Shared helpers of the issue-17 benchmarks (sourced, not run): start the
+# Shared helpers of the benchmark scripts (sourced, not run): start the
 # release binaries (a control plane, a mock upstream, proxies) in $WORK,
 # read a process's memory and CPU from /proc.
 # Expects: set -euo pipefail, $ROOT (the repository root).
